@@ -1,0 +1,1 @@
+"""Model implementations (import name ``jaxattn.models``)."""

@@ -1,0 +1,1 @@
+"""Serving: engine, OpenAI-compatible HTTP server (import name ``jaxattn.serve``)."""

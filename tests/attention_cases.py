@@ -1,0 +1,100 @@
+"""Shared attention test cases and a float64 NumPy oracle.
+
+Every implementation (reference, plan executor, interpret-mode and GPU
+kernels) is checked against :func:`naive_ragged` on the same cases.
+"""
+
+import dataclasses
+
+import numpy as np
+
+import jaxattn
+
+
+def naive_mask(q_pos, k_pos, kv_len, causal, chunk):
+    ok = (k_pos < kv_len) & (q_pos > -1)  # broadcast to [q, k]
+    if chunk is not None:
+        ok = ok & (k_pos >= (q_pos // chunk) * chunk)
+        if not causal:
+            ok &= k_pos < (q_pos // chunk + 1) * chunk
+    if causal:
+        ok = ok & (k_pos <= q_pos)
+    return ok
+
+
+def naive_attention(q, k, v, kv_len, scale, causal, chunk):
+    """One sequence: q [Lq, Hq, D] (the last Lq of kv_len positions), k, v [>=kv_len, Hkv, D]."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    lq, hq, d = q.shape
+    g = hq // k.shape[1]
+    k, v = np.repeat(k[:kv_len], g, axis=1), np.repeat(v[:kv_len], g, axis=1)
+    s = np.einsum("qhd,khd->hqk", q, k) * scale
+    q_pos = kv_len - lq + np.arange(lq)
+    mask = naive_mask(q_pos[:, None], np.arange(kv_len)[None, :], kv_len, causal, chunk)
+    s = np.where(mask[None], s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    seen = np.isfinite(m)
+    p = np.exp(s - np.where(seen, m, 0))
+    l = p.sum(-1, keepdims=True)
+    o = np.einsum("hqk,khd->qhd", p / np.where(seen, l, 1), v)
+    lse = np.where(seen, m + np.log(np.where(seen, l, 1)), -np.inf)[..., 0].T
+    return o, lse
+
+
+def naive_ragged(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, scale,
+                 causal=True, chunk=None):
+    q = np.asarray(q, np.float64)
+    out = np.zeros(q.shape)
+    lse = np.full(q.shape[:2], -np.inf)
+    ps = k_pages.shape[1]
+    kp, vp, pt = np.asarray(k_pages, np.float64), np.asarray(v_pages, np.float64), np.asarray(page_table)
+    for s in range(int(num_seqs)):
+        a, b, L = int(cu_q_lens[s]), int(cu_q_lens[s + 1]), int(kv_lens[s])
+        pos = np.arange(L)
+        k, v = kp[pt[s, pos // ps], pos % ps], vp[pt[s, pos // ps], pos % ps]
+        out[a:b], lse[a:b] = naive_attention(q[a:b], k, v, L, scale, causal, chunk)
+    return out, lse
+
+
+@dataclasses.dataclass
+class RaggedCase:
+    bounds: jaxattn.Bounds
+    q: np.ndarray
+    k_pages: np.ndarray
+    v_pages: np.ndarray
+    page_table: np.ndarray
+    cu_q_lens: np.ndarray
+    kv_lens: np.ndarray
+    num_seqs: int
+
+    def args(self):
+        return (self.q, self.k_pages, self.v_pages, self.page_table, self.cu_q_lens,
+                self.kv_lens, np.int32(self.num_seqs))
+
+
+def make_ragged_case(bounds: jaxattn.Bounds, q_lens, kv_lens, *, dtype=np.float32, seed=0,
+                     num_tokens=None) -> RaggedCase:
+    """Random q/K/V for the given lengths; pages are shuffled so the page table matters."""
+    rng = np.random.default_rng(seed)
+    n = len(q_lens)
+    s_max = bounds.max_num_seqs
+    q_lens = np.asarray(q_lens, np.int32)
+    cu = np.zeros(s_max + 1, np.int32)
+    cu[1:n + 1] = np.cumsum(q_lens)
+    cu[n + 1:] = cu[n]
+    kv = np.zeros(s_max, np.int32)
+    kv[:n] = kv_lens
+    t = num_tokens or bounds.max_num_batched_tokens
+    pps = bounds.pages_per_seq
+    used = [-(-int(x) // bounds.page_size) for x in kv[:n]]
+    num_pages = sum(used) + 1
+    perm = rng.permutation(num_pages)
+    table = np.zeros((s_max, pps), np.int32)
+    off = 0
+    for s, u in enumerate(used):
+        table[s, :u] = perm[off:off + u]
+        off += u
+    hq, hkv, d = bounds.num_q_heads, bounds.num_kv_heads, bounds.head_dim
+    mk = lambda *shape: rng.standard_normal(shape).astype(dtype)
+    return RaggedCase(bounds, mk(t, hq, d), mk(num_pages, bounds.page_size, hkv, d),
+                      mk(num_pages, bounds.page_size, hkv, d), table, cu, kv, n)
