@@ -33,3 +33,7 @@ serve: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# On a Hopper GPU machine (the image provides jax[cuda]); see benchmarks/gpu.sh.
+gpu:
+	bash benchmarks/gpu.sh all

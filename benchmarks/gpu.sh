@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The one GPU entry point (`make gpu`, or through the device tool): installs the
+# project offline, runs the GPU tests (pytest -m gpu) and the benchmarks, and
+# writes JSON/markdown/PNG into benchmarks/results/ (and $OUT when set).
+#   bash benchmarks/gpu.sh [tests|prefill|decode|model|serving|all] ...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels the GPU image lacks (fastapi, uvicorn, ...)
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+RESULTS=benchmarks/results
+mkdir -p "$RESULTS"
+status=0
+for what in "${@:-all}"; do
+  case $what in
+    tests|all) python3 -m pytest -m gpu -q -p no:cacheprovider tests --junitxml="$RESULTS/gpu-tests.xml" \
+                 || status=1 ;;&
+    prefill|all) [ -f benchmarks/prefill.py ] && { python3 -m benchmarks.prefill || status=1; } ;;&
+    decode|all) [ -f benchmarks/decode.py ] && { python3 -m benchmarks.decode || status=1; } ;;&
+    model|all) [ -f benchmarks/model.py ] && { python3 -m benchmarks.model || status=1; } ;;&
+    serving|all) [ -f benchmarks/serving.py ] && { python3 -m benchmarks.serving || status=1; } ;;&
+    *) ;;
+  esac
+done
+[ -n "${OUT:-}" ] && cp -r "$RESULTS"/. "$OUT"/ 2>/dev/null
+exit $status

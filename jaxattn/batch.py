@@ -1,0 +1,86 @@
+"""One engine step as static-shape arrays: what the model's serving forward consumes.
+
+The host knows, per running sequence, the new tokens of this step, how many
+of its tokens are already cached, and the pages it owns. :func:`build_step`
+packs that into a :class:`StepBatch` whose shapes depend only on the bucket
+size ``num_tokens`` and the :class:`~jaxattn.scheduler.Bounds` — never on
+the lengths themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from jaxattn.scheduler import Bounds
+
+
+class StepBatch(NamedTuple):
+    token_ids: jax.Array  # int32 [T] packed new tokens (padding: 0)
+    positions: jax.Array  # int32 [T] absolute position of each token (padding: 0)
+    cu_q_lens: jax.Array  # int32 [S+1]
+    kv_lens: jax.Array  # int32 [S] cached + new tokens
+    num_seqs: jax.Array  # int32 []
+    page_table: jax.Array  # int32 [S, pages_per_seq]
+    slots: jax.Array  # int32 [T] cache slot page*page_size+offset (padding: out of range)
+    logits_indices: jax.Array  # int32 [S] row of each sequence's last new token (padding: 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqStep:
+    """Host view of one sequence in a step."""
+
+    token_ids: Sequence[int]  # the new tokens computed this step
+    num_cached: int  # tokens of this sequence already in the KV cache
+    pages: Sequence[int]  # pages owned, covering num_cached + len(token_ids) tokens
+
+
+def build_step(bounds: Bounds, num_tokens: int, seqs: Sequence[SeqStep], *,
+               num_pages: int) -> StepBatch:
+    """Pack ``seqs`` into arrays padded to (``num_tokens``, ``bounds.max_num_seqs``).
+
+    Raises ValueError naming the bound a step would break.
+    """
+    s_max, pps, ps = bounds.max_num_seqs, bounds.pages_per_seq, bounds.page_size
+    if len(seqs) > s_max:
+        raise ValueError(f"{len(seqs)} sequences exceed max_num_seqs={s_max}")
+    if num_tokens > bounds.max_num_batched_tokens:
+        raise ValueError(f"num_tokens={num_tokens} exceeds max_num_batched_tokens="
+                         f"{bounds.max_num_batched_tokens}")
+    q_lens = np.array([len(s.token_ids) for s in seqs], np.int64)
+    if q_lens.sum() > num_tokens:
+        raise ValueError(f"{q_lens.sum()} new tokens do not fit the bucket of {num_tokens}")
+    token_ids = np.zeros(num_tokens, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slots = np.full(num_tokens, num_pages * ps, np.int32)
+    cu = np.zeros(s_max + 1, np.int32)
+    kv_lens = np.zeros(s_max, np.int32)
+    table = np.zeros((s_max, pps), np.int32)
+    logits_indices = np.zeros(s_max, np.int32)
+    off = 0
+    for i, s in enumerate(seqs):
+        n, kv = len(s.token_ids), s.num_cached + len(s.token_ids)
+        if n == 0:
+            raise ValueError(f"sequence {i} has no new tokens")
+        if kv > bounds.max_model_len:
+            raise ValueError(f"sequence {i}: {kv} tokens exceed max_model_len={bounds.max_model_len}")
+        if len(s.pages) * ps < kv or len(s.pages) > pps:
+            raise ValueError(f"sequence {i}: {len(s.pages)} pages cannot hold {kv} tokens")
+        pages = np.asarray(s.pages, np.int32)
+        if pages.size and (pages.min() < 0 or pages.max() >= num_pages):
+            raise ValueError(f"sequence {i}: page ids outside [0, {num_pages})")
+        pos = np.arange(s.num_cached, kv)
+        token_ids[off:off + n] = s.token_ids
+        positions[off:off + n] = pos
+        slots[off:off + n] = pages[pos // ps] * ps + pos % ps
+        table[i, :len(pages)] = pages
+        kv_lens[i] = kv
+        off += n
+        cu[i + 1] = off
+        logits_indices[i] = off - 1
+    cu[len(seqs) + 1:] = off
+    return StepBatch(token_ids, positions, cu, kv_lens, np.int32(len(seqs)), table, slots,
+                     logits_indices)

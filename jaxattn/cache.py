@@ -1,0 +1,104 @@
+"""The paged KV cache on the device: per-layer page pools and the in-place token write.
+
+Layout: one K and one V pool per layer, each ``[num_pages, page_size,
+num_kv_heads, head_dim]`` (token-major inside a page; see
+:mod:`jaxattn.reference`). Pools are separate arrays rather than one stacked
+``[layers, ...]`` array because a kernel (an XLA custom call) given a slice
+of a stacked array would receive a copy of the whole layer's pool.
+
+Which pages a sequence owns is decided on the host by the block manager;
+a step's tokens arrive with a *slot* each (``page * page_size + offset``,
+computed by :mod:`jaxattn.batch`), and :func:`write` scatters their K/V rows
+into the donated pools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    num_layers: int
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "bfloat16"
+
+    @property
+    def bytes_per_page(self) -> int:
+        """K and V of one page across all layers."""
+        itemsize = jnp.dtype(self.dtype).itemsize
+        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_pages * self.bytes_per_page
+
+
+class KVCache(NamedTuple):
+    k: tuple  # per layer: [num_pages, page_size, Hkv, D]
+    v: tuple
+
+
+def allocate(spec: CacheSpec, sharding=None) -> KVCache:
+    """Zeroed pools, created directly on the device(s) (with ``sharding``, e.g. split by KV head)."""
+    shape = (spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
+    make = jax.jit(lambda: jnp.zeros(shape, spec.dtype), out_shardings=sharding)
+    return KVCache(k=tuple(make() for _ in range(spec.num_layers)),
+                   v=tuple(make() for _ in range(spec.num_layers)))
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tb": 10**12, "tib": 2**40}
+
+
+def parse_budget(budget, free_bytes: int | None = None) -> int:
+    """Bytes from ``"4GiB"``, ``"512MB"``, an int, or a fraction in (0, 1] of ``free_bytes``."""
+    if isinstance(budget, str):
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", budget)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"cannot parse KV cache budget {budget!r}; use e.g. '4GiB' or 0.8")
+        value, unit = float(m.group(1)), m.group(2).lower()
+        if unit == "" and value <= 1:
+            budget = value
+        else:
+            return int(value * _UNITS[unit])
+    if isinstance(budget, float) and 0 < budget <= 1:
+        if free_bytes is None:
+            raise ValueError("a fractional KV cache budget needs the free device memory")
+        return int(budget * free_bytes)
+    if isinstance(budget, (int, np.integer)) and budget > 0:
+        return int(budget)
+    raise ValueError(f"KV cache budget must be positive bytes or a fraction in (0, 1], got {budget!r}")
+
+
+def free_device_memory(device=None) -> int | None:
+    """Free bytes on ``device`` per its allocator stats (None where unknown, e.g. on CPU)."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
+def pages_for_budget(budget_bytes: int, spec: CacheSpec) -> int:
+    return budget_bytes // spec.bytes_per_page
+
+
+def write(k_pages, v_pages, k_new, v_new, slots):
+    """Scatter new K/V rows [T, Hkv, D] into their slots; out-of-range slots are dropped.
+
+    Call under jit with the pools donated: the scatter then updates them in place.
+    """
+    p, ps, h, d = k_pages.shape
+    k_pages = k_pages.reshape(p * ps, h, d).at[slots].set(k_new.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.reshape(p * ps, h, d).at[slots].set(v_new.astype(v_pages.dtype), mode="drop")
+    return k_pages.reshape(p, ps, h, d), v_pages.reshape(p, ps, h, d)
