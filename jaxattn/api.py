@@ -171,6 +171,9 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
                     bounds=bounds, chunk_size=chunk_size, impl=impl)
     impl = _kernel_impl(impl, q.shape[-1], q.dtype)
     scale = _scale(scale, q.shape[-1])
+    q, k_pages, v_pages = (jnp.asarray(x) for x in (q, k_pages, v_pages))
+    page_table, cu_q_lens, kv_lens, num_seqs = (
+        jnp.asarray(x, jnp.int32) for x in (page_table, cu_q_lens, kv_lens, num_seqs))
     if impl == "reference":
         out, lse = reference.ragged_paged_attention_reference(
             q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, scale,

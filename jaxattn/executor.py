@@ -10,6 +10,9 @@ output accumulators.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -65,6 +68,7 @@ def merge_disjoint(out_a, lse_a, out_b, lse_b, dtype):
             jnp.where(take_b, lse_b, lse_a))
 
 
+@functools.partial(jax.jit, static_argnames=("bounds", "causal", "chunk_size"))
 def execute_plan(plan: Plan, q, k_pages, v_pages, page_table, kv_lens, *, bounds: Bounds,
                  scale, causal: bool = True, chunk_size=None):
     """Returns out [T, Hq, D] (q.dtype) and lse [T, Hq] f32, like the reference."""

@@ -1,0 +1,52 @@
+"""Packaging: one import namespace, for editable and normal installs."""
+
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, cwd="/"):
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_subpackages_import_under_jaxattn_only():
+    r = _run("import importlib.util as u, jaxattn.kernels, jaxattn.models.llama4, jaxattn.serve\n"
+             "print([n for n in ('kernels', 'models', 'serve') if u.find_spec(n)])")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"generic top-level packages installed: {r.stdout}"
+
+
+def test_serve_module_help_runs():
+    r = subprocess.run([sys.executable, "-m", "jaxattn.serve", "--help"], cwd="/",
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--max-model-len" in r.stdout
+
+
+def test_wheel_holds_only_the_jaxattn_namespace(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("jaxattn-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"jaxattn"}, tops
+    for module in ("jaxattn/kernels/__init__.py", "jaxattn/models/llama4/__init__.py",
+                   "jaxattn/serve/__main__.py", "jaxattn/scheduler.py"):
+        assert module in names
+
+
+def test_readme_python_examples_run():
+    """The README's Python snippets are executed as written (on the CPU)."""
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
