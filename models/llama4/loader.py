@@ -189,13 +189,19 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None) -> Llama4ForCausalLM
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != t.shape:
                     raise ValueError(f"tensor {key} in {file} has shape {shape}, expected {t.shape}")
-                host = f.get_tensor(key)
+                host = f.get_tensor(key)  # the one tensor on the host
                 shardings = tuple(_sharding(mesh, s) for s in t.specs)
-                parts = _converter(len(t.targets), t.split_axis, target_dtype, shardings)(
-                    jax.device_put(host, shardings[0]))
-                del host
-                for target, value in zip(t.targets, parts):
-                    _variable(model, target).set_value(value)
+                value = jax.device_put(host, shardings[0])
+                if len(t.targets) > 1 or (target_dtype not in (None, value.dtype)):
+                    parts = _converter(len(t.targets), t.split_axis, target_dtype, shardings)(value)
+                else:
+                    parts = (value,)
+                for target, part in zip(t.targets, parts):
+                    _variable(model, target).set_value(part)
+                # Transfers run asynchronously and hold the host buffer: finish them before
+                # reading the next tensor, so host memory stays at about one tensor.
+                jax.block_until_ready(parts)
+                del host, value, parts
     return model
 
 
