@@ -100,13 +100,14 @@ def median_time(fn, reps: int) -> float:
 
 
 def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 4 GiB device copy (XLA elementwise add)."""
-    x = jnp.ones((2**30,), jnp.float32)
+    """Bytes read + written per second by a 1 GiB device copy (XLA elementwise add; far
+    larger than the 50 MB L2)."""
+    x = jnp.ones((2**28,), jnp.float32)
     f = jax.jit(lambda a: a + 1)
     f(x).block_until_ready()
-    t = median_time(lambda: f(x).block_until_ready(), 10)
+    t = median_time(lambda: f(x).block_until_ready(), 20)
     del x
-    return 2 * 4 * 2**30 / t
+    return 2 * 4 * 2**28 / t
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def bench_hf(hf, clock: Clock, vocab: int, out: dict):
 # ---------------------------------------------------------------------------------------
 # jaxattn
 # ---------------------------------------------------------------------------------------
-def bench_jax(model, clock: Clock, out: dict):
+def bench_jax(model, clock: Clock, out: dict, save=lambda: None):
     cfg = model.config
     bounds = llama4.bounds_for(cfg, max_num_seqs=max(DECODE_BATCHES),
                                max_num_batched_tokens=max(PREFILL_LENS),
@@ -232,6 +233,7 @@ def bench_jax(model, clock: Clock, out: dict):
                                                              jax_first_call_s=compile_s)
         print(f"jaxattn decode batch {b}: {t * 1e3:.2f} ms (first call {compile_s:.1f}s)",
               flush=True)
+        save()
     for n in PREFILL_LENS:
         if not clock.allow(f"jaxattn prefill {n}", 60 + n / 500):
             continue
@@ -246,7 +248,8 @@ def bench_jax(model, clock: Clock, out: dict):
             jax_s=t, jax_tok_s=n / t, jax_first_call_s=compile_s)
         print(f"jaxattn prefill {n}: {t * 1e3:.1f} ms, {n / t:,.0f} tok/s "
               f"(first call {compile_s:.1f}s)", flush=True)
-    out["jax_compiles"] = step.jitted._cache_size()
+        out["jax_compiles"] = step.jitted._cache_size()
+        save()
 
 
 def decode_bytes(cfg: llama4.Llama4Config, batch: int, kv_len: int) -> dict:
@@ -285,11 +288,24 @@ def grouped_matmul_micro(clock: Clock, out: dict):
         dense(x, w).block_until_ready()
         tr = median_time(lambda: ragged(x, w, gs).block_until_ready(), 10)
         td = median_time(lambda: dense(x, w).block_until_ready(), 10)
-        rows.append(dict(m=m, ragged_dot_ms=tr * 1e3, dense_same_flops_ms=td * 1e3,
-                         ragged_tflops=2 * m * h * inter / tr / 1e12,
-                         experts_hit=int((np.bincount(experts, minlength=e) > 0).sum())))
+        row = dict(m=m, ragged_dot_ms=tr * 1e3, dense_same_flops_ms=td * 1e3,
+                   ragged_tflops=2 * m * h * inter / tr / 1e12,
+                   experts_hit=int((np.bincount(experts, minlength=e) > 0).sum()))
+        try:  # JAX's own Mosaic GPU grouped matmul, as a candidate if XLA's is slow
+            from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+            mg = jax.jit(lambda x, w, gs: ragged_dot_mgpu.ragged_dot(
+                x, w, group_sizes=gs, block_m=128, block_n=128, block_k=64,
+                max_concurrent_steps=4, grid_block_n=1))
+            err = float(jnp.abs(mg(x, w, gs).astype(jnp.float32)
+                                - ragged(x, w, gs).astype(jnp.float32)).max())
+            row.update(mgpu_ms=median_time(lambda: mg(x, w, gs).block_until_ready(), 10) * 1e3,
+                       mgpu_max_err=err)
+        except Exception as ex:  # noqa: BLE001 -- a candidate, not the model's path
+            row["mgpu_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+        rows.append(row)
         print(f"grouped matmul m={m}: ragged_dot {tr * 1e3:.3f} ms, dense same-FLOPs "
-              f"{td * 1e3:.3f} ms", flush=True)
+              f"{td * 1e3:.3f} ms, mosaic {row.get('mgpu_ms', row.get('mgpu_error'))}", flush=True)
     out["grouped_matmul"] = rows
     del w
 
@@ -337,16 +353,24 @@ def main(argv=None) -> int:
                layers=args.layers, attention_impl=_kernel_impl("auto", cfg.head_dim, jnp.bfloat16),
                kernels_available=kernels.AVAILABLE,
                decode_context=DECODE_CONTEXT, page_size=PAGE_SIZE)
-    res["copy_tb_s"] = copy_bandwidth() / 1e12
-    print(f"copy bandwidth {res['copy_tb_s']:.2f} TB/s; attention impl {res['attention_impl']}",
-          flush=True)
-    grouped_matmul_micro(clock, res)
+    base = os.path.join(RESULTS, f"model-{res['date']}")
+
+    def save():  # after every phase, so a run cut short still leaves its numbers
+        res["skipped"] = clock.skipped
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(base + ".json", "w") as f:
+            json.dump(res, f, indent=2, default=str)
+        with open(base + ".md", "w") as f:
+            f.write(markdown(res))
+
     t = time.perf_counter()
     model = llama4.init_random(cfg, seed=0, dtype=jnp.bfloat16)
     jax.block_until_ready(jax.tree.leaves(model))
     res["weights_gib"] = sum(x.nbytes for x in jax.tree.leaves(model)) / 2**30
     print(f"random weights {res['weights_gib']:.1f} GiB in {time.perf_counter() - t:.1f}s",
           flush=True)
+    # transformers first: JAX's allocator keeps what it has grown to, so JAX work before
+    # this would leave torch less room (its 32k prefill runs every expert on every token).
     if not args.no_hf:
         try:
             import torch
@@ -360,20 +384,19 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 -- report the baseline failure, go on
             res["hf_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print("transformers baseline failed:", res["hf_error"], flush=True)
-    bench_jax(model, clock, res)
+    res["copy_tb_s"] = copy_bandwidth() / 1e12
+    print(f"copy bandwidth {res['copy_tb_s']:.2f} TB/s; attention impl {res['attention_impl']}",
+          flush=True)
     for b in DECODE_BATCHES:
         r = res.setdefault("decode", {}).setdefault(b, {})
         r.update(decode_bytes(cfg, b, DECODE_CONTEXT))
         r["roofline_ms"] = (r["weight_bytes"] + r["kv_bytes"]) / (res["copy_tb_s"] * 1e12) * 1e3
-    res["skipped"] = clock.skipped
-    os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, f"model-{res['date']}")
-    with open(base + ".json", "w") as f:
-        json.dump(res, f, indent=2, default=str)
-    table = markdown(res)
-    with open(base + ".md", "w") as f:
-        f.write(table)
-    print(table, flush=True)
+    save()
+    grouped_matmul_micro(clock, res)
+    save()
+    bench_jax(model, clock, res, save)
+    save()
+    print(markdown(res), flush=True)
     return 0
 
 
