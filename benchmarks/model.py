@@ -30,6 +30,7 @@ import sys
 
 # JAX must not grab 75% of the GPU up front: torch shares it in this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 # transformers probes for a package named `kernels`; with the repo root on sys.path it
 # would find this project's kernels/ folder (imported as jaxattn.kernels) instead.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +38,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _ROOT
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -51,6 +53,7 @@ from jaxattn import kernels  # noqa: E402
 from jaxattn.api import _kernel_impl  # noqa: E402
 from jaxattn.batch import SeqStep, build_step  # noqa: E402
 from jaxattn.models import llama4  # noqa: E402
+from jaxattn.models.llama4 import grouped_matmul  # noqa: E402
 
 PREFILL_LENS = (8192, 16384, 32768)
 DECODE_BATCHES = (1, 32)
@@ -100,14 +103,14 @@ def median_time(fn, reps: int) -> float:
 
 
 def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 1 GiB device copy (XLA elementwise add; far
-    larger than the 50 MB L2)."""
-    x = jnp.ones((2**28,), jnp.float32)
+    """Bytes read + written per second by a 4 GiB device copy (XLA elementwise add), the
+    measurement of docs' anchors."""
+    x = jnp.ones((2**30,), jnp.float32)
     f = jax.jit(lambda a: a + 1)
     f(x).block_until_ready()
-    t = median_time(lambda: f(x).block_until_ready(), 20)
+    t = median_time(lambda: f(x).block_until_ready(), 10)
     del x
-    return 2 * 4 * 2**28 / t
+    return 2 * 4 * 2**30 / t
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,10 +274,20 @@ def decode_bytes(cfg: llama4.Llama4Config, batch: int, kv_len: int) -> dict:
 
 
 def grouped_matmul_micro(clock: Clock, out: dict):
-    """lax.ragged_dot on the routed-expert shape vs a dense matmul of the same FLOPs."""
+    """The routed-expert grouped matmul alone: XLA's ragged_dot, JAX's Mosaic ragged_dot
+    example, and the model's kernel (grouped_matmul.py), vs a dense matmul of the same
+    useful FLOPs; plus a few tile configs of the model's kernel at the prefill size."""
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
     e, h, inter = 16, 5120, 8192
     key = jax.random.key(0)
     w = jax.random.normal(key, (e, h, inter), jnp.bfloat16)
+    xla = jax.jit(lambda x, w, gs: jax.lax.ragged_dot(x, w, gs))
+    ours = jax.jit(lambda x, w, gs: grouped_matmul.grouped_matmul(x, w, gs, impl="mosaic"))
+    jax_example = jax.jit(lambda x, w, gs: ragged_dot_mgpu.ragged_dot(
+        x, w, group_sizes=gs, block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
+        grid_block_n=1))
+    dense = jax.jit(lambda x, w: x @ w[0])
     rows = []
     for m in (1, 32, 8192, 32768):
         if not clock.allow(f"grouped matmul m={m}", 20):
@@ -282,31 +295,41 @@ def grouped_matmul_micro(clock: Clock, out: dict):
         x = jax.random.normal(jax.random.fold_in(key, m), (m, h), jnp.bfloat16)
         experts = np.sort(np.random.default_rng(m).integers(0, e, m))
         gs = jnp.asarray(np.bincount(experts, minlength=e).astype(np.int32))
-        ragged = jax.jit(lambda x, w, gs: jax.lax.ragged_dot(x, w, gs))
-        dense = jax.jit(lambda x, w: x @ w[0])
-        ragged(x, w, gs).block_until_ready()
-        dense(x, w).block_until_ready()
-        tr = median_time(lambda: ragged(x, w, gs).block_until_ready(), 10)
-        td = median_time(lambda: dense(x, w).block_until_ready(), 10)
-        row = dict(m=m, ragged_dot_ms=tr * 1e3, dense_same_flops_ms=td * 1e3,
-                   ragged_tflops=2 * m * h * inter / tr / 1e12,
-                   experts_hit=int((np.bincount(experts, minlength=e) > 0).sum()))
-        try:  # JAX's own Mosaic GPU grouped matmul, as a candidate if XLA's is slow
-            from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-
-            mg = jax.jit(lambda x, w, gs: ragged_dot_mgpu.ragged_dot(
-                x, w, group_sizes=gs, block_m=128, block_n=128, block_k=64,
-                max_concurrent_steps=4, grid_block_n=1))
-            err = float(jnp.abs(mg(x, w, gs).astype(jnp.float32)
-                                - ragged(x, w, gs).astype(jnp.float32)).max())
-            row.update(mgpu_ms=median_time(lambda: mg(x, w, gs).block_until_ready(), 10) * 1e3,
-                       mgpu_max_err=err)
-        except Exception as ex:  # noqa: BLE001 -- a candidate, not the model's path
-            row["mgpu_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+        want = xla(x, w, gs).astype(jnp.float32)
+        row = dict(m=m, experts_hit=int((np.bincount(experts, minlength=e) > 0).sum()),
+                   dense_same_flops_ms=median_time(
+                       lambda: dense(x, w).block_until_ready(), 10) * 1e3)
+        for name, f in (("xla", xla), ("jax_example", jax_example), ("ours", ours)):
+            try:
+                err = float(jnp.abs(f(x, w, gs).astype(jnp.float32) - want).max())
+                row[f"{name}_ms"] = median_time(lambda: f(x, w, gs).block_until_ready(), 10) * 1e3
+                row[f"{name}_max_err"] = err
+            except Exception as ex:  # noqa: BLE001 -- record and go on
+                row[f"{name}_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
         rows.append(row)
-        print(f"grouped matmul m={m}: ragged_dot {tr * 1e3:.3f} ms, dense same-FLOPs "
-              f"{td * 1e3:.3f} ms, mosaic {row.get('mgpu_ms', row.get('mgpu_error'))}", flush=True)
+        print("grouped matmul", {k: (round(v, 3) if isinstance(v, float) else v)
+                                 for k, v in row.items()}, flush=True)
     out["grouped_matmul"] = rows
+    tune = []
+    m = 32768
+    if clock.allow("grouped matmul tile configs", 40):
+        x = jax.random.normal(key, (m, h), jnp.bfloat16)
+        gs = jnp.asarray(np.bincount(np.random.default_rng(m).integers(0, e, m),
+                                     minlength=e).astype(np.int32))
+        for bm, bn, bk, steps, gbn in ((128, 128, 64, 4, 1), (128, 128, 64, 4, 8),
+                                       (128, 256, 64, 3, 1), (128, 256, 64, 3, 4),
+                                       (64, 256, 64, 4, 1), (128, 128, 128, 3, 1)):
+            cfg = dict(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps,
+                       grid_block_n=gbn)
+            try:
+                f = jax.jit(functools.partial(grouped_matmul._mosaic_ragged_dot, **cfg))
+                f(x, w, gs).block_until_ready()
+                cfg["ms"] = median_time(lambda: f(x, w, gs).block_until_ready(), 5) * 1e3
+            except Exception as ex:  # noqa: BLE001
+                cfg["error"] = f"{type(ex).__name__}: {str(ex)[:120]}"
+            tune.append(cfg)
+            print("grouped matmul tile config", cfg, flush=True)
+    out["grouped_matmul_tiles_m32768"] = tune
     del w
 
 
@@ -330,10 +353,14 @@ def markdown(res: dict) -> str:
         ratio = f"{r['jax_ms'] / r['roofline_ms']:.2f}" if "jax_ms" in r else "-"
         lines.append(f"| {b} | {hf} | {jx} | {r['roofline_ms']:.2f} | {ratio} |")
     if res.get("grouped_matmul"):
-        lines += ["", "| grouped matmul rows (16 experts, 5120x8192) | ragged_dot ms | "
-                  "dense same-FLOPs ms |", "|---|---|---|"]
+        lines += ["", "| grouped matmul rows (16 experts, 5120x8192) | experts hit | XLA ragged_dot ms "
+                  "| JAX Mosaic example ms | ours ms | dense same-FLOPs ms |",
+                  "|---|---|---|---|---|---|"]
+        fmt = lambda r, k: f"{r[k]:.3f}" if k in r else "error"
         for r in res["grouped_matmul"]:
-            lines.append(f"| {r['m']} | {r['ragged_dot_ms']:.3f} | {r['dense_same_flops_ms']:.3f} |")
+            lines.append(f"| {r['m']} | {r['experts_hit']} | {fmt(r, 'xla_ms')} | "
+                         f"{fmt(r, 'jax_example_ms')} | {fmt(r, 'ours_ms')} | "
+                         f"{r['dense_same_flops_ms']:.3f} |")
     if res.get("skipped"):
         lines += ["", "Skipped (deadline): " + "; ".join(res["skipped"])]
     return "\n".join(lines) + "\n"

@@ -1,9 +1,10 @@
 """Llama 4 feed-forward blocks: the dense MLP, the routed experts and the MoE layer.
 
-The routed experts run as three grouped matmuls (``jax.lax.ragged_dot``) over
-the token copies sorted by expert, so each expert multiplies only the tokens
-routed to it; nothing loops over experts or multiplies a token by every
-expert (transformers' reference does the latter, with zero-scaled inputs).
+The routed experts run as three grouped matmuls (:mod:`grouped_matmul`:
+``jax.lax.ragged_dot`` semantics, a Mosaic GPU kernel on Hopper) over the token
+copies sorted by expert, so each expert multiplies only the tokens routed to it;
+nothing loops over experts or multiplies a token by every expert (transformers'
+reference does the latter, with zero-scaled inputs).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from flax import nnx
 from jax import lax
 
 from jaxattn.models.llama4.config import Llama4Config
+from jaxattn.models.llama4.grouped_matmul import grouped_matmul
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype):
@@ -54,6 +56,7 @@ class Experts(nnx.Module):
     parallelism can later shard I without separating the halves."""
 
     def __init__(self, config: Llama4Config, *, dtype, rngs: nnx.Rngs):
+        self.impl = "auto"  # grouped matmul implementation (see grouped_matmul.IMPLS)
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         std = config.initializer_range
         self.gate_proj = nnx.Param(_normal(rngs, (e, h, i), std, dtype))  # [E, H, I]
@@ -62,9 +65,10 @@ class Experts(nnx.Module):
 
     def __call__(self, x, group_sizes):
         """x [M, H]: rows sorted by expert, ``group_sizes[e]`` rows for expert e. Returns [M, H]."""
-        gate = lax.ragged_dot(x, self.gate_proj[...], group_sizes)
-        up = lax.ragged_dot(x, self.up_proj[...], group_sizes)
-        return lax.ragged_dot(up * jax.nn.silu(gate), self.down_proj[...], group_sizes)
+        gate = grouped_matmul(x, self.gate_proj[...], group_sizes, impl=self.impl)
+        up = grouped_matmul(x, self.up_proj[...], group_sizes, impl=self.impl)
+        return grouped_matmul(up * jax.nn.silu(gate), self.down_proj[...], group_sizes,
+                              impl=self.impl)
 
 
 class MoE(nnx.Module):
