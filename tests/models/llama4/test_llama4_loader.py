@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxattn.models import llama4
 
-from llama4_fixtures import checkpoint
+from llama4_fixtures import checkpoint, expected
 
 
 def _tensors(path):
@@ -142,3 +142,18 @@ def test_init_random_is_seeded():
     la, lb, lc = (jax.tree.leaves(m) for m in (a, b, c))
     assert all(np.array_equal(x, y) for x, y in zip(la, lb))
     assert not all(np.array_equal(x, y) for x, y in zip(la, lc))
+
+
+def test_load_onto_a_mesh_uses_the_partition_specs():
+    """With a mesh, each parameter lands with its spec's NamedSharding (axes the mesh lacks
+    are replicated): the structure tensor/expert parallelism will use."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("tp",))
+    model = llama4.load(checkpoint("moe_dense"), mesh=mesh)
+    q = model.model.layers[0].self_attn.q_proj.weight[...]
+    gate = model.model.layers[1].feed_forward.experts.gate_proj[...]
+    assert q.sharding == NamedSharding(mesh, P("tp", None))
+    assert gate.sharding == NamedSharding(mesh, P(None, None, "tp"))  # no "ep" axis here
+    e = expected("moe_dense")
+    assert np.abs(np.asarray(model(e["input_ids"])) - e["logits"]).max() < 1e-4
