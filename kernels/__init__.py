@@ -40,39 +40,49 @@ def _covered_rows(plan: Plan):
 
 
 def _run_plan(q, k_pages, v_pages, page_table, kv_lens, plan: Plan, zero_ranges, *,
-              bounds: Bounds, scale, causal, chunk_size, interpret, num_workers):
-    config = prefill.pick_config(bounds, q.dtype)
+              bounds: Bounds, scale, causal, chunk_size, interpret, num_workers, config=None):
+    if config is None:
+        config = prefill.pick_config(bounds, q.dtype)
+    elif (config.block_q, config.block_kv) != (bounds.block_q, bounds.block_kv):
+        raise ValueError(f"config tiles ({config.block_q}, {config.block_kv}) != bounds "
+                         f"({bounds.block_q}, {bounds.block_kv})")
     out, lse_tiles = prefill.prefill_attention(
         q, k_pages, v_pages, page_table, plan.prefill, zero_ranges, config=config, scale=scale,
         causal=causal, num_workers=num_workers, interpret=interpret)
     lse = prefill.scatter_lse(lse_tiles, plan.prefill, q.shape[0])
 
-    def with_decode():
+    def with_decode(out, lse):
         dec_out, dec_lse = decode.decode_attention(
             q, k_pages, v_pages, page_table, kv_lens, plan.decode, bounds=bounds, scale=scale,
             causal=causal, chunk_size=chunk_size, interpret=interpret)
         return executor.merge_disjoint(out, lse, dec_out, dec_lse, q.dtype)
 
-    # A batch without decode rows (long prefills) skips the decode kernel and the merge pass.
-    return lax.cond(plan.decode.count > 0, with_decode, lambda: (out, lse))
+    # A batch without decode rows (long prefills) skips the decode kernel and the merge pass;
+    # out/lse go in as operands so the untaken branch can alias them instead of copying.
+    return lax.cond(plan.decode.count > 0, with_decode, lambda out, lse: (out, lse), out, lse)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, plan: Plan, *,
-                           bounds: Bounds, scale, causal=True, chunk_size=None, interpret=False):
-    """Run a plan over a paged cache: out [T, Hq, D] (q.dtype), lse [T, Hq] f32."""
+                           bounds: Bounds, scale, causal=True, chunk_size=None, interpret=False,
+                           config: prefill.PrefillConfig | None = None):
+    """Run a plan over a paged cache: out [T, Hq, D] (q.dtype), lse [T, Hq] f32.
+
+    ``config`` overrides the picked prefill tuning (benchmarks); its tiles must match ``bounds``.
+    """
     t = q.shape[0]
     zero = jnp.stack([_covered_rows(plan), jnp.int32(t)]).reshape(1, 2)
     workers = _INTERPRET_WORKERS if interpret else bounds.num_workers
     return _run_plan(q, k_pages, v_pages, page_table, kv_lens, plan, zero, bounds=bounds,
                      scale=scale, causal=causal, chunk_size=chunk_size, interpret=interpret,
-                     num_workers=min(workers, bounds.num_workers))
+                     num_workers=min(workers, bounds.num_workers), config=config)
 
 
-def contiguous_bounds(q_shape, k_shape, *, chunk_size=None, num_workers=132) -> Bounds:
+def contiguous_bounds(q_shape, k_shape, *, chunk_size=None, num_workers=132,
+                      block_kv=None) -> Bounds:
     """Bounds under which a contiguous [B, L, H, D] batch is planned (identity page table)."""
     b, lq, hq, d = q_shape
     lk, hkv = k_shape[1], k_shape[2]
-    block_kv = 128
+    block_kv = block_kv or 128
     if chunk_size is not None and chunk_size % block_kv:
         if chunk_size % 64:
             raise ValueError(f"the Mosaic kernels need chunk_size to be a multiple of 64, "
@@ -91,12 +101,14 @@ def _to_padded_rows(w: scheduler.WorkList, cu, lq):
     return w._replace(q_start=w.q_start - cu[w.seq] + w.seq * lq)
 
 
-def attention(q, k, v, q_lens, kv_lens, *, scale, causal=True, chunk_size=None, interpret=False):
+def attention(q, k, v, q_lens, kv_lens, *, scale, causal=True, chunk_size=None, interpret=False,
+              config: prefill.PrefillConfig | None = None):
     """Contiguous form. q [B, Lq, Hq, D]; k, v [B, Lk, Hkv, D] -> out [B, Lq, Hq, D], lse [B, Lq, Hq]."""
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
     b, lq, hq, d = q.shape
     workers = _INTERPRET_WORKERS if interpret else num_sms()
-    bounds = contiguous_bounds(q.shape, k.shape, chunk_size=chunk_size, num_workers=workers)
+    bounds = contiguous_bounds(q.shape, k.shape, chunk_size=chunk_size, num_workers=workers,
+                               block_kv=config.block_kv if config else None)
     lk_pad, page = bounds.max_model_len, bounds.page_size
     if lk_pad != k.shape[1]:  # rare: lengths that are not a multiple of 8
         pad = ((0, 0), (0, lk_pad - k.shape[1]), (0, 0), (0, 0))
@@ -115,5 +127,5 @@ def attention(q, k, v, q_lens, kv_lens, *, scale, causal=True, chunk_size=None, 
     zero = jnp.stack([rows + q_lens, rows + lq], axis=1)  # each sequence's padding rows
     out, lse = _run_plan(q.reshape(b * lq, hq, d), k_pages, v_pages, page_table, kv_lens, plan,
                          zero, bounds=bounds, scale=scale, causal=causal, chunk_size=chunk_size,
-                         interpret=interpret, num_workers=workers)
+                         interpret=interpret, num_workers=workers, config=config)
     return out.reshape(b, lq, hq, d), lse.reshape(b, lq, hq)

@@ -61,12 +61,16 @@ class PrefillConfig:
     num_stages: depth of the K/V SMEM ring.
     p_in_registers: feed P to the PV wgmma from registers (fast, GPU only);
       False stages P through SMEM, which GPU interpret mode can execute.
+    heads_inner: number tiles ``item * Hq + head`` so a KV group's query heads
+      run side by side and share K/V in L2 (False: ``head * count + item``,
+      for measuring that choice).
     """
 
     block_q: int = 128
     block_kv: int = 128
     num_stages: int = 2
     p_in_registers: bool = True
+    heads_inner: bool = True
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -199,8 +203,12 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         my_tiles = full_rounds + (last_pos < rem).astype(jnp.int32)
 
         def item_fields(tile):
-            item = tile // hq
-            head = tile - item * hq
+            if config.heads_inner:
+                item = tile // hq
+                head = tile - item * hq
+            else:
+                head = tile // count_ref[0]
+                item = tile - head * count_ref[0]
             return item, head, [meta_ref[i, item] for i in range(len(_META))]
 
         def kv_blocks(kv_start, kv_end):
