@@ -52,14 +52,39 @@ def _run_plan(q, k_pages, v_pages, page_table, kv_lens, plan: Plan, zero_ranges,
     lse = prefill.scatter_lse(lse_tiles, plan.prefill, q.shape[0])
 
     def with_decode(out, lse):
+        q_dec, items, src, n_dec = _compact_decode_rows(q, plan.decode, bounds)
         dec_out, dec_lse = decode.decode_attention(
-            q, k_pages, v_pages, page_table, kv_lens, plan.decode, bounds=bounds, scale=scale,
+            q_dec, k_pages, v_pages, page_table, kv_lens, items, bounds=bounds, scale=scale,
             causal=causal, chunk_size=chunk_size, interpret=interpret)
-        return executor.merge_disjoint(out, lse, dec_out, dec_lse, q.dtype)
+        dec_out, dec_lse = executor.merge_disjoint(out[src], lse[src], dec_out, dec_lse, q.dtype)
+        dest = jnp.where(jnp.arange(src.shape[0]) < n_dec, src, q.shape[0])
+        return (out.at[dest].set(dec_out, mode="drop"), lse.at[dest].set(dec_lse, mode="drop"))
 
-    # A batch without decode rows (long prefills) skips the decode kernel and the merge pass;
+    # A batch without decode rows (long prefills) skips the decode kernel and the merge;
     # out/lse go in as operands so the untaken branch can alias them instead of copying.
     return lax.cond(plan.decode.count > 0, with_decode, lambda out, lse: (out, lse), out, lse)
+
+
+def _compact_decode_rows(q, items: scheduler.WorkList, bounds: Bounds):
+    """Gather the decode rows of q into a small array and point the items at it.
+
+    The decode kernel returns f32 [rows, Hq, D]; over all T rows of a long
+    prefill batch that is gigabytes (and XLA reserves it even when the branch
+    is not taken), but decode rows number at most max_num_seqs * decode_q.
+    Returns q_dec [R, Hq, D], the remapped items, src [R] (row of q each
+    compact row came from) and the number of valid compact rows.
+    """
+    t = q.shape[0]
+    r = min(t, bounds.max_num_seqs * bounds.dq)
+    k = jnp.arange(bounds.dq, dtype=jnp.int32)
+    live = (jnp.arange(items.seq.shape[0]) < items.count)[:, None] & (k[None, :] < items.q_len[:, None])
+    rows = jnp.where(live, items.q_start[:, None] + k[None, :], t).reshape(-1)
+    is_dec = jnp.zeros((t,), bool).at[rows].set(True, mode="drop")
+    slot = jnp.cumsum(is_dec, dtype=jnp.int32) - 1  # compact index of each decode row
+    src = jnp.zeros((r,), jnp.int32).at[jnp.where(is_dec, slot, r)].set(
+        jnp.arange(t, dtype=jnp.int32), mode="drop")
+    items = items._replace(q_start=jnp.where(items.q_len > 0, slot[jnp.minimum(items.q_start, t - 1)], 0))
+    return q[src], items, src, is_dec.sum(dtype=jnp.int32)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, plan: Plan, *,

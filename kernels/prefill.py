@@ -14,11 +14,13 @@ prefill :class:`~jaxattn.scheduler.WorkList`. A CTA has three warpgroups:
   on the tensor cores (FA3 ping-pong): one runs its GEMMs while the other
   does its softmax.
 
-Tiles are numbered ``item * Hq + head`` (heads innermost), so the query heads
-of one KV group run at the same time on neighbouring SMs and read the same
-K/V tiles while they are hot in L2; items come longest first (the planner
-sorts them) and are dealt to CTAs in a snake order, so every CTA gets a
-similar mix of long and short tiles.
+Tiles are numbered KV head first, then item, then the KV group's query heads
+(``PrefillConfig.tile_order``): the ~132 tiles in flight all read one KV
+head's K/V, the group's query heads run side by side on neighbouring SMs
+and read each K/V tile at about the same moment, so K/V comes from L2 rather
+than HBM (at 128k tokens one KV head's K/V is 64 MiB; every head's is 512
+MiB). Items come longest first (the planner sorts them) and are dealt to
+CTAs in a snake order, so every CTA gets a similar mix of long and short tiles.
 
 Output rows are written only for the item's valid rows: the epilogue stages
 O in an untiled SMEM buffer and stores it with predicated TMA copies of
@@ -48,6 +50,7 @@ COMPUTE_WGS = 2
 MAX_SMEM = 227 * 1024  # H100 dynamic shared memory per block
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
+TILE_ORDERS = ("kv_major", "item_major", "head_major")
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -61,16 +64,25 @@ class PrefillConfig:
     num_stages: depth of the K/V SMEM ring.
     p_in_registers: feed P to the PV wgmma from registers (fast, GPU only);
       False stages P through SMEM, which GPU interpret mode can execute.
-    heads_inner: number tiles ``item * Hq + head`` so a KV group's query heads
-      run side by side and share K/V in L2 (False: ``head * count + item``,
-      for measuring that choice).
+    tile_order: how (item, query head) tiles are numbered, i.e. which tiles run
+      at the same time on the 132 SMs and so share K/V through L2:
+      "kv_major": KV head outermost, then items (longest first), then the
+      group's query heads -- the tiles in flight all read one KV head, and
+      a group's heads read the same K/V tile at about the same moment;
+      "item_major": item, then all query heads;
+      "head_major": query head, then items.
+    overlap: FA3 intra-warpgroup overlap: issue S(j+1) = Q K(j+1)^T before
+      the softmax of block j... precisely, each step issues QK(j) and PV(j-1)
+      back to back and runs softmax(j) while PV(j-1) is on the tensor cores
+      (needs p_in_registers; GPU only).
     """
 
     block_q: int = 128
     block_kv: int = 128
     num_stages: int = 2
     p_in_registers: bool = True
-    heads_inner: bool = True
+    tile_order: str = "kv_major"
+    overlap: bool = False
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -79,6 +91,10 @@ class PrefillConfig:
             raise ValueError(f"block_kv={self.block_kv} must be a multiple of 64 in [64, 256]")
         if self.num_stages < 2:
             raise ValueError(f"num_stages={self.num_stages} must be >= 2")
+        if self.overlap and not self.p_in_registers:
+            raise ValueError("overlap=True needs p_in_registers=True")
+        if self.tile_order not in TILE_ORDERS:
+            raise ValueError(f"tile_order={self.tile_order!r} is not one of {TILE_ORDERS}")
 
     def smem_bytes(self, head_dim: int, dtype) -> int:
         """Shared memory the kernel allocates (the budget check of the Mosaic lowering)."""
@@ -170,7 +186,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         raise ValueError(f"page_size={page_size} must be a multiple of 8 dividing "
                          f"block_kv={config.block_kv}")
     if interpret and config.p_in_registers:
-        config = dataclasses.replace(config, p_in_registers=False)
+        config = dataclasses.replace(config, p_in_registers=False, overlap=False)
     dtype = q.dtype
     group = hq // hkv
     bkv, stages = config.block_kv, config.num_stages
@@ -203,12 +219,14 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         my_tiles = full_rounds + (last_pos < rem).astype(jnp.int32)
 
         def item_fields(tile):
-            if config.heads_inner:
-                item = tile // hq
-                head = tile - item * hq
-            else:
-                head = tile // count_ref[0]
-                item = tile - head * count_ref[0]
+            count = count_ref[0]
+            if config.tile_order == "item_major":
+                item, head = tile // hq, tile % hq
+            elif config.tile_order == "head_major":
+                head, item = tile // count, tile % count
+            else:  # kv_major
+                kv_head, rest = tile // (count * group), tile % (count * group)
+                item, head = rest // group, kv_head * group + rest % group
             return item, head, [meta_ref[i, item] for i in range(len(_META))]
 
         def kv_blocks(kv_start, kv_end):
@@ -263,6 +281,29 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 qw[...] = q_stage[wg]
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(q_free.at[wg])
+
+                def mask(s, j):
+                    rows = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bkv), 0,
+                                                  layout=plgpu.Layout.WGMMA)
+                    cols = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bkv), 1,
+                                                  layout=plgpu.Layout.WGMMA)
+                    key = cols + j * bkv
+                    ok = key < kv_end
+                    if causal:
+                        ok = ok & (key <= rows + first_row_pos)
+                    return ok
+
+                def bcast_rows(x, shape):
+                    return lax.broadcast_in_dim(x, shape, [0])
+
+                if config.overlap:
+                    acc, m_i, l_i = overlapped_kv_loop(step, lo, unmasked_hi, hi, mask, bcast_rows)
+                else:
+                    acc, m_i, l_i = kv_loop(step, lo, unmasked_hi, hi, mask)
+                epilogue(item, head, q_start, q_len, acc, m_i, l_i)
+                return step + (hi - lo)
+
+            def kv_loop(step, lo, unmasked_hi, hi, mask):
                 plgpu.barrier_wait(k_full.at[step % stages])
 
                 def kv_step(j, carry, masked):
@@ -279,15 +320,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     plgpu.barrier_arrive(k_free.at[slot])
 
                     if masked:
-                        rows = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bkv), 0,
-                                                      layout=plgpu.Layout.WGMMA)
-                        cols = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bkv), 1,
-                                                      layout=plgpu.Layout.WGMMA)
-                        key = cols + j * bkv
-                        ok = key < kv_end
-                        if causal:
-                            ok = ok & (key <= rows + first_row_pos)
-                        s = jnp.where(ok, s, -jnp.inf)
+                        s = jnp.where(mask(s, j), s, -jnp.inf)
 
                     m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
                     alpha = jnp.exp2(m_i - m_new)
@@ -334,10 +367,98 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 carry = (acc0, m0, l0)
                 carry = lax.fori_loop(lo, unmasked_hi, functools.partial(kv_step, masked=False),
                                       carry)
-                acc, m_i, l_i = lax.fori_loop(unmasked_hi, hi,
-                                              functools.partial(kv_step, masked=True), carry)
+                return lax.fori_loop(unmasked_hi, hi, functools.partial(kv_step, masked=True),
+                                     carry)
 
-                # Epilogue: normalise, stage in SMEM, store only this warpgroup's valid rows.
+            def overlapped_kv_loop(step, lo, unmasked_hi, hi, mask, bcast_rows):
+                """FA3 intra-warpgroup overlap: softmax(j) runs while PV(j-1) is in flight.
+
+                Per step: issue QK(j), issue PV(j-1), wait for QK(j) only, softmax(j),
+                wait for PV(j-1), rescale O. Ping-pong rendezvous after each GEMM issue
+                and after each softmax, as in the plain loop.
+                """
+                row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+                def softmax(s, m_old):
+                    m_new = jnp.maximum(m_old, s.max(axis=1) * qk_scale)
+                    p = jnp.exp2(s * qk_scale - bcast_rows(m_new, s.shape))
+                    return p, m_new, jnp.exp2(m_old - m_new)
+
+                # Prologue: block lo (masked when it is the diagonal/boundary block).
+                slot0 = step % stages
+
+                def qk0(s_ref):
+                    plgpu.barrier_wait(k_full.at[slot0])
+                    plgpu.wgmma(s_ref, qw, k_smem.at[slot0].T)
+                    sched_sync()
+                    return s_ref[...]
+
+                s = pl.run_scoped(qk0, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot0])
+                s = jnp.where(mask(s, lo) | (lo < unmasked_hi), s, -jnp.inf)
+                m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), row_layout)
+                p, m_i, _ = softmax(s, m0)
+                l_i = p.sum(axis=1)
+                acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+                carry = (acc, m_i, l_i, p.astype(dtype))
+
+                def step_j(j, carry, masked):
+                    acc, m_i, l_i, p16 = carry
+                    c = step + j - lo
+                    slot, pslot = c % stages, (c - 1) % stages
+                    sched_sync()  # hand the tensor cores over after the softmax
+
+                    def qk_scope(s_ref):
+                        plgpu.barrier_wait(k_full.at[slot])
+                        plgpu.wgmma(s_ref, qw, k_smem.at[slot].T)
+                        plgpu.barrier_wait(v_full.at[pslot])
+
+                        def pv_body(refs):
+                            o_ref, m_ref, l_ref, p_ref, a_ref = refs
+                            plgpu.wgmma(o_ref, p16, v_smem.at[pslot])
+                            sched_sync()
+                            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # QK(j) only
+                            plgpu.barrier_arrive(k_free.at[slot])
+                            if masked:
+                                s = jnp.where(mask(s, j), s, -jnp.inf)
+                            p, m_new, alpha = softmax(s, m_ref[...])
+                            l_ref[...] = l_ref[...] * alpha + p.sum(axis=1)
+                            m_ref[...] = m_new
+                            p_ref[...] = p
+                            a_ref[...] = alpha
+
+                        p0 = plgpu.layout_cast(jnp.zeros((WG_ROWS, bkv), jnp.float32),
+                                               plgpu.Layout.WGMMA)
+                        a0 = plgpu.layout_cast(jnp.ones((WG_ROWS,), jnp.float32), row_layout)
+                        # run_state exits after wgmma.wait_group 0: PV(j-1) is done.
+                        return pl.run_state(pv_body)((plgpu.ACC.init(acc), m_i, l_i, p0, a0))
+
+                    acc, m_i, l_i, p, alpha = pl.run_scoped(
+                        qk_scope, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
+                    plgpu.barrier_arrive(v_free.at[pslot])
+                    acc = acc * bcast_rows(alpha, acc.shape)
+                    return acc, m_i, l_i, p.astype(dtype)
+
+                first = lo + 1
+                mid = jnp.maximum(unmasked_hi, first)
+                carry = lax.fori_loop(first, mid, functools.partial(step_j, masked=False), carry)
+                acc, m_i, l_i, p16 = lax.fori_loop(mid, hi, functools.partial(step_j, masked=True),
+                                                   carry)
+                # Epilogue: PV of the last block.
+                last = (step + hi - lo - 1) % stages
+                sched_sync()
+                plgpu.barrier_wait(v_full.at[last])
+
+                def pv_last(o_ref):
+                    plgpu.wgmma(o_ref, p16, v_smem.at[last])
+                    sched_sync()
+
+                acc = pl.run_state(pv_last)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[last])
+                return acc, m_i, l_i
+
+            def epilogue(item, head, q_start, q_len, acc, m_i, l_i):
+                """Normalise, stage in SMEM, store only this warpgroup's valid rows."""
                 inv_l = 1.0 / l_i
                 out = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
                 lse = (m_i + jnp.log2(l_i)) * _LN2
@@ -350,7 +471,6 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                             n_rows, WG_ROWS)
                 plgpu.copy_smem_to_gmem(lse_smem.at[wg],
                                         lse_ref.at[item, head, pl.ds(row0, WG_ROWS)])
-                return step + (hi - lo)
 
             lax.fori_loop(0, my_tiles, tile_body, jnp.int32(0))
             pl.when(wg == 0)(sched_sync)

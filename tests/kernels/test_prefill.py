@@ -94,12 +94,39 @@ def test_mixed_batch_with_decode_rows():
     _check(out, lse, want_o, want_l, jnp.bfloat16)
 
 
-def test_tiles_write_only_their_rows_and_no_races():
-    """Interpret mode fills fresh outputs with NaN: exactly the prefill rows get written."""
+# The api-level mixes of tests/test_api.py (decode only, speculative, chunk crossings), at a
+# head_dim the kernel supports and with that suite's 64x64 tiles.
+API_MIXES = {
+    "mixed": ([1, 100, 3, 65, 1], [1, 300, 130, 65, 640]),
+    "decode_only": ([1, 1, 2, 1], [63, 64, 65, 500]),
+    "prefill_boundaries": ([63, 64, 65, 127], [63, 128, 129, 256]),
+    "chunked_prefill": ([200, 17], [600, 17]),
+}
+
+
+@pytest.mark.parametrize("mix", list(API_MIXES))
+def test_api_mixes(mix):
+    bounds = jaxattn.Bounds(max_num_seqs=6, max_num_batched_tokens=320, max_model_len=640,
+                            page_size=16, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                            chunk_size=128, block_q=64, block_kv=64, num_workers=3,
+                            min_split_kv=64)
+    case = make_ragged_case(bounds, *API_MIXES[mix], dtype=jnp.bfloat16, seed=len(mix))
+    out, lse = jaxattn.ragged_paged_attention(*case.args(), bounds=bounds, chunk_size=128,
+                                              return_lse=True, impl="interpret")
+    want_o, want_l = naive_ragged(*case.args(), 1 / 8, chunk=128)
+    _check(out, lse, want_o, want_l, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("order", ["item_major", "head_major"])
+def test_tiles_write_only_their_rows_and_no_races(order):
+    """Interpret mode fills fresh outputs with NaN: exactly the prefill rows get written.
+
+    (The default kv_major tile order runs in every other test.)
+    """
     bounds = _bounds(2, 1, 64, decode_q=4)
     case = make_ragged_case(bounds, [150, 3, 70], [300, 5, 70], dtype=jnp.bfloat16, seed=1)
     plan = scheduler.plan(bounds, case.cu_q_lens, case.kv_lens, case.num_seqs)
-    cfg = prefill.pick_config(bounds, jnp.bfloat16)  # interpret mode stages P through SMEM
+    cfg = dataclasses.replace(prefill.pick_config(bounds, jnp.bfloat16), tile_order=order)
     params = plgpu.InterpretGPUParams(detect_races=True)
     out, _ = prefill.prefill_attention(case.q, case.k_pages, case.v_pages, case.page_table,
                                        plan.prefill, np.zeros((0, 2), np.int32), config=cfg,
@@ -162,15 +189,18 @@ def test_config_validation():
         prefill.PrefillConfig(num_stages=1)
     with pytest.raises(ValueError, match="block_kv"):
         prefill.PrefillConfig(block_kv=96)
+    with pytest.raises(ValueError, match="tile_order"):
+        prefill.PrefillConfig(tile_order="random")
+    with pytest.raises(ValueError, match="overlap"):
+        prefill.PrefillConfig(overlap=True, p_in_registers=False)
     with pytest.raises(ValueError, match="float32"):
         prefill.pick_config(_bounds(2, 1, 64), jnp.float32)
 
 
 # --- CUDA lowering of every configuration the planner can emit (no GPU needed) ---
 
-def _export(bounds, dtype, causal, chunk, p_in_registers=True):
-    cfg = prefill.pick_config(bounds, dtype)
-    cfg = dataclasses.replace(cfg, p_in_registers=p_in_registers)
+def _export(bounds, dtype, causal, chunk, **override):
+    cfg = dataclasses.replace(prefill.pick_config(bounds, dtype), **override)
     cap = scheduler.capacity(bounds).prefill_items
     t, d = bounds.max_num_batched_tokens, bounds.head_dim
     n_pages = bounds.max_num_seqs * bounds.pages_per_seq
@@ -207,6 +237,16 @@ def test_cuda_lowering_smem_p_variant():
     bounds = _bounds(8, 1, 64, page_size=64)
     cfg = _export(bounds, jnp.bfloat16, True, None, p_in_registers=False)
     assert not cfg.p_in_registers
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("chunk", [None, 8192])
+def test_cuda_lowering_overlap_variant(d, chunk):
+    """The intra-warpgroup-overlap variant (GPU only: register P operand) lowers."""
+    bounds = jaxattn.Bounds(max_num_seqs=16, max_num_batched_tokens=8192, max_model_len=131072,
+                            page_size=64, num_q_heads=40, num_kv_heads=8, head_dim=d,
+                            chunk_size=chunk)
+    assert _export(bounds, jnp.bfloat16, True, chunk, overlap=True).overlap
 
 
 def test_oversized_config_is_refused_by_the_lowering():

@@ -7,6 +7,7 @@ rows (the first, last and boundary rows of every sequence plus random ones);
 every row of the batch is checked for NaN and padding rows for zeros.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 
 import jaxattn
+from jaxattn import kernels, scheduler
+from jaxattn.kernels import prefill
 
 pytestmark = pytest.mark.gpu
 
@@ -38,9 +41,17 @@ def _data():
 
 
 @functools.cache
-def _fn(chunk):
-    return jax.jit(functools.partial(jaxattn.ragged_paged_attention, bounds=BOUNDS[chunk],
-                                     chunk_size=chunk, return_lse=True, impl="mosaic"))
+def _fn(chunk, config=None):
+    if config is None:
+        return jax.jit(functools.partial(jaxattn.ragged_paged_attention, bounds=BOUNDS[chunk],
+                                         chunk_size=chunk, return_lse=True, impl="mosaic"))
+    bounds = dataclasses.replace(BOUNDS[chunk], block_kv=config.block_kv)
+
+    def f(q, k_pages, v_pages, table, cu, kv, n):
+        plan = scheduler.plan(bounds, cu, kv, n, chunk_size=chunk)
+        return kernels.ragged_paged_attention(q, k_pages, v_pages, table, kv, plan, bounds=bounds,
+                                              scale=SCALE, chunk_size=chunk, config=config)
+    return jax.jit(f)
 
 
 def _batch(q_lens, kv_lens, seed):
@@ -80,10 +91,10 @@ def _rows_f32(q_rows, pos, k_seq, v_seq, kv_len, lo):
 N_ROWS = 40  # sampled rows per sequence (fixed, so the f32 check compiles once)
 
 
-def _check(q_lens, kv_lens, chunk, seed=0):
+def _check(q_lens, kv_lens, chunk, seed=0, config=None):
     q, k_pages, v_pages, _ = _data()
     table, cu, kv = _batch(q_lens, kv_lens, seed)
-    out, lse = _fn(chunk)(q, k_pages, v_pages, table, cu, kv, np.int32(len(q_lens)))
+    out, lse = _fn(chunk, config)(q, k_pages, v_pages, table, cu, kv, np.int32(len(q_lens)))
     n = int(cu[len(q_lens)])
     assert not bool(jnp.isnan(out[:n]).any()), "NaN in the output"
     assert bool((out[n:] == 0).all()), "padding rows must be zeros"
@@ -120,6 +131,19 @@ def test_packed_batch_with_prefix_and_decode(chunk):
     q_lens = [10001, 1, 8193, 3000, 129, 12, 5000]
     kv_lens = [10001, 9000, 16385, 20000, 129, 12, 30000]
     _check(q_lens, kv_lens, chunk, seed=7)
+
+
+VARIANTS = {"overlap": prefill.PrefillConfig(overlap=True),
+            "bkv64_s4": prefill.PrefillConfig(block_kv=64, num_stages=4),
+            "head_major": prefill.PrefillConfig(tile_order="head_major")}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kernel_variants(variant):
+    """The tuning variants the benchmark compares compute the same thing."""
+    _check([10001, 1, 8193, 3000, 129, 12, 5000], [10001, 9000, 16385, 20000, 129, 12, 30000],
+           CHUNK, seed=11, config=VARIANTS[variant])
+    _check([16385], [16385], None, seed=12, config=VARIANTS[variant])
 
 
 def test_one_compile_for_all_lengths():
