@@ -188,14 +188,15 @@ def bench_variants(rows):
     """Kernel knobs at fixed shapes, same run: tile order (GQA / L2 sharing), block_kv and
     stages, intra-warpgroup overlap. Each variant's output is compared with the default's."""
     variants = {
-        "kv_major (default)": prefill.PrefillConfig(),
+        "auto (default)": prefill.PrefillConfig(),
+        "kv_major": prefill.PrefillConfig(tile_order="kv_major"),
         "item_major": prefill.PrefillConfig(tile_order="item_major"),
         "head_major": prefill.PrefillConfig(tile_order="head_major"),
         "overlap": prefill.PrefillConfig(overlap=True),
         "bkv64_s4": prefill.PrefillConfig(block_kv=64, num_stages=4),
     }
     shapes = os.environ.get("BENCH_VARIANT_SHAPES", "causal:32768,chunked:131072,causal:131072")
-    for mode, length in ((m, int(x)) for m, x in (p.split(":") for p in shapes.split(","))):
+    for mode, length in ((m, int(x)) for m, x in (p.split(":") for p in shapes.split(",") if p)):
         if length not in LENGTHS or time.time() - T0 > BUDGET_S:
             continue
         chunked = mode == "chunked"

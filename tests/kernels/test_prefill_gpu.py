@@ -135,7 +135,9 @@ def test_packed_batch_with_prefix_and_decode(chunk):
 
 VARIANTS = {"overlap": prefill.PrefillConfig(overlap=True),
             "bkv64_s4": prefill.PrefillConfig(block_kv=64, num_stages=4),
-            "head_major": prefill.PrefillConfig(tile_order="head_major")}
+            "head_major": prefill.PrefillConfig(tile_order="head_major"),
+            "item_major": prefill.PrefillConfig(tile_order="item_major"),
+            "kv_major": prefill.PrefillConfig(tile_order="kv_major")}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
