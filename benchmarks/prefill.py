@@ -17,7 +17,6 @@ Writes ``benchmarks/results/prefill-<date>.{json,md,png}``.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import functools
 import json

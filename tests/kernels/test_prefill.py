@@ -19,7 +19,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
 
 import jaxattn
-from jaxattn import kernels, scheduler
+from jaxattn import scheduler
 from jaxattn.kernels import prefill
 from jaxattn.scheduler import WorkList
 
