@@ -1,23 +1,156 @@
 """Pallas Mosaic GPU attention kernels (import name ``jaxattn.kernels``).
 
-Not built yet: ``AVAILABLE`` is False and the entry points raise
-NotImplementedError, so ``impl="auto"`` uses the reference everywhere.
+:func:`ragged_paged_attention` runs a plan: the prefill work list through the
+FA3-style kernel of :mod:`jaxattn.kernels.prefill`, the decode work list
+through :mod:`jaxattn.kernels.decode`, and merges the two (they cover
+disjoint rows). :func:`attention` is the contiguous form: the cache is viewed
+as pages of an identity page table, so it runs the very same kernels.
 """
 
-import jax.numpy as jnp
+from __future__ import annotations
 
-AVAILABLE = False
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxattn import executor, scheduler
+from jaxattn.kernels import decode, prefill
+from jaxattn.scheduler import Bounds, Plan
+
+AVAILABLE = True
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
+_INTERPRET_WORKERS = 4  # CTAs simulated in interpret mode: enough to exercise the tile schedule
 
 
 def supports(head_dim: int, dtype) -> bool:
-    return head_dim in HEAD_DIMS and dtype in DTYPES
+    return head_dim in HEAD_DIMS and jnp.dtype(dtype) in [jnp.dtype(x) for x in DTYPES]
 
 
-def ragged_paged_attention(*args, **kwargs):
-    raise NotImplementedError("the Mosaic GPU ragged paged attention kernels are not built yet")
+def num_sms() -> int:
+    dev = jax.devices()[0]
+    return int(getattr(dev, "core_count", 0) or 132)
 
 
-def attention(*args, **kwargs):
-    raise NotImplementedError("the Mosaic GPU attention kernels are not built yet")
+def _covered_rows(plan: Plan):
+    """Rows [0, n) hold the batch's tokens: the largest row end of any valid item."""
+    ends = [jnp.where(jnp.arange(w.seq.shape[0]) < w.count, w.q_start + w.q_len, 0).max()
+            for w in (plan.prefill, plan.decode)]
+    return jnp.maximum(*ends).astype(jnp.int32)
+
+
+def _run_plan(q, k_pages, v_pages, page_table, kv_lens, plan: Plan, zero_ranges, *,
+              bounds: Bounds, scale, causal, chunk_size, interpret, num_workers, config=None):
+    if config is None:
+        config = prefill.pick_config(bounds, q.dtype)
+    elif (config.block_q, config.block_kv) != (bounds.block_q, bounds.block_kv):
+        raise ValueError(f"config tiles ({config.block_q}, {config.block_kv}) != bounds "
+                         f"({bounds.block_q}, {bounds.block_kv})")
+    out, lse_tiles = prefill.prefill_attention(
+        q, k_pages, v_pages, page_table, plan.prefill, zero_ranges, config=config, scale=scale,
+        causal=causal, num_workers=num_workers, interpret=interpret)
+    lse = prefill.scatter_lse(lse_tiles, plan.prefill, q.shape[0])
+
+    def with_decode(out, lse):
+        q_dec, items, src, n_dec = _compact_decode_rows(q, plan.decode, bounds)
+        dec_out, dec_lse = decode.decode_attention(
+            q_dec, k_pages, v_pages, page_table, kv_lens, items, bounds=bounds, scale=scale,
+            causal=causal, chunk_size=chunk_size, interpret=interpret)
+        dec_out, dec_lse = executor.merge_disjoint(out[src], lse[src], dec_out, dec_lse, q.dtype)
+        dest = jnp.where(jnp.arange(src.shape[0]) < n_dec, src, q.shape[0])
+        return (out.at[dest].set(dec_out, mode="drop"), lse.at[dest].set(dec_lse, mode="drop"))
+
+    # A batch without decode rows (long prefills) skips the decode kernel and the merge;
+    # out/lse go in as operands so the untaken branch can alias them instead of copying.
+    return lax.cond(plan.decode.count > 0, with_decode, lambda out, lse: (out, lse), out, lse)
+
+
+def _compact_decode_rows(q, items: scheduler.WorkList, bounds: Bounds):
+    """Gather the decode rows of q into a small array and point the items at it.
+
+    The decode kernel returns f32 [rows, Hq, D]; over all T rows of a long
+    prefill batch that is gigabytes (and XLA reserves it even when the branch
+    is not taken), but decode rows number at most max_num_seqs * decode_q.
+    Returns q_dec [R, Hq, D], the remapped items, src [R] (row of q each
+    compact row came from) and the number of valid compact rows.
+    """
+    t = q.shape[0]
+    r = min(t, bounds.max_num_seqs * bounds.dq)
+    k = jnp.arange(bounds.dq, dtype=jnp.int32)
+    live = (jnp.arange(items.seq.shape[0]) < items.count)[:, None] & (k[None, :] < items.q_len[:, None])
+    rows = jnp.where(live, items.q_start[:, None] + k[None, :], t).reshape(-1)
+    is_dec = jnp.zeros((t,), bool).at[rows].set(True, mode="drop")
+    slot = jnp.cumsum(is_dec, dtype=jnp.int32) - 1  # compact index of each decode row
+    src = jnp.zeros((r,), jnp.int32).at[jnp.where(is_dec, slot, r)].set(
+        jnp.arange(t, dtype=jnp.int32), mode="drop")
+    items = items._replace(q_start=jnp.where(items.q_len > 0, slot[jnp.minimum(items.q_start, t - 1)], 0))
+    return q[src], items, src, is_dec.sum(dtype=jnp.int32)
+
+
+def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, plan: Plan, *,
+                           bounds: Bounds, scale, causal=True, chunk_size=None, interpret=False,
+                           config: prefill.PrefillConfig | None = None):
+    """Run a plan over a paged cache: out [T, Hq, D] (q.dtype), lse [T, Hq] f32.
+
+    ``config`` overrides the picked prefill tuning (benchmarks); its tiles must match ``bounds``.
+    """
+    t = q.shape[0]
+    zero = jnp.stack([_covered_rows(plan), jnp.int32(t)]).reshape(1, 2)
+    workers = _INTERPRET_WORKERS if interpret else bounds.num_workers
+    return _run_plan(q, k_pages, v_pages, page_table, kv_lens, plan, zero, bounds=bounds,
+                     scale=scale, causal=causal, chunk_size=chunk_size, interpret=interpret,
+                     num_workers=min(workers, bounds.num_workers), config=config)
+
+
+def contiguous_bounds(q_shape, k_shape, *, chunk_size=None, num_workers=132,
+                      block_kv=None) -> Bounds:
+    """Bounds under which a contiguous [B, L, H, D] batch is planned (identity page table)."""
+    b, lq, hq, d = q_shape
+    lk, hkv = k_shape[1], k_shape[2]
+    block_kv = block_kv or 128
+    if chunk_size is not None and chunk_size % block_kv:
+        if chunk_size % 64:
+            raise ValueError(f"the Mosaic kernels need chunk_size to be a multiple of 64, "
+                             f"got {chunk_size}")
+        block_kv = 64
+    page = next(p for p in (block_kv, 64, 32, 16, 8) if lk % p == 0) if lk % 8 == 0 else 8
+    lk_pad = -(-lk // page) * page
+    return Bounds(max_num_seqs=b, max_num_batched_tokens=b * lq, max_model_len=lk_pad,
+                  page_size=page, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                  chunk_size=chunk_size, block_q=128, block_kv=block_kv,
+                  num_workers=num_workers)
+
+
+def _to_padded_rows(w: scheduler.WorkList, cu, lq):
+    """Items planned on packed rows -> rows of the [B * Lq] padded layout."""
+    return w._replace(q_start=w.q_start - cu[w.seq] + w.seq * lq)
+
+
+def attention(q, k, v, q_lens, kv_lens, *, scale, causal=True, chunk_size=None, interpret=False,
+              config: prefill.PrefillConfig | None = None):
+    """Contiguous form. q [B, Lq, Hq, D]; k, v [B, Lk, Hkv, D] -> out [B, Lq, Hq, D], lse [B, Lq, Hq]."""
+    q, k, v = (jnp.asarray(x) for x in (q, k, v))
+    b, lq, hq, d = q.shape
+    workers = _INTERPRET_WORKERS if interpret else num_sms()
+    bounds = contiguous_bounds(q.shape, k.shape, chunk_size=chunk_size, num_workers=workers,
+                               block_kv=config.block_kv if config else None)
+    lk_pad, page = bounds.max_model_len, bounds.page_size
+    if lk_pad != k.shape[1]:  # rare: lengths that are not a multiple of 8
+        pad = ((0, 0), (0, lk_pad - k.shape[1]), (0, 0), (0, 0))
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    pages_per_seq = lk_pad // page
+    k_pages = k.reshape(b * pages_per_seq, page, *k.shape[2:])  # free: contiguous pages
+    v_pages = v.reshape(b * pages_per_seq, page, *v.shape[2:])
+    page_table = jnp.arange(b * pages_per_seq, dtype=jnp.int32).reshape(b, pages_per_seq)
+    q_lens = jnp.asarray(q_lens, jnp.int32)
+    kv_lens = jnp.asarray(kv_lens, jnp.int32)
+    cu = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(q_lens, dtype=jnp.int32)])
+    plan = scheduler.plan(bounds, cu, kv_lens, b, chunk_size=chunk_size, causal=causal)
+    plan = plan._replace(prefill=_to_padded_rows(plan.prefill, cu, lq),
+                         decode=_to_padded_rows(plan.decode, cu, lq))
+    rows = jnp.arange(b, dtype=jnp.int32) * lq
+    zero = jnp.stack([rows + q_lens, rows + lq], axis=1)  # each sequence's padding rows
+    out, lse = _run_plan(q.reshape(b * lq, hq, d), k_pages, v_pages, page_table, kv_lens, plan,
+                         zero, bounds=bounds, scale=scale, causal=causal, chunk_size=chunk_size,
+                         interpret=interpret, num_workers=workers, config=config)
+    return out.reshape(b, lq, hq, d), lse.reshape(b, lq, hq)

@@ -1,0 +1,343 @@
+"""Prefill attention benchmark: jaxattn vs cuDNN vs JAX's reference Mosaic GPU kernel.
+
+Run on the GPU with ``bash benchmarks/gpu.sh prefill`` (or ``python -m benchmarks.prefill``).
+Llama 4 Scout heads (40 query / 8 KV, head_dim 128), batch 1, lengths 4k..128k:
+
+* causal (global NoPE layers): jaxattn bf16, cuDNN bf16, ``attention_mgpu`` fp16;
+* chunked-local 8192 (RoPE layers): jaxattn on the whole sequence vs the same-run
+  stand-in for cuDNN (the sequence reshaped into a batch of 8192-token causal chunks);
+* packed varlen: mixed lengths in one ragged batch vs one sequence of the same work;
+* kernel variants (block_kv / stages / tile order) at a few shapes.
+
+Times are GPU time from CUPTI (all kernels of one call, the planner's included), median
+over repetitions after warm-up; wall clock where CUPTI is unavailable. TFLOP/s =
+4*Lq*Lkv*Hq*D / time, halved for causal; chunked counts only the useful diagonal chunks.
+Writes ``benchmarks/results/prefill-<date>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxattn
+from jaxattn import kernels
+from jaxattn.kernels import prefill
+
+HQ, HKV, D, CHUNK = 40, 8, 128, 8192
+LENGTHS = [int(x) for x in os.environ.get("BENCH_LENGTHS", "4096,8192,16384,32768,65536,131072").split(",")]
+BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "1e9"))
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+T0 = time.time()
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def _measure(f, *args, target_ms=800.0):
+    """Median GPU ms of f(*args) (CUPTI: sum of the call's kernels), after warm-up."""
+    out = f(*args)  # compile + warm-up
+    jax.block_until_ready(out)
+    out_bytes = sum(x.nbytes for x in jax.tree.leaves(out))
+    del out
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    est = (time.perf_counter() - t) * 1e3
+    reps = int(min(50, max(5, target_ms / max(est, 1e-3))))
+    # CUPTI's measure keeps every repetition's output alive: stay within ~12 GB.
+    reps = max(3, min(reps, int(12e9 // max(out_bytes, 1))))
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        _, times = profiler.measure(f, iterations=reps)(*args)
+        if times:
+            return statistics.median(times), "cupti", reps
+    except Exception as e:  # noqa: BLE001 - fall back to wall clock
+        log("cupti unavailable:", type(e).__name__, str(e)[:120])
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), "wall", reps
+
+
+def _kernel_breakdown(f, *args):
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        _, per = profiler.measure(f, aggregate=False)(*args)
+        return [(name[:60], round(ms, 4)) for name, ms in per]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def causal_flops(lq, lk):
+    return 4 * lq * lk * HQ * D / 2
+
+
+def chunked_flops(length):
+    n_full, rest = divmod(length, CHUNK)
+    return n_full * causal_flops(CHUNK, CHUNK) + causal_flops(rest, rest)
+
+
+def _inputs(length, dtype, batch=1):
+    kq, kk, kv = jax.random.split(jax.random.key(length), 3)
+    q = jax.random.normal(kq, (batch, length, HQ, D), dtype)
+    k = jax.random.normal(kk, (batch, length, HKV, D), dtype)
+    v = jax.random.normal(kv, (batch, length, HKV, D), dtype)
+    return q, k, v
+
+
+def jaxattn_fn(chunk, config=None):
+    if config is None:
+        return jax.jit(lambda q, k, v: jaxattn.attention(q, k, v, causal=True, chunk_size=chunk,
+                                                         impl="mosaic"))
+
+    def f(q, k, v):
+        b, lq = q.shape[:2]
+        ql = jnp.full((b,), lq, jnp.int32)
+        kl = jnp.full((b,), k.shape[1], jnp.int32)
+        return kernels.attention(q, k, v, ql, kl, scale=1 / np.sqrt(D), causal=True,
+                                 chunk_size=chunk, config=config)[0]
+    return jax.jit(f)
+
+
+def cudnn_fn(chunked):
+    def f(q, k, v):
+        if chunked:
+            b, l = q.shape[:2]
+            q, k, v = (x.reshape(b * l // CHUNK, CHUNK, *x.shape[2:]) for x in (q, k, v))
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return jax.jit(f)
+
+
+def mgpu_fn(chunked):
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+
+    cfg = am.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+
+    def f(q, k, v):
+        if chunked:
+            b, l = q.shape[:2]
+            q, k, v = (x.reshape(b * l // CHUNK, CHUNK, *x.shape[2:]) for x in (q, k, v))
+        return am.attention(q, k, v, cfg)
+    return f  # already jitted inside
+
+
+def _max_err(a, b):
+    return float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
+
+
+def bench_lengths(rows):
+    for mode in ("causal", "chunked"):
+        for length in LENGTHS:
+            if time.time() - T0 > BUDGET_S:
+                log("budget reached; skipping", mode, length)
+                return
+            chunked = mode == "chunked"
+            flops = chunked_flops(length) if chunked else causal_flops(length, length)
+            q, k, v = _inputs(length, jnp.bfloat16)
+            entry = dict(mode=mode, length=length, flops=flops)
+            outs = {}
+            if chunked and length < CHUNK:
+                continue  # a single partial chunk: the causal row already measures it
+            for name, make, dt in (("jaxattn", lambda: jaxattn_fn(CHUNK if chunked else None), None),
+                                   ("cudnn", lambda: cudnn_fn(chunked), None),
+                                   ("mgpu_fp16", lambda: mgpu_fn(chunked), jnp.float16)):
+                if name == "mgpu_fp16" and length not in ((32768, 131072) if chunked else
+                                                          (4096, 8192, 16384, 32768, 131072)):
+                    continue
+                try:
+                    args = (q, k, v) if dt is None else tuple(x.astype(dt) for x in (q, k, v))
+                    if name == "mgpu_fp16":  # no scale parameter: pre-scale q
+                        args = (args[0] * jnp.asarray(1 / np.sqrt(D), dt), *args[1:])
+                    f = make()
+                    ms, how, reps = _measure(f, *args)
+                    entry[name] = dict(ms=ms, tflops=flops / ms / 1e9, timer=how, reps=reps)
+                    outs[name] = f(*args)
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    entry[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                    traceback.print_exc(limit=3)
+            if "jaxattn" in outs and "cudnn" in outs:
+                entry["max_abs_diff_vs_cudnn"] = _max_err(outs["jaxattn"], outs["cudnn"].reshape(outs["jaxattn"].shape))
+            if "ms" in entry.get("jaxattn", {}) and "ms" in entry.get("cudnn", {}):
+                entry["ratio_vs_cudnn"] = entry["cudnn"]["ms"] / entry["jaxattn"]["ms"]
+            if length in (4096, 32768) or (chunked and length == 131072):
+                entry["jaxattn_kernels"] = _kernel_breakdown(jaxattn_fn(CHUNK if chunked else None), q, k, v)
+                log("  kernels:", entry["jaxattn_kernels"])
+            rows.append(entry)
+            log(_fmt_row(entry))
+            del q, k, v, outs
+
+
+def bench_variants(rows):
+    """Kernel knobs at fixed shapes, same run: tile order (GQA / L2 sharing), block_kv and
+    stages, intra-warpgroup overlap. Each variant's output is compared with the default's."""
+    variants = {
+        "auto (default)": prefill.PrefillConfig(),
+        "kv_major": prefill.PrefillConfig(tile_order="kv_major"),
+        "item_major": prefill.PrefillConfig(tile_order="item_major"),
+        "head_major": prefill.PrefillConfig(tile_order="head_major"),
+        "overlap": prefill.PrefillConfig(overlap=True),
+        "bkv64_s4": prefill.PrefillConfig(block_kv=64, num_stages=4),
+    }
+    shapes = os.environ.get("BENCH_VARIANT_SHAPES", "causal:32768,chunked:131072,causal:131072")
+    for mode, length in ((m, int(x)) for m, x in (p.split(":") for p in shapes.split(",") if p)):
+        if length not in LENGTHS or time.time() - T0 > BUDGET_S:
+            continue
+        chunked = mode == "chunked"
+        flops = chunked_flops(length) if chunked else causal_flops(length, length)
+        q, k, v = _inputs(length, jnp.bfloat16)
+        base = None
+        for name, cfg in variants.items():
+            if mode == "causal" and length == 131072 and name == "bkv64_s4":
+                continue
+            try:
+                f = jaxattn_fn(CHUNK if chunked else None, cfg)
+                ms, how, reps = _measure(f, q, k, v)
+                out = f(q, k, v)
+                base = out if base is None else base
+                rows.append(dict(mode=mode, length=length, variant=name, ms=ms,
+                                 tflops=flops / ms / 1e9, timer=how,
+                                 max_abs_diff_vs_default=_max_err(out, base)))
+                del out
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(mode=mode, length=length, variant=name,
+                                 error=f"{type(e).__name__}: {str(e)[:300]}"))
+            log(rows[-1])
+        del q, k, v, base
+
+
+def bench_varlen(rows):
+    """Packed mixed lengths vs one sequence of the same causal work, same compiled function."""
+    total = 65536
+    lens = [16384, 8192, 8192] + [4096] * 4 + [2048] * 4 + [1024] * 8
+    assert sum(lens) == total
+    work = sum(causal_flops(x, x) for x in lens)
+    single = int(round(np.sqrt(sum(x * x for x in lens)) / 128)) * 128
+    page = 64
+    bounds = jaxattn.Bounds(max_num_seqs=32, max_num_batched_tokens=total, max_model_len=total,
+                            page_size=page, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                            num_workers=kernels.num_sms())
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    n_pages = total // page + 32
+    q = jax.random.normal(kq, (total, HQ, D), jnp.bfloat16)
+    kp = jax.random.normal(kk, (n_pages, page, HKV, D), jnp.bfloat16)
+    vp = jax.random.normal(kv, (n_pages, page, HKV, D), jnp.bfloat16)
+    f = jax.jit(functools.partial(jaxattn.ragged_paged_attention, bounds=bounds, impl="mosaic"))
+
+    def batch(seq_lens):
+        cu = np.zeros(33, np.int32)
+        cu[1:len(seq_lens) + 1] = np.cumsum(seq_lens)
+        cu[len(seq_lens) + 1:] = cu[len(seq_lens)]
+        kvl = np.zeros(32, np.int32)
+        kvl[:len(seq_lens)] = seq_lens
+        table = np.zeros((32, bounds.pages_per_seq), np.int32)
+        perm = np.random.default_rng(0).permutation(n_pages)
+        off = 0
+        for s, x in enumerate(seq_lens):
+            u = -(-x // page)
+            table[s, :u] = perm[off:off + u]
+            off += u
+        return table, cu, kvl, np.int32(len(seq_lens))
+
+    for name, seq_lens, flops in (("packed_mixed", lens, work),
+                                  ("one_sequence", [single], causal_flops(single, single))):
+        table, cu, kvl, n = batch(seq_lens)
+        ms, how, reps = _measure(f, q, kp, vp, table, cu, kvl, n)
+        rows.append(dict(mode="varlen", variant=name, lengths=seq_lens, ms=ms, flops=flops,
+                         tflops=flops / ms / 1e9, timer=how))
+        log(rows[-1])
+
+
+def _fmt_row(e):
+    def cell(name):
+        x = e.get(name, {})
+        return f"{x['ms']:.3f} ms {x['tflops']:.0f}" if "ms" in x else ("err" if x else "-")
+    return (f"{e['mode']:8s} {e['length']:>7d} | jaxattn {cell('jaxattn'):>20s} | cudnn "
+            f"{cell('cudnn'):>20s} | mgpu16 {cell('mgpu_fp16'):>20s} | ratio "
+            f"{e.get('ratio_vs_cudnn', float('nan')):.3f}")
+
+
+def markdown(res):
+    lines = [f"# Prefill benchmark {res['date']}", "", f"Device: {res['device']}; jax {res['jax']}.",
+             "GPU ms from CUPTI (median); TFLOP/s = 4*L*L*Hq*D/t, causal halved, chunked useful only.",
+             "", "| mode | length | jaxattn ms | TFLOP/s | cuDNN ms | TFLOP/s | ratio (cuDNN/jaxattn) "
+             "| mgpu fp16 ms | TFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in res["lengths"]:
+        def c(name, key):
+            x = e.get(name, {})
+            return f"{x[key]:.3f}" if key == "ms" and key in x else (f"{x[key]:.0f}" if key in x else "-")
+        lines.append(f"| {e['mode']} | {e['length']} | {c('jaxattn', 'ms')} | {c('jaxattn', 'tflops')} "
+                     f"| {c('cudnn', 'ms')} | {c('cudnn', 'tflops')} | "
+                     f"{e.get('ratio_vs_cudnn', float('nan')):.3f} | {c('mgpu_fp16', 'ms')} "
+                     f"| {c('mgpu_fp16', 'tflops')} |")
+    lines += ["", "| variant | mode | length | ms | TFLOP/s |", "|---|---|---|---|---|"]
+    for e in res["variants"] + res["varlen"]:
+        lines.append(f"| {e.get('variant')} | {e['mode']} | {e.get('length', sum(e.get('lengths', [])))} "
+                     f"| {e.get('ms', float('nan')):.3f} | {e.get('tflops', float('nan')):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res, path):
+    if not res["lengths"]:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, mode in zip(axes, ("causal", "chunked")):
+        es = [e for e in res["lengths"] if e["mode"] == mode]
+        for name in ("jaxattn", "cudnn", "mgpu_fp16"):
+            pts = [(e["length"], e[name]["tflops"]) for e in es if "tflops" in e.get(name, {})]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{mode} (40/8 heads, D=128)")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main():
+    dev = jax.devices()[0]
+    log("device:", dev, getattr(dev, "core_count", None))
+    res = dict(date=datetime.date.today().isoformat(), device=str(dev.device_kind), jax=jax.__version__,
+               heads=[HQ, HKV], head_dim=D, chunk=CHUNK, lengths=[], variants=[], varlen=[])
+    for part, fn in (("lengths", bench_lengths), ("varlen", bench_varlen), ("variants", bench_variants)):
+        try:
+            fn(res[part])
+        except Exception:  # noqa: BLE001 - keep what was measured
+            traceback.print_exc()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"prefill-{res['date']}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    stem.with_suffix(".md").write_text(markdown(res))
+    plot(res, stem.with_suffix(".png"))
+    log(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,589 @@
+"""FA3-style Pallas Mosaic GPU kernel for the prefill work list (Hopper).
+
+One persistent CTA per SM walks the (item, query head) tiles of the planner's
+prefill :class:`~jaxattn.scheduler.WorkList`. A CTA has three warpgroups:
+
+* warpgroup 2 (producer) issues TMA copies: the tile's Q rows, then the K and
+  V tiles of the item's key range through the page table (one copy per page)
+  into a ``num_stages`` ring in SMEM. It runs ahead across tiles.
+* warpgroups 0 and 1 (consumers) own 64 query rows each. Per KV tile:
+  ``S = Q K^T`` (wgmma, f32), per-row masking only on tiles that cross the
+  item's key bound or the causal diagonal, online softmax in base 2 with
+  ``scale * log2(e)`` folded into one FMA, ``P`` cast to the input dtype,
+  ``O += P V`` (wgmma). A schedule barrier makes the two consumers alternate
+  on the tensor cores (FA3 ping-pong): one runs its GEMMs while the other
+  does its softmax.
+
+For large batches tiles are numbered KV head first, then item, then the KV
+group's query heads (``PrefillConfig.tile_order``): the ~132 tiles in flight
+all read one KV head's K/V, the group's query heads run side by side on
+neighbouring SMs and read each K/V tile at about the same moment, so K/V
+comes from L2 rather than HBM (at 128k tokens one KV head's K/V is 64 MiB;
+every head's is 512 MiB). Small batches number item first (all heads of an
+item together), which keeps each wave's tiles equally long. Items come longest first (the planner sorts them) and are dealt to
+CTAs in a snake order, so every CTA gets a similar mix of long and short tiles.
+
+Output rows are written only for the item's valid rows: the epilogue stages
+O in an untiled SMEM buffer and stores it with predicated TMA copies of
+64/32/16/8/4/2/1 rows (a ladder of static box shapes covers any count), so a
+tile never clobbers rows of another sequence. The log-sum-exp goes to a
+tile-major array (one full 64-float store per warpgroup), scattered to rows
+by XLA afterwards. Rows no item covers are zeroed by the kernel from a list
+of row ranges (the padding tail of a bucketed batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxattn.scheduler import Bounds, WorkList
+
+WG_ROWS = 64  # query rows of one consumer warpgroup: the wgmma M dimension
+COMPUTE_WGS = 2
+MAX_SMEM = 227 * 1024  # H100 dynamic shared memory per block
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+TILE_ORDERS = ("auto", "kv_major", "item_major", "head_major")
+# "auto" numbers tiles kv_major once one KV head's tiles fill this many waves of CTAs;
+# below that a kv_major wave mixes the longest and shortest items (load imbalance) while
+# all K/V in flight fits L2 anyway, so item_major wins (measured: 4k/8k causal).
+_KV_MAJOR_MIN_WAVES = 4
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+    """Static tuning of the prefill kernel.
+
+    block_q: query rows per tile (= Bounds.block_q): 64 per consumer warpgroup,
+      so 128 keeps both busy; 64 is accepted (warpgroup 1 then idles).
+    block_kv: keys per KV tile (= Bounds.block_kv).
+    num_stages: depth of the K/V SMEM ring.
+    p_in_registers: feed P to the PV wgmma from registers (fast, GPU only);
+      False stages P through SMEM, which GPU interpret mode can execute.
+    tile_order: how (item, query head) tiles are numbered, i.e. which tiles run
+      at the same time on the 132 SMs and so share K/V through L2:
+      "kv_major": KV head outermost, then items (longest first), then the
+      group's query heads -- the tiles in flight all read one KV head, and
+      a group's heads read the same K/V tile at about the same moment;
+      "item_major": item, then all query heads;
+      "head_major": query head, then items;
+      "auto" (default): kv_major when one KV head's tiles fill at least
+      ``_KV_MAJOR_MIN_WAVES`` waves of CTAs, else item_major (decided in the
+      kernel from the item count).
+    overlap: FA3 intra-warpgroup overlap: issue S(j+1) = Q K(j+1)^T before
+      the softmax of block j... precisely, each step issues QK(j) and PV(j-1)
+      back to back and runs softmax(j) while PV(j-1) is on the tensor cores
+      (needs p_in_registers; GPU only).
+    """
+
+    block_q: int = 128
+    block_kv: int = 128
+    num_stages: int = 2
+    p_in_registers: bool = True
+    tile_order: str = "auto"
+    overlap: bool = False
+
+    def __post_init__(self):
+        if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
+            raise ValueError(f"block_q={self.block_q} must be {WG_ROWS} or {COMPUTE_WGS * WG_ROWS}")
+        if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
+            raise ValueError(f"block_kv={self.block_kv} must be a multiple of 64 in [64, 256]")
+        if self.num_stages < 2:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 2")
+        if self.overlap and not self.p_in_registers:
+            raise ValueError("overlap=True needs p_in_registers=True")
+        if self.tile_order not in TILE_ORDERS:
+            raise ValueError(f"tile_order={self.tile_order!r} is not one of {TILE_ORDERS}")
+
+    def smem_bytes(self, head_dim: int, dtype) -> int:
+        """Shared memory the kernel allocates (the budget check of the Mosaic lowering)."""
+        isz = jnp.dtype(dtype).itemsize
+        q = 2 * COMPUTE_WGS * WG_ROWS * head_dim * isz  # staging + tiled
+        kv = 2 * self.num_stages * self.block_kv * head_dim * isz
+        o = COMPUTE_WGS * WG_ROWS * head_dim * isz
+        p = 0 if self.p_in_registers else COMPUTE_WGS * WG_ROWS * self.block_kv * isz
+        lse = COMPUTE_WGS * WG_ROWS * 4
+        barriers = 8 * (2 * self.num_stages + 2 * COMPUTE_WGS + 1)
+        return q + kv + o + p + lse + barriers + 1024  # + alignment slack
+
+
+def _check_dtype_and_dim(head_dim: int, dtype):
+    if jnp.dtype(dtype) not in _SUPPORTED_DTYPES:
+        raise ValueError(f"prefill kernel supports bfloat16/float16, got {jnp.dtype(dtype)}")
+    if head_dim not in (64, 128):
+        raise ValueError(f"prefill kernel supports head_dim 64 and 128, got {head_dim}")
+
+
+def pick_config(bounds: Bounds, dtype) -> PrefillConfig:
+    """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
+
+    The planner cuts items of ``bounds.block_q`` rows and KV ranges aligned to
+    ``bounds.block_kv``, so the kernel's tile must equal them; the ring is as
+    deep as shared memory allows (at most 4 stages). Interpret mode runs the
+    same config with P staged through SMEM (it has no SMEM budget).
+    """
+    _check_dtype_and_dim(bounds.head_dim, dtype)
+    if bounds.block_kv % bounds.page_size:
+        raise ValueError(f"block_kv={bounds.block_kv} must be a multiple of page_size")
+    if bounds.page_size % 8:
+        raise ValueError(f"page_size={bounds.page_size} must be a multiple of 8 (TMA/SMEM tile rows)")
+    best = None
+    for stages in (2, 3, 4):
+        cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages)
+        if cfg.smem_bytes(bounds.head_dim, dtype) <= MAX_SMEM:
+            best = cfg
+    if best is None:
+        raise ValueError(f"no prefill config fits shared memory for block_kv={bounds.block_kv}, "
+                         f"head_dim={bounds.head_dim}")
+    return best
+
+
+def _tiled(shape, dtype):
+    """SMEM operand tile for wgmma/TMA: (8, 128B) tiles, 128-byte swizzle."""
+    elems = 128 // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)),
+                                                plgpu.SwizzleTransform(128)))
+
+
+def _store_rows(src, dst, n, max_rows):
+    """TMA-store the first ``n`` rows of ``src`` (untiled SMEM) to GMEM rows via ``dst(off, size)``.
+
+    TMA box shapes are static, so ``n`` (dynamic, <= max_rows) is written as
+    a sum of powers of two, each piece one conditional copy.
+    """
+    off = 0
+    size = max_rows
+    while size >= 1:
+        @pl.when((n & size) != 0)
+        def _(off=off, size=size):
+            plgpu.copy_smem_to_gmem(src.at[pl.ds(off, size)], dst(off, size), commit_group=False)
+
+        off = off + (n & size)
+        size //= 2
+    plgpu.commit_smem_to_gmem_group()
+
+
+# Rows of the packed item metadata array the kernel reads.
+_META = ("q_start", "q_len", "q_pos", "kv_start", "kv_end", "seq")
+
+
+def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ranges, *,
+                      config: PrefillConfig, scale: float, causal: bool, num_workers: int,
+                      interpret=False):
+    """Run the kernel over ``items`` (the prefill work list).
+
+    q [T, Hq, D]; k_pages, v_pages [P, page_size, Hkv, D]; page_table [S, pages];
+    zero_ranges int32 [R, 2]: row ranges [a, b) to fill with zeros (rows no
+    item covers). Returns out [T, Hq, D] (q.dtype; rows outside items and
+    zero ranges are unspecified) and lse_tiles [capacity, Hq, 128] f32
+    (natural log) indexed by item and row within the item.
+    """
+    t, hq, d = q.shape
+    num_pages, page_size, hkv, _ = k_pages.shape
+    _check_dtype_and_dim(d, q.dtype)
+    if config.block_kv % page_size or page_size % 8:
+        raise ValueError(f"page_size={page_size} must be a multiple of 8 dividing "
+                         f"block_kv={config.block_kv}")
+    if interpret and config.p_in_registers:
+        config = dataclasses.replace(config, p_in_registers=False, overlap=False)
+    dtype = q.dtype
+    group = hq // hkv
+    bkv, stages = config.block_kv, config.num_stages
+    pages_per_tile = bkv // page_size
+    max_page_col = page_table.shape[1] - 1
+    cap = items.seq.shape[0]
+    meta = jnp.stack([getattr(items, f) for f in _META]).astype(jnp.int32)  # [6, cap]
+    count = jnp.reshape(items.count, (1,)).astype(jnp.int32)
+    zero_ranges = jnp.asarray(zero_ranges, jnp.int32).reshape(-1, 2)
+    n_zero = zero_ranges.shape[0]
+    page_table = page_table.astype(jnp.int32)
+    qk_scale = float(scale) * _LOG2E
+    tile_rows = COMPUTE_WGS * WG_ROWS
+
+    def kernel(meta_ref, count_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+               q_stage, q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem,
+               q_full, q_free, k_full, k_free, v_full, v_free, sched):
+        wg = lax.axis_index("wg")
+        cta = lax.axis_index("sm")
+        n_tiles = count_ref[0] * hq
+        # Snake order: round r takes tiles [r*W, (r+1)*W); odd rounds reversed.
+        full_rounds = n_tiles // num_workers
+        rem = n_tiles - full_rounds * num_workers
+
+        def tile_of(r):
+            pos = jnp.where(r % 2 == 0, cta, num_workers - 1 - cta)
+            return r * num_workers + pos
+
+        last_pos = jnp.where(full_rounds % 2 == 0, cta, num_workers - 1 - cta)
+        my_tiles = full_rounds + (last_pos < rem).astype(jnp.int32)
+
+        def item_fields(tile):
+            count = count_ref[0]
+            item_major = (tile // hq, tile % hq)
+            kv_head, rest = tile // (count * group), tile % (count * group)
+            kv_major = (rest // group, kv_head * group + rest % group)
+            if config.tile_order == "item_major":
+                item, head = item_major
+            elif config.tile_order == "kv_major":
+                item, head = kv_major
+            elif config.tile_order == "head_major":
+                head, item = tile // count, tile % count
+            else:  # auto
+                use_kv = count * group >= _KV_MAJOR_MIN_WAVES * num_workers
+                item = jnp.where(use_kv, kv_major[0], item_major[0])
+                head = jnp.where(use_kv, kv_major[1], item_major[1])
+            return item, head, [meta_ref[i, item] for i in range(len(_META))]
+
+        def kv_blocks(kv_start, kv_end):
+            lo = kv_start // bkv
+            return lo, (kv_end + bkv - 1) // bkv
+
+        @pl.when(wg < COMPUTE_WGS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            qw = q_smem.at[wg]
+            ow = o_smem.at[wg]
+            row0 = wg * WG_ROWS
+
+            # Zero the rows no item covers, 64-row slabs spread over all consumer warpgroups.
+            ow[...] = jnp.zeros((WG_ROWS, d), dtype)
+            plgpu.commit_smem()
+            gid = cta * COMPUTE_WGS + wg
+            n_gid = num_workers * COMPUTE_WGS
+
+            @pl.loop(0, n_zero)
+            def _zero_range(r):
+                a, b = zero_ref[r, 0], zero_ref[r, 1]
+                n_units = (b - a + WG_ROWS - 1) // WG_ROWS * hq  # (64-row slab, head) pairs
+
+                @pl.loop(gid, n_units, step=n_gid)
+                def _zero_unit(u):
+                    slab = u // hq
+                    head = u - slab * hq
+                    start = a + slab * WG_ROWS
+                    _store_rows(ow, lambda off, size: o_ref.at[pl.ds(start + off, size), head],
+                                jnp.minimum(WG_ROWS, b - start), WG_ROWS)
+
+            def sched_sync():
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(sched)
+
+            pl.when(wg == 1)(sched_sync)  # offset warpgroup 1 by one GEMM: ping-pong
+
+            def tile_body(i, step):
+                item, head, (q_start, q_len, q_pos, kv_start, kv_end, _) = item_fields(tile_of(i))
+                lo, hi = kv_blocks(kv_start, kv_end)
+                first_row_pos = q_pos + row0
+                # Tiles below this index need no mask: fully inside [.., kv_end) and below the diagonal.
+                unmasked_hi = kv_end // bkv
+                if causal:
+                    unmasked_hi = jnp.minimum(unmasked_hi, (first_row_pos + 1) // bkv)
+                unmasked_hi = jnp.clip(unmasked_hi, lo, hi)
+
+                # Q arrives untiled (TMA into tiled SMEM needs 8-aligned rows; q_start is
+                # arbitrary); re-tile it through registers for the wgmma.
+                plgpu.barrier_wait(q_full.at[wg])
+                qw[...] = q_stage[wg]
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(q_free.at[wg])
+
+                def mask(s, j):
+                    rows = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bkv), 0,
+                                                  layout=plgpu.Layout.WGMMA)
+                    cols = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bkv), 1,
+                                                  layout=plgpu.Layout.WGMMA)
+                    key = cols + j * bkv
+                    ok = key < kv_end
+                    if causal:
+                        ok = ok & (key <= rows + first_row_pos)
+                    return ok
+
+                def bcast_rows(x, shape):
+                    return lax.broadcast_in_dim(x, shape, [0])
+
+                if config.overlap:
+                    acc, m_i, l_i = overlapped_kv_loop(step, lo, unmasked_hi, hi, mask, bcast_rows)
+                else:
+                    acc, m_i, l_i = kv_loop(step, lo, unmasked_hi, hi, mask)
+                epilogue(item, head, q_start, q_len, acc, m_i, l_i)
+                return step + (hi - lo)
+
+            def kv_loop(step, lo, unmasked_hi, hi, mask):
+                plgpu.barrier_wait(k_full.at[step % stages])
+
+                def kv_step(j, carry, masked):
+                    acc, m_i, l_i = carry
+                    c = step + j - lo
+                    slot = c % stages
+
+                    def qk_scope(acc_ref):
+                        plgpu.wgmma(acc_ref, qw, k_smem.at[slot].T)
+                        sched_sync()
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(qk_scope, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
+                    plgpu.barrier_arrive(k_free.at[slot])
+
+                    if masked:
+                        s = jnp.where(mask(s, j), s, -jnp.inf)
+
+                    m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+                    alpha = jnp.exp2(m_i - m_new)
+                    p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    l_i = l_i * alpha + p.sum(axis=1)
+                    p16 = p.astype(dtype)
+                    if config.p_in_registers:
+                        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                    plgpu.barrier_arrive(sched)
+                    plgpu.barrier_wait(v_full.at[slot])
+                    plgpu.barrier_wait(sched)
+
+                    def wait_next_k():
+                        @pl.when(j + 1 < hi)
+                        def _():
+                            plgpu.barrier_wait(k_full.at[(c + 1) % stages])
+
+                    if config.p_in_registers:
+                        def pv(acc_ref):
+                            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                            wait_next_k()
+
+                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    else:
+                        pw = p_smem.at[wg]
+                        pw[...] = p16
+                        plgpu.commit_smem()
+
+                        def pv(acc_ref):
+                            plgpu.wgmma(acc_ref, pw, v_smem.at[slot])
+                            wait_next_k()
+                            return acc_ref[...]
+
+                        acc = acc + pl.run_scoped(pv, plgpu.ACC((WG_ROWS, d), jnp.float32))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, m_new, l_i
+
+                m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32),
+                                       plgpu.Layout.WGMMA.reduce(1))
+                l0 = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32),
+                                       plgpu.Layout.WGMMA.reduce(1))
+                acc0 = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+                carry = (acc0, m0, l0)
+                carry = lax.fori_loop(lo, unmasked_hi, functools.partial(kv_step, masked=False),
+                                      carry)
+                return lax.fori_loop(unmasked_hi, hi, functools.partial(kv_step, masked=True),
+                                     carry)
+
+            def overlapped_kv_loop(step, lo, unmasked_hi, hi, mask, bcast_rows):
+                """FA3 intra-warpgroup overlap: softmax(j) runs while PV(j-1) is in flight.
+
+                Per step: issue QK(j), issue PV(j-1), wait for QK(j) only, softmax(j),
+                wait for PV(j-1), rescale O. Ping-pong rendezvous after each GEMM issue
+                and after each softmax, as in the plain loop.
+                """
+                row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+                def softmax(s, m_old):
+                    m_new = jnp.maximum(m_old, s.max(axis=1) * qk_scale)
+                    p = jnp.exp2(s * qk_scale - bcast_rows(m_new, s.shape))
+                    return p, m_new, jnp.exp2(m_old - m_new)
+
+                # Prologue: block lo (masked when it is the diagonal/boundary block).
+                slot0 = step % stages
+
+                def qk0(s_ref):
+                    plgpu.barrier_wait(k_full.at[slot0])
+                    plgpu.wgmma(s_ref, qw, k_smem.at[slot0].T)
+                    sched_sync()
+                    return s_ref[...]
+
+                s = pl.run_scoped(qk0, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot0])
+                s = jnp.where(mask(s, lo) | (lo < unmasked_hi), s, -jnp.inf)
+                m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), row_layout)
+                p, m_i, _ = softmax(s, m0)
+                l_i = p.sum(axis=1)
+                acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+                carry = (acc, m_i, l_i, p.astype(dtype))
+
+                def step_j(j, carry, masked):
+                    acc, m_i, l_i, p16 = carry
+                    c = step + j - lo
+                    slot, pslot = c % stages, (c - 1) % stages
+                    sched_sync()  # hand the tensor cores over after the softmax
+
+                    def qk_scope(s_ref):
+                        plgpu.barrier_wait(k_full.at[slot])
+                        plgpu.wgmma(s_ref, qw, k_smem.at[slot].T)
+                        plgpu.barrier_wait(v_full.at[pslot])
+
+                        def pv_body(refs):
+                            o_ref, m_ref, l_ref, p_ref, a_ref = refs
+                            plgpu.wgmma(o_ref, p16, v_smem.at[pslot])
+                            sched_sync()
+                            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # QK(j) only
+                            plgpu.barrier_arrive(k_free.at[slot])
+                            if masked:
+                                s = jnp.where(mask(s, j), s, -jnp.inf)
+                            p, m_new, alpha = softmax(s, m_ref[...])
+                            l_ref[...] = l_ref[...] * alpha + p.sum(axis=1)
+                            m_ref[...] = m_new
+                            p_ref[...] = p
+                            a_ref[...] = alpha
+
+                        p0 = plgpu.layout_cast(jnp.zeros((WG_ROWS, bkv), jnp.float32),
+                                               plgpu.Layout.WGMMA)
+                        a0 = plgpu.layout_cast(jnp.ones((WG_ROWS,), jnp.float32), row_layout)
+                        # run_state exits after wgmma.wait_group 0: PV(j-1) is done.
+                        return pl.run_state(pv_body)((plgpu.ACC.init(acc), m_i, l_i, p0, a0))
+
+                    acc, m_i, l_i, p, alpha = pl.run_scoped(
+                        qk_scope, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
+                    plgpu.barrier_arrive(v_free.at[pslot])
+                    acc = acc * bcast_rows(alpha, acc.shape)
+                    return acc, m_i, l_i, p.astype(dtype)
+
+                first = lo + 1
+                mid = jnp.maximum(unmasked_hi, first)
+                carry = lax.fori_loop(first, mid, functools.partial(step_j, masked=False), carry)
+                acc, m_i, l_i, p16 = lax.fori_loop(mid, hi, functools.partial(step_j, masked=True),
+                                                   carry)
+                # Epilogue: PV of the last block.
+                last = (step + hi - lo - 1) % stages
+                sched_sync()
+                plgpu.barrier_wait(v_full.at[last])
+
+                def pv_last(o_ref):
+                    plgpu.wgmma(o_ref, p16, v_smem.at[last])
+                    sched_sync()
+
+                acc = pl.run_state(pv_last)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[last])
+                return acc, m_i, l_i
+
+            def epilogue(item, head, q_start, q_len, acc, m_i, l_i):
+                """Normalise, stage in SMEM, store only this warpgroup's valid rows."""
+                inv_l = 1.0 / l_i
+                out = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
+                lse = (m_i + jnp.log2(l_i)) * _LN2
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous stores read ow
+                ow[...] = out
+                lse_smem.at[wg][...] = lse
+                plgpu.commit_smem()
+                n_rows = jnp.clip(q_len - row0, 0, WG_ROWS)
+                _store_rows(ow, lambda off, size: o_ref.at[pl.ds(q_start + row0 + off, size), head],
+                            n_rows, WG_ROWS)
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg],
+                                        lse_ref.at[item, head, pl.ds(row0, WG_ROWS)])
+
+            lax.fori_loop(0, my_tiles, tile_body, jnp.int32(0))
+            pl.when(wg == 0)(sched_sync)
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTE_WGS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def tile_body(i, step):
+                item, head, (q_start, _, _, kv_start, kv_end, seq) = item_fields(tile_of(i))
+                kv_head = head // group
+                lo, hi = kv_blocks(kv_start, kv_end)
+
+                for w in range(COMPUTE_WGS):
+                    @pl.when(i > 0)
+                    def _():
+                        plgpu.barrier_wait(q_free.at[w])
+
+                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start + w * WG_ROWS, WG_ROWS), head],
+                                            q_stage.at[w], q_full.at[w])
+
+                def load(pages_ref, smem, full, free, j, c):
+                    slot = c % stages
+
+                    @pl.when(c >= stages)
+                    def _():
+                        plgpu.barrier_wait(free.at[slot])
+
+                    for pg in range(pages_per_tile):
+                        col = jnp.minimum(j * pages_per_tile + pg, max_page_col)
+                        page = pt_ref[seq, col]
+                        plgpu.copy_gmem_to_smem(
+                            pages_ref.at[page, :, kv_head],
+                            smem.at[slot, pl.ds(pg * page_size, page_size)], full.at[slot])
+
+                @pl.loop(lo, hi)
+                def _kv(j):
+                    c = step + j - lo
+                    load(k_ref, k_smem, k_full, k_free, j, c)
+                    load(v_ref, v_smem, v_full, v_free, j, c)
+
+                return step + (hi - lo)
+
+            total = lax.fori_loop(0, my_tiles, tile_body, jnp.int32(0))
+
+            # Observe every completion of the free barriers (interpret mode checks this).
+            @pl.loop(jnp.maximum(total - stages, 0), total)
+            def _drain(c):
+                plgpu.barrier_wait(k_free.at[c % stages])
+                plgpu.barrier_wait(v_free.at[c % stages])
+
+            @pl.when(my_tiles > 0)
+            def _():
+                for w in range(COMPUTE_WGS):
+                    plgpu.barrier_wait(q_free.at[w])
+
+    p_scratch = (_tiled((COMPUTE_WGS, WG_ROWS, bkv), dtype) if not config.p_in_registers
+                 else None)
+    scratch = [
+        plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), dtype),  # q as loaded (untiled)
+        _tiled((COMPUTE_WGS, WG_ROWS, d), dtype),  # q for the wgmma
+        _tiled((stages, bkv, d), dtype),  # k ring
+        _tiled((stages, bkv, d), dtype),  # v ring
+        plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), dtype),  # o staging (untiled: any row offset)
+        plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),  # lse staging
+        p_scratch,
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_full
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_free
+        plgpu.Barrier(num_arrivals=pages_per_tile, num_barriers=stages),  # k_full
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # k_free
+        plgpu.Barrier(num_arrivals=pages_per_tile, num_barriers=stages),  # v_full
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # v_free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # sched (ping-pong)
+    ]
+    if interpret is True:
+        interpret = plgpu.InterpretGPUParams()
+    out, lse_tiles = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((t, hq, d), dtype),
+                  jax.ShapeDtypeStruct((cap, hq, tile_rows), jnp.float32)),
+        scratch_types=scratch,
+        grid=(num_workers,),
+        grid_names=("sm",),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        # Row reductions stay inside a warp (WGMMA layout): no cross-warp scratch needed.
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+        interpret=interpret or None,
+    )(meta, count, zero_ranges, page_table, q, k_pages, v_pages)
+    return out, lse_tiles
+
+
+def scatter_lse(lse_tiles, items: WorkList, num_rows: int):
+    """lse_tiles [cap, Hq, 128] -> lse [num_rows, Hq]; rows no item covers get -inf."""
+    cap, hq, rows = lse_tiles.shape
+    r = jnp.arange(rows, dtype=jnp.int32)
+    valid = (r[None, :] < items.q_len[:, None]) & (jnp.arange(cap)[:, None] < items.count)
+    dest = jnp.where(valid, items.q_start[:, None] + r[None, :], num_rows).reshape(-1)
+    vals = jnp.swapaxes(lse_tiles, 1, 2).reshape(cap * rows, hq)
+    lse = jnp.full((num_rows, hq), -jnp.inf, jnp.float32)
+    return lse.at[dest].set(vals, mode="drop")
