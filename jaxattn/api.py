@@ -54,21 +54,32 @@ def _on_hopper() -> bool:
     return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
 
 
-def _kernel_impl(impl: str, head_dim: int, dtype) -> str:
-    """Resolve ``auto`` and check that a kernel path can run this configuration."""
+def _kernel_impl(impl: str, head_dim: int, dtype, bounds: Bounds | None = None) -> str:
+    """Resolve ``auto`` and check that a kernel path can run this configuration.
+
+    ``auto`` takes the kernels only where they can serve the configuration
+    (Hopper, head_dim/dtype, and the bounds' tile and page sizes); otherwise
+    the reference. An explicit kernel impl that cannot serve it is a ValueError.
+    """
     from jaxattn import kernels
 
+    def reason():
+        if bounds is not None:
+            return kernels.unsupported_reason(bounds, dtype)
+        return None if kernels.supports(head_dim, dtype) else (
+            f"head_dim {head_dim} / dtype {dtype} unsupported")
+
     if impl == "auto":
-        ok = _on_hopper() and kernels.AVAILABLE and kernels.supports(head_dim, dtype)
+        ok = _on_hopper() and kernels.AVAILABLE and reason() is None
         return "mosaic" if ok else "reference"
     if impl in ("mosaic", "interpret"):
         if not kernels.AVAILABLE:
             raise NotImplementedError(
                 f"impl={impl!r}: the Mosaic GPU attention kernels are not built yet; "
                 "use impl='reference' or 'auto'")
-        _check(kernels.supports(head_dim, dtype),
-               f"impl={impl!r} supports head_dim in {kernels.HEAD_DIMS} and dtypes "
-               f"{kernels.DTYPES}; got head_dim={head_dim}, dtype={dtype}")
+        why = reason()
+        _check(why is None, f"impl={impl!r} cannot serve this configuration: {why} (kernels "
+               f"support head_dim in {kernels.HEAD_DIMS} and dtypes {kernels.DTYPES})")
     return impl
 
 
@@ -169,7 +180,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
     """
     validate_ragged(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs,
                     bounds=bounds, chunk_size=chunk_size, impl=impl)
-    impl = _kernel_impl(impl, q.shape[-1], q.dtype)
+    impl = _kernel_impl(impl, q.shape[-1], q.dtype, bounds)
     scale = _scale(scale, q.shape[-1])
     q, k_pages, v_pages = (jnp.asarray(x) for x in (q, k_pages, v_pages))
     page_table, cu_q_lens, kv_lens, num_seqs = (

@@ -27,6 +27,18 @@ def supports(head_dim: int, dtype) -> bool:
     return head_dim in HEAD_DIMS and jnp.dtype(dtype) in [jnp.dtype(x) for x in DTYPES]
 
 
+def unsupported_reason(bounds: Bounds, dtype) -> str | None:
+    """Why the kernels cannot serve these bounds and dtype (None when they can)."""
+    if not supports(bounds.head_dim, dtype):
+        return f"head_dim {bounds.head_dim} / dtype {jnp.dtype(dtype)} not in {HEAD_DIMS} x {DTYPES}"
+    try:
+        prefill.pick_config(bounds, dtype)
+        getattr(decode, "pick_config", lambda b, d: None)(bounds, dtype)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def num_sms() -> int:
     dev = jax.devices()[0]
     return int(getattr(dev, "core_count", 0) or 132)
