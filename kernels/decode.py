@@ -390,6 +390,32 @@ def _combine(out4, lse_tiles, opart, items: WorkList, part, n_split, *, g: int):
     return out, lse
 
 
+def decode_partials(q, k_pages, v_pages, page_table, items: WorkList, *, bounds: Bounds,
+                    scale: float, causal: bool = True, interpret=False,
+                    config: DecodeConfig | None = None):
+    """The kernel alone: out4 [T, Hkv, G, D] (unsplit rows only), lse tiles [cap, Hkv, 64],
+    split-piece tiles [n_part, Hkv, 64, D], and each item's partial slot (-1: unsplit)."""
+    config = config or default_config(bool(interpret))
+    _check(bounds, q, k_pages, config)
+    t, hq, d = q.shape
+    g = bounds.group
+    cap = items.seq.shape[0]
+    n_part = split_capacity(bounds, cap)
+    valid = jnp.arange(cap) < items.count
+    is_split = valid & (items.num_splits > 1)
+    rank = jnp.cumsum(is_split.astype(jnp.int32)) - 1
+    part = jnp.where(is_split & (rank < n_part), rank, -1).astype(jnp.int32)
+    n_split = jnp.minimum(is_split.sum(), n_part)
+    meta = jnp.stack([items.seq, items.q_start, items.q_len, items.q_pos, items.kv_start,
+                      items.kv_end, part, jnp.zeros_like(part)], axis=1).astype(jnp.int32)
+    count = jnp.reshape(items.count, (1,)).astype(jnp.int32)
+    out4, lse_tiles, opart = _kernel_call(
+        meta, count, page_table.astype(jnp.int32), q.reshape(t, hq // g, g, d), k_pages, v_pages,
+        n_part=n_part, scale=float(scale), causal=causal, config=config,
+        num_ctas=config.num_ctas or bounds.num_workers, interpret=interpret)
+    return out4, lse_tiles, opart, part, n_split
+
+
 def decode_attention(q, k_pages, v_pages, page_table, kv_lens, items: WorkList, *,
                      bounds: Bounds, scale: float, causal: bool = True, chunk_size=None,
                      interpret=False, config: DecodeConfig | None = None):
@@ -405,23 +431,7 @@ def decode_attention(q, k_pages, v_pages, page_table, kv_lens, items: WorkList, 
     covers are 0 / -inf.
     """
     del kv_lens, chunk_size
-    config = config or default_config(bool(interpret))
-    _check(bounds, q, k_pages, config)
-    t, hq, d = q.shape
-    hkv = hq // bounds.group
-    g = bounds.group
-    cap = items.seq.shape[0]
-    n_part = split_capacity(bounds, cap)
-    valid = jnp.arange(cap) < items.count
-    is_split = valid & (items.num_splits > 1)
-    rank = jnp.cumsum(is_split.astype(jnp.int32)) - 1
-    part = jnp.where(is_split & (rank < n_part), rank, -1).astype(jnp.int32)
-    n_split = jnp.minimum(is_split.sum(), n_part)
-    meta = jnp.stack([items.seq, items.q_start, items.q_len, items.q_pos, items.kv_start,
-                      items.kv_end, part, jnp.zeros_like(part)], axis=1).astype(jnp.int32)
-    count = jnp.reshape(items.count, (1,)).astype(jnp.int32)
-    out4, lse_tiles, opart = _kernel_call(
-        meta, count, page_table.astype(jnp.int32), q.reshape(t, hkv, g, d), k_pages, v_pages,
-        n_part=n_part, scale=float(scale), causal=causal, config=config,
-        num_ctas=config.num_ctas or bounds.num_workers, interpret=interpret)
-    return _combine(out4, lse_tiles, opart, items, part, n_split, g=g)
+    out4, lse_tiles, opart, part, n_split = decode_partials(
+        q, k_pages, v_pages, page_table, items, bounds=bounds, scale=scale, causal=causal,
+        interpret=interpret, config=config)
+    return _combine(out4, lse_tiles, opart, items, part, n_split, g=bounds.group)
