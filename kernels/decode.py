@@ -18,11 +18,17 @@ list order, longest first):
   ``S = Q K^T`` (wgmma), mask (only on blocks that reach past ``kv_end`` or the
   causal diagonal), online softmax in base 2, ``O += P V`` (wgmma). The
   epilogue writes an unsplit item's rows straight into ``out`` (one TMA per
-  token) and a split piece's normalised tile into a compact partial buffer.
+  token; ``out`` is a Ref updated in place) and a split piece's normalised
+  rows into its slot of a compact partial buffer; every tile's lse goes to
+  a small lse-tile array.
 
-Split pieces are merged afterwards by log-sum-exp in fused XLA
-(:func:`_combine`); only split pieces take that path, so unsplit decode
-(the common short-context case) pays nothing for it.
+A second, small kernel merges split pieces by log-sum-exp
+(:func:`_combine_call`): one CTA per (parent, KV head) streams only the
+pieces' own token rows, so its cost follows the real number of pieces and
+tokens, not the static capacity (an XLA merge over the padded partial buffer
+cost ~85 us per call on an H100 — as much as a third of a 128k decode).
+Unsplit items (short contexts) never touch it. Per-token lse values are
+gathered from the tiles by XLA (``T x Hq`` floats).
 
 Assumption (as in other paged kernels): every cache slot holds a finite value
 (pools start zeroed; writes store finite K/V). A block's key slots past
@@ -35,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -121,11 +128,14 @@ def _check(bounds: Bounds, q, k_pages, config: DecodeConfig):
         raise ValueError(f"page_size={page_size} unsupported: use a power of two >= 8")
 
 
-def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, *, n_part: int, scale: float,
+def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_part: int,
+                 scale: float,
                  causal: bool, config: DecodeConfig, num_ctas: int, interpret):
     t, hkv, g, d = q4.shape
     cap = meta.shape[0]
     dtype = q4.dtype
+    if interpret is True:
+        interpret = plgpu.InterpretGPUParams()
     if config.head_major_pages:
         _, _, page_size, _ = k_pages.shape
     else:
@@ -144,7 +154,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, *, n_part: int, 
         return ref.at[page, pl.ds(row, rpc), kvh]
 
     def body(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
-             out_ref, lse_ref, opart_ref,  # outputs (GMEM)
+             out_ref,  # [T, Hkv, G, D] f32, a Ref updated in place (starts zeroed)
+             lse_ref, opart_ref,  # outputs (GMEM)
              q_raw, q_tile, k_smem, v_smem, p_smem, o_smem, lse_smem,
              q_full, q_free, k_full, v_full, consumed):
         wg = lax.axis_index("wg")
@@ -172,9 +183,11 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, *, n_part: int, 
                 # q, and Mosaic's layout inference cannot take a reshaped TMA target that
                 # is also read into registers. Tokens past the item are loaded too (their
                 # rows are ignored); the clamp keeps the last ones inside q.
-                for tok in range(dq_pad):
+                @pl.loop(0, dq_pad)
+                def _(tok):
                     plgpu.copy_gmem_to_smem(q_ref.at[jnp.minimum(q_start + tok, t - 1), kvh],
                                             q_raw.at[pl.ds(tok * g, g)], q_full)
+
                 last_key = kv_end - 1
 
                 def block_body(j, step):
@@ -296,15 +309,20 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, *, n_part: int, 
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[item, kvh])
 
-                @pl.when(part >= 0)  # split piece: the whole normalised tile
-                def _():
-                    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, ROWS)], opart_ref.at[part, kvh])
+                # Only the item's own token rows go out: straight into `out` when the
+                # item is unsplit, else into the piece's slot of the partial buffer.
+                @pl.loop(0, q_len)  # q_len <= dq <= 64 // g
+                def _(tok):
+                    rows = pl.ds(tok * g, g)
 
-                for tok in range(dq_pad):  # unsplit: its tokens' rows straight into out
-                    @pl.when((part < 0) & (tok < q_len))
+                    @pl.when(part < 0)
                     def _():
-                        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(tok * g, g)],
-                                                out_ref.at[q_start + tok, kvh])
+                        plgpu.copy_smem_to_gmem(o_smem.at[rows], out_ref.at[q_start + tok, kvh])
+
+                    @pl.when(part >= 0)
+                    def _():
+                        plgpu.copy_smem_to_gmem(o_smem.at[rows], opart_ref.at[part, kvh, rows])
+
                 return step
 
             lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
@@ -325,100 +343,186 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, *, n_part: int, 
         plgpu.Barrier(num_arrivals=cpb, num_barriers=stages),  # v_full
         plgpu.Barrier(num_barriers=stages),  # consumed
     )
-    if interpret is True:
-        interpret = plgpu.InterpretGPUParams()
     if interpret and config.p_in_registers:
         raise ValueError("GPU interpret mode cannot run p_in_registers=True (register A "
                          "operand of wgmma); use DecodeConfig(p_in_registers=False)")
-    out_type = (jax.ShapeDtypeStruct((t, hkv, g, d), jnp.float32),
-                jax.ShapeDtypeStruct((cap, hkv, ROWS), jnp.float32),
+    out_type = (jax.ShapeDtypeStruct((cap, hkv, ROWS), jnp.float32),
                 jax.ShapeDtypeStruct((n_part, hkv, ROWS, d), jnp.float32))
     return plgpu.kernel(
         body, out_type=out_type, scratch_types=scratch, grid=(num_ctas,), grid_names=("cta",),
         num_threads=2, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret or None,
-    )(meta, count, page_table, q4, k_pages, v_pages)
+    )(meta, count, page_table, q4, k_pages, v_pages, out_ref)
 
 
-def _combine(out4, lse_tiles, opart, items: WorkList, part, n_split, *, g: int):
-    """LSE-merge split pieces and scatter all rows into out [T, Hq, D] f32, lse [T, Hq] f32."""
-    t, hkv, _, d = out4.shape
-    cap = items.seq.shape[0]
-    n_part = opart.shape[0]
-    valid = jnp.arange(cap) < items.count
-    r = jnp.arange(ROWS)
-    tok_off, head_in_group = r // g, r % g
-    heads = jnp.arange(hkv)[:, None] * g + head_in_group[None, :]  # [Hkv, 64]
+def _combine_call(cmeta, opart, lse_ref, out_ref, *, g: int, interpret):
+    """Merge the split pieces of each (parent, KV head) by log-sum-exp, in place.
 
-    def rows_of(q_start, q_len, keep):  # [n] -> token index [n, 64] (t = dropped)
-        tok = q_start[:, None] + tok_off[None, :]
-        return jnp.where(keep[:, None] & (tok_off[None, :] < q_len[:, None]), tok, t)
+    One CTA per (partial slot, KV head); only the slot holding a parent's first
+    piece works. It streams the parent's pieces (only their own token rows)
+    through a ring of SMEM slots, keeps a running max / sum / weighted O in
+    registers, then writes the parent's rows into ``out_ref`` and its merged
+    lse tile over the first piece's tile in ``lse_ref``.
+    """
+    n_part, hkv, _, d = opart.shape
+    n_tok = ROWS // g  # q_len <= dq <= 64 // g
+    ring = max(2, min(8, (160 * 1024) // (ROWS * d * 4)))  # pieces in flight
 
-    # Unsplit items: the kernel wrote out rows already; their lse comes from the tiles.
-    tok = rows_of(items.q_start, items.q_len, valid & (part < 0))
-    lse = jnp.full((t, hkv * g), -jnp.inf, jnp.float32)
-    tok_b = jnp.broadcast_to(tok[:, None, :], (cap, hkv, ROWS))
-    head_b = jnp.broadcast_to(heads[None], (cap, hkv, ROWS))
-    lse = lse.at[tok_b, head_b].set(lse_tiles, mode="drop")
+    def body(cmeta_ref, opart_ref, lse_ref, out_ref, o_buf, l_buf, full):
+        slot0, kvh = lax.axis_index("slot"), lax.axis_index("kvh")
+        n, q_start, q_len, first_item = (cmeta_ref[slot0, i] for i in range(4))
 
-    # Split pieces: slot p of opart holds item part_item[p].
-    part_item = jnp.zeros(n_part, jnp.int32).at[jnp.where(part >= 0, part, n_part)].set(
-        jnp.arange(cap, dtype=jnp.int32), mode="drop")
-    pv = jnp.arange(n_part) < n_split
-    qs, ql = items.q_start[part_item], items.q_len[part_item]
-    row_ok = pv[:, None] & (tok_off[None, :] < ql[:, None])  # [P, 64]
-    lse_p = jnp.where(row_ok[:, None, :], lse_tiles[part_item], -jnp.inf)  # [P, Hkv, 64]
-    same = (qs[:, None] == qs[None, :]) & pv[:, None] & pv[None, :]  # pieces of one parent
-    m = jnp.where(same[:, :, None, None], lse_p[None], -jnp.inf).max(axis=1)
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lse_p - m_safe)  # each piece against its own parent's max
-    o_w = jnp.where(row_ok[:, None, :, None], opart * w[..., None], 0.0)
-    s = jnp.einsum("pj,jhr->phr", same.astype(jnp.float32), w)
-    o = jnp.einsum("pj,jhrd->phrd", same.astype(jnp.float32), o_w,
-                   precision=lax.Precision.HIGHEST)
-    o = o / jnp.where(s > 0, s, 1.0)[..., None]
-    lse_c = jnp.where(s > 0, m_safe + jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
-    first = pv & (items.split[part_item] == 0)  # one writer per parent
-    tok = rows_of(qs, ql, first)
-    tok_b = jnp.broadcast_to(tok[:, None, :], (n_part, hkv, ROWS))
-    head_b = jnp.broadcast_to(heads[None], (n_part, hkv, ROWS))
-    out = out4.reshape(t, hkv * g, d).at[tok_b, head_b].set(o, mode="drop")
-    lse = lse.at[tok_b, head_b].set(lse_c, mode="drop")
-    # Rows no item covers were never written (and fully masked rows are 0 already).
-    out = jnp.where(jnp.isfinite(lse)[..., None], out, 0.0)
-    return out, lse
+        def issue(k):
+            b = lax.rem(k, ring)
+            # A fixed arrival count: one copy per token of the item, plain arrives for the rest.
+            @pl.loop(0, q_len)
+            def _(tok):
+                rows = pl.ds(tok * g, g)
+                plgpu.copy_gmem_to_smem(opart_ref.at[slot0 + k, kvh, rows], o_buf.at[b, rows],
+                                        full.at[b])
+
+            @pl.loop(q_len, n_tok)
+            def _(tok):
+                plgpu.barrier_arrive(full.at[b])
 
 
-def decode_partials(q, k_pages, v_pages, page_table, items: WorkList, *, bounds: Bounds,
-                    scale: float, causal: bool = True, interpret=False,
-                    config: DecodeConfig | None = None):
-    """The kernel alone: out4 [T, Hkv, G, D] (unsplit rows only), lse tiles [cap, Hkv, 64],
-    split-piece tiles [n_part, Hkv, 64, D], and each item's partial slot (-1: unsplit)."""
-    config = config or default_config(bool(interpret))
-    _check(bounds, q, k_pages, config)
-    t, hq, d = q.shape
-    g = bounds.group
+            plgpu.copy_gmem_to_smem(lse_ref.at[cmeta_ref[slot0 + k, 3], kvh], l_buf.at[b],
+                                    full.at[b])
+
+        @pl.when(n > 0)
+        def _():
+            @pl.loop(0, jnp.minimum(n, ring))
+            def _(k):
+                issue(k)
+
+            def step(k, carry):
+                acc, m, s = carry
+                b = lax.rem(k, ring)
+                plgpu.barrier_wait(full.at[b])
+                o = plgpu.load(o_buf.at[b], layout=plgpu.Layout.WGMMA)
+                lse = plgpu.load(l_buf.at[b], layout=plgpu.Layout.WGMMA.reduce(1))
+                plgpu.commit_smem()  # every thread has read slot b before it is refilled
+
+                @pl.when(k + ring < n)
+                def _():
+                    issue(k + ring)
+
+                m_new = jnp.maximum(m, lse)
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
+                # Rows of tokens past q_len hold stale data; rows are independent and
+                # those are never written out.
+                acc = (acc * lax.broadcast_in_dim(alpha, o.shape, [0])
+                       + lax.broadcast_in_dim(w, o.shape, [0]) * o)
+                return acc, m_new, s * alpha + w
+
+            acc, m, s = lax.fori_loop(0, n, step, (
+                plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
+                plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
+                                  plgpu.Layout.WGMMA.reduce(1)),
+                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))))
+            seen = s > 0
+            s_safe = jnp.where(seen, s, 1.0)
+            o_buf[0] = acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])
+            l_buf[0] = jnp.where(seen, m + jnp.log(s_safe), -jnp.inf)
+            plgpu.commit_smem()
+            @pl.loop(0, q_len)
+            def _(tok):
+                plgpu.copy_smem_to_gmem(o_buf.at[0, pl.ds(tok * g, g)],
+                                        out_ref.at[q_start + tok, kvh])
+
+
+            plgpu.copy_smem_to_gmem(l_buf.at[0], lse_ref.at[first_item, kvh])
+            plgpu.wait_smem_to_gmem(0)
+
+    if interpret is True:
+        interpret = plgpu.InterpretGPUParams()
+    plgpu.kernel(
+        body, out_type=(), grid=(n_part, hkv), grid_names=("slot", "kvh"),
+        scratch_types=(plgpu.SMEM((ring, ROWS, d), jnp.float32),
+                       plgpu.SMEM((ring, ROWS), jnp.float32),
+                       plgpu.Barrier(num_arrivals=n_tok + 1, num_barriers=ring)),
+        interpret=interpret or None,
+    )(cmeta, opart, lse_ref, out_ref)
+
+
+class DecodeMeta(NamedTuple):
+    """Per-step kernel metadata derived from the decode work list (shared by all layers)."""
+
+    meta: jax.Array  # int32 [cap, 8]: item rows for the main kernel (see _SEQ.._PART)
+    count: jax.Array  # int32 [1]: valid items
+    cmeta: jax.Array  # int32 [n_part, 4]: per partial slot (pieces if a parent's first
+    #                   piece else 0, q_start, q_len, item)
+    tok2item: jax.Array  # int32 [T]: decode item whose lse tile holds the token (-1: none)
+    q_start: jax.Array  # int32 [cap]
+
+
+def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int) -> DecodeMeta:
+    """Kernel metadata from the work list: small XLA work, computed once per step.
+
+    Split pieces get slots in the partial buffer ordered parent by parent (by
+    q_start, then split index) so a parent's pieces are contiguous for the
+    combine kernel.
+    """
     cap = items.seq.shape[0]
     n_part = split_capacity(bounds, cap)
     valid = jnp.arange(cap) < items.count
     is_split = valid & (items.num_splits > 1)
-    rank = jnp.cumsum(is_split.astype(jnp.int32)) - 1
-    part = jnp.where(is_split & (rank < n_part), rank, -1).astype(jnp.int32)
-    n_split = jnp.minimum(is_split.sum(), n_part)
-    meta = jnp.stack([items.seq, items.q_start, items.q_len, items.q_pos, items.kv_start,
-                      items.kv_end, part, jnp.zeros_like(part)], axis=1).astype(jnp.int32)
+    qs, k = items.q_start, items.split
+    earlier = is_split[None, :] & ((qs[None, :] < qs[:, None])
+                                   | ((qs[None, :] == qs[:, None]) & (k[None, :] < k[:, None])))
+    slot = earlier.sum(axis=1, dtype=jnp.int32)
+    # slot < n_part always holds (split_capacity); the guard only keeps a broken
+    # planner from writing out of bounds.
+    part = jnp.where(is_split & (slot < n_part), slot, -1).astype(jnp.int32)
+    meta = jnp.stack([items.seq, qs, items.q_len, items.q_pos, items.kv_start, items.kv_end,
+                      part, jnp.zeros_like(part)], axis=1).astype(jnp.int32)
+    first = jnp.where(k == 0, items.num_splits, 0)
+    cmeta = jnp.zeros((n_part, 4), jnp.int32).at[jnp.where(part >= 0, part, n_part)].set(
+        jnp.stack([first, qs, items.q_len, jnp.arange(cap)], axis=1).astype(jnp.int32),
+        mode="drop")
+    dq, t = bounds.dq, num_tokens
+    tok = qs[:, None] + jnp.arange(dq)[None, :]
+    keep = valid[:, None] & (k[:, None] == 0) & (jnp.arange(dq)[None, :] < items.q_len[:, None])
+    tok2item = jnp.full((t,), -1, jnp.int32).at[jnp.where(keep, tok, t)].set(
+        jnp.broadcast_to(jnp.arange(cap, dtype=jnp.int32)[:, None], (cap, dq)), mode="drop")
     count = jnp.reshape(items.count, (1,)).astype(jnp.int32)
-    out4, lse_tiles, opart = _kernel_call(
-        meta, count, page_table.astype(jnp.int32), q.reshape(t, hq // g, g, d), k_pages, v_pages,
-        n_part=n_part, scale=float(scale), causal=causal, config=config,
-        num_ctas=config.num_ctas or bounds.num_workers, interpret=interpret)
-    return out4, lse_tiles, opart, part, n_split
+    return DecodeMeta(meta, count, cmeta, tok2item, qs.astype(jnp.int32))
+
+
+def _gather_lse(lse_tiles, md: DecodeMeta, g: int):
+    """lse [T, Hq] from the tiles: token row (t, h) of item i is tile row t * g + h."""
+    t = md.tok2item.shape[0]
+    hkv = lse_tiles.shape[1]
+    item = jnp.maximum(md.tok2item, 0)
+    row = (jnp.arange(t) - md.q_start[item])[:, None] * g + jnp.arange(g)[None, :]  # [T, G]
+    lse = lse_tiles[item[:, None, None], jnp.arange(hkv)[None, :, None], row[:, None, :]]
+    return jnp.where((md.tok2item >= 0)[:, None, None], lse, -jnp.inf).reshape(t, hkv * g)
+
+
+def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Bounds,
+                scale: float, causal: bool = True, interpret=False,
+                config: DecodeConfig | None = None):
+    """The split-KV kernel alone (the benchmark times it): returns a Ref to out
+    [T, Hkv, G, D] f32 holding the unsplit items' rows (others 0), the lse tiles
+    [cap, Hkv, 64] and the split pieces' rows [n_part, Hkv, 64, D]."""
+    config = config or default_config(bool(interpret))
+    _check(bounds, q, k_pages, config)
+    t, hq, d = q.shape
+    g = bounds.group
+    out_ref = jax.new_ref(jnp.zeros((t, hq // g, g, d), jnp.float32))  # rows nobody covers: 0
+    lse_tiles, opart = _kernel_call(
+        md.meta, md.count, page_table.astype(jnp.int32), q.reshape(t, hq // g, g, d), k_pages,
+        v_pages, out_ref, n_part=md.cmeta.shape[0], scale=float(scale), causal=causal,
+        config=config, num_ctas=config.num_ctas or bounds.num_workers, interpret=interpret)
+    return out_ref, lse_tiles, opart
 
 
 def decode_attention(q, k_pages, v_pages, page_table, kv_lens, items: WorkList, *,
                      bounds: Bounds, scale: float, causal: bool = True, chunk_size=None,
-                     interpret=False, config: DecodeConfig | None = None):
+                     interpret=False, config: DecodeConfig | None = None,
+                     metadata: DecodeMeta | None = None):
     """Attention of the rows the decode work list covers.
 
     q [T, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; page_table
@@ -427,11 +531,17 @@ def decode_attention(q, k_pages, v_pages, page_table, kv_lens, items: WorkList, 
     cut chunked-local layers at the chunk start) and are accepted for a
     uniform kernel signature. ``interpret``: False (GPU), True or a
     ``plgpu.InterpretGPUParams`` (GPU interpret mode, e.g. with the race
-    detector). Returns out [T, Hq, D] f32 and lse [T, Hq] f32; rows no item
-    covers are 0 / -inf.
+    detector). ``metadata``: :func:`decode_metadata` of ``items``, to compute
+    it once per step instead of once per layer. Returns out [T, Hq, D] f32 and
+    lse [T, Hq] f32; rows no item covers are 0 / -inf.
     """
     del kv_lens, chunk_size
-    out4, lse_tiles, opart, part, n_split = decode_partials(
-        q, k_pages, v_pages, page_table, items, bounds=bounds, scale=scale, causal=causal,
-        interpret=interpret, config=config)
-    return _combine(out4, lse_tiles, opart, items, part, n_split, g=bounds.group)
+    t, hq, d = q.shape
+    md = metadata if metadata is not None else decode_metadata(items, bounds=bounds,
+                                                               num_tokens=t)
+    out_ref, lse_tiles, opart = main_kernel(q, k_pages, v_pages, page_table, md, bounds=bounds,
+                                            scale=scale, causal=causal, interpret=interpret,
+                                            config=config)
+    lse_ref = jax.new_ref(lse_tiles)
+    _combine_call(md.cmeta, opart, lse_ref, out_ref, g=bounds.group, interpret=interpret)
+    return out_ref[...].reshape(t, hq, d), _gather_lse(lse_ref[...], md, bounds.group)

@@ -148,6 +148,14 @@ def test_splits_happen_and_match_the_executor():
         bounds=bounds, scale=0.15)
     np.testing.assert_allclose(out, np.asarray(ex_o), atol=2e-2)
     np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(np.asarray(ex_l)))
+    # The step's metadata computed once and passed in gives the same result.
+    md = decode.decode_metadata(plan.decode, bounds=bounds, num_tokens=rc.q.shape[0])
+    out2, lse2 = decode.decode_attention(
+        jnp.asarray(rc.q), jnp.asarray(rc.k_pages), jnp.asarray(rc.v_pages), rc.page_table,
+        rc.kv_lens, plan.decode, bounds=bounds, scale=0.15, interpret=True, config=case.config,
+        metadata=md)
+    np.testing.assert_array_equal(np.asarray(out2), out)
+    np.testing.assert_array_equal(np.asarray(lse2), lse)
 
 
 def test_empty_decode_list():

@@ -74,7 +74,7 @@ def test_context_edges_chunked_local_multi_token():
     _check(q_lens, kv_lens, chunk=8192)
 
 
-@pytest.mark.parametrize("batch,ctx", [(1, 1), (1, 131072), (7, 3000), (64, 2048), (256, 2048)])
+@pytest.mark.parametrize("batch,ctx", [(1, 1), (1, 131072), (256, 2048)])
 def test_batches(batch, ctx):
     rng = np.random.default_rng(batch)
     kv = rng.integers(max(1, ctx // 2), ctx + 1, size=batch).tolist()
