@@ -246,6 +246,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--plot", help="redraw table and plot from a results JSON")
     ap.add_argument("--quick", action="store_true", help="main cases only")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args(argv)
     if args.plot:
         res = json.loads(pathlib.Path(args.plot).read_text())
@@ -275,7 +276,7 @@ def main(argv=None):
                                             "error": f"{type(e).__name__}: {e}"[:500]})
                 print(res["variants"][-1], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"decode-{res['date']}"
+    stem = RESULTS / f"decode-{res['date']}{'-' + args.tag if args.tag else ''}"
     pathlib.Path(f"{stem}.json").write_text(json.dumps(res, indent=1))
     pathlib.Path(f"{stem}.md").write_text(table_md(res))
     plot(res, f"{stem}.png")
