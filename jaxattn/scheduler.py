@@ -113,8 +113,9 @@ class Bounds:
             if self.chunk_size < 1 or self.chunk_size % self.block_kv:
                 raise ValueError(f"Bounds.chunk_size={self.chunk_size} must be a positive "
                                  f"multiple of block_kv={self.block_kv}")
-        if self.decode_q is not None and not 1 <= self.decode_q <= DECODE_TILE_ROWS:
-            raise ValueError(f"Bounds.decode_q={self.decode_q} must be in [1, {DECODE_TILE_ROWS}]")
+        if self.decode_q is not None and not 1 <= self.decode_q * self.group <= DECODE_TILE_ROWS:
+            raise ValueError(f"Bounds.decode_q={self.decode_q} x {self.group} query heads per KV "
+                             f"head must fit one {DECODE_TILE_ROWS}-row decode tile")
         if self.chunk_size is not None and self.dq > self.chunk_size:
             raise ValueError(f"Bounds.decode_q={self.dq} exceeds chunk_size={self.chunk_size}")
 

@@ -33,7 +33,7 @@ def unsupported_reason(bounds: Bounds, dtype) -> str | None:
         return f"head_dim {bounds.head_dim} / dtype {jnp.dtype(dtype)} not in {HEAD_DIMS} x {DTYPES}"
     try:
         prefill.pick_config(bounds, dtype)
-        getattr(decode, "pick_config", lambda b, d: None)(bounds, dtype)
+        decode.pick_config(bounds, dtype)
     except ValueError as e:
         return str(e)
     return None

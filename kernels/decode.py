@@ -1,16 +1,557 @@
-"""Decode work list: placeholder until the split-KV Mosaic decode kernel lands.
+"""Split-KV flash-decoding over a paged KV cache: a Pallas Mosaic GPU kernel (Hopper).
 
-Computes the decode items with the pure-JAX plan executor so that the
-dispatcher in :mod:`jaxattn.kernels` is complete; the decode kernel replaces
-this module with the same signature.
+Work comes from the scheduler's *decode* :class:`~jaxattn.scheduler.WorkList`:
+one item per KV-split piece of a sequence with at most ``bounds.dq`` new
+tokens. A *tile* is (item, KV head). Its 64 query rows pack the item's tokens
+times the ``G = Hq / Hkv`` query heads of the KV group (row ``r`` = token
+``r // G``, head ``r % G``), so each K/V page of the group is read from HBM
+once, by one wgmma M tile.
+
+Kernel shape (one CTA per SM, persistent, static round robin over tiles in
+list order, longest first):
+
+* warpgroup 1 (producer): per tile, one TMA of the item's query rows into a
+  plain SMEM buffer; per KV block, one TMA per page (or page slice) for K and
+  for V into a ``num_stages`` ring. The ring runs straight across tile
+  boundaries, so the next tile's pages stream in while this tile finishes.
+* warpgroup 0 (consumer): copies Q into a swizzled wgmma tile, then per block
+  ``S = Q K^T`` (wgmma), mask (only on blocks that reach past ``kv_end`` or the
+  causal diagonal), online softmax in base 2, ``O += P V`` (wgmma). The
+  epilogue writes an unsplit item's rows straight into ``out`` (one TMA per
+  token; ``out`` is a Ref updated in place) and a split piece's normalised
+  rows into its slot of a compact partial buffer; every tile's lse goes to
+  a small lse-tile array.
+
+A second, small kernel merges split pieces by log-sum-exp
+(:func:`_combine_call`): one CTA per (parent, KV head) streams only the
+pieces' own token rows, so its cost follows the real number of pieces and
+tokens, not the static capacity (an XLA merge over the padded partial buffer
+cost ~85 us per call on an H100 — as much as a third of a 128k decode).
+Unsplit items (short contexts) never touch it. Per-token lse values are
+gathered from the tiles by XLA (``T x Hq`` floats).
+
+Assumption (as in other paged kernels): every cache slot holds a finite value
+(pools start zeroed; writes store finite K/V). A block's key slots past
+``kv_end`` are loaded (whole pages) and masked: their P is 0, and 0 * NaN would
+poison the output.
 """
 
-from jaxattn import executor
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxattn.scheduler import DECODE_TILE_ROWS, Bounds, WorkList
+
+ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+# Item metadata columns (one int32 row per work item, read as scalars from GMEM).
+_SEQ, _QSTART, _QLEN, _QPOS, _KVSTART, _KVEND, _PART = range(7)
+_META_COLS = 8  # padded: 32-byte rows
 
 
-def decode_attention(q, k_pages, v_pages, page_table, kv_lens, items, *, bounds, scale, causal,
-                     chunk_size, interpret=False):
-    """out [T, Hq, D] f32 and lse [T, Hq] f32 of the rows the decode items cover (others 0 / -inf)."""
-    del interpret
-    return executor.execute_items(items, q, k_pages, v_pages, page_table, kv_lens, bounds=bounds,
-                                  scale=scale, causal=causal, chunk_size=chunk_size)
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Static tuning of the decode kernel.
+
+    block_kv: keys per pipeline stage (a wgmma N for QK, K for PV): 64..256,
+      a multiple of 64 and of the page size (or a divisor of it).
+    num_stages: depth of the K/V ring. The kernel is HBM-bound; each SM needs
+      ~20-30 KiB in flight to cover DRAM latency, and a stage of K+V holds
+      2 * block_kv * D * 2 bytes.
+    num_ctas: persistent CTAs (None: ``bounds.num_workers``, one per SM).
+    p_in_registers: feed P to the PV wgmma from registers (GPU fast path; GPU
+      interpret mode cannot run it, so tests use the SMEM path there).
+    head_major_pages: pools are ``[num_pages, Hkv, page_size, D]`` instead of
+      the project's ``[num_pages, page_size, Hkv, D]`` (for the layout
+      benchmark only).
+    """
+
+    block_kv: int = 64
+    num_stages: int = 4
+    num_ctas: int | None = None
+    p_in_registers: bool = False
+    head_major_pages: bool = False
+
+    def __post_init__(self):
+        if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
+            raise ValueError(f"block_kv={self.block_kv} must be a multiple of 64 in [64, 256]")
+        if self.num_stages < 2:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 2")
+        if self.num_ctas is not None and self.num_ctas < 1:
+            raise ValueError(f"num_ctas={self.num_ctas} must be positive")
+
+
+def default_config(interpret=False) -> DecodeConfig:
+    """The tuned configuration; under interpret mode P goes through SMEM."""
+    return DecodeConfig(p_in_registers=not interpret)
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def split_capacity(bounds: Bounds, cap_items: int) -> int:
+    """Static bound on the number of split pieces (items with num_splits > 1).
+
+    A parent split into n >= 2 pieces of L keys has work w > L, so
+    n = ceil(w / L) < w / L + 1 < 2 w / L; summing over split parents,
+    pieces < 2 * sum(w) / L <= 2 W because the planner picks L >= sum(w) / W
+    (W = bounds.split_target). Hence at most 2W - 1 split pieces.
+    """
+    return max(1, min(cap_items, 2 * bounds.split_target - 1))
+
+
+def pick_config(bounds: Bounds, dtype, interpret=False) -> DecodeConfig:
+    """The decode config for an engine's bounds; raises ValueError if they cannot be served."""
+    config = default_config(interpret)
+    _check_static(bounds, jnp.dtype(dtype), bounds.head_dim, bounds.page_size)
+    return config
+
+
+def _check(bounds: Bounds, q, k_pages, config: DecodeConfig):
+    page_size = k_pages.shape[2] if config.head_major_pages else k_pages.shape[1]
+    _check_static(bounds, q.dtype, q.shape[-1], page_size)
+
+
+def _check_static(bounds: Bounds, dtype, d: int, page_size: int):
+    g = bounds.group
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"decode kernel supports bfloat16/float16, got {dtype}")
+    if d not in (64, 128):
+        raise ValueError(f"decode kernel supports head_dim 64 or 128, got {d}")
+    if bounds.dq * g > ROWS:
+        raise ValueError(f"decode_q={bounds.dq} tokens x {g} heads per KV group = "
+                         f"{bounds.dq * g} rows exceed one {ROWS}-row tile; lower decode_q")
+    # A page (or page slice) lands in whole 8-row tiles of the swizzled K/V tile,
+    # and a KV block is whole pages or a page is whole blocks.
+    if page_size < 8 or page_size & (page_size - 1):
+        raise ValueError(f"page_size={page_size} unsupported: use a power of two >= 8")
+
+
+def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_part: int,
+                 scale: float,
+                 causal: bool, config: DecodeConfig, num_ctas: int, interpret):
+    t, hkv, g, d = q4.shape
+    cap = meta.shape[0]
+    dtype = q4.dtype
+    if interpret is True:
+        interpret = plgpu.InterpretGPUParams()
+    if config.head_major_pages:
+        _, _, page_size, _ = k_pages.shape
+    else:
+        _, page_size, _, _ = k_pages.shape
+    bk, stages = config.block_kv, config.num_stages
+    rpc = min(page_size, bk)  # key rows per TMA copy
+    cpb = bk // rpc  # copies per block (per K and per V)
+    dq_pad = _cdiv(ROWS, g)  # token rows of the Q/O staging buffers: dq_pad * g >= 64
+    rows_pad = dq_pad * g
+    c = scale * _LOG2E
+    tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def page_src(ref, page, row, kvh):
+        if config.head_major_pages:
+            return ref.at[page, kvh, pl.ds(row, rpc)]
+        return ref.at[page, pl.ds(row, rpc), kvh]
+
+    def body(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
+             out_ref,  # [T, Hkv, G, D] f32, a Ref updated in place (starts zeroed)
+             lse_ref, opart_ref,  # outputs (GMEM)
+             q_raw, q_tile, k_smem, v_smem, p_smem, o_smem, lse_smem,
+             q_full, q_free, k_full, v_full, consumed):
+        wg = lax.axis_index("wg")
+        cta = lax.axis_index("cta")
+        num_tiles = count_ref[0] * hkv
+        n_local = jnp.maximum(0, _cdiv(num_tiles - cta, num_ctas))
+
+        def tile_info(i):
+            tile = cta + i * num_ctas
+            item, kvh = tile // hkv, lax.rem(tile, hkv)
+            f = lambda col: meta_ref[item, col]
+            return item, kvh, f
+
+        @pl.when(wg == 1)
+        def _producer():
+            def tile_body(i, step):
+                item, kvh, f = tile_info(i)
+                seq, q_start, kv_start, kv_end = f(_SEQ), f(_QSTART), f(_KVSTART), f(_KVEND)
+
+                @pl.when(i > 0)
+                def _():
+                    plgpu.barrier_wait(q_free)
+
+                # One TMA per token: the item's (token, group head) rows are a 3-D box in
+                # q, and Mosaic's layout inference cannot take a reshaped TMA target that
+                # is also read into registers. Tokens past the item are loaded too (their
+                # rows are ignored); the clamp keeps the last ones inside q.
+                @pl.loop(0, dq_pad)
+                def _(tok):
+                    plgpu.copy_gmem_to_smem(q_ref.at[jnp.minimum(q_start + tok, t - 1), kvh],
+                                            q_raw.at[pl.ds(tok * g, g)], q_full)
+
+                last_key = kv_end - 1
+
+                def block_body(j, step):
+                    slot = lax.rem(step, stages)
+                    # Page ids first: their GMEM latency overlaps the wait for a free slot.
+                    # Copies past kv_end re-read the item's last page (masked later), so
+                    # the page table is never read beyond the item's range.
+                    base = kv_start + j * bk
+                    keys = [jnp.minimum(base + cp * rpc, last_key) for cp in range(cpb)]
+                    pages = [pt_ref[seq, key // page_size] for key in keys]
+
+                    @pl.when(step >= stages)
+                    def _():
+                        plgpu.barrier_wait(consumed.at[slot])
+
+                    for cp, (key, page) in enumerate(zip(keys, pages)):
+                        row = lax.rem(key, page_size) // rpc * rpc if rpc < page_size else 0
+                        dst = pl.ds(cp * rpc, rpc)
+                        plgpu.copy_gmem_to_smem(page_src(k_ref, page, row, kvh),
+                                                k_smem.at[slot, dst], k_full.at[slot])
+                        plgpu.copy_gmem_to_smem(page_src(v_ref, page, row, kvh),
+                                                v_smem.at[slot, dst], v_full.at[slot])
+                    return step + 1
+
+                n_blocks = jnp.maximum(0, _cdiv(kv_end - kv_start, bk))
+                return lax.fori_loop(0, n_blocks, block_body, step)
+
+            steps = lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
+
+            # Observe every completion of the barriers this warpgroup waits on
+            # (GPU interpret mode checks it; the hardware does not care).
+            @pl.loop(jnp.maximum(0, steps - stages), steps)
+            def _(s):
+                plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
+
+            @pl.when(n_local > 0)
+            def _():
+                plgpu.barrier_wait(q_free)
+
+        @pl.when(wg == 0)
+        def _consumer():
+            row_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
+            col_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
+
+            def tile_body(i, step):
+                item, kvh, f = tile_info(i)
+                q_start, q_len, q_pos = f(_QSTART), f(_QLEN), f(_QPOS)
+                kv_start, kv_end, part = f(_KVSTART), f(_KVEND), f(_PART)
+
+                plgpu.barrier_wait(q_full)
+                q_tile[...] = q_raw[pl.ds(0, ROWS), :]
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(q_free)
+
+                def block_body(j, carry, masked: bool):
+                    step, acc, m, l = carry
+                    slot = lax.rem(step, stages)
+                    plgpu.barrier_wait(k_full.at[slot])
+
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+                    if masked:
+                        key = col_ids + (kv_start + j * bk)
+                        ok = key < kv_end
+                        if causal:  # key <= q_pos + row // g  <=>  (key - q_pos) * g <= row
+                            ok &= (key - q_pos) * g <= row_ids
+                        s = jnp.where(ok, s, -jnp.inf)
+                    m_new = jnp.maximum(m, s.max(axis=1) * c)
+                    # A row that has seen only masked keys keeps m = -inf: use 0 so
+                    # exp2 gives 0 (not NaN) for its masked entries and its alpha.
+                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+                    alpha = jnp.exp2(m - m_use)
+                    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_use, s.shape, [0]))
+                    l = l * alpha + p.sum(axis=1)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    p16 = p.astype(dtype)
+                    plgpu.barrier_wait(v_full.at[slot])
+                    if config.p_in_registers:
+                        def pv(acc_ref):
+                            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    else:
+                        p_smem[...] = p16
+                        plgpu.commit_smem()
+
+                        def pv(acc_ref):
+                            plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                            return acc_ref[...]
+
+                        acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, d), jnp.float32))
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return step + 1, acc, m_new, l
+
+                n_blocks = jnp.maximum(0, _cdiv(kv_end - kv_start, bk))
+                # Blocks wholly below kv_end and the first row's diagonal need no mask.
+                clear_end = jnp.minimum(kv_end, q_pos + 1) if causal else kv_end
+                n_clear = jnp.clip((clear_end - kv_start) // bk, 0, n_blocks)
+                carry = (step,
+                         plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
+                         plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
+                                           plgpu.Layout.WGMMA.reduce(1)),
+                         plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32),
+                                           plgpu.Layout.WGMMA.reduce(1)))
+                carry = lax.fori_loop(0, n_clear, functools.partial(block_body, masked=False), carry)
+                step, acc, m, l = lax.fori_loop(n_clear, n_blocks,
+                                                functools.partial(block_body, masked=True), carry)
+
+                seen = l > 0
+                l_safe = jnp.where(seen, l, 1.0)
+                o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+                lse = jnp.where(seen, (m + jnp.log2(l_safe)) * _LN2, -jnp.inf)
+                # The previous tile's stores must have finished reading o/lse_smem.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                o_smem[pl.ds(0, ROWS), :] = o
+                lse_smem[...] = lse
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[item, kvh])
+
+                # Only the item's own token rows go out: straight into `out` when the
+                # item is unsplit, else into the piece's slot of the partial buffer.
+                @pl.loop(0, q_len)  # q_len <= dq <= 64 // g
+                def _(tok):
+                    rows = pl.ds(tok * g, g)
+
+                    @pl.when(part < 0)
+                    def _():
+                        plgpu.copy_smem_to_gmem(o_smem.at[rows], out_ref.at[q_start + tok, kvh])
+
+                    @pl.when(part >= 0)
+                    def _():
+                        plgpu.copy_smem_to_gmem(o_smem.at[rows], opart_ref.at[part, kvh, rows])
+
+                return step
+
+            lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = (
+        plgpu.SMEM((rows_pad, d), dtype),  # q_raw: TMA target, row = token * g + head
+        plgpu.SMEM((ROWS, d), dtype, transforms=tiles_transform),  # q_tile (wgmma A)
+        plgpu.SMEM((stages, bk, d), dtype, transforms=tiles_transform),  # K ring
+        plgpu.SMEM((stages, bk, d), dtype, transforms=tiles_transform),  # V ring
+        None if config.p_in_registers else  # P staging (interpret-safe path)
+        plgpu.SMEM((ROWS, bk), dtype, transforms=tiles_transform),
+        plgpu.SMEM((rows_pad, d), jnp.float32),  # o staging, same rows
+        plgpu.SMEM((ROWS,), jnp.float32),  # lse staging
+        plgpu.Barrier(num_arrivals=dq_pad),  # q_full: one TMA per token
+        plgpu.Barrier(),  # q_free
+        plgpu.Barrier(num_arrivals=cpb, num_barriers=stages),  # k_full
+        plgpu.Barrier(num_arrivals=cpb, num_barriers=stages),  # v_full
+        plgpu.Barrier(num_barriers=stages),  # consumed
+    )
+    if interpret and config.p_in_registers:
+        raise ValueError("GPU interpret mode cannot run p_in_registers=True (register A "
+                         "operand of wgmma); use DecodeConfig(p_in_registers=False)")
+    out_type = (jax.ShapeDtypeStruct((cap, hkv, ROWS), jnp.float32),
+                jax.ShapeDtypeStruct((n_part, hkv, ROWS, d), jnp.float32))
+    return plgpu.kernel(
+        body, out_type=out_type, scratch_types=scratch, grid=(num_ctas,), grid_names=("cta",),
+        num_threads=2, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret or None,
+    )(meta, count, page_table, q4, k_pages, v_pages, out_ref)
+
+
+def _combine_call(cmeta, opart, lse_ref, out_ref, *, g: int, interpret):
+    """Merge the split pieces of each (parent, KV head) by log-sum-exp, in place.
+
+    One CTA per (partial slot, KV head); only the slot holding a parent's first
+    piece works. It streams the parent's pieces (only their own token rows)
+    through a ring of SMEM slots, keeps a running max / sum / weighted O in
+    registers, then writes the parent's rows into ``out_ref`` and its merged
+    lse tile over the first piece's tile in ``lse_ref``.
+    """
+    n_part, hkv, _, d = opart.shape
+    n_tok = ROWS // g  # q_len <= dq <= 64 // g
+    ring = max(2, min(8, (160 * 1024) // (ROWS * d * 4)))  # pieces in flight
+
+    def body(cmeta_ref, opart_ref, lse_ref, out_ref, o_buf, l_buf, full):
+        slot0, kvh = lax.axis_index("slot"), lax.axis_index("kvh")
+        n, q_start, q_len, first_item = (cmeta_ref[slot0, i] for i in range(4))
+
+        def issue(k):
+            b = lax.rem(k, ring)
+            # A fixed arrival count: one copy per token of the item, plain arrives for the rest.
+            @pl.loop(0, q_len)
+            def _(tok):
+                rows = pl.ds(tok * g, g)
+                plgpu.copy_gmem_to_smem(opart_ref.at[slot0 + k, kvh, rows], o_buf.at[b, rows],
+                                        full.at[b])
+
+            @pl.loop(q_len, n_tok)
+            def _(tok):
+                plgpu.barrier_arrive(full.at[b])
+
+
+            plgpu.copy_gmem_to_smem(lse_ref.at[cmeta_ref[slot0 + k, 3], kvh], l_buf.at[b],
+                                    full.at[b])
+
+        @pl.when(n > 0)
+        def _():
+            @pl.loop(0, jnp.minimum(n, ring))
+            def _(k):
+                issue(k)
+
+            def step(k, carry):
+                acc, m, s = carry
+                b = lax.rem(k, ring)
+                plgpu.barrier_wait(full.at[b])
+                o = plgpu.load(o_buf.at[b], layout=plgpu.Layout.WGMMA)
+                lse = plgpu.load(l_buf.at[b], layout=plgpu.Layout.WGMMA.reduce(1))
+                plgpu.commit_smem()  # every thread has read slot b before it is refilled
+
+                @pl.when(k + ring < n)
+                def _():
+                    issue(k + ring)
+
+                m_new = jnp.maximum(m, lse)
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
+                # Rows of tokens past q_len hold stale data; rows are independent and
+                # those are never written out.
+                acc = (acc * lax.broadcast_in_dim(alpha, o.shape, [0])
+                       + lax.broadcast_in_dim(w, o.shape, [0]) * o)
+                return acc, m_new, s * alpha + w
+
+            acc, m, s = lax.fori_loop(0, n, step, (
+                plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
+                plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
+                                  plgpu.Layout.WGMMA.reduce(1)),
+                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))))
+            seen = s > 0
+            s_safe = jnp.where(seen, s, 1.0)
+            o_buf[0] = acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])
+            l_buf[0] = jnp.where(seen, m + jnp.log(s_safe), -jnp.inf)
+            plgpu.commit_smem()
+            @pl.loop(0, q_len)
+            def _(tok):
+                plgpu.copy_smem_to_gmem(o_buf.at[0, pl.ds(tok * g, g)],
+                                        out_ref.at[q_start + tok, kvh])
+
+
+            plgpu.copy_smem_to_gmem(l_buf.at[0], lse_ref.at[first_item, kvh])
+            plgpu.wait_smem_to_gmem(0)
+
+    if interpret is True:
+        interpret = plgpu.InterpretGPUParams()
+    plgpu.kernel(
+        body, out_type=(), grid=(n_part, hkv), grid_names=("slot", "kvh"),
+        scratch_types=(plgpu.SMEM((ring, ROWS, d), jnp.float32),
+                       plgpu.SMEM((ring, ROWS), jnp.float32),
+                       plgpu.Barrier(num_arrivals=n_tok + 1, num_barriers=ring)),
+        interpret=interpret or None,
+    )(cmeta, opart, lse_ref, out_ref)
+
+
+class DecodeMeta(NamedTuple):
+    """Per-step kernel metadata derived from the decode work list (shared by all layers)."""
+
+    meta: jax.Array  # int32 [cap, 8]: item rows for the main kernel (see _SEQ.._PART)
+    count: jax.Array  # int32 [1]: valid items
+    cmeta: jax.Array  # int32 [n_part, 4]: per partial slot (pieces if a parent's first
+    #                   piece else 0, q_start, q_len, item)
+    tok2item: jax.Array  # int32 [T]: decode item whose lse tile holds the token (-1: none)
+    q_start: jax.Array  # int32 [cap]
+
+
+def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int) -> DecodeMeta:
+    """Kernel metadata from the work list: small XLA work, computed once per step.
+
+    Split pieces get slots in the partial buffer ordered parent by parent (by
+    q_start, then split index) so a parent's pieces are contiguous for the
+    combine kernel.
+    """
+    cap = items.seq.shape[0]
+    n_part = split_capacity(bounds, cap)
+    valid = jnp.arange(cap) < items.count
+    is_split = valid & (items.num_splits > 1)
+    qs, k = items.q_start, items.split
+    earlier = is_split[None, :] & ((qs[None, :] < qs[:, None])
+                                   | ((qs[None, :] == qs[:, None]) & (k[None, :] < k[:, None])))
+    slot = earlier.sum(axis=1, dtype=jnp.int32)
+    # slot < n_part always holds (split_capacity); the guard only keeps a broken
+    # planner from writing out of bounds.
+    part = jnp.where(is_split & (slot < n_part), slot, -1).astype(jnp.int32)
+    meta = jnp.stack([items.seq, qs, items.q_len, items.q_pos, items.kv_start, items.kv_end,
+                      part, jnp.zeros_like(part)], axis=1).astype(jnp.int32)
+    first = jnp.where(k == 0, items.num_splits, 0)
+    cmeta = jnp.zeros((n_part, 4), jnp.int32).at[jnp.where(part >= 0, part, n_part)].set(
+        jnp.stack([first, qs, items.q_len, jnp.arange(cap)], axis=1).astype(jnp.int32),
+        mode="drop")
+    dq, t = bounds.dq, num_tokens
+    tok = qs[:, None] + jnp.arange(dq)[None, :]
+    keep = valid[:, None] & (k[:, None] == 0) & (jnp.arange(dq)[None, :] < items.q_len[:, None])
+    tok2item = jnp.full((t,), -1, jnp.int32).at[jnp.where(keep, tok, t)].set(
+        jnp.broadcast_to(jnp.arange(cap, dtype=jnp.int32)[:, None], (cap, dq)), mode="drop")
+    count = jnp.reshape(items.count, (1,)).astype(jnp.int32)
+    return DecodeMeta(meta, count, cmeta, tok2item, qs.astype(jnp.int32))
+
+
+def _gather_lse(lse_tiles, md: DecodeMeta, g: int):
+    """lse [T, Hq] from the tiles: token row (t, h) of item i is tile row t * g + h."""
+    t = md.tok2item.shape[0]
+    hkv = lse_tiles.shape[1]
+    item = jnp.maximum(md.tok2item, 0)
+    row = (jnp.arange(t) - md.q_start[item])[:, None] * g + jnp.arange(g)[None, :]  # [T, G]
+    lse = lse_tiles[item[:, None, None], jnp.arange(hkv)[None, :, None], row[:, None, :]]
+    return jnp.where((md.tok2item >= 0)[:, None, None], lse, -jnp.inf).reshape(t, hkv * g)
+
+
+def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Bounds,
+                scale: float, causal: bool = True, interpret=False,
+                config: DecodeConfig | None = None):
+    """The split-KV kernel alone (the benchmark times it): returns a Ref to out
+    [T, Hkv, G, D] f32 holding the unsplit items' rows (others 0), the lse tiles
+    [cap, Hkv, 64] and the split pieces' rows [n_part, Hkv, 64, D]."""
+    config = config or default_config(bool(interpret))
+    _check(bounds, q, k_pages, config)
+    t, hq, d = q.shape
+    g = bounds.group
+    out_ref = jax.new_ref(jnp.zeros((t, hq // g, g, d), jnp.float32))  # rows nobody covers: 0
+    lse_tiles, opart = _kernel_call(
+        md.meta, md.count, page_table.astype(jnp.int32), q.reshape(t, hq // g, g, d), k_pages,
+        v_pages, out_ref, n_part=md.cmeta.shape[0], scale=float(scale), causal=causal,
+        config=config, num_ctas=config.num_ctas or bounds.num_workers, interpret=interpret)
+    return out_ref, lse_tiles, opart
+
+
+def decode_attention(q, k_pages, v_pages, page_table, kv_lens, items: WorkList, *,
+                     bounds: Bounds, scale: float, causal: bool = True, chunk_size=None,
+                     interpret=False, config: DecodeConfig | None = None,
+                     metadata: DecodeMeta | None = None):
+    """Attention of the rows the decode work list covers.
+
+    q [T, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; page_table
+    [S, pages_per_seq] int32; items: ``plan(...).decode``. ``kv_lens`` and
+    ``chunk_size`` are implied by the items' key ranges (the planner already
+    cut chunked-local layers at the chunk start) and are accepted for a
+    uniform kernel signature. ``interpret``: False (GPU), True or a
+    ``plgpu.InterpretGPUParams`` (GPU interpret mode, e.g. with the race
+    detector). ``metadata``: :func:`decode_metadata` of ``items``, to compute
+    it once per step instead of once per layer. Returns out [T, Hq, D] f32 and
+    lse [T, Hq] f32; rows no item covers are 0 / -inf.
+    """
+    del kv_lens, chunk_size
+    t, hq, d = q.shape
+    md = metadata if metadata is not None else decode_metadata(items, bounds=bounds,
+                                                               num_tokens=t)
+    out_ref, lse_tiles, opart = main_kernel(q, k_pages, v_pages, page_table, md, bounds=bounds,
+                                            scale=scale, causal=causal, interpret=interpret,
+                                            config=config)
+    lse_ref = jax.new_ref(lse_tiles)
+    _combine_call(md.cmeta, opart, lse_ref, out_ref, g=bounds.group, interpret=interpret)
+    return out_ref[...].reshape(t, hq, d), _gather_lse(lse_ref[...], md, bounds.group)

@@ -1,0 +1,287 @@
+"""Decode attention bandwidth: jaxattn's paged split-KV kernel vs cuDNN and XLA, one GPU run.
+
+    python -m benchmarks.decode            # on the GPU (benchmarks/gpu.sh decode)
+    python -m benchmarks.decode --plot benchmarks/results/decode-<date>.json   # redraw
+
+Effective bandwidth = bytes of K and V read / time (one new token per
+sequence, Scout's 40 query / 8 KV heads, D=128, bf16). cuDNN and XLA run on a
+contiguous cache through ``jax.nn.dot_product_attention`` (no ``is_causal``:
+its causal mask is top-left; ``key_value_seq_lengths`` instead). The HBM
+ceiling is measured in the same run. A second table compares page sizes and
+page layouts (token-major ``[pages, page, Hkv, D]`` vs head-major
+``[pages, Hkv, page, D]``) and kernel tunings at the same sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxattn
+from jaxattn import scheduler
+from jaxattn.kernels import decode
+
+HQ, HKV, D = 40, 8, 128
+DTYPE = jnp.bfloat16
+CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
+# (page size, head-major pools, block_kv, stages): the layout / tuning comparison.
+VARIANTS = [(16, False, 64, 4), (16, True, 64, 4), (32, False, 64, 4), (32, True, 64, 4),
+            (64, False, 64, 4), (64, True, 64, 4), (16, False, 128, 2)]
+VARIANT_CASES = [(32, 8192), (1, 131072)]
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def timeit(fn, *args, n=20, reps=5):
+    """Median seconds per call over ``reps`` batches of ``n`` back-to-back calls."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+def ceilings():
+    """Same-run HBM ceilings: copy (read + write of 2 GiB) and read-only (sum of 2 GiB)."""
+    x = jnp.ones((1 << 30,), jnp.bfloat16)
+    nbytes = x.size * x.dtype.itemsize
+    copy = timeit(jax.jit(lambda x: x + 1), x, n=10)
+    read = timeit(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x, n=10)
+    return {"copy_tbps": 2 * nbytes / copy / 1e12, "read_tbps": nbytes / read / 1e12}
+
+
+def kv_bytes(batch, ctx):
+    return 2 * batch * ctx * HKV * D * jnp.dtype(DTYPE).itemsize
+
+
+def contiguous(batch, ctx, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (batch, 1, HQ, D), DTYPE)
+    k = jax.random.normal(keys[1], (batch, ctx, HKV, D), DTYPE)
+    v = jax.random.normal(keys[2], (batch, ctx, HKV, D), DTYPE)
+    return q, k, v
+
+
+def paged(k, v, page_size, head_major, seed=0):
+    """The contiguous cache cut into pages, shuffled; page table per sequence."""
+    batch, ctx = k.shape[:2]
+    per_seq = -(-ctx // page_size)
+    n = batch * per_seq
+    perm = np.random.default_rng(seed).permutation(n)
+    inv = np.argsort(perm).astype(np.int32)  # logical page i lives at pool slot inv[i]
+
+    def pool(x):
+        x = jnp.pad(x, ((0, 0), (0, per_seq * page_size - ctx), (0, 0), (0, 0)))
+        x = x.reshape(n, page_size, HKV, D)[perm]
+        return jnp.swapaxes(x, 1, 2) if head_major else x
+
+    return pool(k), pool(v), jnp.asarray(inv.reshape(batch, per_seq))
+
+
+def bounds_for(batch, page_size):
+    return jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=256, max_model_len=131072,
+                          page_size=page_size, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                          chunk_size=8192, block_kv=max(128, page_size))
+
+
+def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
+    """Timed callables: per-layer attention (given the step's plan and metadata), the main
+    kernel alone, the metadata, the plan; and the number of work items."""
+    bounds = bounds_for(batch, page_size)
+    cu = np.zeros(257, np.int32)
+    cu[1:batch + 1] = np.arange(1, batch + 1)
+    cu[batch + 1:] = batch
+    kv_lens = np.zeros(256, np.int32)
+    kv_lens[:batch] = ctx
+    table = jnp.pad(table, ((0, 256 - batch), (0, bounds.pages_per_seq - table.shape[1])))
+    plan_fn = jax.jit(lambda cu, kv, n: scheduler.plan(bounds, cu, kv, n))
+    plan = plan_fn(cu, kv_lens, np.int32(batch))
+    meta_fn = jax.jit(lambda items: decode.decode_metadata(items, bounds=bounds, num_tokens=256))
+    md = meta_fn(plan.decode)
+    qt = jnp.pad(q.reshape(batch, HQ, D), ((0, 256 - batch), (0, 0), (0, 0)))
+    layer = jax.jit(lambda q, k, v, t, items, md: decode.decode_attention(
+        q, k, v, t, None, items, bounds=bounds, scale=D ** -0.5, config=config, metadata=md))
+
+    def main_only(q, k, v, t, md):
+        out_ref, lse_tiles, opart = decode.main_kernel(q, k, v, t, md, bounds=bounds,
+                                                       scale=D ** -0.5, config=config)
+        return out_ref[...], lse_tiles, opart
+
+    main_only = jax.jit(main_only)
+    args = (qt, k_pages, v_pages, table)
+    return (lambda: layer(*args, plan.decode, md), lambda: main_only(*args, md),
+            lambda: meta_fn(plan.decode), lambda: plan_fn(cu, kv_lens, np.int32(batch)),
+            int(plan.decode.count))
+
+
+def dpa(impl):
+    def fn(q, k, v, lens):
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lens,
+                                            implementation=impl)
+    return jax.jit(fn)
+
+
+def run_case(batch, ctx, ceiling):
+    row = {"batch": batch, "ctx": ctx, "kv_bytes": kv_bytes(batch, ctx)}
+    q, k, v = contiguous(batch, ctx)
+    lens = jnp.full((batch,), ctx, jnp.int32)
+    ref = None
+    for impl in ("cudnn", "xla"):
+        try:
+            fn = dpa(impl)
+            row[f"{impl}_ms"] = timeit(fn, q, k, v, lens) * 1e3
+            if impl == "cudnn":
+                ref = np.asarray(fn(q, k, v, lens), np.float32).reshape(batch, HQ, D)
+        except Exception as e:  # e.g. XLA out of memory at large batch x context
+            row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    kp, vp, table = paged(k, v, 16, False)
+    del k, v
+    config = decode.default_config()
+    full, main, meta, plan, pieces = jaxattn_fns(batch, ctx, q, kp, vp, table, 16, config)
+    row["pieces"] = pieces
+    row["jaxattn_ms"] = timeit(full) * 1e3
+    row["kernel_ms"] = timeit(main) * 1e3
+    row["meta_ms"] = timeit(meta) * 1e3
+    row["plan_ms"] = timeit(plan) * 1e3
+    if ref is not None:
+        out = np.asarray(full()[0][:batch])
+        row["max_abs_err_vs_cudnn"] = float(np.abs(out - ref).max())
+    for name in ("jaxattn", "kernel", "cudnn", "xla"):
+        if f"{name}_ms" in row:
+            row[f"{name}_tbps"] = row["kv_bytes"] / row[f"{name}_ms"] / 1e9
+    row["jaxattn_frac_of_copy"] = row["jaxattn_tbps"] / ceiling["copy_tbps"]
+    if "cudnn_tbps" in row:
+        row["jaxattn_vs_cudnn"] = row["jaxattn_tbps"] / row["cudnn_tbps"]
+    return row
+
+
+def run_variant(batch, ctx, page_size, head_major, block_kv, stages):
+    q, k, v = contiguous(batch, ctx, seed=1)
+    kp, vp, table = paged(k, v, page_size, head_major)
+    del k, v
+    config = decode.DecodeConfig(block_kv=block_kv, num_stages=stages, p_in_registers=True,
+                                 head_major_pages=head_major)
+    full, main, _, _, _ = jaxattn_fns(batch, ctx, q, kp, vp, table, page_size, config)
+    # Two interleaved measurements per variant: their spread is the noise floor.
+    ms = [timeit(main) * 1e3 for _ in range(2)]
+    return {"batch": batch, "ctx": ctx, "page_size": page_size,
+            "layout": "head-major" if head_major else "token-major", "block_kv": block_kv,
+            "stages": stages, "kernel_ms": min(ms), "kernel_ms_runs": ms,
+            "kernel_tbps": kv_bytes(batch, ctx) / min(ms) / 1e9}
+
+
+def table_md(res):
+    c = res["ceilings"]
+    lines = [f"# Decode bandwidth, {res['device']}, {res['date']}", "",
+             f"Same-run ceilings: copy {c['copy_tbps']:.2f} TB/s, read-only {c['read_tbps']:.2f} TB/s.",
+             "Bandwidth = bytes of K+V read / time. jaxattn = one layer's attention: main kernel +"
+             " combine kernel + lse gather + output zeroing; the step's plan and kernel metadata"
+             " (shared by all layers) are timed separately.", "",
+             "| batch x ctx | pieces | jaxattn ms | TB/s | % copy | main kernel TB/s | cuDNN TB/s |"
+             " XLA TB/s | jaxattn / cuDNN | metadata ms | plan ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda r, k: f"{r[k]:.3g}" if k in r else "—"
+    for r in res["cases"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']}x{r['ctx']} | error: {r['error'][:80]} |")
+            continue
+        lines.append(f"| {r['batch']}x{r['ctx']} | {r['pieces']} | {r['jaxattn_ms']:.3f} | "
+                     f"{r['jaxattn_tbps']:.2f} | {100 * r['jaxattn_frac_of_copy']:.0f}% | "
+                     f"{f(r, 'kernel_tbps')} | {f(r, 'cudnn_tbps')} | {f(r, 'xla_tbps')} | "
+                     f"{f(r, 'jaxattn_vs_cudnn')} | {f(r, 'meta_ms')} | {r['plan_ms']:.3f} |")
+    lines += ["", "Page size / layout / tuning (kernel only):", "",
+              "| batch x ctx | page | layout | block_kv x stages | TB/s (best of 2) | ms, both runs |",
+              "|---|---|---|---|---|---|"]
+    for r in res["variants"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']}x{r['ctx']} | {r['page_size']} | {r['layout']} | "
+                         f"error: {r['error'][:80]} |")
+            continue
+        lines.append(f"| {r['batch']}x{r['ctx']} | {r['page_size']} | {r['layout']} | "
+                     f"{r['block_kv']}x{r['stages']} | {r['kernel_tbps']:.2f} | "
+                     + ", ".join(f"{x:.3f}" for x in r.get("kernel_ms_runs", [])) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return
+    cases = [r for r in res["cases"] if "jaxattn_tbps" in r]
+    labels = [f"{r['batch']}x{r['ctx'] // 1024}k" for r in cases]
+    x = np.arange(len(cases))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (key, name) in enumerate([("jaxattn_tbps", "jaxattn (paged)"),
+                                     ("cudnn_tbps", "cuDNN (contiguous)"),
+                                     ("xla_tbps", "XLA (contiguous)")]):
+        ax.bar(x + (i - 1) * 0.27, [r.get(key, 0) for r in cases], 0.27, label=name)
+    ax.axhline(res["ceilings"]["copy_tbps"], color="k", ls="--", lw=1, label="HBM copy ceiling")
+    ax.axhline(0.8 * res["ceilings"]["copy_tbps"], color="gray", ls=":", lw=1, label="80% of it")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("K+V bytes read / time (TB/s)")
+    ax.set_title(f"Decode, 40/8 heads, D=128, bf16 — {res['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plot", help="redraw table and plot from a results JSON")
+    ap.add_argument("--quick", action="store_true", help="main cases only")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
+    args = ap.parse_args(argv)
+    if args.plot:
+        res = json.loads(pathlib.Path(args.plot).read_text())
+        stem = pathlib.Path(args.plot).with_suffix("")
+        pathlib.Path(f"{stem}.md").write_text(table_md(res))
+        plot(res, f"{stem}.png")
+        return
+    dev = jax.devices()[0]
+    res = {"date": datetime.date.today().isoformat(), "device": dev.device_kind,
+           "jax": jax.__version__, "config": dataclasses.asdict(decode.default_config()),
+           "ceilings": ceilings(), "cases": [], "variants": []}
+    print(res["ceilings"], flush=True)
+    for batch, ctx in CASES:
+        try:
+            res["cases"].append(run_case(batch, ctx, res["ceilings"]))
+        except Exception as e:
+            res["cases"].append({"batch": batch, "ctx": ctx, "error": f"{type(e).__name__}: {e}"[:500]})
+        print(res["cases"][-1], flush=True)
+    if not args.quick:
+        for batch, ctx in VARIANT_CASES:
+            for v in VARIANTS:
+                try:
+                    res["variants"].append(run_variant(batch, ctx, *v))
+                except Exception as e:
+                    res["variants"].append({"batch": batch, "ctx": ctx, "page_size": v[0],
+                                            "layout": "head-major" if v[1] else "token-major",
+                                            "error": f"{type(e).__name__}: {e}"[:500]})
+                print(res["variants"][-1], flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"decode-{res['date']}{'-' + args.tag if args.tag else ''}"
+    pathlib.Path(f"{stem}.json").write_text(json.dumps(res, indent=1))
+    pathlib.Path(f"{stem}.md").write_text(table_md(res))
+    plot(res, f"{stem}.png")
+    print(table_md(res))
+
+
+if __name__ == "__main__":
+    main()

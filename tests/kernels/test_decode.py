@@ -1,0 +1,224 @@
+"""The split-KV decode kernel on CPU, in Pallas GPU interpret mode.
+
+The real kernel (TMA ring, barriers, wgmma, warp specialization) runs on
+small shapes against the float64 oracle. CUDA lowering is in
+``test_decode_lowering.py``.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+
+import jaxattn
+from jaxattn import executor, scheduler
+from jaxattn.kernels import decode
+
+from attention_cases import make_ragged_case, naive_ragged
+
+TOL = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_interpreter():
+    ipc.reset_gpu_interpret_mode_state()  # a failed kernel leaves state behind
+    yield
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    q_lens: tuple
+    kv_lens: tuple
+    num_q_heads: int = 10
+    num_kv_heads: int = 2
+    head_dim: int = 128
+    page_size: int = 16
+    dtype: object = jnp.bfloat16
+    causal: bool = True
+    chunk: int | None = None
+    config: decode.DecodeConfig = decode.DecodeConfig(num_ctas=3)
+    max_model_len: int = 1024
+    min_split_kv: int = 128
+    block_kv: int = 128  # planner's split granularity
+    seed: int = 0
+
+    def bounds(self):
+        return jaxattn.Bounds(
+            max_num_seqs=len(self.q_lens) + 1, max_num_batched_tokens=128,
+            max_model_len=self.max_model_len, page_size=self.page_size,
+            num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, chunk_size=self.chunk, block_kv=self.block_kv,
+            num_workers=4, min_split_kv=self.min_split_kv)
+
+
+def _pools(case, bounds):
+    """Oracle-ready case; pools in the layout the kernel config reads."""
+    rc = make_ragged_case(bounds, case.q_lens, case.kv_lens, dtype=case.dtype, seed=case.seed,
+                          num_tokens=sum(case.q_lens) + 3)
+    k, v = rc.k_pages, rc.v_pages
+    if case.config.head_major_pages:
+        k, v = np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2)
+    return rc, jnp.asarray(k), jnp.asarray(v)
+
+
+def run_case(case: Case, interpret=True, scale=0.15):
+    bounds = case.bounds()
+    rc, k, v = _pools(case, bounds)
+    plan = scheduler.plan(bounds, rc.cu_q_lens, rc.kv_lens, rc.num_seqs, chunk_size=case.chunk,
+                          causal=case.causal)
+    fn = jax.jit(lambda q, k, v, pt, kvl, items: decode.decode_attention(
+        q, k, v, pt, kvl, items, bounds=bounds, scale=scale, causal=case.causal,
+        chunk_size=case.chunk, interpret=interpret, config=case.config))
+    out, lse = fn(jnp.asarray(rc.q), k, v, rc.page_table, rc.kv_lens, plan.decode)
+    return rc, bounds, plan, np.asarray(out, np.float64), np.asarray(lse, np.float64)
+
+
+def check_case(case: Case, interpret=True):
+    rc, bounds, plan, out, lse = run_case(case, interpret)
+    want_o, want_l = naive_ragged(*rc.args(), 0.15, causal=case.causal, chunk=case.chunk)
+    decode_rows = np.zeros(rc.q.shape[0], bool)
+    for s, n in enumerate(case.q_lens):
+        if n <= bounds.dq:
+            decode_rows[rc.cu_q_lens[s]:rc.cu_q_lens[s + 1]] = True
+    assert np.isfinite(out).all()
+    got, want = out[decode_rows], want_o[decode_rows]
+    err = np.abs(got - want).max(initial=0) / max(1.0, np.abs(want).max(initial=0))
+    assert err < TOL[case.dtype], err
+    np.testing.assert_allclose(lse[decode_rows], want_l[decode_rows], rtol=1e-4, atol=2e-3)
+    # Rows of prefill sequences and padding rows are not the decode list's.
+    assert (out[~decode_rows] == 0).all() and (lse[~decode_rows] == -np.inf).all()
+    return plan
+
+
+SCOUT_LIKE = Case(q_lens=(1, 12, 3, 1, 40, 1), kv_lens=(1, 300, 129, 1024, 100, 128))
+
+CASES = {
+    # G=5 as Scout, pages 16, contexts 1 / block+1 / max_model_len / page and block edges;
+    # one prefill sequence (40 tokens) that the decode list must leave alone.
+    "scout_bf16_d128_g5_p16": SCOUT_LIKE,
+    # G=8, fp16, D=64, 8-row pages, chunked-local layer (chunk 256) with tokens
+    # straddling a chunk boundary (kv 260, q 8 -> positions 252..259).
+    "fp16_d64_g8_p8_chunked": Case(q_lens=(1, 8, 2, 5), kv_lens=(257, 260, 256, 700),
+                                   num_q_heads=16, head_dim=64, page_size=8,
+                                   dtype=jnp.float16, chunk=256),
+    # G=1: the tile holds up to 64 tokens of one head; 128-key blocks, 2 stages.
+    "bf16_d64_g1_p32_bk128": Case(q_lens=(64, 1, 17), kv_lens=(64, 999, 200),
+                                  num_q_heads=2, head_dim=64, page_size=32,
+                                  config=decode.DecodeConfig(block_kv=128, num_stages=2,
+                                                             num_ctas=2)),
+    # Non-causal global attention, G=4, one KV head, 64-row pages.
+    "fp16_d128_g4_p64_noncausal": Case(q_lens=(3, 1, 16), kv_lens=(500, 64, 65),
+                                       num_q_heads=4, num_kv_heads=1, page_size=64,
+                                       dtype=jnp.float16, causal=False),
+    # Pages larger than a KV block (128 > 64): a block is a page slice. Non-causal chunked.
+    "bf16_d128_g5_p128_noncausal_chunked": Case(q_lens=(2, 1, 12), kv_lens=(300, 1000, 129),
+                                                page_size=128, causal=False, chunk=256,
+                                                block_kv=128),
+    # Head-major pools ([pages, Hkv, page, D], the layout benchmark's alternative).
+    "bf16_d64_g2_p16_head_major": Case(q_lens=(1, 5, 32), kv_lens=(77, 640, 33),
+                                       num_q_heads=4, head_dim=64,
+                                       config=decode.DecodeConfig(num_ctas=3,
+                                                                  head_major_pages=True)),
+    # One CTA walks every tile: the K/V ring wraps across many tile boundaries.
+    "one_cta_many_tiles": Case(q_lens=(1,) * 7, kv_lens=(1, 15, 16, 17, 63, 64, 65),
+                               head_dim=64, config=decode.DecodeConfig(num_ctas=1)),
+    # q_len = dq exactly for G=5 (12 tokens), several splits each.
+    "fp16_d128_g5_q_eq_dq": Case(q_lens=(12, 12), kv_lens=(12, 1000), dtype=jnp.float16,
+                                 min_split_kv=64, block_kv=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_interpret_matches_oracle(name):
+    check_case(CASES[name])
+
+
+def test_splits_happen_and_match_the_executor():
+    """The Scout-like case splits (so the LSE combine runs) and agrees with the plan executor."""
+    case = SCOUT_LIKE
+    rc, bounds, plan, out, lse = run_case(case)
+    assert int((np.asarray(plan.decode.num_splits)[:int(plan.decode.count)] > 1).sum()) >= 2
+    ex_o, ex_l = executor.execute_items(
+        plan.decode, *map(jnp.asarray, (rc.q, rc.k_pages, rc.v_pages, rc.page_table, rc.kv_lens)),
+        bounds=bounds, scale=0.15)
+    np.testing.assert_allclose(out, np.asarray(ex_o), atol=2e-2)
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(np.asarray(ex_l)))
+    # The step's metadata computed once and passed in gives the same result.
+    md = decode.decode_metadata(plan.decode, bounds=bounds, num_tokens=rc.q.shape[0])
+    out2, lse2 = decode.decode_attention(
+        jnp.asarray(rc.q), jnp.asarray(rc.k_pages), jnp.asarray(rc.v_pages), rc.page_table,
+        rc.kv_lens, plan.decode, bounds=bounds, scale=0.15, interpret=True, config=case.config,
+        metadata=md)
+    np.testing.assert_array_equal(np.asarray(out2), out)
+    np.testing.assert_array_equal(np.asarray(lse2), lse)
+
+
+def test_empty_decode_list():
+    """Only prefill sequences: no decode item, every row 0 / -inf."""
+    case = Case(q_lens=(40, 20), kv_lens=(100, 20), head_dim=64)
+    rc, bounds, plan, out, lse = run_case(case)
+    assert int(plan.decode.count) == 0
+    assert (out == 0).all() and (lse == -np.inf).all()
+
+
+def test_race_detector_finds_no_races():
+    case = Case(q_lens=(1, 3), kv_lens=(200, 70), head_dim=64,
+                config=decode.DecodeConfig(num_ctas=2))
+    params = plgpu.InterpretGPUParams(detect_races=True)
+    run_case(case, interpret=params)
+    assert not ipc.get_races().races_found
+
+
+def test_p_in_registers_refused_under_interpret():
+    case = dataclasses.replace(SCOUT_LIKE, config=decode.DecodeConfig(p_in_registers=True))
+    with pytest.raises(ValueError, match="p_in_registers"):
+        run_case(case)
+
+
+@pytest.mark.parametrize("bad", [dict(head_dim=96), dict(dtype=jnp.float32),
+                                 dict(page_size=24, block_kv=192)])
+def test_unsupported_configurations_fail_clearly(bad):
+    case = dataclasses.replace(Case(q_lens=(1,), kv_lens=(10,)), **bad)
+    with pytest.raises(ValueError):
+        run_case(case)
+
+
+_PLANNERS = {}
+
+
+def _planner(chunk, num_workers, min_split_kv):
+    """One jitted planner per bounds, so hypothesis examples reuse compilations."""
+    key = (chunk, num_workers, min_split_kv)
+    if key not in _PLANNERS:
+        bounds = jaxattn.Bounds(max_num_seqs=8, max_num_batched_tokens=96, max_model_len=4096,
+                                page_size=16, num_q_heads=10, num_kv_heads=2, head_dim=64,
+                                chunk_size=chunk, block_kv=64, num_workers=num_workers,
+                                min_split_kv=min_split_kv)
+        fn = jax.jit(lambda cu, kv, n: scheduler.plan(bounds, cu, kv, n, chunk_size=chunk).decode)
+        _PLANNERS[key] = bounds, fn
+    return _PLANNERS[key]
+
+
+@settings(max_examples=40, deadline=None)
+@given(chunk=st.sampled_from([None, 256]), num_workers=st.sampled_from([1, 3, 16]),
+       min_split_kv=st.sampled_from([64, 512]),
+       seqs=st.lists(st.tuples(st.integers(1, 12), st.integers(0, 4096)), min_size=1,
+                     max_size=8))
+def test_split_pieces_fit_the_partial_buffer(chunk, num_workers, min_split_kv, seqs):
+    """The compact partial buffer holds every split piece the planner can emit."""
+    bounds, planner = _planner(chunk, num_workers, min_split_kv)
+    n = len(seqs)
+    cu = np.zeros(9, np.int32)
+    cu[1:n + 1] = np.cumsum([q for q, _ in seqs])
+    cu[n + 1:] = cu[n]
+    kv_lens = np.zeros(8, np.int32)
+    kv_lens[:n] = [max(q, kv) for q, kv in seqs]
+    items = planner(cu, kv_lens, np.int32(n))
+    valid = np.arange(items.seq.shape[0]) < int(items.count)
+    n_split = int((valid & (np.asarray(items.num_splits) > 1)).sum())
+    assert n_split <= decode.split_capacity(bounds, items.seq.shape[0])
