@@ -14,15 +14,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxattn.models.llama4 import grouped_matmul as gm
 
 
-@pytest.mark.parametrize("m,sizes", [
-    (1, [0, 0, 0, 1]),  # decode: one row in the last group, three empty ones
-    (70, [16, 27, 0, 27]),  # an empty group between unaligned ones
-    (200, [0, 200, 0, 0]),  # every row in one group, several row tiles
-    (300, [106, 96, 98, 0]),
+@pytest.mark.parametrize("m,sizes,n", [
+    (1, [0, 0, 0, 1], 256),  # decode: one row in the last group, three empty ones
+    (70, [16, 27, 0, 27], 256),  # an empty group between unaligned ones
+    (200, [0, 200, 0, 0], 256),  # every row in one group, several row tiles
+    (300, [106, 96, 98, 0], 1024),  # prefill tiles visited in bands of 8 N tiles
 ])
-def test_mosaic_kernel_matches_ragged_dot(m, sizes):
+def test_mosaic_kernel_matches_ragged_dot(m, sizes, n):
     rng = np.random.default_rng(m)
-    k, n, g = 128, 256, len(sizes)
+    k, g = 128, len(sizes)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((g, k, n)), jnp.bfloat16)
     gs = jnp.asarray(sizes, jnp.int32)
