@@ -53,7 +53,7 @@ from jaxattn import kernels  # noqa: E402
 from jaxattn.api import _kernel_impl  # noqa: E402
 from jaxattn.batch import SeqStep, build_step  # noqa: E402
 from jaxattn.models import llama4  # noqa: E402
-from jaxattn.models.llama4 import grouped_matmul  # noqa: E402
+from jaxattn.kernels import grouped_matmul  # noqa: E402
 
 PREFILL_LENS = (8192, 16384, 32768)
 DECODE_BATCHES = (1, 32)

@@ -49,8 +49,15 @@ class KVCache(NamedTuple):
 
 
 def allocate(spec: CacheSpec, sharding=None) -> KVCache:
-    """Zeroed pools, created directly on the device(s) (with ``sharding``, e.g. split by KV head)."""
+    """Zeroed pools, created directly on the device(s) (with ``sharding``, e.g. split by KV head).
+
+    Zeros matter: kernels read whole pages and mask by logits, and a NaN in a
+    never-written slot would survive the mask (NaN * 0). The pools are
+    committed to their device so the first step compiles with the same cache
+    key as the steps after it.
+    """
     shape = (spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     make = jax.jit(lambda: jnp.zeros(shape, spec.dtype), out_shardings=sharding)
     return KVCache(k=tuple(make() for _ in range(spec.num_layers)),
                    v=tuple(make() for _ in range(spec.num_layers)))

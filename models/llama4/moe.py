@@ -15,7 +15,7 @@ from flax import nnx
 from jax import lax
 
 from jaxattn.models.llama4.config import Llama4Config
-from jaxattn.models.llama4.grouped_matmul import grouped_matmul
+from jaxattn.kernels.grouped_matmul import grouped_matmul
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype):

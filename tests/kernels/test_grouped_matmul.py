@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxattn.models.llama4 import grouped_matmul as gm
+from jaxattn.kernels import grouped_matmul as gm
 
 
 @pytest.mark.parametrize("m,sizes,n", [
