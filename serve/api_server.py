@@ -117,8 +117,12 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         params = _params(req)
+        try:
+            given = req.prompts()
+        except ValueError as e:
+            raise APIError(400, str(e), "prompt") from None
         prompts = []
-        for p in req.prompts():
+        for p in given:
             ids = p if isinstance(p, list) else _encode(tokenizer, p)
             prompts.append((p if isinstance(p, str) else None, ids))
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -139,6 +143,8 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
                                 "logprobs": _completion_logprobs(out["logprobs"], tokenizer)
                                 if params.logprobs is not None else None,
                                 "finish_reason": out["finish_reason"]})
+                if req.return_token_ids:
+                    choices[-1]["token_ids"] = out["token_ids"]
             _add_usage(usage, deltas, n)
         return {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": choices, "usage": usage}
@@ -248,6 +254,7 @@ async def _collect_all(gens: list[_Generation], request: Request) -> list[list[D
         return [d async for d in g]
 
     task = asyncio.ensure_future(asyncio.gather(*(collect(g) for g in gens)))
+    task.add_done_callback(_retrieve)  # cancelled on disconnect: nobody awaits it then
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
@@ -264,6 +271,11 @@ async def _collect_all(gens: list[_Generation], request: Request) -> list[list[D
             if d.error is not None:
                 raise APIError(500, f"generation failed: {d.error}")
     return results
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _merge(deltas: list[Delta], n: int) -> list[dict]:
@@ -383,16 +395,18 @@ async def _completion_chunks(rid, model, gens, n, req: CompletionRequest, tokeni
         if d.error is not None:
             yield _error_chunk(f"generation failed: {d.error}")
             return
-        if not d.text and d.finish_reason is None and not d.logprobs:
+        if not (d.text or d.finish_reason or d.logprobs or (req.return_token_ids and d.token_ids)):
             continue
         index = i * n + d.index
         lp = None
         if req.logprobs is not None and d.logprobs:
             lp = _completion_logprobs(list(d.logprobs), tokenizer, offsets.get(index, 0))
             offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
+        choice = {"index": index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}
+        if req.return_token_ids:
+            choice["token_ids"] = list(d.token_ids)
         yield {"id": rid, "object": "text_completion", "created": created, "model": model,
-               "choices": [{"index": index, "text": d.text, "logprobs": lp,
-                            "finish_reason": d.finish_reason}]}
+               "choices": [choice]}
     if req.stream_options and req.stream_options.include_usage:
         for deltas in all_deltas:
             _add_usage(usage, deltas, n)

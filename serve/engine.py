@@ -16,7 +16,7 @@ Every way a sequence ends (stop, length, abort, error) goes through
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import itertools
 import logging
 import random
@@ -44,14 +44,19 @@ _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 class CompileCounter:
-    """Counts XLA backend compiles per thread (a jax.monitoring listener, installed once)."""
+    """Counts the XLA backend compiles that happen while an engine works (a jax.monitoring
+    listener, installed once, crediting the engine running on the compiling thread)."""
 
-    _counts: collections.Counter = collections.Counter()
+    _local = threading.local()
     _lock = threading.Lock()
     _installed = False
 
+    def __init__(self):
+        self.count = 0
+        self._install()
+
     @classmethod
-    def install(cls) -> None:
+    def _install(cls) -> None:
         with cls._lock:
             if not cls._installed:
                 jax.monitoring.register_event_duration_secs_listener(cls._on_event)
@@ -59,14 +64,19 @@ class CompileCounter:
 
     @classmethod
     def _on_event(cls, event: str, duration: float, **_) -> None:
-        if event == _BACKEND_COMPILE:
-            with cls._lock:
-                cls._counts[threading.get_ident()] += 1
+        counter = getattr(cls._local, "active", None)
+        if event == _BACKEND_COMPILE and counter is not None:
+            counter.count += 1
 
-    @classmethod
-    def count(cls, threads) -> int:
-        with cls._lock:
-            return sum(cls._counts[t] for t in threads)
+    @contextlib.contextmanager
+    def active(self):
+        """Credit compiles on this thread to this counter while inside."""
+        prev = getattr(self._local, "active", None)
+        self._local.active = self
+        try:
+            yield
+        finally:
+            self._local.active = prev
 
 
 def bucket_ladder(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
@@ -81,12 +91,16 @@ def bucket_ladder(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, *,
                  enable_prefix_caching: bool = True, buckets: Seq[int] | None = None,
-                 seed: int = 0, metrics=None):
+                 seed: int = 0, metrics=None, num_pages: int | None = None):
+        """``num_pages``: use only the first pages of the runner's pool (default: all)."""
         b = runner.bounds
         self.runner, self.tokenizer, self.bounds = runner, tokenizer, b
         self.max_model_len = b.max_model_len
-        self.bm = BlockManager(runner.num_pages, b.page_size,
-                               enable_prefix_caching=enable_prefix_caching)
+        num_pages = runner.num_pages if num_pages is None else num_pages
+        if not b.pages_per_seq <= num_pages <= runner.num_pages:
+            raise ValueError(f"num_pages={num_pages} must hold one max_model_len sequence "
+                             f"({b.pages_per_seq} pages) and fit the pool ({runner.num_pages})")
+        self.bm = BlockManager(num_pages, b.page_size, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, max_num_seqs=b.max_num_seqs,
                                    max_num_batched_tokens=b.max_num_batched_tokens)
         self.buckets = tuple(sorted(buckets or bucket_ladder(b.max_num_batched_tokens)))
@@ -94,16 +108,17 @@ class LLMEngine:
             raise ValueError(f"the largest bucket must be max_num_batched_tokens="
                              f"{b.max_num_batched_tokens}, got {self.buckets}")
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
-        self.metrics = metrics
+        self.metrics = None
+        if metrics is not None:
+            self.attach_metrics(metrics)
         self._requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self._rng = random.Random(seed)
-        self._threads: set[int] = set()
+        self._compiles = CompileCounter()
         self._aux: dict[int, _SeqOut] = {}
         self.num_steps = 0
         self.warmed_up = False
         self.model_dir: str | None = None
-        CompileCounter.install()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | None, shape: EngineShape | None = None, *,
@@ -123,6 +138,11 @@ class LLMEngine:
         engine = cls(runner, tokenizer, **kw)
         engine.model_dir = model_dir
         return engine
+
+    def attach_metrics(self, metrics) -> None:
+        """Report to ``metrics`` (an :class:`~jaxattn.serve.metrics.EngineMetrics`)."""
+        metrics.bind(self)
+        self.metrics = metrics
 
     # Requests ------------------------------------------------------------------------
     def validate(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
@@ -169,6 +189,8 @@ class LLMEngine:
             return False
         for seq in seqs:
             self._finish(seq, "abort")
+        if self.metrics:
+            self.metrics.on_request_done(seqs)
         return True
 
     def has_unfinished(self) -> bool:
@@ -184,7 +206,8 @@ class LLMEngine:
 
     @property
     def compile_count(self) -> int:
-        return CompileCounter.count(self._threads)
+        """XLA compiles this engine's warm-up and steps caused (constant after warm-up)."""
+        return self._compiles.count
 
     # The loop ------------------------------------------------------------------------
     def bucket_for(self, num_tokens: int) -> int:
@@ -195,9 +218,12 @@ class LLMEngine:
 
     def warmup(self, progress: bool = True) -> None:
         """Compile the model step for every bucket and the sampler, before any request."""
+        with self._compiles.active():
+            self._warmup(progress)
+
+    def _warmup(self, progress: bool) -> None:
         from tqdm.auto import tqdm
 
-        self._threads.add(threading.get_ident())
         t0, c0 = time.perf_counter(), self.compile_count
         s = self.bounds.max_num_seqs
         rows = [(1.0, 5, 0.9, 0, 0, 0)]  # one row that takes the sort path too
@@ -216,7 +242,10 @@ class LLMEngine:
 
     def step(self) -> list[Delta]:
         """One engine step; returns what each touched sequence gained."""
-        self._threads.add(threading.get_ident())
+        with self._compiles.active():
+            return self._step()
+
+    def _step(self) -> list[Delta]:
         out = self.scheduler.schedule()
         deltas: list[Delta] = []
         if self.metrics and out.preempted:

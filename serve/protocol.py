@@ -57,6 +57,7 @@ class CompletionRequest(_Common):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    return_token_ids: bool = False  # extension: each choice's token ids
     suffix: str | None = None
     best_of: int | None = None
 
