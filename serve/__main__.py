@@ -24,6 +24,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache budget: bytes (e.g. 4GiB) or a fraction of free device memory "
                    "(default: 0.8 on a GPU; on the CPU, room for max-num-seqs full sequences)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
+    p.add_argument("--buckets", default=None,
+                   help="comma-separated step token counts to compile (default: powers of two "
+                   "from 16 up to --max-num-batched-tokens, which must be the largest)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="weights and KV cache dtype (default: bfloat16 on a GPU, float32 on CPU)")
     p.add_argument("--impl", default="auto", choices=["auto", "reference", "executor", "mosaic"],
@@ -53,6 +56,11 @@ def engine_from_args(args, **kw):
     shape = EngineShape(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         page_size=args.page_size, kv_cache_memory=args.kv_cache_memory)
+    if args.buckets:
+        try:
+            kw["buckets"] = tuple(int(b) for b in args.buckets.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --buckets must be comma-separated ints, got {args.buckets!r}")
     try:
         engine = LLMEngine.from_pretrained(
             args.model, shape, dtype=args.dtype, impl=args.impl, seed=args.seed,
@@ -71,6 +79,7 @@ def engine_from_args(args, **kw):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)  # its backend probing is noise here
     import uvicorn
 
     from jaxattn.serve.api_server import build_app

@@ -86,6 +86,10 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
     async def _http_error(request, e: StarletteHTTPException):
         return error_response(e.status_code, str(e.detail))
 
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request, e: EngineDeadError):
+        return error_response(503, str(e))
+
     @app.exception_handler(Exception)
     async def _internal_error(request, e: Exception):
         log.exception("unhandled error")
@@ -343,6 +347,10 @@ def _sse(chunks: AsyncIterator[dict], gens: list[_Generation]) -> StreamingRespo
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+            log.exception("stream failed")
+            yield f"data: {json.dumps(_error_chunk(f'{type(e).__name__}: {e}'))}\n\n"
+        else:
             yield "data: [DONE]\n\n"
         finally:  # also on disconnect (the response task is cancelled): abort what is left
             for g in gens:

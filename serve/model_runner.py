@@ -50,7 +50,9 @@ class EngineShape:
 class Llama4Runner:
     """A Llama 4 checkpoint (or an initialised model) with its page pool and jitted step."""
 
-    def __init__(self, model, shape: EngineShape, *, impl: str = "auto", cache_dtype=None):
+    def __init__(self, model, shape: EngineShape, *, impl: str = "auto", cache_dtype=None,
+                 num_pages: int | None = None):
+        """``num_pages`` overrides the pool size that ``shape.kv_cache_memory`` would buy."""
         from jaxattn.models import llama4
 
         config = model.config
@@ -61,7 +63,7 @@ class Llama4Runner:
             page_size=shape.page_size)
         dtype = cache_dtype or model.dtype
         one_page = llama4.cache_spec(config, num_pages=1, page_size=shape.page_size, dtype=dtype)
-        self.num_pages = num_pages_for(shape.kv_cache_memory, one_page, self.bounds)
+        self.num_pages = num_pages or num_pages_for(shape.kv_cache_memory, one_page, self.bounds)
         self.spec = dataclasses.replace(one_page, num_pages=self.num_pages)
         self.vocab_size = config.vocab_size
         self.model = model
@@ -86,9 +88,11 @@ def num_pages_for(budget, one_page: kv_cache_lib.CacheSpec, bounds: Bounds) -> i
     free = kv_cache_lib.free_device_memory()
     if budget is None:
         # On the GPU: most of what the weights left free. On the CPU (free memory unknown):
-        # every admitted sequence at full length, which is small for the models run there.
-        budget = 0.8 if free is not None else bounds.max_num_seqs * bounds.pages_per_seq * \
-            one_page.bytes_per_page
+        # room for every admitted sequence at full length, capped at 256 MiB (but never less
+        # than one sequence needs).
+        full = bounds.max_num_seqs * bounds.pages_per_seq * one_page.bytes_per_page
+        one = bounds.pages_per_seq * one_page.bytes_per_page
+        budget = 0.8 if free is not None else max(min(full, 256 * 2**20), one)
     try:
         nbytes = kv_cache_lib.parse_budget(budget, free)
     except ValueError as e:
