@@ -12,7 +12,6 @@ import pytest
 from jaxattn.serve.engine import LLMEngine
 
 from server_util import LiveServer
-from toy_model import ToyRunner
 
 MAX_LEN = 256
 
@@ -30,18 +29,17 @@ class SlowRunner:
         return self.inner.step(batch)
 
 
-def _server(tokenizer, num_pages):
-    runner = SlowRunner(ToyRunner(vocab_size=tokenizer.vocab_size, max_num_seqs=16,
-                                  max_num_batched_tokens=64, max_model_len=MAX_LEN,
-                                  num_pages=num_pages))
+def _server(make_runner, tokenizer, num_pages):
+    runner = SlowRunner(make_runner(max_num_seqs=16, max_num_batched_tokens=64,
+                                    max_model_len=MAX_LEN, num_pages=num_pages))
     engine = LLMEngine(runner, tokenizer, buckets=(16, 64))
     engine.warmup(progress=False)
     return LiveServer(engine)
 
 
 @pytest.fixture(scope="module")
-def server(tokenizer):
-    with _server(tokenizer, num_pages=16 * MAX_LEN // 16) as s:
+def server(make_runner, tokenizer):
+    with _server(make_runner, tokenizer, num_pages=16 * MAX_LEN // 16) as s:
         s.warm_compiles = s.engine.compile_count
         yield s
 
@@ -230,14 +228,14 @@ def test_client_disconnect_aborts_and_frees_pages(server, client):
     assert _metric(client, "jaxattn_request_success_total") - aborted == 2  # nothing else ran
 
 
-def test_kv_exhaustion_preempts_and_outputs_do_not_change(tokenizer, client):
+def test_kv_exhaustion_preempts_and_outputs_do_not_change(make_runner, tokenizer, client):
     """A second server whose pool holds one max-length sequence (16 pages): 8 concurrent
     requests of 6-7 pages each force preemption; every one finishes with the output it has
     on the roomy server."""
     rng = np.random.default_rng(2)
     reqs = [(_prompt(rng, int(rng.integers(30, 50))), 60) for _ in range(8)]
     want = [_alone(client, p, m) for p, m in reqs]
-    with _server(tokenizer, num_pages=MAX_LEN // 16) as small:
+    with _server(make_runner, tokenizer, num_pages=MAX_LEN // 16) as small:
         async def run():
             async with httpx.AsyncClient(base_url=small.url, timeout=120) as c:
                 rs = await asyncio.gather(*(c.post("/v1/completions", json={

@@ -8,15 +8,13 @@ from jaxattn.llm import LLM
 from jaxattn.serve.engine import LLMEngine, bucket_ladder
 from jaxattn.serve.sampling_params import SamplingParams
 
-from toy_model import ToyRunner
-
 MAX_LEN, PAGE = 256, 16
 
 
 @pytest.fixture(scope="module")
-def runner(tokenizer):
-    return ToyRunner(vocab_size=tokenizer.vocab_size, max_num_seqs=8, max_num_batched_tokens=64,
-                     max_model_len=MAX_LEN, num_pages=128, page_size=PAGE)
+def runner(make_runner):
+    return make_runner(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=MAX_LEN,
+                       num_pages=128, page_size=PAGE)
 
 
 def _engine(runner, tokenizer, **kw):
