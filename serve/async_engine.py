@@ -106,6 +106,13 @@ class AsyncEngine:
                 self.engine.abort(rid)
                 stream.put(err)
             self._streams.clear()
+            while True:  # requests still in the inbox would otherwise wait forever
+                try:
+                    msg = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if msg[0] == "add":
+                    msg[4].put(err)
 
     def _drain(self, block: bool) -> None:
         try:
