@@ -1,0 +1,438 @@
+"""Llama 4 Scout-width slice: transformers (torch bf16, sdpa) vs jaxattn, one run, one GPU.
+
+    python -m benchmarks.model [--layers 4] [--deadline-s 330]
+
+Random weights at Scout's real widths (hidden 5120, 40/8 heads, head_dim 128, 16
+experts top-1, intermediate 8192, vocab 202048, chunk 8192, NoPE every 4th layer),
+``--layers`` decoder layers. The weights are made once in JAX and shared with the
+transformers model through DLPack (zero copy; only HF's fused ``gate_up_proj`` is a
+concatenated copy), so both compute with the same numbers.
+
+Measured, medians of timed repeats after a warm-up (compile) call:
+* prefill tokens/s of one prompt of 8k/16k/32k tokens: transformers ``forward``
+  (``logits_to_keep=1``, no cache) vs the jaxattn serving step (paged cache write +
+  attention + last-token logits);
+* decode step time at batch 1 and 32 over an 8192-token context: transformers with a
+  ``DynamicCache`` vs the jaxattn step; against the roofline = bytes that must be read
+  (weights of the attention, shared expert, the experts the batch can hit, LM head; the
+  visible KV) / the copy bandwidth measured in this run;
+* the routed-expert grouped matmul alone (``lax.ragged_dot``) against a dense matmul of
+  the same useful FLOPs, to show whether XLA runs it as a grouped GEMM.
+
+Writes ``benchmarks/results/model-<date>.json`` and ``.md``. Items that would pass
+the deadline are skipped and listed, so a partial run still reports what it measured.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# JAX must not grab 75% of the GPU up front: torch shares it in this process.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# transformers probes for a package named `kernels`; with the repo root on sys.path it
+# would find this project's kernels/ folder (imported as jaxattn.kernels) instead.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _ROOT]
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxattn  # noqa: E402
+from jaxattn import cache as kv_cache  # noqa: E402
+from jaxattn import kernels  # noqa: E402
+from jaxattn.api import _kernel_impl  # noqa: E402
+from jaxattn.batch import SeqStep, build_step  # noqa: E402
+from jaxattn.models import llama4  # noqa: E402
+from jaxattn.models.llama4 import grouped_matmul  # noqa: E402
+
+PREFILL_LENS = (8192, 16384, 32768)
+DECODE_BATCHES = (1, 32)
+DECODE_CONTEXT = 8192  # kv_len of each decoding sequence (all inside the first chunk)
+PAGE_SIZE = 64
+RESULTS = os.path.join(_ROOT, "benchmarks", "results")
+
+
+def scout_config(layers: int) -> dict:
+    """Llama-4-Scout-17B-16E's text config with fewer layers (NoPE pattern kept: every 4th)."""
+    return dict(
+        model_type="llama4_text", vocab_size=202048, hidden_size=5120, intermediate_size=8192,
+        intermediate_size_mlp=16384, num_hidden_layers=layers, num_attention_heads=40,
+        num_key_value_heads=8, head_dim=128, num_local_experts=16, num_experts_per_tok=1,
+        interleave_moe_layer_step=1, attention_chunk_size=8192, attn_temperature_tuning=True,
+        floor_scale=8192, attn_scale=0.1, use_qk_norm=True, rms_norm_eps=1e-5,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=16.0,
+                             low_freq_factor=1.0, high_freq_factor=1.0,
+                             original_max_position_embeddings=8192),
+        max_position_embeddings=10485760, tie_word_embeddings=False, bos_token_id=200000,
+        eos_token_id=[200001, 200007, 200008], pad_token_id=200018)
+
+
+class Clock:
+    def __init__(self, deadline_s: float):
+        self.t0, self.deadline = time.perf_counter(), deadline_s
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.deadline - (time.perf_counter() - self.t0)
+
+    def allow(self, what: str, need_s: float) -> bool:
+        if self.left() >= need_s:
+            return True
+        self.skipped.append(f"{what} (needs ~{need_s:.0f}s, {self.left():.0f}s left)")
+        print(f"skip {what}: {self.left():.0f}s left", flush=True)
+        return False
+
+
+def median_time(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 4 GiB device copy (XLA elementwise add), the
+    measurement of docs' anchors."""
+    x = jnp.ones((2**30,), jnp.float32)
+    f = jax.jit(lambda a: a + 1)
+    f(x).block_until_ready()
+    t = median_time(lambda: f(x).block_until_ready(), 10)
+    del x
+    return 2 * 4 * 2**30 / t
+
+
+# ---------------------------------------------------------------------------------------
+# transformers
+# ---------------------------------------------------------------------------------------
+def build_hf(model: llama4.Llama4ForCausalLM, hf_dict: dict):
+    """A transformers Llama4ForCausalLM (bf16, sdpa, cuda) whose weights are the JAX arrays."""
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRotaryEmbedding
+
+    config = Llama4TextConfig(**{k: v for k, v in hf_dict.items() if k != "model_type"})
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        hf = Llama4ForCausalLM(config)
+    from jaxattn.models.llama4.loader import _variable
+
+    for t in llama4.tensor_map(model.config):
+        parts = [torch.from_dlpack(_variable(model, p).get_value()) for p in t.targets]
+        value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=t.split_axis)
+        owner, attr = t.name.rsplit(".", 1)
+        setattr(hf.get_submodule(owner), attr, torch.nn.Parameter(value, requires_grad=False))
+    with torch.device("cuda"):
+        hf.model.rotary_emb = Llama4TextRotaryEmbedding(config=config)
+    meta = [n for n, x in list(hf.named_parameters()) + list(hf.named_buffers()) if x.is_meta]
+    assert not meta, f"parameters left on meta: {meta[:5]}"
+    return hf.eval()
+
+
+def bench_hf(hf, clock: Clock, vocab: int, out: dict):
+    import torch
+    from transformers import DynamicCache
+
+    rng = torch.Generator(device="cuda").manual_seed(0)
+    sync = torch.cuda.synchronize
+    for n in PREFILL_LENS:
+        if not clock.allow(f"transformers prefill {n}", 25 + n / 1000):
+            continue
+        ids = torch.randint(0, vocab, (1, n), device="cuda", generator=rng)
+
+        def run():
+            with torch.inference_mode():
+                hf(input_ids=ids, use_cache=False, logits_to_keep=1)
+            sync()
+
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            t = median_time(run, 2)
+            out.setdefault("prefill", {})[n] = dict(
+                hf_s=t, hf_tok_s=n / t,
+                hf_peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            print(f"transformers prefill {n}: {t * 1e3:.1f} ms, {n / t:,.0f} tok/s", flush=True)
+        except torch.OutOfMemoryError as e:
+            out.setdefault("prefill", {})[n] = dict(hf_error=f"OOM: {str(e)[:120]}")
+            print(f"transformers prefill {n}: OOM", flush=True)
+        del ids
+        torch.cuda.empty_cache()
+    cfg = hf.config
+    for b in DECODE_BATCHES:
+        if not clock.allow(f"transformers decode batch {b}", 30):
+            continue
+        try:
+            cache = DynamicCache(config=cfg)
+            shape = (b, cfg.num_key_value_heads, DECODE_CONTEXT - 1, cfg.head_dim)
+            for i in range(cfg.num_hidden_layers):
+                k = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=rng)
+                cache.update(k, torch.randn_like(k), i)
+            ids = torch.randint(0, vocab, (b, 1), device="cuda", generator=rng)
+            pos = [DECODE_CONTEXT - 1]
+
+            def step():
+                with torch.inference_mode():
+                    hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                       position_ids=torch.full((b, 1), pos[0], device="cuda"))
+                pos[0] += 1
+                sync()
+
+            step()
+            t = median_time(step, 5)
+            out.setdefault("decode", {})[b] = dict(hf_ms=t * 1e3)
+            print(f"transformers decode batch {b}: {t * 1e3:.2f} ms", flush=True)
+            del cache
+        except Exception as e:  # noqa: BLE001 -- a baseline failure must not end the run
+            out.setdefault("decode", {})[b] = dict(hf_error=f"{type(e).__name__}: {str(e)[:160]}")
+            print(f"transformers decode batch {b}: {type(e).__name__}: {e}", flush=True)
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# jaxattn
+# ---------------------------------------------------------------------------------------
+def bench_jax(model, clock: Clock, out: dict, save=lambda: None, impl: str = "auto"):
+    cfg = model.config
+    bounds = llama4.bounds_for(cfg, max_num_seqs=max(DECODE_BATCHES),
+                               max_num_batched_tokens=max(PREFILL_LENS),
+                               max_model_len=max(max(PREFILL_LENS), DECODE_CONTEXT),
+                               page_size=PAGE_SIZE)
+    pages_per_decode_seq = -(-DECODE_CONTEXT // PAGE_SIZE)
+    num_pages = max(max(DECODE_BATCHES) * pages_per_decode_seq, max(PREFILL_LENS) // PAGE_SIZE)
+    spec = llama4.cache_spec(cfg, num_pages=num_pages, page_size=PAGE_SIZE, dtype=jnp.bfloat16)
+    out["kv_cache_gib"] = spec.total_bytes / 2**30
+    kv = [kv_cache.allocate(spec)]
+    step = llama4.make_step_fn(model, bounds, impl=impl)
+    rng = np.random.default_rng(0)
+
+    def run(batch):
+        logits, kv[0] = step(kv[0], batch)
+        logits.block_until_ready()
+
+    for b in DECODE_BATCHES:
+        if not clock.allow(f"jaxattn decode batch {b}", 60):
+            continue
+        seqs = [SeqStep([int(rng.integers(cfg.vocab_size))], DECODE_CONTEXT - 1,
+                        list(range(i * pages_per_decode_seq, (i + 1) * pages_per_decode_seq)))
+                for i in range(b)]
+        batch = build_step(bounds, b, seqs, num_pages=num_pages)
+        t0 = time.perf_counter()
+        run(batch)
+        compile_s = time.perf_counter() - t0
+        t = median_time(lambda: run(batch), 10)
+        out.setdefault("decode", {}).setdefault(b, {}).update(jax_ms=t * 1e3,
+                                                             jax_first_call_s=compile_s)
+        print(f"jaxattn decode batch {b}: {t * 1e3:.2f} ms (first call {compile_s:.1f}s)",
+              flush=True)
+        save()
+    for n in PREFILL_LENS:
+        if not clock.allow(f"jaxattn prefill {n}", 60 + n / 500):
+            continue
+        seq = SeqStep(rng.integers(cfg.vocab_size, size=n).tolist(), 0,
+                      list(range(-(-n // PAGE_SIZE))))
+        batch = build_step(bounds, n, [seq], num_pages=num_pages)
+        t0 = time.perf_counter()
+        run(batch)
+        compile_s = time.perf_counter() - t0
+        t = median_time(lambda: run(batch), 3)
+        out.setdefault("prefill", {}).setdefault(n, {}).update(
+            jax_s=t, jax_tok_s=n / t, jax_first_call_s=compile_s)
+        print(f"jaxattn prefill {n}: {t * 1e3:.1f} ms, {n / t:,.0f} tok/s "
+              f"(first call {compile_s:.1f}s)", flush=True)
+        out["jax_compiles"] = step.jitted._cache_size()
+        save()
+
+
+def decode_bytes(cfg: llama4.Llama4Config, batch: int, kv_len: int) -> dict:
+    """Bytes one decode step must read (bf16): weights it uses and the KV it attends to."""
+    h, d, e, inter = cfg.hidden_size, cfg.head_dim, cfg.num_local_experts, cfg.intermediate_size
+    attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    # Experts the batch can hit: expected distinct experts under uniform top-k routing
+    # (exactly 1 for batch 1 top-1).
+    hit = e * (1 - (1 - 1 / e) ** (batch * cfg.num_experts_per_tok))
+    weights, kv = 0.0, 0.0
+    for i in range(cfg.num_hidden_layers):
+        ff = (3 * h * inter * (1 + hit) + h * e) if cfg.is_moe(i) else 3 * h * cfg.intermediate_size_mlp
+        weights += attn + ff + 2 * h
+        chunk = cfg.layer_chunk_size(i)
+        visible = kv_len if chunk is None else kv_len - ((kv_len - 1) // chunk) * chunk
+        kv += batch * visible * cfg.num_key_value_heads * d * 2
+    weights += cfg.vocab_size * h + h + batch * h  # LM head, final norm, embedding rows
+    return dict(weight_bytes=2 * weights, kv_bytes=2 * kv, experts_hit=hit)
+
+
+def grouped_matmul_micro(clock: Clock, out: dict):
+    """The routed-expert grouped matmul alone: XLA's ragged_dot, JAX's Mosaic ragged_dot
+    example, and the model's kernel (grouped_matmul.py), vs a dense matmul of the same
+    useful FLOPs; plus a few tile configs of the model's kernel at the prefill size."""
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    e, h, inter = 16, 5120, 8192
+    key = jax.random.key(0)
+    w = jax.random.normal(key, (e, h, inter), jnp.bfloat16)
+    xla = jax.jit(lambda x, w, gs: jax.lax.ragged_dot(x, w, gs))
+    ours = jax.jit(lambda x, w, gs: grouped_matmul.grouped_matmul(x, w, gs, impl="mosaic"))
+    jax_example = jax.jit(lambda x, w, gs: ragged_dot_mgpu.ragged_dot(
+        x, w, group_sizes=gs, block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
+        grid_block_n=1))
+    dense = jax.jit(lambda x, w: x @ w[0])
+    rows = []
+    for m in (1, 32, 8192, 32768):
+        if not clock.allow(f"grouped matmul m={m}", 20):
+            continue
+        x = jax.random.normal(jax.random.fold_in(key, m), (m, h), jnp.bfloat16)
+        experts = np.sort(np.random.default_rng(m).integers(0, e, m))
+        gs = jnp.asarray(np.bincount(experts, minlength=e).astype(np.int32))
+        want = xla(x, w, gs).astype(jnp.float32)
+        row = dict(m=m, experts_hit=int((np.bincount(experts, minlength=e) > 0).sum()),
+                   dense_same_flops_ms=median_time(
+                       lambda: dense(x, w).block_until_ready(), 10) * 1e3)
+        for name, f in (("xla", xla), ("jax_example", jax_example), ("ours", ours)):
+            try:
+                err = float(jnp.abs(f(x, w, gs).astype(jnp.float32) - want).max())
+                row[f"{name}_ms"] = median_time(lambda: f(x, w, gs).block_until_ready(), 10) * 1e3
+                row[f"{name}_max_err"] = err
+            except Exception as ex:  # noqa: BLE001 -- record and go on
+                row[f"{name}_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+        rows.append(row)
+        print("grouped matmul", {k: (round(v, 3) if isinstance(v, float) else v)
+                                 for k, v in row.items()}, flush=True)
+    out["grouped_matmul"] = rows
+    tune = []
+    m = 32768
+    if clock.allow("grouped matmul tile configs", 40):
+        x = jax.random.normal(key, (m, h), jnp.bfloat16)
+        gs = jnp.asarray(np.bincount(np.random.default_rng(m).integers(0, e, m),
+                                     minlength=e).astype(np.int32))
+        for bm, bn, bk, steps, gbn in ((128, 128, 64, 4, 1), (128, 128, 64, 4, 8),
+                                       (128, 256, 64, 3, 1), (128, 256, 64, 3, 4),
+                                       (64, 256, 64, 4, 1), (128, 128, 128, 3, 1)):
+            cfg = dict(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps,
+                       grid_block_n=gbn)
+            try:
+                f = jax.jit(functools.partial(grouped_matmul._mosaic_ragged_dot, **cfg))
+                f(x, w, gs).block_until_ready()
+                cfg["ms"] = median_time(lambda: f(x, w, gs).block_until_ready(), 5) * 1e3
+            except Exception as ex:  # noqa: BLE001
+                cfg["error"] = f"{type(ex).__name__}: {str(ex)[:120]}"
+            tune.append(cfg)
+            print("grouped matmul tile config", cfg, flush=True)
+    out["grouped_matmul_tiles_m32768"] = tune
+    del w
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Llama 4 Scout-width slice ({res['layers']} layers): transformers vs jaxattn",
+             "", f"{res['device']}; jax {res['jax']}, torch {res.get('torch')}, transformers "
+             f"{res.get('transformers')}; attention impl: `{res['attention_impl']}`; copy "
+             f"bandwidth {res['copy_tb_s']:.2f} TB/s.", "",
+             "| prefill tokens | transformers tok/s | jaxattn tok/s | speed-up |",
+             "|---|---|---|---|"]
+    for n, r in sorted(res.get("prefill", {}).items(), key=lambda kv: int(kv[0])):
+        hf = f"{r['hf_tok_s']:,.0f}" if "hf_tok_s" in r else r.get("hf_error", "-")[:20]
+        jx = f"{r['jax_tok_s']:,.0f}" if "jax_tok_s" in r else "-"
+        sp = f"{r['jax_tok_s'] / r['hf_tok_s']:.2f}x" if "hf_tok_s" in r and "jax_tok_s" in r else "-"
+        lines.append(f"| {n} | {hf} | {jx} | {sp} |")
+    lines += ["", f"| decode batch (kv_len {DECODE_CONTEXT}) | transformers ms | jaxattn ms | "
+              "roofline ms | jaxattn / roofline |", "|---|---|---|---|---|"]
+    for b, r in sorted(res.get("decode", {}).items(), key=lambda kv: int(kv[0])):
+        hf = f"{r['hf_ms']:.2f}" if "hf_ms" in r else r.get("hf_error", "-")[:20]
+        jx = f"{r['jax_ms']:.2f}" if "jax_ms" in r else "-"
+        ratio = f"{r['jax_ms'] / r['roofline_ms']:.2f}" if "jax_ms" in r else "-"
+        lines.append(f"| {b} | {hf} | {jx} | {r['roofline_ms']:.2f} | {ratio} |")
+    if res.get("grouped_matmul"):
+        lines += ["", "| grouped matmul rows (16 experts, 5120x8192) | experts hit | XLA ragged_dot ms "
+                  "| JAX Mosaic example ms | ours ms | dense same-FLOPs ms |",
+                  "|---|---|---|---|---|---|"]
+        fmt = lambda r, k: f"{r[k]:.3f}" if k in r else "error"
+        for r in res["grouped_matmul"]:
+            lines.append(f"| {r['m']} | {r['experts_hit']} | {fmt(r, 'xla_ms')} | "
+                         f"{fmt(r, 'jax_example_ms')} | {fmt(r, 'ours_ms')} | "
+                         f"{r['dense_same_flops_ms']:.3f} |")
+    if res.get("skipped"):
+        lines += ["", "Skipped (deadline): " + "; ".join(res["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--deadline-s", type=float, default=330)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    args = p.parse_args(argv)
+    clock = Clock(args.deadline_s)
+    dev = jax.devices()[0]
+    hf_dict = scout_config(args.layers)
+    cfg = llama4.Llama4Config.from_hf_dict(hf_dict)
+    res = dict(date=datetime.date.today().isoformat(), device=dev.device_kind, jax=jax.__version__,
+               layers=args.layers, attention_impl=_kernel_impl("auto", cfg.head_dim, jnp.bfloat16),
+               kernels_available=kernels.AVAILABLE,
+               decode_context=DECODE_CONTEXT, page_size=PAGE_SIZE)
+    base = os.path.join(RESULTS, f"model-{res['date']}")
+
+    def save():  # after every phase, so a run cut short still leaves its numbers
+        res["skipped"] = clock.skipped
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(base + ".json", "w") as f:
+            json.dump(res, f, indent=2, default=str)
+        with open(base + ".md", "w") as f:
+            f.write(markdown(res))
+
+    t = time.perf_counter()
+    model = llama4.init_random(cfg, seed=0, dtype=jnp.bfloat16)
+    jax.block_until_ready(jax.tree.leaves(model))
+    res["weights_gib"] = sum(x.nbytes for x in jax.tree.leaves(model)) / 2**30
+    print(f"random weights {res['weights_gib']:.1f} GiB in {time.perf_counter() - t:.1f}s",
+          flush=True)
+    # transformers first: JAX's allocator keeps what it has grown to, so JAX work before
+    # this would leave torch less room (its 32k prefill runs every expert on every token).
+    if not args.no_hf:
+        try:
+            import torch
+            import transformers
+
+            res.update(torch=torch.__version__, transformers=transformers.__version__)
+            hf = build_hf(model, hf_dict)
+            bench_hf(hf, clock, cfg.vocab_size, res)
+            del hf
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 -- report the baseline failure, go on
+            res["hf_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print("transformers baseline failed:", res["hf_error"], flush=True)
+    res["copy_tb_s"] = copy_bandwidth() / 1e12
+    print(f"copy bandwidth {res['copy_tb_s']:.2f} TB/s; attention impl {res['attention_impl']}",
+          flush=True)
+    for b in DECODE_BATCHES:
+        r = res.setdefault("decode", {}).setdefault(b, {})
+        r.update(decode_bytes(cfg, b, DECODE_CONTEXT))
+        r["roofline_ms"] = (r["weight_bytes"] + r["kv_bytes"]) / (res["copy_tb_s"] * 1e12) * 1e3
+    save()
+    grouped_matmul_micro(clock, res)
+    save()
+    try:
+        bench_jax(model, clock, res, save)
+    except Exception as e:  # noqa: BLE001 -- e.g. a kernel failing at Scout sizes
+        res["jax_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        print("jaxattn with impl=auto failed:", res["jax_error"], flush=True)
+        if res["attention_impl"] != "reference":
+            res["attention_impl"] = "reference (fallback after the error)"
+            bench_jax(model, clock, res, save, impl="reference")
+    save()
+    print(markdown(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

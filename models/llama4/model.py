@@ -1,0 +1,277 @@
+"""The Llama 4 text decoder in Flax NNX and its two forwards.
+
+* ``model(input_ids[B, L])``: the full-sequence forward (research use and the
+  parity tests), attention through :func:`jaxattn.attention`.
+* ``make_step_fn(model, bounds)``: the serving forward over a packed ragged
+  :class:`~jaxattn.batch.StepBatch` and the paged KV cache, attention through
+  :func:`jaxattn.ragged_paged_attention`; jitted with static bounds and the
+  cache donated.
+
+Both run the same layer code; only the attention call differs. The
+computation follows transformers 5.17's ``modeling_llama4.py`` step by step
+(the comments name the HF quirks it reproduces).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxattn
+from jaxattn import cache as kv_cache_lib
+from jaxattn import scheduler
+from jaxattn.batch import StepBatch
+from jaxattn.models.llama4.config import Llama4Config
+from jaxattn.models.llama4.moe import MLP, Linear, MoE, _normal
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, *, dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((size,), dtype))
+
+    def __call__(self, x):
+        # HF normalises in f32, casts back to the input dtype, *then* multiplies by the weight.
+        return _l2norm(x, self.eps) * self.weight[...]
+
+
+def _l2norm(x, eps):
+    """HF's ``Llama4TextL2Norm`` (and the weightless part of RMSNorm): x * rsqrt(mean(x^2) + eps)."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def rope_tables(config: Llama4Config, positions):
+    """cos, sin [..., head_dim/2] (f32) for integer positions [...]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(config.inv_freq())
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(x, cos, sin):
+    """HF's complex rotation: element pairs (2j, 2j+1) are (real, imag) and rotate by position.
+
+    x [..., P, H, D] with cos/sin [..., P, D/2]. Interleaved pairs, not the
+    half-split (rotate_half) convention of Llama 2/3.
+    """
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    re, im = xf[..., 0], xf[..., 1]
+    c, s = cos[..., None, :], sin[..., None, :]
+    out = jnp.stack([re * c - im * s, re * s + im * c], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: Llama4Config, layer: int, *, dtype, rngs: nnx.Rngs):
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, d)
+        kw = dict(bias=config.attention_bias, dtype=dtype, std=config.initializer_range, rngs=rngs)
+        self.q_proj = Linear(h, self.num_heads * d, **kw)
+        self.k_proj = Linear(h, self.num_kv_heads * d, **kw)
+        self.v_proj = Linear(h, self.num_kv_heads * d, **kw)
+        self.o_proj = Linear(self.num_heads * d, h, **kw)
+        self.use_rope = config.use_rope(layer)
+        self.qk_norm_eps = config.rms_norm_eps if (config.use_qk_norm and self.use_rope) else None
+        self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
+        self.floor_scale, self.attn_scale = config.floor_scale, config.attn_scale
+        self.chunk_size = config.layer_chunk_size(layer)  # None: global attention
+        self.scale = d ** -0.5
+
+    def qkv(self, x, positions, rope):
+        """x [..., P, hidden] -> q [..., P, Hq, D], k, v [..., P, Hkv, D]; positions [P]."""
+        lead = x.shape[:-1]
+        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.qk_norm_eps is not None:  # after RoPE, RoPE layers only (HF)
+            q, k = _l2norm(q, self.qk_norm_eps), _l2norm(k, self.qk_norm_eps)
+        if self.temperature_tuning:
+            # NoPE layers scale queries by log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1.
+            pos = positions.astype(jnp.float32)
+            t = jnp.log1p(jnp.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+            q = (q * t[..., None, None]).astype(q.dtype)
+        return q, k, v
+
+    def out(self, o):
+        return self.o_proj(o.reshape(*o.shape[:-2], -1))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: Llama4Config, layer: int, *, dtype, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype)
+        self.self_attn = Attention(config, layer, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype)
+        self.feed_forward = (MoE(config, dtype=dtype, rngs=rngs) if config.is_moe(layer) else
+                             MLP(config, config.intermediate_size_mlp, dtype=dtype, rngs=rngs))
+
+    def __call__(self, x, positions, rope, attend):
+        """``attend(attn_module, q, k, v) -> o`` is the one part the two forwards do differently."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, rope)
+        x = x + self.self_attn.out(attend(self.self_attn, q, k, v))
+        return x + self.feed_forward(self.post_attention_layernorm(x))
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, size: int, *, std: float, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(_normal(rngs, (vocab, size), std, dtype))  # [vocab, hidden]
+
+
+class Llama4TextModel(nnx.Module):
+    def __init__(self, config: Llama4Config, *, dtype, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
+                                      std=config.initializer_range, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, i, dtype=dtype, rngs=rngs)
+                                for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+
+class Llama4ForCausalLM(nnx.Module):
+    """Attribute paths mirror HF's parameter names (``model.layers.3.self_attn.q_proj.weight``)."""
+
+    def __init__(self, config: Llama4Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.model = Llama4TextModel(config, dtype=dtype, rngs=rngs)
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            config.hidden_size, config.vocab_size, dtype=dtype, std=config.initializer_range,
+            rngs=rngs)
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight[...].dtype
+
+    def _logits(self, x):
+        """Final norm and LM head; f32 logits (the head accumulates in f32)."""
+        x = self.model.norm(x)
+        w = self.model.embed_tokens.weight[...] if self.lm_head is None else self.lm_head.weight[...]
+        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+
+    def _layers(self, x, positions, attend):
+        rope = rope_tables(self.config, positions)
+        for layer in self.model.layers:
+            x = layer(x, positions, rope, attend)
+        return x
+
+    # Full-sequence forward ------------------------------------------------------------
+    def forward(self, input_ids, *, impl: str = "auto"):
+        """input_ids [B, L] int32 -> logits [B, L, vocab] f32 (causal, positions 0..L-1)."""
+        x = self.model.embed_tokens.weight[...][input_ids]  # [B, L, hidden]
+        positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+
+        def attend(attn: Attention, q, k, v):
+            return jaxattn.attention(q, k, v, causal=True, chunk_size=attn.chunk_size,
+                                     scale=attn.scale, impl=impl)
+
+        return self._logits(self._layers(x, positions, attend))
+
+    def __call__(self, input_ids, *, impl: str = "auto"):
+        return _forward_jit(self, jnp.asarray(input_ids, jnp.int32), impl)
+
+    # Serving forward -------------------------------------------------------------------
+    def step(self, kv_cache: kv_cache_lib.KVCache, batch: StepBatch, *, bounds: jaxattn.Bounds,
+             impl: str = "auto"):
+        """One engine step: new tokens of a packed batch through all layers over the paged cache.
+
+        Returns (logits [S, vocab] f32 at ``batch.logits_indices``, updated cache).
+        The two work plans (global layers, chunked-local layers) are built once
+        here and shared by every layer of that kind.
+        """
+        cu, kv_lens, num_seqs = batch.cu_q_lens, batch.kv_lens, batch.num_seqs
+        chunks = {self.config.layer_chunk_size(i) for i in range(self.config.num_hidden_layers)}
+        plans = {c: scheduler.plan(bounds, cu, kv_lens, num_seqs, chunk_size=c) for c in chunks}
+        new_k, new_v = [], []
+
+        def attend(attn: Attention, q, k, v):
+            i = len(new_k)
+            k_pages, v_pages = kv_cache_lib.write(kv_cache.k[i], kv_cache.v[i], k, v, batch.slots)
+            new_k.append(k_pages)
+            new_v.append(v_pages)
+            return jaxattn.ragged_paged_attention(
+                q, k_pages, v_pages, batch.page_table, cu, kv_lens, num_seqs, bounds=bounds,
+                scale=attn.scale, chunk_size=attn.chunk_size, impl=impl,
+                plan=plans[attn.chunk_size])
+
+        x = self.model.embed_tokens.weight[...][batch.token_ids]  # [T, hidden]
+        x = self._layers(x, batch.positions, attend)
+        logits = self._logits(x[batch.logits_indices])  # [S, vocab]
+        return logits, kv_cache_lib.KVCache(k=tuple(new_k), v=tuple(new_v))
+
+
+@functools.partial(nnx.jit, static_argnums=(2,))
+def _forward_jit(model, input_ids, impl):
+    return model.forward(input_ids, impl=impl)
+
+
+def init_random(config: Llama4Config, *, seed: int = 0, dtype=jnp.float32) -> Llama4ForCausalLM:
+    """Seeded random weights (HF's init: normal(0, initializer_range), norms at 1)."""
+    return Llama4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def _default_block_kv(chunk_size: int | None, page_size: int) -> int:
+    """The largest KV tile of whole pages, up to 128 keys, that divides the chunk (Bounds' rules)."""
+    for pages in range(max(1, 128 // page_size), 0, -1):
+        if chunk_size is None or chunk_size % (pages * page_size) == 0:
+            return pages * page_size
+    raise ValueError(f"attention_chunk_size={chunk_size} is not a multiple of page_size={page_size}")
+
+
+def bounds_for(config: Llama4Config, *, max_num_seqs: int, max_num_batched_tokens: int,
+               max_model_len: int, page_size: int, **kw) -> jaxattn.Bounds:
+    """The engine's static :class:`jaxattn.Bounds` for this model (heads, head_dim, chunk size).
+
+    ``kw`` passes tuning fields through (block_q, block_kv, decode_q, ...).
+    """
+    chunked = any(config.is_chunked(i) for i in range(config.num_hidden_layers))
+    chunk = config.attention_chunk_size if chunked else None
+    kw.setdefault("block_kv", _default_block_kv(chunk, page_size))
+    return jaxattn.Bounds(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          max_model_len=max_model_len, page_size=page_size,
+                          num_q_heads=config.num_attention_heads,
+                          num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+                          chunk_size=chunk, **kw)
+
+
+def cache_spec(config: Llama4Config, *, num_pages: int, page_size: int,
+               dtype=jnp.bfloat16) -> kv_cache_lib.CacheSpec:
+    """One K and one V pool per layer; chunked-local layers keep their full KV too (they share
+    the page table with the global layers)."""
+    return kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=num_pages,
+                                  page_size=page_size, num_kv_heads=config.num_key_value_heads,
+                                  head_dim=config.head_dim, dtype=jnp.dtype(dtype).name)
+
+
+def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str = "auto"):
+    """``step(kv_cache, batch) -> (logits [S, vocab] f32, new kv_cache)``, jitted.
+
+    Shapes depend only on ``bounds`` and the batch's token count T, so it
+    compiles once per T and never for a new mix of lengths. The cache is
+    donated (updated in place on GPU). The weights are those of ``model`` now.
+    ``step.jitted`` is the underlying jitted function (for compile counting).
+    """
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def jitted(state, kv_cache, batch):
+        return nnx.merge(graphdef, state).step(kv_cache, batch, bounds=bounds, impl=impl)
+
+    device = jax.devices()[0]
+
+    def step(kv_cache: kv_cache_lib.KVCache, batch: StepBatch):
+        # An uncommitted pool (e.g. fresh from a jit without out_shardings) has another
+        # cache key than the committed pools a step returns: commit it (no copy) so the
+        # first step does not compile a second time.
+        if not all(x.committed for x in kv_cache.k + kv_cache.v):
+            kv_cache = jax.tree.map(
+                lambda x: x if x.committed else jax.device_put(x, device), kv_cache)
+        return jitted(state, kv_cache, StepBatch(*(np.asarray(x) if not isinstance(x, jax.Array)
+                                                   else x for x in batch)))
+
+    step.jitted = jitted
+    return step

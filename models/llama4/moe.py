@@ -1,0 +1,102 @@
+"""Llama 4 feed-forward blocks: the dense MLP, the routed experts and the MoE layer.
+
+The routed experts run as three grouped matmuls (:mod:`grouped_matmul`:
+``jax.lax.ragged_dot`` semantics, a Mosaic GPU kernel on Hopper) over the token
+copies sorted by expert, so each expert multiplies only the tokens routed to it;
+nothing loops over experts or multiplies a token by every expert (transformers'
+reference does the latter, with zero-scaled inputs).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from jaxattn.models.llama4.config import Llama4Config
+from jaxattn.models.llama4.grouped_matmul import grouped_matmul
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype):
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x @ W.T (+ b)`` with HF's weight layout ``[out, in]``, so checkpoints load as they are."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, dtype,
+                 std: float, rngs: nnx.Rngs):
+        self.weight = nnx.Param(_normal(rngs, (out_features, in_features), std, dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x, preferred_element_type=None):
+        w = self.weight[...]
+        y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                            preferred_element_type=preferred_element_type)
+        return y if self.bias is None else y + self.bias[...]
+
+
+class MLP(nnx.Module):
+    """SwiGLU MLP: the dense layers (``intermediate_size_mlp``) and the shared expert."""
+
+    def __init__(self, config: Llama4Config, intermediate_size: int, *, dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, std=config.initializer_range, rngs=rngs)
+        self.gate_proj = Linear(config.hidden_size, intermediate_size, **kw)
+        self.up_proj = Linear(config.hidden_size, intermediate_size, **kw)
+        self.down_proj = Linear(intermediate_size, config.hidden_size, **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nnx.Module):
+    """Routed experts. HF stores gate and up fused as ``gate_up_proj [E, H, 2I]``; the loader
+    splits it (first half gate, second half up, as ``chunk(2, dim=-1)`` does) so tensor
+    parallelism can later shard I without separating the halves."""
+
+    def __init__(self, config: Llama4Config, *, dtype, rngs: nnx.Rngs):
+        self.impl = "auto"  # grouped matmul implementation (see grouped_matmul.IMPLS)
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        std = config.initializer_range
+        self.gate_proj = nnx.Param(_normal(rngs, (e, h, i), std, dtype))  # [E, H, I]
+        self.up_proj = nnx.Param(_normal(rngs, (e, h, i), std, dtype))  # [E, H, I]
+        self.down_proj = nnx.Param(_normal(rngs, (e, i, h), std, dtype))  # [E, I, H]
+
+    def __call__(self, x, group_sizes):
+        """x [M, H]: rows sorted by expert, ``group_sizes[e]`` rows for expert e. Returns [M, H]."""
+        gate = grouped_matmul(x, self.gate_proj[...], group_sizes, impl=self.impl)
+        up = grouped_matmul(x, self.up_proj[...], group_sizes, impl=self.impl)
+        return grouped_matmul(up * jax.nn.silu(gate), self.down_proj[...], group_sizes,
+                              impl=self.impl)
+
+
+class MoE(nnx.Module):
+    """Sigmoid top-k router, routed experts, shared expert (transformers' ``Llama4TextMoe``)."""
+
+    def __init__(self, config: Llama4Config, *, dtype, rngs: nnx.Rngs):
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_local_experts
+        self.router = Linear(config.hidden_size, config.num_local_experts, dtype=dtype,
+                             std=config.initializer_range, rngs=rngs)
+        self.experts = Experts(config, dtype=dtype, rngs=rngs)
+        self.shared_expert = MLP(config, config.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, H]
+        n, k = x.shape[0], self.top_k
+        logits = self.router(x)  # [N, E]
+        top_logit, top_expert = lax.top_k(logits, k)  # [N, k]
+        # HF scales the expert *input* by the sigmoid score (computed in f32, then cast),
+        # not the output; unselected experts see a zero input and so contribute zero.
+        scores = jax.nn.sigmoid(top_logit.astype(jnp.float32)).astype(x.dtype)
+        expert = top_expert.reshape(-1)  # [N*k], token-major
+        order = jnp.argsort(expert, stable=True)
+        rows = x[order // k] * scores.reshape(-1)[order][:, None]  # [N*k, H] sorted by expert
+        group_sizes = jnp.bincount(expert, length=self.num_experts).astype(jnp.int32)
+        routed = self.experts(rows, group_sizes)
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
+        routed = routed[inverse].reshape(n, k, -1)  # back to token-major
+        routed = routed[:, 0] if k == 1 else routed.sum(1, dtype=x.dtype)
+        return (self.shared_expert(x) + routed).reshape(shape)
