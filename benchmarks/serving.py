@@ -191,6 +191,10 @@ def run_ours(args, model_dir, workloads) -> dict:
 
 def run_transformers(model_dir: str, reqs) -> dict:
     """transformers' own continuous batching on the burst workload (one output length)."""
+    # transformers probes for a package named `kernels`: with the repo root on sys.path it
+    # would find this project's kernels/ folder (jaxattn.kernels) instead.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
