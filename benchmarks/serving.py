@@ -255,8 +255,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--kv-cache-memory", default="8GiB")
     p.add_argument("--buckets", default="32,128,256,1024")
-    p.add_argument("--start-timeout", type=float, default=240)
+    p.add_argument("--start-timeout", type=float, default=180)
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--deadline", type=float, default=280,
+                   help="seconds the whole run may take (transformers is skipped if short)")
     args = p.parse_args(argv)
     if args.make_model:
         make_model(args.make_model)
@@ -282,17 +284,25 @@ def main(argv=None) -> int:
                            check=True)
     result = {"config": {k: v for k, v in vars(args).items() if k != "make_model"},
               "model": None if args.smoke else BENCH_CONFIG, "model_write_s": time.perf_counter() - t0}
-    result["jaxattn"] = run_ours(args, model_dir, workloads)
-    if not args.skip_transformers:
-        try:
-            result["transformers"] = run_transformers(model_dir, workloads["burst"])
-        except Exception as e:  # noqa: BLE001 - report, keep our numbers
-            result["transformers"] = {"error": f"{type(e).__name__}: {e}"}
-        print(f"transformers: {json.dumps(result['transformers'])}", flush=True)
     os.makedirs(RESULTS, exist_ok=True)
-    name = "serving-smoke.json" if args.smoke else "serving.json"
-    with open(os.path.join(RESULTS, name), "w") as f:
-        json.dump(result, f, indent=2)
+    path = os.path.join(RESULTS, "serving-smoke.json" if args.smoke else "serving.json")
+
+    def save():  # after each part, so a run cut short still leaves what it measured
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+    result["jaxattn"] = run_ours(args, model_dir, workloads)
+    save()
+    if not args.skip_transformers:
+        if time.perf_counter() - t0 > args.deadline - 90:
+            result["transformers"] = {"error": "skipped: not enough time left in --deadline"}
+        else:
+            try:
+                result["transformers"] = run_transformers(model_dir, workloads["burst"])
+            except Exception as e:  # noqa: BLE001 - report, keep our numbers
+                result["transformers"] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"transformers: {json.dumps(result['transformers'])}", flush=True)
+        save()
     _table(result)
     return 0
 
