@@ -288,8 +288,10 @@ def main(argv=None) -> int:
     path = os.path.join(RESULTS, "serving-smoke.json" if args.smoke else "serving.json")
 
     def save():  # after each part, so a run cut short still leaves what it measured
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
+        for p in [path] + ([os.path.join(os.environ["OUT"], os.path.basename(path))]
+                           if os.environ.get("OUT") else []):
+            with open(p, "w") as f:
+                json.dump(result, f, indent=2)
 
     result["jaxattn"] = run_ours(args, model_dir, workloads)
     save()
