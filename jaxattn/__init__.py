@@ -6,6 +6,10 @@ Public attention API::
     jaxattn.ragged_paged_attention(q, k_pages, v_pages, page_table,       # serving form
                                    cu_q_lens, kv_lens, num_seqs, bounds=...)
 
+Serving (loaded on first use, so ``import jaxattn`` stays light)::
+
+    jaxattn.LLM(model=DIR, max_model_len=...).generate(prompts, jaxattn.SamplingParams(...))
+
 ``jaxattn.scheduler`` holds the static-shape planner (``Bounds``, ``capacity``,
 ``plan``); ``jaxattn.reference`` the pure-JAX oracle.
 """
@@ -13,5 +17,18 @@ Public attention API::
 from jaxattn.api import attention, ragged_paged_attention
 from jaxattn.scheduler import Bounds, Capacity, Plan, capacity, plan
 
-__all__ = ["attention", "ragged_paged_attention", "Bounds", "Capacity", "Plan", "capacity", "plan"]
+__all__ = ["attention", "ragged_paged_attention", "Bounds", "Capacity", "Plan", "capacity", "plan",
+           "LLM", "SamplingParams"]
 __version__ = "0.1.0"
+
+_LAZY = {"LLM": "jaxattn.llm", "SamplingParams": "jaxattn.serve.sampling_params"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jaxattn' has no attribute {name!r}")

@@ -1,0 +1,447 @@
+"""OpenAI-compatible HTTP API over an :class:`AsyncEngine` (FastAPI + uvicorn).
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
+``stream`` over server-sent events), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus). Every error is OpenAI's JSON shape
+``{"error": {"message", "type", "param", "code"}}``: 400 for a request the
+engine cannot run (too long, bad parameters, malformed JSON), 404 for an
+unknown model, 503 when the engine is down, 500 for a bug.
+
+A client that disconnects — mid-stream or while waiting for a whole answer —
+aborts its request, which frees its KV pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jaxattn.serve.async_engine import AsyncEngine, EngineDeadError
+from jaxattn.serve.outputs import Delta, TokenLogprob
+from jaxattn.serve.protocol import ChatCompletionRequest, CompletionRequest
+from jaxattn.serve.sampling_params import SamplingParams
+
+log = logging.getLogger("jaxattn.serve")
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 503: "service_unavailable",
+                500: "internal_server_error"}
+_DISCONNECT_POLL_S = 0.25
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param=None, code=None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {
+        "message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error"),
+        "param": param, "code": code}})
+
+
+def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
+              owns_engine: bool = True) -> FastAPI:
+    """The app; with ``owns_engine`` its lifespan starts and stops the engine thread."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if owns_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if owns_engine:
+                await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+
+    app = FastAPI(title="jaxattn", version="0.1.0", lifespan=lifespan)
+    tokenizer = engine.engine.tokenizer
+    max_model_len = engine.engine.max_model_len
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error_response(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()))}: {er.get('msg')}"
+                        for er in errs[:5]) or "invalid request"
+        return error_response(400, msg, param=loc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request, e: EngineDeadError):
+        return error_response(503, str(e))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, e: Exception):
+        log.exception("unhandled error")
+        return error_response(500, f"internal error: {type(e).__name__}")
+
+    def check_model(name: str | None):
+        if name is not None and name != model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return error_response(503, f"the engine stopped: {engine.error!r}")
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": created, "owned_by": "jaxattn",
+            "root": model_name, "max_model_len": max_model_len}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        if metrics is None:
+            return Response("", media_type="text/plain")
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        check_model(req.model)
+        params = _params(req)
+        try:
+            given = req.prompts()
+        except ValueError as e:
+            raise APIError(400, str(e), "prompt") from None
+        prompts = []
+        for p in given:
+            ids = p if isinstance(p, list) else _encode(tokenizer, p)
+            prompts.append((p if isinstance(p, str) else None, ids))
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        # Every prompt is validated before anything streams (a 400 must come before a 200).
+        gens = await _start_all(engine, [(f"{rid}-{i}", ids) for i, (_, ids) in enumerate(prompts)],
+                                params)
+        n = params.n
+        if req.stream:
+            return _sse(_completion_chunks(rid, model_name, gens, n, req, tokenizer), gens)
+        results = await _collect_all(gens, request)
+        choices, usage = [], _usage()
+        for i, ((text, ids), deltas) in enumerate(zip(prompts, results)):
+            per = _merge(deltas, n)
+            for j in range(n):
+                out = per[j]
+                prefix = (text if text is not None else tokenizer.decode(ids)) if req.echo else ""
+                choices.append({"index": i * n + j, "text": prefix + out["text"],
+                                "logprobs": _completion_logprobs(out["logprobs"], tokenizer)
+                                if params.logprobs is not None else None,
+                                "finish_reason": out["finish_reason"]})
+                if req.return_token_ids:
+                    choices[-1]["token_ids"] = out["token_ids"]
+            _add_usage(usage, deltas, n)
+        return {"id": rid, "object": "text_completion", "created": int(time.time()),
+                "model": model_name, "choices": choices, "usage": usage}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        check_model(req.model)
+        params = _params(req)
+        try:
+            ids = tokenizer.encode_chat([m.as_template_input() for m in req.messages],
+                                        add_generation_prompt=req.add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        (gen,) = await _start_all(engine, [(rid, ids)], params)
+        if req.stream:
+            return _sse(_chat_chunks(rid, model_name, gen, params.n, req, tokenizer), [gen])
+        (deltas,) = await _collect_all([gen], request)
+        per = _merge(deltas, params.n)
+        choices = [{"index": j, "message": {"role": "assistant", "content": per[j]["text"]},
+                    "logprobs": _chat_logprobs(per[j]["logprobs"], tokenizer)
+                    if params.logprobs is not None else None,
+                    "finish_reason": per[j]["finish_reason"]} for j in range(params.n)]
+        usage = _usage()
+        _add_usage(usage, deltas, params.n)
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()),
+                "model": model_name, "choices": choices, "usage": usage}
+
+    return app
+
+
+# Requests -> engine --------------------------------------------------------------------------
+def _params(req) -> SamplingParams:
+    try:
+        return req.sampling_params()
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    try:
+        return tokenizer.encode(text)
+    except Exception as e:  # e.g. text the tokenizer rejects
+        raise APIError(400, f"cannot tokenize the prompt: {e}", "prompt") from None
+
+
+class _Generation:
+    """One engine request seen from a handler: its deltas, with the first one fetched early so
+    that a request the engine refuses becomes an HTTP 400 before any response starts, and a
+    synchronous ``close`` that aborts it if unfinished (safe in any ``finally``, even under
+    cancellation, since it never awaits)."""
+
+    def __init__(self, engine: AsyncEngine, rid: str, ids, params: SamplingParams):
+        self.engine, self.rid = engine, rid
+        self.it = engine.generate(rid, ids, params)
+        self.head: list[Delta] = []
+        self.open = params.n  # outputs not finished yet
+        self.exhausted = False
+
+    def _seen(self, d: Delta) -> Delta:
+        if d.finish_reason is not None:
+            self.open -= 1
+        return d
+
+    async def first(self) -> None:
+        try:
+            self.head = [self._seen(await self.it.__anext__())]
+        except StopAsyncIteration:
+            self.exhausted = True
+        except ValueError as e:
+            self.open = 0
+            raise APIError(400, str(e)) from None
+        except EngineDeadError as e:
+            self.open = 0
+            raise APIError(503, str(e)) from None
+
+    async def __aiter__(self):
+        for d in self.head:
+            yield d
+        if not self.exhausted:
+            async for d in self.it:
+                yield self._seen(d)
+
+    def close(self) -> None:
+        if self.open > 0:
+            self.open = 0
+            self.engine.abort(self.rid)
+
+
+async def _start_all(engine: AsyncEngine, items: list[tuple[str, list[int]]],
+                     params: SamplingParams) -> list[_Generation]:
+    gens = [_Generation(engine, rid, ids, params) for rid, ids in items]
+    try:
+        for g in gens:
+            await g.first()
+    except BaseException:
+        for g in gens:
+            g.close()
+        raise
+    return gens
+
+
+async def _collect_all(gens: list[_Generation], request: Request) -> list[list[Delta]]:
+    """All deltas of each generation; aborts them all if the client goes away first."""
+
+    async def collect(g):
+        return [d async for d in g]
+
+    task = asyncio.ensure_future(asyncio.gather(*(collect(g) for g in gens)))
+    task.add_done_callback(_retrieve)  # cancelled on disconnect: nobody awaits it then
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                raise APIError(400, "the client disconnected")
+        results = task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+        for g in gens:
+            g.close()
+    for deltas in results:
+        for d in deltas:
+            if d.error is not None:
+                raise APIError(500, f"generation failed: {d.error}")
+    return results
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _merge(deltas: list[Delta], n: int) -> list[dict]:
+    out = [{"text": "", "token_ids": [], "logprobs": [], "finish_reason": None} for _ in range(n)]
+    for d in deltas:
+        o = out[d.index]
+        o["text"] += d.text
+        o["token_ids"].extend(d.token_ids)
+        o["logprobs"].extend(d.logprobs or ())
+        if d.finish_reason is not None:
+            o["finish_reason"] = "stop" if d.finish_reason == "stop" else d.finish_reason
+    return out
+
+
+def _usage() -> dict:
+    return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+def _add_usage(usage: dict, deltas: list[Delta], n: int) -> None:
+    if not deltas:
+        return
+    completion = {}
+    for d in deltas:
+        completion[d.index] = d.num_output_tokens
+    prompt = deltas[0].num_prompt_tokens
+    usage["prompt_tokens"] += prompt
+    usage["completion_tokens"] += sum(completion.values())
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    cached = max(d.num_cached_tokens for d in deltas)
+    if cached:
+        usage.setdefault("prompt_tokens_details", {"cached_tokens": 0})
+        usage["prompt_tokens_details"]["cached_tokens"] += cached
+
+
+# Logprobs in OpenAI's two shapes ----------------------------------------------------------------
+def _tok(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _completion_logprobs(lps: list[TokenLogprob], tokenizer, offset: int = 0) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for t in lps:
+        s = _tok(tokenizer, t.token_id)
+        offsets.append(offset)
+        offset += len(s)
+        tokens.append(s)
+        token_lps.append(t.logprob)
+        tops.append({_tok(tokenizer, i): lp for i, lp in t.top} if t.top else None)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def _chat_logprobs(lps: list[TokenLogprob], tokenizer) -> dict:
+    def entry(token_id, lp):
+        s = _tok(tokenizer, token_id)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    return {"content": [dict(entry(t.token_id, t.logprob),
+                             top_logprobs=[entry(i, lp) for i, lp in t.top]) for t in lps]}
+
+
+# Streaming ------------------------------------------------------------------------------------
+def _sse(chunks: AsyncIterator[dict], gens: list[_Generation]) -> StreamingResponse:
+    async def body():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+            log.exception("stream failed")
+            yield f"data: {json.dumps(_error_chunk(f'{type(e).__name__}: {e}'))}\n\n"
+        else:
+            yield "data: [DONE]\n\n"
+        finally:  # also on disconnect (the response task is cancelled): abort what is left
+            for g in gens:
+                g.close()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _merged(gens: list[_Generation]) -> AsyncIterator[tuple[int, Delta]]:
+    """Deltas of several generations as they come: (generation index, delta)."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, g):
+        try:
+            async for d in g:
+                await q.put((i, d))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await q.put((i, e))
+        finally:
+            await q.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    live = len(gens)
+    try:
+        while live:
+            i, item = await q.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _error_chunk(message: str) -> dict:
+    return {"error": {"message": message, "type": "internal_server_error", "param": None,
+                      "code": None}}
+
+
+async def _completion_chunks(rid, model, gens, n, req: CompletionRequest, tokenizer):
+    created = int(time.time())
+    usage, all_deltas = _usage(), [[] for _ in gens]
+    offsets: dict[int, int] = {}
+    async for i, d in _merged(gens):
+        all_deltas[i].append(d)
+        if d.error is not None:
+            yield _error_chunk(f"generation failed: {d.error}")
+            return
+        if not (d.text or d.finish_reason or d.logprobs or (req.return_token_ids and d.token_ids)):
+            continue
+        index = i * n + d.index
+        lp = None
+        if req.logprobs is not None and d.logprobs:
+            lp = _completion_logprobs(list(d.logprobs), tokenizer, offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
+        choice = {"index": index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}
+        if req.return_token_ids:
+            choice["token_ids"] = list(d.token_ids)
+        yield {"id": rid, "object": "text_completion", "created": created, "model": model,
+               "choices": [choice]}
+    if req.stream_options and req.stream_options.include_usage:
+        for deltas in all_deltas:
+            _add_usage(usage, deltas, n)
+        yield {"id": rid, "object": "text_completion", "created": created, "model": model,
+               "choices": [], "usage": usage}
+
+
+async def _chat_chunks(rid, model, gen, n, req: ChatCompletionRequest, tokenizer):
+    created = int(time.time())
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    for j in range(n):
+        yield dict(base, choices=[{"index": j, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}])
+    deltas = []
+    async for _, d in _merged([gen]):
+        deltas.append(d)
+        if d.error is not None:
+            yield _error_chunk(f"generation failed: {d.error}")
+            return
+        if not d.text and d.finish_reason is None and not d.logprobs:
+            continue
+        lp = (_chat_logprobs(list(d.logprobs), tokenizer)
+              if req.logprobs and d.logprobs else None)
+        delta = {"content": d.text} if d.text else {}
+        yield dict(base, choices=[{"index": d.index, "delta": delta, "logprobs": lp,
+                                   "finish_reason": d.finish_reason}])
+    if req.stream_options and req.stream_options.include_usage:
+        usage = _usage()
+        _add_usage(usage, deltas, n)
+        yield dict(base, choices=[], usage=usage)

@@ -1,0 +1,384 @@
+"""The engine loop: admit -> schedule -> build_step -> model step -> sample -> detokenize.
+
+:class:`LLMEngine` is synchronous and single-threaded: whoever owns it calls
+``add_request`` / ``abort`` / ``step``. The offline API drives it directly; the
+server drives it from one engine thread (:mod:`jaxattn.serve.async_engine`).
+
+Static shapes: a step's token count is rounded up to a fixed ladder of
+buckets and its sequences padded to ``max_num_seqs``, so the model step
+compiles once per bucket and the sampler once, all during :meth:`warmup`.
+Compiles are counted (JAX's backend-compile events on the threads that run
+the engine); after warm-up the count must not move.
+
+Every way a sequence ends (stop, length, abort, error) goes through
+``Scheduler.finish``, which frees its pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import random
+import sys
+import threading
+import time
+from typing import Sequence as Seq
+
+import jax
+import numpy as np
+
+from jaxattn.batch import SeqStep, build_step
+from jaxattn.serve import sampling
+from jaxattn.serve.block_manager import BlockManager
+from jaxattn.serve.model_runner import EngineShape, Llama4Runner, ModelRunner
+from jaxattn.serve.outputs import Delta, TokenLogprob
+from jaxattn.serve.sampling_params import SamplingParams
+from jaxattn.serve.scheduler import Scheduler
+from jaxattn.serve.sequence import Sequence
+from jaxattn.serve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("jaxattn.serve")
+
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """Counts the XLA backend compiles that happen while an engine works (a jax.monitoring
+    listener, installed once, crediting the engine running on the compiling thread)."""
+
+    _local = threading.local()
+    _lock = threading.Lock()
+    _installed = False
+
+    def __init__(self):
+        self.count = 0
+        self._install()
+
+    @classmethod
+    def _install(cls) -> None:
+        with cls._lock:
+            if not cls._installed:
+                jax.monitoring.register_event_duration_secs_listener(cls._on_event)
+                cls._installed = True
+
+    @classmethod
+    def _on_event(cls, event: str, duration: float, **_) -> None:
+        counter = getattr(cls._local, "active", None)
+        if event == _BACKEND_COMPILE and counter is not None:
+            counter.count += 1
+
+    @contextlib.contextmanager
+    def active(self):
+        """Credit compiles on this thread to this counter while inside."""
+        prev = getattr(self._local, "active", None)
+        self._local.active = self
+        try:
+            yield
+        finally:
+            self._local.active = prev
+
+
+def bucket_ladder(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
+    """Token-count buckets: powers of two from ``smallest`` up to, and ending at, ``max_tokens``."""
+    out, b = [], min(smallest, max_tokens)
+    while b < max_tokens:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_tokens,)
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, *,
+                 enable_prefix_caching: bool = True, buckets: Seq[int] | None = None,
+                 seed: int = 0, metrics=None, num_pages: int | None = None):
+        """``num_pages``: use only the first pages of the runner's pool (default: all)."""
+        b = runner.bounds
+        self.runner, self.tokenizer, self.bounds = runner, tokenizer, b
+        self.max_model_len = b.max_model_len
+        num_pages = runner.num_pages if num_pages is None else num_pages
+        if not b.pages_per_seq <= num_pages <= runner.num_pages:
+            raise ValueError(f"num_pages={num_pages} must hold one max_model_len sequence "
+                             f"({b.pages_per_seq} pages) and fit the pool ({runner.num_pages})")
+        self.bm = BlockManager(num_pages, b.page_size, enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(self.bm, max_num_seqs=b.max_num_seqs,
+                                   max_num_batched_tokens=b.max_num_batched_tokens)
+        self.buckets = tuple(sorted(buckets or bucket_ladder(b.max_num_batched_tokens)))
+        if self.buckets[-1] != b.max_num_batched_tokens:
+            raise ValueError(f"the largest bucket must be max_num_batched_tokens="
+                             f"{b.max_num_batched_tokens}, got {self.buckets}")
+        self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
+        self.metrics = None
+        if metrics is not None:
+            self.attach_metrics(metrics)
+        self._requests: dict[str, list[Sequence]] = {}
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(seed)
+        self._compiles = CompileCounter()
+        self._aux: dict[int, _SeqOut] = {}
+        self.num_steps = 0
+        self.warmed_up = False
+        self.model_dir: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | None, shape: EngineShape | None = None, *,
+                        dtype=None, impl: str = "auto", **kw) -> "LLMEngine":
+        """Tokenizer + Llama 4 runner from a Hugging Face directory (None: the embedded tiny
+        random-weight model, announced on stderr)."""
+        from jaxattn.serve import default_model
+
+        if model_dir is None:
+            print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
+            model_dir = default_model.default_model_dir()
+        if dtype is None:  # bf16 where it is fast; f32 on the CPU
+            dtype = "bfloat16" if jax.devices()[0].platform == "gpu" else "float32"
+        tokenizer = Tokenizer(model_dir)
+        runner = Llama4Runner.from_pretrained(model_dir, shape or EngineShape(), dtype=dtype,
+                                              impl=impl)
+        engine = cls(runner, tokenizer, **kw)
+        engine.model_dir = model_dir
+        return engine
+
+    def attach_metrics(self, metrics) -> None:
+        """Report to ``metrics`` (an :class:`~jaxattn.serve.metrics.EngineMetrics`)."""
+        metrics.bind(self)
+        self.metrics = metrics
+
+    # Requests ------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+        """ValueError if the request can never run (pure: safe from any thread)."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.runner.vocab_size
+        if any(not 0 <= int(t) < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        want = n + (params.max_tokens or 1)
+        if want > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {want} tokens ({n} in the prompt, {params.max_tokens or 1} in the "
+                "completion). Please reduce the length of the prompt or max_tokens.")
+        if params.n > self.bounds.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.bounds.max_num_seqs}")
+
+    def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+                    *, arrival_time: float | None = None) -> None:
+        self.validate(prompt_token_ids, params)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        prompt = [int(t) for t in prompt_token_ids]
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids)
+        max_tokens = params.max_tokens or self.max_model_len - len(prompt)
+        now = time.monotonic() if arrival_time is None else arrival_time
+        seqs = [Sequence(next(self._seq_ids), request_id, i, prompt, params, seed, stop_ids,
+                         max_tokens, arrival_time=now) for i in range(params.n)]
+        self._requests[request_id] = seqs
+        for seq in seqs:
+            self._aux[seq.seq_id] = _SeqOut(self.tokenizer, seq)
+            self.scheduler.add(seq)
+        if self.metrics:
+            self.metrics.on_request(len(prompt))
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its pages; False if it is unknown (or already done)."""
+        seqs = self._requests.pop(request_id, None)
+        if seqs is None:
+            return False
+        for seq in seqs:
+            self._finish(seq, "abort")
+        if self.metrics:
+            self.metrics.on_request_done(seqs)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def compile_count(self) -> int:
+        """XLA compiles this engine's warm-up and steps caused (constant after warm-up)."""
+        return self._compiles.count
+
+    # The loop ------------------------------------------------------------------------
+    def bucket_for(self, num_tokens: int) -> int:
+        for b in self.buckets:
+            if b >= num_tokens:
+                return b
+        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile the model step for every bucket and the sampler, before any request."""
+        with self._compiles.active():
+            self._warmup(progress)
+
+    def _warmup(self, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        t0, c0 = time.perf_counter(), self.compile_count
+        s = self.bounds.max_num_seqs
+        rows = [(1.0, 5, 0.9, 0, 0, 0)]  # one row that takes the sort path too
+        for bucket in tqdm(self.buckets, desc="compiling token buckets", unit="bucket",
+                           disable=not progress):
+            # One token in page 0: the pool is empty now and every page is fully rewritten
+            # before a sequence reads it, so the warm-up's writes are harmless.
+            batch = build_step(self.bounds, bucket, [SeqStep([0], 0, [0])],
+                               num_pages=self.runner.num_pages)
+            logits = self.runner.step(batch)
+            out = sampling.sample(logits, sampling.SamplingBatch.build(rows, s), np.bool_(True))
+            jax.block_until_ready(out)
+        self.warmed_up = True
+        log.info("warm-up: %d buckets %s, %d compiles, %.1f s", len(self.buckets), self.buckets,
+                 self.compile_count - c0, time.perf_counter() - t0)
+
+    def step(self) -> list[Delta]:
+        """One engine step; returns what each touched sequence gained."""
+        with self._compiles.active():
+            return self._step()
+
+    def _step(self) -> list[Delta]:
+        out = self.scheduler.schedule()
+        deltas: list[Delta] = []
+        if self.metrics and out.preempted:
+            self.metrics.on_preempt(len(out.preempted))
+        if not out.scheduled:
+            self._report(0, 0)
+            return deltas
+        t0 = time.perf_counter()
+        try:
+            steps = [SeqStep(s.seq.tokens[s.seq.num_computed:s.seq.num_computed + s.num_new],
+                             s.seq.num_computed, self.bm.pages(s.seq.seq_id))
+                     for s in out.scheduled]
+            batch = build_step(self.bounds, self.bucket_for(out.num_tokens), steps,
+                               num_pages=self.runner.num_pages)
+            logits = self.runner.step(batch)
+            rows = [self._sampling_row(s.seq) if s.samples else (0.0, 0, 1.0, 0, 0, 0)
+                    for s in out.scheduled]
+            want_lp = any(s.samples and s.seq.params.logprobs for s in out.scheduled)
+            sampled = sampling.sample(logits, sampling.SamplingBatch.build(
+                rows, self.bounds.max_num_seqs), np.bool_(want_lp))
+            tokens, lps = jax.device_get((sampled.token_ids, sampled.logprobs))
+            top = jax.device_get((sampled.top_ids, sampled.top_logprobs)) if want_lp else None
+        except Exception as e:  # the whole step failed: its sequences fail, the engine goes on
+            log.exception("engine step failed")
+            for s in out.scheduled:
+                deltas.append(self._fail(s.seq, f"engine step failed: {type(e).__name__}: {e}"))
+            return deltas
+        self.num_steps += 1
+        generated = 0
+        for i, s in enumerate(out.scheduled):
+            seq = s.seq
+            try:
+                seq.num_computed += s.num_new
+                self.bm.commit(seq.seq_id, seq.tokens, seq.num_computed)
+                if s.samples:
+                    lp = None
+                    if seq.params.logprobs is not None:
+                        k = seq.params.logprobs
+                        pairs = tuple((int(a), float(b)) for a, b in
+                                      zip(top[0][i][:k], top[1][i][:k])) if k else ()
+                        lp = TokenLogprob(int(tokens[i]), float(lps[i]), pairs)
+                    deltas.append(self._append(seq, int(tokens[i]), lp))
+                    generated += 1
+            except Exception as e:  # one sequence's bookkeeping failed: only it fails
+                log.exception("request %s failed", seq.request_id)
+                deltas.append(self._fail(seq, f"{type(e).__name__}: {e}"))
+        self._report(out.num_tokens, generated, time.perf_counter() - t0)
+        return deltas
+
+    # Per-sequence bookkeeping ---------------------------------------------------------
+    @staticmethod
+    def _sampling_row(seq: Sequence):
+        p = seq.params
+        return (p.temperature, p.top_k, p.top_p, seq.seed, seq.index, seq.num_output_tokens)
+
+    def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> Delta:
+        now = time.monotonic()
+        if self.metrics:
+            if seq.first_token_time is None:
+                self.metrics.on_first_token(now - seq.arrival_time)
+            else:
+                self.metrics.on_token(now - seq.last_token_time)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        seq.tokens.append(token)
+        aux = self._aux[seq.seq_id]
+        reason = None
+        if token in seq.stop_ids:
+            reason = "stop"
+        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        text, stopped = aux.add(token, final=reason is not None, is_stop_id=reason == "stop")
+        if stopped:
+            reason = "stop"
+        if reason is not None:
+            self._finish(seq, reason)
+        return self._delta(seq, text, (token,), (lp,) if lp is not None else None)
+
+    def _delta(self, seq: Sequence, text: str, token_ids, logprobs, error=None) -> Delta:
+        return Delta(seq.request_id, seq.index, text, tuple(token_ids), logprobs,
+                     seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens,
+                     seq.num_cached_tokens, error)
+
+    def _fail(self, seq: Sequence, message: str) -> Delta:
+        seq.error = message
+        self._finish(seq, "error")
+        return self._delta(seq, "", (), None, error=message)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        seqs = self._requests.get(seq.request_id)
+        if seqs is not None and all(s.finished for s in seqs):
+            del self._requests[seq.request_id]
+            for s in seqs:
+                self._aux.pop(s.seq_id, None)
+            if self.metrics:
+                self.metrics.on_request_done(seqs)
+        elif seqs is None:
+            self._aux.pop(seq.seq_id, None)
+
+    def _report(self, num_tokens: int, generated: int, seconds: float = 0.0) -> None:
+        if self.metrics:
+            self.metrics.on_step(self, num_tokens, generated, seconds)
+
+
+class _SeqOut:
+    """A sequence's text side: incremental detokenizer, stop strings, what was streamed."""
+
+    def __init__(self, tokenizer: Tokenizer | None, seq: Sequence):
+        p = seq.params
+        self.detok = (IncrementalDetokenizer(tokenizer, seq.prompt_token_ids,
+                                             skip_special_tokens=p.skip_special_tokens)
+                      if tokenizer is not None else None)
+        self.stops = p.stop
+        # Text that could be the start of a stop string is held back until it cannot be.
+        self.hold = max(map(len, p.stop), default=1) - 1
+        self.text = ""
+        self.sent = 0
+
+    def add(self, token: int, *, final: bool, is_stop_id: bool) -> tuple[str, bool]:
+        """Returns (text to emit now, whether a stop string ended the text)."""
+        if self.detok is None:
+            return "", False
+        # A stop token's own text is not part of the output.
+        new = self.detok.add([] if is_stop_id else [token], final=final)
+        start = max(0, len(self.text) - self.hold)
+        self.text += new
+        stopped = False
+        if self.stops and new:
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.text, stopped = self.text[:min(hits)], True
+        end = len(self.text) if (final or stopped) else max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent:end], end
+        return out, stopped

@@ -1,0 +1,110 @@
+"""The device side of the engine: a model's jitted step over the paged KV cache it owns.
+
+The engine talks to a model only through :class:`ModelRunner`: the static
+bounds, the size of the page pool, the vocabulary size, and ``step(batch)``
+returning the logits of each sequence's last new token. :class:`Llama4Runner`
+wraps ``jaxattn.models.llama4``; a test may pass any other runner with the
+same surface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Protocol
+
+import jax
+
+from jaxattn import cache as kv_cache_lib
+from jaxattn.batch import StepBatch
+from jaxattn.scheduler import Bounds
+
+log = logging.getLogger("jaxattn.serve")
+
+
+class ModelRunner(Protocol):
+    bounds: Bounds  # static limits; every step is padded to them
+    num_pages: int  # pages in the KV pool the runner owns
+    vocab_size: int
+
+    def step(self, batch: StepBatch) -> jax.Array:
+        """Run one step; return logits [bounds.max_num_seqs, vocab] f32 (device), rows past
+        ``batch.num_seqs`` meaningless. Updates the runner's KV cache in place."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineShape:
+    """The user-facing size knobs (what ``python -m jaxattn.serve`` takes)."""
+
+    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    page_size: int = 16
+    kv_cache_memory: str | float | int | None = None  # None: 0.8 of free device memory (GPU)
+
+    def resolve_len(self, model_max: int) -> int:
+        return self.max_model_len or min(model_max, 8192)
+
+
+class Llama4Runner:
+    """A Llama 4 checkpoint (or an initialised model) with its page pool and jitted step."""
+
+    def __init__(self, model, shape: EngineShape, *, impl: str = "auto", cache_dtype=None,
+                 num_pages: int | None = None):
+        """``num_pages`` overrides the pool size that ``shape.kv_cache_memory`` would buy."""
+        from jaxattn.models import llama4
+
+        config = model.config
+        max_model_len = shape.resolve_len(config.max_position_embeddings)
+        self.bounds = llama4.bounds_for(
+            config, max_num_seqs=shape.max_num_seqs,
+            max_num_batched_tokens=shape.max_num_batched_tokens, max_model_len=max_model_len,
+            page_size=shape.page_size)
+        dtype = cache_dtype or model.dtype
+        one_page = llama4.cache_spec(config, num_pages=1, page_size=shape.page_size, dtype=dtype)
+        self.num_pages = num_pages or num_pages_for(shape.kv_cache_memory, one_page, self.bounds)
+        self.spec = dataclasses.replace(one_page, num_pages=self.num_pages)
+        self.vocab_size = config.vocab_size
+        self.model = model
+        self._step = llama4.make_step_fn(model, self.bounds, impl=impl)
+        self._kv = kv_cache_lib.allocate(self.spec)
+        log.info("KV cache: %d pages of %d tokens (%.1f MiB, %s)", self.num_pages, shape.page_size,
+                 self.spec.total_bytes / 2**20, self.spec.dtype)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, shape: EngineShape, *, dtype=None, impl="auto"):
+        from jaxattn.models import llama4
+
+        return cls(llama4.load(model_dir, dtype=dtype), shape, impl=impl)
+
+    def step(self, batch: StepBatch) -> jax.Array:
+        logits, self._kv = self._step(self._kv, batch)
+        return logits
+
+
+def num_pages_for(budget, one_page: kv_cache_lib.CacheSpec, bounds: Bounds) -> int:
+    """Pages a KV budget buys; a clear error when it cannot hold one full-length sequence."""
+    free = kv_cache_lib.free_device_memory()
+    if budget is None:
+        # On the GPU: most of what the weights left free. On the CPU (free memory unknown):
+        # room for every admitted sequence at full length, capped at 256 MiB (but never less
+        # than one sequence needs).
+        full = bounds.max_num_seqs * bounds.pages_per_seq * one_page.bytes_per_page
+        one = bounds.pages_per_seq * one_page.bytes_per_page
+        budget = 0.8 if free is not None else max(min(full, 256 * 2**20), one)
+    try:
+        nbytes = kv_cache_lib.parse_budget(budget, free)
+    except ValueError as e:
+        raise ValueError(f"--kv-cache-memory: {e}") from None
+    if free is not None and nbytes > free:
+        raise ValueError(f"the KV cache budget ({nbytes / 2**20:.1f} MiB) exceeds the free device "
+                         f"memory ({free / 2**20:.1f} MiB); lower --kv-cache-memory")
+    pages = kv_cache_lib.pages_for_budget(nbytes, one_page)
+    if pages < bounds.pages_per_seq:
+        raise ValueError(
+            f"the KV cache budget ({nbytes / 2**20:.1f} MiB) holds {pages} pages of "
+            f"{bounds.page_size} tokens, fewer than one sequence of max_model_len="
+            f"{bounds.max_model_len} needs ({bounds.pages_per_seq}); raise --kv-cache-memory or "
+            "lower --max-model-len")
+    return pages

@@ -1,0 +1,62 @@
+"""What the engine hands back: per-step deltas (streaming) and whole results (vLLM-shaped)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """What one sequence gained in one engine step."""
+
+    request_id: str
+    index: int  # which of the request's n outputs
+    text: str  # new text (complete characters; stop strings never leak out)
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return None if self.logprobs is None else sum(t.logprob for t in self.logprobs)
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    num_cached_tokens: int = 0
+
+    def add(self, d: Delta) -> None:
+        out = self.outputs[d.index]
+        out.text += d.text
+        out.token_ids.extend(d.token_ids)
+        if d.logprobs is not None:
+            out.logprobs = (out.logprobs or []) + list(d.logprobs)
+        if d.finish_reason is not None:
+            out.finish_reason = d.finish_reason
+        self.num_cached_tokens = max(self.num_cached_tokens, d.num_cached_tokens)
+        self.finished = all(o.finish_reason is not None for o in self.outputs)

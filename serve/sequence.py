@@ -1,0 +1,66 @@
+"""One generated sequence's state on the host (a request with ``n > 1`` has ``n`` of them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from jaxattn.serve.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # not admitted, or preempted (its KV was dropped: recompute)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n outputs
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # the request's seed (drawn at admission when not given)
+    stop_ids: frozenset[int]  # token ids that end the sequence (EOS unless ignored, stop_token_ids)
+    max_tokens: int  # resolved: never past max_model_len
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    tokens: list[int] = dataclasses.field(default_factory=list)  # prompt + output
+    num_computed: int = 0  # leading tokens whose KV is in the cache
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+    def __post_init__(self):
+        if not self.tokens:
+            self.tokens = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.tokens[len(self.prompt_token_ids):]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.tokens) - len(self.prompt_token_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens known but not yet in the cache (1 while decoding)."""
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,32 @@
+"""Shared fixtures of the serving tests: the embedded tiny Llama 4 (random weights, f32,
+reference attention), its tokenizer, and runners of any size over it."""
+
+import pytest
+
+from jaxattn.models import llama4
+from jaxattn.serve import default_model
+from jaxattn.serve.model_runner import EngineShape, Llama4Runner
+from jaxattn.serve.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    return default_model.default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    return Tokenizer(model_dir)
+
+
+@pytest.fixture(scope="session")
+def make_runner(model_dir):
+    """make_runner(max_num_seqs=, max_num_batched_tokens=, max_model_len=, num_pages=)."""
+    model = llama4.load(model_dir)
+
+    def make(*, max_num_seqs, max_num_batched_tokens, max_model_len, num_pages, page_size=16):
+        shape = EngineShape(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_num_batched_tokens, page_size=page_size)
+        return Llama4Runner(model, shape, num_pages=num_pages, impl="reference")
+
+    return make

@@ -1,0 +1,111 @@
+"""Block manager: pages are never leaked, double-owned, or shared before their KV is written.
+
+A hypothesis state machine drives allocate / compute (grow + write + commit) /
+free with a 3-token alphabet, so prompts share prefixes all the time. A shadow
+copy of every page's contents (what the model would have written there) checks
+that a shared page holds exactly the tokens of the prompt that takes it, and
+that nothing ever writes into a page another sequence holds.
+"""
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from jaxattn.serve.block_manager import BlockManager, OutOfPages
+
+PS, NUM_PAGES = 4, 12
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.bm = BlockManager(NUM_PAGES, PS)
+        self.seqs = {}  # seq_id -> {"tokens", "computed"}
+        self.content = {}  # page -> list of the PS tokens last written into it
+        self.next_id = 0
+
+    @rule(prompt=st.lists(st.integers(0, 2), min_size=1, max_size=24))
+    def allocate(self, prompt):
+        sid, self.next_id = self.next_id, self.next_id + 1
+        cached = self.bm.allocate(sid, prompt)
+        assert cached % PS == 0 and 0 <= cached <= len(prompt) - 1
+        table = self.bm.pages(sid)
+        assert len(table) * PS == cached
+        for i, page in enumerate(table):  # a shared page holds exactly these prompt tokens
+            assert self.content[page] == list(prompt[i * PS:(i + 1) * PS])
+        self.seqs[sid] = {"tokens": list(prompt), "computed": cached}
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def compute(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        s = self.seqs[sid]
+        s["tokens"] += data.draw(st.lists(st.integers(0, 2), max_size=5))  # sampled tokens
+        pending = len(s["tokens"]) - s["computed"]
+        if pending == 0:
+            return
+        target = s["computed"] + data.draw(st.integers(1, pending))
+        if not self.bm.can_grow(sid, target):
+            used = self.bm.num_used_pages
+            with pytest.raises(OutOfPages):
+                self.bm.grow(sid, target)
+            assert self.bm.num_used_pages == used  # a refusal changes nothing
+            return
+        self.bm.grow(sid, target)
+        table = self.bm.pages(sid)
+        for pos in range(s["computed"], target):
+            page = table[pos // PS]
+            assert self.bm._ref[page] == 1, "a write into a page another sequence holds"
+            self.content.setdefault(page, [None] * PS)[pos % PS] = s["tokens"][pos]
+        s["computed"] = target
+        self.bm.commit(sid, s["tokens"], target)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def free(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        self.bm.free(sid)
+        self.bm.free(sid)  # a second free (every abort path may call it) is a no-op
+        del self.seqs[sid]
+
+    @invariant()
+    def pages_accounted_for(self):
+        self.bm.check()
+        owned = {p for sid in self.seqs for p in self.bm.pages(sid)}
+        assert len(owned) + self.bm.num_free_pages == NUM_PAGES
+        for sid, s in self.seqs.items():
+            assert len(self.bm.pages(sid)) * PS >= s["computed"]
+
+
+TestBlockManager = BlockManagerMachine.TestCase
+
+
+def test_prefix_pages_shared_after_commit_only():
+    bm = BlockManager(8, 4)
+    prompt = list(range(10))
+    assert bm.allocate(0, prompt) == 0
+    bm.grow(0, 10)
+    assert bm.allocate(1, prompt) == 0  # nothing computed yet: nothing to share
+    bm.free(1)
+    bm.commit(0, prompt, 10)
+    assert bm.allocate(2, prompt) == 8  # two full pages; the last token is left to compute
+    assert bm.pages(2) == bm.pages(0)[:2]
+    bm.free(0)
+    bm.free(2)
+    assert bm.num_used_pages == 0
+    assert bm.allocate(3, prompt + [99]) == 8  # freed pages stay findable until reused
+    bm.check()
+
+
+def test_out_of_pages_is_a_signal_not_a_crash():
+    bm = BlockManager(3, 4)
+    bm.allocate(0, [1] * 12)
+    assert bm.can_grow(0, 12) and not bm.can_grow(0, 13)
+    with pytest.raises(OutOfPages):
+        bm.grow(0, 13)
+    assert bm.num_free_pages == 3 and bm.pages(0) == []
+    bm.grow(0, 12)
+    assert bm.num_free_pages == 0
+    bm.free(0)
+    assert bm.num_free_pages == 3
+    bm.check()

@@ -1,0 +1,173 @@
+"""The engine loop: continuous batching, chunked prefill, preemption, prefix sharing, stops,
+aborts and the compile count — outputs must not depend on what else runs."""
+
+import numpy as np
+import pytest
+
+from jaxattn.llm import LLM
+from jaxattn.serve.engine import LLMEngine, bucket_ladder
+from jaxattn.serve.sampling_params import SamplingParams
+
+MAX_LEN, PAGE = 256, 16
+
+
+@pytest.fixture(scope="module")
+def runner(make_runner):
+    return make_runner(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=MAX_LEN,
+                       num_pages=128, page_size=PAGE)
+
+
+def _engine(runner, tokenizer, **kw):
+    e = LLMEngine(runner, tokenizer, buckets=(16, 64), **kw)
+    e.warmup(progress=False)
+    return e
+
+
+def _prompts(n, seed=0, lo=3, hi=150):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(6, 1000, int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+def _gen(engine, prompts, params):
+    outs = LLM(engine=engine).generate([{"prompt_token_ids": p} for p in prompts], params,
+                                       use_tqdm=False)
+    assert engine.bm.num_used_pages == 0
+    engine.bm.check()
+    return [[o.token_ids for o in r.outputs] for r in outs]
+
+
+def _params(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        if i % 2:
+            out.append(SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 40))))
+        else:
+            out.append(SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=i,
+                                      max_tokens=int(rng.integers(1, 40)), n=1 + (i % 3 == 0)))
+    return out
+
+
+def test_bucket_ladder():
+    assert bucket_ladder(2048) == (16, 32, 64, 128, 256, 512, 1024, 2048)
+    assert bucket_ladder(100) == (16, 32, 64, 100)
+    assert bucket_ladder(8) == (8,)
+
+
+def test_batched_equals_alone(runner, tokenizer):
+    """Mixed lengths (prompts up to 150 tokens: chunked prefill under a 64-token budget),
+    greedy and seeded sampling, n=2: each output equals the request run alone."""
+    engine = _engine(runner, tokenizer)
+    prompts, params = _prompts(12), _params(12)
+    together = _gen(engine, prompts, params)
+    alone = [_gen(engine, [p], [sp])[0] for p, sp in zip(prompts, params)]
+    assert together == alone
+    assert all(len(o) == sp.max_tokens for outs, sp in zip(together, params) for o in outs)
+
+
+def test_preemption_recomputes_identically(runner, tokenizer):
+    """A pool of one max-length sequence (16 pages) for 6 requests of ~7 pages each: sequences
+    are preempted, recomputed, and still produce exactly their unpreempted outputs."""
+    ref = _engine(runner, tokenizer)
+    small = _engine(runner, tokenizer, num_pages=MAX_LEN // PAGE)
+    prompts = _prompts(6, seed=1, lo=30, hi=60)
+    params = [SamplingParams(temperature=0 if i % 2 else 1.0, seed=i, max_tokens=60)
+              for i in range(6)]
+    got = _gen(small, prompts, params)
+    assert small.scheduler.num_preemptions > 0
+    assert got == [_gen(ref, [p], [sp])[0] for p, sp in zip(prompts, params)]
+
+
+def test_prefix_sharing_reuses_pages_without_changing_outputs(runner, tokenizer):
+    shared = _engine(runner, tokenizer)
+    plain = _engine(runner, tokenizer, enable_prefix_caching=False)
+    base = _prompts(1, seed=2, lo=40, hi=41)[0]
+    prompts = [base + [7, 8, 9], base + [10], base[:20]]
+    sp = SamplingParams(temperature=0, max_tokens=8)
+    first = LLM(engine=shared).generate({"prompt_token_ids": base}, sp, use_tqdm=False)
+    assert first[0].num_cached_tokens == 0
+    outs = LLM(engine=shared).generate([{"prompt_token_ids": p} for p in prompts], sp,
+                                       use_tqdm=False)
+    assert [o.num_cached_tokens for o in outs] == [32, 32, 16]
+    assert [o.outputs[0].token_ids for o in outs] == [x[0] for x in _gen(plain, prompts, [sp] * 3)]
+
+
+def test_stop_strings_and_stop_token_ids(runner, tokenizer):
+    engine = _engine(runner, tokenizer)
+    llm = LLM(engine=engine)
+    prompt = {"prompt_token_ids": _prompts(1, seed=3, lo=20, hi=21)[0]}
+    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0]
+    text, ids = full.outputs[0].text, full.outputs[0].token_ids
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert len(stop) == 3
+    cut = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
+    # Streaming deltas never show any part of the stop string.
+    engine.add_request("s", prompt["prompt_token_ids"],
+                       SamplingParams(temperature=0, max_tokens=30, stop=[stop]))
+    streamed = ""
+    while engine.has_unfinished():
+        streamed += "".join(d.text for d in engine.step())
+    assert streamed == cut.text
+    by_id = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30,
+                                                stop_token_ids=[ids[5]]), use_tqdm=False)[0]
+    out = by_id.outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids == ids[:ids.index(ids[5]) + 1]
+
+
+def test_abort_and_refusals_free_everything(runner, tokenizer):
+    engine = _engine(runner, tokenizer)
+    for i, p in enumerate(_prompts(5, seed=4)):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=50, n=2))
+    for _ in range(3):
+        engine.step()
+    assert engine.bm.num_used_pages > 0
+    assert engine.abort("r0") and not engine.abort("r0") and not engine.abort("nope")
+    for i in range(1, 5):
+        engine.abort(f"r{i}")
+    assert not engine.has_unfinished() and engine.bm.num_used_pages == 0
+    engine.bm.check()
+    for prompt, sp in (([], SamplingParams()), ([1] * MAX_LEN, SamplingParams(max_tokens=1)),
+                       ([1] * 10, SamplingParams(max_tokens=MAX_LEN)), ([10**6], SamplingParams()),
+                       ([1], SamplingParams(n=9))):
+        with pytest.raises(ValueError):
+            engine.add_request("bad", prompt, sp)
+    assert not engine.has_unfinished()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(runner, tokenizer):
+    engine = _engine(runner, tokenizer)
+    real_step, calls = runner.step, []
+
+    def flaky(batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real_step(batch)
+
+    engine.runner = type("Flaky", (), {"step": staticmethod(flaky), "bounds": runner.bounds,
+                                       "num_pages": runner.num_pages,
+                                       "vocab_size": runner.vocab_size})()
+    engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=5))
+    deltas = engine.step() + engine.step()
+    assert [d.finish_reason for d in deltas if d.request_id == "a"][-1] == "error"
+    assert "injected" in deltas[-1].error and engine.bm.num_used_pages == 0
+    engine.add_request("b", [5, 6, 7], SamplingParams(max_tokens=5))
+    while engine.has_unfinished():
+        deltas = engine.step()
+    assert deltas[-1].finish_reason == "length"
+
+
+def test_no_compiles_after_warmup(runner, tokenizer):
+    engine = _engine(runner, tokenizer)
+    warm = engine.compile_count
+    llm = LLM(engine=engine)
+    for seed in range(3):
+        prompts = _prompts(6, seed=10 + seed, lo=1, hi=200)
+        params = [SamplingParams(temperature=t, top_k=k, top_p=p, logprobs=lp, n=n, max_tokens=m,
+                                 seed=seed) for t, k, p, lp, n, m in
+                  [(0, 0, 1, None, 1, 3), (1, 5, 1, 2, 2, 20), (0.5, 0, 0.8, 0, 1, 40),
+                   (2, 0, 1, None, 3, 1), (0, 0, 1, 5, 1, 50), (1, 1, 0.1, None, 1, 7)]]
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert engine.compile_count == warm

@@ -1,0 +1,85 @@
+"""The device sampler: greedy, temperature, top-k, top-p, seeds, logprobs — one compiled shape."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxattn.serve.sampling import SamplingBatch, sample
+from jaxattn.serve.sampling_params import SamplingParams
+
+S, V = 8, 64
+
+
+def _logits(seed=0):
+    return np.random.default_rng(seed).standard_normal((S, V)).astype(np.float32) * 2
+
+
+def _draw(logits, rows, lp=False):
+    out = sample(logits, SamplingBatch.build(rows, S), np.bool_(lp))
+    return jax.device_get(out)
+
+
+def test_greedy_rows_take_the_argmax_padding_included():
+    logits = _logits()
+    out = _draw(logits, [(0.0, 0, 1.0, 0, 0, 0)] * 3)
+    np.testing.assert_array_equal(out.token_ids, logits.argmax(-1))
+
+
+def test_a_rows_draw_depends_on_its_own_key_only():
+    logits = np.tile(_logits(1)[:1], (S, 1))
+    row = (1.0, 0, 1.0, 1234, 0, 7)
+    alone = _draw(logits, [row]).token_ids[0]
+    mixed = _draw(logits, [(0.7, 3, 0.5, 9, 1, 2), (0.0, 0, 1.0, 0, 0, 0), row]).token_ids[2]
+    assert alone == mixed
+    # Other positions / output indices / seeds draw independently.
+    draws = {_draw(logits, [(1.0, 0, 1.0, 1234, 0, p)]).token_ids[0] for p in range(20)}
+    assert len(draws) > 3
+
+
+def test_temperature_sampling_follows_the_softmax():
+    logits = np.tile(np.linspace(0, 3, V, dtype=np.float32)[None], (S, 1))
+    rows = lambda pos: [(1.0, 0, 1.0, 5, 0, pos * S + i) for i in range(S)]
+    toks = np.concatenate([_draw(logits, rows(p)).token_ids for p in range(50)])
+    probs = np.exp(logits[0] - logits[0].max())
+    probs /= probs.sum()
+    top = probs.argsort()[-5:]
+    freq = np.bincount(toks, minlength=V)[top] / len(toks)
+    np.testing.assert_allclose(freq, probs[top], atol=0.05)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_k_keeps_the_k_most_likely(k):
+    logits = _logits(2)
+    allowed = np.argsort(-logits, -1)[:, :k]
+    for pos in range(10):
+        toks = _draw(logits, [(2.0, k, 1.0, 11, 0, pos)] * S).token_ids
+        for i in range(S):
+            assert toks[i] in allowed[i]
+
+
+def test_top_p_keeps_the_nucleus():
+    p = np.array([0.5, 0.3, 0.15] + [0.05 / (V - 3)] * (V - 3))
+    logits = np.tile(np.log(p).astype(np.float32)[None], (S, 1))
+    seen = set()
+    for pos in range(20):
+        seen |= set(_draw(logits, [(1.0, 0, 0.7, 3, 0, pos * S + i) for i in range(S)])
+                    .token_ids.tolist())
+    assert seen == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops there
+
+
+def test_logprobs_are_the_models_log_softmax():
+    logits = _logits(3)
+    out = _draw(logits, [(1.0, 0, 1.0, 1, 0, 0), (0.0, 0, 1.0, 0, 0, 0)], lp=True)
+    ref = jax.nn.log_softmax(logits, -1)
+    for i in range(2):
+        np.testing.assert_allclose(out.logprobs[i], ref[i, out.token_ids[i]], rtol=1e-5)
+        np.testing.assert_array_equal(out.top_ids[i], np.argsort(-logits[i])[:5])
+
+
+def test_sampling_params_validation():
+    for bad in (dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0),
+                dict(top_k=-2), dict(n=0), dict(max_tokens=0), dict(logprobs=6), dict(stop=[""])):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    assert SamplingParams(stop="x").stop == ("x",)
+    assert SamplingParams(top_k=-1).top_k == 0
