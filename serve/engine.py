@@ -254,28 +254,42 @@ class LLMEngine:
             self._report(0, 0)
             return deltas
         t0 = time.perf_counter()
+        # Host-side inputs, sequence by sequence: one whose own inputs cannot be built (a
+        # bookkeeping bug, a parameter the sampler cannot take) fails alone and leaves the step.
+        live, steps, rows = [], [], []
+        for s in out.scheduled:
+            try:
+                step = SeqStep(s.seq.tokens[s.seq.num_computed:s.seq.num_computed + s.num_new],
+                               s.seq.num_computed, self.bm.pages(s.seq.seq_id))
+                row = self._sampling_row(s.seq) if s.samples else (0.0, 0, 1.0, 0, 0, 0)
+            except Exception as e:
+                log.exception("request %s failed", s.seq.request_id)
+                deltas.append(self._fail(s.seq, f"{type(e).__name__}: {e}"))
+                continue
+            live.append(s)
+            steps.append(step)
+            rows.append(row)
+        if not live:
+            self._report(0, 0)
+            return deltas
+        num_tokens = sum(s.num_new for s in live)
         try:
-            steps = [SeqStep(s.seq.tokens[s.seq.num_computed:s.seq.num_computed + s.num_new],
-                             s.seq.num_computed, self.bm.pages(s.seq.seq_id))
-                     for s in out.scheduled]
-            batch = build_step(self.bounds, self.bucket_for(out.num_tokens), steps,
+            batch = build_step(self.bounds, self.bucket_for(num_tokens), steps,
                                num_pages=self.runner.num_pages)
             logits = self.runner.step(batch)
-            rows = [self._sampling_row(s.seq) if s.samples else (0.0, 0, 1.0, 0, 0, 0)
-                    for s in out.scheduled]
-            want_lp = any(s.samples and s.seq.params.logprobs for s in out.scheduled)
+            want_lp = any(s.samples and s.seq.params.logprobs for s in live)
             sampled = sampling.sample(logits, sampling.SamplingBatch.build(
                 rows, self.bounds.max_num_seqs), np.bool_(want_lp))
             tokens, lps = jax.device_get((sampled.token_ids, sampled.logprobs))
             top = jax.device_get((sampled.top_ids, sampled.top_logprobs)) if want_lp else None
         except Exception as e:  # the whole step failed: its sequences fail, the engine goes on
             log.exception("engine step failed")
-            for s in out.scheduled:
+            for s in live:
                 deltas.append(self._fail(s.seq, f"engine step failed: {type(e).__name__}: {e}"))
             return deltas
         self.num_steps += 1
         generated = 0
-        for i, s in enumerate(out.scheduled):
+        for i, s in enumerate(live):
             seq = s.seq
             try:
                 seq.num_computed += s.num_new
@@ -292,14 +306,16 @@ class LLMEngine:
             except Exception as e:  # one sequence's bookkeeping failed: only it fails
                 log.exception("request %s failed", seq.request_id)
                 deltas.append(self._fail(seq, f"{type(e).__name__}: {e}"))
-        self._report(out.num_tokens, generated, time.perf_counter() - t0)
+        self._report(num_tokens, generated, time.perf_counter() - t0)
         return deltas
 
     # Per-sequence bookkeeping ---------------------------------------------------------
-    @staticmethod
-    def _sampling_row(seq: Sequence):
+    def _sampling_row(self, seq: Sequence):
         p = seq.params
-        return (p.temperature, p.top_k, p.top_p, seq.seed, seq.index, seq.num_output_tokens)
+        # top_k >= vocab keeps every token (off), and any larger value would overflow the
+        # sampler's int32 row.
+        top_k = p.top_k if p.top_k < self.runner.vocab_size else 0
+        return (p.temperature, top_k, p.top_p, seq.seed, seq.index, seq.num_output_tokens)
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> Delta:
         now = time.monotonic()
