@@ -23,12 +23,12 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxattn.serve.async_engine import AsyncEngine, EngineDeadError
 from jaxattn.serve.outputs import Delta, TokenLogprob
-from jaxattn.serve.protocol import ChatCompletionRequest, CompletionRequest
+from jaxattn.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from jaxattn.serve.sampling_params import SamplingParams
 
 log = logging.getLogger("jaxattn.serve")
@@ -44,8 +44,18 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that always renders: text taken from a request (a model name, a field name in a
+    validation message) may hold lone surrogates, which UTF-8 cannot encode; they become '?'
+    rather than a response that fails half-way."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8", "replace")
+
+
 def error_response(status: int, message: str, param=None, code=None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {
+    return SafeJSONResponse(status_code=status, content={"error": {
         "message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error"),
         "param": param, "code": code}})
 
@@ -64,7 +74,9 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
             if owns_engine:
                 await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 
-    app = FastAPI(title="jaxattn", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="jaxattn", version="0.1.0", lifespan=lifespan,
+                  default_response_class=SafeJSONResponse)
+    _document_errors(app)
     tokenizer = engine.engine.tokenizer
     max_model_len = engine.engine.max_model_len
     created = int(time.time())
@@ -99,7 +111,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
         if name is not None and name != model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
-    @app.get("/health")
+    @app.get("/health", responses=_errors(503))
     async def health():
         if not engine.alive:
             return error_response(503, f"the engine stopped: {engine.error!r}")
@@ -111,13 +123,13 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
             "id": model_name, "object": "model", "created": created, "owned_by": "jaxattn",
             "root": model_name, "max_model_len": max_model_len}]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         if metrics is None:
             return Response("", media_type="text/plain")
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_STREAM | _errors(400, 404, 500, 503))
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         params = _params(req)
@@ -153,7 +165,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
         return {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": choices, "usage": usage}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_STREAM | _errors(400, 404, 500, 503))
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         params = _params(req)
@@ -178,6 +190,37 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
                 "model": model_name, "choices": choices, "usage": usage}
 
     return app
+
+
+# The OpenAPI schema says what the server really answers, so schema-driven clients and
+# fuzzers (schemathesis) can hold it to that: every error is OpenAI's shape, streams are SSE,
+# and FastAPI's default 422 never happens (validation errors are 400s).
+_STREAM = {200: {"description": "JSON, or server-sent events when `stream` is true",
+                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+_ERROR_DOCS = {400: "Invalid request (bad parameters, malformed JSON, prompt too long)",
+               404: "Unknown model", 500: "Generation failed inside the engine",
+               503: "The engine is not running"}
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": ErrorResponse, "description": _ERROR_DOCS[s]} for s in statuses}
+
+
+def _document_errors(app: FastAPI) -> None:
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 # Requests -> engine --------------------------------------------------------------------------

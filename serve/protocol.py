@@ -15,6 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from jaxattn.serve.sampling_params import SamplingParams
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body (documented in the OpenAPI schema for every error status)."""
+
+    error: ErrorDetail
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -113,4 +126,6 @@ class ChatCompletionRequest(_Common):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(self.max_completion_tokens or self.max_tokens, logprobs)
+        max_tokens = (self.max_tokens if self.max_completion_tokens is None
+                      else self.max_completion_tokens)  # 0 is an error, not "unset"
+        return self._sampling(max_tokens, logprobs)

@@ -47,6 +47,13 @@ class Tokenizer:
         self._template = None
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """ValueError for text that is not valid Unicode (a lone surrogate, which JSON's
+        ``\\ud800`` escapes can carry): the tokenizers library would raise a TypeError."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text is not valid Unicode ({e.reason} at character "
+                             f"{e.start})") from None
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
