@@ -7,6 +7,7 @@ With no ``--model`` it serves the embedded tiny Llama 4 with random weights
 import argparse
 import logging
 import os
+import signal
 import sys
 
 
@@ -96,9 +97,18 @@ def main(argv=None) -> int:
           f"max_num_batched_tokens={b.max_num_batched_tokens}, {engine.runner.num_pages} KV pages "
           f"of {b.page_size} tokens", file=sys.stderr, flush=True)
     app = build_app(AsyncEngine(engine), model_name=name, metrics=metrics)
+    # uvicorn drains in-flight requests on SIGTERM/SIGINT, stops the engine (the app's
+    # lifespan), then re-raises the signal to the handler it found. Finding this one, a server
+    # that shut down cleanly exits with status 0 instead of dying by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=30)
     return 0
+
+
+def _exit_cleanly(signum, frame):
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":
