@@ -100,6 +100,12 @@ def num_pages_for(budget, one_page: kv_cache_lib.CacheSpec, bounds: Bounds) -> i
     if free is not None and nbytes > free:
         raise ValueError(f"the KV cache budget ({nbytes / 2**20:.1f} MiB) exceeds the free device "
                          f"memory ({free / 2**20:.1f} MiB); lower --kv-cache-memory")
+    host = host_available_memory() if free is None else None
+    if host is not None and nbytes > host:
+        # On the CPU the pools live in host memory; a budget past what is available would be
+        # granted lazily and end with the kernel's OOM killer, not an error message.
+        raise ValueError(f"the KV cache budget ({nbytes / 2**20:.1f} MiB) exceeds the available "
+                         f"host memory ({host / 2**20:.1f} MiB); lower --kv-cache-memory")
     pages = kv_cache_lib.pages_for_budget(nbytes, one_page)
     if pages < bounds.pages_per_seq:
         raise ValueError(
@@ -108,3 +114,15 @@ def num_pages_for(budget, one_page: kv_cache_lib.CacheSpec, bounds: Bounds) -> i
             f"{bounds.max_model_len} needs ({bounds.pages_per_seq}); raise --kv-cache-memory or "
             "lower --max-model-len")
     return pages
+
+
+def host_available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
