@@ -195,8 +195,11 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
 # The OpenAPI schema says what the server really answers, so schema-driven clients and
 # fuzzers (schemathesis) can hold it to that: every error is OpenAI's shape, streams are SSE,
 # and FastAPI's default 422 never happens (validation errors are 400s).
-_STREAM = {200: {"description": "JSON, or server-sent events when `stream` is true",
-                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+_STREAM = {200: {"description": "JSON, or server-sent events when `stream` is true: `data:` "
+                                "lines of JSON chunks, then `data: [DONE]`",
+                 "content": {"text/event-stream": {"schema": {
+                     "type": "object", "properties": {"data": {"type": "string"}},
+                     "required": ["data"]}}}}}
 _ERROR_DOCS = {400: "Invalid request (bad parameters, malformed JSON, prompt too long)",
                404: "Unknown model", 500: "Generation failed inside the engine",
                503: "The engine is not running"}

@@ -41,6 +41,7 @@ from jaxattn.serve.tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger("jaxattn.serve")
 
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 class CompileCounter:
@@ -313,9 +314,10 @@ class LLMEngine:
     def _sampling_row(self, seq: Sequence):
         p = seq.params
         # top_k >= vocab keeps every token (off), and any larger value would overflow the
-        # sampler's int32 row.
+        # sampler's int32 row; a temperature past float32's range is as flat as its maximum.
         top_k = p.top_k if p.top_k < self.runner.vocab_size else 0
-        return (p.temperature, top_k, p.top_p, seq.seed, seq.index, seq.num_output_tokens)
+        temperature = min(p.temperature, _F32_MAX)
+        return (temperature, top_k, p.top_p, seq.seed, seq.index, seq.num_output_tokens)
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> Delta:
         now = time.monotonic()

@@ -29,11 +29,15 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict: a value of the wrong JSON type is a 400 as the schema says, not coerced (`"logprobs":
+    # false` would otherwise mean logprobs=0, `"n": "2"` n=2).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     n: int = 1
@@ -94,7 +98,7 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
