@@ -392,10 +392,10 @@ def _sse(chunks: AsyncIterator[dict], gens: list[_Generation]) -> StreamingRespo
     async def body():
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                yield _sse_event(chunk)
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
             log.exception("stream failed")
-            yield f"data: {json.dumps(_error_chunk(f'{type(e).__name__}: {e}'))}\n\n"
+            yield _sse_event(_error_chunk(f"{type(e).__name__}: {e}"))
         else:
             yield "data: [DONE]\n\n"
         finally:  # also on disconnect (the response task is cancelled): abort what is left
@@ -404,6 +404,17 @@ def _sse(chunks: AsyncIterator[dict], gens: list[_Generation]) -> StreamingRespo
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# JSON leaves U+0085, U+2028 and U+2029 unescaped, but line splitters that follow
+# str.splitlines (httpx's iter_lines among them) end a line there: a token that decodes to one
+# would cut its event in two. Escaped, every event is one line for every client.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _sse_event(obj: dict) -> str:
+    text = json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)
+    return f"data: {text}\n\n"
 
 
 async def _merged(gens: list[_Generation]) -> AsyncIterator[tuple[int, Delta]]:

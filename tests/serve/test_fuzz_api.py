@@ -272,3 +272,15 @@ def test_zz_normal_answers_unchanged_nothing_leaked_nothing_compiled(server, cli
     assert engine.bm.num_used_pages == 0
     engine.bm.check()
     assert engine.compile_count == server.warm_compiles
+
+
+def test_sse_events_are_one_line_for_every_line_splitter():
+    """A token may decode to U+0085, U+2028 or U+2029, which JSON leaves unescaped and
+    str.splitlines (httpx's iter_lines) treats as line ends: the soak once saw an event cut in
+    two. Every event must stay one line and parse back to the same text."""
+    from jaxattn.serve.api_server import _sse_event
+
+    text = "a\x85b\u2028c\u2029d\ne\rf\x1cg\x0bh é"
+    event = _sse_event({"text": text})
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[len("data: "):])["text"] == text
