@@ -2,7 +2,7 @@
 # The one GPU entry point (`make gpu`, or through the device tool): installs the
 # project offline, runs the GPU tests (pytest -m gpu) and the benchmarks, and
 # writes JSON/markdown/PNG into benchmarks/results/ (and $OUT when set).
-#   bash benchmarks/gpu.sh [tests|prefill|decode|model|serving|all] ...
+#   bash benchmarks/gpu.sh [tests|prefill|decode|model|serving|sweep|soak|all] ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then  # wheels the GPU image lacks (fastapi, uvicorn, ...)
@@ -21,6 +21,8 @@ for what in "${@:-all}"; do
     decode|all) [ -f benchmarks/decode.py ] && { python3 -m benchmarks.decode || status=1; } ;;&
     model|all) [ -f benchmarks/model.py ] && { python3 -m benchmarks.model || status=1; } ;;&
     serving|all) [ -f benchmarks/serving.py ] && { python3 -m benchmarks.serving || status=1; } ;;&
+    sweep|all) [ -f benchmarks/length_sweep.py ] && { python3 -m benchmarks.length_sweep || status=1; } ;;&
+    soak|all) [ -f benchmarks/soak.py ] && { python3 -m benchmarks.soak || status=1; } ;;&
     *) ;;
   esac
 done
