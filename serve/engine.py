@@ -287,6 +287,12 @@ class LLMEngine:
             log.exception("engine step failed")
             for s in live:
                 deltas.append(self._fail(s.seq, f"engine step failed: {type(e).__name__}: {e}"))
+            if getattr(self.runner, "recover_cache", lambda: False)():
+                # The failed step took the donated KV pools with it: nothing cached is valid,
+                # so every other running sequence recomputes (outputs stay the same).
+                self.bm.reset_prefix_cache()
+                n = self.scheduler.preempt_all()
+                log.warning("KV cache rebuilt after a failed step; %d sequences recompute", n)
             return deltas
         self.num_steps += 1
         generated = 0

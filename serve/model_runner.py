@@ -82,6 +82,18 @@ class Llama4Runner:
         logits, self._kv = self._step(self._kv, batch)
         return logits
 
+    def recover_cache(self) -> bool:
+        """After a failed step: rebuild the pools if the step consumed them; True if it did.
+
+        The step donates the pools, so a failure after dispatch can leave them deleted;
+        every later step would then fail. Rebuilding loses all cached K/V, which the
+        engine answers by recomputing the running sequences.
+        """
+        if not any(x.is_deleted() for x in self._kv.k + self._kv.v):
+            return False
+        self._kv = kv_cache_lib.allocate(self.spec)
+        return True
+
 
 def num_pages_for(budget, one_page: kv_cache_lib.CacheSpec, bounds: Bounds) -> int:
     """Pages a KV budget buys; a clear error when it cannot hold one full-length sequence."""

@@ -123,6 +123,13 @@ class Scheduler:
             budget -= n
         return SchedulerOutput(scheduled, preempted)
 
+    def preempt_all(self) -> int:
+        """Send every running sequence back to wait for recompute (the KV cache was lost)."""
+        n = len(self.running)
+        for seq in reversed(list(self.running)):  # appendleft in reverse keeps arrival order
+            self._preempt(seq)
+        return n
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq.seq_id)

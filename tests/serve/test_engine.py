@@ -171,3 +171,44 @@ def test_no_compiles_after_warmup(runner, tokenizer):
                    (2, 0, 1, None, 3, 1), (0, 0, 1, 5, 1, 50), (1, 1, 0.1, None, 1, 7)]]
         llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert engine.compile_count == warm
+
+
+def test_a_step_that_loses_the_donated_cache_is_recovered(runner, tokenizer, monkeypatch):
+    """A device step that fails after taking the donated KV pools: its own sequences fail, the
+    pools are rebuilt, every other running sequence recomputes to the same output, and the
+    engine keeps serving (before the fix every later step failed on deleted buffers)."""
+    prompts = _prompts(6, seed=7, lo=60, hi=150)  # chunked prefill: 64-token steps
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = [_gen(_engine(runner, tokenizer), [p], params)[0][0] for p in prompts]
+
+    engine = _engine(runner, tokenizer)
+    real_step, calls, failed_ids = runner._step, [0], set()
+
+    def lose_cache_on_third_call(kv, batch):
+        calls[0] += 1
+        if calls[0] == 3:
+            for x in kv.k + kv.v:
+                x.delete()  # what a donated call that dies mid-flight leaves behind
+            raise RuntimeError("injected: device step failed after donation")
+        return real_step(kv, batch)
+
+    monkeypatch.setattr(runner, "_step", lose_cache_on_third_call)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    outputs = {str(i): [] for i in range(len(prompts))}
+    finished = {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            outputs[d.request_id] += d.token_ids
+            if d.finish_reason:
+                finished[d.request_id] = d.finish_reason
+                if d.finish_reason == "error":
+                    assert "injected" in d.error
+                    failed_ids.add(d.request_id)
+    assert calls[0] > 3 and failed_ids and len(failed_ids) < len(prompts)
+    for i in range(len(prompts)):
+        if str(i) not in failed_ids:
+            assert finished[str(i)] == "length" and outputs[str(i)] == alone[i]
+    assert engine.bm.num_used_pages == 0
+    engine.bm.check()
+    assert _gen(engine, prompts[:2], params) == [[a] for a in alone[:2]]
