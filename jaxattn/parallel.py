@@ -105,7 +105,23 @@ def initialize_distributed(coordinator_address: str | None = None,
     processes and this process's rank. Afterwards ``jax.devices()`` lists every
     host's devices and :func:`make_mesh` spans them.
     """
+    if jax.distributed.is_initialized():
+        return
     kw = {k: v for k, v in dict(coordinator_address=coordinator_address,
                                 num_processes=num_processes, process_id=process_id).items()
           if v is not None}
     jax.distributed.initialize(**kw)
+
+
+def agree(mask: np.ndarray) -> np.ndarray:
+    """Process 0's value of a host array on every process (one process: unchanged).
+
+    Multi-host programs must issue identical steps everywhere; host decisions that
+    could differ between processes (e.g. which prompts a resumed run still has to do)
+    take process 0's answer.
+    """
+    if jax.process_count() == 1:
+        return mask
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(mask))
