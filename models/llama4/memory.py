@@ -161,22 +161,23 @@ class MemoryPlan:
             return self.why_not
         head = (f"{self.pc.describe()} on {self.label}: "
                 f"{_gib(self.weights)} of weights per device")
-        free = self.usable - self.weights
-        if free <= self.activations + self.reserve:
-            more = "use more devices (--tensor-parallel-size / --expert-parallel-size)" \
-                if self.weights < self.usable else "the weights alone do not fit: use more devices"
-            return (f"{head} + {_gib(self.activations + self.reserve)} of activations and "
-                    f"reserve exceed the {_gib(self.usable)} XLA may use; {more}"
-                    f"{_fraction_hint()}")
+        step = self.activations + self.reserve
+        if self.weights >= self.usable:
+            return (f"{head} exceed the {_gib(self.usable)} XLA may use; use more devices "
+                    "(--tensor-parallel-size / --expert-parallel-size)")
+        if self.weights + step > self.usable:
+            return (f"{head} + {_gib(step)} of activations and reserve exceed the "
+                    f"{_gib(self.usable)} XLA may use; use more devices or lower "
+                    f"--max-num-batched-tokens{_fraction_hint()}")
         if self.total > self.usable:
-            return (f"{head}: the KV cache budget {_gib(self.kv_budget)} + activations "
-                    f"{_gib(self.activations + self.reserve)} exceed the {_gib(self.usable)} "
-                    "XLA may use; lower --kv-cache-memory")
+            return (f"{head}: the KV cache budget {_gib(self.kv_budget)} + activations and "
+                    f"reserve {_gib(step)} exceed the {_gib(self.usable)} XLA may use; lower "
+                    "--kv-cache-memory")
         need = -(-self.max_model_len // self.page_size)
         if self.kv_pages < need:
-            return (f"{head}: the KV cache ({_gib(self.kv_budget)}, {self.kv_tokens} tokens) "
-                    f"cannot hold one sequence of --max-model-len {self.max_model_len}; "
-                    "lower --max-model-len or use more devices")
+            return (f"{head}: the KV cache ({_gib(self.kv_budget)}, {self.kv_tokens:,} tokens) "
+                    f"cannot hold one sequence of --max-model-len {self.max_model_len:,}; lower "
+                    f"--max-model-len or use more devices{_fraction_hint()}")
         return None
 
     @property
@@ -190,7 +191,7 @@ def _gib(x: int) -> str:
 
 def _fraction_hint() -> str:
     f = mem_fraction()
-    return (f" (XLA may use {f:.2f} of the GPU: XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 raises it)"
+    return (f", or let XLA use more of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9; now {f:.2f})"
             if f < 0.9 else "")
 
 
@@ -252,6 +253,8 @@ def table(plans: list[MemoryPlan]) -> str:
 
 def describe(p: MemoryPlan) -> str:
     """A few lines for one plan (the engine's ``--plan-memory``)."""
+    if p.why_not:
+        return f"{p.pc.describe()} ({p.pc.world} devices): REFUSED: {p.why_not}"
     lines = [f"{p.pc.describe()} ({p.pc.world} devices) on {p.label}, per device:",
              f"  weights      {_gib(p.weights)}",
              f"  KV cache     {_gib(max(0, p.kv_budget))} = {p.kv_tokens:,} tokens "
