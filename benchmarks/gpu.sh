@@ -2,7 +2,8 @@
 # The one GPU entry point (`make gpu`, or through the device tool): installs the
 # project offline, runs the GPU tests (pytest -m gpu) and the benchmarks, and
 # writes JSON/markdown/PNG into benchmarks/results/ (and $OUT when set).
-#   bash benchmarks/gpu.sh [tests|prefill|decode|model|serving|all] ...
+#   bash benchmarks/gpu.sh [tests|prefill|decode|model|serving|all|multigpu] ...
+# (multigpu is not part of all: it needs a machine with several GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then  # wheels the GPU image lacks (fastapi, uvicorn, ...)
@@ -21,6 +22,7 @@ for what in "${@:-all}"; do
     decode|all) [ -f benchmarks/decode.py ] && { python3 -m benchmarks.decode || status=1; } ;;&
     model|all) [ -f benchmarks/model.py ] && { python3 -m benchmarks.model || status=1; } ;;&
     serving|all) [ -f benchmarks/serving.py ] && { python3 -m benchmarks.serving || status=1; } ;;&
+    multigpu) python3 -m benchmarks.multigpu || status=1 ;;&
     *) ;;
   esac
 done

@@ -236,15 +236,29 @@ class Llama4ForCausalLM(nnx.Module):
             k_pages, v_pages = kv_cache_lib.write(kv_cache.k[i], kv_cache.v[i], k, v, batch.slots)
             new_k.append(k_pages)
             new_v.append(v_pages)
-            return jaxattn.ragged_paged_attention(
-                q, k_pages, v_pages, batch.page_table, cu, kv_lens, num_seqs, bounds=bounds,
-                scale=attn.scale, chunk_size=attn.chunk_size, impl=impl,
-                plan=plans[attn.chunk_size])
+            return _paged_attention(q, k_pages, v_pages, batch.page_table, cu, kv_lens, num_seqs,
+                                    plans[attn.chunk_size], bounds=bounds, scale=attn.scale,
+                                    chunk_size=attn.chunk_size, impl=impl)
 
         x = self._embed(batch.token_ids, axes)  # [T, hidden]
         x = self._layers(x, batch.positions, attend, axes)
         logits = self._logits(x[batch.logits_indices], axes)  # [S, vocab]
         return logits, kv_cache_lib.KVCache(k=tuple(new_k), v=tuple(new_v))
+
+
+@functools.partial(jax.jit, static_argnames=("bounds", "scale", "chunk_size", "impl"))
+def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, plan, *,
+                     bounds, scale, chunk_size, impl):
+    """One layer's attention, as a jitted function so that layers of one kind share it.
+
+    Every chunked-local layer (and every global layer) calls this with the same shapes and
+    static arguments, so JAX traces and lowers the kernels once per kind and the module
+    calls that one function 48 times, instead of lowering (and embedding) a copy of each
+    Mosaic kernel per layer: the step's compile time then barely grows with depth.
+    """
+    return jaxattn.ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens,
+                                          num_seqs, bounds=bounds, scale=scale,
+                                          chunk_size=chunk_size, impl=impl, plan=plan)
 
 
 def plan_kinds(config: Llama4Config) -> tuple:
