@@ -132,7 +132,9 @@ def parallel_config(mesh) -> ParallelConfig:
 def device_limit(devices=None) -> int | None:
     """Bytes XLA may allocate per device (the smallest of ``devices``); None where unknown."""
     limits = []
-    for d in devices or jax.devices()[:1]:
+    # Only this process's devices report statistics (the mesh may span hosts).
+    mine = [d for d in (devices or jax.devices()[:1]) if d.process_index == jax.process_index()]
+    for d in mine or jax.local_devices()[:1]:
         stats = d.memory_stats() if hasattr(d, "memory_stats") else None
         if not stats or "bytes_limit" not in stats:
             return None
