@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per step (default 8192; --dry-run 64)")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--buckets", default=None,
-                   help="step sizes to compile (default 16,512,2048,T; --dry-run 16,T)")
+                   help="step sizes to compile (default 16,T: decode steps and whole prefill "
+                   "chunks; each bucket is one compile of every layer)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV budget per device (default: the engine's rule)")
@@ -170,7 +171,7 @@ def run(args) -> dict:
                DRY_LENGTHS if args.dry_run else LENGTHS)
     t = args.max_num_batched_tokens or (64 if args.dry_run else 8192)
     buckets = (tuple(int(b) for b in args.buckets.split(",")) if args.buckets else
-               tuple(sorted({16, t} if args.dry_run else {16, 512, 2048, t})))
+               (16, t))
     ep = args.expert_parallel_size
     tp = args.tensor_parallel_size or jax.device_count() // ep
     pc = parallel.ParallelConfig(tensor=tp, expert=ep)

@@ -14,7 +14,10 @@ Axes, outermost first: ``("data", "expert", "tensor")``.
   ``ep * tp <= 8``; ``ep`` only changes how the experts are cut (whole experts
   per device instead of column slices of every expert).
 * ``data`` (outermost): independent replicas of the model, each with its own
-  KV pool and engine; they exchange nothing, so they may span hosts.
+  KV pool and engine (``serve/data_parallel.py``); they exchange nothing.
+
+(vLLM's ``--tensor-parallel-size 8 --enable-expert-parallel`` corresponds to
+``tensor=1, expert=8`` here: attention over 8 devices, 2 whole experts each.)
 
 Everything goes through JAX's own distribution: ``Mesh``/``NamedSharding`` for
 placement, ``shard_map`` collectives inside a step, ``jax.distributed`` for
