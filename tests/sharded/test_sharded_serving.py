@@ -3,6 +3,7 @@ single-device outputs; configurations that cannot run are refused with one line.
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -112,3 +113,39 @@ def test_plan_memory_flag_prints_and_exits(model_dir, capsys):
     out = capsys.readouterr().out
     assert "TP=8 EP=1 DP=1 (8 devices)" in out and "verdict      fits" in out
     assert _refusal(model_dir, "-tp", "8", "--device-memory", "1MiB", "--plan-memory") == "1"
+
+
+def test_http_server_over_data_parallel_replicas(model_dir, alone):
+    """The OpenAI server over DP=2 x TP=2 replicas: concurrent greedy requests give the
+    single-device tokens; the metrics add up both replicas; nothing compiles while serving."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from jaxattn.parallel import ParallelConfig
+    from jaxattn.serve.engine import LLMEngine
+    from jaxattn.serve.model_runner import EngineShape
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "serve"))
+    from server_util import LiveServer  # tests/serve/server_util.py
+
+    engine = LLMEngine.from_pretrained(model_dir, EngineShape(**SHAPE),
+                                       parallel=ParallelConfig(tensor=2, data=2))
+    engine.warmup(progress=False)
+    warm = engine.compile_count
+    greedy = [(p, want) for i, (p, want) in enumerate(zip(_prompts(), alone)) if i % 2]
+    with LiveServer(engine) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        def ask(prompt):
+            r = client.post("/v1/completions", json={
+                "prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["token_ids"]
+
+        with ThreadPoolExecutor(len(greedy)) as pool:
+            got = list(pool.map(ask, [p for p, _ in greedy]))
+        metrics = client.get("/metrics").text
+    assert got == [want for _, want in greedy]
+    assert engine.compile_count == warm and engine.bm.num_used_pages == 0
+    free = [float(line.split()[-1]) for line in metrics.splitlines()
+            if line.startswith(("jaxattn_kv_pages_free ", "jaxattn_kv_pages_free{"))]
+    assert free == [engine.bm.num_free_pages] == [sum(r.bm.num_free_pages for r in engine.replicas)]
+    assert all(r.num_steps > 0 for r in engine.replicas)
