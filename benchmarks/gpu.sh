@@ -3,6 +3,8 @@
 # project offline, runs the GPU tests (pytest -m gpu) and the benchmarks, and
 # writes JSON/markdown/PNG into benchmarks/results/ (and $OUT when set).
 #   bash benchmarks/gpu.sh [tests|prefill|decode|model|serving|sweep|soak|all] ...
+#   bash benchmarks/gpu.sh [tests|prefill|decode|model|serving|all|multigpu] ...
+# (multigpu is not part of all: it needs a machine with several GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then  # wheels the GPU image lacks (fastapi, uvicorn, ...)
@@ -23,6 +25,7 @@ for what in "${@:-all}"; do
     serving|all) [ -f benchmarks/serving.py ] && { python3 -m benchmarks.serving || status=1; } ;;&
     sweep|all) [ -f benchmarks/length_sweep.py ] && { python3 -m benchmarks.length_sweep || status=1; } ;;&
     soak|all) [ -f benchmarks/soak.py ] && { python3 -m benchmarks.soak || status=1; } ;;&
+    multigpu) python3 -m benchmarks.multigpu || status=1 ;;&
     *) ;;
   esac
 done

@@ -31,15 +31,23 @@ class CacheSpec:
     num_kv_heads: int
     head_dim: int
     dtype: str = "bfloat16"
+    shards: int = 1  # devices the KV heads are split over (tensor parallelism)
+
+    def __post_init__(self):
+        if self.shards < 1 or self.num_kv_heads % self.shards:
+            raise ValueError(f"{self.num_kv_heads} KV heads cannot be split over "
+                             f"{self.shards} devices")
 
     @property
     def bytes_per_page(self) -> int:
-        """K and V of one page across all layers."""
+        """K and V of one page across all layers, on one device (its KV heads)."""
         itemsize = jnp.dtype(self.dtype).itemsize
-        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * itemsize
+        heads = self.num_kv_heads // self.shards
+        return 2 * self.num_layers * self.page_size * heads * self.head_dim * itemsize
 
     @property
     def total_bytes(self) -> int:
+        """Per device."""
         return self.num_pages * self.bytes_per_page
 
 

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
                     "stop_token_ids", "ignore_eos")
 
@@ -57,16 +59,22 @@ def read_done(path: str) -> set:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from jaxattn.serve.__main__ import engine_from_args
+    from jaxattn import parallel
+    from jaxattn.serve.__main__ import engine_from_args, parallel_from_args
     from jaxattn.serve.sampling_params import SamplingParams
 
+    parallel_from_args(args)  # jax.distributed first, when asked
     with open(args.input, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    done = read_done(args.output)
-    todo = [(r.get("id", i), r) for i, r in enumerate(rows) if r.get("id", i) not in done]
+    import jax
+
+    done = read_done(args.output) if jax.process_index() == 0 and not args.plan_memory else set()
+    # Multi-host: all processes run process 0's list (its output file is the one written).
+    skip = parallel.agree(np.array([r.get("id", i) in done for i, r in enumerate(rows)], bool))
+    todo = [(r.get("id", i), r) for i, r in enumerate(rows) if not skip[i]]
     print(f"jaxattn.generate: {len(rows)} prompts, {len(rows) - len(todo)} already in "
           f"{args.output}, {len(todo)} to run", file=sys.stderr, flush=True)
-    if not todo:
+    if not todo and not args.plan_memory:
         return 0
 
     from jaxattn.llm import LLM
@@ -91,8 +99,11 @@ def main(argv=None) -> int:
         except (TypeError, ValueError) as e:
             raise SystemExit(f"error: line with id {rid!r}: {e}")
 
+    # Multi-host (--distributed): every process runs the same engine on the same input (each
+    # step is one program over all hosts' devices); process 0 writes the results.
+    writer = args.output if jax.process_index() == 0 else os.devnull
     t0, n_in, n_out = time.perf_counter(), 0, 0
-    with open(args.output, "a", encoding="utf-8") as out:
+    with open(writer, "a", encoding="utf-8") as out:
         try:
             for i, res in llm.iter_generate(prompts, params):
                 first = res.outputs[0]

@@ -12,6 +12,7 @@ import itertools
 import time
 from typing import Iterator, Sequence
 
+from jaxattn.parallel import ParallelConfig
 from jaxattn.serve.engine import LLMEngine
 from jaxattn.serve.model_runner import EngineShape
 from jaxattn.serve.outputs import CompletionOutput, RequestOutput
@@ -25,7 +26,9 @@ class LLM:
 
     ``model``: a Hugging Face Llama 4 directory; None: the embedded tiny model
     with random weights. Size knobs as ``python -m jaxattn.serve`` (``None``:
-    defaults that fit the model). ``engine``: an already built
+    defaults that fit the model). ``tensor_parallel_size`` / ``expert_parallel_size``
+    / ``data_parallel_size``: the mesh (as the ``--*-parallel-size`` flags; their
+    product of devices must exist). ``engine``: an already built
     :class:`~jaxattn.serve.engine.LLMEngine` (then the other arguments are ignored).
     """
 
@@ -33,13 +36,18 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  kv_cache_memory=None, page_size: int = 16, dtype=None, impl: str = "auto",
                  seed: int = 0, enable_prefix_caching: bool = True, warmup: bool = True,
+                 tensor_parallel_size: int = 1, expert_parallel_size: int = 1,
+                 data_parallel_size: int = 1, device_memory=None,
                  engine: LLMEngine | None = None):
         if engine is None:
             shape = EngineShape(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens, page_size=page_size,
                                 kv_cache_memory=kv_cache_memory)
+            pc = ParallelConfig(tensor=tensor_parallel_size, expert=expert_parallel_size,
+                                data=data_parallel_size)
             engine = LLMEngine.from_pretrained(model, shape, dtype=dtype, impl=impl, seed=seed,
-                                               enable_prefix_caching=enable_prefix_caching)
+                                               enable_prefix_caching=enable_prefix_caching,
+                                               parallel=pc, device_memory=device_memory)
             if warmup:
                 engine.warmup()
         self.engine = engine

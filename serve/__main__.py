@@ -35,6 +35,75 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not share KV pages between prompts with a common prefix")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
+    add_parallel_args(p)
+    p.add_argument("--device-memory", default=None,
+                   help="bytes XLA may use per device (e.g. 72GiB) for the start-up memory check "
+                   "and --plan-memory (default: what the runtime reports; unknown on the CPU)")
+    p.add_argument("--plan-memory", action="store_true",
+                   help="print the per-device memory plan (weights, KV cache, activations, KV "
+                   "capacity) for these settings and exit, without loading the weights")
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Mesh sizes (also used by ``python -m jaxattn.plan_memory``)."""
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="devices the attention heads and MLP columns are split over")
+    p.add_argument("--expert-parallel-size", "-ep", type=int, default=1,
+                   help="devices the routed experts are split over; attention is split over "
+                   "tensor x expert devices, so TP x EP must divide the KV heads (8 for Scout)")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="independent replicas (each on TP x EP devices, its own KV cache)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize (cluster auto-detected, or "
+                   "--coordinator-address/--num-processes/--process-id) before building the mesh")
+    p.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+
+
+def parallel_from_args(args):
+    """ParallelConfig from the flags (after jax.distributed when asked); SystemExit if invalid."""
+    from jaxattn import parallel
+
+    if args.distributed:
+        parallel.initialize_distributed(args.coordinator_address, args.num_processes,
+                                        args.process_id)
+    try:
+        return parallel.ParallelConfig(tensor=args.tensor_parallel_size,
+                                       expert=args.expert_parallel_size,
+                                       data=args.data_parallel_size)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def print_memory_plan(args, pc) -> int:
+    """``--plan-memory``: the plan for these flags, without loading anything; 0 if it fits."""
+    from jaxattn.models import llama4
+    from jaxattn.models.llama4 import memory
+    from jaxattn.serve import default_model
+    from jaxattn.serve.model_runner import EngineShape, memory_plan
+
+    model_dir = args.model or default_model.default_model_dir()
+    config = llama4.Llama4Config.from_pretrained(model_dir)
+    shape = EngineShape(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        page_size=args.page_size, kv_cache_memory=args.kv_cache_memory)
+    dtype = args.dtype or ("bfloat16" if _on_gpu() else "float32")
+    try:
+        plan = memory_plan(config, pc, shape, dtype=dtype, usable=args.device_memory)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if plan is None:
+        raise SystemExit("error: this device does not report its memory; pass --device-memory "
+                         "(e.g. 72GiB) to plan for a GPU")
+    print(memory.describe(plan))
+    return 0 if plan.fits else 1
+
+
+def _on_gpu() -> bool:
+    import jax
+
+    return jax.devices()[0].platform == "gpu"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,10 +131,14 @@ def engine_from_args(args, **kw):
             kw["buckets"] = tuple(int(b) for b in args.buckets.split(","))
         except ValueError:
             raise SystemExit(f"error: --buckets must be comma-separated ints, got {args.buckets!r}")
+    pc = parallel_from_args(args)
+    if args.plan_memory:
+        raise SystemExit(print_memory_plan(args, pc))
     try:
         engine = LLMEngine.from_pretrained(
             args.model, shape, dtype=args.dtype, impl=args.impl, seed=args.seed,
-            enable_prefix_caching=not args.no_prefix_caching, **kw)
+            enable_prefix_caching=not args.no_prefix_caching, parallel=pc,
+            device_memory=args.device_memory, **kw)
         engine.warmup()
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
@@ -79,6 +152,13 @@ def engine_from_args(args, **kw):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.distributed and not args.plan_memory:
+        # Every process of a multi-host mesh must issue the same steps in the same order;
+        # requests reaching one process's HTTP server would not. Offline generation runs the
+        # same input on every process, so it can.
+        raise SystemExit("error: --distributed serving is not supported: run one server per "
+                         "host (--data-parallel-size within it), or python -m jaxattn.generate "
+                         "--distributed with the same input on every process")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)  # its backend probing is noise here
     import uvicorn

@@ -17,6 +17,7 @@ Every way a sequence ends (stop, length, abort, error) goes through
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import random
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 
 from jaxattn.batch import SeqStep, build_step
+from jaxattn.parallel import ParallelConfig
 from jaxattn.serve import sampling
 from jaxattn.serve.block_manager import BlockManager
 from jaxattn.serve.model_runner import EngineShape, Llama4Runner, ModelRunner
@@ -123,9 +125,17 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | None, shape: EngineShape | None = None, *,
-                        dtype=None, impl: str = "auto", **kw) -> "LLMEngine":
+                        dtype=None, impl: str = "auto", parallel: ParallelConfig | None = None,
+                        device_memory=None, **kw):
         """Tokenizer + Llama 4 runner from a Hugging Face directory (None: the embedded tiny
-        random-weight model, announced on stderr)."""
+        random-weight model, announced on stderr).
+
+        ``parallel``: tensor / expert / data parallel sizes (default: one device). With
+        ``data > 1`` the result is a :class:`~jaxattn.serve.data_parallel.DataParallelEngine`
+        of that many replicas. ``device_memory``: bytes XLA may use per device for the
+        start-up memory check (default: what the runtime reports; unknown on the CPU).
+        """
+        from jaxattn import parallel as parallel_lib
         from jaxattn.serve import default_model
 
         if model_dir is None:
@@ -133,12 +143,25 @@ class LLMEngine:
             model_dir = default_model.default_model_dir()
         if dtype is None:  # bf16 where it is fast; f32 on the CPU
             dtype = "bfloat16" if jax.devices()[0].platform == "gpu" else "float32"
+        pc = parallel or ParallelConfig()
+        shape = shape or EngineShape()
+        meshes = (parallel_lib.replica_meshes(parallel_lib.make_mesh(pc)) if pc.world > 1
+                  else [None])
         tokenizer = Tokenizer(model_dir)
-        runner = Llama4Runner.from_pretrained(model_dir, shape or EngineShape(), dtype=dtype,
-                                              impl=impl)
-        engine = cls(runner, tokenizer, **kw)
-        engine.model_dir = model_dir
-        return engine
+        metrics = kw.pop("metrics", None) if len(meshes) > 1 else None  # bound to the whole
+        engines = []
+        for mesh in meshes:
+            runner = Llama4Runner.from_pretrained(
+                model_dir, shape, dtype=dtype, impl=impl, mesh=mesh,
+                parallel=dataclasses.replace(pc, data=1), device_memory=device_memory)
+            engine = cls(runner, tokenizer, **kw)
+            engine.model_dir = model_dir
+            engines.append(engine)
+        if len(engines) == 1:
+            return engines[0]
+        from jaxattn.serve.data_parallel import DataParallelEngine
+
+        return DataParallelEngine(engines, metrics=metrics)
 
     def attach_metrics(self, metrics) -> None:
         """Report to ``metrics`` (an :class:`~jaxattn.serve.metrics.EngineMetrics`)."""
@@ -196,6 +219,10 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether the request is still running here (not finished, not aborted)."""
+        return request_id in self._requests
 
     @property
     def num_running(self) -> int:

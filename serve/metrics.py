@@ -56,7 +56,7 @@ class EngineMetrics:
         self._recent: collections.deque = collections.deque()  # (time, generated tokens)
         self._lock = threading.Lock()  # _recent: appended by the engine, read by scrapes
         self._start = time.monotonic()
-        self._last_hits = 0
+        self._last_hits: dict[int, int] = {}
         # Computed when scraped, so the rate falls to 0 while the engine is idle.
         self.tokens_per_s.set_function(self._rate)
 
@@ -96,8 +96,10 @@ class EngineMetrics:
             self.generation_tokens.inc(generated)
             with self._lock:
                 self._recent.append((now, generated))
-        self.prefix_hits.inc(engine.bm.prefix_hits - self._last_hits)
-        self._last_hits = engine.bm.prefix_hits
+        # Per block manager: data-parallel replicas report to one metrics object.
+        hits = engine.bm.prefix_hits
+        self.prefix_hits.inc(hits - self._last_hits.get(id(engine.bm), 0))
+        self._last_hits[id(engine.bm)] = hits
 
     def bind(self, engine) -> None:
         """Gauges of the engine's state are read when scraped (so they are right while it idles;

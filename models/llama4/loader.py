@@ -4,8 +4,11 @@ Loading never holds more than one checkpoint tensor on the host: each tensor is
 read with ``safe_open``, put on the device(s) with its sharding, cast and (for
 the fused expert tensor) split there, and dropped before the next is read.
 Where each tensor goes, its expected shape and its PartitionSpec come from one
-table, :func:`tensor_map`, so tensor / expert parallelism only has to change
-the specs (axes ``"tp"`` and ``"ep"``; axes a mesh lacks are replicated).
+table, :func:`tensor_map` (mesh axes of :mod:`jaxattn.parallel`; axes a mesh
+lacks are replicated). On a mesh each device receives only its shard: every
+shard is read from the file as a slice (``jax.make_array_from_callback`` over
+``safe_open(...).get_slice``), so host memory stays within one tensor and a
+host of a multi-host mesh reads only what its own devices hold.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxattn.parallel import EXPERT, MODEL, TENSOR
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.model import Llama4ForCausalLM
 
@@ -59,17 +63,19 @@ def tensor_map(config: Llama4Config) -> list[TensorMap]:
         out.append(TensorMap(name, tuple(shape), targets or (path,),
                              spec if isinstance(spec, tuple) else (spec,), split))
 
-    add("model.embed_tokens.weight", (c.vocab_size, h), P())
+    # Vocabulary-parallel embedding and LM head (replicated when the vocabulary does not
+    # divide: models.llama4.sharding decides).
+    add("model.embed_tokens.weight", (c.vocab_size, h), P(MODEL, None))
     for i in range(c.num_hidden_layers):
         pre = f"model.layers.{i}."
         add(pre + "input_layernorm.weight", (h,), P())
         add(pre + "post_attention_layernorm.weight", (h,), P())
         # Column-parallel projections split heads; the output projection is row-parallel.
         for proj, rows in (("q_proj", hq), ("k_proj", hkv), ("v_proj", hkv)):
-            add(pre + f"self_attn.{proj}.weight", (rows, h), P("tp", None))
+            add(pre + f"self_attn.{proj}.weight", (rows, h), P(MODEL, None))
             if c.attention_bias:
-                add(pre + f"self_attn.{proj}.bias", (rows,), P("tp"))
-        add(pre + "self_attn.o_proj.weight", (h, hq), P(None, "tp"))
+                add(pre + f"self_attn.{proj}.bias", (rows,), P(MODEL))
+        add(pre + "self_attn.o_proj.weight", (h, hq), P(None, MODEL))
         if c.attention_bias:
             add(pre + "self_attn.o_proj.bias", (h,), P())
         ff = pre + "feed_forward."
@@ -77,27 +83,64 @@ def tensor_map(config: Llama4Config) -> list[TensorMap]:
             inter = c.intermediate_size
             add(ff + "router.weight", (e, h), P())
             base = tuple(int(p) if p.isdigit() else p for p in (ff + "experts").split("."))
+            # Experts over the expert axis, their columns over the tensor axis.
             add(ff + "experts.gate_up_proj", (e, h, 2 * inter),
-                (P("ep", None, "tp"), P("ep", None, "tp")), split=2,
+                (P(EXPERT, None, TENSOR), P(EXPERT, None, TENSOR)), split=2,
                 targets=(base + ("gate_proj",), base + ("up_proj",)))
-            add(ff + "experts.down_proj", (e, inter, h), P("ep", "tp", None))
+            add(ff + "experts.down_proj", (e, inter, h), P(EXPERT, TENSOR, None))
             mlp, mlp_inter = ff + "shared_expert.", inter
         else:
             mlp, mlp_inter = ff, c.intermediate_size_mlp
-        add(mlp + "gate_proj.weight", (mlp_inter, h), P("tp", None))
-        add(mlp + "up_proj.weight", (mlp_inter, h), P("tp", None))
-        add(mlp + "down_proj.weight", (h, mlp_inter), P(None, "tp"))
+        add(mlp + "gate_proj.weight", (mlp_inter, h), P(MODEL, None))
+        add(mlp + "up_proj.weight", (mlp_inter, h), P(MODEL, None))
+        add(mlp + "down_proj.weight", (h, mlp_inter), P(None, MODEL))
     add("model.norm.weight", (h,), P())
     if not c.tie_word_embeddings:
-        add("lm_head.weight", (c.vocab_size, h), P())
+        add("lm_head.weight", (c.vocab_size, h), P(MODEL, None))
     return out
 
 
-def _sharding(mesh, spec: P):
-    if mesh is None:
-        return SingleDeviceSharding(jax.devices()[0])
-    names = set(mesh.axis_names)
-    return NamedSharding(mesh, P(*(a if a in names else None for a in spec)))
+def _slices(index, shape) -> tuple[slice, ...]:
+    """A shard index from make_array_from_callback as explicit (start, stop) slices."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+def _read_sharded(f, key: str, t: TensorMap, part: int, sharding, dtype):
+    """One target of tensor ``t`` as a (sharded) device array, reading only each shard's slice.
+
+    Part ``part`` of a fused tensor is the slice ``[part * n, (part + 1) * n)`` of its split
+    axis, so a shard of ``up_proj`` is read straight out of ``gate_up_proj``.
+    """
+    shape = list(t.shape)
+    if t.split_axis is not None:
+        shape[t.split_axis] //= len(t.targets)
+    sl = f.get_slice(key)
+    cache = {}  # replicated shards ask for the same slice once per device: read it once
+
+    def read(index):
+        idx = _slices(index, shape)
+        k = tuple((s.start, s.stop) for s in idx)
+        if k not in cache:
+            if t.split_axis is not None:
+                s, off = idx[t.split_axis], part * shape[t.split_axis]
+                idx = idx[:t.split_axis] + (slice(s.start + off, s.stop + off),) \
+                    + idx[t.split_axis + 1:]
+            cache[k] = sl[idx]
+        return cache[k]
+
+    out = jax.make_array_from_callback(tuple(shape), sharding, read)
+    if dtype is not None and out.dtype != dtype:  # cast on the device: no second host copy
+        out = _caster(jnp.dtype(dtype).name, sharding)(out)
+    # Transfers run asynchronously and hold the host buffers: finish them before the
+    # next tensor is read, so host memory stays at about one tensor.
+    jax.block_until_ready(out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _caster(dtype: str, sharding):
+    return jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)
 
 
 def _variable(model, path):
@@ -105,17 +148,6 @@ def _variable(model, path):
     for p in path:
         obj = obj[p] if isinstance(p, int) else getattr(obj, p)
     return obj
-
-
-@functools.lru_cache(maxsize=None)
-def _converter(parts: int, axis, dtype, shardings):
-    """A jitted cast (+ split) that lands each part directly in its sharding."""
-
-    def convert(x):
-        x = x if dtype is None else x.astype(dtype)
-        return tuple(jnp.split(x, parts, axis=axis)) if parts > 1 else (x,)
-
-    return jax.jit(convert, out_shardings=shardings)
 
 
 def _checkpoint_index(path: str) -> dict[str, str]:
@@ -157,10 +189,11 @@ def _listing(names, limit=8):
 def load(path: str | os.PathLike, *, dtype=None, mesh=None) -> Llama4ForCausalLM:
     """A ``Llama4ForCausalLM`` or ``Llama4ForConditionalGeneration`` directory -> the text model.
 
-    ``dtype``: cast every weight to it (on the device); None keeps each tensor's stored
-    dtype (so ``save`` writes back identical tensors). ``mesh``: a ``jax.sharding.Mesh``
-    whose ``tp``/``ep`` axes shard parameters per :func:`tensor_map`; None puts all on
-    the first device. Raises ValueError naming missing, unexpected or mis-shaped tensors.
+    ``dtype``: cast every weight to it; None keeps each tensor's stored dtype (so ``save``
+    writes back identical tensors). ``mesh``: a ``jax.sharding.Mesh`` with the axes of
+    :mod:`jaxattn.parallel` (one replica: expert x tensor); each device receives only its
+    shards, and the model runs per device on it (``model.mesh``). None puts all on the
+    first device. Raises ValueError naming missing, unexpected or mis-shaped tensors.
     """
     path = os.fspath(path)
     config = Llama4Config.from_pretrained(path)
@@ -176,6 +209,11 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None) -> Llama4ForCausalLM
                          + (f"missing tensors: {_listing(missing)}. " if missing else "")
                          + (f"unexpected tensors: {_listing(unexpected)}." if unexpected else ""))
 
+    from jaxattn.models.llama4 import sharding as sharding_lib
+
+    if mesh is not None:
+        sharding_lib.check(config, mesh)
+    table = sharding_lib.spec_table(config, mesh)
     target_dtype = None if dtype is None else jnp.dtype(dtype)
     model = nnx.eval_shape(lambda: Llama4ForCausalLM(
         config, dtype=target_dtype or jnp.float32, rngs=nnx.Rngs(0)))
@@ -189,19 +227,12 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None) -> Llama4ForCausalLM
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != t.shape:
                     raise ValueError(f"tensor {key} in {file} has shape {shape}, expected {t.shape}")
-                host = f.get_tensor(key)  # the one tensor on the host
-                shardings = tuple(_sharding(mesh, s) for s in t.specs)
-                value = jax.device_put(host, shardings[0])
-                if len(t.targets) > 1 or (target_dtype not in (None, value.dtype)):
-                    parts = _converter(len(t.targets), t.split_axis, target_dtype, shardings)(value)
-                else:
-                    parts = (value,)
-                for target, part in zip(t.targets, parts):
-                    _variable(model, target).set_value(part)
-                # Transfers run asynchronously and hold the host buffer: finish them before
-                # reading the next tensor, so host memory stays at about one tensor.
-                jax.block_until_ready(parts)
-                del host, value, parts
+                for part, target in enumerate(t.targets):
+                    sharding = (SingleDeviceSharding(jax.devices()[0]) if mesh is None else
+                                NamedSharding(mesh, table[target][0]))
+                    value = _read_sharded(f, key, t, part, sharding, target_dtype)
+                    _variable(model, target).set_value(value)
+    model.mesh = mesh
     return model
 
 

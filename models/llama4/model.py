@@ -26,7 +26,7 @@ from jaxattn import cache as kv_cache_lib
 from jaxattn import scheduler
 from jaxattn.batch import StepBatch
 from jaxattn.models.llama4.config import Llama4Config
-from jaxattn.models.llama4.moe import MLP, Linear, MoE, _normal
+from jaxattn.models.llama4.moe import MLP, NO_AXES, Axes, Linear, MoE, _normal
 
 
 class RMSNorm(nnx.Module):
@@ -84,9 +84,10 @@ class Attention(nnx.Module):
     def qkv(self, x, positions, rope):
         """x [..., P, hidden] -> q [..., P, Hq, D], k, v [..., P, Hkv, D]; positions [P]."""
         lead = x.shape[:-1]
-        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        # -1: under tensor parallelism the projections hold this device's heads only.
+        q = self.q_proj(x).reshape(*lead, -1, self.head_dim)
+        k = self.k_proj(x).reshape(*lead, -1, self.head_dim)
+        v = self.v_proj(x).reshape(*lead, -1, self.head_dim)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.qk_norm_eps is not None:  # after RoPE, RoPE layers only (HF)
@@ -98,8 +99,9 @@ class Attention(nnx.Module):
             q = (q * t[..., None, None]).astype(q.dtype)
         return q, k, v
 
-    def out(self, o):
-        return self.o_proj(o.reshape(*o.shape[:-2], -1))
+    def out(self, o, axes: Axes):
+        """Row-parallel output projection: each device's heads give a partial sum, reduced here."""
+        return self.o_proj(o.reshape(*o.shape[:-2], -1), reduce=axes.psum)
 
 
 class DecoderLayer(nnx.Module):
@@ -111,11 +113,16 @@ class DecoderLayer(nnx.Module):
         self.feed_forward = (MoE(config, dtype=dtype, rngs=rngs) if config.is_moe(layer) else
                              MLP(config, config.intermediate_size_mlp, dtype=dtype, rngs=rngs))
 
-    def __call__(self, x, positions, rope, attend):
-        """``attend(attn_module, q, k, v) -> o`` is the one part the two forwards do differently."""
+    def __call__(self, x, positions, rope, attend, axes: Axes):
+        """``attend(attn_module, q, k, v) -> o`` is the one part the two forwards do differently.
+
+        Under a mesh ``x`` is replicated over the model-parallel group: each device
+        computes its heads / columns / experts and one all-reduce per block
+        (``axes.psum``) restores the full activation.
+        """
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, rope)
-        x = x + self.self_attn.out(attend(self.self_attn, q, k, v))
-        return x + self.feed_forward(self.post_attention_layernorm(x))
+        x = x + self.self_attn.out(attend(self.self_attn, q, k, v), axes)
+        return x + axes.psum(self.feed_forward(self.post_attention_layernorm(x), axes))
 
 
 class Embedding(nnx.Module):
@@ -137,6 +144,7 @@ class Llama4ForCausalLM(nnx.Module):
 
     def __init__(self, config: Llama4Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
+        self.mesh = None  # a jax.sharding.Mesh once the weights are placed on one
         self.model = Llama4TextModel(config, dtype=dtype, rngs=rngs)
         self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, dtype=dtype, std=config.initializer_range,
@@ -146,46 +154,81 @@ class Llama4ForCausalLM(nnx.Module):
     def dtype(self):
         return self.model.embed_tokens.weight[...].dtype
 
-    def _logits(self, x):
-        """Final norm and LM head; f32 logits (the head accumulates in f32)."""
+    def _embed(self, ids, axes: Axes):
+        """Token embeddings [..., hidden]. Vocab-parallel under a mesh: each device holds a
+        contiguous block of rows, looks up the ids that fall in it (zeros elsewhere) and
+        the group sums (one id hits exactly one block, so the sum is exact)."""
+        w = self.model.embed_tokens.weight[...]
+        if not axes.vocab:
+            return w[ids]
+        rows = w.shape[0]
+        local = ids - jax.lax.axis_index(axes.vocab) * rows
+        mine = (local >= 0) & (local < rows)
+        x = jnp.where(mine[..., None], w[jnp.clip(local, 0, rows - 1)], jnp.zeros((), w.dtype))
+        return jax.lax.psum(x, axes.vocab)
+
+    def _logits(self, x, axes: Axes):
+        """Final norm and LM head; f32 logits (the head accumulates in f32). Vocab-parallel
+        under a mesh: each device's block of logits, gathered (only the rows asked for)."""
         x = self.model.norm(x)
         w = self.model.embed_tokens.weight[...] if self.lm_head is None else self.lm_head.weight[...]
-        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
+        logits = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+        if axes.vocab:
+            logits = jax.lax.all_gather(logits, axes.vocab, axis=logits.ndim - 1, tiled=True)
+        return logits
 
-    def _layers(self, x, positions, attend):
+    def _layers(self, x, positions, attend, axes: Axes):
         rope = rope_tables(self.config, positions)
         for layer in self.model.layers:
-            x = layer(x, positions, rope, attend)
+            x = layer(x, positions, rope, attend, axes)
         return x
 
     # Full-sequence forward ------------------------------------------------------------
-    def forward(self, input_ids, *, impl: str = "auto"):
-        """input_ids [B, L] int32 -> logits [B, L, vocab] f32 (causal, positions 0..L-1)."""
-        x = self.model.embed_tokens.weight[...][input_ids]  # [B, L, hidden]
+    def forward(self, input_ids, *, impl: str = "auto", axes: Axes = NO_AXES):
+        """input_ids [B, L] int32 -> logits [B, L, vocab] f32 (causal, positions 0..L-1).
+
+        ``axes``: the mesh axes when called on a device's shards inside ``shard_map``.
+        """
+        x = self._embed(input_ids, axes)  # [B, L, hidden]
         positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
 
         def attend(attn: Attention, q, k, v):
             return jaxattn.attention(q, k, v, causal=True, chunk_size=attn.chunk_size,
                                      scale=attn.scale, impl=impl)
 
-        return self._logits(self._layers(x, positions, attend))
+        return self._logits(self._layers(x, positions, attend, axes), axes)
 
     def __call__(self, input_ids, *, impl: str = "auto"):
-        return _forward_jit(self, jnp.asarray(input_ids, jnp.int32), impl)
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if self.mesh is not None:  # weights placed on a mesh (``load(mesh=)``, ``sharding.shard``)
+            from jaxattn.models.llama4 import sharding
+
+            return sharding.forward(self, input_ids, impl)
+        return _forward_jit(self, input_ids, impl)
 
     # Serving forward -------------------------------------------------------------------
+    def plans(self, bounds: jaxattn.Bounds, batch: StepBatch) -> tuple:
+        """The work plans of one step, one per attention kind in :func:`plan_kinds` order.
+
+        Built once per step (outside any ``shard_map``: the same replicated plan feeds
+        every device, whose bounds count its local heads) and shared by every layer.
+        """
+        return tuple(scheduler.plan(bounds, batch.cu_q_lens, batch.kv_lens, batch.num_seqs,
+                                    chunk_size=c) for c in plan_kinds(self.config))
+
     def step(self, kv_cache: kv_cache_lib.KVCache, batch: StepBatch, *, bounds: jaxattn.Bounds,
-             impl: str = "auto"):
+             impl: str = "auto", plans: tuple | None = None, axes: Axes = NO_AXES):
         """One engine step: new tokens of a packed batch through all layers over the paged cache.
 
         Returns (logits [S, vocab] f32 at ``batch.logits_indices``, updated cache).
-        The two work plans (global layers, chunked-local layers) are built once
-        here and shared by every layer of that kind.
+        ``plans`` (from :meth:`plans`; built here if None) are shared by every layer of
+        their kind. Inside ``shard_map`` the cache and weights are this device's
+        shards, ``bounds`` count its local heads and ``axes`` name the mesh axes.
         """
         cu, kv_lens, num_seqs = batch.cu_q_lens, batch.kv_lens, batch.num_seqs
-        chunks = {self.config.layer_chunk_size(i) for i in range(self.config.num_hidden_layers)}
-        plans = {c: scheduler.plan(bounds, cu, kv_lens, num_seqs, chunk_size=c) for c in chunks}
+        plans = dict(zip(plan_kinds(self.config),
+                         self.plans(bounds, batch) if plans is None else plans))
         new_k, new_v = [], []
 
         def attend(attn: Attention, q, k, v):
@@ -193,15 +236,35 @@ class Llama4ForCausalLM(nnx.Module):
             k_pages, v_pages = kv_cache_lib.write(kv_cache.k[i], kv_cache.v[i], k, v, batch.slots)
             new_k.append(k_pages)
             new_v.append(v_pages)
-            return jaxattn.ragged_paged_attention(
-                q, k_pages, v_pages, batch.page_table, cu, kv_lens, num_seqs, bounds=bounds,
-                scale=attn.scale, chunk_size=attn.chunk_size, impl=impl,
-                plan=plans[attn.chunk_size])
+            return _paged_attention(q, k_pages, v_pages, batch.page_table, cu, kv_lens, num_seqs,
+                                    plans[attn.chunk_size], bounds=bounds, scale=attn.scale,
+                                    chunk_size=attn.chunk_size, impl=impl)
 
-        x = self.model.embed_tokens.weight[...][batch.token_ids]  # [T, hidden]
-        x = self._layers(x, batch.positions, attend)
-        logits = self._logits(x[batch.logits_indices])  # [S, vocab]
+        x = self._embed(batch.token_ids, axes)  # [T, hidden]
+        x = self._layers(x, batch.positions, attend, axes)
+        logits = self._logits(x[batch.logits_indices], axes)  # [S, vocab]
         return logits, kv_cache_lib.KVCache(k=tuple(new_k), v=tuple(new_v))
+
+
+@functools.partial(jax.jit, static_argnames=("bounds", "scale", "chunk_size", "impl"))
+def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, plan, *,
+                     bounds, scale, chunk_size, impl):
+    """One layer's attention, as a jitted function so that layers of one kind share it.
+
+    Every chunked-local layer (and every global layer) calls this with the same shapes and
+    static arguments, so JAX traces and lowers the kernels once per kind and the module
+    calls that one function 48 times, instead of lowering (and embedding) a copy of each
+    Mosaic kernel per layer: the step's compile time then barely grows with depth.
+    """
+    return jaxattn.ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens,
+                                          num_seqs, bounds=bounds, scale=scale,
+                                          chunk_size=chunk_size, impl=impl, plan=plan)
+
+
+def plan_kinds(config: Llama4Config) -> tuple:
+    """The attention kinds of the model's layers: None (global) first, then the chunk size."""
+    chunks = {config.layer_chunk_size(i) for i in range(config.num_hidden_layers)}
+    return tuple(sorted(chunks, key=lambda c: -1 if c is None else c))
 
 
 @functools.partial(nnx.jit, static_argnums=(2,))
@@ -223,28 +286,43 @@ def _default_block_kv(chunk_size: int | None, page_size: int) -> int:
 
 
 def bounds_for(config: Llama4Config, *, max_num_seqs: int, max_num_batched_tokens: int,
-               max_model_len: int, page_size: int, **kw) -> jaxattn.Bounds:
+               max_model_len: int, page_size: int, model_parallel: int = 1,
+               **kw) -> jaxattn.Bounds:
     """The engine's static :class:`jaxattn.Bounds` for this model (heads, head_dim, chunk size).
 
-    ``kw`` passes tuning fields through (block_q, block_kv, decode_q, ...).
+    ``model_parallel``: devices the attention heads are split over (tensor x expert
+    parallel); the bounds then count one device's heads, which is what its kernels
+    see inside ``shard_map``. ``kw`` passes tuning fields through (block_q, block_kv,
+    decode_q, ...).
     """
+    hq, hkv = local_heads(config, model_parallel)
     chunked = any(config.is_chunked(i) for i in range(config.num_hidden_layers))
     chunk = config.attention_chunk_size if chunked else None
     kw.setdefault("block_kv", _default_block_kv(chunk, page_size))
     return jaxattn.Bounds(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                          max_model_len=max_model_len, page_size=page_size,
-                          num_q_heads=config.num_attention_heads,
-                          num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
-                          chunk_size=chunk, **kw)
+                          max_model_len=max_model_len, page_size=page_size, num_q_heads=hq,
+                          num_kv_heads=hkv, head_dim=config.head_dim, chunk_size=chunk, **kw)
+
+
+def local_heads(config: Llama4Config, model_parallel: int = 1) -> tuple[int, int]:
+    """(query heads, KV heads) of one device when heads are split ``model_parallel`` ways."""
+    hq, hkv = config.num_attention_heads, config.num_key_value_heads
+    if hkv % model_parallel:
+        raise ValueError(f"tensor x expert parallel size {model_parallel} must divide the "
+                         f"{hkv} KV heads (attention is split by KV head)")
+    return hq // model_parallel, hkv // model_parallel
 
 
 def cache_spec(config: Llama4Config, *, num_pages: int, page_size: int,
-               dtype=jnp.bfloat16) -> kv_cache_lib.CacheSpec:
+               dtype=jnp.bfloat16, model_parallel: int = 1) -> kv_cache_lib.CacheSpec:
     """One K and one V pool per layer; chunked-local layers keep their full KV too (they share
-    the page table with the global layers)."""
+    the page table with the global layers). ``model_parallel``: devices the KV heads are
+    split over (the spec's byte counts are then per device)."""
+    local_heads(config, model_parallel)
     return kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=num_pages,
                                   page_size=page_size, num_kv_heads=config.num_key_value_heads,
-                                  head_dim=config.head_dim, dtype=jnp.dtype(dtype).name)
+                                  head_dim=config.head_dim, dtype=jnp.dtype(dtype).name,
+                                  shards=model_parallel)
 
 
 def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str = "auto"):
@@ -254,24 +332,49 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     compiles once per T and never for a new mix of lengths. The cache is
     donated (updated in place on GPU). The weights are those of ``model`` now.
     ``step.jitted`` is the underlying jitted function (for compile counting).
+
+    With the weights on a mesh (``model.mesh``), the layers run per device inside
+    ``shard_map`` on local heads and experts (the attention kernels are custom calls
+    that XLA cannot partition), the cache is split by KV head, and ``bounds`` must
+    count one device's heads (``bounds_for(..., model_parallel=)``). The plans are
+    built once, before the ``shard_map``, and every device reads the same ones.
     """
     graphdef, state = nnx.split(model)
 
+    def local_step(state, kv_cache, batch, plans, axes=NO_AXES):
+        return nnx.merge(graphdef, state).step(kv_cache, batch, bounds=bounds, impl=impl,
+                                               plans=plans, axes=axes)
+
+    mesh = model.mesh
+    if mesh is not None:
+        from jaxattn.models.llama4 import sharding
+
+        local_step = sharding.shard_step(model, state, bounds, local_step)
+
     @functools.partial(jax.jit, donate_argnums=(1,))
     def jitted(state, kv_cache, batch):
-        return nnx.merge(graphdef, state).step(kv_cache, batch, bounds=bounds, impl=impl)
+        return local_step(state, kv_cache, batch, nnx.merge(graphdef, state).plans(bounds, batch))
 
     device = jax.devices()[0]
+    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    multi_process = jax.process_count() > 1
 
     def step(kv_cache: kv_cache_lib.KVCache, batch: StepBatch):
         # An uncommitted pool (e.g. fresh from a jit without out_shardings) has another
         # cache key than the committed pools a step returns: commit it (no copy) so the
         # first step does not compile a second time.
-        if not all(x.committed for x in kv_cache.k + kv_cache.v):
+        if mesh is None and not all(x.committed for x in kv_cache.k + kv_cache.v):
             kv_cache = jax.tree.map(
                 lambda x: x if x.committed else jax.device_put(x, device), kv_cache)
-        return jitted(state, kv_cache, StepBatch(*(np.asarray(x) if not isinstance(x, jax.Array)
-                                                   else x for x in batch)))
+        batch = StepBatch(*(x if isinstance(x, jax.Array) else np.asarray(x) for x in batch))
+        if multi_process:  # every process passes the same host batch; each puts its devices' copies
+            batch = StepBatch(*(x if isinstance(x, jax.Array) else
+                                jax.make_array_from_callback(x.shape, replicated,
+                                                             lambda i, x=x: x[i])
+                                for x in batch))
+        elif replicated is not None:
+            batch = jax.device_put(batch, replicated)
+        return jitted(state, kv_cache, batch)
 
     step.jitted = jitted
     return step

@@ -9,6 +9,8 @@ reference does the latter, with zero-scaled inputs).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,6 +18,29 @@ from jax import lax
 
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.kernels.grouped_matmul import grouped_matmul
+
+
+@dataclasses.dataclass(frozen=True)
+class Axes:
+    """The mesh axes the layer code reduces over inside ``shard_map`` (static).
+
+    Empty (the default): one device, no collectives, the unsharded model.
+    ``model``: the model-parallel group; attention heads, MLP / shared-expert
+    columns and the routed experts' partial outputs are summed over it.
+    ``expert``: the axis the routed experts are split over (each device runs
+    its own experts' tokens). ``vocab``: the axes the embedding and LM head
+    rows are split over (empty when the vocabulary does not divide).
+    """
+
+    model: tuple[str, ...] = ()
+    expert: tuple[str, ...] = ()
+    vocab: tuple[str, ...] = ()
+
+    def psum(self, x):
+        return lax.psum(x, self.model) if self.model else x
+
+
+NO_AXES = Axes()
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype):
@@ -30,10 +55,12 @@ class Linear(nnx.Module):
         self.weight = nnx.Param(_normal(rngs, (out_features, in_features), std, dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
-    def __call__(self, x, preferred_element_type=None):
+    def __call__(self, x, preferred_element_type=None, reduce=None):
+        """``reduce``: the all-reduce of a row-parallel layer, applied before the bias (once)."""
         w = self.weight[...]
         y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
                             preferred_element_type=preferred_element_type)
+        y = y if reduce is None else reduce(y)
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -46,7 +73,9 @@ class MLP(nnx.Module):
         self.up_proj = Linear(config.hidden_size, intermediate_size, **kw)
         self.down_proj = Linear(intermediate_size, config.hidden_size, **kw)
 
-    def __call__(self, x):
+    def __call__(self, x, axes: Axes = NO_AXES):
+        """Under a mesh: this device's columns of gate/up, so the result is a partial sum
+        over ``axes.model`` that the caller reduces (fused with the routed experts')."""
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -82,7 +111,9 @@ class MoE(nnx.Module):
         self.experts = Experts(config, dtype=dtype, rngs=rngs)
         self.shared_expert = MLP(config, config.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, axes: Axes = NO_AXES):
+        """Shared expert + routed experts. Under a mesh the result is a partial sum over
+        ``axes.model`` (the caller's one all-reduce also combines the experts' outputs)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         n, k = x.shape[0], self.top_k
@@ -95,8 +126,33 @@ class MoE(nnx.Module):
         order = jnp.argsort(expert, stable=True)
         rows = x[order // k] * scores.reshape(-1)[order][:, None]  # [N*k, H] sorted by expert
         group_sizes = jnp.bincount(expert, length=self.num_experts).astype(jnp.int32)
-        routed = self.experts(rows, group_sizes)
+        local_experts = self.experts.gate_proj.shape[0]
+        if local_experts == self.num_experts:
+            routed = self.experts(rows, group_sizes)
+        else:
+            routed = self._local_experts(rows, group_sizes, local_experts, axes)
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
         routed = routed[inverse].reshape(n, k, -1)  # back to token-major
         routed = routed[:, 0] if k == 1 else routed.sum(1, dtype=x.dtype)
-        return (self.shared_expert(x) + routed).reshape(shape)
+        return (self.shared_expert(x, axes) + routed).reshape(shape)
+
+    def _local_experts(self, rows, group_sizes, local_experts, axes: Axes):
+        """Expert parallelism: this device holds experts ``[first, first + local_experts)``.
+
+        Every device of the group has every token (activations are replicated for the
+        tensor-parallel attention), so dispatch needs no communication: each device
+        rotates the expert-sorted rows so that its experts' rows come first, runs its
+        grouped matmuls on them (static shapes: all M rows are passed, the kernels
+        touch only the rows of the groups), zeroes the rest and rotates back. The
+        caller's all-reduce over the group is the combine. Returns [M, H] in sorted order.
+        """
+        m = rows.shape[0]
+        first = lax.axis_index(axes.expert) * local_experts
+        local_sizes = lax.dynamic_slice_in_dim(group_sizes, first, local_experts)
+        offset = jnp.cumsum(group_sizes)[first] - group_sizes[first]  # rows of earlier experts
+        idx = (offset + jnp.arange(m, dtype=jnp.int32)) % m
+        out = self.experts(rows[idx], local_sizes)  # [M, H]: rows [0, count) are ours
+        # Rows past the groups are not written by the Mosaic kernel (undefined): select, not scale.
+        mine = jnp.arange(m) < local_sizes.sum()
+        out = jnp.where(mine[:, None], out, jnp.zeros((), out.dtype))
+        return jnp.zeros_like(out).at[idx].set(out)

@@ -144,16 +144,17 @@ def test_init_random_is_seeded():
     assert not all(np.array_equal(x, y) for x, y in zip(la, lc))
 
 
-def test_load_onto_a_mesh_uses_the_partition_specs():
-    """With a mesh, each parameter lands with its spec's NamedSharding (axes the mesh lacks
-    are replicated): the structure tensor/expert parallelism will use."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+def test_load_onto_a_one_device_mesh_runs_the_sharded_forward():
+    """A mesh of one device takes the shard_map path (collectives over size-1 axes): same
+    logits as transformers. The 8-device layouts are tested in tests/sharded (own process)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    mesh = Mesh(np.array(jax.devices()[:1]), ("tp",))
+    from jaxattn import parallel
+
+    mesh = parallel.make_mesh(parallel.ParallelConfig())
     model = llama4.load(checkpoint("moe_dense"), mesh=mesh)
+    assert model.mesh is mesh
     q = model.model.layers[0].self_attn.q_proj.weight[...]
-    gate = model.model.layers[1].feed_forward.experts.gate_proj[...]
-    assert q.sharding == NamedSharding(mesh, P("tp", None))
-    assert gate.sharding == NamedSharding(mesh, P(None, None, "tp"))  # no "ep" axis here
+    assert q.sharding == NamedSharding(mesh, P())  # size-1 axes split nothing
     e = expected("moe_dense")
     assert np.abs(np.asarray(model(e["input_ids"])) - e["logits"]).max() < 1e-4

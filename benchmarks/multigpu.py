@@ -1,0 +1,289 @@
+"""Multi-GPU run (issue 9): the full-size Scout architecture, tensor parallel over all GPUs,
+prompts past 10,000 tokens, through the serving engine.
+
+    python -m benchmarks.multigpu                 # a multi-GPU machine: TP over every GPU
+    python -m benchmarks.multigpu -tp 4 -ep 2     # another split of 8 GPUs
+    python -m benchmarks.multigpu --dry-run       # CPU: 8 simulated devices, a tiny config
+
+1. Scout's architecture (``models/llama4/configs/scout.json``: 48 layers, 16 experts, real
+   widths) with random bf16 weights drawn on the devices, each device only its shards
+   (``sharding.init_random``): no checkpoint, nothing on the host.
+2. The engine of ``python -m jaxattn.serve`` (``LLMEngine`` over ``Llama4Runner``: chunked
+   prefill, paged KV cache split by KV head, continuous batching), warmed up over its
+   token buckets; compiles are counted from then on and must stay at zero.
+3. Prompts of 8192, 9999, 10000, 10001, 16384, 32768, 65536 and 131072 tokens, each alone,
+   then all at once as one mixed concurrent batch, each decoding ``--decode-tokens``
+   greedy tokens (EOS ignored). Every request must complete.
+4. Per request: time to first token (TTFT), prefill tokens/s (prompt / TTFT), decode
+   tokens/s (tokens after the first / their time); per device: memory in use and peak;
+   the compile count after warm-up; the memory plan. JSON to ``benchmarks/results/``
+   (and ``$OUT`` when set); a table on stdout.
+
+``--dry-run`` runs the same script on the CPU with 8 simulated devices, a 4-layer toy
+model with chunk 64 and lengths scaled to it (64, 78, 79, 80, 128, 256, 512, 1024: the
+chunk boundary, just past it, 2-16 chunks), so it checks everything but the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+LENGTHS = (8192, 9999, 10000, 10001, 16384, 32768, 65536, 131072)
+DRY_LENGTHS = (64, 78, 79, 80, 128, 256, 512, 1024)
+DRY_DEVICES = 8
+# Scout's structure at toy size for --dry-run (heads, experts and vocabulary divide 8 devices).
+DRY_CONFIG = dict(
+    vocab_size=1024, hidden_size=128, intermediate_size=128, intermediate_size_mlp=256,
+    num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, head_dim=64,
+    num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1,
+    attention_chunk_size=64, floor_scale=64, max_position_embeddings=1 << 20,
+    bos_token_id=0, eos_token_id=[1], pad_token_id=2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.multigpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true",
+                   help=f"CPU, {DRY_DEVICES} simulated devices, a tiny config and scaled lengths")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="default: every device (divided by the expert parallel size)")
+    p.add_argument("--expert-parallel-size", "-ep", type=int, default=1)
+    p.add_argument("--layers", type=int, default=None,
+                   help="override num_hidden_layers (a slice of Scout; default: all 48)")
+    p.add_argument("--lengths", default=None, help="comma-separated prompt lengths")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step (default 8192; --dry-run 64)")
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--buckets", default=None,
+                   help="step sizes to compile (default 16,T: decode steps and whole prefill "
+                   "chunks; each bucket is one compile of every layer)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="KV budget per device (default: the engine's rule)")
+    p.add_argument("--impl", default="auto", choices=["auto", "reference", "mosaic"])
+    p.add_argument("--skip-alone", action="store_true", help="only the mixed batch")
+    p.add_argument("--compile-cache", default=None,
+                   help="directory for JAX's persistent compilation cache (reused across runs)")
+    p.add_argument("--out", default=RESULTS, help="directory for the JSON result")
+    p.add_argument("--tag", default="", help="suffix of the result file name")
+    return p
+
+
+def _setup_environment(dry_run: bool) -> None:
+    """Before JAX starts: simulated devices for the dry run; on GPUs let XLA use 90% of memory
+    (JAX preallocates 75% by default; the weights take most of it)."""
+    if dry_run:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = \
+                f"{flags} --xla_force_host_platform_device_count={DRY_DEVICES}".strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    else:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+
+
+def _config(args):
+    from jaxattn.models import llama4
+    from jaxattn.models.llama4 import memory
+
+    if args.dry_run:
+        d = dict(DRY_CONFIG)
+    else:
+        with open(os.path.join(memory.CONFIGS, "scout.json")) as f:
+            d = dict(json.load(f)["text_config"])
+    if args.layers:
+        d["num_hidden_layers"] = args.layers
+        d.pop("no_rope_layers", None)  # recomputed for the new depth (every 4th NoPE)
+    return llama4.Llama4Config.from_hf_dict(d)
+
+
+def device_memory() -> list[dict]:
+    import jax
+
+    out = []
+    for d in jax.local_devices():
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        stats = stats or {}
+        out.append({"device": str(d), "bytes_in_use": stats.get("bytes_in_use"),
+                    "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+                    "bytes_limit": stats.get("bytes_limit")})
+    return out
+
+
+def drive(engine, prompts: list[list[int]], decode_tokens: int) -> list[dict]:
+    """Submit every prompt at once and step the engine until all finish; per-request timings."""
+    from jaxattn.serve.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    recs = {}
+    for i, p in enumerate(prompts):
+        rid = f"r{i}-{len(p)}"
+        engine.add_request(rid, p, params, arrival_time=time.monotonic())
+        recs[rid] = {"prompt_tokens": len(p), "times": [], "tokens": [], "finish": None,
+                     "error": None}
+    while engine.has_unfinished():
+        deltas = engine.step()
+        now = time.perf_counter()
+        for d in deltas:
+            r = recs[d.request_id]
+            if d.token_ids:
+                r["times"].append(now)
+                r["tokens"].extend(d.token_ids)
+            if d.finish_reason is not None:
+                r["finish"], r["error"] = d.finish_reason, d.error
+    out = []
+    for rid, r in recs.items():
+        times = r["times"]
+        ttft = times[0] - t0 if times else None
+        dec = len(times) - 1
+        out.append({
+            "prompt_tokens": r["prompt_tokens"], "output_tokens": len(r["tokens"]),
+            "finish_reason": r["finish"], "error": r["error"], "ttft_s": ttft,
+            "prefill_tok_s": r["prompt_tokens"] / ttft if ttft else None,
+            "decode_tok_s": dec / (times[-1] - times[0]) if dec > 0 and times[-1] > times[0]
+            else None,
+            "e2e_s": times[-1] - t0 if times else None, "token_ids": r["tokens"]})
+    return out
+
+
+def run(args) -> dict:
+    import jax
+    import numpy as np
+
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from jaxattn import parallel
+    from jaxattn.models.llama4 import memory, sharding
+    from jaxattn.serve.engine import LLMEngine
+    from jaxattn.serve.model_runner import EngineShape, Llama4Runner, device_limit
+
+    config = _config(args)
+    lengths = (tuple(int(x) for x in args.lengths.split(",")) if args.lengths else
+               DRY_LENGTHS if args.dry_run else LENGTHS)
+    t = args.max_num_batched_tokens or (64 if args.dry_run else 8192)
+    buckets = (tuple(int(b) for b in args.buckets.split(",")) if args.buckets else
+               (16, t))
+    ep = args.expert_parallel_size
+    tp = args.tensor_parallel_size or jax.device_count() // ep
+    pc = parallel.ParallelConfig(tensor=tp, expert=ep)
+    mesh = parallel.replica_meshes(parallel.make_mesh(pc))[0]
+    dtype = "bfloat16"
+    max_len = -(-(max(lengths) + args.decode_tokens) // args.page_size) * args.page_size
+    shape = EngineShape(max_model_len=max_len, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=t, page_size=args.page_size,
+                        kv_cache_memory=args.kv_cache_memory)
+    res = {"date": datetime.date.today().isoformat(), "dry_run": args.dry_run,
+           "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+           "platform": jax.devices()[0].platform, "jax": jax.__version__,
+           "mesh": pc.describe(), "layers": config.num_hidden_layers,
+           "experts": config.num_local_experts, "hidden": config.hidden_size,
+           "dtype": dtype, "impl": args.impl, "max_model_len": max_len,
+           "max_num_batched_tokens": t, "buckets": list(buckets), "page_size": args.page_size,
+           "decode_tokens": args.decode_tokens, "lengths": list(lengths)}
+    usable = device_limit(list(mesh.devices.flat))
+    if usable is not None:
+        plan = memory.plan(config, pc, usable=usable, dtype=dtype, max_num_seqs=args.max_num_seqs,
+                           max_num_batched_tokens=t, max_model_len=max_len,
+                           page_size=args.page_size, kv_cache_memory=args.kv_cache_memory)
+        print(memory.describe(plan), flush=True)
+        res["memory_plan"] = {"usable": plan.usable, "weights": plan.weights,
+                              "activations": plan.activations, "kv_budget": plan.kv_budget,
+                              "kv_tokens": plan.kv_tokens, "fits": plan.fits,
+                              "reason": plan.reason}
+        if not plan.fits:
+            raise SystemExit(f"error: {plan.reason}")
+
+    t0 = time.perf_counter()
+    model = sharding.init_random(config, mesh, seed=0, dtype=dtype)
+    jax.block_until_ready(jax.tree.leaves(model))
+    res["init_s"] = time.perf_counter() - t0
+    res["memory_after_weights"] = device_memory()
+    print(f"weights drawn on {mesh.size} devices in {res['init_s']:.1f} s", flush=True)
+    runner = Llama4Runner(model, shape, impl=args.impl)
+    engine = LLMEngine(runner, None, buckets=buckets, enable_prefix_caching=False)
+    res["kv_pages"], res["kv_tokens"] = runner.num_pages, runner.num_pages * args.page_size
+    t0 = time.perf_counter()
+    engine.warmup()
+    res["warmup_s"] = time.perf_counter() - t0
+    res["compiles_warmup"] = warm = engine.compile_count
+    print(f"warm-up: {len(buckets)} buckets {buckets}, {warm} compiles, {res['warmup_s']:.1f} s; "
+          f"KV cache {res['kv_tokens']:,} tokens per replica", flush=True)
+
+    rng = np.random.default_rng(0)
+    prompts = {n: rng.integers(3, config.vocab_size, n).tolist() for n in lengths}
+    res["alone"] = {}
+    if not args.skip_alone:
+        for n in lengths:
+            (r,) = drive(engine, [prompts[n]], args.decode_tokens)
+            res["alone"][str(n)] = r
+            print(f"alone {n:>7}: TTFT {r['ttft_s']:.2f} s, prefill {r['prefill_tok_s']:,.0f} "
+                  f"tok/s, decode {r['decode_tok_s'] or 0:,.1f} tok/s", flush=True)
+    t0 = time.perf_counter()
+    preempt0 = engine.scheduler.num_preemptions
+    mixed = drive(engine, [prompts[n] for n in lengths], args.decode_tokens)
+    wall = time.perf_counter() - t0
+    res["mixed"] = {"wall_s": wall, "requests": {str(r["prompt_tokens"]): r for r in mixed},
+                    "prompt_tok_s": sum(lengths) / wall,
+                    "preemptions": engine.scheduler.num_preemptions - preempt0}
+    print(f"mixed batch of {len(lengths)}: {wall:.1f} s, "
+          f"{res['mixed']['preemptions']} preemptions", flush=True)
+    res["memory_end"] = device_memory()
+    res["compiles_after_warmup"] = engine.compile_count - warm
+    every = list(res["alone"].values()) + mixed
+    res["all_completed"] = all(r["finish_reason"] == "length" and r["error"] is None
+                               and r["output_tokens"] == args.decode_tokens for r in every)
+    if res["alone"]:
+        res["mixed_equals_alone"] = {str(r["prompt_tokens"]): r["token_ids"] ==
+                                     res["alone"][str(r["prompt_tokens"])]["token_ids"]
+                                     for r in mixed}
+    return res
+
+
+def table(res: dict) -> str:
+    gib = 2**30
+    lines = [f"{res['mesh']} on {res['num_devices']} x {res['device']}, {res['layers']} layers, "
+             f"{res['dtype']}, attention {res['impl']}; warm-up {res['warmup_s']:.0f} s "
+             f"({res['compiles_warmup']} compiles), compiles after warm-up: "
+             f"{res['compiles_after_warmup']}, all completed: {res['all_completed']}", "",
+             "| prompt | alone TTFT s | alone prefill tok/s | alone decode tok/s | "
+             "mixed TTFT s | mixed decode tok/s |", "|---|---|---|---|---|---|"]
+    f = lambda x, spec: "-" if x is None else format(x, spec)
+    for n in res["lengths"]:
+        a = res["alone"].get(str(n), {})
+        m = res["mixed"]["requests"].get(str(n), {})
+        lines.append(f"| {n} | {f(a.get('ttft_s'), '.2f')} | {f(a.get('prefill_tok_s'), ',.0f')} | "
+                     f"{f(a.get('decode_tok_s'), ',.1f')} | {f(m.get('ttft_s'), '.2f')} | "
+                     f"{f(m.get('decode_tok_s'), ',.1f')} |")
+    peaks = [d["peak_bytes_in_use"] for d in res["memory_end"] if d["peak_bytes_in_use"]]
+    if peaks:
+        lines += ["", f"peak memory per device: {min(peaks) / gib:.1f}-{max(peaks) / gib:.1f} GiB "
+                  f"(limit {res['memory_end'][0]['bytes_limit'] / gib:.1f} GiB)"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_environment(args.dry_run)
+    res = run(args)
+    print(table(res), flush=True)
+    name = f"multigpu-{res['date']}{'-dryrun' if args.dry_run else ''}{args.tag}.json"
+    for d in {args.out, os.environ.get("OUT")} - {None}:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, name), "w") as fh:
+            json.dump(res, fh, indent=2)
+    print(f"wrote {os.path.join(args.out, name)}", flush=True)
+    ok = res["all_completed"] and res["compiles_after_warmup"] == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Per-device memory of a Llama 4 deployment: weights, KV cache, activations, KV capacity.
+
+What the engine will allocate, computed from the config and the mesh alone (no
+device, no checkpoint), so a configuration that cannot fit is refused before
+anything loads:
+
+* **weights**: every parameter's shard size on this mesh, from the same spec
+  table the loader places tensors with (exact, not an estimate).
+* **KV cache**: the engine's rule: ``--kv-cache-memory`` if given, else 0.8 of
+  what the weights leave free, less if the activations would not fit beside
+  it (:func:`default_kv_budget`); one token costs ``2 * layers * (Hkv / devices)
+  * head_dim * itemsize`` bytes per device.
+* **activations** (an estimate): the live buffers of one step at the largest
+  bucket (``max_num_batched_tokens`` tokens, ``max_num_seqs`` logit rows): the
+  residual stream, the widest of the attention / MoE / MLP phases of one
+  layer, the gathered logits and the sampler's sort. It is an upper-side
+  estimate of XLA's buffers, not a measurement.
+* **reserve**: a fixed allowance for what is outside the formulas (collective
+  buffers, library workspaces, the compiled programs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+from jax.sharding import AbstractMesh
+
+from jaxattn import cache as kv_cache_lib
+from jaxattn import parallel
+from jaxattn.models.llama4.config import Llama4Config
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+GiB = 2**30
+# Memory per GPU as nvidia-smi reports it (H100 SXM 80 GB HBM3; H200 141 GB HBM3e).
+GPUS = {"h100": 81559 * 2**20, "h200": 143771 * 2**20}
+# JAX preallocates this fraction of GPU memory for XLA unless XLA_PYTHON_CLIENT_MEM_FRACTION says.
+JAX_DEFAULT_MEM_FRACTION = 0.75
+DEFAULT_RESERVE = 1 * GiB
+ENGINE_KV_FRACTION = 0.8  # the engine's default KV budget: this fraction of the free memory
+
+
+def named_config(name: str) -> Llama4Config:
+    """A config by fixture name (``scout``), a ``config.json`` path or a checkpoint directory."""
+    path = os.path.join(CONFIGS, f"{name}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return Llama4Config.from_hf_dict(json.load(f))
+    if os.path.exists(name):
+        return Llama4Config.from_pretrained(name)
+    known = sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".json"))
+    raise ValueError(f"unknown config {name!r}: give a config.json, a checkpoint directory or "
+                     f"one of {known}")
+
+
+def mem_fraction() -> float:
+    """The fraction of GPU memory XLA may use in this process (JAX's preallocation setting)."""
+    return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_DEFAULT_MEM_FRACTION))
+
+
+def _abstract_mesh(pc: parallel.ParallelConfig) -> AbstractMesh:
+    return AbstractMesh((pc.expert, pc.tensor), parallel.MODEL)
+
+
+def weight_bytes(config: Llama4Config, pc: parallel.ParallelConfig, dtype="bfloat16") -> int:
+    """Bytes of weights on one device (exact: each parameter's shard on this mesh)."""
+    from jaxattn.models.llama4 import sharding
+
+    mesh = _abstract_mesh(pc)
+    sharding.check(config, mesh)
+    itemsize = np.dtype(_np_dtype(dtype)).itemsize
+    total = 0
+    for spec, shape in sharding.spec_table(config, mesh).values():
+        n = int(np.prod(shape, dtype=np.int64))
+        for entry in spec:
+            names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+            n //= parallel.axis_size(mesh, names)
+        total += n * itemsize
+    return total
+
+
+def _np_dtype(dtype):
+    import jax.numpy as jnp
+
+    return jnp.dtype(dtype)
+
+
+def kv_bytes_per_token(config: Llama4Config, pc: parallel.ParallelConfig, dtype="bfloat16") -> int:
+    spec = kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=1, page_size=1,
+                                  num_kv_heads=config.num_key_value_heads,
+                                  head_dim=config.head_dim, dtype=_np_dtype(dtype).name,
+                                  shards=pc.model)
+    return spec.bytes_per_page
+
+
+def activation_bytes(config: Llama4Config, pc: parallel.ParallelConfig, *, num_tokens: int,
+                     num_seqs: int, dtype="bfloat16") -> int:
+    """Estimated peak of one step's live buffers on one device (see the module docstring)."""
+    b = np.dtype(_np_dtype(dtype)).itemsize
+    t, s, h, d = num_tokens, num_seqs, config.hidden_size, config.head_dim
+    n, tp = pc.model, pc.tensor
+    hq, hkv = config.num_attention_heads // n, config.num_key_value_heads // n
+    k = config.num_experts_per_tok
+    vocab_local = config.vocab_size // n if config.vocab_size % n == 0 else config.vocab_size
+    residual = 3 * t * h * b  # x, the normed input, the block's output before the add
+    # q/k/v in the model dtype plus RoPE's f32 copies; output tile and its f32 log-sum-exp.
+    attention = t * (hq + 2 * hkv) * d * (b + 4) + t * hq * d * b + t * hq * 4 + 2 * t * h * b
+    moe = 0
+    if config.moe_layers:
+        inter_expert = config.intermediate_size // tp
+        inter_shared = config.intermediate_size // n
+        # sorted rows, their rotation, the experts' output and its scatter back; gate, up and
+        # their product; the shared expert's three; router logits (f32).
+        moe = (4 * t * k * h * b + 3 * t * k * inter_expert * b + 3 * t * inter_shared * b
+               + t * config.num_local_experts * 4)
+    dense = 3 * t * (config.intermediate_size_mlp // n) * b
+    logits = s * vocab_local * 4 + s * config.vocab_size * 4
+    sampler = 4 * s * config.vocab_size * 4  # the top-k/top-p sort: values, ids, probs, cumsum
+    return residual + max(attention, moe, dense) + logits + sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """One device's memory for a config on a mesh; byte counts are per device."""
+
+    config: Llama4Config
+    pc: parallel.ParallelConfig
+    label: str  # the device, e.g. "h100 (79.6 GiB)"
+    usable: int  # what XLA may allocate on the device
+    weights: int
+    activations: int
+    reserve: int
+    kv_budget: int
+    kv_bytes_per_token: int
+    page_size: int
+    max_model_len: int
+    why_not: str | None = None  # set when the configuration cannot run at all
+
+    @property
+    def kv_pages(self) -> int:
+        return max(0, self.kv_budget) // (self.kv_bytes_per_token * self.page_size)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.kv_pages * self.page_size
+
+    @property
+    def full_length_sequences(self) -> int:
+        return self.kv_pages // -(-self.max_model_len // self.page_size)
+
+    @property
+    def total(self) -> int:
+        return self.weights + max(0, self.kv_budget) + self.activations + self.reserve
+
+    @property
+    def reason(self) -> str | None:
+        """Why this cannot run (None when it fits), as one line naming what to change."""
+        if self.why_not:
+            return self.why_not
+        head = (f"{self.pc.describe()} on {self.label}: "
+                f"{_gib(self.weights)} of weights per device")
+        step = self.activations + self.reserve
+        if self.weights >= self.usable:
+            return (f"{head} exceed the {_gib(self.usable)} XLA may use; use more devices "
+                    "(--tensor-parallel-size / --expert-parallel-size)")
+        if self.weights + step > self.usable:
+            return (f"{head} + {_gib(step)} of activations and reserve exceed the "
+                    f"{_gib(self.usable)} XLA may use; use more devices or lower "
+                    f"--max-num-batched-tokens{_fraction_hint()}")
+        if self.total > self.usable:
+            return (f"{head}: the KV cache budget {_gib(self.kv_budget)} + activations and "
+                    f"reserve {_gib(step)} exceed the {_gib(self.usable)} XLA may use; lower "
+                    "--kv-cache-memory")
+        need = -(-self.max_model_len // self.page_size)
+        if self.kv_pages < need:
+            return (f"{head}: the KV cache ({_gib(self.kv_budget)}, {self.kv_tokens:,} tokens) "
+                    f"cannot hold one sequence of --max-model-len {self.max_model_len:,}; lower "
+                    f"--max-model-len or use more devices{_fraction_hint()}")
+        return None
+
+    @property
+    def fits(self) -> bool:
+        return self.reason is None
+
+
+def _gib(x: int) -> str:
+    return f"{x / GiB:.1f} GiB"
+
+
+def _fraction_hint() -> str:
+    f = mem_fraction()
+    return (f", or let XLA use more of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9; now {f:.2f})"
+            if f < 0.9 else "")
+
+
+def default_kv_budget(free: int, step_bytes: int) -> int:
+    """The engine's KV budget without ``--kv-cache-memory``: 0.8 of the free memory, and
+    never so much that one step's activations (+ reserve) no longer fit beside it."""
+    return int(min(ENGINE_KV_FRACTION * free, free - step_bytes))
+
+
+def plan(config: Llama4Config, pc: parallel.ParallelConfig, *, usable: int, label: str = "",
+         dtype="bfloat16", kv_dtype=None, max_num_seqs: int = 64,
+         max_num_batched_tokens: int = 8192, max_model_len: int = 131072, page_size: int = 16,
+         kv_cache_memory=None, reserve: int = DEFAULT_RESERVE) -> MemoryPlan:
+    """The memory of one device of a replica. ``usable``: bytes XLA may allocate on it."""
+    try:
+        weights = weight_bytes(config, pc, dtype)
+    except ValueError as e:
+        return MemoryPlan(config, pc, label, usable, 0, 0, reserve, 0, 1, page_size,
+                          max_model_len, why_not=str(e))
+    act = activation_bytes(config, pc, num_tokens=max_num_batched_tokens, num_seqs=max_num_seqs,
+                           dtype=dtype)
+    per_token = kv_bytes_per_token(config, pc, kv_dtype or dtype)
+    free = usable - weights
+    if kv_cache_memory is None:
+        kv = default_kv_budget(free, act + reserve)
+    else:
+        kv = kv_cache_lib.parse_budget(kv_cache_memory, max(free, 1))
+    return MemoryPlan(config, pc, label or _gib(usable), usable, weights, act, reserve, kv,
+                      per_token, page_size, max_model_len)
+
+
+def gpu_plan(config: Llama4Config, pc: parallel.ParallelConfig, gpu: str, *,
+             fraction: float | None = None, **kw) -> MemoryPlan:
+    """``plan`` for a named GPU (``h100``/``h200``) at XLA's memory fraction."""
+    fraction = mem_fraction() if fraction is None else fraction
+    total = GPUS[gpu]
+    return plan(config, pc, usable=int(total * fraction),
+                label=f"{gpu.upper()} {total / GiB:.1f} GiB x {fraction:.2f}", **kw)
+
+
+HEADER = ("mesh", "device (usable)", "weights", "KV cache", "activations+reserve", "total",
+          "KV tokens", "full-length seqs", "verdict")
+
+
+def table(plans: list[MemoryPlan]) -> str:
+    """A markdown table, per device."""
+    rows = [HEADER, tuple("---" for _ in HEADER)]
+    for p in plans:
+        ok = p.fits
+        rows.append((
+            p.pc.describe(), p.label, "-" if p.why_not else _gib(p.weights),
+            _gib(max(0, p.kv_budget)) if ok else "-",
+            _gib(p.activations + p.reserve), _gib(p.total) if ok else "-",
+            f"{p.kv_tokens:,}" if ok else "-",
+            f"{p.full_length_sequences} x {p.max_model_len:,}" if ok else "-",
+            "fits" if ok else "REFUSED"))
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def describe(p: MemoryPlan) -> str:
+    """A few lines for one plan (the engine's ``--plan-memory``)."""
+    if p.why_not:
+        return f"{p.pc.describe()} ({p.pc.world} devices): REFUSED: {p.why_not}"
+    lines = [f"{p.pc.describe()} ({p.pc.world} devices) on {p.label}, per device:",
+             f"  weights      {_gib(p.weights)}",
+             f"  KV cache     {_gib(max(0, p.kv_budget))} = {p.kv_tokens:,} tokens "
+             f"({p.kv_bytes_per_token:,} B/token), {p.full_length_sequences} sequences of "
+             f"{p.max_model_len:,}",
+             f"  activations  {_gib(p.activations)} (estimate) + reserve {_gib(p.reserve)}",
+             f"  total        {_gib(p.total)} of {_gib(p.usable)}"]
+    lines.append("  verdict      " + ("fits" if p.fits else f"REFUSED: {p.reason}"))
+    return "\n".join(lines)

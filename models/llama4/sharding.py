@@ -1,0 +1,248 @@
+"""Llama 4 on a device mesh: where each parameter lives and the per-device forwards.
+
+Layout (mesh axes from :mod:`jaxattn.parallel`; ``MODEL`` = expert x tensor):
+
+=====================================  ===========================================
+q/k/v_proj ``[heads*D, H]``            rows (heads) over ``MODEL``: column parallel
+o_proj ``[H, heads*D]``                columns over ``MODEL``: row parallel, psum
+dense MLP, shared expert               gate/up rows, down columns over ``MODEL``
+routed experts ``[E, H, I]``           E over ``expert``, I over ``tensor``
+router, norms                          replicated (small)
+embed_tokens, lm_head ``[V, H]``       rows (vocabulary) over ``MODEL`` when V divides
+KV pools ``[pages, page, Hkv, D]``     KV heads over ``MODEL``
+=====================================  ===========================================
+
+The layer code runs per device inside ``shard_map`` (the Mosaic attention and
+grouped-matmul kernels are custom calls XLA cannot partition), on its local
+heads / columns / experts, with one all-reduce after attention and one after
+the feed-forward block (see ``DecoderLayer``). The specs come from the loader's
+table (:func:`jaxattn.models.llama4.loader.tensor_map`), the one place that
+says where each tensor goes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxattn import cache as kv_cache_lib
+from jaxattn import parallel
+from jaxattn.models.llama4.config import Llama4Config
+from jaxattn.models.llama4.loader import tensor_map
+from jaxattn.models.llama4.model import Llama4ForCausalLM, local_heads
+from jaxattn.models.llama4.moe import Axes
+
+# Embedding / LM head rows: split over the group only when the vocabulary divides.
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def group_size(mesh: Mesh | None) -> int:
+    """Devices of the model-parallel group (the ways heads are split)."""
+    return parallel.axis_size(mesh, parallel.MODEL)
+
+
+def vocab_parallel(config: Llama4Config, mesh: Mesh | None) -> bool:
+    n = group_size(mesh)
+    return n > 1 and config.vocab_size % n == 0
+
+
+def axes_for(config: Llama4Config, mesh: Mesh | None) -> Axes:
+    """The static :class:`Axes` the layer code reduces over on this mesh."""
+    if mesh is None:
+        return Axes()
+    model = parallel.model_axes(mesh)
+    expert = tuple(a for a in (parallel.EXPERT,) if a in mesh.axis_names)
+    return Axes(model=model, expert=expert,
+                vocab=model if vocab_parallel(config, mesh) else ())
+
+
+def check(config: Llama4Config, mesh: Mesh) -> None:
+    """ValueError naming the flag when the model cannot be split this way."""
+    tp = parallel.axis_size(mesh, parallel.TENSOR)
+    ep = parallel.axis_size(mesh, parallel.EXPERT)
+    n = tp * ep
+    if parallel.axis_size(mesh, parallel.DATA) > 1:
+        raise ValueError("a model step runs on one data-parallel replica: pass one of "
+                         "parallel.replica_meshes(mesh)")
+    flags = f"--tensor-parallel-size {tp} x --expert-parallel-size {ep} = {n}"
+    if config.num_key_value_heads % n:
+        raise ValueError(f"{flags} must divide num_key_value_heads={config.num_key_value_heads} "
+                         "(attention and the KV cache are split by KV head)")
+    if config.moe_layers and config.num_local_experts % ep:
+        raise ValueError(f"--expert-parallel-size {ep} must divide num_local_experts="
+                         f"{config.num_local_experts}")
+    if config.moe_layers and config.intermediate_size % n:
+        raise ValueError(f"{flags} must divide intermediate_size={config.intermediate_size} "
+                         "(expert and shared-expert columns)")
+    dense = any(not config.is_moe(i) for i in range(config.num_hidden_layers))
+    if dense and config.intermediate_size_mlp % n:
+        raise ValueError(f"{flags} must divide intermediate_size_mlp="
+                         f"{config.intermediate_size_mlp} (dense MLP columns)")
+
+
+def resolve(spec: P, shape, mesh: Mesh | None, *, name: str = "tensor") -> P:
+    """A table spec on this mesh: axes the mesh lacks or of size 1 dropped, divisibility checked."""
+    if mesh is None:
+        return P()
+    out = []
+    for dim, entry in enumerate(spec):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        names = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
+        n = int(np.prod([mesh.shape[a] for a in names], dtype=np.int64))
+        if shape[dim] % n:
+            raise ValueError(f"{name}: dimension {dim} ({shape[dim]}) does not split over "
+                             f"mesh axes {names} ({n} devices)")
+        out.append(None if not names else names[0] if len(names) == 1 else names)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+@functools.lru_cache(maxsize=16)
+def spec_table(config: Llama4Config, mesh: Mesh | None) -> dict[tuple, tuple[P, tuple]]:
+    """Model attribute path -> (PartitionSpec on this mesh, global shape), every parameter."""
+    out = {}
+    vocab = vocab_parallel(config, mesh)
+    for t in tensor_map(config):
+        shape = list(t.shape)
+        if t.split_axis is not None:
+            shape[t.split_axis] //= len(t.targets)
+        for target, spec in zip(t.targets, t.specs):
+            if t.name in VOCAB_TENSORS and not vocab:
+                spec = P()
+            out[target] = (resolve(spec, shape, mesh, name=t.name), tuple(shape))
+    return out
+
+
+def _attr_path(path) -> tuple:
+    keys = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            keys.append(k.key)
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            keys.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            keys.append(k.idx)
+    return tuple(keys[:-1]) if keys and keys[-1] == "value" else tuple(keys)
+
+
+def state_specs(state, config: Llama4Config, mesh: Mesh | None):
+    """A tree like ``state`` (from ``nnx.split``) with each parameter's PartitionSpec."""
+    table = spec_table(config, mesh)
+
+    def spec(path, _):
+        key = _attr_path(path)
+        if key not in table:
+            raise KeyError(f"parameter {'.'.join(map(str, key))} has no entry in tensor_map")
+        return table[key][0]
+
+    return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def kv_sharding(mesh: Mesh) -> NamedSharding:
+    """KV pools ``[num_pages, page_size, Hkv, D]``: KV heads over the model-parallel group."""
+    axes = tuple(a for a in parallel.model_axes(mesh) if mesh.shape[a] > 1)
+    # No trailing None: a step returns the pools with the normalised spec, and an equal but
+    # differently spelled input spec would be another compile-cache key (a second compile).
+    return NamedSharding(mesh, P(None, None, axes) if axes else P())
+
+
+def shard(model: Llama4ForCausalLM, mesh: Mesh) -> Llama4ForCausalLM:
+    """Place an existing model's parameters on ``mesh`` (tests, small models); returns it."""
+    check(model.config, mesh)
+    graphdef, state = nnx.split(model)
+    specs = state_specs(state, model.config, mesh)
+    state = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, specs)
+    nnx.update(model, state)
+    model.mesh = mesh
+    return model
+
+
+def init_random(config: Llama4Config, mesh: Mesh, *, seed: int = 0,
+                dtype=jnp.bfloat16) -> Llama4ForCausalLM:
+    """Random weights generated on the devices, each device drawing only its shards.
+
+    For models too large for one host or device (the full-size Scout benchmark).
+    Norm weights are ones, biases zeros, the rest normal(0, initializer_range), as
+    ``init_random``; the values differ from it (another key per parameter).
+    """
+    check(config, mesh)
+    abstract = nnx.eval_shape(lambda: Llama4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    table = spec_table(config, mesh)
+    key = jax.random.key(seed)
+    counter = iter(range(1 << 30))
+
+    def make(path, leaf):
+        attr = _attr_path(path)
+        spec, _ = table[attr]
+        kind = ("ones" if any(str(a).endswith("norm") for a in attr) else
+                "zeros" if attr[-1] == "bias" else "normal")
+        return _random(kind, tuple(leaf.shape), jnp.dtype(leaf.dtype).name,
+                       float(config.initializer_range), NamedSharding(mesh, spec))(
+            jax.random.fold_in(key, next(counter)))
+
+    state = jax.tree_util.tree_map_with_path(make, state)
+    model = nnx.merge(graphdef, state)
+    model.mesh = mesh
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _random(kind, shape, dtype, std, sharding):
+    def make(key):
+        if kind == "ones":
+            return jnp.ones(shape, dtype)
+        if kind == "zeros":
+            return jnp.zeros(shape, dtype)
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    return jax.jit(make, out_shardings=sharding)
+
+
+def shard_step(model: Llama4ForCausalLM, state, bounds, local_step):
+    """``local_step(state, kv, batch, plans, axes=)`` as a ``shard_map`` over ``model.mesh``.
+
+    Weights and KV pools enter as each device's shards; the batch and the plans
+    are replicated. Logits come out replicated (gathered over the vocabulary).
+    """
+    config, mesh = model.config, model.mesh
+    check(config, mesh)
+    hq, hkv = local_heads(config, group_size(mesh))
+    if (bounds.num_q_heads, bounds.num_kv_heads) != (hq, hkv):
+        raise ValueError(f"bounds count {bounds.num_q_heads}/{bounds.num_kv_heads} heads but one "
+                         f"device of this mesh has {hq}/{hkv}: build them with "
+                         f"bounds_for(..., model_parallel={group_size(mesh)})")
+    kv = kv_sharding(mesh).spec
+    n = config.num_hidden_layers
+    kv_specs = kv_cache_lib.KVCache(k=(kv,) * n, v=(kv,) * n)
+    return jax.shard_map(functools.partial(local_step, axes=axes_for(config, mesh)), mesh=mesh,
+                         in_specs=(state_specs(state, config, mesh), kv_specs, P(), P()),
+                         out_specs=(P(), kv_specs), check_vma=False)
+
+
+_FORWARDS: dict = {}
+
+
+def forward(model: Llama4ForCausalLM, input_ids, impl: str):
+    """The full-sequence forward of a model on a mesh (``model(input_ids)`` calls this)."""
+    graphdef, state = nnx.split(model)
+    fn = _FORWARDS.get((graphdef, impl))
+    if fn is None:
+        axes = axes_for(model.config, model.mesh)
+
+        def local(state, ids):
+            return nnx.merge(graphdef, state).forward(ids, impl=impl, axes=axes)
+
+        fn = jax.jit(jax.shard_map(
+            local, mesh=model.mesh, in_specs=(state_specs(state, model.config, model.mesh), P()),
+            out_specs=P(), check_vma=False))
+        if len(_FORWARDS) > 8:
+            _FORWARDS.clear()
+        _FORWARDS[(graphdef, impl)] = fn
+    return fn(state, input_ids)

@@ -1,0 +1,33 @@
+"""benchmarks/multigpu.py --dry-run: the issue-9 script end to end on 8 simulated devices."""
+
+import json
+import os
+
+from benchmarks import multigpu
+
+
+def test_dry_run_serves_every_length_alone_and_mixed(tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    assert multigpu.main(["--dry-run", "--decode-tokens", "4", "--out", str(tmp_path)]) == 0
+    (name,) = os.listdir(tmp_path)
+    with open(tmp_path / name) as f:
+        res = json.load(f)
+    assert res["mesh"] == "TP=8 EP=1 DP=1" and res["num_devices"] == 8
+    assert res["all_completed"] and res["compiles_after_warmup"] == 0
+    assert set(res["alone"]) == set(res["mixed"]["requests"]) == {str(n) for n in
+                                                                  multigpu.DRY_LENGTHS}
+    for r in list(res["alone"].values()) + list(res["mixed"]["requests"].values()):
+        assert r["output_tokens"] == 4 and r["ttft_s"] > 0 and r["prefill_tok_s"] > 0
+    # Greedy tokens do not depend on what else is in the batch.
+    assert all(res["mixed_equals_alone"].values())
+
+
+def test_dry_run_expert_parallel_mixed_only(tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    assert multigpu.main(["--dry-run", "-tp", "2", "-ep", "4", "--skip-alone", "--decode-tokens",
+                          "2", "--lengths", "64,79,200", "--out", str(tmp_path)]) == 0
+    (name,) = os.listdir(tmp_path)
+    with open(tmp_path / name) as f:
+        res = json.load(f)
+    assert res["mesh"] == "TP=2 EP=4 DP=1" and res["all_completed"]
+    assert res["compiles_after_warmup"] == 0 and len(res["mixed"]["requests"]) == 3
