@@ -2,8 +2,7 @@
 # The one GPU entry point (`make gpu`, or through the device tool): installs the
 # project offline, runs the GPU tests (pytest -m gpu) and the benchmarks, and
 # writes JSON/markdown/PNG into benchmarks/results/ (and $OUT when set).
-#   bash benchmarks/gpu.sh [tests|prefill|decode|model|serving|sweep|soak|all] ...
-#   bash benchmarks/gpu.sh [tests|prefill|decode|model|serving|all|multigpu] ...
+#   bash benchmarks/gpu.sh [tests|prefill|decode|model|serving|sweep|soak|all|multigpu] ...
 # (multigpu is not part of all: it needs a machine with several GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +13,7 @@ fi
 python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS"
+started=$(mktemp)  # files newer than this are this run's results
 status=0
 for what in "${@:-all}"; do
   case $what in
@@ -29,5 +29,6 @@ for what in "${@:-all}"; do
     *) ;;
   esac
 done
-[ -n "${OUT:-}" ] && cp -r "$RESULTS"/. "$OUT"/ 2>/dev/null
+# Only this run's files go to $OUT (the device tool brings back a handful of files).
+[ -n "${OUT:-}" ] && find "$RESULTS" -type f -newer "$started" -exec cp {} "$OUT"/ \;
 exit $status

@@ -167,7 +167,7 @@ class Llama4ForCausalLM(nnx.Module):
         x = jnp.where(mine[..., None], w[jnp.clip(local, 0, rows - 1)], jnp.zeros((), w.dtype))
         return jax.lax.psum(x, axes.vocab)
 
-    def _logits(self, x, axes: Axes):
+    def _logits(self, x, axes: Axes = NO_AXES):
         """Final norm and LM head; f32 logits (the head accumulates in f32). Vocab-parallel
         under a mesh: each device's block of logits, gathered (only the rows asked for)."""
         x = self.model.norm(x)
@@ -178,7 +178,7 @@ class Llama4ForCausalLM(nnx.Module):
             logits = jax.lax.all_gather(logits, axes.vocab, axis=logits.ndim - 1, tiled=True)
         return logits
 
-    def _layers(self, x, positions, attend, axes: Axes):
+    def _layers(self, x, positions, attend, axes: Axes = NO_AXES):
         rope = rope_tables(self.config, positions)
         for layer in self.model.layers:
             x = layer(x, positions, rope, attend, axes)
