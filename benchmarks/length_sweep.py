@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -44,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+from benchmarks.common import write_json
+
 LOGPROBS = 5
 
 
@@ -467,12 +467,7 @@ def main(argv=None) -> int:
     summary = run_sweep(engine, runner, model, spec, deadline_s=args.deadline,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     summary["model_dir"] = model_dir or "embedded tiny model"
-    os.makedirs(RESULTS, exist_ok=True)
-    name = "length-sweep-cpu.json" if args.cpu else "length-sweep.json"
-    for path in [os.path.join(RESULTS, name)] + (
-            [os.path.join(os.environ["OUT"], name)] if os.environ.get("OUT") else []):
-        with open(path, "w") as f:
-            json.dump(summary, f, indent=2)
+    write_json("length-sweep-cpu.json" if args.cpu else "length-sweep.json", summary)
     print(table(summary))
     return 0 if summary["passed"] else 1
 

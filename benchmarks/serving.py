@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+from benchmarks.common import wait_healthy, write_json
 
 # Scout's structure (3 chunked-local RoPE layers then 1 global NoPE, MoE with 16 experts
 # top-1 + shared expert, 202048-token vocabulary, 5:1 GQA, head_dim 128) at ~1.4B parameters.
@@ -144,8 +144,6 @@ def _free_port() -> int:
 
 
 def run_ours(args, model_dir, workloads) -> dict:
-    import httpx
-
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "jaxattn.serve", "--port", str(port), "--log-level", "warning",
@@ -160,17 +158,7 @@ def run_ours(args, model_dir, workloads) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - t0 > args.start_timeout:
-                raise RuntimeError("the server did not start in time")
-            time.sleep(0.5)
+        wait_healthy(proc, url, args.start_timeout)
         out = {"startup_s": time.perf_counter() - t0}
         compiles = _metric(url, "jaxattn_compiles")
         # A short warm-up load (first-request effects: connection set-up, host caches).
@@ -299,14 +287,10 @@ def main(argv=None) -> int:
                            check=True)
     result = {"config": {k: v for k, v in vars(args).items() if k != "make_model"},
               "model": None if args.smoke else BENCH_CONFIG, "model_write_s": time.perf_counter() - t0}
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "serving-smoke.json" if args.smoke else "serving.json")
+    name = "serving-smoke.json" if args.smoke else "serving.json"
 
     def save():  # after each part, so a run cut short still leaves what it measured
-        for p in [path] + ([os.path.join(os.environ["OUT"], os.path.basename(path))]
-                           if os.environ.get("OUT") else []):
-            with open(p, "w") as f:
-                json.dump(result, f, indent=2)
+        write_json(name, result)
 
     result["jaxattn"] = run_ours(args, model_dir, workloads)
     save()

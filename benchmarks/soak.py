@@ -37,7 +37,8 @@ import time
 
 import numpy as np
 
-from benchmarks.serving import RESULTS, _free_port, _metric
+from benchmarks.common import wait_healthy, write_json
+from benchmarks.serving import _free_port, _metric
 
 RSS_TOLERANCE_FRAC = 0.05
 RSS_TOLERANCE_MIB = 64
@@ -337,8 +338,6 @@ def rss_of(pid: int):
 
 # The command line: spawn the server, soak it, stop it with SIGTERM -----------------------------
 def main(argv=None) -> int:
-    import httpx
-
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true",
@@ -380,21 +379,12 @@ def main(argv=None) -> int:
         proc = subprocess.Popen([sys.executable, "-m", "jaxattn.serve", "--port", str(port),
                                  "--log-level", "warning", *server_args])
         rss = rss_of(proc.pid)
-        t0 = time.perf_counter()
-        while True:
-            if proc.poll() is not None:
-                print(f"soak: the server exited with {proc.returncode}", file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - t0 > args.start_timeout:
-                proc.kill()
-                print("soak: the server did not start in time", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+        try:
+            wait_healthy(proc, url, args.start_timeout)
+        except RuntimeError as e:
+            proc.kill()
+            print(f"soak: {e}", file=sys.stderr)
+            return 1
     try:
         summary = asyncio.run(run_soak(url, cfg, rss))
     finally:
@@ -410,12 +400,7 @@ def main(argv=None) -> int:
         summary["sigterm"] = {"exit_code": code, "seconds": time.perf_counter() - t0}
         summary["passed"] = summary["passed"] and code == 0
     summary["server_args"] = server_args if proc is not None else None
-    os.makedirs(RESULTS, exist_ok=True)
-    name = "soak-cpu.json" if args.cpu else "soak.json"
-    for path in [os.path.join(RESULTS, name)] + (
-            [os.path.join(os.environ["OUT"], name)] if os.environ.get("OUT") else []):
-        with open(path, "w") as f:
-            json.dump(summary, f, indent=2)
+    write_json("soak-cpu.json" if args.cpu else "soak.json", summary)
     print(table(summary))
     return 0 if summary["passed"] else 1
 
