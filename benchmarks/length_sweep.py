@@ -64,6 +64,11 @@ class SweepSpec:
     ref_samples: int = 24
     ref_rtol: float = 1e-4  # relative L2 error of the logits vs the reference forward
     lp_atol: float = 1e-3  # packed vs single top logprobs
+    # bf16 only: a packed batch has other matmul shapes than the single run, so other
+    # rounding, and top-1 routing turns a router near-tie into another expert for that
+    # token. Up to ``flip_frac`` of the packed requests may differ by up to ``flip_atol``.
+    flip_atol: float = 0.0
+    flip_frac: float = 0.0
     impl: str = "auto"
     dtype: str | None = None
     kv_cache_memory: str | None = None
@@ -83,10 +88,17 @@ CPU_SPEC = SweepSpec(max_len=1024, max_num_seqs=8, max_num_batched_tokens=128,
 # The serving benchmark's model (Scout's layer structure, chunk 8192): every page boundary up
 # to one chunk, every tile boundary up to two; the coarser boundaries up to 131072. A pool of
 # two longest sequences (2 GiB of 128 KiB pages).
+#
+# Tolerances (bf16), measured on this model on the CPU (300-token prompt, bf16 vs f32 weights,
+# the same attention): logits differ by 2.8-3.0% relative L2 (ref_rtol: two bf16 paths); the routed
+# expert differs for 32 of 300 tokens (router margins have a median of 0.3 at a logit std of
+# 0.8); on the tokens whose own routing did not flip the top-5 logprobs moved by at most
+# 0.15 (hence lp_atol), on the flipped ones by up to 0.91 (hence flip_atol). A packing bug
+# (another sequence's pages, a wrong position) moves them by whole units: the logit std is 0.9.
 GPU_SPEC = SweepSpec(max_len=131072, max_num_seqs=16, max_num_batched_tokens=8192,
                      buckets=(128, 1024, 8192), page_upto=8192, tile_upto=16384,
-                     packed_frac=0.5, ref_samples=20, ref_rtol=3e-2, lp_atol=0.1,
-                     kv_cache_memory="2GiB")
+                     packed_frac=0.5, ref_samples=20, ref_rtol=3e-2, lp_atol=0.2,
+                     flip_atol=1.0, flip_frac=0.1, kv_cache_memory="2GiB")
 
 
 # Which lengths ----------------------------------------------------------------------------------
@@ -230,12 +242,22 @@ def run_requests(engine, items: list[tuple[str, list[int]]], params) -> dict[str
     return out
 
 
+def _agree_steps(single: dict, packed: dict, atol: float) -> str | None:
+    """``_agree`` on the first output token and, when it is the same token (same context),
+    on the second."""
+    why = _agree(single["logprobs"][0], packed["logprobs"][0], atol)
+    if why is None and single["tokens"][0] == packed["tokens"][0]:
+        why = _agree(single["logprobs"][1], packed["logprobs"][1], atol)
+    return why
+
+
 def _agree(a, b, atol: float) -> str | None:
     """None if two runs' first-token TokenLogprobs agree, else why not. Tokens must be equal, or
     an exact tie within ``atol`` under both runs' logprobs; shared top logprobs within ``atol``."""
     ta, tb = dict(a.top), dict(b.top)
-    if a.token_id != b.token_id:
-        if not (b.token_id in ta and abs(ta[b.token_id] - a.logprob) <= atol):
+    if a.token_id != b.token_id:  # a tie seen from either run's top logprobs
+        if not ((b.token_id in ta and abs(ta[b.token_id] - a.logprob) <= atol)
+                or (a.token_id in tb and abs(tb[a.token_id] - b.logprob) <= atol)):
             return f"token {a.token_id} vs {b.token_id} (no tie within {atol})"
     diffs = [abs(ta[t] - tb[t]) for t in ta.keys() & tb.keys()]
     if not diffs or max(diffs) > atol:
@@ -330,6 +352,7 @@ def run_sweep(engine, runner, model, spec: SweepSpec, *, deadline_s: float = 1e9
     rng.shuffle(packed_lengths)
     packed_lengths = packed_lengths[:int(len(packed_lengths) * spec.packed_frac)]
     packed_runs, preempt0 = 0, engine.scheduler.num_preemptions
+    routing_sensitive = []  # packed runs beyond lp_atol but within flip_atol
     for g in range(0, len(packed_lengths), spec.pack):
         group = packed_lengths[g:g + spec.pack]
         if not time_left(f"packed groups from {g} ({len(packed_lengths) - g} lengths left)"):
@@ -346,11 +369,18 @@ def run_sweep(engine, runner, model, spec: SweepSpec, *, deadline_s: float = 1e9
             r, s = res[f"P{n}"], singles[n]
             packed_runs += 1
             why = r["error"] or (None if len(r["tokens"]) == 2 else f"{len(r['tokens'])} tokens")
-            why = why or _agree(s["logprobs"][0], r["logprobs"][0], spec.lp_atol)
-            if why is None and s["tokens"][0] == r["tokens"][0]:  # same context: decode too
-                why = _agree(s["logprobs"][1], r["logprobs"][1], spec.lp_atol)
             if why:
                 failures.append({"length": n, "phase": "packed", "error": why})
+                continue
+            why = _agree_steps(s, r, spec.lp_atol)
+            if why and spec.flip_atol and not _agree_steps(s, r, spec.flip_atol):
+                routing_sensitive.append({"length": n, "error": why})
+            elif why:
+                failures.append({"length": n, "phase": "packed", "error": why})
+    if len(routing_sensitive) > spec.flip_frac * packed_runs:
+        failures.append({"phase": "packed", "error": (
+            f"{len(routing_sensitive)} of {packed_runs} packed runs beyond {spec.lp_atol} "
+            f"(more than the {spec.flip_frac:.0%} a routing near-tie explains)")})
     packed_s = time.perf_counter() - t0
 
     # Admission at the limit.
@@ -394,6 +424,8 @@ def run_sweep(engine, runner, model, spec: SweepSpec, *, deadline_s: float = 1e9
         "categories": {k: len(v) for k, v in cats.items()},
         "lengths": len(lengths), "max_length": max(lengths),
         "singles_run": len(singles), "packed_runs": packed_runs,
+        "packed_routing_sensitive": len(routing_sensitive),
+        "routing_sensitive": routing_sensitive[:50],
         "packed_preemptions": engine.scheduler.num_preemptions - preempt0,
         "engine_steps": runner.steps, "nonfinite_lengths": sorted(set(nonfinite)),
         "reference_checks": len(ref_checks),
@@ -424,6 +456,8 @@ def table(s: dict) -> str:
             ("lengths (max)", f"{s['lengths']} ({s['max_length']})"),
             ("single requests run", s["singles_run"]),
             ("packed requests run (preemptions)", f"{s['packed_runs']} ({s['packed_preemptions']})"),
+            ("packed beyond the noise floor, within a routing flip",
+             f"{s['packed_routing_sensitive']}"),
             ("engine steps", s["engine_steps"]),
             ("lengths with non-finite logits", len(s["nonfinite_lengths"])),
             ("reference checks (max rel. L2 error)",

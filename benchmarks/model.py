@@ -37,6 +37,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _ROOT]
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
@@ -100,6 +101,38 @@ def median_time(fn, reps: int) -> float:
         fn()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
+
+
+def kernel_breakdown(fn, reps: int = 3, top: int = 15) -> list[dict]:
+    """GPU kernels of ``fn()`` by total time (jax.profiler trace, averaged over ``reps``
+    calls): where a step's time goes, e.g. for the decode roofline gap."""
+    import glob
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    fn()
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(reps):
+                fn()
+        data = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+    total: dict[str, list] = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):  # not the XLA Ops/Modules summaries
+                continue
+            for ev in line.events:
+                t = total.setdefault(ev.name, [0.0, 0])
+                t[0] += ev.duration_ns
+                t[1] += 1
+    rows = sorted(({"kernel": k[:80], "ms": v[0] / reps / 1e6, "calls": v[1] // reps}
+                   for k, v in total.items()), key=lambda r: -r["ms"])
+    return [dict(r, ms=round(r["ms"], 4)) for r in rows[:top]] + [
+        {"kernel": "(all kernels)", "ms": round(sum(v[0] for v in total.values()) / reps / 1e6, 4),
+         "calls": sum(v[1] for v in total.values()) // reps}]
 
 
 def copy_bandwidth() -> float:
@@ -203,7 +236,8 @@ def bench_hf(hf, clock: Clock, vocab: int, out: dict):
 # ---------------------------------------------------------------------------------------
 # jaxattn
 # ---------------------------------------------------------------------------------------
-def bench_jax(model, clock: Clock, out: dict, save=lambda: None, impl: str = "auto"):
+def bench_jax(model, clock: Clock, out: dict, save=lambda: None, impl: str = "auto",
+              prefill_lens=PREFILL_LENS):
     cfg = model.config
     bounds = llama4.bounds_for(cfg, max_num_seqs=max(DECODE_BATCHES),
                                max_num_batched_tokens=max(PREFILL_LENS),
@@ -232,12 +266,28 @@ def bench_jax(model, clock: Clock, out: dict, save=lambda: None, impl: str = "au
         run(batch)
         compile_s = time.perf_counter() - t0
         t = median_time(lambda: run(batch), 10)
-        out.setdefault("decode", {}).setdefault(b, {}).update(jax_ms=t * 1e3,
-                                                             jax_first_call_s=compile_s)
+
+        def dispatch():  # host time until the step is enqueued
+            logits, kv[0] = step(kv[0], batch)
+            return logits
+
+        ts = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            logits = dispatch()
+            ts.append(time.perf_counter() - t0)
+            logits.block_until_ready()
+        out.setdefault("decode", {}).setdefault(b, {}).update(
+            jax_ms=t * 1e3, jax_first_call_s=compile_s,
+            jax_dispatch_ms=statistics.median(ts) * 1e3)
+        try:
+            out["decode"][b]["jax_kernels"] = kernel_breakdown(lambda: run(batch))
+        except Exception as e:  # noqa: BLE001 -- the profile is extra evidence, not the number
+            out["decode"][b]["jax_kernels_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         print(f"jaxattn decode batch {b}: {t * 1e3:.2f} ms (first call {compile_s:.1f}s)",
               flush=True)
         save()
-    for n in PREFILL_LENS:
+    for n in prefill_lens:
         if not clock.allow(f"jaxattn prefill {n}", 45 + n / 1000):
             continue
         seq = SeqStep(rng.integers(cfg.vocab_size, size=n).tolist(), 0,
@@ -287,7 +337,8 @@ def grouped_matmul_micro(clock: Clock, out: dict):
     jax_example = jax.jit(lambda x, w, gs: ragged_dot_mgpu.ragged_dot(
         x, w, group_sizes=gs, block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
         grid_block_n=1))
-    dense = jax.jit(lambda x, w: x @ w[0])
+    w0 = w[0]  # one expert's matrix as its own array (a slice inside the jit is a copy)
+    dense = jax.jit(lambda x, w0: x @ w0)
     rows = []
     for m in (1, 32, 8192, 32768):
         if not clock.allow(f"grouped matmul m={m}", 20):
@@ -298,7 +349,7 @@ def grouped_matmul_micro(clock: Clock, out: dict):
         want = xla(x, w, gs).astype(jnp.float32)
         row = dict(m=m, experts_hit=int((np.bincount(experts, minlength=e) > 0).sum()),
                    dense_same_flops_ms=median_time(
-                       lambda: dense(x, w).block_until_ready(), 10) * 1e3)
+                       lambda: dense(x, w0).block_until_ready(), 10) * 1e3)
         for name, f in (("xla", xla), ("jax_example", jax_example), ("ours", ours)):
             try:
                 err = float(jnp.abs(f(x, w, gs).astype(jnp.float32) - want).max())
@@ -310,27 +361,50 @@ def grouped_matmul_micro(clock: Clock, out: dict):
         print("grouped matmul", {k: (round(v, 3) if isinstance(v, float) else v)
                                  for k, v in row.items()}, flush=True)
     out["grouped_matmul"] = rows
-    tune = []
-    m = 32768
-    if clock.allow("grouped matmul tile configs", 40):
-        x = jax.random.normal(key, (m, h), jnp.bfloat16)
-        gs = jnp.asarray(np.bincount(np.random.default_rng(m).integers(0, e, m),
-                                     minlength=e).astype(np.int32))
-        for bm, bn, bk, steps, gbn in ((128, 128, 64, 4, 1), (128, 128, 64, 4, 8),
-                                       (128, 256, 64, 3, 1), (128, 256, 64, 3, 4),
-                                       (64, 256, 64, 4, 1), (128, 128, 128, 3, 1)):
-            cfg = dict(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps,
-                       grid_block_n=gbn)
-            try:
-                f = jax.jit(functools.partial(grouped_matmul._mosaic_ragged_dot, **cfg))
-                f(x, w, gs).block_until_ready()
-                cfg["ms"] = median_time(lambda: f(x, w, gs).block_until_ready(), 5) * 1e3
-            except Exception as ex:  # noqa: BLE001
-                cfg["error"] = f"{type(ex).__name__}: {str(ex)[:120]}"
-            tune.append(cfg)
-            print("grouped matmul tile config", cfg, flush=True)
-    out["grouped_matmul_tiles_m32768"] = tune
+    del w0
+    out["grouped_matmul_tiles"] = grouped_matmul_tiles(clock, w)
     del w
+
+
+# Tile configs tried for the grouped matmul: decode (rows, K, N), where the kernel should
+# read the experts hit at copy bandwidth, and the prefill size.
+_DECODE_TILES = [dict(block_m=64, block_k=bk, max_concurrent_steps=st, k_splits=ks)
+                 for bk, st in ((64, 4), (128, 4)) for ks in (1, 2, 4)]
+_PREFILL_TILES = [dict(grid_block_n=8), dict(grid_block_n=1)]
+
+
+def grouped_matmul_tiles(clock: Clock, w_gate) -> list[dict]:
+    """Tile configs of the model's kernel (``GroupedMatmulConfig``), with the weight bytes
+    of the experts hit per second for the decode sizes."""
+    e, h, inter = w_gate.shape
+    w_down = jnp.swapaxes(w_gate, 1, 2)  # [E, I, H]: the down projection's shape
+    rows = []
+    cases = [(1, w_gate), (1, w_down), (32, w_gate), (32768, w_gate)]
+    for m, w in cases:
+        k, n = w.shape[1:]
+        if not clock.allow(f"grouped matmul tiles m={m} {k}x{n}", 30):
+            continue
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+        sizes = np.bincount(np.random.default_rng(m).integers(0, e, m), minlength=e)
+        gs = jnp.asarray(sizes.astype(np.int32))
+        hit_bytes = int((sizes > 0).sum()) * k * n * 2
+        picked = grouped_matmul.pick_config(m, k, n, kernels.num_sms())
+        for tiles in _DECODE_TILES if m <= 64 else _PREFILL_TILES:
+            cfg = grouped_matmul.GroupedMatmulConfig(**{**dataclasses.asdict(picked), **tiles})
+            row = dict(m=m, k=k, n=n, picked=cfg == picked, **dataclasses.asdict(cfg))
+            try:
+                f = jax.jit(functools.partial(grouped_matmul._mosaic_grouped_matmul, config=cfg))
+                # Device time from the profile: at decode sizes a wall-clock time would be
+                # mostly the launch of one small jitted call.
+                ks = kernel_breakdown(lambda: f(x, w, gs).block_until_ready(), reps=5, top=50)
+                t = sum(r["ms"] for r in ks if "mosaic" in r["kernel"]) / 1e3
+                row.update(ms=round(t * 1e3, 4), all_kernels_ms=ks[-1]["ms"],
+                           weight_tb_s=round(hit_bytes / t / 1e12, 3))
+            except Exception as ex:  # noqa: BLE001
+                row["error"] = f"{type(ex).__name__}: {str(ex)[:120]}"
+            rows.append(row)
+            print("grouped matmul tiles", row, flush=True)
+    return rows
 
 
 def markdown(res: dict) -> str:
@@ -346,12 +420,16 @@ def markdown(res: dict) -> str:
         sp = f"{r['jax_tok_s'] / r['hf_tok_s']:.2f}x" if "hf_tok_s" in r and "jax_tok_s" in r else "-"
         lines.append(f"| {n} | {hf} | {jx} | {sp} |")
     lines += ["", f"| decode batch (kv_len {DECODE_CONTEXT}) | transformers ms | jaxattn ms | "
-              "roofline ms | jaxattn / roofline |", "|---|---|---|---|---|"]
+              "roofline ms | jaxattn / roofline | jaxattn GPU kernels ms (count) | "
+              "host dispatch ms |", "|---|---|---|---|---|---|---|"]
     for b, r in sorted(res.get("decode", {}).items(), key=lambda kv: int(kv[0])):
         hf = f"{r['hf_ms']:.2f}" if "hf_ms" in r else r.get("hf_error", "-")[:20]
         jx = f"{r['jax_ms']:.2f}" if "jax_ms" in r else "-"
         ratio = f"{r['jax_ms'] / r['roofline_ms']:.2f}" if "jax_ms" in r else "-"
-        lines.append(f"| {b} | {hf} | {jx} | {r['roofline_ms']:.2f} | {ratio} |")
+        ks = (f"{r['jax_kernels'][-1]['ms']:.2f} ({r['jax_kernels'][-1]['calls']})"
+              if r.get("jax_kernels") else "-")
+        disp = f"{r['jax_dispatch_ms']:.2f}" if "jax_dispatch_ms" in r else "-"
+        lines.append(f"| {b} | {hf} | {jx} | {r['roofline_ms']:.2f} | {ratio} | {ks} | {disp} |")
     if res.get("grouped_matmul"):
         lines += ["", "| grouped matmul rows (16 experts, 5120x8192) | experts hit | XLA ragged_dot ms "
                   "| JAX Mosaic example ms | ours ms | dense same-FLOPs ms |",
@@ -371,6 +449,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--deadline-s", type=float, default=330)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--no-micro", action="store_true", help="skip the grouped matmul micro")
+    p.add_argument("--no-prefill", action="store_true", help="jaxattn: decode steps only")
     args = p.parse_args(argv)
     clock = Clock(args.deadline_s)
     dev = jax.devices()[0]
@@ -419,16 +499,17 @@ def main(argv=None) -> int:
         r.update(decode_bytes(cfg, b, DECODE_CONTEXT))
         r["roofline_ms"] = (r["weight_bytes"] + r["kv_bytes"]) / (res["copy_tb_s"] * 1e12) * 1e3
     save()
-    grouped_matmul_micro(clock, res)
-    save()
     try:
-        bench_jax(model, clock, res, save)
+        bench_jax(model, clock, res, save, prefill_lens=() if args.no_prefill else PREFILL_LENS)
     except Exception as e:  # noqa: BLE001 -- e.g. a kernel failing at Scout sizes
         res["jax_error"] = f"{type(e).__name__}: {str(e)[:400]}"
         print("jaxattn with impl=auto failed:", res["jax_error"], flush=True)
         if res["attention_impl"] != "reference":
             res["attention_impl"] = "reference (fallback after the error)"
             bench_jax(model, clock, res, save, impl="reference")
+    save()
+    if not args.no_micro:  # after the model numbers, which matter more if time runs out
+        grouped_matmul_micro(clock, res)
     save()
     print(markdown(res), flush=True)
     return 0

@@ -49,11 +49,6 @@ def _scale(scale, d):
     return 1.0 / math.sqrt(d) if scale is None else scale
 
 
-def _on_hopper() -> bool:
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
-
-
 def _kernel_impl(impl: str, head_dim: int, dtype, bounds: Bounds | None = None) -> str:
     """Resolve ``auto`` and check that a kernel path can run this configuration.
 
@@ -70,7 +65,7 @@ def _kernel_impl(impl: str, head_dim: int, dtype, bounds: Bounds | None = None) 
             f"head_dim {head_dim} / dtype {dtype} unsupported")
 
     if impl == "auto":
-        ok = _on_hopper() and kernels.AVAILABLE and reason() is None
+        ok = kernels.on_hopper() and kernels.AVAILABLE and reason() is None
         return "mosaic" if ok else "reference"
     if impl in ("mosaic", "interpret"):
         if not kernels.AVAILABLE:

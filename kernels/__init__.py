@@ -39,6 +39,12 @@ def unsupported_reason(bounds: Bounds, dtype) -> str | None:
     return None
 
 
+def on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (sm_90), where the kernels run natively."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+
+
 def num_sms() -> int:
     dev = jax.devices()[0]
     return int(getattr(dev, "core_count", 0) or 132)

@@ -5,6 +5,8 @@ wgmma), and is lowered for CUDA at Scout's shapes to check Mosaic lowering and
 the shared-memory budget without a GPU.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,26 +16,43 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxattn.kernels import grouped_matmul as gm
 
 
-@pytest.mark.parametrize("m,sizes,n", [
-    (1, [0, 0, 0, 1], 256),  # decode: one row in the last group, three empty ones
-    (70, [16, 27, 0, 27], 256),  # an empty group between unaligned ones
-    (200, [0, 200, 0, 0], 256),  # every row in one group, several row tiles
-    (300, [106, 96, 98, 0], 1024),  # prefill tiles visited in bands of 8 N tiles
+DECODE = gm.GroupedMatmulConfig(block_m=64)
+
+
+@pytest.mark.parametrize("m,sizes,n,config", [
+    (1, [0, 0, 0, 1], 256, None),  # decode: one row in the last group, three empty ones
+    (1, [1, 0, 0, 0], 256, None),  # ... in the first group
+    (3, [0, 2, 0, 1], 256, dataclasses.replace(DECODE, k_splits=2)),  # K split over 2 SMs
+    (5, [1, 1, 1, 2], 128, dataclasses.replace(DECODE, k_splits=2, block_k=32)),
+    (64, [0, 64, 0, 0], 256, dataclasses.replace(DECODE, k_splits=4, block_k=32)),
+    (70, [16, 27, 0, 27], 256, None),  # an empty group between unaligned ones
+    (200, [0, 200, 0, 0], 256, None),  # every row in one group, several row tiles
+    (300, [106, 96, 98, 0], 1024, None),  # prefill tiles visited in bands of 8 N tiles
 ])
-def test_mosaic_kernel_matches_ragged_dot(m, sizes, n):
+def test_mosaic_kernel_matches_ragged_dot(m, sizes, n, config):
     rng = np.random.default_rng(m)
     k, g = 128, len(sizes)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((g, k, n)), jnp.bfloat16)
     gs = jnp.asarray(sizes, jnp.int32)
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-        got = gm.grouped_matmul(x, w, gs, impl="mosaic")
-    want = jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32)
+        got = gm.grouped_matmul(x, w, gs, impl="mosaic", config=config)
+    want = gm.reference(x, w, gs)
     # bf16 output rounding only (f32 accumulation in both).
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=1e-2, atol=0.1)
 
 
-@pytest.mark.parametrize("m", [1, 32, 32768])
+@pytest.mark.parametrize("m,k,n,splits", [(1, 5120, 8192, 4), (1, 8192, 5120, 4),
+                                          (64, 5120, 8192, 4), (65, 5120, 8192, 1),
+                                          (32768, 5120, 8192, 1)])
+def test_pick_config_fills_the_sms_at_decode(m, k, n, splits):
+    config = gm.pick_config(m, k, n, num_sms=132)
+    assert config.k_splits == splits
+    assert config.block_m == (64 if m <= 64 else 128)
+    assert k % (config.block_k * config.k_splits) == 0
+
+
+@pytest.mark.parametrize("m", [1, 7, 32, 65, 300, 32768])
 @pytest.mark.parametrize("k,n", [(5120, 8192), (8192, 5120)])
 def test_mosaic_kernel_lowers_for_scout_shapes(m, k, n):
     """Scout's gate/up (5120 -> 8192) and down (8192 -> 5120) projections, decode to prefill."""
@@ -46,8 +65,23 @@ def test_mosaic_kernel_lowers_for_scout_shapes(m, k, n):
 
 def test_auto_falls_back_to_xla_off_hopper(monkeypatch):
     x, w = jnp.zeros((4, 64), jnp.bfloat16), jnp.zeros((2, 64, 128), jnp.bfloat16)
-    assert gm.resolve("auto", x, w) == ("mosaic" if gm._on_hopper() else "xla")
+    assert gm.resolve("auto", x, w) == ("mosaic" if gm.on_hopper() else "xla")
     monkeypatch.setenv("JAXATTN_GROUPED_MATMUL", "xla")
     assert gm.resolve("auto", x, w) == "xla"
     with pytest.raises(ValueError, match="impl"):
         gm.resolve("cublas", x, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 32, 65, 300, 4096])
+@pytest.mark.parametrize("k,n", [(5120, 8192), (8192, 5120)])
+def test_mosaic_kernel_on_gpu_at_scout_shapes(m, k, n):
+    """The picked config (K split at decode sizes, bands of N tiles at prefill sizes) on the
+    device, 16 experts with uneven (and some empty) groups."""
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.standard_normal((m, k)) / np.sqrt(k), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((16, k, n)), jnp.bfloat16)
+    gs = jnp.asarray(np.bincount(rng.integers(0, 16, m) // 2 * 2, minlength=16), jnp.int32)
+    got = jax.jit(lambda x, w, gs: gm.grouped_matmul(x, w, gs, impl="mosaic"))(x, w, gs)
+    want = gm.reference(x, w, gs)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=2e-2, atol=2e-2)

@@ -37,3 +37,23 @@ def test_length_sweep_cpu():
     assert all(v is True for v in s["limits"].values())
     assert s["compiles_after_warmup"] == 0 and s["pages_leaked"] == 0
     assert s["passed"]
+
+
+def test_packed_comparison_separates_noise_routing_flips_and_bugs():
+    from jaxattn.serve.outputs import TokenLogprob
+
+    def run(first, second):
+        return {"tokens": [first[0], second[0]],
+                "logprobs": [TokenLogprob(t, lp, top) for t, lp, top in (first, second)]}
+
+    top = ((7, -1.0), (8, -1.5), (9, -2.0))
+    single = run((7, -1.0, top), (3, -0.5, ((3, -0.5), (4, -0.9))))
+    noise = run((7, -1.1, ((7, -1.1), (8, -1.45), (9, -2.0))), (3, -0.6, ((3, -0.6), (4, -0.8))))
+    flip = run((8, -1.2, ((8, -1.2), (7, -1.3), (9, -2.5))), (5, -1.0, ((5, -1.0),)))
+    bug = run((9, -0.2, ((9, -0.2), (1, -3.0))), (1, -0.1, ((1, -0.1),)))
+    assert ls._agree_steps(single, noise, 0.2) is None
+    assert ls._agree_steps(single, flip, 0.2) and ls._agree_steps(single, flip, 1.0) is None
+    assert ls._agree_steps(single, bug, 1.0)
+    # the second token is compared only when the first agrees (same context)
+    later = run((7, -1.0, top), (3, -2.0, ((3, -2.0), (4, -0.5))))
+    assert "differ" in ls._agree_steps(single, later, 1.0)
