@@ -326,7 +326,7 @@ def decode_bytes(cfg: llama4.Llama4Config, batch: int, kv_len: int) -> dict:
 def grouped_matmul_micro(clock: Clock, out: dict):
     """The routed-expert grouped matmul alone: XLA's ragged_dot, JAX's Mosaic ragged_dot
     example, and the model's kernel (grouped_matmul.py), vs a dense matmul of the same
-    useful FLOPs; plus a few tile configs of the model's kernel at the prefill size."""
+    useful FLOPs; plus tile configs of the model's kernel (:func:`grouped_matmul_tiles`)."""
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     e, h, inter = 16, 5120, 8192

@@ -36,7 +36,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jaxattn.kernels import on_hopper
+from jaxattn.kernels import num_sms, on_hopper
 
 IMPLS = ("auto", "xla", "mosaic")
 _BLOCK_K, _BLOCK_N = 64, 128
@@ -97,7 +97,7 @@ def grouped_matmul(x, w, group_sizes, *, impl: str = "auto",
     if resolve(impl, x, w) == "xla":
         return jax.lax.ragged_dot(x, w, group_sizes)
     m = x.shape[0]
-    config = config or pick_config(m, w.shape[1], w.shape[2])
+    config = config or pick_config(m, w.shape[1], w.shape[2], num_sms())  # the grid's CTAs
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
         x = jnp.pad(x, ((0, -m % 8), (0, 0)))  # rows of no group: never written, cut below
     return _mosaic_grouped_matmul(x, w, group_sizes.astype(jnp.int32), config=config)[:m]
@@ -179,8 +179,6 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, *, config: GroupedMatmulConfig
 
                         smem_start += info.actual_size & rows
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    from jaxattn.kernels import num_sms
 
     out_shape = (m, n) if splits == 1 else (splits, m, n)
     kernel = plgpu.kernel(
