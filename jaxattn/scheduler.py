@@ -233,7 +233,9 @@ def _enumerate(counts: jax.Array, size: int):
     """
     ends = jnp.cumsum(counts)
     slots = jnp.arange(size, dtype=jnp.int32)
-    parent = jnp.searchsorted(ends, slots, side="right").astype(jnp.int32)
+    # compare_all (a fused [size, parents] compare-and-count) instead of the default
+    # binary search: that one is a loop, i.e. a chain of tiny kernel launches per step.
+    parent = jnp.searchsorted(ends, slots, side="right", method="compare_all").astype(jnp.int32)
     parent = jnp.minimum(parent, counts.shape[0] - 1)
     local = slots - (ends[parent] - counts[parent])
     return parent, local, slots < ends[-1], ends[-1]

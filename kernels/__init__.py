@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxattn import executor, scheduler
 from jaxattn.kernels import decode, prefill
@@ -69,18 +68,18 @@ def _run_plan(q, k_pages, v_pages, page_table, kv_lens, plan: Plan, zero_ranges,
         causal=causal, num_workers=num_workers, interpret=interpret)
     lse = prefill.scatter_lse(lse_tiles, plan.prefill, q.shape[0])
 
-    def with_decode(out, lse):
-        q_dec, items, src, n_dec = _compact_decode_rows(q, plan.decode, bounds)
-        dec_out, dec_lse = decode.decode_attention(
-            q_dec, k_pages, v_pages, page_table, kv_lens, items, bounds=bounds, scale=scale,
-            causal=causal, chunk_size=chunk_size, interpret=interpret)
-        dec_out, dec_lse = executor.merge_disjoint(out[src], lse[src], dec_out, dec_lse, q.dtype)
-        dest = jnp.where(jnp.arange(src.shape[0]) < n_dec, src, q.shape[0])
-        return (out.at[dest].set(dec_out, mode="drop"), lse.at[dest].set(dec_lse, mode="drop"))
-
-    # A batch without decode rows (long prefills) skips the decode kernel and the merge;
-    # out/lse go in as operands so the untaken branch can alias them instead of copying.
-    return lax.cond(plan.decode.count > 0, with_decode, lambda out, lse: (out, lse), out, lse)
+    # The decode kernel runs even when the batch has no decode rows: its CTAs read the
+    # item count and exit, and the merge below touches only max_num_seqs * dq rows. A
+    # lax.cond on the count would cost more: XLA branches on the host, so every layer
+    # would stall the host until the GPU caught up (tests/models/llama4/
+    # test_llama4_step_lowering.py).
+    q_dec, items, src, n_dec = _compact_decode_rows(q, plan.decode, bounds)
+    dec_out, dec_lse = decode.decode_attention(
+        q_dec, k_pages, v_pages, page_table, kv_lens, items, bounds=bounds, scale=scale,
+        causal=causal, chunk_size=chunk_size, interpret=interpret)
+    dec_out, dec_lse = executor.merge_disjoint(out[src], lse[src], dec_out, dec_lse, q.dtype)
+    dest = jnp.where(jnp.arange(src.shape[0]) < n_dec, src, q.shape[0])
+    return out.at[dest].set(dec_out, mode="drop"), lse.at[dest].set(dec_lse, mode="drop")
 
 
 def _compact_decode_rows(q, items: scheduler.WorkList, bounds: Bounds):

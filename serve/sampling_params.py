@@ -10,8 +10,9 @@ import dataclasses
 import math
 
 # Top-token logprobs the sampler returns per row: a static size, so asking for
-# logprobs never changes a compiled shape.
-MAX_LOGPROBS = 5
+# logprobs never changes a compiled shape. 20 is OpenAI's limit for chat
+# ``top_logprobs`` (and vLLM's default ``max_logprobs``).
+MAX_LOGPROBS = 20
 
 
 @dataclasses.dataclass(frozen=True)

@@ -163,7 +163,7 @@ HOSTILE = [
     (CMPL, {"prompt": "x", "top_k": -2}, 400, "top_k"),
     (CMPL, {"prompt": "x", "seed": -1}, 400, "seed"),
     (CMPL, {"prompt": "x", "seed": 2**64}, 400, "seed"),
-    (CMPL, {"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    (CMPL, {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     (CMPL, {"prompt": "x", "logprobs": -1}, 400, "logprobs"),
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 99}, 400, "logprobs"),
     (CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxattn.serve.sampling import SamplingBatch, sample
-from jaxattn.serve.sampling_params import SamplingParams
+from jaxattn.serve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 S, V = 8, 64
 
@@ -73,12 +73,16 @@ def test_logprobs_are_the_models_log_softmax():
     ref = jax.nn.log_softmax(logits, -1)
     for i in range(2):
         np.testing.assert_allclose(out.logprobs[i], ref[i, out.token_ids[i]], rtol=1e-5)
-        np.testing.assert_array_equal(out.top_ids[i], np.argsort(-logits[i])[:5])
+        # The full MAX_LOGPROBS (OpenAI's chat limit, 20) come back in order.
+        assert out.top_ids.shape[1] == MAX_LOGPROBS == 20
+        np.testing.assert_array_equal(out.top_ids[i], np.argsort(-logits[i])[:MAX_LOGPROBS])
+        np.testing.assert_allclose(out.top_logprobs[i], np.sort(ref[i])[::-1][:MAX_LOGPROBS],
+                                   rtol=1e-5)
 
 
 def test_sampling_params_validation():
     for bad in (dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0),
-                dict(top_k=-2), dict(n=0), dict(max_tokens=0), dict(logprobs=6), dict(stop=[""])):
+                dict(top_k=-2), dict(n=0), dict(max_tokens=0), dict(logprobs=21), dict(stop=[""])):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ("x",)

@@ -1,0 +1,54 @@
+"""The GPU serving step has no data-dependent control flow outside its kernels.
+
+XLA runs a ``cond``, or a ``while`` whose trip count is not static, by copying
+the predicate to the host and branching there: each one stalls the host until the
+GPU has caught up, so the step cannot be enqueued ahead of the GPU, and CUDA
+graphs are cut at it. One per attention layer made a 4-layer decode step's host
+dispatch take 2.45 of its 3.20 ms (H100, benchmarks/results/model-2026-11-25.json).
+Work that may be empty is skipped inside the kernels instead (they read the valid
+counts). Static-trip-count loops (``scan``) are allowed but should stay rare: each
+iteration is separate kernel launches.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.extend.core import jaxprs_in_params
+
+from jaxattn import cache
+from jaxattn.batch import SeqStep, build_step
+from jaxattn.models import llama4
+
+_KERNELS = ("mpmd_map", "pallas_call")  # Mosaic GPU kernel bodies: their loops run on the GPU
+
+
+def _primitives(jaxpr, found):
+    for eqn in jaxpr.eqns:
+        found[eqn.primitive.name] = found.get(eqn.primitive.name, 0) + 1
+        if eqn.primitive.name not in _KERNELS:
+            for sub in jaxprs_in_params(eqn.params):
+                _primitives(sub, found)
+    return found
+
+
+def test_gpu_step_has_no_host_synchronising_control_flow():
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
+        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
+    model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
+    for layer in model.model.layers:
+        if hasattr(layer.feed_forward, "experts"):
+            layer.feed_forward.experts.impl = "mosaic"
+    bounds = llama4.bounds_for(config, max_num_seqs=4, max_num_batched_tokens=256,
+                               max_model_len=1024, page_size=64)
+    step = llama4.make_step_fn(model, bounds, impl="mosaic")
+    spec = llama4.cache_spec(config, num_pages=32, page_size=64, dtype=jnp.bfloat16)
+    batch = build_step(bounds, 256, [SeqStep([1] * 100, 0, [0, 1]), SeqStep([2], 64, [2, 3])],
+                       num_pages=32)
+    kv = jax.eval_shape(lambda: cache.allocate(spec))
+    jaxpr = jax.make_jaxpr(step.jitted)(nnx.split(model)[1], kv, batch)
+    found = _primitives(jaxpr.jaxpr, {})
+    assert found.get("mpmd_map", 0) >= 2 * config.num_hidden_layers  # the kernels are in the step
+    assert not {p: found[p] for p in ("cond", "while") if p in found}
+    assert found.get("scan", 0) == 0
