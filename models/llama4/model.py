@@ -18,12 +18,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import jaxattn
 from jaxattn import cache as kv_cache_lib
 from jaxattn import scheduler
+from jaxattn import batch as batch_lib
 from jaxattn.batch import StepBatch
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.moe import MLP, NO_AXES, Axes, Linear, MoE, _normal
@@ -348,7 +348,8 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     Shapes depend only on ``bounds`` and the batch's token count T, so it
     compiles once per T and never for a new mix of lengths. The cache is
     donated (updated in place on GPU). The weights are those of ``model`` now.
-    ``step.jitted`` is the underlying jitted function (for compile counting).
+    ``step.jitted`` is the underlying jitted function (for compile counting); it takes the
+    batch packed into one int32 vector (``jaxattn.batch.pack``): one host-to-device copy.
 
     With the weights on a mesh (``model.mesh``), the layers run per device inside
     ``shard_map`` on local heads and experts (the attention kernels are custom calls
@@ -369,7 +370,8 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         local_step = sharding.shard_step(model, state, bounds, local_step)
 
     @functools.partial(jax.jit, donate_argnums=(1,), compiler_options=step_compiler_options())
-    def jitted(state, kv_cache, batch):
+    def jitted(state, kv_cache, packed):  # packed: int32 [N], batch_lib.pack(StepBatch)
+        batch = batch_lib.unpack(packed, bounds)
         return local_step(state, kv_cache, batch, nnx.merge(graphdef, state).plans(bounds, batch))
 
     device = jax.devices()[0]
@@ -383,15 +385,13 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         if mesh is None and not all(x.committed for x in kv_cache.k + kv_cache.v):
             kv_cache = jax.tree.map(
                 lambda x: x if x.committed else jax.device_put(x, device), kv_cache)
-        batch = StepBatch(*(x if isinstance(x, jax.Array) else np.asarray(x) for x in batch))
-        if multi_process:  # every process passes the same host batch; each puts its devices' copies
-            batch = StepBatch(*(x if isinstance(x, jax.Array) else
-                                jax.make_array_from_callback(x.shape, replicated,
-                                                             lambda i, x=x: x[i])
-                                for x in batch))
+        packed = batch_lib.pack(batch)
+        if multi_process and not isinstance(packed, jax.Array):
+            # Every process passes the same host batch; each puts its devices' copies.
+            packed = jax.make_array_from_callback(packed.shape, replicated, lambda i: packed[i])
         elif replicated is not None:
-            batch = jax.device_put(batch, replicated)
-        return jitted(state, kv_cache, batch)
+            packed = jax.device_put(packed, replicated)
+        return jitted(state, kv_cache, packed)
 
     step.jitted = jitted
     return step
