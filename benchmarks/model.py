@@ -52,7 +52,7 @@ import jaxattn  # noqa: E402
 from jaxattn import cache as kv_cache  # noqa: E402
 from jaxattn import kernels  # noqa: E402
 from jaxattn.api import _kernel_impl  # noqa: E402
-from jaxattn.batch import SeqStep, build_step  # noqa: E402
+from jaxattn.batch import SeqStep, build_step, pack  # noqa: E402
 from jaxattn.models import llama4  # noqa: E402
 from jaxattn.kernels import grouped_matmul  # noqa: E402
 
@@ -236,8 +236,45 @@ def bench_hf(hf, clock: Clock, vocab: int, out: dict):
 # ---------------------------------------------------------------------------------------
 # jaxattn
 # ---------------------------------------------------------------------------------------
+def _decode_batch(cfg, bounds, b: int, num_pages: int, rng):
+    """Batch ``b`` of one-token decodes over DECODE_CONTEXT cached tokens each."""
+    per_seq = -(-DECODE_CONTEXT // PAGE_SIZE)
+    seqs = [SeqStep([int(rng.integers(cfg.vocab_size))], DECODE_CONTEXT - 1,
+                    list(range(i * per_seq, (i + 1) * per_seq))) for i in range(b)]
+    return build_step(bounds, b, seqs, num_pages=num_pages)
+
+
+def time_decode(step, kv: list, batch) -> dict:
+    """Step time (dispatch to logits ready), first-call time, and the host's share: the
+    dispatch (until the step is enqueued), and within it packing + copying the batch."""
+    def run():
+        logits, kv[0] = step(kv[0], batch)
+        logits.block_until_ready()
+
+    t0 = time.perf_counter()
+    run()
+    first_s = time.perf_counter() - t0
+    t = median_time(run, 10)
+    dispatch, put = [], []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        logits, kv[0] = step(kv[0], batch)
+        dispatch.append(time.perf_counter() - t0)
+        logits.block_until_ready()
+        t0 = time.perf_counter()
+        jax.block_until_ready(jax.device_put(pack(batch)))
+        put.append(time.perf_counter() - t0)
+    return dict(jax_ms=t * 1e3, jax_first_call_s=first_s,
+                jax_dispatch_ms=statistics.median(dispatch) * 1e3,
+                jax_batch_put_ms=statistics.median(put) * 1e3, run=run)
+
+
+# XLA options the decode step is also timed with (models/llama4/model.py picks ours).
+STEP_OPTION_VARIANTS = {"xla default": {}, "no CUDA graphs": {"xla_gpu_enable_command_buffer": ""}}
+
+
 def bench_jax(model, clock: Clock, out: dict, save=lambda: None, impl: str = "auto",
-              prefill_lens=PREFILL_LENS):
+              prefill_lens=PREFILL_LENS, variants=True):
     cfg = model.config
     bounds = llama4.bounds_for(cfg, max_num_seqs=max(DECODE_BATCHES),
                                max_num_batched_tokens=max(PREFILL_LENS),
@@ -258,34 +295,27 @@ def bench_jax(model, clock: Clock, out: dict, save=lambda: None, impl: str = "au
     for b in DECODE_BATCHES:
         if not clock.allow(f"jaxattn decode batch {b}", 45):  # first call ~32 s with kernels
             continue
-        seqs = [SeqStep([int(rng.integers(cfg.vocab_size))], DECODE_CONTEXT - 1,
-                        list(range(i * pages_per_decode_seq, (i + 1) * pages_per_decode_seq)))
-                for i in range(b)]
-        batch = build_step(bounds, b, seqs, num_pages=num_pages)
-        t0 = time.perf_counter()
-        run(batch)
-        compile_s = time.perf_counter() - t0
-        t = median_time(lambda: run(batch), 10)
-
-        def dispatch():  # host time until the step is enqueued
-            logits, kv[0] = step(kv[0], batch)
-            return logits
-
-        ts = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            logits = dispatch()
-            ts.append(time.perf_counter() - t0)
-            logits.block_until_ready()
+        batch = _decode_batch(cfg, bounds, b, num_pages, rng)
+        r = time_decode(step, kv, batch)
         out.setdefault("decode", {}).setdefault(b, {}).update(
-            jax_ms=t * 1e3, jax_first_call_s=compile_s,
-            jax_dispatch_ms=statistics.median(ts) * 1e3)
+            {k: v for k, v in r.items() if k != "run"})
         try:
-            out["decode"][b]["jax_kernels"] = kernel_breakdown(lambda: run(batch))
+            out["decode"][b]["jax_kernels"] = kernel_breakdown(r["run"])
         except Exception as e:  # noqa: BLE001 -- the profile is extra evidence, not the number
             out["decode"][b]["jax_kernels_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        print(f"jaxattn decode batch {b}: {t * 1e3:.2f} ms (first call {compile_s:.1f}s)",
-              flush=True)
+        print(f"jaxattn decode batch {b}: {r['jax_ms']:.2f} ms (first call "
+              f"{r['jax_first_call_s']:.1f}s, dispatch {r['jax_dispatch_ms']:.2f} ms)", flush=True)
+        save()
+    for name, options in STEP_OPTION_VARIANTS.items() if variants else ():
+        if not clock.allow(f"jaxattn decode, {name}", 60):
+            continue
+        vstep = llama4.make_step_fn(model, bounds, impl=impl, compiler_options=options)
+        for b in DECODE_BATCHES:
+            r = time_decode(vstep, kv, _decode_batch(cfg, bounds, b, num_pages, rng))
+            out.setdefault("decode_variants", {}).setdefault(name, {})[b] = {
+                k: v for k, v in r.items() if k != "run"}
+            print(f"jaxattn decode batch {b}, {name}: {r['jax_ms']:.2f} ms", flush=True)
+        del vstep
         save()
     for n in prefill_lens:
         if not clock.allow(f"jaxattn prefill {n}", 45 + n / 1000):
@@ -430,6 +460,16 @@ def markdown(res: dict) -> str:
               if r.get("jax_kernels") else "-")
         disp = f"{r['jax_dispatch_ms']:.2f}" if "jax_dispatch_ms" in r else "-"
         lines.append(f"| {b} | {hf} | {jx} | {r['roofline_ms']:.2f} | {ratio} | {ks} | {disp} |")
+    if res.get("decode_variants"):
+        batches = sorted(res["decode"], key=int)
+        lines += ["", "| decode step ms, XLA options | " + " | ".join(
+            f"batch {b}" for b in batches) + " |", "|---" * (len(batches) + 1) + "|"]
+        rows = {"ours (CUDA graphs incl. kernels)": res["decode"],
+                **res["decode_variants"]}
+        for name, per in rows.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{per[b]['jax_ms']:.2f}" if "jax_ms" in per.get(b, {}) else "-"
+                for b in batches) + " |")
     if res.get("grouped_matmul"):
         lines += ["", "| grouped matmul rows (16 experts, 5120x8192) | experts hit | XLA ragged_dot ms "
                   "| JAX Mosaic example ms | ours ms | dense same-FLOPs ms |",
@@ -506,7 +546,7 @@ def main(argv=None) -> int:
         print("jaxattn with impl=auto failed:", res["jax_error"], flush=True)
         if res["attention_impl"] != "reference":
             res["attention_impl"] = "reference (fallback after the error)"
-            bench_jax(model, clock, res, save, impl="reference")
+            bench_jax(model, clock, res, save, impl="reference", variants=False)
     save()
     if not args.no_micro:  # after the model numbers, which matter more if time runs out
         grouped_matmul_micro(clock, res)

@@ -48,7 +48,8 @@ def test_gpu_step_has_no_host_synchronising_control_flow():
     batch = build_step(bounds, 256, [SeqStep([1] * 100, 0, [0, 1]), SeqStep([2], 64, [2, 3])],
                        num_pages=32)
     kv = jax.eval_shape(lambda: cache.allocate(spec))
-    jaxpr = jax.make_jaxpr(step.jitted)(nnx.split(model)[1], kv, batch_lib.pack(batch))
+    jaxpr = jax.make_jaxpr(step.jitted, static_argnums=3)(nnx.split(model)[1], kv,
+                                                    batch_lib.pack(batch), 256)
     found = _primitives(jaxpr.jaxpr, {})
     assert found.get("mpmd_map", 0) >= 2 * config.num_hidden_layers  # the kernels are in the step
     assert not {p: found[p] for p in ("cond", "while") if p in found}
