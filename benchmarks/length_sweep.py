@@ -153,8 +153,8 @@ class CheckedRunner:
         self.nonfinite_steps = 0
         self.recent: list = []
 
-    def step(self, batch):
-        logits = self.inner.step(batch)
+    def step(self, batch, prev_tokens=None):
+        logits = self.inner.step(batch, prev_tokens)
         self.steps += 1
         if not bool(_finite_rows(logits, batch.num_seqs)):
             self.nonfinite_steps += 1

@@ -1,6 +1,6 @@
 """Llama 4 Scout-width slice: transformers (torch bf16, sdpa) vs jaxattn, one run, one GPU.
 
-    python -m benchmarks.model [--layers 4] [--deadline-s 330]
+    python -m benchmarks.model [--layers 4] [--deadline-s 420]
 
 Random weights at Scout's real widths (hidden 5120, 40/8 heads, head_dim 128, 16
 experts top-1, intermediate 8192, vocab 202048, chunk 8192, NoPE every 4th layer),
@@ -13,7 +13,9 @@ Measured, medians of timed repeats after a warm-up (compile) call:
   (``logits_to_keep=1``, no cache) vs the jaxattn serving step (paged cache write +
   attention + last-token logits);
 * decode step time at batch 1 and 32 over an 8192-token context: transformers with a
-  ``DynamicCache`` vs the jaxattn step; against the roofline = bytes that must be read
+  ``DynamicCache`` vs jaxattn: the serving engine's whole step (async scheduling on and
+  off), the model step pipelined as the engine runs it, and one step alone; against the
+  roofline = bytes that must be read
   (weights of the attention, shared expert, the experts the batch can hit, LM head; the
   visible KV) / the copy bandwidth measured in this run;
 * the routed-expert grouped matmul alone (``lax.ragged_dot``) against a dense matmul of
@@ -55,6 +57,7 @@ from jaxattn.api import _kernel_impl  # noqa: E402
 from jaxattn.batch import SeqStep, build_step, pack  # noqa: E402
 from jaxattn.models import llama4  # noqa: E402
 from jaxattn.kernels import grouped_matmul  # noqa: E402
+from jaxattn.serve import sampling  # noqa: E402
 
 PREFILL_LENS = (8192, 16384, 32768)
 DECODE_BATCHES = (1, 32)
@@ -266,7 +269,80 @@ def time_decode(step, kv: list, batch) -> dict:
         put.append(time.perf_counter() - t0)
     return dict(jax_ms=t * 1e3, jax_first_call_s=first_s,
                 jax_dispatch_ms=statistics.median(dispatch) * 1e3,
-                jax_batch_put_ms=statistics.median(put) * 1e3, run=run)
+                jax_batch_put_ms=statistics.median(put) * 1e3,
+                jax_pipelined_ms=time_pipelined(step, kv, batch) * 1e3, run=run)
+
+
+def time_pipelined(step, kv: list, batch, steps: int = 20) -> float:
+    """Seconds per decode step as the engine's async scheduling runs them: step n+1 (with
+    greedy sampling) is enqueued before step n's tokens are fetched to the host, its input
+    tokens read on the device from step n's draws."""
+    b = int(batch.num_seqs)
+    ids = np.array(batch.token_ids)
+    ids[:b] = -1 - np.arange(b)  # one token per sequence: row i of the previous draws
+    chained = batch._replace(token_ids=ids)
+    rows = sampling.SamplingBatch.build([(0.0, 0, 1.0, 0, 0, 0)] * b, len(batch.kv_lens))
+
+    def run():
+        tokens = None
+        for _ in range(steps):
+            logits, kv[0] = step(kv[0], batch if tokens is None else chained, prev_tokens=tokens)
+            drawn = sampling.draw(logits, rows, False).token_ids
+            if tokens is not None:
+                jax.device_get(tokens)  # the host learns step n's tokens after n+1 is enqueued
+            tokens = drawn
+        jax.device_get(tokens)
+
+    run()
+    return median_time(run, 5) / steps
+
+
+def bench_engine(model, clock: Clock, out: dict):
+    """Decode through the serving engine (same weights): once every sequence of a batch of
+    DECODE_CONTEXT-1-token prompts decodes, wall ms per step, async scheduling on and off.
+    The whole engine step is in it: scheduling, batch building, sampling, detokenizing
+    (none here), bookkeeping."""
+    from jaxattn.serve.engine import LLMEngine
+    from jaxattn.serve.model_runner import EngineShape, Llama4Runner
+    from jaxattn.serve.sampling_params import SamplingParams
+
+    tokens = 48
+    shape = EngineShape(max_model_len=DECODE_CONTEXT + tokens, max_num_seqs=max(DECODE_BATCHES),
+                        max_num_batched_tokens=DECODE_CONTEXT, page_size=PAGE_SIZE)
+    pages = max(DECODE_BATCHES) * -(-(DECODE_CONTEXT + tokens) // PAGE_SIZE)
+    runner = Llama4Runner(model, shape, num_pages=pages)
+    rng = np.random.default_rng(1)
+    if not clock.allow("engine decode (compiles 2 buckets)", 90):
+        return
+    for async_scheduling in (True, False):
+        engine = LLMEngine(runner, None, buckets=(max(DECODE_BATCHES), DECODE_CONTEXT),
+                           async_scheduling=async_scheduling)
+        engine.warmup(progress=False)  # compiles for the first engine; the second reuses them
+        warm = engine.compile_count
+        name = "engine_async_ms" if async_scheduling else "engine_sync_ms"
+        for b in DECODE_BATCHES:
+            if not clock.allow(f"engine decode batch {b} ({name})", 20):
+                continue
+            params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+            for i in range(b):
+                prompt = rng.integers(model.config.vocab_size, size=DECODE_CONTEXT - 1)
+                engine.add_request(f"{b}-{i}", prompt.tolist(), params)
+            got = {}
+            while len(got) < b:  # prefill, until every sequence has its first token
+                for d in engine.step():
+                    got[d.request_id] = got.get(d.request_id, 0) + len(d.token_ids)
+            t0, start = time.perf_counter(), dict(got)
+            while engine.has_unfinished():
+                for d in engine.step():
+                    got[d.request_id] += len(d.token_ids)
+            per_seq = min(got[k] - start[k] for k in got)
+            out.setdefault("decode", {}).setdefault(b, {})[name] = (
+                (time.perf_counter() - t0) / per_seq * 1e3)
+            print(f"engine decode batch {b}, async={async_scheduling}: "
+                  f"{out['decode'][b][name]:.2f} ms/step", flush=True)
+        out.setdefault("engine_compiles_after_warmup", {})[name] = engine.compile_count - warm
+        del engine
+    del runner
 
 
 # XLA options the decode step is also timed with (models/llama4/model.py picks ours).
@@ -449,17 +525,24 @@ def markdown(res: dict) -> str:
         jx = f"{r['jax_tok_s']:,.0f}" if "jax_tok_s" in r else "-"
         sp = f"{r['jax_tok_s'] / r['hf_tok_s']:.2f}x" if "hf_tok_s" in r and "jax_tok_s" in r else "-"
         lines.append(f"| {n} | {hf} | {jx} | {sp} |")
-    lines += ["", f"| decode batch (kv_len {DECODE_CONTEXT}) | transformers ms | jaxattn ms | "
-              "roofline ms | jaxattn / roofline | jaxattn GPU kernels ms (count) | "
-              "host dispatch ms |", "|---|---|---|---|---|---|---|"]
+    lines += ["", f"Decode steps, kv_len {DECODE_CONTEXT}, ms. *engine*: the serving engine's "
+              "whole step (async scheduling: the next step is enqueued before this one's tokens "
+              "reach the host; *sync*: each step waits for its tokens); *pipelined*: the model "
+              "step + greedy sampling driven the same way; *step*: one model step, dispatch to "
+              "logits ready. Roofline: weights the batch must read + KV, at the copy bandwidth.",
+              "", "| batch | transformers | jaxattn engine | / roofline | engine, sync | "
+              "pipelined | step | roofline | GPU kernels (count) | host dispatch |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    f2 = lambda r, k: f"{r[k]:.2f}" if k in r else "-"
     for b, r in sorted(res.get("decode", {}).items(), key=lambda kv: int(kv[0])):
         hf = f"{r['hf_ms']:.2f}" if "hf_ms" in r else r.get("hf_error", "-")[:20]
-        jx = f"{r['jax_ms']:.2f}" if "jax_ms" in r else "-"
-        ratio = f"{r['jax_ms'] / r['roofline_ms']:.2f}" if "jax_ms" in r else "-"
+        ratio = (f"**{r['engine_async_ms'] / r['roofline_ms']:.2f}**" if "engine_async_ms" in r
+                 else "-")
         ks = (f"{r['jax_kernels'][-1]['ms']:.2f} ({r['jax_kernels'][-1]['calls']})"
               if r.get("jax_kernels") else "-")
-        disp = f"{r['jax_dispatch_ms']:.2f}" if "jax_dispatch_ms" in r else "-"
-        lines.append(f"| {b} | {hf} | {jx} | {r['roofline_ms']:.2f} | {ratio} | {ks} | {disp} |")
+        lines.append(f"| {b} | {hf} | {f2(r, 'engine_async_ms')} | {ratio} | "
+                     f"{f2(r, 'engine_sync_ms')} | {f2(r, 'jax_pipelined_ms')} | {f2(r, 'jax_ms')} "
+                     f"| {r['roofline_ms']:.2f} | {ks} | {f2(r, 'jax_dispatch_ms')} |")
     if res.get("decode_variants"):
         batches = sorted(res["decode"], key=int)
         lines += ["", "| decode step ms, XLA options | " + " | ".join(
@@ -487,7 +570,7 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--deadline-s", type=float, default=330)
+    p.add_argument("--deadline-s", type=float, default=420)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--no-micro", action="store_true", help="skip the grouped matmul micro")
     p.add_argument("--no-prefill", action="store_true", help="jaxattn: decode steps only")
@@ -547,6 +630,13 @@ def main(argv=None) -> int:
         if res["attention_impl"] != "reference":
             res["attention_impl"] = "reference (fallback after the error)"
             bench_jax(model, clock, res, save, impl="reference", variants=False)
+    save()
+    if res["attention_impl"] == "mosaic" or not kernels.AVAILABLE:
+        try:
+            bench_engine(model, clock, res)
+        except Exception as e:  # noqa: BLE001 -- report, keep the other numbers
+            res["engine_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            print("engine decode failed:", res["engine_error"], flush=True)
     save()
     if not args.no_micro:  # after the model numbers, which matter more if time runs out
         grouped_matmul_micro(clock, res)

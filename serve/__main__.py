@@ -35,6 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not share KV pages between prompts with a common prefix")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="wait for each step's tokens before scheduling the next (default: "
+                        "enqueue the next step while the device computes this one)")
     add_parallel_args(p)
     p.add_argument("--device-memory", default=None,
                    help="bytes XLA may use per device (e.g. 72GiB) for the start-up memory check "
@@ -138,7 +141,7 @@ def engine_from_args(args, **kw):
         engine = LLMEngine.from_pretrained(
             args.model, shape, dtype=args.dtype, impl=args.impl, seed=args.seed,
             enable_prefix_caching=not args.no_prefix_caching, parallel=pc,
-            device_memory=args.device_memory, **kw)
+            async_scheduling=not args.no_async_scheduling, device_memory=args.device_memory, **kw)
         engine.warmup()
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")

@@ -1,5 +1,15 @@
 """The engine loop: admit -> schedule -> build_step -> model step -> sample -> detokenize.
 
+Async scheduling (the default): a step is enqueued on the device and the host
+goes on to schedule and enqueue the next one before the first one's tokens are
+back. A decoding sequence's next input token is then still on the device: the
+batch names it by its row in the previous step's draws, and the model step reads
+it there. The host learns the tokens one step late, so a sequence that stops on
+a token has one extra token computed (and dropped); one whose length limit is
+reached is not scheduled again. Without it, the device idles while the host
+prepares every step (about 1 ms of host time per step, 2 ms of device time, on a
+4-layer Scout slice at batch 1: benchmarks/results/model-*.json).
+
 :class:`LLMEngine` is synchronous and single-threaded: whoever owns it calls
 ``add_request`` / ``abort`` / ``step``. The offline API drives it directly; the
 server drives it from one engine thread (:mod:`jaxattn.serve.async_engine`).
@@ -36,7 +46,7 @@ from jaxattn.serve.block_manager import BlockManager
 from jaxattn.serve.model_runner import EngineShape, Llama4Runner, ModelRunner
 from jaxattn.serve.outputs import Delta, TokenLogprob
 from jaxattn.serve.sampling_params import SamplingParams
-from jaxattn.serve.scheduler import Scheduler
+from jaxattn.serve.scheduler import Scheduled, Scheduler
 from jaxattn.serve.sequence import Sequence
 from jaxattn.serve.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -94,8 +104,11 @@ def bucket_ladder(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, *,
                  enable_prefix_caching: bool = True, buckets: Seq[int] | None = None,
-                 seed: int = 0, metrics=None, num_pages: int | None = None):
-        """``num_pages``: use only the first pages of the runner's pool (default: all)."""
+                 seed: int = 0, metrics=None, num_pages: int | None = None,
+                 async_scheduling: bool = True):
+        """``num_pages``: use only the first pages of the runner's pool (default: all).
+        ``async_scheduling``: enqueue each step before the previous one's tokens reach the
+        host (see :meth:`step`); off, every step waits for its own tokens."""
         b = runner.bounds
         self.runner, self.tokenizer, self.bounds = runner, tokenizer, b
         self.max_model_len = b.max_model_len
@@ -119,6 +132,8 @@ class LLMEngine:
         self._rng = random.Random(seed)
         self._compiles = CompileCounter()
         self._aux: dict[int, _SeqOut] = {}
+        self.async_scheduling = async_scheduling
+        self._inflight: _InFlight | None = None
         self.num_steps = 0
         self.warmed_up = False
         self.model_dir: str | None = None
@@ -218,7 +233,9 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        flight = self._inflight
+        return self.scheduler.has_work() or (
+            flight is not None and any(not s.seq.finished for s in flight.live))
 
     def has_request(self, request_id: str) -> bool:
         """Whether the request is still running here (not finished, not aborted)."""
@@ -254,80 +271,118 @@ class LLMEngine:
 
         t0, c0 = time.perf_counter(), self.compile_count
         s = self.bounds.max_num_seqs
-        rows = [(1.0, 5, 0.9, 0, 0, 0)]  # one row that takes the sort path too
+        prev = None
         for bucket in tqdm(self.buckets, desc="compiling token buckets", unit="bucket",
                            disable=not progress):
             # One token in page 0: the pool is empty now and every page is fully rewritten
-            # before a sequence reads it, so the warm-up's writes are harmless.
+            # before a sequence reads it, so the warm-up's writes are harmless. Each bucket
+            # runs alone and after a step (with its draws as prev_tokens), as steps do.
             batch = build_step(self.bounds, bucket, [SeqStep([0], 0, [0])],
                                num_pages=self.runner.num_pages)
-            logits = self.runner.step(batch)
-            out = sampling.sample(logits, sampling.SamplingBatch.build(rows, s), np.bool_(True))
-            jax.block_until_ready(out)
+            for prev_tokens in (None, prev):
+                logits = self.runner.step(batch, prev_tokens=prev_tokens)
+                prev = sampling.draw(logits, sampling.SamplingBatch.build(
+                    [(0.0, 0, 1.0, 0, 0, 0)], s), False).token_ids
+        for mode, row in zip(sampling.MODES, [(0.0, 0, 1.0, 0, 0, 0), (1.0, 0, 1.0, 0, 0, 0),
+                                              (1.0, 5, 0.9, 0, 0, 0)]):
+            for want_lp in (False, True):
+                out = sampling.draw(logits, sampling.SamplingBatch.build([row], s), want_lp)
+        jax.block_until_ready(out)
         self.warmed_up = True
         log.info("warm-up: %d buckets %s, %d compiles, %.1f s", len(self.buckets), self.buckets,
                  self.compile_count - c0, time.perf_counter() - t0)
 
     def step(self) -> list[Delta]:
-        """One engine step; returns what each touched sequence gained."""
+        """One engine step; returns what each touched sequence gained.
+
+        With async scheduling the step is enqueued on the device and the call returns
+        the tokens of the step before it (which the device finished meanwhile): the host
+        schedules and dispatches step n+1 while the device computes step n.
+        """
         with self._compiles.active():
             return self._step()
 
     def _step(self) -> list[Delta]:
         out = self.scheduler.schedule()
-        deltas: list[Delta] = []
         if self.metrics and out.preempted:
             self.metrics.on_preempt(len(out.preempted))
-        if not out.scheduled:
+        prev, self._inflight = self._inflight, None
+        deltas: list[Delta] = []
+        flight = self._dispatch(out.scheduled, prev, deltas) if out.scheduled else None
+        if prev is not None:
+            deltas += self._land(prev)
+        if flight is not None and not self.async_scheduling:
+            deltas += self._land(flight)
+        else:
+            self._inflight = flight
+        if flight is None and prev is None:
             self._report(0, 0)
-            return deltas
+        return deltas
+
+    def _dispatch(self, scheduled: list[Scheduled], prev: _InFlight | None,
+                  deltas: list[Delta]) -> _InFlight | None:
+        """Build and enqueue a step (its draws stay on the device); failures go to ``deltas``."""
         t0 = time.perf_counter()
         # Host-side inputs, sequence by sequence: one whose own inputs cannot be built (a
         # bookkeeping bug, a parameter the sampler cannot take) fails alone and leaves the step.
         live, steps, rows = [], [], []
-        for s in out.scheduled:
+        for s in scheduled:
+            seq = s.seq
             try:
-                step = SeqStep(s.seq.tokens[s.seq.num_computed:s.seq.num_computed + s.num_new],
-                               s.seq.num_computed, self.bm.pages(s.seq.seq_id))
-                row = self._sampling_row(s.seq) if s.samples else (0.0, 0, 1.0, 0, 0, 0)
+                ids = seq.tokens[seq.num_computed:seq.num_computed + s.num_new]
+                if len(ids) < s.num_new:  # the last one is still on the device: row r of the
+                    ids = ids + [-1 - prev.rows[seq.seq_id]]  # previous step's draws is -(r+1)
+                step = SeqStep(ids, seq.num_computed, self.bm.pages(seq.seq_id))
+                row = self._sampling_row(seq) if s.samples else (0.0, 0, 1.0, 0, 0, 0)
             except Exception as e:
-                log.exception("request %s failed", s.seq.request_id)
-                deltas.append(self._fail(s.seq, f"{type(e).__name__}: {e}"))
+                log.exception("request %s failed", seq.request_id)
+                deltas.append(self._fail(seq, f"{type(e).__name__}: {e}"))
                 continue
             live.append(s)
             steps.append(step)
             rows.append(row)
         if not live:
-            self._report(0, 0)
-            return deltas
+            return None
         num_tokens = sum(s.num_new for s in live)
+        want_lp = any(s.samples and s.seq.params.logprobs for s in live)
         try:
             batch = build_step(self.bounds, self.bucket_for(num_tokens), steps,
                                num_pages=self.runner.num_pages)
-            logits = self.runner.step(batch)
-            want_lp = any(s.samples and s.seq.params.logprobs for s in live)
-            sampled = sampling.sample(logits, sampling.SamplingBatch.build(
-                rows, self.bounds.max_num_seqs), np.bool_(want_lp))
-            tokens, lps = jax.device_get((sampled.token_ids, sampled.logprobs))
-            top = jax.device_get((sampled.top_ids, sampled.top_logprobs)) if want_lp else None
+            logits = self.runner.step(batch, prev_tokens=None if prev is None else
+                                      prev.sampled.token_ids)
+            sampled = sampling.draw(logits, sampling.SamplingBatch.build(
+                rows, self.bounds.max_num_seqs), want_lp)
         except Exception as e:  # the whole step failed: its sequences fail, the engine goes on
-            log.exception("engine step failed")
-            for s in live:
-                deltas.append(self._fail(s.seq, f"engine step failed: {type(e).__name__}: {e}"))
-            if getattr(self.runner, "recover_cache", lambda: False)():
-                # The failed step took the donated KV pools with it: nothing cached is valid,
-                # so every other running sequence recomputes (outputs stay the same).
-                self.bm.reset_prefix_cache()
-                n = self.scheduler.preempt_all()
-                log.warning("KV cache rebuilt after a failed step; %d sequences recompute", n)
-            return deltas
+            deltas += self._step_failed([s.seq for s in live], e)
+            return None
+        # Enqueued: the sequences move on now, so that the next step can be scheduled
+        # before this one's tokens are known.
+        for s in live:
+            s.seq.num_computed += s.num_new
+            s.seq.num_inflight += s.samples
+        return _InFlight(live, sampled, want_lp, num_tokens, t0,
+                         {s.seq.seq_id: i for i, s in enumerate(live)})
+
+    def _land(self, flight: _InFlight) -> list[Delta]:
+        """Bring a step's draws to the host: append, detokenize, stop, commit pages."""
+        deltas: list[Delta] = []
+        try:
+            sampled = flight.sampled
+            tokens, lps = jax.device_get((sampled.token_ids, sampled.logprobs))
+            top = (jax.device_get((sampled.top_ids, sampled.top_logprobs)) if flight.want_lp
+                   else None)
+        except Exception as e:  # the step failed on the device
+            return self._step_failed([s.seq for s in flight.live if not s.seq.finished], e)
         self.num_steps += 1
         generated = 0
-        for i, s in enumerate(live):
+        for i, s in enumerate(flight.live):
             seq = s.seq
+            if seq.finished:  # aborted, failed or stopped while the step ran: drop its draw
+                continue
             try:
-                seq.num_computed += s.num_new
-                self.bm.commit(seq.seq_id, seq.tokens, seq.num_computed)
+                seq.num_inflight -= s.samples
+                if self.bm.has(seq.seq_id):  # not preempted since
+                    self.bm.commit(seq.seq_id, seq.tokens, min(seq.num_computed, seq.num_tokens))
                 if s.samples:
                     lp = None
                     if seq.params.logprobs is not None:
@@ -340,7 +395,18 @@ class LLMEngine:
             except Exception as e:  # one sequence's bookkeeping failed: only it fails
                 log.exception("request %s failed", seq.request_id)
                 deltas.append(self._fail(seq, f"{type(e).__name__}: {e}"))
-        self._report(num_tokens, generated, time.perf_counter() - t0)
+        self._report(flight.num_tokens, generated, time.perf_counter() - flight.t0)
+        return deltas
+
+    def _step_failed(self, seqs: list[Sequence], e: Exception) -> list[Delta]:
+        log.exception("engine step failed")
+        deltas = [self._fail(seq, f"engine step failed: {type(e).__name__}: {e}") for seq in seqs]
+        if getattr(self.runner, "recover_cache", lambda: False)():
+            # The failed step took the donated KV pools with it: nothing cached is valid,
+            # so every other running sequence recomputes (outputs stay the same).
+            self.bm.reset_prefix_cache()
+            n = self.scheduler.preempt_all()
+            log.warning("KV cache rebuilt after a failed step; %d sequences recompute", n)
         return deltas
 
     # Per-sequence bookkeeping ---------------------------------------------------------
@@ -350,7 +416,9 @@ class LLMEngine:
         # sampler's int32 row; a temperature past float32's range is as flat as its maximum.
         top_k = p.top_k if p.top_k < self.runner.vocab_size else 0
         temperature = min(p.temperature, _F32_MAX)
-        return (temperature, top_k, p.top_p, seq.seed, seq.index, seq.num_output_tokens)
+        # The output index of the token drawn (one still in flight counts).
+        position = seq.num_output_tokens + seq.num_inflight
+        return (temperature, top_k, p.top_p, seq.seed, seq.index, position)
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> Delta:
         now = time.monotonic()
@@ -401,6 +469,18 @@ class LLMEngine:
     def _report(self, num_tokens: int, generated: int, seconds: float = 0.0) -> None:
         if self.metrics:
             self.metrics.on_step(self, num_tokens, generated, seconds)
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A step enqueued on the device whose draws have not reached the host yet."""
+
+    live: list[Scheduled]
+    sampled: sampling.Sampled  # on the device
+    want_lp: bool
+    num_tokens: int
+    t0: float  # when its dispatch began
+    rows: dict[int, int]  # seq_id -> its row of ``sampled``
 
 
 class _SeqOut:

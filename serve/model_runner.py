@@ -1,7 +1,7 @@
 """The device side of the engine: a model's jitted step over the paged KV cache it owns.
 
 The engine talks to a model only through :class:`ModelRunner`: the static
-bounds, the size of the page pool, the vocabulary size, and ``step(batch)``
+bounds, the size of the page pool, the vocabulary size, and ``step(batch, prev_tokens)``
 returning the logits of each sequence's last new token. :class:`Llama4Runner`
 wraps ``jaxattn.models.llama4``; a test may pass any other runner with the
 same surface.
@@ -28,9 +28,11 @@ class ModelRunner(Protocol):
     num_pages: int  # pages in the KV pool the runner owns
     vocab_size: int
 
-    def step(self, batch: StepBatch) -> jax.Array:
+    def step(self, batch: StepBatch, prev_tokens: jax.Array | None = None) -> jax.Array:
         """Run one step; return logits [bounds.max_num_seqs, vocab] f32 (device), rows past
-        ``batch.num_seqs`` meaningless. Updates the runner's KV cache in place."""
+        ``batch.num_seqs`` meaningless. Updates the runner's KV cache in place.
+        A token id ``-(r + 1)`` in the batch stands for ``prev_tokens[r]`` (int32 [S] on
+        the device: the previous step's draws, not yet on the host)."""
         ...
 
 
@@ -114,8 +116,8 @@ class Llama4Runner:
             raise ValueError(plan.reason)
         return cls(llama4.load(model_dir, dtype=dtype, mesh=mesh), shape, impl=impl)
 
-    def step(self, batch: StepBatch) -> jax.Array:
-        logits, self._kv = self._step(self._kv, batch)
+    def step(self, batch: StepBatch, prev_tokens: jax.Array | None = None) -> jax.Array:
+        logits, self._kv = self._step(self._kv, batch, prev_tokens)
         return logits
 
     def recover_cache(self) -> bool:

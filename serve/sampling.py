@@ -8,11 +8,16 @@ not depend on what else is in the batch, and a sequence preempted and
 recomputed draws the same tokens again.
 
 The full-vocabulary sort that top-k / top-p need runs only when some row
-asks for them (``lax.cond``: both branches are compiled once, at warm-up).
+asks for them. Which path a batch takes (:data:`MODES`) and whether it wants
+top logprobs are decided on the host, from the rows, and compiled as separate
+variants (all at warm-up): a ``lax.cond`` on a device value would make XLA copy
+the predicate to the host and wait for the model step, so the engine could not
+enqueue the next step while this one runs.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -64,45 +69,62 @@ def _row_key(lo, hi, index, position):
     return key
 
 
-@jax.jit
-def sample(logits, params: SamplingBatch, want_logprobs) -> Sampled:
-    """logits [S, V] f32 -> one token per row. ``want_logprobs``: bool scalar (top-k logprobs)."""
+# How a batch draws: every row greedy; some row sampled, none with top-k / top-p; or some
+# row with top-k / top-p (a full-vocabulary sort).
+MODES = ("greedy", "random", "filtered")
+
+
+def mode_of(params: SamplingBatch) -> str:
+    """The cheapest of :data:`MODES` that serves every row of ``params`` (host arrays)."""
+    sampled = np.asarray(params.temperature) != 0
+    if not sampled.any():
+        return "greedy"
+    if (sampled & ((np.asarray(params.top_k) > 0) | (np.asarray(params.top_p) < 1))).any():
+        return "filtered"
+    return "random"
+
+
+def draw(logits, params: SamplingBatch, want_logprobs: bool) -> Sampled:
+    """Sample one token per row (asynchronously: the result stays on the device)."""
+    return sample(logits, params, mode=mode_of(params), want_logprobs=bool(want_logprobs))
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "want_logprobs"))
+def sample(logits, params: SamplingBatch, *, mode: str, want_logprobs: bool) -> Sampled:
+    """logits [S, V] f32 -> one token per row; ``mode`` one of :data:`MODES` (see :func:`draw`)."""
     s, v = logits.shape
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     is_greedy = params.temperature == 0
     keys = jax.vmap(_row_key)(params.seed_lo, params.seed_hi, params.index, params.position)
+    x = logits / jnp.where(is_greedy, 1.0, params.temperature)[:, None]
 
-    def sampled(_):
-        x = logits / jnp.where(is_greedy, 1.0, params.temperature)[:, None]
-
-        def filtered(x):
-            order = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), x.shape)
-            neg, ids = lax.sort_key_val(-x, order, dimension=-1)  # descending logits
-            vals, rank = -neg, jnp.arange(v)[None, :]
-            keep = (params.top_k[:, None] == 0) | (rank < params.top_k[:, None])
-            probs = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
-            before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
-            keep &= before < params.top_p[:, None]  # the top token always stays
-            choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, vals, -jnp.inf))
-            return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
-
-        def plain(x):
-            return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
-
-        needs_sort = jnp.any(~is_greedy & ((params.top_k > 0) | (params.top_p < 1)))
-        drawn = lax.cond(needs_sort, filtered, plain, x)
-        return jnp.where(is_greedy, greedy, drawn)
-
-    tokens = lax.cond(jnp.all(is_greedy), lambda _: greedy, sampled, None)
+    if mode == "greedy":
+        tokens = greedy
+    elif mode == "random":
+        tokens = jnp.where(is_greedy, greedy,
+                           jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32))
+    elif mode == "filtered":
+        order = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), x.shape)
+        neg, ids = lax.sort_key_val(-x, order, dimension=-1)  # descending logits
+        vals, rank = -neg, jnp.arange(v)[None, :]
+        keep = (params.top_k[:, None] == 0) | (rank < params.top_k[:, None])
+        probs = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
+        keep &= before < params.top_p[:, None]  # the top token always stays
+        # Back to vocabulary order before drawing, so that a row without top-k / top-p
+        # draws exactly what it would in a "random" batch: a row's tokens never depend on
+        # what else shares its batch.
+        keep = jnp.zeros_like(keep).at[jnp.arange(s)[:, None], ids].set(keep)
+        drawn = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, x, -jnp.inf))
+        tokens = jnp.where(is_greedy, greedy, drawn.astype(jnp.int32))
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     k = min(MAX_LOGPROBS, v)
-
-    def top(_):
-        lp, ids = lax.top_k(logprobs, k)
-        return ids.astype(jnp.int32), lp
-
-    top_ids, top_lp = lax.cond(want_logprobs, top,
-                               lambda _: (jnp.zeros((s, k), jnp.int32), jnp.zeros((s, k), jnp.float32)),
-                               None)
+    if want_logprobs:
+        top_lp, top_ids = lax.top_k(logprobs, k)
+        top_ids = top_ids.astype(jnp.int32)
+    else:
+        top_ids, top_lp = jnp.zeros((s, k), jnp.int32), jnp.zeros((s, k), jnp.float32)
     return Sampled(tokens, chosen, top_ids, top_lp)

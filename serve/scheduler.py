@@ -28,8 +28,9 @@ from jaxattn.serve.sequence import Sequence, Status
 @dataclasses.dataclass(frozen=True)
 class Scheduled:
     seq: Sequence
-    num_new: int  # tokens computed this step: seq.tokens[num_computed:num_computed + num_new]
-    samples: bool  # the step reaches the last known token: sample the next one
+    num_new: int  # tokens computed this step, from seq.tokens[num_computed] (the last may be
+    #               in flight: drawn by the step before, not on the host yet)
+    samples: bool  # the step reaches the last drawn token: draw the next one
 
 
 @dataclasses.dataclass
@@ -79,10 +80,11 @@ class Scheduler:
         preempted: list[Sequence] = []
 
         def take(seq: Sequence, n: int):
-            scheduled.append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
+            scheduled.append(Scheduled(seq, n, n == seq.num_pending))
             taken.add(seq.seq_id)
 
-        decoding = [s for s in self.running if s.num_pending == 1]
+        # A sequence whose last token is still being drawn has nothing left to compute.
+        decoding = [s for s in self.running if s.num_pending == 1 and not s.last_draw_in_flight]
         prefilling = [s for s in self.running if s.num_pending > 1]
         for seq in decoding + prefilling:
             if budget == 0:

@@ -28,7 +28,8 @@ class Sequence:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     tokens: list[int] = dataclasses.field(default_factory=list)  # prompt + output
-    num_computed: int = 0  # leading tokens whose KV is in the cache
+    num_computed: int = 0  # leading tokens whose KV is in the cache (or enqueued to be)
+    num_inflight: int = 0  # tokens drawn on the device whose ids are not in ``tokens`` yet
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
@@ -58,8 +59,13 @@ class Sequence:
 
     @property
     def num_pending(self) -> int:
-        """Tokens known but not yet in the cache (1 while decoding)."""
-        return len(self.tokens) - self.num_computed
+        """Tokens drawn but not yet in the cache (1 while decoding), in flight ones included."""
+        return len(self.tokens) + self.num_inflight - self.num_computed
+
+    @property
+    def last_draw_in_flight(self) -> bool:
+        """A token in flight is this sequence's last (max_tokens): nothing more to compute."""
+        return self.num_inflight > 0 and self.num_output_tokens + self.num_inflight >= self.max_tokens
 
     @property
     def finished(self) -> bool:

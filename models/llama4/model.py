@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import jaxattn
@@ -113,8 +114,9 @@ class DecoderLayer(nnx.Module):
         self.feed_forward = (MoE(config, dtype=dtype, rngs=rngs) if config.is_moe(layer) else
                              MLP(config, config.intermediate_size_mlp, dtype=dtype, rngs=rngs))
 
-    def __call__(self, x, positions, rope, attend, axes: Axes):
+    def __call__(self, x, positions, rope, attend, axes: Axes, valid=None):
         """``attend(attn_module, q, k, v) -> o`` is the one part the two forwards do differently.
+        ``valid`` (bool [T], serving): which rows are tokens, not bucket padding.
 
         Under a mesh ``x`` is replicated over the model-parallel group: each device
         computes its heads / columns / experts and one all-reduce per block
@@ -122,7 +124,9 @@ class DecoderLayer(nnx.Module):
         """
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, rope)
         x = x + self.self_attn.out(attend(self.self_attn, q, k, v), axes)
-        return x + axes.psum(self.feed_forward(self.post_attention_layernorm(x), axes))
+        h = self.post_attention_layernorm(x)
+        ff = self.feed_forward
+        return x + axes.psum(ff(h, axes, valid) if isinstance(ff, MoE) else ff(h, axes))
 
 
 class Embedding(nnx.Module):
@@ -178,10 +182,10 @@ class Llama4ForCausalLM(nnx.Module):
             logits = jax.lax.all_gather(logits, axes.vocab, axis=logits.ndim - 1, tiled=True)
         return logits
 
-    def _layers(self, x, positions, attend, axes: Axes = NO_AXES):
+    def _layers(self, x, positions, attend, axes: Axes = NO_AXES, valid=None):
         rope = rope_tables(self.config, positions)
         for layer in self.model.layers:
-            x = layer(x, positions, rope, attend, axes)
+            x = layer(x, positions, rope, attend, axes, valid)
         return x
 
     # Full-sequence forward ------------------------------------------------------------
@@ -241,7 +245,8 @@ class Llama4ForCausalLM(nnx.Module):
                                     chunk_size=attn.chunk_size, impl=impl)
 
         x = self._embed(batch.token_ids, axes)  # [T, hidden]
-        x = self._layers(x, batch.positions, attend, axes)
+        valid = jnp.arange(x.shape[0]) < cu[num_seqs]  # [T]: not bucket padding
+        x = self._layers(x, batch.positions, attend, axes, valid)
         logits = self._logits(x[batch.logits_indices], axes)  # [S, vocab]
         return logits, kv_cache_lib.KVCache(k=tuple(new_k), v=tuple(new_v))
 
@@ -344,7 +349,7 @@ def step_compiler_options() -> dict | None:
 
 def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str = "auto",
                  compiler_options: dict | None = None):
-    """``step(kv_cache, batch) -> (logits [S, vocab] f32, new kv_cache)``, jitted.
+    """``step(kv_cache, batch, prev_tokens=None) -> (logits [S, vocab] f32, new kv_cache)``, jitted.
 
     Shapes depend only on ``bounds`` and the batch's token count T, so it
     compiles once per T and never for a new mix of lengths. The cache is
@@ -352,6 +357,10 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     ``step.jitted`` is the underlying jitted function (for compile counting); it takes the
     batch packed into one int32 vector (``jaxattn.batch.pack``): one host-to-device copy.
     ``compiler_options``: XLA options for the step (None: :func:`step_compiler_options`).
+
+    ``prev_tokens`` (int32 [S], on the device) lets a step start before the previous
+    one's sampled tokens reach the host: a batch token id ``-(r + 1)`` stands for
+    ``prev_tokens[r]`` (the engine's async scheduling passes the last step's draws).
 
     With the weights on a mesh (``model.mesh``), the layers run per device inside
     ``shard_map`` on local heads and experts (the attention kernels are custom calls
@@ -376,15 +385,24 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
 
     @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("num_tokens",),
                        compiler_options=compiler_options or None)
-    def jitted(state, kv_cache, packed, num_tokens):  # packed: batch_lib.pack(StepBatch)
+    def jitted(state, kv_cache, packed, prev_tokens, num_tokens):
+        # packed: batch_lib.pack(StepBatch); prev_tokens: int32 [S]
         batch = batch_lib.unpack(packed, bounds, num_tokens)
+        ids = batch.token_ids
+        batch = batch._replace(token_ids=jnp.where(
+            ids < 0, prev_tokens[jnp.clip(-ids - 1, 0, prev_tokens.shape[0] - 1)], ids))
         return local_step(state, kv_cache, batch, nnx.merge(graphdef, state).plans(bounds, batch))
 
     device = jax.devices()[0]
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     multi_process = jax.process_count() > 1
+    no_prev = np.zeros(bounds.max_num_seqs, np.int32)
+    if multi_process:
+        no_prev = jax.make_array_from_callback(no_prev.shape, replicated, lambda i: no_prev[i])
+    else:
+        no_prev = jax.device_put(no_prev, replicated or device)
 
-    def step(kv_cache: kv_cache_lib.KVCache, batch: StepBatch):
+    def step(kv_cache: kv_cache_lib.KVCache, batch: StepBatch, prev_tokens=None):
         # An uncommitted pool (e.g. fresh from a jit without out_shardings) has another
         # cache key than the committed pools a step returns: commit it (no copy) so the
         # first step does not compile a second time.
@@ -399,7 +417,12 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
             packed = jax.make_array_from_callback(packed.shape, replicated, lambda i: packed[i])
         elif replicated is not None:
             packed = jax.device_put(packed, replicated)
-        return jitted(state, kv_cache, packed, num_tokens=len(batch.token_ids))
+        if prev_tokens is None:
+            if isinstance(batch.token_ids, np.ndarray) and batch.token_ids.min(initial=0) < 0:
+                raise ValueError("the batch takes tokens from a previous step (negative ids) "
+                                 "but no prev_tokens were given")
+            prev_tokens = no_prev
+        return jitted(state, kv_cache, packed, prev_tokens, num_tokens=len(batch.token_ids))
 
     step.jitted = jitted
     return step

@@ -111,9 +111,14 @@ class MoE(nnx.Module):
         self.experts = Experts(config, dtype=dtype, rngs=rngs)
         self.shared_expert = MLP(config, config.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, axes: Axes = NO_AXES):
+    def __call__(self, x, axes: Axes = NO_AXES, valid=None):
         """Shared expert + routed experts. Under a mesh the result is a partial sum over
-        ``axes.model`` (the caller's one all-reduce also combines the experts' outputs)."""
+        ``axes.model`` (the caller's one all-reduce also combines the experts' outputs).
+
+        ``valid`` (bool, x's leading shape): rows that are tokens. The others (a step's
+        bucket padding) go to no expert, so the grouped matmuls skip them: a batch-1
+        decode padded to 16 rows reads one expert's weights, not two. Their routed output
+        is zero."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         n, k = x.shape[0], self.top_k
@@ -123,6 +128,8 @@ class MoE(nnx.Module):
         # not the output; unselected experts see a zero input and so contribute zero.
         scores = jax.nn.sigmoid(top_logit.astype(jnp.float32)).astype(x.dtype)
         expert = top_expert.reshape(-1)  # [N*k], token-major
+        if valid is not None:  # padding: past the last expert (sorted last, counted nowhere)
+            expert = jnp.where(jnp.repeat(valid.reshape(-1), k), expert, self.num_experts)
         order = jnp.argsort(expert, stable=True)
         rows = x[order // k] * scores.reshape(-1)[order][:, None]  # [N*k, H] sorted by expert
         group_sizes = jnp.bincount(expert, length=self.num_experts).astype(jnp.int32)
@@ -134,6 +141,8 @@ class MoE(nnx.Module):
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
         routed = routed[inverse].reshape(n, k, -1)  # back to token-major
         routed = routed[:, 0] if k == 1 else routed.sum(1, dtype=x.dtype)
+        if valid is not None:  # the kernels leave rows past the groups unwritten
+            routed = jnp.where(valid.reshape(-1, 1), routed, jnp.zeros((), routed.dtype))
         return (self.shared_expert(x, axes) + routed).reshape(shape)
 
     def _local_experts(self, rows, group_sizes, local_experts, axes: Axes):

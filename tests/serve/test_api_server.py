@@ -23,10 +23,10 @@ class SlowRunner:
         self.inner, self.delay = inner, 0.0
         self.bounds, self.num_pages, self.vocab_size = inner.bounds, inner.num_pages, inner.vocab_size
 
-    def step(self, batch):
+    def step(self, batch, prev_tokens=None):
         if self.delay:
             time.sleep(self.delay)
-        return self.inner.step(batch)
+        return self.inner.step(batch, prev_tokens)
 
 
 def _server(make_runner, tokenizer, num_pages):

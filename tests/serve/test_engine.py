@@ -140,11 +140,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(runner, tokeni
     engine = _engine(runner, tokenizer)
     real_step, calls = runner.step, []
 
-    def flaky(batch):
+    def flaky(batch, prev_tokens=None):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("injected")
-        return real_step(batch)
+        return real_step(batch, prev_tokens)
 
     engine.runner = type("Flaky", (), {"step": staticmethod(flaky), "bounds": runner.bounds,
                                        "num_pages": runner.num_pages,
@@ -184,13 +184,13 @@ def test_a_step_that_loses_the_donated_cache_is_recovered(runner, tokenizer, mon
     engine = _engine(runner, tokenizer)
     real_step, calls, failed_ids = runner._step, [0], set()
 
-    def lose_cache_on_third_call(kv, batch):
+    def lose_cache_on_third_call(kv, batch, prev_tokens=None):
         calls[0] += 1
         if calls[0] == 3:
             for x in kv.k + kv.v:
                 x.delete()  # what a donated call that dies mid-flight leaves behind
             raise RuntimeError("injected: device step failed after donation")
-        return real_step(kv, batch)
+        return real_step(kv, batch, prev_tokens)
 
     monkeypatch.setattr(runner, "_step", lose_cache_on_third_call)
     for i, p in enumerate(prompts):
@@ -212,3 +212,69 @@ def test_a_step_that_loses_the_donated_cache_is_recovered(runner, tokenizer, mon
     assert engine.bm.num_used_pages == 0
     engine.bm.check()
     assert _gen(engine, prompts[:2], params) == [[a] for a in alone[:2]]
+
+
+class _Recorder:
+    """The runner, recording for each step whether some input token was still on the device
+    (a negative id: the previous step's draw) and how many steps were enqueued."""
+
+    def __init__(self, inner):
+        self.inner, self.steps, self.chained = inner, 0, 0
+        self.bounds, self.num_pages, self.vocab_size = inner.bounds, inner.num_pages, inner.vocab_size
+
+    def step(self, batch, prev_tokens=None):
+        self.steps += 1
+        self.chained += bool((np.asarray(batch.token_ids) < 0).any())
+        return self.inner.step(batch, prev_tokens)
+
+
+@pytest.mark.parametrize("pool", [128, MAX_LEN // PAGE])  # roomy; preempting
+def test_async_scheduling_changes_no_output(runner, tokenizer, pool):
+    """Steps enqueued before the previous step's tokens are on the host (the next input token
+    read on the device) give exactly the outputs, logprobs and finish reasons of the
+    synchronous engine: greedy and seeded sampling, top-k/top-p, n=2, stop tokens and
+    strings, logprobs, and with a pool so small that sequences are preempted mid-flight."""
+    prompts = _prompts(8, seed=11, lo=3, hi=90)
+    greedy = _gen(_engine(runner, tokenizer), prompts[6:7],
+                  [SamplingParams(temperature=0, max_tokens=20)])[0][0]
+    params = _params(6, seed=3) + [
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[greedy[4]], logprobs=3),
+        SamplingParams(temperature=0.8, seed=5, max_tokens=25, stop=["a"], logprobs=2)]
+
+    def run(**kw):
+        engine = _engine(runner, tokenizer, num_pages=pool, **kw)
+        rec = engine.runner = _Recorder(runner)
+        outs = LLM(engine=engine).generate([{"prompt_token_ids": p} for p in prompts], params,
+                                           use_tqdm=False)
+        assert engine.bm.num_used_pages == 0 and not engine.has_unfinished()
+        engine.bm.check()
+        return [[(o.token_ids, o.text, o.finish_reason,
+                  [(lp.token_id, round(lp.logprob, 4), [(t, round(x, 4)) for t, x in lp.top])
+                   for lp in (o.logprobs or [])])
+                 for o in r.outputs] for r in outs], rec, engine
+
+    sync, sync_rec, _ = run(async_scheduling=False)
+    got, rec, engine = run()
+    assert sync[6][0][2] == "stop" and len(sync[6][0][0]) == 5  # the stop token is hit
+    assert got == sync
+    assert sync_rec.chained == 0 and rec.chained > 0  # it did run ahead
+    # At most one extra step per sequence that stopped on a token (its draw is dropped).
+    assert rec.steps <= sync_rec.steps + sum(sp.n for sp in params)
+    if pool < 128:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def test_abort_while_a_step_is_in_flight_frees_everything(runner, tokenizer):
+    engine = _engine(runner, tokenizer)
+    engine.add_request("a", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=50))
+    engine.add_request("b", [9, 10], SamplingParams(temperature=0, max_tokens=50))
+    for _ in range(4):
+        engine.step()
+    assert engine._inflight is not None
+    assert engine.abort("a") and engine.has_unfinished()
+    got = []
+    while engine.has_unfinished():
+        got += [d for d in engine.step() if d.request_id == "a"]
+    assert not got  # nothing more for the aborted request, not even its in-flight draw
+    assert engine.bm.num_used_pages == 0
+    engine.bm.check()

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxattn.serve.sampling import SamplingBatch, sample
+from jaxattn.serve.sampling import SamplingBatch, draw
 from jaxattn.serve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 S, V = 8, 64
@@ -15,7 +15,7 @@ def _logits(seed=0):
 
 
 def _draw(logits, rows, lp=False):
-    out = sample(logits, SamplingBatch.build(rows, S), np.bool_(lp))
+    out = draw(logits, SamplingBatch.build(rows, S), lp)
     return jax.device_get(out)
 
 
@@ -27,10 +27,12 @@ def test_greedy_rows_take_the_argmax_padding_included():
 
 def test_a_rows_draw_depends_on_its_own_key_only():
     logits = np.tile(_logits(1)[:1], (S, 1))
-    row = (1.0, 0, 1.0, 1234, 0, 7)
-    alone = _draw(logits, [row]).token_ids[0]
-    mixed = _draw(logits, [(0.7, 3, 0.5, 9, 1, 2), (0.0, 0, 1.0, 0, 0, 0), row]).token_ids[2]
-    assert alone == mixed
+    # Alone (no row needs the top-k / top-p sort) and beside a row that does: same draws.
+    for pos in range(32):
+        row = (1.0, 0, 1.0, 1234, 0, pos)
+        alone = _draw(logits, [row]).token_ids[0]
+        mixed = _draw(logits, [(0.7, 3, 0.5, 9, 1, 2), (0.0, 0, 1.0, 0, 0, 0), row]).token_ids[2]
+        assert alone == mixed, pos
     # Other positions / output indices / seeds draw independently.
     draws = {_draw(logits, [(1.0, 0, 1.0, 1234, 0, p)]).token_ids[0] for p in range(20)}
     assert len(draws) > 3

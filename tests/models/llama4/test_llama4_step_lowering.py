@@ -10,8 +10,11 @@ counts). Static-trip-count loops (``scan``) are allowed but should stay rare: ea
 iteration is separate kernel launches.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
@@ -19,6 +22,7 @@ from jaxattn import cache
 from jaxattn import batch as batch_lib
 from jaxattn.batch import SeqStep, build_step
 from jaxattn.models import llama4
+from jaxattn.serve import sampling
 
 _KERNELS = ("mpmd_map", "pallas_call")  # Mosaic GPU kernel bodies: their loops run on the GPU
 
@@ -48,9 +52,22 @@ def test_gpu_step_has_no_host_synchronising_control_flow():
     batch = build_step(bounds, 256, [SeqStep([1] * 100, 0, [0, 1]), SeqStep([2], 64, [2, 3])],
                        num_pages=32)
     kv = jax.eval_shape(lambda: cache.allocate(spec))
-    jaxpr = jax.make_jaxpr(step.jitted, static_argnums=3)(nnx.split(model)[1], kv,
-                                                    batch_lib.pack(batch), 256)
+    jaxpr = jax.make_jaxpr(step.jitted, static_argnums=4)(
+        nnx.split(model)[1], kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32), 256)
     found = _primitives(jaxpr.jaxpr, {})
     assert found.get("mpmd_map", 0) >= 2 * config.num_hidden_layers  # the kernels are in the step
     assert not {p: found[p] for p in ("cond", "while") if p in found}
     assert found.get("scan", 0) == 0
+
+
+@pytest.mark.parametrize("mode", sampling.MODES)
+@pytest.mark.parametrize("want_logprobs", [False, True])
+def test_sampler_has_no_host_synchronising_control_flow(mode, want_logprobs):
+    """The engine enqueues step n+1 before step n's tokens are on the host; a cond in the
+    sampler would stall that (it did: three, on all-greedy, top-k/p and logprobs)."""
+    rows = [(0.7, 5, 0.9, 1, 0, 0)] * 4
+    jaxpr = jax.make_jaxpr(functools.partial(sampling.sample, mode=mode,
+                                             want_logprobs=want_logprobs))(
+        jnp.zeros((4, 512), jnp.float32), sampling.SamplingBatch.build(rows, 4))
+    found = _primitives(jaxpr.jaxpr, {})
+    assert not {p: found[p] for p in ("cond", "while") if p in found}

@@ -1,0 +1,34 @@
+"""The MoE block of the serving step: bucket padding rows reach no expert."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxattn.models import llama4
+from jaxattn.models.llama4.moe import Experts, MoE
+
+
+def test_padding_rows_go_to_no_expert(monkeypatch):
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=512, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1))
+    moe = MoE(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (16, 64), jnp.float32)
+    valid = jnp.arange(16) < 5
+    seen = []
+    call = Experts.__call__
+
+    def spy(self, rows, group_sizes):
+        seen.append(np.asarray(group_sizes))
+        return call(self, rows, group_sizes)
+
+    monkeypatch.setattr(Experts, "__call__", spy)
+    padded = moe(x, valid=valid)
+    alone = moe(x[:5])
+    assert seen[0].sum() == 5 and seen[1].sum() == 5  # only the 5 tokens were routed
+    np.testing.assert_allclose(padded[:5], alone, rtol=1e-5, atol=1e-6)
+    # Padding rows: the shared expert only (their routed part is zero, not garbage).
+    np.testing.assert_allclose(padded[5:], moe.shared_expert(x[5:]), rtol=1e-5, atol=1e-6)
+    assert bool(jnp.isfinite(padded).all())
