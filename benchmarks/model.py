@@ -326,9 +326,12 @@ def bench_engine(model, clock: Clock, out: dict):
         for b in DECODE_BATCHES:
             if not clock.allow(f"engine decode batch {b} ({name})", 20):
                 continue
-            params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
             ids = [f"{b}-{i}" for i in range(b)]
-            for rid in ids:
+            for i, rid in enumerate(ids):
+                # Sampled at temperature 1 (random weights: near-uniform tokens), so the batch
+                # routes to experts as the roofline assumes; greedy decoding of random weights
+                # falls into repeats that hit fewer experts.
+                params = SamplingParams(temperature=1.0, seed=i, max_tokens=tokens, ignore_eos=True)
                 prompt = rng.integers(model.config.vocab_size, size=DECODE_CONTEXT - 1)
                 engine.add_request(rid, prompt.tolist(), params)
             started = set()
