@@ -333,12 +333,15 @@ def cache_spec(config: Llama4Config, *, num_pages: int, page_size: int,
 def step_compiler_options() -> dict | None:
     """XLA options for the step on a GPU: run it as CUDA graphs, the Mosaic kernels included.
 
-    A decode step launches ~100 kernels per layer; one by one, the launches cost more than
+    A decode step launches ~50 kernels per layer; one by one, the launches cost more than
     the kernels at small batches. XLA's default command buffers leave custom calls (our
-    kernels) out and so cut the step into short graphs. Measured on an H100, Scout-width
-    4 layers, decode over 8k tokens (benchmarks/model.py): batch 1 takes 4.95 ms by default,
-    5.35 ms without graphs and 3.58 ms with these options (2.29 ms of kernels); batch 32
-    10.41 / 11.89 / 9.64 ms.
+    kernels) out and so cut the step into short graphs. What matters is the host's time
+    per step, which async scheduling hides only while it is shorter than the device's.
+    Measured on an H100, Scout-width 4 layers, batch 1 decode over 8k tokens (2.05 ms
+    of kernels): the host dispatches a step in 1.8 ms with these options, 2.6 ms without
+    graphs, and steps enqueued back to back take 2.13 vs 2.64 ms (a jax.profiler
+    timeline). Synchronous single steps barely differ (benchmarks/results/model-*.md:
+    "XLA options" table).
     """
     if jax.default_backend() != "gpu":
         return None
