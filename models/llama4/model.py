@@ -399,11 +399,9 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     device = jax.devices()[0]
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     multi_process = jax.process_count() > 1
-    no_prev = np.zeros(bounds.max_num_seqs, np.int32)
-    if multi_process:
-        no_prev = jax.make_array_from_callback(no_prev.shape, replicated, lambda i: no_prev[i])
-    else:
-        no_prev = jax.device_put(no_prev, replicated or device)
+    zeros = np.zeros(bounds.max_num_seqs, np.int32)  # prev_tokens of a step that needs none
+    no_prev = (jax.make_array_from_callback(zeros.shape, replicated, lambda i: zeros[i])
+               if multi_process else jax.device_put(zeros, replicated or device))
 
     def step(kv_cache: kv_cache_lib.KVCache, batch: StepBatch, prev_tokens=None):
         # An uncommitted pool (e.g. fresh from a jit without out_shardings) has another
