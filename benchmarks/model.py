@@ -281,7 +281,7 @@ def time_pipelined(step, kv: list, batch, steps: int = 20) -> float:
     ids = np.array(batch.token_ids)
     ids[:b] = -1 - np.arange(b)  # one token per sequence: row i of the previous draws
     chained = batch._replace(token_ids=ids)
-    rows = sampling.SamplingBatch.build([(0.0, 0, 1.0, 0, 0, 0)] * b, len(batch.kv_lens))
+    rows = sampling.SamplingBatch.build([sampling.GREEDY_ROW] * b, len(batch.kv_lens))
 
     def run():
         tokens = None
@@ -328,9 +328,9 @@ def bench_engine(model, clock: Clock, out: dict):
                 continue
             ids = [f"{b}-{i}" for i in range(b)]
             for i, rid in enumerate(ids):
-                # Sampled at temperature 1 (random weights: near-uniform tokens), so the batch
-                # routes to experts as the roofline assumes; greedy decoding of random weights
-                # falls into repeats that hit fewer experts.
+                # Sampled at temperature 1 (random weights: near-uniform tokens), closer to the
+                # roofline's random routing than greedy decoding. How many experts the engine's
+                # tokens hit is not measured: at batch 32 it may be fewer than the roofline's.
                 params = SamplingParams(temperature=1.0, seed=i, max_tokens=tokens, ignore_eos=True)
                 prompt = rng.integers(model.config.vocab_size, size=DECODE_CONTEXT - 1)
                 engine.add_request(rid, prompt.tolist(), params)

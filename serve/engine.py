@@ -282,9 +282,9 @@ class LLMEngine:
             for prev_tokens in (None, prev):
                 logits = self.runner.step(batch, prev_tokens=prev_tokens)
                 prev = sampling.draw(logits, sampling.SamplingBatch.build(
-                    [(0.0, 0, 1.0, 0, 0, 0)], s), False).token_ids
-        for mode, row in zip(sampling.MODES, [(0.0, 0, 1.0, 0, 0, 0), (1.0, 0, 1.0, 0, 0, 0),
-                                              (1.0, 5, 0.9, 0, 0, 0)]):
+                    [sampling.GREEDY_ROW], s), False).token_ids
+        # One row per entry of sampling.MODES: greedy, random, filtered (top-k / top-p).
+        for row in (sampling.GREEDY_ROW, (1.0, 0, 1.0, 0, 0, 0), (1.0, 5, 0.9, 0, 0, 0)):
             for want_lp in (False, True):
                 out = sampling.draw(logits, sampling.SamplingBatch.build([row], s), want_lp)
         jax.block_until_ready(out)
@@ -333,7 +333,7 @@ class LLMEngine:
                 if len(ids) < s.num_new:  # the last one is still on the device: row r of the
                     ids = ids + [-1 - prev.rows[seq.seq_id]]  # previous step's draws is -(r+1)
                 step = SeqStep(ids, seq.num_computed, self.bm.pages(seq.seq_id))
-                row = self._sampling_row(seq) if s.samples else (0.0, 0, 1.0, 0, 0, 0)
+                row = self._sampling_row(seq) if s.samples else sampling.GREEDY_ROW
             except Exception as e:
                 log.exception("request %s failed", seq.request_id)
                 deltas.append(self._fail(seq, f"{type(e).__name__}: {e}"))

@@ -28,6 +28,11 @@ from jax import lax
 from jaxattn.serve.sampling_params import MAX_LOGPROBS
 
 
+# (temperature, top_k, top_p, seed, index, position) of a row that only needs its argmax: a
+# sequence that does not sample this step, or padding.
+GREEDY_ROW = (0.0, 0, 1.0, 0, 0, 0)
+
+
 class SamplingBatch(NamedTuple):
     """Per-row parameters, each [S]; padding rows are greedy and ignored."""
 
