@@ -191,7 +191,8 @@ def bench_variants(rows):
         "kv_major": prefill.PrefillConfig(tile_order="kv_major"),
         "item_major": prefill.PrefillConfig(tile_order="item_major"),
         "head_major": prefill.PrefillConfig(tile_order="head_major"),
-        "overlap": prefill.PrefillConfig(overlap=True),
+        "no_overlap": prefill.PrefillConfig(overlap=False),
+        "mbarrier_turns": prefill.PrefillConfig(named_barriers=False),
         "bkv64_s4": prefill.PrefillConfig(block_kv=64, num_stages=4),
     }
     shapes = os.environ.get("BENCH_VARIANT_SHAPES", "causal:32768,chunked:131072,causal:131072")

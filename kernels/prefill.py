@@ -10,9 +10,13 @@ prefill :class:`~jaxattn.scheduler.WorkList`. A CTA has three warpgroups:
   ``S = Q K^T`` (wgmma, f32), per-row masking only on tiles that cross the
   item's key bound or the causal diagonal, online softmax in base 2 with
   ``scale * log2(e)`` folded into one FMA, ``P`` cast to the input dtype,
-  ``O += P V`` (wgmma). A schedule barrier makes the two consumers alternate
-  on the tensor cores (FA3 ping-pong): one runs its GEMMs while the other
-  does its softmax.
+  ``O += P V`` (wgmma). The two consumers take turns issuing GEMMs (FA3
+  ping-pong): a turn is handed over with a hardware named barrier
+  (``bar.arrive`` to the other warpgroup, ``bar.sync`` to wait for one's own
+  turn), so one warpgroup's GEMMs run while the other does its softmax.
+  Within a warpgroup the FA3 intra-warpgroup overlap is on by default: a
+  turn issues QK(j) and PV(j-1) together, and softmax(j) runs while PV(j-1)
+  is still on the tensor cores (P stays in registers between blocks).
 
 For large batches tiles are numbered KV head first, then item, then the KV
 group's query heads (``PrefillConfig.tile_order``): the ~132 tiles in flight
@@ -43,6 +47,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import llvm
 
 from jaxattn.scheduler import Bounds, WorkList
 
@@ -57,6 +63,11 @@ TILE_ORDERS = ("auto", "kv_major", "item_major", "head_major")
 # all K/V in flight fits L2 anyway, so item_major wins (measured: 4k/8k causal).
 _KV_MAJOR_MIN_WAVES = 4
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Named (hardware) barriers of the consumers' turn: consumer w waits on TURN_BARRIER + w.
+# Mosaic GPU itself uses barrier 0 (CTA-wide) and 1..num_warpgroups (per warpgroup).
+TURN_BARRIER = 8
+# Registers per thread a CTA of 3 warpgroups launches with (65536 / 384, rounded down to 8).
+_LAUNCH_REGISTERS = 65536 // (128 * (COMPUTE_WGS + 1)) // 8 * 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +90,16 @@ class PrefillConfig:
       "auto" (default): kv_major when one KV head's tiles fill at least
       ``_KV_MAJOR_MIN_WAVES`` waves of CTAs, else item_major (decided in the
       kernel from the item count).
-    overlap: FA3 intra-warpgroup overlap: issue S(j+1) = Q K(j+1)^T before
-      the softmax of block j... precisely, each step issues QK(j) and PV(j-1)
-      back to back and runs softmax(j) while PV(j-1) is on the tensor cores
-      (needs p_in_registers; GPU only).
+    overlap: FA3 intra-warpgroup overlap: each turn issues QK(j) and PV(j-1)
+      back to back, and softmax(j) runs while PV(j-1) is on the tensor cores
+      (needs p_in_registers; GPU only). +5-6% at 16k-64k causal over the plain
+      loop, bit-identical output (benchmarks/NOTES-prefill.md, v3).
+    named_barriers: hand the turn between the consumers with hardware named
+      barriers (bar.sync / bar.arrive); False uses an mbarrier per consumer,
+      the same protocol in a form GPU interpret mode can execute.
+    consumer_registers: per-thread registers of a consumer warpgroup
+      (setmaxnreg); the producer gets what is left of the launch allotment.
+      232 / 40 measured as fast as 240 / 24 and faster than 224 / 56.
     """
 
     block_q: int = 128
@@ -90,7 +107,9 @@ class PrefillConfig:
     num_stages: int = 2
     p_in_registers: bool = True
     tile_order: str = "auto"
-    overlap: bool = False
+    overlap: bool = True
+    named_barriers: bool = True
+    consumer_registers: int = 232
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -101,8 +120,18 @@ class PrefillConfig:
             raise ValueError(f"num_stages={self.num_stages} must be >= 2")
         if self.overlap and not self.p_in_registers:
             raise ValueError("overlap=True needs p_in_registers=True")
+        if self.consumer_registers % 8 or not _LAUNCH_REGISTERS <= self.consumer_registers <= 240:
+            raise ValueError(f"consumer_registers={self.consumer_registers} must be a multiple "
+                             f"of 8 in [{_LAUNCH_REGISTERS}, 240]")
         if self.tile_order not in TILE_ORDERS:
             raise ValueError(f"tile_order={self.tile_order!r} is not one of {TILE_ORDERS}")
+
+    @property
+    def producer_registers(self) -> int:
+        # The CTA launches with _LAUNCH_REGISTERS per thread; setmaxnreg.inc blocks until the
+        # producer's setmaxnreg.dec has returned enough, so the three must sum to the launch
+        # allotment (more would hang the kernel).
+        return (COMPUTE_WGS + 1) * _LAUNCH_REGISTERS - COMPUTE_WGS * self.consumer_registers
 
     def smem_bytes(self, head_dim: int, dtype) -> int:
         """Shared memory the kernel allocates (the budget check of the Mosaic lowering)."""
@@ -112,7 +141,7 @@ class PrefillConfig:
         o = COMPUTE_WGS * WG_ROWS * head_dim * isz
         p = 0 if self.p_in_registers else COMPUTE_WGS * WG_ROWS * self.block_kv * isz
         lse = COMPUTE_WGS * WG_ROWS * 4
-        barriers = 8 * (2 * self.num_stages + 2 * COMPUTE_WGS + 1)
+        barriers = 8 * (2 * self.num_stages + 3 * COMPUTE_WGS)
         return q + kv + o + p + lse + barriers + 1024  # + alignment slack
 
 
@@ -154,6 +183,17 @@ def _tiled(shape, dtype):
                                                 plgpu.SwizzleTransform(128)))
 
 
+def _named_barrier(op: str, barrier_id, num_threads: int):
+    """``bar.sync`` / ``bar.arrive`` on a hardware named barrier (id: int32 scalar)."""
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
+    def bar(_, bid):
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [bid.registers[()]],
+                        f"bar.{op} $0, {num_threads};", "r", has_side_effects=True)
+
+    bar(barrier_id)
+
+
 def _store_rows(src, dst, n, max_rows):
     """TMA-store the first ``n`` rows of ``src`` (untiled SMEM) to GMEM rows via ``dst(off, size)``.
 
@@ -193,8 +233,9 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     if config.block_kv % page_size or page_size % 8:
         raise ValueError(f"page_size={page_size} must be a multiple of 8 dividing "
                          f"block_kv={config.block_kv}")
-    if interpret and config.p_in_registers:
-        config = dataclasses.replace(config, p_in_registers=False, overlap=False)
+    if interpret:  # no register-A wgmma, no inline PTX in interpret mode
+        config = dataclasses.replace(config, p_in_registers=False, overlap=False,
+                                     named_barriers=False)
     dtype = q.dtype
     group = hq // hkv
     bkv, stages = config.block_kv, config.num_stages
@@ -211,7 +252,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
     def kernel(meta_ref, count_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
                q_stage, q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem,
-               q_full, q_free, k_full, k_free, v_full, v_free, sched):
+               q_full, q_free, k_full, k_free, v_full, v_free, turn):
         wg = lax.axis_index("wg")
         cta = lax.axis_index("sm")
         n_tiles = count_ref[0] * hq
@@ -249,7 +290,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
         @pl.when(wg < COMPUTE_WGS)
         def _consumer():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(config.consumer_registers, action="increase")
             qw = q_smem.at[wg]
             ow = o_smem.at[wg]
             row0 = wg * WG_ROWS
@@ -273,11 +314,24 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     _store_rows(ow, lambda off, size: o_ref.at[pl.ds(start + off, size), head],
                                 jnp.minimum(WG_ROWS, b - start), WG_ROWS)
 
-            def sched_sync():
-                plgpu.barrier_arrive(sched)
-                plgpu.barrier_wait(sched)
+            # Ping-pong: the consumers take turns issuing GEMMs. A turn is
+            # turn_wait(); issue wgmmas; turn_pass(). Warpgroup 0 holds the first turn,
+            # so warpgroup 1 passes one in up front and warpgroup 0 takes the last one
+            # back at the end (every arrival is waited for).
+            if config.named_barriers:
+                def turn_wait():
+                    _named_barrier("sync", TURN_BARRIER + wg, COMPUTE_WGS * 128)
 
-            pl.when(wg == 1)(sched_sync)  # offset warpgroup 1 by one GEMM: ping-pong
+                def turn_pass():
+                    _named_barrier("arrive", TURN_BARRIER + 1 - wg, COMPUTE_WGS * 128)
+            else:
+                def turn_wait():
+                    plgpu.barrier_wait(turn.at[wg])
+
+                def turn_pass():
+                    plgpu.barrier_arrive(turn.at[1 - wg])
+
+            pl.when(wg == 1)(turn_pass)
 
             def tile_body(i, step):
                 item, head, (q_start, q_len, q_pos, kv_start, kv_end, _) = item_fields(tile_of(i))
@@ -310,6 +364,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 def bcast_rows(x, shape):
                     return lax.broadcast_in_dim(x, shape, [0])
 
+                # Turns of one tile: QK(lo); then PV(j-1) and QK(j) for each further
+                # block; then PV(hi-1). Both consumers take the same number of turns.
                 if config.overlap:
                     acc, m_i, l_i = overlapped_kv_loop(step, lo, unmasked_hi, hi, mask, bcast_rows)
                 else:
@@ -319,6 +375,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
             def kv_loop(step, lo, unmasked_hi, hi, mask):
                 plgpu.barrier_wait(k_full.at[step % stages])
+                turn_wait()
 
                 def kv_step(j, carry, masked):
                     acc, m_i, l_i = carry
@@ -327,7 +384,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
                     def qk_scope(acc_ref):
                         plgpu.wgmma(acc_ref, qw, k_smem.at[slot].T)
-                        sched_sync()
+                        turn_pass()
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk_scope, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
@@ -344,9 +401,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     p16 = p.astype(dtype)
                     if config.p_in_registers:
                         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                    plgpu.barrier_arrive(sched)
                     plgpu.barrier_wait(v_full.at[slot])
-                    plgpu.barrier_wait(sched)
+                    turn_wait()
 
                     def wait_next_k():
                         @pl.when(j + 1 < hi)
@@ -381,15 +437,17 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 carry = (acc0, m0, l0)
                 carry = lax.fori_loop(lo, unmasked_hi, functools.partial(kv_step, masked=False),
                                       carry)
-                return lax.fori_loop(unmasked_hi, hi, functools.partial(kv_step, masked=True),
-                                     carry)
+                carry = lax.fori_loop(unmasked_hi, hi, functools.partial(kv_step, masked=True),
+                                      carry)
+                turn_pass()
+                return carry
 
             def overlapped_kv_loop(step, lo, unmasked_hi, hi, mask, bcast_rows):
                 """FA3 intra-warpgroup overlap: softmax(j) runs while PV(j-1) is in flight.
 
-                Per step: issue QK(j), issue PV(j-1), wait for QK(j) only, softmax(j),
-                wait for PV(j-1), rescale O. Ping-pong rendezvous after each GEMM issue
-                and after each softmax, as in the plain loop.
+                A turn issues QK(j) then PV(j-1) (into O rescaled by alpha(j-1), which
+                is computed while QK(j) runs) and passes; then wait for QK(j) only,
+                softmax(j), wait for PV(j-1). The carry holds P(j-1) in registers.
                 """
                 row_layout = plgpu.Layout.WGMMA.reduce(1)
 
@@ -398,13 +456,14 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     p = jnp.exp2(s * qk_scale - bcast_rows(m_new, s.shape))
                     return p, m_new, jnp.exp2(m_old - m_new)
 
-                # Prologue: block lo (masked when it is the diagonal/boundary block).
+                # First turn: QK(lo) alone (masked when it is the diagonal/boundary block).
                 slot0 = step % stages
+                plgpu.barrier_wait(k_full.at[slot0])
+                turn_wait()
 
                 def qk0(s_ref):
-                    plgpu.barrier_wait(k_full.at[slot0])
                     plgpu.wgmma(s_ref, qw, k_smem.at[slot0].T)
-                    sched_sync()
+                    turn_pass()
                     return s_ref[...]
 
                 s = pl.run_scoped(qk0, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
@@ -414,58 +473,60 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 p, m_i, _ = softmax(s, m0)
                 l_i = p.sum(axis=1)
                 acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
-                carry = (acc, m_i, l_i, p.astype(dtype))
+                alpha = plgpu.layout_cast(jnp.ones((WG_ROWS,), jnp.float32), row_layout)
+                carry = (acc, m_i, l_i, p.astype(dtype), alpha)
 
                 def step_j(j, carry, masked):
-                    acc, m_i, l_i, p16 = carry
+                    acc, m_i, l_i, p16, alpha = carry
                     c = step + j - lo
                     slot, pslot = c % stages, (c - 1) % stages
-                    sched_sync()  # hand the tensor cores over after the softmax
+                    plgpu.barrier_wait(k_full.at[slot])
+                    turn_wait()
 
                     def qk_scope(s_ref):
-                        plgpu.barrier_wait(k_full.at[slot])
                         plgpu.wgmma(s_ref, qw, k_smem.at[slot].T)
+                        acc_scaled = acc * bcast_rows(alpha, acc.shape)  # while QK(j) runs
                         plgpu.barrier_wait(v_full.at[pslot])
 
                         def pv_body(refs):
                             o_ref, m_ref, l_ref, p_ref, a_ref = refs
                             plgpu.wgmma(o_ref, p16, v_smem.at[pslot])
-                            sched_sync()
+                            turn_pass()
                             s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # QK(j) only
                             plgpu.barrier_arrive(k_free.at[slot])
                             if masked:
                                 s = jnp.where(mask(s, j), s, -jnp.inf)
-                            p, m_new, alpha = softmax(s, m_ref[...])
-                            l_ref[...] = l_ref[...] * alpha + p.sum(axis=1)
+                            p, m_new, a = softmax(s, m_ref[...])
+                            l_ref[...] = l_ref[...] * a + p.sum(axis=1)
                             m_ref[...] = m_new
                             p_ref[...] = p
-                            a_ref[...] = alpha
+                            a_ref[...] = a
 
                         p0 = plgpu.layout_cast(jnp.zeros((WG_ROWS, bkv), jnp.float32),
                                                plgpu.Layout.WGMMA)
-                        a0 = plgpu.layout_cast(jnp.ones((WG_ROWS,), jnp.float32), row_layout)
                         # run_state exits after wgmma.wait_group 0: PV(j-1) is done.
-                        return pl.run_state(pv_body)((plgpu.ACC.init(acc), m_i, l_i, p0, a0))
+                        return pl.run_state(pv_body)(
+                            (plgpu.ACC.init(acc_scaled), m_i, l_i, p0, alpha))
 
                     acc, m_i, l_i, p, alpha = pl.run_scoped(
                         qk_scope, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
                     plgpu.barrier_arrive(v_free.at[pslot])
-                    acc = acc * bcast_rows(alpha, acc.shape)
-                    return acc, m_i, l_i, p.astype(dtype)
+                    return acc, m_i, l_i, p.astype(dtype), alpha
 
                 first = lo + 1
                 mid = jnp.maximum(unmasked_hi, first)
                 carry = lax.fori_loop(first, mid, functools.partial(step_j, masked=False), carry)
-                acc, m_i, l_i, p16 = lax.fori_loop(mid, hi, functools.partial(step_j, masked=True),
-                                                   carry)
-                # Epilogue: PV of the last block.
+                acc, m_i, l_i, p16, alpha = lax.fori_loop(
+                    mid, hi, functools.partial(step_j, masked=True), carry)
+                # Last turn: PV(hi-1) alone.
                 last = (step + hi - lo - 1) % stages
-                sched_sync()
+                acc = acc * bcast_rows(alpha, acc.shape)
                 plgpu.barrier_wait(v_full.at[last])
+                turn_wait()
 
                 def pv_last(o_ref):
                     plgpu.wgmma(o_ref, p16, v_smem.at[last])
-                    sched_sync()
+                    turn_pass()
 
                 acc = pl.run_state(pv_last)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[last])
@@ -487,12 +548,12 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                                         lse_ref.at[item, head, pl.ds(row0, WG_ROWS)])
 
             lax.fori_loop(0, my_tiles, tile_body, jnp.int32(0))
-            pl.when(wg == 0)(sched_sync)
+            pl.when(wg == 0)(turn_wait)  # the turn warpgroup 1 passed last
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == COMPUTE_WGS)
         def _producer():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(config.producer_registers, action="decrease")
 
             def tile_body(i, step):
                 item, head, (q_start, _, _, kv_start, kv_end, seq) = item_fields(tile_of(i))
@@ -558,7 +619,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # k_free
         plgpu.Barrier(num_arrivals=pages_per_tile, num_barriers=stages),  # v_full
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # v_free
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # sched (ping-pong)
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # turn (ping-pong; unused with named barriers)
     ]
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()

@@ -193,7 +193,14 @@ def test_config_validation():
     with pytest.raises(ValueError, match="tile_order"):
         prefill.PrefillConfig(tile_order="random")
     with pytest.raises(ValueError, match="overlap"):
-        prefill.PrefillConfig(overlap=True, p_in_registers=False)
+        prefill.PrefillConfig(p_in_registers=False)  # the default overlap needs register P
+    with pytest.raises(ValueError, match="consumer_registers"):
+        prefill.PrefillConfig(consumer_registers=256)
+    # setmaxnreg.inc waits for registers the producer gave back: the three must sum to the
+    # launch allotment of 168 per thread, or the kernel hangs.
+    for regs in (168, 224, 232, 240):
+        cfg = prefill.PrefillConfig(consumer_registers=regs)
+        assert 2 * regs + cfg.producer_registers == 3 * 168 and cfg.producer_registers >= 24
     with pytest.raises(ValueError, match="float32"):
         prefill.pick_config(_bounds(2, 1, 64), jnp.float32)
 
@@ -236,18 +243,20 @@ def test_cuda_lowering(dtype, d, block_kv, page_size, causal, chunk):
 def test_cuda_lowering_smem_p_variant():
     """The SMEM-P variant (what interpret mode runs) also lowers, where it fits."""
     bounds = _bounds(8, 1, 64, page_size=64)
-    cfg = _export(bounds, jnp.bfloat16, True, None, p_in_registers=False)
+    cfg = _export(bounds, jnp.bfloat16, True, None, p_in_registers=False, overlap=False)
     assert not cfg.p_in_registers
 
 
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("chunk", [None, 8192])
-def test_cuda_lowering_overlap_variant(d, chunk):
-    """The intra-warpgroup-overlap variant (GPU only: register P operand) lowers."""
+@pytest.mark.parametrize("overlap,named", [(False, True), (True, False)])
+def test_cuda_lowering_schedule_variants(d, chunk, overlap, named):
+    """The plain (no intra-warpgroup overlap) loop and the mbarrier turns lower on the GPU too."""
     bounds = jaxattn.Bounds(max_num_seqs=16, max_num_batched_tokens=8192, max_model_len=131072,
                             page_size=64, num_q_heads=40, num_kv_heads=8, head_dim=d,
                             chunk_size=chunk)
-    assert _export(bounds, jnp.bfloat16, True, chunk, overlap=True).overlap
+    cfg = _export(bounds, jnp.bfloat16, True, chunk, overlap=overlap, named_barriers=named)
+    assert (cfg.overlap, cfg.named_barriers) == (overlap, named)
 
 
 def test_oversized_config_is_refused_by_the_lowering():

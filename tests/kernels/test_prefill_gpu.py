@@ -133,7 +133,9 @@ def test_packed_batch_with_prefix_and_decode(chunk):
     _check(q_lens, kv_lens, chunk, seed=7)
 
 
-VARIANTS = {"overlap": prefill.PrefillConfig(overlap=True),
+VARIANTS = {"no_overlap": prefill.PrefillConfig(overlap=False),
+            "mbarrier_turns": prefill.PrefillConfig(named_barriers=False),
+            "no_overlap_mbarrier_turns": prefill.PrefillConfig(overlap=False, named_barriers=False),
             "bkv64_s4": prefill.PrefillConfig(block_kv=64, num_stages=4),
             "head_major": prefill.PrefillConfig(tile_order="head_major"),
             "item_major": prefill.PrefillConfig(tile_order="item_major"),
