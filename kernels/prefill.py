@@ -605,6 +605,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
     p_scratch = (_tiled((COMPUTE_WGS, WG_ROWS, bkv), dtype) if not config.p_in_registers
                  else None)
+    # The turn handover on mbarriers, one per consumer (named barriers need no scratch).
+    turn_scratch = None if config.named_barriers else plgpu.Barrier(num_barriers=COMPUTE_WGS)
     scratch = [
         plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), dtype),  # q as loaded (untiled)
         _tiled((COMPUTE_WGS, WG_ROWS, d), dtype),  # q for the wgmma
@@ -619,7 +621,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # k_free
         plgpu.Barrier(num_arrivals=pages_per_tile, num_barriers=stages),  # v_full
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # v_free
-        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # turn (ping-pong; unused with named barriers)
+        turn_scratch,
     ]
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
