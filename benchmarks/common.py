@@ -38,3 +38,66 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
         if time.perf_counter() - t0 > timeout:
             raise RuntimeError("the server did not start in time")
         time.sleep(0.5)
+
+
+# nvidia-smi's clocks_event_reasons bits (nvml.h: nvmlClocksEventReason*).
+_CLOCK_EVENTS = {0x1: "idle", 0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal",
+                 0x40: "hw_thermal", 0x80: "hw_power_brake"}
+
+
+class GpuClockLog:
+    """SM clock, power draw and clock-event reasons, sampled by ``nvidia-smi`` in the background.
+
+    Timing alone cannot tell a slower kernel from a slower clock: an H100 at its power
+    limit lowers its SM clock under sustained tensor-core load. ``window(t0, t1)``
+    summarises the samples taken between two ``time.time()`` stamps. Without
+    nvidia-smi every window is None.
+    """
+
+    _QUERY = "timestamp,clocks.sm,power.draw,power.limit,clocks_event_reasons.active"
+
+    def __init__(self, path: str, interval_ms: int = 50):
+        self.path = path
+        self._file = open(path, "w")
+        try:
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", f"--query-gpu={self._QUERY}", "--format=csv,noheader,nounits",
+                 "-lms", str(interval_ms)], stdout=self._file, stderr=subprocess.DEVNULL)
+        except OSError:
+            self._proc = None
+
+    def _samples(self):
+        import datetime
+
+        out = []
+        with open(self.path) as lines:
+            rows = [[x.strip() for x in line.split(",")] for line in lines]
+        for f in rows:
+            try:
+                t = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                out.append((t, float(f[1]), float(f[2]), float(f[3]), int(f[4], 16)))
+            except (ValueError, IndexError):
+                continue  # a partly written last line, or "[N/A]"
+        return out
+
+    def window(self, t0: float, t1: float):
+        import statistics
+
+        if self._proc is None:
+            return None
+        s = [x for x in self._samples() if t0 <= x[0] <= t1]
+        if not s:
+            return None
+        reasons = 0
+        for x in s:
+            reasons |= x[4]
+        return dict(samples=len(s), sm_mhz_median=statistics.median(x[1] for x in s),
+                    sm_mhz_min=min(x[1] for x in s),
+                    power_w_median=statistics.median(x[2] for x in s), power_limit_w=s[0][3],
+                    clock_events=[n for bit, n in _CLOCK_EVENTS.items() if reasons & bit])
+
+    def close(self):
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+        self._file.close()

@@ -7,7 +7,9 @@ Llama 4 Scout heads (40 query / 8 KV, head_dim 128), batch 1, lengths 4k..128k:
 * chunked-local 8192 (RoPE layers): jaxattn on the whole sequence vs the same-run
   stand-in for cuDNN (the sequence reshaped into a batch of 8192-token causal chunks);
 * packed varlen: mixed lengths in one ragged batch vs one sequence of the same work;
-* kernel variants (block_kv / stages / tile order) at a few shapes.
+* kernel variants (block_kv / stages / tile order) at a few shapes;
+* sustained load: jaxattn and cuDNN back to back for seconds at 32k causal, with the SM
+  clock and power draw nvidia-smi reports (an H100 at its power limit lowers its clock).
 
 Times are GPU time from CUPTI (all kernels of one call, the planner's included), median
 over repetitions after warm-up; wall clock where CUPTI is unavailable. TFLOP/s =
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
+from benchmarks.common import GpuClockLog
 from jaxattn import kernels
 from jaxattn.kernels import prefill
 
@@ -40,14 +43,23 @@ LENGTHS = [int(x) for x in os.environ.get("BENCH_LENGTHS", "4096,8192,16384,3276
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "1e9"))
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 T0 = time.time()
+SUSTAIN_S = float(os.environ.get("BENCH_SUSTAIN_S", "6"))
+CLOCKS: GpuClockLog | None = None  # started by main()
 
 
 def log(*a):
     print(*a, flush=True)
 
 
+def _clocks(t0, t1):
+    return CLOCKS.window(t0, t1) if CLOCKS else None
+
+
 def _measure(f, *args, target_ms=800.0):
-    """Median GPU ms of f(*args) (CUPTI: sum of the call's kernels), after warm-up."""
+    """Median GPU ms of f(*args) (CUPTI: sum of the call's kernels), after warm-up.
+
+    Returns dict(ms, timer, reps, clocks): clocks is the GPU's SM clock and power
+    while the repetitions ran (None when too short for a sample)."""
     out = f(*args)  # compile + warm-up
     jax.block_until_ready(out)
     out_bytes = sum(x.nbytes for x in jax.tree.leaves(out))
@@ -58,12 +70,14 @@ def _measure(f, *args, target_ms=800.0):
     reps = int(min(50, max(5, target_ms / max(est, 1e-3))))
     # CUPTI's measure keeps every repetition's output alive: stay within ~12 GB.
     reps = max(3, min(reps, int(12e9 // max(out_bytes, 1))))
+    t0 = time.time()
     try:
         from jax.experimental.mosaic.gpu import profiler
 
         _, times = profiler.measure(f, iterations=reps)(*args)
         if times:
-            return statistics.median(times), "cupti", reps
+            return dict(ms=statistics.median(times), timer="cupti", reps=reps,
+                        clocks=_clocks(t0, time.time()))
     except Exception as e:  # noqa: BLE001 - fall back to wall clock
         log("cupti unavailable:", type(e).__name__, str(e)[:120])
     times = []
@@ -71,7 +85,7 @@ def _measure(f, *args, target_ms=800.0):
         t = time.perf_counter()
         jax.block_until_ready(f(*args))
         times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), "wall", reps
+    return dict(ms=statistics.median(times), timer="wall", reps=reps, clocks=_clocks(t0, time.time()))
 
 
 def _kernel_breakdown(f, *args):
@@ -165,8 +179,8 @@ def bench_lengths(rows):
                     if name == "mgpu_fp16":  # no scale parameter: pre-scale q
                         args = (args[0] * jnp.asarray(1 / np.sqrt(D), dt), *args[1:])
                     f = make()
-                    ms, how, reps = _measure(f, *args)
-                    entry[name] = dict(ms=ms, tflops=flops / ms / 1e9, timer=how, reps=reps)
+                    m = _measure(f, *args)
+                    entry[name] = dict(m, tflops=flops / m["ms"] / 1e9)
                     outs[name] = f(*args)
                 except Exception as e:  # noqa: BLE001 - record and go on
                     entry[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -208,11 +222,11 @@ def bench_variants(rows):
                 continue
             try:
                 f = jaxattn_fn(CHUNK if chunked else None, cfg)
-                ms, how, reps = _measure(f, q, k, v)
+                m = _measure(f, q, k, v)
                 out = f(q, k, v)
                 base = out if base is None else base
-                rows.append(dict(mode=mode, length=length, variant=name, ms=ms,
-                                 tflops=flops / ms / 1e9, timer=how,
+                rows.append(dict(mode=mode, length=length, variant=name, **m,
+                                 tflops=flops / m["ms"] / 1e9,
                                  max_abs_diff_vs_default=_max_err(out, base)))
                 del out
             except Exception as e:  # noqa: BLE001
@@ -258,10 +272,35 @@ def bench_varlen(rows):
     for name, seq_lens, flops in (("packed_mixed", lens, work),
                                   ("one_sequence", [single], causal_flops(single, single))):
         table, cu, kvl, n = batch(seq_lens)
-        ms, how, reps = _measure(f, q, kp, vp, table, cu, kvl, n)
-        rows.append(dict(mode="varlen", variant=name, lengths=seq_lens, ms=ms, flops=flops,
-                         tflops=flops / ms / 1e9, timer=how))
+        m = _measure(f, q, kp, vp, table, cu, kvl, n)
+        rows.append(dict(mode="varlen", variant=name, lengths=seq_lens, **m, flops=flops,
+                         tflops=flops / m["ms"] / 1e9))
         log(rows[-1])
+
+
+def bench_sustained(rows, length=32768):
+    """Back-to-back calls for SUSTAIN_S seconds each, jaxattn and cuDNN alternating twice:
+    wall ms per call (planner included) next to the SM clock and power while it ran."""
+    if length not in LENGTHS or time.time() - T0 > BUDGET_S:
+        return
+    q, k, v = _inputs(length, jnp.bfloat16)
+    fns = {"jaxattn": jaxattn_fn(None), "cudnn": cudnn_fn(False)}
+    for f in fns.values():
+        jax.block_until_ready(f(q, k, v))
+    for phase in range(2):
+        for name, f in fns.items():
+            time.sleep(3)  # let the clock recover between phases
+            t0, n = time.time(), 0
+            while time.time() - t0 < SUSTAIN_S:
+                jax.block_until_ready([f(q, k, v) for _ in range(10)])
+                n += 10
+            t1 = time.time()
+            rows.append(dict(mode="causal", length=length, impl=name, phase=phase, calls=n,
+                             wall_ms=(t1 - t0) / n * 1e3,
+                             tflops=causal_flops(length, length) / ((t1 - t0) / n * 1e3) / 1e9,
+                             clocks=_clocks(t0 + 1.0, t1)))  # skip the ramp-up second
+            log(rows[-1])
+    del q, k, v
 
 
 def _fmt_row(e):
@@ -286,6 +325,23 @@ def markdown(res):
                      f"| {c('cudnn', 'ms')} | {c('cudnn', 'tflops')} | "
                      f"{e.get('ratio_vs_cudnn', float('nan')):.3f} | {c('mgpu_fp16', 'ms')} "
                      f"| {c('mgpu_fp16', 'tflops')} |")
+    lines += ["", "SM clock (median MHz, nvidia-smi) while each implementation's repetitions ran "
+              "(- where they were too short for a sample):", "",
+              "| mode | length | jaxattn MHz | cuDNN MHz |", "|---|---|---|---|"]
+    for e in res["lengths"]:
+        mhz = [(e.get(n, {}).get("clocks") or {}).get("sm_mhz_median", "-") for n in ("jaxattn", "cudnn")]
+        if mhz != ["-", "-"]:
+            lines.append(f"| {e['mode']} | {e['length']} | {mhz[0]} | {mhz[1]} |")
+    if res["sustained"]:
+        lines += ["", f"Sustained load ({SUSTAIN_S:.0f} s per phase, wall clock per call):", "",
+                  "| impl | phase | ms/call | TFLOP/s | SM MHz median (min) | power W (limit) "
+                  "| clock events |", "|---|---|---|---|---|---|---|"]
+        for e in res["sustained"]:
+            c = e["clocks"] or {}
+            lines.append(f"| {e['impl']} | {e['phase']} | {e['wall_ms']:.2f} | {e['tflops']:.0f} | "
+                         f"{c.get('sm_mhz_median', '-')} ({c.get('sm_mhz_min', '-')}) | "
+                         f"{c.get('power_w_median', '-')} ({c.get('power_limit_w', '-')}) | "
+                         f"{', '.join(c.get('clock_events', [])) or '-'} |")
     lines += ["", "| variant | mode | length | ms | TFLOP/s |", "|---|---|---|---|---|"]
     for e in res["variants"] + res["varlen"]:
         lines.append(f"| {e.get('variant')} | {e['mode']} | {e.get('length', sum(e.get('lengths', [])))} "
@@ -325,14 +381,21 @@ def main():
     dev = jax.devices()[0]
     log("device:", dev, getattr(dev, "core_count", None))
     res = dict(date=datetime.date.today().isoformat(), device=str(dev.device_kind), jax=jax.__version__,
-               heads=[HQ, HKV], head_dim=D, chunk=CHUNK, lengths=[], variants=[], varlen=[])
-    for part, fn in (("lengths", bench_lengths), ("varlen", bench_varlen), ("variants", bench_variants)):
-        try:
-            fn(res[part])
-        except Exception:  # noqa: BLE001 - keep what was measured
-            traceback.print_exc()
+               heads=[HQ, HKV], head_dim=D, chunk=CHUNK, lengths=[], variants=[], varlen=[],
+               sustained=[])
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"prefill-{res['date']}"
+    global CLOCKS
+    CLOCKS = GpuClockLog(f"/tmp/prefill-{os.getpid()}-nvidia-smi.csv")
+    try:
+        for part, fn in (("lengths", bench_lengths), ("varlen", bench_varlen),
+                         ("sustained", bench_sustained), ("variants", bench_variants)):
+            try:
+                fn(res[part])
+            except Exception:  # noqa: BLE001 - keep what was measured
+                traceback.print_exc()
+    finally:
+        CLOCKS.close()
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     stem.with_suffix(".md").write_text(markdown(res))
     plot(res, stem.with_suffix(".png"))

@@ -1,0 +1,48 @@
+"""The benchmarks' measurement helpers: the nvidia-smi clock log and the Nsight Compute report
+parser (their GPU runs cannot check that they read what the tools write)."""
+
+import datetime
+import os
+import sys
+
+# benchmarks/ is a folder of the repository, not of the installed package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import common, profile_prefill  # noqa: E402
+
+
+def _stamp(t: datetime.datetime) -> str:
+    return t.strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]  # nvidia-smi's format: milliseconds
+
+
+def test_clock_log_window_summarises_only_its_samples(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "")  # no nvidia-smi: the log only reads its file
+    log = common.GpuClockLog(str(tmp_path / "smi.csv"))
+    assert log.window(0, 1e12) is None  # nothing to sample without nvidia-smi
+    t0 = datetime.datetime(2026, 11, 25, 9, 10, 0)
+    rows = [(0.0, 1980, 120.0, "0x0000000000000001"),  # before the window
+            (1.0, 1500, 698.5, "0x0000000000000004"),
+            (1.5, 1290, 699.9, "0x0000000000000004"),
+            (2.0, 1530, 697.0, "0x0000000000000000"),
+            (9.0, 1980, 110.0, "0x0000000000000001")]  # after it
+    with open(log.path, "w") as f:
+        for dt, mhz, watts, reasons in rows:
+            f.write(f"{_stamp(t0 + datetime.timedelta(seconds=dt))}, {mhz}, {watts}, 700.00, {reasons}\n")
+        f.write("2026/11/25 09:10:0")  # a line nvidia-smi is still writing
+    log._proc = object()  # as if nvidia-smi were running
+    w = log.window(t0.timestamp() + 0.5, t0.timestamp() + 3)
+    assert w == dict(samples=3, sm_mhz_median=1500.0, sm_mhz_min=1290.0, power_w_median=698.5,
+                     power_limit_w=700.0, clock_events=["sw_power_cap"])
+    assert log.window(t0.timestamp() + 3, t0.timestamp() + 4) is None
+    log._proc = None
+    log.close()
+
+
+def test_ncu_raw_page_is_parsed_by_column_name():
+    raw = ('==PROF== noise before the table\n'
+           '"ID","Kernel Name","gpu__time_duration.sum","smsp__inst_executed.sum"\n'
+           '"","","ms","inst"\n'
+           '"0","kernel_mosaic_gpu_kernel","15.69","5,639,127,832"\n')
+    m = profile_prefill._parse_raw(raw)
+    assert m["Kernel Name"][0] == "kernel_mosaic_gpu_kernel"
+    assert m["gpu__time_duration.sum"] == ("15.69", "ms")
+    assert profile_prefill._number(m["smsp__inst_executed.sum"][0]) == 5_639_127_832
