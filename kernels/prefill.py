@@ -141,7 +141,9 @@ class PrefillConfig:
         o = COMPUTE_WGS * WG_ROWS * head_dim * isz
         p = 0 if self.p_in_registers else COMPUTE_WGS * WG_ROWS * self.block_kv * isz
         lse = COMPUTE_WGS * WG_ROWS * 4
-        barriers = 8 * (2 * self.num_stages + 3 * COMPUTE_WGS)
+        # k/v full/free per stage; q full/free per consumer; the turn mbarriers only without
+        # named barriers (the scratch list in prefill_attention).
+        barriers = 8 * (4 * self.num_stages + (2 if self.named_barriers else 3) * COMPUTE_WGS)
         return q + kv + o + p + lse + barriers + 1024  # + alignment slack
 
 
