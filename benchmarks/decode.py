@@ -8,8 +8,7 @@ sequence, Scout's 40 query / 8 KV heads, D=128, bf16). cuDNN and XLA run on a
 contiguous cache through ``jax.nn.dot_product_attention`` (no ``is_causal``:
 its causal mask is top-left; ``key_value_seq_lengths`` instead). The HBM
 ceiling is measured in the same run. A second table compares page sizes and
-page layouts (token-major ``[pages, page, Hkv, D]`` vs head-major
-``[pages, Hkv, page, D]``) and kernel tunings at the same sizes.
+kernel tunings at the same sizes.
 """
 
 from __future__ import annotations
@@ -28,15 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
-from jaxattn import scheduler
+from jaxattn import planner
 from jaxattn.kernels import decode
 
 HQ, HKV, D = 40, 8, 128
 DTYPE = jnp.bfloat16
 CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
-# (page size, head-major pools, block_kv, stages): the layout / tuning comparison.
-VARIANTS = [(16, False, 64, 4), (16, True, 64, 4), (32, False, 64, 4), (32, True, 64, 4),
-            (64, False, 64, 4), (64, True, 64, 4), (16, False, 128, 2)]
+# (page size, block_kv, stages): the page size / tuning comparison.
+VARIANTS = [(16, 64, 4), (32, 64, 4), (64, 64, 4), (16, 128, 2)]
 VARIANT_CASES = [(32, 8192), (1, 131072)]
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -75,7 +73,7 @@ def contiguous(batch, ctx, seed=0):
     return q, k, v
 
 
-def paged(k, v, page_size, head_major, seed=0):
+def paged(k, v, page_size, seed=0):
     """The contiguous cache cut into pages, shuffled; page table per sequence."""
     batch, ctx = k.shape[:2]
     per_seq = -(-ctx // page_size)
@@ -85,8 +83,7 @@ def paged(k, v, page_size, head_major, seed=0):
 
     def pool(x):
         x = jnp.pad(x, ((0, 0), (0, per_seq * page_size - ctx), (0, 0), (0, 0)))
-        x = x.reshape(n, page_size, HKV, D)[perm]
-        return jnp.swapaxes(x, 1, 2) if head_major else x
+        return x.reshape(n, page_size, HKV, D)[perm]
 
     return pool(k), pool(v), jnp.asarray(inv.reshape(batch, per_seq))
 
@@ -98,8 +95,8 @@ def bounds_for(batch, page_size):
 
 
 def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
-    """Timed callables: per-layer attention (given the step's plan and metadata), the main
-    kernel alone, the metadata, the plan; and the number of work items."""
+    """Timed callables: per-layer attention (given the step's plan), the main kernel alone,
+    the kernel metadata alone, the plan; and the number of work items."""
     bounds = bounds_for(batch, page_size)
     cu = np.zeros(257, np.int32)
     cu[1:batch + 1] = np.arange(1, batch + 1)
@@ -107,13 +104,13 @@ def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
     kv_lens = np.zeros(256, np.int32)
     kv_lens[:batch] = ctx
     table = jnp.pad(table, ((0, 256 - batch), (0, bounds.pages_per_seq - table.shape[1])))
-    plan_fn = jax.jit(lambda cu, kv, n: scheduler.plan(bounds, cu, kv, n))
+    plan_fn = jax.jit(lambda cu, kv, n: planner.plan(bounds, cu, kv, n))
     plan = plan_fn(cu, kv_lens, np.int32(batch))
     meta_fn = jax.jit(lambda items: decode.decode_metadata(items, bounds=bounds, num_tokens=256))
     md = meta_fn(plan.decode)
     qt = jnp.pad(q.reshape(batch, HQ, D), ((0, 256 - batch), (0, 0), (0, 0)))
-    layer = jax.jit(lambda q, k, v, t, items, md: decode.decode_attention(
-        q, k, v, t, None, items, bounds=bounds, scale=D ** -0.5, config=config, metadata=md))
+    layer = jax.jit(lambda q, k, v, t, items: decode.decode_attention(
+        q, k, v, t, items, bounds=bounds, scale=D ** -0.5, config=config))
 
     def main_only(q, k, v, t, md):
         out_ref, lse_tiles, opart = decode.main_kernel(q, k, v, t, md, bounds=bounds,
@@ -122,7 +119,7 @@ def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
 
     main_only = jax.jit(main_only)
     args = (qt, k_pages, v_pages, table)
-    return (lambda: layer(*args, plan.decode, md), lambda: main_only(*args, md),
+    return (lambda: layer(*args, plan.decode), lambda: main_only(*args, md),
             lambda: meta_fn(plan.decode), lambda: plan_fn(cu, kv_lens, np.int32(batch)),
             int(plan.decode.count))
 
@@ -147,7 +144,7 @@ def run_case(batch, ctx, ceiling):
                 ref = np.asarray(fn(q, k, v, lens), np.float32).reshape(batch, HQ, D)
         except Exception as e:  # e.g. XLA out of memory at large batch x context
             row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    kp, vp, table = paged(k, v, 16, False)
+    kp, vp, table = paged(k, v, 16)
     del k, v
     config = decode.default_config()
     full, main, meta, plan, pieces = jaxattn_fns(batch, ctx, q, kp, vp, table, 16, config)
@@ -168,17 +165,15 @@ def run_case(batch, ctx, ceiling):
     return row
 
 
-def run_variant(batch, ctx, page_size, head_major, block_kv, stages):
+def run_variant(batch, ctx, page_size, block_kv, stages):
     q, k, v = contiguous(batch, ctx, seed=1)
-    kp, vp, table = paged(k, v, page_size, head_major)
+    kp, vp, table = paged(k, v, page_size)
     del k, v
-    config = decode.DecodeConfig(block_kv=block_kv, num_stages=stages, p_in_registers=True,
-                                 head_major_pages=head_major)
+    config = decode.DecodeConfig(block_kv=block_kv, num_stages=stages, p_in_registers=True)
     full, main, _, _, _ = jaxattn_fns(batch, ctx, q, kp, vp, table, page_size, config)
     # Two interleaved measurements per variant: their spread is the noise floor.
     ms = [timeit(main) * 1e3 for _ in range(2)]
-    return {"batch": batch, "ctx": ctx, "page_size": page_size,
-            "layout": "head-major" if head_major else "token-major", "block_kv": block_kv,
+    return {"batch": batch, "ctx": ctx, "page_size": page_size, "block_kv": block_kv,
             "stages": stages, "kernel_ms": min(ms), "kernel_ms_runs": ms,
             "kernel_tbps": kv_bytes(batch, ctx) / min(ms) / 1e9}
 
@@ -187,9 +182,10 @@ def table_md(res):
     c = res["ceilings"]
     lines = [f"# Decode bandwidth, {res['device']}, {res['date']}", "",
              f"Same-run ceilings: copy {c['copy_tbps']:.2f} TB/s, read-only {c['read_tbps']:.2f} TB/s.",
-             "Bandwidth = bytes of K+V read / time. jaxattn = one layer's attention: main kernel +"
-             " combine kernel + lse gather + output zeroing; the step's plan and kernel metadata"
-             " (shared by all layers) are timed separately.", "",
+             "Bandwidth = bytes of K+V read / time. jaxattn = one layer's attention as the model"
+             " calls it: kernel metadata + main kernel + combine kernel + lse gather + output"
+             " zeroing; the metadata alone and the step's plan (shared by all layers) are also"
+             " timed separately.", "",
              "| batch x ctx | pieces | jaxattn ms | TB/s | % copy | main kernel TB/s | cuDNN TB/s |"
              " XLA TB/s | jaxattn / cuDNN | metadata ms | plan ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -202,15 +198,15 @@ def table_md(res):
                      f"{r['jaxattn_tbps']:.2f} | {100 * r['jaxattn_frac_of_copy']:.0f}% | "
                      f"{f(r, 'kernel_tbps')} | {f(r, 'cudnn_tbps')} | {f(r, 'xla_tbps')} | "
                      f"{f(r, 'jaxattn_vs_cudnn')} | {f(r, 'meta_ms')} | {r['plan_ms']:.3f} |")
-    lines += ["", "Page size / layout / tuning (kernel only):", "",
-              "| batch x ctx | page | layout | block_kv x stages | TB/s (best of 2) | ms, both runs |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Page size / tuning (kernel only):", "",
+              "| batch x ctx | page | block_kv x stages | TB/s (best of 2) | ms, both runs |",
+              "|---|---|---|---|---|"]
     for r in res["variants"]:
         if "error" in r:
-            lines.append(f"| {r['batch']}x{r['ctx']} | {r['page_size']} | {r['layout']} | "
+            lines.append(f"| {r['batch']}x{r['ctx']} | {r['page_size']} | "
                          f"error: {r['error'][:80]} |")
             continue
-        lines.append(f"| {r['batch']}x{r['ctx']} | {r['page_size']} | {r['layout']} | "
+        lines.append(f"| {r['batch']}x{r['ctx']} | {r['page_size']} | "
                      f"{r['block_kv']}x{r['stages']} | {r['kernel_tbps']:.2f} | "
                      + ", ".join(f"{x:.3f}" for x in r.get("kernel_ms_runs", [])) + " |")
     return "\n".join(lines) + "\n"
@@ -272,7 +268,6 @@ def main(argv=None):
                     res["variants"].append(run_variant(batch, ctx, *v))
                 except Exception as e:
                     res["variants"].append({"batch": batch, "ctx": ctx, "page_size": v[0],
-                                            "layout": "head-major" if v[1] else "token-major",
                                             "error": f"{type(e).__name__}: {e}"[:500]})
                 print(res["variants"][-1], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -142,42 +142,47 @@ def _finite_rows(logits, num_seqs):
     return jnp.all(jnp.isfinite(logits) | ~valid)
 
 
-class CheckedRunner:
-    """A ModelRunner that checks every step's logits (valid rows) for NaN/inf and keeps the last
-    two steps' logits for the caller (the check compiles with the steps, at warm-up)."""
+class LogitsCheck:
+    """Checks every step's logits (valid rows) for NaN/inf and keeps the last two steps' logits
+    for the caller (wrapping a Llama4Runner's forward; the check compiles with the steps, at
+    warm-up)."""
 
-    def __init__(self, inner):
-        self.inner = inner
-        self.bounds, self.num_pages, self.vocab_size = inner.bounds, inner.num_pages, inner.vocab_size
+    def __init__(self, runner):
         self.steps = 0
         self.nonfinite_steps = 0
         self.recent: list = []
+        forward = runner.forward
 
-    def step(self, batch, prev_tokens=None):
-        logits = self.inner.step(batch, prev_tokens)
-        self.steps += 1
-        if not bool(_finite_rows(logits, batch.num_seqs)):
-            self.nonfinite_steps += 1
-        self.recent = (self.recent + [logits])[-2:]
-        return logits
+        def checked(batch, prev_tokens=None):
+            logits = forward(batch, prev_tokens)
+            self.steps += 1
+            if not bool(_finite_rows(logits, batch.num_seqs)):
+                self.nonfinite_steps += 1
+            self.recent = (self.recent + [logits])[-2:]
+            return logits
+
+        runner.forward = checked
 
 
 def build_engine(spec: SweepSpec, model_dir: str | None):
+    from jaxattn.serve.config import EngineConfig
     from jaxattn.serve.engine import LLMEngine
-    from jaxattn.serve.model_runner import EngineShape, Llama4Runner
+    from jaxattn.serve.model_runner import Llama4Runner
 
-    shape = EngineShape(max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs,
-                        max_num_batched_tokens=spec.max_num_batched_tokens,
-                        page_size=spec.page_size, kv_cache_memory=spec.kv_cache_memory)
+    config = EngineConfig(max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs,
+                          max_num_batched_tokens=spec.max_num_batched_tokens,
+                          page_size=spec.page_size, kv_cache_memory=spec.kv_cache_memory,
+                          buckets=spec.buckets, enable_prefix_caching=False,
+                          attention_impl=spec.impl)
     if model_dir is None:
         from jaxattn.serve import default_model
         model_dir = default_model.default_model_dir()
     from jaxattn.models import llama4
 
     model = llama4.load(model_dir, dtype=spec.dtype)
-    runner = CheckedRunner(Llama4Runner(model, shape, impl=spec.impl))
-    engine = LLMEngine(runner, None, buckets=spec.buckets, enable_prefix_caching=False)
-    return engine, runner, model
+    runner = Llama4Runner(model, config)
+    check = LogitsCheck(runner)
+    return LLMEngine(runner, None), check, model
 
 
 # The reference: the contiguous full-sequence forward, logits at chosen rows only ---------------------
@@ -191,15 +196,15 @@ def _reference_logits(graphdef, state, ids, rows):
     import jaxattn
 
     model = nnx.merge(graphdef, state)
-    x = model.model.embed_tokens.weight[...][ids]
+    x = model.embed(ids)
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)
 
-    def attend(attn, q, k, v):
+    def attend(i, attn, q, k, v):
         return jaxattn.attention(q, k, v, causal=True, chunk_size=attn.chunk_size,
                                  scale=attn.scale, impl="reference")
 
-    h = model._layers(x, positions, attend)  # [1, L, hidden]
-    return model._logits(h[0, rows])
+    h = model.run_layers(x, positions, attend)  # [1, L, hidden]
+    return model.logits(h[0, rows])
 
 
 def reference_logits(model, tokens: list[int], rows: list[int]) -> np.ndarray:
@@ -266,7 +271,7 @@ def _agree(a, b, atol: float) -> str | None:
 
 
 # The sweep ---------------------------------------------------------------------------------------
-def run_sweep(engine, runner, model, spec: SweepSpec, *, deadline_s: float = 1e9,
+def run_sweep(engine, check, model, spec: SweepSpec, *, deadline_s: float = 1e9,
               log=print) -> dict:
     t_start = time.perf_counter()
     b = engine.bounds
@@ -308,7 +313,7 @@ def run_sweep(engine, runner, model, spec: SweepSpec, *, deadline_s: float = 1e9
     for i, n in enumerate(order):
         if not time_left(f"singles from length {n} ({len(order) - i} left)"):
             break
-        bad = runner.nonfinite_steps
+        bad = check.nonfinite_steps
         try:
             r = run_requests(engine, [(f"L{n}", prompt_for(n, spec.seed))], params)[f"L{n}"]
         except Exception as e:  # noqa: BLE001 - record, go on with the other lengths
@@ -318,11 +323,11 @@ def run_sweep(engine, runner, model, spec: SweepSpec, *, deadline_s: float = 1e9
             failures.append({"length": n, "phase": "single", "error": r["error"] or
                              f"{len(r['tokens'])} tokens"})
             continue
-        if runner.nonfinite_steps != bad:
+        if check.nonfinite_steps != bad:
             nonfinite.append(n)
         singles[n] = r
         if n in ref_set:  # [2, vocab]: logits at the last prompt token and at the decoded one
-            ref_logits[n] = np.stack([np.asarray(x[0]) for x in runner.recent])
+            ref_logits[n] = np.stack([np.asarray(x[0]) for x in check.recent])
         if (i + 1) % 200 == 0:
             log(f"sweep: {i + 1}/{len(order)} singles, {time.perf_counter() - t0:.0f} s")
     singles_s = time.perf_counter() - t0
@@ -357,13 +362,13 @@ def run_sweep(engine, runner, model, spec: SweepSpec, *, deadline_s: float = 1e9
         group = packed_lengths[g:g + spec.pack]
         if not time_left(f"packed groups from {g} ({len(packed_lengths) - g} lengths left)"):
             break
-        bad = runner.nonfinite_steps
+        bad = check.nonfinite_steps
         try:
             res = run_requests(engine, [(f"P{n}", prompt_for(n, spec.seed)) for n in group], params)
         except Exception as e:  # noqa: BLE001
             failures.append({"lengths": group, "phase": "packed", "error": f"{type(e).__name__}: {e}"})
             continue
-        if runner.nonfinite_steps != bad:
+        if check.nonfinite_steps != bad:
             nonfinite.extend(group)
         for n in group:
             r, s = res[f"P{n}"], singles[n]
@@ -427,7 +432,7 @@ def run_sweep(engine, runner, model, spec: SweepSpec, *, deadline_s: float = 1e9
         "packed_routing_sensitive": len(routing_sensitive),
         "routing_sensitive": routing_sensitive[:50],
         "packed_preemptions": engine.scheduler.num_preemptions - preempt0,
-        "engine_steps": runner.steps, "nonfinite_lengths": sorted(set(nonfinite)),
+        "engine_steps": check.steps, "nonfinite_lengths": sorted(set(nonfinite)),
         "reference_checks": len(ref_checks),
         "reference_max_rel_err": max((max(c["prefill_rel_err"], c["decode_rel_err"])
                                       for c in ref_checks), default=None),
@@ -497,8 +502,8 @@ def main(argv=None) -> int:
         if not os.path.exists(os.path.join(model_dir, "config.json")):
             subprocess.run([sys.executable, "-m", "benchmarks.serving", "--make-model", model_dir],
                            check=True)
-    engine, runner, model = build_engine(spec, model_dir)
-    summary = run_sweep(engine, runner, model, spec, deadline_s=args.deadline,
+    engine, check, model = build_engine(spec, model_dir)
+    summary = run_sweep(engine, check, model, spec, deadline_s=args.deadline,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     summary["model_dir"] = model_dir or "embedded tiny model"
     write_json("length-sweep-cpu.json" if args.cpu else "length-sweep.json", summary)

@@ -51,13 +51,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxattn  # noqa: E402
-from jaxattn import cache as kv_cache  # noqa: E402
 from jaxattn import kernels  # noqa: E402
 from jaxattn.api import _kernel_impl  # noqa: E402
-from jaxattn.batch import SeqStep, build_step, pack  # noqa: E402
-from jaxattn.models import llama4  # noqa: E402
 from jaxattn.kernels import grouped_matmul  # noqa: E402
-from jaxattn.serve import sampling  # noqa: E402
+from jaxattn.models import llama4  # noqa: E402
+from jaxattn.serve import kv_cache, paged_step, sampling  # noqa: E402
+from jaxattn.serve.batch import SeqStep, build_step, pack  # noqa: E402
+from jaxattn.serve.config import EngineConfig  # noqa: E402
 
 PREFILL_LENS = (8192, 16384, 32768)
 DECODE_BATCHES = (1, 32)
@@ -303,23 +303,23 @@ def bench_engine(model, clock: Clock, out: dict):
     The whole engine step is in it: scheduling, batch building, sampling, detokenizing
     (none here), bookkeeping."""
     from jaxattn.serve.engine import LLMEngine
-    from jaxattn.serve.model_runner import EngineShape, Llama4Runner
+    from jaxattn.serve.model_runner import Llama4Runner
     from jaxattn.serve.sampling_params import SamplingParams
 
     # While the last sequence of a batch prefills, the first ones already decode (one
     # prefill chunk per step): room for that, then a window of steps in which all decode.
     window = 16
     tokens = max(DECODE_BATCHES) + window + 8
-    shape = EngineShape(max_model_len=DECODE_CONTEXT + tokens, max_num_seqs=max(DECODE_BATCHES),
-                        max_num_batched_tokens=DECODE_CONTEXT, page_size=PAGE_SIZE)
+    config = EngineConfig(max_model_len=DECODE_CONTEXT + tokens, max_num_seqs=max(DECODE_BATCHES),
+                          max_num_batched_tokens=DECODE_CONTEXT, page_size=PAGE_SIZE,
+                          buckets=(max(DECODE_BATCHES), DECODE_CONTEXT))
     pages = max(DECODE_BATCHES) * -(-(DECODE_CONTEXT + tokens) // PAGE_SIZE)
-    runner = Llama4Runner(model, shape, num_pages=pages)
+    runner = Llama4Runner(model, config, num_pages=pages)
     rng = np.random.default_rng(1)
     if not clock.allow("engine decode (compiles 2 buckets)", 90):
         return
     for async_scheduling in (True, False):
-        engine = LLMEngine(runner, None, buckets=(max(DECODE_BATCHES), DECODE_CONTEXT),
-                           async_scheduling=async_scheduling)
+        engine = LLMEngine(runner, None, config.replace(async_scheduling=async_scheduling))
         engine.warmup(progress=False)  # compiles for the first engine; the second reuses them
         warm = engine.compile_count
         name = "engine_async_ms" if async_scheduling else "engine_sync_ms"
@@ -352,23 +352,22 @@ def bench_engine(model, clock: Clock, out: dict):
     del runner
 
 
-# XLA options the decode step is also timed with (models/llama4/model.py picks ours).
+# XLA options the decode step is also timed with (serve/paged_step.py picks ours).
 STEP_OPTION_VARIANTS = {"xla default": {}, "no CUDA graphs": {"xla_gpu_enable_command_buffer": ""}}
 
 
 def bench_jax(model, clock: Clock, out: dict, save=lambda: None, impl: str = "auto",
               prefill_lens=PREFILL_LENS, variants=True):
     cfg = model.config
-    bounds = llama4.bounds_for(cfg, max_num_seqs=max(DECODE_BATCHES),
-                               max_num_batched_tokens=max(PREFILL_LENS),
-                               max_model_len=max(max(PREFILL_LENS), DECODE_CONTEXT),
-                               page_size=PAGE_SIZE)
+    bounds = EngineConfig(max_num_seqs=max(DECODE_BATCHES), max_num_batched_tokens=max(PREFILL_LENS),
+                          max_model_len=max(max(PREFILL_LENS), DECODE_CONTEXT),
+                          page_size=PAGE_SIZE).bounds(cfg)
     pages_per_decode_seq = -(-DECODE_CONTEXT // PAGE_SIZE)
     num_pages = max(max(DECODE_BATCHES) * pages_per_decode_seq, max(PREFILL_LENS) // PAGE_SIZE)
-    spec = llama4.cache_spec(cfg, num_pages=num_pages, page_size=PAGE_SIZE, dtype=jnp.bfloat16)
+    spec = paged_step.cache_spec(cfg, num_pages=num_pages, page_size=PAGE_SIZE, dtype=jnp.bfloat16)
     out["kv_cache_gib"] = spec.total_bytes / 2**30
     kv = [kv_cache.allocate(spec)]
-    step = llama4.make_step_fn(model, bounds, impl=impl)
+    step = paged_step.make_step_fn(model, bounds, impl=impl)
     rng = np.random.default_rng(0)
 
     def run(batch):
@@ -392,7 +391,7 @@ def bench_jax(model, clock: Clock, out: dict, save=lambda: None, impl: str = "au
     for name, options in STEP_OPTION_VARIANTS.items() if variants else ():
         if not clock.allow(f"jaxattn decode, {name}", 60):
             continue
-        vstep = llama4.make_step_fn(model, bounds, impl=impl, compiler_options=options)
+        vstep = paged_step.make_step_fn(model, bounds, impl=impl, compiler_options=options)
         for b in DECODE_BATCHES:
             r = time_decode(vstep, kv, _decode_batch(cfg, bounds, b, num_pages, rng))
             out.setdefault("decode_variants", {}).setdefault(name, {})[b] = {
@@ -591,7 +590,6 @@ def main(argv=None) -> int:
     cfg = llama4.Llama4Config.from_hf_dict(hf_dict)
     res = dict(date=datetime.date.today().isoformat(), device=dev.device_kind, jax=jax.__version__,
                layers=args.layers, attention_impl=_kernel_impl("auto", cfg.head_dim, jnp.bfloat16),
-               kernels_available=kernels.AVAILABLE,
                decode_context=DECODE_CONTEXT, page_size=PAGE_SIZE)
     base = os.path.join(RESULTS, f"model-{res['date']}")
 
@@ -641,7 +639,7 @@ def main(argv=None) -> int:
             res["attention_impl"] = "reference (fallback after the error)"
             bench_jax(model, clock, res, save, impl="reference", variants=False)
     save()
-    if res["attention_impl"] == "mosaic" or not kernels.AVAILABLE:
+    if res["attention_impl"] == "mosaic":
         try:
             bench_engine(model, clock, res)
         except Exception as e:  # noqa: BLE001 -- report, keep the other numbers

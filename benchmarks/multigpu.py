@@ -91,7 +91,7 @@ def _setup_environment(dry_run: bool) -> None:
 
 def _config(args):
     from jaxattn.models import llama4
-    from jaxattn.models.llama4 import memory
+    from jaxattn.serve import memory_plan as memory
 
     if args.dry_run:
         d = dict(DRY_CONFIG)
@@ -162,9 +162,11 @@ def run(args) -> dict:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from jaxattn import parallel
-    from jaxattn.models.llama4 import memory, sharding
+    from jaxattn.models.llama4 import sharding
+    from jaxattn.serve import memory_plan as memory
+    from jaxattn.serve.config import EngineConfig
     from jaxattn.serve.engine import LLMEngine
-    from jaxattn.serve.model_runner import EngineShape, Llama4Runner, device_limit
+    from jaxattn.serve.model_runner import Llama4Runner
 
     config = _config(args)
     lengths = (tuple(int(x) for x in args.lengths.split(",")) if args.lengths else
@@ -178,9 +180,11 @@ def run(args) -> dict:
     mesh = parallel.replica_meshes(parallel.make_mesh(pc))[0]
     dtype = "bfloat16"
     max_len = -(-(max(lengths) + args.decode_tokens) // args.page_size) * args.page_size
-    shape = EngineShape(max_model_len=max_len, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=t, page_size=args.page_size,
-                        kv_cache_memory=args.kv_cache_memory)
+    engine_config = EngineConfig(
+        max_model_len=max_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=t,
+        page_size=args.page_size, kv_cache_memory=args.kv_cache_memory, buckets=buckets,
+        dtype=dtype, enable_prefix_caching=False, attention_impl=args.impl,
+        tensor_parallel_size=tp, expert_parallel_size=ep)
     res = {"date": datetime.date.today().isoformat(), "dry_run": args.dry_run,
            "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
            "platform": jax.devices()[0].platform, "jax": jax.__version__,
@@ -189,11 +193,8 @@ def run(args) -> dict:
            "dtype": dtype, "impl": args.impl, "max_model_len": max_len,
            "max_num_batched_tokens": t, "buckets": list(buckets), "page_size": args.page_size,
            "decode_tokens": args.decode_tokens, "lengths": list(lengths)}
-    usable = device_limit(list(mesh.devices.flat))
-    if usable is not None:
-        plan = memory.plan(config, pc, usable=usable, dtype=dtype, max_num_seqs=args.max_num_seqs,
-                           max_num_batched_tokens=t, max_model_len=max_len,
-                           page_size=args.page_size, kv_cache_memory=args.kv_cache_memory)
+    plan = memory.for_engine(config, engine_config, dtype=dtype, devices=mesh.devices.flat)
+    if plan is not None:
         print(memory.describe(plan), flush=True)
         res["memory_plan"] = {"usable": plan.usable, "weights": plan.weights,
                               "activations": plan.activations, "kv_budget": plan.kv_budget,
@@ -208,8 +209,8 @@ def run(args) -> dict:
     res["init_s"] = time.perf_counter() - t0
     res["memory_after_weights"] = device_memory()
     print(f"weights drawn on {mesh.size} devices in {res['init_s']:.1f} s", flush=True)
-    runner = Llama4Runner(model, shape, impl=args.impl)
-    engine = LLMEngine(runner, None, buckets=buckets, enable_prefix_caching=False)
+    runner = Llama4Runner(model, engine_config)
+    engine = LLMEngine(runner, None)
     res["kv_pages"], res["kv_tokens"] = runner.num_pages, runner.num_pages * args.page_size
     t0 = time.perf_counter()
     engine.warmup()

@@ -204,7 +204,6 @@ def bench_variants(rows):
         "auto (default)": prefill.PrefillConfig(),
         "kv_major": prefill.PrefillConfig(tile_order="kv_major"),
         "item_major": prefill.PrefillConfig(tile_order="item_major"),
-        "head_major": prefill.PrefillConfig(tile_order="head_major"),
         "no_overlap": prefill.PrefillConfig(overlap=False),
         "mbarrier_turns": prefill.PrefillConfig(named_barriers=False),
         "bkv64_s4": prefill.PrefillConfig(block_kv=64, num_stages=4),

@@ -10,18 +10,21 @@ Serving (loaded on first use, so ``import jaxattn`` stays light)::
 
     jaxattn.LLM(model=DIR, max_model_len=...).generate(prompts, jaxattn.SamplingParams(...))
 
-``jaxattn.scheduler`` holds the static-shape planner (``Bounds``, ``capacity``,
-``plan``); ``jaxattn.reference`` the pure-JAX oracle.
+``jaxattn.planner`` holds the static-shape tile planner (``Bounds``, ``capacity``,
+``plan``); ``jaxattn.reference`` the pure-JAX oracle; ``jaxattn.executor`` a pure-JAX walk
+of a plan. The serving runtime lives in ``jaxattn.serve`` (``jaxattn.serve.config.EngineConfig``).
+
 """
 
 from jaxattn.api import attention, ragged_paged_attention
-from jaxattn.scheduler import Bounds, Capacity, Plan, capacity, plan
+from jaxattn.planner import Bounds, Capacity, Plan, capacity, plan
 
 __all__ = ["attention", "ragged_paged_attention", "Bounds", "Capacity", "Plan", "capacity", "plan",
-           "LLM", "SamplingParams"]
+           "LLM", "SamplingParams", "EngineConfig"]
 __version__ = "0.1.0"
 
-_LAZY = {"LLM": "jaxattn.llm", "SamplingParams": "jaxattn.serve.sampling_params"}
+_LAZY = {"LLM": "jaxattn.serve.llm", "SamplingParams": "jaxattn.serve.sampling_params",
+         "EngineConfig": "jaxattn.serve.config"}
 
 
 def __getattr__(name):

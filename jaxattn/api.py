@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn import executor, reference, scheduler
-from jaxattn.scheduler import Bounds, Plan
+from jaxattn import executor, planner, reference
+from jaxattn.planner import Bounds, Plan
 
 IMPLS = ("auto", "reference", "executor", "mosaic", "interpret")
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -65,16 +65,13 @@ def _kernel_impl(impl: str, head_dim: int, dtype, bounds: Bounds | None = None) 
             f"head_dim {head_dim} / dtype {dtype} unsupported")
 
     if impl == "auto":
-        ok = kernels.on_hopper() and kernels.AVAILABLE and reason() is None
+        ok = kernels.on_hopper() and reason() is None
         return "mosaic" if ok else "reference"
     if impl in ("mosaic", "interpret"):
-        if not kernels.AVAILABLE:
-            raise NotImplementedError(
-                f"impl={impl!r}: the Mosaic GPU attention kernels are not built yet; "
-                "use impl='reference' or 'auto'")
         why = reason()
+        dtypes = ", ".join(str(x) for x in kernels.DTYPES)
         _check(why is None, f"impl={impl!r} cannot serve this configuration: {why} (kernels "
-               f"support head_dim in {kernels.HEAD_DIMS} and dtypes {kernels.DTYPES})")
+               f"support head_dim in {kernels.HEAD_DIMS} and dtypes {dtypes})")
     return impl
 
 
@@ -148,7 +145,7 @@ def validate_ragged(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seq
     _check(chunk_size is None or chunk_size == bounds.chunk_size,
            f"chunk_size={chunk_size} must be None or bounds.chunk_size={bounds.chunk_size}")
     if _concrete(cu_q_lens, kv_lens, num_seqs):
-        scheduler.check_admissible(bounds, cu_q_lens, kv_lens, num_seqs)
+        planner.check_admissible(bounds, cu_q_lens, kv_lens, num_seqs)
         n = int(np.asarray(num_seqs).reshape(-1)[0])
         _check(int(np.asarray(cu_q_lens)[n]) <= t,
                f"cu_q_lens[num_seqs]={int(np.asarray(cu_q_lens)[n])} > q rows {t}")
@@ -186,7 +183,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
             causal=causal, chunk_size=chunk_size)
     else:
         if plan is None:
-            plan = scheduler.plan(bounds, cu_q_lens, kv_lens, num_seqs, chunk_size=chunk_size,
+            plan = planner.plan(bounds, cu_q_lens, kv_lens, num_seqs, chunk_size=chunk_size,
                                   causal=causal)
         if impl == "executor":
             out, lse = executor.execute_plan(plan, q, k_pages, v_pages, page_table, kv_lens,
@@ -196,6 +193,6 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
             from jaxattn import kernels
 
             out, lse = kernels.ragged_paged_attention(
-                q, k_pages, v_pages, page_table, kv_lens, plan, bounds=bounds, scale=scale,
-                causal=causal, chunk_size=chunk_size, interpret=impl == "interpret")
+                q, k_pages, v_pages, page_table, plan, bounds=bounds, scale=scale,
+                causal=causal, interpret=impl == "interpret")
     return (out, lse) if return_lse else out

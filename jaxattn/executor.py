@@ -1,6 +1,6 @@
 """A pure-JAX executor that computes attention by walking a plan's work items.
 
-It consumes exactly what the kernels consume (the :class:`~jaxattn.scheduler.Plan`)
+It consumes exactly what the kernels consume (the :class:`~jaxattn.planner.Plan`)
 and must match :mod:`jaxattn.reference`: that proves a plan is complete — every
 allowed (query, key) pair is covered by some item, KV splits merge correctly by
 log-sum-exp — before any kernel runs. Items are visited one at a time
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxattn import reference
-from jaxattn.scheduler import Bounds, Plan, WorkList
+from jaxattn.planner import Bounds, Plan, WorkList
 
 
 def execute_items(items: WorkList, q, k_pages, v_pages, page_table, kv_lens, *, bounds: Bounds,

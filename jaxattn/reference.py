@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn.planner import cdiv
+
 _BQ = 256  # reference query block
 _BK = 256  # reference key block
 
@@ -92,10 +94,6 @@ def attend_block(q, q_pos, kv_len, load_kv, kv_blocks, *, scale, causal, chunk_s
     return o.reshape(r, hq, d), lse.reshape(r, hq)
 
 
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
 @functools.partial(jax.jit, static_argnames=("causal", "chunk_size"))
 def attention_reference(q, k, v, q_lens, kv_lens, scale, *, causal=True, chunk_size=None):
     """Contiguous batched attention. q [B, Lq, Hq, D]; k, v [B, Lk, Hkv, D]; lens int32 [B].
@@ -105,9 +103,9 @@ def attention_reference(q, k, v, q_lens, kv_lens, scale, *, causal=True, chunk_s
     b, lq, hq, d = q.shape
     lk = k.shape[1]
     bq, bk = min(_BQ, lq), min(_BK, lk)
-    nq = _cdiv(lq, bq)
+    nq = cdiv(lq, bq)
     q = jnp.pad(q, ((0, 0), (0, nq * bq - lq), (0, 0), (0, 0)))
-    pad_k = _cdiv(lk, bk) * bk - lk
+    pad_k = cdiv(lk, bk) * bk - lk
     k = jnp.pad(k, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
 
@@ -123,7 +121,7 @@ def attention_reference(q, k, v, q_lens, kv_lens, scale, *, causal=True, chunk_s
             lo, hi = key_range(q_pos[0], kv_len - q_len + jnp.minimum((i + 1) * bq, q_len) - 1,
                                kv_len, causal=causal, chunk_size=chunk_size)
             o, lse = attend_block(lax.dynamic_slice_in_dim(q, i * bq, bq), q_pos, kv_len, load_kv,
-                                  (lo // bk, _cdiv(hi, bk)), scale=scale, causal=causal,
+                                  (lo // bk, cdiv(hi, bk)), scale=scale, causal=causal,
                                   chunk_size=chunk_size)
             valid = rows < q_len
             return jnp.where(valid[:, None, None], o, 0.0), jnp.where(valid[:, None], lse, -jnp.inf)
@@ -176,7 +174,7 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, cu_q_lens,
                                kv_len, causal=causal, chunk_size=chunk_size)
             start = q_start + i * bq
             o, l = attend_block(lax.dynamic_slice_in_dim(q_pad, start, bq), q_pos, kv_len, load_kv,
-                                (lo // bk, _cdiv(hi, bk)), scale=scale, causal=causal,
+                                (lo // bk, cdiv(hi, bk)), scale=scale, causal=causal,
                                 chunk_size=chunk_size)
             valid = rows < q_len
             old_o, old_l = (lax.dynamic_slice_in_dim(out, start, bq),
@@ -187,7 +185,7 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, cu_q_lens,
                 lse, jnp.where(valid[:, None], l, old_l), start, 0)
             return out, lse
 
-        return lax.fori_loop(0, _cdiv(q_len, bq), block_body, carry)
+        return lax.fori_loop(0, cdiv(q_len, bq), block_body, carry)
 
     n = jnp.asarray(num_seqs, jnp.int32).reshape(())
     out, lse = lax.fori_loop(0, n, seq_body, (out, lse))

@@ -3,50 +3,35 @@
 :func:`ragged_paged_attention` runs a plan: the prefill work list through the
 FA3-style kernel of :mod:`jaxattn.kernels.prefill`, the decode work list
 through :mod:`jaxattn.kernels.decode`, and writes the decode rows into the
-prefill output (the planner gives the two lists disjoint rows). :func:`attention` is the contiguous form: the cache is viewed
-as pages of an identity page table, so it runs the very same kernels.
+prefill output (the planner gives the two lists disjoint rows).
+:func:`attention` is the contiguous form: the cache is viewed as pages of an
+identity page table, so it runs the very same kernels. What the kernels share
+(supported shapes, constants, device queries) is in :mod:`jaxattn.kernels.common`.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from jaxattn import scheduler
-from jaxattn.kernels import decode, prefill
-from jaxattn.scheduler import Bounds, Plan
+from jaxattn import planner
+from jaxattn.kernels import common, decode, prefill
+from jaxattn.kernels.common import DTYPES, HEAD_DIMS, num_sms, on_hopper, supports
+from jaxattn.planner import Bounds, Plan
 
-AVAILABLE = True
-HEAD_DIMS = (64, 128)
-DTYPES = (jnp.bfloat16, jnp.float16)
+__all__ = ["DTYPES", "HEAD_DIMS", "attention", "contiguous_bounds", "num_sms", "on_hopper",
+           "ragged_paged_attention", "supports", "unsupported_reason"]
+
 _INTERPRET_WORKERS = 4  # CTAs simulated in interpret mode: enough to exercise the tile schedule
-
-
-def supports(head_dim: int, dtype) -> bool:
-    return head_dim in HEAD_DIMS and jnp.dtype(dtype) in [jnp.dtype(x) for x in DTYPES]
 
 
 def unsupported_reason(bounds: Bounds, dtype) -> str | None:
     """Why the kernels cannot serve these bounds and dtype (None when they can)."""
-    if not supports(bounds.head_dim, dtype):
-        return f"head_dim {bounds.head_dim} / dtype {jnp.dtype(dtype)} not in {HEAD_DIMS} x {DTYPES}"
     try:
         prefill.pick_config(bounds, dtype)
         decode.pick_config(bounds, dtype)
     except ValueError as e:
         return str(e)
     return None
-
-
-def on_hopper() -> bool:
-    """Whether the default device is a Hopper GPU (sm_90), where the kernels run natively."""
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
-
-
-def num_sms() -> int:
-    dev = jax.devices()[0]
-    return int(getattr(dev, "core_count", 0) or 132)
 
 
 def _covered_rows(plan: Plan):
@@ -56,8 +41,8 @@ def _covered_rows(plan: Plan):
     return jnp.maximum(*ends).astype(jnp.int32)
 
 
-def _run_plan(q, k_pages, v_pages, page_table, kv_lens, plan: Plan, zero_ranges, *,
-              bounds: Bounds, scale, causal, chunk_size, interpret, num_workers, config=None):
+def _run_plan(q, k_pages, v_pages, page_table, plan: Plan, zero_ranges, *, bounds: Bounds,
+              scale, causal, interpret, num_workers, config=None):
     if config is None:
         config = prefill.pick_config(bounds, q.dtype)
     elif (config.block_q, config.block_kv) != (bounds.block_q, bounds.block_kv):
@@ -75,18 +60,18 @@ def _run_plan(q, k_pages, v_pages, page_table, kv_lens, plan: Plan, zero_ranges,
     # test_llama4_step_lowering.py).
     q_dec, items, src = _compact_decode_rows(q, plan.decode, bounds)
     dec_out, dec_lse = decode.decode_attention(
-        q_dec, k_pages, v_pages, page_table, kv_lens, items, bounds=bounds, scale=scale,
-        causal=causal, chunk_size=chunk_size, interpret=interpret)
+        q_dec, k_pages, v_pages, page_table, items, bounds=bounds, scale=scale, causal=causal,
+        interpret=interpret)
     # The planner gives decode and prefill items disjoint rows, so a decode row's result is
     # final: write it over the prefill output (src == T, no row, is dropped). Reading the
     # prefill output back to merge it, or deriving the valid count from a reduction, put
     # that reduction inside the scatter's index computation: XLA recomputed it per updated
-    # element (32 us at 4k tokens, measured 2026-11-25).
+    # element (benchmarks/NOTES-prefill.md, v4).
     return (out.at[src].set(dec_out.astype(q.dtype), mode="drop"),
             lse.at[src].set(dec_lse, mode="drop"))
 
 
-def _compact_decode_rows(q, items: scheduler.WorkList, bounds: Bounds):
+def _compact_decode_rows(q, items: planner.WorkList, bounds: Bounds):
     """Gather the decode rows of q into a small array and point the items at it.
 
     The decode kernel returns f32 [rows, Hq, D]; over all T rows of a long
@@ -108,22 +93,23 @@ def _compact_decode_rows(q, items: scheduler.WorkList, bounds: Bounds):
     return jnp.take(q, src, axis=0, mode="fill", fill_value=0), items, src
 
 
-def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, plan: Plan, *,
-                           bounds: Bounds, scale, causal=True, chunk_size=None, interpret=False,
+def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan, *, bounds: Bounds,
+                           scale, causal=True, interpret=False,
                            config: prefill.PrefillConfig | None = None):
     """Run a plan over a paged cache: out [T, Hq, D] (q.dtype), lse [T, Hq] f32.
 
+    Key lengths and chunked-local windows come from the plan's items.
     ``config`` overrides the picked prefill tuning (benchmarks); its tiles must match ``bounds``.
     """
     t = q.shape[0]
     zero = jnp.stack([_covered_rows(plan), jnp.int32(t)]).reshape(1, 2)
     workers = _INTERPRET_WORKERS if interpret else bounds.num_workers
-    return _run_plan(q, k_pages, v_pages, page_table, kv_lens, plan, zero, bounds=bounds,
-                     scale=scale, causal=causal, chunk_size=chunk_size, interpret=interpret,
+    return _run_plan(q, k_pages, v_pages, page_table, plan, zero, bounds=bounds, scale=scale,
+                     causal=causal, interpret=interpret,
                      num_workers=min(workers, bounds.num_workers), config=config)
 
 
-def contiguous_bounds(q_shape, k_shape, *, chunk_size=None, num_workers=132,
+def contiguous_bounds(q_shape, k_shape, *, num_workers: int, chunk_size=None,
                       block_kv=None) -> Bounds:
     """Bounds under which a contiguous [B, L, H, D] batch is planned (identity page table)."""
     b, lq, hq, d = q_shape
@@ -135,14 +121,14 @@ def contiguous_bounds(q_shape, k_shape, *, chunk_size=None, num_workers=132,
                              f"got {chunk_size}")
         block_kv = 64
     page = next(p for p in (block_kv, 64, 32, 16, 8) if lk % p == 0) if lk % 8 == 0 else 8
-    lk_pad = -(-lk // page) * page
+    lk_pad = common.cdiv(lk, page) * page
     return Bounds(max_num_seqs=b, max_num_batched_tokens=b * lq, max_model_len=lk_pad,
                   page_size=page, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                   chunk_size=chunk_size, block_q=128, block_kv=block_kv,
                   num_workers=num_workers)
 
 
-def _to_padded_rows(w: scheduler.WorkList, cu, lq):
+def _to_padded_rows(w: planner.WorkList, cu, lq):
     """Items planned on packed rows -> rows of the [B * Lq] padded layout."""
     return w._replace(q_start=w.q_start - cu[w.seq] + w.seq * lq)
 
@@ -166,12 +152,12 @@ def attention(q, k, v, q_lens, kv_lens, *, scale, causal=True, chunk_size=None, 
     q_lens = jnp.asarray(q_lens, jnp.int32)
     kv_lens = jnp.asarray(kv_lens, jnp.int32)
     cu = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(q_lens, dtype=jnp.int32)])
-    plan = scheduler.plan(bounds, cu, kv_lens, b, chunk_size=chunk_size, causal=causal)
+    plan = planner.plan(bounds, cu, kv_lens, b, chunk_size=chunk_size, causal=causal)
     plan = plan._replace(prefill=_to_padded_rows(plan.prefill, cu, lq),
                          decode=_to_padded_rows(plan.decode, cu, lq))
     rows = jnp.arange(b, dtype=jnp.int32) * lq
     zero = jnp.stack([rows + q_lens, rows + lq], axis=1)  # each sequence's padding rows
-    out, lse = _run_plan(q.reshape(b * lq, hq, d), k_pages, v_pages, page_table, kv_lens, plan,
-                         zero, bounds=bounds, scale=scale, causal=causal, chunk_size=chunk_size,
-                         interpret=interpret, num_workers=workers, config=config)
+    out, lse = _run_plan(q.reshape(b * lq, hq, d), k_pages, v_pages, page_table, plan, zero,
+                         bounds=bounds, scale=scale, causal=causal, interpret=interpret,
+                         num_workers=workers, config=config)
     return out.reshape(b, lq, hq, d), lse.reshape(b, lq, hq)

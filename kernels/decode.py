@@ -1,6 +1,6 @@
 """Split-KV flash-decoding over a paged KV cache: a Pallas Mosaic GPU kernel (Hopper).
 
-Work comes from the scheduler's *decode* :class:`~jaxattn.scheduler.WorkList`:
+Work comes from the planner's *decode* :class:`~jaxattn.planner.WorkList`:
 one item per KV-split piece of a sequence with at most ``bounds.dq`` new
 tokens. A *tile* is (item, KV head). Its 64 query rows pack the item's tokens
 times the ``G = Hq / Hkv`` query heads of the KV group (row ``r`` = token
@@ -26,7 +26,7 @@ A second, small kernel merges split pieces by log-sum-exp
 (:func:`_combine_call`): one CTA per (parent, KV head) streams only the
 pieces' own token rows, so its cost follows the real number of pieces and
 tokens, not the static capacity (an XLA merge over the padded partial buffer
-cost ~85 us per call on an H100 — as much as a third of a 128k decode).
+pays for the whole capacity on every call: benchmarks/NOTES-decode.md, v1).
 Unsplit items (short contexts) never touch it. Per-token lse values are
 gathered from the tiles by XLA (``T x Hq`` floats).
 
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -49,11 +48,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxattn.scheduler import DECODE_TILE_ROWS, Bounds, WorkList
+from jaxattn.kernels import common
+from jaxattn.planner import DECODE_TILE_ROWS, Bounds, WorkList
 
 ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 # Item metadata columns (one int32 row per work item, read as scalars from GMEM).
 _SEQ, _QSTART, _QLEN, _QPOS, _KVSTART, _KVEND, _PART = range(7)
 _META_COLS = 8  # padded: 32-byte rows
@@ -71,16 +69,12 @@ class DecodeConfig:
     num_ctas: persistent CTAs (None: ``bounds.num_workers``, one per SM).
     p_in_registers: feed P to the PV wgmma from registers (GPU fast path; GPU
       interpret mode cannot run it, so tests use the SMEM path there).
-    head_major_pages: pools are ``[num_pages, Hkv, page_size, D]`` instead of
-      the project's ``[num_pages, page_size, Hkv, D]`` (for the layout
-      benchmark only).
     """
 
     block_kv: int = 64
     num_stages: int = 4
     num_ctas: int | None = None
     p_in_registers: bool = False
-    head_major_pages: bool = False
 
     def __post_init__(self):
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -94,10 +88,6 @@ class DecodeConfig:
 def default_config(interpret=False) -> DecodeConfig:
     """The tuned configuration; under interpret mode P goes through SMEM."""
     return DecodeConfig(p_in_registers=not interpret)
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def split_capacity(bounds: Bounds, cap_items: int) -> int:
@@ -114,21 +104,13 @@ def split_capacity(bounds: Bounds, cap_items: int) -> int:
 def pick_config(bounds: Bounds, dtype, interpret=False) -> DecodeConfig:
     """The decode config for an engine's bounds; raises ValueError if they cannot be served."""
     config = default_config(interpret)
-    _check_static(bounds, jnp.dtype(dtype), bounds.head_dim, bounds.page_size)
+    _check(bounds, dtype, bounds.head_dim, bounds.page_size)
     return config
 
 
-def _check(bounds: Bounds, q, k_pages, config: DecodeConfig):
-    page_size = k_pages.shape[2] if config.head_major_pages else k_pages.shape[1]
-    _check_static(bounds, q.dtype, q.shape[-1], page_size)
-
-
-def _check_static(bounds: Bounds, dtype, d: int, page_size: int):
+def _check(bounds: Bounds, dtype, d: int, page_size: int):
     g = bounds.group
-    if dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"decode kernel supports bfloat16/float16, got {dtype}")
-    if d not in (64, 128):
-        raise ValueError(f"decode kernel supports head_dim 64 or 128, got {d}")
+    common.check_supported("decode", d, dtype)
     if bounds.dq * g > ROWS:
         raise ValueError(f"decode_q={bounds.dq} tokens x {g} heads per KV group = "
                          f"{bounds.dq * g} rows exceed one {ROWS}-row tile; lower decode_q")
@@ -146,22 +128,14 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     dtype = q4.dtype
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
-    if config.head_major_pages:
-        _, _, page_size, _ = k_pages.shape
-    else:
-        _, page_size, _, _ = k_pages.shape
+    _, page_size, _, _ = k_pages.shape
     bk, stages = config.block_kv, config.num_stages
     rpc = min(page_size, bk)  # key rows per TMA copy
     cpb = bk // rpc  # copies per block (per K and per V)
-    dq_pad = _cdiv(ROWS, g)  # token rows of the Q/O staging buffers: dq_pad * g >= 64
+    dq_pad = common.cdiv(ROWS, g)  # token rows of the Q/O staging buffers: dq_pad * g >= 64
     rows_pad = dq_pad * g
-    c = scale * _LOG2E
+    c = scale * common.LOG2E
     tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-
-    def page_src(ref, page, row, kvh):
-        if config.head_major_pages:
-            return ref.at[page, kvh, pl.ds(row, rpc)]
-        return ref.at[page, pl.ds(row, rpc), kvh]
 
     def body(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
              out_ref,  # [T, Hkv, G, D] f32, a Ref updated in place (starts zeroed)
@@ -171,7 +145,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cta")
         num_tiles = count_ref[0] * hkv
-        n_local = jnp.maximum(0, _cdiv(num_tiles - cta, num_ctas))
+        n_local = jnp.maximum(0, common.cdiv(num_tiles - cta, num_ctas))
 
         def tile_info(i):
             tile = cta + i * num_ctas
@@ -216,13 +190,14 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     for cp, (key, page) in enumerate(zip(keys, pages)):
                         row = lax.rem(key, page_size) // rpc * rpc if rpc < page_size else 0
                         dst = pl.ds(cp * rpc, rpc)
-                        plgpu.copy_gmem_to_smem(page_src(k_ref, page, row, kvh),
+                        src = pl.ds(row, rpc)
+                        plgpu.copy_gmem_to_smem(k_ref.at[page, src, kvh],
                                                 k_smem.at[slot, dst], k_full.at[slot])
-                        plgpu.copy_gmem_to_smem(page_src(v_ref, page, row, kvh),
+                        plgpu.copy_gmem_to_smem(v_ref.at[page, src, kvh],
                                                 v_smem.at[slot, dst], v_full.at[slot])
                     return step + 1
 
-                n_blocks = jnp.maximum(0, _cdiv(kv_end - kv_start, bk))
+                n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
                 return lax.fori_loop(0, n_blocks, block_body, step)
 
             steps = lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
@@ -294,7 +269,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     plgpu.barrier_arrive(consumed.at[slot])
                     return step + 1, acc, m_new, l
 
-                n_blocks = jnp.maximum(0, _cdiv(kv_end - kv_start, bk))
+                n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
                 # Blocks wholly below kv_end and the first row's diagonal need no mask.
                 clear_end = jnp.minimum(kv_end, q_pos + 1) if causal else kv_end
                 n_clear = jnp.clip((clear_end - kv_start) // bk, 0, n_blocks)
@@ -311,7 +286,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 seen = l > 0
                 l_safe = jnp.where(seen, l, 1.0)
                 o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-                lse = jnp.where(seen, (m + jnp.log2(l_safe)) * _LN2, -jnp.inf)
+                lse = jnp.where(seen, (m + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
                 # The previous tile's stores must have finished reading o/lse_smem.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 o_smem[pl.ds(0, ROWS), :] = o
@@ -458,7 +433,7 @@ def _combine_call(cmeta, opart, lse_ref, out_ref, *, g: int, interpret):
 
 
 class DecodeMeta(NamedTuple):
-    """Per-step kernel metadata derived from the decode work list (shared by all layers)."""
+    """Kernel metadata derived from the decode work list."""
 
     meta: jax.Array  # int32 [cap, 8]: item rows for the main kernel (see _SEQ.._PART)
     count: jax.Array  # int32 [1]: valid items
@@ -469,7 +444,7 @@ class DecodeMeta(NamedTuple):
 
 
 def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int) -> DecodeMeta:
-    """Kernel metadata from the work list: small XLA work, computed once per step.
+    """Kernel metadata from the work list: small XLA work ahead of the kernels.
 
     Split pieces get slots in the partial buffer ordered parent by parent (by
     q_start, then split index) so a parent's pieces are contiguous for the
@@ -518,7 +493,7 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     [T, Hkv, G, D] f32 holding the unsplit items' rows (others 0), the lse tiles
     [cap, Hkv, 64] and the split pieces' rows [n_part, Hkv, 64, D]."""
     config = config or default_config(bool(interpret))
-    _check(bounds, q, k_pages, config)
+    _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1])
     t, hq, d = q.shape
     g = bounds.group
     out_ref = jax.new_ref(jnp.zeros((t, hq // g, g, d), jnp.float32))  # rows nobody covers: 0
@@ -529,26 +504,21 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     return out_ref, lse_tiles, opart
 
 
-def decode_attention(q, k_pages, v_pages, page_table, kv_lens, items: WorkList, *,
-                     bounds: Bounds, scale: float, causal: bool = True, chunk_size=None,
-                     interpret=False, config: DecodeConfig | None = None,
-                     metadata: DecodeMeta | None = None):
+def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds: Bounds,
+                     scale: float, causal: bool = True, interpret=False,
+                     config: DecodeConfig | None = None):
     """Attention of the rows the decode work list covers.
 
     q [T, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; page_table
-    [S, pages_per_seq] int32; items: ``plan(...).decode``. ``kv_lens`` and
-    ``chunk_size`` are implied by the items' key ranges (the planner already
-    cut chunked-local layers at the chunk start) and are accepted for a
-    uniform kernel signature. ``interpret``: False (GPU), True or a
-    ``plgpu.InterpretGPUParams`` (GPU interpret mode, e.g. with the race
-    detector). ``metadata``: :func:`decode_metadata` of ``items``, to compute
-    it once per step instead of once per layer. Returns out [T, Hq, D] f32 and
-    lse [T, Hq] f32; rows no item covers are 0 / -inf.
+    [S, pages_per_seq] int32; items: ``plan(...).decode``. Key lengths and
+    chunked-local windows come from the items' key ranges (the planner already
+    cut chunked-local layers at the chunk start). ``interpret``: False (GPU),
+    True or a ``plgpu.InterpretGPUParams`` (GPU interpret mode, e.g. with the
+    race detector). Returns out [T, Hq, D] f32 and lse [T, Hq] f32; rows no
+    item covers are 0 / -inf.
     """
-    del kv_lens, chunk_size
     t, hq, d = q.shape
-    md = metadata if metadata is not None else decode_metadata(items, bounds=bounds,
-                                                               num_tokens=t)
+    md = decode_metadata(items, bounds=bounds, num_tokens=t)
     out_ref, lse_tiles, opart = main_kernel(q, k_pages, v_pages, page_table, md, bounds=bounds,
                                             scale=scale, causal=causal, interpret=interpret,
                                             config=config)

@@ -3,10 +3,10 @@
 ``grouped_matmul(x [M, K], w [G, K, N], group_sizes [G]) -> [M, N]`` with the
 semantics of ``jax.lax.ragged_dot`` (:func:`reference`). Two implementations:
 
-* ``"xla"``: ``lax.ragged_dot``. On the H100 image XLA runs it as a dense matmul
-  over zero-padded groups: measured 54 ms for 32768 rows x 16 experts (5120 x 8192)
-  where one dense matmul of the same useful FLOPs takes 3.8 ms, and every expert's
-  weights are read even when one token hits one expert (benchmarks/model.py).
+* ``"xla"``: ``lax.ragged_dot``. XLA on the GPU runs it as a dense matmul over
+  zero-padded groups, so it does the work of every group and reads every
+  expert's weights even when one token hits one expert
+  (benchmarks/NOTES-grouped-matmul.md).
 * ``"mosaic"``: a Pallas Mosaic GPU persistent kernel (Hopper, bf16/f16), adapted
   from JAX's ``jax/experimental/pallas/ops/gpu/ragged_dot_mgpu.py`` (Apache 2.0).
   Row tiles are numbered as there (each group's rows start a new tile, so a tile
@@ -15,15 +15,13 @@ semantics of ``jax.lax.ragged_dot`` (:func:`reference`). Two implementations:
 
   - only the tiles that hold rows are visited, listed first (XLA computes the
     list), so their work items are dealt evenly to the SMs. JAX's version visits
-    every tile, computing the empty ones against group 0's weights; with one row
-    the 64 real items landed on a third of the SMs, two each.
+    every tile, computing the empty ones against group 0's weights, and the
+    few real items of a decode step land on a fraction of the SMs.
   - ``k_splits`` > 1 splits K over several SMs (f32 partial sums, added by XLA),
     so that a single expert's N tiles still occupy every SM.
 
 ``"auto"`` picks ``"mosaic"`` on a Hopper GPU for bf16/f16 with K a multiple of
-the K tile and N of the N tile, else ``"xla"``; the environment variable
-``JAXATTN_GROUPED_MATMUL=xla|mosaic`` overrides that choice (an operational escape
-hatch, read at trace time).
+the K tile and N of the N tile, else ``"xla"``; to force one, pass it as ``impl``.
 """
 
 from __future__ import annotations
@@ -31,12 +29,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
-from jaxattn.kernels import num_sms, on_hopper
+from jaxattn.kernels import common
 
 IMPLS = ("auto", "xla", "mosaic")
 _BLOCK_K, _BLOCK_N = 64, 128
@@ -54,15 +51,18 @@ class GroupedMatmulConfig:
     k_splits: int = 1  # K ranges on different SMs, summed in f32 afterwards
 
 
-def pick_config(m: int, k: int, n: int, num_sms: int = 132) -> GroupedMatmulConfig:
-    """Prefill: 128-row tiles in bands of 8 N tiles, which keeps the weight tiles in L2
-    across row tiles (5.3 ms instead of 8.8 ms for 32768 rows x 16 experts, 5120 -> 8192,
-    on an H100: benchmarks/results/model-2026-11-24.json). Decode (M <= 64, one tile per
-    group hit): K split until one expert's N tiles cover the SMs."""
+def pick_config(m: int, k: int, n: int, num_sms: int | None = None) -> GroupedMatmulConfig:
+    """Tiles for an [m, k] x [k, n] problem on ``num_sms`` SMs (default: the device's).
+
+    Prefill: 128-row tiles in bands of 8 N tiles, which keeps the weight tiles
+    in L2 across row tiles. Decode (M <= 64, one tile per group hit): K split
+    until one expert's N tiles cover the SMs.
+    """
+    sms = num_sms or common.num_sms()
     if m > 64:
         return GroupedMatmulConfig(grid_block_n=8 if n % (8 * _BLOCK_N) == 0 else 1)
     steps, splits = k // _BLOCK_K, 1
-    while (n // _BLOCK_N) * splits < num_sms and steps % (2 * splits) == 0:
+    while (n // _BLOCK_N) * splits < sms and steps % (2 * splits) == 0:
         splits *= 2
     return GroupedMatmulConfig(block_m=64, k_splits=splits)
 
@@ -73,16 +73,13 @@ def reference(x, w, group_sizes):
 
 
 def resolve(impl: str, x, w) -> str:
+    """The implementation ``impl`` stands for: "auto" -> "mosaic" where it runs, else "xla"."""
     if impl not in IMPLS:
         raise ValueError(f"grouped matmul impl={impl!r} is not one of {IMPLS}")
-    if impl == "auto":
-        impl = os.environ.get("JAXATTN_GROUPED_MATMUL", "auto")
-        if impl not in IMPLS:
-            raise ValueError(f"JAXATTN_GROUPED_MATMUL={impl!r} is not one of {IMPLS}")
     if impl != "auto":
         return impl
     k, n = w.shape[1], w.shape[2]
-    ok = (on_hopper() and x.dtype == w.dtype and x.dtype in (jnp.bfloat16, jnp.float16)
+    ok = (common.on_hopper() and x.dtype == w.dtype and x.dtype in common.DTYPES
           and k % _BLOCK_K == 0 and n % _BLOCK_N == 0)
     return "mosaic" if ok else "xla"
 
@@ -97,7 +94,7 @@ def grouped_matmul(x, w, group_sizes, *, impl: str = "auto",
     if resolve(impl, x, w) == "xla":
         return jax.lax.ragged_dot(x, w, group_sizes)
     m = x.shape[0]
-    config = config or pick_config(m, w.shape[1], w.shape[2], num_sms())  # the grid's CTAs
+    config = config or pick_config(m, w.shape[1], w.shape[2])
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
         x = jnp.pad(x, ((0, -m % 8), (0, 0)))  # rows of no group: never written, cut below
     return _mosaic_grouped_matmul(x, w, group_sizes.astype(jnp.int32), config=config)[:m]
@@ -121,7 +118,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, *, config: GroupedMatmulConfig
         raise ValueError(f"K={k} must be a multiple of block_k*k_splits={bk * splits} "
                          f"and N={n} of block_n={bn}")
     # Row tiles: every group's rows, each group starting a new tile (+ g - 1 at most).
-    grid_m, grid_n, k_steps = pl.cdiv(m, bm) + g - 1, n // bn, k // bk // splits
+    grid_m, grid_n, k_steps = common.cdiv(m, bm) + g - 1, n // bn, k // bk // splits
     # The tiles holding rows first, then their count: [grid_m + 1] int32.
     sizes = jax.vmap(lambda t: _tile_info(group_sizes, bm, t).actual_size)(
         jnp.arange(grid_m, dtype=jnp.int32))
@@ -182,7 +179,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, *, config: GroupedMatmulConfig
 
     out_shape = (m, n) if splits == 1 else (splits, m, n)
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(num_sms(),),
+        body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(common.num_sms(),),
         grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))

@@ -1,7 +1,7 @@
 """FA3-style Pallas Mosaic GPU kernel for the prefill work list (Hopper).
 
 One persistent CTA per SM walks the (item, query head) tiles of the planner's
-prefill :class:`~jaxattn.scheduler.WorkList`. A CTA has three warpgroups:
+prefill :class:`~jaxattn.planner.WorkList`. A CTA has three warpgroups:
 
 * warpgroup 2 (producer) issues TMA copies: the tile's Q rows, then the K and
   V tiles of the item's key range through the page table (one copy per page)
@@ -19,13 +19,14 @@ prefill :class:`~jaxattn.scheduler.WorkList`. A CTA has three warpgroups:
   is still on the tensor cores (P stays in registers between blocks).
 
 For large batches tiles are numbered KV head first, then item, then the KV
-group's query heads (``PrefillConfig.tile_order``): the ~132 tiles in flight
-all read one KV head's K/V, the group's query heads run side by side on
-neighbouring SMs and read each K/V tile at about the same moment, so K/V
+group's query heads (``PrefillConfig.tile_order``): the tiles in flight (one
+per SM) all read one KV head's K/V, the group's query heads run side by side
+on neighbouring SMs and read each K/V tile at about the same moment, so K/V
 comes from L2 rather than HBM (at 128k tokens one KV head's K/V is 64 MiB;
 every head's is 512 MiB). Small batches number item first (all heads of an
-item together), which keeps each wave's tiles equally long. Items come longest first (the planner sorts them) and are dealt to
-CTAs in a snake order, so every CTA gets a similar mix of long and short tiles.
+item together), which keeps each wave's tiles equally long. Items come
+longest first (the planner sorts them) and are dealt to CTAs in a snake
+order, so every CTA gets a similar mix of long and short tiles.
 
 Output rows are written only for the item's valid rows: the epilogue stages
 O in an untiled SMEM buffer and stores it with predicated TMA copies of
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -50,24 +50,28 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import llvm
 
-from jaxattn.scheduler import Bounds, WorkList
+from jaxattn.kernels import common
+from jaxattn.planner import Bounds, WorkList
 
 WG_ROWS = 64  # query rows of one consumer warpgroup: the wgmma M dimension
 COMPUTE_WGS = 2
-MAX_SMEM = 227 * 1024  # H100 dynamic shared memory per block
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
-TILE_ORDERS = ("auto", "kv_major", "item_major", "head_major")
+TILE_ORDERS = ("auto", "kv_major", "item_major")
 # "auto" numbers tiles kv_major once one KV head's tiles fill this many waves of CTAs;
 # below that a kv_major wave mixes the longest and shortest items (load imbalance) while
-# all K/V in flight fits L2 anyway, so item_major wins (measured: 4k/8k causal).
+# all K/V in flight fits L2 anyway, so item_major is faster (benchmarks/NOTES-prefill.md).
 _KV_MAJOR_MIN_WAVES = 4
-_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Named (hardware) barriers of the consumers' turn: consumer w waits on TURN_BARRIER + w.
 # Mosaic GPU itself uses barrier 0 (CTA-wide) and 1..num_warpgroups (per warpgroup).
 TURN_BARRIER = 8
 # Registers per thread a CTA of 3 warpgroups launches with (65536 / 384, rounded down to 8).
 _LAUNCH_REGISTERS = 65536 // (128 * (COMPUTE_WGS + 1)) // 8 * 8
+
+
+def _tiled(shape, dtype):
+    """SMEM operand tile for wgmma/TMA: (8, 128B) tiles, 128-byte swizzle."""
+    elems = 128 // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)),
+                                                plgpu.SwizzleTransform(128)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,25 +85,23 @@ class PrefillConfig:
     p_in_registers: feed P to the PV wgmma from registers (fast, GPU only);
       False stages P through SMEM, which GPU interpret mode can execute.
     tile_order: how (item, query head) tiles are numbered, i.e. which tiles run
-      at the same time on the 132 SMs and so share K/V through L2:
+      at the same time on the SMs and so share K/V through L2:
       "kv_major": KV head outermost, then items (longest first), then the
       group's query heads -- the tiles in flight all read one KV head, and
       a group's heads read the same K/V tile at about the same moment;
       "item_major": item, then all query heads;
-      "head_major": query head, then items;
       "auto" (default): kv_major when one KV head's tiles fill at least
       ``_KV_MAJOR_MIN_WAVES`` waves of CTAs, else item_major (decided in the
       kernel from the item count).
     overlap: FA3 intra-warpgroup overlap: each turn issues QK(j) and PV(j-1)
       back to back, and softmax(j) runs while PV(j-1) is on the tensor cores
-      (needs p_in_registers; GPU only). +5-6% at 16k-64k causal over the plain
-      loop, bit-identical output (benchmarks/NOTES-prefill.md, v3).
+      (needs p_in_registers; GPU only). Bit-identical output to the plain loop.
     named_barriers: hand the turn between the consumers with hardware named
       barriers (bar.sync / bar.arrive); False uses an mbarrier per consumer,
       the same protocol in a form GPU interpret mode can execute.
     consumer_registers: per-thread registers of a consumer warpgroup
       (setmaxnreg); the producer gets what is left of the launch allotment.
-      232 / 40 measured as fast as 240 / 24 and faster than 224 / 56.
+      The default is the measured best (benchmarks/NOTES-prefill.md, v3).
     """
 
     block_q: int = 128
@@ -133,25 +135,36 @@ class PrefillConfig:
         # allotment (more would hang the kernel).
         return (COMPUTE_WGS + 1) * _LAUNCH_REGISTERS - COMPUTE_WGS * self.consumer_registers
 
+    def scratch(self, head_dim: int, dtype, pages_per_tile: int) -> list:
+        """The kernel's scratch, in the order of its scratch arguments.
+
+        ``pages_per_tile``: TMA copies that fill one K or V stage (the arrival
+        count of its full barrier; no size depends on it).
+        """
+        wg_tile = (COMPUTE_WGS, WG_ROWS, head_dim)
+        ring = (self.num_stages, self.block_kv, head_dim)
+        return [
+            plgpu.SMEM(wg_tile, dtype),  # q as loaded (untiled)
+            _tiled(wg_tile, dtype),  # q for the wgmma
+            _tiled(ring, dtype),  # k ring
+            _tiled(ring, dtype),  # v ring
+            plgpu.SMEM(wg_tile, dtype),  # o staging (untiled: any row offset)
+            plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),  # lse staging
+            # P for the PV wgmma, only when it does not stay in registers.
+            None if self.p_in_registers else _tiled((COMPUTE_WGS, WG_ROWS, self.block_kv), dtype),
+            plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_full
+            plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_free
+            plgpu.Barrier(num_arrivals=pages_per_tile, num_barriers=self.num_stages),  # k_full
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=self.num_stages),  # k_free
+            plgpu.Barrier(num_arrivals=pages_per_tile, num_barriers=self.num_stages),  # v_full
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=self.num_stages),  # v_free
+            # The turn handover on mbarriers, one per consumer (named barriers need none).
+            None if self.named_barriers else plgpu.Barrier(num_barriers=COMPUTE_WGS),
+        ]
+
     def smem_bytes(self, head_dim: int, dtype) -> int:
-        """Shared memory the kernel allocates (the budget check of the Mosaic lowering)."""
-        isz = jnp.dtype(dtype).itemsize
-        q = 2 * COMPUTE_WGS * WG_ROWS * head_dim * isz  # staging + tiled
-        kv = 2 * self.num_stages * self.block_kv * head_dim * isz
-        o = COMPUTE_WGS * WG_ROWS * head_dim * isz
-        p = 0 if self.p_in_registers else COMPUTE_WGS * WG_ROWS * self.block_kv * isz
-        lse = COMPUTE_WGS * WG_ROWS * 4
-        # k/v full/free per stage; q full/free per consumer; the turn mbarriers only without
-        # named barriers (the scratch list in prefill_attention).
-        barriers = 8 * (4 * self.num_stages + (2 if self.named_barriers else 3) * COMPUTE_WGS)
-        return q + kv + o + p + lse + barriers + 1024  # + alignment slack
-
-
-def _check_dtype_and_dim(head_dim: int, dtype):
-    if jnp.dtype(dtype) not in _SUPPORTED_DTYPES:
-        raise ValueError(f"prefill kernel supports bfloat16/float16, got {jnp.dtype(dtype)}")
-    if head_dim not in (64, 128):
-        raise ValueError(f"prefill kernel supports head_dim 64 and 128, got {head_dim}")
+        """Shared memory the kernel allocates (what Mosaic's budget check counts)."""
+        return common.smem_bytes(self.scratch(head_dim, dtype, pages_per_tile=1))
 
 
 def pick_config(bounds: Bounds, dtype) -> PrefillConfig:
@@ -162,7 +175,7 @@ def pick_config(bounds: Bounds, dtype) -> PrefillConfig:
     deep as shared memory allows (at most 4 stages). Interpret mode runs the
     same config with P staged through SMEM (it has no SMEM budget).
     """
-    _check_dtype_and_dim(bounds.head_dim, dtype)
+    common.check_supported("prefill", bounds.head_dim, dtype)
     if bounds.block_kv % bounds.page_size:
         raise ValueError(f"block_kv={bounds.block_kv} must be a multiple of page_size")
     if bounds.page_size % 8:
@@ -170,19 +183,12 @@ def pick_config(bounds: Bounds, dtype) -> PrefillConfig:
     best = None
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages)
-        if cfg.smem_bytes(bounds.head_dim, dtype) <= MAX_SMEM:
+        if cfg.smem_bytes(bounds.head_dim, dtype) <= common.MAX_SMEM:
             best = cfg
     if best is None:
         raise ValueError(f"no prefill config fits shared memory for block_kv={bounds.block_kv}, "
                          f"head_dim={bounds.head_dim}")
     return best
-
-
-def _tiled(shape, dtype):
-    """SMEM operand tile for wgmma/TMA: (8, 128B) tiles, 128-byte swizzle."""
-    elems = 128 // jnp.dtype(dtype).itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)),
-                                                plgpu.SwizzleTransform(128)))
 
 
 def _named_barrier(op: str, barrier_id, num_threads: int):
@@ -231,7 +237,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     """
     t, hq, d = q.shape
     num_pages, page_size, hkv, _ = k_pages.shape
-    _check_dtype_and_dim(d, q.dtype)
+    common.check_supported("prefill", d, q.dtype)
     if config.block_kv % page_size or page_size % 8:
         raise ValueError(f"page_size={page_size} must be a multiple of 8 dividing "
                          f"block_kv={config.block_kv}")
@@ -249,7 +255,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     zero_ranges = jnp.asarray(zero_ranges, jnp.int32).reshape(-1, 2)
     n_zero = zero_ranges.shape[0]
     page_table = page_table.astype(jnp.int32)
-    qk_scale = float(scale) * _LOG2E
+    qk_scale = float(scale) * common.LOG2E
     tile_rows = COMPUTE_WGS * WG_ROWS
 
     def kernel(meta_ref, count_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
@@ -278,8 +284,6 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 item, head = item_major
             elif config.tile_order == "kv_major":
                 item, head = kv_major
-            elif config.tile_order == "head_major":
-                head, item = tile // count, tile % count
             else:  # auto
                 use_kv = count * group >= _KV_MAJOR_MIN_WAVES * num_workers
                 item = jnp.where(use_kv, kv_major[0], item_major[0])
@@ -287,8 +291,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
             return item, head, [meta_ref[i, item] for i in range(len(_META))]
 
         def kv_blocks(kv_start, kv_end):
-            lo = kv_start // bkv
-            return lo, (kv_end + bkv - 1) // bkv
+            return kv_start // bkv, common.cdiv(kv_end, bkv)
 
         @pl.when(wg < COMPUTE_WGS)
         def _consumer():
@@ -306,7 +309,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
             @pl.loop(0, n_zero)
             def _zero_range(r):
                 a, b = zero_ref[r, 0], zero_ref[r, 1]
-                n_units = (b - a + WG_ROWS - 1) // WG_ROWS * hq  # (64-row slab, head) pairs
+                n_units = common.cdiv(b - a, WG_ROWS) * hq  # (64-row slab, head) pairs
 
                 @pl.loop(gid, n_units, step=n_gid)
                 def _zero_unit(u):
@@ -538,7 +541,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 """Normalise, stage in SMEM, store only this warpgroup's valid rows."""
                 inv_l = 1.0 / l_i
                 out = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
-                lse = (m_i + jnp.log2(l_i)) * _LN2
+                lse = (m_i + jnp.log2(l_i)) * common.LN2
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous stores read ow
                 ow[...] = out
                 lse_smem.at[wg][...] = lse
@@ -605,33 +608,13 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 for w in range(COMPUTE_WGS):
                     plgpu.barrier_wait(q_free.at[w])
 
-    p_scratch = (_tiled((COMPUTE_WGS, WG_ROWS, bkv), dtype) if not config.p_in_registers
-                 else None)
-    # The turn handover on mbarriers, one per consumer (named barriers need no scratch).
-    turn_scratch = None if config.named_barriers else plgpu.Barrier(num_barriers=COMPUTE_WGS)
-    scratch = [
-        plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), dtype),  # q as loaded (untiled)
-        _tiled((COMPUTE_WGS, WG_ROWS, d), dtype),  # q for the wgmma
-        _tiled((stages, bkv, d), dtype),  # k ring
-        _tiled((stages, bkv, d), dtype),  # v ring
-        plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), dtype),  # o staging (untiled: any row offset)
-        plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),  # lse staging
-        p_scratch,
-        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_full
-        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_free
-        plgpu.Barrier(num_arrivals=pages_per_tile, num_barriers=stages),  # k_full
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # k_free
-        plgpu.Barrier(num_arrivals=pages_per_tile, num_barriers=stages),  # v_full
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # v_free
-        turn_scratch,
-    ]
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
     out, lse_tiles = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((t, hq, d), dtype),
                   jax.ShapeDtypeStruct((cap, hq, tile_rows), jnp.float32)),
-        scratch_types=scratch,
+        scratch_types=config.scratch(d, dtype, pages_per_tile),
         grid=(num_workers,),
         grid_names=("sm",),
         num_threads=COMPUTE_WGS + 1,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import queue
 import threading
@@ -40,6 +41,25 @@ class _Stream:
             pass
 
 
+# What the event loop sends the engine thread --------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: _Stream  # where the request's deltas go
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Wake:
+    """Nothing to do but look at the stop flag."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -55,7 +75,7 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         self._stop.set()
-        self._inbox.put(("wake",))
+        self._inbox.put(Wake())
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -71,7 +91,7 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine stopped: {self.error!r}")
         self.engine.validate(prompt_token_ids, params)
         stream = _Stream(asyncio.get_running_loop(), params.n)
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params, stream))
+        self._inbox.put(AddRequest(request_id, list(prompt_token_ids), params, stream))
         unfinished = params.n
         try:
             while unfinished:
@@ -88,7 +108,7 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(AbortRequest(request_id))
 
     # Engine thread --------------------------------------------------------------------
     def _run(self) -> None:
@@ -111,8 +131,8 @@ class AsyncEngine:
                     msg = self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                if msg[0] == "add":
-                    msg[4].put(err)
+                if isinstance(msg, AddRequest):
+                    msg.stream.put(err)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -123,18 +143,17 @@ class AsyncEngine:
         except queue.Empty:
             pass
 
-    def _handle(self, msg) -> None:
-        if msg[0] == "add":
-            _, rid, prompt, params, stream = msg
+    def _handle(self, msg: AddRequest | AbortRequest | Wake) -> None:
+        if isinstance(msg, AddRequest):
             try:
-                self.engine.add_request(rid, prompt, params)
+                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
             except ValueError as e:
-                stream.put(e)
+                msg.stream.put(e)
                 return
-            self._streams[rid] = stream
-        elif msg[0] == "abort":
-            self._streams.pop(msg[1], None)
-            self.engine.abort(msg[1])
+            self._streams[msg.request_id] = msg.stream
+        elif isinstance(msg, AbortRequest):
+            self._streams.pop(msg.request_id, None)
+            self.engine.abort(msg.request_id)
 
     def _deliver(self, deltas: list[Delta]) -> None:
         by_request: dict[str, list[Delta]] = collections.defaultdict(list)

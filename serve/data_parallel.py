@@ -17,36 +17,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence as Seq
 
-from jaxattn.serve.engine import LLMEngine
+from jaxattn.serve.engine import EngineStats, LLMEngine
 from jaxattn.serve.outputs import Delta
 from jaxattn.serve.sampling_params import SamplingParams
-
-
-class _Pages:
-    """The replicas' block managers seen as one (what the metrics gauges read)."""
-
-    def __init__(self, replicas: list[LLMEngine]):
-        self._bms = [r.bm for r in replicas]
-
-    @property
-    def num_pages(self) -> int:
-        return sum(b.num_pages for b in self._bms)
-
-    @property
-    def num_used_pages(self) -> int:
-        return sum(b.num_used_pages for b in self._bms)
-
-    @property
-    def num_free_pages(self) -> int:
-        return sum(b.num_free_pages for b in self._bms)
-
-    @property
-    def prefix_hits(self) -> int:
-        return sum(b.prefix_hits for b in self._bms)
-
-    def check(self) -> None:
-        for b in self._bms:
-            b.check()
 
 
 class DataParallelEngine:
@@ -57,8 +30,7 @@ class DataParallelEngine:
         first = self.replicas[0]
         self.tokenizer, self.bounds, self.max_model_len = (first.tokenizer, first.bounds,
                                                            first.max_model_len)
-        self.runner, self.model_dir = first.runner, first.model_dir
-        self.bm = _Pages(self.replicas)
+        self.runner, self.model_dir, self.config = first.runner, first.model_dir, first.config
         self.metrics = None
         self._where: dict[str, LLMEngine] = {}  # request id -> its replica
         self._pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="jaxattn-replica")
@@ -70,7 +42,7 @@ class DataParallelEngine:
         return len(self.replicas)
 
     def attach_metrics(self, metrics) -> None:
-        metrics.bind(self)  # gauges read the totals
+        metrics.bind(self)  # gauges read the totals of stats()
         for r in self.replicas:
             r.metrics = metrics  # events (tokens, requests, steps) come from each replica
         self.metrics = metrics
@@ -83,8 +55,7 @@ class DataParallelEngine:
                     *, arrival_time: float | None = None) -> None:
         if request_id in self._where:
             raise ValueError(f"request id {request_id!r} is already running")
-        replica = min(self.replicas, key=lambda r: (r.num_running + r.num_waiting,
-                                                    r.bm.num_used_pages))
+        replica = min(self.replicas, key=_load)
         replica.add_request(request_id, prompt_token_ids, params, arrival_time=arrival_time)
         self._where[request_id] = replica
 
@@ -102,6 +73,14 @@ class DataParallelEngine:
     @property
     def num_waiting(self) -> int:
         return sum(r.num_waiting for r in self.replicas)
+
+    def stats(self) -> EngineStats:
+        return EngineStats.total([r.stats() for r in self.replicas])
+
+    def check(self) -> None:
+        """Every replica's block manager is consistent (tests)."""
+        for r in self.replicas:
+            r.bm.check()
 
     @property
     def compile_count(self) -> int:
@@ -128,3 +107,9 @@ class DataParallelEngine:
             if replica is not None and not replica.has_request(d.request_id):
                 del self._where[d.request_id]
         return deltas
+
+
+def _load(replica: LLMEngine) -> tuple[int, int]:
+    """How busy a replica is: sequences it holds, then KV pages in use."""
+    s = replica.stats()
+    return s.num_running + s.num_waiting, s.num_used_pages

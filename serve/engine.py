@@ -1,4 +1,11 @@
-"""The engine loop: admit -> schedule -> build_step -> model step -> sample -> detokenize.
+"""The engine loop: the scheduler decides, the runner executes, the output processor reports.
+
+One step: :class:`~jaxattn.serve.scheduler.Scheduler` picks the sequences and their new
+tokens (admission, token budget, chunked prefill, preemption); the
+:class:`~jaxattn.serve.model_runner.ModelRunner` packs them into a static-shape batch,
+runs the model over the paged cache and samples; the
+:class:`~jaxattn.serve.output_processor.OutputProcessor` detokenises each token and
+decides stops; the engine turns that into :class:`~jaxattn.serve.outputs.Delta` s.
 
 Async scheduling (the default): a step is enqueued on the device and the host
 goes on to schedule and enqueue the next one before the first one's tokens are
@@ -16,7 +23,7 @@ server drives it from one engine thread (:mod:`jaxattn.serve.async_engine`).
 
 Static shapes: a step's token count is rounded up to a fixed ladder of
 buckets and its sequences padded to ``max_num_seqs``, so the model step
-compiles once per bucket and the sampler once, all during :meth:`warmup`.
+compiles once per bucket and the sampler once per mode, all during :meth:`warmup`.
 Compiles are counted (JAX's backend-compile events on the threads that run
 the engine); after warm-up the count must not move.
 
@@ -39,16 +46,17 @@ from typing import Sequence as Seq
 import jax
 import numpy as np
 
-from jaxattn.batch import SeqStep, build_step
-from jaxattn.parallel import ParallelConfig
 from jaxattn.serve import sampling
+from jaxattn.serve.batch import SeqStep
 from jaxattn.serve.block_manager import BlockManager
-from jaxattn.serve.model_runner import EngineShape, Llama4Runner, ModelRunner
+from jaxattn.serve.config import EngineConfig
+from jaxattn.serve.model_runner import Llama4Runner, ModelRunner, SamplingRow
+from jaxattn.serve.output_processor import OutputProcessor
 from jaxattn.serve.outputs import Delta, TokenLogprob
 from jaxattn.serve.sampling_params import SamplingParams
 from jaxattn.serve.scheduler import Scheduled, Scheduler
 from jaxattn.serve.sequence import Sequence
-from jaxattn.serve.tokenizer import IncrementalDetokenizer, Tokenizer
+from jaxattn.serve.tokenizer import Tokenizer
 
 log = logging.getLogger("jaxattn.serve")
 
@@ -92,84 +100,87 @@ class CompileCounter:
             self._local.active = prev
 
 
-def bucket_ladder(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
-    """Token-count buckets: powers of two from ``smallest`` up to, and ending at, ``max_tokens``."""
-    out, b = [], min(smallest, max_tokens)
-    while b < max_tokens:
-        out.append(b)
-        b *= 2
-    return tuple(out) + (max_tokens,)
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of an engine's state: what the metrics gauges and data parallelism read."""
+
+    num_running: int
+    num_waiting: int
+    num_pages: int
+    num_used_pages: int
+    num_free_pages: int
+    prefix_cache_hit_tokens: int  # since start
+    num_steps: int
+    compile_count: int
+
+    @staticmethod
+    def total(parts: Seq["EngineStats"]) -> "EngineStats":
+        return EngineStats(*(sum(getattr(p, f.name) for p in parts)
+                             for f in dataclasses.fields(EngineStats)))
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None, *,
-                 enable_prefix_caching: bool = True, buckets: Seq[int] | None = None,
-                 seed: int = 0, metrics=None, num_pages: int | None = None,
-                 async_scheduling: bool = True):
-        """``num_pages``: use only the first pages of the runner's pool (default: all).
-        ``async_scheduling``: enqueue each step before the previous one's tokens reach the
-        host (see :meth:`step`); off, every step waits for its own tokens."""
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None,
+                 config: EngineConfig | None = None, *, metrics=None,
+                 num_pages: int | None = None):
+        """``config``: the engine's own settings (prefix caching, seed, async scheduling);
+        default: the runner's. ``num_pages``: use only the first pages of the runner's
+        pool (default: all)."""
+        config = config or getattr(runner, "config", None) or EngineConfig()
         b = runner.bounds
-        self.runner, self.tokenizer, self.bounds = runner, tokenizer, b
+        self.runner, self.tokenizer, self.bounds, self.config = runner, tokenizer, b, config
         self.max_model_len = b.max_model_len
         num_pages = runner.num_pages if num_pages is None else num_pages
         if not b.pages_per_seq <= num_pages <= runner.num_pages:
             raise ValueError(f"num_pages={num_pages} must hold one max_model_len sequence "
                              f"({b.pages_per_seq} pages) and fit the pool ({runner.num_pages})")
-        self.bm = BlockManager(num_pages, b.page_size, enable_prefix_caching=enable_prefix_caching)
+        self.bm = BlockManager(num_pages, b.page_size,
+                               enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, max_num_seqs=b.max_num_seqs,
                                    max_num_batched_tokens=b.max_num_batched_tokens)
-        self.buckets = tuple(sorted(buckets or bucket_ladder(b.max_num_batched_tokens)))
-        if self.buckets[-1] != b.max_num_batched_tokens:
-            raise ValueError(f"the largest bucket must be max_num_batched_tokens="
-                             f"{b.max_num_batched_tokens}, got {self.buckets}")
+        self.output = OutputProcessor(tokenizer, b.max_model_len)
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
         self.metrics = None
         if metrics is not None:
             self.attach_metrics(metrics)
         self._requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
-        self._rng = random.Random(seed)
+        self._rng = random.Random(config.seed)
         self._compiles = CompileCounter()
-        self._aux: dict[int, _SeqOut] = {}
-        self.async_scheduling = async_scheduling
+        self.async_scheduling = config.async_scheduling
         self._inflight: _InFlight | None = None
+        self._reported_hits = 0  # prefix-cache hit tokens already reported to the metrics
         self.num_steps = 0
         self.warmed_up = False
         self.model_dir: str | None = None
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | None, shape: EngineShape | None = None, *,
-                        dtype=None, impl: str = "auto", parallel: ParallelConfig | None = None,
-                        device_memory=None, **kw):
-        """Tokenizer + Llama 4 runner from a Hugging Face directory (None: the embedded tiny
-        random-weight model, announced on stderr).
+    def from_config(cls, config: EngineConfig, *, metrics=None):
+        """Tokenizer + Llama 4 runner for ``config.model`` (None: the embedded tiny
+        random-weight model, announced on stderr), on the devices ``config`` asks for.
 
-        ``parallel``: tensor / expert / data parallel sizes (default: one device). With
-        ``data > 1`` the result is a :class:`~jaxattn.serve.data_parallel.DataParallelEngine`
-        of that many replicas. ``device_memory``: bytes XLA may use per device for the
-        start-up memory check (default: what the runtime reports; unknown on the CPU).
+        With ``data_parallel_size > 1`` the result is a
+        :class:`~jaxattn.serve.data_parallel.DataParallelEngine` of that many replicas.
         """
         from jaxattn import parallel as parallel_lib
         from jaxattn.serve import default_model
 
+        model_dir = config.model
         if model_dir is None:
             print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
             model_dir = default_model.default_model_dir()
-        if dtype is None:  # bf16 where it is fast; f32 on the CPU
-            dtype = "bfloat16" if jax.devices()[0].platform == "gpu" else "float32"
-        pc = parallel or ParallelConfig()
-        shape = shape or EngineShape()
+        if config.dtype is None:  # bf16 where it is fast; f32 on the CPU
+            config = config.replace(
+                dtype="bfloat16" if jax.devices()[0].platform == "gpu" else "float32")
+        pc = config.parallel
         meshes = (parallel_lib.replica_meshes(parallel_lib.make_mesh(pc)) if pc.world > 1
                   else [None])
         tokenizer = Tokenizer(model_dir)
-        metrics = kw.pop("metrics", None) if len(meshes) > 1 else None  # bound to the whole
         engines = []
         for mesh in meshes:
-            runner = Llama4Runner.from_pretrained(
-                model_dir, shape, dtype=dtype, impl=impl, mesh=mesh,
-                parallel=dataclasses.replace(pc, data=1), device_memory=device_memory)
-            engine = cls(runner, tokenizer, **kw)
+            runner = Llama4Runner.from_pretrained(model_dir, config, mesh=mesh)
+            engine = cls(runner, tokenizer, config,
+                         metrics=metrics if len(meshes) == 1 else None)
             engine.model_dir = model_dir
             engines.append(engine)
         if len(engines) == 1:
@@ -216,7 +227,7 @@ class LLMEngine:
                          max_tokens, arrival_time=now) for i in range(params.n)]
         self._requests[request_id] = seqs
         for seq in seqs:
-            self._aux[seq.seq_id] = _SeqOut(self.tokenizer, seq)
+            self.output.add(seq)
             self.scheduler.add(seq)
         if self.metrics:
             self.metrics.on_request(len(prompt))
@@ -255,42 +266,22 @@ class LLMEngine:
         return self._compiles.count
 
     # The loop ------------------------------------------------------------------------
-    def bucket_for(self, num_tokens: int) -> int:
-        for b in self.buckets:
-            if b >= num_tokens:
-                return b
-        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
-
     def warmup(self, progress: bool = True) -> None:
         """Compile the model step for every bucket and the sampler, before any request."""
+        c0 = self.compile_count
         with self._compiles.active():
-            self._warmup(progress)
-
-    def _warmup(self, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
-        t0, c0 = time.perf_counter(), self.compile_count
-        s = self.bounds.max_num_seqs
-        prev = None
-        for bucket in tqdm(self.buckets, desc="compiling token buckets", unit="bucket",
-                           disable=not progress):
-            # One token in page 0: the pool is empty now and every page is fully rewritten
-            # before a sequence reads it, so the warm-up's writes are harmless. Each bucket
-            # runs alone and after a step (with its draws as prev_tokens), as steps do.
-            batch = build_step(self.bounds, bucket, [SeqStep([0], 0, [0])],
-                               num_pages=self.runner.num_pages)
-            for prev_tokens in (None, prev):
-                logits = self.runner.step(batch, prev_tokens=prev_tokens)
-                prev = sampling.draw(logits, sampling.SamplingBatch.build(
-                    [sampling.GREEDY_ROW], s), False).token_ids
-        # One row per entry of sampling.MODES: greedy, random, filtered (top-k / top-p).
-        for row in (sampling.GREEDY_ROW, (1.0, 0, 1.0, 0, 0, 0), (1.0, 5, 0.9, 0, 0, 0)):
-            for want_lp in (False, True):
-                out = sampling.draw(logits, sampling.SamplingBatch.build([row], s), want_lp)
-        jax.block_until_ready(out)
+            self.runner.warmup(progress)
         self.warmed_up = True
-        log.info("warm-up: %d buckets %s, %d compiles, %.1f s", len(self.buckets), self.buckets,
-                 self.compile_count - c0, time.perf_counter() - t0)
+        log.info("warm-up: %d compiles", self.compile_count - c0)
+
+    def stats(self) -> EngineStats:
+        """A snapshot (reads of ints and list lengths: safe from any thread)."""
+        bm = self.bm
+        return EngineStats(num_running=len(self.scheduler.running),
+                           num_waiting=len(self.scheduler.waiting), num_pages=bm.num_pages,
+                           num_used_pages=bm.num_used_pages, num_free_pages=bm.num_free_pages,
+                           prefix_cache_hit_tokens=bm.prefix_hits, num_steps=self.num_steps,
+                           compile_count=self.compile_count)
 
     def step(self) -> list[Delta]:
         """One engine step; returns what each touched sequence gained.
@@ -346,12 +337,9 @@ class LLMEngine:
         num_tokens = sum(s.num_new for s in live)
         want_lp = any(s.samples and s.seq.params.logprobs for s in live)
         try:
-            batch = build_step(self.bounds, self.bucket_for(num_tokens), steps,
-                               num_pages=self.runner.num_pages)
-            logits = self.runner.step(batch, prev_tokens=None if prev is None else
-                                      prev.sampled.token_ids)
-            sampled = sampling.draw(logits, sampling.SamplingBatch.build(
-                rows, self.bounds.max_num_seqs), want_lp)
+            sampled = self.runner.step(steps, rows, want_logprobs=want_lp,
+                                       prev_tokens=None if prev is None else
+                                       prev.sampled.token_ids)
         except Exception as e:  # the whole step failed: its sequences fail, the engine goes on
             deltas += self._step_failed([s.seq for s in live], e)
             return None
@@ -410,7 +398,7 @@ class LLMEngine:
         return deltas
 
     # Per-sequence bookkeeping ---------------------------------------------------------
-    def _sampling_row(self, seq: Sequence):
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
         # top_k >= vocab keeps every token (off), and any larger value would overflow the
         # sampler's int32 row; a temperature past float32's range is as flat as its maximum.
@@ -431,28 +419,15 @@ class LLMEngine:
             seq.first_token_time = now
         seq.last_token_time = now
         seq.tokens.append(token)
-        aux = self._aux[seq.seq_id]
-        reason = None
-        if token in seq.stop_ids:
-            reason = "stop"
-        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        text, stopped = aux.add(token, final=reason is not None, is_stop_id=reason == "stop")
-        if stopped:
-            reason = "stop"
+        text, reason = self.output.on_token(seq, token)
         if reason is not None:
             self._finish(seq, reason)
-        return self._delta(seq, text, (token,), (lp,) if lp is not None else None)
-
-    def _delta(self, seq: Sequence, text: str, token_ids, logprobs, error=None) -> Delta:
-        return Delta(seq.request_id, seq.index, text, tuple(token_ids), logprobs,
-                     seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens,
-                     seq.num_cached_tokens, error)
+        return self.output.delta(seq, text, (token,), (lp,) if lp is not None else None)
 
     def _fail(self, seq: Sequence, message: str) -> Delta:
         seq.error = message
         self._finish(seq, "error")
-        return self._delta(seq, "", (), None, error=message)
+        return self.output.delta(seq, "", error=message)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
@@ -460,15 +435,17 @@ class LLMEngine:
         if seqs is not None and all(s.finished for s in seqs):
             del self._requests[seq.request_id]
             for s in seqs:
-                self._aux.pop(s.seq_id, None)
+                self.output.remove(s)
             if self.metrics:
                 self.metrics.on_request_done(seqs)
         elif seqs is None:
-            self._aux.pop(seq.seq_id, None)
+            self.output.remove(seq)
 
     def _report(self, num_tokens: int, generated: int, seconds: float = 0.0) -> None:
         if self.metrics:
-            self.metrics.on_step(self, num_tokens, generated, seconds)
+            hits = self.bm.prefix_hits
+            self.metrics.on_step(num_tokens, generated, seconds, hits - self._reported_hits)
+            self._reported_hits = hits
 
 
 @dataclasses.dataclass
@@ -481,35 +458,3 @@ class _InFlight:
     num_tokens: int
     t0: float  # when its dispatch began
     rows: dict[int, int]  # seq_id -> its row of ``sampled``
-
-
-class _SeqOut:
-    """A sequence's text side: incremental detokenizer, stop strings, what was streamed."""
-
-    def __init__(self, tokenizer: Tokenizer | None, seq: Sequence):
-        p = seq.params
-        self.detok = (IncrementalDetokenizer(tokenizer, seq.prompt_token_ids,
-                                             skip_special_tokens=p.skip_special_tokens)
-                      if tokenizer is not None else None)
-        self.stops = p.stop
-        # Text that could be the start of a stop string is held back until it cannot be.
-        self.hold = max(map(len, p.stop), default=1) - 1
-        self.text = ""
-        self.sent = 0
-
-    def add(self, token: int, *, final: bool, is_stop_id: bool) -> tuple[str, bool]:
-        """Returns (text to emit now, whether a stop string ended the text)."""
-        if self.detok is None:
-            return "", False
-        # A stop token's own text is not part of the output.
-        new = self.detok.add([] if is_stop_id else [token], final=final)
-        start = max(0, len(self.text) - self.hold)
-        self.text += new
-        stopped = False
-        if self.stops and new:
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                self.text, stopped = self.text[:min(hits)], True
-        end = len(self.text) if (final or stopped) else max(self.sent, len(self.text) - self.hold)
-        out, self.sent = self.text[self.sent:end], end
-        return out, stopped

@@ -56,7 +56,6 @@ class EngineMetrics:
         self._recent: collections.deque = collections.deque()  # (time, generated tokens)
         self._lock = threading.Lock()  # _recent: appended by the engine, read by scrapes
         self._start = time.monotonic()
-        self._last_hits: dict[int, int] = {}
         # Computed when scraped, so the rate falls to 0 while the engine is idle.
         self.tokens_per_s.set_function(self._rate)
 
@@ -87,7 +86,8 @@ class EngineMetrics:
             self.finished.labels(self._model, s.finish_reason or "unknown").inc()
         self.e2e.observe(now - min(s.arrival_time for s in seqs))
 
-    def on_step(self, engine, num_tokens: int, generated: int, seconds: float) -> None:
+    def on_step(self, num_tokens: int, generated: int, seconds: float,
+                prefix_hit_tokens: int = 0) -> None:
         now = time.monotonic()
         if num_tokens:
             self.steps.inc()
@@ -96,21 +96,22 @@ class EngineMetrics:
             self.generation_tokens.inc(generated)
             with self._lock:
                 self._recent.append((now, generated))
-        # Per block manager: data-parallel replicas report to one metrics object.
-        hits = engine.bm.prefix_hits
-        self.prefix_hits.inc(hits - self._last_hits.get(id(engine.bm), 0))
-        self._last_hits[id(engine.bm)] = hits
+        if prefix_hit_tokens:
+            self.prefix_hits.inc(prefix_hit_tokens)
 
     def bind(self, engine) -> None:
-        """Gauges of the engine's state are read when scraped (so they are right while it idles;
-        the reads are of ints and list lengths, safe from the server's thread)."""
-        bm = engine.bm
-        self.running.set_function(lambda: engine.num_running)
-        self.waiting.set_function(lambda: engine.num_waiting)
-        self.pages_used.set_function(lambda: bm.num_used_pages)
-        self.pages_free.set_function(lambda: bm.num_free_pages)
-        self.kv_usage.set_function(lambda: bm.num_used_pages / bm.num_pages)
-        self.compiles.set_function(lambda: engine.compile_count)
+        """Gauges of the engine's state read ``engine.stats()`` when scraped (so they are right
+        while it idles; a snapshot reads ints and list lengths, safe from the server's thread)."""
+        self.running.set_function(lambda: engine.stats().num_running)
+        self.waiting.set_function(lambda: engine.stats().num_waiting)
+        self.pages_used.set_function(lambda: engine.stats().num_used_pages)
+        self.pages_free.set_function(lambda: engine.stats().num_free_pages)
+        self.kv_usage.set_function(lambda: _usage(engine.stats()))
+        self.compiles.set_function(lambda: engine.stats().compile_count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _usage(stats) -> float:
+    return stats.num_used_pages / stats.num_pages

@@ -1,53 +1,54 @@
-"""The device side of the engine: a model's jitted step over the paged KV cache it owns.
+"""The device side of the engine: a model, the paged KV cache it owns, and its jitted step.
 
-The engine talks to a model only through :class:`ModelRunner`: the static
-bounds, the size of the page pool, the vocabulary size, and ``step(batch, prev_tokens)``
-returning the logits of each sequence's last new token. :class:`Llama4Runner`
-wraps ``jaxattn.models.llama4``; a test may pass any other runner with the
-same surface.
+The engine talks to a model only through :class:`ModelRunner`: the static bounds, the
+size of the page pool, the compiled token buckets, ``warmup()``, and ``step(seqs, rows)``,
+which packs the scheduled sequences into a static-shape batch, runs the model over the
+cache, samples one token per sequence and returns the draws (still on the device).
+:class:`Llama4Runner` runs ``jaxattn.models.llama4``; a test may pass any other runner
+with the same surface.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Protocol
+import time
+from typing import Protocol, Sequence
 
 import jax
 
-from jaxattn import cache as kv_cache_lib
-from jaxattn.batch import StepBatch
-from jaxattn.parallel import ParallelConfig
-from jaxattn.scheduler import Bounds
+from jaxattn.planner import Bounds
+from jaxattn.serve import kv_cache as kv_cache_lib
+from jaxattn.serve import memory_plan, paged_step, sampling
+from jaxattn.serve.batch import SeqStep, StepBatch, build_step
+from jaxattn.serve.config import EngineConfig
 
 log = logging.getLogger("jaxattn.serve")
+
+# (temperature, top_k, top_p, seed, index, position): one sequence's sampling row.
+SamplingRow = tuple[float, int, float, int, int, int]
 
 
 class ModelRunner(Protocol):
     bounds: Bounds  # static limits; every step is padded to them
     num_pages: int  # pages in the KV pool the runner owns
     vocab_size: int
+    buckets: tuple[int, ...]  # the step token counts compiled at warm-up
 
-    def step(self, batch: StepBatch, prev_tokens: jax.Array | None = None) -> jax.Array:
-        """Run one step; return logits [bounds.max_num_seqs, vocab] f32 (device), rows past
-        ``batch.num_seqs`` meaningless. Updates the runner's KV cache in place.
-        A token id ``-(r + 1)`` in the batch stands for ``prev_tokens[r]`` (int32 [S] on
-        the device: the previous step's draws, not yet on the host)."""
+    def warmup(self, progress: bool = True) -> None:
+        """Compile the step for every bucket and the sampler for every mode."""
         ...
 
+    def step(self, seqs: Sequence[SeqStep], rows: Sequence[SamplingRow], *,
+             want_logprobs: bool = False,
+             prev_tokens: jax.Array | None = None) -> sampling.Sampled:
+        """Run one step over ``seqs`` and draw a token per sequence with its ``rows[i]``.
 
-@dataclasses.dataclass(frozen=True)
-class EngineShape:
-    """The user-facing size knobs (what ``python -m jaxattn.serve`` takes)."""
-
-    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    page_size: int = 16
-    kv_cache_memory: str | float | int | None = None  # None: 0.8 of free device memory (GPU)
-
-    def resolve_len(self, model_max: int) -> int:
-        return self.max_model_len or min(model_max, 8192)
+        Returns the draws on the device (rows past ``len(seqs)`` meaningless); updates
+        the KV cache in place. A token id ``-(r + 1)`` in a sequence stands for
+        ``prev_tokens[r]`` (int32 [S] on the device: the previous step's draws, not yet
+        on the host)."""
+        ...
 
 
 class Llama4Runner:
@@ -57,68 +58,106 @@ class Llama4Runner:
     parallel: its bounds count one device's heads and its pools are split by KV head.
     """
 
-    def __init__(self, model, shape: EngineShape, *, impl: str = "auto", cache_dtype=None,
-                 num_pages: int | None = None):
-        """``num_pages`` overrides the pool size that ``shape.kv_cache_memory`` would buy."""
-        from jaxattn.models import llama4
-        from jaxattn.models.llama4 import memory, sharding
+    def __init__(self, model, config: EngineConfig, *, num_pages: int | None = None):
+        """``num_pages`` overrides the pool size that ``config.kv_cache_memory`` would buy."""
+        from jaxattn.models.llama4 import sharding
 
-        config = model.config
+        mc = model.config
         mesh = model.mesh
         n = sharding.group_size(mesh)
-        max_model_len = shape.resolve_len(config.max_position_embeddings)
-        self.bounds = llama4.bounds_for(
-            config, max_num_seqs=shape.max_num_seqs,
-            max_num_batched_tokens=shape.max_num_batched_tokens, max_model_len=max_model_len,
-            page_size=shape.page_size, model_parallel=n)
-        dtype = cache_dtype or model.dtype
-        one_page = llama4.cache_spec(config, num_pages=1, page_size=shape.page_size, dtype=dtype,
-                                     model_parallel=n)
-        pc = parallel_config(mesh)
-        step_bytes = memory.activation_bytes(
-            config, pc, num_tokens=shape.max_num_batched_tokens, num_seqs=shape.max_num_seqs,
-            dtype=model.dtype) + memory.DEFAULT_RESERVE
+        self.config = config
+        self.bounds = config.bounds(mc, model_parallel=n)
+        self.buckets = config.token_buckets
+        dtype = config.kv_cache_dtype or model.dtype
+        one_page = paged_step.cache_spec(mc, num_pages=1, page_size=config.page_size, dtype=dtype,
+                                         model_parallel=n)
+        pc = sharding.parallel_config(mesh)
+        step_bytes = memory_plan.activation_bytes(
+            mc, pc, num_tokens=config.max_num_batched_tokens, num_seqs=config.max_num_seqs,
+            dtype=model.dtype) + memory_plan.DEFAULT_RESERVE
         devices = list(mesh.local_devices) if mesh is not None else [jax.devices()[0]]
-        self.num_pages = num_pages or num_pages_for(shape.kv_cache_memory, one_page, self.bounds,
-                                                    devices=devices, step_bytes=step_bytes)
+        self.num_pages = num_pages or memory_plan.num_pages_for(
+            config.kv_cache_memory, one_page, max_num_seqs=config.max_num_seqs,
+            max_model_len=self.bounds.max_model_len, devices=devices, step_bytes=step_bytes)
         self.spec = dataclasses.replace(one_page, num_pages=self.num_pages)
-        self.vocab_size = config.vocab_size
+        self.vocab_size = mc.vocab_size
         self.model = model
         self.mesh = mesh
-        self._step = llama4.make_step_fn(model, self.bounds, impl=impl)
-        self._kv = kv_cache_lib.allocate(
-            self.spec, sharding=None if mesh is None else sharding.kv_sharding(mesh))
+        self._step = paged_step.make_step_fn(model, self.bounds, impl=config.attention_impl,
+                                             gmm_impl=config.grouped_matmul_impl)
+        self._kv_sharding = None if mesh is None else sharding.kv_sharding(mesh)
+        self._kv = kv_cache_lib.allocate(self.spec, sharding=self._kv_sharding)
         log.info("KV cache: %d pages of %d tokens (%.1f MiB per device, %s)%s", self.num_pages,
-                 shape.page_size, self.spec.total_bytes / 2**20, self.spec.dtype,
+                 config.page_size, self.spec.total_bytes / 2**20, self.spec.dtype,
                  "" if mesh is None else f"; {pc.describe()} over {mesh.size} devices")
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, shape: EngineShape, *, dtype=None, impl="auto",
-                        parallel: ParallelConfig | None = None, mesh=None, device_memory=None):
-        """Load a checkpoint, on ``mesh`` (one replica) or on the devices ``parallel`` asks for.
+    def from_pretrained(cls, model_dir: str, config: EngineConfig, *, mesh=None, dtype=None):
+        """Load a checkpoint onto ``mesh`` (one replica; None: one device).
 
         Before anything is read the configuration is checked: the split must divide
-        the model and the memory plan must fit the device (``device_memory``: bytes XLA
-        may use per device; default: what the runtime reports). Raises ValueError with
-        a one-line reason otherwise.
+        the model and the memory plan must fit the device (``config.device_memory``:
+        bytes XLA may use per device; default: what the runtime reports). Raises
+        ValueError with a one-line reason otherwise.
         """
-        from jaxattn import parallel as parallel_lib
         from jaxattn.models import llama4
 
-        pc = parallel or (parallel_config(mesh) if mesh is not None else ParallelConfig())
-        if mesh is None and pc.model > 1:
-            mesh = parallel_lib.replica_meshes(parallel_lib.make_mesh(
-                dataclasses.replace(pc, data=1)))[0]
-        config = llama4.Llama4Config.from_pretrained(model_dir)
-        plan = memory_plan(config, pc, shape, dtype=dtype or "bfloat16",
-                           usable=device_memory, devices=None if mesh is None else mesh.devices.flat)
+        dtype = dtype or config.dtype
+        mc = llama4.Llama4Config.from_pretrained(model_dir)
+        plan = memory_plan.for_engine(mc, config, dtype=dtype or "bfloat16",
+                                      usable=config.device_memory,
+                                      devices=None if mesh is None else mesh.devices.flat)
         if plan is not None and not plan.fits:
             raise ValueError(plan.reason)
-        return cls(llama4.load(model_dir, dtype=dtype, mesh=mesh), shape, impl=impl)
+        return cls(llama4.load(model_dir, dtype=dtype, mesh=mesh), config)
 
-    def step(self, batch: StepBatch, prev_tokens: jax.Array | None = None) -> jax.Array:
+    # The step --------------------------------------------------------------------------
+    def bucket_for(self, num_tokens: int) -> int:
+        for b in self.buckets:
+            if b >= num_tokens:
+                return b
+        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
+
+    def forward(self, batch: StepBatch, prev_tokens: jax.Array | None = None) -> jax.Array:
+        """The model over a built batch: logits [max_num_seqs, vocab] f32 (on the device)."""
         logits, self._kv = self._step(self._kv, batch, prev_tokens)
         return logits
+
+    def step(self, seqs: Sequence[SeqStep], rows: Sequence[SamplingRow], *,
+             want_logprobs: bool = False,
+             prev_tokens: jax.Array | None = None) -> sampling.Sampled:
+        num_tokens = sum(len(s.token_ids) for s in seqs)
+        batch = build_step(self.bounds, self.bucket_for(num_tokens), seqs,
+                           num_pages=self.num_pages)
+        logits = self.forward(batch, prev_tokens)
+        return sampling.draw(logits, sampling.SamplingBatch.build(
+            list(rows), self.bounds.max_num_seqs), want_logprobs)
+
+    def warmup(self, progress: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        prev = None
+        for bucket in tqdm(self.buckets, desc="compiling token buckets", unit="bucket",
+                           disable=not progress):
+            # One token in page 0: the pool is empty now and every page is fully rewritten
+            # before a sequence reads it, so the warm-up's writes are harmless. Each bucket
+            # runs alone and after a step (with its draws as prev_tokens), as steps do.
+            batch = build_step(self.bounds, bucket, [SeqStep([0], 0, [0])],
+                               num_pages=self.num_pages)
+            for prev_tokens in (None, prev):
+                logits = self.forward(batch, prev_tokens)
+                prev = self._draw(logits, sampling.GREEDY_ROW, False).token_ids
+        for row in WARMUP_ROWS:
+            for want_lp in (False, True):
+                out = self._draw(logits, row, want_lp)
+        jax.block_until_ready(out)
+        log.info("warm-up: %d buckets %s, %.1f s", len(self.buckets), self.buckets,
+                 time.perf_counter() - t0)
+
+    def _draw(self, logits, row: SamplingRow, want_logprobs: bool) -> sampling.Sampled:
+        return sampling.draw(logits, sampling.SamplingBatch.build([row], self.bounds.max_num_seqs),
+                             want_logprobs)
 
     def recover_cache(self) -> bool:
         """After a failed step: rebuild the pools if the step consumed them; True if it did.
@@ -129,98 +168,11 @@ class Llama4Runner:
         """
         if not any(x.is_deleted() for x in self._kv.k + self._kv.v):
             return False
-        self._kv = kv_cache_lib.allocate(self.spec)
+        self._kv = kv_cache_lib.allocate(self.spec, sharding=self._kv_sharding)
         return True
 
 
-def parallel_config(mesh) -> ParallelConfig:
-    """The tensor / expert sizes of a replica mesh (None: one device)."""
-    from jaxattn import parallel as parallel_lib
+# One row per sampler mode (sampling.MODES): greedy, random, filtered (top-k / top-p).
+WARMUP_ROWS: tuple[SamplingRow, ...] = (sampling.GREEDY_ROW, (1.0, 0, 1.0, 0, 0, 0),
+                                        (1.0, 5, 0.9, 0, 0, 0))
 
-    if mesh is None:
-        return ParallelConfig()
-    return ParallelConfig(tensor=parallel_lib.axis_size(mesh, parallel_lib.TENSOR),
-                          expert=parallel_lib.axis_size(mesh, parallel_lib.EXPERT))
-
-
-def device_limit(devices=None) -> int | None:
-    """Bytes XLA may allocate per device (the smallest of ``devices``); None where unknown."""
-    limits = []
-    # Only this process's devices report statistics (the mesh may span hosts).
-    mine = [d for d in (devices or jax.devices()[:1]) if d.process_index == jax.process_index()]
-    for d in mine or jax.local_devices()[:1]:
-        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
-        if not stats or "bytes_limit" not in stats:
-            return None
-        limits.append(int(stats["bytes_limit"]))
-    return min(limits)
-
-
-def memory_plan(config, pc: ParallelConfig, shape: EngineShape, *, dtype, usable=None,
-                devices=None):
-    """The planner's view of this engine (``jaxattn.models.llama4.memory``); None when the
-    device memory is unknown (the CPU) and ``usable`` is not given."""
-    from jaxattn.models.llama4 import memory
-
-    if usable is not None:
-        usable = kv_cache_lib.parse_budget(usable)
-    else:
-        usable = device_limit(list(devices) if devices is not None else None)
-    if usable is None:
-        return None
-    return memory.plan(config, pc, usable=usable, dtype=dtype,
-                       max_num_seqs=shape.max_num_seqs,
-                       max_num_batched_tokens=shape.max_num_batched_tokens,
-                       max_model_len=shape.resolve_len(config.max_position_embeddings),
-                       page_size=shape.page_size, kv_cache_memory=shape.kv_cache_memory)
-
-
-def num_pages_for(budget, one_page: kv_cache_lib.CacheSpec, bounds: Bounds, *, devices=None,
-                  step_bytes: int = 0) -> int:
-    """Pages a KV budget buys (per device); a clear error when it cannot hold one full-length
-    sequence. ``step_bytes``: what one step needs beside the pool (the default budget leaves it)."""
-    from jaxattn.models.llama4 import memory
-
-    frees = [kv_cache_lib.free_device_memory(d) for d in (devices or [None])]
-    free = None if any(f is None for f in frees) else min(frees)
-    if budget is None:
-        # On the GPU: most of what the weights left free, leaving room for a step. On the CPU
-        # (free memory unknown): room for every admitted sequence at full length, capped at
-        # 256 MiB (but never less than one sequence needs).
-        full = bounds.max_num_seqs * bounds.pages_per_seq * one_page.bytes_per_page
-        one = bounds.pages_per_seq * one_page.bytes_per_page
-        budget = (max(0, memory.default_kv_budget(free, step_bytes)) if free is not None
-                  else max(min(full, 256 * 2**20), one))
-    try:
-        nbytes = kv_cache_lib.parse_budget(budget, free)
-    except ValueError as e:
-        raise ValueError(f"--kv-cache-memory: {e}") from None
-    if free is not None and nbytes > free:
-        raise ValueError(f"the KV cache budget ({nbytes / 2**20:.1f} MiB) exceeds the free device "
-                         f"memory ({free / 2**20:.1f} MiB); lower --kv-cache-memory")
-    host = host_available_memory() if free is None else None
-    if host is not None and nbytes > host:
-        # On the CPU the pools live in host memory; a budget past what is available would be
-        # granted lazily and end with the kernel's OOM killer, not an error message.
-        raise ValueError(f"the KV cache budget ({nbytes / 2**20:.1f} MiB) exceeds the available "
-                         f"host memory ({host / 2**20:.1f} MiB); lower --kv-cache-memory")
-    pages = kv_cache_lib.pages_for_budget(nbytes, one_page)
-    if pages < bounds.pages_per_seq:
-        raise ValueError(
-            f"the KV cache budget ({nbytes / 2**20:.1f} MiB) holds {pages} pages of "
-            f"{bounds.page_size} tokens, fewer than one sequence of max_model_len="
-            f"{bounds.max_model_len} needs ({bounds.pages_per_seq}); raise --kv-cache-memory or "
-            "lower --max-model-len")
-    return pages
-
-
-def host_available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None

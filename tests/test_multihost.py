@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 
-from jaxattn.llm import LLM
+from jaxattn.serve.llm import LLM
 from jaxattn.models import llama4
 from jaxattn.serve import default_model
 from jaxattn.serve.sampling_params import SamplingParams

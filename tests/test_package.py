@@ -37,7 +37,7 @@ def test_wheel_holds_only_the_jaxattn_namespace(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"jaxattn"}, tops
     for module in ("jaxattn/kernels/__init__.py", "jaxattn/models/llama4/__init__.py",
-                   "jaxattn/serve/__main__.py", "jaxattn/scheduler.py"):
+                   "jaxattn/serve/__main__.py", "jaxattn/planner.py"):
         assert module in names
 
 

@@ -1,14 +1,13 @@
 """Llama 4 text model in Flax NNX (import name ``jaxattn.models.llama4``).
 
 ``load``/``save`` a Hugging Face checkpoint, ``init_random`` for tests and the
-embedded default model, ``model(input_ids)`` for the full forward, and
-``make_step_fn`` for the serving forward over the paged KV cache.
+embedded default model, ``model(input_ids)`` for the full forward. The serving
+step over the paged KV cache is :mod:`jaxattn.serve.model_runner`'s.
 """
 
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.loader import load, save, tensor_map
-from jaxattn.models.llama4.model import (Llama4ForCausalLM, bounds_for, cache_spec, init_random,
-                                         make_step_fn)
+from jaxattn.models.llama4.model import Llama4ForCausalLM, init_random, local_heads
 
 __all__ = ["Llama4Config", "Llama4ForCausalLM", "load", "save", "tensor_map", "init_random",
-           "bounds_for", "cache_spec", "make_step_fn"]
+           "local_heads"]

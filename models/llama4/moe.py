@@ -9,59 +9,14 @@ reference does the latter, with zero-scaled inputs).
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.kernels.grouped_matmul import grouped_matmul
-
-
-@dataclasses.dataclass(frozen=True)
-class Axes:
-    """The mesh axes the layer code reduces over inside ``shard_map`` (static).
-
-    Empty (the default): one device, no collectives, the unsharded model.
-    ``model``: the model-parallel group; attention heads, MLP / shared-expert
-    columns and the routed experts' partial outputs are summed over it.
-    ``expert``: the axis the routed experts are split over (each device runs
-    its own experts' tokens). ``vocab``: the axes the embedding and LM head
-    rows are split over (empty when the vocabulary does not divide).
-    """
-
-    model: tuple[str, ...] = ()
-    expert: tuple[str, ...] = ()
-    vocab: tuple[str, ...] = ()
-
-    def psum(self, x):
-        return lax.psum(x, self.model) if self.model else x
-
-
-NO_AXES = Axes()
-
-
-def _normal(rngs: nnx.Rngs, shape, std: float, dtype):
-    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-
-
-class Linear(nnx.Module):
-    """``y = x @ W.T (+ b)`` with HF's weight layout ``[out, in]``, so checkpoints load as they are."""
-
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, dtype,
-                 std: float, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_normal(rngs, (out_features, in_features), std, dtype))
-        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
-
-    def __call__(self, x, preferred_element_type=None, reduce=None):
-        """``reduce``: the all-reduce of a row-parallel layer, applied before the bias (once)."""
-        w = self.weight[...]
-        y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
-                            preferred_element_type=preferred_element_type)
-        y = y if reduce is None else reduce(y)
-        return y if self.bias is None else y + self.bias[...]
+from jaxattn.models.llama4.config import Llama4Config
+from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init
 
 
 class MLP(nnx.Module):
@@ -85,19 +40,18 @@ class Experts(nnx.Module):
     parallelism can later shard I without separating the halves."""
 
     def __init__(self, config: Llama4Config, *, dtype, rngs: nnx.Rngs):
-        self.impl = "auto"  # grouped matmul implementation (see grouped_matmul.IMPLS)
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         std = config.initializer_range
-        self.gate_proj = nnx.Param(_normal(rngs, (e, h, i), std, dtype))  # [E, H, I]
-        self.up_proj = nnx.Param(_normal(rngs, (e, h, i), std, dtype))  # [E, H, I]
-        self.down_proj = nnx.Param(_normal(rngs, (e, i, h), std, dtype))  # [E, I, H]
+        self.gate_proj = nnx.Param(normal_init(rngs, (e, h, i), std, dtype))  # [E, H, I]
+        self.up_proj = nnx.Param(normal_init(rngs, (e, h, i), std, dtype))  # [E, H, I]
+        self.down_proj = nnx.Param(normal_init(rngs, (e, i, h), std, dtype))  # [E, I, H]
 
-    def __call__(self, x, group_sizes):
-        """x [M, H]: rows sorted by expert, ``group_sizes[e]`` rows for expert e. Returns [M, H]."""
-        gate = grouped_matmul(x, self.gate_proj[...], group_sizes, impl=self.impl)
-        up = grouped_matmul(x, self.up_proj[...], group_sizes, impl=self.impl)
-        return grouped_matmul(up * jax.nn.silu(gate), self.down_proj[...], group_sizes,
-                              impl=self.impl)
+    def __call__(self, x, group_sizes, impl: str = "auto"):
+        """x [M, H]: rows sorted by expert, ``group_sizes[e]`` rows for expert e. Returns [M, H].
+        ``impl``: the grouped matmul implementation (``grouped_matmul.IMPLS``)."""
+        gate = grouped_matmul(x, self.gate_proj[...], group_sizes, impl=impl)
+        up = grouped_matmul(x, self.up_proj[...], group_sizes, impl=impl)
+        return grouped_matmul(up * jax.nn.silu(gate), self.down_proj[...], group_sizes, impl=impl)
 
 
 class MoE(nnx.Module):
@@ -111,14 +65,14 @@ class MoE(nnx.Module):
         self.experts = Experts(config, dtype=dtype, rngs=rngs)
         self.shared_expert = MLP(config, config.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, axes: Axes = NO_AXES, valid=None):
+    def __call__(self, x, axes: Axes = NO_AXES, valid=None, gmm_impl: str = "auto"):
         """Shared expert + routed experts. Under a mesh the result is a partial sum over
         ``axes.model`` (the caller's one all-reduce also combines the experts' outputs).
 
         ``valid`` (bool, x's leading shape): rows that are tokens. The others (a step's
         bucket padding) go to no expert, so the grouped matmuls skip them: a batch-1
         decode padded to 16 rows reads one expert's weights, not two. Their routed output
-        is zero."""
+        is zero. ``gmm_impl``: the experts' grouped matmul implementation."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         n, k = x.shape[0], self.top_k
@@ -135,9 +89,9 @@ class MoE(nnx.Module):
         group_sizes = jnp.bincount(expert, length=self.num_experts).astype(jnp.int32)
         local_experts = self.experts.gate_proj.shape[0]
         if local_experts == self.num_experts:
-            routed = self.experts(rows, group_sizes)
+            routed = self.experts(rows, group_sizes, gmm_impl)
         else:
-            routed = self._local_experts(rows, group_sizes, local_experts, axes)
+            routed = self._local_experts(rows, group_sizes, local_experts, axes, gmm_impl)
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
         routed = routed[inverse].reshape(n, k, -1)  # back to token-major
         routed = routed[:, 0] if k == 1 else routed.sum(1, dtype=x.dtype)
@@ -145,7 +99,7 @@ class MoE(nnx.Module):
             routed = jnp.where(valid.reshape(-1, 1), routed, jnp.zeros((), routed.dtype))
         return (self.shared_expert(x, axes) + routed).reshape(shape)
 
-    def _local_experts(self, rows, group_sizes, local_experts, axes: Axes):
+    def _local_experts(self, rows, group_sizes, local_experts, axes: Axes, gmm_impl: str):
         """Expert parallelism: this device holds experts ``[first, first + local_experts)``.
 
         Every device of the group has every token (activations are replicated for the
@@ -160,7 +114,7 @@ class MoE(nnx.Module):
         local_sizes = lax.dynamic_slice_in_dim(group_sizes, first, local_experts)
         offset = jnp.cumsum(group_sizes)[first] - group_sizes[first]  # rows of earlier experts
         idx = (offset + jnp.arange(m, dtype=jnp.int32)) % m
-        out = self.experts(rows[idx], local_sizes)  # [M, H]: rows [0, count) are ours
+        out = self.experts(rows[idx], local_sizes, gmm_impl)  # [M, H]: rows [0, count) are ours
         # Rows past the groups are not written by the Mosaic kernel (undefined): select, not scale.
         mine = jnp.arange(m) < local_sizes.sum()
         out = jnp.where(mine[:, None], out, jnp.zeros((), out.dtype))

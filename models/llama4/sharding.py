@@ -30,12 +30,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxattn import cache as kv_cache_lib
 from jaxattn import parallel
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.loader import tensor_map
-from jaxattn.models.llama4.model import Llama4ForCausalLM, local_heads
-from jaxattn.models.llama4.moe import Axes
+from jaxattn.models.llama4.layers import Axes
+from jaxattn.models.llama4.model import Llama4ForCausalLM
 
 # Embedding / LM head rows: split over the group only when the vocabulary divides.
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -44,6 +43,14 @@ VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 def group_size(mesh: Mesh | None) -> int:
     """Devices of the model-parallel group (the ways heads are split)."""
     return parallel.axis_size(mesh, parallel.MODEL)
+
+
+def parallel_config(mesh: Mesh | None) -> parallel.ParallelConfig:
+    """The tensor / expert sizes of a replica mesh (None: one device)."""
+    if mesh is None:
+        return parallel.ParallelConfig()
+    return parallel.ParallelConfig(tensor=parallel.axis_size(mesh, parallel.TENSOR),
+                                   expert=parallel.axis_size(mesh, parallel.EXPERT))
 
 
 def vocab_parallel(config: Llama4Config, mesh: Mesh | None) -> bool:
@@ -205,44 +212,23 @@ def _random(kind, shape, dtype, std, sharding):
     return jax.jit(make, out_shardings=sharding)
 
 
-def shard_step(model: Llama4ForCausalLM, state, bounds, local_step):
-    """``local_step(state, kv, batch, plans, axes=)`` as a ``shard_map`` over ``model.mesh``.
-
-    Weights and KV pools enter as each device's shards; the batch and the plans
-    are replicated. Logits come out replicated (gathered over the vocabulary).
-    """
-    config, mesh = model.config, model.mesh
-    check(config, mesh)
-    hq, hkv = local_heads(config, group_size(mesh))
-    if (bounds.num_q_heads, bounds.num_kv_heads) != (hq, hkv):
-        raise ValueError(f"bounds count {bounds.num_q_heads}/{bounds.num_kv_heads} heads but one "
-                         f"device of this mesh has {hq}/{hkv}: build them with "
-                         f"bounds_for(..., model_parallel={group_size(mesh)})")
-    kv = kv_sharding(mesh).spec
-    n = config.num_hidden_layers
-    kv_specs = kv_cache_lib.KVCache(k=(kv,) * n, v=(kv,) * n)
-    return jax.shard_map(functools.partial(local_step, axes=axes_for(config, mesh)), mesh=mesh,
-                         in_specs=(state_specs(state, config, mesh), kv_specs, P(), P()),
-                         out_specs=(P(), kv_specs), check_vma=False)
-
-
 _FORWARDS: dict = {}
 
 
-def forward(model: Llama4ForCausalLM, input_ids, impl: str):
+def forward(model: Llama4ForCausalLM, input_ids, impl: str, gmm_impl: str):
     """The full-sequence forward of a model on a mesh (``model(input_ids)`` calls this)."""
     graphdef, state = nnx.split(model)
-    fn = _FORWARDS.get((graphdef, impl))
+    fn = _FORWARDS.get((graphdef, impl, gmm_impl))
     if fn is None:
         axes = axes_for(model.config, model.mesh)
 
         def local(state, ids):
-            return nnx.merge(graphdef, state).forward(ids, impl=impl, axes=axes)
+            return nnx.merge(graphdef, state).forward(ids, impl=impl, gmm_impl=gmm_impl, axes=axes)
 
         fn = jax.jit(jax.shard_map(
             local, mesh=model.mesh, in_specs=(state_specs(state, model.config, model.mesh), P()),
             out_specs=P(), check_vma=False))
         if len(_FORWARDS) > 8:
             _FORWARDS.clear()
-        _FORWARDS[(graphdef, impl)] = fn
+        _FORWARDS[(graphdef, impl, gmm_impl)] = fn
     return fn(state, input_ids)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxattn
-from jaxattn import reference, scheduler
+from jaxattn import planner, reference
 from jaxattn.kernels import decode
 
 pytestmark = pytest.mark.gpu
@@ -47,11 +47,10 @@ def _case(q_lens, kv_lens, *, page_size=16, hq=40, hkv=8, d=128, dtype=jnp.bfloa
 
 def _check(q_lens, kv_lens, *, chunk=None, causal=True, config=None, tol=2e-2, **kw):
     bounds, q, k, v, table, cu, kv, n = _case(q_lens, kv_lens, **kw)
-    plan = scheduler.plan(bounds, cu, kv, n, chunk_size=chunk, causal=causal)
-    fn = jax.jit(lambda q, k, v, table, kv, items: decode.decode_attention(
-        q, k, v, table, kv, items, bounds=bounds, scale=0.088, causal=causal, chunk_size=chunk,
-        config=config))
-    out, lse = fn(q, k, v, table, kv, plan.decode)
+    plan = planner.plan(bounds, cu, kv, n, chunk_size=chunk, causal=causal)
+    fn = jax.jit(lambda q, k, v, table, items: decode.decode_attention(
+        q, k, v, table, items, bounds=bounds, scale=0.088, causal=causal, config=config))
+    out, lse = fn(q, k, v, table, plan.decode)
     want, want_lse = reference.ragged_paged_attention_reference(
         q, k, v, table, cu, kv, n, 0.088, causal=causal, chunk_size=chunk)
     out, lse = np.asarray(out), np.asarray(lse)

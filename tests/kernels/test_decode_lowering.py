@@ -9,26 +9,22 @@ import jax.numpy as jnp
 import pytest
 
 import jaxattn
-from jaxattn import scheduler
+from jaxattn import planner
 from jaxattn.kernels import decode
 
+
 def _export(bounds, dtype, *, causal=True, config=None, num_tokens=None):
-    cap = scheduler.capacity(bounds).decode_items
+    cap = planner.capacity(bounds).decode_items
     i32 = jnp.int32
     sds = jax.ShapeDtypeStruct
-    items = scheduler.WorkList(*[sds((cap,), i32)] * 8, sds((), i32))
+    items = planner.WorkList(*[sds((cap,), i32)] * 8, sds((), i32))
     t = num_tokens or bounds.max_num_batched_tokens
-    pool = (64, bounds.page_size, bounds.num_kv_heads, bounds.head_dim)
-    if config is not None and config.head_major_pages:
-        pool = (64, bounds.num_kv_heads, bounds.page_size, bounds.head_dim)
-    pool = sds(pool, dtype)
-    fn = lambda q, k, v, pt, kvl, items: decode.decode_attention(
-        q, k, v, pt, kvl, items, bounds=bounds, scale=0.1, causal=causal,
-        chunk_size=bounds.chunk_size, config=config)
+    pool = sds((64, bounds.page_size, bounds.num_kv_heads, bounds.head_dim), dtype)
+    fn = lambda q, k, v, pt, items: decode.decode_attention(
+        q, k, v, pt, items, bounds=bounds, scale=0.1, causal=causal, config=config)
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(
         sds((t, bounds.num_q_heads, bounds.head_dim), dtype), pool, pool,
-        sds((bounds.max_num_seqs, bounds.pages_per_seq), i32),
-        sds((bounds.max_num_seqs,), i32), items)
+        sds((bounds.max_num_seqs, bounds.pages_per_seq), i32), items)
 
 
 # (Hq, Hkv) per device: Scout at TP 1/2/8 (G=5), and G = 1, 2, 4, 8 models.
@@ -54,7 +50,6 @@ def test_cuda_lowering_every_planner_config(head_dim, heads):
 @pytest.mark.parametrize("config", [
     decode.DecodeConfig(),  # the interpret-tested SMEM-P path
     decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True),
-    decode.DecodeConfig(p_in_registers=True, head_major_pages=True),
     decode.DecodeConfig(num_stages=3, p_in_registers=True),
 ])
 def test_cuda_lowering_tuning_variants(config):

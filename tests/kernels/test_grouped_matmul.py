@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxattn.kernels import grouped_matmul as gm
+from jaxattn.kernels import common, grouped_matmul as gm
 
 
 DECODE = gm.GroupedMatmulConfig(block_m=64)
@@ -63,13 +63,27 @@ def test_mosaic_kernel_lowers_for_scout_shapes(m, k, n):
     assert "mosaic_gpu" in exported.mlir_module()
 
 
-def test_auto_falls_back_to_xla_off_hopper(monkeypatch):
+def test_impl_resolution():
+    """"auto" is the Mosaic kernel on Hopper where dtypes and shapes allow, else XLA; an
+    explicit impl is taken as given."""
     x, w = jnp.zeros((4, 64), jnp.bfloat16), jnp.zeros((2, 64, 128), jnp.bfloat16)
-    assert gm.resolve("auto", x, w) == ("mosaic" if gm.on_hopper() else "xla")
-    monkeypatch.setenv("JAXATTN_GROUPED_MATMUL", "xla")
-    assert gm.resolve("auto", x, w) == "xla"
+    auto = "mosaic" if common.on_hopper() else "xla"
+    assert gm.resolve("auto", x, w) == auto
+    assert gm.resolve("auto", x, w[:, :, :96]) == "xla"  # N not a multiple of the N tile
+    assert gm.resolve("auto", x.astype(jnp.float32), w.astype(jnp.float32)) == "xla"
+    assert gm.resolve("xla", x, w) == "xla"
+    assert gm.resolve("mosaic", x, w) == "mosaic"
     with pytest.raises(ValueError, match="impl"):
         gm.resolve("cublas", x, w)
+
+
+def test_xla_impl_is_ragged_dot():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((5, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 64, 128)), jnp.bfloat16)
+    gs = jnp.asarray([2, 0, 3], jnp.int32)
+    got = gm.grouped_matmul(x, w, gs, impl="xla")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.lax.ragged_dot(x, w, gs)))
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxattn
-from jaxattn import kernels, scheduler
+from jaxattn import kernels, planner
 from jaxattn.kernels import prefill
 
 pytestmark = pytest.mark.gpu
@@ -48,9 +48,9 @@ def _fn(chunk, config=None):
     bounds = dataclasses.replace(BOUNDS[chunk], block_kv=config.block_kv)
 
     def f(q, k_pages, v_pages, table, cu, kv, n):
-        plan = scheduler.plan(bounds, cu, kv, n, chunk_size=chunk)
-        return kernels.ragged_paged_attention(q, k_pages, v_pages, table, kv, plan, bounds=bounds,
-                                              scale=SCALE, chunk_size=chunk, config=config)
+        plan = planner.plan(bounds, cu, kv, n, chunk_size=chunk)
+        return kernels.ragged_paged_attention(q, k_pages, v_pages, table, plan, bounds=bounds,
+                                              scale=SCALE, config=config)
     return jax.jit(f)
 
 
@@ -137,7 +137,6 @@ VARIANTS = {"no_overlap": prefill.PrefillConfig(overlap=False),
             "mbarrier_turns": prefill.PrefillConfig(named_barriers=False),
             "no_overlap_mbarrier_turns": prefill.PrefillConfig(overlap=False, named_barriers=False),
             "bkv64_s4": prefill.PrefillConfig(block_kv=64, num_stages=4),
-            "head_major": prefill.PrefillConfig(tile_order="head_major"),
             "item_major": prefill.PrefillConfig(tile_order="item_major"),
             "kv_major": prefill.PrefillConfig(tile_order="kv_major")}
 

@@ -5,7 +5,8 @@ import pytest
 
 from jaxattn.models import llama4
 from jaxattn.serve import default_model
-from jaxattn.serve.model_runner import EngineShape, Llama4Runner
+from jaxattn.serve.config import EngineConfig
+from jaxattn.serve.model_runner import Llama4Runner
 from jaxattn.serve.tokenizer import Tokenizer
 
 
@@ -21,12 +22,14 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="session")
 def make_runner(model_dir):
-    """make_runner(max_num_seqs=, max_num_batched_tokens=, max_model_len=, num_pages=)."""
+    """make_runner(max_num_seqs=, max_num_batched_tokens=, max_model_len=, num_pages=): the
+    step compiled for two buckets, 16 tokens and the whole budget."""
     model = llama4.load(model_dir)
 
     def make(*, max_num_seqs, max_num_batched_tokens, max_model_len, num_pages, page_size=16):
-        shape = EngineShape(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max_num_batched_tokens, page_size=page_size)
-        return Llama4Runner(model, shape, num_pages=num_pages, impl="reference")
+        config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens, page_size=page_size,
+                              buckets=(16, max_num_batched_tokens), attention_impl="reference")
+        return Llama4Runner(model, config, num_pages=num_pages)
 
     return make

@@ -21,18 +21,20 @@ class SlowRunner:
 
     def __init__(self, inner):
         self.inner, self.delay = inner, 0.0
-        self.bounds, self.num_pages, self.vocab_size = inner.bounds, inner.num_pages, inner.vocab_size
 
-    def step(self, batch, prev_tokens=None):
+    def __getattr__(self, name):  # everything but step is the inner runner's
+        return getattr(self.inner, name)
+
+    def step(self, seqs, rows, **kw):
         if self.delay:
             time.sleep(self.delay)
-        return self.inner.step(batch, prev_tokens)
+        return self.inner.step(seqs, rows, **kw)
 
 
 def _server(make_runner, tokenizer, num_pages):
     runner = SlowRunner(make_runner(max_num_seqs=16, max_num_batched_tokens=64,
                                     max_model_len=MAX_LEN, num_pages=num_pages))
-    engine = LLMEngine(runner, tokenizer, buckets=(16, 64))
+    engine = LLMEngine(runner, tokenizer)
     engine.warmup(progress=False)
     return LiveServer(engine)
 

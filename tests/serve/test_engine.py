@@ -4,8 +4,9 @@ aborts and the compile count — outputs must not depend on what else runs."""
 import numpy as np
 import pytest
 
-from jaxattn.llm import LLM
-from jaxattn.serve.engine import LLMEngine, bucket_ladder
+from jaxattn.serve.llm import LLM
+from jaxattn.serve.config import bucket_ladder
+from jaxattn.serve.engine import LLMEngine
 from jaxattn.serve.sampling_params import SamplingParams
 
 MAX_LEN, PAGE = 256, 16
@@ -17,8 +18,8 @@ def runner(make_runner):
                        num_pages=128, page_size=PAGE)
 
 
-def _engine(runner, tokenizer, **kw):
-    e = LLMEngine(runner, tokenizer, buckets=(16, 64), **kw)
+def _engine(runner, tokenizer, num_pages=None, **config):
+    e = LLMEngine(runner, tokenizer, runner.config.replace(**config), num_pages=num_pages)
     e.warmup(progress=False)
     return e
 
@@ -140,11 +141,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(runner, tokeni
     engine = _engine(runner, tokenizer)
     real_step, calls = runner.step, []
 
-    def flaky(batch, prev_tokens=None):
+    def flaky(seqs, rows, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("injected")
-        return real_step(batch, prev_tokens)
+        return real_step(seqs, rows, **kw)
 
     engine.runner = type("Flaky", (), {"step": staticmethod(flaky), "bounds": runner.bounds,
                                        "num_pages": runner.num_pages,
@@ -220,12 +221,14 @@ class _Recorder:
 
     def __init__(self, inner):
         self.inner, self.steps, self.chained = inner, 0, 0
-        self.bounds, self.num_pages, self.vocab_size = inner.bounds, inner.num_pages, inner.vocab_size
 
-    def step(self, batch, prev_tokens=None):
+    def __getattr__(self, name):  # everything but step is the inner runner's
+        return getattr(self.inner, name)
+
+    def step(self, seqs, rows, **kw):
         self.steps += 1
-        self.chained += bool((np.asarray(batch.token_ids) < 0).any())
-        return self.inner.step(batch, prev_tokens)
+        self.chained += any(t < 0 for s in seqs for t in s.token_ids)
+        return self.inner.step(seqs, rows, **kw)
 
 
 @pytest.mark.parametrize("pool", [128, MAX_LEN // PAGE])  # roomy; preempting

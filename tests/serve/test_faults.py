@@ -27,7 +27,7 @@ PREP_FAULT_SEED, TOKEN_FAULT_SEED = 666, 667
 def server(make_runner, tokenizer):
     runner = make_runner(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=MAX_LEN,
                          num_pages=128)
-    engine = LLMEngine(runner, tokenizer, buckets=(16, 64))
+    engine = LLMEngine(runner, tokenizer)
     engine.warmup(progress=False)
     with LiveServer(engine) as s:
         yield s
@@ -105,7 +105,7 @@ def test_a_request_that_raises_in_the_engine_fails_alone(server, monkeypatch):
     deadline = time.monotonic() + 10
     while engine.bm.num_used_pages and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert engine.bm.num_used_pages == 0 and not engine._requests and not engine._aux
+    assert engine.bm.num_used_pages == 0 and not engine._requests and not len(engine.output)
     engine.bm.check()
     with httpx.Client(base_url=server.url, timeout=60) as c:  # and it still serves
         p, m = normal[0]
@@ -204,17 +204,18 @@ def test_impossible_kv_budget_is_a_clear_startup_error():
 def test_out_of_memory_during_startup_is_a_clear_error(monkeypatch, capsys):
     """An allocation the device refuses while the engine is built (XLA's RESOURCE_EXHAUSTED,
     injected here: a real one on the CPU needs more than the host has) becomes one line."""
-    from jaxattn.serve import __main__ as cli
+    from jaxattn.serve import __main__ as server
+    from jaxattn.serve import cli
     from jaxattn.serve.engine import LLMEngine
 
     def oom(*a, **kw):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
                            "85899345920 bytes.")
 
-    monkeypatch.setattr(LLMEngine, "from_pretrained", oom)
-    args = cli.build_parser().parse_args(["--max-model-len", "256"])
+    monkeypatch.setattr(LLMEngine, "from_config", oom)
+    args = server.build_parser().parse_args(["--max-model-len", "256"])
     with pytest.raises(SystemExit) as e:
-        cli.engine_from_args(args)
+        cli.start_engine(args)
     msg = str(e.value.code)
     assert msg.startswith("error: the device ran out of memory at start-up")
     assert "lower --kv-cache-memory" in msg and "\n" not in msg

@@ -64,7 +64,7 @@ def _normal_answers(client: httpx.Client) -> list:
 def server(make_runner, tokenizer):
     runner = make_runner(max_num_seqs=MAX_SEQS, max_num_batched_tokens=64, max_model_len=MAX_LEN,
                          num_pages=NUM_PAGES)
-    engine = LLMEngine(runner, tokenizer, buckets=(16, 64))
+    engine = LLMEngine(runner, tokenizer)
     engine.warmup(progress=False)
     with LiveServer(engine) as s:
         s.warm_compiles = engine.compile_count

@@ -25,8 +25,8 @@ def test_sweep_lengths_cover_every_boundary():
 
 def test_length_sweep_cpu():
     spec = ls.CPU_SPEC
-    engine, runner, model = ls.build_engine(spec, None)
-    s = ls.run_sweep(engine, runner, model, spec, log=lambda *a: None)
+    engine, check, model = ls.build_engine(spec, None)
+    s = ls.run_sweep(engine, check, model, spec, log=lambda *a: None)
     print(ls.table(s))
     assert s["failures"] == [] and s["skipped"] == []
     assert s["singles_run"] == s["packed_runs"] == s["lengths"] > 400

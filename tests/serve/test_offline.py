@@ -38,7 +38,7 @@ def test_generate_returns_vllm_shaped_results(llm):
     assert all(len(r.outputs) == 3 for r in sampled)
     with pytest.raises(ValueError, match="prompt 1"):
         llm.generate(["ok", "x " * 300], greedy, use_tqdm=False)
-    assert llm.engine.bm.num_used_pages == 0
+    assert llm.engine.stats().num_used_pages == 0
 
 
 def test_default_model_is_a_real_hf_directory(llm):

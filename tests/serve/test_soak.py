@@ -29,7 +29,7 @@ def server(make_runner, tokenizer):
     # 40 pages for 8 sequences of up to 16 pages each: the pool runs out under this load.
     runner = make_runner(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=MAX_LEN,
                          num_pages=40)
-    engine = LLMEngine(runner, tokenizer, buckets=(16, 64))
+    engine = LLMEngine(runner, tokenizer)
     engine.warmup(progress=False)
     with LiveServer(engine) as s:
         yield s
@@ -55,4 +55,4 @@ def test_soak_ci_size(server):
     # Nothing is left in the engine's or the async front's tables either.
     engine = server.engine
     engine.bm.check()
-    assert not engine._requests and not engine._aux and not server.async_engine._streams
+    assert not engine._requests and not len(engine.output) and not server.async_engine._streams

@@ -1,7 +1,7 @@
 """The Llama 4 forwards on a mesh equal the single-device forwards (8 simulated devices).
 
 Full forward: every (tensor, expert) split of ``MESHES``, a batch whose length crosses three
-chunk boundaries. Serving forward (``make_step_fn``): an engine-like loop of chunked prefills
+chunk boundaries. Serving forward (``paged_step.make_step_fn``): an engine-like loop of chunked prefills
 crossing chunk boundaries and decodes over the paged cache split by KV head, compared step by
 step with the single-device step; one compile per bucket.
 """
@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxattn import cache
-from jaxattn.batch import SeqStep, build_step
 from jaxattn.models import llama4
 from jaxattn.models.llama4 import sharding
+from jaxattn.serve import kv_cache as cache
+from jaxattn.serve import paged_step
+from jaxattn.serve.batch import SeqStep, build_step
+from jaxattn.serve.config import EngineConfig
 
 from sharded_cases import MESHES, config, max_err, mesh
 
@@ -67,9 +69,9 @@ def test_impossible_splits_are_refused():
     with pytest.raises(ValueError, match="must divide num_key_value_heads=4"):
         sharding.shard(llama4.init_random(c), mesh(8, 1))
     with pytest.raises(ValueError, match="model_parallel=8"):  # bounds of the wrong head count
-        bounds = llama4.bounds_for(config(), max_num_seqs=2, max_num_batched_tokens=16,
-                                   max_model_len=64, page_size=8)
-        llama4.make_step_fn(sharding.shard(llama4.init_random(config()), mesh(8, 1)), bounds)
+        bounds = EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64,
+                              page_size=8).bounds(config())
+        paged_step.make_step_fn(sharding.shard(llama4.init_random(config()), mesh(8, 1)), bounds)
 
 
 PAGE, PAGES, BUDGET, DECODE_BUCKET = 8, 64, 48, 8
@@ -80,10 +82,10 @@ def _serve(model, n):
     decode: chunks cross the 32-token chunk boundaries, the 63-token prompt decodes across
     position 64. Returns the logits of every step."""
     c = model.config
-    bounds = llama4.bounds_for(c, max_num_seqs=4, max_num_batched_tokens=BUDGET, max_model_len=256,
-                               page_size=PAGE, model_parallel=n)
-    step = llama4.make_step_fn(model, bounds)
-    spec = llama4.cache_spec(c, num_pages=PAGES, page_size=PAGE, dtype=model.dtype,
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=BUDGET, max_model_len=256,
+                          page_size=PAGE).bounds(c, model_parallel=n)
+    step = paged_step.make_step_fn(model, bounds)
+    spec = paged_step.cache_spec(c, num_pages=PAGES, page_size=PAGE, dtype=model.dtype,
                              model_parallel=n)
     kv = cache.allocate(spec, sharding=None if model.mesh is None else
                         sharding.kv_sharding(model.mesh))

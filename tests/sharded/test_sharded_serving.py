@@ -8,11 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from jaxattn import generate
-from jaxattn.llm import LLM
+from jaxattn.serve import generate
+from jaxattn.serve.llm import LLM
 from jaxattn.models import llama4
 from jaxattn.serve import default_model
-from jaxattn.serve.__main__ import build_parser, engine_from_args
+from jaxattn.serve.__main__ import build_parser
+from jaxattn.serve.cli import start_engine
 from jaxattn.serve.data_parallel import DataParallelEngine
 from jaxattn.serve.sampling_params import SamplingParams
 
@@ -67,7 +68,7 @@ def test_llm_tensor_expert_and_data_parallel(model_dir, alone):
     warm = engine.compile_count
     assert _tokens(llm) == alone
     assert engine.compile_count == warm
-    assert engine.bm.num_used_pages == 0
+    assert engine.stats().num_used_pages == 0
     assert all(r.num_steps > 0 for r in engine.replicas)  # both replicas served requests
 
 
@@ -91,7 +92,7 @@ def test_generate_cli_tensor_parallel(model_dir, alone, tmp_path):
 def _refusal(model_dir, *flags):
     args = build_parser().parse_args(["--model", model_dir, *FLAGS, *flags])
     with pytest.raises(SystemExit) as e:
-        engine_from_args(args)
+        start_engine(args)
     return str(e.value.code)
 
 
@@ -122,14 +123,13 @@ def test_http_server_over_data_parallel_replicas(model_dir, alone):
 
     import httpx
 
-    from jaxattn.parallel import ParallelConfig
+    from jaxattn.serve.config import EngineConfig
     from jaxattn.serve.engine import LLMEngine
-    from jaxattn.serve.model_runner import EngineShape
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "serve"))
     from server_util import LiveServer  # tests/serve/server_util.py
 
-    engine = LLMEngine.from_pretrained(model_dir, EngineShape(**SHAPE),
-                                       parallel=ParallelConfig(tensor=2, data=2))
+    engine = LLMEngine.from_config(EngineConfig(model=model_dir, tensor_parallel_size=2,
+                                                data_parallel_size=2, **SHAPE))
     engine.warmup(progress=False)
     warm = engine.compile_count
     greedy = [(p, want) for i, (p, want) in enumerate(zip(_prompts(), alone)) if i % 2]
@@ -144,8 +144,9 @@ def test_http_server_over_data_parallel_replicas(model_dir, alone):
             got = list(pool.map(ask, [p for p, _ in greedy]))
         metrics = client.get("/metrics").text
     assert got == [want for _, want in greedy]
-    assert engine.compile_count == warm and engine.bm.num_used_pages == 0
+    assert engine.compile_count == warm and engine.stats().num_used_pages == 0
     free = [float(line.split()[-1]) for line in metrics.splitlines()
             if line.startswith(("jaxattn_kv_pages_free ", "jaxattn_kv_pages_free{"))]
-    assert free == [engine.bm.num_free_pages] == [sum(r.bm.num_free_pages for r in engine.replicas)]
+    assert free == [engine.stats().num_free_pages] == [
+        sum(r.stats().num_free_pages for r in engine.replicas)]
     assert all(r.num_steps > 0 for r in engine.replicas)

@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxattn import kernels
 from jaxattn.models import llama4
 
 from llama4_fixtures import checkpoint, expected, max_err
-import test_llama4_serving as serving
+import test_paged_step as serving
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +23,6 @@ def test_f32_forwards_match_transformers_on_gpu():
     assert max(errs) < 1e-3
 
 
-@pytest.mark.skipif(not kernels.AVAILABLE, reason="Mosaic GPU kernels not built in this tree")
 def test_bf16_kernels_match_reference_inside_the_model():
     """head_dim 128, bf16: impl='auto' runs the kernels; compare with impl='reference'."""
     config = llama4.Llama4Config.from_hf_dict(dict(
@@ -48,20 +46,19 @@ def test_bf16_moe_kernel_matches_xla_inside_the_model():
         num_local_experts=8, num_experts_per_tok=2, attention_chunk_size=128, initializer_range=0.05))
     ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 300)).astype(np.int32)
     model = llama4.init_random(config, seed=1, dtype=jnp.bfloat16)
-    got = np.asarray(model(ids, impl="reference"))
-    for layer in model.model.layers:
-        layer.feed_forward.experts.impl = "xla"
-    want = np.asarray(model(ids, impl="reference"))
+    got = np.asarray(model(ids, impl="reference", gmm_impl="auto"))
+    want = np.asarray(model(ids, impl="reference", gmm_impl="xla"))
     rel = np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean())
     assert rel < 0.02, rel
 
 
-@pytest.mark.skipif(not kernels.AVAILABLE, reason="Mosaic GPU kernels not built in this tree")
 def test_bf16_serving_step_kernels_match_reference():
     """The serving step with the kernels (the packed batch, the page table as a view into it)
     gives the reference attention's logits: a prefill step, then prefill chunk + decode."""
-    from jaxattn import cache
-    from jaxattn.batch import SeqStep, build_step
+    from jaxattn.serve import kv_cache as cache
+    from jaxattn.serve import paged_step
+    from jaxattn.serve.batch import SeqStep, build_step
+    from jaxattn.serve.config import EngineConfig
 
     config = llama4.Llama4Config.from_hf_dict(dict(
         vocab_size=1024, hidden_size=512, intermediate_size=256, intermediate_size_mlp=512,
@@ -69,15 +66,15 @@ def test_bf16_serving_step_kernels_match_reference():
         num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256,
         initializer_range=0.05))
     model = llama4.init_random(config, seed=2, dtype=jnp.bfloat16)
-    bounds = llama4.bounds_for(config, max_num_seqs=4, max_num_batched_tokens=512,
-                               max_model_len=1024, page_size=64)
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024,
+                          page_size=64).bounds(config)
     ids = np.random.default_rng(2).integers(0, config.vocab_size, 700).tolist()
     steps = [[SeqStep(ids[:300], 0, range(5)), SeqStep(ids[:129], 0, range(8, 11))],
              [SeqStep(ids[300:301], 300, range(5)), SeqStep(ids[129:400], 129, range(8, 15))]]
     got = {}
     for impl in ("auto", "reference"):
-        step = llama4.make_step_fn(model, bounds, impl=impl)
-        kv = cache.allocate(llama4.cache_spec(config, num_pages=16, page_size=64,
+        step = paged_step.make_step_fn(model, bounds, impl=impl)
+        kv = cache.allocate(paged_step.cache_spec(config, num_pages=16, page_size=64,
                                               dtype=jnp.bfloat16))
         got[impl] = []
         for seqs in steps:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import jaxattn
-from jaxattn import batch, cache, reference
+from jaxattn import reference
+from jaxattn.serve import batch
+from jaxattn.serve import kv_cache as cache
 
 from attention_cases import naive_attention
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxattn
-from jaxattn.batch import SeqStep, StepBatch, build_step, pack, unpack
+from jaxattn.serve.batch import SeqStep, StepBatch, build_step, pack, unpack
 
 BOUNDS = jaxattn.Bounds(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, page_size=8,
                         num_q_heads=4, num_kv_heads=2, head_dim=16, block_kv=16)

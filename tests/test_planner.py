@@ -1,4 +1,4 @@
-"""The static-shape scheduler: capacity is a proven bound, plans are complete and tight."""
+"""The static-shape tile planner: capacity is a proven bound, plans are complete and tight."""
 
 import functools
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import jaxattn
-from jaxattn import scheduler
+from jaxattn import planner
 
 from attention_cases import naive_mask
 
@@ -22,7 +22,7 @@ BOUNDARY_LENGTHS = [1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 8191, 8192, 819
 
 @functools.lru_cache(maxsize=None)
 def _jitted_plan(bounds, chunk, causal=True):
-    return jax.jit(functools.partial(scheduler.plan, bounds, chunk_size=chunk, causal=causal))
+    return jax.jit(functools.partial(planner.plan, bounds, chunk_size=chunk, causal=causal))
 
 
 def _batch(bounds, q_lens, kv_lens):
@@ -51,7 +51,7 @@ def _exact_counts(bounds, q_lens, kv_lens, chunk):
 
 
 def _check_capacity(bounds, q_lens, kv_lens):
-    cap = scheduler.capacity(bounds)
+    cap = planner.capacity(bounds)
     for chunk in {None, bounds.chunk_size}:
         p = _jitted_plan(bounds, chunk)(*_batch(bounds, q_lens, kv_lens))
         demand = np.asarray(p.demand)
@@ -116,9 +116,9 @@ def test_capacity_bounds_every_boundary_length(length):
 
 
 def test_capacity_is_static_and_grows_with_bounds():
-    cap = scheduler.capacity(SCOUT)
-    assert scheduler.capacity(SCOUT) == cap  # pure function of static ints
-    bigger = scheduler.capacity(jaxattn.Bounds(**{**SCOUT.__dict__, "max_num_batched_tokens": 16384}))
+    cap = planner.capacity(SCOUT)
+    assert planner.capacity(SCOUT) == cap  # pure function of static ints
+    bigger = planner.capacity(jaxattn.Bounds(**{**SCOUT.__dict__, "max_num_batched_tokens": 16384}))
     assert bigger.prefill_items > cap.prefill_items and bigger.segments > cap.segments
 
 
@@ -171,7 +171,7 @@ def test_plan_covers_each_allowed_pair_exactly_once(chunk, causal, data):
 
 
 def test_decode_splits_fill_the_workers_for_one_long_sequence():
-    p = scheduler.plan(SCOUT, *_batch(SCOUT, [1], [131072]))
+    p = planner.plan(SCOUT, *_batch(SCOUT, [1], [131072]))
     assert int(p.decode.count) * SCOUT.num_kv_heads >= SCOUT.num_workers
     assert int(p.decode.num_splits[0]) == int(p.decode.count)
 
@@ -189,7 +189,7 @@ def test_inadmissible_batches_name_the_bound(q_lens, kv_lens, n, bound):
     cu = np.concatenate([[0], np.cumsum(q_lens), np.full(s - len(q_lens), sum(q_lens))]).astype(np.int32)
     kv = np.concatenate([kv_lens, np.zeros(s - len(kv_lens))]).astype(np.int32)
     with pytest.raises(ValueError, match=bound):
-        scheduler.plan(SCOUT, cu, kv, n)
+        planner.plan(SCOUT, cu, kv, n)
 
 
 def test_bounds_validation():
@@ -200,5 +200,5 @@ def test_bounds_validation():
     with pytest.raises(ValueError, match="chunk_size"):
         jaxattn.Bounds(**SMALL, chunk_size=12)
     with pytest.raises(ValueError, match="chunk_size"):
-        scheduler.plan(jaxattn.Bounds(**SMALL, chunk_size=16), *_batch(jaxattn.Bounds(**SMALL), [1], [1]),
+        planner.plan(jaxattn.Bounds(**SMALL, chunk_size=16), *_batch(jaxattn.Bounds(**SMALL), [1], [1]),
                        chunk_size=32)

@@ -1,4 +1,4 @@
-"""The static-shape scheduler: turn a ragged batch into fixed-size work lists.
+"""The static-shape tile planner: turn a ragged batch into fixed-size work lists.
 
 Every metadata array an attention kernel reads is produced here, and its size
 comes from exactly one place: :func:`capacity`, a pure-Python function of the
@@ -241,7 +241,8 @@ def _enumerate(counts: jax.Array, size: int):
     return parent, local, slots < ends[-1], ends[-1]
 
 
-def _cdiv(a, b):
+def cdiv(a, b):
+    """Ceiling division, for Python ints and traced int32 alike."""
     return (a + b - 1) // b
 
 
@@ -295,7 +296,7 @@ def plan(bounds: Bounds, cu_q_lens, kv_lens, num_seqs, *, chunk_size=None,
 
     # Stage 2a: prefill items, blocks of block_q tokens within a segment.
     bq = bounds.block_q
-    n_blk = jnp.where(seg_valid & ~is_decode, _cdiv(seg_rows, bq), 0)
+    n_blk = jnp.where(seg_valid & ~is_decode, cdiv(seg_rows, bq), 0)
     sg, b, valid, n_prefill = _enumerate(n_blk, cap.prefill_items)
     rows = jnp.minimum(bq, seg_rows[sg] - b * bq)
     pos = seg_lo[sg] + b * bq
@@ -311,9 +312,9 @@ def plan(bounds: Bounds, cu_q_lens, kv_lens, num_seqs, *, chunk_size=None,
     d_end = seg_hi if causal else key_hi_noncausal
     d_work = jnp.where(dec, d_end - key_lo, 0)
     total = d_work.sum()
-    piece = jnp.maximum(bounds.min_split_kv, _cdiv(total, bounds.split_target))
-    piece = _cdiv(piece, bounds.block_kv) * bounds.block_kv
-    n_pieces = jnp.where(dec, jnp.maximum(1, _cdiv(d_work, piece)), 0)
+    piece = jnp.maximum(bounds.min_split_kv, cdiv(total, bounds.split_target))
+    piece = cdiv(piece, bounds.block_kv) * bounds.block_kv
+    n_pieces = jnp.where(dec, jnp.maximum(1, cdiv(d_work, piece)), 0)
     sg, k, valid, n_decode = _enumerate(n_pieces, cap.decode_items)
     start = key_lo[sg] + k * piece
     decode = _sorted(

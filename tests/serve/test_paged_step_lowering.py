@@ -18,11 +18,12 @@ import pytest
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
-from jaxattn import cache
-from jaxattn import batch as batch_lib
-from jaxattn.batch import SeqStep, build_step
 from jaxattn.models import llama4
-from jaxattn.serve import sampling
+from jaxattn.serve import batch as batch_lib
+from jaxattn.serve import kv_cache as cache
+from jaxattn.serve import paged_step, sampling
+from jaxattn.serve.batch import SeqStep, build_step
+from jaxattn.serve.config import EngineConfig
 
 _KERNELS = ("mpmd_map", "pallas_call")  # Mosaic GPU kernel bodies: their loops run on the GPU
 
@@ -42,13 +43,10 @@ def test_gpu_step_has_no_host_synchronising_control_flow():
         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
         num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
     model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
-    for layer in model.model.layers:
-        if hasattr(layer.feed_forward, "experts"):
-            layer.feed_forward.experts.impl = "mosaic"
-    bounds = llama4.bounds_for(config, max_num_seqs=4, max_num_batched_tokens=256,
-                               max_model_len=1024, page_size=64)
-    step = llama4.make_step_fn(model, bounds, impl="mosaic")
-    spec = llama4.cache_spec(config, num_pages=32, page_size=64, dtype=jnp.bfloat16)
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
+                          page_size=64).bounds(config)
+    step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic")
+    spec = paged_step.cache_spec(config, num_pages=32, page_size=64, dtype=jnp.bfloat16)
     batch = build_step(bounds, 256, [SeqStep([1] * 100, 0, [0, 1]), SeqStep([2], 64, [2, 3])],
                        num_pages=32)
     kv = jax.eval_shape(lambda: cache.allocate(spec))

@@ -1,6 +1,6 @@
 """The serving forward (chunked prefill + decode over the paged cache) against transformers.
 
-A small engine loop drives ``make_step_fn`` the way the server does: each step
+A small engine loop drives ``paged_step.make_step_fn`` the way the runner does: each step
 packs decode tokens first, then prefill chunks up to the token budget, into a
 StepBatch of one of two bucket sizes; pages are handed out shuffled so the page
 table matters. Every step's logits (last new token of each sequence) are
@@ -13,9 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxattn import cache
-from jaxattn.batch import SeqStep, build_step
 from jaxattn.models import llama4
+from jaxattn.serve import kv_cache as cache
+from jaxattn.serve import paged_step
+from jaxattn.serve.batch import SeqStep, build_step
+from jaxattn.serve.config import EngineConfig
 
 from llama4_fixtures import CONFIG_NAMES, checkpoint, expected, max_err
 
@@ -35,8 +37,8 @@ class Seq:
 
 
 def _bounds(config):
-    return llama4.bounds_for(config, max_num_seqs=4, max_num_batched_tokens=BUDGET,
-                             max_model_len=256, page_size=PAGE_SIZE)
+    return EngineConfig(max_num_seqs=4, max_num_batched_tokens=BUDGET, max_model_len=256,
+                        page_size=PAGE_SIZE).bounds(config)
 
 
 def _sequences(e, rng):
@@ -56,8 +58,8 @@ def _sequences(e, rng):
 def _run(model, seqs, *, impl="reference", max_steps=None):
     """Drive the engine loop; returns (per-step max logit error, step fn, logits per step)."""
     bounds = _bounds(model.config)
-    step = llama4.make_step_fn(model, bounds, impl=impl)
-    spec = llama4.cache_spec(model.config, num_pages=NUM_PAGES, page_size=PAGE_SIZE,
+    step = paged_step.make_step_fn(model, bounds, impl=impl)
+    spec = paged_step.cache_spec(model.config, num_pages=NUM_PAGES, page_size=PAGE_SIZE,
                              dtype=model.dtype)
     kv = cache.allocate(spec)
     errs, outs = [], []
@@ -100,7 +102,7 @@ def test_paged_serving_matches_transformers(name):
 
 
 def test_executor_plans_match_reference():
-    """impl='executor' walks the scheduler's plans (the kernels' input) that the step builds
+    """impl='executor' walks the planner's plans (the kernels' input) that the step builds
     once per layer kind; it must give the reference's logits."""
     e = expected("moe_dense")
     model = llama4.load(checkpoint("moe_dense"))
@@ -115,5 +117,5 @@ def test_bounds_and_cache_spec_follow_config():
     b = _bounds(config)
     assert (b.num_q_heads, b.num_kv_heads, b.head_dim, b.chunk_size) == (4, 2, 16, 32)
     assert b.chunk_size % b.block_kv == 0 and b.block_kv % PAGE_SIZE == 0
-    spec = llama4.cache_spec(config, num_pages=10, page_size=PAGE_SIZE, dtype="bfloat16")
+    spec = paged_step.cache_spec(config, num_pages=10, page_size=PAGE_SIZE, dtype="bfloat16")
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype) == (4, 2, 16, "bfloat16")

@@ -3,7 +3,7 @@
 The host knows, per running sequence, the new tokens of this step, how many
 of its tokens are already cached, and the pages it owns. :func:`build_step`
 packs that into a :class:`StepBatch` whose shapes depend only on the bucket
-size ``num_tokens`` and the :class:`~jaxattn.scheduler.Bounds` — never on
+size ``num_tokens`` and the :class:`~jaxattn.planner.Bounds` — never on
 the lengths themselves.
 """
 
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.scheduler import Bounds
+from jaxattn.planner import Bounds
 
 
 class StepBatch(NamedTuple):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from jaxattn import plan_memory
-from jaxattn.models.llama4 import memory
+from jaxattn.serve import plan_memory
+from jaxattn.serve import memory_plan as memory
 from jaxattn.parallel import ParallelConfig
 
 GiB = 2**30

@@ -25,14 +25,18 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from jaxattn import cache as kv_cache_lib
 from jaxattn import parallel
+from jaxattn.models import llama4
 from jaxattn.models.llama4.config import Llama4Config
+from jaxattn.serve import kv_cache as kv_cache_lib
+from jaxattn.serve.config import EngineConfig
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# Model configs by name (``scout``), shipped with the model package.
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(llama4.__file__)), "configs")
 GiB = 2**30
 # Memory per GPU as nvidia-smi reports it (H100 SXM 80 GB HBM3; H200 141 GB HBM3e).
 GPUS = {"h100": 81559 * 2**20, "h200": 143771 * 2**20}
@@ -264,3 +268,83 @@ def describe(p: MemoryPlan) -> str:
              f"  total        {_gib(p.total)} of {_gib(p.usable)}"]
     lines.append("  verdict      " + ("fits" if p.fits else f"REFUSED: {p.reason}"))
     return "\n".join(lines)
+
+
+# The engine's view -----------------------------------------------------------------------
+def for_engine(config: Llama4Config, engine: EngineConfig, *, dtype, usable=None,
+               devices=None) -> MemoryPlan | None:
+    """The plan of one replica of ``engine``; None when the device memory is unknown (the
+    CPU) and ``usable`` (bytes XLA may use per device, or a string like "72GiB") is not given."""
+    if usable is not None:
+        usable = kv_cache_lib.parse_budget(usable)
+    else:
+        usable = device_limit(list(devices) if devices is not None else None)
+    if usable is None:
+        return None
+    return plan(config, engine.parallel, usable=usable, dtype=dtype,
+                kv_dtype=engine.kv_cache_dtype, max_num_seqs=engine.max_num_seqs,
+                max_num_batched_tokens=engine.max_num_batched_tokens,
+                max_model_len=engine.resolved_max_model_len(config.max_position_embeddings),
+                page_size=engine.page_size, kv_cache_memory=engine.kv_cache_memory)
+
+
+def device_limit(devices=None) -> int | None:
+    """Bytes XLA may allocate per device (the smallest of ``devices``); None where unknown."""
+    limits = []
+    # Only this process's devices report statistics (the mesh may span hosts).
+    mine = [d for d in (devices or jax.devices()[:1]) if d.process_index == jax.process_index()]
+    for d in mine or jax.local_devices()[:1]:
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        limits.append(int(stats["bytes_limit"]))
+    return min(limits)
+
+
+def num_pages_for(budget, one_page: kv_cache_lib.CacheSpec, *, max_num_seqs: int,
+                  max_model_len: int, devices=None, step_bytes: int = 0) -> int:
+    """Pages a KV budget buys (per device); a clear error when it cannot hold one full-length
+    sequence. ``step_bytes``: what one step needs beside the pool (the default budget leaves it)."""
+    frees = [kv_cache_lib.free_device_memory(d) for d in (devices or [None])]
+    free = None if any(f is None for f in frees) else min(frees)
+    pages_per_seq = -(-max_model_len // one_page.page_size)
+    one = pages_per_seq * one_page.bytes_per_page
+    if budget is None:
+        # On the GPU: most of what the weights left free, leaving room for a step. On the CPU
+        # (free memory unknown): room for every admitted sequence at full length, capped at
+        # 256 MiB (but never less than one sequence needs).
+        budget = (max(0, default_kv_budget(free, step_bytes)) if free is not None
+                  else max(min(max_num_seqs * one, 256 * 2**20), one))
+    try:
+        nbytes = kv_cache_lib.parse_budget(budget, free)
+    except ValueError as e:
+        raise ValueError(f"--kv-cache-memory: {e}") from None
+    if free is not None and nbytes > free:
+        raise ValueError(f"the KV cache budget ({nbytes / 2**20:.1f} MiB) exceeds the free device "
+                         f"memory ({free / 2**20:.1f} MiB); lower --kv-cache-memory")
+    host = host_available_memory() if free is None else None
+    if host is not None and nbytes > host:
+        # On the CPU the pools live in host memory; a budget past what is available would be
+        # granted lazily and end with the kernel's OOM killer, not an error message.
+        raise ValueError(f"the KV cache budget ({nbytes / 2**20:.1f} MiB) exceeds the available "
+                         f"host memory ({host / 2**20:.1f} MiB); lower --kv-cache-memory")
+    pages = kv_cache_lib.pages_for_budget(nbytes, one_page)
+    if pages < pages_per_seq:
+        raise ValueError(
+            f"the KV cache budget ({nbytes / 2**20:.1f} MiB) holds {pages} pages of "
+            f"{one_page.page_size} tokens, fewer than one sequence of max_model_len="
+            f"{max_model_len} needs ({pages_per_seq}); raise --kv-cache-memory or "
+            "lower --max-model-len")
+    return pages
+
+
+def host_available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

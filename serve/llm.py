@@ -8,13 +8,13 @@ prompt order, shaped like vLLM's (``out.outputs[0].text``,
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from typing import Iterator, Sequence
 
-from jaxattn.parallel import ParallelConfig
+from jaxattn.serve.config import EngineConfig
 from jaxattn.serve.engine import LLMEngine
-from jaxattn.serve.model_runner import EngineShape
 from jaxattn.serve.outputs import CompletionOutput, RequestOutput
 from jaxattn.serve.sampling_params import SamplingParams
 
@@ -24,30 +24,28 @@ Prompt = str | Sequence[int] | dict
 class LLM:
     """A model ready to generate.
 
-    ``model``: a Hugging Face Llama 4 directory; None: the embedded tiny model
-    with random weights. Size knobs as ``python -m jaxattn.serve`` (``None``:
-    defaults that fit the model). ``tensor_parallel_size`` / ``expert_parallel_size``
-    / ``data_parallel_size``: the mesh (as the ``--*-parallel-size`` flags; their
-    product of devices must exist). ``engine``: an already built
-    :class:`~jaxattn.serve.engine.LLMEngine` (then the other arguments are ignored).
+    ``model``: a Hugging Face Llama 4 directory; None: the embedded tiny model with
+    random weights. Every other keyword is an :class:`~jaxattn.serve.config.EngineConfig`
+    field, the same settings as ``python -m jaxattn.serve``'s flags (``max_model_len=``,
+    ``tensor_parallel_size=``, ``attention_impl=``, ...). ``config``: a whole
+    EngineConfig instead. ``engine``: an already built
+    :class:`~jaxattn.serve.engine.LLMEngine` (then nothing else is used).
     """
 
-    def __init__(self, model: str | None = None, *, max_model_len: int | None = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 kv_cache_memory=None, page_size: int = 16, dtype=None, impl: str = "auto",
-                 seed: int = 0, enable_prefix_caching: bool = True, warmup: bool = True,
-                 tensor_parallel_size: int = 1, expert_parallel_size: int = 1,
-                 data_parallel_size: int = 1, device_memory=None,
-                 engine: LLMEngine | None = None):
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
+                 warmup: bool = True, engine: LLMEngine | None = None, **engine_args):
         if engine is None:
-            shape = EngineShape(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max_num_batched_tokens, page_size=page_size,
-                                kv_cache_memory=kv_cache_memory)
-            pc = ParallelConfig(tensor=tensor_parallel_size, expert=expert_parallel_size,
-                                data=data_parallel_size)
-            engine = LLMEngine.from_pretrained(model, shape, dtype=dtype, impl=impl, seed=seed,
-                                               enable_prefix_caching=enable_prefix_caching,
-                                               parallel=pc, device_memory=device_memory)
+            if config is None:
+                known = {f.name for f in dataclasses.fields(EngineConfig)}
+                unknown = sorted(set(engine_args) - known)
+                if unknown:
+                    raise TypeError(f"LLM() got unknown engine arguments {unknown}; the engine "
+                                    f"takes {sorted(known)}")
+                config = EngineConfig(model=model, **engine_args)
+            from jaxattn import compile_cache
+
+            compile_cache.enable(config.compilation_cache_dir)  # as the servers do
+            engine = LLMEngine.from_config(config)
             if warmup:
                 engine.warmup()
         self.engine = engine

@@ -8,7 +8,7 @@ of a stacked array would receive a copy of the whole layer's pool.
 
 Which pages a sequence owns is decided on the host by the block manager;
 a step's tokens arrive with a *slot* each (``page * page_size + offset``,
-computed by :mod:`jaxattn.batch`), and :func:`write` scatters their K/V rows
+computed by :mod:`jaxattn.serve.batch`), and :func:`write` scatters their K/V rows
 into the donated pools.
 """
 

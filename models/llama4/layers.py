@@ -1,0 +1,100 @@
+"""The building blocks every Llama 4 block uses: linear layers, norms, RoPE, embeddings, and
+the mesh axes the layer code reduces over.
+
+Weights keep Hugging Face's layouts (``Linear.weight [out, in]``), so checkpoints load as
+they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class Axes:
+    """The mesh axes the layer code reduces over inside ``shard_map`` (static).
+
+    Empty (the default): one device, no collectives, the unsharded model.
+    ``model``: the model-parallel group; attention heads, MLP / shared-expert
+    columns and the routed experts' partial outputs are summed over it.
+    ``expert``: the axis the routed experts are split over (each device runs
+    its own experts' tokens). ``vocab``: the axes the embedding and LM head
+    rows are split over (empty when the vocabulary does not divide).
+    """
+
+    model: tuple[str, ...] = ()
+    expert: tuple[str, ...] = ()
+    vocab: tuple[str, ...] = ()
+
+    def psum(self, x):
+        return lax.psum(x, self.model) if self.model else x
+
+
+NO_AXES = Axes()
+
+
+def normal_init(rngs: nnx.Rngs, shape, std: float, dtype):
+    """HF's initialiser: normal(0, std), drawn in f32."""
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x @ W.T (+ b)`` with HF's weight layout ``[out, in]``."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, dtype,
+                 std: float, rngs: nnx.Rngs):
+        self.weight = nnx.Param(normal_init(rngs, (out_features, in_features), std, dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x, preferred_element_type=None, reduce=None):
+        """``reduce``: the all-reduce of a row-parallel layer, applied before the bias (once)."""
+        w = self.weight[...]
+        y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                            preferred_element_type=preferred_element_type)
+        y = y if reduce is None else reduce(y)
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, size: int, *, std: float, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(normal_init(rngs, (vocab, size), std, dtype))  # [vocab, hidden]
+
+
+def l2norm(x, eps):
+    """HF's ``Llama4TextL2Norm`` (and the weightless part of RMSNorm): x * rsqrt(mean(x^2) + eps)."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, *, dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((size,), dtype))
+
+    def __call__(self, x):
+        # HF normalises in f32, casts back to the input dtype, *then* multiplies by the weight.
+        return l2norm(x, self.eps) * self.weight[...]
+
+
+def rope_tables(inv_freq, positions):
+    """cos, sin [..., head_dim/2] (f32) for integer positions [...]; ``inv_freq`` [head_dim/2]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(x, cos, sin):
+    """HF's complex rotation: element pairs (2j, 2j+1) are (real, imag) and rotate by position.
+
+    x [..., P, H, D] with cos/sin [..., P, D/2]. Interleaved pairs, not the
+    half-split (rotate_half) convention of Llama 2/3.
+    """
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    re, im = xf[..., 0], xf[..., 1]
+    c, s = cos[..., None, :], sin[..., None, :]
+    out = jnp.stack([re * c - im * s, re * s + im * c], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)

@@ -1,0 +1,213 @@
+"""The serving forward of Llama 4: one jitted step over a packed batch and the paged KV cache.
+
+:func:`make_step_fn` builds ``step(kv_cache, batch, prev_tokens) -> (logits, kv_cache)``:
+the batch's new tokens (prefill chunks and decode tokens mixed, :mod:`jaxattn.serve.batch`)
+go through every layer; each layer writes its K/V into its page pools and attends through
+:func:`jaxattn.ragged_paged_attention`, with the work plans built once per step and shared
+by all layers of one attention kind. :class:`~jaxattn.serve.model_runner.Llama4Runner`
+owns the function and the pools it updates.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import jaxattn
+from jaxattn import planner
+from jaxattn.models.llama4 import Llama4Config, Llama4ForCausalLM, local_heads, sharding
+from jaxattn.models.llama4.layers import NO_AXES, Axes
+from jaxattn.serve import batch as batch_lib
+from jaxattn.serve import kv_cache as kv_cache_lib
+from jaxattn.serve.batch import StepBatch
+
+
+def attention_kinds(config: Llama4Config) -> tuple:
+    """The attention kinds of the model's layers: None (global) first, then the chunk size."""
+    chunks = {config.layer_chunk_size(i) for i in range(config.num_hidden_layers)}
+    return tuple(sorted(chunks, key=lambda c: -1 if c is None else c))
+
+
+def plans(config: Llama4Config, bounds: jaxattn.Bounds, batch: StepBatch) -> tuple:
+    """The work plans of one step, one per kind of :func:`attention_kinds`.
+
+    Built once per step (outside any ``shard_map``: the same replicated plan feeds
+    every device, whose bounds count its local heads) and shared by every layer.
+    """
+    return tuple(planner.plan(bounds, batch.cu_q_lens, batch.kv_lens, batch.num_seqs,
+                              chunk_size=c) for c in attention_kinds(config))
+
+
+def cache_spec(config: Llama4Config, *, num_pages: int, page_size: int,
+               dtype=jnp.bfloat16, model_parallel: int = 1) -> kv_cache_lib.CacheSpec:
+    """One K and one V pool per layer; chunked-local layers keep their full KV too (they share
+    the page table with the global layers). ``model_parallel``: devices the KV heads are
+    split over (the spec's byte counts are then per device)."""
+    local_heads(config, model_parallel)
+    return kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=num_pages,
+                                  page_size=page_size, num_kv_heads=config.num_key_value_heads,
+                                  head_dim=config.head_dim, dtype=jnp.dtype(dtype).name,
+                                  shards=model_parallel)
+
+
+def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: StepBatch, *,
+            bounds: jaxattn.Bounds, plans: tuple, impl: str = "auto", gmm_impl: str = "auto",
+            axes: Axes = NO_AXES):
+    """The new tokens of a packed batch through all layers over the paged cache.
+
+    Returns (logits [S, vocab] f32 at ``batch.logits_indices``, updated cache).
+    Inside ``shard_map`` the cache and weights are this device's shards, ``bounds``
+    count its local heads and ``axes`` name the mesh axes.
+    """
+    cu, kv_lens, num_seqs = batch.cu_q_lens, batch.kv_lens, batch.num_seqs
+    plan_of = dict(zip(attention_kinds(model.config), plans))
+    new_k, new_v = list(kv_cache.k), list(kv_cache.v)
+
+    def attend(i, attn, q, k, v):
+        new_k[i], new_v[i] = kv_cache_lib.write(new_k[i], new_v[i], k, v, batch.slots)
+        return _paged_attention(q, new_k[i], new_v[i], batch.page_table, cu, kv_lens, num_seqs,
+                                plan_of[attn.chunk_size], bounds=bounds, scale=attn.scale,
+                                chunk_size=attn.chunk_size, impl=impl)
+
+    x = model.embed(batch.token_ids, axes)  # [T, hidden]
+    valid = jnp.arange(x.shape[0]) < cu[num_seqs]  # [T]: not bucket padding
+    x = model.run_layers(x, batch.positions, attend, axes, valid, gmm_impl)
+    logits = model.logits(x[batch.logits_indices], axes)  # [S, vocab]
+    return logits, kv_cache_lib.KVCache(k=tuple(new_k), v=tuple(new_v))
+
+
+@functools.partial(jax.jit, static_argnames=("bounds", "scale", "chunk_size", "impl"))
+def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, plan, *,
+                     bounds, scale, chunk_size, impl):
+    """One layer's attention, as a jitted function so that layers of one kind share it.
+
+    Every chunked-local layer (and every global layer) calls this with the same shapes and
+    static arguments, so JAX traces and lowers the kernels once per kind and the module
+    calls that one function 48 times, instead of lowering (and embedding) a copy of each
+    Mosaic kernel per layer: the step's compile time then barely grows with depth.
+    """
+    return jaxattn.ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens,
+                                          num_seqs, bounds=bounds, scale=scale,
+                                          chunk_size=chunk_size, impl=impl, plan=plan)
+
+
+def step_compiler_options() -> dict | None:
+    """XLA options for the step on a GPU: run it as CUDA graphs, the Mosaic kernels included.
+
+    A decode step launches ~50 kernels per layer; one by one, the launches cost more than
+    the kernels at small batches. XLA's default command buffers leave custom calls (our
+    kernels) out and so cut the step into short graphs. What matters is the host's time
+    per step, which async scheduling hides only while it is shorter than the device's
+    (benchmarks/NOTES-model.md has the measurements).
+    """
+    if jax.default_backend() != "gpu":
+        return None
+    return {"xla_gpu_enable_command_buffer":
+            "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION",
+            "xla_gpu_graph_min_graph_size": 1}
+
+
+def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_step):
+    """``local_step(state, kv, batch, plans, axes=)`` as a ``shard_map`` over ``model.mesh``.
+
+    Weights and KV pools enter as each device's shards; the batch and the plans
+    are replicated. Logits come out replicated (gathered over the vocabulary).
+    """
+    config, mesh = model.config, model.mesh
+    sharding.check(config, mesh)
+    n = sharding.group_size(mesh)
+    if (bounds.num_q_heads, bounds.num_kv_heads) != local_heads(config, n):
+        raise ValueError(f"bounds count {bounds.num_q_heads}/{bounds.num_kv_heads} heads but one "
+                         f"device of this mesh has {local_heads(config, n)}: build them with "
+                         f"EngineConfig.bounds(..., model_parallel={n})")
+    kv = sharding.kv_sharding(mesh).spec
+    layers = config.num_hidden_layers
+    kv_specs = kv_cache_lib.KVCache(k=(kv,) * layers, v=(kv,) * layers)
+    return jax.shard_map(functools.partial(local_step, axes=sharding.axes_for(config, mesh)),
+                         mesh=mesh,
+                         in_specs=(sharding.state_specs(state, config, mesh), kv_specs, P(), P()),
+                         out_specs=(P(), kv_specs), check_vma=False)
+
+
+def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str = "auto",
+                 gmm_impl: str = "auto", compiler_options: dict | None = None):
+    """``step(kv_cache, batch, prev_tokens=None) -> (logits [S, vocab] f32, new kv_cache)``, jitted.
+
+    Shapes depend only on ``bounds`` and the batch's token count T, so it
+    compiles once per T and never for a new mix of lengths. The cache is
+    donated (updated in place on GPU). The weights are those of ``model`` now.
+    ``step.jitted`` is the underlying jitted function (for compile counting); it takes the
+    batch packed into one int32 vector (``jaxattn.serve.batch.pack``): one host-to-device copy.
+    ``impl`` / ``gmm_impl``: the attention and grouped matmul implementations.
+    ``compiler_options``: XLA options for the step (None: :func:`step_compiler_options`).
+
+    ``prev_tokens`` (int32 [S], on the device) lets a step start before the previous
+    one's sampled tokens reach the host: a batch token id ``-(r + 1)`` stands for
+    ``prev_tokens[r]`` (the engine's async scheduling passes the last step's draws).
+
+    With the weights on a mesh (``model.mesh``), the layers run per device inside
+    ``shard_map`` on local heads and experts (the attention kernels are custom calls
+    that XLA cannot partition), the cache is split by KV head, and ``bounds`` must
+    count one device's heads (``EngineConfig.bounds(..., model_parallel=)``). The plans
+    are built once, before the ``shard_map``, and every device reads the same ones.
+    """
+    graphdef, state = nnx.split(model)
+    config = model.config
+
+    def local_step(state, kv_cache, batch, step_plans, axes=NO_AXES):
+        return forward(nnx.merge(graphdef, state), kv_cache, batch, bounds=bounds,
+                       plans=step_plans, impl=impl, gmm_impl=gmm_impl, axes=axes)
+
+    mesh = model.mesh
+    if mesh is not None:
+        local_step = _shard_step(model, state, bounds, local_step)
+
+    if compiler_options is None:
+        compiler_options = step_compiler_options()
+
+    @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("num_tokens",),
+                       compiler_options=compiler_options or None)
+    def jitted(state, kv_cache, packed, prev_tokens, num_tokens):
+        # packed: batch_lib.pack(StepBatch); prev_tokens: int32 [S]
+        batch = batch_lib.unpack(packed, bounds, num_tokens)
+        ids = batch.token_ids
+        batch = batch._replace(token_ids=jnp.where(
+            ids < 0, prev_tokens[jnp.clip(-ids - 1, 0, prev_tokens.shape[0] - 1)], ids))
+        return local_step(state, kv_cache, batch, plans(config, bounds, batch))
+
+    device = jax.devices()[0]
+    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, P())
+    multi_process = jax.process_count() > 1
+    zeros = np.zeros(bounds.max_num_seqs, np.int32)  # prev_tokens of a step that needs none
+    no_prev = (jax.make_array_from_callback(zeros.shape, replicated, lambda i: zeros[i])
+               if multi_process else jax.device_put(zeros, replicated or device))
+
+    def step(kv_cache: kv_cache_lib.KVCache, batch: StepBatch, prev_tokens=None):
+        # An uncommitted pool (e.g. fresh from a jit without out_shardings) has another
+        # cache key than the committed pools a step returns: commit it (no copy) so the
+        # first step does not compile a second time.
+        if mesh is None and not all(x.committed for x in kv_cache.k + kv_cache.v):
+            kv_cache = jax.tree.map(
+                lambda x: x if x.committed else jax.device_put(x, device), kv_cache)
+        # Host numpy goes to jit as is: jit's own transfer measured ~50 us cheaper than a
+        # device_put first (H100 machine, a 3000-int vector: 124 vs 175 us to a result).
+        packed = batch_lib.pack(batch)
+        if multi_process and not isinstance(packed, jax.Array):
+            # Every process passes the same host batch; each puts its devices' copies.
+            packed = jax.make_array_from_callback(packed.shape, replicated, lambda i: packed[i])
+        elif replicated is not None:
+            packed = jax.device_put(packed, replicated)
+        if prev_tokens is None:
+            if isinstance(batch.token_ids, np.ndarray) and batch.token_ids.min(initial=0) < 0:
+                raise ValueError("the batch takes tokens from a previous step (negative ids) "
+                                 "but no prev_tokens were given")
+            prev_tokens = no_prev
+        return jitted(state, kv_cache, packed, prev_tokens, num_tokens=len(batch.token_ids))
+
+    step.jitted = jitted
+    return step
