@@ -14,8 +14,8 @@ batch names it by its row in the previous step's draws, and the model step reads
 it there. The host learns the tokens one step late, so a sequence that stops on
 a token has one extra token computed (and dropped); one whose length limit is
 reached is not scheduled again. Without it, the device idles while the host
-prepares every step (1.3-1.8 ms of host time per step, 2 ms of device time, on a
-4-layer Scout slice at batch 1: benchmarks/results/model-*.json).
+prepares every step, and at small batches the host's time per step is about the
+device's (benchmarks/NOTES-model.md).
 
 :class:`LLMEngine` is synchronous and single-threaded: whoever owns it calls
 ``add_request`` / ``abort`` / ``step``. The offline API drives it directly; the

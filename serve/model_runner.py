@@ -17,6 +17,8 @@ from typing import Protocol, Sequence
 
 import jax
 
+from jaxattn.models import llama4
+from jaxattn.models.llama4 import sharding
 from jaxattn.planner import Bounds
 from jaxattn.serve import kv_cache as kv_cache_lib
 from jaxattn.serve import memory_plan, paged_step, sampling
@@ -60,8 +62,6 @@ class Llama4Runner:
 
     def __init__(self, model, config: EngineConfig, *, num_pages: int | None = None):
         """``num_pages`` overrides the pool size that ``config.kv_cache_memory`` would buy."""
-        from jaxattn.models.llama4 import sharding
-
         mc = model.config
         mesh = model.mesh
         n = sharding.group_size(mesh)
@@ -100,8 +100,6 @@ class Llama4Runner:
         bytes XLA may use per device; default: what the runtime reports). Raises
         ValueError with a one-line reason otherwise.
         """
-        from jaxattn.models import llama4
-
         dtype = dtype or config.dtype
         mc = llama4.Llama4Config.from_pretrained(model_dir)
         plan = memory_plan.for_engine(mc, config, dtype=dtype or "bfloat16",
