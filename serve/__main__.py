@@ -22,7 +22,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the directory's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--max-request-body-bytes", type=_byte_count, default=None, metavar="BYTES",
+                   help="larger request bodies get a 413 before they are read (e.g. 32MiB; "
+                   "default: 8MiB or 16 bytes per token of --max-model-len, whichever is more)")
     return p
+
+
+def _byte_count(text: str) -> int:
+    from jaxattn.serve.kv_cache import parse_budget
+
+    try:  # the same units as --kv-cache-memory; a bare number is bytes here, never a fraction
+        return parse_budget(text if text.strip()[-1:].isalpha() else int(float(text)))
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a byte count (e.g. 33554432 or 32MiB)") from None
 
 
 def main(argv=None) -> int:
@@ -51,7 +64,8 @@ def main(argv=None) -> int:
           f"max_model_len={b.max_model_len}, max_num_seqs={b.max_num_seqs}, "
           f"max_num_batched_tokens={b.max_num_batched_tokens}, {engine.runner.num_pages} KV pages "
           f"of {b.page_size} tokens", file=sys.stderr, flush=True)
-    app = build_app(AsyncEngine(engine), model_name=name, metrics=metrics)
+    app = build_app(AsyncEngine(engine), model_name=name, metrics=metrics,
+                    max_request_body_bytes=args.max_request_body_bytes)
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, stops the engine (the app's
     # lifespan), then re-raises the signal to the handler it found. Finding this one, a server
     # that shut down cleanly exits with status 0 instead of dying by the signal.

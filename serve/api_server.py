@@ -5,25 +5,44 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 ``GET /metrics`` (Prometheus). Every error is OpenAI's JSON shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a request the
 engine cannot run (too long, bad parameters, malformed JSON), 404 for an
-unknown model, 503 when the engine is down, 500 for a bug.
+unknown model, 413 for a body over ``max_request_body_bytes``, 503 when the
+engine is down, 500 for a bug.
 
 A client that disconnects — mid-stream or while waiting for a whole answer —
 aborts its request, which frees its KV pages.
+
+One big request must not hold up the others. Tokenising, chat templates and
+rendering whole answers run on worker threads, not on the event loop (the
+tokenizers library lets go of the GIL while it encodes, so this is real
+parallelism), and big inputs have a pool of their own. What cannot fit is refused
+before any of that: a body over the limit with a 413 before it is read, a text
+prompt too long to fit ``max_model_len`` tokens with a 400 from its length alone
+(:meth:`Tokenizer.min_num_tokens`). A request's host memory is bounded: the body
+and its parsed form, at most ``MAX_PROMPTS`` prompts of at most ``max_model_len``
+token ids each, and at most ``MAX_LOGPROB_ENTRIES`` logprobs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
+import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxattn.serve.async_engine import AsyncEngine, EngineDeadError
@@ -33,9 +52,27 @@ from jaxattn.serve.sampling_params import SamplingParams
 
 log = logging.getLogger("jaxattn.serve")
 
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 503: "service_unavailable",
-                500: "internal_server_error"}
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                503: "service_unavailable", 500: "internal_server_error"}
 _DISCONNECT_POLL_S = 0.25
+
+# Work on more than this many characters of input (or a quarter as many output tokens) goes to
+# the pool for big inputs: a tokenizer does about 1 MB/s, so what stays in the small pool
+# takes tens of milliseconds at most and a 20 MB prompt can never queue ahead of it.
+_SMALL_WORK = 64 * 1024
+# Logprob entries one request may ask for (n × max_tokens × (1 + logprobs), summed over its
+# prompts). An entry takes ~250 bytes while the answer is built, so this caps it near 64 MiB.
+MAX_LOGPROB_ENTRIES = 1 << 18
+# Prompts in one completion request: each costs an engine request, a generator and its share
+# of the answer, and a few MB of `[[7], [7], ...]` would otherwise ask for a million of them.
+MAX_PROMPTS = 1024
+_TRIM_AFTER = 1 << 20
+
+
+def default_max_request_body_bytes(max_model_len: int) -> int:
+    """8 MiB, or 16 bytes per token of context if that is more: room for a prompt of
+    ``max_model_len`` tokens as text or as a JSON list of ids, with a margin."""
+    return max(8 << 20, 16 * max_model_len)
 
 
 class APIError(Exception):
@@ -60,9 +97,15 @@ def error_response(status: int, message: str, param=None, code=None) -> JSONResp
         "param": param, "code": code}})
 
 
-def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
-              owns_engine: bool = True) -> FastAPI:
-    """The app; with ``owns_engine`` its lifespan starts and stops the engine thread."""
+def build_app(engine: AsyncEngine, *, model_name: str, metrics=None, owns_engine: bool = True,
+              max_request_body_bytes: int | None = None) -> FastAPI:
+    """The app; with ``owns_engine`` its lifespan starts and stops the engine thread. A body
+    over ``max_request_body_bytes`` (default: :func:`default_max_request_body_bytes`) is a
+    413, counted as it arrives, so chunked uploads are cut off too."""
+    tokenizer = engine.engine.tokenizer
+    max_model_len = engine.engine.max_model_len
+    body_limit = max_request_body_bytes or default_max_request_body_bytes(max_model_len)
+    workers = _Workers()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -71,14 +114,16 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
         try:
             yield
         finally:
+            workers.shutdown()
             if owns_engine:
                 await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 
     app = FastAPI(title="jaxattn", version="0.1.0", lifespan=lifespan,
                   default_response_class=SafeJSONResponse)
+    app.router.route_class = _FastJSONRoute
+    app.add_middleware(_BodyLimit, limit=body_limit)
+    app.add_middleware(_TrimAfterBigRequests)
     _document_errors(app)
-    tokenizer = engine.engine.tokenizer
-    max_model_len = engine.engine.max_model_len
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -96,6 +141,8 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
+        if e.status_code == 413:
+            return _body_too_large(body_limit)
         return error_response(e.status_code, str(e.detail))
 
     @app.exception_handler(EngineDeadError)
@@ -129,7 +176,34 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
             return Response("", media_type="text/plain")
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/v1/completions", responses=_STREAM | _errors(400, 404, 500, 503))
+    def fits(num_prompt_tokens: int, params: SamplingParams, *, exact: bool = True) -> None:
+        """The engine's own 400 for a request over ``max_model_len``, raised before the engine
+        sees it (and, with ``exact=False``, from a lower bound, before any tokenising)."""
+        completion = params.max_tokens or 1
+        want = num_prompt_tokens + completion
+        if want > max_model_len:
+            least = "" if exact else "at least "
+            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. "
+                           f"However, you requested {least}{want} tokens ({least}"
+                           f"{num_prompt_tokens} in the prompt, {completion} in the completion). "
+                           "Please reduce the length of the prompt or max_tokens.")
+
+    def encode_all(texts: list[str]) -> list[list[int]]:
+        return [_encode(tokenizer, t) for t in texts]
+
+    def encode_chat(messages: list[dict], add_generation_prompt: bool,
+                    params: SamplingParams) -> list[int]:
+        try:
+            text = tokenizer.apply_chat_template(messages,
+                                                 add_generation_prompt=add_generation_prompt)
+            # The template may trim or drop text: the bound holds for what it rendered.
+            fits(tokenizer.min_num_tokens(text), params, exact=False)
+            # The template writes the BOS token itself: encoding must not add another.
+            return tokenizer.encode(text, add_special_tokens=False)
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+
+    @app.post("/v1/completions", responses=_STREAM | _errors(400, 404, 413, 500, 503))
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         params = _params(req)
@@ -137,59 +211,179 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None,
             given = req.prompts()
         except ValueError as e:
             raise APIError(400, str(e), "prompt") from None
-        prompts = []
-        for p in given:
-            ids = p if isinstance(p, list) else _encode(tokenizer, p)
-            prompts.append((p if isinstance(p, str) else None, ids))
+        if len(given) > MAX_PROMPTS:
+            raise APIError(400, f"A request may carry at most {MAX_PROMPTS} prompts; this one has "
+                           f"{len(given)}.", "prompt")
+        for p in given:  # what cannot fit is refused before anything is tokenised
+            if isinstance(p, str):
+                fits(tokenizer.min_num_tokens(p), params, exact=False)
+            else:
+                fits(len(p), params)
+        texts = [p for p in given if isinstance(p, str)]
+        encoded = iter(await workers.run(len(await request.body()), encode_all, texts)
+                       if texts else ())
+        prompts = [(p, next(encoded)) if isinstance(p, str) else (None, p) for p in given]
+        _check_logprobs([len(ids) for _, ids in prompts], params, max_model_len)
         rid = f"cmpl-{uuid.uuid4().hex}"
         # Every prompt is validated before anything streams (a 400 must come before a 200).
         gens = await _start_all(engine, [(f"{rid}-{i}", ids) for i, (_, ids) in enumerate(prompts)],
                                 params)
-        n = params.n
         if req.stream:
-            return _sse(_completion_chunks(rid, model_name, gens, n, req, tokenizer), gens)
+            return _sse(_completion_chunks(rid, model_name, gens, params.n, req, tokenizer), gens)
         results = await _collect_all(gens, request)
-        choices, usage = [], _usage()
-        for i, ((text, ids), deltas) in enumerate(zip(prompts, results)):
-            per = _merge(deltas, n)
-            for j in range(n):
-                out = per[j]
-                prefix = (text if text is not None else tokenizer.decode(ids)) if req.echo else ""
-                choices.append({"index": i * n + j, "text": prefix + out["text"],
-                                "logprobs": _completion_logprobs(out["logprobs"], tokenizer)
-                                if params.logprobs is not None else None,
-                                "finish_reason": out["finish_reason"]})
-                if req.return_token_ids:
-                    choices[-1]["token_ids"] = out["token_ids"]
-            _add_usage(usage, deltas, n)
-        return {"id": rid, "object": "text_completion", "created": int(time.time()),
-                "model": model_name, "choices": choices, "usage": usage}
+        work = _output_work(results, params) + (
+            sum(len(ids) for text, ids in prompts if text is None) * 4 if req.echo else 0)
+        return await workers.run(work, _completion_response, rid, model_name, prompts, results,
+                                 req, params, tokenizer)
 
-    @app.post("/v1/chat/completions", responses=_STREAM | _errors(400, 404, 500, 503))
+    @app.post("/v1/chat/completions", responses=_STREAM | _errors(400, 404, 413, 500, 503))
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         params = _params(req)
         try:
-            ids = tokenizer.encode_chat([m.as_template_input() for m in req.messages],
-                                        add_generation_prompt=req.add_generation_prompt)
+            messages = [m.as_template_input() for m in req.messages]
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
+        ids = await workers.run(len(await request.body()), encode_chat, messages,
+                                req.add_generation_prompt, params)
+        _check_logprobs([len(ids)], params, max_model_len)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         (gen,) = await _start_all(engine, [(rid, ids)], params)
         if req.stream:
             return _sse(_chat_chunks(rid, model_name, gen, params.n, req, tokenizer), [gen])
         (deltas,) = await _collect_all([gen], request)
-        per = _merge(deltas, params.n)
-        choices = [{"index": j, "message": {"role": "assistant", "content": per[j]["text"]},
-                    "logprobs": _chat_logprobs(per[j]["logprobs"], tokenizer)
-                    if params.logprobs is not None else None,
-                    "finish_reason": per[j]["finish_reason"]} for j in range(params.n)]
-        usage = _usage()
-        _add_usage(usage, deltas, params.n)
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                "model": model_name, "choices": choices, "usage": usage}
+        return await workers.run(_output_work([deltas], params), _chat_response, rid,
+                                 model_name, deltas, params, tokenizer)
 
     return app
+
+
+def _body_too_large(limit: int) -> JSONResponse:
+    response = error_response(413, f"The request body is larger than this server's limit of "
+                              f"{limit} bytes (--max-request-body-bytes).",
+                              code="request_too_large")
+    # The rest of the body is not wanted: closing beats reading it only to throw it away.
+    response.headers["connection"] = "close"
+    return response
+
+
+class _BodyLimit:
+    """A 413 for a body over ``limit`` bytes, in OpenAI's error shape: at once when its
+    Content-Length says so (nothing is read), else as soon as the bytes read pass the limit
+    (a chunked upload has no Content-Length). Starlette's own limit answers in plain text."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            return await _body_too_large(self.limit)(scope, receive, send)
+        seen = 0
+
+        async def receive_counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # FastAPI hands this on to the app's handler
+                raise StarletteHTTPException(413)
+            return message
+
+        await self.app(scope, receive_counted, send)
+
+
+class _FastJSONRequest(Request):
+    """A body parsed by pydantic-core's JSON parser: 20 MB in a few ms where ``json.loads``
+    took ~50 (neither lets go of the GIL, so that was 50 ms of event loop). Whatever it
+    refuses goes to ``json.loads``, whose errors (and leniencies: lone surrogates, other
+    encodings) FastAPI's messages are built on."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = pydantic_core.from_json(body)
+            except ValueError:
+                self._json = json.loads(body)
+        return self._json
+
+
+class _FastJSONRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request):
+            return await handler(_FastJSONRequest(request.scope, request.receive))
+
+        return route_handler
+
+
+class _Workers:
+    """Threads for the CPU-heavy part of requests, sized for the machine: one pool for
+    everyday inputs and one for big ones, so a huge input waits behind huge inputs only."""
+
+    def __init__(self):
+        cpus = len(os.sched_getaffinity(0))
+        self.small = ThreadPoolExecutor(max(2, min(8, cpus // 2)),
+                                        thread_name_prefix="jaxattn-tokenize")
+        self.large = ThreadPoolExecutor(max(1, min(8, cpus // 4)),
+                                        thread_name_prefix="jaxattn-tokenize-large")
+
+    async def run(self, work: int, fn, *args):
+        """``fn(*args)`` on a worker; ``work``: characters of input (4 per token of output)."""
+        pool = self.large if work > _SMALL_WORK else self.small
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+    def shutdown(self) -> None:
+        for pool in (self.small, self.large):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _TrimAfterBigRequests:
+    """Hands freed memory back to the OS after a request that moved over ``_TRIM_AFTER``
+    bytes (body in plus answer out). glibc keeps what is freed in its arenas, and after a big
+    block is freed it raises its mmap threshold, so the next tens of MB come from (and stay in)
+    an arena too: without this, resident memory climbed ~50 MB in a few oversized requests
+    and stayed there."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or _LIBC is None:
+            return await self.app(scope, receive, send)
+        moved = 0
+
+        async def receive_counted():
+            nonlocal moved
+            message = await receive()
+            moved += len(message.get("body", b""))
+            return message
+
+        async def send_counted(message):
+            nonlocal moved
+            moved += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive_counted, send_counted)
+        finally:
+            if moved > _TRIM_AFTER:  # a thread: ctypes lets go of the GIL, trimming takes ms
+                asyncio.get_running_loop().run_in_executor(None, _LIBC.malloc_trim, 0)
+
+
+def _load_libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()  # glibc's malloc_trim, None elsewhere
 
 
 # The OpenAPI schema says what the server really answers, so schema-driven clients and
@@ -201,7 +395,8 @@ _STREAM = {200: {"description": "JSON, or server-sent events when `stream` is tr
                      "type": "object", "properties": {"data": {"type": "string"}},
                      "required": ["data"]}}}}}
 _ERROR_DOCS = {400: "Invalid request (bad parameters, malformed JSON, prompt too long)",
-               404: "Unknown model", 500: "Generation failed inside the engine",
+               404: "Unknown model", 413: "Request body over --max-request-body-bytes",
+               500: "Generation failed inside the engine",
                503: "The engine is not running"}
 
 
@@ -232,6 +427,18 @@ def _params(req) -> SamplingParams:
         return req.sampling_params()
     except ValueError as e:
         raise APIError(400, str(e)) from None
+
+
+def _check_logprobs(prompt_lens: list[int], params: SamplingParams, max_model_len: int) -> None:
+    if params.logprobs is None:
+        return
+    entries = sum(params.n * (params.max_tokens or max_model_len - n) * (1 + params.logprobs)
+                  for n in prompt_lens)
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise APIError(400, f"This request asks for up to {entries} logprobs (n × max_tokens × "
+                       f"(1 + logprobs), summed over its prompts); the limit is "
+                       f"{MAX_LOGPROB_ENTRIES}. Please reduce n, max_tokens or logprobs.",
+                       "logprobs")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -326,6 +533,46 @@ async def _collect_all(gens: list[_Generation], request: Request) -> list[list[D
 def _retrieve(task: asyncio.Future) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _output_work(results: list[list[Delta]], params: SamplingParams) -> int:
+    tokens = sum(len(d.token_ids) for deltas in results for d in deltas)
+    return 4 * tokens * (1 + (params.logprobs or 0))
+
+
+# The answers are rendered to JSON on the worker too: a dict handed back to FastAPI would be
+# walked by jsonable_encoder on the event loop, slowly for a big one.
+def _completion_response(rid, model_name, prompts, results, req: CompletionRequest,
+                         params: SamplingParams, tokenizer) -> SafeJSONResponse:
+    n = params.n
+    choices, usage = [], _usage()
+    for i, ((text, ids), deltas) in enumerate(zip(prompts, results)):
+        per = _merge(deltas, n)
+        for j in range(n):
+            out = per[j]
+            prefix = (text if text is not None else tokenizer.decode(ids)) if req.echo else ""
+            choices.append({"index": i * n + j, "text": prefix + out["text"],
+                            "logprobs": _completion_logprobs(out["logprobs"], tokenizer)
+                            if params.logprobs is not None else None,
+                            "finish_reason": out["finish_reason"]})
+            if req.return_token_ids:
+                choices[-1]["token_ids"] = out["token_ids"]
+        _add_usage(usage, deltas, n)
+    return SafeJSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
+                             "model": model_name, "choices": choices, "usage": usage})
+
+
+def _chat_response(rid, model_name, deltas: list[Delta], params: SamplingParams,
+                   tokenizer) -> SafeJSONResponse:
+    per = _merge(deltas, params.n)
+    choices = [{"index": j, "message": {"role": "assistant", "content": per[j]["text"]},
+                "logprobs": _chat_logprobs(per[j]["logprobs"], tokenizer)
+                if params.logprobs is not None else None,
+                "finish_reason": per[j]["finish_reason"]} for j in range(params.n)]
+    usage = _usage()
+    _add_usage(usage, deltas, params.n)
+    return SafeJSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
+                             "model": model_name, "choices": choices, "usage": usage})
 
 
 def _merge(deltas: list[Delta], n: int) -> list[dict]:
@@ -453,10 +700,12 @@ def _error_chunk(message: str) -> dict:
 
 async def _completion_chunks(rid, model, gens, n, req: CompletionRequest, tokenizer):
     created = int(time.time())
-    usage, all_deltas = _usage(), [[] for _ in gens]
+    # Usage needs only each output's latest delta: holding every delta (logprobs and all) for
+    # the length of a stream would grow with it.
+    latest: list[dict[int, Delta]] = [{} for _ in gens]
     offsets: dict[int, int] = {}
     async for i, d in _merged(gens):
-        all_deltas[i].append(d)
+        latest[i][d.index] = d
         if d.error is not None:
             yield _error_chunk(f"generation failed: {d.error}")
             return
@@ -473,8 +722,9 @@ async def _completion_chunks(rid, model, gens, n, req: CompletionRequest, tokeni
         yield {"id": rid, "object": "text_completion", "created": created, "model": model,
                "choices": [choice]}
     if req.stream_options and req.stream_options.include_usage:
-        for deltas in all_deltas:
-            _add_usage(usage, deltas, n)
+        usage = _usage()
+        for deltas in latest:
+            _add_usage(usage, list(deltas.values()), n)
         yield {"id": rid, "object": "text_completion", "created": created, "model": model,
                "choices": [], "usage": usage}
 
@@ -485,9 +735,9 @@ async def _chat_chunks(rid, model, gen, n, req: ChatCompletionRequest, tokenizer
     for j in range(n):
         yield dict(base, choices=[{"index": j, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}])
-    deltas = []
+    latest: dict[int, Delta] = {}  # all that usage needs (see _completion_chunks)
     async for _, d in _merged([gen]):
-        deltas.append(d)
+        latest[d.index] = d
         if d.error is not None:
             yield _error_chunk(f"generation failed: {d.error}")
             return
@@ -500,5 +750,5 @@ async def _chat_chunks(rid, model, gen, n, req: ChatCompletionRequest, tokenizer
                                    "finish_reason": d.finish_reason}])
     if req.stream_options and req.stream_options.include_usage:
         usage = _usage()
-        _add_usage(usage, deltas, n)
+        _add_usage(usage, list(latest.values()), n)
         yield dict(base, choices=[], usage=usage)

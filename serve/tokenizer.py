@@ -6,6 +6,12 @@
   (trim_blocks, lstrip_blocks, ``raise_exception``, ``strftime_now``).
 * :class:`IncrementalDetokenizer`: text deltas for a growing list of ids
   that never end inside a UTF-8 character.
+* :meth:`Tokenizer.min_num_tokens`: a lower bound on a text's token count
+  from its length alone, so the server refuses a prompt that cannot fit
+  without spending seconds tokenising it.
+
+The tokenizers library lets go of the GIL while it encodes, so several
+threads can tokenise at once (the server does, off its event loop).
 """
 
 from __future__ import annotations
@@ -45,6 +51,15 @@ class Tokenizer:
         self.eos_token_ids = frozenset(
             [] if eos is None else [eos] if isinstance(eos, int) else list(eos))
         self._template = None
+        # At most this many UTF-8 bytes (so characters) of input make one token; None when the
+        # pipeline cannot vouch for it.
+        self.max_bytes_per_token = _max_bytes_per_token(_read_json(path), self._tok.truncation)
+
+    def min_num_tokens(self, text: str) -> int:
+        """A lower bound on ``len(self.encode(text))`` that costs nothing (0 if unknown)."""
+        if self.max_bytes_per_token is None:
+            return 0
+        return -(-len(text) // self.max_bytes_per_token)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """ValueError for text that is not valid Unicode (a lone surrogate, which JSON's
@@ -103,6 +118,40 @@ class IncrementalDetokenizer:
         self._prefix, self._read = self._read, len(self._ids)
         self.text += delta
         return delta
+
+
+# Pre-tokenizers that split the text without dropping any of it.
+_KEEPS_EVERY_BYTE = {"ByteLevel", "Split", "Digits", "Punctuation"}
+
+
+def _max_bytes_per_token(spec: dict, truncation) -> int | None:
+    """The most input bytes one token can stand for, when every byte of the input is sure to
+    end up in exactly one token: byte-level BPE (Llama 3 and 4's kind) with every byte in its
+    vocabulary, no normalizer and no truncation. Added tokens are matched in the raw text, so
+    their lengths count too. Anything else (a normalizer that may shrink the text, a
+    pre-tokenizer that drops whitespace, unknown characters fused into one ``<unk>``, an added
+    token that swallows the whitespace around it) gets None: no bound, the text is tokenised
+    in full."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or spec.get("normalizer") is not None or truncation:
+        return None
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    types = [step.get("type") for step in steps]
+    if ("ByteLevel" not in types or not set(types) <= _KEEPS_EVERY_BYTE
+            or any(step.get("behavior") == "Removed" for step in steps)):
+        return None
+    vocab = model.get("vocab") or {}
+    if not all(c in vocab for c in ByteLevel.alphabet()):
+        return None  # a byte missing from the vocabulary would be dropped or become <unk>
+    added = spec.get("added_tokens") or []
+    if any(t.get("lstrip") or t.get("rstrip") for t in added):
+        return None
+    # A byte-level piece has one character per byte.
+    longest = max(map(len, vocab), default=1)
+    return max([longest, *(len(t.get("content", "").encode("utf-8")) for t in added)])
 
 
 def _read_json(path: str) -> dict:
