@@ -9,7 +9,10 @@ FIND_PYTHON := for p in python3.12 python3.13 /root/.pyenv/versions/3.12.1/bin/p
 	$$HOME/.pyenv/versions/3.12.1/bin/python python3; do \
 	  if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; \
 	  then command -v $$p; break; fi; done
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# Two workers; tests/conftest.py groups the tests (one file per worker, but the files of
+# independent kernel tests) and puts the slow ones first, in the order xdist must keep.
+# Compiled programs persist in ~/.cache/jaxattn/jax-compile (jaxattn/compile_cache.py).
+PYTEST_ARGS ?= -n 2 --dist loadgroup --no-loadscope-reorder
 
 .PHONY: test install serve gpu clean
 

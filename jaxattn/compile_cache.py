@@ -31,12 +31,13 @@ MAX_SIZE = 4 << 30
 
 def default_dir() -> str:
     """``$JAXATTN_COMPILE_CACHE`` if set, else ``jax-compile`` under the jaxattn cache root
-    (``$JAXATTN_CACHE_DIR`` or ``~/.cache/jaxattn``, where the default model is built)."""
+    (``$JAXATTN_CACHE_DIR`` or ``~/.cache/jaxattn``: serve.default_model.cache_root's, spelled
+    out here because the core does not import the serving layer)."""
     if ENV in os.environ:
         return os.environ[ENV]
-    from jaxattn.serve.default_model import cache_root
-
-    return os.path.join(cache_root(), "jax-compile")
+    root = os.environ.get("JAXATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                               "jaxattn")
+    return os.path.join(root, "jax-compile")
 
 
 def enable(path: str | None = None) -> str | None:

@@ -74,7 +74,12 @@ class RaggedCase:
 
 def make_ragged_case(bounds: jaxattn.Bounds, q_lens, kv_lens, *, dtype=np.float32, seed=0,
                      num_tokens=None) -> RaggedCase:
-    """Random q/K/V for the given lengths; pages are shuffled so the page table matters."""
+    """Random q/K/V for the given lengths; pages are shuffled so the page table matters.
+
+    The pool always has every page the bounds allow (plus one), so every case of one bounds
+    has the same shapes: the tests' eager calls reuse each other's compilations instead of
+    compiling again for each pool size, and the pages no sequence owns hold noise too.
+    """
     rng = np.random.default_rng(seed)
     n = len(q_lens)
     s_max = bounds.max_num_seqs
@@ -87,7 +92,7 @@ def make_ragged_case(bounds: jaxattn.Bounds, q_lens, kv_lens, *, dtype=np.float3
     t = num_tokens or bounds.max_num_batched_tokens
     pps = bounds.pages_per_seq
     used = [-(-int(x) // bounds.page_size) for x in kv[:n]]
-    num_pages = sum(used) + 1
+    num_pages = s_max * pps + 1
     perm = rng.permutation(num_pages)
     table = np.zeros((s_max, pps), np.int32)
     off = 0

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from jaxattn.serve.llm import LLM
 from jaxattn.models import llama4
 from jaxattn.serve import default_model
@@ -29,6 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_generate_over_two_processes(tmp_path):
     model = str(tmp_path / "model")
     vocab = default_model.build_tokenizer(model)

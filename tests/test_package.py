@@ -5,6 +5,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -41,6 +43,7 @@ def test_wheel_holds_only_the_jaxattn_namespace(tmp_path):
         assert module in names
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run():
     """The README's Python snippets are executed as written (on the CPU)."""
     import re

@@ -171,7 +171,7 @@ def test_plan_covers_each_allowed_pair_exactly_once(chunk, causal, data):
 
 
 def test_decode_splits_fill_the_workers_for_one_long_sequence():
-    p = planner.plan(SCOUT, *_batch(SCOUT, [1], [131072]))
+    p = _jitted_plan(SCOUT, None)(*_batch(SCOUT, [1], [131072]))  # compiled by the tests above
     assert int(p.decode.count) * SCOUT.num_kv_heads >= SCOUT.num_workers
     assert int(p.decode.num_splits[0]) == int(p.decode.count)
 

@@ -73,6 +73,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_ragged_matches_oracle(name):
     dtype, d, (hq, hkv), causal, chunk, q_lens, kv_lens, extra = CASES[name]
@@ -88,6 +89,7 @@ def test_ragged_matches_oracle(name):
     assert (np.asarray(out, np.float32)[n:] == 0).all(), "padding rows must be zeros"
 
 
+@pytest.mark.slow
 def test_mixed_batch_with_decode_rows():
     """Decode (1 and 3 tokens) and prefill sequences in one batch: the two work lists merge."""
     bounds = _bounds(4, 2, 64, 128)
@@ -108,6 +110,7 @@ API_MIXES = {
 }
 
 
+@pytest.mark.xdist_group("prefill-api-mixes")  # one worker: the four share one compilation
 @pytest.mark.parametrize("mix", list(API_MIXES))
 def test_api_mixes(mix):
     bounds = jaxattn.Bounds(max_num_seqs=6, max_num_batched_tokens=320, max_model_len=640,
@@ -146,6 +149,7 @@ def test_tiles_write_only_their_rows_and_no_races(order):
     assert err < TOL[jnp.bfloat16]
 
 
+@pytest.mark.slow
 def test_contiguous_attention_with_padding():
     """The contiguous form: identity page table, padded query rows are zeros, prefix kv."""
     rng = np.random.default_rng(3)

@@ -14,6 +14,7 @@ from jaxattn.serve.engine import LLMEngine
 from server_util import LiveServer
 
 MAX_LEN = 256
+POOL = 16 * MAX_LEN // 16  # pages: 16 sequences of MAX_LEN
 
 
 class SlowRunner:
@@ -32,16 +33,18 @@ class SlowRunner:
 
 
 def _server(make_runner, tokenizer, num_pages):
+    """A server whose engine uses ``num_pages`` of a POOL-page runner (one shape for both
+    servers of this file: the second loads the first's compiled step from the cache)."""
     runner = SlowRunner(make_runner(max_num_seqs=16, max_num_batched_tokens=64,
-                                    max_model_len=MAX_LEN, num_pages=num_pages))
-    engine = LLMEngine(runner, tokenizer)
+                                    max_model_len=MAX_LEN, num_pages=POOL))
+    engine = LLMEngine(runner, tokenizer, num_pages=num_pages)
     engine.warmup(progress=False)
     return LiveServer(engine)
 
 
 @pytest.fixture(scope="module")
 def server(make_runner, tokenizer):
-    with _server(make_runner, tokenizer, num_pages=16 * MAX_LEN // 16) as s:
+    with _server(make_runner, tokenizer, num_pages=POOL) as s:
         s.warm_compiles = s.engine.compile_count
         yield s
 

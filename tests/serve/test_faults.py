@@ -128,6 +128,7 @@ def _serve(*args, port=None):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_drains_and_exits_0():
     port = _port()
     url = f"http://127.0.0.1:{port}"

@@ -95,6 +95,7 @@ OPERATIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path,method,mode,examples", OPERATIONS,
                          ids=[f"{m} {p} {g.value}" for p, m, g, _ in OPERATIONS])
 def test_schemathesis(api_schema, path, method, mode, examples):

@@ -5,6 +5,8 @@ alone and packed on a pool that runs out, against the reference forward)."""
 import os
 import sys
 
+import pytest
+
 # benchmarks/ is a folder of the repository, not of the installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks import length_sweep as ls  # noqa: E402
@@ -23,6 +25,7 @@ def test_sweep_lengths_cover_every_boundary():
     assert len(cats["random"]) == spec.random_count and max(every) <= spec.max_model_len - 2
 
 
+@pytest.mark.slow
 def test_length_sweep_cpu():
     spec = ls.CPU_SPEC
     engine, check, model = ls.build_engine(spec, None)

@@ -51,6 +51,7 @@ def test_default_model_is_a_real_hf_directory(llm):
     assert config["model_type"] == "llama4_text" and config["vocab_size"] == 1024
 
 
+@pytest.mark.slow
 def test_generate_cli_end_to_end_with_resume(tmp_path, llm):
     inp, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
     rows = [{"prompt": p} for p in PROMPTS] + [

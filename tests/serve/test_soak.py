@@ -26,15 +26,18 @@ MAX_LEN = 256
 
 @pytest.fixture(scope="module")
 def server(make_runner, tokenizer):
-    # 40 pages for 8 sequences of up to 16 pages each: the pool runs out under this load.
+    # 40 pages for 8 sequences of up to 16 pages each: the pool runs out under this load. (The
+    # runner has test_engine's and test_faults' shape, 128 pages, compiled once for all three:
+    # the engine uses the first 40.)
     runner = make_runner(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=MAX_LEN,
-                         num_pages=40)
-    engine = LLMEngine(runner, tokenizer)
+                         num_pages=128)
+    engine = LLMEngine(runner, tokenizer, num_pages=40)
     engine.warmup(progress=False)
     with LiveServer(engine) as s:
         yield s
 
 
+@pytest.mark.slow
 def test_soak_ci_size(server):
     cfg = soak.SoakConfig(requests=300, concurrency=12, max_tokens=20, short_prompt=64,
                           long_frac=0.3, verify=32, seed=1)

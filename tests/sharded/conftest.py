@@ -1,8 +1,9 @@
-"""Tests that need 8 devices: they run in their own process with 8 simulated CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``), started by
-``tests/test_sharded.py``; in any other process (one device) they are skipped.
+"""Tests that need 8 devices. tests/conftest.py gives every test process 8 simulated CPU
+devices (``jax_num_cpu_devices``), so they run with the rest of the suite; where the
+process has fewer (a GPU as the default backend), they are skipped here and
+``tests/test_sharded.py`` runs them on 8 CPU devices in a process of their own.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python -m pytest tests/sharded
+    .venv/bin/python -m pytest tests/sharded
 """
 
 import jax

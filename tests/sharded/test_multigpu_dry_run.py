@@ -3,9 +3,12 @@
 import json
 import os
 
+import pytest
+
 from benchmarks import multigpu
 
 
+@pytest.mark.slow
 def test_dry_run_serves_every_length_alone_and_mixed(tmp_path, monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
     assert multigpu.main(["--dry-run", "--decode-tokens", "4", "--out", str(tmp_path)]) == 0

@@ -31,6 +31,7 @@ def case(request):
     return request.param, c, ids, np.asarray(ref(ids))
 
 
+@pytest.mark.slow
 def test_full_forward_matches_one_device(case):
     variant, c, ids, want = case
     meshes = [(2, 1), (2, 2), (1, 4)] if variant else MESHES
@@ -117,6 +118,7 @@ def _serve(model, n):
     return outs, step
 
 
+@pytest.mark.slow
 def test_serving_step_matches_one_device():
     c = config()
     want, ref_step = _serve(llama4.init_random(c, seed=2), 1)

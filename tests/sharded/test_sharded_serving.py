@@ -55,6 +55,7 @@ def alone(model_dir):
     return _tokens(LLM(model_dir, **SHAPE))
 
 
+@pytest.mark.slow
 def test_llm_tensor_expert_and_data_parallel(model_dir, alone):
     """DP=2 replicas, each TP=2 x EP=2 (4 devices): the same tokens as one device; nothing
     compiles after warm-up; every page is freed."""

@@ -3,12 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxattn.models import llama4
 from jaxattn.models.llama4.moe import Experts, MoE
 
 
+@pytest.mark.slow
 def test_padding_rows_go_to_no_expert(monkeypatch):
     config = llama4.Llama4Config.from_hf_dict(dict(
         vocab_size=512, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64,
