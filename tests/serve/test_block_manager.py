@@ -55,7 +55,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         table = self.bm.pages(sid)
         for pos in range(s["computed"], target):
             page = table[pos // PS]
-            assert self.bm._ref[page] == 1, "a write into a page another sequence holds"
+            assert self.bm.glob.ref[page] == 1, "a write into a page another sequence holds"
             self.content.setdefault(page, [None] * PS)[pos % PS] = s["tokens"][pos]
         s["computed"] = target
         self.bm.commit(sid, s["tokens"], target)
