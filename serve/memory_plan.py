@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -186,8 +187,14 @@ class MemoryPlan:
     max_model_len: int
     why_not: str | None = None  # set when the configuration cannot run at all
     chunked_bytes_per_token: int = 0  # the chunked-local layers'
-    chunked_need: int = 0  # chunked pages the running sequences can hold (pool_pages)
-    chunk_pages_per_seq: int = 0  # chunked pages one sequence holds at most
+    bounds: Any = None  # the engine's jaxattn.Bounds (None when refused before them)
+
+    @property
+    def chunked_need(self) -> int:
+        """Chunked pages the running sequences can hold at most (:func:`pool_pages`)."""
+        if not self.chunked_bytes_per_token:
+            return 0
+        return self.bounds.chunked_pages_for(self.bounds.max_num_seqs)
 
     @property
     def pools(self) -> tuple[int, int]:
@@ -215,8 +222,10 @@ class MemoryPlan:
     @property
     def full_length_sequences(self) -> int:
         n = self.kv_pages // self.pages_per_seq
-        if self.chunked_bytes_per_token:
-            n = min(n, self.chunked_pages // self.chunk_pages_per_seq)
+        # ... and whose live chunks (plus a step) the chunked pool holds.
+        while n and self.chunked_bytes_per_token and \
+                self.bounds.chunked_pages_for(n) > self.chunked_pages:
+            n -= 1
         return n
 
     @property
@@ -291,9 +300,7 @@ def plan(config: Llama4Config, pc: parallel.ParallelConfig, *, usable: int, labe
         kv = kv_cache_lib.parse_budget(kv_cache_memory, max(free, 1))
     return MemoryPlan(config, pc, label or _gib(usable), usable, weights, act, reserve, kv,
                       spec.global_bytes_per_page, page_size, max_model_len,
-                      chunked_bytes_per_token=spec.chunked_bytes_per_page,
-                      chunked_need=b.chunked_pages_for(max_num_seqs),
-                      chunk_pages_per_seq=b.chunk_pages_per_seq)
+                      chunked_bytes_per_token=spec.chunked_bytes_per_page, bounds=b)
 
 
 def gpu_plan(config: Llama4Config, pc: parallel.ParallelConfig, gpu: str, *,

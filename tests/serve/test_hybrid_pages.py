@@ -198,3 +198,26 @@ def test_scout_bounds_at_long_context(max_len):
     assert b.chunk_pages_per_seq == -(-(8191 + 8192) // 16) == 1024
     assert b.chunked_pages_for(4) == min(4 * 1024, 4 * 513 + 512)
     assert np.int32(max_len) == max_len
+
+
+@pytest.mark.parametrize("max_len", [1_048_576, 10_485_760])
+def test_engine_config_and_planner_accept_long_context(max_len):
+    """--max-model-len 1M / 10M (Scout's config allows 10M) through the engine's flags, its
+    bounds at TP=2 and the memory planner (TP=8 on H200s holds them)."""
+    import argparse
+
+    from jaxattn.serve import memory_plan
+    from jaxattn.serve.config import add_engine_args, config_from_args
+    from jaxattn.parallel import ParallelConfig
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    engine = config_from_args(p.parse_args(["--max-model-len", str(max_len), "-tp", "2",
+                                            "--max-num-seqs", "4"]))
+    scout = memory_plan.named_config("scout")
+    b = engine.bounds(scout, model_parallel=2)
+    assert (b.max_model_len, b.chunk_size, b.num_kv_heads) == (max_len, 8192, 4)
+    assert b.chunk_pages_per_seq == -(-(8191 + 2048) // 16)  # the default 2048-token budget
+    plan = memory_plan.gpu_plan(scout, ParallelConfig(tensor=8), "h200", fraction=0.9,
+                                max_model_len=max_len, max_num_seqs=4)
+    assert plan.fits and plan.full_length_sequences >= 1
