@@ -106,9 +106,11 @@ class EngineStats:
 
     num_running: int
     num_waiting: int
-    num_pages: int
+    num_pages: int  # the global layers' pool: the cache's capacity in pages
     num_used_pages: int
     num_free_pages: int
+    num_chunked_pages: int  # the chunked-local layers' pool (live chunks; 0 without them)
+    num_used_chunked_pages: int
     prefix_cache_hit_tokens: int  # since start
     num_steps: int
     compile_count: int
@@ -289,8 +291,12 @@ class LLMEngine:
         """A snapshot (reads of ints and list lengths: safe from any thread)."""
         bm = self.bm
         return EngineStats(num_running=len(self.scheduler.running),
-                           num_waiting=len(self.scheduler.waiting), num_pages=bm.num_pages,
-                           num_used_pages=bm.num_used_pages, num_free_pages=bm.num_free_pages,
+                           num_waiting=len(self.scheduler.waiting),
+                           num_pages=bm.glob.num_pages,
+                           num_used_pages=bm.glob.num_pages - len(bm.glob.free),
+                           num_free_pages=len(bm.glob.free),
+                           num_chunked_pages=bm.chunked.num_pages if bm.chunked else 0,
+                           num_used_chunked_pages=bm.num_used_chunked_pages,
                            prefix_cache_hit_tokens=bm.prefix_hits, num_steps=self.num_steps,
                            compile_count=self.compile_count)
 
