@@ -141,9 +141,10 @@ class LLMEngine:
                              f"({b.pages_per_seq} pages) and fit the pool ({runner.num_pages})")
         num_chunked = getattr(runner, "num_chunked_pages", 0)
         num_chunked = num_chunked if num_chunked_pages is None else num_chunked_pages
-        if num_chunked and not b.chunk_pages_per_seq <= num_chunked <= runner.num_chunked_pages:
+        one = b.chunk_pages_per_seq if free_chunked_pages else b.pages_per_seq
+        if num_chunked and not one <= num_chunked <= runner.num_chunked_pages:
             raise ValueError(f"num_chunked_pages={num_chunked} must hold one sequence's live "
-                             f"chunk and step ({b.chunk_pages_per_seq} pages) and fit the pool "
+                             f"chunk and step ({one} pages) and fit the pool "
                              f"({runner.num_chunked_pages})")
         self.bm = BlockManager(num_pages, b.page_size,
                                enable_prefix_caching=config.enable_prefix_caching,
