@@ -212,6 +212,7 @@ def run(args) -> dict:
     runner = Llama4Runner(model, engine_config)
     engine = LLMEngine(runner, None)
     res["kv_pages"], res["kv_tokens"] = runner.num_pages, runner.num_pages * args.page_size
+    res["kv_chunked_pages"] = runner.num_chunked_pages  # the chunked-local layers' live chunks
     t0 = time.perf_counter()
     engine.warmup()
     res["warmup_s"] = time.perf_counter() - t0

@@ -55,6 +55,25 @@ segment and one block. Summing over sequences with
 
 Each bound is nondecreasing in ``T``, so ``T = max_num_batched_tokens`` is
 the worst case; :func:`capacity` maximises over the admissible ``S``.
+
+Page tables (the hybrid KV cache)
+---------------------------------
+A step carries two page tables, both ``[max_num_seqs, pages_per_seq]`` with
+``pages_per_seq = ceil(max_model_len / page_size)`` and indexed by logical page
+``position // page_size``: one for the global layers' pool and one for the
+chunked-local layers' pool. Every key a chunked-layer item reads lies in
+``[kv_start, kv_end)`` with ``kv_start`` the start of its segment's chunk (above),
+a multiple of ``block_kv`` (``block_kv`` divides ``C``) that the kernels' first KV
+tile starts at; a segment's chunk starts at or after ``w = floor(p0 / C) * C`` for
+the sequence's first new position ``p0`` (its cached length). So no chunked-layer
+read touches a table entry before ``w / page_size``: those entries may name a page
+returned to the pool. Live chunked pages of one sequence with ``q`` new tokens:
+``ceil((p0 - w + q) / page_size) <= ceil((C - 1 + T) / page_size)``
+(:attr:`Bounds.chunk_pages_per_seq`), since ``p0 - w <= C - 1`` and ``w`` is
+page-aligned; over ``S`` sequences at most ``S * C / page_size + ceil(T /
+page_size) + S`` (:meth:`Bounds.chunked_pages_for`), using ``ceil(a + b) <=
+ceil(a) + ceil(b)`` and ``sum ceil(q_s / page_size) <= ceil(T / page_size) + S``.
+Positions and slots are int32: ``max_model_len`` up to 2**31 - 1.
 """
 
 from __future__ import annotations
@@ -116,6 +135,8 @@ class Bounds:
         if self.decode_q is not None and not 1 <= self.decode_q * self.group <= DECODE_TILE_ROWS:
             raise ValueError(f"Bounds.decode_q={self.decode_q} x {self.group} query heads per KV "
                              f"head must fit one {DECODE_TILE_ROWS}-row decode tile")
+        if self.max_model_len >= 2**31:
+            raise ValueError(f"Bounds.max_model_len={self.max_model_len} must fit int32 positions")
         if self.chunk_size is not None and self.dq > self.chunk_size:
             raise ValueError(f"Bounds.decode_q={self.dq} exceeds chunk_size={self.chunk_size}")
 
@@ -133,6 +154,24 @@ class Bounds:
     @property
     def pages_per_seq(self) -> int:
         return -(-self.max_model_len // self.page_size)
+
+    @property
+    def chunk_pages_per_seq(self) -> int:
+        """Most chunked-layer pages one sequence holds in a step: the live chunk's pages before
+        its new tokens plus theirs (module docstring); ``pages_per_seq`` without chunks."""
+        if self.chunk_size is None:
+            return self.pages_per_seq
+        return min(self.pages_per_seq,
+                   cdiv(self.chunk_size - 1 + self.max_num_batched_tokens, self.page_size))
+
+    def chunked_pages_for(self, num_seqs: int) -> int:
+        """Chunked-layer pages that ``num_seqs`` running sequences can hold at once, at most
+        (the step's new tokens included): with that many, that pool never runs out first."""
+        if self.chunk_size is None:
+            return num_seqs * self.pages_per_seq
+        return min(num_seqs * self.chunk_pages_per_seq,
+                   num_seqs * (self.chunk_size // self.page_size + 1)
+                   + cdiv(self.max_num_batched_tokens, self.page_size))
 
     @property
     def split_target(self) -> int:

@@ -13,6 +13,7 @@ head of one page is a strided 2-D box that one TMA copy moves.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +158,10 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, cu_q_lens,
     rows past cu_q_lens[num_seqs] are 0) and lse [T, Hq] f32.
     """
     t, hq, d = q.shape
-    bq, bk = min(_BQ, t), _BK
+    # Key blocks start at chunk starts (a block size dividing the chunk): a chunked layer
+    # then never loads a page before its live chunk, whose table entry may name a page
+    # returned to the pool (the hybrid cache), holding anything.
+    bq, bk = min(_BQ, t), _BK if chunk_size is None else math.gcd(_BK, chunk_size)
     q_pad = jnp.pad(q, ((0, bq), (0, 0), (0, 0)))
     out = jnp.zeros((t + bq, hq, d), jnp.float32)
     lse = jnp.full((t + bq, hq), -jnp.inf, jnp.float32)

@@ -106,9 +106,11 @@ class EngineStats:
 
     num_running: int
     num_waiting: int
-    num_pages: int
+    num_pages: int  # the global layers' pool: the cache's capacity in pages
     num_used_pages: int
     num_free_pages: int
+    num_chunked_pages: int  # the chunked-local layers' pool (live chunks; 0 without them)
+    num_used_chunked_pages: int
     prefix_cache_hit_tokens: int  # since start
     num_steps: int
     compile_count: int
@@ -122,10 +124,13 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None,
                  config: EngineConfig | None = None, *, metrics=None,
-                 num_pages: int | None = None):
+                 num_pages: int | None = None, num_chunked_pages: int | None = None,
+                 free_chunked_pages: bool = True):
         """``config``: the engine's own settings (prefix caching, seed, async scheduling);
-        default: the runner's. ``num_pages``: use only the first pages of the runner's
-        pool (default: all)."""
+        default: the runner's. ``num_pages`` / ``num_chunked_pages``: use only the first
+        pages of the runner's global / chunked-local pool (default: all).
+        ``free_chunked_pages=False`` keeps every chunked-layer page of a sequence (the
+        non-hybrid cache, what tests compare the hybrid one against)."""
         config = config or getattr(runner, "config", None) or EngineConfig()
         b = runner.bounds
         self.runner, self.tokenizer, self.bounds, self.config = runner, tokenizer, b, config
@@ -134,8 +139,17 @@ class LLMEngine:
         if not b.pages_per_seq <= num_pages <= runner.num_pages:
             raise ValueError(f"num_pages={num_pages} must hold one max_model_len sequence "
                              f"({b.pages_per_seq} pages) and fit the pool ({runner.num_pages})")
+        num_chunked = getattr(runner, "num_chunked_pages", 0)
+        num_chunked = num_chunked if num_chunked_pages is None else num_chunked_pages
+        one = b.chunk_pages_per_seq if free_chunked_pages else b.pages_per_seq
+        if num_chunked and not one <= num_chunked <= runner.num_chunked_pages:
+            raise ValueError(f"num_chunked_pages={num_chunked} must hold one sequence's live "
+                             f"chunk and step ({one} pages) and fit the pool "
+                             f"({runner.num_chunked_pages})")
         self.bm = BlockManager(num_pages, b.page_size,
-                               enable_prefix_caching=config.enable_prefix_caching)
+                               enable_prefix_caching=config.enable_prefix_caching,
+                               num_chunked_pages=num_chunked,
+                               chunk_size=b.chunk_size if free_chunked_pages else None)
         self.scheduler = Scheduler(self.bm, max_num_seqs=b.max_num_seqs,
                                    max_num_batched_tokens=b.max_num_batched_tokens)
         self.output = OutputProcessor(tokenizer, b.max_model_len)
@@ -278,8 +292,12 @@ class LLMEngine:
         """A snapshot (reads of ints and list lengths: safe from any thread)."""
         bm = self.bm
         return EngineStats(num_running=len(self.scheduler.running),
-                           num_waiting=len(self.scheduler.waiting), num_pages=bm.num_pages,
-                           num_used_pages=bm.num_used_pages, num_free_pages=bm.num_free_pages,
+                           num_waiting=len(self.scheduler.waiting),
+                           num_pages=bm.glob.num_pages,
+                           num_used_pages=bm.glob.num_pages - len(bm.glob.free),
+                           num_free_pages=len(bm.glob.free),
+                           num_chunked_pages=bm.chunked.num_pages if bm.chunked else 0,
+                           num_used_chunked_pages=bm.num_used_chunked_pages,
                            prefix_cache_hit_tokens=bm.prefix_hits, num_steps=self.num_steps,
                            compile_count=self.compile_count)
 
@@ -323,7 +341,8 @@ class LLMEngine:
                 ids = seq.tokens[seq.num_computed:seq.num_computed + s.num_new]
                 if len(ids) < s.num_new:  # the last one is still on the device: row r of the
                     ids = ids + [-1 - prev.rows[seq.seq_id]]  # previous step's draws is -(r+1)
-                step = SeqStep(ids, seq.num_computed, self.bm.pages(seq.seq_id))
+                step = SeqStep(ids, seq.num_computed, self.bm.pages(seq.seq_id),
+                               self.bm.chunked_pages(seq.seq_id))
                 row = self._sampling_row(seq) if s.samples else sampling.GREEDY_ROW
             except Exception as e:
                 log.exception("request %s failed", seq.request_id)

@@ -6,6 +6,12 @@ num_kv_heads, head_dim]`` (token-major inside a page; see
 ``[layers, ...]`` array because a kernel (an XLA custom call) given a slice
 of a stacked array would receive a copy of the whole layer's pool.
 
+Two kinds of pools (the hybrid cache): the global layers' pools have
+``num_pages`` pages and the chunked-local layers' (``chunked_layers``) have
+``num_chunked_pages``: they hold only each sequence's live chunk, so they are
+sized by their own rule (:mod:`jaxattn.serve.memory_plan`). Page ``i`` of one
+kind means the same tokens in every layer of that kind.
+
 Which pages a sequence owns is decided on the host by the block manager;
 a step's tokens arrive with a *slot* each (``page * page_size + offset``,
 computed by :mod:`jaxattn.serve.batch`), and :func:`write` scatters their K/V rows
@@ -32,23 +38,48 @@ class CacheSpec:
     head_dim: int
     dtype: str = "bfloat16"
     shards: int = 1  # devices the KV heads are split over (tensor parallelism)
+    chunked_layers: tuple[int, ...] = ()  # layers whose pools are the chunked kind
+    num_chunked_pages: int = 0
 
     def __post_init__(self):
         if self.shards < 1 or self.num_kv_heads % self.shards:
             raise ValueError(f"{self.num_kv_heads} KV heads cannot be split over "
                              f"{self.shards} devices")
+        if any(not 0 <= i < self.num_layers for i in self.chunked_layers):
+            raise ValueError(f"chunked_layers {self.chunked_layers} outside the "
+                             f"{self.num_layers} layers")
+        object.__setattr__(self, "chunked_layers", tuple(sorted(set(self.chunked_layers))))
+
+    @property
+    def layer_bytes_per_page(self) -> int:
+        """K and V of one page of one layer, on one device (its KV heads)."""
+        itemsize = jnp.dtype(self.dtype).itemsize
+        heads = self.num_kv_heads // self.shards
+        return 2 * self.page_size * heads * self.head_dim * itemsize
 
     @property
     def bytes_per_page(self) -> int:
         """K and V of one page across all layers, on one device (its KV heads)."""
-        itemsize = jnp.dtype(self.dtype).itemsize
-        heads = self.num_kv_heads // self.shards
-        return 2 * self.num_layers * self.page_size * heads * self.head_dim * itemsize
+        return self.num_layers * self.layer_bytes_per_page
+
+    @property
+    def global_bytes_per_page(self) -> int:
+        """A page of the global pools (every layer not chunked)."""
+        return (self.num_layers - len(self.chunked_layers)) * self.layer_bytes_per_page
+
+    @property
+    def chunked_bytes_per_page(self) -> int:
+        return len(self.chunked_layers) * self.layer_bytes_per_page
+
+    def pages_of(self, layer: int) -> int:
+        """Pages in ``layer``'s pool."""
+        return self.num_chunked_pages if layer in self.chunked_layers else self.num_pages
 
     @property
     def total_bytes(self) -> int:
         """Per device."""
-        return self.num_pages * self.bytes_per_page
+        return (self.num_pages * self.global_bytes_per_page
+                + self.num_chunked_pages * self.chunked_bytes_per_page)
 
 
 class KVCache(NamedTuple):
@@ -64,11 +95,18 @@ def allocate(spec: CacheSpec, sharding=None) -> KVCache:
     committed to their device so the first step compiles with the same cache
     key as the steps after it.
     """
-    shape = (spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    make = jax.jit(lambda: jnp.zeros(shape, spec.dtype), out_shardings=sharding)
-    return KVCache(k=tuple(make() for _ in range(spec.num_layers)),
-                   v=tuple(make() for _ in range(spec.num_layers)))
+    makers = {}
+
+    def make(layer):
+        pages = spec.pages_of(layer)
+        if pages not in makers:
+            shape = (pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
+            makers[pages] = jax.jit(lambda: jnp.zeros(shape, spec.dtype), out_shardings=sharding)
+        return makers[pages]()
+
+    return KVCache(k=tuple(make(i) for i in range(spec.num_layers)),
+                   v=tuple(make(i) for i in range(spec.num_layers)))
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,

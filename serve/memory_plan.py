@@ -8,8 +8,11 @@ anything loads:
   table the loader places tensors with (exact, not an estimate).
 * **KV cache**: the engine's rule: ``--kv-cache-memory`` if given, else 0.8 of
   what the weights leave free, less if the activations would not fit beside
-  it (:func:`default_kv_budget`); one token costs ``2 * layers * (Hkv / devices)
-  * head_dim * itemsize`` bytes per device.
+  it (:func:`default_kv_budget`); one token of one layer costs ``2 * (Hkv /
+  devices) * head_dim * itemsize`` bytes per device. The budget is split between
+  two pools (the hybrid cache, :func:`pool_pages`): the global layers keep every
+  token, the chunked-local layers only each sequence's live chunk. The capacity
+  in tokens is the global pool's.
 * **activations** (an estimate): the live buffers of one step at the largest
   bucket (``max_num_batched_tokens`` tokens, ``max_num_seqs`` logit rows): the
   residual stream, the widest of the attention / MoE / MLP phases of one
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -91,12 +95,53 @@ def _np_dtype(dtype):
     return jnp.dtype(dtype)
 
 
-def kv_bytes_per_token(config: Llama4Config, pc: parallel.ParallelConfig, dtype="bfloat16") -> int:
-    spec = kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=1, page_size=1,
+def _token_spec(config: Llama4Config, pc: parallel.ParallelConfig, dtype) -> kv_cache_lib.CacheSpec:
+    chunked = tuple(i for i in range(config.num_hidden_layers) if config.is_chunked(i))
+    return kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=1, page_size=1,
                                   num_kv_heads=config.num_key_value_heads,
                                   head_dim=config.head_dim, dtype=_np_dtype(dtype).name,
-                                  shards=pc.model)
-    return spec.bytes_per_page
+                                  shards=pc.model, chunked_layers=chunked)
+
+
+def kv_bytes_per_token(config: Llama4Config, pc: parallel.ParallelConfig, dtype="bfloat16") -> int:
+    """One token's K and V in every layer (the cache without a chunked pool), per device."""
+    return _token_spec(config, pc, dtype).bytes_per_page
+
+
+def global_bytes_per_token(config: Llama4Config, pc: parallel.ParallelConfig,
+                           dtype="bfloat16") -> int:
+    """One token's K and V in the global layers (what a long sequence grows by), per device."""
+    return _token_spec(config, pc, dtype).global_bytes_per_page
+
+
+def pool_pages(budget: int, global_page: int, chunked_page: int, chunked_need: int
+               ) -> tuple[int, int]:
+    """Split one KV budget (bytes) into (global pages, chunked pages).
+
+    ``chunked_need``: the chunked pages all running sequences can hold at once
+    (:meth:`jaxattn.Bounds.chunked_pages_for` of ``max_num_seqs``). A sequence's live
+    chunked pages are a subset of its logical pages, so the running sequences never
+    hold more chunked pages than global ones either: a chunked pool of
+    ``min(global pages, chunked_need)`` never runs out before the global pool, so the
+    hybrid cache preempts no more than the plain one. The global pool takes the rest.
+    """
+    if chunked_page == 0:
+        return budget // global_page, 0
+    pages = (budget - chunked_need * chunked_page) // global_page
+    if pages >= chunked_need:
+        return pages, chunked_need
+    pages = budget // (global_page + chunked_page)
+    return pages, pages
+
+
+def min_kv_budget(global_page: int, chunked_page: int, pages_per_seq: int,
+                  chunked_need: int) -> int:
+    """The smallest budget whose :func:`pool_pages` hold one ``max_model_len`` sequence."""
+    return pages_per_seq * global_page + min(pages_per_seq, chunked_need) * chunked_page
+
+
+def _bounds(config: Llama4Config, pc: parallel.ParallelConfig, **engine):
+    return EngineConfig(**engine).bounds(config, model_parallel=pc.model)
 
 
 def activation_bytes(config: Llama4Config, pc: parallel.ParallelConfig, *, num_tokens: int,
@@ -137,22 +182,51 @@ class MemoryPlan:
     activations: int
     reserve: int
     kv_budget: int
-    kv_bytes_per_token: int
+    kv_bytes_per_token: int  # the global layers' (all layers' without chunked ones)
     page_size: int
     max_model_len: int
     why_not: str | None = None  # set when the configuration cannot run at all
+    chunked_bytes_per_token: int = 0  # the chunked-local layers'
+    bounds: Any = None  # the engine's jaxattn.Bounds (None when refused before them)
+
+    @property
+    def chunked_need(self) -> int:
+        """Chunked pages the running sequences can hold at most (:func:`pool_pages`)."""
+        if not self.chunked_bytes_per_token:
+            return 0
+        return self.bounds.chunked_pages_for(self.bounds.max_num_seqs)
+
+    @property
+    def pools(self) -> tuple[int, int]:
+        """(global pages, chunked pages) the budget buys."""
+        return pool_pages(max(0, self.kv_budget), self.kv_bytes_per_token * self.page_size,
+                          self.chunked_bytes_per_token * self.page_size, self.chunked_need)
 
     @property
     def kv_pages(self) -> int:
-        return max(0, self.kv_budget) // (self.kv_bytes_per_token * self.page_size)
+        return self.pools[0]
+
+    @property
+    def chunked_pages(self) -> int:
+        return self.pools[1]
 
     @property
     def kv_tokens(self) -> int:
+        """The capacity: tokens the global pool holds (the chunked pool keeps live chunks)."""
         return self.kv_pages * self.page_size
 
     @property
+    def pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.page_size)
+
+    @property
     def full_length_sequences(self) -> int:
-        return self.kv_pages // -(-self.max_model_len // self.page_size)
+        n = self.kv_pages // self.pages_per_seq
+        # ... and whose live chunks (plus a step) the chunked pool holds.
+        while n and self.chunked_bytes_per_token and \
+                self.bounds.chunked_pages_for(n) > self.chunked_pages:
+            n -= 1
+        return n
 
     @property
     def total(self) -> int:
@@ -177,8 +251,7 @@ class MemoryPlan:
             return (f"{head}: the KV cache budget {_gib(self.kv_budget)} + activations and "
                     f"reserve {_gib(step)} exceed the {_gib(self.usable)} XLA may use; lower "
                     "--kv-cache-memory")
-        need = -(-self.max_model_len // self.page_size)
-        if self.kv_pages < need:
+        if self.full_length_sequences < 1:
             return (f"{head}: the KV cache ({_gib(self.kv_budget)}, {self.kv_tokens:,} tokens) "
                     f"cannot hold one sequence of --max-model-len {self.max_model_len:,}; lower "
                     f"--max-model-len or use more devices{_fraction_hint()}")
@@ -217,14 +290,17 @@ def plan(config: Llama4Config, pc: parallel.ParallelConfig, *, usable: int, labe
                           max_model_len, why_not=str(e))
     act = activation_bytes(config, pc, num_tokens=max_num_batched_tokens, num_seqs=max_num_seqs,
                            dtype=dtype)
-    per_token = kv_bytes_per_token(config, pc, kv_dtype or dtype)
+    spec = _token_spec(config, pc, kv_dtype or dtype)
+    b = _bounds(config, pc, max_num_seqs=max_num_seqs, page_size=page_size,
+                max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
     free = usable - weights
     if kv_cache_memory is None:
         kv = default_kv_budget(free, act + reserve)
     else:
         kv = kv_cache_lib.parse_budget(kv_cache_memory, max(free, 1))
     return MemoryPlan(config, pc, label or _gib(usable), usable, weights, act, reserve, kv,
-                      per_token, page_size, max_model_len)
+                      spec.global_bytes_per_page, page_size, max_model_len,
+                      chunked_bytes_per_token=spec.chunked_bytes_per_page, bounds=b)
 
 
 def gpu_plan(config: Llama4Config, pc: parallel.ParallelConfig, gpu: str, *,
@@ -237,7 +313,7 @@ def gpu_plan(config: Llama4Config, pc: parallel.ParallelConfig, gpu: str, *,
 
 
 HEADER = ("mesh", "device (usable)", "weights", "KV cache", "activations+reserve", "total",
-          "KV tokens", "full-length seqs", "verdict")
+          "KV tokens", "live-chunk tokens", "full-length seqs", "verdict")
 
 
 def table(plans: list[MemoryPlan]) -> str:
@@ -250,6 +326,7 @@ def table(plans: list[MemoryPlan]) -> str:
             _gib(max(0, p.kv_budget)) if ok else "-",
             _gib(p.activations + p.reserve), _gib(p.total) if ok else "-",
             f"{p.kv_tokens:,}" if ok else "-",
+            f"{p.chunked_pages * p.page_size:,}" if ok else "-",
             f"{p.full_length_sequences} x {p.max_model_len:,}" if ok else "-",
             "fits" if ok else "REFUSED"))
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
@@ -263,7 +340,11 @@ def describe(p: MemoryPlan) -> str:
              f"  weights      {_gib(p.weights)}",
              f"  KV cache     {_gib(max(0, p.kv_budget))} = {p.kv_tokens:,} tokens "
              f"({p.kv_bytes_per_token:,} B/token), {p.full_length_sequences} sequences of "
-             f"{p.max_model_len:,}",
+             f"{p.max_model_len:,}"]
+    if p.chunked_bytes_per_token:
+        lines.append(f"               chunked-local layers: {p.chunked_pages * p.page_size:,} "
+                     f"live-chunk tokens ({p.chunked_bytes_per_token:,} B/token)")
+    lines += [
              f"  activations  {_gib(p.activations)} (estimate) + reserve {_gib(p.reserve)}",
              f"  total        {_gib(p.total)} of {_gib(p.usable)}"]
     lines.append("  verdict      " + ("fits" if p.fits else f"REFUSED: {p.reason}"))
@@ -301,20 +382,24 @@ def device_limit(devices=None) -> int | None:
     return min(limits)
 
 
-def num_pages_for(budget, one_page: kv_cache_lib.CacheSpec, *, max_num_seqs: int,
-                  max_model_len: int, devices=None, step_bytes: int = 0) -> int:
-    """Pages a KV budget buys (per device); a clear error when it cannot hold one full-length
-    sequence. ``step_bytes``: what one step needs beside the pool (the default budget leaves it)."""
+def num_pages_for(budget, one_page: kv_cache_lib.CacheSpec, bounds, *, devices=None,
+                  step_bytes: int = 0) -> tuple[int, int]:
+    """(global pages, chunked pages) a KV budget buys per device (:func:`pool_pages`); a clear
+    error when they cannot hold one full-length sequence. ``one_page``: the cache's spec with
+    one page per pool; ``bounds``: the engine's. ``step_bytes``: what one step needs beside
+    the pools (the default budget leaves it)."""
     frees = [kv_cache_lib.free_device_memory(d) for d in (devices or [None])]
     free = None if any(f is None for f in frees) else min(frees)
-    pages_per_seq = -(-max_model_len // one_page.page_size)
-    one = pages_per_seq * one_page.bytes_per_page
+    g, c = one_page.global_bytes_per_page, one_page.chunked_bytes_per_page
+    need = bounds.chunked_pages_for(bounds.max_num_seqs) if c else 0
+    one = min_kv_budget(g, c, bounds.pages_per_seq, need)
     if budget is None:
         # On the GPU: most of what the weights left free, leaving room for a step. On the CPU
         # (free memory unknown): room for every admitted sequence at full length, capped at
         # 256 MiB (but never less than one sequence needs).
+        every = bounds.max_num_seqs * bounds.pages_per_seq * g + need * c
         budget = (max(0, default_kv_budget(free, step_bytes)) if free is not None
-                  else max(min(max_num_seqs * one, 256 * 2**20), one))
+                  else max(min(every, 256 * 2**20), one))
     try:
         nbytes = kv_cache_lib.parse_budget(budget, free)
     except ValueError as e:
@@ -328,14 +413,14 @@ def num_pages_for(budget, one_page: kv_cache_lib.CacheSpec, *, max_num_seqs: int
         # granted lazily and end with the kernel's OOM killer, not an error message.
         raise ValueError(f"the KV cache budget ({nbytes / 2**20:.1f} MiB) exceeds the available "
                          f"host memory ({host / 2**20:.1f} MiB); lower --kv-cache-memory")
-    pages = kv_cache_lib.pages_for_budget(nbytes, one_page)
-    if pages < pages_per_seq:
+    pages, chunked = pool_pages(nbytes, g, c, need)
+    if pages < bounds.pages_per_seq or (c and chunked < bounds.chunk_pages_per_seq):
         raise ValueError(
             f"the KV cache budget ({nbytes / 2**20:.1f} MiB) holds {pages} pages of "
             f"{one_page.page_size} tokens, fewer than one sequence of max_model_len="
-            f"{max_model_len} needs ({pages_per_seq}); raise --kv-cache-memory or "
-            "lower --max-model-len")
-    return pages
+            f"{bounds.max_model_len} needs ({bounds.pages_per_seq}, and "
+            f"{one / 2**20:.1f} MiB in all); raise --kv-cache-memory or lower --max-model-len")
+    return pages, chunked
 
 
 def host_available_memory() -> int | None:

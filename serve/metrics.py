@@ -33,8 +33,11 @@ class EngineMetrics:
 
         self.running = gauge("jaxattn_num_requests_running", "Sequences in the running batch")
         self.waiting = gauge("jaxattn_num_requests_waiting", "Sequences waiting (or preempted)")
-        self.pages_used = gauge("jaxattn_kv_pages_used", "KV cache pages held by sequences")
+        self.pages_used = gauge("jaxattn_kv_pages_used", "KV cache pages held by sequences "
+                                "(the global layers' pool)")
         self.pages_free = gauge("jaxattn_kv_pages_free", "KV cache pages free (cached prefixes too)")
+        self.chunked_pages_used = gauge("jaxattn_kv_chunked_pages_used",
+                                        "Chunked-local layers' pages held (live chunks)")
         self.kv_usage = gauge("jaxattn_kv_cache_usage_perc", "Fraction of KV pages in use")
         self.tokens_per_s = gauge("jaxattn_generation_tokens_per_second",
                                   f"Generated tokens per second over the last {_RATE_WINDOW_S:g} s")
@@ -106,6 +109,7 @@ class EngineMetrics:
         self.waiting.set_function(lambda: engine.stats().num_waiting)
         self.pages_used.set_function(lambda: engine.stats().num_used_pages)
         self.pages_free.set_function(lambda: engine.stats().num_free_pages)
+        self.chunked_pages_used.set_function(lambda: engine.stats().num_used_chunked_pages)
         self.kv_usage.set_function(lambda: _usage(engine.stats()))
         self.compiles.set_function(lambda: engine.stats().compile_count)
 

@@ -33,7 +33,8 @@ SamplingRow = tuple[float, int, float, int, int, int]
 
 class ModelRunner(Protocol):
     bounds: Bounds  # static limits; every step is padded to them
-    num_pages: int  # pages in the KV pool the runner owns
+    num_pages: int  # pages in the global layers' KV pool the runner owns
+    num_chunked_pages: int  # pages in the chunked-local layers' pool (0: no such layers)
     vocab_size: int
     buckets: tuple[int, ...]  # the step token counts compiled at warm-up
 
@@ -60,8 +61,11 @@ class Llama4Runner:
     parallel: its bounds count one device's heads and its pools are split by KV head.
     """
 
-    def __init__(self, model, config: EngineConfig, *, num_pages: int | None = None):
-        """``num_pages`` overrides the pool size that ``config.kv_cache_memory`` would buy."""
+    def __init__(self, model, config: EngineConfig, *, num_pages: int | None = None,
+                 num_chunked_pages: int | None = None):
+        """``num_pages`` overrides the global pool's size that ``config.kv_cache_memory`` would
+        buy; ``num_chunked_pages`` the chunked one's (default with ``num_pages``: the memory
+        planner's rule, ``min(num_pages, bounds.chunked_pages_for(max_num_seqs))``)."""
         mc = model.config
         mesh = model.mesh
         n = sharding.group_size(mesh)
@@ -69,17 +73,26 @@ class Llama4Runner:
         self.bounds = config.bounds(mc, model_parallel=n)
         self.buckets = config.token_buckets
         dtype = config.kv_cache_dtype or model.dtype
-        one_page = paged_step.cache_spec(mc, num_pages=1, page_size=config.page_size, dtype=dtype,
+        one_page = paged_step.cache_spec(mc, num_pages=1, num_chunked_pages=1,
+                                         page_size=config.page_size, dtype=dtype,
                                          model_parallel=n)
         pc = sharding.parallel_config(mesh)
         step_bytes = memory_plan.activation_bytes(
             mc, pc, num_tokens=config.max_num_batched_tokens, num_seqs=config.max_num_seqs,
             dtype=model.dtype) + memory_plan.DEFAULT_RESERVE
         devices = list(mesh.local_devices) if mesh is not None else [jax.devices()[0]]
-        self.num_pages = num_pages or memory_plan.num_pages_for(
-            config.kv_cache_memory, one_page, max_num_seqs=config.max_num_seqs,
-            max_model_len=self.bounds.max_model_len, devices=devices, step_bytes=step_bytes)
-        self.spec = dataclasses.replace(one_page, num_pages=self.num_pages)
+        b = self.bounds
+        has_chunked = bool(one_page.chunked_layers)
+        if num_pages:
+            need = b.chunked_pages_for(b.max_num_seqs) if has_chunked else 0
+            self.num_pages = num_pages
+            self.num_chunked_pages = (num_chunked_pages if num_chunked_pages is not None
+                                      else min(num_pages, need))
+        else:
+            self.num_pages, self.num_chunked_pages = memory_plan.num_pages_for(
+                config.kv_cache_memory, one_page, b, devices=devices, step_bytes=step_bytes)
+        self.spec = dataclasses.replace(one_page, num_pages=self.num_pages,
+                                        num_chunked_pages=self.num_chunked_pages)
         self.vocab_size = mc.vocab_size
         self.model = model
         self.mesh = mesh
@@ -87,7 +100,8 @@ class Llama4Runner:
                                              gmm_impl=config.grouped_matmul_impl)
         self._kv_sharding = None if mesh is None else sharding.kv_sharding(mesh)
         self._kv = kv_cache_lib.allocate(self.spec, sharding=self._kv_sharding)
-        log.info("KV cache: %d pages of %d tokens (%.1f MiB per device, %s)%s", self.num_pages,
+        log.info("KV cache: %d global + %d chunked-local pages of %d tokens (%.1f MiB per device, "
+                 "%s)%s", self.num_pages, self.num_chunked_pages,
                  config.page_size, self.spec.total_bytes / 2**20, self.spec.dtype,
                  "" if mesh is None else f"; {pc.describe()} over {mesh.size} devices")
 
@@ -116,6 +130,11 @@ class Llama4Runner:
                 return b
         raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
 
+    def build(self, num_tokens: int, seqs: Sequence[SeqStep]) -> StepBatch:
+        """The static-shape batch of ``seqs`` padded to ``num_tokens`` (a bucket)."""
+        return build_step(self.bounds, num_tokens, seqs, num_pages=self.num_pages,
+                          num_chunked_pages=self.num_chunked_pages or self.num_pages)
+
     def forward(self, batch: StepBatch, prev_tokens: jax.Array | None = None) -> jax.Array:
         """The model over a built batch: logits [max_num_seqs, vocab] f32 (on the device)."""
         logits, self._kv = self._step(self._kv, batch, prev_tokens)
@@ -125,8 +144,7 @@ class Llama4Runner:
              want_logprobs: bool = False,
              prev_tokens: jax.Array | None = None) -> sampling.Sampled:
         num_tokens = sum(len(s.token_ids) for s in seqs)
-        batch = build_step(self.bounds, self.bucket_for(num_tokens), seqs,
-                           num_pages=self.num_pages)
+        batch = self.build(self.bucket_for(num_tokens), seqs)
         logits = self.forward(batch, prev_tokens)
         return sampling.draw(logits, sampling.SamplingBatch.build(
             list(rows), self.bounds.max_num_seqs), want_logprobs)
@@ -141,8 +159,7 @@ class Llama4Runner:
             # One token in page 0: the pool is empty now and every page is fully rewritten
             # before a sequence reads it, so the warm-up's writes are harmless. Each bucket
             # runs alone and after a step (with its draws as prev_tokens), as steps do.
-            batch = build_step(self.bounds, bucket, [SeqStep([0], 0, [0])],
-                               num_pages=self.num_pages)
+            batch = self.build(bucket, [SeqStep([0], 0, [0], [0])])
             for prev_tokens in (None, prev):
                 logits = self.forward(batch, prev_tokens)
                 prev = self._draw(logits, sampling.GREEDY_ROW, False).token_ids

@@ -43,16 +43,28 @@ def plans(config: Llama4Config, bounds: jaxattn.Bounds, batch: StepBatch) -> tup
                               chunk_size=c) for c in attention_kinds(config))
 
 
+def chunked_layers(config: Llama4Config) -> tuple[int, ...]:
+    """The chunked-local layers: their KV lives in the chunked pools (the hybrid cache)."""
+    return tuple(i for i in range(config.num_hidden_layers)
+                 if config.layer_chunk_size(i) is not None)
+
+
 def cache_spec(config: Llama4Config, *, num_pages: int, page_size: int,
-               dtype=jnp.bfloat16, model_parallel: int = 1) -> kv_cache_lib.CacheSpec:
-    """One K and one V pool per layer; chunked-local layers keep their full KV too (they share
-    the page table with the global layers). ``model_parallel``: devices the KV heads are
-    split over (the spec's byte counts are then per device)."""
+               num_chunked_pages: int | None = None, dtype=jnp.bfloat16,
+               model_parallel: int = 1) -> kv_cache_lib.CacheSpec:
+    """One K and one V pool per layer: ``num_pages`` pages for the global layers,
+    ``num_chunked_pages`` (default: as many) for the chunked-local ones, which keep only
+    each sequence's live chunk (their own page table). ``model_parallel``: devices the KV
+    heads are split over (the spec's byte counts are then per device)."""
     local_heads(config, model_parallel)
+    chunked = chunked_layers(config)
+    num_chunked_pages = (0 if not chunked else num_pages if num_chunked_pages is None
+                         else num_chunked_pages)
     return kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=num_pages,
                                   page_size=page_size, num_kv_heads=config.num_key_value_heads,
                                   head_dim=config.head_dim, dtype=jnp.dtype(dtype).name,
-                                  shards=model_parallel)
+                                  shards=model_parallel, chunked_layers=chunked,
+                                  num_chunked_pages=num_chunked_pages)
 
 
 def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: StepBatch, *,
@@ -69,8 +81,13 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
     new_k, new_v = list(kv_cache.k), list(kv_cache.v)
 
     def attend(i, attn, q, k, v):
-        new_k[i], new_v[i] = kv_cache_lib.write(new_k[i], new_v[i], k, v, batch.slots)
-        return _paged_attention(q, new_k[i], new_v[i], batch.page_table, cu, kv_lens, num_seqs,
+        # A chunked-local layer reads and writes its own pool through its own table, whose
+        # entries before the live chunk name returned pages: the plan never reaches them.
+        chunked = attn.chunk_size is not None
+        table = batch.chunked_page_table if chunked else batch.page_table
+        slots = batch.chunked_slots if chunked else batch.slots
+        new_k[i], new_v[i] = kv_cache_lib.write(new_k[i], new_v[i], k, v, slots)
+        return _paged_attention(q, new_k[i], new_v[i], table, cu, kv_lens, num_seqs,
                                 plan_of[attn.chunk_size], bounds=bounds, scale=attn.scale,
                                 chunk_size=attn.chunk_size, impl=impl)
 

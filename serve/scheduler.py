@@ -13,6 +13,12 @@ its tokens (prompt + output so far) to be prefilled again. Its sampler key
 depends only on (seed, output index), so its output does not change. Waiting
 sequences are admitted strictly in order and only into free pages (admission
 never preempts), so the oldest request always makes progress.
+
+Before anything grows, every running sequence returns the chunked-layer pages
+before its live chunk (``BlockManager.slide``): that is what bounds the chunked
+pool's use to a chunk per sequence plus one step's tokens (the proof is in
+:mod:`jaxattn.serve.block_manager`). A step still in flight may read those pages;
+a later step that reuses them runs after it on the device.
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ class Scheduler:
         scheduled: list[Scheduled] = []
         taken: set[int] = set()
         preempted: list[Sequence] = []
+
+        for seq in self.running:
+            self.bm.slide(seq.seq_id, seq.num_computed)
 
         def take(seq: Sequence, n: int):
             scheduled.append(Scheduled(seq, n, n == seq.num_pending))

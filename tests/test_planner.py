@@ -1,5 +1,6 @@
 """The static-shape tile planner: capacity is a proven bound, plans are complete and tight."""
 
+import dataclasses
 import functools
 
 import jax
@@ -202,3 +203,54 @@ def test_bounds_validation():
     with pytest.raises(ValueError, match="chunk_size"):
         planner.plan(jaxattn.Bounds(**SMALL, chunk_size=16), *_batch(jaxattn.Bounds(**SMALL), [1], [1]),
                        chunk_size=32)
+
+
+# --- the hybrid KV cache: chunked-layer items never reach before the live chunk ---
+
+def _check_reads_from_live_chunk(bounds, q_lens, kv_lens):
+    """Every chunked-layer item starts at or after ``floor(p0 / C) * C`` (p0: the sequence's
+    cached length), at a multiple of block_kv (the kernels' first KV tile; the decode
+    kernel's copies clamp to the item's last key, the prefill kernel's tiles start at
+    kv_start // block_kv): page-table entries before it (returned pages) are never read."""
+    C = bounds.chunk_size
+    p = _jitted_plan(bounds, C)(*_batch(bounds, q_lens, kv_lens))
+    for items in (p.prefill, p.decode):
+        n = int(items.count)
+        seq, start, end = (np.asarray(x)[:n] for x in (items.seq, items.kv_start, items.kv_end))
+        p0 = np.asarray(kv_lens)[seq] - np.asarray(q_lens)[seq]
+        assert (start >= p0 // C * C).all() and (start % bounds.block_kv == 0).all()
+        assert (end > start).all()
+
+
+@given(admissible_batches(SCOUT))
+def test_chunked_items_read_only_the_live_chunk(batch):
+    _check_reads_from_live_chunk(SCOUT, *batch)
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_chunked_items_read_only_the_live_chunk_adversarial(name):
+    _check_reads_from_live_chunk(SCOUT, *ADVERSARIAL[name])
+
+
+@pytest.mark.parametrize("max_len", [1_048_576, 10_485_760])
+def test_long_context_bounds_capacity_and_plan(max_len):
+    """Scout's shapes at TP=2 with 1M and 10M-token contexts: Bounds, capacity, plan and
+    build_step (both page tables) accept them; capacity does not depend on max_model_len."""
+    from jaxattn.serve.batch import SeqStep, build_step
+
+    b = jaxattn.Bounds(**{**SCOUT.__dict__, "max_model_len": max_len, "max_num_seqs": 2,
+                          "num_q_heads": 20, "num_kv_heads": 4})
+    assert planner.capacity(b) == planner.capacity(dataclasses.replace(b, max_model_len=131072))
+    assert b.chunk_pages_per_seq == 1024 and b.pages_per_seq == max_len // 16
+    # The last prefill chunk of a max-length prompt, and a decode at max length.
+    for q_lens, kv_lens in (([8192], [max_len]), ([1, 8192 - 1], [max_len, max_len - 1])):
+        _check_capacity(b, q_lens, kv_lens)
+        _check_reads_from_live_chunk(b, q_lens, kv_lens)
+    pages = np.arange(b.pages_per_seq)
+    live = (max_len - 1) // 8192 * 8192 // 16
+    chunked = np.where(pages < live, -1, pages % 2000)  # returned entries before the chunk
+    batch = build_step(b, 16, [SeqStep([5], max_len - 1, pages, chunked)],
+                       num_pages=b.pages_per_seq, num_chunked_pages=2000)
+    assert batch.page_table.shape == batch.chunked_page_table.shape == (2, max_len // 16)
+    assert batch.slots[0] == max_len - 1 and batch.chunked_slots[0] == (pages[-1] % 2000) * 16 + 15
+    assert batch.positions[0] == max_len - 1 and batch.kv_lens[0] == max_len

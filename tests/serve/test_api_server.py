@@ -260,6 +260,7 @@ def test_metrics_present_and_moving(client):
     before = _metrics(client)
     for name in ("jaxattn_num_requests_running", "jaxattn_num_requests_waiting",
                  "jaxattn_kv_pages_used", "jaxattn_kv_pages_free",
+                 "jaxattn_kv_chunked_pages_used",
                  "jaxattn_generation_tokens_per_second", "jaxattn_compiles",
                  "jaxattn_time_to_first_token_seconds_count",
                  "jaxattn_inter_token_latency_seconds_count"):

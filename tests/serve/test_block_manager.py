@@ -4,35 +4,55 @@ A hypothesis state machine drives allocate / compute (grow + write + commit) /
 free with a 3-token alphabet, so prompts share prefixes all the time. A shadow
 copy of every page's contents (what the model would have written there) checks
 that a shared page holds exactly the tokens of the prompt that takes it, and
-that nothing ever writes into a page another sequence holds.
+that nothing ever writes into a page another sequence holds. A second machine runs
+the hybrid manager (a chunked-local pool whose pages before the live chunk go back):
+the same checks hold for both pools, and a sequence never holds more chunked pages
+than its live chunk plus the step's new tokens.
 """
 
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from jaxattn.serve.block_manager import BlockManager, OutOfPages
+import jaxattn
+from jaxattn.serve.block_manager import NULL_PAGE, BlockManager, OutOfPages
 
 PS, NUM_PAGES = 4, 12
+CHUNK = 8  # two pages per chunk in the hybrid machine
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
+    hybrid = False
+
     def __init__(self):
         super().__init__()
-        self.bm = BlockManager(NUM_PAGES, PS)
+        self.bm = (BlockManager(NUM_PAGES, PS, num_chunked_pages=NUM_PAGES, chunk_size=CHUNK)
+                   if self.hybrid else BlockManager(NUM_PAGES, PS))
         self.seqs = {}  # seq_id -> {"tokens", "computed"}
-        self.content = {}  # page -> list of the PS tokens last written into it
+        self.content = {}  # (pool, page) -> list of the PS tokens last written into it
         self.next_id = 0
+
+    def _tables(self, sid):
+        """(pool, table) per kind; chunked entries before the live chunk are NULL_PAGE."""
+        out = [(self.bm.glob, self.bm.pages(sid))]
+        if self.hybrid:
+            out.append((self.bm.chunked, self.bm.chunked_pages(sid)))
+        return out
 
     @rule(prompt=st.lists(st.integers(0, 2), min_size=1, max_size=24))
     def allocate(self, prompt):
         sid, self.next_id = self.next_id, self.next_id + 1
         cached = self.bm.allocate(sid, prompt)
         assert cached % PS == 0 and 0 <= cached <= len(prompt) - 1
-        table = self.bm.pages(sid)
-        assert len(table) * PS == cached
-        for i, page in enumerate(table):  # a shared page holds exactly these prompt tokens
-            assert self.content[page] == list(prompt[i * PS:(i + 1) * PS])
+        for pool, table in self._tables(sid):
+            assert len(table) * PS == cached
+            for i, page in enumerate(table):  # a shared page holds exactly these prompt tokens
+                if page != NULL_PAGE:
+                    assert self.content[pool, page] == list(prompt[i * PS:(i + 1) * PS])
+        if self.hybrid:  # the live chunk's pages are there, none before it
+            ctable = self.bm.chunked_pages(sid)
+            first = cached // CHUNK * CHUNK // PS
+            assert ctable[:first] == [NULL_PAGE] * first and NULL_PAGE not in ctable[first:]
         self.seqs[sid] = {"tokens": list(prompt), "computed": cached}
 
     @precondition(lambda self: self.seqs)
@@ -45,6 +65,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         if pending == 0:
             return
         target = s["computed"] + data.draw(st.integers(1, pending))
+        self.bm.slide(sid, s["computed"])  # what the scheduler does before anything grows
         if not self.bm.can_grow(sid, target):
             used = self.bm.num_used_pages
             with pytest.raises(OutOfPages):
@@ -52,11 +73,16 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert self.bm.num_used_pages == used  # a refusal changes nothing
             return
         self.bm.grow(sid, target)
-        table = self.bm.pages(sid)
-        for pos in range(s["computed"], target):
-            page = table[pos // PS]
-            assert self.bm._ref[page] == 1, "a write into a page another sequence holds"
-            self.content.setdefault(page, [None] * PS)[pos % PS] = s["tokens"][pos]
+        for pool, table in self._tables(sid):
+            for pos in range(s["computed"], target):
+                page = table[pos // PS]
+                assert page != NULL_PAGE and pool.ref[page] == 1, \
+                    "a write into a returned page or one another sequence holds"
+                self.content.setdefault((pool, page), [None] * PS)[pos % PS] = s["tokens"][pos]
+        if self.hybrid:  # the live chunk before the step plus the step's tokens, no more
+            window = s["computed"] // CHUNK * CHUNK
+            live = [p for p in self.bm.chunked_pages(sid) if p != NULL_PAGE]
+            assert len(live) == -(-(target - window) // PS)
         s["computed"] = target
         self.bm.commit(sid, s["tokens"], target)
 
@@ -71,13 +97,19 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @invariant()
     def pages_accounted_for(self):
         self.bm.check()
-        owned = {p for sid in self.seqs for p in self.bm.pages(sid)}
-        assert len(owned) + self.bm.num_free_pages == NUM_PAGES
+        for kind, pool in enumerate(self.bm._pools()):
+            owned = {p for sid in self.seqs for p in self._tables(sid)[kind][1] if p != NULL_PAGE}
+            assert len(owned) + len(pool.free) == NUM_PAGES
         for sid, s in self.seqs.items():
             assert len(self.bm.pages(sid)) * PS >= s["computed"]
 
 
+class HybridBlockManagerMachine(BlockManagerMachine):
+    hybrid = True
+
+
 TestBlockManager = BlockManagerMachine.TestCase
+TestHybridBlockManager = HybridBlockManagerMachine.TestCase
 
 
 def test_prefix_pages_shared_after_commit_only():

@@ -1,5 +1,7 @@
 """The memory planner's numbers for Scout, computed independently here, and its verdicts."""
 
+import functools
+
 import pytest
 
 from jaxattn.serve import plan_memory
@@ -55,7 +57,11 @@ def test_scout_verdicts(scout):
     tp8 = memory.gpu_plan(scout, ParallelConfig(tensor=8), "h100", fraction=0.75)
     assert tp8.fits and round(tp8.weights / GiB, 1) == 25.1
     assert tp8.kv_tokens > 1_000_000 and tp8.full_length_sequences >= 8
-    assert tp8.kv_tokens == tp8.kv_budget // (24576 * 16) * 16
+    # The hybrid cache: 12 global layers grow with every token (6144 B per token and device
+    # at TP=8); the 36 chunked-local ones keep 64 sequences' live chunks plus a step:
+    # 64 * (8192 / 16 + 1) + 8192 / 16 = 33344 pages of 16 tokens at 18432 B per token.
+    assert tp8.kv_bytes_per_token == 12 * 2 * 128 * 2 and tp8.chunked_need == 33344
+    assert tp8.kv_tokens == (tp8.kv_budget - 33344 * 16 * 18432) // (6144 * 16) * 16
     assert tp8.total <= tp8.usable
     bad = memory.gpu_plan(scout, ParallelConfig(tensor=2), "h100", fraction=0.9)
     assert not bad.fits and "of weights per device exceed" in bad.reason
@@ -65,6 +71,34 @@ def test_scout_verdicts(scout):
     assert memory.gpu_plan(scout, ParallelConfig(tensor=4), "h200", fraction=0.75).fits
     odd = memory.gpu_plan(scout, ParallelConfig(tensor=16), "h100")
     assert not odd.fits and "must divide num_key_value_heads=8" in odd.reason
+
+
+def test_hybrid_pools_split_one_budget(scout):
+    """The chunked pool holds min(global pages, what max_num_seqs sequences can hold); at
+    TP=2 on H200s (90%) one long sequence leaves ~859k tokens to the global layers, 3.8x the
+    non-hybrid 227k (issue 21's >= 850,000), and 64 sequences of 8k-token windows fall back to
+    the non-hybrid rate (the chunked pool then needs as many pages as the global one)."""
+    h200 = functools.partial(memory.gpu_plan, scout, ParallelConfig(tensor=2), "h200",
+                             fraction=0.9, max_num_batched_tokens=8192)
+    one = h200(max_num_seqs=1, max_model_len=262144)
+    g, c = 12 * 2 * 4 * 128 * 2, 36 * 2 * 4 * 128 * 2
+    need = -(-(8192 - 1 + 8192) // 16)  # one sequence: its chunk before a step + the step
+    assert (one.kv_bytes_per_token, one.chunked_bytes_per_token, one.chunked_need) == (g, c, need)
+    assert one.chunked_pages == need and one.kv_pages == (one.kv_budget - need * 16 * c) // (16 * g)
+    # 3 sequences of 262,144 fit the global pool; the chunked one runs max_num_seqs=1.
+    assert one.kv_tokens >= 850_000 and one.full_length_sequences == 1
+    many = h200(max_num_seqs=64, max_model_len=131072)
+    assert many.kv_pages == many.chunked_pages == many.kv_budget // (16 * (g + c))
+    assert many.kv_tokens == 227_088
+    for pages, chunked in [(many.kv_pages, many.chunked_pages), (one.kv_pages, one.chunked_pages)]:
+        assert pages * g * 16 + chunked * c * 16 <= many.kv_budget
+
+
+def test_models_without_chunked_layers_keep_one_pool():
+    p = memory.pool_pages(10_000, 100, 0, 0)
+    assert p == (100, 0)
+    assert memory.pool_pages(10_000, 100, 300, 5) == (85, 5)
+    assert memory.pool_pages(10_000, 100, 300, 50) == (25, 25)
 
 
 def test_kv_budget_leaves_room_for_a_step(scout):
