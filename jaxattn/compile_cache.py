@@ -11,8 +11,8 @@ changed program is a miss.
     compile_cache.enable("/some/dir")
     compile_cache.enable("none")      # off
 
-Processes started from one that enabled the cache (servers, the 8-device test process) use
-the same directory: :func:`enable` exports it in ``JAXATTN_COMPILE_CACHE``, which
+Processes started from one that enabled the cache (the servers and CLIs the tests start)
+use the same directory: :func:`enable` exports it in ``JAXATTN_COMPILE_CACHE``, which
 :func:`default_dir` reads.
 """
 
@@ -22,11 +22,14 @@ import os
 
 ENV = "JAXATTN_COMPILE_CACHE"
 DISABLED = ("", "none", "off", "0", "false")
-# An LRU bound (least recently used entries go first). It also turns on JAX's file lock
-# around reads and writes: without a bound JAX writes entries in place, unlocked, and a
-# process reading an entry another is still writing (two xdist workers compiling the same
-# step) would get a truncated executable.
-MAX_SIZE = 4 << 30
+# The directory is trimmed to PRUNE_TO of this, least recently used entries first, when a
+# process enables the cache and finds it larger. (Not JAX's own bound,
+# jax_compilation_cache_max_size: with it set JAX rescans the whole directory under a
+# file lock on every write, ~0.1 s per entry at a few thousand entries, more than most of
+# these programs take to compile. Unbounded, JAX writes entries unlocked; a process that
+# reads an entry another is still writing fails to decompress it, warns and compiles.)
+MAX_BYTES = 2 << 30
+PRUNE_TO = 0.5
 
 
 def default_dir() -> str:
@@ -45,11 +48,14 @@ def enable(path: str | None = None) -> str | None:
     ``""`` turns the cache off. Returns the directory in use, or None when off.
 
     Call it before the first compile that should be cached; calling it again with another
-    directory switches to that one.
+    directory switches to that one. With ``path=None``, a cache the process already has
+    (``JAX_COMPILATION_CACHE_DIR``, a ``jax.config`` set by the caller) is kept as it is.
     """
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
+    if path is None and jax.config.jax_compilation_cache_dir is not None:
+        return jax.config.jax_compilation_cache_dir
     path = default_dir() if path is None else path
     if path.strip().lower() in DISABLED:
         os.environ[ENV] = "none"  # children stay off too
@@ -69,7 +75,36 @@ def enable(path: str | None = None) -> str | None:
     # the test suite) spends its time on.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    jax.config.update("jax_compilation_cache_max_size", MAX_SIZE)
+    jax.config.update("jax_compilation_cache_max_size", -1)  # see MAX_BYTES
     if switching:
         compilation_cache.reset_cache()  # JAX opens the directory once; reopen at the new one
+    prune(path)
     return path
+
+
+def prune(path: str, max_bytes: int = MAX_BYTES) -> int:
+    """Delete the least recently used entries of a cache directory larger than ``max_bytes``
+    until it is down to ``PRUNE_TO`` of it; returns the bytes deleted. (An entry another
+    process is reading at that moment is a miss there: it compiles.)"""
+    entries, total = [], 0
+    with os.scandir(path) as it:
+        for e in it:
+            try:
+                st = e.stat()
+            except FileNotFoundError:  # deleted by another process meanwhile
+                continue
+            if e.is_file():
+                entries.append((max(st.st_atime, st.st_mtime), st.st_size, e.path))
+                total += st.st_size
+    if total <= max_bytes:
+        return 0
+    freed = 0
+    for _, size, file in sorted(entries):
+        if total - freed <= max_bytes * PRUNE_TO:
+            break
+        try:
+            os.remove(file)
+            freed += size
+        except FileNotFoundError:
+            pass
+    return freed

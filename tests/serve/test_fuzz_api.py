@@ -84,11 +84,13 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance, negative_data_rejection]
 # (path, method, generation mode, examples). The pytest plugin's lazy schema does not run
 # under pytest 9, so each operation is driven through its hypothesis strategy directly.
+# 100 examples per operation (schemathesis' default; a positive one generates up to
+# MAX_LEN tokens per output, so the examples are most of this file's time).
 OPERATIONS = [
-    ("/v1/completions", "POST", GenerationMode.POSITIVE, 150),
-    ("/v1/completions", "POST", GenerationMode.NEGATIVE, 150),
-    ("/v1/chat/completions", "POST", GenerationMode.POSITIVE, 150),
-    ("/v1/chat/completions", "POST", GenerationMode.NEGATIVE, 150),
+    ("/v1/completions", "POST", GenerationMode.POSITIVE, 100),
+    ("/v1/completions", "POST", GenerationMode.NEGATIVE, 100),
+    ("/v1/chat/completions", "POST", GenerationMode.POSITIVE, 100),
+    ("/v1/chat/completions", "POST", GenerationMode.NEGATIVE, 100),
     ("/health", "GET", GenerationMode.POSITIVE, 3),
     ("/v1/models", "GET", GenerationMode.POSITIVE, 3),
     ("/metrics", "GET", GenerationMode.POSITIVE, 3),
@@ -265,7 +267,7 @@ def test_extreme_but_legal_requests_succeed(client, body, check):
 
 
 def test_zz_normal_answers_unchanged_nothing_leaked_nothing_compiled(server, client):
-    """Runs last in this module (xdist --dist loadfile keeps the module on one worker)."""
+    """Runs last in this module (tests/conftest.py keeps each module on one xdist worker)."""
     assert _normal_answers(client) == server.baseline
     engine = server.engine
     assert client.get("/health").json() == {"status": "ok"}
