@@ -24,11 +24,11 @@ __all__ = ["DTYPES", "HEAD_DIMS", "attention", "contiguous_bounds", "num_sms", "
 _INTERPRET_WORKERS = 4  # CTAs simulated in interpret mode: enough to exercise the tile schedule
 
 
-def unsupported_reason(bounds: Bounds, dtype) -> str | None:
-    """Why the kernels cannot serve these bounds and dtype (None when they can)."""
+def unsupported_reason(bounds: Bounds, dtype, kv_dtype=None) -> str | None:
+    """Why the kernels cannot serve these bounds, dtype and KV cache dtype (None when they can)."""
     try:
-        prefill.pick_config(bounds, dtype)
-        decode.pick_config(bounds, dtype)
+        prefill.pick_config(bounds, dtype, kv_dtype)
+        decode.pick_config(bounds, dtype, kv_dtype=kv_dtype)
     except ValueError as e:
         return str(e)
     return None
@@ -42,15 +42,16 @@ def _covered_rows(plan: Plan):
 
 
 def _run_plan(q, k_pages, v_pages, page_table, plan: Plan, zero_ranges, *, bounds: Bounds,
-              scale, causal, interpret, num_workers, config=None):
+              scale, causal, interpret, num_workers, config=None, k_scale=None, v_scale=None):
     if config is None:
-        config = prefill.pick_config(bounds, q.dtype)
+        config = prefill.pick_config(bounds, q.dtype, k_pages.dtype)
     elif (config.block_q, config.block_kv) != (bounds.block_q, bounds.block_kv):
         raise ValueError(f"config tiles ({config.block_q}, {config.block_kv}) != bounds "
                          f"({bounds.block_q}, {bounds.block_kv})")
     out, lse_tiles = prefill.prefill_attention(
         q, k_pages, v_pages, page_table, plan.prefill, zero_ranges, config=config, scale=scale,
-        causal=causal, num_workers=num_workers, interpret=interpret)
+        causal=causal, num_workers=num_workers, interpret=interpret, k_scale=k_scale,
+        v_scale=v_scale)
     lse = prefill.scatter_lse(lse_tiles, plan.prefill, q.shape[0])
 
     # The decode kernel runs even when the batch has no decode rows: its CTAs read the
@@ -61,7 +62,7 @@ def _run_plan(q, k_pages, v_pages, page_table, plan: Plan, zero_ranges, *, bound
     q_dec, items, src = _compact_decode_rows(q, plan.decode, bounds)
     dec_out, dec_lse = decode.decode_attention(
         q_dec, k_pages, v_pages, page_table, items, bounds=bounds, scale=scale, causal=causal,
-        interpret=interpret)
+        interpret=interpret, k_scale=k_scale, v_scale=v_scale)
     # The planner gives decode and prefill items disjoint rows, so a decode row's result is
     # final: write it over the prefill output (src == T, no row, is dropped). Reading the
     # prefill output back to merge it, or deriving the valid count from a reduction, put
@@ -95,10 +96,12 @@ def _compact_decode_rows(q, items: planner.WorkList, bounds: Bounds):
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan, *, bounds: Bounds,
                            scale, causal=True, interpret=False,
-                           config: prefill.PrefillConfig | None = None):
+                           config: prefill.PrefillConfig | None = None, k_scale=None,
+                           v_scale=None):
     """Run a plan over a paged cache: out [T, Hq, D] (q.dtype), lse [T, Hq] f32.
 
-    Key lengths and chunked-local windows come from the plan's items.
+    Key lengths and chunked-local windows come from the plan's items. An FP8 cache
+    passes its scales ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32.
     ``config`` overrides the picked prefill tuning (benchmarks); its tiles must match ``bounds``.
     """
     t = q.shape[0]
@@ -106,7 +109,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan, *, bound
     workers = _INTERPRET_WORKERS if interpret else bounds.num_workers
     return _run_plan(q, k_pages, v_pages, page_table, plan, zero, bounds=bounds, scale=scale,
                      causal=causal, interpret=interpret,
-                     num_workers=min(workers, bounds.num_workers), config=config)
+                     num_workers=min(workers, bounds.num_workers), config=config,
+                     k_scale=k_scale, v_scale=v_scale)
 
 
 def contiguous_bounds(q_shape, k_shape, *, num_workers: int, chunk_size=None,
