@@ -97,9 +97,11 @@ class Llama4Runner:
         self.model = model
         self.mesh = mesh
         self._step = paged_step.make_step_fn(model, self.bounds, impl=config.attention_impl,
-                                             gmm_impl=config.grouped_matmul_impl)
+                                             gmm_impl=config.grouped_matmul_impl,
+                                             quantized_kv=self.spec.quantized)
         self._kv_sharding = None if mesh is None else sharding.kv_sharding(mesh)
-        self._kv = kv_cache_lib.allocate(self.spec, sharding=self._kv_sharding)
+        self._scale_sharding = None if mesh is None else sharding.kv_scale_sharding(mesh)
+        self._kv = self._allocate()
         log.info("KV cache: %d global + %d chunked-local pages of %d tokens (%.1f MiB per device, "
                  "%s)%s", self.num_pages, self.num_chunked_pages,
                  config.page_size, self.spec.total_bytes / 2**20, self.spec.dtype,
@@ -181,10 +183,14 @@ class Llama4Runner:
         every later step would then fail. Rebuilding loses all cached K/V, which the
         engine answers by recomputing the running sequences.
         """
-        if not any(x.is_deleted() for x in self._kv.k + self._kv.v):
+        if not any(x.is_deleted() for x in self._kv.arrays()):
             return False
-        self._kv = kv_cache_lib.allocate(self.spec, sharding=self._kv_sharding)
+        self._kv = self._allocate()
         return True
+
+    def _allocate(self) -> kv_cache_lib.KVCache:
+        return kv_cache_lib.allocate(self.spec, sharding=self._kv_sharding,
+                                     scale_sharding=self._scale_sharding)
 
 
 # One row per sampler mode (sampling.MODES): greedy, random, filtered (top-k / top-p).
