@@ -212,3 +212,17 @@ def test_decode_fp8_tuning_variants_lower(config):
                             max_model_len=131072, page_size=16, num_q_heads=40,
                             num_kv_heads=8, head_dim=128, chunk_size=8192)
     _export_decode(bounds, jnp.bfloat16, config=config)
+
+
+def test_fp8_kernels_find_the_needle_in_interpret_mode():
+    """The constructed lookup head (tests/needle_cases.py) over a 2k context through the
+    kernels (decode rows: one query per sequence)."""
+    from needle_cases import make_needle_case
+
+    case = make_needle_case(2048, (0.03, 0.6, 0.97), num_q_heads=2)
+    k8, ks = kv_quant.quantize(jnp.asarray(case.k_pages))
+    v8, vs = kv_quant.quantize(jnp.asarray(case.v_pages))
+    out = jaxattn.ragged_paged_attention(
+        jnp.asarray(case.q, jnp.bfloat16), k8, v8, *case.args(), bounds=case.bounds, scale=1.0,
+        impl="interpret", k_scale=jnp.swapaxes(ks, 1, 2), v_scale=jnp.swapaxes(vs, 1, 2))
+    np.testing.assert_array_equal(case.read_out(out), case.answers)

@@ -207,3 +207,46 @@ def test_llm_serves_fp8_end_to_end_on_a_checkpoint():
     agree = float((got == e["greedy_tokens"]).mean())
     print(f"tied_top2 greedy agreement with transformers under the FP8 cache: {agree:.2f}")
     assert got[:8].tolist() == e["greedy_tokens"][:8].tolist() and agree >= 0.5
+
+
+def test_gpu_step_with_fp8_cache_lowers_for_cuda():
+    """The whole serving step over an FP8 cache (both attention kinds, the quantising writes,
+    the kernels reading scales) lowers for CUDA on the CPU, with no host-synchronising
+    control flow."""
+    from flax import nnx
+
+    from jaxattn.serve import batch as batch_lib
+    from jaxattn.serve.batch import build_step
+
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
+        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
+    model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
+    engine = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
+                          page_size=16, kv_cache_dtype="fp8")
+    bounds = engine.bounds(config)
+    assert bounds.block_kv == 64
+    step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic",
+                                   quantized_kv=True)
+    spec = paged_step.cache_spec(config, num_pages=64, page_size=16, dtype="fp8")
+    batch = build_step(bounds, 256, [SeqStep([1] * 100, 0, list(range(7))),
+                                     SeqStep([2], 64, list(range(7, 12)))], num_pages=64)
+    kv = jax.eval_shape(lambda: cache.allocate(spec))
+    assert kv.k[0].dtype == FP8 and kv.k_scale[0].shape == (64, 2, 16)
+    args = (nnx.split(model)[1], kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32))
+    exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=256)
+    text = exported.mlir_module()
+    assert text.count("mosaic_gpu") >= 2 * config.num_hidden_layers
+    from jax.extend.core import jaxprs_in_params
+
+    def primitives(jaxpr, found):  # outside the kernel bodies (their loops run on the GPU)
+        for eqn in jaxpr.eqns:
+            found.add(eqn.primitive.name)
+            if eqn.primitive.name not in ("mpmd_map", "pallas_call"):
+                for sub in jaxprs_in_params(eqn.params):
+                    primitives(sub, found)
+        return found
+
+    found = primitives(jax.make_jaxpr(step.jitted, static_argnums=4)(*args, 256).jaxpr, set())
+    assert "mpmd_map" in found and not found & {"cond", "while"}
