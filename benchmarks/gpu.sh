@@ -2,7 +2,7 @@
 # The one GPU entry point (`make gpu`, or through the device tool): installs the
 # project offline, runs the GPU tests (pytest -m gpu) and the benchmarks, and
 # writes JSON/markdown/PNG into benchmarks/results/ (and $OUT when set).
-#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|model|serving|sweep|soak|all|multigpu] ...
+#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|fp8|model|serving|sweep|soak|all|multigpu] ...
 # (multigpu is not part of all: it needs a machine with several GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,7 @@ for what in "${@:-all}"; do
                  || status=1 ;;&
     prefill|all) [ -f benchmarks/prefill.py ] && { python3 -m benchmarks.prefill || status=1; } ;;&
     profile|all) python3 -m benchmarks.profile_prefill || status=1 ;;&
+    fp8|all) python3 -m benchmarks.fp8_kv || status=1 ;;&
     decode|all) [ -f benchmarks/decode.py ] && { python3 -m benchmarks.decode || status=1; } ;;&
     model|all) [ -f benchmarks/model.py ] && { python3 -m benchmarks.model || status=1; } ;;&
     serving|all) [ -f benchmarks/serving.py ] && { python3 -m benchmarks.serving || status=1; } ;;&

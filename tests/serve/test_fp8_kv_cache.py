@@ -192,14 +192,18 @@ def test_fp8_engine_batched_prefix_shared_and_preempted_equal_alone(fp8_runner, 
     assert small.scheduler.num_preemptions > 0
 
 
-def test_llm_serves_fp8_end_to_end_on_a_checkpoint():
-    """``LLM(kv_cache_dtype="fp8")`` on a transformers-made checkpoint: greedy tokens mostly
-    transformers' own (it generated them with an f32 cache)."""
+def test_llm_serves_fp8_end_to_end_on_a_checkpoint(tokenizer):
+    """The engine built from a transformers-made checkpoint with ``kv_cache_dtype="fp8"``
+    (its pools FP8, the memory check passed): greedy tokens mostly transformers' own (it
+    generated them with an f32 cache). The fixture has no tokenizer: the embedded model's
+    (a larger vocabulary) detokenises, the prompt goes in as ids."""
     e = expected("tied_top2")
-    llm = LLM(checkpoint("tied_top2"), kv_cache_dtype="fp8", max_model_len=256,
-              max_num_seqs=2, max_num_batched_tokens=64, attention_impl="reference",
-              warmup=False)
-    assert llm.engine.runner.spec.dtype == "float8_e4m3fn"
+    config = EngineConfig(model=checkpoint("tied_top2"), kv_cache_dtype="fp8", max_model_len=256,
+                          max_num_seqs=2, max_num_batched_tokens=64, attention_impl="reference",
+                          dtype="float32", device_memory="8GiB")
+    runner = Llama4Runner.from_pretrained(config.model, config)
+    assert runner.spec.dtype == "float8_e4m3fn"
+    llm = LLM(engine=LLMEngine(runner, tokenizer, config))
     out = llm.generate([{"prompt_token_ids": [int(t) for t in e["prompt"]]}],
                        SamplingParams(temperature=0, max_tokens=len(e["greedy_tokens"]),
                                       ignore_eos=True), use_tqdm=False)
