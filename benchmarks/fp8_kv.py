@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import time
 
@@ -161,7 +162,7 @@ def markdown(res) -> str:
     lines = [f"# FP8 vs bf16 KV cache, {res['device']}, {res['date']}", "",
              "Decode (one layer's attention; bytes read / time):", "",
              "| batch x ctx | bf16 ms (TB/s) | FP8 ms (TB/s) | FP8 / bf16 time | "
-             "FP8 6 stages / bf16 | max |diff| |",
+             "FP8 6 stages / bf16 | max abs diff |",
              "|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r.get("kind") == "decode" and "error" not in r:
@@ -206,8 +207,9 @@ def main(argv=None):
     name = f"fp8-kv-{res['date']}"
     path = write_json(name + ".json", res)
     md = markdown(res)
-    with open(path[:-5] + ".md", "w") as f:
-        f.write(md)
+    for folder in {os.path.dirname(path), os.environ.get("OUT") or os.path.dirname(path)}:
+        with open(os.path.join(folder, name + ".md"), "w") as f:
+            f.write(md)
     print(md)
 
 

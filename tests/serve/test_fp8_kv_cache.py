@@ -254,3 +254,35 @@ def test_gpu_step_with_fp8_cache_lowers_for_cuda():
 
     found = primitives(jax.make_jaxpr(step.jitted, static_argnums=4)(*args, 256).jaxpr, set())
     assert "mpmd_map" in found and not found & {"cond", "while"}
+
+
+def test_server_and_generate_flags_take_fp8():
+    from jaxattn.serve import plan_memory
+    from jaxattn.serve.__main__ import build_parser
+    from jaxattn.serve.config import config_from_args
+
+    args = build_parser().parse_args(["--kv-cache-dtype", "fp8"])
+    assert config_from_args(args).kv_cache_dtype == "fp8"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--kv-cache-dtype", "int4"])
+    # The planner CLI: 2xH200 (TP=2, XLA fraction 0.9), one sequence of 1,048,576 tokens
+    # fits with the FP8 cache (issue 21's goal: >= 1,600,000 KV tokens).
+    assert plan_memory.main(["--kv-cache-dtype", "fp8", "-tp", "2", "--gpu", "h200",
+                             "--memory-fraction", "0.9", "--max-num-seqs", "1",
+                             "--max-model-len", "1048576"]) == 0
+
+
+def test_memory_plan_fp8_capacity_on_two_h200():
+    from jaxattn.parallel import ParallelConfig
+    from jaxattn.serve import memory_plan
+
+    scout = memory_plan.named_config("scout")
+    kw = dict(max_model_len=131072, max_num_batched_tokens=8192, fraction=0.9)
+    pc = ParallelConfig(tensor=2)
+    for seqs, bf16_tokens, fp8_tokens in ((4, 785_280, 1_638_608), (1, 859_200, 1_712_528)):
+        bf16 = memory_plan.gpu_plan(scout, pc, "h200", max_num_seqs=seqs, **kw)
+        fp8 = memory_plan.gpu_plan(scout, pc, "h200", max_num_seqs=seqs, kv_dtype="fp8", **kw)
+        assert (bf16.kv_tokens, fp8.kv_tokens) == (bf16_tokens, fp8_tokens)
+        assert fp8.fits and fp8.kv_tokens >= 1_600_000
+    # 12 global layers x 4 KV heads per device x (128 B + a 4-byte scale) x K and V
+    assert fp8.kv_bytes_per_token == 12 * 4 * 132 * 2
