@@ -125,9 +125,11 @@ class Bounds:
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(f"Bounds.num_q_heads={self.num_q_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
-        if self.block_kv % self.page_size:
-            raise ValueError(f"Bounds.block_kv={self.block_kv} must be a multiple of "
-                             f"page_size={self.page_size} (a KV tile is whole pages)")
+        if not self.tiles_fit_pages:
+            raise ValueError(f"Bounds.page_size={self.page_size} must divide block_kv="
+                             f"{self.block_kv} or be a multiple of it (a KV tile is whole "
+                             f"pages or a slice of one), or hold a whole sequence "
+                             f"(page_size >= max_model_len={self.max_model_len})")
         if self.chunk_size is not None:
             if self.chunk_size < 1 or self.chunk_size % self.block_kv:
                 raise ValueError(f"Bounds.chunk_size={self.chunk_size} must be a positive "
@@ -150,6 +152,12 @@ class Bounds:
         if self.decode_q is not None:
             return self.decode_q
         return max(1, DECODE_TILE_ROWS // self.group)
+
+    @property
+    def tiles_fit_pages(self) -> bool:
+        """A KV tile is whole pages, or a slice of one page (never two pages' parts)."""
+        return (self.block_kv % self.page_size == 0 or self.page_size % self.block_kv == 0
+                or self.pages_per_seq == 1)
 
     @property
     def pages_per_seq(self) -> int:

@@ -21,6 +21,8 @@ from jaxattn.planner import Bounds, Plan
 __all__ = ["DTYPES", "HEAD_DIMS", "attention", "contiguous_bounds", "num_sms", "on_hopper",
            "ragged_paged_attention", "supports", "unsupported_reason"]
 
+# Shorter key sequences are padded to this (a TMA box may not exceed the array's extent).
+_MIN_CONTIGUOUS_PAGE = 256
 _INTERPRET_WORKERS = 4  # CTAs simulated in interpret mode: enough to exercise the tile schedule
 
 
@@ -120,9 +122,13 @@ def contiguous_bounds(q_shape, k_shape, *, num_workers: int, chunk_size=None,
             raise ValueError(f"the Mosaic kernels need chunk_size to be a multiple of 64, "
                              f"got {chunk_size}")
         block_kv = 64
-    page = next(p for p in (block_kv, 64, 32, 16, 8) if lk % p == 0) if lk % 8 == 0 else 8
-    lk_pad = common.cdiv(lk, page) * page
-    return Bounds(max_num_seqs=b, max_num_batched_tokens=b * lq, max_model_len=lk_pad,
+    # Each sequence's keys are one page (an identity page table of one column), so every KV
+    # tile is one TMA copy at any length; the last tile reads past the page's end, which
+    # TMA fills with zeros (masked keys). Small-page views of an unaligned length cost up
+    # to 16 copies per tile (30% at 8191 tokens: benchmarks/NOTES-prefill.md, v5). A TMA
+    # copy into 8-row SMEM tiles needs the page's rows to be a multiple of 8.
+    page = max(common.cdiv(lk, 8) * 8, _MIN_CONTIGUOUS_PAGE)
+    return Bounds(max_num_seqs=b, max_num_batched_tokens=b * lq, max_model_len=page,
                   page_size=page, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                   chunk_size=chunk_size, block_q=128, block_kv=block_kv,
                   num_workers=num_workers)
@@ -141,14 +147,13 @@ def attention(q, k, v, q_lens, kv_lens, *, scale, causal=True, chunk_size=None, 
     workers = _INTERPRET_WORKERS if interpret else num_sms()
     bounds = contiguous_bounds(q.shape, k.shape, chunk_size=chunk_size, num_workers=workers,
                                block_kv=config.block_kv if config else None)
-    lk_pad, page = bounds.max_model_len, bounds.page_size
-    if lk_pad != k.shape[1]:  # rare: lengths that are not a multiple of 8
-        pad = ((0, 0), (0, lk_pad - k.shape[1]), (0, 0), (0, 0))
+    page = bounds.page_size
+    if page != k.shape[1]:  # lengths that are not a multiple of 8, and short ones: <= 1.5%
+        # of the kernel's time at 8k keys, 0.1% at 128k (a copy of K and V)
+        pad = ((0, 0), (0, page - k.shape[1]), (0, 0), (0, 0))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    pages_per_seq = lk_pad // page
-    k_pages = k.reshape(b * pages_per_seq, page, *k.shape[2:])  # free: contiguous pages
-    v_pages = v.reshape(b * pages_per_seq, page, *v.shape[2:])
-    page_table = jnp.arange(b * pages_per_seq, dtype=jnp.int32).reshape(b, pages_per_seq)
+    # [B, Lk, Hkv, D] is already B pages of Lk keys: no copy.
+    page_table = jnp.arange(b, dtype=jnp.int32).reshape(b, 1)
     q_lens = jnp.asarray(q_lens, jnp.int32)
     kv_lens = jnp.asarray(kv_lens, jnp.int32)
     cu = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(q_lens, dtype=jnp.int32)])
@@ -157,7 +162,7 @@ def attention(q, k, v, q_lens, kv_lens, *, scale, causal=True, chunk_size=None, 
                          decode=_to_padded_rows(plan.decode, cu, lq))
     rows = jnp.arange(b, dtype=jnp.int32) * lq
     zero = jnp.stack([rows + q_lens, rows + lq], axis=1)  # each sequence's padding rows
-    out, lse = _run_plan(q.reshape(b * lq, hq, d), k_pages, v_pages, page_table, plan, zero,
+    out, lse = _run_plan(q.reshape(b * lq, hq, d), k, v, page_table, plan, zero,
                          bounds=bounds, scale=scale, causal=causal, interpret=interpret,
                          num_workers=workers, config=config)
     return out.reshape(b, lq, hq, d), lse.reshape(b, lq, hq)

@@ -104,19 +104,22 @@ def split_capacity(bounds: Bounds, cap_items: int) -> int:
 def pick_config(bounds: Bounds, dtype, interpret=False) -> DecodeConfig:
     """The decode config for an engine's bounds; raises ValueError if they cannot be served."""
     config = default_config(interpret)
-    _check(bounds, dtype, bounds.head_dim, bounds.page_size)
+    _check(bounds, dtype, bounds.head_dim, bounds.page_size, bounds.pages_per_seq, config.block_kv)
     return config
 
 
-def _check(bounds: Bounds, dtype, d: int, page_size: int):
+def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, block_kv: int):
     g = bounds.group
     common.check_supported("decode", d, dtype)
     if bounds.dq * g > ROWS:
         raise ValueError(f"decode_q={bounds.dq} tokens x {g} heads per KV group = "
                          f"{bounds.dq * g} rows exceed one {ROWS}-row tile; lower decode_q")
-    # A page (or page slice) lands in whole 8-row tiles of the swizzled K/V tile,
-    # and a KV block is whole pages or a page is whole blocks.
-    if page_size < 8 or page_size & (page_size - 1):
+    # A page (or page slice) lands in whole 8-row tiles of the swizzled K/V tile, and a
+    # KV block is whole pages or a page is whole blocks; or a sequence is one page of any
+    # length (the contiguous API), read in block slices (TMA zero-fills past its end).
+    if pages_per_seq == 1 or page_size % block_kv == 0:
+        return
+    if page_size < 8 or block_kv % page_size:
         raise ValueError(f"page_size={page_size} unsupported: use a power of two >= 8")
 
 
@@ -130,7 +133,9 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         interpret = plgpu.InterpretGPUParams()
     _, page_size, _, _ = k_pages.shape
     bk, stages = config.block_kv, config.num_stages
-    rpc = min(page_size, bk)  # key rows per TMA copy
+    # Key rows per TMA copy: whole small pages, or a block-sized slice of a large page or
+    # of a sequence's single page (rows past its end come back as zeros).
+    rpc = bk if page_size >= bk or page_table.shape[1] == 1 else page_size
     cpb = bk // rpc  # copies per block (per K and per V)
     dq_pad = common.cdiv(ROWS, g)  # token rows of the Q/O staging buffers: dq_pad * g >= 64
     rows_pad = dq_pad * g
@@ -493,7 +498,7 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     [T, Hkv, G, D] f32 holding the unsplit items' rows (others 0), the lse tiles
     [cap, Hkv, 64] and the split pieces' rows [n_part, Hkv, 64, D]."""
     config = config or default_config(bool(interpret))
-    _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1])
+    _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv)
     t, hq, d = q.shape
     g = bounds.group
     out_ref = jax.new_ref(jnp.zeros((t, hq // g, g, d), jnp.float32))  # rows nobody covers: 0

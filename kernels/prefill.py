@@ -176,10 +176,7 @@ def pick_config(bounds: Bounds, dtype) -> PrefillConfig:
     same config with P staged through SMEM (it has no SMEM budget).
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
-    if bounds.block_kv % bounds.page_size:
-        raise ValueError(f"block_kv={bounds.block_kv} must be a multiple of page_size")
-    if bounds.page_size % 8:
-        raise ValueError(f"page_size={bounds.page_size} must be a multiple of 8 (TMA/SMEM tile rows)")
+    _check_pages(bounds.page_size, bounds.block_kv, bounds.pages_per_seq)
     best = None
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages)
@@ -189,6 +186,19 @@ def pick_config(bounds: Bounds, dtype) -> PrefillConfig:
         raise ValueError(f"no prefill config fits shared memory for block_kv={bounds.block_kv}, "
                          f"head_dim={bounds.head_dim}")
     return best
+
+
+def _check_pages(page_size: int, block_kv: int, pages_per_seq: int):
+    """A KV tile is ``block_kv // page_size`` whole pages (small pages: each lands in whole
+    8-row SMEM tiles), or one TMA copy of a slice of one page: pages that are a multiple of
+    the tile, or one page per sequence of any length (the contiguous API: the last tile
+    reads past the page's end, which TMA fills with zeros, and those keys are masked)."""
+    if pages_per_seq == 1 or page_size % block_kv == 0:
+        return
+    if block_kv % page_size or page_size % 8:
+        raise ValueError(f"page_size={page_size} must be a multiple of 8 dividing "
+                         f"block_kv={block_kv}, a multiple of block_kv, or hold a whole "
+                         f"sequence")
 
 
 def _named_barrier(op: str, barrier_id, num_threads: int):
@@ -238,16 +248,15 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     t, hq, d = q.shape
     num_pages, page_size, hkv, _ = k_pages.shape
     common.check_supported("prefill", d, q.dtype)
-    if config.block_kv % page_size or page_size % 8:
-        raise ValueError(f"page_size={page_size} must be a multiple of 8 dividing "
-                         f"block_kv={config.block_kv}")
+    _check_pages(page_size, config.block_kv, page_table.shape[1])
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
                                      named_barriers=False)
     dtype = q.dtype
     group = hq // hkv
     bkv, stages = config.block_kv, config.num_stages
-    pages_per_tile = bkv // page_size
+    # Whole small pages per tile, or one slice of a large (or whole-sequence) page.
+    pages_per_tile = 1 if page_size >= bkv or page_table.shape[1] == 1 else bkv // page_size
     max_page_col = page_table.shape[1] - 1
     cap = items.seq.shape[0]
     meta = jnp.stack([getattr(items, f) for f in _META]).astype(jnp.int32)  # [6, cap]
@@ -580,6 +589,16 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     def _():
                         plgpu.barrier_wait(free.at[slot])
 
+                    if pages_per_tile == 1:  # one copy: keys [j*bkv, (j+1)*bkv) of one page
+                        if max_page_col == 0:  # one page per sequence
+                            col, row = 0, j * bkv
+                        else:  # page_size a multiple of bkv
+                            col = jnp.minimum(j // (page_size // bkv), max_page_col)
+                            row = lax.rem(j, page_size // bkv) * bkv
+                        plgpu.copy_gmem_to_smem(
+                            pages_ref.at[pt_ref[seq, col], pl.ds(row, bkv), kv_head],
+                            smem.at[slot], full.at[slot])
+                        return
                     for pg in range(pages_per_tile):
                         col = jnp.minimum(j * pages_per_tile + pg, max_page_col)
                         page = pt_ref[seq, col]
