@@ -582,35 +582,38 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start + w * WG_ROWS, WG_ROWS), head],
                                             q_stage.at[w], q_full.at[w])
 
-                def load(pages_ref, smem, full, free, j, c):
+                def page_ids(j):
+                    """(page, first row) of each TMA copy that fills KV tile j."""
+                    if pages_per_tile == 1:  # one copy: keys [j*bkv, (j+1)*bkv) of one page
+                        if max_page_col == 0:  # one page per sequence
+                            return [(pt_ref[seq, 0], j * bkv)]
+                        per_page = page_size // bkv  # page_size a multiple of bkv
+                        col = jnp.minimum(j // per_page, max_page_col)
+                        return [(pt_ref[seq, col], lax.rem(j, per_page) * bkv)]
+                    return [(pt_ref[seq, jnp.minimum(j * pages_per_tile + pg, max_page_col)], 0)
+                            for pg in range(pages_per_tile)]
+
+                def load(pages_ref, smem, full, free, c, pages):
                     slot = c % stages
 
                     @pl.when(c >= stages)
                     def _():
                         plgpu.barrier_wait(free.at[slot])
 
-                    if pages_per_tile == 1:  # one copy: keys [j*bkv, (j+1)*bkv) of one page
-                        if max_page_col == 0:  # one page per sequence
-                            col, row = 0, j * bkv
-                        else:  # page_size a multiple of bkv
-                            col = jnp.minimum(j // (page_size // bkv), max_page_col)
-                            row = lax.rem(j, page_size // bkv) * bkv
-                        plgpu.copy_gmem_to_smem(
-                            pages_ref.at[pt_ref[seq, col], pl.ds(row, bkv), kv_head],
-                            smem.at[slot], full.at[slot])
-                        return
-                    for pg in range(pages_per_tile):
-                        col = jnp.minimum(j * pages_per_tile + pg, max_page_col)
-                        page = pt_ref[seq, col]
-                        plgpu.copy_gmem_to_smem(
-                            pages_ref.at[page, :, kv_head],
-                            smem.at[slot, pl.ds(pg * page_size, page_size)], full.at[slot])
+                    rows = bkv // len(pages)
+                    for pg, (page, row) in enumerate(pages):
+                        plgpu.copy_gmem_to_smem(pages_ref.at[page, pl.ds(row, rows), kv_head],
+                                                smem.at[slot, pl.ds(pg * rows, rows)],
+                                                full.at[slot])
 
                 @pl.loop(lo, hi)
                 def _kv(j):
                     c = step + j - lo
-                    load(k_ref, k_smem, k_full, k_free, j, c)
-                    load(v_ref, v_smem, v_full, v_free, j, c)
+                    # Page ids once for K and V, read before the waits for a free slot so
+                    # their GMEM latency overlaps them.
+                    pages = page_ids(j)
+                    load(k_ref, k_smem, k_full, k_free, c, pages)
+                    load(v_ref, v_smem, v_full, v_free, c, pages)
 
                 return step + (hi - lo)
 
