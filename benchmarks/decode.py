@@ -185,8 +185,8 @@ def table_md(res):
     lines = [f"# Decode bandwidth, {res['device']}, {res['date']}", "",
              f"Same-run ceilings: copy {c['copy_tbps']:.2f} TB/s, read-only {c['read_tbps']:.2f} TB/s.",
              "Bandwidth = bytes of K+V read / time. jaxattn = one layer's attention as the model"
-             " calls it: kernel metadata + main kernel + combine kernel + lse gather + output"
-             " zeroing; the metadata alone and the step's plan (shared by all layers) are also"
+             " calls it: main kernel + combine kernel + lse gather + output zeroing; the kernel"
+             " metadata and the step's plan (built once per step, shared by all layers) are"
              " timed separately.", "",
              "| batch x ctx | pieces | jaxattn ms | TB/s | % copy | main kernel TB/s | cuDNN TB/s |"
              " XLA TB/s | jaxattn / cuDNN | metadata ms | plan ms |",
