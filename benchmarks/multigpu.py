@@ -4,10 +4,13 @@ prompts past 10,000 tokens, through the serving engine.
     python -m benchmarks.multigpu                 # a multi-GPU machine: TP over every GPU
     python -m benchmarks.multigpu -tp 4 -ep 2     # another split of 8 GPUs
     python -m benchmarks.multigpu --dry-run       # CPU: 8 simulated devices, a tiny config
+    python -m benchmarks.multigpu -tp 1 --quantization fp8 --max-num-seqs 8   # one H200
 
 1. Scout's architecture (``models/llama4/configs/scout.json``: 48 layers, 16 experts, real
    widths) with random bf16 weights drawn on the devices, each device only its shards
-   (``sharding.init_random``): no checkpoint, nothing on the host.
+   (``sharding.init_random``): no checkpoint, nothing on the host. ``--quantization fp8``:
+   the routed experts, shared expert and MLPs drawn one parameter at a time and quantised
+   on the device (FP8, ~105 GiB: all of Scout on one H200).
 2. The engine of ``python -m jaxattn.serve`` (``LLMEngine`` over ``Llama4Runner``: chunked
    prefill, paged KV cache split by KV head, continuous batching), warmed up over its
    token buckets; compiles are counted from then on and must stay at zero.
@@ -68,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV budget per device (default: the engine's rule)")
     p.add_argument("--impl", default="auto", choices=["auto", "reference", "mosaic"])
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="FP8 expert/MLP weights (one H200 holds all of Scout)")
     p.add_argument("--skip-alone", action="store_true", help="only the mixed batch")
     p.add_argument("--compile-cache", default=None,
                    help="directory for JAX's persistent compilation cache (reused across runs)")
@@ -184,13 +189,14 @@ def run(args) -> dict:
         max_model_len=max_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=t,
         page_size=args.page_size, kv_cache_memory=args.kv_cache_memory, buckets=buckets,
         dtype=dtype, enable_prefix_caching=False, attention_impl=args.impl,
-        tensor_parallel_size=tp, expert_parallel_size=ep)
+        tensor_parallel_size=tp, expert_parallel_size=ep, quantization=args.quantization)
     res = {"date": datetime.date.today().isoformat(), "dry_run": args.dry_run,
            "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
            "platform": jax.devices()[0].platform, "jax": jax.__version__,
            "mesh": pc.describe(), "layers": config.num_hidden_layers,
            "experts": config.num_local_experts, "hidden": config.hidden_size,
-           "dtype": dtype, "impl": args.impl, "max_model_len": max_len,
+           "dtype": dtype, "quantization": args.quantization, "impl": args.impl,
+           "max_model_len": max_len,
            "max_num_batched_tokens": t, "buckets": list(buckets), "page_size": args.page_size,
            "decode_tokens": args.decode_tokens, "lengths": list(lengths)}
     plan = memory.for_engine(config, engine_config, dtype=dtype, devices=mesh.devices.flat)
@@ -204,7 +210,10 @@ def run(args) -> dict:
             raise SystemExit(f"error: {plan.reason}")
 
     t0 = time.perf_counter()
-    model = sharding.init_random(config, mesh, seed=0, dtype=dtype)
+    from jaxattn.models.llama4.quantization import scheme
+
+    model = sharding.init_random(config, mesh, seed=0, dtype=dtype,
+                                 fp8=scheme(args.quantization))
     jax.block_until_ready(jax.tree.leaves(model))
     res["init_s"] = time.perf_counter() - t0
     res["memory_after_weights"] = device_memory()
@@ -253,7 +262,8 @@ def run(args) -> dict:
 def table(res: dict) -> str:
     gib = 2**30
     lines = [f"{res['mesh']} on {res['num_devices']} x {res['device']}, {res['layers']} layers, "
-             f"{res['dtype']}, attention {res['impl']}; warm-up {res['warmup_s']:.0f} s "
+             f"{res['dtype']}{' + ' + res['quantization'] if res.get('quantization') else ''}, "
+             f"attention {res['impl']}; warm-up {res['warmup_s']:.0f} s "
              f"({res['compiles_warmup']} compiles), compiles after warm-up: "
              f"{res['compiles_after_warmup']}, all completed: {res['all_completed']}", "",
              "| prompt | alone TTFT s | alone prefill tok/s | alone decode tok/s | "
@@ -277,7 +287,8 @@ def main(argv=None) -> int:
     _setup_environment(args.dry_run)
     res = run(args)
     print(table(res), flush=True)
-    name = f"multigpu-{res['date']}{'-dryrun' if args.dry_run else ''}{args.tag}.json"
+    quant = f"-{args.quantization}" if args.quantization else ""
+    name = f"multigpu-{res['date']}{'-dryrun' if args.dry_run else ''}{quant}{args.tag}.json"
     for d in {args.out, os.environ.get("OUT")} - {None}:
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, name), "w") as fh:

@@ -79,7 +79,8 @@ class Llama4Runner:
         pc = sharding.parallel_config(mesh)
         step_bytes = memory_plan.activation_bytes(
             mc, pc, num_tokens=config.max_num_batched_tokens, num_seqs=config.max_num_seqs,
-            dtype=model.dtype) + memory_plan.DEFAULT_RESERVE
+            dtype=model.dtype, quantization="fp8" if model.fp8 else None) \
+            + memory_plan.DEFAULT_RESERVE
         devices = list(mesh.local_devices) if mesh is not None else [jax.devices()[0]]
         b = self.bounds
         has_chunked = bool(one_page.chunked_layers)
@@ -114,14 +115,19 @@ class Llama4Runner:
         bytes XLA may use per device; default: what the runtime reports). Raises
         ValueError with a one-line reason otherwise.
         """
+        from jaxattn.models.llama4.quantization import checkpoint_scheme
+
         dtype = dtype or config.dtype
         mc = llama4.Llama4Config.from_pretrained(model_dir)
+        if config.quantization is None and checkpoint_scheme(model_dir) is not None:
+            config = config.replace(quantization="fp8")  # an FP8 checkpoint loads as FP8
         plan = memory_plan.for_engine(mc, config, dtype=dtype or "bfloat16",
                                       usable=config.device_memory,
                                       devices=None if mesh is None else mesh.devices.flat)
         if plan is not None and not plan.fits:
             raise ValueError(plan.reason)
-        return cls(llama4.load(model_dir, dtype=dtype, mesh=mesh), config)
+        return cls(llama4.load(model_dir, dtype=dtype, mesh=mesh,
+                               quantization=config.quantization), config)
 
     # The step --------------------------------------------------------------------------
     def bucket_for(self, num_tokens: int) -> int:

@@ -155,7 +155,8 @@ def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_s
     kv_specs = kv_cache_lib.KVCache(k=(kv,) * layers, v=(kv,) * layers)
     return jax.shard_map(functools.partial(local_step, axes=sharding.axes_for(config, mesh)),
                          mesh=mesh,
-                         in_specs=(sharding.state_specs(state, config, mesh), kv_specs, P(), P()),
+                         in_specs=(sharding.state_specs(state, config, mesh, model.fp8), kv_specs, P(),
+                                   P()),
                          out_specs=(P(), kv_specs), check_vma=False)
 
 

@@ -34,3 +34,19 @@ def test_dry_run_expert_parallel_mixed_only(tmp_path, monkeypatch):
         res = json.load(f)
     assert res["mesh"] == "TP=2 EP=4 DP=1" and res["all_completed"]
     assert res["compiles_after_warmup"] == 0 and len(res["mixed"]["requests"]) == 3
+
+
+@pytest.mark.parametrize("split", [["-tp", "1"], ["-tp", "2", "-ep", "4"]])
+def test_dry_run_fp8(tmp_path, monkeypatch, split):
+    """--quantization fp8: FP8 experts and MLPs drawn per parameter and quantised on the
+    devices; one device (all of Scout on one H200) and expert x tensor parallel."""
+    monkeypatch.delenv("OUT", raising=False)
+    assert multigpu.main(["--dry-run", *split, "--quantization", "fp8", "--skip-alone",
+                          "--decode-tokens", "2", "--lengths", "64,79,200",
+                          "--out", str(tmp_path)]) == 0
+    (name,) = os.listdir(tmp_path)
+    assert "fp8" in name
+    with open(tmp_path / name) as f:
+        res = json.load(f)
+    assert res["quantization"] == "fp8" and res["all_completed"]
+    assert res["compiles_after_warmup"] == 0 and len(res["mixed"]["requests"]) == 3
