@@ -3,7 +3,9 @@
 Batch generation over a JSONL file. Each input line is an object with one of
 ``prompt`` (text), ``prompt_token_ids`` or ``messages`` (chat), an optional
 ``id`` (default: the line number) and optional per-line sampling fields
-(``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``n``).
+(``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``n``,
+``presence_penalty``, ``frequency_penalty``, ``repetition_penalty``, ``min_p``,
+``min_tokens``, ``logit_bias`` and ``response_format`` as in the HTTP API).
 Each output line: ``id``, ``text``, ``token_ids``, ``finish_reason``,
 ``num_prompt_tokens`` (and ``outputs`` with every choice when ``n > 1``).
 
@@ -25,7 +27,8 @@ from jaxattn.serve import cli
 from jaxattn.serve.config import initialize_distributed
 
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
-                    "stop_token_ids", "ignore_eos")
+                    "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "min_p", "min_tokens", "logit_bias")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +98,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: line with id {rid!r} has no prompt, prompt_token_ids or messages")
         fields = {**defaults, **{k: r[k] for k in _SAMPLING_FIELDS if k in r}}
         try:
+            if r.get("response_format") is not None:
+                from jaxattn.serve.protocol import structured_output_of
+
+                fields["structured_output"] = structured_output_of(r["response_format"])
             params.append(SamplingParams(**fields))
         except (TypeError, ValueError) as e:
             raise SystemExit(f"error: line with id {rid!r}: {e}")

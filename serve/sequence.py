@@ -36,6 +36,8 @@ class Sequence:
     error: str | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    matcher: object | None = None  # llguidance LLMatcher of a structured output (its tokens so far)
+    penalty_slot: int | None = None  # its row of the device penalty table while it runs
 
     def __post_init__(self):
         if not self.tokens:
