@@ -87,7 +87,7 @@ def grouped(args) -> list[dict]:
     ms = [(m, "prefill") for m in (PREFILL_M[:2] if args.quick else PREFILL_M)] + \
          [(m, "decode") for m in (DECODE_M[::2] if args.quick else DECODE_M)]
     for name, (k, n) in EXPERT_SHAPES.items():
-        w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / np.sqrt(k)
+        w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))  # a numpy scalar would promote to f32
         wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
         for m, phase in ms:
             sizes = _groups(m, rng)
