@@ -80,7 +80,8 @@ class EngineConfig:
         1, "devices the attention heads and MLP columns are split over", flags=("-tp",), type=int)
     expert_parallel_size: int = _flag(
         1, "devices the routed experts are split over; attention is split over tensor x expert "
-        "devices, so TP x EP must divide the KV heads (8 for Scout)", flags=("-ep",), type=int)
+        "devices, so TP x EP must divide the query heads and divide the KV heads or be a "
+        "multiple of them (KV heads are then replicated)", flags=("-ep",), type=int)
     data_parallel_size: int = _flag(
         1, "independent replicas (each on TP x EP devices, its own KV cache)", flags=("-dp",),
         type=int)
