@@ -113,7 +113,7 @@ class Bounds:
     chunk_size: int | None = None
     block_q: int = 128  # prefill tile: query tokens per work item
     block_kv: int = 128  # keys per kernel KV tile; split pieces are multiples of it
-    decode_q: int | None = None  # max new tokens of a decode-path sequence; None: 64 // group
+    decode_q: int | None = None  # max new tokens of a decode-path sequence; None: see dq
     num_workers: int = 132  # persistent CTAs (SMs of an H100)
     min_split_kv: int = 512  # split-KV never makes pieces shorter than this
 
