@@ -104,7 +104,7 @@ class Llama4Runner:
         self.model = model
         self.mesh = mesh
         if config.attention_impl == "auto" and kernels.on_hopper():
-            why = kernels.unsupported_reason(self.bounds, dtype)
+            why = kernels.unsupported_reason(self.bounds, model.dtype)
             if why:  # e.g. chunks of a few tokens: served, but not at the kernels' speed
                 log.warning("attention runs on the pure-JAX reference: the Mosaic kernels "
                             "cannot serve these bounds (%s)", why)

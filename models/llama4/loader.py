@@ -224,8 +224,9 @@ def unreplicated_rows(x, kv_head_rows: int, replicas: int):
 
 def _from_replicated_rows(read, kv_head_rows: int | None, replicas: int):
     """``read(idx)`` of a tensor whose rows are KV heads, as a reader of its replicated form:
-    a shard's rows come from the rows of the KV heads they copy (each read once)."""
-    if replicas == 1:
+    a shard's rows come from the rows of the KV heads they copy (each read once). Other
+    tensors (``kv_head_rows`` None) are read as they are."""
+    if replicas == 1 or not kv_head_rows:
         return read
     cache = {}
 

@@ -131,3 +131,42 @@ def test_llm_on_more_devices_than_kv_heads(tmp_path):
     llm = LLM(str(tmp_path), tensor_parallel_size=4, expert_parallel_size=2, **shape)
     assert llm.engine.runner.bounds.num_kv_heads == 1
     assert tokens(llm) == tokens(LLM(str(tmp_path), **shape))
+
+
+def test_fp8_checkpoint_and_fp8_init_replicate_kv_heads(tmp_path):
+    """A compressed-tensors checkpoint with FP8 attention (``weight`` + ``weight_scale`` per
+    output row, dequantised on load) on 4 devices with 2 KV heads: each device's K/V rows and
+    scales come from its KV head's; and FP8 attention drawn on the mesh has equal replicas."""
+    import os
+    import sys
+
+    import jax.numpy as jnp
+
+    from jaxattn.models.llama4.quantization import Fp8Scheme
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models", "llama4"))
+    from llama4_fixtures import checkpoint, expected, write_compressed_tensors
+
+    write_compressed_tensors(checkpoint("moe_dense"), str(tmp_path), quantize_attention=True)
+    one = llama4.load(tmp_path, dtype=jnp.float32)
+    four = llama4.load(tmp_path, dtype=jnp.float32, mesh=mesh(4, 1))
+    assert llama4.kv_replicas(one.config, 4) == 2
+    for proj in ("k_proj", "v_proj"):
+        want = np.asarray(getattr(one.model.layers[0].self_attn, proj).weight[...])  # [2*16, 64]
+        got = getattr(four.model.layers[0].self_attn, proj).weight[...]
+        np.testing.assert_array_equal(np.asarray(got), np.repeat(want.reshape(2, 16, 64), 2, 0)
+                                      .reshape(64, 64))
+    ids = expected("moe_dense")["input_ids"][:, :64]
+    a, b = np.asarray(one(ids), np.float64), np.asarray(four(ids), np.float64)
+    # The experts' FP8 activations are quantised per device over its own K slice.
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05
+
+    c = _config(2)
+    q = sharding.init_random(c, mesh(8, 1), seed=0, dtype=jnp.bfloat16,
+                             fp8=Fp8Scheme(attention=True))
+    attn = q.model.layers[0].self_attn.k_proj
+    w = np.asarray(attn.weight[...].astype(jnp.float32)).reshape(8, 16, 64)
+    s = np.asarray(attn.weight_scale[...]).reshape(8, 16)
+    for head in range(8):
+        np.testing.assert_array_equal(w[head], w[head // 4 * 4])
+        np.testing.assert_array_equal(s[head], s[head // 4 * 4])
