@@ -78,10 +78,10 @@ def _engine(model, case: Case) -> LLMEngine:
 
 
 def _reference_logprobs(model, seqs):
-    """log_softmax of the full forward's logits [B, L, V] over the sequences padded to one
-    length (causal: the padding after a sequence does not change its logits)."""
-    length = max(len(s) for s in seqs)
-    ids = np.zeros((len(seqs), length), np.int32)
+    """log_softmax of the full forward's logits over the sequences padded to one shape, so
+    it compiles once per config (causal: the padding after a sequence does not change its
+    logits)."""
+    ids = np.zeros((3, 80), np.int32)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = s
     return np.asarray(jax.nn.log_softmax(model(ids, impl="reference"), axis=-1))
@@ -107,7 +107,7 @@ def _check(model, prompts, outs):
 @example(_case(6, 2, 128, 16, 4, 2, 4, 2, 101, 16, "executor"))
 @example(_case(4, 1, 64, 1, 2, 1, 2, 4, 64, 8, "executor"))
 @example(_case(10, 2, 64, 3, 3, 2, 3, 1, 256, 4, "reference"))
-@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=cases())
 def test_engine_matches_the_reference_forward(case):
     config = llama4.Llama4Config.from_hf_dict(case.hf)
