@@ -49,20 +49,21 @@ def _scale(scale, d):
     return 1.0 / math.sqrt(d) if scale is None else scale
 
 
-def _kernel_impl(impl: str, head_dim: int, dtype, bounds: Bounds | None = None) -> str:
+def _kernel_impl(impl: str, head_dim: int, dtype, bounds: Bounds | None = None,
+                 chunk_size: int | None = None) -> str:
     """Resolve ``auto`` and check that a kernel path can run this configuration.
 
     ``auto`` takes the kernels only where they can serve the configuration
-    (Hopper, head_dim/dtype, and the bounds' tile and page sizes); otherwise
-    the reference. An explicit kernel impl that cannot serve it is a ValueError.
+    (Hopper, head_dim/dtype, and the bounds' tile and page sizes, or for the
+    contiguous form the chunk size); otherwise the reference. An explicit kernel
+    impl that cannot serve it is a ValueError.
     """
     from jaxattn import kernels
 
     def reason():
         if bounds is not None:
             return kernels.unsupported_reason(bounds, dtype)
-        return None if kernels.supports(head_dim, dtype) else (
-            f"head_dim {head_dim} / dtype {dtype} unsupported")
+        return kernels.contiguous_unsupported_reason(head_dim, dtype, chunk_size)
 
     if impl == "auto":
         ok = kernels.on_hopper() and reason() is None
@@ -108,7 +109,7 @@ def attention(q, k, v, *, causal: bool = True, chunk_size: int | None = None, sc
         _check(((0 <= kl) & (kl <= lk)).all(), f"kv_lens must be in [0, Lk={lk}]")
         _check(not causal or (ql <= kl).all(), "causal attention needs q_len <= kv_len "
                "(the new queries are the last q_len of kv_len positions)")
-    impl = _kernel_impl(impl, d, q.dtype)
+    impl = _kernel_impl(impl, d, q.dtype, chunk_size=chunk_size)
     scale = _scale(scale, d)
     if impl in ("mosaic", "interpret"):
         from jaxattn import kernels

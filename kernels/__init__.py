@@ -21,12 +21,15 @@ from jaxattn.kernels import common, decode, prefill
 from jaxattn.kernels.common import DTYPES, HEAD_DIMS, num_sms, on_hopper, supports
 from jaxattn.planner import Bounds, Plan
 
-__all__ = ["DTYPES", "HEAD_DIMS", "KernelPlan", "attention", "contiguous_bounds", "num_sms",
-           "on_hopper", "prepare",
+__all__ = ["DTYPES", "HEAD_DIMS", "KernelPlan", "attention", "contiguous_bounds",
+           "contiguous_unsupported_reason", "num_sms", "on_hopper", "prepare",
            "ragged_paged_attention", "supports", "unsupported_reason"]
 
 # Shorter key sequences are padded to this (a TMA box may not exceed the array's extent).
 _MIN_CONTIGUOUS_PAGE = 256
+# Chunk sizes the contiguous form takes: chunk-aligned key ranges must start on a KV tile
+# (the prefill kernel's tiles are multiples of 64 keys).
+_CHUNK_MULTIPLE = 64
 _INTERPRET_WORKERS = 4  # CTAs simulated in interpret mode: enough to exercise the tile schedule
 
 
@@ -37,6 +40,16 @@ def unsupported_reason(bounds: Bounds, dtype) -> str | None:
         decode.pick_config(bounds, dtype)
     except ValueError as e:
         return str(e)
+    return None
+
+
+def contiguous_unsupported_reason(head_dim: int, dtype, chunk_size: int | None = None
+                                  ) -> str | None:
+    """Why :func:`attention` (the contiguous form) cannot take these (None when it can)."""
+    if not supports(head_dim, dtype):
+        return f"head_dim {head_dim} / dtype {dtype} unsupported"
+    if chunk_size is not None and chunk_size % _CHUNK_MULTIPLE:
+        return f"chunk_size={chunk_size} is not a multiple of {_CHUNK_MULTIPLE}"
     return None
 
 
@@ -147,10 +160,10 @@ def contiguous_bounds(q_shape, k_shape, *, num_workers: int, chunk_size=None,
     lk, hkv = k_shape[1], k_shape[2]
     block_kv = block_kv or 128
     if chunk_size is not None and chunk_size % block_kv:
-        if chunk_size % 64:
-            raise ValueError(f"the Mosaic kernels need chunk_size to be a multiple of 64, "
-                             f"got {chunk_size}")
-        block_kv = 64
+        if chunk_size % _CHUNK_MULTIPLE:
+            raise ValueError(f"the Mosaic kernels need chunk_size to be a multiple of "
+                             f"{_CHUNK_MULTIPLE}, got {chunk_size}")
+        block_kv = _CHUNK_MULTIPLE
     # Each sequence's keys are one page (an identity page table of one column), so every KV
     # tile is one TMA copy at any length; the last tile reads past the page's end, which
     # TMA fills with zeros (masked keys). Small-page views of an unaligned length cost up

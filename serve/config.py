@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Any
 
 import jaxattn
@@ -79,7 +80,8 @@ class EngineConfig:
         1, "devices the attention heads and MLP columns are split over", flags=("-tp",), type=int)
     expert_parallel_size: int = _flag(
         1, "devices the routed experts are split over; attention is split over tensor x expert "
-        "devices, so TP x EP must divide the KV heads (8 for Scout)", flags=("-ep",), type=int)
+        "devices, so TP x EP must divide the query heads and divide the KV heads or be a "
+        "multiple of them (KV heads are then replicated)", flags=("-ep",), type=int)
     data_parallel_size: int = _flag(
         1, "independent replicas (each on TP x EP devices, its own KV cache)", flags=("-dp",),
         type=int)
@@ -164,11 +166,17 @@ def bucket_ladder(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
 
 
 def default_block_kv(chunk_size: int | None, page_size: int) -> int:
-    """The largest KV tile of whole pages, up to 128 keys, that divides the chunk (Bounds' rules)."""
+    """The largest KV tile of whole pages, up to 128 keys, that divides the chunk (Bounds' rules).
+
+    A chunk that is no multiple of the page size (a few tokens: any valid Llama 4 config
+    serves) gets the largest slice of a page that divides both, ``gcd(chunk, page_size)``:
+    chunk-aligned key ranges then start on a tile. The Mosaic kernels take no such tile
+    (``kernels.unsupported_reason``), so ``impl="auto"`` runs those bounds on the reference.
+    """
     for pages in range(max(1, 128 // page_size), 0, -1):
         if chunk_size is None or chunk_size % (pages * page_size) == 0:
             return pages * page_size
-    raise ValueError(f"attention_chunk_size={chunk_size} is not a multiple of page_size={page_size}")
+    return math.gcd(chunk_size, page_size)
 
 
 # The command line ----------------------------------------------------------------------

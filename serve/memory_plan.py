@@ -107,7 +107,7 @@ def _np_dtype(dtype):
 def _token_spec(config: Llama4Config, pc: parallel.ParallelConfig, dtype) -> kv_cache_lib.CacheSpec:
     chunked = tuple(i for i in range(config.num_hidden_layers) if config.is_chunked(i))
     return kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=1, page_size=1,
-                                  num_kv_heads=config.num_key_value_heads,
+                                  num_kv_heads=llama4.stored_kv_heads(config, pc.model),
                                   head_dim=config.head_dim, dtype=_np_dtype(dtype).name,
                                   shards=pc.model, chunked_layers=chunked)
 
@@ -159,7 +159,7 @@ def activation_bytes(config: Llama4Config, pc: parallel.ParallelConfig, *, num_t
     b = np.dtype(_np_dtype(dtype)).itemsize
     t, s, h, d = num_tokens, num_seqs, config.hidden_size, config.head_dim
     n, tp = pc.model, pc.tensor
-    hq, hkv = config.num_attention_heads // n, config.num_key_value_heads // n
+    hq, hkv = llama4.local_heads(config, n)
     k = config.num_experts_per_tok
     vocab_local = config.vocab_size // n if config.vocab_size % n == 0 else config.vocab_size
     residual = 3 * t * h * b  # x, the normed input, the block's output before the add

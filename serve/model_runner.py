@@ -18,6 +18,7 @@ from typing import Protocol, Sequence
 import jax
 import numpy as np
 
+from jaxattn import kernels
 from jaxattn.models import llama4
 from jaxattn.models.llama4 import sharding
 from jaxattn.planner import Bounds
@@ -102,6 +103,11 @@ class Llama4Runner:
         self.vocab_size = mc.vocab_size
         self.model = model
         self.mesh = mesh
+        if config.attention_impl == "auto" and kernels.on_hopper():
+            why = kernels.unsupported_reason(self.bounds, model.dtype)
+            if why:  # e.g. chunks of a few tokens: served, but not at the kernels' speed
+                log.warning("attention runs on the pure-JAX reference: the Mosaic kernels "
+                            "cannot serve these bounds (%s)", why)
         self._step = paged_step.make_step_fn(model, self.bounds, impl=config.attention_impl,
                                              gmm_impl=config.grouped_matmul_impl)
         self._kv_sharding = None if mesh is None else sharding.kv_sharding(mesh)

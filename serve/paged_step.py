@@ -20,7 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 import jaxattn
 from jaxattn import planner
-from jaxattn.models.llama4 import Llama4Config, Llama4ForCausalLM, local_heads, sharding
+from jaxattn.models.llama4 import (Llama4Config, Llama4ForCausalLM, local_heads, sharding,
+                                   stored_kv_heads)
 from jaxattn.models.llama4.layers import NO_AXES, Axes
 from jaxattn.serve import batch as batch_lib
 from jaxattn.serve import kv_cache as kv_cache_lib
@@ -63,13 +64,14 @@ def cache_spec(config: Llama4Config, *, num_pages: int, page_size: int,
     """One K and one V pool per layer: ``num_pages`` pages for the global layers,
     ``num_chunked_pages`` (default: as many) for the chunked-local ones, which keep only
     each sequence's live chunk (their own page table). ``model_parallel``: devices the KV
-    heads are split over (the spec's byte counts are then per device)."""
-    local_heads(config, model_parallel)
+    heads are split over (the spec's byte counts are then per device; on more devices than
+    KV heads each device holds one, replicated: ``llama4.stored_kv_heads``)."""
     chunked = chunked_layers(config)
     num_chunked_pages = (0 if not chunked else num_pages if num_chunked_pages is None
                          else num_chunked_pages)
     return kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=num_pages,
-                                  page_size=page_size, num_kv_heads=config.num_key_value_heads,
+                                  page_size=page_size,
+                                  num_kv_heads=stored_kv_heads(config, model_parallel),
                                   head_dim=config.head_dim, dtype=jnp.dtype(dtype).name,
                                   shards=model_parallel, chunked_layers=chunked,
                                   num_chunked_pages=num_chunked_pages)

@@ -45,7 +45,7 @@ from jaxattn.kernels import fp8 as fp8_lib
 from jaxattn.parallel import EXPERT, MODEL, TENSOR
 from jaxattn.models.llama4 import quantization as quant_lib
 from jaxattn.models.llama4.config import Llama4Config
-from jaxattn.models.llama4.model import Llama4ForCausalLM
+from jaxattn.models.llama4.model import Llama4ForCausalLM, kv_replicas
 from jaxattn.models.llama4.quantization import Fp8Scheme
 
 # Prefix of the text model inside Llama4ForConditionalGeneration checkpoints, and the
@@ -87,17 +87,24 @@ class TensorMap:
     split_axis: int | None = None
     fp8: bool = False
     experts: bool = False
+    # Rows are KV heads of this many rows each (the k/v projections): on a model-parallel
+    # group larger than the KV heads, each head is stored once per device that reads it
+    # (``replicas`` below; :func:`replicated_rows`).
+    kv_head_rows: int | None = None
 
-    def part_shape(self) -> tuple[int, ...]:
-        """One target's shape in HF's layout (a part of a fused tensor)."""
+    def part_shape(self, replicas: int = 1) -> tuple[int, ...]:
+        """One target's shape in HF's layout (a part of a fused tensor); ``replicas``: copies
+        of each KV head (``llama4.kv_replicas``), which multiply a KV tensor's rows."""
         shape = list(self.shape)
         if self.split_axis is not None:
             shape[self.split_axis] //= len(self.targets)
+        if self.kv_head_rows:
+            shape[0] *= replicas
         return tuple(shape)
 
-    def params(self, part: int) -> tuple[Param, ...]:
+    def params(self, part: int, replicas: int = 1) -> tuple[Param, ...]:
         """The model parameters target ``part`` fills: the weight, and its scale when FP8."""
-        target, spec, shape = self.targets[part], self.specs[part], self.part_shape()
+        target, spec, shape = self.targets[part], self.specs[part], self.part_shape(replicas)
         if not self.fp8:
             return (Param(target, shape, spec),)
         if self.experts:  # [E, K, N] -> K-major [E, N, K], scales [E, N]
@@ -118,11 +125,12 @@ def tensor_map(config: Llama4Config, fp8: Fp8Scheme | None = None) -> list[Tenso
     hq, hkv = c.num_attention_heads * d, c.num_key_value_heads * d
     out = []
 
-    def add(name, shape, spec, split=None, targets=None, quantized=False, experts=False):
+    def add(name, shape, spec, split=None, targets=None, quantized=False, experts=False,
+            kv_head_rows=None):
         path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
         out.append(TensorMap(name, tuple(shape), targets or (path,),
                              spec if isinstance(spec, tuple) else (spec,), split,
-                             fp8=quantized, experts=experts))
+                             fp8=quantized, experts=experts, kv_head_rows=kv_head_rows))
 
     q_attn = fp8 is not None and fp8.attention
     q_mlp = fp8 is not None and fp8.mlp
@@ -137,9 +145,11 @@ def tensor_map(config: Llama4Config, fp8: Fp8Scheme | None = None) -> list[Tenso
         add(pre + "post_attention_layernorm.weight", (h,), P())
         # Column-parallel projections split heads; the output projection is row-parallel.
         for proj, rows in (("q_proj", hq), ("k_proj", hkv), ("v_proj", hkv)):
-            add(pre + f"self_attn.{proj}.weight", (rows, h), P(MODEL, None), quantized=q_attn)
+            kv = None if proj == "q_proj" else d
+            add(pre + f"self_attn.{proj}.weight", (rows, h), P(MODEL, None), quantized=q_attn,
+                kv_head_rows=kv)
             if c.attention_bias:
-                add(pre + f"self_attn.{proj}.bias", (rows,), P(MODEL))
+                add(pre + f"self_attn.{proj}.bias", (rows,), P(MODEL), kv_head_rows=kv)
         add(pre + "self_attn.o_proj.weight", (h, hq), P(None, MODEL), quantized=q_attn)
         if c.attention_bias:
             add(pre + "self_attn.o_proj.bias", (h,), P())
@@ -194,11 +204,55 @@ def _from_host(shape, sharding, read):
     return out
 
 
-def _read_part(sl, t: TensorMap, part: int, sharding):
+def replicated_rows(x, kv_head_rows: int, replicas: int):
+    """Rows of KV heads (``kv_head_rows`` each) with every head repeated ``replicas`` times in
+    a row: on a model-parallel group of ``replicas`` x KV heads devices, device ``i`` holds
+    head ``i // replicas``, the one its query heads read. NumPy or jax arrays."""
+    if replicas == 1:
+        return x
+    xp = np if isinstance(x, np.ndarray) else jnp
+    heads = x.reshape(-1, kv_head_rows, *x.shape[1:])
+    return xp.repeat(heads, replicas, axis=0).reshape(-1, *x.shape[1:])
+
+
+def unreplicated_rows(x, kv_head_rows: int, replicas: int):
+    """The inverse of :func:`replicated_rows`: each KV head's first copy (``save``)."""
+    if replicas == 1:
+        return x
+    return x.reshape(-1, replicas, kv_head_rows, *x.shape[1:])[:, 0].reshape(-1, *x.shape[1:])
+
+
+def _from_replicated_rows(read, kv_head_rows: int | None, replicas: int):
+    """``read(idx)`` of a tensor whose rows are KV heads, as a reader of its replicated form:
+    a shard's rows come from the rows of the KV heads they copy (each read once). Other
+    tensors (``kv_head_rows`` None) are read as they are."""
+    if replicas == 1 or not kv_head_rows:
+        return read
+    cache = {}
+
+    def read_replicated(idx):
+        rows, x, parts = idx[0], idx[0].start, []
+        while x < rows.stop:
+            head, off = divmod(x, kv_head_rows)
+            end = min(rows.stop, (head + 1) * kv_head_rows)
+            src = head // replicas * kv_head_rows + off
+            piece = (slice(src, src + end - x),) + idx[1:]
+            key = tuple((s.start, s.stop) for s in piece)
+            if key not in cache:
+                cache[key] = read(piece)
+            parts.append(cache[key])
+            x = end
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    return read_replicated
+
+
+def _read_part(sl, t: TensorMap, part: int, sharding, replicas: int = 1):
     """Target ``part`` of HF tensor ``t`` (``sl``: its safetensors slice), read shard by shard.
 
     Part ``part`` of a fused tensor is the slice ``[part * n, (part + 1) * n)`` of its split
-    axis, so a shard of ``up_proj`` is read straight out of ``gate_up_proj``.
+    axis, so a shard of ``up_proj`` is read straight out of ``gate_up_proj``. ``replicas``:
+    copies of each KV head (``t.kv_head_rows``) on the mesh.
     """
     shape = t.part_shape()
 
@@ -209,7 +263,8 @@ def _read_part(sl, t: TensorMap, part: int, sharding):
                 + idx[t.split_axis + 1:]
         return sl[idx]
 
-    return _from_host(shape, sharding, read)
+    return _from_host(t.part_shape(replicas), sharding,
+                      _from_replicated_rows(read, t.kv_head_rows, replicas))
 
 
 def _read_stacked(slices, shape, sharding, *, scale: bool = False):
@@ -420,6 +475,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None,
 
     if mesh is not None:
         sharding_lib.check(config, mesh)
+    replicas = kv_replicas(config, sharding_lib.group_size(mesh))
     target_dtype = None if dtype is None else jnp.dtype(dtype)
     model = nnx.eval_shape(lambda: Llama4ForCausalLM(
         config, dtype=target_dtype or jnp.float32, rngs=nnx.Rngs(0), fp8=fp8))
@@ -445,18 +501,20 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None,
         for t in tmap:
             src = sources[t.name]
             for part in range(len(t.targets)):
-                params = t.params(part)
+                params = t.params(part, replicas)
                 shardings = tuple(place(p.spec, p.shape, t.name) for p in params)
                 for p, value in zip(params, _load_part(t, part, src, tensor, shardings,
-                                                       target_dtype, place)):
+                                                       target_dtype, place, replicas)):
                     _variable(model, p.path).set_value(value)
     model.mesh = mesh
     return model
 
 
-def _load_part(t: TensorMap, part: int, src: _Source, tensor, shardings, dtype, place):
-    """The device value(s) of target ``part`` of ``t``: the weight, and its scale when FP8."""
-    hf_shape = t.part_shape()
+def _load_part(t: TensorMap, part: int, src: _Source, tensor, shardings, dtype, place,
+               replicas: int = 1):
+    """The device value(s) of target ``part`` of ``t``: the weight, and its scale when FP8
+    (``replicas``: copies of each KV head, for the k/v projections)."""
+    hf_shape = t.part_shape(replicas)
     hf_sharding = place(t.specs[part], hf_shape, t.name)
     experts = t.experts
     if not src.per_expert:
@@ -465,7 +523,7 @@ def _load_part(t: TensorMap, part: int, src: _Source, tensor, shardings, dtype, 
             raise ValueError(f"tensor {key} in {file} has shape {tuple(sl.get_shape())}, "
                              f"expected {t.shape}")
         if src.scales is None:  # an unquantised tensor in HF's layout
-            x = _read_part(sl, t, part, hf_sharding)
+            x = _read_part(sl, t, part, hf_sharding, replicas)
             if t.fp8:
                 return _converter("quantize", None, shardings)(x, experts=experts)
             if dtype is not None and x.dtype != dtype:  # cast on the device
@@ -476,12 +534,13 @@ def _load_part(t: TensorMap, part: int, src: _Source, tensor, shardings, dtype, 
         if tuple(ssl.get_shape()) not in ((t.shape[0], 1), (t.shape[0],)):
             raise ValueError(f"tensor {skey} has shape {tuple(ssl.get_shape())}, expected "
                              f"({t.shape[0]}, 1)")
-        out = t.shape[0]
+        out = hf_shape[0]
         scale_sharding = place(P(_axis(t.specs[part], 0)), (out,), t.name)
-        q = _read_part(sl, t, part, hf_sharding)
+        q = _read_part(sl, t, part, hf_sharding, replicas)
         two_d = len(ssl.get_shape()) == 2
-        s = _from_host((out,), scale_sharding,
-                       lambda idx: ssl[idx + (slice(0, 1),)][:, 0] if two_d else ssl[idx])
+        s = _from_host((out,), scale_sharding, _from_replicated_rows(
+            lambda idx: ssl[idx + (slice(0, 1),)][:, 0] if two_d else ssl[idx],
+            t.kv_head_rows, replicas))
         if t.fp8:
             return (q, _converter("scale", None, shardings[1])(s, experts=False))
         return (_converter("dequantize", dtype or jnp.dtype(jnp.bfloat16), shardings[0])(
@@ -554,6 +613,9 @@ def save(model: Llama4ForCausalLM, path: str | os.PathLike, *,
         tensors = {}
         for t in shard:
             parts = [np.asarray(jax.device_get(_variable(model, p).get_value())) for p in t.targets]
+            if t.kv_head_rows and parts[0].shape[0] != t.shape[0]:  # KV heads replicated
+                parts = [unreplicated_rows(parts[0], t.kv_head_rows,
+                                           parts[0].shape[0] // t.shape[0])]
             tensors[t.name] = parts[0] if len(parts) == 1 else np.concatenate(parts, t.split_axis)
             weight_map[t.name] = file
         save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})

@@ -202,9 +202,30 @@ def init_random(config: Llama4Config, *, seed: int = 0, dtype=jnp.float32,
 
 
 def local_heads(config: Llama4Config, model_parallel: int = 1) -> tuple[int, int]:
-    """(query heads, KV heads) of one device when heads are split ``model_parallel`` ways."""
-    hq, hkv = config.num_attention_heads, config.num_key_value_heads
-    if hkv % model_parallel:
-        raise ValueError(f"tensor x expert parallel size {model_parallel} must divide the "
-                         f"{hkv} KV heads (attention is split by KV head)")
-    return hq // model_parallel, hkv // model_parallel
+    """(query heads, KV heads) of one device when heads are split ``model_parallel`` ways.
+
+    Query heads split evenly. KV heads split too while there are at least as many as
+    devices; past that each device holds the one KV head its query heads read, and each
+    KV head is replicated on ``model_parallel / KV heads`` devices (:func:`kv_replicas`),
+    as vLLM does. Its query heads then lie in one KV group, since the group size
+    ``Hq / Hkv`` is a multiple of the ``Hq / model_parallel`` heads a device holds.
+    """
+    hq, hkv, n = config.num_attention_heads, config.num_key_value_heads, model_parallel
+    if hq % n or (hkv % n and n % hkv):
+        raise ValueError(f"tensor x expert parallel size {n} must divide the {hq} query heads, "
+                         f"and divide the {hkv} KV heads or be a multiple of them (a KV head "
+                         f"is then replicated on {n} / {hkv} devices)")
+    return hq // n, max(1, hkv // n)
+
+
+def kv_replicas(config: Llama4Config, model_parallel: int = 1) -> int:
+    """Devices holding each KV head: 1 while the KV heads split over the model-parallel
+    group, else ``model_parallel / num_key_value_heads`` (see :func:`local_heads`)."""
+    local_heads(config, model_parallel)
+    return max(1, model_parallel // config.num_key_value_heads)
+
+
+def stored_kv_heads(config: Llama4Config, model_parallel: int = 1) -> int:
+    """KV heads over the whole group, replicas counted: the K/V projections' rows and the
+    KV pools' head axis have this many heads, one device's share ``local_heads(...)[1]``."""
+    return config.num_key_value_heads * kv_replicas(config, model_parallel)
