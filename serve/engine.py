@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import random
 import sys
 import threading
@@ -167,6 +168,9 @@ class LLMEngine:
         self.num_steps = 0
         self.warmed_up = False
         self.model_dir: str | None = None
+        # The model's generation_config.json sampling defaults (jaxattn.serve.generation_config):
+        # the front-ends apply them to the fields a request leaves out.
+        self.generation_defaults: dict = {}
 
     @classmethod
     def from_config(cls, config: EngineConfig, *, metrics=None):
@@ -177,9 +181,10 @@ class LLMEngine:
         :class:`~jaxattn.serve.data_parallel.DataParallelEngine` of that many replicas.
         """
         from jaxattn import parallel as parallel_lib
-        from jaxattn.serve import default_model
+        from jaxattn.serve import default_model, generation_config
 
         model_dir = config.model
+        check_model_dir(model_dir)
         if model_dir is None:
             print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
             model_dir = default_model.default_model_dir()
@@ -196,6 +201,7 @@ class LLMEngine:
             engine = cls(runner, tokenizer, config,
                          metrics=metrics if len(meshes) == 1 else None)
             engine.model_dir = model_dir
+            engine.generation_defaults = generation_config.sampling_defaults(model_dir)
             engines.append(engine)
         if len(engines) == 1:
             return engines[0]
@@ -500,6 +506,20 @@ class LLMEngine:
             hits = self.bm.prefix_hits
             self.metrics.on_step(num_tokens, generated, seconds, hits - self._reported_hits)
             self._reported_hits = hits
+
+
+def check_model_dir(model_dir: str | None) -> None:
+    """FileNotFoundError naming what is wrong with ``--model`` before anything reads it."""
+    if model_dir is None:
+        return
+    if not os.path.exists(model_dir):
+        raise FileNotFoundError(f"--model {model_dir}: the directory does not exist")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"--model {model_dir}: not a directory (give the Hugging Face "
+                                "model directory: config.json, safetensors, tokenizer files)")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"--model {model_dir}: the directory has no config.json (give "
+                                "the Hugging Face model directory)")
 
 
 @dataclasses.dataclass
