@@ -56,3 +56,13 @@ def test_readme_python_examples_run():
     namespace = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
+
+
+def test_readme_generated_blocks_are_current():
+    """The README's plan-memory table is what ``python -m jaxattn.plan_memory`` prints
+    (``python -m benchmarks.readme_tables`` rewrites it)."""
+    from benchmarks import readme_tables
+
+    text = (ROOT / "README.md").read_text()
+    assert readme_tables.render(text) == text, (
+        "README.md is stale: run python -m benchmarks.readme_tables")
