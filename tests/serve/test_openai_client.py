@@ -31,8 +31,11 @@ def _engine(make_runner, tokenizer):
 
 @pytest.fixture(scope="module")
 def server(make_runner, tokenizer):
-    with LiveServer(_engine(make_runner, tokenizer)) as s:
+    engine = _engine(make_runner, tokenizer)
+    warm = engine.compile_count
+    with LiveServer(engine) as s:
         yield s
+    assert engine.compile_count == warm  # nothing compiled while serving
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +252,24 @@ def test_default_body_limit_holds_max_model_len_tokens(tokenizer):
         sample = "The quick brown fox jumps over the lazy dog. " * 50
         per_token = len(json.dumps(sample)) / len(tokenizer.encode(sample))
         assert per_token * max_model_len < limit
+
+
+def test_api_key_flag_and_environment(monkeypatch):
+    from jaxattn.serve.__main__ import _loopback, build_parser
+
+    monkeypatch.setenv("JAXATTN_API_KEY", "from-env")
+    assert build_parser().parse_args([]).api_key == "from-env"
+    assert build_parser().parse_args(["--api-key", "flag"]).api_key == "flag"
+    monkeypatch.delenv("JAXATTN_API_KEY")
+    args = build_parser().parse_args([])
+    assert args.api_key is None and args.host == "127.0.0.1"
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
+    assert not _loopback("0.0.0.0") and not _loopback("10.1.2.3") and not _loopback("example.com")
+
+
+def test_zz_nothing_compiled_after_warmup(server, client):
+    """Scoring prompts (every bucket's prompt-logprob head) compiled at warm-up, not since."""
+    warm = server.engine.compile_count
+    client.completions.create(model="test-model", prompt=list(range(5, 105)), max_tokens=0,
+                              echo=True, logprobs=5)
+    assert server.engine.compile_count == warm
