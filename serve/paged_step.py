@@ -262,20 +262,16 @@ def make_prompt_logprobs_fn(model: Llama4ForCausalLM, k: int):
     @jax.jit
     def head(state, hidden, targets):
         m = nnx.merge(graphdef, state)
-        t = hidden.shape[0]
-        block = min(PROMPT_LOGPROB_BLOCK, t)
-        pad = -t % block
-        xs = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, block, hidden.shape[-1])
-        ys = jnp.pad(targets, (0, pad)).reshape(-1, block)
-
-        def one(args):
-            x, y = args
+        outs = []
+        # A Python loop over static blocks, not lax.map: a scan is a while loop on the GPU,
+        # whose predicate the host reads, and the engine must not wait on a step it enqueued.
+        for start in range(0, hidden.shape[0], PROMPT_LOGPROB_BLOCK):
+            x = hidden[start:start + PROMPT_LOGPROB_BLOCK]
+            y = targets[start:start + PROMPT_LOGPROB_BLOCK]
             lp = jax.nn.log_softmax(m.logits(x), axis=-1)  # [block, vocab] f32
             chosen = jnp.take_along_axis(lp, jnp.clip(y, 0, lp.shape[-1] - 1)[:, None], -1)[:, 0]
             top_lp, top_ids = jax.lax.top_k(lp, k)
-            return chosen, top_ids.astype(jnp.int32), top_lp
-
-        chosen, top_ids, top_lp = jax.lax.map(one, (xs, ys))
-        return (chosen.reshape(-1)[:t], top_ids.reshape(-1, k)[:t], top_lp.reshape(-1, k)[:t])
+            outs.append((chosen, top_ids.astype(jnp.int32), top_lp))
+        return tuple(jnp.concatenate(parts) for parts in zip(*outs))
 
     return lambda hidden, targets: head(state, hidden, targets)
