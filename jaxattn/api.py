@@ -75,6 +75,11 @@ def _kernel_impl(impl: str, head_dim: int, dtype, bounds: Bounds | None = None) 
     return impl
 
 
+def resolve_impl(impl: str, bounds: Bounds, dtype) -> str:
+    """The implementation ``impl`` runs as for these bounds and dtype (``auto`` resolved)."""
+    return _kernel_impl(impl, bounds.head_dim, jnp.dtype(dtype), bounds)
+
+
 def attention(q, k, v, *, causal: bool = True, chunk_size: int | None = None, scale=None,
               q_lens=None, kv_lens=None, return_lse: bool = False, impl: str = "auto"):
     """Attention over contiguous batches (research form).
@@ -157,7 +162,7 @@ def validate_ragged(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seq
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, *,
                            bounds: Bounds, scale=None, chunk_size=None, return_lse=False,
-                           impl: str = "auto", causal: bool = True, plan: Plan | None = None):
+                           impl: str = "auto", causal: bool = True, plan=None):
     """Attention for a packed batch of new tokens over a paged KV cache (serving form).
 
     q [T, Hq, D]: the new tokens of all sequences, packed; sequence s owns rows
@@ -165,8 +170,9 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
     Hkv, D] (the layout is documented in :mod:`jaxattn.reference`);
     page_table [S, pages_per_seq] int32; kv_lens [S] counts the new tokens
     too; num_seqs: valid sequences (scalar). Mixed prefill, chunked prefill
-    and decode sequences go in one call with static shapes. ``plan`` may be
-    passed in to share one plan between layers of the same kind.
+    and decode sequences go in one call with static shapes. ``plan`` (a ``Plan``, or for
+    the kernels a ``jaxattn.kernels.KernelPlan``) may be passed in to share one plan
+    between layers of the same kind.
     Returns out [T, Hq, D] (rows past the last sequence are 0) and optionally
     lse [T, Hq].
     """

@@ -530,7 +530,7 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
 
 def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds: Bounds,
                      scale: float, causal: bool = True, interpret=False,
-                     config: DecodeConfig | None = None):
+                     config: DecodeConfig | None = None, metadata: DecodeMeta | None = None):
     """Attention of the rows the decode work list covers.
 
     q [T, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; page_table
@@ -542,7 +542,10 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
     item covers are 0 / -inf.
     """
     t, hq, d = q.shape
-    md = decode_metadata(items, bounds=bounds, num_tokens=t)
+    # A model passes the metadata in: it depends only on the step's plan, so every layer
+    # of a kind shares one copy (benchmarks/NOTES-decode.md, v3).
+    md = metadata if metadata is not None else decode_metadata(items, bounds=bounds,
+                                                                num_tokens=t)
     out_ref, lse_tiles, opart = main_kernel(q, k_pages, v_pages, page_table, md, bounds=bounds,
                                             scale=scale, causal=causal, interpret=interpret,
                                             config=config)

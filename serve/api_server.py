@@ -57,6 +57,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxattn.serve import generation_config
+from jaxattn.serve import tool_calls
 from jaxattn.serve.async_engine import AsyncEngine, EngineDeadError
 from jaxattn.serve.outputs import Delta, TokenLogprob
 from jaxattn.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -215,10 +216,11 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None, owns_engine
         return [_encode(tokenizer, t) for t in texts]
 
     def encode_chat(messages: list[dict], add_generation_prompt: bool,
-                    params: SamplingParams) -> list[int]:
+                    params: SamplingParams, tools: list[dict] | None = None) -> list[int]:
         try:
             text = tokenizer.apply_chat_template(messages,
-                                                 add_generation_prompt=add_generation_prompt)
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 **({"tools": tools} if tools else {}))
             # The template may trim or drop text: the bound holds for what it rendered.
             fits(tokenizer.min_num_tokens(text), params, exact=False)
             # The template writes the BOS token itself: encoding must not add another.
@@ -328,16 +330,18 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None, owns_engine
             messages = [m.as_template_input() for m in req.messages]
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
+        _, tool_choice = req.tool_setup()  # validated by _params
         ids = await workers.run(len(await request.body()), encode_chat, messages,
-                                req.add_generation_prompt, params)
+                                req.add_generation_prompt, params, req.tools)
         _check_logprobs([len(ids)], params, max_model_len)
         rid, eid = _ids("chatcmpl", request)
         (gen,) = await _start_all(engine, [(eid, ids)], params)
         if req.stream:
-            return _sse(_chat_chunks(rid, model_name, gen, params.n, req, tokenizer), [gen])
+            return _sse(_chat_chunks(rid, model_name, gen, params.n, req, tokenizer, tool_choice),
+                        [gen])
         (deltas,) = await _collect_all([gen], request)
         return await workers.run(_output_work([deltas], params), _chat_response, rid,
-                                 model_name, deltas, params, tokenizer)
+                                 model_name, deltas, params, tokenizer, tool_choice)
 
     return app
 
@@ -732,12 +736,22 @@ def _completion_response(rid, model_name, prompts, results, req: CompletionReque
 
 
 def _chat_response(rid, model_name, deltas: list[Delta], params: SamplingParams,
-                   tokenizer) -> SafeJSONResponse:
+                   tokenizer, tool_choice: str | None = None) -> SafeJSONResponse:
     per = _merge(deltas, params.n)
-    choices = [{"index": j, "message": {"role": "assistant", "content": per[j]["text"]},
-                "logprobs": _chat_logprobs(per[j]["logprobs"], tokenizer)
-                if params.logprobs is not None else None,
-                "finish_reason": per[j]["finish_reason"]} for j in range(params.n)]
+    choices = []
+    for j in range(params.n):
+        message = {"role": "assistant", "content": per[j]["text"]}
+        finish = per[j]["finish_reason"]
+        calls = (tool_calls.parse(per[j]["text"]) if tool_choice not in (None, "none")
+                 else None)
+        if calls:
+            message = {"role": "assistant", "content": None,
+                       "tool_calls": [c.as_openai() for c in calls]}
+            finish = _tool_finish(finish, tool_choice)
+        choices.append({"index": j, "message": message,
+                        "logprobs": _chat_logprobs(per[j]["logprobs"], tokenizer)
+                        if params.logprobs is not None else None,
+                        "finish_reason": finish})
     usage = _usage()
     _add_usage(usage, deltas, params.n)
     return SafeJSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
@@ -951,8 +965,20 @@ async def _completion_chunks(rid, model, gens, n, req: CompletionRequest, tokeni
                "choices": [], "usage": usage}
 
 
-async def _chat_chunks(rid, model, gen, n, req: ChatCompletionRequest, tokenizer):
+def _tool_finish(finish: str | None, tool_choice: str | None) -> str | None:
+    """OpenAI's finish_reason for an output that made calls: "tool_calls", except for a
+    named tool_choice ("stop"), and "length" stays."""
+    if finish != "stop" or tool_choice not in ("auto", "required"):
+        return finish
+    return "tool_calls"
+
+
+async def _chat_chunks(rid, model, gen, n, req: ChatCompletionRequest, tokenizer,
+                       tool_choice: str | None = None):
     created = int(time.time())
+    # Per output: its tool-call stream (None: plain content).
+    tools = {j: tool_calls.ToolCallStream(constrained=tool_choice not in ("auto",))
+             for j in range(n)} if tool_choice not in (None, "none") else {}
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     for j in range(n):
         yield dict(base, choices=[{"index": j, "delta": {"role": "assistant", "content": ""},
@@ -967,9 +993,24 @@ async def _chat_chunks(rid, model, gen, n, req: ChatCompletionRequest, tokenizer
             continue
         lp = (_chat_logprobs(list(d.logprobs), tokenizer)
               if req.logprobs and d.logprobs else None)
-        delta = {"content": d.text} if d.text else {}
+        finish = d.finish_reason
+        if d.index in tools:
+            stream = tools[d.index]
+            deltas = stream.feed(d.text, final=d.finish_reason is not None)
+            if stream.calls:
+                finish = _tool_finish(finish, tool_choice)
+            for k, delta in enumerate(deltas):  # the finish and logprobs go with the last
+                last = k == len(deltas) - 1
+                yield dict(base, choices=[{"index": d.index, "delta": delta,
+                                           "logprobs": lp if last else None,
+                                           "finish_reason": finish if last else None}])
+            if deltas or (finish is None and not lp):
+                continue
+            delta = {}
+        else:
+            delta = {"content": d.text} if d.text else {}
         yield dict(base, choices=[{"index": d.index, "delta": delta, "logprobs": lp,
-                                   "finish_reason": d.finish_reason}])
+                                   "finish_reason": finish}])
     if req.stream_options and req.stream_options.include_usage:
         usage = _usage()
         _add_usage(usage, list(latest.values()), n)

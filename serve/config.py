@@ -17,6 +17,7 @@ import jaxattn
 from jaxattn.parallel import ParallelConfig
 
 DTYPES = ("bfloat16", "float16", "float32")
+QUANTIZATIONS = ("fp8",)
 ATTENTION_IMPLS = ("auto", "reference", "executor", "mosaic")
 GROUPED_MATMUL_IMPLS = ("auto", "xla", "mosaic")
 DEFAULT_MAX_MODEL_LEN = 8192  # when the model allows more and none is asked for
@@ -54,6 +55,11 @@ class EngineConfig:
                               choices=DTYPES)
     kv_cache_dtype: str | None = _flag(None, "KV cache dtype (default: the weights' dtype)",
                                        choices=DTYPES)
+    quantization: str | None = _flag(
+        None, "fp8: float8_e4m3fn weights with per-output-channel scales for the routed experts, "
+        "shared expert and dense MLPs (quantised while loading; activations per token at run "
+        "time); --dtype is then everything else's. Compressed-tensors FP8 checkpoints load "
+        "in FP8 without it", choices=QUANTIZATIONS)
     buckets: tuple[int, ...] | None = _flag(
         None, "comma-separated step token counts to compile (default: powers of two from 16 up "
         "to --max-num-batched-tokens, which must be the largest)", type=_buckets)
@@ -94,6 +100,7 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         for name, allowed in (("dtype", DTYPES), ("kv_cache_dtype", DTYPES),
+                              ("quantization", QUANTIZATIONS),
                               ("attention_impl", ATTENTION_IMPLS),
                               ("grouped_matmul_impl", GROUPED_MATMUL_IMPLS)):
             value = getattr(self, name)

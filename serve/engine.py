@@ -21,6 +21,15 @@ device's (benchmarks/NOTES-model.md).
 ``add_request`` / ``abort`` / ``step``. The offline API drives it directly; the
 server drives it from one engine thread (:mod:`jaxattn.serve.async_engine`).
 
+Logit processing (penalties, ``logit_bias``, ``min_tokens``, ``min_p``, structured
+output) rides in the step as fixed-shape arrays (:class:`~jaxattn.serve.sampling.Processing`),
+only when some sampling row needs it. A structured output's grammar needs every token of
+its sequence before it can give the mask of the next one, so a step that samples a
+constrained sequence whose last token is still in flight first lands the step before
+(synchronous for that step: the host computes the masks from the landed tokens, then
+enqueues). Penalties need no such wait: their counts live on the device
+(:mod:`jaxattn.serve.sampling`).
+
 Static shapes: a step's token count is rounded up to a fixed ladder of
 buckets and its sequences padded to ``max_num_seqs``, so the model step
 compiles once per bucket and the sampler once per mode, all during :meth:`warmup`.
@@ -54,9 +63,11 @@ from jaxattn.serve.config import EngineConfig
 from jaxattn.serve.model_runner import Llama4Runner, ModelRunner, SamplingRow
 from jaxattn.serve.output_processor import OutputProcessor
 from jaxattn.serve.outputs import Delta, TokenLogprob
+from jaxattn.serve import sampling_params as sampling_params_lib
 from jaxattn.serve.sampling_params import SamplingParams
 from jaxattn.serve.scheduler import Scheduled, Scheduler
-from jaxattn.serve.sequence import Sequence
+from jaxattn.serve.sequence import Sequence, Status
+from jaxattn.serve import structured
 from jaxattn.serve.tokenizer import Tokenizer
 
 log = logging.getLogger("jaxattn.serve")
@@ -155,6 +166,13 @@ class LLMEngine:
                                    max_num_batched_tokens=b.max_num_batched_tokens)
         self.output = OutputProcessor(tokenizer, b.max_model_len)
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
+        self.grammars = (structured.GrammarBackend(tokenizer, runner.vocab_size)
+                         if tokenizer is not None else None)
+        # Rows of the runner's penalty table (sampling.PenaltyState): free ones, and who holds
+        # the others. A sequence holds one while it runs and a later owner reseeds it.
+        num_slots = getattr(runner, "num_penalty_slots", 0)
+        self._free_slots = list(range(num_slots - 1, -1, -1))
+        self._slot_owner: dict[int, Sequence] = {}
         self.metrics = None
         if metrics is not None:
             self.attach_metrics(metrics)
@@ -233,6 +251,17 @@ class LLMEngine:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.bounds.max_num_seqs}")
         if params.prompt_logprobs is not None and not hasattr(self.runner, "prompt_logprobs"):
             raise ValueError("this engine's model runner cannot score prompts (prompt_logprobs)")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.min_tokens and not params.ignore_eos and (
+                len(self.eos_token_ids | set(params.stop_token_ids))
+                > sampling_params_lib.MAX_MIN_TOKENS_STOP_IDS):
+            raise ValueError("min_tokens: too many stop token ids to hold back")
+        if params.processes_logits and not getattr(self.runner, "num_penalty_slots", 0):
+            raise ValueError("this model runner does not take penalties, logit_bias, min_p, "
+                             "min_tokens or structured output")
+        if params.structured_output is not None and self.grammars is None:
+            raise ValueError("structured output needs a tokenizer")
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
                     *, arrival_time: float | None = None) -> None:
@@ -247,6 +276,11 @@ class LLMEngine:
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs = [Sequence(next(self._seq_ids), request_id, i, prompt, params, seed, stop_ids,
                          max_tokens, arrival_time=now) for i in range(params.n)]
+        if params.structured_output is not None:
+            # The grammar is compiled once per request; each output walks its own copy.
+            first = self.grammars.matcher(params.structured_output)
+            for seq in seqs:
+                seq.matcher = first if seq.index == 0 else first.deep_copy()
         self._requests[request_id] = seqs
         for seq in seqs:
             self.output.add(seq)
@@ -325,7 +359,15 @@ class LLMEngine:
             self.metrics.on_preempt(len(out.preempted))
         prev, self._inflight = self._inflight, None
         deltas: list[Delta] = []
-        flight = self._dispatch(out.scheduled, prev, deltas) if out.scheduled else None
+        scheduled = out.scheduled
+        if prev is not None and any(s.samples and s.seq.matcher is not None
+                                    and s.seq.num_inflight for s in scheduled):
+            # A grammar's next mask needs the token in flight: land that step first (this
+            # step is synchronous). Landing may finish scheduled sequences: they drop out.
+            deltas += self._land(prev)
+            prev = None
+            scheduled = [s for s in scheduled if not s.seq.finished]
+        flight = self._dispatch(scheduled, prev, deltas) if scheduled else None
         if prev is not None:
             deltas += self._land(prev)
         if flight is not None and not self.async_scheduling:
@@ -342,6 +384,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         # Host-side inputs, sequence by sequence: one whose own inputs cannot be built (a
         # bookkeeping bug, a parameter the sampler cannot take) fails alone and leaves the step.
+        self._release_slots()
         live, steps, rows = [], [], []
         # Prompt scoring: per new token of the step, the prompt token that follows it (-1: not
         # wanted); and per scoring sequence (its index in live, first row, first position, rows).
@@ -376,10 +419,17 @@ class LLMEngine:
             return None
         num_tokens = sum(s.num_new for s in live)
         want_lp = any(s.samples and s.seq.params.logprobs for s in live)
+        extra = {}
+        try:
+            if any(s.samples and s.seq.params.processes_logits for s in live):
+                extra = self._processing(live, prev)
+        except Exception as e:  # a grammar failed: the constrained sequences of the step fail
+            deltas += self._step_failed([s.seq for s in live], e)
+            return None
         try:
             sampled = self.runner.step(steps, rows, want_logprobs=want_lp,
                                        prev_tokens=None if prev is None else
-                                       prev.sampled.token_ids)
+                                       prev.sampled.token_ids, **extra)
             prompt_lp = self.runner.prompt_logprobs(targets) if scored else None
         except Exception as e:  # the whole step failed: its sequences fail, the engine goes on
             deltas += self._step_failed([s.seq for s in live], e)
@@ -457,6 +507,48 @@ class LLMEngine:
             log.warning("KV cache rebuilt after a failed step; %d sequences recompute", n)
         return deltas
 
+    # Logit processing ---------------------------------------------------------------------
+    def _release_slots(self) -> None:
+        """Penalty-table rows of sequences that no longer run go back to the pool (a
+        preempted sequence reseeds a row when it runs again)."""
+        for slot, seq in list(self._slot_owner.items()):
+            if seq.status is not Status.RUNNING:
+                del self._slot_owner[slot]
+                seq.penalty_slot = None
+                self._free_slots.append(slot)
+
+    def _processing(self, live: list[Scheduled], prev: _InFlight | None) -> dict:
+        """The step's Processing arrays and penalty seeds (runner.step's keyword arguments)."""
+        runner = self.runner
+        proc = sampling.Processing.neutral(self.bounds.max_num_seqs, runner.vocab_size,
+                                           runner.num_penalty_slots)
+        seeds = []
+        for i, s in enumerate(live):
+            seq, p = s.seq, s.seq.params
+            if not (s.samples and p.processes_logits):
+                continue
+            proc.presence[i], proc.frequency[i] = p.presence_penalty, p.frequency_penalty
+            proc.repetition[i], proc.min_p[i] = p.repetition_penalty, p.min_p
+            if p.penalized:
+                if seq.penalty_slot is None:  # takes a row: seed it with the tokens so far
+                    seq.penalty_slot = self._free_slots.pop()
+                    self._slot_owner[seq.penalty_slot] = seq
+                    pending = prev.rows[seq.seq_id] if seq.num_inflight and prev else None
+                    seeds.append(sampling.PenaltySeed(seq.penalty_slot, seq.prompt_token_ids,
+                                                      seq.output_token_ids, pending))
+                proc.slot[i] = seq.penalty_slot
+            bias = dict(p.logit_bias or {})
+            position = seq.num_output_tokens + seq.num_inflight
+            if position < p.min_tokens and seq.matcher is None:
+                for t in seq.stop_ids:
+                    bias[t] = -np.inf
+            if bias:
+                proc.bias_ids[i, :len(bias)] = list(bias)
+                proc.bias_values[i, :len(bias)] = list(bias.values())
+            if seq.matcher is not None:
+                structured.fill_row(seq.matcher, proc.mask, i)
+        return {"processing": proc, "seeds": seeds}
+
     # Per-sequence bookkeeping ---------------------------------------------------------
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
@@ -479,7 +571,13 @@ class LLMEngine:
             seq.first_token_time = now
         seq.last_token_time = now
         seq.tokens.append(token)
-        text, reason = self.output.on_token(seq, token)
+        grammar_done = False
+        if seq.matcher is not None and token not in seq.stop_ids:
+            error = structured.consume(seq.matcher, token)
+            if error is not None:
+                return self._fail(seq, error)
+            grammar_done = seq.matcher.is_stopped()  # complete: nothing may follow
+        text, reason = self.output.on_token(seq, token, grammar_done=grammar_done)
         if reason is not None:
             self._finish(seq, reason)
         return self.output.delta(seq, text, (token,), (lp,) if lp is not None else None)

@@ -2,7 +2,10 @@
 
 Batch generation over a JSONL file. Each input line is an object with one of
 ``prompt`` (text), ``prompt_token_ids`` or ``messages`` (chat), an optional
-``id`` and optional per-line sampling fields (:data:`SAMPLING_FIELDS`).
+``id`` and optional per-line sampling fields (:data:`SAMPLING_FIELDS`: ``max_tokens``,
+``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``n``, ``presence_penalty``,
+``frequency_penalty``, ``repetition_penalty``, ``min_p``, ``min_tokens``, ``logit_bias``, and
+``response_format`` as in the HTTP API).
 Each output line: ``id``, ``text``, ``token_ids``, ``finish_reason``,
 ``num_prompt_tokens`` (and ``outputs`` with every choice when ``n > 1``).
 
@@ -36,7 +39,8 @@ from jaxattn.serve import cli
 from jaxattn.serve.config import initialize_distributed
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
-                   "stop_token_ids", "ignore_eos")
+                   "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "min_p", "min_tokens", "logit_bias")
 PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
 _EPILOG = """\
 seeds: --seed seeds the engine: a line without its own "seed" (and no --sampling-seed) samples
@@ -178,6 +182,10 @@ def resolve_params(lines: list[Line], args, model_defaults: dict) -> list[str]:
         if fields.get("seed") is None:  # derived from the engine seed and the id: resumable
             fields["seed"] = random.Random(f"{args.seed}/{line.id!r}").getrandbits(63)
         try:
+            if line.row.get("response_format") is not None:
+                from jaxattn.serve.protocol import structured_output_of
+
+                fields["structured_output"] = structured_output_of(line.row["response_format"])
             line.params = SamplingParams(**fields)
         except (TypeError, ValueError) as e:
             bad.append(f"{line.where}: {e}")

@@ -33,14 +33,22 @@ def attention_kinds(config: Llama4Config) -> tuple:
     return tuple(sorted(chunks, key=lambda c: -1 if c is None else c))
 
 
-def plans(config: Llama4Config, bounds: jaxattn.Bounds, batch: StepBatch) -> tuple:
+def plans(config: Llama4Config, bounds: jaxattn.Bounds, batch: StepBatch,
+          impl: str = "auto", dtype=jnp.bfloat16) -> tuple:
     """The work plans of one step, one per kind of :func:`attention_kinds`.
 
     Built once per step (outside any ``shard_map``: the same replicated plan feeds
-    every device, whose bounds count its local heads) and shared by every layer.
+    every device, whose bounds count its local heads) and shared by every layer; for the
+    kernels, with the metadata they derive from it (``jaxattn.kernels.prepare``).
     """
-    return tuple(planner.plan(bounds, batch.cu_q_lens, batch.kv_lens, batch.num_seqs,
-                              chunk_size=c) for c in attention_kinds(config))
+    step_plans = tuple(planner.plan(bounds, batch.cu_q_lens, batch.kv_lens, batch.num_seqs,
+                                    chunk_size=c) for c in attention_kinds(config))
+    if jaxattn.api.resolve_impl(impl, bounds, dtype) not in ("mosaic", "interpret"):
+        return step_plans
+    from jaxattn import kernels
+
+    t = batch.token_ids.shape[0]
+    return tuple(kernels.prepare(p, bounds=bounds, num_tokens=t) for p in step_plans)
 
 
 def chunked_layers(config: Llama4Config) -> tuple[int, ...]:
@@ -151,7 +159,8 @@ def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_s
     kv_specs = kv_cache_lib.KVCache(k=(kv,) * layers, v=(kv,) * layers)
     return jax.shard_map(functools.partial(local_step, axes=sharding.axes_for(config, mesh)),
                          mesh=mesh,
-                         in_specs=(sharding.state_specs(state, config, mesh), kv_specs, P(), P()),
+                         in_specs=(sharding.state_specs(state, config, mesh, model.fp8), kv_specs, P(),
+                                   P()),
                          out_specs=(P(), P(), kv_specs) if return_hidden else (P(), kv_specs),
                          check_vma=False)
 
@@ -184,7 +193,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     compute: the buffer exists anyway and is only kept).
     """
     graphdef, state = nnx.split(model)
-    config = model.config
+    config, dtype = model.config, model.dtype  # dtype: the attention's q/k/v
 
     def local_step(state, kv_cache, batch, step_plans, axes=NO_AXES):
         return forward(nnx.merge(graphdef, state), kv_cache, batch, bounds=bounds,
@@ -206,7 +215,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         ids = batch.token_ids
         batch = batch._replace(token_ids=jnp.where(
             ids < 0, prev_tokens[jnp.clip(-ids - 1, 0, prev_tokens.shape[0] - 1)], ids))
-        return local_step(state, kv_cache, batch, plans(config, bounds, batch))
+        return local_step(state, kv_cache, batch, plans(config, bounds, batch, impl, dtype))
 
     device = jax.devices()[0]
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, P())

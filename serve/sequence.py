@@ -41,6 +41,8 @@ class Sequence:
     # them). Filled by position, so a prefill recomputed after preemption changes nothing.
     prompt_logprobs: list | None = None
     prompt_logprobs_sent: bool = False
+    matcher: object | None = None  # llguidance LLMatcher of a structured output (its tokens so far)
+    penalty_slot: int | None = None  # its row of the device penalty table while it runs
 
     def __post_init__(self):
         if not self.tokens:

@@ -31,10 +31,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxattn import parallel
+from jaxattn.kernels import fp8 as fp8_lib
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.loader import tensor_map
 from jaxattn.models.llama4.layers import Axes
 from jaxattn.models.llama4.model import Llama4ForCausalLM
+from jaxattn.models.llama4.quantization import Fp8Scheme
 
 # Embedding / LM head rows: split over the group only when the vocabulary divides.
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -111,18 +113,17 @@ def resolve(spec: P, shape, mesh: Mesh | None, *, name: str = "tensor") -> P:
 
 
 @functools.lru_cache(maxsize=16)
-def spec_table(config: Llama4Config, mesh: Mesh | None) -> dict[tuple, tuple[P, tuple]]:
-    """Model attribute path -> (PartitionSpec on this mesh, global shape), every parameter."""
+def spec_table(config: Llama4Config, mesh: Mesh | None,
+               fp8: Fp8Scheme | None = None) -> dict[tuple, tuple[P, tuple]]:
+    """Model attribute path -> (PartitionSpec on this mesh, global shape), every parameter
+    (``fp8``: the model's FP8 scheme; its weights are K-major, each with a scale)."""
     out = {}
     vocab = vocab_parallel(config, mesh)
-    for t in tensor_map(config):
-        shape = list(t.shape)
-        if t.split_axis is not None:
-            shape[t.split_axis] //= len(t.targets)
-        for target, spec in zip(t.targets, t.specs):
-            if t.name in VOCAB_TENSORS and not vocab:
-                spec = P()
-            out[target] = (resolve(spec, shape, mesh, name=t.name), tuple(shape))
+    for t in tensor_map(config, fp8):
+        for part in range(len(t.targets)):
+            for p in t.params(part):
+                spec = P() if t.name in VOCAB_TENSORS and not vocab else p.spec
+                out[p.path] = (resolve(spec, p.shape, mesh, name=t.name), p.shape)
     return out
 
 
@@ -138,9 +139,9 @@ def _attr_path(path) -> tuple:
     return tuple(keys[:-1]) if keys and keys[-1] == "value" else tuple(keys)
 
 
-def state_specs(state, config: Llama4Config, mesh: Mesh | None):
+def state_specs(state, config: Llama4Config, mesh: Mesh | None, fp8: Fp8Scheme | None = None):
     """A tree like ``state`` (from ``nnx.split``) with each parameter's PartitionSpec."""
-    table = spec_table(config, mesh)
+    table = spec_table(config, mesh, fp8)
 
     def spec(path, _):
         key = _attr_path(path)
@@ -163,7 +164,7 @@ def shard(model: Llama4ForCausalLM, mesh: Mesh) -> Llama4ForCausalLM:
     """Place an existing model's parameters on ``mesh`` (tests, small models); returns it."""
     check(model.config, mesh)
     graphdef, state = nnx.split(model)
-    specs = state_specs(state, model.config, mesh)
+    specs = state_specs(state, model.config, mesh, model.fp8)
     state = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, specs)
     nnx.update(model, state)
     model.mesh = mesh
@@ -171,29 +172,54 @@ def shard(model: Llama4ForCausalLM, mesh: Mesh) -> Llama4ForCausalLM:
 
 
 def init_random(config: Llama4Config, mesh: Mesh, *, seed: int = 0,
-                dtype=jnp.bfloat16) -> Llama4ForCausalLM:
+                dtype=jnp.bfloat16, fp8: Fp8Scheme | None = None) -> Llama4ForCausalLM:
     """Random weights generated on the devices, each device drawing only its shards.
 
     For models too large for one host or device (the full-size Scout benchmark).
     Norm weights are ones, biases zeros, the rest normal(0, initializer_range), as
-    ``init_random``; the values differ from it (another key per parameter).
+    ``init_random``; the values differ from it (another key per parameter). ``fp8``: the
+    scheme's weights are drawn one parameter at a time and quantised on the device (the
+    unquantised model never exists at once, on the host or the devices).
     """
     check(config, mesh)
-    abstract = nnx.eval_shape(lambda: Llama4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Llama4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0),
+                                                        fp8=fp8))
     graphdef, state = nnx.split(abstract)
-    table = spec_table(config, mesh)
+    table = spec_table(config, mesh, fp8)
     key = jax.random.key(seed)
     counter = iter(range(1 << 30))
+    std = float(config.initializer_range)
+    scales = {}  # scale path -> the scales drawn with its FP8 weight
+
+    def scale_path(attr):
+        return attr[:-1] + ("weight_scale",) if attr[-1] == "weight" else \
+            attr[:-1] + (attr[-1] + "_scale",)
+
+    def draw_fp8(path, leaf):
+        attr = _attr_path(path)
+        if leaf.dtype != jnp.float8_e4m3fn:
+            return leaf
+        s_attr = scale_path(attr)
+        q, s = _random_fp8(tuple(leaf.shape), std, NamedSharding(mesh, table[attr][0]),
+                           NamedSharding(mesh, table[s_attr][0]))(
+            jax.random.fold_in(key, next(counter)))
+        jax.block_until_ready(q)  # one f32 draw on the device at a time
+        scales[s_attr] = s
+        return q
 
     def make(path, leaf):
         attr = _attr_path(path)
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf  # drawn by draw_fp8
+        if attr in scales:
+            return scales.pop(attr)
         spec, _ = table[attr]
         kind = ("ones" if any(str(a).endswith("norm") for a in attr) else
                 "zeros" if attr[-1] == "bias" else "normal")
-        return _random(kind, tuple(leaf.shape), jnp.dtype(leaf.dtype).name,
-                       float(config.initializer_range), NamedSharding(mesh, spec))(
-            jax.random.fold_in(key, next(counter)))
+        return _random(kind, tuple(leaf.shape), jnp.dtype(leaf.dtype).name, std,
+                       NamedSharding(mesh, spec))(jax.random.fold_in(key, next(counter)))
 
+    state = jax.tree_util.tree_map_with_path(draw_fp8, state)
     state = jax.tree_util.tree_map_with_path(make, state)
     model = nnx.merge(graphdef, state)
     model.mesh = mesh
@@ -212,6 +238,17 @@ def _random(kind, shape, dtype, std, sharding):
     return jax.jit(make, out_shardings=sharding)
 
 
+@functools.lru_cache(maxsize=None)
+def _random_fp8(shape, std, sharding, scale_sharding):
+    """normal(0, std) drawn in bf16 (the dtype a checkpoint would hold), quantised per
+    output channel (the last axis is K: the weights are K-major)."""
+    def make(key):
+        w = (std * jax.random.normal(key, shape, jnp.float32)).astype(jnp.bfloat16)
+        return fp8_lib.quantize(w, -1)
+
+    return jax.jit(make, out_shardings=(sharding, scale_sharding))
+
+
 _FORWARDS: dict = {}
 
 
@@ -226,7 +263,7 @@ def forward(model: Llama4ForCausalLM, input_ids, impl: str, gmm_impl: str):
             return nnx.merge(graphdef, state).forward(ids, impl=impl, gmm_impl=gmm_impl, axes=axes)
 
         fn = jax.jit(jax.shard_map(
-            local, mesh=model.mesh, in_specs=(state_specs(state, model.config, model.mesh), P()),
+            local, mesh=model.mesh, in_specs=(state_specs(state, model.config, model.mesh, model.fp8), P()),
             out_specs=P(), check_vma=False))
         if len(_FORWARDS) > 8:
             _FORWARDS.clear()

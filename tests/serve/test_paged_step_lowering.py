@@ -71,6 +71,19 @@ def test_sampler_has_no_host_synchronising_control_flow(mode, want_logprobs):
     assert not {p: found[p] for p in ("cond", "while") if p in found}
 
 
+@pytest.mark.parametrize("mode", sampling.MODES)
+def test_processed_sampler_has_no_host_synchronising_control_flow(mode):
+    """Penalties, bias, min_p and grammar masks keep the sampler free of conds too."""
+    rows = [(0.7, 5, 0.9, 1, 0, 0)] * 4
+    proc = sampling.Processing.neutral(4, 512, 4)
+    jaxpr = jax.make_jaxpr(functools.partial(sampling.sample_processed, mode=mode,
+                                             want_logprobs=True))(
+        jnp.zeros((4, 512), jnp.float32), sampling.SamplingBatch.build(rows, 4), proc,
+        jnp.zeros((5, 512), jnp.int32))
+    found = _primitives(jaxpr.jaxpr, {})
+    assert not {p: found[p] for p in ("cond", "while") if p in found}
+
+
 def test_prompt_logprob_head_has_no_host_synchronising_control_flow():
     """The head that scores prompts runs between enqueued steps: no cond / while / scan."""
     config = llama4.Llama4Config.from_hf_dict(dict(
