@@ -197,17 +197,19 @@ class BlockManager:
         return num_computed // self.chunk_size * self.chunk_size // self.page_size
 
     # Updates -------------------------------------------------------------------------
-    def allocate(self, seq_id: int, tokens: Sequence[int]) -> int:
+    def allocate(self, seq_id: int, tokens: Sequence[int], *, use_cache: bool = True) -> int:
         """Open the tables of a new sequence, taking the shared pages of its longest cached prefix.
 
         Returns the number of leading tokens already in the cache (a multiple of
         the page size). At least one token is always left to compute, since the
-        step that computes it gives the logits of the next token.
+        step that computes it gives the logits of the next token. ``use_cache=False``:
+        take nothing from the cache (a sequence that must compute every position, e.g.
+        to score its prompt); its pages are still offered to later sequences.
         """
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id} already has pages")
         table, chain, ctable = [], [], []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and use_cache:
             parent = b""
             for start in range(0, len(tokens) - 1 - self.page_size + 1, self.page_size):
                 h = _page_hash(parent, tokens[start:start + self.page_size])

@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import random
 import sys
 import threading
@@ -185,6 +186,9 @@ class LLMEngine:
         self.num_steps = 0
         self.warmed_up = False
         self.model_dir: str | None = None
+        # The model's generation_config.json sampling defaults (jaxattn.serve.generation_config):
+        # the front-ends apply them to the fields a request leaves out.
+        self.generation_defaults: dict = {}
 
     @classmethod
     def from_config(cls, config: EngineConfig, *, metrics=None):
@@ -195,9 +199,10 @@ class LLMEngine:
         :class:`~jaxattn.serve.data_parallel.DataParallelEngine` of that many replicas.
         """
         from jaxattn import parallel as parallel_lib
-        from jaxattn.serve import default_model
+        from jaxattn.serve import default_model, generation_config
 
         model_dir = config.model
+        check_model_dir(model_dir)
         if model_dir is None:
             print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
             model_dir = default_model.default_model_dir()
@@ -214,6 +219,7 @@ class LLMEngine:
             engine = cls(runner, tokenizer, config,
                          metrics=metrics if len(meshes) == 1 else None)
             engine.model_dir = model_dir
+            engine.generation_defaults = generation_config.sampling_defaults(model_dir)
             engines.append(engine)
         if len(engines) == 1:
             return engines[0]
@@ -243,6 +249,8 @@ class LLMEngine:
                 "completion). Please reduce the length of the prompt or max_tokens.")
         if params.n > self.bounds.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.bounds.max_num_seqs}")
+        if params.prompt_logprobs is not None and not hasattr(self.runner, "prompt_logprobs"):
+            raise ValueError("this engine's model runner cannot score prompts (prompt_logprobs)")
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if params.min_tokens and not params.ignore_eos and (
@@ -378,6 +386,10 @@ class LLMEngine:
         # bookkeeping bug, a parameter the sampler cannot take) fails alone and leaves the step.
         self._release_slots()
         live, steps, rows = [], [], []
+        # Prompt scoring: per new token of the step, the prompt token that follows it (-1: not
+        # wanted); and per scoring sequence (its index in live, first row, first position, rows).
+        targets: list[int] = []
+        scored: list[tuple[int, int, int, int]] = []
         for s in scheduled:
             seq = s.seq
             try:
@@ -391,6 +403,15 @@ class LLMEngine:
                 log.exception("request %s failed", seq.request_id)
                 deltas.append(self._fail(seq, f"{type(e).__name__}: {e}"))
                 continue
+            if seq.scores_prompt:
+                first, n_prompt = seq.num_computed, seq.num_prompt_tokens
+                count = max(0, min(first + s.num_new, n_prompt - 1) - first)
+                if count:
+                    scored.append((len(live), len(targets), first, count))
+                targets += seq.prompt_token_ids[first + 1:first + 1 + count]
+                targets += [-1] * (s.num_new - count)
+            else:
+                targets += [-1] * s.num_new
             live.append(s)
             steps.append(step)
             rows.append(row)
@@ -409,6 +430,7 @@ class LLMEngine:
             sampled = self.runner.step(steps, rows, want_logprobs=want_lp,
                                        prev_tokens=None if prev is None else
                                        prev.sampled.token_ids, **extra)
+            prompt_lp = self.runner.prompt_logprobs(targets) if scored else None
         except Exception as e:  # the whole step failed: its sequences fail, the engine goes on
             deltas += self._step_failed([s.seq for s in live], e)
             return None
@@ -418,7 +440,7 @@ class LLMEngine:
             s.seq.num_computed += s.num_new
             s.seq.num_inflight += s.samples
         return _InFlight(live, sampled, want_lp, num_tokens, t0,
-                         {s.seq.seq_id: i for i, s in enumerate(live)})
+                         {s.seq.seq_id: i for i, s in enumerate(live)}, prompt_lp, scored)
 
     def _land(self, flight: _InFlight) -> list[Delta]:
         """Bring a step's draws to the host: append, detokenize, stop, commit pages."""
@@ -428,9 +450,13 @@ class LLMEngine:
             tokens, lps = jax.device_get((sampled.token_ids, sampled.logprobs))
             top = (jax.device_get((sampled.top_ids, sampled.top_logprobs)) if flight.want_lp
                    else None)
+            prompt_lp = (jax.device_get(tuple(flight.prompt_lp)) if flight.prompt_lp is not None
+                         else None)
         except Exception as e:  # the step failed on the device
             return self._step_failed([s.seq for s in flight.live if not s.seq.finished], e)
         self.num_steps += 1
+        if prompt_lp is not None:
+            self._score_prompts(flight, prompt_lp)
         generated = 0
         for i, s in enumerate(flight.live):
             seq = s.seq
@@ -454,6 +480,21 @@ class LLMEngine:
                 deltas.append(self._fail(seq, f"{type(e).__name__}: {e}"))
         self._report(flight.num_tokens, generated, time.perf_counter() - flight.t0)
         return deltas
+
+    def _score_prompts(self, flight: _InFlight, prompt_lp) -> None:
+        """File a step's prompt scores under the positions they belong to (before the draws
+        land: the delta that carries a sequence's first token carries its prompt's scores)."""
+        chosen, top_ids, top_lps = prompt_lp
+        for i, row, first, count in flight.scored:
+            seq = flight.live[i].seq
+            if seq.finished or not seq.scores_prompt:
+                continue
+            k = seq.params.prompt_logprobs
+            for j in range(row, row + count):
+                pos = first + (j - row) + 1  # the prompt token scored by row j
+                top = tuple(zip(top_ids[j][:k].tolist(), top_lps[j][:k].tolist()))
+                seq.prompt_logprobs[pos] = TokenLogprob(seq.prompt_token_ids[pos],
+                                                        float(chosen[j]), top)
 
     def _step_failed(self, seqs: list[Sequence], e: Exception) -> list[Delta]:
         log.exception("engine step failed")
@@ -565,6 +606,20 @@ class LLMEngine:
             self._reported_hits = hits
 
 
+def check_model_dir(model_dir: str | None) -> None:
+    """FileNotFoundError naming what is wrong with ``--model`` before anything reads it."""
+    if model_dir is None:
+        return
+    if not os.path.exists(model_dir):
+        raise FileNotFoundError(f"--model {model_dir}: the directory does not exist")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"--model {model_dir}: not a directory (give the Hugging Face "
+                                "model directory: config.json, safetensors, tokenizer files)")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"--model {model_dir}: the directory has no config.json (give "
+                                "the Hugging Face model directory)")
+
+
 @dataclasses.dataclass
 class _InFlight:
     """A step enqueued on the device whose draws have not reached the host yet."""
@@ -575,3 +630,5 @@ class _InFlight:
     num_tokens: int
     t0: float  # when its dispatch began
     rows: dict[int, int]  # seq_id -> its row of ``sampled``
+    prompt_lp: object = None  # the runner's PromptLogprobs (on the device), or None
+    scored: list = dataclasses.field(default_factory=list)  # see LLMEngine._dispatch

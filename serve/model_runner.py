@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -26,11 +26,20 @@ from jaxattn.serve import kv_cache as kv_cache_lib
 from jaxattn.serve import memory_plan, paged_step, sampling
 from jaxattn.serve.batch import SeqStep, StepBatch, build_step
 from jaxattn.serve.config import EngineConfig
+from jaxattn.serve.sampling_params import MAX_LOGPROBS
 
 log = logging.getLogger("jaxattn.serve")
 
 # (temperature, top_k, top_p, seed, index, position): one sequence's sampling row.
 SamplingRow = tuple[float, int, float, int, int, int]
+
+
+class PromptLogprobs(NamedTuple):
+    """Scores of a step's positions (on the device until fetched), one row per new token."""
+
+    logprobs: jax.Array  # f32 [T]: of each row's target token
+    top_ids: jax.Array  # int32 [T, MAX_LOGPROBS]
+    top_logprobs: jax.Array  # f32 [T, MAX_LOGPROBS]
 
 
 class ModelRunner(Protocol):
@@ -58,6 +67,11 @@ class ModelRunner(Protocol):
         logit bias, min_p and grammar masks; ``seeds``: penalty-table rows to write first
         (sampling.PenaltySeed; their ``pending_row`` indexes ``prev_tokens``)."""
         ...
+
+    # Optional: a runner without it serves no request that asks for prompt logprobs.
+    # def prompt_logprobs(self, targets: Sequence[int]) -> PromptLogprobs:
+    #     """For the step just run: per new token t (in step order), the logprob of
+    #     ``targets[t]`` (-1: not wanted) and the top MAX_LOGPROBS there, on the device."""
 
 
 class Llama4Runner:
@@ -109,7 +123,11 @@ class Llama4Runner:
                 log.warning("attention runs on the pure-JAX reference: the Mosaic kernels "
                             "cannot serve these bounds (%s)", why)
         self._step = paged_step.make_step_fn(model, self.bounds, impl=config.attention_impl,
-                                             gmm_impl=config.grouped_matmul_impl)
+                                             gmm_impl=config.grouped_matmul_impl,
+                                             return_hidden=True)
+        self._prompt_head = paged_step.make_prompt_logprobs_fn(
+            model, min(MAX_LOGPROBS, mc.vocab_size))
+        self._hidden = None  # the last step's hidden states [T, hidden] (on the device)
         self._kv_sharding = None if mesh is None else sharding.kv_sharding(mesh)
         self._kv = kv_cache_lib.allocate(self.spec, sharding=self._kv_sharding)
         # Token counts of the penalized sequences (sampling.PenaltyState): one row per
@@ -163,8 +181,16 @@ class Llama4Runner:
 
     def forward(self, batch: StepBatch, prev_tokens: jax.Array | None = None) -> jax.Array:
         """The model over a built batch: logits [max_num_seqs, vocab] f32 (on the device)."""
-        logits, self._kv = self._step(self._kv, batch, prev_tokens)
+        logits, self._hidden, self._kv = self._step(self._kv, batch, prev_tokens)
         return logits
+
+    def prompt_logprobs(self, targets: Sequence[int]) -> PromptLogprobs:
+        """Scores of the step just run (see :class:`ModelRunner`): ``targets`` has one entry
+        per new token of that step, -1 where nothing is wanted."""
+        t = self._hidden.shape[0]
+        padded = np.full(t, -1, np.int32)
+        padded[:len(targets)] = targets
+        return PromptLogprobs(*self._prompt_head(self._hidden, padded))
 
     def step(self, seqs: Sequence[SeqStep], rows: Sequence[SamplingRow], *,
              want_logprobs: bool = False,
@@ -203,6 +229,7 @@ class Llama4Runner:
             for prev_tokens in (None, prev):
                 logits = self.forward(batch, prev_tokens)
                 prev = self._draw(logits, sampling.GREEDY_ROW, False).token_ids
+            self.prompt_logprobs([-1])  # the prompt-logprob head of this bucket
         neutral = sampling.Processing.neutral(self.bounds.max_num_seqs, self.vocab_size,
                                               self.num_penalty_slots)
         seed = [sampling.PenaltySeed(self.num_penalty_slots - 1, [0], [0], 0)]

@@ -83,6 +83,10 @@ class OutputProcessor:
     @staticmethod
     def delta(seq: Sequence, text: str, token_ids=(), logprobs: tuple[TokenLogprob, ...] | None = None,
               error: str | None = None) -> Delta:
+        prompt_lps = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent and token_ids:
+            prompt_lps, seq.prompt_logprobs_sent = tuple(seq.prompt_logprobs), True
+            seq.prompt_logprobs = []  # sent: nothing more to keep
         return Delta(seq.request_id, seq.index, text, tuple(token_ids), logprobs,
                      seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens,
-                     seq.num_cached_tokens, error)
+                     seq.num_cached_tokens, error, prompt_lps)

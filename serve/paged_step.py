@@ -79,10 +79,12 @@ def cache_spec(config: Llama4Config, *, num_pages: int, page_size: int,
 
 def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: StepBatch, *,
             bounds: jaxattn.Bounds, plans: tuple, impl: str = "auto", gmm_impl: str = "auto",
-            axes: Axes = NO_AXES):
+            axes: Axes = NO_AXES, return_hidden: bool = False):
     """The new tokens of a packed batch through all layers over the paged cache.
 
-    Returns (logits [S, vocab] f32 at ``batch.logits_indices``, updated cache).
+    Returns (logits [S, vocab] f32 at ``batch.logits_indices``, updated cache); with
+    ``return_hidden``, (logits, hidden [T, hidden] before the final norm, cache): every
+    position's state, from which :func:`prompt_logprobs` scores the prompt.
     Inside ``shard_map`` the cache and weights are this device's shards, ``bounds``
     count its local heads and ``axes`` name the mesh axes.
     """
@@ -105,7 +107,8 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
     valid = jnp.arange(x.shape[0]) < cu[num_seqs]  # [T]: not bucket padding
     x = model.run_layers(x, batch.positions, attend, axes, valid, gmm_impl)
     logits = model.logits(x[batch.logits_indices], axes)  # [S, vocab]
-    return logits, kv_cache_lib.KVCache(k=tuple(new_k), v=tuple(new_v))
+    cache = kv_cache_lib.KVCache(k=tuple(new_k), v=tuple(new_v))
+    return (logits, x, cache) if return_hidden else (logits, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("bounds", "scale", "chunk_size", "impl"))
@@ -139,7 +142,8 @@ def step_compiler_options() -> dict | None:
             "xla_gpu_graph_min_graph_size": 1}
 
 
-def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_step):
+def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_step,
+                return_hidden: bool = False):
     """``local_step(state, kv, batch, plans, axes=)`` as a ``shard_map`` over ``model.mesh``.
 
     Weights and KV pools enter as each device's shards; the batch and the plans
@@ -159,11 +163,13 @@ def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_s
                          mesh=mesh,
                          in_specs=(sharding.state_specs(state, config, mesh, model.fp8), kv_specs, P(),
                                    P()),
-                         out_specs=(P(), kv_specs), check_vma=False)
+                         out_specs=(P(), P(), kv_specs) if return_hidden else (P(), kv_specs),
+                         check_vma=False)
 
 
 def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str = "auto",
-                 gmm_impl: str = "auto", compiler_options: dict | None = None):
+                 gmm_impl: str = "auto", compiler_options: dict | None = None,
+                 return_hidden: bool = False):
     """``step(kv_cache, batch, prev_tokens=None) -> (logits [S, vocab] f32, new kv_cache)``, jitted.
 
     Shapes depend only on ``bounds`` and the batch's token count T, so it
@@ -183,17 +189,22 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     that XLA cannot partition), the cache is split by KV head, and ``bounds`` must
     count one device's heads (``EngineConfig.bounds(..., model_parallel=)``). The plans
     are built once, before the ``shard_map``, and every device reads the same ones.
+
+    ``return_hidden``: the step returns ``(logits, hidden [T, hidden], kv_cache)``, the last
+    layer's state at every position, for :func:`make_prompt_logprobs_fn` (it costs no
+    compute: the buffer exists anyway and is only kept).
     """
     graphdef, state = nnx.split(model)
     config, dtype = model.config, model.dtype  # dtype: the attention's q/k/v
 
     def local_step(state, kv_cache, batch, step_plans, axes=NO_AXES):
         return forward(nnx.merge(graphdef, state), kv_cache, batch, bounds=bounds,
-                       plans=step_plans, impl=impl, gmm_impl=gmm_impl, axes=axes)
+                       plans=step_plans, impl=impl, gmm_impl=gmm_impl, axes=axes,
+                       return_hidden=return_hidden)
 
     mesh = model.mesh
     if mesh is not None:
-        local_step = _shard_step(model, state, bounds, local_step)
+        local_step = _shard_step(model, state, bounds, local_step, return_hidden)
 
     if compiler_options is None:
         compiler_options = step_compiler_options()
@@ -239,3 +250,39 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
 
     step.jitted = jitted
     return step
+
+
+# Rows of hidden state scored at once by the prompt-logprob head: its [rows, vocab] f32 logits
+# are the largest buffer it makes (~100 MB for Scout's 202k vocabulary), whatever the step size.
+PROMPT_LOGPROB_BLOCK = 128
+
+
+def make_prompt_logprobs_fn(model: Llama4ForCausalLM, k: int):
+    """``fn(hidden [T, hidden], targets int32 [T]) -> (logprob [T], top_ids [T, k], top_lp [T, k])``.
+
+    The log-probability of ``targets[t]`` (the prompt's next token) under the distribution
+    at position t, and the k most likely tokens there, from a step's hidden states
+    (``make_step_fn(return_hidden=True)``): the final norm and LM head over blocks of
+    :data:`PROMPT_LOGPROB_BLOCK` rows. A row whose target is negative is not asked for (its
+    values are meaningless). Jitted; compiles once per step size T. Run only for steps in
+    which some sequence wants its prompt's logprobs, so other steps pay nothing.
+    Under a mesh the weights stay sharded and XLA partitions the head.
+    """
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def head(state, hidden, targets):
+        m = nnx.merge(graphdef, state)
+        outs = []
+        # A Python loop over static blocks, not lax.map: a scan is a while loop on the GPU,
+        # whose predicate the host reads, and the engine must not wait on a step it enqueued.
+        for start in range(0, hidden.shape[0], PROMPT_LOGPROB_BLOCK):
+            x = hidden[start:start + PROMPT_LOGPROB_BLOCK]
+            y = targets[start:start + PROMPT_LOGPROB_BLOCK]
+            lp = jax.nn.log_softmax(m.logits(x), axis=-1)  # [block, vocab] f32
+            chosen = jnp.take_along_axis(lp, jnp.clip(y, 0, lp.shape[-1] - 1)[:, None], -1)[:, 0]
+            top_lp, top_ids = jax.lax.top_k(lp, k)
+            outs.append((chosen, top_ids.astype(jnp.int32), top_lp))
+        return tuple(jnp.concatenate(parts) for parts in zip(*outs))
+
+    return lambda hidden, targets: head(state, hidden, targets)

@@ -210,3 +210,32 @@ class ChatCompletionRequest(_Common):
         max_tokens = (self.max_tokens if self.max_completion_tokens is None
                       else self.max_completion_tokens)  # 0 is an error, not "unset"
         return self._sampling(max_tokens, logprobs, grammar)
+
+
+# /tokenize and /detokenize (vLLM's shapes) ------------------------------------------------------
+class TokenizeRequest(BaseModel):
+    """Either ``prompt`` (text; ``add_special_tokens`` default true) or chat ``messages``
+    (rendered with the chat template; ``add_special_tokens`` default false: the template
+    writes them)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], _FAIL_FAST] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    tokens: _Ints

@@ -53,6 +53,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: the sampled token's and the top-k logprobs
+    # None: off; k: each prompt token's logprob (the first has none) and the top-k there.
+    # Such a request computes its whole prompt: it never starts from the prefix cache.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -88,6 +91,10 @@ class SamplingParams:
         _check(self.logprobs is None or (isinstance(self.logprobs, int)
                                          and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        _check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                                and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               f"prompt_logprobs must be an int in [0, {MAX_LOGPROBS}], got "
+               f"{self.prompt_logprobs!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             x = getattr(self, name)
             _check(_finite(x) and -2 <= x <= 2, f"{name} must be in [-2, 2], got {x!r}")
