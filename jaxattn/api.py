@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn import executor, planner, reference
+from jaxattn import executor, kv_quant, planner, reference
 from jaxattn.planner import Bounds, Plan
 
 IMPLS = ("auto", "reference", "executor", "mosaic", "interpret")
@@ -26,11 +26,12 @@ def _check(cond, msg):
         raise ValueError(msg)
 
 
-def _check_common(q, k, v, impl):
+def _check_common(q, k, v, impl, fp8_kv=False):
     _check(impl in IMPLS, f"impl={impl!r} is not one of {IMPLS}")
     _check(k.shape == v.shape, f"k shape {k.shape} != v shape {v.shape}")
-    _check(q.dtype == k.dtype == v.dtype,
-           f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (fp8_kv and kv_quant.is_quantized(k.dtype)):  # an FP8 cache under any q dtype
+        _check(q.dtype == k.dtype == v.dtype,
+               f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     _check(q.dtype in DTYPES, f"dtype {q.dtype} unsupported; use bfloat16, float16 or float32")
     hq, d = q.shape[-2:]
     hkv, dk = k.shape[-2:]
@@ -50,7 +51,7 @@ def _scale(scale, d):
 
 
 def _kernel_impl(impl: str, head_dim: int, dtype, bounds: Bounds | None = None,
-                 chunk_size: int | None = None) -> str:
+                 chunk_size: int | None = None, kv_dtype=None) -> str:
     """Resolve ``auto`` and check that a kernel path can run this configuration.
 
     ``auto`` takes the kernels only where they can serve the configuration
@@ -62,7 +63,7 @@ def _kernel_impl(impl: str, head_dim: int, dtype, bounds: Bounds | None = None,
 
     def reason():
         if bounds is not None:
-            return kernels.unsupported_reason(bounds, dtype)
+            return kernels.unsupported_reason(bounds, dtype, kv_dtype)
         return kernels.contiguous_unsupported_reason(head_dim, dtype, chunk_size)
 
     if impl == "auto":
@@ -76,9 +77,10 @@ def _kernel_impl(impl: str, head_dim: int, dtype, bounds: Bounds | None = None,
     return impl
 
 
-def resolve_impl(impl: str, bounds: Bounds, dtype) -> str:
-    """The implementation ``impl`` runs as for these bounds and dtype (``auto`` resolved)."""
-    return _kernel_impl(impl, bounds.head_dim, jnp.dtype(dtype), bounds)
+def resolve_impl(impl: str, bounds: Bounds, dtype, kv_dtype=None) -> str:
+    """The implementation ``impl`` runs as for these bounds, dtype and KV cache dtype
+    (``auto`` resolved)."""
+    return _kernel_impl(impl, bounds.head_dim, jnp.dtype(dtype), bounds, kv_dtype=kv_dtype)
 
 
 def attention(q, k, v, *, causal: bool = True, chunk_size: int | None = None, scale=None,
@@ -123,12 +125,14 @@ def attention(q, k, v, *, causal: bool = True, chunk_size: int | None = None, sc
 
 
 def validate_ragged(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, *,
-                    bounds: Bounds, chunk_size=None, impl="auto"):
+                    bounds: Bounds, chunk_size=None, impl="auto", k_scale=None, v_scale=None):
     """All static checks of :func:`ragged_paged_attention`, plus the admission check on concrete lengths."""
     _check(isinstance(bounds, Bounds), f"bounds must be a jaxattn.Bounds, got {type(bounds)}")
     _check(q.ndim == 3 and k_pages.ndim == 4, f"expected q [T,Hq,D] and k_pages "
            f"[num_pages,page_size,Hkv,D]; got {q.shape}, {k_pages.shape}")
-    _check_common(q, k_pages, v_pages, impl)
+    _check_common(q, k_pages, v_pages, impl, fp8_kv=True)
+    why = kv_quant.check_scales(k_pages, v_pages, k_scale, v_scale)
+    _check(why is None, f"KV cache: {why}")
     t, hq, d = q.shape
     _, page_size, hkv, _ = k_pages.shape
     for name, got, want in (("num_q_heads", hq, bounds.num_q_heads),
@@ -163,7 +167,8 @@ def validate_ragged(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seq
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, *,
                            bounds: Bounds, scale=None, chunk_size=None, return_lse=False,
-                           impl: str = "auto", causal: bool = True, plan=None):
+                           impl: str = "auto", causal: bool = True, plan=None,
+                           k_scale=None, v_scale=None):
     """Attention for a packed batch of new tokens over a paged KV cache (serving form).
 
     q [T, Hq, D]: the new tokens of all sequences, packed; sequence s owns rows
@@ -174,20 +179,26 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
     and decode sequences go in one call with static shapes. ``plan`` (a ``Plan``, or for
     the kernels a ``jaxattn.kernels.KernelPlan``) may be passed in to share one plan
     between layers of the same kind.
+    An FP8 cache (float8_e4m3fn pages) passes its per-token, per-KV-head scales
+    ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32 (:mod:`jaxattn.kv_quant`);
+    q stays in its own dtype.
     Returns out [T, Hq, D] (rows past the last sequence are 0) and optionally
     lse [T, Hq].
     """
     validate_ragged(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs,
-                    bounds=bounds, chunk_size=chunk_size, impl=impl)
-    impl = _kernel_impl(impl, q.shape[-1], q.dtype, bounds)
+                    bounds=bounds, chunk_size=chunk_size, impl=impl, k_scale=k_scale,
+                    v_scale=v_scale)
+    impl = _kernel_impl(impl, q.shape[-1], q.dtype, bounds, kv_dtype=k_pages.dtype)
     scale = _scale(scale, q.shape[-1])
     q, k_pages, v_pages = (jnp.asarray(x) for x in (q, k_pages, v_pages))
+    scales = {} if k_scale is None else dict(k_scale=jnp.asarray(k_scale),
+                                             v_scale=jnp.asarray(v_scale))
     page_table, cu_q_lens, kv_lens, num_seqs = (
         jnp.asarray(x, jnp.int32) for x in (page_table, cu_q_lens, kv_lens, num_seqs))
     if impl == "reference":
         out, lse = reference.ragged_paged_attention_reference(
             q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, scale,
-            causal=causal, chunk_size=chunk_size)
+            causal=causal, chunk_size=chunk_size, **scales)
     else:
         if plan is None:
             plan = planner.plan(bounds, cu_q_lens, kv_lens, num_seqs, chunk_size=chunk_size,
@@ -195,11 +206,11 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
         if impl == "executor":
             out, lse = executor.execute_plan(plan, q, k_pages, v_pages, page_table, kv_lens,
                                              bounds=bounds, scale=scale, causal=causal,
-                                             chunk_size=chunk_size)
+                                             chunk_size=chunk_size, **scales)
         else:
             from jaxattn import kernels
 
             out, lse = kernels.ragged_paged_attention(
                 q, k_pages, v_pages, page_table, plan, bounds=bounds, scale=scale,
-                causal=causal, interpret=impl == "interpret")
+                causal=causal, interpret=impl == "interpret", **scales)
     return (out, lse) if return_lse else out

@@ -21,8 +21,10 @@ from jaxattn.planner import Bounds, Plan, WorkList
 
 
 def execute_items(items: WorkList, q, k_pages, v_pages, page_table, kv_lens, *, bounds: Bounds,
-                  scale, causal: bool = True, chunk_size=None):
+                  scale, causal: bool = True, chunk_size=None, k_scale=None, v_scale=None):
     """Attention of the rows one work list covers: out [T, Hq, D] f32 and lse [T, Hq] f32.
+
+    ``k_scale``/``v_scale``: the scales of an FP8 cache (:mod:`jaxattn.kv_quant`).
 
     Rows no item covers come out as 0 / -inf; pieces of a split item are merged
     by log-sum-exp.
@@ -41,7 +43,8 @@ def execute_items(items: WorkList, q, k_pages, v_pages, page_table, kv_lens, *, 
         seq, q_start, q_len, q_pos = items.seq[i], items.q_start[i], items.q_len[i], items.q_pos[i]
         kv_start, kv_end = items.kv_start[i], items.kv_end[i]
         rows = jnp.arange(rows_max)
-        load_kv = reference.paged_kv_loader(k_pages, v_pages, page_table[seq], bk)
+        load_kv = reference.paged_kv_loader(k_pages, v_pages, page_table[seq], bk, k_scale,
+                                            v_scale)
         o, lse = reference.attend_block(
             lax.dynamic_slice_in_dim(q_pad, q_start, rows_max), q_pos + rows, kv_lens[seq],
             load_kv, (kv_start // bk, (kv_end + bk - 1) // bk), scale=scale, causal=causal,
@@ -70,9 +73,10 @@ def merge_disjoint(out_a, lse_a, out_b, lse_b, dtype):
 
 @functools.partial(jax.jit, static_argnames=("bounds", "causal", "chunk_size"))
 def execute_plan(plan: Plan, q, k_pages, v_pages, page_table, kv_lens, *, bounds: Bounds,
-                 scale, causal: bool = True, chunk_size=None):
+                 scale, causal: bool = True, chunk_size=None, k_scale=None, v_scale=None):
     """Returns out [T, Hq, D] (q.dtype) and lse [T, Hq] f32, like the reference."""
-    kw = dict(bounds=bounds, scale=scale, causal=causal, chunk_size=chunk_size)
+    kw = dict(bounds=bounds, scale=scale, causal=causal, chunk_size=chunk_size, k_scale=k_scale,
+              v_scale=v_scale)
     pre = execute_items(plan.prefill, q, k_pages, v_pages, page_table, kv_lens, **kw)
     dec = execute_items(plan.decode, q, k_pages, v_pages, page_table, kv_lens, **kw)
     return merge_disjoint(*pre, *dec, q.dtype)

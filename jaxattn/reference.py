@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxattn import kv_quant
 from jaxattn.planner import cdiv
 
 _BQ = 256  # reference query block
@@ -134,8 +135,12 @@ def attention_reference(q, k, v, q_lens, kv_lens, scale, *, causal=True, chunk_s
     return o.astype(q.dtype), lse
 
 
-def paged_kv_loader(k_pages, v_pages, page_row, block):
-    """load_kv(j) for one sequence: gather key block j through its page-table row."""
+def paged_kv_loader(k_pages, v_pages, page_row, block, k_scale=None, v_scale=None):
+    """load_kv(j) for one sequence: gather key block j through its page-table row.
+
+    With an FP8 cache (``k_scale``/``v_scale`` [P, Hkv, page_size], see
+    :mod:`jaxattn.kv_quant`) the block comes out dequantised to f32.
+    """
     page_size = k_pages.shape[1]
     last = page_row.shape[0] * page_size - 1
 
@@ -143,19 +148,25 @@ def paged_kv_loader(k_pages, v_pages, page_row, block):
         k_pos = j * block + jnp.arange(block)
         pos = jnp.clip(k_pos, 0, last)
         pages, slots = page_row[pos // page_size], pos % page_size
-        return k_pages[pages, slots], v_pages[pages, slots], k_pos
+        k, v = k_pages[pages, slots], v_pages[pages, slots]
+        if k_scale is not None:
+            k = kv_quant.dequantize(k, k_scale[pages, :, slots])
+            v = kv_quant.dequantize(v, v_scale[pages, :, slots])
+        return k, v, k_pos
 
     return load_kv
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "chunk_size"))
 def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens,
-                                     num_seqs, scale, *, causal=True, chunk_size=None):
+                                     num_seqs, scale, *, causal=True, chunk_size=None,
+                                     k_scale=None, v_scale=None):
     """Packed ragged batch over a paged KV cache, computed sequence by sequence.
 
     q [T, Hq, D]; k_pages, v_pages [P, page_size, Hkv, D]; page_table [S, pages_per_seq];
-    cu_q_lens [S+1]; kv_lens [S]; num_seqs scalar. Returns out [T, Hq, D] (q.dtype;
-    rows past cu_q_lens[num_seqs] are 0) and lse [T, Hq] f32.
+    cu_q_lens [S+1]; kv_lens [S]; num_seqs scalar. An FP8 cache passes its scales
+    ``k_scale``/``v_scale`` [P, Hkv, page_size] (dequantised, then attended in f32).
+    Returns out [T, Hq, D] (q.dtype; rows past cu_q_lens[num_seqs] are 0) and lse [T, Hq] f32.
     """
     t, hq, d = q.shape
     # Key blocks start at chunk starts (a block size dividing the chunk): a chunked layer
@@ -168,7 +179,7 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, cu_q_lens,
 
     def seq_body(s, carry):
         q_start, q_len, kv_len = cu_q_lens[s], cu_q_lens[s + 1] - cu_q_lens[s], kv_lens[s]
-        load_kv = paged_kv_loader(k_pages, v_pages, page_table[s], bk)
+        load_kv = paged_kv_loader(k_pages, v_pages, page_table[s], bk, k_scale, v_scale)
 
         def block_body(i, carry):
             out, lse = carry

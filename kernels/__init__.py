@@ -33,11 +33,11 @@ _CHUNK_MULTIPLE = 64
 _INTERPRET_WORKERS = 4  # CTAs simulated in interpret mode: enough to exercise the tile schedule
 
 
-def unsupported_reason(bounds: Bounds, dtype) -> str | None:
-    """Why the kernels cannot serve these bounds and dtype (None when they can)."""
+def unsupported_reason(bounds: Bounds, dtype, kv_dtype=None) -> str | None:
+    """Why the kernels cannot serve these bounds, dtype and KV cache dtype (None when they can)."""
     try:
-        prefill.pick_config(bounds, dtype)
-        decode.pick_config(bounds, dtype)
+        prefill.pick_config(bounds, dtype, kv_dtype)
+        decode.pick_config(bounds, dtype, kv_dtype=kv_dtype)
     except ValueError as e:
         return str(e)
     return None
@@ -85,16 +85,18 @@ def prepare(plan: Plan | KernelPlan, *, bounds: Bounds, num_tokens: int) -> Kern
 
 
 def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, zero_ranges, *,
-              bounds: Bounds, scale, causal, interpret, num_workers, config=None):
+              bounds: Bounds, scale, causal, interpret, num_workers, config=None,
+              k_scale=None, v_scale=None):
     plan = kplan.plan
     if config is None:
-        config = prefill.pick_config(bounds, q.dtype)
+        config = prefill.pick_config(bounds, q.dtype, k_pages.dtype)
     elif (config.block_q, config.block_kv) != (bounds.block_q, bounds.block_kv):
         raise ValueError(f"config tiles ({config.block_q}, {config.block_kv}) != bounds "
                          f"({bounds.block_q}, {bounds.block_kv})")
     out, lse_tiles = prefill.prefill_attention(
         q, k_pages, v_pages, page_table, plan.prefill, zero_ranges, config=config, scale=scale,
-        causal=causal, num_workers=num_workers, interpret=interpret)
+        causal=causal, num_workers=num_workers, interpret=interpret, k_scale=k_scale,
+        v_scale=v_scale)
     lse = prefill.scatter_lse(lse_tiles, plan.prefill, q.shape[0])
 
     # The decode kernel runs even when the batch has no decode rows: its CTAs read the
@@ -106,7 +108,8 @@ def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, zero_ranges, *
     q_dec = jnp.take(q, src, axis=0, mode="fill", fill_value=0)
     dec_out, dec_lse = decode.decode_attention(
         q_dec, k_pages, v_pages, page_table, plan.decode, bounds=bounds, scale=scale,
-        causal=causal, interpret=interpret, metadata=kplan.dec_meta)
+        causal=causal, interpret=interpret, metadata=kplan.dec_meta,
+        k_scale=k_scale, v_scale=v_scale)
     # The planner gives decode and prefill items disjoint rows, so a decode row's result is
     # final: write it over the prefill output (src == T, no row, is dropped). Reading the
     # prefill output back to merge it, or deriving the valid count from a reduction, put
@@ -139,18 +142,21 @@ def _compact_decode_items(items: planner.WorkList, bounds: Bounds, t: int):
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan | KernelPlan, *,
                            bounds: Bounds, scale, causal=True, interpret=False,
-                           config: prefill.PrefillConfig | None = None):
+                           config: prefill.PrefillConfig | None = None, k_scale=None,
+                           v_scale=None):
     """Run a plan over a paged cache: out [T, Hq, D] (q.dtype), lse [T, Hq] f32.
 
     Key lengths and chunked-local windows come from the plan's items. A model passes
-    a :class:`KernelPlan` (:func:`prepare`, once per step) so its layers share it.
+    a :class:`KernelPlan` (:func:`prepare`, once per step) so its layers share it. An FP8
+    cache passes its scales ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32.
     ``config`` overrides the picked prefill tuning (benchmarks); its tiles must match ``bounds``.
     """
     kplan = prepare(plan, bounds=bounds, num_tokens=q.shape[0])
     workers = _INTERPRET_WORKERS if interpret else bounds.num_workers
     return _run_plan(q, k_pages, v_pages, page_table, kplan, kplan.zero, bounds=bounds,
                      scale=scale, causal=causal, interpret=interpret,
-                     num_workers=min(workers, bounds.num_workers), config=config)
+                     num_workers=min(workers, bounds.num_workers), config=config,
+                     k_scale=k_scale, v_scale=v_scale)
 
 
 def contiguous_bounds(q_shape, k_shape, *, num_workers: int, chunk_size=None,

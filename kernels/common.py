@@ -11,12 +11,18 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jaxattn import kv_quant
 from jaxattn.planner import cdiv  # noqa: F401  (one ceiling division for the whole package)
 
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# KV cache dtypes the attention kernels read besides q's own: the FP8 cache (with scales).
+FP8_KV = kv_quant.FP8
+WGMMA_M = 64  # rows of one wgmma-layout register tile
 
 # Softmax runs in base 2 (exp2 is one MUFU instruction): scores are scaled by
 # log2(e), and the log-sum-exp is turned back into natural log with ln(2).
@@ -43,6 +49,46 @@ def check_supported(kernel: str, head_dim: int, dtype) -> None:
         raise ValueError(f"{kernel} kernel supports bfloat16/float16, got {jnp.dtype(dtype)}")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"{kernel} kernel supports head_dim {HEAD_DIMS}, got {head_dim}")
+
+
+def check_kv_dtype(kernel: str, dtype, kv_dtype, has_scales: bool | None = None) -> None:
+    """ValueError unless the kernel reads a KV cache of ``kv_dtype`` under q of ``dtype``:
+    the same dtype, or FP8 with scales (``has_scales``: whether they came; None: not known)."""
+    if kv_dtype is None or jnp.dtype(kv_dtype) == jnp.dtype(dtype):
+        if has_scales:
+            raise ValueError(f"{kernel} kernel: scales given for a {jnp.dtype(dtype)} cache")
+        return
+    if jnp.dtype(kv_dtype) != FP8_KV:
+        raise ValueError(f"{kernel} kernel reads a {jnp.dtype(dtype)} or float8_e4m3fn KV "
+                         f"cache under {jnp.dtype(dtype)} queries, got {jnp.dtype(kv_dtype)}")
+    if has_scales is False:
+        raise ValueError(f"{kernel} kernel: a float8_e4m3fn cache needs k_scale and v_scale")
+
+
+def tiled_smem(shape, dtype):
+    """SMEM operand tile for TMA/wgmma: (8, 128-byte) tiles, swizzled (narrower rows: less)."""
+    row_bytes = min(128, shape[-1] * jnp.dtype(dtype).itemsize)
+    return plgpu.SMEM(shape, dtype, transforms=(
+        plgpu.TilingTransform((8, row_bytes // jnp.dtype(dtype).itemsize)),
+        plgpu.SwizzleTransform(row_bytes)))
+
+
+def dequantize_tile(src8, scale, dst):
+    """``dst[r, :] = src8[r, :] * scale[r]``: an FP8 K/V tile (SMEM) into a wgmma operand.
+
+    src8 [rows, D] float8_e4m3fn and dst [rows, D] (bf16/f16) are SMEM tiles, scale
+    [rows] f32 in SMEM; rows a multiple of 64. Runs on one warpgroup, 64 rows at a
+    time (a wgmma-layout register tile: 64 values per thread at D=128), and commits
+    the stores so the async proxy (wgmma) sees them. Returns ``dst``.
+    """
+    rows = src8.shape[0]
+    for r in range(0, rows, WGMMA_M):
+        part = pl.ds(r, WGMMA_M)
+        x = plgpu.load(src8.at[part], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+        s = plgpu.load(scale.at[part], layout=plgpu.Layout.WGMMA.reduce(1))
+        dst.at[part][...] = (x * lax.broadcast_in_dim(s, x.shape, [0])).astype(dst.dtype)
+    plgpu.commit_smem()
+    return dst
 
 
 def smem_bytes(scratch) -> int:

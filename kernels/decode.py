@@ -30,6 +30,14 @@ pays for the whole capacity on every call: benchmarks/NOTES-decode.md, v1).
 Unsplit items (short contexts) never touch it. Per-token lse values are
 gathered from the tiles by XLA (``T x Hq`` floats).
 
+FP8 cache (``k_pages``/``v_pages`` float8_e4m3fn with per-token, per-KV-head
+scales, :mod:`jaxattn.kv_quant`): the producer copies each page's scale row next
+to its values (one more small TMA per page, same barrier); the consumer turns
+the fp8 tile into a bf16/f16 tile in SMEM with the scale applied per key row
+(``k[r, :] = k8[r, :] * s[r]``, :func:`common.dequantize_tile`) just before the
+wgmma that reads it. Everything after is the bf16 kernel's; with a bf16 cache
+none of it is traced (a static branch).
+
 Assumption (as in other paged kernels): every cache slot holds a finite value
 (pools start zeroed; writes store finite K/V). A block's key slots past
 ``kv_end`` are loaded (whole pages) and masked: their P is 0, and 0 * NaN would
@@ -101,10 +109,11 @@ def split_capacity(bounds: Bounds, cap_items: int) -> int:
     return max(1, min(cap_items, 2 * bounds.split_target - 1))
 
 
-def pick_config(bounds: Bounds, dtype, interpret=False) -> DecodeConfig:
+def pick_config(bounds: Bounds, dtype, interpret=False, kv_dtype=None) -> DecodeConfig:
     """The decode config for an engine's bounds; raises ValueError if they cannot be served."""
     config = default_config(interpret)
     _check(bounds, dtype, bounds.head_dim, bounds.page_size, bounds.pages_per_seq, config.block_kv)
+    common.check_kv_dtype("decode", dtype, kv_dtype)
     return config
 
 
@@ -125,7 +134,8 @@ def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, bl
 
 def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_part: int,
                  scale: float,
-                 causal: bool, config: DecodeConfig, num_ctas: int, interpret):
+                 causal: bool, config: DecodeConfig, num_ctas: int, interpret,
+                 k_scale=None, v_scale=None):
     t, hkv, g, d = q4.shape
     cap = meta.shape[0]
     dtype = q4.dtype
@@ -141,12 +151,17 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     rows_pad = dq_pad * g
     c = scale * common.LOG2E
     tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
+    copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
 
-    def body(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
-             out_ref,  # [T, Hkv, G, D] f32, a Ref updated in place (starts zeroed)
-             lse_ref, opart_ref,  # outputs (GMEM)
-             q_raw, q_tile, k_smem, v_smem, p_smem, o_smem, lse_smem,
-             q_full, q_free, k_full, v_full, consumed):
+    def body(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
+        # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] f32, a Ref updated in place
+        # (starts zeroed); outputs lse_ref, opart_ref (GMEM); scratch [+ the FP8 cache's].
+        ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
+        (out_ref, lse_ref, opart_ref, q_raw, q_tile, k_smem, v_smem, p_smem, o_smem, lse_smem,
+         q_full, q_free, k_full, v_full, consumed, *fp8_scratch) = rest
+        if fp8:
+            ks_smem, vs_smem, k_deq, v_deq = fp8_scratch
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cta")
         num_tiles = count_ref[0] * hkv
@@ -200,6 +215,11 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                                                 k_smem.at[slot, dst], k_full.at[slot])
                         plgpu.copy_gmem_to_smem(v_ref.at[page, src, kvh],
                                                 v_smem.at[slot, dst], v_full.at[slot])
+                        if fp8:  # the rows' scales, on the same barriers
+                            plgpu.copy_gmem_to_smem(ks_ref.at[page, kvh, src],
+                                                    ks_smem.at[slot, dst], k_full.at[slot])
+                            plgpu.copy_gmem_to_smem(vs_ref.at[page, kvh, src],
+                                                    vs_smem.at[slot, dst], v_full.at[slot])
                     return step + 1
 
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
@@ -236,9 +256,12 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     step, acc, m, l = carry
                     slot = lax.rem(step, stages)
                     plgpu.barrier_wait(k_full.at[slot])
+                    k_tile = k_smem.at[slot]
+                    if fp8:  # k_deq's last reader (the previous QK) has completed
+                        k_tile = common.dequantize_tile(k_tile, ks_smem.at[slot], k_deq)
 
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
+                        plgpu.wgmma(acc_ref, q_tile, k_tile.T)
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
@@ -258,16 +281,19 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     p16 = p.astype(dtype)
                     plgpu.barrier_wait(v_full.at[slot])
+                    v_tile = v_smem.at[slot]
+                    if fp8:
+                        v_tile = common.dequantize_tile(v_tile, vs_smem.at[slot], v_deq)
                     if config.p_in_registers:
                         def pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                            plgpu.wgmma(acc_ref, p16, v_tile)
                         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     else:
                         p_smem[...] = p16
                         plgpu.commit_smem()
 
                         def pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                            plgpu.wgmma(acc_ref, p_smem, v_tile)
                             return acc_ref[...]
 
                         acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, d), jnp.float32))
@@ -318,21 +344,30 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
             lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
+    kv_ring = (common.tiled_smem((stages, bk, d), k_pages.dtype) if fp8 else
+               plgpu.SMEM((stages, bk, d), dtype, transforms=tiles_transform))
     scratch = (
         plgpu.SMEM((rows_pad, d), dtype),  # q_raw: TMA target, row = token * g + head
         plgpu.SMEM((ROWS, d), dtype, transforms=tiles_transform),  # q_tile (wgmma A)
-        plgpu.SMEM((stages, bk, d), dtype, transforms=tiles_transform),  # K ring
-        plgpu.SMEM((stages, bk, d), dtype, transforms=tiles_transform),  # V ring
+        kv_ring,  # K ring
+        kv_ring,  # V ring
         None if config.p_in_registers else  # P staging (interpret-safe path)
         plgpu.SMEM((ROWS, bk), dtype, transforms=tiles_transform),
         plgpu.SMEM((rows_pad, d), jnp.float32),  # o staging, same rows
         plgpu.SMEM((ROWS,), jnp.float32),  # lse staging
         plgpu.Barrier(num_arrivals=dq_pad),  # q_full: one TMA per token
         plgpu.Barrier(),  # q_free
-        plgpu.Barrier(num_arrivals=cpb, num_barriers=stages),  # k_full
-        plgpu.Barrier(num_arrivals=cpb, num_barriers=stages),  # v_full
+        plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # k_full
+        plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # v_full
         plgpu.Barrier(num_barriers=stages),  # consumed
     )
+    scales = ()
+    if fp8:
+        scales = (k_scale, v_scale)
+        scratch += (plgpu.SMEM((stages, bk), jnp.float32),  # K scale ring (one per key row)
+                    plgpu.SMEM((stages, bk), jnp.float32),  # V scale ring
+                    plgpu.SMEM((bk, d), dtype, transforms=tiles_transform),  # K dequantised
+                    plgpu.SMEM((bk, d), dtype, transforms=tiles_transform))  # V dequantised
     if interpret and config.p_in_registers:
         raise ValueError("GPU interpret mode cannot run p_in_registers=True (register A "
                          "operand of wgmma); use DecodeConfig(p_in_registers=False)")
@@ -343,7 +378,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         num_threads=2, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret or None,
-    )(meta, count, page_table, q4, k_pages, v_pages, out_ref)
+    )(meta, count, page_table, q4, k_pages, v_pages, *scales, out_ref)
 
 
 _COMBINE_COLS = 64  # head-dim columns per combine CTA
@@ -512,25 +547,28 @@ def _gather_lse(lse_tiles, lse_merged, md: DecodeMeta, g: int):
 
 def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Bounds,
                 scale: float, causal: bool = True, interpret=False,
-                config: DecodeConfig | None = None):
+                config: DecodeConfig | None = None, k_scale=None, v_scale=None):
     """The split-KV kernel alone (the benchmark times it): returns a Ref to out
     [T, Hkv, G, D] f32 holding the unsplit items' rows (others 0), the lse tiles
     [cap, Hkv, 64] and the split pieces' rows [n_part, Hkv, 64, D]."""
     config = config or default_config(bool(interpret))
     _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv)
+    common.check_kv_dtype("decode", q.dtype, k_pages.dtype, k_scale is not None)
     t, hq, d = q.shape
     g = bounds.group
     out_ref = jax.new_ref(jnp.zeros((t, hq // g, g, d), jnp.float32))  # rows nobody covers: 0
     lse_tiles, opart = _kernel_call(
         md.meta, md.count, page_table.astype(jnp.int32), q.reshape(t, hq // g, g, d), k_pages,
         v_pages, out_ref, n_part=md.cmeta.shape[0], scale=float(scale), causal=causal,
-        config=config, num_ctas=config.num_ctas or bounds.num_workers, interpret=interpret)
+        config=config, num_ctas=config.num_ctas or bounds.num_workers, interpret=interpret,
+        k_scale=k_scale, v_scale=v_scale)
     return out_ref, lse_tiles, opart
 
 
 def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds: Bounds,
                      scale: float, causal: bool = True, interpret=False,
-                     config: DecodeConfig | None = None, metadata: DecodeMeta | None = None):
+                     config: DecodeConfig | None = None, metadata: DecodeMeta | None = None,
+                     k_scale=None, v_scale=None):
     """Attention of the rows the decode work list covers.
 
     q [T, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; page_table
@@ -538,8 +576,9 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
     chunked-local windows come from the items' key ranges (the planner already
     cut chunked-local layers at the chunk start). ``interpret``: False (GPU),
     True or a ``plgpu.InterpretGPUParams`` (GPU interpret mode, e.g. with the
-    race detector). Returns out [T, Hq, D] f32 and lse [T, Hq] f32; rows no
-    item covers are 0 / -inf.
+    race detector). An FP8 cache (float8_e4m3fn pages) passes its scales
+    ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32. Returns out [T, Hq, D]
+    f32 and lse [T, Hq] f32; rows no item covers are 0 / -inf.
     """
     t, hq, d = q.shape
     # A model passes the metadata in: it depends only on the step's plan, so every layer
@@ -548,7 +587,7 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
                                                                 num_tokens=t)
     out_ref, lse_tiles, opart = main_kernel(q, k_pages, v_pages, page_table, md, bounds=bounds,
                                             scale=scale, causal=causal, interpret=interpret,
-                                            config=config)
+                                            config=config, k_scale=k_scale, v_scale=v_scale)
     lse_merged = _combine_call(md.cmeta, opart, lse_tiles, out_ref, g=bounds.group,
                                interpret=interpret)
     return (out_ref[...].reshape(t, hq, d),

@@ -28,6 +28,16 @@ item together), which keeps each wave's tiles equally long. Items come
 longest first (the planner sorts them) and are dealt to CTAs in a snake
 order, so every CTA gets a similar mix of long and short tiles.
 
+FP8 cache (float8_e4m3fn pages with per-token, per-KV-head scales,
+:mod:`jaxattn.kv_quant`): the rings hold the fp8 pages and their scale rows
+(one more small TMA per page, on the same barrier); each consumer turns the
+K (V) tile into a bf16/f16 tile of its own with the scale applied per key row
+(:func:`common.dequantize_tile`) after the tile lands and before its turn, so
+the dequantisation overlaps the other consumer's GEMMs. Private tiles because
+the consumers run a half step apart; they cost SMEM, so the FP8 kernel needs
+``block_kv=64`` at head_dim 128 (:func:`pick_config`). With a bf16 cache none of
+it is traced (a static branch).
+
 Output rows are written only for the item's valid rows: the epilogue stages
 O in an untiled SMEM buffer and stores it with predicated TMA copies of
 64/32/16/8/4/2/1 rows (a ladder of static box shapes covers any count), so a
@@ -135,56 +145,77 @@ class PrefillConfig:
         # allotment (more would hang the kernel).
         return (COMPUTE_WGS + 1) * _LAUNCH_REGISTERS - COMPUTE_WGS * self.consumer_registers
 
-    def scratch(self, head_dim: int, dtype, pages_per_tile: int) -> list:
+    def scratch(self, head_dim: int, dtype, pages_per_tile: int, kv_dtype=None) -> list:
         """The kernel's scratch, in the order of its scratch arguments.
 
         ``pages_per_tile``: TMA copies that fill one K or V stage (the arrival
-        count of its full barrier; no size depends on it).
+        count of its full barrier; no size depends on it). ``kv_dtype``: the
+        cache's, when it is not ``dtype`` (FP8: the rings hold fp8, each page
+        brings a scale row too, and the dequantised tiles follow the list).
         """
         wg_tile = (COMPUTE_WGS, WG_ROWS, head_dim)
         ring = (self.num_stages, self.block_kv, head_dim)
+        fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
+        kv_ring = common.tiled_smem(ring, kv_dtype) if fp8 else _tiled(ring, dtype)
+        copies = 2 if fp8 else 1  # TMA copies per page: values (+ their scales)
+        extra = [] if not fp8 else [
+            plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # k scale ring
+            plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # v scale ring
+            _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype),  # k dequantised, per consumer
+            _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype),  # v dequantised, per consumer
+        ]
         return [
             plgpu.SMEM(wg_tile, dtype),  # q as loaded (untiled)
             _tiled(wg_tile, dtype),  # q for the wgmma
-            _tiled(ring, dtype),  # k ring
-            _tiled(ring, dtype),  # v ring
+            kv_ring,  # k ring
+            kv_ring,  # v ring
             plgpu.SMEM(wg_tile, dtype),  # o staging (untiled: any row offset)
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),  # lse staging
             # P for the PV wgmma, only when it does not stay in registers.
             None if self.p_in_registers else _tiled((COMPUTE_WGS, WG_ROWS, self.block_kv), dtype),
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_full
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_free
-            plgpu.Barrier(num_arrivals=pages_per_tile, num_barriers=self.num_stages),  # k_full
+            plgpu.Barrier(num_arrivals=copies * pages_per_tile,
+                          num_barriers=self.num_stages),  # k_full
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=self.num_stages),  # k_free
-            plgpu.Barrier(num_arrivals=pages_per_tile, num_barriers=self.num_stages),  # v_full
+            plgpu.Barrier(num_arrivals=copies * pages_per_tile,
+                          num_barriers=self.num_stages),  # v_full
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=self.num_stages),  # v_free
             # The turn handover on mbarriers, one per consumer (named barriers need none).
             None if self.named_barriers else plgpu.Barrier(num_barriers=COMPUTE_WGS),
+            *extra,
         ]
 
-    def smem_bytes(self, head_dim: int, dtype) -> int:
+    def smem_bytes(self, head_dim: int, dtype, kv_dtype=None) -> int:
         """Shared memory the kernel allocates (what Mosaic's budget check counts)."""
-        return common.smem_bytes(self.scratch(head_dim, dtype, pages_per_tile=1))
+        return common.smem_bytes(self.scratch(head_dim, dtype, pages_per_tile=1,
+                                              kv_dtype=kv_dtype))
 
 
-def pick_config(bounds: Bounds, dtype) -> PrefillConfig:
+def pick_config(bounds: Bounds, dtype, kv_dtype=None) -> PrefillConfig:
     """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
 
     The planner cuts items of ``bounds.block_q`` rows and KV ranges aligned to
     ``bounds.block_kv``, so the kernel's tile must equal them; the ring is as
     deep as shared memory allows (at most 4 stages). Interpret mode runs the
-    same config with P staged through SMEM (it has no SMEM budget).
+    same config with P staged through SMEM (it has no SMEM budget). ``kv_dtype``:
+    the cache's when not ``dtype`` (FP8).
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
+    common.check_kv_dtype("prefill", dtype, kv_dtype)
     _check_pages(bounds.page_size, bounds.block_kv, bounds.pages_per_seq)
     best = None
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages)
-        if cfg.smem_bytes(bounds.head_dim, dtype) <= common.MAX_SMEM:
+        if cfg.smem_bytes(bounds.head_dim, dtype, kv_dtype) <= common.MAX_SMEM:
             best = cfg
     if best is None:
         raise ValueError(f"no prefill config fits shared memory for block_kv={bounds.block_kv}, "
-                         f"head_dim={bounds.head_dim}")
+                         f"head_dim={bounds.head_dim}, KV cache "
+                         f"{jnp.dtype(kv_dtype or dtype)}" + (
+                             " (the FP8 cache needs block_kv=64)"
+                             if kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
+                             else ""))
     return best
 
 
@@ -236,18 +267,21 @@ _META = ("q_start", "q_len", "q_pos", "kv_start", "kv_end", "seq")
 
 def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ranges, *,
                       config: PrefillConfig, scale: float, causal: bool, num_workers: int,
-                      interpret=False):
+                      interpret=False, k_scale=None, v_scale=None):
     """Run the kernel over ``items`` (the prefill work list).
 
     q [T, Hq, D]; k_pages, v_pages [P, page_size, Hkv, D]; page_table [S, pages];
     zero_ranges int32 [R, 2]: row ranges [a, b) to fill with zeros (rows no
-    item covers). Returns out [T, Hq, D] (q.dtype; rows outside items and
+    item covers). An FP8 cache (float8_e4m3fn pages) passes its scales
+    ``k_scale``/``v_scale`` [P, Hkv, page_size] f32. Returns out [T, Hq, D] (q.dtype; rows outside items and
     zero ranges are unspecified) and lse_tiles [capacity, Hq, 128] f32
     (natural log) indexed by item and row within the item.
     """
     t, hq, d = q.shape
     num_pages, page_size, hkv, _ = k_pages.shape
     common.check_supported("prefill", d, q.dtype)
+    common.check_kv_dtype("prefill", q.dtype, k_pages.dtype, k_scale is not None)
+    fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
     _check_pages(page_size, config.block_kv, page_table.shape[1])
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
@@ -267,9 +301,11 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     qk_scale = float(scale) * common.LOG2E
     tile_rows = COMPUTE_WGS * WG_ROWS
 
-    def kernel(meta_ref, count_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-               q_stage, q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem,
-               q_full, q_free, k_full, k_free, v_full, v_free, turn):
+    def kernel(meta_ref, count_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
+        ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)  # the FP8 cache's scales
+        (o_ref, lse_ref, q_stage, q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem,
+         q_full, q_free, k_full, k_free, v_full, v_free, turn, *fp8_scratch) = rest
+        ks_smem, vs_smem, k_deq, v_deq = fp8_scratch if fp8 else (None,) * 4
         wg = lax.axis_index("wg")
         cta = lax.axis_index("sm")
         n_tiles = count_ref[0] * hq
@@ -347,6 +383,19 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
             pl.when(wg == 1)(turn_pass)
 
+            # The K/V tile of a ring slot as a wgmma operand (call after its full barrier's
+            # wait). FP8: this consumer's own dequantised copy, whose last reader (the
+            # previous QK, resp. PV) has completed wherever these are called.
+            def k_tile(slot):
+                if not fp8:
+                    return k_smem.at[slot]
+                return common.dequantize_tile(k_smem.at[slot], ks_smem.at[slot], k_deq.at[wg])
+
+            def v_tile(slot):
+                if not fp8:
+                    return v_smem.at[slot]
+                return common.dequantize_tile(v_smem.at[slot], vs_smem.at[slot], v_deq.at[wg])
+
             def tile_body(i, step):
                 item, head, (q_start, q_len, q_pos, kv_start, kv_end, _) = item_fields(tile_of(i))
                 lo, hi = kv_blocks(kv_start, kv_end)
@@ -395,9 +444,10 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     acc, m_i, l_i = carry
                     c = step + j - lo
                     slot = c % stages
+                    kt = k_tile(slot)
 
                     def qk_scope(acc_ref):
-                        plgpu.wgmma(acc_ref, qw, k_smem.at[slot].T)
+                        plgpu.wgmma(acc_ref, qw, kt.T)
                         turn_pass()
                         return acc_ref[...]
 
@@ -416,6 +466,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     if config.p_in_registers:
                         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
                     plgpu.barrier_wait(v_full.at[slot])
+                    vt = v_tile(slot)
                     turn_wait()
 
                     def wait_next_k():
@@ -425,7 +476,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
                     if config.p_in_registers:
                         def pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                            plgpu.wgmma(acc_ref, p16, vt)
                             wait_next_k()
 
                         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
@@ -435,7 +486,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                         plgpu.commit_smem()
 
                         def pv(acc_ref):
-                            plgpu.wgmma(acc_ref, pw, v_smem.at[slot])
+                            plgpu.wgmma(acc_ref, pw, vt)
                             wait_next_k()
                             return acc_ref[...]
 
@@ -473,10 +524,11 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 # First turn: QK(lo) alone (masked when it is the diagonal/boundary block).
                 slot0 = step % stages
                 plgpu.barrier_wait(k_full.at[slot0])
+                kt0 = k_tile(slot0)
                 turn_wait()
 
                 def qk0(s_ref):
-                    plgpu.wgmma(s_ref, qw, k_smem.at[slot0].T)
+                    plgpu.wgmma(s_ref, qw, kt0.T)
                     turn_pass()
                     return s_ref[...]
 
@@ -495,16 +547,21 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     c = step + j - lo
                     slot, pslot = c % stages, (c - 1) % stages
                     plgpu.barrier_wait(k_full.at[slot])
+                    kt = k_tile(slot)
+                    if fp8:  # V(j-1) dequantised before the turn too (so no wait inside it)
+                        plgpu.barrier_wait(v_full.at[pslot])
+                        vt = v_tile(pslot)
                     turn_wait()
 
                     def qk_scope(s_ref):
-                        plgpu.wgmma(s_ref, qw, k_smem.at[slot].T)
+                        plgpu.wgmma(s_ref, qw, kt.T)
                         acc_scaled = acc * bcast_rows(alpha, acc.shape)  # while QK(j) runs
-                        plgpu.barrier_wait(v_full.at[pslot])
+                        if not fp8:
+                            plgpu.barrier_wait(v_full.at[pslot])
 
                         def pv_body(refs):
                             o_ref, m_ref, l_ref, p_ref, a_ref = refs
-                            plgpu.wgmma(o_ref, p16, v_smem.at[pslot])
+                            plgpu.wgmma(o_ref, p16, vt if fp8 else v_smem.at[pslot])
                             turn_pass()
                             s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # QK(j) only
                             plgpu.barrier_arrive(k_free.at[slot])
@@ -536,10 +593,11 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 last = (step + hi - lo - 1) % stages
                 acc = acc * bcast_rows(alpha, acc.shape)
                 plgpu.barrier_wait(v_full.at[last])
+                vt = v_tile(last)
                 turn_wait()
 
                 def pv_last(o_ref):
-                    plgpu.wgmma(o_ref, p16, v_smem.at[last])
+                    plgpu.wgmma(o_ref, p16, vt)
                     turn_pass()
 
                 acc = pl.run_state(pv_last)(plgpu.ACC.init(acc))
@@ -593,7 +651,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     return [(pt_ref[seq, jnp.minimum(j * pages_per_tile + pg, max_page_col)], 0)
                             for pg in range(pages_per_tile)]
 
-                def load(pages_ref, smem, full, free, c, pages):
+                def load(pages_ref, smem, full, free, c, pages, scale_ref=None, scale_smem=None):
                     slot = c % stages
 
                     @pl.when(c >= stages)
@@ -605,6 +663,10 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                         plgpu.copy_gmem_to_smem(pages_ref.at[page, pl.ds(row, rows), kv_head],
                                                 smem.at[slot, pl.ds(pg * rows, rows)],
                                                 full.at[slot])
+                        if scale_ref is not None:  # FP8: those rows' scales, same barrier
+                            plgpu.copy_gmem_to_smem(
+                                scale_ref.at[page, kv_head, pl.ds(row, rows)],
+                                scale_smem.at[slot, pl.ds(pg * rows, rows)], full.at[slot])
 
                 @pl.loop(lo, hi)
                 def _kv(j):
@@ -612,8 +674,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     # Page ids once for K and V, read before the waits for a free slot so
                     # their GMEM latency overlaps them.
                     pages = page_ids(j)
-                    load(k_ref, k_smem, k_full, k_free, c, pages)
-                    load(v_ref, v_smem, v_full, v_free, c, pages)
+                    load(k_ref, k_smem, k_full, k_free, c, pages, ks_ref, ks_smem)
+                    load(v_ref, v_smem, v_full, v_free, c, pages, vs_ref, vs_smem)
 
                 return step + (hi - lo)
 
@@ -636,7 +698,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         kernel,
         out_type=(jax.ShapeDtypeStruct((t, hq, d), dtype),
                   jax.ShapeDtypeStruct((cap, hq, tile_rows), jnp.float32)),
-        scratch_types=config.scratch(d, dtype, pages_per_tile),
+        scratch_types=config.scratch(d, dtype, pages_per_tile,
+                                     kv_dtype=k_pages.dtype if fp8 else None),
         grid=(num_workers,),
         grid_names=("sm",),
         num_threads=COMPUTE_WGS + 1,
@@ -644,7 +707,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         # Row reductions stay inside a warp (WGMMA layout): no cross-warp scratch needed.
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=interpret or None,
-    )(meta, count, zero_ranges, page_table, q, k_pages, v_pages)
+    )(meta, count, zero_ranges, page_table, q, k_pages, v_pages,
+      *(() if not fp8 else (k_scale, v_scale)))
     return out, lse_tiles
 
 

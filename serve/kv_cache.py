@@ -16,6 +16,11 @@ Which pages a sequence owns is decided on the host by the block manager;
 a step's tokens arrive with a *slot* each (``page * page_size + offset``,
 computed by :mod:`jaxattn.serve.batch`), and :func:`write` scatters their K/V rows
 into the donated pools.
+
+FP8 cache (``dtype="float8_e4m3fn"``, ``--kv-cache-dtype fp8``): each pool has a
+float32 scale pool ``[num_pages, num_kv_heads, page_size]`` beside it
+(:mod:`jaxattn.kv_quant`); the write quantises each token's K and V per KV head and
+scatters values and scales together, so a page never needs re-quantising.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxattn import kv_quant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +56,20 @@ class CacheSpec:
             raise ValueError(f"chunked_layers {self.chunked_layers} outside the "
                              f"{self.num_layers} layers")
         object.__setattr__(self, "chunked_layers", tuple(sorted(set(self.chunked_layers))))
+        object.__setattr__(self, "dtype", kv_quant.cache_dtype(self.dtype).name)
+
+    @property
+    def quantized(self) -> bool:
+        """FP8 pages with per-token, per-KV-head scales."""
+        return kv_quant.is_quantized(self.dtype)
 
     @property
     def layer_bytes_per_page(self) -> int:
-        """K and V of one page of one layer, on one device (its KV heads)."""
+        """K and V of one page of one layer, on one device (its KV heads), scales included."""
         itemsize = jnp.dtype(self.dtype).itemsize
         heads = self.num_kv_heads // self.shards
-        return 2 * self.page_size * heads * self.head_dim * itemsize
+        row = self.head_dim * itemsize + (kv_quant.SCALE_DTYPE.itemsize if self.quantized else 0)
+        return 2 * self.page_size * heads * row
 
     @property
     def bytes_per_page(self) -> int:
@@ -85,28 +99,50 @@ class CacheSpec:
 class KVCache(NamedTuple):
     k: tuple  # per layer: [num_pages, page_size, Hkv, D]
     v: tuple
+    k_scale: tuple = ()  # FP8 cache: per layer [num_pages, Hkv, page_size] f32; else empty
+    v_scale: tuple = ()
+
+    def layer(self, i: int) -> tuple:
+        """(k, v, k_scale, v_scale) of layer ``i``; the scales are None without FP8."""
+        if not self.k_scale:
+            return self.k[i], self.v[i], None, None
+        return self.k[i], self.v[i], self.k_scale[i], self.v_scale[i]
+
+    def arrays(self) -> tuple:
+        return self.k + self.v + self.k_scale + self.v_scale
 
 
-def allocate(spec: CacheSpec, sharding=None) -> KVCache:
-    """Zeroed pools, created directly on the device(s) (with ``sharding``, e.g. split by KV head).
+def allocate(spec: CacheSpec, sharding=None, scale_sharding=None) -> KVCache:
+    """Zeroed pools, created directly on the device(s) (with ``sharding``, e.g. split by KV head;
+    ``scale_sharding``: the FP8 scale pools', split the same way).
 
     Zeros matter: kernels read whole pages and mask by logits, and a NaN in a
-    never-written slot would survive the mask (NaN * 0). The pools are
-    committed to their device so the first step compiles with the same cache
-    key as the steps after it.
+    never-written slot would survive the mask (NaN * 0); a zero scale times a zero
+    value is 0 too. The pools are committed to their device so the first step
+    compiles with the same cache key as the steps after it.
     """
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = sharding or default
     makers = {}
 
-    def make(layer):
+    def make(layer, scales=False):
         pages = spec.pages_of(layer)
-        if pages not in makers:
-            shape = (pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
-            makers[pages] = jax.jit(lambda: jnp.zeros(shape, spec.dtype), out_shardings=sharding)
-        return makers[pages]()
+        if (pages, scales) not in makers:
+            if scales:
+                shape = kv_quant.scale_shape(pages, spec.page_size, spec.num_kv_heads)
+                dtype, where = kv_quant.SCALE_DTYPE, scale_sharding or default
+            else:
+                shape = (pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
+                dtype, where = spec.dtype, sharding
+            makers[pages, scales] = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=where)
+        return makers[pages, scales]()
 
-    return KVCache(k=tuple(make(i) for i in range(spec.num_layers)),
-                   v=tuple(make(i) for i in range(spec.num_layers)))
+    layers = range(spec.num_layers)
+    scales = {}
+    if spec.quantized:
+        scales = dict(k_scale=tuple(make(i, True) for i in layers),
+                      v_scale=tuple(make(i, True) for i in layers))
+    return KVCache(k=tuple(make(i) for i in layers), v=tuple(make(i) for i in layers), **scales)
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
@@ -155,3 +191,18 @@ def write(k_pages, v_pages, k_new, v_new, slots):
     k_pages = k_pages.reshape(p * ps, h, d).at[slots].set(k_new.astype(k_pages.dtype), mode="drop")
     v_pages = v_pages.reshape(p * ps, h, d).at[slots].set(v_new.astype(v_pages.dtype), mode="drop")
     return k_pages.reshape(p, ps, h, d), v_pages.reshape(p, ps, h, d)
+
+
+def write_fp8(k_pages, v_pages, k_scale, v_scale, k_new, v_new, slots):
+    """:func:`write` for the FP8 cache: quantise each new row (per token and KV head) and
+    scatter values and scales into their slots. Returns the four updated pools."""
+    p, ps, h, d = k_pages.shape
+    page, off = slots // ps, slots % ps  # slots past the pool stay out of range: dropped
+    out = []
+    for pages, scale, new in ((k_pages, k_scale, k_new), (v_pages, v_scale, v_new)):
+        x8, s = kv_quant.quantize(new)  # [T, Hkv, D], [T, Hkv]
+        pages = pages.reshape(p * ps, h, d).at[slots].set(x8, mode="drop").reshape(p, ps, h, d)
+        scale = scale.at[page, :, off].set(s, mode="drop")
+        out.append((pages, scale))
+    (k_pages, k_scale), (v_pages, v_scale) = out
+    return k_pages, v_pages, k_scale, v_scale

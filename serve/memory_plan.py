@@ -9,7 +9,8 @@ anything loads:
 * **KV cache**: the engine's rule: ``--kv-cache-memory`` if given, else 0.8 of
   what the weights leave free, less if the activations would not fit beside
   it (:func:`default_kv_budget`); one token of one layer costs ``2 * (Hkv /
-  devices) * head_dim * itemsize`` bytes per device. The budget is split between
+  devices) * head_dim * itemsize`` bytes per device (FP8: ``head_dim + 4`` bytes
+  per head, the values and the token's scale). The budget is split between
   two pools (the hybrid cache, :func:`pool_pages`): the global layers keep every
   token, the chunked-local layers only each sequence's live chunk. The capacity
   in tokens is the global pool's.
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from jaxattn import parallel
+from jaxattn import kv_quant, parallel
 from jaxattn.models import llama4
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.serve import kv_cache as kv_cache_lib
@@ -108,7 +109,7 @@ def _token_spec(config: Llama4Config, pc: parallel.ParallelConfig, dtype) -> kv_
     chunked = tuple(i for i in range(config.num_hidden_layers) if config.is_chunked(i))
     return kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=1, page_size=1,
                                   num_kv_heads=llama4.stored_kv_heads(config, pc.model),
-                                  head_dim=config.head_dim, dtype=_np_dtype(dtype).name,
+                                  head_dim=config.head_dim, dtype=kv_quant.cache_dtype(dtype).name,
                                   shards=pc.model, chunked_layers=chunked)
 
 

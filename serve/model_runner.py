@@ -118,18 +118,20 @@ class Llama4Runner:
         self.model = model
         self.mesh = mesh
         if config.attention_impl == "auto" and kernels.on_hopper():
-            why = kernels.unsupported_reason(self.bounds, model.dtype)
+            why = kernels.unsupported_reason(self.bounds, model.dtype, self.spec.dtype)
             if why:  # e.g. chunks of a few tokens: served, but not at the kernels' speed
                 log.warning("attention runs on the pure-JAX reference: the Mosaic kernels "
                             "cannot serve these bounds (%s)", why)
         self._step = paged_step.make_step_fn(model, self.bounds, impl=config.attention_impl,
                                              gmm_impl=config.grouped_matmul_impl,
-                                             return_hidden=True)
+                                             return_hidden=True,
+                                             quantized_kv=self.spec.quantized)
         self._prompt_head = paged_step.make_prompt_logprobs_fn(
             model, min(MAX_LOGPROBS, mc.vocab_size))
         self._hidden = None  # the last step's hidden states [T, hidden] (on the device)
         self._kv_sharding = None if mesh is None else sharding.kv_sharding(mesh)
-        self._kv = kv_cache_lib.allocate(self.spec, sharding=self._kv_sharding)
+        self._scale_sharding = None if mesh is None else sharding.kv_scale_sharding(mesh)
+        self._kv = self._allocate()
         # Token counts of the penalized sequences (sampling.PenaltyState): one row per
         # sequence a step can hold, ~max_num_seqs x vocab x 4 bytes (logits' size).
         self.num_penalty_slots = config.max_num_seqs
@@ -258,10 +260,14 @@ class Llama4Runner:
         if self._penalties.is_deleted():  # every row is reseeded when its sequence recomputes
             self._penalties = sampling.new_penalty_state(self.num_penalty_slots,
                                                          self.vocab_size, self._rep_sharding)
-        if not any(x.is_deleted() for x in self._kv.k + self._kv.v):
+        if not any(x.is_deleted() for x in self._kv.arrays()):
             return False
-        self._kv = kv_cache_lib.allocate(self.spec, sharding=self._kv_sharding)
+        self._kv = self._allocate()
         return True
+
+    def _allocate(self) -> kv_cache_lib.KVCache:
+        return kv_cache_lib.allocate(self.spec, sharding=self._kv_sharding,
+                                     scale_sharding=self._scale_sharding)
 
 
 # One row per sampler mode (sampling.MODES): greedy, random, filtered (top-k / top-p).

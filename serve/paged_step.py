@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxattn
-from jaxattn import planner
+from jaxattn import kv_quant, planner
 from jaxattn.models.llama4 import (Llama4Config, Llama4ForCausalLM, local_heads, sharding,
                                    stored_kv_heads)
 from jaxattn.models.llama4.layers import NO_AXES, Axes
@@ -65,14 +65,15 @@ def cache_spec(config: Llama4Config, *, num_pages: int, page_size: int,
     ``num_chunked_pages`` (default: as many) for the chunked-local ones, which keep only
     each sequence's live chunk (their own page table). ``model_parallel``: devices the KV
     heads are split over (the spec's byte counts are then per device; on more devices than
-    KV heads each device holds one, replicated: ``llama4.stored_kv_heads``)."""
+    KV heads each device holds one, replicated: ``llama4.stored_kv_heads``). ``dtype="fp8"``:
+    the FP8 cache (float8_e4m3fn pages with scales, :mod:`jaxattn.kv_quant`)."""
     chunked = chunked_layers(config)
     num_chunked_pages = (0 if not chunked else num_pages if num_chunked_pages is None
                          else num_chunked_pages)
     return kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=num_pages,
                                   page_size=page_size,
                                   num_kv_heads=stored_kv_heads(config, model_parallel),
-                                  head_dim=config.head_dim, dtype=jnp.dtype(dtype).name,
+                                  head_dim=config.head_dim, dtype=kv_quant.cache_dtype(dtype).name,
                                   shards=model_parallel, chunked_layers=chunked,
                                   num_chunked_pages=num_chunked_pages)
 
@@ -91,6 +92,7 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
     cu, kv_lens, num_seqs = batch.cu_q_lens, batch.kv_lens, batch.num_seqs
     plan_of = dict(zip(attention_kinds(model.config), plans))
     new_k, new_v = list(kv_cache.k), list(kv_cache.v)
+    new_ks, new_vs = list(kv_cache.k_scale), list(kv_cache.v_scale)  # FP8 only
 
     def attend(i, attn, q, k, v):
         # A chunked-local layer reads and writes its own pool through its own table, whose
@@ -98,22 +100,29 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
         chunked = attn.chunk_size is not None
         table = batch.chunked_page_table if chunked else batch.page_table
         slots = batch.chunked_slots if chunked else batch.slots
-        new_k[i], new_v[i] = kv_cache_lib.write(new_k[i], new_v[i], k, v, slots)
+        scales = {}
+        if new_ks:  # FP8: quantise per token and KV head as the step writes
+            new_k[i], new_v[i], new_ks[i], new_vs[i] = kv_cache_lib.write_fp8(
+                new_k[i], new_v[i], new_ks[i], new_vs[i], k, v, slots)
+            scales = dict(k_scale=new_ks[i], v_scale=new_vs[i])
+        else:
+            new_k[i], new_v[i] = kv_cache_lib.write(new_k[i], new_v[i], k, v, slots)
         return _paged_attention(q, new_k[i], new_v[i], table, cu, kv_lens, num_seqs,
                                 plan_of[attn.chunk_size], bounds=bounds, scale=attn.scale,
-                                chunk_size=attn.chunk_size, impl=impl)
+                                chunk_size=attn.chunk_size, impl=impl, **scales)
 
     x = model.embed(batch.token_ids, axes)  # [T, hidden]
     valid = jnp.arange(x.shape[0]) < cu[num_seqs]  # [T]: not bucket padding
     x = model.run_layers(x, batch.positions, attend, axes, valid, gmm_impl)
     logits = model.logits(x[batch.logits_indices], axes)  # [S, vocab]
-    cache = kv_cache_lib.KVCache(k=tuple(new_k), v=tuple(new_v))
+    cache = kv_cache_lib.KVCache(k=tuple(new_k), v=tuple(new_v), k_scale=tuple(new_ks),
+                                 v_scale=tuple(new_vs))
     return (logits, x, cache) if return_hidden else (logits, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("bounds", "scale", "chunk_size", "impl"))
 def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, plan, *,
-                     bounds, scale, chunk_size, impl):
+                     bounds, scale, chunk_size, impl, k_scale=None, v_scale=None):
     """One layer's attention, as a jitted function so that layers of one kind share it.
 
     Every chunked-local layer (and every global layer) calls this with the same shapes and
@@ -123,7 +132,8 @@ def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_se
     """
     return jaxattn.ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens,
                                           num_seqs, bounds=bounds, scale=scale,
-                                          chunk_size=chunk_size, impl=impl, plan=plan)
+                                          chunk_size=chunk_size, impl=impl, plan=plan,
+                                          k_scale=k_scale, v_scale=v_scale)
 
 
 def step_compiler_options() -> dict | None:
@@ -143,7 +153,7 @@ def step_compiler_options() -> dict | None:
 
 
 def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_step,
-                return_hidden: bool = False):
+                return_hidden: bool = False, quantized: bool = False):
     """``local_step(state, kv, batch, plans, axes=)`` as a ``shard_map`` over ``model.mesh``.
 
     Weights and KV pools enter as each device's shards; the batch and the plans
@@ -158,7 +168,11 @@ def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_s
                          f"EngineConfig.bounds(..., model_parallel={n})")
     kv = sharding.kv_sharding(mesh).spec
     layers = config.num_hidden_layers
-    kv_specs = kv_cache_lib.KVCache(k=(kv,) * layers, v=(kv,) * layers)
+    scales = {}
+    if quantized:  # FP8 scale pools [P, Hkv, page_size]: split by KV head like the values
+        sc = sharding.kv_scale_sharding(mesh).spec
+        scales = dict(k_scale=(sc,) * layers, v_scale=(sc,) * layers)
+    kv_specs = kv_cache_lib.KVCache(k=(kv,) * layers, v=(kv,) * layers, **scales)
     return jax.shard_map(functools.partial(local_step, axes=sharding.axes_for(config, mesh)),
                          mesh=mesh,
                          in_specs=(sharding.state_specs(state, config, mesh, model.fp8), kv_specs, P(),
@@ -169,7 +183,7 @@ def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_s
 
 def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str = "auto",
                  gmm_impl: str = "auto", compiler_options: dict | None = None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, quantized_kv: bool = False):
     """``step(kv_cache, batch, prev_tokens=None) -> (logits [S, vocab] f32, new kv_cache)``, jitted.
 
     Shapes depend only on ``bounds`` and the batch's token count T, so it
@@ -179,6 +193,8 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     batch packed into one int32 vector (``jaxattn.serve.batch.pack``): one host-to-device copy.
     ``impl`` / ``gmm_impl``: the attention and grouped matmul implementations.
     ``compiler_options``: XLA options for the step (None: :func:`step_compiler_options`).
+    ``quantized_kv``: the cache is FP8 (its pools carry scale pools; on a mesh their
+    sharding is declared up front).
 
     ``prev_tokens`` (int32 [S], on the device) lets a step start before the previous
     one's sampled tokens reach the host: a batch token id ``-(r + 1)`` stands for
@@ -204,7 +220,8 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
 
     mesh = model.mesh
     if mesh is not None:
-        local_step = _shard_step(model, state, bounds, local_step, return_hidden)
+        local_step = _shard_step(model, state, bounds, local_step, return_hidden,
+                                 quantized_kv)
 
     if compiler_options is None:
         compiler_options = step_compiler_options()
@@ -230,7 +247,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         # An uncommitted pool (e.g. fresh from a jit without out_shardings) has another
         # cache key than the committed pools a step returns: commit it (no copy) so the
         # first step does not compile a second time.
-        if mesh is None and not all(x.committed for x in kv_cache.k + kv_cache.v):
+        if mesh is None and not all(x.committed for x in kv_cache.arrays()):
             kv_cache = jax.tree.map(
                 lambda x: x if x.committed else jax.device_put(x, device), kv_cache)
         # Host numpy goes to jit as is: jit's own transfer measured ~50 us cheaper than a

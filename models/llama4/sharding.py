@@ -169,6 +169,12 @@ def kv_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(None, None, axes) if axes else P())
 
 
+def kv_scale_sharding(mesh: Mesh) -> NamedSharding:
+    """FP8 KV scale pools ``[num_pages, Hkv, page_size]``: KV heads as :func:`kv_sharding`."""
+    axes = tuple(a for a in parallel.model_axes(mesh) if mesh.shape[a] > 1)
+    return NamedSharding(mesh, P(None, axes) if axes else P())
+
+
 def shard(model: Llama4ForCausalLM, mesh: Mesh) -> Llama4ForCausalLM:
     """Place an existing model's parameters on ``mesh`` (tests, small models); returns it."""
     check(model.config, mesh)

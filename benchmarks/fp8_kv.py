@@ -1,0 +1,205 @@
+"""FP8 vs bf16 KV cache: the attention kernels' speed over the same paged cache, one GPU run.
+
+    python -m benchmarks.fp8_kv            # on the GPU (benchmarks/gpu.sh fp8)
+    python -m benchmarks.fp8_kv --quick    # two decode and two prefill cases
+
+Scout's heads (40 query / 8 KV, D=128), 16-token pages shuffled in the pool. Each
+case builds one random bf16 cache and its FP8 quantisation (``jaxattn.kv_quant``:
+e4m3 values and a float32 scale per token and KV head) and times, interleaved (best of
+three rounds each, CUPTI kernel time when available):
+
+* decode (one token per sequence): ``decode.decode_attention``, one layer's attention as
+  the model calls it; bandwidth = bytes of the cache it reads (FP8: values + scales) / time;
+* prefill (one fresh sequence, through ``kernels.ragged_paged_attention`` with its plan):
+  bf16 at the engine's default 128-key tiles, bf16 at 64-key tiles, FP8 (64-key tiles:
+  what fits shared memory with the dequantised tiles, kernels/prefill.py). TFLOP/s count
+  useful FLOPs.
+
+The goal (issue 21): FP8 within 5% of bf16, or faster. Results go to
+benchmarks/results/fp8-kv-<date>.json/.md (and $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxattn
+from jaxattn import kernels, kv_quant, planner
+from jaxattn.kernels import decode
+
+from benchmarks.common import write_json
+
+HQ, HKV, D, PAGE, CHUNK = 40, 8, 128, 16, 8192
+DECODE_CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
+PREFILL_CASES = [("causal", 8192), ("causal", 32768), ("chunked", 131072)]
+QUICK = dict(decode=[(32, 8192), (1, 131072)], prefill=[("causal", 32768), ("chunked", 131072)])
+
+
+def _gpu_ms(f, *args, reps=20):
+    """Median ms of ``f(*args)``: CUPTI (the call's kernels only) when it works, else wall."""
+    jax.block_until_ready(f(*args))
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        _, times = profiler.measure(f, iterations=reps)(*args)
+        if times:
+            return statistics.median(times)
+    except Exception:  # noqa: BLE001 - fall back to the wall clock
+        pass
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def _interleaved(fns: dict, rounds=3) -> dict:
+    """Best ms of each callable over ``rounds`` rounds that visit them in turn (drift and
+    clock changes hit all alike)."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, (f, args) in fns.items():
+            best[k] = min(best[k], _gpu_ms(f, *args))
+    return best
+
+
+def _cache(batch, ctx, seed=0):
+    """A shuffled paged bf16 cache of ``batch`` sequences of ``ctx`` tokens, and its FP8 form."""
+    per_seq = -(-ctx // PAGE)
+    n = batch * per_seq
+    kk, kv = jax.random.split(jax.random.key(seed))
+    k = jax.random.normal(kk, (n, PAGE, HKV, D), jnp.bfloat16)
+    v = jax.random.normal(kv, (n, PAGE, HKV, D), jnp.bfloat16)
+    table = np.random.default_rng(seed).permutation(n).astype(np.int32).reshape(batch, per_seq)
+    k8, ks = jax.jit(kv_quant.quantize)(k)
+    v8, vs = jax.jit(kv_quant.quantize)(v)
+    fp8 = (k8, v8, jnp.swapaxes(ks, 1, 2), jnp.swapaxes(vs, 1, 2))
+    return (k, v), fp8, jnp.asarray(table)
+
+
+def bench_decode(batch, ctx):
+    bounds = jaxattn.Bounds(max_num_seqs=max(batch, 1), max_num_batched_tokens=max(batch, 16),
+                            max_model_len=131072, page_size=PAGE, num_q_heads=HQ,
+                            num_kv_heads=HKV, head_dim=D, chunk_size=CHUNK)
+    (k, v), (k8, v8, ks, vs), table = _cache(batch, ctx)
+    table = jnp.pad(table, ((0, 0), (0, bounds.pages_per_seq - table.shape[1])))
+    t = bounds.max_num_batched_tokens
+    cu = np.minimum(np.arange(batch + 1), batch).astype(np.int32)
+    plan = jax.jit(lambda: planner.plan(bounds, cu, np.full(batch, ctx, np.int32),
+                                        np.int32(batch)))()
+    q = jax.random.normal(jax.random.key(7), (t, HQ, D), jnp.bfloat16)
+    layer = jax.jit(lambda q, k, v, pt, items, ks=None, vs=None: decode.decode_attention(
+        q, k, v, pt, items, bounds=bounds, scale=D ** -0.5, k_scale=ks, v_scale=vs))
+    ms = _interleaved({"bf16": (layer, (q, k, v, table, plan.decode)),
+                       "fp8": (layer, (q, k8, v8, table, plan.decode, ks, vs))})
+    out_b = np.asarray(layer(q, k, v, table, plan.decode)[0][:batch], np.float32)
+    out_8 = np.asarray(layer(q, k8, v8, table, plan.decode, ks, vs)[0][:batch], np.float32)
+    bytes_bf16 = 2 * batch * ctx * HKV * D * 2
+    bytes_fp8 = 2 * batch * ctx * HKV * (D + 4)
+    return dict(kind="decode", batch=batch, ctx=ctx, bf16_ms=ms["bf16"], fp8_ms=ms["fp8"],
+                fp8_over_bf16=ms["fp8"] / ms["bf16"],
+                bf16_tbps=bytes_bf16 / ms["bf16"] / 1e9, fp8_tbps=bytes_fp8 / ms["fp8"] / 1e9,
+                max_abs_diff=float(np.abs(out_8 - out_b).max()))
+
+
+def _flops(mode, length):
+    causal = lambda n: 4 * n * n * HQ * D / 2
+    if mode == "causal":
+        return causal(length)
+    full, rest = divmod(length, CHUNK)
+    return full * causal(CHUNK) + causal(rest)
+
+
+def bench_prefill(mode, length):
+    chunk = CHUNK if mode == "chunked" else None
+    (k, v), (k8, v8, ks, vs), table = _cache(1, length, seed=1)
+    q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
+    cu, kv = np.array([0, length], np.int32), np.array([length], np.int32)
+    fns = {}
+    for name, block_kv, pools in (("bf16_bkv128", 128, (k, v)), ("bf16_bkv64", 64, (k, v)),
+                                  ("fp8", 64, (k8, v8))):
+        bounds = jaxattn.Bounds(max_num_seqs=1, max_num_batched_tokens=length,
+                                max_model_len=length, page_size=PAGE, num_q_heads=HQ,
+                                num_kv_heads=HKV, head_dim=D, chunk_size=chunk,
+                                block_kv=block_kv)
+        plan = jax.jit(lambda b=bounds: planner.plan(b, cu, kv, np.int32(1), chunk_size=chunk))()
+        scales = dict(k_scale=ks, v_scale=vs) if name == "fp8" else {}
+        f = jax.jit(lambda q, k, v, pt, plan, b=bounds, sc=scales: kernels.ragged_paged_attention(
+            q, k, v, pt, plan, bounds=b, scale=D ** -0.5, **sc)[0])
+        fns[name] = (f, (q, *pools, table, plan))
+    ms = _interleaved(fns)
+    diff = jax.jit(lambda a, b: jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
+    (f8, a8), (fb, ab) = fns["fp8"], fns["bf16_bkv128"]
+    flops = _flops(mode, length)
+    row = dict(kind="prefill", mode=mode, length=length,
+               max_abs_diff=float(diff(f8(*a8), fb(*ab))))
+    for n in fns:
+        row[f"{n}_ms"] = ms[n]
+        row[f"{n}_tflops"] = flops / ms[n] / 1e9
+    row["fp8_over_bf16"] = ms["fp8"] / ms["bf16_bkv128"]
+    row["fp8_over_bf16_bkv64"] = ms["fp8"] / ms["bf16_bkv64"]
+    return row
+
+
+def markdown(res) -> str:
+    lines = [f"# FP8 vs bf16 KV cache, {res['device']}, {res['date']}", "",
+             "Decode (one layer's attention; bytes read / time):", "",
+             "| batch x ctx | bf16 ms (TB/s) | FP8 ms (TB/s) | FP8 / bf16 time | max |diff| |",
+             "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if r.get("kind") == "decode" and "error" not in r:
+            lines.append(f"| {r['batch']}x{r['ctx']} | {r['bf16_ms']:.3f} ({r['bf16_tbps']:.2f}) "
+                         f"| {r['fp8_ms']:.3f} ({r['fp8_tbps']:.2f}) | {r['fp8_over_bf16']:.3f} "
+                         f"| {r['max_abs_diff']:.3g} |")
+    lines += ["", "Prefill (one sequence, fresh; useful TFLOP/s):", "",
+              "| mode, length | bf16 bkv128 ms (TFLOP/s) | bf16 bkv64 ms (TFLOP/s) | "
+              "FP8 bkv64 ms (TFLOP/s) | FP8 / bf16 bkv128 | FP8 / bf16 bkv64 |",
+              "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if r.get("kind") == "prefill" and "error" not in r:
+            c = lambda n: f"{r[n + '_ms']:.3f} ({r[n + '_tflops']:.0f})"
+            lines.append(f"| {r['mode']} {r['length']} | {c('bf16_bkv128')} | {c('bf16_bkv64')} "
+                         f"| {c('fp8')} | {r['fp8_over_bf16']:.3f} | "
+                         f"{r['fp8_over_bf16_bkv64']:.3f} |")
+    errors = [r for r in res["rows"] if "error" in r]
+    lines += [""] + [f"- error in {r}" for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="two decode and two prefill cases")
+    args = ap.parse_args(argv)
+    dec = QUICK["decode"] if args.quick else DECODE_CASES
+    pre = QUICK["prefill"] if args.quick else PREFILL_CASES
+    res = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
+               jax=jax.__version__, rows=[])
+    for case in dec:
+        try:
+            res["rows"].append(bench_decode(*case))
+        except Exception as e:  # noqa: BLE001 - one failed case must not hide the others
+            res["rows"].append(dict(kind="decode", case=case, error=f"{type(e).__name__}: {e}"[:400]))
+        print(res["rows"][-1], flush=True)
+    for case in pre:
+        try:
+            res["rows"].append(bench_prefill(*case))
+        except Exception as e:  # noqa: BLE001
+            res["rows"].append(dict(kind="prefill", case=case, error=f"{type(e).__name__}: {e}"[:400]))
+        print(res["rows"][-1], flush=True)
+    name = f"fp8-kv-{res['date']}"
+    path = write_json(name + ".json", res)
+    md = markdown(res)
+    with open(path[:-5] + ".md", "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

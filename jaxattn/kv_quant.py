@@ -1,0 +1,90 @@
+"""The FP8 KV cache format: float8_e4m3fn K/V values with a float32 scale per token and KV head.
+
+A K (or V) row of one token and one KV head, ``x[D]``, is stored as
+``x8 = round_e4m3(x / s)`` with ``s = max|x| / 448`` (448 is e4m3's largest
+finite value), so every stored row spans e4m3's whole range and
+``x ~= x8 * s``. Why per token and head (benchmarks/NOTES-fp8-kv.md):
+
+* no calibration and nothing to redo when a page fills up: a token's scale is
+  fixed when it is written, by the step that writes it;
+* Llama 4 L2-normalises q/k only on its RoPE (chunked) layers; the global NoPE
+  layers' keys have no fixed range, and one scale per page or per tensor would
+  let a few large rows flush the small ones to e4m3's subnormals;
+* the scales cost 4 bytes per 128 (D=128) or 64 (D=64) one-byte values: 3% (6%).
+
+Scale pools are ``[num_pages, num_kv_heads, page_size]`` (head-major inside a
+page, unlike the values' ``[num_pages, page_size, num_kv_heads, D]``): one KV
+head's scales of one page are then contiguous, so the kernels move them with one
+TMA copy of ``page_size * 4`` bytes next to each page's values (a TMA box needs
+a contiguous minor dimension of at least 16 bytes; ``[.., page_size, Hkv]``
+would make it 4).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
+FP8_MAX = float(jnp.finfo(FP8).max)  # 448
+SCALE_DTYPE = jnp.dtype(jnp.float32)
+# The smallest scale written: a row of zeros gets it (its values stay 0) instead of 0/0.
+MIN_SCALE = float(jnp.finfo(jnp.float32).tiny)
+
+# Names the engine and the CLI accept for the FP8 cache.
+FP8_NAMES = ("fp8", "fp8_e4m3", "float8_e4m3fn")
+
+
+def is_quantized(dtype) -> bool:
+    """Whether pages of ``dtype`` carry scales (the FP8 cache)."""
+    return jnp.dtype(dtype) == FP8
+
+
+def cache_dtype(name) -> jnp.dtype:
+    """The pool dtype for a KV cache dtype name (``fp8`` aliases included)."""
+    if isinstance(name, str) and name.lower() in FP8_NAMES:
+        return FP8
+    return jnp.dtype(name)
+
+
+def quantize(x):
+    """x [..., D] -> (x8 [..., D] float8_e4m3fn, scale [...] float32), per row of D."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.abs(xf).max(axis=-1) / FP8_MAX, MIN_SCALE)
+    # The division can round a row's max a hair past 448; clip so it saturates, not NaNs.
+    x8 = jnp.clip(xf / scale[..., None], -FP8_MAX, FP8_MAX).astype(FP8)
+    return x8, scale
+
+
+def dequantize(x8, scale, dtype=jnp.float32):
+    """x8 [..., D] with scale [...] -> x [..., D] in ``dtype`` (f32 math, then the cast)."""
+    return (x8.astype(jnp.float32) * scale[..., None].astype(jnp.float32)).astype(dtype)
+
+
+def scale_shape(num_pages: int, page_size: int, num_kv_heads: int) -> tuple[int, int, int]:
+    return (num_pages, num_kv_heads, page_size)
+
+
+def check_scales(k_pages, v_pages, k_scale, v_scale) -> str | None:
+    """Why (k_pages, v_pages, k_scale, v_scale) is not a valid cache (None when it is)."""
+    quantized = is_quantized(k_pages.dtype)
+    if quantized != is_quantized(v_pages.dtype):
+        return f"k_pages is {k_pages.dtype} but v_pages is {v_pages.dtype}"
+    if not quantized:
+        if k_scale is not None or v_scale is not None:
+            return f"k_scale/v_scale are only for float8_e4m3fn pages, not {k_pages.dtype}"
+        return None
+    if k_scale is None or v_scale is None:
+        return "float8_e4m3fn pages need k_scale and v_scale [num_pages, num_kv_heads, page_size]"
+    p, ps, hkv, _ = k_pages.shape
+    want = scale_shape(p, ps, hkv)
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if tuple(s.shape) != want:
+            return f"{name} has shape {tuple(s.shape)}, the pages need {want}"
+        if jnp.dtype(s.dtype) != SCALE_DTYPE:
+            return f"{name} must be float32, got {s.dtype}"
+    return None
+
+
+def dequantize_pages(pages, scale, dtype=jnp.float32):
+    """A whole pool [P, page_size, Hkv, D] with scale [P, Hkv, page_size] -> ``dtype`` pages."""
+    return dequantize(pages, jnp.swapaxes(scale, 1, 2), dtype)

@@ -1,0 +1,228 @@
+"""The kernels over an FP8 KV cache (float8_e4m3fn pages + per-token, per-KV-head scales).
+
+In GPU interpret mode on small shapes: the FP8 kernels must give *exactly* what the
+bf16 kernels give over the dequantised pages (the in-kernel tile is bf16(k8 * s), the
+same numbers), and match the float64 oracle over the dequantised pages. Then CUDA
+lowering (``jax.export(..., platforms=["cuda"])``: layout inference, TMA rules, the SMEM
+budget) of every configuration the pickers emit for an FP8 cache.
+"""
+
+import dataclasses
+import functools
+import itertools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+from jax.experimental.mosaic.gpu import core as mgpu_core
+
+import jaxattn
+from jaxattn import kv_quant, planner
+from jaxattn.kernels import common, decode, prefill
+from jaxattn.planner import WorkList
+
+from attention_cases import make_ragged_case, naive_ragged
+
+FP8 = jnp.float8_e4m3fn
+
+
+@pytest.fixture(autouse=True)
+def _fresh_interpreter():
+    ipc.reset_gpu_interpret_mode_state()
+    yield
+
+
+def _fp8_case(bounds, q_lens, kv_lens, *, num_tokens, k_gain=1.0, seed=0):
+    """A ragged case whose pages are quantised; keys get a spread of row norms (some rows
+    large, some small), so per-row scales matter."""
+    rc = make_ragged_case(bounds, q_lens, kv_lens, dtype=np.float32, seed=seed,
+                          num_tokens=num_tokens)
+    rng = np.random.default_rng(seed + 1)
+    gain = np.exp(rng.uniform(-2, 2, rc.k_pages.shape[:3]))[..., None] * k_gain
+    k8, ks = kv_quant.quantize(jnp.asarray(rc.k_pages * gain))
+    v8, vs = kv_quant.quantize(jnp.asarray(rc.v_pages))
+    ks, vs = jnp.swapaxes(ks, 1, 2), jnp.swapaxes(vs, 1, 2)  # [P, Hkv, page_size]
+    return rc, jnp.asarray(rc.q, jnp.bfloat16), (k8, v8, ks, vs)
+
+
+def _check_against_bf16_and_oracle(bounds, q_lens, kv_lens, *, chunk=None, num_tokens=None,
+                                   scale=0.08):
+    num_tokens = num_tokens or sum(q_lens) + 5
+    rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=num_tokens)
+    args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
+    kw = dict(bounds=bounds, scale=scale, chunk_size=chunk, impl="interpret", return_lse=True)
+    out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs, **kw)
+    kd, vd = kv_quant.dequantize_pages(k8, ks), kv_quant.dequantize_pages(v8, vs)
+    out_bf, lse_bf = jaxattn.ragged_paged_attention(
+        q, kd.astype(jnp.bfloat16), vd.astype(jnp.bfloat16), *args, **kw)
+    n = int(rc.cu_q_lens[rc.num_seqs])
+    out, lse = np.asarray(out, np.float32)[:n], np.asarray(lse)[:n]
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, np.asarray(out_bf, np.float32)[:n])
+    np.testing.assert_array_equal(lse, np.asarray(lse_bf)[:n])
+    # The oracle over the pages the kernels multiply: bf16(k8 * s).
+    kd, vd = (np.asarray(x.astype(jnp.bfloat16), np.float32) for x in (kd, vd))
+    want_o, want_l = naive_ragged(np.asarray(q, np.float32), kd, vd,
+                                  *args, scale, causal=True, chunk=chunk)
+    np.testing.assert_allclose(out, want_o[:n], atol=3e-2, rtol=0)
+    np.testing.assert_allclose(lse, want_l[:n], atol=3e-2, rtol=0)
+
+
+def _bounds(**kw):
+    base = dict(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=512, page_size=16,
+                num_q_heads=10, num_kv_heads=2, head_dim=128, block_kv=64, num_workers=4,
+                min_split_kv=64)
+    return jaxattn.Bounds(**{**base, **kw})
+
+
+def test_fp8_mixed_batch_equals_bf16_kernels_over_dequantised_pages():
+    """Prefill rows (a long and a short prompt) and decode rows (one split over KV) in one
+    batch: both kernels read the FP8 pages."""
+    _check_against_bf16_and_oracle(_bounds(), (150, 1, 1, 37), (300, 420, 33, 37))
+
+
+def test_fp8_chunked_local_and_small_pages():
+    _check_against_bf16_and_oracle(_bounds(page_size=8, chunk_size=128, num_q_heads=4,
+                                           head_dim=64), (100, 1, 1), (260, 200, 9), chunk=128)
+
+
+def test_fp8_kernel_refuses_missing_scales():
+    bounds = _bounds()
+    pages = jnp.zeros((8, 16, 2, 128), FP8)
+    with pytest.raises(ValueError, match="k_scale"):
+        jaxattn.ragged_paged_attention(jnp.zeros((8, 10, 128), jnp.bfloat16), pages, pages,
+                                       np.zeros((4, 32), np.int32), np.zeros(5, np.int32),
+                                       np.zeros(4, np.int32), 0, bounds=bounds, impl="interpret")
+    with pytest.raises(ValueError, match="needs k_scale"):
+        decode.main_kernel(jnp.zeros((8, 10, 128), jnp.bfloat16), pages, pages,
+                           jnp.zeros((4, 32), jnp.int32), None, bounds=bounds, scale=0.1)
+
+
+# --- config pickers and CUDA lowering for an FP8 cache (no GPU needed) ---
+
+def _prefill_configs():
+    picked = []
+    for bq, bkv, d, dtype in itertools.product((64, 128), (64, 128), (64, 128),
+                                               (jnp.bfloat16, jnp.float16)):
+        bounds = jaxattn.Bounds(max_num_seqs=8, max_num_batched_tokens=1024,
+                                max_model_len=4096, page_size=64, num_q_heads=8,
+                                num_kv_heads=1, head_dim=d, block_q=bq, block_kv=bkv)
+        try:
+            cfg = prefill.pick_config(bounds, dtype, FP8)
+        except ValueError as e:
+            assert "block_kv=64" in str(e)  # the only reason: bkv 128 at D=128 does not fit
+            assert (bkv, d) == (128, 128)
+            continue
+        picked.append(pytest.param(cfg, d, dtype, id=f"bq{bq}-bkv{bkv}-d{d}-"
+                                   f"{jnp.dtype(dtype).name}"))
+    return picked
+
+
+def test_prefill_picker_for_fp8():
+    bounds = jaxattn.Bounds(max_num_seqs=8, max_num_batched_tokens=1024, max_model_len=4096,
+                            page_size=16, num_q_heads=40, num_kv_heads=8, head_dim=128,
+                            block_kv=64)
+    cfg = prefill.pick_config(bounds, jnp.bfloat16, FP8)
+    assert cfg.smem_bytes(128, jnp.bfloat16, FP8) <= common.MAX_SMEM
+    deeper = dataclasses.replace(cfg, num_stages=cfg.num_stages + 1)
+    assert cfg.num_stages == 4 or deeper.smem_bytes(128, jnp.bfloat16, FP8) > common.MAX_SMEM
+    with pytest.raises(ValueError, match="block_kv=64"):
+        prefill.pick_config(dataclasses.replace(bounds, block_kv=128), jnp.bfloat16, FP8)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        prefill.pick_config(bounds, jnp.bfloat16, jnp.float16)
+    assert jaxattn.kernels.unsupported_reason(bounds, jnp.bfloat16, FP8) is None
+
+
+def _export_prefill(cfg, d, dtype, *, causal=True, page_size=64, budget=None):
+    S = jax.ShapeDtypeStruct
+    items = WorkList(*[jnp.zeros((4,), jnp.int32)] * 8, count=jnp.int32(0))
+    f = functools.partial(prefill.prefill_attention, items=items,
+                          zero_ranges=jnp.zeros((1, 2), jnp.int32), config=cfg, scale=0.1,
+                          causal=causal, num_workers=132)
+    pages, scales = S((8, page_size, 1, d), FP8), S((8, 1, page_size), jnp.float32)
+    fn = lambda q, kp, vp, pt, ks, vs: f(q, kp, vp, pt, k_scale=ks, v_scale=vs)
+    return jax.export.export(jax.jit(fn), platforms=["cuda"])(
+        S((256, 8, d), dtype), pages, pages, S((2, 4096 // page_size), jnp.int32), scales, scales)
+
+
+@pytest.mark.parametrize("cfg,d,dtype", _prefill_configs())
+def test_prefill_fp8_lowers_and_allocates_what_smem_bytes_says(cfg, d, dtype):
+    """Every picked FP8 config lowers for CUDA; it and the SMEM-P / mbarrier-turn variant
+    interpret mode runs (which may exceed the budget) allocate exactly ``smem_bytes``."""
+    assert "mosaic_gpu" in _export_prefill(cfg, d, dtype).mlir_module()
+    variant = dataclasses.replace(cfg, p_in_registers=False, overlap=False, named_barriers=False)
+    for c in (cfg, variant):
+        with mgpu_core.artificial_shared_memory_limit(0), pytest.raises(Exception) as err:
+            _export_prefill(c, d, dtype)
+        found = re.search(r"smem_bytes=(\d+)", str(err.value))
+        assert found and int(found.group(1)) == c.smem_bytes(d, dtype, FP8)
+
+
+@pytest.mark.parametrize("page_size", [8, 16, 32, 64])
+def test_prefill_fp8_lowers_for_page_sizes(page_size):
+    bounds = jaxattn.Bounds(max_num_seqs=16, max_num_batched_tokens=8192, max_model_len=131072,
+                            page_size=page_size, num_q_heads=40, num_kv_heads=8, head_dim=128,
+                            chunk_size=8192, block_kv=64)
+    cfg = prefill.pick_config(bounds, jnp.bfloat16, FP8)
+    _export_prefill(cfg, 128, jnp.bfloat16, page_size=page_size)
+    if page_size == 16:  # the plain loop (no intra-warpgroup overlap) dequantises too
+        _export_prefill(dataclasses.replace(cfg, overlap=False), 128, jnp.bfloat16,
+                        page_size=page_size)
+
+
+def _export_decode(bounds, dtype, *, causal=True, config=None):
+    cap = planner.capacity(bounds).decode_items
+    sds = jax.ShapeDtypeStruct
+    items = planner.WorkList(*[sds((cap,), jnp.int32)] * 8, sds((), jnp.int32))
+    pool = sds((64, bounds.page_size, bounds.num_kv_heads, bounds.head_dim), FP8)
+    scales = sds((64, bounds.num_kv_heads, bounds.page_size), jnp.float32)
+    fn = lambda q, k, v, pt, items, ks, vs: decode.decode_attention(
+        q, k, v, pt, items, bounds=bounds, scale=0.1, causal=causal, config=config,
+        k_scale=ks, v_scale=vs)
+    return jax.export.export(jax.jit(fn), platforms=["cuda"])(
+        sds((bounds.max_num_batched_tokens, bounds.num_q_heads, bounds.head_dim), dtype), pool,
+        pool, sds((bounds.max_num_seqs, bounds.pages_per_seq), jnp.int32), items, scales, scales)
+
+
+# (Hq, Hkv) per device: Scout at TP 1/2/8 (G=5), and G = 1, 2, 8 models.
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", [(40, 8), (20, 4), (5, 1), (8, 8), (16, 8), (64, 8)])
+def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
+    for i, page_size in enumerate([8, 16, 32, 64, 128]):
+        bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=2048,
+                                max_model_len=131072, page_size=page_size,
+                                num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                                chunk_size=8192)
+        config = decode.pick_config(bounds, jnp.bfloat16, kv_dtype=FP8)
+        exp = _export_decode(bounds, (jnp.bfloat16, jnp.float16)[i % 2],
+                             causal=(i // 2) % 2 == 0, config=config)
+        assert "mosaic_gpu" in exp.mlir_module()
+
+
+@pytest.mark.parametrize("config", [
+    decode.DecodeConfig(),
+    decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True),
+    decode.DecodeConfig(num_stages=3, p_in_registers=True),
+])
+def test_decode_fp8_tuning_variants_lower(config):
+    bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
+                            max_model_len=131072, page_size=16, num_q_heads=40,
+                            num_kv_heads=8, head_dim=128, chunk_size=8192)
+    _export_decode(bounds, jnp.bfloat16, config=config)
+
+
+def test_fp8_kernels_find_the_needle_in_interpret_mode():
+    """The constructed lookup head (tests/needle_cases.py) over a 2k context through the
+    kernels (decode rows: one query per sequence)."""
+    from needle_cases import make_needle_case
+
+    case = make_needle_case(2048, (0.03, 0.6, 0.97), num_q_heads=2)
+    k8, ks = kv_quant.quantize(jnp.asarray(case.k_pages))
+    v8, vs = kv_quant.quantize(jnp.asarray(case.v_pages))
+    out = jaxattn.ragged_paged_attention(
+        jnp.asarray(case.q, jnp.bfloat16), k8, v8, *case.args(), bounds=case.bounds, scale=1.0,
+        impl="interpret", k_scale=jnp.swapaxes(ks, 1, 2), v_scale=jnp.swapaxes(vs, 1, 2))
+    np.testing.assert_array_equal(case.read_out(out), case.answers)

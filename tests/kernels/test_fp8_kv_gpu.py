@@ -1,0 +1,80 @@
+"""The kernels over an FP8 KV cache on a Hopper GPU, at real sizes.
+
+The FP8 kernels must give exactly what the bf16 kernels give over the dequantised pages
+(the in-kernel tile is bf16(k8 * s): the same numbers through the same GEMMs), match the
+reference over the FP8 cache, and find a needle 128k tokens deep.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+from jaxattn import kv_quant
+
+from needle_cases import make_needle_case
+
+pytestmark = pytest.mark.gpu
+
+
+def _pools(num_pages, page_size, hkv, d, seed):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    # Keys with a spread of row norms (per-row scales matter), values plain.
+    gain = jnp.exp(jax.random.uniform(keys[2], (num_pages, page_size, hkv, 1), minval=-2,
+                                      maxval=2))
+    k8, ks = kv_quant.quantize(jax.random.normal(keys[0], (num_pages, page_size, hkv, d)) * gain)
+    v8, vs = kv_quant.quantize(jax.random.normal(keys[1], (num_pages, page_size, hkv, d)))
+    return k8, v8, jnp.swapaxes(ks, 1, 2), jnp.swapaxes(vs, 1, 2)
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", [
+    ((1,) * 32, (8192,) * 16 + (777,) * 16, None),  # decode, split and unsplit
+    ((1, 1, 1, 1), (131072, 70001, 8193, 5), 8192),  # long decode, chunked-local
+    ((4096, 1, 300), (12288, 40000, 300), None),  # chunked prefill beside decode
+    ((8192,), (16384,), 8192),  # a prefill chunk across a chunk boundary
+])
+def test_fp8_equals_bf16_over_dequantised_pages(q_lens, kv_lens, chunk):
+    page, hq, hkv, d = 16, 40, 8, 128
+    n = len(q_lens)
+    bounds = jaxattn.Bounds(max_num_seqs=n, max_num_batched_tokens=max(16, sum(q_lens)),
+                            max_model_len=131072, page_size=page, num_q_heads=hq,
+                            num_kv_heads=hkv, head_dim=d, chunk_size=chunk, block_kv=64)
+    used = [-(-k // page) for k in kv_lens]
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(sum(used) + 1).astype(np.int32)
+    table = np.zeros((n, bounds.pages_per_seq), np.int32)
+    off = 0
+    for s, u in enumerate(used):
+        table[s, :u] = perm[off:off + u]
+        off += u
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    t = bounds.max_num_batched_tokens
+    q = jax.random.normal(jax.random.key(9), (t, hq, d), jnp.bfloat16)
+    k8, v8, ks, vs = _pools(sum(used) + 1, page, hkv, d, seed=1)
+    args = (table, cu, np.asarray(kv_lens, np.int32), n)
+    kw = dict(bounds=bounds, scale=d ** -0.5, chunk_size=chunk, return_lse=True)
+    out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic", k_scale=ks,
+                                              v_scale=vs, **kw)
+    kd = kv_quant.dequantize_pages(k8, ks, jnp.bfloat16)
+    vd = kv_quant.dequantize_pages(v8, vs, jnp.bfloat16)
+    out_bf, lse_bf = jaxattn.ragged_paged_attention(q, kd, vd, *args, impl="mosaic", **kw)
+    rows = int(cu[-1])
+    np.testing.assert_array_equal(np.asarray(out[:rows], np.float32),
+                                  np.asarray(out_bf[:rows], np.float32))
+    np.testing.assert_array_equal(np.asarray(lse[:rows]), np.asarray(lse_bf[:rows]))
+    ref, ref_lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="reference",
+                                                  k_scale=ks, v_scale=vs, **kw)
+    np.testing.assert_allclose(np.asarray(out[:rows], np.float32),
+                               np.asarray(ref[:rows], np.float32), atol=2e-2, rtol=0)
+    np.testing.assert_allclose(np.asarray(lse[:rows]), np.asarray(ref_lse[:rows]), atol=2e-2)
+
+
+def test_fp8_kernels_find_a_needle_128k_deep():
+    case = make_needle_case(131072, (0.02, 0.5, 0.98), num_q_heads=5)
+    k8, ks = kv_quant.quantize(jnp.asarray(case.k_pages))
+    v8, vs = kv_quant.quantize(jnp.asarray(case.v_pages))
+    out = jaxattn.ragged_paged_attention(
+        jnp.asarray(case.q, jnp.bfloat16), k8, v8, *case.args(), bounds=case.bounds, scale=1.0,
+        impl="mosaic", k_scale=jnp.swapaxes(ks, 1, 2), v_scale=jnp.swapaxes(vs, 1, 2))
+    np.testing.assert_array_equal(case.read_out(out), case.answers)
