@@ -5,6 +5,8 @@ prompts past 10,000 tokens, through the serving engine.
     python -m benchmarks.multigpu -tp 4 -ep 2     # another split of 8 GPUs
     python -m benchmarks.multigpu --dry-run       # CPU: 8 simulated devices, a tiny config
     python -m benchmarks.multigpu -tp 1 --quantization fp8 --max-num-seqs 8   # one H200
+    python -m benchmarks.multigpu --kv-cache-dtype fp8 --lengths 1048576 --skip-alone \
+        --max-num-seqs 4 --decode-batches ''            # 2xH200: the 1M-token prompt
 
 1. Scout's architecture (``models/llama4/configs/scout.json``: 48 layers, 16 experts, real
    widths) with random bf16 weights drawn on the devices, each device only its shards
@@ -82,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="auto", choices=["auto", "reference", "mosaic"])
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="FP8 expert/MLP weights (one H200 holds all of Scout)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"],
+                   help="fp8: the FP8 KV cache (about twice the tokens; issue 21's 1M-token run)")
     p.add_argument("--skip-alone", action="store_true", help="only the mixed batch")
     p.add_argument("--compile-cache", default=None,
                    help="directory for JAX's persistent compilation cache (reused across runs)")
@@ -301,6 +305,7 @@ def run(args) -> dict:
     engine_config = EngineConfig(
         max_model_len=max_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=t,
         page_size=args.page_size, kv_cache_memory=args.kv_cache_memory, buckets=buckets,
+        kv_cache_dtype=args.kv_cache_dtype,
         dtype=dtype, enable_prefix_caching=False, attention_impl=args.impl,
         tensor_parallel_size=tp, expert_parallel_size=ep, quantization=args.quantization)
     res = {"date": datetime.date.today().isoformat(), "dry_run": args.dry_run,
@@ -309,6 +314,7 @@ def run(args) -> dict:
            "mesh": pc.describe(), "layers": config.num_hidden_layers,
            "experts": config.num_local_experts, "hidden": config.hidden_size,
            "dtype": dtype, "quantization": args.quantization, "impl": args.impl,
+           "kv_cache_dtype": args.kv_cache_dtype or dtype,
            "max_model_len": max_len,
            "max_num_batched_tokens": t, "buckets": list(buckets), "page_size": args.page_size,
            "decode_tokens": args.decode_tokens, "lengths": list(lengths)}

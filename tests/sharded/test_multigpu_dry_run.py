@@ -59,3 +59,16 @@ def test_dry_run_fp8(tmp_path, monkeypatch, split):
         res = json.load(f)
     assert res["quantization"] == "fp8" and res["all_completed"]
     assert res["compiles_after_warmup"] == 0 and len(res["mixed"]["requests"]) == 3
+
+
+def test_dry_run_fp8_kv_cache(tmp_path, monkeypatch):
+    """--kv-cache-dtype fp8 (issue 21's 1M-token run uses it): served through the engine."""
+    monkeypatch.delenv("OUT", raising=False)
+    assert multigpu.main(["--dry-run", "--kv-cache-dtype", "fp8", "--skip-alone",
+                          "--decode-tokens", "2", "--lengths", "64,200", "--decode-batches", "",
+                          "--out", str(tmp_path)]) == 0
+    (name,) = os.listdir(tmp_path)
+    with open(tmp_path / name) as f:
+        res = json.load(f)
+    assert res["kv_cache_dtype"] == "fp8" and res["all_completed"]
+    assert res["compiles_after_warmup"] == 0
