@@ -206,6 +206,7 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
     decode.DecodeConfig(),
     decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True),
     decode.DecodeConfig(num_stages=3, p_in_registers=True),
+    decode.DecodeConfig(num_stages=6, p_in_registers=True),  # benchmarks/fp8_kv.py's variant
 ])
 def test_decode_fp8_tuning_variants_lower(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
