@@ -2,7 +2,7 @@
 # The one GPU entry point (`make gpu`, or through the device tool): installs the
 # project offline, runs the GPU tests (pytest -m gpu) and the benchmarks, and
 # writes JSON/markdown/PNG into benchmarks/results/ (and $OUT when set).
-#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|fp8|model|serving|sweep|soak|all|multigpu] ...
+#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|model|serving|sweep|soak|fp8|all|multigpu] ...
 # (multigpu is not part of all: it needs a machine with several GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,7 @@ for what in "${@:-all}"; do
     serving|all) [ -f benchmarks/serving.py ] && { python3 -m benchmarks.serving || status=1; } ;;&
     sweep|all) [ -f benchmarks/length_sweep.py ] && { python3 -m benchmarks.length_sweep || status=1; } ;;&
     soak|all) [ -f benchmarks/soak.py ] && { python3 -m benchmarks.soak || status=1; } ;;&
+    fp8|all) python3 -m benchmarks.fp8_matmul || status=1 ;;&
     multigpu) python3 -m benchmarks.multigpu || status=1 ;;&
     *) ;;
   esac

@@ -59,6 +59,8 @@ from jaxattn.serve import kv_cache, paged_step, sampling  # noqa: E402
 from jaxattn.serve.batch import SeqStep, build_step, pack  # noqa: E402
 from jaxattn.serve.config import EngineConfig  # noqa: E402
 
+from benchmarks.roofline import decode_bytes  # noqa: E402
+
 PREFILL_LENS = (8192, 16384, 32768)
 DECODE_BATCHES = (1, 32)
 DECODE_CONTEXT = 8192  # kv_len of each decoding sequence (all inside the first chunk)
@@ -415,24 +417,6 @@ def bench_jax(model, clock: Clock, out: dict, save=lambda: None, impl: str = "au
               f"(first call {compile_s:.1f}s)", flush=True)
         out["jax_compiles"] = step.jitted._cache_size()
         save()
-
-
-def decode_bytes(cfg: llama4.Llama4Config, batch: int, kv_len: int) -> dict:
-    """Bytes one decode step must read (bf16): weights it uses and the KV it attends to."""
-    h, d, e, inter = cfg.hidden_size, cfg.head_dim, cfg.num_local_experts, cfg.intermediate_size
-    attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    # Experts the batch can hit: expected distinct experts under uniform top-k routing
-    # (exactly 1 for batch 1 top-1).
-    hit = e * (1 - (1 - 1 / e) ** (batch * cfg.num_experts_per_tok))
-    weights, kv = 0.0, 0.0
-    for i in range(cfg.num_hidden_layers):
-        ff = (3 * h * inter * (1 + hit) + h * e) if cfg.is_moe(i) else 3 * h * cfg.intermediate_size_mlp
-        weights += attn + ff + 2 * h
-        chunk = cfg.layer_chunk_size(i)
-        visible = kv_len if chunk is None else kv_len - ((kv_len - 1) // chunk) * chunk
-        kv += batch * visible * cfg.num_key_value_heads * d * 2
-    weights += cfg.vocab_size * h + h + batch * h  # LM head, final norm, embedding rows
-    return dict(weight_bytes=2 * weights, kv_bytes=2 * kv, experts_hit=hit)
 
 
 def grouped_matmul_micro(clock: Clock, out: dict):

@@ -4,20 +4,32 @@ prompts past 10,000 tokens, through the serving engine.
     python -m benchmarks.multigpu                 # a multi-GPU machine: TP over every GPU
     python -m benchmarks.multigpu -tp 4 -ep 2     # another split of 8 GPUs
     python -m benchmarks.multigpu --dry-run       # CPU: 8 simulated devices, a tiny config
+    python -m benchmarks.multigpu -tp 1 --quantization fp8 --max-num-seqs 8   # one H200
+    python -m benchmarks.multigpu --kv-cache-dtype fp8 --lengths 1048576 --skip-alone \
+        --max-num-seqs 4 --decode-batches ''            # 2xH200: the 1M-token prompt
 
 1. Scout's architecture (``models/llama4/configs/scout.json``: 48 layers, 16 experts, real
    widths) with random bf16 weights drawn on the devices, each device only its shards
-   (``sharding.init_random``): no checkpoint, nothing on the host.
+   (``sharding.init_random``): no checkpoint, nothing on the host. ``--quantization fp8``:
+   the routed experts, shared expert and MLPs drawn one parameter at a time and quantised
+   on the device (FP8, ~105 GiB: all of Scout on one H200).
 2. The engine of ``python -m jaxattn.serve`` (``LLMEngine`` over ``Llama4Runner``: chunked
    prefill, paged KV cache split by KV head, continuous batching), warmed up over its
    token buckets; compiles are counted from then on and must stay at zero.
 3. Prompts of 8192, 9999, 10000, 10001, 16384, 32768, 65536 and 131072 tokens, each alone,
    then all at once as one mixed concurrent batch, each decoding ``--decode-tokens``
    greedy tokens (EOS ignored). Every request must complete.
-4. Per request: time to first token (TTFT), prefill tokens/s (prompt / TTFT), decode
-   tokens/s (tokens after the first / their time); per device: memory in use and peak;
-   the compile count after warm-up; the memory plan. JSON to ``benchmarks/results/``
-   (and ``$OUT`` when set); a table on stdout.
+4. Per request: time to first token (TTFT), prefill tokens/s (prompt / TTFT) and MFU (useful
+   FLOPs against the bf16 peak, per GPU), decode tokens/s and ms per step next to its
+   roofline (the bytes each device must read per step / the same-run read bandwidth,
+   ``benchmarks/roofline.py``); per device: memory in use and peak; the compile count after
+   warm-up; the memory plan. JSON to ``benchmarks/results/`` (and ``$OUT`` when set); a
+   table on stdout.
+5. Mixed vs alone: the top-5 logprobs of the first decode steps (while both runs decoded the
+   same tokens), judged with the bf16 tolerances measured for the single-device path.
+6. Batch decode throughput at ``--decode-context`` (8192) for ``--decode-batches`` (1, 8,
+   32, 64): ms per step, output tokens/s and the ratio to the roofline; batches the
+   sequence limit or KV cache cannot hold are recorded as skipped.
 
 ``--dry-run`` runs the same script on the CPU with 8 simulated devices, a 4-layer toy
 model with chunk 64 and lengths scaled to it (64, 78, 79, 80, 128, 256, 512, 1024: the
@@ -37,6 +49,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LENGTHS = (8192, 9999, 10000, 10001, 16384, 32768, 65536, 131072)
 DRY_LENGTHS = (64, 78, 79, 80, 128, 256, 512, 1024)
 DRY_DEVICES = 8
+TOP_LOGPROBS = 5  # compared mixed vs alone
+COMPARE_STEPS = 4  # the first decode steps whose logprobs are compared
 # Scout's structure at toy size for --dry-run (heads, experts and vocabulary divide 8 devices).
 DRY_CONFIG = dict(
     vocab_size=1024, hidden_size=128, intermediate_size=128, intermediate_size_mlp=256,
@@ -68,10 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV budget per device (default: the engine's rule)")
     p.add_argument("--impl", default="auto", choices=["auto", "reference", "mosaic"])
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="FP8 expert/MLP weights (one H200 holds all of Scout)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"],
+                   help="fp8: the FP8 KV cache (about twice the tokens; issue 21's 1M-token run)")
     p.add_argument("--skip-alone", action="store_true", help="only the mixed batch")
     p.add_argument("--compile-cache", default=None,
                    help="directory for JAX's persistent compilation cache (reused across runs)")
     p.add_argument("--out", default=RESULTS, help="directory for the JSON result")
+    p.add_argument("--decode-batches", default=None,
+                   help="batch decode throughput at --decode-context: comma-separated batch "
+                        "sizes (default 1,8,32,64; dry run 1,4; '' to skip)")
+    p.add_argument("--decode-context", type=int, default=None,
+                   help="context of each sequence of the batch decode rows (default 8192)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     return p
 
@@ -121,14 +144,15 @@ def drive(engine, prompts: list[list[int]], decode_tokens: int) -> list[dict]:
     """Submit every prompt at once and step the engine until all finish; per-request timings."""
     from jaxattn.serve.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True,
+                            logprobs=TOP_LOGPROBS)
     t0 = time.perf_counter()
     recs = {}
     for i, p in enumerate(prompts):
         rid = f"r{i}-{len(p)}"
         engine.add_request(rid, p, params, arrival_time=time.monotonic())
         recs[rid] = {"prompt_tokens": len(p), "times": [], "tokens": [], "finish": None,
-                     "error": None}
+                     "error": None, "top": []}
     while engine.has_unfinished():
         deltas = engine.step()
         now = time.perf_counter()
@@ -137,6 +161,8 @@ def drive(engine, prompts: list[list[int]], decode_tokens: int) -> list[dict]:
             if d.token_ids:
                 r["times"].append(now)
                 r["tokens"].extend(d.token_ids)
+                if len(r["top"]) < COMPARE_STEPS:
+                    r["top"].extend([[list(x) for x in lp.top] for lp in d.logprobs or ()])
             if d.finish_reason is not None:
                 r["finish"], r["error"] = d.finish_reason, d.error
     out = []
@@ -150,8 +176,104 @@ def drive(engine, prompts: list[list[int]], decode_tokens: int) -> list[dict]:
             "prefill_tok_s": r["prompt_tokens"] / ttft if ttft else None,
             "decode_tok_s": dec / (times[-1] - times[0]) if dec > 0 and times[-1] > times[0]
             else None,
-            "e2e_s": times[-1] - t0 if times else None, "token_ids": r["tokens"]})
+            "decode_ms_per_step": 1e3 * (times[-1] - times[0]) / dec if dec > 0 else None,
+            "e2e_s": times[-1] - t0 if times else None, "token_ids": r["tokens"],
+            "top_logprobs": r["top"][:COMPARE_STEPS]})
     return out
+
+
+def compare_logprobs(mixed: dict, alone: dict) -> dict:
+    """Mixed vs alone at the first decode steps, while both runs decoded the same tokens (after
+    a flip the contexts differ): the largest change of a top-5 logprob of the alone run.
+    Judged with the bf16 tolerances measured for the single-device path
+    (benchmarks/length_sweep.py GPU_SPEC: lp_atol, and flip_atol for the few requests whose
+    routing flipped); a batching bug moves logprobs by whole units."""
+    diff, steps = 0.0, 0
+    for step, (top_m, top_a) in enumerate(zip(mixed["top_logprobs"], alone["top_logprobs"])):
+        got = dict((int(t), lp) for t, lp in top_m)
+        common = [(lp, got[int(t)]) for t, lp in top_a if int(t) in got]
+        if not common:
+            return {"max_abs_diff": float("inf"), "steps": step}
+        diff = max(diff, max(abs(a - b) for a, b in common))
+        steps = step + 1
+        if mixed["token_ids"][step] != alone["token_ids"][step]:
+            break
+    return {"max_abs_diff": diff, "steps": steps}
+
+
+def judge_logprobs(cmp: dict) -> bool:
+    from benchmarks.length_sweep import GPU_SPEC
+
+    diffs = sorted(c["max_abs_diff"] for c in cmp.values())
+    within = sum(d <= GPU_SPEC.lp_atol for d in diffs)
+    return bool(diffs) and diffs[-1] <= GPU_SPEC.flip_atol and \
+        len(diffs) - within <= GPU_SPEC.flip_frac * len(diffs) + 1e-9
+
+
+def read_bandwidth() -> float:
+    """Same-run read-only HBM bandwidth of device 0 (bytes/s): a sum over 2 GiB."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((1 << 30,), jnp.bfloat16)
+    f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    f(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(10):
+            y = f(x)
+        y.block_until_ready()
+        times.append((time.perf_counter() - t) / 10)
+    del x
+    return 2 * (1 << 30) / sorted(times)[len(times) // 2]
+
+
+def roofline_ms(config, res: dict, batch: int, kv_len: int) -> float:
+    """Bytes each device must read for one decode step / the same-run read bandwidth."""
+    from benchmarks.roofline import decode_bytes
+
+    b = decode_bytes(config, batch, kv_len, fp8=res.get("quantization") == "fp8")
+    return (b["weight_bytes"] + b["kv_bytes"]) / res["num_devices"] / res["read_bytes_s"] * 1e3
+
+
+def mfu(config, res: dict, prompt: int, ttft_s: float) -> float:
+    """Model FLOPs utilisation of one prompt's prefill, per GPU, against the bf16 peak."""
+    from benchmarks.roofline import BF16_PEAK_TFLOPS, prefill_flops
+
+    return prefill_flops(config, prompt) / ttft_s / res["num_devices"] / (BF16_PEAK_TFLOPS * 1e12)
+
+
+def batch_decode(engine, config, res: dict, args, rng) -> list[dict]:
+    """Output tokens/s of B sequences decoding together at ``context`` tokens each (prompts
+    prefilled first, then timed from the step all have their first token)."""
+    ctx = args.decode_context or (100 if args.dry_run else 8192)
+    spec = args.decode_batches
+    batches = ([int(x) for x in spec.split(",") if x] if spec is not None else
+               [1, 4] if args.dry_run else [1, 8, 32, 64])
+    rows = []
+    for b in batches:
+        need = b * (ctx + args.decode_tokens)
+        if b > args.max_num_seqs or need > res["kv_tokens"]:
+            rows.append({"batch": b, "context": ctx, "skipped":
+                         f"needs max_num_seqs >= {b} and {need:,} KV tokens "
+                         f"(have {args.max_num_seqs}, {res['kv_tokens']:,})"})
+            continue
+        prompts = [rng.integers(3, config.vocab_size, ctx).tolist() for _ in range(b)]
+        recs = drive(engine, prompts, args.decode_tokens)
+        start = max(r["e2e_s"] - (r["output_tokens"] - 1) * r["decode_ms_per_step"] / 1e3
+                    for r in recs if r["decode_ms_per_step"])
+        end = max(r["e2e_s"] for r in recs)
+        steps = args.decode_tokens - 1
+        ms = 1e3 * (end - start) / steps if end > start else None
+        roof = roofline_ms(config, res, b, ctx + args.decode_tokens // 2)
+        rows.append({"batch": b, "context": ctx, "ms_per_step": ms,
+                     "output_tok_s": b * 1e3 / ms if ms else None, "roofline_ms": roof,
+                     "ratio_to_roofline": ms / roof if ms else None,
+                     "all_completed": all(r["finish_reason"] == "length" for r in recs)})
+        print(f"batch decode {b:>3} x {ctx}: {ms or 0:.2f} ms/step "
+              f"({rows[-1]['output_tok_s'] or 0:,.0f} tok/s), roofline {roof:.2f} ms", flush=True)
+    return rows
 
 
 def run(args) -> dict:
@@ -183,14 +305,17 @@ def run(args) -> dict:
     engine_config = EngineConfig(
         max_model_len=max_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=t,
         page_size=args.page_size, kv_cache_memory=args.kv_cache_memory, buckets=buckets,
+        kv_cache_dtype=args.kv_cache_dtype,
         dtype=dtype, enable_prefix_caching=False, attention_impl=args.impl,
-        tensor_parallel_size=tp, expert_parallel_size=ep)
+        tensor_parallel_size=tp, expert_parallel_size=ep, quantization=args.quantization)
     res = {"date": datetime.date.today().isoformat(), "dry_run": args.dry_run,
            "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
            "platform": jax.devices()[0].platform, "jax": jax.__version__,
            "mesh": pc.describe(), "layers": config.num_hidden_layers,
            "experts": config.num_local_experts, "hidden": config.hidden_size,
-           "dtype": dtype, "impl": args.impl, "max_model_len": max_len,
+           "dtype": dtype, "quantization": args.quantization, "impl": args.impl,
+           "kv_cache_dtype": args.kv_cache_dtype or dtype,
+           "max_model_len": max_len,
            "max_num_batched_tokens": t, "buckets": list(buckets), "page_size": args.page_size,
            "decode_tokens": args.decode_tokens, "lengths": list(lengths)}
     plan = memory.for_engine(config, engine_config, dtype=dtype, devices=mesh.devices.flat)
@@ -204,7 +329,10 @@ def run(args) -> dict:
             raise SystemExit(f"error: {plan.reason}")
 
     t0 = time.perf_counter()
-    model = sharding.init_random(config, mesh, seed=0, dtype=dtype)
+    from jaxattn.models.llama4.quantization import scheme
+
+    model = sharding.init_random(config, mesh, seed=0, dtype=dtype,
+                                 fp8=scheme(args.quantization))
     jax.block_until_ready(jax.tree.leaves(model))
     res["init_s"] = time.perf_counter() - t0
     res["memory_after_weights"] = device_memory()
@@ -220,12 +348,16 @@ def run(args) -> dict:
     print(f"warm-up: {len(buckets)} buckets {buckets}, {warm} compiles, {res['warmup_s']:.1f} s; "
           f"KV cache {res['kv_tokens']:,} tokens per replica", flush=True)
 
+    res["read_bytes_s"] = read_bandwidth()
+    print(f"read bandwidth {res['read_bytes_s'] / 1e12:.2f} TB/s", flush=True)
     rng = np.random.default_rng(0)
     prompts = {n: rng.integers(3, config.vocab_size, n).tolist() for n in lengths}
     res["alone"] = {}
     if not args.skip_alone:
         for n in lengths:
             (r,) = drive(engine, [prompts[n]], args.decode_tokens)
+            r["roofline_ms"] = roofline_ms(config, res, 1, n + args.decode_tokens // 2)
+            r["mfu"] = mfu(config, res, n, r["ttft_s"]) if r["ttft_s"] else None
             res["alone"][str(n)] = r
             print(f"alone {n:>7}: TTFT {r['ttft_s']:.2f} s, prefill {r['prefill_tok_s']:,.0f} "
                   f"tok/s, decode {r['decode_tok_s'] or 0:,.1f} tok/s", flush=True)
@@ -238,33 +370,53 @@ def run(args) -> dict:
                     "preemptions": engine.scheduler.num_preemptions - preempt0}
     print(f"mixed batch of {len(lengths)}: {wall:.1f} s, "
           f"{res['mixed']['preemptions']} preemptions", flush=True)
+    res["batch_decode"] = batch_decode(engine, config, res, args, rng)
     res["memory_end"] = device_memory()
     res["compiles_after_warmup"] = engine.compile_count - warm
     every = list(res["alone"].values()) + mixed
     res["all_completed"] = all(r["finish_reason"] == "length" and r["error"] is None
                                and r["output_tokens"] == args.decode_tokens for r in every)
     if res["alone"]:
-        res["mixed_equals_alone"] = {str(r["prompt_tokens"]): r["token_ids"] ==
-                                     res["alone"][str(r["prompt_tokens"])]["token_ids"]
-                                     for r in mixed}
+        res["mixed_vs_alone"] = {str(r["prompt_tokens"]): compare_logprobs(
+            r, res["alone"][str(r["prompt_tokens"])]) for r in mixed}
+        res["mixed_matches_alone"] = judge_logprobs(res["mixed_vs_alone"])
     return res
 
 
 def table(res: dict) -> str:
     gib = 2**30
     lines = [f"{res['mesh']} on {res['num_devices']} x {res['device']}, {res['layers']} layers, "
-             f"{res['dtype']}, attention {res['impl']}; warm-up {res['warmup_s']:.0f} s "
+             f"{res['dtype']}{' + ' + res['quantization'] if res.get('quantization') else ''}, "
+             f"attention {res['impl']}; warm-up {res['warmup_s']:.0f} s "
              f"({res['compiles_warmup']} compiles), compiles after warm-up: "
              f"{res['compiles_after_warmup']}, all completed: {res['all_completed']}", "",
-             "| prompt | alone TTFT s | alone prefill tok/s | alone decode tok/s | "
-             "mixed TTFT s | mixed decode tok/s |", "|---|---|---|---|---|---|"]
+             f"read bandwidth {res.get('read_bytes_s', 0) / 1e12:.2f} TB/s (device 0, same run); "
+             f"mixed matches alone (logprobs): {res.get('mixed_matches_alone', '-')}", "",
+             "| prompt | alone TTFT s | prefill tok/s | MFU | decode tok/s | decode ms/step | "
+             "roofline ms | ratio | mixed TTFT s | mixed decode tok/s | mixed vs alone max "
+             "dlogprob |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x, spec: "-" if x is None else format(x, spec)
     for n in res["lengths"]:
         a = res["alone"].get(str(n), {})
         m = res["mixed"]["requests"].get(str(n), {})
+        ms, roof = a.get("decode_ms_per_step"), a.get("roofline_ms")
+        cmp = res.get("mixed_vs_alone", {}).get(str(n), {})
         lines.append(f"| {n} | {f(a.get('ttft_s'), '.2f')} | {f(a.get('prefill_tok_s'), ',.0f')} | "
-                     f"{f(a.get('decode_tok_s'), ',.1f')} | {f(m.get('ttft_s'), '.2f')} | "
-                     f"{f(m.get('decode_tok_s'), ',.1f')} |")
+                     f"{f(a.get('mfu'), '.1%')} | {f(a.get('decode_tok_s'), ',.1f')} | "
+                     f"{f(ms, '.2f')} | {f(roof, '.2f')} | "
+                     f"{f(ms / roof if ms and roof else None, '.2f')} | "
+                     f"{f(m.get('ttft_s'), '.2f')} | {f(m.get('decode_tok_s'), ',.1f')} | "
+                     f"{f(cmp.get('max_abs_diff'), '.3f')} |")
+    if res.get("batch_decode"):
+        lines += ["", "| batch x context | ms/step | output tok/s | roofline ms | ratio |",
+                  "|---|---|---|---|---|"]
+        for r in res["batch_decode"]:
+            if "skipped" in r:
+                lines.append(f"| {r['batch']} x {r['context']} | skipped: {r['skipped']} | | | |")
+                continue
+            lines.append(f"| {r['batch']} x {r['context']} | {f(r['ms_per_step'], '.2f')} | "
+                         f"{f(r['output_tok_s'], ',.0f')} | {r['roofline_ms']:.2f} | "
+                         f"{f(r['ratio_to_roofline'], '.2f')} |")
     peaks = [d["peak_bytes_in_use"] for d in res["memory_end"] if d["peak_bytes_in_use"]]
     if peaks:
         lines += ["", f"peak memory per device: {min(peaks) / gib:.1f}-{max(peaks) / gib:.1f} GiB "
@@ -277,8 +429,9 @@ def main(argv=None) -> int:
     _setup_environment(args.dry_run)
     res = run(args)
     print(table(res), flush=True)
-    name = f"multigpu-{res['date']}{'-dryrun' if args.dry_run else ''}{args.tag}.json"
-    for d in {args.out, os.environ.get("OUT")} - {None}:
+    quant = f"-{args.quantization}" if args.quantization else ""
+    name = f"multigpu-{res['date']}{'-dryrun' if args.dry_run else ''}{quant}{args.tag}.json"
+    for d in {args.out, os.environ.get("OUT") or None} - {None}:
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, name), "w") as fh:
             json.dump(res, fh, indent=2)

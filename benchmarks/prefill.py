@@ -197,6 +197,128 @@ def bench_lengths(rows):
             del q, k, v, outs
 
 
+# Lengths users send: the issue-19 boundaries and random lengths (fixed seed), not multiples
+# of anything. Both paths: the contiguous API (vs cuDNN) and the serving step (an 8192-token
+# prefill chunk over a cached prefix, paged, vs the contiguous API on the same shape).
+OFF_GRID = [8191, 8193, 10000, 10001, 12287, 20000]
+RANDOM_LENGTHS = sorted(int(x) for x in np.random.default_rng(19).integers(4096, 131073, 8))
+
+
+def _summary(ratios):
+    return dict(min=min(ratios), median=statistics.median(ratios), max=max(ratios), n=len(ratios))
+
+
+def bench_off_grid(res):
+    rows = res["off_grid"]
+    for mode, lengths in (("causal", OFF_GRID + RANDOM_LENGTHS),
+                          ("chunked", [8193, 10001] + RANDOM_LENGTHS[::2])):
+        for length in lengths:
+            if time.time() - T0 > BUDGET_S:
+                log("budget reached; skipping off-grid", mode, length)
+                break
+            chunked = mode == "chunked"
+            flops = chunked_flops(length) if chunked else causal_flops(length, length)
+            q, k, v = _inputs(length, jnp.bfloat16)
+            entry = dict(mode=mode, length=length, flops=flops, random=length in RANDOM_LENGTHS)
+            for name, f in (("jaxattn", jaxattn_fn(CHUNK if chunked else None)),
+                            ("cudnn", cudnn_fn(chunked) if not chunked or length % CHUNK == 0
+                             else None)):
+                if f is None:  # cuDNN's stand-in needs whole chunks: compare with causal pieces
+                    f = cudnn_chunked_ragged_fn(length)
+                try:
+                    m = _measure(f, q, k, v, target_ms=300.0)
+                    entry[name] = dict(m, tflops=flops / m["ms"] / 1e9)
+                except Exception as e:  # noqa: BLE001
+                    entry[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            if "ms" in entry["jaxattn"] and "ms" in entry["cudnn"]:
+                entry["ratio_vs_cudnn"] = entry["cudnn"]["ms"] / entry["jaxattn"]["ms"]
+            rows.append(entry)
+            log("off-grid", _fmt_row(entry))
+            del q, k, v
+    for mode in ("causal", "chunked"):
+        ratios = [e["ratio_vs_cudnn"] for e in rows if e["mode"] == mode and "ratio_vs_cudnn" in e]
+        rnd = [e["ratio_vs_cudnn"] for e in rows if e["mode"] == mode and e["random"]
+               and "ratio_vs_cudnn" in e]
+        if ratios:
+            res["off_grid_summary"][mode] = dict(all=_summary(ratios),
+                                                 random=_summary(rnd) if rnd else None)
+    log("off-grid summary", res["off_grid_summary"])
+
+
+def cudnn_chunked_ragged_fn(length):
+    """cuDNN for chunked-local attention at a length that is not whole chunks: the whole
+    chunks as one batch plus the partial last chunk as a second call."""
+    n_full = length // CHUNK * CHUNK
+
+    def f(q, k, v):
+        b = q.shape[0]
+        head = [x[:, :n_full].reshape(b * n_full // CHUNK, CHUNK, *x.shape[2:]) for x in (q, k, v)]
+        tail = [x[:, n_full:] for x in (q, k, v)]
+        o1 = jax.nn.dot_product_attention(*head, is_causal=True, implementation="cudnn")
+        o2 = jax.nn.dot_product_attention(*tail, is_causal=True, implementation="cudnn")
+        return o1.reshape(b, n_full, *o1.shape[2:]), o2
+    return jax.jit(f)
+
+
+def bench_serving_step(res, q_len=8192):
+    """The serving step's prefill: one 8192-token chunk over a cached prefix of a random
+    length, through ragged_paged_attention on a shuffled paged cache (page 16, the engine's
+    default, and page 128: one TMA copy per KV tile), next to the contiguous API on the same
+    shape (bottom-right causal: the chunk's queries are the last 8192 of kv_len keys)."""
+    rng = np.random.default_rng(20)
+    kv_lens = [int(x) for x in rng.integers(q_len + 1, 131073, 4)] + [q_len + 4999]
+    for chunk in (None, CHUNK):
+        for kv_len in kv_lens:
+            if time.time() - T0 > BUDGET_S:
+                return
+            flops = _bottom_right_flops(q_len, kv_len, chunk)
+            kq, kk, kv = jax.random.split(jax.random.key(kv_len), 3)
+            q = jax.random.normal(kq, (1, q_len, HQ, D), jnp.bfloat16)
+            k = jax.random.normal(kk, (1, kv_len, HKV, D), jnp.bfloat16)
+            v = jax.random.normal(kv, (1, kv_len, HKV, D), jnp.bfloat16)
+            entry = dict(q_len=q_len, kv_len=kv_len, chunk=chunk, flops=flops)
+            try:
+                m = _measure(jaxattn_fn(chunk), q, k, v, target_ms=300.0)
+                entry["contiguous"] = dict(m, tflops=flops / m["ms"] / 1e9)
+                for page in (16, 128):
+                    f, args = _paged_step_fn(q[0], k[0], v[0], page, chunk)
+                    m = _measure(f, *args, target_ms=300.0)
+                    entry[f"paged_{page}"] = dict(m, tflops=flops / m["ms"] / 1e9)
+                    del args
+            except Exception as e:  # noqa: BLE001
+                entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc(limit=3)
+            res["serving_step"].append(entry)
+            log("serving step", {k2: (v2.get("tflops") if isinstance(v2, dict) else v2)
+                                 for k2, v2 in entry.items()})
+            del q, k, v
+
+
+def _bottom_right_flops(q_len, kv_len, chunk):
+    pos = np.arange(kv_len - q_len, kv_len)
+    lo = (pos // chunk) * chunk if chunk else np.zeros_like(pos)
+    return 4 * HQ * D * float((pos - lo + 1).sum())
+
+
+def _paged_step_fn(q, k, v, page, chunk):
+    kv_len = k.shape[0]
+    n_pages = -(-kv_len // page)
+    max_len = n_pages * page
+    bounds = jaxattn.Bounds(max_num_seqs=1, max_num_batched_tokens=q.shape[0],
+                            max_model_len=max_len, page_size=page, num_q_heads=HQ,
+                            num_kv_heads=HKV, head_dim=D, chunk_size=chunk,
+                            num_workers=kernels.num_sms())
+    pad = ((0, max_len - kv_len), (0, 0), (0, 0))
+    perm = np.random.default_rng(page).permutation(n_pages)
+    kp = jnp.pad(k, pad).reshape(n_pages, page, HKV, D)[np.argsort(perm)]
+    vp = jnp.pad(v, pad).reshape(n_pages, page, HKV, D)[np.argsort(perm)]
+    table = perm.astype(np.int32)[None]  # logical page i lives at physical perm[i]
+    cu = np.array([0, q.shape[0]], np.int32)
+    f = jax.jit(functools.partial(jaxattn.ragged_paged_attention, bounds=bounds,
+                                  chunk_size=chunk, impl="mosaic"))
+    return f, (q, kp, vp, table, cu, np.array([kv_len], np.int32), np.int32(1))
+
+
 def bench_variants(rows):
     """Kernel knobs at fixed shapes, same run: tile order (GQA / L2 sharing), block_kv and
     stages, intra-warpgroup overlap. Each variant's output is compared with the default's."""
@@ -324,6 +446,31 @@ def markdown(res):
                      f"| {c('cudnn', 'ms')} | {c('cudnn', 'tflops')} | "
                      f"{e.get('ratio_vs_cudnn', float('nan')):.3f} | {c('mgpu_fp16', 'ms')} "
                      f"| {c('mgpu_fp16', 'tflops')} |")
+    if res.get("off_grid"):
+        lines += ["", "Lengths that are not multiples of anything (fixed boundaries, then random "
+                  "lengths, seed 19): cuDNN ms / jaxattn ms", "",
+                  "| mode | length | random | jaxattn ms | TFLOP/s | cuDNN ms | TFLOP/s | ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in res["off_grid"]:
+            j, c = e.get("jaxattn", {}), e.get("cudnn", {})
+            lines.append(f"| {e['mode']} | {e['length']} | {'yes' if e['random'] else ''} | "
+                         f"{j.get('ms', float('nan')):.3f} | {j.get('tflops', float('nan')):.0f} | "
+                         f"{c.get('ms', float('nan')):.3f} | {c.get('tflops', float('nan')):.0f} | "
+                         f"{e.get('ratio_vs_cudnn', float('nan')):.3f} |")
+        for mode, sm in res.get("off_grid_summary", {}).items():
+            for which, x in sm.items():
+                if x:
+                    lines.append(f"\n{mode}, {which} lengths ({x['n']}): ratio min {x['min']:.3f}, "
+                                 f"median {x['median']:.3f}, max {x['max']:.3f}")
+    if res.get("serving_step"):
+        lines += ["", "Serving step: one 8192-token prefill chunk over kv_len keys (shuffled pages), "
+                  "TFLOP/s (useful FLOPs)", "",
+                  "| chunk | kv_len | contiguous API | paged, page 16 | paged, page 128 |",
+                  "|---|---|---|---|---|"]
+        for e in res["serving_step"]:
+            t = [f"{e.get(k, {}).get('tflops', float('nan')):.0f}"
+                 for k in ("contiguous", "paged_16", "paged_128")]
+            lines.append(f"| {e['chunk'] or '-'} | {e['kv_len']} | {' | '.join(t)} |")
     lines += ["", "SM clock (median MHz, nvidia-smi) while each implementation's repetitions ran "
               "(- where they were too short for a sample):", "",
               "| mode | length | jaxattn MHz | cuDNN MHz |", "|---|---|---|---|"]
@@ -381,16 +528,21 @@ def main():
     log("device:", dev, getattr(dev, "core_count", None))
     res = dict(date=datetime.date.today().isoformat(), device=str(dev.device_kind), jax=jax.__version__,
                heads=[HQ, HKV], head_dim=D, chunk=CHUNK, lengths=[], variants=[], varlen=[],
-               sustained=[])
+               sustained=[], off_grid=[], off_grid_summary={}, serving_step=[])
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"prefill-{res['date']}"
     global CLOCKS
     CLOCKS = GpuClockLog(f"/tmp/prefill-{os.getpid()}-nvidia-smi.csv")
     try:
-        for part, fn in (("lengths", bench_lengths), ("varlen", bench_varlen),
+        parts = os.environ.get("BENCH_PARTS", "lengths,off_grid,serving_step,varlen,sustained,"
+                               "variants").split(",")
+        for part, fn in (("lengths", bench_lengths), ("off_grid", bench_off_grid),
+                         ("serving_step", bench_serving_step), ("varlen", bench_varlen),
                          ("sustained", bench_sustained), ("variants", bench_variants)):
+            if part not in parts:
+                continue
             try:
-                fn(res[part])
+                fn(res if part in ("off_grid", "serving_step") else res[part])
             except Exception:  # noqa: BLE001 - keep what was measured
                 traceback.print_exc()
     finally:

@@ -20,11 +20,11 @@ from jaxattn.api import attention, ragged_paged_attention
 from jaxattn.planner import Bounds, Capacity, Plan, capacity, plan
 
 __all__ = ["attention", "ragged_paged_attention", "Bounds", "Capacity", "Plan", "capacity", "plan",
-           "LLM", "SamplingParams", "EngineConfig"]
+           "LLM", "SamplingParams", "StructuredOutput", "EngineConfig"]
 __version__ = "0.1.0"
 
 _LAZY = {"LLM": "jaxattn.serve.llm", "SamplingParams": "jaxattn.serve.sampling_params",
-         "EngineConfig": "jaxattn.serve.config"}
+         "StructuredOutput": "jaxattn.serve.structured", "EngineConfig": "jaxattn.serve.config"}
 
 
 def __getattr__(name):

@@ -51,20 +51,20 @@ def _scale(scale, d):
 
 
 def _kernel_impl(impl: str, head_dim: int, dtype, bounds: Bounds | None = None,
-                 kv_dtype=None) -> str:
+                 chunk_size: int | None = None, kv_dtype=None) -> str:
     """Resolve ``auto`` and check that a kernel path can run this configuration.
 
     ``auto`` takes the kernels only where they can serve the configuration
-    (Hopper, head_dim/dtype, and the bounds' tile and page sizes); otherwise
-    the reference. An explicit kernel impl that cannot serve it is a ValueError.
+    (Hopper, head_dim/dtype, and the bounds' tile and page sizes, or for the
+    contiguous form the chunk size); otherwise the reference. An explicit kernel
+    impl that cannot serve it is a ValueError.
     """
     from jaxattn import kernels
 
     def reason():
         if bounds is not None:
             return kernels.unsupported_reason(bounds, dtype, kv_dtype)
-        return None if kernels.supports(head_dim, dtype) else (
-            f"head_dim {head_dim} / dtype {dtype} unsupported")
+        return kernels.contiguous_unsupported_reason(head_dim, dtype, chunk_size)
 
     if impl == "auto":
         ok = kernels.on_hopper() and reason() is None
@@ -75,6 +75,12 @@ def _kernel_impl(impl: str, head_dim: int, dtype, bounds: Bounds | None = None,
         _check(why is None, f"impl={impl!r} cannot serve this configuration: {why} (kernels "
                f"support head_dim in {kernels.HEAD_DIMS} and dtypes {dtypes})")
     return impl
+
+
+def resolve_impl(impl: str, bounds: Bounds, dtype, kv_dtype=None) -> str:
+    """The implementation ``impl`` runs as for these bounds, dtype and KV cache dtype
+    (``auto`` resolved)."""
+    return _kernel_impl(impl, bounds.head_dim, jnp.dtype(dtype), bounds, kv_dtype=kv_dtype)
 
 
 def attention(q, k, v, *, causal: bool = True, chunk_size: int | None = None, scale=None,
@@ -105,7 +111,7 @@ def attention(q, k, v, *, causal: bool = True, chunk_size: int | None = None, sc
         _check(((0 <= kl) & (kl <= lk)).all(), f"kv_lens must be in [0, Lk={lk}]")
         _check(not causal or (ql <= kl).all(), "causal attention needs q_len <= kv_len "
                "(the new queries are the last q_len of kv_len positions)")
-    impl = _kernel_impl(impl, d, q.dtype)
+    impl = _kernel_impl(impl, d, q.dtype, chunk_size=chunk_size)
     scale = _scale(scale, d)
     if impl in ("mosaic", "interpret"):
         from jaxattn import kernels
@@ -161,7 +167,7 @@ def validate_ragged(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seq
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, *,
                            bounds: Bounds, scale=None, chunk_size=None, return_lse=False,
-                           impl: str = "auto", causal: bool = True, plan: Plan | None = None,
+                           impl: str = "auto", causal: bool = True, plan=None,
                            k_scale=None, v_scale=None):
     """Attention for a packed batch of new tokens over a paged KV cache (serving form).
 
@@ -170,8 +176,9 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
     Hkv, D] (the layout is documented in :mod:`jaxattn.reference`);
     page_table [S, pages_per_seq] int32; kv_lens [S] counts the new tokens
     too; num_seqs: valid sequences (scalar). Mixed prefill, chunked prefill
-    and decode sequences go in one call with static shapes. ``plan`` may be
-    passed in to share one plan between layers of the same kind.
+    and decode sequences go in one call with static shapes. ``plan`` (a ``Plan``, or for
+    the kernels a ``jaxattn.kernels.KernelPlan``) may be passed in to share one plan
+    between layers of the same kind.
     An FP8 cache (float8_e4m3fn pages) passes its per-token, per-KV-head scales
     ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32 (:mod:`jaxattn.kv_quant`);
     q stays in its own dtype.
@@ -181,7 +188,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
     validate_ragged(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs,
                     bounds=bounds, chunk_size=chunk_size, impl=impl, k_scale=k_scale,
                     v_scale=v_scale)
-    impl = _kernel_impl(impl, q.shape[-1], q.dtype, bounds, k_pages.dtype)
+    impl = _kernel_impl(impl, q.shape[-1], q.dtype, bounds, kv_dtype=k_pages.dtype)
     scale = _scale(scale, q.shape[-1])
     q, k_pages, v_pages = (jnp.asarray(x) for x in (q, k_pages, v_pages))
     scales = {} if k_scale is None else dict(k_scale=jnp.asarray(k_scale),

@@ -10,9 +10,10 @@ Axes, outermost first: ``("data", "expert", "tensor")``.
   the shared expert and the vocabulary are split over ``expert`` *and*
   ``tensor`` together (the *model-parallel group*, ``MODEL``): with activations
   replicated across the group, every device does 1/(ep*tp) of every layer and
-  no device repeats another's attention. So Scout's 8 KV heads bound
-  ``ep * tp <= 8``; ``ep`` only changes how the experts are cut (whole experts
-  per device instead of column slices of every expert).
+  no device repeats another's query heads. A group larger than the KV heads (Scout's
+  8) replicates each KV head on the devices whose query heads read it, as vLLM
+  does (``models/llama4/sharding.py``); ``ep`` only changes how the experts are cut
+  (whole experts per device instead of column slices of every expert).
 * ``data`` (outermost): independent replicas of the model, each with its own
   KV pool and engine (``serve/data_parallel.py``); they exchange nothing.
 

@@ -67,11 +67,13 @@ a multiple of ``block_kv`` (``block_kv`` divides ``C``) that the kernels' first 
 tile starts at; a segment's chunk starts at or after ``w = floor(p0 / C) * C`` for
 the sequence's first new position ``p0`` (its cached length). So no chunked-layer
 read touches a table entry before ``w / page_size``: those entries may name a page
-returned to the pool. Live chunked pages of one sequence with ``q`` new tokens:
-``ceil((p0 - w + q) / page_size) <= ceil((C - 1 + T) / page_size)``
-(:attr:`Bounds.chunk_pages_per_seq`), since ``p0 - w <= C - 1`` and ``w`` is
-page-aligned; over ``S`` sequences at most ``S * C / page_size + ceil(T /
-page_size) + S`` (:meth:`Bounds.chunked_pages_for`), using ``ceil(a + b) <=
+returned to the pool. Live chunked pages of one sequence with ``q`` new tokens, with
+``w'`` the start of ``w``'s page and ``a = C - 1 + page_size - gcd(C, page_size)``:
+``ceil((p0 - w' + q) / page_size) <= ceil((a + T) / page_size)``
+(:attr:`Bounds.chunk_pages_per_seq`), since ``p0 - w <= C - 1`` and ``w - w'`` is a
+multiple of ``gcd(C, page_size)`` below ``page_size`` (``a = C - 1`` when pages divide
+the chunk); over ``S`` sequences at most ``S * (ceil(a / page_size) + 1) + ceil(T /
+page_size)`` (:meth:`Bounds.chunked_pages_for`), using ``ceil(a + b) <=
 ceil(a) + ceil(b)`` and ``sum ceil(q_s / page_size) <= ceil(T / page_size) + S``.
 Positions and slots are int32: ``max_model_len`` up to 2**31 - 1.
 """
@@ -111,7 +113,7 @@ class Bounds:
     chunk_size: int | None = None
     block_q: int = 128  # prefill tile: query tokens per work item
     block_kv: int = 128  # keys per kernel KV tile; split pieces are multiples of it
-    decode_q: int | None = None  # max new tokens of a decode-path sequence; None: 64 // group
+    decode_q: int | None = None  # max new tokens of a decode-path sequence; None: see dq
     num_workers: int = 132  # persistent CTAs (SMs of an H100)
     min_split_kv: int = 512  # split-KV never makes pieces shorter than this
 
@@ -125,9 +127,11 @@ class Bounds:
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(f"Bounds.num_q_heads={self.num_q_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
-        if self.block_kv % self.page_size:
-            raise ValueError(f"Bounds.block_kv={self.block_kv} must be a multiple of "
-                             f"page_size={self.page_size} (a KV tile is whole pages)")
+        if not self.tiles_fit_pages:
+            raise ValueError(f"Bounds.page_size={self.page_size} must divide block_kv="
+                             f"{self.block_kv} or be a multiple of it (a KV tile is whole "
+                             f"pages or a slice of one), or hold a whole sequence "
+                             f"(page_size >= max_model_len={self.max_model_len})")
         if self.chunk_size is not None:
             if self.chunk_size < 1 or self.chunk_size % self.block_kv:
                 raise ValueError(f"Bounds.chunk_size={self.chunk_size} must be a positive "
@@ -146,10 +150,23 @@ class Bounds:
 
     @property
     def dq(self) -> int:
-        """New tokens per sequence at or below which the decode path takes it."""
+        """New tokens per sequence at or below which the decode path takes it.
+
+        Default: as many as one decode tile holds (``64 // group``), but at most a chunk:
+        a decode sequence then crosses at most one chunk boundary, which the capacity
+        bound counts on. With chunks that short (a few tokens) the longer sequences of a
+        step take the prefill path, whose items are cut at every boundary anyway.
+        """
         if self.decode_q is not None:
             return self.decode_q
-        return max(1, DECODE_TILE_ROWS // self.group)
+        dq = max(1, DECODE_TILE_ROWS // self.group)
+        return dq if self.chunk_size is None else min(dq, self.chunk_size)
+
+    @property
+    def tiles_fit_pages(self) -> bool:
+        """A KV tile is whole pages, or a slice of one page (never two pages' parts)."""
+        return (self.block_kv % self.page_size == 0 or self.page_size % self.block_kv == 0
+                or self.pages_per_seq == 1)
 
     @property
     def pages_per_seq(self) -> int:
@@ -162,7 +179,14 @@ class Bounds:
         if self.chunk_size is None:
             return self.pages_per_seq
         return min(self.pages_per_seq,
-                   cdiv(self.chunk_size - 1 + self.max_num_batched_tokens, self.page_size))
+                   cdiv(self._live_offset + self.max_num_batched_tokens, self.page_size))
+
+    @property
+    def _live_offset(self) -> int:
+        """Most tokens between the first live chunked page's start and a sequence's first
+        new position: ``C - 1`` to the chunk start ``w``, plus ``w``'s offset in its page,
+        a multiple of ``gcd(C, page_size)`` below ``page_size`` (0 when pages divide C)."""
+        return self.chunk_size - 1 + self.page_size - math.gcd(self.chunk_size, self.page_size)
 
     def chunked_pages_for(self, num_seqs: int) -> int:
         """Chunked-layer pages that ``num_seqs`` running sequences can hold at once, at most
@@ -170,7 +194,7 @@ class Bounds:
         if self.chunk_size is None:
             return num_seqs * self.pages_per_seq
         return min(num_seqs * self.chunk_pages_per_seq,
-                   num_seqs * (self.chunk_size // self.page_size + 1)
+                   num_seqs * (cdiv(self._live_offset, self.page_size) + 1)
                    + cdiv(self.max_num_batched_tokens, self.page_size))
 
     @property

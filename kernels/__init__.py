@@ -11,6 +11,9 @@ identity page table, so it runs the very same kernels. What the kernels share
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 
 from jaxattn import planner
@@ -18,9 +21,15 @@ from jaxattn.kernels import common, decode, prefill
 from jaxattn.kernels.common import DTYPES, HEAD_DIMS, num_sms, on_hopper, supports
 from jaxattn.planner import Bounds, Plan
 
-__all__ = ["DTYPES", "HEAD_DIMS", "attention", "contiguous_bounds", "num_sms", "on_hopper",
+__all__ = ["DTYPES", "HEAD_DIMS", "KernelPlan", "attention", "contiguous_bounds",
+           "contiguous_unsupported_reason", "num_sms", "on_hopper", "prepare",
            "ragged_paged_attention", "supports", "unsupported_reason"]
 
+# Shorter key sequences are padded to this (a TMA box may not exceed the array's extent).
+_MIN_CONTIGUOUS_PAGE = 256
+# Chunk sizes the contiguous form takes: chunk-aligned key ranges must start on a KV tile
+# (the prefill kernel's tiles are multiples of 64 keys).
+_CHUNK_MULTIPLE = 64
 _INTERPRET_WORKERS = 4  # CTAs simulated in interpret mode: enough to exercise the tile schedule
 
 
@@ -34,6 +43,16 @@ def unsupported_reason(bounds: Bounds, dtype, kv_dtype=None) -> str | None:
     return None
 
 
+def contiguous_unsupported_reason(head_dim: int, dtype, chunk_size: int | None = None
+                                  ) -> str | None:
+    """Why :func:`attention` (the contiguous form) cannot take these (None when it can)."""
+    if not supports(head_dim, dtype):
+        return f"head_dim {head_dim} / dtype {dtype} unsupported"
+    if chunk_size is not None and chunk_size % _CHUNK_MULTIPLE:
+        return f"chunk_size={chunk_size} is not a multiple of {_CHUNK_MULTIPLE}"
+    return None
+
+
 def _covered_rows(plan: Plan):
     """Rows [0, n) hold the batch's tokens: the largest row end of any valid item."""
     ends = [jnp.where(jnp.arange(w.seq.shape[0]) < w.count, w.q_start + w.q_len, 0).max()
@@ -41,8 +60,34 @@ def _covered_rows(plan: Plan):
     return jnp.maximum(*ends).astype(jnp.int32)
 
 
-def _run_plan(q, k_pages, v_pages, page_table, plan: Plan, zero_ranges, *, bounds: Bounds,
-              scale, causal, interpret, num_workers, config=None, k_scale=None, v_scale=None):
+class KernelPlan(NamedTuple):
+    """A plan with everything the kernels derive from it alone, built once per step and
+    shared by all layers of a kind (per layer it cost 0.07-0.14 ms of XLA launches).
+
+    ``dec_src`` [R]: the row of q each compact decode row comes from (T: none);
+    ``dec_meta``: the decode kernel's metadata over the compact rows; ``zero`` [1, 2]:
+    the row range no item covers."""
+
+    plan: Plan
+    dec_src: jax.Array
+    dec_meta: decode.DecodeMeta
+    zero: jax.Array
+
+
+def prepare(plan: Plan | KernelPlan, *, bounds: Bounds, num_tokens: int) -> KernelPlan:
+    """The kernels' view of a plan for a batch of ``num_tokens`` rows (idempotent)."""
+    if isinstance(plan, KernelPlan):
+        return plan
+    zero = jnp.stack([_covered_rows(plan), jnp.int32(num_tokens)]).reshape(1, 2)
+    items, src = _compact_decode_items(plan.decode, bounds, num_tokens)
+    meta = decode.decode_metadata(items, bounds=bounds, num_tokens=src.shape[0])
+    return KernelPlan(plan._replace(decode=items), src, meta, zero)
+
+
+def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, zero_ranges, *,
+              bounds: Bounds, scale, causal, interpret, num_workers, config=None,
+              k_scale=None, v_scale=None):
+    plan = kplan.plan
     if config is None:
         config = prefill.pick_config(bounds, q.dtype, k_pages.dtype)
     elif (config.block_q, config.block_kv) != (bounds.block_q, bounds.block_kv):
@@ -59,10 +104,12 @@ def _run_plan(q, k_pages, v_pages, page_table, plan: Plan, zero_ranges, *, bound
     # lax.cond on the count would cost more: XLA branches on the host, so every layer
     # would stall the host until the GPU caught up (tests/models/llama4/
     # test_llama4_step_lowering.py).
-    q_dec, items, src = _compact_decode_rows(q, plan.decode, bounds)
+    src = kplan.dec_src
+    q_dec = jnp.take(q, src, axis=0, mode="fill", fill_value=0)
     dec_out, dec_lse = decode.decode_attention(
-        q_dec, k_pages, v_pages, page_table, items, bounds=bounds, scale=scale, causal=causal,
-        interpret=interpret, k_scale=k_scale, v_scale=v_scale)
+        q_dec, k_pages, v_pages, page_table, plan.decode, bounds=bounds, scale=scale,
+        causal=causal, interpret=interpret, metadata=kplan.dec_meta,
+        k_scale=k_scale, v_scale=v_scale)
     # The planner gives decode and prefill items disjoint rows, so a decode row's result is
     # final: write it over the prefill output (src == T, no row, is dropped). Reading the
     # prefill output back to merge it, or deriving the valid count from a reduction, put
@@ -72,16 +119,15 @@ def _run_plan(q, k_pages, v_pages, page_table, plan: Plan, zero_ranges, *, bound
             lse.at[src].set(dec_lse, mode="drop"))
 
 
-def _compact_decode_rows(q, items: planner.WorkList, bounds: Bounds):
-    """Gather the decode rows of q into a small array and point the items at it.
+def _compact_decode_items(items: planner.WorkList, bounds: Bounds, t: int):
+    """Point the decode items at a compact array of the decode rows of q.
 
     The decode kernel returns f32 [rows, Hq, D]; over all T rows of a long
     prefill batch that is gigabytes (and XLA reserves it even when the branch
     is not taken), but decode rows number at most max_num_seqs * decode_q.
-    Returns q_dec [R, Hq, D], the remapped items and src [R]: the row of q each
-    compact row came from, T for the unused ones (their q_dec rows are zeros).
+    Returns the remapped items and src [R]: the row of q each compact row
+    comes from, T for the unused ones (their q_dec rows are zeros).
     """
-    t = q.shape[0]
     r = min(t, bounds.max_num_seqs * bounds.dq)
     k = jnp.arange(bounds.dq, dtype=jnp.int32)
     live = (jnp.arange(items.seq.shape[0]) < items.count)[:, None] & (k[None, :] < items.q_len[:, None])
@@ -91,24 +137,24 @@ def _compact_decode_rows(q, items: planner.WorkList, bounds: Bounds):
     src = jnp.full((r,), t, jnp.int32).at[jnp.where(is_dec, slot, r)].set(
         jnp.arange(t, dtype=jnp.int32), mode="drop")
     items = items._replace(q_start=jnp.where(items.q_len > 0, slot[jnp.minimum(items.q_start, t - 1)], 0))
-    return jnp.take(q, src, axis=0, mode="fill", fill_value=0), items, src
+    return items, src
 
 
-def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan, *, bounds: Bounds,
-                           scale, causal=True, interpret=False,
+def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan | KernelPlan, *,
+                           bounds: Bounds, scale, causal=True, interpret=False,
                            config: prefill.PrefillConfig | None = None, k_scale=None,
                            v_scale=None):
     """Run a plan over a paged cache: out [T, Hq, D] (q.dtype), lse [T, Hq] f32.
 
-    Key lengths and chunked-local windows come from the plan's items. An FP8 cache
-    passes its scales ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32.
+    Key lengths and chunked-local windows come from the plan's items. A model passes
+    a :class:`KernelPlan` (:func:`prepare`, once per step) so its layers share it. An FP8
+    cache passes its scales ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32.
     ``config`` overrides the picked prefill tuning (benchmarks); its tiles must match ``bounds``.
     """
-    t = q.shape[0]
-    zero = jnp.stack([_covered_rows(plan), jnp.int32(t)]).reshape(1, 2)
+    kplan = prepare(plan, bounds=bounds, num_tokens=q.shape[0])
     workers = _INTERPRET_WORKERS if interpret else bounds.num_workers
-    return _run_plan(q, k_pages, v_pages, page_table, plan, zero, bounds=bounds, scale=scale,
-                     causal=causal, interpret=interpret,
+    return _run_plan(q, k_pages, v_pages, page_table, kplan, kplan.zero, bounds=bounds,
+                     scale=scale, causal=causal, interpret=interpret,
                      num_workers=min(workers, bounds.num_workers), config=config,
                      k_scale=k_scale, v_scale=v_scale)
 
@@ -120,13 +166,17 @@ def contiguous_bounds(q_shape, k_shape, *, num_workers: int, chunk_size=None,
     lk, hkv = k_shape[1], k_shape[2]
     block_kv = block_kv or 128
     if chunk_size is not None and chunk_size % block_kv:
-        if chunk_size % 64:
-            raise ValueError(f"the Mosaic kernels need chunk_size to be a multiple of 64, "
-                             f"got {chunk_size}")
-        block_kv = 64
-    page = next(p for p in (block_kv, 64, 32, 16, 8) if lk % p == 0) if lk % 8 == 0 else 8
-    lk_pad = common.cdiv(lk, page) * page
-    return Bounds(max_num_seqs=b, max_num_batched_tokens=b * lq, max_model_len=lk_pad,
+        if chunk_size % _CHUNK_MULTIPLE:
+            raise ValueError(f"the Mosaic kernels need chunk_size to be a multiple of "
+                             f"{_CHUNK_MULTIPLE}, got {chunk_size}")
+        block_kv = _CHUNK_MULTIPLE
+    # Each sequence's keys are one page (an identity page table of one column), so every KV
+    # tile is one TMA copy at any length; the last tile reads past the page's end, which
+    # TMA fills with zeros (masked keys). Small-page views of an unaligned length cost up
+    # to 16 copies per tile (30% at 8191 tokens: benchmarks/NOTES-prefill.md, v5). A TMA
+    # copy into 8-row SMEM tiles needs the page's rows to be a multiple of 8.
+    page = max(common.cdiv(lk, 8) * 8, _MIN_CONTIGUOUS_PAGE)
+    return Bounds(max_num_seqs=b, max_num_batched_tokens=b * lq, max_model_len=page,
                   page_size=page, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                   chunk_size=chunk_size, block_q=128, block_kv=block_kv,
                   num_workers=num_workers)
@@ -145,14 +195,13 @@ def attention(q, k, v, q_lens, kv_lens, *, scale, causal=True, chunk_size=None, 
     workers = _INTERPRET_WORKERS if interpret else num_sms()
     bounds = contiguous_bounds(q.shape, k.shape, chunk_size=chunk_size, num_workers=workers,
                                block_kv=config.block_kv if config else None)
-    lk_pad, page = bounds.max_model_len, bounds.page_size
-    if lk_pad != k.shape[1]:  # rare: lengths that are not a multiple of 8
-        pad = ((0, 0), (0, lk_pad - k.shape[1]), (0, 0), (0, 0))
+    page = bounds.page_size
+    if page != k.shape[1]:  # lengths that are not a multiple of 8, and short ones: <= 1.5%
+        # of the kernel's time at 8k keys, 0.1% at 128k (a copy of K and V)
+        pad = ((0, 0), (0, page - k.shape[1]), (0, 0), (0, 0))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    pages_per_seq = lk_pad // page
-    k_pages = k.reshape(b * pages_per_seq, page, *k.shape[2:])  # free: contiguous pages
-    v_pages = v.reshape(b * pages_per_seq, page, *v.shape[2:])
-    page_table = jnp.arange(b * pages_per_seq, dtype=jnp.int32).reshape(b, pages_per_seq)
+    # [B, Lk, Hkv, D] is already B pages of Lk keys: no copy.
+    page_table = jnp.arange(b, dtype=jnp.int32).reshape(b, 1)
     q_lens = jnp.asarray(q_lens, jnp.int32)
     kv_lens = jnp.asarray(kv_lens, jnp.int32)
     cu = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(q_lens, dtype=jnp.int32)])
@@ -161,7 +210,8 @@ def attention(q, k, v, q_lens, kv_lens, *, scale, causal=True, chunk_size=None, 
                          decode=_to_padded_rows(plan.decode, cu, lq))
     rows = jnp.arange(b, dtype=jnp.int32) * lq
     zero = jnp.stack([rows + q_lens, rows + lq], axis=1)  # each sequence's padding rows
-    out, lse = _run_plan(q.reshape(b * lq, hq, d), k_pages, v_pages, page_table, plan, zero,
+    kplan = prepare(plan, bounds=bounds, num_tokens=b * lq)
+    out, lse = _run_plan(q.reshape(b * lq, hq, d), k, v, page_table, kplan, zero,
                          bounds=bounds, scale=scale, causal=causal, interpret=interpret,
                          num_workers=workers, config=config)
     return out.reshape(b, lq, hq, d), lse.reshape(b, lq, hq)

@@ -112,20 +112,23 @@ def split_capacity(bounds: Bounds, cap_items: int) -> int:
 def pick_config(bounds: Bounds, dtype, interpret=False, kv_dtype=None) -> DecodeConfig:
     """The decode config for an engine's bounds; raises ValueError if they cannot be served."""
     config = default_config(interpret)
-    _check(bounds, dtype, bounds.head_dim, bounds.page_size)
+    _check(bounds, dtype, bounds.head_dim, bounds.page_size, bounds.pages_per_seq, config.block_kv)
     common.check_kv_dtype("decode", dtype, kv_dtype)
     return config
 
 
-def _check(bounds: Bounds, dtype, d: int, page_size: int):
+def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, block_kv: int):
     g = bounds.group
     common.check_supported("decode", d, dtype)
     if bounds.dq * g > ROWS:
         raise ValueError(f"decode_q={bounds.dq} tokens x {g} heads per KV group = "
                          f"{bounds.dq * g} rows exceed one {ROWS}-row tile; lower decode_q")
-    # A page (or page slice) lands in whole 8-row tiles of the swizzled K/V tile,
-    # and a KV block is whole pages or a page is whole blocks.
-    if page_size < 8 or page_size & (page_size - 1):
+    # A page (or page slice) lands in whole 8-row tiles of the swizzled K/V tile, and a
+    # KV block is whole pages or a page is whole blocks; or a sequence is one page of any
+    # length (the contiguous API), read in block slices (TMA zero-fills past its end).
+    if pages_per_seq == 1 or page_size % block_kv == 0:
+        return
+    if page_size < 8 or block_kv % page_size:
         raise ValueError(f"page_size={page_size} unsupported: use a power of two >= 8")
 
 
@@ -140,7 +143,9 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         interpret = plgpu.InterpretGPUParams()
     _, page_size, _, _ = k_pages.shape
     bk, stages = config.block_kv, config.num_stages
-    rpc = min(page_size, bk)  # key rows per TMA copy
+    # Key rows per TMA copy: whole small pages, or a block-sized slice of a large page or
+    # of a sequence's single page (rows past its end come back as zeros).
+    rpc = bk if page_size >= bk or page_table.shape[1] == 1 else page_size
     cpb = bk // rpc  # copies per block (per K and per V)
     dq_pad = common.cdiv(ROWS, g)  # token rows of the Q/O staging buffers: dq_pad * g >= 64
     rows_pad = dq_pad * g
@@ -376,22 +381,30 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     )(meta, count, page_table, q4, k_pages, v_pages, *scales, out_ref)
 
 
-def _combine_call(cmeta, opart, lse_ref, out_ref, *, g: int, interpret):
-    """Merge the split pieces of each (parent, KV head) by log-sum-exp, in place.
+_COMBINE_COLS = 64  # head-dim columns per combine CTA
 
-    One CTA per (partial slot, KV head); only the slot holding a parent's first
-    piece works. It streams the parent's pieces (only their own token rows)
-    through a ring of SMEM slots, keeps a running max / sum / weighted O in
-    registers, then writes the parent's rows into ``out_ref`` and its merged
-    lse tile over the first piece's tile in ``lse_ref``.
+
+def _combine_call(cmeta, opart, lse_tiles, out_ref, *, g: int, interpret):
+    """Merge the split pieces of each (parent, KV head) by log-sum-exp.
+
+    One CTA per (partial slot, KV head, 64 head-dim columns); only the slot
+    holding a parent's first piece works, so the cost follows the real pieces.
+    It streams the parent's pieces (only their own token rows) through a ring
+    of SMEM slots, keeps a running max / sum / weighted O in registers, and
+    writes the parent's rows into ``out_ref`` (in place). Returns the merged
+    lse tiles [n_part, Hkv, 64] (row of a parent's first slot).
     """
     n_part, hkv, _, d = opart.shape
+    cw = min(d, _COMBINE_COLS)
     n_tok = ROWS // g  # q_len <= dq <= 64 // g
-    ring = max(2, min(8, (160 * 1024) // (ROWS * d * 4)))  # pieces in flight
+    # A piece's load is tiny (its token rows); depth hides the TMA latency when
+    # one long sequence has W pieces.
+    ring = max(2, min(16, (160 * 1024) // (ROWS * cw * 4)))
 
-    def body(cmeta_ref, opart_ref, lse_ref, out_ref, o_buf, l_buf, full):
+    def body(cmeta_ref, opart_ref, lse_ref, out_ref, lse_out_ref, o_buf, l_buf, full):
         slot0, kvh = lax.axis_index("slot"), lax.axis_index("kvh")
-        n, q_start, q_len, first_item = (cmeta_ref[slot0, i] for i in range(4))
+        cols = pl.ds(lax.axis_index("col") * cw, cw)
+        n, q_start, q_len = (cmeta_ref[slot0, i] for i in range(3))
 
         def issue(k):
             b = lax.rem(k, ring)
@@ -399,13 +412,12 @@ def _combine_call(cmeta, opart, lse_ref, out_ref, *, g: int, interpret):
             @pl.loop(0, q_len)
             def _(tok):
                 rows = pl.ds(tok * g, g)
-                plgpu.copy_gmem_to_smem(opart_ref.at[slot0 + k, kvh, rows], o_buf.at[b, rows],
-                                        full.at[b])
+                plgpu.copy_gmem_to_smem(opart_ref.at[slot0 + k, kvh, rows, cols],
+                                        o_buf.at[b, rows], full.at[b])
 
             @pl.loop(q_len, n_tok)
             def _(tok):
                 plgpu.barrier_arrive(full.at[b])
-
 
             plgpu.copy_gmem_to_smem(lse_ref.at[cmeta_ref[slot0 + k, 3], kvh], l_buf.at[b],
                                     full.at[b])
@@ -438,7 +450,7 @@ def _combine_call(cmeta, opart, lse_ref, out_ref, *, g: int, interpret):
                 return acc, m_new, s * alpha + w
 
             acc, m, s = lax.fori_loop(0, n, step, (
-                plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
+                plgpu.layout_cast(jnp.zeros((ROWS, cw), jnp.float32), plgpu.Layout.WGMMA),
                 plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
                                   plgpu.Layout.WGMMA.reduce(1)),
                 plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))))
@@ -447,24 +459,28 @@ def _combine_call(cmeta, opart, lse_ref, out_ref, *, g: int, interpret):
             o_buf[0] = acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])
             l_buf[0] = jnp.where(seen, m + jnp.log(s_safe), -jnp.inf)
             plgpu.commit_smem()
+
             @pl.loop(0, q_len)
             def _(tok):
                 plgpu.copy_smem_to_gmem(o_buf.at[0, pl.ds(tok * g, g)],
-                                        out_ref.at[q_start + tok, kvh])
+                                        out_ref.at[q_start + tok, kvh, :, cols])
 
+            @pl.when(lax.axis_index("col") == 0)
+            def _():
+                plgpu.copy_smem_to_gmem(l_buf.at[0], lse_out_ref.at[slot0, kvh])
 
-            plgpu.copy_smem_to_gmem(l_buf.at[0], lse_ref.at[first_item, kvh])
             plgpu.wait_smem_to_gmem(0)
 
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
-    plgpu.kernel(
-        body, out_type=(), grid=(n_part, hkv), grid_names=("slot", "kvh"),
-        scratch_types=(plgpu.SMEM((ring, ROWS, d), jnp.float32),
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((n_part, hkv, ROWS), jnp.float32),
+        grid=(n_part, hkv, d // cw), grid_names=("slot", "kvh", "col"),
+        scratch_types=(plgpu.SMEM((ring, ROWS, cw), jnp.float32),
                        plgpu.SMEM((ring, ROWS), jnp.float32),
                        plgpu.Barrier(num_arrivals=n_tok + 1, num_barriers=ring)),
         interpret=interpret or None,
-    )(cmeta, opart, lse_ref, out_ref)
+    )(cmeta, opart, lse_tiles, out_ref)
 
 
 class DecodeMeta(NamedTuple):
@@ -474,7 +490,8 @@ class DecodeMeta(NamedTuple):
     count: jax.Array  # int32 [1]: valid items
     cmeta: jax.Array  # int32 [n_part, 4]: per partial slot (pieces if a parent's first
     #                   piece else 0, q_start, q_len, item)
-    tok2item: jax.Array  # int32 [T]: decode item whose lse tile holds the token (-1: none)
+    tok2item: jax.Array  # int32 [T]: item whose lse tile holds the token, -2 - slot for a
+    #                      split parent's merged tile, -1 for none
     q_start: jax.Array  # int32 [cap]
 
 
@@ -505,20 +522,27 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int) -> Deco
     dq, t = bounds.dq, num_tokens
     tok = qs[:, None] + jnp.arange(dq)[None, :]
     keep = valid[:, None] & (k[:, None] == 0) & (jnp.arange(dq)[None, :] < items.q_len[:, None])
+    # Where a token's lse lives: its item's tile (>= 0), the merged tile of its
+    # parent's first slot (-2 - slot), or nowhere (-1).
+    src = jnp.where(part >= 0, -2 - part, jnp.arange(cap, dtype=jnp.int32))
     tok2item = jnp.full((t,), -1, jnp.int32).at[jnp.where(keep, tok, t)].set(
-        jnp.broadcast_to(jnp.arange(cap, dtype=jnp.int32)[:, None], (cap, dq)), mode="drop")
+        jnp.broadcast_to(src[:, None], (cap, dq)), mode="drop")
     count = jnp.reshape(items.count, (1,)).astype(jnp.int32)
     return DecodeMeta(meta, count, cmeta, tok2item, qs.astype(jnp.int32))
 
 
-def _gather_lse(lse_tiles, md: DecodeMeta, g: int):
-    """lse [T, Hq] from the tiles: token row (t, h) of item i is tile row t * g + h."""
+def _gather_lse(lse_tiles, lse_merged, md: DecodeMeta, g: int):
+    """lse [T, Hq]: token row (t, h) of an item is row t * g + h of its (merged) tile."""
     t = md.tok2item.shape[0]
-    hkv = lse_tiles.shape[1]
-    item = jnp.maximum(md.tok2item, 0)
-    row = (jnp.arange(t) - md.q_start[item])[:, None] * g + jnp.arange(g)[None, :]  # [T, G]
-    lse = lse_tiles[item[:, None, None], jnp.arange(hkv)[None, :, None], row[:, None, :]]
-    return jnp.where((md.tok2item >= 0)[:, None, None], lse, -jnp.inf).reshape(t, hkv * g)
+    cap, hkv, _ = lse_tiles.shape
+    src = md.tok2item
+    item, slot = jnp.maximum(src, 0), jnp.maximum(-2 - src, 0)
+    q_start = jnp.where(src >= 0, md.q_start[item], md.cmeta[slot, 1])
+    tiles = jnp.concatenate([lse_tiles, lse_merged])
+    idx = jnp.where(src >= 0, item, cap + slot)
+    row = (jnp.arange(t) - q_start)[:, None] * g + jnp.arange(g)[None, :]  # [T, G]
+    lse = tiles[idx[:, None, None], jnp.arange(hkv)[None, :, None], row[:, None, :]]
+    return jnp.where((src != -1)[:, None, None], lse, -jnp.inf).reshape(t, hkv * g)
 
 
 def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Bounds,
@@ -528,7 +552,7 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     [T, Hkv, G, D] f32 holding the unsplit items' rows (others 0), the lse tiles
     [cap, Hkv, 64] and the split pieces' rows [n_part, Hkv, 64, D]."""
     config = config or default_config(bool(interpret))
-    _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1])
+    _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv)
     common.check_kv_dtype("decode", q.dtype, k_pages.dtype, k_scale is not None)
     t, hq, d = q.shape
     g = bounds.group
@@ -543,7 +567,8 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
 
 def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds: Bounds,
                      scale: float, causal: bool = True, interpret=False,
-                     config: DecodeConfig | None = None, k_scale=None, v_scale=None):
+                     config: DecodeConfig | None = None, metadata: DecodeMeta | None = None,
+                     k_scale=None, v_scale=None):
     """Attention of the rows the decode work list covers.
 
     q [T, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; page_table
@@ -556,10 +581,14 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
     f32 and lse [T, Hq] f32; rows no item covers are 0 / -inf.
     """
     t, hq, d = q.shape
-    md = decode_metadata(items, bounds=bounds, num_tokens=t)
+    # A model passes the metadata in: it depends only on the step's plan, so every layer
+    # of a kind shares one copy (benchmarks/NOTES-decode.md, v3).
+    md = metadata if metadata is not None else decode_metadata(items, bounds=bounds,
+                                                                num_tokens=t)
     out_ref, lse_tiles, opart = main_kernel(q, k_pages, v_pages, page_table, md, bounds=bounds,
                                             scale=scale, causal=causal, interpret=interpret,
                                             config=config, k_scale=k_scale, v_scale=v_scale)
-    lse_ref = jax.new_ref(lse_tiles)
-    _combine_call(md.cmeta, opart, lse_ref, out_ref, g=bounds.group, interpret=interpret)
-    return out_ref[...].reshape(t, hq, d), _gather_lse(lse_ref[...], md, bounds.group)
+    lse_merged = _combine_call(md.cmeta, opart, lse_tiles, out_ref, g=bounds.group,
+                               interpret=interpret)
+    return (out_ref[...].reshape(t, hq, d),
+            _gather_lse(lse_tiles, lse_merged, md, bounds.group))

@@ -22,6 +22,15 @@ semantics of ``jax.lax.ragged_dot`` (:func:`reference`). Two implementations:
 
 ``"auto"`` picks ``"mosaic"`` on a Hopper GPU for bf16/f16 with K a multiple of
 the K tile and N of the N tile, else ``"xla"``; to force one, pass it as ``impl``.
+
+FP8 (:func:`grouped_matmul_fp8`): rows quantised per token at run time, experts'
+weights float8_e4m3fn with per-output-channel scales, stored K-major ``[G, N, K]``
+(wgmma reads 8-bit operands only K-major; a checkpoint's per-expert Linear weights
+are ``[out, in]``, the same layout). The same kernel with 8-bit tiles (128 K
+elements: a 128-byte swizzled row, as bf16's 64), the weight tile read as
+``[N, K]`` and transposed for the wgmma, and both scales applied to the f32
+accumulator in the epilogue (row scales of the tile's rows, column scales of the
+tile's expert). :func:`reference_fp8` is its semantics.
 """
 
 from __future__ import annotations
@@ -33,10 +42,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxattn.kernels import common
+from jaxattn.kernels import common, fp8
 
 IMPLS = ("auto", "xla", "mosaic")
 _BLOCK_K, _BLOCK_N = 64, 128
+_BLOCK_K_FP8 = 128  # 128 one-byte elements: one 128-byte swizzled row, as 64 bf16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,26 +60,51 @@ class GroupedMatmulConfig:
     grid_block_n: int = 1  # N tiles per band of the planar snake (weight tiles stay in L2)
     k_splits: int = 1  # K ranges on different SMs, summed in f32 afterwards
 
+    def __post_init__(self):
+        if self.block_m not in (64, 128, 192, 256):
+            raise ValueError(f"block_m={self.block_m}: a multiple of 64 (one wgmma), at most 256")
+        for name in ("block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 8 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two >= 8")
+        for name in ("max_concurrent_steps", "grid_block_n", "k_splits"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-def pick_config(m: int, k: int, n: int, num_sms: int | None = None) -> GroupedMatmulConfig:
+
+def pick_config(m: int, k: int, n: int, num_sms: int | None = None, *,
+                fp8: bool = False) -> GroupedMatmulConfig:
     """Tiles for an [m, k] x [k, n] problem on ``num_sms`` SMs (default: the device's).
 
     Prefill: 128-row tiles in bands of 8 N tiles, which keeps the weight tiles
     in L2 across row tiles. Decode (M <= 64, one tile per group hit): K split
-    until one expert's N tiles cover the SMs.
+    until one expert's N tiles cover the SMs. ``fp8``: 8-bit operands, whose K
+    tile is 128 elements (the same 128 bytes per row).
     """
     sms = num_sms or common.num_sms()
+    bk = _BLOCK_K_FP8 if fp8 else _BLOCK_K
     if m > 64:
-        return GroupedMatmulConfig(grid_block_n=8 if n % (8 * _BLOCK_N) == 0 else 1)
-    steps, splits = k // _BLOCK_K, 1
+        return GroupedMatmulConfig(block_k=bk,
+                                   grid_block_n=8 if n % (8 * _BLOCK_N) == 0 else 1)
+    steps, splits = k // bk, 1
     while (n // _BLOCK_N) * splits < sms and steps % (2 * splits) == 0:
         splits *= 2
-    return GroupedMatmulConfig(block_m=64, k_splits=splits)
+    return GroupedMatmulConfig(block_m=64, block_k=bk, k_splits=splits)
 
 
 def reference(x, w, group_sizes):
     """The semantics, in f32 (what the kernels are tested against)."""
     return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+
+
+def reference_fp8(xq, x_scale, wq, w_scale, group_sizes):
+    """The FP8 product's semantics in f32: ``xq [M, K]`` float8 with ``x_scale [M]``,
+    ``wq [G, N, K]`` float8 with ``w_scale [G, N]``; dequantised, then ragged_dot."""
+    x = fp8.dequantize(xq, x_scale)
+    w = fp8.dequantize(wq, w_scale)  # [G, N, K]
+    return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), group_sizes,
+                              precision=jax.lax.Precision.HIGHEST,
+                              preferred_element_type=jnp.float32)
 
 
 def resolve(impl: str, x, w) -> str:
@@ -100,19 +135,74 @@ def grouped_matmul(x, w, group_sizes, *, impl: str = "auto",
     return _mosaic_grouped_matmul(x, w, group_sizes.astype(jnp.int32), config=config)[:m]
 
 
+def resolve_fp8(impl: str, k: int, n: int) -> str:
+    """:func:`resolve` for :func:`grouped_matmul_fp8` (the Mosaic kernel on Hopper)."""
+    if impl not in IMPLS:
+        raise ValueError(f"grouped matmul impl={impl!r} is not one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    ok = common.on_hopper() and k % _BLOCK_K_FP8 == 0 and n % _BLOCK_N == 0
+    return "mosaic" if ok else "xla"
+
+
+def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
+                       config: GroupedMatmulConfig | None = None, out_dtype=None,
+                       scale_ub: float | None = None):
+    """x [M, K] (bf16/f32) sorted by group; FP8 weights w [G, N, K] (K-major) with per-output-
+    channel scales w_scale [G, N] f32; group_sizes [G] int32 -> [M, N] in ``out_dtype``
+    (default x's dtype).
+
+    The rows are quantised per token here (dynamic scales, :func:`fp8.quantize`). As for
+    :func:`grouped_matmul`, the groups must cover all M rows. ``"xla"``: the 8-bit operands
+    widened to bf16 (exactly) and ``lax.ragged_dot_general`` contracting w's last axis.
+    """
+    out_dtype = out_dtype or x.dtype
+    m, (g, n, k) = x.shape[0], w.shape
+    if x.shape[1] != k or w_scale.shape != (g, n) or w.dtype != fp8.DTYPE:
+        raise ValueError(f"grouped_matmul_fp8: x {x.shape}, w {w.shape} {w.dtype}, w_scale "
+                         f"{w_scale.shape}: want x [M, K], w [G, N, K] float8_e4m3fn, w_scale [G, N]")
+    xq, xs = fp8.quantize(x, -1, scale_ub)
+    gs = group_sizes.astype(jnp.int32)
+    if resolve_fp8(impl, k, n) == "xla":
+        dn = jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0],
+            rhs_group_dimensions=[0])
+        y = jax.lax.ragged_dot_general(xq.astype(jnp.bfloat16), w.astype(jnp.bfloat16), gs, dn,
+                                       preferred_element_type=jnp.float32)
+        # Each row's expert, for its column scales (rows past the groups: none, scale 0).
+        row_group = jnp.searchsorted(jnp.cumsum(gs), jnp.arange(m, dtype=jnp.int32),
+                                     side="right")
+        ws = jnp.take(w_scale, row_group, axis=0, mode="fill", fill_value=0)
+        return (y * xs[:, None] * ws).astype(out_dtype)
+    config = config or pick_config(m, k, n, fp8=True)
+    if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
+        xq = jnp.pad(xq, ((0, -m % 8), (0, 0)))
+    # Row scales are read per row tile in the epilogue: pad them to whole tiles.
+    xs = jnp.pad(xs, (0, -m % config.block_m))
+    return _mosaic_grouped_matmul(xq, w, gs, xs, w_scale.astype(jnp.float32), config=config,
+                                  out_dtype=jnp.dtype(out_dtype))[:m]
+
+
 def _tile_info(group_sizes, block_m: int, tile):
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
 
     return GroupInfo.create(group_sizes, block_m, tile)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _mosaic_grouped_matmul(lhs, rhs, group_sizes, *, config: GroupedMatmulConfig):
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype"))
+def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None, *,
+                           config: GroupedMatmulConfig, out_dtype=None):
+    """bf16/f16: rhs [G, K, N]. FP8 (scales given): rhs [G, N, K], lhs_scale [>= M rounded up
+    to block_m] f32 per row, rhs_scale [G, N] f32 per column, out_dtype the output's."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    scaled = lhs_scale is not None
     m, k = lhs.shape
-    g, _, n = rhs.shape
+    if scaled:
+        g, n, _ = rhs.shape
+    else:
+        g, _, n = rhs.shape
     bm, bn, bk, splits = config.block_m, config.block_n, config.block_k, config.k_splits
     if k % (bk * splits) or n % bn:
         raise ValueError(f"K={k} must be a multiple of block_k*k_splits={bk * splits} "
@@ -124,9 +214,17 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, *, config: GroupedMatmulConfig
         jnp.arange(grid_m, dtype=jnp.int32))
     tiles = jnp.argsort(sizes <= 0, stable=True).astype(jnp.int32)
     tiles = jnp.append(tiles, jnp.sum(sizes > 0, dtype=jnp.int32))
-    out_dtype = lhs.dtype if splits == 1 else jnp.float32
+    final_dtype = out_dtype or lhs.dtype
+    out_dtype = final_dtype if splits == 1 else jnp.float32
+    # 8-bit weights are K-major [N, K] tiles, transposed for the wgmma (a view, no copy).
+    rhs_block, rhs_index = (((bn, bk), lambda kk, ni: (ni, kk)) if scaled else
+                            ((bk, bn), lambda kk, ni: (kk, ni)))
 
-    def body(tiles_gmem, sizes_gmem, lhs_gmem, rhs_gmem, o_gmem):
+    def body(tiles_gmem, sizes_gmem, lhs_gmem, rhs_gmem, *rest):
+        if scaled:
+            ls_gmem, rs_gmem, o_gmem = rest
+        else:
+            (o_gmem,) = rest
         @plgpu.nd_loop((grid_m * grid_n * splits,), collective_axes="sm")
         def work_loop(loop_info: plgpu.NDLoopInfo):
             w = loop_info.index[0]
@@ -140,12 +238,13 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, *, config: GroupedMatmulConfig
 
                 def acc_scope(acc_ref):
                     plgpu.emit_pipeline(
-                        lambda _, lhs_smem, rhs_smem: plgpu.wgmma(acc_ref, lhs_smem, rhs_smem),
+                        lambda _, lhs_smem, rhs_smem: plgpu.wgmma(
+                            acc_ref, lhs_smem, rhs_smem.T if scaled else rhs_smem),
                         grid=(k_steps,),
                         in_specs=[
                             plgpu.BlockSpec((bm, bk), lambda kk: (info.block, k0 + kk),
                                             delay_release=1),
-                            plgpu.BlockSpec((bk, bn), lambda kk: (k0 + kk, ni),
+                            plgpu.BlockSpec(rhs_block, lambda kk: rhs_index(k0 + kk, ni),
                                             delay_release=1),
                         ],
                         max_concurrent_steps=config.max_concurrent_steps,
@@ -153,6 +252,13 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, *, config: GroupedMatmulConfig
                     return acc_ref[...]
 
                 acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
+                if scaled:  # the epilogue: row scales of the tile's rows, its expert's columns
+                    rows = plgpu.load(ls_gmem.at[pl.ds(info.block * bm, bm)],
+                                      layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+                    cols = plgpu.load(rs_gmem.at[info.group_id, pl.ds(ni * bn, bn)],
+                                      layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+                    acc = (acc * jax.lax.broadcast_in_dim(rows, (bm, bn), [0])
+                           * jax.lax.broadcast_in_dim(cols, (bm, bn), [1]))
                 out = o_gmem if splits == 1 else o_gmem.at[split]
 
                 @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
@@ -183,5 +289,5 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, *, config: GroupedMatmulConfig
         grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    out = kernel(tiles, group_sizes, lhs, rhs)
-    return out if splits == 1 else out.sum(0).astype(lhs.dtype)
+    out = kernel(tiles, group_sizes, lhs, rhs, *((lhs_scale, rhs_scale) if scaled else ()))
+    return out if splits == 1 else out.sum(0).astype(final_dtype)

@@ -203,10 +203,7 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None) -> PrefillConfig:
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)
-    if bounds.block_kv % bounds.page_size:
-        raise ValueError(f"block_kv={bounds.block_kv} must be a multiple of page_size")
-    if bounds.page_size % 8:
-        raise ValueError(f"page_size={bounds.page_size} must be a multiple of 8 (TMA/SMEM tile rows)")
+    _check_pages(bounds.page_size, bounds.block_kv, bounds.pages_per_seq)
     best = None
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages)
@@ -220,6 +217,19 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None) -> PrefillConfig:
                              if kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
                              else ""))
     return best
+
+
+def _check_pages(page_size: int, block_kv: int, pages_per_seq: int):
+    """A KV tile is ``block_kv // page_size`` whole pages (small pages: each lands in whole
+    8-row SMEM tiles), or one TMA copy of a slice of one page: pages that are a multiple of
+    the tile, or one page per sequence of any length (the contiguous API: the last tile
+    reads past the page's end, which TMA fills with zeros, and those keys are masked)."""
+    if pages_per_seq == 1 or page_size % block_kv == 0:
+        return
+    if block_kv % page_size or page_size % 8:
+        raise ValueError(f"page_size={page_size} must be a multiple of 8 dividing "
+                         f"block_kv={block_kv}, a multiple of block_kv, or hold a whole "
+                         f"sequence")
 
 
 def _named_barrier(op: str, barrier_id, num_threads: int):
@@ -272,16 +282,15 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     common.check_supported("prefill", d, q.dtype)
     common.check_kv_dtype("prefill", q.dtype, k_pages.dtype, k_scale is not None)
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
-    if config.block_kv % page_size or page_size % 8:
-        raise ValueError(f"page_size={page_size} must be a multiple of 8 dividing "
-                         f"block_kv={config.block_kv}")
+    _check_pages(page_size, config.block_kv, page_table.shape[1])
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
                                      named_barriers=False)
     dtype = q.dtype
     group = hq // hkv
     bkv, stages = config.block_kv, config.num_stages
-    pages_per_tile = bkv // page_size
+    # Whole small pages per tile, or one slice of a large (or whole-sequence) page.
+    pages_per_tile = 1 if page_size >= bkv or page_table.shape[1] == 1 else bkv // page_size
     max_page_col = page_table.shape[1] - 1
     cap = items.seq.shape[0]
     meta = jnp.stack([getattr(items, f) for f in _META]).astype(jnp.int32)  # [6, cap]
@@ -631,30 +640,42 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start + w * WG_ROWS, WG_ROWS), head],
                                             q_stage.at[w], q_full.at[w])
 
-                def load(pages_ref, smem, full, free, j, c, scale_ref=None, scale_smem=None):
+                def page_ids(j):
+                    """(page, first row) of each TMA copy that fills KV tile j."""
+                    if pages_per_tile == 1:  # one copy: keys [j*bkv, (j+1)*bkv) of one page
+                        if max_page_col == 0:  # one page per sequence
+                            return [(pt_ref[seq, 0], j * bkv)]
+                        per_page = page_size // bkv  # page_size a multiple of bkv
+                        col = jnp.minimum(j // per_page, max_page_col)
+                        return [(pt_ref[seq, col], lax.rem(j, per_page) * bkv)]
+                    return [(pt_ref[seq, jnp.minimum(j * pages_per_tile + pg, max_page_col)], 0)
+                            for pg in range(pages_per_tile)]
+
+                def load(pages_ref, smem, full, free, c, pages, scale_ref=None, scale_smem=None):
                     slot = c % stages
 
                     @pl.when(c >= stages)
                     def _():
                         plgpu.barrier_wait(free.at[slot])
 
-                    for pg in range(pages_per_tile):
-                        col = jnp.minimum(j * pages_per_tile + pg, max_page_col)
-                        page = pt_ref[seq, col]
-                        plgpu.copy_gmem_to_smem(
-                            pages_ref.at[page, :, kv_head],
-                            smem.at[slot, pl.ds(pg * page_size, page_size)], full.at[slot])
-                        if scale_ref is not None:  # FP8: the page's scale row, same barrier
+                    rows = bkv // len(pages)
+                    for pg, (page, row) in enumerate(pages):
+                        plgpu.copy_gmem_to_smem(pages_ref.at[page, pl.ds(row, rows), kv_head],
+                                                smem.at[slot, pl.ds(pg * rows, rows)],
+                                                full.at[slot])
+                        if scale_ref is not None:  # FP8: those rows' scales, same barrier
                             plgpu.copy_gmem_to_smem(
-                                scale_ref.at[page, kv_head],
-                                scale_smem.at[slot, pl.ds(pg * page_size, page_size)],
-                                full.at[slot])
+                                scale_ref.at[page, kv_head, pl.ds(row, rows)],
+                                scale_smem.at[slot, pl.ds(pg * rows, rows)], full.at[slot])
 
                 @pl.loop(lo, hi)
                 def _kv(j):
                     c = step + j - lo
-                    load(k_ref, k_smem, k_full, k_free, j, c, ks_ref, ks_smem)
-                    load(v_ref, v_smem, v_full, v_free, j, c, vs_ref, vs_smem)
+                    # Page ids once for K and V, read before the waits for a free slot so
+                    # their GMEM latency overlaps them.
+                    pages = page_ids(j)
+                    load(k_ref, k_smem, k_full, k_free, c, pages, ks_ref, ks_smem)
+                    load(v_ref, v_smem, v_full, v_free, c, pages, vs_ref, vs_smem)
 
                 return step + (hi - lo)
 

@@ -1,12 +1,21 @@
 """OpenAI-compatible HTTP API over an :class:`AsyncEngine` (FastAPI + uvicorn).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
-``stream`` over server-sent events), ``GET /v1/models``, ``GET /health``,
+``stream`` over server-sent events), ``GET /v1/models``, ``POST /tokenize``,
+``POST /detokenize``, ``GET /tokenizer_info`` (vLLM's shapes), ``GET /health``,
 ``GET /metrics`` (Prometheus). Every error is OpenAI's JSON shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a request the
-engine cannot run (too long, bad parameters, malformed JSON), 404 for an
-unknown model, 413 for a body over ``max_request_body_bytes``, 503 when the
-engine is down, 500 for a bug.
+engine cannot run (too long, bad parameters, malformed JSON), 401 for a missing or
+wrong API key (``api_key``: every route but /health and /metrics needs
+``Authorization: Bearer KEY``), 404 for an unknown model, 413 for a body over
+``max_request_body_bytes``, 503 when the engine is down, 500 for a bug.
+
+Every response carries an ``X-Request-Id`` header: the request's own (then also the
+base of the response's ``id``: ``cmpl-<id>``), or a fresh one. Fields a request sends
+that the API does not define are ignored, as OpenAI and vLLM do, and logged as a
+warning (a misspelt ``temprature`` would otherwise pass unnoticed). Sampling fields a
+request leaves out take the model's ``generation_config.json`` defaults
+(:mod:`jaxattn.serve.generation_config`).
 
 A client that disconnects — mid-stream or while waiting for a whole answer —
 aborts its request, which frees its KV pages.
@@ -28,7 +37,9 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
+import hmac
 import json
 import logging
 import os
@@ -45,15 +56,23 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jaxattn.serve import generation_config
+from jaxattn.serve import tool_calls
 from jaxattn.serve.async_engine import AsyncEngine, EngineDeadError
 from jaxattn.serve.outputs import Delta, TokenLogprob
-from jaxattn.serve.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from jaxattn.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                    ErrorResponse, TokenizeRequest)
 from jaxattn.serve.sampling_params import SamplingParams
 
 log = logging.getLogger("jaxattn.serve")
 
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
+                404: "not_found_error", 413: "invalid_request_error",
                 503: "service_unavailable", 500: "internal_server_error"}
+# Routes anyone may call when the server has an API key: probes and scrapers carry none.
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+# A client's X-Request-Id: becomes part of ids, logs and headers, so it is kept short and plain.
+_MAX_REQUEST_ID = 128
 _DISCONNECT_POLL_S = 0.25
 
 # Work on more than this many characters of input (or a quarter as many output tokens) goes to
@@ -98,13 +117,15 @@ def error_response(status: int, message: str, param=None, code=None) -> JSONResp
 
 
 def build_app(engine: AsyncEngine, *, model_name: str, metrics=None, owns_engine: bool = True,
-              max_request_body_bytes: int | None = None) -> FastAPI:
+              max_request_body_bytes: int | None = None, api_key: str | None = None) -> FastAPI:
     """The app; with ``owns_engine`` its lifespan starts and stops the engine thread. A body
     over ``max_request_body_bytes`` (default: :func:`default_max_request_body_bytes`) is a
-    413, counted as it arrives, so chunked uploads are cut off too."""
+    413, counted as it arrives, so chunked uploads are cut off too. ``api_key``: every
+    route but :data:`OPEN_PATHS` needs ``Authorization: Bearer <api_key>`` (else a 401)."""
     tokenizer = engine.engine.tokenizer
     max_model_len = engine.engine.max_model_len
     body_limit = max_request_body_bytes or default_max_request_body_bytes(max_model_len)
+    gen_defaults = dict(getattr(engine.engine, "generation_defaults", {}))
     workers = _Workers()
 
     @contextlib.asynccontextmanager
@@ -122,7 +143,10 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None, owns_engine
                   default_response_class=SafeJSONResponse)
     app.router.route_class = _FastJSONRoute
     app.add_middleware(_BodyLimit, limit=body_limit)
+    if api_key:  # before the body is read: a caller without the key learns nothing else
+        app.add_middleware(_APIKey, key=api_key)
     app.add_middleware(_TrimAfterBigRequests)
+    app.add_middleware(_RequestId)  # outermost: every answer (401, 413 too) carries the id
     _document_errors(app)
     created = int(time.time())
 
@@ -192,10 +216,11 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None, owns_engine
         return [_encode(tokenizer, t) for t in texts]
 
     def encode_chat(messages: list[dict], add_generation_prompt: bool,
-                    params: SamplingParams) -> list[int]:
+                    params: SamplingParams, tools: list[dict] | None = None) -> list[int]:
         try:
             text = tokenizer.apply_chat_template(messages,
-                                                 add_generation_prompt=add_generation_prompt)
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 **({"tools": tools} if tools else {}))
             # The template may trim or drop text: the bound holds for what it rendered.
             fits(tokenizer.min_num_tokens(text), params, exact=False)
             # The template writes the BOS token itself: encoding must not add another.
@@ -203,10 +228,68 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None, owns_engine
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
 
-    @app.post("/v1/completions", responses=_STREAM | _errors(400, 404, 413, 500, 503))
+    def sampling(req) -> SamplingParams:
+        """The request's SamplingParams, with the model's defaults for what it left out."""
+        given = {k for k in req.model_fields_set if getattr(req, k) is not None}
+        return generation_config.apply(_params(req), gen_defaults, given)
+
+    @app.get("/tokenizer_info", responses=_errors(401))
+    async def tokenizer_info():
+        """vLLM's tokenizer description: what lm-eval's remote tokenizer reads."""
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
+                "bos_token": tokenizer.bos_token, "pad_token": None,
+                "chat_template": tokenizer.chat_template, "model_max_length": max_model_len,
+                "vocab_size": tokenizer.vocab_size}
+
+    def tokenize(req: TokenizeRequest) -> dict:
+        try:
+            req.check()
+            if req.messages is not None:
+                text = tokenizer.apply_chat_template(
+                    [m.as_template_input() for m in req.messages],
+                    add_generation_prompt=req.add_generation_prompt)
+                special = bool(req.add_special_tokens)  # the template writes BOS itself
+            else:
+                text, special = req.prompt, req.add_special_tokens is not False
+            ids = tokenizer.encode(text, add_special_tokens=special)
+        except ValueError as e:
+            raise APIError(400, str(e), "messages" if req.messages is not None else "prompt"
+                           ) from None
+        out = {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = [tokenizer.id_to_token(i) for i in ids]
+        return out
+
+    @app.post("/tokenize", responses=_errors(400, 401, 404, 413))
+    async def tokenize_route(req: TokenizeRequest, request: Request):
+        check_model(req.model)
+        await _warn_unknown_fields(req, request)
+        return await workers.run(len(await request.body()), tokenize, req)
+
+    def detokenize(ids: list[int]) -> dict:
+        vocab = tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
+        return {"prompt": tokenizer.decode(ids, skip_special_tokens=False)}
+
+    @app.post("/detokenize", responses=_errors(400, 401, 404, 413))
+    async def detokenize_route(req: DetokenizeRequest, request: Request):
+        check_model(req.model)
+        await _warn_unknown_fields(req, request)
+        return await workers.run(4 * len(req.tokens), detokenize, req.tokens)
+
+    @app.post("/v1/completions", responses=_STREAM | _errors(400, 401, 404, 413, 500, 503))
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        params = _params(req)
+        await _warn_unknown_fields(req, request)
+        # `echo` with `max_tokens: 0` scores the prompt and generates nothing (what evaluation
+        # harnesses send for log-likelihoods): the engine draws one token, which is dropped.
+        echo_only = req.echo and req.max_tokens == 0
+        if echo_only:
+            req = req.model_copy(update={"max_tokens": 1})
+        params = sampling(req)
+        if req.echo and req.logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         try:
             given = req.prompts()
         except ValueError as e:
@@ -224,38 +307,117 @@ def build_app(engine: AsyncEngine, *, model_name: str, metrics=None, owns_engine
                        if texts else ())
         prompts = [(p, next(encoded)) if isinstance(p, str) else (None, p) for p in given]
         _check_logprobs([len(ids) for _, ids in prompts], params, max_model_len)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid, eid = _ids("cmpl", request)
         # Every prompt is validated before anything streams (a 400 must come before a 200).
-        gens = await _start_all(engine, [(f"{rid}-{i}", ids) for i, (_, ids) in enumerate(prompts)],
+        gens = await _start_all(engine, [(f"{eid}-{i}", ids) for i, (_, ids) in enumerate(prompts)],
                                 params)
         if req.stream:
-            return _sse(_completion_chunks(rid, model_name, gens, params.n, req, tokenizer), gens)
+            return _sse(_completion_chunks(rid, model_name, gens, params.n, req, tokenizer,
+                                           prompts, echo_only), gens)
         results = await _collect_all(gens, request)
         work = _output_work(results, params) + (
-            sum(len(ids) for text, ids in prompts if text is None) * 4 if req.echo else 0)
+            sum(len(ids) for text, ids in prompts) * 4 * (1 + (params.prompt_logprobs or 0))
+            if req.echo else 0)
         return await workers.run(work, _completion_response, rid, model_name, prompts, results,
-                                 req, params, tokenizer)
+                                 req, params, tokenizer, echo_only)
 
-    @app.post("/v1/chat/completions", responses=_STREAM | _errors(400, 404, 413, 500, 503))
+    @app.post("/v1/chat/completions", responses=_STREAM | _errors(400, 401, 404, 413, 500, 503))
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
-        params = _params(req)
+        await _warn_unknown_fields(req, request)
+        params = sampling(req)
         try:
             messages = [m.as_template_input() for m in req.messages]
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
+        _, tool_choice = req.tool_setup()  # validated by _params
         ids = await workers.run(len(await request.body()), encode_chat, messages,
-                                req.add_generation_prompt, params)
+                                req.add_generation_prompt, params, req.tools)
         _check_logprobs([len(ids)], params, max_model_len)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        (gen,) = await _start_all(engine, [(rid, ids)], params)
+        rid, eid = _ids("chatcmpl", request)
+        (gen,) = await _start_all(engine, [(eid, ids)], params)
         if req.stream:
-            return _sse(_chat_chunks(rid, model_name, gen, params.n, req, tokenizer), [gen])
+            return _sse(_chat_chunks(rid, model_name, gen, params.n, req, tokenizer, tool_choice),
+                        [gen])
         (deltas,) = await _collect_all([gen], request)
         return await workers.run(_output_work([deltas], params), _chat_response, rid,
-                                 model_name, deltas, params, tokenizer)
+                                 model_name, deltas, params, tokenizer, tool_choice)
 
     return app
+
+
+def _ids(prefix: str, request: Request) -> tuple[str, str]:
+    """(the response's id, the engine's request id). A client's X-Request-Id names the
+    response (``cmpl-<id>``, as vLLM does), but two requests may send the same one: the engine
+    id then gets a suffix of its own."""
+    rid, given = request.scope.get("jaxattn.request_id") or (uuid.uuid4().hex, False)
+    name = f"{prefix}-{rid}"
+    return name, (f"{name}-{uuid.uuid4().hex[:12]}" if given else name)
+
+
+async def _warn_unknown_fields(req, request: Request) -> None:
+    """Unknown fields are ignored (OpenAI's and vLLM's behaviour); a warning names them."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return
+    if not isinstance(body, dict):
+        return
+    unknown = [k for k in body if k not in type(req).model_fields]
+    if unknown:
+        names = ", ".join(repr(k[:64]) for k in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        log.warning("%s: ignoring unknown request fields %s", request.url.path, names)
+
+
+class _RequestId:
+    """``X-Request-Id`` on every response: the client's (printable ASCII, at most
+    ``_MAX_REQUEST_ID`` characters; anything else is a 400) or a fresh one. The handlers find
+    it in the scope as ``(id, given by the client)``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = Headers(scope=scope).get("x-request-id")
+        if given is not None and not (0 < len(given) <= _MAX_REQUEST_ID
+                                      and all("!" <= c <= "~" for c in given)):
+            return await error_response(
+                400, f"X-Request-Id must be 1 to {_MAX_REQUEST_ID} printable ASCII characters "
+                "without spaces", "X-Request-Id")(scope, receive, send)
+        rid = given or uuid.uuid4().hex
+        scope["jaxattn.request_id"] = (rid, given is not None)
+        header = (b"x-request-id", rid.encode("ascii"))
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", ()), header])
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class _APIKey:
+    """A 401 in OpenAI's shape for a request to any route but :data:`OPEN_PATHS` without
+    ``Authorization: Bearer <key>``; compared in constant time (``hmac.compare_digest``)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode("utf-8")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        # Starlette decodes header bytes as latin-1: encoding back gives the bytes sent.
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+                token.strip().encode("latin-1"), self.key):
+            return await self.app(scope, receive, send)
+        response = error_response(401, "Incorrect or missing API key: send the header "
+                                  "`Authorization: Bearer <key>` with the server's --api-key.",
+                                  code="invalid_api_key")
+        response.headers["www-authenticate"] = "Bearer"
+        await response(scope, receive, send)
 
 
 def _body_too_large(limit: int) -> JSONResponse:
@@ -395,6 +557,7 @@ _STREAM = {200: {"description": "JSON, or server-sent events when `stream` is tr
                      "type": "object", "properties": {"data": {"type": "string"}},
                      "required": ["data"]}}}}}
 _ERROR_DOCS = {400: "Invalid request (bad parameters, malformed JSON, prompt too long)",
+               401: "Missing or wrong API key (the server runs with --api-key)",
                404: "Unknown model", 413: "Request body over --max-request-body-bytes",
                500: "Generation failed inside the engine",
                503: "The engine is not running"}
@@ -430,13 +593,16 @@ def _params(req) -> SamplingParams:
 
 
 def _check_logprobs(prompt_lens: list[int], params: SamplingParams, max_model_len: int) -> None:
-    if params.logprobs is None:
-        return
-    entries = sum(params.n * (params.max_tokens or max_model_len - n) * (1 + params.logprobs)
-                  for n in prompt_lens)
+    entries = 0
+    if params.logprobs is not None:
+        entries += sum(params.n * (params.max_tokens or max_model_len - n) * (1 + params.logprobs)
+                       for n in prompt_lens)
+    if params.prompt_logprobs is not None:  # echoed once per choice
+        entries += sum(params.n * n * (1 + params.prompt_logprobs) for n in prompt_lens)
     if entries > MAX_LOGPROB_ENTRIES:
         raise APIError(400, f"This request asks for up to {entries} logprobs (n × max_tokens × "
-                       f"(1 + logprobs), summed over its prompts); the limit is "
+                       f"(1 + logprobs), plus n × prompt tokens × (1 + logprobs) with echo, "
+                       f"summed over its prompts); the limit is "
                        f"{MAX_LOGPROB_ENTRIES}. Please reduce n, max_tokens or logprobs.",
                        "logprobs")
 
@@ -543,47 +709,68 @@ def _output_work(results: list[list[Delta]], params: SamplingParams) -> int:
 # The answers are rendered to JSON on the worker too: a dict handed back to FastAPI would be
 # walked by jsonable_encoder on the event loop, slowly for a big one.
 def _completion_response(rid, model_name, prompts, results, req: CompletionRequest,
-                         params: SamplingParams, tokenizer) -> SafeJSONResponse:
+                         params: SamplingParams, tokenizer, echo_only: bool) -> SafeJSONResponse:
     n = params.n
     choices, usage = [], _usage()
     for i, ((text, ids), deltas) in enumerate(zip(prompts, results)):
-        per = _merge(deltas, n)
+        per = _merge(deltas, n, echo_only)
+        prompt_lps = next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None),
+                          None)
         for j in range(n):
             out = per[j]
             prefix = (text if text is not None else tokenizer.decode(ids)) if req.echo else ""
-            choices.append({"index": i * n + j, "text": prefix + out["text"],
-                            "logprobs": _completion_logprobs(out["logprobs"], tokenizer)
-                            if params.logprobs is not None else None,
+            lp = None
+            if params.logprobs is not None:
+                lp = _completion_logprobs(
+                    out["logprobs"], tokenizer,
+                    prompt=(ids, prompt_lps) if req.echo and prompt_lps is not None else None)
+            choices.append({"index": i * n + j, "text": prefix + out["text"], "logprobs": lp,
                             "finish_reason": out["finish_reason"]})
             if req.return_token_ids:
                 choices[-1]["token_ids"] = out["token_ids"]
         _add_usage(usage, deltas, n)
+    if echo_only:  # the one token drawn was dropped
+        usage.update(completion_tokens=0, total_tokens=usage["prompt_tokens"])
     return SafeJSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
                              "model": model_name, "choices": choices, "usage": usage})
 
 
 def _chat_response(rid, model_name, deltas: list[Delta], params: SamplingParams,
-                   tokenizer) -> SafeJSONResponse:
+                   tokenizer, tool_choice: str | None = None) -> SafeJSONResponse:
     per = _merge(deltas, params.n)
-    choices = [{"index": j, "message": {"role": "assistant", "content": per[j]["text"]},
-                "logprobs": _chat_logprobs(per[j]["logprobs"], tokenizer)
-                if params.logprobs is not None else None,
-                "finish_reason": per[j]["finish_reason"]} for j in range(params.n)]
+    choices = []
+    for j in range(params.n):
+        message = {"role": "assistant", "content": per[j]["text"]}
+        finish = per[j]["finish_reason"]
+        calls = (tool_calls.parse(per[j]["text"]) if tool_choice not in (None, "none")
+                 else None)
+        if calls:
+            message = {"role": "assistant", "content": None,
+                       "tool_calls": [c.as_openai() for c in calls]}
+            finish = _tool_finish(finish, tool_choice)
+        choices.append({"index": j, "message": message,
+                        "logprobs": _chat_logprobs(per[j]["logprobs"], tokenizer)
+                        if params.logprobs is not None else None,
+                        "finish_reason": finish})
     usage = _usage()
     _add_usage(usage, deltas, params.n)
     return SafeJSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
                              "model": model_name, "choices": choices, "usage": usage})
 
 
-def _merge(deltas: list[Delta], n: int) -> list[dict]:
+def _merge(deltas: list[Delta], n: int, echo_only: bool = False) -> list[dict]:
+    """Each output's whole text, ids, logprobs and finish reason; ``echo_only``: none of the
+    output (the prompt alone was asked for), finish reason "length"."""
     out = [{"text": "", "token_ids": [], "logprobs": [], "finish_reason": None} for _ in range(n)]
     for d in deltas:
         o = out[d.index]
+        if d.finish_reason is not None:
+            o["finish_reason"] = "length" if echo_only else d.finish_reason
+        if echo_only:
+            continue
         o["text"] += d.text
         o["token_ids"].extend(d.token_ids)
         o["logprobs"].extend(d.logprobs or ())
-        if d.finish_reason is not None:
-            o["finish_reason"] = "stop" if d.finish_reason == "stop" else d.finish_reason
     return out
 
 
@@ -612,8 +799,21 @@ def _tok(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _completion_logprobs(lps: list[TokenLogprob], tokenizer, offset: int = 0) -> dict:
+def _completion_logprobs(lps: list[TokenLogprob], tokenizer, offset: int = 0,
+                         prompt: tuple | None = None) -> dict:
+    """OpenAI's legacy shape; ``prompt``: (prompt ids, their logprobs) to put first (echo):
+    the first prompt token has no logprob (null), as OpenAI and vLLM report it."""
     tokens, token_lps, tops, offsets = [], [], [], []
+    if prompt is not None:
+        ids, plps = prompt
+        for token_id, t in zip(ids, plps):
+            s = _tok(tokenizer, token_id)
+            offsets.append(offset)
+            offset += len(s)
+            tokens.append(s)
+            token_lps.append(None if t is None else t.logprob)
+            tops.append({_tok(tokenizer, i): lp for i, lp in t.top} if t is not None and t.top
+                        else None)
     for t in lps:
         s = _tok(tokenizer, t.token_id)
         offsets.append(offset)
@@ -627,8 +827,10 @@ def _completion_logprobs(lps: list[TokenLogprob], tokenizer, offset: int = 0) ->
 
 def _chat_logprobs(lps: list[TokenLogprob], tokenizer) -> dict:
     def entry(token_id, lp):
-        s = _tok(tokenizer, token_id)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        # The token's own bytes: one that ends inside a UTF-8 character decodes to U+FFFD,
+        # whose bytes are not the token's; a client joins these to rebuild the text.
+        return {"token": _tok(tokenizer, token_id), "logprob": lp,
+                "bytes": list(tokenizer.token_bytes(token_id))}
 
     return {"content": [dict(entry(t.token_id, t.logprob),
                              top_logprobs=[entry(i, lp) for i, lp in t.top]) for t in lps]}
@@ -698,39 +900,85 @@ def _error_chunk(message: str) -> dict:
                       "code": None}}
 
 
-async def _completion_chunks(rid, model, gens, n, req: CompletionRequest, tokenizer):
+async def _completion_chunks(rid, model, gens, n, req: CompletionRequest, tokenizer, prompts,
+                             echo_only: bool):
     created = int(time.time())
     # Usage needs only each output's latest delta: holding every delta (logprobs and all) for
     # the length of a stream would grow with it.
     latest: list[dict[int, Delta]] = [{} for _ in gens]
     offsets: dict[int, int] = {}
+    started: set[int] = set()  # choices whose echo (the prompt) went out
+    # Echo with logprobs: the prompt's logprobs come with output 0's first delta; the other
+    # outputs of that prompt wait for them (they open with the prompt too).
+    want_prompt_lps = req.echo and req.logprobs is not None
+    prompt_lps: dict[int, tuple] = {}
+    held: dict[int, list[Delta]] = {}
+
+    def chunk(i: int, d: Delta) -> dict | None:
+        index = i * n + d.index
+        text, lp_parts = d.text if not echo_only else "", []
+        token_ids = list(d.token_ids) if not echo_only else []
+        prompt = None
+        if req.echo and index not in started:
+            started.add(index)
+            ptext, ids = prompts[i]
+            text = (ptext if ptext is not None else tokenizer.decode(ids)) + text
+            if want_prompt_lps:
+                prompt = (ids, prompt_lps[i])
+        finish = ("length" if echo_only else d.finish_reason) if d.finish_reason else None
+        new_lps = list(d.logprobs or ()) if not echo_only else []
+        if not (text or finish or new_lps or prompt or (req.return_token_ids and token_ids)):
+            return None
+        lp = None
+        if req.logprobs is not None and (new_lps or prompt):
+            lp = _completion_logprobs(new_lps, tokenizer, offsets.get(index, 0), prompt)
+            offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
+        choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+        if req.return_token_ids:
+            choice["token_ids"] = token_ids
+        return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "choices": [choice]}
+
     async for i, d in _merged(gens):
         latest[i][d.index] = d
         if d.error is not None:
             yield _error_chunk(f"generation failed: {d.error}")
             return
-        if not (d.text or d.finish_reason or d.logprobs or (req.return_token_ids and d.token_ids)):
-            continue
-        index = i * n + d.index
-        lp = None
-        if req.logprobs is not None and d.logprobs:
-            lp = _completion_logprobs(list(d.logprobs), tokenizer, offsets.get(index, 0))
-            offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
-        choice = {"index": index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}
-        if req.return_token_ids:
-            choice["token_ids"] = list(d.token_ids)
-        yield {"id": rid, "object": "text_completion", "created": created, "model": model,
-               "choices": [choice]}
+        ready = [d]
+        if want_prompt_lps and i not in prompt_lps:
+            if d.prompt_logprobs is None:
+                held.setdefault(i, []).append(d)
+                continue
+            prompt_lps[i] = d.prompt_logprobs
+            ready += held.pop(i, [])
+        for r in ready:
+            c = chunk(i, r)
+            if c is not None:
+                yield c
     if req.stream_options and req.stream_options.include_usage:
         usage = _usage()
         for deltas in latest:
             _add_usage(usage, list(deltas.values()), n)
+        if echo_only:
+            usage.update(completion_tokens=0, total_tokens=usage["prompt_tokens"])
         yield {"id": rid, "object": "text_completion", "created": created, "model": model,
                "choices": [], "usage": usage}
 
 
-async def _chat_chunks(rid, model, gen, n, req: ChatCompletionRequest, tokenizer):
+def _tool_finish(finish: str | None, tool_choice: str | None) -> str | None:
+    """OpenAI's finish_reason for an output that made calls: "tool_calls", except for a
+    named tool_choice ("stop"), and "length" stays."""
+    if finish != "stop" or tool_choice not in ("auto", "required"):
+        return finish
+    return "tool_calls"
+
+
+async def _chat_chunks(rid, model, gen, n, req: ChatCompletionRequest, tokenizer,
+                       tool_choice: str | None = None):
     created = int(time.time())
+    # Per output: its tool-call stream (None: plain content).
+    tools = {j: tool_calls.ToolCallStream(constrained=tool_choice not in ("auto",))
+             for j in range(n)} if tool_choice not in (None, "none") else {}
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     for j in range(n):
         yield dict(base, choices=[{"index": j, "delta": {"role": "assistant", "content": ""},
@@ -745,9 +993,24 @@ async def _chat_chunks(rid, model, gen, n, req: ChatCompletionRequest, tokenizer
             continue
         lp = (_chat_logprobs(list(d.logprobs), tokenizer)
               if req.logprobs and d.logprobs else None)
-        delta = {"content": d.text} if d.text else {}
+        finish = d.finish_reason
+        if d.index in tools:
+            stream = tools[d.index]
+            deltas = stream.feed(d.text, final=d.finish_reason is not None)
+            if stream.calls:
+                finish = _tool_finish(finish, tool_choice)
+            for k, delta in enumerate(deltas):  # the finish and logprobs go with the last
+                last = k == len(deltas) - 1
+                yield dict(base, choices=[{"index": d.index, "delta": delta,
+                                           "logprobs": lp if last else None,
+                                           "finish_reason": finish if last else None}])
+            if deltas or (finish is None and not lp):
+                continue
+            delta = {}
+        else:
+            delta = {"content": d.text} if d.text else {}
         yield dict(base, choices=[{"index": d.index, "delta": delta, "logprobs": lp,
-                                   "finish_reason": d.finish_reason}])
+                                   "finish_reason": finish}])
     if req.stream_options and req.stream_options.include_usage:
         usage = _usage()
         _add_usage(usage, list(latest.values()), n)

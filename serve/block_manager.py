@@ -20,13 +20,14 @@ Two kinds (the hybrid cache, issue 21):
   check it). A model without chunked layers has no chunked pool.
 
 Page budget of one sequence on the chunked pool (``C`` chunk, ``T`` tokens per
-step, ``ps`` page size; ``C`` is a multiple of ``ps``): the scheduler slides every
-running sequence to its ``num_computed = n`` before it grows any, so a sequence holds
-logical pages ``[w / ps, ceil((n + q) / ps))`` with ``w = floor(n / C) * C``, i.e.
-``ceil((n - w + q) / ps) <= ceil((C - 1 + q) / ps)`` pages for its ``q <= T`` new tokens
-(:attr:`jaxattn.Bounds.chunk_pages_per_seq`). Summed over running sequences:
-``<= S * C / ps + ceil(T / ps) + S`` (each unscheduled sequence holds
-``ceil((n - w) / ps) <= C / ps``).
+step, ``ps`` page size): the scheduler slides every running sequence to its
+``num_computed = n`` before it grows any, so a sequence holds logical pages
+``[floor(w / ps), ceil((n + q) / ps))`` with ``w = floor(n / C) * C``, i.e. at most
+``ceil((C - 1 + q) / ps)`` pages for its ``q <= T`` new tokens when ``C`` is a multiple of
+``ps`` (a few more when it is not: the page holding ``w`` starts before it;
+:attr:`jaxattn.Bounds.chunk_pages_per_seq` has the general bound). Summed over running
+sequences: ``<= S * C / ps + ceil(T / ps) + S`` (each unscheduled sequence holds
+``ceil((n - w) / ps) <= C / ps``; :meth:`jaxattn.Bounds.chunked_pages_for`).
 
 Prefix sharing: once every token of a page is computed (its KV written), the
 page is registered under a hash of *all* tokens up to its end (a chain:
@@ -133,9 +134,8 @@ class BlockManager:
         if num_pages < 1 or page_size < 1 or num_chunked_pages < 0:
             raise ValueError(f"need num_pages >= 1, page_size >= 1 and num_chunked_pages >= 0, "
                              f"got {num_pages}, {page_size}, {num_chunked_pages}")
-        if chunk_size is not None and (chunk_size < 1 or chunk_size % page_size):
-            raise ValueError(f"chunk_size={chunk_size} must be a positive multiple of "
-                             f"page_size={page_size}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be positive")
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
         self.chunk_size = chunk_size if num_chunked_pages else None
@@ -197,17 +197,19 @@ class BlockManager:
         return num_computed // self.chunk_size * self.chunk_size // self.page_size
 
     # Updates -------------------------------------------------------------------------
-    def allocate(self, seq_id: int, tokens: Sequence[int]) -> int:
+    def allocate(self, seq_id: int, tokens: Sequence[int], *, use_cache: bool = True) -> int:
         """Open the tables of a new sequence, taking the shared pages of its longest cached prefix.
 
         Returns the number of leading tokens already in the cache (a multiple of
         the page size). At least one token is always left to compute, since the
-        step that computes it gives the logits of the next token.
+        step that computes it gives the logits of the next token. ``use_cache=False``:
+        take nothing from the cache (a sequence that must compute every position, e.g.
+        to score its prompt); its pages are still offered to later sequences.
         """
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id} already has pages")
         table, chain, ctable = [], [], []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and use_cache:
             parent = b""
             for start in range(0, len(tokens) - 1 - self.page_size + 1, self.page_size):
                 h = _page_hash(parent, tokens[start:start + self.page_size])
@@ -220,13 +222,21 @@ class BlockManager:
             if self.chunked is not None:
                 # The chunked pages of the live chunk must be cached too: keep the longest
                 # run of them from the chunk's start (possibly none: a chunk-aligned hit).
-                first = self._window_page(len(table) * self.page_size)
-                for h in chain[first:]:
-                    page = self.chunked.by_hash.get(h)
-                    if page is None:
+                # A shorter hit has an earlier live chunk; when pages do not divide the
+                # chunk its first page can lie before the run's, so look again from there.
+                n = len(table)
+                while True:
+                    first = self._window_page(n * self.page_size)
+                    ctable = []
+                    for h in chain[first:n]:
+                        page = self.chunked.by_hash.get(h)
+                        if page is None:
+                            break
+                        ctable.append(page)
+                    if first + len(ctable) == n:
                         break
-                    ctable.append(page)
-                del table[first + len(ctable):], chain[first + len(ctable):]
+                    n = first + len(ctable)
+                del table[n:], chain[n:]
                 ctable = [NULL_PAGE] * first + ctable
         for page in table:
             self.glob.take(page)

@@ -53,7 +53,12 @@ def print_memory_plan(config: EngineConfig) -> int:
 
     from jaxattn.models import llama4
     from jaxattn.serve import default_model, memory_plan
+    from jaxattn.serve.engine import check_model_dir
 
+    try:
+        check_model_dir(config.model)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
     model_config = llama4.Llama4Config.from_pretrained(config.model or
                                                        default_model.default_model_dir())
     dtype = config.dtype or ("bfloat16" if jax.devices()[0].platform == "gpu" else "float32")

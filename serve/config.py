@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Any
 
 import jaxattn
 from jaxattn.parallel import ParallelConfig
 
 DTYPES = ("bfloat16", "float16", "float32")
+QUANTIZATIONS = ("fp8",)
 # "auto": the weights' dtype; "fp8": float8_e4m3fn pages with a scale per token and KV head
 # (jaxattn.kv_quant), half the bytes of bf16 plus 3%.
 KV_CACHE_DTYPES = ("auto", "bf16", *DTYPES, "fp8")
@@ -59,6 +61,11 @@ class EngineConfig:
         None, "KV cache dtype: auto (the weights' dtype, the default), bf16/bfloat16, float16, "
         "float32, or fp8 (float8_e4m3fn with a float32 scale per token and KV head: ~1.94x the "
         "tokens of bf16)", choices=KV_CACHE_DTYPES)
+    quantization: str | None = _flag(
+        None, "fp8: float8_e4m3fn weights with per-output-channel scales for the routed experts, "
+        "shared expert and dense MLPs (quantised while loading; activations per token at run "
+        "time); --dtype is then everything else's. Compressed-tensors FP8 checkpoints load "
+        "in FP8 without it", choices=QUANTIZATIONS)
     buckets: tuple[int, ...] | None = _flag(
         None, "comma-separated step token counts to compile (default: powers of two from 16 up "
         "to --max-num-batched-tokens, which must be the largest)", type=_buckets)
@@ -78,7 +85,8 @@ class EngineConfig:
         1, "devices the attention heads and MLP columns are split over", flags=("-tp",), type=int)
     expert_parallel_size: int = _flag(
         1, "devices the routed experts are split over; attention is split over tensor x expert "
-        "devices, so TP x EP must divide the KV heads (8 for Scout)", flags=("-ep",), type=int)
+        "devices, so TP x EP must divide the query heads and divide the KV heads or be a "
+        "multiple of them (KV heads are then replicated)", flags=("-ep",), type=int)
     data_parallel_size: int = _flag(
         1, "independent replicas (each on TP x EP devices, its own KV cache)", flags=("-dp",),
         type=int)
@@ -104,6 +112,7 @@ class EngineConfig:
                   "float8_e4m3fn": "fp8"}.get(kv, kv)
             object.__setattr__(self, "kv_cache_dtype", kv)
         for name, allowed in (("dtype", DTYPES), ("kv_cache_dtype", KV_CACHE_DTYPES),
+                              ("quantization", QUANTIZATIONS),
                               ("attention_impl", ATTENTION_IMPLS),
                               ("grouped_matmul_impl", GROUPED_MATMUL_IMPLS)):
             value = getattr(self, name)
@@ -171,11 +180,17 @@ def bucket_ladder(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
 
 def default_block_kv(chunk_size: int | None, page_size: int, max_keys: int = 128) -> int:
     """The largest KV tile of whole pages, up to ``max_keys`` keys, that divides the chunk
-    (Bounds' rules)."""
+    (Bounds' rules).
+
+    A chunk that is no multiple of the page size (a few tokens: any valid Llama 4 config
+    serves) gets the largest slice of a page that divides both, ``gcd(chunk, page_size)``:
+    chunk-aligned key ranges then start on a tile. The Mosaic kernels take no such tile
+    (``kernels.unsupported_reason``), so ``impl="auto"`` runs those bounds on the reference.
+    """
     for pages in range(max(1, max_keys // page_size), 0, -1):
         if chunk_size is None or chunk_size % (pages * page_size) == 0:
             return pages * page_size
-    raise ValueError(f"attention_chunk_size={chunk_size} is not a multiple of page_size={page_size}")
+    return math.gcd(chunk_size, page_size)
 
 
 # The command line ----------------------------------------------------------------------

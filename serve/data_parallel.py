@@ -31,6 +31,7 @@ class DataParallelEngine:
         self.tokenizer, self.bounds, self.max_model_len = (first.tokenizer, first.bounds,
                                                            first.max_model_len)
         self.runner, self.model_dir, self.config = first.runner, first.model_dir, first.config
+        self.generation_defaults = first.generation_defaults
         self.metrics = None
         self._where: dict[str, LLMEngine] = {}  # request id -> its replica
         self._pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="jaxattn-replica")

@@ -27,12 +27,36 @@ _SEED = 0
 _VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>",
                   "<|eot|>", "<|finetune_right_pad_id|>"]
-# Llama 4's chat format (text only).
+# Llama 4's chat format (text only), with tools the way Llama 4's own template writes them:
+# their JSON schemas in the system turn, an assistant's calls as JSON
+# {"name": ..., "parameters": {...}} (several separated by ";"), and tool results in
+# "ipython" turns.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}"
+    "{{ '<|header_start|>system<|header_end|>\n\nEnvironment: ipython\n' }}"
+    "{{ 'To call a function, respond with JSON in the format {\"name\": function name, "
+    "\"parameters\": dictionary of argument name and its value}; separate several calls "
+    "with \";\". Do not use variables.\n\n' }}"
+    "{% for t in tools %}{{ t | tojson(indent=4) }}{{ '\n\n' }}{% endfor %}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] | trim }}"
+    "{% set messages = messages[1:] %}{% endif %}"
+    "{{ '<|eot|>' }}"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if message['role'] == 'tool' or message['role'] == 'ipython' %}"
+    "{{ '<|header_start|>ipython<|header_end|>\n\n' }}"
+    "{% else %}"
     "{{ '<|header_start|>' + message['role'] + '<|header_end|>\n\n' }}"
-    "{{ message['content'] | trim }}{{ '<|eot|>' }}"
+    "{% endif %}"
+    "{{ message['content'] | trim }}"
+    "{% if message.tool_calls is defined and message.tool_calls %}"
+    "{% for call in message.tool_calls %}{% if not loop.first %};{% endif %}"
+    "{{ '{\"name\": \"' + call['function']['name'] + '\", \"parameters\": ' }}"
+    "{{ call['function']['arguments'] | tojson }}{{ '}' }}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{ '<|eot|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|header_start|>assistant<|header_end|>\n\n' }}{% endif %}")
 

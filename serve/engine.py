@@ -21,6 +21,15 @@ device's (benchmarks/NOTES-model.md).
 ``add_request`` / ``abort`` / ``step``. The offline API drives it directly; the
 server drives it from one engine thread (:mod:`jaxattn.serve.async_engine`).
 
+Logit processing (penalties, ``logit_bias``, ``min_tokens``, ``min_p``, structured
+output) rides in the step as fixed-shape arrays (:class:`~jaxattn.serve.sampling.Processing`),
+only when some sampling row needs it. A structured output's grammar needs every token of
+its sequence before it can give the mask of the next one, so a step that samples a
+constrained sequence whose last token is still in flight first lands the step before
+(synchronous for that step: the host computes the masks from the landed tokens, then
+enqueues). Penalties need no such wait: their counts live on the device
+(:mod:`jaxattn.serve.sampling`).
+
 Static shapes: a step's token count is rounded up to a fixed ladder of
 buckets and its sequences padded to ``max_num_seqs``, so the model step
 compiles once per bucket and the sampler once per mode, all during :meth:`warmup`.
@@ -37,6 +46,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import random
 import sys
 import threading
@@ -53,9 +63,11 @@ from jaxattn.serve.config import EngineConfig
 from jaxattn.serve.model_runner import Llama4Runner, ModelRunner, SamplingRow
 from jaxattn.serve.output_processor import OutputProcessor
 from jaxattn.serve.outputs import Delta, TokenLogprob
+from jaxattn.serve import sampling_params as sampling_params_lib
 from jaxattn.serve.sampling_params import SamplingParams
 from jaxattn.serve.scheduler import Scheduled, Scheduler
-from jaxattn.serve.sequence import Sequence
+from jaxattn.serve.sequence import Sequence, Status
+from jaxattn.serve import structured
 from jaxattn.serve.tokenizer import Tokenizer
 
 log = logging.getLogger("jaxattn.serve")
@@ -154,6 +166,13 @@ class LLMEngine:
                                    max_num_batched_tokens=b.max_num_batched_tokens)
         self.output = OutputProcessor(tokenizer, b.max_model_len)
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
+        self.grammars = (structured.GrammarBackend(tokenizer, runner.vocab_size)
+                         if tokenizer is not None else None)
+        # Rows of the runner's penalty table (sampling.PenaltyState): free ones, and who holds
+        # the others. A sequence holds one while it runs and a later owner reseeds it.
+        num_slots = getattr(runner, "num_penalty_slots", 0)
+        self._free_slots = list(range(num_slots - 1, -1, -1))
+        self._slot_owner: dict[int, Sequence] = {}
         self.metrics = None
         if metrics is not None:
             self.attach_metrics(metrics)
@@ -167,6 +186,9 @@ class LLMEngine:
         self.num_steps = 0
         self.warmed_up = False
         self.model_dir: str | None = None
+        # The model's generation_config.json sampling defaults (jaxattn.serve.generation_config):
+        # the front-ends apply them to the fields a request leaves out.
+        self.generation_defaults: dict = {}
 
     @classmethod
     def from_config(cls, config: EngineConfig, *, metrics=None):
@@ -177,9 +199,10 @@ class LLMEngine:
         :class:`~jaxattn.serve.data_parallel.DataParallelEngine` of that many replicas.
         """
         from jaxattn import parallel as parallel_lib
-        from jaxattn.serve import default_model
+        from jaxattn.serve import default_model, generation_config
 
         model_dir = config.model
+        check_model_dir(model_dir)
         if model_dir is None:
             print(default_model.RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
             model_dir = default_model.default_model_dir()
@@ -196,6 +219,7 @@ class LLMEngine:
             engine = cls(runner, tokenizer, config,
                          metrics=metrics if len(meshes) == 1 else None)
             engine.model_dir = model_dir
+            engine.generation_defaults = generation_config.sampling_defaults(model_dir)
             engines.append(engine)
         if len(engines) == 1:
             return engines[0]
@@ -225,6 +249,19 @@ class LLMEngine:
                 "completion). Please reduce the length of the prompt or max_tokens.")
         if params.n > self.bounds.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.bounds.max_num_seqs}")
+        if params.prompt_logprobs is not None and not hasattr(self.runner, "prompt_logprobs"):
+            raise ValueError("this engine's model runner cannot score prompts (prompt_logprobs)")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.min_tokens and not params.ignore_eos and (
+                len(self.eos_token_ids | set(params.stop_token_ids))
+                > sampling_params_lib.MAX_MIN_TOKENS_STOP_IDS):
+            raise ValueError("min_tokens: too many stop token ids to hold back")
+        if params.processes_logits and not getattr(self.runner, "num_penalty_slots", 0):
+            raise ValueError("this model runner does not take penalties, logit_bias, min_p, "
+                             "min_tokens or structured output")
+        if params.structured_output is not None and self.grammars is None:
+            raise ValueError("structured output needs a tokenizer")
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
                     *, arrival_time: float | None = None) -> None:
@@ -239,6 +276,11 @@ class LLMEngine:
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs = [Sequence(next(self._seq_ids), request_id, i, prompt, params, seed, stop_ids,
                          max_tokens, arrival_time=now) for i in range(params.n)]
+        if params.structured_output is not None:
+            # The grammar is compiled once per request; each output walks its own copy.
+            first = self.grammars.matcher(params.structured_output)
+            for seq in seqs:
+                seq.matcher = first if seq.index == 0 else first.deep_copy()
         self._requests[request_id] = seqs
         for seq in seqs:
             self.output.add(seq)
@@ -317,7 +359,15 @@ class LLMEngine:
             self.metrics.on_preempt(len(out.preempted))
         prev, self._inflight = self._inflight, None
         deltas: list[Delta] = []
-        flight = self._dispatch(out.scheduled, prev, deltas) if out.scheduled else None
+        scheduled = out.scheduled
+        if prev is not None and any(s.samples and s.seq.matcher is not None
+                                    and s.seq.num_inflight for s in scheduled):
+            # A grammar's next mask needs the token in flight: land that step first (this
+            # step is synchronous). Landing may finish scheduled sequences: they drop out.
+            deltas += self._land(prev)
+            prev = None
+            scheduled = [s for s in scheduled if not s.seq.finished]
+        flight = self._dispatch(scheduled, prev, deltas) if scheduled else None
         if prev is not None:
             deltas += self._land(prev)
         if flight is not None and not self.async_scheduling:
@@ -334,7 +384,12 @@ class LLMEngine:
         t0 = time.perf_counter()
         # Host-side inputs, sequence by sequence: one whose own inputs cannot be built (a
         # bookkeeping bug, a parameter the sampler cannot take) fails alone and leaves the step.
+        self._release_slots()
         live, steps, rows = [], [], []
+        # Prompt scoring: per new token of the step, the prompt token that follows it (-1: not
+        # wanted); and per scoring sequence (its index in live, first row, first position, rows).
+        targets: list[int] = []
+        scored: list[tuple[int, int, int, int]] = []
         for s in scheduled:
             seq = s.seq
             try:
@@ -348,6 +403,15 @@ class LLMEngine:
                 log.exception("request %s failed", seq.request_id)
                 deltas.append(self._fail(seq, f"{type(e).__name__}: {e}"))
                 continue
+            if seq.scores_prompt:
+                first, n_prompt = seq.num_computed, seq.num_prompt_tokens
+                count = max(0, min(first + s.num_new, n_prompt - 1) - first)
+                if count:
+                    scored.append((len(live), len(targets), first, count))
+                targets += seq.prompt_token_ids[first + 1:first + 1 + count]
+                targets += [-1] * (s.num_new - count)
+            else:
+                targets += [-1] * s.num_new
             live.append(s)
             steps.append(step)
             rows.append(row)
@@ -355,10 +419,18 @@ class LLMEngine:
             return None
         num_tokens = sum(s.num_new for s in live)
         want_lp = any(s.samples and s.seq.params.logprobs for s in live)
+        extra = {}
+        try:
+            if any(s.samples and s.seq.params.processes_logits for s in live):
+                extra = self._processing(live, prev)
+        except Exception as e:  # a grammar failed: the constrained sequences of the step fail
+            deltas += self._step_failed([s.seq for s in live], e)
+            return None
         try:
             sampled = self.runner.step(steps, rows, want_logprobs=want_lp,
                                        prev_tokens=None if prev is None else
-                                       prev.sampled.token_ids)
+                                       prev.sampled.token_ids, **extra)
+            prompt_lp = self.runner.prompt_logprobs(targets) if scored else None
         except Exception as e:  # the whole step failed: its sequences fail, the engine goes on
             deltas += self._step_failed([s.seq for s in live], e)
             return None
@@ -368,7 +440,7 @@ class LLMEngine:
             s.seq.num_computed += s.num_new
             s.seq.num_inflight += s.samples
         return _InFlight(live, sampled, want_lp, num_tokens, t0,
-                         {s.seq.seq_id: i for i, s in enumerate(live)})
+                         {s.seq.seq_id: i for i, s in enumerate(live)}, prompt_lp, scored)
 
     def _land(self, flight: _InFlight) -> list[Delta]:
         """Bring a step's draws to the host: append, detokenize, stop, commit pages."""
@@ -378,9 +450,13 @@ class LLMEngine:
             tokens, lps = jax.device_get((sampled.token_ids, sampled.logprobs))
             top = (jax.device_get((sampled.top_ids, sampled.top_logprobs)) if flight.want_lp
                    else None)
+            prompt_lp = (jax.device_get(tuple(flight.prompt_lp)) if flight.prompt_lp is not None
+                         else None)
         except Exception as e:  # the step failed on the device
             return self._step_failed([s.seq for s in flight.live if not s.seq.finished], e)
         self.num_steps += 1
+        if prompt_lp is not None:
+            self._score_prompts(flight, prompt_lp)
         generated = 0
         for i, s in enumerate(flight.live):
             seq = s.seq
@@ -405,6 +481,21 @@ class LLMEngine:
         self._report(flight.num_tokens, generated, time.perf_counter() - flight.t0)
         return deltas
 
+    def _score_prompts(self, flight: _InFlight, prompt_lp) -> None:
+        """File a step's prompt scores under the positions they belong to (before the draws
+        land: the delta that carries a sequence's first token carries its prompt's scores)."""
+        chosen, top_ids, top_lps = prompt_lp
+        for i, row, first, count in flight.scored:
+            seq = flight.live[i].seq
+            if seq.finished or not seq.scores_prompt:
+                continue
+            k = seq.params.prompt_logprobs
+            for j in range(row, row + count):
+                pos = first + (j - row) + 1  # the prompt token scored by row j
+                top = tuple(zip(top_ids[j][:k].tolist(), top_lps[j][:k].tolist()))
+                seq.prompt_logprobs[pos] = TokenLogprob(seq.prompt_token_ids[pos],
+                                                        float(chosen[j]), top)
+
     def _step_failed(self, seqs: list[Sequence], e: Exception) -> list[Delta]:
         log.exception("engine step failed")
         deltas = [self._fail(seq, f"engine step failed: {type(e).__name__}: {e}") for seq in seqs]
@@ -415,6 +506,48 @@ class LLMEngine:
             n = self.scheduler.preempt_all()
             log.warning("KV cache rebuilt after a failed step; %d sequences recompute", n)
         return deltas
+
+    # Logit processing ---------------------------------------------------------------------
+    def _release_slots(self) -> None:
+        """Penalty-table rows of sequences that no longer run go back to the pool (a
+        preempted sequence reseeds a row when it runs again)."""
+        for slot, seq in list(self._slot_owner.items()):
+            if seq.status is not Status.RUNNING:
+                del self._slot_owner[slot]
+                seq.penalty_slot = None
+                self._free_slots.append(slot)
+
+    def _processing(self, live: list[Scheduled], prev: _InFlight | None) -> dict:
+        """The step's Processing arrays and penalty seeds (runner.step's keyword arguments)."""
+        runner = self.runner
+        proc = sampling.Processing.neutral(self.bounds.max_num_seqs, runner.vocab_size,
+                                           runner.num_penalty_slots)
+        seeds = []
+        for i, s in enumerate(live):
+            seq, p = s.seq, s.seq.params
+            if not (s.samples and p.processes_logits):
+                continue
+            proc.presence[i], proc.frequency[i] = p.presence_penalty, p.frequency_penalty
+            proc.repetition[i], proc.min_p[i] = p.repetition_penalty, p.min_p
+            if p.penalized:
+                if seq.penalty_slot is None:  # takes a row: seed it with the tokens so far
+                    seq.penalty_slot = self._free_slots.pop()
+                    self._slot_owner[seq.penalty_slot] = seq
+                    pending = prev.rows[seq.seq_id] if seq.num_inflight and prev else None
+                    seeds.append(sampling.PenaltySeed(seq.penalty_slot, seq.prompt_token_ids,
+                                                      seq.output_token_ids, pending))
+                proc.slot[i] = seq.penalty_slot
+            bias = dict(p.logit_bias or {})
+            position = seq.num_output_tokens + seq.num_inflight
+            if position < p.min_tokens and seq.matcher is None:
+                for t in seq.stop_ids:
+                    bias[t] = -np.inf
+            if bias:
+                proc.bias_ids[i, :len(bias)] = list(bias)
+                proc.bias_values[i, :len(bias)] = list(bias.values())
+            if seq.matcher is not None:
+                structured.fill_row(seq.matcher, proc.mask, i)
+        return {"processing": proc, "seeds": seeds}
 
     # Per-sequence bookkeeping ---------------------------------------------------------
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
@@ -438,7 +571,13 @@ class LLMEngine:
             seq.first_token_time = now
         seq.last_token_time = now
         seq.tokens.append(token)
-        text, reason = self.output.on_token(seq, token)
+        grammar_done = False
+        if seq.matcher is not None and token not in seq.stop_ids:
+            error = structured.consume(seq.matcher, token)
+            if error is not None:
+                return self._fail(seq, error)
+            grammar_done = seq.matcher.is_stopped()  # complete: nothing may follow
+        text, reason = self.output.on_token(seq, token, grammar_done=grammar_done)
         if reason is not None:
             self._finish(seq, reason)
         return self.output.delta(seq, text, (token,), (lp,) if lp is not None else None)
@@ -467,6 +606,20 @@ class LLMEngine:
             self._reported_hits = hits
 
 
+def check_model_dir(model_dir: str | None) -> None:
+    """FileNotFoundError naming what is wrong with ``--model`` before anything reads it."""
+    if model_dir is None:
+        return
+    if not os.path.exists(model_dir):
+        raise FileNotFoundError(f"--model {model_dir}: the directory does not exist")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"--model {model_dir}: not a directory (give the Hugging Face "
+                                "model directory: config.json, safetensors, tokenizer files)")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"--model {model_dir}: the directory has no config.json (give "
+                                "the Hugging Face model directory)")
+
+
 @dataclasses.dataclass
 class _InFlight:
     """A step enqueued on the device whose draws have not reached the host yet."""
@@ -477,3 +630,5 @@ class _InFlight:
     num_tokens: int
     t0: float  # when its dispatch began
     rows: dict[int, int]  # seq_id -> its row of ``sampled``
+    prompt_lp: object = None  # the runner's PromptLogprobs (on the device), or None
+    scored: list = dataclasses.field(default_factory=list)  # see LLMEngine._dispatch

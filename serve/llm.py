@@ -54,11 +54,19 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's ``generation_config.json`` defaults (temperature,
+        top_p, top_k where it sets them): what ``generate`` uses when given none."""
+        return SamplingParams(**getattr(self.engine, "generation_defaults", {}))
+
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """One finished :class:`RequestOutput` per prompt, in order. Prompts are strings, token
-        id lists or ``{"prompt": ...}`` / ``{"prompt_token_ids": [...]}`` dicts."""
+        id lists or ``{"prompt": ...}`` / ``{"prompt_token_ids": [...]}`` dicts.
+        ``sampling_params=None``: :meth:`get_default_sampling_params` (the model's
+        ``generation_config.json`` over SamplingParams' defaults); a SamplingParams given is
+        used as it is."""
         prompts = _as_list(prompts)
         results: list[RequestOutput | None] = [None] * len(prompts)
         for i, out in self.iter_generate(prompts, sampling_params, use_tqdm=use_tqdm):
@@ -81,7 +89,8 @@ class LLM:
         from tqdm.auto import tqdm
 
         prompts = list(prompts)
-        params = _params_list(sampling_params, len(prompts))
+        params = _params_list(sampling_params or self.get_default_sampling_params(),
+                              len(prompts))
         encoded = [self._encode(p) for p in prompts]
         for i, ((_, ids), sp) in enumerate(zip(encoded, params)):
             try:

@@ -73,20 +73,29 @@ def _abstract_mesh(pc: parallel.ParallelConfig) -> AbstractMesh:
     return AbstractMesh((pc.expert, pc.tensor), parallel.MODEL)
 
 
-def weight_bytes(config: Llama4Config, pc: parallel.ParallelConfig, dtype="bfloat16") -> int:
-    """Bytes of weights on one device (exact: each parameter's shard on this mesh)."""
+def weight_bytes(config: Llama4Config, pc: parallel.ParallelConfig, dtype="bfloat16",
+                 quantization: str | None = None) -> int:
+    """Bytes of weights on one device (exact: each parameter's shard on this mesh).
+
+    ``quantization="fp8"``: the scheme's weights at one byte per element plus their f32
+    per-output-channel scales (:mod:`jaxattn.models.llama4.quantization`)."""
+    from jaxattn.models.llama4 import quantization as quant_lib
     from jaxattn.models.llama4 import sharding
+    from jaxattn.models.llama4.loader import tensor_map
 
     mesh = _abstract_mesh(pc)
     sharding.check(config, mesh)
-    itemsize = np.dtype(_np_dtype(dtype)).itemsize
+    scheme = quant_lib.scheme(quantization)
+    itemsize = {"weight": np.dtype(_np_dtype(dtype)).itemsize, "fp8": 1, "scale": 4}
+    kinds = {p.path: p.kind for t in tensor_map(config, scheme)
+             for part in range(len(t.targets)) for p in t.params(part)}
     total = 0
-    for spec, shape in sharding.spec_table(config, mesh).values():
+    for path, (spec, shape) in sharding.spec_table(config, mesh, scheme).items():
         n = int(np.prod(shape, dtype=np.int64))
         for entry in spec:
             names = () if entry is None else (entry,) if isinstance(entry, str) else entry
             n //= parallel.axis_size(mesh, names)
-        total += n * itemsize
+        total += n * itemsize[kinds[path]]
     return total
 
 
@@ -99,9 +108,8 @@ def _np_dtype(dtype):
 def _token_spec(config: Llama4Config, pc: parallel.ParallelConfig, dtype) -> kv_cache_lib.CacheSpec:
     chunked = tuple(i for i in range(config.num_hidden_layers) if config.is_chunked(i))
     return kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=1, page_size=1,
-                                  num_kv_heads=config.num_key_value_heads,
-                                  head_dim=config.head_dim,
-                                  dtype=kv_quant.cache_dtype(dtype).name,
+                                  num_kv_heads=llama4.stored_kv_heads(config, pc.model),
+                                  head_dim=config.head_dim, dtype=kv_quant.cache_dtype(dtype).name,
                                   shards=pc.model, chunked_layers=chunked)
 
 
@@ -147,12 +155,12 @@ def _bounds(config: Llama4Config, pc: parallel.ParallelConfig, **engine):
 
 
 def activation_bytes(config: Llama4Config, pc: parallel.ParallelConfig, *, num_tokens: int,
-                     num_seqs: int, dtype="bfloat16") -> int:
+                     num_seqs: int, dtype="bfloat16", quantization: str | None = None) -> int:
     """Estimated peak of one step's live buffers on one device (see the module docstring)."""
     b = np.dtype(_np_dtype(dtype)).itemsize
     t, s, h, d = num_tokens, num_seqs, config.hidden_size, config.head_dim
     n, tp = pc.model, pc.tensor
-    hq, hkv = config.num_attention_heads // n, config.num_key_value_heads // n
+    hq, hkv = llama4.local_heads(config, n)
     k = config.num_experts_per_tok
     vocab_local = config.vocab_size // n if config.vocab_size % n == 0 else config.vocab_size
     residual = 3 * t * h * b  # x, the normed input, the block's output before the add
@@ -166,6 +174,8 @@ def activation_bytes(config: Llama4Config, pc: parallel.ParallelConfig, *, num_t
         # their product; the shared expert's three; router logits (f32).
         moe = (4 * t * k * h * b + 3 * t * k * inter_expert * b + 3 * t * inter_shared * b
                + t * config.num_local_experts * 4)
+        if quantization:  # the 8-bit copies of the rows and their f32 scales, per matmul input
+            moe += t * k * (h + inter_expert) + t * (h + inter_shared) + 4 * t * 4
     dense = 3 * t * (config.intermediate_size_mlp // n) * b
     logits = s * vocab_local * 4 + s * config.vocab_size * 4
     sampler = 4 * s * config.vocab_size * 4  # the top-k/top-p sort: values, ids, probs, cumsum
@@ -190,6 +200,7 @@ class MemoryPlan:
     why_not: str | None = None  # set when the configuration cannot run at all
     chunked_bytes_per_token: int = 0  # the chunked-local layers'
     bounds: Any = None  # the engine's jaxattn.Bounds (None when refused before them)
+    quantization: str | None = None  # "fp8": FP8 expert / MLP weights
 
     @property
     def chunked_need(self) -> int:
@@ -283,15 +294,17 @@ def default_kv_budget(free: int, step_bytes: int) -> int:
 def plan(config: Llama4Config, pc: parallel.ParallelConfig, *, usable: int, label: str = "",
          dtype="bfloat16", kv_dtype=None, max_num_seqs: int = 64,
          max_num_batched_tokens: int = 8192, max_model_len: int = 131072, page_size: int = 16,
-         kv_cache_memory=None, reserve: int = DEFAULT_RESERVE) -> MemoryPlan:
-    """The memory of one device of a replica. ``usable``: bytes XLA may allocate on it."""
+         kv_cache_memory=None, reserve: int = DEFAULT_RESERVE,
+         quantization: str | None = None) -> MemoryPlan:
+    """The memory of one device of a replica. ``usable``: bytes XLA may allocate on it.
+    ``quantization``: "fp8" weights (:func:`weight_bytes`)."""
     try:
-        weights = weight_bytes(config, pc, dtype)
+        weights = weight_bytes(config, pc, dtype, quantization)
     except ValueError as e:
         return MemoryPlan(config, pc, label, usable, 0, 0, reserve, 0, 1, page_size,
                           max_model_len, why_not=str(e))
     act = activation_bytes(config, pc, num_tokens=max_num_batched_tokens, num_seqs=max_num_seqs,
-                           dtype=dtype)
+                           dtype=dtype, quantization=quantization)
     spec = _token_spec(config, pc, kv_dtype or dtype)
     b = _bounds(config, pc, max_num_seqs=max_num_seqs, page_size=page_size,
                 max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
@@ -302,7 +315,8 @@ def plan(config: Llama4Config, pc: parallel.ParallelConfig, *, usable: int, labe
         kv = kv_cache_lib.parse_budget(kv_cache_memory, max(free, 1))
     return MemoryPlan(config, pc, label or _gib(usable), usable, weights, act, reserve, kv,
                       spec.global_bytes_per_page, page_size, max_model_len,
-                      chunked_bytes_per_token=spec.chunked_bytes_per_page, bounds=b)
+                      chunked_bytes_per_token=spec.chunked_bytes_per_page, bounds=b,
+                      quantization=quantization)
 
 
 def gpu_plan(config: Llama4Config, pc: parallel.ParallelConfig, gpu: str, *,
@@ -324,7 +338,8 @@ def table(plans: list[MemoryPlan]) -> str:
     for p in plans:
         ok = p.fits
         rows.append((
-            p.pc.describe(), p.label, "-" if p.why_not else _gib(p.weights),
+            p.pc.describe(), p.label,
+            "-" if p.why_not else _gib(p.weights) + (f" {p.quantization}" if p.quantization else ""),
             _gib(max(0, p.kv_budget)) if ok else "-",
             _gib(p.activations + p.reserve), _gib(p.total) if ok else "-",
             f"{p.kv_tokens:,}" if ok else "-",
@@ -339,7 +354,8 @@ def describe(p: MemoryPlan) -> str:
     if p.why_not:
         return f"{p.pc.describe()} ({p.pc.world} devices): REFUSED: {p.why_not}"
     lines = [f"{p.pc.describe()} ({p.pc.world} devices) on {p.label}, per device:",
-             f"  weights      {_gib(p.weights)}",
+             f"  weights      {_gib(p.weights)}" + (f" ({p.quantization})" if p.quantization
+                                                       else ""),
              f"  KV cache     {_gib(max(0, p.kv_budget))} = {p.kv_tokens:,} tokens "
              f"({p.kv_bytes_per_token:,} B/token), {p.full_length_sequences} sequences of "
              f"{p.max_model_len:,}"]
@@ -368,7 +384,8 @@ def for_engine(config: Llama4Config, engine: EngineConfig, *, dtype, usable=None
                 kv_dtype=engine.kv_cache_dtype, max_num_seqs=engine.max_num_seqs,
                 max_num_batched_tokens=engine.max_num_batched_tokens,
                 max_model_len=engine.resolved_max_model_len(config.max_position_embeddings),
-                page_size=engine.page_size, kv_cache_memory=engine.kv_cache_memory)
+                page_size=engine.page_size, kv_cache_memory=engine.kv_cache_memory,
+                quantization=engine.quantization)
 
 
 def device_limit(devices=None) -> int | None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import jax
+import numpy as np
 
+from jaxattn import kernels
 from jaxattn.models import llama4
 from jaxattn.models.llama4 import sharding
 from jaxattn.planner import Bounds
@@ -24,11 +26,20 @@ from jaxattn.serve import kv_cache as kv_cache_lib
 from jaxattn.serve import memory_plan, paged_step, sampling
 from jaxattn.serve.batch import SeqStep, StepBatch, build_step
 from jaxattn.serve.config import EngineConfig
+from jaxattn.serve.sampling_params import MAX_LOGPROBS
 
 log = logging.getLogger("jaxattn.serve")
 
 # (temperature, top_k, top_p, seed, index, position): one sequence's sampling row.
 SamplingRow = tuple[float, int, float, int, int, int]
+
+
+class PromptLogprobs(NamedTuple):
+    """Scores of a step's positions (on the device until fetched), one row per new token."""
+
+    logprobs: jax.Array  # f32 [T]: of each row's target token
+    top_ids: jax.Array  # int32 [T, MAX_LOGPROBS]
+    top_logprobs: jax.Array  # f32 [T, MAX_LOGPROBS]
 
 
 class ModelRunner(Protocol):
@@ -44,14 +55,23 @@ class ModelRunner(Protocol):
 
     def step(self, seqs: Sequence[SeqStep], rows: Sequence[SamplingRow], *,
              want_logprobs: bool = False,
-             prev_tokens: jax.Array | None = None) -> sampling.Sampled:
+             prev_tokens: jax.Array | None = None,
+             processing: sampling.Processing | None = None,
+             seeds: Sequence[sampling.PenaltySeed] = ()) -> sampling.Sampled:
         """Run one step over ``seqs`` and draw a token per sequence with its ``rows[i]``.
 
         Returns the draws on the device (rows past ``len(seqs)`` meaningless); updates
         the KV cache in place. A token id ``-(r + 1)`` in a sequence stands for
         ``prev_tokens[r]`` (int32 [S] on the device: the previous step's draws, not yet
-        on the host)."""
+        on the host). ``processing`` (only passed when some row needs it): penalties,
+        logit bias, min_p and grammar masks; ``seeds``: penalty-table rows to write first
+        (sampling.PenaltySeed; their ``pending_row`` indexes ``prev_tokens``)."""
         ...
+
+    # Optional: a runner without it serves no request that asks for prompt logprobs.
+    # def prompt_logprobs(self, targets: Sequence[int]) -> PromptLogprobs:
+    #     """For the step just run: per new token t (in step order), the logprob of
+    #     ``targets[t]`` (-1: not wanted) and the top MAX_LOGPROBS there, on the device."""
 
 
 class Llama4Runner:
@@ -79,7 +99,8 @@ class Llama4Runner:
         pc = sharding.parallel_config(mesh)
         step_bytes = memory_plan.activation_bytes(
             mc, pc, num_tokens=config.max_num_batched_tokens, num_seqs=config.max_num_seqs,
-            dtype=model.dtype) + memory_plan.DEFAULT_RESERVE
+            dtype=model.dtype, quantization="fp8" if model.fp8 else None) \
+            + memory_plan.DEFAULT_RESERVE
         devices = list(mesh.local_devices) if mesh is not None else [jax.devices()[0]]
         b = self.bounds
         has_chunked = bool(one_page.chunked_layers)
@@ -96,12 +117,30 @@ class Llama4Runner:
         self.vocab_size = mc.vocab_size
         self.model = model
         self.mesh = mesh
+        if config.attention_impl == "auto" and kernels.on_hopper():
+            why = kernels.unsupported_reason(self.bounds, model.dtype, self.spec.dtype)
+            if why:  # e.g. chunks of a few tokens: served, but not at the kernels' speed
+                log.warning("attention runs on the pure-JAX reference: the Mosaic kernels "
+                            "cannot serve these bounds (%s)", why)
         self._step = paged_step.make_step_fn(model, self.bounds, impl=config.attention_impl,
                                              gmm_impl=config.grouped_matmul_impl,
+                                             return_hidden=True,
                                              quantized_kv=self.spec.quantized)
+        self._prompt_head = paged_step.make_prompt_logprobs_fn(
+            model, min(MAX_LOGPROBS, mc.vocab_size))
+        self._hidden = None  # the last step's hidden states [T, hidden] (on the device)
         self._kv_sharding = None if mesh is None else sharding.kv_sharding(mesh)
         self._scale_sharding = None if mesh is None else sharding.kv_scale_sharding(mesh)
         self._kv = self._allocate()
+        # Token counts of the penalized sequences (sampling.PenaltyState): one row per
+        # sequence a step can hold, ~max_num_seqs x vocab x 4 bytes (logits' size).
+        self.num_penalty_slots = config.max_num_seqs
+        self._rep_sharding = (None if mesh is None else jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec()))
+        self._penalties = sampling.new_penalty_state(self.num_penalty_slots, mc.vocab_size,
+                                                     self._rep_sharding)
+        self._no_prev = jax.device_put(np.zeros(config.max_num_seqs, np.int32),
+                                       self._rep_sharding)
         log.info("KV cache: %d global + %d chunked-local pages of %d tokens (%.1f MiB per device, "
                  "%s)%s", self.num_pages, self.num_chunked_pages,
                  config.page_size, self.spec.total_bytes / 2**20, self.spec.dtype,
@@ -116,14 +155,19 @@ class Llama4Runner:
         bytes XLA may use per device; default: what the runtime reports). Raises
         ValueError with a one-line reason otherwise.
         """
+        from jaxattn.models.llama4.quantization import checkpoint_scheme
+
         dtype = dtype or config.dtype
         mc = llama4.Llama4Config.from_pretrained(model_dir)
+        if config.quantization is None and checkpoint_scheme(model_dir) is not None:
+            config = config.replace(quantization="fp8")  # an FP8 checkpoint loads as FP8
         plan = memory_plan.for_engine(mc, config, dtype=dtype or "bfloat16",
                                       usable=config.device_memory,
                                       devices=None if mesh is None else mesh.devices.flat)
         if plan is not None and not plan.fits:
             raise ValueError(plan.reason)
-        return cls(llama4.load(model_dir, dtype=dtype, mesh=mesh), config)
+        return cls(llama4.load(model_dir, dtype=dtype, mesh=mesh,
+                               quantization=config.quantization), config)
 
     # The step --------------------------------------------------------------------------
     def bucket_for(self, num_tokens: int) -> int:
@@ -139,17 +183,39 @@ class Llama4Runner:
 
     def forward(self, batch: StepBatch, prev_tokens: jax.Array | None = None) -> jax.Array:
         """The model over a built batch: logits [max_num_seqs, vocab] f32 (on the device)."""
-        logits, self._kv = self._step(self._kv, batch, prev_tokens)
+        logits, self._hidden, self._kv = self._step(self._kv, batch, prev_tokens)
         return logits
+
+    def prompt_logprobs(self, targets: Sequence[int]) -> PromptLogprobs:
+        """Scores of the step just run (see :class:`ModelRunner`): ``targets`` has one entry
+        per new token of that step, -1 where nothing is wanted."""
+        t = self._hidden.shape[0]
+        padded = np.full(t, -1, np.int32)
+        padded[:len(targets)] = targets
+        return PromptLogprobs(*self._prompt_head(self._hidden, padded))
 
     def step(self, seqs: Sequence[SeqStep], rows: Sequence[SamplingRow], *,
              want_logprobs: bool = False,
-             prev_tokens: jax.Array | None = None) -> sampling.Sampled:
+             prev_tokens: jax.Array | None = None,
+             processing: sampling.Processing | None = None,
+             seeds: Sequence[sampling.PenaltySeed] = ()) -> sampling.Sampled:
         num_tokens = sum(len(s.token_ids) for s in seqs)
         batch = self.build(self.bucket_for(num_tokens), seqs)
         logits = self.forward(batch, prev_tokens)
-        return sampling.draw(logits, sampling.SamplingBatch.build(
-            list(rows), self.bounds.max_num_seqs), want_logprobs)
+        params = sampling.SamplingBatch.build(list(rows), self.bounds.max_num_seqs)
+        if processing is None:
+            return sampling.draw(logits, params, want_logprobs)
+        return self._draw_processed(logits, params, processing, seeds, prev_tokens,
+                                    want_logprobs)
+
+    def _draw_processed(self, logits, params, processing, seeds, prev_tokens, want_logprobs):
+        prev = self._no_prev if prev_tokens is None else prev_tokens
+        for args in sampling.seed_arrays(seeds, self.bounds.max_num_seqs,
+                                         self.num_penalty_slots):
+            self._penalties = sampling.seed_rows(self._penalties, *args, prev)
+        sampled, self._penalties = sampling.draw_processed(logits, params, processing,
+                                                           self._penalties, want_logprobs)
+        return sampled
 
     def warmup(self, progress: bool = True) -> None:
         from tqdm.auto import tqdm
@@ -165,9 +231,17 @@ class Llama4Runner:
             for prev_tokens in (None, prev):
                 logits = self.forward(batch, prev_tokens)
                 prev = self._draw(logits, sampling.GREEDY_ROW, False).token_ids
+            self.prompt_logprobs([-1])  # the prompt-logprob head of this bucket
+        neutral = sampling.Processing.neutral(self.bounds.max_num_seqs, self.vocab_size,
+                                              self.num_penalty_slots)
+        seed = [sampling.PenaltySeed(self.num_penalty_slots - 1, [0], [0], 0)]
         for row in WARMUP_ROWS:
+            params = sampling.SamplingBatch.build([row], self.bounds.max_num_seqs)
             for want_lp in (False, True):
                 out = self._draw(logits, row, want_lp)
+                # The processed sampler, with a seed after a step and without one.
+                for p in (None, prev):
+                    out = self._draw_processed(logits, params, neutral, seed, p, want_lp)
         jax.block_until_ready(out)
         log.info("warm-up: %d buckets %s, %.1f s", len(self.buckets), self.buckets,
                  time.perf_counter() - t0)
@@ -183,6 +257,9 @@ class Llama4Runner:
         every later step would then fail. Rebuilding loses all cached K/V, which the
         engine answers by recomputing the running sequences.
         """
+        if self._penalties.is_deleted():  # every row is reseeded when its sequence recomputes
+            self._penalties = sampling.new_penalty_state(self.num_penalty_slots,
+                                                         self.vocab_size, self._rep_sharding)
         if not any(x.is_deleted() for x in self._kv.arrays()):
             return False
         self._kv = self._allocate()

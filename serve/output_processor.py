@@ -27,7 +27,8 @@ class _TextState:
         self.text = ""
         self.sent = 0
 
-    def add(self, token: int, *, final: bool, is_stop_id: bool) -> tuple[str, bool]:
+    def add(self, token: int, *, final: bool, is_stop_id: bool,
+            check_stops: bool = True) -> tuple[str, bool]:
         """Returns (text to emit now, whether a stop string ended the text)."""
         if self.detok is None:
             return "", False
@@ -36,7 +37,7 @@ class _TextState:
         start = max(0, len(self.text) - self.hold)
         self.text += new
         stopped = False
-        if self.stops and new:
+        if self.stops and new and check_stops:
             hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
             if hits:
                 self.text, stopped = self.text[:min(hits)], True
@@ -61,20 +62,31 @@ class OutputProcessor:
     def remove(self, seq: Sequence) -> None:
         self._text.pop(seq.seq_id, None)
 
-    def on_token(self, seq: Sequence, token: int) -> tuple[str, str | None]:
-        """``token`` was just appended to ``seq``: (text to emit, finish reason or None)."""
+    def on_token(self, seq: Sequence, token: int, *,
+                 grammar_done: bool = False) -> tuple[str, str | None]:
+        """``token`` was just appended to ``seq``: (text to emit, finish reason or None).
+        ``grammar_done``: its structured output's grammar allows nothing after it."""
         reason = None
         if token in seq.stop_ids:
             reason = "stop"
+        elif grammar_done:
+            reason = "grammar"
         elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
-        text, stopped = self._text[seq.seq_id].add(token, final=reason is not None,
-                                                   is_stop_id=reason == "stop")
-        return text, "stop" if stopped else reason
+        # min_tokens: no stop string before that many tokens (vLLM's rule); stop ids are held
+        # back on the device.
+        text, stopped = self._text[seq.seq_id].add(
+            token, final=reason is not None, is_stop_id=reason == "stop",
+            check_stops=seq.num_output_tokens >= seq.params.min_tokens)
+        return text, "stop" if stopped or reason == "grammar" else reason
 
     @staticmethod
     def delta(seq: Sequence, text: str, token_ids=(), logprobs: tuple[TokenLogprob, ...] | None = None,
               error: str | None = None) -> Delta:
+        prompt_lps = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent and token_ids:
+            prompt_lps, seq.prompt_logprobs_sent = tuple(seq.prompt_logprobs), True
+            seq.prompt_logprobs = []  # sent: nothing more to keep
         return Delta(seq.request_id, seq.index, text, tuple(token_ids), logprobs,
                      seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens,
-                     seq.num_cached_tokens, error)
+                     seq.num_cached_tokens, error, prompt_lps)

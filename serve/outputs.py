@@ -26,6 +26,9 @@ class Delta:
     num_output_tokens: int
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None
+    # With SamplingParams.prompt_logprobs, on output 0's first delta: one entry per prompt
+    # token, None for the first (nothing precedes it).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -49,8 +52,11 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, d: Delta) -> None:
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = list(d.prompt_logprobs)
         out = self.outputs[d.index]
         out.text += d.text
         out.token_ids.extend(d.token_ids)

@@ -20,7 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 import jaxattn
 from jaxattn import kv_quant, planner
-from jaxattn.models.llama4 import Llama4Config, Llama4ForCausalLM, local_heads, sharding
+from jaxattn.models.llama4 import (Llama4Config, Llama4ForCausalLM, local_heads, sharding,
+                                   stored_kv_heads)
 from jaxattn.models.llama4.layers import NO_AXES, Axes
 from jaxattn.serve import batch as batch_lib
 from jaxattn.serve import kv_cache as kv_cache_lib
@@ -33,14 +34,22 @@ def attention_kinds(config: Llama4Config) -> tuple:
     return tuple(sorted(chunks, key=lambda c: -1 if c is None else c))
 
 
-def plans(config: Llama4Config, bounds: jaxattn.Bounds, batch: StepBatch) -> tuple:
+def plans(config: Llama4Config, bounds: jaxattn.Bounds, batch: StepBatch,
+          impl: str = "auto", dtype=jnp.bfloat16) -> tuple:
     """The work plans of one step, one per kind of :func:`attention_kinds`.
 
     Built once per step (outside any ``shard_map``: the same replicated plan feeds
-    every device, whose bounds count its local heads) and shared by every layer.
+    every device, whose bounds count its local heads) and shared by every layer; for the
+    kernels, with the metadata they derive from it (``jaxattn.kernels.prepare``).
     """
-    return tuple(planner.plan(bounds, batch.cu_q_lens, batch.kv_lens, batch.num_seqs,
-                              chunk_size=c) for c in attention_kinds(config))
+    step_plans = tuple(planner.plan(bounds, batch.cu_q_lens, batch.kv_lens, batch.num_seqs,
+                                    chunk_size=c) for c in attention_kinds(config))
+    if jaxattn.api.resolve_impl(impl, bounds, dtype) not in ("mosaic", "interpret"):
+        return step_plans
+    from jaxattn import kernels
+
+    t = batch.token_ids.shape[0]
+    return tuple(kernels.prepare(p, bounds=bounds, num_tokens=t) for p in step_plans)
 
 
 def chunked_layers(config: Llama4Config) -> tuple[int, ...]:
@@ -55,26 +64,28 @@ def cache_spec(config: Llama4Config, *, num_pages: int, page_size: int,
     """One K and one V pool per layer: ``num_pages`` pages for the global layers,
     ``num_chunked_pages`` (default: as many) for the chunked-local ones, which keep only
     each sequence's live chunk (their own page table). ``model_parallel``: devices the KV
-    heads are split over (the spec's byte counts are then per device). ``dtype="fp8"``:
+    heads are split over (the spec's byte counts are then per device; on more devices than
+    KV heads each device holds one, replicated: ``llama4.stored_kv_heads``). ``dtype="fp8"``:
     the FP8 cache (float8_e4m3fn pages with scales, :mod:`jaxattn.kv_quant`)."""
-    local_heads(config, model_parallel)
     chunked = chunked_layers(config)
     num_chunked_pages = (0 if not chunked else num_pages if num_chunked_pages is None
                          else num_chunked_pages)
     return kv_cache_lib.CacheSpec(num_layers=config.num_hidden_layers, num_pages=num_pages,
-                                  page_size=page_size, num_kv_heads=config.num_key_value_heads,
-                                  head_dim=config.head_dim,
-                                  dtype=kv_quant.cache_dtype(dtype).name,
+                                  page_size=page_size,
+                                  num_kv_heads=stored_kv_heads(config, model_parallel),
+                                  head_dim=config.head_dim, dtype=kv_quant.cache_dtype(dtype).name,
                                   shards=model_parallel, chunked_layers=chunked,
                                   num_chunked_pages=num_chunked_pages)
 
 
 def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: StepBatch, *,
             bounds: jaxattn.Bounds, plans: tuple, impl: str = "auto", gmm_impl: str = "auto",
-            axes: Axes = NO_AXES):
+            axes: Axes = NO_AXES, return_hidden: bool = False):
     """The new tokens of a packed batch through all layers over the paged cache.
 
-    Returns (logits [S, vocab] f32 at ``batch.logits_indices``, updated cache).
+    Returns (logits [S, vocab] f32 at ``batch.logits_indices``, updated cache); with
+    ``return_hidden``, (logits, hidden [T, hidden] before the final norm, cache): every
+    position's state, from which :func:`prompt_logprobs` scores the prompt.
     Inside ``shard_map`` the cache and weights are this device's shards, ``bounds``
     count its local heads and ``axes`` name the mesh axes.
     """
@@ -104,8 +115,9 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
     valid = jnp.arange(x.shape[0]) < cu[num_seqs]  # [T]: not bucket padding
     x = model.run_layers(x, batch.positions, attend, axes, valid, gmm_impl)
     logits = model.logits(x[batch.logits_indices], axes)  # [S, vocab]
-    return logits, kv_cache_lib.KVCache(k=tuple(new_k), v=tuple(new_v), k_scale=tuple(new_ks),
-                                        v_scale=tuple(new_vs))
+    cache = kv_cache_lib.KVCache(k=tuple(new_k), v=tuple(new_v), k_scale=tuple(new_ks),
+                                 v_scale=tuple(new_vs))
+    return (logits, x, cache) if return_hidden else (logits, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("bounds", "scale", "chunk_size", "impl"))
@@ -141,7 +153,7 @@ def step_compiler_options() -> dict | None:
 
 
 def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_step,
-                quantized: bool = False):
+                return_hidden: bool = False, quantized: bool = False):
     """``local_step(state, kv, batch, plans, axes=)`` as a ``shard_map`` over ``model.mesh``.
 
     Weights and KV pools enter as each device's shards; the batch and the plans
@@ -163,13 +175,15 @@ def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_s
     kv_specs = kv_cache_lib.KVCache(k=(kv,) * layers, v=(kv,) * layers, **scales)
     return jax.shard_map(functools.partial(local_step, axes=sharding.axes_for(config, mesh)),
                          mesh=mesh,
-                         in_specs=(sharding.state_specs(state, config, mesh), kv_specs, P(), P()),
-                         out_specs=(P(), kv_specs), check_vma=False)
+                         in_specs=(sharding.state_specs(state, config, mesh, model.fp8), kv_specs, P(),
+                                   P()),
+                         out_specs=(P(), P(), kv_specs) if return_hidden else (P(), kv_specs),
+                         check_vma=False)
 
 
 def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str = "auto",
                  gmm_impl: str = "auto", compiler_options: dict | None = None,
-                 quantized_kv: bool = False):
+                 return_hidden: bool = False, quantized_kv: bool = False):
     """``step(kv_cache, batch, prev_tokens=None) -> (logits [S, vocab] f32, new kv_cache)``, jitted.
 
     Shapes depend only on ``bounds`` and the batch's token count T, so it
@@ -191,17 +205,23 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     that XLA cannot partition), the cache is split by KV head, and ``bounds`` must
     count one device's heads (``EngineConfig.bounds(..., model_parallel=)``). The plans
     are built once, before the ``shard_map``, and every device reads the same ones.
+
+    ``return_hidden``: the step returns ``(logits, hidden [T, hidden], kv_cache)``, the last
+    layer's state at every position, for :func:`make_prompt_logprobs_fn` (it costs no
+    compute: the buffer exists anyway and is only kept).
     """
     graphdef, state = nnx.split(model)
-    config = model.config
+    config, dtype = model.config, model.dtype  # dtype: the attention's q/k/v
 
     def local_step(state, kv_cache, batch, step_plans, axes=NO_AXES):
         return forward(nnx.merge(graphdef, state), kv_cache, batch, bounds=bounds,
-                       plans=step_plans, impl=impl, gmm_impl=gmm_impl, axes=axes)
+                       plans=step_plans, impl=impl, gmm_impl=gmm_impl, axes=axes,
+                       return_hidden=return_hidden)
 
     mesh = model.mesh
     if mesh is not None:
-        local_step = _shard_step(model, state, bounds, local_step, quantized_kv)
+        local_step = _shard_step(model, state, bounds, local_step, return_hidden,
+                                 quantized_kv)
 
     if compiler_options is None:
         compiler_options = step_compiler_options()
@@ -214,7 +234,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         ids = batch.token_ids
         batch = batch._replace(token_ids=jnp.where(
             ids < 0, prev_tokens[jnp.clip(-ids - 1, 0, prev_tokens.shape[0] - 1)], ids))
-        return local_step(state, kv_cache, batch, plans(config, bounds, batch))
+        return local_step(state, kv_cache, batch, plans(config, bounds, batch, impl, dtype))
 
     device = jax.devices()[0]
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, P())
@@ -247,3 +267,39 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
 
     step.jitted = jitted
     return step
+
+
+# Rows of hidden state scored at once by the prompt-logprob head: its [rows, vocab] f32 logits
+# are the largest buffer it makes (~100 MB for Scout's 202k vocabulary), whatever the step size.
+PROMPT_LOGPROB_BLOCK = 128
+
+
+def make_prompt_logprobs_fn(model: Llama4ForCausalLM, k: int):
+    """``fn(hidden [T, hidden], targets int32 [T]) -> (logprob [T], top_ids [T, k], top_lp [T, k])``.
+
+    The log-probability of ``targets[t]`` (the prompt's next token) under the distribution
+    at position t, and the k most likely tokens there, from a step's hidden states
+    (``make_step_fn(return_hidden=True)``): the final norm and LM head over blocks of
+    :data:`PROMPT_LOGPROB_BLOCK` rows. A row whose target is negative is not asked for (its
+    values are meaningless). Jitted; compiles once per step size T. Run only for steps in
+    which some sequence wants its prompt's logprobs, so other steps pay nothing.
+    Under a mesh the weights stay sharded and XLA partitions the head.
+    """
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def head(state, hidden, targets):
+        m = nnx.merge(graphdef, state)
+        outs = []
+        # A Python loop over static blocks, not lax.map: a scan is a while loop on the GPU,
+        # whose predicate the host reads, and the engine must not wait on a step it enqueued.
+        for start in range(0, hidden.shape[0], PROMPT_LOGPROB_BLOCK):
+            x = hidden[start:start + PROMPT_LOGPROB_BLOCK]
+            y = targets[start:start + PROMPT_LOGPROB_BLOCK]
+            lp = jax.nn.log_softmax(m.logits(x), axis=-1)  # [block, vocab] f32
+            chosen = jnp.take_along_axis(lp, jnp.clip(y, 0, lp.shape[-1] - 1)[:, None], -1)[:, 0]
+            top_lp, top_ids = jax.lax.top_k(lp, k)
+            outs.append((chosen, top_ids.astype(jnp.int32), top_lp))
+        return tuple(jnp.concatenate(parts) for parts in zip(*outs))
+
+    return lambda hidden, targets: head(state, hidden, targets)

@@ -21,11 +21,14 @@ from jaxattn.serve.config import PARALLEL_FIELDS, add_engine_args, config_from_a
 # The default table: Scout on the meshes it is served on, at the engine's long-context shape.
 STANDARD = (("h100", 8, 1), ("h100", 2, 4), ("h100", 4, 1), ("h200", 2, 1), ("h200", 4, 1),
             ("h200", 8, 1))
+# With FP8 weights (~108 GB for Scout) one GPU is worth asking about: an H200 fits, an H100 not.
+STANDARD_FP8 = (("h100", 1, 1), ("h200", 1, 1), ("h100", 2, 1), ("h200", 2, 1))
 
 
 # The engine flags that change memory, with the long-context deployment's defaults.
 FIELDS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size",
-          "kv_cache_memory", "dtype", "kv_cache_dtype", *PARALLEL_FIELDS, "device_memory")
+          "kv_cache_memory", "dtype", "kv_cache_dtype", "quantization", *PARALLEL_FIELDS,
+          "device_memory")
 DEFAULTS = dict(max_model_len=131072, max_num_batched_tokens=8192, dtype="bfloat16")
 
 
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
                   max_num_seqs=engine.max_num_seqs,
                   max_num_batched_tokens=engine.max_num_batched_tokens,
                   max_model_len=engine.max_model_len, page_size=engine.page_size,
-                  kv_cache_memory=engine.kv_cache_memory)
+                  kv_cache_memory=engine.kv_cache_memory, quantization=engine.quantization)
         explicit = (engine.tensor_parallel_size, engine.expert_parallel_size, args.gpu,
                     engine.device_memory) != (1, 1, None, None)
         if not explicit:
@@ -64,10 +67,13 @@ def main(argv=None) -> int:
                                 else args.memory_fraction, 0.9})
             plans = [memory.gpu_plan(config, ParallelConfig(tensor=tp, expert=ep), gpu,
                                      fraction=f, **kw)
-                     for f in fractions for gpu, tp, ep in STANDARD]
+                     for f in fractions
+                     for gpu, tp, ep in (STANDARD_FP8 if engine.quantization else STANDARD)]
             print(f"{args.config}: per device; max_model_len {engine.max_model_len:,}, "
                   f"{engine.max_num_batched_tokens:,} tokens per step, {engine.max_num_seqs} "
-                  f"sequences, {engine.dtype} weights and {engine.kv_cache_dtype or engine.dtype} "
+                  f"sequences, {engine.dtype} weights"
+                  f"{' (' + engine.quantization + ' experts and MLPs)' if engine.quantization else ''}"
+                  f" and {engine.kv_cache_dtype or engine.dtype} "
                   "KV cache. XLA may use the given fraction of each GPU "
                   "(XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default is 0.75).\n")
             print(memory.table(plans))

@@ -7,6 +7,21 @@ seed, output index n, token position in the output): a sequence's tokens do
 not depend on what else is in the batch, and a sequence preempted and
 recomputed draws the same tokens again.
 
+Logit processing (penalties, ``logit_bias``, ``min_tokens``, ``min_p``, grammar masks)
+runs only when some row asks for it, from a :class:`Processing` of fixed-shape arrays:
+per-row penalties [S]; a bias table [S, BIAS_WIDTH] of (token id, value) pairs (the
+request's ``logit_bias`` and, while ``min_tokens`` holds, -inf on its stop ids); a packed
+allowed-token bitmask [S, ceil(V / 32)] (all ones for rows without a grammar); and the
+row of each sequence in the :class:`PenaltyState` (padding: its spare last row).
+
+Penalties need each sequence's token counts, including the token the step before drew
+and the host has not seen yet (async scheduling). They live on the device: a
+``[max_num_seqs + 1, V]`` int32 table, one row per running penalized sequence, whose
+low 30 bits count the token in the output and bit 30 marks it in the prompt. The
+sampler adds each draw to its row itself, so the next step sees it without a round trip;
+the host only seeds a row when a sequence takes it (:func:`seed_rows`: the prompt, the
+output so far and the token still in flight), in fixed-size chunks.
+
 The full-vocabulary sort that top-k / top-p need runs only when some row
 asks for them. Which path a batch takes (:data:`MODES`) and whether it wants
 top logprobs are decided on the host, from the rows, and compiled as separate
@@ -18,14 +33,14 @@ enqueue the next step while this one runs.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxattn.serve.sampling_params import MAX_LOGPROBS
+from jaxattn.serve.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_MIN_TOKENS_STOP_IDS
 
 
 # (temperature, top_k, top_p, seed, index, position) of a row that only needs its argmax: a
@@ -58,6 +73,79 @@ class SamplingBatch(NamedTuple):
             t[i], k[i], p[i], idx[i], pos[i] = temp, top_k, top_p, index, position
             lo[i], hi[i] = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
         return SamplingBatch(t, k, p, lo, hi, idx, pos)
+
+
+# Width of the per-row bias table: the request's logit_bias plus min_tokens' stop ids.
+BIAS_WIDTH = MAX_LOGIT_BIAS + MAX_MIN_TOKENS_STOP_IDS
+_PROMPT_BIT = 1 << 30
+_COUNT_MASK = _PROMPT_BIT - 1
+# Token entries one seed_rows call writes (a longer seed takes several calls).
+SEED_CHUNK = 4096
+
+
+class Processing(NamedTuple):
+    """Per-row logit processing, each [S, ...]; neutral values leave a row untouched."""
+
+    presence: np.ndarray  # f32 [S]
+    frequency: np.ndarray  # f32 [S]
+    repetition: np.ndarray  # f32 [S], 1: off
+    min_p: np.ndarray  # f32 [S], 0: off
+    slot: np.ndarray  # int32 [S]: row in the PenaltyState (its last row: none, not counted)
+    bias_ids: np.ndarray  # int32 [S, BIAS_WIDTH] (padding: id 0, value 0)
+    bias_values: np.ndarray  # f32 [S, BIAS_WIDTH]
+    mask: np.ndarray  # int32 [S, ceil(V/32)]: allowed-token bits (-1: all)
+
+    @staticmethod
+    def neutral(size: int, vocab_size: int, num_slots: int) -> "Processing":
+        """Arrays for ``size`` rows that change nothing (fill rows in place)."""
+        words = (vocab_size + 31) // 32
+        return Processing(np.zeros(size, np.float32), np.zeros(size, np.float32),
+                          np.ones(size, np.float32), np.zeros(size, np.float32),
+                          np.full(size, num_slots, np.int32),
+                          np.zeros((size, BIAS_WIDTH), np.int32),
+                          np.zeros((size, BIAS_WIDTH), np.float32),
+                          np.full((size, words), -1, np.int32))
+
+
+def new_penalty_state(num_slots: int, vocab_size: int, sharding=None) -> jax.Array:
+    """The penalty table: ``num_slots`` rows plus a spare one that padding rows point at."""
+    return jnp.zeros((num_slots + 1, vocab_size), jnp.int32, device=sharding)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def seed_rows(state, reset, slots, ids, values, pending_slots, pending_rows, prev_tokens):
+    """Zero the rows ``reset`` [S], add ``values`` at (``slots``, ``ids``) [SEED_CHUNK] and 1
+    at (``pending_slots[i]``, ``prev_tokens[pending_rows[i]]``) [S]: a token drawn by the
+    step in flight. Padding entries point at the spare row with value 0 (it stays zero)."""
+    spare = state.shape[0] - 1
+    state = state.at[reset].set(0)
+    state = state.at[slots, ids].add(values)
+    tok = prev_tokens[pending_rows]
+    return state.at[pending_slots, tok].add((pending_slots < spare).astype(jnp.int32))
+
+
+def process_logits(logits, proc: Processing, rows_state):
+    """``logits`` [S, V] f32 after bias, penalties and the grammar mask (before temperature).
+
+    ``rows_state``: each row's PenaltyState row [S, V] (zeros for a row without one)."""
+    s, v = logits.shape
+    x = logits.at[jnp.arange(s)[:, None], proc.bias_ids].add(proc.bias_values)
+    counts = rows_state & _COUNT_MASK
+    seen = (counts > 0) | ((rows_state & _PROMPT_BIT) != 0)
+    rep = proc.repetition[:, None]
+    x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
+    x = x - proc.frequency[:, None] * counts.astype(jnp.float32)
+    x = x - proc.presence[:, None] * (counts > 0).astype(jnp.float32)
+    bit = jnp.arange(v, dtype=jnp.int32)
+    allowed = (jnp.take(proc.mask, bit // 32, axis=1) >> (bit % 32)[None, :]) & 1
+    return jnp.where(allowed != 0, x, -jnp.inf)
+
+
+def apply_min_p(x, min_p):
+    """Keep tokens whose probability under ``x`` [S, V] (temperature applied) is at least
+    ``min_p`` [S] times the most likely one's."""
+    floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(min_p)[:, None]
+    return jnp.where(x >= floor, x, -jnp.inf)
 
 
 class Sampled(NamedTuple):
@@ -94,15 +182,42 @@ def draw(logits, params: SamplingBatch, want_logprobs: bool) -> Sampled:
     return sample(logits, params, mode=mode_of(params), want_logprobs=bool(want_logprobs))
 
 
+def draw_processed(logits, params: SamplingBatch, proc: Processing, state,
+                   want_logprobs: bool) -> tuple[Sampled, jax.Array]:
+    """:func:`draw` after :func:`process_logits`; returns the draws and the penalty table
+    with them counted (``state`` is donated)."""
+    return sample_processed(logits, params, proc, state, mode=mode_of(params),
+                            want_logprobs=bool(want_logprobs))
+
+
 @functools.partial(jax.jit, static_argnames=("mode", "want_logprobs"))
 def sample(logits, params: SamplingBatch, *, mode: str, want_logprobs: bool) -> Sampled:
     """logits [S, V] f32 -> one token per row; ``mode`` one of :data:`MODES` (see :func:`draw`)."""
+    return _sample(logits, logits, params, mode, want_logprobs)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "want_logprobs"), donate_argnums=(3,))
+def sample_processed(logits, params: SamplingBatch, proc: Processing, state, *, mode: str,
+                     want_logprobs: bool) -> tuple[Sampled, jax.Array]:
+    spare = state.shape[0] - 1
+    x = process_logits(logits, proc, state[proc.slot])
+    out = _sample(logits, x, params, mode, want_logprobs, min_p=proc.min_p)
+    state = state.at[proc.slot, out.token_ids].add((proc.slot < spare).astype(jnp.int32))
+    return out, state
+
+
+def _sample(logits, processed, params: SamplingBatch, mode: str, want_logprobs: bool,
+            min_p=None) -> Sampled:
+    """Draw from ``processed`` logits; logprobs are the model's own (``logits``), as vLLM
+    reports them by default."""
     s, v = logits.shape
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
     is_greedy = params.temperature == 0
     keys = jax.vmap(_row_key)(params.seed_lo, params.seed_hi, params.index, params.position)
-    x = logits / jnp.where(is_greedy, 1.0, params.temperature)[:, None]
+    x = processed / jnp.where(is_greedy, 1.0, params.temperature)[:, None]
+    if min_p is not None:
+        x = apply_min_p(x, min_p)
 
     if mode == "greedy":
         tokens = greedy
@@ -133,3 +248,46 @@ def sample(logits, params: SamplingBatch, *, mode: str, want_logprobs: bool) -> 
     else:
         top_ids, top_lp = jnp.zeros((s, k), jnp.int32), jnp.zeros((s, k), jnp.float32)
     return Sampled(tokens, chosen, top_ids, top_lp)
+
+
+class PenaltySeed(NamedTuple):
+    """A sequence taking row ``slot`` of the penalty table: its tokens so far."""
+
+    slot: int
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+    pending_row: int | None  # its token still in flight: this row of the previous draws
+
+
+def seed_arrays(seeds: Sequence[PenaltySeed], num_rows: int, num_slots: int) -> list[tuple]:
+    """:func:`seed_rows` arguments (host arrays, all but ``prev_tokens``) that write
+    ``seeds``: one call per :data:`SEED_CHUNK` token entries, the resets and in-flight
+    tokens in the first. ``num_rows``: the step's row count; ``num_slots``: the spare row."""
+    if not seeds:
+        return []
+    spare = num_slots
+    reset = np.full(num_rows, spare, np.int32)
+    pend_slots = np.full(num_rows, spare, np.int32)
+    pend_rows = np.zeros(num_rows, np.int32)
+    slots, ids, values = [], [], []
+    for i, sd in enumerate(seeds):
+        reset[i] = sd.slot
+        if sd.pending_row is not None:
+            pend_slots[i], pend_rows[i] = sd.slot, sd.pending_row
+        prompt = np.unique(np.asarray(sd.prompt_ids, np.int64))
+        out, counts = np.unique(np.asarray(sd.output_ids, np.int64), return_counts=True)
+        ids += [prompt, out]
+        values += [np.full(len(prompt), _PROMPT_BIT, np.int64), counts]
+        slots.append(np.full(len(prompt) + len(out), sd.slot, np.int64))
+    slots, ids, values = (np.concatenate(a) for a in (slots, ids, values))
+    calls = []
+    for start in range(0, max(len(ids), 1), SEED_CHUNK):
+        n = min(SEED_CHUNK, len(ids) - start)
+        sl = np.full(SEED_CHUNK, spare, np.int32)
+        ii = np.zeros(SEED_CHUNK, np.int32)
+        vv = np.zeros(SEED_CHUNK, np.int32)
+        sl[:n], ii[:n], vv[:n] = (a[start:start + n] for a in (slots, ids, values))
+        first = start == 0
+        calls.append((reset if first else np.full(num_rows, spare, np.int32), sl, ii, vv,
+                      pend_slots if first else np.full(num_rows, spare, np.int32), pend_rows))
+    return calls

@@ -117,7 +117,8 @@ class Scheduler:
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
             if not self.bm.has(seq.seq_id):
-                seq.num_computed = self.bm.allocate(seq.seq_id, seq.tokens)
+                seq.num_computed = self.bm.allocate(seq.seq_id, seq.tokens,
+                                                    use_cache=not seq.scores_prompt)
                 if seq.num_preemptions == 0:
                     seq.num_cached_tokens = seq.num_computed
             n = min(seq.num_pending, budget)

@@ -36,10 +36,24 @@ class Sequence:
     error: str | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    # Position p holds the logprob of prompt token p (p >= 1) once a step has scored it; None
+    # when the request wants no prompt logprobs (or for this sequence: only output 0 reports
+    # them). Filled by position, so a prefill recomputed after preemption changes nothing.
+    prompt_logprobs: list | None = None
+    prompt_logprobs_sent: bool = False
+    matcher: object | None = None  # llguidance LLMatcher of a structured output (its tokens so far)
+    penalty_slot: int | None = None  # its row of the device penalty table while it runs
 
     def __post_init__(self):
         if not self.tokens:
             self.tokens = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Prompt positions still to score: the prefix cache must not skip them."""
+        return self.prompt_logprobs is not None and not self.prompt_logprobs_sent
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -17,6 +17,7 @@ threads can tokenise at once (the server does, off its event loop).
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 from typing import Sequence
@@ -53,7 +54,10 @@ class Tokenizer:
         self._template = None
         # At most this many UTF-8 bytes (so characters) of input make one token; None when the
         # pipeline cannot vouch for it.
-        self.max_bytes_per_token = _max_bytes_per_token(_read_json(path), self._tok.truncation)
+        spec = _read_json(path)
+        self.max_bytes_per_token = _max_bytes_per_token(spec, self._tok.truncation)
+        self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder") or {})
+        self._added = {t["id"]: t["content"] for t in spec.get("added_tokens") or ()}
 
     def min_num_tokens(self, text: str) -> int:
         """A lower bound on ``len(self.encode(text))`` that costs nothing (0 if unknown)."""
@@ -74,8 +78,27 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The ``tokenizer.json`` text (what grammar libraries build their vocabulary from)."""
+        return self._tok.to_str()
+
     def id_to_token(self, token_id: int) -> str:
         return self._tok.id_to_token(token_id) or ""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, also when they end inside a UTF-8 character (where
+        ``decode`` gives U+FFFD): byte-level BPE pieces map back through the byte alphabet,
+        SentencePiece byte-fallback pieces (``<0xE2>``) are that byte, added tokens their text."""
+        if token_id in self._added:
+            return self._added[token_id].encode("utf-8")
+        piece = self.id_to_token(token_id)
+        if self._byte_level:
+            table = _unicode_to_byte()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
                             **kwargs) -> str:
@@ -152,6 +175,27 @@ def _max_bytes_per_token(spec: dict, truncation) -> int | None:
     # A byte-level piece has one character per byte.
     longest = max(map(len, vocab), default=1)
     return max([longest, *(len(t.get("content", "").encode("utf-8")) for t in added)])
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: each of the 256 bytes is one printable character."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = ByteLevel.alphabet()
+    # The alphabet is a set: rebuild GPT-2's order (printable bytes map to themselves, the rest
+    # to 256 + n in byte order).
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    assert set(table) == set(chars), "unexpected byte-level alphabet"
+    return table
 
 
 def _read_json(path: str) -> dict:

@@ -56,6 +56,28 @@ def test_ragged_paged_matches_oracle(impl, mix, chunk):
     assert (np.asarray(lse)[~finite] == -np.inf).all()
 
 
+# Chunks shorter than a page and than a decode tile's 64 // group = 21 tokens (6 query / 2 KV
+# heads), with the engine's tile for them (gcd(chunk, page)): decode, speculative rows that
+# straddle boundaries, fresh and chunked prefill crossing many chunks, in one batch.
+TINY_MIX = ([1, 3, 40, 21, 2, 1], [7, 30, 40, 120, 2, 97])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunk", [1, 2, 3, 16, 24])
+def test_ragged_paged_tiny_chunks_match_oracle(impl, chunk):
+    from jaxattn.serve.config import default_block_kv
+
+    bounds = _bounds(hq=6, hkv=2, chunk=chunk, page_size=8, block_q=16,
+                     block_kv=default_block_kv(chunk, 8), min_split_kv=8)
+    assert bounds.dq == min(21, chunk)
+    case = make_ragged_case(bounds, *TINY_MIX, seed=chunk)
+    out, lse = jaxattn.ragged_paged_attention(*case.args(), bounds=bounds, chunk_size=chunk,
+                                              return_lse=True, impl=impl)
+    want_o, want_l = naive_ragged(*case.args(), 1 / np.sqrt(32), chunk=chunk)
+    _assert_close(out, want_o, np.float32)
+    np.testing.assert_allclose(np.asarray(lse), want_l, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (5, 1), (8, 1)])
@@ -69,7 +91,8 @@ def test_ragged_paged_dtypes_and_gqa(impl, dtype, hq, hkv):
     _assert_close(out, want, dtype)
 
 
-@pytest.mark.parametrize("causal,chunk", [(True, None), (False, None), (True, 48), (False, 48)])
+@pytest.mark.parametrize("causal,chunk", [(True, None), (False, None), (True, 48), (False, 48),
+                                          (True, 1), (True, 3), (False, 5)])
 def test_attention_contiguous(causal, chunk):
     rng = np.random.default_rng(1)
     q = rng.standard_normal((2, 40, 6, 32)).astype(np.float32)
@@ -168,3 +191,10 @@ def test_kernel_impls_refuse_what_the_kernels_cannot_serve():
     assert not kernels.supports(32, np.float16)
     with pytest.raises(ValueError, match="cannot serve"):
         jaxattn.attention(q, q, q, impl="mosaic")
+    # Chunks the kernels' tiles cannot start on: "auto" takes the reference there (any valid
+    # Llama 4 chunk size serves), an explicit kernel impl is refused.
+    assert kernels.contiguous_unsupported_reason(64, jnp.bfloat16, 8192) is None
+    assert "multiple of 64" in kernels.contiguous_unsupported_reason(64, jnp.bfloat16, 16)
+    q64 = np.zeros((1, 4, 2, 64), np.float16)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        jaxattn.attention(q64, q64, q64, chunk_size=16, impl="mosaic")

@@ -47,6 +47,7 @@ def test_generate_over_two_processes(tmp_path):
     procs = [subprocess.Popen(
         [sys.executable, "-m", "jaxattn.generate", "--model", model, *FLAGS,
          "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / f"out{pid}.jsonl"),
+         "--temperature", "0",
          "--tensor-parallel-size", "8", "--distributed", "--coordinator-address",
          f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in (0, 1)]

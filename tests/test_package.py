@@ -31,15 +31,18 @@ def test_serve_module_help_runs():
 
 def test_wheel_holds_only_the_jaxattn_namespace(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "-q", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True,
+                        "-v", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
+    # Every importable folder is listed in `packages` (setuptools warns ~90 lines per one not).
+    assert "absent from the `packages` configuration" not in r.stdout + r.stderr
     (wheel,) = tmp_path.glob("jaxattn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"jaxattn"}, tops
     for module in ("jaxattn/kernels/__init__.py", "jaxattn/models/llama4/__init__.py",
-                   "jaxattn/serve/__main__.py", "jaxattn/planner.py"):
+                   "jaxattn/serve/__main__.py", "jaxattn/planner.py",
+                   "jaxattn/serve/data/corpus.txt", "jaxattn/models/llama4/configs/scout.json"):
         assert module in names
 
 
@@ -53,3 +56,13 @@ def test_readme_python_examples_run():
     namespace = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
+
+
+def test_readme_generated_blocks_are_current():
+    """The README's plan-memory table is what ``python -m jaxattn.plan_memory`` prints
+    (``python -m benchmarks.readme_tables`` rewrites it)."""
+    from benchmarks import readme_tables
+
+    text = (ROOT / "README.md").read_text()
+    assert readme_tables.render(text) == text, (
+        "README.md is stale: run python -m benchmarks.readme_tables")

@@ -6,7 +6,7 @@ import functools
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import jaxattn
 from jaxattn import planner
@@ -169,6 +169,39 @@ def test_plan_covers_each_allowed_pair_exactly_once(chunk, causal, data):
     cu, kv, n = _batch(bounds, q_lens, kv_lens)
     p = _jitted_plan(bounds, chunk, causal)(cu, kv, n)
     _rasterize(bounds, p, cu, kv, int(n), chunk, causal)
+
+
+# Chunks shorter than a decode tile's tokens (64 // group) and than a page: the default
+# decode_q shrinks to the chunk (a decode sequence crosses at most one boundary) and the
+# engine's block_kv to gcd(chunk, page_size), so every valid Llama 4 chunk size plans.
+TINY = dict(max_num_seqs=4, max_num_batched_tokens=40, max_model_len=80, page_size=4,
+            num_q_heads=6, num_kv_heads=2, head_dim=8, block_q=8, num_workers=4,
+            min_split_kv=8)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 6, 16, 24])
+@settings(max_examples=40)
+@given(data=st.data())
+def test_tiny_chunks_plan_within_capacity_and_cover_every_pair(chunk, data):
+    from jaxattn.serve.config import default_block_kv
+
+    bounds = jaxattn.Bounds(**TINY, chunk_size=chunk, block_kv=default_block_kv(chunk, 4))
+    assert bounds.dq == min(64 // 3, chunk)
+    q_lens, kv_lens = data.draw(admissible_batches(bounds))
+    _check_capacity(bounds, q_lens, kv_lens)
+    _check_reads_from_live_chunk(bounds, q_lens, kv_lens)
+    cu, kv, n = _batch(bounds, q_lens, kv_lens)
+    for c in (None, chunk):
+        p = _jitted_plan(bounds, c)(cu, kv, n)
+        _rasterize(bounds, p, cu, kv, int(n), c, True)
+
+
+def test_the_default_decode_q_fits_the_chunk():
+    """6 query / 2 KV heads with 16-token chunks was refused at start-up (decode_q=21 > 16)."""
+    b = jaxattn.Bounds(**{**TINY, "page_size": 16}, chunk_size=16, block_kv=16)
+    assert b.dq == 16 and jaxattn.Bounds(**{**TINY, "page_size": 16}, block_kv=16).dq == 21
+    with pytest.raises(ValueError, match="exceeds chunk_size"):  # asked for explicitly
+        jaxattn.Bounds(**{**TINY, "page_size": 16}, chunk_size=16, block_kv=16, decode_q=21)
 
 
 def test_decode_splits_fill_the_workers_for_one_long_sequence():

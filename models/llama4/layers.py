@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jaxattn.kernels import fp8 as fp8_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class Axes:
@@ -44,18 +46,36 @@ def normal_init(rngs: nnx.Rngs, shape, std: float, dtype):
 
 
 class Linear(nnx.Module):
-    """``y = x @ W.T (+ b)`` with HF's weight layout ``[out, in]``."""
+    """``y = x @ W.T (+ b)`` with HF's weight layout ``[out, in]``.
+
+    ``fp8``: the weight is float8_e4m3fn with one f32 scale per output channel
+    (``weight_scale [out]``, compressed-tensors' name) and ``x`` is quantised per token
+    at run time (:func:`jaxattn.kernels.fp8.scaled_matmul`); ``activation_scale_ub`` caps
+    a row's absmax. Random init draws the bf16 weight and quantises it.
+    """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False, dtype,
-                 std: float, rngs: nnx.Rngs):
-        self.weight = nnx.Param(normal_init(rngs, (out_features, in_features), std, dtype))
+                 std: float, rngs: nnx.Rngs, fp8: bool = False,
+                 activation_scale_ub: float | None = None):
+        w = normal_init(rngs, (out_features, in_features), std, dtype)
+        if fp8:
+            q, s = fp8_lib.quantize(w, -1)
+            self.weight, self.weight_scale = nnx.Param(q), nnx.Param(s)
+        else:
+            self.weight, self.weight_scale = nnx.Param(w), None
+        self.activation_scale_ub = activation_scale_ub
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x, preferred_element_type=None, reduce=None):
         """``reduce``: the all-reduce of a row-parallel layer, applied before the bias (once)."""
         w = self.weight[...]
-        y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
-                            preferred_element_type=preferred_element_type)
+        if self.weight_scale is not None:
+            y = fp8_lib.scaled_matmul(x, w, self.weight_scale[...],
+                                      out_dtype=preferred_element_type or x.dtype,
+                                      scale_ub=self.activation_scale_ub)
+        else:
+            y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                                preferred_element_type=preferred_element_type)
         y = y if reduce is None else reduce(y)
         return y if self.bias is None else y + self.bias[...]
 

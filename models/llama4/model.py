@@ -25,14 +25,18 @@ from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.layers import (NO_AXES, Axes, Embedding, Linear, RMSNorm, apply_rope,
                                           l2norm, rope_tables)
 from jaxattn.models.llama4.moe import MLP, MoE
+from jaxattn.models.llama4.quantization import Fp8Scheme
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: Llama4Config, layer: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Llama4Config, layer: int, *, dtype, rngs: nnx.Rngs,
+                 fp8: Fp8Scheme | None = None):
         h, d = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, d)
-        kw = dict(bias=config.attention_bias, dtype=dtype, std=config.initializer_range, rngs=rngs)
+        kw = dict(bias=config.attention_bias, dtype=dtype, std=config.initializer_range, rngs=rngs,
+                  fp8=fp8 is not None and fp8.attention,
+                  activation_scale_ub=fp8.activation_scale_ub if fp8 else None)
         self.q_proj = Linear(h, self.num_heads * d, **kw)
         self.k_proj = Linear(h, self.num_kv_heads * d, **kw)
         self.v_proj = Linear(h, self.num_kv_heads * d, **kw)
@@ -68,13 +72,15 @@ class Attention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: Llama4Config, layer: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Llama4Config, layer: int, *, dtype, rngs: nnx.Rngs,
+                 fp8: Fp8Scheme | None = None):
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype)
-        self.self_attn = Attention(config, layer, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(config, layer, dtype=dtype, rngs=rngs, fp8=fp8)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype)
-        self.feed_forward = (MoE(config, dtype=dtype, rngs=rngs) if config.is_moe(layer) else
-                             MLP(config, config.intermediate_size_mlp, dtype=dtype, rngs=rngs))
+        self.feed_forward = (MoE(config, dtype=dtype, rngs=rngs, fp8=fp8) if config.is_moe(layer)
+                             else MLP(config, config.intermediate_size_mlp, dtype=dtype, rngs=rngs,
+                                      fp8=fp8))
 
     def __call__(self, x, positions, rope, attend, axes: Axes, valid=None, gmm_impl="auto"):
         """``attend(attn_module, q, k, v) -> o`` is the one part the two forwards do differently.
@@ -93,21 +99,28 @@ class DecoderLayer(nnx.Module):
 
 
 class Llama4TextModel(nnx.Module):
-    def __init__(self, config: Llama4Config, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Llama4Config, *, dtype, rngs: nnx.Rngs,
+                 fp8: Fp8Scheme | None = None):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
                                       std=config.initializer_range, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, i, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, i, dtype=dtype, rngs=rngs, fp8=fp8)
                                 for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
 
 class Llama4ForCausalLM(nnx.Module):
-    """Attribute paths mirror HF's parameter names (``model.layers.3.self_attn.q_proj.weight``)."""
+    """Attribute paths mirror HF's parameter names (``model.layers.3.self_attn.q_proj.weight``).
 
-    def __init__(self, config: Llama4Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    ``fp8``: which linear layers hold FP8 weights (:class:`Fp8Scheme`; None: none). ``dtype``
+    is then the dtype of everything else (embeddings, router, norms, LM head, activations).
+    """
+
+    def __init__(self, config: Llama4Config, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 fp8: Fp8Scheme | None = None):
         self.config = config
+        self.fp8 = fp8
         self.mesh = None  # a jax.sharding.Mesh once the weights are placed on one
-        self.model = Llama4TextModel(config, dtype=dtype, rngs=rngs)
+        self.model = Llama4TextModel(config, dtype=dtype, rngs=rngs, fp8=fp8)
         self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, dtype=dtype, std=config.initializer_range,
             rngs=rngs)
@@ -181,15 +194,38 @@ def _forward_jit(model, input_ids, impl, gmm_impl):
     return model.forward(input_ids, impl=impl, gmm_impl=gmm_impl)
 
 
-def init_random(config: Llama4Config, *, seed: int = 0, dtype=jnp.float32) -> Llama4ForCausalLM:
-    """Seeded random weights (HF's init: normal(0, initializer_range), norms at 1)."""
-    return Llama4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed))
+def init_random(config: Llama4Config, *, seed: int = 0, dtype=jnp.float32,
+                fp8: Fp8Scheme | None = None) -> Llama4ForCausalLM:
+    """Seeded random weights (HF's init: normal(0, initializer_range), norms at 1). With
+    ``fp8`` the same draws as without, the FP8 layers' weights quantised."""
+    return Llama4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed), fp8=fp8)
 
 
 def local_heads(config: Llama4Config, model_parallel: int = 1) -> tuple[int, int]:
-    """(query heads, KV heads) of one device when heads are split ``model_parallel`` ways."""
-    hq, hkv = config.num_attention_heads, config.num_key_value_heads
-    if hkv % model_parallel:
-        raise ValueError(f"tensor x expert parallel size {model_parallel} must divide the "
-                         f"{hkv} KV heads (attention is split by KV head)")
-    return hq // model_parallel, hkv // model_parallel
+    """(query heads, KV heads) of one device when heads are split ``model_parallel`` ways.
+
+    Query heads split evenly. KV heads split too while there are at least as many as
+    devices; past that each device holds the one KV head its query heads read, and each
+    KV head is replicated on ``model_parallel / KV heads`` devices (:func:`kv_replicas`),
+    as vLLM does. Its query heads then lie in one KV group, since the group size
+    ``Hq / Hkv`` is a multiple of the ``Hq / model_parallel`` heads a device holds.
+    """
+    hq, hkv, n = config.num_attention_heads, config.num_key_value_heads, model_parallel
+    if hq % n or (hkv % n and n % hkv):
+        raise ValueError(f"tensor x expert parallel size {n} must divide the {hq} query heads, "
+                         f"and divide the {hkv} KV heads or be a multiple of them (a KV head "
+                         f"is then replicated on {n} / {hkv} devices)")
+    return hq // n, max(1, hkv // n)
+
+
+def kv_replicas(config: Llama4Config, model_parallel: int = 1) -> int:
+    """Devices holding each KV head: 1 while the KV heads split over the model-parallel
+    group, else ``model_parallel / num_key_value_heads`` (see :func:`local_heads`)."""
+    local_heads(config, model_parallel)
+    return max(1, model_parallel // config.num_key_value_heads)
+
+
+def stored_kv_heads(config: Llama4Config, model_parallel: int = 1) -> int:
+    """KV heads over the whole group, replicas counted: the K/V projections' rows and the
+    KV pools' head axis have this many heads, one device's share ``local_heads(...)[1]``."""
+    return config.num_key_value_heads * kv_replicas(config, model_parallel)

@@ -14,16 +14,21 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from jaxattn.kernels.grouped_matmul import grouped_matmul
+from jaxattn.kernels import fp8 as fp8_lib
+from jaxattn.kernels.grouped_matmul import grouped_matmul, grouped_matmul_fp8
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init
+from jaxattn.models.llama4.quantization import Fp8Scheme
 
 
 class MLP(nnx.Module):
     """SwiGLU MLP: the dense layers (``intermediate_size_mlp``) and the shared expert."""
 
-    def __init__(self, config: Llama4Config, intermediate_size: int, *, dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, std=config.initializer_range, rngs=rngs)
+    def __init__(self, config: Llama4Config, intermediate_size: int, *, dtype, rngs: nnx.Rngs,
+                 fp8: Fp8Scheme | None = None):
+        kw = dict(dtype=dtype, std=config.initializer_range, rngs=rngs,
+                  fp8=fp8 is not None and fp8.mlp,
+                  activation_scale_ub=fp8.activation_scale_ub if fp8 else None)
         self.gate_proj = Linear(config.hidden_size, intermediate_size, **kw)
         self.up_proj = Linear(config.hidden_size, intermediate_size, **kw)
         self.down_proj = Linear(intermediate_size, config.hidden_size, **kw)
@@ -37,33 +42,62 @@ class MLP(nnx.Module):
 class Experts(nnx.Module):
     """Routed experts. HF stores gate and up fused as ``gate_up_proj [E, H, 2I]``; the loader
     splits it (first half gate, second half up, as ``chunk(2, dim=-1)`` does) so tensor
-    parallelism can later shard I without separating the halves."""
+    parallelism can later shard I without separating the halves.
 
-    def __init__(self, config: Llama4Config, *, dtype, rngs: nnx.Rngs):
+    ``fp8``: float8_e4m3fn weights laid out K-major (``gate_proj``/``up_proj [E, I, H]``,
+    ``down_proj [E, H, I]``: the FP8 kernel's layout, and a per-expert Linear's ``[out,
+    in]``) with per-output-channel scales ``*_scale [E, out]`` f32.
+    """
+
+    def __init__(self, config: Llama4Config, *, dtype, rngs: nnx.Rngs, fp8: bool = False,
+                 activation_scale_ub: float | None = None):
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         std = config.initializer_range
-        self.gate_proj = nnx.Param(normal_init(rngs, (e, h, i), std, dtype))  # [E, H, I]
-        self.up_proj = nnx.Param(normal_init(rngs, (e, h, i), std, dtype))  # [E, H, I]
-        self.down_proj = nnx.Param(normal_init(rngs, (e, i, h), std, dtype))  # [E, I, H]
+        self.fp8 = fp8
+        self.activation_scale_ub = activation_scale_ub
+        shapes = dict(gate_proj=(e, h, i), up_proj=(e, h, i), down_proj=(e, i, h))  # [E, K, N]
+        for name, shape in shapes.items():
+            w = normal_init(rngs, shape, std, dtype)
+            if fp8:
+                q, s = fp8_lib.quantize(jnp.swapaxes(w, 1, 2), -1)  # [E, N, K], scales [E, N]
+                setattr(self, name, nnx.Param(q))
+                setattr(self, name + "_scale", nnx.Param(s))
+            else:
+                setattr(self, name, nnx.Param(w))
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_proj.shape[0]
+
+    def _matmul(self, name, x, group_sizes, impl):
+        if self.fp8:
+            return grouped_matmul_fp8(x, getattr(self, name)[...],
+                                      getattr(self, name + "_scale")[...], group_sizes,
+                                      impl=impl, scale_ub=self.activation_scale_ub)
+        return grouped_matmul(x, getattr(self, name)[...], group_sizes, impl=impl)
 
     def __call__(self, x, group_sizes, impl: str = "auto"):
         """x [M, H]: rows sorted by expert, ``group_sizes[e]`` rows for expert e. Returns [M, H].
         ``impl``: the grouped matmul implementation (``grouped_matmul.IMPLS``)."""
-        gate = grouped_matmul(x, self.gate_proj[...], group_sizes, impl=impl)
-        up = grouped_matmul(x, self.up_proj[...], group_sizes, impl=impl)
-        return grouped_matmul(up * jax.nn.silu(gate), self.down_proj[...], group_sizes, impl=impl)
+        gate = self._matmul("gate_proj", x, group_sizes, impl)
+        up = self._matmul("up_proj", x, group_sizes, impl)
+        return self._matmul("down_proj", up * jax.nn.silu(gate), group_sizes, impl)
 
 
 class MoE(nnx.Module):
     """Sigmoid top-k router, routed experts, shared expert (transformers' ``Llama4TextMoe``)."""
 
-    def __init__(self, config: Llama4Config, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Llama4Config, *, dtype, rngs: nnx.Rngs,
+                 fp8: Fp8Scheme | None = None):
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_local_experts
         self.router = Linear(config.hidden_size, config.num_local_experts, dtype=dtype,
                              std=config.initializer_range, rngs=rngs)
-        self.experts = Experts(config, dtype=dtype, rngs=rngs)
-        self.shared_expert = MLP(config, config.intermediate_size, dtype=dtype, rngs=rngs)
+        self.experts = Experts(config, dtype=dtype, rngs=rngs,
+                               fp8=fp8 is not None and fp8.experts,
+                               activation_scale_ub=fp8.activation_scale_ub if fp8 else None)
+        self.shared_expert = MLP(config, config.intermediate_size, dtype=dtype, rngs=rngs,
+                                 fp8=fp8)
 
     def __call__(self, x, axes: Axes = NO_AXES, valid=None, gmm_impl: str = "auto"):
         """Shared expert + routed experts. Under a mesh the result is a partial sum over
@@ -87,7 +121,7 @@ class MoE(nnx.Module):
         order = jnp.argsort(expert, stable=True)
         rows = x[order // k] * scores.reshape(-1)[order][:, None]  # [N*k, H] sorted by expert
         group_sizes = jnp.bincount(expert, length=self.num_experts).astype(jnp.int32)
-        local_experts = self.experts.gate_proj.shape[0]
+        local_experts = self.experts.num_experts
         if local_experts == self.num_experts:
             routed = self.experts(rows, group_sizes, gmm_impl)
         else:

@@ -23,7 +23,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
 
 import jaxattn
-from jaxattn import planner
+from jaxattn import kernels, planner
 from jaxattn.kernels import common, prefill
 from jaxattn.planner import WorkList
 
@@ -303,6 +303,24 @@ def test_cuda_lowering(dtype, d, block_kv, page_size, causal, chunk):
                             page_size=page_size, num_q_heads=40, num_kv_heads=8, head_dim=d,
                             chunk_size=chunk, block_kv=block_kv)
     _export(bounds, dtype, causal, chunk)
+
+
+@pytest.mark.parametrize("lq,lk,chunk", [(8191, 8191, None), (10001, 10001, 8192),
+                                         (1, 12289, None), (3, 700, 8192), (300, 300, None)])
+def test_cuda_lowering_contiguous_any_length(lq, lk, chunk):
+    """The contiguous API's one-page-per-sequence view (a tile slices the page; the last one
+    reads past it) lowers for CUDA, prefill and decode kernels, at unaligned lengths."""
+    S = jax.ShapeDtypeStruct
+
+    def f(q, k, v):
+        ql = jnp.full((2,), lq, jnp.int32)
+        kl = jnp.full((2,), lk, jnp.int32)
+        return kernels.attention(q, k, v, ql, kl, scale=0.1, causal=True, chunk_size=chunk)
+
+    exported = jax.export.export(jax.jit(f), platforms=["cuda"])(
+        S((2, lq, 40, 128), jnp.bfloat16), S((2, lk, 8, 128), jnp.bfloat16),
+        S((2, lk, 8, 128), jnp.bfloat16))
+    assert exported.mlir_module().count("mosaic_gpu") >= 2  # prefill and decode kernels
 
 
 def test_cuda_lowering_smem_p_variant():

@@ -14,12 +14,13 @@ from jaxattn.serve.metrics import EngineMetrics
 
 
 class LiveServer:
-    def __init__(self, engine, model_name="test-model"):
+    def __init__(self, engine, model_name="test-model", **app_kwargs):
         self.metrics = EngineMetrics(model_name)
         engine.attach_metrics(self.metrics)
         self.engine = engine
         self.async_engine = AsyncEngine(engine)
-        app = build_app(self.async_engine, model_name=model_name, metrics=self.metrics)
+        app = build_app(self.async_engine, model_name=model_name, metrics=self.metrics,
+                        **app_kwargs)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))

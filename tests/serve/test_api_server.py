@@ -283,7 +283,7 @@ def test_metrics_present_and_moving(client):
     ("/v1/completions", {"prompt": 5}, 400),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400),
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 1.0}, 400),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 3.0}, 400),
     ("/v1/completions", {"prompt": "x", "n": 1000}, 400),
     ("/v1/completions", {"prompt": [10**7]}, 400),
     ("/v1/completions", {"prompt": []}, 400),

@@ -94,6 +94,11 @@ OPERATIONS = [
     ("/health", "GET", GenerationMode.POSITIVE, 3),
     ("/v1/models", "GET", GenerationMode.POSITIVE, 3),
     ("/metrics", "GET", GenerationMode.POSITIVE, 3),
+    ("/tokenize", "POST", GenerationMode.POSITIVE, 50),
+    ("/tokenize", "POST", GenerationMode.NEGATIVE, 50),
+    ("/detokenize", "POST", GenerationMode.POSITIVE, 50),
+    ("/detokenize", "POST", GenerationMode.NEGATIVE, 50),
+    ("/tokenizer_info", "GET", GenerationMode.POSITIVE, 3),
 ]
 
 
@@ -115,7 +120,8 @@ def test_schemathesis(api_schema, path, method, mode, examples):
     print(f"{method} {path} {mode.value}: statuses {dict(statuses)}")
     if method == "POST":
         assert sum(statuses.values()) == examples
-        if mode is GenerationMode.POSITIVE:  # the engine really ran a good share of them
+        if mode is GenerationMode.POSITIVE and path.startswith("/v1/"):
+            # the engine really ran a good share of them
             assert statuses[200] >= examples // 10, statuses
     else:  # no parameters: hypothesis stops after the one request there is
         assert statuses[200] >= 1
@@ -171,8 +177,8 @@ HOSTILE = [
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 99}, 400, "logprobs"),
     (CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
     (CMPL, b'{"prompt": "x", "presence_penalty": NaN}', 400, "presence_penalty"),
-    (CMPL, {"prompt": "x", "frequency_penalty": 2}, 400, "frequency_penalty"),
-    (CMPL, {"prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias"),
+    (CMPL, {"prompt": "x", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    (CMPL, {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     (CMPL, {"prompt": "x", "best_of": 3}, 400, "best_of"),
     (CMPL, {"prompt": "x", "suffix": "y"}, 400, "suffix"),
     (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),

@@ -9,6 +9,8 @@ too small for everyone) and with shared prefixes; the bounds of the capacity pro
 (``Bounds.chunk_pages_per_seq`` / ``chunked_pages_for``) hold at every step.
 """
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -22,10 +24,11 @@ from jaxattn.serve.sequence import Sequence
 PS, CHUNK = 4, 16
 
 
-def _bounds(max_num_seqs=4, budget=8, max_len=200):
+def _bounds(max_num_seqs=4, budget=8, max_len=200, chunk=CHUNK):
     return jaxattn.Bounds(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                           max_model_len=max_len, page_size=PS, num_q_heads=2, num_kv_heads=1,
-                          head_dim=8, chunk_size=CHUNK, block_kv=PS, decode_q=1)
+                          head_dim=8, chunk_size=chunk, block_kv=math.gcd(PS, chunk),
+                          decode_q=1)
 
 
 def _seq(i, prompt, max_tokens):
@@ -42,11 +45,11 @@ def _check_step(bm, bounds, sched, out):
     tokens, within the proven bounds; returned entries are exactly those before the chunk."""
     for s in out.scheduled:
         seq, n0 = s.seq, s.seq.num_computed
-        window = n0 // CHUNK * CHUNK
+        first = n0 // bounds.chunk_size * bounds.chunk_size // PS  # the live chunk's first page
         table = bm.chunked_pages(seq.seq_id)
-        assert table[:window // PS] == [NULL_PAGE] * (window // PS)
-        assert NULL_PAGE not in table[window // PS:]
-        assert len(_live(bm, seq)) == -(-(n0 + s.num_new - window) // PS)
+        assert table[:first] == [NULL_PAGE] * first
+        assert NULL_PAGE not in table[first:]
+        assert len(_live(bm, seq)) == -(-(n0 + s.num_new) // PS) - first
         assert len(_live(bm, seq)) <= bounds.chunk_pages_per_seq
     used = bm.num_used_chunked_pages
     held = sum(len(_live(bm, s)) for s in sched.running)
@@ -97,12 +100,13 @@ def test_alone_pages_return_at_each_boundary():
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 70), st.integers(1, 30)), min_size=1, max_size=6),
-       st.integers(4, 12), st.booleans())
-def test_packed_sequences_stay_within_the_bounds(reqs, budget, prefix):
+       st.integers(4, 12), st.booleans(), st.sampled_from([CHUNK, 1, 2, 3, 6, 10]))
+def test_packed_sequences_stay_within_the_bounds(reqs, budget, prefix, chunk):
     """Several sequences under one token budget (chunked prefill splits prompts anywhere):
-    every step holds at most the proven number of chunked pages; nothing leaks."""
-    b = _bounds(max_num_seqs=4, budget=budget)
-    bm = BlockManager(400, PS, num_chunked_pages=b.chunked_pages_for(4), chunk_size=CHUNK,
+    every step holds at most the proven number of chunked pages; nothing leaks. Chunks that
+    pages do not divide (a live chunk starting inside a page) too."""
+    b = _bounds(max_num_seqs=4, budget=budget, chunk=chunk)
+    bm = BlockManager(400, PS, num_chunked_pages=b.chunked_pages_for(4), chunk_size=chunk,
                       enable_prefix_caching=prefix)
     sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=budget)
     base = list(range(50))  # shared prefixes when prefix caching is on
@@ -164,6 +168,28 @@ def test_prefix_hit_takes_global_pages_and_only_the_live_chunks():
     assert bm.chunked_pages(3) == [NULL_PAGE] * 8 and bm.pages(3) == bm.pages(2)[:8]
     bm.check()
     for sid in (2, 3):
+        bm.free(sid)
+    assert bm.num_used_pages == 0
+
+
+def test_prefix_hit_with_chunks_pages_do_not_divide():
+    """6-token chunks on 4-token pages: a live chunk can start inside a page. A 21-token
+    prompt hits 20 cached tokens only with the chunked page holding [18, 20); without it the
+    hit falls back to 16 tokens, whose live chunk starts at 12: inside page 3, which must
+    then be taken too (not left as a returned entry the step would read)."""
+    prompt = list(range(24))
+    bm = BlockManager(64, PS, num_chunked_pages=64, chunk_size=6)
+    bm.allocate(0, prompt)
+    bm.grow(0, 24)
+    bm.commit(0, prompt, 24)
+    assert bm.allocate(1, prompt[:21]) == 20
+    assert bm.chunked_pages(1) == [NULL_PAGE] * 4 + bm.chunked_pages(0)[4:5]
+    page4 = bm.chunked_pages(0)[4]
+    del bm.chunked.by_hash[bm.chunked.hash_of.pop(page4)]  # forget [16, 20)'s chunked page
+    assert bm.allocate(2, prompt[:21]) == 16
+    assert bm.chunked_pages(2) == [NULL_PAGE] * 3 + bm.chunked_pages(0)[3:4]
+    bm.check()
+    for sid in (0, 1, 2):
         bm.free(sid)
     assert bm.num_used_pages == 0
 

@@ -118,3 +118,51 @@ def test_cli(capsys):
     assert "exceed" in capsys.readouterr().err
     assert plan_memory.main(["-tp", "4", "--gpu", "h200", "--max-model-len", "262144"]) == 0
     assert plan_memory.main(["--config", "nope", "-tp", "2"]) == 2
+
+
+def _scout_fp8_bytes(tp, ep):
+    """FP8 Scout on one device from the published shapes: experts, shared expert at one byte
+    plus f32 per-output-channel scales; attention, router, norms, embedding and head bf16."""
+    h, v, layers, e, inter = 5120, 202048, 48, 16, 8192
+    n = tp * ep
+    attn = (h * 40 * 128 + 2 * h * 8 * 128 + 40 * 128 * h) // n
+    experts = (e // ep) * 3 * h * (inter // tp)
+    expert_scales = (e // ep) * (2 * (inter // tp) + h)  # gate, up: I columns; down: H
+    shared = 3 * h * inter // n
+    shared_scales = 2 * inter // n + h  # gate/up rows split, down's H outputs replicated
+    per_layer = (2 * (attn + e * h + 2 * h) + experts + shared
+                 + 4 * (expert_scales + shared_scales))
+    return layers * per_layer + 2 * (2 * v * h // n + h)
+
+
+@pytest.mark.parametrize("tp,ep", [(1, 1), (2, 1), (2, 4)])
+def test_fp8_weights_per_device(scout, tp, ep):
+    assert memory.weight_bytes(scout, ParallelConfig(tensor=tp, expert=ep), "bfloat16", "fp8") == \
+        _scout_fp8_bytes(tp, ep)
+
+
+def test_scout_fp8_on_one_gpu(scout):
+    """All of Scout in FP8 (105.2 GiB) on one H200 at XLA's 0.9: fits a 131,072-token sequence
+    with max_num_seqs 4 (the chunked pool keeps only the running sequences' live chunks); on
+    one H100 the weights alone exceed the GPU, and the refusal says so."""
+    one = ParallelConfig()
+    h200 = memory.gpu_plan(scout, one, "h200", fraction=0.9, quantization="fp8", max_num_seqs=4)
+    assert round(h200.weights / GiB, 1) == 105.2 and h200.fits
+    assert h200.kv_tokens >= 131072 and h200.full_length_sequences >= 1
+    # 64 sequences' live chunks do not fit beside a 128k sequence: refused, with the remedy.
+    wide = memory.gpu_plan(scout, one, "h200", fraction=0.9, quantization="fp8")
+    assert not wide.fits and "lower --max-model-len" in wide.reason
+    h100 = memory.gpu_plan(scout, one, "h100", fraction=0.9, quantization="fp8")
+    assert not h100.fits and "of weights per device exceed" in h100.reason
+    assert "105.2 GiB" in h100.reason
+    bf16 = memory.gpu_plan(scout, one, "h200", fraction=0.9, max_num_seqs=4)
+    assert not bf16.fits and "exceed" in bf16.reason
+
+
+def test_cli_fp8_one_gpu(capsys):
+    assert plan_memory.main(["--quantization", "fp8", "--gpu", "h200", "-tp", "1",
+                             "--memory-fraction", "0.9", "--max-num-seqs", "4"]) == 0
+    assert "105.2 GiB (fp8)" in capsys.readouterr().out
+    assert plan_memory.main(["--quantization", "fp8", "--gpu", "h100", "-tp", "1"]) == 1
+    assert plan_memory.main(["--quantization", "fp8"]) == 0
+    assert "105.2 GiB fp8" in capsys.readouterr().out

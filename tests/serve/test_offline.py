@@ -9,6 +9,7 @@ import pytest
 
 import jaxattn
 from jaxattn.serve import default_model
+from jaxattn.serve.generate import content_id
 
 SIZE = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64)
 PROMPTS = ["Hello, my name is", "The quick brown fox", "日本語のテキスト 🚀", "Once upon a time"]
@@ -57,25 +58,26 @@ def test_generate_cli_end_to_end_with_resume(tmp_path, llm):
     rows = [{"prompt": p} for p in PROMPTS] + [
         {"id": "chat", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 5}]
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = [content_id(r) for r in rows[:4]]  # a line without an id: a hash of its content
     # A previous run finished prompt 0 and was killed while writing prompt 2's line.
-    out.write_text(json.dumps({"id": 0, "text": "from before", "token_ids": [],
+    out.write_text(json.dumps({"id": ids[0], "text": "from before", "token_ids": [],
                                "finish_reason": "length", "num_prompt_tokens": 1}) + "\n"
-                   + '{"id": 2, "te')
+                   + f'{{"id": "{ids[2]}", "te')
     cmd = [sys.executable, "-m", "jaxattn.generate", "--input", str(inp), "--output", str(out),
-           "--max-tokens", "8", "--max-model-len", "256", "--max-num-seqs", "8",
-           "--max-num-batched-tokens", "64"]
+           "--max-tokens", "8", "--temperature", "0", "--max-model-len", "256",
+           "--max-num-seqs", "8", "--max-num-batched-tokens", "64"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "4 to run" in r.stderr and "output tok/s" in r.stderr
     assert "RANDOM weights" in r.stderr  # the embedded model says so
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     by_id = {line["id"]: line for line in lines}
-    assert sorted(by_id, key=str) == sorted([0, 1, 2, 3, "chat"], key=str) and len(lines) == 5
-    assert by_id[0]["text"] == "from before"  # kept, not recomputed
+    assert sorted(by_id) == sorted(ids + ["chat"]) and len(lines) == 5
+    assert by_id[ids[0]]["text"] == "from before"  # kept, not recomputed
     want = llm.generate(PROMPTS[1:], jaxattn.SamplingParams(temperature=0, max_tokens=8),
                         use_tqdm=False)
     for i, w in zip((1, 2, 3), want):
-        assert by_id[i]["token_ids"] == w.outputs[0].token_ids
+        assert by_id[ids[i]]["token_ids"] == w.outputs[0].token_ids
     assert len(by_id["chat"]["token_ids"]) <= 5
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "0 to run" in r.stderr

@@ -69,3 +69,31 @@ def test_sampler_has_no_host_synchronising_control_flow(mode, want_logprobs):
         jnp.zeros((4, 512), jnp.float32), sampling.SamplingBatch.build(rows, 4))
     found = _primitives(jaxpr.jaxpr, {})
     assert not {p: found[p] for p in ("cond", "while") if p in found}
+
+
+@pytest.mark.parametrize("mode", sampling.MODES)
+def test_processed_sampler_has_no_host_synchronising_control_flow(mode):
+    """Penalties, bias, min_p and grammar masks keep the sampler free of conds too."""
+    rows = [(0.7, 5, 0.9, 1, 0, 0)] * 4
+    proc = sampling.Processing.neutral(4, 512, 4)
+    jaxpr = jax.make_jaxpr(functools.partial(sampling.sample_processed, mode=mode,
+                                             want_logprobs=True))(
+        jnp.zeros((4, 512), jnp.float32), sampling.SamplingBatch.build(rows, 4), proc,
+        jnp.zeros((5, 512), jnp.int32))
+    found = _primitives(jaxpr.jaxpr, {})
+    assert not {p: found[p] for p in ("cond", "while") if p in found}
+
+
+def test_prompt_logprob_head_has_no_host_synchronising_control_flow():
+    """The head that scores prompts runs between enqueued steps: no cond / while / scan."""
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
+        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
+    model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
+    head = paged_step.make_prompt_logprobs_fn(model, 20)
+    jaxpr = jax.make_jaxpr(head)(jnp.zeros((300, 256), jnp.bfloat16), jnp.zeros(300, jnp.int32))
+    found = _primitives(jaxpr.jaxpr, {})
+    assert not {p: found[p] for p in ("cond", "while", "scan") if p in found}
+    out = head(jnp.zeros((300, 256), jnp.bfloat16), jnp.zeros(300, jnp.int32))
+    assert [x.shape for x in out] == [(300,), (300, 20), (300, 20)]

@@ -18,6 +18,9 @@ class _SliceSpy:
     def get_shape(self):
         return self.sl.get_shape()
 
+    def get_dtype(self):
+        return self.sl.get_dtype()
+
     def __getitem__(self, index):
         x = self.sl[index]
         self.log.append((self.name, x.size))

@@ -73,6 +73,25 @@ def test_llm_tensor_expert_and_data_parallel(model_dir, alone):
     assert all(r.num_steps > 0 for r in engine.replicas)  # both replicas served requests
 
 
+@pytest.mark.slow
+def test_prompt_logprobs_on_a_mesh(model_dir):
+    """Prompt logprobs from TP=4 x EP=2 (the LM head's vocabulary split 8 ways, the hidden
+    states gathered out of shard_map) equal one device's."""
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    prompts = [{"prompt_token_ids": p} for p in _prompts()[1:4]]
+    one = LLM(model_dir, **SHAPE).generate(prompts, params, use_tqdm=False)
+    got = LLM(model_dir, tensor_parallel_size=4, expert_parallel_size=2, **SHAPE).generate(
+        prompts, params, use_tqdm=False)
+    for a, b in zip(one, got):
+        assert len(a.prompt_logprobs) == len(b.prompt_logprobs) and b.prompt_logprobs[0] is None
+        np.testing.assert_allclose([t.logprob for t in b.prompt_logprobs[1:]],
+                                   [t.logprob for t in a.prompt_logprobs[1:]], rtol=1e-4,
+                                   atol=1e-5)
+        assert [t.top[0][0] for t in b.prompt_logprobs[1:]] == [
+            t.top[0][0] for t in a.prompt_logprobs[1:]]
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
 def test_generate_cli_tensor_parallel(model_dir, alone, tmp_path):
     """``python -m jaxattn.generate -tp 8`` (one KV head per device)."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

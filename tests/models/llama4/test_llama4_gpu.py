@@ -83,3 +83,45 @@ def test_bf16_serving_step_kernels_match_reference():
     for a, b in zip(got["auto"], got["reference"]):
         rel = np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean())
         assert np.isfinite(a).all() and rel < 0.05, rel
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_bf16_small_chunks_serve_on_gpu(chunk):
+    """6 query / 2 KV heads: 16-token chunks (once refused at start-up: decode_q 21 > 16) serve
+    through 'auto' (the reference: the kernels take no 16-key tile) and 64-token ones through
+    the kernels; both give the reference's logits, full forward and serving step."""
+    from jaxattn import kernels
+    from jaxattn.serve import kv_cache as cache
+    from jaxattn.serve import paged_step
+    from jaxattn.serve.batch import SeqStep, build_step
+    from jaxattn.serve.config import EngineConfig
+
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=1024, hidden_size=512, intermediate_size=256, intermediate_size_mlp=512,
+        num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, head_dim=128,
+        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=chunk,
+        floor_scale=64, initializer_range=0.05))
+    model = llama4.init_random(config, seed=3, dtype=jnp.bfloat16)
+    ids = np.random.default_rng(3).integers(0, config.vocab_size, 300).astype(np.int32)
+    ref = np.asarray(model(ids[None], impl="reference"))
+    got = np.asarray(model(ids[None], impl="auto"))
+    assert np.sqrt(((got - ref) ** 2).mean() / (ref ** 2).mean()) < 0.05
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, max_model_len=512,
+                          page_size=16).bounds(config)
+    assert bounds.dq == min(21, chunk)
+    assert (kernels.unsupported_reason(bounds, jnp.bfloat16) is None) == (chunk == 64)
+    steps = [[SeqStep(ids[:100].tolist(), 0, range(8)), SeqStep(ids[:20].tolist(), 0, range(8, 10))],
+             [SeqStep(ids[100:101].tolist(), 100, range(8)),
+              SeqStep(ids[20:120].tolist(), 20, range(8, 16))]]
+    got = {}
+    for impl in ("auto", "reference"):
+        step = paged_step.make_step_fn(model, bounds, impl=impl)
+        kv = cache.allocate(paged_step.cache_spec(config, num_pages=32, page_size=16,
+                                                  dtype=jnp.bfloat16))
+        got[impl] = []
+        for seqs in steps:
+            logits, kv = step(kv, build_step(bounds, 128, seqs, num_pages=32))
+            got[impl].append(np.asarray(logits[:len(seqs)]))
+    for a, b in zip(got["auto"], got["reference"]):
+        rel = np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean())
+        assert np.isfinite(a).all() and rel < 0.05, rel

@@ -1,0 +1,245 @@
+"""FP8 against bf16 for Scout's matmuls on one GPU, same run, interleaved (issue 22).
+
+    python -m benchmarks.fp8_matmul                # grouped (experts) and dense, default shapes
+    python -m benchmarks.fp8_matmul --sweep        # + FP8 tile configs at prefill sizes
+    python -m benchmarks.fp8_matmul --quick        # fewer shapes and rounds
+
+1. Routed experts (16 experts, gate/up 5120 -> 8192, down 8192 -> 5120): the Mosaic
+   grouped matmul in bf16 against its FP8 form. Prefill sizes (M = 2048..16384 rows
+   spread over the experts): TFLOP/s (2 M K N per product). Decode sizes (M = 1..64
+   rows, top-1 routing: the experts hit are counted): the weights' bytes read per
+   second (GB/s; bf16 reads 2 bytes per weight, FP8 1) and the time ratio, since decode
+   is bound by those bytes. FP8 is timed twice: the kernel alone on prequantised rows
+   ("kernel") and with the per-token quantisation of the rows that the model runs
+   before it ("+quant").
+2. Dense products (shared expert 5120 -> 8192 and 8192 -> 5120; attention q/o
+   5120 -> 5120, k/v 5120 -> 1024): XLA's bf16 dot against XLA's FP8 dot
+   (``kernels.fp8.scaled_matmul``: cuBLASLt on Hopper) with the row quantisation.
+
+Every shape runs bf16 and FP8 alternately for ``--rounds`` rounds of ``--reps`` calls;
+the median round is reported (clock drift hits both alike). Goals (issue 22): FP8
+>= 1.6x bf16's TFLOP/s at prefill sizes, >= 1.8x its speed at decode sizes.
+JSON to benchmarks/results/fp8-matmul-DATE.json (and $OUT); a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import statistics
+import sys
+import time
+
+E, H, I = 16, 5120, 8192
+EXPERT_SHAPES = {"gate/up": (H, I), "down": (I, H)}
+PREFILL_M = (2048, 8192, 16384)
+DECODE_M = (1, 8, 32, 64)
+DENSE = {"shared gate/up": (H, I), "shared down": (I, H), "attn q/o": (H, H),
+         "attn k/v": (H, 1024)}
+DENSE_M = (16, 2048, 8192)
+
+
+def _time(fn, args, reps: int) -> float:
+    import jax
+
+    out = fn(*args)
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / reps
+
+
+def interleaved(fns: dict, args: dict, rounds: int, reps: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed alternately round by round."""
+    times = {k: [] for k in fns}
+    for k in fns:  # compile and warm every variant first
+        _time(fns[k], args[k], 2)
+    for _ in range(rounds):
+        for k in fns:
+            times[k].append(_time(fns[k], args[k], reps))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _groups(m: int, rng):
+    """Top-1 routing of m tokens: uniform over experts (prefill), random (decode)."""
+    import numpy as np
+
+    if m >= 1024:
+        sizes = np.full(E, m // E)
+        sizes[: m % E] += 1
+    else:
+        sizes = np.bincount(rng.integers(0, E, m), minlength=E)
+    return sizes.astype(np.int32)
+
+
+def grouped(args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxattn.kernels import fp8, grouped_matmul as gm
+
+    rng = np.random.default_rng(0)
+    rows = []
+    ms = [(m, "prefill") for m in (PREFILL_M[:2] if args.quick else PREFILL_M)] + \
+         [(m, "decode") for m in (DECODE_M[::2] if args.quick else DECODE_M)]
+    for name, (k, n) in EXPERT_SHAPES.items():
+        w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))  # a numpy scalar would promote to f32
+        wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
+        for m, phase in ms:
+            sizes = _groups(m, rng)
+            gs = jnp.asarray(sizes)
+            x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
+            xq, xs = jax.jit(fp8.quantize)(x)
+            cfg = gm.pick_config(m, k, n, fp8=True)
+            xs_pad = jnp.pad(xs, (0, -m % cfg.block_m))
+            xq_pad = xq if m <= 8 or m % 8 == 0 else jnp.pad(xq, ((0, -m % 8), (0, 0)))
+            fns = {
+                "bf16": jax.jit(lambda x, w, gs: gm.grouped_matmul(x, w, gs, impl="mosaic")),
+                "fp8 kernel": jax.jit(lambda xq, xs, w, s, gs: gm._mosaic_grouped_matmul(
+                    xq, w, gs, xs, s, config=cfg, out_dtype=jnp.dtype(jnp.bfloat16))),
+                "fp8 +quant": jax.jit(lambda x, w, s, gs: gm.grouped_matmul_fp8(
+                    x, w, s, gs, impl="mosaic")),
+            }
+            fargs = {"bf16": (x, w, gs), "fp8 kernel": (xq_pad, xs_pad, wq, ws, gs),
+                     "fp8 +quant": (x, wq, ws, gs)}
+            t = interleaved(fns, fargs, args.rounds, args.reps)
+            hit = int((sizes > 0).sum())
+            flops = 2 * m * k * n
+            row = {"matmul": name, "phase": phase, "m": m, "k": k, "n": n, "experts_hit": hit,
+                   "config_fp8": dataclasses.asdict(cfg),
+                   "us": {v: 1e6 * s for v, s in t.items()},
+                   "tflops": {v: flops / s / 1e12 for v, s in t.items()},
+                   "weight_gbps": {v: hit * k * n * (2 if v == "bf16" else 1) / s / 1e9
+                                   for v, s in t.items()},
+                   "speedup_kernel": t["bf16"] / t["fp8 kernel"],
+                   "speedup_with_quant": t["bf16"] / t["fp8 +quant"]}
+            rows.append(row)
+            print(f"{name:8} {phase:7} M={m:>6}: bf16 {row['us']['bf16']:8.1f} us, fp8 kernel "
+                  f"{row['us']['fp8 kernel']:8.1f} us (x{row['speedup_kernel']:.2f}), +quant "
+                  f"{row['us']['fp8 +quant']:8.1f} us (x{row['speedup_with_quant']:.2f}); "
+                  + (f"TFLOP/s {row['tflops']['bf16']:.0f} -> {row['tflops']['fp8 kernel']:.0f}"
+                     if phase == "prefill" else
+                     f"weights GB/s {row['weight_gbps']['bf16']:.0f} -> "
+                     f"{row['weight_gbps']['fp8 kernel']:.0f} ({hit} experts)"), flush=True)
+    return rows
+
+
+def sweep(args) -> list[dict]:
+    """FP8 tile configs at prefill sizes (which the picker should choose)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxattn.kernels import fp8, grouped_matmul as gm
+
+    configs = [gm.GroupedMatmulConfig(block_m=bm, block_n=bn, block_k=128,
+                                      max_concurrent_steps=st, grid_block_n=gb)
+               for bm, bn in ((128, 128), (64, 256), (128, 256))
+               for st in (4, 6) for gb in (1, 8)]
+    rows = []
+    rng = np.random.default_rng(0)
+    for name, (k, n) in EXPERT_SHAPES.items():
+        m = 8192
+        gs = jnp.asarray(_groups(m, rng))
+        wq, ws = jax.jit(lambda w: fp8.quantize(w, -1))(
+            jax.random.normal(jax.random.key(1), (E, n, k), jnp.bfloat16))
+        xq, xs = jax.jit(fp8.quantize)(jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16))
+        for cfg in configs:
+            if n % (cfg.block_n * cfg.grid_block_n) and cfg.grid_block_n > 1:
+                continue
+            try:
+                f = jax.jit(lambda xq, xs, w, s, gs, cfg=cfg: gm._mosaic_grouped_matmul(
+                    xq, w, gs, jnp.pad(xs, (0, -m % cfg.block_m)), s, config=cfg,
+                    out_dtype=jnp.dtype(jnp.bfloat16)))
+                t = interleaved({"c": f}, {"c": (xq, xs, wq, ws, gs)}, args.rounds, args.reps)["c"]
+            except Exception as e:  # a config over the SMEM or register budget
+                print(f"{name} {cfg}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            tf = 2 * m * k * n / t / 1e12
+            rows.append({"matmul": name, "m": m, "config": dataclasses.asdict(cfg), "us": t * 1e6,
+                         "tflops": tf})
+            print(f"sweep {name:8} M={m} {cfg}: {t * 1e6:8.1f} us, {tf:.0f} TFLOP/s", flush=True)
+    return rows
+
+
+def dense(args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxattn.kernels import fp8
+
+    rows = []
+    for name, (k, n) in DENSE.items():
+        w = jax.random.normal(jax.random.key(3), (n, k), jnp.bfloat16) / 70
+        wq, ws = jax.jit(fp8.quantize)(w)
+        for m in (DENSE_M[1:] if args.quick else DENSE_M):
+            x = jax.random.normal(jax.random.key(4), (m, k), jnp.bfloat16)
+            fns = {"bf16": jax.jit(lambda x, w: jax.lax.dot_general(
+                       x, w, (((1,), (1,)), ((), ())))),
+                   "fp8 +quant": jax.jit(fp8.scaled_matmul)}
+            t = interleaved(fns, {"bf16": (x, w), "fp8 +quant": (x, wq, ws)}, args.rounds,
+                            args.reps)
+            row = {"matmul": name, "m": m, "k": k, "n": n,
+                   "us": {v: 1e6 * s for v, s in t.items()},
+                   "tflops": {v: 2 * m * k * n / s / 1e12 for v, s in t.items()},
+                   "speedup": t["bf16"] / t["fp8 +quant"]}
+            rows.append(row)
+            print(f"dense {name:14} M={m:>5}: bf16 {row['us']['bf16']:7.1f} us, fp8 "
+                  f"{row['us']['fp8 +quant']:7.1f} us (x{row['speedup']:.2f})", flush=True)
+    return rows
+
+
+def table(res: dict) -> str:
+    lines = ["| matmul | phase | M | experts hit | bf16 us | FP8 kernel us | FP8 +quant us | "
+             "speedup (kernel / +quant) | bf16 -> FP8 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["grouped"]:
+        unit = (f"{r['tflops']['bf16']:.0f} -> {r['tflops']['fp8 kernel']:.0f} TFLOP/s"
+                if r["phase"] == "prefill" else
+                f"{r['weight_gbps']['bf16']:.0f} -> {r['weight_gbps']['fp8 kernel']:.0f} GB/s")
+        lines.append(f"| {r['matmul']} | {r['phase']} | {r['m']} | {r['experts_hit']} | "
+                     f"{r['us']['bf16']:.1f} | {r['us']['fp8 kernel']:.1f} | "
+                     f"{r['us']['fp8 +quant']:.1f} | {r['speedup_kernel']:.2f} / "
+                     f"{r['speedup_with_quant']:.2f} | {unit} |")
+    if res.get("dense"):
+        lines += ["", "| dense | M | bf16 us | FP8 +quant us | speedup |", "|---|---|---|---|---|"]
+        for r in res["dense"]:
+            lines.append(f"| {r['matmul']} | {r['m']} | {r['us']['bf16']:.1f} | "
+                         f"{r['us']['fp8 +quant']:.1f} | {r['speedup']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fp8_matmul", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="also FP8 tile configs at M=8192")
+    p.add_argument("--no-dense", action="store_true")
+    args = p.parse_args(argv)
+    import jax
+
+    from benchmarks.common import write_json
+    from jaxattn.kernels import common
+
+    if not common.on_hopper():
+        print("needs a Hopper GPU (the Mosaic kernels)", file=sys.stderr)
+        return 2
+    res = {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
+           "jax": jax.__version__, "rounds": args.rounds, "reps": args.reps,
+           "grouped": grouped(args)}
+    if not args.no_dense:
+        res["dense"] = dense(args)
+    if args.sweep:
+        res["sweep"] = sweep(args)
+    print(table(res))
+    print("wrote", write_json(f"fp8-matmul-{res['date']}.json", res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""FP8 (float8_e4m3fn) quantisation and the dense FP8 matmul.
+
+The scheme (W8A8, "FP8 dynamic"): weights hold one f32 scale per output channel,
+fixed at load time; activations are quantised per token (per row) at run time with
+a scale from the row's absolute maximum. A product is
+
+    y[m, n] = (sum_k xq[m, k] * wq[n, k]) * x_scale[m] * w_scale[n]
+
+accumulated in f32 from 8-bit operands, so the scales are applied once, in the
+epilogue, not per element. The same scheme as compressed-tensors' ``channel`` weights
+with ``dynamic`` ``token`` activations (what FP8 Llama 4 checkpoints publish) and as
+Meta's ``fp8_mixed`` (per-row weights, per-token activations with an optional cap).
+
+Weights are stored K-major, ``[..., N, K]`` (a Linear's ``[out, in]``): Hopper's
+wgmma reads 8-bit operands only K-major, and the layout is what checkpoints hold.
+
+:func:`scaled_matmul` is the dense product (shared expert, dense MLP, attention
+projections when they are quantised): ``lax.dot_general`` on float8 operands with
+f32 output, which XLA lowers to a cuBLASLt FP8 GEMM on Hopper and computes exactly
+(as f32) on the CPU. The grouped product of the routed experts is
+:func:`jaxattn.kernels.grouped_matmul.grouped_matmul_fp8`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DTYPE = jnp.float8_e4m3fn
+MAX = float(jnp.finfo(DTYPE).max)  # 448
+# Scale floor: an all-zero row quantises to zeros with a finite scale (no 0/0).
+MIN_SCALE = 1e-12
+
+
+def quantize(x, axis: int = -1, scale_ub: float | None = None):
+    """Symmetric FP8 along ``axis`` (the contraction axis): (values float8, scale f32).
+
+    One scale per slice across ``axis`` (a row of activations, an output channel of
+    weights): ``absmax / 448``, so the largest value maps to the largest finite e4m3.
+    ``scale_ub`` caps the absmax (Meta's ``activation_scale_ub``): outliers past it clip.
+    Values are clamped to +-448 before the cast (e4m3fn has no infinity: an overflowing
+    cast gives NaN). The scale has ``x``'s shape without ``axis``.
+    """
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=axis)
+    if scale_ub is not None:
+        amax = jnp.minimum(amax, scale_ub)
+    scale = jnp.maximum(amax / MAX, MIN_SCALE)
+    q = jnp.clip(xf / jnp.expand_dims(scale, axis), -MAX, MAX).astype(DTYPE)
+    return q, scale
+
+
+def dequantize(q, scale, axis: int = -1, dtype=jnp.float32):
+    """The inverse of :func:`quantize` (up to its rounding)."""
+    return (q.astype(jnp.float32) * jnp.expand_dims(scale, axis)).astype(dtype)
+
+
+def scaled_matmul(x, w, w_scale, *, out_dtype=None, scale_ub: float | None = None):
+    """``x [..., K]`` (bf16/f32) times the FP8 weight ``w [N, K]`` with ``w_scale [N]``.
+
+    ``x`` is quantised per token here (dynamic). Returns ``[..., N]`` in ``out_dtype``
+    (default ``x.dtype``). XLA's FP8 dot: f32 accumulation, scales applied after.
+    """
+    xq, xs = quantize(x, -1, scale_ub)
+    y = lax.dot_general(xq, w, (((x.ndim - 1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+    return (y * xs[..., None] * w_scale).astype(out_dtype or x.dtype)
+
+
+def scaled_matmul_reference(x, w, w_scale, *, out_dtype=None, scale_ub: float | None = None):
+    """:func:`scaled_matmul` from dequantised f32 operands (the semantics, for tests)."""
+    xq, xs = quantize(x, -1, scale_ub)
+    xd = dequantize(xq, xs)
+    wd = dequantize(w, w_scale)
+    y = jnp.einsum("...k,nk->...n", xd, wd, precision=lax.Precision.HIGHEST)
+    return y.astype(out_dtype or x.dtype)

@@ -1,0 +1,199 @@
+"""FP8: quantisation, the dense scaled matmul, and the FP8 grouped matmul kernel.
+
+The kernel runs in Pallas' GPU interpret mode on the CPU against
+:func:`grouped_matmul.reference_fp8` (dequantised f32 ragged_dot), and is lowered for
+CUDA (``jax.export``) for every tile config ``pick_config(fp8=True)`` can emit at
+Scout's shapes; the GPU tests run it at full size.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxattn.kernels import common, fp8, grouped_matmul as gm
+
+
+def _rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def test_quantize_round_trip_and_scales():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((6, 256)) * np.logspace(-3, 3, 6)[:, None], jnp.float32)
+    q, s = fp8.quantize(x)
+    assert q.dtype == fp8.DTYPE and s.shape == (6,) and s.dtype == jnp.float32
+    # The row's absmax maps to 448 exactly; e4m3 keeps 3 mantissa bits (<= 1/16 relative).
+    np.testing.assert_allclose(np.abs(np.asarray(q, np.float32)).max(1), fp8.MAX)
+    back = fp8.dequantize(q, s)
+    err = np.abs(np.asarray(back) - np.asarray(x))
+    assert (err <= np.abs(np.asarray(x)) / 16 + np.asarray(s)[:, None] * 2.0**-9).all()
+    assert _rel(back, x) < 0.03
+
+
+def test_quantize_zero_rows_outliers_and_cap():
+    x = jnp.asarray([[0.0] * 8, [1.0] * 7 + [1e6]], jnp.float32)
+    q, s = fp8.quantize(x)
+    assert np.isfinite(np.asarray(q, np.float32)).all() and np.isfinite(np.asarray(s)).all()
+    assert (np.asarray(q[0], np.float32) == 0).all()
+    # A cap (Meta's activation_scale_ub) clips the outlier instead of flushing the rest to 0.
+    q, s = fp8.quantize(x, scale_ub=1200.0)
+    assert float(s[1]) == pytest.approx(1200.0 / fp8.MAX)
+    assert float(q[1, -1].astype(jnp.float32)) == fp8.MAX  # clamped, not NaN
+    np.testing.assert_allclose(np.asarray(fp8.dequantize(q, s)[1, :7]), 1.0, rtol=0.07)
+
+
+def test_quantize_weights_per_output_channel():
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.standard_normal((3, 16, 64)) * rng.uniform(0.01, 10, (3, 16, 1)),
+                    jnp.float32)  # [G, N, K]: one scale per (group, output channel)
+    q, s = fp8.quantize(w, -1)
+    assert s.shape == (3, 16)
+    np.testing.assert_allclose(np.asarray(s), np.abs(np.asarray(w)).max(-1) / fp8.MAX, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (2, 3, 64)])
+def test_scaled_matmul_matches_reference_and_bf16(shape):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((32, 64)) / 8, jnp.float32)
+    wq, ws = fp8.quantize(w)
+    got = fp8.scaled_matmul(x, wq, ws)
+    assert got.shape == shape[:-1] + (32,) and got.dtype == jnp.bfloat16
+    want = fp8.scaled_matmul_reference(x, wq, ws, out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
+    exact = jnp.einsum("...k,nk->...n", x.astype(jnp.float32), w)
+    assert _rel(got, exact) < 0.06  # what 8-bit operands cost against unquantised f32
+
+
+def _case(m, sizes, n, k=256, seed=None):
+    rng = np.random.default_rng(m if seed is None else seed)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    wq, ws = fp8.quantize(jnp.asarray(rng.standard_normal((len(sizes), n, k)) / 16, jnp.float32))
+    return x, wq, ws, jnp.asarray(sizes, jnp.int32)
+
+
+def _want(x, wq, ws, gs):
+    xq, xs = fp8.quantize(x)
+    return np.asarray(gm.reference_fp8(xq, xs, wq, ws, gs))
+
+
+DECODE = gm.GroupedMatmulConfig(block_m=64, block_k=128)
+
+
+@pytest.mark.parametrize("m,sizes,n,config", [
+    (1, [0, 0, 0, 1], 256, None),  # decode: one row in the last group, three empty ones
+    (1, [1, 0, 0, 0], 256, dataclasses.replace(DECODE, k_splits=2)),  # K split over 2 SMs
+    (5, [1, 1, 1, 2], 128, dataclasses.replace(DECODE, k_splits=2, block_k=64)),
+    (70, [16, 27, 0, 27], 256, None),  # an empty group between unaligned ones
+    (200, [0, 200, 0, 0], 256, None),  # every row in one group, several row tiles
+    (300, [106, 96, 98, 0], 1024, None),  # prefill tiles visited in bands of 8 N tiles
+])
+def test_fp8_kernel_matches_reference(m, sizes, n, config):
+    x, wq, ws, gs = _case(m, sizes, n)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = gm.grouped_matmul_fp8(x, wq, ws, gs, impl="mosaic", config=config)
+    want = _want(x, wq, ws, gs)
+    assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+    # Same 8-bit products, f32 accumulation in both: bf16 output rounding only.
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2,
+                               atol=1e-2 * np.abs(want).max())
+
+
+def test_fp8_kernel_f32_output_and_row_scales_differ_per_row():
+    """Rows of very different magnitude in one tile: each gets its own scale in the epilogue."""
+    x, wq, ws, gs = _case(24, [10, 14], 128, seed=5)
+    x = x * jnp.logspace(-2, 2, 24, dtype=jnp.float32)[:, None].astype(jnp.bfloat16)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = gm.grouped_matmul_fp8(x, wq, ws, gs, impl="mosaic", out_dtype=jnp.float32)
+    want = _want(x, wq, ws, gs)
+    assert got.dtype == jnp.float32
+    # Per row (magnitudes span 1e4): f32 output, so only summation order differs.
+    err = np.abs(np.asarray(got) - want).max(1) / np.abs(want).max(1)
+    assert err.max() < 1e-5, err
+
+
+@pytest.mark.parametrize("m,sizes", [(7, [3, 0, 4]), (16, [0, 16, 0])])
+def test_fp8_xla_path_matches_reference(m, sizes):
+    x, wq, ws, gs = _case(m, sizes, 96, k=64)
+    got = gm.grouped_matmul_fp8(x, wq, ws, gs, impl="xla", out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), _want(x, wq, ws, gs), rtol=1e-5, atol=1e-4)
+
+
+def test_fp8_xla_path_leaves_rows_past_the_groups_zero():
+    x, wq, ws, _ = _case(6, [2, 2], 64, k=64)
+    got = gm.grouped_matmul_fp8(x, wq, ws, jnp.asarray([2, 2], jnp.int32), impl="xla")
+    assert (np.asarray(got[4:], np.float32) == 0).all()
+
+
+def test_fp8_rejects_bad_operands():
+    x, wq, ws, gs = _case(4, [4], 64, k=64)
+    with pytest.raises(ValueError, match="float8"):
+        gm.grouped_matmul_fp8(x, wq.astype(jnp.bfloat16), ws, gs)
+    with pytest.raises(ValueError, match="w_scale"):
+        gm.grouped_matmul_fp8(x, wq, ws[:, :3], gs)
+    with pytest.raises(ValueError, match="block_m"):
+        gm.GroupedMatmulConfig(block_m=100)
+
+
+# Every config the picker emits for Scout's expert shapes, decode to prefill.
+SCOUT_M = (1, 7, 32, 64, 65, 300, 8192)
+SCOUT_KN = ((5120, 8192), (8192, 5120))
+
+
+def test_picker_configs_at_scout_shapes():
+    configs = {gm.pick_config(m, k, n, 132, fp8=True) for m in SCOUT_M for k, n in SCOUT_KN}
+    for c in configs:
+        assert c.block_k == 128
+    decode = gm.pick_config(1, 5120, 8192, 132, fp8=True)
+    assert decode.block_m == 64 and (8192 // 128) * decode.k_splits >= 132
+
+
+@pytest.mark.parametrize("m", SCOUT_M)
+@pytest.mark.parametrize("k,n", SCOUT_KN)
+def test_fp8_kernel_lowers_for_scout_shapes(m, k, n):
+    """Mosaic lowering and the SMEM budget of the picked config (gate/up 5120 -> 8192, down
+    8192 -> 5120), without a GPU."""
+    f = jax.jit(lambda x, w, s, gs: gm.grouped_matmul_fp8(x, w, s, gs, impl="mosaic"))
+    exported = jax.export.export(f, platforms=["cuda"])(
+        jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((16, n, k), fp8.DTYPE),
+        jax.ShapeDtypeStruct((16, n), jnp.float32), jax.ShapeDtypeStruct((16,), jnp.int32))
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_fp8_impl_resolution():
+    assert gm.resolve_fp8("auto", 256, 256) == ("mosaic" if common.on_hopper() else "xla")
+    assert gm.resolve_fp8("auto", 200, 256) == "xla"
+    with pytest.raises(ValueError, match="impl"):
+        gm.resolve_fp8("cublas", 256, 256)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 32, 65, 300, 4096])
+@pytest.mark.parametrize("k,n", SCOUT_KN)
+def test_fp8_kernel_on_gpu_at_scout_shapes(m, k, n):
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((16, n, k)) / np.sqrt(k), jnp.float32)
+    wq, ws = jax.jit(fp8.quantize)(w)
+    gs = jnp.asarray(np.bincount(rng.integers(0, 16, m) // 2 * 2, minlength=16), jnp.int32)
+    got = jax.jit(lambda x, w, s, gs: gm.grouped_matmul_fp8(x, w, s, gs, impl="mosaic"))(
+        x, wq, ws, gs)
+    want = _want(x, wq, ws, gs)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2,
+                               atol=2e-2 * np.abs(want).max())
+
+
+@pytest.mark.gpu
+def test_scaled_matmul_on_gpu():
+    """XLA's FP8 dot (cuBLASLt on Hopper) against the dequantised f32 product."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((512, 5120)), jnp.bfloat16)
+    wq, ws = fp8.quantize(jnp.asarray(rng.standard_normal((8192, 5120)) / 70, jnp.float32))
+    got = jax.jit(fp8.scaled_matmul)(x, wq, ws)
+    want = fp8.scaled_matmul_reference(x, wq, ws, out_dtype=jnp.float32)
+    assert _rel(got, want) < 1e-2
