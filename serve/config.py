@@ -180,13 +180,16 @@ def bucket_ladder(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
 
 def default_block_kv(chunk_size: int | None, page_size: int, max_keys: int = 128) -> int:
     """The largest KV tile of whole pages, up to ``max_keys`` keys, that divides the chunk
-    (Bounds' rules).
+    (Bounds' rules); pages larger than ``max_keys`` are cut into ``max_keys``-key slices.
 
     A chunk that is no multiple of the page size (a few tokens: any valid Llama 4 config
     serves) gets the largest slice of a page that divides both, ``gcd(chunk, page_size)``:
     chunk-aligned key ranges then start on a tile. The Mosaic kernels take no such tile
     (``kernels.unsupported_reason``), so ``impl="auto"`` runs those bounds on the reference.
     """
+    if page_size > max_keys and page_size % max_keys == 0 and (
+            chunk_size is None or chunk_size % max_keys == 0):
+        return max_keys  # a slice of a page per tile (one TMA copy; the FP8 cache's 64 keys)
     for pages in range(max(1, max_keys // page_size), 0, -1):
         if chunk_size is None or chunk_size % (pages * page_size) == 0:
             return pages * page_size

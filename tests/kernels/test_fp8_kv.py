@@ -161,7 +161,7 @@ def test_prefill_fp8_lowers_and_allocates_what_smem_bytes_says(cfg, d, dtype):
         assert found and int(found.group(1)) == c.smem_bytes(d, dtype, FP8)
 
 
-@pytest.mark.parametrize("page_size", [8, 16, 32, 64])
+@pytest.mark.parametrize("page_size", [8, 16, 32, 64, 128, 256])
 def test_prefill_fp8_lowers_for_page_sizes(page_size):
     bounds = jaxattn.Bounds(max_num_seqs=16, max_num_batched_tokens=8192, max_model_len=131072,
                             page_size=page_size, num_q_heads=40, num_kv_heads=8, head_dim=128,

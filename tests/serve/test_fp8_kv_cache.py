@@ -92,6 +92,15 @@ def test_config_refuses_unknown_and_fp8_bounds_use_64_key_tiles():
     big = dataclasses.replace(mc, attention_chunk_size=8192)
     assert EngineConfig(**kw).bounds(big).block_kv == 128
     assert EngineConfig(kv_cache_dtype="fp8", **kw).bounds(big).block_kv == 64
+    # Pages larger than the tile: 64-key slices of a page, which the kernels take.
+    from jaxattn import kernels
+
+    scout = dataclasses.replace(big, num_attention_heads=40, num_key_value_heads=8,
+                                head_dim=128)
+    for page in (16, 64, 128, 256):
+        b = EngineConfig(kv_cache_dtype="fp8", max_model_len=131072, page_size=page).bounds(scout)
+        assert b.block_kv == 64
+        assert kernels.unsupported_reason(b, jnp.bfloat16, FP8) is None
 
 
 # --- accuracy against the full-precision cache ------------------------------------------
