@@ -91,6 +91,22 @@ def dequantize_tile(src8, scale, dst):
     return dst
 
 
+def check_pages(kernel: str, page_size: int, block_kv: int, pages_per_seq: int) -> None:
+    """ValueError unless ``kernel`` can fill its KV tiles of ``block_kv`` keys from these pages.
+
+    A tile is ``block_kv // page_size`` whole pages (small pages: each lands in whole 8-row
+    SMEM tiles), or one TMA copy of a slice of one page: pages that are a multiple of the
+    tile, or one page per sequence of any length (the contiguous API: the last tile reads
+    past the page's end, which TMA fills with zeros, and those keys are masked).
+    """
+    if pages_per_seq == 1 or page_size % block_kv == 0:
+        return
+    if block_kv % page_size or page_size % 8:
+        raise ValueError(f"{kernel} kernel: page_size={page_size} must be a multiple of 8 "
+                         f"dividing block_kv={block_kv}, a multiple of block_kv, or hold a "
+                         f"whole sequence")
+
+
 def smem_bytes(scratch) -> int:
     """Dynamic shared memory Mosaic GPU allocates for a kernel's ``scratch_types``.
 

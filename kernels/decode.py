@@ -123,13 +123,7 @@ def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, bl
     if bounds.dq * g > ROWS:
         raise ValueError(f"decode_q={bounds.dq} tokens x {g} heads per KV group = "
                          f"{bounds.dq * g} rows exceed one {ROWS}-row tile; lower decode_q")
-    # A page (or page slice) lands in whole 8-row tiles of the swizzled K/V tile, and a
-    # KV block is whole pages or a page is whole blocks; or a sequence is one page of any
-    # length (the contiguous API), read in block slices (TMA zero-fills past its end).
-    if pages_per_seq == 1 or page_size % block_kv == 0:
-        return
-    if page_size < 8 or block_kv % page_size:
-        raise ValueError(f"page_size={page_size} unsupported: use a power of two >= 8")
+    common.check_pages("decode", page_size, block_kv, pages_per_seq)
 
 
 def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_part: int,

@@ -203,7 +203,7 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None) -> PrefillConfig:
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)
-    _check_pages(bounds.page_size, bounds.block_kv, bounds.pages_per_seq)
+    common.check_pages("prefill", bounds.page_size, bounds.block_kv, bounds.pages_per_seq)
     best = None
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages)
@@ -217,19 +217,6 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None) -> PrefillConfig:
                              if kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
                              else ""))
     return best
-
-
-def _check_pages(page_size: int, block_kv: int, pages_per_seq: int):
-    """A KV tile is ``block_kv // page_size`` whole pages (small pages: each lands in whole
-    8-row SMEM tiles), or one TMA copy of a slice of one page: pages that are a multiple of
-    the tile, or one page per sequence of any length (the contiguous API: the last tile
-    reads past the page's end, which TMA fills with zeros, and those keys are masked)."""
-    if pages_per_seq == 1 or page_size % block_kv == 0:
-        return
-    if block_kv % page_size or page_size % 8:
-        raise ValueError(f"page_size={page_size} must be a multiple of 8 dividing "
-                         f"block_kv={block_kv}, a multiple of block_kv, or hold a whole "
-                         f"sequence")
 
 
 def _named_barrier(op: str, barrier_id, num_threads: int):
@@ -282,7 +269,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     common.check_supported("prefill", d, q.dtype)
     common.check_kv_dtype("prefill", q.dtype, k_pages.dtype, k_scale is not None)
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
-    _check_pages(page_size, config.block_kv, page_table.shape[1])
+    common.check_pages("prefill", page_size, config.block_kv, page_table.shape[1])
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
                                      named_barriers=False)

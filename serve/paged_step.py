@@ -35,16 +35,17 @@ def attention_kinds(config: Llama4Config) -> tuple:
 
 
 def plans(config: Llama4Config, bounds: jaxattn.Bounds, batch: StepBatch,
-          impl: str = "auto", dtype=jnp.bfloat16) -> tuple:
+          impl: str = "auto", dtype=jnp.bfloat16, kv_dtype=None) -> tuple:
     """The work plans of one step, one per kind of :func:`attention_kinds`.
 
     Built once per step (outside any ``shard_map``: the same replicated plan feeds
     every device, whose bounds count its local heads) and shared by every layer; for the
-    kernels, with the metadata they derive from it (``jaxattn.kernels.prepare``).
+    kernels, with the metadata they derive from it (``jaxattn.kernels.prepare``). ``impl``
+    resolves as every layer's attention will: for q of ``dtype`` over a ``kv_dtype`` cache.
     """
     step_plans = tuple(planner.plan(bounds, batch.cu_q_lens, batch.kv_lens, batch.num_seqs,
                                     chunk_size=c) for c in attention_kinds(config))
-    if jaxattn.api.resolve_impl(impl, bounds, dtype) not in ("mosaic", "interpret"):
+    if jaxattn.api.resolve_impl(impl, bounds, dtype, kv_dtype) not in ("mosaic", "interpret"):
         return step_plans
     from jaxattn import kernels
 
@@ -234,7 +235,8 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         ids = batch.token_ids
         batch = batch._replace(token_ids=jnp.where(
             ids < 0, prev_tokens[jnp.clip(-ids - 1, 0, prev_tokens.shape[0] - 1)], ids))
-        return local_step(state, kv_cache, batch, plans(config, bounds, batch, impl, dtype))
+        return local_step(state, kv_cache, batch,
+                          plans(config, bounds, batch, impl, dtype, kv_cache.k[0].dtype))
 
     device = jax.devices()[0]
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, P())
