@@ -204,6 +204,16 @@ OFF_GRID = [8191, 8193, 10000, 10001, 12287, 20000]
 RANDOM_LENGTHS = sorted(int(x) for x in np.random.default_rng(19).integers(4096, 131073, 8))
 
 
+def _time_into(entry, name, flops, f, *args):
+    """entry[name]: f's median ms and TFLOP/s over args, or the error that stopped it."""
+    try:
+        m = _measure(f, *args, target_ms=300.0)
+        entry[name] = dict(m, tflops=flops / m["ms"] / 1e9)
+    except Exception as e:  # noqa: BLE001 - record and go on
+        entry[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        traceback.print_exc(limit=3)
+
+
 def _summary(ratios):
     return dict(min=min(ratios), median=statistics.median(ratios), max=max(ratios), n=len(ratios))
 
@@ -220,16 +230,11 @@ def bench_off_grid(res):
             flops = chunked_flops(length) if chunked else causal_flops(length, length)
             q, k, v = _inputs(length, jnp.bfloat16)
             entry = dict(mode=mode, length=length, flops=flops, random=length in RANDOM_LENGTHS)
-            for name, f in (("jaxattn", jaxattn_fn(CHUNK if chunked else None)),
-                            ("cudnn", cudnn_fn(chunked) if not chunked or length % CHUNK == 0
-                             else None)):
-                if f is None:  # cuDNN's stand-in needs whole chunks: compare with causal pieces
-                    f = cudnn_chunked_ragged_fn(length)
-                try:
-                    m = _measure(f, q, k, v, target_ms=300.0)
-                    entry[name] = dict(m, tflops=flops / m["ms"] / 1e9)
-                except Exception as e:  # noqa: BLE001
-                    entry[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            # cuDNN's chunked stand-in needs whole chunks: else whole chunks + the partial one.
+            cudnn = (cudnn_chunked_ragged_fn(length) if chunked and length % CHUNK
+                     else cudnn_fn(chunked))
+            _time_into(entry, "jaxattn", flops, jaxattn_fn(CHUNK if chunked else None), q, k, v)
+            _time_into(entry, "cudnn", flops, cudnn, q, k, v)
             if "ms" in entry["jaxattn"] and "ms" in entry["cudnn"]:
                 entry["ratio_vs_cudnn"] = entry["cudnn"]["ms"] / entry["jaxattn"]["ms"]
             rows.append(entry)
@@ -277,17 +282,11 @@ def bench_serving_step(res, q_len=8192):
             k = jax.random.normal(kk, (1, kv_len, HKV, D), jnp.bfloat16)
             v = jax.random.normal(kv, (1, kv_len, HKV, D), jnp.bfloat16)
             entry = dict(q_len=q_len, kv_len=kv_len, chunk=chunk, flops=flops)
-            try:
-                m = _measure(jaxattn_fn(chunk), q, k, v, target_ms=300.0)
-                entry["contiguous"] = dict(m, tflops=flops / m["ms"] / 1e9)
-                for page in (16, 128):
-                    f, args = _paged_step_fn(q[0], k[0], v[0], page, chunk)
-                    m = _measure(f, *args, target_ms=300.0)
-                    entry[f"paged_{page}"] = dict(m, tflops=flops / m["ms"] / 1e9)
-                    del args
-            except Exception as e:  # noqa: BLE001
-                entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                traceback.print_exc(limit=3)
+            _time_into(entry, "contiguous", flops, jaxattn_fn(chunk), q, k, v)
+            for page in (16, 128):
+                f, args = _paged_step_fn(q[0], k[0], v[0], page, chunk)
+                _time_into(entry, f"paged_{page}", flops, f, *args)
+                del args
             res["serving_step"].append(entry)
             log("serving step", {k2: (v2.get("tflops") if isinstance(v2, dict) else v2)
                                  for k2, v2 in entry.items()})
