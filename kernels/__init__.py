@@ -65,8 +65,8 @@ class KernelPlan(NamedTuple):
     shared by all layers of a kind (per layer it cost 0.07-0.14 ms of XLA launches).
 
     ``dec_src`` [R]: the row of q each compact decode row comes from (T: none);
-    ``dec_meta``: the decode kernel's metadata over the compact rows; ``zero`` [1, 2]:
-    the row range no item covers."""
+    ``dec_meta``: the decode kernel's metadata over the compact rows; ``zero`` [R, 2]:
+    row ranges [a, b) no item covers, which the prefill kernel fills with zeros."""
 
     plan: Plan
     dec_src: jax.Array
@@ -84,9 +84,8 @@ def prepare(plan: Plan | KernelPlan, *, bounds: Bounds, num_tokens: int) -> Kern
     return KernelPlan(plan._replace(decode=items), src, meta, zero)
 
 
-def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, zero_ranges, *,
-              bounds: Bounds, scale, causal, interpret, num_workers, config=None,
-              k_scale=None, v_scale=None):
+def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bounds, scale,
+              causal, interpret, num_workers, config=None, k_scale=None, v_scale=None):
     plan = kplan.plan
     if config is None:
         config = prefill.pick_config(bounds, q.dtype, k_pages.dtype)
@@ -94,7 +93,7 @@ def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, zero_ranges, *
         raise ValueError(f"config tiles ({config.block_q}, {config.block_kv}) != bounds "
                          f"({bounds.block_q}, {bounds.block_kv})")
     out, lse_tiles = prefill.prefill_attention(
-        q, k_pages, v_pages, page_table, plan.prefill, zero_ranges, config=config, scale=scale,
+        q, k_pages, v_pages, page_table, plan.prefill, kplan.zero, config=config, scale=scale,
         causal=causal, num_workers=num_workers, interpret=interpret, k_scale=k_scale,
         v_scale=v_scale)
     lse = prefill.scatter_lse(lse_tiles, plan.prefill, q.shape[0])
@@ -153,8 +152,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan | KernelP
     """
     kplan = prepare(plan, bounds=bounds, num_tokens=q.shape[0])
     workers = _INTERPRET_WORKERS if interpret else bounds.num_workers
-    return _run_plan(q, k_pages, v_pages, page_table, kplan, kplan.zero, bounds=bounds,
-                     scale=scale, causal=causal, interpret=interpret,
+    return _run_plan(q, k_pages, v_pages, page_table, kplan, bounds=bounds, scale=scale,
+                     causal=causal, interpret=interpret,
                      num_workers=min(workers, bounds.num_workers), config=config,
                      k_scale=k_scale, v_scale=v_scale)
 
@@ -210,8 +209,8 @@ def attention(q, k, v, q_lens, kv_lens, *, scale, causal=True, chunk_size=None, 
                          decode=_to_padded_rows(plan.decode, cu, lq))
     rows = jnp.arange(b, dtype=jnp.int32) * lq
     zero = jnp.stack([rows + q_lens, rows + lq], axis=1)  # each sequence's padding rows
-    kplan = prepare(plan, bounds=bounds, num_tokens=b * lq)
-    out, lse = _run_plan(q.reshape(b * lq, hq, d), k, v, page_table, kplan, zero,
+    kplan = prepare(plan, bounds=bounds, num_tokens=b * lq)._replace(zero=zero)
+    out, lse = _run_plan(q.reshape(b * lq, hq, d), k, v, page_table, kplan,
                          bounds=bounds, scale=scale, causal=causal, interpret=interpret,
                          num_workers=workers, config=config)
     return out.reshape(b, lq, hq, d), lse.reshape(b, lq, hq)
