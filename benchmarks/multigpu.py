@@ -210,25 +210,6 @@ def judge_logprobs(cmp: dict) -> bool:
         len(diffs) - within <= GPU_SPEC.flip_frac * len(diffs) + 1e-9
 
 
-def read_bandwidth() -> float:
-    """Same-run read-only HBM bandwidth of device 0 (bytes/s): a sum over 2 GiB."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((1 << 30,), jnp.bfloat16)
-    f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-    f(x).block_until_ready()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(10):
-            y = f(x)
-        y.block_until_ready()
-        times.append((time.perf_counter() - t) / 10)
-    del x
-    return 2 * (1 << 30) / sorted(times)[len(times) // 2]
-
-
 def roofline_ms(config, res: dict, batch: int, kv_len: int) -> float:
     """Bytes each device must read for one decode step / the same-run read bandwidth."""
     from benchmarks.roofline import decode_bytes
@@ -347,6 +328,8 @@ def run(args) -> dict:
     res["compiles_warmup"] = warm = engine.compile_count
     print(f"warm-up: {len(buckets)} buckets {buckets}, {warm} compiles, {res['warmup_s']:.1f} s; "
           f"KV cache {res['kv_tokens']:,} tokens per replica", flush=True)
+
+    from benchmarks.roofline import read_bandwidth
 
     res["read_bytes_s"] = read_bandwidth()
     print(f"read bandwidth {res['read_bytes_s'] / 1e12:.2f} TB/s", flush=True)

@@ -4,6 +4,9 @@ benchmarks/multigpu.py)."""
 
 from __future__ import annotations
 
+import statistics
+import time
+
 # bf16 dense tensor-core peak of an H100/H200 SXM (dense, no sparsity), for MFU.
 BF16_PEAK_TFLOPS = 989.4
 
@@ -50,3 +53,22 @@ def prefill_flops(cfg, prompt: int) -> float:
             pairs = full * chunk * (chunk + 1) / 2 + rest * (rest + 1) / 2
         flops += 4 * pairs * cfg.num_attention_heads * d  # QK^T and PV
     return flops + 2 * h * cfg.vocab_size
+
+
+def read_bandwidth(nbytes: int = 2 << 30, n: int = 10, reps: int = 5) -> float:
+    """Same-run read-only HBM bandwidth of the default device (bytes/s): the median over
+    ``reps`` batches of ``n`` back-to-back sums over ``nbytes`` of bf16 (decode only reads)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    f(x).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(n):
+            y = f(x)
+        y.block_until_ready()
+        times.append((time.perf_counter() - t) / n)
+    return x.nbytes / statistics.median(times)
