@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
+import tempfile
 import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -20,6 +22,46 @@ def write_json(name: str, data) -> str:
         with open(path, "w") as f:
             json.dump(data, f, indent=2)
     return paths[0]
+
+
+def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
+    """Where ``fn()``'s time goes, from a jax.profiler trace of ``reps`` calls (after one
+    untraced call), per call: GPU kernels by total time on device 0 (``kernels``, with the
+    kernel count and busy time), and the host threads' events by total time (``host``: the
+    launches, graph updates and collectives that keep a small step host-bound). Host events
+    nest, so their times overlap; they rank causes, they do not add up."""
+    import jax
+    from jax.profiler import ProfileData
+
+    fn()
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(reps):
+                fn()
+        data = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+    kernels: dict[str, list] = {}
+    host: dict[str, list] = {}
+    for plane in data.planes:
+        if plane.name.startswith("/device:GPU:0"):
+            lines, into = [ln for ln in plane.lines if ln.name.startswith("Stream")], kernels
+        elif plane.name.startswith("/host:CPU"):
+            lines, into = list(plane.lines), host
+        else:
+            continue  # other GPUs repeat device 0's kernels; XLA Ops/Modules lines summarise
+        for line in lines:
+            for ev in line.events:
+                t = into.setdefault(ev.name, [0.0, 0])
+                t[0] += ev.duration_ns
+                t[1] += 1
+
+    def rows(total):
+        out = sorted(({"name": k[:100], "ms": round(v[0] / reps / 1e6, 4), "calls": v[1] // reps}
+                      for k, v in total.items()), key=lambda r: -r["ms"])
+        return out[:top]
+
+    return {"kernels": rows(kernels), "host": rows(host),
+            "kernel_ms": round(sum(v[0] for v in kernels.values()) / reps / 1e6, 4),
+            "kernel_calls": sum(v[1] for v in kernels.values()) // reps}
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:

@@ -59,6 +59,7 @@ from jaxattn.serve import kv_cache, paged_step, sampling  # noqa: E402
 from jaxattn.serve.batch import SeqStep, build_step, pack  # noqa: E402
 from jaxattn.serve.config import EngineConfig  # noqa: E402
 
+from benchmarks.common import trace_summary  # noqa: E402
 from benchmarks.roofline import decode_bytes  # noqa: E402
 
 PREFILL_LENS = (8192, 16384, 32768)
@@ -106,38 +107,6 @@ def median_time(fn, reps: int) -> float:
         fn()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
-
-
-def kernel_breakdown(fn, reps: int = 3, top: int = 15) -> list[dict]:
-    """GPU kernels of ``fn()`` by total time (jax.profiler trace, averaged over ``reps``
-    calls): where a step's time goes, e.g. for the decode roofline gap."""
-    import glob
-    import tempfile
-
-    from jax.profiler import ProfileData
-
-    fn()
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            for _ in range(reps):
-                fn()
-        data = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
-    total: dict[str, list] = {}
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):  # not the XLA Ops/Modules summaries
-                continue
-            for ev in line.events:
-                t = total.setdefault(ev.name, [0.0, 0])
-                t[0] += ev.duration_ns
-                t[1] += 1
-    rows = sorted(({"kernel": k[:80], "ms": v[0] / reps / 1e6, "calls": v[1] // reps}
-                   for k, v in total.items()), key=lambda r: -r["ms"])
-    return [dict(r, ms=round(r["ms"], 4)) for r in rows[:top]] + [
-        {"kernel": "(all kernels)", "ms": round(sum(v[0] for v in total.values()) / reps / 1e6, 4),
-         "calls": sum(v[1] for v in total.values()) // reps}]
 
 
 def copy_bandwidth() -> float:
@@ -384,7 +353,7 @@ def bench_jax(model, clock: Clock, out: dict, save=lambda: None, impl: str = "au
         out.setdefault("decode", {}).setdefault(b, {}).update(
             {k: v for k, v in r.items() if k != "run"})
         try:
-            out["decode"][b]["jax_kernels"] = kernel_breakdown(r["run"])
+            out["decode"][b]["jax_trace"] = trace_summary(r["run"])
         except Exception as e:  # noqa: BLE001 -- the profile is extra evidence, not the number
             out["decode"][b]["jax_kernels_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         print(f"jaxattn decode batch {b}: {r['jax_ms']:.2f} ms (first call "
@@ -495,9 +464,9 @@ def grouped_matmul_tiles(clock: Clock, w_gate) -> list[dict]:
                 f = jax.jit(functools.partial(grouped_matmul._mosaic_grouped_matmul, config=cfg))
                 # Device time from the profile: at decode sizes a wall-clock time would be
                 # mostly the launch of one small jitted call.
-                ks = kernel_breakdown(lambda: f(x, w, gs).block_until_ready(), reps=5, top=50)
-                t = sum(r["ms"] for r in ks if "mosaic" in r["kernel"]) / 1e3
-                row.update(ms=round(t * 1e3, 4), all_kernels_ms=ks[-1]["ms"],
+                tr = trace_summary(lambda: f(x, w, gs).block_until_ready(), reps=5, top=50)
+                t = sum(r["ms"] for r in tr["kernels"] if "mosaic" in r["name"]) / 1e3
+                row.update(ms=round(t * 1e3, 4), all_kernels_ms=tr["kernel_ms"],
                            weight_tb_s=round(hit_bytes / t / 1e12, 3))
             except Exception as ex:  # noqa: BLE001
                 row["error"] = f"{type(ex).__name__}: {str(ex)[:120]}"
@@ -531,8 +500,8 @@ def markdown(res: dict) -> str:
         hf = f"{r['hf_ms']:.2f}" if "hf_ms" in r else r.get("hf_error", "-")[:20]
         ratio = (f"**{r['engine_async_ms'] / r['roofline_ms']:.2f}**" if "engine_async_ms" in r
                  else "-")
-        ks = (f"{r['jax_kernels'][-1]['ms']:.2f} ({r['jax_kernels'][-1]['calls']})"
-              if r.get("jax_kernels") else "-")
+        ks = (f"{r['jax_trace']['kernel_ms']:.2f} ({r['jax_trace']['kernel_calls']})"
+              if r.get("jax_trace") else "-")
         lines.append(f"| {b} | {hf} | {f2(r, 'engine_async_ms')} | {ratio} | "
                      f"{f2(r, 'engine_sync_ms')} | {f2(r, 'jax_pipelined_ms')} | {f2(r, 'jax_ms')} "
                      f"| {r['roofline_ms']:.2f} | {ks} | {f2(r, 'jax_dispatch_ms')} |")

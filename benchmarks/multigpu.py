@@ -51,6 +51,7 @@ DRY_LENGTHS = (64, 78, 79, 80, 128, 256, 512, 1024)
 DRY_DEVICES = 8
 TOP_LOGPROBS = 5  # compared mixed vs alone
 COMPARE_STEPS = 4  # the first decode steps whose logprobs are compared
+PROFILE_TAIL = 32  # tokens the profiled request may decode (--profile-steps stays below)
 # Scout's structure at toy size for --dry-run (heads, experts and vocabulary divide 8 devices).
 DRY_CONFIG = dict(
     vocab_size=1024, hidden_size=128, intermediate_size=128, intermediate_size_mlp=256,
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "sizes (default 1,8,32,64; dry run 1,4; '' to skip)")
     p.add_argument("--decode-context", type=int, default=None,
                    help="context of each sequence of the batch decode rows (default 8192)")
+    p.add_argument("--profile-steps", type=int, default=None,
+                   help="trace this many batch-1 decode steps at --decode-context (JAX profiler): "
+                   "GPU kernels and host events per step (default 6; 0 to skip)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     return p
 
@@ -256,6 +260,30 @@ def batch_decode(engine, config, res: dict, args, rng) -> list[dict]:
     return rows
 
 
+def profile_decode(engine, config, args, rng) -> dict:
+    """Where a batch-1 decode step's time goes, host and GPU (benchmarks.common.trace_summary
+    over ``--profile-steps`` engine steps, one sequence at ``--decode-context`` tokens)."""
+    from benchmarks.common import trace_summary
+    from jaxattn.serve.sampling_params import SamplingParams
+
+    steps = min(6 if args.profile_steps is None else args.profile_steps, PROFILE_TAIL - 8)
+    ctx = args.decode_context or (100 if args.dry_run else 8192)
+    engine.add_request("profile", rng.integers(3, config.vocab_size, ctx).tolist(),
+                       SamplingParams(temperature=0, max_tokens=PROFILE_TAIL, ignore_eos=True))
+    while not any(d.token_ids for d in engine.step()):
+        pass  # prefill until the first token
+    t0 = time.perf_counter()
+    out = trace_summary(engine.step, reps=steps, top=25)
+    out.update(steps=steps, context=ctx, wall_ms_per_step=1e3 * (time.perf_counter() - t0) / (steps + 1))
+    engine.abort("profile")
+    while engine.has_unfinished():
+        engine.step()
+    print(f"profile, batch 1 x {ctx}: {out['kernel_calls']} kernels, {out['kernel_ms']:.2f} ms of "
+          f"GPU kernels per step; top host events: "
+          + ", ".join(f"{r['name'][:40]} {r['ms']:.2f} ms" for r in out["host"][:5]), flush=True)
+    return out
+
+
 def run(args) -> dict:
     import jax
     import numpy as np
@@ -281,7 +309,9 @@ def run(args) -> dict:
     pc = parallel.ParallelConfig(tensor=tp, expert=ep)
     mesh = parallel.replica_meshes(parallel.make_mesh(pc))[0]
     dtype = "bfloat16"
-    max_len = -(-(max(lengths) + args.decode_tokens) // args.page_size) * args.page_size
+    ctx = args.decode_context or (100 if args.dry_run else 8192)  # batch decode and profile
+    longest = max(max(lengths) + args.decode_tokens, ctx + max(args.decode_tokens, PROFILE_TAIL))
+    max_len = -(-longest // args.page_size) * args.page_size
     engine_config = EngineConfig(
         max_model_len=max_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=t,
         page_size=args.page_size, kv_cache_memory=args.kv_cache_memory, buckets=buckets,
@@ -353,6 +383,8 @@ def run(args) -> dict:
     print(f"mixed batch of {len(lengths)}: {wall:.1f} s, "
           f"{res['mixed']['preemptions']} preemptions", flush=True)
     res["batch_decode"] = batch_decode(engine, config, res, args, rng)
+    if args.profile_steps != 0:
+        res["decode_profile"] = profile_decode(engine, config, args, rng)
     res["memory_end"] = device_memory()
     res["compiles_after_warmup"] = engine.compile_count - warm
     every = list(res["alone"].values()) + mixed

@@ -11,6 +11,7 @@ owns the function and the pools it updates.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -148,9 +149,10 @@ def step_compiler_options() -> dict | None:
     """
     if jax.default_backend() != "gpu":
         return None
-    return {"xla_gpu_enable_command_buffer":
-            "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION",
-            "xla_gpu_graph_min_graph_size": 1}
+    # JAXATTN_COMMAND_BUFFER overrides the list, for measuring others (e.g. COLLECTIVES).
+    types = os.environ.get("JAXATTN_COMMAND_BUFFER",
+                           "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION")
+    return {"xla_gpu_enable_command_buffer": types, "xla_gpu_graph_min_graph_size": 1}
 
 
 def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_step,
