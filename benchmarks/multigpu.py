@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 expert/MLP weights (one H200 holds all of Scout)")
     p.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"],
                    help="fp8: the FP8 KV cache (about twice the tokens; issue 21's 1M-token run)")
+    p.add_argument("--async-scheduling", default=True, action=argparse.BooleanOptionalAction,
+                   help="the engine's async scheduling (off: each step waits for the last)")
     p.add_argument("--skip-alone", action="store_true", help="only the mixed batch")
     p.add_argument("--compile-cache", default=None,
                    help="directory for JAX's persistent compilation cache (reused across runs)")
@@ -315,7 +317,7 @@ def run(args) -> dict:
     engine_config = EngineConfig(
         max_model_len=max_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=t,
         page_size=args.page_size, kv_cache_memory=args.kv_cache_memory, buckets=buckets,
-        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype=args.kv_cache_dtype, async_scheduling=args.async_scheduling,
         dtype=dtype, enable_prefix_caching=False, attention_impl=args.impl,
         tensor_parallel_size=tp, expert_parallel_size=ep, quantization=args.quantization)
     res = {"date": datetime.date.today().isoformat(), "dry_run": args.dry_run,
@@ -325,6 +327,8 @@ def run(args) -> dict:
            "experts": config.num_local_experts, "hidden": config.hidden_size,
            "dtype": dtype, "quantization": args.quantization, "impl": args.impl,
            "kv_cache_dtype": args.kv_cache_dtype or dtype,
+           "async_scheduling": args.async_scheduling,
+           "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
            "max_model_len": max_len,
            "max_num_batched_tokens": t, "buckets": list(buckets), "page_size": args.page_size,
            "decode_tokens": args.decode_tokens, "lengths": list(lengths)}
