@@ -3,7 +3,7 @@
     python -m benchmarks.fp8_kv            # on the GPU (benchmarks/gpu.sh fp8)
     python -m benchmarks.fp8_kv --quick    # two decode and two prefill cases
 
-Scout's heads (40 query / 8 KV, D=128), 16-token pages shuffled in the pool. Each
+Scout's heads (40 query / 8 KV, D=128), 32-token pages shuffled in the pool. Each
 case builds one random bf16 cache and its FP8 quantisation (``jaxattn.kv_quant``:
 e4m3 values and a float32 scale per token and KV head) and times, interleaved (best of
 three rounds each, CUPTI kernel time when available):
@@ -38,7 +38,7 @@ from jaxattn.kernels import decode
 
 from benchmarks.common import write_json
 
-HQ, HKV, D, PAGE, CHUNK = 40, 8, 128, 16, 8192
+HQ, HKV, D, PAGE, CHUNK = 40, 8, 128, 32, 8192  # PAGE: the FP8 cache's default (and bf16's here)
 DECODE_CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
 PREFILL_CASES = [("causal", 8192), ("causal", 32768), ("chunked", 131072)]
 QUICK = dict(decode=[(32, 8192), (1, 131072)], prefill=[("causal", 32768), ("chunked", 131072)])

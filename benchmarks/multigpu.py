@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", default=None,
                    help="step sizes to compile (default 16,T: decode steps and whole prefill "
                    "chunks; each bucket is one compile of every layer)")
-    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--page-size", type=int, default=None,
+                   help="default: the engine's (16; 32 with --kv-cache-dtype fp8)")
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV budget per device (default: the engine's rule)")
     p.add_argument("--impl", default="auto", choices=["auto", "reference", "mosaic"])
@@ -296,7 +297,7 @@ def run(args) -> dict:
     from jaxattn import parallel
     from jaxattn.models.llama4 import sharding
     from jaxattn.serve import memory_plan as memory
-    from jaxattn.serve.config import EngineConfig
+    from jaxattn.serve.config import DEFAULT_PAGE_SIZE, EngineConfig
     from jaxattn.serve.engine import LLMEngine
     from jaxattn.serve.model_runner import Llama4Runner
 
@@ -313,10 +314,11 @@ def run(args) -> dict:
     dtype = "bfloat16"
     ctx = args.decode_context or (100 if args.dry_run else 8192)  # batch decode and profile
     longest = max(max(lengths) + args.decode_tokens, ctx + max(args.decode_tokens, PROFILE_TAIL))
-    max_len = -(-longest // args.page_size) * args.page_size
+    page = args.page_size or DEFAULT_PAGE_SIZE[args.kv_cache_dtype == "fp8"]
+    max_len = -(-longest // page) * page
     engine_config = EngineConfig(
         max_model_len=max_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=t,
-        page_size=args.page_size, kv_cache_memory=args.kv_cache_memory, buckets=buckets,
+        page_size=page, kv_cache_memory=args.kv_cache_memory, buckets=buckets,
         kv_cache_dtype=args.kv_cache_dtype, async_scheduling=args.async_scheduling,
         dtype=dtype, enable_prefix_caching=False, attention_impl=args.impl,
         tensor_parallel_size=tp, expert_parallel_size=ep, quantization=args.quantization)
@@ -330,7 +332,7 @@ def run(args) -> dict:
            "async_scheduling": args.async_scheduling,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
            "max_model_len": max_len,
-           "max_num_batched_tokens": t, "buckets": list(buckets), "page_size": args.page_size,
+           "max_num_batched_tokens": t, "buckets": list(buckets), "page_size": page,
            "decode_tokens": args.decode_tokens, "lengths": list(lengths)}
     plan = memory.for_engine(config, engine_config, dtype=dtype, devices=mesh.devices.flat)
     if plan is not None:
@@ -353,7 +355,7 @@ def run(args) -> dict:
     print(f"weights drawn on {mesh.size} devices in {res['init_s']:.1f} s", flush=True)
     runner = Llama4Runner(model, engine_config)
     engine = LLMEngine(runner, None)
-    res["kv_pages"], res["kv_tokens"] = runner.num_pages, runner.num_pages * args.page_size
+    res["kv_pages"], res["kv_tokens"] = runner.num_pages, runner.num_pages * page
     res["kv_chunked_pages"] = runner.num_chunked_pages  # the chunked-local layers' live chunks
     t0 = time.perf_counter()
     engine.warmup()

@@ -25,6 +25,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
+# Tokens per page for an FP8 cache with pages smaller than a KV tile: the kernels bring each
+# page's f32 scale row by TMA, whose shared-memory destination must be 128-byte aligned.
+FP8_PAGE_MULTIPLE = 32
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 SCALE_DTYPE = jnp.dtype(jnp.float32)
 # The smallest scale written: a row of zeros gets it (its values stay 0) instead of 0/0.

@@ -22,6 +22,7 @@ HEAD_DIMS = (64, 128)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # KV cache dtypes the attention kernels read besides q's own: the FP8 cache (with scales).
 FP8_KV = kv_quant.FP8
+FP8_PAGE_MULTIPLE = kv_quant.FP8_PAGE_MULTIPLE
 WGMMA_M = 64  # rows of one wgmma-layout register tile
 
 # Softmax runs in base 2 (exp2 is one MUFU instruction): scores are scaled by
@@ -91,13 +92,18 @@ def dequantize_tile(src8, scale, dst):
     return dst
 
 
-def check_pages(kernel: str, page_size: int, block_kv: int, pages_per_seq: int) -> None:
+def check_pages(kernel: str, page_size: int, block_kv: int, pages_per_seq: int,
+                fp8: bool = False) -> None:
     """ValueError unless ``kernel`` can fill its KV tiles of ``block_kv`` keys from these pages.
 
     A tile is ``block_kv // page_size`` whole pages (small pages: each lands in whole 8-row
     SMEM tiles), or one TMA copy of a slice of one page: pages that are a multiple of the
     tile, or one page per sequence of any length (the contiguous API: the last tile reads
     past the page's end, which TMA fills with zeros, and those keys are masked).
+    ``fp8``: the cache's scale rows (f32) come by TMA too, one copy per page, and a TMA's
+    shared-memory destination must be 128-byte aligned: small pages must be a multiple of
+    :data:`FP8_PAGE_MULTIPLE` tokens (GPU interpret mode does not check alignment; the
+    H200 fails with CUDA_ERROR_MISALIGNED_ADDRESS).
     """
     if pages_per_seq == 1 or page_size % block_kv == 0:
         return
@@ -105,6 +111,10 @@ def check_pages(kernel: str, page_size: int, block_kv: int, pages_per_seq: int) 
         raise ValueError(f"{kernel} kernel: page_size={page_size} must be a multiple of 8 "
                          f"dividing block_kv={block_kv}, a multiple of block_kv, or hold a "
                          f"whole sequence")
+    if fp8 and page_size % FP8_PAGE_MULTIPLE:
+        raise ValueError(f"{kernel} kernel: an FP8 KV cache needs page_size a multiple of "
+                         f"{FP8_PAGE_MULTIPLE} (each page's scale row is one TMA copy into a "
+                         f"128-byte aligned slot), got {page_size}")
 
 
 def smem_bytes(scratch) -> int:

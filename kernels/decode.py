@@ -112,18 +112,20 @@ def split_capacity(bounds: Bounds, cap_items: int) -> int:
 def pick_config(bounds: Bounds, dtype, interpret=False, kv_dtype=None) -> DecodeConfig:
     """The decode config for an engine's bounds; raises ValueError if they cannot be served."""
     config = default_config(interpret)
-    _check(bounds, dtype, bounds.head_dim, bounds.page_size, bounds.pages_per_seq, config.block_kv)
     common.check_kv_dtype("decode", dtype, kv_dtype)
+    _check(bounds, dtype, bounds.head_dim, bounds.page_size, bounds.pages_per_seq, config.block_kv,
+           fp8=kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV)
     return config
 
 
-def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, block_kv: int):
+def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, block_kv: int,
+           fp8: bool = False):
     g = bounds.group
     common.check_supported("decode", d, dtype)
     if bounds.dq * g > ROWS:
         raise ValueError(f"decode_q={bounds.dq} tokens x {g} heads per KV group = "
                          f"{bounds.dq * g} rows exceed one {ROWS}-row tile; lower decode_q")
-    common.check_pages("decode", page_size, block_kv, pages_per_seq)
+    common.check_pages("decode", page_size, block_kv, pages_per_seq, fp8)
 
 
 def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_part: int,
@@ -546,7 +548,8 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     [T, Hkv, G, D] f32 holding the unsplit items' rows (others 0), the lse tiles
     [cap, Hkv, 64] and the split pieces' rows [n_part, Hkv, 64, D]."""
     config = config or default_config(bool(interpret))
-    _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv)
+    _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv,
+           fp8=k_scale is not None)
     common.check_kv_dtype("decode", q.dtype, k_pages.dtype, k_scale is not None)
     t, hq, d = q.shape
     g = bounds.group

@@ -203,7 +203,8 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None) -> PrefillConfig:
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)
-    common.check_pages("prefill", bounds.page_size, bounds.block_kv, bounds.pages_per_seq)
+    common.check_pages("prefill", bounds.page_size, bounds.block_kv, bounds.pages_per_seq,
+                       fp8=kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV)
     best = None
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages)
@@ -269,7 +270,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     common.check_supported("prefill", d, q.dtype)
     common.check_kv_dtype("prefill", q.dtype, k_pages.dtype, k_scale is not None)
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
-    common.check_pages("prefill", page_size, config.block_kv, page_table.shape[1])
+    common.check_pages("prefill", page_size, config.block_kv, page_table.shape[1], fp8)
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
                                      named_barriers=False)

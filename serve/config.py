@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 import jaxattn
+from jaxattn.kv_quant import FP8_PAGE_MULTIPLE
 from jaxattn.parallel import ParallelConfig
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -22,6 +23,7 @@ QUANTIZATIONS = ("fp8",)
 # "auto": the weights' dtype; "fp8": float8_e4m3fn pages with a scale per token and KV head
 # (jaxattn.kv_quant), half the bytes of bf16 plus 3%.
 KV_CACHE_DTYPES = ("auto", "bf16", *DTYPES, "fp8")
+DEFAULT_PAGE_SIZE = {False: 16, True: 32}  # by "is the KV cache FP8"
 ATTENTION_IMPLS = ("auto", "reference", "executor", "mosaic")
 GROUPED_MATMUL_IMPLS = ("auto", "xla", "mosaic")
 DEFAULT_MAX_MODEL_LEN = 8192  # when the model allows more and none is asked for
@@ -51,7 +53,9 @@ class EngineConfig:
     max_num_seqs: int = _flag(64, "sequences per engine step", type=int)
     max_num_batched_tokens: int = _flag(
         2048, "tokens per engine step (the token budget; largest compiled bucket)", type=int)
-    page_size: int = _flag(16, "tokens per KV cache page", type=int)
+    page_size: int | None = _flag(
+        None, "tokens per KV cache page (default 16; 32 with --kv-cache-dtype fp8, whose pages "
+        "must be a multiple of 32 tokens)", type=int)
     kv_cache_memory: str | float | int | None = _flag(
         None, "KV cache budget per device: bytes (e.g. 4GiB) or a fraction of free device memory "
         "(default: 0.8 on a GPU; on the CPU, room for max-num-seqs full sequences)")
@@ -101,16 +105,18 @@ class EngineConfig:
         "'none' turns it off)")
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if isinstance(self.kv_cache_dtype, str):  # one spelling per cache dtype
             kv = self.kv_cache_dtype.lower()
             kv = {"auto": None, "bf16": "bfloat16", "fp8_e4m3": "fp8",
                   "float8_e4m3fn": "fp8"}.get(kv, kv)
             object.__setattr__(self, "kv_cache_dtype", kv)
+        if self.page_size is None:
+            object.__setattr__(self, "page_size", DEFAULT_PAGE_SIZE[self.kv_cache_dtype == "fp8"])
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         for name, allowed in (("dtype", DTYPES), ("kv_cache_dtype", KV_CACHE_DTYPES),
                               ("quantization", QUANTIZATIONS),
                               ("attention_impl", ATTENTION_IMPLS),
@@ -118,6 +124,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}")
+        if self.kv_cache_dtype == "fp8" and self.page_size % FP8_PAGE_MULTIPLE:
+            raise ValueError(f"kv_cache_dtype=fp8 needs page_size a multiple of "
+                             f"{FP8_PAGE_MULTIPLE} (the kernels copy each page's scale row into "
+                             f"a 128-byte aligned slot), got {self.page_size}")
         if self.buckets is not None:
             b = tuple(self.buckets)
             if not b or any(x < 1 for x in b) or list(b) != sorted(set(b)):

@@ -44,7 +44,7 @@ class NeedleCase:
         return (np.asarray(out, np.float32)[:self.num_seqs, 0] @ self.embed.T).argmax(-1)
 
 
-def make_needle_case(context: int, depths, *, head_dim=128, num_q_heads=1, page_size=16,
+def make_needle_case(context: int, depths, *, head_dim=128, num_q_heads=1, page_size=32,
                      vocab=512, beta=30.0, outliers=8, seed=0, block_kv=64) -> NeedleCase:
     rng = np.random.default_rng(seed)
     d, s = head_dim, len(depths)

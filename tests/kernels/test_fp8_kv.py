@@ -72,7 +72,7 @@ def _check_against_bf16_and_oracle(bounds, q_lens, kv_lens, *, chunk=None, num_t
 
 
 def _bounds(**kw):
-    base = dict(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=512, page_size=16,
+    base = dict(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=512, page_size=32,
                 num_q_heads=10, num_kv_heads=2, head_dim=128, block_kv=64, num_workers=4,
                 min_split_kv=64)
     return jaxattn.Bounds(**{**base, **kw})
@@ -85,20 +85,20 @@ def test_fp8_mixed_batch_equals_bf16_kernels_over_dequantised_pages():
 
 
 def test_fp8_chunked_local_and_small_pages():
-    _check_against_bf16_and_oracle(_bounds(page_size=8, chunk_size=128, num_q_heads=4,
+    _check_against_bf16_and_oracle(_bounds(page_size=32, chunk_size=128, num_q_heads=4,
                                            head_dim=64), (100, 1, 1), (260, 200, 9), chunk=128)
 
 
 def test_fp8_kernel_refuses_missing_scales():
     bounds = _bounds()
-    pages = jnp.zeros((8, 16, 2, 128), FP8)
+    pages = jnp.zeros((8, 32, 2, 128), FP8)
     with pytest.raises(ValueError, match="k_scale"):
         jaxattn.ragged_paged_attention(jnp.zeros((8, 10, 128), jnp.bfloat16), pages, pages,
-                                       np.zeros((4, 32), np.int32), np.zeros(5, np.int32),
+                                       np.zeros((4, 16), np.int32), np.zeros(5, np.int32),
                                        np.zeros(4, np.int32), 0, bounds=bounds, impl="interpret")
     with pytest.raises(ValueError, match="needs k_scale"):
         decode.main_kernel(jnp.zeros((8, 10, 128), jnp.bfloat16), pages, pages,
-                           jnp.zeros((4, 32), jnp.int32), None, bounds=bounds, scale=0.1)
+                           jnp.zeros((4, 16), jnp.int32), None, bounds=bounds, scale=0.1)
 
 
 # --- config pickers and CUDA lowering for an FP8 cache (no GPU needed) ---
@@ -123,7 +123,7 @@ def _prefill_configs():
 
 def test_prefill_picker_for_fp8():
     bounds = jaxattn.Bounds(max_num_seqs=8, max_num_batched_tokens=1024, max_model_len=4096,
-                            page_size=16, num_q_heads=40, num_kv_heads=8, head_dim=128,
+                            page_size=32, num_q_heads=40, num_kv_heads=8, head_dim=128,
                             block_kv=64)
     cfg = prefill.pick_config(bounds, jnp.bfloat16, FP8)
     assert cfg.smem_bytes(128, jnp.bfloat16, FP8) <= common.MAX_SMEM
@@ -161,14 +161,14 @@ def test_prefill_fp8_lowers_and_allocates_what_smem_bytes_says(cfg, d, dtype):
         assert found and int(found.group(1)) == c.smem_bytes(d, dtype, FP8)
 
 
-@pytest.mark.parametrize("page_size", [8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize("page_size", [32, 64, 128, 256])
 def test_prefill_fp8_lowers_for_page_sizes(page_size):
     bounds = jaxattn.Bounds(max_num_seqs=16, max_num_batched_tokens=8192, max_model_len=131072,
                             page_size=page_size, num_q_heads=40, num_kv_heads=8, head_dim=128,
                             chunk_size=8192, block_kv=64)
     cfg = prefill.pick_config(bounds, jnp.bfloat16, FP8)
     _export_prefill(cfg, 128, jnp.bfloat16, page_size=page_size)
-    if page_size == 16:  # the plain loop (no intra-warpgroup overlap) dequantises too
+    if page_size == 32:  # the plain loop (no intra-warpgroup overlap) dequantises too
         _export_prefill(dataclasses.replace(cfg, overlap=False), 128, jnp.bfloat16,
                         page_size=page_size)
 
@@ -191,7 +191,7 @@ def _export_decode(bounds, dtype, *, causal=True, config=None):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("heads", [(40, 8), (20, 4), (5, 1), (8, 8), (16, 8), (64, 8)])
 def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
-    for i, page_size in enumerate([8, 16, 32, 64, 128]):
+    for i, page_size in enumerate([32, 64, 128, 256]):
         bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=2048,
                                 max_model_len=131072, page_size=page_size,
                                 num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
@@ -210,9 +210,23 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
 ])
 def test_decode_fp8_tuning_variants_lower(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
-                            max_model_len=131072, page_size=16, num_q_heads=40,
+                            max_model_len=131072, page_size=32, num_q_heads=40,
                             num_kv_heads=8, head_dim=128, chunk_size=8192)
     _export_decode(bounds, jnp.bfloat16, config=config)
+
+
+@pytest.mark.parametrize("page_size", [8, 16])
+def test_fp8_kernels_refuse_pages_whose_scale_rows_misalign(page_size):
+    """A page's f32 scale row is one TMA copy into shared memory, whose destination must be
+    128-byte aligned: pages below the KV tile must be a multiple of 32 tokens (16-token pages
+    crashed the H200 with CUDA_ERROR_MISALIGNED_ADDRESS; interpret mode cannot see it)."""
+    bounds = jaxattn.Bounds(max_num_seqs=16, max_num_batched_tokens=1024, max_model_len=8192,
+                            page_size=page_size, num_q_heads=40, num_kv_heads=8, head_dim=128,
+                            block_kv=64)
+    for pick in (prefill.pick_config, decode.pick_config):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            pick(bounds, jnp.bfloat16, kv_dtype=FP8)
+        pick(bounds, jnp.bfloat16)  # a bf16 cache is fine with them
 
 
 def test_fp8_kernels_find_the_needle_in_interpret_mode():
@@ -220,7 +234,7 @@ def test_fp8_kernels_find_the_needle_in_interpret_mode():
     kernels (decode rows: one query per sequence)."""
     from needle_cases import make_needle_case
 
-    case = make_needle_case(2048, (0.03, 0.6, 0.97), num_q_heads=2)
+    case = make_needle_case(2048, (0.03, 0.6, 0.97), num_q_heads=2, page_size=32)
     k8, ks = kv_quant.quantize(jnp.asarray(case.k_pages))
     v8, vs = kv_quant.quantize(jnp.asarray(case.v_pages))
     out = jaxattn.ragged_paged_attention(

@@ -35,7 +35,7 @@ def _pools(num_pages, page_size, hkv, d, seed):
     ((8192,), (16384,), 8192),  # a prefill chunk across a chunk boundary
 ])
 def test_fp8_equals_bf16_over_dequantised_pages(q_lens, kv_lens, chunk):
-    page, hq, hkv, d = 16, 40, 8, 128
+    page, hq, hkv, d = 32, 40, 8, 128
     n = len(q_lens)
     bounds = jaxattn.Bounds(max_num_seqs=n, max_num_batched_tokens=max(16, sum(q_lens)),
                             max_model_len=131072, page_size=page, num_q_heads=hq,
@@ -71,7 +71,7 @@ def test_fp8_equals_bf16_over_dequantised_pages(q_lens, kv_lens, chunk):
 
 
 def test_fp8_kernels_find_a_needle_128k_deep():
-    case = make_needle_case(131072, (0.02, 0.5, 0.98), num_q_heads=5)
+    case = make_needle_case(131072, (0.02, 0.5, 0.98), num_q_heads=5, page_size=32)
     k8, ks = kv_quant.quantize(jnp.asarray(case.k_pages))
     v8, vs = kv_quant.quantize(jnp.asarray(case.v_pages))
     out = jaxattn.ragged_paged_attention(

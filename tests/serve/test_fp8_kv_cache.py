@@ -87,7 +87,7 @@ def test_config_refuses_unknown_and_fp8_bounds_use_64_key_tiles():
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="int8")
     mc = llama4.Llama4Config.from_pretrained(checkpoint("moe_dense"))
-    kw = dict(max_model_len=512, page_size=16)
+    kw = dict(max_model_len=512, page_size=32)
     assert EngineConfig(**kw).bounds(mc).block_kv == 32  # the 32-token chunk caps it
     big = dataclasses.replace(mc, attention_chunk_size=8192)
     assert EngineConfig(**kw).bounds(big).block_kv == 128
@@ -97,10 +97,15 @@ def test_config_refuses_unknown_and_fp8_bounds_use_64_key_tiles():
 
     scout = dataclasses.replace(big, num_attention_heads=40, num_key_value_heads=8,
                                 head_dim=128)
-    for page in (16, 64, 128, 256):
+    for page in (32, 64, 128, 256):
         b = EngineConfig(kv_cache_dtype="fp8", max_model_len=131072, page_size=page).bounds(scout)
         assert b.block_kv == 64
         assert kernels.unsupported_reason(b, jnp.bfloat16, FP8) is None
+    # Its pages default to 32 tokens (each page's scale row: one aligned TMA copy); 16 is refused.
+    assert EngineConfig(kv_cache_dtype="fp8").page_size == 32
+    assert EngineConfig().page_size == 16
+    with pytest.raises(ValueError, match="multiple of 32"):
+        EngineConfig(kv_cache_dtype="fp8", page_size=16)
 
 
 # --- accuracy against the full-precision cache ------------------------------------------
@@ -108,7 +113,7 @@ def test_config_refuses_unknown_and_fp8_bounds_use_64_key_tiles():
 def _teacher_forced_logits(model, kv_cache_dtype, tokens, prompt_len):
     """Logits after the prompt (one prefill step), then after each next token (one decode
     step each, the token fed in): [len(tokens) - prompt_len + 1, vocab]."""
-    page = 16
+    page = 32
     n = len(tokens)
     config = EngineConfig(max_model_len=512, max_num_seqs=2, max_num_batched_tokens=128,
                           page_size=page, buckets=(16, 128), attention_impl="reference",
@@ -163,9 +168,9 @@ def test_fp8_cache_logits_and_greedy_agreement(fixture_logits):
 def fp8_runner(model_dir):
     model = llama4.load(model_dir)
     config = EngineConfig(max_model_len=1024, max_num_seqs=4, max_num_batched_tokens=64,
-                          page_size=16, buckets=(16, 64), attention_impl="reference",
+                          page_size=32, buckets=(16, 64), attention_impl="reference",
                           kv_cache_dtype="fp8")
-    return Llama4Runner(model, config, num_pages=4 * 1024 // 16)
+    return Llama4Runner(model, config, num_pages=4 * 1024 // 32)
 
 
 def _engine(runner, tokenizer, num_pages=None, **config):
@@ -196,7 +201,7 @@ def test_fp8_engine_batched_prefix_shared_and_preempted_equal_alone(fp8_runner, 
     alone = [_gen(engine, [p], [sp])[0] for p, sp in zip(prompts, params)]
     assert _gen(engine, prompts, params) == alone  # batched, the shared prefix cached
     assert engine.stats().prefix_cache_hit_tokens > 0
-    small = _engine(fp8_runner, tokenizer, num_pages=64)  # ~77 pages at the end: preemption
+    small = _engine(fp8_runner, tokenizer, num_pages=32)  # ~42 pages at the end: preemption
     assert _gen(small, prompts, params) == alone
     assert small.scheduler.num_preemptions > 0
 
@@ -237,16 +242,16 @@ def test_gpu_step_with_fp8_cache_lowers_for_cuda():
         num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
     model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
     engine = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
-                          page_size=16, kv_cache_dtype="fp8")
+                          page_size=32, kv_cache_dtype="fp8")
     bounds = engine.bounds(config)
     assert bounds.block_kv == 64
     step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic",
                                    quantized_kv=True)
-    spec = paged_step.cache_spec(config, num_pages=64, page_size=16, dtype="fp8")
+    spec = paged_step.cache_spec(config, num_pages=64, page_size=32, dtype="fp8")
     batch = build_step(bounds, 256, [SeqStep([1] * 100, 0, list(range(7))),
                                      SeqStep([2], 64, list(range(7, 12)))], num_pages=64)
     kv = jax.eval_shape(lambda: cache.allocate(spec))
-    assert kv.k[0].dtype == FP8 and kv.k_scale[0].shape == (64, 2, 16)
+    assert kv.k[0].dtype == FP8 and kv.k_scale[0].shape == (64, 2, 32)
     args = (nnx.split(model)[1], kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32))
     exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=256)
     text = exported.mlir_module()

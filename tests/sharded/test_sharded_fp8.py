@@ -12,7 +12,7 @@ from jaxattn.serve.sampling_params import SamplingParams
 
 from sharded_cases import BASE
 
-SHAPE = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, page_size=8,
+SHAPE = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, page_size=32,
              kv_cache_dtype="fp8")
 
 
