@@ -63,8 +63,9 @@ def test_fp8_equals_bf16_over_dequantised_pages(q_lens, kv_lens, chunk):
     np.testing.assert_array_equal(np.asarray(out[:rows], np.float32),
                                   np.asarray(out_bf[:rows], np.float32))
     np.testing.assert_array_equal(np.asarray(lse[:rows]), np.asarray(lse_bf[:rows]))
-    ref, ref_lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="reference",
-                                                  k_scale=ks, v_scale=vs, **kw)
+    # The oracle over the pages the kernels multiply, bf16(k8 * s): against f32 pages the
+    # bf16 rounding of sharp logits (key gains up to e^2) alone moves outputs by ~0.06.
+    ref, ref_lse = jaxattn.ragged_paged_attention(q, kd, vd, *args, impl="reference", **kw)
     np.testing.assert_allclose(np.asarray(out[:rows], np.float32),
                                np.asarray(ref[:rows], np.float32), atol=2e-2, rtol=0)
     np.testing.assert_allclose(np.asarray(lse[:rows]), np.asarray(ref_lse[:rows]), atol=2e-2)
