@@ -2,8 +2,8 @@
 # The one GPU entry point (`make gpu`, or through the device tool): installs the
 # project offline, runs the GPU tests (pytest -m gpu) and the benchmarks, and
 # writes JSON/markdown/PNG into benchmarks/results/ (and $OUT when set).
-#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|model|serving|sweep|soak|fp8|all|multigpu] ...
-# (multigpu is not part of all: it needs a machine with several GPUs)
+#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|model|serving|sweep|soak|fp8|all|multigpu|decode-host] ...
+# (multigpu and decode-host are not part of all: they need a machine with several GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then  # wheels the GPU image lacks (fastapi, uvicorn, ...)
@@ -31,6 +31,20 @@ for what in "${@:-all}"; do
     soak|all) [ -f benchmarks/soak.py ] && { python3 -m benchmarks.soak || status=1; } ;;&
     fp8|all) python3 -m benchmarks.fp8_matmul || status=1 ;;&
     multigpu) python3 -m benchmarks.multigpu || status=1 ;;&
+    # Why a full-size decode step is host-bound (NOTES-model.md): a 12-layer slice on all GPUs
+    # under each command-buffer setting, ~100 s each, each with a profiled batch-1 step.
+    decode-host)
+      slice="--layers 12 --lengths 8192 --skip-alone --decode-batches 1,8 --max-num-seqs 8"
+      types=FUSION,CUBLAS,CUBLASLT,CUDNN,DYNAMIC_SLICE_FUSION  # ours without CUSTOM_CALL
+      for v in default vmm-skip-temp vmm-skip-profiled no-custom-call vmm-skip-temp-no-custom-call; do
+        env=()
+        case $v in vmm-*) env+=(XLA_PYTHON_CLIENT_ALLOCATOR=vmm) ;; esac
+        case $v in *skip-temp*) env+=(XLA_FLAGS="--xla_gpu_command_buffer_update_mode=SKIP_TEMP") ;;
+                   *skip-profiled*) env+=(XLA_FLAGS="--xla_gpu_command_buffer_update_mode=SKIP_PROFILED") ;; esac
+        case $v in *no-custom-call) env+=(JAXATTN_COMMAND_BUFFER=$types) ;; esac
+        env "${env[@]}" timeout 150 python3 -m benchmarks.multigpu $slice --tag="-l12-$v" \
+          || status=1
+      done ;;&
     *) ;;
   esac
 done
