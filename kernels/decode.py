@@ -77,12 +77,17 @@ class DecodeConfig:
     num_ctas: persistent CTAs (None: ``bounds.num_workers``, one per SM).
     p_in_registers: feed P to the PV wgmma from registers (GPU fast path; GPU
       interpret mode cannot run it, so tests use the SMEM path there).
+    fold_fp8_scales: FP8 cache: the SMEM pass only converts e4m3 to bf16 and the
+      per-key scales multiply S's and P's columns in registers (64 products per thread
+      per tile instead of one per element of K and V). Off until measured on the GPU
+      (benchmarks/fp8_kv.py times both); numerics: K and V enter the wgmma exactly.
     """
 
     block_kv: int = 64
     num_stages: int = 4
     num_ctas: int | None = None
     p_in_registers: bool = False
+    fold_fp8_scales: bool = False
 
     def __post_init__(self):
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -148,6 +153,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     c = scale * common.LOG2E
     tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
+    fold = fp8 and config.fold_fp8_scales  # scales on S/P columns, not in the SMEM pass
     copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
 
     def body(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
@@ -254,13 +260,16 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     plgpu.barrier_wait(k_full.at[slot])
                     k_tile = k_smem.at[slot]
                     if fp8:  # k_deq's last reader (the previous QK) has completed
-                        k_tile = common.dequantize_tile(k_tile, ks_smem.at[slot], k_deq)
+                        k_tile = common.dequantize_tile(k_tile, None if fold else
+                                                        ks_smem.at[slot], k_deq)
 
                     def qk(acc_ref):
                         plgpu.wgmma(acc_ref, q_tile, k_tile.T)
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+                    if fold:
+                        s = s * common.column_scales(ks_smem.at[slot], s.shape)
                     if masked:
                         key = col_ids + (kv_start + j * bk)
                         ok = key < kv_end
@@ -275,11 +284,15 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     p = jnp.exp2(s * c - lax.broadcast_in_dim(m_use, s.shape, [0]))
                     l = l * alpha + p.sum(axis=1)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    p16 = p.astype(dtype)
+                    if not fold:
+                        p16 = p.astype(dtype)
                     plgpu.barrier_wait(v_full.at[slot])
                     v_tile = v_smem.at[slot]
                     if fp8:
-                        v_tile = common.dequantize_tile(v_tile, vs_smem.at[slot], v_deq)
+                        v_tile = common.dequantize_tile(v_tile, None if fold else
+                                                        vs_smem.at[slot], v_deq)
+                    if fold:  # V's scales arrive with V
+                        p16 = (p * common.column_scales(vs_smem.at[slot], p.shape)).astype(dtype)
                     if config.p_in_registers:
                         def pv(acc_ref):
                             plgpu.wgmma(acc_ref, p16, v_tile)
