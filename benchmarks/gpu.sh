@@ -42,7 +42,7 @@ for what in "${@:-all}"; do
         case $v in *skip-temp*) env+=(XLA_FLAGS="--xla_gpu_command_buffer_update_mode=SKIP_TEMP") ;;
                    *skip-profiled*) env+=(XLA_FLAGS="--xla_gpu_command_buffer_update_mode=SKIP_PROFILED") ;; esac
         case $v in *no-custom-call) env+=(JAXATTN_COMMAND_BUFFER=$types) ;; esac
-        env "${env[@]}" timeout 150 python3 -m benchmarks.multigpu $slice --tag="-l12-$v" \
+        env "${env[@]}" timeout 150 python3 -m benchmarks.multigpu $slice --tag="-decode-host-$v" \
           || status=1
       done ;;&
     *) ;;

@@ -331,6 +331,8 @@ def run(args) -> dict:
            "kv_cache_dtype": args.kv_cache_dtype or dtype,
            "async_scheduling": args.async_scheduling,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
+           "xla_flags": os.environ.get("XLA_FLAGS"),
+           "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR"),
            "max_model_len": max_len,
            "max_num_batched_tokens": t, "buckets": list(buckets), "page_size": page,
            "decode_tokens": args.decode_tokens, "lengths": list(lengths)}
