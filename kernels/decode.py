@@ -60,6 +60,7 @@ from jaxattn.kernels import common
 from jaxattn.planner import DECODE_TILE_ROWS, Bounds, WorkList
 
 ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
+DEQUANT_STAGES = 2  # bf16 K/V tiles in flight between the dequantising warpgroup and the consumer
 # Item metadata columns (one int32 row per work item, read as scalars from GMEM).
 _SEQ, _QSTART, _QLEN, _QPOS, _KVSTART, _KVEND, _PART = range(7)
 _META_COLS = 8  # padded: 32-byte rows
@@ -81,6 +82,11 @@ class DecodeConfig:
       per-key scales multiply S's and P's columns in registers (64 products per thread
       per tile instead of one per element of K and V). Off until measured on the GPU
       (benchmarks/fp8_kv.py times both); numerics: K and V enter the wgmma exactly.
+    dequant_warpgroup: FP8 cache: a third warpgroup dequantises each K/V tile into a
+      ring of :data:`DEQUANT_STAGES` bf16 tiles while the consumer computes on the previous
+      one, instead of the consumer dequantising before each wgmma. Same numbers (the same
+      pass), overlapped; off until measured (benchmarks/fp8_kv.py). Not with
+      ``fold_fp8_scales`` (the fp8 slot, scales included, is released once dequantised).
     """
 
     block_kv: int = 64
@@ -88,8 +94,12 @@ class DecodeConfig:
     num_ctas: int | None = None
     p_in_registers: bool = False
     fold_fp8_scales: bool = False
+    dequant_warpgroup: bool = False
 
     def __post_init__(self):
+        if self.fold_fp8_scales and self.dequant_warpgroup:
+            raise ValueError("fold_fp8_scales and dequant_warpgroup exclude each other: the "
+                             "dequantising warpgroup applies the scales and frees the slot")
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
             raise ValueError(f"block_kv={self.block_kv} must be a multiple of 64 in [64, 256]")
         if self.num_stages < 2:
@@ -154,6 +164,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
     fold = fp8 and config.fold_fp8_scales  # scales on S/P columns, not in the SMEM pass
+    deq_wg = fp8 and config.dequant_warpgroup  # warpgroup 2 dequantises into a bf16 ring
     copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
 
     def body(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
@@ -163,7 +174,9 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         (out_ref, lse_ref, opart_ref, q_raw, q_tile, k_smem, v_smem, p_smem, o_smem, lse_smem,
          q_full, q_free, k_full, v_full, consumed, *fp8_scratch) = rest
         if fp8:
-            ks_smem, vs_smem, k_deq, v_deq = fp8_scratch
+            ks_smem, vs_smem, k_deq, v_deq, *deq_barriers = fp8_scratch
+        if deq_wg:  # k_deq/v_deq: [DEQUANT_STAGES, bk, d] rings
+            kdeq_full, vdeq_full, kdeq_free, vdeq_free = deq_barriers
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cta")
         num_tiles = count_ref[0] * hkv
@@ -239,6 +252,42 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
             def _():
                 plgpu.barrier_wait(q_free)
 
+        if deq_wg:
+            @pl.when(wg == 2)
+            def _dequantizer():
+                # Walks the same (tile, block) steps as the others: fp8 slot `step % stages`
+                # in, bf16 slot `step % DEQUANT_STAGES` out; frees the fp8 slot itself.
+                def tile_body(i, step):
+                    _, _, f = tile_info(i)
+                    kv_start, kv_end = f(_KVSTART), f(_KVEND)
+
+                    def block_body(j, step):
+                        slot = lax.rem(step, stages)
+                        dslot = lax.rem(step, DEQUANT_STAGES)
+                        for full, free, done, src, scl, dst in (
+                                (k_full, kdeq_free, kdeq_full, k_smem, ks_smem, k_deq),
+                                (v_full, vdeq_free, vdeq_full, v_smem, vs_smem, v_deq)):
+                            plgpu.barrier_wait(full.at[slot])
+
+                            @pl.when(step >= DEQUANT_STAGES)
+                            def _():
+                                plgpu.barrier_wait(free.at[dslot])
+
+                            common.dequantize_tile(src.at[slot], scl.at[slot], dst.at[dslot])
+                            plgpu.barrier_arrive(done.at[dslot])
+                        plgpu.barrier_arrive(consumed.at[slot])
+                        return step + 1
+
+                    n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
+                    return lax.fori_loop(0, n_blocks, block_body, step)
+
+                steps = lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
+
+                @pl.loop(jnp.maximum(0, steps - DEQUANT_STAGES), steps)
+                def _(s):  # observe the last completions (GPU interpret mode checks it)
+                    plgpu.barrier_wait(kdeq_free.at[lax.rem(s, DEQUANT_STAGES)])
+                    plgpu.barrier_wait(vdeq_free.at[lax.rem(s, DEQUANT_STAGES)])
+
         @pl.when(wg == 0)
         def _consumer():
             row_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
@@ -257,9 +306,14 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 def block_body(j, carry, masked: bool):
                     step, acc, m, l = carry
                     slot = lax.rem(step, stages)
-                    plgpu.barrier_wait(k_full.at[slot])
-                    k_tile = k_smem.at[slot]
-                    if fp8:  # k_deq's last reader (the previous QK) has completed
+                    dslot = lax.rem(step, DEQUANT_STAGES)
+                    if deq_wg:
+                        plgpu.barrier_wait(kdeq_full.at[dslot])
+                        k_tile = k_deq.at[dslot]
+                    else:
+                        plgpu.barrier_wait(k_full.at[slot])
+                        k_tile = k_smem.at[slot]
+                    if fp8 and not deq_wg:  # k_deq's last reader (the previous QK) has completed
                         k_tile = common.dequantize_tile(k_tile, None if fold else
                                                         ks_smem.at[slot], k_deq)
 
@@ -268,6 +322,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+                    if deq_wg:
+                        plgpu.barrier_arrive(kdeq_free.at[dslot])
                     if fold:
                         s = s * common.column_scales(ks_smem.at[slot], s.shape)
                     if masked:
@@ -286,9 +342,13 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     if not fold:
                         p16 = p.astype(dtype)
-                    plgpu.barrier_wait(v_full.at[slot])
-                    v_tile = v_smem.at[slot]
-                    if fp8:
+                    if deq_wg:
+                        plgpu.barrier_wait(vdeq_full.at[dslot])
+                        v_tile = v_deq.at[dslot]
+                    else:
+                        plgpu.barrier_wait(v_full.at[slot])
+                        v_tile = v_smem.at[slot]
+                    if fp8 and not deq_wg:
                         v_tile = common.dequantize_tile(v_tile, None if fold else
                                                         vs_smem.at[slot], v_deq)
                     if fold:  # V's scales arrive with V
@@ -306,7 +366,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                             return acc_ref[...]
 
                         acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, d), jnp.float32))
-                    plgpu.barrier_arrive(consumed.at[slot])
+                    # The fp8 ring slot is the dequantising warpgroup's to free.
+                    plgpu.barrier_arrive(vdeq_free.at[dslot] if deq_wg else consumed.at[slot])
                     return step + 1, acc, m_new, l
 
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
@@ -373,10 +434,13 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     scales = ()
     if fp8:
         scales = (k_scale, v_scale)
+        deq = (DEQUANT_STAGES,) if deq_wg else ()  # a ring, or one tile the consumer fills
         scratch += (plgpu.SMEM((stages, bk), jnp.float32),  # K scale ring (one per key row)
                     plgpu.SMEM((stages, bk), jnp.float32),  # V scale ring
-                    plgpu.SMEM((bk, d), dtype, transforms=tiles_transform),  # K dequantised
-                    plgpu.SMEM((bk, d), dtype, transforms=tiles_transform))  # V dequantised
+                    plgpu.SMEM((*deq, bk, d), dtype, transforms=tiles_transform),  # K dequantised
+                    plgpu.SMEM((*deq, bk, d), dtype, transforms=tiles_transform))  # V dequantised
+        if deq_wg:  # K/V dequantised (full), K/V read by the consumer (free)
+            scratch += tuple(plgpu.Barrier(num_barriers=DEQUANT_STAGES) for _ in range(4))
     if interpret and config.p_in_registers:
         raise ValueError("GPU interpret mode cannot run p_in_registers=True (register A "
                          "operand of wgmma); use DecodeConfig(p_in_registers=False)")
@@ -384,7 +448,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 jax.ShapeDtypeStruct((n_part, hkv, ROWS, d), jnp.float32))
     return plgpu.kernel(
         body, out_type=out_type, scratch_types=scratch, grid=(num_ctas,), grid_names=("cta",),
-        num_threads=2, thread_name="wg",
+        num_threads=3 if deq_wg else 2, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret or None,
     )(meta, count, page_table, q4, k_pages, v_pages, *scales, out_ref)

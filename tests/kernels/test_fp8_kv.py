@@ -110,6 +110,17 @@ def test_fp8_decode_with_scales_folded_into_s_and_p(monkeypatch):
     np.testing.assert_allclose(np.asarray(lse)[:n], want_l[:n], atol=2e-3, rtol=0)
 
 
+def test_fp8_decode_with_a_dequantising_warpgroup(monkeypatch):
+    """``DecodeConfig(dequant_warpgroup=True)``: a third warpgroup dequantises into a ring the
+    consumer reads; the numbers are the same pass's, so the result stays bit-equal to the bf16
+    kernel over the dequantised pages (and the race detector sees the extra barriers)."""
+    monkeypatch.setattr(decode, "default_config", lambda interpret=False: decode.DecodeConfig(
+        p_in_registers=False, dequant_warpgroup=True, num_stages=3))
+    _check_against_bf16_and_oracle(_bounds(), (1, 1, 1, 1), (420, 33, 300, 1))
+    with pytest.raises(ValueError, match="exclude each other"):
+        decode.DecodeConfig(fold_fp8_scales=True, dequant_warpgroup=True)
+
+
 def test_fp8_kernel_refuses_missing_scales():
     bounds = _bounds()
     pages = jnp.zeros((8, 32, 2, 128), FP8)
@@ -230,6 +241,8 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
     decode.DecodeConfig(num_stages=6, p_in_registers=True),  # benchmarks/fp8_kv.py's variant
     decode.DecodeConfig(p_in_registers=True, fold_fp8_scales=True),  # and the folded scales
     decode.DecodeConfig(block_kv=128, num_stages=2, fold_fp8_scales=True),
+    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True),  # a dequantising WG
+    decode.DecodeConfig(num_stages=5, p_in_registers=True, dequant_warpgroup=True),  # SMEM max
 ])
 def test_decode_fp8_tuning_variants_lower(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
