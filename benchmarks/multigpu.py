@@ -395,6 +395,8 @@ def run(args) -> dict:
         res["decode_profile"] = profile_decode(engine, config, args, rng)
     res["memory_end"] = device_memory()
     res["compiles_after_warmup"] = engine.compile_count - warm
+    engine.bm.check()  # page tables and pools agree
+    res["pages_in_use_after"] = engine.bm.num_used_pages  # no prefix cache: 0 unless leaked
     every = list(res["alone"].values()) + mixed
     res["all_completed"] = all(r["finish_reason"] == "length" and r["error"] is None
                                and r["output_tokens"] == args.decode_tokens for r in every)
@@ -411,7 +413,8 @@ def table(res: dict) -> str:
              f"{res['dtype']}{' + ' + res['quantization'] if res.get('quantization') else ''}, "
              f"attention {res['impl']}; warm-up {res['warmup_s']:.0f} s "
              f"({res['compiles_warmup']} compiles), compiles after warm-up: "
-             f"{res['compiles_after_warmup']}, all completed: {res['all_completed']}", "",
+             f"{res['compiles_after_warmup']}, all completed: {res['all_completed']}, "
+             f"KV pages in use after: {res.get('pages_in_use_after', '-')}", "",
              f"read bandwidth {res.get('read_bytes_s', 0) / 1e12:.2f} TB/s (device 0, same run); "
              f"mixed matches alone (logprobs): {res.get('mixed_matches_alone', '-')}", "",
              "| prompt | alone TTFT s | prefill tok/s | MFU | decode tok/s | decode ms/step | "
@@ -458,7 +461,8 @@ def main(argv=None) -> int:
         with open(os.path.join(d, name), "w") as fh:
             json.dump(res, fh, indent=2)
     print(f"wrote {os.path.join(args.out, name)}", flush=True)
-    ok = res["all_completed"] and res["compiles_after_warmup"] == 0
+    ok = (res["all_completed"] and res["compiles_after_warmup"] == 0
+          and res["pages_in_use_after"] == 0)
     return 0 if ok else 1
 
 
