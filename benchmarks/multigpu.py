@@ -30,6 +30,9 @@ prompts past 10,000 tokens, through the serving engine.
 6. Batch decode throughput at ``--decode-context`` (8192) for ``--decode-batches`` (1, 8,
    32, 64): ms per step, output tokens/s and the ratio to the roofline; batches the
    sequence limit or KV cache cannot hold are recorded as skipped.
+7. ``--profile-steps``: a JAX profiler trace of batch-1 decode steps and of one prefill
+   step (GPU kernels by time, host events), and the KV pages still in use after the run
+   (0: nothing leaked).
 
 ``--dry-run`` runs the same script on the CPU with 8 simulated devices, a 4-layer toy
 model with chunk 64 and lengths scaled to it (64, 78, 79, 80, 128, 256, 512, 1024: the
@@ -100,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-context", type=int, default=None,
                    help="context of each sequence of the batch decode rows (default 8192)")
     p.add_argument("--profile-steps", type=int, default=None,
-                   help="trace this many batch-1 decode steps at --decode-context (JAX profiler): "
-                   "GPU kernels and host events per step (default 6; 0 to skip)")
+                   help="trace this many batch-1 decode steps at --decode-context, and one "
+                   "prefill step (JAX profiler): GPU kernels and host events per step "
+                   "(default 6; 0 to skip both)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     return p
 
@@ -263,27 +267,29 @@ def batch_decode(engine, config, res: dict, args, rng) -> list[dict]:
     return rows
 
 
-def profile_decode(engine, config, args, rng) -> dict:
-    """Where a batch-1 decode step's time goes, host and GPU (benchmarks.common.trace_summary
-    over ``--profile-steps`` engine steps, one sequence at ``--decode-context`` tokens)."""
+def profile_step(engine, config, args, rng, *, prompt_len: int, reps: int,
+                 decode: bool) -> dict:
+    """Where an engine step's time goes, host and GPU (benchmarks.common.trace_summary over
+    ``reps`` steps of one request of ``prompt_len`` tokens): its decode steps (``decode``:
+    once it has its first token) or a prefill step (a chunk in the middle of the prompt)."""
     from benchmarks.common import trace_summary
     from jaxattn.serve.sampling_params import SamplingParams
 
-    steps = min(6 if args.profile_steps is None else args.profile_steps, PROFILE_TAIL - 8)
-    ctx = args.decode_context or (100 if args.dry_run else 8192)
-    engine.add_request("profile", rng.integers(3, config.vocab_size, ctx).tolist(),
+    engine.add_request("profile", rng.integers(3, config.vocab_size, prompt_len).tolist(),
                        SamplingParams(temperature=0, max_tokens=PROFILE_TAIL, ignore_eos=True))
-    while not any(d.token_ids for d in engine.step()):
+    while decode and not any(d.token_ids for d in engine.step()):
         pass  # prefill until the first token
     t0 = time.perf_counter()
-    out = trace_summary(engine.step, reps=steps, top=25)
-    out.update(steps=steps, context=ctx, wall_ms_per_step=1e3 * (time.perf_counter() - t0) / (steps + 1))
+    out = trace_summary(engine.step, reps=reps, top=25)  # one untraced step, then reps
+    out.update(steps=reps, prompt_tokens=prompt_len,
+               wall_ms_per_step=1e3 * (time.perf_counter() - t0) / (reps + 1))
     engine.abort("profile")
     while engine.has_unfinished():
         engine.step()
-    print(f"profile, batch 1 x {ctx}: {out['kernel_calls']} kernels, {out['kernel_ms']:.2f} ms of "
-          f"GPU kernels per step; top host events: "
-          + ", ".join(f"{r['name'][:40]} {r['ms']:.2f} ms" for r in out["host"][:5]), flush=True)
+    what = f"batch-1 decode at {prompt_len}" if decode else f"prefill chunk of {prompt_len}"
+    print(f"profile, {what}: {out['kernel_calls']} kernels, {out['kernel_ms']:.2f} ms of GPU "
+          f"kernels per step; top kernels: "
+          + ", ".join(f"{r['name'][:40]} {r['ms']:.2f} ms" for r in out["kernels"][:4]), flush=True)
     return out
 
 
@@ -313,7 +319,8 @@ def run(args) -> dict:
     mesh = parallel.replica_meshes(parallel.make_mesh(pc))[0]
     dtype = "bfloat16"
     ctx = args.decode_context or (100 if args.dry_run else 8192)  # batch decode and profile
-    longest = max(max(lengths) + args.decode_tokens, ctx + max(args.decode_tokens, PROFILE_TAIL))
+    longest = max(max(lengths) + args.decode_tokens, ctx + max(args.decode_tokens, PROFILE_TAIL),
+                  0 if args.profile_steps == 0 else 3 * t + PROFILE_TAIL)  # profiled prefill
     page = args.page_size or DEFAULT_PAGE_SIZE[args.kv_cache_dtype == "fp8"]
     max_len = -(-longest // page) * page
     engine_config = EngineConfig(
@@ -391,8 +398,12 @@ def run(args) -> dict:
     print(f"mixed batch of {len(lengths)}: {wall:.1f} s, "
           f"{res['mixed']['preemptions']} preemptions", flush=True)
     res["batch_decode"] = batch_decode(engine, config, res, args, rng)
-    if args.profile_steps != 0:
-        res["decode_profile"] = profile_decode(engine, config, args, rng)
+    if args.profile_steps != 0:  # a decode step at the decode context; a prefill step
+        steps = min(6 if args.profile_steps is None else args.profile_steps, PROFILE_TAIL - 8)
+        res["decode_profile"] = profile_step(engine, config, args, rng, prompt_len=ctx,
+                                             reps=steps, decode=True)
+        res["prefill_profile"] = profile_step(engine, config, args, rng, prompt_len=3 * t,
+                                              reps=1, decode=False)
     res["memory_end"] = device_memory()
     res["compiles_after_warmup"] = engine.compile_count - warm
     engine.bm.check()  # page tables and pools agree
