@@ -116,11 +116,12 @@ class Bounds:
     decode_q: int | None = None  # max new tokens of a decode-path sequence; None: see dq
     num_workers: int = 132  # persistent CTAs (SMs of an H100)
     min_split_kv: int = 512  # split-KV never makes pieces shorter than this
+    split_waves: int = 2  # decode split budget in waves of (item, KV head) tiles: split_target
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size",
                      "num_q_heads", "num_kv_heads", "head_dim", "block_q", "block_kv",
-                     "num_workers", "min_split_kv"):
+                     "num_workers", "min_split_kv", "split_waves"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"Bounds.{name} must be a positive int, got {value!r}")
@@ -199,8 +200,10 @@ class Bounds:
 
     @property
     def split_target(self) -> int:
-        """W: the decode split budget, about two waves of (item, KV head) tiles."""
-        return max(1, -(-2 * self.num_workers // self.num_kv_heads))
+        """W: the decode split budget, ``split_waves`` waves of (item, KV head) tiles (two:
+        unequal sequences balance; one would halve a lone long sequence's pieces and its
+        combine: benchmarks/decode.py times both)."""
+        return max(1, -(-self.split_waves * self.num_workers // self.num_kv_heads))
 
 
 @dataclasses.dataclass(frozen=True)

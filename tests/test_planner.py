@@ -208,6 +208,13 @@ def test_decode_splits_fill_the_workers_for_one_long_sequence():
     p = _jitted_plan(SCOUT, None)(*_batch(SCOUT, [1], [131072]))  # compiled by the tests above
     assert int(p.decode.count) * SCOUT.num_kv_heads >= SCOUT.num_workers
     assert int(p.decode.num_splits[0]) == int(p.decode.count)
+    # One wave of split pieces (Bounds.split_waves=1): about half as many, still one wave.
+    one = dataclasses.replace(SCOUT, split_waves=1)
+    p1 = _jitted_plan(one, None)(*_batch(one, [1], [131072]))
+    assert int(p1.decode.count) * one.num_kv_heads >= one.num_workers
+    assert int(p1.decode.count) * 2 <= int(p.decode.count) + 2
+    for name in ("all_decode_max_context", "mixed_boundaries", "decode_q_straddling"):
+        _check_capacity(one, *ADVERSARIAL[name])  # its capacity proof holds for any W
 
 
 # --- admission ---
