@@ -236,10 +236,15 @@ def mfu(config, res: dict, prompt: int, ttft_s: float) -> float:
     return prefill_flops(config, prompt) / ttft_s / res["num_devices"] / (BF16_PEAK_TFLOPS * 1e12)
 
 
+def decode_context(args) -> int:
+    """Tokens of context of the batch decode rows and the profiled decode step."""
+    return args.decode_context or (100 if args.dry_run else 8192)
+
+
 def batch_decode(engine, config, res: dict, args, rng) -> list[dict]:
     """Output tokens/s of B sequences decoding together at ``context`` tokens each (prompts
     prefilled first, then timed from the step all have their first token)."""
-    ctx = args.decode_context or (100 if args.dry_run else 8192)
+    ctx = decode_context(args)
     spec = args.decode_batches
     batches = ([int(x) for x in spec.split(",") if x] if spec is not None else
                [1, 4] if args.dry_run else [1, 8, 32, 64])
@@ -318,7 +323,7 @@ def run(args) -> dict:
     pc = parallel.ParallelConfig(tensor=tp, expert=ep)
     mesh = parallel.replica_meshes(parallel.make_mesh(pc))[0]
     dtype = "bfloat16"
-    ctx = args.decode_context or (100 if args.dry_run else 8192)  # batch decode and profile
+    ctx = decode_context(args)
     longest = max(max(lengths) + args.decode_tokens, ctx + max(args.decode_tokens, PROFILE_TAIL),
                   0 if args.profile_steps == 0 else 3 * t + PROFILE_TAIL)  # profiled prefill
     page = args.page_size or DEFAULT_PAGE_SIZE[args.kv_cache_dtype == "fp8"]
