@@ -168,7 +168,7 @@ def validate_ragged(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seq
 def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, *,
                            bounds: Bounds, scale=None, chunk_size=None, return_lse=False,
                            impl: str = "auto", causal: bool = True, plan=None,
-                           k_scale=None, v_scale=None):
+                           k_scale=None, v_scale=None, decode_only: bool = False):
     """Attention for a packed batch of new tokens over a paged KV cache (serving form).
 
     q [T, Hq, D]: the new tokens of all sequences, packed; sequence s owns rows
@@ -182,12 +182,24 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
     An FP8 cache (float8_e4m3fn pages) passes its per-token, per-KV-head scales
     ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32 (:mod:`jaxattn.kv_quant`);
     q stays in its own dtype.
+    ``decode_only``: the caller promises every sequence has at most ``bounds.dq`` new tokens
+    (all decode rows) and T <= ``max_num_seqs * dq``: the kernels then skip the prefill pass
+    and its merge (a decode step's launches; checked here when the lengths are concrete).
     Returns out [T, Hq, D] (rows past the last sequence are 0) and optionally
     lse [T, Hq].
     """
     validate_ragged(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs,
                     bounds=bounds, chunk_size=chunk_size, impl=impl, k_scale=k_scale,
                     v_scale=v_scale)
+    if decode_only:
+        _check(q.shape[0] <= bounds.max_num_seqs * bounds.dq,
+               f"decode_only: {q.shape[0]} rows exceed max_num_seqs * decode_q = "
+               f"{bounds.max_num_seqs * bounds.dq}")
+        if _concrete(cu_q_lens) and _concrete(num_seqs):
+            q_lens = np.diff(np.asarray(cu_q_lens)[:int(np.asarray(num_seqs)) + 1])
+            _check(q_lens.size == 0 or q_lens.max() <= bounds.dq,
+                   f"decode_only: a sequence has {int(q_lens.max())} new tokens, more than "
+                   f"decode_q={bounds.dq}")
     impl = _kernel_impl(impl, q.shape[-1], q.dtype, bounds, kv_dtype=k_pages.dtype)
     scale = _scale(scale, q.shape[-1])
     q, k_pages, v_pages = (jnp.asarray(x) for x in (q, k_pages, v_pages))
@@ -212,5 +224,6 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
 
             out, lse = kernels.ragged_paged_attention(
                 q, k_pages, v_pages, page_table, plan, bounds=bounds, scale=scale,
-                causal=causal, interpret=impl == "interpret", **scales)
+                causal=causal, interpret=impl == "interpret", decode_only=decode_only,
+                **scales)
     return (out, lse) if return_lse else out

@@ -85,8 +85,20 @@ def prepare(plan: Plan | KernelPlan, *, bounds: Bounds, num_tokens: int) -> Kern
 
 
 def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bounds, scale,
-              causal, interpret, num_workers, config=None, k_scale=None, v_scale=None):
+              causal, interpret, num_workers, config=None, k_scale=None, v_scale=None,
+              decode_only=False):
     plan = kplan.plan
+    if decode_only:
+        # Every row is a decode row, so the compact decode rows are the rows themselves in
+        # order (kplan.dec_src is arange over the real rows): the decode kernel reads q and
+        # writes out directly, with no prefill launch, gather or merge scatter.
+        if kplan.dec_src.shape[0] != q.shape[0]:
+            raise ValueError(f"decode_only needs T={q.shape[0]} <= max_num_seqs * decode_q")
+        dec_out, dec_lse = decode.decode_attention(
+            q, k_pages, v_pages, page_table, plan.decode, bounds=bounds, scale=scale,
+            causal=causal, interpret=interpret, metadata=kplan.dec_meta,
+            k_scale=k_scale, v_scale=v_scale)
+        return dec_out.astype(q.dtype), dec_lse
     if config is None:
         config = prefill.pick_config(bounds, q.dtype, k_pages.dtype)
     elif (config.block_q, config.block_kv) != (bounds.block_q, bounds.block_kv):
@@ -142,20 +154,21 @@ def _compact_decode_items(items: planner.WorkList, bounds: Bounds, t: int):
 def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan | KernelPlan, *,
                            bounds: Bounds, scale, causal=True, interpret=False,
                            config: prefill.PrefillConfig | None = None, k_scale=None,
-                           v_scale=None):
+                           v_scale=None, decode_only=False):
     """Run a plan over a paged cache: out [T, Hq, D] (q.dtype), lse [T, Hq] f32.
 
     Key lengths and chunked-local windows come from the plan's items. A model passes
     a :class:`KernelPlan` (:func:`prepare`, once per step) so its layers share it. An FP8
     cache passes its scales ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32.
     ``config`` overrides the picked prefill tuning (benchmarks); its tiles must match ``bounds``.
+    ``decode_only``: every row is a decode row (:func:`jaxattn.ragged_paged_attention`).
     """
     kplan = prepare(plan, bounds=bounds, num_tokens=q.shape[0])
     workers = _INTERPRET_WORKERS if interpret else bounds.num_workers
     return _run_plan(q, k_pages, v_pages, page_table, kplan, bounds=bounds, scale=scale,
                      causal=causal, interpret=interpret,
                      num_workers=min(workers, bounds.num_workers), config=config,
-                     k_scale=k_scale, v_scale=v_scale)
+                     k_scale=k_scale, v_scale=v_scale, decode_only=decode_only)
 
 
 def contiguous_bounds(q_shape, k_shape, *, num_workers: int, chunk_size=None,

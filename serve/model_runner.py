@@ -122,10 +122,14 @@ class Llama4Runner:
             if why:  # e.g. chunks of a few tokens: served, but not at the kernels' speed
                 log.warning("attention runs on the pure-JAX reference: the Mosaic kernels "
                             "cannot serve these bounds (%s)", why)
-        self._step = paged_step.make_step_fn(model, self.bounds, impl=config.attention_impl,
-                                             gmm_impl=config.grouped_matmul_impl,
-                                             return_hidden=True,
-                                             quantized_kv=self.spec.quantized)
+        # The smallest bucket may be compiled for decode rows only (steps with a longer row
+        # take the next one): a decode step then launches no prefill kernel.
+        self.decode_only_bucket = paged_step.decode_only_bucket(
+            self.buckets, self.bounds, config.attention_impl, model.dtype, self.spec.dtype)
+        self._step = paged_step.make_step_fn(
+            model, self.bounds, impl=config.attention_impl, gmm_impl=config.grouped_matmul_impl,
+            return_hidden=True, quantized_kv=self.spec.quantized,
+            decode_only_tokens=(self.decode_only_bucket,) if self.decode_only_bucket else ())
         self._prompt_head = paged_step.make_prompt_logprobs_fn(
             model, min(MAX_LOGPROBS, mc.vocab_size))
         self._hidden = None  # the last step's hidden states [T, hidden] (on the device)
@@ -170,16 +174,24 @@ class Llama4Runner:
                                quantization=config.quantization), config)
 
     # The step --------------------------------------------------------------------------
-    def bucket_for(self, num_tokens: int) -> int:
+    def bucket_for(self, num_tokens: int, decode_rows_only: bool = False) -> int:
+        """The smallest bucket that holds ``num_tokens``; the decode-only one only for a
+        step whose sequences all have at most ``bounds.dq`` new tokens."""
         for b in self.buckets:
-            if b >= num_tokens:
+            if b >= num_tokens and (decode_rows_only or b != self.decode_only_bucket):
                 return b
         raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
 
     def build(self, num_tokens: int, seqs: Sequence[SeqStep]) -> StepBatch:
         """The static-shape batch of ``seqs`` padded to ``num_tokens`` (a bucket)."""
+        if num_tokens == self.decode_only_bucket and not self._decode_rows_only(seqs):
+            raise ValueError(f"the {num_tokens}-token step is compiled for decode rows only "
+                             f"(at most {self.bounds.dq} new tokens per sequence)")
         return build_step(self.bounds, num_tokens, seqs, num_pages=self.num_pages,
                           num_chunked_pages=self.num_chunked_pages or self.num_pages)
+
+    def _decode_rows_only(self, seqs: Sequence[SeqStep]) -> bool:
+        return all(len(s.token_ids) <= self.bounds.dq for s in seqs)
 
     def forward(self, batch: StepBatch, prev_tokens: jax.Array | None = None) -> jax.Array:
         """The model over a built batch: logits [max_num_seqs, vocab] f32 (on the device)."""
@@ -200,7 +212,7 @@ class Llama4Runner:
              processing: sampling.Processing | None = None,
              seeds: Sequence[sampling.PenaltySeed] = ()) -> sampling.Sampled:
         num_tokens = sum(len(s.token_ids) for s in seqs)
-        batch = self.build(self.bucket_for(num_tokens), seqs)
+        batch = self.build(self.bucket_for(num_tokens, self._decode_rows_only(seqs)), seqs)
         logits = self.forward(batch, prev_tokens)
         params = sampling.SamplingBatch.build(list(rows), self.bounds.max_num_seqs)
         if processing is None:

@@ -54,6 +54,20 @@ def plans(config: Llama4Config, bounds: jaxattn.Bounds, batch: StepBatch,
     return tuple(kernels.prepare(p, bounds=bounds, num_tokens=t) for p in step_plans)
 
 
+def decode_only_bucket(buckets: tuple[int, ...], bounds: jaxattn.Bounds, impl: str,
+                       dtype, kv_dtype=None) -> int | None:
+    """The step size compiled for decode rows only (None: none): the smallest bucket, when
+    there is a larger one for steps with prefill rows, it holds only compact decode rows
+    (``<= max_num_seqs * dq``) and the attention runs on the kernels (whose prefill pass,
+    merge and gathers a decode step then skips: fewer launches where the host is the
+    bottleneck)."""
+    if len(buckets) < 2 or buckets[0] > bounds.max_num_seqs * bounds.dq:
+        return None
+    if jaxattn.api.resolve_impl(impl, bounds, dtype, kv_dtype) not in ("mosaic", "interpret"):
+        return None
+    return buckets[0]
+
+
 def chunked_layers(config: Llama4Config) -> tuple[int, ...]:
     """The chunked-local layers: their KV lives in the chunked pools (the hybrid cache)."""
     return tuple(i for i in range(config.num_hidden_layers)
@@ -82,14 +96,16 @@ def cache_spec(config: Llama4Config, *, num_pages: int, page_size: int,
 
 def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: StepBatch, *,
             bounds: jaxattn.Bounds, plans: tuple, impl: str = "auto", gmm_impl: str = "auto",
-            axes: Axes = NO_AXES, return_hidden: bool = False):
+            axes: Axes = NO_AXES, return_hidden: bool = False, decode_only: bool = False):
     """The new tokens of a packed batch through all layers over the paged cache.
 
     Returns (logits [S, vocab] f32 at ``batch.logits_indices``, updated cache); with
     ``return_hidden``, (logits, hidden [T, hidden] before the final norm, cache): every
     position's state, from which :func:`prompt_logprobs` scores the prompt.
     Inside ``shard_map`` the cache and weights are this device's shards, ``bounds``
-    count its local heads and ``axes`` name the mesh axes.
+    count its local heads and ``axes`` name the mesh axes. ``decode_only``: every sequence
+    of the batch has at most ``bounds.dq`` new tokens (the caller's promise), so the
+    attention kernels skip their prefill pass.
     """
     cu, kv_lens, num_seqs = batch.cu_q_lens, batch.kv_lens, batch.num_seqs
     plan_of = dict(zip(attention_kinds(model.config), plans))
@@ -111,7 +127,8 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
             new_k[i], new_v[i] = kv_cache_lib.write(new_k[i], new_v[i], k, v, slots)
         return _paged_attention(q, new_k[i], new_v[i], table, cu, kv_lens, num_seqs,
                                 plan_of[attn.chunk_size], bounds=bounds, scale=attn.scale,
-                                chunk_size=attn.chunk_size, impl=impl, **scales)
+                                chunk_size=attn.chunk_size, impl=impl, decode_only=decode_only,
+                                **scales)
 
     x = model.embed(batch.token_ids, axes)  # [T, hidden]
     valid = jnp.arange(x.shape[0]) < cu[num_seqs]  # [T]: not bucket padding
@@ -122,9 +139,11 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
     return (logits, x, cache) if return_hidden else (logits, cache)
 
 
-@functools.partial(jax.jit, static_argnames=("bounds", "scale", "chunk_size", "impl"))
+@functools.partial(jax.jit, static_argnames=("bounds", "scale", "chunk_size", "impl",
+                                             "decode_only"))
 def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, plan, *,
-                     bounds, scale, chunk_size, impl, k_scale=None, v_scale=None):
+                     bounds, scale, chunk_size, impl, decode_only=False, k_scale=None,
+                     v_scale=None):
     """One layer's attention, as a jitted function so that layers of one kind share it.
 
     Every chunked-local layer (and every global layer) calls this with the same shapes and
@@ -135,7 +154,8 @@ def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_se
     return jaxattn.ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens,
                                           num_seqs, bounds=bounds, scale=scale,
                                           chunk_size=chunk_size, impl=impl, plan=plan,
-                                          k_scale=k_scale, v_scale=v_scale)
+                                          k_scale=k_scale, v_scale=v_scale,
+                                          decode_only=decode_only)
 
 
 def step_compiler_options() -> dict | None:
@@ -186,7 +206,8 @@ def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_s
 
 def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str = "auto",
                  gmm_impl: str = "auto", compiler_options: dict | None = None,
-                 return_hidden: bool = False, quantized_kv: bool = False):
+                 return_hidden: bool = False, quantized_kv: bool = False,
+                 decode_only_tokens: tuple[int, ...] = ()):
     """``step(kv_cache, batch, prev_tokens=None) -> (logits [S, vocab] f32, new kv_cache)``, jitted.
 
     Shapes depend only on ``bounds`` and the batch's token count T, so it
@@ -197,7 +218,9 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     ``impl`` / ``gmm_impl``: the attention and grouped matmul implementations.
     ``compiler_options``: XLA options for the step (None: :func:`step_compiler_options`).
     ``quantized_kv``: the cache is FP8 (its pools carry scale pools; on a mesh their
-    sharding is declared up front).
+    sharding is declared up front). ``decode_only_tokens``: step sizes whose batches hold
+    only decode rows (at most ``bounds.dq`` new tokens per sequence; :func:`decode_only_bucket`):
+    their attention skips the kernels' prefill pass. The caller keeps that promise.
 
     ``prev_tokens`` (int32 [S], on the device) lets a step start before the previous
     one's sampled tokens reach the host: a batch token id ``-(r + 1)`` stands for
@@ -216,15 +239,21 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     graphdef, state = nnx.split(model)
     config, dtype = model.config, model.dtype  # dtype: the attention's q/k/v
 
-    def local_step(state, kv_cache, batch, step_plans, axes=NO_AXES):
-        return forward(nnx.merge(graphdef, state), kv_cache, batch, bounds=bounds,
-                       plans=step_plans, impl=impl, gmm_impl=gmm_impl, axes=axes,
-                       return_hidden=return_hidden)
-
     mesh = model.mesh
-    if mesh is not None:
-        local_step = _shard_step(model, state, bounds, local_step, return_hidden,
-                                 quantized_kv)
+
+    def local_step_fn(decode_only: bool):
+        def local_step(state, kv_cache, batch, step_plans, axes=NO_AXES):
+            return forward(nnx.merge(graphdef, state), kv_cache, batch, bounds=bounds,
+                           plans=step_plans, impl=impl, gmm_impl=gmm_impl, axes=axes,
+                           return_hidden=return_hidden, decode_only=decode_only)
+
+        if mesh is None:
+            return local_step
+        return _shard_step(model, state, bounds, local_step, return_hidden, quantized_kv)
+
+    local_steps = {False: local_step_fn(False)}
+    if decode_only_tokens:
+        local_steps[True] = local_step_fn(True)
 
     if compiler_options is None:
         compiler_options = step_compiler_options()
@@ -237,8 +266,8 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         ids = batch.token_ids
         batch = batch._replace(token_ids=jnp.where(
             ids < 0, prev_tokens[jnp.clip(-ids - 1, 0, prev_tokens.shape[0] - 1)], ids))
-        return local_step(state, kv_cache, batch,
-                          plans(config, bounds, batch, impl, dtype, kv_cache.k[0].dtype))
+        return local_steps[num_tokens in decode_only_tokens](
+            state, kv_cache, batch, plans(config, bounds, batch, impl, dtype, kv_cache.k[0].dtype))
 
     device = jax.devices()[0]
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, P())

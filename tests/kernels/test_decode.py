@@ -201,3 +201,27 @@ def test_split_pieces_fit_the_partial_buffer(chunk, num_workers, min_split_kv, s
     valid = np.arange(items.seq.shape[0]) < int(items.count)
     n_split = int((valid & (np.asarray(items.num_splits) > 1)).sum())
     assert n_split <= decode.split_capacity(bounds, items.seq.shape[0])
+
+
+def test_decode_only_skips_the_prefill_pass_with_the_same_numbers():
+    """``jaxattn.ragged_paged_attention(decode_only=True)`` (the engine's decode-only step):
+    the decode kernel reads q and writes out directly, with no prefill kernel, gather or
+    merge, and gives the general path's output and lse bit for bit, padding rows included."""
+    case = Case(q_lens=(1, 12, 3, 1), kv_lens=(1, 300, 129, 1024))  # dq = 64 // 5 = 12
+    bounds = case.bounds()
+    rc = make_ragged_case(bounds, case.q_lens, case.kv_lens, dtype=case.dtype, seed=3,
+                          num_tokens=sum(case.q_lens) + 3)
+    args = (jnp.asarray(rc.q), jnp.asarray(rc.k_pages), jnp.asarray(rc.v_pages),
+            rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
+    run = lambda **kw: jaxattn.ragged_paged_attention(*args, bounds=bounds, scale=0.15,
+                                                      impl="interpret", return_lse=True, **kw)
+    out, lse = run()
+    out_d, lse_d = run(decode_only=True)
+    np.testing.assert_array_equal(np.asarray(out_d, np.float32), np.asarray(out, np.float32))
+    np.testing.assert_array_equal(np.asarray(lse_d), np.asarray(lse))
+    prefill = make_ragged_case(bounds, (1, 13), (5, 40), dtype=case.dtype, num_tokens=16)
+    with pytest.raises(ValueError, match="13 new tokens, more than decode_q=12"):
+        jaxattn.ragged_paged_attention(
+            jnp.asarray(prefill.q), jnp.asarray(prefill.k_pages), jnp.asarray(prefill.v_pages),
+            prefill.page_table, prefill.cu_q_lens, prefill.kv_lens, prefill.num_seqs,
+            bounds=bounds, impl="interpret", decode_only=True)

@@ -174,6 +174,26 @@ def test_no_compiles_after_warmup(runner, tokenizer):
     assert engine.compile_count == warm
 
 
+def test_the_decode_only_bucket_takes_only_decode_rows(runner, tokenizer, monkeypatch):
+    """With the kernels the smallest bucket is compiled for decode rows only
+    (``Llama4Runner.decode_only_bucket``): a step with a longer row takes the next bucket,
+    a batch that breaks the promise is refused where it is built, and the engine's outputs
+    and compile count do not change (the reference step here ignores the promise)."""
+    from jaxattn.serve.batch import SeqStep
+
+    dq = runner.bounds.dq
+    want = _gen(_engine(runner, tokenizer), _prompts(5, seed=3), _params(5, seed=3))
+    monkeypatch.setattr(runner, "decode_only_bucket", 16)
+    assert runner.bucket_for(5, decode_rows_only=True) == 16
+    assert runner.bucket_for(5, decode_rows_only=False) == 64
+    with pytest.raises(ValueError, match="decode rows only"):
+        runner.build(16, [SeqStep([1] * (dq + 1), 0, [0, 1])])
+    engine = _engine(runner, tokenizer)
+    warm = engine.compile_count
+    assert _gen(engine, _prompts(5, seed=3), _params(5, seed=3)) == want
+    assert engine.compile_count == warm
+
+
 def test_a_step_that_loses_the_donated_cache_is_recovered(runner, tokenizer, monkeypatch):
     """A device step that fails after taking the donated KV pools: its own sequences fail, the
     pools are rebuilt, every other running sequence recomputes to the same output, and the

@@ -58,6 +58,37 @@ def test_gpu_step_has_no_host_synchronising_control_flow():
     assert found.get("scan", 0) == 0
 
 
+def test_decode_only_step_lowers_without_the_prefill_kernel():
+    """The runner's decode-only bucket (``make_step_fn(decode_only_tokens=)``): one Mosaic
+    kernel fewer per layer (no prefill pass), no host-synchronising control flow, and it
+    lowers for CUDA; other step sizes keep the general step."""
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
+        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
+    model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
+                          page_size=64).bounds(config)
+    assert paged_step.decode_only_bucket((16, 256), bounds, "mosaic", jnp.bfloat16) == 16
+    assert paged_step.decode_only_bucket((16, 256), bounds, "reference", jnp.bfloat16) is None
+    assert paged_step.decode_only_bucket((256,), bounds, "mosaic", jnp.bfloat16) is None
+    spec = paged_step.cache_spec(config, num_pages=32, page_size=64, dtype=jnp.bfloat16)
+    kv = jax.eval_shape(lambda: cache.allocate(spec))
+    batch = build_step(bounds, 16, [SeqStep([1], 99, [0, 1]), SeqStep([2, 3], 64, [2, 3])],
+                       num_pages=32)
+    args = (nnx.split(model)[1], kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32), 16)
+    counts = {}
+    for tokens in ((), (16,)):
+        step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic",
+                                       decode_only_tokens=tokens)
+        found = _primitives(jax.make_jaxpr(step.jitted, static_argnums=4)(*args).jaxpr, {})
+        assert not {p: found[p] for p in ("cond", "while") if p in found}
+        counts[tokens] = found["mpmd_map"]
+    assert counts[()] - counts[(16,)] == config.num_hidden_layers
+    exported = jax.export.export(step.jitted, platforms=["cuda"])(*args[:4], num_tokens=16)
+    assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
+
+
 @pytest.mark.parametrize("mode", sampling.MODES)
 @pytest.mark.parametrize("want_logprobs", [False, True])
 def test_sampler_has_no_host_synchronising_control_flow(mode, want_logprobs):
