@@ -96,3 +96,21 @@ def test_smem_p_path_and_other_shapes():
 
 def test_non_causal_and_g1():
     _check([2, 1, 30], [5000, 70000, 600], causal=False, chunk=8192, hq=8, hkv=8)
+
+
+def test_decode_only_equals_the_general_path_on_the_gpu():
+    """The engine's decode-only step (``ragged_paged_attention(decode_only=True)``) at Scout's
+    heads: the same output and lse as the general path (prefill pass + merge), bit for bit,
+    for a batch of decode rows with a 128k sequence (split), chunked and global."""
+    q_lens, kv_lens = (1, 1, 3, 12, 1), (131072, 8193, 300, 17, 1)
+    bounds, q, k, v, table, cu, kv, n = _case(q_lens, kv_lens)
+    for chunk in (None, 8192):
+        def run(decode_only, chunk=chunk):
+            f = jax.jit(lambda *a: jaxattn.ragged_paged_attention(
+                *a, n, bounds=bounds, scale=0.088, chunk_size=chunk, impl="mosaic",
+                return_lse=True, decode_only=decode_only))
+            return [np.asarray(x, np.float32) for x in f(q, k, v, table, cu, kv)]
+
+        (out, lse), (out_d, lse_d) = run(False), run(True)
+        np.testing.assert_array_equal(out_d, out)
+        np.testing.assert_array_equal(lse_d, lse)
