@@ -34,7 +34,7 @@ for what in "${@:-all}"; do
     # Why a full-size decode step is host-bound (NOTES-model.md): a 12-layer slice on all GPUs
     # under each command-buffer setting, ~100 s each, each with a profiled batch-1 step.
     decode-host)
-      slice="--layers 12 --lengths 8192 --skip-alone --decode-batches 1,8 --max-num-seqs 8"
+      slice="--layers 12 --lengths 8192 --skip-alone --decode-batches 1,8 --max-num-seqs 8 --buckets 16,8192"
       types=FUSION,CUBLAS,CUBLASLT,CUDNN,DYNAMIC_SLICE_FUSION  # ours without CUSTOM_CALL
       for v in default vmm-skip-temp vmm-skip-profiled no-custom-call vmm-skip-temp-no-custom-call; do
         env=()
