@@ -177,6 +177,9 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
             ks_smem, vs_smem, k_deq, v_deq, *deq_barriers = fp8_scratch
         if deq_wg:  # k_deq/v_deq: [DEQUANT_STAGES, bk, d] rings
             kdeq_full, vdeq_full, kdeq_free, vdeq_free = deq_barriers
+        # wgmma_tile's FP8 arguments: (dequantised-ring barrier, dequantised tile(s), scales).
+        deq_k = (kdeq_full if deq_wg else None, k_deq, ks_smem) if fp8 else ()
+        deq_v = (vdeq_full if deq_wg else None, v_deq, vs_smem) if fp8 else ()
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cta")
         num_tiles = count_ref[0] * hkv
@@ -293,6 +296,19 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
             row_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
             col_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
 
+            def wgmma_tile(slot, dslot, full, ring, deq_full=None, deq=None, scales=None):
+                """The K (V) tile of this step as a wgmma operand, once it is ready: the
+                landed bf16 tile; FP8: the dequantising warpgroup's slot of ``deq``, or the
+                fp8 tile dequantised here into ``deq`` (its last reader has completed)."""
+                if deq_wg:
+                    plgpu.barrier_wait(deq_full.at[dslot])
+                    return deq.at[dslot]
+                plgpu.barrier_wait(full.at[slot])
+                if not fp8:
+                    return ring.at[slot]
+                return common.dequantize_tile(ring.at[slot], None if fold else scales.at[slot],
+                                              deq)
+
             def tile_body(i, step):
                 item, kvh, f = tile_info(i)
                 q_start, q_len, q_pos = f(_QSTART), f(_QLEN), f(_QPOS)
@@ -307,15 +323,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     step, acc, m, l = carry
                     slot = lax.rem(step, stages)
                     dslot = lax.rem(step, DEQUANT_STAGES)
-                    if deq_wg:
-                        plgpu.barrier_wait(kdeq_full.at[dslot])
-                        k_tile = k_deq.at[dslot]
-                    else:
-                        plgpu.barrier_wait(k_full.at[slot])
-                        k_tile = k_smem.at[slot]
-                    if fp8 and not deq_wg:  # k_deq's last reader (the previous QK) has completed
-                        k_tile = common.dequantize_tile(k_tile, None if fold else
-                                                        ks_smem.at[slot], k_deq)
+                    k_tile = wgmma_tile(slot, dslot, k_full, k_smem, *deq_k)
 
                     def qk(acc_ref):
                         plgpu.wgmma(acc_ref, q_tile, k_tile.T)
@@ -342,15 +350,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     if not fold:
                         p16 = p.astype(dtype)
-                    if deq_wg:
-                        plgpu.barrier_wait(vdeq_full.at[dslot])
-                        v_tile = v_deq.at[dslot]
-                    else:
-                        plgpu.barrier_wait(v_full.at[slot])
-                        v_tile = v_smem.at[slot]
-                    if fp8 and not deq_wg:
-                        v_tile = common.dequantize_tile(v_tile, None if fold else
-                                                        vs_smem.at[slot], v_deq)
+                    v_tile = wgmma_tile(slot, dslot, v_full, v_smem, *deq_v)
                     if fold:  # V's scales arrive with V
                         p16 = (p * common.column_scales(vs_smem.at[slot], p.shape)).astype(dtype)
                     if config.p_in_registers:

@@ -28,6 +28,16 @@ from jaxattn.serve.config import EngineConfig
 _KERNELS = ("mpmd_map", "pallas_call")  # Mosaic GPU kernel bodies: their loops run on the GPU
 
 
+@functools.lru_cache(maxsize=None)
+def _tiny_model():
+    """A 2-layer Llama 4 (one MoE, one dense layer; chunked and global attention), bf16."""
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
+        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
+    return config, llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
+
+
 def _primitives(jaxpr, found):
     for eqn in jaxpr.eqns:
         found[eqn.primitive.name] = found.get(eqn.primitive.name, 0) + 1
@@ -38,11 +48,7 @@ def _primitives(jaxpr, found):
 
 
 def test_gpu_step_has_no_host_synchronising_control_flow():
-    config = llama4.Llama4Config.from_hf_dict(dict(
-        vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
-        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
-    model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
+    config, model = _tiny_model()
     bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
                           page_size=64).bounds(config)
     step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic")
@@ -62,11 +68,7 @@ def test_decode_only_step_lowers_without_the_prefill_kernel():
     """The runner's decode-only bucket (``make_step_fn(decode_only_tokens=)``): one Mosaic
     kernel fewer per layer (no prefill pass), no host-synchronising control flow, and it
     lowers for CUDA; other step sizes keep the general step."""
-    config = llama4.Llama4Config.from_hf_dict(dict(
-        vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
-        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
-    model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
+    config, model = _tiny_model()
     bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
                           page_size=64).bounds(config)
     assert paged_step.decode_only_bucket((16, 256), bounds, "mosaic", jnp.bfloat16) == 16
@@ -117,11 +119,7 @@ def test_processed_sampler_has_no_host_synchronising_control_flow(mode):
 
 def test_prompt_logprob_head_has_no_host_synchronising_control_flow():
     """The head that scores prompts runs between enqueued steps: no cond / while / scan."""
-    config = llama4.Llama4Config.from_hf_dict(dict(
-        vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
-        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
-    model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
+    config, model = _tiny_model()
     head = paged_step.make_prompt_logprobs_fn(model, 20)
     jaxpr = jax.make_jaxpr(head)(jnp.zeros((300, 256), jnp.bfloat16), jnp.zeros(300, jnp.int32))
     found = _primitives(jaxpr.jaxpr, {})
