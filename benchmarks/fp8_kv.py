@@ -81,9 +81,9 @@ def _cache(batch, ctx, seed=0):
     k = jax.random.normal(kk, (n, PAGE, HKV, D), jnp.bfloat16)
     v = jax.random.normal(kv, (n, PAGE, HKV, D), jnp.bfloat16)
     table = np.random.default_rng(seed).permutation(n).astype(np.int32).reshape(batch, per_seq)
-    k8, ks = jax.jit(kv_quant.quantize)(k)
-    v8, vs = jax.jit(kv_quant.quantize)(v)
-    fp8 = (k8, v8, jnp.swapaxes(ks, 1, 2), jnp.swapaxes(vs, 1, 2))
+    quantize = jax.jit(kv_quant.quantize_pages)
+    (k8, ks), (v8, vs) = quantize(k), quantize(v)
+    fp8 = (k8, v8, ks, vs)
     return (k, v), fp8, jnp.asarray(table)
 
 

@@ -88,6 +88,13 @@ def check_scales(k_pages, v_pages, k_scale, v_scale) -> str | None:
     return None
 
 
+def quantize_pages(pages):
+    """A whole pool [P, page_size, Hkv, D] -> (FP8 pages, scale [P, Hkv, page_size]): the
+    cache's layout, which the kernels read (:func:`dequantize_pages` inverts it)."""
+    pages8, scale = quantize(pages)
+    return pages8, jnp.swapaxes(scale, 1, 2)
+
+
 def dequantize_pages(pages, scale, dtype=jnp.float32):
     """A whole pool [P, page_size, Hkv, D] with scale [P, Hkv, page_size] -> ``dtype`` pages."""
     return dequantize(pages, jnp.swapaxes(scale, 1, 2), dtype)

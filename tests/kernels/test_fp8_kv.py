@@ -42,9 +42,8 @@ def _fp8_case(bounds, q_lens, kv_lens, *, num_tokens, k_gain=1.0, seed=0):
                           num_tokens=num_tokens)
     rng = np.random.default_rng(seed + 1)
     gain = np.exp(rng.uniform(-2, 2, rc.k_pages.shape[:3]))[..., None] * k_gain
-    k8, ks = kv_quant.quantize(jnp.asarray(rc.k_pages * gain))
-    v8, vs = kv_quant.quantize(jnp.asarray(rc.v_pages))
-    ks, vs = jnp.swapaxes(ks, 1, 2), jnp.swapaxes(vs, 1, 2)  # [P, Hkv, page_size]
+    k8, ks = kv_quant.quantize_pages(jnp.asarray(rc.k_pages * gain))
+    v8, vs = kv_quant.quantize_pages(jnp.asarray(rc.v_pages))
     return rc, jnp.asarray(rc.q, jnp.bfloat16), (k8, v8, ks, vs)
 
 
@@ -271,9 +270,9 @@ def test_fp8_kernels_find_the_needle_in_interpret_mode():
     from needle_cases import make_needle_case
 
     case = make_needle_case(2048, (0.03, 0.6, 0.97), num_q_heads=2, page_size=32)
-    k8, ks = kv_quant.quantize(jnp.asarray(case.k_pages))
-    v8, vs = kv_quant.quantize(jnp.asarray(case.v_pages))
+    k8, ks = kv_quant.quantize_pages(jnp.asarray(case.k_pages))
+    v8, vs = kv_quant.quantize_pages(jnp.asarray(case.v_pages))
     out = jaxattn.ragged_paged_attention(
         jnp.asarray(case.q, jnp.bfloat16), k8, v8, *case.args(), bounds=case.bounds, scale=1.0,
-        impl="interpret", k_scale=jnp.swapaxes(ks, 1, 2), v_scale=jnp.swapaxes(vs, 1, 2))
+        impl="interpret", k_scale=ks, v_scale=vs)
     np.testing.assert_array_equal(case.read_out(out), case.answers)

@@ -23,9 +23,10 @@ def _pools(num_pages, page_size, hkv, d, seed):
     # Keys with a spread of row norms (per-row scales matter), values plain.
     gain = jnp.exp(jax.random.uniform(keys[2], (num_pages, page_size, hkv, 1), minval=-2,
                                       maxval=2))
-    k8, ks = kv_quant.quantize(jax.random.normal(keys[0], (num_pages, page_size, hkv, d)) * gain)
-    v8, vs = kv_quant.quantize(jax.random.normal(keys[1], (num_pages, page_size, hkv, d)))
-    return k8, v8, jnp.swapaxes(ks, 1, 2), jnp.swapaxes(vs, 1, 2)
+    k8, ks = kv_quant.quantize_pages(
+        jax.random.normal(keys[0], (num_pages, page_size, hkv, d)) * gain)
+    v8, vs = kv_quant.quantize_pages(jax.random.normal(keys[1], (num_pages, page_size, hkv, d)))
+    return k8, v8, ks, vs
 
 
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", [
@@ -73,9 +74,9 @@ def test_fp8_equals_bf16_over_dequantised_pages(q_lens, kv_lens, chunk):
 
 def test_fp8_kernels_find_a_needle_128k_deep():
     case = make_needle_case(131072, (0.02, 0.5, 0.98), num_q_heads=5, page_size=32)
-    k8, ks = kv_quant.quantize(jnp.asarray(case.k_pages))
-    v8, vs = kv_quant.quantize(jnp.asarray(case.v_pages))
+    k8, ks = kv_quant.quantize_pages(jnp.asarray(case.k_pages))
+    v8, vs = kv_quant.quantize_pages(jnp.asarray(case.v_pages))
     out = jaxattn.ragged_paged_attention(
         jnp.asarray(case.q, jnp.bfloat16), k8, v8, *case.args(), bounds=case.bounds, scale=1.0,
-        impl="mosaic", k_scale=jnp.swapaxes(ks, 1, 2), v_scale=jnp.swapaxes(vs, 1, 2))
+        impl="mosaic", k_scale=ks, v_scale=vs)
     np.testing.assert_array_equal(case.read_out(out), case.answers)
