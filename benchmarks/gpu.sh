@@ -36,13 +36,13 @@ for what in "${@:-all}"; do
     decode-host)
       slice="--layers 12 --lengths 8192 --skip-alone --decode-batches 1,8 --max-num-seqs 8 --buckets 16,8192"
       types=FUSION,CUBLAS,CUBLASLT,CUDNN,DYNAMIC_SLICE_FUSION  # ours without CUSTOM_CALL
-      for v in default vmm-skip-temp vmm-skip-profiled no-custom-call vmm-skip-temp-no-custom-call; do
+      for v in default vmm-skip-temp vmm-skip-profiled vmm-skip-temp-no-custom-call; do
         env=()
         case $v in vmm-*) env+=(XLA_PYTHON_CLIENT_ALLOCATOR=vmm) ;; esac
         case $v in *skip-temp*) env+=(XLA_FLAGS="--xla_gpu_command_buffer_update_mode=SKIP_TEMP") ;;
                    *skip-profiled*) env+=(XLA_FLAGS="--xla_gpu_command_buffer_update_mode=SKIP_PROFILED") ;; esac
         case $v in *no-custom-call) env+=(JAXATTN_COMMAND_BUFFER=$types) ;; esac
-        env "${env[@]}" timeout 150 python3 -m benchmarks.multigpu $slice --tag="-decode-host-$v" \
+        env "${env[@]}" timeout 140 python3 -m benchmarks.multigpu $slice --tag="-decode-host-$v" \
           || status=1
       done ;;&
     *) ;;
