@@ -125,7 +125,10 @@ def _setup_environment(dry_run: bool) -> None:
                 f"{flags} --xla_force_host_platform_device_count={DRY_DEVICES}".strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     else:
+        from jaxattn.serve import allocator
+
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+        allocator.prefer_vmm()  # as the serving engine does
 
 
 def _config(args):
@@ -146,13 +149,20 @@ def _config(args):
 def device_memory() -> list[dict]:
     import jax
 
+    from jaxattn.serve import allocator
+
     out = []
     for d in jax.local_devices():
         stats = d.memory_stats() if hasattr(d, "memory_stats") else None
         stats = stats or {}
-        out.append({"device": str(d), "bytes_in_use": stats.get("bytes_in_use"),
+        # The VMM allocator keeps no statistics: then the driver's view (in use by anyone).
+        free_limit = allocator.device_memory(d)
+        in_use = stats.get("bytes_in_use")
+        if in_use is None and free_limit is not None:
+            in_use = free_limit[1] - free_limit[0]
+        out.append({"device": str(d), "bytes_in_use": in_use,
                     "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-                    "bytes_limit": stats.get("bytes_limit")})
+                    "bytes_limit": stats.get("bytes_limit") or (free_limit and free_limit[1])})
     return out
 
 

@@ -135,6 +135,11 @@ def _field_shapes(num_tokens: int, bounds: Bounds) -> StepBatch:
                      chunked_slots=(t if hybrid else 0,))
 
 
+def packed_size(num_tokens: int, bounds: Bounds) -> int:
+    """Length of :func:`pack`'s vector for a step of ``num_tokens`` tokens."""
+    return sum(_padded(int(np.prod(shape))) for shape in _field_shapes(num_tokens, bounds))
+
+
 def _padded(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 

@@ -199,8 +199,9 @@ class LLMEngine:
         :class:`~jaxattn.serve.data_parallel.DataParallelEngine` of that many replicas.
         """
         from jaxattn import parallel as parallel_lib
-        from jaxattn.serve import default_model, generation_config
+        from jaxattn.serve import allocator, default_model, generation_config
 
+        allocator.prefer_vmm()  # before anything starts the GPU backend (its docstring says why)
         model_dir = config.model
         check_model_dir(model_dir)
         if model_dir is None:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import kv_quant
+from jaxattn.serve import allocator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,11 +172,8 @@ def parse_budget(budget, free_bytes: int | None = None) -> int:
 
 def free_device_memory(device=None) -> int | None:
     """Free bytes on ``device`` per its allocator stats (None where unknown, e.g. on CPU)."""
-    device = device or jax.devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    memory = allocator.device_memory(device or jax.devices()[0])
+    return None if memory is None else memory[0]
 
 
 def pages_for_budget(budget_bytes: int, spec: CacheSpec) -> int:

@@ -37,6 +37,7 @@ from jax.sharding import AbstractMesh
 from jaxattn import kv_quant, parallel
 from jaxattn.models import llama4
 from jaxattn.models.llama4.config import Llama4Config
+from jaxattn.serve import allocator
 from jaxattn.serve import kv_cache as kv_cache_lib
 from jaxattn.serve.config import EngineConfig
 
@@ -394,10 +395,10 @@ def device_limit(devices=None) -> int | None:
     # Only this process's devices report statistics (the mesh may span hosts).
     mine = [d for d in (devices or jax.devices()[:1]) if d.process_index == jax.process_index()]
     for d in mine or jax.local_devices()[:1]:
-        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
-        if not stats or "bytes_limit" not in stats:
+        memory = allocator.device_memory(d)
+        if memory is None:
             return None
-        limits.append(int(stats["bytes_limit"]))
+        limits.append(memory[1])
     return min(limits)
 
 

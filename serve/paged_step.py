@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import jaxattn
@@ -24,6 +25,7 @@ from jaxattn import kv_quant, planner
 from jaxattn.models.llama4 import (Llama4Config, Llama4ForCausalLM, local_heads, sharding,
                                    stored_kv_heads)
 from jaxattn.models.llama4.layers import NO_AXES, Axes
+from jaxattn.serve import allocator
 from jaxattn.serve import batch as batch_lib
 from jaxattn.serve import kv_cache as kv_cache_lib
 from jaxattn.serve.batch import StepBatch
@@ -172,7 +174,12 @@ def step_compiler_options() -> dict | None:
     # JAXATTN_COMMAND_BUFFER overrides the list, for measuring others (e.g. COLLECTIVES).
     types = os.environ.get("JAXATTN_COMMAND_BUFFER",
                            "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION")
-    return {"xla_gpu_enable_command_buffer": types, "xla_gpu_graph_min_graph_size": 1}
+    options = {"xla_gpu_enable_command_buffer": types, "xla_gpu_graph_min_graph_size": 1}
+    if allocator.vmm_active():
+        # The temp buffer at one address: graphs that touch only it and the weights are not
+        # re-recorded every step (serve/allocator.py). XLA accepts the mode only under VMM.
+        options["xla_gpu_command_buffer_update_mode"] = "SKIP_TEMP"
+    return options
 
 
 def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_step,
@@ -258,23 +265,40 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     if compiler_options is None:
         compiler_options = step_compiler_options()
 
-    @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("num_tokens",),
-                       compiler_options=compiler_options or None)
-    def jitted(state, kv_cache, packed, prev_tokens, num_tokens):
-        # packed: batch_lib.pack(StepBatch); prev_tokens: int32 [S]
+    @functools.partial(jax.jit, donate_argnums=(1,), donate_argnames=("staging",),
+                       static_argnames=("num_tokens",), compiler_options=compiler_options or None)
+    def jitted(state, kv_cache, packed, prev_tokens, num_tokens, staging=None):
+        # packed: batch_lib.pack(StepBatch); prev_tokens: int32 [S].
+        # staging: None, or int32 [packed_size(max tokens) + 1], donated and returned as the
+        # last output. The batch is read from it, at one address every step: XLA fuses the
+        # field slices into their consumers, so a new `packed` buffer each step would move an
+        # allocation that nearly every CUDA graph of the step reads, and each would be
+        # re-recorded (serve/allocator.py). One element longer than any `packed` so the
+        # update stays an update; the barrier keeps XLA from reading `packed` through it.
+        if staging is not None:
+            staging = lax.optimization_barrier(lax.dynamic_update_slice(staging, packed, (0,)))
+            packed = staging[:packed.shape[0]]
         batch = batch_lib.unpack(packed, bounds, num_tokens)
         ids = batch.token_ids
         batch = batch._replace(token_ids=jnp.where(
             ids < 0, prev_tokens[jnp.clip(-ids - 1, 0, prev_tokens.shape[0] - 1)], ids))
-        return local_steps[num_tokens in decode_only_tokens](
+        out = local_steps[num_tokens in decode_only_tokens](
             state, kv_cache, batch, plans(config, bounds, batch, impl, dtype, kv_cache.k[0].dtype))
+        return out if staging is None else (*out, staging)
 
     device = jax.devices()[0]
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, P())
     multi_process = jax.process_count() > 1
     zeros = np.zeros(bounds.max_num_seqs, np.int32)  # prev_tokens of a step that needs none
-    no_prev = (jax.make_array_from_callback(zeros.shape, replicated, lambda i: zeros[i])
-               if multi_process else jax.device_put(zeros, replicated or device))
+
+    def put(host):  # a replicated device copy of a host vector
+        if multi_process:
+            return jax.make_array_from_callback(host.shape, replicated, lambda i: host[i])
+        return jax.device_put(host, replicated or device)
+
+    no_prev = put(zeros)
+    staging = [put(np.zeros(batch_lib.packed_size(bounds.max_num_batched_tokens, bounds) + 1,
+                            np.int32))]
 
     def step(kv_cache: kv_cache_lib.KVCache, batch: StepBatch, prev_tokens=None):
         # An uncommitted pool (e.g. fresh from a jit without out_shardings) has another
@@ -288,7 +312,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         packed = batch_lib.pack(batch)
         if multi_process and not isinstance(packed, jax.Array):
             # Every process passes the same host batch; each puts its devices' copies.
-            packed = jax.make_array_from_callback(packed.shape, replicated, lambda i: packed[i])
+            packed = put(packed)
         elif replicated is not None:
             packed = jax.device_put(packed, replicated)
         if prev_tokens is None:
@@ -296,7 +320,9 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
                 raise ValueError("the batch takes tokens from a previous step (negative ids) "
                                  "but no prev_tokens were given")
             prev_tokens = no_prev
-        return jitted(state, kv_cache, packed, prev_tokens, num_tokens=len(batch.token_ids))
+        *out, staging[0] = jitted(state, kv_cache, packed, prev_tokens,
+                                  num_tokens=len(batch.token_ids), staging=staging[0])
+        return tuple(out)
 
     step.jitted = jitted
     return step

@@ -1,0 +1,62 @@
+"""The serving process's allocator choice and its device-memory fallback (serve/allocator.py)."""
+
+import os
+import types
+
+import jax
+import pytest
+
+from jaxattn.serve import allocator, paged_step
+
+
+def test_prefer_vmm_leaves_a_users_choice_and_a_started_backend(monkeypatch):
+    monkeypatch.setenv(allocator.ENV, "bfc")
+    assert allocator.prefer_vmm() is False
+    assert allocator.vmm_active() is False
+    monkeypatch.delenv(allocator.ENV)
+    jax.devices()  # the backend has started: too late to choose, nothing is set
+    assert allocator.prefer_vmm() is False
+    assert allocator.ENV not in os.environ
+
+
+def test_prefer_vmm_before_the_backend_starts(monkeypatch):
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    monkeypatch.setattr(allocator, "_backend_started", lambda: False)
+    assert allocator.prefer_vmm() is True
+    assert allocator.vmm_active()
+
+
+def _device(platform="gpu", stats=None):
+    return types.SimpleNamespace(platform=platform, id=0, local_hardware_id=0,
+                                 memory_stats=lambda: stats)
+
+
+def test_device_memory_from_allocator_statistics():
+    dev = _device(stats={"bytes_limit": 100, "bytes_in_use": 30})
+    assert allocator.device_memory(dev) == (70, 100)
+
+
+def test_device_memory_from_the_driver_without_statistics(monkeypatch):
+    gib = 1 << 30
+    monkeypatch.setattr(allocator, "_cuda_mem_info", lambda ordinal: (100 * gib, 140 * gib))
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION", raising=False)
+    free, limit = allocator.device_memory(_device())
+    assert limit == int(140 * gib * 0.9)
+    assert free == limit - 40 * gib  # the 40 GiB in use (by anyone) come off the share
+    monkeypatch.setattr(allocator, "_cuda_mem_info", lambda ordinal: (1 * gib, 140 * gib))
+    assert allocator.device_memory(_device())[0] == 0  # never negative
+
+
+def test_device_memory_unknown_on_the_cpu():
+    assert allocator.device_memory(jax.devices("cpu")[0]) is None
+    assert allocator.device_memory(_device(platform="cpu")) is None
+
+
+@pytest.mark.parametrize("vmm", [False, True])
+def test_step_options_pin_the_temp_buffer_only_under_vmm(monkeypatch, vmm):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(allocator, "vmm_active", lambda: vmm)
+    options = paged_step.step_compiler_options()
+    assert "CUSTOM_CALL" in options["xla_gpu_enable_command_buffer"]
+    assert (options.get("xla_gpu_command_buffer_update_mode") == "SKIP_TEMP") is vmm
