@@ -78,30 +78,18 @@ def dequantize_tile(src8, scale, dst):
     """``dst[r, :] = src8[r, :] * scale[r]``: an FP8 K/V tile (SMEM) into a wgmma operand.
 
     src8 [rows, D] float8_e4m3fn and dst [rows, D] (bf16/f16) are SMEM tiles, scale
-    [rows] f32 in SMEM, or None: convert only (exact: every e4m3 value is a bf16/f16
-    value), the scales then applied to the product's columns (:func:`column_scales`).
-    rows a multiple of 64. Runs on one warpgroup, 64 rows at a time (a wgmma-layout
-    register tile: 64 values per thread at D=128), and commits the stores so the async
-    proxy (wgmma) sees them. Returns ``dst``.
+    [rows] f32 in SMEM. rows a multiple of 64. Runs on one warpgroup, 64 rows at a time (a
+    wgmma-layout register tile: 64 values per thread at D=128), and commits the stores so
+    the async proxy (wgmma) sees them. Returns ``dst``.
     """
     rows = src8.shape[0]
     for r in range(0, rows, WGMMA_M):
         part = pl.ds(r, WGMMA_M)
         x = plgpu.load(src8.at[part], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-        if scale is not None:
-            s = plgpu.load(scale.at[part], layout=plgpu.Layout.WGMMA.reduce(1))
-            x = x * lax.broadcast_in_dim(s, x.shape, [0])
-        dst.at[part][...] = x.astype(dst.dtype)
+        s = plgpu.load(scale.at[part], layout=plgpu.Layout.WGMMA.reduce(1))
+        dst.at[part][...] = (x * lax.broadcast_in_dim(s, x.shape, [0])).astype(dst.dtype)
     plgpu.commit_smem()
     return dst
-
-
-def column_scales(scale, shape):
-    """``scale`` [N] f32 (SMEM) broadcast over the rows of a wgmma-layout [M, N] tile: a
-    key's K scale on S's column (``S = Q K8^T * s_k``) or its V scale on P's column
-    (``P V = (P * s_v) V8``), so FP8 tiles need only an exact conversion in SMEM."""
-    s = plgpu.load(scale, layout=plgpu.Layout.WGMMA.reduce(0))
-    return lax.broadcast_in_dim(s, shape, [1])
 
 
 def check_pages(kernel: str, page_size: int, block_kv: int, pages_per_seq: int,

@@ -78,28 +78,21 @@ class DecodeConfig:
     num_ctas: persistent CTAs (None: ``bounds.num_workers``, one per SM).
     p_in_registers: feed P to the PV wgmma from registers (GPU fast path; GPU
       interpret mode cannot run it, so tests use the SMEM path there).
-    fold_fp8_scales: FP8 cache: the SMEM pass only converts e4m3 to bf16 and the
-      per-key scales multiply S's and P's columns in registers (64 products per thread
-      per tile instead of one per element of K and V). Off until measured on the GPU
-      (benchmarks/fp8_kv.py times both); numerics: K and V enter the wgmma exactly.
     dequant_warpgroup: FP8 cache: a third warpgroup dequantises each K/V tile into a
       ring of :data:`DEQUANT_STAGES` bf16 tiles while the consumer computes on the previous
-      one, instead of the consumer dequantising before each wgmma. Same numbers (the same
-      pass), overlapped; off until measured (benchmarks/fp8_kv.py). Not with
-      ``fold_fp8_scales`` (the fp8 slot, scales included, is released once dequantised).
+      one; False: the consumer dequantises each tile before its wgmma (serial with the
+      math). Same numbers either way (the same pass). :func:`default_config` turns it on
+      for an FP8 cache. (Scales folded onto S's and P's columns instead, converting e4m3
+      to bf16 exactly, measured slower still: 1.36-1.40x bf16; removed.)
     """
 
     block_kv: int = 64
     num_stages: int = 4
     num_ctas: int | None = None
     p_in_registers: bool = False
-    fold_fp8_scales: bool = False
     dequant_warpgroup: bool = False
 
     def __post_init__(self):
-        if self.fold_fp8_scales and self.dequant_warpgroup:
-            raise ValueError("fold_fp8_scales and dequant_warpgroup exclude each other: the "
-                             "dequantising warpgroup applies the scales and frees the slot")
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
             raise ValueError(f"block_kv={self.block_kv} must be a multiple of 64 in [64, 256]")
         if self.num_stages < 2:
@@ -108,9 +101,12 @@ class DecodeConfig:
             raise ValueError(f"num_ctas={self.num_ctas} must be positive")
 
 
-def default_config(interpret=False) -> DecodeConfig:
-    """The tuned configuration; under interpret mode P goes through SMEM."""
-    return DecodeConfig(p_in_registers=not interpret)
+def default_config(interpret=False, fp8=False) -> DecodeConfig:
+    """The tuned configuration; under interpret mode P goes through SMEM. An FP8 cache gets
+    the dequantising warpgroup: on the H200 it takes 1.19-1.20x the bf16 kernel's time
+    against 1.32-1.35x with the consumer dequantising (1.36-1.40x with the folded scales;
+    benchmarks/results/fp8-kv-2026-11-30.md)."""
+    return DecodeConfig(p_in_registers=not interpret, dequant_warpgroup=fp8)
 
 
 def split_capacity(bounds: Bounds, cap_items: int) -> int:
@@ -126,10 +122,11 @@ def split_capacity(bounds: Bounds, cap_items: int) -> int:
 
 def pick_config(bounds: Bounds, dtype, interpret=False, kv_dtype=None) -> DecodeConfig:
     """The decode config for an engine's bounds; raises ValueError if they cannot be served."""
-    config = default_config(interpret)
+    fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
+    config = default_config(interpret, fp8)
     common.check_kv_dtype("decode", dtype, kv_dtype)
     _check(bounds, dtype, bounds.head_dim, bounds.page_size, bounds.pages_per_seq, config.block_kv,
-           fp8=kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV)
+           fp8=fp8)
     return config
 
 
@@ -163,7 +160,6 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     c = scale * common.LOG2E
     tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
-    fold = fp8 and config.fold_fp8_scales  # scales on S/P columns, not in the SMEM pass
     deq_wg = fp8 and config.dequant_warpgroup  # warpgroup 2 dequantises into a bf16 ring
     copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
 
@@ -306,8 +302,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 plgpu.barrier_wait(full.at[slot])
                 if not fp8:
                     return ring.at[slot]
-                return common.dequantize_tile(ring.at[slot], None if fold else scales.at[slot],
-                                              deq)
+                return common.dequantize_tile(ring.at[slot], scales.at[slot], deq)
 
             def tile_body(i, step):
                 item, kvh, f = tile_info(i)
@@ -332,8 +327,6 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
                     if deq_wg:
                         plgpu.barrier_arrive(kdeq_free.at[dslot])
-                    if fold:
-                        s = s * common.column_scales(ks_smem.at[slot], s.shape)
                     if masked:
                         key = col_ids + (kv_start + j * bk)
                         ok = key < kv_end
@@ -348,11 +341,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     p = jnp.exp2(s * c - lax.broadcast_in_dim(m_use, s.shape, [0]))
                     l = l * alpha + p.sum(axis=1)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    if not fold:
-                        p16 = p.astype(dtype)
+                    p16 = p.astype(dtype)
                     v_tile = wgmma_tile(slot, dslot, v_full, v_smem, *deq_v)
-                    if fold:  # V's scales arrive with V
-                        p16 = (p * common.column_scales(vs_smem.at[slot], p.shape)).astype(dtype)
                     if config.p_in_registers:
                         def pv(acc_ref):
                             plgpu.wgmma(acc_ref, p16, v_tile)
@@ -624,7 +614,7 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     """The split-KV kernel alone (the benchmark times it): returns a Ref to out
     [T, Hkv, G, D] f32 holding the unsplit items' rows (others 0), the lse tiles
     [cap, Hkv, 64] and the split pieces' rows [n_part, Hkv, 64, D]."""
-    config = config or default_config(bool(interpret))
+    config = config or default_config(bool(interpret), fp8=k_scale is not None)
     _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv,
            fp8=k_scale is not None)
     common.check_kv_dtype("decode", q.dtype, k_pages.dtype, k_scale is not None)

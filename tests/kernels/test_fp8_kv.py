@@ -88,36 +88,19 @@ def test_fp8_chunked_local_and_small_pages():
                                            head_dim=64), (100, 1, 1), (260, 200, 9), chunk=128)
 
 
-def test_fp8_decode_with_scales_folded_into_s_and_p(monkeypatch):
-    """``DecodeConfig(fold_fp8_scales=True)``: K and V enter the wgmma as exact bf16
-    conversions of the e4m3 values and the per-key scales multiply S's and P's columns, so
-    the result is *closer* to the oracle over the f32-dequantised pages than bf16(k8 * s)."""
-    monkeypatch.setattr(decode, "default_config", lambda interpret=False: decode.DecodeConfig(
-        p_in_registers=False, fold_fp8_scales=True))
-    bounds = _bounds()
-    q_lens, kv_lens = (1, 1, 1, 1), (420, 33, 300, 64)  # one split over KV, page-edge lengths
-    rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=9)
-    args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
-    out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, bounds=bounds, scale=0.08,
-                                              impl="interpret", return_lse=True, k_scale=ks,
-                                              v_scale=vs)
-    kd, vd = (np.asarray(kv_quant.dequantize_pages(x, s)) for x, s in ((k8, ks), (v8, vs)))
-    want_o, want_l = naive_ragged(np.asarray(q, np.float32), kd, vd, *args, 0.08,
-                                  causal=True, chunk=None)
-    n = len(q_lens)
-    np.testing.assert_allclose(np.asarray(out, np.float32)[:n], want_o[:n], atol=2e-2, rtol=0)
-    np.testing.assert_allclose(np.asarray(lse)[:n], want_l[:n], atol=2e-3, rtol=0)
-
-
-def test_fp8_decode_with_a_dequantising_warpgroup(monkeypatch):
-    """``DecodeConfig(dequant_warpgroup=True)``: a third warpgroup dequantises into a ring the
-    consumer reads; the numbers are the same pass's, so the result stays bit-equal to the bf16
-    kernel over the dequantised pages (and the race detector sees the extra barriers)."""
-    monkeypatch.setattr(decode, "default_config", lambda interpret=False: decode.DecodeConfig(
-        p_in_registers=False, dequant_warpgroup=True, num_stages=3))
+def test_fp8_decode_with_the_consumer_dequantising(monkeypatch):
+    """``DecodeConfig(dequant_warpgroup=False)``: the consumer dequantises each tile itself
+    before its wgmma (the default is a warpgroup of its own, which the tests above run); the
+    same pass, so the result stays bit-equal to the bf16 kernel over the dequantised pages."""
+    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False:
+                        decode.DecodeConfig(p_in_registers=False, dequant_warpgroup=False))
     _check_against_bf16_and_oracle(_bounds(), (1, 1, 1, 1), (420, 33, 300, 1))
-    with pytest.raises(ValueError, match="exclude each other"):
-        decode.DecodeConfig(fold_fp8_scales=True, dequant_warpgroup=True)
+
+
+def test_fp8_decode_config_defaults_to_the_dequantising_warpgroup():
+    bounds = _bounds()
+    assert decode.pick_config(bounds, jnp.bfloat16, kv_dtype=FP8).dequant_warpgroup
+    assert not decode.pick_config(bounds, jnp.bfloat16).dequant_warpgroup
 
 
 def test_fp8_kernel_refuses_missing_scales():
@@ -238,8 +221,6 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
     decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True),
     decode.DecodeConfig(num_stages=3, p_in_registers=True),
     decode.DecodeConfig(num_stages=6, p_in_registers=True),  # benchmarks/fp8_kv.py's variant
-    decode.DecodeConfig(p_in_registers=True, fold_fp8_scales=True),  # and the folded scales
-    decode.DecodeConfig(block_kv=128, num_stages=2, fold_fp8_scales=True),
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True),  # a dequantising WG
     decode.DecodeConfig(num_stages=5, p_in_registers=True, dequant_warpgroup=True),  # SMEM max
 ])
