@@ -1,14 +1,14 @@
 """The serving process's GPU allocator, and device memory where the allocator reports none.
 
-A decode step runs as ~100 CUDA graphs per device (XLA command buffers). XLA re-records a
-graph whenever an allocation it uses has moved since it was recorded, and with its default
-BFC allocator only constants count as fixed: every graph was re-recorded on every step, a
-full-size Scout step spent more host time re-recording than the GPUs spent computing.
-With the VMM allocator XLA can keep the step's temp buffer at one reserved address range
-(``xla_gpu_command_buffer_update_mode=SKIP_TEMP``, set per step in
-:func:`jaxattn.serve.paged_step.step_compiler_options`), and the graphs stay as recorded.
-Measured on 2×H200 (12-layer Scout slice, TP=2, batch-1 decode at 8k): 6.78 -> 4.55 ms per
-step (benchmarks/NOTES-model.md).
+A decode step runs as CUDA graphs (XLA command buffers). XLA re-records a graph whenever an
+allocation it uses has moved since it was recorded, and with its default BFC allocator only
+constants count as fixed: on full-size Scout (TP=2) every one of ~100 graphs per device was
+re-recorded on every step, and the step cost more host time than GPU time. The VMM
+allocator lets XLA treat allocations as fixed (the temp buffer at one reserved address
+range; with ``xla_gpu_command_buffer_update_mode=SKIP_PROFILED`` also the weights and donated
+buffers that held still while profiled), set per step in
+:func:`jaxattn.serve.paged_step.step_compiler_options`. Measured on 2×H200 (TP=2, batch-1
+decode at 8k; benchmarks/NOTES-model.md): full-size Scout 27.5 -> 13.0 ms per step.
 
 The allocator is chosen by an environment variable that XLA reads once, when the GPU
 backend starts, so the serving entry points call :func:`prefer_vmm` before anything touches

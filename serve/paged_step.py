@@ -161,24 +161,31 @@ def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_se
 
 
 def step_compiler_options() -> dict | None:
-    """XLA options for the step on a GPU: run it as CUDA graphs, the Mosaic kernels included.
+    """XLA options for the step on a GPU: run it as CUDA graphs that stay as recorded.
 
-    A decode step launches ~50 kernels per layer; one by one, the launches cost more than
+    A decode step launches ~40 kernels per layer; one by one, the launches cost more than
     the kernels at small batches. XLA's default command buffers leave custom calls (our
-    kernels) out and so cut the step into short graphs. What matters is the host's time
-    per step, which async scheduling hides only while it is shorter than the device's
-    (benchmarks/NOTES-model.md has the measurements).
+    kernels) and collectives out, so a TP=2 step was ~100 short graphs per device, and each
+    was re-recorded on every step because an allocation it read had moved. Under the VMM
+    allocator (serve/allocator.py) ``SKIP_PROFILED`` treats every allocation whose address
+    held still over the first executions (weights, the donated KV pools and batch staging,
+    the temp buffer) as fixed, so with the all-reduces inside (COLLECTIVES) a device runs
+    its decode step as about one graph that is not re-recorded. Full-size Scout, TP=2 on
+    2xH200, batch-1 decode at 8k: 27.5 -> 13.0 ms per step (benchmarks/NOTES-model.md).
+    Without VMM the collectives stay out: a graph holding one re-records whenever any
+    allocation it touches is not fixed, i.e. always.
     """
     if jax.default_backend() != "gpu":
         return None
-    # JAXATTN_COMMAND_BUFFER overrides the list, for measuring others (e.g. COLLECTIVES).
-    types = os.environ.get("JAXATTN_COMMAND_BUFFER",
-                           "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION")
-    options = {"xla_gpu_enable_command_buffer": types, "xla_gpu_graph_min_graph_size": 1}
-    if allocator.vmm_active():
-        # The temp buffer at one address: graphs that touch only it and the weights are not
-        # re-recorded every step (serve/allocator.py). XLA accepts the mode only under VMM.
-        options["xla_gpu_command_buffer_update_mode"] = "SKIP_TEMP"
+    vmm = allocator.vmm_active()
+    types = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION" + (
+        ",COLLECTIVES" if vmm else "")
+    # JAXATTN_COMMAND_BUFFER overrides the list, for measuring others.
+    options = {"xla_gpu_enable_command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER", types),
+               "xla_gpu_graph_min_graph_size": 1}
+    if vmm:
+        options["xla_gpu_command_buffer_update_mode"] = os.environ.get(
+            "JAXATTN_COMMAND_BUFFER_UPDATE", "SKIP_PROFILED")
     return options
 
 

@@ -54,9 +54,12 @@ def test_device_memory_unknown_on_the_cpu():
 
 
 @pytest.mark.parametrize("vmm", [False, True])
-def test_step_options_pin_the_temp_buffer_only_under_vmm(monkeypatch, vmm):
+def test_step_options_fix_addresses_and_take_collectives_in_only_under_vmm(monkeypatch, vmm):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(allocator, "vmm_active", lambda: vmm)
+    monkeypatch.delenv("JAXATTN_COMMAND_BUFFER", raising=False)
+    monkeypatch.delenv("JAXATTN_COMMAND_BUFFER_UPDATE", raising=False)
     options = paged_step.step_compiler_options()
     assert "CUSTOM_CALL" in options["xla_gpu_enable_command_buffer"]
-    assert (options.get("xla_gpu_command_buffer_update_mode") == "SKIP_TEMP") is vmm
+    assert ("COLLECTIVES" in options["xla_gpu_enable_command_buffer"]) is vmm
+    assert (options.get("xla_gpu_command_buffer_update_mode") == "SKIP_PROFILED") is vmm
