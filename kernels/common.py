@@ -92,6 +92,13 @@ def dequantize_tile(src8, scale, dst):
     return dst
 
 
+def column_scales(scale, shape):
+    """``scale`` [N] f32 (SMEM) broadcast over the rows of a wgmma-layout [M, N] tile: each
+    key's K scale on S's column, for the FP8 QK product ``S = Q8 K8^T`` (prefill)."""
+    s = plgpu.load(scale, layout=plgpu.Layout.WGMMA.reduce(0))
+    return lax.broadcast_in_dim(s, shape, [1])
+
+
 def check_pages(kernel: str, page_size: int, block_kv: int, pages_per_seq: int,
                 fp8: bool = False) -> None:
     """ValueError unless ``kernel`` can fill its KV tiles of ``block_kv`` keys from these pages.

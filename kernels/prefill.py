@@ -60,6 +60,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import llvm
 
+from jaxattn import kv_quant
 from jaxattn.kernels import common
 from jaxattn.planner import Bounds, WorkList
 
@@ -112,6 +113,14 @@ class PrefillConfig:
     consumer_registers: per-thread registers of a consumer warpgroup
       (setmaxnreg); the producer gets what is left of the launch allotment.
       The default is the measured best (benchmarks/NOTES-prefill.md, v3).
+    fp8_qk: FP8 cache: ``S = Q K^T`` as an e4m3 x e4m3 wgmma straight from the fp8 K
+      tile (each consumer quantises its Q rows per row once per tile; the Q row scale
+      and the K per-key scale multiply S), as FlashAttention-3's FP8 path does; only V is
+      dequantised, and 128-key tiles fit shared memory. Off by default until timed: it
+      runs on the H200 and matches the reference over per-row quantised queries, but its
+      speed is not measured yet (benchmarks/fp8_kv.py times it). False (default): K and V
+      are both dequantised to bf16 tiles, Q stays bf16: the bf16 kernel's numbers over the
+      dequantised pages, at 64-key tiles, ~2.1x the bf16 kernel's time (H200).
     """
 
     block_q: int = 128
@@ -122,6 +131,7 @@ class PrefillConfig:
     overlap: bool = True
     named_barriers: bool = True
     consumer_registers: int = 232
+    fp8_qk: bool = False
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -156,17 +166,20 @@ class PrefillConfig:
         wg_tile = (COMPUTE_WGS, WG_ROWS, head_dim)
         ring = (self.num_stages, self.block_kv, head_dim)
         fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
+        qk8 = fp8 and self.fp8_qk
         kv_ring = common.tiled_smem(ring, kv_dtype) if fp8 else _tiled(ring, dtype)
         copies = 2 if fp8 else 1  # TMA copies per page: values (+ their scales)
+        deq_tile = _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype)  # one per consumer
         extra = [] if not fp8 else [
             plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # k scale ring
             plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # v scale ring
-            _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype),  # k dequantised, per consumer
-            _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype),  # v dequantised, per consumer
+            None if qk8 else deq_tile,  # k dequantised (the fp8 QK reads the fp8 tile)
+            deq_tile,  # v dequantised
         ]
         return [
             plgpu.SMEM(wg_tile, dtype),  # q as loaded (untiled)
-            _tiled(wg_tile, dtype),  # q for the wgmma
+            # q for the wgmma (fp8 QK: e4m3, quantised per row by its consumer)
+            common.tiled_smem(wg_tile, kv_dtype) if qk8 else _tiled(wg_tile, dtype),
             kv_ring,  # k ring
             kv_ring,  # v ring
             plgpu.SMEM(wg_tile, dtype),  # o staging (untiled: any row offset)
@@ -192,14 +205,14 @@ class PrefillConfig:
                                               kv_dtype=kv_dtype))
 
 
-def pick_config(bounds: Bounds, dtype, kv_dtype=None) -> PrefillConfig:
+def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = False) -> PrefillConfig:
     """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
 
     The planner cuts items of ``bounds.block_q`` rows and KV ranges aligned to
     ``bounds.block_kv``, so the kernel's tile must equal them; the ring is as
     deep as shared memory allows (at most 4 stages). Interpret mode runs the
     same config with P staged through SMEM (it has no SMEM budget). ``kv_dtype``:
-    the cache's when not ``dtype`` (FP8).
+    the cache's when not ``dtype`` (FP8); ``fp8_qk``: :class:`PrefillConfig`'s.
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)
@@ -207,16 +220,13 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None) -> PrefillConfig:
                        fp8=kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV)
     best = None
     for stages in (2, 3, 4):
-        cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages)
+        cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages,
+                            fp8_qk=fp8_qk)
         if cfg.smem_bytes(bounds.head_dim, dtype, kv_dtype) <= common.MAX_SMEM:
             best = cfg
     if best is None:
         raise ValueError(f"no prefill config fits shared memory for block_kv={bounds.block_kv}, "
-                         f"head_dim={bounds.head_dim}, KV cache "
-                         f"{jnp.dtype(kv_dtype or dtype)}" + (
-                             " (the FP8 cache needs block_kv=64)"
-                             if kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
-                             else ""))
+                         f"head_dim={bounds.head_dim}, KV cache {jnp.dtype(kv_dtype or dtype)}")
     return best
 
 
@@ -270,6 +280,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     common.check_supported("prefill", d, q.dtype)
     common.check_kv_dtype("prefill", q.dtype, k_pages.dtype, k_scale is not None)
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
+    qk8 = fp8 and config.fp8_qk  # static: S = Q8 K8^T on the fp8 tile, only V dequantised
     common.check_pages("prefill", page_size, config.block_kv, page_table.shape[1], fp8)
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
@@ -375,7 +386,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
             # wait). FP8: this consumer's own dequantised copy, whose last reader (the
             # previous QK, resp. PV) has completed wherever these are called.
             def k_tile(slot):
-                if not fp8:
+                if not fp8 or qk8:
                     return k_smem.at[slot]
                 return common.dequantize_tile(k_smem.at[slot], ks_smem.at[slot], k_deq.at[wg])
 
@@ -383,6 +394,19 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 if not fp8:
                     return v_smem.at[slot]
                 return common.dequantize_tile(v_smem.at[slot], vs_smem.at[slot], v_deq.at[wg])
+
+            def key_scaled(s, slot):
+                """FP8 QK: S's columns times their keys' scales (read before K's slot is freed)."""
+                if not qk8:
+                    return s
+                return s * common.column_scales(ks_smem.at[slot], s.shape)
+
+            def times_qk(x, qk):
+                """x times the softmax's log2 scale: a constant, or (FP8 QK) one per query row
+                (the constant times the row's Q scale); x [64] or [64, bkv]."""
+                if isinstance(qk, float) or x.ndim == 1:
+                    return x * qk
+                return x * lax.broadcast_in_dim(qk, x.shape, [0])
 
             def tile_body(i, step):
                 item, head, (q_start, q_len, q_pos, kv_start, kv_end, _) = item_fields(tile_of(i))
@@ -397,7 +421,16 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 # Q arrives untiled (TMA into tiled SMEM needs 8-aligned rows; q_start is
                 # arbitrary); re-tile it through registers for the wgmma.
                 plgpu.barrier_wait(q_full.at[wg])
-                qw[...] = q_stage[wg]
+                if qk8:  # e4m3 rows, each scaled by its own max (kv_quant's rule for K/V rows)
+                    qf = plgpu.load(q_stage.at[wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                    amax = jnp.max(jnp.abs(qf), axis=1)
+                    q_scale = jnp.where(amax > 0, amax * (1.0 / kv_quant.FP8_MAX), 1.0)
+                    qw[...] = (qf * lax.broadcast_in_dim(1.0 / q_scale, qf.shape, [0])).astype(
+                        k_pages.dtype)
+                    qk = q_scale * qk_scale
+                else:
+                    qw[...] = q_stage[wg]
+                    qk = qk_scale
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(q_free.at[wg])
 
@@ -418,13 +451,14 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 # Turns of one tile: QK(lo); then PV(j-1) and QK(j) for each further
                 # block; then PV(hi-1). Both consumers take the same number of turns.
                 if config.overlap:
-                    acc, m_i, l_i = overlapped_kv_loop(step, lo, unmasked_hi, hi, mask, bcast_rows)
+                    acc, m_i, l_i = overlapped_kv_loop(step, lo, unmasked_hi, hi, mask, bcast_rows,
+                                                       qk)
                 else:
-                    acc, m_i, l_i = kv_loop(step, lo, unmasked_hi, hi, mask)
+                    acc, m_i, l_i = kv_loop(step, lo, unmasked_hi, hi, mask, qk)
                 epilogue(item, head, q_start, q_len, acc, m_i, l_i)
                 return step + (hi - lo)
 
-            def kv_loop(step, lo, unmasked_hi, hi, mask):
+            def kv_loop(step, lo, unmasked_hi, hi, mask, qk):
                 plgpu.barrier_wait(k_full.at[step % stages])
                 turn_wait()
 
@@ -439,15 +473,16 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                         turn_pass()
                         return acc_ref[...]
 
-                    s = pl.run_scoped(qk_scope, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
+                    s = key_scaled(pl.run_scoped(qk_scope, plgpu.ACC((WG_ROWS, bkv), jnp.float32)),
+                                   slot)
                     plgpu.barrier_arrive(k_free.at[slot])
 
                     if masked:
                         s = jnp.where(mask(s, j), s, -jnp.inf)
 
-                    m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+                    m_new = jnp.maximum(m_i, times_qk(s.max(axis=1), qk))
                     alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    p = jnp.exp2(times_qk(s, qk) - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
                     p16 = p.astype(dtype)
@@ -495,7 +530,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 turn_pass()
                 return carry
 
-            def overlapped_kv_loop(step, lo, unmasked_hi, hi, mask, bcast_rows):
+            def overlapped_kv_loop(step, lo, unmasked_hi, hi, mask, bcast_rows, qk):
                 """FA3 intra-warpgroup overlap: softmax(j) runs while PV(j-1) is in flight.
 
                 A turn issues QK(j) then PV(j-1) (into O rescaled by alpha(j-1), which
@@ -505,8 +540,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 row_layout = plgpu.Layout.WGMMA.reduce(1)
 
                 def softmax(s, m_old):
-                    m_new = jnp.maximum(m_old, s.max(axis=1) * qk_scale)
-                    p = jnp.exp2(s * qk_scale - bcast_rows(m_new, s.shape))
+                    m_new = jnp.maximum(m_old, times_qk(s.max(axis=1), qk))
+                    p = jnp.exp2(times_qk(s, qk) - bcast_rows(m_new, s.shape))
                     return p, m_new, jnp.exp2(m_old - m_new)
 
                 # First turn: QK(lo) alone (masked when it is the diagonal/boundary block).
@@ -520,7 +555,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     turn_pass()
                     return s_ref[...]
 
-                s = pl.run_scoped(qk0, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
+                s = key_scaled(pl.run_scoped(qk0, plgpu.ACC((WG_ROWS, bkv), jnp.float32)), slot0)
                 plgpu.barrier_arrive(k_free.at[slot0])
                 s = jnp.where(mask(s, lo) | (lo < unmasked_hi), s, -jnp.inf)
                 m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), row_layout)
@@ -551,7 +586,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                             o_ref, m_ref, l_ref, p_ref, a_ref = refs
                             plgpu.wgmma(o_ref, p16, vt if fp8 else v_smem.at[pslot])
                             turn_pass()
-                            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # QK(j) only
+                            s = key_scaled(plgpu.wgmma_accumulator_load(s_ref, wait_n=1),  # QK(j)
+                                           slot)
                             plgpu.barrier_arrive(k_free.at[slot])
                             if masked:
                                 s = jnp.where(mask(s, j), s, -jnp.inf)

@@ -169,7 +169,8 @@ class EngineConfig:
         chunked = any(model_config.is_chunked(i) for i in range(model_config.num_hidden_layers))
         chunk = model_config.attention_chunk_size if chunked else None
         # The prefill kernel's FP8 path keeps a dequantised K and V tile per consumer in
-        # shared memory: at head_dim 128 only 64-key tiles fit (kernels/prefill.py).
+        # shared memory: at head_dim 128 only 64-key tiles fit (kernels/prefill.py; its
+        # fp8_qk form, which fits 128, is not the default until timed).
         max_keys = 64 if self.kv_cache_dtype == "fp8" else 128
         tuning.setdefault("block_kv", default_block_kv(chunk, self.page_size, max_keys))
         return jaxattn.Bounds(
@@ -199,7 +200,7 @@ def default_block_kv(chunk_size: int | None, page_size: int, max_keys: int = 128
     """
     if page_size > max_keys and page_size % max_keys == 0 and (
             chunk_size is None or chunk_size % max_keys == 0):
-        return max_keys  # a slice of a page per tile (one TMA copy; the FP8 cache's 64 keys)
+        return max_keys  # a slice of a page per tile (one TMA copy)
     for pages in range(max(1, max_keys // page_size), 0, -1):
         if chunk_size is None or chunk_size % (pages * page_size) == 0:
             return pages * page_size

@@ -4,7 +4,9 @@ Every implementation (reference, plan executor, interpret-mode and GPU
 kernels) is checked against :func:`naive_ragged` on the same cases.
 """
 
+import contextlib
 import dataclasses
+from unittest import mock
 
 import numpy as np
 
@@ -103,3 +105,15 @@ def make_ragged_case(bounds: jaxattn.Bounds, q_lens, kv_lens, *, dtype=np.float3
     mk = lambda *shape: rng.standard_normal(shape).astype(dtype)
     return RaggedCase(bounds, mk(t, hq, d), mk(num_pages, bounds.page_size, hkv, d),
                       mk(num_pages, bounds.page_size, hkv, d), table, cu, kv, n)
+
+
+@contextlib.contextmanager
+def prefill_fp8_qk():
+    """The kernels' prefill over an FP8 cache in its ``PrefillConfig(fp8_qk=True)`` form
+    (``S = Q8 K8^T``, queries quantised per row in the kernel), not yet the default."""
+    from jaxattn.kernels import prefill
+
+    pick = prefill.pick_config
+    with mock.patch.object(prefill, "pick_config",
+                           lambda *a, **k: pick(*a, **{**k, "fp8_qk": True})):
+        yield

@@ -24,7 +24,7 @@ from jaxattn import kv_quant, planner
 from jaxattn.kernels import common, decode, prefill
 from jaxattn.planner import WorkList
 
-from attention_cases import make_ragged_case, naive_ragged
+from attention_cases import make_ragged_case, naive_ragged, prefill_fp8_qk
 
 FP8 = jnp.float8_e4m3fn
 
@@ -49,6 +49,14 @@ def _fp8_case(bounds, q_lens, kv_lens, *, num_tokens, k_gain=1.0, seed=0):
 
 def _check_against_bf16_and_oracle(bounds, q_lens, kv_lens, *, chunk=None, num_tokens=None,
                                    scale=0.08):
+    """The kernels over FP8 pages, both prefill forms:
+
+    * the default (K and V dequantised to bf16 tiles) and the decode kernel give exactly
+      what the bf16 kernels give over the dequantised pages, and match the oracle over them;
+    * ``PrefillConfig(fp8_qk=True)`` (``S = Q8 K8^T``, each query row quantised to e4m3 in
+      the kernel) leaves the decode rows as they were and matches the oracle over the
+      dequantised pages with the queries quantised per row the same way (kv_quant's rule).
+    """
     num_tokens = num_tokens or sum(q_lens) + 5
     rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=num_tokens)
     args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
@@ -68,6 +76,19 @@ def _check_against_bf16_and_oracle(bounds, q_lens, kv_lens, *, chunk=None, num_t
                                   *args, scale, causal=True, chunk=chunk)
     np.testing.assert_allclose(out, want_o[:n], atol=3e-2, rtol=0)
     np.testing.assert_allclose(lse, want_l[:n], atol=3e-2, rtol=0)
+
+    with prefill_fp8_qk():
+        out8, lse8 = jaxattn.ragged_paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs,
+                                                    **kw)
+    out8, lse8 = np.asarray(out8, np.float32)[:n], np.asarray(lse8)[:n]
+    dec = np.repeat(np.asarray(q_lens) <= bounds.dq, q_lens)  # rows of decode items
+    np.testing.assert_array_equal(out8[dec], out[dec])
+    np.testing.assert_array_equal(lse8[dec], lse[dec])
+    q8, q_scale = kv_quant.quantize(jnp.asarray(q, jnp.float32))
+    want_o, want_l = naive_ragged(np.asarray(kv_quant.dequantize(q8, q_scale)), kd, vd,
+                                  *args, scale, causal=True, chunk=chunk)
+    np.testing.assert_allclose(out8[~dec], want_o[:n][~dec], atol=5e-2, rtol=0)
+    np.testing.assert_allclose(lse8[~dec], want_l[:n][~dec], atol=5e-2, rtol=0)
 
 
 def _bounds(**kw):
@@ -118,36 +139,44 @@ def test_fp8_kernel_refuses_missing_scales():
 # --- config pickers and CUDA lowering for an FP8 cache (no GPU needed) ---
 
 def _prefill_configs():
+    """What the picker gives an FP8 cache at every tile, head size and dtype, in both forms
+    (the default dequantising K and V wherever it fits; ``fp8_qk`` everywhere)."""
     picked = []
     for bq, bkv, d, dtype in itertools.product((64, 128), (64, 128), (64, 128),
                                                (jnp.bfloat16, jnp.float16)):
         bounds = jaxattn.Bounds(max_num_seqs=8, max_num_batched_tokens=1024,
                                 max_model_len=4096, page_size=64, num_q_heads=8,
                                 num_kv_heads=1, head_dim=d, block_q=bq, block_kv=bkv)
+        name = f"bq{bq}-bkv{bkv}-d{d}-{jnp.dtype(dtype).name}"
+        qk8 = prefill.pick_config(bounds, dtype, FP8, fp8_qk=True)
+        picked.append(pytest.param(qk8, d, dtype, id=name + "-fp8-qk"))
         try:
             cfg = prefill.pick_config(bounds, dtype, FP8)
-        except ValueError as e:
-            assert "block_kv=64" in str(e)  # the only reason: bkv 128 at D=128 does not fit
+        except ValueError:  # K's dequantised tiles too: no room at 128 keys and D=128
             assert (bkv, d) == (128, 128)
             continue
-        picked.append(pytest.param(cfg, d, dtype, id=f"bq{bq}-bkv{bkv}-d{d}-"
-                                   f"{jnp.dtype(dtype).name}"))
+        picked.append(pytest.param(cfg, d, dtype, id=name))
     return picked
 
 
 def test_prefill_picker_for_fp8():
+    """Dequantising K and V (the default) needs 64-key tiles at D=128; the fp8_qk form reads
+    K as it lies (S = Q8 K8^T), so only V's dequantised tiles take extra shared memory and
+    the bf16 cache's 128-key tiles fit (2 stages)."""
     bounds = jaxattn.Bounds(max_num_seqs=8, max_num_batched_tokens=1024, max_model_len=4096,
-                            page_size=32, num_q_heads=40, num_kv_heads=8, head_dim=128,
-                            block_kv=64)
-    cfg = prefill.pick_config(bounds, jnp.bfloat16, FP8)
-    assert cfg.smem_bytes(128, jnp.bfloat16, FP8) <= common.MAX_SMEM
-    deeper = dataclasses.replace(cfg, num_stages=cfg.num_stages + 1)
-    assert cfg.num_stages == 4 or deeper.smem_bytes(128, jnp.bfloat16, FP8) > common.MAX_SMEM
-    with pytest.raises(ValueError, match="block_kv=64"):
-        prefill.pick_config(dataclasses.replace(bounds, block_kv=128), jnp.bfloat16, FP8)
+                            page_size=32, num_q_heads=40, num_kv_heads=8, head_dim=128)
+    with pytest.raises(ValueError, match="shared memory"):
+        prefill.pick_config(bounds, jnp.bfloat16, FP8)
+    b64 = dataclasses.replace(bounds, block_kv=64)
+    cfg = prefill.pick_config(b64, jnp.bfloat16, FP8)
+    assert not cfg.fp8_qk and cfg.smem_bytes(128, jnp.bfloat16, FP8) <= common.MAX_SMEM
+    qk8 = prefill.pick_config(bounds, jnp.bfloat16, FP8, fp8_qk=True)
+    assert qk8.block_kv == 128 and qk8.smem_bytes(128, jnp.bfloat16, FP8) <= common.MAX_SMEM
+    deeper = dataclasses.replace(qk8, num_stages=qk8.num_stages + 1)
+    assert deeper.smem_bytes(128, jnp.bfloat16, FP8) > common.MAX_SMEM
     with pytest.raises(ValueError, match="float8_e4m3fn"):
-        prefill.pick_config(bounds, jnp.bfloat16, jnp.float16)
-    assert jaxattn.kernels.unsupported_reason(bounds, jnp.bfloat16, FP8) is None
+        prefill.pick_config(b64, jnp.bfloat16, jnp.float16)
+    assert jaxattn.kernels.unsupported_reason(b64, jnp.bfloat16, FP8) is None
 
 
 def _export_prefill(cfg, d, dtype, *, causal=True, page_size=64, budget=None):

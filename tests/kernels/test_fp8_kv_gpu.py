@@ -1,8 +1,11 @@
 """The kernels over an FP8 KV cache on a Hopper GPU, at real sizes.
 
-The FP8 kernels must give exactly what the bf16 kernels give over the dequantised pages
-(the in-kernel tile is bf16(k8 * s): the same numbers through the same GEMMs), match the
-reference over the FP8 cache, and find a needle 128k tokens deep.
+As the engine runs them (K and V dequantised in the kernels, 64-key prefill tiles) they must
+give exactly what the bf16 kernels give over the dequantised pages (the in-kernel tile is
+bf16(k8 * s): the same numbers through the same GEMMs) and match the reference over them.
+The prefill's ``fp8_qk`` form (``S = Q8 K8^T`` at 128-key tiles) matches the reference over
+the dequantised pages with the queries quantised per row as the kernel does; decode rows are
+the decode kernel's either way. And the kernels find a needle 128k tokens deep.
 """
 
 import jax
@@ -12,10 +15,17 @@ import pytest
 
 import jaxattn
 from jaxattn import kv_quant
-
+from attention_cases import prefill_fp8_qk
 from needle_cases import make_needle_case
 
 pytestmark = pytest.mark.gpu
+
+CASES = [
+    ((1,) * 32, (8192,) * 16 + (777,) * 16, None),  # decode, split and unsplit
+    ((1, 1, 1, 1), (131072, 70001, 8193, 5), 8192),  # long decode, chunked-local
+    ((4096, 1, 300), (12288, 40000, 300), None),  # chunked prefill beside decode
+    ((8192,), (16384,), 8192),  # a prefill chunk across a chunk boundary
+]
 
 
 def _pools(num_pages, page_size, hkv, d, seed):
@@ -29,18 +39,13 @@ def _pools(num_pages, page_size, hkv, d, seed):
     return k8, v8, ks, vs
 
 
-@pytest.mark.parametrize("q_lens,kv_lens,chunk", [
-    ((1,) * 32, (8192,) * 16 + (777,) * 16, None),  # decode, split and unsplit
-    ((1, 1, 1, 1), (131072, 70001, 8193, 5), 8192),  # long decode, chunked-local
-    ((4096, 1, 300), (12288, 40000, 300), None),  # chunked prefill beside decode
-    ((8192,), (16384,), 8192),  # a prefill chunk across a chunk boundary
-])
-def test_fp8_equals_bf16_over_dequantised_pages(q_lens, kv_lens, chunk):
+def _case(q_lens, kv_lens, chunk, block_kv):
+    """(bounds, q, FP8 pools, dequantised bf16 pools, the kernels' batch args, rows)."""
     page, hq, hkv, d = 32, 40, 8, 128
     n = len(q_lens)
     bounds = jaxattn.Bounds(max_num_seqs=n, max_num_batched_tokens=max(16, sum(q_lens)),
                             max_model_len=131072, page_size=page, num_q_heads=hq,
-                            num_kv_heads=hkv, head_dim=d, chunk_size=chunk, block_kv=64)
+                            num_kv_heads=hkv, head_dim=d, chunk_size=chunk, block_kv=block_kv)
     used = [-(-k // page) for k in kv_lens]
     rng = np.random.default_rng(0)
     perm = rng.permutation(sum(used) + 1).astype(np.int32)
@@ -50,17 +55,21 @@ def test_fp8_equals_bf16_over_dequantised_pages(q_lens, kv_lens, chunk):
         table[s, :u] = perm[off:off + u]
         off += u
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    t = bounds.max_num_batched_tokens
-    q = jax.random.normal(jax.random.key(9), (t, hq, d), jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(9), (bounds.max_num_batched_tokens, hq, d), jnp.bfloat16)
     k8, v8, ks, vs = _pools(sum(used) + 1, page, hkv, d, seed=1)
-    args = (table, cu, np.asarray(kv_lens, np.int32), n)
-    kw = dict(bounds=bounds, scale=d ** -0.5, chunk_size=chunk, return_lse=True)
-    out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic", k_scale=ks,
-                                              v_scale=vs, **kw)
     kd = kv_quant.dequantize_pages(k8, ks, jnp.bfloat16)
     vd = kv_quant.dequantize_pages(v8, vs, jnp.bfloat16)
+    args = (table, cu, np.asarray(kv_lens, np.int32), n)
+    return bounds, q, (k8, v8, ks, vs), (kd, vd), args, int(cu[-1])
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES)
+def test_fp8_equals_bf16_over_dequantised_pages(q_lens, kv_lens, chunk):
+    bounds, q, (k8, v8, ks, vs), (kd, vd), args, rows = _case(q_lens, kv_lens, chunk, 64)
+    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True)
+    out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic", k_scale=ks,
+                                              v_scale=vs, **kw)
     out_bf, lse_bf = jaxattn.ragged_paged_attention(q, kd, vd, *args, impl="mosaic", **kw)
-    rows = int(cu[-1])
     np.testing.assert_array_equal(np.asarray(out[:rows], np.float32),
                                   np.asarray(out_bf[:rows], np.float32))
     np.testing.assert_array_equal(np.asarray(lse[:rows]), np.asarray(lse_bf[:rows]))
@@ -70,6 +79,30 @@ def test_fp8_equals_bf16_over_dequantised_pages(q_lens, kv_lens, chunk):
     np.testing.assert_allclose(np.asarray(out[:rows], np.float32),
                                np.asarray(ref[:rows], np.float32), atol=2e-2, rtol=0)
     np.testing.assert_allclose(np.asarray(lse[:rows]), np.asarray(ref_lse[:rows]), atol=2e-2)
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES)
+def test_fp8_qk_matches_the_reference_over_quantised_queries(q_lens, kv_lens, chunk):
+    bounds, q, (k8, v8, ks, vs), (kd, vd), args, rows = _case(q_lens, kv_lens, chunk, 128)
+    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True)
+    with prefill_fp8_qk():
+        out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic", k_scale=ks,
+                                                  v_scale=vs, **kw)
+    q8, q_scale = kv_quant.quantize(q.astype(jnp.float32))
+    dec = np.repeat(np.asarray(q_lens) <= bounds.dq, q_lens)  # decode items' rows: bf16 q
+    # The prefill rows' reference in f32: rounding the dequantised queries to bf16 alone moves
+    # sharp logits (key gains up to e^2) by more than the kernel's own error.
+    f32 = lambda x: x.astype(jnp.float32)
+    for rows_of, ref_args, tol in (
+            (dec, (q, kd, vd), 2e-2),
+            (~dec, (kv_quant.dequantize(q8, q_scale), f32(kd), f32(vd)), 5e-2)):
+        if not rows_of.any():
+            continue
+        ref, ref_lse = jaxattn.ragged_paged_attention(*ref_args, *args, impl="reference", **kw)
+        np.testing.assert_allclose(np.asarray(out[:rows], np.float32)[rows_of],
+                                   np.asarray(ref[:rows], np.float32)[rows_of], atol=tol, rtol=0)
+        np.testing.assert_allclose(np.asarray(lse[:rows])[rows_of],
+                                   np.asarray(ref_lse[:rows])[rows_of], atol=tol)
 
 
 def test_fp8_kernels_find_a_needle_128k_deep():
