@@ -31,17 +31,19 @@ for what in "${@:-all}"; do
     soak|all) [ -f benchmarks/soak.py ] && { python3 -m benchmarks.soak || status=1; } ;;&
     fp8|all) python3 -m benchmarks.fp8_matmul || status=1 ;;&
     multigpu) python3 -m benchmarks.multigpu || status=1 ;;&
-    # Why a full-size decode step is host-bound (NOTES-model.md): a 12-layer slice on all GPUs
-    # under each command-buffer setting, ~100 s each, each with a profiled batch-1 step.
+    # The step's command-buffer settings (benchmarks/NOTES-model.md) on a 12-layer slice on all
+    # GPUs, ~100 s each, each with a profiled batch-1 step: the old BFC allocator (every graph
+    # re-recorded each step), VMM with only the temp buffer fixed and no collectives in the
+    # graphs, and the engine's default (VMM, SKIP_PROFILED, COLLECTIVES).
     decode-host)
       slice="--layers 12 --lengths 8192 --skip-alone --decode-batches 1,8 --max-num-seqs 8 --buckets 16,8192"
-      types=FUSION,CUBLAS,CUBLASLT,CUDNN,DYNAMIC_SLICE_FUSION  # ours without CUSTOM_CALL
-      for v in default vmm-skip-temp vmm-skip-profiled vmm-skip-temp-no-custom-call; do
+      for v in bfc vmm-skip-temp default; do
         env=()
-        case $v in vmm-*) env+=(XLA_PYTHON_CLIENT_ALLOCATOR=vmm) ;; esac
-        case $v in *skip-temp*) env+=(XLA_FLAGS="--xla_gpu_command_buffer_update_mode=SKIP_TEMP") ;;
-                   *skip-profiled*) env+=(XLA_FLAGS="--xla_gpu_command_buffer_update_mode=SKIP_PROFILED") ;; esac
-        case $v in *no-custom-call) env+=(JAXATTN_COMMAND_BUFFER=$types) ;; esac
+        case $v in
+          bfc) env+=(XLA_PYTHON_CLIENT_ALLOCATOR=bfc) ;;
+          vmm-skip-temp) env+=(JAXATTN_COMMAND_BUFFER_UPDATE=SKIP_TEMP
+                               JAXATTN_COMMAND_BUFFER=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION) ;;
+        esac
         env "${env[@]}" timeout 140 python3 -m benchmarks.multigpu $slice --tag="-decode-host-$v" \
           || status=1
       done ;;&
