@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step (default 8192; --dry-run 64)")
-    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=16,
+                   help="batch decode rows above it are skipped; each admitted sequence keeps "
+                   "a live chunk of pages, so more shrinks the KV capacity (2xH200 bf16: 16 "
+                   "-> 470,912 tokens, 64 -> 227,088). Batch 32 at 8k needs the FP8 cache and 32")
     p.add_argument("--buckets", default=None,
                    help="step sizes to compile (default 16,2048,T: decode steps, prompt tails "
                    "and whole prefill chunks; each bucket is one compile of every layer)")
@@ -259,15 +262,18 @@ def decode_context(args) -> int:
     return args.decode_context or (100 if args.dry_run else 8192)
 
 
+def decode_batches(args) -> list[int]:
+    spec = args.decode_batches
+    return ([int(x) for x in spec.split(",") if x] if spec is not None else
+            [1, 4] if args.dry_run else [1, 8, 32, 64])
+
+
 def batch_decode(engine, config, res: dict, args, rng) -> list[dict]:
     """Output tokens/s of B sequences decoding together at ``context`` tokens each (prompts
     prefilled first, then timed from the step all have their first token)."""
     ctx = decode_context(args)
-    spec = args.decode_batches
-    batches = ([int(x) for x in spec.split(",") if x] if spec is not None else
-               [1, 4] if args.dry_run else [1, 8, 32, 64])
     rows = []
-    for b in batches:
+    for b in decode_batches(args):
         need = b * (ctx + args.decode_tokens)
         if b > args.max_num_seqs or need > res["kv_tokens"]:
             rows.append({"batch": b, "context": ctx, "skipped":

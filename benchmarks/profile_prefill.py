@@ -30,7 +30,7 @@ from benchmarks.common import write_json
 
 SHAPES = [("causal", int(x)) for x in os.environ.get("PROFILE_LENGTHS", "32768,8192").split(",")]
 # The first launch whose name matches is profiled (jaxattn's decode kernel is "body_...").
-KERNEL_NAMES = {"jaxattn": "regex:^kernel_mosaic_gpu", "cudnn": "regex:sdpa|fmha|flash"}
+KERNEL_NAMES = {"jaxattn": "regex:^prefill_kernel_mosaic_gpu", "cudnn": "regex:sdpa|fmha|flash"}
 METRICS = {
     "time": "gpu__time_duration.sum",
     "sm_clock": "gpc__cycles_elapsed.max.per_second",

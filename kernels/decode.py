@@ -163,7 +163,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     deq_wg = fp8 and config.dequant_warpgroup  # warpgroup 2 dequantises into a bf16 ring
     copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
 
-    def body(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
+    def decode_kernel(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
         # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] f32, a Ref updated in place
         # (starts zeroed); outputs lse_ref, opart_ref (GMEM); scratch [+ the FP8 cache's].
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
@@ -437,7 +437,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     out_type = (jax.ShapeDtypeStruct((cap, hkv, ROWS), jnp.float32),
                 jax.ShapeDtypeStruct((n_part, hkv, ROWS, d), jnp.float32))
     return plgpu.kernel(
-        body, out_type=out_type, scratch_types=scratch, grid=(num_ctas,), grid_names=("cta",),
+        decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,), grid_names=("cta",),
         num_threads=3 if deq_wg else 2, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret or None,
@@ -464,7 +464,7 @@ def _combine_call(cmeta, opart, lse_tiles, out_ref, *, g: int, interpret):
     # one long sequence has W pieces.
     ring = max(2, min(16, (160 * 1024) // (ROWS * cw * 4)))
 
-    def body(cmeta_ref, opart_ref, lse_ref, out_ref, lse_out_ref, o_buf, l_buf, full):
+    def decode_combine_kernel(cmeta_ref, opart_ref, lse_ref, out_ref, lse_out_ref, o_buf, l_buf, full):
         slot0, kvh = lax.axis_index("slot"), lax.axis_index("kvh")
         cols = pl.ds(lax.axis_index("col") * cw, cw)
         n, q_start, q_len = (cmeta_ref[slot0, i] for i in range(3))
@@ -537,7 +537,7 @@ def _combine_call(cmeta, opart, lse_tiles, out_ref, *, g: int, interpret):
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
     return plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((n_part, hkv, ROWS), jnp.float32),
+        decode_combine_kernel, out_type=jax.ShapeDtypeStruct((n_part, hkv, ROWS), jnp.float32),
         grid=(n_part, hkv, d // cw), grid_names=("slot", "kvh", "col"),
         scratch_types=(plgpu.SMEM((ring, ROWS, cw), jnp.float32),
                        plgpu.SMEM((ring, ROWS), jnp.float32),

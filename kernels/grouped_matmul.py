@@ -220,7 +220,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None
     rhs_block, rhs_index = (((bn, bk), lambda kk, ni: (ni, kk)) if scaled else
                             ((bk, bn), lambda kk, ni: (kk, ni)))
 
-    def body(tiles_gmem, sizes_gmem, lhs_gmem, rhs_gmem, *rest):
+    def grouped_matmul_kernel(tiles_gmem, sizes_gmem, lhs_gmem, rhs_gmem, *rest):
         if scaled:
             ls_gmem, rs_gmem, o_gmem = rest
         else:
@@ -285,7 +285,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None
 
     out_shape = (m, n) if splits == 1 else (splits, m, n)
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(common.num_sms(),),
+        grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(common.num_sms(),),
         grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))

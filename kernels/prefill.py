@@ -35,8 +35,11 @@ K (V) tile into a bf16/f16 tile of its own with the scale applied per key row
 (:func:`common.dequantize_tile`) after the tile lands and before its turn, so
 the dequantisation overlaps the other consumer's GEMMs. Private tiles because
 the consumers run a half step apart; they cost SMEM, so the FP8 kernel needs
-``block_kv=64`` at head_dim 128 (:func:`pick_config`). With a bf16 cache none of
-it is traced (a static branch).
+``block_kv=64`` at head_dim 128 (:func:`pick_config`). ``PrefillConfig(fp8_qk=True)``
+instead computes ``S = Q8 K8^T`` with an e4m3 wgmma on the fp8 K tile (each consumer
+quantises its Q rows per row; the Q and K scales multiply S's rows and columns) and
+dequantises only V, which fits 128-key tiles. With a bf16 cache none of it is traced (a
+static branch).
 
 Output rows are written only for the item's valid rows: the epilogue stages
 O in an untiled SMEM buffer and stores it with predicated TMA copies of
@@ -300,7 +303,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     qk_scale = float(scale) * common.LOG2E
     tile_rows = COMPUTE_WGS * WG_ROWS
 
-    def kernel(meta_ref, count_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
+    def prefill_kernel(meta_ref, count_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)  # the FP8 cache's scales
         (o_ref, lse_ref, q_stage, q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem,
          q_full, q_free, k_full, k_free, v_full, v_free, turn, *fp8_scratch) = rest
@@ -719,7 +722,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
     out, lse_tiles = plgpu.kernel(
-        kernel,
+        prefill_kernel,
         out_type=(jax.ShapeDtypeStruct((t, hq, d), dtype),
                   jax.ShapeDtypeStruct((cap, hq, tile_rows), jnp.float32)),
         scratch_types=config.scratch(d, dtype, pages_per_tile,

@@ -41,8 +41,8 @@ def test_ncu_raw_page_is_parsed_by_column_name():
     raw = ('==PROF== noise before the table\n'
            '"ID","Kernel Name","gpu__time_duration.sum","smsp__inst_executed.sum"\n'
            '"","","ms","inst"\n'
-           '"0","kernel_mosaic_gpu_kernel","15.69","5,639,127,832"\n')
+           '"0","prefill_kernel_mosaic_gpu_kernel","15.69","5,639,127,832"\n')
     m = profile_prefill._parse_raw(raw)
-    assert m["Kernel Name"][0] == "kernel_mosaic_gpu_kernel"
+    assert m["Kernel Name"][0] == "prefill_kernel_mosaic_gpu_kernel"
     assert m["gpu__time_duration.sum"] == ("15.69", "ms")
     assert profile_prefill._number(m["smsp__inst_executed.sum"][0]) == 5_639_127_832
