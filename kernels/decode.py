@@ -84,6 +84,11 @@ class DecodeConfig:
       math). Same numbers either way (the same pass). :func:`default_config` turns it on
       for an FP8 cache. (Scales folded onto S's and P's columns instead, converting e4m3
       to bf16 exactly, measured slower still: 1.36-1.40x bf16; removed.)
+    split_dequant: with ``dequant_warpgroup``: K and V each get a dequantising warpgroup of
+      their own (warpgroups 2 and 3), twice the conversion throughput and two warps per
+      scheduler to hide its latency. With one, FP8 decode reads at 1.5-1.7 TB/s against
+      bf16's 3.4-4.0 (the conversion is the bottleneck). Built, not yet timed
+      (benchmarks/fp8_kv.py); 512 threads leave 128 registers per thread.
     """
 
     block_kv: int = 64
@@ -91,12 +96,15 @@ class DecodeConfig:
     num_ctas: int | None = None
     p_in_registers: bool = False
     dequant_warpgroup: bool = False
+    split_dequant: bool = False
 
     def __post_init__(self):
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
             raise ValueError(f"block_kv={self.block_kv} must be a multiple of 64 in [64, 256]")
         if self.num_stages < 2:
             raise ValueError(f"num_stages={self.num_stages} must be >= 2")
+        if self.split_dequant and not self.dequant_warpgroup:
+            raise ValueError("split_dequant needs dequant_warpgroup=True")
         if self.num_ctas is not None and self.num_ctas < 1:
             raise ValueError(f"num_ctas={self.num_ctas} must be positive")
 
@@ -161,6 +169,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
     deq_wg = fp8 and config.dequant_warpgroup  # warpgroup 2 dequantises into a bf16 ring
+    deq_wgs = (2 if config.split_dequant else 1) if deq_wg else 0  # (K and V: 2 and 3)
     copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
 
     def decode_kernel(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
@@ -251,11 +260,18 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
             def _():
                 plgpu.barrier_wait(q_free)
 
-        if deq_wg:
-            @pl.when(wg == 2)
-            def _dequantizer():
+        # (full, free, done, fp8 ring, scale ring, bf16 ring) of K, then of V.
+        deq_jobs = ((k_full, kdeq_free, kdeq_full, k_smem, ks_smem, k_deq),
+                    (v_full, vdeq_free, vdeq_full, v_smem, vs_smem, v_deq)) if deq_wg else ()
+        for w in range(deq_wgs):
+            # Warpgroup 2 dequantises K and V, or (split) K while warpgroup 3 does V.
+            jobs = deq_jobs if deq_wgs == 1 else deq_jobs[w:w + 1]
+
+            @pl.when(wg == 2 + w)
+            def _dequantizer(jobs=jobs):
                 # Walks the same (tile, block) steps as the others: fp8 slot `step % stages`
-                # in, bf16 slot `step % DEQUANT_STAGES` out; frees the fp8 slot itself.
+                # in, bf16 slot `step % DEQUANT_STAGES` out; frees the fp8 slot (each
+                # dequantising warpgroup arrives once).
                 def tile_body(i, step):
                     _, _, f = tile_info(i)
                     kv_start, kv_end = f(_KVSTART), f(_KVEND)
@@ -263,9 +279,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     def block_body(j, step):
                         slot = lax.rem(step, stages)
                         dslot = lax.rem(step, DEQUANT_STAGES)
-                        for full, free, done, src, scl, dst in (
-                                (k_full, kdeq_free, kdeq_full, k_smem, ks_smem, k_deq),
-                                (v_full, vdeq_free, vdeq_full, v_smem, vs_smem, v_deq)):
+                        for full, free, done, src, scl, dst in jobs:
                             plgpu.barrier_wait(full.at[slot])
 
                             @pl.when(step >= DEQUANT_STAGES)
@@ -284,8 +298,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
 
                 @pl.loop(jnp.maximum(0, steps - DEQUANT_STAGES), steps)
                 def _(s):  # observe the last completions (GPU interpret mode checks it)
-                    plgpu.barrier_wait(kdeq_free.at[lax.rem(s, DEQUANT_STAGES)])
-                    plgpu.barrier_wait(vdeq_free.at[lax.rem(s, DEQUANT_STAGES)])
+                    for _, free, *_ in jobs:
+                        plgpu.barrier_wait(free.at[lax.rem(s, DEQUANT_STAGES)])
 
         @pl.when(wg == 0)
         def _consumer():
@@ -419,7 +433,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         plgpu.Barrier(),  # q_free
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # k_full
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # v_full
-        plgpu.Barrier(num_barriers=stages),  # consumed
+        plgpu.Barrier(num_arrivals=max(1, deq_wgs), num_barriers=stages),  # consumed
     )
     scales = ()
     if fp8:
@@ -438,7 +452,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 jax.ShapeDtypeStruct((n_part, hkv, ROWS, d), jnp.float32))
     return plgpu.kernel(
         decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,), grid_names=("cta",),
-        num_threads=3 if deq_wg else 2, thread_name="wg",
+        num_threads=2 + deq_wgs, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret or None,
     )(meta, count, page_table, q4, k_pages, v_pages, *scales, out_ref)

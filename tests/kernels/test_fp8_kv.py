@@ -118,6 +118,17 @@ def test_fp8_decode_with_the_consumer_dequantising(monkeypatch):
     _check_against_bf16_and_oracle(_bounds(), (1, 1, 1, 1), (420, 33, 300, 1))
 
 
+def test_fp8_decode_with_k_and_v_dequantised_by_two_warpgroups(monkeypatch):
+    """``DecodeConfig(split_dequant=True)``: warpgroups 2 and 3 dequantise K and V; the fp8
+    slot is freed after both arrive. Same pass, so bit-equal again (race detector on)."""
+    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False:
+                        decode.DecodeConfig(p_in_registers=False, dequant_warpgroup=True,
+                                            split_dequant=True, num_stages=3))
+    _check_against_bf16_and_oracle(_bounds(), (1, 1, 1, 1), (420, 33, 300, 1))
+    with pytest.raises(ValueError, match="needs dequant_warpgroup"):
+        decode.DecodeConfig(split_dequant=True)
+
+
 def test_fp8_decode_config_defaults_to_the_dequantising_warpgroup():
     bounds = _bounds()
     assert decode.pick_config(bounds, jnp.bfloat16, kv_dtype=FP8).dequant_warpgroup
@@ -252,6 +263,7 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
     decode.DecodeConfig(num_stages=6, p_in_registers=True),  # benchmarks/fp8_kv.py's variant
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True),  # a dequantising WG
     decode.DecodeConfig(num_stages=5, p_in_registers=True, dequant_warpgroup=True),  # SMEM max
+    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, split_dequant=True),
 ])
 def test_decode_fp8_tuning_variants_lower(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
