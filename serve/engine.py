@@ -201,7 +201,9 @@ class LLMEngine:
         from jaxattn import parallel as parallel_lib
         from jaxattn.serve import allocator, default_model, generation_config
 
-        allocator.prefer_vmm()  # before anything starts the GPU backend (its docstring says why)
+        if not allocator.prefer_vmm():  # before anything starts the GPU backend (why: its docs)
+            log.info("GPU allocator is not VMM (set before the engine, or by the user): the "
+                     "step's CUDA graphs are re-recorded every step (serve/allocator.py)")
         model_dir = config.model
         check_model_dir(model_dir)
         if model_dir is None:
