@@ -201,7 +201,8 @@ class LLMEngine:
         from jaxattn import parallel as parallel_lib
         from jaxattn.serve import allocator, default_model, generation_config
 
-        if not allocator.prefer_vmm():  # before anything starts the GPU backend (why: its docs)
+        # Before anything starts the GPU backend (why: serve/allocator.py).
+        if not allocator.prefer_vmm() and jax.default_backend() == "gpu":
             log.info("GPU allocator is not VMM (set before the engine, or by the user): the "
                      "step's CUDA graphs are re-recorded every step (serve/allocator.py)")
         model_dir = config.model
