@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -59,9 +60,31 @@ def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
                       for k, v in total.items()), key=lambda r: -r["ms"])
         return out[:top]
 
-    return {"kernels": rows(kernels), "host": rows(host),
+    by_kind: dict[str, list] = {}
+    for name, (ns, calls) in kernels.items():
+        t = by_kind.setdefault(kernel_kind(name), [0.0, 0])
+        t[0] += ns
+        t[1] += calls
+    return {"kernels": rows(kernels), "host": rows(host), "kinds": rows(by_kind),
             "kernel_ms": round(sum(v[0] for v in kernels.values()) / reps / 1e6, 4),
             "kernel_calls": sum(v[1] for v in kernels.values()) // reps}
+
+
+# GPU kernel names -> what they do, first match wins (our Mosaic kernels are named after
+# their Python functions; XLA names fusions after their root op; cuBLAS's are nvjet/sm90_*).
+_KERNEL_KINDS = (
+    ("attention", re.compile(r"^(decode_kernel|decode_combine_kernel|prefill_kernel)_mosaic")),
+    ("expert matmul", re.compile(r"^grouped_matmul_kernel_mosaic")),
+    ("dense matmul", re.compile(r"gemm|nvjet|cutlass|sm90_xmma|cublas", re.I)),
+    ("collectives", re.compile(r"psum|all_reduce|all-reduce|allreduce|all_gather|nccl", re.I)),
+    ("copies", re.compile(r"memcpy|memset|copy", re.I)),
+    ("scatter/gather", re.compile(r"scatter|gather|dynamic_slice|dynamic_update", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a GPU kernel by its name (see ``_KERNEL_KINDS``); "other" if none."""
+    return next((kind for kind, rx in _KERNEL_KINDS if rx.search(name)), "other")
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:

@@ -317,7 +317,9 @@ def profile_step(engine, config, args, rng, *, prompt_len: int, reps: int,
         engine.step()
     what = f"batch-1 decode at {prompt_len}" if decode else f"prefill chunk of {prompt_len}"
     print(f"profile, {what}: {out['kernel_calls']} kernels, {out['kernel_ms']:.2f} ms of GPU "
-          f"kernels per step; top kernels: "
+          f"kernels per step; by kind: "
+          + ", ".join(f"{r['name']} {r['ms']:.2f} ms ({r['calls']})" for r in out["kinds"])
+          + "; top kernels: "
           + ", ".join(f"{r['name'][:40]} {r['ms']:.2f} ms" for r in out["kernels"][:4]), flush=True)
     return out
 

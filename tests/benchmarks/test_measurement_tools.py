@@ -1,9 +1,12 @@
-"""The benchmarks' measurement helpers: the nvidia-smi clock log and the Nsight Compute report
-parser (their GPU runs cannot check that they read what the tools write)."""
+"""The benchmarks' measurement helpers: the nvidia-smi clock log, the Nsight Compute report
+parser and the profile's kernel kinds (their GPU runs cannot check that they read what the
+tools write)."""
 
 import datetime
 import os
 import sys
+
+import pytest
 
 # benchmarks/ is a folder of the repository, not of the installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -46,3 +49,21 @@ def test_ncu_raw_page_is_parsed_by_column_name():
     assert m["Kernel Name"][0] == "prefill_kernel_mosaic_gpu_kernel"
     assert m["gpu__time_duration.sum"] == ("15.69", "ms")
     assert profile_prefill._number(m["smsp__inst_executed.sum"][0]) == 5_639_127_832
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("decode_kernel_mosaic_gpu_kernel", "attention"),
+    ("decode_combine_kernel_mosaic_gpu_kernel", "attention"),
+    ("prefill_kernel_mosaic_gpu_kernel", "attention"),
+    ("grouped_matmul_kernel_mosaic_gpu_kernel", "expert matmul"),
+    ("gemm_fusion_dot_98", "dense matmul"),
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coo", "dense matmul"),
+    ("psum_684_0_fusion_1", "collectives"),
+    ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "collectives"),
+    ("memcpy32_post", "copies"),
+    ("input_scatter_fusion_193", "scatter/gather"),
+    ("loop_multiply_fusion_143", "other"),
+])
+def test_profile_kernels_are_sorted_by_kind(name, kind):
+    """The names the H200 profiles of a Scout step list (multigpu-2026-11-30-*.json)."""
+    assert common.kernel_kind(name) == kind
