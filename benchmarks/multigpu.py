@@ -156,16 +156,13 @@ def device_memory() -> list[dict]:
 
     out = []
     for d in jax.local_devices():
-        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
-        stats = stats or {}
-        # The VMM allocator keeps no statistics: then the driver's view (in use by anyone).
-        free_limit = allocator.device_memory(d)
-        in_use = stats.get("bytes_in_use")
-        if in_use is None and free_limit is not None:
-            in_use = free_limit[1] - free_limit[0]
-        out.append({"device": str(d), "bytes_in_use": in_use,
+        # (free, limit) from the allocator's statistics, or (VMM keeps none) the driver's view.
+        memory = allocator.device_memory(d)
+        stats = (d.memory_stats() if hasattr(d, "memory_stats") else None) or {}
+        out.append({"device": str(d),
+                    "bytes_in_use": None if memory is None else memory[1] - memory[0],
                     "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-                    "bytes_limit": stats.get("bytes_limit") or (free_limit and free_limit[1])})
+                    "bytes_limit": None if memory is None else memory[1]})
     return out
 
 
@@ -468,13 +465,13 @@ def table(res: dict) -> str:
         m = res["mixed"]["requests"].get(str(n), {})
         ms, roof = a.get("decode_ms_per_step"), a.get("roofline_ms")
         cmp = res.get("mixed_vs_alone", {}).get(str(n), {})
+        flip = "" if cmp.get("flipped_at") is None else f" (flip at {cmp['flipped_at']})"
         lines.append(f"| {n} | {f(a.get('ttft_s'), '.2f')} | {f(a.get('prefill_tok_s'), ',.0f')} | "
                      f"{f(a.get('mfu'), '.1%')} | {f(a.get('decode_tok_s'), ',.1f')} | "
                      f"{f(ms, '.2f')} | {f(roof, '.2f')} | "
                      f"{f(ms / roof if ms and roof else None, '.2f')} | "
                      f"{f(m.get('ttft_s'), '.2f')} | {f(m.get('decode_tok_s'), ',.1f')} | "
-                     f"{f(cmp.get('max_abs_diff'), '.3f')}"
-                     f"{'' if cmp.get('flipped_at') is None else ' (flip at %d)' % cmp['flipped_at']} |")
+                     f"{f(cmp.get('max_abs_diff'), '.3f')}{flip} |")
     if res.get("batch_decode"):
         lines += ["", "| batch x context | ms/step | output tok/s | roofline ms | ratio |",
                   "|---|---|---|---|---|"]

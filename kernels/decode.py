@@ -451,8 +451,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     out_type = (jax.ShapeDtypeStruct((cap, hkv, ROWS), jnp.float32),
                 jax.ShapeDtypeStruct((n_part, hkv, ROWS, d), jnp.float32))
     return plgpu.kernel(
-        decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,), grid_names=("cta",),
-        num_threads=2 + deq_wgs, thread_name="wg",
+        decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,),
+        grid_names=("cta",), num_threads=2 + deq_wgs, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret or None,
     )(meta, count, page_table, q4, k_pages, v_pages, *scales, out_ref)
@@ -478,7 +478,8 @@ def _combine_call(cmeta, opart, lse_tiles, out_ref, *, g: int, interpret):
     # one long sequence has W pieces.
     ring = max(2, min(16, (160 * 1024) // (ROWS * cw * 4)))
 
-    def decode_combine_kernel(cmeta_ref, opart_ref, lse_ref, out_ref, lse_out_ref, o_buf, l_buf, full):
+    def decode_combine_kernel(cmeta_ref, opart_ref, lse_ref, out_ref, lse_out_ref, o_buf, l_buf,
+                              full):
         slot0, kvh = lax.axis_index("slot"), lax.axis_index("kvh")
         cols = pl.ds(lax.axis_index("col") * cw, cw)
         n, q_start, q_len = (cmeta_ref[slot0, i] for i in range(3))

@@ -285,8 +285,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None
 
     out_shape = (m, n) if splits == 1 else (splits, m, n)
     kernel = plgpu.kernel(
-        grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=(common.num_sms(),),
-        grid_names=("sm",),
+        grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=(common.num_sms(),), grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     out = kernel(tiles, group_sizes, lhs, rhs, *((lhs_scale, rhs_scale) if scaled else ()))

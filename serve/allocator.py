@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
 
 ENV = "XLA_PYTHON_CLIENT_ALLOCATOR"
 # XLA's default share of device memory for its allocator (XLA_CLIENT_MEM_FRACTION overrides).
@@ -45,8 +46,6 @@ def vmm_active() -> bool:
 
 
 def _backend_started() -> bool:
-    import sys
-
     if "jax" not in sys.modules:
         return False
     from jax._src import xla_bridge
