@@ -46,8 +46,6 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(llama4.__file__)), "confi
 GiB = 2**30
 # Memory per GPU as nvidia-smi reports it (H100 SXM 80 GB HBM3; H200 141 GB HBM3e).
 GPUS = {"h100": 81559 * 2**20, "h200": 143771 * 2**20}
-# JAX preallocates this fraction of GPU memory for XLA unless XLA_PYTHON_CLIENT_MEM_FRACTION says.
-JAX_DEFAULT_MEM_FRACTION = 0.75
 DEFAULT_RESERVE = 1 * GiB
 ENGINE_KV_FRACTION = 0.8  # the engine's default KV budget: this fraction of the free memory
 
@@ -65,9 +63,7 @@ def named_config(name: str) -> Llama4Config:
                      f"one of {known}")
 
 
-def mem_fraction() -> float:
-    """The fraction of GPU memory XLA may use in this process (JAX's preallocation setting)."""
-    return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_DEFAULT_MEM_FRACTION))
+mem_fraction = allocator.mem_fraction  # the share of GPU memory XLA may use in this process
 
 
 def _abstract_mesh(pc: parallel.ParallelConfig) -> AbstractMesh:
@@ -202,6 +198,7 @@ class MemoryPlan:
     chunked_bytes_per_token: int = 0  # the chunked-local layers'
     bounds: Any = None  # the engine's jaxattn.Bounds (None when refused before them)
     quantization: str | None = None  # "fp8": FP8 expert / MLP weights
+    fraction: float | None = None  # the GPU's share XLA may use, where ``usable`` came from it
 
     @property
     def chunked_need(self) -> int:
@@ -260,16 +257,26 @@ class MemoryPlan:
         if self.weights + step > self.usable:
             return (f"{head} + {_gib(step)} of activations and reserve exceed the "
                     f"{_gib(self.usable)} XLA may use; use more devices or lower "
-                    f"--max-num-batched-tokens{_fraction_hint()}")
+                    f"--max-num-batched-tokens{self._fraction_hint()}")
         if self.total > self.usable:
             return (f"{head}: the KV cache budget {_gib(self.kv_budget)} + activations and "
                     f"reserve {_gib(step)} exceed the {_gib(self.usable)} XLA may use; lower "
                     "--kv-cache-memory")
         if self.full_length_sequences < 1:
+            # The default budget leaves a fifth of the free memory to XLA: a larger one may do.
+            most = dataclasses.replace(self, kv_budget=self.usable - self.weights - step)
+            budget = (f", or give the KV cache up to {_gib(most.kv_budget)} "
+                      f"(--kv-cache-memory)" if most.kv_budget > self.kv_budget
+                      and most.full_length_sequences >= 1 else "")
             return (f"{head}: the KV cache ({_gib(self.kv_budget)}, {self.kv_tokens:,} tokens) "
                     f"cannot hold one sequence of --max-model-len {self.max_model_len:,}; lower "
-                    f"--max-model-len or use more devices{_fraction_hint()}")
+                    f"--max-model-len or use more devices{budget}{self._fraction_hint()}")
         return None
+
+    def _fraction_hint(self) -> str:
+        f = mem_fraction() if self.fraction is None else self.fraction
+        return (f", or let XLA use more of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9; now "
+                f"{f:.2f})" if f < 0.9 else "")
 
     @property
     def fits(self) -> bool:
@@ -278,12 +285,6 @@ class MemoryPlan:
 
 def _gib(x: int) -> str:
     return f"{x / GiB:.1f} GiB"
-
-
-def _fraction_hint() -> str:
-    f = mem_fraction()
-    return (f", or let XLA use more of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9; now {f:.2f})"
-            if f < 0.9 else "")
 
 
 def default_kv_budget(free: int, step_bytes: int) -> int:
@@ -325,8 +326,10 @@ def gpu_plan(config: Llama4Config, pc: parallel.ParallelConfig, gpu: str, *,
     """``plan`` for a named GPU (``h100``/``h200``) at XLA's memory fraction."""
     fraction = mem_fraction() if fraction is None else fraction
     total = GPUS[gpu]
-    return plan(config, pc, usable=int(total * fraction),
-                label=f"{gpu.upper()} {total / GiB:.1f} GiB x {fraction:.2f}", **kw)
+    return dataclasses.replace(
+        plan(config, pc, usable=int(total * fraction),
+             label=f"{gpu.upper()} {total / GiB:.1f} GiB x {fraction:.2f}", **kw),
+        fraction=fraction)
 
 
 HEADER = ("mesh", "device (usable)", "weights", "KV cache", "activations+reserve", "total",

@@ -166,3 +166,20 @@ def test_cli_fp8_one_gpu(capsys):
     assert plan_memory.main(["--quantization", "fp8", "--gpu", "h100", "-tp", "1"]) == 1
     assert plan_memory.main(["--quantization", "fp8"]) == 0
     assert "105.2 GiB fp8" in capsys.readouterr().out
+
+
+def test_refusal_names_what_would_make_it_fit(scout):
+    """A 1M-token sequence on 2xH200 (bf16 cache) misses by a little: at 0.95 of the GPU the
+    default budget (0.8 of the free memory) is short but the whole free memory is not, so the
+    reason names --kv-cache-memory; at 0.75 neither helps, and it names the plan's own fraction
+    (not the process's) in its hint."""
+    kw = dict(max_model_len=1 << 20, max_num_seqs=4)
+    tight = memory.gpu_plan(scout, ParallelConfig(tensor=2), "h200", fraction=0.95, **kw)
+    assert not tight.fits and "--kv-cache-memory" in tight.reason
+    assert "MEM_FRACTION" not in tight.reason
+    bigger = memory.gpu_plan(scout, ParallelConfig(tensor=2), "h200", fraction=0.95,
+                             kv_cache_memory=tight.usable - tight.weights - tight.activations
+                             - tight.reserve, **kw)
+    assert bigger.fits and bigger.full_length_sequences == 1
+    low = memory.gpu_plan(scout, ParallelConfig(tensor=2), "h200", fraction=0.75, **kw)
+    assert "--kv-cache-memory" not in low.reason and "now 0.75" in low.reason
