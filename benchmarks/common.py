@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import re
+import statistics
 import subprocess
 import tempfile
 import time
@@ -23,6 +24,28 @@ def write_json(name: str, data) -> str:
         with open(path, "w") as f:
             json.dump(data, f, indent=2)
     return paths[0]
+
+
+def gpu_ms(f, *args, reps: int = 20) -> float:
+    """Median ms of ``f(*args)``: the GPU time of its kernels (CUPTI) where that works, else
+    the wall clock per call. Kernel time leaves out host dispatch, which at decode sizes
+    (tens of microseconds) would otherwise be what a loop of calls measures."""
+    import jax
+
+    jax.block_until_ready(f(*args))
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        _, times = profiler.measure(f, iterations=reps)(*args)
+        if times:
+            return statistics.median(times)
+    except Exception:  # noqa: BLE001 - no CUPTI here: fall back to the wall clock
+        pass
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / reps * 1e3
 
 
 def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:

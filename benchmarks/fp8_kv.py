@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,30 +37,12 @@ import jaxattn
 from jaxattn import kernels, kv_quant, planner
 from jaxattn.kernels import decode, prefill
 
-from benchmarks.common import write_json
+from benchmarks.common import gpu_ms, write_json
 
 HQ, HKV, D, PAGE, CHUNK = 40, 8, 128, 32, 8192  # PAGE: the FP8 cache's default (and bf16's here)
 DECODE_CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
 PREFILL_CASES = [("causal", 8192), ("causal", 32768), ("chunked", 131072)]
 QUICK = dict(decode=[(32, 8192), (1, 131072)], prefill=[("causal", 32768), ("chunked", 131072)])
-
-
-def _gpu_ms(f, *args, reps=20):
-    """Median ms of ``f(*args)``: CUPTI (the call's kernels only) when it works, else wall."""
-    jax.block_until_ready(f(*args))
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-
-        _, times = profiler.measure(f, iterations=reps)(*args)
-        if times:
-            return statistics.median(times)
-    except Exception:  # noqa: BLE001 - fall back to the wall clock
-        pass
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / reps * 1e3
 
 
 def _interleaved(fns: dict, rounds=3) -> dict:
@@ -71,7 +51,7 @@ def _interleaved(fns: dict, rounds=3) -> dict:
     best = {k: float("inf") for k in fns}
     for _ in range(rounds):
         for k, (f, args) in fns.items():
-            best[k] = min(best[k], _gpu_ms(f, *args))
+            best[k] = min(best[k], gpu_ms(f, *args))
     return best
 
 

@@ -3,6 +3,7 @@
     python -m benchmarks.fp8_matmul                # grouped (experts) and dense, default shapes
     python -m benchmarks.fp8_matmul --sweep        # + FP8 tile configs at prefill sizes
     python -m benchmarks.fp8_matmul --quick        # fewer shapes and rounds
+    python -m benchmarks.fp8_matmul --decode-sweep # only the grouped matmul's decode tiles
 
 1. Routed experts (16 experts, gate/up 5120 -> 8192, down 8192 -> 5120): the Mosaic
    grouped matmul in bf16 against its FP8 form. Prefill sizes (M = 2048..16384 rows
@@ -17,7 +18,9 @@
    (``kernels.fp8.scaled_matmul``: cuBLASLt on Hopper) with the row quantisation.
 
 Every shape runs bf16 and FP8 alternately for ``--rounds`` rounds of ``--reps`` calls;
-the median round is reported (clock drift hits both alike). Goals (issue 22): FP8
+the median round is reported (clock drift hits both alike). Times are the calls' GPU kernel
+time (CUPTI): a loop of decode-sized calls would otherwise time the host's dispatch (before
+2026-12-01 it did, and bf16 and FP8 measured the same ~60 us at one row). Goals (issue 22): FP8
 >= 1.6x bf16's TFLOP/s at prefill sizes, >= 1.8x its speed at decode sizes.
 JSON to benchmarks/results/fp8-matmul-DATE.json (and $OUT); a table on stdout.
 """
@@ -29,7 +32,6 @@ import dataclasses
 import datetime
 import statistics
 import sys
-import time
 
 E, H, I = 16, 5120, 8192
 EXPERT_SHAPES = {"gate/up": (H, I), "down": (I, H)}
@@ -40,26 +42,14 @@ DENSE = {"shared gate/up": (H, I), "shared down": (I, H), "attn q/o": (H, H),
 DENSE_M = (16, 2048, 8192)
 
 
-def _time(fn, args, reps: int) -> float:
-    import jax
-
-    out = fn(*args)
-    jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / reps
-
-
 def interleaved(fns: dict, args: dict, rounds: int, reps: int) -> dict[str, float]:
     """Median seconds per call of each function, timed alternately round by round."""
+    from benchmarks.common import gpu_ms
+
     times = {k: [] for k in fns}
-    for k in fns:  # compile and warm every variant first
-        _time(fns[k], args[k], 2)
     for _ in range(rounds):
         for k in fns:
-            times[k].append(_time(fns[k], args[k], reps))
+            times[k].append(gpu_ms(fns[k], *args[k], reps=reps) / 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -166,6 +156,65 @@ def sweep(args) -> list[dict]:
     return rows
 
 
+# Scout's expert shapes per device at TP=1 and TP=2 (I split over the devices): (K, N).
+DECODE_SHAPES = {"gate/up tp1": (H, I), "down tp1": (I, H), "gate/up tp2": (H, I // 2),
+                 "down tp2": (I // 2, H)}
+
+
+def decode_sweep(args) -> list[dict]:
+    """The grouped matmul's tiles at decode size (one token, one expert hit: M = 1), bf16
+    and FP8: K splits x ring depth x N tile, against what ``pick_config`` picks. Reported as
+    the weights' bytes read per second (the bound at these sizes)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxattn.kernels import common, fp8, grouped_matmul as gm
+
+    rows = []
+    for name, (k, n) in DECODE_SHAPES.items():
+        w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))
+        wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
+        for m in (1,):
+            gs = jnp.zeros((E,), jnp.int32).at[3].set(m)  # one expert hit
+            x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
+            xq, xs = jax.jit(fp8.quantize)(x)
+            for dtype in ("bf16", "fp8"):
+                bk = 128 if dtype == "fp8" else 64
+                picked = gm.pick_config(m, k, n, fp8=dtype == "fp8")
+                configs = {picked} | {
+                    gm.GroupedMatmulConfig(block_m=64, block_n=bn, block_k=bk,
+                                           max_concurrent_steps=st, k_splits=sp)
+                    for bn in (64, 128, 256) for st in (4, 8) for sp in (1, 2, 4, 8)
+                    if (k // bk) % sp == 0 and (n // bn) * sp <= 4 * common.num_sms()}
+                for cfg in sorted(configs, key=lambda c: (c.block_n, c.max_concurrent_steps,
+                                                          c.k_splits)):
+                    if dtype == "fp8":
+                        f = jax.jit(lambda xq, xs, w, s, gs, cfg=cfg: gm._mosaic_grouped_matmul(
+                            xq, w, gs, jnp.pad(xs, (0, -m % cfg.block_m)), s, config=cfg,
+                            out_dtype=jnp.dtype(jnp.bfloat16)))
+                        fargs = (xq, xs, wq, ws, gs)
+                    else:
+                        f = jax.jit(lambda x, w, gs, cfg=cfg: gm.grouped_matmul(
+                            x, w, gs, impl="mosaic", config=cfg))
+                        fargs = (x, w, gs)
+                    try:
+                        t = interleaved({"c": f}, {"c": fargs}, args.rounds, args.reps)["c"]
+                    except Exception as e:  # a config over the SMEM budget
+                        print(f"{name} M={m} {dtype} {cfg}: failed: {type(e).__name__}: "
+                              f"{str(e)[:160]}", flush=True)
+                        continue
+                    gbps = k * n * (2 if dtype == "bf16" else 1) / t / 1e9
+                    rows.append({"matmul": name, "m": m, "dtype": dtype, "k": k, "n": n,
+                                 "config": dataclasses.asdict(cfg), "picked": cfg == picked,
+                                 "us": t * 1e6, "weight_gbps": gbps})
+                    print(f"decode {name:11} M={m} {dtype} bn={cfg.block_n:3} "
+                          f"steps={cfg.max_concurrent_steps} splits={cfg.k_splits}"
+                          f"{' (picked)' if cfg == picked else ''}: {t * 1e6:7.1f} us, "
+                          f"{gbps:6.0f} GB/s", flush=True)
+    return rows
+
+
 def dense(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -220,6 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true", help="also FP8 tile configs at M=8192")
     p.add_argument("--no-dense", action="store_true")
+    p.add_argument("--decode-sweep", action="store_true",
+                   help="only the grouped matmul's tiles at decode sizes")
     args = p.parse_args(argv)
     import jax
 
@@ -230,8 +281,12 @@ def main(argv=None) -> int:
         print("needs a Hopper GPU (the Mosaic kernels)", file=sys.stderr)
         return 2
     res = {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
-           "jax": jax.__version__, "rounds": args.rounds, "reps": args.reps,
-           "grouped": grouped(args)}
+           "jax": jax.__version__, "rounds": args.rounds, "reps": args.reps}
+    if args.decode_sweep:
+        res["decode_sweep"] = decode_sweep(args)
+        print("wrote", write_json(f"gmm-decode-sweep-{res['date']}.json", res))
+        return 0
+    res["grouped"] = grouped(args)
     if not args.no_dense:
         res["dense"] = dense(args)
     if args.sweep:
