@@ -30,16 +30,16 @@ order, so every CTA gets a similar mix of long and short tiles.
 
 FP8 cache (float8_e4m3fn pages with per-token, per-KV-head scales,
 :mod:`jaxattn.kv_quant`): the rings hold the fp8 pages and their scale rows
-(one more small TMA per page, on the same barrier); each consumer turns the
-K (V) tile into a bf16/f16 tile of its own with the scale applied per key row
-(:func:`common.dequantize_tile`) after the tile lands and before its turn, so
-the dequantisation overlaps the other consumer's GEMMs. Private tiles because
-the consumers run a half step apart; they cost SMEM, so the FP8 kernel needs
-``block_kv=64`` at head_dim 128 (:func:`pick_config`). ``PrefillConfig(fp8_qk=True)``
-instead computes ``S = Q8 K8^T`` with an e4m3 wgmma on the fp8 K tile (each consumer
-quantises its Q rows per row; the Q and K scales multiply S's rows and columns) and
-dequantises only V, which fits 128-key tiles. With a bf16 cache none of it is traced (a
-static branch).
+(one more small TMA per page, on the same barrier). By default
+(``PrefillConfig.fp8_qk``) ``S = Q8 K8^T`` is an e4m3 wgmma on the fp8 K tile, as in
+FlashAttention-3's FP8 path: each consumer quantises its Q rows per row, and the Q and
+K scales multiply S's rows and columns. V is dequantised: each consumer turns the V tile
+into a bf16/f16 tile of its own with the scale applied per key row
+(:func:`common.dequantize_tile`) after the tile lands and before its turn, so the
+dequantisation overlaps the other consumer's GEMMs (private tiles because the consumers
+run a half step apart). ``fp8_qk=False`` dequantises K the same way, which costs SMEM:
+only 64-key tiles fit at head_dim 128 (:func:`pick_config`). With a bf16 cache none of it
+is traced (a static branch).
 
 Output rows are written only for the item's valid rows: the epilogue stages
 O in an untiled SMEM buffer and stores it with predicated TMA copies of
@@ -119,11 +119,10 @@ class PrefillConfig:
     fp8_qk: FP8 cache: ``S = Q K^T`` as an e4m3 x e4m3 wgmma straight from the fp8 K
       tile (each consumer quantises its Q rows per row once per tile; the Q row scale
       and the K per-key scale multiply S), as FlashAttention-3's FP8 path does; only V is
-      dequantised, and 128-key tiles fit shared memory. Off by default until timed: it
-      runs on the H200 and matches the reference over per-row quantised queries, but its
-      speed is not measured yet (benchmarks/fp8_kv.py times it). False (default): K and V
-      are both dequantised to bf16 tiles, Q stays bf16: the bf16 kernel's numbers over the
-      dequantised pages, at 64-key tiles, ~2.1x the bf16 kernel's time (H200).
+      dequantised, and 128-key tiles fit shared memory. True (default): 1.40-1.45x the
+      bf16 kernel's time on the H200 (benchmarks/results/fp8-kv-2026-12-01.md). False:
+      K and V are both dequantised to bf16 tiles and Q stays bf16 (the bf16 kernel's
+      numbers over the dequantised pages), at 64-key tiles, 2.1-2.2x bf16's time.
     """
 
     block_q: int = 128
@@ -134,7 +133,7 @@ class PrefillConfig:
     overlap: bool = True
     named_barriers: bool = True
     consumer_registers: int = 232
-    fp8_qk: bool = False
+    fp8_qk: bool = True
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -208,7 +207,7 @@ class PrefillConfig:
                                               kv_dtype=kv_dtype))
 
 
-def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = False) -> PrefillConfig:
+def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True) -> PrefillConfig:
     """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
 
     The planner cuts items of ``bounds.block_q`` rows and KV ranges aligned to

@@ -168,11 +168,7 @@ class EngineConfig:
         hq, hkv = local_heads(model_config, model_parallel)
         chunked = any(model_config.is_chunked(i) for i in range(model_config.num_hidden_layers))
         chunk = model_config.attention_chunk_size if chunked else None
-        # The prefill kernel's FP8 path keeps a dequantised K and V tile per consumer in
-        # shared memory: at head_dim 128 only 64-key tiles fit (kernels/prefill.py; its
-        # fp8_qk form, which fits 128, is not the default until timed).
-        max_keys = 64 if self.kv_cache_dtype == "fp8" else 128
-        tuning.setdefault("block_kv", default_block_kv(chunk, self.page_size, max_keys))
+        tuning.setdefault("block_kv", default_block_kv(chunk, self.page_size))
         return jaxattn.Bounds(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.resolved_max_model_len(model_config.max_position_embeddings),

@@ -1,8 +1,10 @@
 """The kernels over an FP8 KV cache (float8_e4m3fn pages + per-token, per-KV-head scales).
 
-In GPU interpret mode on small shapes: the FP8 kernels must give *exactly* what the
-bf16 kernels give over the dequantised pages (the in-kernel tile is bf16(k8 * s), the
-same numbers), and match the float64 oracle over the dequantised pages. Then CUDA
+In GPU interpret mode on small shapes: the decode kernel and the prefill's dequantising
+form must give *exactly* what the bf16 kernels give over the dequantised pages (the
+in-kernel tile is bf16(k8 * s), the same numbers), and match the float64 oracle over the
+dequantised pages; the prefill's default (``S = Q8 K8^T``) matches the oracle over them
+with the queries quantised per row as the kernel does. Then CUDA
 lowering (``jax.export(..., platforms=["cuda"])``: layout inference, TMA rules, the SMEM
 budget) of every configuration the pickers emit for an FP8 cache.
 """
@@ -24,7 +26,7 @@ from jaxattn import kv_quant, planner
 from jaxattn.kernels import common, decode, prefill
 from jaxattn.planner import WorkList
 
-from attention_cases import make_ragged_case, naive_ragged, prefill_fp8_qk
+from attention_cases import make_ragged_case, naive_ragged, prefill_dequantising_k
 
 FP8 = jnp.float8_e4m3fn
 
@@ -51,17 +53,20 @@ def _check_against_bf16_and_oracle(bounds, q_lens, kv_lens, *, chunk=None, num_t
                                    scale=0.08):
     """The kernels over FP8 pages, both prefill forms:
 
-    * the default (K and V dequantised to bf16 tiles) and the decode kernel give exactly
-      what the bf16 kernels give over the dequantised pages, and match the oracle over them;
-    * ``PrefillConfig(fp8_qk=True)`` (``S = Q8 K8^T``, each query row quantised to e4m3 in
-      the kernel) leaves the decode rows as they were and matches the oracle over the
+    * ``PrefillConfig(fp8_qk=False)`` (K and V dequantised to bf16 tiles) and the decode
+      kernel give exactly what the bf16 kernels give over the dequantised pages, and match
+      the oracle over them;
+    * the default, ``fp8_qk=True`` (``S = Q8 K8^T``, each query row quantised to e4m3 in
+      the kernel), leaves the decode rows as they were and matches the oracle over the
       dequantised pages with the queries quantised per row the same way (kv_quant's rule).
     """
     num_tokens = num_tokens or sum(q_lens) + 5
     rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=num_tokens)
     args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
     kw = dict(bounds=bounds, scale=scale, chunk_size=chunk, impl="interpret", return_lse=True)
-    out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs, **kw)
+    with prefill_dequantising_k():
+        out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs,
+                                                  **kw)
     kd, vd = kv_quant.dequantize_pages(k8, ks), kv_quant.dequantize_pages(v8, vs)
     out_bf, lse_bf = jaxattn.ragged_paged_attention(
         q, kd.astype(jnp.bfloat16), vd.astype(jnp.bfloat16), *args, **kw)
@@ -77,9 +82,7 @@ def _check_against_bf16_and_oracle(bounds, q_lens, kv_lens, *, chunk=None, num_t
     np.testing.assert_allclose(out, want_o[:n], atol=3e-2, rtol=0)
     np.testing.assert_allclose(lse, want_l[:n], atol=3e-2, rtol=0)
 
-    with prefill_fp8_qk():
-        out8, lse8 = jaxattn.ragged_paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs,
-                                                    **kw)
+    out8, lse8 = jaxattn.ragged_paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs, **kw)
     out8, lse8 = np.asarray(out8, np.float32)[:n], np.asarray(lse8)[:n]
     dec = np.repeat(np.asarray(q_lens) <= bounds.dq, q_lens)  # rows of decode items
     np.testing.assert_array_equal(out8[dec], out[dec])
@@ -151,7 +154,7 @@ def test_fp8_kernel_refuses_missing_scales():
 
 def _prefill_configs():
     """What the picker gives an FP8 cache at every tile, head size and dtype, in both forms
-    (the default dequantising K and V wherever it fits; ``fp8_qk`` everywhere)."""
+    (the default ``fp8_qk`` everywhere; dequantising K and V wherever it fits)."""
     picked = []
     for bq, bkv, d, dtype in itertools.product((64, 128), (64, 128), (64, 128),
                                                (jnp.bfloat16, jnp.float16)):
@@ -159,10 +162,10 @@ def _prefill_configs():
                                 max_model_len=4096, page_size=64, num_q_heads=8,
                                 num_kv_heads=1, head_dim=d, block_q=bq, block_kv=bkv)
         name = f"bq{bq}-bkv{bkv}-d{d}-{jnp.dtype(dtype).name}"
-        qk8 = prefill.pick_config(bounds, dtype, FP8, fp8_qk=True)
+        qk8 = prefill.pick_config(bounds, dtype, FP8)
         picked.append(pytest.param(qk8, d, dtype, id=name + "-fp8-qk"))
         try:
-            cfg = prefill.pick_config(bounds, dtype, FP8)
+            cfg = prefill.pick_config(bounds, dtype, FP8, fp8_qk=False)
         except ValueError:  # K's dequantised tiles too: no room at 128 keys and D=128
             assert (bkv, d) == (128, 128)
             continue
@@ -171,18 +174,18 @@ def _prefill_configs():
 
 
 def test_prefill_picker_for_fp8():
-    """Dequantising K and V (the default) needs 64-key tiles at D=128; the fp8_qk form reads
-    K as it lies (S = Q8 K8^T), so only V's dequantised tiles take extra shared memory and
-    the bf16 cache's 128-key tiles fit (2 stages)."""
+    """The default form reads K as it lies (S = Q8 K8^T), so only V's dequantised tiles take
+    extra shared memory and the bf16 cache's 128-key tiles fit (2 stages); dequantising K
+    and V (``fp8_qk=False``) needs 64-key tiles at D=128."""
     bounds = jaxattn.Bounds(max_num_seqs=8, max_num_batched_tokens=1024, max_model_len=4096,
                             page_size=32, num_q_heads=40, num_kv_heads=8, head_dim=128)
     with pytest.raises(ValueError, match="shared memory"):
-        prefill.pick_config(bounds, jnp.bfloat16, FP8)
+        prefill.pick_config(bounds, jnp.bfloat16, FP8, fp8_qk=False)
     b64 = dataclasses.replace(bounds, block_kv=64)
-    cfg = prefill.pick_config(b64, jnp.bfloat16, FP8)
+    cfg = prefill.pick_config(b64, jnp.bfloat16, FP8, fp8_qk=False)
     assert not cfg.fp8_qk and cfg.smem_bytes(128, jnp.bfloat16, FP8) <= common.MAX_SMEM
-    qk8 = prefill.pick_config(bounds, jnp.bfloat16, FP8, fp8_qk=True)
-    assert qk8.block_kv == 128 and qk8.smem_bytes(128, jnp.bfloat16, FP8) <= common.MAX_SMEM
+    qk8 = prefill.pick_config(bounds, jnp.bfloat16, FP8)
+    assert qk8.fp8_qk and qk8.block_kv == 128 and qk8.smem_bytes(128, jnp.bfloat16, FP8) <= common.MAX_SMEM
     deeper = dataclasses.replace(qk8, num_stages=qk8.num_stages + 1)
     assert deeper.smem_bytes(128, jnp.bfloat16, FP8) > common.MAX_SMEM
     with pytest.raises(ValueError, match="float8_e4m3fn"):

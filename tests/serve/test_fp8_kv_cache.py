@@ -83,7 +83,7 @@ def test_config_spellings(name, want):
     assert EngineConfig(kv_cache_dtype=name).kv_cache_dtype == want
 
 
-def test_config_refuses_unknown_and_fp8_bounds_use_64_key_tiles():
+def test_config_refuses_unknown_and_fp8_bounds_use_128_key_tiles():
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="int8")
     mc = llama4.Llama4Config.from_pretrained(checkpoint("moe_dense"))
@@ -91,15 +91,16 @@ def test_config_refuses_unknown_and_fp8_bounds_use_64_key_tiles():
     assert EngineConfig(**kw).bounds(mc).block_kv == 32  # the 32-token chunk caps it
     big = dataclasses.replace(mc, attention_chunk_size=8192)
     assert EngineConfig(**kw).bounds(big).block_kv == 128
-    assert EngineConfig(kv_cache_dtype="fp8", **kw).bounds(big).block_kv == 64
-    # Pages larger than the tile: 64-key slices of a page, which the kernels take.
+    # The prefill's S = Q8 K8^T reads K as it lies: the bf16 cache's tiles fit.
+    assert EngineConfig(kv_cache_dtype="fp8", **kw).bounds(big).block_kv == 128
+    # Pages larger than the tile: 128-key slices of a page, which the kernels take.
     from jaxattn import kernels
 
     scout = dataclasses.replace(big, num_attention_heads=40, num_key_value_heads=8,
                                 head_dim=128)
     for page in (32, 64, 128, 256):
         b = EngineConfig(kv_cache_dtype="fp8", max_model_len=131072, page_size=page).bounds(scout)
-        assert b.block_kv == 64
+        assert b.block_kv == 128
         assert kernels.unsupported_reason(b, jnp.bfloat16, FP8) is None
     # Its pages default to 32 tokens (each page's scale row: one aligned TMA copy); 16 is refused.
     assert EngineConfig(kv_cache_dtype="fp8").page_size == 32
@@ -244,7 +245,7 @@ def test_gpu_step_with_fp8_cache_lowers_for_cuda():
     engine = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
                           page_size=32, kv_cache_dtype="fp8")
     bounds = engine.bounds(config)
-    assert bounds.block_kv == 64
+    assert bounds.block_kv == 128  # the prefill reads K in fp8 (S = Q8 K8^T)
     step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic",
                                    quantized_kv=True)
     spec = paged_step.cache_spec(config, num_pages=64, page_size=32, dtype="fp8")
