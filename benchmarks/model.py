@@ -456,7 +456,7 @@ def grouped_matmul_tiles(clock: Clock, w_gate) -> list[dict]:
         sizes = np.bincount(np.random.default_rng(m).integers(0, e, m), minlength=e)
         gs = jnp.asarray(sizes.astype(np.int32))
         hit_bytes = int((sizes > 0).sum()) * k * n * 2
-        picked = grouped_matmul.pick_config(m, k, n, kernels.num_sms())
+        picked = grouped_matmul.pick_config(m, k, n)
         for tiles in _DECODE_TILES if m <= 64 else _PREFILL_TILES:
             cfg = grouped_matmul.GroupedMatmulConfig(**{**dataclasses.asdict(picked), **tiles})
             row = dict(m=m, k=k, n=n, picked=cfg == picked, **dataclasses.asdict(cfg))

@@ -72,24 +72,22 @@ class GroupedMatmulConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def pick_config(m: int, k: int, n: int, num_sms: int | None = None, *,
-                fp8: bool = False) -> GroupedMatmulConfig:
-    """Tiles for an [m, k] x [k, n] problem on ``num_sms`` SMs (default: the device's).
+def pick_config(m: int, k: int, n: int, *, fp8: bool = False) -> GroupedMatmulConfig:
+    """Tiles for an [m, k] x [k, n] problem.
 
     Prefill: 128-row tiles in bands of 8 N tiles, which keeps the weight tiles
-    in L2 across row tiles. Decode (M <= 64, one tile per group hit): K split
-    until one expert's N tiles cover the SMs. ``fp8``: 8-bit operands, whose K
-    tile is 128 elements (the same 128 bytes per row).
+    in L2 across row tiles. Decode (M <= 64, one tile per group hit): 64-row tiles,
+    an 8-deep TMA ring and no K split. Splitting K to occupy more SMs measured
+    slower at Scout's decode shapes on the H200 (the f32 partial sums cost an extra
+    write, read and kernel; benchmarks/NOTES-grouped-matmul.md), so ``k_splits`` is
+    left to explicit configs. ``fp8``: 8-bit operands, whose K tile is 128 elements
+    (the same 128 bytes per row).
     """
-    sms = num_sms or common.num_sms()
     bk = _BLOCK_K_FP8 if fp8 else _BLOCK_K
     if m > 64:
         return GroupedMatmulConfig(block_k=bk,
                                    grid_block_n=8 if n % (8 * _BLOCK_N) == 0 else 1)
-    steps, splits = k // bk, 1
-    while (n // _BLOCK_N) * splits < sms and steps % (2 * splits) == 0:
-        splits *= 2
-    return GroupedMatmulConfig(block_m=64, block_k=bk, k_splits=splits)
+    return GroupedMatmulConfig(block_m=64, block_k=bk, max_concurrent_steps=8)
 
 
 def reference(x, w, group_sizes):

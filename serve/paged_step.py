@@ -174,6 +174,12 @@ def step_compiler_options() -> dict | None:
     2xH200, batch-1 decode at 8k: 27.5 -> 13.0 ms per step (benchmarks/NOTES-model.md).
     Without VMM the collectives stay out: a graph holding one re-records whenever any
     allocation it touches is not fixed, i.e. always.
+
+    XLA's DotMerger is off (``xla_gpu_dot_merger_threshold_mb=0``; ``XLA_FLAGS`` may say
+    otherwise): it merges dots that share an operand by concatenating the others, and
+    when those are weights the step copies them on every call. With FP8 weights on one
+    H200 it concatenated each layer's shared-expert gate and up matrices: 2.4 ms of a
+    13.3 ms batch-1 decode step (benchmarks/NOTES-model.md).
     """
     if jax.default_backend() != "gpu":
         return None
@@ -183,6 +189,8 @@ def step_compiler_options() -> dict | None:
     # JAXATTN_COMMAND_BUFFER overrides the list, for measuring others.
     options = {"xla_gpu_enable_command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER", types),
                "xla_gpu_graph_min_graph_size": 1}
+    if "xla_gpu_dot_merger_threshold_mb" not in os.environ.get("XLA_FLAGS", ""):
+        options["xla_gpu_dot_merger_threshold_mb"] = 0
     if vmm:
         options["xla_gpu_command_buffer_update_mode"] = os.environ.get(
             "JAXATTN_COMMAND_BUFFER_UPDATE", "SKIP_PROFILED")

@@ -146,11 +146,11 @@ SCOUT_KN = ((5120, 8192), (8192, 5120))
 
 
 def test_picker_configs_at_scout_shapes():
-    configs = {gm.pick_config(m, k, n, 132, fp8=True) for m in SCOUT_M for k, n in SCOUT_KN}
+    configs = {gm.pick_config(m, k, n, fp8=True) for m in SCOUT_M for k, n in SCOUT_KN}
     for c in configs:
         assert c.block_k == 128
-    decode = gm.pick_config(1, 5120, 8192, 132, fp8=True)
-    assert decode.block_m == 64 and (8192 // 128) * decode.k_splits >= 132
+    decode = gm.pick_config(1, 5120, 8192, fp8=True)
+    assert decode.block_m == 64 and decode.max_concurrent_steps == 8 and decode.k_splits == 1
 
 
 @pytest.mark.parametrize("m", SCOUT_M)

@@ -63,3 +63,14 @@ def test_step_options_fix_addresses_and_take_collectives_in_only_under_vmm(monke
     assert "CUSTOM_CALL" in options["xla_gpu_enable_command_buffer"]
     assert ("COLLECTIVES" in options["xla_gpu_enable_command_buffer"]) is vmm
     assert (options.get("xla_gpu_command_buffer_update_mode") == "SKIP_PROFILED") is vmm
+
+
+def test_step_options_turn_the_dot_merger_off_unless_xla_flags_set_it(monkeypatch):
+    """DotMerger would concatenate weight matrices that share an input on every step."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert paged_step.step_compiler_options()["xla_gpu_dot_merger_threshold_mb"] == 0
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_dot_merger_threshold_mb=32")
+    assert "xla_gpu_dot_merger_threshold_mb" not in paged_step.step_compiler_options()
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert paged_step.step_compiler_options() is None
