@@ -74,3 +74,13 @@ def test_step_options_turn_the_dot_merger_off_unless_xla_flags_set_it(monkeypatc
     assert "xla_gpu_dot_merger_threshold_mb" not in paged_step.step_compiler_options()
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert paged_step.step_compiler_options() is None
+
+
+def test_step_options_can_leave_library_calls_out_of_the_graphs(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("JAXATTN_COMMAND_BUFFER", raising=False)
+    inside = paged_step.step_compiler_options()["xla_gpu_enable_command_buffer"].split(",")
+    outside = paged_step.step_compiler_options(traced_libraries=False)[
+        "xla_gpu_enable_command_buffer"].split(",")
+    assert {"CUBLAS", "CUBLASLT"} <= set(inside)
+    assert set(outside) == set(inside) - {"CUBLAS", "CUBLASLT"}

@@ -126,3 +126,20 @@ def test_prompt_logprob_head_has_no_host_synchronising_control_flow():
     assert not {p: found[p] for p in ("cond", "while", "scan") if p in found}
     out = head(jnp.zeros((300, 256), jnp.bfloat16), jnp.zeros(300, jnp.int32))
     assert [x.shape for x in out] == [(300,), (300, 20), (300, 20)]
+
+
+def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypatch):
+    """step_compiler_options(traced_libraries=False) for FP8 weights without a mesh, the
+    default (library calls inside the CUDA graphs) otherwise."""
+    from jaxattn.models.llama4.quantization import Fp8Scheme
+
+    asked = []
+    monkeypatch.setattr(paged_step, "step_compiler_options",
+                        lambda **kw: asked.append(kw.get("traced_libraries", True)) or None)
+    config, model = _tiny_model()
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
+                          page_size=64).bounds(config)
+    paged_step.make_step_fn(model, bounds)
+    fp8 = llama4.init_random(config, seed=0, dtype=jnp.bfloat16, fp8=Fp8Scheme())
+    paged_step.make_step_fn(fp8, bounds)
+    assert asked == [True, False]
