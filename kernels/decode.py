@@ -35,8 +35,11 @@ scales, :mod:`jaxattn.kv_quant`): the producer copies each page's scale row next
 to its values (one more small TMA per page, same barrier); the consumer turns
 the fp8 tile into a bf16/f16 tile in SMEM with the scale applied per key row
 (``k[r, :] = k8[r, :] * s[r]``, :func:`common.dequantize_tile`) just before the
-wgmma that reads it. Everything after is the bf16 kernel's; with a bf16 cache
-none of it is traced (a static branch).
+wgmma that reads it, or (the default, ``DecodeConfig.dequant_warpgroup``) a third
+warpgroup does so into a small bf16 ring. Everything after is the bf16 kernel's; with
+a bf16 cache none of it is traced (a static branch). ``DecodeConfig.fp8_qk`` instead
+multiplies Q8 K8^T on the fp8 K tile (the prefill kernel's default) and dequantises
+only V.
 
 Assumption (as in other paged kernels): every cache slot holds a finite value
 (pools start zeroed; writes store finite K/V). A block's key slots past
@@ -56,6 +59,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jaxattn import kv_quant
 from jaxattn.kernels import common
 from jaxattn.planner import DECODE_TILE_ROWS, Bounds, WorkList
 
@@ -87,8 +91,15 @@ class DecodeConfig:
     split_dequant: with ``dequant_warpgroup``: K and V each get a dequantising warpgroup of
       their own (warpgroups 2 and 3), twice the conversion throughput and two warps per
       scheduler to hide its latency. With one, FP8 decode reads at 1.5-1.7 TB/s against
-      bf16's 3.4-4.0 (the conversion is the bottleneck). Built, not yet timed
-      (benchmarks/fp8_kv.py); 512 threads leave 128 registers per thread.
+      bf16's 3.4-4.0 (the conversion is the bottleneck). Timed on the H200: the same
+      (1.18-1.20x bf16's time, benchmarks/results/fp8-kv-2026-12-01.md): the conversion's
+      issue rate, not its latency, is the limit. 512 threads leave 128 registers per thread.
+    fp8_qk: FP8 cache: ``S = Q8 K8^T`` as an e4m3 wgmma straight on the fp8 K tile, as the
+      prefill kernel's default does (the consumer quantises its 64 query rows per row once
+      per tile; S's rows take the Q scales, its columns the keys' scales); only V is
+      dequantised, which halves the conversion work. Decode rows then match the reference
+      over per-row quantised queries, not the bf16 kernel over dequantised pages. Built
+      and tested in interpret mode, not yet timed, so off by default.
     """
 
     block_kv: int = 64
@@ -97,6 +108,7 @@ class DecodeConfig:
     p_in_registers: bool = False
     dequant_warpgroup: bool = False
     split_dequant: bool = False
+    fp8_qk: bool = False
 
     def __post_init__(self):
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -105,6 +117,9 @@ class DecodeConfig:
             raise ValueError(f"num_stages={self.num_stages} must be >= 2")
         if self.split_dequant and not self.dequant_warpgroup:
             raise ValueError("split_dequant needs dequant_warpgroup=True")
+        if self.split_dequant and self.fp8_qk:
+            raise ValueError("split_dequant dequantises K on a warpgroup of its own; with "
+                             "fp8_qk nothing dequantises K")
         if self.num_ctas is not None and self.num_ctas < 1:
             raise ValueError(f"num_ctas={self.num_ctas} must be positive")
 
@@ -168,8 +183,12 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     c = scale * common.LOG2E
     tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
+    qk8 = fp8 and config.fp8_qk  # static: S = Q8 K8^T on the fp8 tile, only V dequantised
     deq_wg = fp8 and config.dequant_warpgroup  # warpgroup 2 dequantises into a bf16 ring
     deq_wgs = (2 if config.split_dequant else 1) if deq_wg else 0  # (K and V: 2 and 3)
+    # Arrivals that free an fp8 ring slot: the dequantising warpgroup(s), and with fp8_qk the
+    # consumer too (it reads K's slot itself); without them, the consumer alone.
+    consumers_of_slot = deq_wgs + (1 if qk8 else 0) if deq_wg else 1
     copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
 
     def decode_kernel(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
@@ -263,6 +282,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         # (full, free, done, fp8 ring, scale ring, bf16 ring) of K, then of V.
         deq_jobs = ((k_full, kdeq_free, kdeq_full, k_smem, ks_smem, k_deq),
                     (v_full, vdeq_free, vdeq_full, v_smem, vs_smem, v_deq)) if deq_wg else ()
+        if qk8:
+            deq_jobs = deq_jobs[1:]  # the consumer reads K's fp8 tile as it landed
         for w in range(deq_wgs):
             # Warpgroup 2 dequantises K and V, or (split) K while warpgroup 3 does V.
             jobs = deq_jobs if deq_wgs == 1 else deq_jobs[w:w + 1]
@@ -324,22 +345,46 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 kv_start, kv_end, part = f(_KVSTART), f(_KVEND), f(_PART)
 
                 plgpu.barrier_wait(q_full)
-                q_tile[...] = q_raw[pl.ds(0, ROWS), :]
+                if qk8:  # e4m3 rows, each scaled by its own max (kv_quant's rule)
+                    qf = plgpu.load(q_raw.at[pl.ds(0, ROWS)],
+                                    layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                    amax = jnp.max(jnp.abs(qf), axis=1)
+                    q_scale = jnp.where(amax > 0, amax * (1.0 / kv_quant.FP8_MAX), 1.0)
+                    q_tile[...] = (qf * lax.broadcast_in_dim(1.0 / q_scale, qf.shape, [0])
+                                   ).astype(k_pages.dtype)
+                    c_rows = q_scale * c  # the softmax's log2 scale, per query row
+                else:
+                    q_tile[...] = q_raw[pl.ds(0, ROWS), :]
+                    c_rows = c
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(q_free)
+
+                def times_c(x):
+                    """x [64] or [64, bk] times the log2 scale (per row with fp8_qk)."""
+                    if isinstance(c_rows, float) or x.ndim == 1:
+                        return x * c_rows
+                    return x * lax.broadcast_in_dim(c_rows, x.shape, [0])
 
                 def block_body(j, carry, masked: bool):
                     step, acc, m, l = carry
                     slot = lax.rem(step, stages)
                     dslot = lax.rem(step, DEQUANT_STAGES)
-                    k_tile = wgmma_tile(slot, dslot, k_full, k_smem, *deq_k)
+                    if qk8:
+                        plgpu.barrier_wait(k_full.at[slot])
+                        k_tile = k_smem.at[slot]
+                    else:
+                        k_tile = wgmma_tile(slot, dslot, k_full, k_smem, *deq_k)
 
                     def qk(acc_ref):
                         plgpu.wgmma(acc_ref, q_tile, k_tile.T)
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
-                    if deq_wg:
+                    if qk8:  # the keys' scales on S's columns, read before the slot is freed
+                        s = s * common.column_scales(ks_smem.at[slot], s.shape)
+                        if deq_wg:
+                            plgpu.barrier_arrive(consumed.at[slot])
+                    elif deq_wg:
                         plgpu.barrier_arrive(kdeq_free.at[dslot])
                     if masked:
                         key = col_ids + (kv_start + j * bk)
@@ -347,12 +392,12 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                         if causal:  # key <= q_pos + row // g  <=>  (key - q_pos) * g <= row
                             ok &= (key - q_pos) * g <= row_ids
                         s = jnp.where(ok, s, -jnp.inf)
-                    m_new = jnp.maximum(m, s.max(axis=1) * c)
+                    m_new = jnp.maximum(m, times_c(s.max(axis=1)))
                     # A row that has seen only masked keys keeps m = -inf: use 0 so
                     # exp2 gives 0 (not NaN) for its masked entries and its alpha.
                     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
                     alpha = jnp.exp2(m - m_use)
-                    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_use, s.shape, [0]))
+                    p = jnp.exp2(times_c(s) - lax.broadcast_in_dim(m_use, s.shape, [0]))
                     l = l * alpha + p.sum(axis=1)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     p16 = p.astype(dtype)
@@ -422,7 +467,9 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                plgpu.SMEM((stages, bk, d), dtype, transforms=tiles_transform))
     scratch = (
         plgpu.SMEM((rows_pad, d), dtype),  # q_raw: TMA target, row = token * g + head
-        plgpu.SMEM((ROWS, d), dtype, transforms=tiles_transform),  # q_tile (wgmma A)
+        # q_tile (wgmma A; e4m3 with fp8_qk)
+        common.tiled_smem((ROWS, d), k_pages.dtype) if qk8 else
+        plgpu.SMEM((ROWS, d), dtype, transforms=tiles_transform),
         kv_ring,  # K ring
         kv_ring,  # V ring
         None if config.p_in_registers else  # P staging (interpret-safe path)
@@ -433,7 +480,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         plgpu.Barrier(),  # q_free
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # k_full
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # v_full
-        plgpu.Barrier(num_arrivals=max(1, deq_wgs), num_barriers=stages),  # consumed
+        plgpu.Barrier(num_arrivals=consumers_of_slot, num_barriers=stages),  # consumed
     )
     scales = ()
     if fp8:
@@ -441,7 +488,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         deq = (DEQUANT_STAGES,) if deq_wg else ()  # a ring, or one tile the consumer fills
         scratch += (plgpu.SMEM((stages, bk), jnp.float32),  # K scale ring (one per key row)
                     plgpu.SMEM((stages, bk), jnp.float32),  # V scale ring
-                    plgpu.SMEM((*deq, bk, d), dtype, transforms=tiles_transform),  # K dequantised
+                    None if qk8 else  # K dequantised (fp8_qk reads the fp8 tile)
+                    plgpu.SMEM((*deq, bk, d), dtype, transforms=tiles_transform),
                     plgpu.SMEM((*deq, bk, d), dtype, transforms=tiles_transform))  # V dequantised
         if deq_wg:  # K/V dequantised (full), K/V read by the consumer (free)
             scratch += tuple(plgpu.Barrier(num_barriers=DEQUANT_STAGES) for _ in range(4))

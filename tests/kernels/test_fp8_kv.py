@@ -132,6 +132,35 @@ def test_fp8_decode_with_k_and_v_dequantised_by_two_warpgroups(monkeypatch):
         decode.DecodeConfig(split_dequant=True)
 
 
+@pytest.mark.parametrize("dequant_warpgroup", [True, False])
+def test_fp8_decode_with_q8_k8_matches_the_oracle_over_quantised_queries(monkeypatch,
+                                                                         dequant_warpgroup):
+    """``DecodeConfig(fp8_qk=True)``: S = Q8 K8^T on the fp8 K tile (the query rows quantised
+    per row in the kernel), only V dequantised, by its own warpgroup or by the consumer; the
+    K slot is freed by the consumer and V's by whoever dequantised it (race detector on).
+    Decode rows split over KV and not, pages shuffled, keys with norms spread e^+-2."""
+    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False:
+                        decode.DecodeConfig(p_in_registers=False, num_stages=3, fp8_qk=True,
+                                            dequant_warpgroup=dequant_warpgroup))
+    bounds, scale = _bounds(), 0.08
+    q_lens, kv_lens = (1, 1, 1, 1), (420, 33, 300, 1)
+    rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=9)
+    args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
+    out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs,
+                                              bounds=bounds, scale=scale, impl="interpret",
+                                              return_lse=True)
+    n = len(q_lens)
+    q8, q_scale = kv_quant.quantize(jnp.asarray(q, jnp.float32))
+    kd, vd = (np.asarray(kv_quant.dequantize_pages(x8, sc).astype(jnp.bfloat16), np.float32)
+              for x8, sc in ((k8, ks), (v8, vs)))
+    want_o, want_l = naive_ragged(np.asarray(kv_quant.dequantize(q8, q_scale)), kd, vd, *args,
+                                  scale, causal=True)
+    np.testing.assert_allclose(np.asarray(out, np.float32)[:n], want_o[:n], atol=5e-2, rtol=0)
+    np.testing.assert_allclose(np.asarray(lse)[:n], want_l[:n], atol=5e-2, rtol=0)
+    with pytest.raises(ValueError, match="nothing dequantises K"):
+        decode.DecodeConfig(dequant_warpgroup=True, split_dequant=True, fp8_qk=True)
+
+
 def test_fp8_decode_config_defaults_to_the_dequantising_warpgroup():
     bounds = _bounds()
     assert decode.pick_config(bounds, jnp.bfloat16, kv_dtype=FP8).dequant_warpgroup
@@ -267,6 +296,11 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True),  # a dequantising WG
     decode.DecodeConfig(num_stages=5, p_in_registers=True, dequant_warpgroup=True),  # SMEM max
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, split_dequant=True),
+    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, fp8_qk=True),  # S = Q8 K8^T
+    decode.DecodeConfig(num_stages=6, p_in_registers=True, dequant_warpgroup=True, fp8_qk=True),
+    decode.DecodeConfig(block_kv=128, num_stages=3, p_in_registers=True, dequant_warpgroup=True,
+                        fp8_qk=True),
+    decode.DecodeConfig(p_in_registers=True, fp8_qk=True),  # the consumer dequantising V
 ])
 def test_decode_fp8_tuning_variants_lower(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,

@@ -107,6 +107,29 @@ def test_fp8_qk_matches_the_reference_over_quantised_queries(q_lens, kv_lens, ch
                 _close_but_for_rounding_flips(got, want)
 
 
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[:2])
+def test_fp8_decode_q8_k8_matches_the_reference_over_quantised_queries(monkeypatch, q_lens,
+                                                                       kv_lens, chunk):
+    """``DecodeConfig(fp8_qk=True)`` (built, not the default): decode rows against the
+    reference over the dequantised pages with the queries quantised per row."""
+    from jaxattn.kernels import decode
+
+    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False:
+                        decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=fp8,
+                                            fp8_qk=fp8))
+    bounds, q, (k8, v8, ks, vs), (kd, vd), args, rows = _case(q_lens, kv_lens, chunk, 128)
+    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True)
+    out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic", k_scale=ks,
+                                              v_scale=vs, **kw)
+    q8, q_scale = kv_quant.quantize(q.astype(jnp.float32))
+    ref, ref_lse = jaxattn.ragged_paged_attention(
+        kv_quant.dequantize(q8, q_scale), kd.astype(jnp.float32), vd.astype(jnp.float32),
+        *args, impl="reference", **kw)
+    for got, want in ((out, ref), (lse, ref_lse)):
+        _close_but_for_rounding_flips(np.asarray(got[:rows], np.float32),
+                                      np.asarray(want[:rows], np.float32))
+
+
 def _close_but_for_rounding_flips(got, want, atol=5e-2, flip_atol=0.2, max_share=1e-4):
     """Within ``atol``, except for a share of at most ``max_share`` of the values, which stay
     within ``flip_atol``. The kernel quantises each query row to e4m3 with the reference's
