@@ -228,7 +228,7 @@ def test_llm_serves_fp8_end_to_end_on_a_checkpoint(tokenizer):
     assert got[:8].tolist() == e["greedy_tokens"][:8].tolist() and agree >= 0.5
 
 
-def test_gpu_step_with_fp8_cache_lowers_for_cuda():
+def test_gpu_step_with_fp8_cache_lowers_for_cuda(lowering_model):
     """The whole serving step over an FP8 cache (both attention kinds, the quantising writes,
     the kernels reading scales) lowers for CUDA on the CPU, with no host-synchronising
     control flow."""
@@ -237,11 +237,7 @@ def test_gpu_step_with_fp8_cache_lowers_for_cuda():
     from jaxattn.serve import batch as batch_lib
     from jaxattn.serve.batch import build_step
 
-    config = llama4.Llama4Config.from_hf_dict(dict(
-        vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
-        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
-    model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
+    config, model = lowering_model
     engine = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
                           page_size=32, kv_cache_dtype="fp8")
     bounds = engine.bounds(config)

@@ -28,16 +28,6 @@ from jaxattn.serve.config import EngineConfig
 _KERNELS = ("mpmd_map", "pallas_call")  # Mosaic GPU kernel bodies: their loops run on the GPU
 
 
-@functools.lru_cache(maxsize=None)
-def _tiny_model():
-    """A 2-layer Llama 4 (one MoE, one dense layer; chunked and global attention), bf16."""
-    config = llama4.Llama4Config.from_hf_dict(dict(
-        vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
-        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
-    return config, llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
-
-
 def _primitives(jaxpr, found):
     for eqn in jaxpr.eqns:
         found[eqn.primitive.name] = found.get(eqn.primitive.name, 0) + 1
@@ -47,8 +37,8 @@ def _primitives(jaxpr, found):
     return found
 
 
-def test_gpu_step_has_no_host_synchronising_control_flow():
-    config, model = _tiny_model()
+def test_gpu_step_has_no_host_synchronising_control_flow(lowering_model):
+    config, model = lowering_model
     bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
                           page_size=64).bounds(config)
     step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic")
@@ -64,11 +54,11 @@ def test_gpu_step_has_no_host_synchronising_control_flow():
     assert found.get("scan", 0) == 0
 
 
-def test_decode_only_step_lowers_without_the_prefill_kernel():
+def test_decode_only_step_lowers_without_the_prefill_kernel(lowering_model):
     """The runner's decode-only bucket (``make_step_fn(decode_only_tokens=)``): one Mosaic
     kernel fewer per layer (no prefill pass), no host-synchronising control flow, and it
     lowers for CUDA; other step sizes keep the general step."""
-    config, model = _tiny_model()
+    config, model = lowering_model
     bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
                           page_size=64).bounds(config)
     assert paged_step.decode_only_bucket((16, 256), bounds, "mosaic", jnp.bfloat16) == 16
@@ -117,9 +107,9 @@ def test_processed_sampler_has_no_host_synchronising_control_flow(mode):
     assert not {p: found[p] for p in ("cond", "while") if p in found}
 
 
-def test_prompt_logprob_head_has_no_host_synchronising_control_flow():
+def test_prompt_logprob_head_has_no_host_synchronising_control_flow(lowering_model):
     """The head that scores prompts runs between enqueued steps: no cond / while / scan."""
-    config, model = _tiny_model()
+    config, model = lowering_model
     head = paged_step.make_prompt_logprobs_fn(model, 20)
     jaxpr = jax.make_jaxpr(head)(jnp.zeros((300, 256), jnp.bfloat16), jnp.zeros(300, jnp.int32))
     found = _primitives(jaxpr.jaxpr, {})
@@ -128,7 +118,8 @@ def test_prompt_logprob_head_has_no_host_synchronising_control_flow():
     assert [x.shape for x in out] == [(300,), (300, 20), (300, 20)]
 
 
-def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypatch):
+def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypatch,
+                                                                         lowering_model):
     """step_compiler_options(traced_libraries=False) for FP8 weights without a mesh, the
     default (library calls inside the CUDA graphs) otherwise."""
     from jaxattn.models.llama4.quantization import Fp8Scheme
@@ -136,7 +127,7 @@ def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypa
     asked = []
     monkeypatch.setattr(paged_step, "step_compiler_options",
                         lambda **kw: asked.append(kw.get("traced_libraries", True)) or None)
-    config, model = _tiny_model()
+    config, model = lowering_model
     bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
                           page_size=64).bounds(config)
     paged_step.make_step_fn(model, bounds)
