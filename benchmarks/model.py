@@ -51,7 +51,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxattn  # noqa: E402
-from jaxattn import kernels  # noqa: E402
 from jaxattn.api import _kernel_impl  # noqa: E402
 from jaxattn.kernels import grouped_matmul  # noqa: E402
 from jaxattn.models import llama4  # noqa: E402
