@@ -22,8 +22,8 @@ def case():
     return make_needle_case(CONTEXT, DEPTHS)
 
 
-def _attend(case, k, v, impl, **scales):
-    q = jnp.asarray(case.q, jnp.bfloat16)
+def _attend(case, k, v, impl, q=None, **scales):
+    q = jnp.asarray(case.q if q is None else q, jnp.bfloat16)
     return jaxattn.ragged_paged_attention(q, k, v, *case.args(), bounds=case.bounds, scale=1.0,
                                           impl=impl, **scales)
 
@@ -45,6 +45,23 @@ def test_needle_recovered_through_fp8_cache(case, impl):
     np.testing.assert_array_equal(case.read_out(got), case.answers)
     rel = np.linalg.norm(got - exact, axis=-1) / np.linalg.norm(exact, axis=-1)
     print(f"needle output relative error, FP8 per-token vs bf16 cache ({impl}): {rel.ravel()}")
+    assert rel.max() < 0.05
+
+
+def test_needle_recovered_with_e4m3_queries_too(case):
+    """The prefill kernel over an FP8 cache multiplies S = Q8 K8^T: each query row quantised
+    to e4m3 with its own scale (kv_quant's rule), the same numbers the oracle gets here.
+    The needles must still be found, and the output stay close to the bf16 cache's."""
+    bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+    exact = np.asarray(_attend(case, bf16(case.k_pages), bf16(case.v_pages), "reference"),
+                       np.float32)[:case.num_seqs]
+    k8, v8, scales = _fp8(case)
+    q8, q_scale = kv_quant.quantize(jnp.asarray(case.q, jnp.float32))
+    got = np.asarray(_attend(case, k8, v8, "reference", q=kv_quant.dequantize(q8, q_scale),
+                             **scales), np.float32)[:case.num_seqs]
+    np.testing.assert_array_equal(case.read_out(got), case.answers)
+    rel = np.linalg.norm(got - exact, axis=-1) / np.linalg.norm(exact, axis=-1)
+    print(f"needle output relative error, e4m3 queries and FP8 cache vs bf16: {rel.ravel()}")
     assert rel.max() < 0.05
 
 
