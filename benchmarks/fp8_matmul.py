@@ -163,8 +163,9 @@ DECODE_SHAPES = {"gate/up tp1": (H, I), "down tp1": (I, H), "gate/up tp2": (H, I
 
 def decode_sweep(args) -> list[dict]:
     """The grouped matmul's tiles at decode size (one token, one expert hit: M = 1), bf16
-    and FP8: K splits x ring depth x N tile, against what ``pick_config`` picks. Reported as
-    the weights' bytes read per second (the bound at these sizes)."""
+    and FP8: K splits x ring depth x N tile, against what ``pick_config`` picks (``--quick``:
+    the pick alone), and gate and up as one launch against two. Reported as the weights'
+    bytes read per second (the bound at these sizes)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -182,7 +183,7 @@ def decode_sweep(args) -> list[dict]:
             for dtype in ("bf16", "fp8"):
                 bk = 128 if dtype == "fp8" else 64
                 picked = gm.pick_config(m, k, n, fp8=dtype == "fp8")
-                configs = {picked} | {
+                configs = {picked} if args.quick else {picked} | {
                     gm.GroupedMatmulConfig(block_m=64, block_n=bn, block_k=bk,
                                            max_concurrent_steps=st, k_splits=sp)
                     for bn in (64, 128, 256) for st in (4, 8) for sp in (1, 2, 4, 8)
@@ -212,7 +213,35 @@ def decode_sweep(args) -> list[dict]:
                           f"steps={cfg.max_concurrent_steps} splits={cfg.k_splits}"
                           f"{' (picked)' if cfg == picked else ''}: {t * 1e6:7.1f} us, "
                           f"{gbps:6.0f} GB/s", flush=True)
+                if name.startswith("gate/up"):
+                    rows.append(_gate_and_up(args, name, dtype, x, w, wq, ws, gs))
     return rows
+
+
+def _gate_and_up(args, name, dtype, x, w, wq, ws, gs) -> dict:
+    """An expert's gate and up products as one launch (the model's) against two launches."""
+    import jax
+
+    from jaxattn.kernels import grouped_matmul as gm
+
+    if dtype == "fp8":
+        one = jax.jit(lambda x, a, b, sa, sb, gs: gm.grouped_matmul_fp8(
+            x, (a, b), (sa, sb), gs, impl="mosaic"))
+        two = jax.jit(lambda x, a, b, sa, sb, gs: (
+            gm.grouped_matmul_fp8(x, a, sa, gs, impl="mosaic"),
+            gm.grouped_matmul_fp8(x, b, sb, gs, impl="mosaic")))
+        fargs = (x, wq, wq, ws, ws, gs)
+    else:
+        one = jax.jit(lambda x, a, b, gs: gm.grouped_matmul(x, (a, b), gs, impl="mosaic"))
+        two = jax.jit(lambda x, a, b, gs: (gm.grouped_matmul(x, a, gs, impl="mosaic"),
+                                           gm.grouped_matmul(x, b, gs, impl="mosaic")))
+        fargs = (x, w, w, gs)
+    t = interleaved({"one": one, "two": two}, {"one": fargs, "two": fargs}, args.rounds,
+                    args.reps)
+    print(f"decode {name:11} {dtype} gate+up: one launch {t['one'] * 1e6:7.1f} us, two "
+          f"launches {t['two'] * 1e6:7.1f} us", flush=True)
+    return {"matmul": name + " gate+up", "dtype": dtype, "one_launch_us": t["one"] * 1e6,
+            "two_launches_us": t["two"] * 1e6}
 
 
 def dense(args) -> list[dict]:

@@ -23,6 +23,11 @@ semantics of ``jax.lax.ragged_dot`` (:func:`reference`). Two implementations:
 ``"auto"`` picks ``"mosaic"`` on a Hopper GPU for bf16/f16 with K a multiple of
 the K tile and N of the N tile, else ``"xla"``; to force one, pass it as ``impl``.
 
+Several weight tensors of one shape (``w`` a tuple: an expert's gate and up projections)
+multiply the same rows in one launch, their outputs side by side ``[M, parts * N]``: one
+kernel whose N tiles cover every part, so a decode step's few tiles per part share one
+wave of SMs instead of taking one launch each.
+
 FP8 (:func:`grouped_matmul_fp8`): rows quantised per token at run time, experts'
 weights float8_e4m3fn with per-output-channel scales, stored K-major ``[G, N, K]``
 (wgmma reads 8-bit operands only K-major; a checkpoint's per-expert Linear weights
@@ -105,12 +110,22 @@ def reference_fp8(xq, x_scale, wq, w_scale, group_sizes):
                               preferred_element_type=jnp.float32)
 
 
+def _parts(w) -> tuple:
+    """``w`` as a tuple of weight tensors of one shape and dtype (one tensor: a 1-tuple)."""
+    parts = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+    if any(p.shape != parts[0].shape or p.dtype != parts[0].dtype for p in parts):
+        raise ValueError(f"grouped matmul weights must share one shape and dtype, got "
+                         f"{[(p.shape, str(p.dtype)) for p in parts]}")
+    return parts
+
+
 def resolve(impl: str, x, w) -> str:
     """The implementation ``impl`` stands for: "auto" -> "mosaic" where it runs, else "xla"."""
     if impl not in IMPLS:
         raise ValueError(f"grouped matmul impl={impl!r} is not one of {IMPLS}")
     if impl != "auto":
         return impl
+    w = _parts(w)[0]
     k, n = w.shape[1], w.shape[2]
     ok = (common.on_hopper() and x.dtype == w.dtype and x.dtype in common.DTYPES
           and k % _BLOCK_K == 0 and n % _BLOCK_N == 0)
@@ -119,18 +134,20 @@ def resolve(impl: str, x, w) -> str:
 
 def grouped_matmul(x, w, group_sizes, *, impl: str = "auto",
                    config: GroupedMatmulConfig | None = None):
-    """x [M, K] sorted by group; w [G, K, N]; group_sizes [G] int32 -> [M, N].
+    """x [M, K] sorted by group; w [G, K, N] (or a tuple of them); group_sizes [G] int32
+    -> [M, N] (a tuple of P weights: [M, P * N], each part's columns in turn).
 
     The groups must cover all M rows (sum(group_sizes) == M): the Mosaic kernel writes
     only rows that belong to a group.
     """
-    if resolve(impl, x, w) == "xla":
-        return jax.lax.ragged_dot(x, w, group_sizes)
-    m = x.shape[0]
-    config = config or pick_config(m, w.shape[1], w.shape[2])
+    parts = _parts(w)
+    if resolve(impl, x, parts) == "xla":
+        return jnp.concatenate([jax.lax.ragged_dot(x, p, group_sizes) for p in parts], axis=-1)
+    m, (_, k, n) = x.shape[0], parts[0].shape
+    config = config or pick_config(m, k, n * len(parts))
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
         x = jnp.pad(x, ((0, -m % 8), (0, 0)))  # rows of no group: never written, cut below
-    return _mosaic_grouped_matmul(x, w, group_sizes.astype(jnp.int32), config=config)[:m]
+    return _mosaic_grouped_matmul(x, parts, group_sizes.astype(jnp.int32), config=config)[:m]
 
 
 def resolve_fp8(impl: str, k: int, n: int) -> str:
@@ -147,37 +164,45 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
                        config: GroupedMatmulConfig | None = None, out_dtype=None,
                        scale_ub: float | None = None):
     """x [M, K] (bf16/f32) sorted by group; FP8 weights w [G, N, K] (K-major) with per-output-
-    channel scales w_scale [G, N] f32; group_sizes [G] int32 -> [M, N] in ``out_dtype``
-    (default x's dtype).
+    channel scales w_scale [G, N] f32 (or tuples of them, as :func:`grouped_matmul` takes
+    weights); group_sizes [G] int32 -> [M, N] (or [M, P * N]) in ``out_dtype`` (default
+    x's dtype).
 
     The rows are quantised per token here (dynamic scales, :func:`fp8.quantize`). As for
     :func:`grouped_matmul`, the groups must cover all M rows. ``"xla"``: the 8-bit operands
     widened to bf16 (exactly) and ``lax.ragged_dot_general`` contracting w's last axis.
     """
     out_dtype = out_dtype or x.dtype
-    m, (g, n, k) = x.shape[0], w.shape
-    if x.shape[1] != k or w_scale.shape != (g, n) or w.dtype != fp8.DTYPE:
-        raise ValueError(f"grouped_matmul_fp8: x {x.shape}, w {w.shape} {w.dtype}, w_scale "
-                         f"{w_scale.shape}: want x [M, K], w [G, N, K] float8_e4m3fn, w_scale [G, N]")
+    parts, scales = _parts(w), _parts(w_scale)
+    m, (g, n, k) = x.shape[0], parts[0].shape
+    if (x.shape[1] != k or len(scales) != len(parts) or scales[0].shape != (g, n)
+            or parts[0].dtype != fp8.DTYPE):
+        raise ValueError(f"grouped_matmul_fp8: x {x.shape}, w {[p.shape for p in parts]} "
+                         f"{parts[0].dtype}, w_scale {[s.shape for s in scales]}: want x [M, K], "
+                         f"w [G, N, K] float8_e4m3fn, w_scale [G, N], as many scales as weights")
     xq, xs = fp8.quantize(x, -1, scale_ub)
     gs = group_sizes.astype(jnp.int32)
     if resolve_fp8(impl, k, n) == "xla":
         dn = jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0],
             rhs_group_dimensions=[0])
-        y = jax.lax.ragged_dot_general(xq.astype(jnp.bfloat16), w.astype(jnp.bfloat16), gs, dn,
-                                       preferred_element_type=jnp.float32)
         # Each row's expert, for its column scales (rows past the groups: none, scale 0).
         row_group = jnp.searchsorted(jnp.cumsum(gs), jnp.arange(m, dtype=jnp.int32),
                                      side="right")
-        ws = jnp.take(w_scale, row_group, axis=0, mode="fill", fill_value=0)
-        return (y * xs[:, None] * ws).astype(out_dtype)
-    config = config or pick_config(m, k, n, fp8=True)
+        outs = []
+        for wq, ws in zip(parts, scales):
+            y = jax.lax.ragged_dot_general(xq.astype(jnp.bfloat16), wq.astype(jnp.bfloat16),
+                                           gs, dn, preferred_element_type=jnp.float32)
+            col = jnp.take(ws, row_group, axis=0, mode="fill", fill_value=0)
+            outs.append((y * xs[:, None] * col).astype(out_dtype))
+        return jnp.concatenate(outs, axis=-1)
+    config = config or pick_config(m, k, n * len(parts), fp8=True)
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
         xq = jnp.pad(xq, ((0, -m % 8), (0, 0)))
     # Row scales are read per row tile in the epilogue: pad them to whole tiles.
     xs = jnp.pad(xs, (0, -m % config.block_m))
-    return _mosaic_grouped_matmul(xq, w, gs, xs, w_scale.astype(jnp.float32), config=config,
+    scales = tuple(s.astype(jnp.float32) for s in scales)
+    return _mosaic_grouped_matmul(xq, parts, gs, xs, scales, config=config,
                                   out_dtype=jnp.dtype(out_dtype))[:m]
 
 
@@ -190,23 +215,29 @@ def _tile_info(group_sizes, block_m: int, tile):
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype"))
 def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None, *,
                            config: GroupedMatmulConfig, out_dtype=None):
-    """bf16/f16: rhs [G, K, N]. FP8 (scales given): rhs [G, N, K], lhs_scale [>= M rounded up
-    to block_m] f32 per row, rhs_scale [G, N] f32 per column, out_dtype the output's."""
+    """bf16/f16: rhs [G, K, N] or a tuple of P of them. FP8 (scales given): rhs [G, N, K] (or
+    P of them), lhs_scale [>= M rounded up to block_m] f32 per row, rhs_scale [G, N] f32 per
+    column (one per weight), out_dtype the output's. -> [M, P * N]."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     scaled = lhs_scale is not None
+    rhs = _parts(rhs)
+    rhs_scale = _parts(rhs_scale) if scaled else ()
+    parts = len(rhs)
     m, k = lhs.shape
     if scaled:
-        g, n, _ = rhs.shape
+        g, n, _ = rhs[0].shape
     else:
-        g, _, n = rhs.shape
+        g, _, n = rhs[0].shape
     bm, bn, bk, splits = config.block_m, config.block_n, config.block_k, config.k_splits
     if k % (bk * splits) or n % bn:
         raise ValueError(f"K={k} must be a multiple of block_k*k_splits={bk * splits} "
                          f"and N={n} of block_n={bn}")
     # Row tiles: every group's rows, each group starting a new tile (+ g - 1 at most).
-    grid_m, grid_n, k_steps = common.cdiv(m, bm) + g - 1, n // bn, k // bk // splits
+    # N tiles: each part's in turn, so a tile's output columns are ni * bn for every part.
+    part_n = n // bn
+    grid_m, grid_n, k_steps = common.cdiv(m, bm) + g - 1, parts * part_n, k // bk // splits
     # The tiles holding rows first, then their count: [grid_m + 1] int32.
     sizes = jax.vmap(lambda t: _tile_info(group_sizes, bm, t).actual_size)(
         jnp.arange(grid_m, dtype=jnp.int32))
@@ -218,11 +249,65 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None
     rhs_block, rhs_index = (((bn, bk), lambda kk, ni: (ni, kk)) if scaled else
                             ((bk, bn), lambda kk, ni: (kk, ni)))
 
-    def grouped_matmul_kernel(tiles_gmem, sizes_gmem, lhs_gmem, rhs_gmem, *rest):
+    def grouped_matmul_kernel(tiles_gmem, sizes_gmem, lhs_gmem, *rest):
+        rhs_gmem, rest = rest[:parts], rest[parts:]
         if scaled:
-            ls_gmem, rs_gmem, o_gmem = rest
+            ls_gmem, rs_gmem, (o_gmem,) = rest[0], rest[1:1 + parts], rest[1 + parts:]
         else:
-            (o_gmem,) = rest
+            rs_gmem, (o_gmem,) = (None,) * parts, rest
+
+        def tile(info, split, ni, part_ni, w_gmem, ws_gmem):
+            """One output tile: rows of ``info``'s group, columns ``ni * bn`` (the part's
+            N tile ``part_ni`` of weights ``w_gmem``), K range ``split``."""
+            k0 = split * k_steps
+
+            def acc_scope(acc_ref):
+                plgpu.emit_pipeline(
+                    lambda _, lhs_smem, rhs_smem: plgpu.wgmma(
+                        acc_ref, lhs_smem, rhs_smem.T if scaled else rhs_smem),
+                    grid=(k_steps,),
+                    in_specs=[
+                        plgpu.BlockSpec((bm, bk), lambda kk: (info.block, k0 + kk),
+                                        delay_release=1),
+                        plgpu.BlockSpec(rhs_block, lambda kk: rhs_index(k0 + kk, part_ni),
+                                        delay_release=1),
+                    ],
+                    max_concurrent_steps=config.max_concurrent_steps,
+                )(lhs_gmem, w_gmem.at[info.group_id])
+                return acc_ref[...]
+
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
+            if scaled:  # the epilogue: row scales of the tile's rows, its expert's columns
+                rows = plgpu.load(ls_gmem.at[pl.ds(info.block * bm, bm)],
+                                  layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+                cols = plgpu.load(ws_gmem.at[info.group_id, pl.ds(part_ni * bn, bn)],
+                                  layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+                acc = (acc * jax.lax.broadcast_in_dim(rows, (bm, bn), [0])
+                       * jax.lax.broadcast_in_dim(cols, (bm, bn), [1]))
+            out = o_gmem if splits == 1 else o_gmem.at[split]
+
+            @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
+            def store_scope(o_smem):
+                o_smem[...] = acc.astype(out_dtype)
+                plgpu.commit_smem()
+                # TMA stores need static row counts: store the tile's rows as a sum of
+                # powers of two (one descriptor per power), as JAX's kernel does.
+                smem_start = info.start_within_block
+                remaining = min(bm, m)
+                while remaining > 0:
+                    rows = 1 << int(math.log2(remaining))
+                    remaining //= 2
+
+                    @pl.when(info.actual_size & rows != 0)
+                    def _():
+                        plgpu.copy_smem_to_gmem(
+                            o_smem.at[pl.ds(smem_start, rows)],
+                            out.at[pl.ds(info.block_start + smem_start, rows),
+                                   pl.ds(ni * bn, bn)])
+
+                    smem_start += info.actual_size & rows
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
         @plgpu.nd_loop((grid_m * grid_n * splits,), collective_axes="sm")
         def work_loop(loop_info: plgpu.NDLoopInfo):
             w = loop_info.index[0]
@@ -232,60 +317,20 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None
             @pl.when(ti < tiles_gmem[grid_m])
             def _():
                 info = _tile_info(sizes_gmem, bm, tiles_gmem[ti])
-                k0 = split * k_steps
+                if parts == 1:
+                    tile(info, split, ni, ni, rhs_gmem[0], rs_gmem[0])
+                    return
+                # The part this N tile belongs to picks the weights (a static branch each).
+                for part in range(parts):
+                    pl.when(ni // part_n == part)(functools.partial(
+                        tile, info, split, ni, ni - part * part_n, rhs_gmem[part],
+                        rs_gmem[part]))
 
-                def acc_scope(acc_ref):
-                    plgpu.emit_pipeline(
-                        lambda _, lhs_smem, rhs_smem: plgpu.wgmma(
-                            acc_ref, lhs_smem, rhs_smem.T if scaled else rhs_smem),
-                        grid=(k_steps,),
-                        in_specs=[
-                            plgpu.BlockSpec((bm, bk), lambda kk: (info.block, k0 + kk),
-                                            delay_release=1),
-                            plgpu.BlockSpec(rhs_block, lambda kk: rhs_index(k0 + kk, ni),
-                                            delay_release=1),
-                        ],
-                        max_concurrent_steps=config.max_concurrent_steps,
-                    )(lhs_gmem, rhs_gmem.at[info.group_id])
-                    return acc_ref[...]
-
-                acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
-                if scaled:  # the epilogue: row scales of the tile's rows, its expert's columns
-                    rows = plgpu.load(ls_gmem.at[pl.ds(info.block * bm, bm)],
-                                      layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-                    cols = plgpu.load(rs_gmem.at[info.group_id, pl.ds(ni * bn, bn)],
-                                      layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-                    acc = (acc * jax.lax.broadcast_in_dim(rows, (bm, bn), [0])
-                           * jax.lax.broadcast_in_dim(cols, (bm, bn), [1]))
-                out = o_gmem if splits == 1 else o_gmem.at[split]
-
-                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
-                def store_scope(o_smem):
-                    o_smem[...] = acc.astype(out_dtype)
-                    plgpu.commit_smem()
-                    # TMA stores need static row counts: store the tile's rows as a sum of
-                    # powers of two (one descriptor per power), as JAX's kernel does.
-                    smem_start = info.start_within_block
-                    remaining = min(bm, m)
-                    while remaining > 0:
-                        rows = 1 << int(math.log2(remaining))
-                        remaining //= 2
-
-                        @pl.when(info.actual_size & rows != 0)
-                        def _():
-                            plgpu.copy_smem_to_gmem(
-                                o_smem.at[pl.ds(smem_start, rows)],
-                                out.at[pl.ds(info.block_start + smem_start, rows),
-                                       pl.ds(ni * bn, bn)])
-
-                        smem_start += info.actual_size & rows
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    out_shape = (m, n) if splits == 1 else (splits, m, n)
+    out_shape = (m, parts * n) if splits == 1 else (splits, m, parts * n)
     kernel = plgpu.kernel(
         grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
         grid=(common.num_sms(),), grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    out = kernel(tiles, group_sizes, lhs, rhs, *((lhs_scale, rhs_scale) if scaled else ()))
+    out = kernel(tiles, group_sizes, lhs, *rhs, *((lhs_scale, *rhs_scale) if scaled else ()))
     return out if splits == 1 else out.sum(0).astype(final_dtype)

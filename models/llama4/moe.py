@@ -69,19 +69,22 @@ class Experts(nnx.Module):
     def num_experts(self) -> int:
         return self.gate_proj.shape[0]
 
-    def _matmul(self, name, x, group_sizes, impl):
+    def _matmul(self, names, x, group_sizes, impl):
+        """The products of ``x`` with the weights ``names`` (one launch), side by side."""
+        weights = tuple(getattr(self, n)[...] for n in names)
         if self.fp8:
-            return grouped_matmul_fp8(x, getattr(self, name)[...],
-                                      getattr(self, name + "_scale")[...], group_sizes,
-                                      impl=impl, scale_ub=self.activation_scale_ub)
-        return grouped_matmul(x, getattr(self, name)[...], group_sizes, impl=impl)
+            scales = tuple(getattr(self, n + "_scale")[...] for n in names)
+            return grouped_matmul_fp8(x, weights, scales, group_sizes, impl=impl,
+                                      scale_ub=self.activation_scale_ub)
+        return grouped_matmul(x, weights, group_sizes, impl=impl)
 
     def __call__(self, x, group_sizes, impl: str = "auto"):
         """x [M, H]: rows sorted by expert, ``group_sizes[e]`` rows for expert e. Returns [M, H].
-        ``impl``: the grouped matmul implementation (``grouped_matmul.IMPLS``)."""
-        gate = self._matmul("gate_proj", x, group_sizes, impl)
-        up = self._matmul("up_proj", x, group_sizes, impl)
-        return self._matmul("down_proj", up * jax.nn.silu(gate), group_sizes, impl)
+        ``impl``: the grouped matmul implementation (``grouped_matmul.IMPLS``). Gate and up
+        run as one launch: at decode each has too few N tiles to fill the SMs alone."""
+        gate, up = jnp.split(self._matmul(("gate_proj", "up_proj"), x, group_sizes, impl), 2,
+                             axis=-1)
+        return self._matmul(("down_proj",), up * jax.nn.silu(gate), group_sizes, impl)
 
 
 class MoE(nnx.Module):

@@ -104,6 +104,23 @@ def test_fp8_kernel_matches_reference(m, sizes, n, config):
                                atol=1e-2 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("m,sizes,n", [(1, [0, 1, 0, 0], 256), (300, [106, 96, 98, 0], 1024)])
+def test_fp8_two_weights_in_one_launch(m, sizes, n):
+    """Gate and up as one launch: each part's column scales apply to its own columns."""
+    x, wq1, ws1, gs = _case(m, sizes, n)
+    _, wq2, ws2, _ = _case(m, sizes, n, seed=m + 7)
+    ws2 = ws2 * 3.0  # the parts' scales differ: a mix-up would show
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = gm.grouped_matmul_fp8(x, (wq1, wq2), (ws1, ws2), gs, impl="mosaic")
+    want = np.concatenate([_want(x, wq1, ws1, gs), _want(x, wq2, ws2, gs)], axis=-1)
+    assert got.shape == (m, 2 * n)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2,
+                               atol=1e-2 * np.abs(want).max())
+    xla = gm.grouped_matmul_fp8(x, (wq1, wq2), (ws1, ws2), gs, impl="xla")
+    np.testing.assert_allclose(np.asarray(xla, np.float32), want, rtol=1e-2,
+                               atol=1e-2 * np.abs(want).max())
+
+
 def test_fp8_kernel_f32_output_and_row_scales_differ_per_row():
     """Rows of very different magnitude in one tile: each gets its own scale in the epilogue."""
     x, wq, ws, gs = _case(24, [10, 14], 128, seed=5)

@@ -101,3 +101,38 @@ def test_mosaic_kernel_on_gpu_at_scout_shapes(m, k, n):
     got = jax.jit(lambda x, w, gs: gm.grouped_matmul(x, w, gs, impl="mosaic"))(x, w, gs)
     want = gm.reference(x, w, gs)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("m,sizes,n,config", [
+    (1, [0, 0, 1, 0], 256, None),  # decode: one row, both parts' N tiles in one launch
+    (70, [16, 27, 0, 27], 256, dataclasses.replace(DECODE, k_splits=2)),  # K split too
+    (300, [106, 96, 98, 0], 1024, None),  # prefill bands of 8 N tiles across the two parts
+])
+def test_two_weights_in_one_launch(m, sizes, n, config):
+    """``w`` a tuple (an expert's gate and up projections): one kernel, outputs side by
+    side, equal to each weight's product alone; the XLA path concatenates the same."""
+    rng = np.random.default_rng(m)
+    k, g = 128, len(sizes)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w1, w2 = (jnp.asarray(rng.standard_normal((g, k, n)), jnp.bfloat16) for _ in range(2))
+    gs = jnp.asarray(sizes, jnp.int32)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = gm.grouped_matmul(x, (w1, w2), gs, impl="mosaic", config=config)
+    want = np.concatenate([np.asarray(gm.reference(x, w, gs)) for w in (w1, w2)], axis=-1)
+    assert got.shape == (m, 2 * n)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=0.1)
+    xla = gm.grouped_matmul(x, (w1, w2), gs, impl="xla")
+    np.testing.assert_allclose(np.asarray(xla, np.float32), want, rtol=1e-2, atol=0.1)
+    with pytest.raises(ValueError, match="share one shape"):
+        gm.grouped_matmul(x, (w1, w2[:, :, :128]), gs, impl="xla")
+
+
+@pytest.mark.parametrize("m", [1, 300, 8192])
+def test_two_weights_lower_for_scout_shapes(m):
+    """Scout's gate and up (5120 -> 8192 each, TP=1) as one launch, decode to prefill."""
+    f = jax.jit(lambda x, a, b, gs: gm.grouped_matmul(x, (a, b), gs, impl="mosaic"))
+    w = jax.ShapeDtypeStruct((16, 5120, 8192), jnp.bfloat16)
+    exported = jax.export.export(f, platforms=["cuda"])(
+        jax.ShapeDtypeStruct((m, 5120), jnp.bfloat16), w, w,
+        jax.ShapeDtypeStruct((16,), jnp.int32))
+    assert "mosaic_gpu" in exported.mlir_module()
