@@ -67,3 +67,16 @@ def test_ncu_raw_page_is_parsed_by_column_name():
 def test_profile_kernels_are_sorted_by_kind(name, kind):
     """The names the H200 profiles of a Scout step list (multigpu-2026-11-30-*.json)."""
     assert common.kernel_kind(name) == kind
+
+
+def test_gpu_ms_falls_back_to_the_wall_clock_without_cupti():
+    """On a machine without CUPTI (this CPU) the timer still answers: wall time per call,
+    which grows with the work done."""
+    import jax
+    import jax.numpy as jnp
+
+    small = jax.jit(lambda x: x + 1)
+    big = jax.jit(lambda x: jnp.linalg.matrix_power(x, 40))
+    x = jnp.ones((256, 256), jnp.float32)
+    t_small, t_big = common.gpu_ms(small, x, reps=5), common.gpu_ms(big, x, reps=5)
+    assert 0 < t_small < t_big
