@@ -18,7 +18,9 @@ semantics of ``jax.lax.ragged_dot`` (:func:`reference`). Two implementations:
     every tile, computing the empty ones against group 0's weights, and the
     few real items of a decode step land on a fraction of the SMs.
   - ``k_splits`` > 1 splits K over several SMs (f32 partial sums, added by XLA),
-    so that a single expert's N tiles still occupy every SM.
+    so that a single expert's N tiles occupy more SMs. Measured slower than no split
+    at Scout's decode shapes (the partial sums' extra pass), so :func:`pick_config`
+    leaves it at 1; configs may still ask for it.
 
 ``"auto"`` picks ``"mosaic"`` on a Hopper GPU for bf16/f16 with K a multiple of
 the K tile and N of the N tile, else ``"xla"``; to force one, pass it as ``impl``.
