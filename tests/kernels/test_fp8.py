@@ -206,6 +206,31 @@ def test_fp8_kernel_on_gpu_at_scout_shapes(m, k, n):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 32, 4096])
+def test_gate_and_up_in_one_launch_on_gpu(m):
+    """Scout's gate and up (5120 -> 8192 each) as one launch, FP8 and bf16, against each
+    weight's product alone."""
+    rng = np.random.default_rng(m)
+    k, n = 5120, 8192
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    gs = jnp.asarray(np.bincount(rng.integers(0, 16, m), minlength=16), jnp.int32)
+    ws = [jnp.asarray(rng.standard_normal((16, n, k)) / np.sqrt(k), jnp.float32)
+          for _ in range(2)]
+    (q1, s1), (q2, s2) = (jax.jit(fp8.quantize)(w) for w in ws)
+    got = jax.jit(lambda x, a, b, sa, sb, gs: gm.grouped_matmul_fp8(
+        x, (a, b), (sa, sb), gs, impl="mosaic"))(x, q1, q2, s1, s2, gs)
+    want = np.concatenate([_want(x, q1, s1, gs), _want(x, q2, s2, gs)], axis=-1)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2,
+                               atol=2e-2 * np.abs(want).max())
+    b1, b2 = (jnp.swapaxes(w, 1, 2).astype(jnp.bfloat16) for w in ws)  # [G, K, N]
+    got = jax.jit(lambda x, a, b, gs: gm.grouped_matmul(x, (a, b), gs, impl="mosaic"))(
+        x, b1, b2, gs)
+    want = np.concatenate([np.asarray(gm.reference(x, b, gs)) for b in (b1, b2)], axis=-1)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2,
+                               atol=2e-2 * np.abs(want).max())
+
+
+@pytest.mark.gpu
 def test_scaled_matmul_on_gpu():
     """XLA's FP8 dot (cuBLASLt on Hopper) against the dequantised f32 product."""
     rng = np.random.default_rng(3)
