@@ -52,8 +52,9 @@ def cache_dtype(name) -> jnp.dtype:
 def quantize(x):
     """x [..., D] -> (x8 [..., D] float8_e4m3fn, scale [...] float32), per row of D."""
     xf = x.astype(jnp.float32)
-    # Multiplications by reciprocals, as the prefill kernel quantises its query rows
-    # (kernels/prefill.py): a 1-ulp difference in a scale can flip an e4m3 rounding.
+    # Multiplications by reciprocals, as the kernels quantise their query rows
+    # (kernels/common.py: quantize_rows): a 1-ulp difference in a scale can flip an e4m3
+    # rounding.
     scale = jnp.maximum(jnp.abs(xf).max(axis=-1) * (1.0 / FP8_MAX), MIN_SCALE)
     # The product can round a row's max a hair past 448; clip so it saturates, not NaNs.
     x8 = jnp.clip(xf * (1.0 / scale[..., None]), -FP8_MAX, FP8_MAX).astype(FP8)

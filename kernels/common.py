@@ -92,6 +92,27 @@ def dequantize_tile(src8, scale, dst):
     return dst
 
 
+def quantize_rows(src, dst):
+    """Each row of ``src`` (a [64, D] SMEM tile, bf16/f16) to e4m3 in ``dst`` (an fp8 wgmma
+    operand tile), scaled by its own max as :func:`jaxattn.kv_quant.quantize` scales K/V
+    rows (the same arithmetic: multiplications by reciprocals). Returns the row scales
+    [64] f32 (a wgmma row layout); a row of zeros gets scale 1. The caller commits the
+    stores (``plgpu.commit_smem``) before a wgmma reads ``dst``."""
+    x = plgpu.load(src, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=1)
+    scale = jnp.where(amax > 0, amax * (1.0 / kv_quant.FP8_MAX), 1.0)
+    dst[...] = (x * lax.broadcast_in_dim(1.0 / scale, x.shape, [0])).astype(dst.dtype)
+    return scale
+
+
+def times_rows(x, scale):
+    """``x`` [64] or [64, N] (wgmma layout) times ``scale``: a constant, or one per row
+    ([64]; for a row vector ``x`` too, elementwise)."""
+    if isinstance(scale, float) or x.ndim == 1:
+        return x * scale
+    return x * lax.broadcast_in_dim(scale, x.shape, [0])
+
+
 def column_scales(scale, shape):
     """``scale`` [N] f32 (SMEM) broadcast over the rows of a wgmma-layout [M, N] tile: each
     key's K scale on S's column, for the FP8 QK product ``S = Q8 K8^T`` (prefill)."""

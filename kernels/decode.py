@@ -59,7 +59,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxattn import kv_quant
 from jaxattn.kernels import common
 from jaxattn.planner import DECODE_TILE_ROWS, Bounds, WorkList
 
@@ -345,25 +344,15 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 kv_start, kv_end, part = f(_KVSTART), f(_KVEND), f(_PART)
 
                 plgpu.barrier_wait(q_full)
-                if qk8:  # e4m3 rows, each scaled by its own max (kv_quant's rule)
-                    qf = plgpu.load(q_raw.at[pl.ds(0, ROWS)],
-                                    layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-                    amax = jnp.max(jnp.abs(qf), axis=1)
-                    q_scale = jnp.where(amax > 0, amax * (1.0 / kv_quant.FP8_MAX), 1.0)
-                    q_tile[...] = (qf * lax.broadcast_in_dim(1.0 / q_scale, qf.shape, [0])
-                                   ).astype(k_pages.dtype)
-                    c_rows = q_scale * c  # the softmax's log2 scale, per query row
+                # c_rows: the softmax's log2 scale; with fp8_qk, per query row (times its
+                # e4m3 scale).
+                if qk8:
+                    c_rows = common.quantize_rows(q_raw.at[pl.ds(0, ROWS)], q_tile) * c
                 else:
                     q_tile[...] = q_raw[pl.ds(0, ROWS), :]
                     c_rows = c
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(q_free)
-
-                def times_c(x):
-                    """x [64] or [64, bk] times the log2 scale (per row with fp8_qk)."""
-                    if isinstance(c_rows, float) or x.ndim == 1:
-                        return x * c_rows
-                    return x * lax.broadcast_in_dim(c_rows, x.shape, [0])
 
                 def block_body(j, carry, masked: bool):
                     step, acc, m, l = carry
@@ -392,12 +381,13 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                         if causal:  # key <= q_pos + row // g  <=>  (key - q_pos) * g <= row
                             ok &= (key - q_pos) * g <= row_ids
                         s = jnp.where(ok, s, -jnp.inf)
-                    m_new = jnp.maximum(m, times_c(s.max(axis=1)))
+                    m_new = jnp.maximum(m, common.times_rows(s.max(axis=1), c_rows))
                     # A row that has seen only masked keys keeps m = -inf: use 0 so
                     # exp2 gives 0 (not NaN) for its masked entries and its alpha.
                     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
                     alpha = jnp.exp2(m - m_use)
-                    p = jnp.exp2(times_c(s) - lax.broadcast_in_dim(m_use, s.shape, [0]))
+                    p = jnp.exp2(common.times_rows(s, c_rows)
+                                 - lax.broadcast_in_dim(m_use, s.shape, [0]))
                     l = l * alpha + p.sum(axis=1)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     p16 = p.astype(dtype)

@@ -63,7 +63,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import llvm
 
-from jaxattn import kv_quant
 from jaxattn.kernels import common
 from jaxattn.planner import Bounds, WorkList
 
@@ -403,13 +402,6 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     return s
                 return s * common.column_scales(ks_smem.at[slot], s.shape)
 
-            def times_qk(x, qk):
-                """x times the softmax's log2 scale: a constant, or (FP8 QK) one per query row
-                (the constant times the row's Q scale); x [64] or [64, bkv]."""
-                if isinstance(qk, float) or x.ndim == 1:
-                    return x * qk
-                return x * lax.broadcast_in_dim(qk, x.shape, [0])
-
             def tile_body(i, step):
                 item, head, (q_start, q_len, q_pos, kv_start, kv_end, _) = item_fields(tile_of(i))
                 lo, hi = kv_blocks(kv_start, kv_end)
@@ -423,13 +415,10 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 # Q arrives untiled (TMA into tiled SMEM needs 8-aligned rows; q_start is
                 # arbitrary); re-tile it through registers for the wgmma.
                 plgpu.barrier_wait(q_full.at[wg])
-                if qk8:  # e4m3 rows, each scaled by its own max (kv_quant's rule for K/V rows)
-                    qf = plgpu.load(q_stage.at[wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-                    amax = jnp.max(jnp.abs(qf), axis=1)
-                    q_scale = jnp.where(amax > 0, amax * (1.0 / kv_quant.FP8_MAX), 1.0)
-                    qw[...] = (qf * lax.broadcast_in_dim(1.0 / q_scale, qf.shape, [0])).astype(
-                        k_pages.dtype)
-                    qk = q_scale * qk_scale
+                # qk: the softmax's log2 scale; with the FP8 QK, per query row (times its
+                # e4m3 scale).
+                if qk8:
+                    qk = common.quantize_rows(q_stage.at[wg], qw) * qk_scale
                 else:
                     qw[...] = q_stage[wg]
                     qk = qk_scale
@@ -482,9 +471,10 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     if masked:
                         s = jnp.where(mask(s, j), s, -jnp.inf)
 
-                    m_new = jnp.maximum(m_i, times_qk(s.max(axis=1), qk))
+                    m_new = jnp.maximum(m_i, common.times_rows(s.max(axis=1), qk))
                     alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(times_qk(s, qk) - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    p = jnp.exp2(common.times_rows(s, qk)
+                                 - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
                     p16 = p.astype(dtype)
@@ -542,8 +532,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 row_layout = plgpu.Layout.WGMMA.reduce(1)
 
                 def softmax(s, m_old):
-                    m_new = jnp.maximum(m_old, times_qk(s.max(axis=1), qk))
-                    p = jnp.exp2(times_qk(s, qk) - bcast_rows(m_new, s.shape))
+                    m_new = jnp.maximum(m_old, common.times_rows(s.max(axis=1), qk))
+                    p = jnp.exp2(common.times_rows(s, qk) - bcast_rows(m_new, s.shape))
                     return p, m_new, jnp.exp2(m_old - m_new)
 
                 # First turn: QK(lo) alone (masked when it is the diagonal/boundary block).
