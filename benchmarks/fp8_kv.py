@@ -125,8 +125,8 @@ def bench_prefill(mode, length):
     q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
     cu, kv = np.array([0, length], np.int32), np.array([length], np.int32)
     fns = {}
-    # FP8 as the engine runs it (K and V dequantised to bf16 tiles: the bf16 kernel's numbers;
-    # only 64-key tiles fit), and with S = Q8 K8^T (fp8_qk, 128-key tiles).
+    # FP8 with K and V dequantised to bf16 tiles (the bf16 kernel's numbers; only 64-key
+    # tiles fit), and as the engine runs it, S = Q8 K8^T (fp8_qk, 128-key tiles).
     for name, block_kv, pools, fp8_qk in (
             ("bf16_bkv128", 128, (k, v), None), ("fp8", 64, (k8, v8), False),
             ("fp8_qk", 128, (k8, v8), True)):

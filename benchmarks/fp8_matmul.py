@@ -176,45 +176,45 @@ def decode_sweep(args) -> list[dict]:
     for name, (k, n) in DECODE_SHAPES.items():
         w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))
         wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
-        for m in (1,):
-            gs = jnp.zeros((E,), jnp.int32).at[3].set(m)  # one expert hit
-            x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
-            xq, xs = jax.jit(fp8.quantize)(x)
-            for dtype in ("bf16", "fp8"):
-                bk = 128 if dtype == "fp8" else 64
-                picked = gm.pick_config(m, k, n, fp8=dtype == "fp8")
-                configs = {picked} if args.quick else {picked} | {
-                    gm.GroupedMatmulConfig(block_m=64, block_n=bn, block_k=bk,
-                                           max_concurrent_steps=st, k_splits=sp)
-                    for bn in (64, 128, 256) for st in (4, 8) for sp in (1, 2, 4, 8)
-                    if (k // bk) % sp == 0 and (n // bn) * sp <= 4 * common.num_sms()}
-                for cfg in sorted(configs, key=lambda c: (c.block_n, c.max_concurrent_steps,
-                                                          c.k_splits)):
-                    if dtype == "fp8":
-                        f = jax.jit(lambda xq, xs, w, s, gs, cfg=cfg: gm._mosaic_grouped_matmul(
-                            xq, w, gs, jnp.pad(xs, (0, -m % cfg.block_m)), s, config=cfg,
-                            out_dtype=jnp.dtype(jnp.bfloat16)))
-                        fargs = (xq, xs, wq, ws, gs)
-                    else:
-                        f = jax.jit(lambda x, w, gs, cfg=cfg: gm.grouped_matmul(
-                            x, w, gs, impl="mosaic", config=cfg))
-                        fargs = (x, w, gs)
-                    try:
-                        t = interleaved({"c": f}, {"c": fargs}, args.rounds, args.reps)["c"]
-                    except Exception as e:  # a config over the SMEM budget
-                        print(f"{name} M={m} {dtype} {cfg}: failed: {type(e).__name__}: "
-                              f"{str(e)[:160]}", flush=True)
-                        continue
-                    gbps = k * n * (2 if dtype == "bf16" else 1) / t / 1e9
-                    rows.append({"matmul": name, "m": m, "dtype": dtype, "k": k, "n": n,
-                                 "config": dataclasses.asdict(cfg), "picked": cfg == picked,
-                                 "us": t * 1e6, "weight_gbps": gbps})
-                    print(f"decode {name:11} M={m} {dtype} bn={cfg.block_n:3} "
-                          f"steps={cfg.max_concurrent_steps} splits={cfg.k_splits}"
-                          f"{' (picked)' if cfg == picked else ''}: {t * 1e6:7.1f} us, "
-                          f"{gbps:6.0f} GB/s", flush=True)
-                if name.startswith("gate/up"):
-                    rows.append(_gate_and_up(args, name, dtype, x, w, wq, ws, gs))
+        m = 1
+        gs = jnp.zeros((E,), jnp.int32).at[3].set(m)  # one expert hit
+        x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
+        xq, xs = jax.jit(fp8.quantize)(x)
+        for dtype in ("bf16", "fp8"):
+            bk = 128 if dtype == "fp8" else 64
+            picked = gm.pick_config(m, k, n, fp8=dtype == "fp8")
+            configs = {picked} if args.quick else {picked} | {
+                gm.GroupedMatmulConfig(block_m=64, block_n=bn, block_k=bk,
+                                       max_concurrent_steps=st, k_splits=sp)
+                for bn in (64, 128, 256) for st in (4, 8) for sp in (1, 2, 4, 8)
+                if (k // bk) % sp == 0 and (n // bn) * sp <= 4 * common.num_sms()}
+            for cfg in sorted(configs, key=lambda c: (c.block_n, c.max_concurrent_steps,
+                                                      c.k_splits)):
+                if dtype == "fp8":
+                    f = jax.jit(lambda xq, xs, w, s, gs, cfg=cfg: gm._mosaic_grouped_matmul(
+                        xq, w, gs, jnp.pad(xs, (0, -m % cfg.block_m)), s, config=cfg,
+                        out_dtype=jnp.dtype(jnp.bfloat16)))
+                    fargs = (xq, xs, wq, ws, gs)
+                else:
+                    f = jax.jit(lambda x, w, gs, cfg=cfg: gm.grouped_matmul(
+                        x, w, gs, impl="mosaic", config=cfg))
+                    fargs = (x, w, gs)
+                try:
+                    t = interleaved({"c": f}, {"c": fargs}, args.rounds, args.reps)["c"]
+                except Exception as e:  # a config over the SMEM budget
+                    print(f"{name} M={m} {dtype} {cfg}: failed: {type(e).__name__}: "
+                          f"{str(e)[:160]}", flush=True)
+                    continue
+                gbps = k * n * (2 if dtype == "bf16" else 1) / t / 1e9
+                rows.append({"matmul": name, "m": m, "dtype": dtype, "k": k, "n": n,
+                             "config": dataclasses.asdict(cfg), "picked": cfg == picked,
+                             "us": t * 1e6, "weight_gbps": gbps})
+                print(f"decode {name:11} M={m} {dtype} bn={cfg.block_n:3} "
+                      f"steps={cfg.max_concurrent_steps} splits={cfg.k_splits}"
+                      f"{' (picked)' if cfg == picked else ''}: {t * 1e6:7.1f} us, "
+                      f"{gbps:6.0f} GB/s", flush=True)
+            if name.startswith("gate/up"):
+                rows.append(_gate_and_up(args, name, dtype, x, w, wq, ws, gs))
     return rows
 
 

@@ -24,6 +24,7 @@ QUANTIZATIONS = ("fp8",)
 # (jaxattn.kv_quant), half the bytes of bf16 plus 3%.
 KV_CACHE_DTYPES = ("auto", "bf16", *DTYPES, "fp8")
 DEFAULT_PAGE_SIZE = {False: 16, True: 32}  # by "is the KV cache FP8"
+MAX_BLOCK_KV = 128  # keys per KV tile the kernels take at most (bf16 and FP8 caches alike)
 ATTENTION_IMPLS = ("auto", "reference", "executor", "mosaic")
 GROUPED_MATMUL_IMPLS = ("auto", "xla", "mosaic")
 DEFAULT_MAX_MODEL_LEN = 8192  # when the model allows more and none is asked for
@@ -185,19 +186,19 @@ def bucket_ladder(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
     return tuple(out) + (max_tokens,)
 
 
-def default_block_kv(chunk_size: int | None, page_size: int, max_keys: int = 128) -> int:
-    """The largest KV tile of whole pages, up to ``max_keys`` keys, that divides the chunk
-    (Bounds' rules); pages larger than ``max_keys`` are cut into ``max_keys``-key slices.
+def default_block_kv(chunk_size: int | None, page_size: int) -> int:
+    """The largest KV tile of whole pages, up to :data:`MAX_BLOCK_KV` keys, that divides the
+    chunk (Bounds' rules); larger pages are cut into ``MAX_BLOCK_KV``-key slices.
 
     A chunk that is no multiple of the page size (a few tokens: any valid Llama 4 config
     serves) gets the largest slice of a page that divides both, ``gcd(chunk, page_size)``:
     chunk-aligned key ranges then start on a tile. The Mosaic kernels take no such tile
     (``kernels.unsupported_reason``), so ``impl="auto"`` runs those bounds on the reference.
     """
-    if page_size > max_keys and page_size % max_keys == 0 and (
-            chunk_size is None or chunk_size % max_keys == 0):
-        return max_keys  # a slice of a page per tile (one TMA copy)
-    for pages in range(max(1, max_keys // page_size), 0, -1):
+    if page_size > MAX_BLOCK_KV and page_size % MAX_BLOCK_KV == 0 and (
+            chunk_size is None or chunk_size % MAX_BLOCK_KV == 0):
+        return MAX_BLOCK_KV  # a slice of a page per tile (one TMA copy)
+    for pages in range(max(1, MAX_BLOCK_KV // page_size), 0, -1):
         if chunk_size is None or chunk_size % (pages * page_size) == 0:
             return pages * page_size
     return math.gcd(chunk_size, page_size)

@@ -176,9 +176,9 @@ def step_compiler_options(traced_libraries: bool = True) -> dict | None:
     allocation it touches is not fixed, i.e. always.
 
     ``traced_libraries=False`` leaves cuBLAS and cuBLASLt calls out of the graphs. A graph
-    that must be re-recorded every step (one device: the step's logits are a new buffer
-    each step, and the graph that writes them touches it) re-records library calls by
-    stream capture, which is slow: with FP8 weights (cuBLASLt FP8 matmuls) on one H200 a
+    that must be re-recorded every step (on one device 4 of the step's allocations move
+    each step; which, XLA's log does not say: its new outputs and the previous step's
+    tokens are the candidates) re-records library calls by stream capture, which is slow: with FP8 weights (cuBLASLt FP8 matmuls) on one H200 a
     12-layer Scout slice decoded batch 1 in 6.51 ms/step with them in, 5.15 with them
     out, and the full 48 layers re-recorded a 2,550-command graph in 11-17 ms every step.
 
