@@ -143,8 +143,8 @@ def _finite_rows(logits, num_seqs):
 
 
 class LogitsCheck:
-    """Checks every step's logits (valid rows) for NaN/inf and keeps the last two steps' logits
-    for the caller (wrapping a Llama4Runner's forward; the check compiles with the steps, at
+    """Checks every step's logits (valid rows) for NaN/inf and keeps the last two steps' first
+    rows for the caller (wrapping a Llama4Runner's forward; the check compiles with the steps, at
     warm-up)."""
 
     def __init__(self, runner):
@@ -158,7 +158,8 @@ class LogitsCheck:
             self.steps += 1
             if not bool(_finite_rows(logits, batch.num_seqs)):
                 self.nonfinite_steps += 1
-            self.recent = (self.recent + [logits])[-2:]
+            # A copy: the runner writes the next step's logits into this buffer.
+            self.recent = (self.recent + [logits[0]])[-2:]
             return logits
 
         runner.forward = checked
@@ -327,7 +328,7 @@ def run_sweep(engine, check, model, spec: SweepSpec, *, deadline_s: float = 1e9,
             nonfinite.append(n)
         singles[n] = r
         if n in ref_set:  # [2, vocab]: logits at the last prompt token and at the decoded one
-            ref_logits[n] = np.stack([np.asarray(x[0]) for x in check.recent])
+            ref_logits[n] = np.stack([np.asarray(x) for x in check.recent])
         if (i + 1) % 200 == 0:
             log(f"sweep: {i + 1}/{len(order)} singles, {time.perf_counter() - t0:.0f} s")
     singles_s = time.perf_counter() - t0

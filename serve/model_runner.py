@@ -128,7 +128,7 @@ class Llama4Runner:
             self.buckets, self.bounds, config.attention_impl, model.dtype, self.spec.dtype)
         self._step = paged_step.make_step_fn(
             model, self.bounds, impl=config.attention_impl, gmm_impl=config.grouped_matmul_impl,
-            return_hidden=True, quantized_kv=self.spec.quantized,
+            return_hidden=True, quantized_kv=self.spec.quantized, reuse_outputs=True,
             decode_only_tokens=(self.decode_only_bucket,) if self.decode_only_bucket else ())
         self._prompt_head = paged_step.make_prompt_logprobs_fn(
             model, min(MAX_LOGPROBS, mc.vocab_size))

@@ -236,7 +236,7 @@ def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_s
 def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str = "auto",
                  gmm_impl: str = "auto", compiler_options: dict | None = None,
                  return_hidden: bool = False, quantized_kv: bool = False,
-                 decode_only_tokens: tuple[int, ...] = ()):
+                 decode_only_tokens: tuple[int, ...] = (), reuse_outputs: bool = False):
     """``step(kv_cache, batch, prev_tokens=None) -> (logits [S, vocab] f32, new kv_cache)``, jitted.
 
     Shapes depend only on ``bounds`` and the batch's token count T, so it
@@ -265,6 +265,14 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     ``return_hidden``: the step returns ``(logits, hidden [T, hidden], kv_cache)``, the last
     layer's state at every position, for :func:`make_prompt_logprobs_fn` (it costs no
     compute: the buffer exists anyway and is only kept).
+
+    ``reuse_outputs``: each step writes its logits (and hidden states) into the buffers of
+    the previous step's (of the same size T), donated, so that every output stays at one
+    address and the step's CUDA graphs need no update (step_compiler_options); the price
+    is that a step's outputs are valid only until the next step (of that size). For a
+    caller that consumes them at once, like the runner. Without it, each output is a new
+    allocation, and on one device (one graph per step) that re-recorded the whole graph
+    every step.
     """
     graphdef, state = nnx.split(model)
     config, dtype = model.config, model.dtype  # dtype: the attention's q/k/v
@@ -290,26 +298,26 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         compiler_options = step_compiler_options(
             traced_libraries=model.fp8 is None or model.mesh is not None)
 
-    @functools.partial(jax.jit, donate_argnums=(1,), donate_argnames=("staging",),
-                       static_argnames=("num_tokens",), compiler_options=compiler_options or None)
-    def jitted(state, kv_cache, packed, prev_tokens, num_tokens, staging=None):
-        # packed: batch_lib.pack(StepBatch); prev_tokens: int32 [S].
-        # staging: None, or int32 [packed_size(max tokens) + 1], donated and returned as the
-        # last output. The batch is read from it, at one address every step: XLA fuses the
-        # field slices into their consumers, so a new `packed` buffer each step would move an
-        # allocation that nearly every CUDA graph of the step reads, and each would be
-        # re-recorded (serve/allocator.py). One element longer than any `packed` so the
-        # update stays an update; the barrier keeps XLA from reading `packed` through it.
-        if staging is not None:
-            staging = lax.optimization_barrier(lax.dynamic_update_slice(staging, packed, (0,)))
-            packed = staging[:packed.shape[0]]
+    # keep_unused: `outputs` is only donated, never read, and must not be pruned.
+    @functools.partial(jax.jit, donate_argnums=(1,), donate_argnames=("outputs",),
+                       static_argnames=("num_tokens",), keep_unused=True,
+                       compiler_options=compiler_options or None)
+    def jitted(state, kv_cache, packed, prev_tokens, num_tokens, outputs=None):
+        # packed: batch_lib.pack(StepBatch), or a longer vector that starts with it (the
+        # staging buffer); prev_tokens: int32 [S]. outputs: None, or a previous step's
+        # (logits, hidden) buffers, donated: JAX writes this step's into them.
+        packed = packed[:batch_lib.packed_size(num_tokens, bounds)]
         batch = batch_lib.unpack(packed, bounds, num_tokens)
         ids = batch.token_ids
         batch = batch._replace(token_ids=jnp.where(
             ids < 0, prev_tokens[jnp.clip(-ids - 1, 0, prev_tokens.shape[0] - 1)], ids))
-        out = local_steps[num_tokens in decode_only_tokens](
+        return local_steps[num_tokens in decode_only_tokens](
             state, kv_cache, batch, plans(config, bounds, batch, impl, dtype, kv_cache.k[0].dtype))
-        return out if staging is None else (*out, staging)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def stage(staging, prev_staging, packed, prev_tokens):
+        return (lax.dynamic_update_slice(staging, packed, (0,)),
+                lax.dynamic_update_slice(prev_staging, prev_tokens, (0,)))
 
     device = jax.devices()[0]
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, P())
@@ -322,8 +330,17 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         return jax.device_put(host, replicated or device)
 
     no_prev = put(zeros)
-    staging = [put(np.zeros(batch_lib.packed_size(bounds.max_num_batched_tokens, bounds) + 1,
-                            np.int32))]
+    head_rows = (model.lm_head or model.model.embed_tokens).weight.shape[0]
+    # Buffers that stay at one address from step to step (the step's CUDA graphs record
+    # addresses; see step_compiler_options): the staged batch and previous tokens, and with
+    # reuse_outputs the logits and each step size's hidden states.
+    kept = {}
+
+    def buffer(key, shape, dtype):
+        x = kept.pop(key, None)
+        if x is None or x.is_deleted():  # first use, or lost with a failed step
+            x = jnp.zeros(shape, dtype, device=replicated or device)
+        return x
 
     def step(kv_cache: kv_cache_lib.KVCache, batch: StepBatch, prev_tokens=None):
         # An uncommitted pool (e.g. fresh from a jit without out_shardings) has another
@@ -345,9 +362,26 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
                 raise ValueError("the batch takes tokens from a previous step (negative ids) "
                                  "but no prev_tokens were given")
             prev_tokens = no_prev
-        *out, staging[0] = jitted(state, kv_cache, packed, prev_tokens,
-                                  num_tokens=len(batch.token_ids), staging=staging[0])
-        return tuple(out)
+        # The batch and the previous tokens arrive at new addresses every step; a small jit
+        # of its own copies them into the kept buffers, so that the step reads only fixed
+        # addresses and its graphs are never re-recorded.
+        t = len(batch.token_ids)
+        staging_size = batch_lib.packed_size(bounds.max_num_batched_tokens, bounds)
+        staged, staged_prev = stage(buffer("staging", (staging_size,), jnp.int32),
+                                    buffer("prev", (bounds.max_num_seqs,), jnp.int32),
+                                    packed, prev_tokens)
+        kept["staging"], kept["prev"] = staged, staged_prev
+        outputs = None
+        if reuse_outputs:
+            outputs = (buffer("logits", (bounds.max_num_seqs, head_rows), jnp.float32),)
+            if return_hidden:
+                outputs += (buffer(t, (t, config.hidden_size), dtype),)
+        out = jitted(state, kv_cache, staged, staged_prev, num_tokens=t, outputs=outputs)
+        if reuse_outputs:
+            kept["logits"] = out[0]
+            if return_hidden:
+                kept[t] = out[1]
+        return out
 
     step.jitted = jitted
     return step

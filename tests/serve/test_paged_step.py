@@ -55,14 +55,15 @@ def _sequences(e, rng):
     ]
 
 
-def _run(model, seqs, *, impl="reference", max_steps=None):
-    """Drive the engine loop; returns (per-step max logit error, step fn, logits per step)."""
+def _run(model, seqs, *, impl="reference", max_steps=None, **step_options):
+    """Drive the engine loop; returns (per-step max logit error, step fn, logits per step,
+    (step size, address of each output) per step)."""
     bounds = _bounds(model.config)
-    step = paged_step.make_step_fn(model, bounds, impl=impl)
+    step = paged_step.make_step_fn(model, bounds, impl=impl, **step_options)
     spec = paged_step.cache_spec(model.config, num_pages=NUM_PAGES, page_size=PAGE_SIZE,
                              dtype=model.dtype)
     kv = cache.allocate(spec)
-    errs, outs = [], []
+    errs, outs, addresses = [], [], []
     while any(s.done < s.stop for s in seqs) and (max_steps is None or len(outs) < max_steps):
         live = [s for s in seqs if s.done < s.stop]
         decode = [s for s in live if s.done >= s.prefill]
@@ -76,15 +77,16 @@ def _run(model, seqs, *, impl="reference", max_steps=None):
         batch = build_step(bounds, num_tokens, [
             SeqStep(s.tokens[s.done:s.done + n], s.done, s.pages) for s, n in sched],
             num_pages=NUM_PAGES)
-        logits, kv = step(kv, batch)
-        logits = np.asarray(logits)
+        *out, kv = step(kv, batch)
+        addresses.append((num_tokens, tuple(x.unsafe_buffer_pointer() for x in out)))
+        logits = np.array(out[0])  # a copy: a view of a CPU buffer would keep it from donation
         outs.append(logits)
         for i, (s, n) in enumerate(sched):
             s.done += n
             errs.append(max_err(logits[i], s.want[s.done - 1]))
             if s.greedy and s.done >= s.prefill and s.done == len(s.tokens):
                 s.tokens.append(int(np.argmax(logits[i])))
-    return errs, step, outs
+    return errs, step, outs, addresses
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -92,13 +94,34 @@ def test_paged_serving_matches_transformers(name):
     e = expected(name)
     model = llama4.load(checkpoint(name))
     seqs = _sequences(e, np.random.default_rng(0))
-    errs, step, _ = _run(model, seqs)
+    errs, step, _, _ = _run(model, seqs)
     print(f"{name}: {len(errs)} logit rows, max |error| vs transformers = {max(errs):.2e}")
     assert max(errs) < TOL
     greedy = seqs[2]
     np.testing.assert_array_equal(greedy.tokens[len(e["prompt"]):], e["greedy_tokens"])
     # Two token-count buckets were used; every other mix of lengths reused their compiles.
     assert step.jitted._cache_size() == 2
+
+
+def test_reused_outputs_stay_at_one_address():
+    """``reuse_outputs`` (the runner's setting): every step of one size writes its logits
+    and hidden states where the previous one did (the step's CUDA graphs record addresses),
+    and the logits are those of the step without it."""
+    e = expected("moe_dense")
+    model = llama4.load(checkpoint("moe_dense"))
+    runs = [_run(model, _sequences(e, np.random.default_rng(2)), return_hidden=True,
+                 reuse_outputs=reuse) for reuse in (False, True)]
+    for want, got in zip(runs[0][2], runs[1][2]):
+        np.testing.assert_array_equal(got, want)
+    for reuse, (*_, addresses) in zip((False, True), runs):
+        sizes = [t for t, _ in addresses]
+        assert len(set(sizes)) == 2 and all(sizes.count(t) > 1 for t in sizes)
+        logits = {a[0] for _, a in addresses}
+        hidden = {t: {a[1] for s, a in addresses if s == t} for t in sizes}
+        if reuse:
+            assert len(logits) == 1 and all(len(h) == 1 for h in hidden.values())
+        else:  # the check can fail: without reuse every output is a new allocation
+            assert len(logits) > 1
 
 
 def test_executor_plans_match_reference():
