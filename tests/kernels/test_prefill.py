@@ -149,6 +149,51 @@ def test_tiles_write_only_their_rows_and_no_races(order):
     assert err < TOL[jnp.bfloat16]
 
 
+def _schedule(count, hq, group, workers, order):
+    """[workers, max tiles] tile ids of each CTA under prefill.tile_schedule (-1: none)."""
+    cta = jnp.arange(workers)[:, None]
+    n, tile_of, item_head = prefill.tile_schedule(jnp.int32(count), cta, hq=hq, group=group,
+                                                  num_workers=workers, tile_order=order)
+    n = np.broadcast_to(np.asarray(n).reshape(-1, 1), (workers, 1))
+    i = jnp.arange(max(int(n.max()), 1))[None, :]
+    tiles = np.where(i < n, np.asarray(tile_of(i)), -1)
+    return tiles, item_head
+
+
+@pytest.mark.parametrize("order", prefill.TILE_ORDERS)
+@pytest.mark.parametrize("count,hq,group,workers", [
+    (157, 40, 5, 132), (128, 40, 5, 132), (3, 2, 2, 3), (200, 20, 5, 132), (7, 8, 8, 5),
+    (1, 40, 5, 132), (0, 40, 5, 132), (300, 6, 3, 16), (161, 40, 5, 132)])
+def test_tile_schedule_runs_every_tile_once(order, count, hq, group, workers):
+    """Each (item, query head) tile runs on exactly one CTA, in every tile order."""
+    tiles, item_head = _schedule(count, hq, group, workers, order)
+    done = np.sort(tiles[tiles >= 0])
+    np.testing.assert_array_equal(done, np.arange(count * hq))
+    item, head = (np.asarray(x) for x in item_head(jnp.asarray(done)))
+    pairs = set(zip(item.tolist(), head.tolist()))
+    assert pairs == set(itertools.product(range(count), range(hq)))
+
+
+@pytest.mark.parametrize("hq", [40, 20])  # Scout's query heads on one device, and at TP=2
+def test_kv_major_schedule_balances_causal_prefill(hq):
+    """Causal prefill of one sequence (items longest first, a tile costs its KV blocks plus
+    one for its fixed work): under the "auto" order the busiest of 132 CTAs does at most
+    2% more than the mean at every length from 8k to 128k (below, a few waves of tiles
+    cannot be dealt evenly: 4.9% at 4096 tokens on 20 heads). One snake over all KV heads
+    (the order before) had 23% at 20000 tokens."""
+    workers, group, block = 132, 5, 128
+    worst = {}
+    for length in list(range(8192, 131073, 2039)) + [16384, 20000, 20480]:
+        count = -(-length // block)
+        cost = np.array([-(-min(length, (i + 1) * block) // block) for i in range(count)])
+        cost = cost[::-1] + 1.0  # items longest first
+        tiles, item_head = _schedule(count, hq, group, workers, "auto")
+        item = np.asarray(item_head(jnp.asarray(np.maximum(tiles, 0))))[0]
+        load = np.where(tiles >= 0, cost[item], 0).sum(axis=1)
+        worst[length] = load.max() / load.mean()
+    assert max(worst.values()) < 1.02, {k: round(v, 3) for k, v in worst.items() if v >= 1.02}
+
+
 @pytest.mark.slow
 def test_contiguous_attention_with_padding():
     """The contiguous form: identity page table, padded query rows are zeros, prefix kv."""
