@@ -176,11 +176,13 @@ def step_compiler_options(traced_libraries: bool = True) -> dict | None:
     allocation it touches is not fixed, i.e. always.
 
     ``traced_libraries=False`` leaves cuBLAS and cuBLASLt calls out of the graphs. A graph
-    that must be re-recorded every step (on one device 4 of the step's allocations move
-    each step; which, XLA's log does not say: its new outputs and the previous step's
-    tokens are the candidates) re-records library calls by stream capture, which is slow: with FP8 weights (cuBLASLt FP8 matmuls) on one H200 a
-    12-layer Scout slice decoded batch 1 in 6.51 ms/step with them in, 5.15 with them
-    out, and the full 48 layers re-recorded a 2,550-command graph in 11-17 ms every step.
+    that must be re-recorded re-records library calls by stream capture, which is slow: with
+    FP8 weights (cuBLASLt FP8 matmuls) on one H200, when 4 of the step's allocations still
+    moved every step (its outputs and staged inputs, fixed since by
+    ``make_step_fn(reuse_outputs=True)``), a 12-layer Scout slice decoded batch 1 in 6.51
+    ms/step with them in and 5.15 with them out. With the step's addresses fixed the slice
+    took 4.48 ms out and 5.09 in at batch 1, 7.60 out and 6.96 in at batch 8; FP8 weights
+    on one device keep them out (benchmarks/NOTES-model.md).
 
     XLA's DotMerger is off (``xla_gpu_dot_merger_threshold_mb=0``; ``XLA_FLAGS`` may say
     otherwise): it merges dots that share an operand by concatenating the others, and
