@@ -317,7 +317,12 @@ def profile_step(engine, config, args, rng, *, prompt_len: int, reps: int,
           f"kernels per step; by kind: "
           + ", ".join(f"{r['name']} {r['ms']:.2f} ms ({r['calls']})" for r in out["kinds"])
           + "; top kernels: "
-          + ", ".join(f"{r['name'][:40]} {r['ms']:.2f} ms" for r in out["kernels"][:4]), flush=True)
+          + ", ".join(f"{r['name'][:40]} {r['ms']:.2f} ms" for r in out["kernels"][:4])
+          # The host's share: PJRT's execute calls, and XLA's thunks (kernels, graphs) within them.
+          + "; host per step: " + ", ".join(f"{r['name']} {r['ms']:.2f} ms" for r in out["host"]
+                                            if r["name"].endswith(("LoadedExecutable::Execute",
+                                                                   "ExecuteThunks"))),
+          flush=True)
     return out
 
 
