@@ -204,17 +204,54 @@ def test_the_default_decode_q_fits_the_chunk():
         jaxattn.Bounds(**{**TINY, "page_size": 16}, chunk_size=16, block_kv=16, decode_q=21)
 
 
-def test_decode_splits_fill_the_workers_for_one_long_sequence():
+def test_decode_splits_for_one_long_sequence():
+    """1 x 128k keys on 8 KV heads and 132 CTAs: 16 pieces of 8192 keys (128 tiles, one round)
+    rather than the smallest the budget allows, 32 of 4096 (256 tiles, two rounds and a
+    combine twice the size)."""
     p = _jitted_plan(SCOUT, None)(*_batch(SCOUT, [1], [131072]))  # compiled by the tests above
-    assert int(p.decode.count) * SCOUT.num_kv_heads >= SCOUT.num_workers
-    assert int(p.decode.num_splits[0]) == int(p.decode.count)
-    # One wave of split pieces (Bounds.split_waves=1): about half as many, still one wave.
+    assert int(p.decode.count) == int(p.decode.num_splits[0]) == 16
+    assert int(p.decode.kv_end[0] - p.decode.kv_start[0]) == 8192
+    least = dataclasses.replace(SCOUT, balance_splits=False)
+    assert int(_jitted_plan(least, None)(*_batch(least, [1], [131072])).decode.count) == 32
     one = dataclasses.replace(SCOUT, split_waves=1)
-    p1 = _jitted_plan(one, None)(*_batch(one, [1], [131072]))
-    assert int(p1.decode.count) * one.num_kv_heads >= one.num_workers
-    assert int(p1.decode.count) * 2 <= int(p.decode.count) + 2
     for name in ("all_decode_max_context", "mixed_boundaries", "decode_q_straddling"):
-        _check_capacity(one, *ADVERSARIAL[name])  # its capacity proof holds for any W
+        _check_capacity(one, *ADVERSARIAL[name])  # the capacity proof holds for any W
+
+
+def _round_robin_makespan(d_work, piece, bounds):
+    """Brute force: every (piece, KV head) tile, longest first, dealt round-robin."""
+    tiles = []
+    for w in d_work:
+        n = max(1, -(-w // piece)) if w else 0
+        for k in range(n):
+            tiles += [-(-min(piece, w - k * piece) // bounds.block_kv)
+                      + planner.TILE_OVERHEAD_BLOCKS] * bounds.num_kv_heads
+    load = np.zeros(bounds.num_workers)
+    for i, c in enumerate(sorted(tiles, reverse=True)):
+        load[i % bounds.num_workers] += c
+    return load.max()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 140000), min_size=1, max_size=24), st.integers(1, 64),
+       st.sampled_from([(8, 132), (4, 132), (1, 16), (2, 7)]))
+def test_decode_makespan_is_the_schedule_and_the_chosen_piece_is_no_slower(work, blocks, heads):
+    hkv, workers = heads
+    bounds = dataclasses.replace(SCOUT, num_q_heads=5 * hkv, num_kv_heads=hkv,
+                                 num_workers=workers)
+    d_work = np.zeros(32, np.int32)
+    d_work[:len(work)] = work
+    piece = blocks * bounds.block_kv
+    max_tiles = bounds.num_kv_heads * (len(work) + sum(work) // piece + 1)
+    got = float(planner.decode_makespan(jax.numpy.asarray(d_work), piece, bounds, max_tiles))
+    assert got == _round_robin_makespan(work, piece, bounds)
+    cap = 32 + bounds.split_target
+    chosen = int(planner.decode_piece(jax.numpy.asarray(d_work), bounds, cap))
+    least = int(planner.decode_piece(jax.numpy.asarray(d_work),
+                                     dataclasses.replace(bounds, balance_splits=False), cap))
+    assert chosen >= least and chosen % bounds.block_kv == 0  # within the capacity proof
+    assert _round_robin_makespan(work, chosen, bounds) <= _round_robin_makespan(work, least,
+                                                                                 bounds)
 
 
 # --- admission ---
