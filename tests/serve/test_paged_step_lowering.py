@@ -47,11 +47,22 @@ def test_gpu_step_has_no_host_synchronising_control_flow(lowering_model):
                        num_pages=32)
     kv = jax.eval_shape(lambda: cache.allocate(spec))
     jaxpr = jax.make_jaxpr(step.jitted, static_argnums=4)(
-        nnx.split(model)[1], kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32), 256)
+        step.weights, kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32), 256)
     found = _primitives(jaxpr.jaxpr, {})
     assert found.get("mpmd_map", 0) >= 2 * config.num_hidden_layers  # the kernels are in the step
     assert not {p: found[p] for p in ("cond", "while") if p in found}
     assert found.get("scan", 0) == 0
+
+
+def test_step_takes_its_weights_as_a_flat_list_of_arrays(lowering_model):
+    """The jitted step's weights are plain arrays: an nnx state costs a Python flatten per
+    Variable on every call (paged_step.flat_weights)."""
+    config, model = lowering_model
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
+                          page_size=64).bounds(config)
+    step = paged_step.make_step_fn(model, bounds)
+    assert isinstance(step.weights, list) and len(step.weights) > 4 * config.num_hidden_layers
+    assert all(isinstance(w, jax.Array) for w in step.weights)
 
 
 def test_decode_only_step_lowers_without_the_prefill_kernel(lowering_model):
@@ -68,7 +79,8 @@ def test_decode_only_step_lowers_without_the_prefill_kernel(lowering_model):
     kv = jax.eval_shape(lambda: cache.allocate(spec))
     batch = build_step(bounds, 16, [SeqStep([1], 99, [0, 1]), SeqStep([2, 3], 64, [2, 3])],
                        num_pages=32)
-    args = (nnx.split(model)[1], kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32), 16)
+    args = (paged_step.flat_weights(nnx.split(model)[1])[0], kv, batch_lib.pack(batch),
+            jnp.zeros(4, jnp.int32), 16)
     counts = {}
     for tokens in ((), (16,)):
         step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic",
