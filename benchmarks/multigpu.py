@@ -306,7 +306,7 @@ def profile_step(engine, config, args, rng, *, prompt_len: int, reps: int,
     while decode and not any(d.token_ids for d in engine.step()):
         pass  # prefill until the first token
     t0 = time.perf_counter()
-    out = trace_summary(engine.step, reps=reps, top=25)  # one untraced step, then reps
+    out = trace_summary(engine.step, reps=reps, top=120)  # one untraced step, then reps
     out.update(steps=reps, prompt_tokens=prompt_len,
                wall_ms_per_step=1e3 * (time.perf_counter() - t0) / (reps + 1))
     engine.abort("profile")
