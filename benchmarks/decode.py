@@ -92,8 +92,8 @@ def paged(k, v, page_size, seed=0):
 def bounds_for(batch, page_size, balance_splits=True):
     return jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=256, max_model_len=131072,
                           page_size=page_size, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
-                          chunk_size=8192, block_kv=max(128, page_size), balance_splits=balance_splits,
-                          num_workers=common.num_sms())
+                          chunk_size=8192, block_kv=max(128, page_size),
+                          balance_splits=balance_splits, num_workers=common.num_sms())
 
 
 def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config, balance_splits=True):

@@ -255,7 +255,8 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     compiles once per T and never for a new mix of lengths. The cache is
     donated (updated in place on GPU). The weights are those of ``model`` now.
     ``step.jitted`` is the underlying jitted function (for compile counting); it takes the
-    batch packed into one int32 vector (``jaxattn.serve.batch.pack``): one host-to-device copy.
+    weights as ``step.weights`` (:func:`flat_weights`) and the batch packed into one int32
+    vector (``jaxattn.serve.batch.pack``): one host-to-device copy.
     ``impl`` / ``gmm_impl``: the attention and grouped matmul implementations.
     ``compiler_options``: XLA options for the step (None: :func:`step_compiler_options`,
     with cuBLAS/cuBLASLt outside the graphs for FP8 weights on one device).
@@ -316,16 +317,18 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
                        static_argnames=("num_tokens",), keep_unused=True,
                        compiler_options=compiler_options or None)
     def jitted(weights, kv_cache, packed, prev_tokens, num_tokens, outputs=None):
-        # weights: flat_weights(model state)[0]. packed: batch_lib.pack(StepBatch), or a longer vector that starts with it (the
-        # staging buffer); prev_tokens: int32 [S]. outputs: None, or a previous step's
-        # (logits, hidden) buffers, donated: JAX writes this step's into them.
+        # weights: flat_weights(the model's state)[0]. packed: batch_lib.pack(StepBatch), or
+        # a longer vector that starts with it (the staging buffer); prev_tokens: int32 [S].
+        # outputs: None, or a previous step's (logits, hidden) buffers, donated: JAX writes
+        # this step's into them.
         packed = packed[:batch_lib.packed_size(num_tokens, bounds)]
         batch = batch_lib.unpack(packed, bounds, num_tokens)
         ids = batch.token_ids
         batch = batch._replace(token_ids=jnp.where(
             ids < 0, prev_tokens[jnp.clip(-ids - 1, 0, prev_tokens.shape[0] - 1)], ids))
+        step_plans = plans(config, bounds, batch, impl, dtype, kv_cache.k[0].dtype)
         return local_steps[num_tokens in decode_only_tokens](
-            jax.tree.unflatten(treedef, weights), kv_cache, batch, plans(config, bounds, batch, impl, dtype, kv_cache.k[0].dtype))
+            jax.tree.unflatten(treedef, weights), kv_cache, batch, step_plans)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def stage(staging, prev_staging, packed, prev_tokens):
