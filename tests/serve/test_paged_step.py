@@ -79,7 +79,9 @@ def _run(model, seqs, *, impl="reference", max_steps=None, **step_options):
             num_pages=NUM_PAGES)
         *out, kv = step(kv, batch)
         addresses.append((num_tokens, tuple(x.unsafe_buffer_pointer() for x in out)))
-        logits = np.array(out[0])  # a copy: a view of a CPU buffer would keep it from donation
+        # Read a device copy: a host view of the logits would keep their buffer from being
+        # donated to the next step (JAX would then copy, at a new address).
+        logits = np.asarray(jax.numpy.copy(out[0]))
         outs.append(logits)
         for i, (s, n) in enumerate(sched):
             s.done += n

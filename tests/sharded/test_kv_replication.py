@@ -61,8 +61,8 @@ def test_serving_step_matches_one_device(kv_heads, tp, ep):
     """Chunked prefill across chunk boundaries and decode over a paged cache whose pools hold
     one (replicated) KV head per device, step by step against the one-device step."""
     c = _config(kv_heads)
-    want, _ = _serve(llama4.init_random(c, seed=2), 1)
-    got, _ = _serve(sharding.shard(llama4.init_random(c, seed=2), mesh(tp, ep)), tp * ep)
+    want = _serve(llama4.init_random(c, seed=2), 1)[0]
+    got = _serve(sharding.shard(llama4.init_random(c, seed=2), mesh(tp, ep)), tp * ep)[0]
     errs = [max_err(a, b) for a, b in zip(got, want)]
     print(f"KV heads {kv_heads}, TP={tp} EP={ep}: {len(errs)} steps, max error {max(errs):.1e}")
     assert max(errs) < TOL

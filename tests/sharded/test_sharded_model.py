@@ -80,14 +80,15 @@ def test_impossible_splits_are_refused():
 PAGE, PAGES, BUDGET, DECODE_BUCKET = 8, 64, 48, 8
 
 
-def _serve(model, n):
+def _serve(model, n, reuse_outputs=False):
     """Chunked prefill (48-token budget) of prompts of 100, 63 and 32 tokens, then greedy
     decode: chunks cross the 32-token chunk boundaries, the 63-token prompt decodes across
-    position 64. Returns the logits of every step."""
+    position 64. Returns the logits of every step, the step, and the address of each step's
+    logits on the first device."""
     c = model.config
     bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=BUDGET, max_model_len=256,
                           page_size=PAGE).bounds(c, model_parallel=n)
-    step = paged_step.make_step_fn(model, bounds)
+    step = paged_step.make_step_fn(model, bounds, reuse_outputs=reuse_outputs)
     spec = paged_step.cache_spec(c, num_pages=PAGES, page_size=PAGE, dtype=model.dtype,
                              model_parallel=n)
     kv = cache.allocate(spec, sharding=None if model.mesh is None else
@@ -96,7 +97,7 @@ def _serve(model, n):
     free = [int(p) for p in rng.permutation(PAGES)]
     seqs = [dict(tokens=rng.integers(0, c.vocab_size, n_).tolist(), done=0, stop=n_ + 6,
                  pages=[free.pop() for _ in range(16)]) for n_ in (100, 63, 32)]
-    outs = []
+    outs, addresses = [], set()
     while any(s["done"] < len(s["tokens"]) for s in seqs):
         live = [s for s in seqs if s["done"] < len(s["tokens"])]
         sched, budget = [], BUDGET
@@ -110,22 +111,28 @@ def _serve(model, n):
                                                     s["done"], s["pages"]) for s, k in sched],
                            num_pages=PAGES)
         logits, kv = step(kv, batch)
-        logits = np.asarray(logits)[:len(sched)]
+        addresses.add(logits.addressable_shards[0].data.unsafe_buffer_pointer())
+        # Read a device copy: a host view of the logits would keep their buffer from being
+        # donated to the next step (JAX would then copy, at a new address).
+        logits = np.asarray(jax.numpy.copy(logits))[:len(sched)]
         outs.append(logits)
         for row, (s, k) in zip(logits, sched):
             s["done"] += k
             if s["done"] == len(s["tokens"]) < s["stop"]:
                 s["tokens"].append(int(np.argmax(row)))
     assert [s["done"] for s in seqs] == [s["stop"] for s in seqs]  # all prefilled and decoded
-    return outs, step
+    return outs, step, addresses
 
 
 @pytest.mark.slow
 def test_serving_step_matches_one_device():
     c = config()
-    want, ref_step = _serve(llama4.init_random(c, seed=2), 1)
+    want, ref_step, _ = _serve(llama4.init_random(c, seed=2), 1)
     for tp, ep in [(8, 1), (2, 4), (1, 2)]:
-        got, step = _serve(sharding.shard(llama4.init_random(c, seed=2), mesh(tp, ep)), tp * ep)
+        # The runner's setting: each step writes its logits where the last one did.
+        got, step, addresses = _serve(sharding.shard(llama4.init_random(c, seed=2),
+                                                     mesh(tp, ep)), tp * ep, reuse_outputs=True)
+        assert len(addresses) == 1, (tp, ep, addresses)
         errs = [max_err(a, b) for a, b in zip(got, want)]
         print(f"TP={tp} EP={ep}: {len(errs)} steps, max |logit error| {max(errs):.1e}")
         assert max(errs) < TOL, (tp, ep)
