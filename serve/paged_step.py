@@ -346,6 +346,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         return jax.device_put(host, replicated or device)
 
     no_prev = put(zeros)
+    staging_size = batch_lib.packed_size(bounds.max_num_batched_tokens, bounds)  # any step's
     head_rows = (model.lm_head or model.model.embed_tokens).weight.shape[0]
     # Buffers that stay at one address from step to step (the step's CUDA graphs record
     # addresses; see step_compiler_options): the staged batch and previous tokens, and with
@@ -382,7 +383,6 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         # of its own copies them into the kept buffers, so that the step reads only fixed
         # addresses and its graphs are never re-recorded.
         t = len(batch.token_ids)
-        staging_size = batch_lib.packed_size(bounds.max_num_batched_tokens, bounds)
         staged, staged_prev = stage(buffer("staging", (staging_size,), jnp.int32),
                                     buffer("prev", (bounds.max_num_seqs,), jnp.int32),
                                     packed, prev_tokens)
