@@ -1,18 +1,21 @@
 """The serving process's GPU allocator, and device memory where the allocator reports none.
 
-A decode step runs as CUDA graphs (XLA command buffers). XLA re-records a graph whenever an
-allocation it uses has moved since it was recorded, and with its default BFC allocator only
-constants count as fixed: on full-size Scout (TP=2) every one of ~100 graphs per device was
-re-recorded on every step, and the step cost more host time than GPU time. The VMM
-allocator lets XLA treat allocations as fixed (the temp buffer at one reserved address
-range; with ``xla_gpu_command_buffer_update_mode=SKIP_PROFILED`` also the weights and donated
-buffers that held still while profiled), set per step in
-:func:`jaxattn.serve.paged_step.step_compiler_options`. Measured on 2×H200 (TP=2, batch-1
-decode at 8k; benchmarks/NOTES-model.md): full-size Scout 27.5 -> 13.0 ms per step.
+A decode step runs as CUDA graphs (XLA command buffers), and XLA re-records a graph whenever
+an allocation it uses has moved since it was recorded. The step keeps its own addresses
+still (``paged_step.make_step_fn(reuse_outputs=True)``: inputs staged into kept buffers,
+outputs written into the previous step's donated buffers, the KV pools donated), and XLA's
+default allocator, BFC with the device's share preallocated, hands the temp buffer back at
+the same address: so the graphs are recorded once and replayed.
 
-The allocator is chosen by an environment variable that XLA reads once, when the GPU
-backend starts, so the serving entry points call :func:`prefer_vmm` before anything touches
-a device. A user's own ``XLA_PYTHON_CLIENT_ALLOCATOR`` wins.
+XLA's VMM allocator (``XLA_PYTHON_CLIENT_ALLOCATOR=vmm``) can pin addresses by itself
+(``xla_gpu_command_buffer_update_mode=SKIP_PROFILED``, which also lets the all-reduces
+into the graphs), but it maps and unmaps each pinned allocation around every execution,
+and full-size Scout has ~1,000 weight arrays. Batch-1 decode of FP8 Scout on one H200
+(benchmarks/NOTES-model.md): 11.5 ms per step under BFC, 41.3 ms under VMM, 44.0 ms under
+VMM with 16 GB of the GPU left free (so not memory pressure); bf16 Scout at TP=2 on 2xH200
+took 31.5 ms under VMM. The engine therefore leaves XLA's default allocator alone and only
+says so when a user picks VMM (:func:`vmm_active`; the step's options then pin addresses
+the VMM way).
 
 The VMM allocator reports no memory statistics, which the memory planner needs;
 :func:`device_memory` then asks the CUDA driver.
@@ -23,34 +26,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import sys
 
 ENV = "XLA_PYTHON_CLIENT_ALLOCATOR"
 # XLA's default share of device memory for its allocator (XLA_CLIENT_MEM_FRACTION overrides).
 DEFAULT_MEM_FRACTION = 0.75
 
 
-def prefer_vmm() -> bool:
-    """Ask for the VMM allocator unless the user chose one or a backend already started.
-
-    Returns whether the VMM allocator will be (or already is) in use.
-    """
-    if ENV not in os.environ and not _backend_started():
-        os.environ[ENV] = "vmm"
-    return vmm_active()
-
-
 def vmm_active() -> bool:
     """Whether this process's GPU allocator is (or will start as) VMM."""
     return os.environ.get(ENV, "").lower() == "vmm"
-
-
-def _backend_started() -> bool:
-    if "jax" not in sys.modules:
-        return False
-    from jax._src import xla_bridge
-
-    return bool(getattr(xla_bridge, "_backends", None))
 
 
 def mem_fraction() -> float:

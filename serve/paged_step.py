@@ -165,22 +165,22 @@ def step_compiler_options(traced_libraries: bool = True) -> dict | None:
 
     A decode step launches ~40 kernels per layer; one by one, the launches cost more than
     the kernels at small batches. XLA's default command buffers leave custom calls (our
-    kernels) and collectives out, so a TP=2 step was ~100 short graphs per device, and each
-    was re-recorded on every step because an allocation it read had moved. Under the VMM
-    allocator (serve/allocator.py) ``SKIP_PROFILED`` treats every allocation whose address
-    held still over the first executions (weights, the donated KV pools and batch staging,
-    the temp buffer) as fixed, so with the all-reduces inside (COLLECTIVES) a device runs
-    its decode step as about one graph that is not re-recorded. Full-size Scout, TP=2 on
-    2xH200, batch-1 decode at 8k: 27.5 -> 13.0 ms per step (benchmarks/NOTES-model.md).
-    Without VMM the collectives stay out: a graph holding one re-records whenever any
-    allocation it touches is not fixed, i.e. always.
+    kernels) out and so cut the step into short graphs. A graph is re-recorded when an
+    allocation it reads has moved; the step keeps its addresses still (``make_step_fn(
+    reuse_outputs=True)``, serve/allocator.py), so under XLA's default allocator each graph
+    is recorded once. There a graph holding an all-reduce would re-record on every step, so
+    the collectives stay out and a TP=2 step is ~2 graphs per layer per device.
+
+    Under the VMM allocator (a user's choice: serve/allocator.py says why it is not ours)
+    ``SKIP_PROFILED`` treats every allocation whose address held still over the first
+    executions as fixed, and the all-reduces go inside (COLLECTIVES).
 
     ``traced_libraries=False`` leaves cuBLAS and cuBLASLt calls out of the graphs. A graph
     that must be re-recorded re-records library calls by stream capture, which is slow: with
     FP8 weights (cuBLASLt FP8 matmuls) on one H200, when 4 of the step's allocations still
     moved every step (its outputs and staged inputs, fixed since by
     ``make_step_fn(reuse_outputs=True)``), a 12-layer Scout slice decoded batch 1 in 6.51
-    ms/step with them in and 5.15 with them out. With the step's addresses fixed the slice
+    ms/step with them in and 5.15 with them out. With the step's addresses fixed (VMM) the slice
     took 4.48 ms out and 5.09 in at batch 1, 7.60 out and 6.96 in at batch 8; FP8 weights
     on one device keep them out (benchmarks/NOTES-model.md).
 

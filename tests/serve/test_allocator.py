@@ -1,6 +1,5 @@
 """The serving process's allocator choice and its device-memory fallback (serve/allocator.py)."""
 
-import os
 import types
 
 import jax
@@ -9,21 +8,16 @@ import pytest
 from jaxattn.serve import allocator, paged_step
 
 
-def test_prefer_vmm_leaves_a_users_choice_and_a_started_backend(monkeypatch):
-    monkeypatch.setenv(allocator.ENV, "bfc")
-    assert allocator.prefer_vmm() is False
-    assert allocator.vmm_active() is False
-    monkeypatch.delenv(allocator.ENV)
-    jax.devices()  # the backend has started: too late to choose, nothing is set
-    assert allocator.prefer_vmm() is False
-    assert allocator.ENV not in os.environ
-
-
-def test_prefer_vmm_before_the_backend_starts(monkeypatch):
-    monkeypatch.delenv(allocator.ENV, raising=False)
-    monkeypatch.setattr(allocator, "_backend_started", lambda: False)
-    assert allocator.prefer_vmm() is True
-    assert allocator.vmm_active()
+@pytest.mark.parametrize("value,vmm", [(None, False), ("bfc", False), ("platform", False),
+                                       ("vmm", True), ("VMM", True)])
+def test_vmm_only_when_the_user_asks_for_it(monkeypatch, value, vmm):
+    """The engine keeps XLA's default allocator; the VMM way of pinning addresses (and its
+    step options) only when the user's environment names it."""
+    if value is None:
+        monkeypatch.delenv(allocator.ENV, raising=False)
+    else:
+        monkeypatch.setenv(allocator.ENV, value)
+    assert allocator.vmm_active() is vmm
 
 
 def _device(platform="gpu", stats=None):

@@ -148,8 +148,11 @@ def test_http_server_over_data_parallel_replicas(model_dir, alone):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "serve"))
     from server_util import LiveServer  # tests/serve/server_util.py
 
+    allocator_before = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR")
     engine = LLMEngine.from_config(EngineConfig(model=model_dir, tensor_parallel_size=2,
                                                 data_parallel_size=2, **SHAPE))
+    # The engine leaves the allocator to XLA's default (serve/allocator.py says why).
+    assert os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") == allocator_before
     engine.warmup(progress=False)
     warm = engine.compile_count
     greedy = [(p, want) for i, (p, want) in enumerate(zip(_prompts(), alone)) if i % 2]
