@@ -32,17 +32,16 @@ for what in "${@:-all}"; do
     fp8|all) python3 -m benchmarks.fp8_matmul || status=1 ;;&
     multigpu) python3 -m benchmarks.multigpu || status=1 ;;&
     # The step's command-buffer settings (benchmarks/NOTES-model.md) on a 12-layer slice on all
-    # GPUs, ~100 s each, each with a profiled batch-1 step: the old BFC allocator (every graph
-    # re-recorded each step), VMM with only the temp buffer fixed and no collectives in the
-    # graphs, and the engine's default (VMM, SKIP_PROFILED, COLLECTIVES).
+    # GPUs, ~100 s each, each with a profiled batch-1 step: the engine's default (XLA's BFC
+    # allocator, the step's addresses kept still by the step), VMM with SKIP_PROFILED and the
+    # collectives inside the graphs, and VMM with only the temp buffer fixed.
     decode-host)
       slice="--layers 12 --lengths 8192 --skip-alone --decode-batches 1,8 --max-num-seqs 8 --buckets 16,8192"
-      for v in bfc vmm-skip-temp default; do
+      for v in default vmm vmm-skip-temp; do
         env=()
         case $v in
-          bfc) env+=(XLA_PYTHON_CLIENT_ALLOCATOR=bfc) ;;
-          vmm-skip-temp) env+=(JAXATTN_COMMAND_BUFFER_UPDATE=SKIP_TEMP
-                               JAXATTN_COMMAND_BUFFER=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION) ;;
+          vmm) env+=(XLA_PYTHON_CLIENT_ALLOCATOR=vmm) ;;
+          vmm-skip-temp) env+=(XLA_PYTHON_CLIENT_ALLOCATOR=vmm JAXATTN_COMMAND_BUFFER_UPDATE=SKIP_TEMP) ;;
         esac
         env "${env[@]}" timeout 140 python3 -m benchmarks.multigpu $slice --tag="-decode-host-$v" \
           || status=1
