@@ -127,11 +127,8 @@ def _setup_environment(dry_run: bool) -> None:
             os.environ["XLA_FLAGS"] = \
                 f"{flags} --xla_force_host_platform_device_count={DRY_DEVICES}".strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    else:
-        from jaxattn.serve import allocator
-
+    else:  # the allocator stays XLA's default, as in the serving engine (serve/allocator.py)
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
-        allocator.prefer_vmm()  # as the serving engine does
 
 
 def _config(args):

@@ -72,3 +72,16 @@ def test_dry_run_fp8_kv_cache(tmp_path, monkeypatch):
         res = json.load(f)
     assert res["kv_cache_dtype"] == "fp8" and res["all_completed"]
     assert res["compiles_after_warmup"] == 0
+
+
+def test_gpu_environment_keeps_the_default_allocator(monkeypatch):
+    """On GPUs the script lets XLA use 90% of memory and, like the engine, leaves the allocator
+    to XLA's default (serve/allocator.py); a user's own settings win."""
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR", raising=False)
+    multigpu._setup_environment(dry_run=False)
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
+    assert "XLA_PYTHON_CLIENT_ALLOCATOR" not in os.environ
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    multigpu._setup_environment(dry_run=False)
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.95"
