@@ -21,6 +21,20 @@ from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init
 from jaxattn.models.llama4.quantization import Fp8Scheme
 
 
+def sorted_position(keys, num_keys: int):
+    """Where each element of ``keys`` (int [M], values in ``[0, num_keys)``) lands in a
+    stable sort of them: ``argsort(keys, stable=True)`` inverted, as a counting sort.
+
+    An expert id has few values, so a one-hot cumulative count does in a few fused XLA
+    kernels what a sort kernel does alone (and the inverse permutation comes free).
+    """
+    onehot = keys[:, None] == jnp.arange(num_keys, dtype=keys.dtype)  # [M, num_keys]
+    seen = jnp.cumsum(onehot, axis=0, dtype=jnp.int32)  # [M, num_keys]: count up to row i
+    starts = jnp.cumsum(seen[-1]) - seen[-1]  # [num_keys]: first row of each key
+    return (starts[keys] + jnp.take_along_axis(seen, keys[:, None], axis=1)[:, 0] - 1
+            ).astype(jnp.int32)
+
+
 class MLP(nnx.Module):
     """SwiGLU MLP: the dense layers (``intermediate_size_mlp``) and the shared expert."""
 
@@ -114,14 +128,19 @@ class MoE(nnx.Module):
         x = x.reshape(-1, shape[-1])  # [N, H]
         n, k = x.shape[0], self.top_k
         logits = self.router(x)  # [N, E]
-        top_logit, top_expert = lax.top_k(logits, k)  # [N, k]
+        if k == 1:  # Scout: a max and an argmax fuse with the router; top_k is a sort kernel
+            top_logit = logits.max(-1, keepdims=True)
+            top_expert = jnp.argmax(logits, -1, keepdims=True).astype(jnp.int32)
+        else:
+            top_logit, top_expert = lax.top_k(logits, k)  # [N, k]
         # HF scales the expert *input* by the sigmoid score (computed in f32, then cast),
         # not the output; unselected experts see a zero input and so contribute zero.
         scores = jax.nn.sigmoid(top_logit.astype(jnp.float32)).astype(x.dtype)
         expert = top_expert.reshape(-1)  # [N*k], token-major
         if valid is not None:  # padding: past the last expert (sorted last, counted nowhere)
             expert = jnp.where(jnp.repeat(valid.reshape(-1), k), expert, self.num_experts)
-        order = jnp.argsort(expert, stable=True)
+        position = sorted_position(expert, self.num_experts + 1)  # [N*k]: row in sorted order
+        order = jnp.zeros_like(position).at[position].set(jnp.arange(n * k, dtype=jnp.int32))
         rows = x[order // k] * scores.reshape(-1)[order][:, None]  # [N*k, H] sorted by expert
         group_sizes = jnp.bincount(expert, length=self.num_experts).astype(jnp.int32)
         local_experts = self.experts.num_experts
@@ -129,8 +148,7 @@ class MoE(nnx.Module):
             routed = self.experts(rows, group_sizes, gmm_impl)
         else:
             routed = self._local_experts(rows, group_sizes, local_experts, axes, gmm_impl)
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
-        routed = routed[inverse].reshape(n, k, -1)  # back to token-major
+        routed = routed[position].reshape(n, k, -1)  # back to token-major
         routed = routed[:, 0] if k == 1 else routed.sum(1, dtype=x.dtype)
         if valid is not None:  # the kernels leave rows past the groups unwritten
             routed = jnp.where(valid.reshape(-1, 1), routed, jnp.zeros((), routed.dtype))

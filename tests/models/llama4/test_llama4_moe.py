@@ -1,13 +1,16 @@
-"""The MoE block of the serving step: bucket padding rows reach no expert."""
+"""The MoE block: routing as HF computes it, its counting sort, and bucket padding rows
+reaching no expert."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxattn.models import llama4
-from jaxattn.models.llama4.moe import Experts, MoE
+from jaxattn.models.llama4.moe import Experts, MoE, sorted_position
 
 
 @pytest.mark.slow
@@ -34,3 +37,38 @@ def test_padding_rows_go_to_no_expert(monkeypatch):
     # Padding rows: the shared expert only (their routed part is zero, not garbage).
     np.testing.assert_allclose(padded[5:], moe.shared_expert(x[5:]), rtol=1e-5, atol=1e-6)
     assert bool(jnp.isfinite(padded).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.lists(st.integers(0, 16), min_size=1, max_size=300))
+def test_sorted_position_is_a_stable_argsort_inverted(extra, keys):
+    """The MoE's counting sort: each row's place in a stable sort by expert (padding rows
+    carry the past-the-end id), the inverse of ``argsort(stable=True)``."""
+    num_keys = max(keys) + extra
+    keys = jnp.asarray(keys, jnp.int32)
+    want = np.empty(len(keys), np.int32)
+    want[np.argsort(np.asarray(keys), kind="stable")] = np.arange(len(keys))
+    np.testing.assert_array_equal(sorted_position(keys, num_keys), want)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_routing_matches_a_per_token_loop(top_k):
+    """Each token's output: the shared expert plus, for each of its top-k experts, that
+    expert's SwiGLU of the token scaled by the sigmoid of its router logit (HF's
+    Llama4TextMoe), computed token by token."""
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=512, hidden_size=32, intermediate_size=16, intermediate_size_mlp=32,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_local_experts=5, num_experts_per_tok=top_k, interleave_moe_layer_step=1))
+    moe = MoE(config, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(4), (23, 32), jnp.float32)
+    got = moe(x, gmm_impl="xla")
+    logits = np.asarray(moe.router(x))
+    e = moe.experts
+    want = np.array(moe.shared_expert(x))
+    for t in range(x.shape[0]):
+        for j in np.argsort(-logits[t], kind="stable")[:top_k]:
+            xt = x[t] * jax.nn.sigmoid(logits[t, j])
+            h = jax.nn.silu(xt @ e.gate_proj[j]) * (xt @ e.up_proj[j])
+            want[t] += np.asarray(h @ e.down_proj[j])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
