@@ -43,6 +43,7 @@ chunk boundary, just past it, 2-16 chunks), so it checks everything but the numb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="auto", choices=["auto", "reference", "mosaic"])
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="FP8 expert/MLP weights (one H200 holds all of Scout)")
+    p.add_argument("--fp8-attention", action="store_true",
+                   help="with --quantization fp8: the q/k/v/o projections FP8 too "
+                        "(Fp8Scheme(attention=True); 29%% of a batch-1 step's bytes in bf16)")
     p.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"],
                    help="fp8: the FP8 KV cache (about twice the tokens; issue 21's 1M-token run)")
     p.add_argument("--async-scheduling", default=True, action=argparse.BooleanOptionalAction,
@@ -240,7 +244,8 @@ def roofline_ms(config, res: dict, batch: int, kv_len: int) -> float:
     """Bytes each device must read for one decode step / the same-run read bandwidth."""
     from benchmarks.roofline import decode_bytes
 
-    b = decode_bytes(config, batch, kv_len, fp8=res.get("quantization") == "fp8")
+    b = decode_bytes(config, batch, kv_len, fp8=res.get("quantization") == "fp8",
+                     fp8_attention=res.get("fp8_attention", False))
     return (b["weight_bytes"] + b["kv_bytes"]) / res["num_devices"] / res["read_bytes_s"] * 1e3
 
 
@@ -365,6 +370,7 @@ def run(args) -> dict:
            "mesh": pc.describe(), "layers": config.num_hidden_layers,
            "experts": config.num_local_experts, "hidden": config.hidden_size,
            "dtype": dtype, "quantization": args.quantization, "impl": args.impl,
+           "fp8_attention": bool(args.quantization and args.fp8_attention),
            "kv_cache_dtype": args.kv_cache_dtype or dtype,
            "async_scheduling": args.async_scheduling,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
@@ -386,8 +392,10 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     from jaxattn.models.llama4.quantization import scheme
 
-    model = sharding.init_random(config, mesh, seed=0, dtype=dtype,
-                                 fp8=scheme(args.quantization))
+    fp8 = scheme(args.quantization)
+    if fp8 is not None and args.fp8_attention:
+        fp8 = dataclasses.replace(fp8, attention=True)
+    model = sharding.init_random(config, mesh, seed=0, dtype=dtype, fp8=fp8)
     jax.block_until_ready(jax.tree.leaves(model))
     res["init_s"] = time.perf_counter() - t0
     res["memory_after_weights"] = device_memory()
@@ -496,7 +504,8 @@ def main(argv=None) -> int:
     _setup_environment(args.dry_run)
     res = run(args)
     print(table(res), flush=True)
-    quant = f"-{args.quantization}" if args.quantization else ""
+    quant = (f"-{args.quantization}{'-attn' if args.fp8_attention else ''}"
+             if args.quantization else "")
     name = f"multigpu-{res['date']}{'-dryrun' if args.dry_run else ''}{quant}{args.tag}.json"
     for d in {args.out, os.environ.get("OUT") or None} - {None}:
         os.makedirs(d, exist_ok=True)

@@ -11,9 +11,11 @@ import time
 BF16_PEAK_TFLOPS = 989.4
 
 
-def decode_bytes(cfg, batch: int, kv_len: int, *, fp8: bool = False) -> dict:
-    """Bytes one decode step must read (bf16 weights; ``fp8``: the experts and MLPs at one byte
-    and their scales): the weights it uses and the KV it attends to."""
+def decode_bytes(cfg, batch: int, kv_len: int, *, fp8: bool = False,
+                 fp8_attention: bool = False) -> dict:
+    """Bytes one decode step must read (bf16 weights; ``fp8``: the experts and MLPs at one byte;
+    ``fp8_attention``: the attention projections too; scales not counted): the weights it uses
+    and the KV it attends to."""
     h, d, e, inter = cfg.hidden_size, cfg.head_dim, cfg.num_local_experts, cfg.intermediate_size
     attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
     # Experts the batch can hit: expected distinct experts under uniform top-k routing
@@ -26,7 +28,7 @@ def decode_bytes(cfg, batch: int, kv_len: int, *, fp8: bool = False) -> dict:
             ff = 3 * h * inter * (1 + hit) * ff_bytes + 2 * h * e
         else:
             ff = 3 * h * cfg.intermediate_size_mlp * ff_bytes
-        weights += 2 * attn + ff + 2 * 2 * h
+        weights += (1 if fp8_attention else 2) * attn + ff + 2 * 2 * h
         chunk = cfg.layer_chunk_size(i)
         visible = kv_len if chunk is None else kv_len - ((kv_len - 1) // chunk) * chunk
         kv += batch * visible * cfg.num_key_value_heads * d * 2

@@ -208,6 +208,17 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
                                   out_dtype=jnp.dtype(out_dtype))[:m]
 
 
+def nonempty_first(nonempty):
+    """Indices of ``nonempty`` (bool [n]) with the True ones first, each side in order
+    (``argsort(~nonempty, stable=True)``), as cumulative counts and one scatter: a sort
+    kernel at every expert matmul of a decode step cost more than its few elements."""
+    idx = jnp.arange(nonempty.shape[0], dtype=jnp.int32)
+    before = jnp.cumsum(nonempty, dtype=jnp.int32) - nonempty  # True ones before each index
+    count = before[-1] + nonempty[-1]
+    dest = jnp.where(nonempty, before, count + idx - before)
+    return jnp.zeros_like(idx).at[dest].set(idx, unique_indices=True)
+
+
 def _tile_info(group_sizes, block_m: int, tile):
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
 
@@ -243,8 +254,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None
     # The tiles holding rows first, then their count: [grid_m + 1] int32.
     sizes = jax.vmap(lambda t: _tile_info(group_sizes, bm, t).actual_size)(
         jnp.arange(grid_m, dtype=jnp.int32))
-    tiles = jnp.argsort(sizes <= 0, stable=True).astype(jnp.int32)
-    tiles = jnp.append(tiles, jnp.sum(sizes > 0, dtype=jnp.int32))
+    tiles = jnp.append(nonempty_first(sizes > 0), jnp.sum(sizes > 0, dtype=jnp.int32))
     final_dtype = out_dtype or lhs.dtype
     out_dtype = final_dtype if splits == 1 else jnp.float32
     # 8-bit weights are K-major [N, K] tiles, transposed for the wgmma (a view, no copy).

@@ -11,12 +11,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxattn.kernels import common, grouped_matmul as gm
 
 
 DECODE = gm.GroupedMatmulConfig(block_m=64)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=200))
+def test_nonempty_first_is_a_stable_partition(flags):
+    """The kernel's tile list: tiles holding rows first, each side in index order."""
+    flags = np.asarray(flags)
+    want = np.argsort(~flags, kind="stable")
+    np.testing.assert_array_equal(gm.nonempty_first(jnp.asarray(flags)), want)
 
 
 @pytest.mark.parametrize("m,sizes,n,config", [

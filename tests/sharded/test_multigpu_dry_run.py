@@ -45,19 +45,21 @@ def test_dry_run_expert_parallel_mixed_only(tmp_path, monkeypatch):
     assert res["compiles_after_warmup"] == 0 and len(res["mixed"]["requests"]) == 3
 
 
-@pytest.mark.parametrize("split", [["-tp", "1"], ["-tp", "2", "-ep", "4"]])
+@pytest.mark.parametrize("split", [["-tp", "1"], ["-tp", "2", "-ep", "4", "--fp8-attention"]])
 def test_dry_run_fp8(tmp_path, monkeypatch, split):
     """--quantization fp8: FP8 experts and MLPs drawn per parameter and quantised on the
-    devices; one device (all of Scout on one H200) and expert x tensor parallel."""
+    devices; one device (all of Scout on one H200) and expert x tensor parallel (there with
+    the attention projections FP8 too)."""
     monkeypatch.delenv("OUT", raising=False)
     assert multigpu.main(["--dry-run", *split, "--quantization", "fp8", "--skip-alone",
                           "--decode-tokens", "2", "--lengths", "64,79,200",
                           "--decode-batches", "", "--out", str(tmp_path)]) == 0
     (name,) = os.listdir(tmp_path)
-    assert "fp8" in name
+    attn = "--fp8-attention" in split
+    assert ("fp8-attn" in name) is attn and "fp8" in name
     with open(tmp_path / name) as f:
         res = json.load(f)
-    assert res["quantization"] == "fp8" and res["all_completed"]
+    assert res["quantization"] == "fp8" and res["fp8_attention"] is attn and res["all_completed"]
     assert res["compiles_after_warmup"] == 0 and len(res["mixed"]["requests"]) == 3
 
 
