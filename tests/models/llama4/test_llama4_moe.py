@@ -43,12 +43,14 @@ def test_padding_rows_go_to_no_expert(monkeypatch):
 @given(st.integers(1, 5), st.lists(st.integers(0, 16), min_size=1, max_size=300))
 def test_sorted_position_is_a_stable_argsort_inverted(extra, keys):
     """The MoE's counting sort: each row's place in a stable sort by expert (padding rows
-    carry the past-the-end id), the inverse of ``argsort(stable=True)``."""
+    carry the past-the-end id), the inverse of ``argsort(stable=True)``, and the counts."""
     num_keys = max(keys) + extra
     keys = jnp.asarray(keys, jnp.int32)
     want = np.empty(len(keys), np.int32)
     want[np.argsort(np.asarray(keys), kind="stable")] = np.arange(len(keys))
-    np.testing.assert_array_equal(sorted_position(keys, num_keys), want)
+    position, counts = sorted_position(keys, num_keys)
+    np.testing.assert_array_equal(position, want)
+    np.testing.assert_array_equal(counts, np.bincount(np.asarray(keys), minlength=num_keys))
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
