@@ -180,9 +180,9 @@ def step_compiler_options(traced_libraries: bool = True) -> dict | None:
     FP8 weights (cuBLASLt FP8 matmuls) on one H200, when 4 of the step's allocations still
     moved every step (its outputs and staged inputs, fixed since by
     ``make_step_fn(reuse_outputs=True)``), a 12-layer Scout slice decoded batch 1 in 6.51
-    ms/step with them in and 5.15 with them out. With the step's addresses fixed (VMM) the slice
-    took 4.48 ms out and 5.09 in at batch 1, 7.60 out and 6.96 in at batch 8; FP8 weights
-    on one device keep them out (benchmarks/NOTES-model.md).
+    ms/step with them in and 5.15 with them out. With the step's addresses fixed (under VMM)
+    the slice took 4.48 ms out and 5.09 in at batch 1, 7.60 out and 6.96 in at batch 8; FP8
+    weights on one device keep them out (benchmarks/NOTES-model.md).
 
     XLA's DotMerger is off (``xla_gpu_dot_merger_threshold_mb=0``; ``XLA_FLAGS`` may say
     otherwise): it merges dots that share an operand by concatenating the others, and
