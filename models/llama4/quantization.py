@@ -8,12 +8,12 @@ channel f32 scales (activations are quantised per token at run time, see
   prefill FLOPs; the FP8 grouped matmul runs them.
 * shared expert and the dense layers' MLP: FP8 (XLA's FP8 dot), as published FP8 Llama 4
   checkpoints and Meta's ``fp8_mixed`` do for the expert MLPs.
-* attention projections: bf16. They are 2% of Scout's weights (~4.2 GB), so FP8 would
-  save ~2 GB of 108, and on one GPU their bf16 GEMMs ([T, 5120] x [5120, 5120/1024]) are
-  a small part of a layer next to the experts and attention itself; a published FP8
-  Scout leaves them bf16 too. ``Fp8Scheme(attention=True)`` turns them FP8 (the same
-  ``Linear`` path) for whoever measures it paying: benchmarks/fp8_matmul.py compares
-  the dense FP8 dot with bf16 at these shapes.
+* attention projections: bf16, as a published FP8 Scout leaves them. They are 3% of
+  Scout's weights (6.0 GB in bf16), and at prefill their GEMMs ([T, 5120] x [5120,
+  5120/1024]) are a small part of a layer next to the experts and attention itself. But a
+  batch-1 decode step on one GPU reads all of them: 29% of its bytes.
+  ``Fp8Scheme(attention=True)`` turns them FP8 (the same ``Linear`` path); ``python -m
+  benchmarks.multigpu --quantization fp8 --fp8-attention`` times it (not yet run).
 * embeddings, router, norms and LM head: never (small, and the router's and head's
   outputs are sensitive: routing decisions and logits).
 
