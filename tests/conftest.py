@@ -21,6 +21,20 @@ compile_cache.enable()
 # touched a device yet.)
 jax.config.update("jax_num_cpu_devices", 8)
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled programs after each test file. Every XLA:CPU executable keeps a
+    few memory maps while it lives, and an xdist worker compiles thousands of programs: past
+    the kernel's vm.max_map_count (65,530 by default) the next compile or cache load
+    segfaults inside XLA (seen as random crashes late in ``make test``; reproduced with the
+    limit lowered to 9,000). What a later file needs again comes back from the persistent
+    cache."""
+    yield
+    jax.clear_caches()
+
+
 # Files whose tests are independent of each other and each compile their own kernels or
 # meshes: xdist hands their tests out one by one (tests that share compilations keep an
 # xdist_group mark of their own). Every other file is one unit on one worker (module
