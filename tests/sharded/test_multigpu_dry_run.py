@@ -79,8 +79,9 @@ def test_dry_run_fp8_kv_cache(tmp_path, monkeypatch):
 def test_gpu_environment_keeps_the_default_allocator(monkeypatch):
     """On GPUs the script lets XLA use 90% of memory and, like the engine, leaves the allocator
     to XLA's default (serve/allocator.py); a user's own settings win."""
-    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-    monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR", raising=False)
+    for name in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.setenv(name, "")  # so that teardown restores the variable as it was,
+        monkeypatch.delenv(name)  # also what the function sets behind monkeypatch's back
     multigpu._setup_environment(dry_run=False)
     assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
     assert "XLA_PYTHON_CLIENT_ALLOCATOR" not in os.environ
