@@ -208,15 +208,25 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
                                   out_dtype=jnp.dtype(out_dtype))[:m]
 
 
-def nonempty_first(nonempty):
-    """Indices of ``nonempty`` (bool [n]) with the True ones first, each side in order
-    (``argsort(~nonempty, stable=True)``), as cumulative counts and one scatter: a sort
-    kernel at every expert matmul of a decode step cost more than its few elements."""
-    idx = jnp.arange(nonempty.shape[0], dtype=jnp.int32)
-    before = jnp.cumsum(nonempty, dtype=jnp.int32) - nonempty  # True ones before each index
-    count = before[-1] + nonempty[-1]
-    dest = jnp.where(nonempty, before, count + idx - before)
-    return jnp.zeros_like(idx).at[dest].set(idx, unique_indices=True)
+def counting_sort(keys, num_keys: int):
+    """A stable sort of ``keys`` (int [M], values in ``[0, num_keys)``) by counting: ``order``
+    (int32 [M]: ``argsort(keys, stable=True)``), ``position`` (int32 [M]: where each element
+    lands, the inverse of ``order``) and ``counts`` (int32 [num_keys]: elements per key).
+
+    Grouped-matmul keys (an expert id, a tile being empty) have few values, so a one-hot
+    cumulative count does in a few fused XLA kernels what a sort kernel, an inverse scatter
+    and a bincount did: at every expert matmul of a decode step those sorts cost more than
+    their few elements.
+    """
+    onehot = keys[:, None] == jnp.arange(num_keys, dtype=keys.dtype)  # [M, num_keys]
+    seen = jnp.cumsum(onehot, axis=0, dtype=jnp.int32)  # [M, num_keys]: count up to row i
+    counts = seen[-1]
+    starts = jnp.cumsum(counts) - counts  # [num_keys]: first row of each key
+    position = (starts[keys] + jnp.take_along_axis(seen, keys[:, None], axis=1)[:, 0] - 1
+                ).astype(jnp.int32)
+    order = jnp.zeros_like(position).at[position].set(
+        jnp.arange(keys.shape[0], dtype=jnp.int32), unique_indices=True)
+    return order, position, counts
 
 
 def _tile_info(group_sizes, block_m: int, tile):
@@ -254,7 +264,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None
     # The tiles holding rows first, then their count: [grid_m + 1] int32.
     sizes = jax.vmap(lambda t: _tile_info(group_sizes, bm, t).actual_size)(
         jnp.arange(grid_m, dtype=jnp.int32))
-    tiles = jnp.append(nonempty_first(sizes > 0), jnp.sum(sizes > 0, dtype=jnp.int32))
+    order, _, counts = counting_sort(jnp.where(sizes > 0, 0, 1), 2)
+    tiles = jnp.append(order, counts[0])
     final_dtype = out_dtype or lhs.dtype
     out_dtype = final_dtype if splits == 1 else jnp.float32
     # 8-bit weights are K-major [N, K] tiles, transposed for the wgmma (a view, no copy).

@@ -15,26 +15,10 @@ from flax import nnx
 from jax import lax
 
 from jaxattn.kernels import fp8 as fp8_lib
-from jaxattn.kernels.grouped_matmul import grouped_matmul, grouped_matmul_fp8
+from jaxattn.kernels.grouped_matmul import counting_sort, grouped_matmul, grouped_matmul_fp8
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init
 from jaxattn.models.llama4.quantization import Fp8Scheme
-
-
-def sorted_position(keys, num_keys: int):
-    """A counting sort of ``keys`` (int [M], values in ``[0, num_keys)``): where each element
-    lands in a stable sort (``argsort(keys, stable=True)`` inverted), int32 [M], and how many
-    of each key there are, int32 [num_keys].
-
-    An expert id has few values, so a one-hot cumulative count does in a few fused XLA
-    kernels what a sort kernel, its inverse scatter and a bincount did.
-    """
-    onehot = keys[:, None] == jnp.arange(num_keys, dtype=keys.dtype)  # [M, num_keys]
-    seen = jnp.cumsum(onehot, axis=0, dtype=jnp.int32)  # [M, num_keys]: count up to row i
-    counts = seen[-1]
-    starts = jnp.cumsum(counts) - counts  # [num_keys]: first row of each key
-    position = starts[keys] + jnp.take_along_axis(seen, keys[:, None], axis=1)[:, 0] - 1
-    return position.astype(jnp.int32), counts
 
 
 class MLP(nnx.Module):
@@ -142,10 +126,8 @@ class MoE(nnx.Module):
         if valid is not None:  # padding: past the last expert (sorted last, counted nowhere)
             expert = jnp.where(jnp.repeat(valid.reshape(-1), k), expert, self.num_experts)
         # position [N*k]: each copy's row in expert order; the padding id counts last.
-        position, counts = sorted_position(expert, self.num_experts + 1)
+        order, position, counts = counting_sort(expert, self.num_experts + 1)
         group_sizes = counts[:self.num_experts]
-        order = jnp.zeros_like(position).at[position].set(jnp.arange(n * k, dtype=jnp.int32),
-                                                          unique_indices=True)
         rows = x[order // k] * scores.reshape(-1)[order][:, None]  # [N*k, H] sorted by expert
         local_experts = self.experts.num_experts
         if local_experts == self.num_experts:

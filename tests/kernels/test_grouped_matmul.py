@@ -22,12 +22,17 @@ DECODE = gm.GroupedMatmulConfig(block_m=64)
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.booleans(), min_size=1, max_size=200))
-def test_nonempty_first_is_a_stable_partition(flags):
-    """The kernel's tile list: tiles holding rows first, each side in index order."""
-    flags = np.asarray(flags)
-    want = np.argsort(~flags, kind="stable")
-    np.testing.assert_array_equal(gm.nonempty_first(jnp.asarray(flags)), want)
+@given(st.integers(1, 5), st.lists(st.integers(0, 16), min_size=1, max_size=300))
+def test_counting_sort_is_a_stable_argsort(extra, keys):
+    """The expert order of the MoE (padding rows carry the past-the-end id) and the kernel's
+    tile list (key 0: a tile holding rows): a stable argsort, its inverse and the counts."""
+    num_keys = max(keys) + extra
+    keys = np.asarray(keys, np.int32)
+    want = np.argsort(keys, kind="stable")
+    order, position, counts = gm.counting_sort(jnp.asarray(keys), num_keys)
+    np.testing.assert_array_equal(order, want)
+    np.testing.assert_array_equal(np.asarray(order)[np.asarray(position)], np.arange(len(keys)))
+    np.testing.assert_array_equal(counts, np.bincount(keys, minlength=num_keys))
 
 
 @pytest.mark.parametrize("m,sizes,n,config", [
