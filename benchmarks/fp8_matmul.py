@@ -84,17 +84,14 @@ def grouped(args) -> list[dict]:
             gs = jnp.asarray(sizes)
             x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
             xq, xs = jax.jit(fp8.quantize)(x)
-            cfg = gm.pick_config(m, k, n, fp8=True)
-            xs_pad = jnp.pad(xs, (0, -m % cfg.block_m))
-            xq_pad = xq if m <= 8 or m % 8 == 0 else jnp.pad(xq, ((0, -m % 8), (0, 0)))
             fns = {
                 "bf16": jax.jit(lambda x, w, gs: gm.grouped_matmul(x, w, gs, impl="mosaic")),
-                "fp8 kernel": jax.jit(lambda xq, xs, w, s, gs: gm._mosaic_grouped_matmul(
-                    xq, w, gs, xs, s, config=cfg, out_dtype=jnp.dtype(jnp.bfloat16))),
+                "fp8 kernel": jax.jit(lambda xq, xs, w, s, gs: gm.grouped_matmul_fp8(
+                    fp8.Quantized(xq, xs, jnp.bfloat16), w, s, gs, impl="mosaic")),
                 "fp8 +quant": jax.jit(lambda x, w, s, gs: gm.grouped_matmul_fp8(
                     x, w, s, gs, impl="mosaic")),
             }
-            fargs = {"bf16": (x, w, gs), "fp8 kernel": (xq_pad, xs_pad, wq, ws, gs),
+            fargs = {"bf16": (x, w, gs), "fp8 kernel": (xq, xs, wq, ws, gs),
                      "fp8 +quant": (x, wq, ws, gs)}
             t = interleaved(fns, fargs, args.rounds, args.reps)
             hit = int((sizes > 0).sum())
@@ -142,9 +139,8 @@ def sweep(args) -> list[dict]:
             if n % (cfg.block_n * cfg.grid_block_n) and cfg.grid_block_n > 1:
                 continue
             try:
-                f = jax.jit(lambda xq, xs, w, s, gs, cfg=cfg: gm._mosaic_grouped_matmul(
-                    xq, w, gs, jnp.pad(xs, (0, -m % cfg.block_m)), s, config=cfg,
-                    out_dtype=jnp.dtype(jnp.bfloat16)))
+                f = jax.jit(lambda xq, xs, w, s, gs, cfg=cfg: gm.grouped_matmul_fp8(
+                    fp8.Quantized(xq, xs, jnp.bfloat16), w, s, gs, impl="mosaic", config=cfg))
                 t = interleaved({"c": f}, {"c": (xq, xs, wq, ws, gs)}, args.rounds, args.reps)["c"]
             except Exception as e:  # a config over the SMEM or register budget
                 print(f"{name} {cfg}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -191,9 +187,9 @@ def decode_sweep(args) -> list[dict]:
             for cfg in sorted(configs, key=lambda c: (c.block_n, c.max_concurrent_steps,
                                                       c.k_splits)):
                 if dtype == "fp8":
-                    f = jax.jit(lambda xq, xs, w, s, gs, cfg=cfg: gm._mosaic_grouped_matmul(
-                        xq, w, gs, jnp.pad(xs, (0, -m % cfg.block_m)), s, config=cfg,
-                        out_dtype=jnp.dtype(jnp.bfloat16)))
+                    f = jax.jit(lambda xq, xs, w, s, gs, cfg=cfg: gm.grouped_matmul_fp8(
+                        fp8.Quantized(xq, xs, jnp.bfloat16), w, s, gs, impl="mosaic",
+                        config=cfg))
                     fargs = (xq, xs, wq, ws, gs)
                 else:
                     f = jax.jit(lambda x, w, gs, cfg=cfg: gm.grouped_matmul(

@@ -23,6 +23,10 @@ f32 output, which XLA lowers to a cuBLASLt FP8 GEMM on Hopper and computes exact
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -31,6 +35,32 @@ DTYPE = jnp.float8_e4m3fn
 MAX = float(jnp.finfo(DTYPE).max)  # 448
 # Scale floor: an all-zero row quantises to zeros with a finite scale (no 0/0).
 MIN_SCALE = 1e-12
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scale"],
+                   meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """Rows quantised already (:func:`quantize` along the last axis): ``values`` float8
+    [..., K], ``scale`` f32 [...], and ``dtype``, the rows' own (the products' default
+    output dtype). The products take it in place of the rows, so rows that several FP8
+    matmuls read (the shared and the routed experts' input) are quantised once."""
+
+    values: jax.Array
+    scale: jax.Array
+    dtype: Any
+
+    @classmethod
+    def of(cls, x, scale_ub: float | None = None) -> "Quantized":
+        return cls(*quantize(x, -1, scale_ub), jnp.dtype(x.dtype))
+
+    def take(self, rows, row_scale=None) -> "Quantized":
+        """Rows ``rows`` (int [R]), their scales times ``row_scale`` [R] if given: the
+        quantisation of ``x[rows] * row_scale[:, None]`` up to that product's rounding."""
+        scale = self.scale[rows]
+        if row_scale is not None:
+            scale = scale * row_scale.astype(jnp.float32)
+        return Quantized(self.values[rows], scale, self.dtype)
 
 
 def quantize(x, axis: int = -1, scale_ub: float | None = None):
@@ -59,11 +89,12 @@ def dequantize(q, scale, axis: int = -1, dtype=jnp.float32):
 def scaled_matmul(x, w, w_scale, *, out_dtype=None, scale_ub: float | None = None):
     """``x [..., K]`` (bf16/f32) times the FP8 weight ``w [N, K]`` with ``w_scale [N]``.
 
-    ``x`` is quantised per token here (dynamic). Returns ``[..., N]`` in ``out_dtype``
-    (default ``x.dtype``). XLA's FP8 dot: f32 accumulation, scales applied after.
+    ``x`` is quantised per token here (dynamic), unless it is :class:`Quantized` already.
+    Returns ``[..., N]`` in ``out_dtype`` (default ``x.dtype``).
+    XLA's FP8 dot: f32 accumulation, scales applied after.
     """
-    xq, xs = quantize(x, -1, scale_ub)
-    y = lax.dot_general(xq, w, (((x.ndim - 1,), (1,)), ((), ())),
+    xq, xs = (x.values, x.scale) if isinstance(x, Quantized) else quantize(x, -1, scale_ub)
+    y = lax.dot_general(xq, w, (((xq.ndim - 1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32)
     return (y * xs[..., None] * w_scale).astype(out_dtype or x.dtype)
 

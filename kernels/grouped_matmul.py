@@ -13,10 +13,11 @@ semantics of ``jax.lax.ragged_dot`` (:func:`reference`). Two implementations:
   holds one group's rows), with two changes for decode, where one token hits one
   expert and the kernel should read that expert's weights at copy bandwidth:
 
-  - only the tiles that hold rows are visited, listed first (XLA computes the
-    list), so their work items are dealt evenly to the SMs. JAX's version visits
-    every tile, computing the empty ones against group 0's weights, and the
-    few real items of a decode step land on a fraction of the SMs.
+  - only the tiles that hold rows are visited: the kernel numbers tiles group by
+    group and gives empty groups none (:func:`tile_info`), so the tiles holding rows
+    are the first ``count`` and their work items are dealt evenly to the SMs. JAX's
+    version visits every tile, computing the empty ones against group 0's weights,
+    and the few real items of a decode step land on a fraction of the SMs.
   - ``k_splits`` > 1 splits K over several SMs (f32 partial sums, added by XLA),
     so that a single expert's N tiles occupy more SMs. Measured slower than no split
     at Scout's decode shapes (the partial sums' extra pass), so :func:`pick_config`
@@ -35,9 +36,9 @@ weights float8_e4m3fn with per-output-channel scales, stored K-major ``[G, N, K]
 (wgmma reads 8-bit operands only K-major; a checkpoint's per-expert Linear weights
 are ``[out, in]``, the same layout). The same kernel with 8-bit tiles (128 K
 elements: a 128-byte swizzled row, as bf16's 64), the weight tile read as
-``[N, K]`` and transposed for the wgmma, and both scales applied to the f32
-accumulator in the epilogue (row scales of the tile's rows, column scales of the
-tile's expert). :func:`reference_fp8` is its semantics.
+``[N, K]`` and transposed for the wgmma, the column scales of the tile's expert applied
+to the f32 accumulator in the epilogue, and the row scales by XLA after it (a multiply
+that fuses into whatever reads the product). :func:`reference_fp8` is its semantics.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxattn.kernels import common, fp8
 
@@ -136,15 +138,17 @@ def resolve(impl: str, x, w) -> str:
 
 def grouped_matmul(x, w, group_sizes, *, impl: str = "auto",
                    config: GroupedMatmulConfig | None = None):
-    """x [M, K] sorted by group; w [G, K, N] (or a tuple of them); group_sizes [G] int32
+    """x [M, K] sorted by group; w [G, K, N] (or a tuple of them); group_sizes [>= G] int32
     -> [M, N] (a tuple of P weights: [M, P * N], each part's columns in turn).
 
-    The groups must cover all M rows (sum(group_sizes) == M): the Mosaic kernel writes
-    only rows that belong to a group.
+    Rows past the groups, and rows counted past the G-th (``group_sizes`` may be longer:
+    a MoE's padding rows under a past-the-end expert id), belong to no group: the Mosaic
+    kernel does not write them, so their output is undefined.
     """
     parts = _parts(w)
     if resolve(impl, x, parts) == "xla":
-        return jnp.concatenate([jax.lax.ragged_dot(x, p, group_sizes) for p in parts], axis=-1)
+        gs = group_sizes[:parts[0].shape[0]]
+        return jnp.concatenate([jax.lax.ragged_dot(x, p, gs) for p in parts], axis=-1)
     m, (_, k, n) = x.shape[0], parts[0].shape
     config = config or pick_config(m, k, n * len(parts))
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
@@ -167,24 +171,26 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
                        scale_ub: float | None = None):
     """x [M, K] (bf16/f32) sorted by group; FP8 weights w [G, N, K] (K-major) with per-output-
     channel scales w_scale [G, N] f32 (or tuples of them, as :func:`grouped_matmul` takes
-    weights); group_sizes [G] int32 -> [M, N] (or [M, P * N]) in ``out_dtype`` (default
+    weights); group_sizes [>= G] int32 -> [M, N] (or [M, P * N]) in ``out_dtype`` (default
     x's dtype).
 
-    The rows are quantised per token here (dynamic scales, :func:`fp8.quantize`). As for
-    :func:`grouped_matmul`, the groups must cover all M rows. ``"xla"``: the 8-bit operands
-    widened to bf16 (exactly) and ``lax.ragged_dot_general`` contracting w's last axis.
+    The rows are quantised per token here (dynamic scales, :func:`fp8.quantize`), unless
+    ``x`` is :class:`fp8.Quantized` already. As for :func:`grouped_matmul`, rows of no group
+    are undefined. ``"xla"``: the 8-bit operands widened to bf16 (exactly) and
+    ``lax.ragged_dot_general`` contracting w's last axis.
     """
-    out_dtype = out_dtype or x.dtype
+    x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
+    xq, xs, out_dtype = x.values, x.scale, out_dtype or x.dtype
     parts, scales = _parts(w), _parts(w_scale)
-    m, (g, n, k) = x.shape[0], parts[0].shape
-    if (x.shape[1] != k or len(scales) != len(parts) or scales[0].shape != (g, n)
+    m, (g, n, k) = xq.shape[0], parts[0].shape
+    if (xq.shape[1] != k or len(scales) != len(parts) or scales[0].shape != (g, n)
             or parts[0].dtype != fp8.DTYPE):
-        raise ValueError(f"grouped_matmul_fp8: x {x.shape}, w {[p.shape for p in parts]} "
+        raise ValueError(f"grouped_matmul_fp8: x {xq.shape}, w {[p.shape for p in parts]} "
                          f"{parts[0].dtype}, w_scale {[s.shape for s in scales]}: want x [M, K], "
                          f"w [G, N, K] float8_e4m3fn, w_scale [G, N], as many scales as weights")
-    xq, xs = fp8.quantize(x, -1, scale_ub)
     gs = group_sizes.astype(jnp.int32)
     if resolve_fp8(impl, k, n) == "xla":
+        gs = gs[:g]
         dn = jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0],
             rhs_group_dimensions=[0])
@@ -201,50 +207,63 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
     config = config or pick_config(m, k, n * len(parts), fp8=True)
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
         xq = jnp.pad(xq, ((0, -m % 8), (0, 0)))
-    # Row scales are read per row tile in the epilogue: pad them to whole tiles.
-    xs = jnp.pad(xs, (0, -m % config.block_m))
     scales = tuple(s.astype(jnp.float32) for s in scales)
-    return _mosaic_grouped_matmul(xq, parts, gs, xs, scales, config=config,
-                                  out_dtype=jnp.dtype(out_dtype))[:m]
+    # The kernel writes (x_q w_q) * w_scale (in bf16 at least: the row scale is still out
+    # of its range); the row scales, applied here, fuse into the product's consumer (the
+    # SwiGLU, the scatter back to token order) instead of padding per call for the
+    # epilogue to read.
+    y = _mosaic_grouped_matmul(xq, parts, gs, scales, config=config,
+                               out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))[:m]
+    return (y * xs[:, None]).astype(out_dtype)
 
 
-def counting_sort(keys, num_keys: int):
-    """A stable sort of ``keys`` (int [M], values in ``[0, num_keys)``) by counting: ``order``
-    (int32 [M]: ``argsort(keys, stable=True)``), ``position`` (int32 [M]: where each element
-    lands, the inverse of ``order``) and ``counts`` (int32 [num_keys]: elements per key).
+def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
+    """Row tile ``tile``'s group and rows, and the number of tiles that hold rows.
 
-    Grouped-matmul keys (an expert id, a tile being empty) have few values, so a one-hot
-    cumulative count does in a few fused XLA kernels what a sort kernel, an inverse scatter
-    and a bincount did: at every expert matmul of a decode step those sorts cost more than
-    their few elements.
+    Tiles are numbered group by group, each group's rows starting a new tile (a tile holds
+    one group's rows; two groups may share a block of ``block_m`` rows, each writing its
+    own), as JAX's ``ragged_dot_mgpu.GroupInfo`` numbers them, except that an empty group
+    takes no tile number: the tiles holding rows are then exactly ``0 .. count - 1``, so
+    the kernel deals them to the SMs without a list computed beforehand. ``group_sizes``
+    is read element by element (an unrolled loop: Scout has 16 experts), so it may be a
+    GMEM ref; only its first ``num_groups`` (default: all) count. Returns (``GroupInfo``,
+    count).
     """
-    onehot = keys[:, None] == jnp.arange(num_keys, dtype=keys.dtype)  # [M, num_keys]
-    seen = jnp.cumsum(onehot, axis=0, dtype=jnp.int32)  # [M, num_keys]: count up to row i
-    counts = seen[-1]
-    starts = jnp.cumsum(counts) - counts  # [num_keys]: first row of each key
-    position = (starts[keys] + jnp.take_along_axis(seen, keys[:, None], axis=1)[:, 0] - 1
-                ).astype(jnp.int32)
-    order = jnp.zeros_like(position).at[position].set(
-        jnp.arange(keys.shape[0], dtype=jnp.int32), unique_indices=True)
-    return order, position, counts
-
-
-def _tile_info(group_sizes, block_m: int, tile):
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
 
-    return GroupInfo.create(group_sizes, block_m, tile)
+    tile, zero = jnp.int32(tile), jnp.int32(0)
+    end = first = group = block = group_start = group_end = zero
+    for i in range(group_sizes.shape[0] if num_groups is None else num_groups):
+        size = group_sizes[i]
+        start, end = end, end + size
+        start_block = lax.div(start, jnp.int32(block_m))
+        tiles = lax.select(size > 0, lax.div(end - 1, jnp.int32(block_m)) + 1 - start_block, zero)
+        this = (first <= tile) & (tile < first + tiles)
+        block = lax.select(this, tile - first + start_block, block)
+        group = lax.select(this, jnp.int32(i), group)
+        group_start = lax.select(this, start, group_start)
+        group_end = lax.select(this, end, group_end)
+        first = first + tiles
+    block_start = block * block_m
+    actual_start = jnp.maximum(group_start, block_start)
+    actual_end = jnp.minimum(group_end, block_start + block_m)
+    info = GroupInfo(group_id=group, block=block, block_start=block_start,
+                     actual_start=actual_start, actual_end=actual_end,
+                     start_within_block=actual_start - block_start,
+                     actual_size=actual_end - actual_start)
+    return info, first
 
 
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype"))
-def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None, *,
+def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                            config: GroupedMatmulConfig, out_dtype=None):
     """bf16/f16: rhs [G, K, N] or a tuple of P of them. FP8 (scales given): rhs [G, N, K] (or
-    P of them), lhs_scale [>= M rounded up to block_m] f32 per row, rhs_scale [G, N] f32 per
-    column (one per weight), out_dtype the output's. -> [M, P * N]."""
+    P of them), rhs_scale [G, N] f32 per column (one per weight; the rows' scales are the
+    caller's), out_dtype the output's. -> [M, P * N]."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    scaled = lhs_scale is not None
+    scaled = rhs_scale is not None
     rhs = _parts(rhs)
     rhs_scale = _parts(rhs_scale) if scaled else ()
     parts = len(rhs)
@@ -257,25 +276,21 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None
     if k % (bk * splits) or n % bn:
         raise ValueError(f"K={k} must be a multiple of block_k*k_splits={bk * splits} "
                          f"and N={n} of block_n={bn}")
-    # Row tiles: every group's rows, each group starting a new tile (+ g - 1 at most).
-    # N tiles: each part's in turn, so a tile's output columns are ni * bn for every part.
+    # Row tiles: every group's rows, each group starting a new tile (+ g - 1 at most; the
+    # kernel visits the ones holding rows, tile_info). N tiles: each part's in turn, so a
+    # tile's output columns are ni * bn for every part.
     part_n = n // bn
     grid_m, grid_n, k_steps = common.cdiv(m, bm) + g - 1, parts * part_n, k // bk // splits
-    # The tiles holding rows first, then their count: [grid_m + 1] int32.
-    sizes = jax.vmap(lambda t: _tile_info(group_sizes, bm, t).actual_size)(
-        jnp.arange(grid_m, dtype=jnp.int32))
-    order, _, counts = counting_sort(jnp.where(sizes > 0, 0, 1), 2)
-    tiles = jnp.append(order, counts[0])
     final_dtype = out_dtype or lhs.dtype
     out_dtype = final_dtype if splits == 1 else jnp.float32
     # 8-bit weights are K-major [N, K] tiles, transposed for the wgmma (a view, no copy).
     rhs_block, rhs_index = (((bn, bk), lambda kk, ni: (ni, kk)) if scaled else
                             ((bk, bn), lambda kk, ni: (kk, ni)))
 
-    def grouped_matmul_kernel(tiles_gmem, sizes_gmem, lhs_gmem, *rest):
+    def grouped_matmul_kernel(sizes_gmem, lhs_gmem, *rest):
         rhs_gmem, rest = rest[:parts], rest[parts:]
         if scaled:
-            ls_gmem, rs_gmem, (o_gmem,) = rest[0], rest[1:1 + parts], rest[1 + parts:]
+            rs_gmem, (o_gmem,) = rest[:parts], rest[parts:]
         else:
             rs_gmem, (o_gmem,) = (None,) * parts, rest
 
@@ -300,13 +315,10 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None
                 return acc_ref[...]
 
             acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
-            if scaled:  # the epilogue: row scales of the tile's rows, its expert's columns
-                rows = plgpu.load(ls_gmem.at[pl.ds(info.block * bm, bm)],
-                                  layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+            if scaled:  # the epilogue: the tile's expert's column scales
                 cols = plgpu.load(ws_gmem.at[info.group_id, pl.ds(part_ni * bn, bn)],
                                   layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-                acc = (acc * jax.lax.broadcast_in_dim(rows, (bm, bn), [0])
-                       * jax.lax.broadcast_in_dim(cols, (bm, bn), [1]))
+                acc = acc * jax.lax.broadcast_in_dim(cols, (bm, bn), [1])
             out = o_gmem if splits == 1 else o_gmem.at[split]
 
             @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
@@ -331,15 +343,19 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None
                     smem_start += info.actual_size & rows
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+        # Once, before the loop: at decode most of an SM's work items are past the tiles
+        # that hold rows, and skipping one should cost a comparison, not 16 global loads.
+        _, tiles_with_rows = tile_info(sizes_gmem, bm, 0, g)
+
         @plgpu.nd_loop((grid_m * grid_n * splits,), collective_axes="sm")
         def work_loop(loop_info: plgpu.NDLoopInfo):
             w = loop_info.index[0]
             split = w % splits
             ti, ni = plgpu.planar_snake(w // splits, (grid_m, grid_n), 1, config.grid_block_n)
 
-            @pl.when(ti < tiles_gmem[grid_m])
+            @pl.when(ti < tiles_with_rows)
             def _():
-                info = _tile_info(sizes_gmem, bm, tiles_gmem[ti])
+                info, _ = tile_info(sizes_gmem, bm, ti, g)
                 if parts == 1:
                     tile(info, split, ni, ni, rhs_gmem[0], rs_gmem[0])
                     return
@@ -355,5 +371,5 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, lhs_scale=None, rhs_scale=None
         grid=(common.num_sms(),), grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    out = kernel(tiles, group_sizes, lhs, *rhs, *((lhs_scale, *rhs_scale) if scaled else ()))
+    out = kernel(group_sizes, lhs, *rhs, *rhs_scale)
     return out if splits == 1 else out.sum(0).astype(final_dtype)

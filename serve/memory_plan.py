@@ -121,8 +121,8 @@ def global_bytes_per_token(config: Llama4Config, pc: parallel.ParallelConfig,
     return _token_spec(config, pc, dtype).global_bytes_per_page
 
 
-def pool_pages(budget: int, global_page: int, chunked_page: int, chunked_need: int
-               ) -> tuple[int, int]:
+def pool_pages(budget: int, global_page: int, chunked_page: int, chunked_need: int, *,
+               global_cap: int) -> tuple[int, int]:
     """Split one KV budget (bytes) into (global pages, chunked pages).
 
     ``chunked_need``: the chunked pages all running sequences can hold at once
@@ -131,7 +131,12 @@ def pool_pages(budget: int, global_page: int, chunked_page: int, chunked_need: i
     hold more chunked pages than global ones either: a chunked pool of
     ``min(global pages, chunked_need)`` never runs out before the global pool, so the
     hybrid cache preempts no more than the plain one. The global pool takes the rest.
+
+    ``global_cap``: the global pages every admitted sequence at full length would use, the
+    global pool's size when its pages cost nothing (a slice of Scout with no global layer).
     """
+    if global_page == 0:
+        return global_cap, min(chunked_need, budget // chunked_page) if chunked_page else 0
     if chunked_page == 0:
         return budget // global_page, 0
     pages = (budget - chunked_need * chunked_page) // global_page
@@ -211,7 +216,8 @@ class MemoryPlan:
     def pools(self) -> tuple[int, int]:
         """(global pages, chunked pages) the budget buys."""
         return pool_pages(max(0, self.kv_budget), self.kv_bytes_per_token * self.page_size,
-                          self.chunked_bytes_per_token * self.page_size, self.chunked_need)
+                          self.chunked_bytes_per_token * self.page_size, self.chunked_need,
+                          global_cap=self.bounds.max_num_seqs * self.pages_per_seq)
 
     @property
     def kv_pages(self) -> int:
@@ -436,7 +442,8 @@ def num_pages_for(budget, one_page: kv_cache_lib.CacheSpec, bounds, *, devices=N
         # granted lazily and end with the kernel's OOM killer, not an error message.
         raise ValueError(f"the KV cache budget ({nbytes / 2**20:.1f} MiB) exceeds the available "
                          f"host memory ({host / 2**20:.1f} MiB); lower --kv-cache-memory")
-    pages, chunked = pool_pages(nbytes, g, c, need)
+    pages, chunked = pool_pages(nbytes, g, c, need,
+                                global_cap=bounds.max_num_seqs * bounds.pages_per_seq)
     if pages < bounds.pages_per_seq or (c and chunked < bounds.chunk_pages_per_seq):
         raise ValueError(
             f"the KV cache budget ({nbytes / 2**20:.1f} MiB) holds {pages} pages of "

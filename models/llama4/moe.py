@@ -15,10 +15,32 @@ from flax import nnx
 from jax import lax
 
 from jaxattn.kernels import fp8 as fp8_lib
-from jaxattn.kernels.grouped_matmul import counting_sort, grouped_matmul, grouped_matmul_fp8
+from jaxattn.kernels.grouped_matmul import grouped_matmul, grouped_matmul_fp8
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init
 from jaxattn.models.llama4.quantization import Fp8Scheme
+
+
+def counting_sort(keys, num_keys: int):
+    """A stable sort of ``keys`` (int [M], values in ``[0, num_keys)``) by counting: ``order``
+    (int32 [M]: ``argsort(keys, stable=True)``), ``position`` (int32 [M]: where each element
+    lands, the inverse of ``order``) and ``counts`` (int32 [num_keys]: elements per key).
+
+    Expert ids have few values, so a one-hot cumulative count does in a few fused XLA
+    kernels what a sort kernel, an inverse scatter and a bincount did: at every MoE layer
+    of a decode step those sorts cost more than their few elements.
+    """
+    onehot = keys[:, None] == jnp.arange(num_keys, dtype=keys.dtype)  # [M, num_keys]
+    seen = jnp.cumsum(onehot, axis=0, dtype=jnp.int32)  # [M, num_keys]: count up to row i
+    counts = seen[-1]
+    starts = jnp.cumsum(counts) - counts  # [num_keys]: first row of each key
+    position = (starts[keys] + jnp.take_along_axis(seen, keys[:, None], axis=1)[:, 0] - 1
+                ).astype(jnp.int32)
+    order = jnp.zeros_like(position).at[position].set(
+        jnp.arange(keys.shape[0], dtype=jnp.int32), unique_indices=True)
+    return order, position, counts
+
+
 
 
 class MLP(nnx.Module):
@@ -37,6 +59,11 @@ class MLP(nnx.Module):
         """Under a mesh: this device's columns of gate/up, so the result is a partial sum
         over ``axes.model`` that the caller reduces (fused with the routed experts')."""
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the projections are FP8 (and so take :class:`fp8_lib.Quantized` rows)."""
+        return self.gate_proj.weight_scale is not None
 
 
 class Experts(nnx.Module):
@@ -79,7 +106,9 @@ class Experts(nnx.Module):
         return grouped_matmul(x, weights, group_sizes, impl=impl)
 
     def __call__(self, x, group_sizes, impl: str = "auto"):
-        """x [M, H]: rows sorted by expert, ``group_sizes[e]`` rows for expert e. Returns [M, H].
+        """x [M, H] (or FP8 experts' :class:`fp8_lib.Quantized` rows): sorted by expert,
+        ``group_sizes[e]`` rows for expert e (entries past the last expert: rows of none).
+        Returns [M, H].
         ``impl``: the grouped matmul implementation (``grouped_matmul.IMPLS``). Gate and up
         run as one launch: at decode each has too few N tiles to fill the SMs alone."""
         gate, up = jnp.split(self._matmul(("gate_proj", "up_proj"), x, group_sizes, impl), 2,
@@ -126,19 +155,28 @@ class MoE(nnx.Module):
         if valid is not None:  # padding: past the last expert (sorted last, counted nowhere)
             expert = jnp.where(jnp.repeat(valid.reshape(-1), k), expert, self.num_experts)
         # position [N*k]: each copy's row in expert order; the padding id counts last.
-        order, position, counts = counting_sort(expert, self.num_experts + 1)
-        group_sizes = counts[:self.num_experts]
-        rows = x[order // k] * scores.reshape(-1)[order][:, None]  # [N*k, H] sorted by expert
+        # counts [E + 1]: the last entry counts the padding rows, which the grouped matmuls
+        # leave to no group (passing all of it spares a slice kernel per layer).
+        order, position, group_sizes = counting_sort(expert, self.num_experts + 1)
+        shared_in = x
+        if self.experts.fp8 and self.experts.activation_scale_ub is None:
+            # Quantise each token once for the routed (and FP8 shared) experts: a copy's row
+            # is its token's, the scale times the router's score (a sigmoid: positive).
+            xq = fp8_lib.Quantized.of(x)
+            rows = xq.take(order // k, scores.reshape(-1)[order])
+            shared_in = xq if self.shared_expert.fp8 else x
+        else:
+            rows = x[order // k] * scores.reshape(-1)[order][:, None]  # [N*k, H] by expert
         local_experts = self.experts.num_experts
         if local_experts == self.num_experts:
             routed = self.experts(rows, group_sizes, gmm_impl)
         else:
             routed = self._local_experts(rows, group_sizes, local_experts, axes, gmm_impl)
         routed = routed[position].reshape(n, k, -1)  # back to token-major
-        routed = routed[:, 0] if k == 1 else routed.sum(1, dtype=x.dtype)
+        routed = routed[:, 0] if k == 1 else routed.sum(1, dtype=routed.dtype)
         if valid is not None:  # the kernels leave rows past the groups unwritten
             routed = jnp.where(valid.reshape(-1, 1), routed, jnp.zeros((), routed.dtype))
-        return (self.shared_expert(x, axes) + routed).reshape(shape)
+        return (self.shared_expert(shared_in, axes) + routed).reshape(shape)
 
     def _local_experts(self, rows, group_sizes, local_experts, axes: Axes, gmm_impl: str):
         """Expert parallelism: this device holds experts ``[first, first + local_experts)``.
@@ -150,12 +188,14 @@ class MoE(nnx.Module):
         touch only the rows of the groups), zeroes the rest and rotates back. The
         caller's all-reduce over the group is the combine. Returns [M, H] in sorted order.
         """
-        m = rows.shape[0]
+        quantized = isinstance(rows, fp8_lib.Quantized)
+        m = (rows.values if quantized else rows).shape[0]
         first = lax.axis_index(axes.expert) * local_experts
         local_sizes = lax.dynamic_slice_in_dim(group_sizes, first, local_experts)
         offset = jnp.cumsum(group_sizes)[first] - group_sizes[first]  # rows of earlier experts
         idx = (offset + jnp.arange(m, dtype=jnp.int32)) % m
-        out = self.experts(rows[idx], local_sizes, gmm_impl)  # [M, H]: rows [0, count) are ours
+        rows = rows.take(idx) if quantized else rows[idx]
+        out = self.experts(rows, local_sizes, gmm_impl)  # [M, H]: rows [0, count) are ours
         # Rows past the groups are not written by the Mosaic kernel (undefined): select, not scale.
         mine = jnp.arange(m) < local_sizes.sum()
         out = jnp.where(mine[:, None], out, jnp.zeros((), out.dtype))

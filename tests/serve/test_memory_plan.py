@@ -1,5 +1,6 @@
 """The memory planner's numbers for Scout, computed independently here, and its verdicts."""
 
+import dataclasses
 import functools
 
 import pytest
@@ -95,10 +96,17 @@ def test_hybrid_pools_split_one_budget(scout):
 
 
 def test_models_without_chunked_layers_keep_one_pool():
-    p = memory.pool_pages(10_000, 100, 0, 0)
+    p = memory.pool_pages(10_000, 100, 0, 0, global_cap=7)
     assert p == (100, 0)
-    assert memory.pool_pages(10_000, 100, 300, 5) == (85, 5)
-    assert memory.pool_pages(10_000, 100, 300, 50) == (25, 25)
+    assert memory.pool_pages(10_000, 100, 300, 5, global_cap=7) == (85, 5)
+    assert memory.pool_pages(10_000, 100, 300, 50, global_cap=7) == (25, 25)
+
+
+def test_slices_without_global_layers_spend_the_budget_on_live_chunks():
+    # Scout's first 2 layers are both chunked-local: global page ids cost nothing, so there
+    # are as many as every admitted sequence can use, and the chunked pool is capped by need.
+    assert memory.pool_pages(10_000, 0, 300, 5, global_cap=7) == (7, 5)
+    assert memory.pool_pages(1_000, 0, 300, 5, global_cap=7) == (7, 3)
 
 
 def test_kv_budget_leaves_room_for_a_step(scout):
@@ -183,3 +191,14 @@ def test_refusal_names_what_would_make_it_fit(scout):
     assert bigger.fits and bigger.full_length_sequences == 1
     low = memory.gpu_plan(scout, ParallelConfig(tensor=2), "h200", fraction=0.75, **kw)
     assert "--kv-cache-memory" not in low.reason and "now 0.75" in low.reason
+
+
+def test_plan_of_a_slice_without_global_layers(scout):
+    """``benchmarks.multigpu --layers 2`` (layers 0 and 1 are chunked-local) plans and
+    describes itself; it divided by the global layers' zero bytes per page."""
+    two = dataclasses.replace(scout, num_hidden_layers=2, no_rope_layers=(1, 1))
+    p = memory.gpu_plan(two, ParallelConfig(), "h200", fraction=0.9, max_num_seqs=8,
+                        max_model_len=131072)
+    assert p.fits and p.kv_bytes_per_token == 0 and p.chunked_pages == p.chunked_need
+    assert p.kv_pages == 8 * p.pages_per_seq
+    assert "KV cache" in memory.describe(p)

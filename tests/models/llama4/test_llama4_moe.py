@@ -5,9 +5,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxattn.models import llama4
-from jaxattn.models.llama4.moe import Experts, MoE
+from jaxattn.models.llama4.moe import Experts, MoE, counting_sort
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 5), st.lists(st.integers(0, 16), min_size=1, max_size=300))
+def test_counting_sort_is_a_stable_argsort(extra, keys):
+    """The expert order of the MoE (padding rows carry the past-the-end id): a stable
+    argsort, its inverse and the counts."""
+    num_keys = max(keys) + extra
+    keys = np.asarray(keys, np.int32)
+    want = np.argsort(keys, kind="stable")
+    order, position, counts = counting_sort(jnp.asarray(keys), num_keys)
+    np.testing.assert_array_equal(order, want)
+    np.testing.assert_array_equal(np.asarray(order)[np.asarray(position)], np.arange(len(keys)))
+    np.testing.assert_array_equal(counts, np.bincount(keys, minlength=num_keys))
 
 
 @pytest.mark.slow
@@ -29,7 +45,8 @@ def test_padding_rows_go_to_no_expert(monkeypatch):
     monkeypatch.setattr(Experts, "__call__", spy)
     padded = moe(x, valid=valid)
     alone = moe(x[:5])
-    assert seen[0].sum() == 5 and seen[1].sum() == 5  # only the 5 tokens were routed
+    # Only the 5 tokens were routed to the 4 experts; the 11 padding rows to none.
+    assert seen[0][:4].sum() == 5 and list(seen[0][4:]) == [11] and seen[1].sum() == 5
     np.testing.assert_allclose(padded[:5], alone, rtol=1e-5, atol=1e-6)
     # Padding rows: the shared expert only (their routed part is zero, not garbage).
     np.testing.assert_allclose(padded[5:], moe.shared_expert(x[5:]), rtol=1e-5, atol=1e-6)
