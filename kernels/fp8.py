@@ -50,6 +50,10 @@ class Quantized:
     scale: jax.Array
     dtype: Any
 
+    @property
+    def shape(self):
+        return self.values.shape
+
     @classmethod
     def of(cls, x, scale_ub: float | None = None) -> "Quantized":
         return cls(*quantize(x, -1, scale_ub), jnp.dtype(x.dtype))

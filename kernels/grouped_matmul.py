@@ -168,15 +168,17 @@ def resolve_fp8(impl: str, k: int, n: int) -> str:
 
 def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
                        config: GroupedMatmulConfig | None = None, out_dtype=None,
-                       scale_ub: float | None = None):
+                       scale_ub: float | None = None, scale_rows: bool = True):
     """x [M, K] (bf16/f32) sorted by group; FP8 weights w [G, N, K] (K-major) with per-output-
     channel scales w_scale [G, N] f32 (or tuples of them, as :func:`grouped_matmul` takes
     weights); group_sizes [>= G] int32 -> [M, N] (or [M, P * N]) in ``out_dtype`` (default
     x's dtype).
 
     The rows are quantised per token here (dynamic scales, :func:`fp8.quantize`), unless
-    ``x`` is :class:`fp8.Quantized` already. As for :func:`grouped_matmul`, rows of no group
-    are undefined. ``"xla"``: the 8-bit operands widened to bf16 (exactly) and
+    ``x`` is :class:`fp8.Quantized` already. ``scale_rows=False`` leaves the rows' scales
+    out (the product in units of each row's scale, ``x.scale``), for a consumer that applies
+    them itself (the SwiGLU kernel of :mod:`fp8_rows`). As for :func:`grouped_matmul`, rows
+    of no group are undefined. ``"xla"``: the 8-bit operands widened to bf16 (exactly) and
     ``lax.ragged_dot_general`` contracting w's last axis.
     """
     x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
@@ -202,7 +204,7 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
             y = jax.lax.ragged_dot_general(xq.astype(jnp.bfloat16), wq.astype(jnp.bfloat16),
                                            gs, dn, preferred_element_type=jnp.float32)
             col = jnp.take(ws, row_group, axis=0, mode="fill", fill_value=0)
-            outs.append((y * xs[:, None] * col).astype(out_dtype))
+            outs.append((y * (xs[:, None] if scale_rows else 1) * col).astype(out_dtype))
         return jnp.concatenate(outs, axis=-1)
     config = config or pick_config(m, k, n * len(parts), fp8=True)
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
@@ -214,7 +216,7 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
     # epilogue to read.
     y = _mosaic_grouped_matmul(xq, parts, gs, scales, config=config,
                                out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))[:m]
-    return (y * xs[:, None]).astype(out_dtype)
+    return (y * xs[:, None] if scale_rows else y).astype(out_dtype)
 
 
 def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxattn
+from jaxattn.kernels import fp8_rows
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.layers import (NO_AXES, Axes, Embedding, Linear, RMSNorm, apply_rope,
                                           l2norm, rope_tables)
@@ -68,7 +69,15 @@ class Attention(nnx.Module):
 
     def out(self, o, axes: Axes):
         """Row-parallel output projection: each device's heads give a partial sum, reduced here."""
-        return self.o_proj(o.reshape(*o.shape[:-2], -1), reduce=axes.psum)
+        o = o.reshape(*o.shape[:-2], -1)
+        if self.fp8:  # one kernel at decode instead of XLA's two
+            o = fp8_rows.quantize(o, scale_ub=self.o_proj.activation_scale_ub)
+        return self.o_proj(o, reduce=axes.psum)
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the projections are FP8 (and so take :class:`Quantized` rows)."""
+        return self.q_proj.weight_scale is not None
 
 
 class DecoderLayer(nnx.Module):
@@ -91,11 +100,26 @@ class DecoderLayer(nnx.Module):
         computes its heads / columns / experts and one all-reduce per block
         (``axes.psum``) restores the full activation.
         """
-        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, rope)
-        x = x + self.self_attn.out(attend(self.self_attn, q, k, v), axes)
-        h = self.post_attention_layernorm(x)
-        ff = self.feed_forward
-        return x + axes.psum(ff(h, axes, valid, gmm_impl) if isinstance(ff, MoE) else ff(h, axes))
+        attn, ff = self.self_attn, self.feed_forward
+        _, xq = _norm(self.input_layernorm, x, attn.fp8, attn.q_proj.activation_scale_ub)
+        q, k, v = attn.qkv(xq, positions, rope)
+        x = x + attn.out(attend(attn, q, k, v), axes)
+        if isinstance(ff, MoE):
+            h, hq = _norm(self.post_attention_layernorm, x, ff.experts.fp8 or ff.shared_expert.fp8,
+                          ff.experts.activation_scale_ub)
+            return x + axes.psum(ff(h, axes, valid, gmm_impl, xq=None if hq is h else hq))
+        _, hq = _norm(self.post_attention_layernorm, x, ff.fp8, ff.gate_proj.activation_scale_ub)
+        return x + axes.psum(ff(hq, axes))
+
+
+def _norm(norm: RMSNorm, x, fp8: bool, scale_ub):
+    """(``norm(x)``, what the FP8 matmuls after it take): the norm and its per-token FP8
+    quantisation in one kernel at decode (:func:`fp8_rows.rms_norm_quantize`); without
+    FP8 matmuls after it, (``norm(x)``, ``norm(x)``)."""
+    if not fp8:
+        h = norm(x)
+        return h, h
+    return fp8_rows.rms_norm_quantize(x, norm.weight[...], norm.eps, scale_ub=scale_ub)
 
 
 class Llama4TextModel(nnx.Module):

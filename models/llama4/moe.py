@@ -15,6 +15,7 @@ from flax import nnx
 from jax import lax
 
 from jaxattn.kernels import fp8 as fp8_lib
+from jaxattn.kernels import fp8_rows
 from jaxattn.kernels.grouped_matmul import grouped_matmul, grouped_matmul_fp8
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init
@@ -41,8 +42,6 @@ def counting_sort(keys, num_keys: int):
     return order, position, counts
 
 
-
-
 class MLP(nnx.Module):
     """SwiGLU MLP: the dense layers (``intermediate_size_mlp``) and the shared expert."""
 
@@ -57,8 +56,16 @@ class MLP(nnx.Module):
 
     def __call__(self, x, axes: Axes = NO_AXES):
         """Under a mesh: this device's columns of gate/up, so the result is a partial sum
-        over ``axes.model`` that the caller reduces (fused with the routed experts')."""
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        over ``axes.model`` that the caller reduces (fused with the routed experts').
+        FP8: ``x`` may be quantised already; the SwiGLU and the down projection's input
+        quantisation are one kernel at decode (:func:`fp8_rows.swiglu_quantize`)."""
+        if not self.fp8:
+            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        ub = self.gate_proj.activation_scale_ub
+        if not isinstance(x, fp8_lib.Quantized):
+            x = fp8_rows.quantize(x, scale_ub=ub)
+        return self.down_proj(fp8_rows.swiglu_quantize(self.gate_proj(x), self.up_proj(x),
+                                                       scale_ub=ub))
 
     @property
     def fp8(self) -> bool:
@@ -96,13 +103,13 @@ class Experts(nnx.Module):
     def num_experts(self) -> int:
         return self.gate_proj.shape[0]
 
-    def _matmul(self, names, x, group_sizes, impl):
+    def _matmul(self, names, x, group_sizes, impl, scale_rows=True):
         """The products of ``x`` with the weights ``names`` (one launch), side by side."""
         weights = tuple(getattr(self, n)[...] for n in names)
         if self.fp8:
             scales = tuple(getattr(self, n + "_scale")[...] for n in names)
             return grouped_matmul_fp8(x, weights, scales, group_sizes, impl=impl,
-                                      scale_ub=self.activation_scale_ub)
+                                      scale_rows=scale_rows)
         return grouped_matmul(x, weights, group_sizes, impl=impl)
 
     def __call__(self, x, group_sizes, impl: str = "auto"):
@@ -110,10 +117,18 @@ class Experts(nnx.Module):
         ``group_sizes[e]`` rows for expert e (entries past the last expert: rows of none).
         Returns [M, H].
         ``impl``: the grouped matmul implementation (``grouped_matmul.IMPLS``). Gate and up
-        run as one launch: at decode each has too few N tiles to fill the SMs alone."""
-        gate, up = jnp.split(self._matmul(("gate_proj", "up_proj"), x, group_sizes, impl), 2,
-                             axis=-1)
-        return self._matmul(("down_proj",), up * jax.nn.silu(gate), group_sizes, impl)
+        run as one launch: at decode each has too few N tiles to fill the SMs alone. FP8:
+        their product leaves the rows' scales to the SwiGLU, which quantises the down
+        projection's input in the same kernel at decode (:func:`fp8_rows.swiglu_quantize`)."""
+        names = ("gate_proj", "up_proj")
+        if not self.fp8:
+            gate, up = jnp.split(self._matmul(names, x, group_sizes, impl), 2, axis=-1)
+            return self._matmul(("down_proj",), up * jax.nn.silu(gate), group_sizes, impl)
+        if not isinstance(x, fp8_lib.Quantized):
+            x = fp8_rows.quantize(x, scale_ub=self.activation_scale_ub)
+        gate_up = self._matmul(names, x, group_sizes, impl, scale_rows=False)
+        h = fp8_rows.swiglu_quantize(gate_up, None, x.scale, scale_ub=self.activation_scale_ub)
+        return self._matmul(("down_proj",), h, group_sizes, impl)
 
 
 class MoE(nnx.Module):
@@ -131,9 +146,10 @@ class MoE(nnx.Module):
         self.shared_expert = MLP(config, config.intermediate_size, dtype=dtype, rngs=rngs,
                                  fp8=fp8)
 
-    def __call__(self, x, axes: Axes = NO_AXES, valid=None, gmm_impl: str = "auto"):
+    def __call__(self, x, axes: Axes = NO_AXES, valid=None, gmm_impl: str = "auto", xq=None):
         """Shared expert + routed experts. Under a mesh the result is a partial sum over
         ``axes.model`` (the caller's one all-reduce also combines the experts' outputs).
+        ``xq``: ``x`` quantised already (FP8 experts; the norm before can do both at once).
 
         ``valid`` (bool, x's leading shape): rows that are tokens. The others (a step's
         bucket padding) go to no expert, so the grouped matmuls skip them: a batch-1
@@ -158,15 +174,18 @@ class MoE(nnx.Module):
         # counts [E + 1]: the last entry counts the padding rows, which the grouped matmuls
         # leave to no group (passing all of it spares a slice kernel per layer).
         order, position, group_sizes = counting_sort(expert, self.num_experts + 1)
-        shared_in = x
+        if self.experts.fp8 and xq is None:
+            xq = fp8_rows.quantize(x, scale_ub=self.experts.activation_scale_ub)
+        if xq is not None:
+            xq = jax.tree.map(lambda a: a.reshape(-1, *a.shape[len(shape) - 1:]), xq)
         if self.experts.fp8 and self.experts.activation_scale_ub is None:
-            # Quantise each token once for the routed (and FP8 shared) experts: a copy's row
-            # is its token's, the scale times the router's score (a sigmoid: positive).
-            xq = fp8_lib.Quantized.of(x)
+            # Each token is quantised once for the routed and the shared experts: a copy's
+            # row is its token's, the scale times the router's score (a sigmoid: positive).
+            # (Under a cap the cap applies to the scaled rows, which are quantised apart.)
             rows = xq.take(order // k, scores.reshape(-1)[order])
-            shared_in = xq if self.shared_expert.fp8 else x
         else:
             rows = x[order // k] * scores.reshape(-1)[order][:, None]  # [N*k, H] by expert
+        shared_in = xq if xq is not None and self.shared_expert.fp8 else x
         local_experts = self.experts.num_experts
         if local_experts == self.num_experts:
             routed = self.experts(rows, group_sizes, gmm_impl)

@@ -1,0 +1,242 @@
+"""Per-token FP8 quantisation fused with the op that makes the rows, one launch per call.
+
+A decode step quantises a few rows (one per token) before every FP8 matmul. XLA does it
+in two kernels: a reduction for each row's absmax, then the scale-and-convert (its fusions
+cannot give the reduction's result and the converted rows from one kernel), each fused
+with whatever produced the rows, and an RMSNorm or a SwiGLU in front adds one more.
+At decode each such kernel is a few microseconds of launch for a few KiB of data, and a
+full-size Scout step ran ~6 of them per layer. These kernels do each row's whole chain in
+one program (one program per row, the row streamed in chunks from L1/L2):
+
+* :func:`quantize`: ``fp8.quantize(x)`` (the attention output before ``o_proj``);
+* :func:`rms_norm_quantize`: HF's RMSNorm, then quantise; both results (the router
+  reads the bf16 rows, the FP8 matmuls the quantised ones);
+* :func:`swiglu_quantize`: ``silu(gate) * up`` (times a row scale first: the grouped
+  matmul leaves its rows' scales to its consumer), then quantise.
+
+Each has the XLA composition it replaces as its reference (:func:`reference_quantize`
+and friends), which also runs where the kernel does not: on CPU, and for calls of more
+than ``RowsConfig.max_rows`` rows (prefill), where XLA's fusions stream large inputs
+at bandwidth and two launches are nothing against the rows' bytes.
+
+The kernels are Mosaic GPU (Pallas, lane semantics): one warpgroup per row, which loads
+its row's chunks from global memory straight into registers (the strided layout: 16-byte
+vector loads, coalesced), reduces them across the warpgroup and converts pairs of f32 to
+e4m3 with ``cvt.rn.satfinite``. No TMA, tensor cores or pipelining: a decode call moves
+tens of KiB, and what it saves is launches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from jaxattn.kernels import common, fp8
+
+IMPLS = ("auto", "xla", "mosaic")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowsConfig:
+    """How the row kernels run (static)."""
+
+    max_rows: int = 64  # decode-sized calls only (see the module docstring)
+    chunk: int = 1024  # elements per load: 8 per thread of the warpgroup
+
+    def chunk_for(self, k: int) -> int:
+        """The largest power of two that divides ``k``, at most ``chunk``; ValueError if it
+        is less than the warpgroup's 128 threads (the strided layout's minimum)."""
+        chunk = min(self.chunk, k & -k)
+        if chunk < WARPGROUP:
+            raise ValueError(f"row length {k} is not a multiple of {WARPGROUP}")
+        return chunk
+
+
+WARPGROUP = 128
+
+
+def _use_kernel(impl: str, rows: int, k: int, config: RowsConfig) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"row quantisation impl={impl!r} is not one of {IMPLS}")
+    if impl == "auto":
+        return common.on_hopper() and rows <= config.max_rows and k % WARPGROUP == 0
+    if impl == "mosaic":
+        config.chunk_for(k)  # the row length's check, before tracing the kernel
+    return impl == "mosaic"
+
+
+# ---- references: the XLA compositions -------------------------------------------------
+
+def reference_quantize(x, scale_ub=None) -> fp8.Quantized:
+    return fp8.Quantized.of(x, scale_ub)
+
+
+def reference_rms_norm(x, weight, eps):
+    """HF's Llama4TextRMSNorm: normalise in f32, cast to x's dtype, then times the weight."""
+    xf = x.astype(jnp.float32)
+    normed = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return normed * weight
+
+
+def reference_rms_norm_quantize(x, weight, eps, scale_ub=None):
+    h = reference_rms_norm(x, weight, eps)
+    return h, fp8.Quantized.of(h, scale_ub)
+
+
+def reference_swiglu(gate, up, row_scale=None):
+    """``silu(gate) * up`` in gate's dtype, each first scaled by ``row_scale[..., None]``
+    (the model's ops; the kernel computes the same in f32, without their bf16 roundings)."""
+    if row_scale is not None:
+        gate = (gate * row_scale[..., None]).astype(up.dtype)
+        up = (up * row_scale[..., None]).astype(gate.dtype)
+    return up * jax.nn.silu(gate)
+
+
+def reference_swiglu_quantize(gate, up, row_scale=None, scale_ub=None):
+    return fp8.Quantized.of(reference_swiglu(gate, up, row_scale), scale_ub)
+
+
+# ---- the kernels ----------------------------------------------------------------------
+
+def _quantize_chunks(load, q_row, s_row, k: int, chunk: int, scale_ub):
+    """Quantise the row that ``load(c)`` gives chunk by chunk (f32) into ``q_row`` [K] /
+    ``s_row`` [1], with :func:`fp8.quantize`'s arithmetic (absmax / 448, floored; divide,
+    clip, cast). The chunks are loaded twice (amax, then values): from L1/L2 the second time.
+    Chunks combine elementwise first, so the warpgroup reduces (through shared memory) once."""
+    amax = jnp.abs(load(0))
+    for c in range(1, k // chunk):
+        amax = jnp.maximum(amax, jnp.abs(load(c)))
+    amax = jnp.max(amax)
+    if scale_ub is not None:
+        amax = jnp.minimum(amax, jnp.float32(scale_ub))
+    scale = jnp.maximum(amax / fp8.MAX, jnp.float32(fp8.MIN_SCALE))
+    for c in range(k // chunk):
+        q_row[pl.ds(c * chunk, chunk)] = jnp.clip(load(c) / scale, -fp8.MAX,
+                                                  fp8.MAX).astype(fp8.DTYPE)
+    s_row[...] = jnp.broadcast_to(scale, (1,))
+
+
+def _launch(body, rows: int, out_shapes):
+    """One warpgroup per row: ``body(row, *refs)`` over GMEM refs (inputs, then outputs)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def kernel(*refs):
+        body(jax.lax.axis_index("rows"), *refs)
+
+    return plgpu.kernel(kernel, out_type=out_shapes, grid=(rows,), grid_names=("rows",))
+
+
+def _outs(r, k, dtype=None):
+    """Out shapes: (rows in ``dtype``,) FP8 rows, scales [R]."""
+    return ((jax.ShapeDtypeStruct((r, k), dtype),) if dtype is not None else ()) + (
+        jax.ShapeDtypeStruct((r, k), fp8.DTYPE), jax.ShapeDtypeStruct((r,), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("scale_ub", "config"))
+def _quantize_kernel(x, *, scale_ub, config: RowsConfig):
+    r, k = x.shape
+    chunk = config.chunk_for(k)
+
+    def body(row, x_ref, q_ref, s_ref):
+        load = lambda c: x_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32)
+        _quantize_chunks(load, q_ref.at[row], s_ref.at[pl.ds(row, 1)], k, chunk, scale_ub)
+
+    return _launch(body, r, _outs(r, k))(x)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "scale_ub", "config"))
+def _rms_norm_quantize_kernel(x, weight, *, eps, scale_ub, config: RowsConfig):
+    r, k = x.shape
+    chunk = config.chunk_for(k)
+
+    def body(row, x_ref, w_ref, h_ref, q_ref, s_ref):
+        sq = None
+        for c in range(k // chunk):
+            xc = x_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32)
+            sq = xc * xc if sq is None else sq + xc * xc
+        inv = jax.lax.rsqrt(jnp.sum(sq) / k + jnp.float32(eps))
+        for c in range(k // chunk):  # HF's roundings: to x's dtype, then times the weight
+            at = pl.ds(c * chunk, chunk)
+            hc = (x_ref[row, at].astype(jnp.float32) * inv).astype(x.dtype)
+            h_ref[row, at] = (hc.astype(jnp.float32) * w_ref[at].astype(jnp.float32)
+                              ).astype(x.dtype)
+        load = lambda c: h_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32)
+        _quantize_chunks(load, q_ref.at[row], s_ref.at[pl.ds(row, 1)], k, chunk, scale_ub)
+
+    return _launch(body, r, _outs(r, k, x.dtype))(x, weight)
+
+
+@functools.partial(jax.jit, static_argnames=("scale_ub", "config"))
+def _swiglu_quantize_kernel(gate, up, row_scale, *, scale_ub, config: RowsConfig):
+    """gate, up [R, K] (or gate [R, 2K] holding both, up None); row_scale [R] f32 or None."""
+    r, k = gate.shape[0], gate.shape[1] // (1 if up is not None else 2)
+    chunk = config.chunk_for(k)
+    up_offset = 0 if up is not None else k
+
+    def body(row, g_ref, u_ref, *rest):
+        rs_ref, q_ref, s_ref = rest if row_scale is not None else (None, *rest)
+
+        def load(c):  # in f32 throughout: XLA's bf16 roundings between the ops are not kept
+            g = g_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32)
+            u = u_ref[row, pl.ds(up_offset + c * chunk, chunk)].astype(jnp.float32)
+            if rs_ref is not None:
+                rs = rs_ref[row]
+                g, u = g * rs, u * rs
+            return u * g * jax.nn.sigmoid(g)
+
+        _quantize_chunks(load, q_ref.at[row], s_ref.at[pl.ds(row, 1)], k, chunk, scale_ub)
+
+    args = (gate, gate if up is None else up)
+    if row_scale is not None:
+        args += (row_scale.astype(jnp.float32),)
+    return _launch(body, r, _outs(r, k))(*args)
+
+
+# ---- the API --------------------------------------------------------------------------
+
+def _rows(x):
+    """x [..., K] -> ([R, K], a function putting [R, ...] results back in x's lead shape)."""
+    lead = x.shape[:-1]
+    return x.reshape(-1, x.shape[-1]), lambda y: y.reshape(*lead, *y.shape[1:])
+
+
+def quantize(x, *, scale_ub: float | None = None, impl: str = "auto",
+             config: RowsConfig = RowsConfig()) -> fp8.Quantized:
+    """``fp8.Quantized.of(x)`` (rows [..., K]) in one launch where the kernel runs."""
+    x2, back = _rows(x)
+    if not _use_kernel(impl, *x2.shape, config):
+        return reference_quantize(x, scale_ub)
+    q, s = _quantize_kernel(x2, scale_ub=scale_ub, config=config)
+    return fp8.Quantized(back(q), back(s), jnp.dtype(x.dtype))
+
+
+def rms_norm_quantize(x, weight, eps: float, *, scale_ub: float | None = None,
+                      impl: str = "auto", config: RowsConfig = RowsConfig()):
+    """HF's RMSNorm of ``x`` [..., K] with ``weight`` [K], and its quantisation:
+    (normed rows in x's dtype, :class:`fp8.Quantized`)."""
+    x2, back = _rows(x)
+    if not _use_kernel(impl, *x2.shape, config):
+        return reference_rms_norm_quantize(x, weight, eps, scale_ub)
+    h, q, s = _rms_norm_quantize_kernel(x2, weight.astype(x.dtype), eps=float(eps),
+                                        scale_ub=scale_ub, config=config)
+    return back(h), fp8.Quantized(back(q), back(s), jnp.dtype(x.dtype))
+
+
+def swiglu_quantize(gate, up=None, row_scale=None, *, scale_ub: float | None = None,
+                    impl: str = "auto", config: RowsConfig = RowsConfig()) -> fp8.Quantized:
+    """``silu(gate) * up`` for ``gate``, ``up`` [..., K] (or ``gate`` [..., 2K] holding
+    gate then up, and ``up`` None), each first scaled by ``row_scale`` [...] if given,
+    quantised: :class:`fp8.Quantized` of [..., K] rows in gate's dtype."""
+    g2, back = _rows(gate)
+    if not _use_kernel(impl, g2.shape[0], g2.shape[1] // (2 if up is None else 1), config):
+        if up is None:
+            gate, up = jnp.split(gate, 2, axis=-1)
+        return reference_swiglu_quantize(gate, up, row_scale, scale_ub)
+    u2 = None if up is None else up.reshape(g2.shape)
+    rs = None if row_scale is None else row_scale.reshape(-1)
+    q, s = _swiglu_quantize_kernel(g2, u2, rs, scale_ub=scale_ub, config=config)
+    return fp8.Quantized(back(q), back(s), jnp.dtype(gate.dtype))

@@ -1,0 +1,144 @@
+"""The fused row-quantisation kernels against the XLA compositions they replace.
+
+On CPU the Mosaic GPU kernels run in Pallas' GPU interpret mode and are lowered for CUDA;
+on a Hopper GPU they run at Scout's decode shapes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxattn.kernels import common, fp8, fp8_rows as fr
+
+SMALL = fr.RowsConfig(chunk=128)  # several chunks per row at test sizes
+
+
+@pytest.fixture
+def interpret():
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        yield
+
+
+def _dq(q: fp8.Quantized):
+    return np.asarray(fp8.dequantize(q.values, q.scale))
+
+
+def _assert_quantises(q: fp8.Quantized, want):
+    """``q`` is ``want`` (f32 rows) quantised per row: each value within half an e4m3 step
+    (1/16 relative for normals, 2^-10 of the row scale for subnormals), plus bf16 noise."""
+    want = np.asarray(want, np.float32)
+    amax = np.abs(want).max(-1)
+    np.testing.assert_allclose(np.asarray(q.scale), np.maximum(amax / 448, 1e-12), rtol=1e-2)
+    bound = np.abs(want) * (2**-4 + 2**-7) + np.asarray(q.scale)[..., None] * 2**-9
+    assert (np.abs(_dq(q) - want) <= bound).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 384), (5, 3, 256), (64, 128)])
+def test_quantize_kernel_equals_xla(interpret, shape):
+    x = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16) * 5
+    x = x.at[..., 3].set(0).at[0].set(0)  # an all-zero row: the scale floor, no 0/0
+    got = fr.quantize(x, impl="mosaic", config=SMALL)
+    want = fr.reference_quantize(x)
+    np.testing.assert_array_equal(np.asarray(got.values, np.float32),
+                                  np.asarray(want.values, np.float32))
+    np.testing.assert_array_equal(got.scale, want.scale)
+    assert got.dtype == x.dtype and got.values.shape == shape and got.scale.shape == shape[:-1]
+
+
+def test_quantize_kernel_caps_the_scale(interpret):
+    x = jnp.asarray([[1.0, -900.0, 3.0, 0.5] * 32], jnp.bfloat16)
+    got = fr.quantize(x, scale_ub=10.0, impl="mosaic", config=SMALL)
+    want = fr.reference_quantize(x, 10.0)
+    np.testing.assert_array_equal(np.asarray(got.values, np.float32),
+                                  np.asarray(want.values, np.float32))
+    assert float(got.scale[0]) == pytest.approx(10.0 / 448)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16])
+def test_rms_norm_quantize_kernel_equals_xla(interpret, rows):
+    k = 640
+    x = jax.random.normal(jax.random.key(1), (rows, k), jnp.bfloat16) * 3
+    w = jax.random.uniform(jax.random.key(2), (k,), jnp.bfloat16, 0.5, 1.5)
+    h, q = fr.rms_norm_quantize(x, w, 1e-5, impl="mosaic", config=SMALL)
+    h_want, q_want = fr.reference_rms_norm_quantize(x, w, 1e-5)
+    # HF's roundings (f32 norm, cast, times the weight in bf16): the same numbers up to
+    # the order of the sum of squares.
+    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(h_want, np.float32),
+                               rtol=2**-7)
+    _assert_quantises(q, h)
+    assert (np.asarray(q.values, np.float32) != np.asarray(q_want.values, np.float32)).mean() < 0.01
+
+
+@pytest.mark.parametrize("fused,row_scale", [(True, True), (True, False), (False, False)])
+def test_swiglu_quantize_kernel_quantises_the_f32_swiglu(interpret, fused, row_scale):
+    rows, k = 9, 384
+    gate, up = (jax.random.normal(key, (rows, k), jnp.bfloat16) * 2
+                for key in jax.random.split(jax.random.key(3), 2))
+    rs = jnp.exp(jax.random.normal(jax.random.key(4), (rows,))) if row_scale else None
+    args = (jnp.concatenate([gate, up], -1), None) if fused else (gate, up)
+    got = fr.swiglu_quantize(*args, rs, impl="mosaic", config=SMALL)
+    g, u = gate.astype(jnp.float32), up.astype(jnp.float32)
+    if rs is not None:
+        g, u = g * rs[:, None], u * rs[:, None]
+    _assert_quantises(got, u * g * jax.nn.sigmoid(g))
+    # The XLA path (prefill, CPU): the same product in bf16 steps, quantised.
+    xla = fr.swiglu_quantize(*args, rs, impl="xla")
+    assert np.abs(_dq(xla) - _dq(got)).max() <= 0.1 * np.abs(_dq(got)).max()
+
+
+def test_auto_runs_xla_off_hopper_and_for_prefill_sized_calls(monkeypatch):
+    monkeypatch.setattr(common, "on_hopper", lambda: True)
+    calls = []
+    monkeypatch.setattr(fr, "_quantize_kernel", lambda *a, **k: calls.append(a) or (None, None))
+    fr.quantize(jnp.ones((65, 128), jnp.bfloat16))  # more rows than max_rows: XLA
+    fr.quantize(jnp.ones((4, 96), jnp.bfloat16))  # rows not a multiple of 128: XLA
+    assert not calls
+    monkeypatch.setattr(common, "on_hopper", lambda: False)
+    fr.quantize(jnp.ones((4, 128), jnp.bfloat16))
+    assert not calls
+    with pytest.raises(ValueError, match="impl"):
+        fr.quantize(jnp.ones((4, 128), jnp.bfloat16), impl="triton")
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fr.quantize(jnp.ones((4, 96), jnp.bfloat16), impl="mosaic")
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_kernels_lower_for_cuda_at_scout_shapes(rows):
+    """Scout's decode rows: hidden 5120 (attention in and out, the experts' input), 8192
+    intermediate (one launch of gate and up: 16384), and TP=2's 4096 halves."""
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    cases = [
+        (lambda x: fr.quantize(x, impl="mosaic"), (bf16(rows, 5120),)),
+        (lambda x, w: fr.rms_norm_quantize(x, w, 1e-5, impl="mosaic"),
+         (bf16(rows, 5120), bf16(5120))),
+        (lambda g, r: fr.swiglu_quantize(g, None, r, impl="mosaic"),
+         (bf16(rows, 16384), jax.ShapeDtypeStruct((rows,), jnp.float32))),
+        (lambda g, u: fr.swiglu_quantize(g, u, impl="mosaic"), (bf16(rows, 4096),) * 2),
+    ]
+    for f, args in cases:
+        assert "mosaic_gpu" in jax.export.export(jax.jit(f), platforms=["cuda"])(
+            *args).mlir_module()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not common.on_hopper(), reason="needs a Hopper GPU")
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_kernels_on_gpu_at_scout_shapes(rows):
+    x = jax.random.normal(jax.random.key(5), (rows, 5120), jnp.bfloat16) * 4
+    w = jax.random.uniform(jax.random.key(6), (5120,), jnp.bfloat16, 0.5, 1.5)
+    got, want = fr.quantize(x, impl="mosaic"), fr.reference_quantize(x)
+    _assert_quantises(got, x.astype(jnp.float32))
+    assert (np.asarray(got.values, np.float32) != np.asarray(want.values, np.float32)).mean() < 1e-3
+    h, q = fr.rms_norm_quantize(x, w, 1e-5, impl="mosaic")
+    h_want, _ = fr.reference_rms_norm_quantize(x, w, 1e-5)
+    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(h_want, np.float32),
+                               rtol=2**-7)
+    _assert_quantises(q, h)
+    gu = jax.random.normal(jax.random.key(7), (rows, 16384), jnp.bfloat16) * 2
+    rs = jnp.exp(jax.random.normal(jax.random.key(8), (rows,)))
+    got = fr.swiglu_quantize(gu, None, rs, impl="mosaic")
+    g, u = (a.astype(jnp.float32) * rs[:, None] for a in jnp.split(gu, 2, -1))
+    _assert_quantises(got, u * g * jax.nn.sigmoid(g))
