@@ -6,7 +6,8 @@ cannot give the reduction's result and the converted rows from one kernel), each
 with whatever produced the rows, and an RMSNorm or a SwiGLU in front adds one more.
 At decode each such kernel is a few microseconds of launch for a few KiB of data, and a
 full-size Scout step ran ~6 of them per layer. These kernels do each row's whole chain in
-one program (one program per row, the row streamed in chunks from L1/L2):
+one program (one warpgroup per row, the row held in registers: 40 values per thread at
+Scout's hidden size, 64 at its intermediate size):
 
 * :func:`quantize`: ``fp8.quantize(x)`` (the attention output before ``o_proj``);
 * :func:`rms_norm_quantize`: HF's RMSNorm, then quantise; both results (the router
@@ -102,21 +103,20 @@ def reference_swiglu_quantize(gate, up, row_scale=None, scale_ub=None):
 
 # ---- the kernels ----------------------------------------------------------------------
 
-def _quantize_chunks(load, q_row, s_row, k: int, chunk: int, scale_ub):
-    """Quantise the row that ``load(c)`` gives chunk by chunk (f32) into ``q_row`` [K] /
-    ``s_row`` [1], with :func:`fp8.quantize`'s arithmetic (absmax / 448, floored; divide,
-    clip, cast). The chunks are loaded twice (amax, then values): from L1/L2 the second time.
-    Chunks combine elementwise first, so the warpgroup reduces (through shared memory) once."""
-    amax = jnp.abs(load(0))
-    for c in range(1, k // chunk):
-        amax = jnp.maximum(amax, jnp.abs(load(c)))
+def _quantize_chunks(chunks, q_row, s_row, chunk: int, scale_ub):
+    """Quantise a row held in registers, ``chunks`` (f32 arrays of ``chunk`` values, in
+    order), into ``q_row`` [K] / ``s_row`` [1], with :func:`fp8.quantize`'s arithmetic
+    (absmax / 448, floored; divide, clip, cast). The chunks combine elementwise first, so
+    the warpgroup reduces (through shared memory) once."""
+    amax = jnp.abs(chunks[0])
+    for c in chunks[1:]:
+        amax = jnp.maximum(amax, jnp.abs(c))
     amax = jnp.max(amax)
     if scale_ub is not None:
         amax = jnp.minimum(amax, jnp.float32(scale_ub))
     scale = jnp.maximum(amax / fp8.MAX, jnp.float32(fp8.MIN_SCALE))
-    for c in range(k // chunk):
-        q_row[pl.ds(c * chunk, chunk)] = jnp.clip(load(c) / scale, -fp8.MAX,
-                                                  fp8.MAX).astype(fp8.DTYPE)
+    for i, c in enumerate(chunks):
+        q_row[pl.ds(i * chunk, chunk)] = jnp.clip(c / scale, -fp8.MAX, fp8.MAX).astype(fp8.DTYPE)
     s_row[...] = jnp.broadcast_to(scale, (1,))
 
 
@@ -142,8 +142,9 @@ def _quantize_kernel(x, *, scale_ub, config: RowsConfig):
     chunk = config.chunk_for(k)
 
     def body(row, x_ref, q_ref, s_ref):
-        load = lambda c: x_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32)
-        _quantize_chunks(load, q_ref.at[row], s_ref.at[pl.ds(row, 1)], k, chunk, scale_ub)
+        chunks = [x_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32)
+                  for c in range(k // chunk)]
+        _quantize_chunks(chunks, q_ref.at[row], s_ref.at[pl.ds(row, 1)], chunk, scale_ub)
 
     return _launch(body, r, _outs(r, k))(x)
 
@@ -154,18 +155,20 @@ def _rms_norm_quantize_kernel(x, weight, *, eps, scale_ub, config: RowsConfig):
     chunk = config.chunk_for(k)
 
     def body(row, x_ref, w_ref, h_ref, q_ref, s_ref):
-        sq = None
-        for c in range(k // chunk):
-            xc = x_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32)
-            sq = xc * xc if sq is None else sq + xc * xc
+        xs = [x_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32)
+              for c in range(k // chunk)]
+        sq = xs[0] * xs[0]
+        for xc in xs[1:]:
+            sq = sq + xc * xc
         inv = jax.lax.rsqrt(jnp.sum(sq) / k + jnp.float32(eps))
-        for c in range(k // chunk):  # HF's roundings: to x's dtype, then times the weight
+        hs = []
+        for c, xc in enumerate(xs):  # HF's roundings: to x's dtype, then times the weight
             at = pl.ds(c * chunk, chunk)
-            hc = (x_ref[row, at].astype(jnp.float32) * inv).astype(x.dtype)
-            h_ref[row, at] = (hc.astype(jnp.float32) * w_ref[at].astype(jnp.float32)
-                              ).astype(x.dtype)
-        load = lambda c: h_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32)
-        _quantize_chunks(load, q_ref.at[row], s_ref.at[pl.ds(row, 1)], k, chunk, scale_ub)
+            hc = ((xc * inv).astype(x.dtype).astype(jnp.float32)
+                  * w_ref[at].astype(jnp.float32)).astype(x.dtype)
+            h_ref[row, at] = hc
+            hs.append(hc.astype(jnp.float32))
+        _quantize_chunks(hs, q_ref.at[row], s_ref.at[pl.ds(row, 1)], chunk, scale_ub)
 
     return _launch(body, r, _outs(r, k, x.dtype))(x, weight)
 
@@ -180,15 +183,17 @@ def _swiglu_quantize_kernel(gate, up, row_scale, *, scale_ub, config: RowsConfig
     def body(row, g_ref, u_ref, *rest):
         rs_ref, q_ref, s_ref = rest if row_scale is not None else (None, *rest)
 
-        def load(c):  # in f32 throughout: XLA's bf16 roundings between the ops are not kept
+        rs = rs_ref[row] if rs_ref is not None else None
+
+        def swiglu(c):  # in f32 throughout: XLA's bf16 roundings between the ops are not kept
             g = g_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32)
             u = u_ref[row, pl.ds(up_offset + c * chunk, chunk)].astype(jnp.float32)
-            if rs_ref is not None:
-                rs = rs_ref[row]
+            if rs is not None:
                 g, u = g * rs, u * rs
             return u * g * jax.nn.sigmoid(g)
 
-        _quantize_chunks(load, q_ref.at[row], s_ref.at[pl.ds(row, 1)], k, chunk, scale_ub)
+        _quantize_chunks([swiglu(c) for c in range(k // chunk)], q_ref.at[row],
+                         s_ref.at[pl.ds(row, 1)], chunk, scale_ub)
 
     args = (gate, gate if up is None else up)
     if row_scale is not None:
