@@ -30,6 +30,7 @@ for what in "${@:-all}"; do
     sweep|all) [ -f benchmarks/length_sweep.py ] && { python3 -m benchmarks.length_sweep || status=1; } ;;&
     soak|all) [ -f benchmarks/soak.py ] && { python3 -m benchmarks.soak || status=1; } ;;&
     fp8|all) python3 -m benchmarks.fp8_matmul || status=1 ;;&
+    fp8|all) python3 -m benchmarks.fp8_rows || status=1 ;;&
     multigpu) python3 -m benchmarks.multigpu || status=1 ;;&
     # The step's command-buffer settings (benchmarks/NOTES-model.md) on a 12-layer slice on all
     # GPUs, ~100 s each, each with a profiled batch-1 step: the engine's default (XLA's BFC

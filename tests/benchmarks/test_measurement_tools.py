@@ -1,6 +1,6 @@
 """The benchmarks' measurement helpers: the nvidia-smi clock log, the Nsight Compute report
-parser and the profile's kernel kinds (their GPU runs cannot check that they read what the
-tools write)."""
+parser, the profile's kernel kinds and the step's kernel listing (their GPU runs cannot
+check that they read what the tools write)."""
 
 import datetime
 import os
@@ -10,7 +10,7 @@ import pytest
 
 # benchmarks/ is a folder of the repository, not of the installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks import common, profile_prefill  # noqa: E402
+from benchmarks import common, profile_prefill, step_kernels  # noqa: E402
 
 
 def _stamp(t: datetime.datetime) -> str:
@@ -80,3 +80,40 @@ def test_gpu_ms_falls_back_to_the_wall_clock_without_cupti():
     x = jnp.ones((256, 256), jnp.float32)
     t_small, t_big = common.gpu_ms(small, x, reps=5), common.gpu_ms(big, x, reps=5)
     assert 0 < t_small < t_big
+
+
+# An XLA dump's optimised module, cut to its shape: source tables, then the entry.
+_MODULE = """HloModule jit_jitted, is_scheduled=true
+
+FileNames
+1 "/work/main/serve/paged_step.py"
+2 "/work/main/kernels/fp8.py"
+FunctionNames
+1 "step"
+2 "quantize"
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=362 end_line=362 column=1 end_column=2}
+2 {file_name_id=2 function_name_id=2 line=46 end_line=46 column=1 end_column=2}
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=1}
+
+%fused_reduce (p: bf16[16,5120]) -> f32[16] {
+  %p = bf16[16,5120]{1,0} parameter(0)
+}
+
+ENTRY %main.1 (x: bf16[16,5120]) -> f32[16] {
+  %x = bf16[16,5120]{1,0} parameter(0)
+  %input_reduce_fusion.5 = f32[16]{0} fusion(%x), kind=kInput, calls=%fused_reduce, metadata={op_name="jit(jitted)/reduce_max" stack_frame_id=2}
+  %bitcast.1 = f32[16]{0} bitcast(%input_reduce_fusion.5)
+  ROOT %gemm = (f32[4,16]{1,0}, s8[64]{0}) custom-call(%x), custom_call_target="__cublas$lt$matmul$f8", metadata={op_name="jit(jitted)/dot_general" stack_frame_id=1}
+}
+"""
+
+
+def test_step_kernels_lists_the_entry_kernels_with_their_model_frames():
+    found = step_kernels.kernels(_MODULE)
+    assert [k["name"] for k in found] == ["input_reduce_fusion.5", "gemm"]  # not the bitcast
+    assert found[0]["kind"] == "kInput" and found[0]["source"] == ["fp8.py:46:quantize"]
+    assert found[1]["kind"] == "__cublas$lt$matmul$f8"
+    assert found[1]["source"] == []  # the driver's own frame is left out
