@@ -4,6 +4,7 @@
     python -m benchmarks.fp8_matmul --sweep        # + FP8 tile configs at prefill sizes
     python -m benchmarks.fp8_matmul --quick        # fewer shapes and rounds
     python -m benchmarks.fp8_matmul --decode-sweep # only the grouped matmul's decode tiles
+                                                   # (and its time over K: fixed + per step)
 
 1. Routed experts (16 experts, gate/up 5120 -> 8192, down 8192 -> 5120): the Mosaic
    grouped matmul in bf16 against its FP8 form. Prefill sizes (M = 2048..16384 rows
@@ -211,6 +212,50 @@ def decode_sweep(args) -> list[dict]:
                       f"{gbps:6.0f} GB/s", flush=True)
             if name.startswith("gate/up"):
                 rows.append(_gate_and_up(args, name, dtype, x, w, wq, ws, gs))
+    return rows + _k_scan(args)
+
+
+def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
+    """Where a decode call's time goes: the picked config at M = 1 over K (one expert hit,
+    N = 8192), FP8 and bf16, fitted as ``fixed + K * per_k``; cuBLAS's FP8 dot on the same
+    prequantised weights (16 rows, as a decode bucket) beside it. A large ``fixed`` is time
+    no K step accounts for (launch, prologue, epilogue, the group lookup)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxattn.kernels import fp8, grouped_matmul as gm
+
+    times: dict[str, list[float]] = {"bf16": [], "fp8": [], "cublas fp8": []}
+    for k in ks:
+        w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))
+        wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
+        gs = jnp.zeros((E,), jnp.int32).at[3].set(1)
+        x = jax.random.normal(jax.random.key(2), (16, k), jnp.bfloat16)
+        xq, xs = jax.jit(fp8.quantize)(x)
+        fns = {
+            "bf16": jax.jit(lambda x, w, gs: gm.grouped_matmul(x, w, gs, impl="mosaic")),
+            "fp8": jax.jit(lambda xq, xs, w, s, gs: gm.grouped_matmul_fp8(
+                fp8.Quantized(xq, xs, jnp.bfloat16), w, s, gs, impl="mosaic")),
+            "cublas fp8": jax.jit(lambda xq, w: jax.lax.dot_general(
+                xq, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)),
+        }
+        fargs = {"bf16": (x[:1], w, gs), "fp8": (xq[:1], xs[:1], wq, ws, gs),
+                 "cublas fp8": (xq, wq[3])}
+        t = interleaved(fns, fargs, args.rounds, args.reps)
+        for name in times:
+            times[name].append(t[name] * 1e6)
+        print(f"decode K scan K={k:5} N={n}: " + ", ".join(
+            f"{name} {t[name] * 1e6:6.1f} us" for name in times), flush=True)
+    rows = []
+    for name, us in times.items():
+        per_k, fixed = np.polyfit(np.asarray(ks, float), np.asarray(us), 1)
+        bytes_per_k = n * (2 if name == "bf16" else 1)
+        rows.append({"k_scan": name, "n": n, "ks": list(ks), "us": us,
+                     "fixed_us": float(fixed), "per_k_us": float(per_k),
+                     "marginal_gbps": bytes_per_k / (per_k * 1e-6) / 1e9})
+        print(f"decode K scan {name:10}: {fixed:5.1f} us fixed + {per_k * 1e3:6.2f} us per 1k "
+              f"of K ({rows[-1]['marginal_gbps']:5.0f} GB/s at the margin)", flush=True)
     return rows
 
 
