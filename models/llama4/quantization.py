@@ -13,7 +13,8 @@ channel f32 scales (activations are quantised per token at run time, see
   5120/1024]) are a small part of a layer next to the experts and attention itself. But a
   batch-1 decode step on one GPU reads all of them: 29% of its bytes.
   ``Fp8Scheme(attention=True)`` turns them FP8 (the same ``Linear`` path); ``python -m
-  benchmarks.multigpu --quantization fp8 --fp8-attention`` times it (not yet run).
+  benchmarks.multigpu --quantization fp8 --fp8-attention`` times it (batch-1 decode at 8k
+  on one H200: 10.72 ms per step against 11.50 without, README).
 * embeddings, router, norms and LM head: never (small, and the router's and head's
   outputs are sensitive: routing decisions and logits).
 
