@@ -71,6 +71,30 @@ def test_mosaic_kernel_matches_ragged_dot(m, sizes, n, config):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=1e-2, atol=0.1)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_counts_past_the_last_group_are_rows_of_none(fp8):
+    """The MoE passes its expert counts with the padding rows' count after the last expert
+    (G + 1 entries): the kernel computes the G groups' rows and leaves those rows alone."""
+    from jaxattn.kernels import fp8 as fp8_lib
+
+    rng = np.random.default_rng(3)
+    m, k, n, sizes = 16, 128, 256, [0, 3, 0, 2]
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((len(sizes), k, n)), jnp.bfloat16)
+    counts = jnp.asarray(sizes + [m - sum(sizes)], jnp.int32)  # 11 padding rows
+    rows = sum(sizes)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        if fp8:
+            wq, ws = fp8_lib.quantize(jnp.swapaxes(w, 1, 2), -1)
+            got = gm.grouped_matmul_fp8(x, wq, ws, counts, impl="mosaic")
+            want = gm.grouped_matmul_fp8(x, wq, ws, counts, impl="xla")
+        else:
+            got = gm.grouped_matmul(x, w, counts, impl="mosaic")
+            want = gm.reference(x, w, counts[:len(sizes)])
+    np.testing.assert_allclose(np.asarray(got[:rows], np.float32),
+                               np.asarray(want[:rows], np.float32), rtol=2e-2, atol=0.1)
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 5120, 8192), (1, 8192, 5120), (64, 5120, 8192),
                                    (65, 5120, 8192), (32768, 5120, 8192)])
 def test_pick_config_decode_and_prefill_tiles(m, k, n):
