@@ -185,6 +185,9 @@ def decode_sweep(args) -> list[dict]:
                                        max_concurrent_steps=st, k_splits=sp)
                 for bn in (64, 128, 256) for st in (4, 8) for sp in (1, 2, 4, 8)
                 if (k // bk) % sp == 0 and (n // bn) * sp <= 4 * common.num_sms()}
+            if dtype == "fp8":  # the swapped form (NOTES-grouped-matmul.md), 8 and 11 slots
+                configs |= {gm.GroupedMatmulConfig(block_m=16, block_k=bk, swap_ab=True,
+                                                   max_concurrent_steps=st) for st in (8, 11)}
             for cfg in sorted(configs, key=lambda c: (c.block_n, c.max_concurrent_steps,
                                                       c.k_splits)):
                 if dtype == "fp8":
@@ -208,6 +211,7 @@ def decode_sweep(args) -> list[dict]:
                              "us": t * 1e6, "weight_gbps": gbps})
                 print(f"decode {name:11} M={m} {dtype} bn={cfg.block_n:3} "
                       f"steps={cfg.max_concurrent_steps} splits={cfg.k_splits}"
+                      f"{' swap_ab' if cfg.swap_ab else ''}"
                       f"{' (picked)' if cfg == picked else ''}: {t * 1e6:7.1f} us, "
                       f"{gbps:6.0f} GB/s", flush=True)
             if name.startswith("gate/up"):
@@ -226,7 +230,9 @@ def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
 
     from jaxattn.kernels import fp8, grouped_matmul as gm
 
-    times: dict[str, list[float]] = {"bf16": [], "fp8": [], "cublas fp8": []}
+    swap = gm.GroupedMatmulConfig(block_m=16, block_k=128, max_concurrent_steps=11,
+                                  swap_ab=True)
+    times: dict[str, list[float]] = {"bf16": [], "fp8": [], "fp8 swap_ab": [], "cublas fp8": []}
     for k in ks:
         w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))
         wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
@@ -237,11 +243,13 @@ def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
             "bf16": jax.jit(lambda x, w, gs: gm.grouped_matmul(x, w, gs, impl="mosaic")),
             "fp8": jax.jit(lambda xq, xs, w, s, gs: gm.grouped_matmul_fp8(
                 fp8.Quantized(xq, xs, jnp.bfloat16), w, s, gs, impl="mosaic")),
+            "fp8 swap_ab": jax.jit(lambda xq, xs, w, s, gs: gm.grouped_matmul_fp8(
+                fp8.Quantized(xq, xs, jnp.bfloat16), w, s, gs, impl="mosaic", config=swap)),
             "cublas fp8": jax.jit(lambda xq, w: jax.lax.dot_general(
                 xq, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)),
         }
         fargs = {"bf16": (x[:1], w, gs), "fp8": (xq[:1], xs[:1], wq, ws, gs),
-                 "cublas fp8": (xq, wq[3])}
+                 "fp8 swap_ab": (xq[:1], xs[:1], wq, ws, gs), "cublas fp8": (xq, wq[3])}
         t = interleaved(fns, fargs, args.rounds, args.reps)
         for name in times:
             times[name].append(t[name] * 1e6)

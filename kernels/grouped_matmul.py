@@ -18,6 +18,10 @@ semantics of ``jax.lax.ragged_dot`` (:func:`reference`). Two implementations:
     are the first ``count`` and their work items are dealt evenly to the SMs. JAX's
     version visits every tile, computing the empty ones against group 0's weights,
     and the few real items of a decode step land on a fraction of the SMs.
+  - FP8 ``swap_ab``: the weights as the wgmma's M side and the few rows as its N side
+    (``acc = W x^T``, stored back through a transposed view of the output tile in SMEM),
+    so a ring slot holds 16 rows instead of 64 and more weight bytes are in flight.
+    Not yet run on a GPU, so :func:`pick_config` does not pick it.
   - ``k_splits`` > 1 splits K over several SMs (f32 partial sums, added by XLA),
     so that a single expert's N tiles occupy more SMs. Measured slower than no split
     at Scout's decode shapes (the partial sums' extra pass), so :func:`pick_config`
@@ -62,15 +66,23 @@ _BLOCK_K_FP8 = 128  # 128 one-byte elements: one 128-byte swizzled row, as 64 bf
 class GroupedMatmulConfig:
     """Tiles of one kernel launch."""
 
-    block_m: int = 128  # rows per tile; a wgmma has at least 64
+    block_m: int = 128  # rows per tile; a wgmma has at least 64 (swap_ab: 8)
     block_n: int = _BLOCK_N
     block_k: int = _BLOCK_K
     max_concurrent_steps: int = 4  # K steps in flight (TMA ring depth)
     grid_block_n: int = 1  # N tiles per band of the planar snake (weight tiles stay in L2)
     k_splits: int = 1  # K ranges on different SMs, summed in f32 afterwards
+    # FP8 decode: the weights are the wgmma's M side and the few rows its N side (W x^T).
+    # A 64-row tile of 1-16 real rows otherwise takes a third of each ring slot, and the
+    # bytes of weights in flight per SM are what bound a decode call (Little's law).
+    swap_ab: bool = False
 
     def __post_init__(self):
-        if self.block_m not in (64, 128, 192, 256):
+        if self.swap_ab:
+            if self.block_m % 8 or not 8 <= self.block_m <= 256 or self.block_n % 64:
+                raise ValueError(f"swap_ab: block_m={self.block_m} must be a multiple of 8 "
+                                 f"in [8, 256] (wgmma N) and block_n={self.block_n} of 64")
+        elif self.block_m not in (64, 128, 192, 256):
             raise ValueError(f"block_m={self.block_m}: a multiple of 64 (one wgmma), at most 256")
         for name in ("block_n", "block_k"):
             v = getattr(self, name)
@@ -283,6 +295,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
     # tile's output columns are ni * bn for every part.
     part_n = n // bn
     grid_m, grid_n, k_steps = common.cdiv(m, bm) + g - 1, parts * part_n, k // bk // splits
+    swap = config.swap_ab
+    if swap and not scaled:
+        raise ValueError("swap_ab is the FP8 kernel's form (K-major weights)")
     final_dtype = out_dtype or lhs.dtype
     out_dtype = final_dtype if splits == 1 else jnp.float32
     # 8-bit weights are K-major [N, K] tiles, transposed for the wgmma (a view, no copy).
@@ -301,10 +316,15 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
             N tile ``part_ni`` of weights ``w_gmem``), K range ``split``."""
             k0 = split * k_steps
 
+            def product(acc_ref, lhs_smem, rhs_smem):
+                if swap:  # acc [bn, bm] = W [bn, bk] x^T: both operands K-major as stored
+                    plgpu.wgmma(acc_ref, rhs_smem, lhs_smem.T)
+                else:
+                    plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.T if scaled else rhs_smem)
+
             def acc_scope(acc_ref):
                 plgpu.emit_pipeline(
-                    lambda _, lhs_smem, rhs_smem: plgpu.wgmma(
-                        acc_ref, lhs_smem, rhs_smem.T if scaled else rhs_smem),
+                    lambda _, lhs_smem, rhs_smem: product(acc_ref, lhs_smem, rhs_smem),
                     grid=(k_steps,),
                     in_specs=[
                         plgpu.BlockSpec((bm, bk), lambda kk: (info.block, k0 + kk),
@@ -316,16 +336,17 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                 )(lhs_gmem, w_gmem.at[info.group_id])
                 return acc_ref[...]
 
-            acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((bn, bm) if swap else (bm, bn)))
             if scaled:  # the epilogue: the tile's expert's column scales
                 cols = plgpu.load(ws_gmem.at[info.group_id, pl.ds(part_ni * bn, bn)],
-                                  layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-                acc = acc * jax.lax.broadcast_in_dim(cols, (bm, bn), [1])
+                                  layout=plgpu.Layout.WGMMA.reduce(1 if swap else 0),
+                                  optimized=False)
+                acc = acc * jax.lax.broadcast_in_dim(cols, acc.shape, [0 if swap else 1])
             out = o_gmem if splits == 1 else o_gmem.at[split]
 
             @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
             def store_scope(o_smem):
-                o_smem[...] = acc.astype(out_dtype)
+                (o_smem.T if swap else o_smem)[...] = acc.astype(out_dtype)
                 plgpu.commit_smem()
                 # TMA stores need static row counts: store the tile's rows as a sum of
                 # powers of two (one descriptor per power), as JAX's kernel does.

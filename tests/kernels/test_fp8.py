@@ -182,6 +182,50 @@ def test_fp8_kernel_lowers_for_scout_shapes(m, k, n):
     assert "mosaic_gpu" in exported.mlir_module()
 
 
+SWAP = gm.GroupedMatmulConfig(block_m=16, block_k=128, max_concurrent_steps=11, swap_ab=True)
+
+
+@pytest.mark.parametrize("m,sizes,parts", [
+    (1, [0, 1, 0, 0], 1),  # batch-1 decode
+    (5, [1, 0, 3, 0], 1),  # two groups in one 16-row block: each writes only its rows
+    (16, [3, 0, 2, 11], 2),  # gate and up in one launch
+    (40, [20, 0, 17, 0], 1),  # groups over several 16-row blocks
+])
+def test_swapped_fp8_kernel_matches_the_reference(m, sizes, parts):
+    """``swap_ab``: acc = W x^T (the weights as wgmma's M side, the rows its N side), stored
+    back to row-major tiles through a transposed view of the output tile in SMEM."""
+    x, wq, ws, gs = _case(m, sizes, 128)
+    config = dataclasses.replace(SWAP, max_concurrent_steps=2)
+    scales = [ws * (p + 1) for p in range(parts)]  # a mix-up of the parts would show
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = gm.grouped_matmul_fp8(x, (wq,) * parts, tuple(scales), gs, impl="mosaic",
+                                    config=config)
+    want = np.concatenate([_want(x, wq, s, gs) for s in scales], axis=-1)
+    rows = sum(sizes)  # rows past the groups are undefined
+    np.testing.assert_allclose(np.asarray(got[:rows], np.float32), want[:rows], rtol=1e-2,
+                               atol=1e-2 * np.abs(want).max())
+
+
+def test_swap_ab_config_is_checked():
+    with pytest.raises(ValueError, match="swap_ab"):
+        gm.GroupedMatmulConfig(block_m=12, swap_ab=True)
+    with pytest.raises(ValueError, match="FP8"):
+        gm.grouped_matmul(jnp.ones((1, 128), jnp.bfloat16), jnp.ones((1, 128, 128), jnp.bfloat16),
+                          jnp.ones((1,), jnp.int32), impl="mosaic", config=SWAP)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("k,n", SCOUT_KN)
+def test_swapped_fp8_kernel_lowers_for_scout_shapes(m, k, n):
+    """11 ring slots of 16 KiB of weights and 2 KiB of rows fit shared memory."""
+    f = jax.jit(lambda x, w, s, gs: gm.grouped_matmul_fp8(x, (w, w), (s, s), gs, impl="mosaic",
+                                                          config=SWAP))
+    exported = jax.export.export(f, platforms=["cuda"])(
+        jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((16, n, k), fp8.DTYPE),
+        jax.ShapeDtypeStruct((16, n), jnp.float32), jax.ShapeDtypeStruct((17,), jnp.int32))
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
 def test_fp8_impl_resolution():
     assert gm.resolve_fp8("auto", 256, 256) == ("mosaic" if common.on_hopper() else "xla")
     assert gm.resolve_fp8("auto", 200, 256) == "xla"
@@ -200,6 +244,22 @@ def test_fp8_kernel_on_gpu_at_scout_shapes(m, k, n):
     gs = jnp.asarray(np.bincount(rng.integers(0, 16, m) // 2 * 2, minlength=16), jnp.int32)
     got = jax.jit(lambda x, w, s, gs: gm.grouped_matmul_fp8(x, w, s, gs, impl="mosaic"))(
         x, wq, ws, gs)
+    want = _want(x, wq, ws, gs)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2,
+                               atol=2e-2 * np.abs(want).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("k,n", SCOUT_KN)
+def test_swapped_fp8_kernel_on_gpu_at_scout_shapes(m, k, n):
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((16, n, k)) / np.sqrt(k), jnp.float32)
+    wq, ws = jax.jit(fp8.quantize)(w)
+    gs = jnp.asarray(np.bincount(rng.integers(0, 16, m), minlength=16), jnp.int32)
+    got = jax.jit(lambda x, w, s, gs: gm.grouped_matmul_fp8(
+        x, w, s, gs, impl="mosaic", config=SWAP))(x, wq, ws, gs)
     want = _want(x, wq, ws, gs)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2,
                                atol=2e-2 * np.abs(want).max())
