@@ -54,6 +54,18 @@ def interleaved(fns: dict, args: dict, rounds: int, reps: int) -> dict[str, floa
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _fp8_kernel(config=None):
+    """The FP8 grouped matmul on prequantised rows: the kernel without the rows'
+    quantisation (``config`` None: what ``pick_config`` picks)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxattn.kernels import fp8, grouped_matmul as gm
+
+    return jax.jit(lambda xq, xs, w, s, gs: gm.grouped_matmul_fp8(
+        fp8.Quantized(xq, xs, jnp.bfloat16), w, s, gs, impl="mosaic", config=config))
+
+
 def _groups(m: int, rng):
     """Top-1 routing of m tokens: uniform over experts (prefill), random (decode)."""
     import numpy as np
@@ -87,8 +99,7 @@ def grouped(args) -> list[dict]:
             xq, xs = jax.jit(fp8.quantize)(x)
             fns = {
                 "bf16": jax.jit(lambda x, w, gs: gm.grouped_matmul(x, w, gs, impl="mosaic")),
-                "fp8 kernel": jax.jit(lambda xq, xs, w, s, gs: gm.grouped_matmul_fp8(
-                    fp8.Quantized(xq, xs, jnp.bfloat16), w, s, gs, impl="mosaic")),
+                "fp8 kernel": _fp8_kernel(),
                 "fp8 +quant": jax.jit(lambda x, w, s, gs: gm.grouped_matmul_fp8(
                     x, w, s, gs, impl="mosaic")),
             }
@@ -140,8 +151,7 @@ def sweep(args) -> list[dict]:
             if n % (cfg.block_n * cfg.grid_block_n) and cfg.grid_block_n > 1:
                 continue
             try:
-                f = jax.jit(lambda xq, xs, w, s, gs, cfg=cfg: gm.grouped_matmul_fp8(
-                    fp8.Quantized(xq, xs, jnp.bfloat16), w, s, gs, impl="mosaic", config=cfg))
+                f = _fp8_kernel(cfg)
                 t = interleaved({"c": f}, {"c": (xq, xs, wq, ws, gs)}, args.rounds, args.reps)["c"]
             except Exception as e:  # a config over the SMEM or register budget
                 print(f"{name} {cfg}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -191,9 +201,7 @@ def decode_sweep(args) -> list[dict]:
             for cfg in sorted(configs, key=lambda c: (c.block_n, c.max_concurrent_steps,
                                                       c.k_splits)):
                 if dtype == "fp8":
-                    f = jax.jit(lambda xq, xs, w, s, gs, cfg=cfg: gm.grouped_matmul_fp8(
-                        fp8.Quantized(xq, xs, jnp.bfloat16), w, s, gs, impl="mosaic",
-                        config=cfg))
+                    f = _fp8_kernel(cfg)
                     fargs = (xq, xs, wq, ws, gs)
                 else:
                     f = jax.jit(lambda x, w, gs, cfg=cfg: gm.grouped_matmul(
@@ -221,7 +229,7 @@ def decode_sweep(args) -> list[dict]:
 
 def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
     """Where a decode call's time goes: the picked config at M = 1 over K (one expert hit,
-    N = 8192), FP8 and bf16, fitted as ``fixed + K * per_k``; cuBLAS's FP8 dot on the same
+    N = 8192), bf16, FP8 and FP8's swap-AB form, fitted as ``fixed + K * per_k``; cuBLAS's FP8 dot on the same
     prequantised weights (16 rows, as a decode bucket) beside it. A large ``fixed`` is time
     no K step accounts for (launch, prologue, epilogue, the group lookup)."""
     import jax
@@ -241,10 +249,8 @@ def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
         xq, xs = jax.jit(fp8.quantize)(x)
         fns = {
             "bf16": jax.jit(lambda x, w, gs: gm.grouped_matmul(x, w, gs, impl="mosaic")),
-            "fp8": jax.jit(lambda xq, xs, w, s, gs: gm.grouped_matmul_fp8(
-                fp8.Quantized(xq, xs, jnp.bfloat16), w, s, gs, impl="mosaic")),
-            "fp8 swap_ab": jax.jit(lambda xq, xs, w, s, gs: gm.grouped_matmul_fp8(
-                fp8.Quantized(xq, xs, jnp.bfloat16), w, s, gs, impl="mosaic", config=swap)),
+            "fp8": _fp8_kernel(),
+            "fp8 swap_ab": _fp8_kernel(swap),
             "cublas fp8": jax.jit(lambda xq, w: jax.lax.dot_general(
                 xq, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)),
         }

@@ -65,9 +65,10 @@ def _use_kernel(impl: str, rows: int, k: int, config: RowsConfig) -> bool:
         raise ValueError(f"row quantisation impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
         return common.on_hopper() and rows <= config.max_rows and k % WARPGROUP == 0
-    if impl == "mosaic":
-        config.chunk_for(k)  # the row length's check, before tracing the kernel
-    return impl == "mosaic"
+    if impl == "xla":
+        return False
+    config.chunk_for(k)  # the row length's check, before tracing the kernel
+    return True
 
 
 # ---- references: the XLA compositions -------------------------------------------------

@@ -22,7 +22,6 @@ compile_cache.enable()
 jax.config.update("jax_num_cpu_devices", 8)
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
     """Drop JAX's compiled programs after each test file. Every XLA:CPU executable keeps a

@@ -234,32 +234,19 @@ def test_fp8_impl_resolution():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 32, 65, 300, 4096])
+@pytest.mark.parametrize("m,config", [(1, None), (32, None), (65, None), (300, None),
+                                      (4096, None), (1, SWAP), (5, SWAP), (16, SWAP)],
+                         ids=lambda v: "swap_ab" if v is SWAP else None)
 @pytest.mark.parametrize("k,n", SCOUT_KN)
-def test_fp8_kernel_on_gpu_at_scout_shapes(m, k, n):
+def test_fp8_kernel_on_gpu_at_scout_shapes(m, config, k, n):
+    """The picked configs, and the swap-AB form at decode sizes."""
     rng = np.random.default_rng(m)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((16, n, k)) / np.sqrt(k), jnp.float32)
     wq, ws = jax.jit(fp8.quantize)(w)
     gs = jnp.asarray(np.bincount(rng.integers(0, 16, m) // 2 * 2, minlength=16), jnp.int32)
-    got = jax.jit(lambda x, w, s, gs: gm.grouped_matmul_fp8(x, w, s, gs, impl="mosaic"))(
-        x, wq, ws, gs)
-    want = _want(x, wq, ws, gs)
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2,
-                               atol=2e-2 * np.abs(want).max())
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("k,n", SCOUT_KN)
-def test_swapped_fp8_kernel_on_gpu_at_scout_shapes(m, k, n):
-    rng = np.random.default_rng(m)
-    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((16, n, k)) / np.sqrt(k), jnp.float32)
-    wq, ws = jax.jit(fp8.quantize)(w)
-    gs = jnp.asarray(np.bincount(rng.integers(0, 16, m), minlength=16), jnp.int32)
     got = jax.jit(lambda x, w, s, gs: gm.grouped_matmul_fp8(
-        x, w, s, gs, impl="mosaic", config=SWAP))(x, wq, ws, gs)
+        x, w, s, gs, impl="mosaic", config=config))(x, wq, ws, gs)
     want = _want(x, wq, ws, gs)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2,
                                atol=2e-2 * np.abs(want).max())
