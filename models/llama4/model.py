@@ -101,24 +101,22 @@ class DecoderLayer(nnx.Module):
         (``axes.psum``) restores the full activation.
         """
         attn, ff = self.self_attn, self.feed_forward
-        _, xq = _norm(self.input_layernorm, x, attn.fp8, attn.q_proj.activation_scale_ub)
-        q, k, v = attn.qkv(xq, positions, rope)
+        h, hq = _norm(self.input_layernorm, x, attn.fp8, attn.q_proj.activation_scale_ub)
+        q, k, v = attn.qkv(h if hq is None else hq, positions, rope)
         x = x + attn.out(attend(attn, q, k, v), axes)
         if isinstance(ff, MoE):
             h, hq = _norm(self.post_attention_layernorm, x, ff.experts.fp8 or ff.shared_expert.fp8,
                           ff.experts.activation_scale_ub)
-            return x + axes.psum(ff(h, axes, valid, gmm_impl, xq=None if hq is h else hq))
-        _, hq = _norm(self.post_attention_layernorm, x, ff.fp8, ff.gate_proj.activation_scale_ub)
-        return x + axes.psum(ff(hq, axes))
+            return x + axes.psum(ff(h, axes, valid, gmm_impl, xq=hq))
+        h, hq = _norm(self.post_attention_layernorm, x, ff.fp8, ff.gate_proj.activation_scale_ub)
+        return x + axes.psum(ff(h if hq is None else hq, axes))
 
 
 def _norm(norm: RMSNorm, x, fp8: bool, scale_ub):
-    """(``norm(x)``, what the FP8 matmuls after it take): the norm and its per-token FP8
-    quantisation in one kernel at decode (:func:`fp8_rows.rms_norm_quantize`); without
-    FP8 matmuls after it, (``norm(x)``, ``norm(x)``)."""
+    """(``norm(x)``, its per-token FP8 quantisation for the FP8 matmuls after it, or None
+    without them): one kernel for both at decode (:func:`fp8_rows.rms_norm_quantize`)."""
     if not fp8:
-        h = norm(x)
-        return h, h
+        return norm(x), None
     return fp8_rows.rms_norm_quantize(x, norm.weight[...], norm.eps, scale_ub=scale_ub)
 
 

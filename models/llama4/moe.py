@@ -176,8 +176,8 @@ class MoE(nnx.Module):
         order, position, group_sizes = counting_sort(expert, self.num_experts + 1)
         if self.experts.fp8 and xq is None:
             xq = fp8_rows.quantize(x, scale_ub=self.experts.activation_scale_ub)
-        if xq is not None:
-            xq = jax.tree.map(lambda a: a.reshape(-1, *a.shape[len(shape) - 1:]), xq)
+        if xq is not None:  # rows as x's: [N, H] values, [N] scales
+            xq = fp8_lib.Quantized(xq.values.reshape(x.shape), xq.scale.reshape(-1), xq.dtype)
         if self.experts.fp8 and self.experts.activation_scale_ub is None:
             # Each token is quantised once for the routed and the shared experts: a copy's
             # row is its token's, the scale times the router's score (a sigmoid: positive).
