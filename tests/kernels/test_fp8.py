@@ -167,7 +167,10 @@ def test_picker_configs_at_scout_shapes():
     for c in configs:
         assert c.block_k == 128
     decode = gm.pick_config(1, 5120, 8192, fp8=True)
-    assert decode.block_m == 64 and decode.max_concurrent_steps == 8 and decode.k_splits == 1
+    assert decode.swap_ab and decode.block_m == 16 and decode.k_splits == 1
+    assert gm.pick_config(16, 5120, 8192, fp8=True).swap_ab
+    wider = gm.pick_config(17, 5120, 8192, fp8=True)
+    assert not wider.swap_ab and wider.block_m == 64 and wider.max_concurrent_steps == 8
 
 
 @pytest.mark.parametrize("m", SCOUT_M)
