@@ -187,7 +187,7 @@ def decode_sweep(args) -> list[dict]:
         gs = jnp.zeros((E,), jnp.int32).at[3].set(m)  # one expert hit
         x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
         xq, xs = jax.jit(fp8.quantize)(x)
-        for dtype in ("bf16", "fp8"):
+        for dtype in ("fp8",) if args.swap_only else ("bf16", "fp8"):
             bk = 128 if dtype == "fp8" else 64
             picked = gm.pick_config(m, k, n, fp8=dtype == "fp8")
             configs = {picked} if args.quick else {picked} | {
@@ -195,9 +195,11 @@ def decode_sweep(args) -> list[dict]:
                                        max_concurrent_steps=st, k_splits=sp)
                 for bn in (64, 128, 256) for st in (4, 8) for sp in (1, 2, 4, 8)
                 if (k // bk) % sp == 0 and (n // bn) * sp <= 4 * common.num_sms()}
-            if dtype == "fp8":  # the swapped form (NOTES-grouped-matmul.md), 8 and 11 slots
-                configs |= {gm.GroupedMatmulConfig(block_m=16, block_k=bk, swap_ab=True,
-                                                   max_concurrent_steps=st) for st in (8, 11)}
+            if dtype == "fp8":  # the swapped form (NOTES-grouped-matmul.md): K tile x ring
+                configs = ({picked} if args.swap_only else configs) | {
+                    gm.GroupedMatmulConfig(block_m=16, block_k=sk, swap_ab=True,
+                                           max_concurrent_steps=st)
+                    for sk, st in ((128, 8), (128, 12), (256, 4), (256, 6))}
             for cfg in sorted(configs, key=lambda c: (c.block_n, c.max_concurrent_steps,
                                                       c.k_splits)):
                 if dtype == "fp8":
@@ -222,9 +224,9 @@ def decode_sweep(args) -> list[dict]:
                       f"{' swap_ab' if cfg.swap_ab else ''}"
                       f"{' (picked)' if cfg == picked else ''}: {t * 1e6:7.1f} us, "
                       f"{gbps:6.0f} GB/s", flush=True)
-            if name.startswith("gate/up"):
+            if name.startswith("gate/up") and not args.swap_only:
                 rows.append(_gate_and_up(args, name, dtype, x, w, wq, ws, gs))
-    return rows + _k_scan(args)
+    return rows if args.swap_only else rows + _k_scan(args)
 
 
 def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
@@ -355,6 +357,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--decode-sweep", action="store_true",
                    help="only the grouped matmul's tiles at decode sizes")
+    p.add_argument("--swap-only", action="store_true",
+                   help="with --decode-sweep: FP8 only, the pick and the swap-AB forms")
     args = p.parse_args(argv)
     import jax
 

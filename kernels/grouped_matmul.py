@@ -83,6 +83,8 @@ class GroupedMatmulConfig:
             if self.block_m % 8 or not 8 <= self.block_m <= 256 or self.block_n % 64:
                 raise ValueError(f"swap_ab: block_m={self.block_m} must be a multiple of 8 "
                                  f"in [8, 256] (wgmma N) and block_n={self.block_n} of 64")
+            if self.k_splits != 1:  # Mosaic finds no layout for the f32 partials' store
+                raise ValueError("swap_ab takes no k_splits")
         elif self.block_m not in (64, 128, 192, 256):
             raise ValueError(f"block_m={self.block_m}: a multiple of 64 (one wgmma), at most 256")
         for name in ("block_n", "block_k"):

@@ -212,6 +212,8 @@ def test_swapped_fp8_kernel_matches_the_reference(m, sizes, parts):
 def test_swap_ab_config_is_checked():
     with pytest.raises(ValueError, match="swap_ab"):
         gm.GroupedMatmulConfig(block_m=12, swap_ab=True)
+    with pytest.raises(ValueError, match="k_splits"):
+        gm.GroupedMatmulConfig(block_m=16, swap_ab=True, k_splits=2)
     with pytest.raises(ValueError, match="FP8"):
         gm.grouped_matmul(jnp.ones((1, 128), jnp.bfloat16), jnp.ones((1, 128, 128), jnp.bfloat16),
                           jnp.ones((1,), jnp.int32), impl="mosaic", config=SWAP)
@@ -236,10 +238,15 @@ def test_fp8_impl_resolution():
         gm.resolve_fp8("cublas", 256, 256)
 
 
+SWAP_K256 = dataclasses.replace(SWAP, block_k=256, max_concurrent_steps=6)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,config", [(1, None), (32, None), (65, None), (300, None),
-                                      (4096, None), (1, SWAP), (5, SWAP), (16, SWAP)],
-                         ids=lambda v: "swap_ab" if v is SWAP else None)
+                                      (4096, None), (1, SWAP), (5, SWAP), (16, SWAP),
+                                      (1, SWAP_K256), (16, SWAP_K256)],
+                         ids=lambda v: {id(SWAP): "swap_ab", id(SWAP_K256): "swap_ab_k256"}.get(
+                             id(v)))
 @pytest.mark.parametrize("k,n", SCOUT_KN)
 def test_fp8_kernel_on_gpu_at_scout_shapes(m, config, k, n):
     """The picked configs, and the swap-AB form at decode sizes."""
