@@ -219,11 +219,15 @@ def decode_sweep(args) -> list[dict]:
                 rows.append({"matmul": name, "m": m, "dtype": dtype, "k": k, "n": n,
                              "config": dataclasses.asdict(cfg), "picked": cfg == picked,
                              "us": t * 1e6, "weight_gbps": gbps})
-                print(f"decode {name:11} M={m} {dtype} bn={cfg.block_n:3} "
+                print(f"decode {name:11} M={m} {dtype} bn={cfg.block_n:3} bk={cfg.block_k:3} "
                       f"steps={cfg.max_concurrent_steps} splits={cfg.k_splits}"
                       f"{' swap_ab' if cfg.swap_ab else ''}"
                       f"{' (picked)' if cfg == picked else ''}: {t * 1e6:7.1f} us, "
                       f"{gbps:6.0f} GB/s", flush=True)
+            picks = {r["dtype"]: r["us"] for r in rows if r["matmul"] == name and r["picked"]}
+            if len(picks) == 2 and dtype == "fp8":
+                print(f"decode {name:11} picked FP8 vs picked bf16 (same run): "
+                      f"{picks['bf16'] / picks['fp8']:.2f}x the speed", flush=True)
             if name.startswith("gate/up") and not args.swap_only:
                 rows.append(_gate_and_up(args, name, dtype, x, w, wq, ws, gs))
     return rows if args.swap_only else rows + _k_scan(args)
@@ -231,8 +235,9 @@ def decode_sweep(args) -> list[dict]:
 
 def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
     """Where a decode call's time goes: the picked config at M = 1 over K (one expert hit,
-    N = 8192), bf16, FP8 and FP8's swap-AB form, fitted as ``fixed + K * per_k``; cuBLAS's FP8 dot on the same
-    prequantised weights (16 rows, as a decode bucket) beside it. A large ``fixed`` is time
+    N = 8192), bf16, FP8 and FP8's 64-row tile (the pick before swap-AB), fitted as
+    ``fixed + K * per_k``; cuBLAS's FP8 dot on the same prequantised weights (16 rows, as a
+    decode bucket) beside it. A large ``fixed`` is time
     no K step accounts for (launch, prologue, epilogue, the group lookup)."""
     import jax
     import jax.numpy as jnp
@@ -240,9 +245,8 @@ def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
 
     from jaxattn.kernels import fp8, grouped_matmul as gm
 
-    swap = gm.GroupedMatmulConfig(block_m=16, block_k=128, max_concurrent_steps=11,
-                                  swap_ab=True)
-    times: dict[str, list[float]] = {"bf16": [], "fp8": [], "fp8 swap_ab": [], "cublas fp8": []}
+    tile64 = gm.GroupedMatmulConfig(block_m=64, block_k=128, max_concurrent_steps=8)
+    times: dict[str, list[float]] = {"bf16": [], "fp8": [], "fp8 64-row": [], "cublas fp8": []}
     for k in ks:
         w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))
         wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
@@ -252,12 +256,12 @@ def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
         fns = {
             "bf16": jax.jit(lambda x, w, gs: gm.grouped_matmul(x, w, gs, impl="mosaic")),
             "fp8": _fp8_kernel(),
-            "fp8 swap_ab": _fp8_kernel(swap),
+            "fp8 64-row": _fp8_kernel(tile64),
             "cublas fp8": jax.jit(lambda xq, w: jax.lax.dot_general(
                 xq, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)),
         }
         fargs = {"bf16": (x[:1], w, gs), "fp8": (xq[:1], xs[:1], wq, ws, gs),
-                 "fp8 swap_ab": (xq[:1], xs[:1], wq, ws, gs), "cublas fp8": (xq, wq[3])}
+                 "fp8 64-row": (xq[:1], xs[:1], wq, ws, gs), "cublas fp8": (xq, wq[3])}
         t = interleaved(fns, fargs, args.rounds, args.reps)
         for name in times:
             times[name].append(t[name] * 1e6)

@@ -21,8 +21,7 @@ semantics of ``jax.lax.ragged_dot`` (:func:`reference`). Two implementations:
   - FP8 ``swap_ab``: the weights as the wgmma's M side and the few rows as its N side
     (``acc = W x^T``, stored back through a transposed view of the output tile in SMEM),
     so a ring slot holds 16 rows instead of 64 and more weight bytes are in flight.
-    :func:`pick_config` picks it for FP8 calls of at most 16 rows: 1.1-1.5x faster than
-    the 64-row tile at Scout's decode shapes on the H200 (NOTES-grouped-matmul.md).
+    :func:`pick_config` picks it for FP8 calls of at most 16 rows.
   - ``k_splits`` > 1 splits K over several SMs (f32 partial sums, added by XLA),
     so that a single expert's N tiles occupy more SMs. Measured slower than no split
     at Scout's decode shapes (the partial sums' extra pass), so :func:`pick_config`
@@ -106,11 +105,15 @@ def pick_config(m: int, k: int, n: int, *, fp8: bool = False) -> GroupedMatmulCo
     write, read and kernel; benchmarks/NOTES-grouped-matmul.md), so ``k_splits`` is
     left to explicit configs. ``fp8``: 8-bit operands, whose K tile is 128 elements
     (the same 128 bytes per row). FP8 at most 16 rows (a decode step's): the swap-AB form,
-    16-row token tiles in an 8-deep ring, 1.1-1.5x faster than the 64-row tile on the H200
-    (11 slots measured the same).
+    16-row token tiles and 256-byte K tiles in a 6-deep ring, 1.2-1.6x faster than the
+    64-row tile at Scout's decode shapes on the H200 (128-byte K tiles: 1.1-1.5x; a tile's
+    fixed cost per K step is what a decode call pays, NOTES-grouped-matmul.md).
     """
     bk = _BLOCK_K_FP8 if fp8 else _BLOCK_K
     if fp8 and m <= 16:
+        if k % (2 * bk) == 0:
+            return GroupedMatmulConfig(block_m=16, block_k=2 * bk, max_concurrent_steps=6,
+                                       swap_ab=True)
         return GroupedMatmulConfig(block_m=16, block_k=bk, max_concurrent_steps=8, swap_ab=True)
     if m > 64:
         return GroupedMatmulConfig(block_k=bk,

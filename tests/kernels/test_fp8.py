@@ -165,9 +165,10 @@ SCOUT_KN = ((5120, 8192), (8192, 5120))
 def test_picker_configs_at_scout_shapes():
     configs = {gm.pick_config(m, k, n, fp8=True) for m in SCOUT_M for k, n in SCOUT_KN}
     for c in configs:
-        assert c.block_k == 128
+        assert c.block_k == (256 if c.swap_ab else 128)
     decode = gm.pick_config(1, 5120, 8192, fp8=True)
     assert decode.swap_ab and decode.block_m == 16 and decode.k_splits == 1
+    assert gm.pick_config(1, 128 * 3, 8192, fp8=True).block_k == 128  # K not a 256 multiple
     assert gm.pick_config(16, 5120, 8192, fp8=True).swap_ab
     wider = gm.pick_config(17, 5120, 8192, fp8=True)
     assert not wider.swap_ab and wider.block_m == 64 and wider.max_concurrent_steps == 8
