@@ -5,6 +5,8 @@
     python -m benchmarks.fp8_matmul --quick        # fewer shapes and rounds
     python -m benchmarks.fp8_matmul --decode-sweep # only the grouped matmul's decode tiles
                                                    # (and its time over K: fixed + per step)
+    python -m benchmarks.fp8_matmul --projections  # only q/k/v and gate/up at decode: one
+                                                   # grouped launch vs XLA's dot per weight
 
 1. Routed experts (16 experts, gate/up 5120 -> 8192, down 8192 -> 5120): the Mosaic
    grouped matmul in bf16 against its FP8 form. Prefill sizes (M = 2048..16384 rows
@@ -279,6 +281,39 @@ def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
     return rows
 
 
+# Scout's projections of one input at TP=1 and TP=2 (N per weight, K = hidden).
+PROJECTIONS = {"q/k/v tp1": (5120, 1024, 1024), "q/k/v tp2": (2560, 512, 512),
+               "shared gate/up tp1": (8192, 8192), "shared gate/up tp2": (4096, 4096)}
+
+
+def projections(args) -> list[dict]:
+    """Several FP8 projections of one input at decode sizes: one launch of the grouped
+    kernel (``grouped_matmul.dense_fp8``, what the model runs for at most 16 rows) against
+    XLA's FP8 dot per weight (cuBLASLt, what it ran before), on prequantised rows."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxattn.kernels import fp8, grouped_matmul as gm
+
+    rows = []
+    for name, ns in PROJECTIONS.items():
+        ws, ss = zip(*(jax.jit(fp8.quantize)(jax.random.normal(
+            jax.random.key(i), (n, H), jnp.bfloat16) / 70) for i, n in enumerate(ns)))
+        for m in (1, 16):
+            x = fp8.Quantized.of(jax.random.normal(jax.random.key(9), (m, H), jnp.bfloat16))
+            fns = {impl: jax.jit(lambda x, ws, ss, impl=impl: gm.dense_fp8(x, ws, ss, impl=impl))
+                   for impl in ("mosaic", "xla")}
+            t = interleaved(fns, {impl: (x, ws, ss) for impl in fns}, args.rounds, args.reps)
+            gbps = sum(ns) * H / t["mosaic"] / 1e9
+            rows.append({"projections": name, "m": m, "ns": list(ns), "k": H,
+                         "one_launch_us": t["mosaic"] * 1e6, "xla_us": t["xla"] * 1e6,
+                         "speedup": t["xla"] / t["mosaic"], "one_launch_weight_gbps": gbps})
+            print(f"projections {name:18} M={m:2}: one launch {t['mosaic'] * 1e6:6.1f} us "
+                  f"({gbps:5.0f} GB/s), XLA per weight {t['xla'] * 1e6:6.1f} us: "
+                  f"{rows[-1]['speedup']:.2f}x", flush=True)
+    return rows
+
+
 def _gate_and_up(args, name, dtype, x, w, wq, ws, gs) -> dict:
     """An expert's gate and up products as one launch (the model's) against two launches."""
     import jax
@@ -361,6 +396,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--decode-sweep", action="store_true",
                    help="only the grouped matmul's tiles at decode sizes")
+    p.add_argument("--projections", action="store_true",
+                   help="only q/k/v and gate/up at decode: one launch vs XLA per weight")
     p.add_argument("--swap-only", action="store_true",
                    help="with --decode-sweep: FP8 only, the pick and the swap-AB forms")
     args = p.parse_args(argv)
@@ -374,6 +411,10 @@ def main(argv=None) -> int:
         return 2
     res = {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
            "jax": jax.__version__, "rounds": args.rounds, "reps": args.reps}
+    if args.projections:
+        res["projections"] = projections(args)
+        print("wrote", write_json(f"fp8-projections-{res['date']}.json", res))
+        return 0
     if args.decode_sweep:
         res["decode_sweep"] = decode_sweep(args)
         print("wrote", write_json(f"gmm-decode-sweep-{res['date']}.json", res))

@@ -30,10 +30,11 @@ semantics of ``jax.lax.ragged_dot`` (:func:`reference`). Two implementations:
 ``"auto"`` picks ``"mosaic"`` on a Hopper GPU for bf16/f16 with K a multiple of
 the K tile and N of the N tile, else ``"xla"``; to force one, pass it as ``impl``.
 
-Several weight tensors of one shape (``w`` a tuple: an expert's gate and up projections)
-multiply the same rows in one launch, their outputs side by side ``[M, parts * N]``: one
-kernel whose N tiles cover every part, so a decode step's few tiles per part share one
-wave of SMs instead of taking one launch each.
+Several weight tensors (``w`` a tuple: an expert's gate and up projections; attention's
+q, k and v) multiply the same rows in one launch, their outputs side by side ``[M, N_1 +
+... + N_P]``: one kernel whose N tiles cover every part, so a decode step's few tiles per
+part share one wave of SMs instead of taking one launch each. The parts share K, dtype and
+group count; their N may differ.
 
 FP8 (:func:`grouped_matmul_fp8`): rows quantised per token at run time, experts'
 weights float8_e4m3fn with per-output-channel scales, stored K-major ``[G, N, K]``
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -136,11 +138,19 @@ def reference_fp8(xq, x_scale, wq, w_scale, group_sizes):
                               preferred_element_type=jnp.float32)
 
 
-def _parts(w) -> tuple:
-    """``w`` as a tuple of weight tensors of one shape and dtype (one tensor: a 1-tuple)."""
+def _parts(w, n_axis: int | None = None) -> tuple:
+    """``w`` as a tuple of weight tensors (one tensor: a 1-tuple) of one dtype and one shape
+    except along ``n_axis``, where each part's N may differ."""
     parts = tuple(w) if isinstance(w, (tuple, list)) else (w,)
-    if any(p.shape != parts[0].shape or p.dtype != parts[0].dtype for p in parts):
-        raise ValueError(f"grouped matmul weights must share one shape and dtype, got "
+
+    def key(p):
+        shape = list(p.shape)
+        if n_axis is not None:
+            shape[n_axis] = None
+        return shape, p.dtype
+
+    if any(key(p) != key(parts[0]) for p in parts):
+        raise ValueError(f"grouped matmul weights must share one dtype and shape (but N), got "
                          f"{[(p.shape, str(p.dtype)) for p in parts]}")
     return parts
 
@@ -151,40 +161,42 @@ def resolve(impl: str, x, w) -> str:
         raise ValueError(f"grouped matmul impl={impl!r} is not one of {IMPLS}")
     if impl != "auto":
         return impl
-    w = _parts(w)[0]
-    k, n = w.shape[1], w.shape[2]
-    ok = (common.on_hopper() and x.dtype == w.dtype and x.dtype in common.DTYPES
-          and k % _BLOCK_K == 0 and n % _BLOCK_N == 0)
+    parts = _parts(w, n_axis=2)
+    k = parts[0].shape[1]
+    ok = (common.on_hopper() and x.dtype == parts[0].dtype and x.dtype in common.DTYPES
+          and k % _BLOCK_K == 0 and all(p.shape[2] % _BLOCK_N == 0 for p in parts))
     return "mosaic" if ok else "xla"
 
 
 def grouped_matmul(x, w, group_sizes, *, impl: str = "auto",
                    config: GroupedMatmulConfig | None = None):
-    """x [M, K] sorted by group; w [G, K, N] (or a tuple of them); group_sizes [>= G] int32
-    -> [M, N] (a tuple of P weights: [M, P * N], each part's columns in turn).
+    """x [M, K] sorted by group; w [G, K, N] (or a tuple of them, N may differ); group_sizes
+    [>= G] int32 -> [M, N] (a tuple of weights: [M, N_1 + ... + N_P], each part's columns in
+    turn).
 
     Rows past the groups, and rows counted past the G-th (``group_sizes`` may be longer:
     a MoE's padding rows under a past-the-end expert id), belong to no group: the Mosaic
     kernel does not write them, so their output is undefined.
     """
-    parts = _parts(w)
+    parts = _parts(w, n_axis=2)
     if resolve(impl, x, parts) == "xla":
         gs = group_sizes[:parts[0].shape[0]]
         return jnp.concatenate([jax.lax.ragged_dot(x, p, gs) for p in parts], axis=-1)
-    m, (_, k, n) = x.shape[0], parts[0].shape
-    config = config or pick_config(m, k, n * len(parts))
+    m, k = x.shape[0], parts[0].shape[1]
+    config = config or pick_config(m, k, sum(p.shape[2] for p in parts))
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
         x = jnp.pad(x, ((0, -m % 8), (0, 0)))  # rows of no group: never written, cut below
     return _mosaic_grouped_matmul(x, parts, group_sizes.astype(jnp.int32), config=config)[:m]
 
 
-def resolve_fp8(impl: str, k: int, n: int) -> str:
-    """:func:`resolve` for :func:`grouped_matmul_fp8` (the Mosaic kernel on Hopper)."""
+def resolve_fp8(impl: str, k: int, *ns: int) -> str:
+    """:func:`resolve` for :func:`grouped_matmul_fp8` (the Mosaic kernel on Hopper); ``ns``:
+    each weight's N."""
     if impl not in IMPLS:
         raise ValueError(f"grouped matmul impl={impl!r} is not one of {IMPLS}")
     if impl != "auto":
         return impl
-    ok = common.on_hopper() and k % _BLOCK_K_FP8 == 0 and n % _BLOCK_N == 0
+    ok = common.on_hopper() and k % _BLOCK_K_FP8 == 0 and all(n % _BLOCK_N == 0 for n in ns)
     return "mosaic" if ok else "xla"
 
 
@@ -193,8 +205,8 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
                        scale_ub: float | None = None, scale_rows: bool = True):
     """x [M, K] (bf16/f32) sorted by group; FP8 weights w [G, N, K] (K-major) with per-output-
     channel scales w_scale [G, N] f32 (or tuples of them, as :func:`grouped_matmul` takes
-    weights); group_sizes [>= G] int32 -> [M, N] (or [M, P * N]) in ``out_dtype`` (default
-    x's dtype).
+    weights); group_sizes [>= G] int32 -> [M, N] (or [M, N_1 + ... + N_P]) in ``out_dtype``
+    (default x's dtype).
 
     The rows are quantised per token here (dynamic scales, :func:`fp8.quantize`), unless
     ``x`` is :class:`fp8.Quantized` already. ``scale_rows=False`` leaves the rows' scales
@@ -205,15 +217,15 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
     """
     x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
     xq, xs, out_dtype = x.values, x.scale, out_dtype or x.dtype
-    parts, scales = _parts(w), _parts(w_scale)
-    m, (g, n, k) = xq.shape[0], parts[0].shape
-    if (xq.shape[1] != k or len(scales) != len(parts) or scales[0].shape != (g, n)
-            or parts[0].dtype != fp8.DTYPE):
+    parts, scales = _parts(w, n_axis=1), _parts(w_scale, n_axis=1)
+    m, (g, _, k), ns = xq.shape[0], parts[0].shape, [p.shape[1] for p in parts]
+    if (xq.shape[1] != k or len(scales) != len(parts) or parts[0].dtype != fp8.DTYPE
+            or any(s.shape != (g, n) for s, n in zip(scales, ns))):
         raise ValueError(f"grouped_matmul_fp8: x {xq.shape}, w {[p.shape for p in parts]} "
                          f"{parts[0].dtype}, w_scale {[s.shape for s in scales]}: want x [M, K], "
                          f"w [G, N, K] float8_e4m3fn, w_scale [G, N], as many scales as weights")
     gs = group_sizes.astype(jnp.int32)
-    if resolve_fp8(impl, k, n) == "xla":
+    if resolve_fp8(impl, k, *ns) == "xla":
         gs = gs[:g]
         dn = jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0],
@@ -228,7 +240,7 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
             col = jnp.take(ws, row_group, axis=0, mode="fill", fill_value=0)
             outs.append((y * (xs[:, None] if scale_rows else 1) * col).astype(out_dtype))
         return jnp.concatenate(outs, axis=-1)
-    config = config or pick_config(m, k, n * len(parts), fp8=True)
+    config = config or pick_config(m, k, sum(ns), fp8=True)
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
         xq = jnp.pad(xq, ((0, -m % 8), (0, 0)))
     scales = tuple(s.astype(jnp.float32) for s in scales)
@@ -239,6 +251,39 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
     y = _mosaic_grouped_matmul(xq, parts, gs, scales, config=config,
                                out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))[:m]
     return (y * xs[:, None] if scale_rows else y).astype(out_dtype)
+
+
+DENSE_MAX_ROWS = 16  # the swap-AB form's token tile: a decode step's rows
+
+
+def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
+              scale_ub: float | None = None) -> tuple:
+    """A few rows through several dense FP8 projections of one input (attention's q, k and
+    v; an MLP's gate and up) in one launch: ``x [..., K]`` (or :class:`fp8.Quantized`),
+    weights ``w`` ``[N_p, K]`` float8_e4m3fn with ``w_scale [N_p]`` (tuples; N may differ)
+    -> a tuple of ``[..., N_p]``, each equal to :func:`fp8.scaled_matmul` with that weight.
+
+    ``"mosaic"``: :func:`grouped_matmul_fp8` with one group of every row, so every part's
+    N tiles share one wave of SMs (the swap-AB form at decode, which reads weights faster
+    than XLA's FP8 dot there: NOTES-grouped-matmul.md). ``"auto"`` takes it on Hopper for
+    at most ``DENSE_MAX_ROWS`` rows, K a multiple of 128 and each N of 128; ``"xla"`` (and
+    "auto" elsewhere) runs :func:`fp8.scaled_matmul` per weight.
+    """
+    parts, scales = _parts(w, n_axis=0), _parts(w_scale, n_axis=0)
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = math.prod(lead)
+    if impl == "auto" and rows > DENSE_MAX_ROWS:
+        impl = "xla"
+    if resolve_fp8(impl, k, *(p.shape[0] for p in parts)) == "xla":
+        return tuple(fp8.scaled_matmul(x, p, s, out_dtype=out_dtype, scale_ub=scale_ub)
+                     for p, s in zip(parts, scales))
+    x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
+    flat = fp8.Quantized(x.values.reshape(rows, k), x.scale.reshape(rows), x.dtype)
+    y = grouped_matmul_fp8(flat, tuple(p[None] for p in parts), tuple(s[None] for s in scales),
+                           jnp.full((1,), rows, jnp.int32), impl="mosaic", out_dtype=out_dtype)
+    ends = list(itertools.accumulate(p.shape[0] for p in parts))
+    return tuple(y[:, e - p.shape[0]:e].reshape(*lead, p.shape[0])
+                 for e, p in zip(ends, parts))
 
 
 def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
@@ -281,30 +326,30 @@ def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype"))
 def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                            config: GroupedMatmulConfig, out_dtype=None):
-    """bf16/f16: rhs [G, K, N] or a tuple of P of them. FP8 (scales given): rhs [G, N, K] (or
-    P of them), rhs_scale [G, N] f32 per column (one per weight; the rows' scales are the
-    caller's), out_dtype the output's. -> [M, P * N]."""
+    """bf16/f16: rhs [G, K, N] or a tuple of P of them (N may differ). FP8 (scales given): rhs
+    [G, N, K] (or P of them), rhs_scale [G, N] f32 per column (one per weight; the rows'
+    scales are the caller's), out_dtype the output's. -> [M, N_1 + ... + N_P]."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     scaled = rhs_scale is not None
-    rhs = _parts(rhs)
-    rhs_scale = _parts(rhs_scale) if scaled else ()
+    n_axis = 1 if scaled else 2
+    rhs = _parts(rhs, n_axis)
+    rhs_scale = _parts(rhs_scale, 1) if scaled else ()
     parts = len(rhs)
     m, k = lhs.shape
-    if scaled:
-        g, n, _ = rhs[0].shape
-    else:
-        g, _, n = rhs[0].shape
+    g, ns = rhs[0].shape[0], [p.shape[n_axis] for p in rhs]
     bm, bn, bk, splits = config.block_m, config.block_n, config.block_k, config.k_splits
-    if k % (bk * splits) or n % bn:
+    if k % (bk * splits) or any(n % bn for n in ns):
         raise ValueError(f"K={k} must be a multiple of block_k*k_splits={bk * splits} "
-                         f"and N={n} of block_n={bn}")
+                         f"and each N={ns} of block_n={bn}")
     # Row tiles: every group's rows, each group starting a new tile (+ g - 1 at most; the
     # kernel visits the ones holding rows, tile_info). N tiles: each part's in turn, so a
-    # tile's output columns are ni * bn for every part.
-    part_n = n // bn
-    grid_m, grid_n, k_steps = common.cdiv(m, bm) + g - 1, parts * part_n, k // bk // splits
+    # tile's output columns are ni * bn for every part; part p's are tiles
+    # [part_start[p], part_start[p + 1]).
+    part_start = [sum(ns[:p]) // bn for p in range(parts + 1)]
+    n = part_start[-1] * bn
+    grid_m, grid_n, k_steps = common.cdiv(m, bm) + g - 1, part_start[-1], k // bk // splits
     swap = config.swap_ab
     if swap and not scaled:
         raise ValueError("swap_ab is the FP8 kernel's form (K-major weights)")
@@ -394,11 +439,11 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                     return
                 # The part this N tile belongs to picks the weights (a static branch each).
                 for part in range(parts):
-                    pl.when(ni // part_n == part)(functools.partial(
-                        tile, info, split, ni, ni - part * part_n, rhs_gmem[part],
-                        rs_gmem[part]))
+                    lo, hi = part_start[part], part_start[part + 1]
+                    pl.when((lo <= ni) & (ni < hi))(functools.partial(
+                        tile, info, split, ni, ni - lo, rhs_gmem[part], rs_gmem[part]))
 
-    out_shape = (m, parts * n) if splits == 1 else (splits, m, parts * n)
+    out_shape = (m, n) if splits == 1 else (splits, m, n)
     kernel = plgpu.kernel(
         grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
         grid=(common.num_sms(),), grid_names=("sm",),

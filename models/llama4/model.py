@@ -24,7 +24,7 @@ import jaxattn
 from jaxattn.kernels import fp8_rows
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.layers import (NO_AXES, Axes, Embedding, Linear, RMSNorm, apply_rope,
-                                          l2norm, rope_tables)
+                                          l2norm, project, rope_tables)
 from jaxattn.models.llama4.moe import MLP, MoE
 from jaxattn.models.llama4.quantization import Fp8Scheme
 
@@ -53,9 +53,8 @@ class Attention(nnx.Module):
         """x [..., P, hidden] -> q [..., P, Hq, D], k, v [..., P, Hkv, D]; positions [P]."""
         lead = x.shape[:-1]
         # -1: under tensor parallelism the projections hold this device's heads only.
-        q = self.q_proj(x).reshape(*lead, -1, self.head_dim)
-        k = self.k_proj(x).reshape(*lead, -1, self.head_dim)
-        v = self.v_proj(x).reshape(*lead, -1, self.head_dim)
+        q, k, v = (y.reshape(*lead, -1, self.head_dim)
+                   for y in project(x, self.q_proj, self.k_proj, self.v_proj))
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.qk_norm_eps is not None:  # after RoPE, RoPE layers only (HF)

@@ -18,7 +18,7 @@ from jaxattn.kernels import fp8 as fp8_lib
 from jaxattn.kernels import fp8_rows
 from jaxattn.kernels.grouped_matmul import grouped_matmul, grouped_matmul_fp8
 from jaxattn.models.llama4.config import Llama4Config
-from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init
+from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init, project
 from jaxattn.models.llama4.quantization import Fp8Scheme
 
 
@@ -64,8 +64,8 @@ class MLP(nnx.Module):
         ub = self.gate_proj.activation_scale_ub
         if not isinstance(x, fp8_lib.Quantized):
             x = fp8_rows.quantize(x, scale_ub=ub)
-        return self.down_proj(fp8_rows.swiglu_quantize(self.gate_proj(x), self.up_proj(x),
-                                                       scale_ub=ub))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(fp8_rows.swiglu_quantize(gate, up, scale_ub=ub))
 
     @property
     def fp8(self) -> bool:

@@ -297,3 +297,75 @@ def test_scaled_matmul_on_gpu():
     got = jax.jit(fp8.scaled_matmul)(x, wq, ws)
     want = fp8.scaled_matmul_reference(x, wq, ws, out_dtype=jnp.float32)
     assert _rel(got, want) < 1e-2
+
+
+def _projections(ns, k, seed=0):
+    """FP8 weights [N_p, K] with their scales, one per N in ``ns`` (q, k and v: N differs)."""
+    rng = np.random.default_rng(seed)
+    return zip(*(fp8.quantize(jnp.asarray(rng.standard_normal((n, k)) / 16, jnp.float32))
+                 for n in ns))
+
+
+@pytest.mark.parametrize("lead", [(1,), (1, 5), (16,)])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_dense_fp8_is_scaled_matmul_per_weight(lead, quantized):
+    """Several projections of one input in one grouped-kernel launch (one group of every
+    row): each output equals :func:`fp8.scaled_matmul` with its weight, in GPU interpret
+    mode and on the XLA path; leading axes and prequantised rows pass through."""
+    ws, ss = _projections((256, 128, 128), 256)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((*lead, 256)), jnp.bfloat16)
+    xin = fp8.Quantized.of(x) if quantized else x
+    want = [np.asarray(fp8.scaled_matmul(x, w, s), np.float32) for w, s in zip(ws, ss)]
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = gm.dense_fp8(xin, ws, ss, impl="mosaic")
+    for impl_got in (got, gm.dense_fp8(xin, ws, ss, impl="xla")):
+        assert [y.shape for y in impl_got] == [(*lead, n) for n in (256, 128, 128)]
+        for g, w in zip(impl_got, want):
+            assert g.dtype == jnp.bfloat16
+            np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=1e-2,
+                                       atol=1e-2 * np.abs(w).max())
+
+
+def test_dense_fp8_takes_xla_past_a_decode_step_or_off_hopper(monkeypatch):
+    """``"auto"``: the grouped kernel only for a decode step's rows on Hopper (and tiles
+    that divide), else XLA's FP8 dot per weight."""
+    launched = []
+
+    def kernel(x, w, s, gs, **kw):
+        launched.append(x.shape)
+        return jnp.zeros((x.shape[0], sum(p.shape[1] for p in w)), jnp.bfloat16)
+
+    monkeypatch.setattr(gm, "grouped_matmul_fp8", kernel)
+    monkeypatch.setattr(gm.common, "on_hopper", lambda: True)
+    ws, ss = _projections((256, 128), 256)
+    gm.dense_fp8(jnp.ones((gm.DENSE_MAX_ROWS + 1, 256), jnp.bfloat16), ws, ss)
+    gm.dense_fp8(jnp.ones((4, 256), jnp.bfloat16), *_projections((256, 64), 256))
+    assert not launched
+    gm.dense_fp8(jnp.ones((2, 8, 256), jnp.bfloat16), ws, ss)
+    assert launched == [(16, 256)]
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("ns", [(5120, 1024, 1024), (2560, 512, 512), (8192, 8192),
+                                (4096, 4096)], ids=["qkv", "qkv-tp2", "gate-up", "gate-up-tp2"])
+def test_dense_fp8_lowers_for_scout_projections(m, ns):
+    """Scout's q/k/v and shared-expert gate/up (TP=1 and TP=2 shards) in one launch at decode
+    sizes: Mosaic lowering and the SMEM budget of the picked swap-AB config."""
+    f = jax.jit(lambda x, ws, ss: gm.dense_fp8(x, ws, ss, impl="mosaic"))
+    exported = jax.export.export(f, platforms=["cuda"])(
+        jax.ShapeDtypeStruct((m, 5120), jnp.bfloat16),
+        tuple(jax.ShapeDtypeStruct((n, 5120), fp8.DTYPE) for n in ns),
+        tuple(jax.ShapeDtypeStruct((n,), jnp.float32) for n in ns))
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_dense_fp8_on_gpu_at_scout_qkv(m):
+    """q, k and v in one launch on the GPU against the dequantised f32 products."""
+    ws, ss = _projections((5120, 1024, 1024), 5120, seed=m)
+    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, 5120)), jnp.bfloat16)
+    got = jax.jit(lambda x, ws, ss: gm.dense_fp8(x, ws, ss))(x, ws, ss)
+    for g, w, s in zip(got, ws, ss):
+        want = fp8.scaled_matmul_reference(x, w, s, out_dtype=jnp.float32)
+        assert _rel(g, want) < 1e-2

@@ -156,28 +156,30 @@ def test_mosaic_kernel_on_gpu_at_scout_shapes(m, k, n):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("m,sizes,n,config", [
-    (1, [0, 0, 1, 0], 256, None),  # decode: one row, both parts' N tiles in one launch
-    (70, [16, 27, 0, 27], 256, dataclasses.replace(DECODE, k_splits=2)),  # K split too
-    (300, [106, 96, 98, 0], 1024, None),  # prefill bands of 8 N tiles across the two parts
+@pytest.mark.parametrize("m,sizes,ns,config", [
+    (1, [0, 0, 1, 0], (256, 256), None),  # decode: one row, both parts' N tiles in one launch
+    (1, [0, 0, 1, 0], (256, 128, 128), None),  # attention's q, k and v: N differs
+    (70, [16, 27, 0, 27], (256, 256), dataclasses.replace(DECODE, k_splits=2)),  # K split too
+    (300, [106, 96, 98, 0], (1024, 1024), None),  # prefill bands of 8 N tiles across the parts
+    (300, [106, 96, 98, 0], (1024, 384, 640), None),  # bands across parts of different N
 ])
-def test_two_weights_in_one_launch(m, sizes, n, config):
-    """``w`` a tuple (an expert's gate and up projections): one kernel, outputs side by
-    side, equal to each weight's product alone; the XLA path concatenates the same."""
+def test_several_weights_in_one_launch(m, sizes, ns, config):
+    """``w`` a tuple (an expert's gate and up projections; q, k and v): one kernel, outputs
+    side by side, equal to each weight's product alone; the XLA path concatenates the same."""
     rng = np.random.default_rng(m)
     k, g = 128, len(sizes)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    w1, w2 = (jnp.asarray(rng.standard_normal((g, k, n)), jnp.bfloat16) for _ in range(2))
+    ws = tuple(jnp.asarray(rng.standard_normal((g, k, n)), jnp.bfloat16) for n in ns)
     gs = jnp.asarray(sizes, jnp.int32)
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-        got = gm.grouped_matmul(x, (w1, w2), gs, impl="mosaic", config=config)
-    want = np.concatenate([np.asarray(gm.reference(x, w, gs)) for w in (w1, w2)], axis=-1)
-    assert got.shape == (m, 2 * n)
+        got = gm.grouped_matmul(x, ws, gs, impl="mosaic", config=config)
+    want = np.concatenate([np.asarray(gm.reference(x, w, gs)) for w in ws], axis=-1)
+    assert got.shape == (m, sum(ns))
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=0.1)
-    xla = gm.grouped_matmul(x, (w1, w2), gs, impl="xla")
+    xla = gm.grouped_matmul(x, ws, gs, impl="xla")
     np.testing.assert_allclose(np.asarray(xla, np.float32), want, rtol=1e-2, atol=0.1)
-    with pytest.raises(ValueError, match="share one shape"):
-        gm.grouped_matmul(x, (w1, w2[:, :, :128]), gs, impl="xla")
+    with pytest.raises(ValueError, match="share one dtype and shape"):
+        gm.grouped_matmul(x, (ws[0], ws[1][:, :64]), gs, impl="xla")
 
 
 @pytest.mark.parametrize("m", [1, 300, 8192])

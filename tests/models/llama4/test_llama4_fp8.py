@@ -249,12 +249,13 @@ def test_fp8_model_on_a_mesh_matches_one_device():
 @pytest.mark.parametrize("moe_step", [1, 2])  # every layer MoE (Scout), and dense MLPs between
 def test_fused_row_kernels_in_the_model_match_xla(monkeypatch, moe_step):
     """Decode-sized calls on Hopper run the norm/SwiGLU/quantisation row kernels
-    (:mod:`fp8_rows`) inside the model: here, in GPU interpret mode, against the XLA path
-    every other call takes (FP8 attention too, so every kernel form runs)."""
+    (:mod:`fp8_rows`) and the one-launch projections (q/k/v, gate/up:
+    :func:`grouped_matmul.dense_fp8`) inside the model: here, in GPU interpret mode, against
+    the XLA path every other call takes (FP8 attention too, so every kernel form runs)."""
     from flax import nnx
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from jaxattn.kernels import fp8_rows
+    from jaxattn.kernels import fp8_rows, grouped_matmul
 
     config = llama4.Llama4Config.from_hf_dict(dict(
         vocab_size=256, hidden_size=256, intermediate_size=256, intermediate_size_mlp=384,
@@ -269,10 +270,15 @@ def test_fused_row_kernels_in_the_model_match_xla(monkeypatch, moe_step):
     use = fp8_rows._use_kernel
     monkeypatch.setattr(fp8_rows, "_use_kernel",
                         lambda impl, *a: calls.append(a) or use("mosaic", *a))
+    dense, projections = grouped_matmul.dense_fp8, []
+    monkeypatch.setattr(grouped_matmul, "dense_fp8", lambda x, w, *a, impl="auto", **k:
+                        projections.append(len(w)) or dense(x, w, *a, impl="mosaic", **k))
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
         fused = model(ids)
     # attention in and out, the post-attention norm, and each SwiGLU: per layer
     assert len(calls) >= 4 * config.num_hidden_layers
+    # q/k/v, and gate/up of the shared expert or dense MLP: per layer
+    assert projections == [3, 2] * config.num_hidden_layers
     # The SwiGLU in f32 (XLA rounds each op to bf16) moves some values across e4m3 rounding
     # boundaries: the two paths differ by their quantisation noise (measured 0.034), and
     # are equally far from the bf16 model (0.073 / 0.072 and 0.089 / 0.092).
