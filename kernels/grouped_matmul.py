@@ -254,6 +254,9 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
 
 
 DENSE_MAX_ROWS = 16  # the swap-AB form's token tile: a decode step's rows
+# Fewer N tiles leave most SMs idle: Scout's q/k/v at TP=2 (28 tiles) measured 0.78-0.99x
+# XLA's dot per weight on the H200, at TP=1 (56 tiles) 1.34x (fp8-projections-2026-12-01).
+DENSE_MIN_N_TILES = 48
 
 
 def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
@@ -266,13 +269,15 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     ``"mosaic"``: :func:`grouped_matmul_fp8` with one group of every row, so every part's
     N tiles share one wave of SMs (the swap-AB form at decode, which reads weights faster
     than XLA's FP8 dot there: NOTES-grouped-matmul.md). ``"auto"`` takes it on Hopper for
-    at most ``DENSE_MAX_ROWS`` rows, K a multiple of 128 and each N of 128; ``"xla"`` (and
-    "auto" elsewhere) runs :func:`fp8.scaled_matmul` per weight.
+    at most ``DENSE_MAX_ROWS`` rows and ``DENSE_MIN_N_TILES`` N tiles in all, K a multiple
+    of 128 and each N of 128; ``"xla"`` (and "auto" elsewhere) runs
+    :func:`fp8.scaled_matmul` per weight.
     """
     parts, scales = _parts(w, n_axis=0), _parts(w_scale, n_axis=0)
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    if impl == "auto" and rows > DENSE_MAX_ROWS:
+    if impl == "auto" and (rows > DENSE_MAX_ROWS or
+                           sum(p.shape[0] for p in parts) < DENSE_MIN_N_TILES * _BLOCK_N):
         impl = "xla"
     if resolve_fp8(impl, k, *(p.shape[0] for p in parts)) == "xla":
         return tuple(fp8.scaled_matmul(x, p, s, out_dtype=out_dtype, scale_ub=scale_ub)
