@@ -107,6 +107,10 @@ def test_fp8_qk_matches_the_reference_over_quantised_queries(q_lens, kv_lens, ch
                 _close_but_for_rounding_flips(got, want)
 
 
+@pytest.mark.xfail(strict=True, reason="on the H200 the outputs pass but 4-10% of the lse "
+                   "values are off by 0.05-0.2: the FP8 wgmma accumulator's ~14 bits over "
+                   "sharp logits (benchmarks/NOTES-fp8-kv.md, session 9); fp8_qk stays off "
+                   "for decode")
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[:2])
 def test_fp8_decode_q8_k8_matches_the_reference_over_quantised_queries(monkeypatch, q_lens,
                                                                        kv_lens, chunk):
