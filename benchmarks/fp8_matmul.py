@@ -197,11 +197,13 @@ def decode_sweep(args) -> list[dict]:
                                        max_concurrent_steps=st, k_splits=sp)
                 for bn in (64, 128, 256) for st in (4, 8) for sp in (1, 2, 4, 8)
                 if (k // bk) % sp == 0 and (n // bn) * sp <= 4 * common.num_sms()}
-            if dtype == "fp8":  # the swapped form (NOTES-grouped-matmul.md): K tile x ring
-                configs = ({picked} if args.swap_only else configs) | {
-                    gm.GroupedMatmulConfig(block_m=16, block_k=sk, swap_ab=True,
+            if dtype == "fp8":  # the swapped form (NOTES-grouped-matmul.md): N and K tiles
+                configs = ({picked} if args.swap_only else configs) | {  # x ring depth
+                    gm.GroupedMatmulConfig(block_m=16, block_n=sn, block_k=sk, swap_ab=True,
                                            max_concurrent_steps=st)
-                    for sk, st in ((128, 8), (128, 12), (256, 4), (256, 6))}
+                    for sn, sk, st in ((128, 128, 8), (128, 256, 4), (128, 256, 6),
+                                       # 32 KiB steps on twice the SMs (not yet timed)
+                                       (64, 512, 4), (64, 512, 5))}
             for cfg in sorted(configs, key=lambda c: (c.block_n, c.max_concurrent_steps,
                                                       c.k_splits)):
                 if dtype == "fp8":

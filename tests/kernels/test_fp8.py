@@ -189,17 +189,18 @@ def test_fp8_kernel_lowers_for_scout_shapes(m, k, n):
 SWAP = gm.GroupedMatmulConfig(block_m=16, block_k=128, max_concurrent_steps=11, swap_ab=True)
 
 
-@pytest.mark.parametrize("m,sizes,parts", [
-    (1, [0, 1, 0, 0], 1),  # batch-1 decode
-    (5, [1, 0, 3, 0], 1),  # two groups in one 16-row block: each writes only its rows
-    (16, [3, 0, 2, 11], 2),  # gate and up in one launch
-    (40, [20, 0, 17, 0], 1),  # groups over several 16-row blocks
+@pytest.mark.parametrize("m,sizes,parts,tiles", [
+    (1, [0, 1, 0, 0], 1, {}),  # batch-1 decode
+    (5, [1, 0, 3, 0], 1, {}),  # two groups in one 16-row block: each writes only its rows
+    (16, [3, 0, 2, 11], 2, {}),  # gate and up in one launch
+    (40, [20, 0, 17, 0], 1, {}),  # groups over several 16-row blocks
+    (5, [1, 0, 3, 0], 2, dict(block_n=64, block_k=512)),  # wgmma M = 64, 512-byte K steps
 ])
-def test_swapped_fp8_kernel_matches_the_reference(m, sizes, parts):
+def test_swapped_fp8_kernel_matches_the_reference(m, sizes, parts, tiles):
     """``swap_ab``: acc = W x^T (the weights as wgmma's M side, the rows its N side), stored
     back to row-major tiles through a transposed view of the output tile in SMEM."""
-    x, wq, ws, gs = _case(m, sizes, 128)
-    config = dataclasses.replace(SWAP, max_concurrent_steps=2)
+    x, wq, ws, gs = _case(m, sizes, 128, k=1024)
+    config = dataclasses.replace(SWAP, max_concurrent_steps=2, **tiles)
     scales = [ws * (p + 1) for p in range(parts)]  # a mix-up of the parts would show
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
         got = gm.grouped_matmul_fp8(x, (wq,) * parts, tuple(scales), gs, impl="mosaic",
@@ -240,14 +241,15 @@ def test_fp8_impl_resolution():
 
 
 SWAP_K256 = dataclasses.replace(SWAP, block_k=256, max_concurrent_steps=6)
+SWAP_N64 = dataclasses.replace(SWAP, block_n=64, block_k=512, max_concurrent_steps=5)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,config", [(1, None), (32, None), (65, None), (300, None),
                                       (4096, None), (1, SWAP), (5, SWAP), (16, SWAP),
-                                      (1, SWAP_K256), (16, SWAP_K256)],
-                         ids=lambda v: {id(SWAP): "swap_ab", id(SWAP_K256): "swap_ab_k256"}.get(
-                             id(v)))
+                                      (1, SWAP_K256), (16, SWAP_K256), (5, SWAP_N64)],
+                         ids=lambda v: {id(SWAP): "swap_ab", id(SWAP_K256): "swap_ab_k256",
+                                        id(SWAP_N64): "swap_ab_n64_k512"}.get(id(v)))
 @pytest.mark.parametrize("k,n", SCOUT_KN)
 def test_fp8_kernel_on_gpu_at_scout_shapes(m, config, k, n):
     """The picked configs, and the swap-AB form at decode sizes."""
