@@ -78,6 +78,11 @@ class GroupedMatmulConfig:
     # A 64-row tile of 1-16 real rows otherwise takes a third of each ring slot, and the
     # bytes of weights in flight per SM are what bound a decode call (Little's law).
     swap_ab: bool = False
+    # FP8: each K step's wgmma into a fresh accumulator, summed in f32 registers (DeepSeek-V3's
+    # promotion). Hopper's FP8 wgmma keeps ~14 bits in its accumulator, so a long same-sign
+    # sum over all of K can come out low (302 for 320 at K = 5120, H200); promoting costs a
+    # wgmma wait per K step. Off by default, as inference FP8 GEMMs run (fast accumulation).
+    promote: bool = False
 
     def __post_init__(self):
         if self.swap_ab:
@@ -382,21 +387,35 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                 else:
                     plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.T if scaled else rhs_smem)
 
+            acc_shape = (bn, bm) if swap else (bm, bn)
+            pipeline = functools.partial(
+                plgpu.emit_pipeline,
+                grid=(k_steps,),
+                in_specs=[
+                    plgpu.BlockSpec((bm, bk), lambda kk: (info.block, k0 + kk),
+                                    delay_release=1),
+                    plgpu.BlockSpec(rhs_block, lambda kk: rhs_index(k0 + kk, part_ni),
+                                    delay_release=1),
+                ],
+                max_concurrent_steps=config.max_concurrent_steps)
+
             def acc_scope(acc_ref):
-                plgpu.emit_pipeline(
-                    lambda _, lhs_smem, rhs_smem: product(acc_ref, lhs_smem, rhs_smem),
-                    grid=(k_steps,),
-                    in_specs=[
-                        plgpu.BlockSpec((bm, bk), lambda kk: (info.block, k0 + kk),
-                                        delay_release=1),
-                        plgpu.BlockSpec(rhs_block, lambda kk: rhs_index(k0 + kk, part_ni),
-                                        delay_release=1),
-                    ],
-                    max_concurrent_steps=config.max_concurrent_steps,
-                )(lhs_gmem, w_gmem.at[info.group_id])
+                pipeline(lambda _, lhs_smem, rhs_smem: product(acc_ref, lhs_smem, rhs_smem)
+                         )(lhs_gmem, w_gmem.at[info.group_id])
                 return acc_ref[...]
 
-            acc = pl.run_scoped(acc_scope, plgpu.ACC((bn, bm) if swap else (bm, bn)))
+            def promoted(_, lhs_smem, rhs_smem, total):
+                """Each K step's product in a fresh accumulator, added to f32 registers."""
+                def step(acc_ref):
+                    product(acc_ref, lhs_smem, rhs_smem)
+                    return acc_ref[...]
+                return total + pl.run_scoped(step, plgpu.ACC(acc_shape))
+
+            if config.promote:
+                zeros = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32), plgpu.Layout.WGMMA)
+                acc = pipeline(promoted, init_carry=zeros)(lhs_gmem, w_gmem.at[info.group_id])
+            else:
+                acc = pl.run_scoped(acc_scope, plgpu.ACC(acc_shape))
             if scaled:  # the epilogue: the tile's expert's column scales
                 cols = plgpu.load(ws_gmem.at[info.group_id, pl.ds(part_ni * bn, bn)],
                                   layout=plgpu.Layout.WGMMA.reduce(1 if swap else 0),
