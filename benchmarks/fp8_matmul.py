@@ -241,8 +241,8 @@ def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
     """Where a decode call's time goes: the picked config at M = 1 over K (one expert hit,
     N = 8192), bf16, FP8 and FP8's 64-row tile (the pick before swap-AB), fitted as
     ``fixed + K * per_k``; cuBLAS's FP8 dot on the same prequantised weights (16 rows, as a
-    decode bucket) beside it. A large ``fixed`` is time
-    no K step accounts for (launch, prologue, epilogue, the group lookup)."""
+    decode bucket) beside it. A large ``fixed`` is time no K step accounts for (launch,
+    prologue, epilogue, the group lookup)."""
     import jax
     import jax.numpy as jnp
     import numpy as np

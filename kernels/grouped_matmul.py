@@ -279,21 +279,20 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     :func:`fp8.scaled_matmul` per weight.
     """
     parts, scales = _parts(w, n_axis=0), _parts(w_scale, n_axis=0)
+    ns = [p.shape[0] for p in parts]
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    if impl == "auto" and (rows > DENSE_MAX_ROWS or
-                           sum(p.shape[0] for p in parts) < DENSE_MIN_N_TILES * _BLOCK_N):
+    if impl == "auto" and (rows > DENSE_MAX_ROWS or sum(ns) < DENSE_MIN_N_TILES * _BLOCK_N):
         impl = "xla"
-    if resolve_fp8(impl, k, *(p.shape[0] for p in parts)) == "xla":
+    if resolve_fp8(impl, k, *ns) == "xla":
         return tuple(fp8.scaled_matmul(x, p, s, out_dtype=out_dtype, scale_ub=scale_ub)
                      for p, s in zip(parts, scales))
     x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
     flat = fp8.Quantized(x.values.reshape(rows, k), x.scale.reshape(rows), x.dtype)
     y = grouped_matmul_fp8(flat, tuple(p[None] for p in parts), tuple(s[None] for s in scales),
                            jnp.full((1,), rows, jnp.int32), impl="mosaic", out_dtype=out_dtype)
-    ends = list(itertools.accumulate(p.shape[0] for p in parts))
-    return tuple(y[:, e - p.shape[0]:e].reshape(*lead, p.shape[0])
-                 for e, p in zip(ends, parts))
+    ys = jnp.split(y, list(itertools.accumulate(ns))[:-1], axis=-1)
+    return tuple(y.reshape(*lead, n) for y, n in zip(ys, ns))
 
 
 def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
