@@ -5,8 +5,9 @@
     python -m benchmarks.fp8_matmul --quick        # fewer shapes and rounds
     python -m benchmarks.fp8_matmul --decode-sweep # only the grouped matmul's decode tiles
                                                    # (and its time over K: fixed + per step)
-    python -m benchmarks.fp8_matmul --projections  # only q/k/v and gate/up at decode: one
-                                                   # grouped launch vs XLA's dot per weight
+    python -m benchmarks.fp8_matmul --projections  # only the dense projections at decode:
+                                                   # one grouped launch (K split or not)
+                                                   # vs XLA's dot per weight
 
 1. Routed experts (16 experts, gate/up 5120 -> 8192, down 8192 -> 5120): the Mosaic
    grouped matmul in bf16 against its FP8 form. Prefill sizes (M = 2048..16384 rows
@@ -45,15 +46,37 @@ DENSE = {"shared gate/up": (H, I), "shared down": (I, H), "attn q/o": (H, H),
 DENSE_M = (16, 2048, 8192)
 
 
+# Decode calls hit one of these experts each, in turn (and dense calls one of as many
+# weight copies): 4 x Scout's smallest decode weights (21 MB) exceed the H200's 50 MB L2.
+HIT_EXPERTS = (3, 7, 11, 15)
+
+
 def interleaved(fns: dict, args: dict, rounds: int, reps: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed alternately round by round."""
+    """Median seconds per call of each function, timed alternately round by round.
+
+    An entry of ``args`` that is a list of argument tuples is a rotation: a timed call runs
+    the function once per tuple and counts as that many calls. Each tuple reads other
+    weights, so a call finds its weights in HBM, as a model step does, not in the L2 cache
+    that a call repeated on the same weights finds a decode-sized weight in (Scout's expert
+    and projection weights of 21-42 MB at FP8 fit the H200's 50 MB)."""
+    import jax
+
     from benchmarks.common import gpu_ms
 
     times = {k: [] for k in fns}
+    calls = {}
+    for k, f in fns.items():
+        sets = args[k] if isinstance(args[k], list) else [args[k]]
+        calls[k] = (jax.jit(lambda sets, f=f: [f(*a) for a in sets]), (tuple(sets),), len(sets))
     for _ in range(rounds):
-        for k in fns:
-            times[k].append(gpu_ms(fns[k], *args[k], reps=reps) / 1e3)
+        for k, (f, a, n) in calls.items():
+            times[k].append(gpu_ms(f, *a, reps=reps) / 1e3 / n)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _hitting(gs_for, *head):
+    """Argument tuples ``(*head, group sizes)``, one per expert of ``HIT_EXPERTS``."""
+    return [(*head, gs_for(e)) for e in HIT_EXPERTS]
 
 
 def _fp8_kernel(config=None):
@@ -174,7 +197,10 @@ def decode_sweep(args) -> list[dict]:
     """The grouped matmul's tiles at decode size (one token, one expert hit: M = 1), bf16
     and FP8: K splits x ring depth x N tile, against what ``pick_config`` picks (``--quick``:
     the pick alone), and gate and up as one launch against two. Reported as the weights'
-    bytes read per second (the bound at these sizes)."""
+    bytes read per second (the bound at these sizes). ``--swap-only``: FP8's pick with K
+    unsplit and in 2 and 4, at one row (one expert) and eight (eight experts)."""
+    if args.swap_only:
+        return _swap_splits(args)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -186,10 +212,10 @@ def decode_sweep(args) -> list[dict]:
         w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))
         wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
         m = 1
-        gs = jnp.zeros((E,), jnp.int32).at[3].set(m)  # one expert hit
+        hit = lambda e: jnp.zeros((E,), jnp.int32).at[e].set(m)  # noqa: E731 (one expert hit)
         x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
         xq, xs = jax.jit(fp8.quantize)(x)
-        for dtype in ("fp8",) if args.swap_only else ("bf16", "fp8"):
+        for dtype in ("bf16", "fp8"):
             bk = 128 if dtype == "fp8" else 64
             picked = gm.pick_config(m, k, n, fp8=dtype == "fp8")
             configs = {picked} if args.quick else {picked} | {
@@ -198,7 +224,7 @@ def decode_sweep(args) -> list[dict]:
                 for bn in (64, 128, 256) for st in (4, 8) for sp in (1, 2, 4, 8)
                 if (k // bk) % sp == 0 and (n // bn) * sp <= 4 * common.num_sms()}
             if dtype == "fp8":  # the swapped form (NOTES-grouped-matmul.md): N and K tiles
-                configs = ({picked} if args.swap_only else configs) | {  # x ring depth
+                configs = configs | {  # x ring depth
                     gm.GroupedMatmulConfig(block_m=16, block_n=sn, block_k=sk, swap_ab=True,
                                            max_concurrent_steps=st)
                     for sn, sk, st in ((128, 128, 8), (128, 256, 4), (128, 256, 6),
@@ -208,11 +234,11 @@ def decode_sweep(args) -> list[dict]:
                                                       c.k_splits)):
                 if dtype == "fp8":
                     f = _fp8_kernel(cfg)
-                    fargs = (xq, xs, wq, ws, gs)
+                    fargs = _hitting(hit, xq, xs, wq, ws)
                 else:
                     f = jax.jit(lambda x, w, gs, cfg=cfg: gm.grouped_matmul(
                         x, w, gs, impl="mosaic", config=cfg))
-                    fargs = (x, w, gs)
+                    fargs = _hitting(hit, x, w)
                 try:
                     t = interleaved({"c": f}, {"c": fargs}, args.rounds, args.reps)["c"]
                 except Exception as e:  # a config over the SMEM budget
@@ -232,9 +258,41 @@ def decode_sweep(args) -> list[dict]:
             if len(picks) == 2 and dtype == "fp8":
                 print(f"decode {name:11} picked FP8 vs picked bf16 (same run): "
                       f"{picks['bf16'] / picks['fp8']:.2f}x the speed", flush=True)
-            if name.startswith("gate/up") and not args.swap_only:
-                rows.append(_gate_and_up(args, name, dtype, x, w, wq, ws, gs))
-    return rows if args.swap_only else rows + _k_scan(args)
+            if name.startswith("gate/up"):
+                rows.append(_gate_and_up(args, name, dtype, x, w, wq, ws, hit))
+    return rows + _k_scan(args)
+
+
+def _swap_splits(args) -> list[dict]:
+    """FP8's picked decode tiles with K in 1, 2 and 4 splits, at 1 and 8 rows (as many
+    experts hit: the K split's extra work items and partial sums grow with them)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxattn.kernels import fp8, grouped_matmul as gm
+
+    rows = []
+    for name, (k, n) in DECODE_SHAPES.items():
+        w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))
+        wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
+        for m in (1, 8):
+            # expert e and the next m - 1 of every other one: 8 x 21-42 MB per call
+            hit = lambda e, m=m: jnp.zeros((E,), jnp.int32).at[  # noqa: E731
+                (e + 2 * jnp.arange(m)) % E].set(1)
+            xq, xs = jax.jit(fp8.quantize)(jax.random.normal(jax.random.key(2), (m, k),
+                                                             jnp.bfloat16))
+            picked = gm.pick_config(m, k, n, fp8=True)
+            fns = {s: _fp8_kernel(dataclasses.replace(picked, k_splits=s)) for s in (1, 2, 4)}
+            t = interleaved(fns, {s: _hitting(hit, xq, xs, wq, ws) for s in fns},
+                            args.rounds, args.reps)
+            rows.append({"matmul": name, "m": m, "k": k, "n": n,
+                         "config": dataclasses.asdict(picked),
+                         **{f"k_splits_{s}_us": t[s] * 1e6 for s in fns}})
+            print(f"decode {name:11} M={m} fp8 picked (k_splits={picked.k_splits}), K in 1 / "
+                  f"2 / 4 splits: " + " / ".join(f"{t[s] * 1e6:5.1f}" for s in fns) + " us "
+                  f"({k * n * min(m, E) / t[1] / 1e9:5.0f} GB/s unsplit)", flush=True)
+    return rows
 
 
 def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
@@ -254,7 +312,7 @@ def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
     for k in ks:
         w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))
         wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
-        gs = jnp.zeros((E,), jnp.int32).at[3].set(1)
+        hit = lambda e: jnp.zeros((E,), jnp.int32).at[e].set(1)  # noqa: E731
         x = jax.random.normal(jax.random.key(2), (16, k), jnp.bfloat16)
         xq, xs = jax.jit(fp8.quantize)(x)
         fns = {
@@ -264,8 +322,9 @@ def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
             "cublas fp8": jax.jit(lambda xq, w: jax.lax.dot_general(
                 xq, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)),
         }
-        fargs = {"bf16": (x[:1], w, gs), "fp8": (xq[:1], xs[:1], wq, ws, gs),
-                 "fp8 64-row": (xq[:1], xs[:1], wq, ws, gs), "cublas fp8": (xq, wq[3])}
+        fargs = {"bf16": _hitting(hit, x[:1], w), "fp8": _hitting(hit, xq[:1], xs[:1], wq, ws),
+                 "fp8 64-row": _hitting(hit, xq[:1], xs[:1], wq, ws),
+                 "cublas fp8": [(xq, wq[e]) for e in HIT_EXPERTS]}
         t = interleaved(fns, fargs, args.rounds, args.reps)
         for name in times:
             times[name].append(t[name] * 1e6)
@@ -283,42 +342,56 @@ def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
     return rows
 
 
-# Scout's projections of one input at TP=1 and TP=2 (N per weight, K = hidden).
-PROJECTIONS = {"q/k/v tp1": (5120, 1024, 1024), "q/k/v tp2": (2560, 512, 512),
-               "shared gate/up tp1": (8192, 8192), "shared gate/up tp2": (4096, 4096)}
+# Scout's dense FP8 projections per device at TP=1 and TP=2: (K, N per weight); several
+# weights share their input (one launch).
+PROJECTIONS = {"q/k/v tp1": (H, (5120, 1024, 1024)), "q/k/v tp2": (H, (2560, 512, 512)),
+               "shared gate/up tp1": (H, (8192, 8192)), "shared gate/up tp2": (H, (4096, 4096)),
+               "o tp1": (5120, (H,)), "o tp2": (2560, (H,)),
+               "shared down tp1": (8192, (H,)), "shared down tp2": (4096, (H,))}
 
 
 def projections(args) -> list[dict]:
-    """Several FP8 projections of one input at decode sizes: one launch of the grouped
-    kernel (``grouped_matmul.dense_fp8``, what the model runs for at most 16 rows) against
-    XLA's FP8 dot per weight (cuBLASLt, what it ran before), on prequantised rows."""
+    """Dense FP8 projections at decode sizes: one launch of the grouped kernel
+    (``grouped_matmul.dense_fp8``, K split as ``dense_config`` picks, unsplit, and in 4)
+    against XLA's FP8 dot per weight (cuBLASLt), on prequantised rows."""
     import jax
     import jax.numpy as jnp
 
     from jaxattn.kernels import fp8, grouped_matmul as gm
 
     rows = []
-    for name, ns in PROJECTIONS.items():
-        ws, ss = zip(*(jax.jit(fp8.quantize)(jax.random.normal(
-            jax.random.key(i), (n, H), jnp.bfloat16) / 70) for i, n in enumerate(ns)))
+    for name, (k, ns) in PROJECTIONS.items():
+        copies = [tuple(zip(*(jax.jit(fp8.quantize)(jax.random.normal(
+            jax.random.key(10 * c + i), (n, k), jnp.bfloat16) / 70) for i, n in enumerate(ns))))
+            for c in range(len(HIT_EXPERTS))]  # [(ws, ss)]: a rotation (interleaved)
         for m in (1, 16):
-            x = fp8.Quantized.of(jax.random.normal(jax.random.key(9), (m, H), jnp.bfloat16))
-            fns = {impl: jax.jit(lambda x, ws, ss, impl=impl: gm.dense_fp8(x, ws, ss, impl=impl))
-                   for impl in ("mosaic", "xla")}
-            t = interleaved(fns, {impl: (x, ws, ss) for impl in fns}, args.rounds, args.reps)
-            gbps = sum(ns) * H / t["mosaic"] / 1e9
-            rows.append({"projections": name, "m": m, "ns": list(ns), "k": H,
-                         "one_launch_us": t["mosaic"] * 1e6, "xla_us": t["xla"] * 1e6,
-                         "speedup": t["xla"] / t["mosaic"], "one_launch_weight_gbps": gbps})
-            print(f"projections {name:18} M={m:2}: one launch {t['mosaic'] * 1e6:6.1f} us "
-                  f"({gbps:5.0f} GB/s), XLA per weight {t['xla'] * 1e6:6.1f} us: "
-                  f"{rows[-1]['speedup']:.2f}x", flush=True)
+            x = fp8.Quantized.of(jax.random.normal(jax.random.key(9), (m, k), jnp.bfloat16))
+            picked = gm.dense_config(m, k, sum(ns)).k_splits
+            splits = {"pick": None, "k1": 1, "k4": 4}
+            if k // gm.dense_config(m, k, sum(ns)).block_k % 4:
+                del splits["k4"]
+            fns = {f"mosaic {v}": jax.jit(lambda x, ws, ss, s=s: gm.dense_fp8(
+                x, ws, ss, impl="mosaic", k_splits=s)) for v, s in splits.items()}
+            fns["xla"] = jax.jit(lambda x, ws, ss: gm.dense_fp8(x, ws, ss, impl="xla"))
+            t = interleaved(fns, {impl: [(x, *c) for c in copies] for impl in fns},
+                            args.rounds, args.reps)
+            gbps = sum(ns) * k / t["mosaic pick"] / 1e9
+            rows.append({"projections": name, "m": m, "ns": list(ns), "k": k,
+                         "picked_k_splits": picked,
+                         **{f"{v.replace(' ', '_')}_us": t[v] * 1e6 for v in fns},
+                         "speedup": t["xla"] / t["mosaic pick"], "pick_weight_gbps": gbps})
+            others = ", ".join(f"{v} {t[v] * 1e6:5.1f}" for v in fns if v != "mosaic pick")
+            print(f"projections {name:18} M={m:2}: one launch (k_splits={picked}) "
+                  f"{t['mosaic pick'] * 1e6:5.1f} us ({gbps:5.0f} GB/s), {others} us: "
+                  f"{rows[-1]['speedup']:.2f}x XLA", flush=True)
     return rows
 
 
-def _gate_and_up(args, name, dtype, x, w, wq, ws, gs) -> dict:
-    """An expert's gate and up products as one launch (the model's) against two launches."""
+def _gate_and_up(args, name, dtype, x, w, wq, ws, hit) -> dict:
+    """An expert's gate and up products as one launch (the model's) against two launches
+    (up: the weights of the expert before, so the two parts read different bytes)."""
     import jax
+    import jax.numpy as jnp
 
     from jaxattn.kernels import grouped_matmul as gm
 
@@ -328,12 +401,12 @@ def _gate_and_up(args, name, dtype, x, w, wq, ws, gs) -> dict:
         two = jax.jit(lambda x, a, b, sa, sb, gs: (
             gm.grouped_matmul_fp8(x, a, sa, gs, impl="mosaic"),
             gm.grouped_matmul_fp8(x, b, sb, gs, impl="mosaic")))
-        fargs = (x, wq, wq, ws, ws, gs)
+        fargs = _hitting(hit, x, wq, jnp.roll(wq, 1, 0), ws, jnp.roll(ws, 1, 0))
     else:
         one = jax.jit(lambda x, a, b, gs: gm.grouped_matmul(x, (a, b), gs, impl="mosaic"))
         two = jax.jit(lambda x, a, b, gs: (gm.grouped_matmul(x, a, gs, impl="mosaic"),
                                            gm.grouped_matmul(x, b, gs, impl="mosaic")))
-        fargs = (x, w, w, gs)
+        fargs = _hitting(hit, x, w, jnp.roll(w, 1, 0))
     t = interleaved({"one": one, "two": two}, {"one": fargs, "two": fargs}, args.rounds,
                     args.reps)
     print(f"decode {name:11} {dtype} gate+up: one launch {t['one'] * 1e6:7.1f} us, two "
@@ -399,9 +472,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-sweep", action="store_true",
                    help="only the grouped matmul's tiles at decode sizes")
     p.add_argument("--projections", action="store_true",
-                   help="only q/k/v and gate/up at decode: one launch vs XLA per weight")
+                   help="only the dense projections at decode: one launch vs XLA per weight")
     p.add_argument("--swap-only", action="store_true",
-                   help="with --decode-sweep: FP8 only, the pick and the swap-AB forms")
+                   help="with --decode-sweep: FP8 only, the pick with K in 1, 2 and 4 splits")
     args = p.parse_args(argv)
     import jax
 

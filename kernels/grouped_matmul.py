@@ -89,8 +89,6 @@ class GroupedMatmulConfig:
             if self.block_m % 8 or not 8 <= self.block_m <= 256 or self.block_n % 64:
                 raise ValueError(f"swap_ab: block_m={self.block_m} must be a multiple of 8 "
                                  f"in [8, 256] (wgmma N) and block_n={self.block_n} of 64")
-            if self.k_splits != 1:  # Mosaic finds no layout for the f32 partials' store
-                raise ValueError("swap_ab takes no k_splits")
         elif self.block_m not in (64, 128, 192, 256):
             raise ValueError(f"block_m={self.block_m}: a multiple of 64 (one wgmma), at most 256")
         for name in ("block_n", "block_k"):
@@ -259,13 +257,30 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
 
 
 DENSE_MAX_ROWS = 16  # the swap-AB form's token tile: a decode step's rows
-# Fewer N tiles leave most SMs idle: Scout's q/k/v at TP=2 (28 tiles) measured 0.78-0.99x
-# XLA's dot per weight on the H200, at TP=1 (56 tiles) 1.34x (fp8-projections-2026-12-01).
+# Fewer work items leave most SMs idle: Scout's q/k/v at TP=2 (28 N tiles) measured
+# 0.78-0.99x XLA's dot per weight on the H200 unsplit, 1.06-1.72x with K in 4 splits
+# (fp8-projections-2026-12-01-s10).
 DENSE_MIN_N_TILES = 48
+DENSE_MAX_SPLITS = 4
+_DENSE_MIN_SPLIT_STEPS = 4  # K steps per split: a split shorter than the TMA ring idles it
+
+
+def dense_config(rows: int, k: int, n: int, k_splits: int | None = None) -> GroupedMatmulConfig:
+    """:func:`pick_config`'s swap-AB tiles for :func:`dense_fp8`, with K split over SMs when
+    the N tiles alone leave SMs idle (``k_splits``: None picks the most splits, a divisor of
+    the K steps up to ``DENSE_MAX_SPLITS``, that keep every work item in one wave).
+    A decode call is bound by the bytes in flight per SM, so idle SMs are lost bandwidth."""
+    config = pick_config(rows, k, n, fp8=True)
+    steps, tiles = k // config.block_k, n // config.block_n
+    if k_splits is None:
+        k_splits = max(s for s in range(1, DENSE_MAX_SPLITS + 1)
+                       if s == 1 or (steps % s == 0 and steps // s >= _DENSE_MIN_SPLIT_STEPS
+                                     and tiles * s <= common.num_sms()))
+    return dataclasses.replace(config, k_splits=k_splits)
 
 
 def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
-              scale_ub: float | None = None) -> tuple:
+              scale_ub: float | None = None, k_splits: int | None = None) -> tuple:
     """A few rows through several dense FP8 projections of one input (attention's q, k and
     v; an MLP's gate and up) in one launch: ``x [..., K]`` (or :class:`fp8.Quantized`),
     weights ``w`` ``[N_p, K]`` float8_e4m3fn with ``w_scale [N_p]`` (tuples; N may differ)
@@ -273,16 +288,21 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
 
     ``"mosaic"``: :func:`grouped_matmul_fp8` with one group of every row, so every part's
     N tiles share one wave of SMs (the swap-AB form at decode, which reads weights faster
-    than XLA's FP8 dot there: NOTES-grouped-matmul.md). ``"auto"`` takes it on Hopper for
-    at most ``DENSE_MAX_ROWS`` rows and ``DENSE_MIN_N_TILES`` N tiles in all, K a multiple
-    of 128 and each N of 128; ``"xla"`` (and "auto" elsewhere) runs
-    :func:`fp8.scaled_matmul` per weight.
+    than XLA's FP8 dot there: NOTES-grouped-matmul.md), K split over more SMs where the
+    N tiles are few (:func:`dense_config`; ``k_splits`` overrides its pick). ``"auto"``
+    takes it on Hopper for several weights, at most ``DENSE_MAX_ROWS`` rows and
+    ``DENSE_MIN_N_TILES`` work items (N tiles times K splits), K a multiple of 128 and each
+    N of 128; ``"xla"`` (and "auto" elsewhere) runs :func:`fp8.scaled_matmul` per weight.
     """
     parts, scales = _parts(w, n_axis=0), _parts(w_scale, n_axis=0)
     ns = [p.shape[0] for p in parts]
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    if impl == "auto" and (rows > DENSE_MAX_ROWS or sum(ns) < DENSE_MIN_N_TILES * _BLOCK_N):
+    # One weight alone (o, down) measured even with XLA's dot at a decode step's 16 rows
+    # (0.82-1.03x, fp8-projections-2026-12-01-s10): the kernel pays by merging launches.
+    if impl == "auto" and (rows > DENSE_MAX_ROWS or len(parts) == 1 or k % _BLOCK_K_FP8 or
+                           sum(ns) * dense_config(rows, k, sum(ns), k_splits).k_splits
+                           < DENSE_MIN_N_TILES * _BLOCK_N):
         impl = "xla"
     if resolve_fp8(impl, k, *ns) == "xla":
         return tuple(fp8.scaled_matmul(x, p, s, out_dtype=out_dtype, scale_ub=scale_ub)
@@ -290,7 +310,8 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
     flat = fp8.Quantized(x.values.reshape(rows, k), x.scale.reshape(rows), x.dtype)
     y = grouped_matmul_fp8(flat, tuple(p[None] for p in parts), tuple(s[None] for s in scales),
-                           jnp.full((1,), rows, jnp.int32), impl="mosaic", out_dtype=out_dtype)
+                           jnp.full((1,), rows, jnp.int32), impl="mosaic", out_dtype=out_dtype,
+                           config=dense_config(rows, k, sum(ns), k_splits))
     ys = jnp.split(y, list(itertools.accumulate(ns))[:-1], axis=-1)
     return tuple(y.reshape(*lead, n) for y, n in zip(ys, ns))
 
@@ -362,6 +383,10 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
     swap = config.swap_ab
     if swap and not scaled:
         raise ValueError("swap_ab is the FP8 kernel's form (K-major weights)")
+    # Swapped partial sums are stored as computed, [N, rows] per split (Mosaic finds no
+    # layout for a transposed f32 store), each row tile in a slab of columns of its own
+    # (_swapped_rows maps rows back to them).
+    swap_split = swap and splits > 1
     final_dtype = out_dtype or lhs.dtype
     out_dtype = final_dtype if splits == 1 else jnp.float32
     # 8-bit weights are K-major [N, K] tiles, transposed for the wgmma (a view, no copy).
@@ -375,9 +400,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
         else:
             rs_gmem, (o_gmem,) = (None,) * parts, rest
 
-        def tile(info, split, ni, part_ni, w_gmem, ws_gmem):
-            """One output tile: rows of ``info``'s group, columns ``ni * bn`` (the part's
-            N tile ``part_ni`` of weights ``w_gmem``), K range ``split``."""
+        def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem):
+            """One output tile, row tile ``ti``: rows of ``info``'s group, columns ``ni * bn``
+            (the part's N tile ``part_ni`` of weights ``w_gmem``), K range ``split``."""
             k0 = split * k_steps
 
             def product(acc_ref, lhs_smem, rhs_smem):
@@ -421,6 +446,15 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                                   optimized=False)
                 acc = acc * jax.lax.broadcast_in_dim(cols, acc.shape, [0 if swap else 1])
             out = o_gmem if splits == 1 else o_gmem.at[split]
+            if swap_split:
+                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bn, bm), dtype=out_dtype))
+                def store_partial(o_smem):
+                    o_smem[...] = acc
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        o_smem, out.at[pl.ds(ni * bn, bn), pl.ds(ti * bm, bm)])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                return
 
             @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
             def store_scope(o_smem):
@@ -458,19 +492,40 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
             def _():
                 info, _ = tile_info(sizes_gmem, bm, ti, g)
                 if parts == 1:
-                    tile(info, split, ni, ni, rhs_gmem[0], rs_gmem[0])
+                    tile(info, ti, split, ni, ni, rhs_gmem[0], rs_gmem[0])
                     return
                 # The part this N tile belongs to picks the weights (a static branch each).
                 for part in range(parts):
                     lo, hi = part_start[part], part_start[part + 1]
                     pl.when((lo <= ni) & (ni < hi))(functools.partial(
-                        tile, info, split, ni, ni - lo, rhs_gmem[part], rs_gmem[part]))
+                        tile, info, ti, split, ni, ni - lo, rhs_gmem[part], rs_gmem[part]))
 
-    out_shape = (m, n) if splits == 1 else (splits, m, n)
+    out_shape = ((m, n) if splits == 1 else
+                 (splits, n, grid_m * bm) if swap_split else (splits, m, n))
     kernel = plgpu.kernel(
         grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
         grid=(common.num_sms(),), grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     out = kernel(group_sizes, lhs, *rhs, *rhs_scale)
+    if swap_split:
+        return _swapped_rows(out, group_sizes, g, m, bm).astype(final_dtype)
     return out if splits == 1 else out.sum(0).astype(final_dtype)
+
+
+def _swapped_rows(out, group_sizes, num_groups: int, m: int, block_m: int):
+    """The swap-AB kernel's K-split partial sums ``[splits, N, tiles * block_m]`` (row tile
+    t's columns at ``t * block_m``, numbered as :func:`tile_info` numbers them) -> ``[m, N]``
+    f32, each row's column gathered before the sum (a decode call fills few of the tiles).
+    Rows of no group get some tile's column: undefined, as the kernel leaves them."""
+    sizes = group_sizes[:num_groups]
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    tiles = jnp.where(sizes > 0, (ends - 1) // block_m + 1 - starts // block_m, 0)
+    first = jnp.cumsum(tiles) - tiles  # each group's first tile number
+    row = jnp.arange(m, dtype=jnp.int32)
+    # searchsorted's default is a loop: on a GPU, a kernel and a host sync per step
+    group = jnp.minimum((ends[None, :] <= row[:, None]).sum(1), num_groups - 1)
+    tile = first[group] + row // block_m - starts[group] // block_m
+    cols = tile * block_m + row % block_m
+    return jnp.take(out, cols, axis=2, mode="clip").sum(0).T

@@ -82,6 +82,22 @@ def test_gpu_ms_falls_back_to_the_wall_clock_without_cupti():
     assert 0 < t_small < t_big
 
 
+def test_interleaved_rotation_runs_each_argument_set_and_counts_each_call(monkeypatch):
+    """A list of argument tuples is a rotation (other weights per call, out of L2's reach):
+    each set runs once per timed call, and the time is per call."""
+    import jax.numpy as jnp
+
+    from benchmarks import fp8_matmul
+
+    seen = []
+    monkeypatch.setattr(common, "gpu_ms", lambda f, *a, reps: seen.append(f(*a)) or 12.0)
+    sets = [(jnp.full((2,), float(i)),) for i in range(3)]
+    t = fp8_matmul.interleaved({"plain": lambda x: x + 1, "rotated": lambda x: x * 2},
+                               {"plain": sets[0], "rotated": sets}, rounds=2, reps=1)
+    assert t == {"plain": 12.0 / 1e3, "rotated": 12.0 / 1e3 / 3}
+    assert [float(y[0]) for y in seen[1]] == [0.0, 2.0, 4.0]  # every set, in order
+
+
 # An XLA dump's optimised module, cut to its shape: source tables, then the entry.
 _MODULE = """HloModule jit_jitted, is_scheduled=true
 

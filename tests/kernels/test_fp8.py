@@ -195,10 +195,15 @@ SWAP = gm.GroupedMatmulConfig(block_m=16, block_k=128, max_concurrent_steps=11, 
     (16, [3, 0, 2, 11], 2, {}),  # gate and up in one launch
     (40, [20, 0, 17, 0], 1, {}),  # groups over several 16-row blocks
     (5, [1, 0, 3, 0], 2, dict(block_n=64, block_k=512)),  # wgmma M = 64, 512-byte K steps
+    (1, [0, 1, 0, 0], 1, dict(k_splits=2)),  # K split: f32 slabs [N, rows] per row tile
+    (5, [1, 0, 3, 0], 2, dict(k_splits=4)),  # two groups' tiles in one block of rows
+    (40, [20, 0, 17, 0], 1, dict(k_splits=2)),  # tiles over several blocks
+    (16, [0, 0, 0, 0], 1, dict(k_splits=2)),  # no rows in any group
 ])
 def test_swapped_fp8_kernel_matches_the_reference(m, sizes, parts, tiles):
     """``swap_ab``: acc = W x^T (the weights as wgmma's M side, the rows its N side), stored
-    back to row-major tiles through a transposed view of the output tile in SMEM."""
+    back to row-major tiles through a transposed view of the output tile in SMEM; with K
+    split, as f32 partial slabs that ``_swapped_rows`` gathers and sums."""
     x, wq, ws, gs = _case(m, sizes, 128, k=1024)
     config = dataclasses.replace(SWAP, max_concurrent_steps=2, **tiles)
     scales = [ws * (p + 1) for p in range(parts)]  # a mix-up of the parts would show
@@ -214,8 +219,6 @@ def test_swapped_fp8_kernel_matches_the_reference(m, sizes, parts, tiles):
 def test_swap_ab_config_is_checked():
     with pytest.raises(ValueError, match="swap_ab"):
         gm.GroupedMatmulConfig(block_m=12, swap_ab=True)
-    with pytest.raises(ValueError, match="k_splits"):
-        gm.GroupedMatmulConfig(block_m=16, swap_ab=True, k_splits=2)
     with pytest.raises(ValueError, match="FP8"):
         gm.grouped_matmul(jnp.ones((1, 128), jnp.bfloat16), jnp.ones((1, 128, 128), jnp.bfloat16),
                           jnp.ones((1,), jnp.int32), impl="mosaic", config=SWAP)
@@ -223,10 +226,13 @@ def test_swap_ab_config_is_checked():
 
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("k,n", SCOUT_KN)
-def test_swapped_fp8_kernel_lowers_for_scout_shapes(m, k, n):
-    """11 ring slots of 16 KiB of weights and 2 KiB of rows fit shared memory."""
+@pytest.mark.parametrize("k_splits", [1, 2])
+def test_swapped_fp8_kernel_lowers_for_scout_shapes(m, k, n, k_splits):
+    """11 ring slots of 16 KiB of weights and 2 KiB of rows fit shared memory; K split, the
+    f32 partial tile's store lowers too."""
+    config = dataclasses.replace(SWAP, k_splits=k_splits)
     f = jax.jit(lambda x, w, s, gs: gm.grouped_matmul_fp8(x, (w, w), (s, s), gs, impl="mosaic",
-                                                          config=SWAP))
+                                                          config=config))
     exported = jax.export.export(f, platforms=["cuda"])(
         jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((16, n, k), fp8.DTYPE),
         jax.ShapeDtypeStruct((16, n), jnp.float32), jax.ShapeDtypeStruct((17,), jnp.int32))
@@ -242,14 +248,17 @@ def test_fp8_impl_resolution():
 
 SWAP_K256 = dataclasses.replace(SWAP, block_k=256, max_concurrent_steps=6)
 SWAP_N64 = dataclasses.replace(SWAP, block_n=64, block_k=512, max_concurrent_steps=5)
+SWAP_SPLIT = dataclasses.replace(SWAP_K256, k_splits=2)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,config", [(1, None), (32, None), (65, None), (300, None),
                                       (4096, None), (1, SWAP), (5, SWAP), (16, SWAP),
-                                      (1, SWAP_K256), (16, SWAP_K256), (5, SWAP_N64)],
+                                      (1, SWAP_K256), (16, SWAP_K256), (5, SWAP_N64),
+                                      (1, SWAP_SPLIT), (16, SWAP_SPLIT)],
                          ids=lambda v: {id(SWAP): "swap_ab", id(SWAP_K256): "swap_ab_k256",
-                                        id(SWAP_N64): "swap_ab_n64_k512"}.get(id(v)))
+                                        id(SWAP_N64): "swap_ab_n64_k512",
+                                        id(SWAP_SPLIT): "swap_ab_k_split"}.get(id(v)))
 @pytest.mark.parametrize("k,n", SCOUT_KN)
 def test_fp8_kernel_on_gpu_at_scout_shapes(m, config, k, n):
     """The picked configs, and the swap-AB form at decode sizes."""
@@ -308,18 +317,20 @@ def _projections(ns, k, seed=0):
                  for n in ns))
 
 
-@pytest.mark.parametrize("lead", [(1,), (1, 5), (16,)])
+@pytest.mark.parametrize("lead,k_splits", [((1,), 1), ((1, 5), 1), ((16,), 1), ((1,), 2),
+                                            ((1, 5), 4)])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_dense_fp8_is_scaled_matmul_per_weight(lead, quantized):
+def test_dense_fp8_is_scaled_matmul_per_weight(lead, k_splits, quantized):
     """Several projections of one input in one grouped-kernel launch (one group of every
     row): each output equals :func:`fp8.scaled_matmul` with its weight, in GPU interpret
-    mode and on the XLA path; leading axes and prequantised rows pass through."""
-    ws, ss = _projections((256, 128, 128), 256)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((*lead, 256)), jnp.bfloat16)
+    mode (K split over 1, 2 or 4 work items: f32 partial slabs [N, rows] summed after) and
+    on the XLA path; leading axes and prequantised rows pass through."""
+    ws, ss = _projections((256, 128, 128), 1024)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((*lead, 1024)), jnp.bfloat16)
     xin = fp8.Quantized.of(x) if quantized else x
     want = [np.asarray(fp8.scaled_matmul(x, w, s), np.float32) for w, s in zip(ws, ss)]
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-        got = gm.dense_fp8(xin, ws, ss, impl="mosaic")
+        got = gm.dense_fp8(xin, ws, ss, impl="mosaic", k_splits=k_splits)
     for impl_got in (got, gm.dense_fp8(xin, ws, ss, impl="xla")):
         assert [y.shape for y in impl_got] == [(*lead, n) for n in (256, 128, 128)]
         for g, w in zip(impl_got, want):
@@ -329,8 +340,9 @@ def test_dense_fp8_is_scaled_matmul_per_weight(lead, quantized):
 
 
 def test_dense_fp8_takes_xla_past_a_decode_step_or_off_hopper(monkeypatch):
-    """``"auto"``: the grouped kernel only for a decode step's rows on Hopper (and tiles
-    that divide), else XLA's FP8 dot per weight."""
+    """``"auto"``: the grouped kernel only for several weights, a decode step's rows on
+    Hopper, tiles that divide and enough work items (N tiles times K splits), else XLA's
+    FP8 dot per weight."""
     launched = []
 
     def kernel(x, w, s, gs, **kw):
@@ -344,35 +356,61 @@ def test_dense_fp8_takes_xla_past_a_decode_step_or_off_hopper(monkeypatch):
     gm.dense_fp8(jnp.ones((gm.DENSE_MAX_ROWS + 1, 256), jnp.bfloat16), ws, ss)  # rows
     gm.dense_fp8(jnp.ones((4, 256), jnp.bfloat16), *_projections((256, 64), 256))  # N tile
     gm.dense_fp8(jnp.ones((4, 256), jnp.bfloat16), *_projections((128, 128), 256))  # 2 tiles
+    gm.dense_fp8(jnp.ones((4, 256), jnp.bfloat16), *_projections((384,), 256))  # one weight
     assert not launched
     gm.dense_fp8(jnp.ones((2, 8, 256), jnp.bfloat16), ws, ss)
-    assert launched == [(16, 256)]
+    # 2 N tiles, K in 8 steps of 256: 2 splits of 4 steps make 4 work items
+    gm.dense_fp8(jnp.ones((4, 2048), jnp.bfloat16), *_projections((128, 128), 2048))
+    assert launched == [(16, 256), (4, 2048)]
+
+
+# Scout's dense FP8 projections per device, (K, N per weight): q/k/v, the shared expert's
+# gate/up, o and down, at TP=1 and TP=2.
+SCOUT_DENSE = {"qkv": (5120, (5120, 1024, 1024)), "qkv-tp2": (5120, (2560, 512, 512)),
+               "gate-up": (5120, (8192, 8192)), "gate-up-tp2": (5120, (4096, 4096)),
+               "o": (5120, (5120,)), "o-tp2": (2560, (5120,)), "down": (8192, (5120,)),
+               "down-tp2": (4096, (5120,))}
+
+
+def test_dense_config_splits_k_to_fill_the_sms(monkeypatch):
+    """K splits only where the N tiles leave SMs idle, dividing the K steps, one wave."""
+    monkeypatch.setattr(gm.common, "num_sms", lambda: 132)
+    splits = {name: gm.dense_config(1, k, sum(ns)).k_splits
+              for name, (k, ns) in SCOUT_DENSE.items()}
+    assert splits == {"qkv": 2, "qkv-tp2": 4, "gate-up": 1, "gate-up-tp2": 2, "o": 2,
+                      "o-tp2": 2, "down": 2, "down-tp2": 2}
+    assert gm.dense_config(1, 5120, 7168, k_splits=1).k_splits == 1
 
 
 @pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize("ns", [(5120, 1024, 1024), (2560, 512, 512), (8192, 8192),
-                                (4096, 4096)], ids=["qkv", "qkv-tp2", "gate-up", "gate-up-tp2"])
-def test_dense_fp8_lowers_for_scout_projections(m, ns):
-    """Scout's q/k/v and shared-expert gate/up (TP=1 and TP=2 shards) in one launch at decode
-    sizes: Mosaic lowering and the SMEM budget of the picked swap-AB config."""
+@pytest.mark.parametrize("name", SCOUT_DENSE)
+def test_dense_fp8_lowers_for_scout_projections(m, name):
+    """Scout's dense projections (TP=1 and TP=2 shards) at decode sizes, one launch per
+    input: Mosaic lowering and the SMEM budget of the picked config, K splits included."""
+    k, ns = SCOUT_DENSE[name]
     f = jax.jit(lambda x, ws, ss: gm.dense_fp8(x, ws, ss, impl="mosaic"))
     exported = jax.export.export(f, platforms=["cuda"])(
-        jax.ShapeDtypeStruct((m, 5120), jnp.bfloat16),
-        tuple(jax.ShapeDtypeStruct((n, 5120), fp8.DTYPE) for n in ns),
+        jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+        tuple(jax.ShapeDtypeStruct((n, k), fp8.DTYPE) for n in ns),
         tuple(jax.ShapeDtypeStruct((n,), jnp.float32) for n in ns))
     assert "mosaic_gpu" in exported.mlir_module()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16])
-def test_dense_fp8_on_gpu_at_scout_qkv(m):
-    """q, k and v in one launch on the GPU against the dequantised f32 products."""
-    ws, ss = _projections((5120, 1024, 1024), 5120, seed=m)
+@pytest.mark.parametrize("name,k_splits", [("qkv", 1), ("qkv", None), ("qkv-tp2", None),
+                                           ("o", None), ("down", 4)])
+def test_dense_fp8_on_gpu_at_scout_shapes(m, name, k_splits):
+    """Scout's projections in one launch on the GPU (K unsplit, the picked splits, and 4)
+    against the dequantised f32 products."""
+    k, ns = SCOUT_DENSE[name]
+    ws, ss = _projections(ns, k, seed=m)
     # Not the weights' seed: rows equal to a weight row sum 5120 positive products, which
     # the FP8 wgmma's accumulator rounds low (302 for 320 on the H200, 2026-12-01;
     # NOTES-grouped-matmul.md, "FP8 accumulation").
-    x = jnp.asarray(np.random.default_rng(m + 100).standard_normal((m, 5120)), jnp.bfloat16)
-    got = jax.jit(lambda x, ws, ss: gm.dense_fp8(x, ws, ss))(x, ws, ss)
+    x = jnp.asarray(np.random.default_rng(m + 100).standard_normal((m, k)), jnp.bfloat16)
+    got = jax.jit(lambda x, ws, ss: gm.dense_fp8(x, ws, ss, impl="mosaic",
+                                                 k_splits=k_splits))(x, ws, ss)
     for g, w, s in zip(got, ws, ss):
         want = fp8.scaled_matmul_reference(x, w, s, out_dtype=jnp.float32)
         assert _rel(g, want) < 1e-2
