@@ -2,7 +2,6 @@
 
     python -m benchmarks.fp8_kv            # on the GPU (benchmarks/gpu.sh fp8)
     python -m benchmarks.fp8_kv --quick    # two decode and two prefill cases
-    python -m benchmarks.fp8_kv --decode-only
 
 Scout's heads (40 query / 8 KV, D=128), 32-token pages shuffled in the pool. Each
 case builds one random bf16 cache and its FP8 quantisation (``jaxattn.kv_quant``:
@@ -13,9 +12,7 @@ three rounds each, CUPTI kernel time when available):
   the model calls it; bandwidth = bytes of the cache it reads (FP8: values + scales) / time;
   FP8 with the engine's default (a warpgroup of its own dequantises each tile), with the
   consumer warpgroup dequantising each tile before its wgmma (``dequant_warpgroup=False``)
-  with ``S = Q8 K8^T`` on the fp8 K tile, only V dequantised (``fp8_qk=True``), and with
-  K and V converted to f16 without their scales, which the consumer applies to S's and P's
-  columns (``f16_operands=True``);
+  and with ``S = Q8 K8^T`` on the fp8 K tile, only V dequantised (``fp8_qk=True``);
 * prefill (one fresh sequence, through ``kernels.ragged_paged_attention`` with its plan):
   bf16 at the engine's 128-key tiles, FP8 with K and V dequantised to bf16 tiles
   (``PrefillConfig(fp8_qk=False)``, 64-key tiles: what fits shared memory), and FP8 as the
@@ -98,26 +95,20 @@ def bench_decode(batch, ctx):
     # H200 (fp8-kv-2026-12-01.md) and is no longer timed here.
     qk8 = layer_fn(decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True,
                                        fp8_qk=True))
-    f16 = layer_fn(decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True,
-                                       f16_operands=True))
     fp8_args = (q, k8, v8, table, plan.decode, ks, vs)
     ms = _interleaved({"bf16": (layer, (q, k, v, table, plan.decode)),
                        "fp8": (layer, fp8_args), "fp8_consumer": (consumer, fp8_args),
-                       "fp8_qk": (qk8, fp8_args), "fp8_f16": (f16, fp8_args)})
+                       "fp8_qk": (qk8, fp8_args)})
     out_b = np.asarray(layer(q, k, v, table, plan.decode)[0][:batch], np.float32)
     out_8 = np.asarray(layer(q, k8, v8, table, plan.decode, ks, vs)[0][:batch], np.float32)
-    out_16 = np.asarray(f16(*fp8_args)[0][:batch], np.float32)
     bytes_bf16 = 2 * batch * ctx * HKV * D * 2
     bytes_fp8 = 2 * batch * ctx * HKV * (D + 4)
     return dict(kind="decode", batch=batch, ctx=ctx, bf16_ms=ms["bf16"], fp8_ms=ms["fp8"],
                 fp8_over_bf16=ms["fp8"] / ms["bf16"], fp8_consumer_ms=ms["fp8_consumer"],
                 fp8_consumer_over_bf16=ms["fp8_consumer"] / ms["bf16"],
                 fp8_qk_ms=ms["fp8_qk"], fp8_qk_over_bf16=ms["fp8_qk"] / ms["bf16"],
-                fp8_f16_ms=ms["fp8_f16"], fp8_f16_over_bf16=ms["fp8_f16"] / ms["bf16"],
                 bf16_tbps=bytes_bf16 / ms["bf16"] / 1e9, fp8_tbps=bytes_fp8 / ms["fp8"] / 1e9,
-                fp8_f16_tbps=bytes_fp8 / ms["fp8_f16"] / 1e9,
-                max_abs_diff=float(np.abs(out_8 - out_b).max()),
-                f16_max_abs_diff=float(np.abs(out_16 - out_b).max()))
+                max_abs_diff=float(np.abs(out_8 - out_b).max()))
 
 
 def _flops(mode, length):
@@ -169,16 +160,14 @@ def markdown(res) -> str:
     lines = [f"# FP8 vs bf16 KV cache, {res['device']}, {res['date']}", "",
              "Decode (one layer's attention; bytes read / time):", "",
              "| batch x ctx | bf16 ms (TB/s) | FP8 ms (TB/s) | FP8 / bf16 time | "
-             "FP8, consumer dequantising / bf16 | FP8, S = Q8 K8^T / bf16 | "
-             "FP8, f16 operands / bf16 (TB/s) | max abs diff (f16 operands) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "FP8, consumer dequantising / bf16 | FP8, S = Q8 K8^T / bf16 | max abs diff |",
+             "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r.get("kind") == "decode" and "error" not in r:
             lines.append(f"| {r['batch']}x{r['ctx']} | {r['bf16_ms']:.3f} ({r['bf16_tbps']:.2f}) "
                          f"| {r['fp8_ms']:.3f} ({r['fp8_tbps']:.2f}) | {r['fp8_over_bf16']:.3f} "
                          f"| {r['fp8_consumer_over_bf16']:.3f} | {r['fp8_qk_over_bf16']:.3f} "
-                         f"| {r['fp8_f16_over_bf16']:.3f} ({r['fp8_f16_tbps']:.2f}) "
-                         f"| {r['max_abs_diff']:.3g} ({r['f16_max_abs_diff']:.3g}) |")
+                         f"| {r['max_abs_diff']:.3g} |")
     lines += ["", "Prefill (one sequence, fresh; useful TFLOP/s):", "",
               "| mode, length | bf16 ms (TFLOP/s) | FP8 (64-key tiles) ms (TFLOP/s) | FP8 Q8K8 "
               "QK ms (TFLOP/s) | FP8 / bf16 | FP8 Q8K8 QK / bf16 | max abs diff (FP8) |",
@@ -197,10 +186,9 @@ def markdown(res) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="two decode and two prefill cases")
-    ap.add_argument("--decode-only", action="store_true")
     args = ap.parse_args(argv)
     dec = QUICK["decode"] if args.quick else DECODE_CASES
-    pre = () if args.decode_only else QUICK["prefill"] if args.quick else PREFILL_CASES
+    pre = QUICK["prefill"] if args.quick else PREFILL_CASES
     res = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
                jax=jax.__version__, rows=[])
     for case in dec:

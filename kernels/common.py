@@ -78,19 +78,14 @@ def dequantize_tile(src8, scale, dst):
     """``dst[r, :] = src8[r, :] * scale[r]``: an FP8 K/V tile (SMEM) into a wgmma operand.
 
     src8 [rows, D] float8_e4m3fn and dst [rows, D] (bf16/f16) are SMEM tiles, scale
-    [rows] f32 in SMEM, or None: the values converted alone (into f16: exact, and one
-    instruction per two values). rows a multiple of 64. Runs on one warpgroup, 64 rows at a
-    time (a wgmma-layout register tile: 64 values per thread at D=128), and commits the
-    stores so the async proxy (wgmma) sees them. Returns ``dst``.
+    [rows] f32 in SMEM. rows a multiple of 64. Runs on one warpgroup, 64 rows at a time (a
+    wgmma-layout register tile: 64 values per thread at D=128), and commits the stores so
+    the async proxy (wgmma) sees them. Returns ``dst``.
     """
     rows = src8.shape[0]
     for r in range(0, rows, WGMMA_M):
         part = pl.ds(r, WGMMA_M)
-        x = plgpu.load(src8.at[part], layout=plgpu.Layout.WGMMA)
-        if scale is None:
-            dst.at[part][...] = x.astype(dst.dtype)
-            continue
-        x = x.astype(jnp.float32)
+        x = plgpu.load(src8.at[part], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
         s = plgpu.load(scale.at[part], layout=plgpu.Layout.WGMMA.reduce(1))
         dst.at[part][...] = (x * lax.broadcast_in_dim(s, x.shape, [0])).astype(dst.dtype)
     plgpu.commit_smem()

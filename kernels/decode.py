@@ -85,8 +85,11 @@ class DecodeConfig:
       ring of :data:`DEQUANT_STAGES` bf16 tiles while the consumer computes on the previous
       one; False: the consumer dequantises each tile before its wgmma (serial with the
       math). Same numbers either way (the same pass). :func:`default_config` turns it on
-      for an FP8 cache. (Scales folded onto S's and P's columns instead, converting e4m3
-      to bf16 exactly, measured slower still: 1.36-1.40x bf16; removed.)
+      for an FP8 cache. (Two forms measured slower and were removed: scales folded onto
+      S's and P's columns with e4m3 converted to bf16 exactly, 1.36-1.40x bf16; and K and V
+      converted to f16 without scales, which the consumer applied to S's and P's columns
+      within f16's range, 1.38-1.42x against this form's 1.15-1.20x,
+      benchmarks/results/fp8-kv-2026-12-01-s10-decode.md.)
     split_dequant: with ``dequant_warpgroup``: K and V each get a dequantising warpgroup of
       their own (warpgroups 2 and 3), twice the conversion throughput and two warps per
       scheduler to hide its latency. With one, FP8 decode reads at 1.5-1.7 TB/s against
@@ -97,17 +100,9 @@ class DecodeConfig:
       prefill kernel's default does (the consumer quantises its 64 query rows per row once
       per tile; S's rows take the Q scales, its columns the keys' scales); only V is
       dequantised, which halves the conversion work. Decode rows then match the reference
-      over per-row quantised queries, not the bf16 kernel over dequantised pages. Built
-      and tested in interpret mode, not yet timed, so off by default.
-    f16_operands: FP8 cache, with ``dequant_warpgroup``: the dequantising warpgroup only
-      converts K and V to f16 (exact for e4m3, one instruction per two values, against ~6
-      for the scaled conversion to bf16 through f32 that bounds the default) and the
-      consumer applies the scales: K's on S's columns, V's on P's, times a power of two per
-      tile that keeps the products inside f16's range (the accumulator follows it as it
-      follows the softmax max). The query rows go to f16 once per tile; QK and PV are f16
-      wgmmas with f32 sums, so rows match the reference over the dequantised pages up to
-      f16 rounding of P (finer than bf16's). Built and tested in interpret mode, not yet
-      timed on a GPU, so off by default.
+      over per-row quantised queries, not the bf16 kernel over dequantised pages. On the
+      H200 1.12-1.16x bf16's time (against 1.15-1.20x), but 4-10% of the lse values are off
+      by 0.05-0.2 (the FP8 wgmma's short accumulator over sharp logits), so off for decode.
     """
 
     block_kv: int = 64
@@ -117,7 +112,6 @@ class DecodeConfig:
     dequant_warpgroup: bool = False
     split_dequant: bool = False
     fp8_qk: bool = False
-    f16_operands: bool = False
 
     def __post_init__(self):
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -129,9 +123,6 @@ class DecodeConfig:
         if self.split_dequant and self.fp8_qk:
             raise ValueError("split_dequant dequantises K on a warpgroup of its own; with "
                              "fp8_qk nothing dequantises K")
-        if self.f16_operands and (self.fp8_qk or not self.dequant_warpgroup):
-            raise ValueError("f16_operands converts K and V on the dequantising warpgroup: it "
-                             "needs dequant_warpgroup=True and no fp8_qk")
         if self.num_ctas is not None and self.num_ctas < 1:
             raise ValueError(f"num_ctas={self.num_ctas} must be positive")
 
@@ -196,14 +187,11 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
     qk8 = fp8 and config.fp8_qk  # static: S = Q8 K8^T on the fp8 tile, only V dequantised
-    f16 = fp8 and config.f16_operands  # static: K/V converted to f16, scales on S and P
-    op_dtype = jnp.dtype(jnp.float16) if f16 else dtype  # the wgmma operands' (Q, K, V, P)
     deq_wg = fp8 and config.dequant_warpgroup  # warpgroup 2 dequantises into a bf16 ring
     deq_wgs = (2 if config.split_dequant else 1) if deq_wg else 0  # (K and V: 2 and 3)
-    # Arrivals that free an fp8 ring slot: the dequantising warpgroup(s), and with fp8_qk or
-    # f16_operands the consumer too (it reads the slot's scales or K itself); without them,
-    # the consumer alone.
-    consumers_of_slot = deq_wgs + (1 if qk8 or f16 else 0) if deq_wg else 1
+    # Arrivals that free an fp8 ring slot: the dequantising warpgroup(s), and with fp8_qk the
+    # consumer too (it reads K's slot itself); without them, the consumer alone.
+    consumers_of_slot = deq_wgs + (1 if qk8 else 0) if deq_wg else 1
     copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
 
     def decode_kernel(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
@@ -322,8 +310,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                             def _():
                                 plgpu.barrier_wait(free.at[dslot])
 
-                            common.dequantize_tile(src.at[slot], None if f16 else scl.at[slot],
-                                                   dst.at[dslot])
+                            common.dequantize_tile(src.at[slot], scl.at[slot], dst.at[dslot])
                             plgpu.barrier_arrive(done.at[dslot])
                         plgpu.barrier_arrive(consumed.at[slot])
                         return step + 1
@@ -365,11 +352,6 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 # e4m3 scale).
                 if qk8:
                     c_rows = common.quantize_rows(q_raw.at[pl.ds(0, ROWS)], q_tile) * c
-                elif f16:  # bf16 -> f16 is exact in f16's range; clip the rest into it
-                    q = plgpu.load(q_raw.at[pl.ds(0, ROWS)], layout=plgpu.Layout.WGMMA)
-                    q_tile[...] = jnp.clip(q.astype(jnp.float32), -_F16_MAX, _F16_MAX
-                                           ).astype(op_dtype)
-                    c_rows = c
                 else:
                     q_tile[...] = q_raw[pl.ds(0, ROWS), :]
                     c_rows = c
@@ -377,7 +359,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 plgpu.barrier_arrive(q_free)
 
                 def block_body(j, carry, masked: bool):
-                    step, acc, m, l, shift = carry
+                    step, acc, m, l = carry
                     slot = lax.rem(step, stages)
                     dslot = lax.rem(step, DEQUANT_STAGES)
                     if qk8:
@@ -395,13 +377,6 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                         s = s * common.column_scales(ks_smem.at[slot], s.shape)
                         if deq_wg:
                             plgpu.barrier_arrive(consumed.at[slot])
-                    elif f16:  # both scale rows, read before the fp8 slot is freed
-                        plgpu.barrier_wait(k_full.at[slot])
-                        plgpu.barrier_wait(v_full.at[slot])
-                        s = s * common.column_scales(ks_smem.at[slot], s.shape)
-                        v_cols = common.column_scales(vs_smem.at[slot], s.shape)
-                        plgpu.barrier_arrive(consumed.at[slot])
-                        plgpu.barrier_arrive(kdeq_free.at[dslot])
                     elif deq_wg:
                         plgpu.barrier_arrive(kdeq_free.at[dslot])
                     if masked:
@@ -418,13 +393,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     p = jnp.exp2(common.times_rows(s, c_rows)
                                  - lax.broadcast_in_dim(m_use, s.shape, [0]))
                     l = l * alpha + p.sum(axis=1)
-                    if f16:  # V's scales on P's columns, in f16's range (_pv_shift)
-                        new_shift = _pv_shift(v_cols.max(axis=1))
-                        p = p * v_cols * lax.broadcast_in_dim(new_shift, p.shape, [0])
-                        alpha = alpha * (new_shift / shift)
-                        shift = new_shift
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    p16 = p.astype(op_dtype)
+                    p16 = p.astype(dtype)
                     v_tile = wgmma_tile(slot, dslot, v_full, v_smem, *deq_v)
                     if config.p_in_registers:
                         def pv(acc_ref):
@@ -441,25 +411,25 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                         acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, d), jnp.float32))
                     # The fp8 ring slot is the dequantising warpgroup's to free.
                     plgpu.barrier_arrive(vdeq_free.at[dslot] if deq_wg else consumed.at[slot])
-                    return step + 1, acc, m_new, l, shift
+                    return step + 1, acc, m_new, l
 
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
                 # Blocks wholly below kv_end and the first row's diagonal need no mask.
                 clear_end = jnp.minimum(kv_end, q_pos + 1) if causal else kv_end
                 n_clear = jnp.clip((clear_end - kv_start) // bk, 0, n_blocks)
-                per_row = lambda v: plgpu.layout_cast(jnp.full((ROWS,), v, jnp.float32),
-                                                      plgpu.Layout.WGMMA.reduce(1))
                 carry = (step,
                          plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
-                         per_row(-jnp.inf), per_row(0.0), per_row(1.0))
+                         plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
+                                           plgpu.Layout.WGMMA.reduce(1)),
+                         plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32),
+                                           plgpu.Layout.WGMMA.reduce(1)))
                 carry = lax.fori_loop(0, n_clear, functools.partial(block_body, masked=False), carry)
-                step, acc, m, l, shift = lax.fori_loop(
-                    n_clear, n_blocks, functools.partial(block_body, masked=True), carry)
+                step, acc, m, l = lax.fori_loop(n_clear, n_blocks,
+                                                functools.partial(block_body, masked=True), carry)
 
                 seen = l > 0
                 l_safe = jnp.where(seen, l, 1.0)
-                # (f16_operands: the accumulator holds P V times `shift`; otherwise shift = 1)
-                o = acc / lax.broadcast_in_dim(l_safe * shift if f16 else l_safe, acc.shape, [0])
+                o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
                 lse = jnp.where(seen, (m + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
                 # The previous tile's stores must have finished reading o/lse_smem.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -491,13 +461,13 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                plgpu.SMEM((stages, bk, d), dtype, transforms=tiles_transform))
     scratch = (
         plgpu.SMEM((rows_pad, d), dtype),  # q_raw: TMA target, row = token * g + head
-        # q_tile (wgmma A; e4m3 with fp8_qk, f16 with f16_operands)
+        # q_tile (wgmma A; e4m3 with fp8_qk)
         common.tiled_smem((ROWS, d), k_pages.dtype) if qk8 else
-        plgpu.SMEM((ROWS, d), op_dtype, transforms=tiles_transform),
+        plgpu.SMEM((ROWS, d), dtype, transforms=tiles_transform),
         kv_ring,  # K ring
         kv_ring,  # V ring
         None if config.p_in_registers else  # P staging (interpret-safe path)
-        plgpu.SMEM((ROWS, bk), op_dtype, transforms=tiles_transform),
+        plgpu.SMEM((ROWS, bk), dtype, transforms=tiles_transform),
         plgpu.SMEM((rows_pad, d), jnp.float32),  # o staging, same rows
         plgpu.SMEM((ROWS,), jnp.float32),  # lse staging
         plgpu.Barrier(num_arrivals=dq_pad),  # q_full: one TMA per token
@@ -513,8 +483,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         scratch += (plgpu.SMEM((stages, bk), jnp.float32),  # K scale ring (one per key row)
                     plgpu.SMEM((stages, bk), jnp.float32),  # V scale ring
                     None if qk8 else  # K dequantised (fp8_qk reads the fp8 tile)
-                    plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform),
-                    plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform))  # V
+                    plgpu.SMEM((*deq, bk, d), dtype, transforms=tiles_transform),
+                    plgpu.SMEM((*deq, bk, d), dtype, transforms=tiles_transform))  # V dequantised
         if deq_wg:  # K/V dequantised (full), K/V read by the consumer (free)
             scratch += tuple(plgpu.Barrier(num_barriers=DEQUANT_STAGES) for _ in range(4))
     if interpret and config.p_in_registers:
@@ -528,22 +498,6 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret or None,
     )(meta, count, page_table, q4, k_pages, v_pages, *scales, out_ref)
-
-
-_F16_MAX = float(jnp.finfo(jnp.float16).max)
-_PV_CAP = 2.0 ** 14  # f16_operands: the largest power of two P's columns are scaled by
-
-
-def _pv_shift(v_scale_max):
-    """f16_operands: the power of two that P's columns are scaled by, as well as V's scales,
-    for one KV tile, from the tile's largest V scale ``v_scale_max`` ([ROWS] f32, all rows
-    alike): the largest power of two at most ``_PV_CAP`` with ``v_scale_max * shift <= 2**15``,
-    so P (<= 1) times both stays in f16's range (65504) while small scales keep f16's
-    precision instead of its subnormals. A power of two, so rescaling the accumulator by
-    the ratio of two tiles' shifts is exact. Taking the exponent bits floors to one."""
-    x = 2.0 ** 15 / v_scale_max
-    bits = lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(0x7F800000)
-    return jnp.minimum(lax.bitcast_convert_type(bits, jnp.float32), _PV_CAP)
 
 
 _COMBINE_COLS = 64  # head-dim columns per combine CTA

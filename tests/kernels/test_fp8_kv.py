@@ -161,49 +161,6 @@ def test_fp8_decode_with_q8_k8_matches_the_oracle_over_quantised_queries(monkeyp
         decode.DecodeConfig(dequant_warpgroup=True, split_dequant=True, fp8_qk=True)
 
 
-@pytest.mark.parametrize("v_gain", [1.0, 1e-4, 300.0])
-def test_fp8_decode_with_f16_operands_matches_the_oracle(monkeypatch, v_gain):
-    """``DecodeConfig(f16_operands=True)``: K and V converted to f16 without their scales,
-    the scales applied on S's and P's columns by the consumer, P scaled into f16's range by
-    a power of two per tile (V scaled by ``v_gain`` moves it: tiny values must not sink into
-    f16's subnormals, large ones must not overflow); both fp8 slots freed only after the
-    consumer read their scales (race detector on). Against the oracle over the dequantised
-    pages in f32, with the queries as given (f16 holds bf16 exactly)."""
-    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False:
-                        decode.DecodeConfig(p_in_registers=False, num_stages=3,
-                                            dequant_warpgroup=True, f16_operands=True))
-    bounds, scale = _bounds(), 0.08
-    q_lens, kv_lens = (1, 1, 1, 1), (420, 33, 300, 1)
-    rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=9)
-    vs = vs * v_gain
-    args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
-    out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs,
-                                              bounds=bounds, scale=scale, impl="interpret",
-                                              return_lse=True)
-    n = len(q_lens)
-    kd, vd = (np.asarray(kv_quant.dequantize_pages(x8, sc), np.float32)
-              for x8, sc in ((k8, ks), (v8, vs)))
-    want_o, want_l = naive_ragged(np.asarray(q, np.float32), kd, vd, *args, scale, causal=True)
-    got = np.asarray(out, np.float32)[:n]  # bf16 outputs: their rounding, 2**-8 relative
-    np.testing.assert_allclose(got, want_o[:n], atol=2e-3 * np.abs(want_o[:n]).max(),
-                               rtol=2.0 ** -8)
-    np.testing.assert_allclose(np.asarray(lse)[:n], want_l[:n], atol=1e-3, rtol=0)
-    for bad in (dict(fp8_qk=True, dequant_warpgroup=True), dict(dequant_warpgroup=False)):
-        with pytest.raises(ValueError, match="f16_operands"):
-            decode.DecodeConfig(f16_operands=True, **bad)
-
-
-def test_pv_shift_is_a_power_of_two_keeping_p_v_in_f16_range():
-    """``_pv_shift``: exact powers of two, at most the cap, with ``scale * shift <= 2**15``."""
-    scales = jnp.asarray([1e-30, 1e-6, 2.0 ** -9, 0.01, 1.0, 3.0, 448.0, 1e6, 0.0])
-    shift = np.asarray(decode._pv_shift(scales))
-    assert (np.log2(shift) == np.round(np.log2(shift))).all()
-    assert (shift <= decode._PV_CAP).all()
-    assert (np.asarray(scales) * shift <= 2.0 ** 15).all()
-    big = np.asarray(scales) * decode._PV_CAP > 2.0 ** 15
-    assert (np.asarray(scales)[big] * shift[big] > 2.0 ** 14).all()  # no more than one binade lost
-
-
 def test_fp8_decode_config_defaults_to_the_dequantising_warpgroup():
     bounds = _bounds()
     assert decode.pick_config(bounds, jnp.bfloat16, kv_dtype=FP8).dequant_warpgroup
@@ -344,11 +301,6 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
     decode.DecodeConfig(block_kv=128, num_stages=3, p_in_registers=True, dequant_warpgroup=True,
                         fp8_qk=True),
     decode.DecodeConfig(p_in_registers=True, fp8_qk=True),  # the consumer dequantising V
-    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, f16_operands=True),
-    decode.DecodeConfig(num_stages=5, p_in_registers=True, dequant_warpgroup=True,
-                        f16_operands=True),  # SMEM max (K is converted too)
-    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, split_dequant=True,
-                        f16_operands=True),
 ])
 def test_decode_fp8_tuning_variants_lower(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,

@@ -107,29 +107,6 @@ def test_fp8_qk_matches_the_reference_over_quantised_queries(q_lens, kv_lens, ch
                 _close_but_for_rounding_flips(got, want)
 
 
-@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[:2])
-def test_fp8_decode_f16_operands_matches_the_reference(monkeypatch, q_lens, kv_lens, chunk):
-    """``DecodeConfig(f16_operands=True)`` (built, not the default): decode rows against the
-    reference over the dequantised pages in f32 (the kernel multiplies exact e4m3 values in
-    f16 and applies the scales in f32), the queries as given."""
-    from jaxattn.kernels import decode
-
-    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False:
-                        decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=fp8,
-                                            f16_operands=fp8))
-    bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 64)
-    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True)
-    out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic", k_scale=ks,
-                                              v_scale=vs, **kw)
-    ref, ref_lse = jaxattn.ragged_paged_attention(
-        q.astype(jnp.float32), kv_quant.dequantize_pages(k8, ks, jnp.float32),
-        kv_quant.dequantize_pages(v8, vs, jnp.float32), *args, impl="reference", **kw)
-    np.testing.assert_allclose(np.asarray(out[:rows], np.float32),
-                               np.asarray(ref[:rows], np.float32), atol=1e-2, rtol=2.0 ** -8)
-    # The bf16 kernels' tolerance: on the H200 one lse of 1280 was off by 0.0106 (session 10).
-    np.testing.assert_allclose(np.asarray(lse[:rows]), np.asarray(ref_lse[:rows]), atol=2e-2)
-
-
 @pytest.mark.xfail(strict=True, reason="on the H200 the outputs pass but 4-10% of the lse "
                    "values are off by 0.05-0.2: the FP8 wgmma accumulator's ~14 bits over "
                    "sharp logits (benchmarks/NOTES-fp8-kv.md, session 9); fp8_qk stays off "
