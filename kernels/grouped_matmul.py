@@ -256,6 +256,44 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
     return (y * xs[:, None] if scale_rows else y).astype(out_dtype)
 
 
+BY_ROW_MAX_ROWS = 16  # the swap-AB form's token tile: a decode step's rows
+
+
+def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
+                              out_dtype=None, scale_ub: float | None = None,
+                              scale_rows: bool = True):
+    """:func:`grouped_matmul_fp8` with the rows in any order: row r through the weights of
+    group ``row_groups[r]`` (int32 [M]; G or more: no group, its row undefined) -> [M, N].
+
+    A decode step's MoE (top-1, at most ``BY_ROW_MAX_ROWS`` rows) calls this in token order,
+    so it sorts nothing by expert and scatters nothing back: those were several small
+    kernels per layer. The Mosaic kernel (Hopper) runs a tile per expert that some row
+    picked, over all the rows, and stores only that expert's rows (a TMA store per row).
+    Elsewhere, and for more rows, the rows are sorted by group and go through
+    :func:`grouped_matmul_fp8`.
+    """
+    x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
+    parts, scales = _parts(w, n_axis=1), _parts(w_scale, n_axis=1)
+    (m, k), g, ns = x.values.shape, parts[0].shape[0], [p.shape[1] for p in parts]
+    row_groups = row_groups.astype(jnp.int32)
+    if m > BY_ROW_MAX_ROWS or resolve_fp8(impl, k, *ns) == "xla":
+        order = jnp.argsort(row_groups, stable=True)
+        sizes = jnp.zeros((g,), jnp.int32).at[row_groups].add(1, mode="drop")
+        y = grouped_matmul_fp8(x.take(order), w, w_scale, sizes, impl=impl,
+                               out_dtype=out_dtype, scale_rows=scale_rows)
+        return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
+    xq, xs, out_dtype = x.values, x.scale, out_dtype or x.dtype
+    if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
+        xq = jnp.pad(xq, ((0, -m % 8), (0, 0)))
+        row_groups = jnp.pad(row_groups, (0, -m % 8), constant_values=g)
+    y = _mosaic_grouped_matmul(xq, parts, row_groups, tuple(s.astype(jnp.float32)
+                                                            for s in scales),
+                               config=pick_config(m, k, sum(ns), fp8=True),
+                               out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype),
+                               by_row=True)[:m]
+    return (y * xs[:, None] if scale_rows else y).astype(out_dtype)
+
+
 DENSE_MAX_ROWS = 16  # the swap-AB form's token tile: a decode step's rows
 # Fewer work items leave most SMs idle: Scout's q/k/v at TP=2 (28 N tiles) measured
 # 0.78-0.99x XLA's dot per weight on the H200 unsplit, 1.06-1.72x with K in 4 splits
@@ -353,14 +391,17 @@ def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
     return info, first
 
 
-@functools.partial(jax.jit, static_argnames=("config", "out_dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row"))
 def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
-                           config: GroupedMatmulConfig, out_dtype=None):
+                           config: GroupedMatmulConfig, out_dtype=None, by_row: bool = False):
     """bf16/f16: rhs [G, K, N] or a tuple of P of them (N may differ). FP8 (scales given): rhs
     [G, N, K] (or P of them), rhs_scale [G, N] f32 per column (one per weight; the rows'
-    scales are the caller's), out_dtype the output's. -> [M, N_1 + ... + N_P]."""
+    scales are the caller's), out_dtype the output's. -> [M, N_1 + ... + N_P].
+    ``by_row``: ``group_sizes`` is each row's group instead (int32 [M], rows in any order;
+    >= G: none), for the swap-AB form with K whole and at most ``block_m`` rows."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
 
     scaled = rhs_scale is not None
     n_axis = 1 if scaled else 2
@@ -383,6 +424,11 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
     swap = config.swap_ab
     if swap and not scaled:
         raise ValueError("swap_ab is the FP8 kernel's form (K-major weights)")
+    if by_row and not (swap and splits == 1 and m <= bm):
+        raise ValueError(f"by_row takes the swap-AB form, K whole and at most block_m={bm} "
+                         f"rows: {config}, {m} rows")
+    if by_row:  # a row tile per group that holds rows: at most one per row
+        grid_m = min(g, m)
     # Swapped partial sums are stored as computed, [N, rows] per split (Mosaic finds no
     # layout for a transposed f32 store), each row tile in a slab of columns of its own
     # (_swapped_rows maps rows back to them).
@@ -446,6 +492,17 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                                   optimized=False)
                 acc = acc * jax.lax.broadcast_in_dim(cols, acc.shape, [0 if swap else 1])
             out = o_gmem if splits == 1 else o_gmem.at[split]
+            if by_row:  # the rows of the tile's group, one TMA store each
+                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
+                def store_rows(o_smem):
+                    o_smem.T[...] = acc.astype(out_dtype)
+                    plgpu.commit_smem()
+                    for r, group in enumerate(row_groups):
+                        pl.when(group == info.group_id)(functools.partial(
+                            plgpu.copy_smem_to_gmem, o_smem.at[pl.ds(r, 1)],
+                            out.at[pl.ds(r, 1), pl.ds(ni * bn, bn)]))
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                return
             if swap_split:
                 @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bn, bm), dtype=out_dtype))
                 def store_partial(o_smem):
@@ -480,7 +537,14 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
 
         # Once, before the loop: at decode most of an SM's work items are past the tiles
         # that hold rows, and skipping one should cost a comparison, not 16 global loads.
-        _, tiles_with_rows = tile_info(sizes_gmem, bm, 0, g)
+        if by_row:
+            row_groups = [sizes_gmem[r] for r in range(m)]
+            hits = [functools.reduce(jnp.logical_or, [rg == i for rg in row_groups])
+                    for i in range(g)]
+            tile_group = functools.partial(_tile_group, hits)
+            _, tiles_with_rows = tile_group(0)
+        else:
+            _, tiles_with_rows = tile_info(sizes_gmem, bm, 0, g)
 
         @plgpu.nd_loop((grid_m * grid_n * splits,), collective_axes="sm")
         def work_loop(loop_info: plgpu.NDLoopInfo):
@@ -490,7 +554,13 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
 
             @pl.when(ti < tiles_with_rows)
             def _():
-                info, _ = tile_info(sizes_gmem, bm, ti, g)
+                if by_row:  # every row in the tile's columns; its group's are stored
+                    zero = jnp.int32(0)
+                    info = GroupInfo(group_id=tile_group(ti)[0], block=zero, block_start=zero,
+                                     actual_start=zero, actual_end=jnp.int32(m),
+                                     start_within_block=zero, actual_size=jnp.int32(m))
+                else:
+                    info, _ = tile_info(sizes_gmem, bm, ti, g)
                 if parts == 1:
                     tile(info, ti, split, ni, ni, rhs_gmem[0], rs_gmem[0])
                     return
@@ -511,6 +581,16 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
     if swap_split:
         return _swapped_rows(out, group_sizes, g, m, bm).astype(final_dtype)
     return out if splits == 1 else out.sum(0).astype(final_dtype)
+
+
+def _tile_group(hits, tile):
+    """By row: row tile ``tile``'s group, the ``tile``-th of the groups ``hits`` (a bool per
+    group) marks, and the number of such groups."""
+    tile, first, group = jnp.int32(tile), jnp.int32(0), jnp.int32(0)
+    for i, hit in enumerate(hits):
+        group = lax.select(hit & (first == tile), jnp.int32(i), group)
+        first = first + hit.astype(jnp.int32)
+    return group, first
 
 
 def _swapped_rows(out, group_sizes, num_groups: int, m: int, block_m: int):

@@ -4,7 +4,9 @@ The routed experts run as three grouped matmuls (:mod:`grouped_matmul`:
 ``jax.lax.ragged_dot`` semantics, a Mosaic GPU kernel on Hopper) over the token
 copies sorted by expert, so each expert multiplies only the tokens routed to it;
 nothing loops over experts or multiplies a token by every expert (transformers'
-reference does the latter, with zero-scaled inputs).
+reference does the latter, with zero-scaled inputs). At a decode step on Hopper (FP8,
+top-1, few rows) the kernel takes the rows in token order instead, each through its own
+expert's weights, and nothing is sorted (:meth:`MoE._by_row`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from jax import lax
 
 from jaxattn.kernels import fp8 as fp8_lib
 from jaxattn.kernels import fp8_rows
-from jaxattn.kernels.grouped_matmul import grouped_matmul, grouped_matmul_fp8
+from jaxattn.kernels.grouped_matmul import (BY_ROW_MAX_ROWS, grouped_matmul, grouped_matmul_fp8,
+                                             grouped_matmul_fp8_by_row, resolve_fp8)
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init, project
 from jaxattn.models.llama4.quantization import Fp8Scheme
@@ -103,32 +106,38 @@ class Experts(nnx.Module):
     def num_experts(self) -> int:
         return self.gate_proj.shape[0]
 
-    def _matmul(self, names, x, group_sizes, impl, scale_rows=True):
-        """The products of ``x`` with the weights ``names`` (one launch), side by side."""
+    def _matmul(self, names, x, groups, impl, scale_rows=True, by_row=False):
+        """The products of ``x`` with the weights ``names`` (one launch), side by side;
+        ``groups``: the group sizes, or each row's expert (``by_row``)."""
         weights = tuple(getattr(self, n)[...] for n in names)
         if self.fp8:
             scales = tuple(getattr(self, n + "_scale")[...] for n in names)
-            return grouped_matmul_fp8(x, weights, scales, group_sizes, impl=impl,
-                                      scale_rows=scale_rows)
-        return grouped_matmul(x, weights, group_sizes, impl=impl)
+            matmul = grouped_matmul_fp8_by_row if by_row else grouped_matmul_fp8
+            return matmul(x, weights, scales, groups, impl=impl, scale_rows=scale_rows)
+        return grouped_matmul(x, weights, groups, impl=impl)
 
-    def __call__(self, x, group_sizes, impl: str = "auto"):
+    def __call__(self, x, group_sizes, impl: str = "auto", row_experts=None):
         """x [M, H] (or FP8 experts' :class:`fp8_lib.Quantized` rows): sorted by expert,
         ``group_sizes[e]`` rows for expert e (entries past the last expert: rows of none).
-        Returns [M, H].
+        Returns [M, H]. FP8: or rows in any order with ``row_experts`` (int32 [M], each
+        row's expert; the number of experts or more: none) in place of the group sizes.
         ``impl``: the grouped matmul implementation (``grouped_matmul.IMPLS``). Gate and up
         run as one launch: at decode each has too few N tiles to fill the SMs alone. FP8:
         their product leaves the rows' scales to the SwiGLU, which quantises the down
         projection's input in the same kernel at decode (:func:`fp8_rows.swiglu_quantize`)."""
         names = ("gate_proj", "up_proj")
         if not self.fp8:
+            if row_experts is not None:
+                raise ValueError("row_experts: FP8 experts only")
             gate, up = jnp.split(self._matmul(names, x, group_sizes, impl), 2, axis=-1)
             return self._matmul(("down_proj",), up * jax.nn.silu(gate), group_sizes, impl)
         if not isinstance(x, fp8_lib.Quantized):
             x = fp8_rows.quantize(x, scale_ub=self.activation_scale_ub)
-        gate_up = self._matmul(names, x, group_sizes, impl, scale_rows=False)
+        by_row = row_experts is not None
+        groups = row_experts if by_row else group_sizes
+        gate_up = self._matmul(names, x, groups, impl, scale_rows=False, by_row=by_row)
         h = fp8_rows.swiglu_quantize(gate_up, None, x.scale, scale_ub=self.activation_scale_ub)
-        return self._matmul(("down_proj",), h, group_sizes, impl)
+        return self._matmul(("down_proj",), h, groups, impl, by_row=by_row)
 
 
 class MoE(nnx.Module):
@@ -166,36 +175,61 @@ class MoE(nnx.Module):
             top_logit, top_expert = lax.top_k(logits, k)  # [N, k]
         # HF scales the expert *input* by the sigmoid score (computed in f32, then cast),
         # not the output; unselected experts see a zero input and so contribute zero.
-        scores = jax.nn.sigmoid(top_logit.astype(jnp.float32)).astype(x.dtype)
+        scores = jax.nn.sigmoid(top_logit.astype(jnp.float32)).astype(x.dtype).reshape(-1)
         expert = top_expert.reshape(-1)  # [N*k], token-major
         if valid is not None:  # padding: past the last expert (sorted last, counted nowhere)
             expert = jnp.where(jnp.repeat(valid.reshape(-1), k), expert, self.num_experts)
-        # position [N*k]: each copy's row in expert order; the padding id counts last.
-        # counts [E + 1]: the last entry counts the padding rows, which the grouped matmuls
-        # leave to no group (passing all of it spares a slice kernel per layer).
-        order, position, group_sizes = counting_sort(expert, self.num_experts + 1)
         if self.experts.fp8 and xq is None:
             xq = fp8_rows.quantize(x, scale_ub=self.experts.activation_scale_ub)
         if xq is not None:  # rows as x's: [N, H] values, [N] scales
             xq = fp8_lib.Quantized(xq.values.reshape(x.shape), xq.scale.reshape(-1), xq.dtype)
-        if self.experts.fp8 and self.experts.activation_scale_ub is None:
-            # Each token is quantised once for the routed and the shared experts: a copy's
-            # row is its token's, the scale times the router's score (a sigmoid: positive).
-            # (Under a cap the cap applies to the scaled rows, which are quantised apart.)
-            rows = xq.take(order // k, scores.reshape(-1)[order])
-        else:
-            rows = x[order // k] * scores.reshape(-1)[order][:, None]  # [N*k, H] by expert
         shared_in = xq if xq is not None and self.shared_expert.fp8 else x
         local_experts = self.experts.num_experts
-        if local_experts == self.num_experts:
-            routed = self.experts(rows, group_sizes, gmm_impl)
+        if self._by_row(n, gmm_impl):
+            routed = self.experts(self._scaled_rows(x, xq, scores), None, gmm_impl,
+                                  row_experts=expert)
         else:
-            routed = self._local_experts(rows, group_sizes, local_experts, axes, gmm_impl)
-        routed = routed[position].reshape(n, k, -1)  # back to token-major
-        routed = routed[:, 0] if k == 1 else routed.sum(1, dtype=routed.dtype)
+            # position [N*k]: each copy's row in expert order; the padding id counts last.
+            # counts [E + 1]: the last entry counts the padding rows, which the grouped
+            # matmuls leave to no group (passing all of it spares a slice kernel per layer).
+            order, position, group_sizes = counting_sort(expert, self.num_experts + 1)
+            rows = self._scaled_rows(x, xq, scores, order // k, order)  # [N*k, H] by expert
+            if local_experts == self.num_experts:
+                routed = self.experts(rows, group_sizes, gmm_impl)
+            else:
+                routed = self._local_experts(rows, group_sizes, local_experts, axes, gmm_impl)
+            routed = routed[position].reshape(n, k, -1)  # back to token-major
+            routed = routed[:, 0] if k == 1 else routed.sum(1, dtype=routed.dtype)
         if valid is not None:  # the kernels leave rows past the groups unwritten
             routed = jnp.where(valid.reshape(-1, 1), routed, jnp.zeros((), routed.dtype))
         return (self.shared_expert(shared_in, axes) + routed).reshape(shape)
+
+    def _by_row(self, n: int, gmm_impl: str) -> bool:
+        """Whether the routed experts take the rows in token order, each through its own
+        expert's weights (:func:`grouped_matmul_fp8_by_row`): a decode step (top-1, at most
+        ``BY_ROW_MAX_ROWS`` rows) with FP8 experts, all on this device, in the Mosaic kernel.
+        Nothing is then sorted by expert or scattered back (several small kernels a layer);
+        XLA's ragged dot needs the sorted rows anyway."""
+        e = self.experts
+        h, i = e.gate_proj.shape[2], e.gate_proj.shape[1]  # FP8: [E, I, H]
+        return (e.fp8 and self.top_k == 1 and n <= BY_ROW_MAX_ROWS
+                and e.num_experts == self.num_experts
+                and resolve_fp8(gmm_impl, h, i) == resolve_fp8(gmm_impl, i, h) == "mosaic")
+
+    def _scaled_rows(self, x, xq, scores, tokens=None, copies=None):
+        """The routed experts' input: each copy's token row times its router score (rows
+        ``tokens`` of x, scores ``copies``; None: every row in order). FP8 without a cap:
+        the token's quantised row once for the routed and the shared experts, the scale
+        times the score (a sigmoid: positive). Under a cap the cap applies to the scaled
+        rows, which the experts quantise apart."""
+        if copies is not None:
+            scores = scores[copies]
+        if self.experts.fp8 and self.experts.activation_scale_ub is None:
+            if tokens is None:
+                return fp8_lib.Quantized(xq.values, xq.scale * scores.astype(jnp.float32),
+                                         xq.dtype)
+            return xq.take(tokens, scores)
+        return (x if tokens is None else x[tokens]) * scores[:, None]
 
     def _local_experts(self, rows, group_sizes, local_experts, axes: Axes, gmm_impl: str):
         """Expert parallelism: this device holds experts ``[first, first + local_experts)``.

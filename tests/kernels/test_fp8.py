@@ -216,6 +216,83 @@ def test_swapped_fp8_kernel_matches_the_reference(m, sizes, parts, tiles):
                                atol=1e-2 * np.abs(want).max())
 
 
+def _by_row_want(x, wq, ws, row_groups):
+    """Each row through its own group's weights, one row at a time (rows of no group: 0)."""
+    xq, xs = fp8.quantize(x)
+    out = np.zeros((x.shape[0], wq.shape[1]), np.float32)
+    for r, g in enumerate(np.asarray(row_groups)):
+        if g < wq.shape[0]:
+            out[r] = np.asarray(gm.reference_fp8(xq[r:r + 1], xs[r:r + 1], wq[g:g + 1],
+                                                 ws[g:g + 1], jnp.ones((1,), jnp.int32)))[0]
+    return out
+
+
+@pytest.mark.parametrize("row_groups,parts", [
+    ([2], 1),  # batch-1 decode
+    ([3, 0, 3, 4, 1], 2),  # two rows of one expert, a row of none (4: padding), gate and up
+    ([1, 1, 1, 1, 1, 1, 1, 1, 1], 1),  # 9 rows padded to 16 for the TMA tiling, one expert
+    ([0, 1, 2, 3, 3, 2, 1, 0, 4, 4, 0, 1, 2, 3, 0, 1], 1),  # a full 16-row token tile
+])
+@pytest.mark.parametrize("impl", ["mosaic", "xla"])
+def test_by_row_fp8_matmul_matches_a_row_by_row_reference(row_groups, parts, impl):
+    """``grouped_matmul_fp8_by_row``: rows in token order, each through its own expert's
+    weights. Mosaic (GPU interpret mode): a tile per expert hit, over all the rows, storing
+    only its rows; XLA: sorted by expert, through the grouped matmul, and back."""
+    m = len(row_groups)
+    x, wq, ws, _ = _case(m, [0] * 4, 128, k=512, seed=7)
+    rg = jnp.asarray(row_groups, jnp.int32)
+    scales = [ws * (p + 1) for p in range(parts)]  # a mix-up of the parts would show
+    call = lambda: gm.grouped_matmul_fp8_by_row(x, (wq,) * parts, tuple(scales), rg, impl=impl)
+    if impl == "mosaic":
+        with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+            got = call()
+    else:
+        got = call()
+    want = np.concatenate([_by_row_want(x, wq, s, rg) for s in scales], axis=-1)
+    mine = np.asarray(row_groups) < 4  # rows of no expert are undefined
+    np.testing.assert_allclose(np.asarray(got, np.float32)[mine], want[mine], rtol=1e-2,
+                               atol=1e-2 * np.abs(want).max())
+
+
+def test_by_row_takes_the_swap_form_only():
+    x, wq, ws, _ = _case(4, [0] * 4, 128, k=512)
+    with pytest.raises(ValueError, match="by_row"):
+        gm._mosaic_grouped_matmul(x.astype(fp8.DTYPE), (wq,), jnp.zeros((4,), jnp.int32), (ws,),
+                                  config=gm.pick_config(64, 512, 128, fp8=True), by_row=True)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("k,n", SCOUT_KN)
+def test_by_row_fp8_kernel_lowers_for_scout_shapes(m, k, n):
+    """Scout's routed experts at decode, rows in token order: gate and up in one launch,
+    and down."""
+    parts = 2 if n > k else 1
+    f = jax.jit(lambda x, w, s, rg: gm.grouped_matmul_fp8_by_row(
+        x, (w,) * parts, (s,) * parts, rg, impl="mosaic"))
+    exported = jax.export.export(f, platforms=["cuda"])(
+        jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((16, n, k), fp8.DTYPE),
+        jax.ShapeDtypeStruct((16, n), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.int32))
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 16])
+@pytest.mark.parametrize("k,n", SCOUT_KN)
+def test_by_row_fp8_kernel_on_gpu_at_scout_shapes(m, k, n):
+    """Rows in token order at Scout's expert shapes, padding rows (expert 16: none) among
+    them, against the row-by-row reference."""
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    wq, ws = jax.jit(fp8.quantize)(jnp.asarray(rng.standard_normal((16, n, k)) / np.sqrt(k),
+                                               jnp.float32))
+    groups = rng.integers(0, 17, m)
+    got = jax.jit(lambda x, w, s, rg: gm.grouped_matmul_fp8_by_row(x, w, s, rg))(
+        x, wq, ws, jnp.asarray(groups, jnp.int32))
+    want = _by_row_want(x, wq, ws, groups)
+    mine = groups < 16
+    assert _rel(np.asarray(got, np.float32)[mine], want[mine]) < 1e-2
+
+
 def test_swap_ab_config_is_checked():
     with pytest.raises(ValueError, match="swap_ab"):
         gm.GroupedMatmulConfig(block_m=12, swap_ab=True)

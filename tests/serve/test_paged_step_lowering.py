@@ -146,3 +146,32 @@ def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypa
     fp8 = llama4.init_random(config, seed=0, dtype=jnp.bfloat16, fp8=Fp8Scheme())
     paged_step.make_step_fn(fp8, bounds)
     assert asked == [True, False]
+
+
+def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, lowering_model):
+    """The FP8 model's decode step (16 rows): the routed experts run by row in token
+    order (no sort by expert), no host-synchronising control flow or loops, and it lowers
+    for CUDA."""
+    from jaxattn.models.llama4 import moe as moe_lib
+    from jaxattn.models.llama4.quantization import Fp8Scheme
+
+    config, _ = lowering_model
+    model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16, fp8=Fp8Scheme(attention=True))
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
+                          page_size=64).bounds(config)
+    by_row, calls = moe_lib.grouped_matmul_fp8_by_row, []
+    monkeypatch.setattr(moe_lib, "grouped_matmul_fp8_by_row",
+                        lambda *a, **k: calls.append(1) or by_row(*a, **k))
+    monkeypatch.setattr(moe_lib, "counting_sort", None)  # not called
+    step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic")
+    spec = paged_step.cache_spec(config, num_pages=32, page_size=64, dtype=jnp.bfloat16)
+    kv = jax.eval_shape(lambda: cache.allocate(spec))
+    batch = build_step(bounds, 16, [SeqStep([1], 99, [0, 1]), SeqStep([2], 64, [2, 3])],
+                       num_pages=32)
+    args = (step.weights, kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32))
+    found = _primitives(jax.make_jaxpr(step.jitted, static_argnums=4)(*args, 16).jaxpr, {})
+    assert not {p: found[p] for p in ("cond", "while", "scan") if p in found}
+    moe_layers = sum(config.is_moe(i) for i in range(config.num_hidden_layers))
+    assert len(calls) == 2 * moe_layers  # gate/up, down
+    exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=16)
+    assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers

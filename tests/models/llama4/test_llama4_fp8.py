@@ -284,3 +284,35 @@ def test_fused_row_kernels_in_the_model_match_xla(monkeypatch, moe_step):
     # are equally far from the bf16 model (0.073 / 0.072 and 0.089 / 0.092).
     assert _rel(fused, xla) < 0.05
     assert _rel(fused, bf16) < 1.1 * _rel(xla, bf16)
+
+
+@pytest.mark.parametrize("scale_ub", [None, 20.0])
+def test_decode_moe_runs_rows_in_token_order(monkeypatch, scale_ub):
+    """At a decode step's few rows (top-1, FP8 experts, the Mosaic kernel: GPU interpret
+    mode here) each row goes through its own expert in token order
+    (``grouped_matmul_fp8_by_row``): no sort by expert, no scatter back. Same output as the
+    sorted path XLA takes, padding rows (``valid``) included; more rows take the sorted path."""
+    from flax import nnx
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from jaxattn.models.llama4 import moe as moe_lib
+
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=256, hidden_size=256, intermediate_size=256, intermediate_size_mlp=384,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+        num_local_experts=4, num_experts_per_tok=1))
+    moe = moe_lib.MoE(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
+                      fp8=Fp8Scheme(activation_scale_ub=scale_ub))
+    x = jax.random.normal(jax.random.key(1), (16, 256), jnp.bfloat16)
+    valid = jnp.arange(16) < 11
+    by_row, calls = moe_lib.grouped_matmul_fp8_by_row, []
+    monkeypatch.setattr(moe_lib, "grouped_matmul_fp8_by_row",
+                        lambda *a, **k: calls.append(1) or by_row(*a, **k))
+    want = moe(x, valid=valid, gmm_impl="xla")
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        assert not calls
+        got = moe(x, valid=valid, gmm_impl="mosaic")
+        assert len(calls) == 2  # gate/up, then down
+        moe(jnp.concatenate([x, x])[:17], gmm_impl="mosaic")  # 17 rows: sorted
+        assert len(calls) == 2
+    assert _rel(got, want) < 1e-2
