@@ -2,7 +2,7 @@
 # The one GPU entry point (`make gpu`, or through the device tool): installs the
 # project offline, runs the GPU tests (pytest -m gpu) and the benchmarks, and
 # writes JSON/markdown/PNG into benchmarks/results/ (and $OUT when set).
-#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|model|serving|sweep|soak|fp8|all|multigpu|decode-host] ...
+#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|model|serving|sweep|soak|fp8|all|multigpu|decode-host|fp8-decode] ...
 # (multigpu and decode-host are not part of all: they need a machine with several GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,14 @@ for what in "${@:-all}"; do
     fp8|all) python3 -m benchmarks.fp8_matmul || status=1 ;;&
     fp8|all) python3 -m benchmarks.fp8_rows || status=1 ;;&
     multigpu) python3 -m benchmarks.multigpu || status=1 ;;&
+    # All of Scout with FP8 weights on one H200, decode at 8k (README, "FP8 weights"), after
+    # the FP8 kernels' GPU tests at Scout's shapes (48, ~2-3 minutes); ~7 minutes in all.
+    fp8-decode)
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_fp8.py || status=1
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 420 python3 -m benchmarks.multigpu \
+        --quantization fp8 --fp8-attention --lengths 8192 --skip-alone --buckets 16,8192 \
+        --decode-batches 1,8 --max-num-seqs 8 --profile-steps 2 --tag=-fp8-decode \
+        || status=1 ;;&
     # The step's command-buffer settings (benchmarks/NOTES-model.md) on a 12-layer slice on all
     # GPUs, ~100 s each, each with a profiled batch-1 step: the engine's default (XLA's BFC
     # allocator, the step's addresses kept still by the step), VMM with SKIP_PROFILED and the
