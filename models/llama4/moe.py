@@ -211,10 +211,11 @@ class MoE(nnx.Module):
         Nothing is then sorted by expert or scattered back (several small kernels a layer);
         XLA's ragged dot needs the sorted rows anyway."""
         e = self.experts
-        h, i = e.gate_proj.shape[2], e.gate_proj.shape[1]  # FP8: [E, I, H]
-        return (e.fp8 and self.top_k == 1 and n <= BY_ROW_MAX_ROWS
-                and e.num_experts == self.num_experts
-                and resolve_fp8(gmm_impl, h, i) == resolve_fp8(gmm_impl, i, h) == "mosaic")
+        if not (e.fp8 and self.top_k == 1 and n <= BY_ROW_MAX_ROWS
+                and e.num_experts == self.num_experts):
+            return False
+        i, h = e.gate_proj.shape[1:]  # [E, I, H]
+        return resolve_fp8(gmm_impl, h, i) == resolve_fp8(gmm_impl, i, h) == "mosaic"
 
     def _scaled_rows(self, x, xq, scores, tokens=None, copies=None):
         """The routed experts' input: each copy's token row times its router score (rows
