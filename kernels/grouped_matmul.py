@@ -100,6 +100,9 @@ class GroupedMatmulConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+SWAP_AB_MAX_ROWS = 16  # FP8 calls of at most this many rows (a decode step's) run swap-AB
+
+
 def pick_config(m: int, k: int, n: int, *, fp8: bool = False) -> GroupedMatmulConfig:
     """Tiles for an [m, k] x [k, n] problem.
 
@@ -115,7 +118,7 @@ def pick_config(m: int, k: int, n: int, *, fp8: bool = False) -> GroupedMatmulCo
     fixed cost per K step is what a decode call pays, NOTES-grouped-matmul.md).
     """
     bk = _BLOCK_K_FP8 if fp8 else _BLOCK_K
-    if fp8 and m <= 16:
+    if fp8 and m <= SWAP_AB_MAX_ROWS:
         if k % (2 * bk) == 0:
             return GroupedMatmulConfig(block_m=16, block_k=2 * bk, max_concurrent_steps=6,
                                        swap_ab=True)
@@ -243,20 +246,26 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
             col = jnp.take(ws, row_group, axis=0, mode="fill", fill_value=0)
             outs.append((y * (xs[:, None] if scale_rows else 1) * col).astype(out_dtype))
         return jnp.concatenate(outs, axis=-1)
-    config = config or pick_config(m, k, sum(ns), fp8=True)
+    return _fp8_launch(x, parts, scales, gs, config or pick_config(m, k, sum(ns), fp8=True),
+                       out_dtype, scale_rows)
+
+
+def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=False):
+    """The FP8 Mosaic kernel on quantised rows ``x`` -> [M, N_1 + ... + N_P] in
+    ``out_dtype``; ``groups``: the group sizes, or each row's group (``by_row``)."""
+    xq, xs, m = x.values, x.scale, x.values.shape[0]
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
         xq = jnp.pad(xq, ((0, -m % 8), (0, 0)))
-    scales = tuple(s.astype(jnp.float32) for s in scales)
+        if by_row:  # the padding rows: of no group
+            groups = jnp.pad(groups, (0, -m % 8), constant_values=parts[0].shape[0])
     # The kernel writes (x_q w_q) * w_scale (in bf16 at least: the row scale is still out
     # of its range); the row scales, applied here, fuse into the product's consumer (the
     # SwiGLU, the scatter back to token order) instead of padding per call for the
     # epilogue to read.
-    y = _mosaic_grouped_matmul(xq, parts, gs, scales, config=config,
+    y = _mosaic_grouped_matmul(xq, parts, groups, tuple(s.astype(jnp.float32) for s in scales),
+                               config=config, by_row=by_row,
                                out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))[:m]
     return (y * xs[:, None] if scale_rows else y).astype(out_dtype)
-
-
-BY_ROW_MAX_ROWS = 16  # the swap-AB form's token tile: a decode step's rows
 
 
 def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
@@ -265,7 +274,7 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
     """:func:`grouped_matmul_fp8` with the rows in any order: row r through the weights of
     group ``row_groups[r]`` (int32 [M]; G or more: no group, its row undefined) -> [M, N].
 
-    A decode step's MoE (top-1, at most ``BY_ROW_MAX_ROWS`` rows) calls this in token order,
+    A decode step's MoE (top-1, at most ``SWAP_AB_MAX_ROWS`` rows) calls this in token order,
     so it sorts nothing by expert and scatters nothing back: those were several small
     kernels per layer. The Mosaic kernel (Hopper) runs a tile per expert that some row
     picked, over all the rows, and stores only that expert's rows (a TMA store per row).
@@ -276,25 +285,16 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
     parts, scales = _parts(w, n_axis=1), _parts(w_scale, n_axis=1)
     (m, k), g, ns = x.values.shape, parts[0].shape[0], [p.shape[1] for p in parts]
     row_groups = row_groups.astype(jnp.int32)
-    if m > BY_ROW_MAX_ROWS or resolve_fp8(impl, k, *ns) == "xla":
+    if m > SWAP_AB_MAX_ROWS or resolve_fp8(impl, k, *ns) == "xla":
         order = jnp.argsort(row_groups, stable=True)
         sizes = jnp.zeros((g,), jnp.int32).at[row_groups].add(1, mode="drop")
         y = grouped_matmul_fp8(x.take(order), w, w_scale, sizes, impl=impl,
                                out_dtype=out_dtype, scale_rows=scale_rows)
         return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
-    xq, xs, out_dtype = x.values, x.scale, out_dtype or x.dtype
-    if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
-        xq = jnp.pad(xq, ((0, -m % 8), (0, 0)))
-        row_groups = jnp.pad(row_groups, (0, -m % 8), constant_values=g)
-    y = _mosaic_grouped_matmul(xq, parts, row_groups, tuple(s.astype(jnp.float32)
-                                                            for s in scales),
-                               config=pick_config(m, k, sum(ns), fp8=True),
-                               out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype),
-                               by_row=True)[:m]
-    return (y * xs[:, None] if scale_rows else y).astype(out_dtype)
+    return _fp8_launch(x, parts, scales, row_groups, pick_config(m, k, sum(ns), fp8=True),
+                       out_dtype or x.dtype, scale_rows, by_row=True)
 
 
-DENSE_MAX_ROWS = 16  # the swap-AB form's token tile: a decode step's rows
 # Fewer work items leave most SMs idle: Scout's q/k/v at TP=2 (28 N tiles) measured
 # 0.78-0.99x XLA's dot per weight on the H200 unsplit, 1.06-1.72x with K in 4 splits
 # (fp8-projections-2026-12-01-s10).
@@ -328,7 +328,7 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     N tiles share one wave of SMs (the swap-AB form at decode, which reads weights faster
     than XLA's FP8 dot there: NOTES-grouped-matmul.md), K split over more SMs where the
     N tiles are few (:func:`dense_config`; ``k_splits`` overrides its pick). ``"auto"``
-    takes it on Hopper for several weights, at most ``DENSE_MAX_ROWS`` rows and
+    takes it on Hopper for several weights, at most ``SWAP_AB_MAX_ROWS`` rows and
     ``DENSE_MIN_N_TILES`` work items (N tiles times K splits), K a multiple of 128 and each
     N of 128; ``"xla"`` (and "auto" elsewhere) runs :func:`fp8.scaled_matmul` per weight.
     """
@@ -336,11 +336,11 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     ns = [p.shape[0] for p in parts]
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
+    config = dense_config(rows, k, sum(ns), k_splits)
     # One weight alone (o, down) measured even with XLA's dot at a decode step's 16 rows
     # (0.82-1.03x, fp8-projections-2026-12-01-s10): the kernel pays by merging launches.
-    if impl == "auto" and (rows > DENSE_MAX_ROWS or len(parts) == 1 or k % _BLOCK_K_FP8 or
-                           sum(ns) * dense_config(rows, k, sum(ns), k_splits).k_splits
-                           < DENSE_MIN_N_TILES * _BLOCK_N):
+    if impl == "auto" and (rows > SWAP_AB_MAX_ROWS or len(parts) == 1 or k % _BLOCK_K_FP8 or
+                           sum(ns) * config.k_splits < DENSE_MIN_N_TILES * _BLOCK_N):
         impl = "xla"
     if resolve_fp8(impl, k, *ns) == "xla":
         return tuple(fp8.scaled_matmul(x, p, s, out_dtype=out_dtype, scale_ub=scale_ub)
@@ -349,7 +349,7 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     flat = fp8.Quantized(x.values.reshape(rows, k), x.scale.reshape(rows), x.dtype)
     y = grouped_matmul_fp8(flat, tuple(p[None] for p in parts), tuple(s[None] for s in scales),
                            jnp.full((1,), rows, jnp.int32), impl="mosaic", out_dtype=out_dtype,
-                           config=dense_config(rows, k, sum(ns), k_splits))
+                           config=config)
     ys = jnp.split(y, list(itertools.accumulate(ns))[:-1], axis=-1)
     return tuple(y.reshape(*lead, n) for y, n in zip(ys, ns))
 

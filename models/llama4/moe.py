@@ -18,7 +18,7 @@ from jax import lax
 
 from jaxattn.kernels import fp8 as fp8_lib
 from jaxattn.kernels import fp8_rows
-from jaxattn.kernels.grouped_matmul import (BY_ROW_MAX_ROWS, grouped_matmul, grouped_matmul_fp8,
+from jaxattn.kernels.grouped_matmul import (SWAP_AB_MAX_ROWS, grouped_matmul, grouped_matmul_fp8,
                                              grouped_matmul_fp8_by_row, resolve_fp8)
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init, project
@@ -207,11 +207,11 @@ class MoE(nnx.Module):
     def _by_row(self, n: int, gmm_impl: str) -> bool:
         """Whether the routed experts take the rows in token order, each through its own
         expert's weights (:func:`grouped_matmul_fp8_by_row`): a decode step (top-1, at most
-        ``BY_ROW_MAX_ROWS`` rows) with FP8 experts, all on this device, in the Mosaic kernel.
+        ``SWAP_AB_MAX_ROWS`` rows) with FP8 experts, all on this device, in the Mosaic kernel.
         Nothing is then sorted by expert or scattered back (several small kernels a layer);
         XLA's ragged dot needs the sorted rows anyway."""
         e = self.experts
-        if not (e.fp8 and self.top_k == 1 and n <= BY_ROW_MAX_ROWS
+        if not (e.fp8 and self.top_k == 1 and n <= SWAP_AB_MAX_ROWS
                 and e.num_experts == self.num_experts):
             return False
         i, h = e.gate_proj.shape[1:]  # [E, I, H]

@@ -430,7 +430,7 @@ def test_dense_fp8_takes_xla_past_a_decode_step_or_off_hopper(monkeypatch):
     monkeypatch.setattr(gm.common, "on_hopper", lambda: True)
     monkeypatch.setattr(gm, "DENSE_MIN_N_TILES", 3)
     ws, ss = _projections((256, 128), 256)
-    gm.dense_fp8(jnp.ones((gm.DENSE_MAX_ROWS + 1, 256), jnp.bfloat16), ws, ss)  # rows
+    gm.dense_fp8(jnp.ones((gm.SWAP_AB_MAX_ROWS + 1, 256), jnp.bfloat16), ws, ss)  # rows
     gm.dense_fp8(jnp.ones((4, 256), jnp.bfloat16), *_projections((256, 64), 256))  # N tile
     gm.dense_fp8(jnp.ones((4, 256), jnp.bfloat16), *_projections((128, 128), 256))  # 2 tiles
     gm.dense_fp8(jnp.ones((4, 256), jnp.bfloat16), *_projections((384,), 256))  # one weight
