@@ -74,9 +74,13 @@ def interleaved(fns: dict, args: dict, rounds: int, reps: int) -> dict[str, floa
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _hitting(gs_for, *head):
-    """Argument tuples ``(*head, group sizes)``, one per expert of ``HIT_EXPERTS``."""
-    return [(*head, gs_for(e)) for e in HIT_EXPERTS]
+def _hitting(*head, rows: int = 1):
+    """Argument tuples ``(*head, group sizes)``, one per expert e of ``HIT_EXPERTS``: one
+    row each on expert e and the next ``rows - 1`` of every other one (rows experts hit)."""
+    import jax.numpy as jnp
+
+    return [(*head, jnp.zeros((E,), jnp.int32).at[(e + 2 * jnp.arange(rows)) % E].set(1))
+            for e in HIT_EXPERTS]
 
 
 def _fp8_kernel(config=None):
@@ -215,8 +219,7 @@ def decode_sweep(args) -> list[dict]:
     for name, (k, n) in DECODE_SHAPES.items():
         w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))
         wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
-        m = 1
-        hit = lambda e: jnp.zeros((E,), jnp.int32).at[e].set(m)  # noqa: E731 (one expert hit)
+        m = 1  # one expert hit
         x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
         xq, xs = jax.jit(fp8.quantize)(x)
         for dtype in ("bf16", "fp8"):
@@ -238,11 +241,11 @@ def decode_sweep(args) -> list[dict]:
                                                       c.k_splits)):
                 if dtype == "fp8":
                     f = _fp8_kernel(cfg)
-                    fargs = _hitting(hit, xq, xs, wq, ws)
+                    fargs = _hitting(xq, xs, wq, ws)
                 else:
                     f = jax.jit(lambda x, w, gs, cfg=cfg: gm.grouped_matmul(
                         x, w, gs, impl="mosaic", config=cfg))
-                    fargs = _hitting(hit, x, w)
+                    fargs = _hitting(x, w)
                 try:
                     t = interleaved({"c": f}, {"c": fargs}, args.rounds, args.reps)["c"]
                 except Exception as e:  # a config over the SMEM budget
@@ -263,7 +266,7 @@ def decode_sweep(args) -> list[dict]:
                 print(f"decode {name:11} picked FP8 vs picked bf16 (same run): "
                       f"{picks['bf16'] / picks['fp8']:.2f}x the speed", flush=True)
             if name.startswith("gate/up"):
-                rows.append(_gate_and_up(args, name, dtype, x, w, wq, ws, hit))
+                rows.append(_gate_and_up(args, name, dtype, x, w, wq, ws))
     return rows + _k_scan(args)
 
 
@@ -281,14 +284,11 @@ def _swap_splits(args) -> list[dict]:
         w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))
         wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
         for m in (1, 8):
-            # expert e and the next m - 1 of every other one: 8 x 21-42 MB per call
-            hit = lambda e, m=m: jnp.zeros((E,), jnp.int32).at[  # noqa: E731
-                (e + 2 * jnp.arange(m)) % E].set(1)
             xq, xs = jax.jit(fp8.quantize)(jax.random.normal(jax.random.key(2), (m, k),
                                                              jnp.bfloat16))
             picked = gm.pick_config(m, k, n, fp8=True)
             fns = {s: _fp8_kernel(dataclasses.replace(picked, k_splits=s)) for s in (1, 2, 4)}
-            t = interleaved(fns, {s: _hitting(hit, xq, xs, wq, ws) for s in fns},
+            t = interleaved(fns, {s: _hitting(xq, xs, wq, ws, rows=m) for s in fns},
                             args.rounds, args.reps)
             rows.append({"matmul": name, "m": m, "k": k, "n": n,
                          "config": dataclasses.asdict(picked),
@@ -316,7 +316,6 @@ def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
     for k in ks:
         w = jax.random.normal(jax.random.key(1), (E, k, n), jnp.bfloat16) / float(np.sqrt(k))
         wq, ws = jax.jit(lambda w: fp8.quantize(jnp.swapaxes(w, 1, 2), -1))(w)
-        hit = lambda e: jnp.zeros((E,), jnp.int32).at[e].set(1)  # noqa: E731
         x = jax.random.normal(jax.random.key(2), (16, k), jnp.bfloat16)
         xq, xs = jax.jit(fp8.quantize)(x)
         fns = {
@@ -326,8 +325,8 @@ def _k_scan(args, ks=(1024, 2048, 4096, 8192), n=I) -> list[dict]:
             "cublas fp8": jax.jit(lambda xq, w: jax.lax.dot_general(
                 xq, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)),
         }
-        fargs = {"bf16": _hitting(hit, x[:1], w), "fp8": _hitting(hit, xq[:1], xs[:1], wq, ws),
-                 "fp8 64-row": _hitting(hit, xq[:1], xs[:1], wq, ws),
+        fargs = {"bf16": _hitting(x[:1], w), "fp8": _hitting(xq[:1], xs[:1], wq, ws),
+                 "fp8 64-row": _hitting(xq[:1], xs[:1], wq, ws),
                  "cublas fp8": [(xq, wq[e]) for e in HIT_EXPERTS]}
         t = interleaved(fns, fargs, args.rounds, args.reps)
         for name in times:
@@ -391,7 +390,7 @@ def projections(args) -> list[dict]:
     return rows
 
 
-def _gate_and_up(args, name, dtype, x, w, wq, ws, hit) -> dict:
+def _gate_and_up(args, name, dtype, x, w, wq, ws) -> dict:
     """An expert's gate and up products as one launch (the model's) against two launches
     (up: the weights of the expert before, so the two parts read different bytes)."""
     import jax
@@ -405,12 +404,12 @@ def _gate_and_up(args, name, dtype, x, w, wq, ws, hit) -> dict:
         two = jax.jit(lambda x, a, b, sa, sb, gs: (
             gm.grouped_matmul_fp8(x, a, sa, gs, impl="mosaic"),
             gm.grouped_matmul_fp8(x, b, sb, gs, impl="mosaic")))
-        fargs = _hitting(hit, x, wq, jnp.roll(wq, 1, 0), ws, jnp.roll(ws, 1, 0))
+        fargs = _hitting(x, wq, jnp.roll(wq, 1, 0), ws, jnp.roll(ws, 1, 0))
     else:
         one = jax.jit(lambda x, a, b, gs: gm.grouped_matmul(x, (a, b), gs, impl="mosaic"))
         two = jax.jit(lambda x, a, b, gs: (gm.grouped_matmul(x, a, gs, impl="mosaic"),
                                            gm.grouped_matmul(x, b, gs, impl="mosaic")))
-        fargs = _hitting(hit, x, w, jnp.roll(w, 1, 0))
+        fargs = _hitting(x, w, jnp.roll(w, 1, 0))
     t = interleaved({"one": one, "two": two}, {"one": fargs, "two": fargs}, args.rounds,
                     args.reps)
     print(f"decode {name:11} {dtype} gate+up: one launch {t['one'] * 1e6:7.1f} us, two "
