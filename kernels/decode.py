@@ -23,11 +23,13 @@ list order, longest first):
   a small lse-tile array.
 
 A second, small kernel merges split pieces by log-sum-exp
-(:func:`_combine_call`): one CTA per (parent, KV head) streams only the
-pieces' own token rows, so its cost follows the real number of pieces and
+(:func:`_combine_call`): a few CTAs per (KV head, column block) take the
+step's split parents in turn from a compact list and stream only the pieces'
+own token rows, so its cost follows the real number of parents, pieces and
 tokens, not the static capacity (an XLA merge over the padded partial buffer
-pays for the whole capacity on every call: benchmarks/NOTES-decode.md, v1).
-Unsplit items (short contexts) never touch it. Per-token lse values are
+pays for the whole capacity on every call: benchmarks/NOTES-decode.md, v1;
+a CTA per partial slot paid ~8 waves of empty CTAs: v6). Unsplit items
+(short contexts) never touch it. Per-token lse values are
 gathered from the tiles by XLA (``T x Hq`` floats).
 
 FP8 cache (``k_pages``/``v_pages`` float8_e4m3fn with per-token, per-KV-head
@@ -503,15 +505,19 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
 _COMBINE_COLS = 64  # head-dim columns per combine CTA
 
 
-def _combine_call(cmeta, opart, lse_tiles, out_ref, *, g: int, interpret):
+def _combine_call(cmeta, parents, opart, lse_tiles, out_ref, *, g: int, workers: int,
+                  interpret):
     """Merge the split pieces of each (parent, KV head) by log-sum-exp.
 
-    One CTA per (partial slot, KV head, 64 head-dim columns); only the slot
-    holding a parent's first piece works, so the cost follows the real pieces.
-    It streams the parent's pieces (only their own token rows) through a ring
-    of SMEM slots, keeps a running max / sum / weighted O in registers, and
-    writes the parent's rows into ``out_ref`` (in place). Returns the merged
-    lse tiles [n_part, Hkv, 64] (row of a parent's first slot).
+    ``parents`` (int32 [1 + n_part]): the number of split parents, then each
+    one's first partial slot. The grid is (w, KV head, 64 head-dim columns) with
+    ``w`` a few workers that take parents ``w, w + W, ...``: with at most
+    ``workers`` CTAs in all, a step without split parents costs one wave of
+    CTAs that exit at once. Per parent a CTA streams the pieces (only their own
+    token rows) through a ring of SMEM slots, keeps a running max / sum /
+    weighted O in registers, and writes the parent's rows into ``out_ref`` (in
+    place). Returns the merged lse tiles [n_part, Hkv, 64] (row of a parent's
+    first slot).
     """
     n_part, hkv, _, d = opart.shape
     cw = min(d, _COMBINE_COLS)
@@ -519,11 +525,23 @@ def _combine_call(cmeta, opart, lse_tiles, out_ref, *, g: int, interpret):
     # A piece's load is tiny (its token rows); depth hides the TMA latency when
     # one long sequence has W pieces.
     ring = max(2, min(16, (160 * 1024) // (ROWS * cw * 4)))
+    # Each parent has two pieces or more, so there are at most n_part // 2.
+    n_w = max(1, min(n_part // 2, workers // (hkv * (d // cw))))
 
-    def decode_combine_kernel(cmeta_ref, opart_ref, lse_ref, out_ref, lse_out_ref, o_buf, l_buf,
-                              full):
-        slot0, kvh = lax.axis_index("slot"), lax.axis_index("kvh")
+    def decode_combine_kernel(cmeta_ref, parents_ref, opart_ref, lse_ref, out_ref, lse_out_ref,
+                              o_buf, l_buf, full):
+        kvh = lax.axis_index("kvh")
         cols = pl.ds(lax.axis_index("col") * cw, cw)
+
+        @pl.loop(lax.axis_index("w"), parents_ref[0], step=n_w)
+        def _(i):
+            merge(parents_ref[1 + i], kvh, cols, cmeta_ref, opart_ref, lse_ref, out_ref,
+                  lse_out_ref, o_buf, l_buf, full)
+
+    def merge(slot0, kvh, cols, cmeta_ref, opart_ref, lse_ref, out_ref, lse_out_ref, o_buf,
+              l_buf, full):
+        """One parent: its pieces sit in slots [slot0, slot0 + n). Every barrier gets as
+        many waits as arrivals, so the ring's phases carry over to the next parent."""
         n, q_start, q_len = (cmeta_ref[slot0, i] for i in range(3))
 
         def issue(k):
@@ -542,65 +560,64 @@ def _combine_call(cmeta, opart, lse_tiles, out_ref, *, g: int, interpret):
             plgpu.copy_gmem_to_smem(lse_ref.at[cmeta_ref[slot0 + k, 3], kvh], l_buf.at[b],
                                     full.at[b])
 
-        @pl.when(n > 0)
-        def _():
-            @pl.loop(0, jnp.minimum(n, ring))
-            def _(k):
-                issue(k)
+        @pl.loop(0, jnp.minimum(n, ring))
+        def _(k):
+            issue(k)
 
-            def step(k, carry):
-                acc, m, s = carry
-                b = lax.rem(k, ring)
-                plgpu.barrier_wait(full.at[b])
-                o = plgpu.load(o_buf.at[b], layout=plgpu.Layout.WGMMA)
-                lse = plgpu.load(l_buf.at[b], layout=plgpu.Layout.WGMMA.reduce(1))
-                plgpu.commit_smem()  # every thread has read slot b before it is refilled
+        def step(k, carry):
+            acc, m, s = carry
+            b = lax.rem(k, ring)
+            plgpu.barrier_wait(full.at[b])
+            o = plgpu.load(o_buf.at[b], layout=plgpu.Layout.WGMMA)
+            lse = plgpu.load(l_buf.at[b], layout=plgpu.Layout.WGMMA.reduce(1))
+            plgpu.commit_smem()  # every thread has read slot b before it is refilled
 
-                @pl.when(k + ring < n)
-                def _():
-                    issue(k + ring)
-
-                m_new = jnp.maximum(m, lse)
-                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
-                # Rows of tokens past q_len hold stale data; rows are independent and
-                # those are never written out.
-                acc = (acc * lax.broadcast_in_dim(alpha, o.shape, [0])
-                       + lax.broadcast_in_dim(w, o.shape, [0]) * o)
-                return acc, m_new, s * alpha + w
-
-            acc, m, s = lax.fori_loop(0, n, step, (
-                plgpu.layout_cast(jnp.zeros((ROWS, cw), jnp.float32), plgpu.Layout.WGMMA),
-                plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
-                                  plgpu.Layout.WGMMA.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))))
-            seen = s > 0
-            s_safe = jnp.where(seen, s, 1.0)
-            o_buf[0] = acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])
-            l_buf[0] = jnp.where(seen, m + jnp.log(s_safe), -jnp.inf)
-            plgpu.commit_smem()
-
-            @pl.loop(0, q_len)
-            def _(tok):
-                plgpu.copy_smem_to_gmem(o_buf.at[0, pl.ds(tok * g, g)],
-                                        out_ref.at[q_start + tok, kvh, :, cols])
-
-            @pl.when(lax.axis_index("col") == 0)
+            @pl.when(k + ring < n)
             def _():
-                plgpu.copy_smem_to_gmem(l_buf.at[0], lse_out_ref.at[slot0, kvh])
+                issue(k + ring)
 
-            plgpu.wait_smem_to_gmem(0)
+            m_new = jnp.maximum(m, lse)
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
+            # Rows of tokens past q_len hold stale data; rows are independent and
+            # those are never written out.
+            acc = (acc * lax.broadcast_in_dim(alpha, o.shape, [0])
+                   + lax.broadcast_in_dim(w, o.shape, [0]) * o)
+            return acc, m_new, s * alpha + w
+
+        acc, m, s = lax.fori_loop(0, n, step, (
+            plgpu.layout_cast(jnp.zeros((ROWS, cw), jnp.float32), plgpu.Layout.WGMMA),
+            plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
+                              plgpu.Layout.WGMMA.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))))
+        seen = s > 0
+        s_safe = jnp.where(seen, s, 1.0)
+        o_buf[0] = acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])
+        l_buf[0] = jnp.where(seen, m + jnp.log(s_safe), -jnp.inf)
+        plgpu.commit_smem()
+
+        @pl.loop(0, q_len)
+        def _(tok):
+            plgpu.copy_smem_to_gmem(o_buf.at[0, pl.ds(tok * g, g)],
+                                    out_ref.at[q_start + tok, kvh, :, cols])
+
+        @pl.when(lax.axis_index("col") == 0)
+        def _():
+            plgpu.copy_smem_to_gmem(l_buf.at[0], lse_out_ref.at[slot0, kvh])
+
+        # The next parent's loads refill slot 0 only after these stores have read it.
+        plgpu.wait_smem_to_gmem(0)
 
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
     return plgpu.kernel(
         decode_combine_kernel, out_type=jax.ShapeDtypeStruct((n_part, hkv, ROWS), jnp.float32),
-        grid=(n_part, hkv, d // cw), grid_names=("slot", "kvh", "col"),
+        grid=(n_w, hkv, d // cw), grid_names=("w", "kvh", "col"),
         scratch_types=(plgpu.SMEM((ring, ROWS, cw), jnp.float32),
                        plgpu.SMEM((ring, ROWS), jnp.float32),
                        plgpu.Barrier(num_arrivals=n_tok + 1, num_barriers=ring)),
         interpret=interpret or None,
-    )(cmeta, opart, lse_tiles, out_ref)
+    )(cmeta, parents, opart, lse_tiles, out_ref)
 
 
 class DecodeMeta(NamedTuple):
@@ -610,6 +627,7 @@ class DecodeMeta(NamedTuple):
     count: jax.Array  # int32 [1]: valid items
     cmeta: jax.Array  # int32 [n_part, 4]: per partial slot (pieces if a parent's first
     #                   piece else 0, q_start, q_len, item)
+    parents: jax.Array  # int32 [1 + n_part]: number of split parents, then their first slots
     tok2item: jax.Array  # int32 [T]: item whose lse tile holds the token, -2 - slot for a
     #                      split parent's merged tile, -1 for none
     q_start: jax.Array  # int32 [cap]
@@ -648,7 +666,17 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int) -> Deco
     tok2item = jnp.full((t,), -1, jnp.int32).at[jnp.where(keep, tok, t)].set(
         jnp.broadcast_to(src[:, None], (cap, dq)), mode="drop")
     count = jnp.reshape(items.count, (1,)).astype(jnp.int32)
-    return DecodeMeta(meta, count, cmeta, tok2item, qs.astype(jnp.int32))
+    return DecodeMeta(meta, count, cmeta, _parents(cmeta), tok2item, qs.astype(jnp.int32))
+
+
+def _parents(cmeta):
+    """int32 [1 + n_part]: how many slots hold a parent's first piece, then those slots."""
+    n_part = cmeta.shape[0]
+    first = cmeta[:, 0] > 0
+    at = jnp.where(first, jnp.cumsum(first, dtype=jnp.int32), n_part + 1)
+    return (jnp.zeros((n_part + 1,), jnp.int32)
+            .at[at].set(jnp.arange(n_part, dtype=jnp.int32), mode="drop")
+            .at[0].set(first.sum(dtype=jnp.int32)))
 
 
 def _gather_lse(lse_tiles, lse_merged, md: DecodeMeta, g: int):
@@ -709,7 +737,7 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
     out_ref, lse_tiles, opart = main_kernel(q, k_pages, v_pages, page_table, md, bounds=bounds,
                                             scale=scale, causal=causal, interpret=interpret,
                                             config=config, k_scale=k_scale, v_scale=v_scale)
-    lse_merged = _combine_call(md.cmeta, opart, lse_tiles, out_ref, g=bounds.group,
-                               interpret=interpret)
+    lse_merged = _combine_call(md.cmeta, md.parents, opart, lse_tiles, out_ref, g=bounds.group,
+                               workers=bounds.num_workers, interpret=interpret)
     return (out_ref[...].reshape(t, hq, d),
             _gather_lse(lse_tiles, lse_merged, md, bounds.group))

@@ -45,6 +45,7 @@ class Case:
     max_model_len: int = 1024
     min_split_kv: int = 128
     block_kv: int = 128  # planner's split granularity
+    num_workers: int = 4  # also sets the combine kernel's workers per (KV head, columns)
     seed: int = 0
 
     def bounds(self):
@@ -53,7 +54,7 @@ class Case:
             max_model_len=self.max_model_len, page_size=self.page_size,
             num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, chunk_size=self.chunk, block_kv=self.block_kv,
-            num_workers=4, min_split_kv=self.min_split_kv)
+            num_workers=self.num_workers, min_split_kv=self.min_split_kv)
 
 
 def run_case(case: Case, interpret=True, scale=0.15):
@@ -115,6 +116,9 @@ CASES = {
     "one_cta_many_tiles": Case(q_lens=(1,) * 7, kv_lens=(1, 15, 16, 17, 63, 64, 65),
                                head_dim=64, config=decode.DecodeConfig(num_ctas=1)),
     # q_len = dq exactly for G=5 (12 tokens), several splits each.
+    # 32 workers: the combine kernel spreads the split parents over several CTAs per
+    # (KV head, columns) (with 4, one CTA merges them all, its ring carried across parents).
+    "scout_combine_workers": dataclasses.replace(SCOUT_LIKE, num_workers=32),
     "fp16_d128_g5_q_eq_dq": Case(q_lens=(12, 12), kv_lens=(12, 1000), dtype=jnp.float16,
                                  min_split_kv=64, block_kv=64),
 }
@@ -225,3 +229,8 @@ def test_decode_only_skips_the_prefill_pass_with_the_same_numbers():
             jnp.asarray(prefill.q), jnp.asarray(prefill.k_pages), jnp.asarray(prefill.v_pages),
             prefill.page_table, prefill.cu_q_lens, prefill.kv_lens, prefill.num_seqs,
             bounds=bounds, impl="interpret", decode_only=True)
+
+
+def test_parents_list_the_first_slot_of_each_split_parent():
+    cmeta = jnp.zeros((7, 4), jnp.int32).at[jnp.array([0, 2, 5]), 0].set(jnp.array([2, 3, 2]))
+    np.testing.assert_array_equal(decode._parents(cmeta), [3, 0, 2, 5, 0, 0, 0, 0])
