@@ -6,7 +6,8 @@
 Effective bandwidth = bytes of K and V read / time (one new token per
 sequence, Scout's 40 query / 8 KV heads, D=128, bf16). cuDNN and XLA run on a
 contiguous cache through ``jax.nn.dot_product_attention`` (no ``is_causal``:
-its causal mask is top-left; ``key_value_seq_lengths`` instead). The HBM
+its causal mask is top-left; ``key_value_seq_lengths`` instead), all of them taking
+turns batch by batch (:func:`interleaved`). The HBM
 ceiling is measured in the same run. A second table compares page sizes and
 kernel tunings at the same sizes.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import pathlib
 import statistics
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
+from benchmarks.common import trace_summary
 from benchmarks.roofline import read_bandwidth
 from jaxattn import planner
 from jaxattn.kernels import common, decode
@@ -42,15 +45,24 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 def timeit(fn, *args, n=20, reps=5):
     """Median seconds per call over ``reps`` batches of ``n`` back-to-back calls."""
-    jax.block_until_ready(fn(*args))
-    times = []
+    return interleaved({"fn": lambda: fn(*args)}, n=n, reps=reps)["fn"]
+
+
+def interleaved(fns: dict, n=20, reps=7):
+    """Median seconds per call of each of ``fns`` (name -> no-argument callable), the
+    callables taking turns batch by batch (``n`` back-to-back calls each), so a drift in
+    the GPU's clocks or temperature during the run reaches all of them alike."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = fn()
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def ceilings():
@@ -138,40 +150,46 @@ def dpa(impl):
     return jax.jit(fn)
 
 
-def run_case(batch, ctx, ceiling):
+def run_case(batch, ctx, ceiling, profile=False):
     row = {"batch": batch, "ctx": ctx, "kv_bytes": kv_bytes(batch, ctx)}
     q, k, v = contiguous(batch, ctx)
     lens = jnp.full((batch,), ctx, jnp.int32)
-    ref = None
+    fns, ref = {}, None
     for impl in ("cudnn", "xla"):
         try:
             fn = dpa(impl)
-            row[f"{impl}_ms"] = timeit(fn, q, k, v, lens) * 1e3
+            out = fn(q, k, v, lens)
             if impl == "cudnn":
-                ref = np.asarray(fn(q, k, v, lens), np.float32).reshape(batch, HQ, D)
+                ref = np.asarray(out, np.float32).reshape(batch, HQ, D)
+            fns[impl] = functools.partial(fn, q, k, v, lens)
         except Exception as e:  # e.g. XLA out of memory at large batch x context
             row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     kp, vp, table = paged(k, v, 16)
-    del k, v
     config = decode.default_config()
-    full, main, meta, plan, pieces = jaxattn_fns(batch, ctx, q, kp, vp, table, 16, config)
-    row["pieces"] = pieces
-    row["jaxattn_ms"] = timeit(full) * 1e3
+    fns["jaxattn"], fns["kernel"], fns["meta"], fns["plan"], row["pieces"] = jaxattn_fns(
+        batch, ctx, q, kp, vp, table, 16, config)
     # The smallest pieces the split budget allows (Bounds.balance_splits=False: the rule
     # before planner.decode_piece chose the piece by its schedule).
-    full1, _, _, _, row["pieces_least"] = jaxattn_fns(batch, ctx, q, kp, vp, table, 16, config,
-                                                      balance_splits=False)
-    row["jaxattn_least_ms"] = timeit(full1) * 1e3
-    row["kernel_ms"] = timeit(main) * 1e3
-    row["meta_ms"] = timeit(meta) * 1e3
-    row["plan_ms"] = timeit(plan) * 1e3
+    fns["jaxattn_least"], _, _, _, row["pieces_least"] = jaxattn_fns(
+        batch, ctx, q, kp, vp, table, 16, config, balance_splits=False)
+    for name, sec in interleaved(fns).items():
+        row[f"{name}_ms"] = sec * 1e3
+    if profile:
+        # GPU time alone (profiler): a call's wall time also holds its launches, ~20-40 us
+        # here, which inside a model's step (one executable, CUDA graphs) mostly vanish.
+        for name in ("jaxattn", "cudnn"):
+            if name in fns:
+                trace = trace_summary(fns[name], reps=5, top=8)
+                row[f"{name}_device_ms"] = trace["kernel_ms"]
+                row[f"{name}_kernels"] = trace["kernels"]
     if ref is not None:
-        out = np.asarray(full()[:batch], np.float32)
+        out = np.asarray(fns["jaxattn"]()[:batch], np.float32)
         row["max_abs_err_vs_cudnn"] = float(np.abs(out - ref).max())
     for name in ("jaxattn", "jaxattn_least", "kernel", "cudnn", "xla"):
         if f"{name}_ms" in row:
             row[f"{name}_tbps"] = row["kv_bytes"] / row[f"{name}_ms"] / 1e9
     row["jaxattn_frac_of_copy"] = row["jaxattn_tbps"] / ceiling["copy_tbps"]
+    row["jaxattn_frac_of_read"] = row["jaxattn_tbps"] / ceiling["read_tbps"]
     if "cudnn_tbps" in row:
         row["jaxattn_vs_cudnn"] = row["jaxattn_tbps"] / row["cudnn_tbps"]
         row["jaxattn_least_vs_cudnn"] = row["jaxattn_least_tbps"] / row["cudnn_tbps"]
@@ -201,22 +219,36 @@ def table_md(res):
              " included its gather); the kernel"
              " metadata and the step's plan (built once per step, shared by all layers) are"
              " timed separately.", "",
-             "| batch x ctx | pieces | jaxattn ms | TB/s | % copy | main kernel TB/s | cuDNN TB/s |"
-             " XLA TB/s | jaxattn / cuDNN | smallest pieces (before): pieces, ms, / cuDNN |"
-             " metadata ms |"
-             " plan ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| batch x ctx | pieces | jaxattn ms | TB/s | % copy | % read-only | main kernel TB/s |"
+             " cuDNN TB/s | XLA TB/s | jaxattn / cuDNN | smallest pieces (before): pieces, ms,"
+             " / cuDNN | metadata ms | plan ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k: f"{r[k]:.3g}" if k in r else "—"
     for r in res["cases"]:
         if "error" in r:
             lines.append(f"| {r['batch']}x{r['ctx']} | error: {r['error'][:80]} |")
             continue
+        of_read = (f"{100 * r['jaxattn_frac_of_read']:.0f}%" if "jaxattn_frac_of_read" in r
+                   else "—")  # runs before 2026-12-01 session 11 lack it
         lines.append(f"| {r['batch']}x{r['ctx']} | {r['pieces']} | {r['jaxattn_ms']:.3f} | "
                      f"{r['jaxattn_tbps']:.2f} | {100 * r['jaxattn_frac_of_copy']:.0f}% | "
-                     f"{f(r, 'kernel_tbps')} | {f(r, 'cudnn_tbps')} | {f(r, 'xla_tbps')} | "
+                     f"{of_read} | {f(r, 'kernel_tbps')} | {f(r, 'cudnn_tbps')} | {f(r, 'xla_tbps')} | "
                      f"{f(r, 'jaxattn_vs_cudnn')} | {r.get('pieces_least', '—')}, "
                      f"{f(r, 'jaxattn_least_ms')}, {f(r, 'jaxattn_least_vs_cudnn')} | "
                      f"{f(r, 'meta_ms')} | {r['plan_ms']:.3f} |")
+    profiled = [r for r in res["cases"] if "jaxattn_device_ms" in r]
+    if profiled:
+        lines += ["", "GPU time alone (profiler; the wall times above also hold each call's"
+                  " launches), µs per call:", "",
+                  "| batch x ctx | jaxattn | cuDNN | jaxattn / cuDNN | jaxattn's kernels |",
+                  "|---|---|---|---|---|"]
+        for r in profiled:
+            mine, theirs = (1e3 * r.get(k, float("nan"))
+                            for k in ("jaxattn_device_ms", "cudnn_device_ms"))
+            lines.append(
+                f"| {r['batch']}x{r['ctx']} | {mine:.1f} | {theirs:.1f} | "
+                f"{theirs / mine if mine else float('nan'):.3f} | " + ", ".join(
+                    f"{k['name'][:40]} {1e3 * k['ms']:.1f}" for k in r["jaxattn_kernels"]) + " |")
     lines += ["", "Page size / tuning (kernel only):", "",
               "| batch x ctx | page | block_kv x stages | TB/s (best of 2) | ms, both runs |",
               "|---|---|---|---|---|"]
@@ -262,6 +294,8 @@ def main(argv=None):
     ap.add_argument("--plot", help="redraw table and plot from a results JSON")
     ap.add_argument("--quick", action="store_true", help="main cases only")
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace each case's layer: its kernels and their times")
     args = ap.parse_args(argv)
     if args.plot:
         res = json.loads(pathlib.Path(args.plot).read_text())
@@ -276,7 +310,7 @@ def main(argv=None):
     print(res["ceilings"], flush=True)
     for batch, ctx in CASES:
         try:
-            res["cases"].append(run_case(batch, ctx, res["ceilings"]))
+            res["cases"].append(run_case(batch, ctx, res["ceilings"], args.profile))
         except Exception as e:
             res["cases"].append({"batch": batch, "ctx": ctx, "error": f"{type(e).__name__}: {e}"[:500]})
         print(res["cases"][-1], flush=True)
