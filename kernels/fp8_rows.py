@@ -11,7 +11,9 @@ Scout's hidden size, 64 at its intermediate size):
 
 * :func:`quantize`: ``fp8.quantize(x)`` (the attention output before ``o_proj``);
 * :func:`rms_norm_quantize`: HF's RMSNorm, then quantise; both results (the router
-  reads the bf16 rows, the FP8 matmuls the quantised ones);
+  reads the bf16 rows, the FP8 matmuls the quantised ones); :func:`add_rms_norm_quantize`
+  adds the residual stream's pending update first and returns the sum too (the residual
+  add was a kernel of its own, twice per layer, where the norm is this kernel);
 * :func:`swiglu_quantize`: ``silu(gate) * up`` (times a row scale first: the grouped
   matmul leaves its rows' scales to its consumer), then quantise.
 
@@ -89,6 +91,11 @@ def reference_rms_norm_quantize(x, weight, eps, scale_ub=None):
     return h, fp8.Quantized.of(h, scale_ub)
 
 
+def reference_add_rms_norm_quantize(x, delta, weight, eps, scale_ub=None):
+    x = x + delta
+    return (x, *reference_rms_norm_quantize(x, weight, eps, scale_ub))
+
+
 def reference_swiglu(gate, up, row_scale=None):
     """``silu(gate) * up`` in gate's dtype, each first scaled by ``row_scale[..., None]``
     (the model's ops; the kernel computes the same in f32, without their bf16 roundings)."""
@@ -151,13 +158,26 @@ def _quantize_kernel(x, *, scale_ub, config: RowsConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "scale_ub", "config"))
-def _rms_norm_quantize_kernel(x, weight, *, eps, scale_ub, config: RowsConfig):
+def _rms_norm_quantize_kernel(x, weight, delta=None, *, eps, scale_ub, config: RowsConfig):
+    """With ``delta`` [R, K]: normalises ``x + delta`` (rounded to x's dtype, as XLA's add)
+    and returns that sum first."""
     r, k = x.shape
     chunk = config.chunk_for(k)
 
-    def body(row, x_ref, w_ref, h_ref, q_ref, s_ref):
-        xs = [x_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32)
-              for c in range(k // chunk)]
+    def body(row, x_ref, w_ref, *rest):
+        d_ref, *rest = rest if delta is not None else (None, *rest)
+        sum_ref, h_ref, q_ref, s_ref = rest if delta is not None else (None, *rest)
+
+        def load(c):
+            at = pl.ds(c * chunk, chunk)
+            xc = x_ref[row, at].astype(jnp.float32)
+            if d_ref is None:
+                return xc
+            xc = (xc + d_ref[row, at].astype(jnp.float32)).astype(x.dtype)
+            sum_ref[row, at] = xc
+            return xc.astype(jnp.float32)
+
+        xs = [load(c) for c in range(k // chunk)]
         sq = xs[0] * xs[0]
         for xc in xs[1:]:
             sq = sq + xc * xc
@@ -171,7 +191,10 @@ def _rms_norm_quantize_kernel(x, weight, *, eps, scale_ub, config: RowsConfig):
             hs.append(hc.astype(jnp.float32))
         _quantize_chunks(hs, q_ref.at[row], s_ref.at[pl.ds(row, 1)], chunk, scale_ub)
 
-    return _launch(body, r, _outs(r, k, x.dtype))(x, weight)
+    outs = _outs(r, k, x.dtype)
+    if delta is None:
+        return _launch(body, r, outs)(x, weight)
+    return _launch(body, r, (jax.ShapeDtypeStruct((r, k), x.dtype), *outs))(x, weight, delta)
 
 
 @functools.partial(jax.jit, static_argnames=("scale_ub", "config"))
@@ -230,6 +253,20 @@ def rms_norm_quantize(x, weight, eps: float, *, scale_ub: float | None = None,
     h, q, s = _rms_norm_quantize_kernel(x2, weight.astype(x.dtype), eps=float(eps),
                                         scale_ub=scale_ub, config=config)
     return back(h), fp8.Quantized(back(q), back(s), jnp.dtype(x.dtype))
+
+
+def add_rms_norm_quantize(x, delta, weight, eps: float, *, scale_ub: float | None = None,
+                          impl: str = "auto", config: RowsConfig = RowsConfig()):
+    """:func:`rms_norm_quantize` of ``x + delta`` (both [..., K], x's dtype): (the sum, the
+    normed rows, their :class:`fp8.Quantized`). ``delta`` is a residual stream's pending
+    update, so its add and the norm after it take one launch."""
+    x2, back = _rows(x)
+    if not _use_kernel(impl, *x2.shape, config):
+        return reference_add_rms_norm_quantize(x, delta, weight, eps, scale_ub)
+    total, h, q, s = _rms_norm_quantize_kernel(
+        x2, weight.astype(x.dtype), delta.astype(x.dtype).reshape(x2.shape), eps=float(eps),
+        scale_ub=scale_ub, config=config)
+    return back(total), back(h), fp8.Quantized(back(q), back(s), jnp.dtype(x.dtype))
 
 
 def swiglu_quantize(gate, up=None, row_scale=None, *, scale_ub: float | None = None,

@@ -90,33 +90,48 @@ class DecoderLayer(nnx.Module):
                              else MLP(config, config.intermediate_size_mlp, dtype=dtype, rngs=rngs,
                                       fp8=fp8))
 
-    def __call__(self, x, positions, rope, attend, axes: Axes, valid=None, gmm_impl="auto"):
-        """``attend(attn_module, q, k, v) -> o`` is the one part the two forwards do differently.
-        ``valid`` (bool [T], serving): which rows are tokens, not bucket padding.
-        ``gmm_impl``: the routed experts' grouped matmul implementation.
+    def __call__(self, x, delta, positions, rope, attend, axes: Axes, valid=None,
+                 gmm_impl="auto"):
+        """The residual stream ``x`` and its pending update ``delta`` (the previous layer's
+        feed-forward output; None before the first layer) -> this layer's (x, delta): the
+        caller adds the last delta. Each residual add happens in the norm after it, so with
+        FP8 matmuls at decode the add, the norm and the quantisation are one kernel
+        (:func:`fp8_rows.add_rms_norm_quantize`; vLLM's fused_add_rms_norm does the same).
+
+        ``attend(attn_module, q, k, v) -> o`` is the one part the two forwards do
+        differently. ``valid`` (bool [T], serving): which rows are tokens, not bucket
+        padding. ``gmm_impl``: the routed experts' grouped matmul implementation.
 
         Under a mesh ``x`` is replicated over the model-parallel group: each device
         computes its heads / columns / experts and one all-reduce per block
         (``axes.psum``) restores the full activation.
         """
         attn, ff = self.self_attn, self.feed_forward
-        h, hq = _norm(self.input_layernorm, x, attn.fp8, attn.q_proj.activation_scale_ub)
+        x, h, hq = _add_norm(self.input_layernorm, x, delta, attn.fp8,
+                             attn.q_proj.activation_scale_ub)
         q, k, v = attn.qkv(h if hq is None else hq, positions, rope)
-        x = x + attn.out(attend(attn, q, k, v), axes)
+        o = attn.out(attend(attn, q, k, v), axes)
         if isinstance(ff, MoE):
-            h, hq = _norm(self.post_attention_layernorm, x, ff.experts.fp8 or ff.shared_expert.fp8,
-                          ff.experts.activation_scale_ub)
-            return x + axes.psum(ff(h, axes, valid, gmm_impl, xq=hq))
-        h, hq = _norm(self.post_attention_layernorm, x, ff.fp8, ff.gate_proj.activation_scale_ub)
-        return x + axes.psum(ff(h if hq is None else hq, axes))
+            x, h, hq = _add_norm(self.post_attention_layernorm, x, o,
+                                 ff.experts.fp8 or ff.shared_expert.fp8,
+                                 ff.experts.activation_scale_ub)
+            return x, axes.psum(ff(h, axes, valid, gmm_impl, xq=hq))
+        x, h, hq = _add_norm(self.post_attention_layernorm, x, o, ff.fp8,
+                             ff.gate_proj.activation_scale_ub)
+        return x, axes.psum(ff(h if hq is None else hq, axes))
 
 
-def _norm(norm: RMSNorm, x, fp8: bool, scale_ub):
-    """(``norm(x)``, its per-token FP8 quantisation for the FP8 matmuls after it, or None
-    without them): one kernel for both at decode (:func:`fp8_rows.rms_norm_quantize`)."""
+def _add_norm(norm: RMSNorm, x, delta, fp8: bool, scale_ub):
+    """(``x + delta``, or x when delta is None; ``norm`` of it; its per-token FP8
+    quantisation for the FP8 matmuls after it, or None without them): one kernel for all
+    three at decode (:mod:`fp8_rows`)."""
     if not fp8:
-        return norm(x), None
-    return fp8_rows.rms_norm_quantize(x, norm.weight[...], norm.eps, scale_ub=scale_ub)
+        x = x if delta is None else x + delta
+        return x, norm(x), None
+    if delta is None:
+        return x, *fp8_rows.rms_norm_quantize(x, norm.weight[...], norm.eps, scale_ub=scale_ub)
+    return fp8_rows.add_rms_norm_quantize(x, delta, norm.weight[...], norm.eps,
+                                          scale_ub=scale_ub)
 
 
 class Llama4TextModel(nnx.Module):
@@ -181,9 +196,11 @@ class Llama4ForCausalLM(nnx.Module):
         ``attend(layer_index, attn_module, q, k, v) -> o`` is each layer's attention.
         """
         rope = rope_tables(self.config.inv_freq(), positions)
+        delta = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, rope, functools.partial(attend, i), axes, valid, gmm_impl)
-        return x
+            x, delta = layer(x, delta, positions, rope, functools.partial(attend, i), axes,
+                             valid, gmm_impl)
+        return x if delta is None else x + delta
 
     def forward(self, input_ids, *, impl: str = "auto", gmm_impl: str = "auto",
                 axes: Axes = NO_AXES):

@@ -72,6 +72,26 @@ def test_rms_norm_quantize_kernel_equals_xla(interpret, rows):
     assert (np.asarray(q.values, np.float32) != np.asarray(q_want.values, np.float32)).mean() < 0.01
 
 
+@pytest.mark.parametrize("rows", [1, 16])
+def test_add_rms_norm_quantize_kernel_equals_xla(interpret, rows):
+    """The residual stream's add, then the norm: the sum is XLA's bf16 add exactly, and
+    the norm is taken of that rounded sum (as when the add was a kernel of its own)."""
+    k = 640
+    kx, kd, kw = jax.random.split(jax.random.key(9), 3)
+    x = jax.random.normal(kx, (rows, k), jnp.bfloat16) * 3
+    delta = jax.random.normal(kd, (rows, k), jnp.bfloat16) * 0.7
+    w = jax.random.uniform(kw, (k,), jnp.bfloat16, 0.5, 1.5)
+    total, h, q = fr.add_rms_norm_quantize(x, delta, w, 1e-5, impl="mosaic", config=SMALL)
+    t_want, h_want, _ = fr.reference_add_rms_norm_quantize(x, delta, w, 1e-5)
+    np.testing.assert_array_equal(np.asarray(total, np.float32), np.asarray(t_want, np.float32))
+    h_alone, _ = fr.rms_norm_quantize(t_want, w, 1e-5, impl="mosaic", config=SMALL)
+    np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(h_alone, np.float32))
+    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(h_want, np.float32),
+                               rtol=2**-7)
+    _assert_quantises(q, h)
+    assert total.dtype == h.dtype == x.dtype
+
+
 @pytest.mark.parametrize("fused,row_scale", [(True, True), (True, False), (False, False)])
 def test_swiglu_quantize_kernel_quantises_the_f32_swiglu(interpret, fused, row_scale):
     rows, k = 9, 384
@@ -114,6 +134,8 @@ def test_kernels_lower_for_cuda_at_scout_shapes(rows):
         (lambda x: fr.quantize(x, impl="mosaic"), (bf16(rows, 5120),)),
         (lambda x, w: fr.rms_norm_quantize(x, w, 1e-5, impl="mosaic"),
          (bf16(rows, 5120), bf16(5120))),
+        (lambda x, d, w: fr.add_rms_norm_quantize(x, d, w, 1e-5, impl="mosaic"),
+         (bf16(rows, 5120), bf16(rows, 5120), bf16(5120))),
         (lambda g, r: fr.swiglu_quantize(g, None, r, impl="mosaic"),
          (bf16(rows, 16384), jax.ShapeDtypeStruct((rows,), jnp.float32))),
         (lambda g, u: fr.swiglu_quantize(g, u, impl="mosaic"), (bf16(rows, 4096),) * 2),
@@ -137,6 +159,13 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
     np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(h_want, np.float32),
                                rtol=2**-7)
     _assert_quantises(q, h)
+    delta = jax.random.normal(jax.random.key(9), (rows, 5120), jnp.bfloat16)
+    total, h2, q2 = fr.add_rms_norm_quantize(x, delta, w, 1e-5, impl="mosaic")
+    np.testing.assert_array_equal(np.asarray(total, np.float32),
+                                  np.asarray(x + delta, np.float32))
+    np.testing.assert_array_equal(np.asarray(h2, np.float32), np.asarray(
+        fr.rms_norm_quantize(x + delta, w, 1e-5, impl="mosaic")[0], np.float32))
+    _assert_quantises(q2, h2)
     gu = jax.random.normal(jax.random.key(7), (rows, 16384), jnp.bfloat16) * 2
     rs = jnp.exp(jax.random.normal(jax.random.key(8), (rows,)))
     got = fr.swiglu_quantize(gu, None, rs, impl="mosaic")

@@ -149,11 +149,18 @@ def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypa
 
 
 def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, lowering_model):
-    """The FP8 model's decode step (16 rows): the routed experts run by row in token
-    order (no sort by expert), no host-synchronising control flow or loops, and it lowers
-    for CUDA."""
+    """The FP8 model's decode step (16 rows), with the kernels a Hopper GPU picks: the
+    routed experts run by row in token order (no sort by expert), each residual add after
+    the first layer's input runs in the norm kernel after it, no host-synchronising
+    control flow or loops, and it lowers for CUDA."""
+    from jaxattn.kernels import common, fp8_rows
     from jaxattn.models.llama4 import moe as moe_lib
     from jaxattn.models.llama4.quantization import Fp8Scheme
+
+    monkeypatch.setattr(common, "on_hopper", lambda: True)
+    add_norm, add_norms = fp8_rows.add_rms_norm_quantize, []
+    monkeypatch.setattr(fp8_rows, "add_rms_norm_quantize",
+                        lambda *a, **k: add_norms.append(1) or add_norm(*a, **k))
 
     config, _ = lowering_model
     model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16, fp8=Fp8Scheme(attention=True))
@@ -173,5 +180,6 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     assert not {p: found[p] for p in ("cond", "while", "scan") if p in found}
     moe_layers = sum(config.is_moe(i) for i in range(config.num_hidden_layers))
     assert len(calls) == 2 * moe_layers  # gate/up, down
+    assert len(add_norms) == 2 * config.num_hidden_layers - 1
     exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=16)
     assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
