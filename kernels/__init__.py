@@ -98,7 +98,7 @@ def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bou
             q, k_pages, v_pages, page_table, plan.decode, bounds=bounds, scale=scale,
             causal=causal, interpret=interpret, metadata=kplan.dec_meta,
             k_scale=k_scale, v_scale=v_scale)
-        return dec_out.astype(q.dtype), dec_lse
+        return dec_out, dec_lse
     if config is None:
         config = prefill.pick_config(bounds, q.dtype, k_pages.dtype)
     elif (config.block_q, config.block_kv) != (bounds.block_q, bounds.block_kv):
@@ -126,14 +126,14 @@ def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bou
     # prefill output back to merge it, or deriving the valid count from a reduction, put
     # that reduction inside the scatter's index computation: XLA recomputed it per updated
     # element (benchmarks/NOTES-prefill.md, v4).
-    return (out.at[src].set(dec_out.astype(q.dtype), mode="drop"),
+    return (out.at[src].set(dec_out, mode="drop"),
             lse.at[src].set(dec_lse, mode="drop"))
 
 
 def _compact_decode_items(items: planner.WorkList, bounds: Bounds, t: int):
     """Point the decode items at a compact array of the decode rows of q.
 
-    The decode kernel returns f32 [rows, Hq, D]; over all T rows of a long
+    The decode kernel's output is [rows, Hq, D]; over all T rows of a long
     prefill batch that is gigabytes (and XLA reserves it even when the branch
     is not taken), but decode rows number at most max_num_seqs * decode_q.
     Returns the remapped items and src [R]: the row of q each compact row

@@ -17,19 +17,20 @@ list order, longest first):
 * warpgroup 0 (consumer): copies Q into a swizzled wgmma tile, then per block
   ``S = Q K^T`` (wgmma), mask (only on blocks that reach past ``kv_end`` or the
   causal diagonal), online softmax in base 2, ``O += P V`` (wgmma). The
-  epilogue writes an unsplit item's rows straight into ``out`` (one TMA per
-  token; ``out`` is a Ref updated in place) and a split piece's normalised
-  rows into its slot of a compact partial buffer; every tile's lse goes to
-  a small lse-tile array.
+  epilogue writes an unsplit item's rows straight into ``out`` in q's dtype
+  (one TMA per token; ``out`` is a Ref updated in place, so no cast kernel
+  follows) and a split piece's normalised f32 rows into its slot of a compact
+  partial buffer; every tile's lse goes to a small lse-tile array.
 
 A second, small kernel merges split pieces by log-sum-exp
-(:func:`_combine_call`): a few CTAs per (KV head, column block) take the
-step's split parents in turn from a compact list and stream only the pieces'
-own token rows, so its cost follows the real number of parents, pieces and
-tokens, not the static capacity (an XLA merge over the padded partial buffer
-pays for the whole capacity on every call: benchmarks/NOTES-decode.md, v1;
-a CTA per partial slot paid ~8 waves of empty CTAs: v6). Unsplit items
-(short contexts) never touch it. Per-token lse values are
+(:func:`_combine_call`) and writes their parents' rows into ``out``: a few
+CTAs per (KV head, column block) take the step's split parents in turn from
+a compact list and stream only the pieces' own token rows, so its cost
+follows the real number of parents, pieces and tokens, not the static
+capacity (an XLA merge over the padded partial buffer pays for the whole
+capacity on every call: benchmarks/NOTES-decode.md, v1; a CTA per partial
+slot paid ~8 waves of empty CTAs: v6). Unsplit items (short contexts) never
+touch it. Per-token lse values are
 gathered from the tiles by XLA (``T x Hq`` floats).
 
 FP8 cache (``k_pages``/``v_pages`` float8_e4m3fn with per-token, per-KV-head
@@ -197,11 +198,12 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
 
     def decode_kernel(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
-        # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] f32, a Ref updated in place
-        # (starts zeroed); outputs lse_ref, opart_ref (GMEM); scratch [+ the FP8 cache's].
+        # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype, a Ref updated
+        # in place (starts zeroed); outputs lse_ref, opart_ref (GMEM); scratch [+ the FP8
+        # cache's].
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
-        (out_ref, lse_ref, opart_ref, q_raw, q_tile, k_smem, v_smem, p_smem, o_smem, lse_smem,
-         q_full, q_free, k_full, v_full, consumed, *fp8_scratch) = rest
+        (out_ref, lse_ref, opart_ref, q_raw, q_tile, k_smem, v_smem, p_smem, (o_smem, o_out),
+         lse_smem, q_full, q_free, k_full, v_full, consumed, *fp8_scratch) = rest
         if fp8:
             ks_smem, vs_smem, k_deq, v_deq, *deq_barriers = fp8_scratch
         if deq_wg:  # k_deq/v_deq: [DEQUANT_STAGES, bk, d] rings
@@ -435,7 +437,16 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 lse = jnp.where(seen, (m + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
                 # The previous tile's stores must have finished reading o/lse_smem.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                o_smem[pl.ds(0, ROWS), :] = o
+
+                # An unsplit item's rows are final: q's dtype, so no cast kernel follows.
+                @pl.when(part < 0)
+                def _():
+                    o_out[pl.ds(0, ROWS), :] = o.astype(dtype)
+
+                @pl.when(part >= 0)  # a piece's rows: f32 for the combine
+                def _():
+                    o_smem[pl.ds(0, ROWS), :] = o
+
                 lse_smem[...] = lse
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[item, kvh])
@@ -448,7 +459,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
 
                     @pl.when(part < 0)
                     def _():
-                        plgpu.copy_smem_to_gmem(o_smem.at[rows], out_ref.at[q_start + tok, kvh])
+                        plgpu.copy_smem_to_gmem(o_out.at[rows], out_ref.at[q_start + tok, kvh])
 
                     @pl.when(part >= 0)
                     def _():
@@ -470,7 +481,9 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         kv_ring,  # V ring
         None if config.p_in_registers else  # P staging (interpret-safe path)
         plgpu.SMEM((ROWS, bk), dtype, transforms=tiles_transform),
-        plgpu.SMEM((rows_pad, d), jnp.float32),  # o staging, same rows
+        # o staging, same rows: a split piece's (f32) or an unsplit item's (q's dtype); a
+        # tile uses one, and the next one's store waits until its TMA has read it.
+        plgpu.RefUnion(plgpu.SMEM((rows_pad, d), jnp.float32), plgpu.SMEM((rows_pad, d), dtype)),
         plgpu.SMEM((ROWS,), jnp.float32),  # lse staging
         plgpu.Barrier(num_arrivals=dq_pad),  # q_full: one TMA per token
         plgpu.Barrier(),  # q_free
@@ -506,7 +519,7 @@ _COMBINE_COLS = 64  # head-dim columns per combine CTA
 
 
 def _combine_call(cmeta, parents, opart, lse_tiles, out_ref, *, g: int, workers: int,
-                  interpret):
+                  out_dtype, interpret):
     """Merge the split pieces of each (parent, KV head) by log-sum-exp.
 
     ``parents`` (int32 [1 + n_part]): the number of split parents, then each
@@ -516,7 +529,7 @@ def _combine_call(cmeta, parents, opart, lse_tiles, out_ref, *, g: int, workers:
     CTAs that exit at once. Per parent a CTA streams the pieces (only their own
     token rows) through a ring of SMEM slots, keeps a running max / sum /
     weighted O in registers, and writes the parent's rows into ``out_ref`` (in
-    place). Returns the merged lse tiles [n_part, Hkv, 64] (row of a parent's
+    place, ``out_dtype``). Returns the merged lse tiles [n_part, Hkv, 64] (row of a parent's
     first slot).
     """
     n_part, hkv, _, d = opart.shape
@@ -529,17 +542,17 @@ def _combine_call(cmeta, parents, opart, lse_tiles, out_ref, *, g: int, workers:
     n_w = max(1, min(n_part // 2, workers // (hkv * (d // cw))))
 
     def decode_combine_kernel(cmeta_ref, parents_ref, opart_ref, lse_ref, out_ref, lse_out_ref,
-                              o_buf, l_buf, full):
+                              o_buf, l_buf, o_out, full):
         kvh = lax.axis_index("kvh")
         cols = pl.ds(lax.axis_index("col") * cw, cw)
 
         @pl.loop(lax.axis_index("w"), parents_ref[0], step=n_w)
         def _(i):
             merge(parents_ref[1 + i], kvh, cols, cmeta_ref, opart_ref, lse_ref, out_ref,
-                  lse_out_ref, o_buf, l_buf, full)
+                  lse_out_ref, o_buf, l_buf, o_out, full)
 
     def merge(slot0, kvh, cols, cmeta_ref, opart_ref, lse_ref, out_ref, lse_out_ref, o_buf,
-              l_buf, full):
+              l_buf, o_out, full):
         """One parent: its pieces sit in slots [slot0, slot0 + n). Every barrier gets as
         many waits as arrivals, so the ring's phases carry over to the next parent."""
         n, q_start, q_len = (cmeta_ref[slot0, i] for i in range(3))
@@ -592,20 +605,21 @@ def _combine_call(cmeta, parents, opart, lse_tiles, out_ref, *, g: int, workers:
             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))))
         seen = s > 0
         s_safe = jnp.where(seen, s, 1.0)
-        o_buf[0] = acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])
+        o_out[...] = (acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])).astype(out_dtype)
         l_buf[0] = jnp.where(seen, m + jnp.log(s_safe), -jnp.inf)
         plgpu.commit_smem()
 
         @pl.loop(0, q_len)
         def _(tok):
-            plgpu.copy_smem_to_gmem(o_buf.at[0, pl.ds(tok * g, g)],
+            plgpu.copy_smem_to_gmem(o_out.at[pl.ds(tok * g, g)],
                                     out_ref.at[q_start + tok, kvh, :, cols])
 
         @pl.when(lax.axis_index("col") == 0)
         def _():
             plgpu.copy_smem_to_gmem(l_buf.at[0], lse_out_ref.at[slot0, kvh])
 
-        # The next parent's loads refill slot 0 only after these stores have read it.
+        # The next parent's result and lse go to o_out and slot 0 only after these stores
+        # have read them.
         plgpu.wait_smem_to_gmem(0)
 
     if interpret is True:
@@ -615,6 +629,7 @@ def _combine_call(cmeta, parents, opart, lse_tiles, out_ref, *, g: int, workers:
         grid=(n_w, hkv, d // cw), grid_names=("w", "kvh", "col"),
         scratch_types=(plgpu.SMEM((ring, ROWS, cw), jnp.float32),
                        plgpu.SMEM((ring, ROWS), jnp.float32),
+                       plgpu.SMEM((ROWS, cw), out_dtype),  # a parent's merged rows
                        plgpu.Barrier(num_arrivals=n_tok + 1, num_barriers=ring)),
         interpret=interpret or None,
     )(cmeta, parents, opart, lse_tiles, out_ref)
@@ -697,7 +712,7 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
                 scale: float, causal: bool = True, interpret=False,
                 config: DecodeConfig | None = None, k_scale=None, v_scale=None):
     """The split-KV kernel alone (the benchmark times it): returns a Ref to out
-    [T, Hkv, G, D] f32 holding the unsplit items' rows (others 0), the lse tiles
+    [T, Hkv, G, D] in q's dtype holding the unsplit items' rows (others 0), the lse tiles
     [cap, Hkv, 64] and the split pieces' rows [n_part, Hkv, 64, D]."""
     config = config or default_config(bool(interpret), fp8=k_scale is not None)
     _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv,
@@ -705,7 +720,7 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     common.check_kv_dtype("decode", q.dtype, k_pages.dtype, k_scale is not None)
     t, hq, d = q.shape
     g = bounds.group
-    out_ref = jax.new_ref(jnp.zeros((t, hq // g, g, d), jnp.float32))  # rows nobody covers: 0
+    out_ref = jax.new_ref(jnp.zeros((t, hq // g, g, d), q.dtype))  # rows nobody covers: 0
     lse_tiles, opart = _kernel_call(
         md.meta, md.count, page_table.astype(jnp.int32), q.reshape(t, hq // g, g, d), k_pages,
         v_pages, out_ref, n_part=md.cmeta.shape[0], scale=float(scale), causal=causal,
@@ -727,7 +742,7 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
     True or a ``plgpu.InterpretGPUParams`` (GPU interpret mode, e.g. with the
     race detector). An FP8 cache (float8_e4m3fn pages) passes its scales
     ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32. Returns out [T, Hq, D]
-    f32 and lse [T, Hq] f32; rows no item covers are 0 / -inf.
+    in q's dtype and lse [T, Hq] f32; rows no item covers are 0 / -inf.
     """
     t, hq, d = q.shape
     # A model passes the metadata in: it depends only on the step's plan, so every layer
@@ -738,6 +753,7 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
                                             scale=scale, causal=causal, interpret=interpret,
                                             config=config, k_scale=k_scale, v_scale=v_scale)
     lse_merged = _combine_call(md.cmeta, md.parents, opart, lse_tiles, out_ref, g=bounds.group,
-                               workers=bounds.num_workers, interpret=interpret)
+                               workers=bounds.num_workers, out_dtype=q.dtype,
+                               interpret=interpret)
     return (out_ref[...].reshape(t, hq, d),
             _gather_lse(lse_tiles, lse_merged, md, bounds.group))
