@@ -129,7 +129,7 @@ def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config, balan
     # never computes the lse gather; the layer here does the same.
     layer = jax.jit(lambda q, k, v, t, items, md: decode.decode_attention(
         q, k, v, t, items, bounds=bounds, scale=D ** -0.5, config=config,
-        metadata=md)[0].astype(q.dtype))
+        metadata=md)[0])
 
     def main_only(q, k, v, t, md):
         out_ref, lse_tiles, opart = decode.main_kernel(q, k, v, t, md, bounds=bounds,
@@ -214,7 +214,8 @@ def table_md(res):
     lines = [f"# Decode bandwidth, {res['device']}, {res['date']}", "",
              f"Same-run ceilings: copy {c['copy_tbps']:.2f} TB/s, read-only {c['read_tbps']:.2f} TB/s.",
              "Bandwidth = bytes of K+V read / time. jaxattn = one layer's attention as the model"
-             " calls it: main kernel + combine kernel + output zeroing + the cast to q's dtype (the"
+             " calls it: main kernel + combine kernel + output zeroing (+ the cast to q's dtype"
+             " before 2026-12-01 session 11's kernels wrote that dtype themselves; the"
              " lse, which the model drops, is not computed; runs before 2026-12-01 session 7"
              " included its gather); the kernel"
              " metadata and the step's plan (built once per step, shared by all layers) are"
