@@ -51,7 +51,8 @@ def gpu_ms(f, *args, reps: int = 20) -> float:
 def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
     """Where ``fn()``'s time goes, from a jax.profiler trace of ``reps`` calls (after one
     untraced call), per call: GPU kernels by total time on device 0 (``kernels``, with the
-    kernel count and busy time), and the host threads' events by total time (``host``: the
+    kernel count and busy time; each row keeps its first event's profiler stats, such as
+    the HLO op that launched it, and that op's own stats from the "XLA Ops" line), and the host threads' events by total time (``host``: the
     launches, graph updates and collectives that keep a small step host-bound). Host events
     nest, so their times overlap; they rank causes, they do not add up."""
     import jax
@@ -65,8 +66,14 @@ def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
         data = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
     kernels: dict[str, list] = {}
     host: dict[str, list] = {}
+    stats: dict[str, dict] = {}  # a kernel's first event's stats: which HLO op launched it
+    ops: dict[str, dict] = {}  # the "XLA Ops" line's stats per HLO op (its JAX op name)
     for plane in data.planes:
         if plane.name.startswith("/device:GPU:0"):
+            for line in plane.lines:
+                if line.name == "XLA Ops":
+                    for ev in line.events:
+                        ops.setdefault(ev.name, _event_stats(ev))
             lines, into = [ln for ln in plane.lines if ln.name.startswith("Stream")], kernels
         elif plane.name.startswith("/host:CPU"):
             lines, into = list(plane.lines), host
@@ -77,9 +84,15 @@ def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
                 t = into.setdefault(ev.name, [0.0, 0])
                 t[0] += ev.duration_ns
                 t[1] += 1
+                if into is kernels and ev.name not in stats:
+                    stats[ev.name] = _event_stats(ev)
+                    op = ops.get(stats[ev.name].get("hlo_op", ""))
+                    if op:
+                        stats[ev.name]["op"] = op
 
     def rows(total):
         out = sorted(({"name": k[:100], "ms": round(v[0] / reps / 1e6, 4), "calls": v[1] // reps}
+                      | ({"stats": stats[k]} if stats.get(k) else {})
                       for k, v in total.items()), key=lambda r: -r["ms"])
         return out[:top]
 
@@ -91,6 +104,15 @@ def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
     return {"kernels": rows(kernels), "host": rows(host), "kinds": rows(by_kind),
             "kernel_ms": round(sum(v[0] for v in kernels.values()) / reps / 1e6, 4),
             "kernel_calls": sum(v[1] for v in kernels.values()) // reps}
+
+
+def _event_stats(ev) -> dict:
+    """A profiler event's stats as short strings (a GPU kernel's carry the HLO op and
+    module that launched it), or {} where the profiler gives none."""
+    try:
+        return {str(k): str(v)[:160] for k, v in ev.stats if not str(k).startswith("_")}
+    except Exception:  # noqa: BLE001 - the stats' form is the profiler's, not ours
+        return {}
 
 
 # GPU kernel names -> what they do, first match wins (our Mosaic kernels are named after
