@@ -33,10 +33,14 @@ def cases():
     gu = jax.random.normal(next(key), (ROWS, 16384), jnp.bfloat16)
     g2, u2 = (jax.random.normal(next(key), (ROWS, 4096), jnp.bfloat16) for _ in range(2))
     rs = jnp.exp(jax.random.normal(next(key), (ROWS,)))
+    delta = jax.random.normal(next(key), (ROWS, 5120), jnp.bfloat16)
     return {
         "quantize 5120 (o_proj input)": (lambda impl: lambda x: fr.quantize(x, impl=impl), (x,)),
         "rms_norm + quantize 5120": (
             lambda impl: lambda x, w: fr.rms_norm_quantize(x, w, 1e-5, impl=impl), (x, w)),
+        "residual add + rms_norm + quantize 5120": (
+            lambda impl: lambda x, d, w: fr.add_rms_norm_quantize(x, d, w, 1e-5, impl=impl),
+            (x, delta, w)),
         "swiglu + quantize 2x8192, row scales (routed)": (
             lambda impl: lambda g, r: fr.swiglu_quantize(g, None, r, impl=impl), (gu, rs)),
         "swiglu + quantize 4096 (shared, TP=2)": (
