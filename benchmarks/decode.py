@@ -132,9 +132,9 @@ def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config, balan
         metadata=md)[0])
 
     def main_only(q, k, v, t, md):
-        out_ref, lse_tiles, opart = decode.main_kernel(q, k, v, t, md, bounds=bounds,
-                                                       scale=D ** -0.5, config=config)
-        return out_ref[...], lse_tiles, opart
+        out_ref, lse_tiles, pieces = decode.main_kernel(q, k, v, t, md, bounds=bounds,
+                                                        scale=D ** -0.5, config=config)
+        return out_ref[...], lse_tiles, pieces
 
     main_only = jax.jit(main_only)
     args = (qt, k_pages, v_pages, table)

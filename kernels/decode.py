@@ -199,10 +199,10 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
 
     def decode_kernel(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
         # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype, a Ref updated
-        # in place (starts zeroed); outputs lse_ref, opart_ref (GMEM); scratch [+ the FP8
-        # cache's].
+        # in place (starts zeroed); outputs lse_ref, opart_ref, lpart_ref (GMEM); scratch [+
+        # the FP8 cache's].
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
-        (out_ref, lse_ref, opart_ref, q_raw, q_tile, k_smem, v_smem, p_smem, (o_smem, o_out),
+        (out_ref, lse_ref, opart_ref, lpart_ref, q_raw, q_tile, k_smem, v_smem, p_smem, (o_smem, o_out),
          lse_smem, q_full, q_free, k_full, v_full, consumed, *fp8_scratch) = rest
         if fp8:
             ks_smem, vs_smem, k_deq, v_deq, *deq_barriers = fp8_scratch
@@ -449,7 +449,14 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
 
                 lse_smem[...] = lse
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[item, kvh])
+
+                @pl.when(part < 0)
+                def _():
+                    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[item, kvh])
+
+                @pl.when(part >= 0)  # by slot, so the combine needs no index to find it
+                def _():
+                    plgpu.copy_smem_to_gmem(lse_smem, lpart_ref.at[part, kvh])
 
                 # Only the item's own token rows go out: straight into `out` when the
                 # item is unsplit, else into the piece's slot of the partial buffer.
@@ -506,19 +513,21 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         raise ValueError("GPU interpret mode cannot run p_in_registers=True (register A "
                          "operand of wgmma); use DecodeConfig(p_in_registers=False)")
     out_type = (jax.ShapeDtypeStruct((cap, hkv, ROWS), jnp.float32),
-                jax.ShapeDtypeStruct((n_part, hkv, ROWS, d), jnp.float32))
-    return plgpu.kernel(
+                jax.ShapeDtypeStruct((n_part, hkv, ROWS, d), jnp.float32),
+                jax.ShapeDtypeStruct((n_part, hkv, ROWS), jnp.float32))
+    lse_tiles, piece_rows, piece_lse = plgpu.kernel(
         decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,),
         grid_names=("cta",), num_threads=2 + deq_wgs, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret or None,
     )(meta, count, page_table, q4, k_pages, v_pages, *scales, out_ref)
+    return lse_tiles, Pieces(piece_rows, piece_lse)
 
 
 _COMBINE_COLS = 64  # head-dim columns per combine CTA
 
 
-def _combine_call(cmeta, parents, opart, lse_tiles, out_ref, *, g: int, workers: int,
+def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: int,
                   out_dtype, interpret):
     """Merge the split pieces of each (parent, KV head) by log-sum-exp.
 
@@ -532,7 +541,7 @@ def _combine_call(cmeta, parents, opart, lse_tiles, out_ref, *, g: int, workers:
     place, ``out_dtype``). Returns the merged lse tiles [n_part, Hkv, 64] (row of a parent's
     first slot).
     """
-    n_part, hkv, _, d = opart.shape
+    n_part, hkv, _, d = pieces.rows.shape
     cw = min(d, _COMBINE_COLS)
     n_tok = ROWS // g  # q_len <= dq <= 64 // g
     # A piece's load is tiny (its token rows); depth hides the TMA latency when
@@ -541,17 +550,17 @@ def _combine_call(cmeta, parents, opart, lse_tiles, out_ref, *, g: int, workers:
     # Each parent has two pieces or more, so there are at most n_part // 2.
     n_w = max(1, min(n_part // 2, workers // (hkv * (d // cw))))
 
-    def decode_combine_kernel(cmeta_ref, parents_ref, opart_ref, lse_ref, out_ref, lse_out_ref,
-                              o_buf, l_buf, o_out, full):
+    def decode_combine_kernel(cmeta_ref, parents_ref, opart_ref, lpart_ref, out_ref,
+                              lse_out_ref, o_buf, l_buf, o_out, full):
         kvh = lax.axis_index("kvh")
         cols = pl.ds(lax.axis_index("col") * cw, cw)
 
         @pl.loop(lax.axis_index("w"), parents_ref[0], step=n_w)
         def _(i):
-            merge(parents_ref[1 + i], kvh, cols, cmeta_ref, opart_ref, lse_ref, out_ref,
+            merge(parents_ref[1 + i], kvh, cols, cmeta_ref, opart_ref, lpart_ref, out_ref,
                   lse_out_ref, o_buf, l_buf, o_out, full)
 
-    def merge(slot0, kvh, cols, cmeta_ref, opart_ref, lse_ref, out_ref, lse_out_ref, o_buf,
+    def merge(slot0, kvh, cols, cmeta_ref, opart_ref, lpart_ref, out_ref, lse_out_ref, o_buf,
               l_buf, o_out, full):
         """One parent: its pieces sit in slots [slot0, slot0 + n). Every barrier gets as
         many waits as arrivals, so the ring's phases carry over to the next parent."""
@@ -570,8 +579,7 @@ def _combine_call(cmeta, parents, opart, lse_tiles, out_ref, *, g: int, workers:
             def _(tok):
                 plgpu.barrier_arrive(full.at[b])
 
-            plgpu.copy_gmem_to_smem(lse_ref.at[cmeta_ref[slot0 + k, 3], kvh], l_buf.at[b],
-                                    full.at[b])
+            plgpu.copy_gmem_to_smem(lpart_ref.at[slot0 + k, kvh], l_buf.at[b], full.at[b])
 
         @pl.loop(0, jnp.minimum(n, ring))
         def _(k):
@@ -632,7 +640,15 @@ def _combine_call(cmeta, parents, opart, lse_tiles, out_ref, *, g: int, workers:
                        plgpu.SMEM((ROWS, cw), out_dtype),  # a parent's merged rows
                        plgpu.Barrier(num_arrivals=n_tok + 1, num_barriers=ring)),
         interpret=interpret or None,
-    )(cmeta, parents, opart, lse_tiles, out_ref)
+    )(cmeta, parents, pieces.rows, pieces.lse, out_ref)
+
+
+class Pieces(NamedTuple):
+    """What the main kernel leaves the combine kernel: each split piece's rows and lse
+    tiles by partial slot."""
+
+    rows: jax.Array  # f32 [n_part, Hkv, 64, D]: normalised rows (tokens x group heads)
+    lse: jax.Array  # f32 [n_part, Hkv, 64]
 
 
 class DecodeMeta(NamedTuple):
@@ -640,8 +656,8 @@ class DecodeMeta(NamedTuple):
 
     meta: jax.Array  # int32 [cap, 8]: item rows for the main kernel (see _SEQ.._PART)
     count: jax.Array  # int32 [1]: valid items
-    cmeta: jax.Array  # int32 [n_part, 4]: per partial slot (pieces if a parent's first
-    #                   piece else 0, q_start, q_len, item)
+    cmeta: jax.Array  # int32 [n_part, 3]: per partial slot (pieces if a parent's first
+    #                   piece else 0, q_start, q_len)
     parents: jax.Array  # int32 [1 + n_part]: number of split parents, then their first slots
     tok2item: jax.Array  # int32 [T]: item whose lse tile holds the token, -2 - slot for a
     #                      split parent's merged tile, -1 for none
@@ -669,9 +685,8 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int) -> Deco
     meta = jnp.stack([items.seq, qs, items.q_len, items.q_pos, items.kv_start, items.kv_end,
                       part, jnp.zeros_like(part)], axis=1).astype(jnp.int32)
     first = jnp.where(k == 0, items.num_splits, 0)
-    cmeta = jnp.zeros((n_part, 4), jnp.int32).at[jnp.where(part >= 0, part, n_part)].set(
-        jnp.stack([first, qs, items.q_len, jnp.arange(cap)], axis=1).astype(jnp.int32),
-        mode="drop")
+    cmeta = jnp.zeros((n_part, 3), jnp.int32).at[jnp.where(part >= 0, part, n_part)].set(
+        jnp.stack([first, qs, items.q_len], axis=1).astype(jnp.int32), mode="drop")
     dq, t = bounds.dq, num_tokens
     tok = qs[:, None] + jnp.arange(dq)[None, :]
     keep = valid[:, None] & (k[:, None] == 0) & (jnp.arange(dq)[None, :] < items.q_len[:, None])
@@ -712,8 +727,8 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
                 scale: float, causal: bool = True, interpret=False,
                 config: DecodeConfig | None = None, k_scale=None, v_scale=None):
     """The split-KV kernel alone (the benchmark times it): returns a Ref to out
-    [T, Hkv, G, D] in q's dtype holding the unsplit items' rows (others 0), the lse tiles
-    [cap, Hkv, 64] and the split pieces' rows [n_part, Hkv, 64, D]."""
+    [T, Hkv, G, D] in q's dtype holding the unsplit items' rows (others 0), their lse tiles
+    [cap, Hkv, 64] (a split item's are not written) and the split pieces' :class:`Pieces`."""
     config = config or default_config(bool(interpret), fp8=k_scale is not None)
     _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv,
            fp8=k_scale is not None)
@@ -721,12 +736,12 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     t, hq, d = q.shape
     g = bounds.group
     out_ref = jax.new_ref(jnp.zeros((t, hq // g, g, d), q.dtype))  # rows nobody covers: 0
-    lse_tiles, opart = _kernel_call(
+    lse_tiles, pieces = _kernel_call(
         md.meta, md.count, page_table.astype(jnp.int32), q.reshape(t, hq // g, g, d), k_pages,
         v_pages, out_ref, n_part=md.cmeta.shape[0], scale=float(scale), causal=causal,
         config=config, num_ctas=config.num_ctas or bounds.num_workers, interpret=interpret,
         k_scale=k_scale, v_scale=v_scale)
-    return out_ref, lse_tiles, opart
+    return out_ref, lse_tiles, pieces
 
 
 def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds: Bounds,
@@ -749,10 +764,11 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
     # of a kind shares one copy (benchmarks/NOTES-decode.md, v3).
     md = metadata if metadata is not None else decode_metadata(items, bounds=bounds,
                                                                 num_tokens=t)
-    out_ref, lse_tiles, opart = main_kernel(q, k_pages, v_pages, page_table, md, bounds=bounds,
-                                            scale=scale, causal=causal, interpret=interpret,
-                                            config=config, k_scale=k_scale, v_scale=v_scale)
-    lse_merged = _combine_call(md.cmeta, md.parents, opart, lse_tiles, out_ref, g=bounds.group,
+    out_ref, lse_tiles, pieces = main_kernel(q, k_pages, v_pages, page_table, md,
+                                             bounds=bounds, scale=scale, causal=causal,
+                                             interpret=interpret, config=config,
+                                             k_scale=k_scale, v_scale=v_scale)
+    lse_merged = _combine_call(md.cmeta, md.parents, pieces, out_ref, g=bounds.group,
                                workers=bounds.num_workers, out_dtype=q.dtype,
                                interpret=interpret)
     return (out_ref[...].reshape(t, hq, d),

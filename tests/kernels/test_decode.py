@@ -232,5 +232,5 @@ def test_decode_only_skips_the_prefill_pass_with_the_same_numbers():
 
 
 def test_parents_list_the_first_slot_of_each_split_parent():
-    cmeta = jnp.zeros((7, 4), jnp.int32).at[jnp.array([0, 2, 5]), 0].set(jnp.array([2, 3, 2]))
+    cmeta = jnp.zeros((7, 3), jnp.int32).at[jnp.array([0, 2, 5]), 0].set(jnp.array([2, 3, 2]))
     np.testing.assert_array_equal(decode._parents(cmeta), [3, 0, 2, 5, 0, 0, 0, 0])
