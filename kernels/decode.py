@@ -20,7 +20,8 @@ list order, longest first):
   epilogue writes an unsplit item's rows straight into ``out`` in q's dtype
   (one TMA per token; ``out`` is a Ref updated in place, so no cast kernel
   follows) and a split piece's normalised f32 rows into its slot of a compact
-  partial buffer; every tile's lse goes to a small lse-tile array.
+  partial buffer (:class:`Pieces`); an unsplit tile's lse goes to a small
+  lse-tile array, a piece's to its slot beside its rows.
 
 A second, small kernel merges split pieces by log-sum-exp
 (:func:`_combine_call`) and writes their parents' rows into ``out``: a few
