@@ -2,8 +2,9 @@
 # The one GPU entry point (`make gpu`, or through the device tool): installs the
 # project offline, runs the GPU tests (pytest -m gpu) and the benchmarks, and
 # writes JSON/markdown/PNG into benchmarks/results/ (and $OUT when set).
-#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|model|serving|sweep|soak|fp8|all|multigpu|decode-host|fp8-decode] ...
-# (multigpu and decode-host are not part of all: they need a machine with several GPUs)
+#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|model|serving|sweep|soak|fp8|all|multigpu|decode-host|fp8-decode|decode-kernels] ...
+# (not part of all: multigpu and decode-host need several GPUs; fp8-decode and decode-kernels
+# repeat parts of it for the FP8 decode work)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then  # wheels the GPU image lacks (fastapi, uvicorn, ...)
@@ -42,6 +43,14 @@ for what in "${@:-all}"; do
         --quantization fp8 --fp8-attention --lengths 8192 --skip-alone --buckets 16,8192 \
         --decode-batches 1,8 --max-num-seqs 8 --profile-steps 2 --tag=-fp8-decode \
         || status=1 ;;&
+    # The decode step's small kernels on their own (~4 minutes): the GPU tests of the decode
+    # attention kernels (bf16 and FP8 cache) and of the FP8 row kernels, then their
+    # benchmarks (the decode layer with its GPU time against cuDNN's).
+    decode-kernels)
+      timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_decode_gpu.py \
+        tests/kernels/test_fp8_rows.py tests/kernels/test_fp8_kv_gpu.py || status=1
+      python3 -m benchmarks.fp8_rows || status=1
+      python3 -m benchmarks.decode --quick --profile || status=1 ;;&
     # The step's command-buffer settings (benchmarks/NOTES-model.md) on a 12-layer slice on all
     # GPUs, ~100 s each, each with a profiled batch-1 step: the engine's default (XLA's BFC
     # allocator, the step's addresses kept still by the step), VMM with SKIP_PROFILED and the
