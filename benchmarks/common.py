@@ -52,9 +52,10 @@ def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
     """Where ``fn()``'s time goes, from a jax.profiler trace of ``reps`` calls (after one
     untraced call), per call: GPU kernels by total time on device 0 (``kernels``, with the
     kernel count and busy time; each row keeps its first event's profiler stats, such as
-    the HLO op that launched it, and that op's own stats from the "XLA Ops" line), and the host threads' events by total time (``host``: the
-    launches, graph updates and collectives that keep a small step host-bound). Host events
-    nest, so their times overlap; they rank causes, they do not add up."""
+    the HLO op that launched it, and that op's own stats from the "XLA Ops" line), and the
+    host threads' events by total time (``host``: the launches, graph updates and
+    collectives that keep a small step host-bound). Host events nest, so their times
+    overlap; they rank causes, they do not add up."""
     import jax
     from jax.profiler import ProfileData
 

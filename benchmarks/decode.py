@@ -220,9 +220,9 @@ def table_md(res):
              " included its gather); the kernel"
              " metadata and the step's plan (built once per step, shared by all layers) are"
              " timed separately.", "",
-             "| batch x ctx | pieces | jaxattn ms | TB/s | % copy | % read-only | main kernel TB/s |"
-             " cuDNN TB/s | XLA TB/s | jaxattn / cuDNN | smallest pieces (before): pieces, ms,"
-             " / cuDNN | metadata ms | plan ms |",
+             "| batch x ctx | pieces | jaxattn ms | TB/s | % copy | % read-only |"
+             " main kernel TB/s | cuDNN TB/s | XLA TB/s | jaxattn / cuDNN |"
+             " smallest pieces (before): pieces, ms, / cuDNN | metadata ms | plan ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k: f"{r[k]:.3g}" if k in r else "—"
     for r in res["cases"]:
@@ -233,7 +233,8 @@ def table_md(res):
                    else "—")  # runs before 2026-12-01 session 11 lack it
         lines.append(f"| {r['batch']}x{r['ctx']} | {r['pieces']} | {r['jaxattn_ms']:.3f} | "
                      f"{r['jaxattn_tbps']:.2f} | {100 * r['jaxattn_frac_of_copy']:.0f}% | "
-                     f"{of_read} | {f(r, 'kernel_tbps')} | {f(r, 'cudnn_tbps')} | {f(r, 'xla_tbps')} | "
+                     f"{of_read} | {f(r, 'kernel_tbps')} | {f(r, 'cudnn_tbps')} | "
+                     f"{f(r, 'xla_tbps')} | "
                      f"{f(r, 'jaxattn_vs_cudnn')} | {r.get('pieces_least', '—')}, "
                      f"{f(r, 'jaxattn_least_ms')}, {f(r, 'jaxattn_least_vs_cudnn')} | "
                      f"{f(r, 'meta_ms')} | {r['plan_ms']:.3f} |")

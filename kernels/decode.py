@@ -203,8 +203,9 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         # in place (starts zeroed); outputs lse_ref, opart_ref, lpart_ref (GMEM); scratch [+
         # the FP8 cache's].
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
-        (out_ref, lse_ref, opart_ref, lpart_ref, q_raw, q_tile, k_smem, v_smem, p_smem, (o_smem, o_out),
-         lse_smem, q_full, q_free, k_full, v_full, consumed, *fp8_scratch) = rest
+        (out_ref, lse_ref, opart_ref, lpart_ref, q_raw, q_tile, k_smem, v_smem, p_smem,
+         (o_smem, o_out), lse_smem, q_full, q_free, k_full, v_full, consumed,
+         *fp8_scratch) = rest
         if fp8:
             ks_smem, vs_smem, k_deq, v_deq, *deq_barriers = fp8_scratch
         if deq_wg:  # k_deq/v_deq: [DEQUANT_STAGES, bk, d] rings
@@ -539,8 +540,8 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
     CTAs that exit at once. Per parent a CTA streams the pieces (only their own
     token rows) through a ring of SMEM slots, keeps a running max / sum /
     weighted O in registers, and writes the parent's rows into ``out_ref`` (in
-    place, ``out_dtype``). Returns the merged lse tiles [n_part, Hkv, 64] (row of a parent's
-    first slot).
+    place, ``out_dtype``). Returns the merged lse tiles [n_part, Hkv, 64] (row of
+    a parent's first slot).
     """
     n_part, hkv, _, d = pieces.rows.shape
     cw = min(d, _COMBINE_COLS)
