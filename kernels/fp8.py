@@ -67,6 +67,63 @@ class Quantized:
         return Quantized(self.values[rows], scale, self.dtype)
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["values", "row_scale", "col_scale"], meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class Unscaled:
+    """A product whose epilogue has not run: ``values [..., N]`` (f32 or bf16) times
+    ``row_scale [...]`` and ``col_scale [N]`` (f32; None: 1), in ``dtype``. Rows whose row
+    scale is 0 are 0, whatever their values (a kernel may leave them unwritten).
+
+    A decode step's FP8 products (``o_proj``, the experts' down projections) end in the
+    residual stream's add, so their scales apply in that add's kernel
+    (:func:`jaxattn.kernels.fp8_rows.add_rms_norm_quantize`): XLA's epilogue was a kernel
+    of its own after each product. :meth:`resolve` is the same arithmetic in XLA."""
+
+    values: jax.Array
+    row_scale: jax.Array | None
+    col_scale: jax.Array | None
+    dtype: Any
+
+    def resolve(self) -> jax.Array:
+        y = self.values.astype(jnp.float32)
+        if self.row_scale is not None:
+            y = y * self.row_scale[..., None]
+        if self.col_scale is not None:
+            y = y * self.col_scale
+        y = y.astype(self.dtype)
+        if self.row_scale is None:
+            return y
+        return jnp.where(self.row_scale[..., None] != 0, y, jnp.zeros((), y.dtype))
+
+    def reshape(self, *shape) -> "Unscaled":
+        """As ``jax.Array.reshape`` (the values' shape; the row scales follow)."""
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        row_scale = None if self.row_scale is None else self.row_scale.reshape(shape[:-1])
+        return Unscaled(self.values.reshape(shape), row_scale, self.col_scale, self.dtype)
+
+
+def resolve(term) -> jax.Array:
+    """An array as it is; an :class:`Unscaled` product with its scales applied."""
+    return term.resolve() if isinstance(term, Unscaled) else term
+
+
+def sum_terms(terms) -> jax.Array:
+    """``terms`` (a tuple of arrays / :class:`Unscaled`, or one array) resolved and summed in
+    order, each sum rounded to the terms' dtype (as XLA adds them one by one)."""
+    if not isinstance(terms, tuple):
+        return resolve(terms)
+    return functools.reduce(lambda a, b: a + b, map(resolve, terms))
+
+
+def mask_rows(term, keep):
+    """``term`` with the rows where ``keep`` (bool [...]) is False zeroed (an Unscaled
+    product's by their row scale, so the select runs where the scales apply)."""
+    if isinstance(term, Unscaled) and term.row_scale is not None:
+        return dataclasses.replace(term, row_scale=jnp.where(keep, term.row_scale, 0.0))
+    return jnp.where(keep[..., None], term, jnp.zeros((), term.dtype))
+
+
 def quantize(x, axis: int = -1, scale_ub: float | None = None):
     """Symmetric FP8 along ``axis`` (the contraction axis): (values float8, scale f32).
 
@@ -90,17 +147,20 @@ def dequantize(q, scale, axis: int = -1, dtype=jnp.float32):
     return (q.astype(jnp.float32) * jnp.expand_dims(scale, axis)).astype(dtype)
 
 
-def scaled_matmul(x, w, w_scale, *, out_dtype=None, scale_ub: float | None = None):
+def scaled_matmul(x, w, w_scale, *, out_dtype=None, scale_ub: float | None = None,
+                  defer: bool = False):
     """``x [..., K]`` (bf16/f32) times the FP8 weight ``w [N, K]`` with ``w_scale [N]``.
 
     ``x`` is quantised per token here (dynamic), unless it is :class:`Quantized` already.
-    Returns ``[..., N]`` in ``out_dtype`` (default ``x.dtype``).
+    Returns ``[..., N]`` in ``out_dtype`` (default ``x.dtype``), or with ``defer`` the
+    :class:`Unscaled` product for its consumer to scale.
     XLA's FP8 dot: f32 accumulation, scales applied after.
     """
     xq, xs = (x.values, x.scale) if isinstance(x, Quantized) else quantize(x, -1, scale_ub)
     y = lax.dot_general(xq, w, (((xq.ndim - 1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32)
-    return (y * xs[..., None] * w_scale).astype(out_dtype or x.dtype)
+    product = Unscaled(y, xs, w_scale, jnp.dtype(out_dtype or x.dtype))
+    return product if defer else product.resolve()
 
 
 def scaled_matmul_reference(x, w, w_scale, *, out_dtype=None, scale_ub: float | None = None):

@@ -92,7 +92,7 @@ def reference_rms_norm_quantize(x, weight, eps, scale_ub=None):
 
 
 def reference_add_rms_norm_quantize(x, delta, weight, eps, scale_ub=None):
-    x = x + delta
+    x = x + fp8.sum_terms(delta)
     return (x, *reference_rms_norm_quantize(x, weight, eps, scale_ub))
 
 
@@ -157,23 +157,55 @@ def _quantize_kernel(x, *, scale_ub, config: RowsConfig):
     return _launch(body, r, _outs(r, k))(x)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "scale_ub", "config"))
-def _rms_norm_quantize_kernel(x, weight, delta=None, *, eps, scale_ub, config: RowsConfig):
-    """With ``delta`` [R, K]: normalises ``x + delta`` (rounded to x's dtype, as XLA's add)
-    and returns that sum first."""
+def _flat_terms(terms, r: int):
+    """``terms`` (arrays or :class:`fp8.Unscaled`, [..., K]) as the kernel's operands: the
+    arrays (values [R, K], then the row scales [R] and column scales [K] it has) and each
+    term's (has row scales, has column scales), static."""
+    arrays, kinds = [], []
+    for t in terms:
+        u = t if isinstance(t, fp8.Unscaled) else fp8.Unscaled(t, None, None, t.dtype)
+        arrays.append(u.values.reshape(r, -1))
+        arrays += [s.reshape(-1).astype(jnp.float32) for s in (u.row_scale, u.col_scale)
+                   if s is not None]
+        kinds.append((u.row_scale is not None, u.col_scale is not None))
+    return arrays, tuple(kinds)
+
+
+@functools.partial(jax.jit, static_argnames=("kinds", "eps", "scale_ub", "config"))
+def _rms_norm_quantize_kernel(x, weight, *terms, kinds=(), eps, scale_ub, config: RowsConfig):
+    """With ``terms`` (:func:`_flat_terms`): normalises ``x + delta``, delta the terms'
+    sum (:func:`fp8.sum_terms`'s arithmetic and roundings), and returns that sum first."""
     r, k = x.shape
     chunk = config.chunk_for(k)
+    rounded = lambda v: v.astype(x.dtype).astype(jnp.float32)
 
     def body(row, x_ref, w_ref, *rest):
-        d_ref, *rest = rest if delta is not None else (None, *rest)
-        sum_ref, h_ref, q_ref, s_ref = rest if delta is not None else (None, *rest)
+        term_refs, rest = rest[:len(terms)], rest[len(terms):]
+        sum_ref, h_ref, q_ref, s_ref = rest if terms else (None, *rest)
+
+        def term(refs, has_row, has_col, at):  # Unscaled.resolve, on one chunk of the row
+            v_ref, *scales = refs
+            v = v_ref[row, at].astype(jnp.float32)
+            if has_row:
+                rs = jnp.broadcast_to(scales.pop(0)[row], v.shape)
+                v = v * rs
+            if has_col:
+                v = v * scales.pop(0)[at]
+            v = rounded(v)
+            return jnp.where(rs != 0, v, 0.0) if has_row else v
 
         def load(c):
             at = pl.ds(c * chunk, chunk)
             xc = x_ref[row, at].astype(jnp.float32)
-            if d_ref is None:
+            if not terms:
                 return xc
-            xc = (xc + d_ref[row, at].astype(jnp.float32)).astype(x.dtype)
+            refs, delta = list(term_refs), None
+            for has_row, has_col in kinds:
+                n = 1 + has_row + has_col
+                t = term(refs[:n], has_row, has_col, at)
+                refs = refs[n:]
+                delta = t if delta is None else rounded(delta + t)
+            xc = (xc + delta).astype(x.dtype)
             sum_ref[row, at] = xc
             return xc.astype(jnp.float32)
 
@@ -192,9 +224,9 @@ def _rms_norm_quantize_kernel(x, weight, delta=None, *, eps, scale_ub, config: R
         _quantize_chunks(hs, q_ref.at[row], s_ref.at[pl.ds(row, 1)], chunk, scale_ub)
 
     outs = _outs(r, k, x.dtype)
-    if delta is None:
+    if not terms:
         return _launch(body, r, outs)(x, weight)
-    return _launch(body, r, (jax.ShapeDtypeStruct((r, k), x.dtype), *outs))(x, weight, delta)
+    return _launch(body, r, (jax.ShapeDtypeStruct((r, k), x.dtype), *outs))(x, weight, *terms)
 
 
 @functools.partial(jax.jit, static_argnames=("scale_ub", "config"))
@@ -257,15 +289,21 @@ def rms_norm_quantize(x, weight, eps: float, *, scale_ub: float | None = None,
 
 def add_rms_norm_quantize(x, delta, weight, eps: float, *, scale_ub: float | None = None,
                           impl: str = "auto", config: RowsConfig = RowsConfig()):
-    """:func:`rms_norm_quantize` of ``x + delta`` (both [..., K], x's dtype): (the sum, the
-    normed rows, their :class:`fp8.Quantized`). ``delta`` is a residual stream's pending
-    update, so its add and the norm after it take one launch."""
+    """:func:`rms_norm_quantize` of ``x + delta`` (x [..., K]): (the sum, the normed rows,
+    their :class:`fp8.Quantized`). ``delta`` is a residual stream's pending update, so its
+    add and the norm after it take one launch: an array in x's dtype, or a tuple of terms
+    (:func:`fp8.sum_terms`: arrays and FP8 products whose scales, the epilogues of the
+    matmuls before, apply here), each taken in x's dtype."""
     x2, back = _rows(x)
+    terms = tuple(dataclasses.replace(t, dtype=jnp.dtype(x.dtype))
+                  if isinstance(t, fp8.Unscaled) else t.astype(x.dtype)
+                  for t in (delta if isinstance(delta, tuple) else (delta,)))
     if not _use_kernel(impl, *x2.shape, config):
-        return reference_add_rms_norm_quantize(x, delta, weight, eps, scale_ub)
+        return reference_add_rms_norm_quantize(x, terms, weight, eps, scale_ub)
+    arrays, kinds = _flat_terms(terms, x2.shape[0])
     total, h, q, s = _rms_norm_quantize_kernel(
-        x2, weight.astype(x.dtype), delta.astype(x.dtype).reshape(x2.shape), eps=float(eps),
-        scale_ub=scale_ub, config=config)
+        x2, weight.astype(x.dtype), *arrays, kinds=kinds, eps=float(eps), scale_ub=scale_ub,
+        config=config)
     return back(total), back(h), fp8.Quantized(back(q), back(s), jnp.dtype(x.dtype))
 
 

@@ -250,9 +250,11 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
                        out_dtype, scale_rows)
 
 
-def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=False):
+def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=False,
+                defer=False):
     """The FP8 Mosaic kernel on quantised rows ``x`` -> [M, N_1 + ... + N_P] in
-    ``out_dtype``; ``groups``: the group sizes, or each row's group (``by_row``)."""
+    ``out_dtype`` (``defer``: :class:`fp8.Unscaled` by the row scales); ``groups``: the
+    group sizes, or each row's group (``by_row``)."""
     xq, xs, m = x.values, x.scale, x.values.shape[0]
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
         xq = jnp.pad(xq, ((0, -m % 8), (0, 0)))
@@ -265,14 +267,18 @@ def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=
     y = _mosaic_grouped_matmul(xq, parts, groups, tuple(s.astype(jnp.float32) for s in scales),
                                config=config, by_row=by_row,
                                out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))[:m]
+    if defer and scale_rows:
+        return fp8.Unscaled(y, xs, None, jnp.dtype(out_dtype))
     return (y * xs[:, None] if scale_rows else y).astype(out_dtype)
 
 
 def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
                               out_dtype=None, scale_ub: float | None = None,
-                              scale_rows: bool = True):
+                              scale_rows: bool = True, defer: bool = False):
     """:func:`grouped_matmul_fp8` with the rows in any order: row r through the weights of
     group ``row_groups[r]`` (int32 [M]; G or more: no group, its row undefined) -> [M, N].
+    ``defer``: where the Mosaic kernel runs, the :class:`fp8.Unscaled` product (by the
+    rows' scales) for the consumer to scale.
 
     A decode step's MoE (top-1, at most ``SWAP_AB_MAX_ROWS`` rows) calls this in token order,
     so it sorts nothing by expert and scatters nothing back: those were several small
@@ -292,7 +298,7 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
                                out_dtype=out_dtype, scale_rows=scale_rows)
         return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
     return _fp8_launch(x, parts, scales, row_groups, pick_config(m, k, sum(ns), fp8=True),
-                       out_dtype or x.dtype, scale_rows, by_row=True)
+                       out_dtype or x.dtype, scale_rows, by_row=True, defer=defer)
 
 
 # Fewer work items leave most SMs idle: Scout's q/k/v at TP=2 (28 N tiles) measured

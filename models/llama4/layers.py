@@ -67,13 +67,18 @@ class Linear(nnx.Module):
         self.activation_scale_ub = activation_scale_ub
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
-    def __call__(self, x, preferred_element_type=None, reduce=None):
-        """``reduce``: the all-reduce of a row-parallel layer, applied before the bias (once)."""
+    def __call__(self, x, preferred_element_type=None, reduce=None, defer=False):
+        """``reduce``: the all-reduce of a row-parallel layer, applied before the bias (once).
+        ``defer``: an FP8 layer without either returns its :class:`fp8_lib.Unscaled` product,
+        for the residual add after it to scale."""
         w = self.weight[...]
         if self.weight_scale is not None:
             y = fp8_lib.scaled_matmul(x, w, self.weight_scale[...],
                                       out_dtype=preferred_element_type or x.dtype,
-                                      scale_ub=self.activation_scale_ub)
+                                      scale_ub=self.activation_scale_ub,
+                                      defer=defer and reduce is None and self.bias is None)
+            if isinstance(y, fp8_lib.Unscaled):
+                return y
         else:
             y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
                                 preferred_element_type=preferred_element_type)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxattn
+from jaxattn.kernels import fp8 as fp8_lib
 from jaxattn.kernels import fp8_rows
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.layers import (NO_AXES, Axes, Embedding, Linear, RMSNorm, apply_rope,
@@ -71,7 +72,8 @@ class Attention(nnx.Module):
         o = o.reshape(*o.shape[:-2], -1)
         if self.fp8:  # one kernel at decode instead of XLA's two
             o = fp8_rows.quantize(o, scale_ub=self.o_proj.activation_scale_ub)
-        return self.o_proj(o, reduce=axes.psum)
+        # FP8 on one device: the Unscaled product (the residual add scales it).
+        return self.o_proj(o, reduce=axes.psum if axes.model else None, defer=True)
 
     @property
     def fp8(self) -> bool:
@@ -94,9 +96,12 @@ class DecoderLayer(nnx.Module):
                  gmm_impl="auto"):
         """The residual stream ``x`` and its pending update ``delta`` (the previous layer's
         feed-forward output; None before the first layer) -> this layer's (x, delta): the
-        caller adds the last delta. Each residual add happens in the norm after it, so with
-        FP8 matmuls at decode the add, the norm and the quantisation are one kernel
-        (:func:`fp8_rows.add_rms_norm_quantize`; vLLM's fused_add_rms_norm does the same).
+        caller adds the last delta (:func:`fp8_lib.sum_terms`). Each residual add happens
+        in the norm after it, so with FP8 matmuls at decode the add, the norm and the
+        quantisation are one kernel (:func:`fp8_rows.add_rms_norm_quantize`; vLLM's
+        fused_add_rms_norm does the same). An update is a tuple of terms: on one device
+        the FP8 products come unscaled and unsummed (the shared and the routed experts'),
+        and that kernel applies their epilogues too.
 
         ``attend(attn_module, q, k, v) -> o`` is the one part the two forwards do
         differently. ``valid`` (bool [T], serving): which rows are tokens, not bucket
@@ -112,21 +117,27 @@ class DecoderLayer(nnx.Module):
         q, k, v = attn.qkv(h if hq is None else hq, positions, rope)
         o = attn.out(attend(attn, q, k, v), axes)
         if isinstance(ff, MoE):
-            x, h, hq = _add_norm(self.post_attention_layernorm, x, o,
+            x, h, hq = _add_norm(self.post_attention_layernorm, x, (o,),
                                  ff.experts.fp8 or ff.shared_expert.fp8,
                                  ff.experts.activation_scale_ub)
-            return x, axes.psum(ff(h, axes, valid, gmm_impl, xq=hq))
-        x, h, hq = _add_norm(self.post_attention_layernorm, x, o, ff.fp8,
+            return x, _reduce(ff(h, axes, valid, gmm_impl, xq=hq, defer=True), axes)
+        x, h, hq = _add_norm(self.post_attention_layernorm, x, (o,), ff.fp8,
                              ff.gate_proj.activation_scale_ub)
-        return x, axes.psum(ff(h if hq is None else hq, axes))
+        return x, _reduce((ff(h if hq is None else hq, axes, defer=True),), axes)
+
+
+def _reduce(terms: tuple, axes: Axes) -> tuple:
+    """A feed-forward's output terms; under a mesh, summed and all-reduced (one partial sum
+    per device)."""
+    return (axes.psum(fp8_lib.sum_terms(terms)),) if axes.model else terms
 
 
 def _add_norm(norm: RMSNorm, x, delta, fp8: bool, scale_ub):
     """(``x + delta``, or x when delta is None; ``norm`` of it; its per-token FP8
     quantisation for the FP8 matmuls after it, or None without them): one kernel for all
-    three at decode (:mod:`fp8_rows`)."""
+    three at decode (:mod:`fp8_rows`). ``delta``: a tuple of terms (:func:`fp8_lib.sum_terms`)."""
     if not fp8:
-        x = x if delta is None else x + delta
+        x = x if delta is None else x + fp8_lib.sum_terms(delta)
         return x, norm(x), None
     if delta is None:
         return x, *fp8_rows.rms_norm_quantize(x, norm.weight[...], norm.eps, scale_ub=scale_ub)
@@ -200,7 +211,7 @@ class Llama4ForCausalLM(nnx.Module):
         for i, layer in enumerate(self.model.layers):
             x, delta = layer(x, delta, positions, rope, functools.partial(attend, i), axes,
                              valid, gmm_impl)
-        return x if delta is None else x + delta
+        return x if delta is None else x + fp8_lib.sum_terms(delta)
 
     def forward(self, input_ids, *, impl: str = "auto", gmm_impl: str = "auto",
                 axes: Axes = NO_AXES):

@@ -57,18 +57,19 @@ class MLP(nnx.Module):
         self.up_proj = Linear(config.hidden_size, intermediate_size, **kw)
         self.down_proj = Linear(intermediate_size, config.hidden_size, **kw)
 
-    def __call__(self, x, axes: Axes = NO_AXES):
+    def __call__(self, x, axes: Axes = NO_AXES, defer: bool = False):
         """Under a mesh: this device's columns of gate/up, so the result is a partial sum
         over ``axes.model`` that the caller reduces (fused with the routed experts').
         FP8: ``x`` may be quantised already; the SwiGLU and the down projection's input
-        quantisation are one kernel at decode (:func:`fp8_rows.swiglu_quantize`)."""
+        quantisation are one kernel at decode (:func:`fp8_rows.swiglu_quantize`).
+        ``defer``: FP8 returns the down projection's :class:`fp8_lib.Unscaled` product."""
         if not self.fp8:
             return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
         ub = self.gate_proj.activation_scale_ub
         if not isinstance(x, fp8_lib.Quantized):
             x = fp8_rows.quantize(x, scale_ub=ub)
         gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(fp8_rows.swiglu_quantize(gate, up, scale_ub=ub))
+        return self.down_proj(fp8_rows.swiglu_quantize(gate, up, scale_ub=ub), defer=defer)
 
     @property
     def fp8(self) -> bool:
@@ -108,19 +109,25 @@ class Experts(nnx.Module):
 
     def _matmul(self, names, x, groups, impl, scale_rows=True, by_row=False):
         """The products of ``x`` with the weights ``names`` (one launch), side by side;
-        ``groups``: the group sizes, or each row's expert (``by_row``)."""
+        ``groups``: the group sizes, or each row's expert (``by_row``: the Unscaled product
+        where the kernel runs, see :meth:`__call__`)."""
         weights = tuple(getattr(self, n)[...] for n in names)
         if self.fp8:
             scales = tuple(getattr(self, n + "_scale")[...] for n in names)
-            matmul = grouped_matmul_fp8_by_row if by_row else grouped_matmul_fp8
-            return matmul(x, weights, scales, groups, impl=impl, scale_rows=scale_rows)
+            if by_row:
+                return grouped_matmul_fp8_by_row(x, weights, scales, groups, impl=impl,
+                                                 scale_rows=scale_rows, defer=scale_rows)
+            return grouped_matmul_fp8(x, weights, scales, groups, impl=impl,
+                                      scale_rows=scale_rows)
         return grouped_matmul(x, weights, groups, impl=impl)
 
     def __call__(self, x, group_sizes, impl: str = "auto", row_experts=None):
         """x [M, H] (or FP8 experts' :class:`fp8_lib.Quantized` rows): sorted by expert,
         ``group_sizes[e]`` rows for expert e (entries past the last expert: rows of none).
         Returns [M, H]. FP8: or rows in any order with ``row_experts`` (int32 [M], each
-        row's expert; the number of experts or more: none) in place of the group sizes.
+        row's expert; the number of experts or more: none) in place of the group sizes;
+        where the by-row kernel runs, its :class:`fp8_lib.Unscaled` product by the rows'
+        scales (rows of no expert unwritten: the caller zeroes their scales).
         ``impl``: the grouped matmul implementation (``grouped_matmul.IMPLS``). Gate and up
         run as one launch: at decode each has too few N tiles to fill the SMs alone. FP8:
         their product leaves the rows' scales to the SwiGLU, which quantises the down
@@ -155,10 +162,13 @@ class MoE(nnx.Module):
         self.shared_expert = MLP(config, config.intermediate_size, dtype=dtype, rngs=rngs,
                                  fp8=fp8)
 
-    def __call__(self, x, axes: Axes = NO_AXES, valid=None, gmm_impl: str = "auto", xq=None):
+    def __call__(self, x, axes: Axes = NO_AXES, valid=None, gmm_impl: str = "auto", xq=None,
+                 defer: bool = False):
         """Shared expert + routed experts. Under a mesh the result is a partial sum over
         ``axes.model`` (the caller's one all-reduce also combines the experts' outputs).
         ``xq``: ``x`` quantised already (FP8 experts; the norm before can do both at once).
+        ``defer``: the two outputs unsummed, (shared, routed), each an array or an FP8
+        :class:`fp8_lib.Unscaled` product: the residual add's kernel scales and sums them.
 
         ``valid`` (bool, x's leading shape): rows that are tokens. The others (a step's
         bucket padding) go to no expert, so the grouped matmuls skip them: a batch-1
@@ -201,8 +211,10 @@ class MoE(nnx.Module):
             routed = routed[position].reshape(n, k, -1)  # back to token-major
             routed = routed[:, 0] if k == 1 else routed.sum(1, dtype=routed.dtype)
         if valid is not None:  # the kernels leave rows past the groups unwritten
-            routed = jnp.where(valid.reshape(-1, 1), routed, jnp.zeros((), routed.dtype))
-        return (self.shared_expert(shared_in, axes) + routed).reshape(shape)
+            routed = fp8_lib.mask_rows(routed, valid.reshape(-1))
+        terms = tuple(t.reshape(shape) for t in
+                      (self.shared_expert(shared_in, axes, defer=defer), routed))
+        return terms if defer else fp8_lib.sum_terms(terms)
 
     def _by_row(self, n: int, gmm_impl: str) -> bool:
         """Whether the routed experts take the rows in token order, each through its own

@@ -92,6 +92,59 @@ def test_add_rms_norm_quantize_kernel_equals_xla(interpret, rows):
     assert total.dtype == h.dtype == x.dtype
 
 
+def _update_terms(rows, k, key=11):
+    """A decode layer's feed-forward update as the model hands it on: the shared expert's
+    FP8 product unscaled (f32, row and column scales), the routed experts' (bf16, row
+    scales; past one row, the last is bucket padding, unwritten by its kernel: NaN, its
+    scale zeroed)."""
+    ks = jax.random.split(jax.random.key(key), 5)
+    shared = fp8.Unscaled(jax.random.normal(ks[0], (rows, k)) * 300,
+                          jnp.exp(jax.random.normal(ks[1], (rows,))) * 1e-3,
+                          jnp.exp(jax.random.normal(ks[2], (k,))) * 1e-2, jnp.bfloat16)
+    routed = jax.random.normal(ks[3], (rows, k), jnp.bfloat16)
+    tokens = max(rows - 1, 1)
+    routed = fp8.mask_rows(
+        fp8.Unscaled(routed.at[tokens:].set(jnp.nan), jnp.exp(jax.random.normal(ks[4], (rows,))),
+                     None, jnp.bfloat16),
+        jnp.arange(rows) < tokens)
+    return shared, routed
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_add_rms_norm_quantize_applies_unscaled_products_epilogues(interpret, rows):
+    """The update as unscaled FP8 products: the kernel scales, rounds and sums them as XLA
+    does (fp8.sum_terms), so the sum is XLA's exactly; a padding row stays x."""
+    k = 640
+    x = jax.random.normal(jax.random.key(9), (rows, k), jnp.bfloat16) * 3
+    w = jax.random.uniform(jax.random.key(10), (k,), jnp.bfloat16, 0.5, 1.5)
+    terms = _update_terms(rows, k)
+    total, h, q = fr.add_rms_norm_quantize(x, terms, w, 1e-5, impl="mosaic", config=SMALL)
+    shared, routed = (t.resolve() for t in terms)
+    want = x + (shared + routed)
+    assert np.isfinite(np.asarray(want, np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(total, np.float32), np.asarray(want, np.float32))
+    if rows > 1:
+        np.testing.assert_array_equal(np.asarray(total[-1]), np.asarray(x[-1] + shared[-1]))
+    t_xla, h_xla, _ = fr.add_rms_norm_quantize(x, terms, w, 1e-5, impl="xla")
+    np.testing.assert_array_equal(np.asarray(t_xla, np.float32), np.asarray(want, np.float32))
+    h_alone, _ = fr.rms_norm_quantize(want, w, 1e-5, impl="mosaic", config=SMALL)
+    np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(h_alone, np.float32))
+    _assert_quantises(q, h)
+
+
+def test_unscaled_resolves_as_the_scaled_matmul():
+    """fp8.Unscaled is the product before scaled_matmul's epilogue, which it then runs."""
+    x = jax.random.normal(jax.random.key(1), (5, 256), jnp.bfloat16)
+    wq, ws = fp8.quantize(jax.random.normal(jax.random.key(2), (384, 256)) * 0.05, -1)
+    deferred = fp8.scaled_matmul(x, wq, ws, defer=True)
+    assert isinstance(deferred, fp8.Unscaled) and deferred.values.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(deferred.resolve(), np.float32),
+                                  np.asarray(fp8.scaled_matmul(x, wq, ws), np.float32))
+    zeroed = fp8.mask_rows(deferred, jnp.arange(5) != 2).resolve()
+    assert not np.asarray(zeroed[2], np.float32).any()
+    assert np.asarray(zeroed[1], np.float32).any()
+
+
 @pytest.mark.parametrize("fused,row_scale", [(True, True), (True, False), (False, False)])
 def test_swiglu_quantize_kernel_quantises_the_f32_swiglu(interpret, fused, row_scale):
     rows, k = 9, 384
@@ -136,6 +189,9 @@ def test_kernels_lower_for_cuda_at_scout_shapes(rows):
          (bf16(rows, 5120), bf16(5120))),
         (lambda x, d, w: fr.add_rms_norm_quantize(x, d, w, 1e-5, impl="mosaic"),
          (bf16(rows, 5120), bf16(rows, 5120), bf16(5120))),
+        (lambda x, w: fr.add_rms_norm_quantize(x, _update_terms(rows, 5120), w, 1e-5,
+                                               impl="mosaic"),
+         (bf16(rows, 5120), bf16(5120))),
         (lambda g, r: fr.swiglu_quantize(g, None, r, impl="mosaic"),
          (bf16(rows, 16384), jax.ShapeDtypeStruct((rows,), jnp.float32))),
         (lambda g, u: fr.swiglu_quantize(g, u, impl="mosaic"), (bf16(rows, 4096),) * 2),
@@ -166,6 +222,11 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
     np.testing.assert_array_equal(np.asarray(h2, np.float32), np.asarray(
         fr.rms_norm_quantize(x + delta, w, 1e-5, impl="mosaic")[0], np.float32))
     _assert_quantises(q2, h2)
+    terms = _update_terms(rows, 5120)
+    total, h3, q3 = fr.add_rms_norm_quantize(x, terms, w, 1e-5, impl="mosaic")
+    np.testing.assert_array_equal(np.asarray(total, np.float32),
+                                  np.asarray(x + fp8.sum_terms(terms), np.float32))
+    _assert_quantises(q3, h3)
     gu = jax.random.normal(jax.random.key(7), (rows, 16384), jnp.bfloat16) * 2
     rs = jnp.exp(jax.random.normal(jax.random.key(8), (rows,)))
     got = fr.swiglu_quantize(gu, None, rs, impl="mosaic")

@@ -151,18 +151,22 @@ def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypa
 def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, lowering_model):
     """The FP8 model's decode step (16 rows), with the kernels a Hopper GPU picks: the
     routed experts run by row in token order (no sort by expert), each residual add after
-    the first layer's input runs in the norm kernel after it, no host-synchronising
+    the first layer's input runs in the norm kernel after it (with the epilogues of the
+    FP8 products it adds), no host-synchronising
     control flow or loops, and it lowers for CUDA."""
-    from jaxattn.kernels import common, fp8_rows
+    from jaxattn.kernels import common, fp8, fp8_rows
     from jaxattn.models.llama4 import moe as moe_lib
     from jaxattn.models.llama4.quantization import Fp8Scheme
 
     monkeypatch.setattr(common, "on_hopper", lambda: True)
     add_norm, add_norms = fp8_rows.add_rms_norm_quantize, []
     monkeypatch.setattr(fp8_rows, "add_rms_norm_quantize",
-                        lambda *a, **k: add_norms.append(1) or add_norm(*a, **k))
+                        lambda x, delta, *a, **k: add_norms.append(delta) or add_norm(x, delta,
+                                                                                     *a, **k))
 
     config, _ = lowering_model
+    # Three layers: the MoE layer (1) then has a norm after it.
+    config = llama4.Llama4Config.from_hf_dict({**config.to_hf_dict(), "num_hidden_layers": 3})
     model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16, fp8=Fp8Scheme(attention=True))
     bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
                           page_size=64).bounds(config)
@@ -181,5 +185,13 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     moe_layers = sum(config.is_moe(i) for i in range(config.num_hidden_layers))
     assert len(calls) == 2 * moe_layers  # gate/up, down
     assert len(add_norms) == 2 * config.num_hidden_layers - 1
+    # Every update reaches the norm as FP8 products unscaled: the matmuls' epilogues (and
+    # the shared and routed experts' sum) run in the norm's kernel.
+    assert all(isinstance(t, fp8.Unscaled) for delta in add_norms for t in delta)
+    # Terms: o_proj's; then, for the next layer's input norm, the shared and routed experts'
+    # after an MoE layer, the MLP's after a dense one.
+    want = [1] + sum(([1 + config.is_moe(i - 1), 1] for i in range(1, config.num_hidden_layers)),
+                     [])
+    assert [len(delta) for delta in add_norms] == want
     exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=16)
     assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
