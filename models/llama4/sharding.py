@@ -67,11 +67,14 @@ def vocab_parallel(config: Llama4Config, mesh: Mesh | None) -> bool:
 
 
 def axes_for(config: Llama4Config, mesh: Mesh | None) -> Axes:
-    """The static :class:`Axes` the layer code reduces over on this mesh."""
+    """The static :class:`Axes` the layer code reduces over on this mesh. Axes of size 1
+    are left out: a reduction over them is nothing, and the layer code keeps work on one
+    device that a reduction would need done first (the FP8 epilogues, see
+    ``DecoderLayer``)."""
     if mesh is None:
         return Axes()
-    model = parallel.model_axes(mesh)
-    expert = tuple(a for a in (parallel.EXPERT,) if a in mesh.axis_names)
+    model = tuple(a for a in parallel.model_axes(mesh) if mesh.shape[a] > 1)
+    expert = tuple(a for a in (parallel.EXPERT,) if a in model)
     return Axes(model=model, expert=expert,
                 vocab=model if vocab_parallel(config, mesh) else ())
 

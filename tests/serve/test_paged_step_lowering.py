@@ -18,7 +18,9 @@ import pytest
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
+from jaxattn import parallel
 from jaxattn.models import llama4
+from jaxattn.models.llama4 import sharding
 from jaxattn.serve import batch as batch_lib
 from jaxattn.serve import kv_cache as cache
 from jaxattn.serve import paged_step, sampling
@@ -148,12 +150,16 @@ def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypa
     assert asked == [True, False]
 
 
-def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, lowering_model):
+@pytest.mark.parametrize("on_mesh", [False, True], ids=["no_mesh", "one_device_mesh"])
+def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, lowering_model,
+                                                                 on_mesh):
     """The FP8 model's decode step (16 rows), with the kernels a Hopper GPU picks: the
     routed experts run by row in token order (no sort by expert), each residual add after
     the first layer's input runs in the norm kernel after it (with the epilogues of the
-    FP8 products it adds), no host-synchronising
-    control flow or loops, and it lowers for CUDA."""
+    FP8 products it adds), no host-synchronising control flow or loops, and it lowers for
+    CUDA. The same on a mesh of one device (TP=1, as benchmarks/multigpu runs it): its
+    size-1 axes reduce nothing, so they keep nothing out of the norm kernels (they did
+    until 2026-12-01: the H200 profile kept ~4 XLA epilogue kernels a layer)."""
     from jaxattn.kernels import common, fp8, fp8_rows
     from jaxattn.models.llama4 import moe as moe_lib
     from jaxattn.models.llama4.quantization import Fp8Scheme
@@ -168,6 +174,8 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     # Three layers: the MoE layer (1) then has a norm after it.
     config = llama4.Llama4Config.from_hf_dict({**config.to_hf_dict(), "num_hidden_layers": 3})
     model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16, fp8=Fp8Scheme(attention=True))
+    if on_mesh:
+        model = sharding.shard(model, parallel.make_mesh(parallel.ParallelConfig()))
     bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
                           page_size=64).bounds(config)
     by_row, calls = moe_lib.grouped_matmul_fp8_by_row, []

@@ -64,6 +64,16 @@ def test_parameters_land_where_the_table_says():
     assert v.model.embed_tokens.weight[...].sharding.is_fully_replicated
 
 
+def test_layer_axes_are_the_axes_that_split_something():
+    """Size-1 axes are left out of the layer code's reductions (they reduce nothing)."""
+    c = config()
+    assert sharding.axes_for(c, mesh(1, 1)) == sharding.axes_for(c, None)
+    assert sharding.axes_for(c, mesh(2, 1)).model == ("tensor",)
+    assert sharding.axes_for(c, mesh(1, 2)).model == sharding.axes_for(c, mesh(1, 2)).expert
+    axes = sharding.axes_for(c, mesh(2, 2))
+    assert (axes.model, axes.expert) == (("expert", "tensor"), ("expert",))
+
+
 def test_impossible_splits_are_refused():
     # 8 devices are a multiple of the 4 KV heads (each would be replicated twice), but the
     # 12 query heads do not split 8 ways (tests/sharded/test_kv_replication.py: those that do).
