@@ -25,15 +25,23 @@ def cases():
     import jax
     import jax.numpy as jnp
 
+    from jaxattn.kernels import fp8
     from jaxattn.kernels import fp8_rows as fr
 
-    key = iter(jax.random.split(jax.random.key(0), 8))
+    key = iter(jax.random.split(jax.random.key(0), 12))
     x = jax.random.normal(next(key), (ROWS, 5120), jnp.bfloat16)
     w = jax.random.uniform(next(key), (5120,), jnp.bfloat16, 0.5, 1.5)
     gu = jax.random.normal(next(key), (ROWS, 16384), jnp.bfloat16)
     g2, u2 = (jax.random.normal(next(key), (ROWS, 4096), jnp.bfloat16) for _ in range(2))
     rs = jnp.exp(jax.random.normal(next(key), (ROWS,)))
     delta = jax.random.normal(next(key), (ROWS, 5120), jnp.bfloat16)
+    # A feed-forward update as the FP8 decode step hands it on: the shared expert's down
+    # projection unscaled (f32, row and column scales), the routed experts' (bf16, row
+    # scales; one token, the 15 padding rows' scales zeroed).
+    shared = fp8.Unscaled(jax.random.normal(next(key), (ROWS, 5120)) * 100,
+                          jnp.exp(jax.random.normal(next(key), (ROWS,))) * 1e-3,
+                          jnp.exp(jax.random.normal(next(key), (5120,))) * 1e-2, jnp.bfloat16)
+    routed = fp8.mask_rows(fp8.Unscaled(delta, rs, None, jnp.bfloat16), jnp.arange(ROWS) < 1)
     return {
         "quantize 5120 (o_proj input)": (lambda impl: lambda x: fr.quantize(x, impl=impl), (x,)),
         "rms_norm + quantize 5120": (
@@ -41,6 +49,9 @@ def cases():
         "residual add + rms_norm + quantize 5120": (
             lambda impl: lambda x, d, w: fr.add_rms_norm_quantize(x, d, w, 1e-5, impl=impl),
             (x, delta, w)),
+        "the experts' epilogues and sum + residual add + rms_norm + quantize 5120": (
+            lambda impl: lambda x, t, w: fr.add_rms_norm_quantize(x, t, w, 1e-5, impl=impl),
+            (x, (shared, routed), w)),
         "swiglu + quantize 2x8192, row scales (routed)": (
             lambda impl: lambda g, r: fr.swiglu_quantize(g, None, r, impl=impl), (gu, rs)),
         "swiglu + quantize 4096 (shared, TP=2)": (

@@ -34,21 +34,24 @@ for what in "${@:-all}"; do
     fp8|all) python3 -m benchmarks.fp8_rows || status=1 ;;&
     multigpu) python3 -m benchmarks.multigpu || status=1 ;;&
     # All of Scout with FP8 weights on one H200, decode at 8k (README, "FP8 weights"), after
-    # the GPU tests of the FP8 kernels its decode step runs, at Scout's shapes (16; all 48 take
-    # over 10 minutes, ~16 s each); ~9 minutes in all.
+    # the row kernels' GPU tests and benchmark (the norms that take the residual adds and
+    # the FP8 epilogues); ~6 minutes in all. (The FP8 matmuls' GPU tests: tests/kernels/
+    # test_fp8.py, 48 of ~16 s each, -k "by_row or dense_fp8" for the decode step's 16.)
     fp8-decode)
-      timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_fp8.py \
-        -k "by_row or dense_fp8" || status=1
+      timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_fp8_rows.py \
+        2>&1 | tee "$RESULTS/fp8-decode-gpu-tests.log" || status=1
+      python3 -m benchmarks.fp8_rows || status=1
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 420 python3 -m benchmarks.multigpu \
         --quantization fp8 --fp8-attention --lengths 8192 --skip-alone --buckets 16,8192 \
         --decode-batches 1,8 --max-num-seqs 8 --profile-steps 2 --tag=-fp8-decode \
         || status=1 ;;&
-    # The decode step's small kernels on their own (~4 minutes): the GPU tests of the decode
+    # The decode step's small kernels on their own (~7 minutes): the GPU tests of the decode
     # attention kernels (bf16 and FP8 cache) and of the FP8 row kernels, then their
     # benchmarks (the decode layer with its GPU time against cuDNN's).
     decode-kernels)
-      timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_decode_gpu.py \
-        tests/kernels/test_fp8_rows.py tests/kernels/test_fp8_kv_gpu.py || status=1
+      timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_decode_gpu.py \
+        tests/kernels/test_fp8_rows.py tests/kernels/test_fp8_kv_gpu.py -k "not q8_k8" 2>&1 \
+        | tee "$RESULTS/decode-kernels-gpu-tests.log" || status=1
       python3 -m benchmarks.fp8_rows || status=1
       python3 -m benchmarks.decode --quick --profile || status=1 ;;&
     # The step's command-buffer settings (benchmarks/NOTES-model.md) on a 12-layer slice on all
