@@ -42,6 +42,7 @@ def cases():
                           jnp.exp(jax.random.normal(next(key), (ROWS,))) * 1e-3,
                           jnp.exp(jax.random.normal(next(key), (5120,))) * 1e-2, jnp.bfloat16)
     routed = fp8.mask_rows(fp8.Unscaled(delta, rs, None, jnp.bfloat16), jnp.arange(ROWS) < 1)
+    router = jax.random.normal(next(key), (16, 5120), jnp.bfloat16) * 0.02
     return {
         "quantize 5120 (o_proj input)": (lambda impl: lambda x: fr.quantize(x, impl=impl), (x,)),
         "rms_norm + quantize 5120": (
@@ -52,6 +53,10 @@ def cases():
         "the experts' epilogues and sum + residual add + rms_norm + quantize 5120": (
             lambda impl: lambda x, t, w: fr.add_rms_norm_quantize(x, t, w, 1e-5, impl=impl),
             (x, (shared, routed), w)),
+        "o_proj's epilogue + residual add + rms_norm + quantize + top-1 of 16 experts 5120": (
+            lambda impl: lambda x, t, w, r: fr.add_rms_norm_quantize(x, t, w, 1e-5, router=r,
+                                                                     impl=impl),
+            (x, (shared,), w, router)),
         "swiglu + quantize 2x8192, row scales (routed)": (
             lambda impl: lambda g, r: fr.swiglu_quantize(g, None, r, impl=impl), (gu, rs)),
         "swiglu + quantize 4096 (shared, TP=2)": (

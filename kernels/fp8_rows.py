@@ -96,6 +96,14 @@ def reference_add_rms_norm_quantize(x, delta, weight, eps, scale_ub=None):
     return (x, *reference_rms_norm_quantize(x, weight, eps, scale_ub))
 
 
+def reference_route(h, router):
+    """A top-1 router on the normed rows ``h`` [..., K]: the logits ``h @ router.T`` in h's
+    dtype (the MoE's bf16 Linear), then (the top logit as f32, its expert as int32; the
+    first of equals), each [...]."""
+    logits = jax.lax.dot_general(h, router.astype(h.dtype), (((h.ndim - 1,), (1,)), ((), ())))
+    return logits.max(-1).astype(jnp.float32), jnp.argmax(logits, -1).astype(jnp.int32)
+
+
 def reference_swiglu(gate, up, row_scale=None):
     """``silu(gate) * up`` in gate's dtype, each first scaled by ``row_scale[..., None]``
     (the model's ops; the kernel computes the same in f32, without their bf16 roundings)."""
@@ -172,9 +180,12 @@ def _flat_terms(terms, r: int):
 
 
 @functools.partial(jax.jit, static_argnames=("kinds", "eps", "scale_ub", "config"))
-def _rms_norm_quantize_kernel(x, weight, *terms, kinds=(), eps, scale_ub, config: RowsConfig):
+def _rms_norm_quantize_kernel(x, weight, *terms, router=None, kinds=(), eps, scale_ub,
+                              config: RowsConfig):
     """With ``terms`` (:func:`_flat_terms`): normalises ``x + delta``, delta the terms'
     sum (:func:`fp8.sum_terms`'s arithmetic and roundings), and returns that sum first.
+    With ``router`` [E, K] (x's dtype): also :func:`reference_route` of the normed rows,
+    as two more outputs (each row's E dot products reduce over the warpgroup).
 
     Every load comes before the first store: the loads after a store to global memory
     may alias it, so they are not issued ahead of it, and a row's chunks interleaving
@@ -186,7 +197,9 @@ def _rms_norm_quantize_kernel(x, weight, *terms, kinds=(), eps, scale_ub, config
 
     def body(row, x_ref, w_ref, *rest):
         term_refs, rest = rest[:len(terms)], rest[len(terms):]
-        sum_ref, h_ref, q_ref, s_ref = rest if terms else (None, *rest)
+        r_ref, *rest = rest if router is not None else (None, *rest)
+        sum_ref, *rest = rest if terms else (None, *rest)
+        h_ref, q_ref, s_ref, *route_refs = rest
 
         def term(refs, has_row, has_col):  # Unscaled.resolve, chunk by chunk
             v_ref, *scales = refs
@@ -214,23 +227,42 @@ def _rms_norm_quantize_kernel(x, weight, *terms, kinds=(), eps, scale_ub, config
             delta = t if delta is None else [rounded(d + v) for d, v in zip(delta, t)]
         if delta is not None:
             xs = [rounded(xc + d) for xc, d in zip(xs, delta)]
-            for a, xc in zip(at, xs):
-                sum_ref[row, a] = xc.astype(x.dtype)
         sq = xs[0] * xs[0]
         for xc in xs[1:]:
             sq = sq + xc * xc
         inv = jax.lax.rsqrt(jnp.sum(sq) / k + jnp.float32(eps))
-        hs = []
-        for a, xc, wc in zip(at, xs, ws):  # HF's roundings: to x's dtype, then times the weight
-            hc = ((xc * inv).astype(x.dtype).astype(jnp.float32) * wc).astype(x.dtype)
-            h_ref[row, a] = hc
-            hs.append(hc.astype(jnp.float32))
+        # HF's roundings: to x's dtype, then times the weight.
+        hs = [rounded(rounded(xc * inv) * wc) for xc, wc in zip(xs, ws)]
+        if r_ref is not None:  # the router's loads, still before the stores
+            best, best_e = None, None
+            for e in range(router.shape[0]):
+                dot = hs[0] * r_ref[e, at[0]].astype(jnp.float32)
+                for a, hc in zip(at[1:], hs[1:]):
+                    dot = dot + hc * r_ref[e, a].astype(jnp.float32)
+                logit = jnp.sum(dot).astype(x.dtype).astype(jnp.float32)
+                if best is None:
+                    best, best_e = logit, jnp.int32(0)
+                else:  # strictly greater: the first of equal logits wins, as argmax
+                    best_e = jnp.where(logit > best, jnp.int32(e), best_e)
+                    best = jnp.maximum(best, logit)
+            top_ref, expert_ref = route_refs
+            top_ref[pl.ds(row, 1)] = jnp.broadcast_to(best, (1,))
+            expert_ref[pl.ds(row, 1)] = jnp.broadcast_to(best_e, (1,))
+        if delta is not None:
+            for a, xc in zip(at, xs):
+                sum_ref[row, a] = xc.astype(x.dtype)
+        for a, hc in zip(at, hs):
+            h_ref[row, a] = hc.astype(x.dtype)
         _quantize_chunks(hs, q_ref.at[row], s_ref.at[pl.ds(row, 1)], chunk, scale_ub)
 
     outs = _outs(r, k, x.dtype)
-    if not terms:
-        return _launch(body, r, outs)(x, weight)
-    return _launch(body, r, (jax.ShapeDtypeStruct((r, k), x.dtype), *outs))(x, weight, *terms)
+    if terms:
+        outs = (jax.ShapeDtypeStruct((r, k), x.dtype), *outs)
+    operands = (x, weight, *terms)
+    if router is not None:
+        outs += (jax.ShapeDtypeStruct((r,), jnp.float32), jax.ShapeDtypeStruct((r,), jnp.int32))
+        operands = (*operands, router)
+    return _launch(body, r, outs)(*operands)
 
 
 @functools.partial(jax.jit, static_argnames=("scale_ub", "config"))
@@ -292,23 +324,30 @@ def rms_norm_quantize(x, weight, eps: float, *, scale_ub: float | None = None,
 
 
 def add_rms_norm_quantize(x, delta, weight, eps: float, *, scale_ub: float | None = None,
-                          impl: str = "auto", config: RowsConfig = RowsConfig()):
+                          router=None, impl: str = "auto", config: RowsConfig = RowsConfig()):
     """:func:`rms_norm_quantize` of ``x + delta`` (x [..., K]): (the sum, the normed rows,
     their :class:`fp8.Quantized`). ``delta`` is a residual stream's pending update, so its
     add and the norm after it take one launch: an array in x's dtype, or a tuple of terms
     (:func:`fp8.sum_terms`: arrays and FP8 products whose scales, the epilogues of the
-    matmuls before, apply here), each taken in x's dtype."""
+    matmuls before, apply here), each taken in x's dtype.
+
+    ``router`` [E, K]: a top-1 MoE router's weight; a fourth result is then its routing
+    of the normed rows, :func:`reference_route` (the router's matmul and top-1 were three
+    small XLA kernels per decode layer)."""
     x2, back = _rows(x)
     terms = tuple(dataclasses.replace(t, dtype=jnp.dtype(x.dtype))
                   if isinstance(t, fp8.Unscaled) else t.astype(x.dtype)
                   for t in (delta if isinstance(delta, tuple) else (delta,)))
     if not _use_kernel(impl, *x2.shape, config):
-        return reference_add_rms_norm_quantize(x, terms, weight, eps, scale_ub)
+        total, h, q = reference_add_rms_norm_quantize(x, terms, weight, eps, scale_ub)
+        return (total, h, q) if router is None else (total, h, q, reference_route(h, router))
     arrays, kinds = _flat_terms(terms, x2.shape[0])
-    total, h, q, s = _rms_norm_quantize_kernel(
-        x2, weight.astype(x.dtype), *arrays, kinds=kinds, eps=float(eps), scale_ub=scale_ub,
-        config=config)
-    return back(total), back(h), fp8.Quantized(back(q), back(s), jnp.dtype(x.dtype))
+    total, h, q, s, *route = _rms_norm_quantize_kernel(
+        x2, weight.astype(x.dtype), *arrays,
+        router=None if router is None else router.astype(x.dtype), kinds=kinds,
+        eps=float(eps), scale_ub=scale_ub, config=config)
+    out = back(total), back(h), fp8.Quantized(back(q), back(s), jnp.dtype(x.dtype))
+    return out if router is None else (*out, tuple(back(a) for a in route))
 
 
 def swiglu_quantize(gate, up=None, row_scale=None, *, scale_ub: float | None = None,

@@ -117,10 +117,13 @@ class DecoderLayer(nnx.Module):
         q, k, v = attn.qkv(h if hq is None else hq, positions, rope)
         o = attn.out(attend(attn, q, k, v), axes)
         if isinstance(ff, MoE):
-            x, h, hq = _add_norm(self.post_attention_layernorm, x, (o,),
-                                 ff.experts.fp8 or ff.shared_expert.fp8,
-                                 ff.experts.activation_scale_ub)
-            return x, _reduce(ff(h, axes, valid, gmm_impl, xq=hq, defer=True), axes)
+            fp8 = ff.experts.fp8 or ff.shared_expert.fp8
+            # Top-1 with FP8: the norm's kernel routes the rows too.
+            router = ff.router.weight[...] if fp8 and ff.top_k == 1 else None
+            x, h, hq, *routing = _add_norm(self.post_attention_layernorm, x, (o,), fp8,
+                                           ff.experts.activation_scale_ub, router)
+            return x, _reduce(ff(h, axes, valid, gmm_impl, xq=hq, defer=True,
+                                 routing=routing[0] if routing else None), axes)
         x, h, hq = _add_norm(self.post_attention_layernorm, x, (o,), ff.fp8,
                              ff.gate_proj.activation_scale_ub)
         return x, _reduce((ff(h if hq is None else hq, axes, defer=True),), axes)
@@ -132,17 +135,18 @@ def _reduce(terms: tuple, axes: Axes) -> tuple:
     return (axes.psum(fp8_lib.sum_terms(terms)),) if axes.model else terms
 
 
-def _add_norm(norm: RMSNorm, x, delta, fp8: bool, scale_ub):
+def _add_norm(norm: RMSNorm, x, delta, fp8: bool, scale_ub, router=None):
     """(``x + delta``, or x when delta is None; ``norm`` of it; its per-token FP8
     quantisation for the FP8 matmuls after it, or None without them): one kernel for all
-    three at decode (:mod:`fp8_rows`). ``delta``: a tuple of terms (:func:`fp8_lib.sum_terms`)."""
+    three at decode (:mod:`fp8_rows`). ``delta``: a tuple of terms (:func:`fp8_lib.sum_terms`).
+    ``router`` (FP8, with a delta): a top-1 router's weight; its routing comes fourth."""
     if not fp8:
         x = x if delta is None else x + fp8_lib.sum_terms(delta)
         return x, norm(x), None
     if delta is None:
         return x, *fp8_rows.rms_norm_quantize(x, norm.weight[...], norm.eps, scale_ub=scale_ub)
     return fp8_rows.add_rms_norm_quantize(x, delta, norm.weight[...], norm.eps,
-                                          scale_ub=scale_ub)
+                                          scale_ub=scale_ub, router=router)
 
 
 class Llama4TextModel(nnx.Module):

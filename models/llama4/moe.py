@@ -163,12 +163,14 @@ class MoE(nnx.Module):
                                  fp8=fp8)
 
     def __call__(self, x, axes: Axes = NO_AXES, valid=None, gmm_impl: str = "auto", xq=None,
-                 defer: bool = False):
+                 defer: bool = False, routing=None):
         """Shared expert + routed experts. Under a mesh the result is a partial sum over
         ``axes.model`` (the caller's one all-reduce also combines the experts' outputs).
         ``xq``: ``x`` quantised already (FP8 experts; the norm before can do both at once).
         ``defer``: the two outputs unsummed, (shared, routed), each an array or an FP8
         :class:`fp8_lib.Unscaled` product: the residual add's kernel scales and sums them.
+        ``routing``: top-1 only, the router's (top logit f32, expert int32) for x's rows
+        computed already (:func:`fp8_rows.reference_route`; the norm's kernel can).
 
         ``valid`` (bool, x's leading shape): rows that are tokens. The others (a step's
         bucket padding) go to no expert, so the grouped matmuls skip them: a batch-1
@@ -177,11 +179,16 @@ class MoE(nnx.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         n, k = x.shape[0], self.top_k
-        logits = self.router(x)  # [N, E]
-        if k == 1:  # Scout: a max and an argmax fuse with the router; top_k is a sort kernel
+        if routing is not None:
+            if k != 1:
+                raise ValueError(f"routing given for top-{k}: top-1 only")
+            top_logit, top_expert = (a.reshape(n, 1) for a in routing)
+        elif k == 1:  # Scout: a max and an argmax fuse with the router; top_k is a sort kernel
+            logits = self.router(x)  # [N, E]
             top_logit = logits.max(-1, keepdims=True)
             top_expert = jnp.argmax(logits, -1, keepdims=True).astype(jnp.int32)
         else:
+            logits = self.router(x)
             top_logit, top_expert = lax.top_k(logits, k)  # [N, k]
         # HF scales the expert *input* by the sigmoid score (computed in f32, then cast),
         # not the output; unselected experts see a zero input and so contribute zero.

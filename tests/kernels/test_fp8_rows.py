@@ -132,6 +132,41 @@ def test_add_rms_norm_quantize_applies_unscaled_products_epilogues(interpret, ro
     _assert_quantises(q, h)
 
 
+def _assert_routes(route, h, router):
+    """The kernel's top-1 routing of ``h`` is the XLA router's: the top logit within a
+    bf16 rounding (the dot products sum in another order), the expert the same wherever
+    the exact logits' top two are more than that apart."""
+    top, expert = (np.asarray(a) for a in route)
+    want_top, want_expert = (np.asarray(a) for a in fr.reference_route(h, router))
+    np.testing.assert_allclose(top, want_top, rtol=2**-7, atol=1e-6)
+    exact = np.asarray(h, np.float64).reshape(-1, h.shape[-1]) @ np.asarray(
+        router, np.float64).T
+    top2 = np.sort(exact, -1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0] > 2**-6 * np.abs(top2[:, 1])).reshape(expert.shape)
+    assert clear.mean() > 0.5
+    np.testing.assert_array_equal(expert[clear], want_expert[clear])
+    assert expert.dtype == np.int32 and top.dtype == np.float32
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_add_rms_norm_quantize_routes_top_1(interpret, rows):
+    """With a router weight the kernel also routes the normed rows (an MoE's top-1)."""
+    k = 640
+    x = jax.random.normal(jax.random.key(9), (rows, k), jnp.bfloat16) * 3
+    w = jax.random.uniform(jax.random.key(10), (k,), jnp.bfloat16, 0.5, 1.5)
+    router = jax.random.normal(jax.random.key(12), (16, k), jnp.bfloat16) * 0.05
+    terms = _update_terms(rows, k)
+    total, h, q, route = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router,
+                                                  impl="mosaic", config=SMALL)
+    want = fr.add_rms_norm_quantize(x, terms, w, 1e-5, impl="mosaic", config=SMALL)
+    for got, ref in zip((total, h, q.values, q.scale),
+                        (want[0], want[1], want[2].values, want[2].scale)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+    _assert_routes(route, h, router)
+    xla = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router, impl="xla")
+    _assert_routes(xla[3], xla[1], router)
+
+
 def test_unscaled_resolves_as_the_scaled_matmul():
     """fp8.Unscaled is the product before scaled_matmul's epilogue, which it then runs."""
     x = jax.random.normal(jax.random.key(1), (5, 256), jnp.bfloat16)
@@ -192,6 +227,9 @@ def test_kernels_lower_for_cuda_at_scout_shapes(rows):
         (lambda x, w: fr.add_rms_norm_quantize(x, _update_terms(rows, 5120), w, 1e-5,
                                                impl="mosaic"),
          (bf16(rows, 5120), bf16(5120))),
+        (lambda x, w, r: fr.add_rms_norm_quantize(x, _update_terms(rows, 5120), w, 1e-5,
+                                                  router=r, impl="mosaic"),
+         (bf16(rows, 5120), bf16(5120), bf16(16, 5120))),
         (lambda g, r: fr.swiglu_quantize(g, None, r, impl="mosaic"),
          (bf16(rows, 16384), jax.ShapeDtypeStruct((rows,), jnp.float32))),
         (lambda g, u: fr.swiglu_quantize(g, u, impl="mosaic"), (bf16(rows, 4096),) * 2),
@@ -223,10 +261,13 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
         fr.rms_norm_quantize(x + delta, w, 1e-5, impl="mosaic")[0], np.float32))
     _assert_quantises(q2, h2)
     terms = _update_terms(rows, 5120)
-    total, h3, q3 = fr.add_rms_norm_quantize(x, terms, w, 1e-5, impl="mosaic")
+    router = jax.random.normal(jax.random.key(12), (16, 5120), jnp.bfloat16) * 0.02
+    total, h3, q3, route = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router,
+                                                    impl="mosaic")
     np.testing.assert_array_equal(np.asarray(total, np.float32),
                                   np.asarray(x + fp8.sum_terms(terms), np.float32))
     _assert_quantises(q3, h3)
+    _assert_routes(route, h3, router)
     gu = jax.random.normal(jax.random.key(7), (rows, 16384), jnp.bfloat16) * 2
     rs = jnp.exp(jax.random.normal(jax.random.key(8), (rows,)))
     got = fr.swiglu_quantize(gu, None, rs, impl="mosaic")
