@@ -80,3 +80,20 @@ def test_bf16_forward_is_close():
     rel_rms = np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean())
     assert rel_rms < 0.06, rel_rms
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_rope_rotates_interleaved_pairs_as_complex_numbers():
+    """apply_rope (written without a concatenate, for XLA's fusion) is HF's rotation: pairs
+    (2j, 2j+1) as complex numbers times exp(i * position * inv_freq[j])."""
+    from jaxattn.models.llama4.layers import apply_rope, rope_tables
+
+    inv_freq = 1.0 / 500000.0 ** (np.arange(0, 64, 2) / 64)
+    positions = np.array([0, 1, 8191, 10000])
+    x = np.random.default_rng(0).normal(size=(4, 3, 64)).astype(np.float32)
+    cos, sin = rope_tables(inv_freq, jnp.asarray(positions))  # f32 angles, as the model's
+    got = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
+    rot = (np.asarray(cos, np.float64) + 1j * np.asarray(sin, np.float64))[:, None, :]
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * rot
+    want = np.stack([z.real, z.imag], -1).reshape(x.shape)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(got - x).max() > 0.1  # it rotates
