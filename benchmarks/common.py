@@ -120,7 +120,10 @@ def _event_stats(ev) -> dict:
 # their Python functions; XLA names fusions after their root op; cuBLAS's are nvjet/sm90_*).
 _KERNEL_KINDS = (
     ("attention", re.compile(r"^(decode_kernel|decode_combine_kernel|prefill_kernel)_mosaic")),
-    ("expert matmul", re.compile(r"^grouped_matmul_kernel_mosaic")),
+    # Mosaic's grouped matmul runs the experts and, at decode, the FP8 dense projections
+    # (grouped_matmul[_fp8][_by_row]_n<N>_k<K>; grouped_matmul_kernel before 2026-12-02).
+    ("grouped matmul", re.compile(r"^grouped_matmul\w*_mosaic")),
+    ("row kernels", re.compile(r"^(quantize|\w*rms_norm_quantize\w*|swiglu_quantize)_mosaic")),
     ("dense matmul", re.compile(r"gemm|nvjet|cutlass|sm90_xmma|cublas", re.I)),
     ("collectives", re.compile(r"psum|all_reduce|all-reduce|allreduce|all_gather|nccl", re.I)),
     ("copies", re.compile(r"memcpy|memset|copy", re.I)),

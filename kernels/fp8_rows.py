@@ -136,12 +136,16 @@ def _quantize_chunks(chunks, q_row, s_row, chunk: int, scale_ub):
     s_row[...] = jnp.broadcast_to(scale, (1,))
 
 
-def _launch(body, rows: int, out_shapes):
-    """One warpgroup per row: ``body(row, *refs)`` over GMEM refs (inputs, then outputs)."""
+def _launch(body, rows: int, out_shapes, name: str):
+    """One warpgroup per row: ``body(row, *refs)`` over GMEM refs (inputs, then outputs).
+    ``name`` names the CUDA kernel (``<name>_mosaic_gpu_kernel``), so that a step's profile
+    tells the row kernels apart."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     def kernel(*refs):
         body(jax.lax.axis_index("rows"), *refs)
+
+    kernel.__name__ = kernel.__qualname__ = name
 
     return plgpu.kernel(kernel, out_type=out_shapes, grid=(rows,), grid_names=("rows",))
 
@@ -162,7 +166,7 @@ def _quantize_kernel(x, *, scale_ub, config: RowsConfig):
                   for c in range(k // chunk)]
         _quantize_chunks(chunks, q_ref.at[row], s_ref.at[pl.ds(row, 1)], chunk, scale_ub)
 
-    return _launch(body, r, _outs(r, k))(x)
+    return _launch(body, r, _outs(r, k), "quantize")(x)
 
 
 def _flat_terms(terms, r: int):
@@ -262,7 +266,8 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, kinds=(), eps, sca
     if router is not None:
         outs += (jax.ShapeDtypeStruct((r,), jnp.float32), jax.ShapeDtypeStruct((r,), jnp.int32))
         operands = (*operands, router)
-    return _launch(body, r, outs)(*operands)
+    name = "_".join(["add"] * bool(terms) + ["rms_norm_quantize"] + ["route"] * (router is not None))
+    return _launch(body, r, outs, name)(*operands)
 
 
 @functools.partial(jax.jit, static_argnames=("scale_ub", "config"))
@@ -290,7 +295,7 @@ def _swiglu_quantize_kernel(gate, up, row_scale, *, scale_ub, config: RowsConfig
     args = (gate, gate if up is None else up)
     if row_scale is not None:
         args += (row_scale.astype(jnp.float32),)
-    return _launch(body, r, _outs(r, k))(*args)
+    return _launch(body, r, _outs(r, k), "swiglu_quantize")(*args)
 
 
 # ---- the API --------------------------------------------------------------------------

@@ -29,6 +29,13 @@ from jaxattn.models.llama4.layers import (NO_AXES, Axes, Embedding, Linear, RMSN
 from jaxattn.models.llama4.moe import MLP, MoE
 from jaxattn.models.llama4.quantization import Fp8Scheme
 
+# Whether an FP8 top-1 MoE layer's post-attention norm kernel also routes its rows
+# (fp8_rows.add_rms_norm_quantize(router=)). Off: in a full-size Scout decode step on the
+# H200 that kernel took 13.9 us a call against 3.9 without the router (its 16 dot products
+# reduce over the warpgroup one after another), more than the router's XLA matmul and
+# argmax it replaces (~5.2 us; results/multigpu-2026-12-02-s13-*).
+ROUTE_IN_NORM = False
+
 
 class Attention(nnx.Module):
     def __init__(self, config: Llama4Config, layer: int, *, dtype, rngs: nnx.Rngs,
@@ -118,8 +125,8 @@ class DecoderLayer(nnx.Module):
         o = attn.out(attend(attn, q, k, v), axes)
         if isinstance(ff, MoE):
             fp8 = ff.experts.fp8 or ff.shared_expert.fp8
-            # Top-1 with FP8: the norm's kernel routes the rows too.
-            router = ff.router.weight[...] if fp8 and ff.top_k == 1 else None
+            router = (ff.router.weight[...] if ROUTE_IN_NORM and fp8 and ff.top_k == 1
+                      else None)
             x, h, hq, *routing = _add_norm(self.post_attention_layernorm, x, (o,), fp8,
                                            ff.experts.activation_scale_ub, router)
             return x, _reduce(ff(h, axes, valid, gmm_impl, xq=hq, defer=True,

@@ -179,15 +179,13 @@ class MoE(nnx.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         n, k = x.shape[0], self.top_k
+        if routing is not None and k != 1:
+            raise ValueError(f"routing given for top-{k}: top-1 only")
+        if routing is None and k == 1:  # Scout: a max and an argmax fuse with the router
+            routing = fp8_rows.reference_route(x, self.router.weight[...])
         if routing is not None:
-            if k != 1:
-                raise ValueError(f"routing given for top-{k}: top-1 only")
             top_logit, top_expert = (a.reshape(n, 1) for a in routing)
-        elif k == 1:  # Scout: a max and an argmax fuse with the router; top_k is a sort kernel
-            logits = self.router(x)  # [N, E]
-            top_logit = logits.max(-1, keepdims=True)
-            top_expert = jnp.argmax(logits, -1, keepdims=True).astype(jnp.int32)
-        else:
+        else:  # top_k is a sort kernel
             logits = self.router(x)
             top_logit, top_expert = lax.top_k(logits, k)  # [N, k]
         # HF scales the expert *input* by the sigmoid score (computed in f32, then cast),

@@ -261,7 +261,13 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
         fr.rms_norm_quantize(x + delta, w, 1e-5, impl="mosaic")[0], np.float32))
     _assert_quantises(q2, h2)
     terms = _update_terms(rows, 5120)
-    router = jax.random.normal(jax.random.key(12), (16, 5120), jnp.bfloat16) * 0.02
+    # Row r's expert r % 16 gets a push along that row's normed vector, so every row has a
+    # clear top-1 (a single random row may not, and then the routing check has nothing to check).
+    h_xla = fr.add_rms_norm_quantize(x, terms, w, 1e-5, impl="xla")[1].astype(jnp.float32)
+    push = jnp.zeros((16, 5120)).at[jnp.arange(rows) % 16].add(
+        h_xla / jnp.linalg.norm(h_xla, axis=-1, keepdims=True))
+    router = (jax.random.normal(jax.random.key(12), (16, 5120)) * 0.02 + 0.1 * push
+              ).astype(jnp.bfloat16)
     total, h3, q3, route = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router,
                                                     impl="mosaic")
     np.testing.assert_array_equal(np.asarray(total, np.float32),

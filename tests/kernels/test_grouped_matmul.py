@@ -191,3 +191,16 @@ def test_two_weights_lower_for_scout_shapes(m):
         jax.ShapeDtypeStruct((m, 5120), jnp.bfloat16), w, w,
         jax.ShapeDtypeStruct((16,), jnp.int32))
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("sms", [132, 114, 8, 7])
+def test_decode_work_items_are_dealt_once_each_and_spread(sms):
+    """The swap-AB form's persistent loop visits every work item of each round once, and a
+    round's first items go to CTAs spread over the GPU, not to CTAs 0, 1, 2, ..."""
+    dealt = [gm._dealt(w, sms) for w in range(3 * sms)]
+    assert sorted(dealt) == list(range(3 * sms))
+    assert [d // sms for d in dealt] == [w // sms for w in range(3 * sms)]  # rounds kept
+    first = sorted(dealt.index(j) for j in range(sms // 3))  # CTAs of the first third
+    assert max(first) - min(first) > sms // 2
+    traced = jax.jit(lambda w: gm._dealt(w, sms))(jnp.arange(3 * sms, dtype=jnp.int32))
+    assert list(map(int, traced)) == dealt

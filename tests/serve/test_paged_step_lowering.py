@@ -150,13 +150,15 @@ def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypa
     assert asked == [True, False]
 
 
-@pytest.mark.parametrize("on_mesh", [False, True], ids=["no_mesh", "one_device_mesh"])
+@pytest.mark.parametrize("on_mesh,route_in_norm", [(False, False), (True, False), (False, True)],
+                         ids=["no_mesh", "one_device_mesh", "route_in_norm"])
 def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, lowering_model,
-                                                                 on_mesh):
+                                                                 on_mesh, route_in_norm):
     """The FP8 model's decode step (16 rows), with the kernels a Hopper GPU picks: the
     routed experts run by row in token order (no sort by expert), each residual add after
     the first layer's input runs in the norm kernel after it (with the epilogues of the
-    FP8 products it adds, and the top-1 routing of an MoE layer's rows), no
+    FP8 products it adds, and with ``ROUTE_IN_NORM`` the top-1 routing of an MoE layer's
+    rows), no
     host-synchronising control flow or loops, and it lowers for
     CUDA. The same on a mesh of one device (TP=1, as benchmarks/multigpu runs it): its
     size-1 axes reduce nothing, so they keep nothing out of the norm kernels (they did
@@ -166,6 +168,7 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     from jaxattn.models.llama4.quantization import Fp8Scheme
 
     monkeypatch.setattr(common, "on_hopper", lambda: True)
+    monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", route_in_norm)
     add_norm, add_norms, routed = fp8_rows.add_rms_norm_quantize, [], []
     monkeypatch.setattr(fp8_rows, "add_rms_norm_quantize",
                         lambda x, delta, *a, **k: add_norms.append(delta) or routed.append(
@@ -202,7 +205,8 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     want = [1] + sum(([1 + config.is_moe(i - 1), 1] for i in range(1, config.num_hidden_layers)),
                      [])
     assert [len(delta) for delta in add_norms] == want
-    # The MoE layers' post-attention norms route the rows too (no router kernels).
-    assert routed == [i % 2 == 0 and config.is_moe(i // 2) for i in range(len(add_norms))]
+    # With ROUTE_IN_NORM the MoE layers' post-attention norms route the rows too.
+    assert routed == [route_in_norm and i % 2 == 0 and config.is_moe(i // 2)
+                      for i in range(len(add_norms))]
     exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=16)
     assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
