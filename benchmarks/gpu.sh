@@ -44,6 +44,7 @@ for what in "${@:-all}"; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 420 python3 -m benchmarks.multigpu \
         --quantization fp8 --fp8-attention --lengths 8192 --skip-alone --buckets 16,8192 \
         --decode-batches 1,8 --max-num-seqs 8 --profile-steps 2 --tag=-fp8-decode \
+        --dump-hlo /tmp/jaxattn-hlo-dump \
         || status=1 ;;&
     # The decode step's small kernels on their own (~7 minutes): the GPU tests of the decode
     # attention kernels (bf16 and FP8 cache) and of the FP8 row kernels, then their

@@ -33,7 +33,9 @@ prompts past 10,000 tokens, through the serving engine.
    sequence limit or KV cache cannot hold are recorded as skipped.
 7. ``--profile-steps``: a JAX profiler trace of batch-1 decode steps and of one prefill
    step (GPU kernels by time, host events), and the KV pages still in use after the run
-   (0: nothing leaked).
+   (0: nothing leaked). With ``--dump-hlo DIR`` each XLA kernel of the profile also gets
+   the ops and source lines it was fused from (a step's kernels run in CUDA graphs, where
+   the profiler names no HLO op).
 
 ``--dry-run`` runs the same script on the CPU with 8 simulated devices, a 4-layer toy
 model with chunk 64 and lengths scaled to it (64, 78, 79, 80, 128, 256, 512, 1024: the
@@ -60,6 +62,7 @@ COMPARE_STEPS = 4  # the first decode steps whose logprobs are compared
 # T-token one: the engine's default ladder has every power of two; the benchmark compiles
 # three sizes to keep its warm-up short (~95 s per size at 48 layers).
 TAIL_BUCKET = 2048
+STEP_MODULE = "jit_jitted"  # the engine step's jitted function, as XLA names its module
 PROFILE_TAIL = 32  # tokens the profiled request may decode (--profile-steps stays below)
 # Scout's structure at toy size for --dry-run (heads, experts and vocabulary divide 8 devices).
 DRY_CONFIG = dict(
@@ -118,13 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trace this many batch-1 decode steps at --decode-context, and one "
                    "prefill step (JAX profiler): GPU kernels and host events per step "
                    "(default 6; 0 to skip both)")
+    p.add_argument("--dump-hlo", default=None, metavar="DIR",
+                   help="with the profile: dump the step's optimised HLO into DIR and give "
+                        "each XLA kernel of the profile the source lines it was fused from "
+                        "(benchmarks.hlo_dump)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     return p
 
 
-def _setup_environment(dry_run: bool) -> None:
+def _setup_environment(dry_run: bool, dump_hlo: str | None = None) -> None:
     """Before JAX starts: simulated devices for the dry run; on GPUs let XLA use 90% of memory
-    (JAX preallocates 75% by default; the weights take most of it)."""
+    (JAX preallocates 75% by default; the weights take most of it). ``dump_hlo``: XLA dumps
+    the engine step's modules there."""
+    if dump_hlo:
+        from benchmarks.hlo_dump import dump_flags
+
+        os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                                   f"{dump_flags(dump_hlo, STEP_MODULE)}").strip()
     if dry_run:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
@@ -328,6 +341,26 @@ def profile_step(engine, config, args, rng, *, prompt_len: int, reps: int,
     return out
 
 
+def add_sources(profile: dict, dump_dir: str, show: int = 12) -> None:
+    """Each XLA kernel row of ``profile`` (neither a Mosaic kernel nor a library's) gets
+    ``sources``: the ops and source lines its fusion holds (benchmarks.hlo_dump); the
+    ``show`` slowest are printed."""
+    from benchmarks.common import kernel_kind
+    from benchmarks.hlo_dump import fusion_sources
+
+    rows = [r for r in profile["kernels"] if "mosaic" not in r["name"]
+            and kernel_kind(r["name"]) != "dense matmul"]
+    found = fusion_sources(dump_dir, [r["name"] for r in rows], module=STEP_MODULE)
+    for r in rows:
+        if r["name"] in found:
+            r["sources"] = found[r["name"]]["ops"]
+    for r in sorted((r for r in rows if "sources" in r), key=lambda r: -r["ms"])[:show]:
+        where = sorted({frames[0] for _, frames in r["sources"] if frames})
+        print(f"  {r['name']} ({r['calls']} calls, {r['ms']:.3f} ms): "
+              f"{', '.join(op.split('/')[-1] for op, _ in r['sources'])[:120]} <- "
+              f"{'; '.join(where)[:240]}", flush=True)
+
+
 def run(args) -> dict:
     import jax
     import numpy as np
@@ -442,6 +475,9 @@ def run(args) -> dict:
                                              reps=steps, decode=True)
         res["prefill_profile"] = profile_step(engine, config, args, rng, prompt_len=3 * t,
                                               reps=1, decode=False)
+        if args.dump_hlo:
+            for key in ("decode_profile", "prefill_profile"):
+                add_sources(res[key], args.dump_hlo)
     res["memory_end"] = device_memory()
     res["compiles_after_warmup"] = engine.compile_count - warm
     engine.bm.check()  # page tables and pools agree
@@ -501,7 +537,7 @@ def table(res: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_environment(args.dry_run)
+    _setup_environment(args.dry_run, args.dump_hlo)
     res = run(args)
     print(table(res), flush=True)
     quant = (f"-{args.quantization}{'-attn' if args.fp8_attention else ''}"
