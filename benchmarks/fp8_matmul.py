@@ -270,6 +270,48 @@ def decode_sweep(args) -> list[dict]:
     return rows + _k_scan(args)
 
 
+BY_ROW_CONFIGS = {  # (block_n, block_k, ring slots) of the by-row form beside the pick
+    "n64_k512_s4": (64, 512, 4), "n128_k512_s3": (128, 512, 3)}
+
+
+def by_row_sweep(args) -> list[dict]:
+    """The by-row FP8 form as a decode step calls it: a 16-row bucket with 1 or 8 real rows
+    (the rest of no expert), gate/up (5120 -> 2 x 8192) and down (8192 -> 5120) at TP=1,
+    the pick against ``BY_ROW_CONFIGS``, cold L2 (a rotation over ``HIT_EXPERTS``)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxattn.kernels import fp8, grouped_matmul as gm
+
+    rows = []
+    for name, (k, n) in {"gate/up tp1": (H, 2 * I), "down tp1": (I, H)}.items():
+        wq, ws = jax.jit(lambda w: fp8.quantize(w, -1))(
+            jax.random.normal(jax.random.key(1), (E, n, k), jnp.bfloat16) / float(np.sqrt(k)))
+        xq = fp8.Quantized.of(jax.random.normal(jax.random.key(2), (16, k), jnp.bfloat16))
+        configs = {"pick": gm.pick_config(16, k, n, fp8=True)} | {
+            c: gm.GroupedMatmulConfig(block_m=16, block_n=bn, block_k=bk, swap_ab=True,
+                                      max_concurrent_steps=st)
+            for c, (bn, bk, st) in BY_ROW_CONFIGS.items()}
+        fns = {c: jax.jit(lambda v, s, w, sc, g, cfg=cfg: gm._fp8_launch(
+            fp8.Quantized(v, s, jnp.bfloat16), (w,), (sc,), g, cfg, jnp.bfloat16, True,
+            by_row=True)) for c, cfg in configs.items()}
+        for real in (1, 8):
+            rotation = []
+            for e in HIT_EXPERTS:
+                groups = np.full(16, E, np.int32)  # rows past `real`: padding, no expert
+                groups[:real] = (e + 2 * np.arange(real)) % E
+                rotation.append((xq.values, xq.scale, wq, ws, jnp.asarray(groups)))
+            t = interleaved(fns, {c: rotation for c in fns}, args.rounds, args.reps)
+            for c, sec in t.items():
+                tbs = k * n * real / sec / 1e12
+                rows.append({"matmul": name, "real_rows": real, "config": c,
+                             **dataclasses.asdict(configs[c]), "us": sec * 1e6, "weight_tbs": tbs})
+                print(f"by-row {name:11} rows={real} {c:13} {sec * 1e6:7.2f} us "
+                      f"{tbs:5.2f} TB/s", flush=True)
+    return rows
+
+
 def _swap_splits(args) -> list[dict]:
     """FP8's picked decode tiles with K in 1, 2 and 4 splits, at 1 and 8 rows (as many
     experts hit: the K split's extra work items and partial sums grow with them)."""
@@ -476,6 +518,9 @@ def main(argv=None) -> int:
                    help="only the grouped matmul's tiles at decode sizes")
     p.add_argument("--projections", action="store_true",
                    help="only the dense projections at decode: one launch vs XLA per weight")
+    p.add_argument("--by-row", action="store_true",
+                   help="only the by-row form at a decode step's 16-row bucket: the pick "
+                        "against BY_ROW_CONFIGS")
     p.add_argument("--swap-only", action="store_true",
                    help="with --decode-sweep: FP8 only, the pick with K in 1, 2 and 4 splits")
     args = p.parse_args(argv)
@@ -492,6 +537,10 @@ def main(argv=None) -> int:
     if args.projections:
         res["projections"] = projections(args)
         print("wrote", write_json(f"fp8-projections-{res['date']}.json", res))
+        return 0
+    if args.by_row:
+        res["by_row"] = by_row_sweep(args)
+        print("wrote", write_json(f"gmm-by-row-sweep-{res['date']}.json", res))
         return 0
     if args.decode_sweep:
         res["decode_sweep"] = decode_sweep(args)
