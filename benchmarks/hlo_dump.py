@@ -17,7 +17,7 @@ import re
 _FRAME = re.compile(r"^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)\}$")
 _LOCATION = re.compile(r"^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)")
 _NAMED = re.compile(r'^(\d+) "(.*)"$')
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ", re.M)
 _METADATA = re.compile(r'op_name="([^"]*)"(?: [^}]*?stack_frame_id=(\d+))?')
 
 
@@ -42,8 +42,10 @@ def _tables(text: str) -> dict[str, dict]:
         if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
             section = tables.setdefault(line, {})
             continue
-        if section is None or not line.strip():
-            section = None if not line.strip() else section
+        if not line.strip():
+            section = None  # a table ends at a blank line
+            continue
+        if section is None:
             continue
         if m := _NAMED.match(line):
             section[int(m[1])] = m[2]
@@ -65,8 +67,6 @@ def _frames(tables: dict, frame_id: int, depth: int) -> list[str]:
         path = files.get(file_id, "?")
         out.append(f"{os.path.relpath(path) if path.startswith('/') else path}:{line} "
                    f"({functions.get(function_id, '?')})")
-        if parent == frame_id:
-            break
         frame_id = parent
     return out
 
@@ -97,8 +97,7 @@ def fusion_sources(directory: str, kernels, module: str = "", depth: int = 2) ->
     for f in files:
         with open(f) as fh:
             text = fh.read()
-        names = {kernel_name(m[1]) for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = ", text,
-                                                        re.M)}
+        names = {kernel_name(m[1]) for m in _INSTRUCTION.finditer(text)}
         hits = len(wanted & names)
         if hits > best_hits:
             best, best_hits, best_text = f, hits, text
