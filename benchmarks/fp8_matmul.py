@@ -417,6 +417,13 @@ def projections(args) -> list[dict]:
                 del splits["k4"]
             fns = {f"mosaic {v}": jax.jit(lambda x, ws, ss, s=s: gm.dense_fp8(
                 x, ws, ss, impl="mosaic", k_splits=s)) for v, s in splits.items()}
+            # Half-width N tiles instead of a K split: as many work items, no partial sums
+            # for XLA to add after the kernel (two small kernels a layer in the step).
+            for stages in (6, 10):
+                narrow = dataclasses.replace(gm.dense_config(m, k, sum(ns), 1), block_n=64,
+                                             max_concurrent_steps=stages)
+                fns[f"mosaic k1 n64 s{stages}"] = jax.jit(
+                    lambda x, ws, ss, c=narrow: gm.dense_fp8(x, ws, ss, impl="mosaic", config=c))
             fns["xla"] = jax.jit(lambda x, ws, ss: gm.dense_fp8(x, ws, ss, impl="xla"))
             t = interleaved(fns, {impl: [(x, *c) for c in copies] for impl in fns},
                             args.rounds, args.reps)

@@ -68,12 +68,16 @@ class Quantized:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["values", "row_scale", "col_scale"], meta_fields=["dtype"])
+                   data_fields=["values", "row_scale", "col_scale"],
+                   meta_fields=["dtype", "stacked"])
 @dataclasses.dataclass(frozen=True)
 class Unscaled:
     """A product whose epilogue has not run: ``values [..., N]`` (f32 or bf16) times
     ``row_scale [...]`` and ``col_scale [N]`` (f32; None: 1), in ``dtype``. Rows whose row
     scale is 0 are 0, whatever their values (a kernel may leave them unwritten).
+    ``stacked``: values ``[S, ..., N]`` and row scales ``[S, ...]`` hold S products of one
+    launch (the routed and the shared experts'), this term their sum (each rounded to
+    ``dtype``, added in order).
 
     A decode step's FP8 products (``o_proj``, the experts' down projections) end in the
     residual stream's add, so their scales apply in that add's kernel
@@ -84,8 +88,11 @@ class Unscaled:
     row_scale: jax.Array | None
     col_scale: jax.Array | None
     dtype: Any
+    stacked: bool = False
 
     def resolve(self) -> jax.Array:
+        if self.stacked:
+            return sum_terms(tuple(self.unstacked()))
         y = self.values.astype(jnp.float32)
         if self.row_scale is not None:
             y = y * self.row_scale[..., None]
@@ -96,11 +103,21 @@ class Unscaled:
             return y
         return jnp.where(self.row_scale[..., None] != 0, y, jnp.zeros((), y.dtype))
 
+    def unstacked(self) -> list["Unscaled"]:
+        """A stacked term's products, each a term of its own."""
+        if not self.stacked:
+            return [self]
+        rows = [None] * len(self.values) if self.row_scale is None else list(self.row_scale)
+        return [Unscaled(v, r, self.col_scale, self.dtype) for v, r in zip(self.values, rows)]
+
     def reshape(self, *shape) -> "Unscaled":
-        """As ``jax.Array.reshape`` (the values' shape; the row scales follow)."""
+        """As ``jax.Array.reshape`` (the values' shape, without a stack's leading axis; the
+        row scales follow)."""
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        shape = (self.values.shape[0], *shape) if self.stacked else tuple(shape)
         row_scale = None if self.row_scale is None else self.row_scale.reshape(shape[:-1])
-        return Unscaled(self.values.reshape(shape), row_scale, self.col_scale, self.dtype)
+        return Unscaled(self.values.reshape(shape), row_scale, self.col_scale, self.dtype,
+                        self.stacked)
 
 
 def resolve(term) -> jax.Array:

@@ -114,16 +114,25 @@ def reference_swiglu(gate, up, row_scale=None):
 
 
 def reference_swiglu_quantize(gate, up, row_scale=None, scale_ub=None):
-    return fp8.Quantized.of(reference_swiglu(gate, up, row_scale), scale_ub)
+    """Rows whose ``row_scale`` is 0 come out 0 with scale 0 (whatever their gate and up: a
+    grouped matmul leaves rows of no expert unwritten), so a product of them is 0 as well
+    (:class:`fp8.Unscaled`'s rule)."""
+    if row_scale is None:
+        return fp8.Quantized.of(reference_swiglu(gate, up), scale_ub)
+    keep = (row_scale != 0)[..., None]
+    gate, up = (jnp.where(keep, t, jnp.zeros((), t.dtype)) for t in (gate, up))
+    q = fp8.Quantized.of(reference_swiglu(gate, up, row_scale), scale_ub)
+    return fp8.Quantized(q.values, jnp.where(keep[..., 0], q.scale, 0.0), q.dtype)
 
 
 # ---- the kernels ----------------------------------------------------------------------
 
-def _quantize_chunks(chunks, q_row, s_row, chunk: int, scale_ub):
+def _quantize_chunks(chunks, q_row, s_row, chunk: int, scale_ub, keep=None):
     """Quantise a row held in registers, ``chunks`` (f32 arrays of ``chunk`` values, in
     order), into ``q_row`` [K] / ``s_row`` [1], with :func:`fp8.quantize`'s arithmetic
     (absmax / 448, floored; divide, clip, cast). The chunks combine elementwise first, so
-    the warpgroup reduces (through shared memory) once."""
+    the warpgroup reduces (through shared memory) once. ``keep`` (a bool scalar) False:
+    the scale stored is 0 (the chunks are zeros then)."""
     amax = jnp.abs(chunks[0])
     for c in chunks[1:]:
         amax = jnp.maximum(amax, jnp.abs(c))
@@ -133,6 +142,8 @@ def _quantize_chunks(chunks, q_row, s_row, chunk: int, scale_ub):
     scale = jnp.maximum(amax / fp8.MAX, jnp.float32(fp8.MIN_SCALE))
     for i, c in enumerate(chunks):
         q_row[pl.ds(i * chunk, chunk)] = jnp.clip(c / scale, -fp8.MAX, fp8.MAX).astype(fp8.DTYPE)
+    if keep is not None:
+        scale = jnp.where(keep, scale, jnp.float32(0))
     s_row[...] = jnp.broadcast_to(scale, (1,))
 
 
@@ -171,15 +182,17 @@ def _quantize_kernel(x, *, scale_ub, config: RowsConfig):
 
 def _flat_terms(terms, r: int):
     """``terms`` (arrays or :class:`fp8.Unscaled`, [..., K]) as the kernel's operands: the
-    arrays (values [R, K], then the row scales [R] and column scales [K] it has) and each
-    term's (has row scales, has column scales), static."""
+    arrays (values [S * R, K], then the row scales [S * R] and column scales [K] it has)
+    and each term's (has row scales, has column scales, S), static. S: the products a
+    stacked term sums (1 for the others); row s * R + i of its arrays is product s's row i."""
     arrays, kinds = [], []
     for t in terms:
         u = t if isinstance(t, fp8.Unscaled) else fp8.Unscaled(t, None, None, t.dtype)
-        arrays.append(u.values.reshape(r, -1))
+        stack = u.values.shape[0] if u.stacked else 1
+        arrays.append(u.values.reshape(stack * r, -1))
         arrays += [s.reshape(-1).astype(jnp.float32) for s in (u.row_scale, u.col_scale)
                    if s is not None]
-        kinds.append((u.row_scale is not None, u.col_scale is not None))
+        kinds.append((u.row_scale is not None, u.col_scale is not None, stack))
     return arrays, tuple(kinds)
 
 
@@ -205,28 +218,33 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, kinds=(), eps, sca
         sum_ref, *rest = rest if terms else (None, *rest)
         h_ref, q_ref, s_ref, *route_refs = rest
 
-        def term(refs, has_row, has_col):  # Unscaled.resolve, chunk by chunk
+        def term(refs, has_row, has_col, stack):  # Unscaled.resolve, chunk by chunk
             v_ref, *scales = refs
-            rs = scales.pop(0)[row] if has_row else None
+            rs_ref = scales.pop(0) if has_row else None
             cs = scales.pop(0) if has_col else None
-            out = []
-            for a in at:
-                v = v_ref[row, a].astype(jnp.float32)
-                if has_row:
-                    rs_v = jnp.broadcast_to(rs, v.shape)
-                    v = v * rs_v
-                if has_col:
-                    v = v * cs[a]
-                v = rounded(v)
-                out.append(jnp.where(rs_v != 0, v, 0.0) if has_row else v)
+            out = None
+            for s in range(stack):  # a stacked term's products, summed in order
+                i = s * r + row
+                rs = rs_ref[i] if has_row else None
+                product = []
+                for a in at:
+                    v = v_ref[i, a].astype(jnp.float32)
+                    if has_row:
+                        rs_v = jnp.broadcast_to(rs, v.shape)
+                        v = v * rs_v
+                    if has_col:
+                        v = v * cs[a]
+                    v = rounded(v)
+                    product.append(jnp.where(rs_v != 0, v, 0.0) if has_row else v)
+                out = product if out is None else [rounded(o + p) for o, p in zip(out, product)]
             return out
 
         xs = [x_ref[row, a].astype(jnp.float32) for a in at]
         ws = [w_ref[a].astype(jnp.float32) for a in at]
         refs, delta = list(term_refs), None
-        for has_row, has_col in kinds:
+        for has_row, has_col, stack in kinds:
             n = 1 + has_row + has_col
-            t = term(refs[:n], has_row, has_col)
+            t = term(refs[:n], has_row, has_col, stack)
             refs = refs[n:]
             delta = t if delta is None else [rounded(d + v) for d, v in zip(delta, t)]
         if delta is not None:
@@ -285,12 +303,14 @@ def _swiglu_quantize_kernel(gate, up, row_scale, *, scale_ub, config: RowsConfig
         def swiglu(c):  # in f32 throughout: XLA's bf16 roundings between the ops are not kept
             g = g_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32)
             u = u_ref[row, pl.ds(up_offset + c * chunk, chunk)].astype(jnp.float32)
-            if rs is not None:
-                g, u = g * rs, u * rs
+            if rs is not None:  # a row scale of 0: a zero row, whatever was there (NaN)
+                keep = jnp.broadcast_to(rs, g.shape) != 0
+                g, u = (jnp.where(keep, t * rs, 0.0) for t in (g, u))
             return u * g * jax.nn.sigmoid(g)
 
         _quantize_chunks([swiglu(c) for c in range(k // chunk)], q_ref.at[row],
-                         s_ref.at[pl.ds(row, 1)], chunk, scale_ub)
+                         s_ref.at[pl.ds(row, 1)], chunk, scale_ub,
+                         None if rs is None else rs != 0)
 
     args = (gate, gate if up is None else up)
     if row_scale is not None:

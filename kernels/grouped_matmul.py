@@ -274,7 +274,7 @@ def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=
 
 def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
                               out_dtype=None, scale_ub: float | None = None,
-                              scale_rows: bool = True, defer: bool = False):
+                              scale_rows: bool = True, defer: bool = False, shared=None):
     """:func:`grouped_matmul_fp8` with the rows in any order: row r through the weights of
     group ``row_groups[r]`` (int32 [M]; G or more: no group, its row undefined) -> [M, N].
     ``defer``: where the Mosaic kernel runs, the :class:`fp8.Unscaled` product (by the
@@ -286,8 +286,15 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
     picked, over all the rows, and stores only that expert's rows (a TMA store per row).
     Elsewhere, and for more rows, the rows are sorted by group and go through
     :func:`grouped_matmul_fp8`.
+
+    ``shared``: (weights, scales) of a shared expert that every row goes through as well,
+    ``[N, K]`` and ``[N]`` per part (a Linear's), see :func:`_by_row_with_shared`.
     """
     x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
+    if shared is not None:
+        return _by_row_with_shared(x, w, w_scale, row_groups, shared, impl=impl,
+                                   out_dtype=out_dtype or x.dtype, scale_rows=scale_rows,
+                                   defer=defer)
     parts, scales = _parts(w, n_axis=1), _parts(w_scale, n_axis=1)
     (m, k), g, ns = x.values.shape, parts[0].shape[0], [p.shape[1] for p in parts]
     row_groups = row_groups.astype(jnp.int32)
@@ -301,63 +308,109 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
                        out_dtype or x.dtype, scale_rows, by_row=True, defer=defer)
 
 
-# Fewer work items leave most SMs idle: Scout's q/k/v at TP=2 (28 N tiles) measured
+def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, scale_rows,
+                        defer):
+    """The routed experts by row and a shared expert, for M = ``len(row_groups)`` tokens:
+    ``x``'s values hold the rows once ([M, K]: both take them) or twice ([2M, K]: the routed
+    experts' input, then the shared expert's), its scales always twice ([2M]: the routed
+    rows', then the shared rows'). -> [2, M, N]: the routed product, then the shared one
+    (``defer``: their :class:`fp8.Unscaled` stacked, which sums them where the scales
+    apply; ``scale_rows`` False: without the rows' scales, for the SwiGLU to apply).
+
+    At a decode step of 8 or 16 rows on Hopper this is one launch of the Mosaic kernel (a
+    tile more: the shared expert's), where the shared expert took launches of its own (its
+    down projection cuBLAS's). Elsewhere: the two products apart."""
+    parts, scales = _parts(w, n_axis=1), _parts(w_scale, n_axis=1)
+    s_parts = tuple(p[None] for p in _parts(shared[0], n_axis=0))  # [1, N, K]: one group
+    s_scales = tuple(s[None] for s in _parts(shared[1], n_axis=0))
+    m, (rows, k), ns = row_groups.shape[0], x.values.shape, [p.shape[1] for p in parts]
+    if rows not in (m, 2 * m) or x.scale.shape != (2 * m,):
+        raise ValueError(f"by row with a shared expert, {m} tokens: rows {x.values.shape} "
+                         f"(want {m} or {2 * m}) and scales {x.scale.shape} (want {2 * m})")
+    if m in (8, SWAP_AB_MAX_ROWS) and resolve_fp8(impl, k, *ns) == "mosaic":
+        config = dataclasses.replace(pick_config(m, k, sum(ns), fp8=True), block_m=m)
+        y = _mosaic_grouped_matmul(x.values, parts + s_parts, row_groups.astype(jnp.int32),
+                                   tuple(s.astype(jnp.float32) for s in scales + s_scales),
+                                   config=config, by_row=True,
+                                   shared_blocks=(0, int(rows == 2 * m)),
+                                   out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))
+    else:
+        values = (x.values[:m], x.values[m:]) if rows == 2 * m else (x.values, x.values)
+        xr, xs = (fp8.Quantized(v, s, x.dtype) for v, s in zip(values, (x.scale[:m],
+                                                                        x.scale[m:])))
+        y = jnp.concatenate([
+            grouped_matmul_fp8_by_row(xr, parts, scales, row_groups, impl=impl,
+                                      out_dtype=out_dtype, scale_rows=False),
+            grouped_matmul_fp8(xs, s_parts, s_scales, jnp.full((1,), m, jnp.int32),
+                               impl=impl, out_dtype=out_dtype, scale_rows=False)])
+    y, row_scale = y.reshape(2, m, -1), x.scale.reshape(2, m)
+    if defer and scale_rows:
+        return fp8.Unscaled(y, row_scale, None, jnp.dtype(out_dtype), stacked=True)
+    return (y * row_scale[..., None] if scale_rows else y).astype(out_dtype)
+
+
+# Fewer work items leave most SMs idle: Scout's q/k/v at TP=2 (28 N tiles of 128) measured
 # 0.78-0.99x XLA's dot per weight on the H200 unsplit, 1.06-1.72x with K in 4 splits
-# (fp8-projections-2026-12-01-s10).
-DENSE_MIN_N_TILES = 48
-DENSE_MAX_SPLITS = 4
-_DENSE_MIN_SPLIT_STEPS = 4  # K steps per split: a split shorter than the TMA ring idles it
+# (fp8-projections-2026-12-01-s10); with 64-column tiles (56 items) as fast as the splits.
+DENSE_MIN_N_TILES = 48  # work items: N tiles times K splits
+_NARROW_N = 64
 
 
-def dense_config(rows: int, k: int, n: int, k_splits: int | None = None) -> GroupedMatmulConfig:
-    """:func:`pick_config`'s swap-AB tiles for :func:`dense_fp8`, with K split over SMs when
-    the N tiles alone leave SMs idle (``k_splits``: None picks the most splits, a divisor of
-    the K steps up to ``DENSE_MAX_SPLITS``, that keep every work item in one wave).
-    A decode call is bound by the bytes in flight per SM, so idle SMs are lost bandwidth."""
+def dense_config(rows: int, k: int, n: int, k_splits: int = 1) -> GroupedMatmulConfig:
+    """:func:`pick_config`'s swap-AB tiles for :func:`dense_fp8`, with 64-column weight tiles
+    where 128-column ones leave SMs idle and 64-column ones fill at most one wave. A decode
+    call is bound by the bytes in flight per SM, so idle SMs are lost bandwidth; narrower
+    tiles give them work without splitting K, whose f32 partial sums XLA added in kernels of
+    their own (two a layer in the step). At Scout's decode shapes on the H200 they took
+    0.92-1.01x the time of the K splits they replace, before those splits' sums
+    (fp8-projections-2026-12-02). ``k_splits``: K split over SMs as well (explicit only)."""
     config = pick_config(rows, k, n, fp8=True)
-    steps, tiles = k // config.block_k, n // config.block_n
-    if k_splits is None:
-        k_splits = max(s for s in range(1, DENSE_MAX_SPLITS + 1)
-                       if s == 1 or (steps % s == 0 and steps // s >= _DENSE_MIN_SPLIT_STEPS
-                                     and tiles * s <= common.num_sms()))
+    sms = common.num_sms()
+    if n // config.block_n < sms and n // _NARROW_N <= sms and n % _NARROW_N == 0:
+        config = dataclasses.replace(config, block_n=_NARROW_N)
     return dataclasses.replace(config, k_splits=k_splits)
 
 
 def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
-              scale_ub: float | None = None, k_splits: int | None = None) -> tuple:
-    """A few rows through several dense FP8 projections of one input (attention's q, k and
-    v; an MLP's gate and up) in one launch: ``x [..., K]`` (or :class:`fp8.Quantized`),
-    weights ``w`` ``[N_p, K]`` float8_e4m3fn with ``w_scale [N_p]`` (tuples; N may differ)
-    -> a tuple of ``[..., N_p]``, each equal to :func:`fp8.scaled_matmul` with that weight.
+              scale_ub: float | None = None, k_splits: int = 1,
+              config: GroupedMatmulConfig | None = None, defer: bool = False) -> tuple:
+    """A few rows through dense FP8 projections of one input (attention's q, k and v; an
+    MLP's gate and up; or one weight) in one launch: ``x [..., K]`` (or
+    :class:`fp8.Quantized`), weights ``w`` ``[N_p, K]`` float8_e4m3fn with ``w_scale [N_p]``
+    (tuples; N may differ) -> a tuple of ``[..., N_p]``, each equal to
+    :func:`fp8.scaled_matmul` with that weight (``defer``: its :class:`fp8.Unscaled` product).
 
     ``"mosaic"``: :func:`grouped_matmul_fp8` with one group of every row, so every part's
     N tiles share one wave of SMs (the swap-AB form at decode, which reads weights faster
-    than XLA's FP8 dot there: NOTES-grouped-matmul.md), K split over more SMs where the
-    N tiles are few (:func:`dense_config`; ``k_splits`` overrides its pick). ``"auto"``
-    takes it on Hopper for several weights, at most ``SWAP_AB_MAX_ROWS`` rows and
-    ``DENSE_MIN_N_TILES`` work items (N tiles times K splits), K a multiple of 128 and each
-    N of 128; ``"xla"`` (and "auto" elsewhere) runs :func:`fp8.scaled_matmul` per weight.
+    than XLA's FP8 dot there: NOTES-grouped-matmul.md), in tiles of :func:`dense_config`
+    (``k_splits`` and ``config`` override it). ``"auto"`` takes it on Hopper for at most
+    ``SWAP_AB_MAX_ROWS`` rows and ``DENSE_MIN_N_TILES`` work items, K a multiple of 128 and
+    each N of 128; ``"xla"`` (and "auto" elsewhere) runs :func:`fp8.scaled_matmul` per
+    weight. One weight alone (o, down) measured 1.00-1.10x XLA's dot at a decode step's 16
+    rows and 1.22-1.37x at one row (fp8-projections-2026-12-02), XLA's time including the
+    reduction kernel its split-K GEMM runs after.
     """
     parts, scales = _parts(w, n_axis=0), _parts(w_scale, n_axis=0)
     ns = [p.shape[0] for p in parts]
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    config = dense_config(rows, k, sum(ns), k_splits)
-    # One weight alone (o, down) measured even with XLA's dot at a decode step's 16 rows
-    # (0.82-1.03x, fp8-projections-2026-12-01-s10): the kernel pays by merging launches.
-    if impl == "auto" and (rows > SWAP_AB_MAX_ROWS or len(parts) == 1 or k % _BLOCK_K_FP8 or
-                           sum(ns) * config.k_splits < DENSE_MIN_N_TILES * _BLOCK_N):
+    config = config or dense_config(rows, k, sum(ns), k_splits)
+    if impl == "auto" and (rows > SWAP_AB_MAX_ROWS or k % _BLOCK_K_FP8 or
+                           sum(ns) // config.block_n * config.k_splits < DENSE_MIN_N_TILES):
         impl = "xla"
     if resolve_fp8(impl, k, *ns) == "xla":
-        return tuple(fp8.scaled_matmul(x, p, s, out_dtype=out_dtype, scale_ub=scale_ub)
-                     for p, s in zip(parts, scales))
+        return tuple(fp8.scaled_matmul(x, p, s, out_dtype=out_dtype, scale_ub=scale_ub,
+                                       defer=defer) for p, s in zip(parts, scales))
     x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
     flat = fp8.Quantized(x.values.reshape(rows, k), x.scale.reshape(rows), x.dtype)
-    y = grouped_matmul_fp8(flat, tuple(p[None] for p in parts), tuple(s[None] for s in scales),
-                           jnp.full((1,), rows, jnp.int32), impl="mosaic", out_dtype=out_dtype,
-                           config=config)
-    ys = jnp.split(y, list(itertools.accumulate(ns))[:-1], axis=-1)
-    return tuple(y.reshape(*lead, n) for y, n in zip(ys, ns))
+    y = _fp8_launch(flat, tuple(p[None] for p in parts), tuple(s[None] for s in scales),
+                    jnp.full((1,), rows, jnp.int32), config, out_dtype or x.dtype,
+                    scale_rows=True, defer=defer)
+    split = lambda a: jnp.split(a, list(itertools.accumulate(ns))[:-1], axis=-1)
+    if defer:
+        return tuple(fp8.Unscaled(v, y.row_scale, None, y.dtype).reshape(*lead, n)
+                     for v, n in zip(split(y.values), ns))
+    return tuple(v.reshape(*lead, n) for v, n in zip(split(y), ns))
 
 
 def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
@@ -397,26 +450,45 @@ def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
     return info, first
 
 
-@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row"))
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row", "shared_blocks"))
 def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
-                           config: GroupedMatmulConfig, out_dtype=None, by_row: bool = False):
+                           config: GroupedMatmulConfig, out_dtype=None, by_row: bool = False,
+                           shared_blocks: tuple[int, int] | None = None):
     """bf16/f16: rhs [G, K, N] or a tuple of P of them (N may differ). FP8 (scales given): rhs
     [G, N, K] (or P of them), rhs_scale [G, N] f32 per column (one per weight; the rows'
     scales are the caller's), out_dtype the output's. -> [M, N_1 + ... + N_P].
     ``by_row``: ``group_sizes`` is each row's group instead (int32 [M], rows in any order;
-    >= G: none), for the swap-AB form with K whole and at most ``block_m`` rows."""
+    >= G: none), for the swap-AB form with K whole and at most ``block_m`` rows.
+
+    ``shared_blocks`` (by row, ``block_m`` rows): a shared expert beside the routed ones,
+    one more row tile whose weights (the last P of ``rhs``, [1, N, K] each, and of
+    ``rhs_scale``) every row goes through. (routed, shared): the lhs row block (of
+    ``block_m`` rows) each reads, 0 and 0 for one input, 0 and 1 for inputs stacked. ->
+    [2 * block_m, N_1 + ... + N_P]: the routed rows, then all the shared rows."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
 
     scaled = rhs_scale is not None
     n_axis = 1 if scaled else 2
-    rhs = _parts(rhs, n_axis)
-    rhs_scale = _parts(rhs_scale, 1) if scaled else ()
-    parts = len(rhs)
+    sets = 1 if shared_blocks is None else 2  # the routed experts' weights, the shared one's
+    if sets == 1:
+        rhs, rhs_scale = _parts(rhs, n_axis), (_parts(rhs_scale, 1) if scaled else ())
+    else:
+        half = len(rhs) // 2
+        rhs = _parts(rhs[:half], n_axis) + _parts(rhs[half:], n_axis)
+        rhs_scale = tuple(rhs_scale)
+    parts = len(rhs) // sets
     m, k = lhs.shape
-    g, ns = rhs[0].shape[0], [p.shape[n_axis] for p in rhs]
+    g, ns = rhs[0].shape[0], [p.shape[n_axis] for p in rhs[:parts]]
     bm, bn, bk, splits = config.block_m, config.block_n, config.block_k, config.k_splits
+    if sets == 2:
+        if not (by_row and scaled and m == (1 + max(shared_blocks)) * bm
+                and [p.shape for p in rhs[parts:]] == [(1, *p.shape[1:]) for p in rhs[:parts]]):
+            raise ValueError(f"a shared expert: FP8 by row, lhs of {1 + max(shared_blocks)} "
+                             f"blocks of block_m={bm} rows (got {m}), weights [1, N, K] as the "
+                             f"routed ones' [G, N, K]")
+        m = bm  # the tokens; lhs holds their rows once or twice
     if k % (bk * splits) or any(n % bn for n in ns):
         raise ValueError(f"K={k} must be a multiple of block_k*k_splits={bk * splits} "
                          f"and each N={ns} of block_n={bn}")
@@ -433,8 +505,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
     if by_row and not (swap and splits == 1 and m <= bm):
         raise ValueError(f"by_row takes the swap-AB form, K whole and at most block_m={bm} "
                          f"rows: {config}, {m} rows")
-    if by_row:  # a row tile per group that holds rows: at most one per row
-        grid_m = min(g, m)
+    if by_row:  # a row tile per group that holds rows (at most one per row); shared: + 1
+        grid_m = min(g, m) + sets - 1
     # Swapped partial sums are stored as computed, [N, rows] per split (Mosaic finds no
     # layout for a transposed f32 store), each row tile in a slab of columns of its own
     # (_swapped_rows maps rows back to them).
@@ -446,15 +518,16 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                             ((bk, bn), lambda kk, ni: (kk, ni)))
 
     def grouped_matmul_kernel(sizes_gmem, lhs_gmem, *rest):
-        rhs_gmem, rest = rest[:parts], rest[parts:]
+        rhs_gmem, rest = rest[:parts * sets], rest[parts * sets:]
         if scaled:
-            rs_gmem, (o_gmem,) = rest[:parts], rest[parts:]
+            rs_gmem, (o_gmem,) = rest[:parts * sets], rest[parts * sets:]
         else:
             rs_gmem, (o_gmem,) = (None,) * parts, rest
 
-        def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem):
+        def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem, shared=False):
             """One output tile, row tile ``ti``: rows of ``info``'s group, columns ``ni * bn``
-            (the part's N tile ``part_ni`` of weights ``w_gmem``), K range ``split``."""
+            (the part's N tile ``part_ni`` of weights ``w_gmem``), K range ``split``.
+            ``shared``: the shared expert's tile, every row stored (after the routed rows)."""
             k0 = split * k_steps
 
             def product(acc_ref, lhs_smem, rhs_smem):
@@ -503,7 +576,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                 def store_rows(o_smem):
                     o_smem.T[...] = acc.astype(out_dtype)
                     plgpu.commit_smem()
-                    for r, group in enumerate(row_groups):
+                    if shared:
+                        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(m, m), pl.ds(ni * bn, bn)])
+                    for r, group in enumerate(() if shared else row_groups):
                         pl.when(group == info.group_id)(functools.partial(
                             plgpu.copy_smem_to_gmem, o_smem.at[pl.ds(r, 1)],
                             out.at[pl.ds(r, 1), pl.ds(ni * bn, bn)]))
@@ -554,7 +629,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
             hits = [functools.reduce(jnp.logical_or, [rg == i for rg in row_groups])
                     for i in range(g)]
             tile_group = functools.partial(_tile_group, hits)
-            _, tiles_with_rows = tile_group(0)
+            _, routed_tiles = tile_group(0)
+            tiles_with_rows = routed_tiles + sets - 1
         else:
             _, tiles_with_rows = tile_info(sizes_gmem, bm, 0, g)
 
@@ -576,28 +652,47 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                 ti, ni = plgpu.planar_snake(w // splits, (grid_m, grid_n), 1,
                                             config.grid_block_n)
 
-            @pl.when(ti < tiles_with_rows)
-            def _():
-                if by_row:  # every row in the tile's columns; its group's are stored
-                    zero = jnp.int32(0)
-                    info = GroupInfo(group_id=tile_group(ti)[0], block=zero, block_start=zero,
-                                     actual_start=zero, actual_end=jnp.int32(m),
-                                     start_within_block=zero, actual_size=jnp.int32(m))
-                else:
-                    info, _ = tile_info(sizes_gmem, bm, ti, g)
+            def tiles(info, set_index=0):
+                """The tile of ``info``'s rows in N tile ``ni``, through set ``set_index``'s
+                weights (1: the shared expert's)."""
+                w_gmem, ws_gmem = (rhs_gmem[set_index * parts:][:parts],
+                                   rs_gmem[set_index * parts:][:parts])
                 if parts == 1:
-                    tile(info, ti, split, ni, ni, rhs_gmem[0], rs_gmem[0])
+                    tile(info, ti, split, ni, ni, w_gmem[0], ws_gmem[0], set_index == 1)
                     return
                 # The part this N tile belongs to picks the weights (a static branch each).
                 for part in range(parts):
                     lo, hi = part_start[part], part_start[part + 1]
                     pl.when((lo <= ni) & (ni < hi))(functools.partial(
-                        tile, info, ti, split, ni, ni - lo, rhs_gmem[part], rs_gmem[part]))
+                        tile, info, ti, split, ni, ni - lo, w_gmem[part], ws_gmem[part],
+                        set_index == 1))
+
+            def by_row_info(group, block):
+                """Every row of lhs block ``block`` in the tile's columns; ``group``'s are
+                stored."""
+                zero = jnp.int32(0)
+                return GroupInfo(group_id=group, block=jnp.int32(block), block_start=zero,
+                                 actual_start=zero, actual_end=jnp.int32(m),
+                                 start_within_block=zero, actual_size=jnp.int32(m))
+
+            @pl.when(ti < tiles_with_rows)
+            def _():
+                if not by_row:
+                    tiles(tile_info(sizes_gmem, bm, ti, g)[0])
+                elif sets == 1:
+                    tiles(by_row_info(tile_group(ti)[0], 0))
+                else:
+                    routed, shared = shared_blocks
+                    pl.when(ti < routed_tiles)(
+                        lambda: tiles(by_row_info(tile_group(ti)[0], routed)))
+                    pl.when(ti == routed_tiles)(
+                        lambda: tiles(by_row_info(jnp.int32(0), shared), set_index=1))
 
     # Named by form and shape, so that a step's profile tells the calls apart.
     grouped_matmul_kernel.__name__ = grouped_matmul_kernel.__qualname__ = (
-        f"grouped_matmul{'_fp8' * scaled}{'_by_row' * by_row}_n{n}_k{k}")
-    out_shape = ((m, n) if splits == 1 else
+        f"grouped_matmul{'_fp8' * scaled}{'_by_row' * by_row}{'_shared' * (sets == 2)}"
+        f"_n{n}_k{k}")
+    out_shape = ((sets * m, n) if splits == 1 else
                  (splits, n, grid_m * bm) if swap_split else (splits, m, n))
     kernel = plgpu.kernel(
         grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),

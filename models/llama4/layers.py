@@ -51,7 +51,8 @@ class Linear(nnx.Module):
 
     ``fp8``: the weight is float8_e4m3fn with one f32 scale per output channel
     (``weight_scale [out]``, compressed-tensors' name) and ``x`` is quantised per token
-    at run time (:func:`jaxattn.kernels.fp8.scaled_matmul`); ``activation_scale_ub`` caps
+    at run time (:func:`jaxattn.kernels.fp8.scaled_matmul`; a decode step's few rows on
+    Hopper: :func:`grouped_matmul.dense_fp8`'s kernel); ``activation_scale_ub`` caps
     a row's absmax. Random init draws the bf16 weight and quantises it.
     """
 
@@ -72,11 +73,11 @@ class Linear(nnx.Module):
         ``defer``: an FP8 layer without either returns its :class:`fp8_lib.Unscaled` product,
         for the residual add after it to scale."""
         w = self.weight[...]
-        if self.weight_scale is not None:
-            y = fp8_lib.scaled_matmul(x, w, self.weight_scale[...],
-                                      out_dtype=preferred_element_type or x.dtype,
-                                      scale_ub=self.activation_scale_ub,
-                                      defer=defer and reduce is None and self.bias is None)
+        if self.weight_scale is not None:  # at decode on Hopper the Mosaic kernel
+            (y,) = grouped_matmul.dense_fp8(x, (w,), (self.weight_scale[...],),
+                                            out_dtype=preferred_element_type or x.dtype,
+                                            scale_ub=self.activation_scale_ub,
+                                            defer=defer and reduce is None and self.bias is None)
             if isinstance(y, fp8_lib.Unscaled):
                 return y
         else:

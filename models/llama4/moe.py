@@ -107,16 +107,22 @@ class Experts(nnx.Module):
     def num_experts(self) -> int:
         return self.gate_proj.shape[0]
 
-    def _matmul(self, names, x, groups, impl, scale_rows=True, by_row=False):
+    def _matmul(self, names, x, groups, impl, scale_rows=True, by_row=False, shared=None):
         """The products of ``x`` with the weights ``names`` (one launch), side by side;
         ``groups``: the group sizes, or each row's expert (``by_row``: the Unscaled product
-        where the kernel runs, see :meth:`__call__`)."""
+        where the kernel runs, see :meth:`__call__`; ``shared``: a shared expert's Linears
+        of the same names, in the same launch, :meth:`with_shared`)."""
         weights = tuple(getattr(self, n)[...] for n in names)
         if self.fp8:
             scales = tuple(getattr(self, n + "_scale")[...] for n in names)
             if by_row:
+                if shared is not None:
+                    linears = [getattr(shared, n) for n in names]
+                    shared = (tuple(lin.weight[...] for lin in linears),
+                              tuple(lin.weight_scale[...] for lin in linears))
                 return grouped_matmul_fp8_by_row(x, weights, scales, groups, impl=impl,
-                                                 scale_rows=scale_rows, defer=scale_rows)
+                                                 scale_rows=scale_rows, defer=scale_rows,
+                                                 shared=shared)
             return grouped_matmul_fp8(x, weights, scales, groups, impl=impl,
                                       scale_rows=scale_rows)
         return grouped_matmul(x, weights, groups, impl=impl)
@@ -145,6 +151,23 @@ class Experts(nnx.Module):
         gate_up = self._matmul(names, x, groups, impl, scale_rows=False, by_row=by_row)
         h = fp8_rows.swiglu_quantize(gate_up, None, x.scale, scale_ub=self.activation_scale_ub)
         return self._matmul(("down_proj",), h, groups, impl, by_row=by_row)
+
+
+    def with_shared(self, x, row_scale, row_experts, shared: MLP, impl: str = "auto"):
+        """FP8, rows in token order (a decode step): these experts and the ``shared`` expert
+        (an FP8 :class:`MLP` of the experts' shapes), each of gate/up and down one launch
+        for both and the SwiGLU one over both's rows. ``x``: :class:`fp8_lib.Quantized`
+        values [N, H] (both take them) or [2N, H] (the routed rows, then the shared rows);
+        ``row_scale`` [2N] f32: the routed rows' scales (0: a row of no expert, its output
+        0), then the shared rows'. Returns the :class:`fp8_lib.Unscaled` stacked products
+        [2, N, H] (routed, shared), or their arrays where the kernel does not run."""
+        names = ("gate_proj", "up_proj")
+        x = fp8_lib.Quantized(x.values, row_scale, x.dtype)
+        gate_up = self._matmul(names, x, row_experts, impl, scale_rows=False, by_row=True,
+                               shared=shared)  # [2, N, 2I]
+        h = fp8_rows.swiglu_quantize(gate_up.reshape(-1, gate_up.shape[-1]), None, row_scale,
+                                     scale_ub=self.activation_scale_ub)  # [2N, I]
+        return self._matmul(("down_proj",), h, row_experts, impl, by_row=True, shared=shared)
 
 
 class MoE(nnx.Module):
@@ -200,6 +223,10 @@ class MoE(nnx.Module):
             xq = fp8_lib.Quantized(xq.values.reshape(x.shape), xq.scale.reshape(-1), xq.dtype)
         shared_in = xq if xq is not None and self.shared_expert.fp8 else x
         local_experts = self.experts.num_experts
+        if self._by_row(n, gmm_impl) and self._with_shared(n):
+            terms = (self._experts_with_shared(x, xq, scores, expert, valid, gmm_impl)
+                     .reshape(shape),)
+            return terms if defer else fp8_lib.sum_terms(terms)
         if self._by_row(n, gmm_impl):
             routed = self.experts(self._scaled_rows(x, xq, scores), None, gmm_impl,
                                   row_experts=expert)
@@ -233,6 +260,29 @@ class MoE(nnx.Module):
             return False
         i, h = e.gate_proj.shape[1:]  # [E, I, H]
         return resolve_fp8(gmm_impl, h, i) == resolve_fp8(gmm_impl, i, h) == "mosaic"
+
+    def _with_shared(self, n: int) -> bool:
+        """Whether the by-row experts take the shared expert into their launches
+        (:meth:`Experts.with_shared`): FP8 with the experts' shapes, and a decode step of
+        8 or 16 rows (the kernel's token tiles)."""
+        s, e = self.shared_expert, self.experts
+        return (s.fp8 and n in (8, SWAP_AB_MAX_ROWS)
+                and s.gate_proj.weight.shape == e.gate_proj.shape[1:]
+                and s.down_proj.weight.shape == e.down_proj.shape[1:])
+
+    def _experts_with_shared(self, x, xq, scores, expert, valid, gmm_impl):
+        """:meth:`Experts.with_shared` on this layer's rows: the routed rows scaled by their
+        scores (padding rows' scales 0), the shared expert's as they are."""
+        routed = self._scaled_rows(x, xq, scores)
+        lhs = xq
+        if not isinstance(routed, fp8_lib.Quantized):  # capped: the scaled rows apart
+            routed = fp8_rows.quantize(routed, scale_ub=self.experts.activation_scale_ub)
+            lhs = fp8_lib.Quantized(jnp.concatenate([routed.values, xq.values]), xq.scale,
+                                    xq.dtype)
+        routed_scale = routed.scale if valid is None else jnp.where(
+            valid.reshape(-1), routed.scale, 0.0)
+        return self.experts.with_shared(lhs, jnp.concatenate([routed_scale, xq.scale]), expert,
+                                        self.shared_expert, gmm_impl)
 
     def _scaled_rows(self, x, xq, scores, tokens=None, copies=None):
         """The routed experts' input: each copy's token row times its router score (rows

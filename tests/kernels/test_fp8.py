@@ -7,6 +7,7 @@ Scout's shapes; the GPU tests run it at full size.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -250,6 +251,126 @@ def test_by_row_fp8_matmul_matches_a_row_by_row_reference(row_groups, parts, imp
                                atol=1e-2 * np.abs(want).max())
 
 
+def _with_shared_case(row_groups, parts, twice, k, n, groups=4, seed=7):
+    """Rows of ``len(row_groups)`` tokens quantised (once, or twice: the routed input then
+    the shared input), scales [2M] (the routed rows' times a score, padding rows 0), the
+    routed experts' weights and a shared expert's ([N, K] per part, scales apart). Drawn
+    on the device: Scout's experts are 671M weights."""
+    m = len(row_groups)
+    ks = jax.random.split(jax.random.key(seed), 4)
+    x = fp8.Quantized.of(jax.random.normal(ks[0], (2 * m if twice else m, k), jnp.bfloat16))
+    routed_scale = x.scale[:m] * jax.random.uniform(ks[1], (m,), jnp.float32, 0.2, 1.0)
+    routed_scale = jnp.where(jnp.asarray(row_groups) < groups, routed_scale, 0.0)
+    shared_scale = x.scale[m:] if twice else x.scale
+    x = fp8.Quantized(x.values, jnp.concatenate([routed_scale, shared_scale]), x.dtype)
+    wq, ws = jax.jit(fp8.quantize)(jax.random.normal(ks[2], (groups, n, k)) / 16)
+    sq, ss = jax.jit(fp8.quantize)(jax.random.normal(ks[3], (n, k)) / 16)
+    return x, (wq,) * parts, tuple(ws * (p + 1) for p in range(parts)), \
+        ((sq,) * parts, tuple(ss * (p + 2) for p in range(parts)))
+
+
+def _with_shared_want(x, w, w_scale, row_groups, shared):
+    """[2, M, N]: each token's row through its expert's weights (rows of none: 0), then
+    through the shared expert's, from the dequantised operands in f32."""
+    m, groups = len(row_groups), w[0].shape[0]
+    rg = np.asarray(row_groups)
+    values = x.values.astype(jnp.float32)
+    routed_in, shared_in = (values[:m], values[m:]) if len(values) == 2 * m else (values,) * 2
+    deq = lambda q, s: q.astype(jnp.float32) * s[..., None]
+    mm = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+    g = jnp.asarray(np.minimum(rg, groups - 1))
+    routed = jnp.concatenate([mm("mnk,mk->mn", deq(p[g], s[g]), routed_in)
+                              for p, s in zip(w, w_scale)], -1)
+    routed = jnp.where(jnp.asarray(rg < groups)[:, None], routed, 0.0)
+    shared_y = jnp.concatenate([mm("mk,nk->mn", shared_in, deq(p, s))
+                                for p, s in zip(*shared)], -1)
+    return np.stack([np.asarray(routed * x.scale[:m, None]),
+                     np.asarray(shared_y * x.scale[m:, None])])
+
+
+@pytest.mark.parametrize("row_groups,parts,twice", [
+    ([2, 0, 4, 1, 2, 3, 0, 4], 2, False),  # 8 tokens, gate and up of one input; 4: padding
+    ([1] * 15 + [4], 1, True),  # 16 tokens, down: the routed rows, then the shared rows
+    ([3, 0, 1, 2, 3, 2], 1, True),  # 6 tokens: the products apart (no 6-row token tile)
+])
+@pytest.mark.parametrize("impl", ["mosaic", "xla"])
+def test_by_row_with_a_shared_expert_matches_the_reference(row_groups, parts, twice, impl):
+    """``shared=``: the routed experts by row and a shared expert in one launch (Mosaic, 8
+    or 16 tokens: the shared expert's tile after the routed ones'), stacked [2, M, N] as
+    an Unscaled product; a routed row of no expert has row scale 0, so it sums to 0."""
+    x, w, ws, shared = _with_shared_case(row_groups, parts, twice, k=512, n=128)
+    calls = []
+    launch = gm._mosaic_grouped_matmul
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gm, "_mosaic_grouped_matmul", lambda *a, **k: calls.append(k) or launch(*a, **k))
+        got = gm.grouped_matmul_fp8_by_row(x, w, ws, jnp.asarray(row_groups, jnp.int32),
+                                           impl=impl, defer=True, shared=shared)
+    assert isinstance(got, fp8.Unscaled) and got.stacked and got.values.shape[:2] == (2, len(row_groups))
+    one_launch = impl == "mosaic" and len(row_groups) in (8, 16)
+    assert [c.get("shared_blocks") for c in calls] == ([(0, int(twice))] if one_launch else
+                                                       [None, None] * (impl == "mosaic"))
+    want = _with_shared_want(x, w, ws, row_groups, shared)
+    routed, shared_y = (np.asarray(t.resolve(), np.float32) for t in got.unstacked())
+    assert _rel(shared_y, want[1]) < 1e-2
+    mine = np.asarray(row_groups) < 4
+    assert _rel(routed[mine], want[0][mine]) < 1e-2
+    assert not routed[~mine].any()  # the padding rows' scale 0: zero, not what was there
+    np.testing.assert_allclose(np.asarray(got.resolve(), np.float32), routed + shared_y,
+                               rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+def test_shared_expert_form_is_checked():
+    x, w, ws, shared = _with_shared_case([0, 1, 2, 3, 0, 1, 2, 3], 1, False, k=512, n=128)
+    with pytest.raises(ValueError, match="shared expert"):
+        gm.grouped_matmul_fp8_by_row(fp8.Quantized(x.values, x.scale[:8], x.dtype), w, ws,
+                                     jnp.zeros((8,), jnp.int32), shared=shared)
+    with pytest.raises(ValueError, match="shared expert"):
+        gm._mosaic_grouped_matmul(x.values, w + shared[0], jnp.zeros((8,), jnp.int32),
+                                  ws + shared[1], by_row=True, shared_blocks=(0, 0),
+                                  config=dataclasses.replace(SWAP, block_m=8))
+
+
+@pytest.mark.parametrize("m", [8, 16])
+def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(m):
+    """Scout's decode MoE with its shared expert: gate and up of both in one launch (one
+    input), then down (the routed rows and the shared rows stacked)."""
+    f8, f32 = (lambda *s: jax.ShapeDtypeStruct(s, fp8.DTYPE)), (
+        lambda *s: jax.ShapeDtypeStruct(s, jnp.float32))
+    rows = jax.ShapeDtypeStruct((m,), jnp.int32)
+
+    def moe(x, xs, gate_up, gate_up_s, down, down_s, s_gate_up, s_gate_up_s, s_down, s_down_s,
+            rg):
+        y = gm.grouped_matmul_fp8_by_row(fp8.Quantized(x, xs, jnp.bfloat16), (gate_up,) * 2,
+                                         (gate_up_s,) * 2, rg, impl="mosaic", scale_rows=False,
+                                         shared=((s_gate_up,) * 2, (s_gate_up_s,) * 2))
+        h = fp8.Quantized(y[..., :8192].reshape(2 * m, -1).astype(fp8.DTYPE), xs, jnp.bfloat16)
+        return gm.grouped_matmul_fp8_by_row(h, down, down_s, rg, impl="mosaic", defer=True,
+                                            shared=(s_down, s_down_s)).values
+
+    exported = jax.export.export(jax.jit(moe), platforms=["cuda"])(
+        f8(m, 5120), f32(2 * m), f8(16, 8192, 5120), f32(16, 8192), f8(16, 5120, 8192),
+        f32(16, 5120), f8(8192, 5120), f32(8192), f8(5120, 8192), f32(5120), rows)
+    assert exported.mlir_module().count("mosaic_gpu") >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not common.on_hopper(), reason="needs a Hopper GPU")
+@pytest.mark.parametrize("m", [8, 16])
+@pytest.mark.parametrize("k,n,twice", [(5120, 8192, False), (8192, 5120, True)])
+def test_by_row_with_a_shared_expert_on_gpu_at_scout_shapes(m, k, n, twice):
+    rng = np.random.default_rng(m)
+    groups = rng.integers(0, 17, m)
+    parts = 2 if n > k else 1
+    x, w, ws, shared = _with_shared_case(groups, parts, twice, k=k, n=n, groups=16)
+    got = jax.jit(lambda x, rg: gm.grouped_matmul_fp8_by_row(
+        x, w, ws, rg, defer=True, shared=shared))(x, jnp.asarray(groups, jnp.int32))
+    want = _with_shared_want(x, w, ws, groups, shared)
+    routed, shared_y = (np.asarray(t.resolve(), np.float32) for t in got.unstacked())
+    mine = groups < 16
+    assert _rel(routed[mine], want[0][mine]) < 1e-2 and not routed[~mine].any()
+    assert _rel(shared_y, want[1]) < 1e-2
+
+
 def test_by_row_takes_the_swap_form_only():
     x, wq, ws, _ = _case(4, [0] * 4, 128, k=512)
     with pytest.raises(ValueError, match="by_row"):
@@ -413,28 +534,46 @@ def test_dense_fp8_is_scaled_matmul_per_weight(lead, k_splits, quantized):
 
 
 def test_dense_fp8_takes_xla_past_a_decode_step_or_off_hopper(monkeypatch):
-    """``"auto"``: the grouped kernel only for several weights, a decode step's rows on
-    Hopper, tiles that divide and enough work items (N tiles times K splits), else XLA's
-    FP8 dot per weight."""
+    """``"auto"``: the grouped kernel only for a decode step's rows on Hopper, tiles that
+    divide and enough work items (N tiles times K splits), else XLA's FP8 dot per weight."""
     launched = []
 
-    def kernel(x, w, s, gs, **kw):
-        launched.append(x.shape)
-        return jnp.zeros((x.shape[0], sum(p.shape[1] for p in w)), jnp.bfloat16)
+    def kernel(x, parts, scales, gs, config, out_dtype, scale_rows, defer=False):
+        launched.append(x.values.shape)
+        return jnp.zeros((x.values.shape[0], sum(p.shape[1] for p in parts)), jnp.bfloat16)
 
-    monkeypatch.setattr(gm, "grouped_matmul_fp8", kernel)
+    monkeypatch.setattr(gm, "_fp8_launch", kernel)
     monkeypatch.setattr(gm.common, "on_hopper", lambda: True)
-    monkeypatch.setattr(gm, "DENSE_MIN_N_TILES", 3)
+    monkeypatch.setattr(gm, "DENSE_MIN_N_TILES", 5)
     ws, ss = _projections((256, 128), 256)
     gm.dense_fp8(jnp.ones((gm.SWAP_AB_MAX_ROWS + 1, 256), jnp.bfloat16), ws, ss)  # rows
     gm.dense_fp8(jnp.ones((4, 256), jnp.bfloat16), *_projections((256, 64), 256))  # N tile
-    gm.dense_fp8(jnp.ones((4, 256), jnp.bfloat16), *_projections((128, 128), 256))  # 2 tiles
-    gm.dense_fp8(jnp.ones((4, 256), jnp.bfloat16), *_projections((384,), 256))  # one weight
-    assert not launched
-    gm.dense_fp8(jnp.ones((2, 8, 256), jnp.bfloat16), ws, ss)
-    # 2 N tiles, K in 8 steps of 256: 2 splits of 4 steps make 4 work items
+    gm.dense_fp8(jnp.ones((4, 256), jnp.bfloat16), *_projections((128, 128), 256))  # 4 items
     gm.dense_fp8(jnp.ones((4, 2048), jnp.bfloat16), *_projections((128, 128), 2048))
-    assert launched == [(16, 256), (4, 2048)]
+    assert not launched
+    gm.dense_fp8(jnp.ones((2, 8, 256), jnp.bfloat16), ws, ss)  # 6 narrow tiles
+    gm.dense_fp8(jnp.ones((4, 256), jnp.bfloat16), *_projections((384,), 256))  # one weight
+    # 4 N tiles, K in 8 steps of 256: 2 splits make 8 work items
+    gm.dense_fp8(jnp.ones((4, 2048), jnp.bfloat16), *_projections((128, 128), 2048),
+                 k_splits=2)
+    assert launched == [(16, 256), (4, 256), (4, 2048)]
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_dense_fp8_defers_the_row_scales(parts):
+    """``defer``: the :class:`fp8.Unscaled` products (column scales applied in the kernel,
+    the rows' left to the consumer), which resolve to the products."""
+    ns = (256, 128, 128)[:parts]
+    ws, ss = (tuple(a) for a in _projections(ns, 1024))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 1024)), jnp.bfloat16)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = gm.dense_fp8(x, ws, ss, impl="mosaic", defer=True)
+    for impl_got in (got, gm.dense_fp8(x, ws, ss, impl="xla", defer=True)):
+        for g, w, s in zip(impl_got, ws, ss):
+            assert isinstance(g, fp8.Unscaled)
+            want = np.asarray(fp8.scaled_matmul(x, w, s), np.float32)
+            np.testing.assert_allclose(np.asarray(g.resolve(), np.float32), want, rtol=1e-2,
+                                       atol=1e-2 * np.abs(want).max())
 
 
 # Scout's dense FP8 projections per device, (K, N per weight): q/k/v, the shared expert's
@@ -445,14 +584,16 @@ SCOUT_DENSE = {"qkv": (5120, (5120, 1024, 1024)), "qkv-tp2": (5120, (2560, 512, 
                "down-tp2": (4096, (5120,))}
 
 
-def test_dense_config_splits_k_to_fill_the_sms(monkeypatch):
-    """K splits only where the N tiles leave SMs idle, dividing the K steps, one wave."""
+def test_dense_config_narrows_tiles_to_fill_the_sms(monkeypatch):
+    """64-column weight tiles where 128-column ones leave SMs idle and 64-column ones fill
+    at most one wave; K split only when asked."""
     monkeypatch.setattr(gm.common, "num_sms", lambda: 132)
-    splits = {name: gm.dense_config(1, k, sum(ns)).k_splits
-              for name, (k, ns) in SCOUT_DENSE.items()}
-    assert splits == {"qkv": 2, "qkv-tp2": 4, "gate-up": 1, "gate-up-tp2": 2, "o": 2,
-                      "o-tp2": 2, "down": 2, "down-tp2": 2}
-    assert gm.dense_config(1, 5120, 7168, k_splits=1).k_splits == 1
+    configs = {name: gm.dense_config(1, k, sum(ns)) for name, (k, ns) in SCOUT_DENSE.items()}
+    assert {name: c.block_n for name, c in configs.items()} == {
+        "qkv": 64, "qkv-tp2": 64, "gate-up": 128, "gate-up-tp2": 64, "o": 64, "o-tp2": 64,
+        "down": 64, "down-tp2": 64}
+    assert {c.k_splits for c in configs.values()} == {1}
+    assert gm.dense_config(1, 5120, 7168, k_splits=2).k_splits == 2
 
 
 @pytest.mark.parametrize("m", [1, 16])
@@ -471,10 +612,10 @@ def test_dense_fp8_lowers_for_scout_projections(m, name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize("name,k_splits", [("qkv", 1), ("qkv", None), ("qkv-tp2", None),
-                                           ("o", None), ("down", 4)])
+@pytest.mark.parametrize("name,k_splits", [("qkv", 1), ("qkv", 2), ("qkv-tp2", 1),
+                                           ("o", 1), ("down", 4)])
 def test_dense_fp8_on_gpu_at_scout_shapes(m, name, k_splits):
-    """Scout's projections in one launch on the GPU (K unsplit, the picked splits, and 4)
+    """Scout's projections in one launch on the GPU (the picked tiles, K in 2 and 4 splits)
     against the dequantised f32 products."""
     k, ns = SCOUT_DENSE[name]
     ws, ss = _projections(ns, k, seed=m)

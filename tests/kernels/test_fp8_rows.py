@@ -132,6 +132,42 @@ def test_add_rms_norm_quantize_applies_unscaled_products_epilogues(interpret, ro
     _assert_quantises(q, h)
 
 
+def _stacked_terms(rows, k, key=13):
+    """The update as the by-row experts with a shared expert hand it on: one launch's
+    products stacked (routed, then shared; bf16, row scales), the routed padding row
+    unwritten (NaN) with its scale 0."""
+    ks = jax.random.split(jax.random.key(key), 2)
+    values = jax.random.normal(ks[0], (2, rows, k), jnp.bfloat16)
+    scale = jnp.exp(jax.random.normal(ks[1], (2, rows)))
+    if rows > 1:
+        values, scale = values.at[0, -1].set(jnp.nan), scale.at[0, -1].set(0.0)
+    return fp8.Unscaled(values, scale, None, jnp.bfloat16, stacked=True)
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_add_rms_norm_quantize_sums_a_stacked_term(interpret, rows):
+    """A stacked term (one launch's routed and shared products) is the sum of its products,
+    each scaled and rounded as a term of its own: the kernel's sum is XLA's exactly, and a
+    padding row's NaN stays out."""
+    k = 640
+    x = jax.random.normal(jax.random.key(9), (rows, k), jnp.bfloat16) * 3
+    w = jax.random.uniform(jax.random.key(10), (k,), jnp.bfloat16, 0.5, 1.5)
+    stacked = _stacked_terms(rows, k)
+    total, h, q = fr.add_rms_norm_quantize(x, (stacked,), w, 1e-5, impl="mosaic", config=SMALL)
+    routed, shared = stacked.unstacked()
+    delta = routed.resolve() + shared.resolve()
+    want = x + delta
+    assert np.isfinite(np.asarray(want, np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(total, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(np.asarray(stacked.resolve(), np.float32),
+                                  np.asarray(delta, np.float32))
+    t_xla = fr.add_rms_norm_quantize(x, (stacked,), w, 1e-5, impl="xla")[0]
+    np.testing.assert_array_equal(np.asarray(t_xla, np.float32), np.asarray(want, np.float32))
+    _assert_quantises(q, h)
+    # reshape keeps the stack: [2, rows, k] -> [2, 1, rows, k]
+    assert stacked.reshape(1, rows, k).values.shape == (2, 1, rows, k)
+
+
 def _assert_routes(route, h, router):
     """The kernel's top-1 routing of ``h`` is the XLA router's: the top logit within a
     bf16 rounding (the dot products sum in another order), the expert the same wherever
@@ -197,6 +233,24 @@ def test_swiglu_quantize_kernel_quantises_the_f32_swiglu(interpret, fused, row_s
     assert np.abs(_dq(xla) - _dq(got)).max() <= 0.1 * np.abs(_dq(got)).max()
 
 
+@pytest.mark.parametrize("impl", ["mosaic", "xla"])
+def test_swiglu_quantize_zeroes_rows_of_zero_scale(interpret, impl):
+    """A row scale of 0 (a row of no expert, which the grouped matmul left unwritten: NaN
+    here) gives a zero row with scale 0, so the product of it is 0 (fp8.Unscaled's rule)."""
+    rows, k = 4, 256
+    gu = jax.random.normal(jax.random.key(3), (rows, 2 * k), jnp.bfloat16).at[1].set(jnp.nan)
+    rs = jnp.asarray([1.5, 0.0, 0.7, 0.0], jnp.float32)
+    got = fr.swiglu_quantize(gu, None, rs, impl=impl, config=SMALL)
+    assert np.asarray(got.scale)[[1, 3]].tolist() == [0.0, 0.0]
+    assert not np.asarray(got.values[1], np.float32).any()
+    assert not np.asarray(got.values[3], np.float32).any()
+    keep = np.asarray([0, 2])
+    want = fr.swiglu_quantize(gu[keep], None, rs[keep], impl=impl, config=SMALL)
+    np.testing.assert_array_equal(np.asarray(got.values[keep], np.float32),
+                                  np.asarray(want.values, np.float32))
+    np.testing.assert_array_equal(np.asarray(got.scale)[keep], np.asarray(want.scale))
+
+
 def test_auto_runs_xla_off_hopper_and_for_prefill_sized_calls(monkeypatch):
     monkeypatch.setattr(common, "on_hopper", lambda: True)
     calls = []
@@ -230,6 +284,9 @@ def test_kernels_lower_for_cuda_at_scout_shapes(rows):
         (lambda x, w, r: fr.add_rms_norm_quantize(x, _update_terms(rows, 5120), w, 1e-5,
                                                   router=r, impl="mosaic"),
          (bf16(rows, 5120), bf16(5120), bf16(16, 5120))),
+        (lambda x, w: fr.add_rms_norm_quantize(x, (_stacked_terms(rows, 5120),), w, 1e-5,
+                                               impl="mosaic"),
+         (bf16(rows, 5120), bf16(5120))),
         (lambda g, r: fr.swiglu_quantize(g, None, r, impl="mosaic"),
          (bf16(rows, 16384), jax.ShapeDtypeStruct((rows,), jnp.float32))),
         (lambda g, u: fr.swiglu_quantize(g, u, impl="mosaic"), (bf16(rows, 4096),) * 2),

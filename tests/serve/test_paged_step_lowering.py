@@ -200,11 +200,12 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     # Every update reaches the norm as FP8 products unscaled: the matmuls' epilogues (and
     # the shared and routed experts' sum) run in the norm's kernel.
     assert all(isinstance(t, fp8.Unscaled) for delta in add_norms for t in delta)
-    # Terms: o_proj's; then, for the next layer's input norm, the shared and routed experts'
-    # after an MoE layer, the MLP's after a dense one.
-    want = [1] + sum(([1 + config.is_moe(i - 1), 1] for i in range(1, config.num_hidden_layers)),
-                     [])
-    assert [len(delta) for delta in add_norms] == want
+    # Terms: o_proj's; then, for the next layer's input norm, the routed and shared
+    # experts' stacked (one launch's products) after an MoE layer, the MLP's after a dense one.
+    assert [len(delta) for delta in add_norms] == [1] * len(add_norms)
+    stacked = [delta[0].stacked for delta in add_norms]
+    assert stacked == [i % 2 == 1 and config.is_moe(i // 2) for i in range(len(add_norms))]
+    assert any(stacked)
     # With ROUTE_IN_NORM the MoE layers' post-attention norms route the rows too.
     assert routed == [route_in_norm and i % 2 == 0 and config.is_moe(i // 2)
                       for i in range(len(add_norms))]
