@@ -331,8 +331,18 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
                                   np.asarray(x + fp8.sum_terms(terms), np.float32))
     _assert_quantises(q3, h3)
     _assert_routes(route, h3, router)
+    stacked = _stacked_terms(rows, 5120)  # the by-row experts' with the shared expert's
+    total = fr.add_rms_norm_quantize(x, (stacked,), w, 1e-5, impl="mosaic")[0]
+    np.testing.assert_array_equal(np.asarray(total, np.float32),
+                                  np.asarray(x + stacked.resolve(), np.float32))
     gu = jax.random.normal(jax.random.key(7), (rows, 16384), jnp.bfloat16) * 2
     rs = jnp.exp(jax.random.normal(jax.random.key(8), (rows,)))
+    if rows > 1:  # a row of no expert: unwritten (NaN), its scale 0
+        gu, rs = gu.at[-1].set(jnp.nan), rs.at[-1].set(0.0)
     got = fr.swiglu_quantize(gu, None, rs, impl="mosaic")
     g, u = (a.astype(jnp.float32) * rs[:, None] for a in jnp.split(gu, 2, -1))
-    _assert_quantises(got, u * g * jax.nn.sigmoid(g))
+    live = slice(0, max(rows - 1, 1))
+    _assert_quantises(jax.tree.map(lambda a: a[live], got),
+                      (u * g * jax.nn.sigmoid(g))[live])
+    if rows > 1:
+        assert float(got.scale[-1]) == 0 and not np.asarray(got.values[-1], np.float32).any()
