@@ -22,10 +22,15 @@ semantics of ``jax.lax.ragged_dot`` (:func:`reference`). Two implementations:
     (``acc = W x^T``, stored back through a transposed view of the output tile in SMEM),
     so a ring slot holds 16 rows instead of 64 and more weight bytes are in flight.
     :func:`pick_config` picks it for FP8 calls of at most 16 rows.
+  - by row (:func:`grouped_matmul_fp8_by_row`): a decode step's rows in token order, a
+    tile per expert some row picked, each storing its rows; a shared expert (every row
+    through it) rides in the same launch as one more tile, its rows stored after the
+    routed ones (``shared=``).
   - ``k_splits`` > 1 splits K over several SMs (f32 partial sums, added by XLA),
     so that a single expert's N tiles occupy more SMs. Measured slower than no split
-    at Scout's decode shapes (the partial sums' extra pass), so :func:`pick_config`
-    leaves it at 1; configs may still ask for it.
+    at Scout's decode shapes (the partial sums' extra pass), so :func:`pick_config` and
+    :func:`dense_config` leave it at 1 (the latter narrows the N tiles instead); configs
+    may still ask for it.
 
 ``"auto"`` picks ``"mosaic"`` on a Hopper GPU for bf16/f16 with K a multiple of
 the K tile and N of the N tile, else ``"xla"``; to force one, pass it as ``impl``.
