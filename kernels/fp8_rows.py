@@ -96,11 +96,17 @@ def reference_add_rms_norm_quantize(x, delta, weight, eps, scale_ub=None):
     return (x, *reference_rms_norm_quantize(x, weight, eps, scale_ub))
 
 
-def reference_route(h, router):
+def reference_route(h, router, valid=None):
     """A top-1 router on the normed rows ``h`` [..., K]: the logits ``h @ router.T`` in h's
     dtype (the MoE's bf16 Linear), then (the top logit as f32, its expert as int32; the
-    first of equals), each [...]."""
+    first of equals), each [...]. ``valid`` (bool [...]): rows where it is False (a step's
+    bucket padding) get expert E, past the last (no expert), and top logit +inf: a column
+    more in the argmax, which its reduction kernel fuses, where a select after it was a
+    kernel of its own."""
     logits = jax.lax.dot_general(h, router.astype(h.dtype), (((h.ndim - 1,), (1,)), ((), ())))
+    if valid is not None:
+        padding = jnp.where(valid, -jnp.inf, jnp.inf).astype(logits.dtype)
+        logits = jnp.concatenate([logits, padding[..., None]], axis=-1)
     return logits.max(-1).astype(jnp.float32), jnp.argmax(logits, -1).astype(jnp.int32)
 
 

@@ -204,8 +204,10 @@ class MoE(nnx.Module):
         n, k = x.shape[0], self.top_k
         if routing is not None and k != 1:
             raise ValueError(f"routing given for top-{k}: top-1 only")
-        if routing is None and k == 1:  # Scout: a max and an argmax fuse with the router
-            routing = fp8_rows.reference_route(x, self.router.weight[...])
+        masked = routing is None and k == 1  # padding rows routed to no expert already
+        if masked:  # Scout: a max and an argmax fuse with the router
+            routing = fp8_rows.reference_route(
+                x, self.router.weight[...], None if valid is None else valid.reshape(-1))
         if routing is not None:
             top_logit, top_expert = (a.reshape(n, 1) for a in routing)
         else:  # top_k is a sort kernel
@@ -215,7 +217,8 @@ class MoE(nnx.Module):
         # not the output; unselected experts see a zero input and so contribute zero.
         scores = jax.nn.sigmoid(top_logit.astype(jnp.float32)).astype(x.dtype).reshape(-1)
         expert = top_expert.reshape(-1)  # [N*k], token-major
-        if valid is not None:  # padding: past the last expert (sorted last, counted nowhere)
+        if valid is not None and not masked:  # padding: past the last expert (sorted last,
+            # counted nowhere)
             expert = jnp.where(jnp.repeat(valid.reshape(-1), k), expert, self.num_experts)
         if self.experts.fp8 and xq is None:
             xq = fp8_rows.quantize(x, scale_ub=self.experts.activation_scale_ub)
@@ -224,7 +227,7 @@ class MoE(nnx.Module):
         shared_in = xq if xq is not None and self.shared_expert.fp8 else x
         local_experts = self.experts.num_experts
         if self._by_row(n, gmm_impl) and self._with_shared(n):
-            terms = (self._experts_with_shared(x, xq, scores, expert, valid, gmm_impl)
+            terms = (self._experts_with_shared(x, xq, scores, expert, gmm_impl)
                      .reshape(shape),)
             return terms if defer else fp8_lib.sum_terms(terms)
         if self._by_row(n, gmm_impl):
@@ -270,17 +273,16 @@ class MoE(nnx.Module):
                 and s.gate_proj.weight.shape == e.gate_proj.shape[1:]
                 and s.down_proj.weight.shape == e.down_proj.shape[1:])
 
-    def _experts_with_shared(self, x, xq, scores, expert, valid, gmm_impl):
+    def _experts_with_shared(self, x, xq, scores, expert, gmm_impl):
         """:meth:`Experts.with_shared` on this layer's rows: the routed rows scaled by their
-        scores (padding rows' scales 0), the shared expert's as they are."""
+        scores (padding rows, of expert E, with scale 0), the shared expert's as they are."""
         routed = self._scaled_rows(x, xq, scores)
         lhs = xq
         if not isinstance(routed, fp8_lib.Quantized):  # capped: the scaled rows apart
             routed = fp8_rows.quantize(routed, scale_ub=self.experts.activation_scale_ub)
             lhs = fp8_lib.Quantized(jnp.concatenate([routed.values, xq.values]), xq.scale,
                                     xq.dtype)
-        routed_scale = routed.scale if valid is None else jnp.where(
-            valid.reshape(-1), routed.scale, 0.0)
+        routed_scale = jnp.where(expert < self.num_experts, routed.scale, 0.0)  # padding: 0
         return self.experts.with_shared(lhs, jnp.concatenate([routed_scale, xq.scale]), expert,
                                         self.shared_expert, gmm_impl)
 

@@ -203,6 +203,20 @@ def test_add_rms_norm_quantize_routes_top_1(interpret, rows):
     _assert_routes(xla[3], xla[1], router)
 
 
+def test_reference_route_sends_padding_rows_to_no_expert():
+    """``valid``: rows where it is False get expert E (past the last) and top logit +inf;
+    the others route as without it."""
+    h = jax.random.normal(jax.random.key(2), (6, 256), jnp.bfloat16)
+    router = jax.random.normal(jax.random.key(3), (16, 256), jnp.bfloat16) * 0.05
+    valid = jnp.asarray([True, True, False, True, False, False])
+    top, expert = fr.reference_route(h, router, valid)
+    want_top, want_expert = fr.reference_route(h, router)
+    v = np.asarray(valid)
+    np.testing.assert_array_equal(np.asarray(expert)[v], np.asarray(want_expert)[v])
+    np.testing.assert_array_equal(np.asarray(top)[v], np.asarray(want_top)[v])
+    assert (np.asarray(expert)[~v] == 16).all() and np.isposinf(np.asarray(top)[~v]).all()
+
+
 def test_unscaled_resolves_as_the_scaled_matmul():
     """fp8.Unscaled is the product before scaled_matmul's epilogue, which it then runs."""
     x = jax.random.normal(jax.random.key(1), (5, 256), jnp.bfloat16)
