@@ -152,15 +152,14 @@ class Experts(nnx.Module):
         h = fp8_rows.swiglu_quantize(gate_up, None, x.scale, scale_ub=self.activation_scale_ub)
         return self._matmul(("down_proj",), h, groups, impl, by_row=by_row)
 
-
     def with_shared(self, x, row_scale, row_experts, shared: MLP, impl: str = "auto"):
         """FP8, rows in token order (a decode step): these experts and the ``shared`` expert
         (an FP8 :class:`MLP` of the experts' shapes), each of gate/up and down one launch
         for both and the SwiGLU one over both's rows. ``x``: :class:`fp8_lib.Quantized`
         values [N, H] (both take them) or [2N, H] (the routed rows, then the shared rows);
         ``row_scale`` [2N] f32: the routed rows' scales (0: a row of no expert, its output
-        0), then the shared rows'. Returns the :class:`fp8_lib.Unscaled` stacked products
-        [2, N, H] (routed, shared), or their arrays where the kernel does not run."""
+        0), then the shared rows'. Returns their products as one stacked
+        :class:`fp8_lib.Unscaled` [2, N, H] (routed, shared)."""
         names = ("gate_proj", "up_proj")
         x = fp8_lib.Quantized(x.values, row_scale, x.dtype)
         gate_up = self._matmul(names, x, row_experts, impl, scale_rows=False, by_row=True,
