@@ -106,6 +106,9 @@ class GroupedMatmulConfig:
 
 
 SWAP_AB_MAX_ROWS = 16  # FP8 calls of at most this many rows (a decode step's) run swap-AB
+# By row, the token counts whose launch takes a shared expert along (its tile's rows are
+# the kernel's row block: a multiple of 8, at most SWAP_AB_MAX_ROWS).
+SHARED_EXPERT_ROWS = (8, SWAP_AB_MAX_ROWS)
 
 
 def pick_config(m: int, k: int, n: int, *, fp8: bool = False) -> GroupedMatmulConfig:
@@ -332,7 +335,7 @@ def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, s
     if rows not in (m, 2 * m) or x.scale.shape != (2 * m,):
         raise ValueError(f"by row with a shared expert, {m} tokens: rows {x.values.shape} "
                          f"(want {m} or {2 * m}) and scales {x.scale.shape} (want {2 * m})")
-    if m in (8, SWAP_AB_MAX_ROWS) and resolve_fp8(impl, k, *ns) == "mosaic":
+    if m in SHARED_EXPERT_ROWS and resolve_fp8(impl, k, *ns) == "mosaic":
         config = dataclasses.replace(pick_config(m, k, sum(ns), fp8=True), block_m=m)
         y = _mosaic_grouped_matmul(x.values, parts + s_parts, row_groups.astype(jnp.int32),
                                    tuple(s.astype(jnp.float32) for s in scales + s_scales),

@@ -18,8 +18,9 @@ from jax import lax
 
 from jaxattn.kernels import fp8 as fp8_lib
 from jaxattn.kernels import fp8_rows
-from jaxattn.kernels.grouped_matmul import (SWAP_AB_MAX_ROWS, grouped_matmul, grouped_matmul_fp8,
-                                             grouped_matmul_fp8_by_row, resolve_fp8)
+from jaxattn.kernels.grouped_matmul import (SHARED_EXPERT_ROWS, SWAP_AB_MAX_ROWS, grouped_matmul,
+                                             grouped_matmul_fp8, grouped_matmul_fp8_by_row,
+                                             resolve_fp8)
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init, project
 from jaxattn.models.llama4.quantization import Fp8Scheme
@@ -111,7 +112,7 @@ class Experts(nnx.Module):
         """The products of ``x`` with the weights ``names`` (one launch), side by side;
         ``groups``: the group sizes, or each row's expert (``by_row``: the Unscaled product
         where the kernel runs, see :meth:`__call__`; ``shared``: a shared expert's Linears
-        of the same names, in the same launch, :meth:`with_shared`)."""
+        of the same names, in the same launch)."""
         weights = tuple(getattr(self, n)[...] for n in names)
         if self.fp8:
             scales = tuple(getattr(self, n + "_scale")[...] for n in names)
@@ -127,7 +128,8 @@ class Experts(nnx.Module):
                                       scale_rows=scale_rows)
         return grouped_matmul(x, weights, groups, impl=impl)
 
-    def __call__(self, x, group_sizes, impl: str = "auto", row_experts=None):
+    def __call__(self, x, group_sizes, impl: str = "auto", row_experts=None,
+                 shared: MLP | None = None):
         """x [M, H] (or FP8 experts' :class:`fp8_lib.Quantized` rows): sorted by expert,
         ``group_sizes[e]`` rows for expert e (entries past the last expert: rows of none).
         Returns [M, H]. FP8: or rows in any order with ``row_experts`` (int32 [M], each
@@ -137,7 +139,13 @@ class Experts(nnx.Module):
         ``impl``: the grouped matmul implementation (``grouped_matmul.IMPLS``). Gate and up
         run as one launch: at decode each has too few N tiles to fill the SMs alone. FP8:
         their product leaves the rows' scales to the SwiGLU, which quantises the down
-        projection's input in the same kernel at decode (:func:`fp8_rows.swiglu_quantize`)."""
+        projection's input in the same kernel at decode (:func:`fp8_rows.swiglu_quantize`).
+
+        ``shared`` (by row): a shared expert (an FP8 :class:`MLP` of the experts' shapes)
+        in the same launches, the SwiGLU over both's rows. ``x``'s values are then [M, H]
+        (both take them) or [2M, H] (the routed rows, then the shared rows), its scales
+        [2M] (the routed rows', 0 for a row of no expert, then the shared rows'); returns
+        their products as one stacked :class:`fp8_lib.Unscaled` [2, M, H] (routed, shared)."""
         names = ("gate_proj", "up_proj")
         if not self.fp8:
             if row_experts is not None:
@@ -148,25 +156,11 @@ class Experts(nnx.Module):
             x = fp8_rows.quantize(x, scale_ub=self.activation_scale_ub)
         by_row = row_experts is not None
         groups = row_experts if by_row else group_sizes
-        gate_up = self._matmul(names, x, groups, impl, scale_rows=False, by_row=by_row)
-        h = fp8_rows.swiglu_quantize(gate_up, None, x.scale, scale_ub=self.activation_scale_ub)
-        return self._matmul(("down_proj",), h, groups, impl, by_row=by_row)
-
-    def with_shared(self, x, row_scale, row_experts, shared: MLP, impl: str = "auto"):
-        """FP8, rows in token order (a decode step): these experts and the ``shared`` expert
-        (an FP8 :class:`MLP` of the experts' shapes), each of gate/up and down one launch
-        for both and the SwiGLU one over both's rows. ``x``: :class:`fp8_lib.Quantized`
-        values [N, H] (both take them) or [2N, H] (the routed rows, then the shared rows);
-        ``row_scale`` [2N] f32: the routed rows' scales (0: a row of no expert, its output
-        0), then the shared rows'. Returns their products as one stacked
-        :class:`fp8_lib.Unscaled` [2, N, H] (routed, shared)."""
-        names = ("gate_proj", "up_proj")
-        x = fp8_lib.Quantized(x.values, row_scale, x.dtype)
-        gate_up = self._matmul(names, x, row_experts, impl, scale_rows=False, by_row=True,
-                               shared=shared)  # [2, N, 2I]
-        h = fp8_rows.swiglu_quantize(gate_up.reshape(-1, gate_up.shape[-1]), None, row_scale,
-                                     scale_ub=self.activation_scale_ub)  # [2N, I]
-        return self._matmul(("down_proj",), h, row_experts, impl, by_row=True, shared=shared)
+        gate_up = self._matmul(names, x, groups, impl, scale_rows=False, by_row=by_row,
+                               shared=shared)  # [M, 2I] ([2, M, 2I] with shared)
+        h = fp8_rows.swiglu_quantize(gate_up.reshape(-1, gate_up.shape[-1]), None, x.scale,
+                                     scale_ub=self.activation_scale_ub)
+        return self._matmul(("down_proj",), h, groups, impl, by_row=by_row, shared=shared)
 
 
 class MoE(nnx.Module):
@@ -265,25 +259,25 @@ class MoE(nnx.Module):
 
     def _with_shared(self, n: int) -> bool:
         """Whether the by-row experts take the shared expert into their launches
-        (:meth:`Experts.with_shared`): FP8 with the experts' shapes, and a decode step of
-        8 or 16 rows (the kernel's token tiles)."""
+        (:class:`Experts`' ``shared``): FP8 with the experts' shapes, and a decode step of
+        the kernel's token tiles (``SHARED_EXPERT_ROWS``)."""
         s, e = self.shared_expert, self.experts
-        return (s.fp8 and n in (8, SWAP_AB_MAX_ROWS)
+        return (s.fp8 and n in SHARED_EXPERT_ROWS
                 and s.gate_proj.weight.shape == e.gate_proj.shape[1:]
                 and s.down_proj.weight.shape == e.down_proj.shape[1:])
 
     def _experts_with_shared(self, x, xq, scores, expert, gmm_impl):
-        """:meth:`Experts.with_shared` on this layer's rows: the routed rows scaled by their
-        scores (padding rows, of expert E, with scale 0), the shared expert's as they are."""
+        """The experts with the shared expert in their launches (:class:`Experts`'
+        ``shared``) on this layer's rows: the routed rows scaled by their scores (padding
+        rows, of expert E, with scale 0), the shared expert's as they are."""
         routed = self._scaled_rows(x, xq, scores)
-        lhs = xq
+        values = xq.values  # both take the token's quantised row
         if not isinstance(routed, fp8_lib.Quantized):  # capped: the scaled rows apart
             routed = fp8_rows.quantize(routed, scale_ub=self.experts.activation_scale_ub)
-            lhs = fp8_lib.Quantized(jnp.concatenate([routed.values, xq.values]), xq.scale,
-                                    xq.dtype)
+            values = jnp.concatenate([routed.values, xq.values])
         routed_scale = jnp.where(expert < self.num_experts, routed.scale, 0.0)  # padding: 0
-        return self.experts.with_shared(lhs, jnp.concatenate([routed_scale, xq.scale]), expert,
-                                        self.shared_expert, gmm_impl)
+        rows = fp8_lib.Quantized(values, jnp.concatenate([routed_scale, xq.scale]), xq.dtype)
+        return self.experts(rows, None, gmm_impl, row_experts=expert, shared=self.shared_expert)
 
     def _scaled_rows(self, x, xq, scores, tokens=None, copies=None):
         """The routed experts' input: each copy's token row times its router score (rows
