@@ -259,21 +259,26 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
 
 
 def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=False,
-                defer=False):
+                defer=False, part_outputs=False):
     """The FP8 Mosaic kernel on quantised rows ``x`` -> [M, N_1 + ... + N_P] in
     ``out_dtype`` (``defer``: :class:`fp8.Unscaled` by the row scales); ``groups``: the
-    group sizes, or each row's group (``by_row``)."""
+    group sizes, or each row's group (``by_row``). ``part_outputs``: a tuple of [M, N_p]
+    where the kernel's epilogue scales the rows, else the one array split."""
     xq, xs, m = x.values, x.scale, x.values.shape[0]
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
         xq = jnp.pad(xq, ((0, -m % 8), (0, 0)))
         if by_row:  # the padding rows: of no group
             groups = jnp.pad(groups, (0, -m % 8), constant_values=parts[0].shape[0])
+    scales = tuple(s.astype(jnp.float32) for s in scales)
+    if (scale_rows and not defer and not by_row and config.swap_ab and config.k_splits == 1
+            and m % config.block_m == 0):  # a decode step's bucket: the epilogue scales rows
+        return _mosaic_grouped_matmul(xq, parts, groups, scales, xs, config=config,
+                                      out_dtype=out_dtype, part_outputs=part_outputs)
     # The kernel writes (x_q w_q) * w_scale (in bf16 at least: the row scale is still out
     # of its range); the row scales, applied here, fuse into the product's consumer (the
     # SwiGLU, the scatter back to token order) instead of padding per call for the
     # epilogue to read.
-    y = _mosaic_grouped_matmul(xq, parts, groups, tuple(s.astype(jnp.float32) for s in scales),
-                               config=config, by_row=by_row,
+    y = _mosaic_grouped_matmul(xq, parts, groups, scales, config=config, by_row=by_row,
                                out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))[:m]
     if defer and scale_rows:
         return fp8.Unscaled(y, xs, None, jnp.dtype(out_dtype))
@@ -413,12 +418,13 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     flat = fp8.Quantized(x.values.reshape(rows, k), x.scale.reshape(rows), x.dtype)
     y = _fp8_launch(flat, tuple(p[None] for p in parts), tuple(s[None] for s in scales),
                     jnp.full((1,), rows, jnp.int32), config, out_dtype or x.dtype,
-                    scale_rows=True, defer=defer)
+                    scale_rows=True, defer=defer, part_outputs=True)
     split = lambda a: jnp.split(a, list(itertools.accumulate(ns))[:-1], axis=-1)
     if defer:
         return tuple(fp8.Unscaled(v, y.row_scale, None, y.dtype).reshape(*lead, n)
                      for v, n in zip(split(y.values), ns))
-    return tuple(v.reshape(*lead, n) for v, n in zip(split(y), ns))
+    return tuple(v.reshape(*lead, n) for v, n in zip(y if isinstance(y, tuple) else split(y),
+                                                     ns))
 
 
 def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
@@ -458,10 +464,12 @@ def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
     return info, first
 
 
-@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row", "shared_blocks"))
-def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row", "shared_blocks",
+                                             "part_outputs"))
+def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None, *,
                            config: GroupedMatmulConfig, out_dtype=None, by_row: bool = False,
-                           shared_blocks: tuple[int, int] | None = None):
+                           shared_blocks: tuple[int, int] | None = None,
+                           part_outputs: bool = False):
     """bf16/f16: rhs [G, K, N] or a tuple of P of them (N may differ). FP8 (scales given): rhs
     [G, N, K] (or P of them), rhs_scale [G, N] f32 per column (one per weight; the rows'
     scales are the caller's), out_dtype the output's. -> [M, N_1 + ... + N_P].
@@ -472,12 +480,22 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
     one more row tile whose weights (the last P of ``rhs``, [1, N, K] each, and of
     ``rhs_scale``) every row goes through. (routed, shared): the lhs row block (of
     ``block_m`` rows) each reads, 0 and 0 for one input, 0 and 1 for inputs stacked. ->
-    [2 * block_m, N_1 + ... + N_P]: the routed rows, then all the shared rows."""
+    [2 * block_m, N_1 + ... + N_P]: the routed rows, then all the shared rows.
+
+    ``lhs_scale`` (FP8 swap-AB, not by row; M a multiple of ``block_m``): the rows' scales
+    [M] f32, applied in the epilogue with the columns' (the product comes out whole, where
+    XLA's multiply after the kernel was a kernel of its own unless a consumer fused it).
+    ``part_outputs`` (with ``lhs_scale``): a tuple of [M, N_p], one per weight, where a
+    consumer that is a kernel would otherwise read a slice of the one [M, sum N_p] (a copy
+    kernel of XLA's: attention's q and k into :mod:`qk_rows`)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
 
     scaled = rhs_scale is not None
+    # FP8 weights may come tiled, [G, N / bn, K / bk * bn, bk] (:func:`tile_weights`): each
+    # K step's weight tile is then one contiguous block of memory.
+    tiled = scaled and (rhs[0] if isinstance(rhs, (tuple, list)) else rhs).ndim == 4
     n_axis = 1 if scaled else 2
     sets = 1 if shared_blocks is None else 2  # the routed experts' weights, the shared one's
     if sets == 1:
@@ -488,8 +506,11 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
         rhs_scale = tuple(rhs_scale)
     parts = len(rhs) // sets
     m, k = lhs.shape
-    g, ns = rhs[0].shape[0], [p.shape[n_axis] for p in rhs[:parts]]
     bm, bn, bk, splits = config.block_m, config.block_n, config.block_k, config.k_splits
+    g, ns = rhs[0].shape[0], [p.shape[n_axis] * (bn if tiled else 1) for p in rhs[:parts]]
+    if tiled and (not config.swap_ab or any(p.shape[2:] != (k // bk * bn, bk) for p in rhs)):
+        raise ValueError(f"tiled weights {[p.shape for p in rhs]} are not in tiles of "
+                         f"block_n={bn} x block_k={bk} of K={k} (or not swap-AB: {config})")
     if sets == 2:
         if not (by_row and scaled and m == (1 + max(shared_blocks)) * bm
                 and [p.shape for p in rhs[parts:]] == [(1, *p.shape[1:]) for p in rhs[:parts]]):
@@ -510,6 +531,12 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
     swap = config.swap_ab
     if swap and not scaled:
         raise ValueError("swap_ab is the FP8 kernel's form (K-major weights)")
+    if part_outputs and lhs_scale is None:
+        raise ValueError("part_outputs: with lhs_scale only")
+    if lhs_scale is not None and (by_row or not swap or splits > 1 or m % bm
+                                  or lhs_scale.shape != (m,)):
+        raise ValueError(f"lhs_scale {lhs_scale.shape}: swap-AB with K whole, not by row, and "
+                         f"M={m} rows (a multiple of block_m={bm}) only")
     if by_row and not (swap and splits == 1 and m <= bm):
         raise ValueError(f"by_row takes the swap-AB form, K whole and at most block_m={bm} "
                          f"rows: {config}, {m} rows")
@@ -524,15 +551,19 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
     # 8-bit weights are K-major [N, K] tiles, transposed for the wgmma (a view, no copy).
     rhs_block, rhs_index = (((bn, bk), lambda kk, ni: (ni, kk)) if scaled else
                             ((bk, bn), lambda kk, ni: (kk, ni)))
+    if tiled:  # the N tile's slab [K / bk * bn, bk]: K step kk is its rows kk * bn ...
+        rhs_index = lambda kk, ni: (kk, 0)
 
     def grouped_matmul_kernel(sizes_gmem, lhs_gmem, *rest):
         rhs_gmem, rest = rest[:parts * sets], rest[parts * sets:]
         if scaled:
-            rs_gmem, (o_gmem,) = rest[:parts * sets], rest[parts * sets:]
+            rs_gmem, rest = rest[:parts * sets], rest[parts * sets:]
         else:
-            rs_gmem, (o_gmem,) = (None,) * parts, rest
+            rs_gmem = (None,) * parts
+        ls_gmem, *outs = rest if lhs_scale is not None else (None, *rest)
+        o_gmem = outs if part_outputs else outs[0]
 
-        def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem, shared=False):
+        def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem, shared=False, part=0):
             """One output tile, row tile ``ti``: rows of ``info``'s group, columns ``ni * bn``
             (the part's N tile ``part_ni`` of weights ``w_gmem``), K range ``split``.
             ``shared``: the shared expert's tile, every row stored (after the routed rows)."""
@@ -556,9 +587,12 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                 ],
                 max_concurrent_steps=config.max_concurrent_steps)
 
+            w_tiles = (w_gmem.at[info.group_id, part_ni] if tiled
+                       else w_gmem.at[info.group_id])
+
             def acc_scope(acc_ref):
                 pipeline(lambda _, lhs_smem, rhs_smem: product(acc_ref, lhs_smem, rhs_smem)
-                         )(lhs_gmem, w_gmem.at[info.group_id])
+                         )(lhs_gmem, w_tiles)
                 return acc_ref[...]
 
             def promoted(_, lhs_smem, rhs_smem, total):
@@ -570,7 +604,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
 
             if config.promote:
                 zeros = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32), plgpu.Layout.WGMMA)
-                acc = pipeline(promoted, init_carry=zeros)(lhs_gmem, w_gmem.at[info.group_id])
+                acc = pipeline(promoted, init_carry=zeros)(lhs_gmem, w_tiles)
             else:
                 acc = pl.run_scoped(acc_scope, plgpu.ACC(acc_shape))
             if scaled:  # the epilogue: the tile's expert's column scales
@@ -578,18 +612,24 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                                   layout=plgpu.Layout.WGMMA.reduce(1 if swap else 0),
                                   optimized=False)
                 acc = acc * jax.lax.broadcast_in_dim(cols, acc.shape, [0 if swap else 1])
-            out = o_gmem if splits == 1 else o_gmem.at[split]
+            if ls_gmem is not None:  # swap-AB: the rows are the accumulator's columns
+                rows = plgpu.load(ls_gmem.at[pl.ds(info.block * bm, bm)],
+                                  layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+                acc = acc * jax.lax.broadcast_in_dim(rows, acc.shape, [1])
+            out = (o_gmem[part] if part_outputs else o_gmem if splits == 1
+                   else o_gmem.at[split])
+            col = (part_ni if part_outputs else ni) * bn  # the tile's first output column
             if by_row:  # the rows of the tile's group, one TMA store each
                 @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
                 def store_rows(o_smem):
                     o_smem.T[...] = acc.astype(out_dtype)
                     plgpu.commit_smem()
                     if shared:
-                        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(m, m), pl.ds(ni * bn, bn)])
+                        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(m, m), pl.ds(col, bn)])
                     for r, group in enumerate(() if shared else row_groups):
                         pl.when(group == info.group_id)(functools.partial(
                             plgpu.copy_smem_to_gmem, o_smem.at[pl.ds(r, 1)],
-                            out.at[pl.ds(r, 1), pl.ds(ni * bn, bn)]))
+                            out.at[pl.ds(r, 1), pl.ds(col, bn)]))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 return
             if swap_split:
@@ -598,7 +638,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                     o_smem[...] = acc
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(
-                        o_smem, out.at[pl.ds(ni * bn, bn), pl.ds(ti * bm, bm)])
+                        o_smem, out.at[pl.ds(col, bn), pl.ds(ti * bm, bm)])
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 return
 
@@ -619,7 +659,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                         plgpu.copy_smem_to_gmem(
                             o_smem.at[pl.ds(smem_start, rows)],
                             out.at[pl.ds(info.block_start + smem_start, rows),
-                                   pl.ds(ni * bn, bn)])
+                                   pl.ds(col, bn)])
 
                     smem_start += info.actual_size & rows
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -673,7 +713,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
                     lo, hi = part_start[part], part_start[part + 1]
                     pl.when((lo <= ni) & (ni < hi))(functools.partial(
                         tile, info, ti, split, ni, ni - lo, w_gmem[part], ws_gmem[part],
-                        set_index == 1))
+                        set_index == 1, part))
 
             def by_row_info(group, block):
                 """Every row of lhs block ``block`` in the tile's columns; ``group``'s are
@@ -702,15 +742,39 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, *,
         f"_n{n}_k{k}")
     out_shape = ((sets * m, n) if splits == 1 else
                  (splits, n, grid_m * bm) if swap_split else (splits, m, n))
+    out_type = (tuple(jax.ShapeDtypeStruct((m, n_p), out_dtype) for n_p in ns) if part_outputs
+                else jax.ShapeDtypeStruct(out_shape, out_dtype))
     kernel = plgpu.kernel(
-        grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grouped_matmul_kernel, out_type=out_type,
         grid=(common.num_sms(),), grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    out = kernel(group_sizes, lhs, *rhs, *rhs_scale)
+    out = kernel(group_sizes, lhs, *rhs, *rhs_scale,
+                 *(() if lhs_scale is None else (lhs_scale.astype(jnp.float32),)))
+    if part_outputs or splits == 1:
+        return out
     if swap_split:
         return _swapped_rows(out, group_sizes, g, m, bm).astype(final_dtype)
-    return out if splits == 1 else out.sum(0).astype(final_dtype)
+    return out.sum(0).astype(final_dtype)
+
+
+def tile_weights(w, block_n: int, block_k: int):
+    """K-major weights ``[..., N, K]`` -> ``[..., N / block_n, K / block_k * block_n,
+    block_k]``: N tile j's K step kk is rows ``kk * block_n ...`` of slab j, one contiguous
+    block (``[N, K]``'s tile is block_n runs of block_k bytes, K bytes apart)."""
+    *lead, n, k = w.shape
+    if n % block_n or k % block_k:
+        raise ValueError(f"weights [{n}, {k}] do not tile by {block_n} x {block_k}")
+    t = w.reshape(*lead, n // block_n, block_n, k // block_k, block_k)
+    return jnp.swapaxes(t, -3, -2).reshape(*lead, n // block_n, k // block_k * block_n, block_k)
+
+
+def untile_weights(t, k: int):
+    """:func:`tile_weights`' inverse: ``[..., N / bn, K / bk * bn, bk]`` -> ``[..., N, K]``."""
+    *lead, slabs, rows, bk = t.shape
+    bn = rows // (k // bk)
+    t = t.reshape(*lead, slabs, k // bk, bn, bk)
+    return jnp.swapaxes(t, -3, -2).reshape(*lead, slabs * bn, k)
 
 
 def _dealt(w, sms: int):

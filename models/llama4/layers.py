@@ -16,6 +16,7 @@ from jax import lax
 
 from jaxattn.kernels import fp8 as fp8_lib
 from jaxattn.kernels import grouped_matmul
+from jaxattn.kernels.qk_rows import apply_rope, l2norm  # noqa: F401  (the model's ops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,12 +106,6 @@ class Embedding(nnx.Module):
         self.weight = nnx.Param(normal_init(rngs, (vocab, size), std, dtype))  # [vocab, hidden]
 
 
-def l2norm(x, eps):
-    """HF's ``Llama4TextL2Norm`` (and the weightless part of RMSNorm): x * rsqrt(mean(x^2) + eps)."""
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
 class RMSNorm(nnx.Module):
     def __init__(self, size: int, eps: float, *, dtype):
         self.eps = eps
@@ -125,21 +120,3 @@ def rope_tables(inv_freq, positions):
     """cos, sin [..., head_dim/2] (f32) for integer positions [...]; ``inv_freq`` [head_dim/2]."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     return jnp.cos(freqs), jnp.sin(freqs)
-
-
-def apply_rope(x, cos, sin):
-    """HF's complex rotation: element pairs (2j, 2j+1) are (real, imag) and rotate by position.
-
-    x [..., P, H, D] with cos/sin [..., P, D/2]. Interleaved pairs, not the
-    half-split (rotate_half) convention of Llama 2/3.
-    """
-    # out = x * [c, c] + swap(x) * [-s, s] per pair: (re c - im s, im c + re s), the same
-    # values as stacking the two products, without a concatenate, which XLA ran as a kernel
-    # of its own for q and for k in each RoPE layer (a decode step's profile, 2026-12-01);
-    # elementwise ops and a reverse fuse with the l2norm after.
-    xf = x.astype(jnp.float32)
-    swapped = xf.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(xf.shape)
-    c = jnp.repeat(cos, 2, axis=-1)[..., None, :]
-    s = (jnp.repeat(sin, 2, axis=-1) * jnp.tile(jnp.array([-1.0, 1.0], jnp.float32),
-                                                sin.shape[-1]))[..., None, :]
-    return (xf * c + swapped * s).astype(x.dtype)

@@ -22,10 +22,10 @@ from flax import nnx
 
 import jaxattn
 from jaxattn.kernels import fp8 as fp8_lib
-from jaxattn.kernels import fp8_rows
+from jaxattn.kernels import fp8_rows, qk_rows
 from jaxattn.models.llama4.config import Llama4Config
-from jaxattn.models.llama4.layers import (NO_AXES, Axes, Embedding, Linear, RMSNorm, apply_rope,
-                                          l2norm, project, rope_tables)
+from jaxattn.models.llama4.layers import (NO_AXES, Axes, Embedding, Linear, RMSNorm, project,
+                                          rope_tables)
 from jaxattn.models.llama4.moe import MLP, MoE
 from jaxattn.models.llama4.quantization import Fp8Scheme
 
@@ -63,15 +63,16 @@ class Attention(nnx.Module):
         # -1: under tensor parallelism the projections hold this device's heads only.
         q, k, v = (y.reshape(*lead, -1, self.head_dim)
                    for y in project(x, self.q_proj, self.k_proj, self.v_proj))
-        if self.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.qk_norm_eps is not None:  # after RoPE, RoPE layers only (HF)
-            q, k = l2norm(q, self.qk_norm_eps), l2norm(k, self.qk_norm_eps)
+        temperature = None
         if self.temperature_tuning:
             # NoPE layers scale queries by log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1.
             pos = positions.astype(jnp.float32)
-            t = jnp.log1p(jnp.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
-            q = (q * t[..., None, None]).astype(q.dtype)
+            temperature = (jnp.log1p(jnp.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale
+                           + 1.0)
+        # RoPE, then the L2 norm (RoPE layers only, HF's order), then the temperature: one
+        # kernel at decode on Hopper (qk_rows), XLA's ops elsewhere.
+        q, k = qk_rows.rope_norm(q, k, rope if self.use_rope else None, eps=self.qk_norm_eps,
+                                 temperature=temperature)
         return q, k, v
 
     def out(self, o, axes: Axes):

@@ -540,7 +540,8 @@ def test_dense_fp8_takes_xla_past_a_decode_step_or_off_hopper(monkeypatch):
     divide and enough work items (N tiles times K splits), else XLA's FP8 dot per weight."""
     launched = []
 
-    def kernel(x, parts, scales, gs, config, out_dtype, scale_rows, defer=False):
+    def kernel(x, parts, scales, gs, config, out_dtype, scale_rows, defer=False,
+               part_outputs=False):
         launched.append(x.values.shape)
         return jnp.zeros((x.values.shape[0], sum(p.shape[1] for p in parts)), jnp.bfloat16)
 
