@@ -259,11 +259,10 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
 
 
 def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=False,
-                defer=False, part_outputs=False):
+                defer=False):
     """The FP8 Mosaic kernel on quantised rows ``x`` -> [M, N_1 + ... + N_P] in
     ``out_dtype`` (``defer``: :class:`fp8.Unscaled` by the row scales); ``groups``: the
-    group sizes, or each row's group (``by_row``). ``part_outputs``: a tuple of [M, N_p]
-    where the kernel's epilogue scales the rows, else the one array split."""
+    group sizes, or each row's group (``by_row``)."""
     xq, xs, m = x.values, x.scale, x.values.shape[0]
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
         xq = jnp.pad(xq, ((0, -m % 8), (0, 0)))
@@ -273,7 +272,7 @@ def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=
     if (scale_rows and not defer and not by_row and config.swap_ab and config.k_splits == 1
             and m % config.block_m == 0):  # a decode step's bucket: the epilogue scales rows
         return _mosaic_grouped_matmul(xq, parts, groups, scales, xs, config=config,
-                                      out_dtype=out_dtype, part_outputs=part_outputs)
+                                      out_dtype=out_dtype)
     # The kernel writes (x_q w_q) * w_scale (in bf16 at least: the row scale is still out
     # of its range); the row scales, applied here, fuse into the product's consumer (the
     # SwiGLU, the scatter back to token order) instead of padding per call for the
@@ -386,7 +385,8 @@ def dense_config(rows: int, k: int, n: int, k_splits: int = 1) -> GroupedMatmulC
 
 def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
               scale_ub: float | None = None, k_splits: int = 1,
-              config: GroupedMatmulConfig | None = None, defer: bool = False) -> tuple:
+              config: GroupedMatmulConfig | None = None, defer: bool = False,
+              joint: bool = False):
     """A few rows through dense FP8 projections of one input (attention's q, k and v; an
     MLP's gate and up; or one weight) in one launch: ``x [..., K]`` (or
     :class:`fp8.Quantized`), weights ``w`` ``[N_p, K]`` float8_e4m3fn with ``w_scale [N_p]``
@@ -396,9 +396,12 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     ``"mosaic"``: :func:`grouped_matmul_fp8` with one group of every row, so every part's
     N tiles share one wave of SMs (the swap-AB form at decode, which reads weights faster
     than XLA's FP8 dot there: NOTES-grouped-matmul.md), in tiles of :func:`dense_config`
-    (``k_splits`` and ``config`` override it). ``"auto"`` takes it on Hopper for at most
-    ``SWAP_AB_MAX_ROWS`` rows and ``DENSE_MIN_N_TILES`` work items, K a multiple of 128 and
-    each N of 128; ``"xla"`` (and "auto" elsewhere) runs :func:`fp8.scaled_matmul` per
+    (``k_splits`` and ``config`` override it). ``joint`` (not ``defer``): that launch's
+    output as it is, ``[..., N_1 + ... + N_P]`` (the parts side by side), for a consumer
+    that is a kernel and would otherwise get slices of it, each a copy kernel of XLA's
+    (attention's q and k into :mod:`qk_rows`); XLA's dots still give a tuple.
+    ``"auto"`` takes it on Hopper for at most ``SWAP_AB_MAX_ROWS`` rows and
+    ``DENSE_MIN_N_TILES`` work items, K a multiple of 128 and each N of 128; ``"xla"`` (and "auto" elsewhere) runs :func:`fp8.scaled_matmul` per
     weight. One weight alone (o, down) measured 1.00-1.10x XLA's dot at a decode step's 16
     rows and 1.22-1.37x at one row (fp8-projections-2026-12-02), XLA's time including the
     reduction kernel its split-K GEMM runs after.
@@ -418,13 +421,14 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     flat = fp8.Quantized(x.values.reshape(rows, k), x.scale.reshape(rows), x.dtype)
     y = _fp8_launch(flat, tuple(p[None] for p in parts), tuple(s[None] for s in scales),
                     jnp.full((1,), rows, jnp.int32), config, out_dtype or x.dtype,
-                    scale_rows=True, defer=defer, part_outputs=True)
+                    scale_rows=True, defer=defer)
     split = lambda a: jnp.split(a, list(itertools.accumulate(ns))[:-1], axis=-1)
     if defer:
         return tuple(fp8.Unscaled(v, y.row_scale, None, y.dtype).reshape(*lead, n)
                      for v, n in zip(split(y.values), ns))
-    return tuple(v.reshape(*lead, n) for v, n in zip(y if isinstance(y, tuple) else split(y),
-                                                     ns))
+    if joint:
+        return y.reshape(*lead, sum(ns))
+    return tuple(v.reshape(*lead, n) for v, n in zip(split(y), ns))
 
 
 def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
@@ -464,12 +468,10 @@ def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
     return info, first
 
 
-@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row", "shared_blocks",
-                                             "part_outputs"))
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row", "shared_blocks"))
 def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None, *,
                            config: GroupedMatmulConfig, out_dtype=None, by_row: bool = False,
-                           shared_blocks: tuple[int, int] | None = None,
-                           part_outputs: bool = False):
+                           shared_blocks: tuple[int, int] | None = None):
     """bf16/f16: rhs [G, K, N] or a tuple of P of them (N may differ). FP8 (scales given): rhs
     [G, N, K] (or P of them), rhs_scale [G, N] f32 per column (one per weight; the rows'
     scales are the caller's), out_dtype the output's. -> [M, N_1 + ... + N_P].
@@ -484,10 +486,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
     ``lhs_scale`` (FP8 swap-AB, not by row; M a multiple of ``block_m``): the rows' scales
     [M] f32, applied in the epilogue with the columns' (the product comes out whole, where
-    XLA's multiply after the kernel was a kernel of its own unless a consumer fused it).
-    ``part_outputs`` (with ``lhs_scale``): a tuple of [M, N_p], one per weight, where a
-    consumer that is a kernel would otherwise read a slice of the one [M, sum N_p] (a copy
-    kernel of XLA's: attention's q and k into :mod:`qk_rows`)."""
+    XLA's multiply after the kernel was a kernel of its own unless a consumer fused it)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
@@ -531,8 +530,6 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     swap = config.swap_ab
     if swap and not scaled:
         raise ValueError("swap_ab is the FP8 kernel's form (K-major weights)")
-    if part_outputs and lhs_scale is None:
-        raise ValueError("part_outputs: with lhs_scale only")
     if lhs_scale is not None and (by_row or not swap or splits > 1 or m % bm
                                   or lhs_scale.shape != (m,)):
         raise ValueError(f"lhs_scale {lhs_scale.shape}: swap-AB with K whole, not by row, and "
@@ -560,10 +557,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             rs_gmem, rest = rest[:parts * sets], rest[parts * sets:]
         else:
             rs_gmem = (None,) * parts
-        ls_gmem, *outs = rest if lhs_scale is not None else (None, *rest)
-        o_gmem = outs if part_outputs else outs[0]
+        ls_gmem, o_gmem = rest if lhs_scale is not None else (None, *rest)
 
-        def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem, shared=False, part=0):
+        def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem, shared=False):
             """One output tile, row tile ``ti``: rows of ``info``'s group, columns ``ni * bn``
             (the part's N tile ``part_ni`` of weights ``w_gmem``), K range ``split``.
             ``shared``: the shared expert's tile, every row stored (after the routed rows)."""
@@ -616,9 +612,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 rows = plgpu.load(ls_gmem.at[pl.ds(info.block * bm, bm)],
                                   layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
                 acc = acc * jax.lax.broadcast_in_dim(rows, acc.shape, [1])
-            out = (o_gmem[part] if part_outputs else o_gmem if splits == 1
-                   else o_gmem.at[split])
-            col = (part_ni if part_outputs else ni) * bn  # the tile's first output column
+            out = o_gmem if splits == 1 else o_gmem.at[split]
+            col = ni * bn  # the tile's first output column
             if by_row:  # the rows of the tile's group, one TMA store each
                 @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
                 def store_rows(o_smem):
@@ -713,7 +708,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                     lo, hi = part_start[part], part_start[part + 1]
                     pl.when((lo <= ni) & (ni < hi))(functools.partial(
                         tile, info, ti, split, ni, ni - lo, w_gmem[part], ws_gmem[part],
-                        set_index == 1, part))
+                        set_index == 1))
 
             def by_row_info(group, block):
                 """Every row of lhs block ``block`` in the tile's columns; ``group``'s are
@@ -742,16 +737,14 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
         f"_n{n}_k{k}")
     out_shape = ((sets * m, n) if splits == 1 else
                  (splits, n, grid_m * bm) if swap_split else (splits, m, n))
-    out_type = (tuple(jax.ShapeDtypeStruct((m, n_p), out_dtype) for n_p in ns) if part_outputs
-                else jax.ShapeDtypeStruct(out_shape, out_dtype))
     kernel = plgpu.kernel(
-        grouped_matmul_kernel, out_type=out_type,
+        grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
         grid=(common.num_sms(),), grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     out = kernel(group_sizes, lhs, *rhs, *rhs_scale,
                  *(() if lhs_scale is None else (lhs_scale.astype(jnp.float32),)))
-    if part_outputs or splits == 1:
+    if splits == 1:
         return out
     if swap_split:
         return _swapped_rows(out, group_sizes, g, m, bm).astype(final_dtype)

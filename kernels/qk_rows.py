@@ -4,24 +4,25 @@ Llama 4's attention rotates q and k by position (RoPE layers: HF's interleaved p
 normalises each head (``Llama4TextL2Norm``, RoPE layers) and scales q by a position's
 temperature (NoPE layers). XLA runs that as two kernels per tensor (a reduction for the
 norm, then the elementwise rest), four a RoPE layer, each a few microseconds of launch for
-a few KiB at decode. :func:`rope_norm` does all of it in one (:func:`reference` is the XLA
-composition it replaces, which also runs where the kernel does not: on CPU, prefill-sized
-calls, f32).
+a few KiB at decode. :func:`rope_norm` does all of it in one launch (:func:`reference` is the
+XLA composition it replaces, which also runs where the kernel does not: on CPU, prefill-sized
+calls), on the FP8 q/k/v projection's one output ``[T, (Hq + 2 Hkv) D]``, where the three
+are side by side (slicing q or k out for a kernel would be a copy kernel of XLA's).
 
-The kernel (Mosaic GPU, lane semantics) sees q and k as rows of one head each, ``[T * H,
-D]``, and a 64-row tile of them per warpgroup in the wgmma register layout, where a row's
-reduction (the norm) stays within a warp. RoPE pairs elements (2j, 2j + 1), which sit in
-one 32-bit word of a bf16 row: the kernel takes each row as ``D / 2`` uint32 words (a
-bitcast, no copy) and gets both halves of a pair by shifts (bf16 is the top half of an
-f32), so no lane has to fetch its neighbour's element. Each row's cos / sin / temperature
-come repeated per head (``[T * H, ...]``, computed once a step: every layer's call shares
-them).
+The kernel (Mosaic GPU, lane semantics) runs a program per token. Its heads are ``Hq + 2 Hkv``
+consecutive rows of ``D`` values (q's, k's, v's): the program loads 64 of them in the wgmma
+register layout, where a row's reduction (the norm) stays within a warp and each pair of
+elements (2j, 2j + 1) sits in one thread's register, so RoPE's partner is a swap of a
+register's halves. The rotated q and k rows go back through shared memory by TMA, each to
+its own output. The token's cos and sin come as :func:`rope_tables` makes them once a step
+for every layer: ``[T, D]`` rows, each pair's cosine twice and its sine signed [-s, s].
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from jax.experimental import pallas as pl
 from jaxattn.kernels import common
 
 IMPLS = ("auto", "xla", "mosaic")
-_ROWS = common.WGMMA_M  # rows (heads of tokens) per program
+_ROWS = common.WGMMA_M  # heads per program's register tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,22 +50,30 @@ def l2norm(x, eps):
     return (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
+def rope_tables(inv_freq, positions):
+    """RoPE's factors for integer positions [...], ``inv_freq`` [D/2]: (cos, sin) [..., D] f32,
+    per element: pair j's angle ``position * inv_freq[j]`` (in f32, as HF), its cosine for both
+    elements, its sine as [-sin, +sin]. Made once a step, for every layer."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    sign = jnp.tile(jnp.array([-1.0, 1.0], jnp.float32), freqs.shape[-1])
+    return jnp.repeat(jnp.cos(freqs), 2, axis=-1), jnp.repeat(jnp.sin(freqs), 2, axis=-1) * sign
+
+
+def _swapped(x):
+    """Elements (2j, 2j + 1) of the last axis swapped."""
+    return x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+
+
 def apply_rope(x, cos, sin):
     """HF's complex rotation: element pairs (2j, 2j+1) are (real, imag) and rotate by position.
 
-    x [..., P, H, D] with cos/sin [..., P, D/2]. Interleaved pairs, not the
-    half-split (rotate_half) convention of Llama 2/3.
+    x [..., P, H, D] with (cos, sin) [..., P, D] from :func:`rope_tables`. Interleaved pairs,
+    not the half-split (rotate_half) convention of Llama 2/3: out = x * [c, c] + swap(x) *
+    [-s, s] per pair, (re c - im s, im c + re s), without the concatenate that stacking the two
+    products takes (XLA ran it as a kernel of its own for q and for k in each RoPE layer).
     """
-    # out = x * [c, c] + swap(x) * [-s, s] per pair: (re c - im s, im c + re s), the same
-    # values as stacking the two products, without a concatenate, which XLA ran as a kernel
-    # of its own for q and for k in each RoPE layer (a decode step's profile, 2026-12-01);
-    # elementwise ops and a reverse fuse with the l2norm after.
     xf = x.astype(jnp.float32)
-    swapped = xf.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(xf.shape)
-    c = jnp.repeat(cos, 2, axis=-1)[..., None, :]
-    s = (jnp.repeat(sin, 2, axis=-1) * jnp.tile(jnp.array([-1.0, 1.0], jnp.float32),
-                                                sin.shape[-1]))[..., None, :]
-    return (xf * c + swapped * s).astype(x.dtype)
+    return (xf * cos[..., None, :] + _swapped(xf) * sin[..., None, :]).astype(x.dtype)
 
 
 def temperature_scale(q, temperature):
@@ -75,8 +84,8 @@ def temperature_scale(q, temperature):
 
 def reference(q, k, rope=None, *, eps=None, temperature=None):
     """What the model does to its projected q [..., P, Hq, D] and k [..., P, Hkv, D]: RoPE by
-    ``rope`` = (cos, sin) [..., P, D/2] (None: a NoPE layer), then the per-head L2 norm
-    (``eps`` None: none), then q times ``temperature`` [..., P] (None: none). -> (q, k)."""
+    ``rope`` (:func:`rope_tables`; None: a NoPE layer), then the per-head L2 norm (``eps``
+    None: none), then q times ``temperature`` [..., P] (None: none). -> (q, k)."""
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if eps is not None:
@@ -89,13 +98,13 @@ def reference(q, k, rope=None, *, eps=None, temperature=None):
 # ---- the kernel -----------------------------------------------------------------------
 
 def _swap_pairs(x, interpret: bool):
-    """Elements (2j, 2j + 1) of each row of ``x`` [64, D] (f32, wgmma layout) swapped: a
-    register's two halves, where the wgmma layout keeps each such pair (no lane exchanges
-    another's). GPU interpret mode cannot run the Mosaic code: there, the same by jnp."""
+    """:func:`_swapped` of ``x`` [64, D] (f32, wgmma layout): each register's two halves, as
+    the wgmma layout keeps each pair in one register (no lane needs another's). GPU interpret
+    mode cannot run Mosaic code: there, jnp's."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if interpret:
-        return x.reshape(x.shape[0], -1, 2)[..., ::-1].reshape(x.shape)
+        return _swapped(x)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=plgpu.ShapeDtypeStruct(
         x.shape, x.dtype, layout=plgpu.Layout.WGMMA))
@@ -103,88 +112,138 @@ def _swap_pairs(x, interpret: bool):
         import numpy as np
         from jax._src.lib.mlir import ir
         from jax._src.lib.mlir.dialects import vector
-        from jax.experimental import mosaic as mgpu_lib  # noqa: F401
         from jax.experimental.mosaic import gpu as mgpu
 
         del ctx
-        assert all(ir.VectorType(r.type).shape == [2] for r in a.registers.flat), a.layout
         regs = np.empty_like(a.registers)
         for i, r in np.ndenumerate(a.registers):
+            assert ir.VectorType(r.type).shape == [2], a.layout  # (2j, 2j + 1)
             regs[i] = vector.shuffle(r, r, [1, 0])
         return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=a.is_signed)
 
     return swap(x)
 
 
-def _kernel_body(tile, *refs, tiles_q: int, tiles_k: int, rope: bool, eps, temperature: bool,
-                 interpret: bool):
+class KVTarget(NamedTuple):
+    """Where a layer's new keys and values go: a bf16 paged cache's pools ``k_pages``,
+    ``v_pages`` [P, page_size, Hkv, D] and each token's slot ``slots`` int32 [T] (page *
+    page_size + offset; past the pool: a padding token, not written)."""
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    slots: jax.Array
+
+
+def reference_write(target: KVTarget, k, v) -> tuple:
+    """k, v [T, Hkv, D] scattered into their slots -> the two pools (XLA's scatters)."""
+    def write(pages, new):
+        p, ps, h, d = pages.shape
+        flat = pages.reshape(p * ps, h, d).at[target.slots].set(new.astype(pages.dtype),
+                                                                mode="drop")
+        return flat.reshape(pages.shape)
+
+    return write(target.k_pages, k), write(target.v_pages, v)
+
+
+def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temperature: bool,
+                 outputs: str, interpret: bool):
+    """``outputs``: "q" (k untouched: a NoPE layer), "qk", or "q+cache" (k and v into the
+    cache's pools, aliased refs)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     refs = list(refs)
-    q_ref, k_ref = refs.pop(0), refs.pop(0)
-    tables = [refs.pop(0) for _ in range(4)] if rope else [None] * 4
+    cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
     t_ref = refs.pop(0) if temperature else None
-    qo_ref, ko_ref = refs
+    if outputs == "q+cache":
+        slots_ref, kp_ref, vp_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+    q_ref, *rest = refs
+    k_ref = rest.pop(0) if outputs == "qk" else None
+    q_smem, k_smem, v_smem = rest
+    heads = hq + 2 * hkv
+    rows = qkv_ref.shape[0]
+    # The token's heads start the tile, except for the last tokens, whose tile ends at the
+    # last row (no read past the array): then they start ``first`` rows into it.
+    start = jnp.minimum(token * heads, rows - _ROWS)
+    first = token * heads - start
+    x = plgpu.load(qkv_ref.at[pl.ds(start, _ROWS)], layout=plgpu.Layout.WGMMA, optimized=False)
+    if outputs == "q+cache":
+        v_smem[...] = x  # v goes to the cache as it came
+    x = x.astype(jnp.float32)
+    rounded = lambda v: v.astype(qkv_ref.dtype).astype(jnp.float32)  # the model's casts
 
-    def load(ref, r0, layout=plgpu.Layout.WGMMA):
-        return plgpu.load(ref.at[pl.ds(r0, _ROWS)], layout=layout, optimized=False)
+    def per_element(table_ref):  # the token's [D] row, the same for every head
+        row = plgpu.load(table_ref.at[token], layout=plgpu.Layout.WGMMA.reduce(0),
+                         optimized=False)
+        return lax.broadcast_in_dim(row, x.shape, [1])
 
-    def rows(x_ref, o_ref, r0, cos_ref, sin_ref, scale_rows):
-        x = load(x_ref, r0).astype(jnp.float32)
-        d = x.shape[1]
-        rounded = lambda v: v.astype(x_ref.dtype).astype(jnp.float32)  # the model's casts
-        if rope:  # apply_rope's arithmetic: x * [c, c] + swap(x) * [-s, s]
-            x = rounded(x * load(cos_ref, r0) + _swap_pairs(x, interpret) * load(sin_ref, r0))
-        if eps is not None:  # l2norm
-            inv = lax.rsqrt(jnp.sum(x * x, axis=1) / d + jnp.float32(eps))
-            x = rounded(x * lax.broadcast_in_dim(inv, x.shape, [0]))
-        if scale_rows:  # temperature_scale
-            t = load(t_ref, r0, plgpu.Layout.WGMMA.reduce(1))
-            x = x * lax.broadcast_in_dim(t, x.shape, [0])
-        o_ref[pl.ds(r0, _ROWS), :] = x.astype(o_ref.dtype)
+    if rope:  # apply_rope's arithmetic
+        x = rounded(x * per_element(cos_ref) + _swap_pairs(x, interpret) * per_element(sin_ref))
+    if eps is not None:  # l2norm, per head
+        inv = lax.rsqrt(jnp.sum(x * x, axis=1) / x.shape[1] + jnp.float32(eps))
+        x = rounded(x * lax.broadcast_in_dim(inv, x.shape, [0]))
+    if outputs != "q":
+        k_smem[...] = x.astype(k_smem.dtype)
+    if temperature:  # temperature_scale, q only
+        x = x * t_ref[token]
+    q_smem[...] = x.astype(q_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(first, hq)], q_ref.at[pl.ds(token * hq, hq)])
+    if k_ref is not None:
+        plgpu.copy_smem_to_gmem(k_smem.at[pl.ds(first + hq, hkv)],
+                                k_ref.at[pl.ds(token * hkv, hkv)])
+    if outputs == "q+cache":  # the token's heads are hkv consecutive rows of a pool
+        slot = slots_ref[token]
 
-    cos_q, sin_q, cos_k, sin_k = tables
-    pl.when(tile < tiles_q)(lambda: rows(q_ref, qo_ref, tile * _ROWS, cos_q, sin_q,
-                                         temperature))
-    if tiles_k:
-        pl.when(tile >= tiles_q)(lambda: rows(k_ref, ko_ref, (tile - tiles_q) * _ROWS, cos_k,
-                                              sin_k, False))
-
-
-def row_tables(rope, heads: int):
-    """(cos, sin) [T, D/2] -> each row's factors for a kernel row of one head, ``[T * heads,
-    D]`` f32: cos repeated per pair, sin per pair with apply_rope's signs [-s, s]."""
-    cos, sin = (a.astype(jnp.float32) for a in rope)
-    c = jnp.repeat(cos, 2, axis=-1)
-    s = jnp.repeat(sin, 2, axis=-1) * jnp.tile(jnp.array([-1.0, 1.0], jnp.float32),
-                                               sin.shape[-1])
-    return tuple(jnp.repeat(a, heads, axis=0) for a in (c, s))
+        @pl.when((slot >= 0) & (slot < kp_ref.shape[0] // hkv))
+        def _():
+            for smem, pool, row in ((k_smem, kp_ref, first + hq), (v_smem, vp_ref,
+                                                                  first + hq + hkv)):
+                plgpu.copy_smem_to_gmem(smem.at[pl.ds(row, hkv)],
+                                        pool.at[pl.ds(slot * hkv, hkv)])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "touch_k", "interpret"))
-def _rope_norm_kernel(q, k, rope, temperature, *, eps, touch_k: bool, interpret: bool):
-    """q [T, Hq, D], k [T, Hkv, D] bf16 -> (q, k) as :func:`reference`; ``touch_k`` False: k
-    comes back as it is (a NoPE layer: only q's temperature)."""
+@functools.partial(jax.jit, static_argnames=("hq", "hkv", "eps", "interpret"))
+def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps,
+                      interpret: bool):
+    """qkv [T, (hq + 2 hkv) D] bf16 -> (q [T, hq, D], k [T, hkv, D] or None if untouched,
+    the pools or None): with a :class:`KVTarget` ``cache``, k and v go into its pools (updated
+    in place: the kernel writes them through aliased refs) and not to an output."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    (t, hq, d), hkv = q.shape, k.shape[1]
-    tiles_q, tiles_k = t * hq // _ROWS, (t * hkv // _ROWS if touch_k else 0)
-    operands = [q.reshape(t * hq, d), k.reshape(t * hkv, d)]  # a row per head
-    if rope is not None:  # the same every layer: XLA computes them once a step (CSE)
-        operands += [*row_tables(rope, hq), *row_tables(rope, hkv)]
+    t, d = qkv.shape[0], qkv.shape[1] // (hq + 2 * hkv)
+    outputs = "q+cache" if cache is not None else (
+        "qk" if rope is not None or eps is not None else "q")
+    operands = [qkv.reshape(-1, d)]  # a row per head
+    if rope is not None:
+        operands += [a.astype(jnp.float32) for a in rope]
     if temperature is not None:
-        operands.append(jnp.repeat(temperature.astype(jnp.float32), hq))
-    body = functools.partial(_kernel_body, tiles_q=tiles_q, tiles_k=tiles_k,
-                             rope=rope is not None, eps=eps, temperature=temperature is not None,
+        operands.append(temperature.astype(jnp.float32))
+    out_type = [jax.ShapeDtypeStruct((t * hq, d), qkv.dtype)]
+    if outputs == "qk":
+        out_type.append(jax.ShapeDtypeStruct((t * hkv, d), qkv.dtype))
+    body = functools.partial(_kernel_body, hq=hq, hkv=hkv, rope=rope is not None, eps=eps,
+                             temperature=temperature is not None, outputs=outputs,
                              interpret=interpret)
 
     def rope_norm(*refs):
-        body(lax.axis_index("tiles"), *refs)
+        body(lax.axis_index("tokens"), *refs)
 
-    out_q, out_k = plgpu.kernel(
-        rope_norm, out_type=tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in operands[:2]),
-        grid=(tiles_q + tiles_k,), grid_names=("tiles",))(*operands)
-    return out_q.reshape(q.shape), (out_k.reshape(k.shape) if touch_k else k)
+    smem = plgpu.SMEM((_ROWS, d), qkv.dtype)  # plain rows: TMA stores from any row
+    kernel = plgpu.kernel(rope_norm, out_type=tuple(out_type), grid=(t,),
+                          grid_names=("tokens",), scratch_types=(smem, smem, smem))
+    if cache is None:
+        q, *k = kernel(*operands)
+        return q.reshape(t, hq, d), (k[0].reshape(t, hkv, d) if k else None), None
+
+    def in_place(refs):  # the pools as refs: the kernel's writes update them (aliased)
+        kp_ref, vp_ref, q_ref = refs
+        q_ref[...] = kernel(*operands, cache.slots, kp_ref, vp_ref)[0]
+
+    pools = tuple(p.reshape(-1, d) for p in cache[:2])
+    kp, vp, q = pl.run_state(in_place)((*pools, jnp.zeros((t * hq, d), qkv.dtype)))
+    return q.reshape(t, hq, d), None, (kp.reshape(cache.k_pages.shape),
+                                       vp.reshape(cache.v_pages.shape))
 
 
 def _interpreting() -> bool:
@@ -194,32 +253,57 @@ def _interpreting() -> bool:
     return config.pallas_tpu_interpret_mode_context_manager.value is not None
 
 
-def _use_kernel(impl: str, q, k, config: QKRowsConfig) -> bool:
+def split(qkv, hq: int, hkv: int):
+    """A projection's joint output [..., (hq + 2 hkv) D] (or its three parts, [..., H D] each)
+    -> q [..., hq, D], k and v [..., hkv, D]."""
+    if isinstance(qkv, tuple):
+        return tuple(p.reshape(*p.shape[:-1], h, -1) for p, h in zip(qkv, (hq, hkv, hkv)))
+    d = qkv.shape[-1] // (hq + 2 * hkv)
+    heads = qkv.reshape(*qkv.shape[:-1], hq + 2 * hkv, d)
+    return heads[..., :hq, :], heads[..., hq:hq + hkv, :], heads[..., hq + hkv:, :]
+
+
+def _use_kernel(impl: str, qkv, hq: int, hkv: int, config: QKRowsConfig) -> bool:
     if impl not in IMPLS:
         raise ValueError(f"qk rows impl={impl!r} is not one of {IMPLS}")
     if impl == "xla":
         return False
-    ok = (q.ndim == 3 and q.dtype == k.dtype == jnp.bfloat16 and q.shape[-1] in (64, 128)
-          and q.shape[0] * q.shape[1] % _ROWS == 0 and q.shape[0] * k.shape[1] % _ROWS == 0)
+    heads = hq + 2 * hkv
+    d = qkv.shape[-1] // heads
+    ok = (qkv.ndim == 2 and qkv.dtype == jnp.bfloat16 and d in (64, 128)
+          and heads <= _ROWS <= qkv.shape[0] * heads)
     if impl == "mosaic":
         if not ok:
-            raise ValueError(f"the qk rows kernel takes bf16 q [T, Hq, D] and k [T, Hkv, D] "
-                             f"with T * Hq and T * Hkv multiples of {_ROWS}: q {q.shape} "
-                             f"{q.dtype}, k {k.shape} {k.dtype}")
+            raise ValueError(f"the qk rows kernel takes a bf16 q/k/v projection [T, (Hq + 2 Hkv)"
+                             f" D], D 64 or 128, Hq + 2 Hkv <= {_ROWS} <= T (Hq + 2 Hkv): got "
+                             f"{qkv.shape} {qkv.dtype} with Hq={hq}, Hkv={hkv}")
         return True
-    return ok and common.on_hopper() and q.shape[0] <= config.max_tokens
+    return ok and common.on_hopper() and qkv.shape[0] <= config.max_tokens
 
 
-def rope_norm(q, k, rope=None, *, eps: float | None = None, temperature=None,
-              impl: str = "auto", config: QKRowsConfig = QKRowsConfig()):
-    """:func:`reference` (q [..., P, Hq, D], k [..., P, Hkv, D]; rope (cos, sin) [..., P,
-    D/2] or None; temperature [..., P] or None), in one launch where the kernel runs: on
-    Hopper for bf16 rows of at most ``config.max_tokens`` tokens ([T, H, D], T * H a multiple
-    of 64 for q and k); elsewhere (and for ``impl="xla"``) XLA's ops."""
-    if rope is None and eps is None and temperature is None:
-        return q, k
-    if not _use_kernel(impl, q, k, config):
-        return reference(q, k, rope, eps=eps, temperature=temperature)
-    return _rope_norm_kernel(q, k, rope, temperature, eps=None if eps is None else float(eps),
-                             touch_k=rope is not None or eps is not None,
-                             interpret=_interpreting())
+def rope_norm(qkv, hq: int, hkv: int, rope=None, *, eps: float | None = None,
+              temperature=None, cache: KVTarget | None = None, impl: str = "auto",
+              config: QKRowsConfig = QKRowsConfig()):
+    """:func:`reference` on the q and k of a q/k/v projection's joint output ``qkv`` [..., P,
+    (hq + 2 hkv) D] (or its three parts: XLA's ops) (rope :func:`rope_tables` [..., P, D] or
+    None; temperature [..., P] or None) -> q [..., P, hq, D], k and v [..., P, hkv, D]. One
+    launch for q and k where the kernel runs: on Hopper for bf16 rows of at most
+    ``config.max_tokens`` tokens (``qkv`` [T, ...]); elsewhere (and for ``impl="xla"``) XLA's
+    ops.
+
+    ``cache`` (:class:`KVTarget`, a bf16 paged cache's, T tokens): k and v also go into its
+    pools (:func:`reference_write`) -> (q, k, v, (k_pages, v_pages)); where the kernel runs,
+    it writes them itself (two scatter kernels fewer a layer) and k, v come back None."""
+    q, k, v = split(qkv, hq, hkv)
+    if (isinstance(qkv, tuple) or rope is None and eps is None and temperature is None
+            and cache is None or not _use_kernel(impl, qkv, hq, hkv, config)
+            or cache is not None and not (cache.k_pages.dtype == cache.v_pages.dtype == qkv.dtype
+                                          and cache.slots.shape == qkv.shape[:1])):
+        q, k = reference(q, k, rope, eps=eps, temperature=temperature)
+        return (q, k, v) if cache is None else (q, k, v, reference_write(cache, k, v))
+    q, k_out, pools = _rope_norm_kernel(qkv, rope, temperature, cache, hq=hq, hkv=hkv,
+                                        eps=None if eps is None else float(eps),
+                                        interpret=_interpreting())
+    if cache is not None:
+        return q, None, None, pools
+    return q, (k if k_out is None else k_out), v

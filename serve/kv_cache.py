@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import kv_quant
+from jaxattn.kernels import qk_rows
 from jaxattn.serve import allocator
 
 
@@ -185,10 +186,7 @@ def write(k_pages, v_pages, k_new, v_new, slots):
 
     Call under jit with the pools donated: the scatter then updates them in place.
     """
-    p, ps, h, d = k_pages.shape
-    k_pages = k_pages.reshape(p * ps, h, d).at[slots].set(k_new.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.reshape(p * ps, h, d).at[slots].set(v_new.astype(v_pages.dtype), mode="drop")
-    return k_pages.reshape(p, ps, h, d), v_pages.reshape(p, ps, h, d)
+    return qk_rows.reference_write(qk_rows.KVTarget(k_pages, v_pages, slots), k_new, v_new)
 
 
 def write_fp8(k_pages, v_pages, k_scale, v_scale, k_new, v_new, slots):

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxattn
 from jaxattn import kv_quant, planner
+from jaxattn.kernels import qk_rows
 from jaxattn.models.llama4 import (Llama4Config, Llama4ForCausalLM, local_heads, sharding,
                                    stored_kv_heads)
 from jaxattn.models.llama4.layers import NO_AXES, Axes
@@ -114,14 +115,22 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
     new_k, new_v = list(kv_cache.k), list(kv_cache.v)
     new_ks, new_vs = list(kv_cache.k_scale), list(kv_cache.v_scale)  # FP8 only
 
-    def attend(i, attn, q, k, v):
+    def slots_of(attn):
         # A chunked-local layer reads and writes its own pool through its own table, whose
         # entries before the live chunk name returned pages: the plan never reaches them.
+        return batch.chunked_slots if attn.chunk_size is not None else batch.slots
+
+    def kv_target(i, attn):  # bf16 pools: the q/k kernel may write k and v itself
+        return None if new_ks else qk_rows.KVTarget(new_k[i], new_v[i], slots_of(attn))
+
+    def attend(i, attn, q, k, v, written=None):
         chunked = attn.chunk_size is not None
         table = batch.chunked_page_table if chunked else batch.page_table
-        slots = batch.chunked_slots if chunked else batch.slots
+        slots = slots_of(attn)
         scales = {}
-        if new_ks:  # FP8: quantise per token and KV head as the step writes
+        if written is not None:  # k and v are in the pools already
+            new_k[i], new_v[i] = written
+        elif new_ks:  # FP8: quantise per token and KV head as the step writes
             new_k[i], new_v[i], new_ks[i], new_vs[i] = kv_cache_lib.write_fp8(
                 new_k[i], new_v[i], new_ks[i], new_vs[i], k, v, slots)
             scales = dict(k_scale=new_ks[i], v_scale=new_vs[i])
@@ -134,7 +143,7 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
 
     x = model.embed(batch.token_ids, axes)  # [T, hidden]
     valid = jnp.arange(x.shape[0]) < cu[num_seqs]  # [T]: not bucket padding
-    x = model.run_layers(x, batch.positions, attend, axes, valid, gmm_impl)
+    x = model.run_layers(x, batch.positions, attend, axes, valid, gmm_impl, kv_target)
     logits = model.logits(x[batch.logits_indices], axes)  # [S, vocab]
     cache = kv_cache_lib.KVCache(k=tuple(new_k), v=tuple(new_v), k_scale=tuple(new_ks),
                                  v_scale=tuple(new_vs))

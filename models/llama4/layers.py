@@ -16,7 +16,7 @@ from jax import lax
 
 from jaxattn.kernels import fp8 as fp8_lib
 from jaxattn.kernels import grouped_matmul
-from jaxattn.kernels.qk_rows import apply_rope, l2norm  # noqa: F401  (the model's ops)
+from jaxattn.kernels.qk_rows import apply_rope, l2norm, rope_tables  # noqa: F401  (model ops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,16 +88,21 @@ class Linear(nnx.Module):
         return y if self.bias is None else y + self.bias[...]
 
 
-def project(x, *linears: Linear) -> tuple:
+def project(x, *linears: Linear, joint: bool = False):
     """``x`` through each of ``linears``: several projections of one input (attention's q, k
-    and v; an MLP's gate and up). FP8 weights take one launch for all of them at decode
-    (:func:`grouped_matmul.dense_fp8`: three or two launches a layer fewer, and weights
-    read faster than XLA's FP8 dot reads them there); other calls run each Linear."""
+    and v; an MLP's gate and up) -> a tuple of their outputs. FP8 weights take one launch for
+    all of them at decode (:func:`grouped_matmul.dense_fp8`: three or two launches a layer
+    fewer, and weights read faster than XLA's FP8 dot reads them there); other calls run
+    each Linear. ``joint``: that launch's one output ``[..., N_1 + ... + N_P]`` instead of
+    the tuple, where it ran (and no bias)."""
     if any(lin.weight_scale is None for lin in linears):
         return tuple(lin(x) for lin in linears)
+    joint = joint and all(lin.bias is None for lin in linears)
     ys = grouped_matmul.dense_fp8(x, tuple(lin.weight[...] for lin in linears),
                                   tuple(lin.weight_scale[...] for lin in linears),
-                                  scale_ub=linears[0].activation_scale_ub)
+                                  scale_ub=linears[0].activation_scale_ub, joint=joint)
+    if not isinstance(ys, tuple):
+        return ys
     return tuple(y if lin.bias is None else y + lin.bias[...] for y, lin in zip(ys, linears))
 
 
@@ -114,9 +119,3 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         # HF normalises in f32, casts back to the input dtype, *then* multiplies by the weight.
         return l2norm(x, self.eps) * self.weight[...]
-
-
-def rope_tables(inv_freq, positions):
-    """cos, sin [..., head_dim/2] (f32) for integer positions [...]; ``inv_freq`` [head_dim/2]."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    return jnp.cos(freqs), jnp.sin(freqs)

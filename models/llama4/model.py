@@ -57,12 +57,14 @@ class Attention(nnx.Module):
         self.chunk_size = config.layer_chunk_size(layer)  # None: global attention
         self.scale = d ** -0.5
 
-    def qkv(self, x, positions, rope):
-        """x [..., P, hidden] -> q [..., P, Hq, D], k, v [..., P, Hkv, D]; positions [P]."""
-        lead = x.shape[:-1]
-        # -1: under tensor parallelism the projections hold this device's heads only.
-        q, k, v = (y.reshape(*lead, -1, self.head_dim)
-                   for y in project(x, self.q_proj, self.k_proj, self.v_proj))
+    def qkv(self, x, positions, rope, cache: qk_rows.KVTarget | None = None):
+        """x [..., P, hidden] -> q [..., P, Hq, D], k, v [..., P, Hkv, D]; positions [P], rope
+        :func:`qk_rows.rope_tables` at them. ``cache``: k and v also go into that paged cache
+        -> (q, k, v, its updated pools) (:func:`qk_rows.rope_norm`: k and v None where its
+        kernel wrote them)."""
+        # Under tensor parallelism the projections hold this device's heads only.
+        hq, hkv = (p.weight.shape[0] // self.head_dim for p in (self.q_proj, self.k_proj))
+        qkv = project(x, self.q_proj, self.k_proj, self.v_proj, joint=True)
         temperature = None
         if self.temperature_tuning:
             # NoPE layers scale queries by log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1.
@@ -70,10 +72,10 @@ class Attention(nnx.Module):
             temperature = (jnp.log1p(jnp.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale
                            + 1.0)
         # RoPE, then the L2 norm (RoPE layers only, HF's order), then the temperature: one
-        # kernel at decode on Hopper (qk_rows), XLA's ops elsewhere.
-        q, k = qk_rows.rope_norm(q, k, rope if self.use_rope else None, eps=self.qk_norm_eps,
-                                 temperature=temperature)
-        return q, k, v
+        # kernel at decode on Hopper (qk_rows, on the FP8 projection's joint output), XLA's
+        # ops elsewhere.
+        return qk_rows.rope_norm(qkv, hq, hkv, rope if self.use_rope else None,
+                                 eps=self.qk_norm_eps, temperature=temperature, cache=cache)
 
     def out(self, o, axes: Axes):
         """Row-parallel output projection: each device's heads give a partial sum, reduced here."""
@@ -101,7 +103,7 @@ class DecoderLayer(nnx.Module):
                                       fp8=fp8))
 
     def __call__(self, x, delta, positions, rope, attend, axes: Axes, valid=None,
-                 gmm_impl="auto"):
+                 gmm_impl="auto", kv_target: qk_rows.KVTarget | None = None):
         """The residual stream ``x`` and its pending update ``delta`` (the previous layer's
         feed-forward output; None before the first layer) -> this layer's (x, delta): the
         caller adds the last delta (:func:`fp8_lib.sum_terms`). Each residual add happens
@@ -112,8 +114,11 @@ class DecoderLayer(nnx.Module):
         and that kernel applies their epilogues too.
 
         ``attend(attn_module, q, k, v) -> o`` is the one part the two forwards do
-        differently. ``valid`` (bool [T], serving): which rows are tokens, not bucket
-        padding. ``gmm_impl``: the routed experts' grouped matmul implementation.
+        differently. ``kv_target`` (serving, a bf16 paged cache): where this layer's k and v
+        go, written with q's RoPE where one kernel does both; ``attend`` then gets the
+        written pools as a fifth argument (and k, v None). ``valid`` (bool [T], serving):
+        which rows are tokens, not bucket padding. ``gmm_impl``: the routed experts' grouped
+        matmul implementation.
 
         Under a mesh ``x`` is replicated over the model-parallel group: each device
         computes its heads / columns / experts and one all-reduce per block
@@ -122,8 +127,8 @@ class DecoderLayer(nnx.Module):
         attn, ff = self.self_attn, self.feed_forward
         x, h, hq = _add_norm(self.input_layernorm, x, delta, attn.fp8,
                              attn.q_proj.activation_scale_ub)
-        q, k, v = attn.qkv(h if hq is None else hq, positions, rope)
-        o = attn.out(attend(attn, q, k, v), axes)
+        q, k, v, *written = attn.qkv(h if hq is None else hq, positions, rope, kv_target)
+        o = attn.out(attend(attn, q, k, v, *written), axes)
         if isinstance(ff, MoE):
             fp8 = ff.experts.fp8 or ff.shared_expert.fp8
             router = (ff.router.weight[...] if ROUTE_IN_NORM and fp8 and ff.top_k == 1
@@ -213,16 +218,19 @@ class Llama4ForCausalLM(nnx.Module):
         return logits
 
     def run_layers(self, x, positions, attend, axes: Axes = NO_AXES, valid=None,
-                   gmm_impl: str = "auto"):
+                   gmm_impl: str = "auto", kv_target=None):
         """The decoder layers over hidden states ``x [..., P, hidden]`` at ``positions [P]``.
 
-        ``attend(layer_index, attn_module, q, k, v) -> o`` is each layer's attention.
+        ``attend(layer_index, attn_module, q, k, v[, written pools]) -> o`` is each layer's
+        attention; ``kv_target(layer_index, attn_module)`` (serving): where that layer's k
+        and v go, a :class:`qk_rows.KVTarget` or None (see :meth:`DecoderLayer.__call__`).
         """
-        rope = rope_tables(self.config.inv_freq(), positions)
+        rope = rope_tables(self.config.inv_freq(), positions)  # once for all layers
         delta = None
         for i, layer in enumerate(self.model.layers):
+            target = None if kv_target is None else kv_target(i, layer.self_attn)
             x, delta = layer(x, delta, positions, rope, functools.partial(attend, i), axes,
-                             valid, gmm_impl)
+                             valid, gmm_impl, target)
         return x if delta is None else x + fp8_lib.sum_terms(delta)
 
     def forward(self, input_ids, *, impl: str = "auto", gmm_impl: str = "auto",

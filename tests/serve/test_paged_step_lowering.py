@@ -163,7 +163,7 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     CUDA. The same on a mesh of one device (TP=1, as benchmarks/multigpu runs it): its
     size-1 axes reduce nothing, so they keep nothing out of the norm kernels (they did
     until 2026-12-01: the H200 profile kept ~4 XLA epilogue kernels a layer)."""
-    from jaxattn.kernels import common, fp8, fp8_rows, qk_rows
+    from jaxattn.kernels import common, fp8, fp8_rows, grouped_matmul, qk_rows
     from jaxattn.models.llama4 import moe as moe_lib
     from jaxattn.models.llama4.quantization import Fp8Scheme
 
@@ -175,10 +175,10 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
                             k.get("router") is not None) or add_norm(x, delta, *a, **k))
 
     config, _ = lowering_model
-    # Three layers: the MoE layer (1) then has a norm after it. 4 KV heads: 16 tokens' keys
-    # fill the q/k rows kernel's 64-row tiles.
-    config = llama4.Llama4Config.from_hf_dict({**config.to_hf_dict(), "num_hidden_layers": 3,
-                                               "num_key_value_heads": 4})
+    # Three layers: the MoE layer (1) then has a norm after it.
+    config = llama4.Llama4Config.from_hf_dict({**config.to_hf_dict(), "num_hidden_layers": 3})
+    # Toy projections are too few tiles for the dense FP8 kernel unless told (Scout's are not)
+    monkeypatch.setattr(grouped_matmul, "DENSE_MIN_N_TILES", 1)
     rope_norm, qk_calls = qk_rows._rope_norm_kernel, []
     monkeypatch.setattr(qk_rows, "_rope_norm_kernel",
                         lambda *a, **k: qk_calls.append(k) or rope_norm(*a, **k))
@@ -201,8 +201,10 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     assert not {p: found[p] for p in ("cond", "while", "scan") if p in found}
     moe_layers = sum(config.is_moe(i) for i in range(config.num_hidden_layers))
     assert len(calls) == 2 * moe_layers  # gate/up, down
-    # RoPE and the QK-norm (or a NoPE layer's temperature) in one kernel a layer
+    # RoPE and the QK-norm (or a NoPE layer's temperature) in one kernel a layer, which
+    # writes k and v into the bf16 cache too (no scatter kernels)
     assert len(qk_calls) == config.num_hidden_layers
+    assert found.get("run_state") == config.num_hidden_layers  # its pools updated in place
     assert len(add_norms) == 2 * config.num_hidden_layers - 1
     # Every update reaches the norm as FP8 products unscaled: the matmuls' epilogues (and
     # the shared and routed experts' sum) run in the norm's kernel.

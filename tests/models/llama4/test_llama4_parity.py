@@ -92,7 +92,11 @@ def test_rope_rotates_interleaved_pairs_as_complex_numbers():
     x = np.random.default_rng(0).normal(size=(4, 3, 64)).astype(np.float32)
     cos, sin = rope_tables(inv_freq, jnp.asarray(positions))  # f32 angles, as the model's
     got = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
-    rot = (np.asarray(cos, np.float64) + 1j * np.asarray(sin, np.float64))[:, None, :]
+    # The tables hold each pair's cos twice and its sin as [-sin, +sin].
+    np.testing.assert_array_equal(cos[:, 0::2], cos[:, 1::2])
+    np.testing.assert_array_equal(-sin[:, 0::2], sin[:, 1::2])
+    rot = (np.asarray(cos[:, 0::2], np.float64)
+           + 1j * np.asarray(sin[:, 1::2], np.float64))[:, None, :]
     z = (x[..., 0::2] + 1j * x[..., 1::2]) * rot
     want = np.stack([z.real, z.imag], -1).reshape(x.shape)
     np.testing.assert_allclose(got, want, atol=1e-5)
