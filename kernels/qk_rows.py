@@ -14,7 +14,8 @@ consecutive rows of ``D`` values (q's, k's, v's): the program loads 64 of them i
 register layout, where a row's reduction (the norm) stays within a warp and each pair of
 elements (2j, 2j + 1) sits in one thread's register, so RoPE's partner is a swap of a
 register's halves. The rotated q and k rows go back through shared memory by TMA, each to
-its own output. The token's cos and sin come as :func:`rope_tables` makes them once a step
+its own output, or, with a bf16 paged cache (:class:`KVTarget`), k and v straight into the
+token's slot of its pools (aliased: updated in place), where XLA ran two scatter kernels. The token's cos and sin come as :func:`rope_tables` makes them once a step
 for every layer: ``[T, D]`` rows, each pair's cosine twice and its sine signed [-s, s].
 """
 
