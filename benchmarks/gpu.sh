@@ -35,11 +35,12 @@ for what in "${@:-all}"; do
     multigpu) python3 -m benchmarks.multigpu || status=1 ;;&
     # All of Scout with FP8 weights on one H200, decode at 8k (README, "FP8 weights"), after
     # the GPU tests of the decode step's kernels (the row kernels; the by-row experts with
-    # the shared expert; the dense projections) and the row kernels' benchmark; ~9 minutes
+    # the shared expert; the dense projections; the q/k rows kernel) and the row kernels' benchmark; ~9 minutes
     # in all. (All the FP8 matmuls' GPU tests: tests/kernels/test_fp8.py.)
     fp8-decode)
-      timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_fp8_rows.py \
-        tests/kernels/test_fp8.py -k "kernels_on_gpu or shared_expert_on_gpu or dense_fp8_on_gpu" \
+      timeout 360 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_fp8_rows.py \
+        tests/kernels/test_fp8.py tests/kernels/test_qk_rows.py \
+        -k "kernels_on_gpu or shared_expert_on_gpu or dense_fp8_on_gpu or kernel_on_gpu" \
         2>&1 | tee "$RESULTS/fp8-decode-gpu-tests.log" || status=1
       python3 -m benchmarks.fp8_rows || status=1
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 420 python3 -m benchmarks.multigpu \
