@@ -5,8 +5,6 @@
     python -m benchmarks.fp8_matmul --quick        # fewer shapes and rounds
     python -m benchmarks.fp8_matmul --decode-sweep # only the grouped matmul's decode tiles
                                                    # (and its time over K: fixed + per step)
-    python -m benchmarks.fp8_matmul --tiles        # a decode step's launches, weights [N, K]
-                                                   # against tiled (contiguous K steps)
     python -m benchmarks.fp8_matmul --projections  # only the dense projections at decode:
                                                    # one grouped launch (K split or not)
                                                    # vs XLA's dot per weight
@@ -441,75 +439,6 @@ def projections(args) -> list[dict]:
     return rows
 
 
-def tiled_layouts(args) -> list[dict]:
-    """A decode step's four FP8 launches (16-row bucket, TP=1, cold L2) with the weights as
-    stored, ``[N, K]``, against the same weights tiled (``grouped_matmul.tile_weights``:
-    each K step's tile one contiguous block), same tiles, same run: the routed experts'
-    gate/up and down with the shared expert's (by row, 1 and 8 real rows), and the dense
-    q/k/v and o (every row)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from jaxattn.kernels import fp8, grouped_matmul as gm
-
-    def weights(key, g, n, k):
-        return jax.jit(lambda w: fp8.quantize(w, -1))(
-            jax.random.normal(jax.random.key(key), (g, n, k), jnp.bfloat16) / float(np.sqrt(k)))
-
-    def tiled(ws, config):
-        return tuple(jax.jit(lambda w: gm.tile_weights(w, config.block_n, config.block_k))(w)
-                     for w in ws)
-
-    rows = []
-    launches = {  # name: (K, routed parts' N, shared (0, 1): lhs blocks | None: dense)
-        "experts gate/up + shared": (H, (I, I), (0, 0)),
-        "experts down + shared": (I, (H,), (0, 1)),
-        "dense q/k/v": (H, (H, 1024, 1024), None),
-        "dense o": (H, (H,), None)}
-    for name, (k, ns, shared) in launches.items():
-        dense = shared is None
-        g = 1 if dense else E
-        copies = len(HIT_EXPERTS) if dense else 1  # dense: a rotation over weight copies
-        parts = [[weights(100 * c + i, g, n, k) for i, n in enumerate(ns)]
-                 for c in range(copies)]
-        if not dense:  # the shared expert's [1, N, K] beside the routed [E, N, K]
-            parts = [p + [weights(50 + i, 1, n, k) for i, n in enumerate(ns)] for p in parts]
-        config = (gm.dense_config(16, k, sum(ns)) if dense else
-                  dataclasses.replace(gm.pick_config(16, k, sum(ns), fp8=True), block_m=16))
-        blocks = 1 if dense else 1 + max(shared)
-        xq = fp8.Quantized.of(jax.random.normal(jax.random.key(9), (16 * blocks, k),
-                                                jnp.bfloat16))
-        kw = dict(config=config, out_dtype=jnp.bfloat16, by_row=not dense,
-                  shared_blocks=shared)
-        fn = jax.jit(lambda v, w, s, groups: gm._mosaic_grouped_matmul(
-            v, tuple(w), groups, tuple(s), **kw))
-        for real in ((16,) if dense else (1, 8)):
-            rotation = {"[N, K]": [], "tiled": []}
-            for c, e in enumerate(HIT_EXPERTS):
-                p = parts[c % copies]
-                if dense:
-                    groups = jnp.full((1,), 16, jnp.int32)
-                else:
-                    groups = np.full(16, E, np.int32)  # rows past `real`: padding
-                    groups[:real] = (e + 2 * np.arange(real)) % E
-                    groups = jnp.asarray(groups)
-                for layout, w in (("[N, K]", [q for q, _ in p]),
-                                  ("tiled", tiled([q for q, _ in p], config))):
-                    rotation[layout].append((xq.values, w, [s for _, s in p], groups))
-            t = interleaved({lay: fn for lay in rotation}, rotation, args.rounds, args.reps)
-            hit = 1 if dense else min(real, E)
-            weight_bytes = sum(ns) * k * (hit + (not dense))
-            rows.append({"launch": name, "real_rows": real, **dataclasses.asdict(config),
-                         **{f"{lay}_us": sec * 1e6 for lay, sec in t.items()},
-                         **{f"{lay}_tbs": weight_bytes / sec / 1e12 for lay, sec in t.items()}})
-            print(f"tiles {name:25} rows={real:2}: " + ", ".join(
-                f"{lay} {sec * 1e6:6.2f} us ({weight_bytes / sec / 1e12:4.2f} TB/s)"
-                for lay, sec in t.items()) + f": tiled {t['[N, K]'] / t['tiled']:.3f}x",
-                flush=True)
-    return rows
-
-
 def _gate_and_up(args, name, dtype, x, w, wq, ws) -> dict:
     """An expert's gate and up products as one launch (the model's) against two launches
     (up: the weights of the expert before, so the two parts read different bytes)."""
@@ -599,8 +528,6 @@ def main(argv=None) -> int:
     p.add_argument("--by-row", action="store_true",
                    help="only the by-row form at a decode step's 16-row bucket: the pick "
                         "against BY_ROW_CONFIGS")
-    p.add_argument("--tiles", action="store_true",
-                   help="only a decode step's four launches with weights [N, K] vs tiled")
     p.add_argument("--swap-only", action="store_true",
                    help="with --decode-sweep: FP8 only, the pick with K in 1, 2 and 4 splits")
     args = p.parse_args(argv)
@@ -617,10 +544,6 @@ def main(argv=None) -> int:
     if args.projections:
         res["projections"] = projections(args)
         print("wrote", write_json(f"fp8-projections-{res['date']}.json", res))
-        return 0
-    if args.tiles:
-        res["tiles"] = tiled_layouts(args)
-        print("wrote", write_json(f"fp8-tiles-{res['date']}.json", res))
         return 0
     if args.by_row:
         res["by_row"] = by_row_sweep(args)

@@ -401,8 +401,9 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     that is a kernel and would otherwise get slices of it, each a copy kernel of XLA's
     (attention's q and k into :mod:`qk_rows`); XLA's dots still give a tuple.
     ``"auto"`` takes it on Hopper for at most ``SWAP_AB_MAX_ROWS`` rows and
-    ``DENSE_MIN_N_TILES`` work items, K a multiple of 128 and each N of 128; ``"xla"`` (and "auto" elsewhere) runs :func:`fp8.scaled_matmul` per
-    weight. One weight alone (o, down) measured 1.00-1.10x XLA's dot at a decode step's 16
+    ``DENSE_MIN_N_TILES`` work items, K a multiple of 128 and each N of 128; ``"xla"`` (and
+    "auto" elsewhere) runs :func:`fp8.scaled_matmul` per weight. One weight alone (o, down)
+    measured 1.00-1.10x XLA's dot at a decode step's 16
     rows and 1.22-1.37x at one row (fp8-projections-2026-12-02), XLA's time including the
     reduction kernel its split-K GEMM runs after.
     """
@@ -492,9 +493,6 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
 
     scaled = rhs_scale is not None
-    # FP8 weights may come tiled, [G, N / bn, K / bk * bn, bk] (:func:`tile_weights`): each
-    # K step's weight tile is then one contiguous block of memory.
-    tiled = scaled and (rhs[0] if isinstance(rhs, (tuple, list)) else rhs).ndim == 4
     n_axis = 1 if scaled else 2
     sets = 1 if shared_blocks is None else 2  # the routed experts' weights, the shared one's
     if sets == 1:
@@ -505,11 +503,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
         rhs_scale = tuple(rhs_scale)
     parts = len(rhs) // sets
     m, k = lhs.shape
+    g, ns = rhs[0].shape[0], [p.shape[n_axis] for p in rhs[:parts]]
     bm, bn, bk, splits = config.block_m, config.block_n, config.block_k, config.k_splits
-    g, ns = rhs[0].shape[0], [p.shape[n_axis] * (bn if tiled else 1) for p in rhs[:parts]]
-    if tiled and (not config.swap_ab or any(p.shape[2:] != (k // bk * bn, bk) for p in rhs)):
-        raise ValueError(f"tiled weights {[p.shape for p in rhs]} are not in tiles of "
-                         f"block_n={bn} x block_k={bk} of K={k} (or not swap-AB: {config})")
     if sets == 2:
         if not (by_row and scaled and m == (1 + max(shared_blocks)) * bm
                 and [p.shape for p in rhs[parts:]] == [(1, *p.shape[1:]) for p in rhs[:parts]]):
@@ -548,8 +543,6 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     # 8-bit weights are K-major [N, K] tiles, transposed for the wgmma (a view, no copy).
     rhs_block, rhs_index = (((bn, bk), lambda kk, ni: (ni, kk)) if scaled else
                             ((bk, bn), lambda kk, ni: (kk, ni)))
-    if tiled:  # the N tile's slab [K / bk * bn, bk]: K step kk is its rows kk * bn ...
-        rhs_index = lambda kk, ni: (kk, 0)
 
     def grouped_matmul_kernel(sizes_gmem, lhs_gmem, *rest):
         rhs_gmem, rest = rest[:parts * sets], rest[parts * sets:]
@@ -583,12 +576,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 ],
                 max_concurrent_steps=config.max_concurrent_steps)
 
-            w_tiles = (w_gmem.at[info.group_id, part_ni] if tiled
-                       else w_gmem.at[info.group_id])
-
             def acc_scope(acc_ref):
                 pipeline(lambda _, lhs_smem, rhs_smem: product(acc_ref, lhs_smem, rhs_smem)
-                         )(lhs_gmem, w_tiles)
+                         )(lhs_gmem, w_gmem.at[info.group_id])
                 return acc_ref[...]
 
             def promoted(_, lhs_smem, rhs_smem, total):
@@ -600,7 +590,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
             if config.promote:
                 zeros = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32), plgpu.Layout.WGMMA)
-                acc = pipeline(promoted, init_carry=zeros)(lhs_gmem, w_tiles)
+                acc = pipeline(promoted, init_carry=zeros)(lhs_gmem, w_gmem.at[info.group_id])
             else:
                 acc = pl.run_scoped(acc_scope, plgpu.ACC(acc_shape))
             if scaled:  # the epilogue: the tile's expert's column scales
@@ -613,18 +603,17 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                                   layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
                 acc = acc * jax.lax.broadcast_in_dim(rows, acc.shape, [1])
             out = o_gmem if splits == 1 else o_gmem.at[split]
-            col = ni * bn  # the tile's first output column
             if by_row:  # the rows of the tile's group, one TMA store each
                 @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
                 def store_rows(o_smem):
                     o_smem.T[...] = acc.astype(out_dtype)
                     plgpu.commit_smem()
                     if shared:
-                        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(m, m), pl.ds(col, bn)])
+                        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(m, m), pl.ds(ni * bn, bn)])
                     for r, group in enumerate(() if shared else row_groups):
                         pl.when(group == info.group_id)(functools.partial(
                             plgpu.copy_smem_to_gmem, o_smem.at[pl.ds(r, 1)],
-                            out.at[pl.ds(r, 1), pl.ds(col, bn)]))
+                            out.at[pl.ds(r, 1), pl.ds(ni * bn, bn)]))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 return
             if swap_split:
@@ -633,7 +622,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                     o_smem[...] = acc
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(
-                        o_smem, out.at[pl.ds(col, bn), pl.ds(ti * bm, bm)])
+                        o_smem, out.at[pl.ds(ni * bn, bn), pl.ds(ti * bm, bm)])
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 return
 
@@ -654,7 +643,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                         plgpu.copy_smem_to_gmem(
                             o_smem.at[pl.ds(smem_start, rows)],
                             out.at[pl.ds(info.block_start + smem_start, rows),
-                                   pl.ds(col, bn)])
+                                   pl.ds(ni * bn, bn)])
 
                     smem_start += info.actual_size & rows
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -744,30 +733,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     out = kernel(group_sizes, lhs, *rhs, *rhs_scale,
                  *(() if lhs_scale is None else (lhs_scale.astype(jnp.float32),)))
-    if splits == 1:
-        return out
     if swap_split:
         return _swapped_rows(out, group_sizes, g, m, bm).astype(final_dtype)
-    return out.sum(0).astype(final_dtype)
-
-
-def tile_weights(w, block_n: int, block_k: int):
-    """K-major weights ``[..., N, K]`` -> ``[..., N / block_n, K / block_k * block_n,
-    block_k]``: N tile j's K step kk is rows ``kk * block_n ...`` of slab j, one contiguous
-    block (``[N, K]``'s tile is block_n runs of block_k bytes, K bytes apart)."""
-    *lead, n, k = w.shape
-    if n % block_n or k % block_k:
-        raise ValueError(f"weights [{n}, {k}] do not tile by {block_n} x {block_k}")
-    t = w.reshape(*lead, n // block_n, block_n, k // block_k, block_k)
-    return jnp.swapaxes(t, -3, -2).reshape(*lead, n // block_n, k // block_k * block_n, block_k)
-
-
-def untile_weights(t, k: int):
-    """:func:`tile_weights`' inverse: ``[..., N / bn, K / bk * bn, bk]`` -> ``[..., N, K]``."""
-    *lead, slabs, rows, bk = t.shape
-    bn = rows // (k // bk)
-    t = t.reshape(*lead, slabs, k // bk, bn, bk)
-    return jnp.swapaxes(t, -3, -2).reshape(*lead, slabs * bn, k)
+    return out if splits == 1 else out.sum(0).astype(final_dtype)
 
 
 def _dealt(w, sms: int):

@@ -15,8 +15,9 @@ register layout, where a row's reduction (the norm) stays within a warp and each
 elements (2j, 2j + 1) sits in one thread's register, so RoPE's partner is a swap of a
 register's halves. The rotated q and k rows go back through shared memory by TMA, each to
 its own output, or, with a bf16 paged cache (:class:`KVTarget`), k and v straight into the
-token's slot of its pools (aliased: updated in place), where XLA ran two scatter kernels. The token's cos and sin come as :func:`rope_tables` makes them once a step
-for every layer: ``[T, D]`` rows, each pair's cosine twice and its sine signed [-s, s].
+token's slot of its pools (aliased: updated in place), where XLA ran two scatter kernels.
+The token's cos and sin come as :func:`rope_tables` makes them once a step for every layer:
+``[T, D]`` rows, each pair's cosine twice and its sine signed [-s, s].
 """
 
 from __future__ import annotations
@@ -296,10 +297,12 @@ def rope_norm(qkv, hq: int, hkv: int, rope=None, *, eps: float | None = None,
     pools (:func:`reference_write`) -> (q, k, v, (k_pages, v_pages)); where the kernel runs,
     it writes them itself (two scatter kernels fewer a layer) and k, v come back None."""
     q, k, v = split(qkv, hq, hkv)
-    if (isinstance(qkv, tuple) or rope is None and eps is None and temperature is None
-            and cache is None or not _use_kernel(impl, qkv, hq, hkv, config)
-            or cache is not None and not (cache.k_pages.dtype == cache.v_pages.dtype == qkv.dtype
-                                          and cache.slots.shape == qkv.shape[:1])):
+    nothing_to_do = rope is None and eps is None and temperature is None and cache is None
+    kernel = (not isinstance(qkv, tuple) and not nothing_to_do
+              and _use_kernel(impl, qkv, hq, hkv, config)
+              and (cache is None or (cache.k_pages.dtype == cache.v_pages.dtype == qkv.dtype
+                                     and cache.slots.shape == qkv.shape[:1])))
+    if not kernel:
         q, k = reference(q, k, rope, eps=eps, temperature=temperature)
         return (q, k, v) if cache is None else (q, k, v, reference_write(cache, k, v))
     q, k_out, pools = _rope_norm_kernel(qkv, rope, temperature, cache, hq=hq, hkv=hkv,

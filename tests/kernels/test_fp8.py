@@ -540,8 +540,7 @@ def test_dense_fp8_takes_xla_past_a_decode_step_or_off_hopper(monkeypatch):
     divide and enough work items (N tiles times K splits), else XLA's FP8 dot per weight."""
     launched = []
 
-    def kernel(x, parts, scales, gs, config, out_dtype, scale_rows, defer=False,
-               part_outputs=False):
+    def kernel(x, parts, scales, gs, config, out_dtype, scale_rows, defer=False):
         launched.append(x.values.shape)
         return jnp.zeros((x.values.shape[0], sum(p.shape[1] for p in parts)), jnp.bfloat16)
 
@@ -677,24 +676,3 @@ def test_promoted_fp8_kernel_sums_long_same_sign_rows_on_gpu(m):
     diag = np.arange(m)
     np.testing.assert_allclose(np.asarray(got, np.float32)[diag, diag], want[diag, diag],
                                rtol=1e-2)
-
-
-@pytest.mark.parametrize("block_n", [64, 128])
-def test_tiled_weights_give_the_same_product(block_n):
-    """Weights stored a tile per contiguous block (``tile_weights``, the layout
-    ``benchmarks.fp8_matmul --tiles`` measures) multiply as the ``[G, N, K]`` ones do, and
-    ``untile_weights`` restores them."""
-    x, wq, ws, _ = _case(8, [0, 0, 0, 0], 256, k=512)
-    rows = jnp.asarray([0, 2, 2, 1, 0, 3, 4, 1], jnp.int32)  # 4: no group
-    config = dataclasses.replace(SWAP, block_m=8, block_n=block_n, block_k=256,
-                                 max_concurrent_steps=2)
-    tiled = gm.tile_weights(wq, block_n, 256)
-    np.testing.assert_array_equal(np.asarray(gm.untile_weights(tiled, 512), np.float32),
-                                  np.asarray(wq, np.float32))
-    xq = fp8.Quantized.of(x)
-    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-        flat, tile = (gm._mosaic_grouped_matmul(xq.values, (w,), rows, (ws,), config=config,
-                                                by_row=True, out_dtype=jnp.float32)
-                      for w in (wq, tiled))
-    mine = np.asarray(rows) < 4
-    np.testing.assert_array_equal(np.asarray(tile)[mine], np.asarray(flat)[mine])

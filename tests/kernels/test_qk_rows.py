@@ -114,7 +114,8 @@ def test_the_kernel_rotates_pairs_not_halves(interpret):
     want = jnp.zeros((16, 4, 64)).at[:, :, 7].set(1.0)
     np.testing.assert_array_equal(np.asarray(q, np.float32), want)
     np.testing.assert_array_equal(np.asarray(k, np.float32), want[:, :1])
-    np.testing.assert_array_equal(np.asarray(v, np.float32), np.asarray(qkv[:, -64:], np.float32)[:, None])
+    np.testing.assert_array_equal(np.asarray(v, np.float32),
+                                  np.asarray(qkv[:, -64:], np.float32)[:, None])
 
 
 def test_auto_takes_xla_off_hopper_and_past_decode(monkeypatch):
