@@ -10,9 +10,10 @@ three rounds each, CUPTI kernel time when available):
 
 * decode (one token per sequence): ``decode.decode_attention``, one layer's attention as
   the model calls it; bandwidth = bytes of the cache it reads (FP8: values + scales) / time;
-  FP8 with the engine's default (a warpgroup of its own dequantises each tile), with the
-  consumer warpgroup dequantising each tile before its wgmma (``dequant_warpgroup=False``)
-  and with ``S = Q8 K8^T`` on the fp8 K tile, only V dequantised (``fp8_qk=True``);
+  FP8 with the engine's default (a warpgroup of its own dequantises each tile; one-token
+  tiles take the keys as the wgmma M, ``narrow_tiles``), each cache also in the other tile
+  form (FP8's 64-row tiles: its form before 2026-12-02), and FP8 with ``S = Q8 K8^T`` on
+  the fp8 K tile, only V dequantised (``fp8_qk=True``);
 * prefill (one fresh sequence, through ``kernels.ragged_paged_attention`` with its plan):
   bf16 at the engine's 128-key tiles, FP8 with K and V dequantised to bf16 tiles
   (``PrefillConfig(fp8_qk=False)``, 64-key tiles: what fits shared memory), and FP8 as the
@@ -26,6 +27,7 @@ benchmarks/results/fp8-kv-<date>.json/.md (and $OUT).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 
@@ -86,26 +88,31 @@ def bench_decode(batch, ctx):
             config=config))
 
     layer = layer_fn()
-    # The default for an FP8 cache dequantises on a warpgroup of its own; here also the
-    # consumer dequantising before each wgmma (6 stages instead of 4 measured the same on
-    # the H200, 2026-11-30: that kernel does not wait on memory).
-    consumer = layer_fn(decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=False))
+    # The default for an FP8 cache dequantises on a warpgroup of its own (the consumer
+    # dequantising before each wgmma measured 1.30-1.35x bf16's time against 1.15-1.20x,
+    # fp8-kv-2026-12-01-s10-decode.md) and takes one-token tiles with the keys as the wgmma
+    # M (narrow_tiles); each cache also in the other tile form (FP8's before 2026-12-02).
+    other = {kind: layer_fn(dataclasses.replace(cfg, narrow_tiles=not cfg.narrow_tiles))
+             for kind, cfg in (("bf16", decode.default_config()),
+                               ("fp8", decode.default_config(fp8=True)))}
     # And S = Q8 K8^T on the fp8 K tile, only V dequantised (by its warpgroup). K and V on
     # two dequantising warpgroups (split_dequant) measured the same as the default on the
     # H200 (fp8-kv-2026-12-01.md) and is no longer timed here.
     qk8 = layer_fn(decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True,
                                        fp8_qk=True))
     fp8_args = (q, k8, v8, table, plan.decode, ks, vs)
-    ms = _interleaved({"bf16": (layer, (q, k, v, table, plan.decode)),
-                       "fp8": (layer, fp8_args), "fp8_consumer": (consumer, fp8_args),
+    bf16_args = (q, k, v, table, plan.decode)
+    ms = _interleaved({"bf16": (layer, bf16_args), "fp8": (layer, fp8_args),
+                       "bf16_narrow": (other["bf16"], bf16_args),
+                       "fp8_wide": (other["fp8"], fp8_args),
                        "fp8_qk": (qk8, fp8_args)})
     out_b = np.asarray(layer(q, k, v, table, plan.decode)[0][:batch], np.float32)
     out_8 = np.asarray(layer(q, k8, v8, table, plan.decode, ks, vs)[0][:batch], np.float32)
     bytes_bf16 = 2 * batch * ctx * HKV * D * 2
     bytes_fp8 = 2 * batch * ctx * HKV * (D + 4)
     return dict(kind="decode", batch=batch, ctx=ctx, bf16_ms=ms["bf16"], fp8_ms=ms["fp8"],
-                fp8_over_bf16=ms["fp8"] / ms["bf16"], fp8_consumer_ms=ms["fp8_consumer"],
-                fp8_consumer_over_bf16=ms["fp8_consumer"] / ms["bf16"],
+                fp8_over_bf16=ms["fp8"] / ms["bf16"], bf16_narrow_ms=ms["bf16_narrow"],
+                fp8_wide_ms=ms["fp8_wide"], fp8_wide_over_bf16=ms["fp8_wide"] / ms["bf16"],
                 fp8_qk_ms=ms["fp8_qk"], fp8_qk_over_bf16=ms["fp8_qk"] / ms["bf16"],
                 bf16_tbps=bytes_bf16 / ms["bf16"] / 1e9, fp8_tbps=bytes_fp8 / ms["fp8"] / 1e9,
                 max_abs_diff=float(np.abs(out_8 - out_b).max()))
@@ -160,13 +167,16 @@ def markdown(res) -> str:
     lines = [f"# FP8 vs bf16 KV cache, {res['device']}, {res['date']}", "",
              "Decode (one layer's attention; bytes read / time):", "",
              "| batch x ctx | bf16 ms (TB/s) | FP8 ms (TB/s) | FP8 / bf16 time | "
-             "FP8, consumer dequantising / bf16 | FP8, S = Q8 K8^T / bf16 | max abs diff |",
-             "|---|---|---|---|---|---|---|"]
+             "bf16, narrow tiles ms | FP8, 64-row tiles (before) ms, / bf16 | "
+             "FP8, S = Q8 K8^T / bf16 "
+             "| max abs diff |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r.get("kind") == "decode" and "error" not in r:
             lines.append(f"| {r['batch']}x{r['ctx']} | {r['bf16_ms']:.3f} ({r['bf16_tbps']:.2f}) "
                          f"| {r['fp8_ms']:.3f} ({r['fp8_tbps']:.2f}) | {r['fp8_over_bf16']:.3f} "
-                         f"| {r['fp8_consumer_over_bf16']:.3f} | {r['fp8_qk_over_bf16']:.3f} "
+                         f"| {r['bf16_narrow_ms']:.3f} | {r['fp8_wide_ms']:.3f}, "
+                         f"{r['fp8_wide_over_bf16']:.3f} | {r['fp8_qk_over_bf16']:.3f} "
                          f"| {r['max_abs_diff']:.3g} |")
     lines += ["", "Prefill (one sequence, fresh; useful TFLOP/s):", "",
               "| mode, length | bf16 ms (TFLOP/s) | FP8 (64-key tiles) ms (TFLOP/s) | FP8 Q8K8 "
@@ -186,9 +196,10 @@ def markdown(res) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="two decode and two prefill cases")
+    ap.add_argument("--decode-only", action="store_true", help="no prefill cases")
     args = ap.parse_args(argv)
     dec = QUICK["decode"] if args.quick else DECODE_CASES
-    pre = QUICK["prefill"] if args.quick else PREFILL_CASES
+    pre = [] if args.decode_only else QUICK["prefill"] if args.quick else PREFILL_CASES
     res = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
                jax=jax.__version__, rows=[])
     for case in dec:

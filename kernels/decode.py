@@ -21,7 +21,10 @@ list order, longest first):
   (one TMA per token; ``out`` is a Ref updated in place, so no cast kernel
   follows) and a split piece's normalised f32 rows into its slot of a compact
   partial buffer (:class:`Pieces`); an unsplit tile's lse goes to a small
-  lse-tile array, a piece's to its slot beside its rows.
+  lse-tile array, a piece's to its slot beside its rows. With
+  ``DecodeConfig.narrow_tiles`` (the FP8 cache's default) a tile of at most 16 rows
+  (one token of a GQA group) takes the block's keys as the wgmma M instead:
+  ``S^T = K Q^T``, ``O^T += V^T P^T``, a quarter of the tensor-core work.
 
 A second, small kernel merges split pieces by log-sum-exp
 (:func:`_combine_call`) and writes their parents' rows into ``out``: a few
@@ -67,6 +70,8 @@ from jaxattn.kernels import common
 from jaxattn.planner import DECODE_TILE_ROWS, Bounds, WorkList
 
 ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
+# Query rows of a narrow tile (DecodeConfig.narrow_tiles): a wgmma N for S^T and O^T.
+NARROW_ROWS = 16
 DEQUANT_STAGES = 2  # bf16 K/V tiles in flight between the dequantising warpgroup and the consumer
 # Item metadata columns (one int32 row per work item, read as scalars from GMEM).
 _SEQ, _QSTART, _QLEN, _QPOS, _KVSTART, _KVEND, _PART = range(7)
@@ -107,6 +112,14 @@ class DecodeConfig:
       over per-row quantised queries, not the bf16 kernel over dequantised pages. On the
       H200 1.12-1.16x bf16's time (against 1.15-1.20x), but 4-10% of the lse values are off
       by 0.05-0.2 (the FP8 wgmma's short accumulator over sharp logits), so off for decode.
+    narrow_tiles: a tile of at most :data:`NARROW_ROWS` query rows (one decode token of a
+      GQA group: Scout's 5 heads) computes ``S^T = K Q^T`` and ``O^T += V^T P^T`` with the
+      64 keys of a block as the wgmma M and its rows as N = 16, instead of padding its rows
+      to a 64-row M: a quarter of the tensor-core work per block. Tiles with more rows
+      (several tokens of an item) take the 64-row form. Not with ``fp8_qk``. On the H200
+      (benchmarks/results/fp8-kv-2026-12-02-s16-narrow.md, same run): FP8 cache 5% faster
+      from 8k keys up (1% slower at 256 x 2k), bf16 0-1.3% slower (its kernel is not
+      waiting on the consumer), so :func:`default_config` turns it on for FP8 only.
     """
 
     block_kv: int = 64
@@ -116,6 +129,7 @@ class DecodeConfig:
     dequant_warpgroup: bool = False
     split_dequant: bool = False
     fp8_qk: bool = False
+    narrow_tiles: bool = False
 
     def __post_init__(self):
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -135,8 +149,8 @@ def default_config(interpret=False, fp8=False) -> DecodeConfig:
     """The tuned configuration; under interpret mode P goes through SMEM. An FP8 cache gets
     the dequantising warpgroup: on the H200 it takes 1.19-1.20x the bf16 kernel's time
     against 1.32-1.35x with the consumer dequantising (1.36-1.40x with the folded scales;
-    benchmarks/results/fp8-kv-2026-11-30.md)."""
-    return DecodeConfig(p_in_registers=not interpret, dequant_warpgroup=fp8)
+    benchmarks/results/fp8-kv-2026-11-30.md); and narrow tiles (1.12-1.15x)."""
+    return DecodeConfig(p_in_registers=not interpret, dequant_warpgroup=fp8, narrow_tiles=fp8)
 
 
 def split_capacity(bounds: Bounds, cap_items: int) -> int:
@@ -197,6 +211,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     # consumer too (it reads K's slot itself); without them, the consumer alone.
     consumers_of_slot = deq_wgs + (1 if qk8 else 0) if deq_wg else 1
     copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
+    # Tiles of at most NARROW_ROWS query rows take the keys as the wgmma M (not with fp8_qk).
+    narrow = config.narrow_tiles and not qk8 and g <= NARROW_ROWS
 
     def decode_kernel(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
         # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype, a Ref updated
@@ -204,8 +220,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         # the FP8 cache's].
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
         (out_ref, lse_ref, opart_ref, lpart_ref, q_raw, q_tile, k_smem, v_smem, p_smem,
-         (o_smem, o_out), lse_smem, q_full, q_free, k_full, v_full, consumed,
-         *fp8_scratch) = rest
+         (o_smem, o_out, o_t_smem), lse_smem, q_full, q_free, k_full, v_full, consumed,
+         pt_smem, eye, *fp8_scratch) = rest
         if fp8:
             ks_smem, vs_smem, k_deq, v_deq, *deq_barriers = fp8_scratch
         if deq_wg:  # k_deq/v_deq: [DEQUANT_STAGES, bk, d] rings
@@ -335,6 +351,15 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         def _consumer():
             row_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
             col_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
+            if narrow:  # S^T's (key, query row) ids; the identity that transposes O^T
+                key_ids = plgpu.broadcasted_iota(jnp.int32, (bk, NARROW_ROWS), 0,
+                                                 layout=plgpu.Layout.WGMMA)
+                qrow_ids = plgpu.broadcasted_iota(jnp.int32, (bk, NARROW_ROWS), 1,
+                                                  layout=plgpu.Layout.WGMMA)
+                eye_r, eye_c = (plgpu.broadcasted_iota(jnp.int32, (ROWS, NARROW_ROWS), a,
+                                                       layout=plgpu.Layout.WGMMA) for a in (0, 1))
+                eye[...] = jnp.where(eye_r == eye_c, 1.0, 0.0).astype(dtype)
+                plgpu.commit_smem()
 
             def wgmma_tile(slot, dslot, full, ring, deq_full=None, deq=None, scales=None):
                 """The K (V) tile of this step as a wgmma operand, once it is ready: the
@@ -364,6 +389,28 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(q_free)
 
+                n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
+                # Blocks wholly below kv_end and the first row's diagonal need no mask.
+                clear_end = jnp.minimum(kv_end, q_pos + 1) if causal else kv_end
+                n_clear = jnp.clip((clear_end - kv_start) // bk, 0, n_blocks)
+                blocks = (kv_start, kv_end, q_pos, n_clear, n_blocks, step)
+                out = (item, kvh, q_start, q_len, part)
+                if narrow:
+                    is_narrow = q_len * g <= NARROW_ROWS
+
+                    @pl.when(is_narrow)
+                    def _():
+                        write_tile(*narrow_tile(*blocks), *out)
+
+                    @pl.when(~is_narrow)
+                    def _():
+                        write_tile(*wide_tile(*blocks, c_rows), *out)
+                else:
+                    write_tile(*wide_tile(*blocks, c_rows), *out)
+                return step + n_blocks
+
+            def wide_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step, c_rows):
+                """The tile's query rows as the wgmma M (64 rows): -> (o [64, d] f32, lse [64])."""
                 def block_body(j, carry, masked: bool):
                     step, acc, m, l = carry
                     slot = lax.rem(step, stages)
@@ -419,10 +466,6 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     plgpu.barrier_arrive(vdeq_free.at[dslot] if deq_wg else consumed.at[slot])
                     return step + 1, acc, m_new, l
 
-                n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
-                # Blocks wholly below kv_end and the first row's diagonal need no mask.
-                clear_end = jnp.minimum(kv_end, q_pos + 1) if causal else kv_end
-                n_clear = jnp.clip((clear_end - kv_start) // bk, 0, n_blocks)
                 carry = (step,
                          plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
                          plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
@@ -430,13 +473,90 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                          plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32),
                                            plgpu.Layout.WGMMA.reduce(1)))
                 carry = lax.fori_loop(0, n_clear, functools.partial(block_body, masked=False), carry)
-                step, acc, m, l = lax.fori_loop(n_clear, n_blocks,
-                                                functools.partial(block_body, masked=True), carry)
-
+                _, acc, m, l = lax.fori_loop(n_clear, n_blocks,
+                                             functools.partial(block_body, masked=True), carry)
                 seen = l > 0
                 l_safe = jnp.where(seen, l, 1.0)
                 o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-                lse = jnp.where(seen, (m + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
+                return o, jnp.where(seen, (m + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
+
+            def narrow_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step):
+                """A tile of at most NARROW_ROWS query rows, the keys as the wgmma M:
+                ``S^T = K Q^T`` [bk, n] and ``O^T += V^T P^T`` [d, n], so the tensor core's
+                work follows the rows (n = 16) instead of a 64-row M; the softmax's max over
+                keys is a reduction across the warpgroup, its sums stay per thread until the
+                end. -> (o [64, d] f32, lse [n]); o's rows come out of the tensor core too
+                (``I [64, n] @ (O^T)^T``, in two halves of dtype: ~16 significant bits)."""
+                n = NARROW_ROWS
+                col = lambda x, shape: lax.broadcast_in_dim(x, shape, [1])  # [n] over rows
+
+                def block_body(j, carry, masked: bool):
+                    step, acc, m, l = carry  # acc = O^T [d, n]; m [n]; l [bk, n] partial sums
+                    slot = lax.rem(step, stages)
+                    dslot = lax.rem(step, DEQUANT_STAGES)
+                    k_tile = wgmma_tile(slot, dslot, k_full, k_smem, *deq_k)
+
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, k_tile, q_tile.at[pl.ds(0, n)].T)
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(qk, plgpu.ACC((bk, n), jnp.float32)) * c
+                    if deq_wg:
+                        plgpu.barrier_arrive(kdeq_free.at[dslot])
+                    if masked:
+                        key = key_ids + (kv_start + j * bk)
+                        ok = key < kv_end
+                        if causal:
+                            ok &= (key - q_pos) * g <= qrow_ids
+                        s = jnp.where(ok, s, -jnp.inf)
+                    m_new = jnp.maximum(m, s.max(axis=0))
+                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+                    alpha = jnp.exp2(m - m_use)
+                    p = jnp.exp2(s - col(m_use, s.shape))
+                    l = l * col(alpha, l.shape) + p
+                    acc = acc * col(alpha, acc.shape)
+                    pt_smem.T[...] = p.astype(dtype)  # pt_smem [n, bk] holds P
+                    plgpu.commit_smem()
+                    v_tile = wgmma_tile(slot, dslot, v_full, v_smem, *deq_v)
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, v_tile.T, pt_smem.T)
+                        return acc_ref[...]
+
+                    acc = acc + pl.run_scoped(pv, plgpu.ACC((d, n), jnp.float32))
+                    plgpu.barrier_arrive(vdeq_free.at[dslot] if deq_wg else consumed.at[slot])
+                    return step + 1, acc, m_new, l
+
+                col_layout = plgpu.Layout.WGMMA.reduce(0)
+                carry = (step,
+                         plgpu.layout_cast(jnp.zeros((d, n), jnp.float32), plgpu.Layout.WGMMA),
+                         plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32), col_layout),
+                         plgpu.layout_cast(jnp.zeros((bk, n), jnp.float32), plgpu.Layout.WGMMA))
+                carry = lax.fori_loop(0, n_clear, functools.partial(block_body, masked=False), carry)
+                _, acc, m, l = lax.fori_loop(n_clear, n_blocks,
+                                             functools.partial(block_body, masked=True), carry)
+                l = l.sum(axis=0)
+                seen = l > 0
+                l_safe = jnp.where(seen, l, 1.0)
+                o_t = acc / col(l_safe, acc.shape)
+                hi = o_t.astype(dtype)
+                lo = (o_t - hi.astype(jnp.float32)).astype(dtype)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_t_smem shares o staging
+                o_t_smem[0][...] = hi
+                o_t_smem[1][...] = lo
+                plgpu.commit_smem()
+
+                def transpose(acc_ref):
+                    for half in o_t_smem:
+                        plgpu.wgmma(acc_ref, eye, half.T)
+                    return acc_ref[...]
+
+                o = pl.run_scoped(transpose, plgpu.ACC((ROWS, d), jnp.float32))
+                return o, jnp.where(seen, (m + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
+
+            def write_tile(o, lse, item, kvh, q_start, q_len, part):
+                """o [64, d] (f32, the tile's rows, normalised) and its lse ([64] or [n])
+                out: an unsplit item's rows into ``out``, a piece's into its slot."""
                 # The previous tile's stores must have finished reading o/lse_smem.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -449,7 +569,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 def _():
                     o_smem[pl.ds(0, ROWS), :] = o
 
-                lse_smem[...] = lse
+                lse_smem[pl.ds(0, lse.shape[0])] = lse
                 plgpu.commit_smem()
 
                 @pl.when(part < 0)
@@ -474,11 +594,11 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     def _():
                         plgpu.copy_smem_to_gmem(o_smem.at[rows], opart_ref.at[part, kvh, rows])
 
-                return step
-
             lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
+    narrow_t = common.tiled_smem((d, NARROW_ROWS), dtype)  # O^T, a half
+    narrow_eye = common.tiled_smem((ROWS, NARROW_ROWS), dtype)
     kv_ring = (common.tiled_smem((stages, bk, d), k_pages.dtype) if fp8 else
                plgpu.SMEM((stages, bk, d), dtype, transforms=tiles_transform))
     scratch = (
@@ -491,14 +611,19 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         None if config.p_in_registers else  # P staging (interpret-safe path)
         plgpu.SMEM((ROWS, bk), dtype, transforms=tiles_transform),
         # o staging, same rows: a split piece's (f32) or an unsplit item's (q's dtype); a
-        # tile uses one, and the next one's store waits until its TMA has read it.
-        plgpu.RefUnion(plgpu.SMEM((rows_pad, d), jnp.float32), plgpu.SMEM((rows_pad, d), dtype)),
+        # tile uses one, and the next one's store waits until its TMA has read it. A
+        # narrow tile first stages O^T there, in two halves, for its transposing wgmma.
+        plgpu.RefUnion(plgpu.SMEM((rows_pad, d), jnp.float32), plgpu.SMEM((rows_pad, d), dtype),
+                       (narrow_t, narrow_t) if narrow else ()),
         plgpu.SMEM((ROWS,), jnp.float32),  # lse staging
         plgpu.Barrier(num_arrivals=dq_pad),  # q_full: one TMA per token
         plgpu.Barrier(),  # q_free
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # k_full
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # v_full
         plgpu.Barrier(num_arrivals=consumers_of_slot, num_barriers=stages),  # consumed
+        # narrow tiles: P [n, bk] (its transpose is PV's B), the identity [64, n]
+        plgpu.SMEM((NARROW_ROWS, bk), dtype, transforms=tiles_transform) if narrow else None,
+        narrow_eye if narrow else None,
     )
     scales = ()
     if fp8:

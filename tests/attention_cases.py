@@ -118,3 +118,17 @@ def prefill_dequantising_k():
     with mock.patch.object(prefill, "pick_config",
                            lambda *a, **k: pick(*a, **{**k, "fp8_qk": False})):
         yield
+
+
+@contextlib.contextmanager
+def decode_tiles_as_fp8():
+    """The decode kernel over a bf16 cache in the tile form it takes over an FP8 cache
+    (``DecodeConfig.narrow_tiles``), so that the two sum in the same order and the FP8
+    kernel's rows equal the bf16 kernel's over the dequantised pages bit for bit."""
+    from jaxattn.kernels import decode
+
+    default = decode.default_config
+    with mock.patch.object(decode, "default_config", lambda interpret=False, fp8=False: (
+            dataclasses.replace(default(interpret, fp8),
+                                narrow_tiles=default(interpret, fp8=True).narrow_tiles))):
+        yield

@@ -122,6 +122,13 @@ CASES = {
     "fp16_d128_g5_q_eq_dq": Case(q_lens=(12, 12), kv_lens=(12, 1000), dtype=jnp.float16,
                                  min_split_kv=64, block_kv=64),
 }
+# Tiles of <= 16 query rows with the keys as the wgmma M (DecodeConfig.narrow_tiles, the FP8
+# cache's default): one-token items of every group size above, multi-token ones of G=1 and
+# G=4, 128-key blocks, a chunk boundary, one CTA over many tiles; wider tiles beside them.
+CASES.update({f"{name}_narrow": dataclasses.replace(
+    CASES[name], config=dataclasses.replace(CASES[name].config, narrow_tiles=True))
+    for name in ("scout_bf16_d128_g5_p16", "fp16_d64_g8_p8_chunked", "bf16_d64_g1_p32_bk128",
+                 "fp16_d128_g4_p64_noncausal", "one_cta_many_tiles")})
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

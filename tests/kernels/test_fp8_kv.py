@@ -26,7 +26,8 @@ from jaxattn import kv_quant, planner
 from jaxattn.kernels import common, decode, prefill
 from jaxattn.planner import WorkList
 
-from attention_cases import make_ragged_case, naive_ragged, prefill_dequantising_k
+from attention_cases import (decode_tiles_as_fp8, make_ragged_case, naive_ragged,
+                             prefill_dequantising_k)
 
 FP8 = jnp.float8_e4m3fn
 
@@ -68,8 +69,9 @@ def _check_against_bf16_and_oracle(bounds, q_lens, kv_lens, *, chunk=None, num_t
         out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs,
                                                   **kw)
     kd, vd = kv_quant.dequantize_pages(k8, ks), kv_quant.dequantize_pages(v8, vs)
-    out_bf, lse_bf = jaxattn.ragged_paged_attention(
-        q, kd.astype(jnp.bfloat16), vd.astype(jnp.bfloat16), *args, **kw)
+    with decode_tiles_as_fp8():
+        out_bf, lse_bf = jaxattn.ragged_paged_attention(
+            q, kd.astype(jnp.bfloat16), vd.astype(jnp.bfloat16), *args, **kw)
     n = int(rc.cu_q_lens[rc.num_seqs])
     out, lse = np.asarray(out, np.float32)[:n], np.asarray(lse)[:n]
     assert np.isfinite(out).all()
@@ -161,10 +163,12 @@ def test_fp8_decode_with_q8_k8_matches_the_oracle_over_quantised_queries(monkeyp
         decode.DecodeConfig(dequant_warpgroup=True, split_dequant=True, fp8_qk=True)
 
 
-def test_fp8_decode_config_defaults_to_the_dequantising_warpgroup():
+def test_fp8_decode_config_defaults_to_the_dequantising_warpgroup_and_narrow_tiles():
     bounds = _bounds()
-    assert decode.pick_config(bounds, jnp.bfloat16, kv_dtype=FP8).dequant_warpgroup
-    assert not decode.pick_config(bounds, jnp.bfloat16).dequant_warpgroup
+    fp8, bf16 = decode.pick_config(bounds, jnp.bfloat16, kv_dtype=FP8), decode.pick_config(
+        bounds, jnp.bfloat16)
+    assert fp8.dequant_warpgroup and fp8.narrow_tiles
+    assert not bf16.dequant_warpgroup and not bf16.narrow_tiles
 
 
 def test_fp8_kernel_refuses_missing_scales():

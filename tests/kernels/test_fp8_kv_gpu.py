@@ -16,7 +16,7 @@ import pytest
 
 import jaxattn
 from jaxattn import kv_quant
-from attention_cases import prefill_dequantising_k
+from attention_cases import decode_tiles_as_fp8, prefill_dequantising_k
 from needle_cases import make_needle_case
 
 pytestmark = pytest.mark.gpu
@@ -71,7 +71,8 @@ def test_fp8_equals_bf16_over_dequantised_pages(q_lens, kv_lens, chunk):
     with prefill_dequantising_k():
         out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic", k_scale=ks,
                                                   v_scale=vs, **kw)
-    out_bf, lse_bf = jaxattn.ragged_paged_attention(q, kd, vd, *args, impl="mosaic", **kw)
+    with decode_tiles_as_fp8():
+        out_bf, lse_bf = jaxattn.ragged_paged_attention(q, kd, vd, *args, impl="mosaic", **kw)
     np.testing.assert_array_equal(np.asarray(out[:rows], np.float32),
                                   np.asarray(out_bf[:rows], np.float32))
     np.testing.assert_array_equal(np.asarray(lse[:rows]), np.asarray(lse_bf[:rows]))
