@@ -51,6 +51,8 @@ def test_cuda_lowering_every_planner_config(head_dim, heads):
     decode.DecodeConfig(),  # the interpret-tested SMEM-P path
     decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True),
     decode.DecodeConfig(num_stages=3, p_in_registers=True),
+    decode.DecodeConfig(p_in_registers=True, narrow_tiles=True),  # the FP8 cache's tile form
+    decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True, narrow_tiles=True),
 ])
 def test_cuda_lowering_tuning_variants(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
