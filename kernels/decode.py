@@ -101,10 +101,11 @@ class DecodeConfig:
       benchmarks/results/fp8-kv-2026-12-01-s10-decode.md.)
     split_dequant: with ``dequant_warpgroup``: K and V each get a dequantising warpgroup of
       their own (warpgroups 2 and 3), twice the conversion throughput and two warps per
-      scheduler to hide its latency. With one, FP8 decode reads at 1.5-1.7 TB/s against
-      bf16's 3.4-4.0 (the conversion is the bottleneck). Timed on the H200: the same
-      (1.18-1.20x bf16's time, benchmarks/results/fp8-kv-2026-12-01.md): the conversion's
-      issue rate, not its latency, is the limit. 512 threads leave 128 registers per thread.
+      scheduler to hide its latency. Timed on the H200: the same as one (1.18-1.20x bf16's
+      time, benchmarks/results/fp8-kv-2026-12-01.md), and with narrow tiles slower (1.13x
+      against 1.09x, fp8-decode-stages-2026-12-02-s16.json). The conversion is not the
+      whole limit: with no conversion at all the FP8 kernel still takes ~0.9x bf16's time
+      (benchmarks/NOTES-fp8-kv.md, session 16). 512 threads leave 128 registers per thread.
     fp8_qk: FP8 cache: ``S = Q8 K8^T`` as an e4m3 wgmma straight on the fp8 K tile, as the
       prefill kernel's default does (the consumer quantises its 64 query rows per row once
       per tile; S's rows take the Q scales, its columns the keys' scales); only V is
