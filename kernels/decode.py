@@ -72,10 +72,10 @@ from jaxattn.planner import DECODE_TILE_ROWS, Bounds, WorkList
 ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
 # Query rows of a narrow tile (DecodeConfig.narrow_tiles): a wgmma N for S^T and O^T.
 NARROW_ROWS = 16
-DEQUANT_STAGES = 2  # bf16 K/V tiles in flight between the dequantising warpgroup and the consumer
 # Item metadata columns (one int32 row per work item, read as scalars from GMEM).
 _SEQ, _QSTART, _QLEN, _QPOS, _KVSTART, _KVEND, _PART = range(7)
 _META_COLS = 8  # padded: 32-byte rows
+_COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,7 @@ class DecodeConfig:
     p_in_registers: feed P to the PV wgmma from registers (GPU fast path; GPU
       interpret mode cannot run it, so tests use the SMEM path there).
     dequant_warpgroup: FP8 cache: a third warpgroup dequantises each K/V tile into a
-      ring of :data:`DEQUANT_STAGES` bf16 tiles while the consumer computes on the previous
+      ring of ``dequant_stages`` bf16 tiles while the consumer computes on the previous
       one; False: the consumer dequantises each tile before its wgmma (serial with the
       math). Same numbers either way (the same pass). :func:`default_config` turns it on
       for an FP8 cache. (Two forms measured slower and were removed: scales folded onto
@@ -99,6 +99,11 @@ class DecodeConfig:
       converted to f16 without scales, which the consumer applied to S's and P's columns
       within f16's range, 1.38-1.42x against this form's 1.15-1.20x,
       benchmarks/results/fp8-kv-2026-12-01-s10-decode.md.)
+    dequant_stages: with ``dequant_warpgroup``: depth of the bf16 K (and V) ring. One is
+      still a pipeline: the consumer frees K's tile after QK and V's after PV, so the next
+      block's K is converted during this block's softmax and PV. On the H200 one stage with
+      6 fp8 stages took 2-4% less time than the default from 8k keys up in two runs
+      (benchmarks/results/decode-blocks-2026-12-02-s17.md); not yet GPU-tested, not the default.
     split_dequant: with ``dequant_warpgroup``: K and V each get a dequantising warpgroup of
       their own (warpgroups 2 and 3), twice the conversion throughput and two warps per
       scheduler to hide its latency. Timed on the H200: the same as one (1.18-1.20x bf16's
@@ -106,6 +111,14 @@ class DecodeConfig:
       against 1.09x, fp8-decode-stages-2026-12-02-s16.json). The conversion is not the
       whole limit: with no conversion at all the FP8 kernel still takes ~0.9x bf16's time
       (benchmarks/NOTES-fp8-kv.md, session 16). 512 threads leave 128 registers per thread.
+    consumers: 1 or 2 consumer warpgroups. Two take a tile's blocks by the parity of their
+      global step (so each ring slot, and each of its barriers, has one consumer: even
+      ``num_stages`` and ``dequant_stages``), each with its own softmax state; consumer 1
+      hands its (acc, m, l) to consumer 0 through SMEM at the tile's end. Two chains of
+      per-block latencies (wait, QK, softmax, PV) run at once instead of one. On the H200
+      (decode-blocks-2026-12-02-s17.md): bf16 gains nothing; FP8 with ``split_dequant`` takes
+      1.04-1.08x the 64-key bf16 kernel's time from 8k keys up (the default 1.12-1.13x) but
+      1.26x at 256 x 2k (short tiles: consumer 1 idles while consumer 0 merges); not the default.
     fp8_qk: FP8 cache: ``S = Q8 K8^T`` as an e4m3 wgmma straight on the fp8 K tile, as the
       prefill kernel's default does (the consumer quantises its 64 query rows per row once
       per tile; S's rows take the Q scales, its columns the keys' scales); only V is
@@ -128,7 +141,9 @@ class DecodeConfig:
     num_ctas: int | None = None
     p_in_registers: bool = False
     dequant_warpgroup: bool = False
+    dequant_stages: int = 2
     split_dequant: bool = False
+    consumers: int = 1
     fp8_qk: bool = False
     narrow_tiles: bool = False
 
@@ -137,21 +152,48 @@ class DecodeConfig:
             raise ValueError(f"block_kv={self.block_kv} must be a multiple of 64 in [64, 256]")
         if self.num_stages < 2:
             raise ValueError(f"num_stages={self.num_stages} must be >= 2")
+        if self.dequant_stages < 1:
+            raise ValueError(f"dequant_stages={self.dequant_stages} must be >= 1")
         if self.split_dequant and not self.dequant_warpgroup:
             raise ValueError("split_dequant needs dequant_warpgroup=True")
         if self.split_dequant and self.fp8_qk:
             raise ValueError("split_dequant dequantises K on a warpgroup of its own; with "
                              "fp8_qk nothing dequantises K")
+        if self.consumers not in (1, 2):
+            raise ValueError(f"consumers={self.consumers} must be 1 or 2")
+        if self.consumers == 2 and (self.num_stages % 2 or self.dequant_stages % 2
+                                    or self.fp8_qk):
+            raise ValueError("consumers=2 takes blocks by the parity of their step, so each ring "
+                             "slot has one consumer: num_stages and dequant_stages must be even "
+                             "(and not with fp8_qk, whose row scales only consumer 0 has)")
         if self.num_ctas is not None and self.num_ctas < 1:
             raise ValueError(f"num_ctas={self.num_ctas} must be positive")
 
 
 def default_config(interpret=False, fp8=False) -> DecodeConfig:
-    """The tuned configuration; under interpret mode P goes through SMEM. An FP8 cache gets
-    the dequantising warpgroup: on the H200 it takes 1.19-1.20x the bf16 kernel's time
-    against 1.32-1.35x with the consumer dequantising (1.36-1.40x with the folded scales;
-    benchmarks/results/fp8-kv-2026-11-30.md); and narrow tiles (1.12-1.15x)."""
-    return DecodeConfig(p_in_registers=not interpret, dequant_warpgroup=fp8, narrow_tiles=fp8)
+    """The tuned configuration; under interpret mode P goes through SMEM.
+
+    A bf16 cache takes 128-key blocks in a 2-stage ring (all that fits): on the H200 0.7-2.3%
+    faster than 64-key blocks in 4 stages at 256 x 2k, 32 x 8k, 8 x 32k and 1 x 128k, in five
+    runs (benchmarks/results/decode-blocks-2026-12-02-s17*.json); :func:`fit_blocks` keeps 64
+    where the planner's pieces may start off a 128-key boundary. An FP8 cache gets the
+    dequantising warpgroup: on the H200 it takes 1.19-1.20x the bf16 kernel's time against
+    1.32-1.35x with the consumer dequantising (1.36-1.40x with the folded scales;
+    benchmarks/results/fp8-kv-2026-11-30.md); and narrow tiles (1.12-1.15x). Its 128-key
+    blocks do not fit a 2-deep dequantised ring, and with a 1-deep one took 1.42-1.61x."""
+    if fp8:
+        return DecodeConfig(p_in_registers=not interpret, dequant_warpgroup=True,
+                            narrow_tiles=True)
+    return DecodeConfig(block_kv=128, num_stages=2, p_in_registers=not interpret)
+
+
+def fit_blocks(config: DecodeConfig, bounds: Bounds) -> DecodeConfig:
+    """A default ``config`` with 64-key blocks (4 stages) unless its blocks divide
+    ``bounds.block_kv``: split pieces and chunks start at multiples of that, and a block
+    that is one copy of a large page's slice must start on its own boundary."""
+    if bounds.block_kv % config.block_kv == 0:
+        return config
+    return dataclasses.replace(config, block_kv=64, num_stages=4)
 
 
 def split_capacity(bounds: Bounds, cap_items: int) -> int:
@@ -168,7 +210,7 @@ def split_capacity(bounds: Bounds, cap_items: int) -> int:
 def pick_config(bounds: Bounds, dtype, interpret=False, kv_dtype=None) -> DecodeConfig:
     """The decode config for an engine's bounds; raises ValueError if they cannot be served."""
     fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
-    config = default_config(interpret, fp8)
+    config = fit_blocks(default_config(interpret, fp8), bounds)
     common.check_kv_dtype("decode", dtype, kv_dtype)
     _check(bounds, dtype, bounds.head_dim, bounds.page_size, bounds.pages_per_seq, config.block_kv,
            fp8=fp8)
@@ -202,12 +244,17 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     cpb = bk // rpc  # copies per block (per K and per V)
     dq_pad = common.cdiv(ROWS, g)  # token rows of the Q/O staging buffers: dq_pad * g >= 64
     rows_pad = dq_pad * g
-    c = scale * common.LOG2E
+    c_log2 = scale * common.LOG2E
     tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
     qk8 = fp8 and config.fp8_qk  # static: S = Q8 K8^T on the fp8 tile, only V dequantised
     deq_wg = fp8 and config.dequant_warpgroup  # warpgroup 2 dequantises into a bf16 ring
     deq_wgs = (2 if config.split_dequant else 1) if deq_wg else 0  # (K and V: 2 and 3)
+    dstages = config.dequant_stages
+    consumers = config.consumers
+    if consumers == 2 and fp8 and not deq_wg:
+        raise ValueError("DecodeConfig(consumers=2) over an FP8 cache needs dequant_warpgroup="
+                         "True (the consumers cannot share one dequantised tile)")
     # Arrivals that free an fp8 ring slot: the dequantising warpgroup(s), and with fp8_qk the
     # consumer too (it reads K's slot itself); without them, the consumer alone.
     consumers_of_slot = deq_wgs + (1 if qk8 else 0) if deq_wg else 1
@@ -221,11 +268,14 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         # the FP8 cache's].
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
         (out_ref, lse_ref, opart_ref, lpart_ref, q_raw, q_tile, k_smem, v_smem, p_smem,
-         (o_smem, o_out, o_t_smem), lse_smem, q_full, q_free, k_full, v_full, consumed,
-         pt_smem, eye, *fp8_scratch) = rest
+         (o_smem, o_out, o_t_smem, merge_acc), lse_smem, q_full, q_free, k_full, v_full,
+         consumed, pt_smem, eye, pair, *fp8_scratch) = rest
+        # Two consumers: consumer 0 tells consumer 1 that q is staged, and takes its partial
+        # state (merge_acc, merge_ml; full/free) at each tile's end.
+        q_ready, merge_full, merge_free, merge_ml = pair or (None,) * 4
         if fp8:
             ks_smem, vs_smem, k_deq, v_deq, *deq_barriers = fp8_scratch
-        if deq_wg:  # k_deq/v_deq: [DEQUANT_STAGES, bk, d] rings
+        if deq_wg:  # k_deq/v_deq: [dstages, bk, d] rings
             kdeq_full, vdeq_full, kdeq_free, vdeq_free = deq_barriers
         # wgmma_tile's FP8 arguments: (dequantised-ring barrier, dequantised tile(s), scales).
         deq_k = (kdeq_full if deq_wg else None, k_deq, ks_smem) if fp8 else ()
@@ -241,8 +291,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
             f = lambda col: meta_ref[item, col]
             return item, kvh, f
 
-        @pl.when(wg == 1)
-        def _producer():
+        def producer():
             def tile_body(i, step):
                 item, kvh, f = tile_info(i)
                 seq, q_start, kv_start, kv_end = f(_SEQ), f(_QSTART), f(_KVSTART), f(_KVEND)
@@ -310,14 +359,14 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     (v_full, vdeq_free, vdeq_full, v_smem, vs_smem, v_deq)) if deq_wg else ()
         if qk8:
             deq_jobs = deq_jobs[1:]  # the consumer reads K's fp8 tile as it landed
+        dequantizers = []  # (warpgroup, its body)
         for w in range(deq_wgs):
             # Warpgroup 2 dequantises K and V, or (split) K while warpgroup 3 does V.
             jobs = deq_jobs if deq_wgs == 1 else deq_jobs[w:w + 1]
 
-            @pl.when(wg == 2 + w)
             def _dequantizer(jobs=jobs):
                 # Walks the same (tile, block) steps as the others: fp8 slot `step % stages`
-                # in, bf16 slot `step % DEQUANT_STAGES` out; frees the fp8 slot (each
+                # in, bf16 slot `step % dstages` out; frees the fp8 slot (each
                 # dequantising warpgroup arrives once).
                 def tile_body(i, step):
                     _, _, f = tile_info(i)
@@ -325,11 +374,11 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
 
                     def block_body(j, step):
                         slot = lax.rem(step, stages)
-                        dslot = lax.rem(step, DEQUANT_STAGES)
+                        dslot = lax.rem(step, dstages)
                         for full, free, done, src, scl, dst in jobs:
                             plgpu.barrier_wait(full.at[slot])
 
-                            @pl.when(step >= DEQUANT_STAGES)
+                            @pl.when(step >= dstages)
                             def _():
                                 plgpu.barrier_wait(free.at[dslot])
 
@@ -343,13 +392,17 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
 
                 steps = lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
 
-                @pl.loop(jnp.maximum(0, steps - DEQUANT_STAGES), steps)
+                @pl.loop(jnp.maximum(0, steps - dstages), steps)
                 def _(s):  # observe the last completions (GPU interpret mode checks it)
                     for _, free, *_ in jobs:
-                        plgpu.barrier_wait(free.at[lax.rem(s, DEQUANT_STAGES)])
+                        plgpu.barrier_wait(free.at[lax.rem(s, dstages)])
 
-        @pl.when(wg == 0)
-        def _consumer():
+            dequantizers.append((2 + w, _dequantizer))
+
+        def consumer(c):
+            """Consumer ``c``: the tile's blocks whose global step has parity ``c`` (all of
+            them with one consumer). Consumer 0 also stages q and writes the tile out, after
+            taking consumer 1's partial (m, l, acc) through SMEM and merging it."""
             row_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
             col_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
             if narrow:  # S^T's (key, query row) ids; the identity that transposes O^T
@@ -357,10 +410,16 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                                                  layout=plgpu.Layout.WGMMA)
                 qrow_ids = plgpu.broadcasted_iota(jnp.int32, (bk, NARROW_ROWS), 1,
                                                   layout=plgpu.Layout.WGMMA)
-                eye_r, eye_c = (plgpu.broadcasted_iota(jnp.int32, (ROWS, NARROW_ROWS), a,
-                                                       layout=plgpu.Layout.WGMMA) for a in (0, 1))
-                eye[...] = jnp.where(eye_r == eye_c, 1.0, 0.0).astype(dtype)
-                plgpu.commit_smem()
+                if c == 0:
+                    eye_r, eye_c = (plgpu.broadcasted_iota(jnp.int32, (ROWS, NARROW_ROWS), a,
+                                                           layout=plgpu.Layout.WGMMA)
+                                    for a in (0, 1))
+                    eye[...] = jnp.where(eye_r == eye_c, 1.0, 0.0).astype(dtype)
+                    plgpu.commit_smem()
+            # Each consumer's P staging is a ref of its own (a store through `.T` of a slice
+            # of one [2, ...] ref landed in the wrong consumer's tile on the H200).
+            p_stage = None if p_smem is None else p_smem[c]
+            pt_stage = None if pt_smem is None else pt_smem[c]
 
             def wgmma_tile(slot, dslot, full, ring, deq_full=None, deq=None, scales=None):
                 """The K (V) tile of this step as a wgmma operand, once it is ready: the
@@ -374,48 +433,106 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     return ring.at[slot]
                 return common.dequantize_tile(ring.at[slot], scales.at[slot], deq)
 
+            def own_blocks(block_body, carry, step0, n_clear, n_blocks):
+                """Runs ``block_body(j, step, carry, masked)`` over this consumer's blocks j
+                of the tile (global step ``step0 + j``): unmasked ones, then masked ones."""
+                first = lax.rem(c + 2 - lax.rem(step0, 2), 2) if consumers == 2 else 0
+                count = lambda n: jnp.maximum(0, common.cdiv(n - first, consumers))
+
+                def body(masked):
+                    def f(t, carry):
+                        j = first + t * consumers
+                        return block_body(j, step0 + j, carry, masked=masked)
+                    return f
+
+                carry = lax.fori_loop(0, count(n_clear), body(False), carry)
+                return lax.fori_loop(count(n_clear), count(n_blocks), body(True), carry)
+
+            def merged(acc, m, l, axis, first_tile):
+                """Two consumers: consumer 1 hands its partial softmax state (acc, m, l; its
+                rows along ``axis`` of acc) to consumer 0 through SMEM and gets None;
+                consumer 0 gets the merged state. With one consumer, the state as it is."""
+                if consumers == 1:
+                    return acc, m, l
+                n = m.shape[0]
+                acc_buf = merge_acc[0] if axis == 0 else merge_acc[1]
+                if c == 1:
+                    @pl.when(~first_tile)
+                    def _():  # consumer 0 has read the last one, and its stores the buffer
+                        plgpu.barrier_wait(merge_free)
+
+                    acc_buf[...] = acc
+                    merge_ml[0, pl.ds(0, n)] = m
+                    merge_ml[1, pl.ds(0, n)] = l
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(merge_full)
+                    return None
+                vec = plgpu.Layout.WGMMA.reduce(1 - axis)
+                plgpu.barrier_wait(merge_full)
+                acc1 = plgpu.load(acc_buf, layout=plgpu.Layout.WGMMA)
+                m1 = plgpu.load(merge_ml.at[0, pl.ds(0, n)], layout=vec)
+                l1 = plgpu.load(merge_ml.at[1, pl.ds(0, n)], layout=vec)
+                # Every thread has read the partial before any writes the output there (the
+                # o staging union): a warpgroup barrier.
+                plgpu.commit_smem()
+                bcast = lambda x: lax.broadcast_in_dim(x, acc.shape, [axis])
+                m_new = jnp.maximum(m, m1)
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                a0, a1 = jnp.exp2(m - m_use), jnp.exp2(m1 - m_use)
+                return acc * bcast(a0) + acc1 * bcast(a1), m_new, l * a0 + l1 * a1
+
             def tile_body(i, step):
                 item, kvh, f = tile_info(i)
                 q_start, q_len, q_pos = f(_QSTART), f(_QLEN), f(_QPOS)
                 kv_start, kv_end, part = f(_KVSTART), f(_KVEND), f(_PART)
 
-                plgpu.barrier_wait(q_full)
-                # c_rows: the softmax's log2 scale; with fp8_qk, per query row (times its
-                # e4m3 scale).
-                if qk8:
-                    c_rows = common.quantize_rows(q_raw.at[pl.ds(0, ROWS)], q_tile) * c
+                if c == 0:
+                    plgpu.barrier_wait(q_full)
+                    # c_rows: the softmax's log2 scale; with fp8_qk, per query row (times its
+                    # e4m3 scale).
+                    if qk8:
+                        c_rows = common.quantize_rows(q_raw.at[pl.ds(0, ROWS)], q_tile) * c_log2
+                    else:
+                        q_tile[...] = q_raw[pl.ds(0, ROWS), :]
+                        c_rows = c_log2
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(q_free)
+                    if consumers == 2:
+                        plgpu.barrier_arrive(q_ready)
                 else:
-                    q_tile[...] = q_raw[pl.ds(0, ROWS), :]
-                    c_rows = c
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(q_free)
+                    plgpu.barrier_wait(q_ready)
+                    c_rows = c_log2
 
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
                 # Blocks wholly below kv_end and the first row's diagonal need no mask.
                 clear_end = jnp.minimum(kv_end, q_pos + 1) if causal else kv_end
                 n_clear = jnp.clip((clear_end - kv_start) // bk, 0, n_blocks)
-                blocks = (kv_start, kv_end, q_pos, n_clear, n_blocks, step)
+                blocks = (kv_start, kv_end, q_pos, n_clear, n_blocks, step, i == 0)
                 out = (item, kvh, q_start, q_len, part)
+                def write(result, *out):
+                    if result is not None:  # None: consumer 1, whose rows consumer 0 wrote
+                        write_tile(*result, *out)
                 if narrow:
                     is_narrow = q_len * g <= NARROW_ROWS
 
                     @pl.when(is_narrow)
                     def _():
-                        write_tile(*narrow_tile(*blocks), *out)
+                        write(narrow_tile(*blocks), *out)
 
                     @pl.when(~is_narrow)
                     def _():
-                        write_tile(*wide_tile(*blocks, c_rows), *out)
+                        write(wide_tile(*blocks, c_rows), *out)
                 else:
-                    write_tile(*wide_tile(*blocks, c_rows), *out)
+                    write(wide_tile(*blocks, c_rows), *out)
                 return step + n_blocks
 
-            def wide_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step, c_rows):
-                """The tile's query rows as the wgmma M (64 rows): -> (o [64, d] f32, lse [64])."""
-                def block_body(j, carry, masked: bool):
-                    step, acc, m, l = carry
+            def wide_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step0, first_tile, c_rows):
+                """The tile's query rows as the wgmma M (64 rows): -> (o [64, d] f32, lse [64]);
+                None on consumer 1."""
+                def block_body(j, step, carry, masked: bool):
+                    acc, m, l = carry
                     slot = lax.rem(step, stages)
-                    dslot = lax.rem(step, DEQUANT_STAGES)
+                    dslot = lax.rem(step, dstages)
                     if qk8:
                         plgpu.barrier_wait(k_full.at[slot])
                         k_tile = k_smem.at[slot]
@@ -455,53 +572,55 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                             plgpu.wgmma(acc_ref, p16, v_tile)
                         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     else:
-                        p_smem[...] = p16
+                        p_stage[...] = p16
                         plgpu.commit_smem()
 
                         def pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p_smem, v_tile)
+                            plgpu.wgmma(acc_ref, p_stage, v_tile)
                             return acc_ref[...]
 
                         acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, d), jnp.float32))
                     # The fp8 ring slot is the dequantising warpgroup's to free.
                     plgpu.barrier_arrive(vdeq_free.at[dslot] if deq_wg else consumed.at[slot])
-                    return step + 1, acc, m_new, l
+                    return acc, m_new, l
 
-                carry = (step,
-                         plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
+                carry = (plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
                          plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
                                            plgpu.Layout.WGMMA.reduce(1)),
                          plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32),
                                            plgpu.Layout.WGMMA.reduce(1)))
-                carry = lax.fori_loop(0, n_clear, functools.partial(block_body, masked=False), carry)
-                _, acc, m, l = lax.fori_loop(n_clear, n_blocks,
-                                             functools.partial(block_body, masked=True), carry)
+                state = merged(*own_blocks(block_body, carry, step0, n_clear, n_blocks),
+                               axis=0, first_tile=first_tile)
+                if state is None:
+                    return None
+                acc, m, l = state
                 seen = l > 0
                 l_safe = jnp.where(seen, l, 1.0)
                 o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
                 return o, jnp.where(seen, (m + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
 
-            def narrow_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step):
+            def narrow_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step0, first_tile):
                 """A tile of at most NARROW_ROWS query rows, the keys as the wgmma M:
                 ``S^T = K Q^T`` [bk, n] and ``O^T += V^T P^T`` [d, n], so the tensor core's
                 work follows the rows (n = 16) instead of a 64-row M; the softmax's max over
                 keys is a reduction across the warpgroup, its sums stay per thread until the
-                end. -> (o [64, d] f32, lse [n]); o's rows come out of the tensor core too
-                (``I [64, n] @ (O^T)^T``, in two halves of dtype: ~16 significant bits)."""
+                end. -> (o [64, d] f32, lse [n]), None on consumer 1; o's rows come out of
+                the tensor core too (``I [64, n] @ (O^T)^T``, in two halves of dtype: ~16
+                significant bits)."""
                 n = NARROW_ROWS
                 col = lambda x, shape: lax.broadcast_in_dim(x, shape, [1])  # [n] over rows
 
-                def block_body(j, carry, masked: bool):
-                    step, acc, m, l = carry  # acc = O^T [d, n]; m [n]; l [bk, n] partial sums
+                def block_body(j, step, carry, masked: bool):
+                    acc, m, l = carry  # acc = O^T [d, n]; m [n]; l [bk, n] partial sums
                     slot = lax.rem(step, stages)
-                    dslot = lax.rem(step, DEQUANT_STAGES)
+                    dslot = lax.rem(step, dstages)
                     k_tile = wgmma_tile(slot, dslot, k_full, k_smem, *deq_k)
 
                     def qk(acc_ref):
                         plgpu.wgmma(acc_ref, k_tile, q_tile.at[pl.ds(0, n)].T)
                         return acc_ref[...]
 
-                    s = pl.run_scoped(qk, plgpu.ACC((bk, n), jnp.float32)) * c
+                    s = pl.run_scoped(qk, plgpu.ACC((bk, n), jnp.float32)) * c_log2
                     if deq_wg:
                         plgpu.barrier_arrive(kdeq_free.at[dslot])
                     if masked:
@@ -516,27 +635,27 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     p = jnp.exp2(s - col(m_use, s.shape))
                     l = l * col(alpha, l.shape) + p
                     acc = acc * col(alpha, acc.shape)
-                    pt_smem.T[...] = p.astype(dtype)  # pt_smem [n, bk] holds P
+                    pt_stage.T[...] = p.astype(dtype)  # pt_stage [n, bk] holds P
                     plgpu.commit_smem()
                     v_tile = wgmma_tile(slot, dslot, v_full, v_smem, *deq_v)
 
                     def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, v_tile.T, pt_smem.T)
+                        plgpu.wgmma(acc_ref, v_tile.T, pt_stage.T)
                         return acc_ref[...]
 
                     acc = acc + pl.run_scoped(pv, plgpu.ACC((d, n), jnp.float32))
                     plgpu.barrier_arrive(vdeq_free.at[dslot] if deq_wg else consumed.at[slot])
-                    return step + 1, acc, m_new, l
+                    return acc, m_new, l
 
                 col_layout = plgpu.Layout.WGMMA.reduce(0)
-                carry = (step,
-                         plgpu.layout_cast(jnp.zeros((d, n), jnp.float32), plgpu.Layout.WGMMA),
+                carry = (plgpu.layout_cast(jnp.zeros((d, n), jnp.float32), plgpu.Layout.WGMMA),
                          plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32), col_layout),
                          plgpu.layout_cast(jnp.zeros((bk, n), jnp.float32), plgpu.Layout.WGMMA))
-                carry = lax.fori_loop(0, n_clear, functools.partial(block_body, masked=False), carry)
-                _, acc, m, l = lax.fori_loop(n_clear, n_blocks,
-                                             functools.partial(block_body, masked=True), carry)
-                l = l.sum(axis=0)
+                acc, m, l = own_blocks(block_body, carry, step0, n_clear, n_blocks)
+                state = merged(acc, m, l.sum(axis=0), axis=1, first_tile=first_tile)
+                if state is None:
+                    return None
+                acc, m, l = state
                 seen = l > 0
                 l_safe = jnp.where(seen, l, 1.0)
                 o_t = acc / col(l_safe, acc.shape)
@@ -595,8 +714,38 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     def _():
                         plgpu.copy_smem_to_gmem(o_smem.at[rows], opart_ref.at[part, kvh, rows])
 
+                if consumers == 2:  # consumer 1's next partial goes where these stores read
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    plgpu.barrier_arrive(merge_free)
+
+
             lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
-            plgpu.wait_smem_to_gmem(0)
+            if c == 0:
+                plgpu.wait_smem_to_gmem(0)
+            else:
+                @pl.when(n_local > 0)
+                def _():  # observe the last completion (GPU interpret mode checks it)
+                    plgpu.barrier_wait(merge_free)
+
+        def all_but_consumer_0(_pad=None):
+            pl.when(wg == 1)(producer)
+            for w, dequantizer in dequantizers:
+                pl.when(wg == w)(dequantizer)
+            if consumers == 2:
+                pl.when(wg == 2 + deq_wgs)(functools.partial(consumer, 1))
+
+        if consumers == 2:
+            # Mosaic's cross-warp reductions (a narrow tile's max over keys) take scratch at the
+            # SMEM offset in use where they are lowered: the same for two consumers lowered side
+            # by side, which raced on it (wrong maxima on the H200). Consumer 1 is lowered inside
+            # a scoped pad, so its scratch lies past consumer 0's. The scope's one barrier is
+            # at its entry, the kernel's first instruction for every warpgroup.
+            pl.run_scoped(all_but_consumer_0,
+                          plgpu.SMEM((_COMPILER_PARAMS.reduction_scratch_bytes,), jnp.int8),
+                          collective_axes="wg")
+        else:
+            all_but_consumer_0()
+        pl.when(wg == 0)(functools.partial(consumer, 0))
 
     narrow_t = common.tiled_smem((d, NARROW_ROWS), dtype)  # O^T, a half
     narrow_eye = common.tiled_smem((ROWS, NARROW_ROWS), dtype)
@@ -609,34 +758,45 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         plgpu.SMEM((ROWS, d), dtype, transforms=tiles_transform),
         kv_ring,  # K ring
         kv_ring,  # V ring
-        None if config.p_in_registers else  # P staging (interpret-safe path)
-        plgpu.SMEM((ROWS, bk), dtype, transforms=tiles_transform),
+        None if config.p_in_registers else  # P staging (interpret-safe path), per consumer
+        tuple(plgpu.SMEM((ROWS, bk), dtype, transforms=tiles_transform)
+              for _ in range(consumers)),
         # o staging, same rows: a split piece's (f32) or an unsplit item's (q's dtype); a
         # tile uses one, and the next one's store waits until its TMA has read it. A
         # narrow tile first stages O^T there, in two halves, for its transposing wgmma.
+        # Two consumers: consumer 1's accumulator (a wide tile's [64, d] or a narrow one's O^T
+        # [d, n]) passes through it too, between consumer 0's stores.
         plgpu.RefUnion(plgpu.SMEM((rows_pad, d), jnp.float32), plgpu.SMEM((rows_pad, d), dtype),
-                       (narrow_t, narrow_t) if narrow else ()),
+                       (narrow_t, narrow_t) if narrow else (),
+                       () if consumers == 1 else (plgpu.SMEM((ROWS, d), jnp.float32),
+                                                  plgpu.SMEM((d, NARROW_ROWS), jnp.float32))),
         plgpu.SMEM((ROWS,), jnp.float32),  # lse staging
         plgpu.Barrier(num_arrivals=dq_pad),  # q_full: one TMA per token
         plgpu.Barrier(),  # q_free
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # k_full
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # v_full
         plgpu.Barrier(num_arrivals=consumers_of_slot, num_barriers=stages),  # consumed
-        # narrow tiles: P [n, bk] (its transpose is PV's B), the identity [64, n]
-        plgpu.SMEM((NARROW_ROWS, bk), dtype, transforms=tiles_transform) if narrow else None,
+        # narrow tiles: P [n, bk] per consumer (its transpose is PV's B), the identity [64, n]
+        tuple(plgpu.SMEM((NARROW_ROWS, bk), dtype, transforms=tiles_transform)
+              for _ in range(consumers)) if narrow else None,
         narrow_eye if narrow else None,
+        None if consumers == 1 else (
+            plgpu.Barrier(),  # q_ready
+            plgpu.Barrier(),  # merge_full
+            plgpu.Barrier(),  # merge_free
+            plgpu.SMEM((2, ROWS), jnp.float32)),  # consumer 1's m and l
     )
     scales = ()
     if fp8:
         scales = (k_scale, v_scale)
-        deq = (DEQUANT_STAGES,) if deq_wg else ()  # a ring, or one tile the consumer fills
+        deq = (dstages,) if deq_wg else ()  # a ring, or one tile the consumer fills
         scratch += (plgpu.SMEM((stages, bk), jnp.float32),  # K scale ring (one per key row)
                     plgpu.SMEM((stages, bk), jnp.float32),  # V scale ring
                     None if qk8 else  # K dequantised (fp8_qk reads the fp8 tile)
                     plgpu.SMEM((*deq, bk, d), dtype, transforms=tiles_transform),
                     plgpu.SMEM((*deq, bk, d), dtype, transforms=tiles_transform))  # V dequantised
         if deq_wg:  # K/V dequantised (full), K/V read by the consumer (free)
-            scratch += tuple(plgpu.Barrier(num_barriers=DEQUANT_STAGES) for _ in range(4))
+            scratch += tuple(plgpu.Barrier(num_barriers=dstages) for _ in range(4))
     if interpret and config.p_in_registers:
         raise ValueError("GPU interpret mode cannot run p_in_registers=True (register A "
                          "operand of wgmma); use DecodeConfig(p_in_registers=False)")
@@ -645,9 +805,8 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 jax.ShapeDtypeStruct((n_part, hkv, ROWS), jnp.float32))
     lse_tiles, piece_rows, piece_lse = plgpu.kernel(
         decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,),
-        grid_names=("cta",), num_threads=2 + deq_wgs, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret or None,
+        grid_names=("cta",), num_threads=2 + deq_wgs + consumers - 1, thread_name="wg",
+        compiler_params=_COMPILER_PARAMS, interpret=interpret or None,
     )(meta, count, page_table, q4, k_pages, v_pages, *scales, out_ref)
     return lse_tiles, Pieces(piece_rows, piece_lse)
 
@@ -857,7 +1016,8 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     """The split-KV kernel alone (the benchmark times it): returns a Ref to out
     [T, Hkv, G, D] in q's dtype holding the unsplit items' rows (others 0), their lse tiles
     [cap, Hkv, 64] (a split item's are not written) and the split pieces' :class:`Pieces`."""
-    config = config or default_config(bool(interpret), fp8=k_scale is not None)
+    config = config or fit_blocks(default_config(bool(interpret), fp8=k_scale is not None),
+                                  bounds)
     _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv,
            fp8=k_scale is not None)
     common.check_kv_dtype("decode", q.dtype, k_pages.dtype, k_scale is not None)

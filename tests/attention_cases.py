@@ -122,13 +122,17 @@ def prefill_dequantising_k():
 
 @contextlib.contextmanager
 def decode_tiles_as_fp8():
-    """The decode kernel over a bf16 cache in the tile form it takes over an FP8 cache
-    (``DecodeConfig.narrow_tiles``), so that the two sum in the same order and the FP8
-    kernel's rows equal the bf16 kernel's over the dequantised pages bit for bit."""
+    """The decode kernel over a bf16 cache in the form it takes over an FP8 cache (tile form,
+    block size, consumers: what sets the order of the sums), so that the FP8 kernel's rows
+    equal the bf16 kernel's over the dequantised pages bit for bit."""
     from jaxattn.kernels import decode
 
     default = decode.default_config
-    with mock.patch.object(decode, "default_config", lambda interpret=False, fp8=False: (
-            dataclasses.replace(default(interpret, fp8),
-                                narrow_tiles=default(interpret, fp8=True).narrow_tiles))):
+
+    def as_fp8(interpret=False, fp8=False):
+        form = default(interpret, fp8=True)
+        return dataclasses.replace(default(interpret, fp8), narrow_tiles=form.narrow_tiles,
+                                   block_kv=form.block_kv, consumers=form.consumers)
+
+    with mock.patch.object(decode, "default_config", as_fp8):
         yield

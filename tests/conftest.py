@@ -1,5 +1,14 @@
-import jax
-import pytest
+import os
+
+# XLA:CPU runs a program's host callbacks on its intra-op thread pool, one thread per core
+# by default. In GPU interpret mode every warpgroup's barrier wait is such a callback and
+# blocks its pool thread: on the 2-core CI machine two waiting warpgroups took the whole pool
+# and the kernel stalled (four-warpgroup decode kernels every time, three now and then). A
+# larger pool (read when the CPU client starts) lets every warpgroup of a CTA wait at once.
+os.environ.setdefault("PJRT_NPROC", "8")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import settings
 
 from jaxattn import compile_cache

@@ -130,6 +130,15 @@ CASES.update({f"{name}_narrow": dataclasses.replace(
     for name in ("scout_bf16_d128_g5_p16", "fp16_d64_g8_p8_chunked", "bf16_d64_g1_p32_bk128",
                  "fp16_d128_g4_p64_noncausal", "one_cta_many_tiles")})
 
+# Two consumer warpgroups (DecodeConfig.consumers=2) taking alternate blocks, in both tile
+# forms: tiles whose blocks start on either parity, tiles of 0-1 blocks (one consumer idle),
+# the merge buffer's phases carried across many tiles on one CTA, 128-key blocks.
+CASES.update({f"{name}_2c": dataclasses.replace(
+    CASES[name], config=dataclasses.replace(CASES[name].config, consumers=2))
+    for name in ("scout_bf16_d128_g5_p16", "scout_bf16_d128_g5_p16_narrow",
+                 "fp16_d64_g8_p8_chunked_narrow", "bf16_d64_g1_p32_bk128",
+                 "one_cta_many_tiles", "one_cta_many_tiles_narrow")})
+
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_interpret_matches_oracle(name):
@@ -156,9 +165,10 @@ def test_empty_decode_list():
     assert (out == 0).all() and (lse == -np.inf).all()
 
 
-def test_race_detector_finds_no_races():
-    case = Case(q_lens=(1, 3), kv_lens=(200, 70), head_dim=64,
-                config=decode.DecodeConfig(num_ctas=2))
+@pytest.mark.parametrize("consumers", [1, 2])
+def test_race_detector_finds_no_races(consumers):
+    case = Case(q_lens=(1, 3, 1), kv_lens=(200, 70, 333), head_dim=64,
+                config=decode.DecodeConfig(num_ctas=2, consumers=consumers))
     params = plgpu.InterpretGPUParams(detect_races=True)
     run_case(case, interpret=params)
     assert not ipc.get_races().races_found

@@ -53,6 +53,9 @@ def test_cuda_lowering_every_planner_config(head_dim, heads):
     decode.DecodeConfig(num_stages=3, p_in_registers=True),
     decode.DecodeConfig(p_in_registers=True, narrow_tiles=True),  # the FP8 cache's tile form
     decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True, narrow_tiles=True),
+    decode.DecodeConfig(p_in_registers=True, consumers=2),  # two consumers, both tile forms
+    decode.DecodeConfig(p_in_registers=True, consumers=2, narrow_tiles=True),
+    decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True, consumers=2),
 ])
 def test_cuda_lowering_tuning_variants(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,

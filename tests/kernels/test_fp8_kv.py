@@ -134,6 +134,33 @@ def test_fp8_decode_with_k_and_v_dequantised_by_two_warpgroups(monkeypatch):
         decode.DecodeConfig(split_dequant=True)
 
 
+@pytest.mark.parametrize("config", [
+    # one bf16 K and V tile between the dequantising warpgroup and the consumer (K's freed
+    # after QK, V's after PV), 128-key blocks of 32-token pages
+    dict(block_kv=128, num_stages=2, dequant_stages=1, narrow_tiles=True),
+    # two consumers on alternate blocks, each with its slot of the dequantised ring
+    dict(consumers=2, narrow_tiles=True),
+    dict(consumers=2, split_dequant=True),
+])
+def test_fp8_decode_tuning_variants_equal_bf16(monkeypatch, config):
+    """Other ``DecodeConfig`` forms with the dequantising warpgroup: bit-equal to the bf16
+    kernel in the same form over the dequantised pages (race detector on)."""
+    cfg = decode.DecodeConfig(p_in_registers=False, dequant_warpgroup=True, **config)
+    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False: cfg)
+    _check_against_bf16_and_oracle(_bounds(), (1, 1, 1, 3), (420, 33, 300, 130))
+
+
+def test_decode_config_refuses_forms_it_cannot_run():
+    with pytest.raises(ValueError, match="dequant_stages=0"):
+        decode.DecodeConfig(dequant_stages=0)
+    with pytest.raises(ValueError, match="must be even"):
+        decode.DecodeConfig(consumers=2, num_stages=3)
+    with pytest.raises(ValueError, match="consumers=3"):
+        decode.DecodeConfig(consumers=3)
+    with pytest.raises(ValueError, match="needs dequant_warpgroup"):  # at the call: FP8 pages
+        _export_decode(_bounds(), jnp.bfloat16, config=decode.DecodeConfig(consumers=2))
+
+
 @pytest.mark.parametrize("dequant_warpgroup", [True, False])
 def test_fp8_decode_with_q8_k8_matches_the_oracle_over_quantised_queries(monkeypatch,
                                                                          dequant_warpgroup):
@@ -163,12 +190,17 @@ def test_fp8_decode_with_q8_k8_matches_the_oracle_over_quantised_queries(monkeyp
         decode.DecodeConfig(dequant_warpgroup=True, split_dequant=True, fp8_qk=True)
 
 
-def test_fp8_decode_config_defaults_to_the_dequantising_warpgroup_and_narrow_tiles():
+def test_decode_default_configs_for_bf16_and_fp8_caches():
     bounds = _bounds()
     fp8, bf16 = decode.pick_config(bounds, jnp.bfloat16, kv_dtype=FP8), decode.pick_config(
         bounds, jnp.bfloat16)
-    assert fp8.dequant_warpgroup and fp8.narrow_tiles
+    assert fp8.dequant_warpgroup and fp8.narrow_tiles and fp8.block_kv == 64
     assert not bf16.dequant_warpgroup and not bf16.narrow_tiles
+    # bf16: 128-key blocks where pieces start on their boundaries (bounds.block_kv), else 64
+    assert bf16.block_kv == 64 and bounds.block_kv == 64
+    assert decode.pick_config(_bounds(block_kv=128), jnp.bfloat16).block_kv == 128
+    assert decode.pick_config(_bounds(block_kv=256), jnp.bfloat16).block_kv == 128
+    assert decode.pick_config(_bounds(block_kv=192), jnp.bfloat16).block_kv == 64
 
 
 def test_fp8_kernel_refuses_missing_scales():
@@ -305,6 +337,16 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
     decode.DecodeConfig(block_kv=128, num_stages=3, p_in_registers=True, dequant_warpgroup=True,
                         fp8_qk=True),
     decode.DecodeConfig(p_in_registers=True, fp8_qk=True),  # the consumer dequantising V
+    # a 1-deep dequantised ring (6 stages; 128-key blocks, 2 stages); two consumers
+    decode.DecodeConfig(num_stages=6, p_in_registers=True, dequant_warpgroup=True,
+                        dequant_stages=1, narrow_tiles=True),
+    decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True, dequant_warpgroup=True,
+                        dequant_stages=1, narrow_tiles=True),
+    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, narrow_tiles=True,
+                        consumers=2),
+    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, split_dequant=True,
+                        narrow_tiles=True, consumers=2),
+    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, consumers=2),
 ])
 def test_decode_fp8_tuning_variants_lower(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
