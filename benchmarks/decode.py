@@ -168,16 +168,16 @@ def run_case(batch, ctx, ceiling, profile=False):
     config = decode.default_config()
     fns["jaxattn"], fns["kernel"], fns["meta"], fns["plan"], row["pieces"] = jaxattn_fns(
         batch, ctx, q, kp, vp, table, 16, config)
-    # One-token tiles with the keys as the wgmma M (DecodeConfig.narrow_tiles: the FP8
-    # cache's default since 2026-12-02; bf16 measured 0-1.3% slower with it).
-    fns["jaxattn_narrow"], _, _, _, _ = jaxattn_fns(
-        batch, ctx, q, kp, vp, table, 16, dataclasses.replace(config, narrow_tiles=True))
+    # 64-key blocks in 4 stages: the default before 2026-12-02 session 17 (128-key blocks
+    # measured 0.7-2.3% faster, results/decode-blocks-2026-12-02-s17.md).
+    fns["jaxattn_bk64"], _, _, _, _ = jaxattn_fns(
+        batch, ctx, q, kp, vp, table, 16, dataclasses.replace(config, block_kv=64, num_stages=4))
     for name, sec in interleaved(fns).items():
         row[f"{name}_ms"] = sec * 1e3
     if profile:
         # GPU time alone (profiler): a call's wall time also holds its launches, ~20-40 us
         # here, which inside a model's step (one executable, CUDA graphs) mostly vanish.
-        for name in ("jaxattn", "jaxattn_narrow", "cudnn"):
+        for name in ("jaxattn", "jaxattn_bk64", "cudnn"):
             if name in fns:
                 trace = trace_summary(fns[name], reps=5, top=8)
                 row[f"{name}_device_ms"] = trace["kernel_ms"]
@@ -185,14 +185,14 @@ def run_case(batch, ctx, ceiling, profile=False):
     if ref is not None:
         out = np.asarray(fns["jaxattn"]()[:batch], np.float32)
         row["max_abs_err_vs_cudnn"] = float(np.abs(out - ref).max())
-    for name in ("jaxattn", "jaxattn_narrow", "kernel", "cudnn", "xla"):
+    for name in ("jaxattn", "jaxattn_bk64", "kernel", "cudnn", "xla"):
         if f"{name}_ms" in row:
             row[f"{name}_tbps"] = row["kv_bytes"] / row[f"{name}_ms"] / 1e9
     row["jaxattn_frac_of_copy"] = row["jaxattn_tbps"] / ceiling["copy_tbps"]
     row["jaxattn_frac_of_read"] = row["jaxattn_tbps"] / ceiling["read_tbps"]
     if "cudnn_tbps" in row:
         row["jaxattn_vs_cudnn"] = row["jaxattn_tbps"] / row["cudnn_tbps"]
-        row["jaxattn_narrow_vs_cudnn"] = row["jaxattn_narrow_tbps"] / row["cudnn_tbps"]
+        row["jaxattn_bk64_vs_cudnn"] = row["jaxattn_bk64_tbps"] / row["cudnn_tbps"]
     return row
 
 
@@ -222,7 +222,7 @@ def table_md(res):
              " timed separately.", "",
              "| batch x ctx | pieces | jaxattn ms | TB/s | % copy | % read-only |"
              " main kernel TB/s | cuDNN TB/s | XLA TB/s | jaxattn / cuDNN |"
-             " narrow tiles: ms, / cuDNN | metadata ms | plan ms |",
+             " 64-key blocks (before): ms, / cuDNN | metadata ms | plan ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k: f"{r[k]:.3g}" if k in r else "—"
     for r in res["cases"]:
@@ -236,21 +236,21 @@ def table_md(res):
                      f"{of_read} | {f(r, 'kernel_tbps')} | {f(r, 'cudnn_tbps')} | "
                      f"{f(r, 'xla_tbps')} | "
                      f"{f(r, 'jaxattn_vs_cudnn')} | "
-                     f"{f(r, 'jaxattn_narrow_ms')}, {f(r, 'jaxattn_narrow_vs_cudnn')} | "
+                     f"{f(r, 'jaxattn_bk64_ms')}, {f(r, 'jaxattn_bk64_vs_cudnn')} | "
                      f"{f(r, 'meta_ms')} | {r['plan_ms']:.3f} |")
     profiled = [r for r in res["cases"] if "jaxattn_device_ms" in r]
     if profiled:
         lines += ["", "GPU time alone (profiler; the wall times above also hold each call's"
                   " launches), µs per call:", "",
-                  "| batch x ctx | jaxattn | cuDNN | jaxattn / cuDNN | narrow tiles |"
+                  "| batch x ctx | jaxattn | cuDNN | jaxattn / cuDNN | 64-key blocks |"
                   " jaxattn's kernels |",
                   "|---|---|---|---|---|---|"]
         for r in profiled:
-            mine, theirs, narrow = (1e3 * r.get(k, float("nan")) for k in (
-                "jaxattn_device_ms", "cudnn_device_ms", "jaxattn_narrow_device_ms"))
+            mine, theirs, bk64 = (1e3 * r.get(k, float("nan")) for k in (
+                "jaxattn_device_ms", "cudnn_device_ms", "jaxattn_bk64_device_ms"))
             lines.append(
                 f"| {r['batch']}x{r['ctx']} | {mine:.1f} | {theirs:.1f} | "
-                f"{theirs / mine if mine else float('nan'):.3f} | {narrow:.1f} | " + ", ".join(
+                f"{theirs / mine if mine else float('nan'):.3f} | {bk64:.1f} | " + ", ".join(
                     f"{k['name'][:40]} {1e3 * k['ms']:.1f}" for k in r["jaxattn_kernels"]) + " |")
     lines += ["", "Page size / tuning (kernel only):", "",
               "| batch x ctx | page | block_kv x stages | TB/s (best of 2) | ms, both runs |",
