@@ -24,7 +24,10 @@ list order, longest first):
   lse-tile array, a piece's to its slot beside its rows. With
   ``DecodeConfig.narrow_tiles`` (the FP8 cache's default) a tile of at most 16 rows
   (one token of a GQA group) takes the block's keys as the wgmma M instead:
-  ``S^T = K Q^T``, ``O^T += V^T P^T``, a quarter of the tensor-core work.
+  ``S^T = K Q^T``, ``O^T += V^T P^T``, a quarter of the tensor-core work. With
+  ``DecodeConfig.consumers=2`` a second consumer warpgroup takes every other block (by the
+  parity of the global step, so each ring slot keeps one consumer) and hands its partial
+  softmax state to consumer 0 at the tile's end.
 
 A second, small kernel merges split pieces by log-sum-exp
 (:func:`_combine_call`) and writes their parents' rows into ``out``: a few
@@ -416,8 +419,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                                     for a in (0, 1))
                     eye[...] = jnp.where(eye_r == eye_c, 1.0, 0.0).astype(dtype)
                     plgpu.commit_smem()
-            # Each consumer's P staging is a ref of its own (a store through `.T` of a slice
-            # of one [2, ...] ref landed in the wrong consumer's tile on the H200).
+            # Each consumer stages P in a ref of its own.
             p_stage = None if p_smem is None else p_smem[c]
             pt_stage = None if pt_smem is None else pt_smem[c]
 
@@ -509,6 +511,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 n_clear = jnp.clip((clear_end - kv_start) // bk, 0, n_blocks)
                 blocks = (kv_start, kv_end, q_pos, n_clear, n_blocks, step, i == 0)
                 out = (item, kvh, q_start, q_len, part)
+
                 def write(result, *out):
                     if result is not None:  # None: consumer 1, whose rows consumer 0 wrote
                         write_tile(*result, *out)
@@ -717,7 +720,6 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 if consumers == 2:  # consumer 1's next partial goes where these stores read
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     plgpu.barrier_arrive(merge_free)
-
 
             lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
             if c == 0:
