@@ -450,16 +450,18 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 carry = lax.fori_loop(0, count(n_clear), body(False), carry)
                 return lax.fori_loop(count(n_clear), count(n_blocks), body(True), carry)
 
-            def merged(acc, m, l, axis, first_tile):
+            def merged(acc, m, l, axis, i):
                 """Two consumers: consumer 1 hands its partial softmax state (acc, m, l; its
-                rows along ``axis`` of acc) to consumer 0 through SMEM and gets None;
-                consumer 0 gets the merged state. With one consumer, the state as it is."""
+                rows along ``axis`` of acc) for local tile ``i`` to consumer 0 through SMEM and
+                gets None; consumer 0 gets the merged state, having first staged the next
+                tile's q (both are done with this one's), so consumer 1 starts it during
+                consumer 0's epilogue. With one consumer, the state as it is."""
                 if consumers == 1:
                     return acc, m, l
                 n = m.shape[0]
                 acc_buf = merge_acc[0] if axis == 0 else merge_acc[1]
                 if c == 1:
-                    @pl.when(~first_tile)
+                    @pl.when(i > 0)
                     def _():  # consumer 0 has read the last one, and its stores the buffer
                         plgpu.barrier_wait(merge_free)
 
@@ -477,39 +479,52 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 # Every thread has read the partial before any writes the output there (the
                 # o staging union): a warpgroup barrier.
                 plgpu.commit_smem()
+                pl.when(i + 1 < n_local)(stage_q_only)
                 bcast = lambda x: lax.broadcast_in_dim(x, acc.shape, [axis])
                 m_new = jnp.maximum(m, m1)
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 a0, a1 = jnp.exp2(m - m_use), jnp.exp2(m1 - m_use)
                 return acc * bcast(a0) + acc1 * bcast(a1), m_new, l * a0 + l1 * a1
 
+            def stage_q():
+                """Consumer 0: the next tile's q from the producer's buffer into the wgmma
+                tile (e4m3 with fp8_qk) -> the softmax's scale per row (or the scalar)."""
+                plgpu.barrier_wait(q_full)
+                if qk8:
+                    c_rows = common.quantize_rows(q_raw.at[pl.ds(0, ROWS)], q_tile) * c_log2
+                else:
+                    q_tile[...] = q_raw[pl.ds(0, ROWS), :]
+                    c_rows = c_log2
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(q_free)
+                if consumers == 2:
+                    plgpu.barrier_arrive(q_ready)
+                return c_rows
+
+            def stage_q_only():  # as a pl.when body, which returns nothing
+                stage_q()
+
             def tile_body(i, step):
                 item, kvh, f = tile_info(i)
                 q_start, q_len, q_pos = f(_QSTART), f(_QLEN), f(_QPOS)
                 kv_start, kv_end, part = f(_KVSTART), f(_KVEND), f(_PART)
 
-                if c == 0:
-                    plgpu.barrier_wait(q_full)
-                    # c_rows: the softmax's log2 scale; with fp8_qk, per query row (times its
-                    # e4m3 scale).
-                    if qk8:
-                        c_rows = common.quantize_rows(q_raw.at[pl.ds(0, ROWS)], q_tile) * c_log2
+                # c_rows: the softmax's log2 scale; with fp8_qk, per query row (times its
+                # e4m3 scale).
+                if consumers == 1:
+                    c_rows = stage_q()
+                else:  # consumer 0 stages a later tile's q as soon as both are done with q
+                    if c == 0:
+                        pl.when(i == 0)(stage_q_only)
                     else:
-                        q_tile[...] = q_raw[pl.ds(0, ROWS), :]
-                        c_rows = c_log2
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(q_free)
-                    if consumers == 2:
-                        plgpu.barrier_arrive(q_ready)
-                else:
-                    plgpu.barrier_wait(q_ready)
+                        plgpu.barrier_wait(q_ready)
                     c_rows = c_log2
 
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
                 # Blocks wholly below kv_end and the first row's diagonal need no mask.
                 clear_end = jnp.minimum(kv_end, q_pos + 1) if causal else kv_end
                 n_clear = jnp.clip((clear_end - kv_start) // bk, 0, n_blocks)
-                blocks = (kv_start, kv_end, q_pos, n_clear, n_blocks, step, i == 0)
+                blocks = (kv_start, kv_end, q_pos, n_clear, n_blocks, step, i)
                 out = (item, kvh, q_start, q_len, part)
 
                 def write(result, *out):
@@ -529,7 +544,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                     write(wide_tile(*blocks, c_rows), *out)
                 return step + n_blocks
 
-            def wide_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step0, first_tile, c_rows):
+            def wide_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step0, i, c_rows):
                 """The tile's query rows as the wgmma M (64 rows): -> (o [64, d] f32, lse [64]);
                 None on consumer 1."""
                 def block_body(j, step, carry, masked: bool):
@@ -593,7 +608,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                          plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32),
                                            plgpu.Layout.WGMMA.reduce(1)))
                 state = merged(*own_blocks(block_body, carry, step0, n_clear, n_blocks),
-                               axis=0, first_tile=first_tile)
+                               axis=0, i=i)
                 if state is None:
                     return None
                 acc, m, l = state
@@ -602,7 +617,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
                 return o, jnp.where(seen, (m + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
 
-            def narrow_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step0, first_tile):
+            def narrow_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step0, i):
                 """A tile of at most NARROW_ROWS query rows, the keys as the wgmma M:
                 ``S^T = K Q^T`` [bk, n] and ``O^T += V^T P^T`` [d, n], so the tensor core's
                 work follows the rows (n = 16) instead of a 64-row M; the softmax's max over
@@ -655,7 +670,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                          plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32), col_layout),
                          plgpu.layout_cast(jnp.zeros((bk, n), jnp.float32), plgpu.Layout.WGMMA))
                 acc, m, l = own_blocks(block_body, carry, step0, n_clear, n_blocks)
-                state = merged(acc, m, l.sum(axis=0), axis=1, first_tile=first_tile)
+                state = merged(acc, m, l.sum(axis=0), axis=1, i=i)
                 if state is None:
                     return None
                 acc, m, l = state
