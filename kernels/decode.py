@@ -121,7 +121,8 @@ class DecodeConfig:
       per-block latencies (wait, QK, softmax, PV) run at once instead of one. On the H200
       (decode-blocks-2026-12-02-s17.md): bf16 gains nothing; FP8 with ``split_dequant`` takes
       1.04-1.08x the 64-key bf16 kernel's time from 8k keys up (the default 1.12-1.13x) but
-      1.26x at 256 x 2k (short tiles: consumer 1 idles while consumer 0 merges); not the default.
+      1.26x at 256 x 2k (short tiles: consumer 1 idled while consumer 0 merged and wrote; it
+      has staged the next q before that since, untimed); not the default.
     fp8_qk: FP8 cache: ``S = Q8 K8^T`` as an e4m3 wgmma straight on the fp8 K tile, as the
       prefill kernel's default does (the consumer quantises its 64 query rows per row once
       per tile; S's rows take the Q scales, its columns the keys' scales); only V is
