@@ -9,7 +9,9 @@ Llama 4 Scout heads (40 query / 8 KV, head_dim 128), batch 1, lengths 4k..128k:
 * packed varlen: mixed lengths in one ragged batch vs one sequence of the same work;
 * kernel variants (block_kv / stages / tile order) at a few shapes;
 * sustained load: jaxattn and cuDNN back to back for seconds at 32k causal, with the SM
-  clock and power draw nvidia-smi reports (an H100 at its power limit lowers its clock).
+  clock and power draw nvidia-smi reports (an H100 at its power limit lowers its clock);
+* only with ``BENCH_PARTS=orders``: causal 8k-16k, every tile order and cuDNN in turn, three
+  rounds in one run (whether "auto" picks the right order there, past run-to-run spread).
 
 Times are GPU time from CUPTI (all kernels of one call, the planner's included), median
 over repetitions after warm-up; wall clock where CUPTI is unavailable. TFLOP/s =
@@ -250,6 +252,43 @@ def bench_off_grid(res):
     log("off-grid summary", res["off_grid_summary"])
 
 
+# 8k-16k: where "auto" moves between tile orders at a few waves per head, and where single
+# runs spread by ~10% (NOTES-prefill.md, v6): the worst random length (11720) and 12287 are here.
+ORDER_LENGTHS = sorted([8191, 10000, 10001, 11720, 12287] + [
+    int(x) for x in np.random.default_rng(23).integers(8193, 16384, 4)])
+
+
+def bench_orders(res, rounds=3):
+    """Causal 8k-16k: each tile order and cuDNN visited in turn ``rounds`` times in one run
+    (``BENCH_PARTS=orders``); per length the median ms of each, its spread (max / min over
+    the rounds) and cuDNN's median / each order's. All orders go through
+    ``kernels.attention`` with an explicit config, so none pays the API's per-call plan."""
+    orders = {name: prefill.PrefillConfig(tile_order=name)
+              for name in ("auto", "kv_major", "item_major")}
+    for length in ORDER_LENGTHS:
+        if time.time() - T0 > BUDGET_S:
+            log("budget reached; skipping tile orders at", length)
+            break
+        q, k, v = _inputs(length, jnp.bfloat16)
+        fns = {name: jaxattn_fn(None, cfg) for name, cfg in orders.items()}
+        fns["cudnn"] = cudnn_fn(False)
+        times = {name: [] for name in fns}
+        try:
+            for _ in range(rounds):
+                for name, f in fns.items():
+                    times[name].append(_measure(f, q, k, v, target_ms=300.0)["ms"])
+        except Exception as e:  # noqa: BLE001 - record and go on
+            res["orders"].append(dict(length=length, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            continue
+        med = {name: statistics.median(t) for name, t in times.items()}
+        res["orders"].append(dict(
+            length=length, ms=med, all_ms=times,
+            spread={name: max(t) / min(t) for name, t in times.items()},
+            ratio_vs_cudnn={name: med["cudnn"] / med[name] for name in orders}))
+        log("orders", res["orders"][-1])
+        del q, k, v
+
+
 def cudnn_chunked_ragged_fn(length):
     """cuDNN for chunked-local attention at a length that is not whole chunks: the whole
     chunks as one batch plus the partial last chunk as a second call."""
@@ -461,6 +500,19 @@ def markdown(res):
                 if x:
                     lines.append(f"\n{mode}, {which} lengths ({x['n']}): ratio min {x['min']:.3f}, "
                                  f"median {x['median']:.3f}, max {x['max']:.3f}")
+    if res.get("orders"):
+        lines += ["", "Tile orders, causal 8k-16k, each visited in turn 3 times in one run: "
+                  "cuDNN ms / order ms (medians), and the largest max/min spread of any of them",
+                  "", "| length | auto | kv_major | item_major | cuDNN ms | worst spread |",
+                  "|---|---|---|---|---|---|"]
+        for e in res["orders"]:
+            if "error" in e:
+                lines.append(f"| {e['length']} | error: {e['error'][:80]} |")
+                continue
+            r = e["ratio_vs_cudnn"]
+            lines.append(f"| {e['length']} | {r['auto']:.3f} | {r['kv_major']:.3f} | "
+                         f"{r['item_major']:.3f} | {e['ms']['cudnn']:.3f} | "
+                         f"{max(e['spread'].values()):.3f} |")
     if res.get("serving_step"):
         lines += ["", "Serving step: one 8192-token prefill chunk over kv_len keys (shuffled pages), "
                   "TFLOP/s (useful FLOPs)", "",
@@ -527,7 +579,7 @@ def main():
     log("device:", dev, getattr(dev, "core_count", None))
     res = dict(date=datetime.date.today().isoformat(), device=str(dev.device_kind), jax=jax.__version__,
                heads=[HQ, HKV], head_dim=D, chunk=CHUNK, lengths=[], variants=[], varlen=[],
-               sustained=[], off_grid=[], off_grid_summary={}, serving_step=[])
+               sustained=[], off_grid=[], off_grid_summary={}, serving_step=[], orders=[])
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"prefill-{res['date']}"
     global CLOCKS
@@ -537,11 +589,12 @@ def main():
                                "variants").split(",")
         for part, fn in (("lengths", bench_lengths), ("off_grid", bench_off_grid),
                          ("serving_step", bench_serving_step), ("varlen", bench_varlen),
-                         ("sustained", bench_sustained), ("variants", bench_variants)):
+                         ("sustained", bench_sustained), ("variants", bench_variants),
+                         ("orders", bench_orders)):
             if part not in parts:
                 continue
             try:
-                fn(res if part in ("off_grid", "serving_step") else res[part])
+                fn(res if part in ("off_grid", "serving_step", "orders") else res[part])
             except Exception:  # noqa: BLE001 - keep what was measured
                 traceback.print_exc()
     finally:
