@@ -16,13 +16,18 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 def write_json(name: str, data) -> str:
     """Write ``data`` to benchmarks/results/NAME, and to $OUT/NAME when the device tool sets it."""
+    return write_text(name, json.dumps(data, indent=2))
+
+
+def write_text(name: str, text: str) -> str:
+    """Write ``text`` to benchmarks/results/NAME, and to $OUT/NAME when the device tool sets it."""
     os.makedirs(RESULTS, exist_ok=True)
     paths = [os.path.join(RESULTS, name)]
     if os.environ.get("OUT"):
         paths.append(os.path.join(os.environ["OUT"], name))
     for path in paths:
         with open(path, "w") as f:
-            json.dump(data, f, indent=2)
+            f.write(text)
     return paths[0]
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import os
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ import jaxattn
 from jaxattn import kernels, kv_quant, planner
 from jaxattn.kernels import decode, prefill
 
-from benchmarks.common import gpu_ms, write_json
+from benchmarks.common import gpu_ms, write_json, write_text
 
 HQ, HKV, D, PAGE, CHUNK = 40, 8, 128, 32, 8192  # PAGE: the FP8 cache's default (and bf16's here)
 DECODE_CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
@@ -223,11 +222,9 @@ def main(argv=None):
             res["rows"].append(dict(kind="prefill", case=case, error=f"{type(e).__name__}: {e}"[:400]))
         print(res["rows"][-1], flush=True)
     name = f"fp8-kv-{res['date']}"
-    path = write_json(name + ".json", res)
+    write_json(name + ".json", res)
     md = markdown(res)
-    for folder in {os.path.dirname(path), os.environ.get("OUT") or os.path.dirname(path)}:
-        with open(os.path.join(folder, name + ".md"), "w") as f:
-            f.write(md)
+    write_text(name + ".md", md)
     print(md)
 
 

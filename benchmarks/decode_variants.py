@@ -1,0 +1,116 @@
+"""Decode kernel configurations side by side in one GPU run: ``DecodeConfig`` variants over
+the same bf16 and FP8 caches.
+
+    python -m benchmarks.decode_variants               # on the GPU
+    python -m benchmarks.decode_variants --tag s18     # results/decode-variants-<date>-s18.*
+
+Scout's heads (40 query / 8 KV, D=128), 32-token pages shuffled in the pool (the caches of
+:mod:`benchmarks.fp8_kv`), one new token per sequence, at 256 x 2k, 32 x 8k, 8 x 32k and
+1 x 128k: one layer's decode attention as the model calls it. Every variant is timed
+interleaved with the others (best of three rounds of CUPTI medians) and reported as its time
+over the baseline's, the 64-key bf16 kernel (the bf16 default before 2026-12-02), with the
+largest difference of its output from the baseline's. Session 17's runs
+(results/decode-blocks-2026-12-02-s17*.json) compared these variants the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxattn
+from jaxattn import planner
+from jaxattn.kernels import decode
+
+from benchmarks import fp8_kv
+from benchmarks.common import gpu_ms, write_json, write_text
+
+CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
+BASELINE = "bf16, 64-key blocks"
+
+
+def variants() -> dict[str, tuple[str, decode.DecodeConfig]]:
+    """name -> (cache: "bf16" or "fp8", config)."""
+    bf16, fp8 = decode.default_config(), decode.default_config(fp8=True)
+    r = dataclasses.replace
+    return {
+        BASELINE: ("bf16", r(bf16, block_kv=64, num_stages=4)),
+        "bf16 default": ("bf16", bf16),
+        "FP8 default": ("fp8", fp8),
+        "FP8, 1-deep dequantised ring, 6 stages": ("fp8", r(fp8, dequant_stages=1, num_stages=6)),
+        "FP8, two consumers": ("fp8", r(fp8, consumers=2)),
+        "FP8, two consumers, K and V dequantised apart": (
+            "fp8", r(fp8, consumers=2, split_dequant=True)),
+    }
+
+
+def bench_case(batch, ctx, table_of_variants) -> dict:
+    bounds = jaxattn.Bounds(max_num_seqs=batch, max_num_batched_tokens=max(batch, 16),
+                            max_model_len=131072, page_size=fp8_kv.PAGE, num_q_heads=fp8_kv.HQ,
+                            num_kv_heads=fp8_kv.HKV, head_dim=fp8_kv.D, chunk_size=fp8_kv.CHUNK)
+    (k, v), (k8, v8, ks, vs), table = fp8_kv._cache(batch, ctx)
+    table = jnp.pad(table, ((0, 0), (0, bounds.pages_per_seq - table.shape[1])))
+    cu = np.minimum(np.arange(batch + 1), batch).astype(np.int32)
+    plan = jax.jit(lambda: planner.plan(bounds, cu, np.full(batch, ctx, np.int32),
+                                        np.int32(batch)))()
+    q = jax.random.normal(jax.random.key(7), (bounds.max_num_batched_tokens, fp8_kv.HQ,
+                                              fp8_kv.D), jnp.bfloat16)
+    args = {"bf16": (q, k, v, table, plan.decode), "fp8": (q, k8, v8, table, plan.decode, ks, vs)}
+    fns, outs, row = {}, {}, dict(batch=batch, ctx=ctx, errors={})
+    for name, (cache, config) in table_of_variants.items():
+        f = jax.jit(lambda q, k, v, pt, items, ks=None, vs=None, c=config: decode.decode_attention(
+            q, k, v, pt, items, bounds=bounds, scale=fp8_kv.D ** -0.5, k_scale=ks, v_scale=vs,
+            config=c)[0])
+        try:
+            outs[name] = np.asarray(f(*args[cache])[:batch], np.float32)
+            fns[name] = (f, args[cache])
+        except Exception as e:  # noqa: BLE001 - a variant that does not build is a result too
+            row["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
+    best = {name: float("inf") for name in fns}
+    for _ in range(3):
+        for name, (f, a) in fns.items():
+            best[name] = min(best[name], gpu_ms(f, *a))
+    base = best[BASELINE]
+    row.update(ms=best, over_baseline={n: t / base for n, t in best.items()},
+               max_abs_diff={n: float(np.abs(o - outs[BASELINE]).max()) for n, o in outs.items()})
+    return row
+
+
+def markdown(res) -> str:
+    names = list(res["variants"])
+    lines = [f"# Decode variants, {res['device']}, {res['date']}", "",
+             f"Time / {BASELINE} (same run, interleaved); max abs output difference from it.", "",
+             "| variant | " + " | ".join(f"{r['batch']}x{r['ctx']}" for r in res["rows"]) + " |",
+             "|---|" + "---|" * len(res["rows"])]
+    for n in names:
+        cells = [f"{r['over_baseline'][n]:.3f} ({r['max_abs_diff'][n]:.2g})"
+                 if n in r["over_baseline"] else "error" for r in res["rows"]]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tag", default="", help="suffix of the result files")
+    args = ap.parse_args(argv)
+    table = variants()
+    res = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
+               variants={n: [cache, dataclasses.asdict(c)] for n, (cache, c) in table.items()},
+               rows=[])
+    for batch, ctx in CASES:
+        res["rows"].append(bench_case(batch, ctx, table))
+        print(res["rows"][-1], flush=True)
+    stem = f"decode-variants-{res['date']}" + (f"-{args.tag}" if args.tag else "")
+    write_json(stem + ".json", res)
+    md = markdown(res)
+    write_text(stem + ".md", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""benchmarks.decode_variants: every variant is a configuration the kernel builds for its
+cache (CUDA lowering on the CPU), and the table shows each against the baseline."""
+
+import pathlib
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+import jaxattn
+from benchmarks import decode_variants
+
+TESTS = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS), str(TESTS / "kernels")]  # the kernels' lowering helpers
+from test_decode_lowering import _export  # noqa: E402
+from test_fp8_kv import _export_decode  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(decode_variants.variants()))
+def test_every_variant_lowers_for_its_cache(name):
+    cache, config = decode_variants.variants()[name]
+    bounds = jaxattn.Bounds(max_num_seqs=32, max_num_batched_tokens=32, max_model_len=131072,
+                            page_size=32, num_q_heads=40, num_kv_heads=8, head_dim=128,
+                            chunk_size=8192)
+    export = _export_decode if cache == "fp8" else _export
+    assert "mosaic_gpu" in export(bounds, jnp.bfloat16, config=config).mlir_module()
+
+
+def test_table_shows_every_variant_and_a_failed_one():
+    names = list(decode_variants.variants())
+    row = dict(batch=32, ctx=8192, over_baseline={n: 1.0 for n in names[:-1]},
+               max_abs_diff={n: 0.0 for n in names[:-1]})
+    md = decode_variants.markdown(dict(device="H200", date="d", variants=names, rows=[row]))
+    assert md.count("\n| ") == len(names) + 1  # header and one line per variant
+    assert f"| {names[-1]} | error |" in md
