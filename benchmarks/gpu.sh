@@ -26,6 +26,7 @@ for what in "${@:-all}"; do
     profile|all) python3 -m benchmarks.profile_prefill || status=1 ;;&
     fp8|all) python3 -m benchmarks.fp8_kv || status=1 ;;&
     decode|all) [ -f benchmarks/decode.py ] && { python3 -m benchmarks.decode || status=1; } ;;&
+    decode|all) python3 -m benchmarks.decode_variants || status=1 ;;&
     model|all) [ -f benchmarks/model.py ] && { python3 -m benchmarks.model || status=1; } ;;&
     serving|all) [ -f benchmarks/serving.py ] && { python3 -m benchmarks.serving || status=1; } ;;&
     sweep|all) [ -f benchmarks/length_sweep.py ] && { python3 -m benchmarks.length_sweep || status=1; } ;;&
