@@ -19,6 +19,14 @@ def write_json(name: str, data) -> str:
     return write_text(name, json.dumps(data, indent=2))
 
 
+def write_report(stem: str, data, md: str) -> None:
+    """STEM.json (``data``) and STEM.md (``md``) where :func:`write_text` puts them; ``md`` on
+    stdout too."""
+    write_json(stem + ".json", data)
+    write_text(stem + ".md", md)
+    print(md)
+
+
 def write_text(name: str, text: str) -> str:
     """Write ``text`` to benchmarks/results/NAME, and to $OUT/NAME when the device tool sets it."""
     os.makedirs(RESULTS, exist_ok=True)

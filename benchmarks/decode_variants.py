@@ -28,7 +28,7 @@ from jaxattn import planner
 from jaxattn.kernels import decode
 
 from benchmarks import fp8_kv
-from benchmarks.common import gpu_ms, write_json, write_text
+from benchmarks.common import gpu_ms, write_report
 
 CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
 BASELINE = "bf16, 64-key blocks"
@@ -106,10 +106,7 @@ def main(argv=None):
         res["rows"].append(bench_case(batch, ctx, table))
         print(res["rows"][-1], flush=True)
     stem = f"decode-variants-{res['date']}" + (f"-{args.tag}" if args.tag else "")
-    write_json(stem + ".json", res)
-    md = markdown(res)
-    write_text(stem + ".md", md)
-    print(md)
+    write_report(stem, res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import jaxattn
 from jaxattn import kernels, kv_quant, planner
 from jaxattn.kernels import decode, prefill
 
-from benchmarks.common import gpu_ms, write_json, write_text
+from benchmarks.common import gpu_ms, write_report
 
 HQ, HKV, D, PAGE, CHUNK = 40, 8, 128, 32, 8192  # PAGE: the FP8 cache's default (and bf16's here)
 DECODE_CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
@@ -221,11 +221,7 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             res["rows"].append(dict(kind="prefill", case=case, error=f"{type(e).__name__}: {e}"[:400]))
         print(res["rows"][-1], flush=True)
-    name = f"fp8-kv-{res['date']}"
-    write_json(name + ".json", res)
-    md = markdown(res)
-    write_text(name + ".md", md)
-    print(md)
+    write_report(f"fp8-kv-{res['date']}", res, markdown(res))
 
 
 if __name__ == "__main__":
