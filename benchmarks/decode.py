@@ -101,17 +101,29 @@ def paged(k, v, page_size, seed=0):
     return pool(k), pool(v), jnp.asarray(inv.reshape(batch, per_seq))
 
 
-def bounds_for(batch, page_size):
+def bounds_for(batch, page_size, split=True):
+    """``split=False``: the planner never splits a sequence's keys (only the kernel's balanced
+    schedule cuts them)."""
     return jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=256, max_model_len=131072,
                           page_size=page_size, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
                           chunk_size=8192, block_kv=max(128, page_size),
-                          num_workers=common.num_sms())
+                          num_workers=common.num_sms(),
+                          min_split_kv=512 if split else 131072)
 
 
-def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
+# Other forms timed beside the default in the same run: (key, column title, config change,
+# decode_metadata's balanced, planner splits).
+OTHERS = [("jaxattn_rr", "round-robin tiles (before)", {}, False, True),
+          ("jaxattn_unsplit", "planner does not split", {}, True, False)]
+# Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17.
+_OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)")]
+
+
+def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config, balanced=True,
+                split=True):
     """Timed callables: per-layer attention (given the step's plan), the main kernel alone,
     the kernel metadata alone, the plan; and the number of work items."""
-    bounds = bounds_for(batch, page_size)
+    bounds = bounds_for(batch, page_size, split)
     cu = np.zeros(257, np.int32)
     cu[1:batch + 1] = np.arange(1, batch + 1)
     cu[batch + 1:] = batch
@@ -120,7 +132,8 @@ def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
     table = jnp.pad(table, ((0, 256 - batch), (0, bounds.pages_per_seq - table.shape[1])))
     plan_fn = jax.jit(lambda cu, kv, n: planner.plan(bounds, cu, kv, n))
     plan = plan_fn(cu, kv_lens, np.int32(batch))
-    meta_fn = jax.jit(lambda items: decode.decode_metadata(items, bounds=bounds, num_tokens=256))
+    meta_fn = jax.jit(lambda items: decode.decode_metadata(items, bounds=bounds, num_tokens=256,
+                                                           balanced=balanced))
     md = meta_fn(plan.decode)
     qt = jnp.pad(q.reshape(batch, HQ, D), ((0, 256 - batch), (0, 0), (0, 0)))
     # As the model calls it: the metadata comes with the step's plan (one per step, shared
@@ -168,16 +181,15 @@ def run_case(batch, ctx, ceiling, profile=False):
     config = decode.default_config()
     fns["jaxattn"], fns["kernel"], fns["meta"], fns["plan"], row["pieces"] = jaxattn_fns(
         batch, ctx, q, kp, vp, table, 16, config)
-    # 64-key blocks in 4 stages: the default before 2026-12-02 session 17 (128-key blocks
-    # measured 0.7-2.3% faster, results/decode-blocks-2026-12-02-s17.md).
-    fns["jaxattn_bk64"], _, _, _, _ = jaxattn_fns(
-        batch, ctx, q, kp, vp, table, 16, dataclasses.replace(config, block_kv=64, num_stages=4))
+    for key, _, change, balanced, split in OTHERS:
+        fns[key], *_ = jaxattn_fns(batch, ctx, q, kp, vp, table, 16,
+                                   dataclasses.replace(config, **change), balanced, split)
     for name, sec in interleaved(fns).items():
         row[f"{name}_ms"] = sec * 1e3
     if profile:
         # GPU time alone (profiler): a call's wall time also holds its launches, ~20-40 us
         # here, which inside a model's step (one executable, CUDA graphs) mostly vanish.
-        for name in ("jaxattn", "jaxattn_bk64", "cudnn"):
+        for name in ("jaxattn", "cudnn", *(key for key, *_ in OTHERS)):
             if name in fns:
                 trace = trace_summary(fns[name], reps=5, top=8)
                 row[f"{name}_device_ms"] = trace["kernel_ms"]
@@ -185,14 +197,14 @@ def run_case(batch, ctx, ceiling, profile=False):
     if ref is not None:
         out = np.asarray(fns["jaxattn"]()[:batch], np.float32)
         row["max_abs_err_vs_cudnn"] = float(np.abs(out - ref).max())
-    for name in ("jaxattn", "jaxattn_bk64", "kernel", "cudnn", "xla"):
+    for name in ("jaxattn", "kernel", "cudnn", "xla", *(key for key, *_ in OTHERS)):
         if f"{name}_ms" in row:
             row[f"{name}_tbps"] = row["kv_bytes"] / row[f"{name}_ms"] / 1e9
     row["jaxattn_frac_of_copy"] = row["jaxattn_tbps"] / ceiling["copy_tbps"]
     row["jaxattn_frac_of_read"] = row["jaxattn_tbps"] / ceiling["read_tbps"]
     if "cudnn_tbps" in row:
-        row["jaxattn_vs_cudnn"] = row["jaxattn_tbps"] / row["cudnn_tbps"]
-        row["jaxattn_bk64_vs_cudnn"] = row["jaxattn_bk64_tbps"] / row["cudnn_tbps"]
+        for name in ("jaxattn", *(key for key, *_ in OTHERS)):
+            row[f"{name}_vs_cudnn"] = row[f"{name}_tbps"] / row["cudnn_tbps"]
     return row
 
 
@@ -211,6 +223,8 @@ def run_variant(batch, ctx, page_size, block_kv, stages):
 
 def table_md(res):
     c = res["ceilings"]
+    titles = [(key, title) for key, title, *_ in OTHERS] + _OLD_COLUMNS
+    others = [(k, title) for k, title in titles if any(f"{k}_ms" in r for r in res["cases"])]
     lines = [f"# Decode bandwidth, {res['device']}, {res['date']}", "",
              f"Same-run ceilings: copy {c['copy_tbps']:.2f} TB/s, read-only {c['read_tbps']:.2f} TB/s.",
              "Bandwidth = bytes of K+V read / time. jaxattn = one layer's attention as the model"
@@ -222,8 +236,9 @@ def table_md(res):
              " timed separately.", "",
              "| batch x ctx | pieces | jaxattn ms | TB/s | % copy | % read-only |"
              " main kernel TB/s | cuDNN TB/s | XLA TB/s | jaxattn / cuDNN |"
-             " 64-key blocks (before): ms, / cuDNN | metadata ms | plan ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             + "".join(f" {title}: ms, / cuDNN |" for _, title in others)
+             + " metadata ms | plan ms |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(others) + "---|---|"]
     f = lambda r, k: f"{r[k]:.3g}" if k in r else "—"
     for r in res["cases"]:
         if "error" in r:
@@ -236,21 +251,24 @@ def table_md(res):
                      f"{of_read} | {f(r, 'kernel_tbps')} | {f(r, 'cudnn_tbps')} | "
                      f"{f(r, 'xla_tbps')} | "
                      f"{f(r, 'jaxattn_vs_cudnn')} | "
-                     f"{f(r, 'jaxattn_bk64_ms')}, {f(r, 'jaxattn_bk64_vs_cudnn')} | "
+                     + "".join(f"{f(r, k + '_ms')}, {f(r, k + '_vs_cudnn')} | "
+                               for k, _ in others) +
                      f"{f(r, 'meta_ms')} | {r['plan_ms']:.3f} |")
     profiled = [r for r in res["cases"] if "jaxattn_device_ms" in r]
     if profiled:
         lines += ["", "GPU time alone (profiler; the wall times above also hold each call's"
                   " launches), µs per call:", "",
-                  "| batch x ctx | jaxattn | cuDNN | jaxattn / cuDNN | 64-key blocks |"
-                  " jaxattn's kernels |",
-                  "|---|---|---|---|---|---|"]
+                  "| batch x ctx | jaxattn | cuDNN | jaxattn / cuDNN |"
+                  + "".join(f" {title} |" for _, title in others) + " jaxattn's kernels |",
+                  "|---|---|---|---|" + "---|" * len(others) + "---|"]
         for r in profiled:
-            mine, theirs, bk64 = (1e3 * r.get(k, float("nan")) for k in (
-                "jaxattn_device_ms", "cudnn_device_ms", "jaxattn_bk64_device_ms"))
+            mine, theirs = (1e3 * r.get(k, float("nan")) for k in (
+                "jaxattn_device_ms", "cudnn_device_ms"))
             lines.append(
                 f"| {r['batch']}x{r['ctx']} | {mine:.1f} | {theirs:.1f} | "
-                f"{theirs / mine if mine else float('nan'):.3f} | {bk64:.1f} | " + ", ".join(
+                f"{theirs / mine if mine else float('nan'):.3f} | "
+                + "".join(f"{1e3 * r.get(k + '_device_ms', float('nan')):.1f} | "
+                          for k, _ in others) + ", ".join(
                     f"{k['name'][:40]} {1e3 * k['ms']:.1f}" for k in r["jaxattn_kernels"]) + " |")
     lines += ["", "Page size / tuning (kernel only):", "",
               "| batch x ctx | page | block_kv x stages | TB/s (best of 2) | ms, both runs |",

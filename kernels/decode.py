@@ -2,13 +2,15 @@
 
 Work comes from the planner's *decode* :class:`~jaxattn.planner.WorkList`:
 one item per KV-split piece of a sequence with at most ``bounds.dq`` new
-tokens. A *tile* is (item, KV head). Its 64 query rows pack the item's tokens
-times the ``G = Hq / Hkv`` query heads of the KV group (row ``r`` = token
-``r // G``, head ``r % G``), so each K/V page of the group is read from HBM
-once, by one wgmma M tile.
+tokens. A *tile* is (item, KV head), or a piece of one's keys. Its 64 query rows
+pack the item's tokens times the ``G = Hq / Hkv`` query heads of the KV group
+(row ``r`` = token ``r // G``, head ``r % G``), so each K/V page of the group is
+read from HBM once, by one wgmma M tile.
 
-Kernel shape (one CTA per SM, persistent, static round robin over tiles in
-list order, longest first):
+Kernel shape (one CTA per SM, persistent): :func:`schedule` lays the tiles end to
+end in list order (longest first) and gives each CTA an equal span of their KV
+blocks, cutting tiles where spans end (stream-K), so no CTA idles through a last,
+partial round of whole tiles. Per CTA:
 
 * warpgroup 1 (producer): per tile, one TMA of the item's query rows into a
   plain SMEM buffer; per KV block, one TMA per page (or page slice) for K and
@@ -30,8 +32,9 @@ list order, longest first):
   softmax state to consumer 0 at the tile's end.
 
 A second, small kernel merges split pieces by log-sum-exp
-(:func:`_combine_call`) and writes their parents' rows into ``out``: a few
-CTAs per (KV head, column block) take the step's split parents in turn from
+(:func:`_combine_call`; a *parent* is an item's key range on one KV head, split by the
+planner or cut by the schedule) and writes their rows into ``out``: a few
+CTAs per column block take the step's split parents in turn from
 a compact list and stream only the pieces' own token rows, so its cost
 follows the real number of parents, pieces and tokens, not the static
 capacity (an XLA merge over the padded partial buffer pays for the whole
@@ -69,15 +72,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jaxattn import planner
 from jaxattn.kernels import common
 from jaxattn.planner import DECODE_TILE_ROWS, Bounds, WorkList
 
 ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
 # Query rows of a narrow tile (DecodeConfig.narrow_tiles): a wgmma N for S^T and O^T.
 NARROW_ROWS = 16
-# Item metadata columns (one int32 row per work item, read as scalars from GMEM).
-_SEQ, _QSTART, _QLEN, _QPOS, _KVSTART, _KVEND, _PART = range(7)
-_META_COLS = 8  # padded: 32-byte rows
+# Tile metadata columns (one int32 row per tile, read as scalars from GMEM). _PART: the
+# partial slot of a split piece, or -1 - item for an unsplit tile (its lse tile's row).
+_SEQ, _QSTART, _QLEN, _QPOS, _KVSTART, _KVEND, _PART, _KVH = range(8)
 _COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
 
 
@@ -90,7 +94,8 @@ class DecodeConfig:
     num_stages: depth of the K/V ring. The kernel is HBM-bound; each SM needs
       ~20-30 KiB in flight to cover DRAM latency, and a stage of K+V holds
       2 * block_kv * D * 2 bytes.
-    num_ctas: persistent CTAs (None: ``bounds.num_workers``, one per SM).
+    num_ctas: persistent CTAs (None: ``bounds.num_workers``, one per SM); the metadata
+      deals the tiles to as many (:func:`decode_metadata`).
     p_in_registers: feed P to the PV wgmma from registers (GPU fast path; GPU
       interpret mode cannot run it, so tests use the SMEM path there).
     dequant_warpgroup: FP8 cache: a third warpgroup dequantises each K/V tile into a
@@ -200,15 +205,26 @@ def fit_blocks(config: DecodeConfig, bounds: Bounds) -> DecodeConfig:
     return dataclasses.replace(config, block_kv=64, num_stages=4)
 
 
-def split_capacity(bounds: Bounds, cap_items: int) -> int:
-    """Static bound on the number of split pieces (items with num_splits > 1).
+def tile_capacity(bounds: Bounds, cap_items: int, num_ctas: int) -> int:
+    """Static bound on the kernel's tiles: one per (item, KV head), plus one more for each
+    of the ``num_ctas - 1`` cuts of the balanced schedule (:func:`schedule`)."""
+    return cap_items * bounds.num_kv_heads + num_ctas - 1
 
-    A parent split into n >= 2 pieces of L keys has work w > L, so
-    n = ceil(w / L) < w / L + 1 < 2 w / L; summing over split parents,
-    pieces < 2 * sum(w) / L <= 2 W because the planner picks L >= sum(w) / W
-    (W = bounds.split_target). Hence at most 2W - 1 split pieces.
+
+def split_capacity(bounds: Bounds, cap_items: int, num_ctas: int) -> int:
+    """Static bound on the split pieces (tiles whose parent, an item's key range on one KV
+    head, has two or more).
+
+    The planner's split items: a parent split into n >= 2 pieces of L keys has work w > L,
+    so n = ceil(w / L) < w / L + 1 < 2 w / L; summing over split parents, pieces
+    < 2 * sum(w) / L <= 2 W because the planner picks L >= sum(w) / W (W =
+    bounds.split_target): at most 2W - 1 items, a tile on each KV head. The schedule's
+    ``num_ctas - 1`` cuts then add at most two each: a cut inside an unsplit tile makes
+    two pieces of it, inside a piece one more.
     """
-    return max(1, min(cap_items, 2 * bounds.split_target - 1))
+    planned = min(cap_items, 2 * bounds.split_target - 1) * bounds.num_kv_heads
+    return max(1, min(tile_capacity(bounds, cap_items, num_ctas),
+                      planned + 2 * (num_ctas - 1)))
 
 
 def pick_config(bounds: Bounds, dtype, interpret=False, kv_dtype=None) -> DecodeConfig:
@@ -231,12 +247,11 @@ def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, bl
     common.check_pages("decode", page_size, block_kv, pages_per_seq, fp8)
 
 
-def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_part: int,
-                 scale: float,
-                 causal: bool, config: DecodeConfig, num_ctas: int, interpret,
+def _kernel_call(meta, cta_start, page_table, q4, k_pages, v_pages, out_ref, *, cap: int,
+                 n_part: int, scale: float, causal: bool, config: DecodeConfig, interpret,
                  k_scale=None, v_scale=None):
     t, hkv, g, d = q4.shape
-    cap = meta.shape[0]
+    num_ctas = cta_start.shape[0] - 1
     dtype = q4.dtype
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
@@ -266,7 +281,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
     # Tiles of at most NARROW_ROWS query rows take the keys as the wgmma M (not with fp8_qk).
     narrow = config.narrow_tiles and not qk8 and g <= NARROW_ROWS
 
-    def decode_kernel(meta_ref, count_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
+    def decode_kernel(meta_ref, cta_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
         # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype, a Ref updated
         # in place (starts zeroed); outputs lse_ref, opart_ref, lpart_ref (GMEM); scratch [+
         # the FP8 cache's].
@@ -286,18 +301,16 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         deq_v = (vdeq_full if deq_wg else None, v_deq, vs_smem) if fp8 else ()
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cta")
-        num_tiles = count_ref[0] * hkv
-        n_local = jnp.maximum(0, common.cdiv(num_tiles - cta, num_ctas))
+        first_tile = cta_ref[cta]
+        n_local = cta_ref[cta + 1] - first_tile
 
         def tile_info(i):
-            tile = cta + i * num_ctas
-            item, kvh = tile // hkv, lax.rem(tile, hkv)
-            f = lambda col: meta_ref[item, col]
-            return item, kvh, f
+            f = lambda col: meta_ref[first_tile + i, col]
+            return f(_KVH), f
 
         def producer():
             def tile_body(i, step):
-                item, kvh, f = tile_info(i)
+                kvh, f = tile_info(i)
                 seq, q_start, kv_start, kv_end = f(_SEQ), f(_QSTART), f(_KVSTART), f(_KVEND)
 
                 @pl.when(i > 0)
@@ -373,7 +386,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 # in, bf16 slot `step % dstages` out; frees the fp8 slot (each
                 # dequantising warpgroup arrives once).
                 def tile_body(i, step):
-                    _, _, f = tile_info(i)
+                    _, f = tile_info(i)
                     kv_start, kv_end = f(_KVSTART), f(_KVEND)
 
                     def block_body(j, step):
@@ -506,7 +519,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 stage_q()
 
             def tile_body(i, step):
-                item, kvh, f = tile_info(i)
+                kvh, f = tile_info(i)
                 q_start, q_len, q_pos = f(_QSTART), f(_QLEN), f(_QPOS)
                 kv_start, kv_end, part = f(_KVSTART), f(_KVEND), f(_PART)
 
@@ -526,7 +539,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 clear_end = jnp.minimum(kv_end, q_pos + 1) if causal else kv_end
                 n_clear = jnp.clip((clear_end - kv_start) // bk, 0, n_blocks)
                 blocks = (kv_start, kv_end, q_pos, n_clear, n_blocks, step, i)
-                out = (item, kvh, q_start, q_len, part)
+                out = (kvh, q_start, q_len, part)
 
                 def write(result, *out):
                     if result is not None:  # None: consumer 1, whose rows consumer 0 wrote
@@ -693,9 +706,10 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
                 o = pl.run_scoped(transpose, plgpu.ACC((ROWS, d), jnp.float32))
                 return o, jnp.where(seen, (m + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
 
-            def write_tile(o, lse, item, kvh, q_start, q_len, part):
+            def write_tile(o, lse, kvh, q_start, q_len, part):
                 """o [64, d] (f32, the tile's rows, normalised) and its lse ([64] or [n])
-                out: an unsplit item's rows into ``out``, a piece's into its slot."""
+                out: an unsplit item's rows into ``out`` (``part = -1 - item``), a piece's into
+                its slot ``part``."""
                 # The previous tile's stores must have finished reading o/lse_smem.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -713,11 +727,11 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
 
                 @pl.when(part < 0)
                 def _():
-                    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[item, kvh])
+                    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[-1 - part, kvh])
 
                 @pl.when(part >= 0)  # by slot, so the combine needs no index to find it
                 def _():
-                    plgpu.copy_smem_to_gmem(lse_smem, lpart_ref.at[part, kvh])
+                    plgpu.copy_smem_to_gmem(lse_smem, lpart_ref.at[part])
 
                 # Only the item's own token rows go out: straight into `out` when the
                 # item is unsplit, else into the piece's slot of the partial buffer.
@@ -731,7 +745,7 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
 
                     @pl.when(part >= 0)
                     def _():
-                        plgpu.copy_smem_to_gmem(o_smem.at[rows], opart_ref.at[part, kvh, rows])
+                        plgpu.copy_smem_to_gmem(o_smem.at[rows], opart_ref.at[part, rows])
 
                 if consumers == 2:  # consumer 1's next partial goes where these stores read
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -819,13 +833,13 @@ def _kernel_call(meta, count, page_table, q4, k_pages, v_pages, out_ref, *, n_pa
         raise ValueError("GPU interpret mode cannot run p_in_registers=True (register A "
                          "operand of wgmma); use DecodeConfig(p_in_registers=False)")
     out_type = (jax.ShapeDtypeStruct((cap, hkv, ROWS), jnp.float32),
-                jax.ShapeDtypeStruct((n_part, hkv, ROWS, d), jnp.float32),
-                jax.ShapeDtypeStruct((n_part, hkv, ROWS), jnp.float32))
+                jax.ShapeDtypeStruct((n_part, ROWS, d), jnp.float32),
+                jax.ShapeDtypeStruct((n_part, ROWS), jnp.float32))
     lse_tiles, piece_rows, piece_lse = plgpu.kernel(
         decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,),
         grid_names=("cta",), num_threads=2 + deq_wgs + consumers - 1, thread_name="wg",
         compiler_params=_COMPILER_PARAMS, interpret=interpret or None,
-    )(meta, count, page_table, q4, k_pages, v_pages, *scales, out_ref)
+    )(meta, cta_start, page_table, q4, k_pages, v_pages, *scales, out_ref)
     return lse_tiles, Pieces(piece_rows, piece_lse)
 
 
@@ -834,42 +848,42 @@ _COMBINE_COLS = 64  # head-dim columns per combine CTA
 
 def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: int,
                   out_dtype, interpret):
-    """Merge the split pieces of each (parent, KV head) by log-sum-exp.
+    """Merge the split pieces of each parent (an item's key range on one KV head) by
+    log-sum-exp.
 
     ``parents`` (int32 [1 + n_part]): the number of split parents, then each
-    one's first partial slot. The grid is (w, KV head, 64 head-dim columns) with
+    one's first partial slot. The grid is (w, 64 head-dim columns) with
     ``w`` a few workers that take parents ``w, w + W, ...``: with at most
     ``workers`` CTAs in all, a step without split parents costs one wave of
     CTAs that exit at once. Per parent a CTA streams the pieces (only their own
     token rows) through a ring of SMEM slots, keeps a running max / sum /
     weighted O in registers, and writes the parent's rows into ``out_ref`` (in
-    place, ``out_dtype``). Returns the merged lse tiles [n_part, Hkv, 64] (row of
+    place, ``out_dtype``). Returns the merged lse tiles [n_part, 64] (row of
     a parent's first slot).
     """
-    n_part, hkv, _, d = pieces.rows.shape
+    n_part, _, d = pieces.rows.shape
     cw = min(d, _COMBINE_COLS)
     n_tok = ROWS // g  # q_len <= dq <= 64 // g
     # A piece's load is tiny (its token rows); depth hides the TMA latency when
     # one long sequence has W pieces.
     ring = max(2, min(16, (160 * 1024) // (ROWS * cw * 4)))
     # Each parent has two pieces or more, so there are at most n_part // 2.
-    n_w = max(1, min(n_part // 2, workers // (hkv * (d // cw))))
+    n_w = max(1, min(n_part // 2, workers // (d // cw)))
 
     def decode_combine_kernel(cmeta_ref, parents_ref, opart_ref, lpart_ref, out_ref,
                               lse_out_ref, o_buf, l_buf, o_out, full):
-        kvh = lax.axis_index("kvh")
         cols = pl.ds(lax.axis_index("col") * cw, cw)
 
         @pl.loop(lax.axis_index("w"), parents_ref[0], step=n_w)
         def _(i):
-            merge(parents_ref[1 + i], kvh, cols, cmeta_ref, opart_ref, lpart_ref, out_ref,
+            merge(parents_ref[1 + i], cols, cmeta_ref, opart_ref, lpart_ref, out_ref,
                   lse_out_ref, o_buf, l_buf, o_out, full)
 
-    def merge(slot0, kvh, cols, cmeta_ref, opart_ref, lpart_ref, out_ref, lse_out_ref, o_buf,
+    def merge(slot0, cols, cmeta_ref, opart_ref, lpart_ref, out_ref, lse_out_ref, o_buf,
               l_buf, o_out, full):
         """One parent: its pieces sit in slots [slot0, slot0 + n). Every barrier gets as
         many waits as arrivals, so the ring's phases carry over to the next parent."""
-        n, q_start, q_len = (cmeta_ref[slot0, i] for i in range(3))
+        n, q_start, q_len, kvh = (cmeta_ref[slot0, i] for i in range(4))
 
         def issue(k):
             b = lax.rem(k, ring)
@@ -877,14 +891,14 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
             @pl.loop(0, q_len)
             def _(tok):
                 rows = pl.ds(tok * g, g)
-                plgpu.copy_gmem_to_smem(opart_ref.at[slot0 + k, kvh, rows, cols],
+                plgpu.copy_gmem_to_smem(opart_ref.at[slot0 + k, rows, cols],
                                         o_buf.at[b, rows], full.at[b])
 
             @pl.loop(q_len, n_tok)
             def _(tok):
                 plgpu.barrier_arrive(full.at[b])
 
-            plgpu.copy_gmem_to_smem(lpart_ref.at[slot0 + k, kvh], l_buf.at[b], full.at[b])
+            plgpu.copy_gmem_to_smem(lpart_ref.at[slot0 + k], l_buf.at[b], full.at[b])
 
         @pl.loop(0, jnp.minimum(n, ring))
         def _(k):
@@ -929,7 +943,7 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
 
         @pl.when(lax.axis_index("col") == 0)
         def _():
-            plgpu.copy_smem_to_gmem(l_buf.at[0], lse_out_ref.at[slot0, kvh])
+            plgpu.copy_smem_to_gmem(l_buf.at[0], lse_out_ref.at[slot0])
 
         # The next parent's result and lse go to o_out and slot 0 only after these stores
         # have read them.
@@ -938,8 +952,8 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
     return plgpu.kernel(
-        decode_combine_kernel, out_type=jax.ShapeDtypeStruct((n_part, hkv, ROWS), jnp.float32),
-        grid=(n_w, hkv, d // cw), grid_names=("w", "kvh", "col"),
+        decode_combine_kernel, out_type=jax.ShapeDtypeStruct((n_part, ROWS), jnp.float32),
+        grid=(n_w, d // cw), grid_names=("w", "col"),
         scratch_types=(plgpu.SMEM((ring, ROWS, cw), jnp.float32),
                        plgpu.SMEM((ring, ROWS), jnp.float32),
                        plgpu.SMEM((ROWS, cw), out_dtype),  # a parent's merged rows
@@ -950,58 +964,150 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
 
 class Pieces(NamedTuple):
     """What the main kernel leaves the combine kernel: each split piece's rows and lse
-    tiles by partial slot."""
+    tile by partial slot."""
 
-    rows: jax.Array  # f32 [n_part, Hkv, 64, D]: normalised rows (tokens x group heads)
-    lse: jax.Array  # f32 [n_part, Hkv, 64]
+    rows: jax.Array  # f32 [n_part, 64, D]: normalised rows (tokens x group heads)
+    lse: jax.Array  # f32 [n_part, 64]
 
 
 class DecodeMeta(NamedTuple):
-    """Kernel metadata derived from the decode work list."""
+    """Kernel metadata derived from the decode work list (once per step, shared by all
+    layers of a kind)."""
 
-    meta: jax.Array  # int32 [cap, 8]: item rows for the main kernel (see _SEQ.._PART)
-    count: jax.Array  # int32 [1]: valid items
-    cmeta: jax.Array  # int32 [n_part, 3]: per partial slot (pieces if a parent's first
-    #                   piece else 0, q_start, q_len)
+    meta: jax.Array  # int32 [tiles, 8]: the tiles CTA by CTA (columns _SEQ.._KVH)
+    cta_start: jax.Array  # int32 [num_ctas + 1]: CTA c runs tiles [cta_start[c], cta_start[c+1])
+    cmeta: jax.Array  # int32 [n_part, 4]: per partial slot (pieces if its parent's first
+    #                   slot else 0, q_start, q_len, KV head)
     parents: jax.Array  # int32 [1 + n_part]: number of split parents, then their first slots
-    tok2item: jax.Array  # int32 [T]: item whose lse tile holds the token, -2 - slot for a
-    #                      split parent's merged tile, -1 for none
+    tok_src: jax.Array  # int32 [T, Hkv]: where a token's lse tile is: its item's (>= 0), the
+    #                     merged tile of its parent's first slot (-2 - slot), none (-1)
     q_start: jax.Array  # int32 [cap]
 
 
-def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int) -> DecodeMeta:
+# The balanced schedule's model of a tile's fixed work (loading its q, the ring's hand-over,
+# writing its rows), in KV blocks; a guess (a block of 128 keys is ~2 us of one SM's share of
+# HBM), not a measurement.
+_TILE_COST_BLOCKS = 1
+# A cut closer than this many blocks to a tile's end moves to that end: so short a piece
+# would cost a tile's fixed work and a merge for about what it saves.
+_MIN_PIECE_BLOCKS = 2
+
+
+def schedule(blocks, num_ctas: int, balanced: bool = True):
+    """Deal (item, KV head) tiles of ``blocks`` [P] KV blocks (0: no tile) to the CTAs.
+
+    Balanced (the default): the tiles, in list order, are laid end to end with a fixed
+    cost of ``_TILE_COST_BLOCKS`` each, and cut into ``num_ctas`` equal spans,
+    each CTA's a contiguous run of tiles and pieces of tiles (stream-K). Round robin
+    deals whole tiles in turn, which leaves the last round's CTAs idle: 2048 equal tiles
+    on 132 SMs are 15.5 rounds run as 16, 3% of the kernel
+    (benchmarks/NOTES-decode.md, v10). Returns, per tile of the schedule [U = P +
+    num_ctas - 1]: (tile p, its block range [lo, hi), valid, whether p is cut), and
+    ``cta_start`` [num_ctas + 1].
+    """
+    n_pairs, w = blocks.shape[0], num_ctas
+    size = n_pairs + w - 1
+    live = blocks > 0
+    if not balanced:
+        rank = jnp.cumsum(live, dtype=jnp.int32) - 1
+        cta = jnp.where(live, lax.rem(rank, w), w)
+        order = jnp.argsort(cta, stable=True).astype(jnp.int32)
+        pair = jnp.concatenate([order, jnp.zeros((w - 1,), jnp.int32)])
+        per_cta = jnp.zeros((w,), jnp.int32).at[cta].add(1, mode="drop")
+        cta_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(per_cta)])
+        valid = jnp.arange(size) < live.sum()
+        return (pair, jnp.zeros_like(pair), blocks[pair], valid, jnp.zeros_like(live),
+                cta_start.astype(jnp.int32))
+    cost = jnp.where(live, blocks + _TILE_COST_BLOCKS, 0)
+    cend = jnp.cumsum(cost, dtype=jnp.int32)
+    cstart, total = cend - cost, cend[-1]
+    c = jnp.arange(1, w, dtype=jnp.int32)
+    x = (total // w) * c + lax.rem(total, w) * c // w  # cut c's place, free of overflow
+    p = jnp.minimum(jnp.searchsorted(cend, x, side="right", method="compare_all"),
+                    n_pairs - 1).astype(jnp.int32)
+    nb = blocks[p]
+    j = jnp.clip(x - cstart[p] - _TILE_COST_BLOCKS, 0, nb)
+    j = jnp.where(j < _MIN_PIECE_BLOCKS, 0, jnp.where(nb - j < _MIN_PIECE_BLOCKS, nb, j))
+    inner = (j > 0) & (j < nb)
+    # Several CTAs' cuts in one place (fewer blocks than CTAs) cut once.
+    repeat = jnp.concatenate([jnp.zeros((1,), bool), (p[1:] == p[:-1]) & (j[1:] == j[:-1])])
+    new = inner & ~repeat
+    rank = jnp.cumsum(new, dtype=jnp.int32) - 1  # this cut's index among the inner ones
+    cuts = jnp.zeros((w,), jnp.int32).at[jnp.where(new, rank, w)].set(j, mode="drop")
+    n_cuts = jnp.zeros((n_pairs,), jnp.int32).at[p].add(new)
+    first_cut = jnp.cumsum(n_cuts) - n_cuts
+    units = jnp.where(live, 1 + n_cuts, 0)
+    first_unit = jnp.cumsum(units) - units
+    pair, k, valid, n_units = planner._enumerate(units, size)
+    at = lambda i: cuts[jnp.clip(first_cut[pair] + i, 0, w - 1)]
+    lo = jnp.where(k == 0, 0, at(k - 1))
+    hi = jnp.where(k == units[pair] - 1, blocks[pair], at(k))
+    cut_unit = first_unit[p] + jnp.where(j == 0, 0, jnp.where(j >= nb, units[p],
+                                                                rank - first_cut[p] + 1))
+    cta_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), cut_unit.astype(jnp.int32),
+                                 jnp.reshape(n_units, (1,)).astype(jnp.int32)])
+    return pair, lo, hi, valid, n_cuts > 0, cta_start
+
+
+def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
+                    num_ctas: int | None = None, balanced: bool = True) -> DecodeMeta:
     """Kernel metadata from the work list: small XLA work ahead of the kernels.
 
-    Split pieces get slots in the partial buffer ordered parent by parent (by
-    q_start, then split index) so a parent's pieces are contiguous for the
-    combine kernel.
+    The (item, KV head) tiles are dealt to ``num_ctas`` CTAs (default
+    ``bounds.num_workers``) by :func:`schedule`, cut at ``bounds.block_kv`` boundaries of
+    the item's keys. A parent (an item's key range on one KV head) is split when the
+    planner split the item or the schedule cut its tile; its pieces get slots in the
+    partial buffer in order (q_start, KV head, first key), so each parent's are
+    contiguous for the combine kernel.
     """
-    cap = items.seq.shape[0]
-    n_part = split_capacity(bounds, cap)
-    valid = jnp.arange(cap) < items.count
-    is_split = valid & (items.num_splits > 1)
-    qs, k = items.q_start, items.split
-    earlier = is_split[None, :] & ((qs[None, :] < qs[:, None])
-                                   | ((qs[None, :] == qs[:, None]) & (k[None, :] < k[:, None])))
-    slot = earlier.sum(axis=1, dtype=jnp.int32)
+    w = num_ctas or bounds.num_workers
+    cap, hkv, gran = items.seq.shape[0], bounds.num_kv_heads, bounds.block_kv
+    n_part = split_capacity(bounds, cap, w)
+    item_ok = jnp.arange(cap) < items.count
+    blocks = jnp.where(item_ok, common.cdiv(items.kv_end - items.kv_start, gran), 0)
+    pair, lo, hi, valid, cut, cta_start = schedule(jnp.repeat(blocks, hkv), w, balanced)
+    item, kvh = pair // hkv, lax.rem(pair, hkv)
+    kv_start = items.kv_start[item] + lo * gran
+    kv_end = jnp.minimum(items.kv_start[item] + hi * gran, items.kv_end[item])
+    q_start = items.q_start[item]
+    is_split = valid & ((items.num_splits[item] > 1) | cut[pair])
+    order = jnp.lexsort((kv_start, kvh, q_start, ~is_split)).astype(jnp.int32)
+    size = order.shape[0]
+    slot = jnp.zeros((size,), jnp.int32).at[order].set(jnp.arange(size, dtype=jnp.int32))
     # slot < n_part always holds (split_capacity); the guard only keeps a broken
-    # planner from writing out of bounds.
-    part = jnp.where(is_split & (slot < n_part), slot, -1).astype(jnp.int32)
-    meta = jnp.stack([items.seq, qs, items.q_len, items.q_pos, items.kv_start, items.kv_end,
-                      part, jnp.zeros_like(part)], axis=1).astype(jnp.int32)
-    first = jnp.where(k == 0, items.num_splits, 0)
-    cmeta = jnp.zeros((n_part, 3), jnp.int32).at[jnp.where(part >= 0, part, n_part)].set(
-        jnp.stack([first, qs, items.q_len], axis=1).astype(jnp.int32), mode="drop")
+    # schedule from writing out of bounds.
+    part = jnp.where(is_split & (slot < n_part), slot, -1 - item)
+    meta = jnp.stack([items.seq[item], q_start, items.q_len[item], items.q_pos[item], kv_start,
+                      kv_end, part, kvh], axis=1)
+    meta = jnp.where(valid[:, None], meta, 0).astype(jnp.int32)
+    # The partial slots: a parent's first slot holds its piece count.
+    o = order[:n_part]
+    split_o = is_split[o]
+    key_o = (q_start[o], kvh[o])
+    first = split_o & jnp.concatenate([jnp.ones((1,), bool), (key_o[0][1:] != key_o[0][:-1])
+                                       | (key_o[1][1:] != key_o[1][:-1])])
+    group = jnp.cumsum(first, dtype=jnp.int32) - 1
+    sizes = jnp.zeros((n_part,), jnp.int32).at[jnp.where(split_o, group, n_part)].add(
+        1, mode="drop")
+    cmeta = jnp.stack([jnp.where(first, sizes[jnp.maximum(group, 0)], 0), q_start[o],
+                       items.q_len[item[o]], kvh[o]], axis=1).astype(jnp.int32)
+    # Each (item, KV head)'s lse: its tile's, or the merged tile at its parent's first slot
+    # (the piece at the parent's first key: of the item with split 0, lo = 0).
+    n_pairs = cap * hkv
+    first_tile = jnp.zeros((n_pairs,), jnp.int32).at[
+        jnp.where(valid & (lo == 0), pair, n_pairs)].set(jnp.arange(size, dtype=jnp.int32),
+                                                         mode="drop")
+    pair_split = (jnp.repeat(items.num_splits, hkv) > 1) | cut
+    pair_src = jnp.where(pair_split, -2 - slot[first_tile],
+                         jnp.repeat(jnp.arange(cap, dtype=jnp.int32), hkv)).reshape(cap, hkv)
     dq, t = bounds.dq, num_tokens
-    tok = qs[:, None] + jnp.arange(dq)[None, :]
-    keep = valid[:, None] & (k[:, None] == 0) & (jnp.arange(dq)[None, :] < items.q_len[:, None])
-    # Where a token's lse lives: its item's tile (>= 0), the merged tile of its
-    # parent's first slot (-2 - slot), or nowhere (-1).
-    src = jnp.where(part >= 0, -2 - part, jnp.arange(cap, dtype=jnp.int32))
-    tok2item = jnp.full((t,), -1, jnp.int32).at[jnp.where(keep, tok, t)].set(
-        jnp.broadcast_to(src[:, None], (cap, dq)), mode="drop")
-    count = jnp.reshape(items.count, (1,)).astype(jnp.int32)
-    return DecodeMeta(meta, count, cmeta, _parents(cmeta), tok2item, qs.astype(jnp.int32))
+    tok = items.q_start[:, None] + jnp.arange(dq)[None, :]
+    keep = (item_ok[:, None] & (items.split[:, None] == 0)
+            & (jnp.arange(dq)[None, :] < items.q_len[:, None]))
+    tok_src = jnp.full((t, hkv), -1, jnp.int32).at[jnp.where(keep, tok, t)].set(
+        jnp.broadcast_to(pair_src[:, None, :], (cap, dq, hkv)), mode="drop")
+    return DecodeMeta(meta, cta_start, cmeta, _parents(cmeta), tok_src,
+                      items.q_start.astype(jnp.int32))
 
 
 def _parents(cmeta):
@@ -1016,36 +1122,39 @@ def _parents(cmeta):
 
 def _gather_lse(lse_tiles, lse_merged, md: DecodeMeta, g: int):
     """lse [T, Hq]: token row (t, h) of an item is row t * g + h of its (merged) tile."""
-    t = md.tok2item.shape[0]
-    cap, hkv, _ = lse_tiles.shape
-    src = md.tok2item
+    src = md.tok_src  # [T, Hkv]
+    t, hkv = src.shape
     item, slot = jnp.maximum(src, 0), jnp.maximum(-2 - src, 0)
     q_start = jnp.where(src >= 0, md.q_start[item], md.cmeta[slot, 1])
-    tiles = jnp.concatenate([lse_tiles, lse_merged])
-    idx = jnp.where(src >= 0, item, cap + slot)
-    row = (jnp.arange(t) - q_start)[:, None] * g + jnp.arange(g)[None, :]  # [T, G]
-    lse = tiles[idx[:, None, None], jnp.arange(hkv)[None, :, None], row[:, None, :]]
-    return jnp.where((src != -1)[:, None, None], lse, -jnp.inf).reshape(t, hkv * g)
+    row = (jnp.arange(t)[:, None, None] - q_start[..., None]) * g + jnp.arange(g)  # [T, Hkv, G]
+    own = lse_tiles[item[..., None], jnp.arange(hkv)[None, :, None], row]
+    merged = lse_merged[slot[..., None], row]
+    lse = jnp.where((src >= 0)[..., None], own, merged)
+    return jnp.where((src != -1)[..., None], lse, -jnp.inf).reshape(t, hkv * g)
 
 
 def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Bounds,
                 scale: float, causal: bool = True, interpret=False,
                 config: DecodeConfig | None = None, k_scale=None, v_scale=None):
     """The split-KV kernel alone (the benchmark times it): returns a Ref to out
-    [T, Hkv, G, D] in q's dtype holding the unsplit items' rows (others 0), their lse tiles
+    [T, Hkv, G, D] in q's dtype holding the unsplit tiles' rows (others 0), their lse tiles
     [cap, Hkv, 64] (a split item's are not written) and the split pieces' :class:`Pieces`."""
     config = config or fit_blocks(default_config(bool(interpret), fp8=k_scale is not None),
                                   bounds)
     _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv,
            fp8=k_scale is not None)
     common.check_kv_dtype("decode", q.dtype, k_pages.dtype, k_scale is not None)
+    num_ctas = md.cta_start.shape[0] - 1
+    if config.num_ctas not in (None, num_ctas):
+        raise ValueError(f"DecodeConfig.num_ctas={config.num_ctas}, but the metadata deals "
+                         f"tiles to {num_ctas} CTAs (decode_metadata's num_ctas)")
     t, hq, d = q.shape
     g = bounds.group
     out_ref = jax.new_ref(jnp.zeros((t, hq // g, g, d), q.dtype))  # rows nobody covers: 0
     lse_tiles, pieces = _kernel_call(
-        md.meta, md.count, page_table.astype(jnp.int32), q.reshape(t, hq // g, g, d), k_pages,
-        v_pages, out_ref, n_part=md.cmeta.shape[0], scale=float(scale), causal=causal,
-        config=config, num_ctas=config.num_ctas or bounds.num_workers, interpret=interpret,
+        md.meta, md.cta_start, page_table.astype(jnp.int32), q.reshape(t, hq // g, g, d),
+        k_pages, v_pages, out_ref, cap=md.q_start.shape[0], n_part=md.cmeta.shape[0],
+        scale=float(scale), causal=causal, config=config, interpret=interpret,
         k_scale=k_scale, v_scale=v_scale)
     return out_ref, lse_tiles, pieces
 
@@ -1068,8 +1177,8 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
     t, hq, d = q.shape
     # A model passes the metadata in: it depends only on the step's plan, so every layer
     # of a kind shares one copy (benchmarks/NOTES-decode.md, v3).
-    md = metadata if metadata is not None else decode_metadata(items, bounds=bounds,
-                                                                num_tokens=t)
+    md = metadata if metadata is not None else decode_metadata(
+        items, bounds=bounds, num_tokens=t, num_ctas=config.num_ctas if config else None)
     out_ref, lse_tiles, pieces = main_kernel(q, k_pages, v_pages, page_table, md,
                                              bounds=bounds, scale=scale, causal=causal,
                                              interpret=interpret, config=config,

@@ -204,24 +204,69 @@ def _planner(chunk, num_workers, min_split_kv):
     return _PLANNERS[key]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
+@given(blocks=st.lists(st.integers(0, 40), min_size=1, max_size=24),
+       num_ctas=st.integers(1, 40), balanced=st.booleans())
+def test_schedule_covers_every_block_once_and_balances(blocks, num_ctas, balanced):
+    """decode.schedule: every tile's blocks run exactly once, each CTA's tiles are one
+    contiguous run, and balanced CTAs differ by at most a few tiles' fixed costs (round
+    robin by up to a whole tile)."""
+    nb = np.asarray(blocks, np.int32)
+    pair, lo, hi, valid, cut, cta_start = map(np.asarray, decode.schedule(
+        jnp.asarray(nb), num_ctas, balanced))
+    n = int(valid.sum())
+    assert valid[:n].all() and not valid[n:].any()
+    assert cta_start[0] == 0 and cta_start[-1] == n and (np.diff(cta_start) >= 0).all()
+    covered = np.zeros((len(nb), max(1, nb.max())), int)
+    for p, a, b in zip(pair[:n], lo[:n], hi[:n]):
+        assert 0 <= a < b <= nb[p]
+        covered[p, a:b] += 1
+    for p, b in enumerate(nb):
+        assert (covered[p, :b] == 1).all()
+        assert cut[p] == ((pair[:n] == p).sum() > 1)
+    overhead = decode._TILE_COST_BLOCKS
+    load = [sum(hi[u] - lo[u] + overhead for u in range(cta_start[c], cta_start[c + 1]))
+            for c in range(num_ctas)]
+    total = sum(b + overhead for b in nb if b)
+    if balanced:
+        # each end of a CTA's span moves by less than a minimal piece or a tile's fixed cost,
+        # and a piece cut off the front of a tile pays that cost again
+        slack = 2 * max(decode._MIN_PIECE_BLOCKS, overhead) + overhead
+        assert max(load) <= -(-total // num_ctas) + slack
+        assert cut.sum() <= num_ctas - 1
+    else:
+        assert max(load) <= -(-total // num_ctas) + max(nb) + overhead
+
+
+@settings(max_examples=30, deadline=None)
 @given(chunk=st.sampled_from([None, 256]), num_workers=st.sampled_from([1, 3, 16]),
        min_split_kv=st.sampled_from([64, 512]),
        seqs=st.lists(st.tuples(st.integers(1, 12), st.integers(0, 4096)), min_size=1,
                      max_size=8))
-def test_split_pieces_fit_the_partial_buffer(chunk, num_workers, min_split_kv, seqs):
-    """The compact partial buffer holds every split piece the planner can emit."""
-    bounds, planner = _planner(chunk, num_workers, min_split_kv)
+def test_metadata_slots_hold_every_split_piece(chunk, num_workers, min_split_kv, seqs):
+    """The partial buffer holds every split piece of the planner and the schedule, a parent's
+    pieces are contiguous slots in key order, and each token's lse points at its tile."""
+    bounds, planner_fn = _planner(chunk, num_workers, min_split_kv)
     n = len(seqs)
     cu = np.zeros(9, np.int32)
     cu[1:n + 1] = np.cumsum([q for q, _ in seqs])
     cu[n + 1:] = cu[n]
     kv_lens = np.zeros(8, np.int32)
     kv_lens[:n] = [max(q, kv) for q, kv in seqs]
-    items = planner(cu, kv_lens, np.int32(n))
-    valid = np.arange(items.seq.shape[0]) < int(items.count)
-    n_split = int((valid & (np.asarray(items.num_splits) > 1)).sum())
-    assert n_split <= decode.split_capacity(bounds, items.seq.shape[0])
+    items = planner_fn(cu, kv_lens, np.int32(n))
+    md = jax.tree.map(np.asarray, decode.decode_metadata(items, bounds=bounds, num_tokens=96))
+    tiles = md.meta[:md.cta_start[-1]]
+    split = tiles[:, decode._PART] >= 0
+    slots = np.sort(tiles[split, decode._PART])
+    assert (slots == np.arange(len(slots))).all()  # dense, unique, under n_part
+    assert len(slots) <= md.cmeta.shape[0]
+    for s in md.parents[1:1 + md.parents[0]]:
+        k = md.cmeta[s, 0]
+        rows = tiles[np.isin(tiles[:, decode._PART], np.arange(s, s + k))]
+        assert len(rows) == k >= 2
+        assert len({(r[decode._QSTART], r[decode._KVH]) for r in rows}) == 1
+        ranges = sorted((r[decode._KVSTART], r[decode._KVEND]) for r in rows)
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # one key range
 
 
 def test_decode_only_skips_the_prefill_pass_with_the_same_numbers():
