@@ -112,14 +112,18 @@ def bounds_for(batch, page_size, split=True):
 
 
 # Other forms timed beside the default in the same run: (key, column title, config change,
-# decode_metadata's balanced, planner splits).
-OTHERS = [("jaxattn_rr", "round-robin tiles (before)", {}, False, True),
-          ("jaxattn_unsplit", "planner does not split", {}, True, False)]
-# Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17.
-_OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)")]
+# decode_metadata's balanced, planner splits). The balanced schedule took 2.3-6.8% more GPU
+# time than round robin on the H200 (results/decode-2026-12-02-s18-balanced.md, where it was
+# the default and round robin the column).
+OTHERS = [("jaxattn_balanced", "balanced schedule", {}, True, True),
+          ("jaxattn_unsplit", "balanced, planner does not split", {}, True, False)]
+# Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17; round
+# robin, beside the balanced schedule as the default in session 18's run.
+_OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)"),
+                ("jaxattn_rr", "round-robin tiles (before)")]
 
 
-def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config, balanced=True,
+def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config, balanced=False,
                 split=True):
     """Timed callables: per-layer attention (given the step's plan), the main kernel alone,
     the kernel metadata alone, the plan; and the number of work items."""

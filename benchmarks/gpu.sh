@@ -7,6 +7,8 @@
 # repeat parts of it for the FP8 decode work)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Steps run under `timeout`: a killed Python loses whatever its block-buffered stdout held.
+export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then  # wheels the GPU image lacks (fastapi, uvicorn, ...)
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

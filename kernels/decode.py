@@ -7,10 +7,9 @@ pack the item's tokens times the ``G = Hq / Hkv`` query heads of the KV group
 (row ``r`` = token ``r // G``, head ``r % G``), so each K/V page of the group is
 read from HBM once, by one wgmma M tile.
 
-Kernel shape (one CTA per SM, persistent): :func:`schedule` lays the tiles end to
-end in list order (longest first) and gives each CTA an equal span of their KV
-blocks, cutting tiles where spans end (stream-K), so no CTA idles through a last,
-partial round of whole tiles. Per CTA:
+Kernel shape (one CTA per SM, persistent): :func:`schedule` deals the tiles to the
+CTAs, round robin in list order (longest first) by default, and each CTA runs its
+tiles as one contiguous run of the metadata's rows. Per CTA:
 
 * warpgroup 1 (producer): per tile, one TMA of the item's query rows into a
   plain SMEM buffer; per KV block, one TMA per page (or page slice) for K and
@@ -247,7 +246,8 @@ def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, bl
     common.check_pages("decode", page_size, block_kv, pages_per_seq, fp8)
 
 
-def _kernel_call(meta, cta_start, page_table, q4, k_pages, v_pages, out_ref, *, cap: int,
+def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, out_ref, *,
+                 cap: int,
                  n_part: int, scale: float, causal: bool, config: DecodeConfig, interpret,
                  k_scale=None, v_scale=None):
     t, hkv, g, d = q4.shape
@@ -281,9 +281,10 @@ def _kernel_call(meta, cta_start, page_table, q4, k_pages, v_pages, out_ref, *, 
     # Tiles of at most NARROW_ROWS query rows take the keys as the wgmma M (not with fp8_qk).
     narrow = config.narrow_tiles and not qk8 and g <= NARROW_ROWS
 
-    def decode_kernel(meta_ref, cta_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
+    def decode_kernel(meta_ref, cta_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
         # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype, a Ref updated
-        # in place (starts zeroed); outputs lse_ref, opart_ref, lpart_ref (GMEM); scratch [+
+        # in place (uninitialised: the producers zero the rows no tile covers); outputs
+        # lse_ref, opart_ref, lpart_ref (GMEM); scratch [+
         # the FP8 cache's].
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
         (out_ref, lse_ref, opart_ref, lpart_ref, q_raw, q_tile, k_smem, v_smem, p_smem,
@@ -308,7 +309,30 @@ def _kernel_call(meta, cta_start, page_table, q4, k_pages, v_pages, out_ref, *, 
             f = lambda col: meta_ref[first_tile + i, col]
             return f(_KVH), f
 
+        def zero_uncovered_rows():
+            """Rows no tile covers (padding, other lists' rows) get zeros, the CTAs taking
+            them in turn, from q_raw before its first q lands."""
+            n_zero = zero_ref[0]
+
+            @pl.when(cta < n_zero)
+            def _():
+                q_raw[pl.ds(0, ROWS), :] = plgpu.layout_cast(jnp.zeros((ROWS, d), dtype),
+                                                             plgpu.Layout.WGMMA)
+                plgpu.commit_smem()
+
+                @pl.loop(cta, n_zero, step=num_ctas)
+                def _(k):
+                    row = zero_ref[1 + k]
+
+                    @pl.loop(0, hkv)
+                    def _(h):
+                        plgpu.copy_smem_to_gmem(q_raw.at[pl.ds(0, g)], out_ref.at[row, h])
+
+                plgpu.wait_smem_to_gmem(0)
+
         def producer():
+            zero_uncovered_rows()
+
             def tile_body(i, step):
                 kvh, f = tile_info(i)
                 seq, q_start, kv_start, kv_end = f(_SEQ), f(_QSTART), f(_KVSTART), f(_KVEND)
@@ -839,7 +863,7 @@ def _kernel_call(meta, cta_start, page_table, q4, k_pages, v_pages, out_ref, *, 
         decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,),
         grid_names=("cta",), num_threads=2 + deq_wgs + consumers - 1, thread_name="wg",
         compiler_params=_COMPILER_PARAMS, interpret=interpret or None,
-    )(meta, cta_start, page_table, q4, k_pages, v_pages, *scales, out_ref)
+    )(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, *scales, out_ref)
     return lse_tiles, Pieces(piece_rows, piece_lse)
 
 
@@ -982,6 +1006,7 @@ class DecodeMeta(NamedTuple):
     tok_src: jax.Array  # int32 [T, Hkv]: where a token's lse tile is: its item's (>= 0), the
     #                     merged tile of its parent's first slot (-2 - slot), none (-1)
     q_start: jax.Array  # int32 [cap]
+    zero_rows: jax.Array  # int32 [1 + T]: how many token rows no tile covers, then those rows
 
 
 # The balanced schedule's model of a tile's fixed work (loading its q, the ring's hand-over,
@@ -993,31 +1018,37 @@ _TILE_COST_BLOCKS = 1
 _MIN_PIECE_BLOCKS = 2
 
 
-def schedule(blocks, num_ctas: int, balanced: bool = True):
+def schedule(blocks, num_ctas: int, balanced: bool = False):
     """Deal (item, KV head) tiles of ``blocks`` [P] KV blocks (0: no tile) to the CTAs.
 
-    Balanced (the default): the tiles, in list order, are laid end to end with a fixed
-    cost of ``_TILE_COST_BLOCKS`` each, and cut into ``num_ctas`` equal spans,
-    each CTA's a contiguous run of tiles and pieces of tiles (stream-K). Round robin
-    deals whole tiles in turn, which leaves the last round's CTAs idle: 2048 equal tiles
-    on 132 SMs are 15.5 rounds run as 16, 3% of the kernel
-    (benchmarks/NOTES-decode.md, v10). Returns, per tile of the schedule [U = P +
-    num_ctas - 1]: (tile p, its block range [lo, hi), valid, whether p is cut), and
-    ``cta_start`` [num_ctas + 1].
+    Round robin (the default) deals whole tiles in turn, list order (p = item * Hkv + KV
+    head, longest items first), so the CTA that takes tile p runs beside those taking the
+    item's other heads. It leaves the last round's CTAs idle: 2048 equal tiles on 132 SMs
+    are 15.5 rounds run as 16. Balanced: the tiles, in list order, are laid end to end
+    with a fixed cost of ``_TILE_COST_BLOCKS`` each and cut into ``num_ctas`` equal spans,
+    each CTA's a contiguous run of tiles and pieces of tiles (stream-K). On the H200 that
+    took 2.3-3.7% more GPU time than round robin at 256 x 2k, 32 x 8k and 8 x 32k and 6.8%
+    more at 1 x 128k (benchmarks/NOTES-decode.md, v10), so it is not the default.
+
+    Returns, per tile of the schedule [U = P + num_ctas - 1]: (tile p, its block range
+    [lo, hi), valid), whether each tile p is cut [P], and ``cta_start`` [num_ctas + 1]:
+    CTA c runs schedule tiles [cta_start[c], cta_start[c + 1]).
     """
     n_pairs, w = blocks.shape[0], num_ctas
     size = n_pairs + w - 1
     live = blocks > 0
     if not balanced:
+        # The live tile of rank r goes to CTA r % w, as its (r // w)-th: no sort (the
+        # metadata is XLA work on every step's critical path).
+        n = live.sum(dtype=jnp.int32)
+        c = jnp.arange(w + 1, dtype=jnp.int32)
+        cta_start = c * (n // w) + jnp.minimum(c, lax.rem(n, w))
         rank = jnp.cumsum(live, dtype=jnp.int32) - 1
-        cta = jnp.where(live, lax.rem(rank, w), w)
-        order = jnp.argsort(cta, stable=True).astype(jnp.int32)
-        pair = jnp.concatenate([order, jnp.zeros((w - 1,), jnp.int32)])
-        per_cta = jnp.zeros((w,), jnp.int32).at[cta].add(1, mode="drop")
-        cta_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(per_cta)])
-        valid = jnp.arange(size) < live.sum()
-        return (pair, jnp.zeros_like(pair), blocks[pair], valid, jnp.zeros_like(live),
-                cta_start.astype(jnp.int32))
+        at = cta_start[lax.rem(rank, w)] + rank // w
+        pair = jnp.zeros((size,), jnp.int32).at[jnp.where(live, at, size)].set(
+            jnp.arange(n_pairs, dtype=jnp.int32), mode="drop")
+        return (pair, jnp.zeros_like(pair), blocks[pair], jnp.arange(size) < n,
+                jnp.zeros_like(live), cta_start)
     cost = jnp.where(live, blocks + _TILE_COST_BLOCKS, 0)
     cend = jnp.cumsum(cost, dtype=jnp.int32)
     cstart, total = cend - cost, cend[-1]
@@ -1049,8 +1080,23 @@ def schedule(blocks, num_ctas: int, balanced: bool = True):
     return pair, lo, hi, valid, n_cuts > 0, cta_start
 
 
+def _planned_slots(items: WorkList, hkv: int):
+    """int32 [cap, Hkv]: the partial slot of each (item, KV head) of a planner-split item, in
+    order (q_start, KV head, split): a parent of n pieces takes n * Hkv slots from its first
+    piece's, ``base * Hkv``, KV head h the n from ``base * Hkv + h * n``."""
+    cap = items.seq.shape[0]
+    valid = jnp.arange(cap) < items.count
+    is_split = valid & (items.num_splits > 1)
+    qs, k = items.q_start, items.split
+    earlier = is_split[None, :] & ((qs[None, :] < qs[:, None])
+                                   | ((qs[None, :] == qs[:, None]) & (k[None, :] < k[:, None])))
+    base = earlier.sum(axis=1, dtype=jnp.int32) - k  # split items of earlier parents
+    h = jnp.arange(hkv, dtype=jnp.int32)[None, :]
+    return (base * hkv)[:, None] + h * items.num_splits[:, None] + k[:, None]
+
+
 def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
-                    num_ctas: int | None = None, balanced: bool = True) -> DecodeMeta:
+                    num_ctas: int | None = None, balanced: bool = False) -> DecodeMeta:
     """Kernel metadata from the work list: small XLA work ahead of the kernels.
 
     The (item, KV head) tiles are dealt to ``num_ctas`` CTAs (default
@@ -1071,18 +1117,24 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
     kv_end = jnp.minimum(items.kv_start[item] + hi * gran, items.kv_end[item])
     q_start = items.q_start[item]
     is_split = valid & ((items.num_splits[item] > 1) | cut[pair])
-    order = jnp.lexsort((kv_start, kvh, q_start, ~is_split)).astype(jnp.int32)
-    size = order.shape[0]
-    slot = jnp.zeros((size,), jnp.int32).at[order].set(jnp.arange(size, dtype=jnp.int32))
+    size = is_split.shape[0]
+    tiles = jnp.arange(size, dtype=jnp.int32)
+    if balanced:
+        order = jnp.lexsort((kv_start, kvh, q_start, ~is_split)).astype(jnp.int32)
+        slot = jnp.zeros((size,), jnp.int32).at[order].set(tiles)
+    else:  # only the planner splits: the same order without a sort
+        slot = _planned_slots(items, hkv)[item, kvh]
     # slot < n_part always holds (split_capacity); the guard only keeps a broken
     # schedule from writing out of bounds.
-    part = jnp.where(is_split & (slot < n_part), slot, -1 - item)
+    is_split &= slot < n_part
+    part = jnp.where(is_split, slot, -1 - item)
     meta = jnp.stack([items.seq[item], q_start, items.q_len[item], items.q_pos[item], kv_start,
                       kv_end, part, kvh], axis=1)
     meta = jnp.where(valid[:, None], meta, 0).astype(jnp.int32)
     # The partial slots: a parent's first slot holds its piece count.
-    o = order[:n_part]
-    split_o = is_split[o]
+    o = jnp.zeros((n_part,), jnp.int32).at[jnp.where(is_split, slot, n_part)].set(
+        tiles, mode="drop")  # the tile in each slot
+    split_o = jnp.arange(n_part) < is_split.sum()  # split tiles fill the first slots
     key_o = (q_start[o], kvh[o])
     first = split_o & jnp.concatenate([jnp.ones((1,), bool), (key_o[0][1:] != key_o[0][:-1])
                                        | (key_o[1][1:] != key_o[1][:-1])])
@@ -1106,8 +1158,11 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
             & (jnp.arange(dq)[None, :] < items.q_len[:, None]))
     tok_src = jnp.full((t, hkv), -1, jnp.int32).at[jnp.where(keep, tok, t)].set(
         jnp.broadcast_to(pair_src[:, None, :], (cap, dq, hkv)), mode="drop")
+    uncovered = tok_src[:, 0] == -1
+    zero_rows = jnp.concatenate([uncovered.sum(dtype=jnp.int32).reshape(1),
+                                 jnp.nonzero(uncovered, size=t, fill_value=0)[0]])
     return DecodeMeta(meta, cta_start, cmeta, _parents(cmeta), tok_src,
-                      items.q_start.astype(jnp.int32))
+                      items.q_start.astype(jnp.int32), zero_rows.astype(jnp.int32))
 
 
 def _parents(cmeta):
@@ -1137,8 +1192,9 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
                 scale: float, causal: bool = True, interpret=False,
                 config: DecodeConfig | None = None, k_scale=None, v_scale=None):
     """The split-KV kernel alone (the benchmark times it): returns a Ref to out
-    [T, Hkv, G, D] in q's dtype holding the unsplit tiles' rows (others 0), their lse tiles
-    [cap, Hkv, 64] (a split item's are not written) and the split pieces' :class:`Pieces`."""
+    [T, Hkv, G, D] in q's dtype holding the unsplit tiles' rows (rows no tile covers 0, split
+    parents' rows not yet written), their lse tiles [cap, Hkv, 64] (a split item's are not
+    written) and the split pieces' :class:`Pieces`."""
     config = config or fit_blocks(default_config(bool(interpret), fp8=k_scale is not None),
                                   bounds)
     _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv,
@@ -1150,9 +1206,12 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
                          f"tiles to {num_ctas} CTAs (decode_metadata's num_ctas)")
     t, hq, d = q.shape
     g = bounds.group
-    out_ref = jax.new_ref(jnp.zeros((t, hq // g, g, d), q.dtype))  # rows nobody covers: 0
+    # Uninitialised (no memset kernel): the kernel writes every row. In interpret mode NaN,
+    # so the tests see a row it missed.
+    out = jnp.full if interpret else lambda shape, _, dtype: lax.empty(shape, dtype)
+    out_ref = jax.new_ref(out((t, hq // g, g, d), jnp.nan, q.dtype))
     lse_tiles, pieces = _kernel_call(
-        md.meta, md.cta_start, page_table.astype(jnp.int32), q.reshape(t, hq // g, g, d),
+        md.meta, md.cta_start, md.zero_rows, page_table.astype(jnp.int32), q.reshape(t, hq // g, g, d),
         k_pages, v_pages, out_ref, cap=md.q_start.shape[0], n_part=md.cmeta.shape[0],
         scale=float(scale), causal=causal, config=config, interpret=interpret,
         k_scale=k_scale, v_scale=v_scale)

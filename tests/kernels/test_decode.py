@@ -47,6 +47,7 @@ class Case:
     block_kv: int = 128  # planner's split granularity
     num_workers: int = 4  # also sets the combine kernel's workers per (KV head, columns)
     seed: int = 0
+    balanced: bool = False  # decode_metadata's schedule
 
     def bounds(self):
         return jaxattn.Bounds(
@@ -65,7 +66,9 @@ def run_case(case: Case, interpret=True, scale=0.15):
                         causal=case.causal)
     fn = jax.jit(lambda q, k, v, pt, items: decode.decode_attention(
         q, k, v, pt, items, bounds=bounds, scale=scale, causal=case.causal,
-        interpret=interpret, config=case.config))
+        interpret=interpret, config=case.config, metadata=decode.decode_metadata(
+            items, bounds=bounds, num_tokens=q.shape[0], num_ctas=case.config.num_ctas,
+            balanced=case.balanced)))
     out, lse = fn(jnp.asarray(rc.q), jnp.asarray(rc.k_pages), jnp.asarray(rc.v_pages),
                   rc.page_table, plan.decode)
     return rc, bounds, plan, np.asarray(out, np.float64), np.asarray(lse, np.float64)
@@ -140,6 +143,26 @@ CASES.update({f"{name}_2c": dataclasses.replace(
                  "one_cta_many_tiles", "one_cta_many_tiles_narrow")})
 
 
+# The balanced schedule (stream-K): tiles cut where CTAs' spans end (64-key granularity, 5
+# CTAs), their pieces merged by the combine kernel: alone, with the planner's splits, chunked,
+# in both tile forms and with two consumers.
+BALANCED = Case(q_lens=(1, 3, 1, 12, 1), kv_lens=(1000, 700, 1024, 900, 5), block_kv=64,
+                min_split_kv=4096, balanced=True, config=decode.DecodeConfig(num_ctas=5))
+CASES.update({
+    "balanced": BALANCED,
+    # the planner's pieces, two of them cut again (9 CTAs)
+    "balanced_planner_splits": dataclasses.replace(BALANCED, min_split_kv=128, num_workers=16,
+                                                   config=decode.DecodeConfig(num_ctas=9)),
+    "balanced_fp16_d64_g8_chunked": dataclasses.replace(
+        CASES["fp16_d64_g8_p8_chunked"], block_kv=64, balanced=True,
+        config=decode.DecodeConfig(num_ctas=5)),
+    "balanced_narrow": dataclasses.replace(BALANCED, config=decode.DecodeConfig(
+        num_ctas=5, narrow_tiles=True)),
+    "balanced_2c": dataclasses.replace(BALANCED, config=decode.DecodeConfig(
+        num_ctas=5, consumers=2)),
+})
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_interpret_matches_oracle(name):
     check_case(CASES[name])
@@ -209,8 +232,8 @@ def _planner(chunk, num_workers, min_split_kv):
        num_ctas=st.integers(1, 40), balanced=st.booleans())
 def test_schedule_covers_every_block_once_and_balances(blocks, num_ctas, balanced):
     """decode.schedule: every tile's blocks run exactly once, each CTA's tiles are one
-    contiguous run, and balanced CTAs differ by at most a few tiles' fixed costs (round
-    robin by up to a whole tile)."""
+    contiguous run; round robin deals whole tiles in turn, and balanced CTAs' loads differ
+    by at most a few tiles' fixed costs."""
     nb = np.asarray(blocks, np.int32)
     pair, lo, hi, valid, cut, cta_start = map(np.asarray, decode.schedule(
         jnp.asarray(nb), num_ctas, balanced))
@@ -235,7 +258,11 @@ def test_schedule_covers_every_block_once_and_balances(blocks, num_ctas, balance
         assert max(load) <= -(-total // num_ctas) + slack
         assert cut.sum() <= num_ctas - 1
     else:
-        assert max(load) <= -(-total // num_ctas) + max(nb) + overhead
+        # whole tiles in turn: a CTA takes at most ceil(tiles / CTAs) of them, in list order
+        assert (np.diff(cta_start) <= -(-n // num_ctas)).all()
+        for c in range(num_ctas):
+            assert list(pair[cta_start[c]:cta_start[c + 1]]) == list(
+                np.flatnonzero(nb)[c::num_ctas])
 
 
 @settings(max_examples=30, deadline=None)
@@ -267,6 +294,11 @@ def test_metadata_slots_hold_every_split_piece(chunk, num_workers, min_split_kv,
         assert len({(r[decode._QSTART], r[decode._KVH]) for r in rows}) == 1
         ranges = sorted((r[decode._KVSTART], r[decode._KVEND]) for r in rows)
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # one key range
+    # On one CTA neither schedule cuts: round robin's slots (a formula) are the sorted ones.
+    one = [jax.tree.map(np.asarray, decode.decode_metadata(
+        items, bounds=bounds, num_tokens=96, num_ctas=1, balanced=b)) for b in (False, True)]
+    for a, b in zip(*one):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_decode_only_skips_the_prefill_pass_with_the_same_numbers():

@@ -16,12 +16,14 @@ EDGES = (1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 127, 128, 129, 8191, 8192, 8193, 16
          32768, 65537, 131071, 131072)
 
 
-def _case(q_lens, kv_lens, *, page_size=16, hq=40, hkv=8, d=128, dtype=jnp.bfloat16, seed=0):
-    """Device-side random pools; each sequence gets shuffled pages."""
+def _case(q_lens, kv_lens, *, page_size=16, hq=40, hkv=8, d=128, dtype=jnp.bfloat16, seed=0,
+          pad=0):
+    """Device-side random pools; each sequence gets shuffled pages; ``pad`` rows of q past
+    the batch's tokens."""
     rng = np.random.default_rng(seed)
     n = len(q_lens)
     s_max = max(n, 1)
-    bounds = jaxattn.Bounds(max_num_seqs=s_max, max_num_batched_tokens=max(sum(q_lens), 1),
+    bounds = jaxattn.Bounds(max_num_seqs=s_max, max_num_batched_tokens=max(sum(q_lens) + pad, 1),
                             max_model_len=131072, page_size=page_size, num_q_heads=hq,
                             num_kv_heads=hkv, head_dim=d, chunk_size=8192,
                             block_kv=max(128, page_size))
@@ -38,7 +40,7 @@ def _case(q_lens, kv_lens, *, page_size=16, hq=40, hkv=8, d=128, dtype=jnp.bfloa
     kv = np.zeros(s_max, np.int32)
     kv[:n] = kv_lens
     keys = jax.random.split(jax.random.key(seed), 3)
-    t = int(cu[-1])
+    t = int(cu[-1]) + pad
     q = jax.random.normal(keys[0], (t, hq, d), dtype)
     k = jax.random.normal(keys[1], (num_pages, page_size, hkv, d), dtype)
     v = jax.random.normal(keys[2], (num_pages, page_size, hkv, d), dtype)
@@ -56,6 +58,11 @@ def _check(q_lens, kv_lens, *, chunk=None, causal=True, config=None, tol=2e-2, *
     out, lse = np.asarray(out), np.asarray(lse)
     want, want_lse = np.asarray(want, np.float32), np.asarray(want_lse)
     assert np.isfinite(out).all() and not np.isnan(lse).any()
+    # Rows past the batch's tokens: 0 and -inf (the kernel zeroes them; out starts
+    # uninitialised).
+    t = int(cu[-1])
+    assert (out[t:] == 0).all() and (lse[t:] == -np.inf).all()
+    out, lse, want, want_lse = out[:t], lse[:t], want[:t], want_lse[:t]
     err = np.abs(out - want).max() / max(1.0, np.abs(want).max())
     assert err < tol, err
     np.testing.assert_allclose(lse, want_lse, rtol=1e-3, atol=1e-2)
@@ -63,7 +70,7 @@ def _check(q_lens, kv_lens, *, chunk=None, causal=True, config=None, tol=2e-2, *
 
 
 def test_context_edges_one_token_each():
-    plan = _check([1] * len(EDGES), list(EDGES))
+    plan = _check([1] * len(EDGES), list(EDGES), pad=37)
     assert int((np.asarray(plan.decode.num_splits) > 1).sum()) > 0
 
 
