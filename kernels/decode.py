@@ -204,26 +204,26 @@ def fit_blocks(config: DecodeConfig, bounds: Bounds) -> DecodeConfig:
     return dataclasses.replace(config, block_kv=64, num_stages=4)
 
 
-def tile_capacity(bounds: Bounds, cap_items: int, num_ctas: int) -> int:
-    """Static bound on the kernel's tiles: one per (item, KV head), plus one more for each
-    of the ``num_ctas - 1`` cuts of the balanced schedule (:func:`schedule`)."""
-    return cap_items * bounds.num_kv_heads + num_ctas - 1
+def _cuts(num_ctas: int, balanced: bool) -> int:
+    """Most tiles the schedule (:func:`schedule`) cuts: one per boundary between balanced
+    CTAs' spans; round robin cuts none."""
+    return num_ctas - 1 if balanced else 0
 
 
-def split_capacity(bounds: Bounds, cap_items: int, num_ctas: int) -> int:
+def split_capacity(bounds: Bounds, cap_items: int, num_ctas: int, balanced: bool) -> int:
     """Static bound on the split pieces (tiles whose parent, an item's key range on one KV
     head, has two or more).
 
     The planner's split items: a parent split into n >= 2 pieces of L keys has work w > L,
     so n = ceil(w / L) < w / L + 1 < 2 w / L; summing over split parents, pieces
     < 2 * sum(w) / L <= 2 W because the planner picks L >= sum(w) / W (W =
-    bounds.split_target): at most 2W - 1 items, a tile on each KV head. The schedule's
-    ``num_ctas - 1`` cuts then add at most two each: a cut inside an unsplit tile makes
-    two pieces of it, inside a piece one more.
+    bounds.split_target): at most 2W - 1 items, a tile on each KV head. A balanced
+    schedule's ``num_ctas - 1`` cuts then add at most two each: a cut inside an unsplit tile
+    makes two pieces of it, inside a piece one more.
     """
+    tiles = cap_items * bounds.num_kv_heads + _cuts(num_ctas, balanced)
     planned = min(cap_items, 2 * bounds.split_target - 1) * bounds.num_kv_heads
-    return max(1, min(tile_capacity(bounds, cap_items, num_ctas),
-                      planned + 2 * (num_ctas - 1)))
+    return max(1, min(tiles, planned + 2 * _cuts(num_ctas, balanced)))
 
 
 def pick_config(bounds: Bounds, dtype, interpret=False, kv_dtype=None) -> DecodeConfig:
@@ -1030,12 +1030,12 @@ def schedule(blocks, num_ctas: int, balanced: bool = False):
     took 2.3-3.7% more GPU time than round robin at 256 x 2k, 32 x 8k and 8 x 32k and 6.8%
     more at 1 x 128k (benchmarks/NOTES-decode.md, v10), so it is not the default.
 
-    Returns, per tile of the schedule [U = P + num_ctas - 1]: (tile p, its block range
+    Returns, per tile of the schedule [U = P + its cuts]: (tile p, its block range
     [lo, hi), valid), whether each tile p is cut [P], and ``cta_start`` [num_ctas + 1]:
     CTA c runs schedule tiles [cta_start[c], cta_start[c + 1]).
     """
     n_pairs, w = blocks.shape[0], num_ctas
-    size = n_pairs + w - 1
+    size = n_pairs + _cuts(w, balanced)
     live = blocks > 0
     if not balanced:
         # The live tile of rank r goes to CTA r % w, as its (r // w)-th: no sort (the
@@ -1108,7 +1108,7 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
     """
     w = num_ctas or bounds.num_workers
     cap, hkv, gran = items.seq.shape[0], bounds.num_kv_heads, bounds.block_kv
-    n_part = split_capacity(bounds, cap, w)
+    n_part = split_capacity(bounds, cap, w, balanced)
     item_ok = jnp.arange(cap) < items.count
     blocks = jnp.where(item_ok, common.cdiv(items.kv_end - items.kv_start, gran), 0)
     pair, lo, hi, valid, cut, cta_start = schedule(jnp.repeat(blocks, hkv), w, balanced)
