@@ -112,19 +112,20 @@ def bounds_for(batch, page_size, split=True):
 
 
 # Other forms timed beside the default in the same run: (key, column title, config change,
-# decode_metadata's balanced, planner splits). The balanced schedule took 2.3-6.8% more GPU
+# decode_metadata's schedule, planner splits). The balanced schedule took 2.3-6.8% more GPU
 # time than round robin on the H200 (results/decode-2026-12-02-s18-balanced.md, where it was
-# the default and round robin the column).
-OTHERS = [("jaxattn_balanced", "balanced schedule", {}, True, True),
-          ("jaxattn_unsplit", "balanced, planner does not split", {}, True, False)]
+# the default and round robin the column); the last-round form is untimed.
+OTHERS = [("jaxattn_balanced", "balanced schedule", {}, "balanced", True),
+          ("jaxattn_last_round", "balanced last round", {}, "last_round", True),
+          ("jaxattn_unsplit", "balanced, planner does not split", {}, "balanced", False)]
 # Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17; round
 # robin, beside the balanced schedule as the default in session 18's run.
 _OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)"),
                 ("jaxattn_rr", "round-robin tiles (before)")]
 
 
-def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config, balanced=False,
-                split=True):
+def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config,
+                schedule="round_robin", split=True):
     """Timed callables: per-layer attention (given the step's plan), the main kernel alone,
     the kernel metadata alone, the plan; and the number of work items."""
     bounds = bounds_for(batch, page_size, split)
@@ -137,7 +138,7 @@ def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config, balan
     plan_fn = jax.jit(lambda cu, kv, n: planner.plan(bounds, cu, kv, n))
     plan = plan_fn(cu, kv_lens, np.int32(batch))
     meta_fn = jax.jit(lambda items: decode.decode_metadata(items, bounds=bounds, num_tokens=256,
-                                                           balanced=balanced))
+                                                           schedule=schedule))
     md = meta_fn(plan.decode)
     qt = jnp.pad(q.reshape(batch, HQ, D), ((0, 256 - batch), (0, 0), (0, 0)))
     # As the model calls it: the metadata comes with the step's plan (one per step, shared
@@ -185,9 +186,9 @@ def run_case(batch, ctx, ceiling, profile=False):
     config = decode.default_config()
     fns["jaxattn"], fns["kernel"], fns["meta"], fns["plan"], row["pieces"] = jaxattn_fns(
         batch, ctx, q, kp, vp, table, 16, config)
-    for key, _, change, balanced, split in OTHERS:
+    for key, _, change, schedule, split in OTHERS:
         fns[key], *_ = jaxattn_fns(batch, ctx, q, kp, vp, table, 16,
-                                   dataclasses.replace(config, **change), balanced, split)
+                                   dataclasses.replace(config, **change), schedule, split)
     for name, sec in interleaved(fns).items():
         row[f"{name}_ms"] = sec * 1e3
     if profile:

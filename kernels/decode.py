@@ -7,7 +7,7 @@ pack the item's tokens times the ``G = Hq / Hkv`` query heads of the KV group
 (row ``r`` = token ``r // G``, head ``r % G``), so each K/V page of the group is
 read from HBM once, by one wgmma M tile.
 
-Kernel shape (one CTA per SM, persistent): :func:`schedule` deals the tiles to the
+Kernel shape (one CTA per SM, persistent): :func:`deal_tiles` deals the tiles to the
 CTAs, round robin in list order (longest first) by default, and each CTA runs its
 tiles as one contiguous run of the metadata's rows. Per CTA:
 
@@ -204,26 +204,32 @@ def fit_blocks(config: DecodeConfig, bounds: Bounds) -> DecodeConfig:
     return dataclasses.replace(config, block_kv=64, num_stages=4)
 
 
-def _cuts(num_ctas: int, balanced: bool) -> int:
-    """Most tiles the schedule (:func:`schedule`) cuts: one per boundary between balanced
-    CTAs' spans; round robin cuts none."""
-    return num_ctas - 1 if balanced else 0
+# How decode_metadata deals tiles to CTAs (:func:`deal_tiles`).
+SCHEDULES = ("round_robin", "balanced", "last_round")
 
 
-def split_capacity(bounds: Bounds, cap_items: int, num_ctas: int, balanced: bool) -> int:
+def _cuts(num_ctas: int, schedule: str) -> int:
+    """Most tiles a schedule (:func:`deal_tiles`) cuts: one per boundary between CTAs'
+    spans; round robin cuts none."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
+    return 0 if schedule == "round_robin" else num_ctas - 1
+
+
+def split_capacity(bounds: Bounds, cap_items: int, num_ctas: int, schedule: str) -> int:
     """Static bound on the split pieces (tiles whose parent, an item's key range on one KV
     head, has two or more).
 
     The planner's split items: a parent split into n >= 2 pieces of L keys has work w > L,
     so n = ceil(w / L) < w / L + 1 < 2 w / L; summing over split parents, pieces
     < 2 * sum(w) / L <= 2 W because the planner picks L >= sum(w) / W (W =
-    bounds.split_target): at most 2W - 1 items, a tile on each KV head. A balanced
-    schedule's ``num_ctas - 1`` cuts then add at most two each: a cut inside an unsplit tile
-    makes two pieces of it, inside a piece one more.
+    bounds.split_target): at most 2W - 1 items, a tile on each KV head. The schedule's cuts
+    (at most ``num_ctas - 1``) then add at most two each: a cut inside an unsplit tile makes
+    two pieces of it, inside a piece one more.
     """
-    tiles = cap_items * bounds.num_kv_heads + _cuts(num_ctas, balanced)
+    tiles = cap_items * bounds.num_kv_heads + _cuts(num_ctas, schedule)
     planned = min(cap_items, 2 * bounds.split_target - 1) * bounds.num_kv_heads
-    return max(1, min(tiles, planned + 2 * _cuts(num_ctas, balanced)))
+    return max(1, min(tiles, planned + 2 * _cuts(num_ctas, schedule)))
 
 
 def pick_config(bounds: Bounds, dtype, interpret=False, kv_dtype=None) -> DecodeConfig:
@@ -1018,37 +1024,71 @@ _TILE_COST_BLOCKS = 1
 _MIN_PIECE_BLOCKS = 2
 
 
-def schedule(blocks, num_ctas: int, balanced: bool = False):
+def deal_tiles(blocks, num_ctas: int, schedule: str = "round_robin"):
     """Deal (item, KV head) tiles of ``blocks`` [P] KV blocks (0: no tile) to the CTAs.
 
-    Round robin (the default) deals whole tiles in turn, list order (p = item * Hkv + KV
+    ``round_robin`` (the default) deals whole tiles in turn, list order (p = item * Hkv + KV
     head, longest items first), so the CTA that takes tile p runs beside those taking the
     item's other heads. It leaves the last round's CTAs idle: 2048 equal tiles on 132 SMs
-    are 15.5 rounds run as 16. Balanced: the tiles, in list order, are laid end to end
+    are 15.5 rounds run as 16. ``balanced``: the tiles, in list order, are laid end to end
     with a fixed cost of ``_TILE_COST_BLOCKS`` each and cut into ``num_ctas`` equal spans,
     each CTA's a contiguous run of tiles and pieces of tiles (stream-K). On the H200 that
     took 2.3-3.7% more GPU time than round robin at 256 x 2k, 32 x 8k and 8 x 32k and 6.8%
     more at 1 x 128k (benchmarks/NOTES-decode.md, v10), so it is not the default.
+    ``last_round``: round robin for the full rounds, then the rest balanced over all CTAs,
+    which start on it together (the heads of an item stay in step; untimed).
 
     Returns, per tile of the schedule [U = P + its cuts]: (tile p, its block range
     [lo, hi), valid), whether each tile p is cut [P], and ``cta_start`` [num_ctas + 1]:
     CTA c runs schedule tiles [cta_start[c], cta_start[c + 1]).
     """
-    n_pairs, w = blocks.shape[0], num_ctas
-    size = n_pairs + _cuts(w, balanced)
+    _cuts(num_ctas, schedule)  # checks the name
+    if schedule == "round_robin":
+        return _round_robin(blocks, num_ctas)
+    if schedule == "balanced":
+        return _stream_k(blocks, num_ctas)
+    w = num_ctas
     live = blocks > 0
-    if not balanced:
-        # The live tile of rank r goes to CTA r % w, as its (r // w)-th: no sort (the
-        # metadata is XLA work on every step's critical path).
-        n = live.sum(dtype=jnp.int32)
-        c = jnp.arange(w + 1, dtype=jnp.int32)
-        cta_start = c * (n // w) + jnp.minimum(c, lax.rem(n, w))
-        rank = jnp.cumsum(live, dtype=jnp.int32) - 1
-        at = cta_start[lax.rem(rank, w)] + rank // w
-        pair = jnp.zeros((size,), jnp.int32).at[jnp.where(live, at, size)].set(
-            jnp.arange(n_pairs, dtype=jnp.int32), mode="drop")
-        return (pair, jnp.zeros_like(pair), blocks[pair], jnp.arange(size) < n,
-                jnp.zeros_like(live), cta_start)
+    rank = jnp.cumsum(live, dtype=jnp.int32) - 1
+    rounds = live.sum(dtype=jnp.int32) // w
+    early = live & (rank < rounds * w)
+    pair_a, lo_a, hi_a, valid_a, _, _ = _round_robin(jnp.where(early, blocks, 0), w)
+    pair_b, lo_b, hi_b, valid_b, cut, start_b = _stream_k(jnp.where(early, 0, blocks), w)
+    # CTA c runs its `rounds` whole tiles, then its span of the rest.
+    size = pair_b.shape[0]
+    a = jnp.arange(pair_a.shape[0], dtype=jnp.int32)
+    at_a = a + start_b[a // jnp.maximum(rounds, 1)]
+    b = jnp.arange(size, dtype=jnp.int32)
+    cta_b = jnp.searchsorted(start_b, b, side="right", method="compare_all") - 1
+    at_b = b + (cta_b + 1) * rounds
+    at = jnp.concatenate([jnp.where(valid_a, at_a, size), jnp.where(valid_b, at_b, size)])
+    put = lambda xa, xb: jnp.zeros((size,), xa.dtype).at[at].set(
+        jnp.concatenate([xa, xb]), mode="drop")
+    return (put(pair_a, pair_b), put(lo_a, lo_b), put(hi_a, hi_b), put(valid_a, valid_b), cut,
+            jnp.arange(w + 1, dtype=jnp.int32) * rounds + start_b)
+
+
+def _round_robin(blocks, w: int):
+    """:func:`deal_tiles` of whole tiles in turn: the live tile of rank r goes to CTA
+    r % w, as its (r // w)-th. No sort: the metadata is XLA work on every step's path."""
+    n_pairs = blocks.shape[0]
+    live = blocks > 0
+    n = live.sum(dtype=jnp.int32)
+    c = jnp.arange(w + 1, dtype=jnp.int32)
+    cta_start = c * (n // w) + jnp.minimum(c, lax.rem(n, w))
+    rank = jnp.cumsum(live, dtype=jnp.int32) - 1
+    at = cta_start[lax.rem(rank, w)] + rank // w
+    pair = jnp.zeros((n_pairs,), jnp.int32).at[jnp.where(live, at, n_pairs)].set(
+        jnp.arange(n_pairs, dtype=jnp.int32), mode="drop")
+    return (pair, jnp.zeros_like(pair), blocks[pair], jnp.arange(n_pairs) < n,
+            jnp.zeros_like(live), cta_start)
+
+
+def _stream_k(blocks, w: int):
+    """:func:`deal_tiles`, balanced: equal spans of the tiles laid end to end."""
+    n_pairs = blocks.shape[0]
+    size = n_pairs + w - 1
+    live = blocks > 0
     cost = jnp.where(live, blocks + _TILE_COST_BLOCKS, 0)
     cend = jnp.cumsum(cost, dtype=jnp.int32)
     cstart, total = cend - cost, cend[-1]
@@ -1096,11 +1136,11 @@ def _planned_slots(items: WorkList, hkv: int):
 
 
 def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
-                    num_ctas: int | None = None, balanced: bool = False) -> DecodeMeta:
+                    num_ctas: int | None = None, schedule: str = "round_robin") -> DecodeMeta:
     """Kernel metadata from the work list: small XLA work ahead of the kernels.
 
     The (item, KV head) tiles are dealt to ``num_ctas`` CTAs (default
-    ``bounds.num_workers``) by :func:`schedule`, cut at ``bounds.block_kv`` boundaries of
+    ``bounds.num_workers``) by :func:`deal_tiles`, cut at ``bounds.block_kv`` boundaries of
     the item's keys. A parent (an item's key range on one KV head) is split when the
     planner split the item or the schedule cut its tile; its pieces get slots in the
     partial buffer in order (q_start, KV head, first key), so each parent's are
@@ -1108,10 +1148,10 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
     """
     w = num_ctas or bounds.num_workers
     cap, hkv, gran = items.seq.shape[0], bounds.num_kv_heads, bounds.block_kv
-    n_part = split_capacity(bounds, cap, w, balanced)
+    n_part = split_capacity(bounds, cap, w, schedule)
     item_ok = jnp.arange(cap) < items.count
     blocks = jnp.where(item_ok, common.cdiv(items.kv_end - items.kv_start, gran), 0)
-    pair, lo, hi, valid, cut, cta_start = schedule(jnp.repeat(blocks, hkv), w, balanced)
+    pair, lo, hi, valid, cut, cta_start = deal_tiles(jnp.repeat(blocks, hkv), w, schedule)
     item, kvh = pair // hkv, lax.rem(pair, hkv)
     kv_start = items.kv_start[item] + lo * gran
     kv_end = jnp.minimum(items.kv_start[item] + hi * gran, items.kv_end[item])
@@ -1119,7 +1159,7 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
     is_split = valid & ((items.num_splits[item] > 1) | cut[pair])
     size = is_split.shape[0]
     tiles = jnp.arange(size, dtype=jnp.int32)
-    if balanced:
+    if schedule != "round_robin":
         order = jnp.lexsort((kv_start, kvh, q_start, ~is_split)).astype(jnp.int32)
         slot = jnp.zeros((size,), jnp.int32).at[order].set(tiles)
     else:  # only the planner splits: the same order without a sort

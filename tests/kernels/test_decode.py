@@ -47,7 +47,7 @@ class Case:
     block_kv: int = 128  # planner's split granularity
     num_workers: int = 4  # also sets the combine kernel's workers per (KV head, columns)
     seed: int = 0
-    balanced: bool = False  # decode_metadata's schedule
+    schedule: str = "round_robin"  # decode_metadata's
 
     def bounds(self):
         return jaxattn.Bounds(
@@ -68,7 +68,7 @@ def run_case(case: Case, interpret=True, scale=0.15):
         q, k, v, pt, items, bounds=bounds, scale=scale, causal=case.causal,
         interpret=interpret, config=case.config, metadata=decode.decode_metadata(
             items, bounds=bounds, num_tokens=q.shape[0], num_ctas=case.config.num_ctas,
-            balanced=case.balanced)))
+            schedule=case.schedule)))
     out, lse = fn(jnp.asarray(rc.q), jnp.asarray(rc.k_pages), jnp.asarray(rc.v_pages),
                   rc.page_table, plan.decode)
     return rc, bounds, plan, np.asarray(out, np.float64), np.asarray(lse, np.float64)
@@ -145,21 +145,25 @@ CASES.update({f"{name}_2c": dataclasses.replace(
 
 # The balanced schedule (stream-K): tiles cut where CTAs' spans end (64-key granularity, 5
 # CTAs), their pieces merged by the combine kernel: alone, with the planner's splits, chunked,
-# in both tile forms and with two consumers.
+# in both tile forms and with two consumers; and round robin's full rounds before a balanced
+# last one (4 CTAs: a round of 4 tiles, then 2 tiles cut over the 4).
 BALANCED = Case(q_lens=(1, 3, 1, 12, 1), kv_lens=(1000, 700, 1024, 900, 5), block_kv=64,
-                min_split_kv=4096, balanced=True, config=decode.DecodeConfig(num_ctas=5))
+                min_split_kv=4096, schedule="balanced", config=decode.DecodeConfig(num_ctas=5))
 CASES.update({
     "balanced": BALANCED,
     # the planner's pieces, two of them cut again (9 CTAs)
     "balanced_planner_splits": dataclasses.replace(BALANCED, min_split_kv=128, num_workers=16,
                                                    config=decode.DecodeConfig(num_ctas=9)),
     "balanced_fp16_d64_g8_chunked": dataclasses.replace(
-        CASES["fp16_d64_g8_p8_chunked"], block_kv=64, balanced=True,
+        CASES["fp16_d64_g8_p8_chunked"], block_kv=64, schedule="balanced",
         config=decode.DecodeConfig(num_ctas=5)),
     "balanced_narrow": dataclasses.replace(BALANCED, config=decode.DecodeConfig(
         num_ctas=5, narrow_tiles=True)),
     "balanced_2c": dataclasses.replace(BALANCED, config=decode.DecodeConfig(
         num_ctas=5, consumers=2)),
+    "last_round": Case(q_lens=(1, 3, 12), kv_lens=(1000, 999, 1024), block_kv=64,
+                       min_split_kv=4096, schedule="last_round",
+                       config=decode.DecodeConfig(num_ctas=4)),
 })
 
 
@@ -229,14 +233,15 @@ def _planner(chunk, num_workers, min_split_kv):
 
 @settings(max_examples=60, deadline=None)
 @given(blocks=st.lists(st.integers(0, 40), min_size=1, max_size=24),
-       num_ctas=st.integers(1, 40), balanced=st.booleans())
-def test_schedule_covers_every_block_once_and_balances(blocks, num_ctas, balanced):
-    """decode.schedule: every tile's blocks run exactly once, each CTA's tiles are one
-    contiguous run; round robin deals whole tiles in turn, and balanced CTAs' loads differ
-    by at most a few tiles' fixed costs."""
+       num_ctas=st.integers(1, 40), schedule=st.sampled_from(decode.SCHEDULES))
+def test_schedule_covers_every_block_once_and_balances(blocks, num_ctas, schedule):
+    """decode.deal_tiles: every tile's blocks run exactly once, each CTA's tiles are one
+    contiguous run; round robin deals whole tiles in turn, balanced CTAs' loads differ by at
+    most a few tiles' fixed costs, and the last round's form is round robin's full rounds,
+    then the rest balanced."""
     nb = np.asarray(blocks, np.int32)
-    pair, lo, hi, valid, cut, cta_start = map(np.asarray, decode.schedule(
-        jnp.asarray(nb), num_ctas, balanced))
+    pair, lo, hi, valid, cut, cta_start = map(np.asarray, decode.deal_tiles(
+        jnp.asarray(nb), num_ctas, schedule))
     n = int(valid.sum())
     assert valid[:n].all() and not valid[n:].any()
     assert cta_start[0] == 0 and cta_start[-1] == n and (np.diff(cta_start) >= 0).all()
@@ -250,19 +255,26 @@ def test_schedule_covers_every_block_once_and_balances(blocks, num_ctas, balance
     overhead = decode._TILE_COST_BLOCKS
     load = [sum(hi[u] - lo[u] + overhead for u in range(cta_start[c], cta_start[c + 1]))
             for c in range(num_ctas)]
-    total = sum(b + overhead for b in nb if b)
-    if balanced:
-        # each end of a CTA's span moves by less than a minimal piece or a tile's fixed cost,
-        # and a piece cut off the front of a tile pays that cost again
-        slack = 2 * max(decode._MIN_PIECE_BLOCKS, overhead) + overhead
-        assert max(load) <= -(-total // num_ctas) + slack
-        assert cut.sum() <= num_ctas - 1
-    else:
-        # whole tiles in turn: a CTA takes at most ceil(tiles / CTAs) of them, in list order
-        assert (np.diff(cta_start) <= -(-n // num_ctas)).all()
+    live = np.flatnonzero(nb)
+    # each end of a balanced CTA's span moves by less than a minimal piece or a tile's fixed
+    # cost, and a piece cut off the front of a tile pays that cost again
+    slack = 2 * max(decode._MIN_PIECE_BLOCKS, overhead) + overhead
+    if schedule == "round_robin":  # whole tiles in turn, in list order
         for c in range(num_ctas):
-            assert list(pair[cta_start[c]:cta_start[c + 1]]) == list(
-                np.flatnonzero(nb)[c::num_ctas])
+            assert list(pair[cta_start[c]:cta_start[c + 1]]) == list(live[c::num_ctas])
+    elif schedule == "balanced":
+        total = sum(nb[p] + overhead for p in live)
+        assert max(load) <= -(-total // num_ctas) + slack
+    else:  # full rounds of whole tiles, then the rest balanced
+        rounds = len(live) // num_ctas
+        rest = sum(nb[p] + overhead for p in live[rounds * num_ctas:])
+        for c in range(num_ctas):
+            mine = pair[cta_start[c]:cta_start[c + 1]]
+            assert list(mine[:rounds]) == list(live[c:rounds * num_ctas:num_ctas])
+            assert (np.isin(mine[rounds:], live[rounds * num_ctas:])).all()
+            assert load[c] - sum(nb[p] + overhead for p in mine[:rounds]) <= (
+                -(-rest // num_ctas) + slack)
+    assert cut.sum() <= num_ctas - 1
 
 
 @settings(max_examples=30, deadline=None)
@@ -296,7 +308,8 @@ def test_metadata_slots_hold_every_split_piece(chunk, num_workers, min_split_kv,
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # one key range
     # On one CTA neither schedule cuts: round robin's slots (a formula) are the sorted ones.
     one = [jax.tree.map(np.asarray, decode.decode_metadata(
-        items, bounds=bounds, num_tokens=96, num_ctas=1, balanced=b)) for b in (False, True)]
+        items, bounds=bounds, num_tokens=96, num_ctas=1, schedule=s))
+        for s in ("round_robin", "balanced")]
     for a, b in zip(*one):
         np.testing.assert_array_equal(a, b)
 
