@@ -293,19 +293,37 @@ def test_metadata_slots_hold_every_split_piece(chunk, num_workers, min_split_kv,
     kv_lens = np.zeros(8, np.int32)
     kv_lens[:n] = [max(q, kv) for q, kv in seqs]
     items = planner_fn(cu, kv_lens, np.int32(n))
-    md = jax.tree.map(np.asarray, decode.decode_metadata(items, bounds=bounds, num_tokens=96))
-    tiles = md.meta[:md.cta_start[-1]]
-    split = tiles[:, decode._PART] >= 0
-    slots = np.sort(tiles[split, decode._PART])
-    assert (slots == np.arange(len(slots))).all()  # dense, unique, under n_part
-    assert len(slots) <= md.cmeta.shape[0]
-    for s in md.parents[1:1 + md.parents[0]]:
-        k = md.cmeta[s, 0]
-        rows = tiles[np.isin(tiles[:, decode._PART], np.arange(s, s + k))]
-        assert len(rows) == k >= 2
-        assert len({(r[decode._QSTART], r[decode._KVH]) for r in rows}) == 1
-        ranges = sorted((r[decode._KVSTART], r[decode._KVEND]) for r in rows)
-        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # one key range
+    for schedule in decode.SCHEDULES:
+        md = jax.tree.map(np.asarray, decode.decode_metadata(items, bounds=bounds, num_tokens=96,
+                                                             schedule=schedule))
+        tiles = md.meta[:md.cta_start[-1]]
+        split = tiles[:, decode._PART] >= 0
+        slots = np.sort(tiles[split, decode._PART])
+        assert (slots == np.arange(len(slots))).all()  # dense, unique, under n_part
+        assert len(slots) <= md.cmeta.shape[0]
+        for s in md.parents[1:1 + md.parents[0]]:
+            k = md.cmeta[s, 0]
+            rows = tiles[np.isin(tiles[:, decode._PART], np.arange(s, s + k))]
+            assert len(rows) == k >= 2
+            assert {(r[decode._QSTART], r[decode._KVH]) for r in rows} == {
+                (md.cmeta[s, 1], md.cmeta[s, 3])}
+            ranges = sorted((r[decode._KVSTART], r[decode._KVEND]) for r in rows)
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # one key range
+        # A token's lse comes from an unsplit tile of its rows and head, or its parent's merge.
+        for t, h in zip(*np.nonzero(md.tok_src != -1)):
+            src = md.tok_src[t, h]
+            if src >= 0:
+                mine = tiles[tiles[:, decode._PART] == -1 - src]
+                assert h in mine[:, decode._KVH]
+                assert (mine[:, decode._QSTART] <= t).all()
+                assert (t < mine[:, decode._QSTART] + mine[:, decode._QLEN]).all()
+            else:
+                s = -2 - src
+                assert s in md.parents[1:1 + md.parents[0]] and md.cmeta[s, 3] == h
+                assert md.cmeta[s, 1] <= t < md.cmeta[s, 1] + md.cmeta[s, 2]
+        covered = (md.tok_src != -1).all(axis=1)
+        assert (covered == (md.tok_src != -1).any(axis=1)).all()  # every head or none
+        assert set(md.zero_rows[1:1 + md.zero_rows[0]]) == set(np.flatnonzero(~covered))
     # On one CTA neither schedule cuts: round robin's slots (a formula) are the sorted ones.
     one = [jax.tree.map(np.asarray, decode.decode_metadata(
         items, bounds=bounds, num_tokens=96, num_ctas=1, schedule=s))
