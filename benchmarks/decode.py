@@ -233,8 +233,9 @@ def table_md(res):
     lines = [f"# Decode bandwidth, {res['device']}, {res['date']}", "",
              f"Same-run ceilings: copy {c['copy_tbps']:.2f} TB/s, read-only {c['read_tbps']:.2f} TB/s.",
              "Bandwidth = bytes of K+V read / time. jaxattn = one layer's attention as the model"
-             " calls it: main kernel + combine kernel + output zeroing (+ the cast to q's dtype"
-             " before 2026-12-01 session 11's kernels wrote that dtype themselves; the"
+             " calls it: main kernel + combine kernel (+ an XLA memset of the output before"
+             " 2026-12-02 session 18's kernel zeroed the rows it does not cover; + the cast"
+             " to q's dtype before 2026-12-01 session 11's kernels wrote that dtype themselves; the"
              " lse, which the model drops, is not computed; runs before 2026-12-01 session 7"
              " included its gather); the kernel"
              " metadata and the step's plan (built once per step, shared by all layers) are"

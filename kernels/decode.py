@@ -38,7 +38,7 @@ a compact list and stream only the pieces' own token rows, so its cost
 follows the real number of parents, pieces and tokens, not the static
 capacity (an XLA merge over the padded partial buffer pays for the whole
 capacity on every call: benchmarks/NOTES-decode.md, v1; a CTA per partial
-slot paid ~8 waves of empty CTAs: v6). Unsplit items (short contexts) never
+slot paid ~8 waves of empty CTAs: v6). Unsplit tiles (short contexts, round robin) never
 touch it. Per-token lse values are
 gathered from the tiles by XLA (``T x Hq`` floats).
 
@@ -204,15 +204,9 @@ def fit_blocks(config: DecodeConfig, bounds: Bounds) -> DecodeConfig:
     return dataclasses.replace(config, block_kv=64, num_stages=4)
 
 
-# How decode_metadata deals tiles to CTAs (:func:`deal_tiles`).
-SCHEDULES = ("round_robin", "balanced", "last_round")
-
-
 def _cuts(num_ctas: int, schedule: str) -> int:
     """Most tiles a schedule (:func:`deal_tiles`) cuts: one per boundary between CTAs'
     spans; round robin cuts none."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
     return 0 if schedule == "round_robin" else num_ctas - 1
 
 
@@ -1042,12 +1036,13 @@ def deal_tiles(blocks, num_ctas: int, schedule: str = "round_robin"):
     [lo, hi), valid), whether each tile p is cut [P], and ``cta_start`` [num_ctas + 1]:
     CTA c runs schedule tiles [cta_start[c], cta_start[c + 1]).
     """
-    _cuts(num_ctas, schedule)  # checks the name
-    if schedule == "round_robin":
-        return _round_robin(blocks, num_ctas)
-    if schedule == "balanced":
-        return _stream_k(blocks, num_ctas)
-    w = num_ctas
+    if schedule not in _DEALERS:
+        raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
+    return _DEALERS[schedule](blocks, num_ctas)
+
+
+def _last_round(blocks, w: int):
+    """:func:`deal_tiles`: round robin's full rounds, then the rest balanced."""
     live = blocks > 0
     rank = jnp.cumsum(live, dtype=jnp.int32) - 1
     rounds = live.sum(dtype=jnp.int32) // w
@@ -1118,6 +1113,11 @@ def _stream_k(blocks, w: int):
     cta_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), cut_unit.astype(jnp.int32),
                                  jnp.reshape(n_units, (1,)).astype(jnp.int32)])
     return pair, lo, hi, valid, n_cuts > 0, cta_start
+
+
+# How decode_metadata deals tiles to CTAs (:func:`deal_tiles`).
+_DEALERS = {"round_robin": _round_robin, "balanced": _stream_k, "last_round": _last_round}
+SCHEDULES = tuple(_DEALERS)
 
 
 def _planned_slots(items: WorkList, hkv: int):
@@ -1248,11 +1248,12 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     g = bounds.group
     # Uninitialised (no memset kernel): the kernel writes every row. In interpret mode NaN,
     # so the tests see a row it missed.
-    out = jnp.full if interpret else lambda shape, _, dtype: lax.empty(shape, dtype)
-    out_ref = jax.new_ref(out((t, hq // g, g, d), jnp.nan, q.dtype))
+    shape = (t, hq // g, g, d)
+    out_ref = jax.new_ref(jnp.full(shape, jnp.nan, q.dtype) if interpret
+                          else lax.empty(shape, q.dtype))
     lse_tiles, pieces = _kernel_call(
-        md.meta, md.cta_start, md.zero_rows, page_table.astype(jnp.int32), q.reshape(t, hq // g, g, d),
-        k_pages, v_pages, out_ref, cap=md.q_start.shape[0], n_part=md.cmeta.shape[0],
+        md.meta, md.cta_start, md.zero_rows, page_table.astype(jnp.int32),
+        q.reshape(shape), k_pages, v_pages, out_ref, cap=md.q_start.shape[0], n_part=md.cmeta.shape[0],
         scale=float(scale), causal=causal, config=config, interpret=interpret,
         k_scale=k_scale, v_scale=v_scale)
     return out_ref, lse_tiles, pieces
