@@ -85,6 +85,40 @@ _COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
 
 
 @dataclasses.dataclass(frozen=True)
+class CombineConfig:
+    """Static tuning of the combine kernel (:func:`_combine_call`).
+
+    cols: head-dim columns per CTA (a parent's rows are split over ``D / cols`` CTAs).
+    warpgroups: warpgroups per CTA; for a parent of ``share_from`` pieces or more,
+      warpgroup w takes pieces w, w + W, ... with a softmax state of its own, and
+      warpgroup 0 merges the W states at the end: W chains of per-piece latency
+      instead of one. Fewer pieces are warpgroup 0's alone.
+    approx_math: the fast (approximate) exp, as the main kernel uses.
+
+    On the H200 (benchmarks/results/decode-combine-2026-12-02-s19.md, the kernel alone)
+    the session-18 form (64 columns, one warpgroup, exact exp) took 8.4 µs at 1 x 128k
+    (8 parents of 16 pieces), 5.1 at 2 x 64k and 2.7 at 8 x 32k (64 parents of 2);
+    two warpgroups 6.7 / 4.4 / 3.1, the fast exp 8.1 / 4.9 / 2.7. Narrower column blocks
+    help few parents (16 columns, 4 warpgroups, fast exp: 5.5 at 1 x 128k) and hurt
+    many (7.9 at 8 x 32k: a quarter as many workers per column block, each paying a
+    parent's fixed latency four times in turn).
+    """
+
+    cols: int = 64
+    warpgroups: int = 2
+    share_from: int = 4
+    approx_math: bool = True
+
+    def __post_init__(self):
+        if self.cols not in (16, 32, 64, 128):
+            raise ValueError(f"CombineConfig.cols={self.cols} must be 16, 32, 64 or 128")
+        if self.warpgroups not in (1, 2, 4):
+            raise ValueError(f"CombineConfig.warpgroups={self.warpgroups} must be 1, 2 or 4")
+        if self.share_from < 2:
+            raise ValueError(f"CombineConfig.share_from={self.share_from} must be >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Static tuning of the decode kernel.
 
@@ -142,6 +176,7 @@ class DecodeConfig:
       (benchmarks/results/fp8-kv-2026-12-02-s16-narrow.md, same run): FP8 cache 5% faster
       from 8k keys up (1% slower at 256 x 2k), bf16 0-1.3% slower (its kernel is not
       waiting on the consumer), so :func:`default_config` turns it on for FP8 only.
+    combine: the combine kernel's tuning (:class:`CombineConfig`).
     """
 
     block_kv: int = 64
@@ -154,6 +189,7 @@ class DecodeConfig:
     consumers: int = 1
     fp8_qk: bool = False
     narrow_tiles: bool = False
+    combine: CombineConfig = CombineConfig()
 
     def __post_init__(self):
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -867,93 +903,136 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     return lse_tiles, Pieces(piece_rows, piece_lse)
 
 
-_COMBINE_COLS = 64  # head-dim columns per combine CTA
-
-
 def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: int,
-                  out_dtype, interpret):
+                  out_dtype, interpret, config: CombineConfig = CombineConfig()):
     """Merge the split pieces of each parent (an item's key range on one KV head) by
     log-sum-exp.
 
     ``parents`` (int32 [1 + n_part]): the number of split parents, then each
-    one's first partial slot. The grid is (w, 64 head-dim columns) with
+    one's first partial slot. The grid is (w, head-dim column blocks) with
     ``w`` a few workers that take parents ``w, w + W, ...``: with at most
     ``workers`` CTAs in all, a step without split parents costs one wave of
-    CTAs that exit at once. Per parent a CTA streams the pieces (only their own
-    token rows) through a ring of SMEM slots, keeps a running max / sum /
-    weighted O in registers, and writes the parent's rows into ``out_ref`` (in
-    place, ``out_dtype``). Returns the merged lse tiles [n_part, 64] (row of
-    a parent's first slot).
+    CTAs that exit at once. Per parent each warpgroup of a CTA streams its share of
+    the pieces (only their own token rows) through a ring of SMEM slots, keeps a
+    running max / sum / weighted O in registers; warpgroup 0 merges the shares and
+    writes the parent's rows into ``out_ref`` (in place, ``out_dtype``). Returns the
+    merged lse tiles [n_part, 64] (row of a parent's first slot).
     """
     n_part, _, d = pieces.rows.shape
-    cw = min(d, _COMBINE_COLS)
+    cw = min(d, config.cols)
+    nwg = config.warpgroups
     n_tok = ROWS // g  # q_len <= dq <= 64 // g
     # A piece's load is tiny (its token rows); depth hides the TMA latency when
-    # one long sequence has W pieces.
-    ring = max(2, min(16, (160 * 1024) // (ROWS * cw * 4)))
+    # one long sequence has W pieces. `ring` slots per warpgroup (a group of barriers holds
+    # at most 32).
+    ring = max(2, min(16, 32 // nwg, (160 * 1024) // (ROWS * cw * 4) // nwg))
     # Each parent has two pieces or more, so there are at most n_part // 2.
     n_w = max(1, min(n_part // 2, workers // (d // cw)))
+    reduce_layout = plgpu.Layout.WGMMA.reduce(1)
 
     def decode_combine_kernel(cmeta_ref, parents_ref, opart_ref, lpart_ref, out_ref,
-                              lse_out_ref, o_buf, l_buf, o_out, full):
+                              lse_out_ref, o_buf, l_buf, o_out, full, shares):
         cols = pl.ds(lax.axis_index("col") * cw, cw)
+        wg = lax.axis_index("wg")
 
         @pl.loop(lax.axis_index("w"), parents_ref[0], step=n_w)
         def _(i):
-            merge(parents_ref[1 + i], cols, cmeta_ref, opart_ref, lpart_ref, out_ref,
-                  lse_out_ref, o_buf, l_buf, o_out, full)
+            merge(parents_ref[1 + i], wg, cols, cmeta_ref, opart_ref, lpart_ref, out_ref,
+                  lse_out_ref, o_buf, l_buf, o_out, full, shares)
 
-    def merge(slot0, cols, cmeta_ref, opart_ref, lpart_ref, out_ref, lse_out_ref, o_buf,
-              l_buf, o_out, full):
-        """One parent: its pieces sit in slots [slot0, slot0 + n). Every barrier gets as
-        many waits as arrivals, so the ring's phases carry over to the next parent."""
+    def merge(slot0, wg, cols, cmeta_ref, opart_ref, lpart_ref, out_ref, lse_out_ref, o_buf,
+              l_buf, o_out, full, shares):
+        """One parent: its pieces sit in slots [slot0, slot0 + n); this warpgroup's are
+        slot0 + wg + j * nwg. Every barrier gets as many waits as arrivals, so the
+        ring's phases carry over to the next parent."""
         n, q_start, q_len, kvh = (cmeta_ref[slot0, i] for i in range(4))
+        # A parent of few pieces is warpgroup 0's alone: handing over states costs more.
+        shared = n >= config.share_from
+        stride = jnp.where(shared, nwg, 1)
+        n_mine = jnp.where(shared, jnp.maximum(n - wg + nwg - 1, 0) // nwg,
+                           jnp.where(wg == 0, n, 0))
 
-        def issue(k):
-            b = lax.rem(k, ring)
+        def issue(j):
+            b = wg * ring + lax.rem(j, ring)
+            slot = slot0 + wg + j * stride
             # A fixed arrival count: one copy per token of the item, plain arrives for the rest.
             @pl.loop(0, q_len)
             def _(tok):
                 rows = pl.ds(tok * g, g)
-                plgpu.copy_gmem_to_smem(opart_ref.at[slot0 + k, rows, cols],
+                plgpu.copy_gmem_to_smem(opart_ref.at[slot, rows, cols],
                                         o_buf.at[b, rows], full.at[b])
 
             @pl.loop(q_len, n_tok)
             def _(tok):
                 plgpu.barrier_arrive(full.at[b])
 
-            plgpu.copy_gmem_to_smem(lpart_ref.at[slot0 + k], l_buf.at[b], full.at[b])
+            plgpu.copy_gmem_to_smem(lpart_ref.at[slot], l_buf.at[b], full.at[b])
 
-        @pl.loop(0, jnp.minimum(n, ring))
-        def _(k):
-            issue(k)
+        @pl.loop(0, jnp.minimum(n_mine, ring))
+        def _(j):
+            issue(j)
 
-        def step(k, carry):
-            acc, m, s = carry
-            b = lax.rem(k, ring)
+        def step(j, carry):
+            b = wg * ring + lax.rem(j, ring)
             plgpu.barrier_wait(full.at[b])
             o = plgpu.load(o_buf.at[b], layout=plgpu.Layout.WGMMA)
-            lse = plgpu.load(l_buf.at[b], layout=plgpu.Layout.WGMMA.reduce(1))
-            plgpu.commit_smem()  # every thread has read slot b before it is refilled
+            lse = plgpu.load(l_buf.at[b], layout=reduce_layout)
 
-            @pl.when(k + ring < n)
+            @pl.when(j + ring < n_mine)
             def _():
-                issue(k + ring)
+                plgpu.commit_smem()  # every thread has read slot b before it is refilled
+                issue(j + ring)
 
-            m_new = jnp.maximum(m, lse)
-            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
             # Rows of tokens past q_len hold stale data; rows are independent and
             # those are never written out.
-            acc = (acc * lax.broadcast_in_dim(alpha, o.shape, [0])
-                   + lax.broadcast_in_dim(w, o.shape, [0]) * o)
-            return acc, m_new, s * alpha + w
+            return combine(carry, (o, lse))
 
-        acc, m, s = lax.fori_loop(0, n, step, (
+        state = lax.fori_loop(0, n_mine, step, (
             plgpu.layout_cast(jnp.zeros((ROWS, cw), jnp.float32), plgpu.Layout.WGMMA),
-            plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
-                              plgpu.Layout.WGMMA.reduce(1)),
-            plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))))
+            plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), reduce_layout),
+            plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), reduce_layout)))
+        out = (slot0, q_start, q_len, kvh, cols, out_ref, lse_out_ref, l_buf, o_out)
+        if nwg == 1:
+            write(*state, *out)
+            return
+        # Warpgroups 1.. hand their states to warpgroup 0 through SMEM and wait until it
+        # has read them (the next parent's states go to the same place).
+        o_sh, ms_sh, ready, taken = shares
+        pl.when(~shared & (wg == 0))(lambda: write(*state, *out))
+
+        @pl.when(shared & (wg > 0))
+        def _():
+            acc, m, s = state
+            o_sh[wg - 1] = acc
+            ms_sh[wg - 1, 0] = m
+            ms_sh[wg - 1, 1] = s
+            plgpu.barrier_arrive(ready)
+            plgpu.barrier_wait(taken)
+
+        @pl.when(shared & (wg == 0))
+        def _():
+            plgpu.barrier_wait(ready)
+            mine = state
+            for w in range(nwg - 1):
+                # A share is a weighted sum of rows under its own max, its weights' sum s.
+                mine = combine(mine, (plgpu.load(o_sh.at[w], layout=plgpu.Layout.WGMMA),
+                                      plgpu.load(ms_sh.at[w, 0], layout=reduce_layout),
+                                      plgpu.load(ms_sh.at[w, 1], layout=reduce_layout)))
+            plgpu.barrier_arrive(taken)
+            write(*mine, *out)
+
+    def combine(state, piece):
+        """A softmax state (weighted O, max, sum of weights) with a piece added: a
+        normalised piece (o, lse) has one weight, a state's share (o, m, s) weights s."""
+        (acc, m, s), (o, lse, *w_sum) = state, piece
+        m_new = jnp.maximum(m, lse)
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
+        acc = (acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+               + lax.broadcast_in_dim(w, acc.shape, [0]) * o)
+        return acc, m_new, s * alpha + (w * w_sum[0] if w_sum else w)
+
+    def write(acc, m, s, slot0, q_start, q_len, kvh, cols, out_ref, lse_out_ref, l_buf, o_out):
         seen = s > 0
         s_safe = jnp.where(seen, s, 1.0)
         o_out[...] = (acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])).astype(out_dtype)
@@ -975,13 +1054,20 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
 
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
+    shares = None if nwg == 1 else (
+        plgpu.SMEM((nwg - 1, ROWS, cw), jnp.float32),  # warpgroups 1..'s weighted O
+        plgpu.SMEM((nwg - 1, 2, ROWS), jnp.float32),  # ... and their max and weight sum
+        plgpu.Barrier(num_arrivals=nwg - 1),  # ready: their states are in SMEM
+        plgpu.Barrier())  # taken: warpgroup 0 has read them
     return plgpu.kernel(
         decode_combine_kernel, out_type=jax.ShapeDtypeStruct((n_part, ROWS), jnp.float32),
-        grid=(n_w, d // cw), grid_names=("w", "col"),
-        scratch_types=(plgpu.SMEM((ring, ROWS, cw), jnp.float32),
-                       plgpu.SMEM((ring, ROWS), jnp.float32),
+        grid=(n_w, d // cw), grid_names=("w", "col"), num_threads=nwg, thread_name="wg",
+        scratch_types=(plgpu.SMEM((nwg * ring, ROWS, cw), jnp.float32),
+                       plgpu.SMEM((nwg * ring, ROWS), jnp.float32),
                        plgpu.SMEM((ROWS, cw), out_dtype),  # a parent's merged rows
-                       plgpu.Barrier(num_arrivals=n_tok + 1, num_barriers=ring)),
+                       plgpu.Barrier(num_arrivals=n_tok + 1, num_barriers=nwg * ring),
+                       shares),
+        compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
         interpret=interpret or None,
     )(cmeta, parents, pieces.rows, pieces.lse, out_ref)
 
@@ -1285,6 +1371,6 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
                                              k_scale=k_scale, v_scale=v_scale)
     lse_merged = _combine_call(md.cmeta, md.parents, pieces, out_ref, g=bounds.group,
                                workers=bounds.num_workers, out_dtype=q.dtype,
-                               interpret=interpret)
+                               interpret=interpret, config=(config or DecodeConfig()).combine)
     return (out_ref[...].reshape(t, hq, d),
             _gather_lse(lse_tiles, lse_merged, md, bounds.group))

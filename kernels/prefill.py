@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,10 @@ TILE_ORDERS = ("auto", "kv_major", "item_major")
 # "auto" numbers tiles kv_major once one KV head's tiles fill this many waves of CTAs;
 # below that a kv_major wave mixes the longest and shortest items (load imbalance) while
 # all K/V in flight fits L2 anyway, so item_major is faster (benchmarks/NOTES-prefill.md).
-_KV_MAJOR_MIN_WAVES = 4
+# On the H200 kv_major took 10% less time at 11720 and 12287 causal tokens (3.5 and 3.6
+# waves) and item_major 3-8% less at 8191, 8487 and 10001 (2.4-3.0 waves), each length's
+# orders in turn 3 times in one run (results/prefill-2026-12-02.md, session 19).
+_KV_MAJOR_MIN_WAVES = 3.25
 # Named (hardware) barriers of the consumers' turn: consumer w waits on TURN_BARRIER + w.
 # Mosaic GPU itself uses barrier 0 (CTA-wide) and 1..num_warpgroups (per warpgroup).
 TURN_BARRIER = 8
@@ -317,7 +321,7 @@ def tile_schedule(count, cta, *, hq: int, group: int, num_workers: int,
     if tile_order == "kv_major":
         return kv_n, kv_tile, kv_item_head
     # auto: kv_major once one KV head's tiles fill _KV_MAJOR_MIN_WAVES waves of CTAs.
-    use_kv = per_head >= _KV_MAJOR_MIN_WAVES * w
+    use_kv = per_head >= math.ceil(_KV_MAJOR_MIN_WAVES * w)
 
     def auto_item_head(tile):
         (a, b), (c, d) = kv_item_head(tile), item_item_head(tile)

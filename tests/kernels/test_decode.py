@@ -166,6 +166,20 @@ CASES.update({
                        config=decode.DecodeConfig(num_ctas=4)),
 })
 
+# The combine kernel's tunings (DecodeConfig.combine; the default shares parents of 4+ pieces
+# between 2 warpgroups): the session-18 form (one warpgroup, exact exp) in 16-column CTAs;
+# every parent shared, in 32-column CTAs; 4 warpgroups (one with none of a 2-piece parent's
+# pieces); with many parents per CTA (4 workers) and few (32), and the balanced schedule's
+# many pieces.
+_COMBINES = {"c16_wg1": decode.CombineConfig(cols=16, warpgroups=1, approx_math=False),
+             "c32_share2": decode.CombineConfig(cols=32, share_from=2),
+             "wg4": decode.CombineConfig(warpgroups=4, share_from=2)}
+CASES.update({f"{name}_{tag}": dataclasses.replace(
+    CASES[name], config=dataclasses.replace(CASES[name].config, combine=combine))
+    for name in ("scout_bf16_d128_g5_p16", "scout_combine_workers", "balanced_planner_splits",
+                 "fp16_d64_g8_p8_chunked")
+    for tag, combine in _COMBINES.items()})
+
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_interpret_matches_oracle(name):
@@ -192,10 +206,11 @@ def test_empty_decode_list():
     assert (out == 0).all() and (lse == -np.inf).all()
 
 
-@pytest.mark.parametrize("consumers", [1, 2])
-def test_race_detector_finds_no_races(consumers):
+@pytest.mark.parametrize("consumers, combine_wgs", [(1, 1), (2, 1), (1, 2)])
+def test_race_detector_finds_no_races(consumers, combine_wgs):
     case = Case(q_lens=(1, 3, 1), kv_lens=(200, 70, 333), head_dim=64,
-                config=decode.DecodeConfig(num_ctas=2, consumers=consumers))
+                config=decode.DecodeConfig(num_ctas=2, consumers=consumers, combine=(
+                    decode.CombineConfig(warpgroups=combine_wgs, share_from=2))))
     params = plgpu.InterpretGPUParams(detect_races=True)
     run_case(case, interpret=params)
     assert not ipc.get_races().races_found
