@@ -75,7 +75,7 @@ TILE_ORDERS = ("auto", "kv_major", "item_major")
 # all K/V in flight fits L2 anyway, so item_major is faster (benchmarks/NOTES-prefill.md).
 # On the H200 kv_major took 10% less time at 11720 and 12287 causal tokens (3.5 and 3.6
 # waves) and item_major 3-8% less at 8191, 8487 and 10001 (2.4-3.0 waves), each length's
-# orders in turn 3 times in one run (results/prefill-2026-12-02.md, session 19).
+# orders in turn 3 times in one run (results/prefill-2026-12-02-s19-orders.md, session 19).
 _KV_MAJOR_MIN_WAVES = 3.25
 # Named (hardware) barriers of the consumers' turn: consumer w waits on TURN_BARRIER + w.
 # Mosaic GPU itself uses barrier 0 (CTA-wide) and 1..num_warpgroups (per warpgroup).
