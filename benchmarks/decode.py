@@ -101,34 +101,32 @@ def paged(k, v, page_size, seed=0):
     return pool(k), pool(v), jnp.asarray(inv.reshape(batch, per_seq))
 
 
-def bounds_for(batch, page_size, split=True):
-    """``split=False``: the planner never splits a sequence's keys (only the kernel's balanced
-    schedule cuts them)."""
+def bounds_for(batch, page_size):
     return jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=256, max_model_len=131072,
                           page_size=page_size, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
                           chunk_size=8192, block_kv=max(128, page_size),
                           num_workers=common.num_sms(),
-                          min_split_kv=512 if split else 131072)
+                          min_split_kv=512)
 
 
-# Other forms timed beside the default in the same run: (key, column title, config change,
-# decode_metadata's schedule, planner splits). The balanced schedule took 2.3-6.8% more GPU
-# time than round robin on the H200 (results/decode-2026-12-02-s18-balanced.md, where it was
-# the default and round robin the column); the last-round form is untimed.
-OTHERS = [("jaxattn_balanced", "balanced schedule", {}, "balanced", True),
-          ("jaxattn_last_round", "balanced last round", {}, "last_round", True),
-          ("jaxattn_unsplit", "balanced, planner does not split", {}, "balanced", False)]
+# Other forms timed beside the default in the same run: (key, column title, config change).
+OTHERS = [("jaxattn_combine_s18", "combine as in session 18",
+           {"combine": decode.CombineConfig(warpgroups=1, approx_math=False)})]
 # Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17; round
-# robin, beside the balanced schedule as the default in session 18's run.
+# robin, beside the balanced schedule as the default in session 18's run; the balanced
+# (stream-K) and last-round schedules, measured slower in sessions 18-19 and removed
+# (benchmarks/NOTES-decode.md, v10-v11).
 _OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)"),
-                ("jaxattn_rr", "round-robin tiles (before)")]
+                ("jaxattn_rr", "round-robin tiles (before)"),
+                ("jaxattn_balanced", "balanced schedule"),
+                ("jaxattn_last_round", "balanced last round"),
+                ("jaxattn_unsplit", "balanced, planner does not split")]
 
 
-def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config,
-                schedule="round_robin", split=True):
+def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
     """Timed callables: per-layer attention (given the step's plan), the main kernel alone,
     the kernel metadata alone, the plan; and the number of work items."""
-    bounds = bounds_for(batch, page_size, split)
+    bounds = bounds_for(batch, page_size)
     cu = np.zeros(257, np.int32)
     cu[1:batch + 1] = np.arange(1, batch + 1)
     cu[batch + 1:] = batch
@@ -137,8 +135,7 @@ def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config,
     table = jnp.pad(table, ((0, 256 - batch), (0, bounds.pages_per_seq - table.shape[1])))
     plan_fn = jax.jit(lambda cu, kv, n: planner.plan(bounds, cu, kv, n))
     plan = plan_fn(cu, kv_lens, np.int32(batch))
-    meta_fn = jax.jit(lambda items: decode.decode_metadata(items, bounds=bounds, num_tokens=256,
-                                                           schedule=schedule))
+    meta_fn = jax.jit(lambda items: decode.decode_metadata(items, bounds=bounds, num_tokens=256))
     md = meta_fn(plan.decode)
     qt = jnp.pad(q.reshape(batch, HQ, D), ((0, 256 - batch), (0, 0), (0, 0)))
     # As the model calls it: the metadata comes with the step's plan (one per step, shared
@@ -186,9 +183,9 @@ def run_case(batch, ctx, ceiling, profile=False):
     config = decode.default_config()
     fns["jaxattn"], fns["kernel"], fns["meta"], fns["plan"], row["pieces"] = jaxattn_fns(
         batch, ctx, q, kp, vp, table, 16, config)
-    for key, _, change, schedule, split in OTHERS:
+    for key, _, change in OTHERS:
         fns[key], *_ = jaxattn_fns(batch, ctx, q, kp, vp, table, 16,
-                                   dataclasses.replace(config, **change), schedule, split)
+                                   dataclasses.replace(config, **change))
     for name, sec in interleaved(fns).items():
         row[f"{name}_ms"] = sec * 1e3
     if profile:

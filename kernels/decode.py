@@ -8,7 +8,7 @@ pack the item's tokens times the ``G = Hq / Hkv`` query heads of the KV group
 read from HBM once, by one wgmma M tile.
 
 Kernel shape (one CTA per SM, persistent): :func:`deal_tiles` deals the tiles to the
-CTAs, round robin in list order (longest first) by default, and each CTA runs its
+CTAs, round robin in list order (longest first), and each CTA runs its
 tiles as one contiguous run of the metadata's rows. Per CTA:
 
 * warpgroup 1 (producer): per tile, one TMA of the item's query rows into a
@@ -32,7 +32,7 @@ tiles as one contiguous run of the metadata's rows. Per CTA:
 
 A second, small kernel merges split pieces by log-sum-exp
 (:func:`_combine_call`; a *parent* is an item's key range on one KV head, split by the
-planner or cut by the schedule) and writes their rows into ``out``: a few
+planner) and writes their rows into ``out``: a few
 CTAs per column block take the step's split parents in turn from
 a compact list and stream only the pieces' own token rows, so its cost
 follows the real number of parents, pieces and tokens, not the static
@@ -240,26 +240,16 @@ def fit_blocks(config: DecodeConfig, bounds: Bounds) -> DecodeConfig:
     return dataclasses.replace(config, block_kv=64, num_stages=4)
 
 
-def _cuts(num_ctas: int, schedule: str) -> int:
-    """Most tiles a schedule (:func:`deal_tiles`) cuts: one per boundary between CTAs'
-    spans; round robin cuts none."""
-    return 0 if schedule == "round_robin" else num_ctas - 1
-
-
-def split_capacity(bounds: Bounds, cap_items: int, num_ctas: int, schedule: str) -> int:
+def split_capacity(bounds: Bounds, cap_items: int) -> int:
     """Static bound on the split pieces (tiles whose parent, an item's key range on one KV
     head, has two or more).
 
-    The planner's split items: a parent split into n >= 2 pieces of L keys has work w > L,
-    so n = ceil(w / L) < w / L + 1 < 2 w / L; summing over split parents, pieces
-    < 2 * sum(w) / L <= 2 W because the planner picks L >= sum(w) / W (W =
-    bounds.split_target): at most 2W - 1 items, a tile on each KV head. The schedule's cuts
-    (at most ``num_ctas - 1``) then add at most two each: a cut inside an unsplit tile makes
-    two pieces of it, inside a piece one more.
+    A parent split into n >= 2 pieces of L keys has work w > L, so n = ceil(w / L) <
+    w / L + 1 < 2 w / L; summing over split parents, pieces < 2 * sum(w) / L <= 2 W because
+    the planner picks L >= sum(w) / W (W = bounds.split_target): at most 2W - 1 items, a
+    tile on each KV head.
     """
-    tiles = cap_items * bounds.num_kv_heads + _cuts(num_ctas, schedule)
-    planned = min(cap_items, 2 * bounds.split_target - 1) * bounds.num_kv_heads
-    return max(1, min(tiles, planned + 2 * _cuts(num_ctas, schedule)))
+    return max(1, min(cap_items, 2 * bounds.split_target - 1) * bounds.num_kv_heads)
 
 
 def pick_config(bounds: Bounds, dtype, interpret=False, kv_dtype=None) -> DecodeConfig:
@@ -1095,64 +1085,24 @@ class DecodeMeta(NamedTuple):
     zero_rows: jax.Array  # int32 [1 + T]: how many token rows no tile covers, then those rows
 
 
-# The balanced schedule's model of a tile's fixed work (loading its q, the ring's hand-over,
-# writing its rows), in KV blocks; a guess (a block of 128 keys is ~2 us of one SM's share of
-# HBM), not a measurement.
-_TILE_COST_BLOCKS = 1
-# A cut closer than this many blocks to a tile's end moves to that end: so short a piece
-# would cost a tile's fixed work and a merge for about what it saves.
-_MIN_PIECE_BLOCKS = 2
+def deal_tiles(blocks, num_ctas: int):
+    """Deal (item, KV head) tiles of ``blocks`` [P] KV blocks (0: no tile) to the CTAs,
+    whole tiles in turn in list order (p = item * Hkv + KV head, longest items first): the
+    live tile of rank r goes to CTA r % num_ctas, as its (r // num_ctas)-th, so the CTA that
+    takes tile p runs beside those taking the item's other heads. No sort: the metadata is
+    XLA work on every step's path.
 
+    Two other ways were built and measured slower on the H200, then removed (they are in
+    commit 3ed61af): a balanced (stream-K) schedule, each CTA an equal span of the tiles laid
+    end to end, cut where spans end (2.3-6.8% more GPU time, benchmarks/NOTES-decode.md
+    v10), and round robin's full rounds followed by a balanced last round (2.6-6.5% more at
+    three of four shapes, v11). Cut tiles are pieces the combine kernel merges one by one,
+    ~0.45 µs each (v11).
 
-def deal_tiles(blocks, num_ctas: int, schedule: str = "round_robin"):
-    """Deal (item, KV head) tiles of ``blocks`` [P] KV blocks (0: no tile) to the CTAs.
-
-    ``round_robin`` (the default) deals whole tiles in turn, list order (p = item * Hkv + KV
-    head, longest items first), so the CTA that takes tile p runs beside those taking the
-    item's other heads. It leaves the last round's CTAs idle: 2048 equal tiles on 132 SMs
-    are 15.5 rounds run as 16. ``balanced``: the tiles, in list order, are laid end to end
-    with a fixed cost of ``_TILE_COST_BLOCKS`` each and cut into ``num_ctas`` equal spans,
-    each CTA's a contiguous run of tiles and pieces of tiles (stream-K). On the H200 that
-    took 2.3-3.7% more GPU time than round robin at 256 x 2k, 32 x 8k and 8 x 32k and 6.8%
-    more at 1 x 128k (benchmarks/NOTES-decode.md, v10), so it is not the default.
-    ``last_round``: round robin for the full rounds, then the rest balanced over all CTAs,
-    which start on it together (the heads of an item stay in step; untimed).
-
-    Returns, per tile of the schedule [U = P + its cuts]: (tile p, its block range
-    [lo, hi), valid), whether each tile p is cut [P], and ``cta_start`` [num_ctas + 1]:
-    CTA c runs schedule tiles [cta_start[c], cta_start[c + 1]).
+    Returns the schedule's tiles [P] (tile p, valid) and ``cta_start`` [num_ctas + 1]: CTA c
+    runs schedule tiles [cta_start[c], cta_start[c + 1]).
     """
-    if schedule not in _DEALERS:
-        raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
-    return _DEALERS[schedule](blocks, num_ctas)
-
-
-def _last_round(blocks, w: int):
-    """:func:`deal_tiles`: round robin's full rounds, then the rest balanced."""
-    live = blocks > 0
-    rank = jnp.cumsum(live, dtype=jnp.int32) - 1
-    rounds = live.sum(dtype=jnp.int32) // w
-    early = live & (rank < rounds * w)
-    pair_a, lo_a, hi_a, valid_a, _, _ = _round_robin(jnp.where(early, blocks, 0), w)
-    pair_b, lo_b, hi_b, valid_b, cut, start_b = _stream_k(jnp.where(early, 0, blocks), w)
-    # CTA c runs its `rounds` whole tiles, then its span of the rest.
-    size = pair_b.shape[0]
-    a = jnp.arange(pair_a.shape[0], dtype=jnp.int32)
-    at_a = a + start_b[a // jnp.maximum(rounds, 1)]
-    b = jnp.arange(size, dtype=jnp.int32)
-    cta_b = jnp.searchsorted(start_b, b, side="right", method="compare_all") - 1
-    at_b = b + (cta_b + 1) * rounds
-    at = jnp.concatenate([jnp.where(valid_a, at_a, size), jnp.where(valid_b, at_b, size)])
-    put = lambda xa, xb: jnp.zeros((size,), xa.dtype).at[at].set(
-        jnp.concatenate([xa, xb]), mode="drop")
-    return (put(pair_a, pair_b), put(lo_a, lo_b), put(hi_a, hi_b), put(valid_a, valid_b), cut,
-            jnp.arange(w + 1, dtype=jnp.int32) * rounds + start_b)
-
-
-def _round_robin(blocks, w: int):
-    """:func:`deal_tiles` of whole tiles in turn: the live tile of rank r goes to CTA
-    r % w, as its (r // w)-th. No sort: the metadata is XLA work on every step's path."""
-    n_pairs = blocks.shape[0]
+    n_pairs, w = blocks.shape[0], num_ctas
     live = blocks > 0
     n = live.sum(dtype=jnp.int32)
     c = jnp.arange(w + 1, dtype=jnp.int32)
@@ -1161,49 +1111,7 @@ def _round_robin(blocks, w: int):
     at = cta_start[lax.rem(rank, w)] + rank // w
     pair = jnp.zeros((n_pairs,), jnp.int32).at[jnp.where(live, at, n_pairs)].set(
         jnp.arange(n_pairs, dtype=jnp.int32), mode="drop")
-    return (pair, jnp.zeros_like(pair), blocks[pair], jnp.arange(n_pairs) < n,
-            jnp.zeros_like(live), cta_start)
-
-
-def _stream_k(blocks, w: int):
-    """:func:`deal_tiles`, balanced: equal spans of the tiles laid end to end."""
-    n_pairs = blocks.shape[0]
-    size = n_pairs + w - 1
-    live = blocks > 0
-    cost = jnp.where(live, blocks + _TILE_COST_BLOCKS, 0)
-    cend = jnp.cumsum(cost, dtype=jnp.int32)
-    cstart, total = cend - cost, cend[-1]
-    c = jnp.arange(1, w, dtype=jnp.int32)
-    x = (total // w) * c + lax.rem(total, w) * c // w  # cut c's place, free of overflow
-    p = jnp.minimum(jnp.searchsorted(cend, x, side="right", method="compare_all"),
-                    n_pairs - 1).astype(jnp.int32)
-    nb = blocks[p]
-    j = jnp.clip(x - cstart[p] - _TILE_COST_BLOCKS, 0, nb)
-    j = jnp.where(j < _MIN_PIECE_BLOCKS, 0, jnp.where(nb - j < _MIN_PIECE_BLOCKS, nb, j))
-    inner = (j > 0) & (j < nb)
-    # Several CTAs' cuts in one place (fewer blocks than CTAs) cut once.
-    repeat = jnp.concatenate([jnp.zeros((1,), bool), (p[1:] == p[:-1]) & (j[1:] == j[:-1])])
-    new = inner & ~repeat
-    rank = jnp.cumsum(new, dtype=jnp.int32) - 1  # this cut's index among the inner ones
-    cuts = jnp.zeros((w,), jnp.int32).at[jnp.where(new, rank, w)].set(j, mode="drop")
-    n_cuts = jnp.zeros((n_pairs,), jnp.int32).at[p].add(new)
-    first_cut = jnp.cumsum(n_cuts) - n_cuts
-    units = jnp.where(live, 1 + n_cuts, 0)
-    first_unit = jnp.cumsum(units) - units
-    pair, k, valid, n_units = planner._enumerate(units, size)
-    at = lambda i: cuts[jnp.clip(first_cut[pair] + i, 0, w - 1)]
-    lo = jnp.where(k == 0, 0, at(k - 1))
-    hi = jnp.where(k == units[pair] - 1, blocks[pair], at(k))
-    cut_unit = first_unit[p] + jnp.where(j == 0, 0, jnp.where(j >= nb, units[p],
-                                                                rank - first_cut[p] + 1))
-    cta_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), cut_unit.astype(jnp.int32),
-                                 jnp.reshape(n_units, (1,)).astype(jnp.int32)])
-    return pair, lo, hi, valid, n_cuts > 0, cta_start
-
-
-# How decode_metadata deals tiles to CTAs (:func:`deal_tiles`).
-_DEALERS = {"round_robin": _round_robin, "balanced": _stream_k, "last_round": _last_round}
-SCHEDULES = tuple(_DEALERS)
+    return pair, jnp.arange(n_pairs) < n, cta_start
 
 
 def _planned_slots(items: WorkList, hkv: int):
@@ -1222,36 +1130,29 @@ def _planned_slots(items: WorkList, hkv: int):
 
 
 def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
-                    num_ctas: int | None = None, schedule: str = "round_robin") -> DecodeMeta:
+                    num_ctas: int | None = None) -> DecodeMeta:
     """Kernel metadata from the work list: small XLA work ahead of the kernels.
 
     The (item, KV head) tiles are dealt to ``num_ctas`` CTAs (default
-    ``bounds.num_workers``) by :func:`deal_tiles`, cut at ``bounds.block_kv`` boundaries of
-    the item's keys. A parent (an item's key range on one KV head) is split when the
-    planner split the item or the schedule cut its tile; its pieces get slots in the
-    partial buffer in order (q_start, KV head, first key), so each parent's are
-    contiguous for the combine kernel.
+    ``bounds.num_workers``) by :func:`deal_tiles`. A parent (an item's key range on one KV
+    head) is split when the planner split the item; its pieces get slots in the partial
+    buffer in order (q_start, KV head, split), so each parent's are contiguous for the
+    combine kernel.
     """
     w = num_ctas or bounds.num_workers
     cap, hkv, gran = items.seq.shape[0], bounds.num_kv_heads, bounds.block_kv
-    n_part = split_capacity(bounds, cap, w, schedule)
+    n_part = split_capacity(bounds, cap)
     item_ok = jnp.arange(cap) < items.count
     blocks = jnp.where(item_ok, common.cdiv(items.kv_end - items.kv_start, gran), 0)
-    pair, lo, hi, valid, cut, cta_start = deal_tiles(jnp.repeat(blocks, hkv), w, schedule)
+    pair, valid, cta_start = deal_tiles(jnp.repeat(blocks, hkv), w)
     item, kvh = pair // hkv, lax.rem(pair, hkv)
-    kv_start = items.kv_start[item] + lo * gran
-    kv_end = jnp.minimum(items.kv_start[item] + hi * gran, items.kv_end[item])
-    q_start = items.q_start[item]
-    is_split = valid & ((items.num_splits[item] > 1) | cut[pair])
+    kv_start, kv_end, q_start = items.kv_start[item], items.kv_end[item], items.q_start[item]
+    is_split = valid & (items.num_splits[item] > 1)
     size = is_split.shape[0]
     tiles = jnp.arange(size, dtype=jnp.int32)
-    if schedule != "round_robin":
-        order = jnp.lexsort((kv_start, kvh, q_start, ~is_split)).astype(jnp.int32)
-        slot = jnp.zeros((size,), jnp.int32).at[order].set(tiles)
-    else:  # only the planner splits: the same order without a sort
-        slot = _planned_slots(items, hkv)[item, kvh]
+    slot = _planned_slots(items, hkv)[item, kvh]
     # slot < n_part always holds (split_capacity); the guard only keeps a broken
-    # schedule from writing out of bounds.
+    # plan from writing out of bounds.
     is_split &= slot < n_part
     part = jnp.where(is_split, slot, -1 - item)
     meta = jnp.stack([items.seq[item], q_start, items.q_len[item], items.q_pos[item], kv_start,
@@ -1270,14 +1171,10 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
     cmeta = jnp.stack([jnp.where(first, sizes[jnp.maximum(group, 0)], 0), q_start[o],
                        items.q_len[item[o]], kvh[o]], axis=1).astype(jnp.int32)
     # Each (item, KV head)'s lse: its tile's, or the merged tile at its parent's first slot
-    # (the piece at the parent's first key: of the item with split 0, lo = 0).
-    n_pairs = cap * hkv
-    first_tile = jnp.zeros((n_pairs,), jnp.int32).at[
-        jnp.where(valid & (lo == 0), pair, n_pairs)].set(jnp.arange(size, dtype=jnp.int32),
-                                                         mode="drop")
-    pair_split = (jnp.repeat(items.num_splits, hkv) > 1) | cut
-    pair_src = jnp.where(pair_split, -2 - slot[first_tile],
-                         jnp.repeat(jnp.arange(cap, dtype=jnp.int32), hkv)).reshape(cap, hkv)
+    # (that of the piece with split 0, the item whose tokens are kept below).
+    pair_src = jnp.where((items.num_splits > 1)[:, None],
+                         -2 - _planned_slots(items, hkv),
+                         jnp.arange(cap, dtype=jnp.int32)[:, None])
     dq, t = bounds.dq, num_tokens
     tok = items.q_start[:, None] + jnp.arange(dq)[None, :]
     keep = (item_ok[:, None] & (items.split[:, None] == 0)

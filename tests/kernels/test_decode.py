@@ -47,7 +47,6 @@ class Case:
     block_kv: int = 128  # planner's split granularity
     num_workers: int = 4  # also sets the combine kernel's workers per (KV head, columns)
     seed: int = 0
-    schedule: str = "round_robin"  # decode_metadata's
 
     def bounds(self):
         return jaxattn.Bounds(
@@ -67,8 +66,7 @@ def run_case(case: Case, interpret=True, scale=0.15):
     fn = jax.jit(lambda q, k, v, pt, items: decode.decode_attention(
         q, k, v, pt, items, bounds=bounds, scale=scale, causal=case.causal,
         interpret=interpret, config=case.config, metadata=decode.decode_metadata(
-            items, bounds=bounds, num_tokens=q.shape[0], num_ctas=case.config.num_ctas,
-            schedule=case.schedule)))
+            items, bounds=bounds, num_tokens=q.shape[0], num_ctas=case.config.num_ctas)))
     out, lse = fn(jnp.asarray(rc.q), jnp.asarray(rc.k_pages), jnp.asarray(rc.v_pages),
                   rc.page_table, plan.decode)
     return rc, bounds, plan, np.asarray(out, np.float64), np.asarray(lse, np.float64)
@@ -122,6 +120,10 @@ CASES = {
     # 32 workers: the combine kernel spreads the split parents over several CTAs per
     # (KV head, columns) (with 4, one CTA merges them all, its ring carried across parents).
     "scout_combine_workers": dataclasses.replace(SCOUT_LIKE, num_workers=32),
+    # The planner's pieces, 4-8 per parent, merged on one combine CTA per column block.
+    "one_cta_many_splits": Case(q_lens=(1, 3, 1, 12, 1), kv_lens=(1000, 700, 1024, 900, 5),
+                                block_kv=64, min_split_kv=128, num_workers=16,
+                                config=decode.DecodeConfig(num_ctas=1)),
     "fp16_d128_g5_q_eq_dq": Case(q_lens=(12, 12), kv_lens=(12, 1000), dtype=jnp.float16,
                                  min_split_kv=64, block_kv=64),
 }
@@ -143,40 +145,17 @@ CASES.update({f"{name}_2c": dataclasses.replace(
                  "one_cta_many_tiles", "one_cta_many_tiles_narrow")})
 
 
-# The balanced schedule (stream-K): tiles cut where CTAs' spans end (64-key granularity, 5
-# CTAs), their pieces merged by the combine kernel: alone, with the planner's splits, chunked,
-# in both tile forms and with two consumers; and round robin's full rounds before a balanced
-# last one (4 CTAs: a round of 4 tiles, then 2 tiles cut over the 4).
-BALANCED = Case(q_lens=(1, 3, 1, 12, 1), kv_lens=(1000, 700, 1024, 900, 5), block_kv=64,
-                min_split_kv=4096, schedule="balanced", config=decode.DecodeConfig(num_ctas=5))
-CASES.update({
-    "balanced": BALANCED,
-    # the planner's pieces, two of them cut again (9 CTAs)
-    "balanced_planner_splits": dataclasses.replace(BALANCED, min_split_kv=128, num_workers=16,
-                                                   config=decode.DecodeConfig(num_ctas=9)),
-    "balanced_fp16_d64_g8_chunked": dataclasses.replace(
-        CASES["fp16_d64_g8_p8_chunked"], block_kv=64, schedule="balanced",
-        config=decode.DecodeConfig(num_ctas=5)),
-    "balanced_narrow": dataclasses.replace(BALANCED, config=decode.DecodeConfig(
-        num_ctas=5, narrow_tiles=True)),
-    "balanced_2c": dataclasses.replace(BALANCED, config=decode.DecodeConfig(
-        num_ctas=5, consumers=2)),
-    "last_round": Case(q_lens=(1, 3, 12), kv_lens=(1000, 999, 1024), block_kv=64,
-                       min_split_kv=4096, schedule="last_round",
-                       config=decode.DecodeConfig(num_ctas=4)),
-})
-
 # The combine kernel's tunings (DecodeConfig.combine; the default shares parents of 4+ pieces
 # between 2 warpgroups): the session-18 form (one warpgroup, exact exp) in 16-column CTAs;
 # every parent shared, in 32-column CTAs; 4 warpgroups (one with none of a 2-piece parent's
-# pieces); with many parents per CTA (4 workers) and few (32), and the balanced schedule's
-# many pieces.
+# pieces); with many parents per CTA (4 workers) and few (32), and one CTA's ring carried
+# over many parents.
 _COMBINES = {"c16_wg1": decode.CombineConfig(cols=16, warpgroups=1, approx_math=False),
              "c32_share2": decode.CombineConfig(cols=32, share_from=2),
              "wg4": decode.CombineConfig(warpgroups=4, share_from=2)}
 CASES.update({f"{name}_{tag}": dataclasses.replace(
     CASES[name], config=dataclasses.replace(CASES[name].config, combine=combine))
-    for name in ("scout_bf16_d128_g5_p16", "scout_combine_workers", "balanced_planner_splits",
+    for name in ("scout_bf16_d128_g5_p16", "scout_combine_workers", "one_cta_many_splits",
                  "fp16_d64_g8_p8_chunked")
     for tag, combine in _COMBINES.items()})
 
@@ -248,48 +227,18 @@ def _planner(chunk, num_workers, min_split_kv):
 
 @settings(max_examples=60, deadline=None)
 @given(blocks=st.lists(st.integers(0, 40), min_size=1, max_size=24),
-       num_ctas=st.integers(1, 40), schedule=st.sampled_from(decode.SCHEDULES))
-def test_schedule_covers_every_block_once_and_balances(blocks, num_ctas, schedule):
-    """decode.deal_tiles: every tile's blocks run exactly once, each CTA's tiles are one
-    contiguous run; round robin deals whole tiles in turn, balanced CTAs' loads differ by at
-    most a few tiles' fixed costs, and the last round's form is round robin's full rounds,
-    then the rest balanced."""
+       num_ctas=st.integers(1, 40))
+def test_round_robin_deals_every_tile_once_in_turn(blocks, num_ctas):
+    """decode.deal_tiles: the live tiles, each once, CTA c's a contiguous run of the live
+    tiles c, c + num_ctas, ... in list order."""
     nb = np.asarray(blocks, np.int32)
-    pair, lo, hi, valid, cut, cta_start = map(np.asarray, decode.deal_tiles(
-        jnp.asarray(nb), num_ctas, schedule))
-    n = int(valid.sum())
-    assert valid[:n].all() and not valid[n:].any()
-    assert cta_start[0] == 0 and cta_start[-1] == n and (np.diff(cta_start) >= 0).all()
-    covered = np.zeros((len(nb), max(1, nb.max())), int)
-    for p, a, b in zip(pair[:n], lo[:n], hi[:n]):
-        assert 0 <= a < b <= nb[p]
-        covered[p, a:b] += 1
-    for p, b in enumerate(nb):
-        assert (covered[p, :b] == 1).all()
-        assert cut[p] == ((pair[:n] == p).sum() > 1)
-    overhead = decode._TILE_COST_BLOCKS
-    load = [sum(hi[u] - lo[u] + overhead for u in range(cta_start[c], cta_start[c + 1]))
-            for c in range(num_ctas)]
+    pair, valid, cta_start = map(np.asarray, decode.deal_tiles(jnp.asarray(nb), num_ctas))
     live = np.flatnonzero(nb)
-    # each end of a balanced CTA's span moves by less than a minimal piece or a tile's fixed
-    # cost, and a piece cut off the front of a tile pays that cost again
-    slack = 2 * max(decode._MIN_PIECE_BLOCKS, overhead) + overhead
-    if schedule == "round_robin":  # whole tiles in turn, in list order
-        for c in range(num_ctas):
-            assert list(pair[cta_start[c]:cta_start[c + 1]]) == list(live[c::num_ctas])
-    elif schedule == "balanced":
-        total = sum(nb[p] + overhead for p in live)
-        assert max(load) <= -(-total // num_ctas) + slack
-    else:  # full rounds of whole tiles, then the rest balanced
-        rounds = len(live) // num_ctas
-        rest = sum(nb[p] + overhead for p in live[rounds * num_ctas:])
-        for c in range(num_ctas):
-            mine = pair[cta_start[c]:cta_start[c + 1]]
-            assert list(mine[:rounds]) == list(live[c:rounds * num_ctas:num_ctas])
-            assert (np.isin(mine[rounds:], live[rounds * num_ctas:])).all()
-            assert load[c] - sum(nb[p] + overhead for p in mine[:rounds]) <= (
-                -(-rest // num_ctas) + slack)
-    assert cut.sum() <= num_ctas - 1
+    n = int(valid.sum())
+    assert n == len(live) and valid[:n].all() and not valid[n:].any()
+    assert cta_start[0] == 0 and cta_start[-1] == n and (np.diff(cta_start) >= 0).all()
+    for c in range(num_ctas):
+        assert list(pair[cta_start[c]:cta_start[c + 1]]) == list(live[c::num_ctas])
 
 
 @settings(max_examples=30, deadline=None)
@@ -298,8 +247,9 @@ def test_schedule_covers_every_block_once_and_balances(blocks, num_ctas, schedul
        seqs=st.lists(st.tuples(st.integers(1, 12), st.integers(0, 4096)), min_size=1,
                      max_size=8))
 def test_metadata_slots_hold_every_split_piece(chunk, num_workers, min_split_kv, seqs):
-    """The partial buffer holds every split piece of the planner and the schedule, a parent's
-    pieces are contiguous slots in key order, and each token's lse points at its tile."""
+    """The partial buffer holds every split piece of the planner, in order (q_start, KV head,
+    first key), so a parent's pieces are contiguous slots, and each token's lse points at its
+    tile."""
     bounds, planner_fn = _planner(chunk, num_workers, min_split_kv)
     n = len(seqs)
     cu = np.zeros(9, np.int32)
@@ -308,43 +258,38 @@ def test_metadata_slots_hold_every_split_piece(chunk, num_workers, min_split_kv,
     kv_lens = np.zeros(8, np.int32)
     kv_lens[:n] = [max(q, kv) for q, kv in seqs]
     items = planner_fn(cu, kv_lens, np.int32(n))
-    for schedule in decode.SCHEDULES:
-        md = jax.tree.map(np.asarray, decode.decode_metadata(items, bounds=bounds, num_tokens=96,
-                                                             schedule=schedule))
-        tiles = md.meta[:md.cta_start[-1]]
-        split = tiles[:, decode._PART] >= 0
-        slots = np.sort(tiles[split, decode._PART])
-        assert (slots == np.arange(len(slots))).all()  # dense, unique, under n_part
-        assert len(slots) <= md.cmeta.shape[0]
-        for s in md.parents[1:1 + md.parents[0]]:
-            k = md.cmeta[s, 0]
-            rows = tiles[np.isin(tiles[:, decode._PART], np.arange(s, s + k))]
-            assert len(rows) == k >= 2
-            assert {(r[decode._QSTART], r[decode._KVH]) for r in rows} == {
-                (md.cmeta[s, 1], md.cmeta[s, 3])}
-            ranges = sorted((r[decode._KVSTART], r[decode._KVEND]) for r in rows)
-            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # one key range
-        # A token's lse comes from an unsplit tile of its rows and head, or its parent's merge.
-        for t, h in zip(*np.nonzero(md.tok_src != -1)):
-            src = md.tok_src[t, h]
-            if src >= 0:
-                mine = tiles[tiles[:, decode._PART] == -1 - src]
-                assert h in mine[:, decode._KVH]
-                assert (mine[:, decode._QSTART] <= t).all()
-                assert (t < mine[:, decode._QSTART] + mine[:, decode._QLEN]).all()
-            else:
-                s = -2 - src
-                assert s in md.parents[1:1 + md.parents[0]] and md.cmeta[s, 3] == h
-                assert md.cmeta[s, 1] <= t < md.cmeta[s, 1] + md.cmeta[s, 2]
-        covered = (md.tok_src != -1).all(axis=1)
-        assert (covered == (md.tok_src != -1).any(axis=1)).all()  # every head or none
-        assert set(md.zero_rows[1:1 + md.zero_rows[0]]) == set(np.flatnonzero(~covered))
-    # On one CTA neither schedule cuts: round robin's slots (a formula) are the sorted ones.
-    one = [jax.tree.map(np.asarray, decode.decode_metadata(
-        items, bounds=bounds, num_tokens=96, num_ctas=1, schedule=s))
-        for s in ("round_robin", "balanced")]
-    for a, b in zip(*one):
-        np.testing.assert_array_equal(a, b)
+    md = jax.tree.map(np.asarray, decode.decode_metadata(items, bounds=bounds, num_tokens=96))
+    tiles = md.meta[:md.cta_start[-1]]
+    split = tiles[:, decode._PART] >= 0
+    slots = np.sort(tiles[split, decode._PART])
+    assert (slots == np.arange(len(slots))).all()  # dense, unique, under n_part
+    assert len(slots) <= md.cmeta.shape[0]
+    by_slot = tiles[split][np.argsort(tiles[split, decode._PART])]
+    key = [(r[decode._QSTART], r[decode._KVH], r[decode._KVSTART]) for r in by_slot]
+    assert key == sorted(key)
+    for s in md.parents[1:1 + md.parents[0]]:
+        k = md.cmeta[s, 0]
+        rows = tiles[np.isin(tiles[:, decode._PART], np.arange(s, s + k))]
+        assert len(rows) == k >= 2
+        assert {(r[decode._QSTART], r[decode._KVH]) for r in rows} == {
+            (md.cmeta[s, 1], md.cmeta[s, 3])}
+        ranges = sorted((r[decode._KVSTART], r[decode._KVEND]) for r in rows)
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # one key range
+    # A token's lse comes from an unsplit tile of its rows and head, or its parent's merge.
+    for t, h in zip(*np.nonzero(md.tok_src != -1)):
+        src = md.tok_src[t, h]
+        if src >= 0:
+            mine = tiles[tiles[:, decode._PART] == -1 - src]
+            assert h in mine[:, decode._KVH]
+            assert (mine[:, decode._QSTART] <= t).all()
+            assert (t < mine[:, decode._QSTART] + mine[:, decode._QLEN]).all()
+        else:
+            s = -2 - src
+            assert s in md.parents[1:1 + md.parents[0]] and md.cmeta[s, 3] == h
+            assert md.cmeta[s, 1] <= t < md.cmeta[s, 1] + md.cmeta[s, 2]
+    covered = (md.tok_src != -1).all(axis=1)
+    assert (covered == (md.tok_src != -1).any(axis=1)).all()  # every head or none
+    assert set(md.zero_rows[1:1 + md.zero_rows[0]]) == set(np.flatnonzero(~covered))
 
 
 def test_decode_only_skips_the_prefill_pass_with_the_same_numbers():
