@@ -30,10 +30,11 @@ CASES = [(1, 131072), (1, 32768), (2, 65536), (8, 32768), (32, 8192), (256, 2048
 C = decode.CombineConfig
 VARIANTS = {
     "default": C(),
-    "session 18 (1 warpgroup, exact exp)": C(warpgroups=1, approx_math=False),
-    "1 warpgroup, fast exp": C(warpgroups=1),
+    "session 18 (1 warpgroup, exact exp, a copy per token)": C(
+        warpgroups=1, approx_math=False, token_copies=True),
+    "session 19 (a copy per token)": C(token_copies=True),
+    "1 warpgroup": C(warpgroups=1),
     "2 warpgroups from 2 pieces": C(share_from=2),
-    "4 warpgroups from 8 pieces": C(warpgroups=4, share_from=8),
     "32 columns": C(cols=32),
 }
 

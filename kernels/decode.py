@@ -94,6 +94,12 @@ class CombineConfig:
       warpgroup 0 merges the W states at the end: W chains of per-piece latency
       instead of one. Fewer pieces are warpgroup 0's alone.
     approx_math: the fast (approximate) exp, as the main kernel uses.
+    token_copies: the session-18/19 form of a piece's load: one TMA per token of its
+      item (only its own rows), and plain arrivals on the slot's barrier for the
+      ``64 // G - q_len`` tokens it does not have, so the barrier's count is fixed. False:
+      one TMA of the first 8 rows (a one-token piece) or all 64, and the lse's: two
+      arrivals. Hypothesis for the ~0.45 µs a piece costs in turn (NOTES-decode v11): the
+      loop of ~11 single-thread arrivals per piece at decode, not the bytes; untimed.
 
     On the H200 (benchmarks/results/decode-combine-2026-12-02-s19.md, the kernel alone)
     the session-18 form (64 columns, one warpgroup, exact exp) took 8.4 µs at 1 x 128k
@@ -108,6 +114,7 @@ class CombineConfig:
     warpgroups: int = 2
     share_from: int = 4
     approx_math: bool = True
+    token_copies: bool = False
 
     def __post_init__(self):
         if self.cols not in (16, 32, 64, 128):
@@ -912,6 +919,7 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
     cw = min(d, config.cols)
     nwg = config.warpgroups
     n_tok = ROWS // g  # q_len <= dq <= 64 // g
+    one_token_rows = common.cdiv(g, 8) * 8
     # A piece's load is tiny (its token rows); depth hides the TMA latency when
     # one long sequence has W pieces. `ring` slots per warpgroup (a group of barriers holds
     # at most 32).
@@ -945,16 +953,26 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
         def issue(j):
             b = wg * ring + lax.rem(j, ring)
             slot = slot0 + wg + j * stride
-            # A fixed arrival count: one copy per token of the item, plain arrives for the rest.
-            @pl.loop(0, q_len)
-            def _(tok):
-                rows = pl.ds(tok * g, g)
-                plgpu.copy_gmem_to_smem(opart_ref.at[slot, rows, cols],
-                                        o_buf.at[b, rows], full.at[b])
+            if config.token_copies:
+                # A fixed arrival count: one copy per token, plain arrives for the rest.
+                @pl.loop(0, q_len)
+                def _(tok):
+                    rows = pl.ds(tok * g, g)
+                    plgpu.copy_gmem_to_smem(opart_ref.at[slot, rows, cols],
+                                            o_buf.at[b, rows], full.at[b])
 
-            @pl.loop(q_len, n_tok)
-            def _(tok):
-                plgpu.barrier_arrive(full.at[b])
+                @pl.loop(q_len, n_tok)
+                def _(tok):
+                    plgpu.barrier_arrive(full.at[b])
+            else:
+                # One copy: a one-token piece's first rows (its g rows, rounded up to 8),
+                # else all 64. Rows past the piece's tokens are whatever the slot holds;
+                # rows are independent and those are never written out.
+                for rows, when in ((pl.ds(0, one_token_rows), q_len == 1),
+                                   (pl.ds(0, ROWS), q_len > 1)):
+                    pl.when(when)(functools.partial(
+                        plgpu.copy_gmem_to_smem, opart_ref.at[slot, rows, cols],
+                        o_buf.at[b, rows], full.at[b]))
 
             plgpu.copy_gmem_to_smem(lpart_ref.at[slot], l_buf.at[b], full.at[b])
 
@@ -1055,7 +1073,8 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
         scratch_types=(plgpu.SMEM((nwg * ring, ROWS, cw), jnp.float32),
                        plgpu.SMEM((nwg * ring, ROWS), jnp.float32),
                        plgpu.SMEM((ROWS, cw), out_dtype),  # a parent's merged rows
-                       plgpu.Barrier(num_arrivals=n_tok + 1, num_barriers=nwg * ring),
+                       plgpu.Barrier(num_arrivals=n_tok + 1 if config.token_copies else 2,
+                                     num_barriers=nwg * ring),
                        shares),
         compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
         interpret=interpret or None,

@@ -146,17 +146,17 @@ CASES.update({f"{name}_2c": dataclasses.replace(
 
 
 # The combine kernel's tunings (DecodeConfig.combine; the default shares parents of 4+ pieces
-# between 2 warpgroups): the session-18 form (one warpgroup, exact exp) in 16-column CTAs;
+# between 2 warpgroups and loads a piece in one copy): one copy per token (multi-token pieces
+# here); one warpgroup and the exact exp, in 16-column CTAs;
 # every parent shared, in 32-column CTAs; 4 warpgroups (one with none of a 2-piece parent's
-# pieces); with many parents per CTA (4 workers) and few (32), and one CTA's ring carried
-# over many parents.
+# pieces); over parents of 2-3 pieces with multi-token items and of the planner's 4-8.
 _COMBINES = {"c16_wg1": decode.CombineConfig(cols=16, warpgroups=1, approx_math=False),
              "c32_share2": decode.CombineConfig(cols=32, share_from=2),
-             "wg4": decode.CombineConfig(warpgroups=4, share_from=2)}
+             "wg4": decode.CombineConfig(warpgroups=4, share_from=2),
+             "token_copies": decode.CombineConfig(token_copies=True)}
 CASES.update({f"{name}_{tag}": dataclasses.replace(
     CASES[name], config=dataclasses.replace(CASES[name].config, combine=combine))
-    for name in ("scout_bf16_d128_g5_p16", "scout_combine_workers", "one_cta_many_splits",
-                 "fp16_d64_g8_p8_chunked")
+    for name in ("scout_combine_workers", "one_cta_many_splits")
     for tag, combine in _COMBINES.items()})
 
 
