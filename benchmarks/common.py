@@ -14,6 +14,17 @@ import time
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def variants_table(names, columns: list[str], rows, cell) -> list[str]:
+    """Markdown lines of a variants-by-cases table: a row per variant name, a column per
+    case (``columns`` its titles, ``rows`` its results); ``cell(row, name)`` is the text,
+    or None for a variant that did not build there ("error")."""
+    lines = ["| variant | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for n in names:
+        cells = [cell(r, n) or "error" for r in rows]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_json(name: str, data) -> str:
     """Write ``data`` to benchmarks/results/NAME, and to $OUT/NAME when the device tool sets it."""
     return write_text(name, json.dumps(data, indent=2))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks.common import gpu_ms, write_report
+from benchmarks.common import gpu_ms, variants_table, write_report
 from benchmarks.decode import HQ, HKV, D, bounds_for
 from jaxattn import planner
 from jaxattn.kernels import common, decode
@@ -84,18 +84,15 @@ def bench_case(batch, ctx) -> dict:
 
 def markdown(res) -> str:
     rows = res["rows"]
-    lines = [f"# Decode combine kernel, {res['device']}, {res['date']}", "",
-             "GPU µs per call (CUPTI, best of 3 interleaved rounds); max abs difference of the "
-             "merged rows from the default's in brackets.", "",
-             "| variant | " + " | ".join(
-                 f"{r['batch']}x{r['ctx']} ({r['parents']} parents, {r['pieces']} pieces)"
-                 for r in rows) + " |",
-             "|---|" + "---|" * len(rows)]
-    for n in res["variants"]:
-        cells = [f"{r['us'][n]:.1f} ({r['max_abs_diff'].get(n, float('nan')):.2g})"
-                 if n in r["us"] else "error" for r in rows]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    cell = lambda r, n: (f"{r['us'][n]:.1f} ({r['max_abs_diff'].get(n, float('nan')):.2g})"
+                         if n in r["us"] else None)
+    columns = [f"{r['batch']}x{r['ctx']} ({r['parents']} parents, {r['pieces']} pieces)"
+               for r in rows]
+    return "\n".join([
+        f"# Decode combine kernel, {res['device']}, {res['date']}", "",
+        "GPU µs per call (CUPTI, best of 3 interleaved rounds); max abs difference of the "
+        "merged rows from the default's in brackets.", "",
+        *variants_table(res["variants"], columns, rows, cell)]) + "\n"
 
 
 def main(argv=None):

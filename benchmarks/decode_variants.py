@@ -28,7 +28,7 @@ from jaxattn import planner
 from jaxattn.kernels import decode
 
 from benchmarks import fp8_kv
-from benchmarks.common import gpu_ms, write_report
+from benchmarks.common import gpu_ms, variants_table, write_report
 
 CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
 BASELINE = "bf16, 64-key blocks"
@@ -82,16 +82,14 @@ def bench_case(batch, ctx, table_of_variants) -> dict:
 
 
 def markdown(res) -> str:
-    names = list(res["variants"])
-    lines = [f"# Decode variants, {res['device']}, {res['date']}", "",
-             f"Time / {BASELINE} (same run, interleaved); max abs output difference from it.", "",
-             "| variant | " + " | ".join(f"{r['batch']}x{r['ctx']}" for r in res["rows"]) + " |",
-             "|---|" + "---|" * len(res["rows"])]
-    for n in names:
-        cells = [f"{r['over_baseline'][n]:.3f} ({r['max_abs_diff'][n]:.2g})"
-                 if n in r["over_baseline"] else "error" for r in res["rows"]]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = res["rows"]
+    cell = lambda r, n: (f"{r['over_baseline'][n]:.3f} ({r['max_abs_diff'][n]:.2g})"
+                         if n in r["over_baseline"] else None)
+    return "\n".join([
+        f"# Decode variants, {res['device']}, {res['date']}", "",
+        f"Time / {BASELINE} (same run, interleaved); max abs output difference from it.", "",
+        *variants_table(res["variants"], [f"{r['batch']}x{r['ctx']}" for r in rows], rows,
+                        cell)]) + "\n"
 
 
 def main(argv=None):
