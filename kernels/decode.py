@@ -34,7 +34,7 @@ A second, small kernel merges split pieces by log-sum-exp
 (:func:`_combine_call`; a *parent* is an item's key range on one KV head, split by the
 planner) and writes their rows into ``out``: a few
 CTAs per column block take the step's split parents in turn from
-a compact list and stream only the pieces' own token rows, so its cost
+a compact list and stream the pieces' rows (a one-token piece's first 8), so its cost
 follows the real number of parents, pieces and tokens, not the static
 capacity (an XLA merge over the padded partial buffer pays for the whole
 capacity on every call: benchmarks/NOTES-decode.md, v1; a CTA per partial
@@ -910,7 +910,7 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
     ``w`` a few workers that take parents ``w, w + W, ...``: with at most
     ``workers`` CTAs in all, a step without split parents costs one wave of
     CTAs that exit at once. Per parent each warpgroup of a CTA streams its share of
-    the pieces (only their own token rows) through a ring of SMEM slots, keeps a
+    the pieces (one copy each, :class:`CombineConfig`) through a ring of SMEM slots, keeps a
     running max / sum / weighted O in registers; warpgroup 0 merges the shares and
     writes the parent's rows into ``out_ref`` (in place, ``out_dtype``). Returns the
     merged lse tiles [n_part, 64] (row of a parent's first slot).
@@ -920,7 +920,7 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
     nwg = config.warpgroups
     n_tok = ROWS // g  # q_len <= dq <= 64 // g
     one_token_rows = common.cdiv(g, 8) * 8
-    # A piece's load is tiny (its token rows); depth hides the TMA latency when
+    # A piece's load is small (2 KiB for one token); depth hides the TMA latency when
     # one long sequence has W pieces. `ring` slots per warpgroup (a group of barriers holds
     # at most 32).
     ring = max(2, min(16, 32 // nwg, (160 * 1024) // (ROWS * cw * 4) // nwg))
