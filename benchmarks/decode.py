@@ -111,7 +111,9 @@ def bounds_for(batch, page_size):
 
 # Other forms timed beside the default in the same run: (key, column title, config change).
 OTHERS = [("jaxattn_combine_s18", "combine as in session 18",
-           {"combine": decode.CombineConfig(warpgroups=1, approx_math=False, token_copies=True)})]
+           {"combine": decode.CombineConfig(warpgroups=1, approx_math=False)}),
+          ("jaxattn_combine_one_copy", "combine, one copy per piece",
+           {"combine": decode.CombineConfig(token_copies=False)})]
 # Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17; round
 # robin, beside the balanced schedule as the default in session 18's run; the balanced
 # (stream-K) and last-round schedules, measured slower in sessions 18-19 and removed

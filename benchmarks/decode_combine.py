@@ -32,7 +32,7 @@ VARIANTS = {
     "default": C(),
     "session 18 (1 warpgroup, exact exp, a copy per token)": C(
         warpgroups=1, approx_math=False, token_copies=True),
-    "session 19 (a copy per token)": C(token_copies=True),
+    "one copy per piece": C(token_copies=False),
     "1 warpgroup": C(warpgroups=1),
     "2 warpgroups from 2 pieces": C(share_from=2),
     "32 columns": C(cols=32),

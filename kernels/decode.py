@@ -34,7 +34,7 @@ A second, small kernel merges split pieces by log-sum-exp
 (:func:`_combine_call`; a *parent* is an item's key range on one KV head, split by the
 planner) and writes their rows into ``out``: a few
 CTAs per column block take the step's split parents in turn from
-a compact list and stream the pieces' rows (a one-token piece's first 8), so its cost
+a compact list and stream only the pieces' own token rows, so its cost
 follows the real number of parents, pieces and tokens, not the static
 capacity (an XLA merge over the padded partial buffer pays for the whole
 capacity on every call: benchmarks/NOTES-decode.md, v1; a CTA per partial
@@ -94,12 +94,14 @@ class CombineConfig:
       warpgroup 0 merges the W states at the end: W chains of per-piece latency
       instead of one. Fewer pieces are warpgroup 0's alone.
     approx_math: the fast (approximate) exp, as the main kernel uses.
-    token_copies: the session-18/19 form of a piece's load: one TMA per token of its
-      item (only its own rows), and plain arrivals on the slot's barrier for the
+    token_copies: a piece's load as timed and GPU-tested: one TMA per token of its item
+      (only its own rows), and plain arrivals on the slot's barrier for the
       ``64 // G - q_len`` tokens it does not have, so the barrier's count is fixed. False:
       one TMA of the first 8 rows (a one-token piece) or all 64, and the lse's: two
       arrivals. Hypothesis for the ~0.45 µs a piece costs in turn (NOTES-decode v11): the
-      loop of ~11 single-thread arrivals per piece at decode, not the bytes; untimed.
+      loop of ~11 single-thread arrivals per piece at decode, not the bytes. Built
+      2026-12-02 after the session's GPU calls: interpret- and lowering-tested, untimed,
+      so not yet the default.
 
     On the H200 (benchmarks/results/decode-combine-2026-12-02-s19.md, the kernel alone)
     the session-18 form (64 columns, one warpgroup, exact exp) took 8.4 µs at 1 x 128k
@@ -114,7 +116,7 @@ class CombineConfig:
     warpgroups: int = 2
     share_from: int = 4
     approx_math: bool = True
-    token_copies: bool = False
+    token_copies: bool = True
 
     def __post_init__(self):
         if self.cols not in (16, 32, 64, 128):
@@ -910,7 +912,7 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
     ``w`` a few workers that take parents ``w, w + W, ...``: with at most
     ``workers`` CTAs in all, a step without split parents costs one wave of
     CTAs that exit at once. Per parent each warpgroup of a CTA streams its share of
-    the pieces (one copy each, :class:`CombineConfig`) through a ring of SMEM slots, keeps a
+    the pieces (only their own token rows) through a ring of SMEM slots, keeps a
     running max / sum / weighted O in registers; warpgroup 0 merges the shares and
     writes the parent's rows into ``out_ref`` (in place, ``out_dtype``). Returns the
     merged lse tiles [n_part, 64] (row of a parent's first slot).
@@ -920,7 +922,7 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
     nwg = config.warpgroups
     n_tok = ROWS // g  # q_len <= dq <= 64 // g
     one_token_rows = common.cdiv(g, 8) * 8
-    # A piece's load is small (2 KiB for one token); depth hides the TMA latency when
+    # A piece's load is small (1.25 KiB for one token); depth hides the TMA latency when
     # one long sequence has W pieces. `ring` slots per warpgroup (a group of barriers holds
     # at most 32).
     ring = max(2, min(16, 32 // nwg, (160 * 1024) // (ROWS * cw * 4) // nwg))

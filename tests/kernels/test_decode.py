@@ -146,14 +146,14 @@ CASES.update({f"{name}_2c": dataclasses.replace(
 
 
 # The combine kernel's tunings (DecodeConfig.combine; the default shares parents of 4+ pieces
-# between 2 warpgroups and loads a piece in one copy): one copy per token (multi-token pieces
+# between 2 warpgroups): a piece in one copy instead of one per token (multi-token pieces
 # here); one warpgroup and the exact exp, in 16-column CTAs;
 # every parent shared, in 32-column CTAs; 4 warpgroups (one with none of a 2-piece parent's
 # pieces); over parents of 2-3 pieces with multi-token items and of the planner's 4-8.
 _COMBINES = {"c16_wg1": decode.CombineConfig(cols=16, warpgroups=1, approx_math=False),
              "c32_share2": decode.CombineConfig(cols=32, share_from=2),
              "wg4": decode.CombineConfig(warpgroups=4, share_from=2),
-             "token_copies": decode.CombineConfig(token_copies=True)}
+             "one_copy": decode.CombineConfig(token_copies=False)}
 CASES.update({f"{name}_{tag}": dataclasses.replace(
     CASES[name], config=dataclasses.replace(CASES[name].config, combine=combine))
     for name in ("scout_combine_workers", "one_cta_many_splits")
