@@ -77,7 +77,8 @@ def bench_case(batch, ctx) -> dict:
             best[name] = min(best[name], gpu_ms(f, *args))
     base = outs.get("default")
     return dict(batch=batch, ctx=ctx, parents=int(md.parents[0]),
-                pieces=int(np.asarray(md.cmeta)[:, 0].sum()), us={n: 1e3 * v for n, v in best.items()},
+                pieces=int(np.asarray(md.cmeta)[:, 0].sum()),
+                us={n: 1e3 * v for n, v in best.items()},
                 max_abs_diff={n: float(np.abs(o - base).max(initial=0)) for n, o in outs.items()}
                 if base is not None else {}, errors=errors)
 

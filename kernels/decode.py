@@ -1171,7 +1171,8 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
     is_split = valid & (items.num_splits[item] > 1)
     size = is_split.shape[0]
     tiles = jnp.arange(size, dtype=jnp.int32)
-    slot = _planned_slots(items, hkv)[item, kvh]
+    planned = _planned_slots(items, hkv)  # [cap, Hkv]
+    slot = planned[item, kvh]
     # slot < n_part always holds (split_capacity); the guard only keeps a broken
     # plan from writing out of bounds.
     is_split &= slot < n_part
@@ -1194,7 +1195,7 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
     # Each (item, KV head)'s lse: its tile's, or the merged tile at its parent's first slot
     # (that of the piece with split 0, the item whose tokens are kept below).
     pair_src = jnp.where((items.num_splits > 1)[:, None],
-                         -2 - _planned_slots(items, hkv),
+                         -2 - planned,
                          jnp.arange(cap, dtype=jnp.int32)[:, None])
     dq, t = bounds.dq, num_tokens
     tok = items.q_start[:, None] + jnp.arange(dq)[None, :]
@@ -1257,7 +1258,8 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
                           else lax.empty(shape, q.dtype))
     lse_tiles, pieces = _kernel_call(
         md.meta, md.cta_start, md.zero_rows, page_table.astype(jnp.int32),
-        q.reshape(shape), k_pages, v_pages, out_ref, cap=md.q_start.shape[0], n_part=md.cmeta.shape[0],
+        q.reshape(shape), k_pages, v_pages, out_ref, cap=md.q_start.shape[0],
+        n_part=md.cmeta.shape[0],
         scale=float(scale), causal=causal, config=config, interpret=interpret,
         k_scale=k_scale, v_scale=v_scale)
     return out_ref, lse_tiles, pieces

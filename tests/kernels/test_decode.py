@@ -65,8 +65,7 @@ def run_case(case: Case, interpret=True, scale=0.15):
                         causal=case.causal)
     fn = jax.jit(lambda q, k, v, pt, items: decode.decode_attention(
         q, k, v, pt, items, bounds=bounds, scale=scale, causal=case.causal,
-        interpret=interpret, config=case.config, metadata=decode.decode_metadata(
-            items, bounds=bounds, num_tokens=q.shape[0], num_ctas=case.config.num_ctas)))
+        interpret=interpret, config=case.config))
     out, lse = fn(jnp.asarray(rc.q), jnp.asarray(rc.k_pages), jnp.asarray(rc.v_pages),
                   rc.page_table, plan.decode)
     return rc, bounds, plan, np.asarray(out, np.float64), np.asarray(lse, np.float64)
