@@ -101,6 +101,20 @@ def test_smem_p_path_and_other_shapes():
         block_kv=128, num_stages=2, p_in_registers=True))
 
 
+@pytest.mark.parametrize("combine", [
+    decode.CombineConfig(token_copies=False),
+    decode.CombineConfig(token_copies=False, warpgroups=4, cols=32),
+], ids=["one-copy", "one-copy-4wg"])
+def test_combine_options(combine):
+    """The combine's loads and shares off the default: context edges one token each (split
+    one-token pieces), multi-token chunked items (multi-row pieces) and 1 x 128k (16 pieces)."""
+    config = decode.DecodeConfig(combine=combine)
+    _check([1] * len(EDGES), list(EDGES), pad=5, config=config)
+    _check([1, 2, 5, 12, 3, 12], [8193, 8196, 16384, 131072, 65536, 12], chunk=8192,
+           config=config)
+    _check([1], [131072], config=config)
+
+
 def test_non_causal_and_g1():
     _check([2, 1, 30], [5000, 70000, 600], causal=False, chunk=8192, hq=8, hkv=8)
 
