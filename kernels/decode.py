@@ -88,7 +88,9 @@ _COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
 class CombineConfig:
     """Static tuning of the combine kernel (:func:`_combine_call`).
 
-    cols: head-dim columns per CTA (a parent's rows are split over ``D / cols`` CTAs).
+    cols: head-dim columns per CTA (a parent's rows are split over ``D / cols`` CTAs);
+      widened where a token's rows would not start on a 128-byte boundary
+      (:func:`combine_columns`).
     warpgroups: warpgroups per CTA; for a parent of ``share_from`` pieces or more,
       warpgroup w takes pieces w, w + W, ... with a softmax state of its own, and
       warpgroup 0 merges the W states at the end: W chains of per-piece latency
@@ -902,6 +904,19 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     return lse_tiles, Pieces(piece_rows, piece_lse)
 
 
+def combine_columns(config: CombineConfig, d: int, g: int, out_dtype) -> int:
+    """Head-dim columns per combine CTA: ``config.cols``, widened until a token's rows
+    (``g * cols`` values) span whole 128-byte units in the output staging buffer (and so in
+    the f32 slots), since token ``tok``'s TMA copies start ``tok * g * cols * itemsize``
+    bytes in and a TMA's SMEM address must be 128-byte aligned. (32 columns at G = 5 in
+    bf16 start token 1 at 320 bytes: a misaligned-address fault on the H200 for
+    multi-token pieces.)"""
+    cw = min(d, config.cols)
+    while cw < d and (g * cw * jnp.dtype(out_dtype).itemsize) % 128:
+        cw *= 2
+    return cw
+
+
 def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: int,
                   out_dtype, interpret, config: CombineConfig = CombineConfig()):
     """Merge the split pieces of each parent (an item's key range on one KV head) by
@@ -918,7 +933,7 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
     merged lse tiles [n_part, 64] (row of a parent's first slot).
     """
     n_part, _, d = pieces.rows.shape
-    cw = min(d, config.cols)
+    cw = combine_columns(config, d, g, out_dtype)
     nwg = config.warpgroups
     n_tok = ROWS // g  # q_len <= dq <= 64 // g
     one_token_rows = common.cdiv(g, 8) * 8

@@ -208,6 +208,20 @@ def test_unsupported_configurations_fail_clearly(bad):
         run_case(case)
 
 
+@pytest.mark.parametrize("cols", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_combine_columns_start_every_token_on_128_bytes(cols, dtype, d):
+    """A combine CTA's token rows start on 128-byte boundaries (TMA's SMEM alignment) for
+    every group size a config can have, and the block is as narrow as that allows."""
+    config = decode.CombineConfig(cols=cols)
+    for g in range(1, 65):
+        cw = decode.combine_columns(config, d, g, dtype)
+        assert d % cw == 0 and cw >= min(cols, d), (g, cw)
+        assert (g * cw * 2) % 128 == 0 and (g * cw * 4) % 128 == 0, (g, cw)
+        assert cw == min(cols, d) or (g * cw // 2 * 2) % 128, (g, cw)
+
+
 _PLANNERS = {}
 
 
