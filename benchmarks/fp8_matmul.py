@@ -8,8 +8,6 @@
     python -m benchmarks.fp8_matmul --projections  # only the dense projections at decode:
                                                    # one grouped launch (K split or not)
                                                    # vs XLA's dot per weight
-    python -m benchmarks.fp8_matmul --stream       # only the decode step's swap-AB launches:
-                                                   # the pick vs its warp-specialised form
 
 1. Routed experts (16 experts, gate/up 5120 -> 8192, down 8192 -> 5120): the Mosaic
    grouped matmul in bf16 against its FP8 form. Prefill sizes (M = 2048..16384 rows
@@ -314,66 +312,6 @@ def by_row_sweep(args) -> list[dict]:
     return rows
 
 
-def stream_sweep(args) -> list[dict]:
-    """The decode step's swap-AB launches (Scout, TP=1, a 16-row bucket) as picked against
-    their warp-specialised form (``grouped_matmul.stream_config``: a loader warpgroup whose
-    ring runs on across a CTA's tiles): the MoE's gate/up and down by row with the shared
-    expert (1 and 8 real rows), and the dense q/k/v and o projections (1 and 16 rows).
-    Cold L2 (a rotation over ``HIT_EXPERTS``); weight bytes read per second."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from jaxattn.kernels import fp8, grouped_matmul as gm
-
-    quantize = jax.jit(lambda w: fp8.quantize(w, -1))
-    rows = []
-
-    def report(name, real, fns, rotation, nbytes):
-        t = interleaved(fns, {c: rotation for c in fns}, args.rounds, args.reps)
-        for c, sec in t.items():
-            rows.append({"matmul": name, "real_rows": real, "config": c, "us": sec * 1e6,
-                         "weight_tbs": nbytes / sec / 1e12})
-        print(f"stream {name:22} rows={real:2} " + ", ".join(
-            f"{c} {t[c] * 1e6:6.2f} us ({nbytes / t[c] / 1e12:4.2f} TB/s)" for c in fns) +
-            f": streamed / pick {t['streamed'] / t['pick']:.3f}", flush=True)
-
-    for name, (k, n, parts, twice) in {"moe gate/up+shared": (H, I, 2, False),
-                                       "moe down+shared": (I, H, 1, True)}.items():
-        wq, ws = quantize(jax.random.normal(jax.random.key(1), (E, n, k), jnp.bfloat16) /
-                          float(np.sqrt(k)))
-        sq, ss = quantize(jax.random.normal(jax.random.key(3), (n, k), jnp.bfloat16) /
-                          float(np.sqrt(k)))
-        x = fp8.Quantized.of(jax.random.normal(jax.random.key(2), (32 if twice else 16, k),
-                                               jnp.bfloat16))
-        x = fp8.Quantized(x.values, jnp.ones((32,), jnp.float32), x.dtype)
-        pick = gm.pick_config(16, k, n * parts, fp8=True)
-        fns = {c: jax.jit(lambda x, w, s, sw, sws, g, cfg=cfg: gm.grouped_matmul_fp8_by_row(
-            x, (w,) * parts, (s,) * parts, g, impl="mosaic", defer=True,
-            shared=((sw,) * parts, (sws,) * parts), config=cfg).values)
-            for c, cfg in {"pick": pick, "streamed": gm.stream_config(pick, k)}.items()}
-        for real in (1, 8):
-            rotation = []
-            for e in HIT_EXPERTS:
-                groups = np.full(16, E, np.int32)  # rows past `real`: padding, no expert
-                groups[:real] = (e + 2 * np.arange(real)) % E
-                rotation.append((x, wq, ws, sq, ss, jnp.asarray(groups)))
-            report(name, real, fns, rotation, k * n * parts * (real + 1))
-    for name, (k, ns) in {"q/k/v tp1": PROJECTIONS["q/k/v tp1"],
-                          "o tp1": PROJECTIONS["o tp1"]}.items():
-        copies = [tuple(zip(*(quantize(jax.random.normal(jax.random.key(10 * c + i), (n, k),
-                                                         jnp.bfloat16) / 70)
-                              for i, n in enumerate(ns)))) for c in range(len(HIT_EXPERTS))]
-        for m in (1, 16):
-            x = fp8.Quantized.of(jax.random.normal(jax.random.key(9), (m, k), jnp.bfloat16))
-            pick = gm.dense_config(m, k, sum(ns))
-            fns = {c: jax.jit(lambda x, ws, ss, cfg=cfg: gm.dense_fp8(
-                x, ws, ss, impl="mosaic", config=cfg, joint=True))
-                for c, cfg in {"pick": pick, "streamed": gm.stream_config(pick, k)}.items()}
-            report(name, m, fns, [(x, *c) for c in copies], k * sum(ns))
-    return rows
-
-
 def _swap_splits(args) -> list[dict]:
     """FP8's picked decode tiles with K in 1, 2 and 4 splits, at 1 and 8 rows (as many
     experts hit: the K split's extra work items and partial sums grow with them)."""
@@ -590,8 +528,6 @@ def main(argv=None) -> int:
     p.add_argument("--by-row", action="store_true",
                    help="only the by-row form at a decode step's 16-row bucket: the pick "
                         "against BY_ROW_CONFIGS")
-    p.add_argument("--stream", action="store_true",
-                   help="only the decode step's swap-AB launches, picked vs warp-specialised")
     p.add_argument("--swap-only", action="store_true",
                    help="with --decode-sweep: FP8 only, the pick with K in 1, 2 and 4 splits")
     args = p.parse_args(argv)
@@ -608,10 +544,6 @@ def main(argv=None) -> int:
     if args.projections:
         res["projections"] = projections(args)
         print("wrote", write_json(f"fp8-projections-{res['date']}.json", res))
-        return 0
-    if args.stream:
-        res["stream"] = stream_sweep(args)
-        print("wrote", write_json(f"gmm-stream-{res['date']}.json", res))
         return 0
     if args.by_row:
         res["by_row"] = by_row_sweep(args)

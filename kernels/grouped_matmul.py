@@ -88,17 +88,8 @@ class GroupedMatmulConfig:
     # sum over all of K can come out low (302 for 320 at K = 5120, H200); promoting costs a
     # wgmma wait per K step. Off by default, as inference FP8 GEMMs run (fast accumulation).
     promote: bool = False
-    # swap_ab: a second warpgroup issues the TMA loads (emit_pipeline_warp_specialized) and
-    # its ring runs straight across a CTA's tiles, so the next tile's weights stream in
-    # while this one drains and stores (a tile's own pipeline fills from empty and drains
-    # to empty otherwise: at decode, where one tile per SM is the whole call, that is
-    # bandwidth lost). Needs max_concurrent_steps to divide the K steps (block_k * steps);
-    # not with promote.
-    warp_specialized: bool = False
 
     def __post_init__(self):
-        if self.warp_specialized and not (self.swap_ab and not self.promote):
-            raise ValueError("warp_specialized is a form of swap_ab (and not with promote)")
         if self.swap_ab:
             if self.block_m % 8 or not 8 <= self.block_m <= 256 or self.block_n % 64:
                 raise ValueError(f"swap_ab: block_m={self.block_m} must be a multiple of 8 "
@@ -144,14 +135,6 @@ def pick_config(m: int, k: int, n: int, *, fp8: bool = False) -> GroupedMatmulCo
         return GroupedMatmulConfig(block_k=bk,
                                    grid_block_n=8 if n % (8 * _BLOCK_N) == 0 else 1)
     return GroupedMatmulConfig(block_m=64, block_k=bk, max_concurrent_steps=8)
-
-
-def stream_config(config: GroupedMatmulConfig, k: int) -> GroupedMatmulConfig:
-    """``config`` (swap-AB, K whole or split) warp-specialised: its ring as deep as before
-    or the deepest below that divides a tile's K steps (tiles continue one ring)."""
-    steps = k // config.block_k // config.k_splits
-    depth = max(d for d in range(1, config.max_concurrent_steps + 1) if steps % d == 0)
-    return dataclasses.replace(config, warp_specialized=True, max_concurrent_steps=depth)
 
 
 def reference(x, w, group_sizes):
@@ -303,8 +286,7 @@ def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=
 
 def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
                               out_dtype=None, scale_ub: float | None = None,
-                              scale_rows: bool = True, defer: bool = False, shared=None,
-                              config: GroupedMatmulConfig | None = None):
+                              scale_rows: bool = True, defer: bool = False, shared=None):
     """:func:`grouped_matmul_fp8` with the rows in any order: row r through the weights of
     group ``row_groups[r]`` (int32 [M]; G or more: no group, its row undefined) -> [M, N].
     ``defer``: where the Mosaic kernel runs, the :class:`fp8.Unscaled` product (by the
@@ -319,14 +301,12 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
 
     ``shared``: (weights, scales) of a shared expert that every row goes through as well,
     ``[N, K]`` and ``[N]`` per part (a Linear's), see :func:`_by_row_with_shared`.
-    ``config``: the Mosaic kernel's tiles (default :func:`pick_config`'s; with ``shared``,
-    its ``block_m`` becomes the row count).
     """
     x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
     if shared is not None:
         return _by_row_with_shared(x, w, w_scale, row_groups, shared, impl=impl,
                                    out_dtype=out_dtype or x.dtype, scale_rows=scale_rows,
-                                   defer=defer, config=config)
+                                   defer=defer)
     parts, scales = _parts(w, n_axis=1), _parts(w_scale, n_axis=1)
     (m, k), g, ns = x.values.shape, parts[0].shape[0], [p.shape[1] for p in parts]
     row_groups = row_groups.astype(jnp.int32)
@@ -336,13 +316,12 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
         y = grouped_matmul_fp8(x.take(order), w, w_scale, sizes, impl=impl,
                                out_dtype=out_dtype, scale_rows=scale_rows)
         return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
-    return _fp8_launch(x, parts, scales, row_groups,
-                       config or pick_config(m, k, sum(ns), fp8=True), out_dtype or x.dtype,
-                       scale_rows, by_row=True, defer=defer)
+    return _fp8_launch(x, parts, scales, row_groups, pick_config(m, k, sum(ns), fp8=True),
+                       out_dtype or x.dtype, scale_rows, by_row=True, defer=defer)
 
 
 def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, scale_rows,
-                        defer, config=None):
+                        defer):
     """The routed experts by row and a shared expert, for M = ``len(row_groups)`` tokens:
     ``x``'s values hold the rows once ([M, K]: both take them) or twice ([2M, K]: the routed
     experts' input, then the shared expert's), its scales always twice ([2M]: the routed
@@ -361,7 +340,7 @@ def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, s
         raise ValueError(f"by row with a shared expert, {m} tokens: rows {x.values.shape} "
                          f"(want {m} or {2 * m}) and scales {x.scale.shape} (want {2 * m})")
     if m in SHARED_EXPERT_ROWS and resolve_fp8(impl, k, *ns) == "mosaic":
-        config = dataclasses.replace(config or pick_config(m, k, sum(ns), fp8=True), block_m=m)
+        config = dataclasses.replace(pick_config(m, k, sum(ns), fp8=True), block_m=m)
         y = _mosaic_grouped_matmul(x.values, parts + s_parts, row_groups.astype(jnp.int32),
                                    tuple(s.astype(jnp.float32) for s in scales + s_scales),
                                    config=config, by_row=True,
@@ -564,26 +543,6 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     # 8-bit weights are K-major [N, K] tiles, transposed for the wgmma (a view, no copy).
     rhs_block, rhs_index = (((bn, bk), lambda kk, ni: (ni, kk)) if scaled else
                             ((bk, bn), lambda kk, ni: (kk, ni)))
-    staging_shape = (bn, bm) if swap_split else (bm, bn)  # a tile's output in SMEM
-    stream = config.warp_specialized
-    if stream and k_steps % config.max_concurrent_steps:
-        # Tiles continue one ring, so each must end on the ring's last slot.
-        raise ValueError(f"warp_specialized: max_concurrent_steps="
-                         f"{config.max_concurrent_steps} must divide the {k_steps} K steps")
-
-    def specs(block, k0, part_ni, delay_release):
-        """The row block's and the weights' K tiles, step ``kk`` of the tile's range."""
-        return [plgpu.BlockSpec((bm, bk), lambda kk: (block, k0 + kk),
-                                delay_release=delay_release),
-                plgpu.BlockSpec(rhs_block, lambda kk: rhs_index(k0 + kk, part_ni),
-                                delay_release=delay_release)]
-
-    def ws_pipeline(body, compute, in_specs, state):
-        """The warp-specialised pipeline of one tile: warpgroup 1 issues the loads."""
-        return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(k_steps,), memory_registers=40, in_specs=in_specs,
-            max_concurrent_steps=config.max_concurrent_steps, wg_axis="wg",
-            num_compute_wgs=1, pipeline_state=state, compute_context=compute)
 
     def grouped_matmul_kernel(sizes_gmem, lhs_gmem, *rest):
         rhs_gmem, rest = rest[:parts * sets], rest[parts * sets:]
@@ -593,14 +552,10 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             rs_gmem = (None,) * parts
         ls_gmem, o_gmem = rest if lhs_scale is not None else (None, *rest)
 
-        def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem, shared=False,
-                 stream=None, first=None):
+        def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem, shared=False):
             """One output tile, row tile ``ti``: rows of ``info``'s group, columns ``ni * bn``
             (the part's N tile ``part_ni`` of weights ``w_gmem``), K range ``split``.
-            ``shared``: the shared expert's tile, every row stored (after the routed rows).
-            ``stream`` (warp-specialised): the ring's allocations and the output staging
-            buffer; ``first``: whether this is the CTA's first tile (which fills the ring;
-            later ones continue it)."""
+            ``shared``: the shared expert's tile, every row stored (after the routed rows)."""
             k0 = split * k_steps
 
             def product(acc_ref, lhs_smem, rhs_smem):
@@ -610,41 +565,20 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                     plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.T if scaled else rhs_smem)
 
             acc_shape = (bn, bm) if swap else (bm, bn)
-            # Warp-specialised, a slot is released when the body returns (a pipeline of
-            # pipelines cannot delay it), so the body waits for its wgmma.
-            in_specs = specs(info.block, k0, part_ni, delay_release=0 if stream else 1)
-            operands = (lhs_gmem, w_gmem.at[info.group_id])
-            if stream:
-                allocations, staging = stream
-
-                def body(_, lhs_smem, rhs_smem, acc_ref):
-                    product(acc_ref, lhs_smem, rhs_smem)
-                    plgpu.wgmma_wait(0)
-                    return acc_ref
-
-                def compute(run_pipeline):
-                    def acc_scope(acc_ref):
-                        run_pipeline(acc_ref)
-                        return acc_ref[...]
-                    epilogue(info, ti, split, ni, part_ni, ws_gmem, shared,
-                             pl.run_scoped(acc_scope, plgpu.ACC(acc_shape)), staging)
-
-                # The CTA's first tile fills the ring (START); later ones (STEADY) find their
-                # first loads issued while the tile before drained. No STOP (a CTA's only
-                # tile would need START and STOP): the kernel awaits the last releases.
-                for pipeline_state, when in ((plgpu.PipelinePipeline.START, first),
-                                             (plgpu.PipelinePipeline.STEADY, ~first)):
-                    pl.when(when)(functools.partial(
-                        ws_pipeline(body, compute, in_specs, pipeline_state), *operands,
-                        allocations=allocations))
-                return
-            pipeline = functools.partial(plgpu.emit_pipeline, grid=(k_steps,),
-                                         in_specs=in_specs,
-                                         max_concurrent_steps=config.max_concurrent_steps)
+            pipeline = functools.partial(
+                plgpu.emit_pipeline,
+                grid=(k_steps,),
+                in_specs=[
+                    plgpu.BlockSpec((bm, bk), lambda kk: (info.block, k0 + kk),
+                                    delay_release=1),
+                    plgpu.BlockSpec(rhs_block, lambda kk: rhs_index(k0 + kk, part_ni),
+                                    delay_release=1),
+                ],
+                max_concurrent_steps=config.max_concurrent_steps)
 
             def acc_scope(acc_ref):
                 pipeline(lambda _, lhs_smem, rhs_smem: product(acc_ref, lhs_smem, rhs_smem)
-                         )(*operands)
+                         )(lhs_gmem, w_gmem.at[info.group_id])
                 return acc_ref[...]
 
             def promoted(_, lhs_smem, rhs_smem, total):
@@ -656,21 +590,10 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
             if config.promote:
                 zeros = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32), plgpu.Layout.WGMMA)
-                acc = pipeline(promoted, init_carry=zeros)(*operands)
+                acc = pipeline(promoted, init_carry=zeros)(lhs_gmem, w_gmem.at[info.group_id])
             else:
                 acc = pl.run_scoped(acc_scope, plgpu.ACC(acc_shape))
-            epilogue(info, ti, split, ni, part_ni, ws_gmem, shared, acc)
-
-        def epilogue(info, ti, split, ni, part_ni, ws_gmem, shared, acc, staging=None):
-            """Scales the accumulator and stores the tile's rows through ``staging`` (the
-            kernel's buffer when warp-specialised: a multithreaded kernel allocates SMEM
-            only collectively) or a buffer scoped here."""
-            def staged(fn):
-                if staging is not None:
-                    return fn(staging)
-                return pl.run_scoped(fn, plgpu.SMEM(staging_shape, out_dtype))
-
-            if scaled:  # the tile's expert's column scales
+            if scaled:  # the epilogue: the tile's expert's column scales
                 cols = plgpu.load(ws_gmem.at[info.group_id, pl.ds(part_ni * bn, bn)],
                                   layout=plgpu.Layout.WGMMA.reduce(1 if swap else 0),
                                   optimized=False)
@@ -681,6 +604,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 acc = acc * jax.lax.broadcast_in_dim(rows, acc.shape, [1])
             out = o_gmem if splits == 1 else o_gmem.at[split]
             if by_row:  # the rows of the tile's group, one TMA store each
+                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
                 def store_rows(o_smem):
                     o_smem.T[...] = acc.astype(out_dtype)
                     plgpu.commit_smem()
@@ -691,19 +615,19 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                             plgpu.copy_smem_to_gmem, o_smem.at[pl.ds(r, 1)],
                             out.at[pl.ds(r, 1), pl.ds(ni * bn, bn)]))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                staged(store_rows)
                 return
             if swap_split:
+                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bn, bm), dtype=out_dtype))
                 def store_partial(o_smem):
                     o_smem[...] = acc
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(
                         o_smem, out.at[pl.ds(ni * bn, bn), pl.ds(ti * bm, bm)])
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                staged(store_partial)
                 return
 
-            def store_tile(o_smem):
+            @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
+            def store_scope(o_smem):
                 (o_smem.T if swap else o_smem)[...] = acc.astype(out_dtype)
                 plgpu.commit_smem()
                 # TMA stores need static row counts: store the tile's rows as a sum of
@@ -723,7 +647,6 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
                     smem_start += info.actual_size & rows
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            staged(store_tile)
 
         items = grid_m * grid_n * splits
         sms = common.num_sms()
@@ -743,18 +666,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
         else:
             _, tiles_with_rows = tile_info(sizes_gmem, bm, 0, g)
 
-        def work(stream_refs=None):
-            """The CTA's work items; ``stream_refs`` (warp-specialised): the ring's
-            allocations and the output staging buffer, shared by all its tiles. -> whether
-            the CTA had a tile."""
-            return plgpu.nd_loop((loop_items,), collective_axes="sm", init_carry=False)(
-                functools.partial(work_item, stream_refs))
-
-        def work_item(stream_refs, loop_info: plgpu.NDLoopInfo, carry):
+        @plgpu.nd_loop((loop_items,), collective_axes="sm")
+        def work_loop(loop_info: plgpu.NDLoopInfo):
             w = loop_info.index[0]
-            # Swap-AB visits row tiles major, so a CTA's tiles that hold rows are its first
-            # iterations: its first tile is iteration 0.
-            tile_kw = dict(stream=stream_refs, first=loop_info.local_index == 0)
             if swap:
                 # Decode: row tiles major, so the few that hold rows are the first work
                 # items, one per SM. (The snake interleaved all grid_m row tiles of an N
@@ -776,15 +690,14 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 w_gmem, ws_gmem = (rhs_gmem[set_index * parts:][:parts],
                                    rs_gmem[set_index * parts:][:parts])
                 if parts == 1:
-                    tile(info, ti, split, ni, ni, w_gmem[0], ws_gmem[0], set_index == 1,
-                         **tile_kw)
+                    tile(info, ti, split, ni, ni, w_gmem[0], ws_gmem[0], set_index == 1)
                     return
                 # The part this N tile belongs to picks the weights (a static branch each).
                 for part in range(parts):
                     lo, hi = part_start[part], part_start[part + 1]
                     pl.when((lo <= ni) & (ni < hi))(functools.partial(
                         tile, info, ti, split, ni, ni - lo, w_gmem[part], ws_gmem[part],
-                        set_index == 1, **tile_kw))
+                        set_index == 1))
 
             def by_row_info(group, block):
                 """Every row of lhs block ``block`` in the tile's columns; ``group``'s are
@@ -807,30 +720,6 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                     pl.when(ti == routed_tiles)(
                         lambda: tiles(by_row_info(jnp.int32(0), shared), set_index=1))
 
-            return carry | (ti < tiles_with_rows)
-
-        if not stream:
-            work()
-            return
-        ring = ws_pipeline(None, None, specs(0, 0, 0, 0), plgpu.PipelinePipeline.START
-                        ).get_allocations(lhs_gmem, rhs_gmem[0].at[0])
-
-        def streaming(ring, staging):
-            had_tiles = work((ring, staging))
-
-            # What a STOP pipeline would do after the last tile: the loader awaits the
-            # compute warpgroup's release of the last max_concurrent_steps slots (0, 1, ...:
-            # a tile's steps fill whole rounds of the ring), so every thread sees every
-            # phase of the ring's barriers before they are freed.
-            @pl.when(had_tiles & (lax.axis_index("wg") == 1))
-            def _():
-                [consumed] = ring["flat_consumed_barrier_refs"]
-                for slot in range(config.max_concurrent_steps):
-                    plgpu.barrier_wait(consumed.at[slot])
-
-        pl.run_scoped(streaming, ring=ring, staging=plgpu.SMEM(staging_shape, out_dtype),
-                      collective_axes="wg")
-
     # Named by form and shape, so that a step's profile tells the calls apart.
     grouped_matmul_kernel.__name__ = grouped_matmul_kernel.__qualname__ = (
         f"grouped_matmul{'_fp8' * scaled}{'_by_row' * by_row}{'_shared' * (sets == 2)}"
@@ -840,7 +729,6 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     kernel = plgpu.kernel(
         grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
         grid=(common.num_sms(),), grid_names=("sm",),
-        **(dict(num_threads=2, thread_name="wg") if stream else {}),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     out = kernel(group_sizes, lhs, *rhs, *rhs_scale,

@@ -217,47 +217,6 @@ def test_swapped_fp8_kernel_matches_the_reference(m, sizes, parts, tiles):
                                atol=1e-2 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("sms", [1, 3])
-@pytest.mark.parametrize("m,sizes,parts,tiles", [
-    (1, [0, 1, 0, 0], 2, {}),  # batch-1 decode: a CTA's tiles continue one ring
-    (5, [1, 0, 3, 0], 1, {}),  # two groups in one block, one part
-    (40, [20, 0, 17, 0], 2, dict(max_concurrent_steps=4)),  # several blocks; 4 slots
-    (1, [0, 1, 0, 0], 1, dict(k_splits=2)),  # K split: f32 slabs
-    (16, [0, 0, 0, 0], 1, {}),  # no rows: no tile, no ring to drain
-])
-def test_warp_specialized_fp8_kernel_matches_the_reference(m, sizes, parts, tiles, sms,
-                                                           monkeypatch):
-    """``warp_specialized``: a loader warpgroup whose ring runs on across a CTA's tiles (on
-    1 or 3 SMs: several tiles each, the first filling the ring, the rest continuing it;
-    the interpreter checks every barrier phase is seen before the ring is freed)."""
-    monkeypatch.setattr(gm.common, "num_sms", lambda: sms)
-    x, wq, ws, gs = _case(m, sizes, 384, k=1024)
-    config = gm.stream_config(dataclasses.replace(SWAP, **{"max_concurrent_steps": 2, **tiles}),
-                              1024)
-    assert config.warp_specialized and 1024 // 128 // config.k_splits % config.max_concurrent_steps == 0
-    scales = [ws * (p + 1) for p in range(parts)]
-    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-        got = gm.grouped_matmul_fp8(x, (wq,) * parts, tuple(scales), gs, impl="mosaic",
-                                    config=config)
-    want = np.concatenate([_want(x, wq, s, gs) for s in scales], axis=-1)
-    rows = sum(sizes)
-    np.testing.assert_allclose(np.asarray(got[:rows], np.float32), want[:rows], rtol=1e-2,
-                               atol=1e-2 * max(np.abs(want).max(), 1e-6))
-
-
-def test_warp_specialized_config_is_checked():
-    with pytest.raises(ValueError, match="warp_specialized"):
-        gm.GroupedMatmulConfig(warp_specialized=True)  # not swap-AB
-    with pytest.raises(ValueError, match="warp_specialized"):
-        gm.GroupedMatmulConfig(block_m=16, swap_ab=True, promote=True, warp_specialized=True)
-    x, wq, ws, gs = _case(1, [0, 1, 0, 0], 128, k=640)  # 5 K steps: 2 slots cannot divide
-    with pytest.raises(ValueError, match="divide"):
-        gm.grouped_matmul_fp8(x, wq, ws, gs, impl="mosaic", config=dataclasses.replace(
-            SWAP, max_concurrent_steps=2, warp_specialized=True))
-    assert gm.stream_config(gm.pick_config(1, 5120, 8192, fp8=True), 5120).max_concurrent_steps == 5
-    assert gm.stream_config(gm.pick_config(1, 8192, 5120, fp8=True), 8192).max_concurrent_steps == 4
-
-
 def _by_row_want(x, wq, ws, row_groups):
     """Each row through its own group's weights, one row at a time (rows of no group: 0)."""
     xq, xs = fp8.quantize(x)
@@ -334,24 +293,18 @@ def _with_shared_want(x, w, w_scale, row_groups, shared):
     ([1] * 15 + [4], 1, True),  # 16 tokens, down: the routed rows, then the shared rows
     ([3, 0, 1, 2, 3, 2], 1, True),  # 6 tokens: the products apart (no 6-row token tile)
 ])
-@pytest.mark.parametrize("impl", ["mosaic", "xla", "mosaic-streamed"])
+@pytest.mark.parametrize("impl", ["mosaic", "xla"])
 def test_by_row_with_a_shared_expert_matches_the_reference(row_groups, parts, twice, impl):
     """``shared=``: the routed experts by row and a shared expert in one launch (Mosaic, 8
     or 16 tokens: the shared expert's tile after the routed ones'), stacked [2, M, N] as
-    an Unscaled product; a routed row of no expert has row scale 0, so it sums to 0.
-    "mosaic-streamed": warp-specialised on 2 SMs (routed and shared tiles share a ring)."""
+    an Unscaled product; a routed row of no expert has row scale 0, so it sums to 0."""
     x, w, ws, shared = _with_shared_case(row_groups, parts, twice, k=512, n=128)
     calls = []
     launch = gm._mosaic_grouped_matmul
-    config = None
-    if impl == "mosaic-streamed":
-        impl, config = "mosaic", gm.stream_config(gm.pick_config(16, 512, 128, fp8=True), 512)
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()), pytest.MonkeyPatch.context() as mp:
         mp.setattr(gm, "_mosaic_grouped_matmul", lambda *a, **k: calls.append(k) or launch(*a, **k))
-        if config is not None:
-            mp.setattr(gm.common, "num_sms", lambda: 2)
         got = gm.grouped_matmul_fp8_by_row(x, w, ws, jnp.asarray(row_groups, jnp.int32),
-                                           impl=impl, defer=True, shared=shared, config=config)
+                                           impl=impl, defer=True, shared=shared)
     assert isinstance(got, fp8.Unscaled) and got.stacked and got.values.shape[:2] == (2, len(row_groups))
     one_launch = impl == "mosaic" and len(row_groups) in (8, 16)
     assert [c.get("shared_blocks") for c in calls] == ([(0, int(twice))] if one_launch else
@@ -377,14 +330,8 @@ def test_shared_expert_form_is_checked():
                                   config=dataclasses.replace(SWAP, block_m=8))
 
 
-def _stream(on, m, k, n):
-    """The warp-specialised form of the picked tiles (``on``), else None: the pick."""
-    return gm.stream_config(gm.pick_config(m, k, n, fp8=True), k) if on else None
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["pick", "streamed"])
 @pytest.mark.parametrize("m", [8, 16])
-def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(m, stream):
+def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(m):
     """Scout's decode MoE with its shared expert: gate and up of both in one launch (one
     input), then down (the routed rows and the shared rows stacked)."""
     f8, f32 = (lambda *s: jax.ShapeDtypeStruct(s, fp8.DTYPE)), (
@@ -395,12 +342,10 @@ def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(m, stream):
             rg):
         y = gm.grouped_matmul_fp8_by_row(fp8.Quantized(x, xs, jnp.bfloat16), (gate_up,) * 2,
                                          (gate_up_s,) * 2, rg, impl="mosaic", scale_rows=False,
-                                         shared=((s_gate_up,) * 2, (s_gate_up_s,) * 2),
-                                         config=_stream(stream, m, 5120, 16384))
+                                         shared=((s_gate_up,) * 2, (s_gate_up_s,) * 2))
         h = fp8.Quantized(y[..., :8192].reshape(2 * m, -1).astype(fp8.DTYPE), xs, jnp.bfloat16)
         return gm.grouped_matmul_fp8_by_row(h, down, down_s, rg, impl="mosaic", defer=True,
-                                            shared=(s_down, s_down_s),
-                                            config=_stream(stream, m, 8192, 5120)).values
+                                            shared=(s_down, s_down_s)).values
 
     exported = jax.export.export(jax.jit(moe), platforms=["cuda"])(
         f8(m, 5120), f32(2 * m), f8(16, 8192, 5120), f32(16, 8192), f8(16, 5120, 8192),
@@ -410,19 +355,17 @@ def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(m, stream):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not common.on_hopper(), reason="needs a Hopper GPU")
-@pytest.mark.parametrize("stream", [False, True], ids=["pick", "streamed"])
 @pytest.mark.parametrize("m", [8, 16])
 @pytest.mark.parametrize("k,n,twice", [(5120, 8192, False), (8192, 5120, True)])
-def test_by_row_with_a_shared_expert_on_gpu_at_scout_shapes(m, k, n, twice, stream):
+def test_by_row_with_a_shared_expert_on_gpu_at_scout_shapes(m, k, n, twice):
     rng = np.random.default_rng(m)
     groups = rng.integers(0, 17, m)
     parts = 2 if n > k else 1
     x, w, ws, shared = _with_shared_case(groups, parts, twice, k=k, n=n, groups=16)
-    config = _stream(stream, m, k, n * parts)
     # The weights as arguments: closed over, they would be 2.7 GB of constants in the HLO.
     got = jax.jit(lambda x, rg, w, ws, shared: gm.grouped_matmul_fp8_by_row(
-        x, w, ws, rg, defer=True, shared=shared, config=config))(
-            x, jnp.asarray(groups, jnp.int32), w, ws, shared)
+        x, w, ws, rg, defer=True, shared=shared))(x, jnp.asarray(groups, jnp.int32), w, ws,
+                                                   shared)
     want = _with_shared_want(x, w, ws, groups, shared)
     routed, shared_y = (np.asarray(t.resolve(), np.float32) for t in got.unstacked())
     mine = groups < 16
@@ -479,14 +422,11 @@ def test_swap_ab_config_is_checked():
 
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("k,n", SCOUT_KN)
-@pytest.mark.parametrize("k_splits,stream", [(1, False), (2, False), (1, True), (2, True)])
-def test_swapped_fp8_kernel_lowers_for_scout_shapes(m, k, n, k_splits, stream):
+@pytest.mark.parametrize("k_splits", [1, 2])
+def test_swapped_fp8_kernel_lowers_for_scout_shapes(m, k, n, k_splits):
     """11 ring slots of 16 KiB of weights and 2 KiB of rows fit shared memory; K split, the
-    f32 partial tile's store lowers too; and the warp-specialised form of the pick."""
+    f32 partial tile's store lowers too."""
     config = dataclasses.replace(SWAP, k_splits=k_splits)
-    if stream:
-        config = gm.stream_config(dataclasses.replace(gm.pick_config(m, k, n, fp8=True),
-                                                      k_splits=k_splits), k)
     f = jax.jit(lambda x, w, s, gs: gm.grouped_matmul_fp8(x, (w, w), (s, s), gs, impl="mosaic",
                                                           config=config))
     exported = jax.export.export(f, platforms=["cuda"])(
@@ -505,19 +445,16 @@ def test_fp8_impl_resolution():
 SWAP_K256 = dataclasses.replace(SWAP, block_k=256, max_concurrent_steps=6)
 SWAP_N64 = dataclasses.replace(SWAP, block_n=64, block_k=512, max_concurrent_steps=5)
 SWAP_SPLIT = dataclasses.replace(SWAP_K256, k_splits=2)
-SWAP_STREAM = dataclasses.replace(SWAP_K256, max_concurrent_steps=4, warp_specialized=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,config", [(1, None), (32, None), (65, None), (300, None),
                                       (4096, None), (1, SWAP), (5, SWAP), (16, SWAP),
                                       (1, SWAP_K256), (16, SWAP_K256), (5, SWAP_N64),
-                                      (1, SWAP_SPLIT), (16, SWAP_SPLIT), (1, SWAP_STREAM),
-                                      (5, SWAP_STREAM), (16, SWAP_STREAM)],
+                                      (1, SWAP_SPLIT), (16, SWAP_SPLIT)],
                          ids=lambda v: {id(SWAP): "swap_ab", id(SWAP_K256): "swap_ab_k256",
                                         id(SWAP_N64): "swap_ab_n64_k512",
-                                        id(SWAP_SPLIT): "swap_ab_k_split",
-                                        id(SWAP_STREAM): "swap_ab_streamed"}.get(id(v)))
+                                        id(SWAP_SPLIT): "swap_ab_k_split"}.get(id(v)))
 @pytest.mark.parametrize("k,n", SCOUT_KN)
 def test_fp8_kernel_on_gpu_at_scout_shapes(m, config, k, n):
     """The picked configs, and the swap-AB form at decode sizes."""
