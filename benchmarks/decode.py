@@ -110,19 +110,19 @@ def bounds_for(batch, page_size):
 
 
 # Other forms timed beside the default in the same run: (key, column title, config change).
-OTHERS = [("jaxattn_combine_s18", "combine as in session 18",
-           {"combine": decode.CombineConfig(warpgroups=1, approx_math=False)}),
-          ("jaxattn_combine_one_copy", "combine, one copy per piece",
-           {"combine": decode.CombineConfig(token_copies=False)})]
+OTHERS = [("jaxattn_combine_s18", "combine as in session 18 (one copy per piece since s21)",
+           {"combine": decode.CombineConfig(warpgroups=1, approx_math=False)})]
 # Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17; round
 # robin, beside the balanced schedule as the default in session 18's run; the balanced
 # (stream-K) and last-round schedules, measured slower in sessions 18-19 and removed
-# (benchmarks/NOTES-decode.md, v10-v11).
+# (benchmarks/NOTES-decode.md, v10-v11); the combine's one copy per piece, a column in session
+# 20 and the only form since.
 _OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)"),
                 ("jaxattn_rr", "round-robin tiles (before)"),
                 ("jaxattn_balanced", "balanced schedule"),
                 ("jaxattn_last_round", "balanced last round"),
-                ("jaxattn_unsplit", "balanced, planner does not split")]
+                ("jaxattn_unsplit", "balanced, planner does not split"),
+                ("jaxattn_combine_one_copy", "combine, one copy per piece")]
 
 
 def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):

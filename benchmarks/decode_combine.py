@@ -30,12 +30,11 @@ CASES = [(1, 131072), (1, 32768), (2, 65536), (8, 32768), (32, 8192), (256, 2048
 C = decode.CombineConfig
 VARIANTS = {
     "default": C(),
-    "session 18 (1 warpgroup, exact exp, a copy per token)": C(
-        warpgroups=1, approx_math=False, token_copies=True),
-    "one copy per piece": C(token_copies=False),
+    "1 warpgroup, exact exp (session 18's, with one copy per piece)": C(
+        warpgroups=1, approx_math=False),
     "1 warpgroup": C(warpgroups=1),
     "2 warpgroups from 2 pieces": C(share_from=2),
-    "32 columns": C(cols=32),
+    "32 columns (widened to 64 at G = 5)": C(cols=32),
 }
 
 

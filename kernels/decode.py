@@ -34,7 +34,7 @@ A second, small kernel merges split pieces by log-sum-exp
 (:func:`_combine_call`; a *parent* is an item's key range on one KV head, split by the
 planner) and writes their rows into ``out``: a few
 CTAs per column block take the step's split parents in turn from
-a compact list and stream only the pieces' own token rows, so its cost
+a compact list and stream only the pieces' rows (a decode piece's first 8), so its cost
 follows the real number of parents, pieces and tokens, not the static
 capacity (an XLA merge over the padded partial buffer pays for the whole
 capacity on every call: benchmarks/NOTES-decode.md, v1; a CTA per partial
@@ -96,14 +96,13 @@ class CombineConfig:
       warpgroup 0 merges the W states at the end: W chains of per-piece latency
       instead of one. Fewer pieces are warpgroup 0's alone.
     approx_math: the fast (approximate) exp, as the main kernel uses.
-    token_copies: a piece's load as timed and GPU-tested: one TMA per token of its item
-      (only its own rows), and plain arrivals on the slot's barrier for the
-      ``64 // G - q_len`` tokens it does not have, so the barrier's count is fixed. False:
-      one TMA of the first 8 rows (a one-token piece) or all 64, and the lse's: two
-      arrivals. Hypothesis for the ~0.45 µs a piece costs in turn (NOTES-decode v11): the
-      loop of ~11 single-thread arrivals per piece at decode, not the bytes. Built
-      2026-12-02 after the session's GPU calls: interpret- and lowering-tested, untimed,
-      so not yet the default.
+
+    A piece comes in one TMA copy: its first 8 rows for a one-token piece (its G rows
+    rounded up), else all 64, plus its lse (two arrivals on the slot's barrier). The
+    earlier form took one copy per token and a plain arrival for each token it lacked
+    (~11 single-thread arrivals per piece at decode); one copy took 5.5 / 4.0 / 2.7 µs
+    against 6.4 / 4.4 / 3.0 at 1 x 128k / 2 x 64k / 8 x 32k on the H200
+    (benchmarks/results/decode-combine-2026-12-02-s20.md).
 
     On the H200 (benchmarks/results/decode-combine-2026-12-02-s19.md, the kernel alone)
     the session-18 form (64 columns, one warpgroup, exact exp) took 8.4 µs at 1 x 128k
@@ -118,7 +117,6 @@ class CombineConfig:
     warpgroups: int = 2
     share_from: int = 4
     approx_math: bool = True
-    token_copies: bool = True
 
     def __post_init__(self):
         if self.cols not in (16, 32, 64, 128):
@@ -927,7 +925,8 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
     ``w`` a few workers that take parents ``w, w + W, ...``: with at most
     ``workers`` CTAs in all, a step without split parents costs one wave of
     CTAs that exit at once. Per parent each warpgroup of a CTA streams its share of
-    the pieces (only their own token rows) through a ring of SMEM slots, keeps a
+    the pieces (a one-token piece's first 8 rows, else all 64) through a ring of SMEM
+    slots, keeps a
     running max / sum / weighted O in registers; warpgroup 0 merges the shares and
     writes the parent's rows into ``out_ref`` (in place, ``out_dtype``). Returns the
     merged lse tiles [n_part, 64] (row of a parent's first slot).
@@ -935,7 +934,6 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
     n_part, _, d = pieces.rows.shape
     cw = combine_columns(config, d, g, out_dtype)
     nwg = config.warpgroups
-    n_tok = ROWS // g  # q_len <= dq <= 64 // g
     one_token_rows = common.cdiv(g, 8) * 8
     # A piece's load is small (1.25 KiB for one token); depth hides the TMA latency when
     # one long sequence has W pieces. `ring` slots per warpgroup (a group of barriers holds
@@ -970,27 +968,14 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
         def issue(j):
             b = wg * ring + lax.rem(j, ring)
             slot = slot0 + wg + j * stride
-            if config.token_copies:
-                # A fixed arrival count: one copy per token, plain arrives for the rest.
-                @pl.loop(0, q_len)
-                def _(tok):
-                    rows = pl.ds(tok * g, g)
-                    plgpu.copy_gmem_to_smem(opart_ref.at[slot, rows, cols],
-                                            o_buf.at[b, rows], full.at[b])
-
-                @pl.loop(q_len, n_tok)
-                def _(tok):
-                    plgpu.barrier_arrive(full.at[b])
-            else:
-                # One copy: a one-token piece's first rows (its g rows, rounded up to 8),
-                # else all 64. Rows past the piece's tokens are whatever the slot holds;
-                # rows are independent and those are never written out.
-                for rows, when in ((pl.ds(0, one_token_rows), q_len == 1),
-                                   (pl.ds(0, ROWS), q_len > 1)):
-                    pl.when(when)(functools.partial(
-                        plgpu.copy_gmem_to_smem, opart_ref.at[slot, rows, cols],
-                        o_buf.at[b, rows], full.at[b]))
-
+            # A one-token piece's first rows (its g rows, rounded up to 8), else all 64.
+            # Rows past the piece's tokens are whatever the slot holds; rows are
+            # independent and those are never written out.
+            for rows, when in ((pl.ds(0, one_token_rows), q_len == 1),
+                               (pl.ds(0, ROWS), q_len > 1)):
+                pl.when(when)(functools.partial(
+                    plgpu.copy_gmem_to_smem, opart_ref.at[slot, rows, cols],
+                    o_buf.at[b, rows], full.at[b]))
             plgpu.copy_gmem_to_smem(lpart_ref.at[slot], l_buf.at[b], full.at[b])
 
         @pl.loop(0, jnp.minimum(n_mine, ring))
@@ -1090,8 +1075,7 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
         scratch_types=(plgpu.SMEM((nwg * ring, ROWS, cw), jnp.float32),
                        plgpu.SMEM((nwg * ring, ROWS), jnp.float32),
                        plgpu.SMEM((ROWS, cw), out_dtype),  # a parent's merged rows
-                       plgpu.Barrier(num_arrivals=n_tok + 1 if config.token_copies else 2,
-                                     num_barriers=nwg * ring),
+                       plgpu.Barrier(num_arrivals=2, num_barriers=nwg * ring),  # rows + lse
                        shares),
         compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
         interpret=interpret or None,

@@ -151,8 +151,7 @@ CASES.update({f"{name}_2c": dataclasses.replace(
 # pieces); over parents of 2-3 pieces with multi-token items and of the planner's 4-8.
 _COMBINES = {"c16_wg1": decode.CombineConfig(cols=16, warpgroups=1, approx_math=False),
              "c32_share2": decode.CombineConfig(cols=32, share_from=2),
-             "wg4": decode.CombineConfig(warpgroups=4, share_from=2),
-             "one_copy": decode.CombineConfig(token_copies=False)}
+             "wg4": decode.CombineConfig(warpgroups=4, share_from=2)}
 CASES.update({f"{name}_{tag}": dataclasses.replace(
     CASES[name], config=dataclasses.replace(CASES[name].config, combine=combine))
     for name in ("scout_combine_workers", "one_cta_many_splits")

@@ -102,12 +102,13 @@ def test_smem_p_path_and_other_shapes():
 
 
 @pytest.mark.parametrize("combine", [
-    decode.CombineConfig(token_copies=False),
-    decode.CombineConfig(token_copies=False, warpgroups=4, cols=32),
-], ids=["one-copy", "one-copy-4wg"])
+    decode.CombineConfig(warpgroups=1, approx_math=False),
+    decode.CombineConfig(warpgroups=4, cols=32),
+], ids=["1wg-exact", "4wg-32cols"])
 def test_combine_options(combine):
-    """The combine's loads and shares off the default: context edges one token each (split
-    one-token pieces), multi-token chunked items (multi-row pieces) and 1 x 128k (16 pieces)."""
+    """The combine's shares and column blocks off the default: context edges one token each
+    (split one-token pieces), multi-token chunked items (multi-row pieces: 32 columns at
+    G = 5 are widened to 64, whose token rows start on 128 bytes) and 1 x 128k (16 pieces)."""
     config = decode.DecodeConfig(combine=combine)
     _check([1] * len(EDGES), list(EDGES), pad=5, config=config)
     _check([1, 2, 5, 12, 3, 12], [8193, 8196, 16384, 131072, 65536, 12], chunk=8192,

@@ -60,8 +60,7 @@ def test_cuda_lowering_every_planner_config(head_dim, heads):
     *(decode.DecodeConfig(p_in_registers=True, combine=c) for c in [
         decode.CombineConfig(cols=16), decode.CombineConfig(cols=32, warpgroups=2),
         decode.CombineConfig(warpgroups=4, approx_math=True),
-        decode.CombineConfig(cols=16, warpgroups=4, approx_math=True),
-        decode.CombineConfig(token_copies=False)]),
+        decode.CombineConfig(cols=16, warpgroups=4, approx_math=True)]),
 ])
 def test_cuda_lowering_tuning_variants(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
