@@ -926,9 +926,8 @@ def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: i
     ``workers`` CTAs in all, a step without split parents costs one wave of
     CTAs that exit at once. Per parent each warpgroup of a CTA streams its share of
     the pieces (a one-token piece's first 8 rows, else all 64) through a ring of SMEM
-    slots, keeps a
-    running max / sum / weighted O in registers; warpgroup 0 merges the shares and
-    writes the parent's rows into ``out_ref`` (in place, ``out_dtype``). Returns the
+    slots, keeps a running max / sum / weighted O in registers; warpgroup 0 merges the
+    shares and writes the parent's rows into ``out_ref`` (in place, ``out_dtype``). Returns the
     merged lse tiles [n_part, 64] (row of a parent's first slot).
     """
     n_part, _, d = pieces.rows.shape
