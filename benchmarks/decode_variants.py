@@ -3,6 +3,7 @@ the same bf16 and FP8 caches.
 
     python -m benchmarks.decode_variants               # on the GPU
     python -m benchmarks.decode_variants --tag s18     # results/decode-variants-<date>-s18.*
+    python -m benchmarks.decode_variants --cases 1x40,1x1000 --only bf16   # short, bf16 only
 
 Scout's heads (40 query / 8 KV, D=128), 32-token pages shuffled in the pool (the caches of
 :mod:`benchmarks.fp8_kv`), one new token per sequence, at 256 x 2k, 32 x 8k, 8 x 32k and
@@ -95,12 +96,18 @@ def markdown(res) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--cases", default=",".join(f"{b}x{c}" for b, c in CASES),
+                    help="batch x context pairs, e.g. 1x40,1x1000,1x8232 (a decode step's "
+                         "chunked-local layers read a few keys past 8k)")
+    ap.add_argument("--only", default="", help="variants whose name starts with this (and "
+                                                "the baseline)")
     args = ap.parse_args(argv)
-    table = variants()
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+    table = {n: v for n, v in variants().items() if n.startswith(args.only) or n == BASELINE}
     res = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
                variants={n: [cache, dataclasses.asdict(c)] for n, (cache, c) in table.items()},
                rows=[])
-    for batch, ctx in CASES:
+    for batch, ctx in cases:
         res["rows"].append(bench_case(batch, ctx, table))
         print(res["rows"][-1], flush=True)
     stem = f"decode-variants-{res['date']}" + (f"-{args.tag}" if args.tag else "")
