@@ -110,6 +110,22 @@ def reference_route(h, router, valid=None):
     return logits.max(-1).astype(jnp.float32), jnp.argmax(logits, -1).astype(jnp.int32)
 
 
+def reference_route_scales(h, router, token_scale, valid=None, routing=None):
+    """A top-1 MoE's routing of the normed rows ``h`` [R, K] (:func:`reference_route`, or
+    ``routing`` computed already) as a decode step's by-row experts take it: (each row's
+    expert, int32 [R], E for a padding row; the row scales [2R] f32 of the routed rows'
+    input, then the shared expert's). The routed rows are the token's quantised row (scale
+    ``token_scale`` [R]) times its router score ``sigmoid(top logit)`` in h's dtype (HF
+    scales the experts' input, not their output), folded into the scale; a padding row's
+    routed scale is 0 (no product of it counts: :class:`fp8.Unscaled`'s rule)."""
+    top, expert = routing if routing is not None else reference_route(h, router, valid)
+    if routing is not None and valid is not None:
+        expert = jnp.where(valid, expert, router.shape[0])
+    score = jax.nn.sigmoid(top.astype(jnp.float32)).astype(h.dtype).astype(jnp.float32)
+    routed = jnp.where(expert < router.shape[0], token_scale * score, 0.0)
+    return expert, jnp.concatenate([routed, token_scale.astype(jnp.float32)])
+
+
 def reference_swiglu(gate, up, row_scale=None):
     """``silu(gate) * up`` in gate's dtype, each first scaled by ``row_scale[..., None]``
     (the model's ops; the kernel computes the same in f32, without their bf16 roundings)."""
@@ -324,6 +340,33 @@ def _swiglu_quantize_kernel(gate, up, row_scale, *, scale_ub, config: RowsConfig
     return _launch(body, r, _outs(r, k), "swiglu_quantize")(*args)
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _route_scales_kernel(logits, valid, token_scale, *, dtype):
+    """logits [R, E] f32 (the router's dot before its rounding to ``dtype``), valid [R]
+    int32, token_scale [R] f32 -> :func:`reference_route_scales`' (expert [R], scales [2R]).
+    A row's E logits are scalars: E compares and one sigmoid, no reductions."""
+    r, e = logits.shape
+
+    def body(row, l_ref, v_ref, s_ref, expert_ref, scales_ref):
+        best, best_e = None, None
+        for i in range(e):
+            logit = l_ref[row, i].astype(dtype).astype(jnp.float32)
+            if best is None:
+                best, best_e = logit, jnp.int32(0)
+            else:  # strictly greater: the first of equal logits wins, as argmax
+                best_e = jnp.where(logit > best, jnp.int32(i), best_e)
+                best = jnp.maximum(best, logit)
+        keep = v_ref[row] != 0
+        score = (1.0 / (1.0 + jnp.exp(-best))).astype(dtype).astype(jnp.float32)
+        scale = s_ref[row]
+        expert_ref[pl.ds(row, 1)] = jnp.broadcast_to(jnp.where(keep, best_e, jnp.int32(e)), (1,))
+        scales_ref[pl.ds(row, 1)] = jnp.broadcast_to(jnp.where(keep, scale * score, 0.0), (1,))
+        scales_ref[pl.ds(r + row, 1)] = jnp.broadcast_to(scale, (1,))
+
+    outs = (jax.ShapeDtypeStruct((r,), jnp.int32), jax.ShapeDtypeStruct((2 * r,), jnp.float32))
+    return _launch(body, r, outs, "route_scales")(logits, valid, token_scale)
+
+
 # ---- the API --------------------------------------------------------------------------
 
 def _rows(x):
@@ -379,6 +422,23 @@ def add_rms_norm_quantize(x, delta, weight, eps: float, *, scale_ub: float | Non
         eps=float(eps), scale_ub=scale_ub, config=config)
     out = back(total), back(h), fp8.Quantized(back(q), back(s), jnp.dtype(x.dtype))
     return out if router is None else (*out, tuple(back(a) for a in route))
+
+
+def route_scales(h, router, token_scale, valid=None, *, routing=None, impl: str = "auto",
+                 config: RowsConfig = RowsConfig()):
+    """:func:`reference_route_scales` of ``h`` [R, K] through ``router`` [E, K]: the
+    router's dot in XLA, then the top-1, the score and the rows' scales in one launch
+    where the kernel runs (XLA's argmax and the two concatenates around it were three
+    small kernels per decode layer). ``routing``: the top-1 computed already (by the
+    norm's kernel, :func:`add_rms_norm_quantize`); XLA then makes the scales."""
+    r = h.shape[0]
+    if routing is not None or not _use_kernel(impl, r, WARPGROUP, config):
+        return reference_route_scales(h, router, token_scale, valid, routing)
+    logits = jax.lax.dot_general(h, router.astype(h.dtype), (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    valid = jnp.ones((r,), jnp.int32) if valid is None else valid.astype(jnp.int32)
+    return _route_scales_kernel(logits, valid, token_scale.astype(jnp.float32),
+                                dtype=jnp.dtype(h.dtype))
 
 
 def swiglu_quantize(gate, up=None, row_scale=None, *, scale_ub: float | None = None,

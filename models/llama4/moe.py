@@ -197,6 +197,21 @@ class MoE(nnx.Module):
         n, k = x.shape[0], self.top_k
         if routing is not None and k != 1:
             raise ValueError(f"routing given for top-{k}: top-1 only")
+        if self.experts.fp8 and xq is None:
+            xq = fp8_rows.quantize(x, scale_ub=self.experts.activation_scale_ub)
+        if xq is not None:  # rows as x's: [N, H] values, [N] scales
+            xq = fp8_lib.Quantized(xq.values.reshape(x.shape), xq.scale.reshape(-1), xq.dtype)
+        if (self._by_row(n, gmm_impl) and self._with_shared(n)
+                and self.experts.activation_scale_ub is None):
+            # A decode step's MoE: the routing and the rows' scales in one kernel, then the
+            # experts' two launches (the shared expert's rows among the routed ones).
+            expert, scales = fp8_rows.route_scales(
+                x, self.router.weight[...], xq.scale,
+                None if valid is None else valid.reshape(-1), routing=routing)
+            rows = fp8_lib.Quantized(xq.values, scales, xq.dtype)
+            terms = (self.experts(rows, None, gmm_impl, row_experts=expert,
+                                  shared=self.shared_expert).reshape(shape),)
+            return terms if defer else fp8_lib.sum_terms(terms)
         masked = routing is None and k == 1  # padding rows routed to no expert already
         if masked:  # Scout: a max and an argmax fuse with the router
             routing = fp8_rows.reference_route(
@@ -213,10 +228,6 @@ class MoE(nnx.Module):
         if valid is not None and not masked:  # padding: past the last expert (sorted last,
             # counted nowhere)
             expert = jnp.where(jnp.repeat(valid.reshape(-1), k), expert, self.num_experts)
-        if self.experts.fp8 and xq is None:
-            xq = fp8_rows.quantize(x, scale_ub=self.experts.activation_scale_ub)
-        if xq is not None:  # rows as x's: [N, H] values, [N] scales
-            xq = fp8_lib.Quantized(xq.values.reshape(x.shape), xq.scale.reshape(-1), xq.dtype)
         shared_in = xq if xq is not None and self.shared_expert.fp8 else x
         local_experts = self.experts.num_experts
         if self._by_row(n, gmm_impl) and self._with_shared(n):

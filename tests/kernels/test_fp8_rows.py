@@ -304,6 +304,9 @@ def test_kernels_lower_for_cuda_at_scout_shapes(rows):
         (lambda g, r: fr.swiglu_quantize(g, None, r, impl="mosaic"),
          (bf16(rows, 16384), jax.ShapeDtypeStruct((rows,), jnp.float32))),
         (lambda g, u: fr.swiglu_quantize(g, u, impl="mosaic"), (bf16(rows, 4096),) * 2),
+        (lambda h, r, s, v: fr.route_scales(h, r, s, v, impl="mosaic"),
+         (bf16(rows, 5120), bf16(16, 5120), jax.ShapeDtypeStruct((rows,), jnp.float32),
+          jax.ShapeDtypeStruct((rows,), jnp.bool_))),
     ]
     for f, args in cases:
         assert "mosaic_gpu" in jax.export.export(jax.jit(f), platforms=["cuda"])(
@@ -345,6 +348,11 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
                                   np.asarray(x + fp8.sum_terms(terms), np.float32))
     _assert_quantises(q3, h3)
     _assert_routes(route, h3, router)
+    valid = jnp.arange(rows) != 1  # row 1 (where there is one): bucket padding
+    expert, scales = fr.route_scales(h3, router, q3.scale, valid, impl="mosaic")
+    want_expert, want_scales = fr.reference_route_scales(h3, router, q3.scale, valid)
+    np.testing.assert_array_equal(expert, want_expert)  # every row's top-1 is clear
+    np.testing.assert_allclose(scales, want_scales, rtol=2**-7, atol=0)
     stacked = _stacked_terms(rows, 5120)  # the by-row experts' with the shared expert's
     total = fr.add_rms_norm_quantize(x, (stacked,), w, 1e-5, impl="mosaic")[0]
     np.testing.assert_array_equal(np.asarray(total, np.float32),
@@ -360,3 +368,42 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
                       (u * g * jax.nn.sigmoid(g))[live])
     if rows > 1:
         assert float(got.scale[-1]) == 0 and not np.asarray(got.values[-1], np.float32).any()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16])
+def test_route_scales_kernel_equals_xla(interpret, rows):
+    """The routing kernel gives the XLA composition's experts and scales: the top logit's
+    expert (the first of equals), the routed rows' scale times the bf16 sigmoid score, 0
+    for padding rows (expert E), then the shared rows' scales as they are."""
+    k, e = 256, 16
+    h = jax.random.normal(jax.random.key(20), (rows, k), jnp.bfloat16)
+    router = jax.random.normal(jax.random.key(21), (e, k), jnp.bfloat16) * 0.05
+    router = router.at[2].set(h[0] * 0.1).at[5].set(h[0] * 0.1)  # row 0: 2 and 5 tie, 2 wins
+    token_scale = jnp.exp(jax.random.normal(jax.random.key(22), (rows,)))
+    valid = jnp.arange(rows) % 3 != 1 if rows > 1 else None
+    expert, scales = fr.route_scales(h, router, token_scale, valid, impl="mosaic")
+    want_expert, want_scales = fr.reference_route_scales(h, router, token_scale, valid)
+    assert expert.dtype == jnp.int32 and scales.shape == (2 * rows,)
+    np.testing.assert_array_equal(expert, want_expert)
+    # the score is one bf16 rounding of the same sigmoid: at most an ulp apart
+    np.testing.assert_allclose(scales, want_scales, rtol=2**-7, atol=0)
+    np.testing.assert_array_equal(scales[rows:], token_scale)
+    if valid is not None:
+        pad = ~np.asarray(valid)
+        assert (np.asarray(expert)[pad] == e).all() and not np.asarray(scales)[:rows][pad].any()
+        assert (np.asarray(expert)[~pad] < e).all() and np.asarray(scales)[:rows][~pad].all()
+    assert int(expert[0]) == 2
+
+
+def test_route_scales_routing_given_masks_padding():
+    """With the top-1 computed already (the norm kernel's), padding rows still go to no
+    expert with a routed scale of 0."""
+    h = jax.random.normal(jax.random.key(23), (4, 256), jnp.bfloat16)
+    router = jax.random.normal(jax.random.key(24), (16, 256), jnp.bfloat16) * 0.05
+    routing = fr.reference_route(h, router)
+    valid = jnp.asarray([True, False, True, False])
+    scale = jnp.ones((4,), jnp.float32)
+    expert, scales = fr.route_scales(h, router, scale, valid, routing=routing)
+    want = fr.reference_route_scales(h, router, scale, valid)
+    np.testing.assert_array_equal(expert, want[0])
+    np.testing.assert_array_equal(scales, want[1])

@@ -191,6 +191,9 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     monkeypatch.setattr(moe_lib, "grouped_matmul_fp8_by_row",
                         lambda *a, **k: calls.append(1) or by_row(*a, **k))
     monkeypatch.setattr(moe_lib, "counting_sort", None)  # not called
+    route, routes = fp8_rows._route_scales_kernel, []
+    monkeypatch.setattr(fp8_rows, "_route_scales_kernel",
+                        lambda *a, **k: routes.append(1) or route(*a, **k))
     step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic")
     spec = paged_step.cache_spec(config, num_pages=32, page_size=64, dtype=jnp.bfloat16)
     kv = jax.eval_shape(lambda: cache.allocate(spec))
@@ -201,6 +204,9 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     assert not {p: found[p] for p in ("cond", "while", "scan") if p in found}
     moe_layers = sum(config.is_moe(i) for i in range(config.num_hidden_layers))
     assert len(calls) == 2 * moe_layers  # gate/up, down
+    # the top-1 and the rows' scales in one kernel (XLA's argmax and concatenates), unless
+    # the norm before routed the rows
+    assert len(routes) == (0 if route_in_norm else moe_layers)
     # RoPE and the QK-norm (or a NoPE layer's temperature) in one kernel a layer, which
     # writes k and v into the bf16 cache too (no scatter kernels)
     assert len(qk_calls) == config.num_hidden_layers
