@@ -125,3 +125,42 @@ def test_bf16_small_chunks_serve_on_gpu(chunk):
     for a, b in zip(got["auto"], got["reference"]):
         rel = np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean())
         assert np.isfinite(a).all() and rel < 0.05, rel
+
+
+def test_fp8_decode_step_kernels_match_xla(monkeypatch):
+    """The FP8 model's serving step on the Hopper kernels (a decode step's 16-row bucket:
+    the routing kernel, the by-row experts with the shared expert in their launches, the
+    row kernels, the decode attention) gives the logits of the same step in XLA alone
+    (``on_hopper`` patched False), padding rows included: a prefill step, then decode."""
+    from jaxattn.kernels import common
+    from jaxattn.models.llama4.quantization import Fp8Scheme
+    from jaxattn.serve import kv_cache as cache
+    from jaxattn.serve import paged_step
+    from jaxattn.serve.batch import SeqStep, build_step
+    from jaxattn.serve.config import EngineConfig
+
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=1024, hidden_size=512, intermediate_size=256, intermediate_size_mlp=512,
+        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+        num_local_experts=4, num_experts_per_tok=1, attention_chunk_size=256,
+        initializer_range=0.05))
+    model = llama4.init_random(config, seed=4, dtype=jnp.bfloat16, fp8=Fp8Scheme(attention=True))
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024,
+                          page_size=64).bounds(config)
+    ids = np.random.default_rng(4).integers(0, config.vocab_size, 600).tolist()
+    steps = [(512, [SeqStep(ids[:300], 0, range(5)), SeqStep(ids[300:429], 0, range(8, 11))]),
+             (16, [SeqStep(ids[429:430], 300, range(5)), SeqStep(ids[430:431], 129, range(8, 11))])]
+    got = {}
+    for on_gpu in (True, False):
+        monkeypatch.setattr(common, "on_hopper", lambda on_gpu=on_gpu: on_gpu)
+        step = paged_step.make_step_fn(model, bounds)
+        kv = cache.allocate(paged_step.cache_spec(config, num_pages=16, page_size=64,
+                                                  dtype=jnp.bfloat16))
+        got[on_gpu] = []
+        for tokens, seqs in steps:
+            logits, kv = step(kv, build_step(bounds, tokens, seqs, num_pages=16))
+            got[on_gpu].append(np.asarray(logits[:len(seqs)]))
+    for a, b in zip(got[True], got[False]):
+        rel = np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean())
+        assert np.isfinite(a).all() and rel < 0.05, rel
+        assert (a.argmax(-1) == b.argmax(-1)).all()
