@@ -42,7 +42,6 @@ def variants() -> dict[str, tuple[str, decode.DecodeConfig]]:
     return {
         BASELINE: ("bf16", r(bf16, block_kv=64, num_stages=4)),
         "bf16 default": ("bf16", bf16),
-        "bf16 default, K and V freed together": ("bf16", r(bf16, free_k_early=False)),
         "FP8 default": ("fp8", fp8),
         "FP8, 1-deep dequantised ring, 6 stages": ("fp8", r(fp8, dequant_stages=1, num_stages=6)),
         "FP8, two consumers": ("fp8", r(fp8, consumers=2)),

@@ -185,10 +185,6 @@ class DecodeConfig:
       (benchmarks/results/fp8-kv-2026-12-02-s16-narrow.md, same run): FP8 cache 5% faster
       from 8k keys up (1% slower at 256 x 2k), bf16 0-1.3% slower (its kernel is not
       waiting on the consumer), so :func:`default_config` turns it on for FP8 only.
-    free_k_early: a bf16/f16 cache: the consumer frees a slot's K tile once QK has read it
-      (a barrier of its own), so the producer refills it during the softmax and PV
-      instead of after them: half a stage more in flight while the consumer works on a
-      block (with 128-key blocks the ring holds only 2 stages).
     combine: the combine kernel's tuning (:class:`CombineConfig`).
     """
 
@@ -202,7 +198,6 @@ class DecodeConfig:
     consumers: int = 1
     fp8_qk: bool = False
     narrow_tiles: bool = False
-    free_k_early: bool = False
     combine: CombineConfig = CombineConfig()
 
     def __post_init__(self):
@@ -242,8 +237,7 @@ def default_config(interpret=False, fp8=False) -> DecodeConfig:
     if fp8:
         return DecodeConfig(p_in_registers=not interpret, dequant_warpgroup=True,
                             narrow_tiles=True)
-    return DecodeConfig(block_kv=128, num_stages=2, p_in_registers=not interpret,
-                        free_k_early=True)
+    return DecodeConfig(block_kv=128, num_stages=2, p_in_registers=not interpret)
 
 
 def fit_blocks(config: DecodeConfig, bounds: Bounds) -> DecodeConfig:
@@ -321,8 +315,6 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
     # Tiles of at most NARROW_ROWS query rows take the keys as the wgmma M (not with fp8_qk).
     narrow = config.narrow_tiles and not qk8 and g <= NARROW_ROWS
-    # K's slot is freed after QK (consumed[stages + slot]) and V's after PV (consumed[slot]).
-    early = config.free_k_early and not fp8
 
     def decode_kernel(meta_ref, cta_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
         # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype, a Ref updated
@@ -333,7 +325,6 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         (out_ref, lse_ref, opart_ref, lpart_ref, q_raw, q_tile, k_smem, v_smem, p_smem,
          (o_smem, o_out, o_t_smem, merge_acc), lse_smem, q_full, q_free, k_full, v_full,
          consumed, pt_smem, eye, pair, *fp8_scratch) = rest
-        k_consumed = lambda slot: consumed.at[stages + slot]  # free_k_early: K's tile read
         # Two consumers: consumer 0 tells consumer 1 that q is staged, and takes its partial
         # state (merge_acc, merge_ml; full/free) at each tile's end.
         q_ready, merge_full, merge_free, merge_ml = pair or (None,) * 4
@@ -405,23 +396,16 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                     keys = [jnp.minimum(base + cp * rpc, last_key) for cp in range(cpb)]
                     pages = [pt_ref[seq, key // page_size] for key in keys]
 
-                    def free(barrier):
-                        pl.when(step >= stages)(lambda: plgpu.barrier_wait(barrier))
+                    @pl.when(step >= stages)
+                    def _():
+                        plgpu.barrier_wait(consumed.at[slot])
 
-                    rows = []
-                    for cp, key in enumerate(keys):
+                    for cp, (key, page) in enumerate(zip(keys, pages)):
                         row = lax.rem(key, page_size) // rpc * rpc if rpc < page_size else 0
-                        rows.append((pl.ds(row, rpc), pl.ds(cp * rpc, rpc)))
-                    if early:  # K's slot frees before V's: its copies go first
-                        free(k_consumed(slot))
-                        for page, (src, dst) in zip(pages, rows):
-                            plgpu.copy_gmem_to_smem(k_ref.at[page, src, kvh],
-                                                    k_smem.at[slot, dst], k_full.at[slot])
-                    free(consumed.at[slot])
-                    for page, (src, dst) in zip(pages, rows):
-                        if not early:
-                            plgpu.copy_gmem_to_smem(k_ref.at[page, src, kvh],
-                                                    k_smem.at[slot, dst], k_full.at[slot])
+                        dst = pl.ds(cp * rpc, rpc)
+                        src = pl.ds(row, rpc)
+                        plgpu.copy_gmem_to_smem(k_ref.at[page, src, kvh],
+                                                k_smem.at[slot, dst], k_full.at[slot])
                         plgpu.copy_gmem_to_smem(v_ref.at[page, src, kvh],
                                                 v_smem.at[slot, dst], v_full.at[slot])
                         if fp8:  # the rows' scales, on the same barriers
@@ -440,8 +424,6 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             # (GPU interpret mode checks it; the hardware does not care).
             @pl.loop(jnp.maximum(0, steps - stages), steps)
             def _(s):
-                if early:
-                    plgpu.barrier_wait(k_consumed(lax.rem(s, stages)))
                 plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
 
             @pl.when(n_local > 0)
@@ -653,8 +635,6 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
-                    if early:  # QK has read K's tile
-                        plgpu.barrier_arrive(k_consumed(slot))
                     if qk8:  # the keys' scales on S's columns, read before the slot is freed
                         s = s * common.column_scales(ks_smem.at[slot], s.shape)
                         if deq_wg:
@@ -732,8 +712,6 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((bk, n), jnp.float32)) * c_log2
-                    if early:  # QK has read K's tile
-                        plgpu.barrier_arrive(k_consumed(slot))
                     if deq_wg:
                         plgpu.barrier_arrive(kdeq_free.at[dslot])
                     if masked:
@@ -888,8 +866,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         plgpu.Barrier(),  # q_free
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # k_full
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # v_full
-        # consumed: a slot's tiles read (free_k_early: V's, then [stages + slot] K's)
-        plgpu.Barrier(num_arrivals=consumers_of_slot, num_barriers=stages * (1 + early)),
+        plgpu.Barrier(num_arrivals=consumers_of_slot, num_barriers=stages),  # consumed
         # narrow tiles: P [n, bk] per consumer (its transpose is PV's B), the identity [64, n]
         tuple(plgpu.SMEM((NARROW_ROWS, bk), dtype, transforms=tiles_transform)
               for _ in range(consumers)) if narrow else None,

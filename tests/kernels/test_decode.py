@@ -143,14 +143,6 @@ CASES.update({f"{name}_2c": dataclasses.replace(
                  "fp16_d64_g8_p8_chunked_narrow", "bf16_d64_g1_p32_bk128",
                  "one_cta_many_tiles", "one_cta_many_tiles_narrow")})
 
-# K's slot freed after QK (DecodeConfig.free_k_early): the ring's K and V refills apart, in
-# both tile forms, with two consumers, 128-key blocks in 2 stages (the bf16 default's), and
-# one CTA wrapping the ring across many tiles.
-CASES.update({f"{name}_early_k": dataclasses.replace(
-    CASES[name], config=dataclasses.replace(CASES[name].config, free_k_early=True))
-    for name in ("scout_bf16_d128_g5_p16", "scout_bf16_d128_g5_p16_narrow",
-                 "bf16_d64_g1_p32_bk128", "bf16_d64_g1_p32_bk128_2c", "one_cta_many_tiles",
-                 "fp16_d64_g8_p8_chunked")})
 
 # The combine kernel's tunings (DecodeConfig.combine; the default shares parents of 4+ pieces
 # between 2 warpgroups): a piece in one copy instead of one per token (multi-token pieces
@@ -191,13 +183,11 @@ def test_empty_decode_list():
     assert (out == 0).all() and (lse == -np.inf).all()
 
 
-@pytest.mark.parametrize("consumers, combine_wgs, early_k", [(1, 1, False), (2, 1, False),
-                                                              (1, 2, False), (1, 1, True)])
-def test_race_detector_finds_no_races(consumers, combine_wgs, early_k):
+@pytest.mark.parametrize("consumers, combine_wgs", [(1, 1), (2, 1), (1, 2)])
+def test_race_detector_finds_no_races(consumers, combine_wgs):
     case = Case(q_lens=(1, 3, 1), kv_lens=(200, 70, 333), head_dim=64,
-                config=decode.DecodeConfig(num_ctas=2, consumers=consumers, free_k_early=early_k,
-                                           combine=decode.CombineConfig(
-                                               warpgroups=combine_wgs, share_from=2)))
+                config=decode.DecodeConfig(num_ctas=2, consumers=consumers, combine=(
+                    decode.CombineConfig(warpgroups=combine_wgs, share_from=2))))
     params = plgpu.InterpretGPUParams(detect_races=True)
     run_case(case, interpret=params)
     assert not ipc.get_races().races_found
