@@ -15,7 +15,9 @@ Scout's hidden size, 64 at its intermediate size):
   adds the residual stream's pending update first and returns the sum too (the residual
   add was a kernel of its own, twice per layer, where the norm is this kernel);
 * :func:`swiglu_quantize`: ``silu(gate) * up`` (times a row scale first: the grouped
-  matmul leaves its rows' scales to its consumer), then quantise.
+  matmul leaves its rows' scales to its consumer), then quantise;
+* :func:`route_scales`: a top-1 MoE's routing of the rows (on the router's logits) and the
+  row scales its by-row experts take.
 
 Each has the XLA composition it replaces as its reference (:func:`reference_quantize`
 and friends), which also runs where the kernel does not: on CPU, and for calls of more
