@@ -319,6 +319,51 @@ def test_by_row_with_a_shared_expert_matches_the_reference(row_groups, parts, tw
                                rtol=1e-2, atol=1e-2 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("splits", [2, 4])
+def test_by_row_with_a_shared_expert_splits_k_into_partial_sums(monkeypatch, splits):
+    """A deferred product with K split (``deferred_splits``: a decode step's down
+    projection at batch 1 fills 80 of 132 SMs) comes as its partial sums over K, one slab
+    per split (``Unscaled.splits``), which resolve to the product."""
+    row_groups = [1] * 15 + [4]
+    x, w, ws, shared = _with_shared_case(row_groups, 1, True, k=1024, n=128)
+    monkeypatch.setattr(gm, "deferred_splits", lambda items, k_steps: splits)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = gm.grouped_matmul_fp8_by_row(x, w, ws, jnp.asarray(row_groups, jnp.int32),
+                                           impl="mosaic", defer=True, shared=shared)
+    assert got.stacked and got.splits == splits and got.values.shape == (splits, 2, 16, 128)
+    want = _with_shared_want(x, w, ws, row_groups, shared)
+    routed, shared_y = (np.asarray(t.resolve(), np.float32) for t in got.unstacked())
+    assert _rel(shared_y, want[1]) < 1e-2
+    mine = np.asarray(row_groups) < 4
+    assert _rel(routed[mine], want[0][mine]) < 1e-2
+    assert not routed[~mine].any()
+
+
+def test_dense_fp8_deferred_product_splits_k(monkeypatch):
+    """o_proj's deferred product (one weight) with K split: its partial sums, resolving to
+    the product; explicit configs and XLA's path are left as they were."""
+    ws, ss = (tuple(a) for a in _projections((256,), 1024))
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 1024)), jnp.bfloat16)
+    monkeypatch.setattr(gm, "deferred_splits", lambda items, k_steps: 4)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        (got,) = gm.dense_fp8(x, ws, ss, impl="mosaic", defer=True)
+    assert isinstance(got, fp8.Unscaled) and got.splits == 4 and got.values.shape == (4, 3, 256)
+    want = np.asarray(fp8.scaled_matmul(x, ws[0], ss[0]), np.float32)
+    np.testing.assert_allclose(np.asarray(got.resolve(), np.float32), want, rtol=1e-2,
+                               atol=1e-2 * np.abs(want).max())
+    assert gm.dense_fp8(x, ws, ss, impl="xla", defer=True)[0].splits == 1
+
+
+def test_deferred_splits_fill_two_waves_where_one_is_not_full(monkeypatch):
+    monkeypatch.setattr(gm.common, "num_sms", lambda: 132)
+    assert gm.deferred_splits(80, 32) == 1  # off until timed on a GPU
+    monkeypatch.setattr(gm, "DEFER_K_SPLITS", True)
+    assert gm.deferred_splits(80, 32) == 4  # Scout's down + shared at batch 1: 320 items
+    assert gm.deferred_splits(80, 20) == 4  # o_proj: 80 64-column tiles of 20 K steps
+    assert gm.deferred_splits(40, 20) == 1  # no split of 20 steps reaches two waves
+    assert gm.deferred_splits(256, 20) == 1  # a wave already
+
+
 def test_shared_expert_form_is_checked():
     x, w, ws, shared = _with_shared_case([0, 1, 2, 3, 0, 1, 2, 3], 1, False, k=512, n=128)
     with pytest.raises(ValueError, match="shared expert"):
@@ -331,9 +376,13 @@ def test_shared_expert_form_is_checked():
 
 
 @pytest.mark.parametrize("m", [8, 16])
-def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(m):
+@pytest.mark.parametrize("k_splits", [False, True])
+def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(monkeypatch, m, k_splits):
     """Scout's decode MoE with its shared expert: gate and up of both in one launch (one
-    input), then down (the routed rows and the shared rows stacked)."""
+    input), then down (the routed rows and the shared rows stacked; ``k_splits``: in 4 K
+    splits' partial sums, ``DEFER_K_SPLITS``)."""
+    monkeypatch.setattr(gm, "DEFER_K_SPLITS", k_splits)
+    monkeypatch.setattr(gm.common, "num_sms", lambda: 132)
     f8, f32 = (lambda *s: jax.ShapeDtypeStruct(s, fp8.DTYPE)), (
         lambda *s: jax.ShapeDtypeStruct(s, jnp.float32))
     rows = jax.ShapeDtypeStruct((m,), jnp.int32)
@@ -351,6 +400,7 @@ def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(m):
         f8(m, 5120), f32(2 * m), f8(16, 8192, 5120), f32(16, 8192), f8(16, 5120, 8192),
         f32(16, 5120), f8(8192, 5120), f32(8192), f8(5120, 8192), f32(5120), rows)
     assert exported.mlir_module().count("mosaic_gpu") >= 2
+    assert exported.out_avals[0].shape == (4,) * k_splits + (2, m, 5120)
 
 
 @pytest.mark.gpu
