@@ -30,7 +30,9 @@ semantics of ``jax.lax.ragged_dot`` (:func:`reference`). Two implementations:
     so that a single expert's N tiles occupy more SMs. Measured slower than no split
     at Scout's decode shapes (the partial sums' extra pass), so :func:`pick_config` and
     :func:`dense_config` leave it at 1 (the latter narrows the N tiles instead); configs
-    may still ask for it.
+    may still ask for it. A deferred product (its scales applied by the norm kernel after
+    it) can instead hand its partial sums on unsummed (``partials``, :func:`deferred_splits`:
+    the norm kernel adds them, no extra pass; off until timed).
 
 ``"auto"`` picks ``"mosaic"`` on a Hopper GPU for bf16/f16 with K a multiple of
 the K tile and N of the N tile, else ``"xla"``; to force one, pass it as ``impl``.
