@@ -407,7 +407,12 @@ def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(monkeypatch, m, k_s
 @pytest.mark.skipif(not common.on_hopper(), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("m", [8, 16])
 @pytest.mark.parametrize("k,n,twice", [(5120, 8192, False), (8192, 5120, True)])
-def test_by_row_with_a_shared_expert_on_gpu_at_scout_shapes(m, k, n, twice):
+@pytest.mark.parametrize("k_splits", [False, True])
+def test_by_row_with_a_shared_expert_on_gpu_at_scout_shapes(monkeypatch, m, k, n, twice,
+                                                            k_splits):
+    """``k_splits``: with ``DEFER_K_SPLITS`` the down projection (80 tiles on the H200's 132
+    SMs) comes as 4 partial sums over K; gate and up (256 tiles) stay whole."""
+    monkeypatch.setattr(gm, "DEFER_K_SPLITS", k_splits)
     rng = np.random.default_rng(m)
     groups = rng.integers(0, 17, m)
     parts = 2 if n > k else 1
@@ -416,6 +421,7 @@ def test_by_row_with_a_shared_expert_on_gpu_at_scout_shapes(m, k, n, twice):
     got = jax.jit(lambda x, rg, w, ws, shared: gm.grouped_matmul_fp8_by_row(
         x, w, ws, rg, defer=True, shared=shared))(x, jnp.asarray(groups, jnp.int32), w, ws,
                                                    shared)
+    assert got.splits == (4 if k_splits and n == 5120 and common.num_sms() == 132 else 1)
     want = _with_shared_want(x, w, ws, groups, shared)
     routed, shared_y = (np.asarray(t.resolve(), np.float32) for t in got.unstacked())
     mine = groups < 16
@@ -680,6 +686,21 @@ def test_dense_fp8_on_gpu_at_scout_shapes(m, name, k_splits):
     for g, w, s in zip(got, ws, ss):
         want = fp8.scaled_matmul_reference(x, w, s, out_dtype=jnp.float32)
         assert _rel(g, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_deferred_o_proj_splits_k_on_gpu(monkeypatch, m):
+    """o_proj as the model defers it, with ``DEFER_K_SPLITS``: 4 partial sums over K on the
+    H200 (80 64-column tiles for 132 SMs), resolving to the product."""
+    monkeypatch.setattr(gm, "DEFER_K_SPLITS", True)
+    k, ns = SCOUT_DENSE["o"]
+    ws, ss = _projections(ns, k, seed=m)
+    x = jnp.asarray(np.random.default_rng(m + 100).standard_normal((m, k)), jnp.bfloat16)
+    (got,) = jax.jit(lambda x, ws, ss: gm.dense_fp8(x, ws, ss, defer=True))(x, ws, ss)
+    assert got.splits == (4 if common.num_sms() == 132 else got.splits)
+    want = fp8.scaled_matmul_reference(x, ws[0], ss[0], out_dtype=jnp.float32)
+    assert _rel(got.resolve(), want) < 1e-2
 
 
 @pytest.mark.parametrize("config", [
