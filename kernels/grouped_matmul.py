@@ -445,10 +445,11 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     ns = [p.shape[0] for p in parts]
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    if config is None and k_splits == 1 and defer:
-        narrow = dense_config(rows, k, sum(ns))
-        k_splits = deferred_splits(sum(ns) // narrow.block_n, k // narrow.block_k)
-    config = config or dense_config(rows, k, sum(ns), k_splits)
+    if config is None:
+        config = dense_config(rows, k, sum(ns), k_splits)
+        if defer and k_splits == 1:  # its consumer adds partial sums
+            config = dataclasses.replace(config, k_splits=deferred_splits(
+                sum(ns) // config.block_n, k // config.block_k))
     if impl == "auto" and (rows > SWAP_AB_MAX_ROWS or k % _BLOCK_K_FP8 or
                            sum(ns) // config.block_n * config.k_splits < DENSE_MIN_N_TILES):
         impl = "xla"

@@ -279,15 +279,15 @@ class MoE(nnx.Module):
 
     def _experts_with_shared(self, x, xq, scores, expert, gmm_impl):
         """The experts with the shared expert in their launches (:class:`Experts`'
-        ``shared``) on this layer's rows: the routed rows scaled by their scores (padding
-        rows, of expert E, with scale 0), the shared expert's as they are."""
-        routed = self._scaled_rows(x, xq, scores)
-        values = xq.values  # both take the token's quantised row
-        if not isinstance(routed, fp8_lib.Quantized):  # capped: the scaled rows apart
-            routed = fp8_rows.quantize(routed, scale_ub=self.experts.activation_scale_ub)
-            values = jnp.concatenate([routed.values, xq.values])
+        ``shared``) on this layer's rows, under an activation cap (uncapped, the rows'
+        scales come from :func:`fp8_rows.route_scales` in ``__call__``): the routed rows
+        scaled by their scores and quantised apart (padding rows, of expert E, with scale
+        0), then the shared expert's, the token's quantised rows."""
+        routed = fp8_rows.quantize(self._scaled_rows(x, xq, scores),
+                                   scale_ub=self.experts.activation_scale_ub)
         routed_scale = jnp.where(expert < self.num_experts, routed.scale, 0.0)  # padding: 0
-        rows = fp8_lib.Quantized(values, jnp.concatenate([routed_scale, xq.scale]), xq.dtype)
+        rows = fp8_lib.Quantized(jnp.concatenate([routed.values, xq.values]),
+                                 jnp.concatenate([routed_scale, xq.scale]), xq.dtype)
         return self.experts(rows, None, gmm_impl, row_experts=expert, shared=self.shared_expert)
 
     def _scaled_rows(self, x, xq, scores, tokens=None, copies=None):
