@@ -125,10 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with the profile: dump the step's optimised HLO into DIR and give "
                         "each XLA kernel of the profile the source lines it was fused from "
                         "(benchmarks.hlo_dump)")
-    p.add_argument("--defer-k-splits", action="store_true",
-                   help="FP8 decode: split K of the products the norm kernel scales (down + "
-                        "shared, o_proj) over more SMs (grouped_matmul.DEFER_K_SPLITS, off by "
-                        "default until timed)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     return p
 
@@ -408,7 +404,6 @@ def run(args) -> dict:
            "experts": config.num_local_experts, "hidden": config.hidden_size,
            "dtype": dtype, "quantization": args.quantization, "impl": args.impl,
            "fp8_attention": bool(args.quantization and args.fp8_attention),
-           "defer_k_splits": args.defer_k_splits,
            "kv_cache_dtype": args.kv_cache_dtype or dtype,
            "async_scheduling": args.async_scheduling,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
@@ -543,10 +538,6 @@ def table(res: dict) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _setup_environment(args.dry_run, args.dump_hlo)
-    if args.defer_k_splits:
-        from jaxattn.kernels import grouped_matmul
-
-        grouped_matmul.DEFER_K_SPLITS = True
     res = run(args)
     print(table(res), flush=True)
     quant = (f"-{args.quantization}{'-attn' if args.fp8_attention else ''}"

@@ -69,7 +69,7 @@ class Quantized:
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["values", "row_scale", "col_scale"],
-                   meta_fields=["dtype", "stacked", "splits"])
+                   meta_fields=["dtype", "stacked"])
 @dataclasses.dataclass(frozen=True)
 class Unscaled:
     """A product whose epilogue has not run: ``values [..., N]`` (f32 or bf16) times
@@ -78,9 +78,6 @@ class Unscaled:
     ``stacked``: values ``[S, ..., N]`` and row scales ``[S, ...]`` hold S products of one
     launch (the routed and the shared experts'), this term their sum (each rounded to
     ``dtype``, added in order).
-    ``splits``: P > 1: the values hold each product as P partial sums over K, ``[P, ...]``
-    before any stack axis (a K-split launch's, each stored as it came), added in f32 in
-    order before the scales apply.
 
     A decode step's FP8 products (``o_proj``, the experts' down projections) end in the
     residual stream's add, so their scales apply in that add's kernel
@@ -92,12 +89,8 @@ class Unscaled:
     col_scale: jax.Array | None
     dtype: Any
     stacked: bool = False
-    splits: int = 1
 
     def resolve(self) -> jax.Array:
-        if self.splits > 1:
-            total = functools.reduce(jnp.add, [v.astype(jnp.float32) for v in self.values])
-            return dataclasses.replace(self, values=total, splits=1).resolve()
         if self.stacked:
             return sum_terms(tuple(self.unstacked()))
         y = self.values.astype(jnp.float32)
@@ -114,20 +107,17 @@ class Unscaled:
         """A stacked term's products, each a term of its own."""
         if not self.stacked:
             return [self]
-        products = jnp.moveaxis(self.values, 1, 0) if self.splits > 1 else self.values
-        rows = [None] * len(products) if self.row_scale is None else list(self.row_scale)
-        return [Unscaled(v, r, self.col_scale, self.dtype, splits=self.splits)
-                for v, r in zip(products, rows)]
+        rows = [None] * len(self.values) if self.row_scale is None else list(self.row_scale)
+        return [Unscaled(v, r, self.col_scale, self.dtype) for v, r in zip(self.values, rows)]
 
     def reshape(self, *shape) -> "Unscaled":
         """As ``jax.Array.reshape`` (the values' shape, without a stack's leading axis; the
         row scales follow)."""
-        shape = tuple(shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape)
-        split_axes = self.values.shape[:1] if self.splits > 1 else ()
-        shape = (self.values.shape[len(split_axes)], *shape) if self.stacked else shape
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        shape = (self.values.shape[0], *shape) if self.stacked else tuple(shape)
         row_scale = None if self.row_scale is None else self.row_scale.reshape(shape[:-1])
-        return dataclasses.replace(self, values=self.values.reshape(split_axes + shape),
-                                   row_scale=row_scale)
+        return Unscaled(self.values.reshape(shape), row_scale, self.col_scale, self.dtype,
+                        self.stacked)
 
 
 def resolve(term) -> jax.Array:

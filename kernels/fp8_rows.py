@@ -206,19 +206,17 @@ def _quantize_kernel(x, *, scale_ub, config: RowsConfig):
 
 def _flat_terms(terms, r: int):
     """``terms`` (arrays or :class:`fp8.Unscaled`, [..., K]) as the kernel's operands: the
-    arrays (values [P * S * R, K], then the row scales [S * R] and column scales [K] it
-    has) and each term's (has row scales, has column scales, S, P), static. S: the
-    products a stacked term sums (1 for the others); P: the partial sums over K each
-    product comes in (``Unscaled.splits``); values row (p * S + s) * R + i is partial p of
-    product s's row i."""
+    arrays (values [S * R, K], then the row scales [S * R] and column scales [K] it has)
+    and each term's (has row scales, has column scales, S), static. S: the products a
+    stacked term sums (1 for the others); row s * R + i of its arrays is product s's row i."""
     arrays, kinds = [], []
     for t in terms:
         u = t if isinstance(t, fp8.Unscaled) else fp8.Unscaled(t, None, None, t.dtype)
-        stack = u.values.shape[1 if u.splits > 1 else 0] if u.stacked else 1
-        arrays.append(u.values.reshape(u.splits * stack * r, -1))
+        stack = u.values.shape[0] if u.stacked else 1
+        arrays.append(u.values.reshape(stack * r, -1))
         arrays += [s.reshape(-1).astype(jnp.float32) for s in (u.row_scale, u.col_scale)
                    if s is not None]
-        kinds.append((u.row_scale is not None, u.col_scale is not None, stack, u.splits))
+        kinds.append((u.row_scale is not None, u.col_scale is not None, stack))
     return arrays, tuple(kinds)
 
 
@@ -244,7 +242,7 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, kinds=(), eps, sca
         sum_ref, *rest = rest if terms else (None, *rest)
         h_ref, q_ref, s_ref, *route_refs = rest
 
-        def term(refs, has_row, has_col, stack, splits):  # Unscaled.resolve, chunk by chunk
+        def term(refs, has_row, has_col, stack):  # Unscaled.resolve, chunk by chunk
             v_ref, *scales = refs
             rs_ref = scales.pop(0) if has_row else None
             cs = scales.pop(0) if has_col else None
@@ -255,8 +253,6 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, kinds=(), eps, sca
                 product = []
                 for a in at:
                     v = v_ref[i, a].astype(jnp.float32)
-                    for p in range(1, splits):  # the partial sums over K, in f32 in order
-                        v = v + v_ref[(p * stack + s) * r + row, a].astype(jnp.float32)
                     if has_row:
                         rs_v = jnp.broadcast_to(rs, v.shape)
                         v = v * rs_v
@@ -270,9 +266,9 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, kinds=(), eps, sca
         xs = [x_ref[row, a].astype(jnp.float32) for a in at]
         ws = [w_ref[a].astype(jnp.float32) for a in at]
         refs, delta = list(term_refs), None
-        for has_row, has_col, stack, splits in kinds:
+        for has_row, has_col, stack in kinds:
             n = 1 + has_row + has_col
-            t = term(refs[:n], has_row, has_col, stack, splits)
+            t = term(refs[:n], has_row, has_col, stack)
             refs = refs[n:]
             delta = t if delta is None else [rounded(d + v) for d, v in zip(delta, t)]
         if delta is not None:

@@ -30,9 +30,7 @@ semantics of ``jax.lax.ragged_dot`` (:func:`reference`). Two implementations:
     so that a single expert's N tiles occupy more SMs. Measured slower than no split
     at Scout's decode shapes (the partial sums' extra pass), so :func:`pick_config` and
     :func:`dense_config` leave it at 1 (the latter narrows the N tiles instead); configs
-    may still ask for it. A deferred product (its scales applied by the norm kernel after
-    it) can instead hand its partial sums on unsummed (``partials``, :func:`deferred_splits`:
-    the norm kernel adds them, no extra pass; off until timed).
+    may still ask for it.
 
 ``"auto"`` picks ``"mosaic"`` on a Hopper GPU for bf16/f16 with K a multiple of
 the K tile and N of the N tile, else ``"xla"``; to force one, pass it as ``impl``.
@@ -278,15 +276,11 @@ def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=
     # The kernel writes (x_q w_q) * w_scale (in bf16 at least: the row scale is still out
     # of its range); the row scales, applied here, fuse into the product's consumer (the
     # SwiGLU, the scatter back to token order) instead of padding per call for the
-    # epilogue to read. A deferred product's K splits stay partial sums for its consumer.
-    partials = defer and scale_rows and config.swap_ab and config.k_splits > 1
+    # epilogue to read.
     y = _mosaic_grouped_matmul(xq, parts, groups, scales, config=config, by_row=by_row,
-                               out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype),
-                               partials=partials)
-    y = y[:, :m] if partials else y[:m]
+                               out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))[:m]
     if defer and scale_rows:
-        return fp8.Unscaled(y, xs, None, jnp.dtype(out_dtype),
-                            splits=config.k_splits if partials else 1)
+        return fp8.Unscaled(y, xs, None, jnp.dtype(out_dtype))
     return (y * xs[:, None] if scale_rows else y).astype(out_dtype)
 
 
@@ -345,18 +339,13 @@ def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, s
     if rows not in (m, 2 * m) or x.scale.shape != (2 * m,):
         raise ValueError(f"by row with a shared expert, {m} tokens: rows {x.values.shape} "
                          f"(want {m} or {2 * m}) and scales {x.scale.shape} (want {2 * m})")
-    splits = 1
     if m in SHARED_EXPERT_ROWS and resolve_fp8(impl, k, *ns) == "mosaic":
         config = dataclasses.replace(pick_config(m, k, sum(ns), fp8=True), block_m=m)
-        if defer and scale_rows:  # one routed expert's tiles and the shared expert's
-            splits = deferred_splits(2 * sum(ns) // config.block_n, k // config.block_k)
-        config = dataclasses.replace(config, k_splits=splits)
         y = _mosaic_grouped_matmul(x.values, parts + s_parts, row_groups.astype(jnp.int32),
                                    tuple(s.astype(jnp.float32) for s in scales + s_scales),
                                    config=config, by_row=True,
                                    shared_blocks=(0, int(rows == 2 * m)),
-                                   out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype),
-                                   partials=splits > 1)
+                                   out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))
     else:
         values = (x.values[:m], x.values[m:]) if rows == 2 * m else (x.values, x.values)
         xr, xs = (fp8.Quantized(v, s, x.dtype) for v, s in zip(values, (x.scale[:m],
@@ -366,33 +355,10 @@ def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, s
                                       out_dtype=out_dtype, scale_rows=False),
             grouped_matmul_fp8(xs, s_parts, s_scales, jnp.full((1,), m, jnp.int32),
                                impl=impl, out_dtype=out_dtype, scale_rows=False)])
-    y, row_scale = y.reshape(*(splits,) * (splits > 1), 2, m, -1), x.scale.reshape(2, m)
+    y, row_scale = y.reshape(2, m, -1), x.scale.reshape(2, m)
     if defer and scale_rows:
-        return fp8.Unscaled(y, row_scale, None, jnp.dtype(out_dtype), stacked=True,
-                            splits=splits)
+        return fp8.Unscaled(y, row_scale, None, jnp.dtype(out_dtype), stacked=True)
     return (y * row_scale[..., None] if scale_rows else y).astype(out_dtype)
-
-
-# Whether a decode step's deferred FP8 products (the experts' down projection with the
-# shared expert's, o_proj: the norm kernel after them applies their scales) split K over
-# more SMs, their partial sums added by that kernel (deferred_splits). Off: built and tested
-# in GPU interpret mode and lowered, not yet timed on a GPU (benchmarks/NOTES-fp8.md,
-# session 22).
-DEFER_K_SPLITS = False
-
-
-def deferred_splits(items: int, k_steps: int) -> int:
-    """K splits for a launch of ``items`` work items of ``k_steps`` K steps each, whose
-    partial sums a consumer adds (``DEFER_K_SPLITS``): the fewest of 2, 4, 5 or 8 that
-    divide the K steps and give at least two waves of work items, where the launch fills
-    less than one wave (Scout's down projection with the shared expert at batch 1 and
-    o_proj: 80 items for 132 SMs, the rest idle); else 1. Two waves, not one: with
-    equal splits the items past the first wave set the time (160 items on 132 SMs
-    finish when 80 whole ones do)."""
-    sms = common.num_sms()
-    if not DEFER_K_SPLITS or items >= sms:
-        return 1
-    return next((s for s in (2, 4, 5, 8) if k_steps % s == 0 and items * s >= 2 * sms), 1)
 
 
 # Fewer work items leave most SMs idle: Scout's q/k/v at TP=2 (28 N tiles of 128) measured
@@ -445,11 +411,7 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     ns = [p.shape[0] for p in parts]
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    if config is None:
-        config = dense_config(rows, k, sum(ns), k_splits)
-        if defer and k_splits == 1:  # its consumer adds partial sums
-            config = dataclasses.replace(config, k_splits=deferred_splits(
-                sum(ns) // config.block_n, k // config.block_k))
+    config = config or dense_config(rows, k, sum(ns), k_splits)
     if impl == "auto" and (rows > SWAP_AB_MAX_ROWS or k % _BLOCK_K_FP8 or
                            sum(ns) // config.block_n * config.k_splits < DENSE_MIN_N_TILES):
         impl = "xla"
@@ -463,8 +425,8 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
                     scale_rows=True, defer=defer)
     split = lambda a: jnp.split(a, list(itertools.accumulate(ns))[:-1], axis=-1)
     if defer:
-        return tuple(fp8.Unscaled(v, y.row_scale, None, y.dtype, splits=y.splits)
-                     .reshape(*lead, n) for v, n in zip(split(y.values), ns))
+        return tuple(fp8.Unscaled(v, y.row_scale, None, y.dtype).reshape(*lead, n)
+                     for v, n in zip(split(y.values), ns))
     if joint:
         return y.reshape(*lead, sum(ns))
     return tuple(v.reshape(*lead, n) for v, n in zip(split(y), ns))
@@ -507,11 +469,10 @@ def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
     return info, first
 
 
-@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row", "shared_blocks",
-                                             "partials"))
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row", "shared_blocks"))
 def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None, *,
                            config: GroupedMatmulConfig, out_dtype=None, by_row: bool = False,
-                           shared_blocks: tuple[int, int] | None = None, partials: bool = False):
+                           shared_blocks: tuple[int, int] | None = None):
     """bf16/f16: rhs [G, K, N] or a tuple of P of them (N may differ). FP8 (scales given): rhs
     [G, N, K] (or P of them), rhs_scale [G, N] f32 per column (one per weight; the rows'
     scales are the caller's), out_dtype the output's. -> [M, N_1 + ... + N_P].
@@ -526,12 +487,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
     ``lhs_scale`` (FP8 swap-AB, not by row; M a multiple of ``block_m``): the rows' scales
     [M] f32, applied in the epilogue with the columns' (the product comes out whole, where
-    XLA's multiply after the kernel was a kernel of its own unless a consumer fused it).
-
-    ``partials`` (swap-AB, ``k_splits`` > 1): each K range's tile stored as it is, in
-    ``out_dtype``, through the same row stores as an unsplit tile into its own slab ->
-    ``[k_splits, rows, N]`` unsummed, for a consumer that adds them
-    (:class:`fp8.Unscaled`'s ``splits``: the norm kernel after a decode step's product)."""
+    XLA's multiply after the kernel was a kernel of its own unless a consumer fused it)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
@@ -573,20 +529,17 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                                   or lhs_scale.shape != (m,)):
         raise ValueError(f"lhs_scale {lhs_scale.shape}: swap-AB with K whole, not by row, and "
                          f"M={m} rows (a multiple of block_m={bm}) only")
-    partials = partials and splits > 1
-    if partials and not swap:
-        raise ValueError("partials: the swap-AB form's K splits only")
-    if by_row and not (swap and (splits == 1 or partials) and m <= bm):
-        raise ValueError(f"by_row takes the swap-AB form, K whole (or its partial sums) and "
-                         f"at most block_m={bm} rows: {config}, {m} rows")
+    if by_row and not (swap and splits == 1 and m <= bm):
+        raise ValueError(f"by_row takes the swap-AB form, K whole and at most block_m={bm} "
+                         f"rows: {config}, {m} rows")
     if by_row:  # a row tile per group that holds rows (at most one per row); shared: + 1
         grid_m = min(g, m) + sets - 1
     # Swapped partial sums are stored as computed, [N, rows] per split (Mosaic finds no
     # layout for a transposed f32 store), each row tile in a slab of columns of its own
     # (_swapped_rows maps rows back to them).
-    swap_split = swap and splits > 1 and not partials
+    swap_split = swap and splits > 1
     final_dtype = out_dtype or lhs.dtype
-    out_dtype = final_dtype if splits == 1 or partials else jnp.float32
+    out_dtype = final_dtype if splits == 1 else jnp.float32
     # 8-bit weights are K-major [N, K] tiles, transposed for the wgmma (a view, no copy).
     rhs_block, rhs_index = (((bn, bk), lambda kk, ni: (ni, kk)) if scaled else
                             ((bk, bn), lambda kk, ni: (kk, ni)))
@@ -772,7 +725,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
         f"grouped_matmul{'_fp8' * scaled}{'_by_row' * by_row}{'_shared' * (sets == 2)}"
         f"_n{n}_k{k}")
     out_shape = ((sets * m, n) if splits == 1 else
-                 (splits, n, grid_m * bm) if swap_split else (splits, sets * m, n))
+                 (splits, n, grid_m * bm) if swap_split else (splits, m, n))
     kernel = plgpu.kernel(
         grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
         grid=(common.num_sms(),), grid_names=("sm",),
@@ -782,7 +735,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                  *(() if lhs_scale is None else (lhs_scale.astype(jnp.float32),)))
     if swap_split:
         return _swapped_rows(out, group_sizes, g, m, bm).astype(final_dtype)
-    return out if splits == 1 or partials else out.sum(0).astype(final_dtype)
+    return out if splits == 1 else out.sum(0).astype(final_dtype)
 
 
 def _dealt(w, sms: int):

@@ -319,51 +319,6 @@ def test_by_row_with_a_shared_expert_matches_the_reference(row_groups, parts, tw
                                rtol=1e-2, atol=1e-2 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("splits", [2, 4])
-def test_by_row_with_a_shared_expert_splits_k_into_partial_sums(monkeypatch, splits):
-    """A deferred product with K split (``deferred_splits``: a decode step's down
-    projection at batch 1 fills 80 of 132 SMs) comes as its partial sums over K, one slab
-    per split (``Unscaled.splits``), which resolve to the product."""
-    row_groups = [1] * 15 + [4]
-    x, w, ws, shared = _with_shared_case(row_groups, 1, True, k=1024, n=128)
-    monkeypatch.setattr(gm, "deferred_splits", lambda items, k_steps: splits)
-    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-        got = gm.grouped_matmul_fp8_by_row(x, w, ws, jnp.asarray(row_groups, jnp.int32),
-                                           impl="mosaic", defer=True, shared=shared)
-    assert got.stacked and got.splits == splits and got.values.shape == (splits, 2, 16, 128)
-    want = _with_shared_want(x, w, ws, row_groups, shared)
-    routed, shared_y = (np.asarray(t.resolve(), np.float32) for t in got.unstacked())
-    assert _rel(shared_y, want[1]) < 1e-2
-    mine = np.asarray(row_groups) < 4
-    assert _rel(routed[mine], want[0][mine]) < 1e-2
-    assert not routed[~mine].any()
-
-
-def test_dense_fp8_deferred_product_splits_k(monkeypatch):
-    """o_proj's deferred product (one weight) with K split: its partial sums, resolving to
-    the product; explicit configs and XLA's path are left as they were."""
-    ws, ss = (tuple(a) for a in _projections((256,), 1024))
-    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 1024)), jnp.bfloat16)
-    monkeypatch.setattr(gm, "deferred_splits", lambda items, k_steps: 4)
-    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-        (got,) = gm.dense_fp8(x, ws, ss, impl="mosaic", defer=True)
-    assert isinstance(got, fp8.Unscaled) and got.splits == 4 and got.values.shape == (4, 3, 256)
-    want = np.asarray(fp8.scaled_matmul(x, ws[0], ss[0]), np.float32)
-    np.testing.assert_allclose(np.asarray(got.resolve(), np.float32), want, rtol=1e-2,
-                               atol=1e-2 * np.abs(want).max())
-    assert gm.dense_fp8(x, ws, ss, impl="xla", defer=True)[0].splits == 1
-
-
-def test_deferred_splits_fill_two_waves_where_one_is_not_full(monkeypatch):
-    monkeypatch.setattr(gm.common, "num_sms", lambda: 132)
-    assert gm.deferred_splits(80, 32) == 1  # off until timed on a GPU
-    monkeypatch.setattr(gm, "DEFER_K_SPLITS", True)
-    assert gm.deferred_splits(80, 32) == 4  # Scout's down + shared at batch 1: 320 items
-    assert gm.deferred_splits(80, 20) == 4  # o_proj: 80 64-column tiles of 20 K steps
-    assert gm.deferred_splits(40, 20) == 1  # no split of 20 steps reaches two waves
-    assert gm.deferred_splits(256, 20) == 1  # a wave already
-
-
 def test_shared_expert_form_is_checked():
     x, w, ws, shared = _with_shared_case([0, 1, 2, 3, 0, 1, 2, 3], 1, False, k=512, n=128)
     with pytest.raises(ValueError, match="shared expert"):
@@ -376,13 +331,9 @@ def test_shared_expert_form_is_checked():
 
 
 @pytest.mark.parametrize("m", [8, 16])
-@pytest.mark.parametrize("k_splits", [False, True])
-def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(monkeypatch, m, k_splits):
+def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(m):
     """Scout's decode MoE with its shared expert: gate and up of both in one launch (one
-    input), then down (the routed rows and the shared rows stacked; ``k_splits``: in 4 K
-    splits' partial sums, ``DEFER_K_SPLITS``)."""
-    monkeypatch.setattr(gm, "DEFER_K_SPLITS", k_splits)
-    monkeypatch.setattr(gm.common, "num_sms", lambda: 132)
+    input), then down (the routed rows and the shared rows stacked)."""
     f8, f32 = (lambda *s: jax.ShapeDtypeStruct(s, fp8.DTYPE)), (
         lambda *s: jax.ShapeDtypeStruct(s, jnp.float32))
     rows = jax.ShapeDtypeStruct((m,), jnp.int32)
@@ -400,19 +351,13 @@ def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(monkeypatch, m, k_s
         f8(m, 5120), f32(2 * m), f8(16, 8192, 5120), f32(16, 8192), f8(16, 5120, 8192),
         f32(16, 5120), f8(8192, 5120), f32(8192), f8(5120, 8192), f32(5120), rows)
     assert exported.mlir_module().count("mosaic_gpu") >= 2
-    assert exported.out_avals[0].shape == (4,) * k_splits + (2, m, 5120)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not common.on_hopper(), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("m", [8, 16])
 @pytest.mark.parametrize("k,n,twice", [(5120, 8192, False), (8192, 5120, True)])
-@pytest.mark.parametrize("k_splits", [False, True])
-def test_by_row_with_a_shared_expert_on_gpu_at_scout_shapes(monkeypatch, m, k, n, twice,
-                                                            k_splits):
-    """``k_splits``: with ``DEFER_K_SPLITS`` the down projection (80 tiles on the H200's 132
-    SMs) comes as 4 partial sums over K; gate and up (256 tiles) stay whole."""
-    monkeypatch.setattr(gm, "DEFER_K_SPLITS", k_splits)
+def test_by_row_with_a_shared_expert_on_gpu_at_scout_shapes(m, k, n, twice):
     rng = np.random.default_rng(m)
     groups = rng.integers(0, 17, m)
     parts = 2 if n > k else 1
@@ -421,7 +366,6 @@ def test_by_row_with_a_shared_expert_on_gpu_at_scout_shapes(monkeypatch, m, k, n
     got = jax.jit(lambda x, rg, w, ws, shared: gm.grouped_matmul_fp8_by_row(
         x, w, ws, rg, defer=True, shared=shared))(x, jnp.asarray(groups, jnp.int32), w, ws,
                                                    shared)
-    assert got.splits == (4 if k_splits and n == 5120 and common.num_sms() == 132 else 1)
     want = _with_shared_want(x, w, ws, groups, shared)
     routed, shared_y = (np.asarray(t.resolve(), np.float32) for t in got.unstacked())
     mine = groups < 16
@@ -686,21 +630,6 @@ def test_dense_fp8_on_gpu_at_scout_shapes(m, name, k_splits):
     for g, w, s in zip(got, ws, ss):
         want = fp8.scaled_matmul_reference(x, w, s, out_dtype=jnp.float32)
         assert _rel(g, want) < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16])
-def test_deferred_o_proj_splits_k_on_gpu(monkeypatch, m):
-    """o_proj as the model defers it, with ``DEFER_K_SPLITS``: 4 partial sums over K on the
-    H200 (80 64-column tiles for 132 SMs), resolving to the product."""
-    monkeypatch.setattr(gm, "DEFER_K_SPLITS", True)
-    k, ns = SCOUT_DENSE["o"]
-    ws, ss = _projections(ns, k, seed=m)
-    x = jnp.asarray(np.random.default_rng(m + 100).standard_normal((m, k)), jnp.bfloat16)
-    (got,) = jax.jit(lambda x, ws, ss: gm.dense_fp8(x, ws, ss, defer=True))(x, ws, ss)
-    assert got.splits == (4 if common.num_sms() == 132 else got.splits)
-    want = fp8.scaled_matmul_reference(x, ws[0], ss[0], out_dtype=jnp.float32)
-    assert _rel(got.resolve(), want) < 1e-2
 
 
 @pytest.mark.parametrize("config", [

@@ -144,48 +144,6 @@ def _stacked_terms(rows, k, key=13):
     return fp8.Unscaled(values, scale, None, jnp.bfloat16, stacked=True)
 
 
-def _split_terms(rows, k, key=17):
-    """The update as K-split launches hand it on (``Unscaled.splits``): o_proj's product in
-    2 partial sums (f32 row and column scales), and the by-row experts' stacked routed and
-    shared products in 4 each (bf16 partials, the routed padding row unwritten: NaN, its
-    scale 0)."""
-    ks = jax.random.split(jax.random.key(key), 5)
-    o = fp8.Unscaled(jax.random.normal(ks[0], (2, rows, k), jnp.bfloat16),
-                     jnp.exp(jax.random.normal(ks[1], (rows,))),
-                     jnp.exp(jax.random.normal(ks[2], (k,))) * 1e-2, jnp.bfloat16, splits=2)
-    values = jax.random.normal(ks[3], (4, 2, rows, k), jnp.bfloat16)
-    scale = jnp.exp(jax.random.normal(ks[4], (2, rows)))
-    if rows > 1:
-        values, scale = values.at[:, 0, -1].set(jnp.nan), scale.at[0, -1].set(0.0)
-    return o, fp8.Unscaled(values, scale, None, jnp.bfloat16, stacked=True, splits=4)
-
-
-@pytest.mark.parametrize("rows", [1, 16])
-def test_add_rms_norm_quantize_adds_partial_sums_first(interpret, rows):
-    """Terms in K-split partial sums: the kernel adds each product's partials in f32, in
-    order, before its scales (``Unscaled.resolve``), so its sum is XLA's exactly; a
-    padding row's NaN partials stay out."""
-    k = 640
-    x = jax.random.normal(jax.random.key(9), (rows, k), jnp.bfloat16) * 3
-    w = jax.random.uniform(jax.random.key(10), (k,), jnp.bfloat16, 0.5, 1.5)
-    terms = _split_terms(rows, k)
-    total, h, q = fr.add_rms_norm_quantize(x, terms, w, 1e-5, impl="mosaic", config=SMALL)
-    want = x + fp8.sum_terms(terms)
-    assert np.isfinite(np.asarray(want, np.float32)).all()
-    np.testing.assert_array_equal(np.asarray(total, np.float32), np.asarray(want, np.float32))
-    _assert_quantises(q, h)
-    # the partials' f32 sum scaled once, not each partial scaled and rounded
-    stacked = terms[1]
-    whole = fp8.Unscaled(sum(v.astype(jnp.float32) for v in stacked.values),
-                         stacked.row_scale, None, jnp.bfloat16, stacked=True)
-    np.testing.assert_array_equal(np.asarray(stacked.resolve(), np.float32),
-                                  np.asarray(whole.resolve(), np.float32))
-    # reshape and unstacked keep the partial sums' axis first
-    assert stacked.reshape(1, rows, k).values.shape == (4, 2, 1, rows, k)
-    assert stacked.reshape(1, rows, k).row_scale.shape == (2, 1, rows)
-    assert [(u.splits, u.values.shape) for u in stacked.unstacked()] == [(4, (4, rows, k))] * 2
-
-
 @pytest.mark.parametrize("rows", [1, 16])
 def test_add_rms_norm_quantize_sums_a_stacked_term(interpret, rows):
     """A stacked term (one launch's routed and shared products) is the sum of its products,

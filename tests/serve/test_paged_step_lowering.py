@@ -150,13 +150,10 @@ def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypa
     assert asked == [True, False]
 
 
-@pytest.mark.parametrize("on_mesh,route_in_norm,k_splits",
-                         [(False, False, False), (True, False, False), (False, True, False),
-                          (False, False, True)],
-                         ids=["no_mesh", "one_device_mesh", "route_in_norm", "k_splits"])
+@pytest.mark.parametrize("on_mesh,route_in_norm", [(False, False), (True, False), (False, True)],
+                         ids=["no_mesh", "one_device_mesh", "route_in_norm"])
 def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, lowering_model,
-                                                                 on_mesh, route_in_norm,
-                                                                 k_splits):
+                                                                 on_mesh, route_in_norm):
     """The FP8 model's decode step (16 rows), with the kernels a Hopper GPU picks: the
     routed experts run by row in token order (no sort by expert), each residual add after
     the first layer's input runs in the norm kernel after it (with the epilogues of the
@@ -172,9 +169,6 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
 
     monkeypatch.setattr(common, "on_hopper", lambda: True)
     monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", route_in_norm)
-    if k_splits:  # deferred products in K-split partial sums wherever K allows two
-        monkeypatch.setattr(grouped_matmul, "deferred_splits",
-                            lambda items, k_steps: 2 if k_steps % 2 == 0 else 1)
     add_norm, add_norms, routed = fp8_rows.add_rms_norm_quantize, [], []
     monkeypatch.setattr(fp8_rows, "add_rms_norm_quantize",
                         lambda x, delta, *a, **k: add_norms.append(delta) or routed.append(
@@ -221,9 +215,6 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     # Every update reaches the norm as FP8 products unscaled: the matmuls' epilogues (and
     # the shared and routed experts' sum) run in the norm's kernel.
     assert all(isinstance(t, fp8.Unscaled) for delta in add_norms for t in delta)
-    # k_splits: o_proj's product reaches the norm as partial sums (the toy experts' K is
-    # one step), which its kernel adds
-    assert any(t.splits > 1 for delta in add_norms for t in delta) == k_splits
     # Terms: o_proj's; then, for the next layer's input norm, the routed and shared
     # experts' stacked (one launch's products) after an MoE layer, the MLP's after a dense one.
     assert [len(delta) for delta in add_norms] == [1] * len(add_norms)
