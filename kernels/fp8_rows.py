@@ -429,15 +429,17 @@ def add_rms_norm_quantize(x, delta, weight, eps: float, *, scale_ub: float | Non
 def route_scales(h, router, token_scale, valid=None, *, routing=None, impl: str = "auto",
                  config: RowsConfig = RowsConfig()):
     """:func:`reference_route_scales` of ``h`` [R, K] through ``router`` [E, K]: the
-    router's dot in XLA, then the top-1, the score and the rows' scales in one launch
+    router's logits in XLA (in f32, then rounded to h's dtype as the bf16 Linear's), then the top-1, the score and the rows' scales in one launch
     where the kernel runs (XLA's argmax and the two concatenates around it were three
     small kernels per decode layer). ``routing``: the top-1 computed already (by the
     norm's kernel, :func:`add_rms_norm_quantize`); XLA then makes the scales."""
     r = h.shape[0]
     if routing is not None or not _use_kernel(impl, r, WARPGROUP, config):
         return reference_route_scales(h, router, token_scale, valid, routing)
-    logits = jax.lax.dot_general(h, router.astype(h.dtype), (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
+    # [R, E] f32 as a product and a row sum: one XLA reduction kernel, where a dot of a
+    # decode step's 16 x 16 outputs is a split-K GEMM and its reduction (two launches)
+    f32 = jnp.float32
+    logits = (h.astype(f32)[:, None, :] * router.astype(h.dtype).astype(f32)[None]).sum(-1)
     valid = jnp.ones((r,), jnp.int32) if valid is None else valid.astype(jnp.int32)
     return _route_scales_kernel(logits, valid, token_scale.astype(jnp.float32),
                                 dtype=jnp.dtype(h.dtype))
