@@ -137,11 +137,10 @@ def _field_shapes(num_tokens: int, bounds: Bounds) -> StepBatch:
 
 def packed_size(num_tokens: int, bounds: Bounds) -> int:
     """Length of :func:`pack`'s vector for a step of ``num_tokens`` tokens."""
-    return sum(padded(int(np.prod(shape))) for shape in _field_shapes(num_tokens, bounds))
+    return sum(_padded(int(np.prod(shape))) for shape in _field_shapes(num_tokens, bounds))
 
 
-def padded(n: int) -> int:
-    """``n`` values rounded up to a multiple of 64 (256 bytes of int32)."""
+def _padded(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
@@ -154,7 +153,7 @@ def pack(batch: StepBatch):
     parts = []
     for x in batch:
         x = xp.ravel(xp.asarray(x)).astype(np.int32)
-        parts += [x, xp.zeros(padded(x.shape[0]) - x.shape[0], np.int32)]
+        parts += [x, xp.zeros(_padded(x.shape[0]) - x.shape[0], np.int32)]
     return xp.concatenate(parts)
 
 
@@ -162,11 +161,11 @@ def unpack(flat, bounds: Bounds, num_tokens: int) -> StepBatch:
     """Inverse of :func:`pack` for a batch of ``num_tokens`` (static slices: works in jit)."""
     shapes = _field_shapes(num_tokens, bounds)
     sizes = [int(np.prod(shape)) for shape in shapes]
-    if flat.shape != (sum(map(padded, sizes)),):
+    if flat.shape != (sum(map(_padded, sizes)),):
         raise ValueError(f"a packed step of shape {flat.shape} is not one of {num_tokens} "
                          f"tokens under {bounds}")
     fields, off = [], 0
     for shape, n in zip(shapes, sizes):
         fields.append(flat[off:off + n].reshape(shape))
-        off += padded(n)
+        off += _padded(n)
     return StepBatch(*fields)

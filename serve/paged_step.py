@@ -72,10 +72,7 @@ def _host_plans(config: Llama4Config, bounds: jaxattn.Bounds, impl: str, dtype):
     def flat_plans(cu_q_lens, kv_lens, num_seqs, num_tokens, kv_dtype):
         leaves = jax.tree.leaves(plans(config, bounds, cu_q_lens, kv_lens, num_seqs,
                                        num_tokens, impl, dtype, kv_dtype))
-        # each from a multiple of 64 values, as batch_lib.pack's fields: the step passes
-        # the kernels views into the vector, and they need 256-byte aligned operands
-        return jnp.concatenate([jnp.pad(x.reshape(-1), (0, batch_lib.padded(x.size) - x.size))
-                                for x in leaves])
+        return jnp.concatenate([x.reshape(-1) for x in leaves])
 
     @functools.cache
     def layout(num_tokens: int, kv_dtype):  # (treedef, leaf shapes)
@@ -100,11 +97,11 @@ def _host_plans(config: Llama4Config, bounds: jaxattn.Bounds, impl: str, dtype):
         for shape in shapes:
             n = int(np.prod(shape))
             leaves.append(vector[off:off + n].reshape(shape))
-            off += batch_lib.padded(n)
+            off += n
         return jax.tree.unflatten(tree, leaves)
 
     flat.size = lambda num_tokens, kv_dtype: sum(
-        batch_lib.padded(int(np.prod(s))) for s in layout(num_tokens, jnp.dtype(kv_dtype))[1])
+        int(np.prod(shape)) for shape in layout(num_tokens, jnp.dtype(kv_dtype))[1])
     return flat, unflat
 
 

@@ -137,36 +137,6 @@ def test_executor_plans_match_reference():
         assert max_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("impl", ["reference", "mosaic"])
-def test_host_plans_equal_the_plans_and_start_aligned(impl):
-    """The plans the step takes from the host (packed after the batch) are those built in a
-    jit from the same batch, and every array starts at a multiple of 64 values: the kernels
-    get views into the vector and need 256-byte aligned operands (a misaligned one failed
-    on the H200)."""
-    import jax.numpy as jnp
-
-    config = llama4.Llama4Config.from_hf_dict(dict(  # head_dim 128: the kernels' metadata too
-        vocab_size=256, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
-        num_local_experts=4, attention_chunk_size=64))
-    bounds = _bounds(config)
-    flat, unflat = paged_step._host_plans(config, bounds, impl, jnp.bfloat16)
-    for tokens, seqs in ((BUDGET, [SeqStep([1] * 50, 0, range(7)), SeqStep([2], 30, [9, 8, 7, 6])]),
-                         (DECODE_BUCKET, [SeqStep([3], 255, range(32))])):
-        b = build_step(bounds, tokens, seqs, num_pages=NUM_PAGES)
-        vector = flat(b.cu_q_lens, b.kv_lens, b.num_seqs, tokens, jnp.bfloat16)
-        assert vector.shape == (flat.size(tokens, jnp.bfloat16),) and vector.dtype == np.int32
-        want = jax.jit(lambda c, k, n: paged_step.plans(
-            config, bounds, c, k, n, tokens, impl, jnp.bfloat16, jnp.bfloat16))(
-                b.cu_q_lens, b.kv_lens, b.num_seqs)
-        got = unflat(jnp.asarray(vector), tokens, jnp.bfloat16)
-        assert jax.tree.structure(got) == jax.tree.structure(want)
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            np.testing.assert_array_equal(g, w)
-        offsets = unflat(jnp.arange(vector.shape[0]), tokens, jnp.bfloat16)
-        assert all(int(x.reshape(-1)[0]) % 64 == 0 for x in jax.tree.leaves(offsets) if x.size)
-
-
 def test_bounds_and_cache_spec_follow_config():
     config = llama4.Llama4Config.from_pretrained(checkpoint("moe_dense"))
     b = _bounds(config)
