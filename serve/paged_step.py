@@ -38,71 +38,23 @@ def attention_kinds(config: Llama4Config) -> tuple:
     return tuple(sorted(chunks, key=lambda c: -1 if c is None else c))
 
 
-def plans(config: Llama4Config, bounds: jaxattn.Bounds, cu_q_lens, kv_lens, num_seqs,
-          num_tokens: int, impl: str = "auto", dtype=jnp.bfloat16, kv_dtype=None) -> tuple:
-    """The work plans of one step of ``num_tokens`` tokens (a batch's ``cu_q_lens`` [S+1],
-    ``kv_lens`` [S], ``num_seqs`` []), one per kind of :func:`attention_kinds`.
+def plans(config: Llama4Config, bounds: jaxattn.Bounds, batch: StepBatch,
+          impl: str = "auto", dtype=jnp.bfloat16, kv_dtype=None) -> tuple:
+    """The work plans of one step, one per kind of :func:`attention_kinds`.
 
-    Built once per step and shared by every layer (and every device, whose bounds count its
-    local heads); for the kernels, with the metadata they derive from it
-    (``jaxattn.kernels.prepare``). ``impl`` resolves as every layer's attention will: for q
-    of ``dtype`` over a ``kv_dtype`` cache. The step computes them on the host
-    (:func:`make_step_fn`); every array is int32, fixed in shape by ``bounds`` and
-    ``num_tokens``."""
-    step_plans = tuple(planner.plan(bounds, cu_q_lens, kv_lens, num_seqs, chunk_size=c)
-                       for c in attention_kinds(config))
+    Built once per step (outside any ``shard_map``: the same replicated plan feeds
+    every device, whose bounds count its local heads) and shared by every layer; for the
+    kernels, with the metadata they derive from it (``jaxattn.kernels.prepare``). ``impl``
+    resolves as every layer's attention will: for q of ``dtype`` over a ``kv_dtype`` cache.
+    """
+    step_plans = tuple(planner.plan(bounds, batch.cu_q_lens, batch.kv_lens, batch.num_seqs,
+                                    chunk_size=c) for c in attention_kinds(config))
     if jaxattn.api.resolve_impl(impl, bounds, dtype, kv_dtype) not in ("mosaic", "interpret"):
         return step_plans
     from jaxattn import kernels
 
-    return tuple(kernels.prepare(p, bounds=bounds, num_tokens=num_tokens) for p in step_plans)
-
-
-def _host_plans(config: Llama4Config, bounds: jaxattn.Bounds, impl: str, dtype):
-    """``(flat, unflat)``: :func:`plans` as one int32 vector computed on the host CPU,
-    ``flat(cu_q_lens, kv_lens, num_seqs, num_tokens, kv_dtype) -> np.ndarray``, and its
-    inverse inside the step, ``unflat(vector, num_tokens, kv_dtype) -> plans`` (static
-    slices). On the GPU the plans were ~75 small XLA kernels a step (~0.24 ms of a 7.35 ms
-    batch-1 decode step of FP8 Scout, launch gaps included); on the host they take a few
-    hundred microseconds while the previous step runs, and travel in the step's one
-    host-to-device copy."""
-    cpu = jax.devices("cpu")[0]
-
-    @functools.partial(jax.jit, static_argnums=(3, 4))
-    def flat_plans(cu_q_lens, kv_lens, num_seqs, num_tokens, kv_dtype):
-        leaves = jax.tree.leaves(plans(config, bounds, cu_q_lens, kv_lens, num_seqs,
-                                       num_tokens, impl, dtype, kv_dtype))
-        return jnp.concatenate([x.reshape(-1) for x in leaves])
-
-    @functools.cache
-    def layout(num_tokens: int, kv_dtype):  # (treedef, leaf shapes)
-        s = bounds.max_num_seqs
-        out = jax.eval_shape(lambda: plans(
-            config, bounds, jnp.zeros(s + 1, jnp.int32), jnp.zeros(s, jnp.int32),
-            jnp.int32(0), num_tokens, impl, dtype, kv_dtype))
-        leaves, tree = jax.tree.flatten(out)
-        if any(x.dtype != jnp.int32 for x in leaves):
-            raise TypeError(f"a step's plans must be int32 to travel packed, got "
-                            f"{sorted({str(x.dtype) for x in leaves})}")
-        return tree, tuple(x.shape for x in leaves)
-
-    def flat(cu_q_lens, kv_lens, num_seqs, num_tokens: int, kv_dtype) -> np.ndarray:
-        with jax.default_device(cpu):
-            return np.asarray(flat_plans(np.asarray(cu_q_lens), np.asarray(kv_lens),
-                                         np.asarray(num_seqs), num_tokens, jnp.dtype(kv_dtype)))
-
-    def unflat(vector, num_tokens: int, kv_dtype):
-        tree, shapes = layout(num_tokens, jnp.dtype(kv_dtype))
-        leaves, off = [], 0
-        for shape in shapes:
-            n = int(np.prod(shape))
-            leaves.append(vector[off:off + n].reshape(shape))
-            off += n
-        return jax.tree.unflatten(tree, leaves)
-
-    flat.size = lambda num_tokens, kv_dtype: sum(
-        int(np.prod(shape)) for shape in layout(num_tokens, jnp.dtype(kv_dtype))[1])
-    return flat, unflat
+    t = batch.token_ids.shape[0]
+    return tuple(kernels.prepare(p, bounds=bounds, num_tokens=t) for p in step_plans)
 
 
 def decode_only_bucket(buckets: tuple[int, ...], bounds: jaxattn.Bounds, impl: str,
@@ -369,31 +321,21 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         compiler_options = step_compiler_options(
             traced_libraries=model.fp8 is None or model.mesh is not None)
 
-    flat_plans, unflat_plans = _host_plans(config, bounds, impl, dtype)
-
-    def pack(batch: StepBatch, kv_dtype) -> np.ndarray:
-        """The step's int32 input: ``batch`` (``batch_lib.pack``), then its plans, computed
-        here on the host for a cache of ``kv_dtype``."""
-        return np.concatenate([np.asarray(batch_lib.pack(batch)), flat_plans(
-            batch.cu_q_lens, batch.kv_lens, batch.num_seqs, len(batch.token_ids), kv_dtype)])
-
     # keep_unused: `outputs` is only donated, never read, and must not be pruned.
     @functools.partial(jax.jit, donate_argnums=(1,), donate_argnames=("outputs",),
                        static_argnames=("num_tokens",), keep_unused=True,
                        compiler_options=compiler_options or None)
     def jitted(weights, kv_cache, packed, prev_tokens, num_tokens, outputs=None):
-        # weights: flat_weights(the model's state)[0]. packed: step.pack(StepBatch, kv
-        # dtype), or a longer vector that starts with it (the staging buffer); prev_tokens:
-        # int32 [S].
+        # weights: flat_weights(the model's state)[0]. packed: batch_lib.pack(StepBatch), or
+        # a longer vector that starts with it (the staging buffer); prev_tokens: int32 [S].
         # outputs: None, or a previous step's (logits, hidden) buffers, donated: JAX writes
         # this step's into them.
-        size, kv_dtype = batch_lib.packed_size(num_tokens, bounds), kv_cache.k[0].dtype
-        batch = batch_lib.unpack(packed[:size], bounds, num_tokens)
+        packed = packed[:batch_lib.packed_size(num_tokens, bounds)]
+        batch = batch_lib.unpack(packed, bounds, num_tokens)
         ids = batch.token_ids
         batch = batch._replace(token_ids=jnp.where(
             ids < 0, prev_tokens[jnp.clip(-ids - 1, 0, prev_tokens.shape[0] - 1)], ids))
-        step_plans = unflat_plans(packed[size:size + flat_plans.size(num_tokens, kv_dtype)],
-                                  num_tokens, kv_dtype)
+        step_plans = plans(config, bounds, batch, impl, dtype, kv_cache.k[0].dtype)
         return local_steps[num_tokens in decode_only_tokens](
             jax.tree.unflatten(treedef, weights), kv_cache, batch, step_plans)
 
@@ -413,10 +355,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         return jax.device_put(host, replicated or device)
 
     no_prev = put(zeros)
-    # any step's batch and plans (the plans' metadata grows with the step's tokens)
-    staging_size = functools.cache(lambda kv_dtype: batch_lib.packed_size(
-        bounds.max_num_batched_tokens, bounds) + flat_plans.size(bounds.max_num_batched_tokens,
-                                                                 kv_dtype))
+    staging_size = batch_lib.packed_size(bounds.max_num_batched_tokens, bounds)  # any step's
     head_rows = (model.lm_head or model.model.embed_tokens).weight.shape[0]
     # Buffers that stay at one address from step to step (the step's CUDA graphs record
     # addresses; see step_compiler_options): the staged batch and previous tokens, and with
@@ -438,8 +377,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
                 lambda x: x if x.committed else jax.device_put(x, device), kv_cache)
         # Host numpy goes to jit as is: jit's own transfer measured ~50 us cheaper than a
         # device_put first (H100 machine, a 3000-int vector: 124 vs 175 us to a result).
-        kv_dtype = kv_cache.k[0].dtype
-        packed = pack(batch, kv_dtype)
+        packed = batch_lib.pack(batch)
         if multi_process and not isinstance(packed, jax.Array):
             # Every process passes the same host batch; each puts its devices' copies.
             packed = put(packed)
@@ -454,10 +392,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         # of its own copies them into the kept buffers, so that the step reads only fixed
         # addresses and its graphs are never re-recorded.
         t = len(batch.token_ids)
-        if packed.shape[0] > staging_size(kv_dtype):  # dynamic_update_slice would clip it
-            raise ValueError(f"a step of {t} tokens packs {packed.shape[0]} values, more than "
-                             f"the staging buffer's {staging_size(kv_dtype)}")
-        staged, staged_prev = stage(buffer("staging", (staging_size(kv_dtype),), jnp.int32),
+        staged, staged_prev = stage(buffer("staging", (staging_size,), jnp.int32),
                                     buffer("prev", (bounds.max_num_seqs,), jnp.int32),
                                     packed, prev_tokens)
         kept["staging"], kept["prev"] = staged, staged_prev
@@ -473,7 +408,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
                 kept[t] = out[1]
         return out
 
-    step.jitted, step.weights, step.pack = jitted, weights, pack
+    step.jitted, step.weights = jitted, weights
     return step
 
 

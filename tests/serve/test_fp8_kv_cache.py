@@ -232,6 +232,7 @@ def test_gpu_step_with_fp8_cache_lowers_for_cuda(lowering_model):
     """The whole serving step over an FP8 cache (both attention kinds, the quantising writes,
     the kernels reading scales) lowers for CUDA on the CPU, with no host-synchronising
     control flow."""
+    from jaxattn.serve import batch as batch_lib
     from jaxattn.serve.batch import build_step
 
     config, model = lowering_model
@@ -246,7 +247,7 @@ def test_gpu_step_with_fp8_cache_lowers_for_cuda(lowering_model):
                                      SeqStep([2], 64, list(range(7, 12)))], num_pages=64)
     kv = jax.eval_shape(lambda: cache.allocate(spec))
     assert kv.k[0].dtype == FP8 and kv.k_scale[0].shape == (64, 2, 32)
-    args = (step.weights, kv, step.pack(batch, kv.k[0].dtype), jnp.zeros(4, jnp.int32))
+    args = (step.weights, kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32))
     exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=256)
     text = exported.mlir_module()
     assert text.count("mosaic_gpu") >= 2 * config.num_hidden_layers

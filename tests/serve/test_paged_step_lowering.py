@@ -21,6 +21,7 @@ from jax.extend.core import jaxprs_in_params
 from jaxattn import parallel
 from jaxattn.models import llama4
 from jaxattn.models.llama4 import sharding
+from jaxattn.serve import batch as batch_lib
 from jaxattn.serve import kv_cache as cache
 from jaxattn.serve import paged_step, sampling
 from jaxattn.serve.batch import SeqStep, build_step
@@ -48,7 +49,7 @@ def test_gpu_step_has_no_host_synchronising_control_flow(lowering_model):
                        num_pages=32)
     kv = jax.eval_shape(lambda: cache.allocate(spec))
     jaxpr = jax.make_jaxpr(step.jitted, static_argnums=4)(
-        step.weights, kv, step.pack(batch, kv.k[0].dtype), jnp.zeros(4, jnp.int32), 256)
+        step.weights, kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32), 256)
     found = _primitives(jaxpr.jaxpr, {})
     assert found.get("mpmd_map", 0) >= 2 * config.num_hidden_layers  # the kernels are in the step
     assert not {p: found[p] for p in ("cond", "while") if p in found}
@@ -80,12 +81,12 @@ def test_decode_only_step_lowers_without_the_prefill_kernel(lowering_model):
     kv = jax.eval_shape(lambda: cache.allocate(spec))
     batch = build_step(bounds, 16, [SeqStep([1], 99, [0, 1]), SeqStep([2, 3], 64, [2, 3])],
                        num_pages=32)
+    args = (paged_step.flat_weights(nnx.split(model)[1])[0], kv, batch_lib.pack(batch),
+            jnp.zeros(4, jnp.int32), 16)
     counts = {}
     for tokens in ((), (16,)):
         step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic",
                                        decode_only_tokens=tokens)
-        args = (paged_step.flat_weights(nnx.split(model)[1])[0], kv,
-                step.pack(batch, kv.k[0].dtype), jnp.zeros(4, jnp.int32), 16)
         found = _primitives(jax.make_jaxpr(step.jitted, static_argnums=4)(*args).jaxpr, {})
         assert not {p: found[p] for p in ("cond", "while") if p in found}
         counts[tokens] = found["mpmd_map"]
@@ -198,7 +199,7 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     kv = jax.eval_shape(lambda: cache.allocate(spec))
     batch = build_step(bounds, 16, [SeqStep([1], 99, [0, 1]), SeqStep([2], 64, [2, 3])],
                        num_pages=32)
-    args = (step.weights, kv, step.pack(batch, kv.k[0].dtype), jnp.zeros(4, jnp.int32))
+    args = (step.weights, kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32))
     found = _primitives(jax.make_jaxpr(step.jitted, static_argnums=4)(*args, 16).jaxpr, {})
     assert not {p: found[p] for p in ("cond", "while", "scan") if p in found}
     moe_layers = sum(config.is_moe(i) for i in range(config.num_hidden_layers))
