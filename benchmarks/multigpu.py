@@ -180,8 +180,10 @@ def device_memory() -> list[dict]:
     return out
 
 
-def drive(engine, prompts: list[list[int]], decode_tokens: int) -> list[dict]:
-    """Submit every prompt at once and step the engine until all finish; per-request timings."""
+def drive(engine, prompts: list[list[int]], decode_tokens: int,
+          waits: list | None = None) -> list[dict]:
+    """Submit every prompt at once and step the engine until all finish; per-request timings.
+    ``waits``: gets (seconds since the start, the engine's device_wait_s) after each step."""
     from jaxattn.serve.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True,
@@ -196,6 +198,8 @@ def drive(engine, prompts: list[list[int]], decode_tokens: int) -> list[dict]:
     while engine.has_unfinished():
         deltas = engine.step()
         now = time.perf_counter()
+        if waits is not None:
+            waits.append((now - t0, engine.stats().device_wait_s))
         for d in deltas:
             r = recs[d.request_id]
             if d.token_ids:
@@ -293,18 +297,24 @@ def batch_decode(engine, config, res: dict, args, rng) -> list[dict]:
                          f"(have {args.max_num_seqs}, {res['kv_tokens']:,})"})
             continue
         prompts = [rng.integers(3, config.vocab_size, ctx).tolist() for _ in range(b)]
-        recs = drive(engine, prompts, args.decode_tokens)
+        waits = []
+        recs = drive(engine, prompts, args.decode_tokens, waits)
         start = max(r["ttft_s"] for r in recs)  # every sequence has its first token
         end = max(r["e2e_s"] for r in recs)
         steps = args.decode_tokens - 1
         ms = 1e3 * (end - start) / steps if end > start else None
+        # the part of a step the host spent waiting for the device (~0: host-bound)
+        timed = [w for t, w in waits if start <= t <= end]
+        wait_ms = 1e3 * (timed[-1] - timed[0]) / steps if len(timed) > 1 else None
         roof = roofline_ms(config, res, b, ctx + args.decode_tokens // 2)
         rows.append({"batch": b, "context": ctx, "ms_per_step": ms,
                      "output_tok_s": b * 1e3 / ms if ms else None, "roofline_ms": roof,
                      "ratio_to_roofline": ms / roof if ms else None,
+                     "device_wait_ms_per_step": wait_ms,
                      "all_completed": all(r["finish_reason"] == "length" for r in recs)})
         print(f"batch decode {b:>3} x {ctx}: {ms or 0:.2f} ms/step "
-              f"({rows[-1]['output_tok_s'] or 0:,.0f} tok/s), roofline {roof:.2f} ms", flush=True)
+              f"({rows[-1]['output_tok_s'] or 0:,.0f} tok/s), roofline {roof:.2f} ms, host "
+              f"waited {wait_ms or 0:.2f} ms/step for the device", flush=True)
     return rows
 
 
@@ -519,15 +529,17 @@ def table(res: dict) -> str:
                      f"{f(m.get('ttft_s'), '.2f')} | {f(m.get('decode_tok_s'), ',.1f')} | "
                      f"{f(cmp.get('max_abs_diff'), '.3f')}{flip} |")
     if res.get("batch_decode"):
-        lines += ["", "| batch x context | ms/step | output tok/s | roofline ms | ratio |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| batch x context | ms/step | output tok/s | roofline ms | ratio | "
+                  "host's wait for the device, ms/step |", "|---|---|---|---|---|---|"]
         for r in res["batch_decode"]:
             if "skipped" in r:
-                lines.append(f"| {r['batch']} x {r['context']} | skipped: {r['skipped']} | | | |")
+                lines.append(f"| {r['batch']} x {r['context']} | skipped: {r['skipped']} "
+                             "| | | | |")
                 continue
             lines.append(f"| {r['batch']} x {r['context']} | {f(r['ms_per_step'], '.2f')} | "
                          f"{f(r['output_tok_s'], ',.0f')} | {r['roofline_ms']:.2f} | "
-                         f"{f(r['ratio_to_roofline'], '.2f')} |")
+                         f"{f(r['ratio_to_roofline'], '.2f')} | "
+                         f"{f(r.get('device_wait_ms_per_step'), '.2f')} |")
     peaks = [d["peak_bytes_in_use"] for d in res["memory_end"] if d["peak_bytes_in_use"]]
     if peaks:
         lines += ["", f"peak memory per device: {min(peaks) / gib:.1f}-{max(peaks) / gib:.1f} GiB "

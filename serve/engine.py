@@ -126,6 +126,9 @@ class EngineStats:
     prefix_cache_hit_tokens: int  # since start
     num_steps: int
     compile_count: int
+    # Seconds the engine's thread has waited for steps' results from the device since start.
+    # ~0 a step: the host, not the device, sets the pace (its step work is not hidden).
+    device_wait_s: float = 0.0
 
     @staticmethod
     def total(parts: Seq["EngineStats"]) -> "EngineStats":
@@ -184,6 +187,7 @@ class LLMEngine:
         self._inflight: _InFlight | None = None
         self._reported_hits = 0  # prefix-cache hit tokens already reported to the metrics
         self.num_steps = 0
+        self.device_wait_s = 0.0  # EngineStats.device_wait_s
         self.warmed_up = False
         self.model_dir: str | None = None
         # The model's generation_config.json sampling defaults (jaxattn.serve.generation_config):
@@ -345,7 +349,7 @@ class LLMEngine:
                            num_chunked_pages=bm.chunked.num_pages if bm.chunked else 0,
                            num_used_chunked_pages=bm.num_used_chunked_pages,
                            prefix_cache_hit_tokens=bm.prefix_hits, num_steps=self.num_steps,
-                           compile_count=self.compile_count)
+                           compile_count=self.compile_count, device_wait_s=self.device_wait_s)
 
     def step(self) -> list[Delta]:
         """One engine step; returns what each touched sequence gained.
@@ -450,8 +454,9 @@ class LLMEngine:
         """Bring a step's draws to the host: append, detokenize, stop, commit pages."""
         deltas: list[Delta] = []
         try:
-            sampled = flight.sampled
+            sampled, t0 = flight.sampled, time.perf_counter()
             tokens, lps = jax.device_get((sampled.token_ids, sampled.logprobs))
+            self.device_wait_s += time.perf_counter() - t0
             top = (jax.device_get((sampled.top_ids, sampled.top_logprobs)) if flight.want_lp
                    else None)
             prompt_lp = (jax.device_get(tuple(flight.prompt_lp)) if flight.prompt_lp is not None

@@ -43,6 +43,9 @@ class EngineMetrics:
                                   f"Generated tokens per second over the last {_RATE_WINDOW_S:g} s")
         self.compiles = gauge("jaxattn_compiles", "XLA compiles on the engine's threads "
                               "(constant after warm-up)")
+        self.device_wait = gauge("jaxattn_engine_device_wait_seconds", "Seconds the engine "
+                                 "waited for steps' results on the device, since start (flat "
+                                 "while the host sets the pace)")
         self.steps = counter("jaxattn_engine_steps", "Engine steps run")
         self.prompt_tokens = counter("jaxattn_prompt_tokens", "Prompt tokens received")
         self.generation_tokens = counter("jaxattn_generation_tokens", "Tokens generated")
@@ -112,6 +115,7 @@ class EngineMetrics:
         self.chunked_pages_used.set_function(lambda: engine.stats().num_used_chunked_pages)
         self.kv_usage.set_function(lambda: _usage(engine.stats()))
         self.compiles.set_function(lambda: engine.stats().compile_count)
+        self.device_wait.set_function(lambda: engine.stats().device_wait_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

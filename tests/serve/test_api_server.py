@@ -262,6 +262,7 @@ def test_metrics_present_and_moving(client):
                  "jaxattn_kv_pages_used", "jaxattn_kv_pages_free",
                  "jaxattn_kv_chunked_pages_used",
                  "jaxattn_generation_tokens_per_second", "jaxattn_compiles",
+                 "jaxattn_engine_device_wait_seconds",
                  "jaxattn_time_to_first_token_seconds_count",
                  "jaxattn_inter_token_latency_seconds_count"):
         assert any(k.split("{")[0] == name for k in before), name
@@ -275,6 +276,8 @@ def test_metrics_present_and_moving(client):
     assert after[key("jaxattn_inter_token_latency_seconds_count")] == before[key("jaxattn_inter_token_latency_seconds_count")] + 5
     assert after[key("jaxattn_generation_tokens_per_second")] > 0
     assert after[key("jaxattn_kv_pages_free")] == 256
+    # the engine waited on the device for the request's steps' results
+    assert after[key("jaxattn_engine_device_wait_seconds")] > before[key("jaxattn_engine_device_wait_seconds")]
 
 
 @pytest.mark.parametrize("path,body,status", [

@@ -30,6 +30,7 @@ def test_dry_run_serves_every_length_alone_and_mixed(tmp_path, monkeypatch):
     assert [r["batch"] for r in res["batch_decode"]] == [1, 4]
     for r in res["batch_decode"]:
         assert r["all_completed"] and r["ms_per_step"] > 0 and r["ratio_to_roofline"] > 0
+        assert 0 <= r["device_wait_ms_per_step"] <= r["ms_per_step"]
     assert res["read_bytes_s"] > 0
 
 
