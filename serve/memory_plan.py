@@ -115,12 +115,6 @@ def kv_bytes_per_token(config: Llama4Config, pc: parallel.ParallelConfig, dtype=
     return _token_spec(config, pc, dtype).bytes_per_page
 
 
-def global_bytes_per_token(config: Llama4Config, pc: parallel.ParallelConfig,
-                           dtype="bfloat16") -> int:
-    """One token's K and V in the global layers (what a long sequence grows by), per device."""
-    return _token_spec(config, pc, dtype).global_bytes_per_page
-
-
 def pool_pages(budget: int, global_page: int, chunked_page: int, chunked_need: int, *,
                global_cap: int) -> tuple[int, int]:
     """Split one KV budget (bytes) into (global pages, chunked pages).

@@ -73,10 +73,6 @@ def _llguidance():
     return llguidance
 
 
-def mask_words(vocab_size: int) -> int:
-    return (vocab_size + 31) // 32
-
-
 class GrammarBackend:
     """The llguidance tokenizer of one model (built on first use: ~1 s for a large
     vocabulary) and the matchers made from it. Thread-safe construction."""

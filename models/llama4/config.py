@@ -107,10 +107,6 @@ class Llama4Config:
     def layer_chunk_size(self, layer: int) -> int | None:
         return self.attention_chunk_size if self.is_chunked(layer) else None
 
-    @property
-    def num_kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies [head_dim/2] (float32), computed in HF's order of operations."""
         d = self.head_dim
