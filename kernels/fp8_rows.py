@@ -429,9 +429,10 @@ def add_rms_norm_quantize(x, delta, weight, eps: float, *, scale_ub: float | Non
 def route_scales(h, router, token_scale, valid=None, *, routing=None, impl: str = "auto",
                  config: RowsConfig = RowsConfig()):
     """:func:`reference_route_scales` of ``h`` [R, K] through ``router`` [E, K]: the
-    router's logits in XLA (in f32, then rounded to h's dtype as the bf16 Linear's), then the top-1, the score and the rows' scales in one launch
-    where the kernel runs (XLA's argmax and the two concatenates around it were three
-    small kernels per decode layer). ``routing``: the top-1 computed already (by the
+    router's logits in XLA (in f32, rounded to h's dtype in the kernel, as the bf16
+    Linear's), then the top-1, the score and the rows' scales in one launch where the
+    kernel runs (XLA's argmax and the two concatenates around it were three small kernels
+    per decode layer). ``routing``: the top-1 computed already (by the
     norm's kernel, :func:`add_rms_norm_quantize`); XLA then makes the scales."""
     r = h.shape[0]
     if routing is not None or not _use_kernel(impl, r, WARPGROUP, config):
