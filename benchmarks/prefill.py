@@ -203,6 +203,9 @@ def bench_lengths(rows):
 # of anything. Both paths: the contiguous API (vs cuDNN) and the serving step (an 8192-token
 # prefill chunk over a cached prefix, paged, vs the contiguous API on the same shape).
 OFF_GRID = [8191, 8193, 10000, 10001, 12287, 20000]
+# Single timings at 8k-12k spread by ~10% from run to run (NOTES-prefill.md, session 21):
+# each length's jaxattn and cuDNN take turns this many times, and the medians are compared.
+OFF_GRID_ROUNDS = int(os.environ.get("OFF_GRID_ROUNDS", "3"))
 RANDOM_LENGTHS = sorted(int(x) for x in np.random.default_rng(19).integers(4096, 131073, 8))
 
 
@@ -214,6 +217,17 @@ def _time_into(entry, name, flops, f, *args):
     except Exception as e:  # noqa: BLE001 - record and go on
         entry[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
         traceback.print_exc(limit=3)
+
+
+def _rounds(fns: dict, args, rounds: int) -> dict[str, list[float]]:
+    """Each of ``fns`` timed (median GPU ms, :func:`_measure`) ``rounds`` times in turn,
+    the order reversed every other round, so that a drift of the GPU's clocks or
+    temperature during the run reaches all of them alike."""
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            times[name].append(_measure(fns[name], *args, target_ms=300.0)["ms"])
+    return times
 
 
 def _summary(ratios):
@@ -235,9 +249,17 @@ def bench_off_grid(res):
             # cuDNN's chunked stand-in needs whole chunks: else whole chunks + the partial one.
             cudnn = (cudnn_chunked_ragged_fn(length) if chunked and length % CHUNK
                      else cudnn_fn(chunked))
-            _time_into(entry, "jaxattn", flops, jaxattn_fn(CHUNK if chunked else None), q, k, v)
-            _time_into(entry, "cudnn", flops, cudnn, q, k, v)
-            if "ms" in entry["jaxattn"] and "ms" in entry["cudnn"]:
+            fns = {"jaxattn": jaxattn_fn(CHUNK if chunked else None), "cudnn": cudnn}
+            try:
+                times = _rounds(fns, (q, k, v), OFF_GRID_ROUNDS)
+            except Exception as e:  # noqa: BLE001 - record and go on
+                entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc(limit=3)
+            else:
+                for name, t in times.items():
+                    ms = statistics.median(t)
+                    entry[name] = dict(ms=ms, tflops=flops / ms / 1e9, all_ms=t,
+                                       spread=max(t) / min(t))
                 entry["ratio_vs_cudnn"] = entry["cudnn"]["ms"] / entry["jaxattn"]["ms"]
             rows.append(entry)
             log("off-grid", _fmt_row(entry))
@@ -272,11 +294,8 @@ def bench_orders(res, rounds=3):
         q, k, v = _inputs(length, jnp.bfloat16)
         fns = {name: jaxattn_fn(None, cfg) for name, cfg in orders.items()}
         fns["cudnn"] = cudnn_fn(False)
-        times = {name: [] for name in fns}
         try:
-            for _ in range(rounds):
-                for name, f in fns.items():
-                    times[name].append(_measure(f, q, k, v, target_ms=300.0)["ms"])
+            times = _rounds(fns, (q, k, v), rounds)
         except Exception as e:  # noqa: BLE001 - record and go on
             res["orders"].append(dict(length=length, error=f"{type(e).__name__}: {str(e)[:300]}"))
             continue
@@ -485,16 +504,21 @@ def markdown(res):
                      f"{e.get('ratio_vs_cudnn', float('nan')):.3f} | {c('mgpu_fp16', 'ms')} "
                      f"| {c('mgpu_fp16', 'tflops')} |")
     if res.get("off_grid"):
+        rounds = len(res["off_grid"][0].get("jaxattn", {}).get("all_ms", [None]))
         lines += ["", "Lengths that are not multiples of anything (fixed boundaries, then random "
-                  "lengths, seed 19): cuDNN ms / jaxattn ms", "",
-                  "| mode | length | random | jaxattn ms | TFLOP/s | cuDNN ms | TFLOP/s | ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"lengths, seed 19), jaxattn and cuDNN in turn {rounds} times: cuDNN ms / "
+                  "jaxattn ms of the medians; spread = max / min of a length's rounds", "",
+                  "| mode | length | random | jaxattn ms | TFLOP/s | cuDNN ms | TFLOP/s | ratio "
+                  "| spread jaxattn / cuDNN |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        nan = float("nan")
         for e in res["off_grid"]:
             j, c = e.get("jaxattn", {}), e.get("cudnn", {})
             lines.append(f"| {e['mode']} | {e['length']} | {'yes' if e['random'] else ''} | "
-                         f"{j.get('ms', float('nan')):.3f} | {j.get('tflops', float('nan')):.0f} | "
-                         f"{c.get('ms', float('nan')):.3f} | {c.get('tflops', float('nan')):.0f} | "
-                         f"{e.get('ratio_vs_cudnn', float('nan')):.3f} |")
+                         f"{j.get('ms', nan):.3f} | {j.get('tflops', nan):.0f} | "
+                         f"{c.get('ms', nan):.3f} | {c.get('tflops', nan):.0f} | "
+                         f"{e.get('ratio_vs_cudnn', nan):.3f} | "
+                         f"{j.get('spread', nan):.3f} / {c.get('spread', nan):.3f} |")
         for mode, sm in res.get("off_grid_summary", {}).items():
             for which, x in sm.items():
                 if x:
@@ -581,7 +605,8 @@ def main():
                heads=[HQ, HKV], head_dim=D, chunk=CHUNK, lengths=[], variants=[], varlen=[],
                sustained=[], off_grid=[], off_grid_summary={}, serving_step=[], orders=[])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"prefill-{res['date']}"
+    # BENCH_TAG: a suffix, so that a second run on one day does not overwrite the first.
+    stem = RESULTS / f"prefill-{res['date']}{os.environ.get('BENCH_TAG', '')}"
     global CLOCKS
     CLOCKS = GpuClockLog(f"/tmp/prefill-{os.getpid()}-nvidia-smi.csv")
     try:

@@ -137,3 +137,16 @@ def test_step_kernels_lists_the_entry_kernels_with_their_model_frames():
     assert found[0]["kind"] == "kInput" and found[0]["source"] == ["fp8.py:46:quantize"]
     assert found[1]["kind"] == "__cublas$lt$matmul$f8"
     assert found[1]["source"] == []  # the driver's own frame is left out
+
+
+def test_prefill_rounds_take_turns_in_alternating_order(monkeypatch):
+    """The off-grid sweep's rounds: every callable once per round, the order reversed
+    every other round (a clock drift then reaches each alike), one time per round."""
+    from benchmarks import prefill
+
+    calls = []
+    monkeypatch.setattr(prefill, "_measure",
+                        lambda f, *args, target_ms: calls.append(f) or {"ms": float(len(calls))})
+    times = prefill._rounds({"a": "fa", "b": "fb"}, (), rounds=3)
+    assert calls == ["fa", "fb", "fb", "fa", "fa", "fb"]
+    assert times == {"a": [1.0, 4.0, 5.0], "b": [2.0, 3.0, 6.0]}
