@@ -236,8 +236,11 @@ def _summary(ratios):
 
 def bench_off_grid(res):
     rows = res["off_grid"]
-    for mode, lengths in (("causal", OFF_GRID + RANDOM_LENGTHS),
-                          ("chunked", [8193, 10001] + RANDOM_LENGTHS[::2])):
+    # OFF_GRID_LENGTHS (comma-separated): causal lengths of their own instead of the sweep.
+    only = [int(x) for x in os.environ.get("OFF_GRID_LENGTHS", "").split(",") if x]
+    for mode, lengths in ((("causal", only),) if only else
+                          (("causal", OFF_GRID + RANDOM_LENGTHS),
+                           ("chunked", [8193, 10001] + RANDOM_LENGTHS[::2]))):
         for length in lengths:
             if time.time() - T0 > BUDGET_S:
                 log("budget reached; skipping off-grid", mode, length)
