@@ -219,14 +219,14 @@ def _time_into(entry, name, flops, f, *args):
         traceback.print_exc(limit=3)
 
 
-def _rounds(fns: dict, args, rounds: int) -> dict[str, list[float]]:
-    """Each of ``fns`` timed (median GPU ms, :func:`_measure`) ``rounds`` times in turn,
-    the order reversed every other round, so that a drift of the GPU's clocks or
+def _rounds(fns: dict, args, rounds: int) -> dict[str, list[dict]]:
+    """Each of ``fns`` measured (:func:`_measure`: median GPU ms, clocks) ``rounds`` times in
+    turn, the order reversed every other round, so that a drift of the GPU's clocks or
     temperature during the run reaches all of them alike."""
     times = {name: [] for name in fns}
     for r in range(rounds):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            times[name].append(_measure(fns[name], *args, target_ms=300.0)["ms"])
+            times[name].append(_measure(fns[name], *args, target_ms=300.0))
     return times
 
 
@@ -259,10 +259,12 @@ def bench_off_grid(res):
                 entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc(limit=3)
             else:
-                for name, t in times.items():
+                for name, measured in times.items():
+                    t = [m["ms"] for m in measured]
                     ms = statistics.median(t)
                     entry[name] = dict(ms=ms, tflops=flops / ms / 1e9, all_ms=t,
-                                       spread=max(t) / min(t))
+                                       spread=max(t) / min(t),
+                                       clocks=[m.get("clocks") for m in measured])
                 entry["ratio_vs_cudnn"] = entry["cudnn"]["ms"] / entry["jaxattn"]["ms"]
             rows.append(entry)
             log("off-grid", _fmt_row(entry))
@@ -298,7 +300,8 @@ def bench_orders(res, rounds=3):
         fns = {name: jaxattn_fn(None, cfg) for name, cfg in orders.items()}
         fns["cudnn"] = cudnn_fn(False)
         try:
-            times = _rounds(fns, (q, k, v), rounds)
+            times = {name: [m["ms"] for m in measured]
+                     for name, measured in _rounds(fns, (q, k, v), rounds).items()}
         except Exception as e:  # noqa: BLE001 - record and go on
             res["orders"].append(dict(length=length, error=f"{type(e).__name__}: {str(e)[:300]}"))
             continue

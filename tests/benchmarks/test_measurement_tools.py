@@ -149,4 +149,5 @@ def test_prefill_rounds_take_turns_in_alternating_order(monkeypatch):
                         lambda f, *args, target_ms: calls.append(f) or {"ms": float(len(calls))})
     times = prefill._rounds({"a": "fa", "b": "fb"}, (), rounds=3)
     assert calls == ["fa", "fb", "fb", "fa", "fa", "fb"]
-    assert times == {"a": [1.0, 4.0, 5.0], "b": [2.0, 3.0, 6.0]}
+    assert {name: [m["ms"] for m in ms] for name, ms in times.items()} == {
+        "a": [1.0, 4.0, 5.0], "b": [2.0, 3.0, 6.0]}
