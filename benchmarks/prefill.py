@@ -6,6 +6,9 @@ Llama 4 Scout heads (40 query / 8 KV, head_dim 128), batch 1, lengths 4k..128k:
 * causal (global NoPE layers): jaxattn bf16, cuDNN bf16, ``attention_mgpu`` fp16;
 * chunked-local 8192 (RoPE layers): jaxattn on the whole sequence vs the same-run
   stand-in for cuDNN (the sequence reshaped into a batch of 8192-token causal chunks);
+* lengths that are not multiples of anything (boundaries and random lengths, seed 19):
+  jaxattn and cuDNN in turn ``OFF_GRID_ROUNDS`` times (3), medians compared, each side's
+  spread reported; ``OFF_GRID_LENGTHS`` runs chosen causal lengths alone;
 * packed varlen: mixed lengths in one ragged batch vs one sequence of the same work;
 * kernel variants (block_kv / stages / tile order) at a few shapes;
 * sustained load: jaxattn and cuDNN back to back for seconds at 32k causal, with the SM
@@ -16,7 +19,7 @@ Llama 4 Scout heads (40 query / 8 KV, head_dim 128), batch 1, lengths 4k..128k:
 Times are GPU time from CUPTI (all kernels of one call, the planner's included), median
 over repetitions after warm-up; wall clock where CUPTI is unavailable. TFLOP/s =
 4*Lq*Lkv*Hq*D / time, halved for causal; chunked counts only the useful diagonal chunks.
-Writes ``benchmarks/results/prefill-<date>.{json,md,png}``.
+Writes ``benchmarks/results/prefill-<date><BENCH_TAG>.{json,md,png}``.
 """
 
 from __future__ import annotations
