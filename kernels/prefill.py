@@ -5,7 +5,8 @@ prefill :class:`~jaxattn.planner.WorkList`. A CTA has three warpgroups:
 
 * warpgroup 2 (producer) issues TMA copies: the tile's Q rows, then the K and
   V tiles of the item's key range through the page table (one copy per page)
-  into a ``num_stages`` ring in SMEM. It runs ahead across tiles.
+  into a ``num_stages`` ring in SMEM. It runs ahead across tiles. (FP8 cache:
+  it also dequantises the V tiles, below.)
 * warpgroups 0 and 1 (consumers) own 64 query rows each. Per KV tile:
   ``S = Q K^T`` (wgmma, f32), per-row masking only on tiles that cross the
   item's key bound or the causal diagonal, online softmax in base 2 with
@@ -33,13 +34,13 @@ FP8 cache (float8_e4m3fn pages with per-token, per-KV-head scales,
 (one more small TMA per page, on the same barrier). By default
 (``PrefillConfig.fp8_qk``) ``S = Q8 K8^T`` is an e4m3 wgmma on the fp8 K tile, as in
 FlashAttention-3's FP8 path: each consumer quantises its Q rows per row, and the Q and
-K scales multiply S's rows and columns. V is dequantised: each consumer turns the V tile
-into a bf16/f16 tile of its own with the scale applied per key row
-(:func:`common.dequantize_tile`) after the tile lands and before its turn, so the
-dequantisation overlaps the other consumer's GEMMs (private tiles because the consumers
-run a half step apart). ``fp8_qk=False`` dequantises K the same way, which costs SMEM:
-only 64-key tiles fit at head_dim 128 (:func:`pick_config`). With a bf16 cache none of it
-is traced (a static branch).
+K scales multiply S's rows and columns. V is dequantised (:func:`common.dequantize_tile`,
+the scale applied per key row) once, by the producer warpgroup, into a 2-deep ring of
+bf16/f16 tiles both consumers read (``PrefillConfig.producer_dequant``); the producer does
+it one block behind its copies, so they stay ahead. (Without it each consumer dequantises
+a copy of its own before its turn.) ``fp8_qk=False`` dequantises K in the consumers,
+which costs SMEM: only 64-key tiles fit at head_dim 128 (:func:`pick_config`). With a
+bf16 cache none of it is traced (a static branch).
 
 Output rows are written only for the item's valid rows: the epilogue stages
 O in an untiled SMEM buffer and stores it with predicated TMA copies of
@@ -80,6 +81,9 @@ _KV_MAJOR_MIN_WAVES = 3.25
 # Named (hardware) barriers of the consumers' turn: consumer w waits on TURN_BARRIER + w.
 # Mosaic GPU itself uses barrier 0 (CTA-wide) and 1..num_warpgroups (per warpgroup).
 TURN_BARRIER = 8
+# Dequantised V tiles in flight with ``PrefillConfig.producer_dequant`` (the SMEM of the two
+# private tiles the consumers dequantise into otherwise).
+DEQ_STAGES = 2
 # Registers per thread a CTA of 3 warpgroups launches with (65536 / 384, rounded down to 8).
 _LAUNCH_REGISTERS = 65536 // (128 * (COMPUTE_WGS + 1)) // 8 * 8
 
@@ -122,10 +126,17 @@ class PrefillConfig:
     fp8_qk: FP8 cache: ``S = Q K^T`` as an e4m3 x e4m3 wgmma straight from the fp8 K
       tile (each consumer quantises its Q rows per row once per tile; the Q row scale
       and the K per-key scale multiply S), as FlashAttention-3's FP8 path does; only V is
-      dequantised, and 128-key tiles fit shared memory. True (default): 1.40-1.45x the
-      bf16 kernel's time on the H200 (benchmarks/results/fp8-kv-2026-12-01.md). False:
+      dequantised, and 128-key tiles fit shared memory (True, the default). False:
       K and V are both dequantised to bf16 tiles and Q stays bf16 (the bf16 kernel's
       numbers over the dequantised pages), at 64-key tiles, 2.1-2.2x bf16's time.
+    producer_dequant: FP8 cache: the producer warpgroup dequantises each V tile once, into
+      a ring of ``DEQ_STAGES`` bf16 tiles both consumers read, one block behind its TMA
+      copies (False: each consumer dequantises a copy of its own before its turn, twice the
+      conversions, on the consumers' path). Same numbers either way. The conversion needs
+      registers the producer does not have at ``consumer_registers=232``:
+      :func:`pick_config` gives it with 224 (on the H200 224/56 beat 216/72 and 232/40 by
+      6-15%; with it the FP8 cache's prefill takes 1.06-1.23x bf16's time instead of
+      1.33-1.55x, benchmarks/NOTES-fp8-kv.md, session 25).
     """
 
     block_q: int = 128
@@ -137,6 +148,7 @@ class PrefillConfig:
     named_barriers: bool = True
     consumer_registers: int = 232
     fp8_qk: bool = True
+    producer_dequant: bool = False
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -175,11 +187,17 @@ class PrefillConfig:
         kv_ring = common.tiled_smem(ring, kv_dtype) if fp8 else _tiled(ring, dtype)
         copies = 2 if fp8 else 1  # TMA copies per page: values (+ their scales)
         deq_tile = _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype)  # one per consumer
+        shared_v = fp8 and self.producer_dequant
         extra = [] if not fp8 else [
             plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # k scale ring
             plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # v scale ring
             None if qk8 else deq_tile,  # k dequantised (the fp8 QK reads the fp8 tile)
-            deq_tile,  # v dequantised
+            # v dequantised: one tile per consumer, or the producer's ring both read
+            _tiled((DEQ_STAGES, self.block_kv, head_dim), dtype) if shared_v else deq_tile,
+            # the producer's ring: filled, and read by both consumers' PV
+            plgpu.Barrier(num_barriers=DEQ_STAGES) if shared_v else None,
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=DEQ_STAGES)
+            if shared_v else None,
         ]
         return [
             plgpu.SMEM(wg_tile, dtype),  # q as loaded (untiled)
@@ -198,7 +216,9 @@ class PrefillConfig:
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=self.num_stages),  # k_free
             plgpu.Barrier(num_arrivals=copies * pages_per_tile,
                           num_barriers=self.num_stages),  # v_full
-            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=self.num_stages),  # v_free
+            # v_free: the consumers' PV, or the producer's dequantisation, has read the slot
+            plgpu.Barrier(num_arrivals=1 if shared_v else COMPUTE_WGS,
+                          num_barriers=self.num_stages),
             # The turn handover on mbarriers, one per consumer (named barriers need none).
             None if self.named_barriers else plgpu.Barrier(num_barriers=COMPUTE_WGS),
             *extra,
@@ -210,23 +230,28 @@ class PrefillConfig:
                                               kv_dtype=kv_dtype))
 
 
-def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True) -> PrefillConfig:
+def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
+                producer_dequant: bool = True) -> PrefillConfig:
     """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
 
     The planner cuts items of ``bounds.block_q`` rows and KV ranges aligned to
     ``bounds.block_kv``, so the kernel's tile must equal them; the ring is as
     deep as shared memory allows (at most 4 stages). Interpret mode runs the
     same config with P staged through SMEM (it has no SMEM budget). ``kv_dtype``:
-    the cache's when not ``dtype`` (FP8); ``fp8_qk``: :class:`PrefillConfig`'s.
+    the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``:
+    :class:`PrefillConfig`'s (the latter with the producer's registers it needs).
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)
+    fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
     common.check_pages("prefill", bounds.page_size, bounds.block_kv, bounds.pages_per_seq,
-                       fp8=kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV)
+                       fp8=fp8)
+    shared_v = fp8 and producer_dequant
     best = None
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages,
-                            fp8_qk=fp8_qk)
+                            fp8_qk=fp8_qk, producer_dequant=shared_v,
+                            consumer_registers=224 if shared_v else 232)
         if cfg.smem_bytes(bounds.head_dim, dtype, kv_dtype) <= common.MAX_SMEM:
             best = cfg
     if best is None:
@@ -349,6 +374,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     common.check_kv_dtype("prefill", q.dtype, k_pages.dtype, k_scale is not None)
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
     qk8 = fp8 and config.fp8_qk  # static: S = Q8 K8^T on the fp8 tile, only V dequantised
+    shared_v = fp8 and config.producer_dequant  # static: V dequantised once, by the producer
     common.check_pages("prefill", page_size, config.block_kv, page_table.shape[1], fp8)
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
@@ -372,7 +398,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)  # the FP8 cache's scales
         (o_ref, lse_ref, q_stage, q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem,
          q_full, q_free, k_full, k_free, v_full, v_free, turn, *fp8_scratch) = rest
-        ks_smem, vs_smem, k_deq, v_deq = fp8_scratch if fp8 else (None,) * 4
+        ks_smem, vs_smem, k_deq, v_deq, vd_full, vd_free = fp8_scratch if fp8 else (None,) * 6
         wg = lax.axis_index("wg")
         cta = lax.axis_index("sm")
         my_tiles, tile_of, item_head = tile_schedule(
@@ -431,18 +457,33 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
             pl.when(wg == 1)(turn_pass)
 
-            # The K/V tile of a ring slot as a wgmma operand (call after its full barrier's
-            # wait). FP8: this consumer's own dequantised copy, whose last reader (the
-            # previous QK, resp. PV) has completed wherever these are called.
+            # The K tile of a ring slot as a wgmma operand (call after its full barrier's
+            # wait). FP8 without the fp8 QK: this consumer's own dequantised copy, whose last
+            # reader (the previous QK) has completed wherever this is called.
             def k_tile(slot):
                 if not fp8 or qk8:
                     return k_smem.at[slot]
                 return common.dequantize_tile(k_smem.at[slot], ks_smem.at[slot], k_deq.at[wg])
 
-            def v_tile(slot):
+            def v_ready(c):
+                """Global step c's V tile as the PV operand, once it is ready. FP8: the
+                producer's dequantised slot, or this consumer's own dequantised copy (its
+                last reader, the previous PV, has completed wherever this is called)."""
+                if shared_v:
+                    plgpu.barrier_wait(vd_full.at[c % DEQ_STAGES])
+                    return v_deq.at[c % DEQ_STAGES]
+                slot = c % stages
+                plgpu.barrier_wait(v_full.at[slot])
                 if not fp8:
                     return v_smem.at[slot]
                 return common.dequantize_tile(v_smem.at[slot], vs_smem.at[slot], v_deq.at[wg])
+
+            def v_release(c):
+                """Step c's PV has completed: its V tile (ring or dequantised slot) is free."""
+                if shared_v:
+                    plgpu.barrier_arrive(vd_free.at[c % DEQ_STAGES])
+                else:
+                    plgpu.barrier_arrive(v_free.at[c % stages])
 
             def key_scaled(s, slot):
                 """FP8 QK: S's columns times their keys' scales (read before K's slot is freed)."""
@@ -528,8 +569,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     p16 = p.astype(dtype)
                     if config.p_in_registers:
                         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                    plgpu.barrier_wait(v_full.at[slot])
-                    vt = v_tile(slot)
+                    vt = v_ready(c)
                     turn_wait()
 
                     def wait_next_k():
@@ -554,7 +594,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                             return acc_ref[...]
 
                         acc = acc + pl.run_scoped(pv, plgpu.ACC((WG_ROWS, d), jnp.float32))
-                    plgpu.barrier_arrive(v_free.at[slot])
+                    v_release(c)
                     return acc, m_new, l_i
 
                 m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32),
@@ -612,8 +652,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     plgpu.barrier_wait(k_full.at[slot])
                     kt = k_tile(slot)
                     if fp8:  # V(j-1) dequantised before the turn too (so no wait inside it)
-                        plgpu.barrier_wait(v_full.at[pslot])
-                        vt = v_tile(pslot)
+                        vt = v_ready(c - 1)
                     turn_wait()
 
                     def qk_scope(s_ref):
@@ -645,7 +684,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
                     acc, m_i, l_i, p, alpha = pl.run_scoped(
                         qk_scope, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
-                    plgpu.barrier_arrive(v_free.at[pslot])
+                    v_release(c - 1)
                     return acc, m_i, l_i, p.astype(dtype), alpha
 
                 first = lo + 1
@@ -654,10 +693,9 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 acc, m_i, l_i, p16, alpha = lax.fori_loop(
                     mid, hi, functools.partial(step_j, masked=True), carry)
                 # Last turn: PV(hi-1) alone.
-                last = (step + hi - lo - 1) % stages
+                last = step + hi - lo - 1
                 acc = acc * bcast_rows(alpha, acc.shape)
-                plgpu.barrier_wait(v_full.at[last])
-                vt = v_tile(last)
+                vt = v_ready(last)
                 turn_wait()
 
                 def pv_last(o_ref):
@@ -665,7 +703,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     turn_pass()
 
                 acc = pl.run_state(pv_last)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[last])
+                v_release(last)
                 return acc, m_i, l_i
 
             def epilogue(item, head, q_start, q_len, acc, m_i, l_i):
@@ -740,10 +778,32 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     pages = page_ids(j)
                     load(k_ref, k_smem, k_full, k_free, c, pages, ks_ref, ks_smem)
                     load(v_ref, v_smem, v_full, v_free, c, pages, vs_ref, vs_smem)
+                    if shared_v:  # one step behind the copies, so they stay ahead
+                        pl.when(c > 0)(lambda: dequantize_v(c - 1))
 
                 return step + (hi - lo)
 
+            def dequantize_v(c):
+                """Step c's V tile into the consumers' ring (after their PV of step
+                c - DEQ_STAGES), then free its fp8 slot."""
+                slot, dslot = c % stages, c % DEQ_STAGES
+                plgpu.barrier_wait(v_full.at[slot])
+
+                @pl.when(c >= DEQ_STAGES)
+                def _():
+                    plgpu.barrier_wait(vd_free.at[dslot])
+
+                common.dequantize_tile(v_smem.at[slot], vs_smem.at[slot], v_deq.at[dslot])
+                plgpu.barrier_arrive(vd_full.at[dslot])
+                plgpu.barrier_arrive(v_free.at[slot])
+
             total = lax.fori_loop(0, my_tiles, tile_body, jnp.int32(0))
+            if shared_v:
+                pl.when(total > 0)(lambda: dequantize_v(total - 1))
+
+                @pl.loop(jnp.maximum(total - DEQ_STAGES, 0), total)
+                def _drain_deq(c):
+                    plgpu.barrier_wait(vd_free.at[c % DEQ_STAGES])
 
             # Observe every completion of the free barriers (interpret mode checks this).
             @pl.loop(jnp.maximum(total - stages, 0), total)

@@ -108,16 +108,21 @@ def make_ragged_case(bounds: jaxattn.Bounds, q_lens, kv_lens, *, dtype=np.float3
 
 
 @contextlib.contextmanager
+def prefill_picked_with(**form):
+    """The kernels' prefill with ``pick_config``'s keyword arguments set to ``form`` (e.g.
+    ``producer_dequant=True``) wherever the kernels pick a config."""
+    from jaxattn.kernels import prefill
+
+    pick = prefill.pick_config
+    with mock.patch.object(prefill, "pick_config", lambda *a, **k: pick(*a, **{**k, **form})):
+        yield
+
+
 def prefill_dequantising_k():
     """The kernels' prefill over an FP8 cache in its ``PrefillConfig(fp8_qk=False)`` form
     (K and V dequantised to bf16 tiles, Q in bf16: the bf16 kernel's numbers over the
     dequantised pages) instead of the default ``S = Q8 K8^T``."""
-    from jaxattn.kernels import prefill
-
-    pick = prefill.pick_config
-    with mock.patch.object(prefill, "pick_config",
-                           lambda *a, **k: pick(*a, **{**k, "fp8_qk": False})):
-        yield
+    return prefill_picked_with(fp8_qk=False)
 
 
 @contextlib.contextmanager

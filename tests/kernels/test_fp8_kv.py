@@ -28,7 +28,7 @@ from jaxattn.kernels import common, decode, prefill
 from jaxattn.planner import WorkList
 
 from attention_cases import (decode_tiles_as_fp8, make_ragged_case, naive_ragged,
-                             prefill_dequantising_k)
+                             prefill_dequantising_k, prefill_picked_with)
 
 FP8 = jnp.float8_e4m3fn
 
@@ -108,6 +108,28 @@ def test_fp8_mixed_batch_equals_bf16_kernels_over_dequantised_pages():
     """Prefill rows (a long and a short prompt) and decode rows (one split over KV) in one
     batch: both kernels read the FP8 pages."""
     _check_against_bf16_and_oracle(_bounds(), (150, 1, 1, 37), (300, 420, 33, 37))
+
+
+@pytest.mark.parametrize("fp8_qk", [True, False])
+def test_fp8_prefill_producer_dequant_equals_the_consumers(fp8_qk):
+    """``PrefillConfig.producer_dequant`` (the default over an FP8 cache): V dequantised once
+    by the producer into a ring both consumers read gives exactly what each consumer
+    dequantising its own copy gives, in both QK forms (many blocks per tile, so the ring
+    wraps; several tiles per CTA, so it carries across tiles)."""
+    bounds = _bounds(num_workers=2)
+    q_lens, kv_lens = (150, 1, 37), (300, 420, 37)
+    rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=200)
+    args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
+    got = []
+    for producer in (True, False):
+        with prefill_picked_with(fp8_qk=fp8_qk, producer_dequant=producer):
+            out, lse = jaxattn.ragged_paged_attention(
+                q, k8, v8, *args, k_scale=ks, v_scale=vs, bounds=bounds, scale=0.08,
+                impl="interpret", return_lse=True)
+        got.append((np.asarray(out, np.float32)[:188], np.asarray(lse)[:188]))
+    assert np.isfinite(got[0][0]).all()
+    np.testing.assert_array_equal(got[0][0], got[1][0])
+    np.testing.assert_array_equal(got[0][1], got[1][1])
 
 
 def test_fp8_chunked_local_and_small_pages():
@@ -248,6 +270,8 @@ def _prefill_configs():
         name = f"bq{bq}-bkv{bkv}-d{d}-{jnp.dtype(dtype).name}"
         qk8 = prefill.pick_config(bounds, dtype, FP8)
         picked.append(pytest.param(qk8, d, dtype, id=name + "-fp8-qk"))
+        shared = prefill.pick_config(bounds, dtype, FP8, producer_dequant=True)
+        picked.append(pytest.param(shared, d, dtype, id=name + "-fp8-qk-producer-dequant"))
         try:
             cfg = prefill.pick_config(bounds, dtype, FP8, fp8_qk=False)
         except ValueError:  # K's dequantised tiles too: no room at 128 keys and D=128

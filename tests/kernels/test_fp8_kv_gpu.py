@@ -16,7 +16,7 @@ import pytest
 
 import jaxattn
 from jaxattn import kv_quant
-from attention_cases import decode_tiles_as_fp8, prefill_dequantising_k
+from attention_cases import decode_tiles_as_fp8, prefill_dequantising_k, prefill_picked_with
 from needle_cases import make_needle_case
 
 pytestmark = pytest.mark.gpu
@@ -111,6 +111,23 @@ def test_fp8_qk_matches_the_reference_over_quantised_queries(q_lens, kv_lens, ch
                 np.testing.assert_allclose(got, want, atol=2e-2, rtol=0)
             else:
                 _close_but_for_rounding_flips(got, want)
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[2:])
+def test_fp8_prefill_producer_dequant_equals_the_consumers(q_lens, kv_lens, chunk):
+    """``PrefillConfig.producer_dequant``: V dequantised once by the producer warpgroup gives
+    exactly what each consumer dequantising its own copy gives (the same tile)."""
+    bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 128)
+    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True,
+              impl="mosaic", k_scale=ks, v_scale=vs)
+    got = {}
+    for producer in (False, True):
+        with prefill_picked_with(producer_dequant=producer):
+            out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, **kw)
+        got[producer] = np.asarray(out[:rows], np.float32), np.asarray(lse[:rows])
+    assert np.isfinite(got[True][0]).all()
+    np.testing.assert_array_equal(got[True][0], got[False][0])
+    np.testing.assert_array_equal(got[True][1], got[False][1])
 
 
 @pytest.mark.xfail(strict=True, reason="on the H200 the outputs pass but 4-10% of the lse "
