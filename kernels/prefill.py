@@ -134,9 +134,9 @@ class PrefillConfig:
       copies (False: each consumer dequantises a copy of its own before its turn, twice the
       conversions, on the consumers' path). Same numbers either way. The conversion needs
       registers the producer does not have at ``consumer_registers=232``:
-      :func:`pick_config` gives it with 224 (on the H200 224/56 beat 216/72 and 232/40 by
-      6-15%; with it the FP8 cache's prefill takes 1.06-1.23x bf16's time instead of
-      1.33-1.55x, benchmarks/NOTES-fp8-kv.md, session 25).
+      :func:`pick_config` gives it with 224 (on the H200 224/56 beat 216/72 by 3-6% and
+      232/40 by 12-14%; with it the FP8 cache's prefill takes 1.04-1.24x bf16's time
+      instead of 1.30-1.55x, benchmarks/NOTES-fp8-kv.md, session 25).
     """
 
     block_q: int = 128
