@@ -92,6 +92,22 @@ def dequantize_tile(src8, scale, dst):
     return dst
 
 
+def dequantize_to_ring(src8, scale, full, ring, ring_free, ring_full, step, depth):
+    """A dequantising warpgroup's step ``step``: once the fp8 tile ``src8`` (with its row
+    scales ``scale``) has landed (``full``, its slot's barrier) and slot ``step % depth`` of
+    ``ring`` is free (its readers of step ``step - depth`` have arrived on ``ring_free``),
+    dequantise into that slot and signal ``ring_full``."""
+    dslot = lax.rem(step, depth)
+    plgpu.barrier_wait(full)
+
+    @pl.when(step >= depth)
+    def _():
+        plgpu.barrier_wait(ring_free.at[dslot])
+
+    dequantize_tile(src8, scale, ring.at[dslot])
+    plgpu.barrier_arrive(ring_full.at[dslot])
+
+
 def quantize_rows(src, dst):
     """Each row of ``src`` (a [64, D] SMEM tile, bf16/f16) to e4m3 in ``dst`` (an fp8 wgmma
     operand tile), scaled by its own max as :func:`jaxattn.kv_quant.quantize` scales K/V

@@ -450,16 +450,9 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
                     def block_body(j, step):
                         slot = lax.rem(step, stages)
-                        dslot = lax.rem(step, dstages)
                         for full, free, done, src, scl, dst in jobs:
-                            plgpu.barrier_wait(full.at[slot])
-
-                            @pl.when(step >= dstages)
-                            def _():
-                                plgpu.barrier_wait(free.at[dslot])
-
-                            common.dequantize_tile(src.at[slot], scl.at[slot], dst.at[dslot])
-                            plgpu.barrier_arrive(done.at[dslot])
+                            common.dequantize_to_ring(src.at[slot], scl.at[slot], full.at[slot],
+                                                      dst, free, done, step, dstages)
                         plgpu.barrier_arrive(consumed.at[slot])
                         return step + 1
 

@@ -786,15 +786,9 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
             def dequantize_v(c):
                 """Step c's V tile into the consumers' ring (after their PV of step
                 c - DEQ_STAGES), then free its fp8 slot."""
-                slot, dslot = c % stages, c % DEQ_STAGES
-                plgpu.barrier_wait(v_full.at[slot])
-
-                @pl.when(c >= DEQ_STAGES)
-                def _():
-                    plgpu.barrier_wait(vd_free.at[dslot])
-
-                common.dequantize_tile(v_smem.at[slot], vs_smem.at[slot], v_deq.at[dslot])
-                plgpu.barrier_arrive(vd_full.at[dslot])
+                slot = c % stages
+                common.dequantize_to_ring(v_smem.at[slot], vs_smem.at[slot], v_full.at[slot],
+                                          v_deq, vd_free, vd_full, c, DEQ_STAGES)
                 plgpu.barrier_arrive(v_free.at[slot])
 
             total = lax.fori_loop(0, my_tiles, tile_body, jnp.int32(0))
