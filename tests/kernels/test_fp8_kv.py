@@ -110,19 +110,19 @@ def test_fp8_mixed_batch_equals_bf16_kernels_over_dequantised_pages():
     _check_against_bf16_and_oracle(_bounds(), (150, 1, 1, 37), (300, 420, 33, 37))
 
 
-@pytest.mark.parametrize("fp8_qk", [True, False])
-def test_fp8_prefill_producer_dequant_equals_the_consumers(fp8_qk):
+def test_fp8_prefill_producer_dequant_equals_the_consumers():
     """``PrefillConfig.producer_dequant`` (the default over an FP8 cache): V dequantised once
     by the producer into a ring both consumers read gives exactly what each consumer
-    dequantising its own copy gives, in both QK forms (many blocks per tile, so the ring
-    wraps; several tiles per CTA, so it carries across tiles)."""
+    dequantising its own copy gives (many blocks per tile, so the ring wraps; several tiles
+    per CTA, so it carries across tiles). The ``fp8_qk=False`` form with it equals the bf16
+    kernels over the dequantised pages (the tests above)."""
     bounds = _bounds(num_workers=2)
     q_lens, kv_lens = (150, 1, 37), (300, 420, 37)
     rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=200)
     args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
     got = []
     for producer in (True, False):
-        with prefill_picked_with(fp8_qk=fp8_qk, producer_dequant=producer):
+        with prefill_picked_with(producer_dequant=producer):
             out, lse = jaxattn.ragged_paged_attention(
                 q, k8, v8, *args, k_scale=ks, v_scale=vs, bounds=bounds, scale=0.08,
                 impl="interpret", return_lse=True)
