@@ -174,6 +174,18 @@ def test_tile_schedule_runs_every_tile_once(order, count, hq, group, workers):
     assert pairs == set(itertools.product(range(count), range(hq)))
 
 
+@functools.partial(jax.jit, static_argnames=("hq", "group", "workers", "max_tiles"))
+def _auto_schedule_items(count, *, hq, group, workers, max_tiles):
+    """[workers, max_tiles] item of each CTA's tiles under the "auto" order (-1: none), one
+    compilation for every count."""
+    cta = jnp.arange(workers)[:, None]
+    n, tile_of, item_head = prefill.tile_schedule(count, cta, hq=hq, group=group,
+                                                  num_workers=workers, tile_order="auto")
+    i = jnp.arange(max_tiles)[None, :]
+    tiles = jnp.where(i < jnp.reshape(n, (-1, 1)), tile_of(i), -1)
+    return jnp.where(tiles >= 0, item_head(jnp.maximum(tiles, 0))[0], -1)
+
+
 @pytest.mark.parametrize("hq", [40, 20])  # Scout's query heads on one device, and at TP=2
 def test_kv_major_schedule_balances_causal_prefill(hq):
     """Causal prefill of one sequence (items longest first, a tile costs its KV blocks plus
@@ -182,14 +194,16 @@ def test_kv_major_schedule_balances_causal_prefill(hq):
     cannot be dealt evenly: 4.9% at 4096 tokens on 20 heads). One snake over all KV heads
     (the order before) had 23% at 20000 tokens."""
     workers, group, block = 132, 5, 128
+    max_tiles = (hq // group) * -(-(131072 // block) * group // workers)  # kv_major's most
     worst = {}
     for length in list(range(8192, 131073, 2039)) + [16384, 20000, 20480]:
         count = -(-length // block)
         cost = np.array([-(-min(length, (i + 1) * block) // block) for i in range(count)])
         cost = cost[::-1] + 1.0  # items longest first
-        tiles, item_head = _schedule(count, hq, group, workers, "auto")
-        item = np.asarray(item_head(jnp.asarray(np.maximum(tiles, 0))))[0]
-        load = np.where(tiles >= 0, cost[item], 0).sum(axis=1)
+        item = np.asarray(_auto_schedule_items(jnp.int32(count), hq=hq, group=group,
+                                               workers=workers, max_tiles=max_tiles))
+        load = np.where(item >= 0, cost[np.maximum(item, 0)], 0).sum(axis=1)
+        assert (item >= 0).sum() == count * hq
         worst[length] = load.max() / load.mean()
     assert max(worst.values()) < 1.02, {k: round(v, 3) for k, v in worst.items() if v >= 1.02}
 
