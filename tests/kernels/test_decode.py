@@ -226,6 +226,10 @@ def test_combine_columns_start_every_token_on_128_bytes(cols, dtype, d):
 _PLANNERS = {}
 
 
+# Compiled once per bounds (run op by op, the metadata took most of the test's time).
+_decode_metadata = jax.jit(decode.decode_metadata, static_argnames=("bounds", "num_tokens"))
+
+
 def _planner(chunk, num_workers, min_split_kv):
     """One jitted planner per bounds, so hypothesis examples reuse compilations."""
     key = (chunk, num_workers, min_split_kv)
@@ -272,7 +276,7 @@ def test_metadata_slots_hold_every_split_piece(chunk, num_workers, min_split_kv,
     kv_lens = np.zeros(8, np.int32)
     kv_lens[:n] = [max(q, kv) for q, kv in seqs]
     items = planner_fn(cu, kv_lens, np.int32(n))
-    md = jax.tree.map(np.asarray, decode.decode_metadata(items, bounds=bounds, num_tokens=96))
+    md = jax.tree.map(np.asarray, _decode_metadata(items, bounds=bounds, num_tokens=96))
     tiles = md.meta[:md.cta_start[-1]]
     split = tiles[:, decode._PART] >= 0
     slots = np.sort(tiles[split, decode._PART])

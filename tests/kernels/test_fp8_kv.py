@@ -84,10 +84,12 @@ def _check_against_bf16_and_oracle(bounds, q_lens, kv_lens, *, chunk=None, num_t
                                   *args, scale, causal=True, chunk=chunk)
     np.testing.assert_allclose(out, want_o[:n], atol=3e-2, rtol=0)
     np.testing.assert_allclose(lse, want_l[:n], atol=3e-2, rtol=0)
+    dec = np.repeat(np.asarray(q_lens) <= bounds.dq, q_lens)  # rows of decode items
+    if dec.all():  # the prefill's forms do not enter: the call below would repeat the first
+        return
 
     out8, lse8 = jaxattn.ragged_paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs, **kw)
     out8, lse8 = np.asarray(out8, np.float32)[:n], np.asarray(lse8)[:n]
-    dec = np.repeat(np.asarray(q_lens) <= bounds.dq, q_lens)  # rows of decode items
     np.testing.assert_array_equal(out8[dec], out[dec])
     np.testing.assert_array_equal(lse8[dec], lse[dec])
     q8, q_scale = kv_quant.quantize(jnp.asarray(q, jnp.float32))
@@ -107,7 +109,7 @@ def _bounds(**kw):
 def test_fp8_mixed_batch_equals_bf16_kernels_over_dequantised_pages():
     """Prefill rows (a long and a short prompt) and decode rows (one split over KV) in one
     batch: both kernels read the FP8 pages."""
-    _check_against_bf16_and_oracle(_bounds(), (150, 1, 1, 37), (300, 420, 33, 37))
+    _check_against_bf16_and_oracle(_bounds(), (150, 1, 1, 37), (200, 260, 33, 37))
 
 
 def test_fp8_prefill_producer_dequant_equals_the_consumers():
@@ -117,7 +119,7 @@ def test_fp8_prefill_producer_dequant_equals_the_consumers():
     per CTA, so it carries across tiles). The ``fp8_qk=False`` form with it equals the bf16
     kernels over the dequantised pages (the tests above)."""
     bounds = _bounds(num_workers=2)
-    q_lens, kv_lens = (150, 37), (300, 37)  # prefill items only (decode is another kernel)
+    q_lens, kv_lens = (150, 37), (200, 37)  # prefill items only (decode is another kernel)
     rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=200)
     args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
     n = sum(q_lens)
@@ -140,7 +142,7 @@ def test_fp8_prefill_f16_pv_keeps_v_of_every_magnitude():
     rows match the oracle over the quantised queries and dequantised pages, no worse than
     the bf16 form (V as bf16(v8 * s), P as bf16) does."""
     bounds = _bounds(num_workers=2)
-    q_lens, kv_lens = (150, 37), (300, 37)
+    q_lens, kv_lens = (150, 37), (200, 37)
     rc = make_ragged_case(bounds, q_lens, kv_lens, dtype=np.float32, seed=3, num_tokens=200)
     rng = np.random.default_rng(4)
     v_gain = np.exp(rng.uniform(-6, 6, rc.v_pages.shape[:3]))[..., None]
@@ -459,7 +461,7 @@ def test_fp8_kernels_find_the_needle_in_interpret_mode():
     kernels (decode rows: one query per sequence)."""
     from needle_cases import make_needle_case
 
-    case = make_needle_case(2048, (0.03, 0.6, 0.97), num_q_heads=2, page_size=32)
+    case = make_needle_case(1024, (0.03, 0.6, 0.97), num_q_heads=2, page_size=32)
     k8, ks = kv_quant.quantize_pages(jnp.asarray(case.k_pages))
     v8, vs = kv_quant.quantize_pages(jnp.asarray(case.v_pages))
     out = jaxattn.ragged_paged_attention(
