@@ -457,7 +457,7 @@ def test_fp8_kernels_refuse_pages_whose_scale_rows_misalign(page_size):
 
 
 def test_fp8_kernels_find_the_needle_in_interpret_mode():
-    """The constructed lookup head (tests/needle_cases.py) over a 2k context through the
+    """The constructed lookup head (tests/needle_cases.py) over a 1k context through the
     kernels (decode rows: one query per sequence)."""
     from needle_cases import make_needle_case
 
