@@ -149,15 +149,22 @@ def test_tiles_write_only_their_rows_and_no_races(order):
     assert err < TOL[jnp.bfloat16]
 
 
-def _schedule(count, hq, group, workers, order):
-    """[workers, max tiles] tile ids of each CTA under prefill.tile_schedule (-1: none)."""
+@functools.partial(jax.jit, static_argnames=("hq", "group", "workers", "order", "max_tiles"))
+def _schedule(count, *, hq, group, workers, order, max_tiles):
+    """[workers, max_tiles] tile ids of each CTA under prefill.tile_schedule, and their items
+    and query heads (-1: none); one compilation for every count."""
     cta = jnp.arange(workers)[:, None]
-    n, tile_of, item_head = prefill.tile_schedule(jnp.int32(count), cta, hq=hq, group=group,
+    n, tile_of, item_head = prefill.tile_schedule(count, cta, hq=hq, group=group,
                                                   num_workers=workers, tile_order=order)
-    n = np.broadcast_to(np.asarray(n).reshape(-1, 1), (workers, 1))
-    i = jnp.arange(max(int(n.max()), 1))[None, :]
-    tiles = np.where(i < n, np.asarray(tile_of(i)), -1)
-    return tiles, item_head
+    i = jnp.arange(max_tiles)[None, :]
+    tiles = jnp.where(i < jnp.reshape(n, (-1, 1)), tile_of(i), -1)
+    item, head = item_head(jnp.maximum(tiles, 0))
+    return tiles, jnp.where(tiles >= 0, item, -1), jnp.where(tiles >= 0, head, -1)
+
+
+def _max_tiles(count, hq, group, workers):
+    """Tiles the busiest CTA can get: kv_major deals each KV head's tiles on their own."""
+    return max(1, (hq // group) * -(-count * group // workers))
 
 
 @pytest.mark.parametrize("order", prefill.TILE_ORDERS)
@@ -166,24 +173,12 @@ def _schedule(count, hq, group, workers, order):
     (1, 40, 5, 132), (0, 40, 5, 132), (300, 6, 3, 16), (161, 40, 5, 132)])
 def test_tile_schedule_runs_every_tile_once(order, count, hq, group, workers):
     """Each (item, query head) tile runs on exactly one CTA, in every tile order."""
-    tiles, item_head = _schedule(count, hq, group, workers, order)
-    done = np.sort(tiles[tiles >= 0])
-    np.testing.assert_array_equal(done, np.arange(count * hq))
-    item, head = (np.asarray(x) for x in item_head(jnp.asarray(done)))
-    pairs = set(zip(item.tolist(), head.tolist()))
+    tiles, item, head = (np.asarray(x) for x in _schedule(
+        jnp.int32(count), hq=hq, group=group, workers=workers, order=order,
+        max_tiles=_max_tiles(count, hq, group, workers)))
+    np.testing.assert_array_equal(np.sort(tiles[tiles >= 0]), np.arange(count * hq))
+    pairs = set(zip(item[tiles >= 0].tolist(), head[tiles >= 0].tolist()))
     assert pairs == set(itertools.product(range(count), range(hq)))
-
-
-@functools.partial(jax.jit, static_argnames=("hq", "group", "workers", "max_tiles"))
-def _auto_schedule_items(count, *, hq, group, workers, max_tiles):
-    """[workers, max_tiles] item of each CTA's tiles under the "auto" order (-1: none), one
-    compilation for every count."""
-    cta = jnp.arange(workers)[:, None]
-    n, tile_of, item_head = prefill.tile_schedule(count, cta, hq=hq, group=group,
-                                                  num_workers=workers, tile_order="auto")
-    i = jnp.arange(max_tiles)[None, :]
-    tiles = jnp.where(i < jnp.reshape(n, (-1, 1)), tile_of(i), -1)
-    return jnp.where(tiles >= 0, item_head(jnp.maximum(tiles, 0))[0], -1)
 
 
 @pytest.mark.parametrize("hq", [40, 20])  # Scout's query heads on one device, and at TP=2
@@ -194,14 +189,15 @@ def test_kv_major_schedule_balances_causal_prefill(hq):
     cannot be dealt evenly: 4.9% at 4096 tokens on 20 heads). One snake over all KV heads
     (the order before) had 23% at 20000 tokens."""
     workers, group, block = 132, 5, 128
-    max_tiles = (hq // group) * -(-(131072 // block) * group // workers)  # kv_major's most
+    max_tiles = _max_tiles(131072 // block, hq, group, workers)
     worst = {}
     for length in list(range(8192, 131073, 2039)) + [16384, 20000, 20480]:
         count = -(-length // block)
         cost = np.array([-(-min(length, (i + 1) * block) // block) for i in range(count)])
         cost = cost[::-1] + 1.0  # items longest first
-        item = np.asarray(_auto_schedule_items(jnp.int32(count), hq=hq, group=group,
-                                               workers=workers, max_tiles=max_tiles))
+        _, item, _ = _schedule(jnp.int32(count), hq=hq, group=group, workers=workers,
+                               order="auto", max_tiles=max_tiles)
+        item = np.asarray(item)
         load = np.where(item >= 0, cost[np.maximum(item, 0)], 0).sum(axis=1)
         assert (item >= 0).sum() == count * hq
         worst[length] = load.max() / load.mean()
