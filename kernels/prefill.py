@@ -96,6 +96,17 @@ def _tiled(shape, dtype):
 
 
 @dataclasses.dataclass(frozen=True)
+class Forms:
+    """The kernel forms a config takes over one cache (all False for a bf16 cache): what
+    the scratch, the reduction scratch and the kernel body branch on, derived in one place."""
+
+    fp8: bool  # FP8 cache: scale rings, extra copies, dequantisation
+    qk8: bool  # S = Q8 K8^T on the fp8 K tile; only V dequantised
+    shared_v: bool  # V dequantised once, by the producer, into a ring both consumers read
+    units: bool  # that ring holds f16 V in a unit per tile, and P goes to the PV as f16
+
+
+@dataclasses.dataclass(frozen=True)
 class PrefillConfig:
     """Static tuning of the prefill kernel.
 
@@ -178,6 +189,13 @@ class PrefillConfig:
         if self.tile_order not in TILE_ORDERS:
             raise ValueError(f"tile_order={self.tile_order!r} is not one of {TILE_ORDERS}")
 
+    def forms(self, kv_dtype=None) -> Forms:
+        """The forms this config takes over a cache of ``kv_dtype`` (None: the queries')."""
+        fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
+        shared_v = fp8 and self.producer_dequant
+        return Forms(fp8=fp8, qk8=fp8 and self.fp8_qk, shared_v=shared_v,
+                     units=shared_v and self.f16_pv)
+
     @property
     def producer_registers(self) -> int:
         # The CTA launches with _LAUNCH_REGISTERS per thread; setmaxnreg.inc blocks until the
@@ -195,13 +213,10 @@ class PrefillConfig:
         """
         wg_tile = (COMPUTE_WGS, WG_ROWS, head_dim)
         ring = (self.num_stages, self.block_kv, head_dim)
-        fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
-        qk8 = fp8 and self.fp8_qk
+        fp8, qk8, shared_v, units = dataclasses.astuple(self.forms(kv_dtype))
         kv_ring = common.tiled_smem(ring, kv_dtype) if fp8 else _tiled(ring, dtype)
         copies = 2 if fp8 else 1  # TMA copies per page: values (+ their scales)
         deq_tile = _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype)  # one per consumer
-        shared_v = fp8 and self.producer_dequant
-        units = shared_v and self.f16_pv
         extra = [] if not fp8 else [
             plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # k scale ring
             plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # v scale ring
@@ -251,8 +266,7 @@ class PrefillConfig:
     def reduction_scratch(self, kv_dtype=None) -> int:
         """Mosaic's cross-warp reduction scratch: only the f16_pv producer reduces across
         warps (the consumers' row reductions stay inside a warp)."""
-        fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
-        return common.REDUCTION_SCRATCH if fp8 and self.producer_dequant and self.f16_pv else 0
+        return common.REDUCTION_SCRATCH if self.forms(kv_dtype).units else 0
 
 
 def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
@@ -398,10 +412,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     num_pages, page_size, hkv, _ = k_pages.shape
     common.check_supported("prefill", d, q.dtype)
     common.check_kv_dtype("prefill", q.dtype, k_pages.dtype, k_scale is not None)
-    fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
-    qk8 = fp8 and config.fp8_qk  # static: S = Q8 K8^T on the fp8 tile, only V dequantised
-    shared_v = fp8 and config.producer_dequant  # static: V dequantised once, by the producer
-    units = shared_v and config.f16_pv  # static: V as f16 in a unit per tile, P as f16
+    kv_dtype = k_pages.dtype if k_scale is not None else None  # None: a bf16 cache
+    fp8, qk8, shared_v, units = dataclasses.astuple(config.forms(kv_dtype))  # static (Forms)
     pv_dtype = jnp.float16 if units else q.dtype  # P's and V's for the PV wgmma
     common.check_pages("prefill", page_size, config.block_kv, page_table.shape[1], fp8)
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
@@ -865,8 +877,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         prefill_kernel,
         out_type=(jax.ShapeDtypeStruct((t, hq, d), dtype),
                   jax.ShapeDtypeStruct((cap, hq, tile_rows), jnp.float32)),
-        scratch_types=config.scratch(d, dtype, pages_per_tile,
-                                     kv_dtype=k_pages.dtype if fp8 else None),
+        scratch_types=config.scratch(d, dtype, pages_per_tile, kv_dtype=kv_dtype),
         grid=(num_workers,),
         grid_names=("sm",),
         num_threads=COMPUTE_WGS + 1,
@@ -875,7 +886,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         # producer reduces across warps.
         compiler_params=plgpu.CompilerParams(
             approx_math=True,
-            reduction_scratch_bytes=config.reduction_scratch(k_pages.dtype if fp8 else None)),
+            reduction_scratch_bytes=config.reduction_scratch(kv_dtype)),
         interpret=interpret or None,
     )(meta, count, zero_ranges, page_table, q, k_pages, v_pages,
       *(() if not fp8 else (k_scale, v_scale)))
