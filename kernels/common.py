@@ -7,7 +7,6 @@ matmul takes the same dtypes.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -93,45 +92,11 @@ def dequantize_tile(src8, scale, dst):
     return dst
 
 
-def dequantize_tile_f16(src8, scale, dst, unit):
-    """:func:`dequantize_tile` into an f16 tile in a unit of the tile's own, with f16
-    arithmetic: ``dst[r, :] = f16(src8[r, :]) * f16(scale[r] * g)``, the gain ``g`` putting
-    the tile's largest scale at 96: every value stays below 448 * 96 < 65504 (f16's
-    largest), and rows down to 2^-20 of the largest stay normal. ``unit`` (f32 [64] SMEM)
-    receives ``1 / g`` in every element: a true value is ``dst * unit``.
-
-    An e4m3 pair becomes an f16 pair in one instruction and the scale multiplies pairs
-    (the bf16 form takes three instructions a value: e4m3 -> f16 -> f32, an f32 multiply,
-    f32 -> bf16). The tile's largest scale is a cross-warp reduction (the kernel reserves
-    :data:`REDUCTION_SCRATCH` bytes for it).
-    """
-    rows = src8.shape[0]
-    parts = [pl.ds(r, WGMMA_M) for r in range(0, rows, WGMMA_M)]
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
-    scales = [plgpu.load(scale.at[p], layout=row_layout) for p in parts]
-    # A tile past a sequence's end holds zero pages (scale 0): any unit does.
-    top = jnp.maximum(jnp.max(functools.reduce(jnp.maximum, scales)), 2.0 ** -100)
-    for p, s in zip(parts, scales):
-        x = plgpu.load(src8.at[p], layout=plgpu.Layout.WGMMA).astype(jnp.float16)
-        f = (s * (96.0 / top)).astype(jnp.float16)
-        dst.at[p][...] = x * lax.broadcast_in_dim(f, x.shape, [0])
-    unit[...] = plgpu.layout_cast(jnp.full((WGMMA_M,), 1 / 96, jnp.float32) * top, row_layout)
-    plgpu.commit_smem()
-    return dst
-
-
-# SMEM a kernel reserves for :func:`dequantize_tile_f16`'s cross-warp maximum (Mosaic's
-# default reduction scratch).
-REDUCTION_SCRATCH = 128 * 4 * 4
-
-
-def dequantize_to_ring(src8, scale, full, ring, ring_free, ring_full, step, depth,
-                       units=None):
+def dequantize_to_ring(src8, scale, full, ring, ring_free, ring_full, step, depth):
     """A dequantising warpgroup's step ``step``: once the fp8 tile ``src8`` (with its row
     scales ``scale``) has landed (``full``, its slot's barrier) and slot ``step % depth`` of
     ``ring`` is free (its readers of step ``step - depth`` have arrived on ``ring_free``),
-    dequantise into that slot and signal ``ring_full``. ``units``: the f16 form
-    (:func:`dequantize_tile_f16`), each slot's unit in ``units[slot]``."""
+    dequantise into that slot and signal ``ring_full``."""
     dslot = lax.rem(step, depth)
     plgpu.barrier_wait(full)
 
@@ -139,10 +104,7 @@ def dequantize_to_ring(src8, scale, full, ring, ring_free, ring_full, step, dept
     def _():
         plgpu.barrier_wait(ring_free.at[dslot])
 
-    if units is None:
-        dequantize_tile(src8, scale, ring.at[dslot])
-    else:  # f16 tiles, each in its own unit (units: f32 [depth, 64])
-        dequantize_tile_f16(src8, scale, ring.at[dslot], units.at[dslot])
+    dequantize_tile(src8, scale, ring.at[dslot])
     plgpu.barrier_arrive(ring_full.at[dslot])
 
 

@@ -36,7 +36,7 @@ FP8 cache (float8_e4m3fn pages with per-token, per-KV-head scales,
 FlashAttention-3's FP8 path: each consumer quantises its Q rows per row, and the Q and
 K scales multiply S's rows and columns. V is dequantised (:func:`common.dequantize_tile`,
 the scale applied per key row) once, by the producer warpgroup, into a 2-deep ring of
-bf16/f16 tiles both consumers read (``PrefillConfig.producer_dequant``); the producer does
+bf16 tiles both consumers read (``PrefillConfig.producer_dequant``); the producer does
 it one block behind its copies, so they stay ahead. (Without it each consumer dequantises
 a copy of its own before its turn.) ``fp8_qk=False`` dequantises K in the consumers,
 which costs SMEM: only 64-key tiles fit at head_dim 128 (:func:`pick_config`). With a
@@ -103,7 +103,6 @@ class Forms:
     fp8: bool  # FP8 cache: scale rings, extra copies, dequantisation
     qk8: bool  # S = Q8 K8^T on the fp8 K tile; only V dequantised
     shared_v: bool  # V dequantised once, by the producer, into a ring both consumers read
-    units: bool  # that ring holds f16 V in a unit per tile, and P goes to the PV as f16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,16 +146,10 @@ class PrefillConfig:
       registers the producer does not have at ``consumer_registers=232``:
       :func:`pick_config` gives it with 224 (on the H200 224/56 beat 216/72 by 3-6% and
       232/40 by 12-14%; with it the FP8 cache's prefill takes 1.04-1.24x bf16's time
-      instead of 1.30-1.55x, benchmarks/NOTES-fp8-kv.md, session 25).
-    f16_pv: with ``producer_dequant``: the producer writes V as f16 in a unit of each
-      tile's own (:func:`common.dequantize_tile_f16`: one conversion and one
-      pairwise multiply per two values instead of three instructions a value) and P goes
-      to the PV wgmma as f16; the consumers fold each tile's unit into the accumulator's
-      rescaling (alpha) and the last one into the epilogue's 1/l. f16's 11-bit significand
-      keeps V and P more precisely than bf16; the unit keeps V's range. On the H200 the
-      producer's conversion was 10-15% of the FP8 kernel's time at causal 8k/32k (all of
-      its warps share the SMs' issue slots with the consumers:
-      fp8-prefill-costs-2026-12-03-s26-*.json). Not yet timed, so not the default.
+      instead of 1.30-1.55x, benchmarks/NOTES-fp8-kv.md, session 25). Writing V as f16
+      in a unit per tile with P as f16 (fewer conversion instructions, 20% lower mean
+      error) took 8-12% more time on the H200 (1.14-1.34x bf16's against 1.06-1.24x), so
+      it was removed (results/fp8-kv-2026-12-03-s27-prefill.md).
     """
 
     block_q: int = 128
@@ -169,7 +162,6 @@ class PrefillConfig:
     consumer_registers: int = 232
     fp8_qk: bool = True
     producer_dequant: bool = False
-    f16_pv: bool = False
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -183,18 +175,13 @@ class PrefillConfig:
         if self.consumer_registers % 8 or not _LAUNCH_REGISTERS <= self.consumer_registers <= 240:
             raise ValueError(f"consumer_registers={self.consumer_registers} must be a multiple "
                              f"of 8 in [{_LAUNCH_REGISTERS}, 240]")
-        if self.f16_pv and not self.producer_dequant:
-            raise ValueError("f16_pv is a form of producer_dequant (the producer writes the "
-                             "f16 tiles)")
         if self.tile_order not in TILE_ORDERS:
             raise ValueError(f"tile_order={self.tile_order!r} is not one of {TILE_ORDERS}")
 
     def forms(self, kv_dtype=None) -> Forms:
         """The forms this config takes over a cache of ``kv_dtype`` (None: the queries')."""
         fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
-        shared_v = fp8 and self.producer_dequant
-        return Forms(fp8=fp8, qk8=fp8 and self.fp8_qk, shared_v=shared_v,
-                     units=shared_v and self.f16_pv)
+        return Forms(fp8=fp8, qk8=fp8 and self.fp8_qk, shared_v=fp8 and self.producer_dequant)
 
     @property
     def producer_registers(self) -> int:
@@ -213,7 +200,7 @@ class PrefillConfig:
         """
         wg_tile = (COMPUTE_WGS, WG_ROWS, head_dim)
         ring = (self.num_stages, self.block_kv, head_dim)
-        fp8, qk8, shared_v, units = dataclasses.astuple(self.forms(kv_dtype))
+        fp8, qk8, shared_v = dataclasses.astuple(self.forms(kv_dtype))
         kv_ring = common.tiled_smem(ring, kv_dtype) if fp8 else _tiled(ring, dtype)
         copies = 2 if fp8 else 1  # TMA copies per page: values (+ their scales)
         deq_tile = _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype)  # one per consumer
@@ -222,14 +209,11 @@ class PrefillConfig:
             plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # v scale ring
             None if qk8 else deq_tile,  # k dequantised (the fp8 QK reads the fp8 tile)
             # v dequantised: one tile per consumer, or the producer's ring both read
-            _tiled((DEQ_STAGES, self.block_kv, head_dim), jnp.float16 if units else dtype)
-            if shared_v else deq_tile,
+            _tiled((DEQ_STAGES, self.block_kv, head_dim), dtype) if shared_v else deq_tile,
             # the producer's ring: filled, and read by both consumers' PV
             plgpu.Barrier(num_barriers=DEQ_STAGES) if shared_v else None,
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=DEQ_STAGES)
             if shared_v else None,
-            # f16_pv: each ring slot's unit (one value, in every row of a row vector)
-            plgpu.SMEM((DEQ_STAGES, WG_ROWS), jnp.float32) if units else None,
         ]
         return [
             plgpu.SMEM(wg_tile, dtype),  # q as loaded (untiled)
@@ -240,8 +224,7 @@ class PrefillConfig:
             plgpu.SMEM(wg_tile, dtype),  # o staging (untiled: any row offset)
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),  # lse staging
             # P for the PV wgmma, only when it does not stay in registers.
-            None if self.p_in_registers else _tiled((COMPUTE_WGS, WG_ROWS, self.block_kv),
-                                                    jnp.float16 if units else dtype),
+            None if self.p_in_registers else _tiled((COMPUTE_WGS, WG_ROWS, self.block_kv), dtype),
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_full
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_free
             plgpu.Barrier(num_arrivals=copies * pages_per_tile,
@@ -259,26 +242,20 @@ class PrefillConfig:
 
     def smem_bytes(self, head_dim: int, dtype, kv_dtype=None) -> int:
         """Shared memory the kernel allocates (what Mosaic's budget check counts)."""
-        return (common.smem_bytes(self.scratch(head_dim, dtype, pages_per_tile=1,
-                                               kv_dtype=kv_dtype))
-                + self.reduction_scratch(kv_dtype))
-
-    def reduction_scratch(self, kv_dtype=None) -> int:
-        """Mosaic's cross-warp reduction scratch: only the f16_pv producer reduces across
-        warps (the consumers' row reductions stay inside a warp)."""
-        return common.REDUCTION_SCRATCH if self.forms(kv_dtype).units else 0
+        return common.smem_bytes(self.scratch(head_dim, dtype, pages_per_tile=1,
+                                              kv_dtype=kv_dtype))
 
 
 def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
-                producer_dequant: bool = True, f16_pv: bool = False) -> PrefillConfig:
+                producer_dequant: bool = True) -> PrefillConfig:
     """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
 
     The planner cuts items of ``bounds.block_q`` rows and KV ranges aligned to
     ``bounds.block_kv``, so the kernel's tile must equal them; the ring is as
     deep as shared memory allows (at most 4 stages). Interpret mode runs the
     same config with P staged through SMEM (it has no SMEM budget). ``kv_dtype``:
-    the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``, ``f16_pv``:
-    :class:`PrefillConfig`'s (the producer's forms with the registers they need).
+    the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``:
+    :class:`PrefillConfig`'s (the latter with the producer's registers it needs).
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)
@@ -290,7 +267,6 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages,
                             fp8_qk=fp8_qk, producer_dequant=shared_v,
-                            f16_pv=shared_v and f16_pv,
                             consumer_registers=224 if shared_v else 232)
         if cfg.smem_bytes(bounds.head_dim, dtype, kv_dtype) <= common.MAX_SMEM:
             best = cfg
@@ -413,8 +389,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     common.check_supported("prefill", d, q.dtype)
     common.check_kv_dtype("prefill", q.dtype, k_pages.dtype, k_scale is not None)
     kv_dtype = k_pages.dtype if k_scale is not None else None  # None: a bf16 cache
-    fp8, qk8, shared_v, units = dataclasses.astuple(config.forms(kv_dtype))  # static (Forms)
-    pv_dtype = jnp.float16 if units else q.dtype  # P's and V's for the PV wgmma
+    fp8, qk8, shared_v = dataclasses.astuple(config.forms(kv_dtype))  # static (Forms)
     common.check_pages("prefill", page_size, config.block_kv, page_table.shape[1], fp8)
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
@@ -438,8 +413,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)  # the FP8 cache's scales
         (o_ref, lse_ref, q_stage, q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem,
          q_full, q_free, k_full, k_free, v_full, v_free, turn, *fp8_scratch) = rest
-        ks_smem, vs_smem, k_deq, v_deq, vd_full, vd_free, v_units = (
-            fp8_scratch if fp8 else (None,) * 7)
+        ks_smem, vs_smem, k_deq, v_deq, vd_full, vd_free = fp8_scratch if fp8 else (None,) * 6
         wg = lax.axis_index("wg")
         cta = lax.axis_index("sm")
         my_tiles, tile_of, item_head = tile_schedule(
@@ -519,17 +493,6 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     return v_smem.at[slot]
                 return common.dequantize_tile(v_smem.at[slot], vs_smem.at[slot], v_deq.at[wg])
 
-            row_layout = plgpu.Layout.WGMMA.reduce(1)
-
-            def v_unit(c, u, alpha):
-                """f16_pv: step c's unit (read after v_ready(c), before v_release(c)), and
-                ``alpha`` times the old unit ``u`` over it: the accumulator, kept in the unit
-                of the last V it took, moves to step c's as the softmax rescales it."""
-                if not units:
-                    return u, alpha
-                u_c = plgpu.load(v_units.at[c % DEQ_STAGES], layout=row_layout)
-                return u_c, alpha * (u / u_c)
-
             def v_release(c):
                 """Step c's PV has completed: its V tile (ring or dequantised slot) is free."""
                 if shared_v:
@@ -583,11 +546,11 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 # Turns of one tile: QK(lo); then PV(j-1) and QK(j) for each further
                 # block; then PV(hi-1). Both consumers take the same number of turns.
                 if config.overlap:
-                    acc, m_i, l_i, u = overlapped_kv_loop(step, lo, unmasked_hi, hi, mask,
-                                                          bcast_rows, qk)
+                    acc, m_i, l_i = overlapped_kv_loop(step, lo, unmasked_hi, hi, mask, bcast_rows,
+                                                       qk)
                 else:
-                    acc, m_i, l_i, u = kv_loop(step, lo, unmasked_hi, hi, mask, qk)
-                epilogue(item, head, q_start, q_len, acc, m_i, l_i, u)
+                    acc, m_i, l_i = kv_loop(step, lo, unmasked_hi, hi, mask, qk)
+                epilogue(item, head, q_start, q_len, acc, m_i, l_i)
                 return step + (hi - lo)
 
             def kv_loop(step, lo, unmasked_hi, hi, mask, qk):
@@ -595,7 +558,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 turn_wait()
 
                 def kv_step(j, carry, masked):
-                    acc, m_i, l_i, u = carry
+                    acc, m_i, l_i = carry
                     c = step + j - lo
                     slot = c % stages
                     kt = k_tile(slot)
@@ -618,13 +581,10 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                                  - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
-                    p16 = p.astype(pv_dtype)
+                    p16 = p.astype(dtype)
                     if config.p_in_registers:
                         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
                     vt = v_ready(c)
-                    if units:
-                        u, unit_alpha = v_unit(c, u, jnp.ones_like(u))
-                        acc = acc * lax.broadcast_in_dim(unit_alpha, acc.shape, [0])
                     turn_wait()
 
                     def wait_next_k():
@@ -650,25 +610,20 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
                         acc = acc + pl.run_scoped(pv, plgpu.ACC((WG_ROWS, d), jnp.float32))
                     v_release(c)
-                    return acc, m_new, l_i, u
+                    return acc, m_new, l_i
 
                 m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32),
                                        plgpu.Layout.WGMMA.reduce(1))
                 l0 = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32),
                                        plgpu.Layout.WGMMA.reduce(1))
                 acc0 = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
-                carry = (acc0, m0, l0, unit0())
+                carry = (acc0, m0, l0)
                 carry = lax.fori_loop(lo, unmasked_hi, functools.partial(kv_step, masked=False),
                                       carry)
                 carry = lax.fori_loop(unmasked_hi, hi, functools.partial(kv_step, masked=True),
                                       carry)
                 turn_pass()
                 return carry
-
-            def unit0():  # the accumulator's unit before it takes any V (f16_pv), else None
-                if not units:
-                    return None
-                return plgpu.layout_cast(jnp.ones((WG_ROWS,), jnp.float32), row_layout)
 
             def overlapped_kv_loop(step, lo, unmasked_hi, hi, mask, bcast_rows, qk):
                 """FA3 intra-warpgroup overlap: softmax(j) runs while PV(j-1) is in flight.
@@ -677,6 +632,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 is computed while QK(j) runs) and passes; then wait for QK(j) only,
                 softmax(j), wait for PV(j-1). The carry holds P(j-1) in registers.
                 """
+                row_layout = plgpu.Layout.WGMMA.reduce(1)
+
                 def softmax(s, m_old):
                     m_new = jnp.maximum(m_old, common.times_rows(s.max(axis=1), qk))
                     p = jnp.exp2(common.times_rows(s, qk) - bcast_rows(m_new, s.shape))
@@ -701,17 +658,16 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 l_i = p.sum(axis=1)
                 acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
                 alpha = plgpu.layout_cast(jnp.ones((WG_ROWS,), jnp.float32), row_layout)
-                carry = (acc, m_i, l_i, p.astype(pv_dtype), alpha, unit0())
+                carry = (acc, m_i, l_i, p.astype(dtype), alpha)
 
                 def step_j(j, carry, masked):
-                    acc, m_i, l_i, p16, alpha, u = carry
+                    acc, m_i, l_i, p16, alpha = carry
                     c = step + j - lo
                     slot, pslot = c % stages, (c - 1) % stages
                     plgpu.barrier_wait(k_full.at[slot])
                     kt = k_tile(slot)
                     if fp8:  # V(j-1) dequantised before the turn too (so no wait inside it)
                         vt = v_ready(c - 1)
-                        u, alpha = v_unit(c - 1, u, alpha)
                     turn_wait()
 
                     def qk_scope(s_ref):
@@ -744,18 +700,17 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     acc, m_i, l_i, p, alpha = pl.run_scoped(
                         qk_scope, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
                     v_release(c - 1)
-                    return acc, m_i, l_i, p.astype(pv_dtype), alpha, u
+                    return acc, m_i, l_i, p.astype(dtype), alpha
 
                 first = lo + 1
                 mid = jnp.maximum(unmasked_hi, first)
                 carry = lax.fori_loop(first, mid, functools.partial(step_j, masked=False), carry)
-                acc, m_i, l_i, p16, alpha, u = lax.fori_loop(
+                acc, m_i, l_i, p16, alpha = lax.fori_loop(
                     mid, hi, functools.partial(step_j, masked=True), carry)
                 # Last turn: PV(hi-1) alone.
                 last = step + hi - lo - 1
-                vt = v_ready(last)
-                u, alpha = v_unit(last, u, alpha)
                 acc = acc * bcast_rows(alpha, acc.shape)
+                vt = v_ready(last)
                 turn_wait()
 
                 def pv_last(o_ref):
@@ -764,12 +719,11 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
                 acc = pl.run_state(pv_last)(plgpu.ACC.init(acc))
                 v_release(last)
-                return acc, m_i, l_i, u
+                return acc, m_i, l_i
 
-            def epilogue(item, head, q_start, q_len, acc, m_i, l_i, u):
-                """Normalise (f16_pv: from the accumulator's unit ``u``), stage in SMEM,
-                store only this warpgroup's valid rows."""
-                inv_l = 1.0 / l_i if u is None else u / l_i
+            def epilogue(item, head, q_start, q_len, acc, m_i, l_i):
+                """Normalise, stage in SMEM, store only this warpgroup's valid rows."""
+                inv_l = 1.0 / l_i
                 out = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
                 lse = (m_i + jnp.log2(l_i)) * common.LN2
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous stores read ow
@@ -849,7 +803,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 c - DEQ_STAGES), then free its fp8 slot."""
                 slot = c % stages
                 common.dequantize_to_ring(v_smem.at[slot], vs_smem.at[slot], v_full.at[slot],
-                                          v_deq, vd_free, vd_full, c, DEQ_STAGES, v_units)
+                                          v_deq, vd_free, vd_full, c, DEQ_STAGES)
                 plgpu.barrier_arrive(v_free.at[slot])
 
             total = lax.fori_loop(0, my_tiles, tile_body, jnp.int32(0))
@@ -882,11 +836,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         grid_names=("sm",),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
-        # The consumers' row reductions stay inside a warp (WGMMA layout); only the f16_pv
-        # producer reduces across warps.
-        compiler_params=plgpu.CompilerParams(
-            approx_math=True,
-            reduction_scratch_bytes=config.reduction_scratch(kv_dtype)),
+        # Row reductions stay inside a warp (WGMMA layout): no cross-warp scratch needed.
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=interpret or None,
     )(meta, count, zero_ranges, page_table, q, k_pages, v_pages,
       *(() if not fp8 else (k_scale, v_scale)))

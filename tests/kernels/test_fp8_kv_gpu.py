@@ -130,31 +130,6 @@ def test_fp8_prefill_producer_dequant_equals_the_consumers(q_lens, kv_lens, chun
     np.testing.assert_array_equal(got[True][1], got[False][1])
 
 
-@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[2:])
-def test_fp8_prefill_f16_pv_is_at_least_as_close_to_the_reference(q_lens, kv_lens, chunk):
-    """``PrefillConfig.f16_pv`` (V as f16 in a unit per tile, P as f16): the same lse as the
-    bf16 form (V does not enter it), and prefill rows as close to the f32 reference over the
-    quantised queries and dequantised pages as the bf16 form's, or closer."""
-    bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 128)
-    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True)
-    got = {}
-    for f16 in (False, True):
-        with prefill_picked_with(f16_pv=f16):
-            out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic",
-                                                      k_scale=ks, v_scale=vs, **kw)
-        got[f16] = np.asarray(out[:rows], np.float32), np.asarray(lse[:rows])
-    np.testing.assert_array_equal(got[True][1], got[False][1])
-    pre = ~np.repeat(np.asarray(q_lens) <= bounds.dq, q_lens)
-    q8, q_scale = kv_quant.quantize(q.astype(jnp.float32))
-    ref, _ = jaxattn.ragged_paged_attention(
-        kv_quant.dequantize(q8, q_scale), kv_quant.dequantize_pages(k8, ks, jnp.float32),
-        kv_quant.dequantize_pages(v8, vs, jnp.float32), *args, impl="reference", **kw)
-    ref = np.asarray(ref[:rows], np.float32)[pre]
-    err = {f16: np.abs(o[pre] - ref) for f16, (o, _) in got.items()}
-    assert err[True].max() < 2e-2 and err[True].mean() <= err[False].mean(), (
-        err[True].max(), err[True].mean(), err[False].mean())
-
-
 @pytest.mark.xfail(strict=True, reason="on the H200 the outputs pass but 4-10% of the lse "
                    "values are off by 0.05-0.2: the FP8 wgmma accumulator's ~14 bits over "
                    "sharp logits (benchmarks/NOTES-fp8-kv.md, session 9); fp8_qk stays off "
