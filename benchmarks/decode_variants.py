@@ -43,10 +43,10 @@ def variants() -> dict[str, tuple[str, decode.DecodeConfig]]:
         BASELINE: ("bf16", r(bf16, block_kv=64, num_stages=4)),
         "bf16 default": ("bf16", bf16),
         "FP8 default": ("fp8", fp8),
-        "FP8, 1-deep dequantised ring, 6 stages": ("fp8", r(fp8, dequant_stages=1, num_stages=6)),
-        "FP8, two consumers": ("fp8", r(fp8, consumers=2)),
+        "FP8, 2-deep dequantised ring, 4 stages": ("fp8", r(fp8, dequant_stages=2, num_stages=4)),
+        "FP8, two consumers": ("fp8", r(fp8, consumers=2, dequant_stages=2, num_stages=4)),
         "FP8, two consumers, K and V dequantised apart": (
-            "fp8", r(fp8, consumers=2, split_dequant=True)),
+            "fp8", r(fp8, consumers=2, split_dequant=True, dequant_stages=2, num_stages=4)),
     }
 
 

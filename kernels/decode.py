@@ -152,8 +152,9 @@ class DecodeConfig:
     dequant_stages: with ``dequant_warpgroup``: depth of the bf16 K (and V) ring. One is
       still a pipeline: the consumer frees K's tile after QK and V's after PV, so the next
       block's K is converted during this block's softmax and PV. On the H200 one stage with
-      6 fp8 stages took 2-4% less time than the default from 8k keys up in two runs
-      (benchmarks/results/decode-blocks-2026-12-02-s17.md); not yet GPU-tested, not the default.
+      6 fp8 stages took 1-4% less time than two with 4 from 8k keys up in three runs, and
+      0-1.4% more at 256 x 2k (benchmarks/results/decode-blocks-2026-12-02-s17.md,
+      decode-variants-2026-12-03-s27.md), so :func:`default_config` takes it.
     split_dequant: with ``dequant_warpgroup``: K and V each get a dequantising warpgroup of
       their own (warpgroups 2 and 3), twice the conversion throughput and two warps per
       scheduler to hide its latency. Timed on the H200: the same as one (1.18-1.20x bf16's
@@ -232,11 +233,13 @@ def default_config(interpret=False, fp8=False) -> DecodeConfig:
     where the planner's pieces may start off a 128-key boundary. An FP8 cache gets the
     dequantising warpgroup: on the H200 it takes 1.19-1.20x the bf16 kernel's time against
     1.32-1.35x with the consumer dequantising (1.36-1.40x with the folded scales;
-    benchmarks/results/fp8-kv-2026-11-30.md); and narrow tiles (1.12-1.15x). Its 128-key
-    blocks do not fit a 2-deep dequantised ring, and with a 1-deep one took 1.42-1.61x."""
+    benchmarks/results/fp8-kv-2026-11-30.md); and narrow tiles (1.12-1.15x); and a 1-deep
+    dequantised ring under 6 fp8 stages (1.10-1.17x the 64-key bf16 kernel's time, against
+    1.11-1.15x with 2 under 4: decode-variants-2026-12-03-s27.md). Its 128-key blocks do
+    not fit a 2-deep dequantised ring, and with a 1-deep one took 1.42-1.61x."""
     if fp8:
-        return DecodeConfig(p_in_registers=not interpret, dequant_warpgroup=True,
-                            narrow_tiles=True)
+        return DecodeConfig(num_stages=6, p_in_registers=not interpret,
+                            dequant_warpgroup=True, dequant_stages=1, narrow_tiles=True)
     return DecodeConfig(block_kv=128, num_stages=2, p_in_registers=not interpret)
 
 

@@ -164,6 +164,8 @@ def test_fp8_decode_with_k_and_v_dequantised_by_two_warpgroups(monkeypatch):
     # one bf16 K and V tile between the dequantising warpgroup and the consumer (K's freed
     # after QK, V's after PV), 128-key blocks of 32-token pages
     dict(block_kv=128, num_stages=2, dequant_stages=1, narrow_tiles=True),
+    # a 2-deep dequantised ring under 4 fp8 stages (the default before 2026-12-03)
+    dict(num_stages=4, dequant_stages=2, narrow_tiles=True),
     # two consumers on alternate blocks, each with its slot of the dequantised ring
     dict(consumers=2, narrow_tiles=True),
     dict(consumers=2, split_dequant=True),
