@@ -98,7 +98,7 @@ def _tiled(shape, dtype):
 @dataclasses.dataclass(frozen=True)
 class Forms:
     """The kernel forms a config takes over one cache (all False for a bf16 cache): what
-    the scratch, the reduction scratch and the kernel body branch on, derived in one place."""
+    the scratch and the kernel body branch on, derived in one place."""
 
     fp8: bool  # FP8 cache: scale rings, extra copies, dequantisation
     qk8: bool  # S = Q8 K8^T on the fp8 K tile; only V dequantised
