@@ -39,14 +39,15 @@ def variants() -> dict[str, tuple[str, decode.DecodeConfig]]:
     """name -> (cache: "bf16" or "fp8", config)."""
     bf16, fp8 = decode.default_config(), decode.default_config(fp8=True)
     r = dataclasses.replace
+    two_deep = r(fp8, dequant_stages=2, num_stages=4)  # two consumers need even rings
     return {
         BASELINE: ("bf16", r(bf16, block_kv=64, num_stages=4)),
         "bf16 default": ("bf16", bf16),
         "FP8 default": ("fp8", fp8),
-        "FP8, 2-deep dequantised ring, 4 stages": ("fp8", r(fp8, dequant_stages=2, num_stages=4)),
-        "FP8, two consumers": ("fp8", r(fp8, consumers=2, dequant_stages=2, num_stages=4)),
+        "FP8, 2-deep dequantised ring, 4 stages": ("fp8", two_deep),
+        "FP8, two consumers": ("fp8", r(two_deep, consumers=2)),
         "FP8, two consumers, K and V dequantised apart": (
-            "fp8", r(fp8, consumers=2, split_dequant=True, dequant_stages=2, num_stages=4)),
+            "fp8", r(two_deep, consumers=2, split_dequant=True)),
     }
 
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,8 +96,7 @@ def _tiled(shape, dtype):
                                                 plgpu.SwizzleTransform(128)))
 
 
-@dataclasses.dataclass(frozen=True)
-class Forms:
+class Forms(NamedTuple):
     """The kernel forms a config takes over one cache (all False for a bf16 cache): what
     the scratch and the kernel body branch on, derived in one place."""
 
@@ -200,7 +200,7 @@ class PrefillConfig:
         """
         wg_tile = (COMPUTE_WGS, WG_ROWS, head_dim)
         ring = (self.num_stages, self.block_kv, head_dim)
-        fp8, qk8, shared_v = dataclasses.astuple(self.forms(kv_dtype))
+        fp8, qk8, shared_v = self.forms(kv_dtype)
         kv_ring = common.tiled_smem(ring, kv_dtype) if fp8 else _tiled(ring, dtype)
         copies = 2 if fp8 else 1  # TMA copies per page: values (+ their scales)
         deq_tile = _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype)  # one per consumer
@@ -389,7 +389,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     common.check_supported("prefill", d, q.dtype)
     common.check_kv_dtype("prefill", q.dtype, k_pages.dtype, k_scale is not None)
     kv_dtype = k_pages.dtype if k_scale is not None else None  # None: a bf16 cache
-    fp8, qk8, shared_v = dataclasses.astuple(config.forms(kv_dtype))  # static (Forms)
+    fp8, qk8, shared_v = config.forms(kv_dtype)  # static
     common.check_pages("prefill", page_size, config.block_kv, page_table.shape[1], fp8)
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
