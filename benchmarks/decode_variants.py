@@ -48,6 +48,11 @@ def variants() -> dict[str, tuple[str, decode.DecodeConfig]]:
         "FP8, two consumers": ("fp8", r(two_deep, consumers=2)),
         "FP8, two consumers, K and V dequantised apart": (
             "fp8", r(two_deep, consumers=2, split_dequant=True)),
+        # K/V dequantised in f16 arithmetic, q and P as f16
+        "FP8 default, f16 operands": ("fp8", r(fp8, f16_dequant=True)),
+        "FP8, 2-deep ring, 4 stages, f16 operands": ("fp8", r(two_deep, f16_dequant=True)),
+        "FP8, two consumers, K and V apart, f16 operands": (
+            "fp8", r(two_deep, consumers=2, split_dequant=True, f16_dequant=True)),
     }
 
 

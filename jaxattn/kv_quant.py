@@ -12,6 +12,14 @@ finite value), so every stored row spans e4m3's whole range and
   let a few large rows flush the small ones to e4m3's subnormals;
 * the scales cost 4 bytes per 128 (D=128) or 64 (D=64) one-byte values: 3% (6%).
 
+Scales lie in [2^-14, 146]: f16's normal range, with ``448 * 146 = 65408`` below f16's
+largest, so the kernels can dequantise in f16 arithmetic (``f16(x8) * f16(s)``: one
+instruction per two values for the conversion and one for the scale) with every scale exact
+to f16's 11 bits and no product overflowing. What that costs: values past 65,408 in
+magnitude saturate there (as in an f16 cache), and a row whose largest value is below
+``448 * 2^-14 = 0.027`` keeps e4m3's 4 significant bits only down to ~1e-6 (below that its
+values are e4m3 subnormals, at most 6e-8 off).
+
 Scale pools are ``[num_pages, num_kv_heads, page_size]`` (head-major inside a
 page, unlike the values' ``[num_pages, page_size, num_kv_heads, D]``): one KV
 head's scales of one page are then contiguous, so the kernels move them with one
@@ -30,8 +38,10 @@ FP8 = jnp.dtype(jnp.float8_e4m3fn)
 FP8_PAGE_MULTIPLE = 32
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 SCALE_DTYPE = jnp.dtype(jnp.float32)
-# The smallest scale written: a row of zeros gets it (its values stay 0) instead of 0/0.
-MIN_SCALE = float(jnp.finfo(jnp.float32).tiny)
+# The scales' range (module docstring): f16 normal, and FP8_MAX * MAX_SCALE <= f16's max.
+# A row of zeros gets MIN_SCALE (its values stay 0) instead of 0/0.
+MIN_SCALE = 2.0 ** -14
+MAX_SCALE = 146.0
 
 # Names the engine and the CLI accept for the FP8 cache.
 FP8_NAMES = ("fp8", "fp8_e4m3", "float8_e4m3fn")
@@ -55,8 +65,9 @@ def quantize(x):
     # Multiplications by reciprocals, as the kernels quantise their query rows
     # (kernels/common.py: quantize_rows): a 1-ulp difference in a scale can flip an e4m3
     # rounding.
-    scale = jnp.maximum(jnp.abs(xf).max(axis=-1) * (1.0 / FP8_MAX), MIN_SCALE)
-    # The product can round a row's max a hair past 448; clip so it saturates, not NaNs.
+    scale = jnp.clip(jnp.abs(xf).max(axis=-1) * (1.0 / FP8_MAX), MIN_SCALE, MAX_SCALE)
+    # The product can round a row's max a hair past 448 (or MAX_SCALE bounds it); clip so
+    # it saturates, not NaNs.
     x8 = jnp.clip(xf * (1.0 / scale[..., None]), -FP8_MAX, FP8_MAX).astype(FP8)
     return x8, scale
 

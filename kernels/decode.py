@@ -186,6 +186,12 @@ class DecodeConfig:
       (benchmarks/results/fp8-kv-2026-12-02-s16-narrow.md, same run): FP8 cache 5% faster
       from 8k keys up (1% slower at 256 x 2k), bf16 0-1.3% slower (its kernel is not
       waiting on the consumer), so :func:`default_config` turns it on for FP8 only.
+    f16_dequant: FP8 cache: K and V are dequantised to f16 in f16 arithmetic (``f16(x8) *
+      f16(scale)``, :func:`common.dequantize_tile`: ~1 instruction a value against ~3 for
+      bf16), and the query rows (converted once per tile) and P go to the wgmmas as f16: the
+      dequantising warpgroup's work is what bounds the FP8 kernel. No per-tile unit is
+      needed: the cache keeps its scales in f16's normal range and its values below f16's
+      largest (:mod:`jaxattn.kv_quant`); a query past +-65504 is clipped there.
     combine: the combine kernel's tuning (:class:`CombineConfig`).
     """
 
@@ -199,6 +205,7 @@ class DecodeConfig:
     consumers: int = 1
     fp8_qk: bool = False
     narrow_tiles: bool = False
+    f16_dequant: bool = False
     combine: CombineConfig = CombineConfig()
 
     def __post_init__(self):
@@ -316,6 +323,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     # consumer too (it reads K's slot itself); without them, the consumer alone.
     consumers_of_slot = deq_wgs + (1 if qk8 else 0) if deq_wg else 1
     copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
+    # The wgmmas' 16-bit operands (q as the wgmma takes it, the dequantised K/V tiles, P).
+    op_dtype = jnp.dtype(jnp.float16) if fp8 and config.f16_dequant else jnp.dtype(dtype)
     # Tiles of at most NARROW_ROWS query rows take the keys as the wgmma M (not with fp8_qk).
     narrow = config.narrow_tiles and not qk8 and g <= NARROW_ROWS
 
@@ -561,6 +570,12 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 plgpu.barrier_wait(q_full)
                 if qk8:
                     c_rows = common.quantize_rows(q_raw.at[pl.ds(0, ROWS)], q_tile) * c_log2
+                elif op_dtype != dtype:  # f16 operands: q clipped to f16's range
+                    f16_max = float(jnp.finfo(op_dtype).max)
+                    x = plgpu.load(q_raw.at[pl.ds(0, ROWS)], layout=plgpu.Layout.WGMMA)
+                    q_tile[...] = jnp.clip(x.astype(jnp.float32), -f16_max, f16_max).astype(
+                        op_dtype)
+                    c_rows = c_log2
                 else:
                     q_tile[...] = q_raw[pl.ds(0, ROWS), :]
                     c_rows = c_log2
@@ -652,7 +667,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                                  - lax.broadcast_in_dim(m_use, s.shape, [0]))
                     l = l * alpha + p.sum(axis=1)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    p16 = p.astype(dtype)
+                    p16 = p.astype(op_dtype)
                     v_tile = wgmma_tile(slot, dslot, v_full, v_smem, *deq_v)
                     if config.p_in_registers:
                         def pv(acc_ref):
@@ -722,7 +737,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                     p = jnp.exp2(s - col(m_use, s.shape))
                     l = l * col(alpha, l.shape) + p
                     acc = acc * col(alpha, acc.shape)
-                    pt_stage.T[...] = p.astype(dtype)  # pt_stage [n, bk] holds P
+                    pt_stage.T[...] = p.astype(op_dtype)  # pt_stage [n, bk] holds P
                     plgpu.commit_smem()
                     v_tile = wgmma_tile(slot, dslot, v_full, v_smem, *deq_v)
 
@@ -842,11 +857,11 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         plgpu.SMEM((rows_pad, d), dtype),  # q_raw: TMA target, row = token * g + head
         # q_tile (wgmma A; e4m3 with fp8_qk)
         common.tiled_smem((ROWS, d), k_pages.dtype) if qk8 else
-        plgpu.SMEM((ROWS, d), dtype, transforms=tiles_transform),
+        plgpu.SMEM((ROWS, d), op_dtype, transforms=tiles_transform),
         kv_ring,  # K ring
         kv_ring,  # V ring
         None if config.p_in_registers else  # P staging (interpret-safe path), per consumer
-        tuple(plgpu.SMEM((ROWS, bk), dtype, transforms=tiles_transform)
+        tuple(plgpu.SMEM((ROWS, bk), op_dtype, transforms=tiles_transform)
               for _ in range(consumers)),
         # o staging, same rows: a split piece's (f32) or an unsplit item's (q's dtype); a
         # tile uses one, and the next one's store waits until its TMA has read it. A
@@ -864,7 +879,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # v_full
         plgpu.Barrier(num_arrivals=consumers_of_slot, num_barriers=stages),  # consumed
         # narrow tiles: P [n, bk] per consumer (its transpose is PV's B), the identity [64, n]
-        tuple(plgpu.SMEM((NARROW_ROWS, bk), dtype, transforms=tiles_transform)
+        tuple(plgpu.SMEM((NARROW_ROWS, bk), op_dtype, transforms=tiles_transform)
               for _ in range(consumers)) if narrow else None,
         narrow_eye if narrow else None,
         None if consumers == 1 else (
@@ -880,8 +895,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         scratch += (plgpu.SMEM((stages, bk), jnp.float32),  # K scale ring (one per key row)
                     plgpu.SMEM((stages, bk), jnp.float32),  # V scale ring
                     None if qk8 else  # K dequantised (fp8_qk reads the fp8 tile)
-                    plgpu.SMEM((*deq, bk, d), dtype, transforms=tiles_transform),
-                    plgpu.SMEM((*deq, bk, d), dtype, transforms=tiles_transform))  # V dequantised
+                    plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform),
+                    plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform))  # V
         if deq_wg:  # K/V dequantised (full), K/V read by the consumer (free)
             scratch += tuple(plgpu.Barrier(num_barriers=dstages) for _ in range(4))
     if interpret and config.p_in_registers:

@@ -141,3 +141,19 @@ def decode_tiles_as_fp8():
 
     with mock.patch.object(decode, "default_config", as_fp8):
         yield
+
+
+@contextlib.contextmanager
+def fp8_dequantised_to_f16():
+    """Both kernels over an FP8 cache with ``f16_dequant`` (K/V dequantised in f16
+    arithmetic, P and decode's q as f16) wherever they pick a config."""
+    from jaxattn.kernels import decode
+
+    default = decode.default_config
+
+    def f16(interpret=False, fp8=False):
+        return dataclasses.replace(default(interpret, fp8), f16_dequant=True)
+
+    with mock.patch.object(decode, "default_config", f16), prefill_picked_with(f16_dequant=True):
+        yield
+

@@ -9,6 +9,7 @@ lowering (``jax.export(..., platforms=["cuda"])``: layout inference, TMA rules, 
 budget) of every configuration the pickers emit for an FP8 cache.
 """
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -27,8 +28,8 @@ from jaxattn import kv_quant, planner
 from jaxattn.kernels import common, decode, prefill
 from jaxattn.planner import WorkList
 
-from attention_cases import (decode_tiles_as_fp8, make_ragged_case, naive_ragged,
-                             prefill_dequantising_k, prefill_picked_with)
+from attention_cases import (decode_tiles_as_fp8, fp8_dequantised_to_f16, make_ragged_case,
+                             naive_ragged, prefill_dequantising_k, prefill_picked_with)
 
 FP8 = jnp.float8_e4m3fn
 
@@ -196,6 +197,41 @@ def test_fp8_two_consumer_decode_has_no_races():
     assert not ipc.get_races().races_found
 
 
+def test_fp8_f16_dequant_is_closer_to_the_oracle_than_bf16():
+    """``f16_dequant`` (both kernels): K/V dequantised in f16 arithmetic, P (and decode's q)
+    as f16. Against the float64 oracle over the f32-dequantised pages (prefill rows with
+    their queries quantised per row, as the kernel does), it is within the FP8 tests' bounds
+    and its mean error is below the bf16 form's: f16 keeps 11 significant bits where bf16
+    keeps 8 (a wrong or missing scale would be off by the scales' e^+-2 spread)."""
+    bounds = _bounds()
+    q_lens, kv_lens = (150, 1, 1, 37), (200, 260, 33, 37)
+    rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=sum(q_lens) + 5)
+    args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
+    n = sum(q_lens)
+    dec = np.repeat(np.asarray(q_lens) <= bounds.dq, q_lens)
+    q8, q_scale = kv_quant.quantize(jnp.asarray(q, jnp.float32))
+    q_want = np.asarray(q, np.float32)
+    q_want[:n][~dec] = np.asarray(kv_quant.dequantize(q8, q_scale))[:n][~dec]
+    kd, vd = (np.asarray(kv_quant.dequantize_pages(x8, sc), np.float32)
+              for x8, sc in ((k8, ks), (v8, vs)))
+    want_o, want_l = naive_ragged(q_want, kd, vd, *args, 0.08, causal=True)
+    errors = {}
+    for f16 in (False, True):
+        with fp8_dequantised_to_f16() if f16 else contextlib.nullcontext():
+            out, lse = jaxattn.ragged_paged_attention(
+                q, k8, v8, *args, k_scale=ks, v_scale=vs, bounds=bounds, scale=0.08,
+                impl="interpret", return_lse=True)
+        err = np.abs(np.asarray(out, np.float32)[:n] - want_o[:n])
+        lse_err = np.abs(np.asarray(lse)[:n] - want_l[:n])
+        assert err.max() < 5e-2 and lse_err.max() < 5e-2
+        errors[f16] = [(err[rows].mean(), lse_err[rows].mean()) for rows in (dec, ~dec)]
+    (dec_bf, pre_bf), (dec_16, pre_16) = errors[False], errors[True]
+    # Decode reads K, V and q in f16 (bf16 rounding dominates the bf16 form's error);
+    # prefill only V and P (its e4m3 queries dominate).
+    assert dec_16[0] < 0.7 * dec_bf[0] and dec_16[1] < 0.5 * dec_bf[1], errors
+    assert pre_16[0] < 0.9 * pre_bf[0], errors
+
+
 def test_decode_config_refuses_forms_it_cannot_run():
     with pytest.raises(ValueError, match="dequant_stages=0"):
         decode.DecodeConfig(dequant_stages=0)
@@ -278,6 +314,11 @@ def _prefill_configs():
         picked.append(pytest.param(qk8, d, dtype, id=name + "-fp8-qk"))
         own = prefill.pick_config(bounds, dtype, FP8, producer_dequant=False)
         picked.append(pytest.param(own, d, dtype, id=name + "-fp8-qk-consumers-dequant"))
+        if bq == 128 and dtype == jnp.bfloat16:  # V and P as f16, both dequantising forms
+            for producer in (True, False):
+                f16 = prefill.pick_config(bounds, dtype, FP8, producer_dequant=producer,
+                                          f16_dequant=True)
+                picked.append(pytest.param(f16, d, dtype, id=f"{name}-f16-{producer}"))
         try:
             cfg = prefill.pick_config(bounds, dtype, FP8, fp8_qk=False)
         except ValueError:  # K's dequantised tiles too: no room at 128 keys and D=128
@@ -396,6 +437,14 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, split_dequant=True,
                         narrow_tiles=True, consumers=2),
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, consumers=2),
+    # f16 operands: the default form, the consumer dequantising, two consumers, fp8_qk
+    decode.DecodeConfig(num_stages=6, p_in_registers=True, dequant_warpgroup=True,
+                        dequant_stages=1, narrow_tiles=True, f16_dequant=True),
+    decode.DecodeConfig(p_in_registers=True, f16_dequant=True),
+    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, split_dequant=True,
+                        narrow_tiles=True, consumers=2, f16_dequant=True),
+    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, fp8_qk=True,
+                        f16_dequant=True),
 ])
 def test_decode_fp8_tuning_variants_lower(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,

@@ -9,6 +9,8 @@ as the kernel does; decode rows are the decode kernel's either way. And the kern
 needle 128k tokens deep.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,8 @@ import pytest
 
 import jaxattn
 from jaxattn import kv_quant
-from attention_cases import decode_tiles_as_fp8, prefill_dequantising_k, prefill_picked_with
+from attention_cases import (decode_tiles_as_fp8, fp8_dequantised_to_f16, prefill_dequantising_k,
+                             prefill_picked_with)
 from needle_cases import make_needle_case
 
 pytestmark = pytest.mark.gpu
@@ -113,6 +116,34 @@ def test_fp8_qk_matches_the_reference_over_quantised_queries(q_lens, kv_lens, ch
                 _close_but_for_rounding_flips(got, want)
 
 
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES)
+def test_fp8_f16_dequant_matches_the_reference(q_lens, kv_lens, chunk):
+    """``f16_dequant`` in both kernels (K/V dequantised in f16 arithmetic, P and decode's q
+    as f16) against the reference over f32-dequantised pages (prefill rows: queries
+    quantised per row as the kernel does): f16 keeps more bits than the bf16 form, so the
+    reference need not round the pages to bf16."""
+    bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 128)
+    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True)
+    with fp8_dequantised_to_f16():
+        out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic", k_scale=ks,
+                                                  v_scale=vs, **kw)
+    q8, q_scale = kv_quant.quantize(q.astype(jnp.float32))
+    k32, v32 = (kv_quant.dequantize_pages(x8, s, jnp.float32) for x8, s in ((k8, ks), (v8, vs)))
+    dec = np.repeat(np.asarray(q_lens) <= bounds.dq, q_lens)
+    for rows_of, q_ref in ((dec, q.astype(jnp.float32)),
+                           (~dec, kv_quant.dequantize(q8, q_scale))):
+        if not rows_of.any():
+            continue
+        ref, ref_lse = jaxattn.ragged_paged_attention(q_ref, k32, v32, *args, impl="reference",
+                                                      **kw)
+        for got, want in ((out, ref), (lse, ref_lse)):
+            got, want = (np.asarray(x[:rows], np.float32)[rows_of] for x in (got, want))
+            if rows_of is dec:
+                np.testing.assert_allclose(got, want, atol=2e-2, rtol=0)
+            else:
+                _close_but_for_rounding_flips(got, want)
+
+
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[2:])
 def test_fp8_prefill_producer_dequant_equals_the_consumers(q_lens, kv_lens, chunk):
     """``PrefillConfig.producer_dequant``: V dequantised once by the producer warpgroup gives
@@ -185,11 +216,13 @@ def _close_but_for_rounding_flips(got, want, atol=5e-2, flip_atol=0.2, max_share
     assert share <= max_share, f"{share:.2e} of the values are off by more than {atol}"
 
 
-def test_fp8_kernels_find_a_needle_128k_deep():
+@pytest.mark.parametrize("f16", [False, True])
+def test_fp8_kernels_find_a_needle_128k_deep(f16):
     case = make_needle_case(131072, (0.02, 0.5, 0.98), num_q_heads=5, page_size=32)
     k8, ks = kv_quant.quantize_pages(jnp.asarray(case.k_pages))
     v8, vs = kv_quant.quantize_pages(jnp.asarray(case.v_pages))
-    out = jaxattn.ragged_paged_attention(
-        jnp.asarray(case.q, jnp.bfloat16), k8, v8, *case.args(), bounds=case.bounds, scale=1.0,
-        impl="mosaic", k_scale=ks, v_scale=vs)
+    with fp8_dequantised_to_f16() if f16 else contextlib.nullcontext():
+        out = jaxattn.ragged_paged_attention(
+            jnp.asarray(case.q, jnp.bfloat16), k8, v8, *case.args(), bounds=case.bounds,
+            scale=1.0, impl="mosaic", k_scale=ks, v_scale=vs)
     np.testing.assert_array_equal(case.read_out(out), case.answers)

@@ -49,8 +49,27 @@ def test_quantize_round_trip_error_is_bounded_per_row():
     # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 of each element above the
     # subnormals, so against the row's max it is at most 2^-4 too.
     assert (np.abs(back - x) <= amax * 2.0**-4 + 1e-30).all()
-    np.testing.assert_allclose(np.asarray(s), np.maximum(amax[..., 0] / 448, kv_quant.MIN_SCALE),
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(s), np.clip(amax[..., 0] / 448, kv_quant.MIN_SCALE,
+                                                      kv_quant.MAX_SCALE), rtol=1e-6)
+
+
+def test_quantize_keeps_scales_in_f16_range_and_saturates_past_it():
+    # The kernels dequantise as f16(x8) * f16(s): every scale must be an f16 normal and no
+    # product may pass f16's largest value.
+    x = np.zeros((3, 128), np.float32)
+    x[0, :4] = [1e5, -7e4, 3.0, 65000.0]  # past f16's range: saturates at 448 * MAX_SCALE
+    x[1, :2] = [1e-3, -2.5e-4]  # below 448 * MIN_SCALE: the smallest scale
+    x8, s = kv_quant.quantize(jnp.asarray(x))
+    s = np.asarray(s)
+    np.testing.assert_array_equal(s[:2], [kv_quant.MAX_SCALE, kv_quant.MIN_SCALE])
+    assert s[2] == kv_quant.MIN_SCALE  # the zero row
+    top = kv_quant.FP8_MAX * kv_quant.MAX_SCALE
+    assert top <= np.finfo(np.float16).max
+    back16 = np.asarray(x8, np.float16) * s.astype(np.float16)[:, None]  # the kernels' f16 form
+    assert np.isfinite(back16).all()
+    np.testing.assert_array_equal(back16[0, :2], [top, -top])
+    assert abs(float(back16[0, 3]) - 65000) <= 65000 * 2.0**-4
+    np.testing.assert_allclose(back16[1, :2].astype(np.float32), [1e-3, -2.5e-4], rtol=2.0**-4)
 
 
 def test_write_fp8_scatters_values_and_scales_and_drops_padding():
