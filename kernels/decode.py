@@ -149,12 +149,13 @@ class DecodeConfig:
       converted to f16 without scales, which the consumer applied to S's and P's columns
       within f16's range, 1.38-1.42x against this form's 1.15-1.20x,
       benchmarks/results/fp8-kv-2026-12-01-s10-decode.md.)
-    dequant_stages: with ``dequant_warpgroup``: depth of the bf16 K (and V) ring. One is
-      still a pipeline: the consumer frees K's tile after QK and V's after PV, so the next
-      block's K is converted during this block's softmax and PV. On the H200 one stage with
-      6 fp8 stages took 1-4% less time than two with 4 from 8k keys up in three runs, and
-      0-1.4% more at 256 x 2k (benchmarks/results/decode-blocks-2026-12-02-s17.md,
-      decode-variants-2026-12-03-s27.md), so :func:`default_config` takes it.
+    dequant_stages: with ``dequant_warpgroup``: depth of the dequantised K (and V) ring. One
+      is still a pipeline: the consumer frees K's tile after QK and V's after PV, so the next
+      block's K is converted during this block's softmax and PV. With bf16 tiles one stage
+      under 6 fp8 stages took 1-4% less time than two under 4 from 8k keys up in three H200
+      runs, and 0-1.4% more at 256 x 2k (benchmarks/results/decode-blocks-2026-12-02-s17.md,
+      decode-variants-2026-12-03-s27.md); with f16 tiles two under 4 took 1-6% less from
+      256 x 2k to 32 x 8k and 1% more at 8 x 32k (decode-variants-2026-12-04-s28*.md).
     split_dequant: with ``dequant_warpgroup``: K and V each get a dequantising warpgroup of
       their own (warpgroups 2 and 3), twice the conversion throughput and two warps per
       scheduler to hide its latency. Timed on the H200: the same as one (1.18-1.20x bf16's
@@ -191,7 +192,10 @@ class DecodeConfig:
       bf16), and the query rows (converted once per tile) and P go to the wgmmas as f16: the
       dequantising warpgroup's work is what bounds the FP8 kernel. No per-tile unit is
       needed: the cache keeps its scales in f16's normal range and its values below f16's
-      largest (:mod:`jaxattn.kv_quant`); a query past +-65504 is clipped there.
+      largest (:mod:`jaxattn.kv_quant`); a query past +-65504 is clipped there. On the H200
+      it took the FP8 kernel from 1.08-1.14x the 64-key bf16 kernel's time to 1.00-1.03x
+      (two runs, decode-variants-2026-12-04-s28*.md), and it is closer to the reference than
+      the bf16 tiles (11 significant bits against 8), so :func:`default_config` takes it.
     combine: the combine kernel's tuning (:class:`CombineConfig`).
     """
 
@@ -240,13 +244,15 @@ def default_config(interpret=False, fp8=False) -> DecodeConfig:
     where the planner's pieces may start off a 128-key boundary. An FP8 cache gets the
     dequantising warpgroup: on the H200 it takes 1.19-1.20x the bf16 kernel's time against
     1.32-1.35x with the consumer dequantising (1.36-1.40x with the folded scales;
-    benchmarks/results/fp8-kv-2026-11-30.md); and narrow tiles (1.12-1.15x); and a 1-deep
-    dequantised ring under 6 fp8 stages (1.10-1.17x the 64-key bf16 kernel's time, against
-    1.11-1.15x with 2 under 4: decode-variants-2026-12-03-s27.md). Its 128-key blocks do
-    not fit a 2-deep dequantised ring, and with a 1-deep one took 1.42-1.61x."""
+    benchmarks/results/fp8-kv-2026-11-30.md); and narrow tiles (1.12-1.15x); and K/V
+    dequantised to f16 in a 2-deep ring under 4 fp8 stages: 1.00-1.03x the 64-key bf16
+    kernel's time in two runs (1.01-1.03x the bf16 default's), against 1.08-1.14x for the
+    bf16 tiles' best form (decode-variants-2026-12-04-s28*.md). Its 128-key blocks do not
+    fit a 2-deep dequantised ring, and with a 1-deep one took 1.42-1.61x (bf16 tiles)."""
     if fp8:
-        return DecodeConfig(num_stages=6, p_in_registers=not interpret,
-                            dequant_warpgroup=True, dequant_stages=1, narrow_tiles=True)
+        return DecodeConfig(num_stages=4, p_in_registers=not interpret,
+                            dequant_warpgroup=True, dequant_stages=2, narrow_tiles=True,
+                            f16_dequant=True)
     return DecodeConfig(block_kv=128, num_stages=2, p_in_registers=not interpret)
 
 

@@ -103,11 +103,6 @@ class Forms(NamedTuple):
     fp8: bool  # FP8 cache: scale rings, extra copies, dequantisation
     qk8: bool  # S = Q8 K8^T on the fp8 K tile; only V dequantised
     shared_v: bool  # V dequantised once, by the producer, into a ring both consumers read
-    f16_v: bool  # V dequantised in f16 arithmetic to f16 tiles, P as f16 for the PV wgmma
-
-    def pv_dtype(self, dtype):
-        """The PV wgmma's operand dtype (P and the dequantised V) under queries of ``dtype``."""
-        return jnp.dtype(jnp.float16) if self.f16_v else jnp.dtype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,10 +150,6 @@ class PrefillConfig:
       in a unit per tile with P as f16 (fewer conversion instructions, 20% lower mean
       error) took 8-12% more time on the H200 (1.14-1.34x bf16's against 1.06-1.24x), so
       it was removed (results/fp8-kv-2026-12-03-s27-prefill.md).
-    f16_dequant: FP8 cache: V is dequantised to f16 in f16 arithmetic (``f16(v8) *
-      f16(scale)``, :func:`common.dequantize_tile`: ~1 instruction a value against ~3 for
-      bf16) and P goes to the PV wgmma as f16 (P <= 1; f16's 11 bits against bf16's 8). No
-      per-tile unit: the cache's scales stay in f16's range (:mod:`jaxattn.kv_quant`).
     """
 
     block_q: int = 128
@@ -171,7 +162,6 @@ class PrefillConfig:
     consumer_registers: int = 232
     fp8_qk: bool = True
     producer_dequant: bool = False
-    f16_dequant: bool = False
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -191,8 +181,7 @@ class PrefillConfig:
     def forms(self, kv_dtype=None) -> Forms:
         """The forms this config takes over a cache of ``kv_dtype`` (None: the queries')."""
         fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
-        return Forms(fp8=fp8, qk8=fp8 and self.fp8_qk, shared_v=fp8 and self.producer_dequant,
-                     f16_v=fp8 and self.f16_dequant)
+        return Forms(fp8=fp8, qk8=fp8 and self.fp8_qk, shared_v=fp8 and self.producer_dequant)
 
     @property
     def producer_registers(self) -> int:
@@ -211,19 +200,16 @@ class PrefillConfig:
         """
         wg_tile = (COMPUTE_WGS, WG_ROWS, head_dim)
         ring = (self.num_stages, self.block_kv, head_dim)
-        forms = self.forms(kv_dtype)
-        fp8, qk8, shared_v, _ = forms
-        pv_dtype = forms.pv_dtype(dtype)
+        fp8, qk8, shared_v = self.forms(kv_dtype)
         kv_ring = common.tiled_smem(ring, kv_dtype) if fp8 else _tiled(ring, dtype)
         copies = 2 if fp8 else 1  # TMA copies per page: values (+ their scales)
-        deq_tiles = (COMPUTE_WGS, self.block_kv, head_dim)  # one per consumer
+        deq_tile = _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype)  # one per consumer
         extra = [] if not fp8 else [
             plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # k scale ring
             plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # v scale ring
-            # k dequantised (the fp8 QK reads the fp8 tile)
-            None if qk8 else _tiled(deq_tiles, dtype),
+            None if qk8 else deq_tile,  # k dequantised (the fp8 QK reads the fp8 tile)
             # v dequantised: one tile per consumer, or the producer's ring both read
-            _tiled((DEQ_STAGES, self.block_kv, head_dim) if shared_v else deq_tiles, pv_dtype),
+            _tiled((DEQ_STAGES, self.block_kv, head_dim), dtype) if shared_v else deq_tile,
             # the producer's ring: filled, and read by both consumers' PV
             plgpu.Barrier(num_barriers=DEQ_STAGES) if shared_v else None,
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=DEQ_STAGES)
@@ -238,8 +224,7 @@ class PrefillConfig:
             plgpu.SMEM(wg_tile, dtype),  # o staging (untiled: any row offset)
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),  # lse staging
             # P for the PV wgmma, only when it does not stay in registers.
-            None if self.p_in_registers else _tiled((COMPUTE_WGS, WG_ROWS, self.block_kv),
-                                                    pv_dtype),
+            None if self.p_in_registers else _tiled((COMPUTE_WGS, WG_ROWS, self.block_kv), dtype),
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_full
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_free
             plgpu.Barrier(num_arrivals=copies * pages_per_tile,
@@ -262,15 +247,15 @@ class PrefillConfig:
 
 
 def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
-                producer_dequant: bool = True, f16_dequant: bool = False) -> PrefillConfig:
+                producer_dequant: bool = True) -> PrefillConfig:
     """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
 
     The planner cuts items of ``bounds.block_q`` rows and KV ranges aligned to
     ``bounds.block_kv``, so the kernel's tile must equal them; the ring is as
     deep as shared memory allows (at most 4 stages). Interpret mode runs the
     same config with P staged through SMEM (it has no SMEM budget). ``kv_dtype``:
-    the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``, ``f16_dequant``:
-    :class:`PrefillConfig`'s (producer_dequant with the producer's registers it needs).
+    the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``:
+    :class:`PrefillConfig`'s (the latter with the producer's registers it needs).
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)
@@ -281,7 +266,7 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
     best = None
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages,
-                            fp8_qk=fp8_qk, producer_dequant=shared_v, f16_dequant=f16_dequant,
+                            fp8_qk=fp8_qk, producer_dequant=shared_v,
                             consumer_registers=224 if shared_v else 232)
         if cfg.smem_bytes(bounds.head_dim, dtype, kv_dtype) <= common.MAX_SMEM:
             best = cfg
@@ -404,14 +389,12 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     common.check_supported("prefill", d, q.dtype)
     common.check_kv_dtype("prefill", q.dtype, k_pages.dtype, k_scale is not None)
     kv_dtype = k_pages.dtype if k_scale is not None else None  # None: a bf16 cache
-    forms = config.forms(kv_dtype)  # static
-    fp8, qk8, shared_v, _ = forms
+    fp8, qk8, shared_v = config.forms(kv_dtype)  # static
     common.check_pages("prefill", page_size, config.block_kv, page_table.shape[1], fp8)
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
                                      named_barriers=False)
     dtype = q.dtype
-    pv_dtype = forms.pv_dtype(dtype)  # P's (and a dequantised V's)
     group = hq // hkv
     bkv, stages = config.block_kv, config.num_stages
     # Whole small pages per tile, or one slice of a large (or whole-sequence) page.
@@ -598,7 +581,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                                  - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
-                    p16 = p.astype(pv_dtype)
+                    p16 = p.astype(dtype)
                     if config.p_in_registers:
                         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
                     vt = v_ready(c)
@@ -675,7 +658,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 l_i = p.sum(axis=1)
                 acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
                 alpha = plgpu.layout_cast(jnp.ones((WG_ROWS,), jnp.float32), row_layout)
-                carry = (acc, m_i, l_i, p.astype(pv_dtype), alpha)
+                carry = (acc, m_i, l_i, p.astype(dtype), alpha)
 
                 def step_j(j, carry, masked):
                     acc, m_i, l_i, p16, alpha = carry
@@ -717,7 +700,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     acc, m_i, l_i, p, alpha = pl.run_scoped(
                         qk_scope, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
                     v_release(c - 1)
-                    return acc, m_i, l_i, p.astype(pv_dtype), alpha
+                    return acc, m_i, l_i, p.astype(dtype), alpha
 
                 first = lo + 1
                 mid = jnp.maximum(unmasked_hi, first)

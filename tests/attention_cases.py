@@ -128,32 +128,35 @@ def prefill_dequantising_k():
 @contextlib.contextmanager
 def decode_tiles_as_fp8():
     """The decode kernel over a bf16 cache in the form it takes over an FP8 cache (tile form,
-    block size, consumers: what sets the order of the sums), so that the FP8 kernel's rows
-    equal the bf16 kernel's over the dequantised pages bit for bit."""
+    block size, consumers: what sets the order of the sums), and over an FP8 cache with bf16
+    tiles (``f16_dequant=False``), so that the FP8 kernel's rows equal the bf16 kernel's over
+    the dequantised pages bit for bit. (The default f16 tiles are tested against the
+    reference: :func:`fp8_dequantised_to_f16`.)"""
     from jaxattn.kernels import decode
 
     default = decode.default_config
 
     def as_fp8(interpret=False, fp8=False):
-        form = default(interpret, fp8=True)
-        return dataclasses.replace(default(interpret, fp8), narrow_tiles=form.narrow_tiles,
-                                   block_kv=form.block_kv, consumers=form.consumers)
+        form = dataclasses.replace(default(interpret, fp8=True), f16_dequant=False)
+        return form if fp8 else dataclasses.replace(
+            default(interpret), narrow_tiles=form.narrow_tiles, block_kv=form.block_kv,
+            consumers=form.consumers)
 
     with mock.patch.object(decode, "default_config", as_fp8):
         yield
 
 
 @contextlib.contextmanager
-def fp8_dequantised_to_f16():
-    """Both kernels over an FP8 cache with ``f16_dequant`` (K/V dequantised in f16
-    arithmetic, P and decode's q as f16) wherever they pick a config."""
+def decode_dequantising_to(f16: bool):
+    """The decode kernel over an FP8 cache with ``f16_dequant=f16`` (True: K/V dequantised
+    in f16 arithmetic, P and q as f16, the default; False: bf16 tiles)."""
     from jaxattn.kernels import decode
 
     default = decode.default_config
 
-    def f16(interpret=False, fp8=False):
-        return dataclasses.replace(default(interpret, fp8), f16_dequant=True)
+    def form(interpret=False, fp8=False):
+        return dataclasses.replace(default(interpret, fp8), f16_dequant=f16)
 
-    with mock.patch.object(decode, "default_config", f16), prefill_picked_with(f16_dequant=True):
+    with mock.patch.object(decode, "default_config", form):
         yield
 

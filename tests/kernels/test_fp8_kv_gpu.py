@@ -9,8 +9,6 @@ as the kernel does; decode rows are the decode kernel's either way. And the kern
 needle 128k tokens deep.
 """
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +16,7 @@ import pytest
 
 import jaxattn
 from jaxattn import kv_quant
-from attention_cases import (decode_tiles_as_fp8, fp8_dequantised_to_f16, prefill_dequantising_k,
+from attention_cases import (decode_dequantising_to, decode_tiles_as_fp8, prefill_dequantising_k,
                              prefill_picked_with)
 from needle_cases import make_needle_case
 
@@ -71,7 +69,7 @@ def _case(q_lens, kv_lens, chunk, block_kv):
 def test_fp8_equals_bf16_over_dequantised_pages(q_lens, kv_lens, chunk):
     bounds, q, (k8, v8, ks, vs), (kd, vd), args, rows = _case(q_lens, kv_lens, chunk, 64)
     kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True)
-    with prefill_dequantising_k():
+    with prefill_dequantising_k(), decode_tiles_as_fp8():
         out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic", k_scale=ks,
                                                   v_scale=vs, **kw)
     with decode_tiles_as_fp8():
@@ -117,31 +115,25 @@ def test_fp8_qk_matches_the_reference_over_quantised_queries(q_lens, kv_lens, ch
 
 
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES)
-def test_fp8_f16_dequant_matches_the_reference(q_lens, kv_lens, chunk):
-    """``f16_dequant`` in both kernels (K/V dequantised in f16 arithmetic, P and decode's q
-    as f16) against the reference over f32-dequantised pages (prefill rows: queries
-    quantised per row as the kernel does): f16 keeps more bits than the bf16 form, so the
-    reference need not round the pages to bf16."""
+def test_fp8_decode_f16_tiles_match_the_reference(q_lens, kv_lens, chunk):
+    """The decode kernel's default over an FP8 cache, K/V dequantised in f16 arithmetic with
+    q and P as f16 (``f16_dequant``), against the reference over the pages it multiplies,
+    f16(x8) * f16(s). (Against f32 pages the 32-sequence case failed a 2e-2 bound on the
+    H200 in session 28, where the log kept only pass and fail: with these sharp logits, key
+    gains up to e^2 and logits up to ~30, f16's rounding of K moves a logit by up to ~0.01.)
+    Prefill rows are the prefill kernel's, tested above."""
     bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 128)
     kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True)
-    with fp8_dequantised_to_f16():
+    with decode_dequantising_to(f16=True):
         out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic", k_scale=ks,
                                                   v_scale=vs, **kw)
-    q8, q_scale = kv_quant.quantize(q.astype(jnp.float32))
-    k32, v32 = (kv_quant.dequantize_pages(x8, s, jnp.float32) for x8, s in ((k8, ks), (v8, vs)))
+    k16, v16 = (_dequantize_f16(x8, s) for x8, s in ((k8, ks), (v8, vs)))
+    ref, ref_lse = jaxattn.ragged_paged_attention(q.astype(jnp.float32), k16, v16, *args,
+                                                  impl="reference", **kw)
     dec = np.repeat(np.asarray(q_lens) <= bounds.dq, q_lens)
-    for rows_of, q_ref in ((dec, q.astype(jnp.float32)),
-                           (~dec, kv_quant.dequantize(q8, q_scale))):
-        if not rows_of.any():
-            continue
-        ref, ref_lse = jaxattn.ragged_paged_attention(q_ref, k32, v32, *args, impl="reference",
-                                                      **kw)
-        for got, want in ((out, ref), (lse, ref_lse)):
-            got, want = (np.asarray(x[:rows], np.float32)[rows_of] for x in (got, want))
-            if rows_of is dec:
-                np.testing.assert_allclose(got, want, atol=2e-2, rtol=0)
-            else:
-                _close_but_for_rounding_flips(got, want)
+    for got, want in ((out, ref), (lse, ref_lse)):
+        got, want = (np.asarray(x[:rows], np.float32)[dec] for x in (got, want))
+        np.testing.assert_allclose(got, want, atol=2e-2, rtol=0)
 
 
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[2:])
@@ -202,6 +194,12 @@ def test_fp8_decode_q8_k8_matches_the_reference_over_quantised_queries(monkeypat
                                       np.asarray(want[:rows], np.float32), max_share=1e-3)
 
 
+def _dequantize_f16(x8, scale):
+    """Pages [P, page, Hkv, D] as the f16 kernels dequantise them, f16(x8) * f16(s), in f32."""
+    s = jnp.swapaxes(scale, 1, 2)[..., None].astype(jnp.float16)
+    return (x8.astype(jnp.float16) * s).astype(jnp.float32)
+
+
 def _close_but_for_rounding_flips(got, want, atol=5e-2, flip_atol=0.2, max_share=1e-4):
     """Within ``atol``, except for a share of at most ``max_share`` of the values, which stay
     within ``flip_atol``. The kernel quantises each query row to e4m3 with the reference's
@@ -221,7 +219,7 @@ def test_fp8_kernels_find_a_needle_128k_deep(f16):
     case = make_needle_case(131072, (0.02, 0.5, 0.98), num_q_heads=5, page_size=32)
     k8, ks = kv_quant.quantize_pages(jnp.asarray(case.k_pages))
     v8, vs = kv_quant.quantize_pages(jnp.asarray(case.v_pages))
-    with fp8_dequantised_to_f16() if f16 else contextlib.nullcontext():
+    with decode_dequantising_to(f16):
         out = jaxattn.ragged_paged_attention(
             jnp.asarray(case.q, jnp.bfloat16), k8, v8, *case.args(), bounds=case.bounds,
             scale=1.0, impl="mosaic", k_scale=ks, v_scale=vs)
