@@ -114,7 +114,7 @@ def test_fp8_qk_matches_the_reference_over_quantised_queries(q_lens, kv_lens, ch
                 _close_but_for_rounding_flips(got, want)
 
 
-@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES)
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[:3])  # the cases with decode rows
 def test_fp8_decode_f16_tiles_match_the_reference(q_lens, kv_lens, chunk):
     """The decode kernel's default over an FP8 cache, K/V dequantised in f16 arithmetic with
     q and P as f16 (``f16_dequant``), against the reference over the pages it multiplies,
