@@ -45,11 +45,13 @@ gathered from the tiles by XLA (``T x Hq`` floats).
 FP8 cache (``k_pages``/``v_pages`` float8_e4m3fn with per-token, per-KV-head
 scales, :mod:`jaxattn.kv_quant`): the producer copies each page's scale row next
 to its values (one more small TMA per page, same barrier); the consumer turns
-the fp8 tile into a bf16/f16 tile in SMEM with the scale applied per key row
+the fp8 tile into a 16-bit tile in SMEM with the scale applied per key row
 (``k[r, :] = k8[r, :] * s[r]``, :func:`common.dequantize_tile`) just before the
 wgmma that reads it, or (the default, ``DecodeConfig.dequant_warpgroup``) a third
-warpgroup does so into a small bf16 ring. Everything after is the bf16 kernel's; with
-a bf16 cache none of it is traced (a static branch). ``DecodeConfig.fp8_qk`` instead
+warpgroup does so into a small ring. The tiles are f16 by default
+(``DecodeConfig.f16_dequant``: f16 arithmetic, with q and P as f16 too), else q's dtype;
+everything after is the bf16 kernel's. With a bf16 cache none of it is traced (a static
+branch). ``DecodeConfig.fp8_qk`` instead
 multiplies Q8 K8^T on the fp8 K tile (the prefill kernel's default) and dequantises
 only V.
 
@@ -141,7 +143,7 @@ class DecodeConfig:
     p_in_registers: feed P to the PV wgmma from registers (GPU fast path; GPU
       interpret mode cannot run it, so tests use the SMEM path there).
     dequant_warpgroup: FP8 cache: a third warpgroup dequantises each K/V tile into a
-      ring of ``dequant_stages`` bf16 tiles while the consumer computes on the previous
+      ring of ``dequant_stages`` 16-bit tiles while the consumer computes on the previous
       one; False: the consumer dequantises each tile before its wgmma (serial with the
       math). Same numbers either way (the same pass). :func:`default_config` turns it on
       for an FP8 cache. (Two forms measured slower and were removed: scales folded onto
@@ -318,7 +320,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
     qk8 = fp8 and config.fp8_qk  # static: S = Q8 K8^T on the fp8 tile, only V dequantised
-    deq_wg = fp8 and config.dequant_warpgroup  # warpgroup 2 dequantises into a bf16 ring
+    deq_wg = fp8 and config.dequant_warpgroup  # warpgroup 2 dequantises into a 16-bit ring
     deq_wgs = (2 if config.split_dequant else 1) if deq_wg else 0  # (K and V: 2 and 3)
     dstages = config.dequant_stages
     consumers = config.consumers
@@ -448,7 +450,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             def _():
                 plgpu.barrier_wait(q_free)
 
-        # (full, free, done, fp8 ring, scale ring, bf16 ring) of K, then of V.
+        # (full, free, done, fp8 ring, scale ring, dequantised ring) of K, then of V.
         deq_jobs = ((k_full, kdeq_free, kdeq_full, k_smem, ks_smem, k_deq),
                     (v_full, vdeq_free, vdeq_full, v_smem, vs_smem, v_deq)) if deq_wg else ()
         if qk8:
@@ -460,7 +462,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
             def _dequantizer(jobs=jobs):
                 # Walks the same (tile, block) steps as the others: fp8 slot `step % stages`
-                # in, bf16 slot `step % dstages` out; frees the fp8 slot (each
+                # in, dequantised slot `step % dstages` out; frees the fp8 slot (each
                 # dequantising warpgroup arrives once).
                 def tile_body(i, step):
                     _, f = tile_info(i)
