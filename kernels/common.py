@@ -74,13 +74,21 @@ def tiled_smem(shape, dtype):
         plgpu.SwizzleTransform(row_bytes)))
 
 
-def dequantize_tile(src8, scale, dst):
+# Register layouts an FP8 tile can be dequantised in, by the values a thread holds in one
+# vector: its shared-memory loads (fp8) and stores (16-bit) are that many values wide. Each
+# vector lies within one row, so a row's scale applies to it whole.
+DEQUANT_LAYOUTS = {2: plgpu.Layout.WGMMA, 4: plgpu.Layout.WGMMA_UPCAST_2X,
+                   8: plgpu.Layout.WGMMA_UPCAST_4X}
+
+
+def dequantize_tile(src8, scale, dst, vector: int = 2):
     """``dst[r, :] = src8[r, :] * scale[r]``: an FP8 K/V tile (SMEM) into a wgmma operand.
 
     src8 [rows, D] float8_e4m3fn and dst [rows, D] (bf16/f16) are SMEM tiles, scale
     [rows] f32 in SMEM. rows a multiple of 64. Runs on one warpgroup, 64 rows at a time (a
-    wgmma-layout register tile: 64 values per thread at D=128), and commits the stores so
-    the async proxy (wgmma) sees them. Returns ``dst``.
+    register tile of 64 values per thread at D=128, in vectors of ``vector`` values:
+    :data:`DEQUANT_LAYOUTS`; 2 is the wgmma layout, whose fp8 loads are 2 bytes wide), and
+    commits the stores so the async proxy (wgmma) sees them. Returns ``dst``.
 
     An f16 ``dst`` is computed in f16: ``f16(x8) * f16(s)``, a conversion per pair of values
     (``cvt.rn.f16x2.e4m3x2``) and a multiply per pair, where bf16 takes e4m3 -> f16 -> f32,
@@ -90,10 +98,11 @@ def dequantize_tile(src8, scale, dst):
     """
     rows = src8.shape[0]
     f16 = jnp.dtype(dst.dtype) == jnp.float16
+    layout = DEQUANT_LAYOUTS[vector]
     for r in range(0, rows, WGMMA_M):
         part = pl.ds(r, WGMMA_M)
-        x8 = plgpu.load(src8.at[part], layout=plgpu.Layout.WGMMA)
-        s = plgpu.load(scale.at[part], layout=plgpu.Layout.WGMMA.reduce(1))
+        x8 = plgpu.load(src8.at[part], layout=layout)
+        s = plgpu.load(scale.at[part], layout=layout.reduce(1))
         if f16:
             x = x8.astype(jnp.float16)
             dst.at[part][...] = x * lax.broadcast_in_dim(s.astype(jnp.float16), x.shape, [0])
@@ -104,11 +113,13 @@ def dequantize_tile(src8, scale, dst):
     return dst
 
 
-def dequantize_to_ring(src8, scale, full, ring, ring_free, ring_full, step, depth):
+def dequantize_to_ring(src8, scale, full, ring, ring_free, ring_full, step, depth,
+                       vector: int = 2):
     """A dequantising warpgroup's step ``step``: once the fp8 tile ``src8`` (with its row
     scales ``scale``) has landed (``full``, its slot's barrier) and slot ``step % depth`` of
     ``ring`` is free (its readers of step ``step - depth`` have arrived on ``ring_free``),
-    dequantise into that slot and signal ``ring_full``."""
+    dequantise into that slot (``vector``: :func:`dequantize_tile`'s) and signal
+    ``ring_full``."""
     dslot = lax.rem(step, depth)
     plgpu.barrier_wait(full)
 
@@ -116,7 +127,7 @@ def dequantize_to_ring(src8, scale, full, ring, ring_free, ring_full, step, dept
     def _():
         plgpu.barrier_wait(ring_free.at[dslot])
 
-    dequantize_tile(src8, scale, ring.at[dslot])
+    dequantize_tile(src8, scale, ring.at[dslot], vector)
     plgpu.barrier_arrive(ring_full.at[dslot])
 
 

@@ -198,6 +198,9 @@ class DecodeConfig:
       it took the FP8 kernel from 1.08-1.14x the 64-key bf16 kernel's time to 1.00-1.03x
       (two runs, decode-variants-2026-12-04-s28*.md), and it is closer to the reference than
       the bf16 tiles (11 significant bits against 8), so :func:`default_config` takes it.
+    dequant_vector: FP8 cache: values per thread vector when a tile is dequantised (2, 4
+      or 8: :data:`common.DEQUANT_LAYOUTS`): the width of its fp8 loads and 16-bit stores
+      in shared memory (2: the wgmma layout, 2-byte loads). Same numbers either way.
     combine: the combine kernel's tuning (:class:`CombineConfig`).
     """
 
@@ -212,6 +215,7 @@ class DecodeConfig:
     fp8_qk: bool = False
     narrow_tiles: bool = False
     f16_dequant: bool = False
+    dequant_vector: int = 2
     combine: CombineConfig = CombineConfig()
 
     def __post_init__(self):
@@ -233,6 +237,9 @@ class DecodeConfig:
             raise ValueError("consumers=2 takes blocks by the parity of their step, so each ring "
                              "slot has one consumer: num_stages and dequant_stages must be even "
                              "(and not with fp8_qk, whose row scales only consumer 0 has)")
+        if self.dequant_vector not in common.DEQUANT_LAYOUTS:
+            raise ValueError(f"dequant_vector={self.dequant_vector} must be one of "
+                             f"{tuple(common.DEQUANT_LAYOUTS)}")
         if self.num_ctas is not None and self.num_ctas < 1:
             raise ValueError(f"num_ctas={self.num_ctas} must be positive")
 
@@ -472,7 +479,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                         slot = lax.rem(step, stages)
                         for full, free, done, src, scl, dst in jobs:
                             common.dequantize_to_ring(src.at[slot], scl.at[slot], full.at[slot],
-                                                      dst, free, done, step, dstages)
+                                                      dst, free, done, step, dstages,
+                                                      config.dequant_vector)
                         plgpu.barrier_arrive(consumed.at[slot])
                         return step + 1
 
@@ -519,7 +527,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 plgpu.barrier_wait(full.at[slot])
                 if not fp8:
                     return ring.at[slot]
-                return common.dequantize_tile(ring.at[slot], scales.at[slot], deq)
+                return common.dequantize_tile(ring.at[slot], scales.at[slot], deq,
+                                              config.dequant_vector)
 
             def own_blocks(block_body, carry, step0, n_clear, n_blocks):
                 """Runs ``block_body(j, step, carry, masked)`` over this consumer's blocks j

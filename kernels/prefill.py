@@ -150,6 +150,9 @@ class PrefillConfig:
       in a unit per tile with P as f16 (fewer conversion instructions, 20% lower mean
       error) took 8-12% more time on the H200 (1.14-1.34x bf16's against 1.06-1.24x), so
       it was removed (results/fp8-kv-2026-12-03-s27-prefill.md).
+    dequant_vector: FP8 cache: values per thread vector when a tile is dequantised (2, 4 or
+      8: :data:`common.DEQUANT_LAYOUTS`), the width of its fp8 loads and bf16 stores in
+      shared memory (2: the wgmma layout). Same numbers either way.
     """
 
     block_q: int = 128
@@ -162,6 +165,7 @@ class PrefillConfig:
     consumer_registers: int = 232
     fp8_qk: bool = True
     producer_dequant: bool = False
+    dequant_vector: int = 2
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -175,6 +179,9 @@ class PrefillConfig:
         if self.consumer_registers % 8 or not _LAUNCH_REGISTERS <= self.consumer_registers <= 240:
             raise ValueError(f"consumer_registers={self.consumer_registers} must be a multiple "
                              f"of 8 in [{_LAUNCH_REGISTERS}, 240]")
+        if self.dequant_vector not in common.DEQUANT_LAYOUTS:
+            raise ValueError(f"dequant_vector={self.dequant_vector} must be one of "
+                             f"{tuple(common.DEQUANT_LAYOUTS)}")
         if self.tile_order not in TILE_ORDERS:
             raise ValueError(f"tile_order={self.tile_order!r} is not one of {TILE_ORDERS}")
 
@@ -247,15 +254,16 @@ class PrefillConfig:
 
 
 def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
-                producer_dequant: bool = True) -> PrefillConfig:
+                producer_dequant: bool = True, dequant_vector: int = 2) -> PrefillConfig:
     """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
 
     The planner cuts items of ``bounds.block_q`` rows and KV ranges aligned to
     ``bounds.block_kv``, so the kernel's tile must equal them; the ring is as
     deep as shared memory allows (at most 4 stages). Interpret mode runs the
     same config with P staged through SMEM (it has no SMEM budget). ``kv_dtype``:
-    the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``:
-    :class:`PrefillConfig`'s (the latter with the producer's registers it needs).
+    the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``,
+    ``dequant_vector``: :class:`PrefillConfig`'s (producer_dequant with the producer's
+    registers it needs).
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)
@@ -267,6 +275,7 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages,
                             fp8_qk=fp8_qk, producer_dequant=shared_v,
+                            dequant_vector=dequant_vector,
                             consumer_registers=224 if shared_v else 232)
         if cfg.smem_bytes(bounds.head_dim, dtype, kv_dtype) <= common.MAX_SMEM:
             best = cfg
@@ -478,7 +487,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
             def k_tile(slot):
                 if not fp8 or qk8:
                     return k_smem.at[slot]
-                return common.dequantize_tile(k_smem.at[slot], ks_smem.at[slot], k_deq.at[wg])
+                return common.dequantize_tile(k_smem.at[slot], ks_smem.at[slot], k_deq.at[wg],
+                                              config.dequant_vector)
 
             def v_ready(c):
                 """Global step c's V tile as the PV operand, once it is ready. FP8: the
@@ -491,7 +501,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 plgpu.barrier_wait(v_full.at[slot])
                 if not fp8:
                     return v_smem.at[slot]
-                return common.dequantize_tile(v_smem.at[slot], vs_smem.at[slot], v_deq.at[wg])
+                return common.dequantize_tile(v_smem.at[slot], vs_smem.at[slot], v_deq.at[wg],
+                                              config.dequant_vector)
 
             def v_release(c):
                 """Step c's PV has completed: its V tile (ring or dequantised slot) is free."""
@@ -803,7 +814,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 c - DEQ_STAGES), then free its fp8 slot."""
                 slot = c % stages
                 common.dequantize_to_ring(v_smem.at[slot], vs_smem.at[slot], v_full.at[slot],
-                                          v_deq, vd_free, vd_full, c, DEQ_STAGES)
+                                          v_deq, vd_free, vd_full, c, DEQ_STAGES,
+                                          config.dequant_vector)
                 plgpu.barrier_arrive(v_free.at[slot])
 
             total = lax.fori_loop(0, my_tiles, tile_body, jnp.int32(0))

@@ -131,7 +131,7 @@ def decode_tiles_as_fp8():
     block size, consumers: what sets the order of the sums), and over an FP8 cache with bf16
     tiles (``f16_dequant=False``), so that the FP8 kernel's rows equal the bf16 kernel's over
     the dequantised pages bit for bit. (The default f16 tiles are tested against the
-    reference: :func:`fp8_dequantised_to_f16`.)"""
+    reference: :func:`decode_dequantising_to`.)"""
     from jaxattn.kernels import decode
 
     default = decode.default_config
@@ -147,16 +147,21 @@ def decode_tiles_as_fp8():
 
 
 @contextlib.contextmanager
-def decode_dequantising_to(f16: bool):
-    """The decode kernel over an FP8 cache with ``f16_dequant=f16`` (True: K/V dequantised
-    in f16 arithmetic, P and q as f16, the default; False: bf16 tiles)."""
+def decode_with(**fields):
+    """The decode kernel with its default configs' ``fields`` replaced (e.g.
+    ``f16_dequant=False``) wherever the kernels pick one."""
     from jaxattn.kernels import decode
 
     default = decode.default_config
 
     def form(interpret=False, fp8=False):
-        return dataclasses.replace(default(interpret, fp8), f16_dequant=f16)
+        return dataclasses.replace(default(interpret, fp8), **fields)
 
     with mock.patch.object(decode, "default_config", form):
         yield
 
+
+def decode_dequantising_to(f16: bool):
+    """The decode kernel over an FP8 cache with ``f16_dequant=f16`` (True: K/V dequantised
+    in f16 arithmetic, P and q as f16, the default; False: bf16 tiles)."""
+    return decode_with(f16_dequant=f16)

@@ -117,7 +117,7 @@ def test_fp8_mixed_batch_equals_bf16_kernels_over_dequantised_pages():
 def test_fp8_prefill_producer_dequant_equals_the_consumers():
     """``PrefillConfig.producer_dequant`` (the default over an FP8 cache): V dequantised once
     by the producer into a ring both consumers read gives exactly what each consumer
-    dequantising its own copy gives (many blocks per tile, so the ring wraps; several tiles
+    dequantising its own copy gives, with any ``dequant_vector`` (many blocks per tile, so the ring wraps; several tiles
     per CTA, so it carries across tiles). The ``fp8_qk=False`` form with it equals the bf16
     kernels over the dequantised pages (the tests above)."""
     bounds = _bounds(num_workers=2)
@@ -126,15 +126,16 @@ def test_fp8_prefill_producer_dequant_equals_the_consumers():
     args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
     n = sum(q_lens)
     got = []
-    for producer in (True, False):
-        with prefill_picked_with(producer_dequant=producer):
+    for producer, vector in ((True, 2), (False, 2), (True, 8), (False, 4)):
+        with prefill_picked_with(producer_dequant=producer, dequant_vector=vector):
             out, lse = jaxattn.ragged_paged_attention(
                 q, k8, v8, *args, k_scale=ks, v_scale=vs, bounds=bounds, scale=0.08,
                 impl="interpret", return_lse=True)
         got.append((np.asarray(out, np.float32)[:n], np.asarray(lse)[:n]))
     assert np.isfinite(got[0][0]).all()
-    np.testing.assert_array_equal(got[0][0], got[1][0])
-    np.testing.assert_array_equal(got[0][1], got[1][1])
+    for out, lse in got[1:]:
+        np.testing.assert_array_equal(got[0][0], out)
+        np.testing.assert_array_equal(got[0][1], lse)
 
 
 def test_fp8_chunked_local_and_small_pages():
@@ -144,10 +145,12 @@ def test_fp8_chunked_local_and_small_pages():
 
 def test_fp8_decode_with_the_consumer_dequantising(monkeypatch):
     """``DecodeConfig(dequant_warpgroup=False)``: the consumer dequantises each tile itself
-    before its wgmma (the default is a warpgroup of its own, which the tests above run); the
-    same pass, so the result stays bit-equal to the bf16 kernel over the dequantised pages."""
+    before its wgmma (the default is a warpgroup of its own, which the tests above run), here
+    in vectors of 8 values (8-byte fp8 loads); the same pass, so the result stays bit-equal
+    to the bf16 kernel over the dequantised pages."""
     monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False:
-                        decode.DecodeConfig(p_in_registers=False, dequant_warpgroup=False))
+                        decode.DecodeConfig(p_in_registers=False, dequant_warpgroup=False,
+                                            dequant_vector=8))
     _check_against_bf16_and_oracle(_bounds(), (1, 1, 1, 1), (420, 33, 300, 1))
 
 
@@ -170,6 +173,9 @@ def test_fp8_decode_with_k_and_v_dequantised_by_two_warpgroups(monkeypatch):
     dict(num_stages=4, dequant_stages=2, narrow_tiles=True),
     # two consumers on alternate blocks, each with its slot of the dequantised ring
     dict(consumers=2, narrow_tiles=True),
+    # tiles dequantised in vectors of 4 and 8 values (4- and 8-byte fp8 loads)
+    dict(narrow_tiles=True, dequant_vector=8),
+    dict(dequant_vector=4),
     dict(consumers=2, split_dequant=True),
 ])
 def test_fp8_decode_tuning_variants_equal_bf16(monkeypatch, config):
@@ -309,6 +315,11 @@ def _prefill_configs():
         picked.append(pytest.param(qk8, d, dtype, id=name + "-fp8-qk"))
         own = prefill.pick_config(bounds, dtype, FP8, producer_dequant=False)
         picked.append(pytest.param(own, d, dtype, id=name + "-fp8-qk-consumers-dequant"))
+        if bq == 128 and dtype == jnp.bfloat16:  # 8-value vectors, both dequantising forms
+            for producer in (True, False):
+                v8 = prefill.pick_config(bounds, dtype, FP8, producer_dequant=producer,
+                                         dequant_vector=8)
+                picked.append(pytest.param(v8, d, dtype, id=f"{name}-vector8-{producer}"))
         try:
             cfg = prefill.pick_config(bounds, dtype, FP8, fp8_qk=False)
         except ValueError:  # K's dequantised tiles too: no room at 128 keys and D=128
@@ -435,6 +446,15 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
                         narrow_tiles=True, consumers=2, f16_dequant=True),
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, fp8_qk=True,
                         f16_dequant=True),
+    # tiles dequantised in vectors of 4 and 8 values: the default's form, bf16 tiles, the
+    # consumer dequantising
+    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, narrow_tiles=True,
+                        f16_dequant=True, dequant_vector=8),
+    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, narrow_tiles=True,
+                        f16_dequant=True, dequant_vector=4),
+    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, narrow_tiles=True,
+                        dequant_vector=8),
+    decode.DecodeConfig(p_in_registers=True, dequant_vector=8),
 ])
 def test_decode_fp8_tuning_variants_lower(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,

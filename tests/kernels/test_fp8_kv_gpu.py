@@ -16,8 +16,8 @@ import pytest
 
 import jaxattn
 from jaxattn import kv_quant
-from attention_cases import (decode_dequantising_to, decode_tiles_as_fp8, prefill_dequantising_k,
-                             prefill_picked_with)
+from attention_cases import (decode_dequantising_to, decode_tiles_as_fp8, decode_with,
+                             prefill_dequantising_k, prefill_picked_with)
 from needle_cases import make_needle_case
 
 pytestmark = pytest.mark.gpu
@@ -143,14 +143,33 @@ def test_fp8_prefill_producer_dequant_equals_the_consumers(q_lens, kv_lens, chun
     bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 128)
     kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True,
               impl="mosaic", k_scale=ks, v_scale=vs)
-    got = {}
+    got = []
     for producer in (False, True):
         with prefill_picked_with(producer_dequant=producer):
             out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, **kw)
-        got[producer] = np.asarray(out[:rows], np.float32), np.asarray(lse[:rows])
-    assert np.isfinite(got[True][0]).all()
-    np.testing.assert_array_equal(got[True][0], got[False][0])
-    np.testing.assert_array_equal(got[True][1], got[False][1])
+        got.append((np.asarray(out[:rows], np.float32), np.asarray(lse[:rows])))
+    assert np.isfinite(got[0][0]).all()
+    np.testing.assert_array_equal(got[1][0], got[0][0])
+    np.testing.assert_array_equal(got[1][1], got[0][1])
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[::2])
+def test_fp8_dequant_vectors_give_the_same_numbers(q_lens, kv_lens, chunk):
+    """``dequant_vector`` (4 or 8 values a thread vector: wider shared-memory loads and
+    stores) only moves values differently: both kernels' outputs equal the wgmma layout's
+    (2) bit for bit."""
+    bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 128)
+    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True,
+              impl="mosaic", k_scale=ks, v_scale=vs)
+    got = []
+    for vector in (2, 4, 8):
+        with prefill_picked_with(dequant_vector=vector), decode_with(dequant_vector=vector):
+            out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, **kw)
+        got.append((np.asarray(out[:rows], np.float32), np.asarray(lse[:rows])))
+    assert np.isfinite(got[0][0]).all()
+    for out, lse in got[1:]:
+        np.testing.assert_array_equal(out, got[0][0])
+        np.testing.assert_array_equal(lse, got[0][1])
 
 
 @pytest.mark.xfail(strict=True, reason="on the H200 the outputs pass but 4-10% of the lse "
