@@ -117,9 +117,9 @@ def test_fp8_mixed_batch_equals_bf16_kernels_over_dequantised_pages():
 def test_fp8_prefill_producer_dequant_equals_the_consumers():
     """``PrefillConfig.producer_dequant`` (the default over an FP8 cache): V dequantised once
     by the producer into a ring both consumers read gives exactly what each consumer
-    dequantising its own copy gives, with any ``dequant_vector`` (many blocks per tile, so the ring wraps; several tiles
-    per CTA, so it carries across tiles). The ``fp8_qk=False`` form with it equals the bf16
-    kernels over the dequantised pages (the tests above)."""
+    dequantising its own copy gives, with any ``dequant_vector`` (many blocks per tile, so
+    the ring wraps; several tiles per CTA, so it carries across tiles). The ``fp8_qk=False``
+    form with it equals the bf16 kernels over the dequantised pages (the tests above)."""
     bounds = _bounds(num_workers=2)
     q_lens, kv_lens = (150, 37), (200, 37)  # prefill items only (decode is another kernel)
     rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=200)
