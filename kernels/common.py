@@ -134,8 +134,10 @@ def dequantize_to_ring(src8, scale, full, ring, ring_free, ring_full, step, dept
 def quantize_rows(src, dst):
     """Each row of ``src`` (a [64, D] SMEM tile, bf16/f16) to e4m3 in ``dst`` (an fp8 wgmma
     operand tile), scaled by its own max as :func:`jaxattn.kv_quant.quantize` scales K/V
-    rows (the same arithmetic: multiplications by reciprocals). Returns the row scales
-    [64] f32 (a wgmma row layout); a row of zeros gets scale 1. The caller commits the
+    rows (the same arithmetic: multiplications by reciprocals), but without the cache's
+    scale range (these rows never meet f16 arithmetic): the two agree for rows whose largest
+    value lies in [0.027, 65408]. Returns the row scales [64] f32 (a wgmma row layout); a
+    row of zeros gets scale 1. The caller commits the
     stores (``plgpu.commit_smem``) before a wgmma reads ``dst``."""
     x = plgpu.load(src, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=1)
