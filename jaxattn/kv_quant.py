@@ -77,6 +77,13 @@ def dequantize(x8, scale, dtype=jnp.float32):
     return (x8.astype(jnp.float32) * scale[..., None].astype(jnp.float32)).astype(dtype)
 
 
+def dequantize_f16(x8, scale):
+    """x8 [..., D] with scale [...] -> x [..., D] f16 as the kernels' f16 tiles hold it:
+    ``f16(x8) * f16(s)`` in f16 arithmetic (exact conversion, the scale and the product
+    rounded to f16; finite for every scale this module writes)."""
+    return x8.astype(jnp.float16) * scale[..., None].astype(jnp.float16)
+
+
 def scale_shape(num_pages: int, page_size: int, num_kv_heads: int) -> tuple[int, int, int]:
     return (num_pages, num_kv_heads, page_size)
 

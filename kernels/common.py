@@ -94,7 +94,8 @@ def dequantize_tile(src8, scale, dst, vector: int = 2):
     (``cvt.rn.f16x2.e4m3x2``) and a multiply per pair, where bf16 takes e4m3 -> f16 -> f32,
     an f32 multiply and the bf16 pack (~3 instructions a value). Exact up to f16's rounding
     of the scale and the product, since the cache keeps its scales in f16's normal range
-    and the products below its largest value (:mod:`jaxattn.kv_quant`).
+    and the products below its largest value (:mod:`jaxattn.kv_quant`;
+    :func:`jaxattn.kv_quant.dequantize_f16` is this form's reference).
     """
     rows = src8.shape[0]
     f16 = jnp.dtype(dst.dtype) == jnp.float16
@@ -137,8 +138,8 @@ def quantize_rows(src, dst):
     rows (the same arithmetic: multiplications by reciprocals), but without the cache's
     scale range (these rows never meet f16 arithmetic): the two agree for rows whose largest
     value lies in [0.027, 65408]. Returns the row scales [64] f32 (a wgmma row layout); a
-    row of zeros gets scale 1. The caller commits the
-    stores (``plgpu.commit_smem``) before a wgmma reads ``dst``."""
+    row of zeros gets scale 1. The caller commits the stores (``plgpu.commit_smem``) before
+    a wgmma reads ``dst``."""
     x = plgpu.load(src, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=1)
     scale = jnp.where(amax > 0, amax * (1.0 / kv_quant.FP8_MAX), 1.0)

@@ -51,9 +51,8 @@ wgmma that reads it, or (the default, ``DecodeConfig.dequant_warpgroup``) a thir
 warpgroup does so into a small ring. The tiles are f16 by default
 (``DecodeConfig.f16_dequant``: f16 arithmetic, with q and P as f16 too), else q's dtype;
 everything after is the bf16 kernel's. With a bf16 cache none of it is traced (a static
-branch). ``DecodeConfig.fp8_qk`` instead
-multiplies Q8 K8^T on the fp8 K tile (the prefill kernel's default) and dequantises
-only V.
+branch). ``DecodeConfig.fp8_qk`` instead multiplies Q8 K8^T on the fp8 K tile (the
+prefill kernel's default) and dequantises only V.
 
 Assumption (as in other paged kernels): every cache slot holds a finite value
 (pools start zeroed; writes store finite K/V). A block's key slots past

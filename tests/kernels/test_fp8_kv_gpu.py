@@ -127,7 +127,8 @@ def test_fp8_decode_f16_tiles_match_the_reference(q_lens, kv_lens, chunk):
     with decode_dequantising_to(f16=True):
         out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic", k_scale=ks,
                                                   v_scale=vs, **kw)
-    k16, v16 = (_dequantize_f16(x8, s) for x8, s in ((k8, ks), (v8, vs)))
+    k16, v16 = (kv_quant.dequantize_f16(x8, jnp.swapaxes(s, 1, 2)).astype(jnp.float32)
+                for x8, s in ((k8, ks), (v8, vs)))
     ref, ref_lse = jaxattn.ragged_paged_attention(q.astype(jnp.float32), k16, v16, *args,
                                                   impl="reference", **kw)
     dec = np.repeat(np.asarray(q_lens) <= bounds.dq, q_lens)
@@ -211,12 +212,6 @@ def test_fp8_decode_q8_k8_matches_the_reference_over_quantised_queries(monkeypat
     for got, want in ((out, ref), (lse, ref_lse)):
         _close_but_for_rounding_flips(np.asarray(got[:rows], np.float32),
                                       np.asarray(want[:rows], np.float32), max_share=1e-3)
-
-
-def _dequantize_f16(x8, scale):
-    """Pages [P, page, Hkv, D] as the f16 kernels dequantise them, f16(x8) * f16(s), in f32."""
-    s = jnp.swapaxes(scale, 1, 2)[..., None].astype(jnp.float16)
-    return (x8.astype(jnp.float16) * s).astype(jnp.float32)
 
 
 def _close_but_for_rounding_flips(got, want, atol=5e-2, flip_atol=0.2, max_share=1e-4):
