@@ -18,11 +18,10 @@ three rounds each, CUPTI kernel time when available):
   warpgroups on alternate blocks and K and V on two dequantising warpgroups
   (``consumers=2, split_dequant=True``);
 * prefill (one fresh sequence, through ``kernels.ragged_paged_attention`` with its plan):
-  bf16 at the engine's 128-key tiles, FP8 with K and V dequantised to bf16 tiles
-  (``PrefillConfig(fp8_qk=False)``, 64-key tiles: what fits shared memory), and FP8 as the
-  engine runs it, ``S = Q8 K8^T`` (``fp8_qk=True``, only V dequantised, 128-key tiles),
-  by each consumer or once by the producer warpgroup (``producer_dequant``), the latter
-  also in 8-value vectors (``dequant_vector=8``: 8-byte fp8 loads).
+  bf16 at the engine's 128-key tiles, and FP8 as the engine runs it (``S = Q8 K8^T`` on the
+  fp8 K tile, V dequantised once by the producer warpgroup), also with V dequantised in 2-,
+  4- and 8-value vectors (``dequant_vector``: 2-, 4- and 8-byte fp8 loads), and with the
+  query rows quantised from 16-byte loads (``q_vector=8``).
   TFLOP/s count useful FLOPs.
 
 The goal (issue 21): FP8 within 5% of bf16, or faster. Results go to
@@ -34,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -135,50 +135,58 @@ def _flops(mode, length):
     return full * causal(CHUNK) + causal(rest)
 
 
+# Prefill columns: name -> (block_kv, FP8 cache?, pick_config's keywords). The engine's FP8
+# form takes S = Q8 K8^T on the fp8 K tile (128-key tiles) and V dequantised once by the
+# producer warpgroup; its two forms before (K and V dequantised to bf16, 64-key tiles: 1.9-2.2x
+# bf16's time; V dequantised by each consumer: 1.3-1.6x) are in results/fp8-kv-2026-12-04.md
+# and older. V dequantised to f16 with P as f16 took 3-8% more time than bf16 V tiles on the
+# H200 (the same file) and was removed.
+PREFILL_VARIANTS = {
+    "bf16": (128, False, {}),
+    "fp8_v2": (128, True, dict(dequant_vector=2)),
+    "fp8_v4": (128, True, dict(dequant_vector=4)),
+    "fp8_v8": (128, True, dict(dequant_vector=8)),
+    # and the query rows quantised from 16-byte loads (q_vector=8; V in 8-value vectors)
+    "fp8_v8_q8": (128, True, dict(dequant_vector=8, q_vector=8)),
+}
+
+
+def _prefill_vector() -> int:
+    """The engine's ``dequant_vector`` for prefill (pick_config's default)."""
+    return inspect.signature(prefill.pick_config).parameters["dequant_vector"].default
+
+
 def bench_prefill(mode, length):
     chunk = CHUNK if mode == "chunked" else None
     (k, v), (k8, v8, ks, vs), table = _cache(1, length, seed=1)
     q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
     cu, kv = np.array([0, length], np.int32), np.array([length], np.int32)
     fns = {}
-    # FP8 with K and V dequantised to bf16 tiles (the bf16 kernel's numbers; only 64-key
-    # tiles fit), S = Q8 K8^T (fp8_qk, 128-key tiles) with each consumer dequantising V,
-    # and with the producer dequantising V once for both (producer_dequant). (V dequantised
-    # to f16 with P as f16 took 3-8% more time than the producer's bf16 tiles on the H200,
-    # results/fp8-kv-2026-12-04.md, and was removed.)
-    for name, block_kv, pools, form in (
-            ("bf16_bkv128", 128, (k, v), None),
-            ("fp8", 64, (k8, v8), dict(fp8_qk=False, producer_dequant=False)),
-            ("fp8_qk", 128, (k8, v8), dict(producer_dequant=False)),
-            ("fp8_qk_pd", 128, (k8, v8), dict(producer_dequant=True)),
-            ("fp8_qk_pd_v8", 128, (k8, v8), dict(producer_dequant=True, dequant_vector=8))):
+    for name, (block_kv, fp8, form) in PREFILL_VARIANTS.items():
         bounds = jaxattn.Bounds(max_num_seqs=1, max_num_batched_tokens=length,
                                 max_model_len=length, page_size=PAGE, num_q_heads=HQ,
                                 num_kv_heads=HKV, head_dim=D, chunk_size=chunk,
                                 block_kv=block_kv)
         plan = jax.jit(lambda b=bounds: planner.plan(b, cu, kv, np.int32(1), chunk_size=chunk))()
-        scales = dict(k_scale=ks, v_scale=vs) if form is not None else {}
-        config = None if form is None else prefill.pick_config(bounds, q.dtype, k8.dtype,
-                                                               **form)
+        scales = dict(k_scale=ks, v_scale=vs) if fp8 else {}
+        config = prefill.pick_config(bounds, q.dtype, k8.dtype, **form) if fp8 else None
         f = jax.jit(lambda q, k, v, pt, plan, b=bounds, sc=scales, c=config:
                     kernels.ragged_paged_attention(q, k, v, pt, plan, bounds=b, scale=D ** -0.5,
                                                    config=c, **sc)[0])
-        fns[name] = (f, (q, *pools, table, plan))
+        fns[name] = (f, (q, *((k8, v8) if fp8 else (k, v)), table, plan))
     ms = _interleaved(fns)
     diff = jax.jit(lambda a, b: jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
-    (f8, a8), (fb, ab) = fns["fp8"], fns["bf16_bkv128"]
-    (fq, aq), (fp, ap) = fns["fp8_qk"], fns["fp8_qk_pd"]
+    out = {n: f(*a) for n, (f, a) in fns.items()}
     flops = _flops(mode, length)
-    row = dict(kind="prefill", mode=mode, length=length,
-               max_abs_diff=float(diff(f8(*a8), fb(*ab))),
-               producer_dequant_max_abs_diff=float(diff(fp(*ap), fq(*aq))))
+    row = dict(kind="prefill", mode=mode, length=length, default=f"fp8_v{_prefill_vector()}",
+               max_abs_diff=float(diff(out[f"fp8_v{_prefill_vector()}"], out["bf16"])),
+               # the vector forms compute the same numbers (0 expected)
+               vectors_max_abs_diff=max(float(diff(out[n], out["fp8_v2"]))
+                                        for n in ("fp8_v4", "fp8_v8", "fp8_v8_q8")))
     for n in fns:
         row[f"{n}_ms"] = ms[n]
         row[f"{n}_tflops"] = flops / ms[n] / 1e9
-    row["fp8_over_bf16"] = ms["fp8"] / ms["bf16_bkv128"]
-    row["fp8_qk_over_bf16"] = ms["fp8_qk"] / ms["bf16_bkv128"]
-    row["fp8_qk_pd_over_bf16"] = ms["fp8_qk_pd"] / ms["bf16_bkv128"]
-    row["fp8_qk_pd_v8_over_bf16"] = ms["fp8_qk_pd_v8"] / ms["bf16_bkv128"]
+        row[f"{n}_over_bf16"] = ms[n] / ms["bf16"]
     return row
 
 
@@ -198,21 +206,20 @@ def markdown(res) -> str:
                          f"{r['fp8_wide_over_bf16']:.3f} | {r['fp8_qk_over_bf16']:.3f} "
                          f"| {r.get('fp8_2c_over_bf16', float('nan')):.3f} "
                          f"| {r['max_abs_diff']:.3g} |")
-    lines += ["", "Prefill (one sequence, fresh; useful TFLOP/s):", "",
-              "| mode, length | bf16 ms (TFLOP/s) | FP8 (64-key tiles) ms (TFLOP/s) | FP8 Q8K8 "
-              "QK ms (TFLOP/s) | FP8 Q8K8, V dequantised by the producer ms (TFLOP/s) "
-              "| FP8 / bf16 | FP8 Q8K8 QK / bf16 | producer-dequantised / bf16 "
-              "| producer-dequantised in 8-value vectors / bf16 "
-              "| max abs diff (FP8) | producer vs consumers max abs diff |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    names = list(PREFILL_VARIANTS)
+    lines += ["", "Prefill (one sequence, fresh; ms, useful TFLOP/s, time / bf16). fp8_vN: "
+              "the producer dequantises V in N-value vectors (_q8: Q from 16-byte loads); the "
+              "engine's default: "
+              f"fp8_v{_prefill_vector()}:", "",
+              "| mode, length | " + " | ".join(names) + " | max abs diff default vs bf16 "
+              "| vector forms vs fp8_v2 |",
+              "|---|" + "---|" * (len(names) + 2)]
     for r in res["rows"]:
         if r.get("kind") == "prefill" and "error" not in r:
-            c = lambda n: f"{r[n + '_ms']:.3f} ({r[n + '_tflops']:.0f})"
-            lines.append(f"| {r['mode']} {r['length']} | {c('bf16_bkv128')} | {c('fp8')} "
-                         f"| {c('fp8_qk')} | {c('fp8_qk_pd')} | {r['fp8_over_bf16']:.3f} | "
-                         f"{r['fp8_qk_over_bf16']:.3f} | {r['fp8_qk_pd_over_bf16']:.3f} "
-                         f"| {r['fp8_qk_pd_v8_over_bf16']:.3f} "
-                         f"| {r['max_abs_diff']:.3g} | {r['producer_dequant_max_abs_diff']:.3g} |")
+            cells = [f"{r[n + '_ms']:.3f} ({r[n + '_tflops']:.0f}, {r[n + '_over_bf16']:.3f})"
+                     for n in names]
+            lines.append(f"| {r['mode']} {r['length']} | " + " | ".join(cells)
+                         + f" | {r['max_abs_diff']:.3g} | {r['vectors_max_abs_diff']:.3g} |")
     errors = [r for r in res["rows"] if "error" in r]
     lines += [""] + [f"- error in {r}" for r in errors]
     return "\n".join(lines) + "\n"
@@ -223,6 +230,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two decode and two prefill cases")
     ap.add_argument("--decode-only", action="store_true", help="no prefill cases")
     ap.add_argument("--prefill-only", action="store_true", help="no decode cases")
+    ap.add_argument("--tag", default="", help="results/fp8-kv-<date>-TAG.*")
     args = ap.parse_args(argv)
     dec = [] if args.prefill_only else QUICK["decode"] if args.quick else DECODE_CASES
     pre = [] if args.decode_only else QUICK["prefill"] if args.quick else PREFILL_CASES
@@ -240,7 +248,8 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             res["rows"].append(dict(kind="prefill", case=case, error=f"{type(e).__name__}: {e}"[:400]))
         print(res["rows"][-1], flush=True)
-    write_report(f"fp8-kv-{res['date']}", res, markdown(res))
+    write_report(f"fp8-kv-{res['date']}" + (f"-{args.tag}" if args.tag else ""), res,
+                 markdown(res))
 
 
 if __name__ == "__main__":

@@ -117,17 +117,20 @@ def test_fp8_mixed_batch_equals_bf16_kernels_over_dequantised_pages():
 def test_fp8_prefill_producer_dequant_equals_the_consumers():
     """``PrefillConfig.producer_dequant`` (the default over an FP8 cache): V dequantised once
     by the producer into a ring both consumers read gives exactly what each consumer
-    dequantising its own copy gives, with any ``dequant_vector`` (many blocks per tile, so
-    the ring wraps; several tiles per CTA, so it carries across tiles). The ``fp8_qk=False``
-    form with it equals the bf16 kernels over the dequantised pages (the tests above)."""
+    dequantising its own copy gives, with any ``dequant_vector`` or ``q_vector`` (many
+    blocks per tile, so the ring wraps; several tiles per CTA, so it carries across tiles).
+    The ``fp8_qk=False`` form with it equals the bf16 kernels over the dequantised pages
+    (the tests above)."""
     bounds = _bounds(num_workers=2)
     q_lens, kv_lens = (150, 37), (200, 37)  # prefill items only (decode is another kernel)
     rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=200)
     args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
     n = sum(q_lens)
     got = []
-    for producer, vector in ((True, 2), (False, 2), (True, 8), (False, 4)):
-        with prefill_picked_with(producer_dequant=producer, dequant_vector=vector):
+    for producer, vector, q_vector in ((True, 2, 2), (False, 2, 2), (True, 8, 2), (False, 4, 2),
+                                       (True, 8, 8)):
+        with prefill_picked_with(producer_dequant=producer, dequant_vector=vector,
+                                 q_vector=q_vector):
             out, lse = jaxattn.ragged_paged_attention(
                 q, k8, v8, *args, k_scale=ks, v_scale=vs, bounds=bounds, scale=0.08,
                 impl="interpret", return_lse=True)
@@ -315,11 +318,14 @@ def _prefill_configs():
         picked.append(pytest.param(qk8, d, dtype, id=name + "-fp8-qk"))
         own = prefill.pick_config(bounds, dtype, FP8, producer_dequant=False)
         picked.append(pytest.param(own, d, dtype, id=name + "-fp8-qk-consumers-dequant"))
-        if bq == 128 and dtype == jnp.bfloat16:  # 8-value vectors, both dequantising forms
-            for producer in (True, False):
-                v8 = prefill.pick_config(bounds, dtype, FP8, producer_dequant=producer,
-                                         dequant_vector=8)
-                picked.append(pytest.param(v8, d, dtype, id=f"{name}-vector8-{producer}"))
+        if bq == 128 and dtype == jnp.bfloat16:  # V in 2- and 4-value vectors (default 8)
+            for producer, vector in itertools.product((True, False), (2, 4)):
+                cfg = prefill.pick_config(bounds, dtype, FP8, producer_dequant=producer,
+                                          dequant_vector=vector)
+                picked.append(pytest.param(cfg, d, dtype,
+                                           id=f"{name}-vector{vector}-{producer}"))
+            wide_q = prefill.pick_config(bounds, dtype, FP8, q_vector=8)  # 16-byte Q loads
+            picked.append(pytest.param(wide_q, d, dtype, id=f"{name}-q-vector8"))
         try:
             cfg = prefill.pick_config(bounds, dtype, FP8, fp8_qk=False)
         except ValueError:  # K's dequantised tiles too: no room at 128 keys and D=128
@@ -446,7 +452,7 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
                         narrow_tiles=True, consumers=2, f16_dequant=True),
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, fp8_qk=True,
                         f16_dequant=True),
-    # tiles dequantised in vectors of 4 and 8 values: the default's form, bf16 tiles, the
+    # tiles dequantised in vectors of 8 and 4 values (the default), bf16 tiles, the
     # consumer dequantising
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, narrow_tiles=True,
                         f16_dequant=True, dequant_vector=8),
