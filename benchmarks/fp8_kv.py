@@ -3,6 +3,7 @@
     python -m benchmarks.fp8_kv            # on the GPU (benchmarks/gpu.sh fp8)
     python -m benchmarks.fp8_kv --quick    # two decode and two prefill cases
     python -m benchmarks.fp8_kv --prefill-only  # (or --decode-only)
+    python -m benchmarks.fp8_kv --prefill-only --prefill-cases causal:4096,causal:16384
 
 Scout's heads (40 query / 8 KV, D=128), 32-token pages shuffled in the pool. Each
 case builds one random bf16 cache and its FP8 quantisation (``jaxattn.kv_quant``:
@@ -231,9 +232,14 @@ def main(argv=None):
     ap.add_argument("--decode-only", action="store_true", help="no prefill cases")
     ap.add_argument("--prefill-only", action="store_true", help="no decode cases")
     ap.add_argument("--tag", default="", help="results/fp8-kv-<date>-TAG.*")
+    ap.add_argument("--prefill-cases", default=None,
+                    help="e.g. causal:4096,causal:16384 (mode:length; default: "
+                         + ",".join(f"{m}:{n}" for m, n in PREFILL_CASES) + ")")
     args = ap.parse_args(argv)
     dec = [] if args.prefill_only else QUICK["decode"] if args.quick else DECODE_CASES
     pre = [] if args.decode_only else QUICK["prefill"] if args.quick else PREFILL_CASES
+    if args.prefill_cases and not args.decode_only:
+        pre = [(m, int(n)) for m, n in (c.split(":") for c in args.prefill_cases.split(","))]
     res = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
                jax=jax.__version__, rows=[])
     for case in dec:
