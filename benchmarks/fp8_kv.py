@@ -19,10 +19,10 @@ three rounds each, CUPTI kernel time when available):
   warpgroups on alternate blocks and K and V on two dequantising warpgroups
   (``consumers=2, split_dequant=True``);
 * prefill (one fresh sequence, through ``kernels.ragged_paged_attention`` with its plan):
-  bf16 at the engine's 128-key tiles, and FP8 as the engine runs it (``S = Q8 K8^T`` on the
-  fp8 K tile, V dequantised once by the producer warpgroup), also with V dequantised in 2-,
-  4- and 8-value vectors (``dequant_vector``: 2-, 4- and 8-byte fp8 loads), and with the
-  query rows quantised from 16-byte loads (``q_vector=8``).
+  bf16 at the engine's 128-key tiles, and FP8 in the engine's form (``S = Q8 K8^T`` on the
+  fp8 K tile, V dequantised once by the producer warpgroup) with V dequantised in 2-, 4-
+  and 8-value vectors (``dequant_vector``: 2-, 4- and 8-byte fp8 loads; the engine's: 8),
+  and with the query rows also quantised from 16-byte loads (``q_vector=8``).
   TFLOP/s count useful FLOPs.
 
 The goal (issue 21): FP8 within 5% of bf16, or faster. Results go to

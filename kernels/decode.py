@@ -256,9 +256,10 @@ def default_config(interpret=False, fp8=False) -> DecodeConfig:
     dequantised to f16 in a 2-deep ring under 4 fp8 stages: 1.00-1.03x the 64-key bf16
     kernel's time in two runs (1.01-1.03x the bf16 default's), against 1.08-1.14x for the
     bf16 tiles' best form (decode-variants-2026-12-04-s28*.md); and in 4-value vectors
-    (4-byte fp8 loads): 0.98-1.03x against 1.02-1.04x for 2 (the wgmma layout) and 1.03-1.04x
-    for 8 in session 29's run (decode-variants-2026-12-04-s29.md). Its 128-key blocks do not
-    fit a 2-deep dequantised ring, and with a 1-deep one took 1.42-1.61x (bf16 tiles)."""
+    (4-byte fp8 loads): 0.96-1.05x the bf16 default's time in two runs (at most 1.005x from
+    8k keys), against 1.01-1.05x for 2 (the wgmma layout) and 1.02-1.05x for 8
+    (decode-variants-2026-12-04-s29*.md). Its 128-key blocks do not fit a 2-deep
+    dequantised ring, and with a 1-deep one took 1.42-1.61x (bf16 tiles)."""
     if fp8:
         return DecodeConfig(num_stages=4, p_in_registers=not interpret,
                             dequant_warpgroup=True, dequant_stages=2, narrow_tiles=True,
