@@ -13,8 +13,9 @@ Llama 4 Scout heads (40 query / 8 KV, head_dim 128), batch 1, lengths 4k..128k:
 * kernel variants (block_kv / stages / tile order) at a few shapes;
 * sustained load: jaxattn and cuDNN back to back for seconds at 32k causal, with the SM
   clock and power draw nvidia-smi reports (an H100 at its power limit lowers its clock);
-* only with ``BENCH_PARTS=orders``: causal 8k-16k, every tile order and cuDNN in turn, three
-  rounds in one run (whether "auto" picks the right order there, past run-to-run spread).
+* only with ``BENCH_PARTS=orders``: causal 8k-16k (or ``ORDER_CASES``, e.g.
+  "chunked:32768,chunked:131072"), every tile order and cuDNN in turn, three rounds in one
+  run (whether "auto" picks the right order there, past run-to-run spread).
 
 Times are GPU time from CUPTI (all kernels of one call, the planner's included), median
 over repetitions after warm-up; wall clock where CUPTI is unavailable. TFLOP/s =
@@ -288,30 +289,47 @@ ORDER_LENGTHS = sorted([8191, 10000, 10001, 11720, 12287] + [
     int(x) for x in np.random.default_rng(23).integers(8193, 16384, 4)])
 
 
+def _order_cases() -> list[tuple[str, int]]:
+    """``ORDER_CASES`` ("mode:length,...", e.g. "chunked:32768,chunked:131072"), else causal
+    :data:`ORDER_LENGTHS`. Chunked-local 128k ran at 512 TFLOP/s where causal 8k, the same
+    items (8k-token chunks), ran at 580 (fp8-kv-2026-12-04-s29.md): "auto" takes kv_major
+    for the one and item_major for the other, which this compares directly."""
+    spec = os.environ.get("ORDER_CASES")
+    if not spec:
+        return [("causal", n) for n in ORDER_LENGTHS]
+    return [(m, int(n)) for m, n in (c.split(":") for c in spec.split(","))]
+
+
 def bench_orders(res, rounds=3):
-    """Causal 8k-16k: each tile order and cuDNN visited in turn ``rounds`` times in one run
-    (``BENCH_PARTS=orders``); per length the median ms of each, its spread (max / min over
-    the rounds) and cuDNN's median / each order's. All orders go through
+    """Each tile order and cuDNN visited in turn ``rounds`` times in one run
+    (``BENCH_PARTS=orders``) at :func:`_order_cases` (causal 8k-16k by default); per case
+    the median ms of each, its spread (max / min over the rounds) and cuDNN's median / each
+    order's (chunked-local: cuDNN's reshaped batch). All orders go through
     ``kernels.attention`` with an explicit config, so none pays the API's per-call plan."""
     orders = {name: prefill.PrefillConfig(tile_order=name)
               for name in ("auto", "kv_major", "item_major")}
-    for length in ORDER_LENGTHS:
+    for mode, length in _order_cases():
         if time.time() - T0 > BUDGET_S:
-            log("budget reached; skipping tile orders at", length)
+            log("budget reached; skipping tile orders at", mode, length)
             break
+        chunked = mode == "chunked"
         q, k, v = _inputs(length, jnp.bfloat16)
-        fns = {name: jaxattn_fn(None, cfg) for name, cfg in orders.items()}
-        fns["cudnn"] = cudnn_fn(False)
+        fns = {name: jaxattn_fn(CHUNK if chunked else None, cfg) for name, cfg in orders.items()}
+        fns["cudnn"] = (cudnn_chunked_ragged_fn(length) if chunked and length % CHUNK
+                        else cudnn_fn(chunked))
         try:
             times = {name: [m["ms"] for m in measured]
                      for name, measured in _rounds(fns, (q, k, v), rounds).items()}
         except Exception as e:  # noqa: BLE001 - record and go on
-            res["orders"].append(dict(length=length, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            res["orders"].append(dict(mode=mode, length=length,
+                                      error=f"{type(e).__name__}: {str(e)[:300]}"))
             continue
         med = {name: statistics.median(t) for name, t in times.items()}
+        flops = chunked_flops(length) if chunked else causal_flops(length, length)
         res["orders"].append(dict(
-            length=length, ms=med, all_ms=times,
+            mode=mode, length=length, ms=med, all_ms=times,
             spread={name: max(t) / min(t) for name, t in times.items()},
+            tflops={name: flops / ms / 1e9 for name, ms in med.items()},
             ratio_vs_cudnn={name: med["cudnn"] / med[name] for name in orders}))
         log("orders", res["orders"][-1])
         del q, k, v
@@ -534,17 +552,21 @@ def markdown(res):
                     lines.append(f"\n{mode}, {which} lengths ({x['n']}): ratio min {x['min']:.3f}, "
                                  f"median {x['median']:.3f}, max {x['max']:.3f}")
     if res.get("orders"):
-        lines += ["", "Tile orders, causal 8k-16k, each visited in turn 3 times in one run: "
-                  "cuDNN ms / order ms (medians), and the largest max/min spread of any of them",
-                  "", "| length | auto | kv_major | item_major | cuDNN ms | worst spread |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "Tile orders, each visited in turn 3 times in one run: cuDNN ms / order "
+                  "ms (medians; chunked: cuDNN's reshaped batch), jaxattn's TFLOP/s, and the "
+                  "largest max/min spread of any of them", "",
+                  "| case | auto | kv_major | item_major | TFLOP/s auto / kv / item | cuDNN ms "
+                  "| worst spread |", "|---|---|---|---|---|---|---|"]
         for e in res["orders"]:
+            case = f"{e.get('mode', 'causal')} {e['length']}"
             if "error" in e:
-                lines.append(f"| {e['length']} | error: {e['error'][:80]} |")
+                lines.append(f"| {case} | error: {e['error'][:80]} |")
                 continue
-            r = e["ratio_vs_cudnn"]
-            lines.append(f"| {e['length']} | {r['auto']:.3f} | {r['kv_major']:.3f} | "
-                         f"{r['item_major']:.3f} | {e['ms']['cudnn']:.3f} | "
+            r, t = e["ratio_vs_cudnn"], e.get("tflops", {})
+            rates = " / ".join(f"{t[n]:.0f}" if n in t else "-"
+                               for n in ("auto", "kv_major", "item_major"))
+            lines.append(f"| {case} | {r['auto']:.3f} | {r['kv_major']:.3f} | "
+                         f"{r['item_major']:.3f} | {rates} | {e['ms']['cudnn']:.3f} | "
                          f"{max(e['spread'].values()):.3f} |")
     if res.get("serving_step"):
         lines += ["", "Serving step: one 8192-token prefill chunk over kv_len keys (shuffled pages), "
