@@ -4,6 +4,7 @@
     python -m benchmarks.fp8_kv --quick    # two decode and two prefill cases
     python -m benchmarks.fp8_kv --prefill-only  # (or --decode-only)
     python -m benchmarks.fp8_kv --prefill-only --prefill-cases causal:4096,causal:16384
+    python -m benchmarks.fp8_kv --prefill-only --tile-order item_major  # every column
 
 Scout's heads (40 query / 8 KV, D=128), 32-token pages shuffled in the pool. Each
 case builds one random bf16 cache and its FP8 quantisation (``jaxattn.kv_quant``:
@@ -157,7 +158,9 @@ def _prefill_vector() -> int:
     return inspect.signature(prefill.pick_config).parameters["dequant_vector"].default
 
 
-def bench_prefill(mode, length):
+def bench_prefill(mode, length, tile_order=None):
+    """One prefill case, every :data:`PREFILL_VARIANTS` column; ``tile_order``: every
+    column's ``PrefillConfig.tile_order`` (None: the kernels' "auto")."""
     chunk = CHUNK if mode == "chunked" else None
     (k, v), (k8, v8, ks, vs), table = _cache(1, length, seed=1)
     q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
@@ -170,7 +173,9 @@ def bench_prefill(mode, length):
                                 block_kv=block_kv)
         plan = jax.jit(lambda b=bounds: planner.plan(b, cu, kv, np.int32(1), chunk_size=chunk))()
         scales = dict(k_scale=ks, v_scale=vs) if fp8 else {}
-        config = prefill.pick_config(bounds, q.dtype, k8.dtype, **form) if fp8 else None
+        config = prefill.pick_config(bounds, q.dtype, k8.dtype if fp8 else None, **form)
+        if tile_order is not None:
+            config = dataclasses.replace(config, tile_order=tile_order)
         f = jax.jit(lambda q, k, v, pt, plan, b=bounds, sc=scales, c=config:
                     kernels.ragged_paged_attention(q, k, v, pt, plan, bounds=b, scale=D ** -0.5,
                                                    config=c, **sc)[0])
@@ -179,7 +184,8 @@ def bench_prefill(mode, length):
     diff = jax.jit(lambda a, b: jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
     out = {n: f(*a) for n, (f, a) in fns.items()}
     flops = _flops(mode, length)
-    row = dict(kind="prefill", mode=mode, length=length, default=f"fp8_v{_prefill_vector()}",
+    row = dict(kind="prefill", mode=mode, length=length, tile_order=tile_order or "auto",
+               default=f"fp8_v{_prefill_vector()}",
                max_abs_diff=float(diff(out[f"fp8_v{_prefill_vector()}"], out["bf16"])),
                # the vector forms compute the same numbers (0 expected)
                vectors_max_abs_diff=max(float(diff(out[n], out["fp8_v2"]))
@@ -219,7 +225,8 @@ def markdown(res) -> str:
         if r.get("kind") == "prefill" and "error" not in r:
             cells = [f"{r[n + '_ms']:.3f} ({r[n + '_tflops']:.0f}, {r[n + '_over_bf16']:.3f})"
                      for n in names]
-            lines.append(f"| {r['mode']} {r['length']} | " + " | ".join(cells)
+            order = "" if r.get("tile_order", "auto") == "auto" else f", {r['tile_order']}"
+            lines.append(f"| {r['mode']} {r['length']}{order} | " + " | ".join(cells)
                          + f" | {r['max_abs_diff']:.3g} | {r['vectors_max_abs_diff']:.3g} |")
     errors = [r for r in res["rows"] if "error" in r]
     lines += [""] + [f"- error in {r}" for r in errors]
@@ -232,6 +239,8 @@ def main(argv=None):
     ap.add_argument("--decode-only", action="store_true", help="no prefill cases")
     ap.add_argument("--prefill-only", action="store_true", help="no decode cases")
     ap.add_argument("--tag", default="", help="results/fp8-kv-<date>-TAG.*")
+    ap.add_argument("--tile-order", default=None, choices=prefill.TILE_ORDERS,
+                    help="every prefill column's PrefillConfig.tile_order (default: auto)")
     ap.add_argument("--prefill-cases", default=None,
                     help="e.g. causal:4096,causal:16384 (mode:length; default: "
                          + ",".join(f"{m}:{n}" for m, n in PREFILL_CASES) + ")")
@@ -250,7 +259,7 @@ def main(argv=None):
         print(res["rows"][-1], flush=True)
     for case in pre:
         try:
-            res["rows"].append(bench_prefill(*case))
+            res["rows"].append(bench_prefill(*case, tile_order=args.tile_order))
         except Exception as e:  # noqa: BLE001
             res["rows"].append(dict(kind="prefill", case=case, error=f"{type(e).__name__}: {e}"[:400]))
         print(res["rows"][-1], flush=True)
