@@ -14,6 +14,11 @@ import time
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def mode_lengths(spec: str) -> list[tuple[str, int]]:
+    """``"causal:4096,chunked:131072"`` -> [("causal", 4096), ("chunked", 131072)]."""
+    return [(m, int(n)) for m, n in (c.split(":") for c in spec.split(","))]
+
+
 def variants_table(names, columns: list[str], rows, cell) -> list[str]:
     """Markdown lines of a variants-by-cases table: a row per variant name, a column per
     case (``columns`` its titles, ``rows`` its results); ``cell(row, name)`` is the text,

@@ -45,7 +45,7 @@ import jaxattn
 from jaxattn import kernels, kv_quant, planner
 from jaxattn.kernels import decode, prefill
 
-from benchmarks.common import gpu_ms, write_report
+from benchmarks.common import gpu_ms, mode_lengths, write_report
 
 HQ, HKV, D, PAGE, CHUNK = 40, 8, 128, 32, 8192  # PAGE: the FP8 cache's default (and bf16's here)
 DECODE_CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
@@ -137,19 +137,19 @@ def _flops(mode, length):
     return full * causal(CHUNK) + causal(rest)
 
 
-# Prefill columns: name -> (block_kv, FP8 cache?, pick_config's keywords). The engine's FP8
-# form takes S = Q8 K8^T on the fp8 K tile (128-key tiles) and V dequantised once by the
+# Prefill columns, all at 128-key tiles: name -> (FP8 cache?, pick_config's keywords). The
+# engine's FP8 form takes S = Q8 K8^T on the fp8 K tile and V dequantised once by the
 # producer warpgroup; its two forms before (K and V dequantised to bf16, 64-key tiles: 1.9-2.2x
 # bf16's time; V dequantised by each consumer: 1.3-1.6x) are in results/fp8-kv-2026-12-04.md
 # and older. V dequantised to f16 with P as f16 took 3-8% more time than bf16 V tiles on the
 # H200 (the same file) and was removed.
 PREFILL_VARIANTS = {
-    "bf16": (128, False, {}),
-    "fp8_v2": (128, True, dict(dequant_vector=2)),
-    "fp8_v4": (128, True, dict(dequant_vector=4)),
-    "fp8_v8": (128, True, dict(dequant_vector=8)),
+    "bf16": (False, {}),
+    "fp8_v2": (True, dict(dequant_vector=2)),
+    "fp8_v4": (True, dict(dequant_vector=4)),
+    "fp8_v8": (True, dict(dequant_vector=8)),
     # and the query rows quantised from 16-byte loads (q_vector=8; V in 8-value vectors)
-    "fp8_v8_q8": (128, True, dict(dequant_vector=8, q_vector=8)),
+    "fp8_v8_q8": (True, dict(dequant_vector=8, q_vector=8)),
 }
 
 
@@ -166,11 +166,11 @@ def bench_prefill(mode, length, tile_order=None):
     q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
     cu, kv = np.array([0, length], np.int32), np.array([length], np.int32)
     fns = {}
-    for name, (block_kv, fp8, form) in PREFILL_VARIANTS.items():
+    for name, (fp8, form) in PREFILL_VARIANTS.items():
         bounds = jaxattn.Bounds(max_num_seqs=1, max_num_batched_tokens=length,
                                 max_model_len=length, page_size=PAGE, num_q_heads=HQ,
                                 num_kv_heads=HKV, head_dim=D, chunk_size=chunk,
-                                block_kv=block_kv)
+                                block_kv=128)
         plan = jax.jit(lambda b=bounds: planner.plan(b, cu, kv, np.int32(1), chunk_size=chunk))()
         scales = dict(k_scale=ks, v_scale=vs) if fp8 else {}
         config = prefill.pick_config(bounds, q.dtype, k8.dtype if fp8 else None, **form)
@@ -184,9 +184,9 @@ def bench_prefill(mode, length, tile_order=None):
     diff = jax.jit(lambda a, b: jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
     out = {n: f(*a) for n, (f, a) in fns.items()}
     flops = _flops(mode, length)
+    default = f"fp8_v{_prefill_vector()}"
     row = dict(kind="prefill", mode=mode, length=length, tile_order=tile_order or "auto",
-               default=f"fp8_v{_prefill_vector()}",
-               max_abs_diff=float(diff(out[f"fp8_v{_prefill_vector()}"], out["bf16"])),
+               default=default, max_abs_diff=float(diff(out[default], out["bf16"])),
                # the vector forms compute the same numbers (0 expected)
                vectors_max_abs_diff=max(float(diff(out[n], out["fp8_v2"]))
                                         for n in ("fp8_v4", "fp8_v8", "fp8_v8_q8")))
@@ -248,7 +248,7 @@ def main(argv=None):
     dec = [] if args.prefill_only else QUICK["decode"] if args.quick else DECODE_CASES
     pre = [] if args.decode_only else QUICK["prefill"] if args.quick else PREFILL_CASES
     if args.prefill_cases and not args.decode_only:
-        pre = [(m, int(n)) for m, n in (c.split(":") for c in args.prefill_cases.split(","))]
+        pre = mode_lengths(args.prefill_cases)
     res = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
                jax=jax.__version__, rows=[])
     for case in dec:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
-from benchmarks.common import GpuClockLog
+from benchmarks.common import GpuClockLog, mode_lengths
 from jaxattn import kernels
 from jaxattn.kernels import prefill
 
@@ -297,7 +297,7 @@ def _order_cases() -> list[tuple[str, int]]:
     spec = os.environ.get("ORDER_CASES")
     if not spec:
         return [("causal", n) for n in ORDER_LENGTHS]
-    return [(m, int(n)) for m, n in (c.split(":") for c in spec.split(","))]
+    return mode_lengths(spec)
 
 
 def bench_orders(res, rounds=3):
