@@ -132,7 +132,7 @@ def dequantize_to_ring(src8, scale, full, ring, ring_free, ring_full, step, dept
     plgpu.barrier_arrive(ring_full.at[dslot])
 
 
-def quantize_rows(src, dst, vector: int = 2):
+def quantize_rows(src, dst):
     """Each row of ``src`` (a [64, D] SMEM tile, bf16/f16) to e4m3 in ``dst`` (an fp8 wgmma
     operand tile), scaled by its own max as :func:`jaxattn.kv_quant.quantize` scales K/V
     rows (the same arithmetic: multiplications by reciprocals), but without the cache's
@@ -141,18 +141,13 @@ def quantize_rows(src, dst, vector: int = 2):
     row of zeros gets scale 1. The caller commits the stores (``plgpu.commit_smem``) before
     a wgmma reads ``dst``.
 
-    ``vector``: 2, the wgmma layout; 8, ``WGMMA_UPCAST_4X`` (8 values a thread vector, the
-    rows in the same threads as the wgmma layout's, so the scales come back in its row
-    layout). An untiled ``src`` (row-major, 256-byte rows at D=128) read in the wgmma
-    layout's 4-byte vectors puts a warp's 8 rows on the same 4 banks (8-way conflicts);
-    16-byte vectors on 16 banks (2-way), with a quarter of the loads and 8-byte fp8 stores.
-    Same numbers."""
-    x = plgpu.load(src, layout=DEQUANT_LAYOUTS[vector]).astype(jnp.float32)
+    Loaded in the wgmma layout. Reading ``src`` in 16-byte vectors instead (``WGMMA_UPCAST_4X``:
+    2-way bank conflicts on the untiled tile instead of 8-way) gave the same numbers and no
+    measurable time on the H200 (session 30, results/fp8-kv-2026-12-04-s30*.md), so it went."""
+    x = plgpu.load(src, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=1)
     scale = jnp.where(amax > 0, amax * (1.0 / kv_quant.FP8_MAX), 1.0)
     dst[...] = (x * lax.broadcast_in_dim(1.0 / scale, x.shape, [0])).astype(dst.dtype)
-    if vector == 8:
-        scale = plgpu.layout_cast(scale, plgpu.Layout.WGMMA.reduce(1))
     return scale
 
 

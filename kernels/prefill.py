@@ -157,9 +157,6 @@ class PrefillConfig:
       causal 32k / chunked 128k against 1.224 / 1.098 / 1.037x for 2 and 1.205 / 1.113 /
       1.047x for 4 (same run, results/fp8-kv-2026-12-04-s29.md; session 29's first run:
       1.180 / 1.090 for 8 against 1.237 / 1.103 for 2).
-    q_vector: FP8 QK: values per thread vector when a consumer quantises its query rows
-      (2: the wgmma layout, 8-way bank conflicts on the untiled Q tile; 8: 16-byte loads,
-      2-way; :func:`common.quantize_rows`). Same numbers. 8 is built and lowers, untimed.
     """
 
     block_q: int = 128
@@ -173,7 +170,6 @@ class PrefillConfig:
     fp8_qk: bool = True
     producer_dequant: bool = False
     dequant_vector: int = 2
-    q_vector: int = 2
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -190,8 +186,6 @@ class PrefillConfig:
         if self.dequant_vector not in common.DEQUANT_LAYOUTS:
             raise ValueError(f"dequant_vector={self.dequant_vector} must be one of "
                              f"{tuple(common.DEQUANT_LAYOUTS)}")
-        if self.q_vector not in (2, 8):
-            raise ValueError(f"q_vector={self.q_vector} must be 2 or 8")
         if self.tile_order not in TILE_ORDERS:
             raise ValueError(f"tile_order={self.tile_order!r} is not one of {TILE_ORDERS}")
 
@@ -264,8 +258,7 @@ class PrefillConfig:
 
 
 def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
-                producer_dequant: bool = True, dequant_vector: int = 8,
-                q_vector: int = 2) -> PrefillConfig:
+                producer_dequant: bool = True, dequant_vector: int = 8) -> PrefillConfig:
     """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
 
     The planner cuts items of ``bounds.block_q`` rows and KV ranges aligned to
@@ -273,7 +266,7 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
     deep as shared memory allows (at most 4 stages). Interpret mode runs the
     same config with P staged through SMEM (it has no SMEM budget). ``kv_dtype``:
     the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``,
-    ``dequant_vector``, ``q_vector``: :class:`PrefillConfig`'s (producer_dequant with the
+    ``dequant_vector``: :class:`PrefillConfig`'s (producer_dequant with the
     producer's registers it needs).
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
@@ -286,7 +279,7 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages,
                             fp8_qk=fp8_qk, producer_dequant=shared_v,
-                            dequant_vector=dequant_vector, q_vector=q_vector,
+                            dequant_vector=dequant_vector,
                             consumer_registers=224 if shared_v else 232)
         if cfg.smem_bytes(bounds.head_dim, dtype, kv_dtype) <= common.MAX_SMEM:
             best = cfg
@@ -544,7 +537,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 # qk: the softmax's log2 scale; with the FP8 QK, per query row (times its
                 # e4m3 scale).
                 if qk8:
-                    qk = common.quantize_rows(q_stage.at[wg], qw, config.q_vector) * qk_scale
+                    qk = common.quantize_rows(q_stage.at[wg], qw) * qk_scale
                 else:
                     qw[...] = q_stage[wg]
                     qk = qk_scale

@@ -161,15 +161,14 @@ def test_fp8_prefill_producer_dequant_equals_the_consumers(q_lens, kv_lens, chun
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[::2])
 def test_fp8_dequant_vectors_give_the_same_numbers(q_lens, kv_lens, chunk):
     """``dequant_vector`` (4 or 8 values a thread vector: wider shared-memory loads and
-    stores) and prefill's ``q_vector`` (the query rows quantised from 16-byte loads) only
-    move values differently: both kernels' outputs equal the wgmma layout's (2) bit for
-    bit."""
+    stores) only moves values differently: both kernels' outputs equal the wgmma layout's
+    (2) bit for bit."""
     bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 128)
     kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True,
               impl="mosaic", k_scale=ks, v_scale=vs)
     got = []
-    for vector, q_vector in ((2, 2), (4, 2), (8, 2), (8, 8)):
-        with (prefill_picked_with(dequant_vector=vector, q_vector=q_vector),
+    for vector in (2, 4, 8):
+        with (prefill_picked_with(dequant_vector=vector),
               decode_with(dequant_vector=vector)):
             out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, **kw)
         got.append((np.asarray(out[:rows], np.float32), np.asarray(lse[:rows])))

@@ -314,8 +314,6 @@ def test_config_validation():
         prefill.PrefillConfig(tile_order="random")
     with pytest.raises(ValueError, match="dequant_vector"):
         prefill.PrefillConfig(dequant_vector=3)
-    with pytest.raises(ValueError, match="q_vector"):
-        prefill.PrefillConfig(q_vector=4)
     with pytest.raises(ValueError, match="overlap"):
         prefill.PrefillConfig(p_in_registers=False)  # the default overlap needs register P
     with pytest.raises(ValueError, match="consumer_registers"):
