@@ -75,7 +75,8 @@ def _swapped(helpers: dict):
             setattr(common, name, fn)
 
 
-def bench(mode, length) -> dict:
+def columns(mode, length) -> dict:
+    """Column name -> (jitted prefill, its arguments): one sequence of ``length`` tokens."""
     chunk = CHUNK if mode == "chunked" else None
     (k, v), (k8, v8, ks, vs), table = _cache(1, length, seed=1)
     q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
@@ -92,6 +93,11 @@ def bench(mode, length) -> dict:
         f = jax.jit(lambda q, k, v, pt, plan, sc=scales, c=config: kernels.ragged_paged_attention(
             q, k, v, pt, plan, bounds=bounds, scale=D ** -0.5, config=c, **sc)[0])
         fns[name] = (f, (q, *((k8, v8) if fp8 else (k, v)), table, plan))
+    return fns
+
+
+def bench(mode, length) -> dict:
+    fns = columns(mode, length)
     best = {name: float("inf") for name in fns}
     for _ in range(3):
         for name, (f, args) in fns.items():

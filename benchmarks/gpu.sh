@@ -2,9 +2,9 @@
 # The one GPU entry point (`make gpu`, or through the device tool): installs the
 # project offline, runs the GPU tests (pytest -m gpu) and the benchmarks, and
 # writes JSON/markdown/PNG into benchmarks/results/ (and $OUT when set).
-#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|model|serving|sweep|soak|fp8|all|multigpu|decode-host|fp8-decode|decode-kernels] ...
+#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|model|serving|sweep|soak|fp8|all|multigpu|decode-host|fp8-decode|decode-kernels|fp8-costs] ...
 # (not part of all: multigpu and decode-host need several GPUs; fp8-decode and decode-kernels
-# repeat parts of it for the FP8 decode work)
+# repeat parts of it for the FP8 decode work; fp8-costs is a diagnostic)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Steps run under `timeout`: a killed Python loses whatever its block-buffered stdout held.
@@ -60,6 +60,8 @@ for what in "${@:-all}"; do
         | tee "$RESULTS/decode-kernels-gpu-tests.log" || status=1
       python3 -m benchmarks.fp8_rows || status=1
       python3 -m benchmarks.decode --quick --profile || status=1 ;;&
+    # What each piece of the FP8 cache's prefill costs (timing-only ablations, wrong outputs).
+    fp8-costs) python3 -m benchmarks.fp8_prefill_costs || status=1 ;;&
     # The step's command-buffer settings (benchmarks/NOTES-model.md) on a 12-layer slice on all
     # GPUs, ~100 s each, each with a profiled batch-1 step: the engine's default (XLA's BFC
     # allocator, the step's addresses kept still by the step), VMM with SKIP_PROFILED and the
