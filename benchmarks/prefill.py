@@ -15,7 +15,10 @@ Llama 4 Scout heads (40 query / 8 KV, head_dim 128), batch 1, lengths 4k..128k:
   clock and power draw nvidia-smi reports (an H100 at its power limit lowers its clock);
 * only with ``BENCH_PARTS=orders``: causal 8k-16k (or ``ORDER_CASES``, e.g.
   "chunked:32768,chunked:131072"), every tile order and cuDNN in turn, three rounds in one
-  run (whether "auto" picks the right order there, past run-to-run spread).
+  run (whether "auto" picks the right order there, past run-to-run spread);
+* only with ``BENCH_PARTS=paging``: chunked 128k and causal 8k / 32k (or ``PAGING_CASES``)
+  through the contiguous API and over 32-token pages (shuffled, in order) and 128-token
+  shuffled pages, in turn three rounds in one run (what a page table costs, per case).
 
 Times are GPU time from CUPTI (all kernels of one call, the planner's included), median
 over repetitions after warm-up; wall clock where CUPTI is unavailable. TFLOP/s =
@@ -226,11 +229,13 @@ def _time_into(entry, name, flops, f, *args):
 def _rounds(fns: dict, args, rounds: int) -> dict[str, list[dict]]:
     """Each of ``fns`` measured (:func:`_measure`: median GPU ms, clocks) ``rounds`` times in
     turn, the order reversed every other round, so that a drift of the GPU's clocks or
-    temperature during the run reaches all of them alike."""
+    temperature during the run reaches all of them alike. ``args``: every callable's
+    arguments, or a dict of each one's."""
     times = {name: [] for name in fns}
     for r in range(rounds):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            times[name].append(_measure(fns[name], *args, target_ms=300.0))
+            a = args[name] if isinstance(args, dict) else args
+            times[name].append(_measure(fns[name], *a, target_ms=300.0))
     return times
 
 
@@ -335,6 +340,46 @@ def bench_orders(res, rounds=3):
         del q, k, v
 
 
+# (name, page size, shuffled?) of bench_paging's paged columns, beside the contiguous API.
+PAGINGS = (("page 32, shuffled", 32, True), ("page 32, in order", 32, False),
+           ("page 128, shuffled", 128, True))
+
+
+def bench_paging(res, rounds=3):
+    """The same prefill through the contiguous API (one page per sequence: a TMA copy per KV
+    tile) and over :data:`PAGINGS` pools, in turn ``rounds`` times in one run
+    (``BENCH_PARTS=paging``), at ``PAGING_CASES`` ("mode:length,..."; default chunked 128k,
+    causal 8k and 32k). Chunked 128k ran at 515 TFLOP/s over shuffled 32-token pages
+    (fp8-kv-2026-12-04-s30.md) and at 548-557 through the contiguous API
+    (prefill-2026-12-04-s30-chunked-orders.md), with identical plans; causal 8k ran at ~583
+    both ways."""
+    spec = os.environ.get("PAGING_CASES", "chunked:131072,causal:8192,causal:32768")
+    for mode, length in mode_lengths(spec):
+        if time.time() - T0 > BUDGET_S:
+            log("budget reached; skipping paging at", mode, length)
+            break
+        chunk = CHUNK if mode == "chunked" else None
+        q, k, v = _inputs(length, jnp.bfloat16)
+        fns, args = {"contiguous": jaxattn_fn(chunk)}, {"contiguous": (q, k, v)}
+        for name, page, shuffle in PAGINGS:
+            fns[name], args[name] = _paged_step_fn(q[0], k[0], v[0], page, chunk, shuffle)
+        flops = chunked_flops(length) if chunk else causal_flops(length, length)
+        try:
+            times = {name: [m["ms"] for m in measured]
+                     for name, measured in _rounds(fns, args, rounds).items()}
+        except Exception as e:  # noqa: BLE001 - record and go on
+            res["paging"].append(dict(mode=mode, length=length,
+                                      error=f"{type(e).__name__}: {str(e)[:300]}"))
+            continue
+        med = {name: statistics.median(t) for name, t in times.items()}
+        res["paging"].append(dict(
+            mode=mode, length=length, ms=med, all_ms=times,
+            spread={name: max(t) / min(t) for name, t in times.items()},
+            tflops={name: flops / ms / 1e9 for name, ms in med.items()}))
+        log("paging", res["paging"][-1])
+        del q, k, v, args
+
+
 def cudnn_chunked_ragged_fn(length):
     """cuDNN for chunked-local attention at a length that is not whole chunks: the whole
     chunks as one batch plus the partial last chunk as a second call."""
@@ -384,7 +429,9 @@ def _bottom_right_flops(q_len, kv_len, chunk):
     return 4 * HQ * D * float((pos - lo + 1).sum())
 
 
-def _paged_step_fn(q, k, v, page, chunk):
+def _paged_step_fn(q, k, v, page, chunk, shuffle=True):
+    """ragged_paged_attention over ``k``/``v`` cut into pages of ``page`` tokens, placed in
+    the pool in a random order (``shuffle``) or in sequence order."""
     kv_len = k.shape[0]
     n_pages = -(-kv_len // page)
     max_len = n_pages * page
@@ -393,7 +440,8 @@ def _paged_step_fn(q, k, v, page, chunk):
                             num_kv_heads=HKV, head_dim=D, chunk_size=chunk,
                             num_workers=kernels.num_sms())
     pad = ((0, max_len - kv_len), (0, 0), (0, 0))
-    perm = np.random.default_rng(page).permutation(n_pages)
+    perm = (np.random.default_rng(page).permutation(n_pages) if shuffle
+            else np.arange(n_pages))
     kp = jnp.pad(k, pad).reshape(n_pages, page, HKV, D)[np.argsort(perm)]
     vp = jnp.pad(v, pad).reshape(n_pages, page, HKV, D)[np.argsort(perm)]
     table = perm.astype(np.int32)[None]  # logical page i lives at physical perm[i]
@@ -568,6 +616,21 @@ def markdown(res):
             lines.append(f"| {case} | {r['auto']:.3f} | {r['kv_major']:.3f} | "
                          f"{r['item_major']:.3f} | {rates} | {e['ms']['cudnn']:.3f} | "
                          f"{max(e['spread'].values()):.3f} |")
+    if res.get("paging"):
+        names = ["contiguous"] + [name for name, _, _ in PAGINGS]
+        lines += ["", "Paging, each column in turn 3 times in one run: median ms (useful "
+                  "TFLOP/s, time / contiguous) and the largest max/min spread of any of them", "",
+                  "| case | " + " | ".join(names) + " | worst spread |",
+                  "|---|" + "---|" * (len(names) + 1)]
+        for e in res["paging"]:
+            case = f"{e['mode']} {e['length']}"
+            if "error" in e:
+                lines.append(f"| {case} | error: {e['error'][:80]} |")
+                continue
+            ms, t = e["ms"], e["tflops"]
+            lines.append(f"| {case} | " + " | ".join(
+                f"{ms[n]:.3f} ({t[n]:.0f}, {ms[n] / ms['contiguous']:.3f})" for n in names)
+                + f" | {max(e['spread'].values()):.3f} |")
     if res.get("serving_step"):
         lines += ["", "Serving step: one 8192-token prefill chunk over kv_len keys (shuffled pages), "
                   "TFLOP/s (useful FLOPs)", "",
@@ -634,7 +697,8 @@ def main():
     log("device:", dev, getattr(dev, "core_count", None))
     res = dict(date=datetime.date.today().isoformat(), device=str(dev.device_kind), jax=jax.__version__,
                heads=[HQ, HKV], head_dim=D, chunk=CHUNK, lengths=[], variants=[], varlen=[],
-               sustained=[], off_grid=[], off_grid_summary={}, serving_step=[], orders=[])
+               sustained=[], off_grid=[], off_grid_summary={}, serving_step=[], orders=[],
+               paging=[])
     RESULTS.mkdir(parents=True, exist_ok=True)
     # BENCH_TAG: a suffix, so that a second run on one day does not overwrite the first.
     stem = RESULTS / f"prefill-{res['date']}{os.environ.get('BENCH_TAG', '')}"
@@ -646,11 +710,12 @@ def main():
         for part, fn in (("lengths", bench_lengths), ("off_grid", bench_off_grid),
                          ("serving_step", bench_serving_step), ("varlen", bench_varlen),
                          ("sustained", bench_sustained), ("variants", bench_variants),
-                         ("orders", bench_orders)):
+                         ("orders", bench_orders), ("paging", bench_paging)):
             if part not in parts:
                 continue
             try:
-                fn(res if part in ("off_grid", "serving_step", "orders") else res[part])
+                fn(res if part in ("off_grid", "serving_step", "orders", "paging")
+                   else res[part])
             except Exception:  # noqa: BLE001 - keep what was measured
                 traceback.print_exc()
     finally:

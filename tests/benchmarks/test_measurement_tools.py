@@ -151,3 +151,46 @@ def test_prefill_rounds_take_turns_in_alternating_order(monkeypatch):
     assert calls == ["fa", "fb", "fb", "fa", "fa", "fb"]
     assert {name: [m["ms"] for m in ms] for name, ms in times.items()} == {
         "a": [1.0, 4.0, 5.0], "b": [2.0, 3.0, 6.0]}
+
+
+def test_prefill_rounds_take_each_callables_own_arguments(monkeypatch):
+    from benchmarks import prefill
+
+    calls = []
+    monkeypatch.setattr(prefill, "_measure",
+                        lambda f, *args, target_ms: calls.append((f, args)) or {"ms": 1.0})
+    prefill._rounds({"a": "fa", "b": "fb"}, {"a": (1,), "b": (2, 3)}, rounds=2)
+    assert calls == [("fa", (1,)), ("fb", (2, 3)), ("fb", (2, 3)), ("fa", (1,))]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_paged_pools_hold_the_sequence_in_table_order(shuffle):
+    """The paging columns' pools: page i of the sequence sits at pool row table[i] (in order:
+    row i), with the tail past kv_len zero-padded."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import prefill
+
+    kv_len, page = 100, 32
+    k = jnp.arange(kv_len * prefill.HKV * prefill.D, dtype=jnp.float32).reshape(
+        kv_len, prefill.HKV, prefill.D)
+    _, (_, kp, vp, table, _, kv_lens, _) = prefill._paged_step_fn(k[:8], k, k, page, None,
+                                                                  shuffle)
+    seq = np.asarray(kp)[table[0]].reshape(-1, prefill.HKV, prefill.D)
+    np.testing.assert_array_equal(seq[:kv_len], np.asarray(k))
+    assert not seq[kv_len:].any() and int(kv_lens[0]) == kv_len
+    assert (table[0] == np.arange(len(table[0]))).all() != shuffle
+
+
+def test_paging_table_has_a_column_per_pool():
+    from benchmarks import prefill
+
+    names = ["contiguous"] + [n for n, _, _ in prefill.PAGINGS]
+    entry = dict(mode="chunked", length=131072, ms={n: 2.0 for n in names},
+                 tflops={n: 500.0 for n in names}, spread={n: 1.01 for n in names})
+    md = prefill.markdown(dict(date="d", device="H200", jax="0.11.2", lengths=[], sustained=[],
+                               variants=[], varlen=[],
+                               paging=[entry, dict(mode="causal", length=8192, error="boom")]))
+    line = next(x for x in md.splitlines() if x.startswith("| chunked 131072"))
+    assert line.count("(500, 1.000)") == len(names) and "| causal 8192 | error: boom |" in md
