@@ -33,6 +33,7 @@ benchmarks/results/fp8-kv-<date>.json/.md (and $OUT).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import inspect
@@ -53,13 +54,14 @@ PREFILL_CASES = [("causal", 8192), ("causal", 32768), ("chunked", 131072)]
 QUICK = dict(decode=[(32, 8192), (1, 131072)], prefill=[("causal", 32768), ("chunked", 131072)])
 
 
-def _interleaved(fns: dict, rounds=3) -> dict:
+def _interleaved(fns: dict, rounds=3, around=lambda name: contextlib.nullcontext()) -> dict:
     """Best ms of each callable over ``rounds`` rounds that visit them in turn (drift and
-    clock changes hit all alike)."""
+    clock changes hit all alike); ``around(name)``: a context each call runs in."""
     best = {k: float("inf") for k in fns}
     for _ in range(rounds):
         for k, (f, args) in fns.items():
-            best[k] = min(best[k], gpu_ms(f, *args))
+            with around(k):
+                best[k] = min(best[k], gpu_ms(f, *args))
     return best
 
 
@@ -156,28 +158,35 @@ def _prefill_vector() -> int:
     return inspect.signature(prefill.pick_config).parameters["dequant_vector"].default
 
 
-def bench_prefill(mode, length, tile_order=None):
-    """One prefill case, every :data:`PREFILL_VARIANTS` column; ``tile_order``: every
-    column's ``PrefillConfig.tile_order`` (None: the kernels' "auto")."""
+def prefill_fns(mode, length, forms: dict, tile_order=None) -> dict:
+    """One fresh sequence of ``length`` tokens over both caches: name -> (jitted prefill, its
+    arguments) for each of ``forms`` (name -> (FP8 cache?, pick_config's keywords)), each a
+    jit of its own; ``tile_order``: every one's ``PrefillConfig.tile_order`` (None: "auto")."""
     chunk = CHUNK if mode == "chunked" else None
     (k, v), (k8, v8, ks, vs), table = _cache(1, length, seed=1)
     q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
     cu, kv = np.array([0, length], np.int32), np.array([length], np.int32)
+    bounds = jaxattn.Bounds(max_num_seqs=1, max_num_batched_tokens=length, max_model_len=length,
+                            page_size=PAGE, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                            chunk_size=chunk, block_kv=128)
+    plan = jax.jit(lambda: planner.plan(bounds, cu, kv, np.int32(1), chunk_size=chunk))()
     fns = {}
-    for name, (fp8, form) in PREFILL_VARIANTS.items():
-        bounds = jaxattn.Bounds(max_num_seqs=1, max_num_batched_tokens=length,
-                                max_model_len=length, page_size=PAGE, num_q_heads=HQ,
-                                num_kv_heads=HKV, head_dim=D, chunk_size=chunk,
-                                block_kv=128)
-        plan = jax.jit(lambda b=bounds: planner.plan(b, cu, kv, np.int32(1), chunk_size=chunk))()
+    for name, (fp8, form) in forms.items():
         scales = dict(k_scale=ks, v_scale=vs) if fp8 else {}
         config = prefill.pick_config(bounds, q.dtype, k8.dtype if fp8 else None, **form)
         if tile_order is not None:
             config = dataclasses.replace(config, tile_order=tile_order)
-        f = jax.jit(lambda q, k, v, pt, plan, b=bounds, sc=scales, c=config:
-                    kernels.ragged_paged_attention(q, k, v, pt, plan, bounds=b, scale=D ** -0.5,
-                                                   config=c, **sc)[0])
+        f = jax.jit(lambda q, k, v, pt, plan, sc=scales, c=config:
+                    kernels.ragged_paged_attention(q, k, v, pt, plan, bounds=bounds,
+                                                   scale=D ** -0.5, config=c, **sc)[0])
         fns[name] = (f, (q, *((k8, v8) if fp8 else (k, v)), table, plan))
+    return fns
+
+
+def bench_prefill(mode, length, tile_order=None):
+    """One prefill case, every :data:`PREFILL_VARIANTS` column; ``tile_order``: every
+    column's ``PrefillConfig.tile_order`` (None: the kernels' "auto")."""
+    fns = prefill_fns(mode, length, PREFILL_VARIANTS, tile_order)
     ms = _interleaved(fns)
     diff = jax.jit(lambda a, b: jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
     out = {n: f(*a) for n, (f, a) in fns.items()}

@@ -20,16 +20,12 @@ import contextlib
 import datetime
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-import jaxattn
-from jaxattn import kernels, planner
-from jaxattn.kernels import common, prefill
+from jaxattn.kernels import common
 
-from benchmarks.common import gpu_ms, mode_lengths, write_report
-from benchmarks.fp8_kv import CHUNK, D, HKV, HQ, PAGE, _cache, _flops
+from benchmarks import fp8_kv
+from benchmarks.common import mode_lengths, write_report
 
 CASES = [("causal", 8192), ("causal", 16384), ("causal", 32768)]
 
@@ -76,34 +72,15 @@ def _swapped(helpers: dict):
 
 
 def columns(mode, length) -> dict:
-    """Column name -> (jitted prefill, its arguments): one sequence of ``length`` tokens."""
-    chunk = CHUNK if mode == "chunked" else None
-    (k, v), (k8, v8, ks, vs), table = _cache(1, length, seed=1)
-    q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
-    cu, kv = np.array([0, length], np.int32), np.array([length], np.int32)
-    bounds = jaxattn.Bounds(max_num_seqs=1, max_num_batched_tokens=length, max_model_len=length,
-                            page_size=PAGE, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
-                            chunk_size=chunk, block_kv=128)
-    plan = jax.jit(lambda: planner.plan(bounds, cu, kv, np.int32(1), chunk_size=chunk))()
-    fns = {}
-    for name, (fp8, _) in COLUMNS.items():
-        scales = dict(k_scale=ks, v_scale=vs) if fp8 else {}
-        config = prefill.pick_config(bounds, q.dtype, k8.dtype if fp8 else None)
-        # A jit of its own per column, so each traces under its own helpers.
-        f = jax.jit(lambda q, k, v, pt, plan, sc=scales, c=config: kernels.ragged_paged_attention(
-            q, k, v, pt, plan, bounds=bounds, scale=D ** -0.5, config=c, **sc)[0])
-        fns[name] = (f, (q, *((k8, v8) if fp8 else (k, v)), table, plan))
-    return fns
+    """Column name -> (jitted prefill, its arguments): one sequence of ``length`` tokens, each
+    column a jit of its own, so each traces under its own helpers."""
+    return fp8_kv.prefill_fns(mode, length, {n: (fp8, {}) for n, (fp8, _) in COLUMNS.items()})
 
 
 def bench(mode, length) -> dict:
-    fns = columns(mode, length)
-    best = {name: float("inf") for name in fns}
-    for _ in range(3):
-        for name, (f, args) in fns.items():
-            with _swapped(COLUMNS[name][1]):
-                best[name] = min(best[name], gpu_ms(f, *args))
-    flops = _flops(mode, length)
+    best = fp8_kv._interleaved(columns(mode, length),
+                               around=lambda name: _swapped(COLUMNS[name][1]))
+    flops = fp8_kv._flops(mode, length)
     return dict(mode=mode, length=length,
                 **{f"{n}_ms": ms for n, ms in best.items()},
                 **{f"{n}_tflops": flops / ms / 1e9 for n, ms in best.items()},
