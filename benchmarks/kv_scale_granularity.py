@@ -1,0 +1,106 @@
+"""What the FP8 cache's scale granularity costs in accuracy (CPU, pure JAX; no kernels).
+
+    python -m benchmarks.kv_scale_granularity
+
+The FP8 prefill spends 3-5 points of its time on K's per-key scales and 8-11 on converting V
+(benchmarks/NOTES-fp8-kv.md, session 30). With one scale per KV tile (128 keys of a head)
+both would fold into per-row factors, but a tile's rows would share one range. This measures
+that trade on synthetic K/V with the structure that motivates per-token scales: row norms
+spread log-normally (``spread``: the sigma of log norm), one attention-sink row 50x the
+median, and a few outlier channels 10x the rest; the largest value is scaled to 1,000. One
+head, D=128, 8,192 keys, 64 queries whose largest |logit| is ``sharpness``: random
+directions, or each along one random key (a retrieving head's). Random queries make the
+logits' quantisation error large next to the logits themselves (|q||k| far above q.k), so
+their absolute errors overstate a real head's; the columns compare with each other. For each
+granularity (per token, as the cache stores today; per 32-token page; per 128-token tile;
+one scale for the whole head) it reports the output's relative L2 error and the largest
+lse error against the unquantised f32 attention.
+Results: benchmarks/results/kv-scale-granularity-<date>.json/.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattn import kv_quant
+
+from benchmarks.common import write_report
+
+L, D, NQ = 8192, 128, 64
+GRANULARITIES = {"token": 1, "page 32": 32, "tile 128": 128, "head": L}
+SPREADS = (0.0, 1.0, 2.0)
+SHARPNESS = (5.0, 30.0)
+
+
+def rows(key, spread):
+    """[L, D] f32: Gaussian rows with log-normal norms, a sink row and outlier channels."""
+    kx, kn = jax.random.split(key)
+    x = jax.random.normal(kx, (L, D), jnp.float32)
+    x = x * jnp.exp(spread * jax.random.normal(kn, (L, 1)))
+    x = x.at[0].multiply(50.0)  # an attention sink
+    x = x.at[:, :4].multiply(10.0)  # outlier channels
+    return x * (1000.0 / jnp.abs(x).max())  # well inside the cache's range (|x| <= 65408)
+
+
+def quantize_blocks(x, block):
+    """x [L, D] through the cache's e4m3 rounding with one scale per ``block`` rows (the
+    largest of the block's per-row scales, clipped to the cache's range)."""
+    _, s = kv_quant.quantize(x)
+    s = jnp.repeat(s.reshape(-1, block).max(axis=1), block)
+    x8 = jnp.clip(x / s[:, None], -kv_quant.FP8_MAX, kv_quant.FP8_MAX).astype(kv_quant.FP8)
+    return kv_quant.dequantize(x8, s)
+
+
+def attend(q, k, v):
+    logits = q @ k.T
+    lse = jax.nn.logsumexp(logits, axis=1)
+    return jnp.exp(logits - lse[:, None]) @ v, lse
+
+
+@functools.partial(jax.jit, static_argnames="aligned")
+def errors(key, spread, sharpness, aligned):
+    """``aligned``: each query points along one random key (plus as much noise), as a
+    retrieving head's does; else the queries are random directions."""
+    kq, kk, kv, ki = jax.random.split(key, 4)
+    k, v = rows(kk, spread), rows(kv, spread)
+    q = jax.random.normal(kq, (NQ, D), jnp.float32)
+    if aligned:
+        target = k[jax.random.randint(ki, (NQ,), 0, L)]
+        q = q / jnp.linalg.norm(q, axis=1, keepdims=True) + target / jnp.linalg.norm(
+            target, axis=1, keepdims=True)
+    q = q * sharpness / jnp.abs(q @ k.T).max(axis=1, keepdims=True)
+    out, lse = attend(q, k, v)
+    res = {}
+    for name, block in GRANULARITIES.items():
+        o, l = attend(q, quantize_blocks(k, block), quantize_blocks(v, block))
+        res[name] = (jnp.linalg.norm(o - out) / jnp.linalg.norm(out), jnp.abs(l - lse).max())
+    return res
+
+
+def main():
+    res = dict(date=datetime.date.today().isoformat(), rows=[])
+    for aligned, spread, sharp in itertools.product((True, False), SPREADS, SHARPNESS):
+        e = errors(jax.random.key(0), spread, sharp, aligned)
+        res["rows"].append(dict(queries="along a key" if aligned else "random",
+                                spread=spread, sharpness=sharp, **{
+            name: dict(rel_l2=float(r), lse_max=float(m)) for name, (r, m) in e.items()}))
+    names = list(GRANULARITIES)
+    lines = ["FP8 K/V scale granularity: output relative L2 error / largest lse error against "
+             f"f32 attention (synthetic K/V, one head, D={D}, {L} keys, {NQ} queries; "
+             f"{res['date']})", "",
+             "| queries | norm spread (sigma of log) | max logit | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for r in res["rows"]:
+        lines.append(f"| {r['queries']} | {r['spread']} | {r['sharpness']:.0f} | " + " | ".join(
+            f"{r[n]['rel_l2']:.2e} / {r[n]['lse_max']:.2e}" for n in names) + " |")
+    write_report(f"kv-scale-granularity-{res['date']}", res, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
