@@ -13,8 +13,9 @@ directions, or each along one random key (a retrieving head's). Random queries m
 logits' quantisation error large next to the logits themselves (|q||k| far above q.k), so
 their absolute errors overstate a real head's; the columns compare with each other. For each
 granularity (per token, as the cache stores today; per 32-token page; per 128-token tile;
-one scale for the whole head) it reports the output's relative L2 error and the largest
-lse error against the unquantised f32 attention.
+one scale for the whole head; per tile with P rounded to e4m3 too, as FA3's FP8 PV takes
+it) it reports the output's relative L2 error and the largest lse error against the
+unquantised f32 attention.
 Results: benchmarks/results/kv-scale-granularity-<date>.json/.md.
 """
 
@@ -33,7 +34,10 @@ from jaxattn import kv_quant
 from benchmarks.common import write_report
 
 L, D, NQ = 8192, 128, 64
-GRANULARITIES = {"token": 1, "page 32": 32, "tile 128": 128, "head": L}
+# column -> (rows per scale, P's factor before its e4m3 rounding; None: P stays f32)
+COLUMNS = {"token": (1, None), "page 32": (32, None), "tile 128": (128, None),
+           "head": (L, None), "tile 128, P e4m3": (128, 1.0),
+           "tile 128, P e4m3 x256": (128, 256.0)}
 SPREADS = (0.0, 1.0, 2.0)
 SHARPNESS = (5.0, 30.0)
 
@@ -57,10 +61,19 @@ def quantize_blocks(x, block):
     return kv_quant.dequantize(x8, s)
 
 
-def attend(q, k, v):
+def attend(q, k, v, p_factor=None):
+    """Softmax attention in f32. ``p_factor``: P (over the row's max, in [0, 1]) rounded to
+    e4m3 after scaling by it, as an FP8 PV wgmma would take it (a factor of 256 folds into
+    the exponent for free and keeps P's small values off e4m3's subnormals); the row sum
+    stays f32's, as the kernel's l does."""
     logits = q @ k.T
-    lse = jax.nn.logsumexp(logits, axis=1)
-    return jnp.exp(logits - lse[:, None]) @ v, lse
+    m = logits.max(axis=1, keepdims=True)
+    p = jnp.exp(logits - m)
+    lse = jnp.log(p.sum(axis=1)) + m[:, 0]
+    if p_factor is not None:
+        p8 = (p * p_factor).astype(kv_quant.FP8).astype(jnp.float32) / p_factor
+        return (p8 @ v) / p.sum(axis=1, keepdims=True), lse
+    return (p @ v) / p.sum(axis=1, keepdims=True), lse
 
 
 @functools.partial(jax.jit, static_argnames="aligned")
@@ -77,8 +90,8 @@ def errors(key, spread, sharpness, aligned):
     q = q * sharpness / jnp.abs(q @ k.T).max(axis=1, keepdims=True)
     out, lse = attend(q, k, v)
     res = {}
-    for name, block in GRANULARITIES.items():
-        o, l = attend(q, quantize_blocks(k, block), quantize_blocks(v, block))
+    for name, (block, p_factor) in COLUMNS.items():
+        o, l = attend(q, quantize_blocks(k, block), quantize_blocks(v, block), p_factor)
         res[name] = (jnp.linalg.norm(o - out) / jnp.linalg.norm(out), jnp.abs(l - lse).max())
     return res
 
@@ -90,7 +103,7 @@ def main():
         res["rows"].append(dict(queries="along a key" if aligned else "random",
                                 spread=spread, sharpness=sharp, **{
             name: dict(rel_l2=float(r), lse_max=float(m)) for name, (r, m) in e.items()}))
-    names = list(GRANULARITIES)
+    names = list(COLUMNS)
     lines = ["FP8 K/V scale granularity: output relative L2 error / largest lse error against "
              f"f32 attention (synthetic K/V, one head, D={D}, {L} keys, {NQ} queries; "
              f"{res['date']})", "",
