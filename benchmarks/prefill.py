@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 import traceback
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -340,9 +341,14 @@ def bench_orders(res, rounds=3):
         del q, k, v
 
 
-# (name, page size, shuffled?) of bench_paging's paged columns, beside the contiguous API.
-PAGINGS = (("page 32, shuffled", 32, True), ("page 32, in order", 32, False),
-           ("page 128, shuffled", 128, True))
+# (name, page size, shuffled?, merge_pages) of bench_paging's paged columns, beside the
+# contiguous API. In order is how the engine hands out a prompt's pages (16: its default
+# page, 32: the FP8 cache's); "per page": PrefillConfig(merge_pages=False).
+PAGINGS = (("page 16, in order", 16, False, True),
+           ("page 16, in order, per page", 16, False, False),
+           ("page 32, in order", 32, False, True),
+           ("page 32, shuffled", 32, True, True),
+           ("page 128, shuffled", 128, True, True))
 
 
 def bench_paging(res, rounds=3):
@@ -361,8 +367,9 @@ def bench_paging(res, rounds=3):
         chunk = CHUNK if mode == "chunked" else None
         q, k, v = _inputs(length, jnp.bfloat16)
         fns, args = {"contiguous": jaxattn_fn(chunk)}, {"contiguous": (q, k, v)}
-        for name, page, shuffle in PAGINGS:
-            fns[name], args[name] = _paged_step_fn(q[0], k[0], v[0], page, chunk, shuffle)
+        for name, page, shuffle, merge in PAGINGS:
+            fns[name], args[name] = _paged_step_fn(q[0], k[0], v[0], page, chunk, shuffle,
+                                                   merge_pages=merge)
         flops = chunked_flops(length) if chunk else causal_flops(length, length)
         try:
             times = {name: [m["ms"] for m in measured]
@@ -395,11 +402,18 @@ def cudnn_chunked_ragged_fn(length):
     return jax.jit(f)
 
 
+# (column, page size, shuffled?) of bench_serving_step's paged pools: the engine's default
+# page in the order its allocator hands out a prompt's pages, the same shuffled (a pool
+# after churn), and 128-token pages (one TMA copy per KV tile in any order).
+SERVING_POOLS = (("paged_16_in_order", 16, False), ("paged_16", 16, True),
+                 ("paged_128", 128, True))
+
+
 def bench_serving_step(res, q_len=8192):
     """The serving step's prefill: one 8192-token chunk over a cached prefix of a random
-    length, through ragged_paged_attention on a shuffled paged cache (page 16, the engine's
-    default, and page 128: one TMA copy per KV tile), next to the contiguous API on the same
-    shape (bottom-right causal: the chunk's queries are the last 8192 of kv_len keys)."""
+    length, through ragged_paged_attention on the :data:`SERVING_POOLS` paged caches, next
+    to the contiguous API on the same shape (bottom-right causal: the chunk's queries are
+    the last 8192 of kv_len keys)."""
     rng = np.random.default_rng(20)
     kv_lens = [int(x) for x in rng.integers(q_len + 1, 131073, 4)] + [q_len + 4999]
     for chunk in (None, CHUNK):
@@ -413,9 +427,9 @@ def bench_serving_step(res, q_len=8192):
             v = jax.random.normal(kv, (1, kv_len, HKV, D), jnp.bfloat16)
             entry = dict(q_len=q_len, kv_len=kv_len, chunk=chunk, flops=flops)
             _time_into(entry, "contiguous", flops, jaxattn_fn(chunk), q, k, v)
-            for page in (16, 128):
-                f, args = _paged_step_fn(q[0], k[0], v[0], page, chunk)
-                _time_into(entry, f"paged_{page}", flops, f, *args)
+            for name, page, shuffle in SERVING_POOLS:
+                f, args = _paged_step_fn(q[0], k[0], v[0], page, chunk, shuffle)
+                _time_into(entry, name, flops, f, *args)
                 del args
             res["serving_step"].append(entry)
             log("serving step", {k2: (v2.get("tflops") if isinstance(v2, dict) else v2)
@@ -429,9 +443,11 @@ def _bottom_right_flops(q_len, kv_len, chunk):
     return 4 * HQ * D * float((pos - lo + 1).sum())
 
 
-def _paged_step_fn(q, k, v, page, chunk, shuffle=True):
+def _paged_step_fn(q, k, v, page, chunk, shuffle=True, merge_pages=True):
     """ragged_paged_attention over ``k``/``v`` cut into pages of ``page`` tokens, placed in
-    the pool in a random order (``shuffle``) or in sequence order."""
+    the pool in a random order (``shuffle``) or in sequence order. ``merge_pages=False``:
+    compiled with the prefill kernel copying a KV tile page by page even when its pages
+    are consecutive."""
     kv_len = k.shape[0]
     n_pages = -(-kv_len // page)
     max_len = n_pages * page
@@ -448,7 +464,13 @@ def _paged_step_fn(q, k, v, page, chunk, shuffle=True):
     cu = np.array([0, q.shape[0]], np.int32)
     f = jax.jit(functools.partial(jaxattn.ragged_paged_attention, bounds=bounds,
                                   chunk_size=chunk, impl="mosaic"))
-    return f, (q, kp, vp, table, cu, np.array([kv_len], np.int32), np.int32(1))
+    args = (q, kp, vp, table, cu, np.array([kv_len], np.int32), np.int32(1))
+    if not merge_pages:  # traced now, while the picker turns the merge off
+        pick = prefill.pick_config
+        with mock.patch.object(prefill, "pick_config",
+                               lambda *a, **kw: pick(*a, **kw, merge_pages=False)):
+            f = f.lower(*args).compile()
+    return f, args
 
 
 def bench_variants(rows):
@@ -617,7 +639,7 @@ def markdown(res):
                          f"{r['item_major']:.3f} | {rates} | {e['ms']['cudnn']:.3f} | "
                          f"{max(e['spread'].values()):.3f} |")
     if res.get("paging"):
-        names = ["contiguous"] + [name for name, _, _ in PAGINGS]
+        names = ["contiguous"] + [name for name, *_ in PAGINGS]
         lines += ["", "Paging, each column in turn 3 times in one run: median ms (useful "
                   "TFLOP/s, time / contiguous) and the largest max/min spread of any of them", "",
                   "| case | " + " | ".join(names) + " | worst spread |",
@@ -632,13 +654,13 @@ def markdown(res):
                 f"{ms[n]:.3f} ({t[n]:.0f}, {ms[n] / ms['contiguous']:.3f})" for n in names)
                 + f" | {max(e['spread'].values()):.3f} |")
     if res.get("serving_step"):
-        lines += ["", "Serving step: one 8192-token prefill chunk over kv_len keys (shuffled pages), "
+        lines += ["", "Serving step: one 8192-token prefill chunk over kv_len keys, "
                   "TFLOP/s (useful FLOPs)", "",
-                  "| chunk | kv_len | contiguous API | paged, page 16 | paged, page 128 |",
-                  "|---|---|---|---|---|"]
+                  "| chunk | kv_len | contiguous API | page 16, in order | page 16, shuffled "
+                  "| page 128, shuffled |", "|---|---|---|---|---|---|"]
         for e in res["serving_step"]:
             t = [f"{e.get(k, {}).get('tflops', float('nan')):.0f}"
-                 for k in ("contiguous", "paged_16", "paged_128")]
+                 for k in ("contiguous", *(name for name, *_ in SERVING_POOLS))]
             lines.append(f"| {e['chunk'] or '-'} | {e['kv_len']} | {' | '.join(t)} |")
     lines += ["", "SM clock (median MHz, nvidia-smi) while each implementation's repetitions ran "
               "(- where they were too short for a sample):", "",

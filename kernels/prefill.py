@@ -4,8 +4,8 @@ One persistent CTA per SM walks the (item, query head) tiles of the planner's
 prefill :class:`~jaxattn.planner.WorkList`. A CTA has three warpgroups:
 
 * warpgroup 2 (producer) issues TMA copies: the tile's Q rows, then the K and
-  V tiles of the item's key range through the page table (one copy per page)
-  into a ``num_stages`` ring in SMEM. It runs ahead across tiles. (FP8 cache:
+  V tiles of the item's key range through the page table (one copy per page,
+  or one per tile when its pages are consecutive) into a ``num_stages`` ring in SMEM. It runs ahead across tiles. (FP8 cache:
   it also dequantises the V tiles, below.)
 * warpgroups 0 and 1 (consumers) own 64 query rows each. Per KV tile:
   ``S = Q K^T`` (wgmma, f32), per-row masking only on tiles that cross the
@@ -157,6 +157,16 @@ class PrefillConfig:
       causal 32k / chunked 128k against 1.224 / 1.098 / 1.037x for 2 and 1.205 / 1.113 /
       1.047x for 4 (same run, results/fp8-kv-2026-12-04-s29.md; session 29's first run:
       1.180 / 1.090 for 8 against 1.237 / 1.103 for 2).
+    merge_pages: pages smaller than a KV tile: when the tile's pages lie one after another
+      in the pool (what the engine's allocator hands a prompt), fill it with one TMA copy
+      instead of one per page; :func:`tile_first_pages` gives the producer one read per
+      tile to decide. Same numbers either way. On the H200 (results/prefill-2026-12-04-
+      s31-first-pages.md, time / the contiguous API at chunked 128k, causal 8k, causal
+      32k) 16-token pages in order took 0.999 / 1.039 / 1.008 merged against 1.036 /
+      1.115 / 1.073 page by page, level with 128-token pages (1.005 / 1.032 / 1.002).
+      A tile of scattered pages reads its page ids after the wait for a free slot, and
+      shuffled 32-token pages took 1.063 / 1.094 / 1.070 there (1.021 / 1.073 / 1.049
+      before the merge, another run: prefill-2026-12-04-s31-merge.md).
     """
 
     block_q: int = 128
@@ -170,6 +180,7 @@ class PrefillConfig:
     fp8_qk: bool = True
     producer_dequant: bool = False
     dequant_vector: int = 2
+    merge_pages: bool = True
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -258,7 +269,8 @@ class PrefillConfig:
 
 
 def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
-                producer_dequant: bool = True, dequant_vector: int = 8) -> PrefillConfig:
+                producer_dequant: bool = True, dequant_vector: int = 8,
+                merge_pages: bool = True) -> PrefillConfig:
     """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
 
     The planner cuts items of ``bounds.block_q`` rows and KV ranges aligned to
@@ -266,8 +278,8 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
     deep as shared memory allows (at most 4 stages). Interpret mode runs the
     same config with P staged through SMEM (it has no SMEM budget). ``kv_dtype``:
     the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``,
-    ``dequant_vector``: :class:`PrefillConfig`'s (producer_dequant with the
-    producer's registers it needs).
+    ``dequant_vector``, ``merge_pages``: :class:`PrefillConfig`'s (producer_dequant
+    with the producer's registers it needs).
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)
@@ -279,7 +291,7 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages,
                             fp8_qk=fp8_qk, producer_dequant=shared_v,
-                            dequant_vector=dequant_vector,
+                            dequant_vector=dequant_vector, merge_pages=merge_pages,
                             consumer_registers=224 if shared_v else 232)
         if cfg.smem_bytes(bounds.head_dim, dtype, kv_dtype) <= common.MAX_SMEM:
             best = cfg
@@ -413,16 +425,22 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     # Whole small pages per tile, or one slice of a large (or whole-sequence) page.
     pages_per_tile = 1 if page_size >= bkv or page_table.shape[1] == 1 else bkv // page_size
     max_page_col = page_table.shape[1] - 1
+    merge = config.merge_pages and pages_per_tile > 1
     cap = items.seq.shape[0]
     meta = jnp.stack([getattr(items, f) for f in _META]).astype(jnp.int32)  # [6, cap]
     count = jnp.reshape(items.count, (1,)).astype(jnp.int32)
     zero_ranges = jnp.asarray(zero_ranges, jnp.int32).reshape(-1, 2)
     n_zero = zero_ranges.shape[0]
     page_table = page_table.astype(jnp.int32)
+    # [S, KV tiles] (a placeholder when no tile merges): one read per tile on the producer's
+    # path instead of one per page.
+    first_pages = (tile_first_pages(page_table, pages_per_tile) if merge
+                   else jnp.full((1, 1), -1, jnp.int32))
     qk_scale = float(scale) * common.LOG2E
     tile_rows = COMPUTE_WGS * WG_ROWS
 
-    def prefill_kernel(meta_ref, count_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
+    def prefill_kernel(meta_ref, count_ref, zero_ref, pt_ref, first_ref, q_ref, k_ref, v_ref,
+                       *rest):
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)  # the FP8 cache's scales
         (o_ref, lse_ref, q_stage, q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem,
          q_full, q_free, k_full, k_free, v_full, v_free, turn, *fp8_scratch) = rest
@@ -783,31 +801,57 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     return [(pt_ref[seq, jnp.minimum(j * pages_per_tile + pg, max_page_col)], 0)
                             for pg in range(pages_per_tile)]
 
-                def load(pages_ref, smem, full, free, c, pages, scale_ref=None, scale_smem=None):
+                rows = bkv // pages_per_tile  # rows of one TMA copy (one page, or a slice)
+
+                def load(rows_ref, smem, full, free, c, j, first, scale_ref=None,
+                         scale_smem=None):
+                    """Fill slot c % stages with KV tile j: one TMA copy per page, or one for
+                    the whole tile when its pages are consecutive (``first`` >= 0: the first
+                    of them; None: never merged)."""
                     slot = c % stages
 
                     @pl.when(c >= stages)
                     def _():
                         plgpu.barrier_wait(free.at[slot])
 
-                    rows = bkv // len(pages)
-                    for pg, (page, row) in enumerate(pages):
-                        plgpu.copy_gmem_to_smem(pages_ref.at[page, pl.ds(row, rows), kv_head],
-                                                smem.at[slot, pl.ds(pg * rows, rows)],
-                                                full.at[slot])
-                        if scale_ref is not None:  # FP8: those rows' scales, same barrier
-                            plgpu.copy_gmem_to_smem(
-                                scale_ref.at[page, kv_head, pl.ds(row, rows)],
-                                scale_smem.at[slot, pl.ds(pg * rows, rows)], full.at[slot])
+                    def copy(page, row, pg, n=1):  # n pages' rows into the slot from row pg
+                        plgpu.copy_gmem_to_smem(
+                            rows_ref.at[pl.ds(page * page_size + row, n * rows), kv_head],
+                            smem.at[slot, pl.ds(pg * rows, n * rows)], full.at[slot])
+
+                    def copy_scales(page, row, pg):  # FP8: [page, head, row] rows, per page
+                        plgpu.copy_gmem_to_smem(
+                            scale_ref.at[page, kv_head, pl.ds(row, rows)],
+                            scale_smem.at[slot, pl.ds(pg * rows, rows)], full.at[slot])
+
+                    def page_by_page():
+                        for pg, (page, row) in enumerate(page_ids(j)):
+                            copy(page, row, pg)
+                            if scale_ref is not None:
+                                copy_scales(page, row, pg)
+
+                    if first is None:
+                        page_by_page()
+                        return
+
+                    @pl.when(first >= 0)
+                    def _():
+                        copy(first, 0, 0, pages_per_tile)
+                        for pg in range(pages_per_tile):
+                            if pg:  # the arrival this page's own copy would have made
+                                plgpu.barrier_arrive(full.at[slot])
+                            if scale_ref is not None:
+                                copy_scales(first + pg, 0, pg)
+
+                    pl.when(first < 0)(page_by_page)
 
                 @pl.loop(lo, hi)
                 def _kv(j):
                     c = step + j - lo
-                    # Page ids once for K and V, read before the waits for a free slot so
-                    # their GMEM latency overlaps them.
-                    pages = page_ids(j)
-                    load(k_ref, k_smem, k_full, k_free, c, pages, ks_ref, ks_smem)
-                    load(v_ref, v_smem, v_full, v_free, c, pages, vs_ref, vs_smem)
+                    # Read before the waits for a free slot, so its latency overlaps them.
+                    first = first_ref[seq, j] if merge else None
+                    load(k_ref, k_smem, k_full, k_free, c, j, first, ks_ref, ks_smem)
+                    load(v_ref, v_smem, v_full, v_free, c, j, first, vs_ref, vs_smem)
                     if shared_v:  # one step behind the copies, so they stay ahead
                         pl.when(c > 0)(lambda: dequantize_v(c - 1))
 
@@ -855,9 +899,24 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         # Row reductions stay inside a warp (WGMMA layout): no cross-warp scratch needed.
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=interpret or None,
-    )(meta, count, zero_ranges, page_table, q, k_pages, v_pages,
+    )(meta, count, zero_ranges, page_table, first_pages, q,
+      # [P * page_size, Hkv, D] (a bitcast): a run of consecutive pages is one TMA box
+      k_pages.reshape(-1, hkv, d), v_pages.reshape(-1, hkv, d),
       *(() if not fp8 else (k_scale, v_scale)))
     return out, lse_tiles
+
+
+def tile_first_pages(page_table, pages_per_tile: int):
+    """page_table [S, cols] -> [S, ceil(cols / pages_per_tile)] int32: the first page of each
+    KV tile (``pages_per_tile`` table columns) where the tile's pages are consecutive in the
+    pool, else -1. Columns past the table repeat its last page, so a tile running off the
+    end is never consecutive."""
+    s, cols = page_table.shape
+    n = -(-cols // pages_per_tile)
+    col = jnp.minimum(jnp.arange(n * pages_per_tile), cols - 1)
+    pages = page_table[:, col].reshape(s, n, pages_per_tile)
+    run = jnp.all(pages == pages[..., :1] + jnp.arange(pages_per_tile), axis=-1)
+    return jnp.where(run, pages[..., 0], -1).astype(jnp.int32)
 
 
 def scatter_lse(lse_tiles, items: WorkList, num_rows: int):

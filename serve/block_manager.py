@@ -272,9 +272,12 @@ class BlockManager:
             free_c = "" if self.chunked is None else f" and {c} chunked ({len(self.chunked.free)} free)"
             raise OutOfPages(f"sequence {seq_id} needs {g} more global pages "
                              f"({len(self.glob.free)} free){free_c}")
-        self._tables[seq_id].extend(self.glob.fresh() for _ in range(g))
+        # Each step's new pages in ascending order: pages freed together (tail first, or by
+        # several sequences) then follow one another in the pool, and the prefill kernel
+        # fills a KV tile of consecutive pages with one copy instead of one per page.
+        self._tables[seq_id].extend(sorted(self.glob.fresh() for _ in range(g)))
         if c:
-            self._ctables[seq_id].extend(self.chunked.fresh() for _ in range(c))
+            self._ctables[seq_id].extend(sorted(self.chunked.fresh() for _ in range(c)))
 
     def commit(self, seq_id: int, tokens: Sequence[int], num_computed: int) -> None:
         """Register the pages that ``num_computed`` now fills completely (their KV is written).

@@ -75,8 +75,11 @@ class RaggedCase:
 
 
 def make_ragged_case(bounds: jaxattn.Bounds, q_lens, kv_lens, *, dtype=np.float32, seed=0,
-                     num_tokens=None) -> RaggedCase:
+                     num_tokens=None, in_runs=False) -> RaggedCase:
     """Random q/K/V for the given lengths; pages are shuffled so the page table matters.
+    ``in_runs``: the sequences' pages follow one another in the pool instead (as a fresh
+    engine hands them out), from an odd first page, except two swapped pages per sequence
+    (so some KV tiles' pages are consecutive and some are not).
 
     The pool always has every page the bounds allow (plus one), so every case of one bounds
     has the same shapes: the tests' eager calls reuse each other's compilations instead of
@@ -96,6 +99,10 @@ def make_ragged_case(bounds: jaxattn.Bounds, q_lens, kv_lens, *, dtype=np.float3
     used = [-(-int(x) // bounds.page_size) for x in kv[:n]]
     num_pages = s_max * pps + 1
     perm = rng.permutation(num_pages)
+    if in_runs:
+        perm = np.roll(np.arange(num_pages), -3)
+        for i in np.cumsum([0] + used[:-1]) + 1:  # swap each sequence's 2nd and 3rd page
+            perm[[i, i + 1]] = perm[[i + 1, i]]
     table = np.zeros((s_max, pps), np.int32)
     off = 0
     for s, u in enumerate(used):

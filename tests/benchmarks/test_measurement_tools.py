@@ -186,7 +186,7 @@ def test_paged_pools_hold_the_sequence_in_table_order(shuffle):
 def test_paging_table_has_a_column_per_pool():
     from benchmarks import prefill
 
-    names = ["contiguous"] + [n for n, _, _ in prefill.PAGINGS]
+    names = ["contiguous"] + [n for n, *_ in prefill.PAGINGS]
     entry = dict(mode="chunked", length=131072, ms={n: 2.0 for n in names},
                  tflops={n: 500.0 for n in names}, spread={n: 1.01 for n in names})
     md = prefill.markdown(dict(date="d", device="H200", jax="0.11.2", lengths=[], sustained=[],

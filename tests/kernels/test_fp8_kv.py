@@ -39,11 +39,11 @@ def _fresh_interpreter():
     yield
 
 
-def _fp8_case(bounds, q_lens, kv_lens, *, num_tokens, k_gain=1.0, seed=0):
+def _fp8_case(bounds, q_lens, kv_lens, *, num_tokens, k_gain=1.0, seed=0, in_runs=False):
     """A ragged case whose pages are quantised; keys get a spread of row norms (some rows
     large, some small), so per-row scales matter."""
     rc = make_ragged_case(bounds, q_lens, kv_lens, dtype=np.float32, seed=seed,
-                          num_tokens=num_tokens)
+                          num_tokens=num_tokens, in_runs=in_runs)
     rng = np.random.default_rng(seed + 1)
     gain = np.exp(rng.uniform(-2, 2, rc.k_pages.shape[:3]))[..., None] * k_gain
     k8, ks = kv_quant.quantize_pages(jnp.asarray(rc.k_pages * gain))
@@ -137,6 +137,28 @@ def test_fp8_prefill_producer_dequant_equals_the_consumers():
     for out, lse in got[1:]:
         np.testing.assert_array_equal(got[0][0], out)
         np.testing.assert_array_equal(got[0][1], lse)
+
+
+def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page():
+    """``PrefillConfig.merge_pages`` over an FP8 cache: a tile of consecutive pages is one
+    TMA copy of values (its scale rows still one copy per page); bit-equal to copying
+    every page alone."""
+    bounds = _bounds(num_workers=2, page_size=32)  # 64-key tiles: 2 pages each
+    q_lens, kv_lens = (150, 37), (200, 37)
+    rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=200, in_runs=True)
+    pairs = rc.page_table[0, :6].reshape(3, 2)
+    assert (np.diff(pairs) == 1).ravel().tolist() == [False, False, True], pairs
+    args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
+    got = []
+    for merge in (True, False):
+        with prefill_picked_with(merge_pages=merge):
+            out, lse = jaxattn.ragged_paged_attention(
+                q, k8, v8, *args, k_scale=ks, v_scale=vs, bounds=bounds, scale=0.08,
+                impl="interpret", return_lse=True)
+        got.append((np.asarray(out, np.float32)[:sum(q_lens)], np.asarray(lse)[:sum(q_lens)]))
+    assert np.isfinite(got[0][0]).all()
+    np.testing.assert_array_equal(got[0][0], got[1][0])
+    np.testing.assert_array_equal(got[0][1], got[1][1])
 
 
 def test_fp8_chunked_local_and_small_pages():

@@ -41,8 +41,9 @@ def _pools(num_pages, page_size, hkv, d, seed):
     return k8, v8, ks, vs
 
 
-def _case(q_lens, kv_lens, chunk, block_kv):
-    """(bounds, q, FP8 pools, dequantised bf16 pools, the kernels' batch args, rows)."""
+def _case(q_lens, kv_lens, chunk, block_kv, in_order=False):
+    """(bounds, q, FP8 pools, dequantised bf16 pools, the kernels' batch args, rows).
+    ``in_order``: each sequence's pages one after another in the pool; else shuffled."""
     page, hq, hkv, d = 32, 40, 8, 128
     n = len(q_lens)
     bounds = jaxattn.Bounds(max_num_seqs=n, max_num_batched_tokens=max(16, sum(q_lens)),
@@ -50,7 +51,8 @@ def _case(q_lens, kv_lens, chunk, block_kv):
                             num_kv_heads=hkv, head_dim=d, chunk_size=chunk, block_kv=block_kv)
     used = [-(-k // page) for k in kv_lens]
     rng = np.random.default_rng(0)
-    perm = rng.permutation(sum(used) + 1).astype(np.int32)
+    perm = (np.arange(1, sum(used) + 1) if in_order else rng.permutation(sum(used) + 1)
+            ).astype(np.int32)
     table = np.zeros((n, bounds.pages_per_seq), np.int32)
     off = 0
     for s, u in enumerate(used):
@@ -151,6 +153,24 @@ def test_fp8_prefill_producer_dequant_equals_the_consumers(q_lens, kv_lens, chun
     got = []
     for producer in (False, True):
         with prefill_picked_with(producer_dequant=producer):
+            out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, **kw)
+        got.append((np.asarray(out[:rows], np.float32), np.asarray(lse[:rows])))
+    assert np.isfinite(got[0][0]).all()
+    np.testing.assert_array_equal(got[1][0], got[0][0])
+    np.testing.assert_array_equal(got[1][1], got[0][1])
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[2:])
+def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page(q_lens, kv_lens, chunk):
+    """Pages one after another: each KV tile's values come in one TMA copy
+    (``PrefillConfig.merge_pages``), bit-equal to one copy per page."""
+    bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 128,
+                                                       in_order=True)
+    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True,
+              impl="mosaic", k_scale=ks, v_scale=vs)
+    got = []
+    for merge in (True, False):
+        with prefill_picked_with(merge_pages=merge):
             out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, **kw)
         got.append((np.asarray(out[:rows], np.float32), np.asarray(lse[:rows])))
     assert np.isfinite(got[0][0]).all()

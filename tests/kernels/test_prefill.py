@@ -27,7 +27,7 @@ from jaxattn import kernels, planner
 from jaxattn.kernels import common, prefill
 from jaxattn.planner import WorkList
 
-from attention_cases import make_ragged_case, naive_attention, naive_ragged
+from attention_cases import make_ragged_case, naive_attention, naive_ragged, prefill_picked_with
 
 TOL = {jnp.bfloat16: 2.5e-2, jnp.float16: 4e-3}
 
@@ -202,6 +202,39 @@ def test_kv_major_schedule_balances_causal_prefill(hq):
         assert (item >= 0).sum() == count * hq
         worst[length] = load.max() / load.mean()
     assert max(worst.values()) < 1.02, {k: round(v, 3) for k, v in worst.items() if v >= 1.02}
+
+
+def test_tile_first_pages():
+    table = np.array([[4, 5, 6, 7, 9, 8, 10, 11, 12, 13],
+                      [0, 1, 2, 3, 3, 4, 5, 6, 7, 8]], np.int32)
+    np.testing.assert_array_equal(prefill.tile_first_pages(jnp.asarray(table), 4),
+                                  [[4, -1, -1], [0, 3, -1]])  # the last tiles run off the end
+    np.testing.assert_array_equal(prefill.tile_first_pages(jnp.asarray(table), 2),
+                                  [[4, 6, -1, 10, 12], [0, 2, 3, 5, 7]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_merged_page_copies_equal_one_copy_per_page(page_size):
+    """``PrefillConfig.merge_pages``: a KV tile whose pages are consecutive in the pool is
+    filled by one TMA copy, the others page by page; the output is bit-equal to copying
+    every page alone, and matches the oracle."""
+    bounds = _bounds(4, 2, 64, None, block_kv=64, page_size=page_size, decode_q=1)
+    case = make_ragged_case(bounds, [129, 100], [129, 300], dtype=jnp.bfloat16, seed=5,
+                            in_runs=True)
+    per_tile = bounds.block_kv // page_size
+    runs = [(np.diff(case.page_table[s, :n // page_size].reshape(-1, per_tile)) == 1).all(-1)
+            for s, n in enumerate((128, 256))]  # the whole tiles of each sequence
+    assert np.concatenate(runs).any() and not np.concatenate(runs).all(), runs  # both kinds
+    got = []
+    for merge in (True, False):
+        with prefill_picked_with(merge_pages=merge):
+            got.append(jaxattn.ragged_paged_attention(
+                *case.args(), bounds=bounds, causal=True, return_lse=True, scale=0.1,
+                impl="interpret"))
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    _check(*got[0], *naive_ragged(*case.args(), 0.1, causal=True), jnp.bfloat16)
 
 
 @pytest.mark.slow

@@ -54,12 +54,14 @@ def _fn(chunk, config=None):
     return jax.jit(f)
 
 
-def _batch(q_lens, kv_lens, seed):
+def _batch(q_lens, kv_lens, seed, in_order=False):
+    """``in_order``: each sequence's pages one after another in the pool (as the engine's
+    allocator hands out a prompt's), from an odd page on; else shuffled."""
     _, _, _, n_pages = _data()
     rng = np.random.default_rng(seed)
     pps = T // PAGE
     table = np.zeros((8, pps), np.int32)
-    perm = rng.permutation(n_pages)
+    perm = np.roll(np.arange(n_pages), -7) if in_order else rng.permutation(n_pages)
     off = 0
     for s, kv in enumerate(kv_lens):
         u = -(-kv // PAGE)
@@ -91,9 +93,10 @@ def _rows_f32(q_rows, pos, k_seq, v_seq, kv_len, lo):
 N_ROWS = 40  # sampled rows per sequence (fixed, so the f32 check compiles once)
 
 
-def _check(q_lens, kv_lens, chunk, seed=0, config=None):
+def _check(q_lens, kv_lens, chunk, seed=0, config=None, in_order=False):
+    """Runs the batch, checks sampled rows against f32 attention; returns (out, lse)."""
     q, k_pages, v_pages, _ = _data()
-    table, cu, kv = _batch(q_lens, kv_lens, seed)
+    table, cu, kv = _batch(q_lens, kv_lens, seed, in_order)
     out, lse = _fn(chunk, config)(q, k_pages, v_pages, table, cu, kv, np.int32(len(q_lens)))
     n = int(cu[len(q_lens)])
     assert not bool(jnp.isnan(out[:n]).any()), "NaN in the output"
@@ -113,6 +116,7 @@ def _check(q_lens, kv_lens, chunk, seed=0, config=None):
         assert err < 2e-2, (s, ql, kl, err)
         np.testing.assert_allclose(np.asarray(lse[cu[s] + rows]), np.asarray(want_l),
                                    atol=2e-3, rtol=1e-4)
+    return out, lse
 
 
 LENGTHS = [1, 127, 128, 129, 1000, 8191, 8192, 8193, 10000, 10001, 16383, 16384, 16385, 65536,
@@ -147,6 +151,19 @@ def test_kernel_variants(variant):
     _check([10001, 1, 8193, 3000, 129, 12, 5000], [10001, 9000, 16385, 20000, 129, 12, 30000],
            CHUNK, seed=11, config=VARIANTS[variant])
     _check([16385], [16385], None, seed=12, config=VARIANTS[variant])
+
+
+@pytest.mark.parametrize("chunk", [None, CHUNK])
+def test_pages_in_order_merge_into_one_copy_per_tile(chunk):
+    """Consecutive pages (each KV tile one TMA copy, ``PrefillConfig.merge_pages``) give
+    the numbers of one copy per page, bit for bit, and match f32 attention."""
+    q_lens, kv_lens = [10001, 1, 8193], [10001, 9000, 16385]
+    merged = _check(q_lens, kv_lens, chunk, seed=13, config=prefill.PrefillConfig(),
+                    in_order=True)
+    per_page = _check(q_lens, kv_lens, chunk, seed=13, in_order=True,
+                      config=prefill.PrefillConfig(merge_pages=False))
+    for a, b in zip(merged, per_page):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 def test_one_compile_for_all_lengths():

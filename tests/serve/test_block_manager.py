@@ -141,3 +141,19 @@ def test_out_of_pages_is_a_signal_not_a_crash():
     bm.free(0)
     assert bm.num_free_pages == 3
     bm.check()
+
+
+
+def test_a_step_takes_its_pages_in_ascending_order():
+    """The prefill kernel copies a KV tile of consecutive pages at once: a prompt's pages
+    follow one another in a fresh pool, and again after they were freed tail first."""
+    bm = BlockManager(32, 4)
+    bm.allocate(0, [1] * 40)
+    bm.grow(0, 40)
+    assert bm.pages(0) == list(range(10))
+    bm.grow(0, 44)  # a decode step's page: the next one free
+    bm.free(0)  # tail first: the free list is now 11, ..., 31, 10, 9, ..., 0
+    bm.allocate(1, [2] * 100)
+    bm.grow(1, 100)  # 25 pages: 11-31, then the 4 freed longest ago (10, 9, 8, 7)
+    assert bm.pages(1) == list(range(7, 32))
+    bm.check()
