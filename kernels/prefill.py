@@ -164,9 +164,9 @@ class PrefillConfig:
       s31-first-pages.md, time / the contiguous API at chunked 128k, causal 8k, causal
       32k) 16-token pages in order took 0.999 / 1.039 / 1.008 merged against 1.036 /
       1.115 / 1.073 page by page, level with 128-token pages (1.005 / 1.032 / 1.002).
-      A tile of scattered pages reads its page ids after the wait for a free slot, and
-      shuffled 32-token pages took 1.063 / 1.094 / 1.070 there (1.021 / 1.073 / 1.049
-      before the merge, another run: prefill-2026-12-04-s31-merge.md).
+      Scattered pages are copied page by page as before: shuffled 32-token pages took
+      1.063 / 1.094 / 1.070 there, 1.068 / 1.098 / 1.059 before the merge
+      (prefill-2026-12-04-s31-paging.md; a third run gave 1.021 / 1.073 / 1.049).
     """
 
     block_q: int = 128
