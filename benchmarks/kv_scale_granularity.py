@@ -16,6 +16,12 @@ granularity (per token, as the cache stores today; per 32-token page; per 128-to
 one scale for the whole head; per tile with P rounded to e4m3 too, as FA3's FP8 PV takes
 it) it reports the output's relative L2 error and the largest lse error against the
 unquantised f32 attention.
+
+A second table takes K as Llama 4's RoPE layers hand it to the cache: after ``use_qk_norm``
+(each row divided by its RMS, no weight), so no element exceeds sqrt(D). It compares K's
+per-token scale with one fixed scale for every row (``STATIC_K``: the rows times 16 or 1
+before the e4m3 rounding), which would free the prefill kernel from K's per-key scales; V
+keeps its per-token scale in every column.
 Results: benchmarks/results/kv-scale-granularity-<date>.json/.md.
 """
 
@@ -38,6 +44,8 @@ L, D, NQ = 8192, 128, 64
 COLUMNS = {"token": (1, None), "page 32": (32, None), "tile 128": (128, None),
            "head": (L, None), "tile 128, P e4m3": (128, 1.0),
            "tile 128, P e4m3 x256": (128, 256.0)}
+# column of the qk-normed table -> K's fixed factor before the e4m3 rounding (None: per token)
+STATIC_K = {"token": None, "static x16": 16.0, "static x1": 1.0}
 SPREADS = (0.0, 1.0, 2.0)
 SHARPNESS = (5.0, 30.0)
 
@@ -96,6 +104,35 @@ def errors(key, spread, sharpness, aligned):
     return res
 
 
+def quantize_static(x, factor):
+    """x through e4m3 at one fixed scale (1 / ``factor``) for every row, saturating."""
+    x8 = jnp.clip(x * factor, -kv_quant.FP8_MAX, kv_quant.FP8_MAX).astype(kv_quant.FP8)
+    return x8.astype(jnp.float32) / factor
+
+
+@functools.partial(jax.jit, static_argnames="aligned")
+def qk_normed_errors(key, spread, sharpness, aligned):
+    """K as after Llama 4's qk norm (``rows``' structure, then each row over its RMS); V as
+    in :func:`errors`. Errors against f32 attention for each :data:`STATIC_K` column."""
+    kq, kk, kv, ki = jax.random.split(key, 4)
+    k, v = rows(kk, spread), rows(kv, spread)
+    k = k * jax.lax.rsqrt(jnp.mean(k * k, axis=1, keepdims=True) + 1e-5)
+    q = jax.random.normal(kq, (NQ, D), jnp.float32)
+    if aligned:
+        q = q / jnp.linalg.norm(q, axis=1, keepdims=True) + k[
+            jax.random.randint(ki, (NQ,), 0, L)] / np.sqrt(D)
+    q = q * sharpness / jnp.abs(q @ k.T).max(axis=1, keepdims=True)
+    out, lse = attend(q, k, v)
+    v8 = quantize_blocks(v, 1)
+    res = {}
+    for name, factor in STATIC_K.items():
+        k8 = quantize_blocks(k, 1) if factor is None else quantize_static(k, factor)
+        o, l = attend(q, k8, v8)
+        res[name] = (jnp.linalg.norm(o - out) / jnp.linalg.norm(out), jnp.abs(l - lse).max(),
+                     jnp.abs(k).max())
+    return res
+
+
 def main():
     res = dict(date=datetime.date.today().isoformat(), rows=[])
     for aligned, spread, sharp in itertools.product((True, False), SPREADS, SHARPNESS):
@@ -112,6 +149,23 @@ def main():
     for r in res["rows"]:
         lines.append(f"| {r['queries']} | {r['spread']} | {r['sharpness']:.0f} | " + " | ".join(
             f"{r[n]['rel_l2']:.2e} / {r[n]['lse_max']:.2e}" for n in names) + " |")
+    res["qk_normed"] = []
+    for aligned, spread, sharp in itertools.product((True, False), SPREADS, SHARPNESS):
+        e = qk_normed_errors(jax.random.key(0), spread, sharp, aligned)
+        res["qk_normed"].append(dict(
+            queries="along a key" if aligned else "random", spread=spread, sharpness=sharp,
+            k_max=float(e["token"][2]), **{name: dict(rel_l2=float(r), lse_max=float(m))
+                                           for name, (r, m, _) in e.items()}))
+    names = list(STATIC_K)
+    lines += ["", "K after Llama 4's qk norm (rows over their RMS): K's per-token scale against "
+              "one fixed scale for all rows (V per token throughout); output relative L2 error "
+              "/ largest lse error against f32 attention", "",
+              "| queries | norm spread before the norm | max logit | largest K | "
+              + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
+    for r in res["qk_normed"]:
+        lines.append(f"| {r['queries']} | {r['spread']} | {r['sharpness']:.0f} | "
+                     f"{r['k_max']:.1f} | " + " | ".join(
+                         f"{r[n]['rel_l2']:.2e} / {r[n]['lse_max']:.2e}" for n in names) + " |")
     write_report(f"kv-scale-granularity-{res['date']}", res, "\n".join(lines) + "\n")
 
 
