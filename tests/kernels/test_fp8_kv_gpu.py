@@ -9,6 +9,8 @@ as the kernel does; decode rows are the decode kernel's either way. And the kern
 needle 128k tokens deep.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,39 +145,45 @@ def test_fp8_decode_f16_tiles_match_the_reference(q_lens, kv_lens, chunk):
         np.testing.assert_allclose(got, want, atol=2e-2, rtol=0)
 
 
+def _assert_forms_agree(q_lens, kv_lens, chunk, forms, in_order=False):
+    """The kernels over the case's FP8 pages under each of ``forms`` (context managers
+    that set a kernel form) give the first form's outputs bit for bit."""
+    bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 128,
+                                                       in_order=in_order)
+    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True,
+              impl="mosaic", k_scale=ks, v_scale=vs)
+    got = []
+    for form in forms:
+        with form:
+            out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, **kw)
+        got.append((np.asarray(out[:rows], np.float32), np.asarray(lse[:rows])))
+    assert np.isfinite(got[0][0]).all()
+    for out, lse in got[1:]:
+        np.testing.assert_array_equal(out, got[0][0])
+        np.testing.assert_array_equal(lse, got[0][1])
+
+
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[2:])
 def test_fp8_prefill_producer_dequant_equals_the_consumers(q_lens, kv_lens, chunk):
     """``PrefillConfig.producer_dequant``: V dequantised once by the producer warpgroup gives
     exactly what each consumer dequantising its own copy gives (the same tile)."""
-    bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 128)
-    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True,
-              impl="mosaic", k_scale=ks, v_scale=vs)
-    got = []
-    for producer in (False, True):
-        with prefill_picked_with(producer_dequant=producer):
-            out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, **kw)
-        got.append((np.asarray(out[:rows], np.float32), np.asarray(lse[:rows])))
-    assert np.isfinite(got[0][0]).all()
-    np.testing.assert_array_equal(got[1][0], got[0][0])
-    np.testing.assert_array_equal(got[1][1], got[0][1])
+    _assert_forms_agree(q_lens, kv_lens, chunk,
+                        [prefill_picked_with(producer_dequant=p) for p in (False, True)])
 
 
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[2:])
 def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page(q_lens, kv_lens, chunk):
     """Pages one after another: each KV tile's values come in one TMA copy
     (``PrefillConfig.merge_pages``), bit-equal to one copy per page."""
-    bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 128,
-                                                       in_order=True)
-    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True,
-              impl="mosaic", k_scale=ks, v_scale=vs)
-    got = []
-    for merge in (True, False):
-        with prefill_picked_with(merge_pages=merge):
-            out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, **kw)
-        got.append((np.asarray(out[:rows], np.float32), np.asarray(lse[:rows])))
-    assert np.isfinite(got[0][0]).all()
-    np.testing.assert_array_equal(got[1][0], got[0][0])
-    np.testing.assert_array_equal(got[1][1], got[0][1])
+    _assert_forms_agree(q_lens, kv_lens, chunk,
+                        [prefill_picked_with(merge_pages=m) for m in (True, False)],
+                        in_order=True)
+
+
+@contextlib.contextmanager
+def _dequant_vector(vector):
+    with prefill_picked_with(dequant_vector=vector), decode_with(dequant_vector=vector):
+        yield
 
 
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[::2])
@@ -183,19 +191,7 @@ def test_fp8_dequant_vectors_give_the_same_numbers(q_lens, kv_lens, chunk):
     """``dequant_vector`` (4 or 8 values a thread vector: wider shared-memory loads and
     stores) only moves values differently: both kernels' outputs equal the wgmma layout's
     (2) bit for bit."""
-    bounds, q, (k8, v8, ks, vs), _, args, rows = _case(q_lens, kv_lens, chunk, 128)
-    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True,
-              impl="mosaic", k_scale=ks, v_scale=vs)
-    got = []
-    for vector in (2, 4, 8):
-        with (prefill_picked_with(dequant_vector=vector),
-              decode_with(dequant_vector=vector)):
-            out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, **kw)
-        got.append((np.asarray(out[:rows], np.float32), np.asarray(lse[:rows])))
-    assert np.isfinite(got[0][0]).all()
-    for out, lse in got[1:]:
-        np.testing.assert_array_equal(out, got[0][0])
-        np.testing.assert_array_equal(lse, got[0][1])
+    _assert_forms_agree(q_lens, kv_lens, chunk, [_dequant_vector(v) for v in (2, 4, 8)])
 
 
 @pytest.mark.xfail(strict=True, reason="on the H200 the outputs pass but 4-10% of the lse "
