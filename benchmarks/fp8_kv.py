@@ -65,14 +65,17 @@ def _interleaved(fns: dict, rounds=3, around=lambda name: contextlib.nullcontext
     return best
 
 
-def _cache(batch, ctx, seed=0):
-    """A shuffled paged bf16 cache of ``batch`` sequences of ``ctx`` tokens, and its FP8 form."""
+def _cache(batch, ctx, seed=0, in_order=False):
+    """A shuffled paged bf16 cache of ``batch`` sequences of ``ctx`` tokens, and its FP8 form;
+    ``in_order``: each sequence's pages one after another (as the engine hands out a
+    prompt's), which the prefill copies a tile at a time."""
     per_seq = -(-ctx // PAGE)
     n = batch * per_seq
     kk, kv = jax.random.split(jax.random.key(seed))
     k = jax.random.normal(kk, (n, PAGE, HKV, D), jnp.bfloat16)
     v = jax.random.normal(kv, (n, PAGE, HKV, D), jnp.bfloat16)
-    table = np.random.default_rng(seed).permutation(n).astype(np.int32).reshape(batch, per_seq)
+    table = (np.arange(n) if in_order else np.random.default_rng(seed).permutation(n)
+             ).astype(np.int32).reshape(batch, per_seq)
     quantize = jax.jit(kv_quant.quantize_pages)
     (k8, ks), (v8, vs) = quantize(k), quantize(v)
     fp8 = (k8, v8, ks, vs)
@@ -158,12 +161,13 @@ def _prefill_vector() -> int:
     return inspect.signature(prefill.pick_config).parameters["dequant_vector"].default
 
 
-def prefill_fns(mode, length, forms: dict, tile_order=None) -> dict:
+def prefill_fns(mode, length, forms: dict, tile_order=None, in_order=False) -> dict:
     """One fresh sequence of ``length`` tokens over both caches: name -> (jitted prefill, its
     arguments) for each of ``forms`` (name -> (FP8 cache?, pick_config's keywords)), each a
-    jit of its own; ``tile_order``: every one's ``PrefillConfig.tile_order`` (None: "auto")."""
+    jit of its own; ``tile_order``: every one's ``PrefillConfig.tile_order`` (None: "auto");
+    ``in_order``: the sequence's pages one after another in the pool (else shuffled)."""
     chunk = CHUNK if mode == "chunked" else None
-    (k, v), (k8, v8, ks, vs), table = _cache(1, length, seed=1)
+    (k, v), (k8, v8, ks, vs), table = _cache(1, length, seed=1, in_order=in_order)
     q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
     cu, kv = np.array([0, length], np.int32), np.array([length], np.int32)
     bounds = jaxattn.Bounds(max_num_seqs=1, max_num_batched_tokens=length, max_model_len=length,
@@ -183,16 +187,18 @@ def prefill_fns(mode, length, forms: dict, tile_order=None) -> dict:
     return fns
 
 
-def bench_prefill(mode, length, tile_order=None):
+def bench_prefill(mode, length, tile_order=None, in_order=False):
     """One prefill case, every :data:`PREFILL_VARIANTS` column; ``tile_order``: every
-    column's ``PrefillConfig.tile_order`` (None: the kernels' "auto")."""
-    fns = prefill_fns(mode, length, PREFILL_VARIANTS, tile_order)
+    column's ``PrefillConfig.tile_order`` (None: the kernels' "auto"); ``in_order``: the
+    pages one after another in the pool (else shuffled)."""
+    fns = prefill_fns(mode, length, PREFILL_VARIANTS, tile_order, in_order)
     ms = _interleaved(fns)
     diff = jax.jit(lambda a, b: jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
     out = {n: f(*a) for n, (f, a) in fns.items()}
     flops = _flops(mode, length)
     default = f"fp8_v{_prefill_vector()}"
     row = dict(kind="prefill", mode=mode, length=length, tile_order=tile_order or "auto",
+               pages="in order" if in_order else "shuffled",
                default=default, max_abs_diff=float(diff(out[default], out["bf16"])),
                # the vector forms compute the same numbers (0 expected)
                vectors_max_abs_diff=max(float(diff(out[n], out["fp8_v2"]))
@@ -233,6 +239,7 @@ def markdown(res) -> str:
             cells = [f"{r[n + '_ms']:.3f} ({r[n + '_tflops']:.0f}, {r[n + '_over_bf16']:.3f})"
                      for n in names]
             order = "" if r.get("tile_order", "auto") == "auto" else f", {r['tile_order']}"
+            order += ", pages in order" if r.get("pages") == "in order" else ""
             lines.append(f"| {r['mode']} {r['length']}{order} | " + " | ".join(cells)
                          + f" | {r['max_abs_diff']:.3g} | {r['vectors_max_abs_diff']:.3g} |")
     errors = [r for r in res["rows"] if "error" in r]
@@ -251,6 +258,9 @@ def main(argv=None):
     ap.add_argument("--prefill-cases", default=None,
                     help="e.g. causal:4096,causal:16384 (mode:length; default: "
                          + ",".join(f"{m}:{n}" for m, n in PREFILL_CASES) + ")")
+    ap.add_argument("--in-order", action="store_true",
+                    help="prefill pages one after another in the pool, as the engine hands out "
+                    "a prompt's (default: shuffled)")
     args = ap.parse_args(argv)
     dec = [] if args.prefill_only else QUICK["decode"] if args.quick else DECODE_CASES
     pre = [] if args.decode_only else QUICK["prefill"] if args.quick else PREFILL_CASES
@@ -266,7 +276,8 @@ def main(argv=None):
         print(res["rows"][-1], flush=True)
     for case in pre:
         try:
-            res["rows"].append(bench_prefill(*case, tile_order=args.tile_order))
+            res["rows"].append(bench_prefill(*case, tile_order=args.tile_order,
+                                             in_order=args.in_order))
         except Exception as e:  # noqa: BLE001
             res["rows"].append(dict(kind="prefill", case=case, error=f"{type(e).__name__}: {e}"[:400]))
         print(res["rows"][-1], flush=True)
