@@ -5,8 +5,9 @@ prefill :class:`~jaxattn.planner.WorkList`. A CTA has three warpgroups:
 
 * warpgroup 2 (producer) issues TMA copies: the tile's Q rows, then the K and
   V tiles of the item's key range through the page table (one copy per page,
-  or one per tile when its pages are consecutive) into a ``num_stages`` ring in SMEM. It runs ahead across tiles. (FP8 cache:
-  it also dequantises the V tiles, below.)
+  or one per tile when its pages are consecutive) into a ``num_stages`` ring
+  in SMEM. It runs ahead across tiles. (FP8 cache: it also dequantises the V
+  tiles, below.)
 * warpgroups 0 and 1 (consumers) own 64 query rows each. Per KV tile:
   ``S = Q K^T`` (wgmma, f32), per-row masking only on tiles that cross the
   item's key bound or the causal diagonal, online softmax in base 2 with
