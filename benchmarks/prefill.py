@@ -355,10 +355,8 @@ def bench_paging(res, rounds=3):
     """The same prefill through the contiguous API (one page per sequence: a TMA copy per KV
     tile) and over :data:`PAGINGS` pools, in turn ``rounds`` times in one run
     (``BENCH_PARTS=paging``), at ``PAGING_CASES`` ("mode:length,..."; default chunked 128k,
-    causal 8k and 32k). Chunked 128k ran at 515 TFLOP/s over shuffled 32-token pages
-    (fp8-kv-2026-12-04-s30.md) and at 548-557 through the contiguous API
-    (prefill-2026-12-04-s30-chunked-orders.md), with identical plans; causal 8k ran at ~583
-    both ways."""
+    causal 8k and 32k): what the page size, the page order and the merged copies of
+    consecutive pages cost (benchmarks/NOTES-prefill.md, sessions 30-31)."""
     spec = os.environ.get("PAGING_CASES", "chunked:131072,causal:8192,causal:32768")
     for mode, length in mode_lengths(spec):
         if time.time() - T0 > BUDGET_S:
