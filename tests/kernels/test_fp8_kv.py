@@ -114,21 +114,21 @@ def test_fp8_mixed_batch_equals_bf16_kernels_over_dequantised_pages():
     _check_against_bf16_and_oracle(_bounds(), (150, 1, 1, 37), (200, 260, 33, 37))
 
 
-def test_fp8_prefill_producer_dequant_equals_the_consumers():
-    """``PrefillConfig.producer_dequant`` (the default over an FP8 cache): V dequantised once
-    by the producer into a ring both consumers read gives exactly what each consumer
-    dequantising its own copy gives, with any ``dequant_vector`` (many
-    blocks per tile, so the ring wraps; several tiles per CTA, so it carries across tiles).
-    The ``fp8_qk=False`` form with it equals the bf16 kernels over the dequantised pages
-    (the tests above)."""
-    bounds = _bounds(num_workers=2)
-    q_lens, kv_lens = (150, 37), (200, 37)  # prefill items only (decode is another kernel)
-    rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=200)
+def _assert_prefill_forms_agree(forms, *, in_runs=False, check_table=None):
+    """The prefill over one case's FP8 pages (a long and a short prompt: prefill items only,
+    decode is another kernel) under each of ``forms`` (pick_config's keywords) gives the
+    first form's outputs bit for bit. ``check_table``: asserts on the page table first."""
+    bounds = _bounds(num_workers=2)  # 32-token pages, 64-key tiles
+    q_lens, kv_lens = (150, 37), (200, 37)
+    rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=200,
+                                        in_runs=in_runs)
+    if check_table is not None:
+        check_table(rc.page_table)
     args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
     n = sum(q_lens)
     got = []
-    for producer, vector in ((True, 2), (False, 2), (True, 8), (False, 4)):
-        with prefill_picked_with(producer_dequant=producer, dequant_vector=vector):
+    for form in forms:
+        with prefill_picked_with(**form):
             out, lse = jaxattn.ragged_paged_attention(
                 q, k8, v8, *args, k_scale=ks, v_scale=vs, bounds=bounds, scale=0.08,
                 impl="interpret", return_lse=True)
@@ -139,26 +139,28 @@ def test_fp8_prefill_producer_dequant_equals_the_consumers():
         np.testing.assert_array_equal(got[0][1], lse)
 
 
+def test_fp8_prefill_producer_dequant_equals_the_consumers():
+    """``PrefillConfig.producer_dequant`` (the default over an FP8 cache): V dequantised once
+    by the producer into a ring both consumers read gives exactly what each consumer
+    dequantising its own copy gives, with any ``dequant_vector`` (many
+    blocks per tile, so the ring wraps; several tiles per CTA, so it carries across tiles).
+    The ``fp8_qk=False`` form with it equals the bf16 kernels over the dequantised pages
+    (the tests above)."""
+    _assert_prefill_forms_agree([dict(producer_dequant=p, dequant_vector=v)
+                                 for p, v in ((True, 2), (False, 2), (True, 8), (False, 4))])
+
+
 def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page():
     """``PrefillConfig.merge_pages`` over an FP8 cache: a tile of consecutive pages is one
     TMA copy of values (its scale rows still one copy per page); bit-equal to copying
     every page alone."""
-    bounds = _bounds(num_workers=2, page_size=32)  # 64-key tiles: 2 pages each
-    q_lens, kv_lens = (150, 37), (200, 37)
-    rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=200, in_runs=True)
-    pairs = rc.page_table[0, :6].reshape(3, 2)
-    assert (np.diff(pairs) == 1).ravel().tolist() == [False, False, True], pairs
-    args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
-    got = []
-    for merge in (True, False):
-        with prefill_picked_with(merge_pages=merge):
-            out, lse = jaxattn.ragged_paged_attention(
-                q, k8, v8, *args, k_scale=ks, v_scale=vs, bounds=bounds, scale=0.08,
-                impl="interpret", return_lse=True)
-        got.append((np.asarray(out, np.float32)[:sum(q_lens)], np.asarray(lse)[:sum(q_lens)]))
-    assert np.isfinite(got[0][0]).all()
-    np.testing.assert_array_equal(got[0][0], got[1][0])
-    np.testing.assert_array_equal(got[0][1], got[1][1])
+
+    def tiles_of_both_kinds(table):  # 64-key tiles of 32-token pages: 2 pages each
+        pairs = table[0, :6].reshape(3, 2)
+        assert (np.diff(pairs) == 1).ravel().tolist() == [False, False, True], pairs
+
+    _assert_prefill_forms_agree([dict(merge_pages=m) for m in (True, False)], in_runs=True,
+                                check_table=tiles_of_both_kinds)
 
 
 def test_fp8_chunked_local_and_small_pages():
