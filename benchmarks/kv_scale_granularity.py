@@ -84,24 +84,38 @@ def attend(q, k, v, p_factor=None):
     return (p @ v) / p.sum(axis=1, keepdims=True), lse
 
 
-@functools.partial(jax.jit, static_argnames="aligned")
-def errors(key, spread, sharpness, aligned):
-    """``aligned``: each query points along one random key (plus as much noise), as a
+def _case(key, spread, sharpness, aligned, qk_norm=False):
+    """(q, k, v, out, lse): synthetic rows (:func:`rows`; ``qk_norm``: K's rows then over
+    their RMS, as Llama 4's RoPE layers normalise K), queries and their f32 attention.
+    ``aligned``: each query points along one random key (plus as much noise), as a
     retrieving head's does; else the queries are random directions."""
     kq, kk, kv, ki = jax.random.split(key, 4)
     k, v = rows(kk, spread), rows(kv, spread)
+    if qk_norm:
+        k = k * jax.lax.rsqrt(jnp.mean(k * k, axis=1, keepdims=True) + 1e-5)
     q = jax.random.normal(kq, (NQ, D), jnp.float32)
     if aligned:
         target = k[jax.random.randint(ki, (NQ,), 0, L)]
-        q = q / jnp.linalg.norm(q, axis=1, keepdims=True) + target / jnp.linalg.norm(
-            target, axis=1, keepdims=True)
+        norm = (np.sqrt(D) if qk_norm  # K's norm without the rsqrt's eps
+                else jnp.linalg.norm(target, axis=1, keepdims=True))
+        q = q / jnp.linalg.norm(q, axis=1, keepdims=True) + target / norm
     q = q * sharpness / jnp.abs(q @ k.T).max(axis=1, keepdims=True)
-    out, lse = attend(q, k, v)
-    res = {}
-    for name, (block, p_factor) in COLUMNS.items():
-        o, l = attend(q, quantize_blocks(k, block), quantize_blocks(v, block), p_factor)
-        res[name] = (jnp.linalg.norm(o - out) / jnp.linalg.norm(out), jnp.abs(l - lse).max())
-    return res
+    return (q, k, v, *attend(q, k, v))
+
+
+def _errors(got, out, lse):
+    """(output relative L2 error, largest lse error) of ``got`` = (out, lse)."""
+    o, l = got
+    return jnp.linalg.norm(o - out) / jnp.linalg.norm(out), jnp.abs(l - lse).max()
+
+
+@functools.partial(jax.jit, static_argnames="aligned")
+def errors(key, spread, sharpness, aligned):
+    """Each :data:`COLUMNS` granularity's errors against f32 attention."""
+    q, k, v, out, lse = _case(key, spread, sharpness, aligned)
+    return {name: _errors(attend(q, quantize_blocks(k, block), quantize_blocks(v, block),
+                                 p_factor), out, lse)
+            for name, (block, p_factor) in COLUMNS.items()}
 
 
 def quantize_static(x, factor):
@@ -112,60 +126,56 @@ def quantize_static(x, factor):
 
 @functools.partial(jax.jit, static_argnames="aligned")
 def qk_normed_errors(key, spread, sharpness, aligned):
-    """K as after Llama 4's qk norm (``rows``' structure, then each row over its RMS); V as
-    in :func:`errors`. Errors against f32 attention for each :data:`STATIC_K` column."""
-    kq, kk, kv, ki = jax.random.split(key, 4)
-    k, v = rows(kk, spread), rows(kv, spread)
-    k = k * jax.lax.rsqrt(jnp.mean(k * k, axis=1, keepdims=True) + 1e-5)
-    q = jax.random.normal(kq, (NQ, D), jnp.float32)
-    if aligned:
-        q = q / jnp.linalg.norm(q, axis=1, keepdims=True) + k[
-            jax.random.randint(ki, (NQ,), 0, L)] / np.sqrt(D)
-    q = q * sharpness / jnp.abs(q @ k.T).max(axis=1, keepdims=True)
-    out, lse = attend(q, k, v)
+    """K as after Llama 4's qk norm, V per token: each :data:`STATIC_K` column's errors
+    against f32 attention, and K's largest value."""
+    q, k, v, out, lse = _case(key, spread, sharpness, aligned, qk_norm=True)
     v8 = quantize_blocks(v, 1)
-    res = {}
-    for name, factor in STATIC_K.items():
-        k8 = quantize_blocks(k, 1) if factor is None else quantize_static(k, factor)
-        o, l = attend(q, k8, v8)
-        res[name] = (jnp.linalg.norm(o - out) / jnp.linalg.norm(out), jnp.abs(l - lse).max(),
-                     jnp.abs(k).max())
-    return res
+    return {name: _errors(attend(q, quantize_blocks(k, 1) if factor is None
+                                 else quantize_static(k, factor), v8), out, lse)
+            for name, factor in STATIC_K.items()}, jnp.abs(k).max()
+
+
+def _sweep(fn):
+    """One row per (queries, norm spread, max logit) of ``fn``'s per-column errors."""
+    out = []
+    for aligned, spread, sharp in itertools.product((True, False), SPREADS, SHARPNESS):
+        e, extra = fn(jax.random.key(0), spread, sharp, aligned)
+        out.append(dict(queries="along a key" if aligned else "random", spread=spread,
+                        sharpness=sharp, **extra, **{
+            name: dict(rel_l2=float(r), lse_max=float(m)) for name, (r, m) in e.items()}))
+    return out
+
+
+def _table(rows_, names, head, extra=()):
+    """Markdown lines: ``head`` columns, ``extra`` (key, header, format) ones, then a
+    'relative L2 / largest lse' cell per name."""
+    lines = ["| " + " | ".join(head + [h for _, h, _ in extra] + names) + " |",
+             "|" + "---|" * (len(head) + len(extra) + len(names))]
+    for r in rows_:
+        lines.append(f"| {r['queries']} | {r['spread']} | {r['sharpness']:.0f} | " + "".join(
+            f"{r[key]:{fmt}} | " for key, _, fmt in extra) + " | ".join(
+            f"{r[n]['rel_l2']:.2e} / {r[n]['lse_max']:.2e}" for n in names) + " |")
+    return lines
 
 
 def main():
-    res = dict(date=datetime.date.today().isoformat(), rows=[])
-    for aligned, spread, sharp in itertools.product((True, False), SPREADS, SHARPNESS):
-        e = errors(jax.random.key(0), spread, sharp, aligned)
-        res["rows"].append(dict(queries="along a key" if aligned else "random",
-                                spread=spread, sharpness=sharp, **{
-            name: dict(rel_l2=float(r), lse_max=float(m)) for name, (r, m) in e.items()}))
-    names = list(COLUMNS)
+    def qk_normed(*case):
+        e, k_max = qk_normed_errors(*case)
+        return e, dict(k_max=float(k_max))
+
+    res = dict(date=datetime.date.today().isoformat(),
+               rows=_sweep(lambda *case: (errors(*case), {})), qk_normed=_sweep(qk_normed))
     lines = ["FP8 K/V scale granularity: output relative L2 error / largest lse error against "
              f"f32 attention (synthetic K/V, one head, D={D}, {L} keys, {NQ} queries; "
-             f"{res['date']})", "",
-             "| queries | norm spread (sigma of log) | max logit | " + " | ".join(names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
-    for r in res["rows"]:
-        lines.append(f"| {r['queries']} | {r['spread']} | {r['sharpness']:.0f} | " + " | ".join(
-            f"{r[n]['rel_l2']:.2e} / {r[n]['lse_max']:.2e}" for n in names) + " |")
-    res["qk_normed"] = []
-    for aligned, spread, sharp in itertools.product((True, False), SPREADS, SHARPNESS):
-        e = qk_normed_errors(jax.random.key(0), spread, sharp, aligned)
-        res["qk_normed"].append(dict(
-            queries="along a key" if aligned else "random", spread=spread, sharpness=sharp,
-            k_max=float(e["token"][2]), **{name: dict(rel_l2=float(r), lse_max=float(m))
-                                           for name, (r, m, _) in e.items()}))
-    names = list(STATIC_K)
+             f"{res['date']})", ""]
+    lines += _table(res["rows"], list(COLUMNS),
+                    ["queries", "norm spread (sigma of log)", "max logit"])
     lines += ["", "K after Llama 4's qk norm (rows over their RMS): K's per-token scale against "
               "one fixed scale for all rows (V per token throughout); output relative L2 error "
-              "/ largest lse error against f32 attention", "",
-              "| queries | norm spread before the norm | max logit | largest K | "
-              + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
-    for r in res["qk_normed"]:
-        lines.append(f"| {r['queries']} | {r['spread']} | {r['sharpness']:.0f} | "
-                     f"{r['k_max']:.1f} | " + " | ".join(
-                         f"{r[n]['rel_l2']:.2e} / {r[n]['lse_max']:.2e}" for n in names) + " |")
+              "/ largest lse error against f32 attention", ""]
+    lines += _table(res["qk_normed"], list(STATIC_K),
+                    ["queries", "norm spread before the norm", "max logit"],
+                    extra=[("k_max", "largest K", ".1f")])
     write_report(f"kv-scale-granularity-{res['date']}", res, "\n".join(lines) + "\n")
 
 
