@@ -154,6 +154,13 @@ PREFILL_VARIANTS = {
     "fp8_v4": (True, dict(dequant_vector=4)),
     "fp8_v8": (True, dict(dequant_vector=8)),
 }
+# ``--per-page`` (with ``--in-order``): the same forms copying a tile's pages one at a time,
+# which the engine's in-order pages would take without ``PrefillConfig.merge_pages``.
+PER_PAGE_VARIANTS = {
+    "bf16_per_page": (False, dict(merge_pages=False)),
+    "fp8_v4_per_page": (True, dict(dequant_vector=4, merge_pages=False)),
+    "fp8_v8_per_page": (True, dict(dequant_vector=8, merge_pages=False)),
+}
 
 
 def _prefill_vector() -> int:
@@ -187,11 +194,11 @@ def prefill_fns(mode, length, forms: dict, tile_order=None, in_order=False) -> d
     return fns
 
 
-def bench_prefill(mode, length, tile_order=None, in_order=False):
-    """One prefill case, every :data:`PREFILL_VARIANTS` column; ``tile_order``: every
-    column's ``PrefillConfig.tile_order`` (None: the kernels' "auto"); ``in_order``: the
-    pages one after another in the pool (else shuffled)."""
-    fns = prefill_fns(mode, length, PREFILL_VARIANTS, tile_order, in_order)
+def bench_prefill(mode, length, tile_order=None, in_order=False, forms=PREFILL_VARIANTS):
+    """One prefill case, a column for each of ``forms`` (:data:`PREFILL_VARIANTS`' keys
+    included); ``tile_order``: every column's ``PrefillConfig.tile_order`` (None: the
+    kernels' "auto"); ``in_order``: the pages one after another in the pool (else shuffled)."""
+    fns = prefill_fns(mode, length, forms, tile_order, in_order)
     ms = _interleaved(fns)
     diff = jax.jit(lambda a, b: jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
     out = {n: f(*a) for n, (f, a) in fns.items()}
@@ -226,7 +233,7 @@ def markdown(res) -> str:
                          f"{r['fp8_wide_over_bf16']:.3f} | {r['fp8_qk_over_bf16']:.3f} "
                          f"| {r.get('fp8_2c_over_bf16', float('nan')):.3f} "
                          f"| {r['max_abs_diff']:.3g} |")
-    names = list(PREFILL_VARIANTS)
+    names = res.get("prefill_columns", list(PREFILL_VARIANTS))
     lines += ["", "Prefill (one sequence, fresh; ms, useful TFLOP/s, time / bf16). fp8_vN: "
               "the producer dequantises V in N-value vectors; the "
               "engine's default: "
@@ -261,13 +268,19 @@ def main(argv=None):
     ap.add_argument("--in-order", action="store_true",
                     help="prefill pages one after another in the pool, as the engine hands out "
                     "a prompt's (default: shuffled)")
+    ap.add_argument("--per-page", action="store_true",
+                    help="with --in-order: add columns copying one page at a time "
+                    "(PrefillConfig.merge_pages off)")
     args = ap.parse_args(argv)
+    if args.per_page and not args.in_order:
+        ap.error("--per-page compares page copies over pages in order: add --in-order")
+    forms = PREFILL_VARIANTS | (PER_PAGE_VARIANTS if args.per_page else {})
     dec = [] if args.prefill_only else QUICK["decode"] if args.quick else DECODE_CASES
     pre = [] if args.decode_only else QUICK["prefill"] if args.quick else PREFILL_CASES
     if args.prefill_cases and not args.decode_only:
         pre = mode_lengths(args.prefill_cases)
     res = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
-               jax=jax.__version__, rows=[])
+               jax=jax.__version__, prefill_columns=list(forms), rows=[])
     for case in dec:
         try:
             res["rows"].append(bench_decode(*case))
@@ -277,7 +290,7 @@ def main(argv=None):
     for case in pre:
         try:
             res["rows"].append(bench_prefill(*case, tile_order=args.tile_order,
-                                             in_order=args.in_order))
+                                             in_order=args.in_order, forms=forms))
         except Exception as e:  # noqa: BLE001
             res["rows"].append(dict(kind="prefill", case=case, error=f"{type(e).__name__}: {e}"[:400]))
         print(res["rows"][-1], flush=True)

@@ -17,3 +17,20 @@ def test_pools_hold_each_sequence_in_table_order(in_order):
     # the same draw of pages either way; only where each sequence's pages sit differs
     np.testing.assert_array_equal(np.asarray(k), np.asarray(shuffled[0][0]))
     assert k8.shape == k.shape and ks.shape == (6, fp8_kv.HKV, fp8_kv.PAGE)
+
+
+def test_per_page_columns_reach_the_table():
+    forms = fp8_kv.PREFILL_VARIANTS | fp8_kv.PER_PAGE_VARIANTS
+    row = dict(kind="prefill", mode="causal", length=8192, pages="in order",
+               max_abs_diff=0.1, vectors_max_abs_diff=0.0)
+    for i, n in enumerate(forms):
+        row |= {f"{n}_ms": 1.0 + i, f"{n}_tflops": 500.0, f"{n}_over_bf16": 1.0 + i}
+    table = fp8_kv.markdown(dict(device="H200", date="2026-12-04", prefill_columns=list(forms),
+                                 rows=[row]))
+    assert "| bf16_per_page | fp8_v4_per_page | fp8_v8_per_page |" in table
+    assert "pages in order | 1.000 (500, 1.000)" in table
+
+
+def test_per_page_needs_pages_in_order():
+    with pytest.raises(SystemExit):
+        fp8_kv.main(["--per-page", "--prefill-only"])
