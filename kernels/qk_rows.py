@@ -14,8 +14,12 @@ consecutive rows of ``D`` values (q's, k's, v's): the program loads 64 of them i
 register layout, where a row's reduction (the norm) stays within a warp and each pair of
 elements (2j, 2j + 1) sits in one thread's register, so RoPE's partner is a swap of a
 register's halves. The rotated q and k rows go back through shared memory by TMA, each to
-its own output, or, with a bf16 paged cache (:class:`KVTarget`), k and v straight into the
+its own output, or, with a paged cache (:class:`KVTarget`), k and v straight into the
 token's slot of its pools (aliased: updated in place), where XLA ran two scatter kernels.
+An FP8 cache's rows are quantised on the way (:mod:`jaxattn.kv_quant`'s arithmetic, per
+token and KV head), their scales stored one by one: where XLA ran a reduction, the scales'
+scatters and the values' (measured in a full Scout decode step before this: the FP8 cache
+took 7.84 ms a step at batch 1 x 8k against bf16's 7.20).
 The token's cos and sin come as :func:`rope_tables` makes them once a step for every layer:
 ``[T, D]`` rows, each pair's cosine twice and its sine signed [-s, s].
 """
@@ -31,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxattn import kv_quant
 from jaxattn.kernels import common
 
 IMPLS = ("auto", "xla", "mosaic")
@@ -127,30 +132,63 @@ def _swap_pairs(x, interpret: bool):
 
 
 class KVTarget(NamedTuple):
-    """Where a layer's new keys and values go: a bf16 paged cache's pools ``k_pages``,
-    ``v_pages`` [P, page_size, Hkv, D] and each token's slot ``slots`` int32 [T] (page *
-    page_size + offset; past the pool: a padding token, not written)."""
+    """Where a layer's new keys and values go: a paged cache's pools ``k_pages``, ``v_pages``
+    [P, page_size, Hkv, D] and each token's slot ``slots`` int32 [T] (page * page_size +
+    offset; past the pool: a padding token, not written). An FP8 cache (float8_e4m3fn
+    pools, :mod:`jaxattn.kv_quant`) adds its scale pools ``k_scale``, ``v_scale`` [P, Hkv,
+    page_size] f32: each row is quantised as it is written."""
 
     k_pages: jax.Array
     v_pages: jax.Array
     slots: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+
+    @property
+    def fp8(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def pools(self) -> tuple:
+        """The pools a write updates: values (and, FP8, scales), in field order."""
+        return tuple(p for p in (self.k_pages, self.v_pages, self.k_scale, self.v_scale)
+                     if p is not None)
 
 
 def reference_write(target: KVTarget, k, v) -> tuple:
-    """k, v [T, Hkv, D] scattered into their slots -> the two pools (XLA's scatters)."""
-    def write(pages, new):
-        p, ps, h, d = pages.shape
+    """k, v [T, Hkv, D] scattered into their slots (XLA's scatters) -> ``target.pools``
+    updated; FP8: each row quantised per token and KV head (:func:`kv_quant.quantize`), its
+    values and scale scattered."""
+    p, ps, h, d = target.k_pages.shape
+    out, scales = [], []
+    for pages, scale, new in ((target.k_pages, target.k_scale, k),
+                              (target.v_pages, target.v_scale, v)):
+        if target.fp8:
+            new, s = kv_quant.quantize(new)  # [T, Hkv, D] e4m3, [T, Hkv]
+            page, off = target.slots // ps, target.slots % ps  # past the pool: dropped
+            scales.append(scale.at[page, :, off].set(s, mode="drop"))
         flat = pages.reshape(p * ps, h, d).at[target.slots].set(new.astype(pages.dtype),
                                                                 mode="drop")
-        return flat.reshape(pages.shape)
+        out.append(flat.reshape(pages.shape))
+    return (*out, *scales)
 
-    return write(target.k_pages, k), write(target.v_pages, v)
+
+def _quantize_rows(x, values_smem, scales_smem):
+    """:func:`kv_quant.quantize` of each row of ``x`` [64, D] (f32, wgmma layout), the same
+    arithmetic: e4m3 values into ``values_smem`` [64, D], scales into ``scales_smem`` [64]."""
+    amax = jnp.max(jnp.abs(x), axis=1)
+    scale = jnp.minimum(jnp.maximum(amax * (1.0 / kv_quant.FP8_MAX), kv_quant.MIN_SCALE),
+                        kv_quant.MAX_SCALE)
+    y = x * lax.broadcast_in_dim(1.0 / scale, x.shape, [0])
+    values_smem[...] = jnp.minimum(jnp.maximum(y, -kv_quant.FP8_MAX), kv_quant.FP8_MAX
+                                   ).astype(values_smem.dtype)
+    scales_smem[...] = scale
 
 
 def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temperature: bool,
-                 outputs: str, interpret: bool):
+                 outputs: str, fp8: bool, interpret: bool):
     """``outputs``: "q" (k untouched: a NoPE layer), "qk", or "q+cache" (k and v into the
-    cache's pools, aliased refs)."""
+    cache's pools, aliased refs; ``fp8``: quantised, with their scale pools)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     refs = list(refs)
@@ -158,9 +196,10 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
     t_ref = refs.pop(0) if temperature else None
     if outputs == "q+cache":
         slots_ref, kp_ref, vp_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+        ks_ref, vs_ref = (refs.pop(0), refs.pop(0)) if fp8 else (None, None)
     q_ref, *rest = refs
     k_ref = rest.pop(0) if outputs == "qk" else None
-    q_smem, k_smem, v_smem = rest
+    q_smem, k_smem, v_smem, *scale_smem = rest  # FP8: k and v in e4m3, and their row scales
     heads = hq + 2 * hkv
     rows = qkv_ref.shape[0]
     # The token's heads start the tile, except for the last tokens, whose tile ends at the
@@ -168,8 +207,11 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
     start = jnp.minimum(token * heads, rows - _ROWS)
     first = token * heads - start
     x = plgpu.load(qkv_ref.at[pl.ds(start, _ROWS)], layout=plgpu.Layout.WGMMA, optimized=False)
-    if outputs == "q+cache":
-        v_smem[...] = x  # v goes to the cache as it came
+    if outputs == "q+cache":  # v goes to the cache as it came
+        if fp8:
+            _quantize_rows(x.astype(jnp.float32), v_smem, scale_smem[1])
+        else:
+            v_smem[...] = x
     x = x.astype(jnp.float32)
     rounded = lambda v: v.astype(qkv_ref.dtype).astype(jnp.float32)  # the model's casts
 
@@ -183,7 +225,9 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
     if eps is not None:  # l2norm, per head
         inv = lax.rsqrt(jnp.sum(x * x, axis=1) / x.shape[1] + jnp.float32(eps))
         x = rounded(x * lax.broadcast_in_dim(inv, x.shape, [0]))
-    if outputs != "q":
+    if fp8 and outputs == "q+cache":
+        _quantize_rows(x, k_smem, scale_smem[0])
+    elif outputs != "q":
         k_smem[...] = x.astype(k_smem.dtype)
     if temperature:  # temperature_scale, q only
         x = x * t_ref[token]
@@ -202,6 +246,13 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
                                                                   first + hq + hkv)):
                 plgpu.copy_smem_to_gmem(smem.at[pl.ds(row, hkv)],
                                         pool.at[pl.ds(slot * hkv, hkv)])
+            if fp8:  # a token's scales are one per page row, page_size apart: one at a time
+                page_size = ks_ref.shape[2]
+                page, off = slot // page_size, lax.rem(slot, page_size)
+                for scales, pool, row in ((scale_smem[0], ks_ref, first + hq),
+                                          (scale_smem[1], vs_ref, first + hq + hkv)):
+                    for h in range(hkv):
+                        pool[page, h, off] = scales[row + h]
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
@@ -216,6 +267,7 @@ def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps,
     t, d = qkv.shape[0], qkv.shape[1] // (hq + 2 * hkv)
     outputs = "q+cache" if cache is not None else (
         "qk" if rope is not None or eps is not None else "q")
+    fp8 = cache is not None and cache.fp8
     operands = [qkv.reshape(-1, d)]  # a row per head
     if rope is not None:
         operands += [a.astype(jnp.float32) for a in rope]
@@ -225,27 +277,32 @@ def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps,
     if outputs == "qk":
         out_type.append(jax.ShapeDtypeStruct((t * hkv, d), qkv.dtype))
     body = functools.partial(_kernel_body, hq=hq, hkv=hkv, rope=rope is not None, eps=eps,
-                             temperature=temperature is not None, outputs=outputs,
+                             temperature=temperature is not None, outputs=outputs, fp8=fp8,
                              interpret=interpret)
 
     def rope_norm(*refs):
         body(lax.axis_index("tokens"), *refs)
 
     smem = plgpu.SMEM((_ROWS, d), qkv.dtype)  # plain rows: TMA stores from any row
+    scratch = (smem, smem, smem)
+    if fp8:
+        kv8 = plgpu.SMEM((_ROWS, d), kv_quant.FP8)
+        scratch = (smem, kv8, kv8, *(plgpu.SMEM((_ROWS,), kv_quant.SCALE_DTYPE),) * 2)
     kernel = plgpu.kernel(rope_norm, out_type=tuple(out_type), grid=(t,),
-                          grid_names=("tokens",), scratch_types=(smem, smem, smem))
+                          grid_names=("tokens",), scratch_types=scratch)
     if cache is None:
         q, *k = kernel(*operands)
         return q.reshape(t, hq, d), (k[0].reshape(t, hkv, d) if k else None), None
 
     def in_place(refs):  # the pools as refs: the kernel's writes update them (aliased)
-        kp_ref, vp_ref, q_ref = refs
-        q_ref[...] = kernel(*operands, cache.slots, kp_ref, vp_ref)[0]
+        *pool_refs, q_ref = refs
+        q_ref[...] = kernel(*operands, cache.slots, *pool_refs)[0]
 
-    pools = tuple(p.reshape(-1, d) for p in cache[:2])
-    kp, vp, q = pl.run_state(in_place)((*pools, jnp.zeros((t * hq, d), qkv.dtype)))
-    return q.reshape(t, hq, d), None, (kp.reshape(cache.k_pages.shape),
-                                       vp.reshape(cache.v_pages.shape))
+    values = tuple(p.reshape(-1, d) for p in cache.pools[:2])  # a row per token and head
+    *pools, q = pl.run_state(in_place)((*values, *cache.pools[2:],
+                                        jnp.zeros((t * hq, d), qkv.dtype)))
+    pools[:2] = [p.reshape(cache.k_pages.shape) for p in pools[:2]]
+    return q.reshape(t, hq, d), None, tuple(pools)
 
 
 def _interpreting() -> bool:
@@ -283,6 +340,17 @@ def _use_kernel(impl: str, qkv, hq: int, hkv: int, config: QKRowsConfig) -> bool
     return ok and common.on_hopper() and qkv.shape[0] <= config.max_tokens
 
 
+def _writes(cache: KVTarget | None, qkv) -> bool:
+    """Whether the kernel can write this cache: pools of q's dtype, or FP8 pools at D = 128
+    (its e4m3 rows then lie 128 bytes apart in shared memory, as a TMA store's source must)."""
+    if cache is None:
+        return True
+    d = cache.k_pages.shape[-1]
+    dtype = kv_quant.FP8 if cache.fp8 else qkv.dtype
+    return (cache.k_pages.dtype == cache.v_pages.dtype == dtype
+            and cache.slots.shape == qkv.shape[:1] and (not cache.fp8 or d == 128))
+
+
 def rope_norm(qkv, hq: int, hkv: int, rope=None, *, eps: float | None = None,
               temperature=None, cache: KVTarget | None = None, impl: str = "auto",
               config: QKRowsConfig = QKRowsConfig()):
@@ -293,15 +361,14 @@ def rope_norm(qkv, hq: int, hkv: int, rope=None, *, eps: float | None = None,
     ``config.max_tokens`` tokens (``qkv`` [T, ...]); elsewhere (and for ``impl="xla"``) XLA's
     ops.
 
-    ``cache`` (:class:`KVTarget`, a bf16 paged cache's, T tokens): k and v also go into its
-    pools (:func:`reference_write`) -> (q, k, v, (k_pages, v_pages)); where the kernel runs,
-    it writes them itself (two scatter kernels fewer a layer) and k, v come back None."""
+    ``cache`` (:class:`KVTarget`, a paged cache's, T tokens): k and v also go into its
+    pools (:func:`reference_write`) -> (q, k, v, ``cache.pools`` updated); where the kernel
+    runs, it writes them itself (bf16: two scatter kernels fewer a layer; FP8: the
+    quantisation's too) and k, v come back None."""
     q, k, v = split(qkv, hq, hkv)
     nothing_to_do = rope is None and eps is None and temperature is None and cache is None
     kernel = (not isinstance(qkv, tuple) and not nothing_to_do
-              and _use_kernel(impl, qkv, hq, hkv, config)
-              and (cache is None or (cache.k_pages.dtype == cache.v_pages.dtype == qkv.dtype
-                                     and cache.slots.shape == qkv.shape[:1])))
+              and _use_kernel(impl, qkv, hq, hkv, config) and _writes(cache, qkv))
     if not kernel:
         q, k = reference(q, k, rope, eps=eps, temperature=temperature)
         return (q, k, v) if cache is None else (q, k, v, reference_write(cache, k, v))

@@ -192,13 +192,5 @@ def write(k_pages, v_pages, k_new, v_new, slots):
 def write_fp8(k_pages, v_pages, k_scale, v_scale, k_new, v_new, slots):
     """:func:`write` for the FP8 cache: quantise each new row (per token and KV head) and
     scatter values and scales into their slots. Returns the four updated pools."""
-    p, ps, h, d = k_pages.shape
-    page, off = slots // ps, slots % ps  # slots past the pool stay out of range: dropped
-    out = []
-    for pages, scale, new in ((k_pages, k_scale, k_new), (v_pages, v_scale, v_new)):
-        x8, s = kv_quant.quantize(new)  # [T, Hkv, D], [T, Hkv]
-        pages = pages.reshape(p * ps, h, d).at[slots].set(x8, mode="drop").reshape(p, ps, h, d)
-        scale = scale.at[page, :, off].set(s, mode="drop")
-        out.append((pages, scale))
-    (k_pages, k_scale), (v_pages, v_scale) = out
-    return k_pages, v_pages, k_scale, v_scale
+    return qk_rows.reference_write(qk_rows.KVTarget(k_pages, v_pages, slots, k_scale, v_scale),
+                                   k_new, v_new)

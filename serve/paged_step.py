@@ -120,22 +120,19 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
         # entries before the live chunk name returned pages: the plan never reaches them.
         return batch.chunked_slots if attn.chunk_size is not None else batch.slots
 
-    def kv_target(i, attn):  # bf16 pools: the q/k kernel may write k and v itself
-        return None if new_ks else qk_rows.KVTarget(new_k[i], new_v[i], slots_of(attn))
+    def kv_target(i, attn):  # the q/k kernel writes k and v itself where it runs
+        return qk_rows.KVTarget(new_k[i], new_v[i], slots_of(attn),
+                                *((new_ks[i], new_vs[i]) if new_ks else ()))
 
-    def attend(i, attn, q, k, v, written=None):
+    def attend(i, attn, q, k, v, written):
+        # k and v are in ``written``, the pools kv_target named, updated
         chunked = attn.chunk_size is not None
         table = batch.chunked_page_table if chunked else batch.page_table
-        slots = slots_of(attn)
+        new_k[i], new_v[i], *fp8_scales = written
         scales = {}
-        if written is not None:  # k and v are in the pools already
-            new_k[i], new_v[i] = written
-        elif new_ks:  # FP8: quantise per token and KV head as the step writes
-            new_k[i], new_v[i], new_ks[i], new_vs[i] = kv_cache_lib.write_fp8(
-                new_k[i], new_v[i], new_ks[i], new_vs[i], k, v, slots)
+        if fp8_scales:  # FP8: quantised per token and KV head as the step wrote them
+            new_ks[i], new_vs[i] = fp8_scales
             scales = dict(k_scale=new_ks[i], v_scale=new_vs[i])
-        else:
-            new_k[i], new_v[i] = kv_cache_lib.write(new_k[i], new_v[i], k, v, slots)
         return _paged_attention(q, new_k[i], new_v[i], table, cu, kv_lens, num_seqs,
                                 plan_of[attn.chunk_size], bounds=bounds, scale=attn.scale,
                                 chunk_size=attn.chunk_size, impl=impl, decode_only=decode_only,

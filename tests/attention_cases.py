@@ -172,3 +172,25 @@ def decode_dequantising_to(f16: bool):
     """The decode kernel over an FP8 cache with ``f16_dequant=f16`` (True: K/V dequantised
     in f16 arithmetic, P and q as f16, the default; False: bf16 tiles)."""
     return decode_with(f16_dequant=f16)
+
+
+def assert_fp8_pools_close(got, want, exact_fraction=1.0):
+    """Two writes of the same K (or V) rows into FP8 cache pools, each (values [P, page_size,
+    Hkv, D] e4m3, scales [P, Hkv, page_size] f32): equal (``exact_fraction`` 1), or, where
+    the rows' bf16 inputs differed in last bits (XLA's fusions on the GPU keep excess
+    precision), each dequantised value within one e4m3 step (2^-3 of it, 2^-9 of its scale
+    among e4m3's subnormals; plus the scale's own bf16 steps) and at least ``exact_fraction``
+    of the values equal. A row whose largest element moved by a bf16 step moves every
+    value by 2^-8 of itself, which flips ~1 in 16 of their e4m3 roundings."""
+    (g8, gs), (w8, ws) = ((np.asarray(v, np.float32), np.asarray(s, np.float32))
+                          for v, s in (got, want))
+    assert g8.shape == w8.shape and gs.shape == ws.shape
+    if exact_fraction == 1.0:
+        np.testing.assert_array_equal(g8, w8)
+        np.testing.assert_array_equal(gs, ws)
+        return
+    np.testing.assert_allclose(gs, ws, rtol=2**-6)  # a bf16 step or two of the row's largest
+    row_scale = np.swapaxes(ws, 1, 2)[..., None]  # [P, page_size, Hkv, 1]
+    g, w = g8 * np.swapaxes(gs, 1, 2)[..., None], w8 * row_scale
+    assert (np.abs(g - w) <= (2**-3 + 2**-5) * np.abs(w) + 2**-9 * row_scale).all()
+    assert (g8 == w8).mean() >= exact_fraction

@@ -7,6 +7,7 @@ import pytest
 
 from jaxattn.models import llama4
 
+from attention_cases import assert_fp8_pools_close
 from llama4_fixtures import checkpoint, expected, max_err
 import test_paged_step as serving
 
@@ -194,3 +195,59 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch):
           f"{np.sqrt(((got - xla) ** 2).mean()):.4f}; ref rms {np.sqrt((ref ** 2).mean()):.4f}")
     assert err(got) < 1.25 * err(xla)
     assert err(got, decode) < 1.5 * err(xla, decode)
+
+
+def test_fp8_cache_decode_steps_write_the_cache_as_xla_does(monkeypatch):
+    """An FP8 KV cache through the serving step: a prefill step, then decode steps whose k
+    and v the q/k rows kernel quantises into the pools itself. Against the same steps with
+    XLA's quantisation and scatters: the pools agree (k's bf16 rows differ from XLA's in
+    last bits, so a few e4m3 values by one step) and so do the logits."""
+    from jaxattn.kernels import qk_rows
+    from jaxattn.models.llama4.quantization import Fp8Scheme
+    from jaxattn.serve import kv_cache as cache
+    from jaxattn.serve import paged_step
+    from jaxattn.serve.batch import SeqStep, build_step
+    from jaxattn.serve.config import EngineConfig
+
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=1024, hidden_size=512, intermediate_size=256, intermediate_size_mlp=512,
+        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256,
+        initializer_range=0.05))
+    # FP8 projections: the q/k rows kernel takes their joint q/k/v output
+    model = llama4.init_random(config, seed=5, dtype=jnp.bfloat16,
+                               fp8=Fp8Scheme(attention=True))
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024,
+                          page_size=64, kv_cache_dtype="fp8").bounds(config)
+    ids = np.random.default_rng(5).integers(0, config.vocab_size, 620).tolist()
+    pages = [range(4 * i, 4 * i + 4) for i in range(4)]
+    lens = (200, 129, 64, 90)  # decode across a page start (64) and just past one (129)
+    starts = np.cumsum((0,) + lens)
+    steps = [(512, [SeqStep(ids[a:a + n], 0, p) for a, n, p in zip(starts, lens, pages)])]
+    steps += [(16, [SeqStep(ids[500 + 4 * d + i:501 + 4 * d + i], n + d, p)
+                    for i, (n, p) in enumerate(zip(lens, pages))]) for d in range(4)]
+    calls, kernel = [], qk_rows._rope_norm_kernel
+    monkeypatch.setattr(qk_rows, "_rope_norm_kernel", lambda *a, **k: calls.append(
+        a[3] is not None and a[3].fp8) or kernel(*a, **k))
+
+    def run(qk_kernel):
+        with monkeypatch.context() as m:
+            if not qk_kernel:
+                m.setattr(qk_rows, "_use_kernel", lambda *a: False)
+            step = paged_step.make_step_fn(model, bounds)
+            kv = cache.allocate(paged_step.cache_spec(config, num_pages=16, page_size=64,
+                                                      dtype="fp8"))
+            out = []
+            for tokens, seqs in steps:
+                logits, kv = step(kv, build_step(bounds, tokens, seqs, num_pages=16))
+                out.append(np.asarray(logits[:len(seqs)], np.float32))
+            return np.concatenate(out), kv
+
+    (got, kv), (want, want_kv) = run(True), run(False)
+    assert calls and all(calls), "the decode steps did not write the FP8 cache in the kernel"
+    for layer in range(config.num_hidden_layers):
+        for g, w in (((kv.k[layer], kv.k_scale[layer]), (want_kv.k[layer], want_kv.k_scale[layer])),
+                     ((kv.v[layer], kv.v_scale[layer]), (want_kv.v[layer], want_kv.v_scale[layer]))):
+            assert_fp8_pools_close(g, w, exact_fraction=0.99)  # decode rows are few of them
+    rel = np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean())
+    assert np.isfinite(got).all() and rel < 0.02, rel
