@@ -178,7 +178,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
     too; num_seqs: valid sequences (scalar). Mixed prefill, chunked prefill
     and decode sequences go in one call with static shapes. ``plan`` (a ``Plan``, or for
     the kernels a ``jaxattn.kernels.KernelPlan``) may be passed in to share one plan
-    between layers of the same kind.
+    between layers of the same kind (a KernelPlan prepared with a ``page_table`` is for
+    that page table only).
     An FP8 cache (float8_e4m3fn pages) passes its per-token, per-KV-head scales
     ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32 (:mod:`jaxattn.kv_quant`);
     q stays in its own dtype.

@@ -66,22 +66,34 @@ class KernelPlan(NamedTuple):
 
     ``dec_src`` [R]: the row of q each compact decode row comes from (T: none);
     ``dec_meta``: the decode kernel's metadata over the compact rows; ``zero`` [R, 2]:
-    row ranges [a, b) no item covers, which the prefill kernel fills with zeros."""
+    row ranges [a, b) no item covers, which the prefill kernel fills with zeros;
+    ``first_pages`` [S, KV tiles]: the prefill's :func:`prefill.tile_first_pages` of the
+    page table the plan runs over (None: each call computes it; also when pages are not
+    smaller than a tile)."""
 
     plan: Plan
     dec_src: jax.Array
     dec_meta: decode.DecodeMeta
     zero: jax.Array
+    first_pages: jax.Array | None = None
 
 
-def prepare(plan: Plan | KernelPlan, *, bounds: Bounds, num_tokens: int) -> KernelPlan:
-    """The kernels' view of a plan for a batch of ``num_tokens`` rows (idempotent)."""
+def prepare(plan: Plan | KernelPlan, *, bounds: Bounds, num_tokens: int,
+            page_table=None) -> KernelPlan:
+    """The kernels' view of a plan for a batch of ``num_tokens`` rows (idempotent).
+    ``page_table`` [S, pages]: the one every call with this plan reads (a model's layers of
+    one kind share it), whose tile runs the prefill then finds once for all of them."""
     if isinstance(plan, KernelPlan):
         return plan
     zero = jnp.stack([_covered_rows(plan), jnp.int32(num_tokens)]).reshape(1, 2)
     items, src = _compact_decode_items(plan.decode, bounds, num_tokens)
     meta = decode.decode_metadata(items, bounds=bounds, num_tokens=src.shape[0])
-    return KernelPlan(plan._replace(decode=items), src, meta, zero)
+    first = None
+    if page_table is not None:
+        per_tile = prefill.tile_pages(bounds.page_size, bounds.block_kv, page_table.shape[1])
+        if per_tile > 1:
+            first = prefill.tile_first_pages(jnp.asarray(page_table, jnp.int32), per_tile)
+    return KernelPlan(plan._replace(decode=items), src, meta, zero, first)
 
 
 def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bounds, scale,
@@ -107,7 +119,7 @@ def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bou
     out, lse_tiles = prefill.prefill_attention(
         q, k_pages, v_pages, page_table, plan.prefill, kplan.zero, config=config, scale=scale,
         causal=causal, num_workers=num_workers, interpret=interpret, k_scale=k_scale,
-        v_scale=v_scale)
+        v_scale=v_scale, first_pages=kplan.first_pages)
     lse = prefill.scatter_lse(lse_tiles, plan.prefill, q.shape[0])
 
     # The decode kernel runs even when the batch has no decode rows: its CTAs read the

@@ -157,7 +157,9 @@ class PrefillConfig:
       takes 8 (8-byte loads): on the H200 1.165 / 1.076 / 1.023x bf16's time at causal 8k /
       causal 32k / chunked 128k against 1.224 / 1.098 / 1.037x for 2 and 1.205 / 1.113 /
       1.047x for 4 (same run, results/fp8-kv-2026-12-04-s29.md; session 29's first run:
-      1.180 / 1.090 for 8 against 1.237 / 1.103 for 2).
+      1.180 / 1.090 for 8 against 1.237 / 1.103 for 2). Those were shuffled pages; over
+      pages in order with merged copies 4 values ran 3-4 points ahead of 8 at causal 8k-32k
+      in two runs (results/fp8-kv-2026-12-04-s32-*.md), not yet a per-tile choice.
     merge_pages: pages smaller than a KV tile: when the tile's pages lie one after another
       in the pool (what the engine's allocator hands a prompt), fill it with one TMA copy
       instead of one per page; :func:`tile_first_pages` gives the producer one read per
@@ -168,6 +170,7 @@ class PrefillConfig:
       Scattered pages are copied page by page as before: shuffled 32-token pages took
       1.063 / 1.094 / 1.070 there, 1.068 / 1.098 / 1.059 before the merge
       (prefill-2026-12-04-s31-paging.md; a third run gave 1.021 / 1.073 / 1.049).
+      A step finds the runs once per attention kind (``kernels.prepare(page_table=)``).
     """
 
     block_q: int = 128
@@ -398,15 +401,23 @@ def tile_schedule(count, cta, *, hq: int, group: int, num_workers: int,
             lambda i: jnp.where(use_kv, kv_tile(i), item_tile(i)), auto_item_head)
 
 
+def tile_pages(page_size: int, block_kv: int, table_cols: int) -> int:
+    """Whole small pages per KV tile, or 1: a tile is a slice of one large (or whole-sequence)
+    page."""
+    return 1 if page_size >= block_kv or table_cols == 1 else block_kv // page_size
+
+
 def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ranges, *,
                       config: PrefillConfig, scale: float, causal: bool, num_workers: int,
-                      interpret=False, k_scale=None, v_scale=None):
+                      interpret=False, k_scale=None, v_scale=None, first_pages=None):
     """Run the kernel over ``items`` (the prefill work list).
 
     q [T, Hq, D]; k_pages, v_pages [P, page_size, Hkv, D]; page_table [S, pages];
     zero_ranges int32 [R, 2]: row ranges [a, b) to fill with zeros (rows no
     item covers). An FP8 cache (float8_e4m3fn pages) passes its scales
-    ``k_scale``/``v_scale`` [P, Hkv, page_size] f32. Returns out [T, Hq, D] (q.dtype; rows outside items and
+    ``k_scale``/``v_scale`` [P, Hkv, page_size] f32. ``first_pages``: this page table's
+    :func:`tile_first_pages`, when the step shares it among its layers (None: computed
+    here). Returns out [T, Hq, D] (q.dtype; rows outside items and
     zero ranges are unspecified) and lse_tiles [capacity, Hq, 128] f32
     (natural log) indexed by item and row within the item.
     """
@@ -423,8 +434,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     dtype = q.dtype
     group = hq // hkv
     bkv, stages = config.block_kv, config.num_stages
-    # Whole small pages per tile, or one slice of a large (or whole-sequence) page.
-    pages_per_tile = 1 if page_size >= bkv or page_table.shape[1] == 1 else bkv // page_size
+    pages_per_tile = tile_pages(page_size, bkv, page_table.shape[1])
     max_page_col = page_table.shape[1] - 1
     merge = config.merge_pages and pages_per_tile > 1
     cap = items.seq.shape[0]
@@ -435,8 +445,13 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     page_table = page_table.astype(jnp.int32)
     # [S, KV tiles] (a placeholder when no tile merges): one read per tile on the producer's
     # path instead of one per page.
-    first_pages = (tile_first_pages(page_table, pages_per_tile) if merge
-                   else jnp.full((1, 1), -1, jnp.int32))
+    if not merge:
+        first_pages = jnp.full((1, 1), -1, jnp.int32)
+    elif first_pages is None:
+        first_pages = tile_first_pages(page_table, pages_per_tile)
+    elif first_pages.shape != (page_table.shape[0], -(-page_table.shape[1] // pages_per_tile)):
+        raise ValueError(f"first_pages {first_pages.shape} is not tile_first_pages of a "
+                         f"{page_table.shape} page table at {pages_per_tile} pages a tile")
     qk_scale = float(scale) * common.LOG2E
     tile_rows = COMPUTE_WGS * WG_ROWS
 

@@ -54,7 +54,10 @@ def plans(config: Llama4Config, bounds: jaxattn.Bounds, batch: StepBatch,
     from jaxattn import kernels
 
     t = batch.token_ids.shape[0]
-    return tuple(kernels.prepare(p, bounds=bounds, num_tokens=t) for p in step_plans)
+    tables = [batch.page_table if c is None else batch.chunked_page_table
+              for c in attention_kinds(config)]  # each kind's layers read their own
+    return tuple(kernels.prepare(p, bounds=bounds, num_tokens=t, page_table=table)
+                 for p, table in zip(step_plans, tables))
 
 
 def decode_only_bucket(buckets: tuple[int, ...], bounds: jaxattn.Bounds, impl: str,

@@ -237,6 +237,29 @@ def test_merged_page_copies_equal_one_copy_per_page(page_size):
     _check(*got[0], *naive_ragged(*case.args(), 0.1, causal=True), jnp.bfloat16)
 
 
+def test_a_plan_prepared_with_its_page_table_carries_the_tile_runs():
+    """``kernels.prepare(plan, page_table=...)`` finds the prefill's tile runs once (a step
+    shares them among its layers); a run over that plan gives the same output as finding
+    them in the call, and runs of another table's shape are refused."""
+    bounds = _bounds(4, 2, 64, None, block_kv=64, page_size=16, decode_q=1)
+    case = make_ragged_case(bounds, [129, 1], [129, 70], dtype=jnp.bfloat16, seed=6,
+                            in_runs=True)
+    args = case.args()
+    table = jnp.asarray(case.page_table)
+    plan = planner.plan(bounds, *args[4:])
+    kplan = kernels.prepare(plan, bounds=bounds, num_tokens=args[0].shape[0], page_table=table)
+    np.testing.assert_array_equal(kplan.first_pages, prefill.tile_first_pages(table, 4))
+    assert (np.asarray(kplan.first_pages) >= 0).any()  # some tiles merge
+    assert kernels.prepare(plan, bounds=bounds, num_tokens=args[0].shape[0]).first_pages is None
+    shared, own = (jaxattn.ragged_paged_attention(*args, bounds=bounds, plan=p, scale=0.1,
+                                                  impl="interpret")
+                   for p in (kplan, plan))
+    np.testing.assert_array_equal(np.asarray(shared, np.float32), np.asarray(own, np.float32))
+    with pytest.raises(ValueError, match="first_pages"):  # runs of another table's shape
+        jaxattn.ragged_paged_attention(*args, bounds=bounds, scale=0.1, impl="interpret",
+                                       plan=kplan._replace(first_pages=kplan.first_pages[1:]))
+
+
 @pytest.mark.slow
 def test_contiguous_attention_with_padding():
     """The contiguous form: identity page table, padded query rows are zeros, prefix kv."""

@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
@@ -270,3 +271,30 @@ def test_fp8_cache_decode_step_writes_the_cache_in_the_qk_kernel(monkeypatch, lo
     assert xla["scatter"] - found.get("scatter", 0) == 4 * config.num_hidden_layers
     exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=16)
     assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
+
+
+def test_each_kinds_plan_carries_its_own_tables_tile_runs(lowering_model):
+    """The step's plans (one per attention kind, shared by that kind's layers) carry the
+    prefill's tile runs of the page table those layers read: the global table for global
+    layers, the chunked-local one for chunked layers."""
+    from jaxattn.kernels import prefill
+
+    config, _ = lowering_model  # 4 layers: the fourth is global (NoPE)
+    config = llama4.Llama4Config.from_hf_dict({**config.to_hf_dict(), "num_hidden_layers": 4})
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
+                          page_size=16).bounds(config)
+    # the chunked layers' pages of the first sequence lie elsewhere, in runs of their own
+    batch = build_step(bounds, 256, [SeqStep(list(range(1, 200)), 0, range(13),
+                                             chunked_pages=range(16, 29)),
+                                     SeqStep([2], 64, [20, 21, 22, 23, 24])], num_pages=32)
+    kinds = paged_step.attention_kinds(config)
+    plans = paged_step.plans(config, bounds, batch, impl="interpret")
+    assert len(plans) == len(kinds) == 2
+    per_tile = bounds.block_kv // bounds.page_size
+    runs = [prefill.tile_first_pages(t, per_tile) for t in (batch.page_table,
+                                                            batch.chunked_page_table)]
+    assert not np.array_equal(*runs)  # so a plan given the other kind's table would show
+    for kind, kplan in zip(kinds, plans):
+        table = batch.page_table if kind is None else batch.chunked_page_table
+        np.testing.assert_array_equal(kplan.first_pages,
+                                      prefill.tile_first_pages(table, per_tile))
