@@ -58,7 +58,7 @@ def test_bf16_serving_step_kernels_match_reference():
     gives the reference attention's logits: a prefill step, then prefill chunk + decode."""
     from jaxattn.serve import kv_cache as cache
     from jaxattn.serve import paged_step
-    from jaxattn.serve.batch import SeqStep, build_step
+    from jaxattn.serve.batch import build_step
     from jaxattn.serve.config import EngineConfig
 
     config = llama4.Llama4Config.from_hf_dict(dict(
@@ -128,6 +128,20 @@ def test_bf16_small_chunks_serve_on_gpu(chunk):
         assert np.isfinite(a).all() and rel < 0.05, rel
 
 
+def _prefill_then_decode_steps(ids) -> list:
+    """(bucket, [SeqStep]) of a 512-token step prefilling four sequences of 200, 129, 64 and
+    90 tokens of ``ids`` (4 pages of 64 each), then four decode steps in a 16-row bucket:
+    decode across a page start (64) and just past one (129)."""
+    from jaxattn.serve.batch import SeqStep
+
+    pages = [range(4 * i, 4 * i + 4) for i in range(4)]
+    lens = (200, 129, 64, 90)
+    starts = np.cumsum((0,) + lens)
+    steps = [(512, [SeqStep(ids[a:a + n], 0, p) for a, n, p in zip(starts, lens, pages)])]
+    return steps + [(16, [SeqStep(ids[500 + 4 * d + i:501 + 4 * d + i], n + d, p)
+                          for i, (n, p) in enumerate(zip(lens, pages))]) for d in range(4)]
+
+
 def test_fp8_decode_step_kernels_match_xla(monkeypatch):
     """The FP8 model's serving step on the Hopper kernels (a decode step's 16-row bucket:
     the routing kernel, the by-row experts with the shared expert in their launches, the
@@ -144,7 +158,7 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch):
     from jaxattn.models.llama4.quantization import Fp8Scheme
     from jaxattn.serve import kv_cache as cache
     from jaxattn.serve import paged_step
-    from jaxattn.serve.batch import SeqStep, build_step
+    from jaxattn.serve.batch import build_step
     from jaxattn.serve.config import EngineConfig
 
     config = llama4.Llama4Config.from_hf_dict(dict(
@@ -158,12 +172,7 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch):
     bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024,
                           page_size=64).bounds(config)
     ids = np.random.default_rng(4).integers(0, config.vocab_size, 620).tolist()
-    pages = [range(4 * i, 4 * i + 4) for i in range(4)]
-    lens = (200, 129, 64, 90)  # decode across a page start (64) and just past one (129)
-    starts = np.cumsum((0,) + lens)
-    steps = [(512, [SeqStep(ids[a:a + n], 0, p) for a, n, p in zip(starts, lens, pages)])]
-    steps += [(16, [SeqStep(ids[500 + 4 * d + i:501 + 4 * d + i], n + d, p)
-                    for i, (n, p) in enumerate(zip(lens, pages))]) for d in range(4)]
+    steps = _prefill_then_decode_steps(ids)
 
     def run(model, on_gpu):
         with monkeypatch.context() as m:
@@ -189,7 +198,7 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch):
     def err(a, rows=slice(None)):
         return float(np.sqrt(((a[rows] - ref[rows]) ** 2).mean()))
 
-    decode = slice(len(lens), None)
+    decode = slice(len(steps[0][1]), None)  # the prefill step's rows first
     print(f"rms vs bf16: kernels {err(got):.4f} (decode {err(got, decode):.4f}), "
           f"XLA {err(xla):.4f} (decode {err(xla, decode):.4f}); kernels vs XLA "
           f"{np.sqrt(((got - xla) ** 2).mean()):.4f}; ref rms {np.sqrt((ref ** 2).mean()):.4f}")
@@ -206,7 +215,7 @@ def test_fp8_cache_decode_steps_write_the_cache_as_xla_does(monkeypatch):
     from jaxattn.models.llama4.quantization import Fp8Scheme
     from jaxattn.serve import kv_cache as cache
     from jaxattn.serve import paged_step
-    from jaxattn.serve.batch import SeqStep, build_step
+    from jaxattn.serve.batch import build_step
     from jaxattn.serve.config import EngineConfig
 
     config = llama4.Llama4Config.from_hf_dict(dict(
@@ -220,12 +229,7 @@ def test_fp8_cache_decode_steps_write_the_cache_as_xla_does(monkeypatch):
     bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024,
                           page_size=64, kv_cache_dtype="fp8").bounds(config)
     ids = np.random.default_rng(5).integers(0, config.vocab_size, 620).tolist()
-    pages = [range(4 * i, 4 * i + 4) for i in range(4)]
-    lens = (200, 129, 64, 90)  # decode across a page start (64) and just past one (129)
-    starts = np.cumsum((0,) + lens)
-    steps = [(512, [SeqStep(ids[a:a + n], 0, p) for a, n, p in zip(starts, lens, pages)])]
-    steps += [(16, [SeqStep(ids[500 + 4 * d + i:501 + 4 * d + i], n + d, p)
-                    for i, (n, p) in enumerate(zip(lens, pages))]) for d in range(4)]
+    steps = _prefill_then_decode_steps(ids)
     calls, kernel = [], qk_rows._rope_norm_kernel
     monkeypatch.setattr(qk_rows, "_rope_norm_kernel", lambda *a, **k: calls.append(
         a[3] is not None and a[3].fp8) or kernel(*a, **k))
