@@ -17,9 +17,9 @@ register's halves. The rotated q and k rows go back through shared memory by TMA
 its own output, or, with a paged cache (:class:`KVTarget`), k and v straight into the
 token's slot of its pools (aliased: updated in place), where XLA ran two scatter kernels.
 An FP8 cache's rows are quantised on the way (:mod:`jaxattn.kv_quant`'s arithmetic, per
-token and KV head), their scales stored one by one: where XLA ran a reduction, the scales'
-scatters and the values' (measured in a full Scout decode step before this: the FP8 cache
-took 7.84 ms a step at batch 1 x 8k against bf16's 7.20).
+token and KV head) and their scales stored one by one, where XLA ran the quantisation and
+four scatters a layer (with those, a full Scout decode step with an FP8 cache took 7.84 ms
+at batch 1 x 8k against the bf16 cache's 7.20).
 The token's cos and sin come as :func:`rope_tables` makes them once a step for every layer:
 ``[T, D]`` rows, each pair's cosine twice and its sine signed [-s, s].
 """
