@@ -203,10 +203,11 @@ class PrefillConfig:
         if self.consumer_registers % 8 or not _LAUNCH_REGISTERS <= self.consumer_registers <= 240:
             raise ValueError(f"consumer_registers={self.consumer_registers} must be a multiple "
                              f"of 8 in [{_LAUNCH_REGISTERS}, 240]")
-        for name in ("dequant_vector", "merged_dequant_vector"):
-            vector = getattr(self, name)
-            if vector not in common.DEQUANT_LAYOUTS and (vector, name) != (
-                    None, "merged_dequant_vector"):
+        vectors = {"dequant_vector": self.dequant_vector}
+        if self.merged_dequant_vector is not None:
+            vectors["merged_dequant_vector"] = self.merged_dequant_vector
+        for name, vector in vectors.items():
+            if vector not in common.DEQUANT_LAYOUTS:
                 raise ValueError(f"{name}={vector} must be one of "
                                  f"{tuple(common.DEQUANT_LAYOUTS)}")
         if self.tile_order not in TILE_ORDERS:
@@ -292,8 +293,7 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
     same config with P staged through SMEM (it has no SMEM budget). ``kv_dtype``:
     the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``,
     ``dequant_vector``, ``merged_dequant_vector``, ``merge_pages``: :class:`PrefillConfig`'s
-    (producer_dequant
-    with the producer's registers it needs).
+    (producer_dequant with the producer's registers it needs).
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)

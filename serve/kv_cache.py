@@ -14,8 +14,10 @@ kind means the same tokens in every layer of that kind.
 
 Which pages a sequence owns is decided on the host by the block manager;
 a step's tokens arrive with a *slot* each (``page * page_size + offset``,
-computed by :mod:`jaxattn.serve.batch`), and :func:`write` scatters their K/V rows
-into the donated pools.
+computed by :mod:`jaxattn.serve.batch`). The serving step writes their K/V rows into
+the donated pools in the decode step's q/k rows kernel where it runs, else by XLA's
+scatters (:func:`jaxattn.kernels.qk_rows.reference_write`, which :func:`write` and
+:func:`write_fp8` call with the pools first).
 
 FP8 cache (``dtype="float8_e4m3fn"``, ``--kv-cache-dtype fp8``): each pool has a
 float32 scale pool ``[num_pages, num_kv_heads, page_size]`` beside it

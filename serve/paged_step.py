@@ -54,10 +54,15 @@ def plans(config: Llama4Config, bounds: jaxattn.Bounds, batch: StepBatch,
     from jaxattn import kernels
 
     t = batch.token_ids.shape[0]
-    tables = [batch.page_table if c is None else batch.chunked_page_table
-              for c in attention_kinds(config)]  # each kind's layers read their own
-    return tuple(kernels.prepare(p, bounds=bounds, num_tokens=t, page_table=table)
-                 for p, table in zip(step_plans, tables))
+    return tuple(kernels.prepare(p, bounds=bounds, num_tokens=t,
+                                 page_table=_page_table(batch, c))
+                 for p, c in zip(step_plans, attention_kinds(config)))
+
+
+def _page_table(batch: StepBatch, chunk_size: int | None):
+    """The page table the layers of one attention kind read: chunked-local layers keep their
+    own pool (only each sequence's live chunk), so their own table."""
+    return batch.page_table if chunk_size is None else batch.chunked_page_table
 
 
 def decode_only_bucket(buckets: tuple[int, ...], bounds: jaxattn.Bounds, impl: str,
@@ -129,15 +134,14 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
 
     def attend(i, attn, q, k, v, written):
         # k and v are in ``written``, the pools kv_target named, updated
-        chunked = attn.chunk_size is not None
-        table = batch.chunked_page_table if chunked else batch.page_table
         new_k[i], new_v[i], *fp8_scales = written
         scales = {}
         if fp8_scales:  # FP8: quantised per token and KV head as the step wrote them
             new_ks[i], new_vs[i] = fp8_scales
             scales = dict(k_scale=new_ks[i], v_scale=new_vs[i])
-        return _paged_attention(q, new_k[i], new_v[i], table, cu, kv_lens, num_seqs,
-                                plan_of[attn.chunk_size], bounds=bounds, scale=attn.scale,
+        return _paged_attention(q, new_k[i], new_v[i], _page_table(batch, attn.chunk_size),
+                                cu, kv_lens, num_seqs, plan_of[attn.chunk_size],
+                                bounds=bounds, scale=attn.scale,
                                 chunk_size=attn.chunk_size, impl=impl, decode_only=decode_only,
                                 **scales)
 
