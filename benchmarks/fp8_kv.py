@@ -153,8 +153,6 @@ PREFILL_VARIANTS = {
     "fp8_v2": (True, dict(dequant_vector=2)),
     "fp8_v4": (True, dict(dequant_vector=4)),
     "fp8_v8": (True, dict(dequant_vector=8)),
-    # tiles whose pages merged in 4-value vectors, the others in 8 (over shuffled pages: fp8_v8)
-    "fp8_v8_m4": (True, dict(dequant_vector=8, merged_dequant_vector=4)),
 }
 # ``--per-page`` (with ``--in-order``): the same forms copying a tile's pages one at a time,
 # which the engine's in-order pages would take without ``PrefillConfig.merge_pages``.
@@ -237,7 +235,7 @@ def markdown(res) -> str:
                          f"| {r['max_abs_diff']:.3g} |")
     names = res.get("prefill_columns", list(PREFILL_VARIANTS))
     lines += ["", "Prefill (one sequence, fresh; ms, useful TFLOP/s, time / bf16). fp8_vN: "
-              "the producer dequantises V in N-value vectors (fp8_v8_m4: a merged tile's in 4); the "
+              "the producer dequantises V in N-value vectors; the "
               "engine's default: "
               f"fp8_v{_prefill_vector()}:", "",
               "| mode, length | " + " | ".join(names) + " | max abs diff default vs bf16 "

@@ -159,11 +159,10 @@ class PrefillConfig:
       1.047x for 4 (same run, results/fp8-kv-2026-12-04-s29.md; session 29's first run:
       1.180 / 1.090 for 8 against 1.237 / 1.103 for 2). Those were shuffled pages; over
       pages in order with merged copies 4 values ran 3-4 points ahead of 8 at causal 8k-32k
-      in two runs (results/fp8-kv-2026-12-04-s32-*.md).
-    merged_dequant_vector: FP8 cache with ``merge_pages``: the vector for tiles whose pages
-      merged into one copy, ``dequant_vector`` for the others (None: ``dequant_vector`` for
-      all), so pages in order and scattered pages each take the width that measured faster
-      over them. Same numbers either way. Built after session 32's runs, not yet timed: off.
+      in two runs (results/fp8-kv-2026-12-04-s32-*.md). A per-tile choice (4 for merged
+      tiles, 8 for the rest) ran at 8's time, not 4's (session 33, NOTES-fp8-kv): the gain
+      is not in the merged tiles' dequantisation. 8 stays, as a serving pool's pages
+      scatter as it churns.
     merge_pages: pages smaller than a KV tile: when the tile's pages lie one after another
       in the pool (what the engine's allocator hands a prompt), fill it with one TMA copy
       instead of one per page; :func:`tile_first_pages` gives the producer one read per
@@ -188,7 +187,6 @@ class PrefillConfig:
     fp8_qk: bool = True
     producer_dequant: bool = False
     dequant_vector: int = 2
-    merged_dequant_vector: int | None = None
     merge_pages: bool = True
 
     def __post_init__(self):
@@ -203,13 +201,9 @@ class PrefillConfig:
         if self.consumer_registers % 8 or not _LAUNCH_REGISTERS <= self.consumer_registers <= 240:
             raise ValueError(f"consumer_registers={self.consumer_registers} must be a multiple "
                              f"of 8 in [{_LAUNCH_REGISTERS}, 240]")
-        vectors = {"dequant_vector": self.dequant_vector}
-        if self.merged_dequant_vector is not None:
-            vectors["merged_dequant_vector"] = self.merged_dequant_vector
-        for name, vector in vectors.items():
-            if vector not in common.DEQUANT_LAYOUTS:
-                raise ValueError(f"{name}={vector} must be one of "
-                                 f"{tuple(common.DEQUANT_LAYOUTS)}")
+        if self.dequant_vector not in common.DEQUANT_LAYOUTS:
+            raise ValueError(f"dequant_vector={self.dequant_vector} must be one of "
+                             f"{tuple(common.DEQUANT_LAYOUTS)}")
         if self.tile_order not in TILE_ORDERS:
             raise ValueError(f"tile_order={self.tile_order!r} is not one of {TILE_ORDERS}")
 
@@ -283,7 +277,6 @@ class PrefillConfig:
 
 def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
                 producer_dequant: bool = True, dequant_vector: int = 8,
-                merged_dequant_vector: int | None = None,
                 merge_pages: bool = True) -> PrefillConfig:
     """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
 
@@ -292,8 +285,8 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
     deep as shared memory allows (at most 4 stages). Interpret mode runs the
     same config with P staged through SMEM (it has no SMEM budget). ``kv_dtype``:
     the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``,
-    ``dequant_vector``, ``merged_dequant_vector``, ``merge_pages``: :class:`PrefillConfig`'s
-    (producer_dequant with the producer's registers it needs).
+    ``dequant_vector``, ``merge_pages``: :class:`PrefillConfig`'s (producer_dequant
+    with the producer's registers it needs).
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)
@@ -305,8 +298,7 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages,
                             fp8_qk=fp8_qk, producer_dequant=shared_v,
-                            dequant_vector=dequant_vector,
-                            merged_dequant_vector=merged_dequant_vector, merge_pages=merge_pages,
+                            dequant_vector=dequant_vector, merge_pages=merge_pages,
                             consumer_registers=224 if shared_v else 232)
         if cfg.smem_bytes(bounds.head_dim, dtype, kv_dtype) <= common.MAX_SMEM:
             best = cfg
@@ -804,8 +796,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         def _producer():
             plgpu.set_max_registers(config.producer_registers, action="decrease")
 
-            def tile_body(i, carry):
-                step, merged = carry
+            def tile_body(i, step):
                 item, head, (q_start, _, _, kv_start, kv_end, seq) = item_fields(tile_of(i))
                 kv_head = head // group
                 lo, hi = kv_blocks(kv_start, kv_end)
@@ -873,39 +864,30 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
                     pl.when(first < 0)(page_by_page)
 
-                def _kv(j, merged):  # merged: whether the step before's tile merged
+                @pl.loop(lo, hi)
+                def _kv(j):
                     c = step + j - lo
                     # Read before the waits for a free slot, so its latency overlaps them.
                     first = first_ref[seq, j] if merge else None
                     load(k_ref, k_smem, k_full, k_free, c, j, first, ks_ref, ks_smem)
                     load(v_ref, v_smem, v_full, v_free, c, j, first, vs_ref, vs_smem)
                     if shared_v:  # one step behind the copies, so they stay ahead
-                        pl.when(c > 0)(lambda: dequantize_v(c - 1, merged))
-                    return jnp.int32(0) if first is None else (first >= 0).astype(jnp.int32)
+                        pl.when(c > 0)(lambda: dequantize_v(c - 1))
 
-                return step + (hi - lo), lax.fori_loop(lo, hi, _kv, merged)
+                return step + (hi - lo)
 
-            def dequantize_v(c, merged):
-                """Step c's V tile (``merged``: filled by one copy) into the consumers' ring
-                (after their PV of step c - DEQ_STAGES), then free its fp8 slot."""
+            def dequantize_v(c):
+                """Step c's V tile into the consumers' ring (after their PV of step
+                c - DEQ_STAGES), then free its fp8 slot."""
                 slot = c % stages
-
-                def into_ring(vector):
-                    common.dequantize_to_ring(v_smem.at[slot], vs_smem.at[slot],
-                                              v_full.at[slot], v_deq, vd_free, vd_full, c,
-                                              DEQ_STAGES, vector)
-
-                vector, merged_vector = config.dequant_vector, config.merged_dequant_vector
-                if not merge or merged_vector in (None, vector):
-                    into_ring(vector)
-                else:
-                    pl.when(merged != 0)(lambda: into_ring(merged_vector))
-                    pl.when(merged == 0)(lambda: into_ring(vector))
+                common.dequantize_to_ring(v_smem.at[slot], vs_smem.at[slot], v_full.at[slot],
+                                          v_deq, vd_free, vd_full, c, DEQ_STAGES,
+                                          config.dequant_vector)
                 plgpu.barrier_arrive(v_free.at[slot])
 
-            total, merged = lax.fori_loop(0, my_tiles, tile_body, (jnp.int32(0), jnp.int32(0)))
+            total = lax.fori_loop(0, my_tiles, tile_body, jnp.int32(0))
             if shared_v:
-                pl.when(total > 0)(lambda: dequantize_v(total - 1, merged))
+                pl.when(total > 0)(lambda: dequantize_v(total - 1))
 
                 @pl.loop(jnp.maximum(total - DEQ_STAGES, 0), total)
                 def _drain_deq(c):

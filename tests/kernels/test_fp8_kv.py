@@ -153,23 +153,14 @@ def test_fp8_prefill_producer_dequant_equals_the_consumers():
 def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page():
     """``PrefillConfig.merge_pages`` over an FP8 cache: a tile of consecutive pages is one
     TMA copy of values (its scale rows still one copy per page); bit-equal to copying
-    every page alone, also with the merged tiles' V in a vector width of their own
-    (``merged_dequant_vector``)."""
+    every page alone."""
 
     def tiles_of_both_kinds(table):  # 64-key tiles of 32-token pages: 2 pages each
         pairs = table[0, :6].reshape(3, 2)
         assert (np.diff(pairs) == 1).ravel().tolist() == [False, False, True], pairs
 
-    _assert_prefill_forms_agree([dict(merge_pages=True), dict(merge_pages=False),
-                                 dict(merge_pages=True, dequant_vector=8,
-                                      merged_dequant_vector=4)],
-                                in_runs=True, check_table=tiles_of_both_kinds)
-
-
-def test_merged_dequant_vector_takes_a_dequant_layout():
-    assert prefill.PrefillConfig(merged_dequant_vector=4).merged_dequant_vector == 4
-    with pytest.raises(ValueError, match="merged_dequant_vector=3"):
-        prefill.PrefillConfig(merged_dequant_vector=3)
+    _assert_prefill_forms_agree([dict(merge_pages=m) for m in (True, False)], in_runs=True,
+                                check_table=tiles_of_both_kinds)
 
 
 def test_fp8_chunked_local_and_small_pages():
@@ -418,10 +409,6 @@ def test_prefill_fp8_lowers_for_page_sizes(page_size):
     _export_prefill(cfg, 128, jnp.bfloat16, page_size=page_size)
     if page_size == 32:  # the plain loop (no intra-warpgroup overlap) dequantises too
         _export_prefill(dataclasses.replace(cfg, overlap=False), 128, jnp.bfloat16,
-                        page_size=page_size)
-        # merged tiles' V in 4-value vectors, the others' in the default 8
-        assert cfg.dequant_vector == 8
-        _export_prefill(dataclasses.replace(cfg, merged_dequant_vector=4), 128, jnp.bfloat16,
                         page_size=page_size)
 
 

@@ -174,11 +174,10 @@ def test_fp8_prefill_producer_dequant_equals_the_consumers(q_lens, kv_lens, chun
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[2:])
 def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page(q_lens, kv_lens, chunk):
     """Pages one after another: each KV tile's values come in one TMA copy
-    (``PrefillConfig.merge_pages``), bit-equal to one copy per page, also with the merged
-    tiles' V dequantised in 4-value vectors (``merged_dequant_vector``)."""
+    (``PrefillConfig.merge_pages``), bit-equal to one copy per page."""
     _assert_forms_agree(q_lens, kv_lens, chunk,
-                        [prefill_picked_with(merge_pages=m) for m in (True, False)]
-                        + [prefill_picked_with(merged_dequant_vector=4)], in_order=True)
+                        [prefill_picked_with(merge_pages=m) for m in (True, False)],
+                        in_order=True)
 
 
 @contextlib.contextmanager
