@@ -22,7 +22,10 @@ three rounds each, CUPTI kernel time when available):
 * prefill (one fresh sequence, through ``kernels.ragged_paged_attention`` with its plan):
   bf16 at the engine's 128-key tiles, and FP8 in the engine's form (``S = Q8 K8^T`` on the
   fp8 K tile, V dequantised once by the producer warpgroup) with V dequantised in 2-, 4-
-  and 8-value vectors (``dequant_vector``: 2-, 4- and 8-byte fp8 loads; the engine's: 8).
+  and 8-value vectors (``dequant_vector``: 2-, 4- and 8-byte fp8 loads; the engine's: 8);
+  and the engine's form over L2-normed keys stored with one power-of-two scale
+  (``fp8_v8_normed_k``: what a Llama 4 RoPE layer's cache holds, the kernel told
+  ``fixed_k_scale`` and so skipping S's per-key scaling).
   TFLOP/s count useful FLOPs. (Session 30's column with the query rows quantised from
   16-byte loads took the same time and went with the option: results/fp8-kv-2026-12-04-s30.md.)
 
@@ -153,6 +156,9 @@ PREFILL_VARIANTS = {
     "fp8_v2": (True, dict(dequant_vector=2)),
     "fp8_v4": (True, dict(dequant_vector=4)),
     "fp8_v8": (True, dict(dequant_vector=8)),
+    # pick_config's keywords, and normed_k: the keys L2-normed (FP8: stored with one scale)
+    "bf16_normed_k": (False, dict(normed_k=True)),
+    "fp8_v8_normed_k": (True, dict(dequant_vector=8, normed_k=True)),
 }
 # ``--per-page`` (with ``--in-order``): the same forms copying a tile's pages one at a time,
 # which the engine's in-order pages would take without ``PrefillConfig.merge_pages``.
@@ -175,6 +181,10 @@ def prefill_fns(mode, length, forms: dict, tile_order=None, in_order=False) -> d
     ``in_order``: the sequence's pages one after another in the pool (else shuffled)."""
     chunk = CHUNK if mode == "chunked" else None
     (k, v), (k8, v8, ks, vs), table = _cache(1, length, seed=1, in_order=in_order)
+    fixed = kv_quant.normed_k_scale(D)
+    k_normed = (k * jax.lax.rsqrt(jnp.mean(jnp.square(k.astype(jnp.float32)), -1,
+                                           keepdims=True))).astype(k.dtype)
+    k8_normed, ks_normed = jax.jit(kv_quant.quantize_pages, static_argnums=1)(k_normed, fixed)
     q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
     cu, kv = np.array([0, length], np.int32), np.array([length], np.int32)
     bounds = jaxattn.Bounds(max_num_seqs=1, max_num_batched_tokens=length, max_model_len=length,
@@ -183,14 +193,19 @@ def prefill_fns(mode, length, forms: dict, tile_order=None, in_order=False) -> d
     plan = jax.jit(lambda: planner.plan(bounds, cu, kv, np.int32(1), chunk_size=chunk))()
     fns = {}
     for name, (fp8, form) in forms.items():
-        scales = dict(k_scale=ks, v_scale=vs) if fp8 else {}
+        form = dict(form)
+        normed = form.pop("normed_k", False)
+        scales = dict(k_scale=ks_normed if normed else ks, v_scale=vs) if fp8 else {}
+        if normed:
+            scales["fixed_k_scale"] = fixed
         config = prefill.pick_config(bounds, q.dtype, k8.dtype if fp8 else None, **form)
         if tile_order is not None:
             config = dataclasses.replace(config, tile_order=tile_order)
         f = jax.jit(lambda q, k, v, pt, plan, sc=scales, c=config:
                     kernels.ragged_paged_attention(q, k, v, pt, plan, bounds=bounds,
                                                    scale=D ** -0.5, config=c, **sc)[0])
-        fns[name] = (f, (q, *((k8, v8) if fp8 else (k, v)), table, plan))
+        keys = (k8_normed if normed else k8) if fp8 else (k_normed if normed else k)
+        fns[name] = (f, (q, keys, v8 if fp8 else v, table, plan))
     return fns
 
 
@@ -210,6 +225,8 @@ def bench_prefill(mode, length, tile_order=None, in_order=False, forms=PREFILL_V
                # the vector forms compute the same numbers (0 expected)
                vectors_max_abs_diff=max(float(diff(out[n], out["fp8_v2"]))
                                         for n in ("fp8_v4", "fp8_v8")))
+    if "fp8_v8_normed_k" in fns:  # against bf16 over the same normed keys
+        row["normed_k_max_abs_diff"] = float(diff(out["fp8_v8_normed_k"], out["bf16_normed_k"]))
     for n in fns:
         row[f"{n}_ms"] = ms[n]
         row[f"{n}_tflops"] = flops / ms[n] / 1e9

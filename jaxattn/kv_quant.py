@@ -20,6 +20,19 @@ magnitude saturate there (as in an f16 cache), and a row whose largest value is 
 ``448 * 2^-14 = 0.027`` keeps e4m3's 4 significant bits only down to ~1e-6 (below that its
 values are e4m3 subnormals, at most 6e-8 off).
 
+Keys an L2 norm bounds (Llama 4's RoPE layers, the chunked-local ones in Scout: each head's
+row has mean square 1, so ``|x| <= sqrt(D)``) are stored with one scale instead,
+:func:`normed_k_scale`: the power of two that puts ``sqrt(D)`` just under 448. e4m3 is a
+floating-point format, so a row's values keep their 4 significant bits at any scale as long
+as they sit above its subnormals (``2^-6 * scale``: 4.9e-4 at D=128, against the row's
+root mean square of 1); a per-row scale buys range, which the norm already bounds, and an
+exact row maximum: on normed Gaussian rows the one scale's rms error is 1.04x (D=128) and
+X. The scale pools still hold it,
+per token, so every reader works unchanged; the
+prefill kernel, told the scale (``fixed_k_scale``), skips its per-key column scaling (7-8%
+of its time at chunked 128k on the H200, benchmarks/NOTES-fp8-kv.md, sessions 30-31), and a
+power of two keeps its product with the softmax scale exact, so it is the same arithmetic.
+
 Scale pools are ``[num_pages, num_kv_heads, page_size]`` (head-major inside a
 page, unlike the values' ``[num_pages, page_size, num_kv_heads, D]``): one KV
 head's scales of one page are then contiguous, so the kernels move them with one
@@ -29,6 +42,8 @@ would make it 4).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax.numpy as jnp
 
@@ -59,13 +74,24 @@ def cache_dtype(name) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def quantize(x):
-    """x [..., D] -> (x8 [..., D] float8_e4m3fn, scale [...] float32), per row of D."""
+def normed_k_scale(head_dim: int) -> float:
+    """The one scale of L2-normed key rows of ``head_dim`` values (module docstring): the
+    smallest power of two ``s`` with ``448 s >= sqrt(D) (1 + 2^-7)`` (a row's largest
+    possible value, with room for its bf16 rounding). 2^-5 at D = 64 and 128."""
+    return 2.0 ** math.ceil(math.log2(math.sqrt(head_dim) * (1 + 2.0 ** -7) / FP8_MAX))
+
+
+def quantize(x, scale: float | None = None):
+    """x [..., D] -> (x8 [..., D] float8_e4m3fn, scale [...] float32), per row of D; with
+    ``scale`` (:func:`normed_k_scale`) every row takes that one."""
     xf = x.astype(jnp.float32)
     # Multiplications by reciprocals, as the kernels quantise their query rows
     # (kernels/common.py: quantize_rows): a 1-ulp difference in a scale can flip an e4m3
     # rounding.
-    scale = jnp.clip(jnp.abs(xf).max(axis=-1) * (1.0 / FP8_MAX), MIN_SCALE, MAX_SCALE)
+    if scale is not None:
+        scale = jnp.full(xf.shape[:-1], scale, SCALE_DTYPE)
+    else:
+        scale = jnp.clip(jnp.abs(xf).max(axis=-1) * (1.0 / FP8_MAX), MIN_SCALE, MAX_SCALE)
     # The product can round a row's max a hair past 448 (or MAX_SCALE bounds it); clip so
     # it saturates, not NaNs.
     x8 = jnp.clip(xf * (1.0 / scale[..., None]), -FP8_MAX, FP8_MAX).astype(FP8)
@@ -109,10 +135,11 @@ def check_scales(k_pages, v_pages, k_scale, v_scale) -> str | None:
     return None
 
 
-def quantize_pages(pages):
+def quantize_pages(pages, scale: float | None = None):
     """A whole pool [P, page_size, Hkv, D] -> (FP8 pages, scale [P, Hkv, page_size]): the
-    cache's layout, which the kernels read (:func:`dequantize_pages` inverts it)."""
-    pages8, scale = quantize(pages)
+    cache's layout, which the kernels read (:func:`dequantize_pages` inverts it); ``scale``:
+    :func:`quantize`'s."""
+    pages8, scale = quantize(pages, scale)
     return pages8, jnp.swapaxes(scale, 1, 2)
 
 

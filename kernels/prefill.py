@@ -412,13 +412,17 @@ def tile_pages(page_size: int, block_kv: int, table_cols: int) -> int:
 
 def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ranges, *,
                       config: PrefillConfig, scale: float, causal: bool, num_workers: int,
-                      interpret=False, k_scale=None, v_scale=None, first_pages=None):
+                      interpret=False, k_scale=None, v_scale=None, fixed_k_scale=None,
+                      first_pages=None):
     """Run the kernel over ``items`` (the prefill work list).
 
     q [T, Hq, D]; k_pages, v_pages [P, page_size, Hkv, D]; page_table [S, pages];
     zero_ranges int32 [R, 2]: row ranges [a, b) to fill with zeros (rows no
     item covers). An FP8 cache (float8_e4m3fn pages) passes its scales
-    ``k_scale``/``v_scale`` [P, Hkv, page_size] f32. ``first_pages``: this page table's
+    ``k_scale``/``v_scale`` [P, Hkv, page_size] f32; ``fixed_k_scale``: every K scale is
+    this power of two (L2-normed keys, :func:`jaxattn.kv_quant.normed_k_scale`), so S's
+    columns need no per-key scaling (the FP8 QK) and the softmax scale takes it instead:
+    exactly the same products, as a power of two scales exactly. ``first_pages``: this page table's
     :func:`tile_first_pages`, when the step shares it among its layers (None: computed
     here). Returns out [T, Hq, D] (q.dtype; rows outside items and
     zero ranges are unspecified) and lse_tiles [capacity, Hq, 128] f32
@@ -456,6 +460,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         raise ValueError(f"first_pages {first_pages.shape} is not tile_first_pages of a "
                          f"{page_table.shape} page table at {pages_per_tile} pages a tile")
     qk_scale = float(scale) * common.LOG2E
+    if qk8 and fixed_k_scale is not None:
+        qk_scale *= fixed_k_scale
     tile_rows = COMPUTE_WGS * WG_ROWS
 
     def prefill_kernel(meta_ref, count_ref, zero_ref, pt_ref, first_ref, q_ref, k_ref, v_ref,
@@ -554,7 +560,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
             def key_scaled(s, slot):
                 """FP8 QK: S's columns times their keys' scales (read before K's slot is freed)."""
-                if not qk8:
+                if not qk8 or fixed_k_scale is not None:  # (that one is in qk_scale)
                     return s
                 return s * common.column_scales(ks_smem.at[slot], s.shape)
 

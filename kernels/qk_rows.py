@@ -155,16 +155,17 @@ class KVTarget(NamedTuple):
                      if p is not None)
 
 
-def reference_write(target: KVTarget, k, v) -> tuple:
+def reference_write(target: KVTarget, k, v, fixed_k_scale: float | None = None) -> tuple:
     """k, v [T, Hkv, D] scattered into their slots (XLA's scatters) -> ``target.pools``
-    updated; FP8: each row quantised per token and KV head (:func:`kv_quant.quantize`), its
-    values and scale scattered."""
+    updated; FP8: each row quantised per token and KV head (:func:`kv_quant.quantize`; k's
+    with ``fixed_k_scale`` where given: :func:`kv_quant.normed_k_scale`), its values and
+    scale scattered."""
     p, ps, h, d = target.k_pages.shape
     out, scales = [], []
-    for pages, scale, new in ((target.k_pages, target.k_scale, k),
-                              (target.v_pages, target.v_scale, v)):
+    for pages, scale, new, fixed in ((target.k_pages, target.k_scale, k, fixed_k_scale),
+                                     (target.v_pages, target.v_scale, v, None)):
         if target.fp8:
-            new, s = kv_quant.quantize(new)  # [T, Hkv, D] e4m3, [T, Hkv]
+            new, s = kv_quant.quantize(new, fixed)  # [T, Hkv, D] e4m3, [T, Hkv]
             page, off = target.slots // ps, target.slots % ps  # past the pool: dropped
             scales.append(scale.at[page, :, off].set(s, mode="drop"))
         flat = pages.reshape(p * ps, h, d).at[target.slots].set(new.astype(pages.dtype),
@@ -173,22 +174,27 @@ def reference_write(target: KVTarget, k, v) -> tuple:
     return (*out, *scales)
 
 
-def _quantize_rows(x, values_smem, scales_smem):
+def _quantize_rows(x, values_smem, scales_smem, fixed: float | None = None):
     """:func:`kv_quant.quantize` of each row of ``x`` [64, D] (f32, wgmma layout), the same
-    arithmetic: e4m3 values into ``values_smem`` [64, D], scales into ``scales_smem`` [64]."""
+    arithmetic (``fixed``: its one scale): e4m3 values into ``values_smem`` [64, D], scales
+    into ``scales_smem`` [64]."""
     amax = jnp.max(jnp.abs(x), axis=1)
-    scale = jnp.minimum(jnp.maximum(amax * (1.0 / kv_quant.FP8_MAX), kv_quant.MIN_SCALE),
-                        kv_quant.MAX_SCALE)
-    y = x * lax.broadcast_in_dim(1.0 / scale, x.shape, [0])
+    if fixed is None:
+        scale = jnp.minimum(jnp.maximum(amax * (1.0 / kv_quant.FP8_MAX), kv_quant.MIN_SCALE),
+                            kv_quant.MAX_SCALE)
+        y = x * lax.broadcast_in_dim(1.0 / scale, x.shape, [0])
+    else:  # the scales as a row vector of the reduction's layout, for the row store
+        scale, y = amax * 0.0 + fixed, x * (1.0 / fixed)
     values_smem[...] = jnp.minimum(jnp.maximum(y, -kv_quant.FP8_MAX), kv_quant.FP8_MAX
                                    ).astype(values_smem.dtype)
     scales_smem[...] = scale
 
 
 def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temperature: bool,
-                 outputs: str, fp8: bool, interpret: bool):
+                 outputs: str, fp8: bool, fixed_k_scale, interpret: bool):
     """``outputs``: "q" (k untouched: a NoPE layer), "qk", or "q+cache" (k and v into the
-    cache's pools, aliased refs; ``fp8``: quantised, with their scale pools)."""
+    cache's pools, aliased refs; ``fp8``: quantised, with their scale pools, k with
+    ``fixed_k_scale`` where not None)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     refs = list(refs)
@@ -226,7 +232,7 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
         inv = lax.rsqrt(jnp.sum(x * x, axis=1) / x.shape[1] + jnp.float32(eps))
         x = rounded(x * lax.broadcast_in_dim(inv, x.shape, [0]))
     if fp8 and outputs == "q+cache":
-        _quantize_rows(x, k_smem, scale_smem[0])
+        _quantize_rows(x, k_smem, scale_smem[0], fixed_k_scale)
     elif outputs != "q":
         k_smem[...] = x.astype(k_smem.dtype)
     if temperature:  # temperature_scale, q only
@@ -256,8 +262,8 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-@functools.partial(jax.jit, static_argnames=("hq", "hkv", "eps", "interpret"))
-def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps,
+@functools.partial(jax.jit, static_argnames=("hq", "hkv", "eps", "fixed_k_scale", "interpret"))
+def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps, fixed_k_scale,
                       interpret: bool):
     """qkv [T, (hq + 2 hkv) D] bf16 -> (q [T, hq, D], k [T, hkv, D] or None if untouched,
     the pools or None): with a :class:`KVTarget` ``cache``, k and v go into its pools (updated
@@ -278,7 +284,7 @@ def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps,
         out_type.append(jax.ShapeDtypeStruct((t * hkv, d), qkv.dtype))
     body = functools.partial(_kernel_body, hq=hq, hkv=hkv, rope=rope is not None, eps=eps,
                              temperature=temperature is not None, outputs=outputs, fp8=fp8,
-                             interpret=interpret)
+                             fixed_k_scale=fixed_k_scale, interpret=interpret)
 
     def rope_norm(*refs):
         body(lax.axis_index("tokens"), *refs)
@@ -353,7 +359,7 @@ def _writes(cache: KVTarget | None, qkv) -> bool:
 
 def rope_norm(qkv, hq: int, hkv: int, rope=None, *, eps: float | None = None,
               temperature=None, cache: KVTarget | None = None, impl: str = "auto",
-              config: QKRowsConfig = QKRowsConfig()):
+              config: QKRowsConfig = QKRowsConfig(), fixed_k_scale: float | None = None):
     """:func:`reference` on the q and k of a q/k/v projection's joint output ``qkv`` [..., P,
     (hq + 2 hkv) D] (or its three parts: XLA's ops) (rope :func:`rope_tables` [..., P, D] or
     None; temperature [..., P] or None) -> q [..., P, hq, D], k and v [..., P, hkv, D]. One
@@ -364,17 +370,19 @@ def rope_norm(qkv, hq: int, hkv: int, rope=None, *, eps: float | None = None,
     ``cache`` (:class:`KVTarget`, a paged cache's, T tokens): k and v also go into its
     pools (:func:`reference_write`) -> (q, k, v, ``cache.pools`` updated); where the kernel
     runs, it writes them itself (bf16: two scatter kernels fewer a layer; FP8: the
-    quantisation's too) and k, v come back None."""
+    quantisation's too) and k, v come back None. ``fixed_k_scale``: an FP8 cache's k rows
+    all take that scale (:func:`kv_quant.normed_k_scale`, for L2-normed keys)."""
     q, k, v = split(qkv, hq, hkv)
     nothing_to_do = rope is None and eps is None and temperature is None and cache is None
     kernel = (not isinstance(qkv, tuple) and not nothing_to_do
               and _use_kernel(impl, qkv, hq, hkv, config) and _writes(cache, qkv))
     if not kernel:
         q, k = reference(q, k, rope, eps=eps, temperature=temperature)
-        return (q, k, v) if cache is None else (q, k, v, reference_write(cache, k, v))
+        return (q, k, v) if cache is None else (q, k, v,
+                                                reference_write(cache, k, v, fixed_k_scale))
     q, k_out, pools = _rope_norm_kernel(qkv, rope, temperature, cache, hq=hq, hkv=hkv,
                                         eps=None if eps is None else float(eps),
-                                        interpret=_interpreting())
+                                        fixed_k_scale=fixed_k_scale, interpret=_interpreting())
     if cache is not None:
         return q, None, None, pools
     return q, (k if k_out is None else k_out), v

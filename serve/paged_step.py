@@ -138,7 +138,8 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
         scales = {}
         if fp8_scales:  # FP8: quantised per token and KV head as the step wrote them
             new_ks[i], new_vs[i] = fp8_scales
-            scales = dict(k_scale=new_ks[i], v_scale=new_vs[i])
+            scales = dict(k_scale=new_ks[i], v_scale=new_vs[i],
+                          fixed_k_scale=attn.fixed_k_scale)
         return _paged_attention(q, new_k[i], new_v[i], _page_table(batch, attn.chunk_size),
                                 cu, kv_lens, num_seqs, plan_of[attn.chunk_size],
                                 bounds=bounds, scale=attn.scale,
@@ -155,10 +156,10 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
 
 
 @functools.partial(jax.jit, static_argnames=("bounds", "scale", "chunk_size", "impl",
-                                             "decode_only"))
+                                             "decode_only", "fixed_k_scale"))
 def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, plan, *,
                      bounds, scale, chunk_size, impl, decode_only=False, k_scale=None,
-                     v_scale=None):
+                     v_scale=None, fixed_k_scale=None):
     """One layer's attention, as a jitted function so that layers of one kind share it.
 
     Every chunked-local layer (and every global layer) calls this with the same shapes and
@@ -170,7 +171,7 @@ def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_se
                                           num_seqs, bounds=bounds, scale=scale,
                                           chunk_size=chunk_size, impl=impl, plan=plan,
                                           k_scale=k_scale, v_scale=v_scale,
-                                          decode_only=decode_only)
+                                          fixed_k_scale=fixed_k_scale, decode_only=decode_only)
 
 
 def step_compiler_options(traced_libraries: bool = True) -> dict | None:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxattn
+from jaxattn import kv_quant
 from jaxattn.kernels import fp8 as fp8_lib
 from jaxattn.kernels import fp8_rows, qk_rows
 from jaxattn.models.llama4.config import Llama4Config
@@ -52,6 +53,9 @@ class Attention(nnx.Module):
         self.o_proj = Linear(self.num_heads * d, h, **kw)
         self.use_rope = config.use_rope(layer)
         self.qk_norm_eps = config.rms_norm_eps if (config.use_qk_norm and self.use_rope) else None
+        # An FP8 cache stores the normed keys with one scale (jaxattn.kv_quant), which the
+        # prefill kernel then need not apply per key.
+        self.fixed_k_scale = None if self.qk_norm_eps is None else kv_quant.normed_k_scale(d)
         self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
         self.floor_scale, self.attn_scale = config.floor_scale, config.attn_scale
         self.chunk_size = config.layer_chunk_size(layer)  # None: global attention
@@ -75,7 +79,8 @@ class Attention(nnx.Module):
         # kernel at decode on Hopper (qk_rows, on the FP8 projection's joint output), XLA's
         # ops elsewhere.
         return qk_rows.rope_norm(qkv, hq, hkv, rope if self.use_rope else None,
-                                 eps=self.qk_norm_eps, temperature=temperature, cache=cache)
+                                 eps=self.qk_norm_eps, temperature=temperature, cache=cache,
+                                 fixed_k_scale=self.fixed_k_scale)
 
     def out(self, o, axes: Axes):
         """Row-parallel output projection: each device's heads give a partial sum, reduced here."""

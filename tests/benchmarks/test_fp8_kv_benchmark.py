@@ -34,3 +34,20 @@ def test_per_page_columns_reach_the_table():
 def test_per_page_needs_pages_in_order():
     with pytest.raises(SystemExit):
         fp8_kv.main(["--per-page", "--prefill-only"])
+
+
+def test_normed_k_columns_read_normed_keys_stored_with_one_scale():
+    """``fp8_v8_normed_k`` (and its bf16 twin) read L2-normed keys; the FP8 ones hold the
+    normed keys quantised with kv_quant.normed_k_scale, as a Llama 4 RoPE layer's cache."""
+    import jax.numpy as jnp
+
+    from jaxattn import kv_quant
+
+    names = ("bf16_normed_k", "fp8_v8_normed_k")
+    fns = fp8_kv.prefill_fns("chunked", 256, {n: fp8_kv.PREFILL_VARIANTS[n] for n in names})
+    k = np.asarray(fns["bf16_normed_k"][1][1], np.float32)
+    np.testing.assert_allclose(np.sqrt((k * k).mean(-1)), 1.0, rtol=2e-2)
+    k8 = fns["fp8_v8_normed_k"][1][1]
+    assert k8.dtype == kv_quant.FP8
+    back = np.asarray(k8, np.float32) * kv_quant.normed_k_scale(fp8_kv.D)
+    np.testing.assert_allclose(back, k, rtol=2.0**-4, atol=2.0**-9 * 2.0**-5)

@@ -163,6 +163,54 @@ def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page():
                                 check_table=tiles_of_both_kinds)
 
 
+@pytest.mark.parametrize("chunk,head_dim", [(None, 128), (128, 64)])
+def test_fp8_prefill_told_a_fixed_k_scale_gives_the_same_numbers(chunk, head_dim):
+    """Normed keys stored with one power-of-two scale (kv_quant.normed_k_scale, a Llama 4
+    RoPE layer's): the kernels told so (``fixed_k_scale``: the prefill's S without per-key
+    scaling, the softmax scale times it) give bit for bit what they give reading every
+    key's scale, prefill and decode rows of one batch; and not what they give told a wrong
+    scale (the test can fail)."""
+    bounds = _bounds(num_workers=2, head_dim=head_dim, chunk_size=chunk)
+    q_lens, kv_lens = (150, 1, 37), (200, 90, 37)
+    rc = make_ragged_case(bounds, q_lens, kv_lens, dtype=np.float32, seed=3, num_tokens=200)
+    k = rc.k_pages / np.sqrt((rc.k_pages ** 2).mean(-1, keepdims=True))  # L2-normed rows
+    fixed = kv_quant.normed_k_scale(head_dim)
+    k8, ks = kv_quant.quantize_pages(jnp.asarray(k, jnp.bfloat16), fixed)
+    v8, vs = kv_quant.quantize_pages(jnp.asarray(rc.v_pages))
+    args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
+    n = sum(q_lens)
+
+    def run(told):
+        out, lse = jaxattn.ragged_paged_attention(
+            jnp.asarray(rc.q, jnp.bfloat16), k8, v8, *args, k_scale=ks, v_scale=vs,
+            fixed_k_scale=told, bounds=bounds, scale=0.08, chunk_size=chunk,
+            impl="interpret", return_lse=True)
+        return np.asarray(out, np.float32)[:n], np.asarray(lse)[:n]
+
+    (out, lse), (want, want_lse) = run(fixed), run(None)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(lse, want_lse)
+    wrong, _ = run(fixed * 2)
+    prefill_rows = np.repeat(np.asarray(q_lens) > bounds.dq, q_lens)
+    assert not np.array_equal(wrong[prefill_rows], want[prefill_rows])
+
+
+def test_fixed_k_scale_is_refused_off_fp8_and_off_powers_of_two():
+    bounds = _bounds()
+    rc = make_ragged_case(bounds, (3,), (3,), dtype=np.float32, seed=0, num_tokens=8)
+    k8, ks = kv_quant.quantize_pages(jnp.asarray(rc.k_pages))
+    args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
+    q = jnp.asarray(rc.q, jnp.bfloat16)
+    with pytest.raises(ValueError, match="power of two"):
+        jaxattn.ragged_paged_attention(q, k8, k8, *args, k_scale=ks, v_scale=ks,
+                                       fixed_k_scale=0.03, bounds=bounds, impl="reference")
+    bf = jnp.asarray(rc.k_pages, jnp.bfloat16)
+    with pytest.raises(ValueError, match="FP8 cache"):
+        jaxattn.ragged_paged_attention(q, bf, bf, *args, fixed_k_scale=2.0 ** -5, bounds=bounds,
+                                       impl="reference")
+
+
 def test_fp8_chunked_local_and_small_pages():
     _check_against_bf16_and_oracle(_bounds(page_size=32, chunk_size=128, num_q_heads=4,
                                            head_dim=64), (100, 1, 1), (260, 200, 9), chunk=128)
@@ -375,12 +423,13 @@ def test_prefill_picker_for_fp8():
     assert jaxattn.kernels.unsupported_reason(b64, jnp.bfloat16, FP8) is None
 
 
-def _export_prefill(cfg, d, dtype, *, causal=True, page_size=64, budget=None):
+def _export_prefill(cfg, d, dtype, *, causal=True, page_size=64, budget=None,
+                    fixed_k_scale=None):
     S = jax.ShapeDtypeStruct
     items = WorkList(*[jnp.zeros((4,), jnp.int32)] * 8, count=jnp.int32(0))
     f = functools.partial(prefill.prefill_attention, items=items,
                           zero_ranges=jnp.zeros((1, 2), jnp.int32), config=cfg, scale=0.1,
-                          causal=causal, num_workers=132)
+                          causal=causal, num_workers=132, fixed_k_scale=fixed_k_scale)
     pages, scales = S((8, page_size, 1, d), FP8), S((8, 1, page_size), jnp.float32)
     fn = lambda q, kp, vp, pt, ks, vs: f(q, kp, vp, pt, k_scale=ks, v_scale=vs)
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(
@@ -407,6 +456,9 @@ def test_prefill_fp8_lowers_for_page_sizes(page_size):
                             chunk_size=8192, block_kv=64)
     cfg = prefill.pick_config(bounds, jnp.bfloat16, FP8)
     _export_prefill(cfg, 128, jnp.bfloat16, page_size=page_size)
+    # a chunked (RoPE, normed-key) layer's: S without per-key scaling
+    _export_prefill(cfg, 128, jnp.bfloat16, page_size=page_size,
+                    fixed_k_scale=kv_quant.normed_k_scale(128))
     if page_size == 32:  # the plain loop (no intra-warpgroup overlap) dequantises too
         _export_prefill(dataclasses.replace(cfg, overlap=False), 128, jnp.bfloat16,
                         page_size=page_size)

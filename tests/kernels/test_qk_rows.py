@@ -135,6 +135,31 @@ def test_kernel_quantises_k_and_v_into_an_fp8_cache(interpret, layer, tokens, hq
                                   np.asarray(kv_quant.quantize(wv[0])[1]))
 
 
+@pytest.mark.parametrize("tokens,hq,hkv,page_size", [(16, 40, 8, 32), (3, 20, 4, 8)])
+def test_kernel_writes_normed_keys_with_the_fixed_scale(interpret, tokens, hq, hkv, page_size):
+    """``fixed_k_scale`` (a RoPE layer's normed keys, kv_quant.normed_k_scale): k's rows
+    quantised with that one scale, which its scale pool then holds at each written slot;
+    v's as before: XLA's writes, bit for bit."""
+    qkv, rope, t = _case(tokens, hq, hkv, 128)
+    fixed = kv_quant.normed_k_scale(128)
+    target = _target(tokens, hkv, 128, page_size=page_size, fp8=True)
+    kw = dict(rope=rope, eps=1e-5, cache=target, fixed_k_scale=fixed)
+    *_, pools = qk_rows.rope_norm(qkv, hq, hkv, impl="mosaic", **kw)
+    *_, want = qk_rows.rope_norm(qkv, hq, hkv, impl="xla", **kw)
+    for g, w in ((pools[::2], want[::2]), (pools[1::2], want[1::2])):
+        assert_fp8_pools_close(g, w)
+    np.testing.assert_array_equal(_written_scales(pools[2], target), fixed)
+    assert not np.array_equal(_written_scales(pools[3], target), fixed)
+
+
+def _written_scales(scale_pool, target):
+    """The scales [tokens, Hkv] at ``target``'s slots, padding tokens left out."""
+    page_size = target.k_pages.shape[1]
+    slots = np.asarray(target.slots)
+    slots = slots[slots < target.k_pages.shape[0] * page_size]
+    return np.asarray(scale_pool)[slots // page_size, :, slots % page_size]
+
+
 def test_fp8_pool_comparison_tells_a_last_bit_from_a_wrong_row():
     """The GPU tests' comparison of two FP8 writes: rows whose bf16 inputs differ in last
     bits pass; a row written to the wrong slot does not."""
@@ -229,13 +254,14 @@ def test_kernel_lowers_for_cuda_at_scout_shapes(tokens, hq, hkv):
     assert module.count("tf.aliasing_output") == 2  # the pools, updated in place
     values = jax.ShapeDtypeStruct((64, 32, hkv, 128), kv_quant.FP8)
     scales = jax.ShapeDtypeStruct((64, hkv, 32), jnp.float32)
-    write8 = jax.jit(lambda a, c, s, kp, vp, ks, vs, slots: qk_rows.rope_norm(
-        a, hq, hkv, (c, s), eps=1e-5, cache=qk_rows.KVTarget(kp, vp, slots, ks, vs),
-        impl="mosaic"), donate_argnums=(3, 4, 5, 6))
-    module = jax.export.export(write8, platforms=["cuda"])(
-        qkv, table, table, values, values, scales, scales,
-        jax.ShapeDtypeStruct((tokens,), jnp.int32)).mlir_module()
-    assert module.count("tf.aliasing_output") == 4  # values and scales, in place
+    for fixed in (None, kv_quant.normed_k_scale(128)):  # k's scales per row, or one
+        write8 = jax.jit(lambda a, c, s, kp, vp, ks, vs, slots: qk_rows.rope_norm(
+            a, hq, hkv, (c, s), eps=1e-5, cache=qk_rows.KVTarget(kp, vp, slots, ks, vs),
+            impl="mosaic", fixed_k_scale=fixed), donate_argnums=(3, 4, 5, 6))
+        module = jax.export.export(write8, platforms=["cuda"])(
+            qkv, table, table, values, values, scales, scales,
+            jax.ShapeDtypeStruct((tokens,), jnp.int32)).mlir_module()
+        assert module.count("tf.aliasing_output") == 4  # values and scales, in place
 
 
 @pytest.mark.gpu
@@ -267,3 +293,8 @@ def test_kernel_on_gpu_at_scout_shapes(layer, tokens, hq, hkv):
     assert_fp8_pools_close(pools[::2], want_pools[::2], exact_fraction=0.9)
     # v as it came: equal but for a reciprocal's last bit, if XLA's division is not Mosaic's
     assert_fp8_pools_close(pools[1::2], want_pools[1::2], exact_fraction=0.99)
+    if "eps" in kw:  # normed keys: their one fixed scale
+        kw["fixed_k_scale"] = kv_quant.normed_k_scale(128)
+        (q, _, _, pools), (wq, _, _, want_pools) = write("mosaic"), write("xla")
+        assert_fp8_pools_close(pools[::2], want_pools[::2], exact_fraction=0.9)
+        np.testing.assert_array_equal(_written_scales(pools[2], target), kw["fixed_k_scale"])
