@@ -25,7 +25,7 @@ three rounds each, CUPTI kernel time when available):
   and 8-value vectors (``dequant_vector``: 2-, 4- and 8-byte fp8 loads; the engine's: 8);
   and the engine's form over L2-normed keys stored with one power-of-two scale
   (``fp8_v8_normed_k``: what a Llama 4 RoPE layer's cache holds, the kernel told
-  ``fixed_k_scale`` and so skipping S's per-key scaling).
+  ``fixed_k_scale`` and so copying no K scale rows and skipping S's per-key scaling).
   TFLOP/s count useful FLOPs. (Session 30's column with the query rows quantised from
   16-byte loads took the same time and went with the option: results/fp8-kv-2026-12-04-s30.md.)
 

@@ -219,13 +219,15 @@ class PrefillConfig:
         # allotment (more would hang the kernel).
         return (COMPUTE_WGS + 1) * _LAUNCH_REGISTERS - COMPUTE_WGS * self.consumer_registers
 
-    def scratch(self, head_dim: int, dtype, pages_per_tile: int, kv_dtype=None) -> list:
+    def scratch(self, head_dim: int, dtype, pages_per_tile: int, kv_dtype=None,
+                k_scale_rows: bool = True) -> list:
         """The kernel's scratch, in the order of its scratch arguments.
 
         ``pages_per_tile``: TMA copies that fill one K or V stage (the arrival
         count of its full barrier; no size depends on it). ``kv_dtype``: the
         cache's, when it is not ``dtype`` (FP8: the rings hold fp8, each page
-        brings a scale row too, and the dequantised tiles follow the list).
+        brings a scale row too, and the dequantised tiles follow the list;
+        ``k_scale_rows`` False: K's pages do not, their scale being fixed).
         """
         wg_tile = (COMPUTE_WGS, WG_ROWS, head_dim)
         ring = (self.num_stages, self.block_kv, head_dim)
@@ -256,7 +258,7 @@ class PrefillConfig:
             None if self.p_in_registers else _tiled((COMPUTE_WGS, WG_ROWS, self.block_kv), dtype),
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_full
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_free
-            plgpu.Barrier(num_arrivals=copies * pages_per_tile,
+            plgpu.Barrier(num_arrivals=(copies if k_scale_rows else 1) * pages_per_tile,
                           num_barriers=self.num_stages),  # k_full
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=self.num_stages),  # k_free
             plgpu.Barrier(num_arrivals=copies * pages_per_tile,
@@ -420,9 +422,10 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     zero_ranges int32 [R, 2]: row ranges [a, b) to fill with zeros (rows no
     item covers). An FP8 cache (float8_e4m3fn pages) passes its scales
     ``k_scale``/``v_scale`` [P, Hkv, page_size] f32; ``fixed_k_scale``: every K scale is
-    this power of two (L2-normed keys, :func:`jaxattn.kv_quant.normed_k_scale`), so S's
-    columns need no per-key scaling (the FP8 QK) and the softmax scale takes it instead:
-    exactly the same products, as a power of two scales exactly. ``first_pages``: this page table's
+    this power of two (L2-normed keys, :func:`jaxattn.kv_quant.normed_k_scale`), so with
+    the FP8 QK the producer copies no K scale rows and S's columns need no per-key scaling:
+    the softmax scale takes it instead, exactly the same products (a power of two scales
+    exactly). ``first_pages``: this page table's
     :func:`tile_first_pages`, when the step shares it among its layers (None: computed
     here). Returns out [T, Hq, D] (q.dtype; rows outside items and
     zero ranges are unspecified) and lse_tiles [capacity, Hq, 128] f32
@@ -460,7 +463,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         raise ValueError(f"first_pages {first_pages.shape} is not tile_first_pages of a "
                          f"{page_table.shape} page table at {pages_per_tile} pages a tile")
     qk_scale = float(scale) * common.LOG2E
-    if qk8 and fixed_k_scale is not None:
+    fixed_k = qk8 and fixed_k_scale is not None  # static: K's scale rows are neither read
+    if fixed_k:                                   # nor applied
         qk_scale *= fixed_k_scale
     tile_rows = COMPUTE_WGS * WG_ROWS
 
@@ -560,7 +564,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
             def key_scaled(s, slot):
                 """FP8 QK: S's columns times their keys' scales (read before K's slot is freed)."""
-                if not qk8 or fixed_k_scale is not None:  # (that one is in qk_scale)
+                if not qk8 or fixed_k:  # (that one is in qk_scale)
                     return s
                 return s * common.column_scales(ks_smem.at[slot], s.shape)
 
@@ -875,7 +879,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     c = step + j - lo
                     # Read before the waits for a free slot, so its latency overlaps them.
                     first = first_ref[seq, j] if merge else None
-                    load(k_ref, k_smem, k_full, k_free, c, j, first, ks_ref, ks_smem)
+                    load(k_ref, k_smem, k_full, k_free, c, j, first,
+                         *((None, None) if fixed_k else (ks_ref, ks_smem)))
                     load(v_ref, v_smem, v_full, v_free, c, j, first, vs_ref, vs_smem)
                     if shared_v:  # one step behind the copies, so they stay ahead
                         pl.when(c > 0)(lambda: dequantize_v(c - 1))
@@ -916,7 +921,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         prefill_kernel,
         out_type=(jax.ShapeDtypeStruct((t, hq, d), dtype),
                   jax.ShapeDtypeStruct((cap, hq, tile_rows), jnp.float32)),
-        scratch_types=config.scratch(d, dtype, pages_per_tile, kv_dtype=kv_dtype),
+        scratch_types=config.scratch(d, dtype, pages_per_tile, kv_dtype=kv_dtype,
+                                     k_scale_rows=not fixed_k),
         grid=(num_workers,),
         grid_names=("sm",),
         num_threads=COMPUTE_WGS + 1,

@@ -163,16 +163,18 @@ def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page():
                                 check_table=tiles_of_both_kinds)
 
 
-@pytest.mark.parametrize("chunk,head_dim", [(None, 128), (128, 64)])
-def test_fp8_prefill_told_a_fixed_k_scale_gives_the_same_numbers(chunk, head_dim):
+@pytest.mark.parametrize("chunk,head_dim,in_runs", [(None, 128, False), (128, 64, True)])
+def test_fp8_prefill_told_a_fixed_k_scale_gives_the_same_numbers(chunk, head_dim, in_runs):
     """Normed keys stored with one power-of-two scale (kv_quant.normed_k_scale, a Llama 4
-    RoPE layer's): the kernels told so (``fixed_k_scale``: the prefill's S without per-key
-    scaling, the softmax scale times it) give bit for bit what they give reading every
-    key's scale, prefill and decode rows of one batch; and not what they give told a wrong
-    scale (the test can fail)."""
+    RoPE layer's): the kernels told so (``fixed_k_scale``: the prefill copies no K scale
+    rows and scales S by the softmax scale times it) give bit for bit what they give
+    reading every key's scale, prefill and decode rows of one batch, over scattered pages
+    and over runs of them (merged copies); and not what they give told a wrong scale (the
+    test can fail)."""
     bounds = _bounds(num_workers=2, head_dim=head_dim, chunk_size=chunk)
     q_lens, kv_lens = (150, 1, 37), (200, 90, 37)
-    rc = make_ragged_case(bounds, q_lens, kv_lens, dtype=np.float32, seed=3, num_tokens=200)
+    rc = make_ragged_case(bounds, q_lens, kv_lens, dtype=np.float32, seed=3, num_tokens=200,
+                          in_runs=in_runs)
     k = rc.k_pages / np.sqrt((rc.k_pages ** 2).mean(-1, keepdims=True))  # L2-normed rows
     fixed = kv_quant.normed_k_scale(head_dim)
     k8, ks = kv_quant.quantize_pages(jnp.asarray(k, jnp.bfloat16), fixed)

@@ -259,3 +259,27 @@ def test_fp8_kernels_find_a_needle_128k_deep(f16):
             jnp.asarray(case.q, jnp.bfloat16), k8, v8, *case.args(), bounds=case.bounds,
             scale=1.0, impl="mosaic", k_scale=ks, v_scale=vs)
     np.testing.assert_array_equal(case.read_out(out), case.answers)
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[2:])
+@pytest.mark.parametrize("in_order", [False, True])
+def test_fp8_prefill_told_a_fixed_k_scale_gives_the_same_numbers(q_lens, kv_lens, chunk,
+                                                                 in_order):
+    """L2-normed keys stored with one power-of-two scale (a Llama 4 RoPE layer's): told so
+    (``fixed_k_scale``: no K scale rows copied, S scaled once), the kernels give bit for bit
+    what they give reading every key's scale, over shuffled pages and pages in order."""
+    bounds, q, (_, v8, _, vs), (kd, _), args, rows = _case(q_lens, kv_lens, chunk, 128,
+                                                           in_order=in_order)
+    normed = kd.astype(jnp.float32) * jax.lax.rsqrt(
+        jnp.mean(jnp.square(kd.astype(jnp.float32)), -1, keepdims=True))
+    fixed = kv_quant.normed_k_scale(q.shape[-1])
+    k8, ks = kv_quant.quantize_pages(normed.astype(jnp.bfloat16), fixed)
+    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True,
+              impl="mosaic", k_scale=ks, v_scale=vs)
+    (out, lse), (want, want_lse) = (
+        jaxattn.ragged_paged_attention(q, k8, v8, *args, fixed_k_scale=f, **kw)
+        for f in (fixed, None))
+    assert np.isfinite(np.asarray(out[:rows], np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(out[:rows], np.float32),
+                                  np.asarray(want[:rows], np.float32))
+    np.testing.assert_array_equal(np.asarray(lse[:rows]), np.asarray(want_lse[:rows]))
