@@ -27,11 +27,12 @@ floating-point format, so a row's values keep their 4 significant bits at any sc
 as they sit above its subnormals (``2^-6 * scale``: 4.9e-4 at D=128, against the row's
 root mean square of 1); a per-row scale buys range, which the norm already bounds, and an
 exact row maximum: on normed Gaussian rows the one scale's rms error is 1.04x (D=128) and
-X. The scale pools still hold it,
-per token, so every reader works unchanged; the
-prefill kernel, told the scale (``fixed_k_scale``), skips its per-key column scaling (7-8%
-of its time at chunked 128k on the H200, benchmarks/NOTES-fp8-kv.md, sessions 30-31), and a
-power of two keeps its product with the softmax scale exact, so it is the same arithmetic.
+1.06x (D=64) the per-row scales' (tests/serve/test_fp8_kv_cache.py). The scale pools still
+hold it, per token, so every reader works unchanged; the prefill kernel, told the scale
+(``fixed_k_scale``), copies no K scale rows and skips its per-key column scaling (that
+scaling alone was 7-8% of its time at chunked 128k on the H200, benchmarks/NOTES-fp8-kv.md,
+sessions 30-31), and a power of two keeps its product with the softmax scale exact, so it
+is the same arithmetic.
 
 Scale pools are ``[num_pages, num_kv_heads, page_size]`` (head-major inside a
 page, unlike the values' ``[num_pages, page_size, num_kv_heads, D]``): one KV

@@ -172,8 +172,9 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan | KernelP
     Key lengths and chunked-local windows come from the plan's items. A model passes
     a :class:`KernelPlan` (:func:`prepare`, once per step) so its layers share it. An FP8
     cache passes its scales ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32, and
-    ``fixed_k_scale`` where every K scale is that power of two (the prefill's S then skips
-    the per-key scaling). ``config`` overrides the picked prefill tuning (benchmarks); its tiles must match ``bounds``.
+    ``fixed_k_scale`` where every K scale is that power of two (the prefill then skips the
+    per-key scaling). ``config`` overrides the picked prefill tuning (benchmarks); its tiles
+    must match ``bounds``.
     ``decode_only``: every row is a decode row (:func:`jaxattn.ragged_paged_attention`).
     """
     kplan = prepare(plan, bounds=bounds, num_tokens=q.shape[0])
