@@ -20,7 +20,7 @@ from jaxattn import kv_quant
 from jaxattn.models import llama4
 from jaxattn.serve import kv_cache as cache
 from jaxattn.serve import paged_step
-from jaxattn.serve.batch import SeqStep
+from jaxattn.serve.batch import SeqStep, build_step
 from jaxattn.serve.config import EngineConfig
 from jaxattn.serve.engine import LLMEngine
 from jaxattn.serve.llm import LLM
@@ -119,6 +119,28 @@ def test_write_fp8_scatters_values_and_scales_and_drops_padding():
         np.testing.assert_allclose(flat(vd)[slot], v_new[i], rtol=0, atol=np.abs(v_new[i]).max() / 16)
     untouched = np.setdiff1d(np.arange(32), [0, 9, 31, 17])
     assert (flat(kd)[untouched] == 0).all()
+
+
+def test_serving_step_writes_rope_layers_keys_with_the_fixed_scale():
+    """Through the serving step (CPU): the qk-normed RoPE layers' keys go into the FP8 cache
+    with kv_quant.normed_k_scale, the NoPE layer's keys and every value with their own rows'
+    scales."""
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=256, hidden_size=128, intermediate_size=64, intermediate_size_mlp=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_local_experts=2, interleave_moe_layer_step=2, attention_chunk_size=64))
+    model = llama4.init_random(config, seed=1, dtype=jnp.float32)
+    bounds = EngineConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=256,
+                          page_size=32, kv_cache_dtype="fp8").bounds(config)
+    step = paged_step.make_step_fn(model, bounds, impl="reference")
+    kv = cache.allocate(paged_step.cache_spec(config, num_pages=8, page_size=32, dtype="fp8"))
+    _, kv = step(kv, build_step(bounds, 64, [SeqStep(list(range(40)), 0, [0, 1])], num_pages=8))
+    fixed = kv_quant.normed_k_scale(32)
+    written = lambda pool: np.asarray(pool)[:2].transpose(0, 2, 1).reshape(64, -1)[:40]
+    for layer in range(4):
+        k_scales, v_scales = written(kv.k_scale[layer]), written(kv.v_scale[layer])
+        assert (k_scales == fixed).all() == config.use_rope(layer), layer
+        assert not (v_scales == fixed).all()
 
 
 @pytest.mark.parametrize("name,want", [("fp8", "fp8"), ("FP8_E4M3", "fp8"),
@@ -279,7 +301,6 @@ def test_gpu_step_with_fp8_cache_lowers_for_cuda(lowering_model):
     the kernels reading scales) lowers for CUDA on the CPU, with no host-synchronising
     control flow."""
     from jaxattn.serve import batch as batch_lib
-    from jaxattn.serve.batch import build_step
 
     config, model = lowering_model
     engine = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
-from jaxattn import parallel
+from jaxattn import kv_quant, parallel
 from jaxattn.models import llama4
 from jaxattn.models.llama4 import sharding
 from jaxattn.serve import batch as batch_lib
@@ -241,8 +241,8 @@ def test_fp8_cache_decode_step_writes_the_cache_in_the_qk_kernel(monkeypatch, lo
     # toy projections are too few tiles for the dense FP8 kernel (and its joint output)
     monkeypatch.setattr(grouped_matmul, "DENSE_MIN_N_TILES", 1)
     rope_norm, targets = qk_rows._rope_norm_kernel, []
-    monkeypatch.setattr(qk_rows, "_rope_norm_kernel",
-                        lambda *a, **k: targets.append(a[3]) or rope_norm(*a, **k))
+    monkeypatch.setattr(qk_rows, "_rope_norm_kernel", lambda *a, **k: targets.append(
+        (a[3], k["fixed_k_scale"])) or rope_norm(*a, **k))
     config, _ = lowering_model
     # head_dim 128: the kernel's FP8 rows must lie 128 bytes apart (D=64 takes XLA's writes);
     # FP8 projections: the kernel takes their joint q/k/v output
@@ -265,12 +265,43 @@ def test_fp8_cache_decode_step_writes_the_cache_in_the_qk_kernel(monkeypatch, lo
         m.setattr(qk_rows, "_use_kernel", lambda *a: False)
         _, _, xla = trace()
     step, args, found = trace()
-    assert len(targets) == config.num_hidden_layers and all(t.fp8 for t in targets)
+    assert len(targets) == config.num_hidden_layers and all(t.fp8 for t, _ in targets)
+    # both layers RoPE with the qk norm: their keys take the one fixed scale
+    assert {f for _, f in targets} == {kv_quant.normed_k_scale(128)}
     assert found.get("run_state") == config.num_hidden_layers
     # per layer, the values' and the scales' scatters of k and v are the kernel's stores
     assert xla["scatter"] - found.get("scatter", 0) == 4 * config.num_hidden_layers
     exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=16)
     assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
+
+
+def test_fp8_cache_prefill_tells_the_rope_layers_kernel_their_fixed_k_scale(monkeypatch):
+    """A prefill step over an FP8 cache: the chunked (RoPE, qk-normed) layers write their keys
+    with kv_quant.normed_k_scale and tell the prefill kernel so; the global (NoPE) layer
+    keeps per-row scales. It lowers for CUDA."""
+    from jaxattn.kernels import common, prefill
+
+    monkeypatch.setattr(common, "on_hopper", lambda: True)
+    told, kernel = [], prefill.prefill_attention
+    monkeypatch.setattr(prefill, "prefill_attention", lambda *a, **k: told.append(
+        k["fixed_k_scale"]) or kernel(*a, **k))
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
+        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=256))
+    assert [config.use_rope(i) for i in range(4)] == [True, True, True, False]
+    model = llama4.init_random(config, seed=0, dtype=jnp.bfloat16)
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
+                          page_size=64, kv_cache_dtype="fp8").bounds(config)
+    spec = paged_step.cache_spec(config, num_pages=32, page_size=64, dtype="fp8")
+    kv = jax.eval_shape(lambda: cache.allocate(spec))
+    batch = build_step(bounds, 256, [SeqStep(list(range(200)), 0, [0, 1, 2, 3])], num_pages=32)
+    step = paged_step.make_step_fn(model, bounds, impl="mosaic")
+    args = (step.weights, kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32))
+    exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=256)
+    assert "mosaic_gpu" in exported.mlir_module()
+    # one trace per attention kind (its layers share it): chunked, then global
+    assert sorted(told, key=str) == sorted([kv_quant.normed_k_scale(128), None], key=str)
 
 
 def test_each_kinds_plan_carries_its_own_tables_tile_runs(lowering_model):
