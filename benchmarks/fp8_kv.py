@@ -252,7 +252,8 @@ def markdown(res) -> str:
                          f"| {r['max_abs_diff']:.3g} |")
     names = res.get("prefill_columns", list(PREFILL_VARIANTS))
     lines += ["", "Prefill (one sequence, fresh; ms, useful TFLOP/s, time / bf16). fp8_vN: "
-              "the producer dequantises V in N-value vectors; the "
+              "the producer dequantises V in N-value vectors; *_normed_k: over L2-normed "
+              "keys (FP8: one fixed K scale); the "
               "engine's default: "
               f"fp8_v{_prefill_vector()}:", "",
               "| mode, length | " + " | ".join(names) + " | max abs diff default vs bf16 "
