@@ -142,6 +142,23 @@ def _prefill_then_decode_steps(ids) -> list:
                           for i, (n, p) in enumerate(zip(lens, pages))]) for d in range(4)]
 
 
+def _serve_steps(model, bounds, steps, kv_dtype) -> tuple:
+    """``steps`` (:func:`_prefill_then_decode_steps`) through the serving step from an empty
+    cache of 16 pages -> (the sequences' logits, stacked, f32; the cache after them)."""
+    from jaxattn.serve import kv_cache as cache
+    from jaxattn.serve import paged_step
+    from jaxattn.serve.batch import build_step
+
+    step = paged_step.make_step_fn(model, bounds)
+    kv = cache.allocate(paged_step.cache_spec(model.config, num_pages=16, page_size=64,
+                                              dtype=kv_dtype))
+    out = []
+    for tokens, seqs in steps:
+        logits, kv = step(kv, build_step(bounds, tokens, seqs, num_pages=16))
+        out.append(np.asarray(logits[:len(seqs)], np.float32))
+    return np.concatenate(out), kv
+
+
 def test_fp8_decode_step_kernels_match_xla(monkeypatch):
     """The FP8 model's serving step on the Hopper kernels (a decode step's 16-row bucket:
     the routing kernel, the by-row experts with the shared expert in their launches, the
@@ -156,9 +173,6 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch):
     (NOTES-fp8.md, session 23)."""
     from jaxattn.kernels import common, fp8_rows
     from jaxattn.models.llama4.quantization import Fp8Scheme
-    from jaxattn.serve import kv_cache as cache
-    from jaxattn.serve import paged_step
-    from jaxattn.serve.batch import build_step
     from jaxattn.serve.config import EngineConfig
 
     config = llama4.Llama4Config.from_hf_dict(dict(
@@ -177,14 +191,7 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch):
     def run(model, on_gpu):
         with monkeypatch.context() as m:
             m.setattr(common, "on_hopper", lambda: on_gpu)
-            step = paged_step.make_step_fn(model, bounds)
-            kv = cache.allocate(paged_step.cache_spec(config, num_pages=16, page_size=64,
-                                                      dtype=jnp.bfloat16))
-            out = []
-            for tokens, seqs in steps:
-                logits, kv = step(kv, build_step(bounds, tokens, seqs, num_pages=16))
-                out.append(np.asarray(logits[:len(seqs)], np.float32))
-            return np.concatenate(out)
+            return _serve_steps(model, bounds, steps, jnp.bfloat16)[0]
 
     calls, route_kernel = [], fp8_rows._route_scales_kernel
     monkeypatch.setattr(fp8_rows, "_route_scales_kernel",
@@ -213,9 +220,6 @@ def test_fp8_cache_decode_steps_write_the_cache_as_xla_does(monkeypatch):
     last bits, so a few e4m3 values by one step) and so do the logits."""
     from jaxattn.kernels import grouped_matmul, qk_rows
     from jaxattn.models.llama4.quantization import Fp8Scheme
-    from jaxattn.serve import kv_cache as cache
-    from jaxattn.serve import paged_step
-    from jaxattn.serve.batch import build_step
     from jaxattn.serve.config import EngineConfig
 
     config = llama4.Llama4Config.from_hf_dict(dict(
@@ -241,14 +245,7 @@ def test_fp8_cache_decode_steps_write_the_cache_as_xla_does(monkeypatch):
         with monkeypatch.context() as m:
             if not qk_kernel:
                 m.setattr(qk_rows, "_use_kernel", lambda *a: False)
-            step = paged_step.make_step_fn(model, bounds)
-            kv = cache.allocate(paged_step.cache_spec(config, num_pages=16, page_size=64,
-                                                      dtype="fp8"))
-            out = []
-            for tokens, seqs in steps:
-                logits, kv = step(kv, build_step(bounds, tokens, seqs, num_pages=16))
-                out.append(np.asarray(logits[:len(seqs)], np.float32))
-            return np.concatenate(out), kv
+            return _serve_steps(model, bounds, steps, "fp8")
 
     (got, kv), (want, want_kv) = run(True), run(False)
     assert calls and all(calls), "the decode steps did not write the FP8 cache in the kernel"
