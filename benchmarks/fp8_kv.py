@@ -182,9 +182,11 @@ def prefill_fns(mode, length, forms: dict, tile_order=None, in_order=False) -> d
     chunk = CHUNK if mode == "chunked" else None
     (k, v), (k8, v8, ks, vs), table = _cache(1, length, seed=1, in_order=in_order)
     fixed = kv_quant.normed_k_scale(D)
-    k_normed = (k * jax.lax.rsqrt(jnp.mean(jnp.square(k.astype(jnp.float32)), -1,
-                                           keepdims=True))).astype(k.dtype)
-    k8_normed, ks_normed = jax.jit(kv_quant.quantize_pages, static_argnums=1)(k_normed, fixed)
+    if any(form.get("normed_k") for _, form in forms.values()):
+        k_normed = (k * jax.lax.rsqrt(jnp.mean(jnp.square(k.astype(jnp.float32)), -1,
+                                               keepdims=True))).astype(k.dtype)
+        k8_normed, ks_normed = jax.jit(kv_quant.quantize_pages, static_argnums=1)(k_normed,
+                                                                                  fixed)
     q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
     cu, kv = np.array([0, length], np.int32), np.array([length], np.int32)
     bounds = jaxattn.Bounds(max_num_seqs=1, max_num_batched_tokens=length, max_model_len=length,
