@@ -75,11 +75,19 @@ def cache_dtype(name) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def power_of_two_scale(largest: float) -> float | None:
+    """The one scale of rows whose values never exceed ``largest`` in magnitude: the
+    smallest power of two ``s`` in [MIN_SCALE, MAX_SCALE] with ``448 s >= largest``; None
+    where no scale in that range is large enough."""
+    s = max(2.0 ** math.ceil(math.log2(max(largest, 2.0 ** -126) / FP8_MAX)), MIN_SCALE)
+    return s if s <= MAX_SCALE else None
+
+
 def normed_k_scale(head_dim: int) -> float:
-    """The one scale of L2-normed key rows of ``head_dim`` values (module docstring): the
-    smallest power of two ``s`` with ``448 s >= sqrt(D) (1 + 2^-7)`` (a row's largest
-    possible value, with room for its bf16 rounding). 2^-5 at D = 64 and 128."""
-    return 2.0 ** math.ceil(math.log2(math.sqrt(head_dim) * (1 + 2.0 ** -7) / FP8_MAX))
+    """The one scale of L2-normed key rows of ``head_dim`` values (module docstring):
+    :func:`power_of_two_scale` of ``sqrt(D) (1 + 2^-7)`` (a row's largest possible value,
+    with room for its bf16 rounding). 2^-5 at D = 64 and 128."""
+    return power_of_two_scale(math.sqrt(head_dim) * (1 + 2.0 ** -7))
 
 
 def quantize(x, scale: float | None = None):

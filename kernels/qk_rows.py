@@ -373,6 +373,8 @@ def rope_norm(qkv, hq: int, hkv: int, rope=None, *, eps: float | None = None,
     quantisation's too) and k, v come back None. ``fixed_k_scale``: an FP8 cache's k rows
     all take that scale (:func:`kv_quant.normed_k_scale`, for L2-normed keys)."""
     q, k, v = split(qkv, hq, hkv)
+    if cache is None or not cache.fp8:  # only FP8 writes take it: one kernel for the rest
+        fixed_k_scale = None
     nothing_to_do = rope is None and eps is None and temperature is None and cache is None
     kernel = (not isinstance(qkv, tuple) and not nothing_to_do
               and _use_kernel(impl, qkv, hq, hkv, config) and _writes(cache, qkv))

@@ -267,7 +267,8 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
 
     Shapes depend only on ``bounds`` and the batch's token count T, so it
     compiles once per T and never for a new mix of lengths. The cache is
-    donated (updated in place on GPU). The weights are those of ``model`` now.
+    donated (updated in place on GPU). The weights are those of ``model`` now (and so are the FP8
+    cache's K scales: :meth:`Llama4ForCausalLM.fix_k_scales`).
     ``step.jitted`` is the underlying jitted function (for compile counting); it takes the
     weights as ``step.weights`` (:func:`flat_weights`) and the batch packed into one int32
     vector (``jaxattn.serve.batch.pack``): one host-to-device copy.
@@ -301,6 +302,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     allocation, and on one device (one graph per step) that re-recorded the whole graph
     every step.
     """
+    model.fix_k_scales()  # an FP8 cache's K scales, from the weights (static: in graphdef)
     graphdef, state = nnx.split(model)
     weights, treedef = flat_weights(state)
     config, dtype = model.config, model.dtype  # dtype: the attention's q/k/v

@@ -15,6 +15,7 @@ The computation follows transformers 5.17's ``modeling_llama4.py`` step by step
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,8 @@ class Attention(nnx.Module):
         self.use_rope = config.use_rope(layer)
         self.qk_norm_eps = config.rms_norm_eps if (config.use_qk_norm and self.use_rope) else None
         # An FP8 cache stores the normed keys with one scale (jaxattn.kv_quant), which the
-        # prefill kernel then need not apply per key.
+        # prefill kernel then need not apply per key; the other layers' keys get theirs from
+        # the weights (Llama4ForCausalLM.fix_k_scales).
         self.fixed_k_scale = None if self.qk_norm_eps is None else kv_quant.normed_k_scale(d)
         self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
         self.floor_scale, self.attn_scale = config.floor_scale, config.attn_scale
@@ -106,6 +108,28 @@ class DecoderLayer(nnx.Module):
         self.feed_forward = (MoE(config, dtype=dtype, rngs=rngs, fp8=fp8) if config.is_moe(layer)
                              else MLP(config, config.intermediate_size_mlp, dtype=dtype, rngs=rngs,
                                       fp8=fp8))
+
+    def key_bound(self) -> float:
+        """The largest magnitude any value of this layer's key rows can take, whatever the
+        input (before the qk norm, where there is one). The attention's input is
+        ``w * x / rms(x)`` (``w`` the norm's weight): ``u = x / rms(x)`` has ``|u| <=
+        sqrt(hidden)``, so by Cauchy-Schwarz a key value, ``sum_i u_i w_i W_ji``, is at most
+        ``sqrt(hidden) |w * W_j|`` (``W_j`` its projection row), and a RoPE rotation mixes
+        two such values into at most sqrt(2) times the larger. Times 1.08 for the
+        roundings on the way (FP8 activations: 2^-4; bf16 casts: 3 x 2^-8). Under a mesh the
+        rows of every device count."""
+        attn = self.self_attn
+        norm_w = self.input_layernorm.weight[...].astype(jnp.float32)  # [hidden]
+        w = attn.k_proj.weight[...].astype(jnp.float32)  # [Hkv D, hidden]
+        if attn.k_proj.weight_scale is not None:  # FP8: one scale per output row
+            w = w * attn.k_proj.weight_scale[...].astype(jnp.float32).reshape(-1, 1)
+        row = jnp.sqrt(jnp.sum(jnp.square(w * norm_w), axis=1))  # [Hkv D]
+        bound = float(jnp.max(row)) * math.sqrt(norm_w.shape[0]) * 1.08
+        if attn.use_rope:
+            bound *= math.sqrt(2)
+        if attn.k_proj.bias is not None:
+            bound += float(jnp.max(jnp.abs(attn.k_proj.bias[...].astype(jnp.float32))))
+        return bound
 
     def __call__(self, x, delta, positions, rope, attend, axes: Axes, valid=None,
                  gmm_impl="auto", kv_target: qk_rows.KVTarget | None = None):
@@ -221,6 +245,22 @@ class Llama4ForCausalLM(nnx.Module):
         if axes.vocab:
             logits = jax.lax.all_gather(logits, axes.vocab, axis=logits.ndim - 1, tiled=True)
         return logits
+
+    def fix_k_scales(self) -> None:
+        """Give every layer without the qk norm (Scout's global NoPE layers) one FP8 K scale
+        that its weights bound: :func:`kv_quant.power_of_two_scale` of
+        :meth:`DecoderLayer.key_bound` (None, per-row scales, where that is past the scales'
+        range). e4m3 is a floating-point format, so a scale too large for most rows costs
+        them nothing until their values fall below its subnormals (2^-6 of the scale):
+        the bound sits ~sqrt(hidden) (71 in Scout) above a typical key's values, while
+        e4m3's normal range spans 2^15. Values past the bound (only the roundings'
+        worst case could reach them) would saturate at 448 times the scale, not overflow.
+        With every K scale one power of two, the prefill kernel skips its per-key scaling
+        (:func:`jaxattn.ragged_paged_attention`'s ``fixed_k_scale``). Set from the weights
+        as they are now: the serving step calls it when it is built."""
+        for layer in self.model.layers:
+            if layer.self_attn.qk_norm_eps is None:
+                layer.self_attn.fixed_k_scale = kv_quant.power_of_two_scale(layer.key_bound())
 
     def run_layers(self, x, positions, attend, axes: Axes = NO_AXES, valid=None,
                    gmm_impl: str = "auto", kv_target=None):

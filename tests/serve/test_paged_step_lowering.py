@@ -277,8 +277,8 @@ def test_fp8_cache_decode_step_writes_the_cache_in_the_qk_kernel(monkeypatch, lo
 
 def test_fp8_cache_prefill_tells_the_rope_layers_kernel_their_fixed_k_scale(monkeypatch):
     """A prefill step over an FP8 cache: the chunked (RoPE, qk-normed) layers write their keys
-    with kv_quant.normed_k_scale and tell the prefill kernel so; the global (NoPE) layer
-    keeps per-row scales. It lowers for CUDA."""
+    with kv_quant.normed_k_scale and tell the prefill kernel so; the global (NoPE) layer,
+    the one scale its weights bound (Llama4ForCausalLM.fix_k_scales). It lowers for CUDA."""
     from jaxattn.kernels import common, prefill
 
     monkeypatch.setattr(common, "on_hopper", lambda: True)
@@ -301,7 +301,9 @@ def test_fp8_cache_prefill_tells_the_rope_layers_kernel_their_fixed_k_scale(monk
     exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=256)
     assert "mosaic_gpu" in exported.mlir_module()
     # one trace per attention kind (its layers share it): chunked, then global
-    assert sorted(told, key=str) == sorted([kv_quant.normed_k_scale(128), None], key=str)
+    nope = model.model.layers[3].self_attn.fixed_k_scale
+    assert nope == kv_quant.power_of_two_scale(model.model.layers[3].key_bound())
+    assert sorted(told) == sorted([kv_quant.normed_k_scale(128), nope])
 
 
 def test_each_kinds_plan_carries_its_own_tables_tile_runs(lowering_model):
