@@ -3,13 +3,14 @@
 A K (or V) row of one token and one KV head, ``x[D]``, is stored as
 ``x8 = round_e4m3(x / s)`` with ``s = max|x| / 448`` (448 is e4m3's largest
 finite value), so every stored row spans e4m3's whole range and
-``x ~= x8 * s``. Why per token and head (benchmarks/NOTES-fp8-kv.md):
+``x ~= x8 * s`` (Llama 4's keys take one scale per layer instead, written into the same
+per-token slots: below). Why per token and head (benchmarks/NOTES-fp8-kv.md):
 
 * no calibration and nothing to redo when a page fills up: a token's scale is
   fixed when it is written, by the step that writes it;
-* Llama 4 L2-normalises q/k only on its RoPE (chunked) layers; the global NoPE
-  layers' keys have no fixed range, and one scale per page or per tensor would
-  let a few large rows flush the small ones to e4m3's subnormals;
+* values have no fixed range, and one scale per page or per tensor taken from the
+  values seen so far would let a few large rows flush the small ones to e4m3's
+  subnormals, or saturate when a larger row comes (keys are the exception: below);
 * the scales cost 4 bytes per 128 (D=128) or 64 (D=64) one-byte values: 3% (6%).
 
 Scales lie in [2^-14, 146]: f16's normal range, with ``448 * 146 = 65408`` below f16's
@@ -20,19 +21,27 @@ magnitude saturate there (as in an f16 cache), and a row whose largest value is 
 ``448 * 2^-14 = 0.027`` keeps e4m3's 4 significant bits only down to ~1e-6 (below that its
 values are e4m3 subnormals, at most 6e-8 off).
 
-Keys an L2 norm bounds (Llama 4's RoPE layers, the chunked-local ones in Scout: each head's
-row has mean square 1, so ``|x| <= sqrt(D)``) are stored with one scale instead,
-:func:`normed_k_scale`: the power of two that puts ``sqrt(D)`` just under 448. e4m3 is a
-floating-point format, so a row's values keep their 4 significant bits at any scale as long
-as they sit above its subnormals (``2^-6 * scale``: 4.9e-4 at D=128, against the row's
-root mean square of 1); a per-row scale buys range, which the norm already bounds, and an
-exact row maximum: on normed Gaussian rows the one scale's rms error is 1.04x (D=128) and
-1.06x (D=64) the per-row scales' (tests/serve/test_fp8_kv_cache.py). The scale pools still
-hold it, per token, so every reader works unchanged; the prefill kernel, told the scale
-(``fixed_k_scale``), copies no K scale rows and skips its per-key column scaling (that
-scaling alone was 7-8% of its time at chunked 128k on the H200, benchmarks/NOTES-fp8-kv.md,
-sessions 30-31), and a power of two keeps its product with the softmax scale exact, so it
-is the same arithmetic.
+Keys take one power-of-two scale per layer instead, large enough that no key the layer can
+produce saturates:
+
+* keys an L2 norm bounds (Llama 4's RoPE layers, the chunked-local ones in Scout: each
+  head's row has mean square 1, so ``|x| <= sqrt(D)``): :func:`normed_k_scale`, the power
+  of two that puts ``sqrt(D)`` just under 448;
+* the others (Scout's global NoPE layers): the power of two over a bound the layer's weights
+  set (``Llama4ForCausalLM.fix_k_scales``: a key is a projection of an RMS-normed row, so
+  at most ``sqrt(hidden)`` times the norm of its weights), which sits ~sqrt(hidden) above a
+  typical key.
+
+e4m3 is a floating-point format, so a row's values keep their 4 significant bits at any
+scale as long as they sit above its subnormals (``2^-6 * scale``); e4m3's normal range spans
+2^15, so a scale sized for the worst case costs typical rows little: what a per-row scale
+still buys is an exact row maximum. The rms error is 1.04x (D=128) and 1.06x (D=64) the
+per-row scales' on normed Gaussian rows, 1.03x on a NoPE layer's keys at D=128
+(tests/serve/test_fp8_kv_cache.py). The scale pools still hold the scale, per token, so
+every reader works unchanged; the prefill kernel, told it (``fixed_k_scale``), copies no K
+scale rows and skips its per-key column scaling (10-13% of its time on the H200,
+benchmarks/NOTES-fp8-kv.md, session 34), and a power of two keeps its product with the
+softmax scale exact, so it is the same arithmetic.
 
 Scale pools are ``[num_pages, num_kv_heads, page_size]`` (head-major inside a
 page, unlike the values' ``[num_pages, page_size, num_kv_heads, D]``): one KV
