@@ -98,24 +98,31 @@ def test_normed_keys_take_one_power_of_two_scale_at_little_cost(d, max_rms_ratio
     assert errors[fixed] <= max_rms_ratio * errors[None], errors
 
 
+def _nope_layer(hidden_size: int, init_std: float, seed: int, fp8_weights: bool = False):
+    """(config, its last decoder layer: global, NoPE, no qk norm) of a random bf16 model with
+    Scout's head_dim (FP8 attention projections with ``fp8_weights``)."""
+    from jaxattn.models.llama4.quantization import Fp8Scheme
+
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=256, hidden_size=hidden_size, intermediate_size=64,
+        intermediate_size_mlp=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=128, num_local_experts=2, interleave_moe_layer_step=2,
+        attention_chunk_size=64, initializer_range=init_std))
+    model = llama4.init_random(config, seed=seed, dtype=jnp.bfloat16,
+                               fp8=Fp8Scheme(attention=True) if fp8_weights else None)
+    layer = model.model.layers[3]  # k is the projection itself
+    assert not layer.self_attn.use_rope and layer.self_attn.qk_norm_eps is None
+    return config, layer
+
+
 @pytest.mark.parametrize("fp8_weights", [False, True])
 def test_key_bound_holds_and_the_worst_input_nearly_reaches_it(fp8_weights):
     """DecoderLayer.key_bound bounds every key value, whatever the layer's input: the input
     built to maximise one key value (the normed row along that value's weights) comes within
     the bound's rounding margin of it, and Gaussian inputs with outlier channels stay far
     below. Under its power-of-two scale no key saturates."""
-    from jaxattn.models.llama4.quantization import Fp8Scheme
-
-    config = llama4.Llama4Config.from_hf_dict(dict(
-        vocab_size=256, hidden_size=512, intermediate_size=64, intermediate_size_mlp=128,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
-        num_local_experts=2, interleave_moe_layer_step=2, attention_chunk_size=64,
-        initializer_range=0.05))
-    model = llama4.init_random(config, seed=2, dtype=jnp.bfloat16,
-                               fp8=Fp8Scheme(attention=True) if fp8_weights else None)
-    layer = model.model.layers[3]  # NoPE: k is the projection itself
+    config, layer = _nope_layer(512, 0.05, seed=2, fp8_weights=fp8_weights)
     attn = layer.self_attn
-    assert not attn.use_rope and attn.qk_norm_eps is None
     rng = np.random.default_rng(0)
     norm_w = rng.uniform(0.2, 3.0, config.hidden_size).astype(np.float32)  # not all ones
     layer.input_layernorm.weight[...] = jnp.asarray(norm_w, jnp.bfloat16)
@@ -144,13 +151,7 @@ def test_bounded_k_scale_costs_little_at_head_dim_128():
     keys' rms error within 10% of the per-row scales' (which make each row's largest value
     exact; at head_dim 8, tied_top2, that exact largest value is an eighth of a row and the
     test checkpoint's logits move more: benchmarks/NOTES-fp8-kv.md, session 34)."""
-    config = llama4.Llama4Config.from_hf_dict(dict(
-        vocab_size=256, hidden_size=1024, intermediate_size=64, intermediate_size_mlp=128,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
-        num_local_experts=2, interleave_moe_layer_step=2, attention_chunk_size=64,
-        initializer_range=0.02))
-    model = llama4.init_random(config, seed=3, dtype=jnp.bfloat16)
-    layer = model.model.layers[3]
+    config, layer = _nope_layer(1024, 0.02, seed=3)
     x = np.random.default_rng(1).standard_normal((512, config.hidden_size)).astype(np.float32)
     k = layer.self_attn.k_proj(layer.input_layernorm(jnp.asarray(x, jnp.bfloat16)))
     k = k.reshape(512, config.num_key_value_heads, 128)
