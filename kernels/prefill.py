@@ -422,7 +422,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     zero_ranges int32 [R, 2]: row ranges [a, b) to fill with zeros (rows no
     item covers). An FP8 cache (float8_e4m3fn pages) passes its scales
     ``k_scale``/``v_scale`` [P, Hkv, page_size] f32; ``fixed_k_scale``: every K scale is
-    this power of two (L2-normed keys, :func:`jaxattn.kv_quant.normed_k_scale`), so with
+    this power of two (a layer's one K scale, :mod:`jaxattn.kv_quant`), so with
     the FP8 QK the producer copies no K scale rows and S's columns need no per-key scaling:
     the softmax scale takes it instead, exactly the same products (a power of two scales
     exactly). ``first_pages``: this page table's

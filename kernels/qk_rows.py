@@ -158,7 +158,7 @@ class KVTarget(NamedTuple):
 def reference_write(target: KVTarget, k, v, fixed_k_scale: float | None = None) -> tuple:
     """k, v [T, Hkv, D] scattered into their slots (XLA's scatters) -> ``target.pools``
     updated; FP8: each row quantised per token and KV head (:func:`kv_quant.quantize`; k's
-    with ``fixed_k_scale`` where given: :func:`kv_quant.normed_k_scale`), its values and
+    with ``fixed_k_scale`` where given: the layer's one, :mod:`kv_quant`), its values and
     scale scattered."""
     p, ps, h, d = target.k_pages.shape
     out, scales = [], []
@@ -371,7 +371,8 @@ def rope_norm(qkv, hq: int, hkv: int, rope=None, *, eps: float | None = None,
     pools (:func:`reference_write`) -> (q, k, v, ``cache.pools`` updated); where the kernel
     runs, it writes them itself (bf16: two scatter kernels fewer a layer; FP8: the
     quantisation's too) and k, v come back None. ``fixed_k_scale``: an FP8 cache's k rows
-    all take that scale (:func:`kv_quant.normed_k_scale`, for L2-normed keys)."""
+    all take that scale (the layer's one: :func:`kv_quant.normed_k_scale` for L2-normed
+    keys, ``Llama4ForCausalLM.fix_k_scales`` for the others)."""
     q, k, v = split(qkv, hq, hkv)
     if cache is None or not cache.fp8:  # only FP8 writes take it: one kernel for the rest
         fixed_k_scale = None
