@@ -50,13 +50,11 @@ def variants() -> dict[str, tuple[str, decode.DecodeConfig]]:
         "FP8 default, 8-value vectors": ("fp8", r(fp8, dequant_vector=8)),
         "FP8, f16 tiles, 1-deep ring, 6 stages": ("fp8", r(fp8, dequant_stages=1,
                                                           num_stages=6)),
-        "FP8, f16 tiles, two consumers, K and V apart": (
-            "fp8", r(fp8, consumers=2, split_dequant=True)),
+        "FP8, f16 tiles, two consumers": ("fp8", r(fp8, consumers=2)),
         "FP8, bf16 tiles, 1-deep ring, 6 stages": ("fp8", r(bf16_tiles, dequant_stages=1,
                                                            num_stages=6)),
         "FP8, bf16 tiles, 2-deep ring, 4 stages": ("fp8", bf16_tiles),
-        "FP8, bf16 tiles, two consumers, K and V apart": (
-            "fp8", r(bf16_tiles, consumers=2, split_dequant=True)),
+        "FP8, bf16 tiles, two consumers": ("fp8", r(bf16_tiles, consumers=2)),
     }
 
 

@@ -15,10 +15,8 @@ three rounds each, CUPTI kernel time when available):
   the model calls it; bandwidth = bytes of the cache it reads (FP8: values + scales) / time;
   FP8 with the engine's default (a warpgroup of its own dequantises each tile; one-token
   tiles take the keys as the wgmma M, ``narrow_tiles``), each cache also in the other tile
-  form (FP8's 64-row tiles: its form before 2026-12-02), FP8 with ``S = Q8 K8^T`` on
-  the fp8 K tile, only V dequantised (``fp8_qk=True``), and FP8 with two consumer
-  warpgroups on alternate blocks and K and V on two dequantising warpgroups
-  (``consumers=2, split_dequant=True``);
+  form (FP8's 64-row tiles: its form before 2026-12-02), and FP8 with two consumer
+  warpgroups on alternate blocks (``consumers=2``);
 * prefill (one fresh sequence, through ``kernels.ragged_paged_attention`` with its plan):
   bf16 at the engine's 128-key tiles, and FP8 in the engine's form (``S = Q8 K8^T`` on the
   fp8 K tile, V dequantised once by the producer warpgroup) with V dequantised in 2-, 4-
@@ -109,21 +107,17 @@ def bench_decode(batch, ctx):
     other = {kind: layer_fn(dataclasses.replace(cfg, narrow_tiles=not cfg.narrow_tiles))
              for kind, cfg in (("bf16", decode.default_config()),
                                ("fp8", decode.default_config(fp8=True)))}
-    # And S = Q8 K8^T on the fp8 K tile, only V dequantised (by its warpgroup). K and V on
-    # two dequantising warpgroups (split_dequant) measured the same as the default on the
-    # H200 (fp8-kv-2026-12-01.md) and is no longer timed here.
-    qk8 = layer_fn(decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True,
-                                       fp8_qk=True))
-    # Two consumer warpgroups on alternate blocks, K and V dequantised by a warpgroup each
-    # (session 17: 1.04-1.08x bf16 from 8k keys, 1.26x at 256 x 2k; not the default).
-    two = layer_fn(dataclasses.replace(decode.default_config(fp8=True), consumers=2,
-                                       split_dequant=True))
+    # Two consumer warpgroups on alternate blocks (session 17, with K and V then on a
+    # dequantising warpgroup each: 1.04-1.08x bf16 from 8k keys, 1.26x at 256 x 2k; not the
+    # default). (S = Q8 K8^T and the two dequantising warpgroups went in session 34:
+    # kernels/decode.py's docstring.)
+    two = layer_fn(dataclasses.replace(decode.default_config(fp8=True), consumers=2))
     fp8_args = (q, k8, v8, table, plan.decode, ks, vs)
     bf16_args = (q, k, v, table, plan.decode)
     ms = _interleaved({"bf16": (layer, bf16_args), "fp8": (layer, fp8_args),
                        "bf16_narrow": (other["bf16"], bf16_args),
                        "fp8_wide": (other["fp8"], fp8_args),
-                       "fp8_qk": (qk8, fp8_args), "fp8_2c": (two, fp8_args)})
+                       "fp8_2c": (two, fp8_args)})
     out_b = np.asarray(layer(q, k, v, table, plan.decode)[0][:batch], np.float32)
     out_8 = np.asarray(layer(q, k8, v8, table, plan.decode, ks, vs)[0][:batch], np.float32)
     bytes_bf16 = 2 * batch * ctx * HKV * D * 2
@@ -131,7 +125,6 @@ def bench_decode(batch, ctx):
     return dict(kind="decode", batch=batch, ctx=ctx, bf16_ms=ms["bf16"], fp8_ms=ms["fp8"],
                 fp8_over_bf16=ms["fp8"] / ms["bf16"], bf16_narrow_ms=ms["bf16_narrow"],
                 fp8_wide_ms=ms["fp8_wide"], fp8_wide_over_bf16=ms["fp8_wide"] / ms["bf16"],
-                fp8_qk_ms=ms["fp8_qk"], fp8_qk_over_bf16=ms["fp8_qk"] / ms["bf16"],
                 fp8_2c_ms=ms["fp8_2c"], fp8_2c_over_bf16=ms["fp8_2c"] / ms["bf16"],
                 bf16_tbps=bytes_bf16 / ms["bf16"] / 1e9, fp8_tbps=bytes_fp8 / ms["fp8"] / 1e9,
                 max_abs_diff=float(np.abs(out_8 - out_b).max()))
@@ -241,15 +234,14 @@ def markdown(res) -> str:
              "Decode (one layer's attention; bytes read / time):", "",
              "| batch x ctx | bf16 ms (TB/s) | FP8 ms (TB/s) | FP8 / bf16 time | "
              "bf16, narrow tiles ms | FP8, 64-row tiles (before) ms, / bf16 | "
-             "FP8, S = Q8 K8^T / bf16 | FP8, two consumers / bf16 "
-             "| max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "FP8, two consumers / bf16 | max abs diff |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r.get("kind") == "decode" and "error" not in r:
             lines.append(f"| {r['batch']}x{r['ctx']} | {r['bf16_ms']:.3f} ({r['bf16_tbps']:.2f}) "
                          f"| {r['fp8_ms']:.3f} ({r['fp8_tbps']:.2f}) | {r['fp8_over_bf16']:.3f} "
                          f"| {r['bf16_narrow_ms']:.3f} | {r['fp8_wide_ms']:.3f}, "
-                         f"{r['fp8_wide_over_bf16']:.3f} | {r['fp8_qk_over_bf16']:.3f} "
+                         f"{r['fp8_wide_over_bf16']:.3f} "
                          f"| {r.get('fp8_2c_over_bf16', float('nan')):.3f} "
                          f"| {r['max_abs_diff']:.3g} |")
     names = res.get("prefill_columns", list(PREFILL_VARIANTS))

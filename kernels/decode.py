@@ -51,8 +51,12 @@ wgmma that reads it, or (the default, ``DecodeConfig.dequant_warpgroup``) a thir
 warpgroup does so into a small ring. The tiles are f16 by default
 (``DecodeConfig.f16_dequant``: f16 arithmetic, with q and P as f16 too), else q's dtype;
 everything after is the bf16 kernel's. With a bf16 cache none of it is traced (a static
-branch). ``DecodeConfig.fp8_qk`` instead multiplies Q8 K8^T on the fp8 K tile (the
-prefill kernel's default) and dequantises only V.
+branch). Two forms lost on the H200 and were removed in session 34 (their runs:
+benchmarks/NOTES-fp8-kv.md): ``S = Q8 K8^T`` on the fp8 K tile, as the prefill does (1.12-
+1.16x bf16's time when the default took 1.15-1.20x, before its f16 tiles brought it to
+1.00-1.03x, and 4-10% of the lse values off by 0.05-0.2: the FP8 wgmma's short accumulator
+over sharp logits), and K and V dequantised on two warpgroups instead of one (no faster;
+with narrow tiles 1.13x against 1.09x).
 
 Assumption (as in other paged kernels): every cache slot holds a finite value
 (pools start zeroed; writes store finite K/V). A block's key slots past
@@ -157,34 +161,21 @@ class DecodeConfig:
       runs, and 0-1.4% more at 256 x 2k (benchmarks/results/decode-blocks-2026-12-02-s17.md,
       decode-variants-2026-12-03-s27.md); with f16 tiles two under 4 took 1-6% less from
       256 x 2k to 32 x 8k and 1% more at 8 x 32k (decode-variants-2026-12-04-s28*.md).
-    split_dequant: with ``dequant_warpgroup``: K and V each get a dequantising warpgroup of
-      their own (warpgroups 2 and 3), twice the conversion throughput and two warps per
-      scheduler to hide its latency. Timed on the H200: the same as one (1.18-1.20x bf16's
-      time, benchmarks/results/fp8-kv-2026-12-01.md), and with narrow tiles slower (1.13x
-      against 1.09x, fp8-decode-stages-2026-12-02-s16.json). The conversion is not the
-      whole limit: with no conversion at all the FP8 kernel still takes ~0.9x bf16's time
-      (benchmarks/NOTES-fp8-kv.md, session 16). 512 threads leave 128 registers per thread.
     consumers: 1 or 2 consumer warpgroups. Two take a tile's blocks by the parity of their
       global step (so each ring slot, and each of its barriers, has one consumer: even
       ``num_stages`` and ``dequant_stages``), each with its own softmax state; consumer 1
       hands its (acc, m, l) to consumer 0 through SMEM at the tile's end. Two chains of
       per-block latencies (wait, QK, softmax, PV) run at once instead of one. On the H200
-      (decode-blocks-2026-12-02-s17.md): bf16 gains nothing; FP8 with ``split_dequant`` takes
-      1.04-1.08x the 64-key bf16 kernel's time from 8k keys up (the default 1.12-1.13x) but
+      (decode-blocks-2026-12-02-s17.md): bf16 gains nothing; FP8 with K and V on two
+      dequantising warpgroups (a form since removed) took 1.04-1.08x the 64-key bf16
+      kernel's time from 8k keys up (the default 1.12-1.13x) but
       1.26x at 256 x 2k (short tiles: consumer 1 idled while consumer 0 merged and wrote; it
       has staged the next q before that since, untimed); not the default.
-    fp8_qk: FP8 cache: ``S = Q8 K8^T`` as an e4m3 wgmma straight on the fp8 K tile, as the
-      prefill kernel's default does (the consumer quantises its 64 query rows per row once
-      per tile; S's rows take the Q scales, its columns the keys' scales); only V is
-      dequantised, which halves the conversion work. Decode rows then match the reference
-      over per-row quantised queries, not the bf16 kernel over dequantised pages. On the
-      H200 1.12-1.16x bf16's time (against 1.15-1.20x), but 4-10% of the lse values are off
-      by 0.05-0.2 (the FP8 wgmma's short accumulator over sharp logits), so off for decode.
     narrow_tiles: a tile of at most :data:`NARROW_ROWS` query rows (one decode token of a
       GQA group: Scout's 5 heads) computes ``S^T = K Q^T`` and ``O^T += V^T P^T`` with the
       64 keys of a block as the wgmma M and its rows as N = 16, instead of padding its rows
       to a 64-row M: a quarter of the tensor-core work per block. Tiles with more rows
-      (several tokens of an item) take the 64-row form. Not with ``fp8_qk``. On the H200
+      (several tokens of an item) take the 64-row form. On the H200
       (benchmarks/results/fp8-kv-2026-12-02-s16-narrow.md, same run): FP8 cache 5% faster
       from 8k keys up (1% slower at 256 x 2k), bf16 0-1.3% slower (its kernel is not
       waiting on the consumer), so :func:`default_config` turns it on for FP8 only.
@@ -209,9 +200,7 @@ class DecodeConfig:
     p_in_registers: bool = False
     dequant_warpgroup: bool = False
     dequant_stages: int = 2
-    split_dequant: bool = False
     consumers: int = 1
-    fp8_qk: bool = False
     narrow_tiles: bool = False
     f16_dequant: bool = False
     dequant_vector: int = 2
@@ -224,18 +213,12 @@ class DecodeConfig:
             raise ValueError(f"num_stages={self.num_stages} must be >= 2")
         if self.dequant_stages < 1:
             raise ValueError(f"dequant_stages={self.dequant_stages} must be >= 1")
-        if self.split_dequant and not self.dequant_warpgroup:
-            raise ValueError("split_dequant needs dequant_warpgroup=True")
-        if self.split_dequant and self.fp8_qk:
-            raise ValueError("split_dequant dequantises K on a warpgroup of its own; with "
-                             "fp8_qk nothing dequantises K")
         if self.consumers not in (1, 2):
             raise ValueError(f"consumers={self.consumers} must be 1 or 2")
-        if self.consumers == 2 and (self.num_stages % 2 or self.dequant_stages % 2
-                                    or self.fp8_qk):
+        if self.consumers == 2 and (self.num_stages % 2 or self.dequant_stages % 2):
             raise ValueError("consumers=2 takes blocks by the parity of their step, so each ring "
-                             "slot has one consumer: num_stages and dequant_stages must be even "
-                             "(and not with fp8_qk, whose row scales only consumer 0 has)")
+                             "slot has one consumer: num_stages and dequant_stages must be "
+                             "even")
         if self.dequant_vector not in common.DEQUANT_LAYOUTS:
             raise ValueError(f"dequant_vector={self.dequant_vector} must be one of "
                              f"{tuple(common.DEQUANT_LAYOUTS)}")
@@ -328,22 +311,17 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     c_log2 = scale * common.LOG2E
     tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
-    qk8 = fp8 and config.fp8_qk  # static: S = Q8 K8^T on the fp8 tile, only V dequantised
     deq_wg = fp8 and config.dequant_warpgroup  # warpgroup 2 dequantises into a 16-bit ring
-    deq_wgs = (2 if config.split_dequant else 1) if deq_wg else 0  # (K and V: 2 and 3)
     dstages = config.dequant_stages
     consumers = config.consumers
     if consumers == 2 and fp8 and not deq_wg:
         raise ValueError("DecodeConfig(consumers=2) over an FP8 cache needs dequant_warpgroup="
                          "True (the consumers cannot share one dequantised tile)")
-    # Arrivals that free an fp8 ring slot: the dequantising warpgroup(s), and with fp8_qk the
-    # consumer too (it reads K's slot itself); without them, the consumer alone.
-    consumers_of_slot = deq_wgs + (1 if qk8 else 0) if deq_wg else 1
     copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
     # The wgmmas' 16-bit operands (q as the wgmma takes it, the dequantised K/V tiles, P).
     op_dtype = jnp.dtype(jnp.float16) if fp8 and config.f16_dequant else jnp.dtype(dtype)
-    # Tiles of at most NARROW_ROWS query rows take the keys as the wgmma M (not with fp8_qk).
-    narrow = config.narrow_tiles and not qk8 and g <= NARROW_ROWS
+    # Tiles of at most NARROW_ROWS query rows take the keys as the wgmma M.
+    narrow = config.narrow_tiles and g <= NARROW_ROWS
 
     def decode_kernel(meta_ref, cta_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
         # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype, a Ref updated
@@ -460,43 +438,35 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 plgpu.barrier_wait(q_free)
 
         # (full, free, done, fp8 ring, scale ring, dequantised ring) of K, then of V.
-        deq_jobs = ((k_full, kdeq_free, kdeq_full, k_smem, ks_smem, k_deq),
-                    (v_full, vdeq_free, vdeq_full, v_smem, vs_smem, v_deq)) if deq_wg else ()
-        if qk8:
-            deq_jobs = deq_jobs[1:]  # the consumer reads K's fp8 tile as it landed
-        dequantizers = []  # (warpgroup, its body)
-        for w in range(deq_wgs):
-            # Warpgroup 2 dequantises K and V, or (split) K while warpgroup 3 does V.
-            jobs = deq_jobs if deq_wgs == 1 else deq_jobs[w:w + 1]
+        def dequantizer():
+            """Warpgroup 2 (``dequant_warpgroup``): walks the same (tile, block) steps as the
+            others, dequantising K's then V's fp8 slot ``step % stages`` into their rings'
+            slot ``step % dstages``, then frees the fp8 slot."""
+            jobs = ((k_full, kdeq_free, kdeq_full, k_smem, ks_smem, k_deq),
+                    (v_full, vdeq_free, vdeq_full, v_smem, vs_smem, v_deq))
 
-            def _dequantizer(jobs=jobs):
-                # Walks the same (tile, block) steps as the others: fp8 slot `step % stages`
-                # in, dequantised slot `step % dstages` out; frees the fp8 slot (each
-                # dequantising warpgroup arrives once).
-                def tile_body(i, step):
-                    _, f = tile_info(i)
-                    kv_start, kv_end = f(_KVSTART), f(_KVEND)
+            def tile_body(i, step):
+                _, f = tile_info(i)
+                kv_start, kv_end = f(_KVSTART), f(_KVEND)
 
-                    def block_body(j, step):
-                        slot = lax.rem(step, stages)
-                        for full, free, done, src, scl, dst in jobs:
-                            common.dequantize_to_ring(src.at[slot], scl.at[slot], full.at[slot],
-                                                      dst, free, done, step, dstages,
-                                                      config.dequant_vector)
-                        plgpu.barrier_arrive(consumed.at[slot])
-                        return step + 1
+                def block_body(j, step):
+                    slot = lax.rem(step, stages)
+                    for full, free, done, src, scl, dst in jobs:
+                        common.dequantize_to_ring(src.at[slot], scl.at[slot], full.at[slot],
+                                                  dst, free, done, step, dstages,
+                                                  config.dequant_vector)
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return step + 1
 
-                    n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
-                    return lax.fori_loop(0, n_blocks, block_body, step)
+                n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
+                return lax.fori_loop(0, n_blocks, block_body, step)
 
-                steps = lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
+            steps = lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
 
-                @pl.loop(jnp.maximum(0, steps - dstages), steps)
-                def _(s):  # observe the last completions (GPU interpret mode checks it)
-                    for _, free, *_ in jobs:
-                        plgpu.barrier_wait(free.at[lax.rem(s, dstages)])
-
-            dequantizers.append((2 + w, _dequantizer))
+            @pl.loop(jnp.maximum(0, steps - dstages), steps)
+            def _(s):  # observe the last completions (GPU interpret mode checks it)
+                for _, free, *_ in jobs:
+                    plgpu.barrier_wait(free.at[lax.rem(s, dstages)])
 
         def consumer(c):
             """Consumer ``c``: the tile's blocks whose global step has parity ``c`` (all of
@@ -576,7 +546,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 # Every thread has read the partial before any writes the output there (the
                 # o staging union): a warpgroup barrier.
                 plgpu.commit_smem()
-                pl.when(i + 1 < n_local)(stage_q_only)
+                pl.when(i + 1 < n_local)(stage_q)
                 bcast = lambda x: lax.broadcast_in_dim(x, acc.shape, [axis])
                 m_new = jnp.maximum(m, m1)
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -585,43 +555,32 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
             def stage_q():
                 """Consumer 0: the next tile's q from the producer's buffer into the wgmma
-                tile (e4m3 with fp8_qk) -> the softmax's scale per row (or the scalar)."""
+                tile."""
                 plgpu.barrier_wait(q_full)
-                if qk8:
-                    c_rows = common.quantize_rows(q_raw.at[pl.ds(0, ROWS)], q_tile) * c_log2
-                elif op_dtype != dtype:  # f16 operands: q clipped to f16's range
+                if op_dtype != dtype:  # f16 operands: q clipped to f16's range
                     f16_max = float(jnp.finfo(op_dtype).max)
                     x = plgpu.load(q_raw.at[pl.ds(0, ROWS)], layout=plgpu.Layout.WGMMA)
                     q_tile[...] = jnp.clip(x.astype(jnp.float32), -f16_max, f16_max).astype(
                         op_dtype)
-                    c_rows = c_log2
                 else:
                     q_tile[...] = q_raw[pl.ds(0, ROWS), :]
-                    c_rows = c_log2
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(q_free)
                 if consumers == 2:
                     plgpu.barrier_arrive(q_ready)
-                return c_rows
-
-            def stage_q_only():  # as a pl.when body, which returns nothing
-                stage_q()
 
             def tile_body(i, step):
                 kvh, f = tile_info(i)
                 q_start, q_len, q_pos = f(_QSTART), f(_QLEN), f(_QPOS)
                 kv_start, kv_end, part = f(_KVSTART), f(_KVEND), f(_PART)
 
-                # c_rows: the softmax's log2 scale; with fp8_qk, per query row (times its
-                # e4m3 scale).
                 if consumers == 1:
-                    c_rows = stage_q()
+                    stage_q()
                 else:  # consumer 0 stages a later tile's q as soon as both are done with q
                     if c == 0:
-                        pl.when(i == 0)(stage_q_only)
+                        pl.when(i == 0)(stage_q)
                     else:
                         plgpu.barrier_wait(q_ready)
-                    c_rows = c_log2
 
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
                 # Blocks wholly below kv_end and the first row's diagonal need no mask.
@@ -642,34 +601,26 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
                     @pl.when(~is_narrow)
                     def _():
-                        write(wide_tile(*blocks, c_rows), *out)
+                        write(wide_tile(*blocks), *out)
                 else:
-                    write(wide_tile(*blocks, c_rows), *out)
+                    write(wide_tile(*blocks), *out)
                 return step + n_blocks
 
-            def wide_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step0, i, c_rows):
+            def wide_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step0, i):
                 """The tile's query rows as the wgmma M (64 rows): -> (o [64, d] f32, lse [64]);
                 None on consumer 1."""
                 def block_body(j, step, carry, masked: bool):
                     acc, m, l = carry
                     slot = lax.rem(step, stages)
                     dslot = lax.rem(step, dstages)
-                    if qk8:
-                        plgpu.barrier_wait(k_full.at[slot])
-                        k_tile = k_smem.at[slot]
-                    else:
-                        k_tile = wgmma_tile(slot, dslot, k_full, k_smem, *deq_k)
+                    k_tile = wgmma_tile(slot, dslot, k_full, k_smem, *deq_k)
 
                     def qk(acc_ref):
                         plgpu.wgmma(acc_ref, q_tile, k_tile.T)
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
-                    if qk8:  # the keys' scales on S's columns, read before the slot is freed
-                        s = s * common.column_scales(ks_smem.at[slot], s.shape)
-                        if deq_wg:
-                            plgpu.barrier_arrive(consumed.at[slot])
-                    elif deq_wg:
+                    if deq_wg:
                         plgpu.barrier_arrive(kdeq_free.at[dslot])
                     if masked:
                         key = col_ids + (kv_start + j * bk)
@@ -677,13 +628,12 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                         if causal:  # key <= q_pos + row // g  <=>  (key - q_pos) * g <= row
                             ok &= (key - q_pos) * g <= row_ids
                         s = jnp.where(ok, s, -jnp.inf)
-                    m_new = jnp.maximum(m, common.times_rows(s.max(axis=1), c_rows))
+                    m_new = jnp.maximum(m, s.max(axis=1) * c_log2)
                     # A row that has seen only masked keys keeps m = -inf: use 0 so
                     # exp2 gives 0 (not NaN) for its masked entries and its alpha.
                     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
                     alpha = jnp.exp2(m - m_use)
-                    p = jnp.exp2(common.times_rows(s, c_rows)
-                                 - lax.broadcast_in_dim(m_use, s.shape, [0]))
+                    p = jnp.exp2(s * c_log2 - lax.broadcast_in_dim(m_use, s.shape, [0]))
                     l = l * alpha + p.sum(axis=1)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     p16 = p.astype(op_dtype)
@@ -850,10 +800,10 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
         def all_but_consumer_0(_pad=None):
             pl.when(wg == 1)(producer)
-            for w, dequantizer in dequantizers:
-                pl.when(wg == w)(dequantizer)
+            if deq_wg:
+                pl.when(wg == 2)(dequantizer)
             if consumers == 2:
-                pl.when(wg == 2 + deq_wgs)(functools.partial(consumer, 1))
+                pl.when(wg == 2 + deq_wg)(functools.partial(consumer, 1))
 
         if consumers == 2:
             # Mosaic's cross-warp reductions (a narrow tile's max over keys) take scratch at the
@@ -874,9 +824,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                plgpu.SMEM((stages, bk, d), dtype, transforms=tiles_transform))
     scratch = (
         plgpu.SMEM((rows_pad, d), dtype),  # q_raw: TMA target, row = token * g + head
-        # q_tile (wgmma A; e4m3 with fp8_qk)
-        common.tiled_smem((ROWS, d), k_pages.dtype) if qk8 else
-        plgpu.SMEM((ROWS, d), op_dtype, transforms=tiles_transform),
+        plgpu.SMEM((ROWS, d), op_dtype, transforms=tiles_transform),  # q_tile (wgmma A)
         kv_ring,  # K ring
         kv_ring,  # V ring
         None if config.p_in_registers else  # P staging (interpret-safe path), per consumer
@@ -896,7 +844,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         plgpu.Barrier(),  # q_free
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # k_full
         plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # v_full
-        plgpu.Barrier(num_arrivals=consumers_of_slot, num_barriers=stages),  # consumed
+        # consumed: the slot's one reader (the dequantising warpgroup or the consumer) is done
+        plgpu.Barrier(num_barriers=stages),
         # narrow tiles: P [n, bk] per consumer (its transpose is PV's B), the identity [64, n]
         tuple(plgpu.SMEM((NARROW_ROWS, bk), op_dtype, transforms=tiles_transform)
               for _ in range(consumers)) if narrow else None,
@@ -913,8 +862,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         deq = (dstages,) if deq_wg else ()  # a ring, or one tile the consumer fills
         scratch += (plgpu.SMEM((stages, bk), jnp.float32),  # K scale ring (one per key row)
                     plgpu.SMEM((stages, bk), jnp.float32),  # V scale ring
-                    None if qk8 else  # K dequantised (fp8_qk reads the fp8 tile)
-                    plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform),
+                    plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform),  # K
                     plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform))  # V
         if deq_wg:  # K/V dequantised (full), K/V read by the consumer (free)
             scratch += tuple(plgpu.Barrier(num_barriers=dstages) for _ in range(4))
@@ -926,7 +874,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 jax.ShapeDtypeStruct((n_part, ROWS), jnp.float32))
     lse_tiles, piece_rows, piece_lse = plgpu.kernel(
         decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,),
-        grid_names=("cta",), num_threads=2 + deq_wgs + consumers - 1, thread_name="wg",
+        grid_names=("cta",), num_threads=2 + deq_wg + consumers - 1, thread_name="wg",
         compiler_params=_COMPILER_PARAMS, interpret=interpret or None,
     )(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, *scales, out_ref)
     return lse_tiles, Pieces(piece_rows, piece_lse)

@@ -229,17 +229,6 @@ def test_fp8_decode_with_the_consumer_dequantising(monkeypatch):
     _check_against_bf16_and_oracle(_bounds(), (1, 1, 1, 1), (420, 33, 300, 1))
 
 
-def test_fp8_decode_with_k_and_v_dequantised_by_two_warpgroups(monkeypatch):
-    """``DecodeConfig(split_dequant=True)``: warpgroups 2 and 3 dequantise K and V; the fp8
-    slot is freed after both arrive. Same pass, so bit-equal again."""
-    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False:
-                        decode.DecodeConfig(p_in_registers=False, dequant_warpgroup=True,
-                                            split_dequant=True, num_stages=3))
-    _check_against_bf16_and_oracle(_bounds(), (1, 1, 1, 1), (420, 33, 300, 1))
-    with pytest.raises(ValueError, match="needs dequant_warpgroup"):
-        decode.DecodeConfig(split_dequant=True)
-
-
 @pytest.mark.parametrize("config", [
     # one bf16 K and V tile between the dequantising warpgroup and the consumer (K's freed
     # after QK, V's after PV), 128-key blocks of 32-token pages
@@ -251,7 +240,7 @@ def test_fp8_decode_with_k_and_v_dequantised_by_two_warpgroups(monkeypatch):
     # tiles dequantised in vectors of 4 and 8 values (4- and 8-byte fp8 loads)
     dict(narrow_tiles=True, dequant_vector=8),
     dict(dequant_vector=4),
-    dict(consumers=2, split_dequant=True),
+    dict(consumers=2),
 ])
 def test_fp8_decode_tuning_variants_equal_bf16(monkeypatch, config):
     """Other ``DecodeConfig`` forms with the dequantising warpgroup: bit-equal to the bf16
@@ -263,15 +252,15 @@ def test_fp8_decode_tuning_variants_equal_bf16(monkeypatch, config):
 
 
 def test_fp8_two_consumer_decode_has_no_races():
-    """Two consumers, K and V on two dequantising warpgroups (five warpgroups): the race
+    """Two consumers and the dequantising warpgroup (four warpgroups): the race
     detector finds nothing over split and unsplit items of 1 and 3 tokens. (It does not see
     everything: consumer 1 writing its hand-off into the o staging union before waiting for
     ``merge_free`` was not flagged when tried; that protocol rests on the H200 runs.)"""
     bounds = _bounds()
     rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, (1, 1, 3), (420, 33, 130), num_tokens=8)
     plan = planner.plan(bounds, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
-    cfg = decode.DecodeConfig(p_in_registers=False, dequant_warpgroup=True, split_dequant=True,
-                              narrow_tiles=True, consumers=2, num_ctas=2)
+    cfg = decode.DecodeConfig(p_in_registers=False, dequant_warpgroup=True, narrow_tiles=True,
+                              consumers=2, num_ctas=2)
     out, _ = decode.decode_attention(
         q, k8, v8, rc.page_table, plan.decode, bounds=bounds, scale=0.08, config=cfg,
         k_scale=ks, v_scale=vs, interpret=plgpu.InterpretGPUParams(detect_races=True))
@@ -316,35 +305,6 @@ def test_decode_config_refuses_forms_it_cannot_run():
         decode.DecodeConfig(consumers=3)
     with pytest.raises(ValueError, match="needs dequant_warpgroup"):  # at the call: FP8 pages
         _export_decode(_bounds(), jnp.bfloat16, config=decode.DecodeConfig(consumers=2))
-
-
-@pytest.mark.parametrize("dequant_warpgroup", [True, False])
-def test_fp8_decode_with_q8_k8_matches_the_oracle_over_quantised_queries(monkeypatch,
-                                                                         dequant_warpgroup):
-    """``DecodeConfig(fp8_qk=True)``: S = Q8 K8^T on the fp8 K tile (the query rows quantised
-    per row in the kernel), only V dequantised, by its own warpgroup or by the consumer; the
-    K slot is freed by the consumer and V's by whoever dequantised it.
-    Decode rows split over KV and not, pages shuffled, keys with norms spread e^+-2."""
-    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False:
-                        decode.DecodeConfig(p_in_registers=False, num_stages=3, fp8_qk=True,
-                                            dequant_warpgroup=dequant_warpgroup))
-    bounds, scale = _bounds(), 0.08
-    q_lens, kv_lens = (1, 1, 1, 1), (420, 33, 300, 1)
-    rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=9)
-    args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
-    out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, k_scale=ks, v_scale=vs,
-                                              bounds=bounds, scale=scale, impl="interpret",
-                                              return_lse=True)
-    n = len(q_lens)
-    q8, q_scale = kv_quant.quantize(jnp.asarray(q, jnp.float32))
-    kd, vd = (np.asarray(kv_quant.dequantize_pages(x8, sc).astype(jnp.bfloat16), np.float32)
-              for x8, sc in ((k8, ks), (v8, vs)))
-    want_o, want_l = naive_ragged(np.asarray(kv_quant.dequantize(q8, q_scale)), kd, vd, *args,
-                                  scale, causal=True)
-    np.testing.assert_allclose(np.asarray(out, np.float32)[:n], want_o[:n], atol=5e-2, rtol=0)
-    np.testing.assert_allclose(np.asarray(lse)[:n], want_l[:n], atol=5e-2, rtol=0)
-    with pytest.raises(ValueError, match="nothing dequantises K"):
-        decode.DecodeConfig(dequant_warpgroup=True, split_dequant=True, fp8_qk=True)
 
 
 def test_decode_default_configs_for_bf16_and_fp8_caches():
@@ -502,12 +462,6 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
     decode.DecodeConfig(num_stages=6, p_in_registers=True),  # benchmarks/fp8_kv.py's variant
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True),  # a dequantising WG
     decode.DecodeConfig(num_stages=5, p_in_registers=True, dequant_warpgroup=True),  # SMEM max
-    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, split_dequant=True),
-    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, fp8_qk=True),  # S = Q8 K8^T
-    decode.DecodeConfig(num_stages=6, p_in_registers=True, dequant_warpgroup=True, fp8_qk=True),
-    decode.DecodeConfig(block_kv=128, num_stages=3, p_in_registers=True, dequant_warpgroup=True,
-                        fp8_qk=True),
-    decode.DecodeConfig(p_in_registers=True, fp8_qk=True),  # the consumer dequantising V
     # a 1-deep dequantised ring (6 stages; 128-key blocks, 2 stages); two consumers
     decode.DecodeConfig(num_stages=6, p_in_registers=True, dequant_warpgroup=True,
                         dequant_stages=1, narrow_tiles=True),
@@ -515,17 +469,13 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
                         dequant_stages=1, narrow_tiles=True),
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, narrow_tiles=True,
                         consumers=2),
-    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, split_dequant=True,
-                        narrow_tiles=True, consumers=2),
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, consumers=2),
-    # f16 operands: the default form, the consumer dequantising, two consumers, fp8_qk
+    # f16 operands: the default form, the consumer dequantising, two consumers
     decode.DecodeConfig(num_stages=6, p_in_registers=True, dequant_warpgroup=True,
                         dequant_stages=1, narrow_tiles=True, f16_dequant=True),
     decode.DecodeConfig(p_in_registers=True, f16_dequant=True),
-    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, split_dequant=True,
-                        narrow_tiles=True, consumers=2, f16_dequant=True),
-    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, fp8_qk=True,
-                        f16_dequant=True),
+    decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, narrow_tiles=True,
+                        consumers=2, f16_dequant=True),
     # tiles dequantised in vectors of 8 and 4 values (the default), bf16 tiles, the
     # consumer dequantising
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, narrow_tiles=True,

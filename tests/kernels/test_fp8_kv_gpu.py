@@ -194,47 +194,6 @@ def test_fp8_dequant_vectors_give_the_same_numbers(q_lens, kv_lens, chunk):
     _assert_forms_agree(q_lens, kv_lens, chunk, [_dequant_vector(v) for v in (2, 4, 8)])
 
 
-@pytest.mark.xfail(strict=True, reason="on the H200 the outputs pass but 4-10% of the lse "
-                   "values are off by 0.05-0.2: the FP8 wgmma accumulator's ~14 bits over "
-                   "sharp logits (benchmarks/NOTES-fp8-kv.md, session 9); fp8_qk stays off "
-                   "for decode")
-@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[:2])
-def test_fp8_decode_q8_k8_matches_the_reference_over_quantised_queries(monkeypatch, q_lens,
-                                                                       kv_lens, chunk):
-    """``DecodeConfig(fp8_qk=True)`` (built, not the default): decode rows against the
-    reference over the dequantised pages with the queries quantised per row."""
-    from jaxattn.kernels import decode
-
-    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False:
-                        decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=fp8,
-                                            fp8_qk=fp8))
-    bounds, q, (k8, v8, ks, vs), (kd, vd), args, rows = _case(q_lens, kv_lens, chunk, 128)
-    # Queries on the e4m3 grid (each row's max exactly 448 / 16, every element an e4m3 value
-    # / 16, all exact in bf16): the kernel's and the reference's row quantisation then agree
-    # whatever ulp their reciprocals differ by, so every value must be close. (With plain
-    # normal queries, 7 of this case's 1,280 lse values were off by 0.05-0.2 on the H200,
-    # 2026-12-01, which reciprocal ulps do not explain: benchmarks/NOTES-fp8-kv.md.)
-    q8, q_scale = kv_quant.quantize(q.astype(jnp.float32))
-    q = kv_quant.dequantize(q8, jnp.full_like(q_scale, 1 / 16), jnp.bfloat16)
-    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True)
-    out, lse = jaxattn.ragged_paged_attention(q, k8, v8, *args, impl="mosaic", k_scale=ks,
-                                              v_scale=vs, **kw)
-    q8, q_scale = kv_quant.quantize(q.astype(jnp.float32))
-    # K in f32: the kernel multiplies the exact e4m3 keys and scales S's columns in f32, and
-    # these queries (up to 28) make logits sharp enough that bf16-rounded keys alone move
-    # outputs by up to 0.6 (H200, 2026-12-01). V is dequantised to bf16 in the kernel too.
-    ref, ref_lse = jaxattn.ragged_paged_attention(
-        kv_quant.dequantize(q8, q_scale), kv_quant.dequantize_pages(k8, ks, jnp.float32),
-        vd.astype(jnp.float32), *args, impl="reference", **kw)
-    # Against f32 keys, on the H200 (2026-12-01): 0.07% of this case's outputs off by more
-    # than 5e-2 (up to 0.13), 0.01% of the long case's (up to 0.07). Not the query
-    # quantisation (exact here) nor the keys' rounding; the e4m3 wgmma's own accumulation
-    # is the candidate left. Why fp8_qk stays off for decode (benchmarks/NOTES-fp8-kv.md).
-    for got, want in ((out, ref), (lse, ref_lse)):
-        _close_but_for_rounding_flips(np.asarray(got[:rows], np.float32),
-                                      np.asarray(want[:rows], np.float32), max_share=1e-3)
-
-
 def _close_but_for_rounding_flips(got, want, atol=5e-2, flip_atol=0.2, max_share=1e-4):
     """Within ``atol``, except for a share of at most ``max_share`` of the values, which stay
     within ``flip_atol``. The kernel quantises each query row to e4m3 with the reference's
