@@ -15,8 +15,10 @@ three rounds each, CUPTI kernel time when available):
   the model calls it; bandwidth = bytes of the cache it reads (FP8: values + scales) / time;
   FP8 with the engine's default (a warpgroup of its own dequantises each tile; one-token
   tiles take the keys as the wgmma M, ``narrow_tiles``), each cache also in the other tile
-  form (FP8's 64-row tiles: its form before 2026-12-02), and FP8 with two consumer
-  warpgroups on alternate blocks (``consumers=2``);
+  form (FP8's 64-row tiles: its form before 2026-12-02), FP8 with two consumer
+  warpgroups on alternate blocks (``consumers=2``), and FP8 over L2-normed keys under one
+  power-of-two scale, the kernel told it (``fp8_fixed_k``: as the engine runs every Llama 4
+  layer since session 34, no K scale rows copied, K converted without them);
 * prefill (one fresh sequence, through ``kernels.ragged_paged_attention`` with its plan):
   bf16 at the engine's 128-key tiles, and FP8 in the engine's form (``S = Q8 K8^T`` on the
   fp8 K tile, V dequantised once by the producer warpgroup) with V dequantised in 2-, 4-
@@ -83,6 +85,16 @@ def _cache(batch, ctx, seed=0, in_order=False):
     return (k, v), fp8, jnp.asarray(table)
 
 
+def _normed_keys(k):
+    """Each key row of the bf16 pages ``k`` L2-normed (a Llama 4 RoPE layer's keys), and their
+    FP8 form under the one scale such keys take (``kv_quant.normed_k_scale``): (k_normed,
+    k8, k_scale)."""
+    k_normed = (k * jax.lax.rsqrt(jnp.mean(jnp.square(k.astype(jnp.float32)), -1,
+                                           keepdims=True))).astype(k.dtype)
+    return k_normed, *jax.jit(kv_quant.quantize_pages, static_argnums=1)(
+        k_normed, kv_quant.normed_k_scale(D))
+
+
 def bench_decode(batch, ctx):
     bounds = jaxattn.Bounds(max_num_seqs=max(batch, 1), max_num_batched_tokens=max(batch, 16),
                             max_model_len=131072, page_size=PAGE, num_q_heads=HQ,
@@ -94,10 +106,10 @@ def bench_decode(batch, ctx):
     plan = jax.jit(lambda: planner.plan(bounds, cu, np.full(batch, ctx, np.int32),
                                         np.int32(batch)))()
     q = jax.random.normal(jax.random.key(7), (t, HQ, D), jnp.bfloat16)
-    def layer_fn(config=None):
+    def layer_fn(config=None, fixed_k_scale=None):
         return jax.jit(lambda q, k, v, pt, items, ks=None, vs=None: decode.decode_attention(
             q, k, v, pt, items, bounds=bounds, scale=D ** -0.5, k_scale=ks, v_scale=vs,
-            config=config))
+            config=config, fixed_k_scale=fixed_k_scale))
 
     layer = layer_fn()
     # The default for an FP8 cache dequantises on a warpgroup of its own (the consumer
@@ -112,12 +124,18 @@ def bench_decode(batch, ctx):
     # default). (S = Q8 K8^T and the two dequantising warpgroups went in session 34:
     # kernels/decode.py's docstring.)
     two = layer_fn(dataclasses.replace(decode.default_config(fp8=True), consumers=2))
+    # Keys under one scale, as every Llama 4 layer stores them (kv_quant): the kernel told
+    # it copies no K scale rows and converts K's tiles without them. Over normed keys.
+    _, k8_normed, ks_normed = _normed_keys(k)
+    fixed = layer_fn(fixed_k_scale=kv_quant.normed_k_scale(D))
     fp8_args = (q, k8, v8, table, plan.decode, ks, vs)
     bf16_args = (q, k, v, table, plan.decode)
     ms = _interleaved({"bf16": (layer, bf16_args), "fp8": (layer, fp8_args),
                        "bf16_narrow": (other["bf16"], bf16_args),
                        "fp8_wide": (other["fp8"], fp8_args),
-                       "fp8_2c": (two, fp8_args)})
+                       "fp8_2c": (two, fp8_args),
+                       "fp8_fixed_k": (fixed, (q, k8_normed, v8, table, plan.decode, ks_normed,
+                                               vs))})
     out_b = np.asarray(layer(q, k, v, table, plan.decode)[0][:batch], np.float32)
     out_8 = np.asarray(layer(q, k8, v8, table, plan.decode, ks, vs)[0][:batch], np.float32)
     bytes_bf16 = 2 * batch * ctx * HKV * D * 2
@@ -126,6 +144,8 @@ def bench_decode(batch, ctx):
                 fp8_over_bf16=ms["fp8"] / ms["bf16"], bf16_narrow_ms=ms["bf16_narrow"],
                 fp8_wide_ms=ms["fp8_wide"], fp8_wide_over_bf16=ms["fp8_wide"] / ms["bf16"],
                 fp8_2c_ms=ms["fp8_2c"], fp8_2c_over_bf16=ms["fp8_2c"] / ms["bf16"],
+                fp8_fixed_k_ms=ms["fp8_fixed_k"],
+                fp8_fixed_k_over_bf16=ms["fp8_fixed_k"] / ms["bf16"],
                 bf16_tbps=bytes_bf16 / ms["bf16"] / 1e9, fp8_tbps=bytes_fp8 / ms["fp8"] / 1e9,
                 max_abs_diff=float(np.abs(out_8 - out_b).max()))
 
@@ -174,12 +194,8 @@ def prefill_fns(mode, length, forms: dict, tile_order=None, in_order=False) -> d
     ``in_order``: the sequence's pages one after another in the pool (else shuffled)."""
     chunk = CHUNK if mode == "chunked" else None
     (k, v), (k8, v8, ks, vs), table = _cache(1, length, seed=1, in_order=in_order)
-    fixed = kv_quant.normed_k_scale(D)
     if any(form.get("normed_k") for _, form in forms.values()):
-        k_normed = (k * jax.lax.rsqrt(jnp.mean(jnp.square(k.astype(jnp.float32)), -1,
-                                               keepdims=True))).astype(k.dtype)
-        k8_normed, ks_normed = jax.jit(kv_quant.quantize_pages, static_argnums=1)(k_normed,
-                                                                                  fixed)
+        k_normed, k8_normed, ks_normed = _normed_keys(k)
     q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
     cu, kv = np.array([0, length], np.int32), np.array([length], np.int32)
     bounds = jaxattn.Bounds(max_num_seqs=1, max_num_batched_tokens=length, max_model_len=length,
@@ -192,7 +208,7 @@ def prefill_fns(mode, length, forms: dict, tile_order=None, in_order=False) -> d
         normed = form.pop("normed_k", False)
         scales = dict(k_scale=ks_normed if normed else ks, v_scale=vs) if fp8 else {}
         if normed:
-            scales["fixed_k_scale"] = fixed
+            scales["fixed_k_scale"] = kv_quant.normed_k_scale(D)
         config = prefill.pick_config(bounds, q.dtype, k8.dtype if fp8 else None, **form)
         if tile_order is not None:
             config = dataclasses.replace(config, tile_order=tile_order)
@@ -234,8 +250,8 @@ def markdown(res) -> str:
              "Decode (one layer's attention; bytes read / time):", "",
              "| batch x ctx | bf16 ms (TB/s) | FP8 ms (TB/s) | FP8 / bf16 time | "
              "bf16, narrow tiles ms | FP8, 64-row tiles (before) ms, / bf16 | "
-             "FP8, two consumers / bf16 | max abs diff |",
-             "|---|---|---|---|---|---|---|---|"]
+             "FP8, two consumers / bf16 | FP8, one K scale (normed keys) / bf16 | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r.get("kind") == "decode" and "error" not in r:
             lines.append(f"| {r['batch']}x{r['ctx']} | {r['bf16_ms']:.3f} ({r['bf16_tbps']:.2f}) "
@@ -243,6 +259,7 @@ def markdown(res) -> str:
                          f"| {r['bf16_narrow_ms']:.3f} | {r['fp8_wide_ms']:.3f}, "
                          f"{r['fp8_wide_over_bf16']:.3f} "
                          f"| {r.get('fp8_2c_over_bf16', float('nan')):.3f} "
+                         f"| {r.get('fp8_fixed_k_over_bf16', float('nan')):.3f} "
                          f"| {r['max_abs_diff']:.3g} |")
     names = res.get("prefill_columns", list(PREFILL_VARIANTS))
     lines += ["", "Prefill (one sequence, fresh; ms, useful TFLOP/s, time / bf16). fp8_vN: "

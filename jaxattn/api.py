@@ -185,7 +185,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
     ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32 (:mod:`jaxattn.kv_quant`);
     q stays in its own dtype. ``fixed_k_scale``: the caller promises every K scale equals
     it, a power of two (keys written with one scale per layer, as the serving step writes
-    Llama 4's: :mod:`jaxattn.kv_quant`): the prefill kernel then skips its per-key scaling.
+    Llama 4's: :mod:`jaxattn.kv_quant`): the kernels then skip their per-key scaling (and
+    the decode kernel K's scale rows).
     ``decode_only``: the caller promises every sequence has at most ``bounds.dq`` new tokens
     (all decode rows) and T <= ``max_num_seqs * dq``: the kernels then skip the prefill pass
     and its merge (a decode step's launches; checked here when the lengths are concrete).

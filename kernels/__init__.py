@@ -109,7 +109,7 @@ def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bou
         dec_out, dec_lse = decode.decode_attention(
             q, k_pages, v_pages, page_table, plan.decode, bounds=bounds, scale=scale,
             causal=causal, interpret=interpret, metadata=kplan.dec_meta,
-            k_scale=k_scale, v_scale=v_scale)
+            k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale)
         return dec_out, dec_lse
     if config is None:
         config = prefill.pick_config(bounds, q.dtype, k_pages.dtype)
@@ -132,7 +132,7 @@ def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bou
     dec_out, dec_lse = decode.decode_attention(
         q_dec, k_pages, v_pages, page_table, plan.decode, bounds=bounds, scale=scale,
         causal=causal, interpret=interpret, metadata=kplan.dec_meta,
-        k_scale=k_scale, v_scale=v_scale)
+        k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale)
     # The planner gives decode and prefill items disjoint rows, so a decode row's result is
     # final: write it over the prefill output (src == T, no row, is dropped). Reading the
     # prefill output back to merge it, or deriving the valid count from a reduction, put
@@ -172,7 +172,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan | KernelP
     Key lengths and chunked-local windows come from the plan's items. A model passes
     a :class:`KernelPlan` (:func:`prepare`, once per step) so its layers share it. An FP8
     cache passes its scales ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32, and
-    ``fixed_k_scale`` where every K scale is that power of two (the prefill then skips the
+    ``fixed_k_scale`` where every K scale is that power of two (both kernels then skip the
     per-key scaling). ``config`` overrides the picked prefill tuning (benchmarks); its tiles
     must match ``bounds``.
     ``decode_only``: every row is a decode row (:func:`jaxattn.ragged_paged_attention`).

@@ -82,7 +82,9 @@ DEQUANT_LAYOUTS = {2: plgpu.Layout.WGMMA, 4: plgpu.Layout.WGMMA_UPCAST_2X,
 
 
 def dequantize_tile(src8, scale, dst, vector: int = 2):
-    """``dst[r, :] = src8[r, :] * scale[r]``: an FP8 K/V tile (SMEM) into a wgmma operand.
+    """``dst[r, :] = src8[r, :] * scale[r]``: an FP8 K/V tile (SMEM) into a wgmma operand
+    (``scale`` None: the values converted only, for keys whose one scale the caller folds
+    into the softmax's).
 
     src8 [rows, D] float8_e4m3fn and dst [rows, D] (bf16/f16) are SMEM tiles, scale
     [rows] f32 in SMEM. rows a multiple of 64. Runs on one warpgroup, 64 rows at a time (a
@@ -103,6 +105,9 @@ def dequantize_tile(src8, scale, dst, vector: int = 2):
     for r in range(0, rows, WGMMA_M):
         part = pl.ds(r, WGMMA_M)
         x8 = plgpu.load(src8.at[part], layout=layout)
+        if scale is None:
+            dst.at[part][...] = x8.astype(dst.dtype)  # exact: e4m3 fits f16 and bf16
+            continue
         s = plgpu.load(scale.at[part], layout=layout.reduce(1))
         if f16:
             x = x8.astype(jnp.float16)
@@ -117,10 +122,10 @@ def dequantize_tile(src8, scale, dst, vector: int = 2):
 def dequantize_to_ring(src8, scale, full, ring, ring_free, ring_full, step, depth,
                        vector: int = 2):
     """A dequantising warpgroup's step ``step``: once the fp8 tile ``src8`` (with its row
-    scales ``scale``) has landed (``full``, its slot's barrier) and slot ``step % depth`` of
-    ``ring`` is free (its readers of step ``step - depth`` have arrived on ``ring_free``),
-    dequantise into that slot (``vector``: :func:`dequantize_tile`'s) and signal
-    ``ring_full``."""
+    scales ``scale``, or None: :func:`dequantize_tile`) has landed (``full``, its slot's
+    barrier) and slot ``step % depth`` of ``ring`` is free (its readers of step ``step -
+    depth`` have arrived on ``ring_free``), dequantise into that slot (``vector``:
+    :func:`dequantize_tile`'s) and signal ``ring_full``."""
     dslot = lax.rem(step, depth)
     plgpu.barrier_wait(full)
 

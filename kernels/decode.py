@@ -294,7 +294,7 @@ def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, bl
 def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, out_ref, *,
                  cap: int,
                  n_part: int, scale: float, causal: bool, config: DecodeConfig, interpret,
-                 k_scale=None, v_scale=None):
+                 k_scale=None, v_scale=None, fixed_k_scale=None):
     t, hkv, g, d = q4.shape
     num_ctas = cta_start.shape[0] - 1
     dtype = q4.dtype
@@ -308,16 +308,21 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     cpb = bk // rpc  # copies per block (per K and per V)
     dq_pad = common.cdiv(ROWS, g)  # token rows of the Q/O staging buffers: dq_pad * g >= 64
     rows_pad = dq_pad * g
-    c_log2 = scale * common.LOG2E
-    tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     fp8 = k_scale is not None  # static: the FP8 cache's extra copies and dequantisation
+    # Every K scale is this power of two: K's scale rows are not copied, its tiles are
+    # converted without them, and the softmax scale takes it (the same products: a power of
+    # two scales exactly, and f16 holds every e4m3 value times a scale >= 2^-15).
+    fixed_k = fp8 and fixed_k_scale is not None
+    c_log2 = scale * common.LOG2E * (fixed_k_scale if fixed_k else 1.0)
+    tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     deq_wg = fp8 and config.dequant_warpgroup  # warpgroup 2 dequantises into a 16-bit ring
     dstages = config.dequant_stages
     consumers = config.consumers
     if consumers == 2 and fp8 and not deq_wg:
         raise ValueError("DecodeConfig(consumers=2) over an FP8 cache needs dequant_warpgroup="
                          "True (the consumers cannot share one dequantised tile)")
-    copies = 2 if fp8 else 1  # TMA copies per page slice: values (+ their scales)
+    # TMA copies per page slice: values (+ their scales)
+    k_copies, v_copies = (1 if fixed_k else 2, 2) if fp8 else (1, 1)
     # The wgmmas' 16-bit operands (q as the wgmma takes it, the dequantised K/V tiles, P).
     op_dtype = jnp.dtype(jnp.float16) if fp8 and config.f16_dequant else jnp.dtype(dtype)
     # Tiles of at most NARROW_ROWS query rows take the keys as the wgmma M.
@@ -415,9 +420,10 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                                                 k_smem.at[slot, dst], k_full.at[slot])
                         plgpu.copy_gmem_to_smem(v_ref.at[page, src, kvh],
                                                 v_smem.at[slot, dst], v_full.at[slot])
-                        if fp8:  # the rows' scales, on the same barriers
+                        if fp8 and not fixed_k:  # the rows' scales, on the same barriers
                             plgpu.copy_gmem_to_smem(ks_ref.at[page, kvh, src],
                                                     ks_smem.at[slot, dst], k_full.at[slot])
+                        if fp8:
                             plgpu.copy_gmem_to_smem(vs_ref.at[page, kvh, src],
                                                     vs_smem.at[slot, dst], v_full.at[slot])
                     return step + 1
@@ -452,8 +458,9 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 def block_body(j, step):
                     slot = lax.rem(step, stages)
                     for full, free, done, src, scl, dst in jobs:
-                        common.dequantize_to_ring(src.at[slot], scl.at[slot], full.at[slot],
-                                                  dst, free, done, step, dstages,
+                        rows_scale = None if scl is None else scl.at[slot]  # None: fixed K
+                        common.dequantize_to_ring(src.at[slot], rows_scale, full.at[slot], dst,
+                                                  free, done, step, dstages,
                                                   config.dequant_vector)
                     plgpu.barrier_arrive(consumed.at[slot])
                     return step + 1
@@ -499,7 +506,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 plgpu.barrier_wait(full.at[slot])
                 if not fp8:
                     return ring.at[slot]
-                return common.dequantize_tile(ring.at[slot], scales.at[slot], deq,
+                rows_scale = None if scales is None else scales.at[slot]  # None: fixed K
+                return common.dequantize_tile(ring.at[slot], rows_scale, deq,
                                               config.dequant_vector)
 
             def own_blocks(block_body, carry, step0, n_clear, n_blocks):
@@ -842,8 +850,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         plgpu.SMEM((ROWS,), jnp.float32),  # lse staging
         plgpu.Barrier(num_arrivals=dq_pad),  # q_full: one TMA per token
         plgpu.Barrier(),  # q_free
-        plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # k_full
-        plgpu.Barrier(num_arrivals=copies * cpb, num_barriers=stages),  # v_full
+        plgpu.Barrier(num_arrivals=k_copies * cpb, num_barriers=stages),  # k_full
+        plgpu.Barrier(num_arrivals=v_copies * cpb, num_barriers=stages),  # v_full
         # consumed: the slot's one reader (the dequantising warpgroup or the consumer) is done
         plgpu.Barrier(num_barriers=stages),
         # narrow tiles: P [n, bk] per consumer (its transpose is PV's B), the identity [64, n]
@@ -860,7 +868,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     if fp8:
         scales = (k_scale, v_scale)
         deq = (dstages,) if deq_wg else ()  # a ring, or one tile the consumer fills
-        scratch += (plgpu.SMEM((stages, bk), jnp.float32),  # K scale ring (one per key row)
+        scratch += (None if fixed_k else  # K scale ring (one per key row)
+                    plgpu.SMEM((stages, bk), jnp.float32),
                     plgpu.SMEM((stages, bk), jnp.float32),  # V scale ring
                     plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform),  # K
                     plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform))  # V
@@ -1211,7 +1220,8 @@ def _gather_lse(lse_tiles, lse_merged, md: DecodeMeta, g: int):
 
 def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Bounds,
                 scale: float, causal: bool = True, interpret=False,
-                config: DecodeConfig | None = None, k_scale=None, v_scale=None):
+                config: DecodeConfig | None = None, k_scale=None, v_scale=None,
+                fixed_k_scale=None):
     """The split-KV kernel alone (the benchmark times it): returns a Ref to out
     [T, Hkv, G, D] in q's dtype holding the unsplit tiles' rows (rows no tile covers 0, split
     parents' rows not yet written), their lse tiles [cap, Hkv, 64] (a split item's are not
@@ -1237,14 +1247,14 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
         q.reshape(shape), k_pages, v_pages, out_ref, cap=md.q_start.shape[0],
         n_part=md.cmeta.shape[0],
         scale=float(scale), causal=causal, config=config, interpret=interpret,
-        k_scale=k_scale, v_scale=v_scale)
+        k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale)
     return out_ref, lse_tiles, pieces
 
 
 def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds: Bounds,
                      scale: float, causal: bool = True, interpret=False,
                      config: DecodeConfig | None = None, metadata: DecodeMeta | None = None,
-                     k_scale=None, v_scale=None):
+                     k_scale=None, v_scale=None, fixed_k_scale=None):
     """Attention of the rows the decode work list covers.
 
     q [T, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; page_table
@@ -1253,7 +1263,8 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
     cut chunked-local layers at the chunk start). ``interpret``: False (GPU),
     True or a ``plgpu.InterpretGPUParams`` (GPU interpret mode, e.g. with the
     race detector). An FP8 cache (float8_e4m3fn pages) passes its scales
-    ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32. Returns out [T, Hq, D]
+    ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32, and ``fixed_k_scale`` where
+    every K scale is that power of two (K's scale rows are then not read). Returns out [T, Hq, D]
     in q's dtype and lse [T, Hq] f32; rows no item covers are 0 / -inf.
     """
     t, hq, d = q.shape
@@ -1264,7 +1275,8 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
     out_ref, lse_tiles, pieces = main_kernel(q, k_pages, v_pages, page_table, md,
                                              bounds=bounds, scale=scale, causal=causal,
                                              interpret=interpret, config=config,
-                                             k_scale=k_scale, v_scale=v_scale)
+                                             k_scale=k_scale, v_scale=v_scale,
+                                             fixed_k_scale=fixed_k_scale)
     lse_merged = _combine_call(md.cmeta, md.parents, pieces, out_ref, g=bounds.group,
                                workers=bounds.num_workers, out_dtype=q.dtype,
                                interpret=interpret, config=(config or DecodeConfig()).combine)

@@ -27,8 +27,9 @@ from jaxattn import kv_quant, planner
 from jaxattn.kernels import common, decode, prefill
 from jaxattn.planner import WorkList
 
-from attention_cases import (decode_dequantising_to, decode_tiles_as_fp8, make_ragged_case,
-                             naive_ragged, prefill_dequantising_k, prefill_picked_with)
+from attention_cases import (decode_dequantising_to, decode_tiles_as_fp8, decode_with,
+                             make_ragged_case, naive_ragged, prefill_dequantising_k,
+                             prefill_picked_with)
 
 FP8 = jnp.float8_e4m3fn
 
@@ -163,14 +164,19 @@ def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page():
                                 check_table=tiles_of_both_kinds)
 
 
-@pytest.mark.parametrize("chunk,head_dim,in_runs", [(None, 128, False), (128, 64, True)])
-def test_fp8_prefill_told_a_fixed_k_scale_gives_the_same_numbers(chunk, head_dim, in_runs):
+@pytest.mark.parametrize("chunk,head_dim,in_runs,decode_form", [
+    (None, 128, False, {}),  # the default decode form: its dequantising warpgroup, f16 tiles
+    (128, 64, True, dict(dequant_warpgroup=False, f16_dequant=False)),  # the consumer, bf16
+])
+def test_fp8_kernels_told_a_fixed_k_scale_give_the_same_numbers(chunk, head_dim, in_runs,
+                                                                decode_form):
     """Normed keys stored with one power-of-two scale (kv_quant.normed_k_scale, a Llama 4
-    RoPE layer's): the kernels told so (``fixed_k_scale``: the prefill copies no K scale
-    rows and scales S by the softmax scale times it) give bit for bit what they give
-    reading every key's scale, prefill and decode rows of one batch, over scattered pages
-    and over runs of them (merged copies); and not what they give told a wrong scale (the
-    test can fail)."""
+    RoPE layer's): the kernels told so (``fixed_k_scale``: neither copies K's scale rows;
+    the prefill scales S by the softmax scale times it, the decode converts K's tiles
+    without scales and does the same) give bit for bit what they give reading every key's
+    scale, prefill and decode rows of one batch, over scattered pages and over runs of them
+    (merged copies), in two decode forms; and not what they give told a wrong scale, prefill
+    rows or decode rows (the test can fail)."""
     bounds = _bounds(num_workers=2, head_dim=head_dim, chunk_size=chunk)
     q_lens, kv_lens = (150, 1, 37), (200, 90, 37)
     rc = make_ragged_case(bounds, q_lens, kv_lens, dtype=np.float32, seed=3, num_tokens=200,
@@ -183,10 +189,11 @@ def test_fp8_prefill_told_a_fixed_k_scale_gives_the_same_numbers(chunk, head_dim
     n = sum(q_lens)
 
     def run(told):
-        out, lse = jaxattn.ragged_paged_attention(
-            jnp.asarray(rc.q, jnp.bfloat16), k8, v8, *args, k_scale=ks, v_scale=vs,
-            fixed_k_scale=told, bounds=bounds, scale=0.08, chunk_size=chunk,
-            impl="interpret", return_lse=True)
+        with decode_with(**decode_form):
+            out, lse = jaxattn.ragged_paged_attention(
+                jnp.asarray(rc.q, jnp.bfloat16), k8, v8, *args, k_scale=ks, v_scale=vs,
+                fixed_k_scale=told, bounds=bounds, scale=0.08, chunk_size=chunk,
+                impl="interpret", return_lse=True)
         return np.asarray(out, np.float32)[:n], np.asarray(lse)[:n]
 
     (out, lse), (want, want_lse) = run(fixed), run(None)
@@ -196,6 +203,7 @@ def test_fp8_prefill_told_a_fixed_k_scale_gives_the_same_numbers(chunk, head_dim
     wrong, _ = run(fixed * 2)
     prefill_rows = np.repeat(np.asarray(q_lens) > bounds.dq, q_lens)
     assert not np.array_equal(wrong[prefill_rows], want[prefill_rows])
+    assert not np.array_equal(wrong[~prefill_rows], want[~prefill_rows])
 
 
 def test_fixed_k_scale_is_refused_off_fp8_and_off_powers_of_two():
@@ -426,7 +434,7 @@ def test_prefill_fp8_lowers_for_page_sizes(page_size):
                         page_size=page_size)
 
 
-def _export_decode(bounds, dtype, *, causal=True, config=None):
+def _export_decode(bounds, dtype, *, causal=True, config=None, fixed_k_scale=None):
     cap = planner.capacity(bounds).decode_items
     sds = jax.ShapeDtypeStruct
     items = planner.WorkList(*[sds((cap,), jnp.int32)] * 8, sds((), jnp.int32))
@@ -434,7 +442,7 @@ def _export_decode(bounds, dtype, *, causal=True, config=None):
     scales = sds((64, bounds.num_kv_heads, bounds.page_size), jnp.float32)
     fn = lambda q, k, v, pt, items, ks, vs: decode.decode_attention(
         q, k, v, pt, items, bounds=bounds, scale=0.1, causal=causal, config=config,
-        k_scale=ks, v_scale=vs)
+        k_scale=ks, v_scale=vs, fixed_k_scale=fixed_k_scale)
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(
         sds((bounds.max_num_batched_tokens, bounds.num_q_heads, bounds.head_dim), dtype), pool,
         pool, sds((bounds.max_num_seqs, bounds.pages_per_seq), jnp.int32), items, scales, scales)
@@ -450,9 +458,10 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
                                 num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
                                 chunk_size=8192)
         config = decode.pick_config(bounds, jnp.bfloat16, kv_dtype=FP8)
-        exp = _export_decode(bounds, (jnp.bfloat16, jnp.float16)[i % 2],
-                             causal=(i // 2) % 2 == 0, config=config)
-        assert "mosaic_gpu" in exp.mlir_module()
+        for fixed in (None, kv_quant.normed_k_scale(head_dim)):  # Llama 4's layers: fixed
+            exp = _export_decode(bounds, (jnp.bfloat16, jnp.float16)[i % 2],
+                                 causal=(i // 2) % 2 == 0, config=config, fixed_k_scale=fixed)
+            assert "mosaic_gpu" in exp.mlir_module()
 
 
 @pytest.mark.parametrize("config", [

@@ -275,16 +275,20 @@ def test_fp8_cache_decode_step_writes_the_cache_in_the_qk_kernel(monkeypatch, lo
     assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
 
 
-def test_fp8_cache_prefill_tells_the_rope_layers_kernel_their_fixed_k_scale(monkeypatch):
+def test_fp8_cache_step_tells_both_kernels_each_layers_fixed_k_scale(monkeypatch):
     """A prefill step over an FP8 cache: the chunked (RoPE, qk-normed) layers write their keys
-    with kv_quant.normed_k_scale and tell the prefill kernel so; the global (NoPE) layer,
-    the one scale its weights bound (Llama4ForCausalLM.fix_k_scales). It lowers for CUDA."""
-    from jaxattn.kernels import common, prefill
+    with kv_quant.normed_k_scale and tell the prefill and decode kernels so; the global
+    (NoPE) layer, the one scale its weights bound (Llama4ForCausalLM.fix_k_scales). It
+    lowers for CUDA."""
+    from jaxattn.kernels import common, decode, prefill
 
     monkeypatch.setattr(common, "on_hopper", lambda: True)
-    told, kernel = [], prefill.prefill_attention
-    monkeypatch.setattr(prefill, "prefill_attention", lambda *a, **k: told.append(
-        k["fixed_k_scale"]) or kernel(*a, **k))
+    told = {"prefill": [], "decode": []}
+    for kind, module, name in (("prefill", prefill, "prefill_attention"),
+                               ("decode", decode, "decode_attention")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, kind=kind, kernel=kernel, **k: told[
+            kind].append(k["fixed_k_scale"]) or kernel(*a, **k))
     config = llama4.Llama4Config.from_hf_dict(dict(
         vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
@@ -303,7 +307,8 @@ def test_fp8_cache_prefill_tells_the_rope_layers_kernel_their_fixed_k_scale(monk
     # one trace per attention kind (its layers share it): chunked, then global
     nope = model.model.layers[3].self_attn.fixed_k_scale
     assert nope == kv_quant.power_of_two_scale(model.model.layers[3].key_bound())
-    assert sorted(told) == sorted([kv_quant.normed_k_scale(128), nope])
+    for kind in ("prefill", "decode"):
+        assert sorted(told[kind]) == sorted([kv_quant.normed_k_scale(128), nope]), kind
 
 
 def test_each_kinds_plan_carries_its_own_tables_tile_runs(lowering_model):
