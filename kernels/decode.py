@@ -811,7 +811,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             if deq_wg:
                 pl.when(wg == 2)(dequantizer)
             if consumers == 2:
-                pl.when(wg == 2 + deq_wg)(functools.partial(consumer, 1))
+                pl.when(wg == 2 + int(deq_wg))(functools.partial(consumer, 1))
 
         if consumers == 2:
             # Mosaic's cross-warp reductions (a narrow tile's max over keys) take scratch at the
@@ -883,7 +883,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 jax.ShapeDtypeStruct((n_part, ROWS), jnp.float32))
     lse_tiles, piece_rows, piece_lse = plgpu.kernel(
         decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,),
-        grid_names=("cta",), num_threads=2 + deq_wg + consumers - 1, thread_name="wg",
+        grid_names=("cta",), num_threads=2 + int(deq_wg) + consumers - 1, thread_name="wg",
         compiler_params=_COMPILER_PARAMS, interpret=interpret or None,
     )(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, *scales, out_ref)
     return lse_tiles, Pieces(piece_rows, piece_lse)

@@ -220,13 +220,14 @@ def test_fp8_kernels_find_a_needle_128k_deep(f16):
     np.testing.assert_array_equal(case.read_out(out), case.answers)
 
 
-@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[2:])
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES)
 @pytest.mark.parametrize("in_order", [False, True])
-def test_fp8_prefill_told_a_fixed_k_scale_gives_the_same_numbers(q_lens, kv_lens, chunk,
-                                                                 in_order):
-    """L2-normed keys stored with one power-of-two scale (a Llama 4 RoPE layer's): told so
-    (``fixed_k_scale``: no K scale rows copied, S scaled once), the kernels give bit for bit
-    what they give reading every key's scale, over shuffled pages and pages in order."""
+def test_fp8_kernels_told_a_fixed_k_scale_give_the_same_numbers(q_lens, kv_lens, chunk,
+                                                                in_order):
+    """L2-normed keys stored with one power-of-two scale (a Llama 4 layer's): told so
+    (``fixed_k_scale``: no K scale rows copied; the prefill scales S once, the decode
+    converts K without scales), the kernels give bit for bit what they give reading every
+    key's scale, decode and prefill cases, over shuffled pages and pages in order."""
     bounds, q, (_, v8, _, vs), (kd, _), args, rows = _case(q_lens, kv_lens, chunk, 128,
                                                            in_order=in_order)
     normed = kd.astype(jnp.float32) * jax.lax.rsqrt(
