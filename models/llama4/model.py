@@ -109,22 +109,27 @@ class DecoderLayer(nnx.Module):
                              else MLP(config, config.intermediate_size_mlp, dtype=dtype, rngs=rngs,
                                       fp8=fp8))
 
-    def key_bound(self) -> float:
-        """The largest magnitude any value of this layer's key rows can take, whatever the
-        input (before the qk norm, where there is one). The attention's input is
-        ``w * x / rms(x)`` (``w`` the norm's weight): ``u = x / rms(x)`` has ``|u| <=
-        sqrt(hidden)``, so by Cauchy-Schwarz a key value, ``sum_i u_i w_i W_ji``, is at most
-        ``sqrt(hidden) |w * W_j|`` (``W_j`` its projection row), and a RoPE rotation mixes
-        two such values into at most sqrt(2) times the larger. Times 1.08 for the
-        roundings on the way (FP8 activations: 2^-4; bf16 casts: 3 x 2^-8). Under a mesh the
-        rows of every device count."""
+    def key_rows(self):
+        """|w * W_j| f32 [Hkv D, all devices' rows]: each key projection row ``W_j`` times the
+        input norm's weight ``w``, its norm. A key value is ``sum_i u_i w_i W_ji`` with ``u =
+        x / rms(x)`` (the norm's input, ``|u| <= sqrt(hidden)``), so this is the size of
+        value ``j`` on a typical input and 1/sqrt(hidden) of its largest."""
         attn = self.self_attn
         norm_w = self.input_layernorm.weight[...].astype(jnp.float32)  # [hidden]
         w = attn.k_proj.weight[...].astype(jnp.float32)  # [Hkv D, hidden]
         if attn.k_proj.weight_scale is not None:  # FP8: one scale per output row
             w = w * attn.k_proj.weight_scale[...].astype(jnp.float32).reshape(-1, 1)
-        row = jnp.sqrt(jnp.sum(jnp.square(w * norm_w), axis=1))  # [Hkv D]
-        bound = float(jnp.max(row)) * math.sqrt(norm_w.shape[0]) * 1.08
+        return jnp.sqrt(jnp.sum(jnp.square(w * norm_w), axis=1))
+
+    def key_bound(self) -> float:
+        """The largest magnitude any value of this layer's key rows can take, whatever the
+        input (before the qk norm, where there is one): by Cauchy-Schwarz ``sqrt(hidden)``
+        times the largest of :meth:`key_rows`, and a RoPE rotation mixes two such values
+        into at most sqrt(2) times the larger. Times 1.08 for the roundings on the way (FP8
+        activations: 2^-4; bf16 casts: 3 x 2^-8)."""
+        attn = self.self_attn
+        hidden = self.input_layernorm.weight.shape[0]
+        bound = float(jnp.max(self.key_rows())) * math.sqrt(hidden) * 1.08
         if attn.use_rope:
             bound *= math.sqrt(2)
         if attn.k_proj.bias is not None:
@@ -255,12 +260,18 @@ class Llama4ForCausalLM(nnx.Module):
         the bound sits ~sqrt(hidden) (71 in Scout) above a typical key's values, while
         e4m3's normal range spans 2^15. Values past the bound (only the roundings'
         worst case could reach them) would saturate at 448 times the scale, not overflow.
-        With every K scale one power of two, the prefill kernel skips its per-key scaling
+        A layer with a key row far below its largest (a typical value of it under a
+        quarter of the scale, 4 binades above the subnormals) keeps per-row scales: with
+        random weights every row is near the largest, with a checkpoint's it need not be.
+        With every K scale one power of two, the kernels skip their per-key scaling
         (:func:`jaxattn.ragged_paged_attention`'s ``fixed_k_scale``). Set from the weights
         as they are now: the serving step calls it when it is built."""
         for layer in self.model.layers:
             if layer.self_attn.qk_norm_eps is None:
-                layer.self_attn.fixed_k_scale = kv_quant.power_of_two_scale(layer.key_bound())
+                scale = kv_quant.power_of_two_scale(layer.key_bound())
+                if scale is not None and float(jnp.min(layer.key_rows())) < scale / 4:
+                    scale = None
+                layer.self_attn.fixed_k_scale = scale
 
     def run_layers(self, x, positions, attend, axes: Axes = NO_AXES, valid=None,
                    gmm_impl: str = "auto", kv_target=None):

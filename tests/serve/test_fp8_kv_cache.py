@@ -99,8 +99,8 @@ def test_normed_keys_take_one_power_of_two_scale_at_little_cost(d, max_rms_ratio
 
 
 def _nope_layer(hidden_size: int, init_std: float, seed: int, fp8_weights: bool = False):
-    """(config, its last decoder layer: global, NoPE, no qk norm) of a random bf16 model with
-    Scout's head_dim (FP8 attention projections with ``fp8_weights``)."""
+    """(config, model, its last decoder layer: global, NoPE, no qk norm) of a random bf16
+    model with Scout's head_dim (FP8 attention projections with ``fp8_weights``)."""
     from jaxattn.models.llama4.quantization import Fp8Scheme
 
     config = llama4.Llama4Config.from_hf_dict(dict(
@@ -112,7 +112,7 @@ def _nope_layer(hidden_size: int, init_std: float, seed: int, fp8_weights: bool 
                                fp8=Fp8Scheme(attention=True) if fp8_weights else None)
     layer = model.model.layers[3]  # k is the projection itself
     assert not layer.self_attn.use_rope and layer.self_attn.qk_norm_eps is None
-    return config, layer
+    return config, model, layer
 
 
 @pytest.mark.parametrize("fp8_weights", [False, True])
@@ -121,7 +121,7 @@ def test_key_bound_holds_and_the_worst_input_nearly_reaches_it(fp8_weights):
     built to maximise one key value (the normed row along that value's weights) comes within
     the bound's rounding margin of it, and Gaussian inputs with outlier channels stay far
     below. Under its power-of-two scale no key saturates."""
-    config, layer = _nope_layer(512, 0.05, seed=2, fp8_weights=fp8_weights)
+    config, _, layer = _nope_layer(512, 0.05, seed=2, fp8_weights=fp8_weights)
     attn = layer.self_attn
     rng = np.random.default_rng(0)
     norm_w = rng.uniform(0.2, 3.0, config.hidden_size).astype(np.float32)  # not all ones
@@ -145,13 +145,30 @@ def test_key_bound_holds_and_the_worst_input_nearly_reaches_it(fp8_weights):
         assert np.abs(k).max() <= kv_quant.FP8_MAX * scale
 
 
+def test_a_layer_with_a_key_row_far_below_the_largest_keeps_per_row_scales():
+    """fix_k_scales: random weights' NoPE layers take the bound's scale; shrink one key
+    projection row 1000x (a typical value of it then far below the scale, near e4m3's
+    subnormals) and that layer keeps per-row K scales, while the RoPE layers keep theirs."""
+    _, model, layer = _nope_layer(512, 0.05, seed=4)
+    model.fix_k_scales()
+    bounded = layer.self_attn.fixed_k_scale
+    assert bounded == kv_quant.power_of_two_scale(layer.key_bound())
+    assert float(layer.key_rows().min()) >= bounded / 4
+    w = layer.self_attn.k_proj.weight
+    w[...] = w[...].at[5].multiply(1e-3)
+    model.fix_k_scales()
+    assert layer.self_attn.fixed_k_scale is None
+    assert [lyr.self_attn.fixed_k_scale for lyr in model.model.layers[:3]] == [
+        kv_quant.normed_k_scale(128)] * 3
+
+
 def test_bounded_k_scale_costs_little_at_head_dim_128():
     """One power-of-two K scale from DecoderLayer.key_bound against per-row scales, on the
     keys of a NoPE layer at head_dim 128 (Scout's) over Gaussian inputs: the dequantised
     keys' rms error within 10% of the per-row scales' (which make each row's largest value
     exact; at head_dim 8, tied_top2, that exact largest value is an eighth of a row and the
     test checkpoint's logits move more: benchmarks/NOTES-fp8-kv.md, session 34)."""
-    config, layer = _nope_layer(1024, 0.02, seed=3)
+    config, _, layer = _nope_layer(1024, 0.02, seed=3)
     x = np.random.default_rng(1).standard_normal((512, config.hidden_size)).astype(np.float32)
     k = layer.self_attn.k_proj(layer.input_layernorm(jnp.asarray(x, jnp.bfloat16)))
     k = k.reshape(512, config.num_key_value_heads, 128)
