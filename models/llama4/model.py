@@ -121,15 +121,16 @@ class DecoderLayer(nnx.Module):
             w = w * attn.k_proj.weight_scale[...].astype(jnp.float32).reshape(-1, 1)
         return jnp.sqrt(jnp.sum(jnp.square(w * norm_w), axis=1))
 
-    def key_bound(self) -> float:
+    def key_bound(self, rows=None) -> float:
         """The largest magnitude any value of this layer's key rows can take, whatever the
         input (before the qk norm, where there is one): by Cauchy-Schwarz ``sqrt(hidden)``
-        times the largest of :meth:`key_rows`, and a RoPE rotation mixes two such values
-        into at most sqrt(2) times the larger. Times 1.08 for the roundings on the way (FP8
-        activations: 2^-4; bf16 casts: 3 x 2^-8)."""
+        times the largest of :meth:`key_rows` (``rows``, where the caller has them), and a
+        RoPE rotation mixes two such values into at most sqrt(2) times the larger. Times
+        1.08 for the roundings on the way (FP8 activations: 2^-4; bf16 casts: 3 x 2^-8)."""
         attn = self.self_attn
         hidden = self.input_layernorm.weight.shape[0]
-        bound = float(jnp.max(self.key_rows())) * math.sqrt(hidden) * 1.08
+        rows = self.key_rows() if rows is None else rows
+        bound = float(jnp.max(rows)) * math.sqrt(hidden) * 1.08
         if attn.use_rope:
             bound *= math.sqrt(2)
         if attn.k_proj.bias is not None:
@@ -268,8 +269,9 @@ class Llama4ForCausalLM(nnx.Module):
         as they are now: the serving step calls it when it is built."""
         for layer in self.model.layers:
             if layer.self_attn.qk_norm_eps is None:
-                scale = kv_quant.power_of_two_scale(layer.key_bound())
-                if scale is not None and float(jnp.min(layer.key_rows())) < scale / 4:
+                rows = layer.key_rows()
+                scale = kv_quant.power_of_two_scale(layer.key_bound(rows))
+                if scale is not None and float(jnp.min(rows)) < scale / 4:
                     scale = None
                 layer.self_attn.fixed_k_scale = scale
 
