@@ -47,7 +47,7 @@ import numpy as np
 
 import jaxattn
 from jaxattn import kernels, kv_quant, planner
-from jaxattn.kernels import decode, prefill
+from jaxattn.kernels import decode, prefill, qk_rows
 
 from benchmarks.common import gpu_ms, mode_lengths, write_report
 
@@ -86,11 +86,10 @@ def _cache(batch, ctx, seed=0, in_order=False):
 
 
 def _normed_keys(k):
-    """Each key row of the bf16 pages ``k`` L2-normed (a Llama 4 RoPE layer's keys), and their
-    FP8 form under the one scale such keys take (``kv_quant.normed_k_scale``): (k_normed,
-    k8, k_scale)."""
-    k_normed = (k * jax.lax.rsqrt(jnp.mean(jnp.square(k.astype(jnp.float32)), -1,
-                                           keepdims=True))).astype(k.dtype)
+    """Each key row of the bf16 pages ``k`` L2-normed as a Llama 4 RoPE layer norms its keys
+    (``qk_rows.l2norm``), and their FP8 form under the one scale such keys take
+    (``kv_quant.normed_k_scale``): (k_normed, k8, k_scale)."""
+    k_normed = qk_rows.l2norm(k, 1e-5)
     return k_normed, *jax.jit(kv_quant.quantize_pages, static_argnums=1)(
         k_normed, kv_quant.normed_k_scale(D))
 

@@ -18,6 +18,7 @@ import pytest
 
 import jaxattn
 from jaxattn import kv_quant
+from jaxattn.kernels import qk_rows
 from attention_cases import (decode_dequantising_to, decode_tiles_as_fp8, decode_with,
                              prefill_dequantising_k, prefill_picked_with)
 from needle_cases import make_needle_case
@@ -230,8 +231,7 @@ def test_fp8_kernels_told_a_fixed_k_scale_give_the_same_numbers(q_lens, kv_lens,
     key's scale, decode and prefill cases, over shuffled pages and pages in order."""
     bounds, q, (_, v8, _, vs), (kd, _), args, rows = _case(q_lens, kv_lens, chunk, 128,
                                                            in_order=in_order)
-    normed = kd.astype(jnp.float32) * jax.lax.rsqrt(
-        jnp.mean(jnp.square(kd.astype(jnp.float32)), -1, keepdims=True))
+    normed = qk_rows.l2norm(kd.astype(jnp.float32), 0.0)
     fixed = kv_quant.normed_k_scale(q.shape[-1])
     k8, ks = kv_quant.quantize_pages(normed.astype(jnp.bfloat16), fixed)
     kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True,
