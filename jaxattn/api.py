@@ -169,7 +169,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
                            bounds: Bounds, scale=None, chunk_size=None, return_lse=False,
                            impl: str = "auto", causal: bool = True, plan=None,
                            k_scale=None, v_scale=None, fixed_k_scale: float | None = None,
-                           decode_only: bool = False):
+                           fixed_v_scale: float | None = None, decode_only: bool = False):
     """Attention for a packed batch of new tokens over a paged KV cache (serving form).
 
     q [T, Hq, D]: the new tokens of all sequences, packed; sequence s owns rows
@@ -185,8 +185,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
     ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32 (:mod:`jaxattn.kv_quant`);
     q stays in its own dtype. ``fixed_k_scale``: the caller promises every K scale equals
     it, a power of two (keys written with one scale per layer, as the serving step writes
-    Llama 4's: :mod:`jaxattn.kv_quant`): the kernels then skip their per-key scaling (and
-    the decode kernel K's scale rows).
+    Llama 4's: :mod:`jaxattn.kv_quant`): the kernels then neither read K's scale rows nor
+    scale per key. ``fixed_v_scale``: the same promise for every V scale.
     ``decode_only``: the caller promises every sequence has at most ``bounds.dq`` new tokens
     (all decode rows) and T <= ``max_num_seqs * dq``: the kernels then skip the prefill pass
     and its merge (a decode step's launches; checked here when the lengths are concrete).
@@ -205,12 +205,13 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
             _check(q_lens.size == 0 or q_lens.max() <= bounds.dq,
                    f"decode_only: a sequence has {int(q_lens.max())} new tokens, more than "
                    f"decode_q={bounds.dq}")
-    if fixed_k_scale is not None:
-        _check(k_scale is not None, "fixed_k_scale is for an FP8 cache (k_scale given)")
-        f = float(fixed_k_scale)
-        _check(kv_quant.MIN_SCALE <= f <= kv_quant.MAX_SCALE and math.frexp(f)[0] == 0.5,
-               f"fixed_k_scale={fixed_k_scale} must be a power of two in "
-               f"[{kv_quant.MIN_SCALE}, {kv_quant.MAX_SCALE}]")
+    for name, fixed in (("fixed_k_scale", fixed_k_scale), ("fixed_v_scale", fixed_v_scale)):
+        if fixed is not None:
+            _check(k_scale is not None, f"{name} is for an FP8 cache (k_scale given)")
+            f = float(fixed)
+            _check(kv_quant.MIN_SCALE <= f <= kv_quant.MAX_SCALE and math.frexp(f)[0] == 0.5,
+                   f"{name}={fixed} must be a power of two in "
+                   f"[{kv_quant.MIN_SCALE}, {kv_quant.MAX_SCALE}]")
     impl = _kernel_impl(impl, q.shape[-1], q.dtype, bounds, kv_dtype=k_pages.dtype)
     scale = _scale(scale, q.shape[-1])
     q, k_pages, v_pages = (jnp.asarray(x) for x in (q, k_pages, v_pages))
@@ -236,5 +237,5 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
             out, lse = kernels.ragged_paged_attention(
                 q, k_pages, v_pages, page_table, plan, bounds=bounds, scale=scale,
                 causal=causal, interpret=impl == "interpret", decode_only=decode_only,
-                fixed_k_scale=fixed_k_scale, **scales)
+                fixed_k_scale=fixed_k_scale, fixed_v_scale=fixed_v_scale, **scales)
     return (out, lse) if return_lse else out

@@ -98,7 +98,7 @@ def prepare(plan: Plan | KernelPlan, *, bounds: Bounds, num_tokens: int,
 
 def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bounds, scale,
               causal, interpret, num_workers, config=None, k_scale=None, v_scale=None,
-              fixed_k_scale=None, decode_only=False):
+              fixed_k_scale=None, fixed_v_scale=None, decode_only=False):
     plan = kplan.plan
     if decode_only:
         # Every row is a decode row, so the compact decode rows are the rows themselves in
@@ -109,7 +109,8 @@ def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bou
         dec_out, dec_lse = decode.decode_attention(
             q, k_pages, v_pages, page_table, plan.decode, bounds=bounds, scale=scale,
             causal=causal, interpret=interpret, metadata=kplan.dec_meta,
-            k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale)
+            k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale,
+            fixed_v_scale=fixed_v_scale)
         return dec_out, dec_lse
     if config is None:
         config = prefill.pick_config(bounds, q.dtype, k_pages.dtype)
@@ -119,7 +120,8 @@ def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bou
     out, lse_tiles = prefill.prefill_attention(
         q, k_pages, v_pages, page_table, plan.prefill, kplan.zero, config=config, scale=scale,
         causal=causal, num_workers=num_workers, interpret=interpret, k_scale=k_scale,
-        v_scale=v_scale, fixed_k_scale=fixed_k_scale, first_pages=kplan.first_pages)
+        v_scale=v_scale, fixed_k_scale=fixed_k_scale, fixed_v_scale=fixed_v_scale,
+        first_pages=kplan.first_pages)
     lse = prefill.scatter_lse(lse_tiles, plan.prefill, q.shape[0])
 
     # The decode kernel runs even when the batch has no decode rows: its CTAs read the
@@ -132,7 +134,8 @@ def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bou
     dec_out, dec_lse = decode.decode_attention(
         q_dec, k_pages, v_pages, page_table, plan.decode, bounds=bounds, scale=scale,
         causal=causal, interpret=interpret, metadata=kplan.dec_meta,
-        k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale)
+        k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale,
+        fixed_v_scale=fixed_v_scale)
     # The planner gives decode and prefill items disjoint rows, so a decode row's result is
     # final: write it over the prefill output (src == T, no row, is dropped). Reading the
     # prefill output back to merge it, or deriving the valid count from a reduction, put
@@ -166,14 +169,15 @@ def _compact_decode_items(items: planner.WorkList, bounds: Bounds, t: int):
 def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan | KernelPlan, *,
                            bounds: Bounds, scale, causal=True, interpret=False,
                            config: prefill.PrefillConfig | None = None, k_scale=None,
-                           v_scale=None, fixed_k_scale=None, decode_only=False):
+                           v_scale=None, fixed_k_scale=None, fixed_v_scale=None,
+                           decode_only=False):
     """Run a plan over a paged cache: out [T, Hq, D] (q.dtype), lse [T, Hq] f32.
 
     Key lengths and chunked-local windows come from the plan's items. A model passes
     a :class:`KernelPlan` (:func:`prepare`, once per step) so its layers share it. An FP8
     cache passes its scales ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32, and
-    ``fixed_k_scale`` where every K scale is that power of two (both kernels then skip the
-    per-key scaling). ``config`` overrides the picked prefill tuning (benchmarks); its tiles
+    ``fixed_k_scale`` (``fixed_v_scale``) where every K (V) scale is that power of two (both
+    kernels then skip that side's per-key scaling). ``config`` overrides the picked prefill tuning (benchmarks); its tiles
     must match ``bounds``.
     ``decode_only``: every row is a decode row (:func:`jaxattn.ragged_paged_attention`).
     """
@@ -183,7 +187,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan | KernelP
                      causal=causal, interpret=interpret,
                      num_workers=min(workers, bounds.num_workers), config=config,
                      k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale,
-                     decode_only=decode_only)
+                     fixed_v_scale=fixed_v_scale, decode_only=decode_only)
 
 
 def contiguous_bounds(q_shape, k_shape, *, num_workers: int, chunk_size=None,

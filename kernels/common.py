@@ -105,8 +105,10 @@ def dequantize_tile(src8, scale, dst, vector: int = 2):
     for r in range(0, rows, WGMMA_M):
         part = pl.ds(r, WGMMA_M)
         x8 = plgpu.load(src8.at[part], layout=layout)
-        if scale is None:
-            dst.at[part][...] = x8.astype(dst.dtype)  # exact: e4m3 fits f16 and bf16
+        if scale is None:  # exact: e4m3 fits f16 and bf16
+            # (Mosaic converts e4m3 to f16 only; to bf16 through f32)
+            x = x8.astype(jnp.float16) if f16 else x8.astype(jnp.float32)
+            dst.at[part][...] = x.astype(dst.dtype)
             continue
         s = plgpu.load(scale.at[part], layout=layout.reduce(1))
         if f16:

@@ -294,7 +294,7 @@ def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, bl
 def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, out_ref, *,
                  cap: int,
                  n_part: int, scale: float, causal: bool, config: DecodeConfig, interpret,
-                 k_scale=None, v_scale=None, fixed_k_scale=None):
+                 k_scale=None, v_scale=None, fixed_k_scale=None, fixed_v_scale=None):
     t, hkv, g, d = q4.shape
     num_ctas = cta_start.shape[0] - 1
     dtype = q4.dtype
@@ -314,6 +314,9 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     # two scales exactly, and f16 holds every e4m3 value times a scale >= 2^-15).
     fixed_k = fp8 and fixed_k_scale is not None
     c_log2 = scale * common.LOG2E * (fixed_k_scale if fixed_k else 1.0)
+    # Likewise V's: its tiles converted without scale rows, and the normalisation (1 / l)
+    # takes it.
+    fixed_v = fp8 and fixed_v_scale is not None
     tiles_transform = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     deq_wg = fp8 and config.dequant_warpgroup  # warpgroup 2 dequantises into a 16-bit ring
     dstages = config.dequant_stages
@@ -322,7 +325,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         raise ValueError("DecodeConfig(consumers=2) over an FP8 cache needs dequant_warpgroup="
                          "True (the consumers cannot share one dequantised tile)")
     # TMA copies per page slice: values (+ their scales)
-    k_copies, v_copies = (1 if fixed_k else 2, 2) if fp8 else (1, 1)
+    k_copies, v_copies = (1 if fixed_k else 2, 1 if fixed_v else 2) if fp8 else (1, 1)
     # The wgmmas' 16-bit operands (q as the wgmma takes it, the dequantised K/V tiles, P).
     op_dtype = jnp.dtype(jnp.float16) if fp8 and config.f16_dequant else jnp.dtype(dtype)
     # Tiles of at most NARROW_ROWS query rows take the keys as the wgmma M.
@@ -423,7 +426,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                         if fp8 and not fixed_k:  # the rows' scales, on the same barriers
                             plgpu.copy_gmem_to_smem(ks_ref.at[page, kvh, src],
                                                     ks_smem.at[slot, dst], k_full.at[slot])
-                        if fp8:
+                        if fp8 and not fixed_v:
                             plgpu.copy_gmem_to_smem(vs_ref.at[page, kvh, src],
                                                     vs_smem.at[slot, dst], v_full.at[slot])
                     return step + 1
@@ -458,7 +461,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 def block_body(j, step):
                     slot = lax.rem(step, stages)
                     for full, free, done, src, scl, dst in jobs:
-                        rows_scale = None if scl is None else scl.at[slot]  # None: fixed K
+                        rows_scale = None if scl is None else scl.at[slot]  # None: fixed
                         common.dequantize_to_ring(src.at[slot], rows_scale, full.at[slot], dst,
                                                   free, done, step, dstages,
                                                   config.dequant_vector)
@@ -506,7 +509,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 plgpu.barrier_wait(full.at[slot])
                 if not fp8:
                     return ring.at[slot]
-                rows_scale = None if scales is None else scales.at[slot]  # None: fixed K
+                rows_scale = None if scales is None else scales.at[slot]  # None: fixed
                 return common.dequantize_tile(ring.at[slot], rows_scale, deq,
                                               config.dequant_vector)
 
@@ -676,6 +679,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 seen = l > 0
                 l_safe = jnp.where(seen, l, 1.0)
                 o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+                if fixed_v:
+                    o = o * fixed_v_scale
                 return o, jnp.where(seen, (m + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
 
             def narrow_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step0, i):
@@ -738,6 +743,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 seen = l > 0
                 l_safe = jnp.where(seen, l, 1.0)
                 o_t = acc / col(l_safe, acc.shape)
+                if fixed_v:
+                    o_t = o_t * fixed_v_scale
                 hi = o_t.astype(dtype)
                 lo = (o_t - hi.astype(jnp.float32)).astype(dtype)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_t_smem shares o staging
@@ -870,7 +877,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         deq = (dstages,) if deq_wg else ()  # a ring, or one tile the consumer fills
         scratch += (None if fixed_k else  # K scale ring (one per key row)
                     plgpu.SMEM((stages, bk), jnp.float32),
-                    plgpu.SMEM((stages, bk), jnp.float32),  # V scale ring
+                    None if fixed_v else plgpu.SMEM((stages, bk), jnp.float32),  # V scale ring
                     plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform),  # K
                     plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform))  # V
         if deq_wg:  # K/V dequantised (full), K/V read by the consumer (free)
@@ -1221,7 +1228,7 @@ def _gather_lse(lse_tiles, lse_merged, md: DecodeMeta, g: int):
 def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Bounds,
                 scale: float, causal: bool = True, interpret=False,
                 config: DecodeConfig | None = None, k_scale=None, v_scale=None,
-                fixed_k_scale=None):
+                fixed_k_scale=None, fixed_v_scale=None):
     """The split-KV kernel alone (the benchmark times it): returns a Ref to out
     [T, Hkv, G, D] in q's dtype holding the unsplit tiles' rows (rows no tile covers 0, split
     parents' rows not yet written), their lse tiles [cap, Hkv, 64] (a split item's are not
@@ -1247,14 +1254,15 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
         q.reshape(shape), k_pages, v_pages, out_ref, cap=md.q_start.shape[0],
         n_part=md.cmeta.shape[0],
         scale=float(scale), causal=causal, config=config, interpret=interpret,
-        k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale)
+        k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale,
+        fixed_v_scale=fixed_v_scale)
     return out_ref, lse_tiles, pieces
 
 
 def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds: Bounds,
                      scale: float, causal: bool = True, interpret=False,
                      config: DecodeConfig | None = None, metadata: DecodeMeta | None = None,
-                     k_scale=None, v_scale=None, fixed_k_scale=None):
+                     k_scale=None, v_scale=None, fixed_k_scale=None, fixed_v_scale=None):
     """Attention of the rows the decode work list covers.
 
     q [T, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; page_table
@@ -1263,9 +1271,10 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
     cut chunked-local layers at the chunk start). ``interpret``: False (GPU),
     True or a ``plgpu.InterpretGPUParams`` (GPU interpret mode, e.g. with the
     race detector). An FP8 cache (float8_e4m3fn pages) passes its scales
-    ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32, and ``fixed_k_scale`` where
-    every K scale is that power of two (K's scale rows are then not read). Returns out [T, Hq, D]
-    in q's dtype and lse [T, Hq] f32; rows no item covers are 0 / -inf.
+    ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32, and ``fixed_k_scale``
+    (``fixed_v_scale``) where every K (V) scale is that power of two (that side's scale rows
+    are then not read). Returns out [T, Hq, D] in q's dtype and lse [T, Hq] f32; rows no item
+    covers are 0 / -inf.
     """
     t, hq, d = q.shape
     # A model passes the metadata in: it depends only on the step's plan, so every layer
@@ -1276,7 +1285,8 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
                                              bounds=bounds, scale=scale, causal=causal,
                                              interpret=interpret, config=config,
                                              k_scale=k_scale, v_scale=v_scale,
-                                             fixed_k_scale=fixed_k_scale)
+                                             fixed_k_scale=fixed_k_scale,
+                                             fixed_v_scale=fixed_v_scale)
     lse_merged = _combine_call(md.cmeta, md.parents, pieces, out_ref, g=bounds.group,
                                workers=bounds.num_workers, out_dtype=q.dtype,
                                interpret=interpret, config=(config or DecodeConfig()).combine)

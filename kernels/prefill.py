@@ -40,8 +40,10 @@ the scale applied per key row) once, by the producer warpgroup, into a 2-deep ri
 bf16 tiles both consumers read (``PrefillConfig.producer_dequant``); the producer does
 it one block behind its copies, so they stay ahead. (Without it each consumer dequantises
 a copy of its own before its turn.) ``fp8_qk=False`` dequantises K in the consumers,
-which costs SMEM: only 64-key tiles fit at head_dim 128 (:func:`pick_config`). With a
-bf16 cache none of it is traced (a static branch).
+which costs SMEM: only 64-key tiles fit at head_dim 128 (:func:`pick_config`). Where a
+layer's K (V) rows all share one power-of-two scale (Llama 4's: :mod:`jaxattn.kv_quant`),
+that side's scale rows are neither copied nor applied per key: the softmax scale (the
+epilogue's ``1 / l``) takes it. With a bf16 cache none of it is traced (a static branch).
 
 Output rows are written only for the item's valid rows: the epilogue stages
 O in an untiled SMEM buffer and stores it with predicated TMA copies of
@@ -220,14 +222,15 @@ class PrefillConfig:
         return (COMPUTE_WGS + 1) * _LAUNCH_REGISTERS - COMPUTE_WGS * self.consumer_registers
 
     def scratch(self, head_dim: int, dtype, pages_per_tile: int, kv_dtype=None,
-                k_scale_rows: bool = True) -> list:
+                scale_rows: tuple[bool, bool] = (True, True)) -> list:
         """The kernel's scratch, in the order of its scratch arguments.
 
         ``pages_per_tile``: TMA copies that fill one K or V stage (the arrival
         count of its full barrier; no size depends on it). ``kv_dtype``: the
         cache's, when it is not ``dtype`` (FP8: the rings hold fp8, each page
         brings a scale row too, and the dequantised tiles follow the list;
-        ``k_scale_rows`` False: K's pages do not, their scale being fixed).
+        ``scale_rows`` (K's, V's) False: that side's pages do not, its scale being fixed,
+        and it has no scale ring).
         """
         wg_tile = (COMPUTE_WGS, WG_ROWS, head_dim)
         ring = (self.num_stages, self.block_kv, head_dim)
@@ -235,9 +238,11 @@ class PrefillConfig:
         kv_ring = common.tiled_smem(ring, kv_dtype) if fp8 else _tiled(ring, dtype)
         copies = 2 if fp8 else 1  # TMA copies per page: values (+ their scales)
         deq_tile = _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype)  # one per consumer
+        scale_ring = plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32)
+        k_rows, v_rows = scale_rows
         extra = [] if not fp8 else [
-            plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # k scale ring
-            plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32),  # v scale ring
+            scale_ring if k_rows else None,  # k scale ring
+            scale_ring if v_rows else None,  # v scale ring
             None if qk8 else deq_tile,  # k dequantised (the fp8 QK reads the fp8 tile)
             # v dequantised: one tile per consumer, or the producer's ring both read
             _tiled((DEQ_STAGES, self.block_kv, head_dim), dtype) if shared_v else deq_tile,
@@ -258,10 +263,10 @@ class PrefillConfig:
             None if self.p_in_registers else _tiled((COMPUTE_WGS, WG_ROWS, self.block_kv), dtype),
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_full
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_free
-            plgpu.Barrier(num_arrivals=(copies if k_scale_rows else 1) * pages_per_tile,
+            plgpu.Barrier(num_arrivals=(copies if k_rows else 1) * pages_per_tile,
                           num_barriers=self.num_stages),  # k_full
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=self.num_stages),  # k_free
-            plgpu.Barrier(num_arrivals=copies * pages_per_tile,
+            plgpu.Barrier(num_arrivals=(copies if v_rows else 1) * pages_per_tile,
                           num_barriers=self.num_stages),  # v_full
             # v_free: the consumers' PV, or the producer's dequantisation, has read the slot
             plgpu.Barrier(num_arrivals=1 if shared_v else COMPUTE_WGS,
@@ -271,10 +276,12 @@ class PrefillConfig:
             *extra,
         ]
 
-    def smem_bytes(self, head_dim: int, dtype, kv_dtype=None) -> int:
-        """Shared memory the kernel allocates (what Mosaic's budget check counts)."""
+    def smem_bytes(self, head_dim: int, dtype, kv_dtype=None,
+                   scale_rows: tuple[bool, bool] = (True, True)) -> int:
+        """Shared memory the kernel allocates (what Mosaic's budget check counts); with
+        ``scale_rows`` (:meth:`scratch`'s) left at its default, the most it allocates."""
         return common.smem_bytes(self.scratch(head_dim, dtype, pages_per_tile=1,
-                                              kv_dtype=kv_dtype))
+                                              kv_dtype=kv_dtype, scale_rows=scale_rows))
 
 
 def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
@@ -415,7 +422,7 @@ def tile_pages(page_size: int, block_kv: int, table_cols: int) -> int:
 def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ranges, *,
                       config: PrefillConfig, scale: float, causal: bool, num_workers: int,
                       interpret=False, k_scale=None, v_scale=None, fixed_k_scale=None,
-                      first_pages=None):
+                      fixed_v_scale=None, first_pages=None):
     """Run the kernel over ``items`` (the prefill work list).
 
     q [T, Hq, D]; k_pages, v_pages [P, page_size, Hkv, D]; page_table [S, pages];
@@ -425,7 +432,9 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     this power of two (a layer's one K scale, :mod:`jaxattn.kv_quant`), so with
     the FP8 QK the producer copies no K scale rows and S's columns need no per-key scaling:
     the softmax scale takes it instead, exactly the same products (a power of two scales
-    exactly). ``first_pages``: this page table's
+    exactly). ``fixed_v_scale``: every V scale is this power of two: no V scale rows are
+    copied, V's tiles are converted without them, and the epilogue's ``1 / l`` takes it
+    (the same products again). ``first_pages``: this page table's
     :func:`tile_first_pages`, when the step shares it among its layers (None: computed
     here). Returns out [T, Hq, D] (q.dtype; rows outside items and
     zero ranges are unspecified) and lse_tiles [capacity, Hq, 128] f32
@@ -466,6 +475,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     fixed_k = qk8 and fixed_k_scale is not None  # static: K's scale rows are neither read
     if fixed_k:                                   # nor applied
         qk_scale *= fixed_k_scale
+    fixed_v = fp8 and fixed_v_scale is not None  # static: nor V's
     tile_rows = COMPUTE_WGS * WG_ROWS
 
     def prefill_kernel(meta_ref, count_ref, zero_ref, pt_ref, first_ref, q_ref, k_ref, v_ref,
@@ -473,7 +483,11 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)  # the FP8 cache's scales
         (o_ref, lse_ref, q_stage, q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem,
          q_full, q_free, k_full, k_free, v_full, v_free, turn, *fp8_scratch) = rest
+        # (ks_smem / vs_smem None where that side's scale is fixed)
         ks_smem, vs_smem, k_deq, v_deq, vd_full, vd_free = fp8_scratch if fp8 else (None,) * 6
+
+        def v_rows(slot):  # a V slot's scale rows; None: V's one scale, in the epilogue
+            return None if fixed_v else vs_smem.at[slot]
         wg = lax.axis_index("wg")
         cta = lax.axis_index("sm")
         my_tiles, tile_of, item_head = tile_schedule(
@@ -552,7 +566,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 plgpu.barrier_wait(v_full.at[slot])
                 if not fp8:
                     return v_smem.at[slot]
-                return common.dequantize_tile(v_smem.at[slot], vs_smem.at[slot], v_deq.at[wg],
+                return common.dequantize_tile(v_smem.at[slot], v_rows(slot), v_deq.at[wg],
                                               config.dequant_vector)
 
             def v_release(c):
@@ -786,6 +800,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
             def epilogue(item, head, q_start, q_len, acc, m_i, l_i):
                 """Normalise, stage in SMEM, store only this warpgroup's valid rows."""
                 inv_l = 1.0 / l_i
+                if fixed_v:  # V's tiles came unscaled (exact: a power of two)
+                    inv_l = inv_l * fixed_v_scale
                 out = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
                 lse = (m_i + jnp.log2(l_i)) * common.LN2
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous stores read ow
@@ -881,7 +897,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     first = first_ref[seq, j] if merge else None
                     load(k_ref, k_smem, k_full, k_free, c, j, first,
                          *((None, None) if fixed_k else (ks_ref, ks_smem)))
-                    load(v_ref, v_smem, v_full, v_free, c, j, first, vs_ref, vs_smem)
+                    load(v_ref, v_smem, v_full, v_free, c, j, first,
+                         *((None, None) if fixed_v else (vs_ref, vs_smem)))
                     if shared_v:  # one step behind the copies, so they stay ahead
                         pl.when(c > 0)(lambda: dequantize_v(c - 1))
 
@@ -891,7 +908,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 """Step c's V tile into the consumers' ring (after their PV of step
                 c - DEQ_STAGES), then free its fp8 slot."""
                 slot = c % stages
-                common.dequantize_to_ring(v_smem.at[slot], vs_smem.at[slot], v_full.at[slot],
+                common.dequantize_to_ring(v_smem.at[slot], v_rows(slot), v_full.at[slot],
                                           v_deq, vd_free, vd_full, c, DEQ_STAGES,
                                           config.dequant_vector)
                 plgpu.barrier_arrive(v_free.at[slot])
@@ -922,7 +939,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         out_type=(jax.ShapeDtypeStruct((t, hq, d), dtype),
                   jax.ShapeDtypeStruct((cap, hq, tile_rows), jnp.float32)),
         scratch_types=config.scratch(d, dtype, pages_per_tile, kv_dtype=kv_dtype,
-                                     k_scale_rows=not fixed_k),
+                                     scale_rows=(not fixed_k, not fixed_v)),
         grid=(num_workers,),
         grid_names=("sm",),
         num_threads=COMPUTE_WGS + 1,

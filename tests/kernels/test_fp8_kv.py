@@ -164,60 +164,68 @@ def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page():
                                 check_table=tiles_of_both_kinds)
 
 
-@pytest.mark.parametrize("chunk,head_dim,in_runs,decode_form", [
-    (None, 128, False, {}),  # the default decode form: its dequantising warpgroup, f16 tiles
-    (128, 64, True, dict(dequant_warpgroup=False, f16_dequant=False)),  # the consumer, bf16
+@pytest.mark.parametrize("chunk,head_dim,in_runs,decode_form,fixed_k", [
+    # the default decode form (its dequantising warpgroup, f16 tiles), K and V fixed
+    (None, 128, False, {}, True),
+    # the consumer dequantising bf16 tiles; only V fixed (a layer whose keys keep per-row
+    # scales: Llama4ForCausalLM.fix_kv_scales' fallback)
+    (128, 64, True, dict(dequant_warpgroup=False, f16_dequant=False), False),
 ])
-def test_fp8_kernels_told_a_fixed_k_scale_give_the_same_numbers(chunk, head_dim, in_runs,
-                                                                decode_form):
-    """Normed keys stored with one power-of-two scale (kv_quant.normed_k_scale, a Llama 4
-    RoPE layer's): the kernels told so (``fixed_k_scale``: neither copies K's scale rows;
-    the prefill scales S by the softmax scale times it, the decode converts K's tiles
-    without scales and does the same) give bit for bit what they give reading every key's
-    scale, prefill and decode rows of one batch, over scattered pages and over runs of them
-    (merged copies), in two decode forms; and not what they give told a wrong scale, prefill
-    rows or decode rows (the test can fail)."""
+def test_fp8_kernels_told_fixed_scales_give_the_same_numbers(chunk, head_dim, in_runs,
+                                                             decode_form, fixed_k):
+    """K and V rows stored with one power-of-two scale each (normed keys with
+    kv_quant.normed_k_scale, a Llama 4 RoPE layer's; values with the power of two over their
+    largest, as a weight bound gives): the kernels told so (``fixed_k_scale``: neither copies
+    K's scale rows, both scale S once by the softmax scale times it; ``fixed_v_scale``:
+    neither copies V's, both convert its tiles unscaled and normalise by ``scale / l``) give
+    bit for bit what they give reading every row's scale, prefill and decode rows of one
+    batch, over scattered pages and over runs of them (merged copies), in two decode forms;
+    and not what they give told a wrong scale, prefill rows or decode rows (the test can
+    fail)."""
     bounds = _bounds(num_workers=2, head_dim=head_dim, chunk_size=chunk)
     q_lens, kv_lens = (150, 1, 37), (200, 90, 37)
     rc = make_ragged_case(bounds, q_lens, kv_lens, dtype=np.float32, seed=3, num_tokens=200,
                           in_runs=in_runs)
     k = rc.k_pages / np.sqrt((rc.k_pages ** 2).mean(-1, keepdims=True))  # L2-normed rows
-    fixed = kv_quant.normed_k_scale(head_dim)
-    k8, ks = kv_quant.quantize_pages(jnp.asarray(k, jnp.bfloat16), fixed)
-    v8, vs = kv_quant.quantize_pages(jnp.asarray(rc.v_pages))
+    fk = kv_quant.normed_k_scale(head_dim) if fixed_k else None
+    fv = kv_quant.power_of_two_scale(float(np.abs(rc.v_pages).max()))
+    k8, ks = kv_quant.quantize_pages(jnp.asarray(k, jnp.bfloat16), fk)
+    v8, vs = kv_quant.quantize_pages(jnp.asarray(rc.v_pages), fv)
     args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
     n = sum(q_lens)
 
-    def run(told):
+    def run(told_k, told_v):
         with decode_with(**decode_form):
             out, lse = jaxattn.ragged_paged_attention(
                 jnp.asarray(rc.q, jnp.bfloat16), k8, v8, *args, k_scale=ks, v_scale=vs,
-                fixed_k_scale=told, bounds=bounds, scale=0.08, chunk_size=chunk,
-                impl="interpret", return_lse=True)
+                fixed_k_scale=told_k, fixed_v_scale=told_v, bounds=bounds, scale=0.08,
+                chunk_size=chunk, impl="interpret", return_lse=True)
         return np.asarray(out, np.float32)[:n], np.asarray(lse)[:n]
 
-    (out, lse), (want, want_lse) = run(fixed), run(None)
+    (out, lse), (want, want_lse) = run(fk, fv), run(None, None)
     assert np.isfinite(out).all()
     np.testing.assert_array_equal(out, want)
     np.testing.assert_array_equal(lse, want_lse)
-    wrong, _ = run(fixed * 2)
     prefill_rows = np.repeat(np.asarray(q_lens) > bounds.dq, q_lens)
-    assert not np.array_equal(wrong[prefill_rows], want[prefill_rows])
-    assert not np.array_equal(wrong[~prefill_rows], want[~prefill_rows])
+    for wrong in ([(fk * 2, fv)] if fixed_k else []) + [(fk, fv * 2)]:
+        got, _ = run(*wrong)
+        assert not np.array_equal(got[prefill_rows], want[prefill_rows])
+        assert not np.array_equal(got[~prefill_rows], want[~prefill_rows])
 
 
-def test_fixed_k_scale_is_refused_off_fp8_and_off_powers_of_two():
+@pytest.mark.parametrize("name", ["fixed_k_scale", "fixed_v_scale"])
+def test_fixed_scales_are_refused_off_fp8_and_off_powers_of_two(name):
     bounds = _bounds()
     rc = make_ragged_case(bounds, (3,), (3,), dtype=np.float32, seed=0, num_tokens=8)
     k8, ks = kv_quant.quantize_pages(jnp.asarray(rc.k_pages))
     args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
     q = jnp.asarray(rc.q, jnp.bfloat16)
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match=f"{name}=0.03 must be a power of two"):
         jaxattn.ragged_paged_attention(q, k8, k8, *args, k_scale=ks, v_scale=ks,
-                                       fixed_k_scale=0.03, bounds=bounds, impl="reference")
+                                       **{name: 0.03}, bounds=bounds, impl="reference")
     bf = jnp.asarray(rc.k_pages, jnp.bfloat16)
-    with pytest.raises(ValueError, match="FP8 cache"):
-        jaxattn.ragged_paged_attention(q, bf, bf, *args, fixed_k_scale=2.0 ** -5, bounds=bounds,
+    with pytest.raises(ValueError, match=f"{name} is for an FP8 cache"):
+        jaxattn.ragged_paged_attention(q, bf, bf, *args, **{name: 2.0 ** -5}, bounds=bounds,
                                        impl="reference")
 
 
@@ -394,12 +402,13 @@ def test_prefill_picker_for_fp8():
 
 
 def _export_prefill(cfg, d, dtype, *, causal=True, page_size=64, budget=None,
-                    fixed_k_scale=None):
+                    fixed_k_scale=None, fixed_v_scale=None):
     S = jax.ShapeDtypeStruct
     items = WorkList(*[jnp.zeros((4,), jnp.int32)] * 8, count=jnp.int32(0))
     f = functools.partial(prefill.prefill_attention, items=items,
                           zero_ranges=jnp.zeros((1, 2), jnp.int32), config=cfg, scale=0.1,
-                          causal=causal, num_workers=132, fixed_k_scale=fixed_k_scale)
+                          causal=causal, num_workers=132, fixed_k_scale=fixed_k_scale,
+                          fixed_v_scale=fixed_v_scale)
     pages, scales = S((8, page_size, 1, d), FP8), S((8, 1, page_size), jnp.float32)
     fn = lambda q, kp, vp, pt, ks, vs: f(q, kp, vp, pt, k_scale=ks, v_scale=vs)
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(
@@ -409,14 +418,19 @@ def _export_prefill(cfg, d, dtype, *, causal=True, page_size=64, budget=None,
 @pytest.mark.parametrize("cfg,d,dtype", _prefill_configs())
 def test_prefill_fp8_lowers_and_allocates_what_smem_bytes_says(cfg, d, dtype):
     """Every picked FP8 config lowers for CUDA; it and the SMEM-P / mbarrier-turn variant
-    interpret mode runs (which may exceed the budget) allocate exactly ``smem_bytes``."""
+    interpret mode runs (which may exceed the budget) allocate exactly ``smem_bytes``, and
+    told fixed K and V scales, exactly ``smem_bytes`` without the scale rings (less)."""
     assert "mosaic_gpu" in _export_prefill(cfg, d, dtype).mlir_module()
     variant = dataclasses.replace(cfg, p_in_registers=False, overlap=False, named_barriers=False)
-    for c in (cfg, variant):
+    fixed = dict(fixed_k_scale=2.0 ** -5, fixed_v_scale=2.0 ** -3)
+    fixed_rows = (not cfg.fp8_qk, False)  # K dequantised in bf16 reads its rows anyway
+    for c, kw, rows in ((cfg, {}, (True, True)), (variant, {}, (True, True)),
+                        (cfg, fixed, fixed_rows)):
         with mgpu_core.artificial_shared_memory_limit(0), pytest.raises(Exception) as err:
-            _export_prefill(c, d, dtype)
+            _export_prefill(c, d, dtype, **kw)
         found = re.search(r"smem_bytes=(\d+)", str(err.value))
-        assert found and int(found.group(1)) == c.smem_bytes(d, dtype, FP8)
+        assert found and int(found.group(1)) == c.smem_bytes(d, dtype, FP8, scale_rows=rows)
+    assert cfg.smem_bytes(d, dtype, FP8, fixed_rows) < cfg.smem_bytes(d, dtype, FP8)
 
 
 @pytest.mark.parametrize("page_size", [32, 64, 128, 256])
@@ -426,15 +440,18 @@ def test_prefill_fp8_lowers_for_page_sizes(page_size):
                             chunk_size=8192, block_kv=64)
     cfg = prefill.pick_config(bounds, jnp.bfloat16, FP8)
     _export_prefill(cfg, 128, jnp.bfloat16, page_size=page_size)
-    # a chunked (RoPE, normed-key) layer's: S without per-key scaling
+    # a Llama 4 layer's: S without per-key scaling, V's tiles converted unscaled (and a
+    # layer whose keys keep per-row scales)
     _export_prefill(cfg, 128, jnp.bfloat16, page_size=page_size,
-                    fixed_k_scale=kv_quant.normed_k_scale(128))
+                    fixed_k_scale=kv_quant.normed_k_scale(128), fixed_v_scale=2.0 ** -3)
+    _export_prefill(cfg, 128, jnp.bfloat16, page_size=page_size, fixed_v_scale=2.0 ** -3)
     if page_size == 32:  # the plain loop (no intra-warpgroup overlap) dequantises too
         _export_prefill(dataclasses.replace(cfg, overlap=False), 128, jnp.bfloat16,
                         page_size=page_size)
 
 
-def _export_decode(bounds, dtype, *, causal=True, config=None, fixed_k_scale=None):
+def _export_decode(bounds, dtype, *, causal=True, config=None, fixed_k_scale=None,
+                   fixed_v_scale=None):
     cap = planner.capacity(bounds).decode_items
     sds = jax.ShapeDtypeStruct
     items = planner.WorkList(*[sds((cap,), jnp.int32)] * 8, sds((), jnp.int32))
@@ -442,7 +459,7 @@ def _export_decode(bounds, dtype, *, causal=True, config=None, fixed_k_scale=Non
     scales = sds((64, bounds.num_kv_heads, bounds.page_size), jnp.float32)
     fn = lambda q, k, v, pt, items, ks, vs: decode.decode_attention(
         q, k, v, pt, items, bounds=bounds, scale=0.1, causal=causal, config=config,
-        k_scale=ks, v_scale=vs, fixed_k_scale=fixed_k_scale)
+        k_scale=ks, v_scale=vs, fixed_k_scale=fixed_k_scale, fixed_v_scale=fixed_v_scale)
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(
         sds((bounds.max_num_batched_tokens, bounds.num_q_heads, bounds.head_dim), dtype), pool,
         pool, sds((bounds.max_num_seqs, bounds.pages_per_seq), jnp.int32), items, scales, scales)
@@ -458,9 +475,12 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
                                 num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
                                 chunk_size=8192)
         config = decode.pick_config(bounds, jnp.bfloat16, kv_dtype=FP8)
-        for fixed in (None, kv_quant.normed_k_scale(head_dim)):  # Llama 4's layers: fixed
+        # per-row scales; Llama 4's layers: K's and V's fixed (or V's only)
+        for fk, fv in ((None, None), (kv_quant.normed_k_scale(head_dim), 2.0 ** -3),
+                       (None, 2.0 ** -3)):
             exp = _export_decode(bounds, (jnp.bfloat16, jnp.float16)[i % 2],
-                                 causal=(i // 2) % 2 == 0, config=config, fixed_k_scale=fixed)
+                                 causal=(i // 2) % 2 == 0, config=config, fixed_k_scale=fk,
+                                 fixed_v_scale=fv)
             assert "mosaic_gpu" in exp.mlir_module()
 
 
@@ -500,6 +520,9 @@ def test_decode_fp8_tuning_variants_lower(config):
                             max_model_len=131072, page_size=32, num_q_heads=40,
                             num_kv_heads=8, head_dim=128, chunk_size=8192)
     _export_decode(bounds, jnp.bfloat16, config=config)
+    # Llama 4's layers: one K and one V scale (the tiles converted without scales)
+    _export_decode(bounds, jnp.bfloat16, config=config, fixed_k_scale=2.0 ** -5,
+                   fixed_v_scale=2.0 ** -3)
 
 
 @pytest.mark.parametrize("page_size", [8, 16])
