@@ -3,14 +3,14 @@
 A K (or V) row of one token and one KV head, ``x[D]``, is stored as
 ``x8 = round_e4m3(x / s)`` with ``s = max|x| / 448`` (448 is e4m3's largest
 finite value), so every stored row spans e4m3's whole range and
-``x ~= x8 * s`` (Llama 4's keys take one scale per layer instead, written into the same
-per-token slots: below). Why per token and head (benchmarks/NOTES-fp8-kv.md):
+``x ~= x8 * s`` (Llama 4's keys and values take one scale per layer instead, written into
+the same per-token slots: below). Why per token and head (benchmarks/NOTES-fp8-kv.md):
 
 * no calibration and nothing to redo when a page fills up: a token's scale is
   fixed when it is written, by the step that writes it;
 * values have no fixed range, and one scale per page or per tensor taken from the
   values seen so far would let a few large rows flush the small ones to e4m3's
-  subnormals, or saturate when a larger row comes (keys are the exception: below);
+  subnormals, or saturate when a larger row comes (unless the weights bound them: below);
 * the scales cost 4 bytes per 128 (D=128) or 64 (D=64) one-byte values: 3% (6%).
 
 Scales lie in [2^-14, 146]: f16's normal range, with ``448 * 146 = 65408`` below f16's
@@ -21,16 +21,16 @@ magnitude saturate there (as in an f16 cache), and a row whose largest value is 
 ``448 * 2^-14 = 0.027`` keeps e4m3's 4 significant bits only down to ~1e-6 (below that its
 values are e4m3 subnormals, at most 6e-8 off).
 
-Keys take one power-of-two scale per layer instead, large enough that no key the layer can
-produce saturates:
+Llama 4's keys and values take one power-of-two scale per layer instead, large enough that
+nothing the layer can produce saturates:
 
 * keys an L2 norm bounds (Llama 4's RoPE layers, the chunked-local ones in Scout: each
   head's row has mean square 1, so ``|x| <= sqrt(D)``): :func:`normed_k_scale`, the power
   of two that puts ``sqrt(D)`` just under 448;
-* the others (Scout's global NoPE layers): the power of two over a bound the layer's weights
-  set (``Llama4ForCausalLM.fix_k_scales``: a key is a projection of an RMS-normed row, so
-  at most ``sqrt(hidden)`` times the norm of its weights), which sits ~sqrt(hidden) above a
-  typical key.
+* the other keys (Scout's global NoPE layers) and every layer's values: the power of two
+  over a bound the layer's weights set (``Llama4ForCausalLM.fix_kv_scales``: a key or
+  value is a projection of an RMS-normed row, so at most ``sqrt(hidden)`` times the norm
+  of its weights), which sits ~sqrt(hidden) above a typical value.
 
 e4m3 is a floating-point format, so a row's values keep their 4 significant bits at any
 scale as long as they sit above its subnormals (``2^-6 * scale``); e4m3's normal range spans
@@ -38,10 +38,10 @@ scale as long as they sit above its subnormals (``2^-6 * scale``); e4m3's normal
 still buys is an exact row maximum. The rms error is 1.04x (D=128) and 1.06x (D=64) the
 per-row scales' on normed Gaussian rows, 1.03x on a NoPE layer's keys at D=128
 (tests/serve/test_fp8_kv_cache.py). The scale pools still hold the scale, per token, so
-every reader works unchanged; the prefill kernel, told it (``fixed_k_scale``), copies no K
-scale rows and skips its per-key column scaling (10-13% of its time on the H200,
-benchmarks/NOTES-fp8-kv.md, session 34), and a power of two keeps its product with the
-softmax scale exact, so it is the same arithmetic.
+every reader works unchanged; the kernels, told it (``fixed_k_scale``, ``fixed_v_scale``),
+copy no scale rows for that side and skip its per-row scaling (for K in the prefill 10-13%
+of its time on the H200, benchmarks/NOTES-fp8-kv.md, session 34), and a power of two keeps
+its product with the softmax scale (the normalisation) exact, so it is the same arithmetic.
 
 Scale pools are ``[num_pages, num_kv_heads, page_size]`` (head-major inside a
 page, unlike the values' ``[num_pages, page_size, num_kv_heads, D]``): one KV
@@ -67,6 +67,13 @@ SCALE_DTYPE = jnp.dtype(jnp.float32)
 # A row of zeros gets MIN_SCALE (its values stay 0) instead of 0/0.
 MIN_SCALE = 2.0 ** -14
 MAX_SCALE = 146.0
+# The narrowest heads whose keys and values take a scale their layer's weights bound: a
+# per-row scale stores each row's largest value exactly, which at 128 values a row is a
+# small share of its error (the bounded scale's rms error 1.03x per-row's) and at 8 a large
+# one (1.34x for keys, 1.47x for values; the head_dim-8 test checkpoint's logits error went
+# 2.2% -> 5.5% with both: benchmarks/NOTES-fp8-kv.md, session 35). The kernels take 64 and
+# 128, so narrower heads never reach the kernels' fixed-scale paths anyway.
+BOUNDED_MIN_HEAD_DIM = 64
 
 # Names the engine and the CLI accept for the FP8 cache.
 FP8_NAMES = ("fp8", "fp8_e4m3", "float8_e4m3fn")

@@ -155,15 +155,16 @@ class KVTarget(NamedTuple):
                      if p is not None)
 
 
-def reference_write(target: KVTarget, k, v, fixed_k_scale: float | None = None) -> tuple:
+def reference_write(target: KVTarget, k, v, fixed_k_scale: float | None = None,
+                    fixed_v_scale: float | None = None) -> tuple:
     """k, v [T, Hkv, D] scattered into their slots (XLA's scatters) -> ``target.pools``
     updated; FP8: each row quantised per token and KV head (:func:`kv_quant.quantize`; k's
-    with ``fixed_k_scale`` where given: the layer's one, :mod:`kv_quant`), its values and
-    scale scattered."""
+    (v's) with ``fixed_k_scale`` (``fixed_v_scale``) where given: the layer's one,
+    :mod:`kv_quant`), its values and scale scattered."""
     p, ps, h, d = target.k_pages.shape
     out, scales = [], []
     for pages, scale, new, fixed in ((target.k_pages, target.k_scale, k, fixed_k_scale),
-                                     (target.v_pages, target.v_scale, v, None)):
+                                     (target.v_pages, target.v_scale, v, fixed_v_scale)):
         if target.fp8:
             new, s = kv_quant.quantize(new, fixed)  # [T, Hkv, D] e4m3, [T, Hkv]
             page, off = target.slots // ps, target.slots % ps  # past the pool: dropped
@@ -191,10 +192,10 @@ def _quantize_rows(x, values_smem, scales_smem, fixed: float | None = None):
 
 
 def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temperature: bool,
-                 outputs: str, fp8: bool, fixed_k_scale, interpret: bool):
+                 outputs: str, fp8: bool, fixed_k_scale, fixed_v_scale, interpret: bool):
     """``outputs``: "q" (k untouched: a NoPE layer), "qk", or "q+cache" (k and v into the
-    cache's pools, aliased refs; ``fp8``: quantised, with their scale pools, k with
-    ``fixed_k_scale`` where not None)."""
+    cache's pools, aliased refs; ``fp8``: quantised, with their scale pools, k (v) with
+    ``fixed_k_scale`` (``fixed_v_scale``) where not None)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     refs = list(refs)
@@ -215,7 +216,7 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
     x = plgpu.load(qkv_ref.at[pl.ds(start, _ROWS)], layout=plgpu.Layout.WGMMA, optimized=False)
     if outputs == "q+cache":  # v goes to the cache as it came
         if fp8:
-            _quantize_rows(x.astype(jnp.float32), v_smem, scale_smem[1])
+            _quantize_rows(x.astype(jnp.float32), v_smem, scale_smem[1], fixed_v_scale)
         else:
             v_smem[...] = x
     x = x.astype(jnp.float32)
@@ -262,9 +263,10 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-@functools.partial(jax.jit, static_argnames=("hq", "hkv", "eps", "fixed_k_scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("hq", "hkv", "eps", "fixed_k_scale",
+                                             "fixed_v_scale", "interpret"))
 def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps, fixed_k_scale,
-                      interpret: bool):
+                      fixed_v_scale, interpret: bool):
     """qkv [T, (hq + 2 hkv) D] bf16 -> (q [T, hq, D], k [T, hkv, D] or None if untouched,
     the pools or None): with a :class:`KVTarget` ``cache``, k and v go into its pools (updated
     in place: the kernel writes them through aliased refs) and not to an output."""
@@ -284,7 +286,8 @@ def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps, 
         out_type.append(jax.ShapeDtypeStruct((t * hkv, d), qkv.dtype))
     body = functools.partial(_kernel_body, hq=hq, hkv=hkv, rope=rope is not None, eps=eps,
                              temperature=temperature is not None, outputs=outputs, fp8=fp8,
-                             fixed_k_scale=fixed_k_scale, interpret=interpret)
+                             fixed_k_scale=fixed_k_scale, fixed_v_scale=fixed_v_scale,
+                             interpret=interpret)
 
     def rope_norm(*refs):
         body(lax.axis_index("tokens"), *refs)
@@ -359,7 +362,8 @@ def _writes(cache: KVTarget | None, qkv) -> bool:
 
 def rope_norm(qkv, hq: int, hkv: int, rope=None, *, eps: float | None = None,
               temperature=None, cache: KVTarget | None = None, impl: str = "auto",
-              config: QKRowsConfig = QKRowsConfig(), fixed_k_scale: float | None = None):
+              config: QKRowsConfig = QKRowsConfig(), fixed_k_scale: float | None = None,
+              fixed_v_scale: float | None = None):
     """:func:`reference` on the q and k of a q/k/v projection's joint output ``qkv`` [..., P,
     (hq + 2 hkv) D] (or its three parts: XLA's ops) (rope :func:`rope_tables` [..., P, D] or
     None; temperature [..., P] or None) -> q [..., P, hq, D], k and v [..., P, hkv, D]. One
@@ -372,20 +376,23 @@ def rope_norm(qkv, hq: int, hkv: int, rope=None, *, eps: float | None = None,
     runs, it writes them itself (bf16: two scatter kernels fewer a layer; FP8: the
     quantisation's too) and k, v come back None. ``fixed_k_scale``: an FP8 cache's k rows
     all take that scale (the layer's one: :func:`kv_quant.normed_k_scale` for L2-normed
-    keys, ``Llama4ForCausalLM.fix_k_scales`` for the others)."""
+    keys, ``Llama4ForCausalLM.fix_kv_scales`` for the others); ``fixed_v_scale``: its v
+    rows theirs (``fix_kv_scales``)."""
     q, k, v = split(qkv, hq, hkv)
-    if cache is None or not cache.fp8:  # only FP8 writes take it: one kernel for the rest
-        fixed_k_scale = None
+    if cache is None or not cache.fp8:  # only FP8 writes take them: one kernel for the rest
+        fixed_k_scale = fixed_v_scale = None
     nothing_to_do = rope is None and eps is None and temperature is None and cache is None
     kernel = (not isinstance(qkv, tuple) and not nothing_to_do
               and _use_kernel(impl, qkv, hq, hkv, config) and _writes(cache, qkv))
     if not kernel:
         q, k = reference(q, k, rope, eps=eps, temperature=temperature)
         return (q, k, v) if cache is None else (q, k, v,
-                                                reference_write(cache, k, v, fixed_k_scale))
+                                                reference_write(cache, k, v, fixed_k_scale,
+                                                                fixed_v_scale))
     q, k_out, pools = _rope_norm_kernel(qkv, rope, temperature, cache, hq=hq, hkv=hkv,
                                         eps=None if eps is None else float(eps),
-                                        fixed_k_scale=fixed_k_scale, interpret=_interpreting())
+                                        fixed_k_scale=fixed_k_scale,
+                                        fixed_v_scale=fixed_v_scale, interpret=_interpreting())
     if cache is not None:
         return q, None, None, pools
     return q, (k if k_out is None else k_out), v

@@ -139,7 +139,7 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
         if fp8_scales:  # FP8: quantised per token and KV head as the step wrote them
             new_ks[i], new_vs[i] = fp8_scales
             scales = dict(k_scale=new_ks[i], v_scale=new_vs[i],
-                          fixed_k_scale=attn.fixed_k_scale)
+                          fixed_k_scale=attn.fixed_k_scale, fixed_v_scale=attn.fixed_v_scale)
         return _paged_attention(q, new_k[i], new_v[i], _page_table(batch, attn.chunk_size),
                                 cu, kv_lens, num_seqs, plan_of[attn.chunk_size],
                                 bounds=bounds, scale=attn.scale,
@@ -156,10 +156,10 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
 
 
 @functools.partial(jax.jit, static_argnames=("bounds", "scale", "chunk_size", "impl",
-                                             "decode_only", "fixed_k_scale"))
+                                             "decode_only", "fixed_k_scale", "fixed_v_scale"))
 def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, plan, *,
                      bounds, scale, chunk_size, impl, decode_only=False, k_scale=None,
-                     v_scale=None, fixed_k_scale=None):
+                     v_scale=None, fixed_k_scale=None, fixed_v_scale=None):
     """One layer's attention, as a jitted function so that layers of one kind share it.
 
     Every chunked-local layer (and every global layer) calls this with the same shapes and
@@ -171,7 +171,8 @@ def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_se
                                           num_seqs, bounds=bounds, scale=scale,
                                           chunk_size=chunk_size, impl=impl, plan=plan,
                                           k_scale=k_scale, v_scale=v_scale,
-                                          fixed_k_scale=fixed_k_scale, decode_only=decode_only)
+                                          fixed_k_scale=fixed_k_scale,
+                                          fixed_v_scale=fixed_v_scale, decode_only=decode_only)
 
 
 def step_compiler_options(traced_libraries: bool = True) -> dict | None:
@@ -268,7 +269,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     Shapes depend only on ``bounds`` and the batch's token count T, so it
     compiles once per T and never for a new mix of lengths. The cache is
     donated (updated in place on GPU). The weights are those of ``model`` now (and so are the FP8
-    cache's K scales: :meth:`Llama4ForCausalLM.fix_k_scales`).
+    cache's K and V scales: :meth:`Llama4ForCausalLM.fix_kv_scales`).
     ``step.jitted`` is the underlying jitted function (for compile counting); it takes the
     weights as ``step.weights`` (:func:`flat_weights`) and the batch packed into one int32
     vector (``jaxattn.serve.batch.pack``): one host-to-device copy.
@@ -302,7 +303,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     allocation, and on one device (one graph per step) that re-recorded the whole graph
     every step.
     """
-    model.fix_k_scales()  # an FP8 cache's K scales, from the weights (static: in graphdef)
+    model.fix_kv_scales()  # an FP8 cache's K/V scales, from the weights (static: in graphdef)
     graphdef, state = nnx.split(model)
     weights, treedef = flat_weights(state)
     config, dtype = model.config, model.dtype  # dtype: the attention's q/k/v

@@ -55,9 +55,10 @@ class Attention(nnx.Module):
         self.use_rope = config.use_rope(layer)
         self.qk_norm_eps = config.rms_norm_eps if (config.use_qk_norm and self.use_rope) else None
         # An FP8 cache stores the normed keys with one scale (jaxattn.kv_quant), which the
-        # prefill kernel then need not apply per key; the other layers' keys get theirs from
-        # the weights (Llama4ForCausalLM.fix_k_scales).
+        # kernels then need not apply per key; the other layers' keys, and every layer's
+        # values, get theirs from the weights (Llama4ForCausalLM.fix_kv_scales).
         self.fixed_k_scale = None if self.qk_norm_eps is None else kv_quant.normed_k_scale(d)
+        self.fixed_v_scale = None
         self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
         self.floor_scale, self.attn_scale = config.floor_scale, config.attn_scale
         self.chunk_size = config.layer_chunk_size(layer)  # None: global attention
@@ -82,7 +83,8 @@ class Attention(nnx.Module):
         # ops elsewhere.
         return qk_rows.rope_norm(qkv, hq, hkv, rope if self.use_rope else None,
                                  eps=self.qk_norm_eps, temperature=temperature, cache=cache,
-                                 fixed_k_scale=self.fixed_k_scale)
+                                 fixed_k_scale=self.fixed_k_scale,
+                                 fixed_v_scale=self.fixed_v_scale)
 
     def out(self, o, axes: Axes):
         """Row-parallel output projection: each device's heads give a partial sum, reduced here."""
@@ -109,33 +111,49 @@ class DecoderLayer(nnx.Module):
                              else MLP(config, config.intermediate_size_mlp, dtype=dtype, rngs=rngs,
                                       fp8=fp8))
 
-    def key_rows(self):
-        """|w * W_j| f32 [Hkv D, all devices' rows]: each key projection row ``W_j`` times the
-        input norm's weight ``w``, its norm. A key value is ``sum_i u_i w_i W_ji`` with ``u =
-        x / rms(x)`` (the norm's input, ``|u| <= sqrt(hidden)``), so this is the size of
-        value ``j`` on a typical input and 1/sqrt(hidden) of its largest."""
-        attn = self.self_attn
+    def kv_rows(self, which: str):
+        """|w * W_j| f32 [Hkv D, all devices' rows]: each row ``W_j`` of the key (``which``
+        "k") or value ("v") projection times the input norm's weight ``w``, its norm. Such a
+        value is ``sum_i u_i w_i W_ji`` with ``u = x / rms(x)`` (the norm's input, ``|u| <=
+        sqrt(hidden)``), so this is the size of value ``j`` on a typical input and
+        1/sqrt(hidden) of its largest."""
+        proj = self._kv_proj(which)
         norm_w = self.input_layernorm.weight[...].astype(jnp.float32)  # [hidden]
-        w = attn.k_proj.weight[...].astype(jnp.float32)  # [Hkv D, hidden]
-        if attn.k_proj.weight_scale is not None:  # FP8: one scale per output row
-            w = w * attn.k_proj.weight_scale[...].astype(jnp.float32).reshape(-1, 1)
+        w = proj.weight[...].astype(jnp.float32)  # [Hkv D, hidden]
+        if proj.weight_scale is not None:  # FP8: one scale per output row
+            w = w * proj.weight_scale[...].astype(jnp.float32).reshape(-1, 1)
         return jnp.sqrt(jnp.sum(jnp.square(w * norm_w), axis=1))
 
-    def key_bound(self, rows=None) -> float:
-        """The largest magnitude any value of this layer's key rows can take, whatever the
-        input (before the qk norm, where there is one): by Cauchy-Schwarz ``sqrt(hidden)``
-        times the largest of :meth:`key_rows` (``rows``, where the caller has them), and a
-        RoPE rotation mixes two such values into at most sqrt(2) times the larger. Times
-        1.08 for the roundings on the way (FP8 activations: 2^-4; bf16 casts: 3 x 2^-8)."""
-        attn = self.self_attn
+    def kv_bound(self, which: str, rows=None) -> float:
+        """The largest magnitude any key (``which`` "k", before the qk norm where there is
+        one) or value ("v") of this layer can take, whatever the input: by Cauchy-Schwarz
+        ``sqrt(hidden)`` times the largest of :meth:`kv_rows` (``rows``, where the caller has
+        them), and a RoPE rotation mixes two keys into at most sqrt(2) times the larger.
+        Times 1.08 for the roundings on the way (FP8 activations: 2^-4; bf16 casts:
+        3 x 2^-8)."""
+        proj = self._kv_proj(which)
         hidden = self.input_layernorm.weight.shape[0]
-        rows = self.key_rows() if rows is None else rows
+        rows = self.kv_rows(which) if rows is None else rows
         bound = float(jnp.max(rows)) * math.sqrt(hidden) * 1.08
-        if attn.use_rope:
+        if which == "k" and self.self_attn.use_rope:
             bound *= math.sqrt(2)
-        if attn.k_proj.bias is not None:
-            bound += float(jnp.max(jnp.abs(attn.k_proj.bias[...].astype(jnp.float32))))
+        if proj.bias is not None:
+            bound += float(jnp.max(jnp.abs(proj.bias[...].astype(jnp.float32))))
         return bound
+
+    def bounded_scale(self, which: str, rows=None) -> float | None:
+        """One FP8 scale under which none of this layer's keys (``which`` "k") or values ("v")
+        saturates: :func:`kv_quant.power_of_two_scale` of :meth:`kv_bound` (``rows``: its
+        :meth:`kv_rows`, where the caller has them); None where that is past the scales'
+        range or heads are narrower than :data:`kv_quant.BOUNDED_MIN_HEAD_DIM`."""
+        if self.self_attn.head_dim < kv_quant.BOUNDED_MIN_HEAD_DIM:
+            return None
+        return kv_quant.power_of_two_scale(self.kv_bound(which, rows))
+
+    def _kv_proj(self, which: str):
+        if which not in ("k", "v"):
+            raise ValueError(f"which={which!r} is not 'k' or 'v'")
+        return self.self_attn.k_proj if which == "k" else self.self_attn.v_proj
 
     def __call__(self, x, delta, positions, rope, attend, axes: Axes, valid=None,
                  gmm_impl="auto", kv_target: qk_rows.KVTarget | None = None):
@@ -252,28 +270,39 @@ class Llama4ForCausalLM(nnx.Module):
             logits = jax.lax.all_gather(logits, axes.vocab, axis=logits.ndim - 1, tiled=True)
         return logits
 
-    def fix_k_scales(self) -> None:
-        """Give every layer without the qk norm (Scout's global NoPE layers) one FP8 K scale
-        that its weights bound: :func:`kv_quant.power_of_two_scale` of
-        :meth:`DecoderLayer.key_bound` (None, per-row scales, where that is past the scales'
-        range). e4m3 is a floating-point format, so a scale too large for most rows costs
-        them nothing until their values fall below its subnormals (2^-6 of the scale):
-        the bound sits ~sqrt(hidden) (71 in Scout) above a typical key's values, while
-        e4m3's normal range spans 2^15. Values past the bound (only the roundings'
-        worst case could reach them) would saturate at 448 times the scale, not overflow.
-        A layer with a key row far below its largest (a typical value of it under a
-        quarter of the scale, 4 binades above the subnormals) keeps per-row scales: with
-        random weights every row is near the largest, with a checkpoint's it need not be.
-        With every K scale one power of two, the kernels skip their per-key scaling
-        (:func:`jaxattn.ragged_paged_attention`'s ``fixed_k_scale``). Set from the weights
-        as they are now: the serving step calls it when it is built."""
-        for layer in self.model.layers:
-            if layer.self_attn.qk_norm_eps is None:
-                rows = layer.key_rows()
-                scale = kv_quant.power_of_two_scale(layer.key_bound(rows))
-                if scale is not None and float(jnp.min(rows)) < scale / 4:
-                    scale = None
-                layer.self_attn.fixed_k_scale = scale
+    def fix_kv_scales(self) -> None:
+        """Give every layer one FP8 V scale, and every layer without the qk norm (Scout's
+        global NoPE layers) one K scale, that the weights bound
+        (:meth:`DecoderLayer.bounded_scale`). e4m3 is a floating-point format, so a scale
+        too large for most rows costs them nothing until their values fall below its
+        subnormals (2^-6 of the scale): the bound sits ~sqrt(hidden) (71 in Scout) above a
+        typical value, while e4m3's normal range spans 2^15. Values past the bound (only
+        the roundings' worst case could reach them) would saturate at 448 times the scale,
+        not overflow. With every K (V) scale one power of two, the kernels skip their
+        per-row scaling (:func:`jaxattn.ragged_paged_attention`'s ``fixed_k_scale``,
+        ``fixed_v_scale``).
+
+        The layers of one attention kind share the largest of their scales (larger is as
+        safe), so they still share one trace of the kernels (the scale is static). A layer
+        keeps per-row scales (None) where its own bound gives none, or where a row of its
+        weights is so small that the row's typical value would sit under a quarter of the
+        shared scale (4 binades above the subnormals): with random weights every row is near
+        the largest, with a checkpoint's it need not be. Set from the weights as they are
+        now: the serving step calls it when it is built."""
+        for which in ("k", "v"):
+            kinds = {}  # chunk size -> [(layer, its kv_rows, its own bounded scale)]
+            for layer in self.model.layers:
+                attn = layer.self_attn
+                if which == "k" and attn.qk_norm_eps is not None:
+                    continue  # normed keys: kv_quant.normed_k_scale
+                rows = layer.kv_rows(which)
+                kinds.setdefault(attn.chunk_size, []).append(
+                    (layer, rows, layer.bounded_scale(which, rows)))
+            for members in kinds.values():
+                shared = max((s for *_, s in members if s is not None), default=None)
+                for layer, rows, own in members:
+                    ok = own is not None and float(jnp.min(rows)) >= shared / 4
+                    setattr(layer.self_attn, f"fixed_{which}_scale", shared if ok else None)
 
     def run_layers(self, x, positions, attend, axes: Axes = NO_AXES, valid=None,
                    gmm_impl: str = "auto", kv_target=None):

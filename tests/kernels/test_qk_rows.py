@@ -135,21 +135,30 @@ def test_kernel_quantises_k_and_v_into_an_fp8_cache(interpret, layer, tokens, hq
                                   np.asarray(kv_quant.quantize(wv[0])[1]))
 
 
-@pytest.mark.parametrize("tokens,hq,hkv,page_size", [(16, 40, 8, 32), (3, 20, 4, 8)])
-def test_kernel_writes_normed_keys_with_the_fixed_scale(interpret, tokens, hq, hkv, page_size):
+@pytest.mark.parametrize("tokens,hq,hkv,page_size,fixed_v", [(16, 40, 8, 32, True),
+                                                              (3, 20, 4, 8, False)])
+def test_kernel_writes_rows_with_the_fixed_scales(interpret, tokens, hq, hkv, page_size,
+                                                  fixed_v):
     """``fixed_k_scale`` (a RoPE layer's normed keys, kv_quant.normed_k_scale): k's rows
     quantised with that one scale, which its scale pool then holds at each written slot;
-    v's as before: XLA's writes, bit for bit."""
+    ``fixed_v_scale`` (a bound over the values, as Llama4ForCausalLM.fix_kv_scales gives)
+    likewise v's, or without it v's per row; both as XLA's writes, bit for bit."""
     qkv, rope, t = _case(tokens, hq, hkv, 128)
     fixed = kv_quant.normed_k_scale(128)
+    v_largest = float(jnp.abs(qk_rows.split(qkv, hq, hkv)[2].astype(jnp.float32)).max())
+    fv = kv_quant.power_of_two_scale(v_largest) if fixed_v else None
     target = _target(tokens, hkv, 128, page_size=page_size, fp8=True)
-    kw = dict(rope=rope, eps=1e-5, cache=target, fixed_k_scale=fixed)
+    kw = dict(rope=rope, eps=1e-5, cache=target, fixed_k_scale=fixed, fixed_v_scale=fv)
     *_, pools = qk_rows.rope_norm(qkv, hq, hkv, impl="mosaic", **kw)
     *_, want = qk_rows.rope_norm(qkv, hq, hkv, impl="xla", **kw)
     for g, w in ((pools[::2], want[::2]), (pools[1::2], want[1::2])):
         assert_fp8_pools_close(g, w)
     np.testing.assert_array_equal(_written_scales(pools[2], target), fixed)
-    assert not np.array_equal(_written_scales(pools[3], target), fixed)
+    v_scales = _written_scales(pools[3], target)
+    if fixed_v:
+        np.testing.assert_array_equal(v_scales, fv)
+    else:
+        assert len(np.unique(v_scales)) > 1
 
 
 def _written_scales(scale_pool, target):
@@ -254,10 +263,11 @@ def test_kernel_lowers_for_cuda_at_scout_shapes(tokens, hq, hkv):
     assert module.count("tf.aliasing_output") == 2  # the pools, updated in place
     values = jax.ShapeDtypeStruct((64, 32, hkv, 128), kv_quant.FP8)
     scales = jax.ShapeDtypeStruct((64, hkv, 32), jnp.float32)
-    for fixed in (None, kv_quant.normed_k_scale(128)):  # k's scales per row, or one
+    # k's and v's scales per row, or one each (Llama 4's layers)
+    for fk, fv in ((None, None), (kv_quant.normed_k_scale(128), 2.0 ** -3)):
         write8 = jax.jit(lambda a, c, s, kp, vp, ks, vs, slots: qk_rows.rope_norm(
             a, hq, hkv, (c, s), eps=1e-5, cache=qk_rows.KVTarget(kp, vp, slots, ks, vs),
-            impl="mosaic", fixed_k_scale=fixed), donate_argnums=(3, 4, 5, 6))
+            impl="mosaic", fixed_k_scale=fk, fixed_v_scale=fv), donate_argnums=(3, 4, 5, 6))
         module = jax.export.export(write8, platforms=["cuda"])(
             qkv, table, table, values, values, scales, scales,
             jax.ShapeDtypeStruct((tokens,), jnp.int32)).mlir_module()
@@ -293,8 +303,14 @@ def test_kernel_on_gpu_at_scout_shapes(layer, tokens, hq, hkv):
     assert_fp8_pools_close(pools[::2], want_pools[::2], exact_fraction=0.9)
     # v as it came: equal but for a reciprocal's last bit, if XLA's division is not Mosaic's
     assert_fp8_pools_close(pools[1::2], want_pools[1::2], exact_fraction=0.99)
-    if "eps" in kw:  # normed keys: their one fixed scale
+    # one V scale (every Llama 4 layer's), and normed keys' one K scale
+    v_largest = float(jnp.abs(qk_rows.split(qkv, hq, hkv)[2].astype(jnp.float32)).max())
+    kw["fixed_v_scale"] = kv_quant.power_of_two_scale(v_largest)
+    if "eps" in kw:
         kw["fixed_k_scale"] = kv_quant.normed_k_scale(128)
-        (q, _, _, pools), (wq, _, _, want_pools) = write("mosaic"), write("xla")
-        assert_fp8_pools_close(pools[::2], want_pools[::2], exact_fraction=0.9)
+    (q, _, _, pools), (wq, _, _, want_pools) = write("mosaic"), write("xla")
+    assert_fp8_pools_close(pools[::2], want_pools[::2], exact_fraction=0.9)
+    assert_fp8_pools_close(pools[1::2], want_pools[1::2], exact_fraction=0.99)
+    np.testing.assert_array_equal(_written_scales(pools[3], target), kw["fixed_v_scale"])
+    if "eps" in kw:
         np.testing.assert_array_equal(_written_scales(pools[2], target), kw["fixed_k_scale"])

@@ -98,15 +98,17 @@ def test_normed_keys_take_one_power_of_two_scale_at_little_cost(d, max_rms_ratio
     assert errors[fixed] <= max_rms_ratio * errors[None], errors
 
 
-def _nope_layer(hidden_size: int, init_std: float, seed: int, fp8_weights: bool = False):
+def _nope_layer(hidden_size: int, init_std: float, seed: int, fp8_weights: bool = False,
+               head_dim: int = 128):
     """(config, model, its last decoder layer: global, NoPE, no qk norm) of a random bf16
-    model with Scout's head_dim (FP8 attention projections with ``fp8_weights``)."""
+    model with Scout's head_dim by default (FP8 attention projections with
+    ``fp8_weights``)."""
     from jaxattn.models.llama4.quantization import Fp8Scheme
 
     config = llama4.Llama4Config.from_hf_dict(dict(
         vocab_size=256, hidden_size=hidden_size, intermediate_size=64,
         intermediate_size_mlp=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=128, num_local_experts=2, interleave_moe_layer_step=2,
+        num_key_value_heads=2, head_dim=head_dim, num_local_experts=2, interleave_moe_layer_step=2,
         attention_chunk_size=64, initializer_range=init_std))
     model = llama4.init_random(config, seed=seed, dtype=jnp.bfloat16,
                                fp8=Fp8Scheme(attention=True) if fp8_weights else None)
@@ -115,68 +117,116 @@ def _nope_layer(hidden_size: int, init_std: float, seed: int, fp8_weights: bool 
     return config, model, layer
 
 
+@pytest.mark.parametrize("which", ["k", "v"])
 @pytest.mark.parametrize("fp8_weights", [False, True])
-def test_key_bound_holds_and_the_worst_input_nearly_reaches_it(fp8_weights):
-    """DecoderLayer.key_bound bounds every key value, whatever the layer's input: the input
-    built to maximise one key value (the normed row along that value's weights) comes within
-    the bound's rounding margin of it, and Gaussian inputs with outlier channels stay far
-    below. Under its power-of-two scale no key saturates."""
+def test_kv_bound_holds_and_the_worst_input_nearly_reaches_it(fp8_weights, which):
+    """DecoderLayer.kv_bound bounds every key (value) of the layer, whatever its input: the
+    input built to maximise one of them (the normed row along its weights) comes within the
+    bound's rounding margin of it, and Gaussian inputs with outlier channels stay far below.
+    Under its power-of-two scale none saturates."""
     config, _, layer = _nope_layer(512, 0.05, seed=2, fp8_weights=fp8_weights)
-    attn = layer.self_attn
+    proj = layer._kv_proj(which)
     rng = np.random.default_rng(0)
     norm_w = rng.uniform(0.2, 3.0, config.hidden_size).astype(np.float32)  # not all ones
     layer.input_layernorm.weight[...] = jnp.asarray(norm_w, jnp.bfloat16)
-    bound = layer.key_bound()
-    keys = lambda x: np.asarray(attn.k_proj(layer.input_layernorm(jnp.asarray(x, jnp.bfloat16))),
-                                np.float32)  # [rows, Hkv D]
-    w = np.asarray(attn.k_proj.weight[...], np.float32)
+    bound = layer.kv_bound(which)
+    out = lambda x: np.asarray(proj(layer.input_layernorm(jnp.asarray(x, jnp.bfloat16))),
+                               np.float32)  # [rows, Hkv D]
+    w = np.asarray(proj.weight[...], np.float32)
     if fp8_weights:
-        w = w * np.asarray(attn.k_proj.weight_scale[...], np.float32).reshape(-1, 1)
+        w = w * np.asarray(proj.weight_scale[...], np.float32).reshape(-1, 1)
     v = w * np.asarray(layer.input_layernorm.weight[...], np.float32)  # [Hkv D, hidden]
+    np.testing.assert_allclose(np.asarray(layer.kv_rows(which)), np.sqrt((v * v).sum(1)),
+                               rtol=1e-5)
     j = int(np.argmax((v * v).sum(1)))
-    worst = keys(v[j][None] * 7.0)  # any multiple: the norm takes the scale out
+    worst = out(v[j][None] * 7.0)  # any multiple: the norm takes the scale out
     gauss = rng.standard_normal((256, config.hidden_size)).astype(np.float32)
     gauss[:, :4] *= 50  # a few massive channels, as real activations have
-    typical = keys(gauss)
+    typical = out(gauss)
     assert bound / 1.08 * 0.97 <= worst[0, j] <= bound, (worst[0, j], bound)
     assert np.abs(typical).max() < bound / 4
     scale = kv_quant.power_of_two_scale(bound)
-    for k in (worst, typical):
-        assert np.abs(k).max() <= kv_quant.FP8_MAX * scale
+    for x in (worst, typical):
+        assert np.abs(x).max() <= kv_quant.FP8_MAX * scale
 
 
-def test_a_layer_with_a_key_row_far_below_the_largest_keeps_per_row_scales():
-    """fix_k_scales: random weights' NoPE layers take the bound's scale; shrink one key
-    projection row 1000x (a typical value of it then far below the scale, near e4m3's
-    subnormals) and that layer keeps per-row K scales, while the RoPE layers keep theirs."""
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_a_layer_with_a_row_far_below_the_largest_keeps_per_row_scales(which):
+    """fix_kv_scales: random weights' layers take the bound's V scale, the NoPE layer the
+    bound's K scale too; shrink one key (value) projection row 1000x (a typical value of it
+    then far below the scale, near e4m3's subnormals) and that layer keeps per-row K (V)
+    scales, the other side and the other layers theirs."""
     _, model, layer = _nope_layer(512, 0.05, seed=4)
-    model.fix_k_scales()
-    bounded = layer.self_attn.fixed_k_scale
-    assert bounded == kv_quant.power_of_two_scale(layer.key_bound())
-    assert float(layer.key_rows().min()) >= bounded / 4
-    w = layer.self_attn.k_proj.weight
-    w[...] = w[...].at[5].multiply(1e-3)
-    model.fix_k_scales()
-    assert layer.self_attn.fixed_k_scale is None
-    assert [lyr.self_attn.fixed_k_scale for lyr in model.model.layers[:3]] == [
+    model.fix_kv_scales()
+    bounded = {w: kv_quant.power_of_two_scale(layer.kv_bound(w)) for w in "kv"}
+    assert (layer.self_attn.fixed_k_scale, layer.self_attn.fixed_v_scale) == (
+        bounded["k"], bounded["v"])
+    for w in "kv":
+        assert float(layer.kv_rows(w).min()) >= bounded[w] / 4
+    rope_layers = model.model.layers[:3]
+    before = [lyr.self_attn.fixed_v_scale for lyr in rope_layers]
+    assert None not in before
+    weight = layer._kv_proj(which).weight
+    weight[...] = weight[...].at[5].multiply(1e-3)
+    model.fix_kv_scales()
+    got = {"k": layer.self_attn.fixed_k_scale, "v": layer.self_attn.fixed_v_scale}
+    other = "v" if which == "k" else "k"
+    assert got[which] is None and got[other] == bounded[other]
+    assert [lyr.self_attn.fixed_k_scale for lyr in rope_layers] == [
         kv_quant.normed_k_scale(128)] * 3
+    assert [lyr.self_attn.fixed_v_scale for lyr in rope_layers] == before
+    with pytest.raises(ValueError, match="'q'"):
+        layer.kv_rows("q")
 
 
-def test_bounded_k_scale_costs_little_at_head_dim_128():
-    """One power-of-two K scale from DecoderLayer.key_bound against per-row scales, on the
-    keys of a NoPE layer at head_dim 128 (Scout's) over Gaussian inputs: the dequantised
-    keys' rms error within 10% of the per-row scales' (which make each row's largest value
-    exact; at head_dim 8, tied_top2, that exact largest value is an eighth of a row and the
-    test checkpoint's logits move more: benchmarks/NOTES-fp8-kv.md, session 34)."""
+def test_layers_of_one_kind_share_their_largest_scale():
+    """fix_kv_scales: one chunked-local layer with values twice as large (its v_proj doubled)
+    raises every chunked layer's V scale to its own (one static scale per attention kind,
+    so its layers share one trace of the kernels); the global layer keeps its own."""
+    _, model, nope = _nope_layer(512, 0.05, seed=7)
+    chunked = model.model.layers[:3]
+    model.fix_kv_scales()
+    before = {lyr.self_attn.fixed_v_scale for lyr in chunked}
+    weight = chunked[1].self_attn.v_proj.weight
+    weight[...] = weight[...] * 2
+    model.fix_kv_scales()
+    raised = kv_quant.power_of_two_scale(chunked[1].kv_bound("v"))
+    assert len(before) == 1 and raised == 2 * before.pop()
+    assert [lyr.self_attn.fixed_v_scale for lyr in chunked] == [raised] * 3
+    assert nope.self_attn.fixed_v_scale == kv_quant.power_of_two_scale(nope.kv_bound("v"))
+
+
+def test_heads_narrower_than_64_keep_per_row_scales():
+    """Below kv_quant.BOUNDED_MIN_HEAD_DIM a per-row scale's exact row maximum is a large
+    share of a row's error: no bounded scale there (the RoPE layers' normed keys keep
+    theirs)."""
+    for head_dim, bounded in ((32, False), (64, True)):
+        _, model, layer = _nope_layer(256, 0.05, seed=5, head_dim=head_dim)
+        model.fix_kv_scales()
+        for lyr in model.model.layers:
+            assert (lyr.self_attn.fixed_v_scale is not None) == bounded
+        assert (layer.self_attn.fixed_k_scale is not None) == bounded
+        assert model.model.layers[0].self_attn.fixed_k_scale == kv_quant.normed_k_scale(
+            head_dim)
+
+
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_bounded_scale_costs_little_at_head_dim_128(which):
+    """One power-of-two K (V) scale from DecoderLayer.kv_bound against per-row scales, on the
+    keys (values) of a NoPE layer at head_dim 128 (Scout's) over Gaussian inputs: the
+    dequantised rows' rms error within 10% of the per-row scales' (which make each row's
+    largest value exact; at head_dim 8, tied_top2, that exact largest value is an eighth of
+    a row and the test checkpoint's logits move more: benchmarks/NOTES-fp8-kv.md, session
+    34)."""
     config, _, layer = _nope_layer(1024, 0.02, seed=3)
     x = np.random.default_rng(1).standard_normal((512, config.hidden_size)).astype(np.float32)
-    k = layer.self_attn.k_proj(layer.input_layernorm(jnp.asarray(x, jnp.bfloat16)))
-    k = k.reshape(512, config.num_key_value_heads, 128)
+    rows = layer._kv_proj(which)(layer.input_layernorm(jnp.asarray(x, jnp.bfloat16)))
+    rows = rows.reshape(512, config.num_key_value_heads, 128)
     errors = {}
-    for scale in (None, kv_quant.power_of_two_scale(layer.key_bound())):
-        back = kv_quant.dequantize(*kv_quant.quantize(k, scale))
-        errors[scale] = float(jnp.sqrt(jnp.mean((back - k.astype(jnp.float32)) ** 2)))
-    print(f"keys' rms quantisation error, per-row vs one bounded scale: {errors}")
+    for scale in (None, kv_quant.power_of_two_scale(layer.kv_bound(which))):
+        back = kv_quant.dequantize(*kv_quant.quantize(rows, scale))
+        errors[scale] = float(jnp.sqrt(jnp.mean((back - rows.astype(jnp.float32)) ** 2)))
+    print(f"{which}: rms quantisation error, per-row vs one bounded scale: {errors}")
     per_row, bounded = errors.values()
     assert per_row < bounded <= 1.1 * per_row
 
@@ -204,13 +254,13 @@ def test_write_fp8_scatters_values_and_scales_and_drops_padding():
     assert (flat(kd)[untouched] == 0).all()
 
 
-def test_serving_step_writes_every_layers_keys_with_one_scale():
+def test_serving_step_writes_every_layers_keys_and_values_with_one_scale():
     """Through the serving step (CPU): the qk-normed RoPE layers' keys go into the FP8 cache
     with kv_quant.normed_k_scale, the NoPE layer's with the one its weights bound, and
-    every value with its own row's scale."""
+    every layer's values with the one their weights bound."""
     config = llama4.Llama4Config.from_hf_dict(dict(
         vocab_size=256, hidden_size=128, intermediate_size=64, intermediate_size_mlp=128,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
         num_local_experts=2, interleave_moe_layer_step=2, attention_chunk_size=64))
     model = llama4.init_random(config, seed=1, dtype=jnp.float32)
     bounds = EngineConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=256,
@@ -220,13 +270,18 @@ def test_serving_step_writes_every_layers_keys_with_one_scale():
     _, kv = step(kv, build_step(bounds, 64, [SeqStep(list(range(40)), 0, [0, 1])], num_pages=8))
     written = lambda pool: np.asarray(pool)[:2].transpose(0, 2, 1).reshape(64, -1)[:40]
     assert [config.use_rope(layer) for layer in range(4)] == [True, True, True, False]
+    # the chunked layers share their largest V scale (one trace of the kernels)
+    chunked_v = max(kv_quant.power_of_two_scale(d.kv_bound("v")) for d in model.model.layers[:3])
     for layer, decoder in enumerate(model.model.layers):
-        fixed = (kv_quant.normed_k_scale(32) if config.use_rope(layer)
-                 else kv_quant.power_of_two_scale(decoder.key_bound()))
-        assert decoder.self_attn.fixed_k_scale == fixed
+        fixed = (kv_quant.normed_k_scale(64) if config.use_rope(layer)
+                 else kv_quant.power_of_two_scale(decoder.kv_bound("k")))
+        fixed_v = (chunked_v if config.use_rope(layer)
+                   else kv_quant.power_of_two_scale(decoder.kv_bound("v")))
+        assert (decoder.self_attn.fixed_k_scale, decoder.self_attn.fixed_v_scale) == (
+            fixed, fixed_v)
         k_scales, v_scales = written(kv.k_scale[layer]), written(kv.v_scale[layer])
         assert (k_scales == fixed).all(), layer
-        assert len(np.unique(v_scales)) > 1
+        assert (v_scales == fixed_v).all(), layer
 
 
 @pytest.mark.parametrize("name,want", [("fp8", "fp8"), ("FP8_E4M3", "fp8"),
@@ -450,3 +505,26 @@ def test_memory_plan_fp8_capacity_on_two_h200():
         assert fp8.fits and fp8.kv_tokens >= 1_600_000
     # 12 global layers x 4 KV heads per device x (128 B + a 4-byte scale) x K and V
     assert fp8.kv_bytes_per_token == 12 * 4 * 132 * 2
+
+
+def test_bounded_scales_cost_little_in_the_logits_at_head_dim_128(monkeypatch):
+    """A random model with Scout's head_dim through the serving step (prefill, then decode
+    steps): the FP8 cache's logits error against the f32 cache with bounded K/V scales
+    (fix_kv_scales: every V, the NoPE layer's K) within 15% of its error with per-row
+    scales for them."""
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=512, hidden_size=512, intermediate_size=256, intermediate_size_mlp=512,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+        num_local_experts=2, interleave_moe_layer_step=2, attention_chunk_size=64,
+        initializer_range=0.05))
+    model = llama4.init_random(config, seed=6, dtype=jnp.float32)
+    tokens = [int(t) for t in np.random.default_rng(2).integers(0, 512, 120)]
+    ref = _teacher_forced_logits(model, "auto", tokens, 100)
+    errors = {}
+    for name, min_head_dim in (("bounded", kv_quant.BOUNDED_MIN_HEAD_DIM), ("per_row", 256)):
+        monkeypatch.setattr(kv_quant, "BOUNDED_MIN_HEAD_DIM", min_head_dim)
+        logits = _teacher_forced_logits(model, "fp8", tokens, 100)
+        assert (model.model.layers[3].self_attn.fixed_v_scale is None) == (name == "per_row")
+        errors[name] = float((np.abs(logits - ref).max(-1) / np.abs(ref).max(-1)).mean())
+    print(f"mean logits relative error vs the f32 cache: {errors}")
+    assert 0 < errors["bounded"] <= 1.15 * errors["per_row"]

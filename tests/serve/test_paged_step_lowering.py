@@ -242,7 +242,7 @@ def test_fp8_cache_decode_step_writes_the_cache_in_the_qk_kernel(monkeypatch, lo
     monkeypatch.setattr(grouped_matmul, "DENSE_MIN_N_TILES", 1)
     rope_norm, targets = qk_rows._rope_norm_kernel, []
     monkeypatch.setattr(qk_rows, "_rope_norm_kernel", lambda *a, **k: targets.append(
-        (a[3], k["fixed_k_scale"])) or rope_norm(*a, **k))
+        (a[3], k["fixed_k_scale"], k["fixed_v_scale"])) or rope_norm(*a, **k))
     config, _ = lowering_model
     # head_dim 128: the kernel's FP8 rows must lie 128 bytes apart (D=64 takes XLA's writes);
     # FP8 projections: the kernel takes their joint q/k/v output
@@ -265,9 +265,13 @@ def test_fp8_cache_decode_step_writes_the_cache_in_the_qk_kernel(monkeypatch, lo
         m.setattr(qk_rows, "_use_kernel", lambda *a: False)
         _, _, xla = trace()
     step, args, found = trace()
-    assert len(targets) == config.num_hidden_layers and all(t.fp8 for t, _ in targets)
-    # both layers RoPE with the qk norm: their keys take the one fixed scale
-    assert {f for _, f in targets} == {kv_quant.normed_k_scale(128)}
+    assert len(targets) == config.num_hidden_layers and all(t.fp8 for t, *_ in targets)
+    # both layers RoPE with the qk norm: their keys take the one fixed scale, their values
+    # the one their weights bound
+    assert {f for _, f, _ in targets} == {kv_quant.normed_k_scale(128)}
+    assert [fv for *_, fv in targets] == [lyr.self_attn.fixed_v_scale
+                                          for lyr in model.model.layers]
+    assert None not in [fv for *_, fv in targets]
     assert found.get("run_state") == config.num_hidden_layers
     # per layer, the values' and the scales' scatters of k and v are the kernel's stores
     assert xla["scatter"] - found.get("scatter", 0) == 4 * config.num_hidden_layers
@@ -275,11 +279,11 @@ def test_fp8_cache_decode_step_writes_the_cache_in_the_qk_kernel(monkeypatch, lo
     assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
 
 
-def test_fp8_cache_step_tells_both_kernels_each_layers_fixed_k_scale(monkeypatch):
+def test_fp8_cache_step_tells_both_kernels_each_layers_fixed_scales(monkeypatch):
     """A prefill step over an FP8 cache: the chunked (RoPE, qk-normed) layers write their keys
     with kv_quant.normed_k_scale and tell the prefill and decode kernels so; the global
-    (NoPE) layer, the one scale its weights bound (Llama4ForCausalLM.fix_k_scales). It
-    lowers for CUDA."""
+    (NoPE) layer, the one scale its weights bound; every layer its values' one scale
+    (Llama4ForCausalLM.fix_kv_scales). It lowers for CUDA."""
     from jaxattn.kernels import common, decode, prefill
 
     monkeypatch.setattr(common, "on_hopper", lambda: True)
@@ -288,7 +292,7 @@ def test_fp8_cache_step_tells_both_kernels_each_layers_fixed_k_scale(monkeypatch
                                ("decode", decode, "decode_attention")):
         kernel = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, kind=kind, kernel=kernel, **k: told[
-            kind].append(k["fixed_k_scale"]) or kernel(*a, **k))
+            kind].append((k["fixed_k_scale"], k["fixed_v_scale"])) or kernel(*a, **k))
     config = llama4.Llama4Config.from_hf_dict(dict(
         vocab_size=512, hidden_size=256, intermediate_size=128, intermediate_size_mlp=256,
         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
@@ -305,10 +309,12 @@ def test_fp8_cache_step_tells_both_kernels_each_layers_fixed_k_scale(monkeypatch
     exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=256)
     assert "mosaic_gpu" in exported.mlir_module()
     # one trace per attention kind (its layers share it): chunked, then global
-    nope = model.model.layers[3].self_attn.fixed_k_scale
-    assert nope == kv_quant.power_of_two_scale(model.model.layers[3].key_bound())
+    chunked, nope = (model.model.layers[i].self_attn for i in (0, 3))
+    assert nope.fixed_k_scale == kv_quant.power_of_two_scale(model.model.layers[3].kv_bound("k"))
+    assert None not in (chunked.fixed_v_scale, nope.fixed_v_scale)
     for kind in ("prefill", "decode"):
-        assert sorted(told[kind]) == sorted([kv_quant.normed_k_scale(128), nope]), kind
+        assert sorted(told[kind]) == sorted([(kv_quant.normed_k_scale(128), chunked.fixed_v_scale),
+                                             (nope.fixed_k_scale, nope.fixed_v_scale)]), kind
 
 
 def test_each_kinds_plan_carries_its_own_tables_tile_runs(lowering_model):
