@@ -5,6 +5,7 @@
     python -m benchmarks.fp8_kv --prefill-only  # (or --decode-only)
     python -m benchmarks.fp8_kv --prefill-only --prefill-cases causal:4096,causal:16384
     python -m benchmarks.fp8_kv --prefill-only --tile-order item_major  # every column
+    python -m benchmarks.fp8_kv --prefill-only --columns fp8_v8_normed_k,fp8_v8_fixed_kv
 
 Scout's heads (40 query / 8 KV, D=128), 32-token pages shuffled in the pool. Each
 case builds one random bf16 cache and its FP8 quantisation (``jaxattn.kv_quant``:
@@ -17,15 +18,19 @@ three rounds each, CUPTI kernel time when available):
   tiles take the keys as the wgmma M, ``narrow_tiles``), each cache also in the other tile
   form (FP8's 64-row tiles: its form before 2026-12-02), FP8 with two consumer
   warpgroups on alternate blocks (``consumers=2``), and FP8 over L2-normed keys under one
-  power-of-two scale, the kernel told it (``fp8_fixed_k``: as the engine runs every Llama 4
-  layer since session 34, no K scale rows copied, K converted without them);
+  power-of-two scale, the kernel told it (``fp8_fixed_k``: no K scale rows copied, K
+  converted without them), and with the values under one scale too (``fp8_fixed_kv``: as
+  the engine runs every Llama 4 layer since session 35, V converted without scales and
+  normalised by ``scale / l``);
 * prefill (one fresh sequence, through ``kernels.ragged_paged_attention`` with its plan):
   bf16 at the engine's 128-key tiles, and FP8 in the engine's form (``S = Q8 K8^T`` on the
   fp8 K tile, V dequantised once by the producer warpgroup) with V dequantised in 2-, 4-
   and 8-value vectors (``dequant_vector``: 2-, 4- and 8-byte fp8 loads; the engine's: 8);
   and the engine's form over L2-normed keys stored with one power-of-two scale
   (``fp8_v8_normed_k``: what a Llama 4 RoPE layer's cache holds, the kernel told
-  ``fixed_k_scale`` and so copying no K scale rows and skipping S's per-key scaling).
+  ``fixed_k_scale`` and so copying no K scale rows and skipping S's per-key scaling), and
+  with the values under one scale too (``fp8_v8_fixed_kv``: every Llama 4 layer's cache
+  since session 35; no V scale rows copied, V's tiles converted without a multiply).
   TFLOP/s count useful FLOPs. (Session 30's column with the query rows quantised from
   16-byte loads took the same time and went with the option: results/fp8-kv-2026-12-04-s30.md.)
 
@@ -85,6 +90,14 @@ def _cache(batch, ctx, seed=0, in_order=False):
     return (k, v), fp8, jnp.asarray(table)
 
 
+def _fixed_values(v):
+    """The bf16 value pages ``v`` under one power-of-two scale, the smallest that keeps them
+    all (a weight bound gives a larger one, which the kernels' speed does not see):
+    (v8, v_scale, the scale)."""
+    scale = kv_quant.power_of_two_scale(float(jnp.abs(v.astype(jnp.float32)).max()))
+    return *jax.jit(kv_quant.quantize_pages, static_argnums=1)(v, scale), scale
+
+
 def _normed_keys(k):
     """Each key row of the bf16 pages ``k`` L2-normed as a Llama 4 RoPE layer norms its keys
     (``qk_rows.l2norm``), and their FP8 form under the one scale such keys take
@@ -105,10 +118,10 @@ def bench_decode(batch, ctx):
     plan = jax.jit(lambda: planner.plan(bounds, cu, np.full(batch, ctx, np.int32),
                                         np.int32(batch)))()
     q = jax.random.normal(jax.random.key(7), (t, HQ, D), jnp.bfloat16)
-    def layer_fn(config=None, fixed_k_scale=None):
+    def layer_fn(config=None, fixed_k_scale=None, fixed_v_scale=None):
         return jax.jit(lambda q, k, v, pt, items, ks=None, vs=None: decode.decode_attention(
             q, k, v, pt, items, bounds=bounds, scale=D ** -0.5, k_scale=ks, v_scale=vs,
-            config=config, fixed_k_scale=fixed_k_scale))
+            config=config, fixed_k_scale=fixed_k_scale, fixed_v_scale=fixed_v_scale))
 
     layer = layer_fn()
     # The default for an FP8 cache dequantises on a warpgroup of its own (the consumer
@@ -127,6 +140,9 @@ def bench_decode(batch, ctx):
     # it copies no K scale rows and converts K's tiles without them. Over normed keys.
     _, k8_normed, ks_normed = _normed_keys(k)
     fixed = layer_fn(fixed_k_scale=kv_quant.normed_k_scale(D))
+    # ... and the values under one scale too: every Llama 4 layer's cache since session 35.
+    v8_fixed, vs_fixed, v_scale = _fixed_values(v)
+    fixed_kv = layer_fn(fixed_k_scale=kv_quant.normed_k_scale(D), fixed_v_scale=v_scale)
     fp8_args = (q, k8, v8, table, plan.decode, ks, vs)
     bf16_args = (q, k, v, table, plan.decode)
     ms = _interleaved({"bf16": (layer, bf16_args), "fp8": (layer, fp8_args),
@@ -134,7 +150,9 @@ def bench_decode(batch, ctx):
                        "fp8_wide": (other["fp8"], fp8_args),
                        "fp8_2c": (two, fp8_args),
                        "fp8_fixed_k": (fixed, (q, k8_normed, v8, table, plan.decode, ks_normed,
-                                               vs))})
+                                               vs)),
+                       "fp8_fixed_kv": (fixed_kv, (q, k8_normed, v8_fixed, table, plan.decode,
+                                                   ks_normed, vs_fixed))})
     out_b = np.asarray(layer(q, k, v, table, plan.decode)[0][:batch], np.float32)
     out_8 = np.asarray(layer(q, k8, v8, table, plan.decode, ks, vs)[0][:batch], np.float32)
     bytes_bf16 = 2 * batch * ctx * HKV * D * 2
@@ -145,6 +163,8 @@ def bench_decode(batch, ctx):
                 fp8_2c_ms=ms["fp8_2c"], fp8_2c_over_bf16=ms["fp8_2c"] / ms["bf16"],
                 fp8_fixed_k_ms=ms["fp8_fixed_k"],
                 fp8_fixed_k_over_bf16=ms["fp8_fixed_k"] / ms["bf16"],
+                fp8_fixed_kv_ms=ms["fp8_fixed_kv"],
+                fp8_fixed_kv_over_bf16=ms["fp8_fixed_kv"] / ms["bf16"],
                 bf16_tbps=bytes_bf16 / ms["bf16"] / 1e9, fp8_tbps=bytes_fp8 / ms["fp8"] / 1e9,
                 max_abs_diff=float(np.abs(out_8 - out_b).max()))
 
@@ -171,6 +191,8 @@ PREFILL_VARIANTS = {
     # pick_config's keywords, and normed_k: the keys L2-normed (FP8: stored with one scale)
     "bf16_normed_k": (False, dict(normed_k=True)),
     "fp8_v8_normed_k": (True, dict(dequant_vector=8, normed_k=True)),
+    # and fixed_v: the values under one scale too (every Llama 4 layer's cache)
+    "fp8_v8_fixed_kv": (True, dict(dequant_vector=8, normed_k=True, fixed_v=True)),
 }
 # ``--per-page`` (with ``--in-order``): the same forms copying a tile's pages one at a time,
 # which the engine's in-order pages would take without ``PrefillConfig.merge_pages``.
@@ -195,6 +217,8 @@ def prefill_fns(mode, length, forms: dict, tile_order=None, in_order=False) -> d
     (k, v), (k8, v8, ks, vs), table = _cache(1, length, seed=1, in_order=in_order)
     if any(form.get("normed_k") for _, form in forms.values()):
         k_normed, k8_normed, ks_normed = _normed_keys(k)
+    if any(form.get("fixed_v") for _, form in forms.values()):
+        v8_fixed, vs_fixed, v_scale = _fixed_values(v)
     q = jax.random.normal(jax.random.key(8), (length, HQ, D), jnp.bfloat16)
     cu, kv = np.array([0, length], np.int32), np.array([length], np.int32)
     bounds = jaxattn.Bounds(max_num_seqs=1, max_num_batched_tokens=length, max_model_len=length,
@@ -204,10 +228,13 @@ def prefill_fns(mode, length, forms: dict, tile_order=None, in_order=False) -> d
     fns = {}
     for name, (fp8, form) in forms.items():
         form = dict(form)
-        normed = form.pop("normed_k", False)
-        scales = dict(k_scale=ks_normed if normed else ks, v_scale=vs) if fp8 else {}
+        normed, fixed_v = form.pop("normed_k", False), form.pop("fixed_v", False)
+        scales = dict(k_scale=ks_normed if normed else ks,
+                      v_scale=vs_fixed if fixed_v else vs) if fp8 else {}
         if normed:
             scales["fixed_k_scale"] = kv_quant.normed_k_scale(D)
+        if fixed_v:
+            scales["fixed_v_scale"] = v_scale
         config = prefill.pick_config(bounds, q.dtype, k8.dtype if fp8 else None, **form)
         if tile_order is not None:
             config = dataclasses.replace(config, tile_order=tile_order)
@@ -215,7 +242,8 @@ def prefill_fns(mode, length, forms: dict, tile_order=None, in_order=False) -> d
                     kernels.ragged_paged_attention(q, k, v, pt, plan, bounds=bounds,
                                                    scale=D ** -0.5, config=c, **sc)[0])
         keys = (k8_normed if normed else k8) if fp8 else (k_normed if normed else k)
-        fns[name] = (f, (q, keys, v8 if fp8 else v, table, plan))
+        values = (v8_fixed if fixed_v else v8) if fp8 else v
+        fns[name] = (f, (q, keys, values, table, plan))
     return fns
 
 
@@ -231,12 +259,15 @@ def bench_prefill(mode, length, tile_order=None, in_order=False, forms=PREFILL_V
     default = f"fp8_v{_prefill_vector()}"
     row = dict(kind="prefill", mode=mode, length=length, tile_order=tile_order or "auto",
                pages="in order" if in_order else "shuffled",
-               default=default, max_abs_diff=float(diff(out[default], out["bf16"])),
-               # the vector forms compute the same numbers (0 expected)
-               vectors_max_abs_diff=max(float(diff(out[n], out["fp8_v2"]))
-                                        for n in ("fp8_v4", "fp8_v8")))
-    if "fp8_v8_normed_k" in fns:  # against bf16 over the same normed keys
-        row["normed_k_max_abs_diff"] = float(diff(out["fp8_v8_normed_k"], out["bf16_normed_k"]))
+               default=default)
+    if default in out:
+        row["max_abs_diff"] = float(diff(out[default], out["bf16"]))
+    if {"fp8_v2", "fp8_v4", "fp8_v8"} <= out.keys():  # the same numbers (0 expected)
+        row["vectors_max_abs_diff"] = max(float(diff(out[n], out["fp8_v2"]))
+                                          for n in ("fp8_v4", "fp8_v8"))
+    for n in ("fp8_v8_normed_k", "fp8_v8_fixed_kv"):  # against bf16 over the same normed keys
+        if n in fns:
+            row[f"{n}_max_abs_diff"] = float(diff(out[n], out["bf16_normed_k"]))
     for n in fns:
         row[f"{n}_ms"] = ms[n]
         row[f"{n}_tflops"] = flops / ms[n] / 1e9
@@ -249,8 +280,9 @@ def markdown(res) -> str:
              "Decode (one layer's attention; bytes read / time):", "",
              "| batch x ctx | bf16 ms (TB/s) | FP8 ms (TB/s) | FP8 / bf16 time | "
              "bf16, narrow tiles ms | FP8, 64-row tiles (before) ms, / bf16 | "
-             "FP8, two consumers / bf16 | FP8, one K scale (normed keys) / bf16 | max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "FP8, two consumers / bf16 | FP8, one K scale (normed keys) / bf16 | "
+             "FP8, one K and one V scale / bf16 | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r.get("kind") == "decode" and "error" not in r:
             lines.append(f"| {r['batch']}x{r['ctx']} | {r['bf16_ms']:.3f} ({r['bf16_tbps']:.2f}) "
@@ -259,11 +291,12 @@ def markdown(res) -> str:
                          f"{r['fp8_wide_over_bf16']:.3f} "
                          f"| {r.get('fp8_2c_over_bf16', float('nan')):.3f} "
                          f"| {r.get('fp8_fixed_k_over_bf16', float('nan')):.3f} "
+                         f"| {r.get('fp8_fixed_kv_over_bf16', float('nan')):.3f} "
                          f"| {r['max_abs_diff']:.3g} |")
     names = res.get("prefill_columns", list(PREFILL_VARIANTS))
     lines += ["", "Prefill (one sequence, fresh; ms, useful TFLOP/s, time / bf16). fp8_vN: "
               "the producer dequantises V in N-value vectors; *_normed_k: over L2-normed "
-              "keys (FP8: one fixed K scale); the "
+              "keys (FP8: one fixed K scale); *_fixed_kv: and the values under one scale; the "
               "engine's default: "
               f"fp8_v{_prefill_vector()}:", "",
               "| mode, length | " + " | ".join(names) + " | max abs diff default vs bf16 "
@@ -275,8 +308,10 @@ def markdown(res) -> str:
                      for n in names]
             order = "" if r.get("tile_order", "auto") == "auto" else f", {r['tile_order']}"
             order += ", pages in order" if r.get("pages") == "in order" else ""
-            lines.append(f"| {r['mode']} {r['length']}{order} | " + " | ".join(cells)
-                         + f" | {r['max_abs_diff']:.3g} | {r['vectors_max_abs_diff']:.3g} |")
+            diffs = [f"{r.get(n, float('nan')):.3g}" for n in ("max_abs_diff",
+                                                                "vectors_max_abs_diff")]
+            lines.append(f"| {r['mode']} {r['length']}{order} | " + " | ".join(cells + diffs)
+                         + " |")
     errors = [r for r in res["rows"] if "error" in r]
     lines += [""] + [f"- error in {r}" for r in errors]
     return "\n".join(lines) + "\n"
@@ -299,10 +334,18 @@ def main(argv=None):
     ap.add_argument("--per-page", action="store_true",
                     help="with --in-order: add columns copying one page at a time "
                     "(PrefillConfig.merge_pages off)")
+    ap.add_argument("--columns", default=None,
+                    help="prefill columns to time, comma-separated (bf16 and the twin over "
+                    "normed keys always come too; default: all)")
     args = ap.parse_args(argv)
     if args.per_page and not args.in_order:
         ap.error("--per-page compares page copies over pages in order: add --in-order")
     forms = PREFILL_VARIANTS | (PER_PAGE_VARIANTS if args.per_page else {})
+    if args.columns:
+        wanted = {"bf16", "bf16_normed_k", *args.columns.split(",")}
+        if not wanted <= forms.keys():
+            ap.error(f"--columns: unknown {sorted(wanted - forms.keys())}; from {list(forms)}")
+        forms = {n: f for n, f in forms.items() if n in wanted}
     dec = [] if args.prefill_only else QUICK["decode"] if args.quick else DECODE_CASES
     pre = [] if args.decode_only else QUICK["prefill"] if args.quick else PREFILL_CASES
     if args.prefill_cases and not args.decode_only:

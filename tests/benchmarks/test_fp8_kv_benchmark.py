@@ -51,3 +51,43 @@ def test_normed_k_columns_read_normed_keys_stored_with_one_scale():
     assert k8.dtype == kv_quant.FP8
     back = np.asarray(k8, np.float32) * kv_quant.normed_k_scale(fp8_kv.D)
     np.testing.assert_allclose(back, k, rtol=2.0**-4, atol=2.0**-9 * 2.0**-5)
+
+
+def test_fixed_kv_column_reads_values_stored_with_one_scale(monkeypatch):
+    """``fp8_v8_fixed_kv`` reads the normed keys and the values each under one power-of-two
+    scale (every Llama 4 layer's cache), and tells the kernels both scales."""
+    import jax
+
+    from jaxattn import kernels, kv_quant
+
+    names = ("bf16", "fp8_v8_fixed_kv")
+    fns = fp8_kv.prefill_fns("causal", 256, {n: fp8_kv.PREFILL_VARIANTS[n] for n in names})
+    v = np.asarray(fns["bf16"][1][2], np.float32)
+    v8 = fns["fp8_v8_fixed_kv"][1][2]
+    scale = kv_quant.power_of_two_scale(float(np.abs(v).max()))
+    assert v8.dtype == kv_quant.FP8 and np.abs(v).max() > kv_quant.FP8_MAX * scale / 2
+    back = np.asarray(v8, np.float32) * scale
+    np.testing.assert_allclose(back, v, rtol=2.0**-4, atol=2.0**-9 * scale)
+    told = []
+    monkeypatch.setattr(kernels, "ragged_paged_attention", lambda q, *a, **k: told.append(k) or (q,))
+    f, args = fns["fp8_v8_fixed_kv"]
+    jax.eval_shape(f, *args)
+    assert (told[0]["fixed_k_scale"], told[0]["fixed_v_scale"]) == (
+        kv_quant.normed_k_scale(fp8_kv.D), scale)
+
+
+def test_columns_option_refuses_unknown_names():
+    with pytest.raises(SystemExit):
+        fp8_kv.main(["--prefill-only", "--columns", "fp8_v8,nope"])
+
+
+def test_a_table_without_the_vector_columns():
+    """--columns may leave out the default and the vector forms: their diffs print as nan."""
+    names = ["bf16", "bf16_normed_k", "fp8_v8_fixed_kv"]
+    row = dict(kind="prefill", mode="causal", length=8192)
+    for n in names:
+        row |= {f"{n}_ms": 1.0, f"{n}_tflops": 500.0, f"{n}_over_bf16": 1.0}
+    table = fp8_kv.markdown(dict(device="H200", date="2026-12-05", prefill_columns=names,
+                                 rows=[row]))
+    assert "| causal 8192 | 1.000 (500, 1.000) | 1.000 (500, 1.000) | 1.000 (500, 1.000) " \
+           "| nan | nan |" in table

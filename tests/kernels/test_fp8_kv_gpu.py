@@ -223,22 +223,25 @@ def test_fp8_kernels_find_a_needle_128k_deep(f16):
 
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES)
 @pytest.mark.parametrize("in_order", [False, True])
-def test_fp8_kernels_told_a_fixed_k_scale_give_the_same_numbers(q_lens, kv_lens, chunk,
-                                                                in_order):
-    """L2-normed keys stored with one power-of-two scale (a Llama 4 layer's): told so
-    (``fixed_k_scale``: no K scale rows copied; the prefill scales S once, the decode
-    converts K without scales), the kernels give bit for bit what they give reading every
-    key's scale, decode and prefill cases, over shuffled pages and pages in order."""
-    bounds, q, (_, v8, _, vs), (kd, _), args, rows = _case(q_lens, kv_lens, chunk, 128,
-                                                           in_order=in_order)
+def test_fp8_kernels_told_fixed_scales_give_the_same_numbers(q_lens, kv_lens, chunk,
+                                                             in_order):
+    """L2-normed keys and the values stored with one power-of-two scale each (a Llama 4
+    layer's): told so (``fixed_k_scale``, ``fixed_v_scale``: no scale rows copied; the
+    prefill scales S once, the decode converts K without scales; both convert V without
+    them and normalise by ``scale / l``), the kernels give bit for bit what they give
+    reading every row's scale, decode and prefill cases, over shuffled pages and pages in
+    order."""
+    bounds, q, _, (kd, vd), args, rows = _case(q_lens, kv_lens, chunk, 128, in_order=in_order)
     normed = qk_rows.l2norm(kd.astype(jnp.float32), 0.0)
-    fixed = kv_quant.normed_k_scale(q.shape[-1])
-    k8, ks = kv_quant.quantize_pages(normed.astype(jnp.bfloat16), fixed)
+    fk = kv_quant.normed_k_scale(q.shape[-1])
+    fv = kv_quant.power_of_two_scale(float(jnp.abs(vd.astype(jnp.float32)).max()))
+    k8, ks = kv_quant.quantize_pages(normed.astype(jnp.bfloat16), fk)
+    v8, vs = kv_quant.quantize_pages(vd, fv)
     kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, return_lse=True,
               impl="mosaic", k_scale=ks, v_scale=vs)
     (out, lse), (want, want_lse) = (
-        jaxattn.ragged_paged_attention(q, k8, v8, *args, fixed_k_scale=f, **kw)
-        for f in (fixed, None))
+        jaxattn.ragged_paged_attention(q, k8, v8, *args, fixed_k_scale=a, fixed_v_scale=b, **kw)
+        for a, b in ((fk, fv), (None, None)))
     assert np.isfinite(np.asarray(out[:rows], np.float32)).all()
     np.testing.assert_array_equal(np.asarray(out[:rows], np.float32),
                                   np.asarray(want[:rows], np.float32))
