@@ -10,7 +10,10 @@ Scout's heads (40 query / 8 KV, D=128), 32-token pages shuffled in the pool (the
 1 x 128k: one layer's decode attention as the model calls it. Every variant is timed
 interleaved with the others (best of three rounds of CUPTI medians) and reported as its time
 over the baseline's, the 64-key bf16 kernel (the bf16 default before 2026-12-02), with the
-largest difference of its output from the baseline's. Session 17's runs
+largest difference of its output from the baseline's. The "fp8_fixed" cache holds L2-normed
+keys and the values each under one power-of-two scale, the kernel told both (every Llama 4
+layer's cache since session 35: its tiles are converted without scales, so the dequantising
+warpgroup has about half the work and the best ring may differ). Session 17's runs
 (results/decode-blocks-2026-12-02-s17*.json) compared these variants the same way.
 """
 
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
-from jaxattn import planner
+from jaxattn import kv_quant, planner
 from jaxattn.kernels import decode
 
 from benchmarks import fp8_kv
@@ -36,7 +39,7 @@ BASELINE = "bf16, 64-key blocks"
 
 
 def variants() -> dict[str, tuple[str, decode.DecodeConfig]]:
-    """name -> (cache: "bf16" or "fp8", config)."""
+    """name -> (cache: "bf16", "fp8" or "fp8_fixed", config)."""
     bf16, fp8 = decode.default_config(), decode.default_config(fp8=True)
     r = dataclasses.replace
     bf16_tiles = r(fp8, f16_dequant=False)  # K/V dequantised to bf16 (before 2026-12-04)
@@ -55,7 +58,24 @@ def variants() -> dict[str, tuple[str, decode.DecodeConfig]]:
                                                            num_stages=6)),
         "FP8, bf16 tiles, 2-deep ring, 4 stages": ("fp8", bf16_tiles),
         "FP8, bf16 tiles, two consumers": ("fp8", r(bf16_tiles, consumers=2)),
+        # one K and one V scale (the engine's cache for Llama 4): the default and the forms
+        # a cheaper conversion might favour
+        "FP8 fixed K+V, default": ("fp8_fixed", fp8),
+        "FP8 fixed K+V, 8-value vectors": ("fp8_fixed", r(fp8, dequant_vector=8)),
+        "FP8 fixed K+V, 1-deep ring, 6 stages": ("fp8_fixed", r(fp8, dequant_stages=1,
+                                                               num_stages=6)),
+        "FP8 fixed K+V, the consumer dequantises": ("fp8_fixed", r(fp8, dequant_warpgroup=False)),
+        "FP8 fixed K+V, two consumers": ("fp8_fixed", r(fp8, consumers=2)),
     }
+
+
+def fixed_scales(k, v) -> tuple[tuple, dict]:
+    """The "fp8_fixed" cache over bf16 pages ``k``, ``v``: (its FP8 pools and scales, the
+    kernel's ``fixed_k_scale`` / ``fixed_v_scale``)."""
+    _, k8, ks = fp8_kv._normed_keys(k)
+    v8, vs, v_scale = fp8_kv._fixed_values(v)
+    return (k8, v8, ks, vs), dict(fixed_k_scale=kv_quant.normed_k_scale(fp8_kv.D),
+                                  fixed_v_scale=v_scale)
 
 
 def bench_case(batch, ctx, table_of_variants) -> dict:
@@ -70,11 +90,16 @@ def bench_case(batch, ctx, table_of_variants) -> dict:
     q = jax.random.normal(jax.random.key(7), (bounds.max_num_batched_tokens, fp8_kv.HQ,
                                               fp8_kv.D), jnp.bfloat16)
     args = {"bf16": (q, k, v, table, plan.decode), "fp8": (q, k8, v8, table, plan.decode, ks, vs)}
+    told = {}
+    if any(cache == "fp8_fixed" for cache, _ in table_of_variants.values()):
+        (k8f, v8f, ksf, vsf), told["fp8_fixed"] = fixed_scales(k, v)
+        args["fp8_fixed"] = (q, k8f, v8f, table, plan.decode, ksf, vsf)
     fns, outs, row = {}, {}, dict(batch=batch, ctx=ctx, errors={})
     for name, (cache, config) in table_of_variants.items():
-        f = jax.jit(lambda q, k, v, pt, items, ks=None, vs=None, c=config: decode.decode_attention(
-            q, k, v, pt, items, bounds=bounds, scale=fp8_kv.D ** -0.5, k_scale=ks, v_scale=vs,
-            config=c)[0])
+        f = jax.jit(lambda q, k, v, pt, items, ks=None, vs=None, c=config, fixed=told.get(cache, {}):
+                    decode.decode_attention(q, k, v, pt, items, bounds=bounds,
+                                            scale=fp8_kv.D ** -0.5, k_scale=ks, v_scale=vs,
+                                            config=c, **fixed)[0])
         try:
             outs[name] = np.asarray(f(*args[cache])[:batch], np.float32)
             fns[name] = (f, args[cache])

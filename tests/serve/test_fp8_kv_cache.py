@@ -350,11 +350,11 @@ def test_fp8_cache_logits_and_greedy_agreement(fixture_logits):
     logit, averages under 5% (these models have head_dim 16, e4m3 keeps 3 mantissa bits, and
     their logits span only ~3 (moe_dense) to ~23 (tied_top2)); its greedy choice is the f32
     cache's at >= 90% of the positions; the next-token distributions' KL stays small.
-    Measured: moe_dense 3.4% mean (24% at its worst position), 94% agreement, mean KL
-    0.0018 (every layer's keys with one scale since session 34; per-row scales gave 3.0%,
-    25%, 94%, 0.0015); tied_top2 2.6% (3.1%), 100%, 0.0011 (per-row: 2.2%, 3.2%, 100%,
-    0.0005; its head_dim is 8, where a per-row scale's exact maximum is an eighth of the
-    row) (benchmarks/NOTES-fp8-kv.md)."""
+    Measured: moe_dense 3.4% mean (25% at its worst position), 94% agreement, mean KL
+    0.0019; tied_top2 2.2% (3.2%), 100%, 0.0005. Their heads (16 and 8 wide) are below
+    kv_quant.BOUNDED_MIN_HEAD_DIM, so only the RoPE layers' normed keys take one scale;
+    with the weight-bounded K and V scales too tied_top2 gave 5.5% (21%), 100%, 0.010
+    (benchmarks/NOTES-fp8-kv.md, session 35)."""
     name, logits, e = fixture_logits
     ref = logits["auto"]
     # The f32-cache step reproduces transformers' greedy tokens (the oracle's oracle).
