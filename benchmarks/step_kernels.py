@@ -9,8 +9,8 @@ which say nothing of the model code behind them. XLA's optimised module lists th
 launch order with the stack of the JAX operation each came from; this prints one line per
 fusion or custom call of the entry computation: name, shape, kind (or custom-call target),
 op name and the innermost model frames. That is how the per-layer decode kernels of
-README's "Fewer kernels per layer" were found (a 4-layer slice: the module of 48 layers
-repeats the same per-layer sequence).
+benchmarks/NOTES-fp8.md's "Fewer kernels per layer" were found (a 4-layer slice: the module
+of 48 layers repeats the same per-layer sequence).
 """
 
 from __future__ import annotations

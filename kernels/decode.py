@@ -53,12 +53,12 @@ warpgroup does so into a small ring. The tiles are f16 by default
 everything after is the bf16 kernel's. Where a layer's K (V) rows all share one power-of-two
 scale (Llama 4's: :mod:`jaxattn.kv_quant`), that side's scale rows are not copied and its
 tiles are converted only: the softmax scale (the normalisation ``1 / l``) takes the scale.
-With a bf16 cache none of it is traced (a static branch). Two forms lost on the H200 and were removed in session 34 (their runs:
-benchmarks/NOTES-fp8-kv.md): ``S = Q8 K8^T`` on the fp8 K tile, as the prefill does (1.12-
-1.16x bf16's time when the default took 1.15-1.20x, before its f16 tiles brought it to
-1.00-1.03x, and 4-10% of the lse values off by 0.05-0.2: the FP8 wgmma's short accumulator
-over sharp logits), and K and V dequantised on two warpgroups instead of one (no faster;
-with narrow tiles 1.13x against 1.09x).
+With a bf16 cache none of it is traced (a static branch). Two forms lost on the H200 and
+were removed in session 34 (their runs: benchmarks/NOTES-fp8-kv.md): ``S = Q8 K8^T`` on the
+fp8 K tile, as the prefill does (1.12-1.16x bf16's time when the default took 1.15-1.20x,
+before its f16 tiles brought it to 1.00-1.03x, and 4-10% of the lse values off by 0.05-0.2:
+the FP8 wgmma's short accumulator over sharp logits), and K and V dequantised on two
+warpgroups instead of one (no faster; with narrow tiles 1.13x against 1.09x).
 
 Assumption (as in other paged kernels): every cache slot holds a finite value
 (pools start zeroed; writes store finite K/V). A block's key slots past
