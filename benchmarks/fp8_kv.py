@@ -30,7 +30,8 @@ three rounds each, CUPTI kernel time when available):
   (``fp8_v8_normed_k``: what a Llama 4 RoPE layer's cache holds, the kernel told
   ``fixed_k_scale`` and so copying no K scale rows and skipping S's per-key scaling), and
   with the values under one scale too (``fp8_v8_fixed_kv``: every Llama 4 layer's cache
-  since session 35; no V scale rows copied, V's tiles converted without a multiply).
+  since session 35; no V scale rows copied, V's tiles converted without a multiply), also
+  with V's tiles and P as f16 (``fp8_v8_fixed_kv_f16pv``: ``PrefillConfig.f16_pv``).
   TFLOP/s count useful FLOPs. (Session 30's column with the query rows quantised from
   16-byte loads took the same time and went with the option: results/fp8-kv-2026-12-04-s30.md.)
 
@@ -193,6 +194,10 @@ PREFILL_VARIANTS = {
     "fp8_v8_normed_k": (True, dict(dequant_vector=8, normed_k=True)),
     # and fixed_v: the values under one scale too (every Llama 4 layer's cache)
     "fp8_v8_fixed_kv": (True, dict(dequant_vector=8, normed_k=True, fixed_v=True)),
+    # ... with V's tiles and P as f16 (PrefillConfig.f16_pv: V converted in one instruction
+    # per pair of values)
+    "fp8_v8_fixed_kv_f16pv": (True, dict(dequant_vector=8, normed_k=True, fixed_v=True,
+                                         f16_pv=True)),
 }
 # ``--per-page`` (with ``--in-order``): the same forms copying a tile's pages one at a time,
 # which the engine's in-order pages would take without ``PrefillConfig.merge_pages``.

@@ -106,6 +106,7 @@ class Forms(NamedTuple):
     fp8: bool  # FP8 cache: scale rings, extra copies, dequantisation
     qk8: bool  # S = Q8 K8^T on the fp8 K tile; only V dequantised
     shared_v: bool  # V dequantised once, by the producer, into a ring both consumers read
+    f16_pv: bool  # V's tiles and P as f16 for the PV wgmma (else q's dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +177,12 @@ class PrefillConfig:
       1.063 / 1.094 / 1.070 there, 1.068 / 1.098 / 1.059 before the merge
       (prefill-2026-12-04-s31-paging.md; a third run gave 1.021 / 1.073 / 1.049).
       A step finds the runs once per attention kind (``kernels.prepare(page_table=)``).
+    f16_pv: FP8 cache: V's tiles dequantised to f16 and P cast to f16 for the PV wgmma
+      (P <= 1: f16's range suffices and its significand is finer than bf16's). With a fixed
+      V scale the conversion is one ``cvt.rn.f16x2.e4m3x2`` per pair of values (bf16 tiles
+      go e4m3 -> f16 -> f32 -> bf16). Session 28 timed f16 tiles with per-row V scales (a
+      multiply per pair) at 1.03-1.08x the bf16 tiles' time, for reasons not found; this
+      form is here to time it without the multiply. Not the default.
     """
 
     block_q: int = 128
@@ -190,6 +197,7 @@ class PrefillConfig:
     producer_dequant: bool = False
     dequant_vector: int = 2
     merge_pages: bool = True
+    f16_pv: bool = False
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -212,7 +220,8 @@ class PrefillConfig:
     def forms(self, kv_dtype=None) -> Forms:
         """The forms this config takes over a cache of ``kv_dtype`` (None: the queries')."""
         fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
-        return Forms(fp8=fp8, qk8=fp8 and self.fp8_qk, shared_v=fp8 and self.producer_dequant)
+        return Forms(fp8=fp8, qk8=fp8 and self.fp8_qk, shared_v=fp8 and self.producer_dequant,
+                     f16_pv=fp8 and self.f16_pv)
 
     @property
     def producer_registers(self) -> int:
@@ -234,7 +243,8 @@ class PrefillConfig:
         """
         wg_tile = (COMPUTE_WGS, WG_ROWS, head_dim)
         ring = (self.num_stages, self.block_kv, head_dim)
-        fp8, qk8, shared_v = self.forms(kv_dtype)
+        fp8, qk8, shared_v, f16_pv = self.forms(kv_dtype)
+        pv_dtype = jnp.float16 if f16_pv else dtype  # the PV wgmma's operands
         kv_ring = common.tiled_smem(ring, kv_dtype) if fp8 else _tiled(ring, dtype)
         copies = 2 if fp8 else 1  # TMA copies per page: values (+ their scales)
         deq_tile = _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype)  # one per consumer
@@ -245,7 +255,8 @@ class PrefillConfig:
             scale_ring if v_rows else None,  # v scale ring
             None if qk8 else deq_tile,  # k dequantised (the fp8 QK reads the fp8 tile)
             # v dequantised: one tile per consumer, or the producer's ring both read
-            _tiled((DEQ_STAGES, self.block_kv, head_dim), dtype) if shared_v else deq_tile,
+            _tiled((DEQ_STAGES, self.block_kv, head_dim), pv_dtype) if shared_v else
+            _tiled((COMPUTE_WGS, self.block_kv, head_dim), pv_dtype),
             # the producer's ring: filled, and read by both consumers' PV
             plgpu.Barrier(num_barriers=DEQ_STAGES) if shared_v else None,
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=DEQ_STAGES)
@@ -260,7 +271,8 @@ class PrefillConfig:
             plgpu.SMEM(wg_tile, dtype),  # o staging (untiled: any row offset)
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),  # lse staging
             # P for the PV wgmma, only when it does not stay in registers.
-            None if self.p_in_registers else _tiled((COMPUTE_WGS, WG_ROWS, self.block_kv), dtype),
+            None if self.p_in_registers else _tiled((COMPUTE_WGS, WG_ROWS, self.block_kv),
+                                                    pv_dtype),
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_full
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_free
             plgpu.Barrier(num_arrivals=(copies if k_rows else 1) * pages_per_tile,
@@ -286,7 +298,7 @@ class PrefillConfig:
 
 def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
                 producer_dequant: bool = True, dequant_vector: int = 8,
-                merge_pages: bool = True) -> PrefillConfig:
+                merge_pages: bool = True, f16_pv: bool = False) -> PrefillConfig:
     """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
 
     The planner cuts items of ``bounds.block_q`` rows and KV ranges aligned to
@@ -294,8 +306,8 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
     deep as shared memory allows (at most 4 stages). Interpret mode runs the
     same config with P staged through SMEM (it has no SMEM budget). ``kv_dtype``:
     the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``,
-    ``dequant_vector``, ``merge_pages``: :class:`PrefillConfig`'s (producer_dequant
-    with the producer's registers it needs).
+    ``dequant_vector``, ``merge_pages``, ``f16_pv``: :class:`PrefillConfig`'s
+    (producer_dequant with the producer's registers it needs).
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)
@@ -308,7 +320,7 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages,
                             fp8_qk=fp8_qk, producer_dequant=shared_v,
                             dequant_vector=dequant_vector, merge_pages=merge_pages,
-                            consumer_registers=224 if shared_v else 232)
+                            f16_pv=f16_pv, consumer_registers=224 if shared_v else 232)
         if cfg.smem_bytes(bounds.head_dim, dtype, kv_dtype) <= common.MAX_SMEM:
             best = cfg
     if best is None:
@@ -445,12 +457,13 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     common.check_supported("prefill", d, q.dtype)
     common.check_kv_dtype("prefill", q.dtype, k_pages.dtype, k_scale is not None)
     kv_dtype = k_pages.dtype if k_scale is not None else None  # None: a bf16 cache
-    fp8, qk8, shared_v = config.forms(kv_dtype)  # static
+    fp8, qk8, shared_v, f16_pv = config.forms(kv_dtype)  # static
     common.check_pages("prefill", page_size, config.block_kv, page_table.shape[1], fp8)
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
                                      named_barriers=False)
     dtype = q.dtype
+    pv_dtype = jnp.float16 if f16_pv else dtype  # P's, and V's tiles' (FP8)
     group = hq // hkv
     bkv, stages = config.block_kv, config.num_stages
     pages_per_tile = tile_pages(page_size, bkv, page_table.shape[1])
@@ -657,7 +670,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                                  - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
-                    p16 = p.astype(dtype)
+                    p16 = p.astype(pv_dtype)
                     if config.p_in_registers:
                         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
                     vt = v_ready(c)
@@ -734,7 +747,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 l_i = p.sum(axis=1)
                 acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
                 alpha = plgpu.layout_cast(jnp.ones((WG_ROWS,), jnp.float32), row_layout)
-                carry = (acc, m_i, l_i, p.astype(dtype), alpha)
+                carry = (acc, m_i, l_i, p.astype(pv_dtype), alpha)
 
                 def step_j(j, carry, masked):
                     acc, m_i, l_i, p16, alpha = carry
@@ -776,7 +789,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     acc, m_i, l_i, p, alpha = pl.run_scoped(
                         qk_scope, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
                     v_release(c - 1)
-                    return acc, m_i, l_i, p.astype(dtype), alpha
+                    return acc, m_i, l_i, p.astype(pv_dtype), alpha
 
                 first = lo + 1
                 mid = jnp.maximum(unmasked_hi, first)

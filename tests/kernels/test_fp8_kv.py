@@ -312,6 +312,38 @@ def test_fp8_decode_f16_tiles_are_closer_to_the_oracle_than_bf16():
     assert errors[True][1] < 0.5 * errors[False][1], errors
 
 
+@pytest.mark.parametrize("fixed_v", [True, False])
+def test_fp8_prefill_f16_pv_is_closer_to_the_oracle(fixed_v):
+    """``PrefillConfig.f16_pv`` (V's tiles and P as f16 for the PV wgmma), with V under one
+    scale (one conversion per pair of values) or per row: against the float64 oracle over
+    the f32-dequantised pages, within the bounds the bf16 tiles meet and with a lower mean
+    error (f16 keeps 11 significant bits where bf16 keeps 8). Prefill rows: a long prompt
+    (many blocks, the masked diagonal) and a short one."""
+    bounds = _bounds(num_workers=2)
+    q_lens, kv_lens = (150, 37), (200, 37)
+    rc, q, (k8, _, ks, _) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=200)
+    fv = kv_quant.power_of_two_scale(float(np.abs(rc.v_pages).max())) if fixed_v else None
+    v8, vs = kv_quant.quantize_pages(jnp.asarray(rc.v_pages), fv)
+    args = (rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
+    n = sum(q_lens)
+    kd, vd = (np.asarray(kv_quant.dequantize_pages(x8, sc), np.float32)
+              for x8, sc in ((k8, ks), (v8, vs)))
+    q8, q_scale = kv_quant.quantize(jnp.asarray(q, jnp.float32))  # as the fp8 QK takes q
+    want, _ = naive_ragged(np.asarray(kv_quant.dequantize(q8, q_scale)), kd, vd, *args, 0.08,
+                           causal=True)
+    errors = {}
+    for f16 in (False, True):
+        with prefill_picked_with(f16_pv=f16):
+            out = jaxattn.ragged_paged_attention(
+                q, k8, v8, *args, k_scale=ks, v_scale=vs, fixed_v_scale=fv, bounds=bounds,
+                scale=0.08, impl="interpret")
+        err = np.abs(np.asarray(out, np.float32)[:n] - want[:n])
+        assert err.max() < 5e-2, (f16, err.max())
+        errors[f16] = err.mean()
+    print(f"fixed_v={fixed_v}: mean error bf16 tiles / f16 tiles: {errors}")
+    assert errors[True] < errors[False], errors
+
+
 def test_decode_config_refuses_forms_it_cannot_run():
     with pytest.raises(ValueError, match="dequant_stages=0"):
         decode.DecodeConfig(dequant_stages=0)
@@ -354,7 +386,8 @@ def test_fp8_kernel_refuses_missing_scales():
 def _prefill_configs():
     """What the picker gives an FP8 cache at every tile, head size and dtype, in each form
     (the default ``fp8_qk`` everywhere, with V dequantised by the producer and by each
-    consumer; dequantising K and V wherever it fits)."""
+    consumer; dequantising K and V wherever it fits; at 128-row tiles in bf16 the other V
+    vectors and V and P as f16)."""
     picked = []
     for bq, bkv, d, dtype in itertools.product((64, 128), (64, 128), (64, 128),
                                                (jnp.bfloat16, jnp.float16)):
@@ -372,6 +405,10 @@ def _prefill_configs():
                                           dequant_vector=vector)
                 picked.append(pytest.param(cfg, d, dtype,
                                            id=f"{name}-vector{vector}-{producer}"))
+            for producer in (True, False):  # V's tiles and P as f16
+                cfg = prefill.pick_config(bounds, dtype, FP8, producer_dequant=producer,
+                                          f16_pv=True)
+                picked.append(pytest.param(cfg, d, dtype, id=f"{name}-f16-pv-{producer}"))
         try:
             cfg = prefill.pick_config(bounds, dtype, FP8, fp8_qk=False)
         except ValueError:  # K's dequantised tiles too: no room at 128 keys and D=128

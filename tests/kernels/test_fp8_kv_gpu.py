@@ -246,3 +246,23 @@ def test_fp8_kernels_told_fixed_scales_give_the_same_numbers(q_lens, kv_lens, ch
     np.testing.assert_array_equal(np.asarray(out[:rows], np.float32),
                                   np.asarray(want[:rows], np.float32))
     np.testing.assert_array_equal(np.asarray(lse[:rows]), np.asarray(want_lse[:rows]))
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[2:])  # the cases with prefill rows
+def test_fp8_prefill_f16_pv_with_a_fixed_v_scale_matches_the_default(q_lens, kv_lens, chunk):
+    """``PrefillConfig.f16_pv`` (V's tiles and P as f16) over values under one scale: the
+    same attention as the default bf16 tiles to within their roundings (P and V in f16 keep
+    more bits than in bf16), on the H200's Mosaic conversions, not interpret mode's."""
+    bounds, q, (k8, _, ks, _), (_, vd), args, rows = _case(q_lens, kv_lens, chunk, 128)
+    fv = kv_quant.power_of_two_scale(float(jnp.abs(vd.astype(jnp.float32)).max()))
+    v8, vs = kv_quant.quantize_pages(vd, fv)
+    kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, impl="mosaic",
+              k_scale=ks, v_scale=vs, fixed_v_scale=fv)
+    outs = {}
+    for f16 in (False, True):
+        with prefill_picked_with(f16_pv=f16):
+            outs[f16] = np.asarray(jaxattn.ragged_paged_attention(q, k8, v8, *args, **kw)[:rows],
+                                   np.float32)
+    assert np.isfinite(outs[True]).all()
+    np.testing.assert_allclose(outs[True], outs[False], atol=2e-2, rtol=0)
+    assert not np.array_equal(outs[True], outs[False])  # the f16 form ran
