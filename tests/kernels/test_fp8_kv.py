@@ -512,9 +512,9 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
                                 num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
                                 chunk_size=8192)
         config = decode.pick_config(bounds, jnp.bfloat16, kv_dtype=FP8)
-        # per-row scales; Llama 4's layers: K's and V's fixed (or V's only)
-        for fk, fv in ((None, None), (kv_quant.normed_k_scale(head_dim), 2.0 ** -3),
-                       (None, 2.0 ** -3)):
+        # per-row scales; Llama 4's layers: K's and V's fixed (or V's only, at one page size)
+        scales = [(None, None), (kv_quant.normed_k_scale(head_dim), 2.0 ** -3)]
+        for fk, fv in scales + [(None, 2.0 ** -3)] * (i == 0):
             exp = _export_decode(bounds, (jnp.bfloat16, jnp.float16)[i % 2],
                                  causal=(i // 2) % 2 == 0, config=config, fixed_k_scale=fk,
                                  fixed_v_scale=fv)
