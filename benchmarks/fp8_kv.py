@@ -31,7 +31,9 @@ three rounds each, CUPTI kernel time when available):
   ``fixed_k_scale`` and so copying no K scale rows and skipping S's per-key scaling), and
   with the values under one scale too (``fp8_v8_fixed_kv``: every Llama 4 layer's cache
   since session 35; no V scale rows copied, V's tiles converted without a multiply), also
-  with V's tiles and P as f16 (``fp8_v8_fixed_kv_f16pv``: ``PrefillConfig.f16_pv``).
+  with V's tiles and P as f16 (``fp8_v8_fixed_kv_f16pv``: ``PrefillConfig.f16_pv``), and
+  (pages in order only) P.V as an e4m3 wgmma over V^T pages of 128 tokens
+  (``fp8_pv_fixed_kv``: ``PrefillConfig.fp8_pv``, the prefill kernel alone).
   TFLOP/s count useful FLOPs. (Session 30's column with the query rows quantised from
   16-byte loads took the same time and went with the option: results/fp8-kv-2026-12-04-s30.md.)
 
@@ -198,6 +200,10 @@ PREFILL_VARIANTS = {
     # per pair of values)
     "fp8_v8_fixed_kv_f16pv": (True, dict(dequant_vector=8, normed_k=True, fixed_v=True,
                                          f16_pv=True)),
+    # ... P.V as an e4m3 wgmma over V^T pages (PrefillConfig.fp8_pv, an experiment): the
+    # sequence's 32-token pages in order regrouped as 128-token ones, V transposed in each;
+    # pages in order only (--in-order), where they match bf16's merged copies
+    "fp8_pv_fixed_kv": (True, dict(normed_k=True, fixed_v=True, fp8_pv=True)),
 }
 # ``--per-page`` (with ``--in-order``): the same forms copying a tile's pages one at a time,
 # which the engine's in-order pages would take without ``PrefillConfig.merge_pages``.
@@ -233,6 +239,11 @@ def prefill_fns(mode, length, forms: dict, tile_order=None, in_order=False) -> d
     fns = {}
     for name, (fp8, form) in forms.items():
         form = dict(form)
+        if form.get("fp8_pv"):
+            if in_order:  # (shuffled 32-token pages cannot be regrouped)
+                fns[name] = _fp8_pv_fn(q, k8_normed, ks_normed, v8_fixed, vs_fixed, v_scale,
+                                       table, plan, bounds, tile_order)
+            continue
         normed, fixed_v = form.pop("normed_k", False), form.pop("fixed_v", False)
         scales = dict(k_scale=ks_normed if normed else ks,
                       v_scale=vs_fixed if fixed_v else vs) if fp8 else {}
@@ -250,6 +261,27 @@ def prefill_fns(mode, length, forms: dict, tile_order=None, in_order=False) -> d
         values = (v8_fixed if fixed_v else v8) if fp8 else v
         fns[name] = (f, (q, keys, values, table, plan))
     return fns
+
+
+def _fp8_pv_fn(q, k8, ks, v8, vs, v_scale, table, plan, bounds, tile_order):
+    """The ``fp8_pv_fixed_kv`` column: the prefill kernel alone (the decode kernel does not
+    read V^T) over 128-token pages, the in-order 32-token ones four at a time."""
+    group = 128 // PAGE
+    regroup = lambda x: x.reshape(x.shape[0] // group, 128, *x.shape[2:])  # [P/4, 128, ..]
+    k8_128, v8_128 = regroup(k8), regroup(v8)
+    scales_128 = [jnp.swapaxes(regroup(jnp.swapaxes(x, 1, 2)), 1, 2) for x in (ks, vs)]
+    vt = jnp.transpose(v8_128, (0, 2, 3, 1))  # [P/4, Hkv, D, 128]
+    table_128 = table[:, ::group] // group
+    bounds = dataclasses.replace(bounds, page_size=128)
+    config = prefill.pick_config(bounds, q.dtype, k8.dtype, fp8_pv=True)
+    if tile_order is not None:
+        config = dataclasses.replace(config, tile_order=tile_order)
+    kplan = kernels.prepare(plan, bounds=bounds, num_tokens=q.shape[0])
+    f = jax.jit(lambda q, k, v, pt, kp: prefill.prefill_attention(
+        q, k, v, pt, kp.plan.prefill, kp.zero, config=config, scale=D ** -0.5, causal=True,
+        num_workers=bounds.num_workers, k_scale=scales_128[0], v_scale=scales_128[1],
+        fixed_k_scale=kv_quant.normed_k_scale(D), fixed_v_scale=v_scale)[0])
+    return f, (q, k8_128, vt, table_128, kplan)
 
 
 def bench_prefill(mode, length, tile_order=None, in_order=False, forms=PREFILL_VARIANTS):
@@ -270,7 +302,8 @@ def bench_prefill(mode, length, tile_order=None, in_order=False, forms=PREFILL_V
     if {"fp8_v2", "fp8_v4", "fp8_v8"} <= out.keys():  # the same numbers (0 expected)
         row["vectors_max_abs_diff"] = max(float(diff(out[n], out["fp8_v2"]))
                                           for n in ("fp8_v4", "fp8_v8"))
-    for n in ("fp8_v8_normed_k", "fp8_v8_fixed_kv"):  # against bf16 over the same normed keys
+    # against bf16 over the same normed keys
+    for n in ("fp8_v8_normed_k", "fp8_v8_fixed_kv", "fp8_pv_fixed_kv"):
         if n in fns:
             row[f"{n}_max_abs_diff"] = float(diff(out[n], out["bf16_normed_k"]))
     for n in fns:
@@ -310,7 +343,7 @@ def markdown(res) -> str:
     for r in res["rows"]:
         if r.get("kind") == "prefill" and "error" not in r:
             cells = [f"{r[n + '_ms']:.3f} ({r[n + '_tflops']:.0f}, {r[n + '_over_bf16']:.3f})"
-                     for n in names]
+                     if n + "_ms" in r else "-" for n in names]  # (fp8_pv: pages in order)
             order = "" if r.get("tile_order", "auto") == "auto" else f", {r['tile_order']}"
             order += ", pages in order" if r.get("pages") == "in order" else ""
             diffs = [f"{r.get(n, float('nan')):.3g}" for n in ("max_abs_diff",

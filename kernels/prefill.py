@@ -88,6 +88,9 @@ TURN_BARRIER = 8
 # Dequantised V tiles in flight with ``PrefillConfig.producer_dequant`` (the SMEM of the two
 # private tiles the consumers dequantise into otherwise).
 DEQ_STAGES = 2
+# PrefillConfig.fp8_pv: P in [0, 1] goes to e4m3 times this, so entries down to 2^-14 stay
+# above e4m3's subnormals (2^-6) and the largest, 256, below its 448.
+P8_GAIN = 256.0
 # Registers per thread a CTA of 3 warpgroups launches with (65536 / 384, rounded down to 8).
 _LAUNCH_REGISTERS = 65536 // (128 * (COMPUTE_WGS + 1)) // 8 * 8
 
@@ -107,6 +110,7 @@ class Forms(NamedTuple):
     qk8: bool  # S = Q8 K8^T on the fp8 K tile; only V dequantised
     shared_v: bool  # V dequantised once, by the producer, into a ring both consumers read
     f16_pv: bool  # V's tiles and P as f16 for the PV wgmma (else q's dtype)
+    pv8: bool  # P.V as an e4m3 wgmma on V^T pages (no V conversion at all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +187,14 @@ class PrefillConfig:
       go e4m3 -> f16 -> f32 -> bf16). Session 28 timed f16 tiles with per-row V scales (a
       multiply per pair) at 1.03-1.08x the bf16 tiles' time, for reasons not found; this
       form is here to time it without the multiply. Not the default.
+    fp8_pv: FP8 cache, an experiment (not reachable from the engine): ``O += P V`` as an
+      e4m3 x e4m3 wgmma, with V passed transposed, ``[P, Hkv, D, page_size]`` pages of at
+      least a KV tile (8-bit wgmma operands must be K-major: keys contiguous), under one V
+      scale (``fixed_v_scale``). P is quantised to e4m3 at 256x (so its small entries stay
+      above e4m3's subnormals; the epilogue divides it out) and staged through SMEM (Mosaic
+      has no relayout of a register tile into the 8-bit operand layout). No V conversion
+      at all, so the producer only copies. Needs ``fp8_qk``. See benchmarks/NOTES-fp8-kv.md,
+      session 35.
     """
 
     block_q: int = 128
@@ -198,6 +210,7 @@ class PrefillConfig:
     dequant_vector: int = 2
     merge_pages: bool = True
     f16_pv: bool = False
+    fp8_pv: bool = False
 
     def __post_init__(self):
         if self.block_q not in (WG_ROWS, COMPUTE_WGS * WG_ROWS):
@@ -216,12 +229,16 @@ class PrefillConfig:
                              f"{tuple(common.DEQUANT_LAYOUTS)}")
         if self.tile_order not in TILE_ORDERS:
             raise ValueError(f"tile_order={self.tile_order!r} is not one of {TILE_ORDERS}")
+        if self.fp8_pv and not self.fp8_qk:
+            raise ValueError("fp8_pv=True needs fp8_qk=True")
 
     def forms(self, kv_dtype=None) -> Forms:
         """The forms this config takes over a cache of ``kv_dtype`` (None: the queries')."""
         fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
-        return Forms(fp8=fp8, qk8=fp8 and self.fp8_qk, shared_v=fp8 and self.producer_dequant,
-                     f16_pv=fp8 and self.f16_pv)
+        pv8 = fp8 and self.fp8_pv
+        return Forms(fp8=fp8, qk8=fp8 and self.fp8_qk,
+                     shared_v=fp8 and self.producer_dequant and not pv8,
+                     f16_pv=fp8 and self.f16_pv and not pv8, pv8=pv8)
 
     @property
     def producer_registers(self) -> int:
@@ -243,9 +260,12 @@ class PrefillConfig:
         """
         wg_tile = (COMPUTE_WGS, WG_ROWS, head_dim)
         ring = (self.num_stages, self.block_kv, head_dim)
-        fp8, qk8, shared_v, f16_pv = self.forms(kv_dtype)
+        fp8, qk8, shared_v, f16_pv, pv8 = self.forms(kv_dtype)
         pv_dtype = jnp.float16 if f16_pv else dtype  # the PV wgmma's operands
         kv_ring = common.tiled_smem(ring, kv_dtype) if fp8 else _tiled(ring, dtype)
+        # fp8_pv: V^T tiles [D, keys], keys contiguous (the 8-bit wgmma's K-major B)
+        v_ring = common.tiled_smem((self.num_stages, head_dim, self.block_kv), kv_dtype) \
+            if pv8 else kv_ring
         copies = 2 if fp8 else 1  # TMA copies per page: values (+ their scales)
         deq_tile = _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype)  # one per consumer
         scale_ring = plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32)
@@ -254,7 +274,9 @@ class PrefillConfig:
             scale_ring if k_rows else None,  # k scale ring
             scale_ring if v_rows else None,  # v scale ring
             None if qk8 else deq_tile,  # k dequantised (the fp8 QK reads the fp8 tile)
-            # v dequantised: one tile per consumer, or the producer's ring both read
+            # v dequantised: one tile per consumer, or the producer's ring both read (none
+            # for the e4m3 PV, which reads the fp8 tile)
+            None if pv8 else
             _tiled((DEQ_STAGES, self.block_kv, head_dim), pv_dtype) if shared_v else
             _tiled((COMPUTE_WGS, self.block_kv, head_dim), pv_dtype),
             # the producer's ring: filled, and read by both consumers' PV
@@ -267,10 +289,12 @@ class PrefillConfig:
             # q for the wgmma (fp8 QK: e4m3, quantised per row by its consumer)
             common.tiled_smem(wg_tile, kv_dtype) if qk8 else _tiled(wg_tile, dtype),
             kv_ring,  # k ring
-            kv_ring,  # v ring
+            v_ring,  # v ring
             plgpu.SMEM(wg_tile, dtype),  # o staging (untiled: any row offset)
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),  # lse staging
-            # P for the PV wgmma, only when it does not stay in registers.
+            # P for the PV wgmma, only when it does not stay in registers (an e4m3 P never
+            # does).
+            common.tiled_smem((COMPUTE_WGS, WG_ROWS, self.block_kv), kv_dtype) if pv8 else
             None if self.p_in_registers else _tiled((COMPUTE_WGS, WG_ROWS, self.block_kv),
                                                     pv_dtype),
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_full
@@ -298,7 +322,8 @@ class PrefillConfig:
 
 def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
                 producer_dequant: bool = True, dequant_vector: int = 8,
-                merge_pages: bool = True, f16_pv: bool = False) -> PrefillConfig:
+                merge_pages: bool = True, f16_pv: bool = False,
+                fp8_pv: bool = False) -> PrefillConfig:
     """The GPU config for an engine's bounds; raises ValueError if they cannot be served.
 
     The planner cuts items of ``bounds.block_q`` rows and KV ranges aligned to
@@ -306,21 +331,23 @@ def pick_config(bounds: Bounds, dtype, kv_dtype=None, fp8_qk: bool = True,
     deep as shared memory allows (at most 4 stages). Interpret mode runs the
     same config with P staged through SMEM (it has no SMEM budget). ``kv_dtype``:
     the cache's when not ``dtype`` (FP8); ``fp8_qk``, ``producer_dequant``,
-    ``dequant_vector``, ``merge_pages``, ``f16_pv``: :class:`PrefillConfig`'s
-    (producer_dequant with the producer's registers it needs).
+    ``dequant_vector``, ``merge_pages``, ``f16_pv``, ``fp8_pv``: :class:`PrefillConfig`'s
+    (producer_dequant with the producer's registers it needs; none of V's dequantisation
+    with ``fp8_pv``, whose SMEM may take a deeper ring).
     """
     common.check_supported("prefill", bounds.head_dim, dtype)
     common.check_kv_dtype("prefill", dtype, kv_dtype)
     fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
     common.check_pages("prefill", bounds.page_size, bounds.block_kv, bounds.pages_per_seq,
                        fp8=fp8)
-    shared_v = fp8 and producer_dequant
+    shared_v = fp8 and producer_dequant and not fp8_pv
     best = None
     for stages in (2, 3, 4):
         cfg = PrefillConfig(block_q=bounds.block_q, block_kv=bounds.block_kv, num_stages=stages,
                             fp8_qk=fp8_qk, producer_dequant=shared_v,
                             dequant_vector=dequant_vector, merge_pages=merge_pages,
-                            f16_pv=f16_pv, consumer_registers=224 if shared_v else 232)
+                            f16_pv=f16_pv, fp8_pv=fp8 and fp8_pv,
+                            consumer_registers=224 if shared_v else 232)
         if cfg.smem_bytes(bounds.head_dim, dtype, kv_dtype) <= common.MAX_SMEM:
             best = cfg
     if best is None:
@@ -446,7 +473,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     the softmax scale takes it instead, exactly the same products (a power of two scales
     exactly). ``fixed_v_scale``: every V scale is this power of two: no V scale rows are
     copied, V's tiles are converted without them, and the epilogue's ``1 / l`` takes it
-    (the same products again). ``first_pages``: this page table's
+    (the same products again). ``config.fp8_pv``: ``v_pages`` come transposed, [P, Hkv, D,
+    page_size], with ``fixed_v_scale``. ``first_pages``: this page table's
     :func:`tile_first_pages`, when the step shares it among its layers (None: computed
     here). Returns out [T, Hq, D] (q.dtype; rows outside items and
     zero ranges are unspecified) and lse_tiles [capacity, Hq, 128] f32
@@ -457,13 +485,23 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     common.check_supported("prefill", d, q.dtype)
     common.check_kv_dtype("prefill", q.dtype, k_pages.dtype, k_scale is not None)
     kv_dtype = k_pages.dtype if k_scale is not None else None  # None: a bf16 cache
-    fp8, qk8, shared_v, f16_pv = config.forms(kv_dtype)  # static
+    fp8, qk8, shared_v, f16_pv, pv8 = config.forms(kv_dtype)  # static
     common.check_pages("prefill", page_size, config.block_kv, page_table.shape[1], fp8)
+    if pv8:
+        if fixed_v_scale is None:
+            raise ValueError("PrefillConfig(fp8_pv=True) needs fixed_v_scale (V's one scale)")
+        if v_pages.shape != (num_pages, hkv, d, page_size):
+            raise ValueError(f"PrefillConfig(fp8_pv=True) takes V transposed, {(num_pages, hkv, d, page_size)}, "
+                             f"got {v_pages.shape}")
+        if tile_pages(page_size, config.block_kv, page_table.shape[1]) != 1:
+            raise ValueError(f"PrefillConfig(fp8_pv=True): a KV tile must lie in one page (a V^T "
+                             f"page's keys are a tile's columns), got page_size={page_size}")
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
                                      named_barriers=False)
     dtype = q.dtype
-    pv_dtype = jnp.float16 if f16_pv else dtype  # P's, and V's tiles' (FP8)
+    # P's, and V's tiles' (FP8): f16, e4m3 (fp8_pv, P scaled by P8_GAIN) or q's dtype
+    pv_dtype = kv_dtype if pv8 else jnp.float16 if f16_pv else dtype
     group = hq // hkv
     bkv, stages = config.block_kv, config.num_stages
     pages_per_tile = tile_pages(page_size, bkv, page_table.shape[1])
@@ -489,6 +527,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     if fixed_k:                                   # nor applied
         qk_scale *= fixed_k_scale
     fixed_v = fp8 and fixed_v_scale is not None  # static: nor V's
+    # What the epilogue multiplies 1 / l by: V's one scale, over P's gain for the e4m3 PV.
+    o_scale = (fixed_v_scale / (P8_GAIN if pv8 else 1.0)) if fixed_v else None
     tile_rows = COMPUTE_WGS * WG_ROWS
 
     def prefill_kernel(meta_ref, count_ref, zero_ref, pt_ref, first_ref, q_ref, k_ref, v_ref,
@@ -577,10 +617,26 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     return v_deq.at[c % DEQ_STAGES]
                 slot = c % stages
                 plgpu.barrier_wait(v_full.at[slot])
+                if pv8:  # the V^T tile as it landed: the e4m3 wgmma's K-major B operand
+                    return v_smem.at[slot].T
                 if not fp8:
                     return v_smem.at[slot]
                 return common.dequantize_tile(v_smem.at[slot], v_rows(slot), v_deq.at[wg],
                                               config.dequant_vector)
+
+            def p_operand(p):
+                """P [64, bkv] f32 as the PV wgmma's operand type (fp8_pv: e4m3, times
+                P8_GAIN)."""
+                return (p * P8_GAIN).astype(pv_dtype) if pv8 else p.astype(pv_dtype)
+
+            def p_staged(p_op):
+                """The PV wgmma's A operand: P in registers, or (fp8_pv) P's e4m3 tile in
+                this consumer's SMEM (call where its last reader, the previous PV, is done)."""
+                if not pv8:
+                    return p_op
+                p_smem.at[wg][...] = p_op
+                plgpu.commit_smem()
+                return p_smem.at[wg]
 
             def v_release(c):
                 """Step c's PV has completed: its V tile (ring or dequantised slot) is free."""
@@ -670,8 +726,9 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                                  - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
-                    p16 = p.astype(pv_dtype)
-                    if config.p_in_registers:
+                    p16 = p_operand(p)
+                    in_registers = config.p_in_registers and not pv8
+                    if in_registers:
                         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
                     vt = v_ready(c)
                     turn_wait()
@@ -681,13 +738,13 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                         def _():
                             plgpu.barrier_wait(k_full.at[(c + 1) % stages])
 
-                    if config.p_in_registers:
+                    if in_registers:
                         def pv(acc_ref):
                             plgpu.wgmma(acc_ref, p16, vt)
                             wait_next_k()
 
                         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                    else:
+                    else:  # (the previous PV has completed: its run_scoped waited)
                         pw = p_smem.at[wg]
                         pw[...] = p16
                         plgpu.commit_smem()
@@ -747,7 +804,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 l_i = p.sum(axis=1)
                 acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
                 alpha = plgpu.layout_cast(jnp.ones((WG_ROWS,), jnp.float32), row_layout)
-                carry = (acc, m_i, l_i, p.astype(pv_dtype), alpha)
+                carry = (acc, m_i, l_i, p_operand(p), alpha)
 
                 def step_j(j, carry, masked):
                     acc, m_i, l_i, p16, alpha = carry
@@ -757,6 +814,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     kt = k_tile(slot)
                     if fp8:  # V(j-1) dequantised before the turn too (so no wait inside it)
                         vt = v_ready(c - 1)
+                    p_a = p_staged(p16)  # PV(j-2) completed in the previous step
                     turn_wait()
 
                     def qk_scope(s_ref):
@@ -767,7 +825,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
                         def pv_body(refs):
                             o_ref, m_ref, l_ref, p_ref, a_ref = refs
-                            plgpu.wgmma(o_ref, p16, vt if fp8 else v_smem.at[pslot])
+                            plgpu.wgmma(o_ref, p_a, vt if fp8 else v_smem.at[pslot])
                             turn_pass()
                             s = key_scaled(plgpu.wgmma_accumulator_load(s_ref, wait_n=1),  # QK(j)
                                            slot)
@@ -789,7 +847,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     acc, m_i, l_i, p, alpha = pl.run_scoped(
                         qk_scope, plgpu.ACC((WG_ROWS, bkv), jnp.float32))
                     v_release(c - 1)
-                    return acc, m_i, l_i, p.astype(pv_dtype), alpha
+                    return acc, m_i, l_i, p_operand(p), alpha
 
                 first = lo + 1
                 mid = jnp.maximum(unmasked_hi, first)
@@ -800,10 +858,11 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                 last = step + hi - lo - 1
                 acc = acc * bcast_rows(alpha, acc.shape)
                 vt = v_ready(last)
+                p_a = p_staged(p16)
                 turn_wait()
 
                 def pv_last(o_ref):
-                    plgpu.wgmma(o_ref, p16, vt)
+                    plgpu.wgmma(o_ref, p_a, vt)
                     turn_pass()
 
                 acc = pl.run_state(pv_last)(plgpu.ACC.init(acc))
@@ -813,8 +872,8 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
             def epilogue(item, head, q_start, q_len, acc, m_i, l_i):
                 """Normalise, stage in SMEM, store only this warpgroup's valid rows."""
                 inv_l = 1.0 / l_i
-                if fixed_v:  # V's tiles came unscaled (exact: a power of two)
-                    inv_l = inv_l * fixed_v_scale
+                if fixed_v:  # V's tiles came unscaled (exact: powers of two)
+                    inv_l = inv_l * o_scale
                 out = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
                 lse = (m_i + jnp.log2(l_i)) * common.LN2
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous stores read ow
@@ -903,6 +962,19 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
                     pl.when(first < 0)(page_by_page)
 
+                def load_vt(c, j):
+                    """fp8_pv: fill slot c % stages with KV tile j's V^T columns (one copy;
+                    a tile lies in one page)."""
+                    slot = c % stages
+
+                    @pl.when(c >= stages)
+                    def _():
+                        plgpu.barrier_wait(v_free.at[slot])
+
+                    (page, row), = page_ids(j)
+                    plgpu.copy_gmem_to_smem(v_ref.at[page, kv_head, pl.ds(0, d), pl.ds(row, bkv)],
+                                            v_smem.at[slot], v_full.at[slot])
+
                 @pl.loop(lo, hi)
                 def _kv(j):
                     c = step + j - lo
@@ -910,8 +982,11 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
                     first = first_ref[seq, j] if merge else None
                     load(k_ref, k_smem, k_full, k_free, c, j, first,
                          *((None, None) if fixed_k else (ks_ref, ks_smem)))
-                    load(v_ref, v_smem, v_full, v_free, c, j, first,
-                         *((None, None) if fixed_v else (vs_ref, vs_smem)))
+                    if pv8:
+                        load_vt(c, j)
+                    else:
+                        load(v_ref, v_smem, v_full, v_free, c, j, first,
+                             *((None, None) if fixed_v else (vs_ref, vs_smem)))
                     if shared_v:  # one step behind the copies, so they stay ahead
                         pl.when(c > 0)(lambda: dequantize_v(c - 1))
 
@@ -962,7 +1037,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
         interpret=interpret or None,
     )(meta, count, zero_ranges, page_table, first_pages, q,
       # [P * page_size, Hkv, D] (a bitcast): a run of consecutive pages is one TMA box
-      k_pages.reshape(-1, hkv, d), v_pages.reshape(-1, hkv, d),
+      k_pages.reshape(-1, hkv, d), v_pages if pv8 else v_pages.reshape(-1, hkv, d),
       *(() if not fp8 else (k_scale, v_scale)))
     return out, lse_tiles
 

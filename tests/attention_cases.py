@@ -114,6 +114,63 @@ def make_ragged_case(bounds: jaxattn.Bounds, q_lens, kv_lens, *, dtype=np.float3
                       mk(num_pages, bounds.page_size, hkv, d), table, cu, kv, n)
 
 
+class Fp8PvCase:
+    """A prefill case for ``PrefillConfig.fp8_pv``: normed keys and values each under one
+    power-of-two scale (a Llama 4 layer's FP8 cache), V also transposed per page ([P, Hkv,
+    D, page_size]: ``vt8``), the plan's prefill items."""
+
+    def __init__(self, bounds, q_lens, kv_lens, *, interpret, chunk=None, seed=5):
+        import jax.numpy as jnp
+
+        from jaxattn import kernels, kv_quant, planner
+
+        rc = make_ragged_case(bounds, q_lens, kv_lens, seed=seed, num_tokens=sum(q_lens))
+        self.rc, self.bounds, self.interpret, self.chunk = rc, bounds, interpret, chunk
+        k = rc.k_pages / np.sqrt((rc.k_pages ** 2).mean(-1, keepdims=True))
+        self.fk = kv_quant.normed_k_scale(bounds.head_dim)
+        self.fv = kv_quant.power_of_two_scale(float(np.abs(rc.v_pages).max()))
+        self.k8, self.ks = kv_quant.quantize_pages(jnp.asarray(k, jnp.bfloat16), self.fk)
+        self.v8, self.vs = kv_quant.quantize_pages(jnp.asarray(rc.v_pages), self.fv)
+        self.vt8 = jnp.transpose(self.v8, (0, 2, 3, 1))
+        self.q = jnp.asarray(rc.q, jnp.bfloat16)
+        plan = planner.plan(bounds, rc.cu_q_lens, rc.kv_lens, rc.num_seqs, chunk_size=chunk)
+        self.kplan = kernels.prepare(plan, bounds=bounds, num_tokens=self.q.shape[0])
+        self.rows = sum(q_lens)
+
+    def run(self, pv8: bool, v_pages=None):
+        """The prefill's output rows [rows, Hq, D] f32: ``fp8_pv`` over ``vt8`` (or
+        ``v_pages``), or the default form over ``v8``."""
+        import jax.numpy as jnp
+
+        from jaxattn.kernels import prefill
+
+        config = prefill.pick_config(self.bounds, self.q.dtype, self.k8.dtype, fp8_pv=pv8)
+        out, _ = prefill.prefill_attention(
+            self.q, self.k8, (self.vt8 if pv8 else self.v8) if v_pages is None else v_pages,
+            jnp.asarray(self.rc.page_table), self.kplan.plan.prefill, self.kplan.zero,
+            config=config, scale=0.08, causal=True,
+            num_workers=2 if self.interpret else self.bounds.num_workers,
+            interpret=self.interpret, k_scale=self.ks, v_scale=self.vs, fixed_k_scale=self.fk,
+            fixed_v_scale=self.fv)
+        return np.asarray(out, np.float32)[:self.rows]
+
+    def oracle(self):
+        """The float64 oracle over the dequantised pages, q quantised per row as the FP8 QK
+        takes it: [rows, Hq, D]."""
+        import jax.numpy as jnp
+
+        from jaxattn import kv_quant
+
+        kd, vd = (np.asarray(kv_quant.dequantize_pages(x8, sc), np.float32)
+                  for x8, sc in ((self.k8, self.ks), (self.v8, self.vs)))
+        q8, q_scale = kv_quant.quantize(jnp.asarray(self.q, jnp.float32))
+        rc = self.rc
+        want, _ = naive_ragged(np.asarray(kv_quant.dequantize(q8, q_scale)), kd, vd,
+                               rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs, 0.08,
+                               causal=True, chunk=self.chunk)
+        return want[:self.rows]
+
+
 @contextlib.contextmanager
 def prefill_picked_with(**form):
     """The kernels' prefill with ``pick_config``'s keyword arguments set to ``form`` (e.g.

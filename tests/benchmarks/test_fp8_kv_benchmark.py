@@ -91,3 +91,33 @@ def test_a_table_without_the_vector_columns():
                                  rows=[row]))
     assert "| causal 8192 | 1.000 (500, 1.000) | 1.000 (500, 1.000) | 1.000 (500, 1.000) " \
            "| nan | nan |" in table
+
+
+def test_fp8_pv_column_reads_v_transposed_in_128_token_pages(monkeypatch):
+    """``fp8_pv_fixed_kv`` (pages in order only): the 32-token pages regrouped four at a time,
+    V transposed per page, the table pointing at the same tokens; the prefill kernel told
+    fp8_pv and both scales. Shuffled pages: no such column."""
+    import jax
+
+    from jaxattn import kv_quant
+    from jaxattn.kernels import prefill
+
+    names = ("bf16", "fp8_pv_fixed_kv")
+    forms = {n: fp8_kv.PREFILL_VARIANTS[n] for n in names}
+    assert "fp8_pv_fixed_kv" not in fp8_kv.prefill_fns("causal", 512, forms)
+    fns = fp8_kv.prefill_fns("causal", 512, forms, in_order=True)
+    _, (_, k, v, table, _) = fns["bf16"]
+    f, (_, k8, vt, table_128, _) = fns["fp8_pv_fixed_kv"]
+    assert k8.shape[1] == 128 and vt.shape == (k8.shape[0], fp8_kv.HKV, fp8_kv.D, 128)
+    tokens = lambda pages, tab: np.concatenate([np.asarray(pages, np.float32)[p]
+                                                for p in np.asarray(tab)[0]])
+    vt_tokens = np.concatenate([np.asarray(vt, np.float32)[p].transpose(2, 0, 1)
+                                for p in np.asarray(table_128)[0]])  # [tokens, Hkv, D]
+    scale = kv_quant.power_of_two_scale(float(np.abs(np.asarray(v, np.float32)).max()))
+    np.testing.assert_allclose(vt_tokens * scale, tokens(v, table), rtol=2.0**-4,
+                               atol=2.0**-9 * scale)
+    told = []
+    monkeypatch.setattr(prefill, "prefill_attention",
+                        lambda q, *a, **kw: told.append(kw) or (q, None))
+    jax.eval_shape(f, *fns["fp8_pv_fixed_kv"][1])
+    assert told[0]["config"].fp8_pv and told[0]["fixed_v_scale"] == scale

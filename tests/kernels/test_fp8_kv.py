@@ -27,9 +27,9 @@ from jaxattn import kv_quant, planner
 from jaxattn.kernels import common, decode, prefill
 from jaxattn.planner import WorkList
 
-from attention_cases import (decode_dequantising_to, decode_tiles_as_fp8, decode_with,
-                             make_ragged_case, naive_ragged, prefill_dequantising_k,
-                             prefill_picked_with)
+from attention_cases import (Fp8PvCase, decode_dequantising_to, decode_tiles_as_fp8,
+                             decode_with, make_ragged_case, naive_ragged,
+                             prefill_dequantising_k, prefill_picked_with)
 
 FP8 = jnp.float8_e4m3fn
 
@@ -344,6 +344,38 @@ def test_fp8_prefill_f16_pv_is_closer_to_the_oracle(fixed_v):
     assert errors[True] < errors[False], errors
 
 
+def test_fp8_pv_prefill_matches_the_oracle():
+    """``PrefillConfig.fp8_pv`` (P.V as an e4m3 wgmma over V^T pages, P through SMEM at
+    P8_GAIN): within the FP8 tests' bound of the f64 oracle, and its mean error within 15x
+    the default form's: P keeps 4 significant bits instead of bf16's 8, a rounding 16x as
+    coarse on every term (measured 10x: 0.0029 against 0.00029, the cost FP8 attention
+    pays for it); with V's keys and D mixed up it is far off (the test can fail)."""
+    case = Fp8PvCase(_bounds(num_workers=2, page_size=128, block_kv=128,
+                               max_model_len=1024), (150, 37), (200, 37), interpret=True)
+    want = case.oracle()
+    got, base = case.run(True), case.run(False)
+    err, base_err = np.abs(got - want), np.abs(base - want)
+    print(f"fp8_pv: max / mean error {err.max():.4f} / {err.mean():.5f}; default "
+          f"{base_err.max():.4f} / {base_err.mean():.5f}")
+    assert np.isfinite(got).all() and err.max() < 5e-2
+    assert err.mean() <= 15 * base_err.mean()
+    mixed = jnp.swapaxes(case.vt8, 2, 3).reshape(case.vt8.shape)  # keys and D mixed up
+    assert np.abs(case.run(True, v_pages=mixed) - want).mean() > 10 * err.mean()
+
+
+def test_fp8_pv_refuses_what_it_cannot_read():
+    case = Fp8PvCase(_bounds(num_workers=2, page_size=128, block_kv=128,
+                               max_model_len=1024), (150, 37), (200, 37), interpret=True)
+    with pytest.raises(ValueError, match="takes V transposed"):
+        case.run(True, v_pages=case.v8)
+    with pytest.raises(ValueError, match="fp8_qk"):
+        prefill.PrefillConfig(fp8_qk=False, fp8_pv=True)
+    small = Fp8PvCase(_bounds(num_workers=2, block_kv=64, page_size=32), (150, 37),
+                        (200, 37), interpret=True)
+    with pytest.raises(ValueError, match="one page"):
+        small.run(True)
+
+
 def test_decode_config_refuses_forms_it_cannot_run():
     with pytest.raises(ValueError, match="dequant_stages=0"):
         decode.DecodeConfig(dequant_stages=0)
@@ -447,9 +479,35 @@ def _export_prefill(cfg, d, dtype, *, causal=True, page_size=64, budget=None,
                           causal=causal, num_workers=132, fixed_k_scale=fixed_k_scale,
                           fixed_v_scale=fixed_v_scale)
     pages, scales = S((8, page_size, 1, d), FP8), S((8, 1, page_size), jnp.float32)
+    v_pages = S((8, 1, d, page_size), FP8) if cfg.fp8_pv else pages  # fp8_pv: V transposed
     fn = lambda q, kp, vp, pt, ks, vs: f(q, kp, vp, pt, k_scale=ks, v_scale=vs)
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(
-        S((256, 8, d), dtype), pages, pages, S((2, 4096 // page_size), jnp.int32), scales, scales)
+        S((256, 8, d), dtype), pages, v_pages, S((2, 4096 // page_size), jnp.int32), scales,
+        scales)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_prefill_fp8_pv_lowers_and_allocates_what_smem_bytes_says(overlap):
+    """``PrefillConfig.fp8_pv`` at Scout's shapes (128-key tiles, 128-token pages, both
+    scales fixed) lowers for CUDA, with the FA3 overlap (P staged in SMEM for the turn after)
+    and without; it allocates what smem_bytes says: no dequantised V ring, an e4m3 P tile
+    per consumer."""
+    bounds = jaxattn.Bounds(max_num_seqs=16, max_num_batched_tokens=8192,
+                            max_model_len=131072, page_size=128, num_q_heads=40,
+                            num_kv_heads=8, head_dim=128, chunk_size=8192)
+    cfg = dataclasses.replace(prefill.pick_config(bounds, jnp.bfloat16, FP8, fp8_pv=True),
+                              overlap=overlap)
+    assert cfg.fp8_pv and not cfg.producer_dequant  # (and a deeper ring: 3 stages, not 2)
+    fixed = dict(fixed_k_scale=2.0 ** -5, fixed_v_scale=2.0 ** -3)
+    assert "mosaic_gpu" in _export_prefill(cfg, 128, jnp.bfloat16, page_size=128,
+                                           **fixed).mlir_module()
+    with mgpu_core.artificial_shared_memory_limit(0), pytest.raises(Exception) as err:
+        _export_prefill(cfg, 128, jnp.bfloat16, page_size=128, **fixed)
+    found = re.search(r"smem_bytes=(\d+)", str(err.value))
+    rows = (False, False)
+    assert found and int(found.group(1)) == cfg.smem_bytes(128, jnp.bfloat16, FP8, rows)
+    default = prefill.pick_config(bounds, jnp.bfloat16, FP8)
+    assert cfg.num_stages > default.num_stages
 
 
 @pytest.mark.parametrize("cfg,d,dtype", _prefill_configs())
