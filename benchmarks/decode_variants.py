@@ -96,7 +96,8 @@ def bench_case(batch, ctx, table_of_variants) -> dict:
         args["fp8_fixed"] = (q, k8f, v8f, table, plan.decode, ksf, vsf)
     fns, outs, row = {}, {}, dict(batch=batch, ctx=ctx, errors={})
     for name, (cache, config) in table_of_variants.items():
-        f = jax.jit(lambda q, k, v, pt, items, ks=None, vs=None, c=config, fixed=told.get(cache, {}):
+        fixed = told.get(cache, {})
+        f = jax.jit(lambda q, k, v, pt, items, ks=None, vs=None, c=config, fixed=fixed:
                     decode.decode_attention(q, k, v, pt, items, bounds=bounds,
                                             scale=fp8_kv.D ** -0.5, k_scale=ks, v_scale=vs,
                                             config=c, **fixed)[0])

@@ -177,8 +177,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan | KernelP
     a :class:`KernelPlan` (:func:`prepare`, once per step) so its layers share it. An FP8
     cache passes its scales ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32, and
     ``fixed_k_scale`` (``fixed_v_scale``) where every K (V) scale is that power of two (both
-    kernels then skip that side's per-key scaling). ``config`` overrides the picked prefill tuning (benchmarks); its tiles
-    must match ``bounds``.
+    kernels then skip that side's per-key scaling). ``config`` overrides the picked prefill
+    tuning (benchmarks); its tiles must match ``bounds``.
     ``decode_only``: every row is a decode row (:func:`jaxattn.ragged_paged_attention`).
     """
     kplan = prepare(plan, bounds=bounds, num_tokens=q.shape[0])

@@ -264,8 +264,8 @@ class PrefillConfig:
         pv_dtype = jnp.float16 if f16_pv else dtype  # the PV wgmma's operands
         kv_ring = common.tiled_smem(ring, kv_dtype) if fp8 else _tiled(ring, dtype)
         # fp8_pv: V^T tiles [D, keys], keys contiguous (the 8-bit wgmma's K-major B)
-        v_ring = common.tiled_smem((self.num_stages, head_dim, self.block_kv), kv_dtype) \
-            if pv8 else kv_ring
+        v_ring = (common.tiled_smem((self.num_stages, head_dim, self.block_kv), kv_dtype)
+                  if pv8 else kv_ring)
         copies = 2 if fp8 else 1  # TMA copies per page: values (+ their scales)
         deq_tile = _tiled((COMPUTE_WGS, self.block_kv, head_dim), dtype)  # one per consumer
         scale_ring = plgpu.SMEM((self.num_stages, self.block_kv), jnp.float32)
@@ -490,12 +490,13 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
     if pv8:
         if fixed_v_scale is None:
             raise ValueError("PrefillConfig(fp8_pv=True) needs fixed_v_scale (V's one scale)")
-        if v_pages.shape != (num_pages, hkv, d, page_size):
-            raise ValueError(f"PrefillConfig(fp8_pv=True) takes V transposed, {(num_pages, hkv, d, page_size)}, "
-                             f"got {v_pages.shape}")
+        want = (num_pages, hkv, d, page_size)
+        if v_pages.shape != want:
+            raise ValueError(f"PrefillConfig(fp8_pv=True) takes V transposed, {want}, got "
+                             f"{v_pages.shape}")
         if tile_pages(page_size, config.block_kv, page_table.shape[1]) != 1:
-            raise ValueError(f"PrefillConfig(fp8_pv=True): a KV tile must lie in one page (a V^T "
-                             f"page's keys are a tile's columns), got page_size={page_size}")
+            raise ValueError(f"PrefillConfig(fp8_pv=True): a KV tile must lie in one page (a "
+                             f"V^T page's keys are a tile's columns), got page_size={page_size}")
     if interpret:  # no register-A wgmma, no inline PTX in interpret mode
         config = dataclasses.replace(config, p_in_registers=False, overlap=False,
                                      named_barriers=False)

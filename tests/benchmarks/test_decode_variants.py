@@ -27,7 +27,9 @@ def test_every_variant_lowers_for_its_cache(name):
     if cache == "bf16":
         exported = _export(bounds, jnp.bfloat16, config=config)
     else:  # "fp8_fixed": told one K and one V scale
-        fixed = dict(fixed_k_scale=2.0 ** -5, fixed_v_scale=2.0 ** -3) if cache == "fp8_fixed" else {}
+        fixed = {}
+        if cache == "fp8_fixed":
+            fixed = dict(fixed_k_scale=2.0 ** -5, fixed_v_scale=2.0 ** -3)
         exported = _export_decode(bounds, jnp.bfloat16, config=config, **fixed)
     assert "mosaic_gpu" in exported.mlir_module()
 

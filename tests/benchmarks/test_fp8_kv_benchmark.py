@@ -69,7 +69,8 @@ def test_fixed_kv_column_reads_values_stored_with_one_scale(monkeypatch):
     back = np.asarray(v8, np.float32) * scale
     np.testing.assert_allclose(back, v, rtol=2.0**-4, atol=2.0**-9 * scale)
     told = []
-    monkeypatch.setattr(kernels, "ragged_paged_attention", lambda q, *a, **k: told.append(k) or (q,))
+    monkeypatch.setattr(kernels, "ragged_paged_attention",
+                        lambda q, *a, **k: told.append(k) or (q,))
     f, args = fns["fp8_v8_fixed_kv"]
     jax.eval_shape(f, *args)
     assert (told[0]["fixed_k_scale"], told[0]["fixed_v_scale"]) == (
