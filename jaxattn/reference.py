@@ -56,12 +56,14 @@ def key_range(first_pos, last_pos, kv_len, *, causal: bool, chunk_size):
 
 
 def attend_block(q, q_pos, kv_len, load_kv, kv_blocks, *, scale, causal, chunk_size,
-                 key_filter=None):
+                 key_filter=None, p_round=None):
     """Online-softmax attention of one block of query rows over a range of key blocks.
 
     q: [R, Hq, D]; q_pos: [R] absolute positions; load_kv(j) -> (k [bk, Hkv, D],
     v [bk, Hkv, D], k_pos [bk]) for key block j; kv_blocks = (j_lo, j_hi), may be
     traced. ``key_filter(k_pos) -> bool[bk]`` restricts keys further (work items).
+    ``p_round(p) -> p'``: what P.V multiplies instead of P (a kernel that rounds P, as the
+    e4m3 P.V does: benchmarks/fp8_pv_accuracy.py); l sums the unrounded P, as kernels do.
     Returns o [R, Hq, D] f32 and lse [R, Hq] f32 (natural log; -inf for rows
     that see no key, whose o is 0).
     """
@@ -83,7 +85,8 @@ def attend_block(q, q_pos, kv_len, load_kv, kv_blocks, *, scale, causal, chunk_s
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
         l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + jnp.einsum("rhgk,khd->rhgd", p, v.astype(jnp.float32))
+        pv = p if p_round is None else p_round(p)
+        acc = acc * alpha[..., None] + jnp.einsum("rhgk,khd->rhgd", pv, v.astype(jnp.float32))
         return m_new, l, acc
 
     init = (jnp.full((r, hkv, hq // hkv), -jnp.inf, jnp.float32),
