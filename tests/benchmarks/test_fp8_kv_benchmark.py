@@ -122,3 +122,15 @@ def test_fp8_pv_column_reads_v_transposed_in_128_token_pages(monkeypatch):
                         lambda q, *a, **kw: told.append(kw) or (q, None))
     jax.eval_shape(f, *fns["fp8_pv_fixed_kv"][1])
     assert told[0]["config"].fp8_pv and told[0]["fixed_v_scale"] == scale
+
+
+def test_every_prefill_column_lowers_for_cuda():
+    """Each column's function, with the arguments the GPU run gives it (1,024 tokens, pages
+    in order, so fp8_pv_fixed_kv is among them), lowers for CUDA: a column cannot break
+    unseen until device time is spent on it."""
+    import jax
+
+    fns = fp8_kv.prefill_fns("causal", 1024, fp8_kv.PREFILL_VARIANTS, in_order=True)
+    assert set(fns) == set(fp8_kv.PREFILL_VARIANTS)
+    for name, (f, args) in fns.items():
+        assert "mosaic_gpu" in jax.export.export(f, platforms=["cuda"])(*args).mlir_module(), name
