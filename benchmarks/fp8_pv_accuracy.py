@@ -57,14 +57,16 @@ def p_rounded():
 
 def teacher_forced_logits(model, kv_cache_dtype, tokens, prompt_len):
     """Logits after the prompt (one prefill step), then after each next token fed in (one
-    decode step each): [len(tokens) - prompt_len + 1, vocab] f64."""
+    decode step each), through the serving step with the reference attention:
+    [len(tokens) - prompt_len + 1, vocab] f64."""
     n = len(tokens)
-    config = EngineConfig(max_model_len=1024, max_num_seqs=2, max_num_batched_tokens=512,
-                          page_size=PAGE, buckets=(16, 512), attention_impl="reference",
-                          kv_cache_dtype=kv_cache_dtype)
+    bucket = max(128, 1 << (prompt_len - 1).bit_length())  # the prompt's step
+    config = EngineConfig(max_model_len=max(512, 2 * bucket), max_num_seqs=2,
+                          max_num_batched_tokens=bucket, page_size=PAGE, buckets=(16, bucket),
+                          attention_impl="reference", kv_cache_dtype=kv_cache_dtype)
     runner = Llama4Runner(model, config, num_pages=64)
     pages = list(range(-(-n // PAGE)))
-    out = [runner.forward(runner.build(512, [SeqStep(tokens[:prompt_len], 0, pages)]))[0]]
+    out = [runner.forward(runner.build(bucket, [SeqStep(tokens[:prompt_len], 0, pages)]))[0]]
     for i in range(prompt_len, n):
         out.append(runner.forward(runner.build(16, [SeqStep([tokens[i]], i, pages)]))[0])
     return np.asarray(jnp.stack(out), np.float64)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.fp8_pv_accuracy import teacher_forced_logits
 from jaxattn import kv_quant
 from jaxattn.models import llama4
 from jaxattn.serve import kv_cache as cache
@@ -319,29 +320,13 @@ def test_config_refuses_unknown_and_fp8_bounds_use_128_key_tiles():
 
 # --- accuracy against the full-precision cache ------------------------------------------
 
-def _teacher_forced_logits(model, kv_cache_dtype, tokens, prompt_len):
-    """Logits after the prompt (one prefill step), then after each next token (one decode
-    step each, the token fed in): [len(tokens) - prompt_len + 1, vocab]."""
-    page = 32
-    n = len(tokens)
-    config = EngineConfig(max_model_len=512, max_num_seqs=2, max_num_batched_tokens=128,
-                          page_size=page, buckets=(16, 128), attention_impl="reference",
-                          kv_cache_dtype=kv_cache_dtype)
-    runner = Llama4Runner(model, config, num_pages=64)
-    pages = list(range(-(-n // page)))
-    out = [runner.forward(runner.build(128, [SeqStep(tokens[:prompt_len], 0, pages)]))[0]]
-    for i in range(prompt_len, n):
-        out.append(runner.forward(runner.build(16, [SeqStep([tokens[i]], i, pages)]))[0])
-    return np.asarray(jnp.stack(out), np.float64)
-
-
 @pytest.fixture(scope="module", params=CONFIG_NAMES)
 def fixture_logits(request):
     e = expected(request.param)
     model = llama4.load(checkpoint(request.param))
     tokens = [int(t) for t in np.concatenate([e["prompt"], e["greedy_tokens"]])]
     p = len(e["prompt"])
-    return request.param, {kv: _teacher_forced_logits(model, kv, tokens, p)
+    return request.param, {kv: teacher_forced_logits(model, kv, tokens, p)
                            for kv in ("auto", "fp8")}, e
 
 
@@ -519,11 +504,11 @@ def test_bounded_scales_cost_little_in_the_logits_at_head_dim_128(monkeypatch):
         initializer_range=0.05))
     model = llama4.init_random(config, seed=6, dtype=jnp.float32)
     tokens = [int(t) for t in np.random.default_rng(2).integers(0, 512, 120)]
-    ref = _teacher_forced_logits(model, "auto", tokens, 100)
+    ref = teacher_forced_logits(model, "auto", tokens, 100)
     errors = {}
     for name, min_head_dim in (("bounded", kv_quant.BOUNDED_MIN_HEAD_DIM), ("per_row", 256)):
         monkeypatch.setattr(kv_quant, "BOUNDED_MIN_HEAD_DIM", min_head_dim)
-        logits = _teacher_forced_logits(model, "fp8", tokens, 100)
+        logits = teacher_forced_logits(model, "fp8", tokens, 100)
         assert (model.model.layers[3].self_attn.fixed_v_scale is None) == (name == "per_row")
         errors[name] = float((np.abs(logits - ref).max(-1) / np.abs(ref).max(-1)).mean())
     print(f"mean logits relative error vs the f32 cache: {errors}")
