@@ -8,9 +8,11 @@ import contextlib
 import dataclasses
 from unittest import mock
 
+import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
+from jaxattn import kv_quant, planner
 
 
 def naive_mask(q_pos, k_pos, kv_len, causal, chunk):
@@ -120,9 +122,7 @@ class Fp8PvCase:
     D, page_size]: ``vt8``), the plan's prefill items."""
 
     def __init__(self, bounds, q_lens, kv_lens, *, interpret, chunk=None, seed=5):
-        import jax.numpy as jnp
-
-        from jaxattn import kernels, kv_quant, planner
+        from jaxattn import kernels
 
         rc = make_ragged_case(bounds, q_lens, kv_lens, seed=seed, num_tokens=sum(q_lens))
         self.rc, self.bounds, self.interpret, self.chunk = rc, bounds, interpret, chunk
@@ -140,8 +140,6 @@ class Fp8PvCase:
     def run(self, pv8: bool, v_pages=None):
         """The prefill's output rows [rows, Hq, D] f32: ``fp8_pv`` over ``vt8`` (or
         ``v_pages``), or the default form over ``v8``."""
-        import jax.numpy as jnp
-
         from jaxattn.kernels import prefill
 
         config = prefill.pick_config(self.bounds, self.q.dtype, self.k8.dtype, fp8_pv=pv8)
@@ -157,10 +155,6 @@ class Fp8PvCase:
     def oracle(self):
         """The float64 oracle over the dequantised pages, q quantised per row as the FP8 QK
         takes it: [rows, Hq, D]."""
-        import jax.numpy as jnp
-
-        from jaxattn import kv_quant
-
         kd, vd = (np.asarray(kv_quant.dequantize_pages(x8, sc), np.float32)
                   for x8, sc in ((self.k8, self.ks), (self.v8, self.vs)))
         q8, q_scale = kv_quant.quantize(jnp.asarray(self.q, jnp.float32))
