@@ -480,7 +480,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     >= G: none), for the swap-AB form with K whole and at most ``block_m`` rows.
 
     ``shared_blocks`` (by row, ``block_m`` rows): a shared expert beside the routed ones,
-    one more row tile whose weights (the last P of ``rhs``, [1, N, K] each, and of
+    one more row tile (the first) whose weights (the last P of ``rhs``, [1, N, K] each, and of
     ``rhs_scale``) every row goes through. (routed, shared): the lhs row block (of
     ``block_m`` rows) each reads, 0 and 0 for one input, 0 and 1 for inputs stacked. ->
     [2 * block_m, N_1 + ... + N_P]: the routed rows, then all the shared rows.
@@ -658,9 +658,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
         # that hold rows, and skipping one should cost a comparison, not 16 global loads.
         if by_row:
             row_groups = [sizes_gmem[r] for r in range(m)]
-            hits = [functools.reduce(jnp.logical_or, [rg == i for rg in row_groups])
-                    for i in range(g)]
-            tile_group = functools.partial(_tile_group, hits)
+            tile_group = functools.partial(common.nth_hit, common.hit_groups(row_groups, g))
             _, routed_tiles = tile_group(0)
             tiles_with_rows = routed_tiles + sets - 1
         else:
@@ -714,11 +712,14 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 elif sets == 1:
                     tiles(by_row_info(tile_group(ti)[0], 0))
                 else:
+                    # The shared expert's tile first: its weights are known before the
+                    # routing, so the kernel before can warm them in L2 (l2_prefetch), and
+                    # a launch of two waves (gate/up) reads them in the first.
                     routed, shared = shared_blocks
-                    pl.when(ti < routed_tiles)(
-                        lambda: tiles(by_row_info(tile_group(ti)[0], routed)))
-                    pl.when(ti == routed_tiles)(
+                    pl.when(ti == 0)(
                         lambda: tiles(by_row_info(jnp.int32(0), shared), set_index=1))
+                    pl.when(ti > 0)(
+                        lambda: tiles(by_row_info(tile_group(ti - 1)[0], routed)))
 
     # Named by form and shape, so that a step's profile tells the calls apart.
     grouped_matmul_kernel.__name__ = grouped_matmul_kernel.__qualname__ = (
@@ -747,16 +748,6 @@ def _dealt(w, sms: int):
     while math.gcd(step, sms) != 1:
         step += 1
     return w // sms * sms + w % sms * pow(step, -1, sms) % sms
-
-
-def _tile_group(hits, tile):
-    """By row: row tile ``tile``'s group, the ``tile``-th of the groups ``hits`` (a bool per
-    group) marks, and the number of such groups."""
-    tile, first, group = jnp.int32(tile), jnp.int32(0), jnp.int32(0)
-    for i, hit in enumerate(hits):
-        group = lax.select(hit & (first == tile), jnp.int32(i), group)
-        first = first + hit.astype(jnp.int32)
-    return group, first
 
 
 def _swapped_rows(out, group_sizes, num_groups: int, m: int, block_m: int):
