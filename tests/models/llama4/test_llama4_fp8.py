@@ -332,47 +332,51 @@ def test_decode_moe_runs_rows_in_token_order(monkeypatch, scale_ub):
     by_row, calls = moe_lib.grouped_matmul_fp8_by_row, []
     monkeypatch.setattr(moe_lib, "grouped_matmul_fp8_by_row", lambda *a, **k: calls.append(
         k.get("shared") is not None) or by_row(*a, **k))
-    want = moe(x, valid=valid, gmm_impl="xla")  # sorted, the shared expert apart
+
+    def run(moe, x, valid=None, impl="mosaic"):  # one program per call: dispatched op by op,
+        # an interpret-mode kernel's callbacks can wait for the ops queued behind it (a hang
+        # seen on a 2-core machine)
+        return jax.jit(lambda x: moe(x, valid=valid, gmm_impl=impl))(x)
+
+    want = run(moe, x, valid, "xla")  # sorted, the shared expert apart
     # The same MoE whose SwiGLU kernel warms the down launch's weights in L2: the rows' first
     # expert and the shared one (l2_prefetch; in interpret mode all but the instruction).
     warming = moe_lib.MoE(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), fp8=Fp8Scheme(
         activation_scale_ub=scale_ub, l2_prefetch=l2_prefetch.L2Prefetch(ctas=2)))
     plans, plan = [], l2_prefetch.plan
     monkeypatch.setattr(l2_prefetch, "plan", lambda t, c: plans.append(t) or plan(t, c))
+
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
         assert not calls
-        got = moe(x, valid=valid, gmm_impl="mosaic")
+        got = run(moe, x, valid)
         assert calls == [True, True]  # gate/up, then down, each with the shared expert
         with monkeypatch.context() as m:  # the row kernels too, as on Hopper
             use = fp8_rows._use_kernel
             m.setattr(fp8_rows, "_use_kernel", lambda impl, *a: use("mosaic", *a))
-            # One program each: dispatched op by op, the interpret-mode kernels' callbacks
-            # wait on the programs queued behind them (a hang on this 2-core machine).
-            run = lambda moe: jax.jit(lambda x: moe(x, valid=valid, gmm_impl="mosaic"))(x)
-            plain = run(moe)
+            plain = run(moe, x, valid)
             assert not plans
-            np.testing.assert_array_equal(np.asarray(run(warming), np.float32),
+            np.testing.assert_array_equal(np.asarray(run(warming, x, valid), np.float32),
                                           np.asarray(plain, np.float32))
         *_, (routed, shared) = plans  # the SwiGLU's
         assert [p.shape for p in routed.parts] == [(4, 256, 256)]
         assert routed.groups.shape == (16,) and shared.groups is None
         assert [p.shape for p in shared.parts] == [(256, 256)]
         del calls[2:]  # the last two MoEs' launches
-        moe(jnp.concatenate([x, x])[:17], gmm_impl="mosaic")  # 17 rows: sorted
+        run(moe, jnp.concatenate([x, x])[:17])  # 17 rows: sorted
         assert len(calls) == 2
         with monkeypatch.context() as m:
             m.setattr(moe_lib.MoE, "_with_shared", lambda self, n: False)
-            apart = moe(x, valid=valid, gmm_impl="mosaic")
+            apart = run(moe, x, valid)
         assert calls[2:] == [False, False]
     assert np.isfinite(np.asarray(got, np.float32)).all()  # padding rows too
     assert _rel(apart, want) < 1e-2
     # With the shared expert the SwiGLU takes its rows' scales in f32 (the separate
     # shared expert rounded its gate and up to bf16 first): the two differ by the
     # quantisation noise (measured 0.020) and are as far from the unquantised MoE.
-    ref = moe_lib.MoE(config, dtype=jnp.float32, rngs=nnx.Rngs(0))(
-        x.astype(jnp.float32), valid=valid, gmm_impl="xla")
+    ref = run(moe_lib.MoE(config, dtype=jnp.float32, rngs=nnx.Rngs(0)), x.astype(jnp.float32),
+              valid, "xla")
     tokens = np.asarray(valid)
     monkeypatch.setattr(moe_lib.MoE, "_by_row", lambda self, n, impl: True)
-    assert _rel(got, moe(x, valid=valid, gmm_impl="xla")) < 1e-2  # XLA's by-row path
+    assert _rel(got, run(moe, x, valid, "xla")) < 1e-2  # XLA's by-row path
     assert _rel(got, want) < 0.05
     assert _rel(got[tokens], ref[tokens]) < 1.1 * _rel(want[tokens], ref[tokens])
