@@ -19,6 +19,9 @@ Scout's hidden size, 64 at its intermediate size):
 * :func:`route_scales`: a top-1 MoE's routing of the rows (on the router's logits) and the
   row scales its by-row experts take.
 
+All but the last can also warm the next matmul's weights in L2 while they run
+(``prefetch=``: extra CTAs, :mod:`l2_prefetch`).
+
 Each has the XLA composition it replaces as its reference (:func:`reference_quantize`
 and friends), which also runs where the kernel does not: on CPU, and for calls of more
 than ``RowsConfig.max_rows`` rows (prefill), where XLA's fusions stream large inputs
