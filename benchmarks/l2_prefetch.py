@@ -9,10 +9,12 @@ and the post-attention norm and the whole MoE block (the router, the routing ker
 gate/up launch with the shared expert, the SwiGLU, the down launch: "moe"). Each variant
 warms this many MiB a call (0: off), all in one run, interleaved round by round; the weights
 rotate over four copies (four routed experts for the MoE) so a call finds them in HBM, as a
-model step does. Two times per call: the GPU kernels' sum (CUPTI), and the device's time per
-call in a loop of calls under the serving step's XLA options (one CUDA graph: launch gaps as
-in the step), which is the one that counts: a prefetch works in the gaps and beside the row
-kernel, outside its own kernel time.
+model step does. Two times per call: the GPU kernels' sum (CUPTI), and the time per call in a
+loop of calls under the serving step's XLA options (one CUDA graph: launch gaps as in the
+step), meant to count a prefetch working in the gaps. On the H200 (session 36) that loop was
+host-bound at these sizes (42 us a call against 14 us of kernels), so the kernels' sum is
+the signal: a prefetch that paid would shorten the matmul by more than it lengthens the row
+kernel.
 
 JSON and a table to benchmarks/results/l2-prefetch-DATE{tag}.{json,md} (and $OUT).
 """
@@ -151,7 +153,8 @@ def table(res: dict) -> str:
     lines = [f"# L2 prefetch at Scout's decode sites ({res['device']}, {res['date']})", "",
              f"Median of {res['rounds']} interleaved rounds; per call, rotating {res['rotation']}"
              " weight sets. Device us: a loop of calls under the serving step's XLA options "
-             "(the time that counts); kernel us: the kernels' sum (CUPTI).", "",
+             "(host-bound at these sizes on the H200); kernel us: the kernels' sum (CUPTI), "
+             "the signal.", "",
              "| site | real rows | MiB | device us | kernel us | vs first |",
              "|---|---|---|---|---|---|"]
     for r in res["rows"]:

@@ -416,7 +416,8 @@ def quantize(x, *, scale_ub: float | None = None, impl: str = "auto",
 
 
 def rms_norm_quantize(x, weight, eps: float, *, scale_ub: float | None = None,
-                      impl: str = "auto", config: RowsConfig = RowsConfig(), prefetch=None):
+                      impl: str = "auto", config: RowsConfig = RowsConfig(),
+                      prefetch: l2_prefetch.Warm | None = None):
     """HF's RMSNorm of ``x`` [..., K] with ``weight`` [K], and its quantisation:
     (normed rows in x's dtype, :class:`fp8.Quantized`)."""
     x2, back = _rows(x)

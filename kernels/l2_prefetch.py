@@ -7,11 +7,15 @@ quantisation (:mod:`fp8_rows`). While a row kernel and the launch gaps around it
 empty TMA ring on cold weights (they run at 3.3-3.8 TB/s against the 4.3 TB/s a long copy
 reaches; benchmarks/NOTES-fp8.md, session 24). Here the row kernel's grid takes extra CTAs
 that only issue ``cp.async.bulk.prefetch.tensor.L2`` for the first K columns of the next
-matmul's weights and exit: the prefetches are fire-and-forget, so the row kernel is not
-made longer, and HBM fills L2 during the idle window. The swap-AB matmul's CTAs all start
-at K step 0 of their tiles (at batch 1 its work items fit one wave), so the first K
-columns of every weight row are what the matmul reads first, before the lines it streams
-after them can evict the prefetched ones.
+matmul's weights and exit, meant to fill L2 during the idle window. The swap-AB matmul's
+CTAs all start at K step 0 of their tiles (at batch 1 its work items fit one wave), so the
+first K columns of every weight row are what the matmul reads first, before the lines it
+streams after them can evict the prefetched ones.
+
+Measured on the H200 (session 36, ``benchmarks/l2_prefetch.py``): it loses. The row kernel
+plus the matmul after it took 0.8-1.8 us more per site at 16 MiB and 1.7-3.0 us at 32 MiB:
+the row kernel gets longer (its CTAs seem not to leave the prefetches behind) and the
+matmul no faster. So ``Fp8Scheme.l2_prefetch`` stays None; the module stays as the measured option.
 
 Which weights: a :class:`Target` names them (a tuple of parts, as the matmul's launch
 takes them), and for routed experts the rows' experts (the matmul's ``row_groups``), of
@@ -128,7 +132,7 @@ def plan(targets, config: L2Prefetch) -> Plan:
     row_bytes = sum((1 if t.groups is None else config.max_groups) * p.shape[-2] * BOX_BYTES
                     for t in targets for p in t.parts)
     k_boxes = max(1, config.max_bytes // row_bytes)
-    parts, spans, groups, routed = [], [], [], []
+    parts, spans, groups, routed, first = [], [], [], [], 0
     for t in targets:
         r = None
         if t.groups is not None:
@@ -139,9 +143,9 @@ def plan(targets, config: L2Prefetch) -> Plan:
             (n, k), cols = p.shape[-2:], _cols(p)
             rows = min(BOX_ROWS, n)
             for slot in range(1 if r is None else config.max_groups):
-                first = sum(s.n_boxes * s.k_boxes for s in spans)
                 spans.append(_Span(len(parts), r, slot, rows, cols, common.cdiv(n, rows),
                                    min(k_boxes, k // cols), first))
+                first += spans[-1].n_boxes * spans[-1].k_boxes
             parts.append(p)
     return Plan(tuple(parts + groups), tuple(spans), tuple(routed))
 

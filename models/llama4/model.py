@@ -208,7 +208,7 @@ def _reduce(terms: tuple, axes: Axes) -> tuple:
     return (axes.psum(fp8_lib.sum_terms(terms)),) if axes.model else terms
 
 
-def _add_norm(norm: RMSNorm, x, delta, fp8: bool, scale_ub, router=None, prefetch=()):
+def _add_norm(norm: RMSNorm, x, delta, fp8: bool, scale_ub, router=None, prefetch=None):
     """(``x + delta``, or x when delta is None; ``norm`` of it; its per-token FP8
     quantisation for the FP8 matmuls after it, or None without them): one kernel for all
     three at decode (:mod:`fp8_rows`). ``delta``: a tuple of terms (:func:`fp8_lib.sum_terms`).

@@ -46,7 +46,8 @@ class Fp8Scheme:
     # Cap on an activation row's absmax (Meta's activation_scale_ub); None: no cap.
     activation_scale_ub: float | None = None
     # At decode on Hopper, the row kernel before each FP8 matmul warms that matmul's first
-    # weight tiles in L2 (jaxattn.kernels.l2_prefetch); None: not (untimed so far).
+    # weight tiles in L2 (jaxattn.kernels.l2_prefetch); None: not. Measured slower on the
+    # H200 (benchmarks/NOTES-fp8.md, session 36), so off.
     l2_prefetch: L2Prefetch | None = None
 
     def __post_init__(self):
