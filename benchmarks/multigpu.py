@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "sizes (default 1,8,32,64; dry run 1,4; '' to skip)")
     p.add_argument("--decode-context", type=int, default=None,
                    help="context of each sequence of the batch decode rows (default 8192)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="at least this max_model_len (default: what the prompts, the decode "
+                   "context and the profiled prefill need), to time a step's cost against it")
     p.add_argument("--profile-steps", type=int, default=None,
                    help="trace this many batch-1 decode steps at --decode-context, and one "
                    "prefill step (JAX profiler): GPU kernels and host events per step "
@@ -405,7 +408,8 @@ def run(args) -> dict:
     dtype = "bfloat16"
     ctx = decode_context(args)
     longest = max(max(lengths) + args.decode_tokens, ctx + max(args.decode_tokens, PROFILE_TAIL),
-                  0 if args.profile_steps == 0 else 3 * t + PROFILE_TAIL)  # profiled prefill
+                  0 if args.profile_steps == 0 else 3 * t + PROFILE_TAIL,  # profiled prefill
+                  args.max_model_len or 0)
     page = args.page_size or DEFAULT_PAGE_SIZE[args.kv_cache_dtype == "fp8"]
     max_len = -(-longest // page) * page
     engine_config = EngineConfig(

@@ -34,7 +34,8 @@ def test_dry_run_serves_every_length_alone_and_mixed(tmp_path, monkeypatch):
     assert res["read_bytes_s"] > 0
 
 
-@pytest.mark.parametrize("split", [["-tp", "1", "--kv-cache-dtype", "fp8"],
+@pytest.mark.parametrize("split", [["-tp", "1", "--kv-cache-dtype", "fp8", "--max-model-len",
+                                    "1000"],
                                    ["-tp", "2", "-ep", "4", "--fp8-attention"]])
 def test_dry_run_fp8(tmp_path, monkeypatch, split):
     """--quantization fp8: FP8 experts and MLPs drawn per parameter and quantised on the
@@ -53,6 +54,8 @@ def test_dry_run_fp8(tmp_path, monkeypatch, split):
     assert res["quantization"] == "fp8" and res["fp8_attention"] is attn and res["all_completed"]
     assert res["compiles_after_warmup"] == 0 and len(res["mixed"]["requests"]) == 3
     assert (res["kv_cache_dtype"] == "fp8") is ("--kv-cache-dtype" in split)
+    # --max-model-len raises the engine's bound (to a page multiple) past what the run needs
+    assert (res["max_model_len"] == 1024) is ("--max-model-len" in split)
 
 
 def test_gpu_environment_keeps_the_default_allocator(monkeypatch):
