@@ -250,23 +250,24 @@ def test_fp8_kernels_told_fixed_scales_give_the_same_numbers(q_lens, kv_lens, ch
 
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES)
 @pytest.mark.parametrize("in_order", [False, True])
-@pytest.mark.parametrize("fixed_k", [False, True])
-def test_fp8_prefill_f16_pv_with_a_fixed_v_scale_matches_the_default(q_lens, kv_lens, chunk,
-                                                                      in_order, fixed_k):
-    """``PrefillConfig.f16_pv`` (V's tiles and P as f16) over values under one scale: the
-    same attention as the default bf16 tiles to within their roundings (P and V in f16 keep
-    more bits than in bf16), on the H200's Mosaic conversions, not interpret mode's. Decode
-    batches too (the prefill kernel launches with no items) and pages in order (merged
-    copies), and ``fixed_k``: L2-normed keys under one scale too (a Llama 4 layer's cache). In
-    session 37 two test processes aborted with f16 tiles (pages in order, both scales fixed;
-    benchmarks/NOTES-fp8-kv.md), which these cases should reproduce."""
+@pytest.mark.parametrize("fixed_k,fixed_v", [(False, True), (True, True), (False, False)])
+def test_fp8_prefill_f16_pv_matches_the_bf16_tiles(q_lens, kv_lens, chunk, in_order, fixed_k,
+                                                   fixed_v):
+    """``PrefillConfig.f16_pv`` (V's tiles and P as f16): the same attention as the default
+    bf16 tiles to within their roundings (P and V in f16 keep more bits than in bf16), on the
+    H200's Mosaic conversions, not interpret mode's. Decode batches too (the prefill kernel
+    launches with no items), pages in order (merged copies), values under one scale
+    (``fixed_v``) or per row, and keys L2-normed under one scale too (``fixed_k``: with
+    ``fixed_v``, a Llama 4 layer's cache). In session 37 two test processes aborted with f16
+    tiles (pages in order; benchmarks/NOTES-fp8-kv.md), which these cases should reproduce."""
     bounds, q, (k8, _, ks, _), (kd, vd), args, rows = _case(q_lens, kv_lens, chunk, 128,
                                                             in_order=in_order)
     fk = kv_quant.normed_k_scale(q.shape[-1]) if fixed_k else None
     if fixed_k:
         normed = qk_rows.l2norm(kd.astype(jnp.float32), 0.0)
         k8, ks = kv_quant.quantize_pages(normed.astype(jnp.bfloat16), fk)
-    fv = kv_quant.power_of_two_scale(float(jnp.abs(vd.astype(jnp.float32)).max()))
+    fv = (kv_quant.power_of_two_scale(float(jnp.abs(vd.astype(jnp.float32)).max()))
+          if fixed_v else None)
     v8, vs = kv_quant.quantize_pages(vd, fv)
     kw = dict(bounds=bounds, scale=q.shape[-1] ** -0.5, chunk_size=chunk, impl="mosaic",
               k_scale=ks, v_scale=vs, fixed_k_scale=fk, fixed_v_scale=fv)
