@@ -104,10 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-attention", action="store_true",
                    help="with --quantization fp8: the q/k/v/o projections FP8 too "
                         "(Fp8Scheme(attention=True); 29%% of a batch-1 step's bytes in bf16)")
-    p.add_argument("--l2-prefetch-mib", type=float, default=0,
-                   help="with --quantization fp8: the decode row kernels warm the next "
-                        "matmul's first weight tiles in L2, this many MiB a call "
-                        "(Fp8Scheme.l2_prefetch; 0: off, the default)")
     p.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"],
                    help="fp8: the FP8 KV cache (about twice the tokens; issue 21's 1M-token run)")
     p.add_argument("--async-scheduling", default=True, action=argparse.BooleanOptionalAction,
@@ -426,7 +422,6 @@ def run(args) -> dict:
            "dtype": dtype, "quantization": args.quantization, "impl": args.impl,
            "fp8_attention": bool(args.quantization and args.fp8_attention),
            "kv_cache_dtype": args.kv_cache_dtype or dtype,
-           "l2_prefetch_mib": args.l2_prefetch_mib if args.quantization else 0,
            "async_scheduling": args.async_scheduling,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
            "xla_flags": os.environ.get("XLA_FLAGS"),
@@ -445,14 +440,11 @@ def run(args) -> dict:
             raise SystemExit(f"error: {plan.reason}")
 
     t0 = time.perf_counter()
-    from jaxattn.kernels.l2_prefetch import L2Prefetch
     from jaxattn.models.llama4.quantization import scheme
 
     fp8 = scheme(args.quantization)
     if fp8 is not None and args.fp8_attention:
         fp8 = dataclasses.replace(fp8, attention=True)
-    if fp8 is not None and args.l2_prefetch_mib:
-        fp8 = dataclasses.replace(fp8, l2_prefetch=L2Prefetch(int(args.l2_prefetch_mib * 2**20)))
     model = sharding.init_random(config, mesh, seed=0, dtype=dtype, fp8=fp8)
     jax.block_until_ready(jax.tree.leaves(model))
     res["init_s"] = time.perf_counter() - t0

@@ -7,7 +7,6 @@ matmul takes the same dtypes.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -199,23 +198,6 @@ def check_pages(kernel: str, page_size: int, block_kv: int, pages_per_seq: int,
                          f"128-byte aligned slot), got {page_size}")
 
 
-def hit_groups(row_groups, num_groups: int) -> list:
-    """By row (scalars, in a kernel): a bool per group, whether some row of ``row_groups``
-    (each row's group; >= ``num_groups``: none) is in it."""
-    return [functools.reduce(jnp.logical_or, [rg == i for rg in row_groups])
-            for i in range(num_groups)]
-
-
-def nth_hit(hits, n):
-    """The ``n``-th of the groups ``hits`` (:func:`hit_groups`) marks, in group order (0
-    when there are fewer), and the number it marks: the by-row matmul's row tile ``n``."""
-    n, first, group = jnp.int32(n), jnp.int32(0), jnp.int32(0)
-    for i, hit in enumerate(hits):
-        group = lax.select(hit & (first == n), jnp.int32(i), group)
-        first = first + hit.astype(jnp.int32)
-    return group, first
-
-
 def smem_bytes(scratch) -> int:
     """Dynamic shared memory Mosaic GPU allocates for a kernel's ``scratch_types``.
 
@@ -233,14 +215,6 @@ def smem_bytes(scratch) -> int:
             nbytes = math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
             buffers += cdiv(nbytes, SMEM_ALIGNMENT) * SMEM_ALIGNMENT
     return buffers + MBARRIER_BYTES * barriers
-
-
-def interpreting() -> bool:
-    """Whether Pallas kernels traced now run in GPU interpret mode
-    (``plgpu.force_gpu_interpret_mode``)."""
-    from jax._src import config
-
-    return config.pallas_tpu_interpret_mode_context_manager.value is not None
 
 
 def on_hopper() -> bool:

@@ -19,9 +19,6 @@ Scout's hidden size, 64 at its intermediate size):
 * :func:`route_scales`: a top-1 MoE's routing of the rows (on the router's logits) and the
   row scales its by-row experts take.
 
-All but the last can also warm the next matmul's weights in L2 while they run
-(``prefetch=``: extra CTAs, :mod:`l2_prefetch`).
-
 Each has the XLA composition it replaces as its reference (:func:`reference_quantize`
 and friends), which also runs where the kernel does not: on CPU, and for calls of more
 than ``RowsConfig.max_rows`` rows (prefill), where XLA's fusions stream large inputs
@@ -43,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxattn.kernels import common, fp8, l2_prefetch
+from jaxattn.kernels import common, fp8
 
 IMPLS = ("auto", "xla", "mosaic")
 
@@ -174,33 +171,18 @@ def _quantize_chunks(chunks, q_row, s_row, chunk: int, scale_ub, keep=None):
     s_row[...] = jnp.broadcast_to(scale, (1,))
 
 
-def _launch(body, rows: int, out_shapes, name: str, operands, targets=(),
-            prefetch: l2_prefetch.L2Prefetch | None = None):
-    """One warpgroup per row: ``body(row, *refs)`` over GMEM refs (``operands``, then the
-    outputs). ``name`` names the CUDA kernel (``<name>_mosaic_gpu_kernel``), so that a step's
-    profile tells the row kernels apart. ``targets`` (with ``prefetch``): weights the matmul
-    after this kernel reads, whose first columns ``prefetch.ctas`` more CTAs warm in L2
-    (:mod:`l2_prefetch`)."""
+def _launch(body, rows: int, out_shapes, name: str):
+    """One warpgroup per row: ``body(row, *refs)`` over GMEM refs (inputs, then outputs).
+    ``name`` names the CUDA kernel (``<name>_mosaic_gpu_kernel``), so that a step's profile
+    tells the row kernels apart."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    warm = l2_prefetch.plan(targets, prefetch) if targets else None
-    n_in = len(operands)
-
     def kernel(*refs):
-        row = jax.lax.axis_index("rows")
-        if warm is None:
-            body(row, *refs)
-            return
-        ins, warm_refs = refs[:n_in], refs[n_in:n_in + len(warm.arrays)]
-        outs = refs[n_in + len(warm.arrays):]
-        pl.when(row < rows)(lambda: body(row, *ins, *outs))
-        pl.when(row >= rows)(lambda: l2_prefetch.issue(row - rows, prefetch.ctas, warm,
-                                                       warm_refs))
+        body(jax.lax.axis_index("rows"), *refs)
 
-    kernel.__name__ = kernel.__qualname__ = name + "_prefetch" * (warm is not None)
-    grid = rows + (0 if warm is None else prefetch.ctas)
-    call = plgpu.kernel(kernel, out_type=out_shapes, grid=(grid,), grid_names=("rows",))
-    return call(*operands, *(() if warm is None else warm.arrays))
+    kernel.__name__ = kernel.__qualname__ = name
+
+    return plgpu.kernel(kernel, out_type=out_shapes, grid=(rows,), grid_names=("rows",))
 
 
 def _outs(r, k, dtype=None):
@@ -209,8 +191,8 @@ def _outs(r, k, dtype=None):
         jax.ShapeDtypeStruct((r, k), fp8.DTYPE), jax.ShapeDtypeStruct((r,), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("scale_ub", "config", "prefetch"))
-def _quantize_kernel(x, targets=(), *, scale_ub, config: RowsConfig, prefetch=None):
+@functools.partial(jax.jit, static_argnames=("scale_ub", "config"))
+def _quantize_kernel(x, *, scale_ub, config: RowsConfig):
     r, k = x.shape
     chunk = config.chunk_for(k)
 
@@ -219,7 +201,7 @@ def _quantize_kernel(x, targets=(), *, scale_ub, config: RowsConfig, prefetch=No
                   for c in range(k // chunk)]
         _quantize_chunks(chunks, q_ref.at[row], s_ref.at[pl.ds(row, 1)], chunk, scale_ub)
 
-    return _launch(body, r, _outs(r, k), "quantize", (x,), targets, prefetch)
+    return _launch(body, r, _outs(r, k), "quantize")(x)
 
 
 def _flat_terms(terms, r: int):
@@ -238,10 +220,9 @@ def _flat_terms(terms, r: int):
     return arrays, tuple(kinds)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("kinds", "eps", "scale_ub", "config", "prefetch"))
+@functools.partial(jax.jit, static_argnames=("kinds", "eps", "scale_ub", "config"))
 def _rms_norm_quantize_kernel(x, weight, *terms, router=None, kinds=(), eps, scale_ub,
-                              config: RowsConfig, targets=(), prefetch=None):
+                              config: RowsConfig):
     """With ``terms`` (:func:`_flat_terms`): normalises ``x + delta``, delta the terms'
     sum (:func:`fp8.sum_terms`'s arithmetic and roundings), and returns that sum first.
     With ``router`` [E, K] (x's dtype): also :func:`reference_route` of the normed rows,
@@ -328,12 +309,11 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, kinds=(), eps, sca
         outs += (jax.ShapeDtypeStruct((r,), jnp.float32), jax.ShapeDtypeStruct((r,), jnp.int32))
         operands = (*operands, router)
     name = "_".join(["add"] * bool(terms) + ["rms_norm_quantize"] + ["route"] * (router is not None))
-    return _launch(body, r, outs, name, operands, targets, prefetch)
+    return _launch(body, r, outs, name)(*operands)
 
 
-@functools.partial(jax.jit, static_argnames=("scale_ub", "config", "prefetch"))
-def _swiglu_quantize_kernel(gate, up, row_scale, targets=(), *, scale_ub, config: RowsConfig,
-                            prefetch=None):
+@functools.partial(jax.jit, static_argnames=("scale_ub", "config"))
+def _swiglu_quantize_kernel(gate, up, row_scale, *, scale_ub, config: RowsConfig):
     """gate, up [R, K] (or gate [R, 2K] holding both, up None); row_scale [R] f32 or None."""
     r, k = gate.shape[0], gate.shape[1] // (1 if up is not None else 2)
     chunk = config.chunk_for(k)
@@ -359,7 +339,7 @@ def _swiglu_quantize_kernel(gate, up, row_scale, targets=(), *, scale_ub, config
     args = (gate, gate if up is None else up)
     if row_scale is not None:
         args += (row_scale.astype(jnp.float32),)
-    return _launch(body, r, _outs(r, k), "swiglu_quantize", args, targets, prefetch)
+    return _launch(body, r, _outs(r, k), "swiglu_quantize")(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
@@ -386,7 +366,7 @@ def _route_scales_kernel(logits, valid, token_scale, *, dtype):
         scales_ref[pl.ds(r + row, 1)] = jnp.broadcast_to(scale, (1,))
 
     outs = (jax.ShapeDtypeStruct((r,), jnp.int32), jax.ShapeDtypeStruct((2 * r,), jnp.float32))
-    return _launch(body, r, outs, "route_scales", (logits, valid, token_scale))
+    return _launch(body, r, outs, "route_scales")(logits, valid, token_scale)
 
 
 # ---- the API --------------------------------------------------------------------------
@@ -397,40 +377,30 @@ def _rows(x):
     return x.reshape(-1, x.shape[-1]), lambda y: y.reshape(*lead, *y.shape[1:])
 
 
-def _warm(prefetch: l2_prefetch.Warm | None) -> dict:
-    """A kernel's prefetch arguments: the targets (traced) and their config (static)."""
-    return {} if prefetch is None else dict(targets=prefetch.targets, prefetch=prefetch.config)
-
-
 def quantize(x, *, scale_ub: float | None = None, impl: str = "auto",
-             config: RowsConfig = RowsConfig(),
-             prefetch: l2_prefetch.Warm | None = None) -> fp8.Quantized:
-    """``fp8.Quantized.of(x)`` (rows [..., K]) in one launch where the kernel runs.
-    ``prefetch``: the weights of the matmul that reads the result, whose first columns the
-    same launch warms in L2 (:mod:`l2_prefetch`); the same in the functions below."""
+             config: RowsConfig = RowsConfig()) -> fp8.Quantized:
+    """``fp8.Quantized.of(x)`` (rows [..., K]) in one launch where the kernel runs."""
     x2, back = _rows(x)
     if not _use_kernel(impl, *x2.shape, config):
         return reference_quantize(x, scale_ub)
-    q, s = _quantize_kernel(x2, scale_ub=scale_ub, config=config, **_warm(prefetch))
+    q, s = _quantize_kernel(x2, scale_ub=scale_ub, config=config)
     return fp8.Quantized(back(q), back(s), jnp.dtype(x.dtype))
 
 
 def rms_norm_quantize(x, weight, eps: float, *, scale_ub: float | None = None,
-                      impl: str = "auto", config: RowsConfig = RowsConfig(),
-                      prefetch: l2_prefetch.Warm | None = None):
+                      impl: str = "auto", config: RowsConfig = RowsConfig()):
     """HF's RMSNorm of ``x`` [..., K] with ``weight`` [K], and its quantisation:
     (normed rows in x's dtype, :class:`fp8.Quantized`)."""
     x2, back = _rows(x)
     if not _use_kernel(impl, *x2.shape, config):
         return reference_rms_norm_quantize(x, weight, eps, scale_ub)
     h, q, s = _rms_norm_quantize_kernel(x2, weight.astype(x.dtype), eps=float(eps),
-                                        scale_ub=scale_ub, config=config, **_warm(prefetch))
+                                        scale_ub=scale_ub, config=config)
     return back(h), fp8.Quantized(back(q), back(s), jnp.dtype(x.dtype))
 
 
 def add_rms_norm_quantize(x, delta, weight, eps: float, *, scale_ub: float | None = None,
-                          router=None, impl: str = "auto", config: RowsConfig = RowsConfig(),
-                          prefetch: l2_prefetch.Warm | None = None):
+                          router=None, impl: str = "auto", config: RowsConfig = RowsConfig()):
     """:func:`rms_norm_quantize` of ``x + delta`` (x [..., K]): (the sum, the normed rows,
     their :class:`fp8.Quantized`). ``delta`` is a residual stream's pending update, so its
     add and the norm after it take one launch: an array in x's dtype, or a tuple of terms
@@ -451,7 +421,7 @@ def add_rms_norm_quantize(x, delta, weight, eps: float, *, scale_ub: float | Non
     total, h, q, s, *route = _rms_norm_quantize_kernel(
         x2, weight.astype(x.dtype), *arrays,
         router=None if router is None else router.astype(x.dtype), kinds=kinds,
-        eps=float(eps), scale_ub=scale_ub, config=config, **_warm(prefetch))
+        eps=float(eps), scale_ub=scale_ub, config=config)
     out = back(total), back(h), fp8.Quantized(back(q), back(s), jnp.dtype(x.dtype))
     return out if router is None else (*out, tuple(back(a) for a in route))
 
@@ -477,8 +447,7 @@ def route_scales(h, router, token_scale, valid=None, *, routing=None, impl: str 
 
 
 def swiglu_quantize(gate, up=None, row_scale=None, *, scale_ub: float | None = None,
-                    impl: str = "auto", config: RowsConfig = RowsConfig(),
-                    prefetch: l2_prefetch.Warm | None = None) -> fp8.Quantized:
+                    impl: str = "auto", config: RowsConfig = RowsConfig()) -> fp8.Quantized:
     """``silu(gate) * up`` for ``gate``, ``up`` [..., K] (or ``gate`` [..., 2K] holding
     gate then up, and ``up`` None), each first scaled by ``row_scale`` [...] if given,
     quantised: :class:`fp8.Quantized` of [..., K] rows in gate's dtype."""
@@ -489,6 +458,5 @@ def swiglu_quantize(gate, up=None, row_scale=None, *, scale_ub: float | None = N
         return reference_swiglu_quantize(gate, up, row_scale, scale_ub)
     u2 = None if up is None else up.reshape(g2.shape)
     rs = None if row_scale is None else row_scale.reshape(-1)
-    q, s = _swiglu_quantize_kernel(g2, u2, rs, scale_ub=scale_ub, config=config,
-                                   **_warm(prefetch))
+    q, s = _swiglu_quantize_kernel(g2, u2, rs, scale_ub=scale_ub, config=config)
     return fp8.Quantized(back(q), back(s), jnp.dtype(gate.dtype))

@@ -658,7 +658,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
         # that hold rows, and skipping one should cost a comparison, not 16 global loads.
         if by_row:
             row_groups = [sizes_gmem[r] for r in range(m)]
-            tile_group = functools.partial(common.nth_hit, common.hit_groups(row_groups, g))
+            hits = [functools.reduce(jnp.logical_or, [rg == i for rg in row_groups])
+                    for i in range(g)]
+            tile_group = functools.partial(_tile_group, hits)
             _, routed_tiles = tile_group(0)
             tiles_with_rows = routed_tiles + sets - 1
         else:
@@ -712,10 +714,10 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 elif sets == 1:
                     tiles(by_row_info(tile_group(ti)[0], 0))
                 else:
-                    # The shared expert's tile first: its weights are known before the
-                    # routing, so the kernel before can warm them in L2 (l2_prefetch: off,
-                    # measured slower), and a launch of two waves (gate/up) reads them in
-                    # the first. The order changes no value; not timed against routed-first.
+                    # The shared expert's tile first (since session 36): a launch of two
+                    # waves (gate/up) reads its weights in the first. The order changes no
+                    # value; not timed against routed-first alone (session 37's step, with
+                    # it, took the same kernel time as session 24's).
                     routed, shared = shared_blocks
                     pl.when(ti == 0)(
                         lambda: tiles(by_row_info(jnp.int32(0), shared), set_index=1))
@@ -749,6 +751,16 @@ def _dealt(w, sms: int):
     while math.gcd(step, sms) != 1:
         step += 1
     return w // sms * sms + w % sms * pow(step, -1, sms) % sms
+
+
+def _tile_group(hits, tile):
+    """By row: row tile ``tile``'s group, the ``tile``-th of the groups ``hits`` (a bool per
+    group) marks, and the number of such groups."""
+    tile, first, group = jnp.int32(tile), jnp.int32(0), jnp.int32(0)
+    for i, hit in enumerate(hits):
+        group = lax.select(hit & (first == tile), jnp.int32(i), group)
+        first = first + hit.astype(jnp.int32)
+    return group, first
 
 
 def _swapped_rows(out, group_sizes, num_groups: int, m: int, block_m: int):

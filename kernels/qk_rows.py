@@ -314,6 +314,13 @@ def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps, 
     return q.reshape(t, hq, d), None, tuple(pools)
 
 
+def _interpreting() -> bool:
+    """Whether Pallas kernels traced now run in GPU interpret mode (``force_gpu_interpret_mode``)."""
+    from jax._src import config
+
+    return config.pallas_tpu_interpret_mode_context_manager.value is not None
+
+
 def split(qkv, hq: int, hkv: int):
     """A projection's joint output [..., (hq + 2 hkv) D] (or its three parts, [..., H D] each)
     -> q [..., hq, D], k and v [..., hkv, D]."""
@@ -385,8 +392,7 @@ def rope_norm(qkv, hq: int, hkv: int, rope=None, *, eps: float | None = None,
     q, k_out, pools = _rope_norm_kernel(qkv, rope, temperature, cache, hq=hq, hkv=hkv,
                                         eps=None if eps is None else float(eps),
                                         fixed_k_scale=fixed_k_scale,
-                                        fixed_v_scale=fixed_v_scale,
-                                        interpret=common.interpreting())
+                                        fixed_v_scale=fixed_v_scale, interpret=_interpreting())
     if cache is not None:
         return q, None, None, pools
     return q, (k if k_out is None else k_out), v

@@ -15,8 +15,7 @@ from flax import nnx
 from jax import lax
 
 from jaxattn.kernels import fp8 as fp8_lib
-from jaxattn.kernels import grouped_matmul, l2_prefetch
-from jaxattn.kernels.l2_prefetch import L2Prefetch
+from jaxattn.kernels import grouped_matmul
 from jaxattn.kernels.qk_rows import apply_rope, l2norm, rope_tables  # noqa: F401  (model ops)
 
 
@@ -60,8 +59,7 @@ class Linear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False, dtype,
                  std: float, rngs: nnx.Rngs, fp8: bool = False,
-                 activation_scale_ub: float | None = None,
-                 l2_prefetch: L2Prefetch | None = None):
+                 activation_scale_ub: float | None = None):
         w = normal_init(rngs, (out_features, in_features), std, dtype)
         if fp8:
             q, s = fp8_lib.quantize(w, -1)
@@ -69,7 +67,6 @@ class Linear(nnx.Module):
         else:
             self.weight, self.weight_scale = nnx.Param(w), None
         self.activation_scale_ub = activation_scale_ub
-        self.l2_prefetch = l2_prefetch if fp8 else None  # see warm()
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x, preferred_element_type=None, reduce=None, defer=False):
@@ -89,17 +86,6 @@ class Linear(nnx.Module):
                                 preferred_element_type=preferred_element_type)
         y = y if reduce is None else reduce(y)
         return y if self.bias is None else y + self.bias[...]
-
-
-def warm(*linears: Linear) -> l2_prefetch.Warm | None:
-    """The weights of ``linears`` (one matmul's parts: the launch after the caller's row
-    kernel) for that kernel to warm in L2, with their ``l2_prefetch`` config; None unless
-    they are FP8 with one."""
-    config = linears[0].l2_prefetch
-    if config is None or any(lin.weight_scale is None for lin in linears):
-        return None
-    return l2_prefetch.Warm((l2_prefetch.Target(tuple(lin.weight[...] for lin in linears)),),
-                            config)
 
 
 def project(x, *linears: Linear, joint: bool = False):

@@ -27,7 +27,7 @@ from jaxattn.kernels import fp8 as fp8_lib
 from jaxattn.kernels import fp8_rows, qk_rows
 from jaxattn.models.llama4.config import Llama4Config
 from jaxattn.models.llama4.layers import (NO_AXES, Axes, Embedding, Linear, RMSNorm, project,
-                                          rope_tables, warm)
+                                          rope_tables)
 from jaxattn.models.llama4.moe import MLP, MoE
 from jaxattn.models.llama4.quantization import Fp8Scheme
 
@@ -47,8 +47,7 @@ class Attention(nnx.Module):
             config.num_attention_heads, config.num_key_value_heads, d)
         kw = dict(bias=config.attention_bias, dtype=dtype, std=config.initializer_range, rngs=rngs,
                   fp8=fp8 is not None and fp8.attention,
-                  activation_scale_ub=fp8.activation_scale_ub if fp8 else None,
-                  l2_prefetch=fp8.l2_prefetch if fp8 else None)
+                  activation_scale_ub=fp8.activation_scale_ub if fp8 else None)
         self.q_proj = Linear(h, self.num_heads * d, **kw)
         self.k_proj = Linear(h, self.num_kv_heads * d, **kw)
         self.v_proj = Linear(h, self.num_kv_heads * d, **kw)
@@ -91,8 +90,7 @@ class Attention(nnx.Module):
         """Row-parallel output projection: each device's heads give a partial sum, reduced here."""
         o = o.reshape(*o.shape[:-2], -1)
         if self.fp8:  # one kernel at decode instead of XLA's two
-            o = fp8_rows.quantize(o, scale_ub=self.o_proj.activation_scale_ub,
-                                  prefetch=warm(self.o_proj))
+            o = fp8_rows.quantize(o, scale_ub=self.o_proj.activation_scale_ub)
         # FP8 on one device: the Unscaled product (the residual add scales it).
         return self.o_proj(o, reduce=axes.psum if axes.model else None, defer=True)
 
@@ -181,24 +179,19 @@ class DecoderLayer(nnx.Module):
         """
         attn, ff = self.self_attn, self.feed_forward
         x, h, hq = _add_norm(self.input_layernorm, x, delta, attn.fp8,
-                             attn.q_proj.activation_scale_ub,
-                             prefetch=warm(attn.q_proj, attn.k_proj, attn.v_proj))
+                             attn.q_proj.activation_scale_ub)
         q, k, v, *written = attn.qkv(h if hq is None else hq, positions, rope, kv_target)
         o = attn.out(attend(attn, q, k, v, *written), axes)
         if isinstance(ff, MoE):
             fp8 = ff.experts.fp8 or ff.shared_expert.fp8
             router = (ff.router.weight[...] if ROUTE_IN_NORM and fp8 and ff.top_k == 1
                       else None)
-            # The shared expert's tiles come first in the gate/up launch (grouped_matmul).
             x, h, hq, *routing = _add_norm(self.post_attention_layernorm, x, (o,), fp8,
-                                           ff.experts.activation_scale_ub, router,
-                                           warm(ff.shared_expert.gate_proj,
-                                                ff.shared_expert.up_proj))
+                                           ff.experts.activation_scale_ub, router)
             return x, _reduce(ff(h, axes, valid, gmm_impl, xq=hq, defer=True,
                                  routing=routing[0] if routing else None), axes)
         x, h, hq = _add_norm(self.post_attention_layernorm, x, (o,), ff.fp8,
-                             ff.gate_proj.activation_scale_ub,
-                             prefetch=warm(ff.gate_proj, ff.up_proj))
+                             ff.gate_proj.activation_scale_ub)
         return x, _reduce((ff(h if hq is None else hq, axes, defer=True),), axes)
 
 
@@ -208,20 +201,18 @@ def _reduce(terms: tuple, axes: Axes) -> tuple:
     return (axes.psum(fp8_lib.sum_terms(terms)),) if axes.model else terms
 
 
-def _add_norm(norm: RMSNorm, x, delta, fp8: bool, scale_ub, router=None, prefetch=None):
+def _add_norm(norm: RMSNorm, x, delta, fp8: bool, scale_ub, router=None):
     """(``x + delta``, or x when delta is None; ``norm`` of it; its per-token FP8
     quantisation for the FP8 matmuls after it, or None without them): one kernel for all
     three at decode (:mod:`fp8_rows`). ``delta``: a tuple of terms (:func:`fp8_lib.sum_terms`).
-    ``router`` (FP8, with a delta): a top-1 router's weight; its routing comes fourth.
-    ``prefetch``: the next matmul's weights, for that kernel to warm in L2 (:func:`warm`)."""
+    ``router`` (FP8, with a delta): a top-1 router's weight; its routing comes fourth."""
     if not fp8:
         x = x if delta is None else x + fp8_lib.sum_terms(delta)
         return x, norm(x), None
     if delta is None:
-        return x, *fp8_rows.rms_norm_quantize(x, norm.weight[...], norm.eps, scale_ub=scale_ub,
-                                              prefetch=prefetch)
+        return x, *fp8_rows.rms_norm_quantize(x, norm.weight[...], norm.eps, scale_ub=scale_ub)
     return fp8_rows.add_rms_norm_quantize(x, delta, norm.weight[...], norm.eps,
-                                          scale_ub=scale_ub, router=router, prefetch=prefetch)
+                                          scale_ub=scale_ub, router=router)
 
 
 class Llama4TextModel(nnx.Module):

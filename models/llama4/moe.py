@@ -17,12 +17,12 @@ from flax import nnx
 from jax import lax
 
 from jaxattn.kernels import fp8 as fp8_lib
-from jaxattn.kernels import fp8_rows, l2_prefetch
+from jaxattn.kernels import fp8_rows
 from jaxattn.kernels.grouped_matmul import (SHARED_EXPERT_ROWS, SWAP_AB_MAX_ROWS, grouped_matmul,
                                              grouped_matmul_fp8, grouped_matmul_fp8_by_row,
                                              resolve_fp8)
 from jaxattn.models.llama4.config import Llama4Config
-from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init, project, warm
+from jaxattn.models.llama4.layers import NO_AXES, Axes, Linear, normal_init, project
 from jaxattn.models.llama4.quantization import Fp8Scheme
 
 
@@ -53,8 +53,7 @@ class MLP(nnx.Module):
                  fp8: Fp8Scheme | None = None):
         kw = dict(dtype=dtype, std=config.initializer_range, rngs=rngs,
                   fp8=fp8 is not None and fp8.mlp,
-                  activation_scale_ub=fp8.activation_scale_ub if fp8 else None,
-                  l2_prefetch=fp8.l2_prefetch if fp8 else None)
+                  activation_scale_ub=fp8.activation_scale_ub if fp8 else None)
         self.gate_proj = Linear(config.hidden_size, intermediate_size, **kw)
         self.up_proj = Linear(config.hidden_size, intermediate_size, **kw)
         self.down_proj = Linear(intermediate_size, config.hidden_size, **kw)
@@ -71,9 +70,7 @@ class MLP(nnx.Module):
         if not isinstance(x, fp8_lib.Quantized):
             x = fp8_rows.quantize(x, scale_ub=ub)
         gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(fp8_rows.swiglu_quantize(gate, up, scale_ub=ub,
-                                                       prefetch=warm(self.down_proj)),
-                              defer=defer)
+        return self.down_proj(fp8_rows.swiglu_quantize(gate, up, scale_ub=ub), defer=defer)
 
     @property
     def fp8(self) -> bool:
@@ -92,13 +89,11 @@ class Experts(nnx.Module):
     """
 
     def __init__(self, config: Llama4Config, *, dtype, rngs: nnx.Rngs, fp8: bool = False,
-                 activation_scale_ub: float | None = None,
-                 l2_prefetch: l2_prefetch.L2Prefetch | None = None):
+                 activation_scale_ub: float | None = None):
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         std = config.initializer_range
         self.fp8 = fp8
         self.activation_scale_ub = activation_scale_ub
-        self.l2_prefetch = l2_prefetch if fp8 else None  # warms the down launch (SwiGLU)
         shapes = dict(gate_proj=(e, h, i), up_proj=(e, h, i), down_proj=(e, i, h))  # [E, K, N]
         for name, shape in shapes.items():
             w = normal_init(rngs, shape, std, dtype)
@@ -164,20 +159,8 @@ class Experts(nnx.Module):
         gate_up = self._matmul(names, x, groups, impl, scale_rows=False, by_row=by_row,
                                shared=shared)  # [M, 2I] ([2, M, 2I] with shared)
         h = fp8_rows.swiglu_quantize(gate_up.reshape(-1, gate_up.shape[-1]), None, x.scale,
-                                     scale_ub=self.activation_scale_ub,
-                                     prefetch=self._warm_down(row_experts, shared))
+                                     scale_ub=self.activation_scale_ub)
         return self._matmul(("down_proj",), h, groups, impl, by_row=by_row, shared=shared)
-
-
-    def _warm_down(self, row_experts, shared: MLP | None) -> l2_prefetch.Warm | None:
-        """The down launch's weights for the SwiGLU's kernel to warm: by row, the rows'
-        experts (the first hit ones); the shared expert's in the same launch."""
-        if self.l2_prefetch is None or row_experts is None:
-            return None
-        shared_down = None if shared is None else warm(shared.down_proj)
-        return l2_prefetch.Warm((l2_prefetch.Target((self.down_proj[...],), row_experts),
-                                 *(() if shared_down is None else shared_down.targets)),
-                                self.l2_prefetch)
 
 
 class MoE(nnx.Module):
@@ -191,8 +174,7 @@ class MoE(nnx.Module):
                              std=config.initializer_range, rngs=rngs)
         self.experts = Experts(config, dtype=dtype, rngs=rngs,
                                fp8=fp8 is not None and fp8.experts,
-                               activation_scale_ub=fp8.activation_scale_ub if fp8 else None,
-                  l2_prefetch=fp8.l2_prefetch if fp8 else None)
+                               activation_scale_ub=fp8.activation_scale_ub if fp8 else None)
         self.shared_expert = MLP(config, config.intermediate_size, dtype=dtype, rngs=rngs,
                                  fp8=fp8)
 

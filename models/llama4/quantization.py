@@ -31,8 +31,6 @@ import json
 import os
 import re
 
-from jaxattn.kernels.l2_prefetch import L2Prefetch
-
 QUANTIZATIONS = ("fp8",)
 
 
@@ -45,10 +43,6 @@ class Fp8Scheme:
     attention: bool = False  # q/k/v/o projections (see the module docstring)
     # Cap on an activation row's absmax (Meta's activation_scale_ub); None: no cap.
     activation_scale_ub: float | None = None
-    # At decode on Hopper, the row kernel before each FP8 matmul warms that matmul's first
-    # weight tiles in L2 (jaxattn.kernels.l2_prefetch); None: not. Measured slower on the
-    # H200 (benchmarks/NOTES-fp8.md, session 36), so off.
-    l2_prefetch: L2Prefetch | None = None
 
     def __post_init__(self):
         if self.activation_scale_ub is not None and not self.activation_scale_ub > 0:

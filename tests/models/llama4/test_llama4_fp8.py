@@ -255,7 +255,7 @@ def test_fused_row_kernels_in_the_model_match_xla(monkeypatch, moe_step):
     from flax import nnx
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from jaxattn.kernels import fp8_rows, grouped_matmul, l2_prefetch
+    from jaxattn.kernels import fp8_rows, grouped_matmul
 
     config = llama4.Llama4Config.from_hf_dict(dict(
         vocab_size=256, hidden_size=256, intermediate_size=256, intermediate_size_mlp=384,
@@ -273,33 +273,12 @@ def test_fused_row_kernels_in_the_model_match_xla(monkeypatch, moe_step):
     dense, projections = grouped_matmul.dense_fp8, []
     monkeypatch.setattr(grouped_matmul, "dense_fp8", lambda x, w, *a, impl="auto", **k:
                         projections.append(len(w)) or dense(x, w, *a, impl="mosaic", **k))
-    plans, plan = [], l2_prefetch.plan
-    monkeypatch.setattr(l2_prefetch, "plan", lambda t, c: plans.append(t) or plan(t, c))
-    # The row kernels warming the next matmul's weights in L2 (l2_prefetch): the same outputs
-    # (the prefetch CTAs run here, all but the instruction).
-    # (a config of this case's own: no kernel trace cached by another case skips its plan)
-    prefetch = l2_prefetch.L2Prefetch(max_bytes=(1 << 20) + moe_step, ctas=2)
-    warming = llama4.Llama4ForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
-                                       fp8=Fp8Scheme(attention=True, l2_prefetch=prefetch))
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
         fused = model(ids)
-        assert not plans
-        warmed = warming(ids)
-    np.testing.assert_array_equal(np.asarray(warmed), np.asarray(fused))
-    # The weights warmed (each kernel's targets, shapes): the input norm's q/k/v, o's
-    # quantisation's o_proj, the post-attention norm's shared expert's or MLP's gate/up, the
-    # SwiGLU's down (the experts run in XLA here, so the shared expert as an MLP; the by-row
-    # kernel's routed targets: test_decode_moe_runs_rows_in_token_order). Each shape once:
-    # a trace of the kernels serves every layer.
-    warmed_shapes = {tuple(tuple(p.shape for p in t.parts) for t in ts) for ts in plans}
-    mlp = [(((256, 256),) * 2,), (((256, 256),),)]  # the shared expert's gate/up, down
-    if moe_step == 2:  # layer 0 a dense MLP
-        mlp += [(((384, 256),) * 2,), (((256, 384),),)]
-    assert warmed_shapes == {(((256, 256), (128, 256), (128, 256)),), (((256, 256),),), *mlp}
     # attention in and out, the post-attention norm, and each SwiGLU: per layer
-    assert len(calls) >= 8 * config.num_hidden_layers
+    assert len(calls) >= 4 * config.num_hidden_layers
     # q/k/v, o, and the shared expert's or dense MLP's gate/up and down: per layer
-    assert projections == [3, 1, 2, 1] * config.num_hidden_layers * 2  # fused, warmed
+    assert projections == [3, 1, 2, 1] * config.num_hidden_layers
     # The SwiGLU in f32 (XLA rounds each op to bf16) moves some values across e4m3 rounding
     # boundaries: the two paths differ by their quantisation noise (measured 0.034), and
     # are equally far from the bf16 model (0.073 / 0.072 and 0.089 / 0.092).
@@ -318,7 +297,6 @@ def test_decode_moe_runs_rows_in_token_order(monkeypatch, scale_ub):
     from flax import nnx
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from jaxattn.kernels import fp8_rows, l2_prefetch
     from jaxattn.models.llama4 import moe as moe_lib
 
     config = llama4.Llama4Config.from_hf_dict(dict(
@@ -339,29 +317,10 @@ def test_decode_moe_runs_rows_in_token_order(monkeypatch, scale_ub):
         return jax.jit(lambda x: moe(x, valid=valid, gmm_impl=impl))(x)
 
     want = run(moe, x, valid, "xla")  # sorted, the shared expert apart
-    # The same MoE whose SwiGLU kernel warms the down launch's weights in L2: the rows' first
-    # expert and the shared one (l2_prefetch; in interpret mode all but the instruction).
-    warming = moe_lib.MoE(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), fp8=Fp8Scheme(
-        activation_scale_ub=scale_ub, l2_prefetch=l2_prefetch.L2Prefetch(ctas=2)))
-    plans, plan = [], l2_prefetch.plan
-    monkeypatch.setattr(l2_prefetch, "plan", lambda t, c: plans.append(t) or plan(t, c))
-
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
         assert not calls
         got = run(moe, x, valid)
         assert calls == [True, True]  # gate/up, then down, each with the shared expert
-        with monkeypatch.context() as m:  # the row kernels too, as on Hopper
-            use = fp8_rows._use_kernel
-            m.setattr(fp8_rows, "_use_kernel", lambda impl, *a: use("mosaic", *a))
-            plain = run(moe, x, valid)
-            assert not plans
-            np.testing.assert_array_equal(np.asarray(run(warming, x, valid), np.float32),
-                                          np.asarray(plain, np.float32))
-        *_, (routed, shared) = plans  # the SwiGLU's
-        assert [p.shape for p in routed.parts] == [(4, 256, 256)]
-        assert routed.groups.shape == (16,) and shared.groups is None
-        assert [p.shape for p in shared.parts] == [(256, 256)]
-        del calls[2:]  # the last two MoEs' launches
         run(moe, jnp.concatenate([x, x])[:17])  # 17 rows: sorted
         assert len(calls) == 2
         with monkeypatch.context() as m:
