@@ -53,7 +53,8 @@ def cases():
         "the experts' epilogues and sum + residual add + rms_norm + quantize 5120": (
             lambda impl: lambda x, t, w: fr.add_rms_norm_quantize(x, t, w, 1e-5, impl=impl),
             (x, (shared, routed), w)),
-        "o_proj's epilogue + residual add + rms_norm + quantize + top-1 of 16 experts 5120": (
+        "o_proj's epilogue + residual add + rms_norm + quantize + top-1 of 16 experts and "
+        "the rows' scales 5120": (
             lambda impl: lambda x, t, w, r: fr.add_rms_norm_quantize(x, t, w, 1e-5, router=r,
                                                                      impl=impl),
             (x, (shared,), w, router)),

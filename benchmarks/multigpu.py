@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Fp8Scheme(attention=True); 29%% of a batch-1 step's bytes in bf16)")
     p.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"],
                    help="fp8: the FP8 KV cache (about twice the tokens; issue 21's 1M-token run)")
+    p.add_argument("--route-in-norm", action="store_true",
+                   help="FP8 MoE decode steps route their rows in the post-attention norm's "
+                        "kernel (llama4.model.ROUTE_IN_NORM; two launches a layer fewer)")
     p.add_argument("--async-scheduling", default=True, action=argparse.BooleanOptionalAction,
                    help="the engine's async scheduling (off: each step waits for the last)")
     p.add_argument("--skip-alone", action="store_true", help="only the mixed batch")
@@ -385,12 +388,13 @@ def run(args) -> dict:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from jaxattn import parallel
-    from jaxattn.models.llama4 import sharding
+    from jaxattn.models.llama4 import model as llama4_model, sharding
     from jaxattn.serve import memory_plan as memory
     from jaxattn.serve.config import DEFAULT_PAGE_SIZE, EngineConfig
     from jaxattn.serve.engine import LLMEngine
     from jaxattn.serve.model_runner import Llama4Runner
 
+    llama4_model.ROUTE_IN_NORM = args.route_in_norm  # read when the step is traced
     config = _config(args)
     lengths = (tuple(int(x) for x in args.lengths.split(",")) if args.lengths else
                DRY_LENGTHS if args.dry_run else LENGTHS)
@@ -422,7 +426,7 @@ def run(args) -> dict:
            "dtype": dtype, "quantization": args.quantization, "impl": args.impl,
            "fp8_attention": bool(args.quantization and args.fp8_attention),
            "kv_cache_dtype": args.kv_cache_dtype or dtype,
-           "async_scheduling": args.async_scheduling,
+           "async_scheduling": args.async_scheduling, "route_in_norm": args.route_in_norm,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
            "xla_flags": os.environ.get("XLA_FLAGS"),
            "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR"),

@@ -13,7 +13,8 @@ Scout's hidden size, 64 at its intermediate size):
 * :func:`rms_norm_quantize`: HF's RMSNorm, then quantise; both results (the router
   reads the bf16 rows, the FP8 matmuls the quantised ones); :func:`add_rms_norm_quantize`
   adds the residual stream's pending update first and returns the sum too (the residual
-  add was a kernel of its own, twice per layer, where the norm is this kernel);
+  add was a kernel of its own, twice per layer, where the norm is this kernel), and can
+  route an MoE's rows as well (:func:`route_scales`' results, with its router's weight);
 * :func:`swiglu_quantize`: ``silu(gate) * up`` (times a row scale first: the grouped
   matmul leaves its rows' scales to its consumer), then quantise;
 * :func:`route_scales`: a top-1 MoE's routing of the rows (on the router's logits) and the
@@ -112,17 +113,15 @@ def reference_route(h, router, valid=None):
     return logits.max(-1).astype(jnp.float32), jnp.argmax(logits, -1).astype(jnp.int32)
 
 
-def reference_route_scales(h, router, token_scale, valid=None, routing=None):
-    """A top-1 MoE's routing of the normed rows ``h`` [R, K] (:func:`reference_route`, or
-    ``routing`` computed already) as a decode step's by-row experts take it: (each row's
+def reference_route_scales(h, router, token_scale, valid=None):
+    """A top-1 MoE's routing of the normed rows ``h`` [R, K] (:func:`reference_route`) as a
+    decode step's by-row experts take it: (each row's
     expert, int32 [R], E for a padding row; the row scales [2R] f32 of the routed rows'
     input, then the shared expert's). The routed rows are the token's quantised row (scale
     ``token_scale`` [R]) times its router score ``sigmoid(top logit)`` in h's dtype (HF
     scales the experts' input, not their output), folded into the scale; a padding row's
     routed scale is 0 (no product of it counts: :class:`fp8.Unscaled`'s rule)."""
-    top, expert = routing if routing is not None else reference_route(h, router, valid)
-    if routing is not None and valid is not None:
-        expert = jnp.where(valid, expert, router.shape[0])
+    top, expert = reference_route(h, router, valid)
     score = jax.nn.sigmoid(top.astype(jnp.float32)).astype(h.dtype).astype(jnp.float32)
     routed = jnp.where(expert < router.shape[0], token_scale * score, 0.0)
     return expert, jnp.concatenate([routed, token_scale.astype(jnp.float32)])
@@ -156,7 +155,7 @@ def _quantize_chunks(chunks, q_row, s_row, chunk: int, scale_ub, keep=None):
     order), into ``q_row`` [K] / ``s_row`` [1], with :func:`fp8.quantize`'s arithmetic
     (absmax / 448, floored; divide, clip, cast). The chunks combine elementwise first, so
     the warpgroup reduces (through shared memory) once. ``keep`` (a bool scalar) False:
-    the scale stored is 0 (the chunks are zeros then)."""
+    the scale stored is 0 (the chunks are zeros then). Returns the row's scale (as if kept)."""
     amax = jnp.abs(chunks[0])
     for c in chunks[1:]:
         amax = jnp.maximum(amax, jnp.abs(c))
@@ -166,9 +165,30 @@ def _quantize_chunks(chunks, q_row, s_row, chunk: int, scale_ub, keep=None):
     scale = jnp.maximum(amax / fp8.MAX, jnp.float32(fp8.MIN_SCALE))
     for i, c in enumerate(chunks):
         q_row[pl.ds(i * chunk, chunk)] = jnp.clip(c / scale, -fp8.MAX, fp8.MAX).astype(fp8.DTYPE)
-    if keep is not None:
-        scale = jnp.where(keep, scale, jnp.float32(0))
-    s_row[...] = jnp.broadcast_to(scale, (1,))
+    s_row[...] = jnp.broadcast_to(scale if keep is None else
+                                  jnp.where(keep, scale, jnp.float32(0)), (1,))
+    return scale
+
+
+def _top1(logits):
+    """(top logit, its index as int32) of a row's logits (f32 scalars, in order): the first
+    of equal logits wins, as argmax."""
+    best, best_e = logits[0], jnp.int32(0)
+    for e, logit in enumerate(logits[1:], 1):
+        best_e = jnp.where(logit > best, jnp.int32(e), best_e)
+        best = jnp.maximum(best, logit)
+    return best, best_e
+
+
+def _store_route(expert_ref, scales_ref, row, rows: int, top, expert, keep, scale,
+                 num_experts: int, dtype):
+    """:func:`reference_route_scales`' outputs for row ``row`` of ``rows`` from its top
+    logit and expert, whether it is a token (``keep``) and its token scale."""
+    score = (1.0 / (1.0 + jnp.exp(-top))).astype(dtype).astype(jnp.float32)
+    expert_ref[pl.ds(row, 1)] = jnp.broadcast_to(
+        jnp.where(keep, expert, jnp.int32(num_experts)), (1,))
+    scales_ref[pl.ds(row, 1)] = jnp.broadcast_to(jnp.where(keep, scale * score, 0.0), (1,))
+    scales_ref[pl.ds(rows + row, 1)] = jnp.broadcast_to(scale, (1,))
 
 
 def _launch(body, rows: int, out_shapes, name: str):
@@ -221,12 +241,13 @@ def _flat_terms(terms, r: int):
 
 
 @functools.partial(jax.jit, static_argnames=("kinds", "eps", "scale_ub", "config"))
-def _rms_norm_quantize_kernel(x, weight, *terms, router=None, kinds=(), eps, scale_ub,
-                              config: RowsConfig):
+def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=(), eps,
+                              scale_ub, config: RowsConfig):
     """With ``terms`` (:func:`_flat_terms`): normalises ``x + delta``, delta the terms'
     sum (:func:`fp8.sum_terms`'s arithmetic and roundings), and returns that sum first.
-    With ``router`` [E, K] (x's dtype): also :func:`reference_route` of the normed rows,
-    as two more outputs (each row's E dot products reduce over the warpgroup).
+    With ``router`` [E, K] (x's dtype) and ``valid`` [R] int32: also
+    :func:`reference_route_scales` of the normed rows and their FP8 scales, as two more
+    outputs (each row's E dot products reduce over the warpgroup).
 
     Every load comes before the first store: the loads after a store to global memory
     may alias it, so they are not issued ahead of it, and a row's chunks interleaving
@@ -238,7 +259,7 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, kinds=(), eps, sca
 
     def body(row, x_ref, w_ref, *rest):
         term_refs, rest = rest[:len(terms)], rest[len(terms):]
-        r_ref, *rest = rest if router is not None else (None, *rest)
+        r_ref, v_ref, *rest = rest if router is not None else (None, None, *rest)
         sum_ref, *rest = rest if terms else (None, *rest)
         h_ref, q_ref, s_ref, *route_refs = rest
 
@@ -279,35 +300,39 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, kinds=(), eps, sca
         inv = jax.lax.rsqrt(jnp.sum(sq) / k + jnp.float32(eps))
         # HF's roundings: to x's dtype, then times the weight.
         hs = [rounded(rounded(xc * inv) * wc) for xc, wc in zip(xs, ws)]
+        # The sum in x's dtype now: half the registers held across the router's work.
+        sums = [xc.astype(x.dtype) for xc in xs] if delta is not None else None
         if r_ref is not None:  # the router's loads, still before the stores
-            best, best_e = None, None
+            # Every expert's loads and products come first, then the E reductions: each
+            # reduction crosses the warpgroup through shared memory behind a barrier, which
+            # loads are not moved across, so loads between the reductions (session 13's
+            # form) would wait a memory round trip per expert (the likely reason it took
+            # 13.9 us a call against 3.9 without the router; untimed since). Per thread:
+            # E x chunk / 128 f32 partial sums (128 registers at Scout's E=16).
+            dots = []
             for e in range(router.shape[0]):
                 dot = hs[0] * r_ref[e, at[0]].astype(jnp.float32)
                 for a, hc in zip(at[1:], hs[1:]):
                     dot = dot + hc * r_ref[e, a].astype(jnp.float32)
-                logit = jnp.sum(dot).astype(x.dtype).astype(jnp.float32)
-                if best is None:
-                    best, best_e = logit, jnp.int32(0)
-                else:  # strictly greater: the first of equal logits wins, as argmax
-                    best_e = jnp.where(logit > best, jnp.int32(e), best_e)
-                    best = jnp.maximum(best, logit)
-            top_ref, expert_ref = route_refs
-            top_ref[pl.ds(row, 1)] = jnp.broadcast_to(best, (1,))
-            expert_ref[pl.ds(row, 1)] = jnp.broadcast_to(best_e, (1,))
-        if delta is not None:
-            for a, xc in zip(at, xs):
-                sum_ref[row, a] = xc.astype(x.dtype)
+                dots.append(dot)
+            top = _top1([jnp.sum(dot).astype(x.dtype).astype(jnp.float32) for dot in dots])
+            keep = v_ref[row] != 0
+        if sums is not None:
+            for a, sc in zip(at, sums):
+                sum_ref[row, a] = sc
         for a, hc in zip(at, hs):
             h_ref[row, a] = hc.astype(x.dtype)
-        _quantize_chunks(hs, q_ref.at[row], s_ref.at[pl.ds(row, 1)], chunk, scale_ub)
+        scale = _quantize_chunks(hs, q_ref.at[row], s_ref.at[pl.ds(row, 1)], chunk, scale_ub)
+        if r_ref is not None:
+            _store_route(*route_refs, row, r, *top, keep, scale, router.shape[0], x.dtype)
 
     outs = _outs(r, k, x.dtype)
     if terms:
         outs = (jax.ShapeDtypeStruct((r, k), x.dtype), *outs)
     operands = (x, weight, *terms)
     if router is not None:
-        outs += (jax.ShapeDtypeStruct((r,), jnp.float32), jax.ShapeDtypeStruct((r,), jnp.int32))
-        operands = (*operands, router)
+        outs += (jax.ShapeDtypeStruct((r,), jnp.int32), jax.ShapeDtypeStruct((2 * r,), jnp.float32))
+        operands = (*operands, router, valid)
     name = "_".join(["add"] * bool(terms) + ["rms_norm_quantize"] + ["route"] * (router is not None))
     return _launch(body, r, outs, name)(*operands)
 
@@ -350,20 +375,9 @@ def _route_scales_kernel(logits, valid, token_scale, *, dtype):
     r, e = logits.shape
 
     def body(row, l_ref, v_ref, s_ref, expert_ref, scales_ref):
-        best, best_e = None, None
-        for i in range(e):
-            logit = l_ref[row, i].astype(dtype).astype(jnp.float32)
-            if best is None:
-                best, best_e = logit, jnp.int32(0)
-            else:  # strictly greater: the first of equal logits wins, as argmax
-                best_e = jnp.where(logit > best, jnp.int32(i), best_e)
-                best = jnp.maximum(best, logit)
-        keep = v_ref[row] != 0
-        score = (1.0 / (1.0 + jnp.exp(-best))).astype(dtype).astype(jnp.float32)
-        scale = s_ref[row]
-        expert_ref[pl.ds(row, 1)] = jnp.broadcast_to(jnp.where(keep, best_e, jnp.int32(e)), (1,))
-        scales_ref[pl.ds(row, 1)] = jnp.broadcast_to(jnp.where(keep, scale * score, 0.0), (1,))
-        scales_ref[pl.ds(r + row, 1)] = jnp.broadcast_to(scale, (1,))
+        top = _top1([l_ref[row, i].astype(dtype).astype(jnp.float32) for i in range(e)])
+        _store_route(expert_ref, scales_ref, row, r, *top, v_ref[row] != 0, s_ref[row], e,
+                     dtype)
 
     outs = (jax.ShapeDtypeStruct((r,), jnp.int32), jax.ShapeDtypeStruct((2 * r,), jnp.float32))
     return _launch(body, r, outs, "route_scales")(logits, valid, token_scale)
@@ -400,43 +414,52 @@ def rms_norm_quantize(x, weight, eps: float, *, scale_ub: float | None = None,
 
 
 def add_rms_norm_quantize(x, delta, weight, eps: float, *, scale_ub: float | None = None,
-                          router=None, impl: str = "auto", config: RowsConfig = RowsConfig()):
+                          router=None, valid=None, impl: str = "auto",
+                          config: RowsConfig = RowsConfig()):
     """:func:`rms_norm_quantize` of ``x + delta`` (x [..., K]): (the sum, the normed rows,
     their :class:`fp8.Quantized`). ``delta`` is a residual stream's pending update, so its
     add and the norm after it take one launch: an array in x's dtype, or a tuple of terms
     (:func:`fp8.sum_terms`: arrays and FP8 products whose scales, the epilogues of the
     matmuls before, apply here), each taken in x's dtype.
 
-    ``router`` [E, K]: a top-1 MoE router's weight; a fourth result is then its routing
-    of the normed rows, :func:`reference_route` (the router's matmul and top-1 were three
-    small XLA kernels per decode layer)."""
+    ``router`` [E, K] (x [R, K]): a top-1 MoE router's weight; a fourth result is then
+    what a decode step's by-row experts take, :func:`reference_route_scales` of the normed
+    rows with their quantisation's scales: (each row's expert [R], E where ``valid`` [R]
+    is False; the row scales [2R]). That is the router's logits, its top-1 and the rows'
+    scales in this launch, where :func:`route_scales` takes two more."""
     x2, back = _rows(x)
+    if router is not None and x.ndim != 2:
+        raise ValueError(f"add_rms_norm_quantize with a router takes rows [R, K], got {x.shape}")
     terms = tuple(dataclasses.replace(t, dtype=jnp.dtype(x.dtype))
                   if isinstance(t, fp8.Unscaled) else t.astype(x.dtype)
                   for t in (delta if isinstance(delta, tuple) else (delta,)))
     if not _use_kernel(impl, *x2.shape, config):
         total, h, q = reference_add_rms_norm_quantize(x, terms, weight, eps, scale_ub)
-        return (total, h, q) if router is None else (total, h, q, reference_route(h, router))
+        if router is None:
+            return total, h, q
+        return total, h, q, reference_route_scales(h, router, q.scale, valid)
     arrays, kinds = _flat_terms(terms, x2.shape[0])
+    routing = {}
+    if router is not None:
+        valid = jnp.ones(x2.shape[:1], jnp.int32) if valid is None else valid.astype(jnp.int32)
+        routing = dict(router=router.astype(x.dtype), valid=valid)
     total, h, q, s, *route = _rms_norm_quantize_kernel(
-        x2, weight.astype(x.dtype), *arrays,
-        router=None if router is None else router.astype(x.dtype), kinds=kinds,
-        eps=float(eps), scale_ub=scale_ub, config=config)
+        x2, weight.astype(x.dtype), *arrays, **routing, kinds=kinds, eps=float(eps),
+        scale_ub=scale_ub, config=config)
     out = back(total), back(h), fp8.Quantized(back(q), back(s), jnp.dtype(x.dtype))
-    return out if router is None else (*out, tuple(back(a) for a in route))
+    return out if router is None else (*out, tuple(route))
 
 
-def route_scales(h, router, token_scale, valid=None, *, routing=None, impl: str = "auto",
+def route_scales(h, router, token_scale, valid=None, *, impl: str = "auto",
                  config: RowsConfig = RowsConfig()):
     """:func:`reference_route_scales` of ``h`` [R, K] through ``router`` [E, K]: the
     router's logits in XLA (in f32, rounded to h's dtype in the kernel, as the bf16
     Linear's), then the top-1, the score and the rows' scales in one launch where the
     kernel runs (XLA's argmax and the two concatenates around it were three small kernels
-    per decode layer). ``routing``: the top-1 computed already (by the
-    norm's kernel, :func:`add_rms_norm_quantize`); XLA then makes the scales."""
+    per decode layer). :func:`add_rms_norm_quantize` can do all of it in the norm's launch."""
     r = h.shape[0]
-    if routing is not None or not _use_kernel(impl, r, WARPGROUP, config):
-        return reference_route_scales(h, router, token_scale, valid, routing)
+    if not _use_kernel(impl, r, WARPGROUP, config):
+        return reference_route_scales(h, router, token_scale, valid)
     # [R, E] f32 as a product and a row sum: one XLA reduction kernel, where a dot of a
     # decode step's 16 x 16 outputs is a split-K GEMM and its reduction (two launches)
     f32 = jnp.float32

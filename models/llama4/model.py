@@ -31,11 +31,14 @@ from jaxattn.models.llama4.layers import (NO_AXES, Axes, Embedding, Linear, RMSN
 from jaxattn.models.llama4.moe import MLP, MoE
 from jaxattn.models.llama4.quantization import Fp8Scheme
 
-# Whether an FP8 top-1 MoE layer's post-attention norm kernel also routes its rows
-# (fp8_rows.add_rms_norm_quantize(router=)). Off: in a full-size Scout decode step on the
-# H200 that kernel took 13.9 us a call against 3.9 without the router (its 16 dot products
-# reduce over the warpgroup one after another), more than the router's XLA matmul and
-# argmax it replaces (~5.2 us; results/multigpu-2026-12-02-s13-*).
+# Whether a decode step's FP8 MoE layer routes its rows in the post-attention norm's kernel
+# (fp8_rows.add_rms_norm_quantize(router=): the router's logits, top-1 and the rows' scales,
+# where otherwise an XLA reduction and fp8_rows.route_scales' kernel follow the norm: two
+# launches a layer fewer). Off: in session 13's form (top-1 only) that kernel took 13.9 us a
+# call in a full-size Scout decode step on the H200 against 3.9 without the router, more
+# than the ~5.2 us it replaced (results/multigpu-2026-12-02-s13-*); its loads then waited
+# behind each expert's reduction, which the kernel no longer does (session 38, not yet
+# timed: `benchmarks.multigpu --route-in-norm`).
 ROUTE_IN_NORM = False
 
 
@@ -184,10 +187,10 @@ class DecoderLayer(nnx.Module):
         o = attn.out(attend(attn, q, k, v, *written), axes)
         if isinstance(ff, MoE):
             fp8 = ff.experts.fp8 or ff.shared_expert.fp8
-            router = (ff.router.weight[...] if ROUTE_IN_NORM and fp8 and ff.top_k == 1
-                      else None)
-            x, h, hq, *routing = _add_norm(self.post_attention_layernorm, x, (o,), fp8,
-                                           ff.experts.activation_scale_ub, router)
+            route = ROUTE_IN_NORM and x.ndim == 2 and ff.routes_in_norm(x.shape[0], gmm_impl)
+            x, h, hq, *routing = _add_norm(
+                self.post_attention_layernorm, x, (o,), fp8, ff.experts.activation_scale_ub,
+                *((ff.router.weight[...], valid) if route else ()))
             return x, _reduce(ff(h, axes, valid, gmm_impl, xq=hq, defer=True,
                                  routing=routing[0] if routing else None), axes)
         x, h, hq = _add_norm(self.post_attention_layernorm, x, (o,), ff.fp8,
@@ -201,18 +204,20 @@ def _reduce(terms: tuple, axes: Axes) -> tuple:
     return (axes.psum(fp8_lib.sum_terms(terms)),) if axes.model else terms
 
 
-def _add_norm(norm: RMSNorm, x, delta, fp8: bool, scale_ub, router=None):
+def _add_norm(norm: RMSNorm, x, delta, fp8: bool, scale_ub, router=None, valid=None):
     """(``x + delta``, or x when delta is None; ``norm`` of it; its per-token FP8
     quantisation for the FP8 matmuls after it, or None without them): one kernel for all
     three at decode (:mod:`fp8_rows`). ``delta``: a tuple of terms (:func:`fp8_lib.sum_terms`).
-    ``router`` (FP8, with a delta): a top-1 router's weight; its routing comes fourth."""
+    ``router`` (FP8, with a delta): a top-1 router's weight; the rows' routing comes fourth
+    (:meth:`MoE.__call__`'s ``routing``; ``valid``: which rows are tokens)."""
     if not fp8:
         x = x if delta is None else x + fp8_lib.sum_terms(delta)
         return x, norm(x), None
     if delta is None:
         return x, *fp8_rows.rms_norm_quantize(x, norm.weight[...], norm.eps, scale_ub=scale_ub)
     return fp8_rows.add_rms_norm_quantize(x, delta, norm.weight[...], norm.eps,
-                                          scale_ub=scale_ub, router=router)
+                                          scale_ub=scale_ub, router=router,
+                                          valid=None if valid is None else valid.reshape(-1))
 
 
 class Llama4TextModel(nnx.Module):

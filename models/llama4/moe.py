@@ -185,8 +185,9 @@ class MoE(nnx.Module):
         ``xq``: ``x`` quantised already (FP8 experts; the norm before can do both at once).
         ``defer``: the two outputs unsummed, (shared, routed), each an array or an FP8
         :class:`fp8_lib.Unscaled` product: the residual add's kernel scales and sums them.
-        ``routing``: top-1 only, the router's (top logit f32, expert int32) for x's rows
-        computed already (:func:`fp8_rows.reference_route`; the norm's kernel can).
+        ``routing``: where :meth:`routes_in_norm`, x's rows routed already as
+        :func:`fp8_rows.route_scales` routes them, (expert [N], row scales [2N]): the norm's
+        kernel before can (:func:`fp8_rows.add_rms_norm_quantize` with the router's weight).
 
         ``valid`` (bool, x's leading shape): rows that are tokens. The others (a step's
         bucket padding) go to no expert, so the grouped matmuls skip them: a batch-1
@@ -195,29 +196,28 @@ class MoE(nnx.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         n, k = x.shape[0], self.top_k
-        if routing is not None and k != 1:
-            raise ValueError(f"routing given for top-{k}: top-1 only")
+        if routing is not None and not self.routes_in_norm(n, gmm_impl):
+            raise ValueError(f"routing given for {n} rows that the decode step's by-row "
+                             f"experts do not take (top-{k})")
         if self.experts.fp8 and xq is None:
             xq = fp8_rows.quantize(x, scale_ub=self.experts.activation_scale_ub)
         if xq is not None:  # rows as x's: [N, H] values, [N] scales
             xq = fp8_lib.Quantized(xq.values.reshape(x.shape), xq.scale.reshape(-1), xq.dtype)
-        if (self._by_row(n, gmm_impl) and self._with_shared(n)
-                and self.experts.activation_scale_ub is None):
-            # A decode step's MoE: the routing and the rows' scales in one kernel, then the
-            # experts' two launches (the shared expert's rows among the routed ones).
-            expert, scales = fp8_rows.route_scales(
+        if self.routes_in_norm(n, gmm_impl):
+            # A decode step's MoE: the routing and the rows' scales in one kernel (or the
+            # norm's before), then the experts' two launches (the shared expert's rows among
+            # the routed ones).
+            expert, scales = routing if routing is not None else fp8_rows.route_scales(
                 x, self.router.weight[...], xq.scale,
-                None if valid is None else valid.reshape(-1), routing=routing)
+                None if valid is None else valid.reshape(-1))
             rows = fp8_lib.Quantized(xq.values, scales, xq.dtype)
             terms = (self.experts(rows, None, gmm_impl, row_experts=expert,
                                   shared=self.shared_expert).reshape(shape),)
             return terms if defer else fp8_lib.sum_terms(terms)
-        masked = routing is None and k == 1  # padding rows routed to no expert already
+        masked = k == 1  # padding rows routed to no expert already
         if masked:  # Scout: a max and an argmax fuse with the router
-            routing = fp8_rows.reference_route(
-                x, self.router.weight[...], None if valid is None else valid.reshape(-1))
-        if routing is not None:
-            top_logit, top_expert = (a.reshape(n, 1) for a in routing)
+            top_logit, top_expert = (a.reshape(n, 1) for a in fp8_rows.reference_route(
+                x, self.router.weight[...], None if valid is None else valid.reshape(-1)))
         else:  # top_k is a sort kernel
             logits = self.router(x)
             top_logit, top_expert = lax.top_k(logits, k)  # [N, k]
@@ -267,6 +267,13 @@ class MoE(nnx.Module):
             return False
         i, h = e.gate_proj.shape[1:]  # [E, I, H]
         return resolve_fp8(gmm_impl, h, i) == resolve_fp8(gmm_impl, i, h) == "mosaic"
+
+    def routes_in_norm(self, n: int, gmm_impl: str) -> bool:
+        """Whether a call on ``n`` rows takes its routing as :func:`fp8_rows.route_scales`
+        gives it (the ``routing`` argument): a decode step's by-row experts with the shared
+        expert in their launches, uncapped activations."""
+        return (self._by_row(n, gmm_impl) and self._with_shared(n)
+                and self.experts.activation_scale_ub is None)
 
     def _with_shared(self, n: int) -> bool:
         """Whether the by-row experts take the shared expert into their launches

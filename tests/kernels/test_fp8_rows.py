@@ -168,39 +168,56 @@ def test_add_rms_norm_quantize_sums_a_stacked_term(interpret, rows):
     assert stacked.reshape(1, rows, k).values.shape == (2, 1, rows, k)
 
 
-def _assert_routes(route, h, router):
-    """The kernel's top-1 routing of ``h`` is the XLA router's: the top logit within a
-    bf16 rounding (the dot products sum in another order), the expert the same wherever
-    the exact logits' top two are more than that apart."""
-    top, expert = (np.asarray(a) for a in route)
-    want_top, want_expert = (np.asarray(a) for a in fr.reference_route(h, router))
-    np.testing.assert_allclose(top, want_top, rtol=2**-7, atol=1e-6)
-    exact = np.asarray(h, np.float64).reshape(-1, h.shape[-1]) @ np.asarray(
-        router, np.float64).T
+def _assert_route_scales(route, h, router, token_scale, valid=None):
+    """``route`` (each row's expert, the row scales [2R]) is XLA's
+    :func:`fr.reference_route_scales` of ``h``: the expert the same wherever the exact
+    logits' top two are more than a bf16 rounding apart (the dot products sum in another
+    order), the routed rows' scale within an ulp of the bf16 score there, padding rows
+    (``valid`` False) at expert E with a routed scale of 0, the shared rows' scales the
+    token scales as they are."""
+    expert, scales = (np.asarray(a) for a in route)
+    want_expert, want_scales = (np.asarray(a) for a in
+                                fr.reference_route_scales(h, router, token_scale, valid))
+    rows, e = h.shape[0], router.shape[0]
+    assert expert.dtype == np.int32 and scales.dtype == np.float32 and scales.shape == (2 * rows,)
+    exact = np.asarray(h, np.float64) @ np.asarray(router, np.float64).T
     top2 = np.sort(exact, -1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0] > 2**-6 * np.abs(top2[:, 1])).reshape(expert.shape)
-    assert clear.mean() > 0.5
-    np.testing.assert_array_equal(expert[clear], want_expert[clear])
-    assert expert.dtype == np.int32 and top.dtype == np.float32
+    clear = top2[:, 1] - top2[:, 0] > 2**-6 * np.abs(top2[:, 1])
+    pad = np.zeros(rows, bool) if valid is None else ~np.asarray(valid)
+    assert (clear | pad).mean() > 0.5
+    np.testing.assert_array_equal(expert[clear | pad], want_expert[clear | pad])
+    np.testing.assert_allclose(scales[:rows][clear], want_scales[:rows][clear], rtol=2**-7)
+    assert (expert[pad] == e).all() and not scales[:rows][pad].any()
+    assert (expert[~pad] < e).all() and scales[:rows][~pad].all()
+    np.testing.assert_array_equal(scales[rows:], np.asarray(token_scale, np.float32))
 
 
 @pytest.mark.parametrize("rows", [1, 16])
 def test_add_rms_norm_quantize_routes_top_1(interpret, rows):
-    """With a router weight the kernel also routes the normed rows (an MoE's top-1)."""
+    """With a router weight the kernel also routes the normed rows (an MoE's top-1) and
+    scales them as :func:`fr.route_scales` does, padding rows to no expert."""
     k = 640
     x = jax.random.normal(jax.random.key(9), (rows, k), jnp.bfloat16) * 3
     w = jax.random.uniform(jax.random.key(10), (k,), jnp.bfloat16, 0.5, 1.5)
     router = jax.random.normal(jax.random.key(12), (16, k), jnp.bfloat16) * 0.05
     terms = _update_terms(rows, k)
+    valid = jnp.arange(rows) % 5 != 3 if rows > 1 else None
     total, h, q, route = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router,
-                                                  impl="mosaic", config=SMALL)
+                                                  valid=valid, impl="mosaic", config=SMALL)
     want = fr.add_rms_norm_quantize(x, terms, w, 1e-5, impl="mosaic", config=SMALL)
     for got, ref in zip((total, h, q.values, q.scale),
                         (want[0], want[1], want[2].values, want[2].scale)):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
-    _assert_routes(route, h, router)
-    xla = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router, impl="xla")
-    _assert_routes(xla[3], xla[1], router)
+    _assert_route_scales(route, h, router, q.scale, valid)
+    xla = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router, valid=valid, impl="xla")
+    _assert_route_scales(xla[3], xla[1], router, xla[2].scale, valid)
+
+
+def test_add_rms_norm_quantize_refuses_a_router_on_unflattened_rows():
+    x = jnp.zeros((2, 3, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="rows"):
+        fr.add_rms_norm_quantize(x, x, jnp.ones(256, jnp.bfloat16), 1e-5,
+                                 router=jnp.zeros((16, 256), jnp.bfloat16))
 
 
 def test_reference_route_sends_padding_rows_to_no_expert():
@@ -295,9 +312,9 @@ def test_kernels_lower_for_cuda_at_scout_shapes(rows):
         (lambda x, w: fr.add_rms_norm_quantize(x, _update_terms(rows, 5120), w, 1e-5,
                                                impl="mosaic"),
          (bf16(rows, 5120), bf16(5120))),
-        (lambda x, w, r: fr.add_rms_norm_quantize(x, _update_terms(rows, 5120), w, 1e-5,
-                                                  router=r, impl="mosaic"),
-         (bf16(rows, 5120), bf16(5120), bf16(16, 5120))),
+        (lambda x, w, r, v: fr.add_rms_norm_quantize(x, _update_terms(rows, 5120), w, 1e-5,
+                                                     router=r, valid=v, impl="mosaic"),
+         (bf16(rows, 5120), bf16(5120), bf16(16, 5120), jax.ShapeDtypeStruct((rows,), jnp.bool_))),
         (lambda x, w: fr.add_rms_norm_quantize(x, (_stacked_terms(rows, 5120),), w, 1e-5,
                                                impl="mosaic"),
          (bf16(rows, 5120), bf16(5120))),
@@ -311,6 +328,29 @@ def test_kernels_lower_for_cuda_at_scout_shapes(rows):
     for f, args in cases:
         assert "mosaic_gpu" in jax.export.export(jax.jit(f), platforms=["cuda"])(
             *args).mlir_module()
+
+
+def test_router_loads_come_before_its_reductions(monkeypatch):
+    """The norm kernel's router issues every global load before the first barrier of its 16
+    reductions (a cross-warpgroup reduction syncs through shared memory, and no load moves
+    across a ``bar.sync``): read from the kernel's Mosaic module as lowered for CUDA. The
+    norm's own reduction (two barriers) comes before them; session 13's form, a load burst
+    between each expert's reductions, had 32."""
+    from jax.experimental.mosaic.gpu import core
+
+    modules, lower = [], core.lower_mgpu_module
+    monkeypatch.setattr(core, "lower_mgpu_module", lambda module, *a, **k: (
+        lower(module, *a, **k), modules.append(str(module)))[0])
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    jax.export.export(jax.jit(lambda x, d, w, r: fr.add_rms_norm_quantize(
+        x, d, w, 1e-5, router=r, impl="mosaic")), platforms=["cuda"])(
+        bf16(16, 5120), bf16(16, 5120), bf16(5120), bf16(16, 5120))
+    lines = modules[-1].splitlines()
+    loads = [i for i, line in enumerate(lines) if "vector.load" in line
+             and "address_space<workgroup>" not in line]  # from global memory
+    barriers = [i for i, line in enumerate(lines) if "bar.sync" in line]
+    assert len(loads) >= 16 * 5 and len(barriers) >= 2 * 16
+    assert sum(b < loads[-1] for b in barriers) == 2
 
 
 @pytest.mark.gpu
@@ -342,13 +382,15 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
         h_xla / jnp.linalg.norm(h_xla, axis=-1, keepdims=True))
     router = (jax.random.normal(jax.random.key(12), (16, 5120)) * 0.02 + 0.1 * push
               ).astype(jnp.bfloat16)
+    valid = jnp.arange(rows) != 1  # row 1 (where there is one): bucket padding
     total, h3, q3, route = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router,
-                                                    impl="mosaic")
+                                                    valid=valid, impl="mosaic")
     np.testing.assert_array_equal(np.asarray(total, np.float32),
                                   np.asarray(x + fp8.sum_terms(terms), np.float32))
     _assert_quantises(q3, h3)
-    _assert_routes(route, h3, router)
-    valid = jnp.arange(rows) != 1  # row 1 (where there is one): bucket padding
+    _assert_route_scales(route, h3, router, q3.scale, valid)
+    np.testing.assert_array_equal(route[0], fr.reference_route_scales(h3, router, q3.scale,
+                                                                      valid)[0])  # all clear
     expert, scales = fr.route_scales(h3, router, q3.scale, valid, impl="mosaic")
     want_expert, want_scales = fr.reference_route_scales(h3, router, q3.scale, valid)
     np.testing.assert_array_equal(expert, want_expert)  # every row's top-1 is clear
@@ -393,17 +435,3 @@ def test_route_scales_kernel_equals_xla(interpret, rows):
         assert (np.asarray(expert)[pad] == e).all() and not np.asarray(scales)[:rows][pad].any()
         assert (np.asarray(expert)[~pad] < e).all() and np.asarray(scales)[:rows][~pad].all()
     assert int(expert[0]) == 2
-
-
-def test_route_scales_routing_given_masks_padding():
-    """With the top-1 computed already (the norm kernel's), padding rows still go to no
-    expert with a routed scale of 0."""
-    h = jax.random.normal(jax.random.key(23), (4, 256), jnp.bfloat16)
-    router = jax.random.normal(jax.random.key(24), (16, 256), jnp.bfloat16) * 0.05
-    routing = fr.reference_route(h, router)
-    valid = jnp.asarray([True, False, True, False])
-    scale = jnp.ones((4,), jnp.float32)
-    expert, scales = fr.route_scales(h, router, scale, valid, routing=routing)
-    want = fr.reference_route_scales(h, router, scale, valid)
-    np.testing.assert_array_equal(expert, want[0])
-    np.testing.assert_array_equal(scales, want[1])

@@ -159,7 +159,8 @@ def _serve_steps(model, bounds, steps, kv_dtype) -> tuple:
     return np.concatenate(out), kv
 
 
-def test_fp8_decode_step_kernels_match_xla(monkeypatch):
+@pytest.mark.parametrize("route_in_norm", [False, True])
+def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm):
     """The FP8 model's serving step on the Hopper kernels (a decode step's 16-row bucket:
     the routing kernel, the by-row experts with the shared expert in their launches, the
     row kernels, the decode attention), padding rows included, a prefill step then four
@@ -170,7 +171,8 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch):
     The FP8 paths differ from each other by less than either differs from bf16 but far from
     bit for bit: in this toy model FP8 moves the logits by 16-19% rms (a top-1 routing flip in
     one row moves it by 1.3), and both paths requantise rows after their own bf16 roundings
-    (NOTES-fp8.md, session 23)."""
+    (NOTES-fp8.md, session 23). ``route_in_norm``: the MoE layers' rows routed and scaled
+    in the post-attention norm's kernel (``ROUTE_IN_NORM``) instead of the routing kernel."""
     from jaxattn.kernels import common, fp8_rows
     from jaxattn.models.llama4.quantization import Fp8Scheme
     from jaxattn.serve.config import EngineConfig
@@ -193,11 +195,17 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch):
             m.setattr(common, "on_hopper", lambda: on_gpu)
             return _serve_steps(model, bounds, steps, jnp.bfloat16)[0]
 
+    monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", route_in_norm)
     calls, route_kernel = [], fp8_rows._route_scales_kernel
     monkeypatch.setattr(fp8_rows, "_route_scales_kernel",
                         lambda *a, **k: calls.append(1) or route_kernel(*a, **k))
+    norms, norm_kernel = [], fp8_rows._rms_norm_quantize_kernel
+    monkeypatch.setattr(fp8_rows, "_rms_norm_quantize_kernel",
+                        lambda *a, **k: norms.append(k.get("router") is not None)
+                        or norm_kernel(*a, **k))
     got, again = run(fp8_model, True), run(fp8_model, True)
-    assert calls, "the decode step did not take the routing kernel"
+    # the decode steps' routing: the routing kernel's, or the norm's kernel's
+    assert bool(calls) != route_in_norm and any(norms) == route_in_norm
     xla, ref = run(fp8_model, False), run(bf16_model, False)
     assert np.isfinite(got).all()
     np.testing.assert_array_equal(got, again)  # deterministic
