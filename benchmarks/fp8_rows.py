@@ -4,7 +4,8 @@
 
 For each call a decode step of full-size Scout makes per layer (16 rows: the smallest
 token bucket; hidden 5120, intermediate 8192, and TP=2's 4096 halves) the Mosaic kernel
-and the XLA composition run alternately for ``--rounds`` rounds; each round's time is the
+and the XLA composition (for the routing norm: the step's default, the norm's kernel then
+``route_scales``) run alternately for ``--rounds`` rounds; each round's time is the
 call's GPU kernel time (CUPTI), and the XLA path's kernel count is reported beside it.
 Kernel time leaves out what a launch costs between kernels inside a CUDA graph (~1 us
 each, the fused kernels' other saving), so a tie here is a win in the step.
@@ -58,11 +59,26 @@ def cases():
             lambda impl: lambda x, t, w, r: fr.add_rms_norm_quantize(x, t, w, 1e-5, router=r,
                                                                      impl=impl),
             (x, (shared,), w, router)),
+        # The decode step's routing as it runs by default (ROUTE_IN_NORM off): the norm's
+        # kernel, then the router's XLA reduction and the routing kernel. (Its "xla" column.)
+        "residual add + rms_norm + quantize, then route_scales, against all in the norm's "
+        "kernel 5120": (
+            lambda impl: (lambda x, t, w, r: fr.add_rms_norm_quantize(
+                x, t, w, 1e-5, router=r, impl="mosaic")) if impl == "mosaic" else (
+                lambda x, t, w, r: _norm_then_route(x, t, w, r)),
+            (x, (shared,), w, router)),
         "swiglu + quantize 2x8192, row scales (routed)": (
             lambda impl: lambda g, r: fr.swiglu_quantize(g, None, r, impl=impl), (gu, rs)),
         "swiglu + quantize 4096 (shared, TP=2)": (
             lambda impl: lambda g, u: fr.swiglu_quantize(g, u, impl=impl), (g2, u2)),
     }
+
+
+def _norm_then_route(x, terms, w, router):
+    from jaxattn.kernels import fp8_rows as fr
+
+    total, h, q = fr.add_rms_norm_quantize(x, terms, w, 1e-5, impl="mosaic")
+    return total, h, q, fr.route_scales(h, router, q.scale, impl="mosaic")
 
 
 def kernel_count(f, args) -> int:
