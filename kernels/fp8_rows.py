@@ -331,7 +331,8 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=
         outs = (jax.ShapeDtypeStruct((r, k), x.dtype), *outs)
     operands = (x, weight, *terms)
     if router is not None:
-        outs += (jax.ShapeDtypeStruct((r,), jnp.int32), jax.ShapeDtypeStruct((2 * r,), jnp.float32))
+        outs += (jax.ShapeDtypeStruct((r,), jnp.int32),  # each row's expert, its scales
+                 jax.ShapeDtypeStruct((2 * r,), jnp.float32))
         operands = (*operands, router, valid)
     name = "_".join(["add"] * bool(terms) + ["rms_norm_quantize"] + ["route"] * (router is not None))
     return _launch(body, r, outs, name)(*operands)
