@@ -202,7 +202,11 @@ def _launch(body, rows: int, out_shapes, name: str):
 
     kernel.__name__ = kernel.__qualname__ = name
 
-    return plgpu.kernel(kernel, out_type=out_shapes, grid=(rows,), grid_names=("rows",))
+    # No automatic barriers around stores: Pallas puts a warpgroup barrier before and after
+    # every ref store (for stores other threads read back), two per output chunk here, and
+    # these kernels never read what they store; their reductions sync on their own.
+    return plgpu.kernel(kernel, out_type=out_shapes, grid=(rows,), grid_names=("rows",),
+                        compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True))
 
 
 def _outs(r, k, dtype=None):

@@ -330,27 +330,57 @@ def test_kernels_lower_for_cuda_at_scout_shapes(rows):
             *args).mlir_module()
 
 
-def test_router_loads_come_before_its_reductions(monkeypatch):
-    """The norm kernel's router issues every global load before the first barrier of its 16
-    reductions (a cross-warpgroup reduction syncs through shared memory, and no load moves
-    across a ``bar.sync``): read from the kernel's Mosaic module as lowered for CUDA. The
-    norm's own reduction (two barriers) comes before them; session 13's form, a load burst
-    between each expert's reductions, had 32."""
+def _mosaic_module(monkeypatch, f, *args) -> list[str]:
+    """The lines of ``f``'s (last) Mosaic GPU kernel as lowered for CUDA by Pallas and
+    Mosaic's Python passes, before the C++ ones: the order of its loads, stores and
+    ``bar.sync`` barriers as the GPU compiler gets them."""
     from jax.experimental.mosaic.gpu import core
 
     modules, lower = [], core.lower_mgpu_module
     monkeypatch.setattr(core, "lower_mgpu_module", lambda module, *a, **k: (
         lower(module, *a, **k), modules.append(str(module)))[0])
+    jax.export.export(jax.jit(f), platforms=["cuda"])(*args)
+    return modules[-1].splitlines()
+
+
+def _global_loads(lines):
+    return [i for i, line in enumerate(lines) if "vector.load" in line
+            and "address_space<workgroup>" not in line]
+
+
+def _barriers(lines):
+    return [i for i, line in enumerate(lines) if "bar.sync" in line]
+
+
+def test_router_loads_come_before_its_reductions(monkeypatch):
+    """The norm kernel's router issues every global load before the first barrier of its 16
+    reductions (a cross-warpgroup reduction syncs through shared memory, and no load moves
+    across a ``bar.sync``). The norm's own reduction (two barriers) comes before them;
+    session 13's form, a load burst between each expert's reductions, had 32."""
     bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
-    jax.export.export(jax.jit(lambda x, d, w, r: fr.add_rms_norm_quantize(
-        x, d, w, 1e-5, router=r, impl="mosaic")), platforms=["cuda"])(
-        bf16(16, 5120), bf16(16, 5120), bf16(5120), bf16(16, 5120))
-    lines = modules[-1].splitlines()
-    loads = [i for i, line in enumerate(lines) if "vector.load" in line
-             and "address_space<workgroup>" not in line]  # from global memory
-    barriers = [i for i, line in enumerate(lines) if "bar.sync" in line]
+    lines = _mosaic_module(monkeypatch, lambda x, d, w, r: fr.add_rms_norm_quantize(
+        x, d, w, 1e-5, router=r, impl="mosaic"), bf16(16, 5120), bf16(16, 5120), bf16(5120),
+        bf16(16, 5120))
+    loads, barriers = _global_loads(lines), _barriers(lines)
     assert len(loads) >= 16 * 5 and len(barriers) >= 2 * 16
     assert sum(b < loads[-1] for b in barriers) == 2
+
+
+@pytest.mark.parametrize("kernel,reductions", [("quantize", 1), ("add_rms_norm_quantize", 2),
+                                               ("swiglu_quantize", 1)])
+def test_row_kernels_sync_only_in_their_reductions(monkeypatch, kernel, reductions):
+    """No barrier around the kernels' stores (Pallas's automatic ones were two per output
+    chunk: 36 in the norm kernel at Scout's width, 2 x 15 of them for its stores), only the
+    two each cross-warpgroup reduction takes (the norm's and the quantisation's absmax)."""
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    f, args = {
+        "quantize": (lambda x: fr.quantize(x, impl="mosaic"), (bf16(16, 5120),)),
+        "add_rms_norm_quantize": (lambda x, d, w: fr.add_rms_norm_quantize(
+            x, d, w, 1e-5, impl="mosaic"), (bf16(16, 5120), bf16(16, 5120), bf16(5120))),
+        "swiglu_quantize": (lambda g: fr.swiglu_quantize(g, impl="mosaic"), (bf16(16, 16384),)),
+    }[kernel]
+    lines = _mosaic_module(monkeypatch, f, *args)
+    assert len(_barriers(lines)) == 2 * reductions
 
 
 @pytest.mark.gpu
