@@ -352,20 +352,11 @@ def test_decode_step_routed_in_the_norm_equals_the_routing_kernel(monkeypatch):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     from jaxattn.kernels import common, fp8_rows
-    from jaxattn.serve.config import EngineConfig
 
-    from test_llama4_gpu import _prefill_then_decode_steps, _serve_steps
+    from step_cases import serve_steps, toy_moe_case
 
-    config = llama4.Llama4Config.from_hf_dict(dict(
-        vocab_size=1024, hidden_size=512, intermediate_size=256, intermediate_size_mlp=512,
-        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
-        num_local_experts=4, num_experts_per_tok=1, attention_chunk_size=256,
-        initializer_range=0.05))
-    model = llama4.init_random(config, seed=4, dtype=jnp.bfloat16, fp8=Fp8Scheme(attention=True))
-    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024,
-                          page_size=64).bounds(config)
-    ids = np.random.default_rng(4).integers(0, config.vocab_size, 620).tolist()
-    steps = _prefill_then_decode_steps(ids)[:2]
+    _, model, bounds, steps = toy_moe_case(seed=4)
+    steps = steps[:2]
     monkeypatch.setattr(common, "on_hopper", lambda: True)
     routed, norm_kernel = [], fp8_rows._rms_norm_quantize_kernel
     monkeypatch.setattr(fp8_rows, "_rms_norm_quantize_kernel", lambda *a, **k: routed.append(
@@ -374,7 +365,7 @@ def test_decode_step_routed_in_the_norm_equals_the_routing_kernel(monkeypatch):
     for route in (False, True):
         monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", route)
         with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-            logits[route] = _serve_steps(model, bounds, steps, jnp.bfloat16)[0]
+            logits[route] = serve_steps(model, bounds, steps, jnp.bfloat16)[0]
         assert any(routed) == route  # (traced once per layer: the decode step's norms)
     assert np.isfinite(logits[True]).all()
     np.testing.assert_array_equal(logits[True], logits[False])

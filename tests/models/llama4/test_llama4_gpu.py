@@ -9,6 +9,7 @@ from jaxattn.models import llama4
 
 from attention_cases import assert_fp8_pools_close
 from llama4_fixtures import checkpoint, expected, max_err
+from step_cases import prefill_then_decode_steps, serve_steps, toy_moe_case
 import test_paged_step as serving
 
 pytestmark = pytest.mark.gpu
@@ -128,37 +129,6 @@ def test_bf16_small_chunks_serve_on_gpu(chunk):
         assert np.isfinite(a).all() and rel < 0.05, rel
 
 
-def _prefill_then_decode_steps(ids) -> list:
-    """(bucket, [SeqStep]) of a 512-token step prefilling four sequences of 200, 129, 64 and
-    90 tokens of ``ids`` (4 pages of 64 each), then four decode steps in a 16-row bucket:
-    decode across a page start (64) and just past one (129)."""
-    from jaxattn.serve.batch import SeqStep
-
-    pages = [range(4 * i, 4 * i + 4) for i in range(4)]
-    lens = (200, 129, 64, 90)
-    starts = np.cumsum((0,) + lens)
-    steps = [(512, [SeqStep(ids[a:a + n], 0, p) for a, n, p in zip(starts, lens, pages)])]
-    return steps + [(16, [SeqStep(ids[500 + 4 * d + i:501 + 4 * d + i], n + d, p)
-                          for i, (n, p) in enumerate(zip(lens, pages))]) for d in range(4)]
-
-
-def _serve_steps(model, bounds, steps, kv_dtype) -> tuple:
-    """``steps`` (:func:`_prefill_then_decode_steps`) through the serving step from an empty
-    cache of 16 pages -> (the sequences' logits, stacked, f32; the cache after them)."""
-    from jaxattn.serve import kv_cache as cache
-    from jaxattn.serve import paged_step
-    from jaxattn.serve.batch import build_step
-
-    step = paged_step.make_step_fn(model, bounds)
-    kv = cache.allocate(paged_step.cache_spec(model.config, num_pages=16, page_size=64,
-                                              dtype=kv_dtype))
-    out = []
-    for tokens, seqs in steps:
-        logits, kv = step(kv, build_step(bounds, tokens, seqs, num_pages=16))
-        out.append(np.asarray(logits[:len(seqs)], np.float32))
-    return np.concatenate(out), kv
-
-
 @pytest.mark.parametrize("route_in_norm", [False, True])
 def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm):
     """The FP8 model's serving step on the Hopper kernels (a decode step's 16-row bucket:
@@ -174,26 +144,14 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm):
     (NOTES-fp8.md, session 23). ``route_in_norm``: the MoE layers' rows routed and scaled
     in the post-attention norm's kernel (``ROUTE_IN_NORM``) instead of the routing kernel."""
     from jaxattn.kernels import common, fp8_rows
-    from jaxattn.models.llama4.quantization import Fp8Scheme
-    from jaxattn.serve.config import EngineConfig
 
-    config = llama4.Llama4Config.from_hf_dict(dict(
-        vocab_size=1024, hidden_size=512, intermediate_size=256, intermediate_size_mlp=512,
-        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
-        num_local_experts=4, num_experts_per_tok=1, attention_chunk_size=256,
-        initializer_range=0.05))
-    fp8_model = llama4.init_random(config, seed=4, dtype=jnp.bfloat16,
-                                   fp8=Fp8Scheme(attention=True))
+    config, fp8_model, bounds, steps = toy_moe_case(seed=4)
     bf16_model = llama4.init_random(config, seed=4, dtype=jnp.bfloat16)
-    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024,
-                          page_size=64).bounds(config)
-    ids = np.random.default_rng(4).integers(0, config.vocab_size, 620).tolist()
-    steps = _prefill_then_decode_steps(ids)
 
     def run(model, on_gpu):
         with monkeypatch.context() as m:
             m.setattr(common, "on_hopper", lambda: on_gpu)
-            return _serve_steps(model, bounds, steps, jnp.bfloat16)[0]
+            return serve_steps(model, bounds, steps, jnp.bfloat16)[0]
 
     monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", route_in_norm)
     calls, route_kernel = [], fp8_rows._route_scales_kernel
@@ -247,7 +205,7 @@ def test_fp8_cache_decode_steps_write_the_cache_as_xla_does(monkeypatch):
     bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024,
                           page_size=64, kv_cache_dtype="fp8").bounds(config)
     ids = np.random.default_rng(5).integers(0, config.vocab_size, 620).tolist()
-    steps = _prefill_then_decode_steps(ids)
+    steps = prefill_then_decode_steps(ids)
     # The toy's q/k/v projection is 12 N tiles, too few for the FP8 launch that gives the q/k
     # kernel its joint output: take it anyway (both runs)
     monkeypatch.setattr(grouped_matmul, "DENSE_MIN_N_TILES", 1)
@@ -259,7 +217,7 @@ def test_fp8_cache_decode_steps_write_the_cache_as_xla_does(monkeypatch):
         with monkeypatch.context() as m:
             if not qk_kernel:
                 m.setattr(qk_rows, "_use_kernel", lambda *a: False)
-            return _serve_steps(model, bounds, steps, "fp8")
+            return serve_steps(model, bounds, steps, "fp8")
 
     (got, kv), (want, want_kv) = run(True), run(False)
     assert calls and all(calls), "the decode steps did not write the FP8 cache in the kernel"
