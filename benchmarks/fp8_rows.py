@@ -64,8 +64,7 @@ def cases():
         "residual add + rms_norm + quantize, then route_scales, against all in the norm's "
         "kernel 5120": (
             lambda impl: (lambda x, t, w, r: fr.add_rms_norm_quantize(
-                x, t, w, 1e-5, router=r, impl="mosaic")) if impl == "mosaic" else (
-                lambda x, t, w, r: _norm_then_route(x, t, w, r)),
+                x, t, w, 1e-5, router=r, impl="mosaic")) if impl == "mosaic" else _norm_then_route,
             (x, (shared,), w, router)),
         "swiglu + quantize 2x8192, row scales (routed)": (
             lambda impl: lambda g, r: fr.swiglu_quantize(g, None, r, impl=impl), (gu, rs)),
