@@ -95,6 +95,7 @@ def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
                 fn()
         data = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
     kernels: dict[str, list] = {}
+    starts: dict[str, list] = {}  # each kernel's events on device 0: (start ns, duration ns)
     host: dict[str, list] = {}
     stats: dict[str, dict] = {}  # a kernel's first event's stats: which HLO op launched it
     ops: dict[str, dict] = {}  # the "XLA Ops" line's stats per HLO op (its JAX op name)
@@ -114,6 +115,8 @@ def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
                 t = into.setdefault(ev.name, [0.0, 0])
                 t[0] += ev.duration_ns
                 t[1] += 1
+                if into is kernels:
+                    starts.setdefault(ev.name, []).append((ev.start_ns, ev.duration_ns))
                 if into is kernels and ev.name not in stats:
                     stats[ev.name] = _event_stats(ev)
                     op = ops.get(stats[ev.name].get("hlo_op", ""))
@@ -123,6 +126,8 @@ def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
     def rows(total):
         out = sorted(({"name": k[:100], "ms": round(v[0] / reps / 1e6, 4), "calls": v[1] // reps}
                       | ({"stats": stats[k]} if stats.get(k) else {})
+                      | ({"per_call_us": per_call_us(starts[k], reps)} if k in starts
+                         and v[1] // reps >= PER_CALL_MIN else {})
                       for k, v in total.items()), key=lambda r: -r["ms"])
         return out[:top]
 
@@ -134,6 +139,23 @@ def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
     return {"kernels": rows(kernels), "host": rows(host), "kinds": rows(by_kind),
             "kernel_ms": round(sum(v[0] for v in kernels.values()) / reps / 1e6, 4),
             "kernel_calls": sum(v[1] for v in kernels.values()) // reps}
+
+
+# Kernels called at least this often per call of the profiled function get their time per
+# call index (a step's kernel of every layer: which layers' calls are the slow ones).
+PER_CALL_MIN = 8
+
+
+def per_call_us(events, reps: int) -> list[float] | None:
+    """A kernel's mean time in µs for each of its calls within one call of the profiled
+    function, in launch order: ``events`` its (start ns, duration ns) over ``reps`` calls,
+    each making the same launches. None if the count is not a multiple of ``reps``."""
+    if not events or len(events) % reps:
+        return None
+    times = [d for _, d in sorted(events)]
+    calls = len(times) // reps
+    return [round(sum(times[r * calls + i] for r in range(reps)) / reps / 1e3, 2)
+            for i in range(calls)]
 
 
 def _event_stats(ev) -> dict:

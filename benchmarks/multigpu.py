@@ -332,7 +332,7 @@ def profile_step(engine, config, args, rng, *, prompt_len: int, reps: int,
     """Where an engine step's time goes, host and GPU (benchmarks.common.trace_summary over
     ``reps`` steps of one request of ``prompt_len`` tokens): its decode steps (``decode``:
     once it has its first token) or a prefill step (a chunk in the middle of the prompt)."""
-    from benchmarks.common import trace_summary
+    from benchmarks.common import kernel_kind, trace_summary
     from jaxattn.serve.sampling_params import SamplingParams
 
     engine.add_request("profile", rng.integers(3, config.vocab_size, prompt_len).tolist(),
@@ -342,7 +342,8 @@ def profile_step(engine, config, args, rng, *, prompt_len: int, reps: int,
     t0 = time.perf_counter()
     out = trace_summary(engine.step, reps=reps, top=120)  # one untraced step, then reps
     out.update(steps=reps, prompt_tokens=prompt_len,
-               wall_ms_per_step=1e3 * (time.perf_counter() - t0) / (reps + 1))
+               wall_ms_per_step=1e3 * (time.perf_counter() - t0) / (reps + 1),
+               by_layer_kind=by_layer_kind(out["kernels"], config))
     engine.abort("profile")
     while engine.has_unfinished():
         engine.step()
@@ -357,6 +358,28 @@ def profile_step(engine, config, args, rng, *, prompt_len: int, reps: int,
                                             if r["name"].endswith(("LoadedExecutable::Execute",
                                                                    "ExecuteThunks"))),
           flush=True)
+    attention = {k: v for k, v in out["by_layer_kind"].items() if kernel_kind(k) == "attention"}
+    if attention:
+        print("  attention by layer kind, µs a call: " + "; ".join(
+            f"{k[:-len('_mosaic_gpu_kernel')]}: " + ", ".join(f"{kind} {us}" for kind, us in v.items())
+            for k, v in attention.items()), flush=True)
+    return out
+
+
+def by_layer_kind(kernels: list[dict], config) -> dict:
+    """{kernel: {"global": µs, "chunked": µs}}: the mean time a call of each kernel that runs
+    once per layer (``per_call_us`` of ``num_hidden_layers`` calls, in layer order), over the
+    layers of each attention kind. Past a chunk's length the chunked-local layers read only
+    the live chunk's keys, so one kernel's calls differ by kind."""
+    n = config.num_hidden_layers
+    kinds = ["chunked" if config.layer_chunk_size(i) else "global" for i in range(n)]
+    out = {}
+    for row in kernels:
+        times = row.get("per_call_us")
+        if times and len(times) == n and len(set(kinds)) > 1:
+            out[row["name"]] = {kind: round(sum(t for t, k in zip(times, kinds) if k == kind)
+                                            / kinds.count(kind), 2)
+                                for kind in ("global", "chunked")}
     return out
 
 

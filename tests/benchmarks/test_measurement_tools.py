@@ -194,3 +194,28 @@ def test_paging_table_has_a_column_per_pool():
                                paging=[entry, dict(mode="causal", length=8192, error="boom")]))
     line = next(x for x in md.splitlines() if x.startswith("| chunked 131072"))
     assert line.count("(500, 1.000)") == len(names) and "| causal 8192 | error: boom |" in md
+
+
+def test_per_call_times_follow_launch_order_over_the_reps():
+    """Two reps of a function that launches one kernel three times: each call index's mean,
+    in start order whatever order the trace lists the events in."""
+    events = [(30, 3000), (10, 1000), (20, 2000),  # rep 0 (listed out of order)
+              (110, 3000), (130, 5000), (120, 4000)]  # rep 1
+    assert common.per_call_us(events, reps=2) == [2.0, 3.0, 4.0]
+    assert common.per_call_us(events[:5], reps=2) is None  # a rep lost an event
+
+
+def test_a_layers_kernel_is_split_by_attention_kind():
+    """Scout's pattern (every fourth layer global): the decode kernel's calls in layer order,
+    slow on global layers, averaged per kind; kernels not run once a layer are left out."""
+    from benchmarks import multigpu
+    from jaxattn.models.llama4 import Llama4Config
+
+    config = Llama4Config.from_hf_dict(dict(num_hidden_layers=8))  # HF's Scout defaults
+    assert [config.layer_chunk_size(i) for i in range(8)] == [8192] * 3 + [None] + [8192] * 3 + [None]
+    rows = [{"name": "decode_kernel_mosaic_gpu_kernel",
+             "per_call_us": [5.0, 5.0, 6.0, 20.0, 4.0, 6.0, 4.0, 22.0]},
+            {"name": "sort_45_1", "per_call_us": [1.0] * 2},
+            {"name": "gemm_fusion_dot_general_1"}]
+    assert multigpu.by_layer_kind(rows, config) == {
+        "decode_kernel_mosaic_gpu_kernel": {"global": 21.0, "chunked": 5.0}}
