@@ -348,15 +348,19 @@ def profile_step(engine, config, args, rng, *, prompt_len: int, reps: int,
     while engine.has_unfinished():
         engine.step()
     what = f"batch-1 decode at {prompt_len}" if decode else f"prefill chunk of {prompt_len}"
-    print(f"profile, {what}: {out['kernel_calls']} kernels, {out['kernel_ms']:.2f} ms of GPU "
+    print(f"profile, {what}: {out['kernel_calls']} kernels ({out['mosaic_calls']} Mosaic), "
+          f"{out['kernel_ms']:.2f} ms of GPU "
           f"kernels per step; by kind: "
           + ", ".join(f"{r['name']} {r['ms']:.2f} ms ({r['calls']})" for r in out["kinds"])
           + "; top kernels: "
           + ", ".join(f"{r['name'][:40]} {r['ms']:.2f} ms" for r in out["kernels"][:4])
-          # The host's share: PJRT's execute calls, and XLA's thunks (kernels, graphs) within them.
-          + "; host per step: " + ", ".join(f"{r['name']} {r['ms']:.2f} ms" for r in out["host"]
-                                            if r["name"].endswith(("LoadedExecutable::Execute",
-                                                                   "ExecuteThunks"))),
+          # The host's share: PJRT's execute calls, and XLA's thunks (kernels, graphs) within
+          # them: their prepare and initialize stages, and the graph's launch.
+          + "; host per step: " + ", ".join(
+              f"{r['name']} {r['ms']:.2f} ms" for r in out["host"]
+              if r["name"].endswith(("LoadedExecutable::Execute", "ExecuteThunks",
+                                     "Thunks::Prepare", "Thunks::Initialize"))
+              or r["name"].startswith("cuGraphLaunch")),
           flush=True)
     attention = {k: v for k, v in out["by_layer_kind"].items() if kernel_kind(k) == "attention"}
     if attention:
