@@ -32,8 +32,9 @@ prompts past 10,000 tokens, through the serving engine.
    32, 64): ms per step, output tokens/s and the ratio to the roofline; batches the
    sequence limit or KV cache cannot hold are recorded as skipped.
 7. ``--profile-steps``: a JAX profiler trace of batch-1 decode steps and of one prefill
-   step (GPU kernels by time, host events), and the KV pages still in use after the run
-   (0: nothing leaked). With ``--dump-hlo DIR`` each XLA kernel of the profile also gets
+   step (GPU kernels by time, the Mosaic launches counted apart, host events; the
+   once-a-layer kernels' times per call and by attention kind), and the KV pages still in
+   use after the run (0: nothing leaked). With ``--dump-hlo DIR`` each XLA kernel of the profile also gets
    the ops and source lines it was fused from (a step's kernels run in CUDA graphs, where
    the profiler names no HLO op).
 
