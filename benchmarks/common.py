@@ -139,8 +139,8 @@ def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
     return {"kernels": rows(kernels), "host": rows(host), "kinds": rows(by_kind),
             "kernel_ms": round(sum(v[0] for v in kernels.values()) / reps / 1e6, 4),
             "kernel_calls": sum(v[1] for v in kernels.values()) // reps,
-            # Mosaic's custom calls cost the host more than XLA's fusions: XLA runs each one's
-            # FFI prepare and initialize stages on every execution, even inside a CUDA graph.
+            # Counted apart: a Mosaic custom call has FFI prepare and initialize stages, which
+            # XLA appears to run on every execution (NOTES-fp8.md, session 39).
             "mosaic_calls": sum(v[1] for k, v in kernels.items() if "mosaic" in k) // reps}
 
 

@@ -34,9 +34,9 @@ prompts past 10,000 tokens, through the serving engine.
 7. ``--profile-steps``: a JAX profiler trace of batch-1 decode steps and of one prefill
    step (GPU kernels by time, the Mosaic launches counted apart, host events; the
    once-a-layer kernels' times per call and by attention kind), and the KV pages still in
-   use after the run (0: nothing leaked). With ``--dump-hlo DIR`` each XLA kernel of the profile also gets
-   the ops and source lines it was fused from (a step's kernels run in CUDA graphs, where
-   the profiler names no HLO op).
+   use after the run (0: nothing leaked). With ``--dump-hlo DIR`` each XLA kernel of the
+   profile also gets the ops and source lines it was fused from (a step's kernels run in
+   CUDA graphs, where the profiler names no HLO op).
 
 ``--dry-run`` runs the same script on the CPU with 8 simulated devices, a 4-layer toy
 model with chunk 64 and lengths scaled to it (64, 78, 79, 80, 128, 256, 512, 1024: the
@@ -366,7 +366,7 @@ def profile_step(engine, config, args, rng, *, prompt_len: int, reps: int,
     attention = {k: v for k, v in out["by_layer_kind"].items() if kernel_kind(k) == "attention"}
     if attention:
         print("  attention by layer kind, µs a call: " + "; ".join(
-            f"{k[:-len('_mosaic_gpu_kernel')]}: " + ", ".join(f"{kind} {us}" for kind, us in v.items())
+            f"{k.split('_mosaic')[0]}: " + ", ".join(f"{kind} {us}" for kind, us in v.items())
             for k, v in attention.items()), flush=True)
     return out
 

@@ -212,7 +212,8 @@ def test_a_layers_kernel_is_split_by_attention_kind():
     from jaxattn.models.llama4 import Llama4Config
 
     config = Llama4Config.from_hf_dict(dict(num_hidden_layers=8))  # HF's Scout defaults
-    assert [config.layer_chunk_size(i) for i in range(8)] == [8192] * 3 + [None] + [8192] * 3 + [None]
+    pattern = [8192] * 3 + [None]
+    assert [config.layer_chunk_size(i) for i in range(8)] == pattern * 2
     rows = [{"name": "decode_kernel_mosaic_gpu_kernel",
              "per_call_us": [5.0, 5.0, 6.0, 20.0, 4.0, 6.0, 4.0, 22.0]},
             {"name": "sort_45_1", "per_call_us": [1.0] * 2},
