@@ -32,7 +32,7 @@ import jaxattn
 from benchmarks.common import trace_summary
 from benchmarks.roofline import read_bandwidth
 from jaxattn import planner
-from jaxattn.kernels import common, decode
+from jaxattn.kernels import common, decode, decode_combine, decode_schedule
 
 HQ, HKV, D = 40, 8, 128
 DTYPE = jnp.bfloat16
@@ -111,7 +111,7 @@ def bounds_for(batch, page_size):
 
 # Other forms timed beside the default in the same run: (key, column title, config change).
 OTHERS = [("jaxattn_combine_s18", "combine as in session 18 (one copy per piece since s21)",
-           {"combine": decode.CombineConfig(warpgroups=1, approx_math=False)})]
+           {"combine": decode_combine.CombineConfig(warpgroups=1, approx_math=False)})]
 # Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17; round
 # robin, beside the balanced schedule as the default in session 18's run; the balanced
 # (stream-K) and last-round schedules, measured slower in sessions 18-19 and removed
@@ -137,7 +137,7 @@ def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
     table = jnp.pad(table, ((0, 256 - batch), (0, bounds.pages_per_seq - table.shape[1])))
     plan_fn = jax.jit(lambda cu, kv, n: planner.plan(bounds, cu, kv, n))
     plan = plan_fn(cu, kv_lens, np.int32(batch))
-    meta_fn = jax.jit(lambda items: decode.decode_metadata(items, bounds=bounds, num_tokens=256))
+    meta_fn = jax.jit(lambda items: decode_schedule.decode_metadata(items, bounds=bounds, num_tokens=256))
     md = meta_fn(plan.decode)
     qt = jnp.pad(q.reshape(batch, HQ, D), ((0, 256 - batch), (0, 0), (0, 0)))
     # As the model calls it: the metadata comes with the step's plan (one per step, shared

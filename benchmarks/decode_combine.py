@@ -1,4 +1,4 @@
-"""The decode combine kernel alone: its tunings (``decode.CombineConfig``) side by side.
+"""The decode combine kernel alone: its tunings (``decode_combine.CombineConfig``) side by side.
 
     python -m benchmarks.decode_combine            # on the GPU
     python -m benchmarks.decode_combine --tag s19  # results/decode-combine-<date>-s19.*
@@ -24,10 +24,10 @@ from jax import lax
 from benchmarks.common import gpu_ms, variants_table, write_report
 from benchmarks.decode import HQ, HKV, D, bounds_for
 from jaxattn import planner
-from jaxattn.kernels import common, decode
+from jaxattn.kernels import common, decode, decode_combine, decode_schedule
 
 CASES = [(1, 131072), (1, 32768), (2, 65536), (8, 32768), (32, 8192), (256, 2048)]
-C = decode.CombineConfig
+C = decode_combine.CombineConfig
 VARIANTS = {
     "default": C(),
     "1 warpgroup, exact exp (session 18's, with one copy per piece)": C(
@@ -44,7 +44,7 @@ def bench_case(batch, ctx) -> dict:
     cu = np.minimum(np.arange(t + 1), batch).astype(np.int32)
     kv = np.where(np.arange(t) < batch, ctx, 0).astype(np.int32)
     plan = planner.plan(bounds, cu, kv, np.int32(batch))
-    md = decode.decode_metadata(plan.decode, bounds=bounds, num_tokens=t)
+    md = decode_schedule.decode_metadata(plan.decode, bounds=bounds, num_tokens=t)
     n_part = md.cmeta.shape[0]
     keys = jax.random.split(jax.random.key(0), 2)
     rows = jax.random.normal(keys[0], (n_part, decode.ROWS, D), jnp.float32)
@@ -54,10 +54,10 @@ def bench_case(batch, ctx) -> dict:
     def fn(config):
         def f(rows, lse, cmeta, parents):
             out = jax.new_ref(lax.empty((t, HKV, HQ // HKV, D), jnp.bfloat16))
-            lse_m = decode._combine_call(cmeta, parents, decode.Pieces(rows, lse), out,
-                                         g=HQ // HKV, workers=bounds.num_workers,
-                                         out_dtype=jnp.bfloat16, interpret=False,
-                                         config=config)
+            lse_m = decode_combine.combine_pieces(
+                cmeta, parents, decode_combine.Pieces(rows, lse), out, g=HQ // HKV,
+                workers=bounds.num_workers, out_dtype=jnp.bfloat16, interpret=False,
+                config=config)
             return out[...], lse_m
         return jax.jit(f)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn import planner
-from jaxattn.kernels import common, decode, prefill
+from jaxattn.kernels import common, decode, decode_schedule, prefill
 from jaxattn.kernels.common import DTYPES, HEAD_DIMS, num_sms, on_hopper, supports
 from jaxattn.planner import Bounds, Plan
 
@@ -73,7 +73,7 @@ class KernelPlan(NamedTuple):
 
     plan: Plan
     dec_src: jax.Array
-    dec_meta: decode.DecodeMeta
+    dec_meta: decode_schedule.DecodeMeta
     zero: jax.Array
     first_pages: jax.Array | None = None
 
@@ -87,7 +87,7 @@ def prepare(plan: Plan | KernelPlan, *, bounds: Bounds, num_tokens: int,
         return plan
     zero = jnp.stack([_covered_rows(plan), jnp.int32(num_tokens)]).reshape(1, 2)
     items, src = _compact_decode_items(plan.decode, bounds, num_tokens)
-    meta = decode.decode_metadata(items, bounds=bounds, num_tokens=src.shape[0])
+    meta = decode_schedule.decode_metadata(items, bounds=bounds, num_tokens=src.shape[0])
     first = None
     if page_table is not None:
         per_tile = prefill.tile_pages(bounds.page_size, bounds.block_kv, page_table.shape[1])

@@ -30,17 +30,12 @@ tiles as one contiguous run of the metadata's rows. Per CTA:
   parity of the global step, so each ring slot keeps one consumer) and hands its partial
   softmax state to consumer 0 at the tile's end.
 
-A second, small kernel merges split pieces by log-sum-exp
-(:func:`_combine_call`; a *parent* is an item's key range on one KV head, split by the
-planner) and writes their rows into ``out``: a few
-CTAs per column block take the step's split parents in turn from
-a compact list and stream only the pieces' rows (a decode piece's first 8), so its cost
-follows the real number of parents, pieces and tokens, not the static
-capacity (an XLA merge over the padded partial buffer pays for the whole
-capacity on every call: benchmarks/NOTES-decode.md, v1; a CTA per partial
-slot paid ~8 waves of empty CTAs: v6). Unsplit tiles (short contexts, round robin) never
-touch it. Per-token lse values are
-gathered from the tiles by XLA (``T x Hq`` floats).
+A second, small kernel merges the pieces of split parents by log-sum-exp and writes their
+rows into ``out`` (:mod:`jaxattn.kernels.decode_combine`; a *parent* is an item's key range
+on one KV head, split by the planner); unsplit tiles (short contexts, round robin) never
+touch it. Which CTA runs which tile, and the pieces' slots, come from the step's metadata
+(:mod:`jaxattn.kernels.decode_schedule`). Per-token lse values are gathered from the tiles
+by XLA (``T x Hq`` floats).
 
 FP8 cache (``k_pages``/``v_pages`` float8_e4m3fn with per-token, per-KV-head
 scales, :mod:`jaxattn.kv_quant`): the producer copies each page's scale row next
@@ -70,7 +65,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,60 +72,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxattn import planner
 from jaxattn.kernels import common
+from jaxattn.kernels.decode_combine import CombineConfig, Pieces, combine_pieces
+from jaxattn.kernels.decode_schedule import (KV_END, KV_HEAD, KV_START, PART, Q_LEN, Q_POS,
+                                             Q_START, SEQ, DecodeMeta, decode_metadata)
 from jaxattn.planner import DECODE_TILE_ROWS, Bounds, WorkList
 
 ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
 # Query rows of a narrow tile (DecodeConfig.narrow_tiles): a wgmma N for S^T and O^T.
 NARROW_ROWS = 16
-# Tile metadata columns (one int32 row per tile, read as scalars from GMEM). _PART: the
-# partial slot of a split piece, or -1 - item for an unsplit tile (its lse tile's row).
-_SEQ, _QSTART, _QLEN, _QPOS, _KVSTART, _KVEND, _PART, _KVH = range(8)
 _COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class CombineConfig:
-    """Static tuning of the combine kernel (:func:`_combine_call`).
-
-    cols: head-dim columns per CTA (a parent's rows are split over ``D / cols`` CTAs);
-      widened where a token's rows would not start on a 128-byte boundary
-      (:func:`combine_columns`).
-    warpgroups: warpgroups per CTA; for a parent of ``share_from`` pieces or more,
-      warpgroup w takes pieces w, w + W, ... with a softmax state of its own, and
-      warpgroup 0 merges the W states at the end: W chains of per-piece latency
-      instead of one. Fewer pieces are warpgroup 0's alone.
-    approx_math: the fast (approximate) exp, as the main kernel uses.
-
-    A piece comes in one TMA copy: its first 8 rows for a one-token piece (its G rows
-    rounded up), else all 64, plus its lse (two arrivals on the slot's barrier). The
-    earlier form took one copy per token and a plain arrival for each token it lacked
-    (~11 single-thread arrivals per piece at decode); one copy took 5.5 / 4.0 / 2.7 µs
-    against 6.4 / 4.4 / 3.0 at 1 x 128k / 2 x 64k / 8 x 32k on the H200
-    (benchmarks/results/decode-combine-2026-12-02-s20.md).
-
-    On the H200 (benchmarks/results/decode-combine-2026-12-02-s19.md, the kernel alone)
-    the session-18 form (64 columns, one warpgroup, exact exp) took 8.4 µs at 1 x 128k
-    (8 parents of 16 pieces), 5.1 at 2 x 64k and 2.7 at 8 x 32k (64 parents of 2);
-    two warpgroups 6.7 / 4.4 / 3.1, the fast exp 8.1 / 4.9 / 2.7. Narrower column blocks
-    help few parents (16 columns, 4 warpgroups, fast exp: 5.5 at 1 x 128k) and hurt
-    many (7.9 at 8 x 32k: a quarter as many workers per column block, each paying a
-    parent's fixed latency four times in turn).
-    """
-
-    cols: int = 64
-    warpgroups: int = 2
-    share_from: int = 4
-    approx_math: bool = True
-
-    def __post_init__(self):
-        if self.cols not in (16, 32, 64, 128):
-            raise ValueError(f"CombineConfig.cols={self.cols} must be 16, 32, 64 or 128")
-        if self.warpgroups not in (1, 2, 4):
-            raise ValueError(f"CombineConfig.warpgroups={self.warpgroups} must be 1, 2 or 4")
-        if self.share_from < 2:
-            raise ValueError(f"CombineConfig.share_from={self.share_from} must be >= 2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,18 +211,6 @@ def fit_blocks(config: DecodeConfig, bounds: Bounds) -> DecodeConfig:
     return dataclasses.replace(config, block_kv=64, num_stages=4)
 
 
-def split_capacity(bounds: Bounds, cap_items: int) -> int:
-    """Static bound on the split pieces (tiles whose parent, an item's key range on one KV
-    head, has two or more).
-
-    A parent split into n >= 2 pieces of L keys has work w > L, so n = ceil(w / L) <
-    w / L + 1 < 2 w / L; summing over split parents, pieces < 2 * sum(w) / L <= 2 W because
-    the planner picks L >= sum(w) / W (W = bounds.split_target): at most 2W - 1 items, a
-    tile on each KV head.
-    """
-    return max(1, min(cap_items, 2 * bounds.split_target - 1) * bounds.num_kv_heads)
-
-
 def pick_config(bounds: Bounds, dtype, interpret=False, kv_dtype=None) -> DecodeConfig:
     """The decode config for an engine's bounds; raises ValueError if they cannot be served."""
     fp8 = kv_dtype is not None and jnp.dtype(kv_dtype) == common.FP8_KV
@@ -359,7 +297,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
         def tile_info(i):
             f = lambda col: meta_ref[first_tile + i, col]
-            return f(_KVH), f
+            return f(KV_HEAD), f
 
         def zero_uncovered_rows():
             """Rows no tile covers (padding, other lists' rows) get zeros, the CTAs taking
@@ -387,7 +325,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
             def tile_body(i, step):
                 kvh, f = tile_info(i)
-                seq, q_start, kv_start, kv_end = f(_SEQ), f(_QSTART), f(_KVSTART), f(_KVEND)
+                seq, q_start, kv_start, kv_end = f(SEQ), f(Q_START), f(KV_START), f(KV_END)
 
                 @pl.when(i > 0)
                 def _():
@@ -458,7 +396,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
             def tile_body(i, step):
                 _, f = tile_info(i)
-                kv_start, kv_end = f(_KVSTART), f(_KVEND)
+                kv_start, kv_end = f(KV_START), f(KV_END)
 
                 def block_body(j, step):
                     slot = lax.rem(step, stages)
@@ -584,8 +522,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
             def tile_body(i, step):
                 kvh, f = tile_info(i)
-                q_start, q_len, q_pos = f(_QSTART), f(_QLEN), f(_QPOS)
-                kv_start, kv_end, part = f(_KVSTART), f(_KVEND), f(_PART)
+                q_start, q_len, q_pos = f(Q_START), f(Q_LEN), f(Q_POS)
+                kv_start, kv_end, part = f(KV_START), f(KV_END), f(PART)
 
                 if consumers == 1:
                     stage_q()
@@ -898,322 +836,6 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     return lse_tiles, Pieces(piece_rows, piece_lse)
 
 
-def combine_columns(config: CombineConfig, d: int, g: int, out_dtype) -> int:
-    """Head-dim columns per combine CTA: ``config.cols``, widened until a token's rows
-    (``g * cols`` values) span whole 128-byte units in the output staging buffer (and so in
-    the f32 slots), since token ``tok``'s TMA copies start ``tok * g * cols * itemsize``
-    bytes in and a TMA's SMEM address must be 128-byte aligned. (32 columns at G = 5 in
-    bf16 start token 1 at 320 bytes: a misaligned-address fault on the H200 for
-    multi-token pieces.)"""
-    cw = min(d, config.cols)
-    while cw < d and (g * cw * jnp.dtype(out_dtype).itemsize) % 128:
-        cw *= 2
-    return cw
-
-
-def _combine_call(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: int,
-                  out_dtype, interpret, config: CombineConfig = CombineConfig()):
-    """Merge the split pieces of each parent (an item's key range on one KV head) by
-    log-sum-exp.
-
-    ``parents`` (int32 [1 + n_part]): the number of split parents, then each
-    one's first partial slot. The grid is (w, head-dim column blocks) with
-    ``w`` a few workers that take parents ``w, w + W, ...``: with at most
-    ``workers`` CTAs in all, a step without split parents costs one wave of
-    CTAs that exit at once. Per parent each warpgroup of a CTA streams its share of
-    the pieces (a one-token piece's first 8 rows, else all 64) through a ring of SMEM
-    slots, keeps a running max / sum / weighted O in registers; warpgroup 0 merges the
-    shares and writes the parent's rows into ``out_ref`` (in place, ``out_dtype``). Returns the
-    merged lse tiles [n_part, 64] (row of a parent's first slot).
-    """
-    n_part, _, d = pieces.rows.shape
-    cw = combine_columns(config, d, g, out_dtype)
-    nwg = config.warpgroups
-    one_token_rows = common.cdiv(g, 8) * 8
-    # A piece's load is small (1.25 KiB for one token); depth hides the TMA latency when
-    # one long sequence has W pieces. `ring` slots per warpgroup (a group of barriers holds
-    # at most 32).
-    ring = max(2, min(16, 32 // nwg, (160 * 1024) // (ROWS * cw * 4) // nwg))
-    # Each parent has two pieces or more, so there are at most n_part // 2.
-    n_w = max(1, min(n_part // 2, workers // (d // cw)))
-    reduce_layout = plgpu.Layout.WGMMA.reduce(1)
-
-    def decode_combine_kernel(cmeta_ref, parents_ref, opart_ref, lpart_ref, out_ref,
-                              lse_out_ref, o_buf, l_buf, o_out, full, shares):
-        cols = pl.ds(lax.axis_index("col") * cw, cw)
-        wg = lax.axis_index("wg")
-
-        @pl.loop(lax.axis_index("w"), parents_ref[0], step=n_w)
-        def _(i):
-            merge(parents_ref[1 + i], wg, cols, cmeta_ref, opart_ref, lpart_ref, out_ref,
-                  lse_out_ref, o_buf, l_buf, o_out, full, shares)
-
-    def merge(slot0, wg, cols, cmeta_ref, opart_ref, lpart_ref, out_ref, lse_out_ref, o_buf,
-              l_buf, o_out, full, shares):
-        """One parent: its pieces sit in slots [slot0, slot0 + n); this warpgroup's are
-        slot0 + wg + j * nwg. Every barrier gets as many waits as arrivals, so the
-        ring's phases carry over to the next parent."""
-        n, q_start, q_len, kvh = (cmeta_ref[slot0, i] for i in range(4))
-        # A parent of few pieces is warpgroup 0's alone: handing over states costs more.
-        shared = n >= config.share_from
-        stride = jnp.where(shared, nwg, 1)
-        n_mine = jnp.where(shared, jnp.maximum(n - wg + nwg - 1, 0) // nwg,
-                           jnp.where(wg == 0, n, 0))
-
-        def issue(j):
-            b = wg * ring + lax.rem(j, ring)
-            slot = slot0 + wg + j * stride
-            # A one-token piece's first rows (its g rows, rounded up to 8), else all 64.
-            # Rows past the piece's tokens are whatever the slot holds; rows are
-            # independent and those are never written out.
-            for rows, when in ((pl.ds(0, one_token_rows), q_len == 1),
-                               (pl.ds(0, ROWS), q_len > 1)):
-                pl.when(when)(functools.partial(
-                    plgpu.copy_gmem_to_smem, opart_ref.at[slot, rows, cols],
-                    o_buf.at[b, rows], full.at[b]))
-            plgpu.copy_gmem_to_smem(lpart_ref.at[slot], l_buf.at[b], full.at[b])
-
-        @pl.loop(0, jnp.minimum(n_mine, ring))
-        def _(j):
-            issue(j)
-
-        def step(j, carry):
-            b = wg * ring + lax.rem(j, ring)
-            plgpu.barrier_wait(full.at[b])
-            o = plgpu.load(o_buf.at[b], layout=plgpu.Layout.WGMMA)
-            lse = plgpu.load(l_buf.at[b], layout=reduce_layout)
-
-            @pl.when(j + ring < n_mine)
-            def _():
-                plgpu.commit_smem()  # every thread has read slot b before it is refilled
-                issue(j + ring)
-
-            # Rows of tokens past q_len hold stale data; rows are independent and
-            # those are never written out.
-            return combine(carry, (o, lse))
-
-        state = lax.fori_loop(0, n_mine, step, (
-            plgpu.layout_cast(jnp.zeros((ROWS, cw), jnp.float32), plgpu.Layout.WGMMA),
-            plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), reduce_layout),
-            plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), reduce_layout)))
-        out = (slot0, q_start, q_len, kvh, cols, out_ref, lse_out_ref, l_buf, o_out)
-        if nwg == 1:
-            write(*state, *out)
-            return
-        # Warpgroups 1.. hand their states to warpgroup 0 through SMEM and wait until it
-        # has read them (the next parent's states go to the same place).
-        o_sh, ms_sh, ready, taken = shares
-        pl.when(~shared & (wg == 0))(lambda: write(*state, *out))
-
-        @pl.when(shared & (wg > 0))
-        def _():
-            acc, m, s = state
-            o_sh[wg - 1] = acc
-            ms_sh[wg - 1, 0] = m
-            ms_sh[wg - 1, 1] = s
-            plgpu.barrier_arrive(ready)
-            plgpu.barrier_wait(taken)
-
-        @pl.when(shared & (wg == 0))
-        def _():
-            plgpu.barrier_wait(ready)
-            mine = state
-            for w in range(nwg - 1):
-                # A share is a weighted sum of rows under its own max, its weights' sum s.
-                mine = combine(mine, (plgpu.load(o_sh.at[w], layout=plgpu.Layout.WGMMA),
-                                      plgpu.load(ms_sh.at[w, 0], layout=reduce_layout),
-                                      plgpu.load(ms_sh.at[w, 1], layout=reduce_layout)))
-            plgpu.barrier_arrive(taken)
-            write(*mine, *out)
-
-    def combine(state, piece):
-        """A softmax state (weighted O, max, sum of weights) with a piece added: a
-        normalised piece (o, lse) has one weight, a state's share (o, m, s) weights s."""
-        (acc, m, s), (o, lse, *w_sum) = state, piece
-        m_new = jnp.maximum(m, lse)
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
-        acc = (acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-               + lax.broadcast_in_dim(w, acc.shape, [0]) * o)
-        return acc, m_new, s * alpha + (w * w_sum[0] if w_sum else w)
-
-    def write(acc, m, s, slot0, q_start, q_len, kvh, cols, out_ref, lse_out_ref, l_buf, o_out):
-        seen = s > 0
-        s_safe = jnp.where(seen, s, 1.0)
-        o_out[...] = (acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])).astype(out_dtype)
-        l_buf[0] = jnp.where(seen, m + jnp.log(s_safe), -jnp.inf)
-        plgpu.commit_smem()
-
-        @pl.loop(0, q_len)
-        def _(tok):
-            plgpu.copy_smem_to_gmem(o_out.at[pl.ds(tok * g, g)],
-                                    out_ref.at[q_start + tok, kvh, :, cols])
-
-        @pl.when(lax.axis_index("col") == 0)
-        def _():
-            plgpu.copy_smem_to_gmem(l_buf.at[0], lse_out_ref.at[slot0])
-
-        # The next parent's result and lse go to o_out and slot 0 only after these stores
-        # have read them.
-        plgpu.wait_smem_to_gmem(0)
-
-    if interpret is True:
-        interpret = plgpu.InterpretGPUParams()
-    shares = None if nwg == 1 else (
-        plgpu.SMEM((nwg - 1, ROWS, cw), jnp.float32),  # warpgroups 1..'s weighted O
-        plgpu.SMEM((nwg - 1, 2, ROWS), jnp.float32),  # ... and their max and weight sum
-        plgpu.Barrier(num_arrivals=nwg - 1),  # ready: their states are in SMEM
-        plgpu.Barrier())  # taken: warpgroup 0 has read them
-    return plgpu.kernel(
-        decode_combine_kernel, out_type=jax.ShapeDtypeStruct((n_part, ROWS), jnp.float32),
-        grid=(n_w, d // cw), grid_names=("w", "col"), num_threads=nwg, thread_name="wg",
-        scratch_types=(plgpu.SMEM((nwg * ring, ROWS, cw), jnp.float32),
-                       plgpu.SMEM((nwg * ring, ROWS), jnp.float32),
-                       plgpu.SMEM((ROWS, cw), out_dtype),  # a parent's merged rows
-                       plgpu.Barrier(num_arrivals=2, num_barriers=nwg * ring),  # rows + lse
-                       shares),
-        compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
-        interpret=interpret or None,
-    )(cmeta, parents, pieces.rows, pieces.lse, out_ref)
-
-
-class Pieces(NamedTuple):
-    """What the main kernel leaves the combine kernel: each split piece's rows and lse
-    tile by partial slot."""
-
-    rows: jax.Array  # f32 [n_part, 64, D]: normalised rows (tokens x group heads)
-    lse: jax.Array  # f32 [n_part, 64]
-
-
-class DecodeMeta(NamedTuple):
-    """Kernel metadata derived from the decode work list (once per step, shared by all
-    layers of a kind)."""
-
-    meta: jax.Array  # int32 [tiles, 8]: the tiles CTA by CTA (columns _SEQ.._KVH)
-    cta_start: jax.Array  # int32 [num_ctas + 1]: CTA c runs tiles [cta_start[c], cta_start[c+1])
-    cmeta: jax.Array  # int32 [n_part, 4]: per partial slot (pieces if its parent's first
-    #                   slot else 0, q_start, q_len, KV head)
-    parents: jax.Array  # int32 [1 + n_part]: number of split parents, then their first slots
-    tok_src: jax.Array  # int32 [T, Hkv]: where a token's lse tile is: its item's (>= 0), the
-    #                     merged tile of its parent's first slot (-2 - slot), none (-1)
-    q_start: jax.Array  # int32 [cap]
-    zero_rows: jax.Array  # int32 [1 + T]: how many token rows no tile covers, then those rows
-
-
-def deal_tiles(blocks, num_ctas: int):
-    """Deal (item, KV head) tiles of ``blocks`` [P] KV blocks (0: no tile) to the CTAs,
-    whole tiles in turn in list order (p = item * Hkv + KV head, longest items first): the
-    live tile of rank r goes to CTA r % num_ctas, as its (r // num_ctas)-th, so the CTA that
-    takes tile p runs beside those taking the item's other heads. No sort: the metadata is
-    XLA work on every step's path.
-
-    Two other ways were built and measured slower on the H200, then removed (they are in
-    commit 3ed61af): a balanced (stream-K) schedule, each CTA an equal span of the tiles laid
-    end to end, cut where spans end (2.3-6.8% more GPU time, benchmarks/NOTES-decode.md
-    v10), and round robin's full rounds followed by a balanced last round (2.6-6.5% more at
-    three of four shapes, v11). Cut tiles are pieces the combine kernel merges one by one,
-    ~0.45 µs each (v11).
-
-    Returns the schedule's tiles [P] (tile p, valid) and ``cta_start`` [num_ctas + 1]: CTA c
-    runs schedule tiles [cta_start[c], cta_start[c + 1]).
-    """
-    n_pairs, w = blocks.shape[0], num_ctas
-    live = blocks > 0
-    n = live.sum(dtype=jnp.int32)
-    c = jnp.arange(w + 1, dtype=jnp.int32)
-    cta_start = c * (n // w) + jnp.minimum(c, lax.rem(n, w))
-    rank = jnp.cumsum(live, dtype=jnp.int32) - 1
-    at = cta_start[lax.rem(rank, w)] + rank // w
-    pair = jnp.zeros((n_pairs,), jnp.int32).at[jnp.where(live, at, n_pairs)].set(
-        jnp.arange(n_pairs, dtype=jnp.int32), mode="drop")
-    return pair, jnp.arange(n_pairs) < n, cta_start
-
-
-def _planned_slots(items: WorkList, hkv: int):
-    """int32 [cap, Hkv]: the partial slot of each (item, KV head) of a planner-split item, in
-    order (q_start, KV head, split): a parent of n pieces takes n * Hkv slots from its first
-    piece's, ``base * Hkv``, KV head h the n from ``base * Hkv + h * n``."""
-    cap = items.seq.shape[0]
-    valid = jnp.arange(cap) < items.count
-    is_split = valid & (items.num_splits > 1)
-    qs, k = items.q_start, items.split
-    earlier = is_split[None, :] & ((qs[None, :] < qs[:, None])
-                                   | ((qs[None, :] == qs[:, None]) & (k[None, :] < k[:, None])))
-    base = earlier.sum(axis=1, dtype=jnp.int32) - k  # split items of earlier parents
-    h = jnp.arange(hkv, dtype=jnp.int32)[None, :]
-    return (base * hkv)[:, None] + h * items.num_splits[:, None] + k[:, None]
-
-
-def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
-                    num_ctas: int | None = None) -> DecodeMeta:
-    """Kernel metadata from the work list: small XLA work ahead of the kernels.
-
-    The (item, KV head) tiles are dealt to ``num_ctas`` CTAs (default
-    ``bounds.num_workers``) by :func:`deal_tiles`. A parent (an item's key range on one KV
-    head) is split when the planner split the item; its pieces get slots in the partial
-    buffer in order (q_start, KV head, split), so each parent's are contiguous for the
-    combine kernel.
-    """
-    w = num_ctas or bounds.num_workers
-    cap, hkv, gran = items.seq.shape[0], bounds.num_kv_heads, bounds.block_kv
-    n_part = split_capacity(bounds, cap)
-    item_ok = jnp.arange(cap) < items.count
-    blocks = jnp.where(item_ok, common.cdiv(items.kv_end - items.kv_start, gran), 0)
-    pair, valid, cta_start = deal_tiles(jnp.repeat(blocks, hkv), w)
-    item, kvh = pair // hkv, lax.rem(pair, hkv)
-    kv_start, kv_end, q_start = items.kv_start[item], items.kv_end[item], items.q_start[item]
-    is_split = valid & (items.num_splits[item] > 1)
-    size = is_split.shape[0]
-    tiles = jnp.arange(size, dtype=jnp.int32)
-    planned = _planned_slots(items, hkv)  # [cap, Hkv]
-    slot = planned[item, kvh]
-    # slot < n_part always holds (split_capacity); the guard only keeps a broken
-    # plan from writing out of bounds.
-    is_split &= slot < n_part
-    part = jnp.where(is_split, slot, -1 - item)
-    meta = jnp.stack([items.seq[item], q_start, items.q_len[item], items.q_pos[item], kv_start,
-                      kv_end, part, kvh], axis=1)
-    meta = jnp.where(valid[:, None], meta, 0).astype(jnp.int32)
-    # The partial slots: a parent's first slot holds its piece count.
-    o = jnp.zeros((n_part,), jnp.int32).at[jnp.where(is_split, slot, n_part)].set(
-        tiles, mode="drop")  # the tile in each slot
-    split_o = jnp.arange(n_part) < is_split.sum()  # split tiles fill the first slots
-    key_o = (q_start[o], kvh[o])
-    first = split_o & jnp.concatenate([jnp.ones((1,), bool), (key_o[0][1:] != key_o[0][:-1])
-                                       | (key_o[1][1:] != key_o[1][:-1])])
-    group = jnp.cumsum(first, dtype=jnp.int32) - 1
-    sizes = jnp.zeros((n_part,), jnp.int32).at[jnp.where(split_o, group, n_part)].add(
-        1, mode="drop")
-    cmeta = jnp.stack([jnp.where(first, sizes[jnp.maximum(group, 0)], 0), q_start[o],
-                       items.q_len[item[o]], kvh[o]], axis=1).astype(jnp.int32)
-    # Each (item, KV head)'s lse: its tile's, or the merged tile at its parent's first slot
-    # (that of the piece with split 0, the item whose tokens are kept below).
-    pair_src = jnp.where((items.num_splits > 1)[:, None],
-                         -2 - planned,
-                         jnp.arange(cap, dtype=jnp.int32)[:, None])
-    dq, t = bounds.dq, num_tokens
-    tok = items.q_start[:, None] + jnp.arange(dq)[None, :]
-    keep = (item_ok[:, None] & (items.split[:, None] == 0)
-            & (jnp.arange(dq)[None, :] < items.q_len[:, None]))
-    tok_src = jnp.full((t, hkv), -1, jnp.int32).at[jnp.where(keep, tok, t)].set(
-        jnp.broadcast_to(pair_src[:, None, :], (cap, dq, hkv)), mode="drop")
-    uncovered = tok_src[:, 0] == -1
-    zero_rows = jnp.concatenate([uncovered.sum(dtype=jnp.int32).reshape(1),
-                                 jnp.nonzero(uncovered, size=t, fill_value=0)[0]])
-    return DecodeMeta(meta, cta_start, cmeta, _parents(cmeta), tok_src,
-                      items.q_start.astype(jnp.int32), zero_rows.astype(jnp.int32))
-
-
-def _parents(cmeta):
-    """int32 [1 + n_part]: how many slots hold a parent's first piece, then those slots."""
-    n_part = cmeta.shape[0]
-    first = cmeta[:, 0] > 0
-    at = jnp.where(first, jnp.cumsum(first, dtype=jnp.int32), n_part + 1)
-    return (jnp.zeros((n_part + 1,), jnp.int32)
-            .at[at].set(jnp.arange(n_part, dtype=jnp.int32), mode="drop")
-            .at[0].set(first.sum(dtype=jnp.int32)))
-
-
 def _gather_lse(lse_tiles, lse_merged, md: DecodeMeta, g: int):
     """lse [T, Hq]: token row (t, h) of an item is row t * g + h of its (merged) tile."""
     src = md.tok_src  # [T, Hkv]
@@ -1289,8 +911,8 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
                                              k_scale=k_scale, v_scale=v_scale,
                                              fixed_k_scale=fixed_k_scale,
                                              fixed_v_scale=fixed_v_scale)
-    lse_merged = _combine_call(md.cmeta, md.parents, pieces, out_ref, g=bounds.group,
-                               workers=bounds.num_workers, out_dtype=q.dtype,
-                               interpret=interpret, config=(config or DecodeConfig()).combine)
+    lse_merged = combine_pieces(md.cmeta, md.parents, pieces, out_ref, g=bounds.group,
+                                workers=bounds.num_workers, out_dtype=q.dtype,
+                                interpret=interpret, config=(config or DecodeConfig()).combine)
     return (out_ref[...].reshape(t, hq, d),
             _gather_lse(lse_tiles, lse_merged, md, bounds.group))

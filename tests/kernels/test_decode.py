@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
 
 import jaxattn
 from jaxattn import executor, planner
 from jaxattn.kernels import decode
+from jaxattn.kernels.decode_combine import CombineConfig
 
 from attention_cases import make_ragged_case, naive_ragged
 
@@ -149,9 +149,9 @@ CASES.update({f"{name}_2c": dataclasses.replace(
 # here); one warpgroup and the exact exp, in 16-column CTAs;
 # every parent shared, in 32-column CTAs; 4 warpgroups (one with none of a 2-piece parent's
 # pieces); over parents of 2-3 pieces with multi-token items and of the planner's 4-8.
-_COMBINES = {"c16_wg1": decode.CombineConfig(cols=16, warpgroups=1, approx_math=False),
-             "c32_share2": decode.CombineConfig(cols=32, share_from=2),
-             "wg4": decode.CombineConfig(warpgroups=4, share_from=2)}
+_COMBINES = {"c16_wg1": CombineConfig(cols=16, warpgroups=1, approx_math=False),
+             "c32_share2": CombineConfig(cols=32, share_from=2),
+             "wg4": CombineConfig(warpgroups=4, share_from=2)}
 CASES.update({f"{name}_{tag}": dataclasses.replace(
     CASES[name], config=dataclasses.replace(CASES[name].config, combine=combine))
     for name in ("scout_combine_workers", "one_cta_many_splits")
@@ -187,7 +187,7 @@ def test_empty_decode_list():
 def test_race_detector_finds_no_races(consumers, combine_wgs):
     case = Case(q_lens=(1, 3, 1), kv_lens=(200, 70, 333), head_dim=64,
                 config=decode.DecodeConfig(num_ctas=2, consumers=consumers, combine=(
-                    decode.CombineConfig(warpgroups=combine_wgs, share_from=2))))
+                    CombineConfig(warpgroups=combine_wgs, share_from=2))))
     params = plgpu.InterpretGPUParams(detect_races=True)
     run_case(case, interpret=params)
     assert not ipc.get_races().races_found
@@ -205,109 +205,6 @@ def test_unsupported_configurations_fail_clearly(bad):
     case = dataclasses.replace(Case(q_lens=(1,), kv_lens=(10,)), **bad)
     with pytest.raises(ValueError):
         run_case(case)
-
-
-@pytest.mark.parametrize("cols", [16, 32, 64, 128])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("d", [64, 128])
-def test_combine_columns_start_every_token_on_128_bytes(cols, dtype, d):
-    """A combine CTA's token rows start on 128-byte boundaries (TMA's SMEM alignment) for
-    every group size a config can have, and the block is as narrow as that allows."""
-    config = decode.CombineConfig(cols=cols)
-    for g in range(1, 65):
-        cw = decode.combine_columns(config, d, g, dtype)
-        assert d % cw == 0 and cw >= min(cols, d), (g, cw)
-        assert (g * cw * 2) % 128 == 0 and (g * cw * 4) % 128 == 0, (g, cw)
-        # Widened only as far as needed: half as wide would start token 1 off 128 bytes.
-        half_bytes = g * (cw // 2) * jnp.dtype(dtype).itemsize
-        assert cw == min(cols, d) or half_bytes % 128, (g, cw)
-
-
-_PLANNERS = {}
-
-
-# Compiled once per bounds (run op by op, the metadata took most of the test's time).
-_decode_metadata = jax.jit(decode.decode_metadata, static_argnames=("bounds", "num_tokens"))
-
-
-def _planner(chunk, num_workers, min_split_kv):
-    """One jitted planner per bounds, so hypothesis examples reuse compilations."""
-    key = (chunk, num_workers, min_split_kv)
-    if key not in _PLANNERS:
-        bounds = jaxattn.Bounds(max_num_seqs=8, max_num_batched_tokens=96, max_model_len=4096,
-                                page_size=16, num_q_heads=10, num_kv_heads=2, head_dim=64,
-                                chunk_size=chunk, block_kv=64, num_workers=num_workers,
-                                min_split_kv=min_split_kv)
-        fn = jax.jit(lambda cu, kv, n: planner.plan(bounds, cu, kv, n, chunk_size=chunk).decode)
-        _PLANNERS[key] = bounds, fn
-    return _PLANNERS[key]
-
-
-@settings(max_examples=60, deadline=None)
-@given(blocks=st.lists(st.integers(0, 40), min_size=1, max_size=24),
-       num_ctas=st.integers(1, 40))
-def test_round_robin_deals_every_tile_once_in_turn(blocks, num_ctas):
-    """decode.deal_tiles: the live tiles, each once, CTA c's a contiguous run of the live
-    tiles c, c + num_ctas, ... in list order."""
-    nb = np.asarray(blocks, np.int32)
-    pair, valid, cta_start = map(np.asarray, decode.deal_tiles(jnp.asarray(nb), num_ctas))
-    live = np.flatnonzero(nb)
-    n = int(valid.sum())
-    assert n == len(live) and valid[:n].all() and not valid[n:].any()
-    assert cta_start[0] == 0 and cta_start[-1] == n and (np.diff(cta_start) >= 0).all()
-    for c in range(num_ctas):
-        assert list(pair[cta_start[c]:cta_start[c + 1]]) == list(live[c::num_ctas])
-
-
-@settings(max_examples=30, deadline=None)
-@given(chunk=st.sampled_from([None, 256]), num_workers=st.sampled_from([1, 3, 16]),
-       min_split_kv=st.sampled_from([64, 512]),
-       seqs=st.lists(st.tuples(st.integers(1, 12), st.integers(0, 4096)), min_size=1,
-                     max_size=8))
-def test_metadata_slots_hold_every_split_piece(chunk, num_workers, min_split_kv, seqs):
-    """The partial buffer holds every split piece of the planner, in order (q_start, KV head,
-    first key), so a parent's pieces are contiguous slots, and each token's lse points at its
-    tile."""
-    bounds, planner_fn = _planner(chunk, num_workers, min_split_kv)
-    n = len(seqs)
-    cu = np.zeros(9, np.int32)
-    cu[1:n + 1] = np.cumsum([q for q, _ in seqs])
-    cu[n + 1:] = cu[n]
-    kv_lens = np.zeros(8, np.int32)
-    kv_lens[:n] = [max(q, kv) for q, kv in seqs]
-    items = planner_fn(cu, kv_lens, np.int32(n))
-    md = jax.tree.map(np.asarray, _decode_metadata(items, bounds=bounds, num_tokens=96))
-    tiles = md.meta[:md.cta_start[-1]]
-    split = tiles[:, decode._PART] >= 0
-    slots = np.sort(tiles[split, decode._PART])
-    assert (slots == np.arange(len(slots))).all()  # dense, unique, under n_part
-    assert len(slots) <= md.cmeta.shape[0]
-    by_slot = tiles[split][np.argsort(tiles[split, decode._PART])]
-    key = [(r[decode._QSTART], r[decode._KVH], r[decode._KVSTART]) for r in by_slot]
-    assert key == sorted(key)
-    for s in md.parents[1:1 + md.parents[0]]:
-        k = md.cmeta[s, 0]
-        rows = tiles[np.isin(tiles[:, decode._PART], np.arange(s, s + k))]
-        assert len(rows) == k >= 2
-        assert {(r[decode._QSTART], r[decode._KVH]) for r in rows} == {
-            (md.cmeta[s, 1], md.cmeta[s, 3])}
-        ranges = sorted((r[decode._KVSTART], r[decode._KVEND]) for r in rows)
-        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # one key range
-    # A token's lse comes from an unsplit tile of its rows and head, or its parent's merge.
-    for t, h in zip(*np.nonzero(md.tok_src != -1)):
-        src = md.tok_src[t, h]
-        if src >= 0:
-            mine = tiles[tiles[:, decode._PART] == -1 - src]
-            assert h in mine[:, decode._KVH]
-            assert (mine[:, decode._QSTART] <= t).all()
-            assert (t < mine[:, decode._QSTART] + mine[:, decode._QLEN]).all()
-        else:
-            s = -2 - src
-            assert s in md.parents[1:1 + md.parents[0]] and md.cmeta[s, 3] == h
-            assert md.cmeta[s, 1] <= t < md.cmeta[s, 1] + md.cmeta[s, 2]
-    covered = (md.tok_src != -1).all(axis=1)
-    assert (covered == (md.tok_src != -1).any(axis=1)).all()  # every head or none
-    assert set(md.zero_rows[1:1 + md.zero_rows[0]]) == set(np.flatnonzero(~covered))
 
 
 def test_decode_only_skips_the_prefill_pass_with_the_same_numbers():
@@ -332,8 +229,3 @@ def test_decode_only_skips_the_prefill_pass_with_the_same_numbers():
             jnp.asarray(prefill.q), jnp.asarray(prefill.k_pages), jnp.asarray(prefill.v_pages),
             prefill.page_table, prefill.cu_q_lens, prefill.kv_lens, prefill.num_seqs,
             bounds=bounds, impl="interpret", decode_only=True)
-
-
-def test_parents_list_the_first_slot_of_each_split_parent():
-    cmeta = jnp.zeros((7, 3), jnp.int32).at[jnp.array([0, 2, 5]), 0].set(jnp.array([2, 3, 2]))
-    np.testing.assert_array_equal(decode._parents(cmeta), [3, 0, 2, 5, 0, 0, 0, 0])

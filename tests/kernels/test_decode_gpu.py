@@ -7,7 +7,7 @@ import pytest
 
 import jaxattn
 from jaxattn import planner, reference
-from jaxattn.kernels import decode
+from jaxattn.kernels import decode, decode_combine
 
 pytestmark = pytest.mark.gpu
 
@@ -102,8 +102,8 @@ def test_smem_p_path_and_other_shapes():
 
 
 @pytest.mark.parametrize("combine", [
-    decode.CombineConfig(warpgroups=1, approx_math=False),
-    decode.CombineConfig(warpgroups=4, cols=32),
+    decode_combine.CombineConfig(warpgroups=1, approx_math=False),
+    decode_combine.CombineConfig(warpgroups=4, cols=32),
 ], ids=["1wg-exact", "4wg-32cols"])
 def test_combine_options(combine):
     """The combine's shares and column blocks off the default: context edges one token each

@@ -10,7 +10,7 @@ import pytest
 
 import jaxattn
 from jaxattn import planner
-from jaxattn.kernels import decode
+from jaxattn.kernels import decode, decode_combine
 
 
 def _export(bounds, dtype, *, causal=True, config=None, num_tokens=None):
@@ -58,9 +58,9 @@ def test_cuda_lowering_every_planner_config(head_dim, heads):
     decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True, consumers=2),
     # the combine kernel's tunings (benchmarks/decode_combine.py)
     *(decode.DecodeConfig(p_in_registers=True, combine=c) for c in [
-        decode.CombineConfig(cols=16), decode.CombineConfig(cols=32, warpgroups=2),
-        decode.CombineConfig(warpgroups=4, approx_math=True),
-        decode.CombineConfig(cols=16, warpgroups=4, approx_math=True)]),
+        decode_combine.CombineConfig(cols=16), decode_combine.CombineConfig(cols=32, warpgroups=2),
+        decode_combine.CombineConfig(warpgroups=4, approx_math=True),
+        decode_combine.CombineConfig(cols=16, warpgroups=4, approx_math=True)]),
 ])
 def test_cuda_lowering_tuning_variants(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
