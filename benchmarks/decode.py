@@ -137,7 +137,8 @@ def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
     table = jnp.pad(table, ((0, 256 - batch), (0, bounds.pages_per_seq - table.shape[1])))
     plan_fn = jax.jit(lambda cu, kv, n: planner.plan(bounds, cu, kv, n))
     plan = plan_fn(cu, kv_lens, np.int32(batch))
-    meta_fn = jax.jit(lambda items: decode_schedule.decode_metadata(items, bounds=bounds, num_tokens=256))
+    meta_fn = jax.jit(lambda items: decode_schedule.decode_metadata(items, bounds=bounds,
+                                                                    num_tokens=256))
     md = meta_fn(plan.decode)
     qt = jnp.pad(q.reshape(batch, HQ, D), ((0, 256 - batch), (0, 0), (0, 0)))
     # As the model calls it: the metadata comes with the step's plan (one per step, shared
