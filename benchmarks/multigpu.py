@@ -377,11 +377,13 @@ def by_layer_kind(kernels: list[dict], config) -> dict:
     layers of each attention kind. Past a chunk's length the chunked-local layers read only
     the live chunk's keys, so one kernel's calls differ by kind."""
     n = config.num_hidden_layers
-    kinds = ["chunked" if config.layer_chunk_size(i) else "global" for i in range(n)]
+    kinds = ["chunked" if config.is_chunked(i) else "global" for i in range(n)]
+    if len(set(kinds)) < 2:
+        return {}
     out = {}
     for row in kernels:
         times = row.get("per_call_us")
-        if times and len(times) == n and len(set(kinds)) > 1:
+        if times and len(times) == n:
             out[row["name"]] = {kind: round(sum(t for t, k in zip(times, kinds) if k == kind)
                                             / kinds.count(kind), 2)
                                 for kind in ("global", "chunked")}
