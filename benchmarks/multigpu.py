@@ -107,9 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Fp8Scheme(attention=True); 29%% of a batch-1 step's bytes in bf16)")
     p.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"],
                    help="fp8: the FP8 KV cache (about twice the tokens; issue 21's 1M-token run)")
-    p.add_argument("--route-in-norm", action="store_true",
+    p.add_argument("--route-in-norm", default=True, action=argparse.BooleanOptionalAction,
                    help="FP8 MoE decode steps route their rows in the post-attention norm's "
                         "kernel (llama4.model.ROUTE_IN_NORM; two launches a layer fewer)")
+    p.add_argument("--static-o-scale", default=True, action=argparse.BooleanOptionalAction,
+                   help="FP8 attention projections take the attention output under its "
+                        "layer's V scale, written as FP8 by the decode kernels "
+                        "(llama4.model.STATIC_O_SCALE; one launch a layer fewer)")
     p.add_argument("--async-scheduling", default=True, action=argparse.BooleanOptionalAction,
                    help="the engine's async scheduling (off: each step waits for the last)")
     p.add_argument("--skip-alone", action="store_true", help="only the mixed batch")
@@ -425,6 +429,7 @@ def run(args) -> dict:
     from jaxattn.serve.model_runner import Llama4Runner
 
     llama4_model.ROUTE_IN_NORM = args.route_in_norm  # read when the step is traced
+    llama4_model.STATIC_O_SCALE = args.static_o_scale  # read when the step is built
     config = _config(args)
     lengths = (tuple(int(x) for x in args.lengths.split(",")) if args.lengths else
                DRY_LENGTHS if args.dry_run else LENGTHS)
@@ -457,6 +462,7 @@ def run(args) -> dict:
            "fp8_attention": bool(args.quantization and args.fp8_attention),
            "kv_cache_dtype": args.kv_cache_dtype or dtype,
            "async_scheduling": args.async_scheduling, "route_in_norm": args.route_in_norm,
+           "static_o_scale": args.static_o_scale,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
            "xla_flags": os.environ.get("XLA_FLAGS"),
            "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR"),

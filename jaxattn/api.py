@@ -169,7 +169,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
                            bounds: Bounds, scale=None, chunk_size=None, return_lse=False,
                            impl: str = "auto", causal: bool = True, plan=None,
                            k_scale=None, v_scale=None, fixed_k_scale: float | None = None,
-                           fixed_v_scale: float | None = None, decode_only: bool = False):
+                           fixed_v_scale: float | None = None, decode_only: bool = False,
+                           out_scale: float | None = None):
     """Attention for a packed batch of new tokens over a paged KV cache (serving form).
 
     q [T, Hq, D]: the new tokens of all sequences, packed; sequence s owns rows
@@ -190,6 +191,12 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
     ``decode_only``: the caller promises every sequence has at most ``bounds.dq`` new tokens
     (all decode rows) and T <= ``max_num_seqs * dq``: the kernels then skip the prefill pass
     and its merge (a decode step's launches; checked here when the lengths are concrete).
+    ``out_scale`` (a power of two): out comes as float8_e4m3fn, ``clip(out / out_scale,
+    +-448)`` rounded (:func:`jaxattn.kernels.fp8.quantize_fixed`), the input of an FP8
+    output projection. The caller promises no value exceeds ``448 * out_scale`` (past it
+    they clip): an attention row is a convex mix of V rows, so a bound on V is one on out
+    (``Llama4ForCausalLM.fix_kv_scales``). A decode-only call's kernels write the rows so;
+    other calls quantise after them.
     Returns out [T, Hq, D] (rows past the last sequence are 0) and optionally
     lse [T, Hq].
     """
@@ -205,9 +212,11 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
             _check(q_lens.size == 0 or q_lens.max() <= bounds.dq,
                    f"decode_only: a sequence has {int(q_lens.max())} new tokens, more than "
                    f"decode_q={bounds.dq}")
-    for name, fixed in (("fixed_k_scale", fixed_k_scale), ("fixed_v_scale", fixed_v_scale)):
+    for name, fixed in (("fixed_k_scale", fixed_k_scale), ("fixed_v_scale", fixed_v_scale),
+                        ("out_scale", out_scale)):
         if fixed is not None:
-            _check(k_scale is not None, f"{name} is for an FP8 cache (k_scale given)")
+            _check(k_scale is not None or name == "out_scale",
+                   f"{name} is for an FP8 cache (k_scale given)")
             f = float(fixed)
             _check(kv_quant.MIN_SCALE <= f <= kv_quant.MAX_SCALE and math.frexp(f)[0] == 0.5,
                    f"{name}={fixed} must be a power of two in "
@@ -237,5 +246,11 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, 
             out, lse = kernels.ragged_paged_attention(
                 q, k_pages, v_pages, page_table, plan, bounds=bounds, scale=scale,
                 causal=causal, interpret=impl == "interpret", decode_only=decode_only,
-                fixed_k_scale=fixed_k_scale, fixed_v_scale=fixed_v_scale, **scales)
+                fixed_k_scale=fixed_k_scale, fixed_v_scale=fixed_v_scale,
+                out_scale=out_scale, **scales)
+            out_scale = None  # the kernels' rows are FP8 already
+    if out_scale is not None:
+        from jaxattn.kernels import fp8
+
+        out = fp8.quantize_fixed(out, float(out_scale))
     return (out, lse) if return_lse else out

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn import planner
-from jaxattn.kernels import common, decode, decode_schedule, prefill
+from jaxattn.kernels import common, decode, decode_schedule, fp8, prefill
 from jaxattn.kernels.common import DTYPES, HEAD_DIMS, num_sms, on_hopper, supports
 from jaxattn.planner import Bounds, Plan
 
@@ -98,8 +98,17 @@ def prepare(plan: Plan | KernelPlan, *, bounds: Bounds, num_tokens: int,
 
 def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bounds, scale,
               causal, interpret, num_workers, config=None, k_scale=None, v_scale=None,
-              fixed_k_scale=None, fixed_v_scale=None, decode_only=False):
+              fixed_k_scale=None, fixed_v_scale=None, decode_only=False, out_scale=None):
     plan = kplan.plan
+    g, d = bounds.group, q.shape[-1]
+    if out_scale is not None and not (decode_only and decode.out_scale_in_kernel(g, d)):
+        # FP8 rows from XLA: the same rounding, one elementwise pass after the kernels.
+        out, lse = _run_plan(q, k_pages, v_pages, page_table, kplan, bounds=bounds, scale=scale,
+                             causal=causal, interpret=interpret, num_workers=num_workers,
+                             config=config, k_scale=k_scale, v_scale=v_scale,
+                             fixed_k_scale=fixed_k_scale, fixed_v_scale=fixed_v_scale,
+                             decode_only=decode_only)
+        return fp8.quantize_fixed(out, out_scale), lse
     if decode_only:
         # Every row is a decode row, so the compact decode rows are the rows themselves in
         # order (kplan.dec_src is arange over the real rows): the decode kernel reads q and
@@ -110,7 +119,7 @@ def _run_plan(q, k_pages, v_pages, page_table, kplan: KernelPlan, *, bounds: Bou
             q, k_pages, v_pages, page_table, plan.decode, bounds=bounds, scale=scale,
             causal=causal, interpret=interpret, metadata=kplan.dec_meta,
             k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale,
-            fixed_v_scale=fixed_v_scale)
+            fixed_v_scale=fixed_v_scale, out_scale=out_scale)
         return dec_out, dec_lse
     if config is None:
         config = prefill.pick_config(bounds, q.dtype, k_pages.dtype)
@@ -170,7 +179,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan | KernelP
                            bounds: Bounds, scale, causal=True, interpret=False,
                            config: prefill.PrefillConfig | None = None, k_scale=None,
                            v_scale=None, fixed_k_scale=None, fixed_v_scale=None,
-                           decode_only=False):
+                           decode_only=False, out_scale=None):
     """Run a plan over a paged cache: out [T, Hq, D] (q.dtype), lse [T, Hq] f32.
 
     Key lengths and chunked-local windows come from the plan's items. A model passes
@@ -180,6 +189,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan | KernelP
     kernels then skip that side's per-key scaling). ``config`` overrides the picked prefill
     tuning (benchmarks); its tiles must match ``bounds``.
     ``decode_only``: every row is a decode row (:func:`jaxattn.ragged_paged_attention`).
+    ``out_scale``: out as FP8 under that one scale (:func:`fp8.quantize_fixed`), written so
+    by the decode kernels in a decode-only call, else quantised after them.
     """
     kplan = prepare(plan, bounds=bounds, num_tokens=q.shape[0])
     workers = _INTERPRET_WORKERS if interpret else bounds.num_workers
@@ -187,7 +198,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, plan: Plan | KernelP
                      causal=causal, interpret=interpret,
                      num_workers=min(workers, bounds.num_workers), config=config,
                      k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale,
-                     fixed_v_scale=fixed_v_scale, decode_only=decode_only)
+                     fixed_v_scale=fixed_v_scale, decode_only=decode_only, out_scale=out_scale)
 
 
 def contiguous_bounds(q_shape, k_shape, *, num_workers: int, chunk_size=None,

@@ -20,7 +20,8 @@ tiles as one contiguous run of the metadata's rows. Per CTA:
   causal diagonal), online softmax in base 2, ``O += P V`` (wgmma). The
   epilogue writes an unsplit item's rows straight into ``out`` in q's dtype
   (one TMA per token; ``out`` is a Ref updated in place, so no cast kernel
-  follows) and a split piece's normalised f32 rows into its slot of a compact
+  follows; or FP8 under a static ``out_scale`` for an FP8 output projection, so no
+  quantising kernel either) and a split piece's normalised f32 rows into its slot of a compact
   partial buffer (:class:`Pieces`); an unsplit tile's lse goes to a small
   lse-tile array, a piece's to its slot beside its rows. With
   ``DecodeConfig.narrow_tiles`` (the FP8 cache's default) a tile of at most 16 rows
@@ -65,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +75,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxattn.kernels import common
+from jaxattn.kernels import fp8 as fp8_lib
 from jaxattn.kernels.decode_combine import CombineConfig, Pieces, combine_pieces
 from jaxattn.kernels.decode_schedule import (KV_END, KV_HEAD, KV_START, PART, Q_LEN, Q_POS,
                                              Q_START, SEQ, DecodeMeta, decode_metadata)
@@ -234,10 +237,15 @@ def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, bl
 def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, out_ref, *,
                  cap: int,
                  n_part: int, scale: float, causal: bool, config: DecodeConfig, interpret,
-                 k_scale=None, v_scale=None, fixed_k_scale=None, fixed_v_scale=None):
+                 k_scale=None, v_scale=None, fixed_k_scale=None, fixed_v_scale=None,
+                 out_scale=None):
     t, hkv, g, d = q4.shape
     num_ctas = cta_start.shape[0] - 1
     dtype = q4.dtype
+    # An unsplit item's rows go out in q's dtype, or as FP8 under the static out_scale.
+    out_dtype = out_ref.dtype
+    to_out = ((lambda o: fp8_lib.quantize_fixed(o, out_scale)) if out_scale is not None
+              else (lambda o: o.astype(dtype)))
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
     _, page_size, _, _ = k_pages.shape
@@ -272,14 +280,14 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     narrow = config.narrow_tiles and g <= NARROW_ROWS
 
     def decode_kernel(meta_ref, cta_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
-        # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype, a Ref updated
+        # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype (or FP8), a Ref updated
         # in place (uninitialised: the producers zero the rows no tile covers); outputs
         # lse_ref, opart_ref, lpart_ref (GMEM); scratch [+
         # the FP8 cache's].
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
-        (out_ref, lse_ref, opart_ref, lpart_ref, q_raw, q_tile, k_smem, v_smem, p_smem,
-         (o_smem, o_out, o_t_smem, merge_acc), lse_smem, q_full, q_free, k_full, v_full,
-         consumed, pt_smem, eye, pair, *fp8_scratch) = rest
+        (out_ref, lse_ref, opart_ref, lpart_ref, (q_raw, *q_raw8), q_tile, k_smem, v_smem,
+         p_smem, (o_smem, o_out, o_t_smem, merge_acc), lse_smem, q_full, q_free, k_full,
+         v_full, consumed, pt_smem, eye, pair, *fp8_scratch) = rest
         # Two consumers: consumer 0 tells consumer 1 that q is staged, and takes its partial
         # state (merge_acc, merge_ml; full/free) at each tile's end.
         q_ready, merge_full, merge_free, merge_ml = pair or (None,) * 4
@@ -301,12 +309,13 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
         def zero_uncovered_rows():
             """Rows no tile covers (padding, other lists' rows) get zeros, the CTAs taking
-            them in turn, from q_raw before its first q lands."""
+            them in turn, from q_raw (FP8 rows: its 8-bit view) before its first q lands."""
             n_zero = zero_ref[0]
 
             @pl.when(cta < n_zero)
             def _():
-                q_raw[pl.ds(0, ROWS), :] = plgpu.layout_cast(jnp.zeros((ROWS, d), dtype),
+                zeros = q_raw8[0] if q_raw8 else q_raw
+                zeros[pl.ds(0, ROWS), :] = plgpu.layout_cast(jnp.zeros((ROWS, d), zeros.dtype),
                                                              plgpu.Layout.WGMMA)
                 plgpu.commit_smem()
 
@@ -316,7 +325,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
                     @pl.loop(0, hkv)
                     def _(h):
-                        plgpu.copy_smem_to_gmem(q_raw.at[pl.ds(0, g)], out_ref.at[row, h])
+                        plgpu.copy_smem_to_gmem(zeros.at[pl.ds(0, g)], out_ref.at[row, h])
 
                 plgpu.wait_smem_to_gmem(0)
 
@@ -707,10 +716,11 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 # The previous tile's stores must have finished reading o/lse_smem.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-                # An unsplit item's rows are final: q's dtype, so no cast kernel follows.
+                # An unsplit item's rows are final: q's dtype (or FP8), so no cast or
+                # quantising kernel follows.
                 @pl.when(part < 0)
                 def _():
-                    o_out[pl.ds(0, ROWS), :] = o.astype(dtype)
+                    o_out[pl.ds(0, ROWS), :] = to_out(o)
 
                 @pl.when(part >= 0)  # a piece's rows: f32 for the combine
                 def _():
@@ -778,7 +788,9 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     kv_ring = (common.tiled_smem((stages, bk, d), k_pages.dtype) if fp8 else
                plgpu.SMEM((stages, bk, d), dtype, transforms=tiles_transform))
     scratch = (
-        plgpu.SMEM((rows_pad, d), dtype),  # q_raw: TMA target, row = token * g + head
+        # q_raw: TMA target, row = token * g + head (+ an 8-bit view: FP8 rows' zeros)
+        plgpu.RefUnion(plgpu.SMEM((rows_pad, d), dtype),
+                       *([plgpu.SMEM((rows_pad, d), out_dtype)] if out_dtype != dtype else [])),
         plgpu.SMEM((ROWS, d), op_dtype, transforms=tiles_transform),  # q_tile (wgmma A)
         kv_ring,  # K ring
         kv_ring,  # V ring
@@ -790,7 +802,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         # narrow tile first stages O^T there, in two halves, for its transposing wgmma.
         # Two consumers: consumer 1's accumulator (a wide tile's [64, d] or a narrow one's O^T
         # [d, n]) passes through it too, between consumer 0's stores.
-        plgpu.RefUnion(plgpu.SMEM((rows_pad, d), jnp.float32), plgpu.SMEM((rows_pad, d), dtype),
+        plgpu.RefUnion(plgpu.SMEM((rows_pad, d), jnp.float32),
+                       plgpu.SMEM((rows_pad, d), out_dtype),
                        (narrow_t, narrow_t) if narrow else (),
                        () if consumers == 1 else (plgpu.SMEM((ROWS, d), jnp.float32),
                                                   plgpu.SMEM((d, NARROW_ROWS), jnp.float32))),
@@ -836,6 +849,25 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     return lse_tiles, Pieces(piece_rows, piece_lse)
 
 
+def check_out_scale(out_scale, g: int, d: int) -> None:
+    """FP8 rows from the kernels: ``out_scale`` a power of two (the kernels multiply by its
+    inverse, exactly), and a token's ``g`` rows of ``d`` one-byte values a whole number of
+    128-byte units, where its TMA copies start (not so for D = 64 at an odd group size:
+    quantise the bf16 output instead)."""
+    if out_scale is None:
+        return
+    if not (out_scale > 0 and math.frexp(out_scale)[0] == 0.5):
+        raise ValueError(f"out_scale={out_scale} must be a power of two")
+    if not out_scale_in_kernel(g, d):
+        raise ValueError(f"out_scale: a token's {g} x {d} FP8 rows are not a multiple of 128 "
+                         f"bytes (the TMA copies' alignment)")
+
+
+def out_scale_in_kernel(g: int, d: int) -> bool:
+    """Whether the kernels can write FP8 rows for this group size and head dim."""
+    return (g * d) % 128 == 0
+
+
 def _gather_lse(lse_tiles, lse_merged, md: DecodeMeta, g: int):
     """lse [T, Hq]: token row (t, h) of an item is row t * g + h of its (merged) tile."""
     src = md.tok_src  # [T, Hkv]
@@ -852,11 +884,11 @@ def _gather_lse(lse_tiles, lse_merged, md: DecodeMeta, g: int):
 def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Bounds,
                 scale: float, causal: bool = True, interpret=False,
                 config: DecodeConfig | None = None, k_scale=None, v_scale=None,
-                fixed_k_scale=None, fixed_v_scale=None):
+                fixed_k_scale=None, fixed_v_scale=None, out_scale=None):
     """The split-KV kernel alone (the benchmark times it): returns a Ref to out
-    [T, Hkv, G, D] in q's dtype holding the unsplit tiles' rows (rows no tile covers 0, split
-    parents' rows not yet written), their lse tiles [cap, Hkv, 64] (a split item's are not
-    written) and the split pieces' :class:`Pieces`."""
+    [T, Hkv, G, D] in q's dtype (FP8 with ``out_scale``) holding the unsplit tiles' rows
+    (rows no tile covers 0, split parents' rows not yet written), their lse tiles
+    [cap, Hkv, 64] (a split item's are not written) and the split pieces' :class:`Pieces`."""
     config = config or fit_blocks(default_config(bool(interpret), fp8=k_scale is not None),
                                   bounds)
     _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv,
@@ -868,25 +900,28 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
                          f"tiles to {num_ctas} CTAs (decode_metadata's num_ctas)")
     t, hq, d = q.shape
     g = bounds.group
+    check_out_scale(out_scale, g, d)
     # Uninitialised (no memset kernel): the kernel writes every row. In interpret mode NaN,
     # so the tests see a row it missed.
     shape = (t, hq // g, g, d)
-    out_ref = jax.new_ref(jnp.full(shape, jnp.nan, q.dtype) if interpret
-                          else lax.empty(shape, q.dtype))
+    out_dtype = q.dtype if out_scale is None else fp8_lib.DTYPE
+    out_ref = jax.new_ref(jnp.full(shape, jnp.nan, out_dtype) if interpret
+                          else lax.empty(shape, out_dtype))
     lse_tiles, pieces = _kernel_call(
         md.meta, md.cta_start, md.zero_rows, page_table.astype(jnp.int32),
         q.reshape(shape), k_pages, v_pages, out_ref, cap=md.q_start.shape[0],
         n_part=md.cmeta.shape[0],
         scale=float(scale), causal=causal, config=config, interpret=interpret,
         k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale,
-        fixed_v_scale=fixed_v_scale)
+        fixed_v_scale=fixed_v_scale, out_scale=out_scale)
     return out_ref, lse_tiles, pieces
 
 
 def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds: Bounds,
                      scale: float, causal: bool = True, interpret=False,
                      config: DecodeConfig | None = None, metadata: DecodeMeta | None = None,
-                     k_scale=None, v_scale=None, fixed_k_scale=None, fixed_v_scale=None):
+                     k_scale=None, v_scale=None, fixed_k_scale=None, fixed_v_scale=None,
+                     out_scale=None):
     """Attention of the rows the decode work list covers.
 
     q [T, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; page_table
@@ -898,7 +933,9 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
     ``k_scale``/``v_scale`` [num_pages, Hkv, page_size] f32, and ``fixed_k_scale``
     (``fixed_v_scale``) where every K (V) scale is that power of two (that side's scale rows
     are then not read). Returns out [T, Hq, D] in q's dtype and lse [T, Hq] f32; rows no item
-    covers are 0 / -inf.
+    covers are 0 / -inf. ``out_scale`` (a power of two, :func:`check_out_scale`): out is
+    float8_e4m3fn instead, :func:`fp8.quantize_fixed` of the rows under that one scale, as
+    the kernels write them (no quantising launch after them).
     """
     t, hq, d = q.shape
     # A model passes the metadata in: it depends only on the step's plan, so every layer
@@ -910,9 +947,11 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
                                              interpret=interpret, config=config,
                                              k_scale=k_scale, v_scale=v_scale,
                                              fixed_k_scale=fixed_k_scale,
-                                             fixed_v_scale=fixed_v_scale)
+                                             fixed_v_scale=fixed_v_scale,
+                                             out_scale=out_scale)
     lse_merged = combine_pieces(md.cmeta, md.parents, pieces, out_ref, g=bounds.group,
-                                workers=bounds.num_workers, out_dtype=q.dtype,
-                                interpret=interpret, config=(config or DecodeConfig()).combine)
+                                workers=bounds.num_workers, out_dtype=out_ref.dtype,
+                                interpret=interpret, config=(config or DecodeConfig()).combine,
+                                out_scale=out_scale)
     return (out_ref[...].reshape(t, hq, d),
             _gather_lse(lse_tiles, lse_merged, md, bounds.group))

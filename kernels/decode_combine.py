@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxattn.kernels import common
+from jaxattn.kernels import common, fp8
 from jaxattn.planner import DECODE_TILE_ROWS as ROWS  # rows of a tile, and of a piece
 
 
@@ -84,7 +84,9 @@ def combine_columns(config: CombineConfig, d: int, g: int, out_dtype) -> int:
     the f32 slots), since token ``tok``'s TMA copies start ``tok * g * cols * itemsize``
     bytes in and a TMA's SMEM address must be 128-byte aligned. (32 columns at G = 5 in
     bf16 start token 1 at 320 bytes: a misaligned-address fault on the H200 for
-    multi-token pieces.)"""
+    multi-token pieces.) FP8 rows (one byte each) widen to 128 columns at G = 5: twice the
+    bytes per ring slot, so 2 slots a warpgroup at the default 2 warpgroups, and 4
+    warpgroups exceed shared memory."""
     cw = min(d, config.cols)
     while cw < d and (g * cw * jnp.dtype(out_dtype).itemsize) % 128:
         cw *= 2
@@ -92,7 +94,8 @@ def combine_columns(config: CombineConfig, d: int, g: int, out_dtype) -> int:
 
 
 def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: int,
-                   out_dtype, interpret, config: CombineConfig = CombineConfig()):
+                   out_dtype, interpret, config: CombineConfig = CombineConfig(),
+                   out_scale=None):
     """Merge the split pieces of each parent (an item's key range on one KV head) by
     log-sum-exp.
 
@@ -103,8 +106,9 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
     CTAs that exit at once. Per parent each warpgroup of a CTA streams its share of
     the pieces (a one-token piece's first 8 rows, else all 64) through a ring of SMEM
     slots, keeps a running max / sum / weighted O in registers; warpgroup 0 merges the
-    shares and writes the parent's rows into ``out_ref`` (in place, ``out_dtype``). Returns the
-    merged lse tiles [n_part, 64] (row of a parent's first slot).
+    shares and writes the parent's rows into ``out_ref`` (in place, ``out_dtype``; FP8 under
+    the static ``out_scale``: :func:`fp8.quantize_fixed`). Returns the merged lse tiles
+    [n_part, 64] (row of a parent's first slot).
     """
     n_part, _, d = pieces.rows.shape
     cw = combine_columns(config, d, g, out_dtype)
@@ -220,7 +224,8 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
     def write(acc, m, s, slot0, q_start, q_len, kvh, cols, out_ref, lse_out_ref, l_buf, o_out):
         seen = s > 0
         s_safe = jnp.where(seen, s, 1.0)
-        o_out[...] = (acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])).astype(out_dtype)
+        o = acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])
+        o_out[...] = o.astype(out_dtype) if out_scale is None else fp8.quantize_fixed(o, out_scale)
         l_buf[0] = jnp.where(seen, m + jnp.log(s_safe), -jnp.inf)
         plgpu.commit_smem()
 

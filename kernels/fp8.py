@@ -58,6 +58,14 @@ class Quantized:
     def of(cls, x, scale_ub: float | None = None) -> "Quantized":
         return cls(*quantize(x, -1, scale_ub), jnp.dtype(x.dtype))
 
+    @classmethod
+    def fixed(cls, x, scale: float, dtype=None) -> "Quantized":
+        """Rows under one static scale (:func:`quantize_fixed`); ``x`` float8 already
+        (quantised so by a kernel) or not, ``dtype`` then the rows' own (default x's)."""
+        values = x if x.dtype == DTYPE else quantize_fixed(x, scale)
+        scales = jnp.full(x.shape[:-1], scale, jnp.float32)  # a constant: no kernel
+        return cls(values, scales, jnp.dtype(dtype or x.dtype))
+
     def take(self, rows, row_scale=None) -> "Quantized":
         """Rows ``rows`` (int [R]), their scales times ``row_scale`` [R] if given: the
         quantisation of ``x[rows] * row_scale[:, None]`` up to that product's rounding."""
@@ -157,6 +165,15 @@ def quantize(x, axis: int = -1, scale_ub: float | None = None):
     scale = jnp.maximum(amax / MAX, MIN_SCALE)
     q = jnp.clip(xf / jnp.expand_dims(scale, axis), -MAX, MAX).astype(DTYPE)
     return q, scale
+
+
+def quantize_fixed(x, scale: float):
+    """``x`` as float8 under one static ``scale`` (a power of two: the product by its
+    inverse is exact), clipped to +-448: rows known in advance to stay under ``448 * scale``
+    need no absmax pass, so the kernel that computes them can write them as FP8 (the
+    attention output: ``jaxattn.ragged_paged_attention``'s ``out_scale``). The kernels
+    call this on their f32 registers, so they and XLA round alike."""
+    return jnp.clip(x.astype(jnp.float32) * (1.0 / scale), -MAX, MAX).astype(DTYPE)
 
 
 def dequantize(q, scale, axis: int = -1, dtype=jnp.float32):

@@ -144,7 +144,7 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
                                 cu, kv_lens, num_seqs, plan_of[attn.chunk_size],
                                 bounds=bounds, scale=attn.scale,
                                 chunk_size=attn.chunk_size, impl=impl, decode_only=decode_only,
-                                **scales)
+                                out_scale=attn.o_scale, **scales)
 
     x = model.embed(batch.token_ids, axes)  # [T, hidden]
     valid = jnp.arange(x.shape[0]) < cu[num_seqs]  # [T]: not bucket padding
@@ -156,10 +156,11 @@ def forward(model: Llama4ForCausalLM, kv_cache: kv_cache_lib.KVCache, batch: Ste
 
 
 @functools.partial(jax.jit, static_argnames=("bounds", "scale", "chunk_size", "impl",
-                                             "decode_only", "fixed_k_scale", "fixed_v_scale"))
+                                             "decode_only", "fixed_k_scale", "fixed_v_scale",
+                                             "out_scale"))
 def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, plan, *,
                      bounds, scale, chunk_size, impl, decode_only=False, k_scale=None,
-                     v_scale=None, fixed_k_scale=None, fixed_v_scale=None):
+                     v_scale=None, fixed_k_scale=None, fixed_v_scale=None, out_scale=None):
     """One layer's attention, as a jitted function so that layers of one kind share it.
 
     Every chunked-local layer (and every global layer) calls this with the same shapes and
@@ -172,7 +173,8 @@ def _paged_attention(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_se
                                           chunk_size=chunk_size, impl=impl, plan=plan,
                                           k_scale=k_scale, v_scale=v_scale,
                                           fixed_k_scale=fixed_k_scale,
-                                          fixed_v_scale=fixed_v_scale, decode_only=decode_only)
+                                          fixed_v_scale=fixed_v_scale, decode_only=decode_only,
+                                          out_scale=out_scale)
 
 
 def step_compiler_options(traced_libraries: bool = True) -> dict | None:

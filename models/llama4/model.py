@@ -34,12 +34,22 @@ from jaxattn.models.llama4.quantization import Fp8Scheme
 # Whether a decode step's FP8 MoE layer routes its rows in the post-attention norm's kernel
 # (fp8_rows.add_rms_norm_quantize(router=): the router's logits, top-1 and the rows' scales,
 # where otherwise an XLA reduction and fp8_rows.route_scales' kernel follow the norm: two
-# launches a layer fewer). Off: in session 13's form (top-1 only) that kernel took 13.9 us a
-# call in a full-size Scout decode step on the H200 against 3.9 without the router, more
-# than the ~5.2 us it replaced (results/multigpu-2026-12-02-s13-*); its loads then waited
-# behind each expert's reduction, which the kernel no longer does (session 38, not yet
-# timed: `benchmarks.multigpu --route-in-norm`).
-ROUTE_IN_NORM = False
+# launches a layer fewer). Session 13's top-1-only form measured slower (its loads waited
+# behind each expert's reduction); this form takes 7.7 us a layer where the three launches
+# took 7.2 (full-size Scout, batch 1 on the H200, session 40).
+ROUTE_IN_NORM = True
+
+# Whether FP8 attention projections take the attention output under one static scale per
+# layer (its V scale: an output row is a convex mix of V rows, so V's bound is its bound;
+# Llama4ForCausalLM.fix_kv_scales), which the decode kernels apply as they write the rows,
+# instead of a per-token scale, whose absmax spans every KV head's CTA and so took a
+# quantising launch after the attention (fp8_rows.quantize: 48 launches a decode step).
+# e4m3 is floating point, so a scale above a row's own max costs its values no precision
+# until they fall below 2^-6 of it.
+# With ROUTE_IN_NORM, 143 launches a batch-1 step fewer (96 of them Mosaic): the host's time
+# per step fell by 1.5 ms and the step by 0.11-0.27 ms (7.27 -> 7.16 and 7.50 -> 7.23 ms in two
+# same-run pairs, full-size Scout on the H200, session 40; benchmarks/NOTES-fp8.md).
+STATIC_O_SCALE = True
 
 
 class Attention(nnx.Module):
@@ -62,6 +72,8 @@ class Attention(nnx.Module):
         # values, get theirs from the weights (Llama4ForCausalLM.fix_kv_scales).
         self.fixed_k_scale = None if self.qk_norm_eps is None else kv_quant.normed_k_scale(d)
         self.fixed_v_scale = None
+        self.o_scale = None  # the output's one FP8 scale (STATIC_O_SCALE), else per token
+        self.dtype = jnp.dtype(dtype)  # the activations' (of an FP8 output too)
         self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
         self.floor_scale, self.attn_scale = config.floor_scale, config.attn_scale
         self.chunk_size = config.layer_chunk_size(layer)  # None: global attention
@@ -90,9 +102,12 @@ class Attention(nnx.Module):
                                  fixed_v_scale=self.fixed_v_scale)
 
     def out(self, o, axes: Axes):
-        """Row-parallel output projection: each device's heads give a partial sum, reduced here."""
+        """Row-parallel output projection: each device's heads give a partial sum, reduced
+        here. ``o`` FP8: quantised under :attr:`o_scale` already (by the attention kernels)."""
         o = o.reshape(*o.shape[:-2], -1)
-        if self.fp8:  # one kernel at decode instead of XLA's two
+        if self.fp8 and self.o_scale is not None:
+            o = fp8_lib.Quantized.fixed(o, self.o_scale, dtype=self.dtype)
+        elif self.fp8:  # one kernel at decode instead of XLA's two
             o = fp8_rows.quantize(o, scale_ub=self.o_proj.activation_scale_ub)
         # FP8 on one device: the Unscaled product (the residual add scales it).
         return self.o_proj(o, reduce=axes.psum if axes.model else None, defer=True)
@@ -293,7 +308,11 @@ class Llama4ForCausalLM(nnx.Module):
         weights is so small that the row's typical value would sit under a quarter of the
         shared scale (4 binades above the subnormals): with random weights every row is near
         the largest, with a checkpoint's it need not be. Set from the weights as they are
-        now: the serving step calls it when it is built."""
+        now: the serving step calls it when it is built.
+
+        With :data:`STATIC_O_SCALE`, an FP8 attention's output takes its layer's V scale
+        too (``Attention.o_scale``): attention weights are positive and sum to one, so no
+        output value exceeds the largest V value."""
         for which in ("k", "v"):
             kinds = {}  # chunk size -> [(layer, its kv_rows, its own bounded scale)]
             for layer in self.model.layers:
@@ -308,6 +327,9 @@ class Llama4ForCausalLM(nnx.Module):
                 for layer, rows, own in members:
                     ok = own is not None and float(jnp.min(rows)) >= shared / 4
                     setattr(layer.self_attn, f"fixed_{which}_scale", shared if ok else None)
+        for layer in self.model.layers:  # an output row is a convex mix of V rows
+            attn = layer.self_attn
+            attn.o_scale = attn.fixed_v_scale if STATIC_O_SCALE and attn.fp8 else None
 
     def run_layers(self, x, positions, attend, axes: Axes = NO_AXES, valid=None,
                    gmm_impl: str = "auto", kv_target=None):

@@ -16,7 +16,7 @@ from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
 
 import jaxattn
 from jaxattn import executor, planner
-from jaxattn.kernels import decode
+from jaxattn.kernels import decode, fp8
 from jaxattn.kernels.decode_combine import CombineConfig
 
 from attention_cases import make_ragged_case, naive_ragged
@@ -229,3 +229,68 @@ def test_decode_only_skips_the_prefill_pass_with_the_same_numbers():
             jnp.asarray(prefill.q), jnp.asarray(prefill.k_pages), jnp.asarray(prefill.v_pages),
             prefill.page_table, prefill.cu_q_lens, prefill.kv_lens, prefill.num_seqs,
             bounds=bounds, impl="interpret", decode_only=True)
+
+
+@pytest.mark.parametrize("name", ["scout_bf16_d128_g5_p16", "scout_bf16_d128_g5_p16_narrow_2c",
+                                  "fp16_d64_g8_p8_chunked", "one_cta_many_splits_wg4"])
+def test_out_scale_writes_fp8_rows(name):
+    """``out_scale``: the kernels write FP8 rows under that one scale (unsplit tiles from the
+    main kernel, split parents from the combine, zeros where no tile is), within e4m3's
+    rounding of the f64 oracle, and agree with quantising the bf16 output to within one of
+    its steps (they round the f32 rows, XLA the bf16 ones)."""
+    case, out_scale = CASES[name], 2.0 ** -6  # |out| <= max |v| ~ 4.5 < 448 * 2^-6 = 7
+    bounds = case.bounds()
+    rc = make_ragged_case(bounds, case.q_lens, case.kv_lens, dtype=case.dtype, seed=case.seed,
+                          num_tokens=sum(case.q_lens) + 3)
+    plan = planner.plan(bounds, rc.cu_q_lens, rc.kv_lens, rc.num_seqs, chunk_size=case.chunk,
+                        causal=case.causal)
+    run = lambda **kw: jax.jit(lambda q, k, v, pt, items: decode.decode_attention(
+        q, k, v, pt, items, bounds=bounds, scale=0.15, causal=case.causal, interpret=True,
+        config=case.config, **kw)[0])(jnp.asarray(rc.q), jnp.asarray(rc.k_pages),
+                                      jnp.asarray(rc.v_pages), rc.page_table, plan.decode)
+    got = run(out_scale=out_scale)
+    assert got.dtype == fp8.DTYPE
+    got = np.asarray(got, np.float64) * out_scale
+    want, _ = naive_ragged(*rc.args(), 0.15, causal=case.causal, chunk=case.chunk)
+    decode_rows = np.zeros(rc.q.shape[0], bool)
+    for s, n in enumerate(case.q_lens):
+        if n <= bounds.dq:
+            decode_rows[rc.cu_q_lens[s]:rc.cu_q_lens[s + 1]] = True
+    assert (got[~decode_rows] == 0).all()
+    # e4m3: 3 mantissa bits (half a step: 2^-4 relative) on top of the bf16 kernel's error
+    np.testing.assert_allclose(got[decode_rows], want[decode_rows], rtol=2.0 ** -4 + 2e-2,
+                               atol=5e-3)
+    via_bf16 = np.asarray(fp8.quantize_fixed(run(), out_scale), np.float64) * out_scale
+    np.testing.assert_allclose(got, via_bf16, rtol=2.0 ** -3, atol=2.0 ** -9 * out_scale)
+    assert np.mean(got == via_bf16) > 0.9
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_out_scale_through_the_api(decode_only):
+    """``jaxattn.ragged_paged_attention(out_scale=)``: FP8 rows on every path (the decode
+    kernels' own in a decode-only call, XLA's quantisation of the output elsewhere and in
+    the reference), the one rounding as the kernels'; a scale that is not a power of two is
+    refused where it enters."""
+    case = Case(q_lens=(1, 12, 3, 1), kv_lens=(1, 300, 129, 1024))
+    bounds = case.bounds()
+    rc = make_ragged_case(bounds, case.q_lens, case.kv_lens, dtype=case.dtype, seed=3,
+                          num_tokens=sum(case.q_lens) + 3)
+    args = (jnp.asarray(rc.q), jnp.asarray(rc.k_pages), jnp.asarray(rc.v_pages),
+            rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs)
+    run = lambda impl, **kw: jaxattn.ragged_paged_attention(*args, bounds=bounds, scale=0.15,
+                                                            impl=impl, **kw)
+    out_scale = 2.0 ** -6
+    got = run("interpret", decode_only=decode_only, out_scale=out_scale)
+    ref = run("reference", out_scale=out_scale)
+    assert got.dtype == ref.dtype == fp8.DTYPE
+    plain = run("interpret", decode_only=decode_only)
+    want = np.asarray(fp8.quantize_fixed(plain, out_scale), np.float32)
+    if decode_only:  # the kernels round their f32 rows: within one e4m3 step of XLA's
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2.0 ** -3,
+                                   atol=2.0 ** -9)
+    else:
+        np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
+                               rtol=2.0 ** -3 + 2e-2, atol=0.1)
+    with pytest.raises(ValueError, match="out_scale"):
+        run("interpret", out_scale=0.01)

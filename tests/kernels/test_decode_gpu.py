@@ -136,3 +136,29 @@ def test_decode_only_equals_the_general_path_on_the_gpu():
         (out, lse), (out_d, lse_d) = run(False), run(True)
         np.testing.assert_array_equal(out_d, out)
         np.testing.assert_array_equal(lse_d, lse)
+
+
+def test_out_scale_writes_fp8_rows_on_the_gpu():
+    """``out_scale`` (FP8 rows for an FP8 o_proj, llama4.model.STATIC_O_SCALE) at Scout's
+    heads, decode-only: the main kernel's unsplit rows and the combine's (128-column CTAs;
+    a 128k sequence's 16 pieces, multi-token pieces) within one e4m3 step of quantising the
+    bf16 output, and the padding rows 0."""
+    q_lens, kv_lens = (1, 1, 3, 12, 1), (131072, 8193, 300, 17, 1)
+    bounds, q, k, v, table, cu, kv, n = _case(q_lens, kv_lens, pad=3)
+    out_scale = 2.0 ** -6  # |out| <= max |v| ~ 5.5 < 448 * 2^-6 = 7
+    for chunk in (None, 8192):
+        def run(**kw):
+            f = jax.jit(lambda *a: jaxattn.ragged_paged_attention(
+                *a, n, bounds=bounds, scale=0.088, chunk_size=chunk, impl="mosaic",
+                decode_only=True, **kw))
+            return f(q, k, v, table, cu, kv)
+
+        got = run(out_scale=out_scale)
+        assert got.dtype == jnp.float8_e4m3fn
+        got = np.asarray(got, np.float32)
+        want = np.asarray(jnp.clip(run().astype(jnp.float32) / out_scale, -448, 448).astype(
+            jnp.float8_e4m3fn), np.float32)
+        t = int(cu[-1])
+        assert (got[t:] == 0).all()
+        np.testing.assert_allclose(got, want, rtol=2.0 ** -3, atol=2.0 ** -9)
+        assert np.mean(got == want) > 0.9

@@ -13,7 +13,7 @@ from jaxattn import planner
 from jaxattn.kernels import decode, decode_combine
 
 
-def _export(bounds, dtype, *, causal=True, config=None, num_tokens=None):
+def _export(bounds, dtype, *, causal=True, config=None, num_tokens=None, out_scale=None):
     cap = planner.capacity(bounds).decode_items
     i32 = jnp.int32
     sds = jax.ShapeDtypeStruct
@@ -21,7 +21,8 @@ def _export(bounds, dtype, *, causal=True, config=None, num_tokens=None):
     t = num_tokens or bounds.max_num_batched_tokens
     pool = sds((64, bounds.page_size, bounds.num_kv_heads, bounds.head_dim), dtype)
     fn = lambda q, k, v, pt, items: decode.decode_attention(
-        q, k, v, pt, items, bounds=bounds, scale=0.1, causal=causal, config=config)
+        q, k, v, pt, items, bounds=bounds, scale=0.1, causal=causal, config=config,
+        out_scale=out_scale)
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(
         sds((t, bounds.num_q_heads, bounds.head_dim), dtype), pool, pool,
         sds((bounds.max_num_seqs, bounds.pages_per_seq), i32), items)
@@ -45,6 +46,8 @@ def test_cuda_lowering_every_planner_config(head_dim, heads):
         dtype = (jnp.bfloat16, jnp.float16)[i % 2]
         exp = _export(bounds, dtype, causal=(i // 2) % 2 == 0)
         assert "mosaic_gpu" in exp.mlir_module()
+        if i == 0 and decode.out_scale_in_kernel(heads[0] // heads[1], head_dim):
+            _export(bounds, dtype, out_scale=2.0 ** -3)  # FP8 rows out
 
 
 @pytest.mark.parametrize("config", [
@@ -67,6 +70,8 @@ def test_cuda_lowering_tuning_variants(config):
                             max_model_len=131072, page_size=16, num_q_heads=40,
                             num_kv_heads=8, head_dim=128, chunk_size=8192)
     _export(bounds, jnp.bfloat16, config=config)
+    if config.combine.warpgroups <= 2:  # FP8 rows: 128-column combine CTAs (SMEM: 2 WGs)
+        _export(bounds, jnp.bfloat16, config=config, out_scale=2.0 ** -3)
 
 
 def test_oversized_config_is_caught_on_cpu():

@@ -546,7 +546,7 @@ def test_prefill_fp8_lowers_for_page_sizes(page_size):
 
 
 def _export_decode(bounds, dtype, *, causal=True, config=None, fixed_k_scale=None,
-                   fixed_v_scale=None):
+                   fixed_v_scale=None, out_scale=None):
     cap = planner.capacity(bounds).decode_items
     sds = jax.ShapeDtypeStruct
     items = planner.WorkList(*[sds((cap,), jnp.int32)] * 8, sds((), jnp.int32))
@@ -554,7 +554,8 @@ def _export_decode(bounds, dtype, *, causal=True, config=None, fixed_k_scale=Non
     scales = sds((64, bounds.num_kv_heads, bounds.page_size), jnp.float32)
     fn = lambda q, k, v, pt, items, ks, vs: decode.decode_attention(
         q, k, v, pt, items, bounds=bounds, scale=0.1, causal=causal, config=config,
-        k_scale=ks, v_scale=vs, fixed_k_scale=fixed_k_scale, fixed_v_scale=fixed_v_scale)
+        k_scale=ks, v_scale=vs, fixed_k_scale=fixed_k_scale, fixed_v_scale=fixed_v_scale,
+        out_scale=out_scale)
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(
         sds((bounds.max_num_batched_tokens, bounds.num_q_heads, bounds.head_dim), dtype), pool,
         pool, sds((bounds.max_num_seqs, bounds.pages_per_seq), jnp.int32), items, scales, scales)
@@ -577,6 +578,10 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
                                  causal=(i // 2) % 2 == 0, config=config, fixed_k_scale=fk,
                                  fixed_v_scale=fv)
             assert "mosaic_gpu" in exp.mlir_module()
+        g = heads[0] // heads[1]
+        if i == 0 and decode.out_scale_in_kernel(g, head_dim):  # FP8 rows out (V's scale)
+            _export_decode(bounds, jnp.bfloat16, config=config, fixed_v_scale=2.0 ** -3,
+                           out_scale=2.0 ** -3)
 
 
 @pytest.mark.parametrize("config", [
@@ -618,6 +623,9 @@ def test_decode_fp8_tuning_variants_lower(config):
     # Llama 4's layers: one K and one V scale (the tiles converted without scales)
     _export_decode(bounds, jnp.bfloat16, config=config, fixed_k_scale=2.0 ** -5,
                    fixed_v_scale=2.0 ** -3)
+    # ... writing FP8 rows under V's scale (o_proj's input, llama4.model.STATIC_O_SCALE)
+    _export_decode(bounds, jnp.bfloat16, config=config, fixed_k_scale=2.0 ** -5,
+                   fixed_v_scale=2.0 ** -3, out_scale=2.0 ** -3)
 
 
 @pytest.mark.parametrize("page_size", [8, 16])

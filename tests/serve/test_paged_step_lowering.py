@@ -151,25 +151,34 @@ def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypa
     assert asked == [True, False]
 
 
-@pytest.mark.parametrize("on_mesh,route_in_norm", [(False, False), (True, False), (False, True)],
-                         ids=["no_mesh", "one_device_mesh", "route_in_norm"])
+@pytest.mark.parametrize("on_mesh,defaults", [(False, False), (True, False), (False, True)],
+                         ids=["no_mesh", "one_device_mesh", "route_in_norm_static_o_scale"])
 def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, lowering_model,
-                                                                 on_mesh, route_in_norm):
+                                                                 on_mesh, defaults):
     """The FP8 model's decode step (16 rows), with the kernels a Hopper GPU picks: the
     routed experts run by row in token order (no sort by expert), each residual add after
     the first layer's input runs in the norm kernel after it (with the epilogues of the
     FP8 products it adds, and with ``ROUTE_IN_NORM`` the top-1 routing of an MoE layer's
-    rows), no
-    host-synchronising control flow or loops, and it lowers for
-    CUDA. The same on a mesh of one device (TP=1, as benchmarks/multigpu runs it): its
-    size-1 axes reduce nothing, so they keep nothing out of the norm kernels (they did
-    until 2026-12-01: the H200 profile kept ~4 XLA epilogue kernels a layer)."""
-    from jaxattn.kernels import common, fp8, fp8_rows, grouped_matmul, qk_rows
+    rows), no host-synchronising control flow or loops, and it lowers for CUDA. The same on
+    a mesh of one device (TP=1, as benchmarks/multigpu runs it): its size-1 axes reduce
+    nothing, so they keep nothing out of the norm kernels (they did until 2026-12-01: the
+    H200 profile kept ~4 XLA epilogue kernels a layer). ``defaults``: the model's defaults
+    (``ROUTE_IN_NORM``, and ``STATIC_O_SCALE`` in a decode-only bucket: the decode kernels
+    write the attention's FP8 rows, no quantising launch), else both off."""
+    from jaxattn.kernels import common, decode, fp8, fp8_rows, grouped_matmul, qk_rows
     from jaxattn.models.llama4 import moe as moe_lib
     from jaxattn.models.llama4.quantization import Fp8Scheme
 
+    route_in_norm = defaults
     monkeypatch.setattr(common, "on_hopper", lambda: True)
     monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", route_in_norm)
+    monkeypatch.setattr(llama4.model, "STATIC_O_SCALE", defaults)
+    quantized, quantize = [], fp8_rows.quantize
+    monkeypatch.setattr(fp8_rows, "quantize", lambda *a, **k: quantized.append(1) or
+                        quantize(*a, **k))
+    out_scales, decode_attention = [], decode.decode_attention
+    monkeypatch.setattr(decode, "decode_attention", lambda *a, **k: out_scales.append(
+        k.get("out_scale")) or decode_attention(*a, **k))
     add_norm, add_norms, routed = fp8_rows.add_rms_norm_quantize, [], []
     monkeypatch.setattr(fp8_rows, "add_rms_norm_quantize",
                         lambda x, delta, *a, **k: add_norms.append(delta) or routed.append(
@@ -195,7 +204,8 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     route, routes = fp8_rows._route_scales_kernel, []
     monkeypatch.setattr(fp8_rows, "_route_scales_kernel",
                         lambda *a, **k: routes.append(1) or route(*a, **k))
-    step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic")
+    step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic",
+                                   decode_only_tokens=(16,) if defaults else ())
     spec = paged_step.cache_spec(config, num_pages=32, page_size=64, dtype=jnp.bfloat16)
     kv = jax.eval_shape(lambda: cache.allocate(spec))
     batch = build_step(bounds, 16, [SeqStep([1], 99, [0, 1]), SeqStep([2], 64, [2, 3])],
@@ -225,6 +235,9 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     # With ROUTE_IN_NORM the MoE layers' post-attention norms route the rows too.
     assert routed == [route_in_norm and i % 2 == 0 and config.is_moe(i // 2)
                       for i in range(len(add_norms))]
+    # The attention output: quantised per token by a kernel, or FP8 from the decode kernels
+    assert len(quantized) == (0 if defaults else config.num_hidden_layers)
+    assert out_scales and all((s is not None) == defaults for s in out_scales)
     exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=16)
     assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
 

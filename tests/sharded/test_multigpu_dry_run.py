@@ -45,7 +45,8 @@ def test_dry_run_fp8(tmp_path, monkeypatch, split):
     from jaxattn.models import llama4
 
     monkeypatch.delenv("OUT", raising=False)
-    monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", False)  # the script sets it
+    monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", False)  # the script sets them
+    monkeypatch.setattr(llama4.model, "STATIC_O_SCALE", False)
     assert multigpu.main(["--dry-run", *split, "--quantization", "fp8", "--skip-alone",
                           "--decode-tokens", "2", "--lengths", "64,79,200",
                           "--decode-batches", "", "--out", str(tmp_path)]) == 0

@@ -21,14 +21,17 @@ def prefill_then_decode_steps(ids) -> list:
                           for i, (n, p) in enumerate(zip(lens, pages))]) for d in range(4)]
 
 
-def serve_steps(model, bounds, steps, kv_dtype) -> tuple:
+def serve_steps(model, bounds, steps, kv_dtype, impl="auto", decode_only_tokens=()) -> tuple:
     """``steps`` (:func:`prefill_then_decode_steps`) through the serving step from an empty
-    cache of 16 pages -> (the sequences' logits, stacked, f32; the cache after them)."""
+    cache of 16 pages -> (the sequences' logits, stacked, f32; the cache after them).
+    ``impl``, ``decode_only_tokens``: the attention's, and the decode-only buckets
+    (``make_step_fn``'s)."""
     from jaxattn.serve import kv_cache as cache
     from jaxattn.serve import paged_step
     from jaxattn.serve.batch import build_step
 
-    step = paged_step.make_step_fn(model, bounds)
+    step = paged_step.make_step_fn(model, bounds, impl=impl,
+                                   decode_only_tokens=decode_only_tokens)
     kv = cache.allocate(paged_step.cache_spec(model.config, num_pages=16, page_size=64,
                                               dtype=kv_dtype))
     out = []

@@ -129,8 +129,9 @@ def test_bf16_small_chunks_serve_on_gpu(chunk):
         assert np.isfinite(a).all() and rel < 0.05, rel
 
 
-@pytest.mark.parametrize("route_in_norm", [False, True])
-def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm):
+@pytest.mark.parametrize("route_in_norm,static_o_scale", [(False, False), (True, False),
+                                                          (True, True)])
+def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm, static_o_scale):
     """The FP8 model's serving step on the Hopper kernels (a decode step's 16-row bucket:
     the routing kernel, the by-row experts with the shared expert in their launches, the
     row kernels, the decode attention), padding rows included, a prefill step then four
@@ -142,7 +143,9 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm):
     bit for bit: in this toy model FP8 moves the logits by 16-19% rms (a top-1 routing flip in
     one row moves it by 1.3), and both paths requantise rows after their own bf16 roundings
     (NOTES-fp8.md, session 23). ``route_in_norm``: the MoE layers' rows routed and scaled
-    in the post-attention norm's kernel (``ROUTE_IN_NORM``) instead of the routing kernel."""
+    in the post-attention norm's kernel (``ROUTE_IN_NORM``) instead of the routing kernel.
+    ``static_o_scale``: the attention output under its layer's V scale (``STATIC_O_SCALE``),
+    the decode steps in a decode-only bucket, whose decode kernels write the FP8 rows."""
     from jaxattn.kernels import common, fp8_rows
 
     config, fp8_model, bounds, steps = toy_moe_case(seed=4)
@@ -151,9 +154,11 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm):
     def run(model, on_gpu):
         with monkeypatch.context() as m:
             m.setattr(common, "on_hopper", lambda: on_gpu)
-            return serve_steps(model, bounds, steps, jnp.bfloat16)[0]
+            return serve_steps(model, bounds, steps, jnp.bfloat16,
+                               decode_only_tokens=(16,) if static_o_scale and on_gpu else ())[0]
 
     monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", route_in_norm)
+    monkeypatch.setattr(llama4.model, "STATIC_O_SCALE", static_o_scale)
     calls, route_kernel = [], fp8_rows._route_scales_kernel
     monkeypatch.setattr(fp8_rows, "_route_scales_kernel",
                         lambda *a, **k: calls.append(1) or route_kernel(*a, **k))
