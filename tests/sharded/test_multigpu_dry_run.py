@@ -35,18 +35,20 @@ def test_dry_run_serves_every_length_alone_and_mixed(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("split", [["-tp", "1", "--kv-cache-dtype", "fp8", "--max-model-len",
-                                    "1000", "--route-in-norm"],
+                                    "1000", "--no-route-in-norm", "--no-static-o-scale"],
                                    ["-tp", "2", "-ep", "4", "--fp8-attention"]])
 def test_dry_run_fp8(tmp_path, monkeypatch, split):
     """--quantization fp8: FP8 experts and MLPs drawn per parameter and quantised on the
     devices; one device (all of Scout on one H200, with the FP8 KV cache issue 21's
     1M-token run uses) and expert x tensor parallel (the attention projections FP8 too; the
-    bf16 model on such a mesh: tests/sharded/test_sharded_serving.py)."""
+    bf16 model on such a mesh: tests/sharded/test_sharded_serving.py), with the model's
+    decode defaults (the routing in the norm's kernel, the attention output under a static
+    scale) and without."""
     from jaxattn.models import llama4
 
     monkeypatch.delenv("OUT", raising=False)
-    monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", False)  # the script sets them
-    monkeypatch.setattr(llama4.model, "STATIC_O_SCALE", False)
+    for flag in ("ROUTE_IN_NORM", "STATIC_O_SCALE"):  # the script sets them
+        monkeypatch.setattr(llama4.model, flag, getattr(llama4.model, flag))
     assert multigpu.main(["--dry-run", *split, "--quantization", "fp8", "--skip-alone",
                           "--decode-tokens", "2", "--lengths", "64,79,200",
                           "--decode-batches", "", "--out", str(tmp_path)]) == 0
@@ -60,7 +62,8 @@ def test_dry_run_fp8(tmp_path, monkeypatch, split):
     assert (res["kv_cache_dtype"] == "fp8") is ("--kv-cache-dtype" in split)
     # --max-model-len raises the engine's bound (to a page multiple) past what the run needs
     assert (res["max_model_len"] == 1024) is ("--max-model-len" in split)
-    assert res["route_in_norm"] is ("--route-in-norm" in split)
+    assert res["route_in_norm"] is ("--no-route-in-norm" not in split)
+    assert res["static_o_scale"] is ("--no-static-o-scale" not in split)
 
 
 def test_gpu_environment_keeps_the_default_allocator(monkeypatch):
