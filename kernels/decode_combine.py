@@ -27,6 +27,9 @@ from jaxattn.kernels import common, fp8
 from jaxattn.planner import DECODE_TILE_ROWS as ROWS  # rows of a tile, and of a piece
 
 
+_SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
+
+
 @dataclasses.dataclass(frozen=True)
 class CombineConfig:
     """Static tuning of the combine kernel (:func:`combine_pieces`).
@@ -118,6 +121,11 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
     # one long sequence has W pieces. `ring` slots per warpgroup (a group of barriers holds
     # at most 32).
     ring = max(2, min(16, 32 // nwg, (160 * 1024) // (ROWS * cw * 4) // nwg))
+    smem = (nwg * ring + nwg - 1) * ROWS * cw * 4  # ring slots, the other warpgroups' shares
+    if smem > _SMEM_BYTES:
+        raise ValueError(f"CombineConfig(warpgroups={nwg}) with {cw}-column CTAs (G={g}, "
+                         f"{jnp.dtype(out_dtype).name} rows) needs {smem // 1024} KiB of shared "
+                         f"memory: use at most 2 warpgroups")
     # Each parent has two pieces or more, so there are at most n_part // 2.
     n_w = max(1, min(n_part // 2, workers // (d // cw)))
     reduce_layout = plgpu.Layout.WGMMA.reduce(1)

@@ -232,7 +232,7 @@ def test_decode_only_skips_the_prefill_pass_with_the_same_numbers():
 
 
 @pytest.mark.parametrize("name", ["scout_bf16_d128_g5_p16", "scout_bf16_d128_g5_p16_narrow_2c",
-                                  "fp16_d64_g8_p8_chunked", "one_cta_many_splits_wg4"])
+                                  "fp16_d64_g8_p8_chunked", "one_cta_many_splits_c32_share2"])
 def test_out_scale_writes_fp8_rows(name):
     """``out_scale``: the kernels write FP8 rows under that one scale (unsplit tiles from the
     main kernel, split parents from the combine, zeros where no tile is), within e4m3's

@@ -80,3 +80,16 @@ def test_oversized_config_is_caught_on_cpu():
     with pytest.raises(Exception, match="shared memory"):
         _export(bounds, jnp.bfloat16,
                 config=decode.DecodeConfig(block_kv=128, num_stages=4, p_in_registers=True))
+
+
+def test_four_combine_warpgroups_with_fp8_rows_are_refused_clearly():
+    """FP8 rows at G = 5 take 128-column combine CTAs, whose ring and shares at 4 warpgroups
+    exceed shared memory: a ValueError that says so, where Mosaic's budget check would
+    otherwise fail deep in the lowering."""
+    bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
+                            max_model_len=131072, page_size=16, num_q_heads=40,
+                            num_kv_heads=8, head_dim=128, chunk_size=8192)
+    config = decode.DecodeConfig(combine=decode_combine.CombineConfig(warpgroups=4))
+    with pytest.raises(ValueError, match="at most 2 warpgroups"):
+        _export(bounds, jnp.bfloat16, config=config, out_scale=2.0 ** -3)
+    _export(bounds, jnp.bfloat16, config=config)  # bf16 rows: 64 columns, it fits
