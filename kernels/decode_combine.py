@@ -27,9 +27,6 @@ from jaxattn.kernels import common, fp8
 from jaxattn.planner import DECODE_TILE_ROWS as ROWS  # rows of a tile, and of a piece
 
 
-_SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
-
-
 @dataclasses.dataclass(frozen=True)
 class CombineConfig:
     """Static tuning of the combine kernel (:func:`combine_pieces`).
@@ -121,8 +118,18 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
     # one long sequence has W pieces. `ring` slots per warpgroup (a group of barriers holds
     # at most 32).
     ring = max(2, min(16, 32 // nwg, (160 * 1024) // (ROWS * cw * 4) // nwg))
-    smem = (nwg * ring + nwg - 1) * ROWS * cw * 4  # ring slots, the other warpgroups' shares
-    if smem > _SMEM_BYTES:
+    shares = None if nwg == 1 else (
+        plgpu.SMEM((nwg - 1, ROWS, cw), jnp.float32),  # warpgroups 1..'s weighted O
+        plgpu.SMEM((nwg - 1, 2, ROWS), jnp.float32),  # ... and their max and weight sum
+        plgpu.Barrier(num_arrivals=nwg - 1),  # ready: their states are in SMEM
+        plgpu.Barrier())  # taken: warpgroup 0 has read them
+    scratch = (plgpu.SMEM((nwg * ring, ROWS, cw), jnp.float32),
+               plgpu.SMEM((nwg * ring, ROWS), jnp.float32),
+               plgpu.SMEM((ROWS, cw), out_dtype),  # a parent's merged rows
+               plgpu.Barrier(num_arrivals=2, num_barriers=nwg * ring),  # rows + lse
+               shares)
+    smem = common.smem_bytes((*scratch[:-1], *(shares or ())))
+    if smem > common.MAX_SMEM:
         raise ValueError(f"CombineConfig(warpgroups={nwg}) with {cw}-column CTAs (G={g}, "
                          f"{jnp.dtype(out_dtype).name} rows) needs {smem // 1024} KiB of shared "
                          f"memory: use at most 2 warpgroups")
@@ -252,19 +259,10 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
 
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
-    shares = None if nwg == 1 else (
-        plgpu.SMEM((nwg - 1, ROWS, cw), jnp.float32),  # warpgroups 1..'s weighted O
-        plgpu.SMEM((nwg - 1, 2, ROWS), jnp.float32),  # ... and their max and weight sum
-        plgpu.Barrier(num_arrivals=nwg - 1),  # ready: their states are in SMEM
-        plgpu.Barrier())  # taken: warpgroup 0 has read them
     return plgpu.kernel(
         decode_combine_kernel, out_type=jax.ShapeDtypeStruct((n_part, ROWS), jnp.float32),
         grid=(n_w, d // cw), grid_names=("w", "col"), num_threads=nwg, thread_name="wg",
-        scratch_types=(plgpu.SMEM((nwg * ring, ROWS, cw), jnp.float32),
-                       plgpu.SMEM((nwg * ring, ROWS), jnp.float32),
-                       plgpu.SMEM((ROWS, cw), out_dtype),  # a parent's merged rows
-                       plgpu.Barrier(num_arrivals=2, num_barriers=nwg * ring),  # rows + lse
-                       shares),
+        scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
         interpret=interpret or None,
     )(cmeta, parents, pieces.rows, pieces.lse, out_ref)
