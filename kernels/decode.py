@@ -278,6 +278,9 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     op_dtype = jnp.dtype(jnp.float16) if fp8 and config.f16_dequant else jnp.dtype(dtype)
     # Tiles of at most NARROW_ROWS query rows take the keys as the wgmma M.
     narrow = config.narrow_tiles and g <= NARROW_ROWS
+    # Copies of a block that lie wholly past kv_end are skipped (16-bit caches; an FP8
+    # slot's stale bytes could be a NaN code, so its copies all run, clamped to the last page).
+    skip_copies = cpb > 1 and not fp8
 
     def decode_kernel(meta_ref, cta_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
         # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype (or FP8), a Ref updated
@@ -307,19 +310,33 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             f = lambda col: meta_ref[first_tile + i, col]
             return f(KV_HEAD), f
 
-        def zero_uncovered_rows():
-            """Rows no tile covers (padding, other lists' rows) get zeros, the CTAs taking
-            them in turn, from q_raw (FP8 rows: its 8-bit view) before its first q lands."""
-            n_zero = zero_ref[0]
+        def zero_smem():
+            """q_raw's rows start at zero: a tile's q copies cover only its own tokens, so the
+            rows past them hold zeros or an earlier tile's q (finite, which a narrow tile's
+            transposing wgmma needs: 0 * NaN is NaN). Likewise the V ring where a block's
+            copies past kv_end are skipped: its masked keys' P is 0, times a finite V."""
+            for view in (q_raw, *q_raw8):  # (FP8 rows: the zero rows' 8-bit view too)
+                view[pl.ds(0, ROWS), :] = plgpu.layout_cast(jnp.zeros((ROWS, d), view.dtype),
+                                                            plgpu.Layout.WGMMA)
+            if skip_copies:
+                for s in range(stages):
+                    v_smem[s] = plgpu.layout_cast(jnp.zeros((bk, d), dtype),
+                                                  plgpu.Layout.WGMMA)
+            plgpu.commit_smem()
 
-            @pl.when(cta < n_zero)
+        def zero_uncovered_rows():
+            """Rows no tile covers (padding, other lists' rows) get zeros from q_raw (FP8
+            rows: its 8-bit view, zeros too) before its first q lands, the CTAs taking them in
+            turn from the last: tiles are dealt from CTA 0, so with fewer tiles than CTAs the
+            ones that run a tile do not wait for these stores."""
+            n_zero = zero_ref[0]
+            zc = num_ctas - 1 - cta
+
+            @pl.when(zc < n_zero)
             def _():
                 zeros = q_raw8[0] if q_raw8 else q_raw
-                zeros[pl.ds(0, ROWS), :] = plgpu.layout_cast(jnp.zeros((ROWS, d), zeros.dtype),
-                                                             plgpu.Layout.WGMMA)
-                plgpu.commit_smem()
 
-                @pl.loop(cta, n_zero, step=num_ctas)
+                @pl.loop(zc, n_zero, step=num_ctas)
                 def _(k):
                     row = zero_ref[1 + k]
 
@@ -327,9 +344,10 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                     def _(h):
                         plgpu.copy_smem_to_gmem(zeros.at[pl.ds(0, g)], out_ref.at[row, h])
 
-                plgpu.wait_smem_to_gmem(0)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         def producer():
+            zero_smem()
             zero_uncovered_rows()
 
             def tile_body(i, step):
@@ -342,12 +360,19 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
                 # One TMA per token: the item's (token, group head) rows are a 3-D box in
                 # q, and Mosaic's layout inference cannot take a reshaped TMA target that
-                # is also read into registers. Tokens past the item are loaded too (their
-                # rows are ignored); the clamp keeps the last ones inside q.
-                @pl.loop(0, dq_pad)
+                # is also read into registers. Only the item's tokens are loaded (a decode
+                # item has one of dq_pad); the rest arrive without a copy, their rows
+                # whatever finite values q_raw holds (zero_smem), ignored.
+                q_len = f(Q_LEN)
+
+                @pl.loop(0, q_len)
                 def _(tok):
-                    plgpu.copy_gmem_to_smem(q_ref.at[jnp.minimum(q_start + tok, t - 1), kvh],
+                    plgpu.copy_gmem_to_smem(q_ref.at[q_start + tok, kvh],
                                             q_raw.at[pl.ds(tok * g, g)], q_full)
+
+                @pl.loop(q_len, dq_pad)
+                def _(tok):
+                    plgpu.barrier_arrive(q_full)
 
                 last_key = kv_end - 1
 
@@ -364,7 +389,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                     def _():
                         plgpu.barrier_wait(consumed.at[slot])
 
-                    for cp, (key, page) in enumerate(zip(keys, pages)):
+                    def copies(key, page, cp):
                         row = lax.rem(key, page_size) // rpc * rpc if rpc < page_size else 0
                         dst = pl.ds(cp * rpc, rpc)
                         src = pl.ds(row, rpc)
@@ -378,6 +403,24 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                         if fp8 and not fixed_v:
                             plgpu.copy_gmem_to_smem(vs_ref.at[page, kvh, src],
                                                     vs_smem.at[slot, dst], v_full.at[slot])
+
+                    for cp, (key, page) in enumerate(zip(keys, pages)):
+                        if not skip_copies or cp == 0:  # a block's first copy is live
+                            copies(key, page, cp)
+                            continue
+                        live = base + cp * rpc < kv_end
+
+                        @pl.when(live)
+                        def _():
+                            copies(key, page, cp)
+
+                        # Wholly past kv_end (a short tail: most of a decode block at few
+                        # keys): arrive without a copy. The block is masked, its slot
+                        # rows stale or zero (finite, zero_smem).
+                        @pl.when(~live)
+                        def _():
+                            plgpu.barrier_arrive(k_full.at[slot])
+                            plgpu.barrier_arrive(v_full.at[slot])
                     return step + 1
 
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
@@ -757,7 +800,9 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
             lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
             if c == 0:
-                plgpu.wait_smem_to_gmem(0)
+                # The stores' reads of SMEM, not their writes: the kernel's end orders
+                # those for whatever reads out next (as CUTLASS's TMA epilogues do).
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             else:
                 @pl.when(n_local > 0)
                 def _():  # observe the last completion (GPU interpret mode checks it)

@@ -255,7 +255,7 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
 
         # The next parent's result and lse go to o_out and slot 0 only after these stores
         # have read them.
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()

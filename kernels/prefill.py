@@ -889,7 +889,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
             lax.fori_loop(0, my_tiles, tile_body, jnp.int32(0))
             pl.when(wg == 0)(turn_wait)  # the turn warpgroup 1 passed last
-            plgpu.wait_smem_to_gmem(0)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # reads only: as the decode kernel
 
         @pl.when(wg == COMPUTE_WGS)
         def _producer():
