@@ -565,18 +565,26 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                     plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.T if scaled else rhs_smem)
 
             acc_shape = (bn, bm) if swap else (bm, bn)
-            # The epilogue's scales are loaded before the K loop: loaded after it, each tile
-            # waited a global-memory round trip between its last wgmma and its store (the
-            # decode launches run one or two tiles a CTA, so that wait was most of their
-            # fixed cost's tail).
-            cols = rows = None
-            if scaled:  # the tile's expert's column scales
-                cols = plgpu.load(ws_gmem.at[info.group_id, pl.ds(part_ni * bn, bn)],
-                                  layout=plgpu.Layout.WGMMA.reduce(1 if swap else 0),
-                                  optimized=False)
-            if ls_gmem is not None:  # swap-AB: the rows are the accumulator's columns
-                rows = plgpu.load(ls_gmem.at[pl.ds(info.block * bm, bm)],
-                                  layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+
+            def epilogue_scales():
+                """The tile's expert's column scales (and swap-AB's row scales: the rows are
+                the accumulator's columns), or None."""
+                cols = rows = None
+                if scaled:
+                    cols = plgpu.load(ws_gmem.at[info.group_id, pl.ds(part_ni * bn, bn)],
+                                      layout=plgpu.Layout.WGMMA.reduce(1 if swap else 0),
+                                      optimized=False)
+                if ls_gmem is not None:
+                    rows = plgpu.load(ls_gmem.at[pl.ds(info.block * bm, bm)],
+                                      layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+                return cols, rows
+
+            # Swap-AB (decode) tiles load them before the K loop: loaded after it, each tile
+            # waited a global-memory round trip between its last wgmma and its store, and a
+            # decode launch runs one or two short tiles a CTA. A prefill tile's K loop is
+            # long, and its accumulator fills the registers: it loads them after.
+            if swap:
+                scales = epilogue_scales()
             pipeline = functools.partial(
                 plgpu.emit_pipeline,
                 grid=(k_steps,),
@@ -605,6 +613,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 acc = pipeline(promoted, init_carry=zeros)(lhs_gmem, w_gmem.at[info.group_id])
             else:
                 acc = pl.run_scoped(acc_scope, plgpu.ACC(acc_shape))
+            cols, rows = scales if swap else epilogue_scales()
             if cols is not None:
                 acc = acc * jax.lax.broadcast_in_dim(cols, acc.shape, [0 if swap else 1])
             if rows is not None:
