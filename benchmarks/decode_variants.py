@@ -46,6 +46,10 @@ def variants() -> dict[str, tuple[str, decode.DecodeConfig]]:
     return {
         BASELINE: ("bf16", r(bf16, block_kv=64, num_stages=4)),
         "bf16 default": ("bf16", bf16),
+        # one token's 5 query rows as the wgmma N (keys as M): 0-1.3% slower than the default
+        # at these shapes on the H200 in session 16, 5-13% faster at batch 1 over 1-8k keys
+        # on an H100 after session 41's fixed-cost changes (NOTES-decode.md)
+        "bf16 narrow tiles": ("bf16", r(bf16, narrow_tiles=True)),
         "FP8 default": ("fp8", fp8),
         # the tiles dequantised in vectors of 2 / 8 values (the default: 4, 4-byte fp8 loads
         # and 8-byte f16 stores; 2 is the wgmma layout: 2-byte loads, 4-byte stores)
