@@ -58,8 +58,10 @@ warpgroups instead of one (no faster; with narrow tiles 1.13x against 1.09x).
 
 Assumption (as in other paged kernels): every cache slot holds a finite value
 (pools start zeroed; writes store finite K/V). A block's key slots past
-``kv_end`` are loaded (whole pages) and masked: their P is 0, and 0 * NaN would
-poison the output.
+``kv_end`` within its last page are loaded and masked: their P is 0, and 0 * NaN would
+poison the output. Its copies wholly past ``kv_end`` are skipped (16-bit caches), their
+slot rows left as an earlier block or the zeroed ring had them, finite too; an FP8 cache
+copies them all, clamped to the last page.
 """
 
 from __future__ import annotations
@@ -239,7 +241,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                  n_part: int, scale: float, causal: bool, config: DecodeConfig, interpret,
                  k_scale=None, v_scale=None, fixed_k_scale=None, fixed_v_scale=None,
                  out_scale=None):
-    t, hkv, g, d = q4.shape
+    _, hkv, g, d = q4.shape
     num_ctas = cta_start.shape[0] - 1
     dtype = q4.dtype
     # An unsplit item's rows go out in q's dtype, or as FP8 under the static out_scale.
