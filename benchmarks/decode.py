@@ -20,6 +20,7 @@ import datetime
 import functools
 import json
 import pathlib
+import random
 import statistics
 import sys
 import time
@@ -51,12 +52,20 @@ def timeit(fn, *args, n=20, reps=5):
 def interleaved(fns: dict, n=20, reps=7):
     """Median seconds per call of each of ``fns`` (name -> no-argument callable), the
     callables taking turns batch by batch (``n`` back-to-back calls each), so a drift in
-    the GPU's clocks or temperature during the run reaches all of them alike."""
+    the GPU's clocks or temperature during the run reaches all of them alike. Each round
+    takes them in a shuffled order (seeded): a batch's wall time depends on what ran before
+    it (two columns running the same kernels read 2-4% apart when one always followed XLA's
+    slow attention, benchmarks/NOTES-decode.md session 41), so no callable keeps one
+    neighbour."""
     for fn in fns.values():
         jax.block_until_ready(fn())
     times = {name: [] for name in fns}
+    order = random.Random(0)
     for _ in range(reps):
-        for name, fn in fns.items():
+        names = list(fns)
+        order.shuffle(names)
+        for name in names:
+            fn = fns[name]
             t0 = time.perf_counter()
             for _ in range(n):
                 out = fn()

@@ -102,6 +102,21 @@ def test_interleaved_rotation_runs_each_argument_set_and_counts_each_call(monkey
     assert [float(y[0]) for y in seen[1]] == [0.0, 2.0, 4.0]  # every set, in order
 
 
+def test_decode_interleaved_varies_who_runs_before_whom():
+    """benchmarks.decode's wall-time rounds: every callable timed once a round, and no
+    callable always behind the same one (a fixed order biased a column by 2-4%)."""
+    from benchmarks import decode as decode_bench
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcdefg"}
+    t = decode_bench.interleaved(fns, n=1, reps=7)
+    assert set(t) == set(fns)
+    rounds = [calls[7 * (r + 1):7 * (r + 2)] for r in range(7)]  # after the warm-up calls
+    assert all(sorted(r) == list("abcdefg") for r in rounds)
+    behind = {name: {r[r.index(name) - 1] for r in rounds if r.index(name)} for name in fns}
+    assert all(len(b) > 1 for b in behind.values()), behind
+
+
 # An XLA dump's optimised module, cut to its shape: source tables, then the entry.
 _MODULE = """HloModule jit_jitted, is_scheduled=true
 
