@@ -259,26 +259,26 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
 
 
 def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=False,
-                defer=False):
+                defer=False, dense=False):
     """The FP8 Mosaic kernel on quantised rows ``x`` -> [M, N_1 + ... + N_P] in
     ``out_dtype`` (``defer``: :class:`fp8.Unscaled` by the row scales); ``groups``: the
-    group sizes, or each row's group (``by_row``)."""
+    group sizes, or each row's group (``by_row``); ``dense``: one group of every row."""
     xq, xs, m = x.values, x.scale, x.values.shape[0]
     if m > 8 and m % 8:  # Mosaic's TMA tiling needs the row count a multiple of 8 (or < 8)
         xq = jnp.pad(xq, ((0, -m % 8), (0, 0)))
         if by_row:  # the padding rows: of no group
             groups = jnp.pad(groups, (0, -m % 8), constant_values=parts[0].shape[0])
     scales = tuple(s.astype(jnp.float32) for s in scales)
+    launch = functools.partial(_mosaic_grouped_matmul, dense_rows=m if dense else None)
     if (scale_rows and not defer and not by_row and config.swap_ab and config.k_splits == 1
             and m % config.block_m == 0):  # a decode step's bucket: the epilogue scales rows
-        return _mosaic_grouped_matmul(xq, parts, groups, scales, xs, config=config,
-                                      out_dtype=out_dtype)
+        return launch(xq, parts, groups, scales, xs, config=config, out_dtype=out_dtype)
     # The kernel writes (x_q w_q) * w_scale (in bf16 at least: the row scale is still out
     # of its range); the row scales, applied here, fuse into the product's consumer (the
     # SwiGLU, the scatter back to token order) instead of padding per call for the
     # epilogue to read.
-    y = _mosaic_grouped_matmul(xq, parts, groups, scales, config=config, by_row=by_row,
-                               out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))[:m]
+    y = launch(xq, parts, groups, scales, config=config, by_row=by_row,
+               out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))[:m]
     if defer and scale_rows:
         return fp8.Unscaled(y, xs, None, jnp.dtype(out_dtype))
     return (y * xs[:, None] if scale_rows else y).astype(out_dtype)
@@ -422,7 +422,7 @@ def dense_fp8(x, w, w_scale, *, impl: str = "auto", out_dtype=None,
     flat = fp8.Quantized(x.values.reshape(rows, k), x.scale.reshape(rows), x.dtype)
     y = _fp8_launch(flat, tuple(p[None] for p in parts), tuple(s[None] for s in scales),
                     jnp.full((1,), rows, jnp.int32), config, out_dtype or x.dtype,
-                    scale_rows=True, defer=defer)
+                    scale_rows=True, defer=defer, dense=True)
     split = lambda a: jnp.split(a, list(itertools.accumulate(ns))[:-1], axis=-1)
     if defer:
         return tuple(fp8.Unscaled(v, y.row_scale, None, y.dtype).reshape(*lead, n)
@@ -441,7 +441,8 @@ def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
     takes no tile number: the tiles holding rows are then exactly ``0 .. count - 1``, so
     the kernel deals them to the SMs without a list computed beforehand. ``group_sizes``
     is read element by element (an unrolled loop: Scout has 16 experts), so it may be a
-    GMEM ref; only its first ``num_groups`` (default: all) count. Returns (``GroupInfo``,
+    GMEM ref (or a tuple of ints, known when the kernel is built); only its first
+    ``num_groups`` (default: all) count. Returns (``GroupInfo``,
     count).
     """
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
@@ -469,10 +470,12 @@ def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
     return info, first
 
 
-@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row", "shared_blocks"))
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row", "shared_blocks",
+                                             "dense_rows"))
 def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None, *,
                            config: GroupedMatmulConfig, out_dtype=None, by_row: bool = False,
-                           shared_blocks: tuple[int, int] | None = None):
+                           shared_blocks: tuple[int, int] | None = None,
+                           dense_rows: int | None = None):
     """bf16/f16: rhs [G, K, N] or a tuple of P of them (N may differ). FP8 (scales given): rhs
     [G, N, K] (or P of them), rhs_scale [G, N] f32 per column (one per weight; the rows'
     scales are the caller's), out_dtype the output's. -> [M, N_1 + ... + N_P].
@@ -487,7 +490,11 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
     ``lhs_scale`` (FP8 swap-AB, not by row; M a multiple of ``block_m``): the rows' scales
     [M] f32, applied in the epilogue with the columns' (the product comes out whole, where
-    XLA's multiply after the kernel was a kernel of its own unless a consumer fused it)."""
+    XLA's multiply after the kernel was a kernel of its own unless a consumer fused it).
+
+    ``dense_rows``: one group of that many rows (a dense projection, G = 1), known when the
+    kernel is built, so its tiles are too: the kernel does not read ``group_sizes`` (a global
+    load each CTA waited on before its first weight copy)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
@@ -544,7 +551,12 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     rhs_block, rhs_index = (((bn, bk), lambda kk, ni: (ni, kk)) if scaled else
                             ((bk, bn), lambda kk, ni: (kk, ni)))
 
+    if dense_rows is not None and (g != 1 or by_row):
+        raise ValueError(f"dense_rows: one group (G = {g}), not by row")
+
     def grouped_matmul_kernel(sizes_gmem, lhs_gmem, *rest):
+        # A dense launch's group size is static: tile_info reads a tuple at trace time.
+        sizes = sizes_gmem if dense_rows is None else (dense_rows,)
         rhs_gmem, rest = rest[:parts * sets], rest[parts * sets:]
         if scaled:
             rs_gmem, rest = rest[:parts * sets], rest[parts * sets:]
@@ -680,7 +692,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             _, routed_tiles = tile_group(0)
             tiles_with_rows = routed_tiles + sets - 1
         else:
-            _, tiles_with_rows = tile_info(sizes_gmem, bm, 0, g)
+            _, tiles_with_rows = tile_info(sizes, bm, 0, g)
 
         @plgpu.nd_loop((loop_items,), collective_axes="sm")
         def work_loop(loop_info: plgpu.NDLoopInfo):
@@ -726,7 +738,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             @pl.when(ti < tiles_with_rows)
             def _():
                 if not by_row:
-                    tiles(tile_info(sizes_gmem, bm, ti, g)[0])
+                    tiles(tile_info(sizes, bm, ti, g)[0])
                 elif sets == 1:
                     tiles(by_row_info(tile_group(ti)[0], 0))
                 else:

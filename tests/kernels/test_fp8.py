@@ -540,7 +540,8 @@ def test_dense_fp8_takes_xla_past_a_decode_step_or_off_hopper(monkeypatch):
     divide and enough work items (N tiles times K splits), else XLA's FP8 dot per weight."""
     launched = []
 
-    def kernel(x, parts, scales, gs, config, out_dtype, scale_rows, defer=False):
+    def kernel(x, parts, scales, gs, config, out_dtype, scale_rows, defer=False, dense=False):
+        assert dense
         launched.append(x.values.shape)
         return jnp.zeros((x.values.shape[0], sum(p.shape[1] for p in parts)), jnp.bfloat16)
 
@@ -559,6 +560,30 @@ def test_dense_fp8_takes_xla_past_a_decode_step_or_off_hopper(monkeypatch):
     gm.dense_fp8(jnp.ones((4, 2048), jnp.bfloat16), *_projections((128, 128), 2048),
                  k_splits=2)
     assert launched == [(16, 256), (4, 256), (4, 2048)]
+
+
+def test_dense_launch_reads_no_group_sizes():
+    """A dense launch's one group of every row is known when the kernel is built
+    (``dense_rows``), so the kernel does not load the group-size array before its first weight
+    copy: given zeros there (no rows), it still computes every row."""
+    ws, ss = _projections((256, 128), 1024)
+    x = fp8.Quantized.of(jnp.asarray(np.random.default_rng(2).standard_normal((16, 1024)),
+                                     jnp.bfloat16))
+    config = gm.dense_config(16, 1024, 384)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = gm._mosaic_grouped_matmul(
+            x.values, tuple(w[None] for w in ws), jnp.zeros((1,), jnp.int32),
+            tuple(s[None].astype(jnp.float32) for s in ss), x.scale, config=config,
+            out_dtype=jnp.bfloat16, dense_rows=16)
+    want = np.concatenate([np.asarray(fp8.scaled_matmul(x, w, s), np.float32)
+                           for w, s in zip(ws, ss)], axis=1)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2,
+                               atol=1e-2 * np.abs(want).max())
+    with pytest.raises(ValueError, match="dense_rows"):
+        gm._mosaic_grouped_matmul(x.values, tuple(jnp.stack([w, w]) for w in ws),
+                                  jnp.zeros((2,), jnp.int32),
+                                  tuple(jnp.stack([s, s]) for s in ss), config=config,
+                                  dense_rows=16)
 
 
 @pytest.mark.parametrize("parts", [1, 3])
