@@ -179,6 +179,9 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     out_scales, decode_attention = [], decode.decode_attention
     monkeypatch.setattr(decode, "decode_attention", lambda *a, **k: out_scales.append(
         k.get("out_scale")) or decode_attention(*a, **k))
+    # The layers' attention is a jit of its own: an earlier test's trace of it at these
+    # shapes would be reused without calling decode_attention.
+    paged_step._paged_attention.clear_cache()
     add_norm, add_norms, routed = fp8_rows.add_rms_norm_quantize, [], []
     monkeypatch.setattr(fp8_rows, "add_rms_norm_quantize",
                         lambda x, delta, *a, **k: add_norms.append(delta) or routed.append(
