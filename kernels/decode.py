@@ -246,8 +246,6 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     dtype = q4.dtype
     # An unsplit item's rows go out in q's dtype, or as FP8 under the static out_scale.
     out_dtype = out_ref.dtype
-    to_out = ((lambda o: fp8_lib.quantize_fixed(o, out_scale)) if out_scale is not None
-              else (lambda o: o.astype(dtype)))
     if interpret is True:
         interpret = plgpu.InterpretGPUParams()
     _, page_size, _, _ = k_pages.shape
@@ -765,7 +763,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 # quantising kernel follows.
                 @pl.when(part < 0)
                 def _():
-                    o_out[pl.ds(0, ROWS), :] = to_out(o)
+                    o_out[pl.ds(0, ROWS), :] = fp8_lib.cast_out(o, out_dtype, out_scale)
 
                 @pl.when(part >= 0)  # a piece's rows: f32 for the combine
                 def _():

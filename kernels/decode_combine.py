@@ -240,7 +240,7 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
         seen = s > 0
         s_safe = jnp.where(seen, s, 1.0)
         o = acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])
-        o_out[...] = o.astype(out_dtype) if out_scale is None else fp8.quantize_fixed(o, out_scale)
+        o_out[...] = fp8.cast_out(o, out_dtype, out_scale)
         l_buf[0] = jnp.where(seen, m + jnp.log(s_safe), -jnp.inf)
         plgpu.commit_smem()
 

@@ -176,6 +176,12 @@ def quantize_fixed(x, scale: float):
     return jnp.clip(x.astype(jnp.float32) * (1.0 / scale), -MAX, MAX).astype(DTYPE)
 
 
+def cast_out(x, dtype, scale: float | None = None):
+    """A kernel's output rows ``x`` (f32 registers) as stored: ``dtype``, or float8 under the
+    static ``scale`` (:func:`quantize_fixed`; ``dtype`` is then float8)."""
+    return x.astype(dtype) if scale is None else quantize_fixed(x, scale)
+
+
 def dequantize(q, scale, axis: int = -1, dtype=jnp.float32):
     """The inverse of :func:`quantize` (up to its rounding)."""
     return (q.astype(jnp.float32) * jnp.expand_dims(scale, axis)).astype(dtype)
