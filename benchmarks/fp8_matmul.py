@@ -8,6 +8,8 @@
     python -m benchmarks.fp8_matmul --projections  # only the dense projections at decode:
                                                    # one grouped launch (K split or not)
                                                    # vs XLA's dot per weight
+    python -m benchmarks.fp8_matmul --w8a16        # only the by-row launches with the shared
+                                                   # expert at decode: FP8 rows vs f16 rows
 
 1. Routed experts (16 experts, gate/up 5120 -> 8192, down 8192 -> 5120): the Mosaic
    grouped matmul in bf16 against its FP8 form. Prefill sizes (M = 2048..16384 rows
@@ -312,6 +314,63 @@ def by_row_sweep(args) -> list[dict]:
     return rows
 
 
+def w8a16(args) -> list[dict]:
+    """A decode step's by-row launches with the shared expert (a 16-row bucket with 1 or 8
+    real rows; gate/up 5120 -> 2 x 8192, down 8192 -> 5120, TP=1), FP8 rows (W8A8, the
+    model's form) against the same rows in f16 (W8A16: the weight tiles widened to f16 in
+    registers), cold L2 (a rotation over ``HIT_EXPERTS``). f16 rows need no per-token
+    scale, which is what would let the gate/up launch's epilogue form the SwiGLU and drop
+    the launch that quantises it (NOTES-fp8.md, session 42); this asks what widening costs
+    the launch. ``rel_diff``: the f16 rows' product against the FP8 rows' (the rows'
+    quantisation, ~2-4% relative)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxattn.kernels import fp8, grouped_matmul as gm
+
+    rows = []
+    for name, (k, ns) in {"gate/up+shared": (H, (I, I)), "down+shared": (I, (H,))}.items():
+        quantize = jax.jit(lambda w: fp8.quantize(w, -1))
+        routed = [quantize(jax.random.normal(jax.random.key(i), (E, n, k), jnp.bfloat16)
+                           / float(np.sqrt(k))) for i, n in enumerate(ns)]
+        shared = [quantize(jax.random.normal(jax.random.key(10 + i), (1, n, k), jnp.bfloat16)
+                           / float(np.sqrt(k))) for i, n in enumerate(ns)]
+        parts = tuple(w for w, _ in routed + shared)
+        scales = tuple(s for _, s in routed + shared)
+        x16 = jax.random.normal(jax.random.key(3), (32, k), jnp.float16)  # routed, then shared
+        xq = fp8.Quantized.of(x16.astype(jnp.bfloat16))
+        lhs = {"W8A8": xq.values, "W8A16": x16}
+        # The FP8 rows' product is in units of their scales; the f16 rows' is the product.
+        unit = {"W8A8": np.asarray(xq.scale, np.float32)[:, None], "W8A16": np.ones((32, 1))}
+        fns = {}
+        for form, f16 in (("W8A8", False), ("W8A16", True)):
+            cfg = dataclasses.replace(gm.pick_config(16, k, sum(ns), fp8=True, f16_rows=f16),
+                                      block_m=16)
+            fns[form] = jax.jit(lambda x, g, w, sc, cfg=cfg: gm._mosaic_grouped_matmul(
+                x, w, g, sc, config=cfg, by_row=True, shared_blocks=(0, 1),
+                out_dtype=jnp.float32))
+        for real in (1, 8):
+            rotation = {form: [] for form in fns}
+            for e in HIT_EXPERTS:
+                groups = np.full(16, E, np.int32)  # rows past `real`: padding, no expert
+                groups[:real] = (e + 2 * np.arange(real)) % E
+                for form in fns:
+                    rotation[form].append((lhs[form], jnp.asarray(groups), parts, scales))
+            held = list(range(real)) + list(range(16, 32))  # routed rows held, all shared
+            out = {form: np.asarray(f(*rotation[form][0]))[held] * unit[form][held]
+                   for form, f in fns.items()}
+            rel = float(np.linalg.norm(out["W8A16"] - out["W8A8"]) / np.linalg.norm(out["W8A8"]))
+            t = interleaved(fns, rotation, args.rounds, args.reps)
+            weight_bytes = (real + 1) * k * sum(ns)
+            for form, sec in t.items():
+                rows.append({"matmul": name, "real_rows": real, "form": form, "us": sec * 1e6,
+                             "weight_tbs": weight_bytes / sec / 1e12, "rel_diff": rel})
+                print(f"w8a16 {name:15} rows={real} {form:6} {sec * 1e6:7.2f} us "
+                      f"{weight_bytes / sec / 1e12:5.2f} TB/s (rel diff {rel:.3f})", flush=True)
+    return rows
+
+
 def _swap_splits(args) -> list[dict]:
     """FP8's picked decode tiles with K in 1, 2 and 4 splits, at 1 and 8 rows (as many
     experts hit: the K split's extra work items and partial sums grow with them)."""
@@ -528,6 +587,9 @@ def main(argv=None) -> int:
     p.add_argument("--by-row", action="store_true",
                    help="only the by-row form at a decode step's 16-row bucket: the pick "
                         "against BY_ROW_CONFIGS")
+    p.add_argument("--w8a16", action="store_true",
+                   help="only the by-row launches with the shared expert at decode: FP8 rows "
+                        "against f16 rows (the weights widened in registers)")
     p.add_argument("--swap-only", action="store_true",
                    help="with --decode-sweep: FP8 only, the pick with K in 1, 2 and 4 splits")
     args = p.parse_args(argv)
@@ -548,6 +610,10 @@ def main(argv=None) -> int:
     if args.by_row:
         res["by_row"] = by_row_sweep(args)
         print("wrote", write_json(f"gmm-by-row-sweep-{res['date']}.json", res))
+        return 0
+    if args.w8a16:
+        res["w8a16"] = w8a16(args)
+        print("wrote", write_json(f"gmm-w8a16-{res['date']}.json", res))
         return 0
     if args.decode_sweep:
         res["decode_sweep"] = decode_sweep(args)

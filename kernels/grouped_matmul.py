@@ -49,6 +49,12 @@ elements: a 128-byte swizzled row, as bf16's 64), the weight tile read as
 ``[N, K]`` and transposed for the wgmma, the column scales of the tile's expert applied
 to the f32 accumulator in the epilogue, and the row scales by XLA after it (a multiply
 that fuses into whatever reads the product). :func:`reference_fp8` is its semantics.
+
+W8A16 (swap-AB, f16 rows with FP8 weights, the kernel's form only so far): each weight
+tile is widened to f16 in registers (e4m3 values are exact in f16, and Hopper converts e4m3
+to f16 but not to bf16) and the rows stay 16-bit, so they need no per-token scale: a
+consumer that makes them (a SwiGLU in the gate/up launch's epilogue) needs no reduction over
+the whole row. :func:`reference_w8a16` is its semantics.
 """
 
 from __future__ import annotations
@@ -88,6 +94,10 @@ class GroupedMatmulConfig:
     # sum over all of K can come out low (302 for 320 at K = 5120, H200); promoting costs a
     # wgmma wait per K step. Off by default, as inference FP8 GEMMs run (fast accumulation).
     promote: bool = False
+    # W8A16 (f16 rows, FP8 weights): each weight tile is widened to f16 in registers, 64 rows
+    # by 128 K at a time, and fed to the wgmma as its A operand. GPU interpret mode cannot
+    # run a register A operand, so its tests widen into a shared-memory tile instead.
+    widen_in_registers: bool = True
 
     def __post_init__(self):
         if self.swap_ab:
@@ -111,7 +121,8 @@ SWAP_AB_MAX_ROWS = 16  # FP8 calls of at most this many rows (a decode step's) r
 SHARED_EXPERT_ROWS = (8, SWAP_AB_MAX_ROWS)
 
 
-def pick_config(m: int, k: int, n: int, *, fp8: bool = False) -> GroupedMatmulConfig:
+def pick_config(m: int, k: int, n: int, *, fp8: bool = False,
+                f16_rows: bool = False) -> GroupedMatmulConfig:
     """Tiles for an [m, k] x [k, n] problem.
 
     Prefill: 128-row tiles in bands of 8 N tiles, which keeps the weight tiles
@@ -124,12 +135,14 @@ def pick_config(m: int, k: int, n: int, *, fp8: bool = False) -> GroupedMatmulCo
     16-row token tiles and 256-byte K tiles in a 6-deep ring, 1.2-1.6x faster than the
     64-row tile at Scout's decode shapes on the H200 (128-byte K tiles: 1.1-1.5x; a tile's
     fixed cost per K step is what a decode call pays, NOTES-grouped-matmul.md).
+    ``f16_rows`` (W8A16: FP8 weights, f16 rows): the same tiles, a slot fewer in the ring
+    (the rows' tile is twice as wide, and six slots would not fit in shared memory).
     """
     bk = _BLOCK_K_FP8 if fp8 else _BLOCK_K
     if fp8 and m <= SWAP_AB_MAX_ROWS:
         if k % (2 * bk) == 0:
-            return GroupedMatmulConfig(block_m=16, block_k=2 * bk, max_concurrent_steps=6,
-                                       swap_ab=True)
+            return GroupedMatmulConfig(block_m=16, block_k=2 * bk,
+                                       max_concurrent_steps=5 if f16_rows else 6, swap_ab=True)
         return GroupedMatmulConfig(block_m=16, block_k=bk, max_concurrent_steps=8, swap_ab=True)
     if m > 64:
         return GroupedMatmulConfig(block_k=bk,
@@ -148,6 +161,15 @@ def reference_fp8(xq, x_scale, wq, w_scale, group_sizes):
     x = fp8.dequantize(xq, x_scale)
     w = fp8.dequantize(wq, w_scale)  # [G, N, K]
     return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), group_sizes,
+                              precision=jax.lax.Precision.HIGHEST,
+                              preferred_element_type=jnp.float32)
+
+
+def reference_w8a16(x, wq, w_scale, group_sizes):
+    """The W8A16 product's semantics in f32: ``x [M, K]`` f16 rows, ``wq [G, N, K]``
+    float8_e4m3fn with ``w_scale [G, N]``; the weights dequantised, then ragged_dot."""
+    w = fp8.dequantize(wq, w_scale)  # [G, N, K]
+    return jax.lax.ragged_dot(x.astype(jnp.float32), jnp.swapaxes(w, 1, 2), group_sizes,
                               precision=jax.lax.Precision.HIGHEST,
                               preferred_element_type=jnp.float32)
 
@@ -494,7 +516,10 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
     ``dense_rows``: one group of that many rows (a dense projection, G = 1), known when the
     kernel is built, so its tiles are too: the kernel does not read ``group_sizes`` (a global
-    load each CTA waited on before its first weight copy)."""
+    load each CTA waited on before its first weight copy).
+
+    W8A16: FP8 weights with f16 ``lhs`` (swap-AB only), each weight tile widened to f16
+    (``config.widen_in_registers``); the column scales as for FP8 rows."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
@@ -532,6 +557,10 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     swap = config.swap_ab
     if swap and not scaled:
         raise ValueError("swap_ab is the FP8 kernel's form (K-major weights)")
+    widen = scaled and lhs.dtype == jnp.float16  # W8A16: the weight tiles widened to f16
+    if widen and not (swap and bk % _BLOCK_K_FP8 == 0):
+        raise ValueError(f"f16 rows with FP8 weights (W8A16): the swap-AB form and block_k a "
+                         f"multiple of {_BLOCK_K_FP8}, got {config}")
     if lhs_scale is not None and (by_row or not swap or splits > 1 or m % bm
                                   or lhs_scale.shape != (m,)):
         raise ValueError(f"lhs_scale {lhs_scale.shape}: swap-AB with K whole, not by row, and "
@@ -571,7 +600,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             k0 = split * k_steps
 
             def product(acc_ref, lhs_smem, rhs_smem):
-                if swap:  # acc [bn, bm] = W [bn, bk] x^T: both operands K-major as stored
+                if widen:
+                    _widened_product(acc_ref, lhs_smem, rhs_smem, config.widen_in_registers)
+                elif swap:  # acc [bn, bm] = W [bn, bk] x^T: both operands K-major as stored
                     plgpu.wgmma(acc_ref, rhs_smem, lhs_smem.T)
                 else:
                     plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.T if scaled else rhs_smem)
@@ -768,6 +799,37 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     if swap_split:
         return _swapped_rows(out, group_sizes, g, m, bm).astype(final_dtype)
     return out if splits == 1 else out.sum(0).astype(final_dtype)
+
+
+def _widened_product(acc_ref, x_smem, w_smem, in_registers: bool):
+    """W8A16's K step, swap-AB: ``acc [bn, bm] += W [bn, bk] x^T`` with ``w_smem`` float8 and
+    ``x_smem`` f16, W widened to f16 a [64, 128] piece at a time (one wgmma M block by one
+    128-byte K row of the 8-bit tile). ``in_registers``: the widened piece is the wgmma's A
+    operand in registers (the GPU's form); else it goes through a shared-memory tile (GPU
+    interpret mode's, which has no register A operand; a wgmma wait per piece)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    bn, bk = w_smem.shape
+    pieces = [(pl.ds(h * 64, 64), pl.ds(c * _BLOCK_K_FP8, _BLOCK_K_FP8))
+              for h in range(bn // 64) for c in range(bk // _BLOCK_K_FP8)]
+
+    def widened(rows, cols):
+        return plgpu.load(w_smem.at[rows, cols], layout=plgpu.Layout.WGMMA,
+                          optimized=False).astype(jnp.float16)
+
+    if in_registers:
+        for rows, cols in pieces:
+            plgpu.wgmma(acc_ref.at[rows], widened(rows, cols), x_smem.at[:, cols].T)
+        return
+
+    @functools.partial(pl.run_scoped, w16_smem=plgpu.SMEM((64, _BLOCK_K_FP8), jnp.float16))
+    def _(w16_smem):
+        for rows, cols in pieces:
+            w16_smem[...] = widened(rows, cols)
+            plgpu.commit_smem()
+            plgpu.wgmma(acc_ref.at[rows], w16_smem, x_smem.at[:, cols].T)
+            plgpu.wgmma_wait(0)  # before the next piece overwrites the tile
 
 
 def _dealt(w, sms: int):

@@ -412,6 +412,112 @@ def test_by_row_fp8_kernel_on_gpu_at_scout_shapes(m, k, n):
     assert _rel(np.asarray(got, np.float32)[mine], want[mine]) < 1e-2
 
 
+# W8A16: f16 rows with FP8 weights, each weight tile widened to f16. GPU interpret mode has no
+# register A operand, so the interpret tests widen through shared memory
+# (widen_in_registers=False); the lowering and GPU tests take the registers.
+def _w8a16_case(m, k, n, groups, parts, seed=5):
+    """f16 rows [2m, K] (the routed rows, then the shared rows), ``parts`` routed weights
+    [G, N, K] and as many shared ones [1, N, K] (FP8, scales apart per part)."""
+    ks = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(ks[0], (2 * m, k), jnp.float16)
+    wq, ws = jax.jit(fp8.quantize)(jax.random.normal(ks[1], (groups, n, k)) / 16)
+    sq, ss = jax.jit(fp8.quantize)(jax.random.normal(ks[2], (1, n, k)) / 16)
+    return (x, (wq,) * parts + (sq,) * parts,
+            tuple(ws * (p + 1) for p in range(parts)) + tuple(ss * (p + 2) for p in range(parts)))
+
+
+def _w8a16_want(x, w, ws, row_groups):
+    """[2m, N_1 + ...]: each routed row through its group's weights (rows of none: 0), then
+    each shared row through the shared weights, from :func:`gm.reference_w8a16`."""
+    m, parts = len(row_groups), len(w) // 2
+    one = jnp.ones((1,), jnp.int32)
+    routed = np.stack([np.concatenate([
+        np.asarray(gm.reference_w8a16(x[r:r + 1], wp[g:g + 1], sp[g:g + 1], one))[0]
+        if g < wp.shape[0] else np.zeros(wp.shape[1]) for wp, sp in zip(w[:parts], ws[:parts])])
+        for r, g in enumerate(row_groups)])
+    shared = np.concatenate([np.asarray(gm.reference_w8a16(x[m:], wp, sp, one * m))
+                             for wp, sp in zip(w[parts:], ws[parts:])], -1)
+    return np.concatenate([routed, shared])
+
+
+@pytest.mark.parametrize("row_groups,parts,block_n", [
+    ([2, 0, 4, 1, 2, 3, 0, 4], 2, 128),  # 8 tokens, gate and up; 4: a padding row
+    ([1] * 15 + [3], 1, 64),  # 16 tokens, 64-row weight tiles
+])
+def test_w8a16_by_row_with_a_shared_expert_matches_the_reference(row_groups, parts, block_n):
+    """The decode step's by-row launch with f16 rows: each weight tile widened to f16 a
+    [64, 128] piece at a time (both 64-row halves of a 128-row tile, every 128-element K
+    row of a 256-element K step), against the dequantised weights in f32."""
+    m, k, n = len(row_groups), 512, 128
+    x, w, ws = _w8a16_case(m, k, n, 4, parts)
+    config = dataclasses.replace(gm.pick_config(m, k, n * parts, fp8=True, f16_rows=True),
+                                 block_m=m, block_n=block_n, widen_in_registers=False)
+    assert config.block_k == 256
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = gm._mosaic_grouped_matmul(x, w, jnp.asarray(row_groups, jnp.int32), ws,
+                                        config=config, by_row=True, shared_blocks=(0, 1),
+                                        out_dtype=jnp.float32)
+    want = _w8a16_want(x, w, ws, row_groups)
+    held = np.concatenate([np.asarray(row_groups) < 4, np.ones(m, bool)])
+    assert _rel(np.asarray(got)[held], want[held]) < 1e-5  # f16 x e4m3 products are exact
+
+
+def test_w8a16_grouped_rows_match_the_reference():
+    """Rows sorted by group (not by row) through the W8A16 form, against
+    :func:`gm.reference_w8a16`."""
+    x, (wq, _), (ws, _) = _w8a16_case(8, 256, 128, 4, 1, seed=6)
+    sizes = jnp.asarray([3, 0, 4, 1], jnp.int32)
+    config = dataclasses.replace(gm.pick_config(8, 256, 128, fp8=True, f16_rows=True),
+                                 block_m=8, widen_in_registers=False)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = gm._mosaic_grouped_matmul(x[:8], (wq,), sizes, (ws,), config=config,
+                                        out_dtype=jnp.float32)
+    assert _rel(got, gm.reference_w8a16(x[:8], wq, ws, sizes)) < 1e-5
+
+
+@pytest.mark.parametrize("m", [8, 16])
+@pytest.mark.parametrize("k,n", SCOUT_KN)
+@pytest.mark.parametrize("in_registers", [True, False])
+def test_w8a16_by_row_lowers_for_scout_shapes(m, k, n, in_registers):
+    """Scout's decode MoE launches with the shared expert and f16 rows: the ring of 5 slots
+    (32 KiB of weights, 8 KiB of rows) fits shared memory, with the interpret form's
+    widening tile too."""
+    config = dataclasses.replace(gm.pick_config(m, k, n, fp8=True, f16_rows=True), block_m=m,
+                                 widen_in_registers=in_registers)
+    f = jax.jit(lambda x, w, s, sw, ss, rg: gm._mosaic_grouped_matmul(
+        x, (w, sw), rg, (s, ss), config=config, by_row=True, shared_blocks=(0, 1),
+        out_dtype=jnp.bfloat16))
+    exported = jax.export.export(f, platforms=["cuda"])(
+        jax.ShapeDtypeStruct((2 * m, k), jnp.float16), jax.ShapeDtypeStruct((16, n, k), fp8.DTYPE),
+        jax.ShapeDtypeStruct((16, n), jnp.float32), jax.ShapeDtypeStruct((1, n, k), fp8.DTYPE),
+        jax.ShapeDtypeStruct((1, n), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.int32))
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not common.on_hopper(), reason="needs a Hopper GPU")
+@pytest.mark.parametrize("k,n", SCOUT_KN)
+def test_w8a16_by_row_on_gpu_at_scout_shapes(k, n):
+    """The register form (the GPU's) at Scout's expert shapes, padding rows among them."""
+    rng = np.random.default_rng(3)
+    row_groups = rng.integers(0, 17, 16)
+    x, w, ws = _w8a16_case(16, k, n, 16, 1, seed=7)
+    config = dataclasses.replace(gm.pick_config(16, k, n, fp8=True, f16_rows=True), block_m=16)
+    got = jax.jit(lambda x, w, ws, rg: gm._mosaic_grouped_matmul(
+        x, w, rg, ws, config=config, by_row=True, shared_blocks=(0, 1),
+        out_dtype=jnp.float32))(x, w, ws, jnp.asarray(row_groups, jnp.int32))
+    want = _w8a16_want(x, w, ws, row_groups)
+    held = np.concatenate([row_groups < 16, np.ones(16, bool)])
+    assert _rel(np.asarray(got)[held], want[held]) < 1e-4
+
+
+def test_w8a16_takes_the_swap_form_only():
+    x, (wq, _), (ws, _) = _w8a16_case(8, 256, 128, 4, 1)
+    with pytest.raises(ValueError, match="W8A16"):
+        gm._mosaic_grouped_matmul(x, (wq,), jnp.full((4,), 2, jnp.int32), (ws,),
+                                  config=gm.pick_config(64, 256, 128, fp8=True))
+
+
 def test_swap_ab_config_is_checked():
     with pytest.raises(ValueError, match="swap_ab"):
         gm.GroupedMatmulConfig(block_m=12, swap_ab=True)
