@@ -557,6 +557,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     swap = config.swap_ab
     if swap and not scaled:
         raise ValueError("swap_ab is the FP8 kernel's form (K-major weights)")
+    if scaled and lhs.dtype not in (fp8.DTYPE, jnp.float16):
+        raise ValueError(f"FP8 weights take float8_e4m3fn or f16 rows, got {lhs.dtype}")
     widen = scaled and lhs.dtype == jnp.float16  # W8A16: the weight tiles widened to f16
     if widen and not (swap and bk % _BLOCK_K_FP8 == 0):
         raise ValueError(f"f16 rows with FP8 weights (W8A16): the swap-AB form and block_k a "

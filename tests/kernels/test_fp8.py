@@ -516,6 +516,9 @@ def test_w8a16_takes_the_swap_form_only():
     with pytest.raises(ValueError, match="W8A16"):
         gm._mosaic_grouped_matmul(x, (wq,), jnp.full((4,), 2, jnp.int32), (ws,),
                                   config=gm.pick_config(64, 256, 128, fp8=True))
+    with pytest.raises(ValueError, match="float8_e4m3fn or f16 rows"):
+        gm._mosaic_grouped_matmul(x.astype(jnp.bfloat16), (wq,), jnp.full((4,), 2, jnp.int32),
+                                  (ws,), config=gm.pick_config(8, 256, 128, fp8=True))
 
 
 def test_swap_ab_config_is_checked():
