@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 attention projections take the attention output under its "
                         "layer's V scale, written as FP8 by the decode kernels "
                         "(llama4.model.STATIC_O_SCALE; one launch a layer fewer)")
+    p.add_argument("--swiglu-in-gate-up", default=False, action=argparse.BooleanOptionalAction,
+                   help="FP8 MoE decode steps form the SwiGLU in the gate/up launch and run "
+                        "the down projection on its f16 rows (llama4.moe.SWIGLU_IN_GATE_UP; "
+                        "one launch a layer fewer; untimed, so off by default)")
     p.add_argument("--async-scheduling", default=True, action=argparse.BooleanOptionalAction,
                    help="the engine's async scheduling (off: each step waits for the last)")
     p.add_argument("--skip-alone", action="store_true", help="only the mixed batch")
@@ -422,7 +426,7 @@ def run(args) -> dict:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from jaxattn import parallel
-    from jaxattn.models.llama4 import model as llama4_model, sharding
+    from jaxattn.models.llama4 import model as llama4_model, moe as llama4_moe, sharding
     from jaxattn.serve import memory_plan as memory
     from jaxattn.serve.config import DEFAULT_PAGE_SIZE, EngineConfig
     from jaxattn.serve.engine import LLMEngine
@@ -430,6 +434,7 @@ def run(args) -> dict:
 
     llama4_model.ROUTE_IN_NORM = args.route_in_norm  # read when the step is traced
     llama4_model.STATIC_O_SCALE = args.static_o_scale  # read when the step is built
+    llama4_moe.SWIGLU_IN_GATE_UP = args.swiglu_in_gate_up  # read when the step is traced
     config = _config(args)
     lengths = (tuple(int(x) for x in args.lengths.split(",")) if args.lengths else
                DRY_LENGTHS if args.dry_run else LENGTHS)
@@ -462,7 +467,7 @@ def run(args) -> dict:
            "fp8_attention": bool(args.quantization and args.fp8_attention),
            "kv_cache_dtype": args.kv_cache_dtype or dtype,
            "async_scheduling": args.async_scheduling, "route_in_norm": args.route_in_norm,
-           "static_o_scale": args.static_o_scale,
+           "static_o_scale": args.static_o_scale, "swiglu_in_gate_up": args.swiglu_in_gate_up,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
            "xla_flags": os.environ.get("XLA_FLAGS"),
            "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR"),

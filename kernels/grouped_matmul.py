@@ -250,6 +250,9 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
     them itself (the SwiGLU kernel of :mod:`fp8_rows`). As for :func:`grouped_matmul`, rows
     of no group are undefined. ``"xla"``: the 8-bit operands widened to bf16 (exactly) and
     ``lax.ragged_dot_general`` contracting w's last axis.
+
+    ``x`` may also be :class:`fp8.Quantized` f16 values (W8A16: the weights widened instead,
+    at most ``SWAP_AB_MAX_ROWS`` rows in the kernel; more go to XLA in f32).
     """
     x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
     xq, xs, out_dtype = x.values, x.scale, out_dtype or x.dtype
@@ -261,7 +264,8 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
                          f"{parts[0].dtype}, w_scale {[s.shape for s in scales]}: want x [M, K], "
                          f"w [G, N, K] float8_e4m3fn, w_scale [G, N], as many scales as weights")
     gs = group_sizes.astype(jnp.int32)
-    if resolve_fp8(impl, k, *ns) == "xla":
+    f16_rows = xq.dtype == jnp.float16
+    if resolve_fp8(impl, k, *ns) == "xla" or (f16_rows and m > SWAP_AB_MAX_ROWS):
         gs = gs[:g]
         dn = jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0],
@@ -270,13 +274,15 @@ def grouped_matmul_fp8(x, w, w_scale, group_sizes, *, impl: str = "auto",
         row_group = jnp.searchsorted(jnp.cumsum(gs), jnp.arange(m, dtype=jnp.int32),
                                      side="right")
         outs = []
+        wide = jnp.float32 if f16_rows else jnp.bfloat16  # what holds both operands exactly
         for wq, ws in zip(parts, scales):
-            y = jax.lax.ragged_dot_general(xq.astype(jnp.bfloat16), wq.astype(jnp.bfloat16),
+            y = jax.lax.ragged_dot_general(xq.astype(wide), wq.astype(wide),
                                            gs, dn, preferred_element_type=jnp.float32)
             col = jnp.take(ws, row_group, axis=0, mode="fill", fill_value=0)
             outs.append((y * (xs[:, None] if scale_rows else 1) * col).astype(out_dtype))
         return jnp.concatenate(outs, axis=-1)
-    return _fp8_launch(x, parts, scales, gs, config or pick_config(m, k, sum(ns), fp8=True),
+    return _fp8_launch(x, parts, scales, gs,
+                       config or pick_config(m, k, sum(ns), fp8=True, f16_rows=f16_rows),
                        out_dtype, scale_rows)
 
 
@@ -308,7 +314,8 @@ def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=
 
 def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
                               out_dtype=None, scale_ub: float | None = None,
-                              scale_rows: bool = True, defer: bool = False, shared=None):
+                              scale_rows: bool = True, defer: bool = False, shared=None,
+                              swiglu: bool = False):
     """:func:`grouped_matmul_fp8` with the rows in any order: row r through the weights of
     group ``row_groups[r]`` (int32 [M]; G or more: no group, its row undefined) -> [M, N].
     ``defer``: where the Mosaic kernel runs, the :class:`fp8.Unscaled` product (by the
@@ -322,13 +329,16 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
     :func:`grouped_matmul_fp8`.
 
     ``shared``: (weights, scales) of a shared expert that every row goes through as well,
-    ``[N, K]`` and ``[N]`` per part (a Linear's), see :func:`_by_row_with_shared`.
+    ``[N, K]`` and ``[N]`` per part (a Linear's), see :func:`_by_row_with_shared`, which
+    also takes ``swiglu`` (gate and up in, their SwiGLU out as f16 rows).
     """
     x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
     if shared is not None:
         return _by_row_with_shared(x, w, w_scale, row_groups, shared, impl=impl,
                                    out_dtype=out_dtype or x.dtype, scale_rows=scale_rows,
-                                   defer=defer)
+                                   defer=defer, swiglu=swiglu)
+    if swiglu:
+        raise ValueError("swiglu: by row with a shared expert (the decode MoE's launch) only")
     parts, scales = _parts(w, n_axis=1), _parts(w_scale, n_axis=1)
     (m, k), g, ns = x.values.shape, parts[0].shape[0], [p.shape[1] for p in parts]
     row_groups = row_groups.astype(jnp.int32)
@@ -338,12 +348,13 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
         y = grouped_matmul_fp8(x.take(order), w, w_scale, sizes, impl=impl,
                                out_dtype=out_dtype, scale_rows=scale_rows)
         return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
-    return _fp8_launch(x, parts, scales, row_groups, pick_config(m, k, sum(ns), fp8=True),
-                       out_dtype or x.dtype, scale_rows, by_row=True, defer=defer)
+    config = pick_config(m, k, sum(ns), fp8=True, f16_rows=x.values.dtype == jnp.float16)
+    return _fp8_launch(x, parts, scales, row_groups, config, out_dtype or x.dtype, scale_rows,
+                       by_row=True, defer=defer)
 
 
 def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, scale_rows,
-                        defer):
+                        defer, swiglu=False):
     """The routed experts by row and a shared expert, for M = ``len(row_groups)`` tokens:
     ``x``'s values hold the rows once ([M, K]: both take them) or twice ([2M, K]: the routed
     experts' input, then the shared expert's), its scales always twice ([2M]: the routed
@@ -353,7 +364,13 @@ def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, s
 
     At a decode step of 8 or 16 rows on Hopper this is one launch of the Mosaic kernel (a
     tile more: the shared expert's), where the shared expert took launches of its own (its
-    down projection cuBLAS's). Elsewhere: the two products apart."""
+    down projection cuBLAS's). Elsewhere: the two products apart.
+
+    ``swiglu`` (``w``, ``shared[0]``: gate and up): ``silu(gate) * up`` of every row, scaled,
+    as :class:`fp8.Quantized` f16 rows [2M, N] (the routed rows, then the shared rows) under
+    unit scales, clamped to f16's range; a routed row of no expert is undefined and its
+    scale 0. Those are the W8A16 down projection's rows: f16 ``x`` values take the weights
+    widened."""
     parts, scales = _parts(w, n_axis=1), _parts(w_scale, n_axis=1)
     s_parts = tuple(p[None] for p in _parts(shared[0], n_axis=0))  # [1, N, K]: one group
     s_scales = tuple(s[None] for s in _parts(shared[1], n_axis=0))
@@ -361,8 +378,29 @@ def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, s
     if rows not in (m, 2 * m) or x.scale.shape != (2 * m,):
         raise ValueError(f"by row with a shared expert, {m} tokens: rows {x.values.shape} "
                          f"(want {m} or {2 * m}) and scales {x.scale.shape} (want {2 * m})")
-    if m in SHARED_EXPERT_ROWS and resolve_fp8(impl, k, *ns) == "mosaic":
-        config = dataclasses.replace(pick_config(m, k, sum(ns), fp8=True), block_m=m)
+    f16_rows = x.values.dtype == jnp.float16
+    mosaic = m in SHARED_EXPERT_ROWS and resolve_fp8(impl, k, *ns) == "mosaic"
+    if swiglu:
+        if len(parts) != 2 or f16_rows:
+            raise ValueError("swiglu: FP8 rows through two weights (gate, up)")
+        if mosaic:
+            h = _mosaic_grouped_matmul(
+                x.values, parts + s_parts, row_groups.astype(jnp.int32),
+                tuple(s.astype(jnp.float32) for s in scales + s_scales), x.scale,
+                config=dataclasses.replace(pick_config(m, k, sum(ns), fp8=True), block_m=m),
+                by_row=True, shared_blocks=(0, int(rows == 2 * m)), out_dtype=jnp.float16,
+                swiglu=True)
+        else:  # the products, then the SwiGLU in XLA
+            gate, up = jnp.split(_by_row_with_shared(
+                x, w, w_scale, row_groups, shared, impl=impl, out_dtype=jnp.float32,
+                scale_rows=True, defer=False).reshape(2 * m, -1), 2, axis=-1)
+            h = _swiglu(gate, up, jnp.float16).astype(jnp.float16)
+        held = (row_groups < parts[0].shape[0]).astype(jnp.float32)
+        return fp8.Quantized(h, jnp.concatenate([held, jnp.ones((m,), jnp.float32)]),
+                             jnp.dtype(out_dtype))
+    if mosaic:
+        config = dataclasses.replace(pick_config(m, k, sum(ns), fp8=True, f16_rows=f16_rows),
+                                     block_m=m)
         y = _mosaic_grouped_matmul(x.values, parts + s_parts, row_groups.astype(jnp.int32),
                                    tuple(s.astype(jnp.float32) for s in scales + s_scales),
                                    config=config, by_row=True,
@@ -493,11 +531,11 @@ def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row", "shared_blocks",
-                                             "dense_rows"))
+                                             "dense_rows", "swiglu"))
 def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None, *,
                            config: GroupedMatmulConfig, out_dtype=None, by_row: bool = False,
                            shared_blocks: tuple[int, int] | None = None,
-                           dense_rows: int | None = None):
+                           dense_rows: int | None = None, swiglu: bool = False):
     """bf16/f16: rhs [G, K, N] or a tuple of P of them (N may differ). FP8 (scales given): rhs
     [G, N, K] (or P of them), rhs_scale [G, N] f32 per column (one per weight; the rows'
     scales are the caller's), out_dtype the output's. -> [M, N_1 + ... + N_P].
@@ -519,7 +557,14 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     load each CTA waited on before its first weight copy).
 
     W8A16: FP8 weights with f16 ``lhs`` (swap-AB only), each weight tile widened to f16
-    (``config.widen_in_registers``); the column scales as for FP8 rows."""
+    (``config.widen_in_registers``); the column scales as for FP8 rows.
+
+    ``swiglu`` (FP8 by row, swap-AB, two parts of one N: gate and up; ``lhs_scale`` the rows'
+    scales, [2 * block_m] with a shared expert, else [block_m]): a tile holds ``block_n / 2``
+    rows of gate and the same rows of up, two weight copies a K step, and its epilogue
+    writes ``silu(gate) * up`` with both scales applied, clamped to ``out_dtype``'s range ->
+    [sets * block_m, N]. The SwiGLU then needs no launch of its own when its output needs
+    no per-token scale (f16 rows for the W8A16 down projection); :func:`reference_swiglu`."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
@@ -544,9 +589,10 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                              f"blocks of block_m={bm} rows (got {m}), weights [1, N, K] as the "
                              f"routed ones' [G, N, K]")
         m = bm  # the tokens; lhs holds their rows once or twice
-    if k % (bk * splits) or any(n % bn for n in ns):
+    n_tile = bn // 2 if swiglu else bn  # weight rows of a part in one tile
+    if k % (bk * splits) or any(n % n_tile for n in ns):
         raise ValueError(f"K={k} must be a multiple of block_k*k_splits={bk * splits} "
-                         f"and each N={ns} of block_n={bn}")
+                         f"and each N={ns} of {n_tile} (block_n={bn})")
     # Row tiles: every group's rows, each group starting a new tile (+ g - 1 at most; the
     # kernel visits the ones holding rows, tile_info). N tiles: each part's in turn, so a
     # tile's output columns are ni * bn for every part; part p's are tiles
@@ -563,8 +609,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     if widen and not (swap and bk % _BLOCK_K_FP8 == 0):
         raise ValueError(f"f16 rows with FP8 weights (W8A16): the swap-AB form and block_k a "
                          f"multiple of {_BLOCK_K_FP8}, got {config}")
-    if lhs_scale is not None and (by_row or not swap or splits > 1 or m % bm
-                                  or lhs_scale.shape != (m,)):
+    if lhs_scale is not None and not swiglu and (by_row or not swap or splits > 1 or m % bm
+                                                 or lhs_scale.shape != (m,)):
         raise ValueError(f"lhs_scale {lhs_scale.shape}: swap-AB with K whole, not by row, and "
                          f"M={m} rows (a multiple of block_m={bm}) only")
     if by_row and not (swap and splits == 1 and m <= bm):
@@ -572,6 +618,18 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                          f"rows: {config}, {m} rows")
     if by_row:  # a row tile per group that holds rows (at most one per row); shared: + 1
         grid_m = min(g, m) + sets - 1
+    # swiglu: an N tile is `half` rows of gate and the same of up; its output `half` columns.
+    half = bn // 2
+    if swiglu:
+        if not (by_row and scaled and parts == 2 and ns[0] == ns[1] and half % 64 == 0
+                and not config.promote and m == bm and lhs_scale is not None
+                and lhs_scale.shape == (sets * bm,)):
+            raise ValueError(f"swiglu: FP8 by row, gate and up of one N, block_n={bn} a "
+                             f"multiple of 128, {bm} rows and their scales "
+                             f"[{sets * bm}], got N={ns}, {m} rows, lhs_scale "
+                             f"{None if lhs_scale is None else lhs_scale.shape}")
+        grid_n, n = ns[0] // half, ns[0]
+    out_cols = half if swiglu else bn  # a tile's output columns
     # Swapped partial sums are stored as computed, [N, rows] per split (Mosaic finds no
     # layout for a transposed f32 store), each row tile in a slab of columns of its own
     # (_swapped_rows maps rows back to them).
@@ -598,8 +656,11 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
         def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem, shared=False):
             """One output tile, row tile ``ti``: rows of ``info``'s group, columns ``ni * bn``
             (the part's N tile ``part_ni`` of weights ``w_gmem``), K range ``split``.
-            ``shared``: the shared expert's tile, every row stored (after the routed rows)."""
+            ``shared``: the shared expert's tile, every row stored (after the routed rows).
+            ``swiglu``: ``w_gmem``, ``ws_gmem`` are gate's and up's, ``half`` rows of each."""
             k0 = split * k_steps
+            w_gmem, ws_gmem = (w_gmem, ws_gmem) if swiglu else ((w_gmem,), (ws_gmem,))
+            w_rows = half if swiglu else bn  # weight rows per copy
 
             def product(acc_ref, lhs_smem, rhs_smem):
                 if widen:
@@ -612,15 +673,17 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             acc_shape = (bn, bm) if swap else (bm, bn)
 
             def epilogue_scales():
-                """The tile's expert's column scales (and swap-AB's row scales: the rows are
-                the accumulator's columns), or None."""
+                """The tile's expert's column scales, one array per weight copy (and swap-AB's
+                row scales: the rows are the accumulator's columns), or None."""
                 cols = rows = None
                 if scaled:
-                    cols = plgpu.load(ws_gmem.at[info.group_id, pl.ds(part_ni * bn, bn)],
-                                      layout=plgpu.Layout.WGMMA.reduce(1 if swap else 0),
-                                      optimized=False)
+                    cols = [plgpu.load(ws.at[info.group_id, pl.ds(part_ni * w_rows, w_rows)],
+                                       layout=plgpu.Layout.WGMMA.reduce(1 if swap else 0),
+                                       optimized=False) for ws in ws_gmem]
                 if ls_gmem is not None:
-                    rows = plgpu.load(ls_gmem.at[pl.ds(info.block * bm, bm)],
+                    # By row the scales are the routed rows', then the shared rows'.
+                    block = (int(shared) if sets == 2 else 0) if by_row else info.block
+                    rows = plgpu.load(ls_gmem.at[pl.ds(block * bm, bm)],
                                       layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
                 return cols, rows
 
@@ -636,15 +699,24 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 in_specs=[
                     plgpu.BlockSpec((bm, bk), lambda kk: (info.block, k0 + kk),
                                     delay_release=1),
-                    plgpu.BlockSpec(rhs_block, lambda kk: rhs_index(k0 + kk, part_ni),
-                                    delay_release=1),
+                    *[plgpu.BlockSpec(rhs_block if not swiglu else (half, bk),
+                                      lambda kk: rhs_index(k0 + kk, part_ni), delay_release=1)
+                      for _ in w_gmem],
                 ],
                 max_concurrent_steps=config.max_concurrent_steps)
+            weights = [w.at[info.group_id] for w in w_gmem]
 
             def acc_scope(acc_ref):
-                pipeline(lambda _, lhs_smem, rhs_smem: product(acc_ref, lhs_smem, rhs_smem)
-                         )(lhs_gmem, w_gmem.at[info.group_id])
-                return acc_ref[...]
+                """The product, one accumulator array per weight copy (swiglu: gate, up)."""
+                pieces = [acc_ref.at[pl.ds(i * w_rows, w_rows)] for i in range(len(w_gmem))]
+
+                def body(_, lhs_smem, *w_smems):
+                    for piece, w_smem in zip(pieces if swiglu else [acc_ref], w_smems):
+                        product(piece, lhs_smem, w_smem)
+
+                pipeline(body)(lhs_gmem, *weights)
+                acc = acc_ref[...]
+                return [acc[i * w_rows:(i + 1) * w_rows] for i in range(len(w_gmem))]
 
             def promoted(_, lhs_smem, rhs_smem, total):
                 """Each K step's product in a fresh accumulator, added to f32 registers."""
@@ -655,26 +727,31 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
             if config.promote:
                 zeros = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32), plgpu.Layout.WGMMA)
-                acc = pipeline(promoted, init_carry=zeros)(lhs_gmem, w_gmem.at[info.group_id])
+                accs = [pipeline(promoted, init_carry=zeros)(lhs_gmem, *weights)]
             else:
-                acc = pl.run_scoped(acc_scope, plgpu.ACC(acc_shape))
+                accs = pl.run_scoped(acc_scope, plgpu.ACC(acc_shape))
             cols, rows = scales if swap else epilogue_scales()
             if cols is not None:
-                acc = acc * jax.lax.broadcast_in_dim(cols, acc.shape, [0 if swap else 1])
+                accs = [a * jax.lax.broadcast_in_dim(c, a.shape, [0 if swap else 1])
+                        for a, c in zip(accs, cols)]
             if rows is not None:
-                acc = acc * jax.lax.broadcast_in_dim(rows, acc.shape, [1])
+                accs = [a * jax.lax.broadcast_in_dim(rows, a.shape, [1]) for a in accs]
+            acc = _swiglu(*accs, out_dtype) if swiglu else accs[0]
             out = o_gmem if splits == 1 else o_gmem.at[split]
             if by_row:  # the rows of the tile's group, one TMA store each
-                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
+                cols_out = pl.ds(ni * out_cols, out_cols)
+
+                @functools.partial(pl.run_scoped,
+                                   o_smem=plgpu.SMEM((bm, out_cols), dtype=out_dtype))
                 def store_rows(o_smem):
                     o_smem.T[...] = acc.astype(out_dtype)
                     plgpu.commit_smem()
                     if shared:
-                        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(m, m), pl.ds(ni * bn, bn)])
+                        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(m, m), cols_out])
                     for r, group in enumerate(() if shared else row_groups):
                         pl.when(group == info.group_id)(functools.partial(
                             plgpu.copy_smem_to_gmem, o_smem.at[pl.ds(r, 1)],
-                            out.at[pl.ds(r, 1), pl.ds(ni * bn, bn)]))
+                            out.at[pl.ds(r, 1), cols_out]))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 return
             if swap_split:
@@ -750,8 +827,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 weights (1: the shared expert's)."""
                 w_gmem, ws_gmem = (rhs_gmem[set_index * parts:][:parts],
                                    rs_gmem[set_index * parts:][:parts])
-                if parts == 1:
-                    tile(info, ti, split, ni, ni, w_gmem[0], ws_gmem[0], set_index == 1)
+                if parts == 1 or swiglu:  # swiglu: gate's and up's rows in every tile
+                    tile(info, ti, split, ni, ni, *((w_gmem, ws_gmem) if swiglu else
+                                                    (w_gmem[0], ws_gmem[0])), set_index == 1)
                     return
                 # The part this N tile belongs to picks the weights (a static branch each).
                 for part in range(parts):
@@ -788,6 +866,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     # Named by form and shape, so that a step's profile tells the calls apart.
     grouped_matmul_kernel.__name__ = grouped_matmul_kernel.__qualname__ = (
         f"grouped_matmul{'_fp8' * scaled}{'_by_row' * by_row}{'_shared' * (sets == 2)}"
+        f"{'_swiglu' * swiglu}"
         f"_n{n}_k{k}")
     out_shape = ((sets * m, n) if splits == 1 else
                  (splits, n, grid_m * bm) if swap_split else (splits, m, n))
@@ -801,6 +880,45 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     if swap_split:
         return _swapped_rows(out, group_sizes, g, m, bm).astype(final_dtype)
     return out if splits == 1 else out.sum(0).astype(final_dtype)
+
+
+def _swiglu(gate, up, out_dtype):
+    """``silu(gate) * up`` in f32, clamped to ``out_dtype``'s finite range (an f16 row
+    saturates where a value would overflow, as an FP8 row's capped scale does)."""
+    h = gate / (1.0 + jnp.exp(-gate)) * up
+    big = float(jnp.finfo(out_dtype).max)
+    return jnp.minimum(jnp.maximum(h, -big), big)
+
+
+def reference_swiglu(x, x_scale, gate, up, row_groups, shared=None):
+    """:func:`_mosaic_grouped_matmul`'s ``swiglu`` semantics in f32, by row: ``x`` [M, K]
+    rows (FP8 or 16-bit; with ``shared`` [M, K], both take them, or [2M, K], the routed rows
+    then the shared rows), ``x_scale`` [M] ([2M] with ``shared``: the routed rows', then the
+    shared rows'), ``gate`` and ``up`` each (values [G, N, K], scales [G, N]), ``shared``
+    the shared expert's (gate, up) as ([1, N, K], [1, N]) pairs. -> ``silu(gate) * up``,
+    [M, N] ([2M, N] with ``shared``: the routed rows, then the shared rows); a routed row
+    of no group (``row_groups`` >= G): 0."""
+    m, g = len(row_groups), gate[0].shape[0]
+    rows = x.astype(jnp.float32)
+    groups = jnp.asarray(row_groups)
+    hit = jnp.minimum(groups, g - 1)
+
+    def product(inp, scale, wq, ws):  # inp [R, K], wq [R, N, K]: row r through wq[r]
+        w = fp8.dequantize(wq, ws)
+        return jnp.einsum("rk,rnk->rn", inp, w,
+                          precision=jax.lax.Precision.HIGHEST) * scale[:, None]
+
+    def swiglu(inp, scale, pick, weights):
+        gh, uh = (product(inp, scale, wq[pick], ws[pick]) for wq, ws in weights)
+        return jax.nn.silu(gh) * uh
+
+    routed = jnp.where((groups < g)[:, None],
+                       swiglu(rows[:m], x_scale[:m], hit, (gate, up)), 0.0)
+    if shared is None:
+        return routed
+    shared_in = rows[m:] if rows.shape[0] == 2 * m else rows
+    return jnp.concatenate([routed, swiglu(shared_in, x_scale[m:], jnp.zeros((m,), jnp.int32),
+                                           shared)])
 
 
 def _widened_product(acc_ref, x_smem, w_smem, in_registers: bool):

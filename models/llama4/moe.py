@@ -46,6 +46,14 @@ def counting_sort(keys, num_keys: int):
     return order, position, counts
 
 
+# The FP8 decode MoE's SwiGLU formed in the gate/up launch's epilogue (gate's and up's rows
+# of the same columns in one tile), its rows left in f16 for a W8A16 down launch (the FP8
+# weights widened to f16 in registers): one launch a layer fewer than the SwiGLU-and-quantise
+# kernel between them. Built in session 42 and not yet timed, so off until a GPU says it pays
+# (benchmarks/NOTES-fp8.md, session 42). Read when the step is traced.
+SWIGLU_IN_GATE_UP = False
+
+
 class MLP(nnx.Module):
     """SwiGLU MLP: the dense layers (``intermediate_size_mlp``) and the shared expert."""
 
@@ -108,11 +116,13 @@ class Experts(nnx.Module):
     def num_experts(self) -> int:
         return self.gate_proj.shape[0]
 
-    def _matmul(self, names, x, groups, impl, scale_rows=True, by_row=False, shared=None):
+    def _matmul(self, names, x, groups, impl, scale_rows=True, by_row=False, shared=None,
+                swiglu=False):
         """The products of ``x`` with the weights ``names`` (one launch), side by side;
         ``groups``: the group sizes, or each row's expert (``by_row``: the Unscaled product
         where the kernel runs, see :meth:`__call__`; ``shared``: a shared expert's Linears
-        of the same names, in the same launch)."""
+        of the same names, in the same launch; ``swiglu``: gate's and up's SwiGLU instead,
+        f16 rows, see :func:`grouped_matmul_fp8_by_row`)."""
         weights = tuple(getattr(self, n)[...] for n in names)
         if self.fp8:
             scales = tuple(getattr(self, n + "_scale")[...] for n in names)
@@ -123,7 +133,7 @@ class Experts(nnx.Module):
                               tuple(lin.weight_scale[...] for lin in linears))
                 return grouped_matmul_fp8_by_row(x, weights, scales, groups, impl=impl,
                                                  scale_rows=scale_rows, defer=scale_rows,
-                                                 shared=shared)
+                                                 shared=shared, swiglu=swiglu)
             return grouped_matmul_fp8(x, weights, scales, groups, impl=impl,
                                       scale_rows=scale_rows)
         return grouped_matmul(x, weights, groups, impl=impl)
@@ -156,6 +166,10 @@ class Experts(nnx.Module):
             x = fp8_rows.quantize(x, scale_ub=self.activation_scale_ub)
         by_row = row_experts is not None
         groups = row_experts if by_row else group_sizes
+        if by_row and shared is not None and SWIGLU_IN_GATE_UP:
+            # f16 rows [2M, I] of the SwiGLU from the gate/up launch itself
+            h = self._matmul(names, x, groups, impl, by_row=True, shared=shared, swiglu=True)
+            return self._matmul(("down_proj",), h, groups, impl, by_row=True, shared=shared)
         gate_up = self._matmul(names, x, groups, impl, scale_rows=False, by_row=by_row,
                                shared=shared)  # [M, 2I] ([2, M, 2I] with shared)
         h = fp8_rows.swiglu_quantize(gate_up.reshape(-1, gate_up.shape[-1]), None, x.scale,

@@ -414,7 +414,9 @@ def test_by_row_fp8_kernel_on_gpu_at_scout_shapes(m, k, n):
 
 # W8A16: f16 rows with FP8 weights, each weight tile widened to f16. GPU interpret mode has no
 # register A operand, so the interpret tests widen through shared memory
-# (widen_in_registers=False); the lowering and GPU tests take the registers.
+# (widen_in_registers=False); the lowering and GPU tests take the registers. These tests wait
+# for the interpreted kernel's result before the next jax op: its callbacks (barrier
+# deallocation) can still be running jax ops, and on a 2-core machine the two deadlocked.
 def _w8a16_case(m, k, n, groups, parts, seed=5):
     """f16 rows [2m, K] (the routed rows, then the shared rows), ``parts`` routed weights
     [G, N, K] and as many shared ones [1, N, K] (FP8, scales apart per part)."""
@@ -454,9 +456,9 @@ def test_w8a16_by_row_with_a_shared_expert_matches_the_reference(row_groups, par
                                  block_m=m, block_n=block_n, widen_in_registers=False)
     assert config.block_k == 256
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-        got = gm._mosaic_grouped_matmul(x, w, jnp.asarray(row_groups, jnp.int32), ws,
-                                        config=config, by_row=True, shared_blocks=(0, 1),
-                                        out_dtype=jnp.float32)
+        got = jax.block_until_ready(gm._mosaic_grouped_matmul(
+            x, w, jnp.asarray(row_groups, jnp.int32), ws, config=config, by_row=True,
+            shared_blocks=(0, 1), out_dtype=jnp.float32))
     want = _w8a16_want(x, w, ws, row_groups)
     held = np.concatenate([np.asarray(row_groups) < 4, np.ones(m, bool)])
     assert _rel(np.asarray(got)[held], want[held]) < 1e-5  # f16 x e4m3 products are exact
@@ -470,8 +472,8 @@ def test_w8a16_grouped_rows_match_the_reference():
     config = dataclasses.replace(gm.pick_config(8, 256, 128, fp8=True, f16_rows=True),
                                  block_m=8, widen_in_registers=False)
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-        got = gm._mosaic_grouped_matmul(x[:8], (wq,), sizes, (ws,), config=config,
-                                        out_dtype=jnp.float32)
+        got = jax.block_until_ready(gm._mosaic_grouped_matmul(
+            x[:8], (wq,), sizes, (ws,), config=config, out_dtype=jnp.float32))
     assert _rel(got, gm.reference_w8a16(x[:8], wq, ws, sizes)) < 1e-5
 
 
@@ -519,6 +521,112 @@ def test_w8a16_takes_the_swap_form_only():
     with pytest.raises(ValueError, match="float8_e4m3fn or f16 rows"):
         gm._mosaic_grouped_matmul(x.astype(jnp.bfloat16), (wq,), jnp.full((4,), 2, jnp.int32),
                                   (ws,), config=gm.pick_config(8, 256, 128, fp8=True))
+
+
+# swiglu: the gate/up launch writing silu(gate) * up itself, gate's and up's rows of the same
+# columns in one tile.
+def _swiglu_case(m, k, n, groups, seed=8, x_scale=1.0):
+    """FP8 rows [m, K] (both the routed and the shared expert take them), their scales [2m]
+    (the routed rows' times a router score, then the shared rows'), gate and up (values,
+    scales) of ``groups`` experts and of a shared one ([1, N, K])."""
+    ks = jax.random.split(jax.random.key(seed), 6)
+    x = fp8.Quantized.of(jax.random.normal(ks[0], (m, k), jnp.bfloat16))
+    score = jax.random.uniform(ks[1], (m,), jnp.float32, 0.2, 1.0)
+    scale = jnp.concatenate([x.scale * score, x.scale]) * x_scale
+    w = [jax.jit(fp8.quantize)(jax.random.normal(kk, (e, n, k)) / 16)
+         for kk, e in zip(ks[2:], (groups, groups, 1, 1))]
+    return x.values, scale, w
+
+
+@pytest.mark.parametrize("row_groups,block_n,shared", [
+    ([2, 0, 4, 1, 2, 3, 0, 4], 128, True),  # 8 tokens, a padding row (4); 64 columns a tile
+    ([2, 0, 4, 1, 2, 3, 0, 4], 256, True),  # 128 columns a tile
+    ([1, 3, 3, 0, 2, 1, 4, 0], 128, False),  # routed experts alone
+])
+def test_swiglu_by_row_matches_the_reference(row_groups, block_n, shared):
+    """Each tile's epilogue forms silu(gate) * up from its two weight copies, with the
+    columns' and the rows' scales, against :func:`gm.reference_swiglu`."""
+    m, k, n = len(row_groups), 256, 128
+    xv, scale, (gate, up, sg, su) = _swiglu_case(m, k, n, 4)
+    scale = scale if shared else scale[:m]
+    config = dataclasses.replace(gm.pick_config(m, k, 2 * n, fp8=True), block_m=m,
+                                 block_n=block_n)
+    weights, scales = (gate[0], up[0]), (gate[1], up[1])
+    if shared:
+        weights, scales = weights + (sg[0], su[0]), scales + (sg[1], su[1])
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = jax.block_until_ready(gm._mosaic_grouped_matmul(
+            xv, weights, jnp.asarray(row_groups, jnp.int32), scales, scale, config=config,
+            by_row=True, shared_blocks=(0, 0) if shared else None, out_dtype=jnp.float16,
+            swiglu=True))
+    want = gm.reference_swiglu(xv, scale, gate, up, row_groups,
+                               shared=(sg, su) if shared else None)
+    held = np.asarray(row_groups) < 4
+    held = np.concatenate([held, np.ones(m, bool)]) if shared else held
+    assert got.shape == want.shape == ((2 if shared else 1) * m, n)
+    assert _rel(np.asarray(got, np.float32)[held], np.asarray(want)[held]) < 1e-3
+
+
+def test_swiglu_saturates_at_the_output_range():
+    """Products past f16's range come out as its largest finite value, not inf."""
+    row_groups = [0, 1, 2, 3, 0, 1, 2, 3]
+    xv, scale, (gate, up, sg, su) = _swiglu_case(8, 256, 128, 4, x_scale=2.0**12)
+    config = dataclasses.replace(gm.pick_config(8, 256, 256, fp8=True), block_m=8)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = jax.block_until_ready(gm._mosaic_grouped_matmul(
+            xv, (gate[0], up[0], sg[0], su[0]), jnp.asarray(row_groups, jnp.int32),
+            (gate[1], up[1], sg[1], su[1]), scale, config=config, by_row=True,
+            shared_blocks=(0, 0), out_dtype=jnp.float16, swiglu=True))
+    want = np.asarray(gm.reference_swiglu(xv, scale, gate, up, row_groups, shared=(sg, su)))
+    got = np.asarray(got, np.float32)
+    big = float(jnp.finfo(jnp.float16).max)
+    assert (np.abs(want) > big).any() and np.isfinite(got).all()
+    np.testing.assert_array_equal(got[want > big], big)
+    np.testing.assert_array_equal(got[want < -big], -big)
+
+
+@pytest.mark.parametrize("m", [8, 16])
+def test_swiglu_by_row_lowers_for_scout_shapes(m):
+    """Scout's decode gate/up launch with the shared expert, 64 output columns a tile (64
+    rows each of gate and up)."""
+    k, n = 5120, 8192
+    config = dataclasses.replace(gm.pick_config(m, k, 2 * n, fp8=True), block_m=m)
+    f = jax.jit(lambda x, s, g, gs, u, us, sg, sgs, su, sus, rg: gm._mosaic_grouped_matmul(
+        x, (g, u, sg, su), rg, (gs, us, sgs, sus), s, config=config, by_row=True,
+        shared_blocks=(0, 0), out_dtype=jnp.float16, swiglu=True))
+    w, ws = jax.ShapeDtypeStruct((16, n, k), fp8.DTYPE), jax.ShapeDtypeStruct((16, n), jnp.float32)
+    sw, sws = jax.ShapeDtypeStruct((1, n, k), fp8.DTYPE), jax.ShapeDtypeStruct((1, n), jnp.float32)
+    exported = jax.export.export(f, platforms=["cuda"])(
+        jax.ShapeDtypeStruct((m, k), fp8.DTYPE), jax.ShapeDtypeStruct((2 * m,), jnp.float32),
+        w, ws, w, ws, sw, sws, sw, sws, jax.ShapeDtypeStruct((m,), jnp.int32))
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not common.on_hopper(), reason="needs a Hopper GPU")
+def test_swiglu_by_row_on_gpu_at_scout_shapes():
+    rng = np.random.default_rng(4)
+    row_groups = rng.integers(0, 17, 16)
+    xv, scale, (gate, up, sg, su) = _swiglu_case(16, 5120, 8192, 16)
+    config = dataclasses.replace(gm.pick_config(16, 5120, 16384, fp8=True), block_m=16)
+    got = jax.jit(lambda x, s, w, ws, rg: gm._mosaic_grouped_matmul(
+        x, w, rg, ws, s, config=config, by_row=True, shared_blocks=(0, 0),
+        out_dtype=jnp.float16, swiglu=True))(
+        xv, scale, (gate[0], up[0], sg[0], su[0]), (gate[1], up[1], sg[1], su[1]),
+        jnp.asarray(row_groups, jnp.int32))
+    want = np.asarray(gm.reference_swiglu(xv, scale, gate, up, row_groups, shared=(sg, su)))
+    held = np.concatenate([row_groups < 16, np.ones(16, bool)])
+    assert _rel(np.asarray(got, np.float32)[held], want[held]) < 1e-3
+
+
+def test_swiglu_form_is_checked():
+    xv, scale, (gate, up, _, _) = _swiglu_case(8, 256, 128, 4)
+    config = dataclasses.replace(gm.pick_config(8, 256, 256, fp8=True), block_m=8)
+    for bad in (dict(lhs_scale=None), dict(weights=(gate[0],), scales=(gate[1],))):
+        kw = dict(weights=(gate[0], up[0]), scales=(gate[1], up[1]), lhs_scale=scale[:8]) | bad
+        with pytest.raises(ValueError, match="swiglu"):
+            gm._mosaic_grouped_matmul(xv, kw["weights"], jnp.zeros((8,), jnp.int32), kw["scales"],
+                                      kw["lhs_scale"], config=config, by_row=True, swiglu=True)
 
 
 def test_swap_ab_config_is_checked():

@@ -6,6 +6,7 @@ FP8 model against the same checkpoint in bf16 (relative L2 error, argmax agreeme
 and greedy text where bf16's choice is clear.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -339,6 +340,54 @@ def test_decode_moe_runs_rows_in_token_order(monkeypatch, scale_ub):
     assert _rel(got, run(moe, x, valid, "xla")) < 1e-2  # XLA's by-row path
     assert _rel(got, want) < 0.05
     assert _rel(got[tokens], ref[tokens]) < 1.1 * _rel(want[tokens], ref[tokens])
+
+
+def test_decode_moe_swiglu_in_gate_up(monkeypatch):
+    """``SWIGLU_IN_GATE_UP``: the decode MoE's SwiGLU formed in the gate/up launch's
+    epilogue and its f16 rows through the W8A16 down launch (both Mosaic, GPU interpret mode;
+    the down launch widens through shared memory there). The same output as XLA's path of
+    the same semantics; against the SwiGLU-and-quantise kernel's path it differs by the FP8
+    rounding the f16 rows skip, and it is no farther from the f32 MoE."""
+    from flax import nnx
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from jaxattn.kernels import grouped_matmul as gm
+    from jaxattn.models.llama4 import moe as moe_lib
+
+    config = llama4.Llama4Config.from_hf_dict(dict(
+        vocab_size=256, hidden_size=256, intermediate_size=256, intermediate_size_mlp=384,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+        num_local_experts=4, num_experts_per_tok=1))
+    moe = moe_lib.MoE(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), fp8=Fp8Scheme())
+    x = jax.random.normal(jax.random.key(1), (16, 256), jnp.bfloat16)
+    valid = jnp.arange(16) < 11
+    tokens = np.asarray(valid)
+    pick = gm.pick_config
+    monkeypatch.setattr(gm, "pick_config", lambda *a, **k: dataclasses.replace(
+        pick(*a, **k), widen_in_registers=False))  # interpret mode: no register A operand
+    by_row, calls = moe_lib.grouped_matmul_fp8_by_row, []
+    monkeypatch.setattr(moe_lib, "grouped_matmul_fp8_by_row", lambda *a, **k: calls.append(
+        (k.get("swiglu", False), a[0].values.dtype if hasattr(a[0], "values") else None))
+        or by_row(*a, **k))
+
+    def run(moe, impl="mosaic"):  # one program per call (see the test above)
+        return np.asarray(jax.jit(lambda x: moe(x, valid=valid, gmm_impl=impl))(x), np.float32)
+
+    ref = run(moe_lib.MoE(config, dtype=jnp.float32, rngs=nnx.Rngs(0)), "xla")
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        base = run(moe)
+        monkeypatch.setattr(moe_lib, "SWIGLU_IN_GATE_UP", True)
+        calls.clear()
+        fused = run(moe)
+    # gate/up forming the SwiGLU from FP8 rows, then down on its f16 rows
+    assert calls == [(True, fp8.DTYPE), (False, jnp.float16)]
+    with monkeypatch.context() as m:
+        m.setattr(moe_lib.MoE, "_by_row", lambda self, n, impl: True)
+        xla = run(moe, "xla")
+    assert np.isfinite(fused).all()  # padding rows too
+    assert _rel(fused, xla) < 1e-2
+    assert _rel(fused[tokens], base[tokens]) < 0.05
+    assert _rel(fused[tokens], ref[tokens]) < 1.1 * _rel(base[tokens], ref[tokens])
 
 
 @pytest.mark.slow

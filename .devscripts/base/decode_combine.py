@@ -1,0 +1,268 @@
+"""The split-KV combine: a small Mosaic GPU kernel (Hopper) that merges the pieces of each
+split parent by log-sum-exp, after :mod:`jaxattn.kernels.decode`'s main kernel.
+
+A *parent* is a decode item's key range on one KV head that the planner split into pieces;
+the main kernel leaves each piece's normalised rows and lse in a compact partial buffer
+(:class:`Pieces`, slots from :mod:`jaxattn.kernels.decode_schedule`). A few CTAs per column
+block take the step's split parents in turn from a compact list and stream only the pieces'
+rows (a decode piece's first 8), so its cost follows the real number of parents, pieces and
+tokens, not the static capacity (an XLA merge over the padded partial buffer pays for the
+whole capacity on every call: benchmarks/NOTES-decode.md, v1; a CTA per partial slot paid ~8
+waves of empty CTAs: v6). Unsplit tiles (short contexts, round robin) never touch it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxattn.kernels import common, fp8
+from jaxattn.planner import DECODE_TILE_ROWS as ROWS  # rows of a tile, and of a piece
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineConfig:
+    """Static tuning of the combine kernel (:func:`combine_pieces`).
+
+    cols: head-dim columns per CTA (a parent's rows are split over ``D / cols`` CTAs);
+      widened where a token's rows would not start on a 128-byte boundary
+      (:func:`combine_columns`).
+    warpgroups: warpgroups per CTA; for a parent of ``share_from`` pieces or more,
+      warpgroup w takes pieces w, w + W, ... with a softmax state of its own, and
+      warpgroup 0 merges the W states at the end: W chains of per-piece latency
+      instead of one. Fewer pieces are warpgroup 0's alone.
+    approx_math: the fast (approximate) exp, as the main kernel uses.
+
+    A piece comes in one TMA copy: its first 8 rows for a one-token piece (its G rows
+    rounded up), else all 64, plus its lse (two arrivals on the slot's barrier). The
+    earlier form took one copy per token and a plain arrival for each token it lacked
+    (~11 single-thread arrivals per piece at decode); one copy took 5.5 / 4.0 / 2.7 µs
+    against 6.4 / 4.4 / 3.0 at 1 x 128k / 2 x 64k / 8 x 32k on the H200
+    (benchmarks/results/decode-combine-2026-12-02-s20.md).
+
+    On the H200 (benchmarks/results/decode-combine-2026-12-02-s19.md, the kernel alone)
+    the session-18 form (64 columns, one warpgroup, exact exp) took 8.4 µs at 1 x 128k
+    (8 parents of 16 pieces), 5.1 at 2 x 64k and 2.7 at 8 x 32k (64 parents of 2);
+    two warpgroups 6.7 / 4.4 / 3.1, the fast exp 8.1 / 4.9 / 2.7. Narrower column blocks
+    help few parents (16 columns, 4 warpgroups, fast exp: 5.5 at 1 x 128k) and hurt
+    many (7.9 at 8 x 32k: a quarter as many workers per column block, each paying a
+    parent's fixed latency four times in turn).
+    """
+
+    cols: int = 64
+    warpgroups: int = 2
+    share_from: int = 4
+    approx_math: bool = True
+
+    def __post_init__(self):
+        if self.cols not in (16, 32, 64, 128):
+            raise ValueError(f"CombineConfig.cols={self.cols} must be 16, 32, 64 or 128")
+        if self.warpgroups not in (1, 2, 4):
+            raise ValueError(f"CombineConfig.warpgroups={self.warpgroups} must be 1, 2 or 4")
+        if self.share_from < 2:
+            raise ValueError(f"CombineConfig.share_from={self.share_from} must be >= 2")
+
+
+class Pieces(NamedTuple):
+    """What the main kernel leaves the combine kernel: each split piece's rows and lse
+    tile by partial slot."""
+
+    rows: jax.Array  # f32 [n_part, 64, D]: normalised rows (tokens x group heads)
+    lse: jax.Array  # f32 [n_part, 64]
+
+
+def combine_columns(config: CombineConfig, d: int, g: int, out_dtype) -> int:
+    """Head-dim columns per combine CTA: ``config.cols``, widened until a token's rows
+    (``g * cols`` values) span whole 128-byte units in the output staging buffer (and so in
+    the f32 slots), since token ``tok``'s TMA copies start ``tok * g * cols * itemsize``
+    bytes in and a TMA's SMEM address must be 128-byte aligned. (32 columns at G = 5 in
+    bf16 start token 1 at 320 bytes: a misaligned-address fault on the H200 for
+    multi-token pieces.) FP8 rows (one byte each) widen to 128 columns at G = 5: twice the
+    bytes per ring slot, so 2 slots a warpgroup at the default 2 warpgroups, and 4
+    warpgroups exceed shared memory."""
+    cw = min(d, config.cols)
+    while cw < d and (g * cw * jnp.dtype(out_dtype).itemsize) % 128:
+        cw *= 2
+    return cw
+
+
+def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: int,
+                   out_dtype, interpret, config: CombineConfig = CombineConfig(),
+                   out_scale=None):
+    """Merge the split pieces of each parent (an item's key range on one KV head) by
+    log-sum-exp.
+
+    ``parents`` (int32 [1 + n_part]): the number of split parents, then each
+    one's first partial slot. The grid is (w, head-dim column blocks) with
+    ``w`` a few workers that take parents ``w, w + W, ...``: with at most
+    ``workers`` CTAs in all, a step without split parents costs one wave of
+    CTAs that exit at once. Per parent each warpgroup of a CTA streams its share of
+    the pieces (a one-token piece's first 8 rows, else all 64) through a ring of SMEM
+    slots, keeps a running max / sum / weighted O in registers; warpgroup 0 merges the
+    shares and writes the parent's rows into ``out_ref`` (in place, ``out_dtype``; FP8 under
+    the static ``out_scale``: :func:`fp8.quantize_fixed`). Returns the merged lse tiles
+    [n_part, 64] (row of a parent's first slot).
+    """
+    n_part, _, d = pieces.rows.shape
+    cw = combine_columns(config, d, g, out_dtype)
+    nwg = config.warpgroups
+    one_token_rows = common.cdiv(g, 8) * 8
+    # A piece's load is small (1.25 KiB for one token); depth hides the TMA latency when
+    # one long sequence has W pieces. `ring` slots per warpgroup (a group of barriers holds
+    # at most 32).
+    ring = max(2, min(16, 32 // nwg, (160 * 1024) // (ROWS * cw * 4) // nwg))
+    shares = None if nwg == 1 else (
+        plgpu.SMEM((nwg - 1, ROWS, cw), jnp.float32),  # warpgroups 1..'s weighted O
+        plgpu.SMEM((nwg - 1, 2, ROWS), jnp.float32),  # ... and their max and weight sum
+        plgpu.Barrier(num_arrivals=nwg - 1),  # ready: their states are in SMEM
+        plgpu.Barrier())  # taken: warpgroup 0 has read them
+    scratch = (plgpu.SMEM((nwg * ring, ROWS, cw), jnp.float32),
+               plgpu.SMEM((nwg * ring, ROWS), jnp.float32),
+               plgpu.SMEM((ROWS, cw), out_dtype),  # a parent's merged rows
+               plgpu.Barrier(num_arrivals=2, num_barriers=nwg * ring),  # rows + lse
+               shares)
+    smem = common.smem_bytes((*scratch[:-1], *(shares or ())))
+    if smem > common.MAX_SMEM:
+        raise ValueError(f"CombineConfig(warpgroups={nwg}) with {cw}-column CTAs (G={g}, "
+                         f"{jnp.dtype(out_dtype).name} rows) needs {smem // 1024} KiB of shared "
+                         f"memory: use at most 2 warpgroups")
+    # Each parent has two pieces or more, so there are at most n_part // 2.
+    n_w = max(1, min(n_part // 2, workers // (d // cw)))
+    reduce_layout = plgpu.Layout.WGMMA.reduce(1)
+
+    def decode_combine_kernel(cmeta_ref, parents_ref, opart_ref, lpart_ref, out_ref,
+                              lse_out_ref, o_buf, l_buf, o_out, full, shares):
+        cols = pl.ds(lax.axis_index("col") * cw, cw)
+        wg = lax.axis_index("wg")
+
+        @pl.loop(lax.axis_index("w"), parents_ref[0], step=n_w)
+        def _(i):
+            merge(parents_ref[1 + i], wg, cols, cmeta_ref, opart_ref, lpart_ref, out_ref,
+                  lse_out_ref, o_buf, l_buf, o_out, full, shares)
+
+    def merge(slot0, wg, cols, cmeta_ref, opart_ref, lpart_ref, out_ref, lse_out_ref, o_buf,
+              l_buf, o_out, full, shares):
+        """One parent: its pieces sit in slots [slot0, slot0 + n); this warpgroup's are
+        slot0 + wg + j * nwg. Every barrier gets as many waits as arrivals, so the
+        ring's phases carry over to the next parent."""
+        n, q_start, q_len, kvh = (cmeta_ref[slot0, i] for i in range(4))
+        # A parent of few pieces is warpgroup 0's alone: handing over states costs more.
+        shared = n >= config.share_from
+        stride = jnp.where(shared, nwg, 1)
+        n_mine = jnp.where(shared, jnp.maximum(n - wg + nwg - 1, 0) // nwg,
+                           jnp.where(wg == 0, n, 0))
+
+        def issue(j):
+            b = wg * ring + lax.rem(j, ring)
+            slot = slot0 + wg + j * stride
+            # A one-token piece's first rows (its g rows, rounded up to 8), else all 64.
+            # Rows past the piece's tokens are whatever the slot holds; rows are
+            # independent and those are never written out.
+            for rows, when in ((pl.ds(0, one_token_rows), q_len == 1),
+                               (pl.ds(0, ROWS), q_len > 1)):
+                pl.when(when)(functools.partial(
+                    plgpu.copy_gmem_to_smem, opart_ref.at[slot, rows, cols],
+                    o_buf.at[b, rows], full.at[b]))
+            plgpu.copy_gmem_to_smem(lpart_ref.at[slot], l_buf.at[b], full.at[b])
+
+        @pl.loop(0, jnp.minimum(n_mine, ring))
+        def _(j):
+            issue(j)
+
+        def step(j, carry):
+            b = wg * ring + lax.rem(j, ring)
+            plgpu.barrier_wait(full.at[b])
+            o = plgpu.load(o_buf.at[b], layout=plgpu.Layout.WGMMA)
+            lse = plgpu.load(l_buf.at[b], layout=reduce_layout)
+
+            @pl.when(j + ring < n_mine)
+            def _():
+                plgpu.commit_smem()  # every thread has read slot b before it is refilled
+                issue(j + ring)
+
+            # Rows of tokens past q_len hold stale data; rows are independent and
+            # those are never written out.
+            return combine(carry, (o, lse))
+
+        state = lax.fori_loop(0, n_mine, step, (
+            plgpu.layout_cast(jnp.zeros((ROWS, cw), jnp.float32), plgpu.Layout.WGMMA),
+            plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), reduce_layout),
+            plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), reduce_layout)))
+        out = (slot0, q_start, q_len, kvh, cols, out_ref, lse_out_ref, l_buf, o_out)
+        if nwg == 1:
+            write(*state, *out)
+            return
+        # Warpgroups 1.. hand their states to warpgroup 0 through SMEM and wait until it
+        # has read them (the next parent's states go to the same place).
+        o_sh, ms_sh, ready, taken = shares
+        pl.when(~shared & (wg == 0))(lambda: write(*state, *out))
+
+        @pl.when(shared & (wg > 0))
+        def _():
+            acc, m, s = state
+            o_sh[wg - 1] = acc
+            ms_sh[wg - 1, 0] = m
+            ms_sh[wg - 1, 1] = s
+            plgpu.barrier_arrive(ready)
+            plgpu.barrier_wait(taken)
+
+        @pl.when(shared & (wg == 0))
+        def _():
+            plgpu.barrier_wait(ready)
+            mine = state
+            for w in range(nwg - 1):
+                # A share is a weighted sum of rows under its own max, its weights' sum s.
+                mine = combine(mine, (plgpu.load(o_sh.at[w], layout=plgpu.Layout.WGMMA),
+                                      plgpu.load(ms_sh.at[w, 0], layout=reduce_layout),
+                                      plgpu.load(ms_sh.at[w, 1], layout=reduce_layout)))
+            plgpu.barrier_arrive(taken)
+            write(*mine, *out)
+
+    def combine(state, piece):
+        """A softmax state (weighted O, max, sum of weights) with a piece added: a
+        normalised piece (o, lse) has one weight, a state's share (o, m, s) weights s."""
+        (acc, m, s), (o, lse, *w_sum) = state, piece
+        m_new = jnp.maximum(m, lse)
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
+        acc = (acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+               + lax.broadcast_in_dim(w, acc.shape, [0]) * o)
+        return acc, m_new, s * alpha + (w * w_sum[0] if w_sum else w)
+
+    def write(acc, m, s, slot0, q_start, q_len, kvh, cols, out_ref, lse_out_ref, l_buf, o_out):
+        seen = s > 0
+        s_safe = jnp.where(seen, s, 1.0)
+        o = acc / lax.broadcast_in_dim(s_safe, acc.shape, [0])
+        o_out[...] = o.astype(out_dtype) if out_scale is None else fp8.quantize_fixed(o, out_scale)
+        l_buf[0] = jnp.where(seen, m + jnp.log(s_safe), -jnp.inf)
+        plgpu.commit_smem()
+
+        @pl.loop(0, q_len)
+        def _(tok):
+            plgpu.copy_smem_to_gmem(o_out.at[pl.ds(tok * g, g)],
+                                    out_ref.at[q_start + tok, kvh, :, cols])
+
+        @pl.when(lax.axis_index("col") == 0)
+        def _():
+            plgpu.copy_smem_to_gmem(l_buf.at[0], lse_out_ref.at[slot0])
+
+        # The next parent's result and lse go to o_out and slot 0 only after these stores
+        # have read them.
+        plgpu.wait_smem_to_gmem(0)
+
+    if interpret is True:
+        interpret = plgpu.InterpretGPUParams()
+    return plgpu.kernel(
+        decode_combine_kernel, out_type=jax.ShapeDtypeStruct((n_part, ROWS), jnp.float32),
+        grid=(n_w, d // cw), grid_names=("w", "col"), num_threads=nwg, thread_name="wg",
+        scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
+        interpret=interpret or None,
+    )(cmeta, parents, pieces.rows, pieces.lse, out_ref)
