@@ -151,10 +151,11 @@ def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypa
     assert asked == [True, False]
 
 
-@pytest.mark.parametrize("on_mesh,defaults", [(False, False), (True, False), (False, True)],
-                         ids=["no_mesh", "one_device_mesh", "route_in_norm_static_o_scale"])
+@pytest.mark.parametrize("on_mesh,defaults,swiglu", [
+    (False, False, False), (True, False, False), (False, True, False), (False, True, True)],
+    ids=["no_mesh", "one_device_mesh", "route_in_norm_static_o_scale", "swiglu_in_gate_up"])
 def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, lowering_model,
-                                                                 on_mesh, defaults):
+                                                                 on_mesh, defaults, swiglu):
     """The FP8 model's decode step (16 rows), with the kernels a Hopper GPU picks: the
     routed experts run by row in token order (no sort by expert), each residual add after
     the first layer's input runs in the norm kernel after it (with the epilogues of the
@@ -164,7 +165,9 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     nothing, so they keep nothing out of the norm kernels (they did until 2026-12-01: the
     H200 profile kept ~4 XLA epilogue kernels a layer). ``defaults``: the model's defaults
     (``ROUTE_IN_NORM``, and ``STATIC_O_SCALE`` in a decode-only bucket: the decode kernels
-    write the attention's FP8 rows, no quantising launch), else both off."""
+    write the attention's FP8 rows, no quantising launch), else both off. ``swiglu``:
+    ``SWIGLU_IN_GATE_UP`` too (the MoE layers' SwiGLU from the gate/up launch, no SwiGLU
+    kernel, the down launch on its f16 rows)."""
     from jaxattn.kernels import common, decode, fp8, fp8_rows, grouped_matmul, qk_rows
     from jaxattn.models.llama4 import moe as moe_lib
     from jaxattn.models.llama4.quantization import Fp8Scheme
@@ -173,6 +176,10 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     monkeypatch.setattr(common, "on_hopper", lambda: True)
     monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", route_in_norm)
     monkeypatch.setattr(llama4.model, "STATIC_O_SCALE", defaults)
+    monkeypatch.setattr(moe_lib, "SWIGLU_IN_GATE_UP", swiglu)
+    swiglu_quantize, swiglus = fp8_rows.swiglu_quantize, []
+    monkeypatch.setattr(fp8_rows, "swiglu_quantize", lambda *a, **k: swiglus.append(1) or
+                        swiglu_quantize(*a, **k))
     quantized, quantize = [], fp8_rows.quantize
     monkeypatch.setattr(fp8_rows, "quantize", lambda *a, **k: quantized.append(1) or
                         quantize(*a, **k))
@@ -202,7 +209,7 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
                           page_size=64).bounds(config)
     by_row, calls = moe_lib.grouped_matmul_fp8_by_row, []
     monkeypatch.setattr(moe_lib, "grouped_matmul_fp8_by_row",
-                        lambda *a, **k: calls.append(1) or by_row(*a, **k))
+                        lambda *a, **k: calls.append(k.get("swiglu", False)) or by_row(*a, **k))
     monkeypatch.setattr(moe_lib, "counting_sort", None)  # not called
     route, routes = fp8_rows._route_scales_kernel, []
     monkeypatch.setattr(fp8_rows, "_route_scales_kernel",
@@ -217,7 +224,9 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     found = _primitives(jax.make_jaxpr(step.jitted, static_argnums=4)(*args, 16).jaxpr, {})
     assert not {p: found[p] for p in ("cond", "while", "scan") if p in found}
     moe_layers = sum(config.is_moe(i) for i in range(config.num_hidden_layers))
-    assert len(calls) == 2 * moe_layers  # gate/up, down
+    assert calls == [swiglu, False] * moe_layers  # gate/up (forming the SwiGLU), down
+    # A SwiGLU kernel per dense MLP, and per MoE layer unless gate/up formed it
+    assert len(swiglus) == config.num_hidden_layers - (moe_layers if swiglu else 0)
     # the top-1 and the rows' scales in one kernel (XLA's argmax and concatenates), unless
     # the norm before routed the rows
     assert len(routes) == (0 if route_in_norm else moe_layers)
