@@ -9,7 +9,8 @@
                                                    # one grouped launch (K split or not)
                                                    # vs XLA's dot per weight
     python -m benchmarks.fp8_matmul --w8a16        # only the by-row launches with the shared
-                                                   # expert at decode: FP8 rows vs f16 rows
+                                                   # expert at decode: FP8 rows vs f16 rows,
+                                                   # and the MoE with the SwiGLU in gate/up
 
 1. Routed experts (16 experts, gate/up 5120 -> 8192, down 8192 -> 5120): the Mosaic
    grouped matmul in bf16 against its FP8 form. Prefill sizes (M = 2048..16384 rows
@@ -368,6 +369,59 @@ def w8a16(args) -> list[dict]:
                              "weight_tbs": weight_bytes / sec / 1e12, "rel_diff": rel})
                 print(f"w8a16 {name:15} rows={real} {form:6} {sec * 1e6:7.2f} us "
                       f"{weight_bytes / sec / 1e12:5.2f} TB/s (rel diff {rel:.3f})", flush=True)
+    return rows + _moe_chains(args)
+
+
+def _moe_chains(args) -> list[dict]:
+    """A decode step's whole routed + shared MoE (16-row bucket, 1 or 8 experts hit, cold
+    L2), as ``llama4.moe.SWIGLU_IN_GATE_UP`` picks it: off, gate/up's product, the SwiGLU
+    and quantise kernel, down on FP8 rows (three launches); on, gate/up forming the SwiGLU,
+    down on its f16 rows (two). Kernel time of the chain; ``rel_diff``: on against off."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxattn.kernels import fp8, fp8_rows, grouped_matmul as gm
+
+    quantize = jax.jit(lambda w: fp8.quantize(w, -1))
+    rand = lambda i, shape: jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) / float(
+        np.sqrt(shape[-1]))
+    routed = [quantize(rand(i, (E, n, k))) for i, (n, k) in enumerate(((I, H), (I, H), (H, I)))]
+    shared = [quantize(rand(10 + i, (n, k))) for i, (n, k) in enumerate(((I, H), (I, H), (H, I)))]
+    x = fp8.Quantized.of(jax.random.normal(jax.random.key(3), (16, H), jnp.bfloat16))
+
+    def chain(fused, x, groups, routed, shared):
+        (g, gs), (u, us), (d, ds) = routed
+        (sg, sgs), (su, sus), (sd, sds) = shared
+        up = dict(impl="mosaic", shared=((sg, su), (sgs, sus)))
+        down = dict(impl="mosaic", shared=((sd,), (sds,)), defer=True)
+        if fused:
+            h = gm.grouped_matmul_fp8_by_row(x, (g, u), (gs, us), groups, swiglu=True, **up)
+        else:
+            gate_up = gm.grouped_matmul_fp8_by_row(x, (g, u), (gs, us), groups,
+                                                   scale_rows=False, **up)
+            h = fp8_rows.swiglu_quantize(gate_up.reshape(32, -1), None, x.scale)
+        return gm.grouped_matmul_fp8_by_row(h, (d,), (ds,), groups, **down).resolve()
+
+    fns = {"3 launches (FP8 rows)": jax.jit(lambda *a: chain(False, *a)),
+           "2 launches (SwiGLU in gate/up, W8A16 down)": jax.jit(lambda *a: chain(True, *a))}
+    rows = []
+    for real in (1, 8):
+        rotation = []
+        for e in HIT_EXPERTS:
+            groups = np.full(16, E, np.int32)  # rows past `real`: padding, no expert
+            groups[:real] = (e + 2 * np.arange(real)) % E
+            scale = jnp.where(jnp.arange(16) < real, x.scale, 0.0)  # padding rows: scale 0
+            xr = fp8.Quantized(x.values, jnp.concatenate([scale, x.scale]), x.dtype)
+            rotation.append((xr, jnp.asarray(groups), routed, shared))
+        outs = [np.asarray(f(*rotation[0]), np.float32)[:real] for f in fns.values()]
+        rel = float(np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0]))
+        t = interleaved(fns, {c: rotation for c in fns}, args.rounds, args.reps)
+        for form, sec in t.items():
+            rows.append({"matmul": "MoE chain", "real_rows": real, "form": form,
+                         "us": sec * 1e6, "rel_diff": rel})
+            print(f"w8a16 MoE chain rows={real} {form:42} {sec * 1e6:7.2f} us "
+                  f"(rel diff {rel:.3f})", flush=True)
     return rows
 
 
