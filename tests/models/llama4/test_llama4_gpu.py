@@ -129,9 +129,9 @@ def test_bf16_small_chunks_serve_on_gpu(chunk):
         assert np.isfinite(a).all() and rel < 0.05, rel
 
 
-@pytest.mark.parametrize("route_in_norm,static_o_scale", [(False, False), (True, False),
-                                                          (True, True)])
-def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm, static_o_scale):
+@pytest.mark.parametrize("route_in_norm,static_o_scale,swiglu", [
+    (False, False, False), (True, False, False), (True, True, False), (True, True, True)])
+def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm, static_o_scale, swiglu):
     """The FP8 model's serving step on the Hopper kernels (a decode step's 16-row bucket:
     the routing kernel, the by-row experts with the shared expert in their launches, the
     row kernels, the decode attention), padding rows included, a prefill step then four
@@ -145,8 +145,11 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm, static_o_
     (NOTES-fp8.md, session 23). ``route_in_norm``: the MoE layers' rows routed and scaled
     in the post-attention norm's kernel (``ROUTE_IN_NORM``) instead of the routing kernel.
     ``static_o_scale``: the attention output under its layer's V scale (``STATIC_O_SCALE``),
-    the decode steps in a decode-only bucket, whose decode kernels write the FP8 rows."""
+    the decode steps in a decode-only bucket, whose decode kernels write the FP8 rows.
+    ``swiglu``: the MoE's SwiGLU in the gate/up launch, its f16 rows into the W8A16 down
+    launch (``SWIGLU_IN_GATE_UP``; XLA's path sorts the rows and is as without it)."""
     from jaxattn.kernels import common, fp8_rows
+    from jaxattn.models.llama4 import moe as moe_lib
 
     config, fp8_model, bounds, steps = toy_moe_case(seed=4)
     bf16_model = llama4.init_random(config, seed=4, dtype=jnp.bfloat16)
@@ -159,6 +162,7 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm, static_o_
 
     monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", route_in_norm)
     monkeypatch.setattr(llama4.model, "STATIC_O_SCALE", static_o_scale)
+    monkeypatch.setattr(moe_lib, "SWIGLU_IN_GATE_UP", swiglu)
     calls, route_kernel = [], fp8_rows._route_scales_kernel
     monkeypatch.setattr(fp8_rows, "_route_scales_kernel",
                         lambda *a, **k: calls.append(1) or route_kernel(*a, **k))
