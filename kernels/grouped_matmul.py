@@ -715,8 +715,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                         product(piece, lhs_smem, w_smem)
 
                 pipeline(body)(lhs_gmem, *weights)
-                acc = acc_ref[...]
-                return [acc[i * w_rows:(i + 1) * w_rows] for i in range(len(w_gmem))]
+                acc = acc_ref[...]  # (halves of the value: slicing the ref, Mosaic finds strides)
+                return [acc[:w_rows], acc[w_rows:]] if swiglu else [acc]
 
             def promoted(_, lhs_smem, rhs_smem, total):
                 """Each K step's product in a fresh accumulator, added to f32 registers."""
