@@ -54,7 +54,7 @@ W8A16 (swap-AB, f16 rows with FP8 weights, the kernel's form only so far): each 
 tile is widened to f16 in registers (e4m3 values are exact in f16, and Hopper converts e4m3
 to f16 but not to bf16) and the rows stay 16-bit, so they need no per-token scale: a
 consumer that makes them (a SwiGLU in the gate/up launch's epilogue) needs no reduction over
-the whole row. :func:`reference_w8a16` is its semantics.
+the whole row. :func:`reference_fp8` with f16 rows under unit scales is its semantics.
 """
 
 from __future__ import annotations
@@ -157,19 +157,11 @@ def reference(x, w, group_sizes):
 
 def reference_fp8(xq, x_scale, wq, w_scale, group_sizes):
     """The FP8 product's semantics in f32: ``xq [M, K]`` float8 with ``x_scale [M]``,
-    ``wq [G, N, K]`` float8 with ``w_scale [G, N]``; dequantised, then ragged_dot."""
+    ``wq [G, N, K]`` float8 with ``w_scale [G, N]``; dequantised, then ragged_dot. W8A16's
+    too: ``xq`` f16 rows (their scales 1)."""
     x = fp8.dequantize(xq, x_scale)
     w = fp8.dequantize(wq, w_scale)  # [G, N, K]
     return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), group_sizes,
-                              precision=jax.lax.Precision.HIGHEST,
-                              preferred_element_type=jnp.float32)
-
-
-def reference_w8a16(x, wq, w_scale, group_sizes):
-    """The W8A16 product's semantics in f32: ``x [M, K]`` f16 rows, ``wq [G, N, K]``
-    float8_e4m3fn with ``w_scale [G, N]``; the weights dequantised, then ragged_dot."""
-    w = fp8.dequantize(wq, w_scale)  # [G, N, K]
-    return jax.lax.ragged_dot(x.astype(jnp.float32), jnp.swapaxes(w, 1, 2), group_sizes,
                               precision=jax.lax.Precision.HIGHEST,
                               preferred_element_type=jnp.float32)
 
@@ -380,16 +372,21 @@ def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, s
                          f"(want {m} or {2 * m}) and scales {x.scale.shape} (want {2 * m})")
     f16_rows = x.values.dtype == jnp.float16
     mosaic = m in SHARED_EXPERT_ROWS and resolve_fp8(impl, k, *ns) == "mosaic"
+
+    def launch(*lhs_scale, **kw):
+        """The Mosaic kernel's one launch: by row, the shared expert's tile among them."""
+        config = dataclasses.replace(pick_config(m, k, sum(ns), fp8=True, f16_rows=f16_rows),
+                                     block_m=m)
+        return _mosaic_grouped_matmul(
+            x.values, parts + s_parts, row_groups.astype(jnp.int32),
+            tuple(s.astype(jnp.float32) for s in scales + s_scales), *lhs_scale,
+            config=config, by_row=True, shared_blocks=(0, int(rows == 2 * m)), **kw)
+
     if swiglu:
         if len(parts) != 2 or f16_rows:
             raise ValueError("swiglu: FP8 rows through two weights (gate, up)")
         if mosaic:
-            h = _mosaic_grouped_matmul(
-                x.values, parts + s_parts, row_groups.astype(jnp.int32),
-                tuple(s.astype(jnp.float32) for s in scales + s_scales), x.scale,
-                config=dataclasses.replace(pick_config(m, k, sum(ns), fp8=True), block_m=m),
-                by_row=True, shared_blocks=(0, int(rows == 2 * m)), out_dtype=jnp.float16,
-                swiglu=True)
+            h = launch(x.scale, out_dtype=jnp.float16, swiglu=True)
         else:  # the products, then the SwiGLU in XLA
             gate, up = jnp.split(_by_row_with_shared(
                 x, w, w_scale, row_groups, shared, impl=impl, out_dtype=jnp.float32,
@@ -399,13 +396,7 @@ def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, s
         return fp8.Quantized(h, jnp.concatenate([held, jnp.ones((m,), jnp.float32)]),
                              jnp.dtype(out_dtype))
     if mosaic:
-        config = dataclasses.replace(pick_config(m, k, sum(ns), fp8=True, f16_rows=f16_rows),
-                                     block_m=m)
-        y = _mosaic_grouped_matmul(x.values, parts + s_parts, row_groups.astype(jnp.int32),
-                                   tuple(s.astype(jnp.float32) for s in scales + s_scales),
-                                   config=config, by_row=True,
-                                   shared_blocks=(0, int(rows == 2 * m)),
-                                   out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))
+        y = launch(out_dtype=jnp.promote_types(jnp.bfloat16, out_dtype))
     else:
         values = (x.values[:m], x.values[m:]) if rows == 2 * m else (x.values, x.values)
         xr, xs = (fp8.Quantized(v, s, x.dtype) for v, s in zip(values, (x.scale[:m],
@@ -589,7 +580,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                              f"blocks of block_m={bm} rows (got {m}), weights [1, N, K] as the "
                              f"routed ones' [G, N, K]")
         m = bm  # the tokens; lhs holds their rows once or twice
-    n_tile = bn // 2 if swiglu else bn  # weight rows of a part in one tile
+    # A tile's rows of each weight it reads, and its output columns: swiglu's tile holds
+    # n_tile rows of gate and the same rows of up.
+    n_tile = bn // 2 if swiglu else bn
     if k % (bk * splits) or any(n % n_tile for n in ns):
         raise ValueError(f"K={k} must be a multiple of block_k*k_splits={bk * splits} "
                          f"and each N={ns} of {n_tile} (block_n={bn})")
@@ -618,18 +611,15 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                          f"rows: {config}, {m} rows")
     if by_row:  # a row tile per group that holds rows (at most one per row); shared: + 1
         grid_m = min(g, m) + sets - 1
-    # swiglu: an N tile is `half` rows of gate and the same of up; its output `half` columns.
-    half = bn // 2
     if swiglu:
-        if not (by_row and scaled and parts == 2 and ns[0] == ns[1] and half % 64 == 0
+        if not (by_row and scaled and parts == 2 and ns[0] == ns[1] and n_tile % 64 == 0
                 and not config.promote and m == bm and lhs_scale is not None
                 and lhs_scale.shape == (sets * bm,)):
             raise ValueError(f"swiglu: FP8 by row, gate and up of one N, block_n={bn} a "
                              f"multiple of 128, {bm} rows and their scales "
                              f"[{sets * bm}], got N={ns}, {m} rows, lhs_scale "
                              f"{None if lhs_scale is None else lhs_scale.shape}")
-        grid_n, n = ns[0] // half, ns[0]
-    out_cols = half if swiglu else bn  # a tile's output columns
+        grid_n, n = ns[0] // n_tile, ns[0]
     # Swapped partial sums are stored as computed, [N, rows] per split (Mosaic finds no
     # layout for a transposed f32 store), each row tile in a slab of columns of its own
     # (_swapped_rows maps rows back to them).
@@ -637,7 +627,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     final_dtype = out_dtype or lhs.dtype
     out_dtype = final_dtype if splits == 1 else jnp.float32
     # 8-bit weights are K-major [N, K] tiles, transposed for the wgmma (a view, no copy).
-    rhs_block, rhs_index = (((bn, bk), lambda kk, ni: (ni, kk)) if scaled else
+    rhs_block, rhs_index = (((n_tile, bk), lambda kk, ni: (ni, kk)) if scaled else
                             ((bk, bn), lambda kk, ni: (kk, ni)))
 
     if dense_rows is not None and (g != 1 or by_row):
@@ -657,10 +647,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             """One output tile, row tile ``ti``: rows of ``info``'s group, columns ``ni * bn``
             (the part's N tile ``part_ni`` of weights ``w_gmem``), K range ``split``.
             ``shared``: the shared expert's tile, every row stored (after the routed rows).
-            ``swiglu``: ``w_gmem``, ``ws_gmem`` are gate's and up's, ``half`` rows of each."""
+            ``swiglu``: ``w_gmem``, ``ws_gmem`` are gate's and up's, ``n_tile`` rows of each."""
             k0 = split * k_steps
             w_gmem, ws_gmem = (w_gmem, ws_gmem) if swiglu else ((w_gmem,), (ws_gmem,))
-            w_rows = half if swiglu else bn  # weight rows per copy
 
             def product(acc_ref, lhs_smem, rhs_smem):
                 if widen:
@@ -677,7 +666,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 row scales: the rows are the accumulator's columns), or None."""
                 cols = rows = None
                 if scaled:
-                    cols = [plgpu.load(ws.at[info.group_id, pl.ds(part_ni * w_rows, w_rows)],
+                    cols = [plgpu.load(ws.at[info.group_id, pl.ds(part_ni * n_tile, n_tile)],
                                        layout=plgpu.Layout.WGMMA.reduce(1 if swap else 0),
                                        optimized=False) for ws in ws_gmem]
                 if ls_gmem is not None:
@@ -699,16 +688,15 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 in_specs=[
                     plgpu.BlockSpec((bm, bk), lambda kk: (info.block, k0 + kk),
                                     delay_release=1),
-                    *[plgpu.BlockSpec(rhs_block if not swiglu else (half, bk),
-                                      lambda kk: rhs_index(k0 + kk, part_ni), delay_release=1)
-                      for _ in w_gmem],
+                    *[plgpu.BlockSpec(rhs_block, lambda kk: rhs_index(k0 + kk, part_ni),
+                                      delay_release=1) for _ in w_gmem],
                 ],
                 max_concurrent_steps=config.max_concurrent_steps)
             weights = [w.at[info.group_id] for w in w_gmem]
 
             def acc_scope(acc_ref):
                 """The product, one accumulator array per weight copy (swiglu: gate, up)."""
-                pieces = [acc_ref.at[pl.ds(i * w_rows, w_rows)] for i in range(len(w_gmem))]
+                pieces = [acc_ref.at[pl.ds(i * n_tile, n_tile)] for i in range(len(w_gmem))]
 
                 def body(_, lhs_smem, *w_smems):
                     for piece, w_smem in zip(pieces if swiglu else [acc_ref], w_smems):
@@ -716,7 +704,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
                 pipeline(body)(lhs_gmem, *weights)
                 acc = acc_ref[...]  # (halves of the value: slicing the ref, Mosaic finds strides)
-                return [acc[:w_rows], acc[w_rows:]] if swiglu else [acc]
+                return [acc[:n_tile], acc[n_tile:]] if swiglu else [acc]
 
             def promoted(_, lhs_smem, rhs_smem, total):
                 """Each K step's product in a fresh accumulator, added to f32 registers."""
@@ -739,10 +727,10 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             acc = _swiglu(*accs, out_dtype) if swiglu else accs[0]
             out = o_gmem if splits == 1 else o_gmem.at[split]
             if by_row:  # the rows of the tile's group, one TMA store each
-                cols_out = pl.ds(ni * out_cols, out_cols)
+                cols_out = pl.ds(ni * n_tile, n_tile)
 
                 @functools.partial(pl.run_scoped,
-                                   o_smem=plgpu.SMEM((bm, out_cols), dtype=out_dtype))
+                                   o_smem=plgpu.SMEM((bm, n_tile), dtype=out_dtype))
                 def store_rows(o_smem):
                     o_smem.T[...] = acc.astype(out_dtype)
                     plgpu.commit_smem()

@@ -430,14 +430,16 @@ def _w8a16_case(m, k, n, groups, parts, seed=5):
 
 def _w8a16_want(x, w, ws, row_groups):
     """[2m, N_1 + ...]: each routed row through its group's weights (rows of none: 0), then
-    each shared row through the shared weights, from :func:`gm.reference_w8a16`."""
+    each shared row through the shared weights, from :func:`gm.reference_fp8` (f16 rows,
+    unit scales)."""
     m, parts = len(row_groups), len(w) // 2
-    one = jnp.ones((1,), jnp.int32)
+    one, unit = jnp.ones((1,), jnp.int32), jnp.ones((1,))
     routed = np.stack([np.concatenate([
-        np.asarray(gm.reference_w8a16(x[r:r + 1], wp[g:g + 1], sp[g:g + 1], one))[0]
+        np.asarray(gm.reference_fp8(x[r:r + 1], unit, wp[g:g + 1], sp[g:g + 1], one))[0]
         if g < wp.shape[0] else np.zeros(wp.shape[1]) for wp, sp in zip(w[:parts], ws[:parts])])
         for r, g in enumerate(row_groups)])
-    shared = np.concatenate([np.asarray(gm.reference_w8a16(x[m:], wp, sp, one * m))
+    shared = np.concatenate([np.asarray(gm.reference_fp8(x[m:], jnp.ones((m,)), wp, sp,
+                                                         one * m))
                              for wp, sp in zip(w[parts:], ws[parts:])], -1)
     return np.concatenate([routed, shared])
 
@@ -466,7 +468,7 @@ def test_w8a16_by_row_with_a_shared_expert_matches_the_reference(row_groups, par
 
 def test_w8a16_grouped_rows_match_the_reference():
     """Rows sorted by group (not by row) through the W8A16 form, against
-    :func:`gm.reference_w8a16`."""
+    :func:`gm.reference_fp8` (f16 rows, unit scales)."""
     x, (wq, _), (ws, _) = _w8a16_case(8, 256, 128, 4, 1, seed=6)
     sizes = jnp.asarray([3, 0, 4, 1], jnp.int32)
     config = dataclasses.replace(gm.pick_config(8, 256, 128, fp8=True, f16_rows=True),
@@ -474,7 +476,7 @@ def test_w8a16_grouped_rows_match_the_reference():
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
         got = jax.block_until_ready(gm._mosaic_grouped_matmul(
             x[:8], (wq,), sizes, (ws,), config=config, out_dtype=jnp.float32))
-    assert _rel(got, gm.reference_w8a16(x[:8], wq, ws, sizes)) < 1e-5
+    assert _rel(got, gm.reference_fp8(x[:8], jnp.ones((8,)), wq, ws, sizes)) < 1e-5
 
 
 @pytest.mark.parametrize("m", [8, 16])
