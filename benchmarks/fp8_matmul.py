@@ -77,6 +77,21 @@ def interleaved(fns: dict, args: dict, rounds: int, reps: int) -> dict[str, floa
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _row_experts(real: int):
+    """By row, a decode step's 16-row bucket: each row's expert, one int32 [16] per expert e
+    of ``HIT_EXPERTS``, the first ``real`` rows on e and every other expert after it (as
+    :func:`_hitting` picks them), the rest padding (expert E: none)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    out = []
+    for e in HIT_EXPERTS:
+        groups = np.full(16, E, np.int32)
+        groups[:real] = (e + 2 * np.arange(real)) % E
+        out.append(jnp.asarray(groups))
+    return out
+
+
 def _hitting(*head, rows: int = 1):
     """Argument tuples ``(*head, group sizes)``, one per expert e of ``HIT_EXPERTS``: one
     row each on expert e and the next ``rows - 1`` of every other one (rows experts hit)."""
@@ -300,11 +315,7 @@ def by_row_sweep(args) -> list[dict]:
             fp8.Quantized(v, s, jnp.bfloat16), (w,), (sc,), g, cfg, jnp.bfloat16, True,
             by_row=True)) for c, cfg in configs.items()}
         for real in (1, 8):
-            rotation = []
-            for e in HIT_EXPERTS:
-                groups = np.full(16, E, np.int32)  # rows past `real`: padding, no expert
-                groups[:real] = (e + 2 * np.arange(real)) % E
-                rotation.append((xq.values, xq.scale, wq, ws, jnp.asarray(groups)))
+            rotation = [(xq.values, xq.scale, wq, ws, g) for g in _row_experts(real)]
             t = interleaved(fns, {c: rotation for c in fns}, args.rounds, args.reps)
             for c, sec in t.items():
                 tbs = k * n * real / sec / 1e12
@@ -352,12 +363,8 @@ def w8a16(args) -> list[dict]:
                 x, w, g, sc, config=cfg, by_row=True, shared_blocks=(0, 1),
                 out_dtype=jnp.float32))
         for real in (1, 8):
-            rotation = {form: [] for form in fns}
-            for e in HIT_EXPERTS:
-                groups = np.full(16, E, np.int32)  # rows past `real`: padding, no expert
-                groups[:real] = (e + 2 * np.arange(real)) % E
-                for form in fns:
-                    rotation[form].append((lhs[form], jnp.asarray(groups), parts, scales))
+            rotation = {form: [(lhs[form], g, parts, scales) for g in _row_experts(real)]
+                        for form in fns}
             held = list(range(real)) + list(range(16, 32))  # routed rows held, all shared
             out = {form: np.asarray(f(*rotation[form][0]))[held] * unit[form][held]
                    for form, f in fns.items()}
@@ -407,13 +414,9 @@ def _moe_chains(args) -> list[dict]:
            "2 launches (SwiGLU in gate/up, W8A16 down)": jax.jit(lambda *a: chain(True, *a))}
     rows = []
     for real in (1, 8):
-        rotation = []
-        for e in HIT_EXPERTS:
-            groups = np.full(16, E, np.int32)  # rows past `real`: padding, no expert
-            groups[:real] = (e + 2 * np.arange(real)) % E
-            scale = jnp.where(jnp.arange(16) < real, x.scale, 0.0)  # padding rows: scale 0
-            xr = fp8.Quantized(x.values, jnp.concatenate([scale, x.scale]), x.dtype)
-            rotation.append((xr, jnp.asarray(groups), routed, shared))
+        scale = jnp.where(jnp.arange(16) < real, x.scale, 0.0)  # padding rows: scale 0
+        xr = fp8.Quantized(x.values, jnp.concatenate([scale, x.scale]), x.dtype)
+        rotation = [(xr, g, routed, shared) for g in _row_experts(real)]
         outs = [np.asarray(f(*rotation[0]), np.float32)[:real] for f in fns.values()]
         rel = float(np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0]))
         t = interleaved(fns, {c: rotation for c in fns}, args.rounds, args.reps)
