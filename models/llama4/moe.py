@@ -169,11 +169,11 @@ class Experts(nnx.Module):
         if by_row and shared is not None and SWIGLU_IN_GATE_UP:
             # f16 rows [2M, I] of the SwiGLU from the gate/up launch itself
             h = self._matmul(names, x, groups, impl, by_row=True, shared=shared, swiglu=True)
-            return self._matmul(("down_proj",), h, groups, impl, by_row=True, shared=shared)
-        gate_up = self._matmul(names, x, groups, impl, scale_rows=False, by_row=by_row,
-                               shared=shared)  # [M, 2I] ([2, M, 2I] with shared)
-        h = fp8_rows.swiglu_quantize(gate_up.reshape(-1, gate_up.shape[-1]), None, x.scale,
-                                     scale_ub=self.activation_scale_ub)
+        else:
+            gate_up = self._matmul(names, x, groups, impl, scale_rows=False, by_row=by_row,
+                                   shared=shared)  # [M, 2I] ([2, M, 2I] with shared)
+            h = fp8_rows.swiglu_quantize(gate_up.reshape(-1, gate_up.shape[-1]), None,
+                                         x.scale, scale_ub=self.activation_scale_ub)
         return self._matmul(("down_proj",), h, groups, impl, by_row=by_row, shared=shared)
 
 
