@@ -361,12 +361,12 @@ def w8a16(args) -> list[dict]:
                                       block_m=16)
             fns[form] = jax.jit(lambda x, g, w, sc, cfg=cfg: gm._mosaic_grouped_matmul(
                 x, w, g, sc, config=cfg, by_row=True, shared_blocks=(0, 1),
-                out_dtype=jnp.float32))
+                out_dtype=jnp.bfloat16))
         for real in (1, 8):
             rotation = {form: [(lhs[form], g, parts, scales) for g in _row_experts(real)]
                         for form in fns}
             held = list(range(real)) + list(range(16, 32))  # routed rows held, all shared
-            out = {form: np.asarray(f(*rotation[form][0]))[held] * unit[form][held]
+            out = {form: np.asarray(f(*rotation[form][0]), np.float32)[held] * unit[form][held]
                    for form, f in fns.items()}
             rel = float(np.linalg.norm(out["W8A16"] - out["W8A8"]) / np.linalg.norm(out["W8A8"]))
             t = interleaved(fns, rotation, args.rounds, args.reps)

@@ -632,6 +632,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
     if dense_rows is not None and (g != 1 or by_row):
         raise ValueError(f"dense_rows: one group (G = {g}), not by row")
+    if swap and splits == 1 and jnp.dtype(out_dtype).itemsize != 2:
+        raise ValueError(f"swap-AB tiles are stored transposed, which Mosaic lays out for "
+                         f"16-bit outputs only: out_dtype bf16 or f16, got {out_dtype}")
 
     def grouped_matmul_kernel(sizes_gmem, lhs_gmem, *rest):
         # A dense launch's group size is static: tile_info reads a tuple at trace time.

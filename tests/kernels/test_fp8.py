@@ -460,10 +460,11 @@ def test_w8a16_by_row_with_a_shared_expert_matches_the_reference(row_groups, par
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
         got = jax.block_until_ready(gm._mosaic_grouped_matmul(
             x, w, jnp.asarray(row_groups, jnp.int32), ws, config=config, by_row=True,
-            shared_blocks=(0, 1), out_dtype=jnp.float32))
+            shared_blocks=(0, 1), out_dtype=jnp.float16))
     want = _w8a16_want(x, w, ws, row_groups)
     held = np.concatenate([np.asarray(row_groups) < 4, np.ones(m, bool)])
-    assert _rel(np.asarray(got)[held], want[held]) < 1e-5  # f16 x e4m3 products are exact
+    # f16 x e4m3 products are exact in f32: what is left is the f16 output's rounding.
+    assert _rel(np.asarray(got, np.float32)[held], want[held]) < 1e-3
 
 
 def test_w8a16_grouped_rows_match_the_reference():
@@ -475,8 +476,8 @@ def test_w8a16_grouped_rows_match_the_reference():
                                  block_m=8, widen_in_registers=False)
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
         got = jax.block_until_ready(gm._mosaic_grouped_matmul(
-            x[:8], (wq,), sizes, (ws,), config=config, out_dtype=jnp.float32))
-    assert _rel(got, gm.reference_fp8(x[:8], jnp.ones((8,)), wq, ws, sizes)) < 1e-5
+            x[:8], (wq,), sizes, (ws,), config=config, out_dtype=jnp.float16))
+    assert _rel(got, gm.reference_fp8(x[:8], jnp.ones((8,)), wq, ws, sizes)) < 1e-3
 
 
 @pytest.mark.parametrize("m", [8, 16])
@@ -509,10 +510,10 @@ def test_w8a16_by_row_on_gpu_at_scout_shapes(k, n):
     config = dataclasses.replace(gm.pick_config(16, k, n, fp8=True, f16_rows=True), block_m=16)
     got = jax.jit(lambda x, w, ws, rg: gm._mosaic_grouped_matmul(
         x, w, rg, ws, config=config, by_row=True, shared_blocks=(0, 1),
-        out_dtype=jnp.float32))(x, w, ws, jnp.asarray(row_groups, jnp.int32))
+        out_dtype=jnp.float16))(x, w, ws, jnp.asarray(row_groups, jnp.int32))
     want = _w8a16_want(x, w, ws, row_groups)
     held = np.concatenate([row_groups < 16, np.ones(16, bool)])
-    assert _rel(np.asarray(got)[held], want[held]) < 1e-4
+    assert _rel(np.asarray(got, np.float32)[held], want[held]) < 1e-3
 
 
 def test_w8a16_takes_the_swap_form_only():
@@ -618,7 +619,9 @@ def test_swiglu_by_row_on_gpu_at_scout_shapes():
         jnp.asarray(row_groups, jnp.int32))
     want = np.asarray(gm.reference_swiglu(xv, scale, gate, up, row_groups, shared=(sg, su)))
     held = np.concatenate([row_groups < 16, np.ones(16, bool)])
-    assert _rel(np.asarray(got, np.float32)[held], want[held]) < 1e-3
+    # FP8 wgmmas sum K in less than f32 (2e-3 here at K = 5120), as the other FP8 tests at
+    # Scout's shapes allow; gate and up swapped, or a K piece lost, is off by 30% or more.
+    assert _rel(np.asarray(got, np.float32)[held], want[held]) < 1e-2
 
 
 def test_swiglu_form_is_checked():
