@@ -783,10 +783,48 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
         # (those past ``items`` land past the row tiles and are skipped).
         loop_items = common.cdiv(items, sms) * sms if swap else items
 
+        def tiles(info, ti, ni, split=0, set_index=0):
+            """Work item (``ti``, ``ni``, ``split``): row tile ``ti`` of ``info``'s rows in N
+            tile ``ni``, K range ``split``, through set ``set_index``'s weights (1: the
+            shared expert's)."""
+            w_gmem, ws_gmem = (rhs_gmem[set_index * parts:][:parts],
+                               rs_gmem[set_index * parts:][:parts])
+            if parts == 1 or swiglu:  # swiglu: gate's and up's rows in every tile
+                tile(info, ti, split, ni, ni, *((w_gmem, ws_gmem) if swiglu else
+                                                (w_gmem[0], ws_gmem[0])), set_index == 1)
+                return
+            # The part this N tile belongs to picks the weights (a static branch each).
+            for part in range(parts):
+                lo, hi = part_start[part], part_start[part + 1]
+                pl.when((lo <= ni) & (ni < hi))(functools.partial(
+                    tile, info, ti, split, ni, ni - lo, w_gmem[part], ws_gmem[part],
+                    set_index == 1))
+
+        def by_row_info(group, block):
+            """Every row of lhs block ``block`` in the tile's columns; ``group``'s are
+            stored."""
+            zero = jnp.int32(0)
+            return GroupInfo(group_id=group, block=jnp.int32(block), block_start=zero,
+                             actual_start=zero, actual_end=jnp.int32(m),
+                             start_within_block=zero, actual_size=jnp.int32(m))
+
+        if by_row:
+            # Issued here, first waited for where a routed tile needs its group.
+            row_groups = [sizes_gmem[r] for r in range(m)]
+        shared_first = by_row and sets == 2
+        if shared_first:
+            # The shared expert's tile is row tile 0 (since session 36: a launch of two waves,
+            # gate/up, reads its weights in the first), and it needs no routing. A CTA whose
+            # first item is one runs it before waiting for the rows' groups, so its weight
+            # copies start a global-memory round trip earlier; the loop skips it.
+            routed_block, shared_block = shared_blocks
+            first = _dealt(lax.axis_index("sm"), sms)
+            pl.when(first // grid_n == 0)(lambda: tiles(
+                by_row_info(jnp.int32(0), shared_block), jnp.int32(0), first % grid_n,
+                set_index=1))
         # Once, before the loop: at decode most of an SM's work items are past the tiles
         # that hold rows, and skipping one should cost a comparison, not 16 global loads.
         if by_row:
-            row_groups = [sizes_gmem[r] for r in range(m)]
             hits = [functools.reduce(jnp.logical_or, [rg == i for rg in row_groups])
                     for i in range(g)]
             tile_group = functools.partial(_tile_group, hits)
@@ -798,6 +836,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
         @plgpu.nd_loop((loop_items,), collective_axes="sm")
         def work_loop(loop_info: plgpu.NDLoopInfo):
             w = loop_info.index[0]
+            first_round = w < sms
             if swap:
                 # Decode: row tiles major, so the few that hold rows are the first work
                 # items, one per SM. (The snake interleaved all grid_m row tiles of an N
@@ -813,46 +852,17 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 ti, ni = plgpu.planar_snake(w // splits, (grid_m, grid_n), 1,
                                             config.grid_block_n)
 
-            def tiles(info, set_index=0):
-                """The tile of ``info``'s rows in N tile ``ni``, through set ``set_index``'s
-                weights (1: the shared expert's)."""
-                w_gmem, ws_gmem = (rhs_gmem[set_index * parts:][:parts],
-                                   rs_gmem[set_index * parts:][:parts])
-                if parts == 1 or swiglu:  # swiglu: gate's and up's rows in every tile
-                    tile(info, ti, split, ni, ni, *((w_gmem, ws_gmem) if swiglu else
-                                                    (w_gmem[0], ws_gmem[0])), set_index == 1)
-                    return
-                # The part this N tile belongs to picks the weights (a static branch each).
-                for part in range(parts):
-                    lo, hi = part_start[part], part_start[part + 1]
-                    pl.when((lo <= ni) & (ni < hi))(functools.partial(
-                        tile, info, ti, split, ni, ni - lo, w_gmem[part], ws_gmem[part],
-                        set_index == 1))
-
-            def by_row_info(group, block):
-                """Every row of lhs block ``block`` in the tile's columns; ``group``'s are
-                stored."""
-                zero = jnp.int32(0)
-                return GroupInfo(group_id=group, block=jnp.int32(block), block_start=zero,
-                                 actual_start=zero, actual_end=jnp.int32(m),
-                                 start_within_block=zero, actual_size=jnp.int32(m))
-
             @pl.when(ti < tiles_with_rows)
             def _():
                 if not by_row:
-                    tiles(tile_info(sizes, bm, ti, g)[0])
-                elif sets == 1:
-                    tiles(by_row_info(tile_group(ti)[0], 0))
+                    tiles(tile_info(sizes, bm, ti, g)[0], ti, ni, split)
+                elif not shared_first:
+                    tiles(by_row_info(tile_group(ti)[0], 0), ti, ni)
                 else:
-                    # The shared expert's tile first (since session 36): a launch of two
-                    # waves (gate/up) reads its weights in the first. The order changes no
-                    # value; not timed against routed-first alone (session 37's step, with
-                    # it, took the same kernel time as session 24's).
-                    routed, shared = shared_blocks
-                    pl.when(ti == 0)(
-                        lambda: tiles(by_row_info(jnp.int32(0), shared), set_index=1))
-                    pl.when(ti > 0)(
-                        lambda: tiles(by_row_info(tile_group(ti - 1)[0], routed)))
+                    pl.when((ti == 0) & ~first_round)(lambda: tiles(
+                        by_row_info(jnp.int32(0), shared_block), ti, ni, set_index=1))
+                    pl.when(ti > 0)(lambda: tiles(
+                        by_row_info(tile_group(ti - 1)[0], routed_block), ti, ni))
 
     # Named by form and shape, so that a step's profile tells the calls apart.
     grouped_matmul_kernel.__name__ = grouped_matmul_kernel.__qualname__ = (

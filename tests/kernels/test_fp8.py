@@ -319,6 +319,28 @@ def test_by_row_with_a_shared_expert_matches_the_reference(row_groups, parts, tw
                                rtol=1e-2, atol=1e-2 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("sms", [3, 5])
+def test_by_row_shared_tiles_over_several_rounds(monkeypatch, sms):
+    """A CTA runs its first round's shared-expert tile before the rows' groups arrive, and
+    the loop skips it there: with 3 or 5 SMs the shared expert's 4 N tiles (gate and up, 64
+    columns each) fall in the first round and the next, with routed tiles among them; every
+    row still comes out once, as the reference's."""
+    row_groups = [2, 0, 3, 1, 2, 3, 0, 4]  # 4: padding
+    x, w, ws, shared = _with_shared_case(row_groups, 2, False, k=256, n=128)
+    monkeypatch.setattr(gm.common, "num_sms", lambda: sms)
+    config = dataclasses.replace(gm.pick_config(8, 256, 256, fp8=True), block_m=8, block_n=64)
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        got = jax.block_until_ready(gm._mosaic_grouped_matmul(
+            x.values, w + tuple(p[None] for p in shared[0]), jnp.asarray(row_groups, jnp.int32),
+            ws + tuple(s[None] for s in shared[1]), config=config, by_row=True,
+            shared_blocks=(0, 0), out_dtype=jnp.float16))
+    got = np.asarray(got, np.float32).reshape(2, 8, -1) * np.asarray(x.scale).reshape(2, 8, 1)
+    want = _with_shared_want(x, w, ws, row_groups, shared)
+    mine = np.asarray(row_groups) < 4
+    assert _rel(got[1], want[1]) < 1e-2
+    assert _rel(got[0][mine], want[0][mine]) < 1e-2
+
+
 def test_shared_expert_form_is_checked():
     x, w, ws, shared = _with_shared_case([0, 1, 2, 3, 0, 1, 2, 3], 1, False, k=512, n=128)
     with pytest.raises(ValueError, match="shared expert"):
