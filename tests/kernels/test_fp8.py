@@ -402,6 +402,16 @@ def test_by_row_takes_the_swap_form_only():
                                   config=gm.pick_config(64, 512, 128, fp8=True), by_row=True)
 
 
+def test_swap_form_takes_16_bit_outputs_only():
+    """A swap-AB tile is stored transposed, which Mosaic lays out for 16-bit values only (an
+    f32 output met a layout-inference failure on the GPU, not on the CPU): refused here."""
+    x, wq, ws, _ = _case(8, [0] * 8, 128, k=512)
+    config = dataclasses.replace(SWAP, block_m=8)
+    with pytest.raises(ValueError, match="16-bit outputs"):
+        gm._mosaic_grouped_matmul(x.astype(fp8.DTYPE), (wq,), jnp.zeros((8,), jnp.int32), (ws,),
+                                  config=config, by_row=True, out_dtype=jnp.float32)
+
+
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("k,n", SCOUT_KN)
 def test_by_row_fp8_kernel_lowers_for_scout_shapes(m, k, n):
