@@ -777,11 +777,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                     smem_start += info.actual_size & rows
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        items = grid_m * grid_n * splits
         sms = common.num_sms()
-        # swap: whole rounds, so that the permuted indices of each round are all visited
-        # (those past ``items`` land past the row tiles and are skipped).
-        loop_items = common.cdiv(items, sms) * sms if swap else items
 
         def tiles(info, ti, ni, split=0, set_index=0):
             """Work item (``ti``, ``ni``, ``split``): row tile ``ti`` of ``info``'s rows in N
@@ -832,6 +828,14 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             tiles_with_rows = routed_tiles + sets - 1
         else:
             _, tiles_with_rows = tile_info(sizes, bm, 0, g)
+        if swap:
+            # Whole rounds, so that the permuted indices of each round are all visited
+            # (those past the row tiles are skipped), up to the last round that holds a
+            # tile with rows: at decode grid_m counts a row tile per group (17 rounds of
+            # gate/up with the shared expert), where one hit expert needs 2 rounds.
+            loop_items = common.cdiv(tiles_with_rows * grid_n * splits, sms) * sms
+        else:
+            loop_items = grid_m * grid_n * splits
 
         @plgpu.nd_loop((loop_items,), collective_axes="sm")
         def work_loop(loop_info: plgpu.NDLoopInfo):
