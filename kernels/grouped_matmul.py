@@ -814,10 +814,13 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             # first item is one runs it before waiting for the rows' groups, so its weight
             # copies start a global-memory round trip earlier; the loop skips it.
             routed_block, shared_block = shared_blocks
+
+            def shared_tile(ni):
+                """The shared expert's tile (row tile 0) in N tile ``ni``."""
+                tiles(by_row_info(jnp.int32(0), shared_block), jnp.int32(0), ni, set_index=1)
+
             first = _dealt(lax.axis_index("sm"), sms)
-            pl.when(first // grid_n == 0)(lambda: tiles(
-                by_row_info(jnp.int32(0), shared_block), jnp.int32(0), first % grid_n,
-                set_index=1))
+            pl.when(first // grid_n == 0)(lambda: shared_tile(first % grid_n))
         # Once, before the loop: at decode most of an SM's work items are past the tiles
         # that hold rows, and skipping one should cost a comparison, not 16 global loads.
         if by_row:
@@ -863,8 +866,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 elif not shared_first:
                     tiles(by_row_info(tile_group(ti)[0], 0), ti, ni)
                 else:
-                    pl.when((ti == 0) & ~first_round)(lambda: tiles(
-                        by_row_info(jnp.int32(0), shared_block), ti, ni, set_index=1))
+                    pl.when((ti == 0) & ~first_round)(lambda: shared_tile(ni))
                     pl.when(ti > 0)(lambda: tiles(
                         by_row_info(tile_group(ti - 1)[0], routed_block), ti, ni))
 
