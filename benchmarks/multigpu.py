@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 MoE decode steps form the SwiGLU in the gate/up launch and run "
                         "the down projection on its f16 rows (llama4.moe.SWIGLU_IN_GATE_UP; "
                         "one launch a layer fewer; untimed, so off by default)")
+    p.add_argument("--dependent-launch", default=False, action=argparse.BooleanOptionalAction,
+                   help="every Mosaic kernel waits for the one before it on the GPU and lets "
+                        "the next launch early (programmatic dependent launch; "
+                        "kernels.common.DEPENDENT_LAUNCH; untimed, so off by default)")
     p.add_argument("--async-scheduling", default=True, action=argparse.BooleanOptionalAction,
                    help="the engine's async scheduling (off: each step waits for the last)")
     p.add_argument("--skip-alone", action="store_true", help="only the mixed batch")
@@ -329,7 +333,11 @@ def batch_decode(engine, config, res: dict, args, rng) -> list[dict]:
                      "output_tok_s": b * 1e3 / ms if ms else None, "roofline_ms": roof,
                      "ratio_to_roofline": ms / roof if ms else None,
                      "device_wait_ms_per_step": wait_ms,
-                     "all_completed": all(r["finish_reason"] == "length" for r in recs)})
+                     "all_completed": all(r["finish_reason"] == "length" for r in recs),
+                     # greedy, seeded prompts and weights: runs that change only how the
+                     # kernels are launched must give these bit for bit
+                     "token_ids": [r["token_ids"] for r in recs],
+                     "chosen_logprobs": [r["chosen_logprobs"] for r in recs]})
         print(f"batch decode {b:>3} x {ctx}: {ms or 0:.2f} ms/step "
               f"({rows[-1]['output_tok_s'] or 0:,.0f} tok/s), roofline {roof:.2f} ms, host "
               f"waited {wait_ms or 0:.2f} ms/step for the device", flush=True)
@@ -427,6 +435,7 @@ def run(args) -> dict:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from jaxattn import parallel
     from jaxattn.models.llama4 import model as llama4_model, moe as llama4_moe, sharding
+    from jaxattn.kernels import common as kernel_common
     from jaxattn.serve import memory_plan as memory
     from jaxattn.serve.config import DEFAULT_PAGE_SIZE, EngineConfig
     from jaxattn.serve.engine import LLMEngine
@@ -435,6 +444,7 @@ def run(args) -> dict:
     llama4_model.ROUTE_IN_NORM = args.route_in_norm  # read when the step is traced
     llama4_model.STATIC_O_SCALE = args.static_o_scale  # read when the step is built
     llama4_moe.SWIGLU_IN_GATE_UP = args.swiglu_in_gate_up  # read when the step is traced
+    kernel_common.DEPENDENT_LAUNCH = args.dependent_launch  # read when a kernel is traced
     config = _config(args)
     lengths = (tuple(int(x) for x in args.lengths.split(",")) if args.lengths else
                DRY_LENGTHS if args.dry_run else LENGTHS)
@@ -468,6 +478,7 @@ def run(args) -> dict:
            "kv_cache_dtype": args.kv_cache_dtype or dtype,
            "async_scheduling": args.async_scheduling, "route_in_norm": args.route_in_norm,
            "static_o_scale": args.static_o_scale, "swiglu_in_gate_up": args.swiglu_in_gate_up,
+           "dependent_launch": args.dependent_launch,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
            "xla_flags": os.environ.get("XLA_FLAGS"),
            "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR"),

@@ -8,6 +8,7 @@ matmul takes the same dtypes.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,15 @@ MBARRIER_BYTES = 8
 # SM count assumed where no GPU is attached (lowering for CUDA on a CPU host):
 # an H100 / H200 SXM.
 _DEFAULT_SMS = 132
+
+# Programmatic dependent launch (PDL, sm_90). With it on, every kernel first waits for the
+# kernels before it in the stream (griddepcontrol.wait: their writes are visible after it) and
+# then lets the next one launch (launch_dependents), so each launch's start (CTA placement,
+# the kernel's setup) overlaps the end of the one before instead of following the last of
+# its CTAs. Nothing is read or written before the wait, so the order of memory effects is the
+# stream's. Read when a kernel is traced; JAXATTN_DEPENDENT_LAUNCH=1 turns it on for a process
+# (the GPU tests under it, for one). Off until timed in the serving step.
+DEPENDENT_LAUNCH = os.environ.get("JAXATTN_DEPENDENT_LAUNCH", "0") == "1"
 
 
 def supports(head_dim: int, dtype) -> bool:
@@ -227,3 +237,17 @@ def num_sms() -> int:
     """SMs of the default device: one persistent CTA each."""
     dev = jax.devices()[0]
     return int(getattr(dev, "core_count", 0) or _DEFAULT_SMS)
+
+
+def dependent_launch(interpret=None) -> None:
+    """The first thing in a kernel body: with :data:`DEPENDENT_LAUNCH`, wait for the kernels
+    before it, then let the next launch. GPU interpret mode (``interpret``, or
+    ``plgpu.force_gpu_interpret_mode``) runs kernels one at a time and has no rule for
+    these instructions, so there it does nothing."""
+    from jax._src import config as jax_config  # where force_gpu_interpret_mode sets its params
+
+    if (not DEPENDENT_LAUNCH or interpret
+            or jax_config.pallas_tpu_interpret_mode_context_manager.value is not None):
+        return
+    plgpu.griddepcontrol_wait()
+    plgpu.griddepcontrol_launch_dependents()

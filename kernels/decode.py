@@ -287,6 +287,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         # in place (uninitialised: the producers zero the rows no tile covers); outputs
         # lse_ref, opart_ref, lpart_ref (GMEM); scratch [+
         # the FP8 cache's].
+        common.dependent_launch(interpret)
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
         (out_ref, lse_ref, opart_ref, lpart_ref, (q_raw, *q_raw8), q_tile, k_smem, v_smem,
          p_smem, (o_smem, o_out, o_t_smem, merge_acc), lse_smem, q_full, q_free, k_full,

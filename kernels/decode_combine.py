@@ -139,6 +139,7 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
 
     def decode_combine_kernel(cmeta_ref, parents_ref, opart_ref, lpart_ref, out_ref,
                               lse_out_ref, o_buf, l_buf, o_out, full, shares):
+        common.dependent_launch(interpret)
         cols = pl.ds(lax.axis_index("col") * cw, cw)
         wg = lax.axis_index("wg")
 

@@ -198,6 +198,7 @@ def _launch(body, rows: int, out_shapes, name: str):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     def kernel(*refs):
+        common.dependent_launch()
         body(jax.lax.axis_index("rows"), *refs)
 
     kernel.__name__ = kernel.__qualname__ = name

@@ -534,6 +534,7 @@ def prefill_attention(q, k_pages, v_pages, page_table, items: WorkList, zero_ran
 
     def prefill_kernel(meta_ref, count_ref, zero_ref, pt_ref, first_ref, q_ref, k_ref, v_ref,
                        *rest):
+        common.dependent_launch(interpret)
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)  # the FP8 cache's scales
         (o_ref, lse_ref, q_stage, q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem,
          q_full, q_free, k_full, k_free, v_full, v_free, turn, *fp8_scratch) = rest

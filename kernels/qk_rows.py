@@ -290,6 +290,7 @@ def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps, 
                              interpret=interpret)
 
     def rope_norm(*refs):
+        common.dependent_launch()
         body(lax.axis_index("tokens"), *refs)
 
     smem = plgpu.SMEM((_ROWS, d), qkv.dtype)  # plain rows: TMA stores from any row

@@ -151,11 +151,14 @@ def test_fp8_weights_on_one_device_keep_library_calls_out_of_the_graphs(monkeypa
     assert asked == [True, False]
 
 
-@pytest.mark.parametrize("on_mesh,defaults,swiglu", [
-    (False, False, False), (True, False, False), (False, True, False), (False, True, True)],
-    ids=["no_mesh", "one_device_mesh", "route_in_norm_static_o_scale", "swiglu_in_gate_up"])
+@pytest.mark.parametrize("on_mesh,defaults,swiglu,dependent", [
+    (False, False, False, False), (True, False, False, False), (False, True, False, False),
+    (False, True, True, False), (False, True, True, True)],
+    ids=["no_mesh", "one_device_mesh", "route_in_norm_static_o_scale", "swiglu_in_gate_up",
+         "dependent_launch"])
 def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, lowering_model,
-                                                                 on_mesh, defaults, swiglu):
+                                                                 on_mesh, defaults, swiglu,
+                                                                 dependent):
     """The FP8 model's decode step (16 rows), with the kernels a Hopper GPU picks: the
     routed experts run by row in token order (no sort by expert), each residual add after
     the first layer's input runs in the norm kernel after it (with the epilogues of the
@@ -167,7 +170,9 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     (``ROUTE_IN_NORM``, and ``STATIC_O_SCALE`` in a decode-only bucket: the decode kernels
     write the attention's FP8 rows, no quantising launch), else both off. ``swiglu``:
     ``SWIGLU_IN_GATE_UP`` too (the MoE layers' SwiGLU from the gate/up launch, no SwiGLU
-    kernel, the down launch on its f16 rows)."""
+    kernel, the down launch on its f16 rows). ``dependent``: ``common.DEPENDENT_LAUNCH``,
+    every Mosaic kernel launched as a programmatic dependent of the one before (and none
+    without it)."""
     from jaxattn.kernels import common, decode, fp8, fp8_rows, grouped_matmul, qk_rows
     from jaxattn.models.llama4 import moe as moe_lib
     from jaxattn.models.llama4.quantization import Fp8Scheme
@@ -177,6 +182,8 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     monkeypatch.setattr(llama4.model, "ROUTE_IN_NORM", route_in_norm)
     monkeypatch.setattr(llama4.model, "STATIC_O_SCALE", defaults)
     monkeypatch.setattr(moe_lib, "SWIGLU_IN_GATE_UP", swiglu)
+    monkeypatch.setattr(common, "DEPENDENT_LAUNCH", dependent)
+    jax.clear_caches()  # kernels are jits of their own, traced with the flag as it was
     swiglu_quantize, swiglus = fp8_rows.swiglu_quantize, []
     monkeypatch.setattr(fp8_rows, "swiglu_quantize", lambda *a, **k: swiglus.append(1) or
                         swiglu_quantize(*a, **k))
@@ -251,7 +258,11 @@ def test_fp8_decode_step_lowers_with_its_experts_in_token_order(monkeypatch, low
     assert len(quantized) == (0 if defaults else config.num_hidden_layers)
     assert out_scales and all((s is not None) == defaults for s in out_scales)
     exported = jax.export.export(step.jitted, platforms=["cuda"])(*args, num_tokens=16)
-    assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
+    text = exported.mlir_module()
+    assert text.count("mosaic_gpu") >= config.num_hidden_layers
+    kernels = text.count("custom_call @mosaic_gpu_v2")  # (a nested jit's are written once)
+    assert kernels >= 2 * config.num_hidden_layers
+    assert text.count("mosaic_gpu.uses_pdl") == (kernels if dependent else 0)
 
 
 def test_fp8_cache_decode_step_writes_the_cache_in_the_qk_kernel(monkeypatch, lowering_model):
