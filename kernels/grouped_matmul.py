@@ -636,7 +636,26 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
         raise ValueError(f"swap-AB tiles are stored transposed, which Mosaic lays out for "
                          f"16-bit outputs only: out_dtype bf16 or f16, got {out_dtype}")
 
+    # Decode tiles (swap-AB, K whole) run their K loop over one TMA ring for the whole launch,
+    # not a pipeline of their own per tile, so that a CTA can fill it with its first tile's
+    # weights before the launch waits for the kernels before it (common.DEPENDENT_LAUNCH):
+    # the weights are no kernel's output, and those copies then overlap the kernel before.
+    ring_steps = min(config.max_concurrent_steps, k_steps)
+    ring_types = None
+    if swap and splits == 1 and not config.promote and lhs.shape[0] % bm == 0:
+        ring_types = (plgpu.SMEM((ring_steps, bm, bk), lhs.dtype),
+                      plgpu.Barrier(num_arrivals=1 + (2 if swiglu else 1),
+                                    num_barriers=ring_steps),
+                      *[plgpu.SMEM((ring_steps, n_tile, bk), rhs[0].dtype)] * (2 if swiglu else 1))
+
     def grouped_matmul_kernel(sizes_gmem, lhs_gmem, *rest):
+        if ring_types is None:
+            kernel_body(sizes_gmem, lhs_gmem, *rest)
+        else:
+            pl.run_scoped(lambda x_ring, full, *w_rings: kernel_body(
+                sizes_gmem, lhs_gmem, *rest, ring=(x_ring, full, w_rings)), *ring_types)
+
+    def kernel_body(sizes_gmem, lhs_gmem, *rest, ring=None):
         # A dense launch's group size is static: tile_info reads a tuple at trace time.
         sizes = sizes_gmem if dense_rows is None else (dense_rows,)
         rhs_gmem, rest = rest[:parts * sets], rest[parts * sets:]
@@ -646,13 +665,56 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             rs_gmem = (None,) * parts
         ls_gmem, o_gmem = rest if lhs_scale is not None else (None, *rest)
 
-        def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem, shared=False):
+        def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem, shared=False,
+                 prefetch=False, prefetched=False):
             """One output tile, row tile ``ti``: rows of ``info``'s group, columns ``ni * bn``
             (the part's N tile ``part_ni`` of weights ``w_gmem``), K range ``split``.
             ``shared``: the shared expert's tile, every row stored (after the routed rows).
-            ``swiglu``: ``w_gmem``, ``ws_gmem`` are gate's and up's, ``n_tile`` rows of each."""
+            ``swiglu``: ``w_gmem``, ``ws_gmem`` are gate's and up's, ``n_tile`` rows of each.
+            ``prefetch``: only issue the copies of the weights' first ring of K steps (the
+            CTA's first tile, before the launch's dependency wait); ``prefetched`` (a bool
+            or a traced one): the tile whose weights that was, which copies the rest."""
             k0 = split * k_steps
             w_gmem, ws_gmem = (w_gmem, ws_gmem) if swiglu else ((w_gmem,), (ws_gmem,))
+            weights = [w.at[info.group_id] for w in w_gmem]
+
+            def fetch_weights(step, slot):
+                x_ring, full, w_rings = ring
+                for w_ring, w in zip(w_rings, weights):
+                    plgpu.copy_gmem_to_smem(
+                        w.at[pl.ds(part_ni * n_tile, n_tile), pl.ds((k0 + step) * bk, bk)],
+                        w_ring.at[slot], full.at[slot])
+
+            def fetch_rows(step, slot):
+                x_ring, full, _ = ring
+                plgpu.copy_gmem_to_smem(
+                    lhs_gmem.at[pl.ds(info.block * bm, bm), pl.ds((k0 + step) * bk, bk)],
+                    x_ring.at[slot], full.at[slot])
+
+            if prefetch:
+                for step in range(ring_steps):
+                    fetch_weights(step, step)
+                return
+
+            def ring_k_loop(body):
+                """The K loop over the launch's ring, as emit_pipeline runs it (a slot is
+                refilled a step after its wgmma was issued)."""
+                x_ring, full, w_rings = ring
+                for step in range(ring_steps):
+                    _unless(prefetched, functools.partial(fetch_weights, step, step))
+                    fetch_rows(step, step)
+
+                @pl.loop(0, k_steps)
+                def _(kk):
+                    slot = lax.rem(kk, ring_steps)
+                    plgpu.barrier_wait(full.at[slot])
+                    body(None, x_ring.at[slot], *[w.at[slot] for w in w_rings])
+                    refill = kk + ring_steps - 1
+
+                    @pl.when((kk >= 1) & (refill < k_steps))
+                    def _():
+                        fetch_weights(refill, lax.rem(refill, ring_steps))
+                        fetch_rows(refill, lax.rem(refill, ring_steps))
 
             def product(acc_ref, lhs_smem, rhs_smem):
                 if widen:
@@ -695,7 +757,6 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                                       delay_release=1) for _ in w_gmem],
                 ],
                 max_concurrent_steps=config.max_concurrent_steps)
-            weights = [w.at[info.group_id] for w in w_gmem]
 
             def acc_scope(acc_ref):
                 """The product, one accumulator array per weight copy (swiglu: gate, up)."""
@@ -705,7 +766,10 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                     for piece, w_smem in zip(pieces if swiglu else [acc_ref], w_smems):
                         product(piece, lhs_smem, w_smem)
 
-                pipeline(body)(lhs_gmem, *weights)
+                if ring is None:
+                    pipeline(body)(lhs_gmem, *weights)
+                else:
+                    ring_k_loop(body)
                 acc = acc_ref[...]  # (halves of the value: slicing the ref, Mosaic finds strides)
                 return [acc[:n_tile], acc[n_tile:]] if swiglu else [acc]
 
@@ -779,22 +843,23 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
         sms = common.num_sms()
 
-        def tiles(info, ti, ni, split=0, set_index=0):
+        def tiles(info, ti, ni, split=0, set_index=0, **prefetch):
             """Work item (``ti``, ``ni``, ``split``): row tile ``ti`` of ``info``'s rows in N
             tile ``ni``, K range ``split``, through set ``set_index``'s weights (1: the
-            shared expert's)."""
+            shared expert's). ``prefetch``: :func:`tile`'s."""
             w_gmem, ws_gmem = (rhs_gmem[set_index * parts:][:parts],
                                rs_gmem[set_index * parts:][:parts])
             if parts == 1 or swiglu:  # swiglu: gate's and up's rows in every tile
                 tile(info, ti, split, ni, ni, *((w_gmem, ws_gmem) if swiglu else
-                                                (w_gmem[0], ws_gmem[0])), set_index == 1)
+                                                (w_gmem[0], ws_gmem[0])), set_index == 1,
+                     **prefetch)
                 return
             # The part this N tile belongs to picks the weights (a static branch each).
             for part in range(parts):
                 lo, hi = part_start[part], part_start[part + 1]
                 pl.when((lo <= ni) & (ni < hi))(functools.partial(
                     tile, info, ti, split, ni, ni - lo, w_gmem[part], ws_gmem[part],
-                    set_index == 1))
+                    set_index == 1, **prefetch))
 
         def by_row_info(group, block):
             """Every row of lhs block ``block`` in the tile's columns; ``group``'s are
@@ -804,23 +869,40 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                              actual_start=zero, actual_end=jnp.int32(m),
                              start_within_block=zero, actual_size=jnp.int32(m))
 
+        shared_first = by_row and sets == 2
+        first = _dealt(lax.axis_index("sm"), sms)  # the CTA's first work item
+        # Where no kernel's output is needed to find the first item's weights (a dense
+        # launch's tiles, the shared expert's), the ring takes them before the dependency
+        # wait; the tile then copies only the rest.
+        prefetched = False
+        if shared_first:
+            routed_block, shared_block = shared_blocks
+
+            def shared_tile(ni, **prefetch):
+                """The shared expert's tile (row tile 0) in N tile ``ni``."""
+                tiles(by_row_info(jnp.int32(0), shared_block), jnp.int32(0), ni, set_index=1,
+                      **prefetch)
+
+            first_shared = first // grid_n == 0
+            if ring is not None:
+                pl.when(first_shared)(lambda: shared_tile(first % grid_n, prefetch=True))
+        elif dense_rows is not None and ring is not None:
+            _, dense_tiles = tile_info(sizes, bm, 0, g)
+            pl.when(first // grid_n < dense_tiles)(lambda: tiles(
+                tile_info(sizes, bm, first // grid_n, g)[0], first // grid_n, first % grid_n,
+                prefetch=True))
+            prefetched = True  # for the loop's first round: that item is the first
+        common.dependent_launch()
         if by_row:
             # Issued here, first waited for where a routed tile needs its group.
             row_groups = [sizes_gmem[r] for r in range(m)]
-        shared_first = by_row and sets == 2
         if shared_first:
             # The shared expert's tile is row tile 0 (since session 36: a launch of two waves,
             # gate/up, reads its weights in the first), and it needs no routing. A CTA whose
             # first item is one runs it before waiting for the rows' groups, so its weight
             # copies start a global-memory round trip earlier; the loop skips it.
-            routed_block, shared_block = shared_blocks
-
-            def shared_tile(ni):
-                """The shared expert's tile (row tile 0) in N tile ``ni``."""
-                tiles(by_row_info(jnp.int32(0), shared_block), jnp.int32(0), ni, set_index=1)
-
-            first = _dealt(lax.axis_index("sm"), sms)
-            pl.when(first // grid_n == 0)(lambda: shared_tile(first % grid_n))
+            pl.when(first_shared)(lambda: shared_tile(first % grid_n,
+                                                      prefetched=ring is not None))
         # Once, before the loop: at decode most of an SM's work items are past the tiles
         # that hold rows, and skipping one should cost a comparison, not 16 global loads.
         if by_row:
@@ -862,7 +944,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             @pl.when(ti < tiles_with_rows)
             def _():
                 if not by_row:
-                    tiles(tile_info(sizes, bm, ti, g)[0], ti, ni, split)
+                    tiles(tile_info(sizes, bm, ti, g)[0], ti, ni, split,
+                          prefetched=first_round if prefetched else False)
                 elif not shared_first:
                     tiles(by_row_info(tile_group(ti)[0], 0), ti, ni)
                 else:
@@ -957,6 +1040,15 @@ def _widened_product(acc_ref, x_smem, w_smem, in_registers: bool):
             plgpu.commit_smem()
             plgpu.wgmma(acc_ref.at[rows], w16_smem, x_smem.at[:, cols].T)
             plgpu.wgmma_wait(0)  # before the next piece overwrites the tile
+
+
+def _unless(cond, f):
+    """``f()`` unless ``cond``: a traced bool (``pl.when``) or a Python one (decided now)."""
+    from jax.experimental import pallas as pl
+
+    if isinstance(cond, bool):
+        return None if cond else f()
+    pl.when(~cond)(f)
 
 
 def _dealt(w, sms: int):
