@@ -679,7 +679,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             weights = [w.at[info.group_id] for w in w_gmem]
 
             def fetch_weights(step, slot):
-                x_ring, full, w_rings = ring
+                _, full, w_rings = ring
                 for w_ring, w in zip(w_rings, weights):
                     plgpu.copy_gmem_to_smem(
                         w.at[pl.ds(part_ni * n_tile, n_tile), pl.ds((k0 + step) * bk, bk)],
@@ -874,7 +874,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
         # Where no kernel's output is needed to find the first item's weights (a dense
         # launch's tiles, the shared expert's), the ring takes them before the dependency
         # wait; the tile then copies only the rest.
-        prefetched = False
+        dense_first_fetched = False
         if shared_first:
             routed_block, shared_block = shared_blocks
 
@@ -891,7 +891,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             pl.when(first // grid_n < dense_tiles)(lambda: tiles(
                 tile_info(sizes, bm, first // grid_n, g)[0], first // grid_n, first % grid_n,
                 prefetch=True))
-            prefetched = True  # for the loop's first round: that item is the first
+            dense_first_fetched = True  # the loop's first round: each CTA's first item
         common.dependent_launch()
         if by_row:
             # Issued here, first waited for where a routed tile needs its group.
@@ -945,7 +945,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             def _():
                 if not by_row:
                     tiles(tile_info(sizes, bm, ti, g)[0], ti, ni, split,
-                          prefetched=first_round if prefetched else False)
+                          prefetched=first_round if dense_first_fetched else False)
                 elif not shared_first:
                     tiles(by_row_info(tile_group(ti)[0], 0), ti, ni)
                 else:
