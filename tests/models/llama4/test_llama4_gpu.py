@@ -193,6 +193,29 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm, static_o_
     assert err(got, decode) < 1.5 * err(xla, decode)
 
 
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_fp8_decode_steps_with_dependent_launch_match_without(monkeypatch, swiglu):
+    """Programmatic dependent launch (``common.DEPENDENT_LAUNCH``) changes when each kernel
+    starts, never what it computes: the FP8 serving steps (the model's defaults, decode steps
+    in a decode-only bucket, so every launch of a layer is a Mosaic kernel after another)
+    give the same logits bit for bit with it as without. A kernel reading its predecessor's
+    output before the dependency wait would read stale rows here."""
+    from jaxattn.kernels import common
+    from jaxattn.models.llama4 import moe as moe_lib
+
+    config, fp8_model, bounds, steps = toy_moe_case(seed=4)
+    monkeypatch.setattr(moe_lib, "SWIGLU_IN_GATE_UP", swiglu)
+
+    def run(dependent):
+        monkeypatch.setattr(common, "DEPENDENT_LAUNCH", dependent)
+        jax.clear_caches()  # the kernels are traced with the flag as it is
+        return serve_steps(fp8_model, bounds, steps, jnp.bfloat16, decode_only_tokens=(16,))[0]
+
+    plain, dependent = run(False), run(True)
+    assert np.isfinite(plain).all()
+    np.testing.assert_array_equal(dependent, plain)
+
+
 def test_fp8_cache_decode_steps_write_the_cache_as_xla_does(monkeypatch):
     """An FP8 KV cache through the serving step: a prefill step, then decode steps whose k
     and v the q/k rows kernel quantises into the pools itself. Against the same steps with
