@@ -434,8 +434,8 @@ def run(args) -> dict:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from jaxattn import parallel
-    from jaxattn.models.llama4 import model as llama4_model, moe as llama4_moe, sharding
     from jaxattn.kernels import common as kernel_common
+    from jaxattn.models.llama4 import model as llama4_model, moe as llama4_moe, sharding
     from jaxattn.serve import memory_plan as memory
     from jaxattn.serve.config import DEFAULT_PAGE_SIZE, EngineConfig
     from jaxattn.serve.engine import LLMEngine

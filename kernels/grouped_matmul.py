@@ -307,7 +307,7 @@ def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=
 def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
                               out_dtype=None, scale_ub: float | None = None,
                               scale_rows: bool = True, defer: bool = False, shared=None,
-                              swiglu: bool = False):
+                              swiglu: bool = False, groups_settled: bool = False):
     """:func:`grouped_matmul_fp8` with the rows in any order: row r through the weights of
     group ``row_groups[r]`` (int32 [M]; G or more: no group, its row undefined) -> [M, N].
     ``defer``: where the Mosaic kernel runs, the :class:`fp8.Unscaled` product (by the
@@ -322,13 +322,15 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
 
     ``shared``: (weights, scales) of a shared expert that every row goes through as well,
     ``[N, K]`` and ``[N]`` per part (a Linear's), see :func:`_by_row_with_shared`, which
-    also takes ``swiglu`` (gate and up in, their SwiGLU out as f16 rows).
+    also takes ``swiglu`` (gate and up in, their SwiGLU out as f16 rows) and
+    ``groups_settled`` (``row_groups`` written two launches back or more, see
+    :func:`_mosaic_grouped_matmul`).
     """
     x = x if isinstance(x, fp8.Quantized) else fp8.Quantized.of(x, scale_ub)
     if shared is not None:
         return _by_row_with_shared(x, w, w_scale, row_groups, shared, impl=impl,
                                    out_dtype=out_dtype or x.dtype, scale_rows=scale_rows,
-                                   defer=defer, swiglu=swiglu)
+                                   defer=defer, swiglu=swiglu, groups_settled=groups_settled)
     if swiglu:
         raise ValueError("swiglu: by row with a shared expert (the decode MoE's launch) only")
     parts, scales = _parts(w, n_axis=1), _parts(w_scale, n_axis=1)
@@ -346,7 +348,7 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
 
 
 def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, scale_rows,
-                        defer, swiglu=False):
+                        defer, swiglu=False, groups_settled=False):
     """The routed experts by row and a shared expert, for M = ``len(row_groups)`` tokens:
     ``x``'s values hold the rows once ([M, K]: both take them) or twice ([2M, K]: the routed
     experts' input, then the shared expert's), its scales always twice ([2M]: the routed
@@ -380,7 +382,8 @@ def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, s
         return _mosaic_grouped_matmul(
             x.values, parts + s_parts, row_groups.astype(jnp.int32),
             tuple(s.astype(jnp.float32) for s in scales + s_scales), *lhs_scale,
-            config=config, by_row=True, shared_blocks=(0, int(rows == 2 * m)), **kw)
+            config=config, by_row=True, shared_blocks=(0, int(rows == 2 * m)),
+            groups_settled=groups_settled, **kw)
 
     if swiglu:
         if len(parts) != 2 or f16_rows:
@@ -522,11 +525,12 @@ def tile_info(group_sizes, block_m: int, tile, num_groups: int | None = None):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "out_dtype", "by_row", "shared_blocks",
-                                             "dense_rows", "swiglu"))
+                                             "dense_rows", "swiglu", "groups_settled"))
 def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None, *,
                            config: GroupedMatmulConfig, out_dtype=None, by_row: bool = False,
                            shared_blocks: tuple[int, int] | None = None,
-                           dense_rows: int | None = None, swiglu: bool = False):
+                           dense_rows: int | None = None, swiglu: bool = False,
+                           groups_settled: bool = False):
     """bf16/f16: rhs [G, K, N] or a tuple of P of them (N may differ). FP8 (scales given): rhs
     [G, N, K] (or P of them), rhs_scale [G, N] f32 per column (one per weight; the rows'
     scales are the caller's), out_dtype the output's. -> [M, N_1 + ... + N_P].
@@ -555,7 +559,13 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     rows of gate and the same rows of up, two weight copies a K step, and its epilogue
     writes ``silu(gate) * up`` with both scales applied, clamped to ``out_dtype``'s range ->
     [sets * block_m, N]. The SwiGLU then needs no launch of its own when its output needs
-    no per-token scale (f16 rows for the W8A16 down projection); :func:`reference_swiglu`."""
+    no per-token scale (f16 rows for the W8A16 down projection); :func:`reference_swiglu`.
+
+    ``groups_settled`` (by row): ``group_sizes`` (the rows' groups) come from a kernel two
+    launches back or more, never the one just before (the decode MoE's down projection: the
+    routing came before gate/up). Every kernel waits for its predecessor before it lets the
+    next one launch (``common.DEPENDENT_LAUNCH``), so such inputs are complete when this one
+    starts: it reads them, and copies a routed first tile's weights, before its own wait."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
@@ -871,10 +881,25 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
         shared_first = by_row and sets == 2
         first = _dealt(lax.axis_index("sm"), sms)  # the CTA's first work item
+
+        def routing(row_groups):
+            """By row: the row tile -> group map and the count of row tiles with rows, from
+            the rows' groups. Once, before the loop: at decode most of an SM's work items are
+            past the tiles that hold rows, and skipping one should cost a comparison, not 16
+            global loads."""
+            hits = [functools.reduce(jnp.logical_or, [rg == i for rg in row_groups])
+                    for i in range(g)]
+            tile_group = functools.partial(_tile_group, hits)
+            return tile_group, tile_group(0)[1] + sets - 1
+
         # Where no kernel's output is needed to find the first item's weights (a dense
-        # launch's tiles, the shared expert's), the ring takes them before the dependency
-        # wait; the tile then copies only the rest.
-        dense_first_fetched = False
+        # launch's tiles, the shared expert's; with ``groups_settled`` a routed expert's
+        # too), the ring takes them before the dependency wait; the tile then copies only
+        # the rest.
+        dense_first_fetched = routed_first_fetched = False
+        if by_row and groups_settled:  # written two launches back or more: complete now
+            row_groups = [sizes_gmem[r] for r in range(m)]
+            tile_group, tiles_with_rows = routing(row_groups)
         if shared_first:
             routed_block, shared_block = shared_blocks
 
@@ -883,9 +908,17 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 tiles(by_row_info(jnp.int32(0), shared_block), jnp.int32(0), ni, set_index=1,
                       **prefetch)
 
+            def routed_tile(ti, ni, **prefetch):
+                """Row tile ``ti`` (>= 1): the rows of its expert."""
+                tiles(by_row_info(tile_group(ti - 1)[0], routed_block), ti, ni, **prefetch)
+
             first_shared = first // grid_n == 0
             if ring is not None:
                 pl.when(first_shared)(lambda: shared_tile(first % grid_n, prefetch=True))
+                if groups_settled:
+                    pl.when(~first_shared & (first // grid_n < tiles_with_rows))(
+                        lambda: routed_tile(first // grid_n, first % grid_n, prefetch=True))
+                    routed_first_fetched = True
         elif dense_rows is not None and ring is not None:
             _, dense_tiles = tile_info(sizes, bm, 0, g)
             pl.when(first // grid_n < dense_tiles)(lambda: tiles(
@@ -893,7 +926,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 prefetch=True))
             dense_first_fetched = True  # the loop's first round: each CTA's first item
         common.dependent_launch()
-        if by_row:
+        if by_row and not groups_settled:
             # Issued here, first waited for where a routed tile needs its group.
             row_groups = [sizes_gmem[r] for r in range(m)]
         if shared_first:
@@ -903,15 +936,9 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             # copies start a global-memory round trip earlier; the loop skips it.
             pl.when(first_shared)(lambda: shared_tile(first % grid_n,
                                                       prefetched=ring is not None))
-        # Once, before the loop: at decode most of an SM's work items are past the tiles
-        # that hold rows, and skipping one should cost a comparison, not 16 global loads.
-        if by_row:
-            hits = [functools.reduce(jnp.logical_or, [rg == i for rg in row_groups])
-                    for i in range(g)]
-            tile_group = functools.partial(_tile_group, hits)
-            _, routed_tiles = tile_group(0)
-            tiles_with_rows = routed_tiles + sets - 1
-        else:
+        if by_row and not groups_settled:
+            tile_group, tiles_with_rows = routing(row_groups)
+        elif not by_row:
             _, tiles_with_rows = tile_info(sizes, bm, 0, g)
         if swap:
             # Whole rounds, so that the permuted indices of each round are all visited
@@ -950,8 +977,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                     tiles(by_row_info(tile_group(ti)[0], 0), ti, ni)
                 else:
                     pl.when((ti == 0) & ~first_round)(lambda: shared_tile(ni))
-                    pl.when(ti > 0)(lambda: tiles(
-                        by_row_info(tile_group(ti - 1)[0], routed_block), ti, ni))
+                    pl.when(ti > 0)(lambda: routed_tile(
+                        ti, ni, prefetched=first_round if routed_first_fetched else False))
 
     # Named by form and shape, so that a step's profile tells the calls apart.
     grouped_matmul_kernel.__name__ = grouped_matmul_kernel.__qualname__ = (

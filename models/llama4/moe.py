@@ -117,12 +117,13 @@ class Experts(nnx.Module):
         return self.gate_proj.shape[0]
 
     def _matmul(self, names, x, groups, impl, scale_rows=True, by_row=False, shared=None,
-                swiglu=False):
+                swiglu=False, groups_settled=False):
         """The products of ``x`` with the weights ``names`` (one launch), side by side;
         ``groups``: the group sizes, or each row's expert (``by_row``: the Unscaled product
         where the kernel runs, see :meth:`__call__`; ``shared``: a shared expert's Linears
         of the same names, in the same launch; ``swiglu``: gate's and up's SwiGLU instead,
-        f16 rows, see :func:`grouped_matmul_fp8_by_row`)."""
+        f16 rows; ``groups_settled``: the experts were chosen two launches back or more,
+        see :func:`grouped_matmul_fp8_by_row`)."""
         weights = tuple(getattr(self, n)[...] for n in names)
         if self.fp8:
             scales = tuple(getattr(self, n + "_scale")[...] for n in names)
@@ -133,7 +134,8 @@ class Experts(nnx.Module):
                               tuple(lin.weight_scale[...] for lin in linears))
                 return grouped_matmul_fp8_by_row(x, weights, scales, groups, impl=impl,
                                                  scale_rows=scale_rows, defer=scale_rows,
-                                                 shared=shared, swiglu=swiglu)
+                                                 shared=shared, swiglu=swiglu,
+                                                 groups_settled=groups_settled)
             return grouped_matmul_fp8(x, weights, scales, groups, impl=impl,
                                       scale_rows=scale_rows)
         return grouped_matmul(x, weights, groups, impl=impl)
@@ -174,7 +176,10 @@ class Experts(nnx.Module):
                                    shared=shared)  # [M, 2I] ([2, M, 2I] with shared)
             h = fp8_rows.swiglu_quantize(gate_up.reshape(-1, gate_up.shape[-1]), None,
                                          x.scale, scale_ub=self.activation_scale_ub)
-        return self._matmul(("down_proj",), h, groups, impl, by_row=by_row, shared=shared)
+        # the routing came before gate/up: with programmatic dependent launch the down
+        # launch may read it, and copy its first routed tile's weights, before its wait
+        return self._matmul(("down_proj",), h, groups, impl, by_row=by_row, shared=shared,
+                            groups_settled=True)
 
 
 class MoE(nnx.Module):

@@ -319,21 +319,26 @@ def test_by_row_with_a_shared_expert_matches_the_reference(row_groups, parts, tw
                                rtol=1e-2, atol=1e-2 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("settled", [False, True], ids=["groups_now", "groups_settled"])
 @pytest.mark.parametrize("sms", [3, 5])
-def test_by_row_shared_tiles_over_several_rounds(monkeypatch, sms):
+def test_by_row_shared_tiles_over_several_rounds(monkeypatch, sms, settled):
     """A CTA runs its first round's shared-expert tile before the rows' groups arrive, and
     the loop skips it there: with 3 or 5 SMs the shared expert's 4 N tiles (gate and up, 64
     columns each) fall in the first round and the next, with routed tiles among them; every
-    row still comes out once, as the reference's."""
+    row still comes out once, as the reference's. ``settled`` (``groups_settled``): the
+    groups read first, and a CTA whose first tile is a routed one copies its weights first
+    too (the tile then copies only its rows)."""
     row_groups = [2, 0, 3, 1, 2, 3, 0, 4]  # 4: padding
-    x, w, ws, shared = _with_shared_case(row_groups, 2, False, k=256, n=128)
+    # 3 K steps through a 2-slot ring: a slot refilled, its barrier over two phases
+    x, w, ws, shared = _with_shared_case(row_groups, 2, False, k=768, n=128)
     monkeypatch.setattr(gm.common, "num_sms", lambda: sms)
-    config = dataclasses.replace(gm.pick_config(8, 256, 256, fp8=True), block_m=8, block_n=64)
+    config = dataclasses.replace(gm.pick_config(8, 768, 256, fp8=True), block_m=8, block_n=64,
+                                 max_concurrent_steps=2)
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
         got = jax.block_until_ready(gm._mosaic_grouped_matmul(
             x.values, w + tuple(p[None] for p in shared[0]), jnp.asarray(row_groups, jnp.int32),
             ws + tuple(s[None] for s in shared[1]), config=config, by_row=True,
-            shared_blocks=(0, 0), out_dtype=jnp.float16))
+            shared_blocks=(0, 0), out_dtype=jnp.float16, groups_settled=settled))
     got = np.asarray(got, np.float32).reshape(2, 8, -1) * np.asarray(x.scale).reshape(2, 8, 1)
     want = _with_shared_want(x, w, ws, row_groups, shared)
     mine = np.asarray(row_groups) < 4
@@ -367,7 +372,8 @@ def test_by_row_with_a_shared_expert_lowers_for_scout_shapes(m):
                                          shared=((s_gate_up,) * 2, (s_gate_up_s,) * 2))
         h = fp8.Quantized(y[..., :8192].reshape(2 * m, -1).astype(fp8.DTYPE), xs, jnp.bfloat16)
         return gm.grouped_matmul_fp8_by_row(h, down, down_s, rg, impl="mosaic", defer=True,
-                                            shared=(s_down, s_down_s)).values
+                                            shared=(s_down, s_down_s),
+                                            groups_settled=True).values  # as the model's
 
     exported = jax.export.export(jax.jit(moe), platforms=["cuda"])(
         f8(m, 5120), f32(2 * m), f8(16, 8192, 5120), f32(16, 8192), f8(16, 5120, 8192),
