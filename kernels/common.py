@@ -239,15 +239,19 @@ def num_sms() -> int:
     return int(getattr(dev, "core_count", 0) or _DEFAULT_SMS)
 
 
+def interpreting() -> bool:
+    """Whether Pallas kernels traced now run in GPU interpret mode (force_gpu_interpret_mode)."""
+    from jax._src import config
+
+    return config.pallas_tpu_interpret_mode_context_manager.value is not None
+
+
 def dependent_launch(interpret=None) -> None:
     """The first thing in a kernel body: with :data:`DEPENDENT_LAUNCH`, wait for the kernels
     before it, then let the next launch. GPU interpret mode (``interpret``, or
-    ``plgpu.force_gpu_interpret_mode``) runs kernels one at a time and has no rule for
-    these instructions, so there it does nothing."""
-    from jax._src import config as jax_config  # where force_gpu_interpret_mode sets its params
-
-    if (not DEPENDENT_LAUNCH or interpret
-            or jax_config.pallas_tpu_interpret_mode_context_manager.value is not None):
+    :func:`interpreting`) runs kernels one at a time and has no rule for these
+    instructions, so there it does nothing."""
+    if not DEPENDENT_LAUNCH or interpret or interpreting():
         return
     plgpu.griddepcontrol_wait()
     plgpu.griddepcontrol_launch_dependents()

@@ -290,7 +290,7 @@ def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps, 
                              interpret=interpret)
 
     def rope_norm(*refs):
-        common.dependent_launch()
+        common.dependent_launch(interpret)
         body(lax.axis_index("tokens"), *refs)
 
     smem = plgpu.SMEM((_ROWS, d), qkv.dtype)  # plain rows: TMA stores from any row
@@ -313,13 +313,6 @@ def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps, 
                                         jnp.zeros((t * hq, d), qkv.dtype)))
     pools[:2] = [p.reshape(cache.k_pages.shape) for p in pools[:2]]
     return q.reshape(t, hq, d), None, tuple(pools)
-
-
-def _interpreting() -> bool:
-    """Whether Pallas kernels traced now run in GPU interpret mode (``force_gpu_interpret_mode``)."""
-    from jax._src import config
-
-    return config.pallas_tpu_interpret_mode_context_manager.value is not None
 
 
 def split(qkv, hq: int, hkv: int):
@@ -393,7 +386,7 @@ def rope_norm(qkv, hq: int, hkv: int, rope=None, *, eps: float | None = None,
     q, k_out, pools = _rope_norm_kernel(qkv, rope, temperature, cache, hq=hq, hkv=hkv,
                                         eps=None if eps is None else float(eps),
                                         fixed_k_scale=fixed_k_scale,
-                                        fixed_v_scale=fixed_v_scale, interpret=_interpreting())
+                                        fixed_v_scale=fixed_v_scale, interpret=common.interpreting())
     if cache is not None:
         return q, None, None, pools
     return q, (k if k_out is None else k_out), v
