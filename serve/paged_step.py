@@ -217,6 +217,10 @@ def step_compiler_options(traced_libraries: bool = True) -> dict | None:
                "xla_gpu_graph_min_graph_size": 1}
     if "xla_gpu_dot_merger_threshold_mb" not in os.environ.get("XLA_FLAGS", ""):
         options["xla_gpu_dot_merger_threshold_mb"] = 0
+    if os.environ.get("JAXATTN_XLA_DEPENDENT_LAUNCH") == "1":
+        # XLA's own kernels wait for their predecessor at their start and are launched early
+        # (programmatic dependent launch, as kernels.common.DEPENDENT_LAUNCH does for ours).
+        options["xla_gpu_enable_pdl"] = True
     if vmm:
         options["xla_gpu_command_buffer_update_mode"] = os.environ.get(
             "JAXATTN_COMMAND_BUFFER_UPDATE", "SKIP_PROFILED")

@@ -70,6 +70,14 @@ def test_step_options_turn_the_dot_merger_off_unless_xla_flags_set_it(monkeypatc
     assert paged_step.step_compiler_options() is None
 
 
+def test_step_options_turn_xla_dependent_launch_on_only_when_asked(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("JAXATTN_XLA_DEPENDENT_LAUNCH", raising=False)
+    assert "xla_gpu_enable_pdl" not in paged_step.step_compiler_options()
+    monkeypatch.setenv("JAXATTN_XLA_DEPENDENT_LAUNCH", "1")
+    assert paged_step.step_compiler_options()["xla_gpu_enable_pdl"] is True
+
+
 def test_step_options_can_leave_library_calls_out_of_the_graphs(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.delenv("JAXATTN_COMMAND_BUFFER", raising=False)
