@@ -332,7 +332,11 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--profile", action="store_true",
                     help="also trace each case's layer: its kernels and their times")
+    ap.add_argument("--dependent-launch", action="store_true",
+                    help="the combine waits for the main kernel on the GPU and launches "
+                         "early (programmatic dependent launch, kernels.common.DEPENDENT_LAUNCH)")
     args = ap.parse_args(argv)
+    common.DEPENDENT_LAUNCH = args.dependent_launch  # read when a kernel is traced
     if args.plot:
         res = json.loads(pathlib.Path(args.plot).read_text())
         stem = pathlib.Path(args.plot).with_suffix("")
@@ -342,6 +346,7 @@ def main(argv=None):
     dev = jax.devices()[0]
     res = {"date": datetime.date.today().isoformat(), "device": dev.device_kind,
            "jax": jax.__version__, "config": dataclasses.asdict(decode.default_config()),
+           "dependent_launch": args.dependent_launch,
            "ceilings": ceilings(), "cases": [], "variants": []}
     print(res["ceilings"], flush=True)
     for batch, ctx in CASES:
