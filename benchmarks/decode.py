@@ -333,8 +333,9 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="also trace each case's layer: its kernels and their times")
     ap.add_argument("--dependent-launch", action="store_true",
-                    help="the combine waits for the main kernel on the GPU and launches "
-                         "early (programmatic dependent launch, kernels.common.DEPENDENT_LAUNCH)")
+                    help="the layer's kernels (main, combine) each wait for the kernel before "
+                         "them on the GPU and launch early (programmatic dependent launch, "
+                         "kernels.common.DEPENDENT_LAUNCH)")
     args = ap.parse_args(argv)
     common.DEPENDENT_LAUNCH = args.dependent_launch  # read when a kernel is traced
     if args.plot:
