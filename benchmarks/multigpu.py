@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every Mosaic kernel waits for the one before it on the GPU and lets "
                         "the next launch early (programmatic dependent launch; "
                         "kernels.common.DEPENDENT_LAUNCH; untimed, so off by default)")
+    p.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="decode steps per device call for small decode batches (the engine's "
+                        "--num-scheduler-steps: the host's per-call work paid once a burst)")
     p.add_argument("--async-scheduling", default=True, action=argparse.BooleanOptionalAction,
                    help="the engine's async scheduling (off: each step waits for the last)")
     p.add_argument("--skip-alone", action="store_true", help="only the mixed batch")
@@ -466,7 +469,7 @@ def run(args) -> dict:
         max_model_len=max_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=t,
         page_size=page, kv_cache_memory=args.kv_cache_memory, buckets=buckets,
         kv_cache_dtype=args.kv_cache_dtype, async_scheduling=args.async_scheduling,
-        dtype=dtype, enable_prefix_caching=False, attention_impl=args.impl,
+        num_scheduler_steps=args.num_scheduler_steps, dtype=dtype, enable_prefix_caching=False, attention_impl=args.impl,
         tensor_parallel_size=tp, expert_parallel_size=ep, quantization=args.quantization)
     res = {"date": datetime.date.today().isoformat(), "dry_run": args.dry_run,
            "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
@@ -476,7 +479,8 @@ def run(args) -> dict:
            "dtype": dtype, "quantization": args.quantization, "impl": args.impl,
            "fp8_attention": bool(args.quantization and args.fp8_attention),
            "kv_cache_dtype": args.kv_cache_dtype or dtype,
-           "async_scheduling": args.async_scheduling, "route_in_norm": args.route_in_norm,
+           "async_scheduling": args.async_scheduling,
+           "num_scheduler_steps": args.num_scheduler_steps, "route_in_norm": args.route_in_norm,
            "static_o_scale": args.static_o_scale, "swiglu_in_gate_up": args.swiglu_in_gate_up,
            "dependent_launch": args.dependent_launch,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),

@@ -28,6 +28,8 @@ MAX_BLOCK_KV = 128  # keys per KV tile the kernels take at most (bf16 and FP8 ca
 ATTENTION_IMPLS = ("auto", "reference", "executor", "mosaic")
 GROUPED_MATMUL_IMPLS = ("auto", "xla", "mosaic")
 DEFAULT_MAX_MODEL_LEN = 8192  # when the model allows more and none is asked for
+# Decode steps of one device call at most: a burst's tokens wait for its last step.
+MAX_SCHEDULER_STEPS = 32
 
 
 def _flag(default, help: str, *, flags: tuple[str, ...] = (), **argparse_kw):
@@ -80,6 +82,12 @@ class EngineConfig:
     async_scheduling: bool = _flag(
         True, "enqueue the next step while the device computes this one (off: wait for each "
         "step's tokens before scheduling the next)", action=argparse.BooleanOptionalAction)
+    num_scheduler_steps: int = _flag(
+        1, "decode steps per device call for small decode batches (those of the smallest "
+        "bucket, no logit processing, nothing waiting to be admitted): the host's per-call "
+        "work, which sets batch 1's pace at full size, is paid once for all of them. Tokens "
+        "reach the client in bursts of this many; a stop ends a sequence mid-burst and its "
+        "later draws are dropped", type=int)
     attention_impl: str = _flag("auto", "attention implementation (auto: the Mosaic GPU kernels "
                                 "on Hopper)", flags=("--impl",), choices=ATTENTION_IMPLS)
     grouped_matmul_impl: str = _flag(
@@ -116,6 +124,9 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
+            raise ValueError(f"num_scheduler_steps must be in [1, {MAX_SCHEDULER_STEPS}], got "
+                             f"{self.num_scheduler_steps}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         for name, allowed in (("dtype", DTYPES), ("kv_cache_dtype", KV_CACHE_DTYPES),

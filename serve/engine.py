@@ -335,6 +335,9 @@ class LLMEngine:
         c0 = self.compile_count
         with self._compiles.active():
             self.runner.warmup(progress)
+            n = self.config.num_scheduler_steps
+            if n > 1 and hasattr(self.runner, "warmup_multi_step"):
+                self.runner.warmup_multi_step(n, progress)
         self.warmed_up = True
         log.info("warm-up: %d compiles", self.compile_count - c0)
 
@@ -434,10 +437,17 @@ class LLMEngine:
         except Exception as e:  # a grammar failed: the constrained sequences of the step fail
             deltas += self._step_failed([s.seq for s in live], e)
             return None
+        burst = self._burst(live) if not (extra or scored) else 1
         try:
-            sampled = self.runner.step(steps, rows, want_logprobs=want_lp,
-                                       prev_tokens=None if prev is None else
-                                       prev.sampled.token_ids, **extra)
+            prev_tokens = None if prev is None else prev.last_tokens
+            if burst > 1:
+                sampled, last = self.runner.multi_step(steps, rows, burst,
+                                                       prev_tokens=prev_tokens)
+                want_lp = True  # a burst's draws always carry their top logprobs
+            else:
+                sampled = self.runner.step(steps, rows, want_logprobs=want_lp,
+                                           prev_tokens=prev_tokens, **extra)
+                last = sampled.token_ids
             prompt_lp = self.runner.prompt_logprobs(targets) if scored else None
         except Exception as e:  # the whole step failed: its sequences fail, the engine goes on
             deltas += self._step_failed([s.seq for s in live], e)
@@ -445,10 +455,38 @@ class LLMEngine:
         # Enqueued: the sequences move on now, so that the next step can be scheduled
         # before this one's tokens are known.
         for s in live:
-            s.seq.num_computed += s.num_new
-            s.seq.num_inflight += s.samples
-        return _InFlight(live, sampled, want_lp, num_tokens, t0,
-                         {s.seq.seq_id: i for i, s in enumerate(live)}, prompt_lp, scored)
+            s.seq.num_computed += s.num_new + burst - 1
+            s.seq.num_inflight += s.samples * burst
+        return _InFlight(live, sampled, want_lp, num_tokens * burst, t0,
+                         {s.seq.seq_id: i for i, s in enumerate(live)}, prompt_lp, scored,
+                         burst, last)
+
+    def _burst(self, live: list[Scheduled]) -> int:
+        """Decode steps to run in one device call (``num_scheduler_steps``), or 1.
+
+        A burst is for a small decode batch only: every sequence computes one token and
+        draws the next without logit processing, has at least a burst's tokens left before
+        ``max_tokens`` and ``max_model_len``, and the pages for them are free; and no request
+        waits to be admitted (a burst would delay its first token by the whole burst). The
+        pages are taken here."""
+        n = self.config.num_scheduler_steps
+        if (n == 1 or not hasattr(self.runner, "multi_step") or self.scheduler.waiting
+                or len(live) > self.runner.multi_step_rows):
+            return 1
+        for s in live:
+            seq = s.seq
+            if (s.num_new != 1 or not s.samples or seq.params.processes_logits
+                    or seq.max_tokens - seq.num_output_tokens - seq.num_inflight < n
+                    or seq.num_computed + n > self.max_model_len):
+                return 1
+        need = [self.bm.pages_needed(s.seq.seq_id, s.seq.num_computed + n) for s in live]
+        free_chunked = len(self.bm.chunked.free) if self.bm.chunked is not None else 0
+        if (sum(g for g, _ in need) > len(self.bm.glob.free)
+                or sum(c for _, c in need) > free_chunked):
+            return 1
+        for s in live:
+            self.bm.grow(s.seq.seq_id, s.seq.num_computed + n)
+        return n
 
     def _land(self, flight: _InFlight) -> list[Delta]:
         """Bring a step's draws to the host: append, detokenize, stop, commit pages."""
@@ -463,30 +501,38 @@ class LLMEngine:
                          else None)
         except Exception as e:  # the step failed on the device
             return self._step_failed([s.seq for s in flight.live if not s.seq.finished], e)
-        self.num_steps += 1
+        self.num_steps += flight.burst
         if prompt_lp is not None:
             self._score_prompts(flight, prompt_lp)
+        if flight.burst == 1:  # as a burst of one: [1, S]
+            tokens, lps = tokens[None], lps[None]
+            top = None if top is None else (top[0][None], top[1][None])
         generated = 0
         for i, s in enumerate(flight.live):
-            seq = s.seq
-            if seq.finished:  # aborted, failed or stopped while the step ran: drop its draw
-                continue
+            seq, mine = s.seq, []
             try:
-                seq.num_inflight -= s.samples
-                if self.bm.has(seq.seq_id):  # not preempted since
-                    self.bm.commit(seq.seq_id, seq.tokens, min(seq.num_computed, seq.num_tokens))
-                if s.samples:
+                for j in range(flight.burst):
+                    if seq.finished:  # aborted, failed or stopped while the step ran, or
+                        break  # earlier in the burst: drop its later draws
+                    seq.num_inflight -= s.samples
+                    if self.bm.has(seq.seq_id):  # not preempted since
+                        self.bm.commit(seq.seq_id, seq.tokens,
+                                       min(seq.num_computed, seq.num_tokens))
+                    if not s.samples:
+                        continue
                     lp = None
                     if seq.params.logprobs is not None:
                         k = seq.params.logprobs
                         pairs = tuple((int(a), float(b)) for a, b in
-                                      zip(top[0][i][:k], top[1][i][:k])) if k else ()
-                        lp = TokenLogprob(int(tokens[i]), float(lps[i]), pairs)
-                    deltas.append(self._append(seq, int(tokens[i]), lp))
+                                      zip(top[0][j][i][:k], top[1][j][i][:k])) if k else ()
+                        lp = TokenLogprob(int(tokens[j][i]), float(lps[j][i]), pairs)
+                    mine.append(self._append(seq, int(tokens[j][i]), lp))
                     generated += 1
             except Exception as e:  # one sequence's bookkeeping failed: only it fails
                 log.exception("request %s failed", seq.request_id)
-                deltas.append(self._fail(seq, f"{type(e).__name__}: {e}"))
+                mine.append(self._fail(seq, f"{type(e).__name__}: {e}"))
+            if mine:
+                deltas.append(Delta.join(mine))
         self._report(flight.num_tokens, generated, time.perf_counter() - flight.t0)
         return deltas
 
@@ -641,3 +687,5 @@ class _InFlight:
     rows: dict[int, int]  # seq_id -> its row of ``sampled``
     prompt_lp: object = None  # the runner's PromptLogprobs (on the device), or None
     scored: list = dataclasses.field(default_factory=list)  # see LLMEngine._dispatch
+    burst: int = 1  # decode steps in the call (num_scheduler_steps); >1: ``sampled`` [burst, S]
+    last_tokens: jax.Array | None = None  # int32 [S]: its last step's draws (the next prev_tokens)

@@ -220,6 +220,29 @@ class Llama4Runner:
         return self._draw_processed(logits, params, processing, seeds, prev_tokens,
                                     want_logprobs)
 
+    def multi_step(self, seqs: Sequence[SeqStep], rows: Sequence[SamplingRow], num_steps: int,
+                   *, prev_tokens: jax.Array | None = None
+                   ) -> tuple[sampling.Sampled, jax.Array]:
+        """``num_steps`` decode steps of ``seqs`` (one new token each, pages for
+        ``num_steps``) in one device call, each step's draws the next one's tokens -> (the
+        draws, each field [num_steps, S], with top logprobs; the last step's tokens [S]), on
+        the device. Step i draws with ``rows`` at their position + i. For at most
+        :attr:`multi_step_rows` sequences without logit processing."""
+        if not 0 < len(seqs) <= self.multi_step_rows:
+            raise ValueError(f"multi_step takes 1 to {self.multi_step_rows} sequences, got "
+                             f"{len(seqs)}")
+        batch = self.build(self.multi_step_rows, seqs)
+        params = sampling.SamplingBatch.build(list(rows), self.bounds.max_num_seqs)
+        drawn, last, self._kv = self._step.multi(self._kv, batch, prev_tokens, params,
+                                                 num_steps, sampling.mode_of(params))
+        return drawn, last
+
+    @property
+    def multi_step_rows(self) -> int:
+        """The most sequences :meth:`multi_step` takes: the smallest bucket's rows (its
+        decode batches are the ones whose pace the host sets)."""
+        return min(self.buckets[0], self.bounds.max_num_seqs)
+
     def _draw_processed(self, logits, params, processing, seeds, prev_tokens, want_logprobs):
         prev = self._no_prev if prev_tokens is None else prev_tokens
         for args in sampling.seed_arrays(seeds, self.bounds.max_num_seqs,
@@ -257,6 +280,19 @@ class Llama4Runner:
         jax.block_until_ready(out)
         log.info("warm-up: %d buckets %s, %.1f s", len(self.buckets), self.buckets,
                  time.perf_counter() - t0)
+
+    def warmup_multi_step(self, num_steps: int, progress: bool = True) -> None:
+        """Compile :meth:`multi_step`'s loop of ``num_steps`` for every sampler mode."""
+        from tqdm.auto import tqdm
+
+        prev = None
+        for row in tqdm(WARMUP_ROWS, desc=f"compiling {num_steps}-step decode", unit="mode",
+                        disable=not progress):
+            # As warmup's steps: one token in page 0, whose writes are harmless.
+            for prev_tokens in (None, prev):
+                _, prev = self.multi_step([SeqStep([0], 0, [0], [0])], [row], num_steps,
+                                          prev_tokens=prev_tokens)
+        jax.block_until_ready(prev)
 
     def _draw(self, logits, row: SamplingRow, want_logprobs: bool) -> sampling.Sampled:
         return sampling.draw(logits, sampling.SamplingBatch.build([row], self.bounds.max_num_seqs),

@@ -30,6 +30,19 @@ class Delta:
     # token, None for the first (nothing precedes it).
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
+    @staticmethod
+    def join(parts: "list[Delta]") -> "Delta":
+        """One sequence's consecutive deltas as one (a burst of decode steps landing at once)."""
+        last = parts[-1]
+        lps = [d.logprobs for d in parts]
+        return dataclasses.replace(
+            last, text="".join(d.text for d in parts),
+            token_ids=tuple(t for d in parts for t in d.token_ids),
+            logprobs=None if all(x is None for x in lps) else tuple(
+                lp for x in lps for lp in x or ()),
+            prompt_logprobs=next((d.prompt_logprobs for d in parts
+                                  if d.prompt_logprobs is not None), None))
+
 
 @dataclasses.dataclass
 class CompletionOutput:

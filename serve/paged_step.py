@@ -26,10 +26,11 @@ from jaxattn.kernels import qk_rows
 from jaxattn.models.llama4 import (Llama4Config, Llama4ForCausalLM, local_heads, sharding,
                                    stored_kv_heads)
 from jaxattn.models.llama4.layers import NO_AXES, Axes
-from jaxattn.serve import allocator
+from jaxattn.serve import allocator, sampling
 from jaxattn.serve import batch as batch_lib
 from jaxattn.serve import kv_cache as kv_cache_lib
 from jaxattn.serve.batch import StepBatch
+from jaxattn.serve.sampling_params import MAX_LOGPROBS
 
 
 def attention_kinds(config: Llama4Config) -> tuple:
@@ -256,6 +257,29 @@ def _shard_step(model: Llama4ForCausalLM, state, bounds: jaxattn.Bounds, local_s
                          check_vma=False)
 
 
+def next_decode_step(batch: StepBatch, tokens, bounds: jaxattn.Bounds) -> StepBatch:
+    """The decode step after ``batch`` (one new token per sequence, sequence r in row r):
+    each sequence's drawn token ``tokens[r]`` (int32 [S]) at the next position, in the slot its
+    page tables give it there (the host allocated those pages). Padding rows stay padding."""
+    t, s, ps = batch.token_ids.shape[0], bounds.max_num_seqs, bounds.page_size
+    rows = jnp.arange(t)
+    live = rows < batch.num_seqs  # [T]
+    seq = jnp.minimum(rows, s - 1)  # row r's sequence (padding rows: any)
+    positions = jnp.where(live, batch.positions + 1, batch.positions)
+
+    def slots(table, old):  # int32 [T] in the pool whose table is [S, pages_per_seq]
+        if table.shape[1] == 0:  # no chunked layers
+            return old
+        page = table[seq, jnp.minimum(positions // ps, table.shape[1] - 1)]
+        return jnp.where(live, page * ps + positions % ps, old)
+
+    return batch._replace(
+        token_ids=jnp.where(live, tokens[seq], batch.token_ids), positions=positions,
+        kv_lens=jnp.where(jnp.arange(s) < batch.num_seqs, batch.kv_lens + 1, batch.kv_lens),
+        slots=slots(batch.page_table, batch.slots),
+        chunked_slots=slots(batch.chunked_page_table, batch.chunked_slots))
+
+
 def flat_weights(state) -> tuple[list, jax.tree_util.PyTreeDef]:
     """A model state as its list of arrays, and the treedef that rebuilds it (in a jit).
 
@@ -335,28 +359,69 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         compiler_options = step_compiler_options(
             traced_libraries=model.fp8 is None or model.mesh is not None)
 
+    def staged_batch(packed, prev_tokens, num_tokens: int) -> StepBatch:
+        # packed: batch_lib.pack(StepBatch), or a longer vector that starts with it (the
+        # staging buffer); prev_tokens: int32 [S], the draws a negative token id names.
+        packed = packed[:batch_lib.packed_size(num_tokens, bounds)]
+        batch = batch_lib.unpack(packed, bounds, num_tokens)
+        ids = batch.token_ids
+        return batch._replace(token_ids=jnp.where(
+            ids < 0, prev_tokens[jnp.clip(-ids - 1, 0, prev_tokens.shape[0] - 1)], ids))
+
+    def model_step(weights, kv_cache, batch: StepBatch, num_tokens: int):
+        step_plans = plans(config, bounds, batch, impl, dtype, kv_cache.k[0].dtype)
+        return local_steps[num_tokens in decode_only_tokens](
+            jax.tree.unflatten(treedef, weights), kv_cache, batch, step_plans)
+
     # keep_unused: `outputs` is only donated, never read, and must not be pruned.
     @functools.partial(jax.jit, donate_argnums=(1,), donate_argnames=("outputs",),
                        static_argnames=("num_tokens",), keep_unused=True,
                        compiler_options=compiler_options or None)
     def jitted(weights, kv_cache, packed, prev_tokens, num_tokens, outputs=None):
-        # weights: flat_weights(the model's state)[0]. packed: batch_lib.pack(StepBatch), or
-        # a longer vector that starts with it (the staging buffer); prev_tokens: int32 [S].
-        # outputs: None, or a previous step's (logits, hidden) buffers, donated: JAX writes
-        # this step's into them.
-        packed = packed[:batch_lib.packed_size(num_tokens, bounds)]
-        batch = batch_lib.unpack(packed, bounds, num_tokens)
-        ids = batch.token_ids
-        batch = batch._replace(token_ids=jnp.where(
-            ids < 0, prev_tokens[jnp.clip(-ids - 1, 0, prev_tokens.shape[0] - 1)], ids))
-        step_plans = plans(config, bounds, batch, impl, dtype, kv_cache.k[0].dtype)
-        return local_steps[num_tokens in decode_only_tokens](
-            jax.tree.unflatten(treedef, weights), kv_cache, batch, step_plans)
+        # weights: flat_weights(the model's state)[0]. outputs: None, or a previous step's
+        # (logits, hidden) buffers, donated: JAX writes this step's into them.
+        return model_step(weights, kv_cache, staged_batch(packed, prev_tokens, num_tokens),
+                          num_tokens)
+
+    @functools.partial(jax.jit, donate_argnums=(1,), donate_argnames=("outputs",),
+                       static_argnames=("num_tokens", "num_steps", "mode"), keep_unused=True,
+                       compiler_options=compiler_options or None)
+    def jitted_multi(weights, kv_cache, packed, prev_tokens, params, num_tokens, num_steps,
+                     mode, outputs=None):
+        # num_steps decode steps of a batch of one-token rows, each step's draws the next
+        # one's tokens, in one while loop on the device (multi_step below). outputs: the
+        # previous call's draws [num_steps, S], donated, as for ``jitted``.
+        def body(i, carry):
+            kv, batch, drawn = carry
+            logits, kv = (lambda out: (out[0], out[-1]))(
+                model_step(weights, kv, batch, num_tokens))
+            now = sampling.sample(logits, params._replace(position=params.position + i),
+                                  mode=mode, want_logprobs=True)
+            drawn = jax.tree.map(lambda acc, x: acc.at[i].set(x), drawn, now)
+            return kv, next_decode_step(batch, now.token_ids, bounds), drawn
+
+        s, k = bounds.max_num_seqs, min(MAX_LOGPROBS, head_rows)
+        drawn = sampling.Sampled(jnp.zeros((num_steps, s), jnp.int32),
+                                 jnp.zeros((num_steps, s), jnp.float32),
+                                 jnp.zeros((num_steps, s, k), jnp.int32),
+                                 jnp.zeros((num_steps, s, k), jnp.float32))
+        kv_cache, _, drawn = lax.fori_loop(
+            0, num_steps, body, (kv_cache, staged_batch(packed, prev_tokens, num_tokens), drawn))
+        return drawn, kv_cache
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def stage(staging, prev_staging, packed, prev_tokens):
         return (lax.dynamic_update_slice(staging, packed, (0,)),
                 lax.dynamic_update_slice(prev_staging, prev_tokens, (0,)))
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def stage_params(kept_params, params):
+        return jax.tree.map(lambda k, x: lax.dynamic_update_slice(k, x.astype(k.dtype), (0,)),
+                            kept_params, params)
+
+    @jax.jit
+    def copy_out(drawn):
+        return jax.tree.map(jnp.copy, drawn), drawn.token_ids[-1]
 
     device = jax.devices()[0]
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, P())
@@ -382,7 +447,8 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
             x = jnp.zeros(shape, dtype, device=replicated or device)
         return x
 
-    def step(kv_cache: kv_cache_lib.KVCache, batch: StepBatch, prev_tokens=None):
+    def staged(kv_cache, batch: StepBatch, prev_tokens):
+        """The step's inputs at fixed addresses: (cache, staged batch, staged prev_tokens)."""
         # An uncommitted pool (e.g. fresh from a jit without out_shardings) has another
         # cache key than the committed pools a step returns: commit it (no copy) so the
         # first step does not compile a second time.
@@ -405,24 +471,66 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         # The batch and the previous tokens arrive at new addresses every step; a small jit
         # of its own copies them into the kept buffers, so that the step reads only fixed
         # addresses and its graphs are never re-recorded.
+        kept["staging"], kept["prev"] = stage(
+            buffer("staging", (staging_size,), jnp.int32),
+            buffer("prev", (bounds.max_num_seqs,), jnp.int32), packed, prev_tokens)
+        return kv_cache, kept["staging"], kept["prev"]
+
+    def step(kv_cache: kv_cache_lib.KVCache, batch: StepBatch, prev_tokens=None):
+        kv_cache, packed, prev_tokens = staged(kv_cache, batch, prev_tokens)
         t = len(batch.token_ids)
-        staged, staged_prev = stage(buffer("staging", (staging_size,), jnp.int32),
-                                    buffer("prev", (bounds.max_num_seqs,), jnp.int32),
-                                    packed, prev_tokens)
-        kept["staging"], kept["prev"] = staged, staged_prev
         outputs = None
         if reuse_outputs:
             outputs = (buffer("logits", (bounds.max_num_seqs, head_rows), jnp.float32),)
             if return_hidden:
                 outputs += (buffer(t, (t, config.hidden_size), dtype),)
-        out = jitted(weights, kv_cache, staged, staged_prev, num_tokens=t, outputs=outputs)
+        out = jitted(weights, kv_cache, packed, prev_tokens, num_tokens=t, outputs=outputs)
         if reuse_outputs:
             kept["logits"] = out[0]
             if return_hidden:
                 kept[t] = out[1]
         return out
 
-    step.jitted, step.weights = jitted, weights
+    def multi_step(kv_cache: kv_cache_lib.KVCache, batch: StepBatch, prev_tokens,
+                   params: sampling.SamplingBatch, num_steps: int, mode: str):
+        """``num_steps`` decode steps in one call -> (draws, each field [num_steps, S]; the
+        last step's tokens [S]; the updated cache), all on the device.
+
+        ``batch`` holds one new token per sequence, sequence r in row r (a decode step),
+        and pages for ``num_steps`` tokens each; ``params`` draws step 0's tokens (step i
+        draws at ``position + i``), every field of the draws with top logprobs. The
+        draws of step i are the tokens of step i + 1, which the loop makes on the device
+        (:func:`next_decode_step`): the host runs one execution for all of them, where
+        its per-execution work (XLA's pass over the step's ~600 launches, the graph's
+        launch) is what limits small decode batches."""
+        q_lens = np.diff(np.asarray(batch.cu_q_lens))
+        if q_lens.max(initial=0) > 1:
+            raise ValueError("multi_step takes decode rows only (one new token per sequence)")
+        kv_cache, packed, prev_tokens = staged(kv_cache, batch, prev_tokens)
+        # The sampling rows too go to kept buffers: the loop's graphs read them.
+        params = sampling.SamplingBatch(*(np.asarray(x) for x in params))
+        if multi_process:
+            params = jax.tree.map(put, params)
+        elif replicated is not None:
+            params = jax.device_put(params, replicated)
+        kept["params"] = stage_params(
+            kept.pop("params", None) or jax.tree.map(
+                lambda x: jnp.zeros(x.shape, x.dtype, device=replicated or device), params),
+            params)
+        key = ("drawn", num_steps)
+        drawn = kept.pop(key, None)
+        if drawn is not None and any(x.is_deleted() for x in drawn):
+            drawn = None
+        drawn, kv_cache = jitted_multi(weights, kv_cache, packed, prev_tokens, kept["params"],
+                                       num_tokens=len(batch.token_ids), num_steps=num_steps,
+                                       mode=mode, outputs=drawn)
+        kept[key] = drawn
+        # The caller keeps the draws past the next call, which reuses these buffers.
+        out, last = copy_out(drawn)
+        return out, last, kv_cache
+
+    step.jitted, step.weights, step.multi, step.jitted_multi = (jitted, weights, multi_step,
+                                                                jitted_multi)
     return step
 
 

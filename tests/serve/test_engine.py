@@ -1,6 +1,7 @@
 """The engine loop: continuous batching, chunked prefill, preemption, prefix sharing, stops,
 aborts and the compile count — outputs must not depend on what else runs."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -301,3 +302,99 @@ def test_abort_while_a_step_is_in_flight_frees_everything(runner, tokenizer):
     assert not got  # nothing more for the aborted request, not even its in-flight draw
     assert engine.bm.num_used_pages == 0
     engine.bm.check()
+
+
+class _BurstRecorder(_Recorder):
+    """A _Recorder that also counts multi-step calls and their steps."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.bursts = []
+
+    def multi_step(self, seqs, rows, num_steps, **kw):
+        self.bursts.append(num_steps)
+        return self.inner.multi_step(seqs, rows, num_steps, **kw)
+
+
+@pytest.mark.parametrize("pool,async_scheduling", [(128, True), (128, False),
+                                                   (MAX_LEN // PAGE, True)])
+def test_multi_step_decode_changes_no_output(runner, tokenizer, pool, async_scheduling):
+    """Decode bursts (``num_scheduler_steps=4``: four steps in one device call, each step's
+    draws the next one's tokens on the device) give exactly the single-step engine's outputs,
+    logprobs and finish reasons: greedy and seeded sampling, top-k/top-p, n=2, stop tokens
+    and strings mid-burst, max_tokens short of a burst, logit processing (never burst), and a
+    pool so small that sequences are preempted; no page leaks, no compile after warm-up."""
+    prompts = _prompts(8, seed=12, lo=3, hi=90)
+    greedy = _gen(_engine(runner, tokenizer), prompts[6:7],
+                  [SamplingParams(temperature=0, max_tokens=20)])[0][0]
+    params = _params(5, seed=4) + [
+        SamplingParams(temperature=0.7, seed=9, max_tokens=5, presence_penalty=0.5),
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[greedy[6]], logprobs=3),
+        SamplingParams(temperature=0.8, seed=5, max_tokens=25, stop=["a"], logprobs=2)]
+
+    def run(**kw):
+        engine = _engine(runner, tokenizer, num_pages=pool, async_scheduling=async_scheduling,
+                         **kw)
+        warm = engine.compile_count
+        rec = engine.runner = _BurstRecorder(runner)
+        outs = LLM(engine=engine).generate([{"prompt_token_ids": p} for p in prompts], params,
+                                           use_tqdm=False)
+        assert engine.bm.num_used_pages == 0 and not engine.has_unfinished()
+        engine.bm.check()
+        assert engine.compile_count == warm
+        return [[(o.token_ids, o.text, o.finish_reason,
+                  [(lp.token_id, round(lp.logprob, 4), [(t, round(x, 4)) for t, x in lp.top])
+                   for lp in (o.logprobs or [])])
+                 for o in r.outputs] for r in outs], rec, engine
+
+    single, single_rec, _ = run()
+    got, rec, engine = run(num_scheduler_steps=4)
+    assert single[6][0][2] == "stop" and len(single[6][0][0]) == 7  # stopped on a token
+    assert got == single
+    assert not single_rec.bursts and rec.bursts and set(rec.bursts) == {4}
+    # Fewer device calls: each burst stands for four steps.
+    assert rec.steps + len(rec.bursts) + 2 * len(rec.bursts) <= single_rec.steps
+    if pool < 128:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def test_multi_step_runner_matches_single_steps(runner):
+    """The runner's loop against the same steps one call at a time: tokens, logprobs and
+    top logprobs, and the KV cache the steps wrote, with a page boundary inside the burst."""
+    from jaxattn.serve.batch import SeqStep
+
+    rng = np.random.default_rng(13)
+    prompts = [rng.integers(6, 1000, n).tolist() for n in (13, 16, 29)]  # 6 steps cross a page
+    pages = [[10, 11, 12], [20, 21, 22], [30, 31, 32]]
+    rows = [(0.0, 0, 1.0, 0, 0, 0), (0.9, 0, 1.0, 7, 0, 0), (1.0, 5, 0.9, 3, 1, 0)]
+    n = 6
+
+    def later(i):  # the rows at output position i + 1
+        return [r[:5] + (i + 1,) for r in rows]
+
+    def prefill():
+        return runner.step([SeqStep(p, 0, pg, pg) for p, pg in zip(prompts, pages)], rows,
+                           want_logprobs=True)
+
+    def decode(i):
+        return [SeqStep([-1 - j], len(p) + i, pg, pg)
+                for j, (p, pg) in enumerate(zip(prompts, pages))]
+
+    prev = prefill().token_ids
+    single = []
+    for i in range(n):
+        out = runner.step(decode(i), later(i), want_logprobs=True, prev_tokens=prev)
+        prev = out.token_ids
+        single.append(jax.device_get(out))
+    kv_single = jax.device_get(runner._kv.k[-1][10:33])
+    drawn, last = runner.multi_step(decode(0), later(0), n, prev_tokens=prefill().token_ids)
+    drawn = jax.device_get(drawn)
+    for i, want in enumerate(single):
+        np.testing.assert_array_equal(drawn.token_ids[i][:3], want.token_ids[:3])
+        np.testing.assert_allclose(drawn.logprobs[i][:3], want.logprobs[:3], rtol=1e-5)
+        np.testing.assert_array_equal(drawn.top_ids[i][:3], want.top_ids[:3])
+    np.testing.assert_array_equal(jax.device_get(last)[:3], single[-1].token_ids[:3])
+    # f32 on the CPU; XLA fuses the loop's body its own way: ~1e-6 apart.
+    np.testing.assert_allclose(jax.device_get(runner._kv.k[-1][10:33]), kv_single, atol=1e-5)
+    with pytest.raises(ValueError, match="decode rows only"):
+        runner.multi_step([SeqStep([1, 2], 0, [0])], rows[:1], 2)

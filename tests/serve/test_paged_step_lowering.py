@@ -96,6 +96,31 @@ def test_decode_only_step_lowers_without_the_prefill_kernel(lowering_model):
     assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
 
 
+def test_multi_step_decode_is_one_static_loop_and_lowers(lowering_model):
+    """The decode burst (``num_scheduler_steps``): the step and the sampler inside one
+    ``scan`` of a static trip count, which XLA runs without reading a predicate on the host
+    (no ``while`` or ``cond`` besides), over the decode-only kernels; it lowers for CUDA."""
+    config, model = lowering_model
+    bounds = EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=1024,
+                          page_size=64).bounds(config)
+    spec = paged_step.cache_spec(config, num_pages=32, page_size=64, dtype=jnp.bfloat16)
+    kv = jax.eval_shape(lambda: cache.allocate(spec))
+    batch = build_step(bounds, 16, [SeqStep([1], 99, [0, 1]), SeqStep([2], 64, [2, 3])],
+                       num_pages=32)
+    step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic",
+                                   decode_only_tokens=(16,))
+    params = sampling.SamplingBatch.build([(0.7, 5, 0.9, 1, 0, 0)] * 2, 4)
+    args = (step.weights, kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32), params)
+    for mode in sampling.MODES:
+        multi = functools.partial(step.jitted_multi, num_tokens=16, num_steps=4, mode=mode)
+        found = _primitives(jax.make_jaxpr(multi)(*args).jaxpr, {})
+        assert found.get("scan") == 1
+        assert not {p: found[p] for p in ("cond", "while") if p in found}
+    exported = jax.export.export(step.jitted_multi, platforms=["cuda"])(
+        *args, num_tokens=16, num_steps=4, mode="filtered")
+    assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
+
+
 @pytest.mark.parametrize("mode", sampling.MODES)
 @pytest.mark.parametrize("want_logprobs", [False, True])
 def test_sampler_has_no_host_synchronising_control_flow(mode, want_logprobs):
