@@ -332,10 +332,12 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--profile", action="store_true",
                     help="also trace each case's layer: its kernels and their times")
-    ap.add_argument("--dependent-launch", action="store_true",
+    ap.add_argument("--dependent-launch", default=common.DEPENDENT_LAUNCH,
+                    action=argparse.BooleanOptionalAction,
                     help="the layer's kernels (main, combine) each wait for the kernel before "
                          "them on the GPU and launch early (programmatic dependent launch, "
-                         "kernels.common.DEPENDENT_LAUNCH)")
+                         "kernels.common.DEPENDENT_LAUNCH; default: on, unless "
+                         "JAXATTN_DEPENDENT_LAUNCH=0)")
     args = ap.parse_args(argv)
     common.DEPENDENT_LAUNCH = args.dependent_launch  # read when a kernel is traced
     if args.plot:

@@ -118,10 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 MoE decode steps form the SwiGLU in the gate/up launch and run "
                         "the down projection on its f16 rows (llama4.moe.SWIGLU_IN_GATE_UP; "
                         "one launch a layer fewer; untimed, so off by default)")
-    p.add_argument("--dependent-launch", default=False, action=argparse.BooleanOptionalAction,
+    # kernels.common.DEPENDENT_LAUNCH's default, read without importing jax (--dry-run sets
+    # the simulated devices before jax starts).
+    p.add_argument("--dependent-launch",
+                   default=os.environ.get("JAXATTN_DEPENDENT_LAUNCH", "1") == "1",
+                   action=argparse.BooleanOptionalAction,
                    help="every Mosaic kernel waits for the one before it on the GPU and lets "
                         "the next launch early (programmatic dependent launch; "
-                        "kernels.common.DEPENDENT_LAUNCH; untimed, so off by default)")
+                        "kernels.common.DEPENDENT_LAUNCH; default: on, unless "
+                        "JAXATTN_DEPENDENT_LAUNCH=0)")
     p.add_argument("--num-scheduler-steps", type=int, default=1,
                    help="decode steps per device call for small decode batches (the engine's "
                         "--num-scheduler-steps: the host's per-call work paid once a burst)")

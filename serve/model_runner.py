@@ -231,10 +231,11 @@ class Llama4Runner:
         if not 0 < len(seqs) <= self.multi_step_rows:
             raise ValueError(f"multi_step takes 1 to {self.multi_step_rows} sequences, got "
                              f"{len(seqs)}")
-        batch = self.build(self.multi_step_rows, seqs)
+        # The smallest bucket: with the kernels, the one compiled for decode rows only.
+        batch = self.build(self.buckets[0], seqs)
         params = sampling.SamplingBatch.build(list(rows), self.bounds.max_num_seqs)
         drawn, last, self._kv = self._step.multi(self._kv, batch, prev_tokens, params,
-                                                 num_steps, sampling.mode_of(params))
+                                                 num_steps, _burst_mode(params))
         return drawn, last
 
     @property
@@ -286,7 +287,9 @@ class Llama4Runner:
         from tqdm.auto import tqdm
 
         prev = None
-        for row in tqdm(WARMUP_ROWS, desc=f"compiling {num_steps}-step decode", unit="mode",
+        rows = [r for r in WARMUP_ROWS if sampling.mode_of(
+            sampling.SamplingBatch.build([r], 1)) in BURST_MODES]
+        for row in tqdm(rows, desc=f"compiling {num_steps}-step decode", unit="mode",
                         disable=not progress):
             # As warmup's steps: one token in page 0, whose writes are harmless.
             for prev_tokens in (None, prev):
@@ -316,6 +319,18 @@ class Llama4Runner:
     def _allocate(self) -> kv_cache_lib.KVCache:
         return kv_cache_lib.allocate(self.spec, sharding=self._kv_sharding,
                                      scale_sharding=self._scale_sharding)
+
+
+# The sampler modes a decode burst compiles a loop for. A "random" batch draws through the
+# "filtered" loop: a row without top-k / top-p draws there exactly what it would in a "random"
+# batch (sampling._sample), at the price of a sort per step, and each loop is a compile of the
+# whole step with every Mosaic kernel lowered again (60-80 s at 12 of Scout's layers, H100).
+BURST_MODES = ("greedy", "filtered")
+
+
+def _burst_mode(params: sampling.SamplingBatch) -> str:
+    mode = sampling.mode_of(params)
+    return mode if mode in BURST_MODES else "filtered"
 
 
 # One row per sampler mode (sampling.MODES): greedy, random, filtered (top-k / top-p).

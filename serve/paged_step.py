@@ -389,12 +389,12 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
     def jitted_multi(weights, kv_cache, packed, prev_tokens, params, num_tokens, num_steps,
                      mode, outputs=None):
         # num_steps decode steps of a batch of one-token rows, each step's draws the next
-        # one's tokens, in one while loop on the device (multi_step below). outputs: the
+        # one's tokens, in one scan on the device (multi_step below). outputs: the
         # previous call's draws [num_steps, S], donated, as for ``jitted``.
         def body(i, carry):
             kv, batch, drawn = carry
-            logits, kv = (lambda out: (out[0], out[-1]))(
-                model_step(weights, kv, batch, num_tokens))
+            out = model_step(weights, kv, batch, num_tokens)
+            logits, kv = out[0], out[-1]  # (logits, [hidden,] cache)
             now = sampling.sample(logits, params._replace(position=params.position + i),
                                   mode=mode, want_logprobs=True)
             drawn = jax.tree.map(lambda acc, x: acc.at[i].set(x), drawn, now)

@@ -358,15 +358,17 @@ def test_multi_step_decode_changes_no_output(runner, tokenizer, pool, async_sche
         assert engine.scheduler.num_preemptions > 0
 
 
-def test_multi_step_runner_matches_single_steps(runner):
+@pytest.mark.parametrize("last_row", [(1.0, 5, 0.9, 3, 1, 0), (0.0, 0, 1.0, 0, 0, 0)])
+def test_multi_step_runner_matches_single_steps(runner, monkeypatch, last_row):
     """The runner's loop against the same steps one call at a time: tokens, logprobs and
-    top logprobs, and the KV cache the steps wrote, with a page boundary inside the burst."""
+    top logprobs, and the KV cache the steps wrote, with a page boundary inside the burst;
+    a "filtered" batch, and a "random" one (which bursts through the filtered loop)."""
     from jaxattn.serve.batch import SeqStep
 
     rng = np.random.default_rng(13)
     prompts = [rng.integers(6, 1000, n).tolist() for n in (13, 16, 29)]  # 6 steps cross a page
     pages = [[10, 11, 12], [20, 21, 22], [30, 31, 32]]
-    rows = [(0.0, 0, 1.0, 0, 0, 0), (0.9, 0, 1.0, 7, 0, 0), (1.0, 5, 0.9, 3, 1, 0)]
+    rows = [(0.0, 0, 1.0, 0, 0, 0), (0.9, 0, 1.0, 7, 0, 0), last_row]
     n = 6
 
     def later(i):  # the rows at output position i + 1
@@ -380,6 +382,13 @@ def test_multi_step_runner_matches_single_steps(runner):
         return [SeqStep([-1 - j], len(p) + i, pg, pg)
                 for j, (p, pg) in enumerate(zip(prompts, pages))]
 
+    sizes, multi = [], runner._step.multi
+
+    def spy(kv, batch, *args):
+        sizes.append(len(batch.token_ids))
+        return multi(kv, batch, *args)
+
+    monkeypatch.setattr(runner._step, "multi", spy)
     prev = prefill().token_ids
     single = []
     for i in range(n):
@@ -394,6 +403,8 @@ def test_multi_step_runner_matches_single_steps(runner):
         np.testing.assert_allclose(drawn.logprobs[i][:3], want.logprobs[:3], rtol=1e-5)
         np.testing.assert_array_equal(drawn.top_ids[i][:3], want.top_ids[:3])
     np.testing.assert_array_equal(jax.device_get(last)[:3], single[-1].token_ids[:3])
+    # The smallest bucket's step (with the kernels, the decode-only one), not a size of its own.
+    assert sizes == [runner.buckets[0]] and runner.buckets[0] > runner.multi_step_rows
     # f32 on the CPU; XLA fuses the loop's body its own way: ~1e-6 apart.
     np.testing.assert_allclose(jax.device_get(runner._kv.k[-1][10:33]), kv_single, atol=1e-5)
     with pytest.raises(ValueError, match="decode rows only"):
