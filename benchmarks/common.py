@@ -55,6 +55,16 @@ def write_text(name: str, text: str) -> str:
     return paths[0]
 
 
+def time_kernels_alone(dependent_launch: bool = False) -> None:
+    """For the kernel benchmarks, which sum each call's kernel spans from CUPTI: with
+    programmatic dependent launch (on by default when serving, kernels.common.DEPENDENT_LAUNCH)
+    a kernel starts before the one ahead of it ends and waits on the GPU, so its span would
+    count that wait. They time kernels without it unless asked. Before the kernels are traced."""
+    from jaxattn.kernels import common
+
+    common.DEPENDENT_LAUNCH = dependent_launch
+
+
 def gpu_ms(f, *args, reps: int = 20) -> float:
     """Median ms of ``f(*args)``: the GPU time of its kernels (CUPTI) where that works, else
     the wall clock per call. Kernel time leaves out host dispatch, which at decode sizes

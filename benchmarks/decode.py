@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
-from benchmarks.common import trace_summary
+from benchmarks.common import time_kernels_alone, trace_summary
 from benchmarks.roofline import read_bandwidth
 from jaxattn import planner
 from jaxattn.kernels import common, decode, decode_combine, decode_schedule
@@ -332,14 +332,13 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--profile", action="store_true",
                     help="also trace each case's layer: its kernels and their times")
-    ap.add_argument("--dependent-launch", default=common.DEPENDENT_LAUNCH,
-                    action=argparse.BooleanOptionalAction,
+    ap.add_argument("--dependent-launch", action="store_true",
                     help="the layer's kernels (main, combine) each wait for the kernel before "
                          "them on the GPU and launch early (programmatic dependent launch, "
-                         "kernels.common.DEPENDENT_LAUNCH; default: on, unless "
-                         "JAXATTN_DEPENDENT_LAUNCH=0)")
+                         "kernels.common.DEPENDENT_LAUNCH; off here by default: "
+                         "benchmarks.common.time_kernels_alone says why)")
     args = ap.parse_args(argv)
-    common.DEPENDENT_LAUNCH = args.dependent_launch  # read when a kernel is traced
+    time_kernels_alone(args.dependent_launch)
     if args.plot:
         res = json.loads(pathlib.Path(args.plot).read_text())
         stem = pathlib.Path(args.plot).with_suffix("")

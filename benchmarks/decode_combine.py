@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks.common import gpu_ms, variants_table, write_report
+from benchmarks.common import gpu_ms, time_kernels_alone, variants_table, write_report
 from benchmarks.decode import HQ, HKV, D, bounds_for
 from jaxattn import planner
 from jaxattn.kernels import common, decode, decode_combine, decode_schedule
@@ -99,6 +99,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args(argv)
+    time_kernels_alone()
     res = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
                sms=common.num_sms(),
                variants={n: dataclasses.asdict(c) for n, c in VARIANTS.items()}, rows=[])

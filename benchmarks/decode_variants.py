@@ -32,7 +32,7 @@ from jaxattn import kv_quant, planner
 from jaxattn.kernels import decode
 
 from benchmarks import fp8_kv
-from benchmarks.common import gpu_ms, variants_table, write_report
+from benchmarks.common import gpu_ms, time_kernels_alone, variants_table, write_report
 
 CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
 BASELINE = "bf16, 64-key blocks"
@@ -140,6 +140,7 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="variants whose name starts with one of these "
                                                 "|-separated prefixes (and the baseline)")
     args = ap.parse_args(argv)
+    time_kernels_alone()
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     prefixes = tuple(args.only.split("|"))
     table = {n: v for n, v in variants().items() if n.startswith(prefixes) or n == BASELINE}

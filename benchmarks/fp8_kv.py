@@ -57,7 +57,7 @@ import jaxattn
 from jaxattn import kernels, kv_quant, planner
 from jaxattn.kernels import decode, prefill, qk_rows
 
-from benchmarks.common import gpu_ms, mode_lengths, write_report
+from benchmarks.common import gpu_ms, mode_lengths, time_kernels_alone, write_report
 
 HQ, HKV, D, PAGE, CHUNK = 40, 8, 128, 32, 8192  # PAGE: the FP8 cache's default (and bf16's here)
 DECODE_CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
@@ -376,6 +376,7 @@ def main(argv=None):
                     help="prefill columns to time, comma-separated (bf16 and the twin over "
                     "normed keys always come too; default: all)")
     args = ap.parse_args(argv)
+    time_kernels_alone()
     if args.per_page and not args.in_order:
         ap.error("--per-page compares page copies over pages in order: add --in-order")
     forms = PREFILL_VARIANTS | (PER_PAGE_VARIANTS if args.per_page else {})

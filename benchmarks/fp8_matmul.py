@@ -652,7 +652,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import jax
 
-    from benchmarks.common import write_json
+    from benchmarks.common import time_kernels_alone, write_json
+
+    time_kernels_alone()
     from jaxattn.kernels import common
 
     if not common.on_hopper():

@@ -25,7 +25,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxattn.kernels import common
 
 from benchmarks import fp8_kv
-from benchmarks.common import mode_lengths, write_report
+from benchmarks.common import mode_lengths, time_kernels_alone, write_report
 
 CASES = [("causal", 8192), ("causal", 16384), ("causal", 32768)]
 
@@ -106,6 +106,7 @@ def main(argv=None):
                     + ",".join(f"{m}:{n}" for m, n in CASES) + ")")
     ap.add_argument("--tag", default="", help="results/fp8-prefill-costs-<date>-TAG.*")
     args = ap.parse_args(argv)
+    time_kernels_alone()
     res = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
                jax=jax.__version__, rows=[])
     for case in mode_lengths(args.cases) if args.cases else CASES:

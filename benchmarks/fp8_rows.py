@@ -98,7 +98,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import jax
 
-    from benchmarks.common import gpu_ms, write_json
+    from benchmarks.common import gpu_ms, time_kernels_alone, write_json
+
+    time_kernels_alone()
 
     rows = []
     for name, (make, fargs) in cases().items():

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
-from benchmarks.common import GpuClockLog, mode_lengths
+from benchmarks.common import GpuClockLog, mode_lengths, time_kernels_alone
 from jaxattn import kernels
 from jaxattn.kernels import prefill
 
@@ -713,6 +713,7 @@ def plot(res, path):
 
 
 def main():
+    time_kernels_alone()
     dev = jax.devices()[0]
     log("device:", dev, getattr(dev, "core_count", None))
     res = dict(date=datetime.date.today().isoformat(), device=str(dev.device_kind), jax=jax.__version__,
