@@ -1,15 +1,20 @@
 """The step batch: packing one step's arrays into one vector (one host-to-device copy)."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import jaxattn
 from jaxattn.serve.batch import SeqStep, StepBatch, build_step, pack, unpack
 
 BOUNDS = jaxattn.Bounds(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, page_size=8,
                         num_q_heads=4, num_kv_heads=2, head_dim=16, block_kv=16)
+HYBRID = dataclasses.replace(BOUNDS, chunk_size=16)  # chunks of two pages
 
 
 def _batch(num_tokens):
@@ -56,3 +61,42 @@ def test_unpack_rejects_another_batch_size():
     flat = pack(_batch(4))
     with pytest.raises(ValueError, match="is not one of 80 tokens"):
         unpack(flat, BOUNDS, 80)
+
+
+@st.composite
+def _decode_steps(draw):
+    """A decode step of 1-4 sequences (one new token each, pages for one more) under the
+    hybrid bounds, and the tokens its sampler drew."""
+    n = draw(st.integers(1, HYBRID.max_num_seqs))
+    free = draw(st.permutations(range(32)))
+    seqs, at = [], 0
+    for _ in range(n):
+        cached = draw(st.integers(0, HYBRID.max_model_len - 2))
+        want = (cached + 2 + HYBRID.page_size - 1) // HYBRID.page_size
+        pages = list(free[at:at + want])
+        at += want
+        # Chunked entries before the live chunk went back to the pool (NULL_PAGE, -1).
+        window = cached // HYBRID.chunk_size * HYBRID.chunk_size // HYBRID.page_size
+        cpages = [-1] * window + draw(st.permutations(range(32)))[:want - window]
+        seqs.append(SeqStep([draw(st.integers(0, 999))], cached, pages, cpages))
+    drawn = draw(st.lists(st.integers(0, 999), min_size=HYBRID.max_num_seqs,
+                          max_size=HYBRID.max_num_seqs))
+    return seqs, drawn, draw(st.sampled_from([4, 16]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_decode_steps())
+def test_next_decode_step_is_the_host_built_next_step(case):
+    """The decode burst's step after step (paged_step.next_decode_step, on the device) equals
+    the batch the host would build for it: each sequence's drawn token at the next position,
+    its slots from both page tables (across page and chunk boundaries), padding untouched."""
+    from jaxattn.serve.paged_step import next_decode_step
+
+    seqs, drawn, t = case
+    build = functools.partial(build_step, HYBRID, t, num_pages=32)
+    now = build(seqs)
+    want = build([SeqStep([drawn[i]], s.num_cached + 1, s.pages, s.chunked_pages)
+                  for i, s in enumerate(seqs)])
+    got = jax.jit(lambda b, d: next_decode_step(b, d, HYBRID))(
+        StepBatch(*map(jnp.asarray, now)), jnp.asarray(drawn, jnp.int32))
+    _assert_same(got, want)
