@@ -409,3 +409,24 @@ def test_multi_step_runner_matches_single_steps(runner, monkeypatch, last_row):
     np.testing.assert_allclose(jax.device_get(runner._kv.k[-1][10:33]), kv_single, atol=1e-5)
     with pytest.raises(ValueError, match="decode rows only"):
         runner.multi_step([SeqStep([1, 2], 0, [0])], rows[:1], 2)
+
+
+def test_a_burst_streams_as_one_delta_per_sequence(runner, tokenizer):
+    """A burst's tokens land together: one delta per sequence carrying them all (text, ids
+    and logprobs in order), and the stream adds up to the single-step engine's output."""
+    prompt = _prompts(1, seed=14, lo=20, hi=21)[0]
+    params = SamplingParams(temperature=0, max_tokens=13, logprobs=2)
+    want = LLM(engine=_engine(runner, tokenizer)).generate(
+        {"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0]
+    engine = _engine(runner, tokenizer, num_scheduler_steps=4)
+    engine.add_request("s", prompt, params)
+    deltas = []
+    while engine.has_unfinished():
+        deltas += engine.step()
+    assert max(len(d.token_ids) for d in deltas) == 4
+    assert all(len(d.logprobs) == len(d.token_ids) for d in deltas)
+    assert [t for d in deltas for t in d.token_ids] == want.token_ids
+    assert "".join(d.text for d in deltas) == want.text
+    assert [lp.logprob for d in deltas for lp in d.logprobs] == pytest.approx(
+        [lp.logprob for lp in want.logprobs], rel=1e-5)
+    assert deltas[-1].finish_reason == "length" and engine.bm.num_used_pages == 0
