@@ -474,7 +474,8 @@ def run(args) -> dict:
         max_model_len=max_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=t,
         page_size=page, kv_cache_memory=args.kv_cache_memory, buckets=buckets,
         kv_cache_dtype=args.kv_cache_dtype, async_scheduling=args.async_scheduling,
-        num_scheduler_steps=args.num_scheduler_steps, dtype=dtype, enable_prefix_caching=False, attention_impl=args.impl,
+        num_scheduler_steps=args.num_scheduler_steps, dtype=dtype, enable_prefix_caching=False,
+        attention_impl=args.impl,
         tensor_parallel_size=tp, expert_parallel_size=ep, quantization=args.quantization)
     res = {"date": datetime.date.today().isoformat(), "dry_run": args.dry_run,
            "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),

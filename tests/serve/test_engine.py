@@ -430,3 +430,11 @@ def test_a_burst_streams_as_one_delta_per_sequence(runner, tokenizer):
     assert [lp.logprob for d in deltas for lp in d.logprobs] == pytest.approx(
         [lp.logprob for lp in want.logprobs], rel=1e-5)
     assert deltas[-1].finish_reason == "length" and engine.bm.num_used_pages == 0
+
+
+@pytest.mark.parametrize("steps", [0, -1, 33])
+def test_num_scheduler_steps_is_checked_where_it_enters(steps):
+    from jaxattn.serve.config import EngineConfig
+
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        EngineConfig(num_scheduler_steps=steps)
