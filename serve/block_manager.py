@@ -186,7 +186,13 @@ class BlockManager:
         return g, c
 
     def can_grow(self, seq_id: int, num_tokens: int) -> bool:
-        g, c = self.pages_needed(seq_id, num_tokens)
+        return self.can_grow_all([(seq_id, num_tokens)])
+
+    def can_grow_all(self, wants: Sequence[tuple[int, int]]) -> bool:
+        """Whether ``grow(seq_id, num_tokens)`` for every (seq_id, num_tokens) of ``wants``
+        (distinct sequences) fits the free pages together."""
+        need = [self.pages_needed(seq_id, n) for seq_id, n in wants]
+        g, c = sum(x for x, _ in need), sum(x for _, x in need)
         return g <= len(self.glob.free) and (c == 0 or c <= len(self.chunked.free))
 
     def _window_page(self, num_computed: int) -> int:

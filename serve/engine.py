@@ -479,13 +479,11 @@ class LLMEngine:
                     or seq.max_tokens - seq.num_output_tokens - seq.num_inflight < n
                     or seq.num_computed + n > self.max_model_len):
                 return 1
-        need = [self.bm.pages_needed(s.seq.seq_id, s.seq.num_computed + n) for s in live]
-        free_chunked = len(self.bm.chunked.free) if self.bm.chunked is not None else 0
-        if (sum(g for g, _ in need) > len(self.bm.glob.free)
-                or sum(c for _, c in need) > free_chunked):
+        wants = [(s.seq.seq_id, s.seq.num_computed + n) for s in live]
+        if not self.bm.can_grow_all(wants):
             return 1
-        for s in live:
-            self.bm.grow(s.seq.seq_id, s.seq.num_computed + n)
+        for seq_id, num_tokens in wants:
+            self.bm.grow(seq_id, num_tokens)
         return n
 
     def _land(self, flight: _InFlight) -> list[Delta]:
