@@ -324,7 +324,7 @@ class Llama4Runner:
 # The sampler modes a decode burst compiles a loop for. A "random" batch draws through the
 # "filtered" loop: a row without top-k / top-p draws there exactly what it would in a "random"
 # batch (sampling._sample), at the price of a sort per step, and each loop is a compile of the
-# whole step with every Mosaic kernel lowered again (60-80 s at 12 of Scout's layers, H100).
+# whole step (~50 s at 12 of Scout's layers on an H100, session 46).
 BURST_MODES = ("greedy", "filtered")
 
 

@@ -383,14 +383,12 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         return model_step(weights, kv_cache, staged_batch(packed, prev_tokens, num_tokens),
                           num_tokens)
 
-    @functools.partial(jax.jit, donate_argnums=(1,), donate_argnames=("outputs",),
-                       static_argnames=("num_tokens", "num_steps", "mode"), keep_unused=True,
+    @functools.partial(jax.jit, donate_argnums=(1, 5), static_argnames=("num_tokens", "mode"),
                        compiler_options=compiler_options or None)
-    def jitted_multi(weights, kv_cache, packed, prev_tokens, params, num_tokens, num_steps,
-                     mode, outputs=None):
-        # num_steps decode steps of a batch of one-token rows, each step's draws the next
-        # one's tokens, in one scan on the device (multi_step below). outputs: the
-        # previous call's draws [num_steps, S], donated, as for ``jitted``.
+    def jitted_multi(weights, kv_cache, packed, prev_tokens, params, drawn, num_tokens, mode):
+        # drawn.token_ids.shape[0] decode steps of a batch of one-token rows, each step's
+        # draws the next one's tokens, in one scan on the device (multi_step below). drawn:
+        # the previous call's draws [num_steps, S, ...], donated: every row is rewritten.
         def body(i, carry):
             kv, batch, drawn = carry
             out = model_step(weights, kv, batch, num_tokens)
@@ -400,13 +398,9 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
             drawn = jax.tree.map(lambda acc, x: acc.at[i].set(x), drawn, now)
             return kv, next_decode_step(batch, now.token_ids, bounds), drawn
 
-        s, k = bounds.max_num_seqs, min(MAX_LOGPROBS, head_rows)
-        drawn = sampling.Sampled(jnp.zeros((num_steps, s), jnp.int32),
-                                 jnp.zeros((num_steps, s), jnp.float32),
-                                 jnp.zeros((num_steps, s, k), jnp.int32),
-                                 jnp.zeros((num_steps, s, k), jnp.float32))
         kv_cache, _, drawn = lax.fori_loop(
-            0, num_steps, body, (kv_cache, staged_batch(packed, prev_tokens, num_tokens), drawn))
+            0, drawn.token_ids.shape[0], body,
+            (kv_cache, staged_batch(packed, prev_tokens, num_tokens), drawn))
         return drawn, kv_cache
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -513,18 +507,20 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
             params = jax.tree.map(put, params)
         elif replicated is not None:
             params = jax.device_put(params, replicated)
-        kept["params"] = stage_params(
-            kept.pop("params", None) or jax.tree.map(
-                lambda x: jnp.zeros(x.shape, x.dtype, device=replicated or device), params),
-            params)
-        key = ("drawn", num_steps)
-        drawn = kept.pop(key, None)
-        if drawn is not None and any(x.is_deleted() for x in drawn):
-            drawn = None
-        drawn, kv_cache = jitted_multi(weights, kv_cache, packed, prev_tokens, kept["params"],
-                                       num_tokens=len(batch.token_ids), num_steps=num_steps,
-                                       mode=mode, outputs=drawn)
-        kept[key] = drawn
+        names = sampling.SamplingBatch._fields
+        params = stage_params(sampling.SamplingBatch(*(
+            buffer(("params", f), x.shape, x.dtype) for f, x in zip(names, params))), params)
+        kept.update(zip((("params", f) for f in names), params))
+        # The draws go into the previous call's buffers (zeros the first time), so that every
+        # call has the same signature: one compile, and the outputs stay at one address.
+        s, k = bounds.max_num_seqs, min(MAX_LOGPROBS, head_rows)
+        shapes = ((num_steps, s), (num_steps, s), (num_steps, s, k), (num_steps, s, k))
+        keys = [("drawn", num_steps, f) for f in sampling.Sampled._fields]
+        drawn = sampling.Sampled(*(buffer(key, shape, dtype) for key, shape, dtype in zip(
+            keys, shapes, (jnp.int32, jnp.float32, jnp.int32, jnp.float32))))
+        drawn, kv_cache = jitted_multi(weights, kv_cache, packed, prev_tokens, params, drawn,
+                                       num_tokens=len(batch.token_ids), mode=mode)
+        kept.update(zip(keys, drawn))
         # The caller keeps the draws past the next call, which reuses these buffers.
         out, last = copy_out(drawn)
         return out, last, kv_cache

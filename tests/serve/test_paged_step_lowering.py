@@ -110,14 +110,16 @@ def test_multi_step_decode_is_one_static_loop_and_lowers(lowering_model):
     step = paged_step.make_step_fn(model, bounds, impl="mosaic", gmm_impl="mosaic",
                                    decode_only_tokens=(16,))
     params = sampling.SamplingBatch.build([(0.7, 5, 0.9, 1, 0, 0)] * 2, 4)
-    args = (step.weights, kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32), params)
+    drawn = sampling.Sampled(jnp.zeros((4, 4), jnp.int32), jnp.zeros((4, 4)),
+                             jnp.zeros((4, 4, 20), jnp.int32), jnp.zeros((4, 4, 20)))  # 4 steps
+    args = (step.weights, kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32), params, drawn)
     for mode in sampling.MODES:
-        multi = functools.partial(step.jitted_multi, num_tokens=16, num_steps=4, mode=mode)
+        multi = functools.partial(step.jitted_multi, num_tokens=16, mode=mode)
         found = _primitives(jax.make_jaxpr(multi)(*args).jaxpr, {})
         assert found.get("scan") == 1
         assert not {p: found[p] for p in ("cond", "while") if p in found}
     exported = jax.export.export(step.jitted_multi, platforms=["cuda"])(
-        *args, num_tokens=16, num_steps=4, mode="filtered")
+        *args, num_tokens=16, mode="filtered")
     assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
 
 
