@@ -560,8 +560,8 @@ def make_prompt_logprobs_fn(model: Llama4ForCausalLM, k: int):
             y = targets[start:start + PROMPT_LOGPROB_BLOCK]
             lp = jax.nn.log_softmax(m.logits(x), axis=-1)  # [block, vocab] f32
             chosen = jnp.take_along_axis(lp, jnp.clip(y, 0, lp.shape[-1] - 1)[:, None], -1)[:, 0]
-            top_lp, top_ids = jax.lax.top_k(lp, k)
-            outs.append((chosen, top_ids.astype(jnp.int32), top_lp))
+            top_lp, top_ids = sampling.top_k(lp, k)
+            outs.append((chosen, top_ids, top_lp))
         return tuple(jnp.concatenate(parts) for parts in zip(*outs))
 
     return lambda hidden, targets: head(weights, hidden, targets)

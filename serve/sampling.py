@@ -243,11 +243,38 @@ def _sample(logits, processed, params: SamplingBatch, mode: str, want_logprobs: 
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     k = min(MAX_LOGPROBS, v)
     if want_logprobs:
-        top_lp, top_ids = lax.top_k(logprobs, k)
-        top_ids = top_ids.astype(jnp.int32)
+        top_lp, top_ids = top_k(logprobs, k)
     else:
         top_ids, top_lp = jnp.zeros((s, k), jnp.int32), jnp.zeros((s, k), jnp.float32)
     return Sampled(tokens, chosen, top_ids, top_lp)
+
+
+# Width of the blocks :func:`top_k` keeps or drops whole; Scout's 202,048 logits make 1,579.
+TOP_K_BLOCK = 128
+
+
+def top_k(x: jax.Array, k: int, block: int = TOP_K_BLOCK) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k(x, k)`` over the last axis (the same values and int32 ids, ties to the
+    lower id) without sorting whole rows: XLA's GPU top-k over a 202k vocabulary is ~28 sort
+    kernels, ~0.45 ms of an H100 decode step. The top ``k`` lie in the ``k`` blocks of
+    ``block`` entries with the largest maxima (a block holding one of them has a maximum at
+    least the k-th value, and at most ``k`` blocks do, ties going to the lower block as
+    they do to the lower id), so one max over each block, a top-k of the maxima and one of
+    those ``k * block`` candidates, kept in id order, find them."""
+    *lead, v = x.shape
+    num_blocks = -(-v // block)
+    if num_blocks <= k:
+        vals, ids = lax.top_k(x, k)
+        return vals, ids.astype(jnp.int32)
+    # Padding is -inf at ids past the row's end: it ties only a -inf entry, and loses.
+    pad = [(0, 0)] * len(lead) + [(0, num_blocks * block - v)]
+    blocks = jnp.pad(x, pad, constant_values=-jnp.inf).reshape(*lead, num_blocks, block)
+    _, chosen = lax.top_k(blocks.max(axis=-1), k)  # [..., k] block ids
+    chosen = jnp.sort(chosen, axis=-1)  # id order, so the last top-k breaks ties as lax's does
+    candidates = jnp.take_along_axis(blocks, chosen[..., None], axis=-2)  # [..., k, block]
+    vals, at = lax.top_k(candidates.reshape(*lead, k * block), k)
+    ids = jnp.take_along_axis(chosen, at // block, axis=-1) * block + at % block
+    return vals, ids.astype(jnp.int32)
 
 
 class PenaltySeed(NamedTuple):

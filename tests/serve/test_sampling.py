@@ -3,8 +3,9 @@
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from jaxattn.serve.sampling import SamplingBatch, draw
+from jaxattn.serve.sampling import SamplingBatch, draw, top_k
 from jaxattn.serve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 S, V = 8, 64
@@ -80,6 +81,31 @@ def test_logprobs_are_the_models_log_softmax():
         np.testing.assert_array_equal(out.top_ids[i], np.argsort(-logits[i])[:MAX_LOGPROBS])
         np.testing.assert_allclose(out.top_logprobs[i], np.sort(ref[i])[::-1][:MAX_LOGPROBS],
                                    rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 3), v=st.integers(1, 300), k=st.integers(1, 20),
+       block=st.sampled_from([1, 4, 7, 16]), levels=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), with_inf=st.booleans())
+def test_blocked_top_k_is_lax_top_k(rows, v, k, block, levels, seed, with_inf):
+    """Values and ids exactly as lax.top_k's, ties (few distinct values) and -inf included."""
+    k = min(k, v)
+    x = np.random.default_rng(seed).integers(0, levels, (rows, v)).astype(np.float32)
+    if with_inf:
+        x[x == 0] = -np.inf
+    want_vals, want_ids = jax.lax.top_k(x, k)
+    vals, ids = top_k(x, k, block)
+    np.testing.assert_array_equal(vals, want_vals)
+    np.testing.assert_array_equal(ids, want_ids)
+    assert ids.dtype == np.int32
+
+
+def test_blocked_top_k_at_scouts_vocabulary():
+    x = np.random.default_rng(0).standard_normal((4, 202_048)).astype(np.float32)
+    x[1, ::997] = x[1].max()  # 203 ties for the top, spread over many blocks
+    want_vals, want_ids = jax.lax.top_k(x, MAX_LOGPROBS)
+    vals, ids = jax.jit(top_k, static_argnums=1)(x, MAX_LOGPROBS)
+    np.testing.assert_array_equal(vals, want_vals)
+    np.testing.assert_array_equal(ids, want_ids)
 
 
 def test_sampling_params_validation():
