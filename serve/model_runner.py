@@ -323,8 +323,9 @@ class Llama4Runner:
 
 # The sampler modes a decode burst compiles a loop for. A "random" batch draws through the
 # "filtered" loop: a row without top-k / top-p draws there exactly what it would in a "random"
-# batch (sampling._sample), at the price of a sort per step, and each loop is a compile of the
-# whole step (~50 s at 12 of Scout's layers on an H100, session 46).
+# batch (sampling._sample), at the price of a threshold search per step (sampling.filter_mask),
+# and each loop is a compile of the whole step (~50 s at 12 of Scout's layers on an H100,
+# session 46).
 BURST_MODES = ("greedy", "filtered")
 
 

@@ -22,8 +22,8 @@ sampler adds each draw to its row itself, so the next step sees it without a rou
 the host only seeds a row when a sequence takes it (:func:`seed_rows`: the prompt, the
 output so far and the token still in flight), in fixed-size chunks.
 
-The full-vocabulary sort that top-k / top-p need runs only when some row
-asks for them. Which path a batch takes (:data:`MODES`) and whether it wants
+The threshold search that top-k / top-p need (:func:`filter_mask`) runs only
+when some row asks for them. Which path a batch takes (:data:`MODES`) and whether it wants
 top logprobs are decided on the host, from the rows, and compiled as separate
 variants (all at warm-up): a ``lax.cond`` on a device value would make XLA copy
 the predicate to the host and wait for the model step, so the engine could not
@@ -148,6 +148,57 @@ def apply_min_p(x, min_p):
     return jnp.where(x >= floor, x, -jnp.inf)
 
 
+def filter_mask(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """keep [S, V] bool: the tokens of ``x`` [S, V] (temperature applied) that top-k (``top_k``
+    [S] int32, 0: off) and then top-p (``top_p`` [S] f32, 1: off) leave a row to draw from:
+    its most likely tokens, as few as make up ``top_p`` of the mass the top-k ones have.
+
+    No sort: each limit is a threshold on the row's values, found by a search over their
+    32-bit order keys (:func:`_largest_key`), so a token is kept iff its value is at least
+    the last kept one's (ties with it are all kept). It replaced a sort of [S, V] (value,
+    id) pairs and a scatter back to vocabulary order; XLA's GPU sorts are many kernels
+    (its top-k over Scout's vocabulary was ~28, 0.45 ms of an H100 decode step)."""
+    keys = _order_keys(x)
+    v = x.shape[-1]
+    k_on = (top_k > 0) & (top_k < v)
+    count = _largest_key(keys, jnp.ones_like(x), jnp.where(k_on, top_k, 0).astype(jnp.float32))
+    t_k = jnp.where(k_on, count, 0)
+    w = jnp.where(keys >= t_k[:, None], jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), 0.0)
+    mass = _largest_key(keys, w, top_p * jnp.sum(w, axis=-1))
+    t_p = jnp.where(top_p < 1, mass, 0)
+    return keys >= jnp.maximum(t_k, t_p)[:, None]
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys in the order of ``x``'s f32 values (-inf first; -0 counts as +0)."""
+    bits = lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+# Thresholds :func:`_largest_key` tries at once: 4 bits of the key a round, 8 rounds.
+_SEARCH_BITS = 4
+
+
+def _largest_key(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row, the largest uint32 ``t`` with ``sum(weights[keys >= t]) >= target``: keys [S, V]
+    uint32, weights [S, V] f32 >= 0, target [S] f32 (at most the row's sum; else 0 comes
+    back). That ``t`` is some entry's key. A Python loop of fixed rounds, not a while loop:
+    XLA would read a while loop's predicate on the host, and the engine must not wait on a
+    step it enqueued. A round's sums over subsets of the same entries in the same order
+    shrink as the threshold grows (rounding is monotone), so counting the thresholds that
+    hold finds the largest."""
+    ways = 1 << _SEARCH_BITS
+    steps = jnp.arange(1, ways, dtype=jnp.uint32)  # step 0 (the base) holds already
+    base = jnp.zeros(keys.shape[:-1], jnp.uint32)
+    for shift in range(32 - _SEARCH_BITS, -1, -_SEARCH_BITS):
+        tries = base[:, None] | (steps << shift)  # [S, ways - 1]
+        mass = jnp.sum(jnp.where(keys[:, None, :] >= tries[:, :, None], weights[:, None, :], 0.0),
+                       axis=-1)
+        held = jnp.sum(mass >= target[:, None], axis=-1).astype(jnp.uint32)
+        base = base | (held << shift)
+    return base
+
+
 class Sampled(NamedTuple):
     token_ids: jax.Array  # int32 [S]
     logprobs: jax.Array  # f32 [S]: log-probability of the drawn token under the model
@@ -163,7 +214,7 @@ def _row_key(lo, hi, index, position):
 
 
 # How a batch draws: every row greedy; some row sampled, none with top-k / top-p; or some
-# row with top-k / top-p (a full-vocabulary sort).
+# row with top-k / top-p (a threshold search over the vocabulary, :func:`filter_mask`).
 MODES = ("greedy", "random", "filtered")
 
 
@@ -225,17 +276,9 @@ def _sample(logits, processed, params: SamplingBatch, mode: str, want_logprobs: 
         tokens = jnp.where(is_greedy, greedy,
                            jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32))
     elif mode == "filtered":
-        order = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), x.shape)
-        neg, ids = lax.sort_key_val(-x, order, dimension=-1)  # descending logits
-        vals, rank = -neg, jnp.arange(v)[None, :]
-        keep = (params.top_k[:, None] == 0) | (rank < params.top_k[:, None])
-        probs = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
-        keep &= before < params.top_p[:, None]  # the top token always stays
-        # Back to vocabulary order before drawing, so that a row without top-k / top-p
-        # draws exactly what it would in a "random" batch: a row's tokens never depend on
-        # what else shares its batch.
-        keep = jnp.zeros_like(keep).at[jnp.arange(s)[:, None], ids].set(keep)
+        # A row without top-k / top-p keeps every token, so it draws exactly what it would in
+        # a "random" batch: a row's tokens never depend on what else shares its batch.
+        keep = filter_mask(x, params.top_k, params.top_p)
         drawn = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, x, -jnp.inf))
         tokens = jnp.where(is_greedy, greedy, drawn.astype(jnp.int32))
     else:

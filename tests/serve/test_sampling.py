@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxattn.serve.sampling import SamplingBatch, draw, top_k
+from jaxattn.serve.sampling import SamplingBatch, draw, filter_mask, top_k
 from jaxattn.serve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 S, V = 8, 64
@@ -106,6 +106,59 @@ def test_blocked_top_k_at_scouts_vocabulary():
     vals, ids = jax.jit(top_k, static_argnums=1)(x, MAX_LOGPROBS)
     np.testing.assert_array_equal(vals, want_vals)
     np.testing.assert_array_equal(ids, want_ids)
+
+
+def _rank_rule(x, k, p, tol=1e-4):
+    """The sort-based definition (float64): the top-k, then those whose mass ranked above is
+    below p. None where a cumulative mass is within ``tol`` of p (f32 sums may disagree)."""
+    order = np.argsort(-x, kind="stable")
+    keep = np.zeros(len(x), bool)
+    top = order[:k] if 0 < k < len(x) else order
+    probs = np.exp(x[top] - x[top].max())
+    probs /= probs.sum()
+    before = np.cumsum(probs) - probs
+    if p < 1 and np.abs(np.cumsum(probs) - p).min() < tol:
+        return None
+    keep[top[(before < p) | (p == 1)]] = True
+    return keep
+
+
+@settings(max_examples=80, deadline=None)
+@given(v=st.integers(1, 400), k=st.integers(0, 400), p=st.floats(0.01, 1.0),
+       scale=st.sampled_from([0.1, 1.0, 5.0, 30.0]), seed=st.integers(0, 2**31 - 1),
+       masked=st.booleans())
+def test_threshold_filter_is_the_rank_rule(v, k, p, scale, seed, masked):
+    """filter_mask keeps what sorting would, for distinct values (and -inf, as min_p or a
+    grammar leaves them)."""
+    x = np.random.default_rng(seed).permutation(v).astype(np.float32) * (scale / v)
+    x -= x.max() / 2  # negative and positive values, zero among them
+    if masked and v > 1:
+        x[x < np.median(x)] = -np.inf
+    want = _rank_rule(x.astype(np.float64), k, p)
+    if want is None:
+        return
+    got = filter_mask(x[None], np.array([k], np.int32), np.array([p], np.float32))[0]
+    drawable = np.isfinite(x)  # a -inf token is never drawn, kept or not
+    np.testing.assert_array_equal(np.asarray(got) & drawable, want & drawable)
+
+
+def test_threshold_filter_per_row_and_ties():
+    x = np.random.default_rng(5).standard_normal((4, 202_048)).astype(np.float32) * 3
+    x[3, :7] = 30.0  # seven tokens tie for the top
+    # Row 2's top-p falls halfway between two cumulative masses near 0.9.
+    probs = np.sort(np.exp(x[2] - x[2].max()).astype(np.float64))[::-1]
+    cum = np.cumsum(probs / probs.sum())
+    r = np.searchsorted(cum, 0.9)
+    p = (cum[r - 1] + cum[r]) / 2
+    top_k = np.array([0, 50, 0, 3], np.int32)
+    top_p = np.array([1.0, 1.0, p, 1.0], np.float32)
+    keep = np.asarray(jax.jit(filter_mask)(x, top_k, top_p))
+    assert keep[0].all()  # neither limit: every token
+    np.testing.assert_array_equal(np.flatnonzero(keep[1]), np.sort(np.argsort(-x[1])[:50]))
+    want = _rank_rule(x[2].astype(np.float64), 0, float(top_p[2]), tol=1e-6)
+    assert want is not None and want.sum() == r + 1
+    np.testing.assert_array_equal(keep[2], want)
+    np.testing.assert_array_equal(np.flatnonzero(keep[3]), np.arange(7))  # ties all kept
 
 
 def test_sampling_params_validation():

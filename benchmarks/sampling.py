@@ -1,0 +1,99 @@
+"""The sampler's vocabulary-wide work (``serve/sampling.py``) against the sorts it replaced.
+
+    python -m benchmarks.sampling            # Scout's 202,048-token vocabulary, one GPU
+
+Two calls a decode step may make over ``[rows, vocab]`` f32 logits, at the batch sizes a
+server runs: the top-k / top-p mask (``filter_mask``: a threshold search, against the sort
+of (value, id) pairs, cumulative sum and scatter back it replaced) and the top-20 logprobs
+(``top_k``: blocks, against ``lax.top_k``). The two run alternately for ``--rounds``
+rounds; each round's time is the call's GPU kernel time (CUPTI) and the compiled kernel
+count is reported beside it. JSON to benchmarks/results/sampling-DATE.json; a table on
+stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+
+VOCAB = 202_048  # Scout's
+ROWS = (1, 16, 64, 256)
+
+
+def sort_filter_mask(x, top_k, top_p):
+    """The sort-based top-k / top-p mask the sampler used up to session 47 (its semantics
+    but for ties at the threshold, which it kept in the sort's order)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    s, v = x.shape
+    order = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), x.shape)
+    neg, ids = lax.sort_key_val(-x, order, dimension=-1)  # descending values
+    rank = jnp.arange(v)[None, :]
+    keep = (top_k[:, None] == 0) | (rank < top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(keep, -neg, -jnp.inf), axis=-1)
+    keep &= jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
+    return jnp.zeros_like(keep).at[jnp.arange(s)[:, None], ids].set(keep)
+
+
+def cases(rows: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxattn.serve import sampling
+    from jaxattn.serve.sampling_params import MAX_LOGPROBS
+
+    # Logits as a model's: a few likely tokens over a long tail (temperature 0.6 applied).
+    x = jax.random.normal(jax.random.key(0), (rows, VOCAB)) * 3 / 0.6
+    top_k = jnp.zeros((rows,), jnp.int32)
+    top_p = jnp.full((rows,), 0.9)  # Scout's generation_config.json default
+    lp = jax.nn.log_softmax(x, axis=-1)
+    return {
+        "top-p 0.9 mask": ({"jaxattn": sampling.filter_mask, "sort": sort_filter_mask},
+                           (x, top_k, top_p)),
+        f"top-{MAX_LOGPROBS} logprobs": (
+            {"jaxattn": lambda a: sampling.top_k(a, MAX_LOGPROBS),
+             "lax.top_k": lambda a: jax.lax.top_k(a, MAX_LOGPROBS)}, (lp,)),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--rows", default=",".join(map(str, ROWS)))
+    args = p.parse_args(argv)
+    import jax
+
+    from benchmarks.common import gpu_ms, time_kernels_alone, write_json
+    from benchmarks.fp8_rows import kernel_count
+
+    time_kernels_alone()
+    out = []
+    for rows in map(int, args.rows.split(",")):
+        for name, (impls, fargs) in cases(rows).items():
+            fns = {impl: jax.jit(f) for impl, f in impls.items()}
+            times = {impl: [] for impl in fns}
+            for _ in range(args.rounds):  # alternately, so drift hits both
+                for impl, f in fns.items():
+                    times[impl].append(gpu_ms(f, *fargs, reps=args.reps) * 1e3)
+            us = {impl: statistics.median(t) for impl, t in times.items()}
+            kernels = {impl: kernel_count(f, fargs) for impl, f in fns.items()}
+            out.append({"call": name, "rows": rows, "us": us, "kernels": kernels})
+            ours, (anchor, theirs) = us["jaxattn"], [(k, v) for k, v in us.items()
+                                                     if k != "jaxattn"][0]
+            print(f"{name:18} x {rows:3} rows: jaxattn {ours:8.1f} us "
+                  f"({kernels['jaxattn']} kernels), {anchor} {theirs:8.1f} us "
+                  f"({kernels[anchor]} kernels), {theirs / ours:5.1f}x", flush=True)
+    date = datetime.date.today().isoformat()
+    res = {"date": date, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+           "vocab": VOCAB, "rows": out}
+    print("wrote", write_json(f"sampling-{date}.json", res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
