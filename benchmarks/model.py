@@ -257,7 +257,7 @@ def time_pipelined(step, kv: list, batch, steps: int = 20) -> float:
         tokens = None
         for _ in range(steps):
             logits, kv[0] = step(kv[0], batch if tokens is None else chained, prev_tokens=tokens)
-            drawn = sampling.draw(logits, rows, False).token_ids
+            drawn = sampling.draw(logits, rows, False, b).token_ids
             if tokens is not None:
                 jax.device_get(tokens)  # the host learns step n's tokens after n+1 is enqueued
             tokens = drawn

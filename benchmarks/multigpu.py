@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override num_hidden_layers (a slice of Scout; default: all 48)")
     p.add_argument("--lengths", default=None, help="comma-separated prompt lengths")
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="the batch decode's sampling (default greedy; Scout's generation_config "
+                        "says 0.6 with --top-p 0.9, what a request without them gets); seeded, "
+                        "so runs compare token for token")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step (default 8192; --dry-run 64)")
     p.add_argument("--max-num-seqs", type=int, default=16,
@@ -211,13 +216,13 @@ def device_memory() -> list[dict]:
 
 
 def drive(engine, prompts: list[list[int]], decode_tokens: int,
-          waits: list | None = None) -> list[dict]:
+          waits: list | None = None, temperature: float = 0.0, top_p: float = 1.0) -> list[dict]:
     """Submit every prompt at once and step the engine until all finish; per-request timings.
     ``waits``: gets (seconds since the start, the engine's device_wait_s) after each step."""
     from jaxattn.serve.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True,
-                            logprobs=TOP_LOGPROBS)
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=0,
+                            max_tokens=decode_tokens, ignore_eos=True, logprobs=TOP_LOGPROBS)
     t0 = time.perf_counter()
     recs = {}
     for i, p in enumerate(prompts):
@@ -328,7 +333,7 @@ def batch_decode(engine, config, res: dict, args, rng) -> list[dict]:
             continue
         prompts = [rng.integers(3, config.vocab_size, ctx).tolist() for _ in range(b)]
         waits = []
-        recs = drive(engine, prompts, args.decode_tokens, waits)
+        recs = drive(engine, prompts, args.decode_tokens, waits, args.temperature, args.top_p)
         start = max(r["ttft_s"] for r in recs)  # every sequence has its first token
         end = max(r["e2e_s"] for r in recs)
         steps = args.decode_tokens - 1
@@ -342,7 +347,7 @@ def batch_decode(engine, config, res: dict, args, rng) -> list[dict]:
                      "ratio_to_roofline": ms / roof if ms else None,
                      "device_wait_ms_per_step": wait_ms,
                      "all_completed": all(r["finish_reason"] == "length" for r in recs),
-                     # greedy, seeded prompts and weights: runs that change only how the
+                     # seeded prompts, weights and draws: runs that change only how the
                      # kernels are launched must give these bit for bit
                      "token_ids": [r["token_ids"] for r in recs],
                      "chosen_logprobs": [r["chosen_logprobs"] for r in recs]})
@@ -494,7 +499,9 @@ def run(args) -> dict:
            "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR"),
            "max_model_len": max_len,
            "max_num_batched_tokens": t, "buckets": list(buckets), "page_size": page,
-           "decode_tokens": args.decode_tokens, "lengths": list(lengths)}
+           "decode_tokens": args.decode_tokens, "lengths": list(lengths),
+           "batch_decode_sampling": {"temperature": args.temperature, "top_p": args.top_p,
+                                     "top_logprobs": TOP_LOGPROBS}}
     plan = memory.for_engine(config, engine_config, dtype=dtype, devices=mesh.devices.flat)
     if plan is not None:
         print(memory.describe(plan), flush=True)

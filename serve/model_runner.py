@@ -11,6 +11,7 @@ with the same surface.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from typing import NamedTuple, Protocol, Sequence
@@ -216,9 +217,9 @@ class Llama4Runner:
         logits = self.forward(batch, prev_tokens)
         params = sampling.SamplingBatch.build(list(rows), self.bounds.max_num_seqs)
         if processing is None:
-            return sampling.draw(logits, params, want_logprobs)
+            return sampling.draw(logits, params, want_logprobs, len(rows))
         return self._draw_processed(logits, params, processing, seeds, prev_tokens,
-                                    want_logprobs)
+                                    want_logprobs, len(rows))
 
     def multi_step(self, seqs: Sequence[SeqStep], rows: Sequence[SamplingRow], num_steps: int,
                    *, prev_tokens: jax.Array | None = None
@@ -235,7 +236,8 @@ class Llama4Runner:
         batch = self.build(self.buckets[0], seqs)
         params = sampling.SamplingBatch.build(list(rows), self.bounds.max_num_seqs)
         drawn, last, self._kv = self._step.multi(self._kv, batch, prev_tokens, params,
-                                                 num_steps, _burst_mode(params))
+                                                 num_steps, _burst_mode(params),
+                                                 rows=self.multi_step_rows)
         return drawn, last
 
     @property
@@ -244,13 +246,14 @@ class Llama4Runner:
         decode batches are the ones whose pace the host sets)."""
         return min(self.buckets[0], self.bounds.max_num_seqs)
 
-    def _draw_processed(self, logits, params, processing, seeds, prev_tokens, want_logprobs):
+    def _draw_processed(self, logits, params, processing, seeds, prev_tokens, want_logprobs,
+                        live: int):
         prev = self._no_prev if prev_tokens is None else prev_tokens
         for args in sampling.seed_arrays(seeds, self.bounds.max_num_seqs,
                                          self.num_penalty_slots):
             self._penalties = sampling.seed_rows(self._penalties, *args, prev)
         sampled, self._penalties = sampling.draw_processed(logits, params, processing,
-                                                           self._penalties, want_logprobs)
+                                                           self._penalties, want_logprobs, live)
         return sampled
 
     def warmup(self, progress: bool = True) -> None:
@@ -271,13 +274,13 @@ class Llama4Runner:
         neutral = sampling.Processing.neutral(self.bounds.max_num_seqs, self.vocab_size,
                                               self.num_penalty_slots)
         seed = [sampling.PenaltySeed(self.num_penalty_slots - 1, [0], [0], 0)]
-        for row in WARMUP_ROWS:
+        for row, live, want_lp in itertools.product(
+                WARMUP_ROWS, sampling.sampler_row_sizes(self.bounds.max_num_seqs), (False, True)):
             params = sampling.SamplingBatch.build([row], self.bounds.max_num_seqs)
-            for want_lp in (False, True):
-                out = self._draw(logits, row, want_lp)
-                # The processed sampler, with a seed after a step and without one.
-                for p in (None, prev):
-                    out = self._draw_processed(logits, params, neutral, seed, p, want_lp)
+            out = self._draw(logits, row, want_lp, live)
+            # The processed sampler, with a seed after a step and without one.
+            for p in (None, prev):
+                out = self._draw_processed(logits, params, neutral, seed, p, want_lp, live)
         jax.block_until_ready(out)
         log.info("warm-up: %d buckets %s, %.1f s", len(self.buckets), self.buckets,
                  time.perf_counter() - t0)
@@ -297,9 +300,10 @@ class Llama4Runner:
                                           prev_tokens=prev_tokens)
         jax.block_until_ready(prev)
 
-    def _draw(self, logits, row: SamplingRow, want_logprobs: bool) -> sampling.Sampled:
+    def _draw(self, logits, row: SamplingRow, want_logprobs: bool,
+              live: int = 1) -> sampling.Sampled:
         return sampling.draw(logits, sampling.SamplingBatch.build([row], self.bounds.max_num_seqs),
-                             want_logprobs)
+                             want_logprobs, live)
 
     def recover_cache(self) -> bool:
         """After a failed step: rebuild the pools if the step consumed them; True if it did.

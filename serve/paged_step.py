@@ -383,9 +383,10 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         return model_step(weights, kv_cache, staged_batch(packed, prev_tokens, num_tokens),
                           num_tokens)
 
-    @functools.partial(jax.jit, donate_argnums=(1, 5), static_argnames=("num_tokens", "mode"),
+    @functools.partial(jax.jit, donate_argnums=(1, 5), static_argnames=("num_tokens", "mode", "rows"),
                        compiler_options=compiler_options or None)
-    def jitted_multi(weights, kv_cache, packed, prev_tokens, params, drawn, num_tokens, mode):
+    def jitted_multi(weights, kv_cache, packed, prev_tokens, params, drawn, num_tokens, mode,
+                     rows):
         # drawn.token_ids.shape[0] decode steps of a batch of one-token rows, each step's
         # draws the next one's tokens, in one scan on the device (multi_step below). drawn:
         # the previous call's draws [num_steps, S, ...], donated: every row is rewritten.
@@ -394,7 +395,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
             out = model_step(weights, kv, batch, num_tokens)
             logits, kv = out[0], out[-1]  # (logits, [hidden,] cache)
             now = sampling.sample(logits, params._replace(position=params.position + i),
-                                  mode=mode, want_logprobs=True)
+                                  mode=mode, want_logprobs=True, rows=rows)
             drawn = jax.tree.map(lambda acc, x: acc.at[i].set(x), drawn, now)
             return kv, next_decode_step(batch, now.token_ids, bounds), drawn
 
@@ -486,13 +487,14 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         return out
 
     def multi_step(kv_cache: kv_cache_lib.KVCache, batch: StepBatch, prev_tokens,
-                   params: sampling.SamplingBatch, num_steps: int, mode: str):
+                   params: sampling.SamplingBatch, num_steps: int, mode: str, rows: int):
         """``num_steps`` decode steps in one call -> (draws, each field [num_steps, S]; the
         last step's tokens [S]; the updated cache), all on the device.
 
         ``batch`` holds one new token per sequence, sequence r in row r (a decode step),
         and pages for ``num_steps`` tokens each; ``params`` draws step 0's tokens (step i
-        draws at ``position + i``), every field of the draws with top logprobs. The
+        draws at ``position + i``, sampling its first ``rows`` rows: the sequences' own,
+        the rest zeros), every field of the draws with top logprobs. The
         draws of step i are the tokens of step i + 1, which the loop makes on the device
         (:func:`next_decode_step`): the host runs one execution for all of them, where
         its per-execution work (XLA's pass over the step's ~600 launches, the graph's
@@ -519,7 +521,7 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         drawn = sampling.Sampled(*(buffer(key, shape, dtype) for key, shape, dtype in zip(
             keys, shapes, (jnp.int32, jnp.float32, jnp.int32, jnp.float32))))
         drawn, kv_cache = jitted_multi(weights, kv_cache, packed, prev_tokens, params, drawn,
-                                       num_tokens=len(batch.token_ids), mode=mode)
+                                       num_tokens=len(batch.token_ids), mode=mode, rows=rows)
         kept.update(zip(keys, drawn))
         # The caller keeps the draws past the next call, which reuses these buffers.
         out, last = copy_out(drawn)

@@ -228,33 +228,69 @@ def mode_of(params: SamplingBatch) -> str:
     return "random"
 
 
-def draw(logits, params: SamplingBatch, want_logprobs: bool) -> Sampled:
-    """Sample one token per row (asynchronously: the result stays on the device)."""
-    return sample(logits, params, mode=mode_of(params), want_logprobs=bool(want_logprobs))
+def sampler_rows(live: int, size: int) -> int:
+    """Rows the sampler works on for ``live`` sequences of a step padded to ``size`` rows:
+    the next power of 8, at most ``size``. Its work is per row over the whole vocabulary
+    (a top-p mask over 64 rows took 2-3 ms on an H100, over one 0.07-0.1 ms:
+    ``results/sampling-2026-12-06-s47-h100.json``), so a batch of one must not pay for the
+    63 padding rows of the default ``max_num_seqs``; powers of 8 keep the compiled
+    variants few (1, 8 and 64 rows by default)."""
+    rows = 1
+    while rows < live:
+        rows *= 8
+    return min(rows, size)
+
+
+def sampler_row_sizes(size: int) -> list[int]:
+    """Every :func:`sampler_rows` of a step of ``size`` rows (the variants to compile)."""
+    return sorted({sampler_rows(n, size) for n in range(1, size + 1)})
+
+
+def draw(logits, params: SamplingBatch, want_logprobs: bool, live: int) -> Sampled:
+    """Sample one token per row of the first ``live`` (asynchronously: the result stays on
+    the device); the padding rows' draws are zeros."""
+    return sample(logits, params, mode=mode_of(params), want_logprobs=bool(want_logprobs),
+                  rows=sampler_rows(live, logits.shape[0]))
 
 
 def draw_processed(logits, params: SamplingBatch, proc: Processing, state,
-                   want_logprobs: bool) -> tuple[Sampled, jax.Array]:
+                   want_logprobs: bool, live: int) -> tuple[Sampled, jax.Array]:
     """:func:`draw` after :func:`process_logits`; returns the draws and the penalty table
     with them counted (``state`` is donated)."""
     return sample_processed(logits, params, proc, state, mode=mode_of(params),
-                            want_logprobs=bool(want_logprobs))
+                            want_logprobs=bool(want_logprobs),
+                            rows=sampler_rows(live, logits.shape[0]))
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "want_logprobs"))
-def sample(logits, params: SamplingBatch, *, mode: str, want_logprobs: bool) -> Sampled:
-    """logits [S, V] f32 -> one token per row; ``mode`` one of :data:`MODES` (see :func:`draw`)."""
-    return _sample(logits, logits, params, mode, want_logprobs)
+@functools.partial(jax.jit, static_argnames=("mode", "want_logprobs", "rows"))
+def sample(logits, params: SamplingBatch, *, mode: str, want_logprobs: bool,
+           rows: int | None = None) -> Sampled:
+    """logits [S, V] f32 -> one token per row; ``mode`` one of :data:`MODES` (see :func:`draw`);
+    only the first ``rows`` are drawn (None: all), the rest zeros."""
+    x, params = _first(rows, logits, params)
+    return _pad_rows(_sample(x, x, params, mode, want_logprobs), logits.shape[0])
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "want_logprobs"), donate_argnums=(3,))
+@functools.partial(jax.jit, static_argnames=("mode", "want_logprobs", "rows"),
+                   donate_argnums=(3,))
 def sample_processed(logits, params: SamplingBatch, proc: Processing, state, *, mode: str,
-                     want_logprobs: bool) -> tuple[Sampled, jax.Array]:
+                     want_logprobs: bool, rows: int | None = None) -> tuple[Sampled, jax.Array]:
     spare = state.shape[0] - 1
+    size = logits.shape[0]
+    logits, params, proc = _first(rows, logits, params, proc)
     x = process_logits(logits, proc, state[proc.slot])
     out = _sample(logits, x, params, mode, want_logprobs, min_p=proc.min_p)
     state = state.at[proc.slot, out.token_ids].add((proc.slot < spare).astype(jnp.int32))
-    return out, state
+    return _pad_rows(out, size), state
+
+
+def _first(rows: int | None, *trees):
+    return jax.tree.map(lambda a: a[:rows], trees)
+
+
+def _pad_rows(out: Sampled, size: int) -> Sampled:
+    return jax.tree.map(lambda a: jnp.pad(a, [(0, size - a.shape[0])] + [(0, 0)] * (a.ndim - 1)),
+                        out)
 
 
 def _sample(logits, processed, params: SamplingBatch, mode: str, want_logprobs: bool,

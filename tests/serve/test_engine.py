@@ -384,9 +384,9 @@ def test_multi_step_runner_matches_single_steps(runner, monkeypatch, last_row):
 
     sizes, multi = [], runner._step.multi
 
-    def spy(kv, batch, *args):
-        sizes.append(len(batch.token_ids))
-        return multi(kv, batch, *args)
+    def spy(kv, batch, *args, **kw):
+        sizes.append((len(batch.token_ids), kw["rows"]))
+        return multi(kv, batch, *args, **kw)
 
     monkeypatch.setattr(runner._step, "multi", spy)
     prev = prefill().token_ids
@@ -404,7 +404,9 @@ def test_multi_step_runner_matches_single_steps(runner, monkeypatch, last_row):
         np.testing.assert_array_equal(drawn.top_ids[i][:3], want.top_ids[:3])
     np.testing.assert_array_equal(jax.device_get(last)[:3], single[-1].token_ids[:3])
     # The smallest bucket's step (with the kernels, the decode-only one), not a size of its own.
-    assert sizes == [runner.buckets[0]] and runner.buckets[0] > runner.multi_step_rows
+    # It samples the burst's rows at most, not max_num_seqs.
+    assert sizes == [(runner.buckets[0], runner.multi_step_rows)]
+    assert runner.buckets[0] > runner.multi_step_rows
     # f32 on the CPU; XLA fuses the loop's body its own way: ~1e-6 apart.
     np.testing.assert_allclose(jax.device_get(runner._kv.k[-1][10:33]), kv_single, atol=1e-5)
     with pytest.raises(ValueError, match="decode rows only"):

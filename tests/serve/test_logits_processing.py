@@ -100,7 +100,7 @@ def test_draws_are_counted_in_their_rows_only():
     proc.presence[0] = proc.presence[1] = 2.0
     state = sampling.new_penalty_state(SLOTS, V)
     for _ in range(3):
-        out, state = sampling.draw_processed(logits, params, proc, state, False)
+        out, state = sampling.draw_processed(logits, params, proc, state, False, S)
     st = np.asarray(state)
     assert st[2, 11] == 1 and st[0, 11] == 1  # then the penalty moved them off token 11
     assert st[2].sum() == 3 and st[0].sum() == 3

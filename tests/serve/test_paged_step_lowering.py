@@ -114,12 +114,12 @@ def test_multi_step_decode_is_one_static_loop_and_lowers(lowering_model):
                              jnp.zeros((4, 4, 20), jnp.int32), jnp.zeros((4, 4, 20)))  # 4 steps
     args = (step.weights, kv, batch_lib.pack(batch), jnp.zeros(4, jnp.int32), params, drawn)
     for mode in sampling.MODES:
-        multi = functools.partial(step.jitted_multi, num_tokens=16, mode=mode)
+        multi = functools.partial(step.jitted_multi, num_tokens=16, mode=mode, rows=2)
         found = _primitives(jax.make_jaxpr(multi)(*args).jaxpr, {})
         assert found.get("scan") == 1
         assert not {p: found[p] for p in ("cond", "while") if p in found}
     exported = jax.export.export(step.jitted_multi, platforms=["cuda"])(
-        *args, num_tokens=16, mode="filtered")
+        *args, num_tokens=16, mode="filtered", rows=2)
     assert exported.mlir_module().count("mosaic_gpu") >= config.num_hidden_layers
 
 

@@ -16,7 +16,7 @@ def _logits(seed=0):
 
 
 def _draw(logits, rows, lp=False):
-    out = draw(logits, SamplingBatch.build(rows, S), lp)
+    out = draw(logits, SamplingBatch.build(rows, S), lp, len(rows))
     return jax.device_get(out)
 
 
@@ -106,6 +106,30 @@ def test_blocked_top_k_at_scouts_vocabulary():
     vals, ids = jax.jit(top_k, static_argnums=1)(x, MAX_LOGPROBS)
     np.testing.assert_array_equal(vals, want_vals)
     np.testing.assert_array_equal(ids, want_ids)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "random", "filtered"])
+def test_only_the_live_rows_are_sampled_each_as_in_the_full_batch(mode):
+    """sampler_rows' buckets: a row draws the same tokens whatever the number of rows
+    sampled, and its logprobs differ by f32 rounding at most (XLA's CPU reductions over
+    [1, V] and [16, V] round differently); the rows past them come back zero."""
+    from jaxattn.serve.sampling import sample, sampler_row_sizes, sampler_rows
+
+    assert [sampler_rows(n, 64) for n in (1, 2, 8, 9, 64)] == [1, 8, 8, 64, 64]
+    assert sampler_row_sizes(64) == [1, 8, 64] and sampler_row_sizes(6) == [1, 6]
+    logits = np.random.default_rng(4).standard_normal((16, 300)).astype(np.float32) * 3
+    temp = 0.0 if mode == "greedy" else 0.8
+    top_p = 0.9 if mode == "filtered" else 1.0
+    params = SamplingBatch.build([(temp, 0, top_p, 7, 0, i) for i in range(16)], 16)
+    full = jax.device_get(sample(logits, params, mode=mode, want_logprobs=True))
+    for rows in (1, 8):
+        part = jax.device_get(sample(logits, params, mode=mode, want_logprobs=True, rows=rows))
+        for field, got, want in zip(part._fields, part, full):
+            if "logprobs" in field:
+                np.testing.assert_allclose(got[:rows], want[:rows], rtol=1e-6)
+            else:
+                np.testing.assert_array_equal(got[:rows], want[:rows])
+            assert not np.asarray(got[rows:]).any()
 
 
 def _rank_rule(x, k, p, tol=1e-4):

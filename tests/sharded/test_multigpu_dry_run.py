@@ -35,7 +35,9 @@ def test_dry_run_serves_every_length_alone_and_mixed(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("split", [["-tp", "1", "--kv-cache-dtype", "fp8", "--max-model-len",
-                                    "1000", "--no-route-in-norm", "--no-static-o-scale"],
+                                    "1000", "--no-route-in-norm", "--no-static-o-scale",
+                                    "--decode-batches", "1", "--temperature", "0.6",
+                                    "--top-p", "0.9"],
                                    ["-tp", "2", "-ep", "4", "--fp8-attention"]])
 def test_dry_run_fp8(tmp_path, monkeypatch, split):
     """--quantization fp8: FP8 experts and MLPs drawn per parameter and quantised on the
@@ -43,15 +45,15 @@ def test_dry_run_fp8(tmp_path, monkeypatch, split):
     1M-token run uses) and expert x tensor parallel (the attention projections FP8 too; the
     bf16 model on such a mesh: tests/sharded/test_sharded_serving.py), with the model's
     decode defaults (the routing in the norm's kernel, the attention output under a static
-    scale) and without."""
+    scale) and without; the first with a batch decode sampled as Scout's defaults ask."""
     from jaxattn.models import llama4
 
     monkeypatch.delenv("OUT", raising=False)
     for flag in ("ROUTE_IN_NORM", "STATIC_O_SCALE"):  # the script sets them
         monkeypatch.setattr(llama4.model, flag, getattr(llama4.model, flag))
-    assert multigpu.main(["--dry-run", *split, "--quantization", "fp8", "--skip-alone",
+    assert multigpu.main(["--dry-run", "--quantization", "fp8", "--skip-alone",
                           "--decode-tokens", "2", "--lengths", "64,79,200",
-                          "--decode-batches", "", "--out", str(tmp_path)]) == 0
+                          "--decode-batches", "", "--out", str(tmp_path), *split]) == 0
     (name,) = os.listdir(tmp_path)
     attn = "--fp8-attention" in split
     assert ("fp8-attn" in name) is attn and "fp8" in name
@@ -64,6 +66,10 @@ def test_dry_run_fp8(tmp_path, monkeypatch, split):
     assert (res["max_model_len"] == 1024) is ("--max-model-len" in split)
     assert res["route_in_norm"] is ("--no-route-in-norm" not in split)
     assert res["static_o_scale"] is ("--no-static-o-scale" not in split)
+    sampled = "--top-p" in split
+    assert res["batch_decode_sampling"]["top_p"] == (0.9 if sampled else 1.0)
+    assert [r["batch"] for r in res["batch_decode"]] == ([1] if sampled else [])
+    assert all(r["all_completed"] for r in res["batch_decode"])
 
 
 def test_gpu_environment_keeps_the_default_allocator(monkeypatch):
