@@ -383,7 +383,8 @@ def make_step_fn(model: Llama4ForCausalLM, bounds: jaxattn.Bounds, *, impl: str 
         return model_step(weights, kv_cache, staged_batch(packed, prev_tokens, num_tokens),
                           num_tokens)
 
-    @functools.partial(jax.jit, donate_argnums=(1, 5), static_argnames=("num_tokens", "mode", "rows"),
+    @functools.partial(jax.jit, donate_argnums=(1, 5),
+                       static_argnames=("num_tokens", "mode", "rows"),
                        compiler_options=compiler_options or None)
     def jitted_multi(weights, kv_cache, packed, prev_tokens, params, drawn, num_tokens, mode,
                      rows):
