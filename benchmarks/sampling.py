@@ -8,9 +8,9 @@ of (value, id) pairs, cumulative sum and scatter back it replaced) and the top-2
 (``top_k``: blocks, against ``lax.top_k``). For the mask, a candidate search runs beside
 them (``bins_filter_mask``: each round one pass over the row into 16 bins, where the
 sampler's compares every entry with 15 thresholds, which rereads the row 15 times). They run
-alternately for ``--rounds`` rounds; each round's time is the call's GPU kernel time (CUPTI) and the compiled kernel
-count is reported beside it. JSON to benchmarks/results/sampling-DATE.json; a table on
-stdout.
+alternately for ``--rounds`` rounds; each round's time is the call's GPU kernel time (CUPTI)
+and the compiled kernel count is reported beside it. JSON to
+benchmarks/results/sampling-DATE.json; a table on stdout.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ def test_logprobs_are_the_models_log_softmax():
 
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 3), v=st.integers(1, 300), k=st.integers(1, 20),
-       block=st.sampled_from([1, 4, 7, 16]), levels=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), with_inf=st.booleans())
+       block=st.sampled_from([1, 4, 7, 16]), levels=st.integers(1, 6),
+       seed=st.integers(0, 2**31 - 1), with_inf=st.booleans())
 def test_blocked_top_k_is_lax_top_k(rows, v, k, block, levels, seed, with_inf):
     """Values and ids exactly as lax.top_k's, ties (few distinct values) and -inf included."""
     k = min(k, v)
