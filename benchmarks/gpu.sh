@@ -2,7 +2,7 @@
 # The one GPU entry point (`make gpu`, or through the device tool): installs the
 # project offline, runs the GPU tests (pytest -m gpu) and the benchmarks, and
 # writes JSON/markdown/PNG into benchmarks/results/ (and $OUT when set).
-#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|model|serving|sweep|soak|fp8|all|multigpu|decode-host|fp8-decode|decode-kernels|fp8-costs] ...
+#   bash benchmarks/gpu.sh [tests|prefill|profile|decode|model|serving|sweep|soak|fp8|sampling|all|multigpu|decode-host|fp8-decode|decode-kernels|fp8-costs] ...
 # (not part of all: multigpu and decode-host need several GPUs; fp8-decode and decode-kernels
 # repeat parts of it for the FP8 decode work; fp8-costs is a diagnostic)
 set -uo pipefail
@@ -35,6 +35,7 @@ for what in "${@:-all}"; do
     soak|all) [ -f benchmarks/soak.py ] && { python3 -m benchmarks.soak || status=1; } ;;&
     fp8|all) python3 -m benchmarks.fp8_matmul || status=1 ;;&
     fp8|all) python3 -m benchmarks.fp8_rows || status=1 ;;&
+    sampling|all) python3 -m benchmarks.sampling || status=1 ;;&
     multigpu) python3 -m benchmarks.multigpu || status=1 ;;&
     # All of Scout with FP8 weights on one H200, decode at 8k (README, "FP8 weights"), after
     # the GPU tests of the decode step's kernels (the row kernels; the by-row experts with
