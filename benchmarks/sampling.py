@@ -46,34 +46,28 @@ def bins_filter_mask(x, top_k, top_p):
     whose keys share the prefix found so far go into 16 bins by their next 4 bits, and the
     mass at or above each bin is the mass above the prefix plus a suffix sum of the bins.
     The same thresholds but for f32 rounding of the sums."""
+    from jaxattn.serve import sampling
+
+    return sampling.filter_mask(x, top_k, top_p, search=_bins_largest_key)
+
+
+def _bins_largest_key(keys, weights, target):
     import jax.numpy as jnp
 
-    from jaxattn.serve.sampling import _order_keys
-
-    def largest_key(keys, weights, target):
-        base = jnp.zeros(keys.shape[:-1], jnp.uint32)
-        above = jnp.zeros(keys.shape[:-1], jnp.float32)  # mass past the prefix's range
-        bins = jnp.arange(16, dtype=jnp.uint32)
-        for shift in range(28, -1, -4):
-            digit = (keys >> shift) & 15
-            same = (keys >> (shift + 4)) == (base >> (shift + 4))[:, None] if shift < 28 else True
-            hit = jnp.asarray(same)[..., None] & (digit[..., None] == bins)  # [S, V, 16]
-            mass = jnp.sum(jnp.where(hit, weights[..., None], 0.0), axis=-2)  # [S, 16]
-            at_or_above = jnp.cumsum(mass[:, ::-1], axis=-1)[:, ::-1] + above[:, None]
-            held = jnp.sum(at_or_above[:, 1:] >= target[:, None], axis=-1)  # 0 holds already
-            nxt = jnp.take_along_axis(at_or_above, jnp.minimum(held + 1, 15)[:, None], -1)[:, 0]
-            above = jnp.where(held < 15, nxt, above)
-            base = base | (held.astype(jnp.uint32) << shift)
-        return base
-
-    keys = _order_keys(x)
-    v = x.shape[-1]
-    k_on = (top_k > 0) & (top_k < v)
-    count = largest_key(keys, jnp.ones_like(x), jnp.where(k_on, top_k, 0).astype(jnp.float32))
-    t_k = jnp.where(k_on, count, 0)
-    w = jnp.where(keys >= t_k[:, None], jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), 0.0)
-    t_p = jnp.where(top_p < 1, largest_key(keys, w, top_p * jnp.sum(w, axis=-1)), 0)
-    return keys >= jnp.maximum(t_k, t_p)[:, None]
+    base = jnp.zeros(keys.shape[:-1], jnp.uint32)
+    above = jnp.zeros(keys.shape[:-1], jnp.float32)  # mass past the prefix's range
+    bins = jnp.arange(16, dtype=jnp.uint32)
+    for shift in range(28, -1, -4):
+        digit = (keys >> shift) & 15
+        same = (keys >> (shift + 4)) == (base >> (shift + 4))[:, None] if shift < 28 else True
+        hit = jnp.asarray(same)[..., None] & (digit[..., None] == bins)  # [S, V, 16]
+        mass = jnp.sum(jnp.where(hit, weights[..., None], 0.0), axis=-2)  # [S, 16]
+        at_or_above = jnp.cumsum(mass[:, ::-1], axis=-1)[:, ::-1] + above[:, None]
+        held = jnp.sum(at_or_above[:, 1:] >= target[:, None], axis=-1)  # 0 holds already
+        nxt = jnp.take_along_axis(at_or_above, jnp.minimum(held + 1, 15)[:, None], -1)[:, 0]
+        above = jnp.where(held < 15, nxt, above)
+        base = base | (held.astype(jnp.uint32) << shift)
+    return base
 
 
 def cases(rows: int) -> dict:

@@ -148,7 +148,7 @@ def apply_min_p(x, min_p):
     return jnp.where(x >= floor, x, -jnp.inf)
 
 
-def filter_mask(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def filter_mask(x: jax.Array, top_k: jax.Array, top_p: jax.Array, search=None) -> jax.Array:
     """keep [S, V] bool: the tokens of ``x`` [S, V] (temperature applied) that top-k (``top_k``
     [S] int32, 0: off) and then top-p (``top_p`` [S] f32, 1: off) leave a row to draw from:
     its most likely tokens, as few as make up ``top_p`` of the mass the top-k ones have.
@@ -157,14 +157,16 @@ def filter_mask(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     32-bit order keys (:func:`_largest_key`), so a token is kept iff its value is at least
     the last kept one's (ties with it are all kept). It replaced a sort of [S, V] (value,
     id) pairs and a scatter back to vocabulary order; XLA's GPU sorts are many kernels
-    (its top-k over Scout's vocabulary was ~28, 0.45 ms of an H100 decode step)."""
+    (its top-k over Scout's vocabulary was ~28, 0.45 ms of an H100 decode step). ``search``:
+    another :func:`_largest_key` (benchmarks.sampling times a candidate)."""
+    search = search or _largest_key
     keys = _order_keys(x)
     v = x.shape[-1]
     k_on = (top_k > 0) & (top_k < v)
-    count = _largest_key(keys, jnp.ones_like(x), jnp.where(k_on, top_k, 0).astype(jnp.float32))
+    count = search(keys, jnp.ones_like(x), jnp.where(k_on, top_k, 0).astype(jnp.float32))
     t_k = jnp.where(k_on, count, 0)
     w = jnp.where(keys >= t_k[:, None], jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), 0.0)
-    mass = _largest_key(keys, w, top_p * jnp.sum(w, axis=-1))
+    mass = search(keys, w, top_p * jnp.sum(w, axis=-1))
     t_p = jnp.where(top_p < 1, mass, 0)
     return keys >= jnp.maximum(t_k, t_p)[:, None]
 
