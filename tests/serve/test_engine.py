@@ -358,6 +358,30 @@ def test_multi_step_decode_changes_no_output(runner, tokenizer, pool, async_sche
         assert engine.scheduler.num_preemptions > 0
 
 
+def test_the_sampler_works_on_the_steps_own_rows(runner, tokenizer, monkeypatch):
+    """A step samples its sequences' rows rounded up to a power of 8, not max_num_seqs: one
+    request at top-p (Scout's default) samples one row, three requests eight."""
+    from jaxattn.serve import sampling
+
+    seen, sample = [], sampling.sample
+
+    def spy(logits, params, **kw):
+        seen.append((kw["mode"], kw["rows"], logits.shape[0]))
+        return sample(logits, params, **kw)
+
+    engine = _engine(runner, tokenizer)
+    warm = engine.compile_count
+    monkeypatch.setattr(sampling, "sample", spy)
+    prompts = _prompts(3, seed=21, lo=5, hi=20)
+    top_p = SamplingParams(temperature=0.6, top_p=0.9, seed=1, max_tokens=3)
+    for batch in (prompts[:1], prompts):
+        seen.clear()
+        _gen(engine, batch, [top_p] * len(batch))
+        assert {rows for _, rows, _ in seen} == {1 if len(batch) == 1 else 8}
+        assert {(mode, size) for mode, _, size in seen} == {("filtered", 8)}
+    assert engine.compile_count == warm
+
+
 @pytest.mark.parametrize("last_row", [(1.0, 5, 0.9, 3, 1, 0), (0.0, 0, 1.0, 0, 0, 0)])
 def test_multi_step_runner_matches_single_steps(runner, monkeypatch, last_row):
     """The runner's loop against the same steps one call at a time: tokens, logprobs and
