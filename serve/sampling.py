@@ -185,8 +185,9 @@ def _largest_key(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.
     """Per row, the largest uint32 ``t`` with ``sum(weights[keys >= t]) >= target``: keys [S, V]
     uint32, weights [S, V] f32 >= 0, target [S] f32 (at most the row's sum; else 0 comes
     back). That ``t`` is some entry's key. A Python loop of fixed rounds, not a while loop:
-    XLA would read a while loop's predicate on the host, and the engine must not wait on a
-    step it enqueued. A round's sums over subsets of the same entries in the same order
+    the sampler holds no control flow whose predicate XLA might read on the host, where the
+    engine must not wait on a step it enqueued (tests/serve/test_paged_step_lowering.py
+    checks for none). A round's sums over subsets of the same entries in the same order
     shrink as the threshold grows (rounding is monotone), so counting the thresholds that
     hold finds the largest."""
     ways = 1 << _SEARCH_BITS
