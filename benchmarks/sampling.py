@@ -3,8 +3,9 @@
     python -m benchmarks.sampling            # Scout's 202,048-token vocabulary, one GPU
 
 Two calls a decode step may make over ``[rows, vocab]`` f32 logits, at the batch sizes a
-server runs: the top-k / top-p mask (``filter_mask``: a threshold search, against the sort
-of (value, id) pairs, cumulative sum and scatter back it replaced) and the top-20 logprobs
+server runs: the top-p mask (``filter_mask``: a threshold search, as a batch without top-k
+runs it and as one with top-k does (a search more), against the sort of (value, id) pairs,
+cumulative sum and scatter back it replaced) and the top-20 logprobs
 (``top_k``: blocks, against ``lax.top_k``). For the mask, a candidate search runs beside
 them (``bins_filter_mask``: each round one pass over the row into 16 bins, where the
 sampler's compares every entry with 15 thresholds, which rereads the row 15 times). They run
@@ -83,8 +84,12 @@ def cases(rows: int) -> dict:
     top_p = jnp.full((rows,), 0.9)  # Scout's generation_config.json default
     lp = jax.nn.log_softmax(x, axis=-1)
     return {
-        "top-p 0.9 mask": ({"jaxattn": sampling.filter_mask, "sort": sort_filter_mask,
-                            "bins": bins_filter_mask}, (x, top_k, top_p)),
+        # top-k off in every row: the engine's "top_p" mode, one search (None); "with top-k":
+        # its "filtered" mode, which searches for the top-k threshold first.
+        "top-p 0.9 mask": ({"jaxattn": lambda x, k, p: sampling.filter_mask(x, None, p),
+                            "with top-k": sampling.filter_mask, "sort": sort_filter_mask,
+                            "bins": lambda x, k, p: bins_filter_mask(x, None, p)},
+                           (x, top_k, top_p)),
         f"top-{MAX_LOGPROBS} logprobs": (
             {"jaxattn": lambda a: sampling.top_k(a, MAX_LOGPROBS),
              "lax.top_k": lambda a: jax.lax.top_k(a, MAX_LOGPROBS)}, (lp,)),

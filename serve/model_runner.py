@@ -228,7 +228,8 @@ class Llama4Runner:
         ``num_steps``) in one device call, each step's draws the next one's tokens -> (the
         draws, each field [num_steps, S], with top logprobs; the last step's tokens [S]), on
         the device. Step i draws with ``rows`` at their position + i. For at most
-        :attr:`multi_step_rows` sequences without logit processing."""
+        :attr:`multi_step_rows` sequences without logit processing; the sampler works on
+        their own rows (:func:`sampling.sampler_rows`), as a single step's does."""
         if not 0 < len(seqs) <= self.multi_step_rows:
             raise ValueError(f"multi_step takes 1 to {self.multi_step_rows} sequences, got "
                              f"{len(seqs)}")
@@ -237,7 +238,8 @@ class Llama4Runner:
         params = sampling.SamplingBatch.build(list(rows), self.bounds.max_num_seqs)
         drawn, last, self._kv = self._step.multi(self._kv, batch, prev_tokens, params,
                                                  num_steps, _burst_mode(params),
-                                                 rows=self.multi_step_rows)
+                                                 rows=sampling.sampler_rows(
+                                                     len(seqs), self.multi_step_rows))
         return drawn, last
 
     @property
@@ -286,18 +288,21 @@ class Llama4Runner:
                  time.perf_counter() - t0)
 
     def warmup_multi_step(self, num_steps: int, progress: bool = True) -> None:
-        """Compile :meth:`multi_step`'s loop of ``num_steps`` for every sampler mode."""
+        """Compile :meth:`multi_step`'s loop of ``num_steps`` for every sampler mode and
+        every number of rows its sampler may work on."""
         from tqdm.auto import tqdm
 
         prev = None
         rows = [r for r in WARMUP_ROWS if sampling.mode_of(
             sampling.SamplingBatch.build([r], 1)) in BURST_MODES]
-        for row in tqdm(rows, desc=f"compiling {num_steps}-step decode", unit="mode",
-                        disable=not progress):
-            # As warmup's steps: one token in page 0, whose writes are harmless.
+        variants = list(itertools.product(
+            rows, sampling.sampler_row_sizes(self.multi_step_rows)))
+        for row, size in tqdm(variants, desc=f"compiling {num_steps}-step decode",
+                              unit="variant", disable=not progress):
+            # As warmup's steps: tokens in page 0, whose writes are harmless.
             for prev_tokens in (None, prev):
-                _, prev = self.multi_step([SeqStep([0], 0, [0], [0])], [row], num_steps,
-                                          prev_tokens=prev_tokens)
+                _, prev = self.multi_step([SeqStep([0], 0, [0], [0])] * size, [row] * size,
+                                          num_steps, prev_tokens=prev_tokens)
         jax.block_until_ready(prev)
 
     def _draw(self, logits, row: SamplingRow, want_logprobs: bool,
@@ -325,11 +330,11 @@ class Llama4Runner:
                                      scale_sharding=self._scale_sharding)
 
 
-# The sampler modes a decode burst compiles a loop for. A "random" batch draws through the
-# "filtered" loop: a row without top-k / top-p draws there exactly what it would in a "random"
-# batch (sampling._sample), at the price of a threshold search per step (sampling.filter_mask),
-# and each loop is a compile of the whole step (~50 s at 12 of Scout's layers on an H100,
-# session 46).
+# The sampler modes a decode burst compiles a loop for. A "random" or "top_p" batch draws
+# through the "filtered" loop: a row draws there exactly what it would in its own mode
+# (sampling._sample), at the price of the threshold searches per step it skips there
+# (sampling.filter_mask), and each loop is a compile of the whole step (~50 s at 12 of
+# Scout's layers on an H100, session 46).
 BURST_MODES = ("greedy", "filtered")
 
 
@@ -338,7 +343,7 @@ def _burst_mode(params: sampling.SamplingBatch) -> str:
     return mode if mode in BURST_MODES else "filtered"
 
 
-# One row per sampler mode (sampling.MODES): greedy, random, filtered (top-k / top-p).
+# One row per sampler mode (sampling.MODES): greedy, random, top-p, filtered (top-k too).
 WARMUP_ROWS: tuple[SamplingRow, ...] = (sampling.GREEDY_ROW, (1.0, 0, 1.0, 0, 0, 0),
-                                        (1.0, 5, 0.9, 0, 0, 0))
+                                        (1.0, 0, 0.9, 0, 0, 0), (1.0, 5, 0.9, 0, 0, 0))
 

@@ -148,10 +148,12 @@ def apply_min_p(x, min_p):
     return jnp.where(x >= floor, x, -jnp.inf)
 
 
-def filter_mask(x: jax.Array, top_k: jax.Array, top_p: jax.Array, search=None) -> jax.Array:
+def filter_mask(x: jax.Array, top_k: jax.Array | None, top_p: jax.Array,
+                search=None) -> jax.Array:
     """keep [S, V] bool: the tokens of ``x`` [S, V] (temperature applied) that top-k (``top_k``
-    [S] int32, 0: off) and then top-p (``top_p`` [S] f32, 1: off) leave a row to draw from:
-    its most likely tokens, as few as make up ``top_p`` of the mass the top-k ones have.
+    [S] int32, 0: off; None: off for every row, and its search skipped) and then top-p
+    (``top_p`` [S] f32, 1: off) leave a row to draw from: its most likely tokens, as few as
+    make up ``top_p`` of the mass the top-k ones have.
 
     No sort: each limit is a threshold on the row's values, found by a search over their
     32-bit order keys (:func:`_largest_key`), so a token is kept iff its value is at least
@@ -162,9 +164,12 @@ def filter_mask(x: jax.Array, top_k: jax.Array, top_p: jax.Array, search=None) -
     search = search or _largest_key
     keys = _order_keys(x)
     v = x.shape[-1]
-    k_on = (top_k > 0) & (top_k < v)
-    count = search(keys, jnp.ones_like(x), jnp.where(k_on, top_k, 0).astype(jnp.float32))
-    t_k = jnp.where(k_on, count, 0)
+    if top_k is None:
+        t_k = jnp.zeros(x.shape[:-1], jnp.uint32)
+    else:
+        k_on = (top_k > 0) & (top_k < v)
+        count = search(keys, jnp.ones_like(x), jnp.where(k_on, top_k, 0).astype(jnp.float32))
+        t_k = jnp.where(k_on, count, 0)
     w = jnp.where(keys >= t_k[:, None], jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), 0.0)
     mass = search(keys, w, top_p * jnp.sum(w, axis=-1))
     t_p = jnp.where(top_p < 1, mass, 0)
@@ -216,9 +221,11 @@ def _row_key(lo, hi, index, position):
     return key
 
 
-# How a batch draws: every row greedy; some row sampled, none with top-k / top-p; or some
-# row with top-k / top-p (a threshold search over the vocabulary, :func:`filter_mask`).
-MODES = ("greedy", "random", "filtered")
+# How a batch draws: every row greedy; some row sampled, none with top-k / top-p; some row
+# with top-p, none with top-k (one threshold search over the vocabulary: Scout's
+# generation_config sends every default request here); or some row with top-k (two
+# searches, :func:`filter_mask`).
+MODES = ("greedy", "random", "top_p", "filtered")
 
 
 def mode_of(params: SamplingBatch) -> str:
@@ -226,8 +233,10 @@ def mode_of(params: SamplingBatch) -> str:
     sampled = np.asarray(params.temperature) != 0
     if not sampled.any():
         return "greedy"
-    if (sampled & ((np.asarray(params.top_k) > 0) | (np.asarray(params.top_p) < 1))).any():
+    if (sampled & (np.asarray(params.top_k) > 0)).any():
         return "filtered"
+    if (sampled & (np.asarray(params.top_p) < 1)).any():
+        return "top_p"
     return "random"
 
 
@@ -314,10 +323,11 @@ def _sample(logits, processed, params: SamplingBatch, mode: str, want_logprobs: 
     elif mode == "random":
         tokens = jnp.where(is_greedy, greedy,
                            jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32))
-    elif mode == "filtered":
+    elif mode in ("top_p", "filtered"):
         # A row without top-k / top-p keeps every token, so it draws exactly what it would in
-        # a "random" batch: a row's tokens never depend on what else shares its batch.
-        keep = filter_mask(x, params.top_k, params.top_p)
+        # a "random" batch (and a top-p row what it would in a "filtered" one): a row's
+        # tokens never depend on what else shares its batch.
+        keep = filter_mask(x, params.top_k if mode == "filtered" else None, params.top_p)
         drawn = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, x, -jnp.inf))
         tokens = jnp.where(is_greedy, greedy, drawn.astype(jnp.int32))
     else:

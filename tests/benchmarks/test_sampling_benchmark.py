@@ -35,7 +35,7 @@ def test_a_run_writes_both_calls_per_batch_size(tmp_path, monkeypatch, capsys):
     rows = json.loads(path.read_text())["rows"]
     assert [(r["rows"], r["call"].split()[0]) for r in rows] == [
         (1, "top-p"), (1, "top-20"), (3, "top-p"), (3, "top-20")]
-    assert [len(r["us"]) for r in rows] == [3, 2, 3, 2]
+    assert [len(r["us"]) for r in rows] == [4, 2, 4, 2]
     for r in rows:
         assert set(r["us"]) == set(r["kernels"]) and "jaxattn" in r["us"]
         assert all(t > 0 for t in r["us"].values())

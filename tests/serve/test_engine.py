@@ -378,7 +378,7 @@ def test_the_sampler_works_on_the_steps_own_rows(runner, tokenizer, monkeypatch)
         seen.clear()
         _gen(engine, batch, [top_p] * len(batch))
         assert {rows for _, rows, _ in seen} == {1 if len(batch) == 1 else 8}
-        assert {(mode, size) for mode, _, size in seen} == {("filtered", 8)}
+        assert {(mode, size) for mode, _, size in seen} == {("top_p", 8)}
     assert engine.compile_count == warm
 
 
@@ -428,13 +428,22 @@ def test_multi_step_runner_matches_single_steps(runner, monkeypatch, last_row):
         np.testing.assert_array_equal(drawn.top_ids[i][:3], want.top_ids[:3])
     np.testing.assert_array_equal(jax.device_get(last)[:3], single[-1].token_ids[:3])
     # The smallest bucket's step (with the kernels, the decode-only one), not a size of its own.
-    # It samples the burst's rows at most, not max_num_seqs.
-    assert sizes == [(runner.buckets[0], runner.multi_step_rows)]
+    # It samples its sequences' rows (three: eight), not the step's.
+    assert sizes == [(runner.buckets[0], 8)]
     assert runner.buckets[0] > runner.multi_step_rows
     # f32 on the CPU; XLA fuses the loop's body its own way: ~1e-6 apart.
     np.testing.assert_allclose(jax.device_get(runner._kv.k[-1][10:33]), kv_single, atol=1e-5)
     with pytest.raises(ValueError, match="decode rows only"):
         runner.multi_step([SeqStep([1, 2], 0, [0])], rows[:1], 2)
+
+    def stop(kv, batch, *args, **kw):  # the rows a burst of one would sample; not run
+        sizes.append(kw["rows"])
+        raise InterruptedError
+
+    monkeypatch.setattr(runner._step, "multi", stop)
+    with pytest.raises(InterruptedError):
+        runner.multi_step(decode(0)[:1], later(0)[:1], n)
+    assert sizes[-1] == 1
 
 
 def test_a_burst_streams_as_one_delta_per_sequence(runner, tokenizer):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxattn.serve.sampling import SamplingBatch, draw, filter_mask, top_k
+from jaxattn.serve.sampling import SamplingBatch, draw, filter_mask, mode_of, top_k
 from jaxattn.serve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 S, V = 8, 64
@@ -28,12 +28,21 @@ def test_greedy_rows_take_the_argmax_padding_included():
 
 def test_a_rows_draw_depends_on_its_own_key_only():
     logits = np.tile(_logits(1)[:1], (S, 1))
-    # Alone (no row needs the top-k / top-p sort) and beside a row that does: same draws.
+    # Alone (no row needs a threshold search) and beside a row that does: same draws; a top-p
+    # row alone (one search) and beside a top-k row (both searches): same draws.
+    top_k_row = (0.7, 3, 0.5, 9, 1, 2)
     for pos in range(32):
-        row = (1.0, 0, 1.0, 1234, 0, pos)
+        row, nucleus = (1.0, 0, 1.0, 1234, 0, pos), (0.9, 0, 0.8, 77, 0, pos)
         alone = _draw(logits, [row]).token_ids[0]
-        mixed = _draw(logits, [(0.7, 3, 0.5, 9, 1, 2), (0.0, 0, 1.0, 0, 0, 0), row]).token_ids[2]
+        mixed = _draw(logits, [top_k_row, (0.0, 0, 1.0, 0, 0, 0), row]).token_ids[2]
         assert alone == mixed, pos
+        alone = _draw(logits, [nucleus]).token_ids[0]
+        mixed = _draw(logits, [top_k_row, nucleus]).token_ids[1]
+        assert alone == mixed, pos
+    modes = [mode_of(SamplingBatch.build(rows, S)) for rows in (
+        [(0.0, 0, 1.0, 0, 0, 0)], [row], [row, nucleus], [nucleus, top_k_row],
+        [(0.0, 5, 0.5, 0, 0, 0), nucleus])]  # a greedy row's limits do not count
+    assert modes == ["greedy", "random", "top_p", "filtered", "top_p"]
     # Other positions / output indices / seeds draw independently.
     draws = {_draw(logits, [(1.0, 0, 1.0, 1234, 0, p)]).token_ids[0] for p in range(20)}
     assert len(draws) > 3
@@ -109,7 +118,7 @@ def test_blocked_top_k_at_scouts_vocabulary():
     np.testing.assert_array_equal(ids, want_ids)
 
 
-@pytest.mark.parametrize("mode", ["greedy", "random", "filtered"])
+@pytest.mark.parametrize("mode", ["greedy", "random", "top_p", "filtered"])
 def test_only_the_live_rows_are_sampled_each_as_in_the_full_batch(mode):
     """sampler_rows' buckets: a row draws the same tokens whatever the number of rows
     sampled, and its logprobs differ by f32 rounding at most (XLA's CPU reductions over
@@ -120,8 +129,9 @@ def test_only_the_live_rows_are_sampled_each_as_in_the_full_batch(mode):
     assert sampler_row_sizes(64) == [1, 8, 64] and sampler_row_sizes(6) == [1, 6]
     logits = np.random.default_rng(4).standard_normal((16, 300)).astype(np.float32) * 3
     temp = 0.0 if mode == "greedy" else 0.8
-    top_p = 0.9 if mode == "filtered" else 1.0
-    params = SamplingBatch.build([(temp, 0, top_p, 7, 0, i) for i in range(16)], 16)
+    top_k = 20 if mode == "filtered" else 0
+    top_p = 0.9 if mode in ("top_p", "filtered") else 1.0
+    params = SamplingBatch.build([(temp, top_k, top_p, 7, 0, i) for i in range(16)], 16)
     full = jax.device_get(sample(logits, params, mode=mode, want_logprobs=True))
     for rows in (1, 8):
         part = jax.device_get(sample(logits, params, mode=mode, want_logprobs=True, rows=rows))
@@ -165,6 +175,9 @@ def test_threshold_filter_is_the_rank_rule(v, k, p, scale, seed, masked):
     got = filter_mask(x[None], np.array([k], np.int32), np.array([p], np.float32))[0]
     drawable = np.isfinite(x)  # a -inf token is never drawn, kept or not
     np.testing.assert_array_equal(np.asarray(got) & drawable, want & drawable)
+    if not 0 < k < v:  # top-k off: the same without its search
+        alone = filter_mask(x[None], None, np.array([p], np.float32))[0]
+        np.testing.assert_array_equal(alone, got)
 
 
 def test_threshold_filter_per_row_and_ties():
