@@ -147,11 +147,42 @@ def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:
         t[0] += ns
         t[1] += calls
     return {"kernels": rows(kernels), "host": rows(host), "kinds": rows(by_kind),
+            "timeline": timeline([(t0, d, k) for k, evs in starts.items() for t0, d in evs],
+                                 reps),
             "kernel_ms": round(sum(v[0] for v in kernels.values()) / reps / 1e6, 4),
             "kernel_calls": sum(v[1] for v in kernels.values()) // reps,
             # Counted apart: a Mosaic custom call has FFI prepare and initialize stages, which
             # XLA appears to run on every execution (NOTES-fp8.md, session 39).
             "mosaic_calls": sum(v[1] for k, v in kernels.items() if "mosaic" in k) // reps}
+
+
+def timeline(events, reps: int, top: int = 12, call_gap_ns: float = 200e3) -> dict:
+    """Device 0's timeline per call from its kernels' ``events`` (start ns, duration ns,
+    name) over ``reps`` calls: ``busy_ms``, the time some kernel runs (the union of their
+    intervals: with programmatic dependent launch a kernel starts before the one it waits
+    for ends, so the kernels' summed times overstate the step); ``idle_ms``, the gaps
+    between kernels within a call (gaps longer than ``call_gap_ns`` are taken to lie
+    between calls, where the host runs); ``gaps``: the idle time after each kind of
+    kernel before the next (``"a -> b"``: names cut at "_mosaic"), largest first."""
+    cut = lambda n: n.split("_mosaic")[0][:48]
+    busy = idle = 0.0
+    gaps: dict[str, list] = {}
+    end, before = None, None
+    for t0, d, name in sorted(events):
+        if end is not None and t0 > end:
+            gap = t0 - end
+            if gap < call_gap_ns:
+                idle += gap
+                g = gaps.setdefault(f"{cut(before)} -> {cut(name)}", [0.0, 0])
+                g[0] += gap
+                g[1] += 1
+        if end is None or t0 + d > end:
+            busy += t0 + d - max(t0, end) if end is not None else d
+            end, before = t0 + d, name
+    rows = sorted(gaps.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"busy_ms": round(busy / reps / 1e6, 4), "idle_ms": round(idle / reps / 1e6, 4),
+            "gaps": [{"after": k, "us": round(v[0] / reps / 1e3, 2), "count": v[1] // reps}
+                     for k, v in rows]}
 
 
 # Kernels called at least this often per call of the profiled function get their time per

@@ -119,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 attention projections take the attention output under its "
                         "layer's V scale, written as FP8 by the decode kernels "
                         "(llama4.model.STATIC_O_SCALE; one launch a layer fewer)")
-    p.add_argument("--swiglu-in-gate-up", default=False, action=argparse.BooleanOptionalAction,
+    p.add_argument("--swiglu-in-gate-up", default=True, action=argparse.BooleanOptionalAction,
                    help="FP8 MoE decode steps form the SwiGLU in the gate/up launch and run "
                         "the down projection on its f16 rows (llama4.moe.SWIGLU_IN_GATE_UP; "
-                        "one launch a layer fewer; untimed, so off by default)")
+                        "one launch a layer fewer)")
     # kernels.common.DEPENDENT_LAUNCH's default, read without importing jax (--dry-run sets
     # the simulated devices before jax starts).
     p.add_argument("--dependent-launch",
@@ -380,7 +380,8 @@ def profile_step(engine, config, args, rng, *, prompt_len: int, reps: int,
     what = f"batch-1 decode at {prompt_len}" if decode else f"prefill chunk of {prompt_len}"
     print(f"profile, {what}: {out['kernel_calls']} kernels ({out['mosaic_calls']} Mosaic), "
           f"{out['kernel_ms']:.2f} ms of GPU "
-          f"kernels per step; by kind: "
+          f"kernels per step (busy {out['timeline']['busy_ms']:.2f} ms, idle between them "
+          f"{out['timeline']['idle_ms']:.2f} ms); by kind: "
           + ", ".join(f"{r['name']} {r['ms']:.2f} ms ({r['calls']})" for r in out["kinds"])
           + "; top kernels: "
           + ", ".join(f"{r['name'][:40]} {r['ms']:.2f} ms" for r in out["kernels"][:4])
@@ -392,6 +393,8 @@ def profile_step(engine, config, args, rng, *, prompt_len: int, reps: int,
                                      "Thunks::Prepare", "Thunks::Initialize"))
               or r["name"].startswith("cuGraphLaunch")),
           flush=True)
+    print("  idle after: " + ", ".join(f"{g['after']} {g['us']} µs ({g['count']})"
+                                       for g in out["timeline"]["gaps"][:8]), flush=True)
     attention = {k: v for k, v in out["by_layer_kind"].items() if kernel_kind(k) == "attention"}
     if attention:
         print("  attention by layer kind, µs a call: " + "; ".join(

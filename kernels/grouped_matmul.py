@@ -96,7 +96,8 @@ class GroupedMatmulConfig:
     promote: bool = False
     # W8A16 (f16 rows, FP8 weights): each weight tile is widened to f16 in registers, 64 rows
     # by 128 K at a time, and fed to the wgmma as its A operand. GPU interpret mode cannot
-    # run a register A operand, so its tests widen into a shared-memory tile instead.
+    # run a register A operand, so there (and where this is off) the pieces go through a
+    # shared-memory tile instead.
     widen_in_registers: bool = True
 
     def __post_init__(self):
@@ -307,7 +308,7 @@ def _fp8_launch(x, parts, scales, groups, config, out_dtype, scale_rows, by_row=
 def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
                               out_dtype=None, scale_ub: float | None = None,
                               scale_rows: bool = True, defer: bool = False, shared=None,
-                              swiglu: bool = False, groups_settled: bool = False):
+                              swiglu: bool = False, groups_settled: bool = False, held=None):
     """:func:`grouped_matmul_fp8` with the rows in any order: row r through the weights of
     group ``row_groups[r]`` (int32 [M]; G or more: no group, its row undefined) -> [M, N].
     ``defer``: where the Mosaic kernel runs, the :class:`fp8.Unscaled` product (by the
@@ -322,7 +323,7 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
 
     ``shared``: (weights, scales) of a shared expert that every row goes through as well,
     ``[N, K]`` and ``[N]`` per part (a Linear's), see :func:`_by_row_with_shared`, which
-    also takes ``swiglu`` (gate and up in, their SwiGLU out as f16 rows) and
+    also takes ``swiglu`` (gate and up in, their SwiGLU out as f16 rows), ``held`` and
     ``groups_settled`` (``row_groups`` written two launches back or more, see
     :func:`_mosaic_grouped_matmul`).
     """
@@ -330,7 +331,8 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
     if shared is not None:
         return _by_row_with_shared(x, w, w_scale, row_groups, shared, impl=impl,
                                    out_dtype=out_dtype or x.dtype, scale_rows=scale_rows,
-                                   defer=defer, swiglu=swiglu, groups_settled=groups_settled)
+                                   defer=defer, swiglu=swiglu, groups_settled=groups_settled,
+                                   held=held)
     if swiglu:
         raise ValueError("swiglu: by row with a shared expert (the decode MoE's launch) only")
     parts, scales = _parts(w, n_axis=1), _parts(w_scale, n_axis=1)
@@ -348,7 +350,7 @@ def grouped_matmul_fp8_by_row(x, w, w_scale, row_groups, *, impl: str = "auto",
 
 
 def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, scale_rows,
-                        defer, swiglu=False, groups_settled=False):
+                        defer, swiglu=False, groups_settled=False, held=None):
     """The routed experts by row and a shared expert, for M = ``len(row_groups)`` tokens:
     ``x``'s values hold the rows once ([M, K]: both take them) or twice ([2M, K]: the routed
     experts' input, then the shared expert's), its scales always twice ([2M]: the routed
@@ -364,7 +366,11 @@ def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, s
     as :class:`fp8.Quantized` f16 rows [2M, N] (the routed rows, then the shared rows) under
     unit scales, clamped to f16's range; a routed row of no expert is undefined and its
     scale 0. Those are the W8A16 down projection's rows: f16 ``x`` values take the weights
-    widened."""
+    widened. ``held`` [M] f32: the routed rows' scales there (1: some expert, 0: none) where
+    the caller has them already (a decode step's token rows: the same for every layer);
+    otherwise they come from ``row_groups``, an XLA kernel between the launches of a
+    layer, where it stops the gate/up launch from starting before the routing's kernel
+    ends (programmatic dependent launch; ~2 us a layer on an H100, session 48)."""
     parts, scales = _parts(w, n_axis=1), _parts(w_scale, n_axis=1)
     s_parts = tuple(p[None] for p in _parts(shared[0], n_axis=0))  # [1, N, K]: one group
     s_scales = tuple(s[None] for s in _parts(shared[1], n_axis=0))
@@ -395,7 +401,8 @@ def _by_row_with_shared(x, w, w_scale, row_groups, shared, *, impl, out_dtype, s
                 x, w, w_scale, row_groups, shared, impl=impl, out_dtype=jnp.float32,
                 scale_rows=True, defer=False).reshape(2 * m, -1), 2, axis=-1)
             h = _swiglu(gate, up, jnp.float16).astype(jnp.float16)
-        held = (row_groups < parts[0].shape[0]).astype(jnp.float32)
+        if held is None:
+            held = (row_groups < parts[0].shape[0]).astype(jnp.float32)
         return fp8.Quantized(h, jnp.concatenate([held, jnp.ones((m,), jnp.float32)]),
                              jnp.dtype(out_dtype))
     if mosaic:
@@ -728,7 +735,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
             def product(acc_ref, lhs_smem, rhs_smem):
                 if widen:
-                    _widened_product(acc_ref, lhs_smem, rhs_smem, config.widen_in_registers)
+                    _widened_product(acc_ref, lhs_smem, rhs_smem,
+                                     config.widen_in_registers and not common.interpreting())
                 elif swap:  # acc [bn, bm] = W [bn, bk] x^T: both operands K-major as stored
                     plgpu.wgmma(acc_ref, rhs_smem, lhs_smem.T)
                 else:

@@ -49,9 +49,9 @@ def counting_sort(keys, num_keys: int):
 # The FP8 decode MoE's SwiGLU formed in the gate/up launch's epilogue (gate's and up's rows
 # of the same columns in one tile), its rows left in f16 for a W8A16 down launch (the FP8
 # weights widened to f16 in registers): one launch a layer fewer than the SwiGLU-and-quantise
-# kernel between them. Built in session 42 and not yet timed, so off until a GPU says it pays
-# (benchmarks/NOTES-fp8.md, session 42). Read when the step is traced.
-SWIGLU_IN_GATE_UP = False
+# kernel between them (benchmarks/NOTES-fp8.md, sessions 42 and 48: -1.2% a step on 12 of
+# Scout's layers on an H100; the launches alone -4 us a layer). Read when the step is traced.
+SWIGLU_IN_GATE_UP = True
 
 
 class MLP(nnx.Module):
@@ -117,13 +117,13 @@ class Experts(nnx.Module):
         return self.gate_proj.shape[0]
 
     def _matmul(self, names, x, groups, impl, scale_rows=True, by_row=False, shared=None,
-                swiglu=False, groups_settled=False):
+                swiglu=False, groups_settled=False, held=None):
         """The products of ``x`` with the weights ``names`` (one launch), side by side;
         ``groups``: the group sizes, or each row's expert (``by_row``: the Unscaled product
         where the kernel runs, see :meth:`__call__`; ``shared``: a shared expert's Linears
         of the same names, in the same launch; ``swiglu``: gate's and up's SwiGLU instead,
-        f16 rows; ``groups_settled``: the experts were chosen two launches back or more,
-        see :func:`grouped_matmul_fp8_by_row`)."""
+        f16 rows, ``held`` their routed rows' scales; ``groups_settled``: the experts were
+        chosen two launches back or more; see :func:`grouped_matmul_fp8_by_row`)."""
         weights = tuple(getattr(self, n)[...] for n in names)
         if self.fp8:
             scales = tuple(getattr(self, n + "_scale")[...] for n in names)
@@ -135,13 +135,13 @@ class Experts(nnx.Module):
                 return grouped_matmul_fp8_by_row(x, weights, scales, groups, impl=impl,
                                                  scale_rows=scale_rows, defer=scale_rows,
                                                  shared=shared, swiglu=swiglu,
-                                                 groups_settled=groups_settled)
+                                                 groups_settled=groups_settled, held=held)
             return grouped_matmul_fp8(x, weights, scales, groups, impl=impl,
                                       scale_rows=scale_rows)
         return grouped_matmul(x, weights, groups, impl=impl)
 
     def __call__(self, x, group_sizes, impl: str = "auto", row_experts=None,
-                 shared: MLP | None = None):
+                 shared: MLP | None = None, held=None):
         """x [M, H] (or FP8 experts' :class:`fp8_lib.Quantized` rows): sorted by expert,
         ``group_sizes[e]`` rows for expert e (entries past the last expert: rows of none).
         Returns [M, H]. FP8: or rows in any order with ``row_experts`` (int32 [M], each
@@ -157,7 +157,10 @@ class Experts(nnx.Module):
         in the same launches, the SwiGLU over both's rows. ``x``'s values are then [M, H]
         (both take them) or [2M, H] (the routed rows, then the shared rows), its scales
         [2M] (the routed rows', 0 for a row of no expert, then the shared rows'); returns
-        their products as one stacked :class:`fp8_lib.Unscaled` [2, M, H] (routed, shared)."""
+        their products as one stacked :class:`fp8_lib.Unscaled` [2, M, H] (routed, shared).
+        ``held`` (f32 [M], optional): 1 for a row of some expert, 0 for one of none, which
+        the SwiGLU in gate/up would otherwise work out from ``row_experts`` in a kernel of
+        its own (:func:`grouped_matmul_fp8_by_row`)."""
         names = ("gate_proj", "up_proj")
         if not self.fp8:
             if row_experts is not None:
@@ -170,7 +173,8 @@ class Experts(nnx.Module):
         groups = row_experts if by_row else group_sizes
         if by_row and shared is not None and SWIGLU_IN_GATE_UP:
             # f16 rows [2M, I] of the SwiGLU from the gate/up launch itself
-            h = self._matmul(names, x, groups, impl, by_row=True, shared=shared, swiglu=True)
+            h = self._matmul(names, x, groups, impl, by_row=True, shared=shared, swiglu=True,
+                             held=held)
         else:
             gate_up = self._matmul(names, x, groups, impl, scale_rows=False, by_row=by_row,
                                    shared=shared)  # [M, 2I] ([2, M, 2I] with shared)
@@ -180,6 +184,13 @@ class Experts(nnx.Module):
         # launch may read it, and copy its first routed tile's weights, before its wait
         return self._matmul(("down_proj",), h, groups, impl, by_row=by_row, shared=shared,
                             groups_settled=True)
+
+
+def _held(valid):
+    """f32 [N]: 1 for a token's row, 0 for padding (which top-1 routing sends to no
+    expert), from a step's ``valid`` rows; the same array for every layer, so XLA makes it
+    once a step. None without ``valid``."""
+    return None if valid is None else valid.reshape(-1).astype(jnp.float32)
 
 
 class MoE(nnx.Module):
@@ -231,7 +242,7 @@ class MoE(nnx.Module):
                 None if valid is None else valid.reshape(-1))
             rows = fp8_lib.Quantized(xq.values, scales, xq.dtype)
             terms = (self.experts(rows, None, gmm_impl, row_experts=expert,
-                                  shared=self.shared_expert).reshape(shape),)
+                                  shared=self.shared_expert, held=_held(valid)).reshape(shape),)
             return terms if defer else fp8_lib.sum_terms(terms)
         masked = k == 1  # padding rows routed to no expert already
         if masked:  # Scout: a max and an argmax fuse with the router
@@ -250,7 +261,7 @@ class MoE(nnx.Module):
         shared_in = xq if xq is not None and self.shared_expert.fp8 else x
         local_experts = self.experts.num_experts
         if self._by_row(n, gmm_impl) and self._with_shared(n):
-            terms = (self._experts_with_shared(x, xq, scores, expert, gmm_impl)
+            terms = (self._experts_with_shared(x, xq, scores, expert, gmm_impl, _held(valid))
                      .reshape(shape),)
             return terms if defer else fp8_lib.sum_terms(terms)
         if self._by_row(n, gmm_impl):
@@ -303,7 +314,7 @@ class MoE(nnx.Module):
                 and s.gate_proj.weight.shape == e.gate_proj.shape[1:]
                 and s.down_proj.weight.shape == e.down_proj.shape[1:])
 
-    def _experts_with_shared(self, x, xq, scores, expert, gmm_impl):
+    def _experts_with_shared(self, x, xq, scores, expert, gmm_impl, held):
         """The experts with the shared expert in their launches (:class:`Experts`'
         ``shared``) on this layer's rows, under an activation cap (uncapped, the rows'
         scales come from :func:`fp8_rows.route_scales` in ``__call__``): the routed rows
@@ -314,7 +325,8 @@ class MoE(nnx.Module):
         routed_scale = jnp.where(expert < self.num_experts, routed.scale, 0.0)  # padding: 0
         rows = fp8_lib.Quantized(jnp.concatenate([routed.values, xq.values]),
                                  jnp.concatenate([routed_scale, xq.scale]), xq.dtype)
-        return self.experts(rows, None, gmm_impl, row_experts=expert, shared=self.shared_expert)
+        return self.experts(rows, None, gmm_impl, row_experts=expert, shared=self.shared_expert,
+                            held=held)
 
     def _scaled_rows(self, x, xq, scores, tokens=None, copies=None):
         """The routed experts' input: each copy's token row times its router score (rows

@@ -220,6 +220,19 @@ def test_per_call_times_follow_launch_order_over_the_reps():
     assert common.per_call_us(events[:5], reps=2) is None  # a rep lost an event
 
 
+def test_timeline_counts_overlapping_kernels_once_and_names_the_gaps():
+    """Two calls (reps=2) of: a; b launched early (programmatic dependent launch) and
+    overlapping a; a 3 us gap; c. The calls lie 1 ms apart: that gap is the host's."""
+    us = 1000
+    call = [(0, 10 * us, "a_mosaic_gpu_kernel"), (4 * us, 10 * us, "b_mosaic_gpu_kernel"),
+            (17 * us, 5 * us, "c_fusion")]
+    events = call + [(t + 1_000 * us, d, n) for t, d, n in call]
+    got = common.timeline(events, reps=2)
+    assert got["busy_ms"] == pytest.approx(0.019)  # 0-14 and 17-22 us, per call
+    assert got["idle_ms"] == pytest.approx(0.003)
+    assert got["gaps"] == [{"after": "b -> c_fusion", "us": 3.0, "count": 1}]
+
+
 def test_a_layers_kernel_is_split_by_attention_kind():
     """Scout's pattern (every fourth layer global): the decode kernel's calls in layer order,
     slow on global layers, averaged per kind; kernels not run once a layer are left out."""

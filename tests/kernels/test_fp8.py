@@ -608,6 +608,25 @@ def test_swiglu_by_row_matches_the_reference(row_groups, block_n, shared):
     assert _rel(np.asarray(got, np.float32)[held], np.asarray(want)[held]) < 1e-3
 
 
+def test_swiglu_rows_scales_come_from_the_caller_where_given():
+    """The f16 rows' scales: 1 for a routed row of some expert, 0 for one of none, then 1
+    for the shared rows; from ``held`` where the caller gives it (a step's token rows, the
+    same every layer), else from the row experts."""
+    row_groups = jnp.asarray([2, 0, 4, 1], jnp.int32)  # row 2: no expert (4 experts)
+    xv, scale, (gate, up, sg, su) = _swiglu_case(4, 256, 128, 4)
+    x = fp8.Quantized(xv, scale, jnp.bfloat16)
+
+    def run(held=None):
+        return gm.grouped_matmul_fp8_by_row(
+            x, (gate[0], up[0]), (gate[1], up[1]), row_groups, impl="xla",
+            shared=((sg[0][0], su[0][0]), (sg[1][0], su[1][0])), swiglu=True, held=held)
+
+    np.testing.assert_array_equal(run().scale, [1, 1, 0, 1, 1, 1, 1, 1])
+    given = run(jnp.asarray([1, 1, 0, 0], jnp.float32))  # a caller's padding row: its own
+    np.testing.assert_array_equal(given.scale, [1, 1, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(given.values, run().values)
+
+
 def test_swiglu_saturates_at_the_output_range():
     """Products past f16's range come out as its largest finite value, not inf."""
     row_groups = [0, 1, 2, 3, 0, 1, 2, 3]

@@ -6,7 +6,6 @@ FP8 model against the same checkpoint in bf16 (relative L2 error, argmax agreeme
 and greedy text where bf16's choice is clear.
 """
 
-import dataclasses
 import json
 
 import jax
@@ -294,11 +293,14 @@ def test_decode_moe_runs_rows_in_token_order(monkeypatch, scale_ub):
     (``grouped_matmul_fp8_by_row``): no sort by expert, no scatter back; the shared expert
     rides in the same two launches (gate/up, down). The same output as XLA's by-row path,
     and apart from the shared expert the same as the sorted path XLA takes, padding rows
-    (``valid``) included; more rows take the sorted path."""
+    (``valid``) included; more rows take the sorted path. With the SwiGLU-and-quantise
+    kernel between the launches (the next test: with the SwiGLU in gate/up's)."""
     from flax import nnx
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     from jaxattn.models.llama4 import moe as moe_lib
+
+    monkeypatch.setattr(moe_lib, "SWIGLU_IN_GATE_UP", False)
 
     config = llama4.Llama4Config.from_hf_dict(dict(
         vocab_size=256, hidden_size=256, intermediate_size=256, intermediate_size_mlp=384,
@@ -351,7 +353,6 @@ def test_decode_moe_swiglu_in_gate_up(monkeypatch):
     from flax import nnx
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from jaxattn.kernels import grouped_matmul as gm
     from jaxattn.models.llama4 import moe as moe_lib
 
     config = llama4.Llama4Config.from_hf_dict(dict(
@@ -362,9 +363,6 @@ def test_decode_moe_swiglu_in_gate_up(monkeypatch):
     x = jax.random.normal(jax.random.key(1), (16, 256), jnp.bfloat16)
     valid = jnp.arange(16) < 11
     tokens = np.asarray(valid)
-    pick = gm.pick_config
-    monkeypatch.setattr(gm, "pick_config", lambda *a, **k: dataclasses.replace(
-        pick(*a, **k), widen_in_registers=False))  # interpret mode: no register A operand
     by_row, calls = moe_lib.grouped_matmul_fp8_by_row, []
     monkeypatch.setattr(moe_lib, "grouped_matmul_fp8_by_row", lambda *a, **k: calls.append(
         (k.get("swiglu", False), a[0].values.dtype if hasattr(a[0], "values") else None))
@@ -375,6 +373,7 @@ def test_decode_moe_swiglu_in_gate_up(monkeypatch):
 
     ref = run(moe_lib.MoE(config, dtype=jnp.float32, rngs=nnx.Rngs(0)), "xla")
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+        monkeypatch.setattr(moe_lib, "SWIGLU_IN_GATE_UP", False)
         base = run(moe)
         monkeypatch.setattr(moe_lib, "SWIGLU_IN_GATE_UP", True)
         calls.clear()
