@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 MoE decode steps form the SwiGLU in the gate/up launch and run "
                         "the down projection on its f16 rows (llama4.moe.SWIGLU_IN_GATE_UP; "
                         "one launch a layer fewer)")
+    p.add_argument("--prefetch-old-keys", default=False, action=argparse.BooleanOptionalAction,
+                   help="the decode kernel copies its first tile's old keys before it waits "
+                        "for the kernel before it (kernels.decode.PREFETCH_OLD_KEYS; untimed, "
+                        "so off by default)")
     # kernels.common.DEPENDENT_LAUNCH's default, read without importing jax (--dry-run sets
     # the simulated devices before jax starts).
     p.add_argument("--dependent-launch",
@@ -450,7 +454,7 @@ def run(args) -> dict:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from jaxattn import parallel
-    from jaxattn.kernels import common as kernel_common
+    from jaxattn.kernels import common as kernel_common, decode as decode_kernel
     from jaxattn.models.llama4 import model as llama4_model, moe as llama4_moe, sharding
     from jaxattn.serve import memory_plan as memory
     from jaxattn.serve.config import DEFAULT_PAGE_SIZE, EngineConfig
@@ -460,6 +464,7 @@ def run(args) -> dict:
     llama4_model.ROUTE_IN_NORM = args.route_in_norm  # read when the step is traced
     llama4_model.STATIC_O_SCALE = args.static_o_scale  # read when the step is built
     llama4_moe.SWIGLU_IN_GATE_UP = args.swiglu_in_gate_up  # read when the step is traced
+    decode_kernel.PREFETCH_OLD_KEYS = args.prefetch_old_keys  # read when a config is picked
     kernel_common.DEPENDENT_LAUNCH = args.dependent_launch  # read when a kernel is traced
     config = _config(args)
     lengths = (tuple(int(x) for x in args.lengths.split(",")) if args.lengths else
@@ -496,6 +501,7 @@ def run(args) -> dict:
            "async_scheduling": args.async_scheduling,
            "num_scheduler_steps": args.num_scheduler_steps, "route_in_norm": args.route_in_norm,
            "static_o_scale": args.static_o_scale, "swiglu_in_gate_up": args.swiglu_in_gate_up,
+           "prefetch_old_keys": args.prefetch_old_keys,
            "dependent_launch": args.dependent_launch,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
            "xla_flags": os.environ.get("XLA_FLAGS"),

@@ -193,18 +193,20 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm, static_o_
     assert err(got, decode) < 1.5 * err(xla, decode)
 
 
-@pytest.mark.parametrize("swiglu", [False, True])
-def test_fp8_decode_steps_with_dependent_launch_match_without(monkeypatch, swiglu):
+@pytest.mark.parametrize("swiglu,prefetch", [(False, False), (True, False), (True, True)])
+def test_fp8_decode_steps_with_dependent_launch_match_without(monkeypatch, swiglu, prefetch):
     """Programmatic dependent launch (``common.DEPENDENT_LAUNCH``) changes when each kernel
     starts, never what it computes: the FP8 serving steps (the model's defaults, decode steps
     in a decode-only bucket, so every launch of a layer is a Mosaic kernel after another)
     give the same logits bit for bit with it as without. A kernel reading its predecessor's
-    output before the dependency wait would read stale rows here."""
-    from jaxattn.kernels import common
+    output before the dependency wait would read stale rows here; ``prefetch``: the decode
+    kernel copying old keys before its wait (``decode.PREFETCH_OLD_KEYS``)."""
+    from jaxattn.kernels import common, decode
     from jaxattn.models.llama4 import moe as moe_lib
 
     config, fp8_model, bounds, steps = toy_moe_case(seed=4)
     monkeypatch.setattr(moe_lib, "SWIGLU_IN_GATE_UP", swiglu)
+    monkeypatch.setattr(decode, "PREFETCH_OLD_KEYS", prefetch)
 
     def run(dependent):
         monkeypatch.setattr(common, "DEPENDENT_LAUNCH", dependent)
