@@ -333,8 +333,8 @@ class Llama4Runner:
 # The sampler modes a decode burst compiles a loop for. A "random" or "top_p" batch draws
 # through the "filtered" loop: a row draws there exactly what it would in its own mode
 # (sampling._sample), at the price of the threshold searches per step it skips there
-# (sampling.filter_mask), and each loop is a compile of the whole step (~50 s at 12 of
-# Scout's layers on an H100, session 46).
+# (sampling.filter_mask), and each loop is a compile of the whole step, one per mode and
+# sampler row count (~24 s each at 12 of Scout's layers on an H100, session 48).
 BURST_MODES = ("greedy", "filtered")
 
 
