@@ -474,9 +474,12 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                         def _():
                             plgpu.barrier_wait(consumed.at[slot])
 
-                    @pl.when((i > 0) | (j >= n_pre))  # else issued before the wait
-                    def _():
-                        issue_block(seq, kvh, kv_start, kv_end, j, slot, wait_slot)
+                    issue = functools.partial(issue_block, seq, kvh, kv_start, kv_end, j, slot,
+                                              wait_slot)
+                    if prefetch:  # the first tile's first n_pre blocks: issued before the wait
+                        pl.when((i > 0) | (j >= n_pre))(issue)
+                    else:
+                        issue()
                     return step + 1
 
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
