@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the decode kernel copies its first tile's old keys before it waits "
                         "for the kernel before it (kernels.decode.PREFETCH_OLD_KEYS; untimed, "
                         "so off by default)")
+    p.add_argument("--router-in-smem", default=False, action=argparse.BooleanOptionalAction,
+                   help="the routing norm copies the router into shared memory before it "
+                        "waits for the kernel before it (kernels.fp8_rows.ROUTER_IN_SMEM; "
+                        "untimed, so off by default)")
     # kernels.common.DEPENDENT_LAUNCH's default, read without importing jax (--dry-run sets
     # the simulated devices before jax starts).
     p.add_argument("--dependent-launch",
@@ -454,7 +458,7 @@ def run(args) -> dict:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from jaxattn import parallel
-    from jaxattn.kernels import common as kernel_common, decode as decode_kernel
+    from jaxattn.kernels import common as kernel_common, decode as decode_kernel, fp8_rows
     from jaxattn.models.llama4 import model as llama4_model, moe as llama4_moe, sharding
     from jaxattn.serve import memory_plan as memory
     from jaxattn.serve.config import DEFAULT_PAGE_SIZE, EngineConfig
@@ -465,6 +469,7 @@ def run(args) -> dict:
     llama4_model.STATIC_O_SCALE = args.static_o_scale  # read when the step is built
     llama4_moe.SWIGLU_IN_GATE_UP = args.swiglu_in_gate_up  # read when the step is traced
     decode_kernel.PREFETCH_OLD_KEYS = args.prefetch_old_keys  # read when a config is picked
+    fp8_rows.ROUTER_IN_SMEM = args.router_in_smem  # read when a kernel is traced
     kernel_common.DEPENDENT_LAUNCH = args.dependent_launch  # read when a kernel is traced
     config = _config(args)
     lengths = (tuple(int(x) for x in args.lengths.split(",")) if args.lengths else
@@ -501,7 +506,7 @@ def run(args) -> dict:
            "async_scheduling": args.async_scheduling,
            "num_scheduler_steps": args.num_scheduler_steps, "route_in_norm": args.route_in_norm,
            "static_o_scale": args.static_o_scale, "swiglu_in_gate_up": args.swiglu_in_gate_up,
-           "prefetch_old_keys": args.prefetch_old_keys,
+           "prefetch_old_keys": args.prefetch_old_keys, "router_in_smem": args.router_in_smem,
            "dependent_launch": args.dependent_launch,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
            "xla_flags": os.environ.get("XLA_FLAGS"),

@@ -52,6 +52,11 @@ class RowsConfig:
 
     max_rows: int = 64  # decode-sized calls only (see the module docstring)
     chunk: int = 1024  # elements per load: 8 per thread of the warpgroup
+    # The routing norm (a router given) copies the router's weight [E, K] into shared memory
+    # (one bulk copy, 160 KiB at Scout's) before it waits for the kernel before it, where it
+    # otherwise reads it from global memory after the wait (from HBM at a layer's first
+    # touch). A weight, so no kernel writes it. None: :data:`ROUTER_IN_SMEM`.
+    router_in_smem: bool | None = None
 
     def chunk_for(self, k: int) -> int:
         """The largest power of two that divides ``k``, at most ``chunk``; ValueError if it
@@ -63,6 +68,10 @@ class RowsConfig:
 
 
 WARPGROUP = 128
+# RowsConfig.router_in_smem's default: built in session 48 and untimed, so off until a GPU
+# says it pays (a decode step under programmatic dependent launch is where it can).
+# benchmarks.multigpu --router-in-smem sets it; read when a kernel is traced.
+ROUTER_IN_SMEM = False
 
 
 def _use_kernel(impl: str, rows: int, k: int, config: RowsConfig) -> bool:
@@ -191,14 +200,16 @@ def _store_route(expert_ref, scales_ref, row, rows: int, top, expert, keep, scal
     scales_ref[pl.ds(rows + row, 1)] = jnp.broadcast_to(scale, (1,))
 
 
-def _launch(body, rows: int, out_shapes, name: str):
-    """One warpgroup per row: ``body(row, *refs)`` over GMEM refs (inputs, then outputs).
-    ``name`` names the CUDA kernel (``<name>_mosaic_gpu_kernel``), so that a step's profile
-    tells the row kernels apart."""
+def _launch(body, rows: int, out_shapes, name: str, scratch=(), waits: bool = True):
+    """One warpgroup per row: ``body(row, *refs)`` over GMEM refs (inputs, then outputs,
+    then the ``scratch`` shapes' SMEM refs). ``name`` names the CUDA kernel
+    (``<name>_mosaic_gpu_kernel``), so that a step's profile tells the row kernels apart.
+    ``waits`` False: ``body`` calls :func:`common.dependent_launch` itself."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     def kernel(*refs):
-        common.dependent_launch()
+        if waits:
+            common.dependent_launch()
         body(jax.lax.axis_index("rows"), *refs)
 
     kernel.__name__ = kernel.__qualname__ = name
@@ -207,6 +218,7 @@ def _launch(body, rows: int, out_shapes, name: str):
     # every ref store (for stores other threads read back), two per output chunk here, and
     # these kernels never read what they store; their reductions sync on their own.
     return plgpu.kernel(kernel, out_type=out_shapes, grid=(rows,), grid_names=("rows",),
+                        scratch_types=scratch,
                         compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True))
 
 
@@ -257,12 +269,22 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=
     Every load comes before the first store: the loads after a store to global memory
     may alias it, so they are not issued ahead of it, and a row's chunks interleaving
     loads and stores wait a memory round trip each (the decode step's ~5 per row)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
     r, k = x.shape
     chunk = config.chunk_for(k)
     at = [pl.ds(c * chunk, chunk) for c in range(k // chunk)]
     rounded = lambda v: v.astype(x.dtype).astype(jnp.float32)
+    smem_router = router is not None and (ROUTER_IN_SMEM if config.router_in_smem is None
+                                          else config.router_in_smem)
 
     def body(row, x_ref, w_ref, *rest):
+        if smem_router:  # the router's copy, then the wait for the kernel before
+            *rest, r_smem, r_landed = rest
+            # [E * K], flat and in bounds: one bulk copy (a tiled TMA box is <= 256 a side)
+            plgpu.copy_gmem_to_smem(rest[len(terms)], r_smem, r_landed,
+                                    oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
+            common.dependent_launch()
         term_refs, rest = rest[:len(terms)], rest[len(terms):]
         r_ref, v_ref, *rest = rest if router is not None else (None, None, *rest)
         sum_ref, *rest = rest if terms else (None, *rest)
@@ -314,11 +336,16 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=
             # form) would wait a memory round trip per expert (the likely reason it took
             # 13.9 us a call against 3.9 without the router; untimed since). Per thread:
             # E x chunk / 128 f32 partial sums (128 registers at Scout's E=16).
+            if smem_router:
+                plgpu.barrier_wait(r_landed)
+                load = lambda e, i: r_smem[pl.ds(e * k + i * chunk, chunk)]
+            else:
+                load = lambda e, i: r_ref[e, at[i]]
             dots = []
             for e in range(router.shape[0]):
-                dot = hs[0] * r_ref[e, at[0]].astype(jnp.float32)
-                for a, hc in zip(at[1:], hs[1:]):
-                    dot = dot + hc * r_ref[e, a].astype(jnp.float32)
+                dot = hs[0] * load(e, 0).astype(jnp.float32)
+                for i, hc in enumerate(hs[1:], 1):
+                    dot = dot + hc * load(e, i).astype(jnp.float32)
                 dots.append(dot)
             top = _top1([jnp.sum(dot).astype(x.dtype).astype(jnp.float32) for dot in dots])
             keep = v_ref[row] != 0
@@ -338,9 +365,10 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=
     if router is not None:
         outs += (jax.ShapeDtypeStruct((r,), jnp.int32),  # each row's expert, its scales
                  jax.ShapeDtypeStruct((2 * r,), jnp.float32))
-        operands = (*operands, router, valid)
+        operands = (*operands, router.reshape(-1) if smem_router else router, valid)
     name = "_".join(["add"] * bool(terms) + ["rms_norm_quantize"] + ["route"] * (router is not None))
-    return _launch(body, r, outs, name)(*operands)
+    scratch = (plgpu.SMEM((router.size,), x.dtype), plgpu.Barrier()) if smem_router else ()
+    return _launch(body, r, outs, name, scratch, waits=not smem_router)(*operands)
 
 
 @functools.partial(jax.jit, static_argnames=("scale_ub", "config"))

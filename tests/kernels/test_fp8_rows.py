@@ -4,6 +4,8 @@ On CPU the Mosaic GPU kernels run in Pallas' GPU interpret mode and are lowered 
 on a Hopper GPU they run at Scout's decode shapes.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,6 +215,25 @@ def test_add_rms_norm_quantize_routes_top_1(interpret, rows):
     _assert_route_scales(xla[3], xla[1], router, xla[2].scale, valid)
 
 
+@pytest.mark.parametrize("rows", [1, 16])
+def test_router_in_smem_routes_as_from_global_memory(interpret, rows):
+    """RowsConfig.router_in_smem: the router copied into shared memory (before the kernel's
+    dependency wait) gives the same results bit for bit."""
+    k = 640
+    x = jax.random.normal(jax.random.key(9), (rows, k), jnp.bfloat16) * 3
+    w = jax.random.uniform(jax.random.key(10), (k,), jnp.bfloat16, 0.5, 1.5)
+    router = jax.random.normal(jax.random.key(12), (16, k), jnp.bfloat16) * 0.05
+    valid = jnp.arange(rows) % 5 != 3 if rows > 1 else None
+
+    def run(in_smem):
+        return jax.tree.leaves(fr.add_rms_norm_quantize(
+            x, _update_terms(rows, k), w, 1e-5, router=router, valid=valid, impl="mosaic",
+            config=dataclasses.replace(SMALL, router_in_smem=in_smem)))
+
+    for got, want in zip(run(True), run(False)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_add_rms_norm_quantize_refuses_a_router_on_unflattened_rows():
     x = jnp.zeros((2, 3, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="rows"):
@@ -315,6 +336,10 @@ def test_kernels_lower_for_cuda_at_scout_shapes(rows):
         (lambda x, w, r, v: fr.add_rms_norm_quantize(x, _update_terms(rows, 5120), w, 1e-5,
                                                      router=r, valid=v, impl="mosaic"),
          (bf16(rows, 5120), bf16(5120), bf16(16, 5120), jax.ShapeDtypeStruct((rows,), jnp.bool_))),
+        (lambda x, w, r, v: fr.add_rms_norm_quantize(
+            x, _update_terms(rows, 5120), w, 1e-5, router=r, valid=v, impl="mosaic",
+            config=fr.RowsConfig(router_in_smem=True)),
+         (bf16(rows, 5120), bf16(5120), bf16(16, 5120), jax.ShapeDtypeStruct((rows,), jnp.bool_))),
         (lambda x, w: fr.add_rms_norm_quantize(x, (_stacked_terms(rows, 5120),), w, 1e-5,
                                                impl="mosaic"),
          (bf16(rows, 5120), bf16(5120))),
@@ -415,6 +440,10 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
     valid = jnp.arange(rows) != 1  # row 1 (where there is one): bucket padding
     total, h3, q3, route = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router,
                                                     valid=valid, impl="mosaic")
+    in_smem = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router, valid=valid,
+                                       impl="mosaic", config=fr.RowsConfig(router_in_smem=True))
+    for got, want in zip(jax.tree.leaves(in_smem), jax.tree.leaves((total, h3, q3, route))):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     np.testing.assert_array_equal(np.asarray(total, np.float32),
                                   np.asarray(x + fp8.sum_terms(terms), np.float32))
     _assert_quantises(q3, h3)
