@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib
 import json
 import os
 import sys
@@ -65,6 +66,36 @@ COMPARE_STEPS = 4  # the first decode steps whose logprobs are compared
 TAIL_BUCKET = 2048
 STEP_MODULE = "jit_jitted"  # the engine step's jitted function, as XLA names its module
 PROFILE_TAIL = 32  # tokens the profiled request may decode (--profile-steps stays below)
+
+
+@dataclasses.dataclass(frozen=True)
+class Switch:
+    """A module-level switch of the FP8 decode step, a --flag / --no-flag here."""
+
+    flag: str
+    default: bool
+    module: str
+    name: str
+    help: str
+
+
+SWITCHES = (
+    Switch("route_in_norm", True, "jaxattn.models.llama4.model", "ROUTE_IN_NORM",
+           "FP8 MoE decode steps route their rows in the post-attention norm's kernel (two "
+           "launches a layer fewer)"),
+    Switch("static_o_scale", True, "jaxattn.models.llama4.model", "STATIC_O_SCALE",
+           "FP8 attention projections take the attention output under its layer's V scale, "
+           "written as FP8 by the decode kernels (one launch a layer fewer)"),
+    Switch("swiglu_in_gate_up", True, "jaxattn.models.llama4.moe", "SWIGLU_IN_GATE_UP",
+           "FP8 MoE decode steps form the SwiGLU in the gate/up launch and run the down "
+           "projection on its f16 rows (one launch a layer fewer)"),
+    Switch("prefetch_old_keys", False, "jaxattn.kernels.decode", "PREFETCH_OLD_KEYS",
+           "the decode kernel copies its first tile's old keys before it waits for the kernel "
+           "before it (untimed, so off by default)"),
+    Switch("router_in_smem", False, "jaxattn.kernels.fp8_rows", "ROUTER_IN_SMEM",
+           "the routing norm copies the router into shared memory before it waits for the "
+           "kernel before it (untimed, so off by default)"),
+)
 # Scout's structure at toy size for --dry-run (heads, experts and vocabulary divide 8 devices).
 DRY_CONFIG = dict(
     vocab_size=1024, hidden_size=128, intermediate_size=128, intermediate_size_mlp=256,
@@ -112,25 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Fp8Scheme(attention=True); 29%% of a batch-1 step's bytes in bf16)")
     p.add_argument("--kv-cache-dtype", default=None, choices=["bf16", "fp8"],
                    help="fp8: the FP8 KV cache (about twice the tokens; issue 21's 1M-token run)")
-    p.add_argument("--route-in-norm", default=True, action=argparse.BooleanOptionalAction,
-                   help="FP8 MoE decode steps route their rows in the post-attention norm's "
-                        "kernel (llama4.model.ROUTE_IN_NORM; two launches a layer fewer)")
-    p.add_argument("--static-o-scale", default=True, action=argparse.BooleanOptionalAction,
-                   help="FP8 attention projections take the attention output under its "
-                        "layer's V scale, written as FP8 by the decode kernels "
-                        "(llama4.model.STATIC_O_SCALE; one launch a layer fewer)")
-    p.add_argument("--swiglu-in-gate-up", default=True, action=argparse.BooleanOptionalAction,
-                   help="FP8 MoE decode steps form the SwiGLU in the gate/up launch and run "
-                        "the down projection on its f16 rows (llama4.moe.SWIGLU_IN_GATE_UP; "
-                        "one launch a layer fewer)")
-    p.add_argument("--prefetch-old-keys", default=False, action=argparse.BooleanOptionalAction,
-                   help="the decode kernel copies its first tile's old keys before it waits "
-                        "for the kernel before it (kernels.decode.PREFETCH_OLD_KEYS; untimed, "
-                        "so off by default)")
-    p.add_argument("--router-in-smem", default=False, action=argparse.BooleanOptionalAction,
-                   help="the routing norm copies the router into shared memory before it "
-                        "waits for the kernel before it (kernels.fp8_rows.ROUTER_IN_SMEM; "
-                        "untimed, so off by default)")
+    for switch in SWITCHES:
+        p.add_argument("--" + switch.flag.replace("_", "-"), default=switch.default,
+                       action=argparse.BooleanOptionalAction,
+                       help=f"{switch.help} ({switch.module}.{switch.name})")
     # kernels.common.DEPENDENT_LAUNCH's default, read without importing jax (--dry-run sets
     # the simulated devices before jax starts).
     p.add_argument("--dependent-launch",
@@ -300,6 +316,13 @@ def judge_logprobs(cmp: dict) -> bool:
     return max(diffs) <= GPU_SPEC.flip_atol and odd <= GPU_SPEC.flip_frac * len(cmp) + 1e-9
 
 
+def apply_switches(args) -> None:
+    """Set each of :data:`SWITCHES` as ``args`` has it (each is read when a step is traced
+    or built, so before the engine is made)."""
+    for switch in SWITCHES:
+        setattr(importlib.import_module(switch.module), switch.name, getattr(args, switch.flag))
+
+
 def roofline_ms(config, res: dict, batch: int, kv_len: int) -> float:
     """Bytes each device must read for one decode step / the same-run read bandwidth."""
     from benchmarks.roofline import decode_bytes
@@ -458,18 +481,14 @@ def run(args) -> dict:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from jaxattn import parallel
-    from jaxattn.kernels import common as kernel_common, decode as decode_kernel, fp8_rows
-    from jaxattn.models.llama4 import model as llama4_model, moe as llama4_moe, sharding
+    from jaxattn.kernels import common as kernel_common
+    from jaxattn.models.llama4 import sharding
     from jaxattn.serve import memory_plan as memory
     from jaxattn.serve.config import DEFAULT_PAGE_SIZE, EngineConfig
     from jaxattn.serve.engine import LLMEngine
     from jaxattn.serve.model_runner import Llama4Runner
 
-    llama4_model.ROUTE_IN_NORM = args.route_in_norm  # read when the step is traced
-    llama4_model.STATIC_O_SCALE = args.static_o_scale  # read when the step is built
-    llama4_moe.SWIGLU_IN_GATE_UP = args.swiglu_in_gate_up  # read when the step is traced
-    decode_kernel.PREFETCH_OLD_KEYS = args.prefetch_old_keys  # read when a config is picked
-    fp8_rows.ROUTER_IN_SMEM = args.router_in_smem  # read when a kernel is traced
+    apply_switches(args)
     kernel_common.DEPENDENT_LAUNCH = args.dependent_launch  # read when a kernel is traced
     config = _config(args)
     lengths = (tuple(int(x) for x in args.lengths.split(",")) if args.lengths else
@@ -504,9 +523,8 @@ def run(args) -> dict:
            "fp8_attention": bool(args.quantization and args.fp8_attention),
            "kv_cache_dtype": args.kv_cache_dtype or dtype,
            "async_scheduling": args.async_scheduling,
-           "num_scheduler_steps": args.num_scheduler_steps, "route_in_norm": args.route_in_norm,
-           "static_o_scale": args.static_o_scale, "swiglu_in_gate_up": args.swiglu_in_gate_up,
-           "prefetch_old_keys": args.prefetch_old_keys, "router_in_smem": args.router_in_smem,
+           "num_scheduler_steps": args.num_scheduler_steps,
+           **{switch.flag: getattr(args, switch.flag) for switch in SWITCHES},
            "dependent_launch": args.dependent_launch,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
            "xla_flags": os.environ.get("XLA_FLAGS"),

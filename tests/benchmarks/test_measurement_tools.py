@@ -248,3 +248,21 @@ def test_a_layers_kernel_is_split_by_attention_kind():
             {"name": "gemm_fusion_dot_general_1"}]
     assert multigpu.by_layer_kind(rows, config) == {
         "decode_kernel_mosaic_gpu_kernel": {"global": 21.0, "chunked": 5.0}}
+
+
+def test_multigpu_switches_set_their_module_flags(monkeypatch):
+    """Each --flag / --no-flag of benchmarks.multigpu's step switches sets the module
+    global the step reads, and nothing else."""
+    import importlib
+
+    from benchmarks import multigpu
+
+    for switch in multigpu.SWITCHES:  # restored after the test
+        module = importlib.import_module(switch.module)
+        monkeypatch.setattr(module, switch.name, getattr(module, switch.name))
+    args = multigpu.build_parser().parse_args(["--no-swiglu-in-gate-up", "--router-in-smem"])
+    multigpu.apply_switches(args)
+    got = {s.flag: getattr(importlib.import_module(s.module), s.name) for s in multigpu.SWITCHES}
+    assert got == {"route_in_norm": True, "static_o_scale": True, "swiglu_in_gate_up": False,
+                   "prefetch_old_keys": False, "router_in_smem": True}
+
