@@ -70,7 +70,7 @@ PROFILE_TAIL = 32  # tokens the profiled request may decode (--profile-steps sta
 
 @dataclasses.dataclass(frozen=True)
 class Switch:
-    """A module-level switch of the FP8 decode step, a --flag / --no-flag here."""
+    """A module-level switch of the serving step's kernels, a --flag / --no-flag here."""
 
     flag: str
     default: bool
@@ -95,6 +95,13 @@ SWITCHES = (
     Switch("router_in_smem", False, "jaxattn.kernels.fp8_rows", "ROUTER_IN_SMEM",
            "the routing norm copies the router into shared memory before it waits for the "
            "kernel before it (untimed, so off by default)"),
+    # Its default read without importing jax (--dry-run sets the simulated devices before
+    # jax starts).
+    Switch("dependent_launch", os.environ.get("JAXATTN_DEPENDENT_LAUNCH", "1") == "1",
+           "jaxattn.kernels.common", "DEPENDENT_LAUNCH",
+           "every Mosaic kernel waits for the one before it on the GPU and lets the next "
+           "launch early (programmatic dependent launch; default: on, unless "
+           "JAXATTN_DEPENDENT_LAUNCH=0)"),
 )
 # Scout's structure at toy size for --dry-run (heads, experts and vocabulary divide 8 devices).
 DRY_CONFIG = dict(
@@ -147,15 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + switch.flag.replace("_", "-"), default=switch.default,
                        action=argparse.BooleanOptionalAction,
                        help=f"{switch.help} ({switch.module}.{switch.name})")
-    # kernels.common.DEPENDENT_LAUNCH's default, read without importing jax (--dry-run sets
-    # the simulated devices before jax starts).
-    p.add_argument("--dependent-launch",
-                   default=os.environ.get("JAXATTN_DEPENDENT_LAUNCH", "1") == "1",
-                   action=argparse.BooleanOptionalAction,
-                   help="every Mosaic kernel waits for the one before it on the GPU and lets "
-                        "the next launch early (programmatic dependent launch; "
-                        "kernels.common.DEPENDENT_LAUNCH; default: on, unless "
-                        "JAXATTN_DEPENDENT_LAUNCH=0)")
     p.add_argument("--num-scheduler-steps", type=int, default=1,
                    help="decode steps per device call for small decode batches (the engine's "
                         "--num-scheduler-steps: the host's per-call work paid once a burst)")
@@ -481,7 +479,6 @@ def run(args) -> dict:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from jaxattn import parallel
-    from jaxattn.kernels import common as kernel_common
     from jaxattn.models.llama4 import sharding
     from jaxattn.serve import memory_plan as memory
     from jaxattn.serve.config import DEFAULT_PAGE_SIZE, EngineConfig
@@ -489,7 +486,6 @@ def run(args) -> dict:
     from jaxattn.serve.model_runner import Llama4Runner
 
     apply_switches(args)
-    kernel_common.DEPENDENT_LAUNCH = args.dependent_launch  # read when a kernel is traced
     config = _config(args)
     lengths = (tuple(int(x) for x in args.lengths.split(",")) if args.lengths else
                DRY_LENGTHS if args.dry_run else LENGTHS)
@@ -525,7 +521,6 @@ def run(args) -> dict:
            "async_scheduling": args.async_scheduling,
            "num_scheduler_steps": args.num_scheduler_steps,
            **{switch.flag: getattr(args, switch.flag) for switch in SWITCHES},
-           "dependent_launch": args.dependent_launch,
            "command_buffer": os.environ.get("JAXATTN_COMMAND_BUFFER"),
            "xla_flags": os.environ.get("XLA_FLAGS"),
            "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR"),

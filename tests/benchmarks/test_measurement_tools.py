@@ -260,9 +260,11 @@ def test_multigpu_switches_set_their_module_flags(monkeypatch):
     for switch in multigpu.SWITCHES:  # restored after the test
         module = importlib.import_module(switch.module)
         monkeypatch.setattr(module, switch.name, getattr(module, switch.name))
-    args = multigpu.build_parser().parse_args(["--no-swiglu-in-gate-up", "--router-in-smem"])
+    args = multigpu.build_parser().parse_args(["--no-swiglu-in-gate-up", "--router-in-smem",
+                                                  "--no-dependent-launch"])
     multigpu.apply_switches(args)
     got = {s.flag: getattr(importlib.import_module(s.module), s.name) for s in multigpu.SWITCHES}
     assert got == {"route_in_norm": True, "static_o_scale": True, "swiglu_in_gate_up": False,
-                   "prefetch_old_keys": False, "router_in_smem": True}
+                   "prefetch_old_keys": False, "router_in_smem": True,
+                   "dependent_launch": False}
 
