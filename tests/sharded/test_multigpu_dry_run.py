@@ -46,11 +46,12 @@ def test_dry_run_fp8(tmp_path, monkeypatch, split):
     bf16 model on such a mesh: tests/sharded/test_sharded_serving.py), with the model's
     decode defaults (the routing in the norm's kernel, the attention output under a static
     scale) and without; the first with a batch decode sampled as Scout's defaults ask."""
-    from jaxattn.models import llama4
+    import importlib
 
     monkeypatch.delenv("OUT", raising=False)
-    for flag in ("ROUTE_IN_NORM", "STATIC_O_SCALE"):  # the script sets them
-        monkeypatch.setattr(llama4.model, flag, getattr(llama4.model, flag))
+    for switch in multigpu.SWITCHES:  # the script sets them
+        module = importlib.import_module(switch.module)
+        monkeypatch.setattr(module, switch.name, getattr(module, switch.name))
     assert multigpu.main(["--dry-run", "--quantization", "fp8", "--skip-alone",
                           "--decode-tokens", "2", "--lengths", "64,79,200",
                           "--decode-batches", "", "--out", str(tmp_path), *split]) == 0
