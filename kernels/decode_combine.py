@@ -139,21 +139,33 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
 
     def decode_combine_kernel(cmeta_ref, parents_ref, opart_ref, lpart_ref, out_ref,
                               lse_out_ref, o_buf, l_buf, o_out, full, shares):
-        common.dependent_launch(interpret)
         cols = pl.ds(lax.axis_index("col") * cw, cw)
         wg = lax.axis_index("wg")
+        w = lax.axis_index("w")
+        # The step's plan (parents, cmeta) was written before the layer's first kernel, so
+        # this worker's first parent is read before the wait for the main kernel (whose
+        # pieces it merges): that chain of GMEM reads overlaps the main kernel's tail.
+        # (w < n_w <= n_part // 2, so both reads stay in bounds for any count.)
+        n_parents = parents_ref[0]
+        slot0 = jnp.clip(parents_ref[1 + w], 0, n_part - 1)
+        first = tuple(cmeta_ref[slot0, i] for i in range(4))
+        common.dependent_launch(interpret)
+        args = (wg, cols, opart_ref, lpart_ref, out_ref, lse_out_ref, o_buf, l_buf, o_out,
+                full, shares)
+        pl.when(w < n_parents)(lambda: merge(slot0, first, *args))
 
-        @pl.loop(lax.axis_index("w"), parents_ref[0], step=n_w)
+        @pl.loop(w + n_w, n_parents, step=n_w)
         def _(i):
-            merge(parents_ref[1 + i], wg, cols, cmeta_ref, opart_ref, lpart_ref, out_ref,
-                  lse_out_ref, o_buf, l_buf, o_out, full, shares)
+            slot = parents_ref[1 + i]
+            merge(slot, tuple(cmeta_ref[slot, c] for c in range(4)), *args)
 
-    def merge(slot0, wg, cols, cmeta_ref, opart_ref, lpart_ref, out_ref, lse_out_ref, o_buf,
+    def merge(slot0, slot_meta, wg, cols, opart_ref, lpart_ref, out_ref, lse_out_ref, o_buf,
               l_buf, o_out, full, shares):
         """One parent: its pieces sit in slots [slot0, slot0 + n); this warpgroup's are
-        slot0 + wg + j * nwg. Every barrier gets as many waits as arrivals, so the
-        ring's phases carry over to the next parent."""
-        n, q_start, q_len, kvh = (cmeta_ref[slot0, i] for i in range(4))
+        slot0 + wg + j * nwg (``slot_meta``: the slot's row of cmeta, (n, q_start, q_len,
+        kv head)). Every barrier gets as many waits as arrivals, so the ring's phases
+        carry over to the next parent."""
+        n, q_start, q_len, kvh = slot_meta
         # A parent of few pieces is warpgroup 0's alone: handing over states costs more.
         shared = n >= config.share_from
         stride = jnp.where(shared, nwg, 1)
