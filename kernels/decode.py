@@ -348,12 +348,12 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                                                   plgpu.Layout.WGMMA)
             plgpu.commit_smem()
 
-        def zero_uncovered_rows():
-            """Rows no tile covers (padding, other lists' rows) get zeros from q_raw (FP8
-            rows: its 8-bit view, zeros too) before its first q lands, the CTAs taking them in
-            turn from the last: tiles are dealt from CTA 0, so with fewer tiles than CTAs the
-            ones that run a tile do not wait for these stores."""
-            n_zero = zero_ref[0]
+        def zero_uncovered_rows(n_zero):
+            """Rows no tile covers (padding, other lists' rows; ``n_zero`` of them, the
+            step's ``zero_ref[0]``) get zeros from q_raw (FP8 rows: its 8-bit view, zeros
+            too) before its first q lands, the CTAs taking them in turn from the last: tiles
+            are dealt from CTA 0, so with fewer tiles than CTAs the ones that run a tile do
+            not wait for these stores."""
             zc = num_ctas - 1 - cta
 
             @pl.when(zc < n_zero)
@@ -370,16 +370,22 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        def issue_block(seq, kvh, kv_start, kv_end, j, slot, wait_slot):
-            """The TMA copies of block ``j`` of a tile's keys into ring slot ``slot`` (after
-            ``wait_slot()``, which waits until the slot's last reader is done)."""
-            last_key = kv_end - 1
-            # Page ids first: their GMEM latency overlaps the wait for a free slot.
-            # Copies past kv_end re-read the item's last page (masked later), so
-            # the page table is never read beyond the item's range.
+        def block_pages(seq, kv_start, kv_end, j):
+            """Block ``j``'s first key and, per copy, its key and page. Copies past kv_end
+            re-read the item's last page (masked later), so the page table is never read
+            beyond the item's range."""
             base = kv_start + j * bk
-            keys = [jnp.minimum(base + cp * rpc, last_key) for cp in range(cpb)]
-            pages = [pt_ref[seq, key // page_size] for key in keys]
+            keys = [jnp.minimum(base + cp * rpc, kv_end - 1) for cp in range(cpb)]
+            # (The clip only matters for prefetch_old_blocks' read on a CTA of no tile.)
+            return base, keys, [pt_ref[seq, jnp.clip(key // page_size, 0, pt_ref.shape[1] - 1)]
+                                for key in keys]
+
+        def issue_block(seq, kvh, kv_start, kv_end, j, slot, wait_slot, pages=None):
+            """The TMA copies of block ``j`` of a tile's keys into ring slot ``slot`` (after
+            ``wait_slot()``, which waits until the slot's last reader is done); ``pages``:
+            :func:`block_pages`'s, if read already."""
+            # Page ids first: their GMEM latency overlaps the wait for a free slot.
+            base, keys, pages = pages or block_pages(seq, kv_start, kv_end, j)
             wait_slot()
 
             def copies(key, page, cp):
@@ -432,15 +438,20 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             def _(j):  # slot j: the ring's first round, no reader to wait for
                 issue_block(f(SEQ), kvh, kv_start, kv_end, j, j, lambda: None)
 
-            return n_pre
+            # The next block's page ids too (the host wrote the page table before the
+            # step): after the wait its copies go out at once. (A chunked-local layer's
+            # few keys share a block with the new token: that block is this one.)
+            seq = jnp.clip(f(SEQ), 0, pt_ref.shape[0] - 1)
+            return n_pre, block_pages(seq, kv_start, kv_end, n_pre)
 
         def producer():
             zero_smem()
-            n_pre = 0
+            n_pre, pre_pages = 0, None
+            n_zero = zero_ref[0]  # the step's plan: before the wait where prefetching
             if prefetch:
-                n_pre = prefetch_old_blocks()
+                n_pre, pre_pages = prefetch_old_blocks()
                 common.dependent_launch(interpret)
-            zero_uncovered_rows()
+            zero_uncovered_rows(n_zero)
 
             def tile_body(i, step):
                 kvh, f = tile_info(i)
@@ -477,7 +488,9 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                     issue = functools.partial(issue_block, seq, kvh, kv_start, kv_end, j, slot,
                                               wait_slot)
                     if prefetch:  # the first tile's first n_pre blocks: issued before the wait
-                        pl.when((i > 0) | (j >= n_pre))(issue)
+                        first = (i == 0) & (j == n_pre)  # its page ids read before it too
+                        pl.when(first)(lambda: issue(pages=pre_pages))
+                        pl.when(~first & ((i > 0) | (j > n_pre)))(issue)
                     else:
                         issue()
                     return step + 1
