@@ -195,7 +195,11 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
                  outputs: str, fp8: bool, fixed_k_scale, fixed_v_scale, interpret: bool):
     """``outputs``: "q" (k untouched: a NoPE layer), "qk", or "q+cache" (k and v into the
     cache's pools, aliased refs; ``fp8``: quantised, with their scale pools, k (v) with
-    ``fixed_k_scale`` (``fixed_v_scale``) where not None)."""
+    ``fixed_k_scale`` (``fixed_v_scale``) where not None).
+
+    The token's RoPE rows, temperature and cache slot are the step's inputs, which no
+    kernel of the layer writes, so they are read before the wait for the kernel before
+    (the q/k/v projection, whose rows follow it)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     refs = list(refs)
@@ -213,6 +217,16 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
     # last row (no read past the array): then they start ``first`` rows into it.
     start = jnp.minimum(token * heads, rows - _ROWS)
     first = token * heads - start
+
+    def per_element(table_ref):  # the token's [D] row, the same for every head
+        row = plgpu.load(table_ref.at[token], layout=plgpu.Layout.WGMMA.reduce(0),
+                         optimized=False)
+        return lax.broadcast_in_dim(row, (_ROWS, qkv_ref.shape[1]), [1])
+
+    cos, sin = (per_element(cos_ref), per_element(sin_ref)) if rope else (None, None)
+    temp = t_ref[token] if temperature else None
+    slot = slots_ref[token] if outputs == "q+cache" else None
+    common.dependent_launch(interpret)
     x = plgpu.load(qkv_ref.at[pl.ds(start, _ROWS)], layout=plgpu.Layout.WGMMA, optimized=False)
     if outputs == "q+cache":  # v goes to the cache as it came
         if fp8:
@@ -221,14 +235,8 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
             v_smem[...] = x
     x = x.astype(jnp.float32)
     rounded = lambda v: v.astype(qkv_ref.dtype).astype(jnp.float32)  # the model's casts
-
-    def per_element(table_ref):  # the token's [D] row, the same for every head
-        row = plgpu.load(table_ref.at[token], layout=plgpu.Layout.WGMMA.reduce(0),
-                         optimized=False)
-        return lax.broadcast_in_dim(row, x.shape, [1])
-
     if rope:  # apply_rope's arithmetic
-        x = rounded(x * per_element(cos_ref) + _swap_pairs(x, interpret) * per_element(sin_ref))
+        x = rounded(x * cos + _swap_pairs(x, interpret) * sin)
     if eps is not None:  # l2norm, per head
         inv = lax.rsqrt(jnp.sum(x * x, axis=1) / x.shape[1] + jnp.float32(eps))
         x = rounded(x * lax.broadcast_in_dim(inv, x.shape, [0]))
@@ -237,7 +245,7 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
     elif outputs != "q":
         k_smem[...] = x.astype(k_smem.dtype)
     if temperature:  # temperature_scale, q only
-        x = x * t_ref[token]
+        x = x * temp
     q_smem[...] = x.astype(q_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(first, hq)], q_ref.at[pl.ds(token * hq, hq)])
@@ -245,8 +253,6 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
         plgpu.copy_smem_to_gmem(k_smem.at[pl.ds(first + hq, hkv)],
                                 k_ref.at[pl.ds(token * hkv, hkv)])
     if outputs == "q+cache":  # the token's heads are hkv consecutive rows of a pool
-        slot = slots_ref[token]
-
         @pl.when((slot >= 0) & (slot < kp_ref.shape[0] // hkv))
         def _():
             for smem, pool, row in ((k_smem, kp_ref, first + hq), (v_smem, vp_ref,
@@ -290,8 +296,7 @@ def _rope_norm_kernel(qkv, rope, temperature, cache, *, hq: int, hkv: int, eps, 
                              interpret=interpret)
 
     def rope_norm(*refs):
-        common.dependent_launch(interpret)
-        body(lax.axis_index("tokens"), *refs)
+        body(lax.axis_index("tokens"), *refs)  # (it waits for the kernel before)
 
     smem = plgpu.SMEM((_ROWS, d), qkv.dtype)  # plain rows: TMA stores from any row
     scratch = (smem, smem, smem)
