@@ -325,10 +325,22 @@ def plot(res, path):
     fig.savefig(path, dpi=120)
 
 
+def _cases(text: str) -> list[tuple[int, int]]:
+    """"1x8192,1x64" -> [(1, 8192), (1, 64)]."""
+    cases = [case.split("x") for case in text.split(",")]
+    if not all(len(c) == 2 and all(n.isdigit() and int(n) > 0 for n in c) for c in cases):
+        raise argparse.ArgumentTypeError(f"--cases {text!r}: want BATCHxCONTEXT,... (e.g. 1x8192)")
+    return [(int(b), int(c)) for b, c in cases]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--plot", help="redraw table and plot from a results JSON")
     ap.add_argument("--quick", action="store_true", help="main cases only")
+    ap.add_argument("--cases", type=_cases, default=CASES,
+                    help="batch x context list instead of the issue's four, e.g. 1x8192,1x64 "
+                         "(a batch-1 model step's global layer, and a chunked-local layer's "
+                         "few keys)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--profile", action="store_true",
                     help="also trace each case's layer: its kernels and their times")
@@ -351,7 +363,7 @@ def main(argv=None):
            "dependent_launch": args.dependent_launch,
            "ceilings": ceilings(), "cases": [], "variants": []}
     print(res["ceilings"], flush=True)
-    for batch, ctx in CASES:
+    for batch, ctx in args.cases:
         try:
             res["cases"].append(run_case(batch, ctx, res["ceilings"], args.profile))
         except Exception as e:

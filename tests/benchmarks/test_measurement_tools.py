@@ -117,6 +117,17 @@ def test_decode_interleaved_varies_who_runs_before_whom():
     assert all(len(b) > 1 for b in behind.values()), behind
 
 
+def test_decode_cases_option_parses_and_refuses_clearly():
+    import argparse
+
+    from benchmarks import decode as decode_bench
+
+    assert decode_bench._cases("1x8192,1x64") == [(1, 8192), (1, 64)]
+    for bad in ("1x", "8192", "1x2x3", "0x64", "ax64"):
+        with pytest.raises(argparse.ArgumentTypeError, match="BATCHxCONTEXT"):
+            decode_bench._cases(bad)
+
+
 # An XLA dump's optimised module, cut to its shape: source tables, then the entry.
 _MODULE = """HloModule jit_jitted, is_scheduled=true
 
