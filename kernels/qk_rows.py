@@ -197,9 +197,9 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
     cache's pools, aliased refs; ``fp8``: quantised, with their scale pools, k (v) with
     ``fixed_k_scale`` (``fixed_v_scale``) where not None).
 
-    The token's RoPE rows, temperature and cache slot are the step's inputs, which no
-    kernel of the layer writes, so they are read before the wait for the kernel before
-    (the q/k/v projection, whose rows follow it)."""
+    The token's temperature and cache slot are the step's inputs, which no kernel of the
+    layer writes, so they are read before the wait for the kernel before (the q/k/v
+    projection, whose rows follow it)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     refs = list(refs)
@@ -218,12 +218,6 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
     start = jnp.minimum(token * heads, rows - _ROWS)
     first = token * heads - start
 
-    def per_element(table_ref):  # the token's [D] row, the same for every head
-        row = plgpu.load(table_ref.at[token], layout=plgpu.Layout.WGMMA.reduce(0),
-                         optimized=False)
-        return lax.broadcast_in_dim(row, (_ROWS, qkv_ref.shape[1]), [1])
-
-    cos, sin = (per_element(cos_ref), per_element(sin_ref)) if rope else (None, None)
     temp = t_ref[token] if temperature else None
     slot = slots_ref[token] if outputs == "q+cache" else None
     common.dependent_launch(interpret)
@@ -235,8 +229,14 @@ def _kernel_body(token, qkv_ref, *refs, hq: int, hkv: int, rope: bool, eps, temp
             v_smem[...] = x
     x = x.astype(jnp.float32)
     rounded = lambda v: v.astype(qkv_ref.dtype).astype(jnp.float32)  # the model's casts
+
+    def per_element(table_ref):  # the token's [D] row, the same for every head
+        row = plgpu.load(table_ref.at[token], layout=plgpu.Layout.WGMMA.reduce(0),
+                         optimized=False)
+        return lax.broadcast_in_dim(row, x.shape, [1])
+
     if rope:  # apply_rope's arithmetic
-        x = rounded(x * cos + _swap_pairs(x, interpret) * sin)
+        x = rounded(x * per_element(cos_ref) + _swap_pairs(x, interpret) * per_element(sin_ref))
     if eps is not None:  # l2norm, per head
         inv = lax.rsqrt(jnp.sum(x * x, axis=1) / x.shape[1] + jnp.float32(eps))
         x = rounded(x * lax.broadcast_in_dim(inv, x.shape, [0]))

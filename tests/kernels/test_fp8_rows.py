@@ -11,17 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxattn.kernels import common, fp8, fp8_rows as fr
 
 SMALL = fr.RowsConfig(chunk=128)  # several chunks per row at test sizes
-
-
-@pytest.fixture
-def interpret():
-    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-        yield
 
 
 def _dq(q: fp8.Quantized):

@@ -11,18 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxattn import kv_quant
 from jaxattn.kernels import common, qk_rows
 
 from attention_cases import assert_fp8_pools_close
-
-
-@pytest.fixture
-def interpret():
-    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-        yield
 
 
 def _case(tokens, hq, hkv, d, seed=0):
