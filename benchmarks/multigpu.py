@@ -89,12 +89,9 @@ SWITCHES = (
     Switch("swiglu_in_gate_up", True, "jaxattn.models.llama4.moe", "SWIGLU_IN_GATE_UP",
            "FP8 MoE decode steps form the SwiGLU in the gate/up launch and run the down "
            "projection on its f16 rows (one launch a layer fewer)"),
-    Switch("prefetch_old_keys", False, "jaxattn.kernels.decode", "PREFETCH_OLD_KEYS",
-           "the decode kernel copies its first tile's old keys before it waits for the kernel "
-           "before it (untimed, so off by default)"),
-    Switch("router_in_smem", False, "jaxattn.kernels.fp8_rows", "ROUTER_IN_SMEM",
+    Switch("router_in_smem", True, "jaxattn.kernels.fp8_rows", "ROUTER_IN_SMEM",
            "the routing norm copies the router into shared memory before it waits for the "
-           "kernel before it (untimed, so off by default)"),
+           "kernel before it"),
     # Its default read without importing jax (--dry-run sets the simulated devices before
     # jax starts).
     Switch("dependent_launch", os.environ.get("JAXATTN_DEPENDENT_LAUNCH", "1") == "1",

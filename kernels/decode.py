@@ -84,10 +84,6 @@ from jaxattn.kernels.decode_schedule import (KV_END, KV_HEAD, KV_START, PART, Q_
 from jaxattn.planner import DECODE_TILE_ROWS, Bounds, WorkList
 
 ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
-# DecodeConfig.prefetch_old_keys in the default configs: built in session 48 and untimed (a
-# serving step is where it can pay: under programmatic dependent launch), so off until a GPU
-# says it pays. Read when a config is picked; benchmarks.multigpu --prefetch-old-keys sets it.
-PREFETCH_OLD_KEYS = False
 # Query rows of a narrow tile (DecodeConfig.narrow_tiles): a wgmma N for S^T and O^T.
 NARROW_ROWS = 16
 _COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
@@ -152,14 +148,6 @@ class DecodeConfig:
     dequant_vector: FP8 cache: values per thread vector when a tile is dequantised (2, 4
       or 8: :data:`common.DEQUANT_LAYOUTS`): the width of its fp8 loads and 16-bit stores
       in shared memory (2: the wgmma layout, 2-byte loads). Same numbers either way.
-    prefetch_old_keys: under programmatic dependent launch the kernel is launched while the
-      one before it (a layer's rope_norm, which writes the step's new keys into the cache)
-      still runs, and waits for it first. With this, the producer first copies its first
-      tile's leading blocks (up to the ring's depth) whose keys all precede the sequence's
-      new tokens, which earlier steps wrote, and then waits: a global layer's split piece
-      (4 blocks at batch 1 x 8k) has half its keys in flight when the wait ends. Causal
-      items only; the blocks holding new keys, q and every store still follow the wait.
-      Untimed (:data:`PREFETCH_OLD_KEYS`).
     combine: the combine kernel's tuning (:class:`CombineConfig`).
     """
 
@@ -173,7 +161,6 @@ class DecodeConfig:
     narrow_tiles: bool = False
     f16_dequant: bool = False
     dequant_vector: int = 2
-    prefetch_old_keys: bool = False
     combine: CombineConfig = CombineConfig()
 
     def __post_init__(self):
@@ -216,10 +203,8 @@ def default_config(interpret=False, fp8=False) -> DecodeConfig:
     if fp8:
         return DecodeConfig(num_stages=4, p_in_registers=not interpret,
                             dequant_warpgroup=True, dequant_stages=2, narrow_tiles=True,
-                            f16_dequant=True, dequant_vector=4,
-                            prefetch_old_keys=PREFETCH_OLD_KEYS)
-    return DecodeConfig(block_kv=128, num_stages=2, p_in_registers=not interpret,
-                        prefetch_old_keys=PREFETCH_OLD_KEYS)
+                            f16_dequant=True, dequant_vector=4)
+    return DecodeConfig(block_kv=128, num_stages=2, p_in_registers=not interpret)
 
 
 def fit_blocks(config: DecodeConfig, bounds: Bounds) -> DecodeConfig:
@@ -254,8 +239,8 @@ def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, bl
 def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, out_ref, *,
                  cap: int,
                  n_part: int, scale: float, causal: bool, config: DecodeConfig, interpret,
-                 max_new: int, k_scale=None, v_scale=None, fixed_k_scale=None,
-                 fixed_v_scale=None, out_scale=None):
+                 k_scale=None, v_scale=None, fixed_k_scale=None, fixed_v_scale=None,
+                 out_scale=None):
     _, hkv, g, d = q4.shape
     num_ctas = cta_start.shape[0] - 1
     dtype = q4.dtype
@@ -296,22 +281,13 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     # Copies of a block that lie wholly past kv_end are skipped (16-bit caches; an FP8
     # slot's stale bytes could be a NaN code, so its copies all run, clamped to the last page).
     skip_copies = cpb > 1 and not fp8
-    # config.prefetch_old_keys: the producer copies its first tile's leading blocks of keys
-    # that earlier steps wrote before it waits for the kernel before it (causal items only:
-    # their keys past the sequence's new tokens' start are this step's, which that kernel,
-    # the layer's rope_norm, is writing; ``max_new`` bounds a decode sequence's new tokens).
-    prefetch = config.prefetch_old_keys and causal
 
     def decode_kernel(meta_ref, cta_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
         # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype (or FP8), a Ref updated
         # in place (uninitialised: the producers zero the rows no tile covers); outputs
         # lse_ref, opart_ref, lpart_ref (GMEM); scratch [+
         # the FP8 cache's].
-        wg = lax.axis_index("wg")
-        if prefetch:  # the producer waits after its first copies (producer())
-            pl.when(wg != 1)(lambda: common.dependent_launch(interpret))
-        else:
-            common.dependent_launch(interpret)
+        common.dependent_launch(interpret)
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
         (out_ref, lse_ref, opart_ref, lpart_ref, (q_raw, *q_raw8), q_tile, k_smem, v_smem,
          p_smem, (o_smem, o_out, o_t_smem, merge_acc), lse_smem, q_full, q_free, k_full,
@@ -326,6 +302,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         # wgmma_tile's FP8 arguments: (dequantised-ring barrier, dequantised tile(s), scales).
         deq_k = (kdeq_full if deq_wg else None, k_deq, ks_smem) if fp8 else ()
         deq_v = (vdeq_full if deq_wg else None, v_deq, vs_smem) if fp8 else ()
+        wg = lax.axis_index("wg")
         cta = lax.axis_index("cta")
         first_tile = cta_ref[cta]
         n_local = cta_ref[cta + 1] - first_tile
@@ -348,12 +325,12 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                                                   plgpu.Layout.WGMMA)
             plgpu.commit_smem()
 
-        def zero_uncovered_rows(n_zero):
-            """Rows no tile covers (padding, other lists' rows; ``n_zero`` of them, the
-            step's ``zero_ref[0]``) get zeros from q_raw (FP8 rows: its 8-bit view, zeros
-            too) before its first q lands, the CTAs taking them in turn from the last: tiles
-            are dealt from CTA 0, so with fewer tiles than CTAs the ones that run a tile do
-            not wait for these stores."""
+        def zero_uncovered_rows():
+            """Rows no tile covers (padding, other lists' rows) get zeros from q_raw (FP8
+            rows: its 8-bit view, zeros too) before its first q lands, the CTAs taking them in
+            turn from the last: tiles are dealt from CTA 0, so with fewer tiles than CTAs the
+            ones that run a tile do not wait for these stores."""
+            n_zero = zero_ref[0]
             zc = num_ctas - 1 - cta
 
             @pl.when(zc < n_zero)
@@ -370,88 +347,9 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        def block_pages(seq, kv_start, kv_end, j):
-            """Block ``j``'s first key and, per copy, its key and page. Copies past kv_end
-            re-read the item's last page (masked later), so the page table is never read
-            beyond the item's range."""
-            base = kv_start + j * bk
-            keys = [jnp.minimum(base + cp * rpc, kv_end - 1) for cp in range(cpb)]
-            # (The clip only matters for prefetch_old_blocks' read on a CTA of no tile.)
-            return base, keys, [pt_ref[seq, jnp.clip(key // page_size, 0, pt_ref.shape[1] - 1)]
-                                for key in keys]
-
-        def issue_block(seq, kvh, kv_start, kv_end, j, slot, wait_slot, pages=None):
-            """The TMA copies of block ``j`` of a tile's keys into ring slot ``slot`` (after
-            ``wait_slot()``, which waits until the slot's last reader is done); ``pages``:
-            :func:`block_pages`'s, if read already."""
-            # Page ids first: their GMEM latency overlaps the wait for a free slot.
-            base, keys, pages = pages or block_pages(seq, kv_start, kv_end, j)
-            wait_slot()
-
-            def copies(key, page, cp):
-                row = lax.rem(key, page_size) // rpc * rpc if rpc < page_size else 0
-                dst = pl.ds(cp * rpc, rpc)
-                src = pl.ds(row, rpc)
-                plgpu.copy_gmem_to_smem(k_ref.at[page, src, kvh],
-                                        k_smem.at[slot, dst], k_full.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[page, src, kvh],
-                                        v_smem.at[slot, dst], v_full.at[slot])
-                if fp8 and not fixed_k:  # the rows' scales, on the same barriers
-                    plgpu.copy_gmem_to_smem(ks_ref.at[page, kvh, src],
-                                            ks_smem.at[slot, dst], k_full.at[slot])
-                if fp8 and not fixed_v:
-                    plgpu.copy_gmem_to_smem(vs_ref.at[page, kvh, src],
-                                            vs_smem.at[slot, dst], v_full.at[slot])
-
-            for cp, (key, page) in enumerate(zip(keys, pages)):
-                if not skip_copies or cp == 0:  # a block's first copy is live
-                    copies(key, page, cp)
-                    continue
-                live = base + cp * rpc < kv_end
-
-                @pl.when(live)
-                def _():
-                    copies(key, page, cp)
-
-                # Wholly past kv_end (a short tail: most of a decode block at few
-                # keys): arrive without a copy. The block is masked, its slot
-                # rows stale or zero (finite, zero_smem).
-                @pl.when(~live)
-                def _():
-                    plgpu.barrier_arrive(k_full.at[slot])
-                    plgpu.barrier_arrive(v_full.at[slot])
-
-        def prefetch_old_blocks():
-            """Before the wait for the kernel before (``prefetch``): the copies of the first
-            tile's leading blocks, up to the ring's depth, whose keys all precede the
-            sequence's new tokens (at most ``max_new``, the last at the item's last query
-            position): earlier steps wrote them. -> how many blocks were issued."""
-            row = jnp.minimum(first_tile, meta_ref.shape[0] - 1)  # a CTA of no tile: any row
-            f = lambda col: meta_ref[row, col]
-            kvh, kv_start, kv_end = f(KV_HEAD), f(KV_START), f(KV_END)
-            n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
-            old_end = f(Q_POS) + f(Q_LEN) - max_new  # keys below it: earlier steps'
-            n_old = jnp.clip((old_end - kv_start) // bk, 0, n_blocks)
-            n_pre = jnp.where(n_local > 0, jnp.minimum(n_old, stages), 0)
-
-            @pl.loop(0, n_pre)
-            def _(j):  # slot j: the ring's first round, no reader to wait for
-                issue_block(f(SEQ), kvh, kv_start, kv_end, j, j, lambda: None)
-
-            # The next block's page ids too (the host wrote the page table before the
-            # step): after the wait its copies go out at once. (A chunked-local layer's
-            # few keys share a block with the new token: that block is this one.)
-            seq = jnp.clip(f(SEQ), 0, pt_ref.shape[0] - 1)
-            return n_pre, block_pages(seq, kv_start, kv_end, n_pre)
-
         def producer():
             zero_smem()
-            n_pre, pre_pages = 0, None
-            n_zero = zero_ref[0]  # the step's plan: before the wait where prefetching
-            if prefetch:
-                n_pre, pre_pages = prefetch_old_blocks()
-                common.dependent_launch(interpret)
-            zero_uncovered_rows(n_zero)
+            zero_uncovered_rows()
 
             def tile_body(i, step):
                 kvh, f = tile_info(i)
@@ -477,22 +375,53 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 def _(tok):
                     plgpu.barrier_arrive(q_full)
 
+                last_key = kv_end - 1
+
                 def block_body(j, step):
                     slot = lax.rem(step, stages)
+                    # Page ids first: their GMEM latency overlaps the wait for a free slot.
+                    # Copies past kv_end re-read the item's last page (masked later), so
+                    # the page table is never read beyond the item's range.
+                    base = kv_start + j * bk
+                    keys = [jnp.minimum(base + cp * rpc, last_key) for cp in range(cpb)]
+                    pages = [pt_ref[seq, key // page_size] for key in keys]
 
-                    def wait_slot():
-                        @pl.when(step >= stages)
+                    @pl.when(step >= stages)
+                    def _():
+                        plgpu.barrier_wait(consumed.at[slot])
+
+                    def copies(key, page, cp):
+                        row = lax.rem(key, page_size) // rpc * rpc if rpc < page_size else 0
+                        dst = pl.ds(cp * rpc, rpc)
+                        src = pl.ds(row, rpc)
+                        plgpu.copy_gmem_to_smem(k_ref.at[page, src, kvh],
+                                                k_smem.at[slot, dst], k_full.at[slot])
+                        plgpu.copy_gmem_to_smem(v_ref.at[page, src, kvh],
+                                                v_smem.at[slot, dst], v_full.at[slot])
+                        if fp8 and not fixed_k:  # the rows' scales, on the same barriers
+                            plgpu.copy_gmem_to_smem(ks_ref.at[page, kvh, src],
+                                                    ks_smem.at[slot, dst], k_full.at[slot])
+                        if fp8 and not fixed_v:
+                            plgpu.copy_gmem_to_smem(vs_ref.at[page, kvh, src],
+                                                    vs_smem.at[slot, dst], v_full.at[slot])
+
+                    for cp, (key, page) in enumerate(zip(keys, pages)):
+                        if not skip_copies or cp == 0:  # a block's first copy is live
+                            copies(key, page, cp)
+                            continue
+                        live = base + cp * rpc < kv_end
+
+                        @pl.when(live)
                         def _():
-                            plgpu.barrier_wait(consumed.at[slot])
+                            copies(key, page, cp)
 
-                    issue = functools.partial(issue_block, seq, kvh, kv_start, kv_end, j, slot,
-                                              wait_slot)
-                    if prefetch:  # the first tile's first n_pre blocks: issued before the wait
-                        first = (i == 0) & (j == n_pre)  # its page ids read before it too
-                        pl.when(first)(lambda: issue(pages=pre_pages))
-                        pl.when(~first & ((i > 0) | (j > n_pre)))(issue)
-                    else:
-                        issue()
+                        # Wholly past kv_end (a short tail: most of a decode block at few
+                        # keys): arrive without a copy. The block is masked, its slot
+                        # rows stale or zero (finite, zero_smem).
+                        @pl.when(~live)
+                        def _():
+                            plgpu.barrier_arrive(k_full.at[slot])
+                            plgpu.barrier_arrive(v_full.at[slot])
                     return step + 1
 
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
@@ -1029,7 +958,7 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
         q.reshape(shape), k_pages, v_pages, out_ref, cap=md.q_start.shape[0],
         n_part=md.cmeta.shape[0],
         scale=float(scale), causal=causal, config=config, interpret=interpret,
-        max_new=bounds.dq, k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale,
+        k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale,
         fixed_v_scale=fixed_v_scale, out_scale=out_scale)
     return out_ref, lse_tiles, pieces
 

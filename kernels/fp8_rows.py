@@ -55,7 +55,9 @@ class RowsConfig:
     # The routing norm (a router given) copies the router's weight [E, K] into shared memory
     # (one bulk copy, 160 KiB at Scout's) before it waits for the kernel before it, where it
     # otherwise reads it from global memory after the wait (from HBM at a layer's first
-    # touch). A weight, so no kernel writes it. None: :data:`ROUTER_IN_SMEM`.
+    # touch). A weight, so no kernel writes it. None: :data:`ROUTER_IN_SMEM`. A router over
+    # :data:`ROUTER_SMEM_BYTES` (Maverick's 128 experts: 1.25 MiB) is read from global
+    # memory either way.
     router_in_smem: bool | None = None
 
     def chunk_for(self, k: int) -> int:
@@ -68,10 +70,12 @@ class RowsConfig:
 
 
 WARPGROUP = 128
-# RowsConfig.router_in_smem's default: built in session 48 and untimed, so off until a GPU
-# says it pays (a decode step under programmatic dependent launch is where it can).
-# benchmarks.multigpu --router-in-smem sets it; read when a kernel is traced.
-ROUTER_IN_SMEM = False
+# RowsConfig.router_in_smem's default: on since session 49, where 12 of Scout's layers took
+# 2.758 ms a batch-1 decode step with it against 2.781 / 2.784 without (H100, programmatic
+# dependent launch; the same tokens and logprobs bit for bit). benchmarks.multigpu
+# --no-router-in-smem turns it off; read when a kernel is traced.
+ROUTER_IN_SMEM = True
+ROUTER_SMEM_BYTES = 192 * 1024  # of the SM's 227 KiB; the kernel keeps its rows in registers
 
 
 def _use_kernel(impl: str, rows: int, k: int, config: RowsConfig) -> bool:
@@ -275,8 +279,10 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=
     chunk = config.chunk_for(k)
     at = [pl.ds(c * chunk, chunk) for c in range(k // chunk)]
     rounded = lambda v: v.astype(x.dtype).astype(jnp.float32)
-    smem_router = router is not None and (ROUTER_IN_SMEM if config.router_in_smem is None
-                                          else config.router_in_smem)
+    smem_router = (router is not None
+                   and router.size * router.dtype.itemsize <= ROUTER_SMEM_BYTES
+                   and (ROUTER_IN_SMEM if config.router_in_smem is None
+                        else config.router_in_smem))
 
     def body(row, x_ref, w_ref, *rest):
         if smem_router:  # the router's copy, then the wait for the kernel before

@@ -276,6 +276,6 @@ def test_multigpu_switches_set_their_module_flags(monkeypatch):
     multigpu.apply_switches(args)
     got = {s.flag: getattr(importlib.import_module(s.module), s.name) for s in multigpu.SWITCHES}
     assert got == {"route_in_norm": True, "static_o_scale": True, "swiglu_in_gate_up": False,
-                   "prefetch_old_keys": False, "router_in_smem": True,
+                   "router_in_smem": True,
                    "dependent_launch": False}
 

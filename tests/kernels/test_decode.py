@@ -158,19 +158,6 @@ CASES.update({f"{name}_{tag}": dataclasses.replace(
     for tag, combine in _COMBINES.items()})
 
 
-# The producer copying its first tile's old keys before it waits for the kernel before
-# (DecodeConfig.prefetch_old_keys; interpret mode has no such wait, so these check the
-# copies' bookkeeping: the blocks issued early are skipped later, every barrier phase
-# completes): splits, a chunk boundary with multi-token items, 128-key blocks, one CTA over
-# many tiles and splits, q_len = dq, both tile forms, two consumers.
-CASES.update({f"{name}_prefetch": dataclasses.replace(
-    CASES[name], config=dataclasses.replace(CASES[name].config, prefetch_old_keys=True))
-    for name in ("scout_bf16_d128_g5_p16", "fp16_d64_g8_p8_chunked", "bf16_d64_g1_p32_bk128",
-                 "one_cta_many_tiles", "one_cta_many_splits", "fp16_d128_g5_q_eq_dq",
-                 "scout_bf16_d128_g5_p16_narrow", "one_cta_many_tiles_2c",
-                 "fp16_d128_g4_p64_noncausal")})
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_interpret_matches_oracle(name):
     check_case(CASES[name])
@@ -196,13 +183,11 @@ def test_empty_decode_list():
     assert (out == 0).all() and (lse == -np.inf).all()
 
 
-@pytest.mark.parametrize("consumers, combine_wgs, prefetch", [
-    (1, 1, False), (2, 1, False), (1, 2, False), (1, 1, True)])
-def test_race_detector_finds_no_races(consumers, combine_wgs, prefetch):
+@pytest.mark.parametrize("consumers, combine_wgs", [(1, 1), (2, 1), (1, 2)])
+def test_race_detector_finds_no_races(consumers, combine_wgs):
     case = Case(q_lens=(1, 3, 1), kv_lens=(200, 70, 333), head_dim=64,
                 config=decode.DecodeConfig(num_ctas=2, consumers=consumers, combine=(
-                    CombineConfig(warpgroups=combine_wgs, share_from=2)),
-                    prefetch_old_keys=prefetch))
+                    CombineConfig(warpgroups=combine_wgs, share_from=2))))
     params = plgpu.InterpretGPUParams(detect_races=True)
     run_case(case, interpret=params)
     assert not ipc.get_races().races_found

@@ -94,14 +94,11 @@ def test_page_sizes(page_size):
 
 
 def test_smem_p_path_and_other_shapes():
-    """The interpret-tested P-through-SMEM path, fp16, D=64, G=8, and the 128-key blocks,
-    with and without the old keys copied before the dependency wait."""
+    """The interpret-tested P-through-SMEM path, fp16, D=64, G=8, and the 128-key blocks."""
     _check([1, 8, 3], [40000, 9000, 513], hq=64, hkv=8, d=64, dtype=jnp.float16,
            config=decode.DecodeConfig(p_in_registers=False), tol=5e-3)
     _check([1, 12, 3], [40000, 9000, 513], config=decode.DecodeConfig(
         block_kv=128, num_stages=2, p_in_registers=True))
-    _check([1, 12, 3, 1], [40000, 9000, 513, 1], config=decode.DecodeConfig(
-        block_kv=128, num_stages=2, p_in_registers=True, prefetch_old_keys=True))
 
 
 @pytest.mark.parametrize("combine", [

@@ -348,6 +348,19 @@ def test_kernels_lower_for_cuda_at_scout_shapes(rows):
             *args).mlir_module()
 
 
+def test_a_router_too_big_for_shared_memory_is_read_from_global_memory():
+    """RowsConfig.router_in_smem with Maverick's router (128 experts x 5120, 1.25 MiB): the
+    routing norm reads it from global memory and lowers, where a copy into shared memory
+    would not fit."""
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    f = lambda x, w, r, v: fr.add_rms_norm_quantize(
+        x, _update_terms(16, 5120), w, 1e-5, router=r, valid=v, impl="mosaic",
+        config=fr.RowsConfig(router_in_smem=True))
+    assert "mosaic_gpu" in jax.export.export(jax.jit(f), platforms=["cuda"])(
+        bf16(16, 5120), bf16(5120), bf16(128, 5120),
+        jax.ShapeDtypeStruct((16,), jnp.bool_)).mlir_module()
+
+
 def _mosaic_module(monkeypatch, f, *args) -> list[str]:
     """The lines of ``f``'s (last) Mosaic GPU kernel as lowered for CUDA by Pallas and
     Mosaic's Python passes, before the C++ ones: the order of its loads, stores and
@@ -431,8 +444,9 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
     router = (jax.random.normal(jax.random.key(12), (16, 5120)) * 0.02 + 0.1 * push
               ).astype(jnp.bfloat16)
     valid = jnp.arange(rows) != 1  # row 1 (where there is one): bucket padding
-    total, h3, q3, route = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router,
-                                                    valid=valid, impl="mosaic")
+    total, h3, q3, route = fr.add_rms_norm_quantize(
+        x, terms, w, 1e-5, router=router, valid=valid, impl="mosaic",
+        config=fr.RowsConfig(router_in_smem=False))
     in_smem = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router, valid=valid,
                                        impl="mosaic", config=fr.RowsConfig(router_in_smem=True))
     for got, want in zip(jax.tree.leaves(in_smem), jax.tree.leaves((total, h3, q3, route))):

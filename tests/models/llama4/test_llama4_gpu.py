@@ -193,22 +193,21 @@ def test_fp8_decode_step_kernels_match_xla(monkeypatch, route_in_norm, static_o_
     assert err(got, decode) < 1.5 * err(xla, decode)
 
 
-@pytest.mark.parametrize("swiglu,prefetch", [(False, False), (True, False), (True, True)])
-def test_fp8_decode_steps_with_dependent_launch_match_without(monkeypatch, swiglu, prefetch):
+@pytest.mark.parametrize("swiglu,router_in_smem", [(False, False), (True, False), (True, True)])
+def test_fp8_decode_steps_with_dependent_launch_match_without(monkeypatch, swiglu,
+                                                               router_in_smem):
     """Programmatic dependent launch (``common.DEPENDENT_LAUNCH``) changes when each kernel
     starts, never what it computes: the FP8 serving steps (the model's defaults, decode steps
     in a decode-only bucket, so every launch of a layer is a Mosaic kernel after another)
     give the same logits bit for bit with it as without. A kernel reading its predecessor's
-    output before the dependency wait would read stale rows here; ``prefetch``: the reads
-    moved before the wait in session 48 (``decode.PREFETCH_OLD_KEYS``, the decode kernel's
-    old keys; ``fp8_rows.ROUTER_IN_SMEM``, the routing norm's router)."""
-    from jaxattn.kernels import common, decode, fp8_rows
+    output before the dependency wait would read stale rows here; ``router_in_smem``: the
+    routing norm's copy of the router before the wait (``fp8_rows.ROUTER_IN_SMEM``)."""
+    from jaxattn.kernels import common, fp8_rows
     from jaxattn.models.llama4 import moe as moe_lib
 
     config, fp8_model, bounds, steps = toy_moe_case(seed=4)
     monkeypatch.setattr(moe_lib, "SWIGLU_IN_GATE_UP", swiglu)
-    monkeypatch.setattr(decode, "PREFETCH_OLD_KEYS", prefetch)
-    monkeypatch.setattr(fp8_rows, "ROUTER_IN_SMEM", prefetch)
+    monkeypatch.setattr(fp8_rows, "ROUTER_IN_SMEM", router_in_smem)
 
     def run(dependent):
         monkeypatch.setattr(common, "DEPENDENT_LAUNCH", dependent)
