@@ -387,11 +387,12 @@ def test_router_loads_come_before_its_reductions(monkeypatch):
     """The norm kernel's router issues every global load before the first barrier of its 16
     reductions (a cross-warpgroup reduction syncs through shared memory, and no load moves
     across a ``bar.sync``). The norm's own reduction (two barriers) comes before them;
-    session 13's form, a load burst between each expert's reductions, had 32."""
+    session 13's form, a load burst between each expert's reductions, had 32. (The router
+    read from global memory: RowsConfig.router_in_smem off.)"""
     bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
     lines = _mosaic_module(monkeypatch, lambda x, d, w, r: fr.add_rms_norm_quantize(
-        x, d, w, 1e-5, router=r, impl="mosaic"), bf16(16, 5120), bf16(16, 5120), bf16(5120),
-        bf16(16, 5120))
+        x, d, w, 1e-5, router=r, impl="mosaic", config=fr.RowsConfig(router_in_smem=False)),
+        bf16(16, 5120), bf16(16, 5120), bf16(5120), bf16(16, 5120))
     loads, barriers = _global_loads(lines), _barriers(lines)
     assert len(loads) >= 16 * 5 and len(barriers) >= 2 * 16
     assert sum(b < loads[-1] for b in barriers) == 2
