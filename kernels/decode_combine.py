@@ -145,7 +145,8 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
         # The step's plan (parents, cmeta) was written before the layer's first kernel, so
         # this worker's first parent is read before the wait for the main kernel (whose
         # pieces it merges): that chain of GMEM reads overlaps the main kernel's tail.
-        # (w < n_w <= n_part // 2, so both reads stay in bounds for any count.)
+        # (w < n_w <= max(1, n_part // 2), so 1 + w <= n_part indexes parents; the clip
+        # keeps slot0 a row of cmeta whatever an unused entry of parents holds.)
         n_parents = parents_ref[0]
         slot0 = jnp.clip(parents_ref[1 + w], 0, n_part - 1)
         first = tuple(cmeta_ref[slot0, i] for i in range(4))

@@ -276,6 +276,5 @@ def test_multigpu_switches_set_their_module_flags(monkeypatch):
     multigpu.apply_switches(args)
     got = {s.flag: getattr(importlib.import_module(s.module), s.name) for s in multigpu.SWITCHES}
     assert got == {"route_in_norm": True, "static_o_scale": True, "swiglu_in_gate_up": False,
-                   "router_in_smem": True,
-                   "dependent_launch": False}
+                   "router_in_smem": True, "dependent_launch": False}
 

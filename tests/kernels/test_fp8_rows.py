@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-
 from jaxattn.kernels import common, fp8, fp8_rows as fr
 
 SMALL = fr.RowsConfig(chunk=128)  # several chunks per row at test sizes
@@ -326,13 +325,11 @@ def test_kernels_lower_for_cuda_at_scout_shapes(rows):
         (lambda x, w: fr.add_rms_norm_quantize(x, _update_terms(rows, 5120), w, 1e-5,
                                                impl="mosaic"),
          (bf16(rows, 5120), bf16(5120))),
-        (lambda x, w, r, v: fr.add_rms_norm_quantize(x, _update_terms(rows, 5120), w, 1e-5,
-                                                     router=r, valid=v, impl="mosaic"),
-         (bf16(rows, 5120), bf16(5120), bf16(16, 5120), jax.ShapeDtypeStruct((rows,), jnp.bool_))),
-        (lambda x, w, r, v: fr.add_rms_norm_quantize(
+        *((lambda x, w, r, v, in_smem=in_smem: fr.add_rms_norm_quantize(
             x, _update_terms(rows, 5120), w, 1e-5, router=r, valid=v, impl="mosaic",
-            config=fr.RowsConfig(router_in_smem=True)),
-         (bf16(rows, 5120), bf16(5120), bf16(16, 5120), jax.ShapeDtypeStruct((rows,), jnp.bool_))),
+            config=fr.RowsConfig(router_in_smem=in_smem)),
+           (bf16(rows, 5120), bf16(5120), bf16(16, 5120),
+            jax.ShapeDtypeStruct((rows,), jnp.bool_))) for in_smem in (False, True)),
         (lambda x, w: fr.add_rms_norm_quantize(x, (_stacked_terms(rows, 5120),), w, 1e-5,
                                                impl="mosaic"),
          (bf16(rows, 5120), bf16(5120))),

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-
 from jaxattn import kv_quant
 from jaxattn.kernels import common, qk_rows
 
