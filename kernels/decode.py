@@ -8,8 +8,8 @@ pack the item's tokens times the ``G = Hq / Hkv`` query heads of the KV group
 read from HBM once, by one wgmma M tile.
 
 Kernel shape (one CTA per SM, persistent): :func:`deal_tiles` deals the tiles to the
-CTAs, round robin in list order (longest first): CTA c runs the metadata's rows c,
-c + W, ... (W CTAs), each row loaded a tile ahead. Per CTA:
+CTAs, round robin in list order (longest first), and each CTA runs its
+tiles as one contiguous run of the metadata's rows. Per CTA:
 
 * warpgroup 1 (producer): per tile, one TMA of the item's query rows into a
   plain SMEM buffer; per KV block, one TMA per page (or page slice) for K and
@@ -236,13 +236,13 @@ def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, bl
     common.check_pages("decode", page_size, block_kv, pages_per_seq, fp8)
 
 
-def _kernel_call(meta, cta_tiles, zero_rows, page_table, q4, k_pages, v_pages, out_ref, *,
+def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, out_ref, *,
                  cap: int,
                  n_part: int, scale: float, causal: bool, config: DecodeConfig, interpret,
                  k_scale=None, v_scale=None, fixed_k_scale=None, fixed_v_scale=None,
                  out_scale=None):
     _, hkv, g, d = q4.shape
-    num_ctas = cta_tiles.shape[0]
+    num_ctas = cta_start.shape[0] - 1
     dtype = q4.dtype
     # An unsplit item's rows go out in q's dtype, or as FP8 under the static out_scale.
     out_dtype = out_ref.dtype
@@ -304,23 +304,12 @@ def _kernel_call(meta, cta_tiles, zero_rows, page_table, q4, k_pages, v_pages, o
         deq_v = (vdeq_full if deq_wg else None, v_deq, vs_smem) if fp8 else ()
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cta")
-        n_local = cta_ref[cta]
+        first_tile = cta_ref[cta]
+        n_local = cta_ref[cta + 1] - first_tile
 
-        def over_tiles(tile_body, init):
-            """``tile_body(i, f, carry)`` over this CTA's tiles (schedule rows cta, cta + W,
-            ...; ``f(col)``: the tile's metadata), each tile's row loaded a tile ahead: the
-            first goes out beside the tile count's load, not after it, and a later tile's
-            while the one before runs. (Rows past the last are clamped, and unused.)"""
-            def load(i):
-                r = jnp.minimum(cta + i * num_ctas, meta_ref.shape[0] - 1)
-                return tuple(meta_ref[r, col] for col in range(meta_ref.shape[1]))
-
-            def body(i, carry):
-                row, c = carry
-                ahead = load(i + 1)
-                return ahead, tile_body(i, row.__getitem__, c)
-
-            return lax.fori_loop(0, n_local, body, (load(0), init))[1]
+        def tile_info(i):
+            f = lambda col: meta_ref[first_tile + i, col]
+            return f(KV_HEAD), f
 
         def zero_smem():
             """q_raw's rows start at zero: a tile's q copies cover only its own tokens, so the
@@ -362,8 +351,8 @@ def _kernel_call(meta, cta_tiles, zero_rows, page_table, q4, k_pages, v_pages, o
             zero_smem()
             zero_uncovered_rows()
 
-            def tile_body(i, f, step):
-                kvh = f(KV_HEAD)
+            def tile_body(i, step):
+                kvh, f = tile_info(i)
                 seq, q_start, kv_start, kv_end = f(SEQ), f(Q_START), f(KV_START), f(KV_END)
 
                 @pl.when(i > 0)
@@ -438,7 +427,7 @@ def _kernel_call(meta, cta_tiles, zero_rows, page_table, q4, k_pages, v_pages, o
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
                 return lax.fori_loop(0, n_blocks, block_body, step)
 
-            steps = over_tiles(tile_body, jnp.int32(0))
+            steps = lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
 
             # Observe every completion of the barriers this warpgroup waits on
             # (GPU interpret mode checks it; the hardware does not care).
@@ -458,7 +447,8 @@ def _kernel_call(meta, cta_tiles, zero_rows, page_table, q4, k_pages, v_pages, o
             jobs = ((k_full, kdeq_free, kdeq_full, k_smem, ks_smem, k_deq),
                     (v_full, vdeq_free, vdeq_full, v_smem, vs_smem, v_deq))
 
-            def tile_body(i, f, step):
+            def tile_body(i, step):
+                _, f = tile_info(i)
                 kv_start, kv_end = f(KV_START), f(KV_END)
 
                 def block_body(j, step):
@@ -474,7 +464,7 @@ def _kernel_call(meta, cta_tiles, zero_rows, page_table, q4, k_pages, v_pages, o
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
                 return lax.fori_loop(0, n_blocks, block_body, step)
 
-            steps = over_tiles(tile_body, jnp.int32(0))
+            steps = lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
 
             @pl.loop(jnp.maximum(0, steps - dstages), steps)
             def _(s):  # observe the last completions (GPU interpret mode checks it)
@@ -583,8 +573,8 @@ def _kernel_call(meta, cta_tiles, zero_rows, page_table, q4, k_pages, v_pages, o
                 if consumers == 2:
                     plgpu.barrier_arrive(q_ready)
 
-            def tile_body(i, f, step):
-                kvh = f(KV_HEAD)
+            def tile_body(i, step):
+                kvh, f = tile_info(i)
                 q_start, q_len, q_pos = f(Q_START), f(Q_LEN), f(Q_POS)
                 kv_start, kv_end, part = f(KV_START), f(KV_END), f(PART)
 
@@ -809,7 +799,7 @@ def _kernel_call(meta, cta_tiles, zero_rows, page_table, q4, k_pages, v_pages, o
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     plgpu.barrier_arrive(merge_free)
 
-            over_tiles(tile_body, jnp.int32(0))
+            lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
             if c == 0:
                 # The stores' reads of SMEM, not their writes: the kernel's end orders
                 # those for whatever reads out next (as CUTLASS's TMA epilogues do).
@@ -901,7 +891,7 @@ def _kernel_call(meta, cta_tiles, zero_rows, page_table, q4, k_pages, v_pages, o
         decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,),
         grid_names=("cta",), num_threads=2 + int(deq_wg) + consumers - 1, thread_name="wg",
         compiler_params=_COMPILER_PARAMS, interpret=interpret or None,
-    )(meta, cta_tiles, zero_rows, page_table, q4, k_pages, v_pages, *scales, out_ref)
+    )(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, *scales, out_ref)
     return lse_tiles, Pieces(piece_rows, piece_lse)
 
 
@@ -950,7 +940,7 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv,
            fp8=k_scale is not None)
     common.check_kv_dtype("decode", q.dtype, k_pages.dtype, k_scale is not None)
-    num_ctas = md.cta_tiles.shape[0]
+    num_ctas = md.cta_start.shape[0] - 1
     if config.num_ctas not in (None, num_ctas):
         raise ValueError(f"DecodeConfig.num_ctas={config.num_ctas}, but the metadata deals "
                          f"tiles to {num_ctas} CTAs (decode_metadata's num_ctas)")
@@ -964,7 +954,7 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     out_ref = jax.new_ref(jnp.full(shape, jnp.nan, out_dtype) if interpret
                           else lax.empty(shape, out_dtype))
     lse_tiles, pieces = _kernel_call(
-        md.meta, md.cta_tiles, md.zero_rows, page_table.astype(jnp.int32),
+        md.meta, md.cta_start, md.zero_rows, page_table.astype(jnp.int32),
         q.reshape(shape), k_pages, v_pages, out_ref, cap=md.q_start.shape[0],
         n_part=md.cmeta.shape[0],
         scale=float(scale), causal=causal, config=config, interpret=interpret,

@@ -41,8 +41,8 @@ class DecodeMeta(NamedTuple):
     """Kernel metadata derived from the decode work list (once per step, shared by all
     layers of a kind)."""
 
-    meta: jax.Array  # int32 [tiles, 8]: the live tiles in list order (columns SEQ..KV_HEAD)
-    cta_tiles: jax.Array  # int32 [num_ctas]: CTA c runs cta_tiles[c] of them: rows c, c + W, ...
+    meta: jax.Array  # int32 [tiles, 8]: the tiles CTA by CTA (columns SEQ..KV_HEAD)
+    cta_start: jax.Array  # int32 [num_ctas + 1]: CTA c runs tiles [cta_start[c], cta_start[c+1])
     cmeta: jax.Array  # int32 [n_part, 4]: per partial slot (pieces if its parent's first
     #                   slot else 0, q_start, q_len, KV head)
     parents: jax.Array  # int32 [1 + n_part]: number of split parents, then their first slots
@@ -59,11 +59,6 @@ def deal_tiles(blocks, num_ctas: int):
     takes tile p runs beside those taking the item's other heads. No sort: the metadata is
     XLA work on every step's path.
 
-    The schedule lists the live tiles by rank, so CTA c finds its i-th tile at row
-    ``c + i * num_ctas`` without reading where its run starts: its first row's address is
-    known before any load, and that load goes out beside the tile count's (one global-memory
-    round trip before the first page-table read, where a run's start took two).
-
     Two other ways were built and measured slower on the H200, then removed (they are in
     commit 3ed61af): a balanced (stream-K) schedule, each CTA an equal span of the tiles laid
     end to end, cut where spans end (2.3-6.8% more GPU time, benchmarks/NOTES-decode.md
@@ -71,17 +66,19 @@ def deal_tiles(blocks, num_ctas: int):
     three of four shapes, v11). Cut tiles are pieces the combine kernel merges one by one,
     ~0.45 µs each (v11).
 
-    Returns the schedule's tiles [P] (tile p, valid: the first n) and ``cta_tiles``
-    [num_ctas]: CTA c runs schedule rows c, c + num_ctas, ..., ``cta_tiles[c]`` of them.
+    Returns the schedule's tiles [P] (tile p, valid) and ``cta_start`` [num_ctas + 1]: CTA c
+    runs schedule tiles [cta_start[c], cta_start[c + 1]).
     """
     n_pairs, w = blocks.shape[0], num_ctas
     live = blocks > 0
     n = live.sum(dtype=jnp.int32)
-    cta_tiles = jnp.maximum(0, n - jnp.arange(w, dtype=jnp.int32) + w - 1) // w
+    c = jnp.arange(w + 1, dtype=jnp.int32)
+    cta_start = c * (n // w) + jnp.minimum(c, lax.rem(n, w))
     rank = jnp.cumsum(live, dtype=jnp.int32) - 1
-    pair = jnp.zeros((n_pairs,), jnp.int32).at[jnp.where(live, rank, n_pairs)].set(
+    at = cta_start[lax.rem(rank, w)] + rank // w
+    pair = jnp.zeros((n_pairs,), jnp.int32).at[jnp.where(live, at, n_pairs)].set(
         jnp.arange(n_pairs, dtype=jnp.int32), mode="drop")
-    return pair, jnp.arange(n_pairs) < n, cta_tiles
+    return pair, jnp.arange(n_pairs) < n, cta_start
 
 
 def _planned_slots(items: WorkList, hkv: int):
@@ -114,7 +111,7 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
     n_part = split_capacity(bounds, cap)
     item_ok = jnp.arange(cap) < items.count
     blocks = jnp.where(item_ok, common.cdiv(items.kv_end - items.kv_start, gran), 0)
-    pair, valid, cta_tiles = deal_tiles(jnp.repeat(blocks, hkv), w)
+    pair, valid, cta_start = deal_tiles(jnp.repeat(blocks, hkv), w)
     item, kvh = pair // hkv, lax.rem(pair, hkv)
     kv_start, kv_end, q_start = items.kv_start[item], items.kv_end[item], items.q_start[item]
     is_split = valid & (items.num_splits[item] > 1)
@@ -155,7 +152,7 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
     uncovered = tok_src[:, 0] == -1
     zero_rows = jnp.concatenate([uncovered.sum(dtype=jnp.int32).reshape(1),
                                  jnp.nonzero(uncovered, size=t, fill_value=0)[0]])
-    return DecodeMeta(meta, cta_tiles, cmeta, _parents(cmeta), tok_src,
+    return DecodeMeta(meta, cta_start, cmeta, _parents(cmeta), tok_src,
                       items.q_start.astype(jnp.int32), zero_rows.astype(jnp.int32))
 
 
