@@ -288,6 +288,9 @@ def decode_sweep(args) -> list[dict]:
     return rows + _k_scan(args)
 
 
+# W8A16's by-row launches with the shared expert: (block_n, block_k, ring slots) that fit
+# shared memory beside the pick's (128, 256, 5); --w8a16 --tiles times them.
+W8A16_TILES = ((64, 256, 8), (64, 512, 4), (128, 512, 2))
 BY_ROW_CONFIGS = {  # (block_n, block_k, ring slots) of the by-row form beside the pick
     "n64_k512_s4": (64, 512, 4), "n128_k512_s3": (128, 512, 3)}
 
@@ -355,13 +358,21 @@ def w8a16(args) -> list[dict]:
         lhs = {"W8A8": xq.values, "W8A16": x16}
         # The FP8 rows' product is in units of their scales; the f16 rows' is the product.
         unit = {"W8A8": np.asarray(xq.scale, np.float32)[:, None], "W8A16": np.ones((32, 1))}
-        fns = {}
-        for form, f16 in (("W8A8", False), ("W8A16", True)):
+        fns, forms = {}, [("W8A8", False, None), ("W8A16", True, None)]
+        if args.tiles:  # W8A16 with other tiles (block_n, block_k, ring slots) beside the pick
+            forms += [(f"W8A16 n{bn} k{bk} s{st}", True, (bn, bk, st))
+                      for bn, bk, st in W8A16_TILES]
+        for form, f16, tiles in forms:
             cfg = dataclasses.replace(gm.pick_config(16, k, sum(ns), fp8=True, f16_rows=f16),
                                       block_m=16)
+            if tiles:
+                cfg = dataclasses.replace(cfg, block_n=tiles[0], block_k=tiles[1],
+                                          max_concurrent_steps=tiles[2])
             fns[form] = jax.jit(lambda x, g, w, sc, cfg=cfg: gm._mosaic_grouped_matmul(
                 x, w, g, sc, config=cfg, by_row=True, shared_blocks=(0, 1),
                 out_dtype=jnp.bfloat16))
+        lhs.update({form: x16 for form, f16, tiles in forms if tiles})
+        unit.update({form: unit["W8A16"] for form, f16, tiles in forms if tiles})
         for real in (1, 8):
             rotation = {form: [(lhs[form], g, parts, scales) for g in _row_experts(real)]
                         for form in fns}
@@ -369,6 +380,9 @@ def w8a16(args) -> list[dict]:
             out = {form: np.asarray(f(*rotation[form][0]), np.float32)[held] * unit[form][held]
                    for form, f in fns.items()}
             rel = float(np.linalg.norm(out["W8A16"] - out["W8A8"]) / np.linalg.norm(out["W8A8"]))
+            for form in out:  # other tiles, one product: the same sums in another order
+                if form.startswith("W8A16 "):
+                    np.testing.assert_allclose(out[form], out["W8A16"], rtol=2e-2, atol=2e-2)
             t = interleaved(fns, rotation, args.rounds, args.reps)
             weight_bytes = (real + 1) * k * sum(ns)
             for form, sec in t.items():
@@ -647,6 +661,8 @@ def main(argv=None) -> int:
     p.add_argument("--w8a16", action="store_true",
                    help="only the by-row launches with the shared expert at decode: FP8 rows "
                         "against f16 rows (the weights widened in registers)")
+    p.add_argument("--tiles", action="store_true",
+                   help="with --w8a16: the f16 rows' launches with W8A16_TILES too")
     p.add_argument("--swap-only", action="store_true",
                    help="with --decode-sweep: FP8 only, the pick with K in 1, 2 and 4 splits")
     args = p.parse_args(argv)
