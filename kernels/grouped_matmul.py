@@ -139,7 +139,7 @@ def pick_config(m: int, k: int, n: int, *, fp8: bool = False,
     ``f16_rows`` (W8A16: FP8 weights, f16 rows): the same tiles, a slot fewer in the ring
     (the rows' tile is twice as wide, and six slots would not fit in shared memory); on an
     H100 the by-row launches with the shared expert took 1-28% longer in 64-column tiles
-    (256- or 512-byte K steps) and 1.6x in 512-byte K steps of 128 columns (2 slots)
+    (256- or 512-byte K steps) and 1.6-2.3x in 512-byte K steps of 128 columns (2 slots)
     (results/gmm-w8a16-2026-12-06-s50-tiles-h100.json).
     """
     bk = _BLOCK_K_FP8 if fp8 else _BLOCK_K
