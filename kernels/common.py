@@ -7,6 +7,8 @@ matmul takes the same dtypes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 
@@ -259,3 +261,34 @@ def dependent_launch(interpret=None) -> None:
         return
     plgpu.griddepcontrol_wait()
     plgpu.griddepcontrol_launch_dependents()
+
+
+# On-device tracing (Mosaic GPU's profiler): (directory, events per warpgroup) while a
+# kernel_trace() block is open, else None. Read when a kernel is traced.
+_TRACE: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "jaxattn_kernel_trace", default=None)
+
+
+@contextlib.contextmanager
+def kernel_trace(directory: str, events: int = 64):
+    """Kernels traced (jitted anew) inside this block record their ``jax.named_scope``
+    regions on the device, per warpgroup, and write a Chrome trace JSON into ``directory``
+    after each call (Mosaic GPU's on-device profiler; ``events`` begin/end pairs per
+    warpgroup, later ones dropped; their buffer takes shared memory, 16 bytes a pair per
+    warpgroup, which a kernel near the budget may not have). The timestamps are SM clock cycles from each
+    warpgroup's first region (:mod:`benchmarks.kernel_trace` summarises them). Off the GPU
+    it changes nothing."""
+    token = _TRACE.set((directory, events))
+    try:
+        yield
+    finally:
+        _TRACE.reset(token)
+
+
+def compiler_params(**params) -> plgpu.CompilerParams:
+    """A kernel's ``plgpu.CompilerParams(**params)``, with the profiler's inside a
+    :func:`kernel_trace` block."""
+    trace = _TRACE.get()
+    if trace is not None:
+        params.update(profile_dir=trace[0], profile_space=trace[1], profile_bounds_check=True)
+    return plgpu.CompilerParams(**params)

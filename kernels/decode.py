@@ -86,7 +86,6 @@ from jaxattn.planner import DECODE_TILE_ROWS, Bounds, WorkList
 ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
 # Query rows of a narrow tile (DecodeConfig.narrow_tiles): a wgmma N for S^T and O^T.
 NARROW_ROWS = 16
-_COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,13 +280,15 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     # Copies of a block that lie wholly past kv_end are skipped (16-bit caches; an FP8
     # slot's stale bytes could be a NaN code, so its copies all run, clamped to the last page).
     skip_copies = cpb > 1 and not fp8
+    params = common.compiler_params(approx_math=True)  # (+ the profiler's: kernel_trace)
 
     def decode_kernel(meta_ref, cta_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
         # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype (or FP8), a Ref updated
         # in place (uninitialised: the producers zero the rows no tile covers); outputs
         # lse_ref, opart_ref, lpart_ref (GMEM); scratch [+
         # the FP8 cache's].
-        common.dependent_launch(interpret)
+        with jax.named_scope("wait"):  # (the regions: common.kernel_trace)
+            common.dependent_launch(interpret)
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
         (out_ref, lse_ref, opart_ref, lpart_ref, (q_raw, *q_raw8), q_tile, k_smem, v_smem,
          p_smem, (o_smem, o_out, o_t_smem, merge_acc), lse_smem, q_full, q_free, k_full,
@@ -311,6 +312,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             f = lambda col: meta_ref[first_tile + i, col]
             return f(KV_HEAD), f
 
+        @jax.named_scope("zero")
         def zero_smem():
             """q_raw's rows start at zero: a tile's q copies cover only its own tokens, so the
             rows past them hold zeros or an earlier tile's q (finite, which a narrow tile's
@@ -325,6 +327,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                                                   plgpu.Layout.WGMMA)
             plgpu.commit_smem()
 
+        @jax.named_scope("zero")
         def zero_uncovered_rows():
             """Rows no tile covers (padding, other lists' rows) get zeros from q_raw (FP8
             rows: its 8-bit view, zeros too) before its first q lands, the CTAs taking them in
@@ -351,6 +354,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             zero_smem()
             zero_uncovered_rows()
 
+            @jax.named_scope("tile")
             def tile_body(i, step):
                 kvh, f = tile_info(i)
                 seq, q_start, kv_start, kv_end = f(SEQ), f(Q_START), f(KV_START), f(KV_END)
@@ -377,6 +381,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
                 last_key = kv_end - 1
 
+                @jax.named_scope("kv_block")
                 def block_body(j, step):
                     slot = lax.rem(step, stages)
                     # Page ids first: their GMEM latency overlaps the wait for a free slot.
@@ -451,6 +456,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 _, f = tile_info(i)
                 kv_start, kv_end = f(KV_START), f(KV_END)
 
+                @jax.named_scope("dequant")
                 def block_body(j, step):
                     slot = lax.rem(step, stages)
                     for full, free, done, src, scl, dst in jobs:
@@ -557,6 +563,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 a0, a1 = jnp.exp2(m - m_use), jnp.exp2(m1 - m_use)
                 return acc * bcast(a0) + acc1 * bcast(a1), m_new, l * a0 + l1 * a1
 
+            @jax.named_scope("stage_q")
             def stage_q():
                 """Consumer 0: the next tile's q from the producer's buffer into the wgmma
                 tile."""
@@ -610,6 +617,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                     write(wide_tile(*blocks), *out)
                 return step + n_blocks
 
+            @jax.named_scope("attend")
             def wide_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step0, i):
                 """The tile's query rows as the wgmma M (64 rows): -> (o [64, d] f32, lse [64]);
                 None on consumer 1."""
@@ -676,6 +684,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                     o = o * fixed_v_scale
                 return o, jnp.where(seen, (m + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
 
+            @jax.named_scope("attend")
             def narrow_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step0, i):
                 """A tile of at most NARROW_ROWS query rows, the keys as the wgmma M:
                 ``S^T = K Q^T`` [bk, n] and ``O^T += V^T P^T`` [d, n], so the tensor core's
@@ -753,6 +762,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 o = pl.run_scoped(transpose, plgpu.ACC((ROWS, d), jnp.float32))
                 return o, jnp.where(seen, (m + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
 
+            @jax.named_scope("write")
             def write_tile(o, lse, kvh, q_start, q_len, part):
                 """o [64, d] (f32, the tile's rows, normalised) and its lse ([64] or [n])
                 out: an unsplit item's rows into ``out`` (``part = -1 - item``), a piece's into
@@ -823,7 +833,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             # a scoped pad, so its scratch lies past consumer 0's. The scope's one barrier is
             # at its entry, the kernel's first instruction for every warpgroup.
             pl.run_scoped(all_but_consumer_0,
-                          plgpu.SMEM((_COMPILER_PARAMS.reduction_scratch_bytes,), jnp.int8),
+                          plgpu.SMEM((params.reduction_scratch_bytes,), jnp.int8),
                           collective_axes="wg")
         else:
             all_but_consumer_0()
@@ -890,7 +900,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     lse_tiles, piece_rows, piece_lse = plgpu.kernel(
         decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,),
         grid_names=("cta",), num_threads=2 + int(deq_wg) + consumers - 1, thread_name="wg",
-        compiler_params=_COMPILER_PARAMS, interpret=interpret or None,
+        compiler_params=params, interpret=interpret or None,
     )(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, *scales, out_ref)
     return lse_tiles, Pieces(piece_rows, piece_lse)
 

@@ -150,7 +150,8 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
         n_parents = parents_ref[0]
         slot0 = jnp.clip(parents_ref[1 + w], 0, n_part - 1)
         first = tuple(cmeta_ref[slot0, i] for i in range(4))
-        common.dependent_launch(interpret)
+        with jax.named_scope("wait"):
+            common.dependent_launch(interpret)
         args = (wg, cols, opart_ref, lpart_ref, out_ref, lse_out_ref, o_buf, l_buf, o_out,
                 full, shares)
         pl.when(w < n_parents)(lambda: merge(slot0, first, *args))
@@ -160,6 +161,7 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
             slot = parents_ref[1 + i]
             merge(slot, tuple(cmeta_ref[slot, c] for c in range(4)), *args)
 
+    @jax.named_scope("merge")
     def merge(slot0, slot_meta, wg, cols, opart_ref, lpart_ref, out_ref, lse_out_ref, o_buf,
               l_buf, o_out, full, shares):
         """One parent: its pieces sit in slots [slot0, slot0 + n); this warpgroup's are
@@ -277,6 +279,6 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
         decode_combine_kernel, out_type=jax.ShapeDtypeStruct((n_part, ROWS), jnp.float32),
         grid=(n_w, d // cw), grid_names=("w", "col"), num_threads=nwg, thread_name="wg",
         scratch_types=scratch,
-        compiler_params=plgpu.CompilerParams(approx_math=config.approx_math),
+        compiler_params=common.compiler_params(approx_math=config.approx_math),
         interpret=interpret or None,
     )(cmeta, parents, pieces.rows, pieces.lse, out_ref)

@@ -278,3 +278,42 @@ def test_multigpu_switches_set_their_module_flags(monkeypatch):
     assert got == {"route_in_norm": True, "static_o_scale": True, "swiglu_in_gate_up": False,
                    "router_in_smem": True, "dependent_launch": False}
 
+
+
+def _trace(events_by_trace, start_ns):
+    """A Mosaic GPU trace as its profiler dumps it: per trace (tid), (name, B/E, cycles since
+    its first region), its start ``start_ns[tid]``; ts = (start + cycles) / 1000."""
+    return {"traceEvents": [
+        {"name": name, "ph": ph, "ts": (start_ns[tid] + cycles) / 1e3, "pid": 1, "tid": tid}
+        for tid, events in events_by_trace.items() for name, ph, cycles in events]}
+
+
+def test_kernel_trace_summary_per_warpgroup_and_region():
+    """kernel_trace.summarise: regions per (warpgroup, region) over CTAs, starts from the
+    kernel's first warpgroup start (ns) plus cycles at the clock, nested regions in full and
+    repeated ones added up per CTA."""
+    from benchmarks import kernel_trace
+
+    # 2 warpgroups a CTA: tid = 1 + warpgroup + 2 * cta. At 2 GHz, 2000 cycles are 1 us.
+    events = {
+        1: [("wait", "B", 0), ("wait", "E", 2000), ("attend", "B", 4000), ("attend", "E", 8000)],
+        2: [("tile", "B", 0), ("kv_block", "B", 1000), ("kv_block", "E", 3000),
+            ("kv_block", "B", 3000), ("kv_block", "E", 4000), ("tile", "E", 6000)],
+        3: [("wait", "B", 0), ("wait", "E", 6000), ("attend", "B", 6000), ("attend", "E", 8000)],
+        4: [("tile", "B", 0), ("kv_block", "B", 0), ("kv_block", "E", 2000), ("tile", "E", 2000)],
+    }
+    start = {1: 10_000, 2: 10_500, 3: 12_000, 4: 11_000}  # ns: CTA 1 starts 2 us late
+    rows = kernel_trace.summarise(_trace(events, start), clock_ghz=2.0, warpgroups=2)
+    got = {(r["warpgroup"], r["region"]): r for r in rows}
+    assert [(r["warpgroup"], r["region"]) for r in rows] == [
+        (0, "wait"), (0, "attend"), (1, "tile"), (1, "kv_block")]  # by warpgroup, then start
+    assert got[0, "wait"] == dict(warpgroup=0, region="wait", ctas=2, start_us=1.0,
+                                  total_us=2.0, max_total_us=3.0)
+    assert got[0, "attend"]["start_us"] == pytest.approx(3.5)  # CTA 0 at 2 us, CTA 1 at 5
+    assert got[1, "kv_block"]["total_us"] == pytest.approx(1.25)  # CTA 0: 1.5 us in two, CTA 1: 1
+    assert got[1, "tile"]["max_total_us"] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="no events"):
+        kernel_trace.summarise({"traceEvents": []}, 2.0, 2)
+    with pytest.raises(ValueError, match="ends inside"):
+        kernel_trace.summarise(_trace({1: [("a", "B", 0), ("b", "B", 1), ("a", "E", 2),
+                                           ("b", "E", 3)]}, {1: 0}), 2.0, 1)

@@ -10,7 +10,7 @@ import pytest
 
 import jaxattn
 from jaxattn import planner
-from jaxattn.kernels import decode, decode_combine
+from jaxattn.kernels import common, decode, decode_combine
 
 
 def _export(bounds, dtype, *, causal=True, config=None, num_tokens=None, out_scale=None):
@@ -93,3 +93,22 @@ def test_four_combine_warpgroups_with_fp8_rows_are_refused_clearly():
     with pytest.raises(ValueError, match="at most 2 warpgroups"):
         _export(bounds, jnp.bfloat16, config=config, out_scale=2.0 ** -3)
     _export(bounds, jnp.bfloat16, config=config)  # bf16 rows: 64 columns, it fits
+
+
+@pytest.mark.parametrize("config", [None, decode.DecodeConfig(p_in_registers=True, consumers=2)])
+def test_kernels_lower_with_the_trace_on(config, tmp_path):
+    """Inside common.kernel_trace the main kernel lowers with Mosaic GPU's profiler and its
+    regions (benchmarks.kernel_trace's default 64 a warpgroup fit in shared memory beside
+    Scout's tiles) up to the trace's dump, a host callback that needs a CUDA backend (so the
+    lowering stops there, before the combine); too many events are caught by the
+    shared-memory budget; outside the block nothing is traced."""
+    bounds = jaxattn.Bounds(max_num_seqs=8, max_num_batched_tokens=8, max_model_len=8192,
+                            page_size=16, num_q_heads=40, num_kv_heads=8, head_dim=128,
+                            chunk_size=8192)
+    with common.kernel_trace(str(tmp_path), 64):
+        with pytest.raises(ValueError, match="different from the lowering platform cuda"):
+            _export(bounds, jnp.bfloat16, config=config)
+    with common.kernel_trace(str(tmp_path), 20000):
+        with pytest.raises(ValueError, match="exceeds available shared memory"):
+            _export(bounds, jnp.bfloat16, config=config)
+    assert "mosaic_gpu" in _export(bounds, jnp.bfloat16, config=config).mlir_module()

@@ -1,0 +1,164 @@
+"""Where a decode attention call's time goes inside its kernels: Mosaic GPU's on-device
+trace of the main kernel and the combine at a decode step's shapes, per region and warpgroup.
+
+    python -m benchmarks.kernel_trace --cases 1x64,1x8192      # on a Hopper GPU
+    python -m benchmarks.kernel_trace --summarise TRACE.json   # a trace file, any machine
+
+The kernels mark their phases with ``jax.named_scope`` (decode: wait, zero, tile, kv_block,
+dequant, stage_q, attend, write, on warpgroup 0 the consumer's and on 1 the producer's with a
+bf16 cache; combine: wait, merge, on its two warpgroups). Inside ``common.kernel_trace`` each
+warpgroup records when it enters and leaves them (SM clock cycles from its first region)
+and when it started (the global timer, ns), and each call writes a Chrome trace JSON.
+:func:`summarise` turns one into a row per (warpgroup, region): the CTAs that ran it, the
+median over them of when it first starts (µs after the kernel's first warpgroup started)
+and of its time per CTA, and the slowest CTA's. The GPU time a profiler reports for a kernel
+(``benchmarks.decode --profile``) also holds what no region covers: the launch of its CTAs,
+their exit, the time between regions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+
+def sm_clock_ghz() -> float:
+    """The GPU's maximum SM clock (what a short kernel runs at), from nvidia-smi."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm",
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                         check=True).stdout
+    return float(out.split()[0]) / 1e3
+
+
+def summarise(trace: dict, clock_ghz: float, warpgroups: int) -> list[dict]:
+    """Rows (warpgroup, region, ctas, start_us, total_us, max_total_us) of a Mosaic GPU trace
+    (``traceEvents`` of B/E events; ``tid`` = 1 + warpgroup + ``warpgroups`` x CTA; ``ts`` =
+    (the warpgroup's start in ns + cycles since its first region) / 1000). Nested regions
+    count in full in each, and a region entered several times per CTA adds up."""
+    by_trace = collections.defaultdict(list)
+    for event in trace["traceEvents"]:
+        by_trace[event["tid"]].append(event)
+    if not by_trace:
+        raise ValueError("the trace holds no events (were the kernels traced anew inside "
+                         "common.kernel_trace?)")
+    kernel_start = min(events[0]["ts"] for events in by_trace.values())  # µs
+    per_cta = collections.defaultdict(dict)  # (warpgroup, name) -> cta -> [first start, total]
+    for tid, events in by_trace.items():
+        cta, warpgroup = divmod(tid - 1, warpgroups)
+        started = events[0]["ts"]  # its first region begins at 0 cycles
+        open_regions = []
+        for event in events:
+            cycles = (event["ts"] - started) * 1e3
+            at = started - kernel_start + cycles / (clock_ghz * 1e3)  # µs
+            if event["ph"] == "B":
+                open_regions.append((event["name"], at))
+                continue
+            name, begin = open_regions.pop()
+            if name != event["name"]:
+                raise ValueError(f"trace {tid}: {event['name']!r} ends inside {name!r}")
+            record = per_cta[warpgroup, name].setdefault(cta, [begin, 0.0])
+            record[1] += at - begin
+    rows = []
+    for (warpgroup, name), ctas in sorted(per_cta.items(), key=lambda kv: (
+            kv[0][0], statistics.median(r[0] for r in kv[1].values()))):
+        starts, totals = zip(*ctas.values())
+        rows.append({"warpgroup": warpgroup, "region": name, "ctas": len(ctas),
+                     "start_us": statistics.median(starts),
+                     "total_us": statistics.median(totals), "max_total_us": max(totals)})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| warpgroup | region | CTAs | starts at (µs, median) | time per CTA (µs, median) "
+             "| slowest CTA (µs) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['warpgroup']} | {r['region']} | {r['ctas']} | {r['start_us']:.2f} | "
+              f"{r['total_us']:.2f} | {r['max_total_us']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def _warpgroups(trace_path: str) -> int:
+    """Warpgroups per CTA of a traced kernel, from its file name (decode: consumer, producer
+    with the bf16 cache's default config; combine: its CombineConfig's default)."""
+    from jaxattn.kernels import decode_combine
+
+    if os.path.basename(trace_path).startswith("decode_combine"):
+        return decode_combine.CombineConfig().warpgroups
+    return 2
+
+
+def trace_case(batch: int, ctx: int, directory: str, events: int, calls: int = 3) -> dict:
+    """The decode attention of ``batch`` sequences of ``ctx`` keys (benchmarks.decode's
+    setup: Scout's heads, 16-token pages shuffled, the step's plan given), traced: -> the
+    last call's trace file per kernel."""
+    import jax
+
+    from benchmarks import decode as bench
+    from jaxattn.kernels import common
+
+    q, k, v = bench.contiguous(batch, ctx)
+    k_pages, v_pages, table_ = bench.paged(k, v, 16)
+    with common.kernel_trace(directory, events):
+        layer = bench.jaxattn_fns(batch, ctx, q, k_pages, v_pages, table_, 16, None)[0]
+        for _ in range(calls):
+            jax.block_until_ready(layer())
+    jax.effects_barrier()  # the traces are written by host callbacks
+    latest = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*-trace.json")), key=os.path.getmtime):
+        latest[os.path.basename(path).rsplit("-", 2)[0]] = path
+    return latest
+
+
+def main(argv=None) -> int:
+    from benchmarks.decode import _cases
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.kernel_trace", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=_cases, default=[(1, 64), (1, 8192)],
+                    help="BATCHxCONTEXT,... (default 1x64,1x8192: a batch-1 step's layers)")
+    ap.add_argument("--summarise", metavar="TRACE", help="summarise one trace file and exit")
+    ap.add_argument("--warpgroups", type=int, help="warpgroups per CTA (--summarise)")
+    ap.add_argument("--clock-ghz", type=float, help="SM clock (default: nvidia-smi's maximum)")
+    ap.add_argument("--events", type=int, default=64, help="regions recorded per warpgroup")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    if args.summarise:
+        with open(args.summarise) as f:
+            rows = summarise(json.load(f), args.clock_ghz or sm_clock_ghz(),
+                             args.warpgroups or _warpgroups(args.summarise))
+        print(table(rows))
+        return 0
+
+    import jax
+
+    from benchmarks.common import write_json
+    from jaxattn.kernels import common
+
+    if not common.on_hopper():
+        print("needs a Hopper GPU (the Mosaic kernels and their profiler)", file=sys.stderr)
+        return 2
+    clock = args.clock_ghz or sm_clock_ghz()
+    res = {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
+           "jax": jax.__version__, "clock_ghz": clock, "cases": []}
+    for batch, ctx in args.cases:
+        with tempfile.TemporaryDirectory() as directory:
+            for kernel, path in trace_case(batch, ctx, directory, args.events).items():
+                with open(path) as f:
+                    rows = summarise(json.load(f), clock, _warpgroups(path))
+                res["cases"].append({"batch": batch, "context": ctx, "kernel": kernel,
+                                     "regions": rows})
+                print(f"\n{batch}x{ctx} {kernel} (SM clock {clock:.2f} GHz)\n{table(rows)}",
+                      flush=True)
+    print("wrote", write_json(f"kernel-trace-{res['date']}{args.tag}.json", res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
