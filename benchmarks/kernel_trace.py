@@ -42,14 +42,19 @@ def summarise(trace: dict, clock_ghz: float, warpgroups: int) -> list[dict]:
     """Rows (warpgroup, region, ctas, start_us, total_us, max_total_us) of a Mosaic GPU trace
     (``traceEvents`` of B/E events; ``tid`` = 1 + warpgroup + ``warpgroups`` x CTA; ``ts`` =
     (the warpgroup's start in ns + cycles since its first region) / 1000). Nested regions
-    count in full in each, and a region entered several times per CTA adds up."""
+    count in full in each, a region inside one of its own name (a loop body's scope opened
+    again inside its loop's) counts once, and a region entered several times per CTA adds
+    up."""
     by_trace = collections.defaultdict(list)
     for event in trace["traceEvents"]:
         by_trace[event["tid"]].append(event)
     if not by_trace:
         raise ValueError("the trace holds no events (were the kernels traced anew inside "
                          "common.kernel_trace?)")
-    kernel_start = min(events[0]["ts"] for events in by_trace.values())  # µs
+    starts = [events[0]["ts"] for events in by_trace.values()]  # µs
+    if max(starts) - min(starts) > 1e6:  # the 32-bit nanosecond timer wrapped mid-kernel
+        raise ValueError("the warpgroups' start times span over a second: run it again")
+    kernel_start = min(starts)
     per_cta = collections.defaultdict(dict)  # (warpgroup, name) -> cta -> [first start, total]
     for tid, events in by_trace.items():
         cta, warpgroup = divmod(tid - 1, warpgroups)
@@ -64,6 +69,8 @@ def summarise(trace: dict, clock_ghz: float, warpgroups: int) -> list[dict]:
             name, begin = open_regions.pop()
             if name != event["name"]:
                 raise ValueError(f"trace {tid}: {event['name']!r} ends inside {name!r}")
+            if any(outer == name for outer, _ in open_regions):
+                continue  # counted by the outer one
             record = per_cta[warpgroup, name].setdefault(cta, [begin, 0.0])
             record[1] += at - begin
     rows = []

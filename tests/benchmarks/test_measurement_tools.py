@@ -290,15 +290,16 @@ def _trace(events_by_trace, start_ns):
 
 def test_kernel_trace_summary_per_warpgroup_and_region():
     """kernel_trace.summarise: regions per (warpgroup, region) over CTAs, starts from the
-    kernel's first warpgroup start (ns) plus cycles at the clock, nested regions in full and
-    repeated ones added up per CTA."""
+    kernel's first warpgroup start (ns) plus cycles at the clock, nested regions in full,
+    one inside its own name once, and repeated ones added up per CTA."""
     from benchmarks import kernel_trace
 
     # 2 warpgroups a CTA: tid = 1 + warpgroup + 2 * cta. At 2 GHz, 2000 cycles are 1 us.
     events = {
         1: [("wait", "B", 0), ("wait", "E", 2000), ("attend", "B", 4000), ("attend", "E", 8000)],
-        2: [("tile", "B", 0), ("kv_block", "B", 1000), ("kv_block", "E", 3000),
-            ("kv_block", "B", 3000), ("kv_block", "E", 4000), ("tile", "E", 6000)],
+        2: [("tile", "B", 0), ("tile", "B", 500), ("kv_block", "B", 1000),
+            ("kv_block", "E", 3000), ("kv_block", "B", 3000), ("kv_block", "E", 4000),
+            ("tile", "E", 5000), ("tile", "E", 6000)],  # a scope opened again inside itself
         3: [("wait", "B", 0), ("wait", "E", 6000), ("attend", "B", 6000), ("attend", "E", 8000)],
         4: [("tile", "B", 0), ("kv_block", "B", 0), ("kv_block", "E", 2000), ("tile", "E", 2000)],
     }
@@ -312,6 +313,8 @@ def test_kernel_trace_summary_per_warpgroup_and_region():
     assert got[0, "attend"]["start_us"] == pytest.approx(3.5)  # CTA 0 at 2 us, CTA 1 at 5
     assert got[1, "kv_block"]["total_us"] == pytest.approx(1.25)  # CTA 0: 1.5 us in two, CTA 1: 1
     assert got[1, "tile"]["max_total_us"] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="over a second"):  # the ns timer wrapped
+        kernel_trace.summarise(_trace(events, {**start, 4: 3_000_000_000}), 2.0, 2)
     with pytest.raises(ValueError, match="no events"):
         kernel_trace.summarise({"traceEvents": []}, 2.0, 2)
     with pytest.raises(ValueError, match="ends inside"):
