@@ -32,9 +32,12 @@ import tempfile
 
 def sm_clock_ghz() -> float:
     """The GPU's maximum SM clock (what a short kernel runs at), from nvidia-smi."""
-    out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm",
-                          "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                         check=True).stdout
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm",
+                              "--format=csv,noheader,nounits"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"no SM clock from nvidia-smi ({e}): pass --clock-ghz") from e
     return float(out.split()[0]) / 1e3
 
 
@@ -138,8 +141,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.summarise:
         with open(args.summarise) as f:
-            rows = summarise(json.load(f), args.clock_ghz or sm_clock_ghz(),
+            trace = json.load(f)
+        try:
+            rows = summarise(trace, args.clock_ghz or sm_clock_ghz(),
                              args.warpgroups or _warpgroups(args.summarise))
+        except ValueError as e:
+            print(f"{args.summarise}: {e}", file=sys.stderr)
+            return 1
         print(table(rows))
         return 0
 
