@@ -2,11 +2,13 @@
 trace of the main kernel and the combine at a decode step's shapes, per region and warpgroup.
 
     python -m benchmarks.kernel_trace --cases 1x64,1x8192      # on a Hopper GPU
+    python -m benchmarks.kernel_trace --down 1,8               # the MoE's down launch
     python -m benchmarks.kernel_trace --summarise TRACE.json   # a trace file, any machine
 
 The kernels mark their phases with ``jax.named_scope`` (decode: wait, zero, tile, kv_block,
 dequant, stage_q, attend, write, on warpgroup 0 the consumer's and on 1 the producer's with a
-bf16 cache; combine: wait, merge, on its two warpgroups). Inside ``common.kernel_trace`` each
+bf16 cache; combine: wait, merge, on its two warpgroups; the grouped matmul: wait, tile,
+slot_wait and product per K step of its ring, store, on its one warpgroup). Inside ``common.kernel_trace`` each
 warpgroup records when it enters and leaves them (SM clock cycles from its first region)
 and when it started (the global timer, ns), and each call writes a Chrome trace JSON.
 :func:`summarise` turns one into a row per (warpgroup, region): the CTAs that ran it, the
@@ -99,9 +101,10 @@ def _warpgroups(trace_path: str) -> int:
     with the bf16 cache's default config; combine: its CombineConfig's default)."""
     from jaxattn.kernels import decode_combine
 
-    if os.path.basename(trace_path).startswith("decode_combine"):
+    name = os.path.basename(trace_path)
+    if name.startswith("decode_combine"):
         return decode_combine.CombineConfig().warpgroups
-    return 2
+    return 1 if name.startswith("grouped_matmul") else 2
 
 
 def trace_case(batch: int, ctx: int, directory: str, events: int, calls: int = 3) -> dict:
@@ -120,10 +123,54 @@ def trace_case(batch: int, ctx: int, directory: str, events: int, calls: int = 3
         for _ in range(calls):
             jax.block_until_ready(layer())
     jax.effects_barrier()  # the traces are written by host callbacks
+    return _latest(directory)
+
+
+def _latest(directory: str) -> dict:
+    """The newest trace file in ``directory`` per kernel name."""
     latest = {}
     for path in sorted(glob.glob(os.path.join(directory, "*-trace.json")), key=os.path.getmtime):
         latest[os.path.basename(path).rsplit("-", 2)[0]] = path
     return latest
+
+
+def trace_down(rows: int, directory: str, events: int, calls: int = 3) -> dict:
+    """A batch-1-to-16 decode step's down launch, traced: the routed experts by row and the
+    shared expert, f16 rows through FP8 weights (W8A16, 8192 -> 5120), a 16-row bucket with
+    ``rows`` real rows on as many experts (benchmarks.fp8_matmul --w8a16's setup)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.fp8_matmul import E, H, I, _row_experts
+    from jaxattn.kernels import common, fp8, grouped_matmul as gm
+
+    quantize = jax.jit(lambda w: fp8.quantize(w, -1))
+    routed = quantize(jax.random.normal(jax.random.key(0), (E, H, I), jnp.bfloat16)
+                      / float(np.sqrt(I)))
+    shared = quantize(jax.random.normal(jax.random.key(10), (1, H, I), jnp.bfloat16)
+                      / float(np.sqrt(I)))
+    x16 = jax.random.normal(jax.random.key(3), (32, I), jnp.float16)  # routed, then shared
+    config = dataclasses.replace(gm.pick_config(16, I, H, fp8=True, f16_rows=True), block_m=16)
+    # Two regions a K step (32 of them) and a tile's three: the default 64 would drop the store.
+    with common.kernel_trace(directory, max(events, 2 * I // config.block_k + 16)):
+        down = jax.jit(lambda x, g: gm._mosaic_grouped_matmul(
+            x, (routed[0], shared[0]), g, (routed[1], shared[1]), config=config, by_row=True,
+            shared_blocks=(0, 1), out_dtype=jnp.bfloat16))
+        for _ in range(calls):
+            jax.block_until_ready(down(x16, _row_experts(rows)[0]))
+    jax.effects_barrier()
+    return _latest(directory)
+
+
+def _bucket_rows(text: str) -> list[int]:
+    """"1,8" -> [1, 8]: real rows of a 16-row bucket."""
+    rows = [r.strip() for r in text.split(",")]
+    if not all(r.isdigit() and 1 <= int(r) <= 16 for r in rows):
+        raise argparse.ArgumentTypeError(f"--down {text!r}: want rows 1-16, e.g. 1,8")
+    return [int(r) for r in rows]
 
 
 def main(argv=None) -> int:
@@ -133,6 +180,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=_cases, default=[(1, 64), (1, 8192)],
                     help="BATCHxCONTEXT,... (default 1x64,1x8192: a batch-1 step's layers)")
+    ap.add_argument("--down", type=_bucket_rows, default=[],
+                    metavar="ROWS,...", help="also the MoE's down launch (W8A16, by row with "
+                    "the shared expert) at these real rows of a 16-row bucket (1-16)")
     ap.add_argument("--summarise", metavar="TRACE", help="summarise one trace file and exit")
     ap.add_argument("--warpgroups", type=int, help="warpgroups per CTA (--summarise)")
     ap.add_argument("--clock-ghz", type=float, help="SM clock (default: nvidia-smi's maximum)")
@@ -171,6 +221,14 @@ def main(argv=None) -> int:
                                      "regions": rows})
                 print(f"\n{batch}x{ctx} {kernel} (SM clock {clock:.2f} GHz)\n{table(rows)}",
                       flush=True)
+    for rows in args.down:
+        with tempfile.TemporaryDirectory() as directory:
+            for kernel, path in trace_down(rows, directory, args.events).items():
+                with open(path) as f:
+                    regions = summarise(json.load(f), clock, _warpgroups(path))
+                res["cases"].append({"down_rows": rows, "kernel": kernel, "regions": regions})
+                print(f"\ndown, {rows} rows: {kernel} (SM clock {clock:.2f} GHz)\n"
+                      f"{table(regions)}", flush=True)
     print("wrote", write_json(f"kernel-trace-{res['date']}{args.tag}.json", res))
     return 0
 

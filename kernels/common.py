@@ -271,18 +271,24 @@ _TRACE: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def kernel_trace(directory: str, events: int = 64):
-    """Kernels traced (jitted anew) inside this block record their ``jax.named_scope``
-    regions on the device, per warpgroup, and write a Chrome trace JSON into ``directory``
-    after each call (Mosaic GPU's on-device profiler; ``events`` begin/end pairs per
-    warpgroup, later ones dropped; their buffer takes shared memory, 16 bytes a pair per
-    warpgroup, which a kernel near the budget may not have). The timestamps are SM clock cycles from each
-    warpgroup's first region (:mod:`benchmarks.kernel_trace` summarises them). Off the GPU
-    it changes nothing."""
+    """Kernels traced inside this block record their ``jax.named_scope`` regions on the
+    device, per warpgroup, and write a Chrome trace JSON into ``directory`` after each call
+    (Mosaic GPU's on-device profiler; ``events`` begin/end pairs per warpgroup, later ones
+    dropped; their buffer takes shared memory, 16 bytes a pair per warpgroup, which a kernel
+    near the budget may not have). The timestamps are SM clock cycles from each warpgroup's
+    first region (:mod:`benchmarks.kernel_trace` summarises them). Off the GPU it changes
+    nothing.
+
+    JAX's caches are cleared on the way in and out: a function jitted before (the kernels'
+    own jitted builders among them) would otherwise keep its untraced lowering inside, or
+    its traced one after."""
+    jax.clear_caches()
     token = _TRACE.set((directory, events))
     try:
         yield
     finally:
         _TRACE.reset(token)
+        jax.clear_caches()
 
 
 def compiler_params(**params) -> plgpu.CompilerParams:

@@ -685,6 +685,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
             rs_gmem = (None,) * parts
         ls_gmem, o_gmem = rest if lhs_scale is not None else (None, *rest)
 
+        @jax.named_scope("tile")
         def tile(info, ti, split, ni, part_ni, w_gmem, ws_gmem, shared=False,
                  prefetch=False, prefetched=False):
             """One output tile, row tile ``ti``: rows of ``info``'s group, columns ``ni * bn``
@@ -727,8 +728,10 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 @pl.loop(0, k_steps)
                 def _(kk):
                     slot = lax.rem(kk, ring_steps)
-                    plgpu.barrier_wait(full.at[slot])
-                    body(None, x_ring.at[slot], *[w.at[slot] for w in w_rings])
+                    with jax.named_scope("slot_wait"):  # (regions: common.kernel_trace)
+                        plgpu.barrier_wait(full.at[slot])
+                    with jax.named_scope("product"):
+                        body(None, x_ring.at[slot], *[w.at[slot] for w in w_rings])
                     refill = kk + ring_steps - 1
 
                     @pl.when((kk >= 1) & (refill < k_steps))
@@ -819,6 +822,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
 
                 @functools.partial(pl.run_scoped,
                                    o_smem=plgpu.SMEM((bm, n_tile), dtype=out_dtype))
+                @jax.named_scope("store")
                 def store_rows(o_smem):
                     o_smem.T[...] = acc.astype(out_dtype)
                     plgpu.commit_smem()
@@ -832,6 +836,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 return
             if swap_split:
                 @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bn, bm), dtype=out_dtype))
+                @jax.named_scope("store")
                 def store_partial(o_smem):
                     o_smem[...] = acc
                     plgpu.commit_smem()
@@ -841,6 +846,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 return
 
             @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), dtype=out_dtype))
+            @jax.named_scope("store")
             def store_scope(o_smem):
                 (o_smem.T if swap else o_smem)[...] = acc.astype(out_dtype)
                 plgpu.commit_smem()
@@ -936,7 +942,8 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
                 tile_info(sizes, bm, first // grid_n, g)[0], first // grid_n, first % grid_n,
                 prefetch=True))
             dense_first_fetched = True  # the loop's first round: each CTA's first item
-        common.dependent_launch()
+        with jax.named_scope("wait"):
+            common.dependent_launch()
         if by_row and not groups_settled:
             # Issued here, first waited for where a routed tile needs its group.
             row_groups = [sizes_gmem[r] for r in range(m)]
@@ -1001,7 +1008,7 @@ def _mosaic_grouped_matmul(lhs, rhs, group_sizes, rhs_scale=None, lhs_scale=None
     kernel = plgpu.kernel(
         grouped_matmul_kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
         grid=(common.num_sms(),), grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(
+        compiler_params=common.compiler_params(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     out = kernel(group_sizes, lhs, *rhs, *rhs_scale,
                  *(() if lhs_scale is None else (lhs_scale.astype(jnp.float32),)))

@@ -204,3 +204,29 @@ def test_decode_work_items_are_dealt_once_each_and_spread(sms):
     assert max(first) - min(first) > sms // 2
     traced = jax.jit(lambda w: gm._dealt(w, sms))(jnp.arange(3 * sms, dtype=jnp.int32))
     assert list(map(int, traced)) == dealt
+
+
+def test_down_launch_lowers_with_the_trace_on(tmp_path):
+    """The decode MoE's down launch (W8A16 by row with the shared expert, Scout's shapes)
+    lowers for CUDA with Mosaic GPU's profiler and its regions inside common.kernel_trace (the
+    80 regions benchmarks.kernel_trace --down asks for fit beside its ring) up to the trace's
+    dump, a host callback that needs a CUDA backend; too many are caught by the shared-memory
+    budget."""
+    f8, sds = jnp.float8_e4m3fn, jax.ShapeDtypeStruct
+    config = dataclasses.replace(gm.pick_config(16, 8192, 5120, fp8=True, f16_rows=True),
+                                 block_m=16)
+    fn = jax.jit(lambda x, g, w, s: gm._mosaic_grouped_matmul(
+        x, w, g, s, config=config, by_row=True, shared_blocks=(0, 1), out_dtype=jnp.bfloat16))
+    args = (sds((32, 8192), jnp.float16), sds((16,), jnp.int32),
+            (sds((16, 5120, 8192), f8), sds((1, 5120, 8192), f8)),
+            (sds((16, 5120), jnp.float32), sds((1, 5120), jnp.float32)))
+    # One jitted function throughout: kernel_trace clears JAX's caches on entry and exit, so
+    # each block lowers it anew.
+    export = lambda: jax.export.export(fn, platforms=["cuda"])(*args)
+    with common.kernel_trace(str(tmp_path), 80):
+        with pytest.raises(ValueError, match="different from the lowering platform cuda"):
+            export()
+    with common.kernel_trace(str(tmp_path), 20000):
+        with pytest.raises(ValueError, match="exceeds available shared memory"):
+            export()
+    assert "mosaic_gpu" in export().mlir_module()
