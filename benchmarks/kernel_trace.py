@@ -9,10 +9,10 @@ The kernels mark their phases with ``jax.named_scope`` (decode: wait, zero, tile
 dequant, stage_q, attend, write, on warpgroup 0 the consumer's and on 1 the producer's with a
 bf16 cache; combine: wait, merge, on its two warpgroups; the grouped matmul: wait, tile,
 slot_wait and product per K step of its ring, store, on its one warpgroup, where a CTA's
-first tile is entered twice, once to copy its first ring of weights before the wait). Inside ``common.kernel_trace`` each
-warpgroup records when it enters and leaves them (SM clock cycles from its first region)
-and when it started (the global timer, ns), and each call writes a Chrome trace JSON.
-:func:`summarise` turns one into a row per (warpgroup, region): the CTAs that ran it, the
+first tile is entered twice, once to copy its first ring of weights before the wait).
+Inside ``common.kernel_trace`` each warpgroup records when it enters and leaves them (SM
+clock cycles from its first region) and when it started (the global timer, ns), and each
+call writes a Chrome trace JSON. :func:`summarise` turns one into a row per (warpgroup, region): the CTAs that ran it, the
 median over them of when it first starts (µs after the kernel's first warpgroup started)
 and of its time per CTA, and the slowest CTA's. The GPU time a profiler reports for a kernel
 (``benchmarks.decode --profile``) also holds what no region covers: the launch of its CTAs,
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import functools
 import glob
 import json
 import os
@@ -108,34 +109,37 @@ def _warpgroups(trace_path: str) -> int:
     return 1 if name.startswith("grouped_matmul") else 2
 
 
-def trace_case(batch: int, ctx: int, directory: str, events: int, calls: int = 3) -> dict:
-    """The decode attention of ``batch`` sequences of ``ctx`` keys (benchmarks.decode's
-    setup: Scout's heads, 16-token pages shuffled, the step's plan given), traced: -> the
-    last call's trace file per kernel."""
+def _traced(build, directory: str, events: int, calls: int = 3) -> dict:
+    """Calls ``build()`` (a function of no arguments, made inside the trace) ``calls`` times
+    inside ``common.kernel_trace`` -> the last call's trace file per kernel name."""
     import jax
 
-    from benchmarks import decode as bench
     from jaxattn.kernels import common
 
-    q, k, v = bench.contiguous(batch, ctx)
-    k_pages, v_pages, table_ = bench.paged(k, v, 16)
     with common.kernel_trace(directory, events):
-        layer = bench.jaxattn_fns(batch, ctx, q, k_pages, v_pages, table_, 16, None)[0]
+        fn = build()
         for _ in range(calls):
-            jax.block_until_ready(layer())
+            jax.block_until_ready(fn())
     jax.effects_barrier()  # the traces are written by host callbacks
-    return _latest(directory)
-
-
-def _latest(directory: str) -> dict:
-    """The newest trace file in ``directory`` per kernel name."""
     latest = {}
     for path in sorted(glob.glob(os.path.join(directory, "*-trace.json")), key=os.path.getmtime):
         latest[os.path.basename(path).rsplit("-", 2)[0]] = path
     return latest
 
 
-def trace_down(rows: int, directory: str, events: int, calls: int = 3) -> dict:
+def trace_case(batch: int, ctx: int, directory: str, events: int) -> dict:
+    """The decode attention of ``batch`` sequences of ``ctx`` keys (benchmarks.decode's
+    setup: Scout's heads, 16-token pages shuffled, the step's plan given), traced: -> the
+    last call's trace file per kernel."""
+    from benchmarks import decode as bench
+
+    q, k, v = bench.contiguous(batch, ctx)
+    k_pages, v_pages, table_ = bench.paged(k, v, 16)
+    return _traced(lambda: bench.jaxattn_fns(batch, ctx, q, k_pages, v_pages, table_, 16,
+                                             None)[0], directory, events)
+
+
+def trace_down(rows: int, directory: str, events: int) -> dict:
     """A batch-1-to-16 decode step's down launch, traced: the routed experts by row and the
     shared expert, f16 rows through FP8 weights (W8A16, 8192 -> 5120), a 16-row bucket with
     ``rows`` real rows on as many experts (benchmarks.fp8_matmul --w8a16's setup)."""
@@ -146,7 +150,7 @@ def trace_down(rows: int, directory: str, events: int, calls: int = 3) -> dict:
     import numpy as np
 
     from benchmarks.fp8_matmul import E, H, I, _row_experts
-    from jaxattn.kernels import common, fp8, grouped_matmul as gm
+    from jaxattn.kernels import fp8, grouped_matmul as gm
 
     quantize = jax.jit(lambda w: fp8.quantize(w, -1))
     routed = quantize(jax.random.normal(jax.random.key(0), (E, H, I), jnp.bfloat16)
@@ -155,15 +159,12 @@ def trace_down(rows: int, directory: str, events: int, calls: int = 3) -> dict:
                       / float(np.sqrt(I)))
     x16 = jax.random.normal(jax.random.key(3), (32, I), jnp.float16)  # routed, then shared
     config = dataclasses.replace(gm.pick_config(16, I, H, fp8=True, f16_rows=True), block_m=16)
+    down = jax.jit(lambda x, g: gm._mosaic_grouped_matmul(
+        x, (routed[0], shared[0]), g, (routed[1], shared[1]), config=config, by_row=True,
+        shared_blocks=(0, 1), out_dtype=jnp.bfloat16))
     # Two regions a K step (32 of them) and a tile's three: the default 64 would drop the store.
-    with common.kernel_trace(directory, max(events, 2 * I // config.block_k + 16)):
-        down = jax.jit(lambda x, g: gm._mosaic_grouped_matmul(
-            x, (routed[0], shared[0]), g, (routed[1], shared[1]), config=config, by_row=True,
-            shared_blocks=(0, 1), out_dtype=jnp.bfloat16))
-        for _ in range(calls):
-            jax.block_until_ready(down(x16, _row_experts(rows)[0]))
-    jax.effects_barrier()
-    return _latest(directory)
+    return _traced(lambda: functools.partial(down, x16, _row_experts(rows)[0]), directory,
+                   max(events, 2 * I // config.block_k + 16))
 
 
 def _bucket_rows(text: str) -> list[int]:
@@ -213,23 +214,18 @@ def main(argv=None) -> int:
     clock = args.clock_ghz or sm_clock_ghz()
     res = {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
            "jax": jax.__version__, "clock_ghz": clock, "cases": []}
-    for batch, ctx in args.cases:
+    jobs = ([(f"{b}x{c}", {"batch": b, "context": c}, functools.partial(trace_case, b, c))
+             for b, c in args.cases]
+            + [(f"down, {r} rows", {"down_rows": r}, functools.partial(trace_down, r))
+               for r in args.down])
+    for label, case, trace in jobs:
         with tempfile.TemporaryDirectory() as directory:
-            for kernel, path in trace_case(batch, ctx, directory, args.events).items():
+            for kernel, path in trace(directory, args.events).items():
                 with open(path) as f:
                     rows = summarise(json.load(f), clock, _warpgroups(path))
-                res["cases"].append({"batch": batch, "context": ctx, "kernel": kernel,
-                                     "regions": rows})
-                print(f"\n{batch}x{ctx} {kernel} (SM clock {clock:.2f} GHz)\n{table(rows)}",
+                res["cases"].append({**case, "kernel": kernel, "regions": rows})
+                print(f"\n{label}: {kernel} (SM clock {clock:.2f} GHz)\n{table(rows)}",
                       flush=True)
-    for rows in args.down:
-        with tempfile.TemporaryDirectory() as directory:
-            for kernel, path in trace_down(rows, directory, args.events).items():
-                with open(path) as f:
-                    regions = summarise(json.load(f), clock, _warpgroups(path))
-                res["cases"].append({"down_rows": rows, "kernel": kernel, "regions": regions})
-                print(f"\ndown, {rows} rows: {kernel} (SM clock {clock:.2f} GHz)\n"
-                      f"{table(regions)}", flush=True)
     print("wrote", write_json(f"kernel-trace-{res['date']}{args.tag}.json", res))
     return 0
 

@@ -279,7 +279,6 @@ def test_multigpu_switches_set_their_module_flags(monkeypatch):
                    "router_in_smem": True, "dependent_launch": False}
 
 
-
 def _trace(events_by_trace, start_ns):
     """A Mosaic GPU trace as its profiler dumps it: per trace (tid), (name, B/E, cycles since
     its first region), its start ``start_ns[tid]``; ts = (start + cycles) / 1000."""
@@ -320,3 +319,40 @@ def test_kernel_trace_summary_per_warpgroup_and_region():
     with pytest.raises(ValueError, match="ends inside"):
         kernel_trace.summarise(_trace({1: [("a", "B", 0), ("b", "B", 1), ("a", "E", 2),
                                            ("b", "E", 3)]}, {1: 0}), 2.0, 1)
+
+
+def test_kernel_trace_main_summarises_each_case(monkeypatch, tmp_path):
+    """kernel_trace.main: each decode case and down row count traced once, its kernels'
+    traces summarised under the case's keys (the GPU parts replaced by a written trace)."""
+    import json
+
+    from benchmarks import common as bench_common, kernel_trace
+    from jaxattn.kernels import common as kernel_common
+
+    def fake(name, *key):
+        def trace(directory, events):
+            path = os.path.join(directory, f"{name}-1-trace.json")
+            with open(path, "w") as f:
+                json.dump(_trace({1: [("wait", "B", 0), ("wait", "E", 2000)]}, {1: 0}), f)
+            calls.append((name, *key, events))
+            return {name: path}
+        return trace
+
+    calls, written = [], {}
+    monkeypatch.setattr(kernel_common, "on_hopper", lambda: True)
+    monkeypatch.setattr(kernel_trace, "trace_case",
+                        lambda b, c, *a: fake("decode_kernel", b, c)(*a))
+    monkeypatch.setattr(kernel_trace, "trace_down", lambda r, *a: fake("grouped_matmul", r)(*a))
+    monkeypatch.setattr(bench_common, "write_json", lambda name, res: written.update({name: res}))
+    assert kernel_trace.main(["--cases", "1x64,2x8192", "--down", "8", "--clock-ghz", "2",
+                              "--tag=-t"]) == 0
+    assert calls == [("decode_kernel", 1, 64, 64), ("decode_kernel", 2, 8192, 64),
+                     ("grouped_matmul", 8, 64)]
+    [(name, res)] = written.items()
+    assert name.startswith("kernel-trace-") and name.endswith("-t.json")
+    keys = [{k: v for k, v in c.items() if k != "regions"} for c in res["cases"]]
+    assert keys == [{"batch": 1, "context": 64, "kernel": "decode_kernel"},
+                    {"batch": 2, "context": 8192, "kernel": "decode_kernel"},
+                    {"down_rows": 8, "kernel": "grouped_matmul"}]
+    assert res["cases"][0]["regions"] == [dict(warpgroup=0, region="wait", ctas=1,
+                                               start_us=0.0, total_us=1.0, max_total_us=1.0)]
