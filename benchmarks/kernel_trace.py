@@ -45,13 +45,16 @@ def sm_clock_ghz() -> float:
     return float(out.split()[0]) / 1e3
 
 
-def summarise(trace: dict, clock_ghz: float, warpgroups: int) -> list[dict]:
-    """Rows (warpgroup, region, ctas, start_us, total_us, max_total_us) of a Mosaic GPU trace
-    (``traceEvents`` of B/E events; ``tid`` = 1 + warpgroup + ``warpgroups`` x CTA; ``ts`` =
-    (the warpgroup's start in ns + cycles since its first region) / 1000). Nested regions
-    count in full in each, a region inside one of its own name (a loop body's scope opened
-    again inside its loop's) counts once, and a region entered several times per CTA adds
-    up."""
+def summarise(trace: dict, clock_ghz: float, warpgroups: int,
+              events: int | None = None) -> list[dict]:
+    """Rows (warpgroup, region, ctas, start_us, total_us, max_total_us, full) of a Mosaic GPU
+    trace (``traceEvents`` of B/E events; ``tid`` = 1 + warpgroup + ``warpgroups`` x CTA;
+    ``ts`` = (the warpgroup's start in ns + cycles since its first region) / 1000). Nested
+    regions count in full in each, a region inside one of its own name (a loop body's scope
+    opened again inside its loop's) counts once, and a region entered several times per CTA
+    adds up. ``full``: of those CTAs, how many recorded ``events`` regions in that
+    warpgroup, the profiler's cap (later ones were dropped, so their totals fall short;
+    0 where ``events`` is None)."""
     by_trace = collections.defaultdict(list)
     for event in trace["traceEvents"]:
         by_trace[event["tid"]].append(event)
@@ -63,11 +66,14 @@ def summarise(trace: dict, clock_ghz: float, warpgroups: int) -> list[dict]:
         raise ValueError("the warpgroups' start times span over a second: run it again")
     kernel_start = min(starts)
     per_cta = collections.defaultdict(dict)  # (warpgroup, name) -> cta -> [first start, total]
-    for tid, events in by_trace.items():
+    full = set()  # (warpgroup, cta) whose trace reached the cap
+    for tid, trace_events in by_trace.items():
         cta, warpgroup = divmod(tid - 1, warpgroups)
-        started = events[0]["ts"]  # its first region begins at 0 cycles
+        started = trace_events[0]["ts"]  # its first region begins at 0 cycles
+        if events is not None and sum(e["ph"] == "B" for e in trace_events) >= events:
+            full.add((warpgroup, cta))
         open_regions = []
-        for event in events:
+        for event in trace_events:
             cycles = (event["ts"] - started) * 1e3
             at = started - kernel_start + cycles / (clock_ghz * 1e3)  # µs
             if event["ph"] == "B":
@@ -86,15 +92,16 @@ def summarise(trace: dict, clock_ghz: float, warpgroups: int) -> list[dict]:
         starts, totals = zip(*ctas.values())
         rows.append({"warpgroup": warpgroup, "region": name, "ctas": len(ctas),
                      "start_us": statistics.median(starts),
-                     "total_us": statistics.median(totals), "max_total_us": max(totals)})
+                     "total_us": statistics.median(totals), "max_total_us": max(totals),
+                     "full": sum((warpgroup, cta) in full for cta in ctas)})
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| warpgroup | region | CTAs | starts at (µs, median) | time per CTA (µs, median) "
-             "| slowest CTA (µs) |", "|---|---|---|---|---|---|"]
+             "| slowest CTA (µs) | CTAs whose trace filled |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['warpgroup']} | {r['region']} | {r['ctas']} | {r['start_us']:.2f} | "
-              f"{r['total_us']:.2f} | {r['max_total_us']:.2f} |" for r in rows]
+              f"{r['total_us']:.2f} | {r['max_total_us']:.2f} | {r['full']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -111,7 +118,8 @@ def _warpgroups(trace_path: str) -> int:
 
 def _traced(build, directory: str, events: int, calls: int = 3) -> dict:
     """Calls ``build()`` (a function of no arguments, made inside the trace) ``calls`` times
-    inside ``common.kernel_trace`` -> the last call's trace file per kernel name."""
+    inside ``common.kernel_trace`` -> per kernel name, (the last call's trace file, the
+    regions a warpgroup could record)."""
     import jax
 
     from jaxattn.kernels import common
@@ -123,7 +131,7 @@ def _traced(build, directory: str, events: int, calls: int = 3) -> dict:
     jax.effects_barrier()  # the traces are written by host callbacks
     latest = {}
     for path in sorted(glob.glob(os.path.join(directory, "*-trace.json")), key=os.path.getmtime):
-        latest[os.path.basename(path).rsplit("-", 2)[0]] = path
+        latest[os.path.basename(path).rsplit("-", 2)[0]] = (path, events)
     return latest
 
 
@@ -196,7 +204,7 @@ def main(argv=None) -> int:
             trace = json.load(f)
         try:
             rows = summarise(trace, args.clock_ghz or sm_clock_ghz(),
-                             args.warpgroups or _warpgroups(args.summarise))
+                             args.warpgroups or _warpgroups(args.summarise), args.events)
         except ValueError as e:
             print(f"{args.summarise}: {e}", file=sys.stderr)
             return 1
@@ -220,9 +228,9 @@ def main(argv=None) -> int:
                for r in args.down])
     for label, case, trace in jobs:
         with tempfile.TemporaryDirectory() as directory:
-            for kernel, path in trace(directory, args.events).items():
+            for kernel, (path, cap) in trace(directory, args.events).items():
                 with open(path) as f:
-                    rows = summarise(json.load(f), clock, _warpgroups(path))
+                    rows = summarise(json.load(f), clock, _warpgroups(path), cap)
                 res["cases"].append({**case, "kernel": kernel, "regions": rows})
                 print(f"\n{label}: {kernel} (SM clock {clock:.2f} GHz)\n{table(rows)}",
                       flush=True)

@@ -303,12 +303,15 @@ def test_kernel_trace_summary_per_warpgroup_and_region():
         4: [("tile", "B", 0), ("kv_block", "B", 0), ("kv_block", "E", 2000), ("tile", "E", 2000)],
     }
     start = {1: 10_000, 2: 10_500, 3: 12_000, 4: 11_000}  # ns: CTA 1 starts 2 us late
-    rows = kernel_trace.summarise(_trace(events, start), clock_ghz=2.0, warpgroups=2)
+    rows = kernel_trace.summarise(_trace(events, start), clock_ghz=2.0, warpgroups=2,
+                                  events=3)
     got = {(r["warpgroup"], r["region"]): r for r in rows}
     assert [(r["warpgroup"], r["region"]) for r in rows] == [
         (0, "wait"), (0, "attend"), (1, "tile"), (1, "kv_block")]  # by warpgroup, then start
     assert got[0, "wait"] == dict(warpgroup=0, region="wait", ctas=2, start_us=1.0,
-                                  total_us=2.0, max_total_us=3.0)
+                                  total_us=2.0, max_total_us=3.0, full=0)
+    # CTA 0's producer entered 4 regions, the cap of 3 (CTA 1's 2): its totals fall short.
+    assert got[1, "tile"]["full"] == got[1, "kv_block"]["full"] == 1
     assert got[0, "attend"]["start_us"] == pytest.approx(3.5)  # CTA 0 at 2 us, CTA 1 at 5
     assert got[1, "kv_block"]["total_us"] == pytest.approx(1.25)  # CTA 0: 1.5 us in two, CTA 1: 1
     assert got[1, "tile"]["max_total_us"] == pytest.approx(3.0)
@@ -335,7 +338,7 @@ def test_kernel_trace_main_summarises_each_case(monkeypatch, tmp_path):
             with open(path, "w") as f:
                 json.dump(_trace({1: [("wait", "B", 0), ("wait", "E", 2000)]}, {1: 0}), f)
             calls.append((name, *key, events))
-            return {name: path}
+            return {name: (path, 1)}
         return trace
 
     calls, written = [], {}
@@ -355,4 +358,5 @@ def test_kernel_trace_main_summarises_each_case(monkeypatch, tmp_path):
                     {"batch": 2, "context": 8192, "kernel": "decode_kernel"},
                     {"down_rows": 8, "kernel": "grouped_matmul"}]
     assert res["cases"][0]["regions"] == [dict(warpgroup=0, region="wait", ctas=1,
-                                               start_us=0.0, total_us=1.0, max_total_us=1.0)]
+                                               start_us=0.0, total_us=1.0, max_total_us=1.0,
+                                               full=1)]  # one region, a cap of 1
