@@ -287,8 +287,6 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         # in place (uninitialised: the producers zero the rows no tile covers); outputs
         # lse_ref, opart_ref, lpart_ref (GMEM); scratch [+
         # the FP8 cache's].
-        with jax.named_scope("wait"):  # (the regions: common.kernel_trace)
-            common.dependent_launch(interpret)
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
         (out_ref, lse_ref, opart_ref, lpart_ref, (q_raw, *q_raw8), q_tile, k_smem, v_smem,
          p_smem, (o_smem, o_out, o_t_smem, merge_acc), lse_smem, q_full, q_free, k_full,
@@ -305,8 +303,17 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         deq_v = (vdeq_full if deq_wg else None, v_deq, vs_smem) if fp8 else ()
         wg = lax.axis_index("wg")
         cta = lax.axis_index("cta")
+        # The step's plan was written launches ago, so the CTA's tile range is read before
+        # the wait for the kernel just before (under programmatic dependent launch, that
+        # kernel's work and this one's start overlap).
         first_tile = cta_ref[cta]
         n_local = cta_ref[cta + 1] - first_tile
+
+        def wait():
+            """Each warpgroup's wait for the kernel before (``common.dependent_launch``),
+            before its first read of that kernel's outputs and its first global store."""
+            with jax.named_scope("wait"):  # (the regions: common.kernel_trace)
+                common.dependent_launch(interpret)
 
         def tile_info(i):
             f = lambda col: meta_ref[first_tile + i, col]
@@ -351,7 +358,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         def producer():
-            zero_smem()
+            zero_smem()  # shared memory only: before the wait, beside the kernel before
+            wait()
             zero_uncovered_rows()
 
             @jax.named_scope("tile")
@@ -451,6 +459,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             slot ``step % dstages``, then frees the fp8 slot."""
             jobs = ((k_full, kdeq_free, kdeq_full, k_smem, ks_smem, k_deq),
                     (v_full, vdeq_free, vdeq_full, v_smem, vs_smem, v_deq))
+            wait()
 
             def tile_body(i, step):
                 _, f = tile_info(i)
@@ -481,6 +490,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             """Consumer ``c``: the tile's blocks whose global step has parity ``c`` (all of
             them with one consumer). Consumer 0 also stages q and writes the tile out, after
             taking consumer 1's partial (m, l, acc) through SMEM and merging it."""
+            wait()
             row_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
             col_ids = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
             if narrow:  # S^T's (key, query row) ids; the identity that transposes O^T

@@ -285,12 +285,15 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=
                         else config.router_in_smem))
 
     def body(row, x_ref, w_ref, *rest):
-        if smem_router:  # the router's copy, then the wait for the kernel before
+        # The weights (the router's copy, the norm's), then the wait for the kernel before:
+        # their reads overlap its end under programmatic dependent launch.
+        if smem_router:
             *rest, r_smem, r_landed = rest
             # [E * K], flat and in bounds: one bulk copy (a tiled TMA box is <= 256 a side)
             plgpu.copy_gmem_to_smem(rest[len(terms)], r_smem, r_landed,
                                     oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
-            common.dependent_launch()
+        ws = [w_ref[a].astype(jnp.float32) for a in at]
+        common.dependent_launch()
         term_refs, rest = rest[:len(terms)], rest[len(terms):]
         r_ref, v_ref, *rest = rest if router is not None else (None, None, *rest)
         sum_ref, *rest = rest if terms else (None, *rest)
@@ -318,7 +321,6 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=
             return out
 
         xs = [x_ref[row, a].astype(jnp.float32) for a in at]
-        ws = [w_ref[a].astype(jnp.float32) for a in at]
         refs, delta = list(term_refs), None
         for has_row, has_col, stack in kinds:
             n = 1 + has_row + has_col
@@ -374,7 +376,7 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=
         operands = (*operands, router.reshape(-1) if smem_router else router, valid)
     name = "_".join(["add"] * bool(terms) + ["rms_norm_quantize"] + ["route"] * (router is not None))
     scratch = (plgpu.SMEM((router.size,), x.dtype), plgpu.Barrier()) if smem_router else ()
-    return _launch(body, r, outs, name, scratch, waits=not smem_router)(*operands)
+    return _launch(body, r, outs, name, scratch, waits=False)(*operands)
 
 
 @functools.partial(jax.jit, static_argnames=("scale_ub", "config"))
