@@ -12,11 +12,12 @@ slot_wait and product per K step of its ring, store, on its one warpgroup, where
 first tile is entered twice, once to copy its first ring of weights before the wait).
 Inside ``common.kernel_trace`` each warpgroup records when it enters and leaves them (SM
 clock cycles from its first region) and when it started (the global timer, ns), and each
-call writes a Chrome trace JSON. :func:`summarise` turns one into a row per (warpgroup, region): the CTAs that ran it, the
-median over them of when it first starts (µs after the kernel's first warpgroup started)
-and of its time per CTA, and the slowest CTA's. The GPU time a profiler reports for a kernel
-(``benchmarks.decode --profile``) also holds what no region covers: the launch of its CTAs,
-their exit, the time between regions.
+call writes a Chrome trace JSON. :func:`summarise` turns one into a row per (warpgroup,
+region): the CTAs that ran it, the median over them of when it first starts (µs after the
+kernel's first warpgroup started) and of its time per CTA, the slowest CTA's, and how many
+of them filled the profiler's region cap (their totals fall short). The GPU time a profiler
+reports for a kernel (``benchmarks.decode --profile``) also holds what no region covers: the
+launch of its CTAs, their exit, the time between regions.
 """
 
 from __future__ import annotations
@@ -137,8 +138,8 @@ def _traced(build, directory: str, events: int, calls: int = 3) -> dict:
 
 def trace_case(batch: int, ctx: int, directory: str, events: int) -> dict:
     """The decode attention of ``batch`` sequences of ``ctx`` keys (benchmarks.decode's
-    setup: Scout's heads, 16-token pages shuffled, the step's plan given), traced: -> the
-    last call's trace file per kernel."""
+    setup: Scout's heads, 16-token pages shuffled, the step's plan given), traced:
+    :func:`_traced`'s (trace file, region cap) per kernel."""
     from benchmarks import decode as bench
 
     q, k, v = bench.contiguous(batch, ctx)
@@ -150,7 +151,8 @@ def trace_case(batch: int, ctx: int, directory: str, events: int) -> dict:
 def trace_down(rows: int, directory: str, events: int) -> dict:
     """A batch-1-to-16 decode step's down launch, traced: the routed experts by row and the
     shared expert, f16 rows through FP8 weights (W8A16, 8192 -> 5120), a 16-row bucket with
-    ``rows`` real rows on as many experts (benchmarks.fp8_matmul --w8a16's setup)."""
+    ``rows`` real rows on as many experts (benchmarks.fp8_matmul --w8a16's setup): as
+    :func:`trace_case`."""
     import dataclasses
 
     import jax
@@ -196,7 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--summarise", metavar="TRACE", help="summarise one trace file and exit")
     ap.add_argument("--warpgroups", type=int, help="warpgroups per CTA (--summarise)")
     ap.add_argument("--clock-ghz", type=float, help="SM clock (default: nvidia-smi's maximum)")
-    ap.add_argument("--events", type=int, default=64, help="regions recorded per warpgroup")
+    ap.add_argument("--events", type=int, default=64,
+                    help="regions recorded per warpgroup (--summarise: the trace's cap)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     if args.summarise:

@@ -324,7 +324,7 @@ def test_kernel_trace_summary_per_warpgroup_and_region():
                                            ("b", "E", 3)]}, {1: 0}), 2.0, 1)
 
 
-def test_kernel_trace_main_summarises_each_case(monkeypatch, tmp_path):
+def test_kernel_trace_main_summarises_each_case(monkeypatch):
     """kernel_trace.main: each decode case and down row count traced once, its kernels'
     traces summarised under the case's keys (the GPU parts replaced by a written trace)."""
     import json
