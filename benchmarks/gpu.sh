@@ -25,7 +25,7 @@ for what in "${@:-all}"; do
                  --ignore=tests/serve/test_fuzz_api.py \
                  || status=1 ;;&
     prefill|all) [ -f benchmarks/prefill.py ] && { python3 -m benchmarks.prefill || status=1; } ;;&
-    profile|all) python3 -m benchmarks.profile_prefill || status=1 ;;&
+    profile|all) python3 -m benchmarks.profile_attention || status=1 ;;&
     fp8|all) python3 -m benchmarks.fp8_kv || status=1 ;;&
     decode|all) [ -f benchmarks/decode.py ] && { python3 -m benchmarks.decode || status=1; } ;;&
     decode|all) python3 -m benchmarks.decode_variants || status=1 ;;&

@@ -10,7 +10,7 @@ import pytest
 
 # benchmarks/ is a folder of the repository, not of the installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks import common, profile_prefill, step_kernels  # noqa: E402
+from benchmarks import common, profile_attention, step_kernels  # noqa: E402
 
 
 def _stamp(t: datetime.datetime) -> str:
@@ -45,10 +45,18 @@ def test_ncu_raw_page_is_parsed_by_column_name():
            '"ID","Kernel Name","gpu__time_duration.sum","smsp__inst_executed.sum"\n'
            '"","","ms","inst"\n'
            '"0","prefill_kernel_mosaic_gpu_kernel","15.69","5,639,127,832"\n')
-    m = profile_prefill._parse_raw(raw)
+    m = profile_attention._parse_raw(raw)
     assert m["Kernel Name"][0] == "prefill_kernel_mosaic_gpu_kernel"
     assert m["gpu__time_duration.sum"] == ("15.69", "ms")
-    assert profile_prefill._number(m["smsp__inst_executed.sum"][0]) == 5_639_127_832
+    assert profile_attention._number(m["smsp__inst_executed.sum"][0]) == 5_639_127_832
+
+
+def test_ncu_byte_units_and_decode_sizes():
+    assert profile_attention._bytes(1073.74, "Mbyte") == pytest.approx(1.07374e9)
+    assert profile_attention._bytes(2.5, "Kbyte") == 2500
+    with pytest.raises(ValueError, match="byte unit"):
+        profile_attention._bytes(1.0, "sector")
+    assert profile_attention._decode_size("32x8192") == (32, 8192)
 
 
 @pytest.mark.parametrize("name,kind", [
