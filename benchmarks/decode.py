@@ -120,7 +120,9 @@ def bounds_for(batch, page_size):
 
 # Other forms timed beside the default in the same run: (key, column title, config change).
 OTHERS = [("jaxattn_combine_s18", "combine as in session 18 (one copy per piece since s21)",
-           {"combine": decode_combine.CombineConfig(warpgroups=1, approx_math=False)})]
+           {"combine": decode_combine.CombineConfig(warpgroups=1, approx_math=False)}),
+          *((f"jaxattn_l2_ahead{n}", f"L2 prefetch {n} block{'s' * (n > 1)} ahead",
+             {"l2_ahead": n}) for n in (1, 2))]
 # Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17; round
 # robin, beside the balanced schedule as the default in session 18's run; the balanced
 # (stream-K) and last-round schedules, measured slower in sessions 18-19 and removed
