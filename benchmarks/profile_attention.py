@@ -33,6 +33,7 @@ import tempfile
 
 from benchmarks.common import write_json
 
+
 def _shapes(env: str, default: str, mode: str) -> list[tuple[str, str]]:
     return [(mode, x) for x in os.environ.get(env, default).split(",") if x]
 
