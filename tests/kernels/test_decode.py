@@ -145,8 +145,8 @@ CASES.update({f"{name}_2c": dataclasses.replace(
 
 # L2 prefetches of a later block beside each block's copies (DecodeConfig.l2_ahead): the
 # interpreter skips the instruction but reads the page ids, and raises on a read past the page
-# table (which an unguarded prefetch of a tile's last blocks makes at 8 pages a sequence): small
-# pages, one CTA's many tiles, page slices of 128-row pages.
+# table, which an unguarded prefetch of a sequence's last blocks makes: small pages, one CTA's
+# many tiles, page slices of 128-row pages.
 CASES.update({f"{name}_l2ahead{ahead}": dataclasses.replace(
     CASES[name], config=dataclasses.replace(CASES[name].config, l2_ahead=ahead))
     for name, ahead in (("scout_bf16_d128_g5_p16", 2), ("one_cta_many_tiles", 1),
