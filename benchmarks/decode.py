@@ -120,20 +120,21 @@ def bounds_for(batch, page_size):
 
 # Other forms timed beside the default in the same run: (key, column title, config change).
 OTHERS = [("jaxattn_combine_s18", "combine as in session 18 (one copy per piece since s21)",
-           {"combine": decode_combine.CombineConfig(warpgroups=1, approx_math=False)}),
-          *((f"jaxattn_l2_ahead{n}", f"L2 prefetch {n} block{'s' * (n > 1)} ahead",
-             {"l2_ahead": n}) for n in (1, 2))]
+           {"combine": decode_combine.CombineConfig(warpgroups=1, approx_math=False)})]
 # Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17; round
 # robin, beside the balanced schedule as the default in session 18's run; the balanced
 # (stream-K) and last-round schedules, measured slower in sessions 18-19 and removed
 # (benchmarks/NOTES-decode.md, v10-v11); the combine's one copy per piece, a column in session
-# 20 and the only form since.
+# 20 and the only form since; L2 prefetches of the block 1 or 2 steps ahead beside each
+# block's copies (DecodeConfig.l2_ahead), slower by 0-3% and 2-5% in session 53's run and removed.
 _OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)"),
                 ("jaxattn_rr", "round-robin tiles (before)"),
                 ("jaxattn_balanced", "balanced schedule"),
                 ("jaxattn_last_round", "balanced last round"),
                 ("jaxattn_unsplit", "balanced, planner does not split"),
-                ("jaxattn_combine_one_copy", "combine, one copy per piece")]
+                ("jaxattn_combine_one_copy", "combine, one copy per piece"),
+                *((f"jaxattn_l2_ahead{n}", f"L2 prefetch {n} block{'s' * (n > 1)} ahead")
+                  for n in (1, 2))]
 
 
 def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):

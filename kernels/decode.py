@@ -150,15 +150,6 @@ class DecodeConfig:
       or 8: :data:`common.DEQUANT_LAYOUTS`): the width of its fp8 loads and 16-bit stores
       in shared memory (2: the wgmma layout, 2-byte loads). Same numbers either way.
     combine: the combine kernel's tuning (:class:`CombineConfig`).
-    l2_ahead: 16-bit cache: with each block's copies the producer also asks the L2 to fetch
-      the tile's block ``l2_ahead`` steps later (``cp.async.bulk.prefetch``, the same boxes
-      as its copies; nothing waits for it), so HBM has that block's bytes in flight beside
-      the ring's, which shared memory limits to ``num_stages`` blocks (2 of 128 keys for a
-      bf16 cache). 0 (the default): off. The main kernel alone reads K and V at ~96% of the
-      read-only copy figure from 8k keys up where cuDNN reads ~98% (H100, session 52), and a
-      deeper ring does not fit; whether this closes it is to be measured
-      (``benchmarks.decode``'s columns). GPU interpret mode has no such instruction: there
-      the page ids are read and the prefetch skipped.
     """
 
     block_kv: int = 64
@@ -172,7 +163,6 @@ class DecodeConfig:
     f16_dequant: bool = False
     dequant_vector: int = 2
     combine: CombineConfig = CombineConfig()
-    l2_ahead: int = 0
 
     def __post_init__(self):
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -192,8 +182,6 @@ class DecodeConfig:
                              f"{tuple(common.DEQUANT_LAYOUTS)}")
         if self.num_ctas is not None and self.num_ctas < 1:
             raise ValueError(f"num_ctas={self.num_ctas} must be positive")
-        if self.l2_ahead < 0:
-            raise ValueError(f"l2_ahead={self.l2_ahead} must be >= 0")
 
 
 def default_config(interpret=False, fp8=False) -> DecodeConfig:
@@ -294,10 +282,6 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     # Copies of a block that lie wholly past kv_end are skipped (16-bit caches; an FP8
     # slot's stale bytes could be a NaN code, so its copies all run, clamped to the last page).
     skip_copies = cpb > 1 and not fp8
-    l2_ahead = config.l2_ahead
-    if l2_ahead and fp8:
-        raise ValueError("DecodeConfig.l2_ahead is the 16-bit cache's (an FP8 cache's blocks "
-                         "are half the bytes, and its dequantising warpgroup sets its pace)")
     params = common.compiler_params(approx_math=True)  # (+ the profiler's: kernel_trace)
 
     def decode_kernel(meta_ref, cta_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
@@ -413,24 +397,6 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
                 last_key = kv_end - 1
 
-                def rows_of(key):
-                    """The key's page slice: the rows one copy takes from its page."""
-                    row = lax.rem(key, page_size) // rpc * rpc if rpc < page_size else 0
-                    return pl.ds(row, rpc)
-
-                def prefetch_block(j):
-                    """Block j's live copies as L2 prefetches (config.l2_ahead); none past
-                    kv_end, so none past the tile's last block either."""
-                    for cp in range(cpb):
-                        key = kv_start + j * bk + cp * rpc
-
-                        @pl.when(key < kv_end)
-                        def _():
-                            page = pt_ref[seq, key // page_size]
-                            if not interpret:  # (the interpreter has no prefetch)
-                                plgpu.async_prefetch(k_ref.at[page, rows_of(key), kvh])
-                                plgpu.async_prefetch(v_ref.at[page, rows_of(key), kvh])
-
                 @jax.named_scope("kv_block")
                 def block_body(j, step):
                     slot = lax.rem(step, stages)
@@ -446,8 +412,9 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                         plgpu.barrier_wait(consumed.at[slot])
 
                     def copies(key, page, cp):
+                        row = lax.rem(key, page_size) // rpc * rpc if rpc < page_size else 0
                         dst = pl.ds(cp * rpc, rpc)
-                        src = rows_of(key)
+                        src = pl.ds(row, rpc)
                         plgpu.copy_gmem_to_smem(k_ref.at[page, src, kvh],
                                                 k_smem.at[slot, dst], k_full.at[slot])
                         plgpu.copy_gmem_to_smem(v_ref.at[page, src, kvh],
@@ -476,8 +443,6 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                         def _():
                             plgpu.barrier_arrive(k_full.at[slot])
                             plgpu.barrier_arrive(v_full.at[slot])
-                    if l2_ahead:
-                        prefetch_block(j + l2_ahead)
                     return step + 1
 
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))

@@ -143,14 +143,6 @@ CASES.update({f"{name}_2c": dataclasses.replace(
                  "fp16_d64_g8_p8_chunked_narrow", "bf16_d64_g1_p32_bk128",
                  "one_cta_many_tiles", "one_cta_many_tiles_narrow")})
 
-# L2 prefetches of a later block beside each block's copies (DecodeConfig.l2_ahead): the
-# interpreter skips the instruction but reads the page ids, and raises on a read past the page
-# table, which an unguarded prefetch of a sequence's last blocks makes: small pages, one CTA's
-# many tiles, page slices of 128-row pages.
-CASES.update({f"{name}_l2ahead{ahead}": dataclasses.replace(
-    CASES[name], config=dataclasses.replace(CASES[name].config, l2_ahead=ahead))
-    for name, ahead in (("scout_bf16_d128_g5_p16", 2), ("one_cta_many_tiles", 1),
-                        ("bf16_d128_g5_p128_noncausal_chunked", 3))})
 
 # The combine kernel's tunings (DecodeConfig.combine; the default shares parents of 4+ pieces
 # between 2 warpgroups): a piece in one copy instead of one per token (multi-token pieces

@@ -116,24 +116,6 @@ def test_combine_options(combine):
     _check([1], [131072], config=config)
 
 
-@pytest.mark.parametrize("page_size", [16, 128])
-def test_l2_ahead_changes_no_value(page_size):
-    """DecodeConfig.l2_ahead's prefetches change no value: against the reference at context
-    edges, and bit for bit against the same config without them."""
-    base = decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True)
-    config = decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True, l2_ahead=2)
-    q_lens, kv_lens = [1] * len(EDGES) + [12], list(EDGES) + [9000]
-    _check(q_lens, kv_lens, page_size=page_size, config=config)
-    bounds, q, k, v, table, cu, kv, n = _case(q_lens, kv_lens, page_size=page_size)
-    plan = planner.plan(bounds, cu, kv, n)
-    outs = [jax.jit(lambda q, k, v, table, items, c=c: decode.decode_attention(
-        q, k, v, table, items, bounds=bounds, scale=0.088, config=c))(q, k, v, table,
-                                                                      plan.decode)
-            for c in (base, config)]
-    for a, b in zip(*outs):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 def test_non_causal_and_g1():
     _check([2, 1, 30], [5000, 70000, 600], causal=False, chunk=8192, hq=8, hkv=8)
 

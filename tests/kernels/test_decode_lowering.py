@@ -74,22 +74,6 @@ def test_cuda_lowering_tuning_variants(config):
         _export(bounds, jnp.bfloat16, config=config, out_scale=2.0 ** -3)
 
 
-@pytest.mark.parametrize("page_size", [16, 128])
-def test_l2_ahead_lowers_to_tma_prefetches(page_size):
-    """DecodeConfig.l2_ahead: the bf16 default's blocks with their L2 prefetches (whole 16-row
-    pages; slices of a 128-row page); a 16-bit cache's option, refused for FP8."""
-    bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
-                            max_model_len=131072, page_size=page_size, num_q_heads=40,
-                            num_kv_heads=8, head_dim=128, chunk_size=8192)
-    config = decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True, l2_ahead=2)
-    assert "cp.async.bulk.prefetch.tensor" in _export(bounds, jnp.bfloat16,
-                                                      config=config).mlir_module()
-    assert "cp.async.bulk.prefetch" not in _export(
-        bounds, jnp.bfloat16, config=decode.default_config()).mlir_module()
-    with pytest.raises(ValueError, match="l2_ahead"):
-        decode.DecodeConfig(l2_ahead=-1)
-
-
 def test_oversized_config_is_caught_on_cpu():
     bounds = jaxattn.Bounds(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=4096,
                             page_size=16, num_q_heads=40, num_kv_heads=8, head_dim=128)

@@ -385,8 +385,6 @@ def test_decode_config_refuses_forms_it_cannot_run():
         decode.DecodeConfig(consumers=3)
     with pytest.raises(ValueError, match="needs dequant_warpgroup"):  # at the call: FP8 pages
         _export_decode(_bounds(), jnp.bfloat16, config=decode.DecodeConfig(consumers=2))
-    with pytest.raises(ValueError, match="l2_ahead is the 16-bit cache's"):
-        _export_decode(_bounds(), jnp.bfloat16, config=decode.DecodeConfig(l2_ahead=1))
 
 
 def test_decode_default_configs_for_bf16_and_fp8_caches():
