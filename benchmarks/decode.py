@@ -126,7 +126,7 @@ OTHERS = [("jaxattn_combine_s18", "combine as in session 18 (one copy per piece 
 # (stream-K) and last-round schedules, measured slower in sessions 18-19 and removed
 # (benchmarks/NOTES-decode.md, v10-v11); the combine's one copy per piece, a column in session
 # 20 and the only form since; L2 prefetches of the block 1 or 2 steps ahead beside each
-# block's copies (DecodeConfig.l2_ahead), slower by 0-3% and 2-5% in session 53's run and removed.
+# block's copies (DecodeConfig.l2_ahead): 0.2-1.5% and 2.6-3.8% slower (session 53), removed.
 _OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)"),
                 ("jaxattn_rr", "round-robin tiles (before)"),
                 ("jaxattn_balanced", "balanced schedule"),

@@ -136,8 +136,8 @@ class PrefillConfig:
       serving step plans its own items): 0 (default) plans the items longest first over
       the sequence, so at 128k the tiles in flight under kv_major read all 16 chunks' K/V
       of a KV head (up to 64 MB against a 50 MB L2); ``g`` plans them ``g`` chunks at a
-      time, longest first within a group (``planner.plan(chunk_groups=)``), at most g
-      chunks' K/V in flight for ~1-2% of balance (simulated, NOTES-prefill.md session 53).
+      time, longest first within a group (``planner.plan(chunk_groups=)``): a few chunks'
+      K/V in flight for ~1-2% of balance (simulated, NOTES-prefill.md session 53).
       An experiment until timed: ``BENCH_PARTS=orders`` has it as columns.
     overlap: FA3 intra-warpgroup overlap: each turn issues QK(j) and PV(j-1)
       back to back, and softmax(j) runs while PV(j-1) is on the tensor cores
