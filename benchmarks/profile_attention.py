@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks.common import write_json
+from benchmarks.common import write_json, write_text
 
 
 def _shapes(env: str, default: str, mode: str) -> list[tuple[str, str]]:
@@ -206,12 +206,8 @@ def main() -> int:
 
 def _write(res: dict) -> None:
     stem = f"attention-profile-{res['date']}{os.environ.get('PROFILE_TAG', '')}"
-    path = write_json(stem + ".json", res)
-    with open(path[:-len(".json")] + ".md", "w") as f:
-        f.write(markdown(res))
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], stem + ".md"), "w") as f:
-            f.write(markdown(res))
+    write_json(stem + ".json", res)
+    write_text(stem + ".md", markdown(res))
 
 
 if __name__ == "__main__":
