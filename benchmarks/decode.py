@@ -95,12 +95,13 @@ def contiguous(batch, ctx, seed=0):
     return q, k, v
 
 
-def paged(k, v, page_size, seed=0):
-    """The contiguous cache cut into pages, shuffled; page table per sequence."""
+def paged(k, v, page_size, seed=0, shuffle=True):
+    """The contiguous cache cut into pages, shuffled (else in order: a sequence's pages one
+    after another in the pool); page table per sequence."""
     batch, ctx = k.shape[:2]
     per_seq = -(-ctx // page_size)
     n = batch * per_seq
-    perm = np.random.default_rng(seed).permutation(n)
+    perm = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     inv = np.argsort(perm).astype(np.int32)  # logical page i lives at pool slot inv[i]
 
     def pool(x):
@@ -180,8 +181,9 @@ def dpa(impl):
     return jax.jit(fn)
 
 
-def run_case(batch, ctx, ceiling, profile=False):
-    row = {"batch": batch, "ctx": ctx, "kv_bytes": kv_bytes(batch, ctx)}
+def run_case(batch, ctx, ceiling, profile=False, page_size=16, shuffle=True):
+    row = {"batch": batch, "ctx": ctx, "kv_bytes": kv_bytes(batch, ctx), "page_size": page_size,
+           "shuffled_pages": shuffle}
     q, k, v = contiguous(batch, ctx)
     lens = jnp.full((batch,), ctx, jnp.int32)
     fns, ref = {}, None
@@ -194,12 +196,12 @@ def run_case(batch, ctx, ceiling, profile=False):
             fns[impl] = functools.partial(fn, q, k, v, lens)
         except Exception as e:  # e.g. XLA out of memory at large batch x context
             row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    kp, vp, table = paged(k, v, 16)
+    kp, vp, table = paged(k, v, page_size, shuffle=shuffle)
     config = decode.default_config()
     fns["jaxattn"], fns["kernel"], fns["meta"], fns["plan"], row["pieces"] = jaxattn_fns(
-        batch, ctx, q, kp, vp, table, 16, config)
+        batch, ctx, q, kp, vp, table, page_size, config)
     for key, _, change in OTHERS:
-        fns[key], *_ = jaxattn_fns(batch, ctx, q, kp, vp, table, 16,
+        fns[key], *_ = jaxattn_fns(batch, ctx, q, kp, vp, table, page_size,
                                    dataclasses.replace(config, **change))
     for name, sec in interleaved(fns).items():
         row[f"{name}_ms"] = sec * 1e3

@@ -1,41 +1,55 @@
-"""Does the pools' token-major layout cost the decode kernel read rate? One GPU run.
+"""Does the pools' layout or the pages' order cost the decode kernel read rate? One GPU run.
 
-    python -m benchmarks.decode_layout     # -> results/decode-layout-<date>.json
+    python -m benchmarks.decode_layout     # -> results/decode-layout-<date><tag>.json
 
-The same K/V bytes, the same tiles of 8,192 keys and 5 q rows each, read two ways: 32
-sequences over 8 KV heads (Scout's; a page's rows of one head are 256 B every 2 KiB) and 256
-sequences over 1 KV head (a page of one head is one 4 KiB piece), in turn, two rounds, with
-cuDNN beside each (``benchmarks.decode.run_case``, GPU time from the profiler).
+The same K/V bytes, the same tiles of 8,192 keys and 5 q rows each, read several ways, in
+turn, two rounds, with cuDNN (which reads the contiguous cache) beside each
+(``benchmarks.decode.run_case``, GPU time from the profiler):
+
+* 32 sequences over 8 KV heads (Scout's; a page's rows of one head are 256 B every 2 KiB) and
+  256 sequences over 1 KV head (a page of one head is one 4 KiB piece), 16-token pages
+  shuffled, as the benchmarks' pools are;
+* 32 x 8 heads with the pages in order (a sequence's pages one after another, as a fresh
+  server's pool hands them out): what the shuffle's scattered 4 KiB reads cost against
+  cuDNN's contiguous cache;
+* the same with 128-token pages in order: one TMA copy for K and one for V per 128-key block
+  instead of eight each.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import sys
 
 import jax
 
 from benchmarks import decode as bench
 from benchmarks.common import time_kernels_alone
 
-# (query heads, KV heads, batch): equal bytes and tiles, two rounds.
-FORMS = [(40, 8, 32), (5, 1, 256)] * 2
+# (query heads, KV heads, batch, page size, pages shuffled): equal bytes and tiles, two rounds.
+FORMS = [(40, 8, 32, 16, True), (5, 1, 256, 16, True), (40, 8, 32, 16, False),
+         (40, 8, 32, 128, False)] * 2
 
 
 def main():
     time_kernels_alone(False)
     res = {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
            "ceilings": bench.ceilings(), "cases": []}
-    for hq, hkv, batch in FORMS:
+    for hq, hkv, batch, page, shuffle in FORMS:
         bench.HQ, bench.HKV = hq, hkv  # run_case's shapes are the module's
-        row = bench.run_case(batch, 8192, res["ceilings"], profile=True)
+        row = bench.run_case(batch, 8192, res["ceilings"], profile=True, page_size=page,
+                             shuffle=shuffle)
         row = {k: v for k, v in row.items() if not k.endswith("_kernels")} | {"hq": hq,
                                                                                "hkv": hkv}
         res["cases"].append(row)
-        print(f"{hkv} KV heads, {batch} x 8192: layer {1e3 * row['jaxattn_device_ms']:.1f} µs, "
-              f"cuDNN {1e3 * row['cudnn_device_ms']:.1f} µs", flush=True)
+        print(f"{hkv} KV heads, {batch} x 8192, {page}-token pages "
+              f"{'shuffled' if shuffle else 'in order'}: layer "
+              f"{1e3 * row['jaxattn_device_ms']:.1f} µs, cuDNN "
+              f"{1e3 * row['cudnn_device_ms']:.1f} µs", flush=True)
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
-    (bench.RESULTS / f"decode-layout-{res['date']}.json").write_text(json.dumps(res, indent=1))
+    tag = sys.argv[1] if len(sys.argv) > 1 else ""
+    (bench.RESULTS / f"decode-layout-{res['date']}{tag}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
