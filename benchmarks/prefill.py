@@ -14,9 +14,8 @@ Llama 4 Scout heads (40 query / 8 KV, head_dim 128), batch 1, lengths 4k..128k:
 * sustained load: jaxattn and cuDNN back to back for seconds at 32k causal, with the SM
   clock and power draw nvidia-smi reports (an H100 at its power limit lowers its clock);
 * only with ``BENCH_PARTS=orders``: causal 8k-16k (or ``ORDER_CASES``, e.g.
-  "chunked:32768,chunked:131072"), every tile order (chunked: and item grouping,
-  ``PrefillConfig.chunk_groups``) and cuDNN in turn, three rounds in one run (whether
-  "auto" picks the right order there, past run-to-run spread);
+  "chunked:32768,chunked:131072"), every tile order and cuDNN in turn, three rounds in one
+  run (whether "auto" picks the right order there, past run-to-run spread);
 * only with ``BENCH_PARTS=paging``: chunked 128k and causal 8k / 32k (or ``PAGING_CASES``)
   through the contiguous API and over 32-token pages (shuffled, in order) and 128-token
   shuffled pages, in turn three rounds in one run (what a page table costs, per case).
@@ -294,9 +293,6 @@ def bench_off_grid(res):
 # runs spread by ~10% (NOTES-prefill.md, v6): the worst random length (11720) and 12287 are here.
 ORDER_LENGTHS = sorted([8191, 10000, 10001, 11720, 12287] + [
     int(x) for x in np.random.default_rng(23).integers(8193, 16384, 4)])
-# PrefillConfig.chunk_groups timed beside the orders in chunked cases (session 53's question:
-# does a wave's K/V over 16 chunks of a KV head cost chunked 128k its L2?).
-CHUNK_GROUPS = (2, 4)
 
 
 def _order_cases() -> list[tuple[str, int]]:
@@ -318,17 +314,13 @@ def bench_orders(res, rounds=3):
     ``kernels.attention`` with an explicit config, so none pays the API's per-call plan."""
     orders = {name: prefill.PrefillConfig(tile_order=name)
               for name in ("auto", "kv_major", "item_major")}
-    # Chunked-local: the items planned a few chunks at a time (PrefillConfig.chunk_groups).
-    groupings = {f"auto, {g} chunks at a time": prefill.PrefillConfig(chunk_groups=g)
-                 for g in CHUNK_GROUPS}
     for mode, length in _order_cases():
         if time.time() - T0 > BUDGET_S:
             log("budget reached; skipping tile orders at", mode, length)
             break
         chunked = mode == "chunked"
         q, k, v = _inputs(length, jnp.bfloat16)
-        configs = orders | (groupings if chunked else {})
-        fns = {name: jaxattn_fn(CHUNK if chunked else None, cfg) for name, cfg in configs.items()}
+        fns = {name: jaxattn_fn(CHUNK if chunked else None, cfg) for name, cfg in orders.items()}
         fns["cudnn"] = (cudnn_chunked_ragged_fn(length) if chunked and length % CHUNK
                         else cudnn_fn(chunked))
         try:
@@ -344,7 +336,7 @@ def bench_orders(res, rounds=3):
             mode=mode, length=length, ms=med, all_ms=times,
             spread={name: max(t) / min(t) for name, t in times.items()},
             tflops={name: flops / ms / 1e9 for name, ms in med.items()},
-            ratio_vs_cudnn={name: med["cudnn"] / med[name] for name in configs}))
+            ratio_vs_cudnn={name: med["cudnn"] / med[name] for name in orders}))
         log("orders", res["orders"][-1])
         del q, k, v
 
@@ -629,7 +621,8 @@ def markdown(res):
                                  f"median {x['median']:.3f}, max {x['max']:.3f}")
     if res.get("orders"):
         names = list(dict.fromkeys(n for e in res["orders"] for n in e.get("ratio_vs_cudnn", {})))
-        lines += ["", "Tile orders (and item groupings), each visited in turn 3 times in one "
+        # Columns from the results (session 54's runs also timed PrefillConfig.chunk_groups).
+        lines += ["", "Tile orders (and other forms), each visited in turn 3 times in one "
                   "run: cuDNN ms / its ms (medians; chunked: cuDNN's reshaped batch), "
                   "jaxattn's TFLOP/s in the same column order, and the largest max/min "
                   "spread of any of them", "",

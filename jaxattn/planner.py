@@ -316,14 +316,9 @@ def cdiv(a, b):
     return (a + b - 1) // b
 
 
-def _sorted(items: dict, work: jax.Array, valid: jax.Array, group=None) -> WorkList:
-    """Longest first (with ``group``: groups in ascending order, longest first within
-    each); padding last with an empty, harmless entry."""
-    if group is None:
-        order = jnp.argsort(jnp.where(valid, -work, 1), stable=True)
-    else:  # lexsort's last key is the primary one
-        order = jnp.lexsort((jnp.where(valid, -work, 1),
-                             jnp.where(valid, group, jnp.iinfo(jnp.int32).max)))
+def _sorted(items: dict, work: jax.Array, valid: jax.Array) -> WorkList:
+    """Longest first; padding last with an empty, harmless entry."""
+    order = jnp.argsort(jnp.where(valid, -work, 1), stable=True)
     fields = {k: jnp.where(valid, v, 0)[order].astype(jnp.int32) for k, v in items.items()}
     return WorkList(**fields, count=valid.sum().astype(jnp.int32))
 
@@ -382,22 +377,16 @@ def decode_piece(d_work, bounds: Bounds, max_items: int):
 
 
 def plan(bounds: Bounds, cu_q_lens, kv_lens, num_seqs, *, chunk_size=None,
-         causal: bool = True, chunk_groups: int = 0) -> Plan:
+         causal: bool = True) -> Plan:
     """Fill the work lists for one batch. Jittable; all shapes come from ``capacity``.
 
     ``chunk_size`` must be ``None`` (global layer) or ``bounds.chunk_size``.
-    ``chunk_groups=g`` (chunked-local calls; 0: off) orders the prefill items by sequence
-    and by groups of ``g`` consecutive chunks, longest first within a group, instead of
-    longest first over the batch: the tiles a persistent kernel runs at one time then read
-    the K/V of at most a few chunks (``PrefillConfig.chunk_groups``).
     With concrete (non-traced) inputs the batch is first checked against the
     bounds and a ValueError names the bound it breaks.
     """
     if chunk_size is not None and chunk_size != bounds.chunk_size:
         raise ValueError(f"chunk_size={chunk_size} must be None or bounds.chunk_size="
                          f"{bounds.chunk_size} (capacity is computed for that chunk size)")
-    if not (isinstance(chunk_groups, int) and chunk_groups >= 0):
-        raise ValueError(f"chunk_groups={chunk_groups!r} must be an int >= 0")
     if _is_concrete(cu_q_lens, kv_lens, num_seqs):
         check_admissible(bounds, cu_q_lens, kv_lens, num_seqs)
     cap = capacity(bounds)
@@ -435,15 +424,11 @@ def plan(bounds: Bounds, cu_q_lens, kv_lens, num_seqs, *, chunk_size=None,
     rows = jnp.minimum(bq, seg_rows[sg] - b * bq)
     pos = seg_lo[sg] + b * bq
     kv_end = pos + rows if causal else key_hi_noncausal[sg]
-    group = None
-    if chunk_groups and chunk_size is not None:
-        per_seq = cdiv(cdiv(bounds.max_model_len, chunk_size), chunk_groups)
-        group = (seq * per_seq + (c_first[seq] + i) // chunk_groups)[sg]
     prefill = _sorted(
         dict(seq=seq[sg], q_start=seg_qstart[sg] + b * bq, q_len=rows, q_pos=pos,
              kv_start=key_lo[sg], kv_end=kv_end, split=jnp.zeros_like(sg),
              num_splits=jnp.ones_like(sg)),
-        work=kv_end - key_lo[sg], valid=valid, group=group)
+        work=kv_end - key_lo[sg], valid=valid)
 
     # Stage 2b: decode items, one per segment, key range split into pieces of L keys.
     dec = seg_valid & is_decode

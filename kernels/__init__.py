@@ -247,8 +247,7 @@ def attention(q, k, v, q_lens, kv_lens, *, scale, causal=True, chunk_size=None, 
     q_lens = jnp.asarray(q_lens, jnp.int32)
     kv_lens = jnp.asarray(kv_lens, jnp.int32)
     cu = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(q_lens, dtype=jnp.int32)])
-    plan = planner.plan(bounds, cu, kv_lens, b, chunk_size=chunk_size, causal=causal,
-                        chunk_groups=config.chunk_groups if config else 0)
+    plan = planner.plan(bounds, cu, kv_lens, b, chunk_size=chunk_size, causal=causal)
     plan = plan._replace(prefill=_to_padded_rows(plan.prefill, cu, lq),
                          decode=_to_padded_rows(plan.decode, cu, lq))
     rows = jnp.arange(b, dtype=jnp.int32) * lq

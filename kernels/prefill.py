@@ -132,13 +132,6 @@ class PrefillConfig:
       "auto" (default): kv_major when one KV head's tiles fill at least
       ``_KV_MAJOR_MIN_WAVES`` waves of CTAs, else item_major (decided in the
       kernel from the item count).
-    chunk_groups: the contiguous API's chunked-local calls (``kernels.attention``; the
-      serving step plans its own items): 0 (default) plans the items longest first over
-      the sequence, so at 128k the tiles in flight under kv_major read all 16 chunks' K/V
-      of a KV head (up to 64 MB against a 50 MB L2); ``g`` plans them ``g`` chunks at a
-      time, longest first within a group (``planner.plan(chunk_groups=)``): a few chunks'
-      K/V in flight for ~1-2% of balance (simulated, NOTES-prefill.md session 53).
-      An experiment until timed: ``BENCH_PARTS=orders`` has it as columns.
     overlap: FA3 intra-warpgroup overlap: each turn issues QK(j) and PV(j-1)
       back to back, and softmax(j) runs while PV(j-1) is on the tensor cores
       (needs p_in_registers; GPU only). Bit-identical output to the plain loop.
@@ -209,7 +202,6 @@ class PrefillConfig:
     num_stages: int = 2
     p_in_registers: bool = True
     tile_order: str = "auto"
-    chunk_groups: int = 0
     overlap: bool = True
     named_barriers: bool = True
     consumer_registers: int = 232
@@ -237,8 +229,6 @@ class PrefillConfig:
                              f"{tuple(common.DEQUANT_LAYOUTS)}")
         if self.tile_order not in TILE_ORDERS:
             raise ValueError(f"tile_order={self.tile_order!r} is not one of {TILE_ORDERS}")
-        if self.chunk_groups < 0:
-            raise ValueError(f"chunk_groups={self.chunk_groups} must be >= 0")
         if self.fp8_pv and not self.fp8_qk:
             raise ValueError("fp8_pv=True needs fp8_qk=True")
 

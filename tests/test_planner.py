@@ -218,30 +218,6 @@ def test_decode_splits_for_one_long_sequence():
         _check_capacity(one, *ADVERSARIAL[name])  # the capacity proof holds for any W
 
 
-def test_chunk_groups_order_the_same_items_by_sequence_and_chunk_group():
-    """plan(chunk_groups=2): the prefill items of the default plan, ordered by sequence,
-    then by groups of two chunks, longest first within a group; decode items and global
-    calls as without it."""
-    bounds = jaxattn.Bounds(**SMALL, chunk_size=16)
-    batch = _batch(bounds, [40, 2, 6], [56, 30, 6])  # seq 0: chunks 1-3 of 16; seq 1 decodes
-    fields = ("seq", "q_start", "q_len", "q_pos", "kv_start", "kv_end")
-    rows = lambda w: [tuple(int(getattr(w, f)[j]) for f in fields) for j in range(int(w.count))]
-    base = planner.plan(bounds, *batch, chunk_size=16)
-    got = planner.plan(bounds, *batch, chunk_size=16, chunk_groups=2)
-    assert sorted(rows(got.prefill)) == sorted(rows(base.prefill))
-    assert rows(got.prefill) != rows(base.prefill)  # (longest first interleaves the groups)
-    key = [(seq, kv_start // 32, kv_start - kv_end) for seq, _, _, _, kv_start, kv_end
-           in rows(got.prefill)]
-    assert key == sorted(key) and len({k[:2] for k in key}) == 3  # 2 groups in seq 0, 1 in 2
-    assert rows(got.decode) == rows(base.decode)
-    n = int(got.prefill.count)  # the padding stays last and empty
-    assert (np.asarray(got.prefill.q_len)[n:] == 0).all()
-    glob = planner.plan(bounds, *batch, chunk_groups=2)  # no chunks: longest first
-    assert rows(glob.prefill) == rows(planner.plan(bounds, *batch).prefill)
-    with pytest.raises(ValueError, match="chunk_groups"):
-        planner.plan(bounds, *batch, chunk_size=16, chunk_groups=-1)
-
-
 def _round_robin_makespan(d_work, piece, bounds):
     """Brute force: every (piece, KV head) tile, longest first, dealt round-robin."""
     tiles = []

@@ -368,8 +368,6 @@ def test_config_validation():
         prefill.PrefillConfig(block_kv=96)
     with pytest.raises(ValueError, match="tile_order"):
         prefill.PrefillConfig(tile_order="random")
-    with pytest.raises(ValueError, match="chunk_groups"):
-        prefill.PrefillConfig(chunk_groups=-1)
     with pytest.raises(ValueError, match="dequant_vector"):
         prefill.PrefillConfig(dequant_vector=3)
     with pytest.raises(ValueError, match="overlap"):
@@ -436,23 +434,6 @@ def test_cuda_lowering_contiguous_any_length(lq, lk, chunk):
         S((2, lq, 40, 128), jnp.bfloat16), S((2, lk, 8, 128), jnp.bfloat16),
         S((2, lk, 8, 128), jnp.bfloat16))
     assert exported.mlir_module().count("mosaic_gpu") >= 2  # prefill and decode kernels
-
-
-def test_chunk_groups_change_the_order_not_the_values():
-    """PrefillConfig.chunk_groups (the contiguous API's chunked calls): items planned chunk
-    by chunk instead of longest first run the same tiles, so the output is bit for bit the
-    default's (GPU interpret mode; 600 tokens in chunks of 256: 128-row items of 256, 128,
-    256, 128 and 88 keys)."""
-    n, chunk = 600, 256
-    q, k, v = (jax.random.normal(key, (1, n, h, 64), jnp.bfloat16) for key, h in zip(
-        jax.random.split(jax.random.key(3), 3), (4, 2, 2)))
-    lens = jnp.full((1,), n, jnp.int32)
-    outs = [np.asarray(kernels.attention(
-        q, k, v, lens, lens, scale=0.125, chunk_size=chunk, interpret=True,
-        config=prefill.PrefillConfig(block_kv=64, chunk_groups=g))[0]) for g in (0, 1)]
-    np.testing.assert_array_equal(outs[0], outs[1])
-    want, _ = naive_attention(q[0], k[0], v[0], n, 0.125, causal=True, chunk=chunk)
-    assert np.abs(outs[1][0].astype(np.float64) - want).max() < TOL[jnp.bfloat16]
 
 
 def test_cuda_lowering_smem_p_variant():
