@@ -181,7 +181,9 @@ def dpa(impl):
     return jax.jit(fn)
 
 
-def run_case(batch, ctx, ceiling, profile=False, page_size=16, shuffle=True):
+def run_case(batch, ctx, ceiling, profile=False, page_size=16, shuffle=True, change=None):
+    """One batch x context: jaxattn's layer (the default config, with ``change``'s fields
+    replaced), its parts and cuDNN / XLA, interleaved; a row of the results."""
     row = {"batch": batch, "ctx": ctx, "kv_bytes": kv_bytes(batch, ctx), "page_size": page_size,
            "shuffled_pages": shuffle}
     q, k, v = contiguous(batch, ctx)
@@ -197,7 +199,7 @@ def run_case(batch, ctx, ceiling, profile=False, page_size=16, shuffle=True):
         except Exception as e:  # e.g. XLA out of memory at large batch x context
             row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     kp, vp, table = paged(k, v, page_size, shuffle=shuffle)
-    config = decode.default_config()
+    config = dataclasses.replace(decode.default_config(), **(change or {}))
     fns["jaxattn"], fns["kernel"], fns["meta"], fns["plan"], row["pieces"] = jaxattn_fns(
         batch, ctx, q, kp, vp, table, page_size, config)
     for key, _, change in OTHERS:

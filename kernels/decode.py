@@ -69,6 +69,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,14 @@ class DecodeConfig:
     dequant_vector: FP8 cache: values per thread vector when a tile is dequantised (2, 4
       or 8: :data:`common.DEQUANT_LAYOUTS`): the width of its fp8 loads and 16-bit stores
       in shared memory (2: the wgmma layout, 2-byte loads). Same numbers either way.
+    merge_pages: a block whose small pages lie one after another in the pool (as a fresh
+      engine hands out a prompt's pages) comes in one TMA copy of its ``block_kv`` rows for
+      K and one for V instead of one per page (an FP8 cache's scale rows, where it has them,
+      still one per page); other blocks page by page. The producer compares the block's
+      page ids, which it reads anyway. Same bytes in shared memory either way.
+      On one H100 (decode-layout-2026-12-07-s54.json, 32 x 8k, pages in order) one copy per
+      block (128-token pages) took 355.3 / 355.6 µs against 359.4 / 361.7 for eight
+      16-token copies; off until its own run confirms that on the 16-token pools.
     combine: the combine kernel's tuning (:class:`CombineConfig`).
     """
 
@@ -162,6 +171,7 @@ class DecodeConfig:
     narrow_tiles: bool = False
     f16_dequant: bool = False
     dequant_vector: int = 2
+    merge_pages: bool = False
     combine: CombineConfig = CombineConfig()
 
     def __post_init__(self):
@@ -282,6 +292,9 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     # Copies of a block that lie wholly past kv_end are skipped (16-bit caches; an FP8
     # slot's stale bytes could be a NaN code, so its copies all run, clamped to the last page).
     skip_copies = cpb > 1 and not fp8
+    # One copy of values per block where its small pages are consecutive
+    # (DecodeConfig.merge_pages); an FP8 cache's scale rows still come page by page.
+    merge = config.merge_pages and cpb > 1
     params = common.compiler_params(approx_math=True)  # (+ the profiler's: kernel_trace)
 
     def decode_kernel(meta_ref, cta_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
@@ -290,6 +303,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         # lse_ref, opart_ref, lpart_ref (GMEM); scratch [+
         # the FP8 cache's].
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
+        # merge: the pools as [P * page_size, Hkv, D] rows, where a run of pages is one box.
+        k_rows, v_rows, *rest = rest if merge else (None, None, *rest)
         (out_ref, lse_ref, opart_ref, lpart_ref, (q_raw, *q_raw8), q_tile, k_smem, v_smem,
          p_smem, (o_smem, o_out, o_t_smem, merge_acc), lse_smem, q_full, q_free, k_full,
          v_full, consumed, pt_smem, eye, pair, *fp8_scratch) = rest
@@ -411,14 +426,15 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                     def _():
                         plgpu.barrier_wait(consumed.at[slot])
 
-                    def copies(key, page, cp):
+                    def copies(key, page, cp, values=True):
                         row = lax.rem(key, page_size) // rpc * rpc if rpc < page_size else 0
                         dst = pl.ds(cp * rpc, rpc)
                         src = pl.ds(row, rpc)
-                        plgpu.copy_gmem_to_smem(k_ref.at[page, src, kvh],
-                                                k_smem.at[slot, dst], k_full.at[slot])
-                        plgpu.copy_gmem_to_smem(v_ref.at[page, src, kvh],
-                                                v_smem.at[slot, dst], v_full.at[slot])
+                        if values:
+                            plgpu.copy_gmem_to_smem(k_ref.at[page, src, kvh],
+                                                    k_smem.at[slot, dst], k_full.at[slot])
+                            plgpu.copy_gmem_to_smem(v_ref.at[page, src, kvh],
+                                                    v_smem.at[slot, dst], v_full.at[slot])
                         if fp8 and not fixed_k:  # the rows' scales, on the same barriers
                             plgpu.copy_gmem_to_smem(ks_ref.at[page, kvh, src],
                                                     ks_smem.at[slot, dst], k_full.at[slot])
@@ -426,23 +442,48 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                             plgpu.copy_gmem_to_smem(vs_ref.at[page, kvh, src],
                                                     vs_smem.at[slot, dst], v_full.at[slot])
 
-                    for cp, (key, page) in enumerate(zip(keys, pages)):
-                        if not skip_copies or cp == 0:  # a block's first copy is live
-                            copies(key, page, cp)
-                            continue
-                        live = base + cp * rpc < kv_end
+                    def page_by_page():
+                        for cp, (key, page) in enumerate(zip(keys, pages)):
+                            if not skip_copies or cp == 0:  # a block's first copy is live
+                                copies(key, page, cp)
+                                continue
+                            live = base + cp * rpc < kv_end
 
-                        @pl.when(live)
-                        def _():
-                            copies(key, page, cp)
+                            @pl.when(live)
+                            def _():
+                                copies(key, page, cp)
 
-                        # Wholly past kv_end (a short tail: most of a decode block at few
-                        # keys): arrive without a copy. The block is masked, its slot
-                        # rows stale or zero (finite, zero_smem).
-                        @pl.when(~live)
-                        def _():
-                            plgpu.barrier_arrive(k_full.at[slot])
-                            plgpu.barrier_arrive(v_full.at[slot])
+                            # Wholly past kv_end (a short tail: most of a decode block at
+                            # few keys): arrive without a copy. The block is masked, its slot
+                            # rows stale or zero (finite, zero_smem).
+                            @pl.when(~live)
+                            def _():
+                                plgpu.barrier_arrive(k_full.at[slot])
+                                plgpu.barrier_arrive(v_full.at[slot])
+
+                    if not merge:
+                        page_by_page()
+                        return step + 1
+                    # Consecutive pages: every key lies below kv_end (a copy past it is
+                    # clamped to the last page, which repeats a page id), so the one copy
+                    # lands what the per-page copies would.
+                    run = functools.reduce(operator.and_, [
+                        page == pages[0] + cp for cp, page in enumerate(pages) if cp])
+
+                    @pl.when(run)
+                    def _():
+                        rows = pl.ds(pages[0] * page_size, bk)
+                        plgpu.copy_gmem_to_smem(k_rows.at[rows, kvh], k_smem.at[slot],
+                                                k_full.at[slot])
+                        plgpu.copy_gmem_to_smem(v_rows.at[rows, kvh], v_smem.at[slot],
+                                                v_full.at[slot])
+                        for cp, (key, page) in enumerate(zip(keys, pages)):
+                            copies(key, page, cp, values=False)  # FP8: scale rows, per page
+                            if cp:  # the arrivals this page's own value copies would make
+                                plgpu.barrier_arrive(k_full.at[slot])
+                                plgpu.barrier_arrive(v_full.at[slot])
+
+                    pl.when(~run)(page_by_page)
                     return step + 1
 
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
@@ -919,7 +960,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,),
         grid_names=("cta",), num_threads=2 + int(deq_wg) + consumers - 1, thread_name="wg",
         compiler_params=params, interpret=interpret or None,
-    )(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, *scales, out_ref)
+    )(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, *scales,
+      *((k_pages.reshape(-1, hkv, d), v_pages.reshape(-1, hkv, d)) if merge else ()), out_ref)
     return lse_tiles, Pieces(piece_rows, piece_lse)
 
 

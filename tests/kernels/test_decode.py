@@ -47,6 +47,7 @@ class Case:
     block_kv: int = 128  # planner's split granularity
     num_workers: int = 4  # also sets the combine kernel's workers per (KV head, columns)
     seed: int = 0
+    in_runs: bool = False  # the sequences' pages one after another (make_ragged_case)
 
     def bounds(self):
         return jaxattn.Bounds(
@@ -60,7 +61,7 @@ class Case:
 def run_case(case: Case, interpret=True, scale=0.15):
     bounds = case.bounds()
     rc = make_ragged_case(bounds, case.q_lens, case.kv_lens, dtype=case.dtype, seed=case.seed,
-                          num_tokens=sum(case.q_lens) + 3)
+                          num_tokens=sum(case.q_lens) + 3, in_runs=case.in_runs)
     plan = planner.plan(bounds, rc.cu_q_lens, rc.kv_lens, rc.num_seqs, chunk_size=case.chunk,
                         causal=case.causal)
     fn = jax.jit(lambda q, k, v, pt, items: decode.decode_attention(
@@ -158,9 +159,39 @@ CASES.update({f"{name}_{tag}": dataclasses.replace(
     for tag, combine in _COMBINES.items()})
 
 
+# A block's consecutive pages in one copy (DecodeConfig.merge_pages) over pools whose sequences'
+# pages run one after another (two swapped in each, so blocks of both kinds): 16- and 8-row
+# pages under 64-key blocks, 32-row pages under 128-key ones, a chunk boundary, one CTA over
+# many tiles, two consumers, narrow tiles, many splits.
+MERGED = ("scout_bf16_d128_g5_p16", "fp16_d64_g8_p8_chunked", "bf16_d64_g1_p32_bk128",
+          "one_cta_many_tiles", "scout_bf16_d128_g5_p16_2c", "scout_bf16_d128_g5_p16_narrow",
+          "one_cta_many_splits")
+CASES.update({f"{name}_merged": dataclasses.replace(
+    CASES[name], in_runs=True, config=dataclasses.replace(CASES[name].config, merge_pages=True))
+    for name in MERGED})
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_interpret_matches_oracle(name):
     check_case(CASES[name])
+
+
+@pytest.mark.parametrize("name", MERGED[:3])
+def test_merged_pages_land_what_page_by_page_copies_do(name):
+    """merge_pages changes how a block's bytes arrive, not which: bit for bit the per-page
+    copies' output over the same pools, which hold blocks of both kinds (the test can tell)."""
+    merged = CASES[f"{name}_merged"]
+    rc, bounds, plan, out, lse = run_case(merged)
+    _, _, _, want, want_lse = run_case(dataclasses.replace(merged, config=dataclasses.replace(
+        merged.config, merge_pages=False)))
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(lse, want_lse)
+    per_block = merged.config.block_kv // bounds.page_size
+    runs = set()
+    for s, kv in enumerate(merged.kv_lens):
+        blocks = rc.page_table[s, :kv // bounds.page_size // per_block * per_block]
+        runs |= {bool((np.diff(b) == 1).all()) for b in blocks.reshape(-1, per_block)}
+    assert runs == {True, False}
 
 
 def test_splits_happen_and_match_the_executor():
@@ -183,11 +214,13 @@ def test_empty_decode_list():
     assert (out == 0).all() and (lse == -np.inf).all()
 
 
-@pytest.mark.parametrize("consumers, combine_wgs", [(1, 1), (2, 1), (1, 2)])
-def test_race_detector_finds_no_races(consumers, combine_wgs):
-    case = Case(q_lens=(1, 3, 1), kv_lens=(200, 70, 333), head_dim=64,
-                config=decode.DecodeConfig(num_ctas=2, consumers=consumers, combine=(
-                    CombineConfig(warpgroups=combine_wgs, share_from=2))))
+@pytest.mark.parametrize("consumers, combine_wgs, merge", [(1, 1, False), (2, 1, False),
+                                                          (1, 2, False), (1, 1, True)])
+def test_race_detector_finds_no_races(consumers, combine_wgs, merge):
+    case = Case(q_lens=(1, 3, 1), kv_lens=(200, 70, 333), head_dim=64, in_runs=merge,
+                config=decode.DecodeConfig(num_ctas=2, consumers=consumers, merge_pages=merge,
+                                           combine=CombineConfig(warpgroups=combine_wgs,
+                                                                 share_from=2)))
     params = plgpu.InterpretGPUParams(detect_races=True)
     run_case(case, interpret=params)
     assert not ipc.get_races().races_found
@@ -241,7 +274,7 @@ def test_out_scale_writes_fp8_rows(name):
     case, out_scale = CASES[name], 2.0 ** -6  # |out| <= max |v| ~ 4.5 < 448 * 2^-6 = 7
     bounds = case.bounds()
     rc = make_ragged_case(bounds, case.q_lens, case.kv_lens, dtype=case.dtype, seed=case.seed,
-                          num_tokens=sum(case.q_lens) + 3)
+                          num_tokens=sum(case.q_lens) + 3, in_runs=case.in_runs)
     plan = planner.plan(bounds, rc.cu_q_lens, rc.kv_lens, rc.num_seqs, chunk_size=case.chunk,
                         causal=case.causal)
     run = lambda **kw: jax.jit(lambda q, k, v, pt, items: decode.decode_attention(

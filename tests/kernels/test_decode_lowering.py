@@ -59,6 +59,9 @@ def test_cuda_lowering_every_planner_config(head_dim, heads):
     decode.DecodeConfig(p_in_registers=True, consumers=2),  # two consumers, both tile forms
     decode.DecodeConfig(p_in_registers=True, consumers=2, narrow_tiles=True),
     decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True, consumers=2),
+    # a block's consecutive 16-row pages in one copy, under the bf16 default's blocks too
+    decode.DecodeConfig(p_in_registers=True, merge_pages=True),
+    decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True, merge_pages=True),
     # the combine kernel's tunings (benchmarks/decode_combine.py)
     *(decode.DecodeConfig(p_in_registers=True, combine=c) for c in [
         decode_combine.CombineConfig(cols=16), decode_combine.CombineConfig(cols=32, warpgroups=2),

@@ -164,6 +164,35 @@ def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page():
                                 check_table=tiles_of_both_kinds)
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_fp8_decode_merged_page_copies_equal_one_copy_per_page(fixed):
+    """``DecodeConfig.merge_pages`` over an FP8 cache (decode rows only, the sequences'
+    pages in runs): a block of consecutive pages is one TMA copy of values (per-row scales
+    still one copy per page; with Llama 4's fixed scales none); bit-equal to copying every
+    page alone."""
+    bounds = _bounds(num_workers=2)  # 32-token pages, 64-key blocks: 2 pages each
+    q_lens, kv_lens = (1, 1, 3), (300, 129, 200)
+    rc, q, (k8, v8, ks, vs) = _fp8_case(bounds, q_lens, kv_lens, num_tokens=8, in_runs=True)
+    blocks = rc.page_table[0, :10].reshape(5, 2)
+    assert (np.diff(blocks) == 1).ravel().tolist() == [False, False, True, True, True]
+    told = dict(fixed_k_scale=None, fixed_v_scale=None)
+    if fixed:  # pages stored under one power of two each, and the kernels told so
+        told = dict(fixed_k_scale=2.0 ** -4, fixed_v_scale=2.0 ** -3)
+        k8, ks = kv_quant.quantize_pages(jnp.asarray(rc.k_pages), told["fixed_k_scale"])
+        v8, vs = kv_quant.quantize_pages(jnp.asarray(rc.v_pages), told["fixed_v_scale"])
+    got = []
+    for merge in (True, False):
+        with decode_with(merge_pages=merge):
+            out, lse = jaxattn.ragged_paged_attention(
+                q, k8, v8, rc.page_table, rc.cu_q_lens, rc.kv_lens, rc.num_seqs, k_scale=ks,
+                v_scale=vs, bounds=bounds, scale=0.08, impl="interpret", return_lse=True,
+                **told)
+        got.append((np.asarray(out, np.float32)[:5], np.asarray(lse)[:5]))
+    assert np.isfinite(got[0][0]).all()
+    np.testing.assert_array_equal(got[0][0], got[1][0])
+    np.testing.assert_array_equal(got[0][1], got[1][1])
+
+
 @pytest.mark.parametrize("chunk,head_dim,in_runs,decode_form,fixed_k", [
     # the default decode form (its dequantising warpgroup, f16 tiles), K and V fixed
     (None, 128, False, {}, True),
@@ -614,6 +643,8 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
     decode.DecodeConfig(p_in_registers=True, dequant_warpgroup=True, narrow_tiles=True,
                         dequant_vector=8),
     decode.DecodeConfig(p_in_registers=True, dequant_vector=8),
+    # the default form with a block's consecutive pages in one copy (fixed scales below)
+    dataclasses.replace(decode.default_config(fp8=True), merge_pages=True),
 ])
 def test_decode_fp8_tuning_variants_lower(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
