@@ -464,9 +464,9 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                     if not merge:
                         page_by_page()
                         return step + 1
-                    # Consecutive pages: every key lies below kv_end (a copy past it is
-                    # clamped to the last page, which repeats a page id), so the one copy
-                    # lands what the per-page copies would.
+                    # Consecutive pages: every copy of the block starts below kv_end (one
+                    # wholly past it is clamped to the last page, which repeats a page id),
+                    # so the one copy lands what the per-page copies would.
                     run = functools.reduce(operator.and_, [
                         page == pages[0] + cp for cp, page in enumerate(pages) if cp])
 
