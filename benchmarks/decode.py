@@ -122,6 +122,9 @@ def bounds_for(batch, page_size):
 # Other forms timed beside the default in the same run: (key, column title, config change).
 OTHERS = [("jaxattn_combine_s18", "combine as in session 18 (one copy per piece since s21)",
            {"combine": decode_combine.CombineConfig(warpgroups=1, approx_math=False)})]
+# ... only over pools whose pages are in order (--in-order-pages), where they change something:
+# a block of consecutive pages in one copy (DecodeConfig.merge_pages).
+IN_ORDER_OTHERS = [("jaxattn_merged", "pages merged", {"merge_pages": True})]
 # Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17; round
 # robin, beside the balanced schedule as the default in session 18's run; the balanced
 # (stream-K) and last-round schedules, measured slower in sessions 18-19 and removed
@@ -181,9 +184,10 @@ def dpa(impl):
     return jax.jit(fn)
 
 
-def run_case(batch, ctx, ceiling, profile=False, page_size=16, shuffle=True, change=None):
-    """One batch x context: jaxattn's layer (the default config, with ``change``'s fields
-    replaced), its parts and cuDNN / XLA, interleaved; a row of the results."""
+def run_case(batch, ctx, ceiling, profile=False, page_size=16, shuffle=True):
+    """One batch x context over pages of ``page_size`` (``shuffle``: in a random order, else
+    in order): jaxattn's layer, its parts, the other forms and cuDNN / XLA, interleaved; a row
+    of the results."""
     row = {"batch": batch, "ctx": ctx, "kv_bytes": kv_bytes(batch, ctx), "page_size": page_size,
            "shuffled_pages": shuffle}
     q, k, v = contiguous(batch, ctx)
@@ -199,10 +203,12 @@ def run_case(batch, ctx, ceiling, profile=False, page_size=16, shuffle=True, cha
         except Exception as e:  # e.g. XLA out of memory at large batch x context
             row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     kp, vp, table = paged(k, v, page_size, shuffle=shuffle)
-    config = dataclasses.replace(decode.default_config(), **(change or {}))
+    config = decode.default_config()
+    # (pages as large as a block are one copy each already)
+    others = OTHERS + (IN_ORDER_OTHERS if not shuffle and page_size < config.block_kv else [])
     fns["jaxattn"], fns["kernel"], fns["meta"], fns["plan"], row["pieces"] = jaxattn_fns(
         batch, ctx, q, kp, vp, table, page_size, config)
-    for key, _, change in OTHERS:
+    for key, _, change in others:
         fns[key], *_ = jaxattn_fns(batch, ctx, q, kp, vp, table, page_size,
                                    dataclasses.replace(config, **change))
     for name, sec in interleaved(fns).items():
@@ -210,7 +216,7 @@ def run_case(batch, ctx, ceiling, profile=False, page_size=16, shuffle=True, cha
     if profile:
         # GPU time alone (profiler): a call's wall time also holds its launches, ~20-40 us
         # here, which inside a model's step (one executable, CUDA graphs) mostly vanish.
-        for name in ("jaxattn", "cudnn", *(key for key, *_ in OTHERS)):
+        for name in ("jaxattn", "cudnn", *(key for key, *_ in others)):
             if name in fns:
                 trace = trace_summary(fns[name], reps=5, top=8)
                 row[f"{name}_device_ms"] = trace["kernel_ms"]
@@ -218,13 +224,13 @@ def run_case(batch, ctx, ceiling, profile=False, page_size=16, shuffle=True, cha
     if ref is not None:
         out = np.asarray(fns["jaxattn"]()[:batch], np.float32)
         row["max_abs_err_vs_cudnn"] = float(np.abs(out - ref).max())
-    for name in ("jaxattn", "kernel", "cudnn", "xla", *(key for key, *_ in OTHERS)):
+    for name in ("jaxattn", "kernel", "cudnn", "xla", *(key for key, *_ in others)):
         if f"{name}_ms" in row:
             row[f"{name}_tbps"] = row["kv_bytes"] / row[f"{name}_ms"] / 1e9
     row["jaxattn_frac_of_copy"] = row["jaxattn_tbps"] / ceiling["copy_tbps"]
     row["jaxattn_frac_of_read"] = row["jaxattn_tbps"] / ceiling["read_tbps"]
     if "cudnn_tbps" in row:
-        for name in ("jaxattn", *(key for key, *_ in OTHERS)):
+        for name in ("jaxattn", *(key for key, *_ in others)):
             row[f"{name}_vs_cudnn"] = row[f"{name}_tbps"] / row["cudnn_tbps"]
     return row
 
@@ -244,7 +250,7 @@ def run_variant(batch, ctx, page_size, block_kv, stages):
 
 def table_md(res):
     c = res["ceilings"]
-    titles = [(key, title) for key, title, *_ in OTHERS] + _OLD_COLUMNS
+    titles = [(key, title) for key, title, *_ in OTHERS + IN_ORDER_OTHERS] + _OLD_COLUMNS
     others = [(k, title) for k, title in titles if any(f"{k}_ms" in r for r in res["cases"])]
     lines = [f"# Decode bandwidth, {res['device']}, {res['date']}", "",
              f"Same-run ceilings: copy {c['copy_tbps']:.2f} TB/s, read-only {c['read_tbps']:.2f} TB/s.",
@@ -356,6 +362,10 @@ def main(argv=None):
                          "them on the GPU and launch early (programmatic dependent launch, "
                          "kernels.common.DEPENDENT_LAUNCH; off here by default: "
                          "benchmarks.common.time_kernels_alone says why)")
+    ap.add_argument("--in-order-pages", action="store_true",
+                    help="each sequence's pages one after another in the pool (as a fresh "
+                         "engine hands out a prompt's), not shuffled; adds the merged-pages "
+                         "column (DecodeConfig.merge_pages)")
     args = ap.parse_args(argv)
     time_kernels_alone(args.dependent_launch)
     if args.plot:
@@ -368,11 +378,13 @@ def main(argv=None):
     res = {"date": datetime.date.today().isoformat(), "device": dev.device_kind,
            "jax": jax.__version__, "config": dataclasses.asdict(decode.default_config()),
            "dependent_launch": args.dependent_launch,
+           "shuffled_pages": not args.in_order_pages,
            "ceilings": ceilings(), "cases": [], "variants": []}
     print(res["ceilings"], flush=True)
     for batch, ctx in args.cases:
         try:
-            res["cases"].append(run_case(batch, ctx, res["ceilings"], args.profile))
+            res["cases"].append(run_case(batch, ctx, res["ceilings"], args.profile,
+                                         shuffle=not args.in_order_pages))
         except Exception as e:
             res["cases"].append({"batch": batch, "ctx": ctx, "error": f"{type(e).__name__}: {e}"[:500]})
         print(res["cases"][-1], flush=True)
