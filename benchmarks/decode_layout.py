@@ -1,6 +1,6 @@
 """Does the pools' layout or the pages' order cost the decode kernel read rate? One GPU run.
 
-    python -m benchmarks.decode_layout     # -> results/decode-layout-<date><tag>.json
+    python -m benchmarks.decode_layout [--tag T]   # -> results/decode-layout-<date>[-T].json
 
 The same K/V bytes, the same tiles of 8,192 keys and 5 q rows each, read several ways, in
 turn, two rounds, with cuDNN (which reads the contiguous cache) beside each
@@ -19,21 +19,23 @@ turn, two rounds, with cuDNN (which reads the contiguous cache) beside each
 
 from __future__ import annotations
 
+import argparse
 import datetime
-import json
-import sys
 
 import jax
 
 from benchmarks import decode as bench
-from benchmarks.common import time_kernels_alone
+from benchmarks.common import time_kernels_alone, write_json
 
 # (query heads, KV heads, batch, page size, pages shuffled): equal bytes and tiles, two rounds.
 # (Session 54's run also had the 1-KV-head form: 369.1 / 373.5 µs.)
 FORMS = [(40, 8, 32, 16, True), (40, 8, 32, 16, False), (40, 8, 32, 128, False)] * 2
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tag", default="", help="suffix of the result file")
+    args = ap.parse_args(argv)
     time_kernels_alone(False)
     res = {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
            "ceilings": bench.ceilings(), "cases": []}
@@ -50,9 +52,7 @@ def main():
               f"{'shuffled' if shuffle else 'in order'}: layer "
               f"{1e3 * row['jaxattn_device_ms']:.1f} µs{merged}, cuDNN "
               f"{1e3 * row['cudnn_device_ms']:.1f} µs", flush=True)
-    bench.RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = sys.argv[1] if len(sys.argv) > 1 else ""
-    (bench.RESULTS / f"decode-layout-{res['date']}{tag}.json").write_text(json.dumps(res, indent=1))
+    write_json(f"decode-layout-{res['date']}{'-' + args.tag if args.tag else ''}.json", res)
 
 
 if __name__ == "__main__":
