@@ -89,6 +89,10 @@ ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
 NARROW_ROWS = 16
 # 16-bit zeros in 8-value (16-byte) vectors: zero_smem's stores.
 ZERO_LAYOUT = common.DEQUANT_LAYOUTS[8]
+# DecodeConfig.merge_pages in default_config's configurations (off until timed on 16-token
+# pools in order); benchmarks.multigpu --merge-pages turns it on for the serving step. Read
+# when a config is made.
+MERGE_PAGES = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,8 +218,9 @@ def default_config(interpret=False, fp8=False) -> DecodeConfig:
     if fp8:
         return DecodeConfig(num_stages=4, p_in_registers=not interpret,
                             dequant_warpgroup=True, dequant_stages=2, narrow_tiles=True,
-                            f16_dequant=True, dequant_vector=4)
-    return DecodeConfig(block_kv=128, num_stages=2, p_in_registers=not interpret)
+                            f16_dequant=True, dequant_vector=4, merge_pages=MERGE_PAGES)
+    return DecodeConfig(block_kv=128, num_stages=2, p_in_registers=not interpret,
+                        merge_pages=MERGE_PAGES)
 
 
 def fit_blocks(config: DecodeConfig, bounds: Bounds) -> DecodeConfig:
