@@ -123,14 +123,16 @@ def bounds_for(batch, page_size):
 OTHERS = [("jaxattn_combine_s18", "combine as in session 18 (one copy per piece since s21)",
            {"combine": decode_combine.CombineConfig(warpgroups=1, approx_math=False)})]
 # ... only over pools whose pages are in order (--in-order-pages), where they change something:
-# a block of consecutive pages in one copy (DecodeConfig.merge_pages).
-IN_ORDER_OTHERS = [("jaxattn_merged", "pages merged", {"merge_pages": True})]
+# each page its own copy, as before DecodeConfig.merge_pages became the default (session 55).
+IN_ORDER_OTHERS = [("jaxattn_page_by_page", "page by page (merge_pages off)",
+                    {"merge_pages": False})]
 # Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17; round
 # robin, beside the balanced schedule as the default in session 18's run; the balanced
 # (stream-K) and last-round schedules, measured slower in sessions 18-19 and removed
 # (benchmarks/NOTES-decode.md, v10-v11); the combine's one copy per piece, a column in session
 # 20 and the only form since; L2 prefetches of the block 1 or 2 steps ahead beside each
-# block's copies (DecodeConfig.l2_ahead): 0.2-1.5% and 2.6-3.8% slower (session 53), removed.
+# block's copies (DecodeConfig.l2_ahead): 0.2-1.5% and 2.6-3.8% slower (session 53), removed;
+# consecutive pages in one copy, a column in session 55 and the default since.
 _OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)"),
                 ("jaxattn_rr", "round-robin tiles (before)"),
                 ("jaxattn_balanced", "balanced schedule"),
@@ -138,7 +140,8 @@ _OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)"),
                 ("jaxattn_unsplit", "balanced, planner does not split"),
                 ("jaxattn_combine_one_copy", "combine, one copy per piece"),
                 *((f"jaxattn_l2_ahead{n}", f"L2 prefetch {n} block{'s' * (n > 1)} ahead")
-                  for n in (1, 2))]
+                  for n in (1, 2)),
+                ("jaxattn_merged", "pages merged")]
 
 
 def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
@@ -367,8 +370,8 @@ def main(argv=None):
                          "benchmarks.common.time_kernels_alone says why)")
     ap.add_argument("--in-order-pages", action="store_true",
                     help="each sequence's pages one after another in the pool (as a fresh "
-                         "engine hands out a prompt's), not shuffled; adds the merged-pages "
-                         "column (DecodeConfig.merge_pages)")
+                         "engine hands out a prompt's), not shuffled; adds a column with "
+                         "each page its own copy (DecodeConfig.merge_pages off)")
     args = ap.parse_args(argv)
     time_kernels_alone(args.dependent_launch)
     if args.plot:

@@ -11,8 +11,9 @@ turn, two rounds, with cuDNN (which reads the contiguous cache) beside each
   shuffled, as the benchmarks' pools are;
 * 32 x 8 heads with the pages in order (a sequence's pages one after another, as a fresh
   server's pool hands them out): what the shuffle's scattered 4 KiB reads cost against
-  cuDNN's contiguous cache; with ``DecodeConfig.merge_pages`` beside it (a block's
-  consecutive pages in one TMA copy: ``run_case``'s merged column);
+  cuDNN's contiguous cache (a block's consecutive pages in one TMA copy, the default
+  ``DecodeConfig.merge_pages``), with each page its own copy beside it (``run_case``'s
+  page-by-page column);
 * the same with 128-token pages in order: one TMA copy for K and one for V per 128-key block
   instead of eight each.
 """
@@ -46,11 +47,11 @@ def main(argv=None):
         row = {k: v for k, v in row.items() if not k.endswith("_kernels")} | {"hq": hq,
                                                                                "hkv": hkv}
         res["cases"].append(row)
-        merged = (f", merged {1e3 * row['jaxattn_merged_device_ms']:.1f} µs"
-                  if "jaxattn_merged_device_ms" in row else "")
+        apart = (f", page by page {1e3 * row['jaxattn_page_by_page_device_ms']:.1f} µs"
+                 if "jaxattn_page_by_page_device_ms" in row else "")
         print(f"{hkv} KV heads, {batch} x 8192, {page}-token pages "
               f"{'shuffled' if shuffle else 'in order'}: layer "
-              f"{1e3 * row['jaxattn_device_ms']:.1f} µs{merged}, cuDNN "
+              f"{1e3 * row['jaxattn_device_ms']:.1f} µs{apart}, cuDNN "
               f"{1e3 * row['cudnn_device_ms']:.1f} µs", flush=True)
     write_json(f"decode-layout-{res['date']}{'-' + args.tag if args.tag else ''}.json", res)
 

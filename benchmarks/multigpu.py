@@ -92,9 +92,9 @@ SWITCHES = (
     Switch("router_in_smem", True, "jaxattn.kernels.fp8_rows", "ROUTER_IN_SMEM",
            "the routing norm copies the router into shared memory before it waits for the "
            "kernel before it"),
-    Switch("merge_pages", False, "jaxattn.kernels.decode", "MERGE_PAGES",
-           "the decode kernels copy a block whose pages lie in order in the pool in one TMA "
-           "copy for K and one for V (DecodeConfig.merge_pages)"),
+    Switch("merge_pages", True, "jaxattn.kernels.decode", "MERGE_PAGES",
+           "the decode kernels over a bf16 cache copy a block whose pages lie in order in the "
+           "pool in one TMA copy for K and one for V (DecodeConfig.merge_pages)"),
     # Its default read without importing jax (--dry-run sets the simulated devices before
     # jax starts).
     Switch("dependent_launch", os.environ.get("JAXATTN_DEPENDENT_LAUNCH", "1") == "1",

@@ -13,7 +13,8 @@ tiles as one contiguous run of the metadata's rows. Per CTA:
 
 * warpgroup 1 (producer): per tile, one TMA of the item's query rows into a
   plain SMEM buffer; per KV block, one TMA per page (or page slice) for K and
-  for V into a ``num_stages`` ring. The ring runs straight across tile
+  for V into a ``num_stages`` ring, or one each where the block's pages lie in order
+  in the pool (``DecodeConfig.merge_pages``). The ring runs straight across tile
   boundaries, so the next tile's pages stream in while this tile finishes.
 * warpgroup 0 (consumer): copies Q into a swizzled wgmma tile, then per block
   ``S = Q K^T`` (wgmma), mask (only on blocks that reach past ``kv_end`` or the
@@ -89,10 +90,11 @@ ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
 NARROW_ROWS = 16
 # 16-bit zeros in 8-value (16-byte) vectors: zero_smem's stores.
 ZERO_LAYOUT = common.DEQUANT_LAYOUTS[8]
-# DecodeConfig.merge_pages in default_config's configurations (off until timed on 16-token
-# pools in order); benchmarks.multigpu --merge-pages turns it on for the serving step. Read
-# when a config is made.
-MERGE_PAGES = False
+# DecodeConfig.merge_pages in default_config's bf16-cache configuration (the FP8 cache's keeps
+# it off: GPU-tested only in interpret mode and lowering there, and untimed);
+# benchmarks.multigpu --no-merge-pages turns it off for the serving step. Read when a config
+# is made.
+MERGE_PAGES = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,10 +160,11 @@ class DecodeConfig:
       engine hands out a prompt's pages) comes in one TMA copy of its ``block_kv`` rows for
       K and one for V instead of one per page (an FP8 cache's scale rows, where it has them,
       still one per page); other blocks page by page. The producer compares the block's
-      page ids, which it reads anyway. Same bytes in shared memory either way.
-      On one H100 (decode-layout-2026-12-07-s54.json, 32 x 8k, pages in order) one copy per
-      block (128-token pages) took 355.3 / 355.6 µs against 359.4 / 361.7 for eight
-      16-token copies; off until its own run confirms that on the 16-token pools.
+      page ids, which it reads anyway. Same bytes in shared memory either way. On one H100,
+      over 16-token pages in order at 256 x 2k / 32 x 8k / 8 x 32k / 1 x 128k, it took
+      0.1-0.8 / 0.8-1.2 / 1.0-3.8 / 2.4-2.8% off the layer's GPU time in two runs
+      (decode-2026-12-07-s55-merge*.md), and over shuffled pages (where few blocks merge)
+      nothing, either way (s55-shuffled-merge-{on,off}); so the bf16 default has it.
     combine: the combine kernel's tuning (:class:`CombineConfig`).
     """
 
@@ -214,11 +217,12 @@ def default_config(interpret=False, fp8=False) -> DecodeConfig:
     (4-byte fp8 loads): 0.96-1.05x the bf16 default's time in two runs (at most 1.005x from
     8k keys), against 1.01-1.05x for 2 (the wgmma layout) and 1.02-1.05x for 8
     (decode-variants-2026-12-04-s29*.md). Its 128-key blocks do not fit a 2-deep
-    dequantised ring, and with a 1-deep one took 1.42-1.61x (bf16 tiles)."""
+    dequantised ring, and with a 1-deep one took 1.42-1.61x (bf16 tiles). A bf16 cache's
+    blocks of pages in order come in one copy each (:data:`MERGE_PAGES`)."""
     if fp8:
         return DecodeConfig(num_stages=4, p_in_registers=not interpret,
                             dequant_warpgroup=True, dequant_stages=2, narrow_tiles=True,
-                            f16_dequant=True, dequant_vector=4, merge_pages=MERGE_PAGES)
+                            f16_dequant=True, dequant_vector=4)
     return DecodeConfig(block_kv=128, num_stages=2, p_in_registers=not interpret,
                         merge_pages=MERGE_PAGES)
 
