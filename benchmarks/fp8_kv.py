@@ -110,11 +110,14 @@ def _normed_keys(k):
         k_normed, kv_quant.normed_k_scale(D))
 
 
-def bench_decode(batch, ctx):
+def bench_decode(batch, ctx, in_order=False):
+    """One decode layer over a bf16 cache and its FP8 forms, interleaved. ``in_order``: the
+    sequences' pages one after another (the bf16 default then copies a block in one piece,
+    ``DecodeConfig.merge_pages``); adds the FP8 forms with merged copies too."""
     bounds = jaxattn.Bounds(max_num_seqs=max(batch, 1), max_num_batched_tokens=max(batch, 16),
                             max_model_len=131072, page_size=PAGE, num_q_heads=HQ,
                             num_kv_heads=HKV, head_dim=D, chunk_size=CHUNK)
-    (k, v), (k8, v8, ks, vs), table = _cache(batch, ctx)
+    (k, v), (k8, v8, ks, vs), table = _cache(batch, ctx, in_order=in_order)
     table = jnp.pad(table, ((0, 0), (0, bounds.pages_per_seq - table.shape[1])))
     t = bounds.max_num_batched_tokens
     cu = np.minimum(np.arange(batch + 1), batch).astype(np.int32)
@@ -148,19 +151,27 @@ def bench_decode(batch, ctx):
     fixed_kv = layer_fn(fixed_k_scale=kv_quant.normed_k_scale(D), fixed_v_scale=v_scale)
     fp8_args = (q, k8, v8, table, plan.decode, ks, vs)
     bf16_args = (q, k, v, table, plan.decode)
-    ms = _interleaved({"bf16": (layer, bf16_args), "fp8": (layer, fp8_args),
-                       "bf16_narrow": (other["bf16"], bf16_args),
-                       "fp8_wide": (other["fp8"], fp8_args),
-                       "fp8_2c": (two, fp8_args),
-                       "fp8_fixed_k": (fixed, (q, k8_normed, v8, table, plan.decode, ks_normed,
-                                               vs)),
-                       "fp8_fixed_kv": (fixed_kv, (q, k8_normed, v8_fixed, table, plan.decode,
-                                                   ks_normed, vs_fixed))})
+    fixed_kv_args = (q, k8_normed, v8_fixed, table, plan.decode, ks_normed, vs_fixed)
+    fns = {"bf16": (layer, bf16_args), "fp8": (layer, fp8_args),
+           "bf16_narrow": (other["bf16"], bf16_args),
+           "fp8_wide": (other["fp8"], fp8_args),
+           "fp8_2c": (two, fp8_args),
+           "fp8_fixed_k": (fixed, (q, k8_normed, v8, table, plan.decode, ks_normed, vs)),
+           "fp8_fixed_kv": (fixed_kv, fixed_kv_args)}
+    if in_order:  # a block's values in one copy (its scale rows, where copied, page by page)
+        merged = dataclasses.replace(decode.default_config(fp8=True), merge_pages=True)
+        fns["fp8_merged"] = (layer_fn(merged), fp8_args)
+        fns["fp8_fixed_kv_merged"] = (layer_fn(merged, kv_quant.normed_k_scale(D), v_scale),
+                                      fixed_kv_args)
+    ms = _interleaved(fns)
     out_b = np.asarray(layer(q, k, v, table, plan.decode)[0][:batch], np.float32)
     out_8 = np.asarray(layer(q, k8, v8, table, plan.decode, ks, vs)[0][:batch], np.float32)
     bytes_bf16 = 2 * batch * ctx * HKV * D * 2
     bytes_fp8 = 2 * batch * ctx * HKV * (D + 4)
-    return dict(kind="decode", batch=batch, ctx=ctx, bf16_ms=ms["bf16"], fp8_ms=ms["fp8"],
+    merged = {f"{n}_over_bf16": ms[n] / ms["bf16"] for n in ("fp8_merged", "fp8_fixed_kv_merged")
+              if n in ms}
+    return dict(kind="decode", batch=batch, ctx=ctx, pages="in order" if in_order else "shuffled",
+                **merged, bf16_ms=ms["bf16"], fp8_ms=ms["fp8"],
                 fp8_over_bf16=ms["fp8"] / ms["bf16"], bf16_narrow_ms=ms["bf16_narrow"],
                 fp8_wide_ms=ms["fp8_wide"], fp8_wide_over_bf16=ms["fp8_wide"] / ms["bf16"],
                 fp8_2c_ms=ms["fp8_2c"], fp8_2c_over_bf16=ms["fp8_2c"] / ms["bf16"],
@@ -319,17 +330,22 @@ def markdown(res) -> str:
              "| batch x ctx | bf16 ms (TB/s) | FP8 ms (TB/s) | FP8 / bf16 time | "
              "bf16, narrow tiles ms | FP8, 64-row tiles (before) ms, / bf16 | "
              "FP8, two consumers / bf16 | FP8, one K scale (normed keys) / bf16 | "
-             "FP8, one K and one V scale / bf16 | max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "FP8, one K and one V scale / bf16 | FP8 merged pages / bf16 | FP8, one K and "
+             "one V scale, merged / bf16 | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r.get("kind") == "decode" and "error" not in r:
-            lines.append(f"| {r['batch']}x{r['ctx']} | {r['bf16_ms']:.3f} ({r['bf16_tbps']:.2f}) "
+            order = ", pages in order" if r.get("pages") == "in order" else ""
+            lines.append(f"| {r['batch']}x{r['ctx']}{order} | {r['bf16_ms']:.3f} "
+                         f"({r['bf16_tbps']:.2f}) "
                          f"| {r['fp8_ms']:.3f} ({r['fp8_tbps']:.2f}) | {r['fp8_over_bf16']:.3f} "
                          f"| {r['bf16_narrow_ms']:.3f} | {r['fp8_wide_ms']:.3f}, "
                          f"{r['fp8_wide_over_bf16']:.3f} "
                          f"| {r.get('fp8_2c_over_bf16', float('nan')):.3f} "
                          f"| {r.get('fp8_fixed_k_over_bf16', float('nan')):.3f} "
                          f"| {r.get('fp8_fixed_kv_over_bf16', float('nan')):.3f} "
+                         f"| {r.get('fp8_merged_over_bf16', float('nan')):.3f} "
+                         f"| {r.get('fp8_fixed_kv_merged_over_bf16', float('nan')):.3f} "
                          f"| {r['max_abs_diff']:.3g} |")
     names = res.get("prefill_columns", list(PREFILL_VARIANTS))
     lines += ["", "Prefill (one sequence, fresh; ms, useful TFLOP/s, time / bf16). fp8_vN: "
@@ -367,8 +383,9 @@ def main(argv=None):
                     help="e.g. causal:4096,causal:16384 (mode:length; default: "
                          + ",".join(f"{m}:{n}" for m, n in PREFILL_CASES) + ")")
     ap.add_argument("--in-order", action="store_true",
-                    help="prefill pages one after another in the pool, as the engine hands out "
-                    "a prompt's (default: shuffled)")
+                    help="pages one after another in the pool, as the engine hands out a "
+                    "prompt's (default: shuffled); adds FP8 decode columns with a block's "
+                    "pages in one copy (DecodeConfig.merge_pages)")
     ap.add_argument("--per-page", action="store_true",
                     help="with --in-order: add columns copying one page at a time "
                     "(PrefillConfig.merge_pages off)")
@@ -393,7 +410,7 @@ def main(argv=None):
                jax=jax.__version__, prefill_columns=list(forms), rows=[])
     for case in dec:
         try:
-            res["rows"].append(bench_decode(*case))
+            res["rows"].append(bench_decode(*case, in_order=args.in_order))
         except Exception as e:  # noqa: BLE001 - one failed case must not hide the others
             res["rows"].append(dict(kind="decode", case=case, error=f"{type(e).__name__}: {e}"[:400]))
         print(res["rows"][-1], flush=True)

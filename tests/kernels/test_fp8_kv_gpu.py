@@ -181,6 +181,15 @@ def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page(q_lens, kv_lens,
                         in_order=True)
 
 
+@pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[:3])  # the cases with decode rows
+def test_fp8_decode_merged_page_copies_equal_one_copy_per_page(q_lens, kv_lens, chunk):
+    """Pages one after another: a decode block's values come in one TMA copy for K and one
+    for V, its scale rows page by page (``DecodeConfig.merge_pages``, off in the FP8 cache's
+    default until timed), bit-equal to one copy per page."""
+    _assert_forms_agree(q_lens, kv_lens, chunk,
+                        [decode_with(merge_pages=m) for m in (False, True)], in_order=True)
+
+
 @contextlib.contextmanager
 def _dequant_vector(vector):
     with prefill_picked_with(dequant_vector=vector), decode_with(dequant_vector=vector):
