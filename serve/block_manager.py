@@ -40,7 +40,15 @@ rounded down to a chunk. Only full pages are shared, and a full page is never
 written again, so no copy-on-write is needed. A freed page keeps its hash while it
 sits in the free pool (so a preempted or repeated prompt finds it again) and loses
 it when the pool hands it out for new tokens; the pool gives out the least recently
-freed page first.
+freed page first (by whole groups of pages: page order, below).
+
+Page order: the kernels copy a KV block (``block_kv`` keys) whose pages follow one another
+in the pool in one TMA copy, else page by page. A fresh pool hands out pages in order, but
+least-recently-freed order scatters them once sequences of many lengths come and go (and
+decode steps grow side by side a page at a time). So each pool is cut into aligned groups of
+``block_kv / page_size`` pages: a block's first page starts a wholly free group and its next
+pages follow it; with no such group left, the least recently freed page
+(``benchmarks/page_runs.py`` measures what share of blocks stays in one run).
 
 Running out of pages (of either kind) is a normal event (the scheduler preempts):
 ``can_grow`` says whether a request fits and ``grow`` raises :class:`OutOfPages`
@@ -69,36 +77,76 @@ def _page_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
 
 
 class PagePool:
-    """The pages of one KV kind: free list (least recently freed first), counts, prefix hashes."""
+    """The pages of one KV kind: free list (least recently freed first), counts, prefix hashes.
 
-    def __init__(self, num_pages: int):
+    ``run`` > 1: the pool is cut into aligned groups of ``run`` pages (a kernel KV block's
+    worth), and :meth:`fresh_at` hands a table's block-starting page out of a wholly free
+    group and the block's next pages right after it, so a block's pages stay consecutive
+    (one TMA copy in the kernels) after the pool has been churned, where least-recently-freed
+    order alone scatters them.
+    """
+
+    def __init__(self, num_pages: int, run: int = 1):
         self.num_pages = num_pages
+        self.run = run
         self.ref = [0] * num_pages
         self.free: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(
             range(num_pages))
         self.by_hash: dict[bytes, int] = {}
         self.hash_of: dict[int, bytes] = {}
+        # Free pages per group, and the wholly free groups, longest wholly free first (a
+        # group's last page to come free sets its place: least recently freed, by groups).
+        self.group_free = [min(run, num_pages - g * run) for g in range(-(-num_pages // run))]
+        self.free_groups: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(
+            g for g, n in enumerate(self.group_free) if n == run)
+
+    def _unfree(self, page: int) -> None:
+        del self.free[page]
+        g = page // self.run
+        if self.group_free[g] == self.run:
+            del self.free_groups[g]
+        self.group_free[g] -= 1
 
     def take(self, page: int) -> None:
         """One more table holds ``page`` (a cached page, possibly sitting in the free list)."""
         if self.ref[page] == 0:
-            del self.free[page]
+            self._unfree(page)
         self.ref[page] += 1
 
-    def fresh(self) -> int:
-        """A page for new tokens: the least recently freed one, forgetting what it held."""
-        page, _ = self.free.popitem(last=False)
+    def fresh(self, page: int | None = None) -> int:
+        """A page for new tokens, forgetting what it held: ``page`` (free), or else the least
+        recently freed one."""
+        if page is None:
+            page = next(iter(self.free))
+        self._unfree(page)
         h = self.hash_of.pop(page, None)
         if h is not None:
             del self.by_hash[h]
         self.ref[page] = 1
         return page
 
+    def fresh_at(self, index: int, prev: int | None) -> int:
+        """A fresh page for a table's logical page ``index``, whose page before is ``prev``
+        (None: none, or returned): a block's first page starts a wholly free group, the
+        block's other pages follow ``prev`` while the page after it is free, and otherwise
+        (or with ``run`` 1) the least recently freed page."""
+        if self.run > 1:
+            if index % self.run == 0 and self.free_groups:
+                return self.fresh(next(iter(self.free_groups)) * self.run)
+            if (index % self.run and prev is not None and prev + 1 < self.num_pages
+                    and self.ref[prev + 1] == 0):
+                return self.fresh(prev + 1)
+        return self.fresh()
+
     def release(self, page: int) -> None:
         self.ref[page] -= 1
         assert self.ref[page] >= 0, f"page {page} freed twice"
         if self.ref[page] == 0:
             self.free[page] = None
+            g = page // self.run
+            self.group_free[g] += 1
+            if self.group_free[g] == self.run:
+                self.free_groups[g] = None
 
     def register(self, page: int, h: bytes) -> None:
         # Another sequence may have registered the same tokens first: keep that page as
@@ -122,25 +170,47 @@ class PagePool:
         for h, page in self.by_hash.items():
             assert self.hash_of[page] == h
         assert len(self.by_hash) == len(self.hash_of)
+        for g, n in enumerate(self.group_free):
+            pages = range(g * self.run, min((g + 1) * self.run, self.num_pages))
+            assert n == sum(p in self.free for p in pages), g
+            assert (g in self.free_groups) == (n == self.run), g
+
+
+def _extend(pool: PagePool, table: list[int], n: int) -> None:
+    """Append ``n`` fresh pages of ``pool`` to ``table``: with ``pool.run`` > 1 a kernel
+    block's pages one after another (:meth:`PagePool.fresh_at`); else the least recently freed
+    in ascending order, so pages freed together (tail first, or by several sequences) follow
+    one another in the pool again."""
+    if pool.run == 1:
+        table.extend(sorted(pool.fresh() for _ in range(n)))
+        return
+    for _ in range(n):
+        prev = table[-1] if table and table[-1] != NULL_PAGE else None
+        table.append(pool.fresh_at(len(table), prev))
 
 
 class BlockManager:
     def __init__(self, num_pages: int, page_size: int, *, enable_prefix_caching: bool = True,
-                 num_chunked_pages: int = 0, chunk_size: int | None = None):
+                 num_chunked_pages: int = 0, chunk_size: int | None = None,
+                 run_pages: int = 1):
         """``num_pages`` global pages of ``page_size`` tokens. ``num_chunked_pages`` > 0: a
         second pool for the chunked-local layers, whose pages before the live chunk are
         returned (:meth:`slide`) when ``chunk_size`` is given; ``chunk_size=None`` keeps them
-        all (the non-hybrid cache: what tests compare the hybrid one against)."""
-        if num_pages < 1 or page_size < 1 or num_chunked_pages < 0:
-            raise ValueError(f"need num_pages >= 1, page_size >= 1 and num_chunked_pages >= 0, "
-                             f"got {num_pages}, {page_size}, {num_chunked_pages}")
+        all (the non-hybrid cache: what tests compare the hybrid one against).
+        ``run_pages``: pages of a kernel KV block (``block_kv / page_size``), which the pools
+        keep consecutive where they can (:class:`PagePool`); 1 hands out least recently
+        freed pages only."""
+        if num_pages < 1 or page_size < 1 or num_chunked_pages < 0 or run_pages < 1:
+            raise ValueError(f"need num_pages >= 1, page_size >= 1, num_chunked_pages >= 0 and "
+                             f"run_pages >= 1, got {num_pages}, {page_size}, {num_chunked_pages}, "
+                             f"{run_pages}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be positive")
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
         self.chunk_size = chunk_size if num_chunked_pages else None
-        self.glob = PagePool(num_pages)
-        self.chunked = PagePool(num_chunked_pages) if num_chunked_pages else None
+        self.glob = PagePool(num_pages, run_pages)
+        self.chunked = PagePool(num_chunked_pages, run_pages) if num_chunked_pages else None
         self._tables: dict[int, list[int]] = {}
         self._ctables: dict[int, list[int]] = {}  # chunked pool; NULL_PAGE before the live chunk
         self._chain: dict[int, list[bytes]] = {}  # per sequence: hashes of its full computed pages
@@ -278,12 +348,9 @@ class BlockManager:
             free_c = "" if self.chunked is None else f" and {c} chunked ({len(self.chunked.free)} free)"
             raise OutOfPages(f"sequence {seq_id} needs {g} more global pages "
                              f"({len(self.glob.free)} free){free_c}")
-        # Each step's new pages in ascending order: pages freed together (tail first, or by
-        # several sequences) then follow one another in the pool, and the prefill kernel
-        # fills a KV tile of consecutive pages with one copy instead of one per page.
-        self._tables[seq_id].extend(sorted(self.glob.fresh() for _ in range(g)))
+        _extend(self.glob, self._tables[seq_id], g)
         if c:
-            self._ctables[seq_id].extend(sorted(self.chunked.fresh() for _ in range(c)))
+            _extend(self.chunked, self._ctables[seq_id], c)
 
     def commit(self, seq_id: int, tokens: Sequence[int], num_computed: int) -> None:
         """Register the pages that ``num_computed`` now fills completely (their KV is written).

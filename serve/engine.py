@@ -161,10 +161,12 @@ class LLMEngine:
             raise ValueError(f"num_chunked_pages={num_chunked} must hold one sequence's live "
                              f"chunk and step ({one} pages) and fit the pool "
                              f"({runner.num_chunked_pages})")
+        # A kernel KV block's pages kept consecutive (one TMA copy each in the kernels).
         self.bm = BlockManager(num_pages, b.page_size,
                                enable_prefix_caching=config.enable_prefix_caching,
                                num_chunked_pages=num_chunked,
-                               chunk_size=b.chunk_size if free_chunked_pages else None)
+                               chunk_size=b.chunk_size if free_chunked_pages else None,
+                               run_pages=max(1, b.block_kv // b.page_size))
         self.scheduler = Scheduler(self.bm, max_num_seqs=b.max_num_seqs,
                                    max_num_batched_tokens=b.max_num_batched_tokens)
         self.output = OutputProcessor(tokenizer, b.max_model_len)

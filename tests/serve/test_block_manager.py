@@ -23,11 +23,13 @@ CHUNK = 8  # two pages per chunk in the hybrid machine
 
 class BlockManagerMachine(RuleBasedStateMachine):
     hybrid = False
+    run = 1  # pages of a kernel block, kept consecutive where the pool can
 
     def __init__(self):
         super().__init__()
-        self.bm = (BlockManager(NUM_PAGES, PS, num_chunked_pages=NUM_PAGES, chunk_size=CHUNK)
-                   if self.hybrid else BlockManager(NUM_PAGES, PS))
+        self.bm = (BlockManager(NUM_PAGES, PS, num_chunked_pages=NUM_PAGES, chunk_size=CHUNK,
+                                run_pages=self.run)
+                   if self.hybrid else BlockManager(NUM_PAGES, PS, run_pages=self.run))
         self.seqs = {}  # seq_id -> {"tokens", "computed"}
         self.content = {}  # (pool, page) -> list of the PS tokens last written into it
         self.next_id = 0
@@ -108,8 +110,70 @@ class HybridBlockManagerMachine(BlockManagerMachine):
     hybrid = True
 
 
+class RunBlockManagerMachine(BlockManagerMachine):
+    run = 3  # 12 pages: four groups (a chunk is two pages, so blocks cross chunks too)
+
+
+class HybridRunBlockManagerMachine(BlockManagerMachine):
+    hybrid, run = True, 2
+
+
 TestBlockManager = BlockManagerMachine.TestCase
 TestHybridBlockManager = HybridBlockManagerMachine.TestCase
+TestRunBlockManager = RunBlockManagerMachine.TestCase
+TestHybridRunBlockManager = HybridRunBlockManagerMachine.TestCase
+
+
+def _blocks_in_runs(table, run):
+    """The share of ``table``'s whole blocks of ``run`` logical pages that are consecutive."""
+    blocks = [table[i:i + run] for i in range(0, len(table) - run + 1, run)]
+    return sum(b == list(range(b[0], b[0] + run)) for b in blocks) / len(blocks)
+
+
+@pytest.mark.parametrize("run_pages", [1, 4])
+def test_blocks_stay_consecutive_while_sequences_grow_side_by_side(run_pages):
+    """Decode steps grow several sequences a page at a time, turn about: least recently freed
+    order deals them pages 0, 1, 2, ... in turn, so no sequence's block is consecutive; with
+    ``run_pages`` each block starts a free group and the sequence's next pages follow it.
+    Once two of them are freed, a prompt taking every free page has all its blocks
+    consecutive (least recently freed order: only the never-used half)."""
+    bm = BlockManager(96, 4, run_pages=run_pages)
+    for sid in range(4):
+        bm.allocate(sid, [sid] * 4)
+    for step in range(1, 17):  # 16 pages each, 4 blocks of 4
+        for sid in range(4):
+            bm.grow(sid, 4 * step)
+    share = [_blocks_in_runs(bm.pages(sid), 4) for sid in range(4)]
+    assert share == ([1.0] * 4 if run_pages > 1 else [0.0] * 4)
+    bm.free(1)
+    bm.free(3)
+    bm.allocate(9, [9] * 256)
+    bm.grow(9, 256)  # every free page: 32 never used, and the freed sequences' 32
+    assert _blocks_in_runs(bm.pages(9), 4) == (1.0 if run_pages > 1 else 0.5)
+    bm.check()
+
+
+def test_a_block_continues_after_cached_pages_and_falls_back_when_groups_run_out():
+    """A table that starts with prefix-cached pages continues its block right after them;
+    with no wholly free group left a block takes the least recently freed pages (every page
+    is still handed out)."""
+    bm = BlockManager(16, 4, run_pages=4)
+    prompt = list(range(24))
+    bm.allocate(0, prompt)
+    bm.grow(0, 24)  # pages 0-3, then 4-5 of the next group
+    assert bm.pages(0) == [0, 1, 2, 3, 4, 5]
+    bm.commit(0, prompt, 24)
+    assert bm.allocate(1, prompt[:20] + [99]) == 20  # five pages shared
+    bm.grow(1, 28)  # its 6th and 7th pages follow the shared page 4 where free: 5 is not
+    assert bm.pages(1)[:5] == [0, 1, 2, 3, 4] and bm.pages(1)[5] != 5
+    assert bm.pages(1)[5:] == [6, 7]  # the least recently freed page, then its next
+    for sid in (2, 3, 4):  # three blocks start; two wholly free groups are left (8-11, 12-15)
+        bm.allocate(sid, [sid] * 8)
+        bm.grow(sid, 4)
+    assert [bm.pages(sid) for sid in (2, 3, 4)] == [[8], [12], [9]]
+    bm.grow(4, 4 * (1 + bm.num_free_pages))  # every free page, consecutive or not
+    assert bm.num_free_pages == 0 and bm.pages(4) == [9, 10, 11, 13, 14, 15]
+    bm.check()
 
 
 def test_prefix_pages_shared_after_commit_only():
