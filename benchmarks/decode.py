@@ -95,13 +95,29 @@ def contiguous(batch, ctx, seed=0):
     return q, k, v
 
 
-def paged(k, v, page_size, seed=0, shuffle=True):
-    """The contiguous cache cut into pages, shuffled (else in order: a sequence's pages one
-    after another in the pool); page table per sequence."""
+# Where a pool's pages sit (--page-order): "pages", each page anywhere (a long-churned pool in
+# least-recently-freed order, the engine's before session 55); "blocks", each kernel block's
+# pages one after another, the blocks anywhere (the engine's since: serve.block_manager keeps
+# a block in a wholly free group of pages); "in-order", a sequence's pages one after another
+# (a fresh pool's).
+PAGE_ORDERS = ("pages", "blocks", "in-order")
+
+
+def paged(k, v, page_size, seed=0, order="pages"):
+    """The contiguous cache cut into pages, placed in the pool as ``order`` says
+    (:data:`PAGE_ORDERS`; a block is ``bounds_for``'s ``block_kv`` keys); page table per
+    sequence. A sequence's pages are padded up to whole blocks under "blocks"."""
+    if order not in PAGE_ORDERS:
+        raise ValueError(f"order={order!r}: one of {PAGE_ORDERS}")
     batch, ctx = k.shape[:2]
-    per_seq = -(-ctx // page_size)
+    run = max(1, bounds_for(batch, page_size).block_kv // page_size) if order == "blocks" else 1
+    per_seq = -(-ctx // (page_size * run)) * run
     n = batch * per_seq
-    perm = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    rng = np.random.default_rng(seed)
+    if order == "in-order":
+        perm = np.arange(n)
+    else:  # whole runs of `run` pages in random places (run 1: single pages)
+        perm = (rng.permutation(n // run)[:, None] * run + np.arange(run)).ravel()
     inv = np.argsort(perm).astype(np.int32)  # logical page i lives at pool slot inv[i]
 
     def pool(x):
@@ -122,7 +138,8 @@ def bounds_for(batch, page_size):
 # Other forms timed beside the default in the same run: (key, column title, config change).
 OTHERS = [("jaxattn_combine_s18", "combine as in session 18 (one copy per piece since s21)",
            {"combine": decode_combine.CombineConfig(warpgroups=1, approx_math=False)})]
-# ... only over pools whose pages are in order (--in-order-pages), where they change something:
+# ... only over pools whose blocks' pages are in order (--page-order blocks or in-order), where
+# they change something:
 # each page its own copy, as before DecodeConfig.merge_pages became the default (session 55).
 IN_ORDER_OTHERS = [("jaxattn_page_by_page", "page by page (merge_pages off)",
                     {"merge_pages": False})]
@@ -187,12 +204,12 @@ def dpa(impl):
     return jax.jit(fn)
 
 
-def run_case(batch, ctx, ceiling, profile=False, page_size=16, shuffle=True):
-    """One batch x context over pages of ``page_size`` (``shuffle``: in a random order, else
-    in order): jaxattn's layer, its parts, the other forms and cuDNN / XLA, interleaved; a row
-    of the results."""
+def run_case(batch, ctx, ceiling, profile=False, page_size=16, order="pages"):
+    """One batch x context over pages of ``page_size`` placed as ``order`` says
+    (:data:`PAGE_ORDERS`): jaxattn's layer, its parts, the other forms and cuDNN / XLA,
+    interleaved; a row of the results."""
     row = {"batch": batch, "ctx": ctx, "kv_bytes": kv_bytes(batch, ctx), "page_size": page_size,
-           "shuffled_pages": shuffle}
+           "page_order": order}
     q, k, v = contiguous(batch, ctx)
     lens = jnp.full((batch,), ctx, jnp.int32)
     fns, ref = {}, None
@@ -205,10 +222,11 @@ def run_case(batch, ctx, ceiling, profile=False, page_size=16, shuffle=True):
             fns[impl] = functools.partial(fn, q, k, v, lens)
         except Exception as e:  # e.g. XLA out of memory at large batch x context
             row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    kp, vp, table = paged(k, v, page_size, shuffle=shuffle)
+    kp, vp, table = paged(k, v, page_size, order=order)
     config = decode.default_config()
     # (pages as large as a block are one copy each already)
-    others = OTHERS + (IN_ORDER_OTHERS if not shuffle and page_size < config.block_kv else [])
+    in_runs = order != "pages" and page_size < config.block_kv
+    others = OTHERS + (IN_ORDER_OTHERS if in_runs else [])
     fns["jaxattn"], fns["kernel"], fns["meta"], fns["plan"], row["pieces"] = jaxattn_fns(
         batch, ctx, q, kp, vp, table, page_size, config)
     for key, _, change in others:
@@ -368,10 +386,12 @@ def main(argv=None):
                          "them on the GPU and launch early (programmatic dependent launch, "
                          "kernels.common.DEPENDENT_LAUNCH; off here by default: "
                          "benchmarks.common.time_kernels_alone says why)")
-    ap.add_argument("--in-order-pages", action="store_true",
-                    help="each sequence's pages one after another in the pool (as a fresh "
-                         "engine hands out a prompt's), not shuffled; adds a column with "
-                         "each page its own copy (DecodeConfig.merge_pages off)")
+    ap.add_argument("--page-order", choices=PAGE_ORDERS, default="pages",
+                    help="where the pools' pages sit: each page anywhere (default, as in "
+                         "every run before session 56), each kernel block's pages together "
+                         "(the engine's since session 55), or each sequence's in order (a "
+                         "fresh pool's); the last two add a column with each page its own "
+                         "copy (DecodeConfig.merge_pages off)")
     args = ap.parse_args(argv)
     time_kernels_alone(args.dependent_launch)
     if args.plot:
@@ -384,13 +404,13 @@ def main(argv=None):
     res = {"date": datetime.date.today().isoformat(), "device": dev.device_kind,
            "jax": jax.__version__, "config": dataclasses.asdict(decode.default_config()),
            "dependent_launch": args.dependent_launch,
-           "shuffled_pages": not args.in_order_pages,
+           "page_order": args.page_order,
            "ceilings": ceilings(), "cases": [], "variants": []}
     print(res["ceilings"], flush=True)
     for batch, ctx in args.cases:
         try:
             res["cases"].append(run_case(batch, ctx, res["ceilings"], args.profile,
-                                         shuffle=not args.in_order_pages))
+                                         order=args.page_order))
         except Exception as e:
             res["cases"].append({"batch": batch, "ctx": ctx, "error": f"{type(e).__name__}: {e}"[:500]})
         print(res["cases"][-1], flush=True)

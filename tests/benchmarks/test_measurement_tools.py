@@ -217,24 +217,29 @@ def test_paged_pools_hold_the_sequence_in_table_order(shuffle):
     assert (table[0] == np.arange(len(table[0]))).all() != shuffle
 
 
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_decode_pools_hold_each_sequence_in_table_order(shuffle):
-    """benchmarks.decode's pools (and decode_layout's in-order form): sequence b's page i
-    sits at pool row table[b, i] (in order: b * pages + i), the tail past ctx zero-padded."""
+@pytest.mark.parametrize("order", ["pages", "blocks", "in-order"])
+def test_decode_pools_hold_each_sequence_in_table_order(order):
+    """benchmarks.decode's pools (and decode_layout's): sequence b's page i sits at pool row
+    table[b, i], the tail past ctx zero-padded; "in-order": row b * pages + i; "blocks":
+    each 8-page block's rows consecutive, the blocks not in order; "pages": scattered."""
     import jax.numpy as jnp
     import numpy as np
 
     from benchmarks import decode
 
-    batch, ctx, page = 3, 40, 16
+    batch, ctx, page = 3, 300, 16  # 19 pages a sequence: 3 blocks under "blocks"
     k = jnp.arange(batch * ctx * decode.HKV * decode.D, dtype=jnp.float32).reshape(
         batch, ctx, decode.HKV, decode.D)
-    kp, vp, table = decode.paged(k, k, page, shuffle=shuffle)
-    seqs = np.asarray(kp)[np.asarray(table)].reshape(batch, -1, decode.HKV, decode.D)
+    kp, vp, table = decode.paged(k, k, page, order=order)
+    table = np.asarray(table)
+    seqs = np.asarray(kp)[table].reshape(batch, -1, decode.HKV, decode.D)
     np.testing.assert_array_equal(seqs[:, :ctx], np.asarray(k))
     assert not seqs[:, ctx:].any() and (np.asarray(vp) == np.asarray(kp)).all()
-    in_order = (np.asarray(table).ravel() == np.arange(table.size)).all()
-    assert in_order != shuffle
+    blocks = table.reshape(-1, 8) if order == "blocks" else table[:, :16].reshape(-1, 8)
+    in_runs = (np.diff(blocks, axis=1) == 1).all(axis=1)
+    assert in_runs.all() == (order != "pages") and not (order == "pages" and in_runs.any())
+    in_order = (table.ravel() == np.arange(table.size)).all()
+    assert in_order == (order == "in-order")
 
 
 def test_paging_table_has_a_column_per_pool():
