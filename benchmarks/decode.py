@@ -138,9 +138,9 @@ def bounds_for(batch, page_size):
 # Other forms timed beside the default in the same run: (key, column title, config change).
 OTHERS = [("jaxattn_combine_s18", "combine as in session 18 (one copy per piece since s21)",
            {"combine": decode_combine.CombineConfig(warpgroups=1, approx_math=False)})]
-# ... only over pools whose blocks' pages are in order (--page-order blocks or in-order), where
-# they change something:
-# each page its own copy, as before DecodeConfig.merge_pages became the default (session 55).
+# ... and over pools whose blocks' pages are in order (--page-order blocks or in-order), where
+# it changes something: each page its own copy, as before DecodeConfig.merge_pages became the
+# default (session 55).
 IN_ORDER_OTHERS = [("jaxattn_page_by_page", "page by page (merge_pages off)",
                     {"merge_pages": False})]
 # Columns of earlier runs' JSON (--plot): 64-key blocks, the default before session 17; round

@@ -168,10 +168,10 @@ def bench_decode(batch, ctx, in_order=False):
     out_8 = np.asarray(layer(q, k8, v8, table, plan.decode, ks, vs)[0][:batch], np.float32)
     bytes_bf16 = 2 * batch * ctx * HKV * D * 2
     bytes_fp8 = 2 * batch * ctx * HKV * (D + 4)
-    merged = {f"{n}_over_bf16": ms[n] / ms["bf16"] for n in ("fp8_merged", "fp8_fixed_kv_merged")
-              if n in ms}
+    merged_ratios = {f"{n}_over_bf16": ms[n] / ms["bf16"]
+                     for n in ("fp8_merged", "fp8_fixed_kv_merged") if n in ms}
     return dict(kind="decode", batch=batch, ctx=ctx, pages="in order" if in_order else "shuffled",
-                **merged, bf16_ms=ms["bf16"], fp8_ms=ms["fp8"],
+                **merged_ratios, bf16_ms=ms["bf16"], fp8_ms=ms["fp8"],
                 fp8_over_bf16=ms["fp8"] / ms["bf16"], bf16_narrow_ms=ms["bf16_narrow"],
                 fp8_wide_ms=ms["fp8_wide"], fp8_wide_over_bf16=ms["fp8_wide"] / ms["bf16"],
                 fp8_2c_ms=ms["fp8_2c"], fp8_2c_over_bf16=ms["fp8_2c"] / ms["bf16"],

@@ -28,7 +28,7 @@ import random
 import statistics
 
 from benchmarks.common import write_json
-from jaxattn.serve.block_manager import NULL_PAGE, BlockManager
+from jaxattn.serve.block_manager import BlockManager, blocks_in_runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,20 +58,6 @@ class Workload:
         # jaxattn.Bounds.chunked_pages_for's bound: live chunks, the step's tokens, one each
         per_chunk = self.chunk_size // self.page_size
         return self.max_num_seqs * (per_chunk + 1) + -(-self.step_tokens // self.page_size)
-
-
-def consecutive_blocks(tables, run: int) -> tuple[int, int]:
-    """(whole blocks of ``run`` logical pages that are consecutive in the pool, whole blocks),
-    over ``tables``; blocks holding a returned chunked page are left out."""
-    ok = total = 0
-    for table in tables:
-        for b in range(0, len(table) - run + 1, run):
-            block = table[b:b + run]
-            if NULL_PAGE in block:
-                continue
-            total += 1
-            ok += block == list(range(block[0], block[0] + run))
-    return ok, total
 
 
 def simulate(w: Workload, run_pages: int, seed: int = 0) -> list[dict]:
@@ -115,7 +101,8 @@ def simulate(w: Workload, run_pages: int, seed: int = 0) -> list[dict]:
                    "free_pages": len(bm.glob.free)}
             for kind, tables in (("global", [bm.pages(s) for s in running]),
                                  ("chunked", [bm.chunked_pages(s) for s in running])):
-                ok, total = consecutive_blocks(tables, run)
+                counts = [blocks_in_runs(table, run) for table in tables]
+                ok, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
                 row[kind] = ok / total if total else None
             samples.append(row)
     bm.check()

@@ -176,6 +176,15 @@ class PagePool:
             assert (g in self.free_groups) == (n == self.run), g
 
 
+def blocks_in_runs(table: Sequence[int], run: int) -> tuple[int, int]:
+    """(whole blocks of ``run`` logical pages of ``table`` whose pages are consecutive in the
+    pool, whole blocks): what the page groups keep (the kernels copy such a block at once).
+    Blocks holding a returned chunked page (``NULL_PAGE``) are left out."""
+    blocks = [list(table[i:i + run]) for i in range(0, len(table) - run + 1, run)]
+    blocks = [b for b in blocks if NULL_PAGE not in b]
+    return sum(b == list(range(b[0], b[0] + run)) for b in blocks), len(blocks)
+
+
 def _extend(pool: PagePool, table: list[int], n: int) -> None:
     """Append ``n`` fresh pages of ``pool`` to ``table``: with ``pool.run`` > 1 a kernel
     block's pages one after another (:meth:`PagePool.fresh_at`); else the least recently freed

@@ -15,7 +15,3 @@ def test_block_groups_keep_every_block_in_one_run():
     assert late["global"]["median"] < 0.9 and late["chunked"]["median"] < 0.9
     assert max(s["waiting"] for s in groups) > 0  # the pool was kept full
 
-
-def test_consecutive_blocks_counts_whole_blocks_and_skips_returned_pages():
-    tables = [[4, 5, 6, 7, 9, 8, 10, 11, 12], [page_runs.NULL_PAGE] * 4 + [0, 1, 2, 3]]
-    assert page_runs.consecutive_blocks(tables, 4) == (2, 3)

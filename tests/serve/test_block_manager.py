@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import jaxattn
-from jaxattn.serve.block_manager import NULL_PAGE, BlockManager, OutOfPages
+from jaxattn.serve.block_manager import NULL_PAGE, BlockManager, OutOfPages, blocks_in_runs
 
 PS, NUM_PAGES = 4, 12
 CHUNK = 8  # two pages per chunk in the hybrid machine
@@ -124,10 +124,9 @@ TestRunBlockManager = RunBlockManagerMachine.TestCase
 TestHybridRunBlockManager = HybridRunBlockManagerMachine.TestCase
 
 
-def _blocks_in_runs(table, run):
-    """The share of ``table``'s whole blocks of ``run`` logical pages that are consecutive."""
-    blocks = [table[i:i + run] for i in range(0, len(table) - run + 1, run)]
-    return sum(b == list(range(b[0], b[0] + run)) for b in blocks) / len(blocks)
+def test_blocks_in_runs_counts_whole_blocks_and_skips_returned_pages():
+    assert blocks_in_runs([4, 5, 6, 7, 9, 8, 10, 11, 12], 4) == (1, 2)
+    assert blocks_in_runs([NULL_PAGE] * 4 + [0, 1, 2, 3], 4) == (1, 1)
 
 
 @pytest.mark.parametrize("run_pages", [1, 4])
@@ -143,13 +142,13 @@ def test_blocks_stay_consecutive_while_sequences_grow_side_by_side(run_pages):
     for step in range(1, 17):  # 16 pages each, 4 blocks of 4
         for sid in range(4):
             bm.grow(sid, 4 * step)
-    share = [_blocks_in_runs(bm.pages(sid), 4) for sid in range(4)]
-    assert share == ([1.0] * 4 if run_pages > 1 else [0.0] * 4)
+    counts = [blocks_in_runs(bm.pages(sid), 4) for sid in range(4)]
+    assert counts == ([(4, 4)] * 4 if run_pages > 1 else [(0, 4)] * 4)
     bm.free(1)
     bm.free(3)
     bm.allocate(9, [9] * 256)
     bm.grow(9, 256)  # every free page: 32 never used, and the freed sequences' 32
-    assert _blocks_in_runs(bm.pages(9), 4) == (1.0 if run_pages > 1 else 0.5)
+    assert blocks_in_runs(bm.pages(9), 4) == ((16, 16) if run_pages > 1 else (8, 16))
     bm.check()
 
 

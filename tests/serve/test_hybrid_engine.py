@@ -8,7 +8,7 @@ alone, batched, preempted and prefix-shared; no page leaks.
 import numpy as np
 import pytest
 
-from jaxattn.serve.block_manager import NULL_PAGE
+from jaxattn.serve.block_manager import blocks_in_runs
 from jaxattn.serve.engine import LLMEngine
 from jaxattn.serve.llm import LLM
 from jaxattn.serve.sampling_params import SamplingParams
@@ -37,13 +37,11 @@ def _gen(engine, prompts, params, peak=None, runs=None):
         def counting_step():
             out = step()
             peak.append(engine.bm.num_used_chunked_pages)
-            if runs is not None:  # each live table's whole kernel blocks: pages consecutive?
+            if runs is not None:  # each live table's whole kernel blocks: (in one run, all)
                 run = engine.bounds.block_kv // PAGE
                 for sid in list(engine.bm._tables):
                     for table in (engine.bm.pages(sid), engine.bm.chunked_pages(sid)):
-                        runs.extend(table[i:i + run] == list(range(table[i], table[i] + run))
-                                    for i in range(0, len(table) - run + 1, run)
-                                    if NULL_PAGE not in table[i:i + run])
+                        runs.append(blocks_in_runs(table, run))
             return out
         engine.step = counting_step
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -80,7 +78,7 @@ def test_batched_hybrid_equals_non_hybrid_alone(runner, tokenizer, reference):
     assert _gen(hybrid, _prompts(LENGTHS), PARAMS, peak, runs) == reference
     # Four sequences decoding side by side, a page at a time: still a block's pages together
     # (serve.block_manager's page groups), in both pools.
-    assert runs and all(runs)
+    assert sum(total for _, total in runs) > 0 and all(ok == total for ok, total in runs)
     # Four sequences of up to 724 tokens held at most their live chunks plus a step.
     b = runner.bounds
     assert 0 < max(peak) <= b.chunked_pages_for(4) < 4 * b.pages_per_seq
