@@ -90,10 +90,9 @@ ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
 NARROW_ROWS = 16
 # 16-bit zeros in 8-value (16-byte) vectors: zero_smem's stores.
 ZERO_LAYOUT = common.DEQUANT_LAYOUTS[8]
-# DecodeConfig.merge_pages in default_config's bf16-cache configuration (the FP8 cache's keeps
-# it off: GPU-tested only in interpret mode and lowering there, and untimed);
-# benchmarks.multigpu --no-merge-pages turns it off for the serving step. Read when a config
-# is made.
+# DecodeConfig.merge_pages in default_config (a bf16 cache, and an FP8 cache whose K and V
+# each have one scale); benchmarks.multigpu --no-merge-pages turns it off for the serving
+# step. Read when a config is made.
 MERGE_PAGES = True
 
 
@@ -164,7 +163,11 @@ class DecodeConfig:
       over 16-token pages in order at 256 x 2k / 32 x 8k / 8 x 32k / 1 x 128k, it took
       0.1-0.8 / 0.8-1.2 / 1.0-3.8 / 2.4-2.8% off the layer's GPU time in two runs
       (decode-2026-12-07-s55-merge*.md), and over shuffled pages (where few blocks merge)
-      nothing, either way (s55-shuffled-merge-{on,off}); so the bf16 default has it.
+      nothing, either way (s55-shuffled-merge-{on,off}); so the bf16 default has it. Over an
+      FP8 cache (32-token pages in order, fp8-kv-2026-12-07-s56-merged.md, one H100 run):
+      with one K and one V scale (Llama 4's layers: no scale rows to copy) 0.9 / 1.0 / 3.5 /
+      3.1% off at the same shapes, so that default has it too; with per-row scales (still a
+      copy per page for them) 0.7 / 0.5 / 1.9 / 1.8% slower, so that default does not.
     combine: the combine kernel's tuning (:class:`CombineConfig`).
     """
 
@@ -201,7 +204,7 @@ class DecodeConfig:
             raise ValueError(f"num_ctas={self.num_ctas} must be positive")
 
 
-def default_config(interpret=False, fp8=False) -> DecodeConfig:
+def default_config(interpret=False, fp8=False, fixed_scales=False) -> DecodeConfig:
     """The tuned configuration; under interpret mode P goes through SMEM.
 
     A bf16 cache takes 128-key blocks in a 2-stage ring (all that fits): on the H200 0.7-2.3%
@@ -218,11 +221,13 @@ def default_config(interpret=False, fp8=False) -> DecodeConfig:
     8k keys), against 1.01-1.05x for 2 (the wgmma layout) and 1.02-1.05x for 8
     (decode-variants-2026-12-04-s29*.md). Its 128-key blocks do not fit a 2-deep
     dequantised ring, and with a 1-deep one took 1.42-1.61x (bf16 tiles). A bf16 cache's
-    blocks of pages in order come in one copy each (:data:`MERGE_PAGES`)."""
+    blocks of pages in order come in one copy each (:data:`MERGE_PAGES`), and an FP8 cache's
+    where ``fixed_scales`` (one K and one V scale: no scale rows to copy)."""
     if fp8:
         return DecodeConfig(num_stages=4, p_in_registers=not interpret,
                             dequant_warpgroup=True, dequant_stages=2, narrow_tiles=True,
-                            f16_dequant=True, dequant_vector=4)
+                            f16_dequant=True, dequant_vector=4,
+                            merge_pages=MERGE_PAGES and fixed_scales)
     return DecodeConfig(block_kv=128, num_stages=2, p_in_registers=not interpret,
                         merge_pages=MERGE_PAGES)
 
@@ -1014,8 +1019,9 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     [T, Hkv, G, D] in q's dtype (FP8 with ``out_scale``) holding the unsplit tiles' rows
     (rows no tile covers 0, split parents' rows not yet written), their lse tiles
     [cap, Hkv, 64] (a split item's are not written) and the split pieces' :class:`Pieces`."""
-    config = config or fit_blocks(default_config(bool(interpret), fp8=k_scale is not None),
-                                  bounds)
+    config = config or fit_blocks(default_config(
+        bool(interpret), fp8=k_scale is not None,
+        fixed_scales=fixed_k_scale is not None and fixed_v_scale is not None), bounds)
     _check(bounds, q.dtype, q.shape[-1], k_pages.shape[1], page_table.shape[1], config.block_kv,
            fp8=k_scale is not None)
     common.check_kv_dtype("decode", q.dtype, k_pages.dtype, k_scale is not None)

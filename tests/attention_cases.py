@@ -194,8 +194,9 @@ def decode_tiles_as_fp8():
 
     default = decode.default_config
 
-    def as_fp8(interpret=False, fp8=False):
-        form = dataclasses.replace(default(interpret, fp8=True), f16_dequant=False)
+    def as_fp8(interpret=False, fp8=False, fixed_scales=False):
+        form = dataclasses.replace(default(interpret, fp8=True, fixed_scales=fixed_scales),
+                                   f16_dequant=False)
         return form if fp8 else dataclasses.replace(
             default(interpret), narrow_tiles=form.narrow_tiles, block_kv=form.block_kv,
             consumers=form.consumers)
@@ -212,8 +213,8 @@ def decode_with(**fields):
 
     default = decode.default_config
 
-    def form(interpret=False, fp8=False):
-        return dataclasses.replace(default(interpret, fp8), **fields)
+    def form(interpret=False, fp8=False, fixed_scales=False):
+        return dataclasses.replace(default(interpret, fp8, fixed_scales), **fields)
 
     with mock.patch.object(decode, "default_config", form):
         yield

@@ -268,7 +268,7 @@ def test_fp8_decode_with_the_consumer_dequantising(monkeypatch):
     before its wgmma (the default is a warpgroup of its own, which the tests above run), here
     in vectors of 8 values (8-byte fp8 loads); the same pass, so the result stays bit-equal
     to the bf16 kernel over the dequantised pages."""
-    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False:
+    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False, **_:
                         decode.DecodeConfig(p_in_registers=False, dequant_warpgroup=False,
                                             dequant_vector=8))
     _check_against_bf16_and_oracle(_bounds(), (1, 1, 1, 1), (420, 33, 300, 1))
@@ -292,7 +292,7 @@ def test_fp8_decode_tuning_variants_equal_bf16(monkeypatch, config):
     kernel in the same form over the dequantised pages (the race detector runs the two-consumer
     form in tests/kernels/test_decode.py)."""
     cfg = decode.DecodeConfig(p_in_registers=False, dequant_warpgroup=True, **config)
-    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False: cfg)
+    monkeypatch.setattr(decode, "default_config", lambda interpret=False, fp8=False, **_: cfg)
     _check_against_bf16_and_oracle(_bounds(), (1, 1, 1, 3), (420, 33, 300, 130))
 
 

@@ -184,8 +184,10 @@ def test_fp8_prefill_merged_page_copies_equal_one_copy_per_page(q_lens, kv_lens,
 @pytest.mark.parametrize("q_lens,kv_lens,chunk", CASES[:3])  # the cases with decode rows
 def test_fp8_decode_merged_page_copies_equal_one_copy_per_page(q_lens, kv_lens, chunk):
     """Pages one after another: a decode block's values come in one TMA copy for K and one
-    for V, its scale rows page by page (``DecodeConfig.merge_pages``, off in the FP8 cache's
-    default until timed), bit-equal to one copy per page."""
+    for V, its scale rows page by page (``DecodeConfig.merge_pages``, which the FP8 cache's
+    default leaves off over per-row scales: slower there), bit-equal to one copy per page.
+    (With one K and one V scale, where it is the default, the fixed-scale test below compares
+    it over pages in order with the per-row form.)"""
     _assert_forms_agree(q_lens, kv_lens, chunk,
                         [decode_with(merge_pages=m) for m in (False, True)], in_order=True)
 
