@@ -45,7 +45,13 @@ class CombineConfig:
     earlier form took one copy per token and a plain arrival for each token it lacked
     (~11 single-thread arrivals per piece at decode); one copy took 5.5 / 4.0 / 2.7 µs
     against 6.4 / 4.4 / 3.0 at 1 x 128k / 2 x 64k / 8 x 32k on the H200
-    (benchmarks/results/decode-combine-2026-12-02-s20.md).
+    (benchmarks/results/decode-combine-2026-12-02-s20.md). A warpgroup's share of a
+    one-token parent larger than its ring of 64-row slots (8 of a 16-piece parent's,
+    against 5 slots at the default) comes in batches of 8-row slots, all in flight at once,
+    instead of a second round trip through the ring: on one H100 the combine took 5.5 / 5.8
+    µs at 1 x 8k / 1 x 128k against 5.9-6.0 / 6.1-6.3 in two runs of the ring alone, the
+    layer 17.4 µs twice at 1 x 8k against 17.6-17.8
+    (benchmarks/results/decode-2026-12-07-s56-{new,base}*.md).
 
     On the H200 (benchmarks/results/decode-combine-2026-12-02-s19.md, the kernel alone)
     the session-18 form (64 columns, one warpgroup, exact exp) took 8.4 µs at 1 x 128k
@@ -115,18 +121,24 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
     nwg = config.warpgroups
     one_token_rows = common.cdiv(g, 8) * 8
     # A piece's load is small (1.25 KiB for one token); depth hides the TMA latency when
-    # one long sequence has W pieces. `ring` slots per warpgroup (a group of barriers holds
-    # at most 32).
+    # one long sequence has W pieces. `ring` 64-row slots per warpgroup (a group of barriers
+    # holds at most 32).
     ring = max(2, min(16, 32 // nwg, (160 * 1024) // (ROWS * cw * 4) // nwg))
+    # A warpgroup's share of more one-token pieces (every piece at decode) than `ring` comes
+    # in batches of `one_ring` slots of `one_token_rows` rows in the same shared memory, a
+    # slot's 64-row window reaching into the next slots' rows: all in flight at once (16 a
+    # warpgroup at the default, against 5 of 64 rows).
+    one_ring = min(32 // nwg, (ring * ROWS - ROWS) // one_token_rows + 1)
+    slots = max(ring, one_ring)  # barriers (and lse tiles) per warpgroup
     shares = None if nwg == 1 else (
         plgpu.SMEM((nwg - 1, ROWS, cw), jnp.float32),  # warpgroups 1..'s weighted O
         plgpu.SMEM((nwg - 1, 2, ROWS), jnp.float32),  # ... and their max and weight sum
         plgpu.Barrier(num_arrivals=nwg - 1),  # ready: their states are in SMEM
         plgpu.Barrier())  # taken: warpgroup 0 has read them
-    scratch = (plgpu.SMEM((nwg * ring, ROWS, cw), jnp.float32),
-               plgpu.SMEM((nwg * ring, ROWS), jnp.float32),
+    scratch = (plgpu.SMEM((nwg, ring * ROWS, cw), jnp.float32),  # each warpgroup's rows
+               plgpu.SMEM((nwg * slots, ROWS), jnp.float32),
                plgpu.SMEM((ROWS, cw), out_dtype),  # a parent's merged rows
-               plgpu.Barrier(num_arrivals=2, num_barriers=nwg * ring),  # rows + lse
+               plgpu.Barrier(num_arrivals=2, num_barriers=nwg * slots),  # rows + lse
                shares)
     smem = common.smem_bytes((*scratch[:-1], *(shares or ())))
     if smem > common.MAX_SMEM:
@@ -166,51 +178,78 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
               l_buf, o_out, full, shares):
         """One parent: its pieces sit in slots [slot0, slot0 + n); this warpgroup's are
         slot0 + wg + j * nwg (``slot_meta``: the slot's row of cmeta, (n, q_start, q_len,
-        kv head)). Every barrier gets as many waits as arrivals, so the ring's phases
-        carry over to the next parent."""
+        kv head)). Every barrier gets as many waits as arrivals, so their phases carry
+        over to the next parent."""
         n, q_start, q_len, kvh = slot_meta
         # A parent of few pieces is warpgroup 0's alone: handing over states costs more.
         shared = n >= config.share_from
         stride = jnp.where(shared, nwg, 1)
         n_mine = jnp.where(shared, jnp.maximum(n - wg + nwg - 1, 0) // nwg,
                            jnp.where(wg == 0, n, 0))
+        one = q_len == 1
+        # More one-token pieces than the ring holds go in batches, all in flight at once;
+        # the rest through the ring (refilled as its slots are read).
+        batched = one & (n_mine > ring)
+        n_batched, n_ring = jnp.where(batched, n_mine, 0), jnp.where(batched, 0, n_mine)
 
-        def issue(j):
-            b = wg * ring + lax.rem(j, ring)
+        def issue(j, b, rows):
+            """Piece j's first rows (one token's, else all 64) into this warpgroup's rows
+            from ``rows``, its lse into tile b, both on barrier b."""
+            bar = full.at[wg * slots + b]
             slot = slot0 + wg + j * stride
-            # A one-token piece's first rows (its g rows, rounded up to 8), else all 64.
-            # Rows past the piece's tokens are whatever the slot holds; rows are
-            # independent and those are never written out.
-            for rows, when in ((pl.ds(0, one_token_rows), q_len == 1),
-                               (pl.ds(0, ROWS), q_len > 1)):
+            for n_rows, when in ((one_token_rows, one), (ROWS, ~one)):
                 pl.when(when)(functools.partial(
-                    plgpu.copy_gmem_to_smem, opart_ref.at[slot, rows, cols],
-                    o_buf.at[b, rows], full.at[b]))
-            plgpu.copy_gmem_to_smem(lpart_ref.at[slot], l_buf.at[b], full.at[b])
+                    plgpu.copy_gmem_to_smem, opart_ref.at[slot, pl.ds(0, n_rows), cols],
+                    o_buf.at[wg, pl.ds(rows, n_rows)], bar))
+            plgpu.copy_gmem_to_smem(lpart_ref.at[slot], l_buf.at[wg * slots + b], bar)
 
-        @pl.loop(0, jnp.minimum(n_mine, ring))
+        def add(state, b, rows):
+            """The state with the piece in lse tile b and the 64-row window from ``rows``
+            added. Rows past the piece's tokens are another piece's or whatever the slot
+            held; rows are independent and those are never written out."""
+            o = plgpu.load(o_buf.at[wg, pl.ds(rows, ROWS)], layout=plgpu.Layout.WGMMA)
+            lse = plgpu.load(l_buf.at[wg * slots + b], layout=reduce_layout)
+            return combine(state, (o, lse))
+
+        def batch(i, state):
+            """Up to ``one_ring`` one-token pieces: all copied, all waited for, then added
+            (a window reads the next slots' rows, so none is read while one lands)."""
+            start = i * one_ring
+            count = jnp.minimum(one_ring, n_batched - start)
+            plgpu.commit_smem()  # the previous batch's windows are read before these land
+
+            @pl.loop(0, count)
+            def _(b):
+                issue(start + b, b, b * one_token_rows)
+
+            @pl.loop(0, count)
+            def _(b):
+                plgpu.barrier_wait(full.at[wg * slots + b])
+
+            return lax.fori_loop(0, count, lambda b, st: add(st, b, b * one_token_rows),
+                                 state)
+
+        @pl.loop(0, jnp.minimum(n_ring, ring))
         def _(j):
-            issue(j)
+            issue(j, j, j * ROWS)
 
-        def step(j, carry):
-            b = wg * ring + lax.rem(j, ring)
-            plgpu.barrier_wait(full.at[b])
-            o = plgpu.load(o_buf.at[b], layout=plgpu.Layout.WGMMA)
-            lse = plgpu.load(l_buf.at[b], layout=reduce_layout)
+        def ring_step(j, state):
+            b = lax.rem(j, ring)
+            plgpu.barrier_wait(full.at[wg * slots + b])
+            state = add(state, b, b * ROWS)
 
-            @pl.when(j + ring < n_mine)
+            @pl.when(j + ring < n_ring)
             def _():
                 plgpu.commit_smem()  # every thread has read slot b before it is refilled
-                issue(j + ring)
+                issue(j + ring, b, b * ROWS)
 
-            # Rows of tokens past q_len hold stale data; rows are independent and
-            # those are never written out.
-            return combine(carry, (o, lse))
+            return state
 
-        state = lax.fori_loop(0, n_mine, step, (
-            plgpu.layout_cast(jnp.zeros((ROWS, cw), jnp.float32), plgpu.Layout.WGMMA),
-            plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), reduce_layout),
-            plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), reduce_layout)))
+        state = (plgpu.layout_cast(jnp.zeros((ROWS, cw), jnp.float32), plgpu.Layout.WGMMA),
+                 plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), reduce_layout),
+                 plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), reduce_layout))
+        state = lax.fori_loop(0, common.cdiv(n_batched, one_ring), batch, state)
+        state = lax.fori_loop(0, n_ring, ring_step, state)
         out = (slot0, q_start, q_len, kvh, cols, out_ref, lse_out_ref, l_buf, o_out)
         if nwg == 1:
             write(*state, *out)

@@ -124,6 +124,13 @@ CASES = {
     "one_cta_many_splits": Case(q_lens=(1, 3, 1, 12, 1), kv_lens=(1000, 700, 1024, 900, 5),
                                 block_kv=64, min_split_kv=128, num_workers=16,
                                 config=decode.DecodeConfig(num_ctas=1)),
+    # One KV head and a split budget of 256 tiles: one-token parents of 55 and 32 pieces,
+    # more than (and exactly) the combine's one-token slots (16 a warpgroup of two, 32 with
+    # one, 8 with four), so a warpgroup merges a parent in batches; and a two-token parent.
+    "many_pieces_a_parent": Case(q_lens=(1, 2, 1), kv_lens=(7000, 3000, 4000),
+                                 num_q_heads=4, num_kv_heads=1, head_dim=64, block_kv=64,
+                                 min_split_kv=64, num_workers=128, max_model_len=8192,
+                                 config=decode.DecodeConfig(num_ctas=8)),
     "fp16_d128_g5_q_eq_dq": Case(q_lens=(12, 12), kv_lens=(12, 1000), dtype=jnp.float16,
                                  min_split_kv=64, block_kv=64),
 }
@@ -155,7 +162,7 @@ _COMBINES = {"c16_wg1": CombineConfig(cols=16, warpgroups=1, approx_math=False),
              "wg4": CombineConfig(warpgroups=4, share_from=2)}
 CASES.update({f"{name}_{tag}": dataclasses.replace(
     CASES[name], config=dataclasses.replace(CASES[name].config, combine=combine))
-    for name in ("scout_combine_workers", "one_cta_many_splits")
+    for name in ("scout_combine_workers", "one_cta_many_splits", "many_pieces_a_parent")
     for tag, combine in _COMBINES.items()})
 
 
@@ -223,6 +230,13 @@ def test_race_detector_finds_no_races(consumers, combine_wgs, merge):
                                                                  share_from=2)))
     params = plgpu.InterpretGPUParams(detect_races=True)
     run_case(case, interpret=params)
+    assert not ipc.get_races().races_found
+
+
+def test_race_detector_finds_no_races_in_one_token_batches():
+    """The combine's one-token windows reach into the next slots' rows: no window is read
+    while a copy lands in it, over parents merged in several batches."""
+    run_case(CASES["many_pieces_a_parent"], interpret=plgpu.InterpretGPUParams(detect_races=True))
     assert not ipc.get_races().races_found
 
 
