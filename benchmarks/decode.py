@@ -136,8 +136,12 @@ def bounds_for(batch, page_size):
 
 
 # Other forms timed beside the default in the same run: (key, column title, config change).
+# One combine warpgroup: since session 56 it takes a 16-piece parent's pieces in one batch
+# (32 one-token slots), where two warpgroups each take 8 and then hand one state over.
 OTHERS = [("jaxattn_combine_s18", "combine as in session 18 (one copy per piece since s21)",
-           {"combine": decode_combine.CombineConfig(warpgroups=1, approx_math=False)})]
+           {"combine": decode_combine.CombineConfig(warpgroups=1, approx_math=False)}),
+          ("jaxattn_combine_wg1", "combine, one warpgroup",
+           {"combine": decode_combine.CombineConfig(warpgroups=1)})]
 # ... and over pools whose blocks' pages are in order (--page-order blocks or in-order), where
 # it changes something: each page its own copy, as before DecodeConfig.merge_pages became the
 # default (session 55).

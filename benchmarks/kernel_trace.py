@@ -7,9 +7,10 @@ trace of the main kernel and the combine at a decode step's shapes, per region a
 
 The kernels mark their phases with ``jax.named_scope`` (decode: wait, zero, tile, kv_block,
 dequant, stage_q, attend, write, on warpgroup 0 the consumer's and on 1 the producer's with a
-bf16 cache; combine: wait, merge, on its two warpgroups; the grouped matmul: wait, tile,
-slot_wait and product per K step of its ring, store, on its one warpgroup, where a CTA's
-first tile is entered twice, once to copy its first ring of weights before the wait).
+bf16 cache; combine: wait, merge (inside it copies and add of a one-token batch, hand_over /
+take_over, write), on its two warpgroups; the grouped matmul: wait, tile, slot_wait and
+product per K step of its ring, store, on its one warpgroup, where a CTA's first tile is
+entered twice, once to copy its first ring of weights before the wait).
 Inside ``common.kernel_trace`` each warpgroup records when it enters and leaves them (SM
 clock cycles from its first region) and when it started (the global timer, ns), and each
 call writes a Chrome trace JSON. :func:`summarise` turns one into a row per (warpgroup,

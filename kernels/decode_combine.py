@@ -217,17 +217,18 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
             start = i * one_ring
             count = jnp.minimum(one_ring, n_batched - start)
             plgpu.commit_smem()  # the previous batch's windows are read before these land
+            with jax.named_scope("copies"):
+                @pl.loop(0, count)
+                def _(b):
+                    issue(start + b, b, b * one_token_rows)
 
-            @pl.loop(0, count)
-            def _(b):
-                issue(start + b, b, b * one_token_rows)
+                @pl.loop(0, count)
+                def _(b):
+                    plgpu.barrier_wait(full.at[wg * slots + b])
 
-            @pl.loop(0, count)
-            def _(b):
-                plgpu.barrier_wait(full.at[wg * slots + b])
-
-            return lax.fori_loop(0, count, lambda b, st: add(st, b, b * one_token_rows),
-                                 state)
+            with jax.named_scope("add"):
+                return lax.fori_loop(0, count, lambda b, st: add(st, b, b * one_token_rows),
+                                     state)
 
         @pl.loop(0, jnp.minimum(n_ring, ring))
         def _(j):
@@ -260,6 +261,7 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
         pl.when(~shared & (wg == 0))(lambda: write(*state, *out))
 
         @pl.when(shared & (wg > 0))
+        @jax.named_scope("hand_over")
         def _():
             acc, m, s = state
             o_sh[wg - 1] = acc
@@ -269,6 +271,7 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
             plgpu.barrier_wait(taken)
 
         @pl.when(shared & (wg == 0))
+        @jax.named_scope("take_over")
         def _():
             plgpu.barrier_wait(ready)
             mine = state
@@ -291,6 +294,7 @@ def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: 
                + lax.broadcast_in_dim(w, acc.shape, [0]) * o)
         return acc, m_new, s * alpha + (w * w_sum[0] if w_sum else w)
 
+    @jax.named_scope("write")
     def write(acc, m, s, slot0, q_start, q_len, kvh, cols, out_ref, lse_out_ref, l_buf, o_out):
         seen = s > 0
         s_safe = jnp.where(seen, s, 1.0)
