@@ -93,8 +93,9 @@ SWITCHES = (
            "the routing norm copies the router into shared memory before it waits for the "
            "kernel before it"),
     Switch("merge_pages", True, "jaxattn.kernels.decode", "MERGE_PAGES",
-           "the decode kernels over a bf16 cache copy a block whose pages lie in order in the "
-           "pool in one TMA copy for K and one for V (DecodeConfig.merge_pages)"),
+           "the decode kernels over a bf16 cache (or an FP8 one with one K and one V scale) "
+           "copy a block whose pages lie in order in the pool in one TMA copy for K and one "
+           "for V (DecodeConfig.merge_pages)"),
     # Its default read without importing jax (--dry-run sets the simulated devices before
     # jax starts).
     Switch("dependent_launch", os.environ.get("JAXATTN_DEPENDENT_LAUNCH", "1") == "1",
