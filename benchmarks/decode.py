@@ -136,12 +136,13 @@ def bounds_for(batch, page_size):
 
 
 # Other forms timed beside the default in the same run: (key, column title, config change).
-# One combine warpgroup: since session 56 it takes a 16-piece parent's pieces in one batch
-# (32 one-token slots), where two warpgroups each take 8 and then hand one state over.
-OTHERS = [("jaxattn_combine_s18", "combine as in session 18 (one copy per piece since s21)",
-           {"combine": decode_combine.CombineConfig(warpgroups=1, approx_math=False)}),
-          ("jaxattn_combine_wg1", "combine, one warpgroup",
-           {"combine": decode_combine.CombineConfig(warpgroups=1)})]
+# The combine kernel (the default until session 57 folded it into the main kernel), and it
+# with one warpgroup: since session 56 that takes a 16-piece parent's pieces in one batch (32
+# one-token slots), where two warpgroups each take 8 and then hand one state over.
+OTHERS = [("jaxattn_combine_kernel", "combine kernel (fold_combine off)",
+           {"fold_combine": False}),
+          ("jaxattn_combine_wg1", "combine kernel, one warpgroup",
+           {"fold_combine": False, "combine": decode_combine.CombineConfig(warpgroups=1)})]
 # ... and over pools whose blocks' pages are in order (--page-order blocks or in-order), where
 # it changes something: each page its own copy, as before DecodeConfig.merge_pages became the
 # default (session 55).
@@ -153,7 +154,8 @@ IN_ORDER_OTHERS = [("jaxattn_page_by_page", "page by page (merge_pages off)",
 # (benchmarks/NOTES-decode.md, v10-v11); the combine's one copy per piece, a column in session
 # 20 and the only form since; L2 prefetches of the block 1 or 2 steps ahead beside each
 # block's copies (DecodeConfig.l2_ahead): 0.2-1.5% and 2.6-3.8% slower (session 53), removed;
-# consecutive pages in one copy, a column in session 55 and the default since.
+# consecutive pages in one copy, a column in session 55 and the default since; the combine
+# as in session 18 (one warpgroup, exact exp), a column until session 57.
 _OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)"),
                 ("jaxattn_rr", "round-robin tiles (before)"),
                 ("jaxattn_balanced", "balanced schedule"),
@@ -162,7 +164,9 @@ _OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)"),
                 ("jaxattn_combine_one_copy", "combine, one copy per piece"),
                 *((f"jaxattn_l2_ahead{n}", f"L2 prefetch {n} block{'s' * (n > 1)} ahead")
                   for n in (1, 2)),
-                ("jaxattn_merged", "pages merged")]
+                ("jaxattn_merged", "pages merged"),
+                ("jaxattn_combine_s18",
+                 "combine as in session 18 (one copy per piece since s21)")]
 
 
 def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
@@ -190,9 +194,9 @@ def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
         metadata=md)[0])
 
     def main_only(q, k, v, t, md):
-        out_ref, lse_tiles, pieces = decode.main_kernel(q, k, v, t, md, bounds=bounds,
-                                                        scale=D ** -0.5, config=config)
-        return out_ref[...], lse_tiles, pieces
+        out_ref, lse_tiles, pieces, lse_merged = decode.main_kernel(
+            q, k, v, t, md, bounds=bounds, scale=D ** -0.5, config=config)
+        return out_ref[...], lse_tiles, pieces, lse_merged
 
     main_only = jax.jit(main_only)
     args = (qt, k_pages, v_pages, table)

@@ -263,6 +263,65 @@ def dependent_launch(interpret=None) -> None:
     plgpu.griddepcontrol_launch_dependents()
 
 
+# A parent's ticket (the main decode kernel's folded combine): one thread of the warpgroup,
+# the one that issued its TMA stores and has waited for them to complete, makes them visible
+# to the generic proxy, adds 1 to the counter with acquire-release order at GPU scope (so the
+# piece that finishes last sees every other piece's rows), puts 0 back where it was last (no
+# other piece touches the counter again in this call), and fences the async proxy again so
+# the rows it then copies in with TMA are the ones the counter published.
+_TICKET_PTX = """{
+    .reg .pred last;
+    .reg .u32 next;
+    fence.proxy.async.global;
+    atom.acq_rel.gpu.global.add.u32 $0, [$1], 1;
+    add.u32 next, $0, 1;
+    setp.eq.u32 last, next, $2;
+    @last st.relaxed.gpu.global.u32 [$1], 0;
+    fence.proxy.async.global;
+}"""
+
+
+def ticket(counter, count, flag):
+    """Fetch-and-add on a global int32 counter by one thread of the warpgroup: returns (to
+    every thread) how many pieces had finished before this one; where that is ``count - 1``
+    the counter is reset to 0. ``counter``: a one-element view of a GMEM int32 array;
+    ``flag``: a one-element int32 SMEM buffer that carries the value to the warpgroup. GPU
+    only (GPU interpret mode has no atomics)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT, plgpu.RefType()),
+                       return_type=plgpu.ShapeDtypeStruct((), jnp.int32,
+                                                          layout=plgpu.Layout.WG_SPLAT))
+    def take(_, counter_ref, n, flag_ref):
+        i32 = ir.IntegerType.get_signless(32)
+        zero = arith.constant(ir.IndexType.get(), 0)
+        mgpu_utils.warpgroup_barrier()  # every thread's wait for the stores is behind us
+        with mgpu_utils.single_thread(mgpu_utils.ThreadSubset.WARPGROUP):
+            old = mgpu_utils.inline_ptx(_TICKET_PTX, mgpu_utils.memref_ptr(counter_ref),
+                                        n.registers[()], result_types=i32,
+                                        has_side_effects=True)
+            memref.store(old, flag_ref, [zero])
+        mgpu_utils.warpgroup_barrier()
+        return mgpu.FragmentedArray.splat(memref.load(flag_ref, [zero]), (), is_signed=True)
+
+    return take(counter, count, flag)
+
+
+def fence_async_global():
+    """``fence.proxy.async.global`` on every thread of the warpgroup: global memory its
+    generic-proxy view has acquired is what its next TMA copies read."""
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    @plgpu.inline_mgpu()
+    def fence(_):
+        mgpu_utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
+
+    fence()
+
+
 # On-device tracing (Mosaic GPU's profiler): (directory, events per warpgroup) while a
 # kernel_trace() block is open, else None. Read when a kernel is traced.
 _TRACE: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(

@@ -80,9 +80,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxattn.kernels import common
 from jaxattn.kernels import fp8 as fp8_lib
-from jaxattn.kernels.decode_combine import CombineConfig, Pieces, combine_pieces
-from jaxattn.kernels.decode_schedule import (KV_END, KV_HEAD, KV_START, PART, Q_LEN, Q_POS,
-                                             Q_START, SEQ, DecodeMeta, decode_metadata)
+from jaxattn.kernels.decode_combine import (CombineConfig, Merger, Pieces, combine_columns,
+                                            combine_pieces)
+from jaxattn.kernels.decode_schedule import (KV_END, KV_HEAD, KV_START, PARENT, PART, Q_LEN,
+                                             Q_POS, Q_START, SEQ, DecodeMeta, decode_metadata)
 from jaxattn.planner import DECODE_TILE_ROWS, Bounds, WorkList
 
 ROWS = DECODE_TILE_ROWS  # wgmma M: rows of one (item, KV head) tile
@@ -94,6 +95,8 @@ ZERO_LAYOUT = common.DEQUANT_LAYOUTS[8]
 # each have one scale); benchmarks.multigpu --no-merge-pages turns it off for the serving
 # step. Read when a config is made.
 MERGE_PAGES = True
+# DecodeConfig.fold_combine in default_config on the GPU; read when a config is made.
+FOLD_COMBINE = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +171,18 @@ class DecodeConfig:
       with one K and one V scale (Llama 4's layers: no scale rows to copy) 0.9 / 1.0 / 3.5 /
       3.1% off at the same shapes, so that default has it too; with per-row scales (still a
       copy per page for them) 0.7 / 0.5 / 1.9 / 1.8% slower, so that default does not.
+    fold_combine: no combine kernel: the CTA whose piece of a split parent finishes last
+      merges the parent itself, after its last tile, in the shared memory of its K/V ring
+      (free by then; a CTA with tiles after a piece takes its tickets then). Each piece's
+      consumer, once its stores have completed, adds 1 to its parent's ticket in
+      ``DecodeMeta.tickets`` (an atomic at GPU scope, :func:`common.ticket`); the one that
+      finds ``n - 1`` merges the n pieces from the partial buffer (L2-resident by then) as
+      the combine kernel does (:class:`decode_combine.Merger`, one warpgroup, all columns) and
+      puts the ticket back to 0 for the next layer. It saves the combine's launch and its
+      wait for the whole main kernel (GPU only: interpret mode has no atomics, so
+      :func:`default_config` turns it on for the GPU, and the combine kernel keeps its
+      tests). Where the merge's ring does not fit the K/V ring's memory the combine kernel
+      runs instead.
     combine: the combine kernel's tuning (:class:`CombineConfig`).
     """
 
@@ -182,6 +197,7 @@ class DecodeConfig:
     f16_dequant: bool = False
     dequant_vector: int = 2
     merge_pages: bool = False
+    fold_combine: bool = False
     combine: CombineConfig = CombineConfig()
 
     def __post_init__(self):
@@ -227,9 +243,10 @@ def default_config(interpret=False, fp8=False, fixed_scales=False) -> DecodeConf
         return DecodeConfig(num_stages=4, p_in_registers=not interpret,
                             dequant_warpgroup=True, dequant_stages=2, narrow_tiles=True,
                             f16_dequant=True, dequant_vector=4,
-                            merge_pages=MERGE_PAGES and fixed_scales)
+                            merge_pages=MERGE_PAGES and fixed_scales,
+                            fold_combine=FOLD_COMBINE and not interpret)
     return DecodeConfig(block_kv=128, num_stages=2, p_in_registers=not interpret,
-                        merge_pages=MERGE_PAGES)
+                        merge_pages=MERGE_PAGES, fold_combine=FOLD_COMBINE and not interpret)
 
 
 def fit_blocks(config: DecodeConfig, bounds: Bounds) -> DecodeConfig:
@@ -261,8 +278,28 @@ def _check(bounds: Bounds, dtype, d: int, page_size: int, pages_per_seq: int, bl
     common.check_pages("decode", page_size, block_kv, pages_per_seq, fp8)
 
 
-def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, out_ref, *,
-                 cap: int,
+def _fold_mergers(config: DecodeConfig, rings: tuple, g: int, d: int, out_dtype,
+                  out_scale) -> tuple[Merger, int] | None:
+    """The folded combine's merge: (its shape, how many warpgroups run it). The consumer and
+    the producer each take half the columns where a token's rows of ``d / 2`` columns start
+    on 128-byte boundaries (bf16 rows; not FP8 rows at G = 5), else the consumer takes all;
+    with the deepest ring, at most 8, whose buffers fit in the K/V ``rings``' shared memory.
+    None where the fold is off or not even 2 slots fit."""
+    if not config.fold_combine:
+        return None
+    budget = common.smem_bytes(rings)
+    half = combine_columns(CombineConfig(cols=d // 2), d, g, out_dtype) < d
+    for ring in range(8, 1, -1):
+        for n in (2, 1) if half else (1,):
+            merger = Merger(g=g, cw=d // n, nwg=1, ring=ring, share_from=2,
+                            out_dtype=out_dtype, out_scale=out_scale)
+            if common.smem_bytes(merger.buffers() * n) <= budget:
+                return merger, n
+    return None
+
+
+def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, out_ref,
+                 cmeta, tickets, *, cap: int,
                  n_part: int, scale: float, causal: bool, config: DecodeConfig, interpret,
                  k_scale=None, v_scale=None, fixed_k_scale=None, fixed_v_scale=None,
                  out_scale=None):
@@ -310,6 +347,18 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
     # (DecodeConfig.merge_pages); an FP8 cache's scale rows still come page by page.
     merge = config.merge_pages and cpb > 1
     params = common.compiler_params(approx_math=True)  # (+ the profiler's: kernel_trace)
+    if interpret and config.fold_combine:
+        raise ValueError("GPU interpret mode has no atomics for DecodeConfig(fold_combine=True)"
+                         "; use the combine kernel (fold_combine=False)")
+    # The K/V rings (and an FP8 cache's dequantised ones): free once the consumer has read
+    # the CTA's last block, so the folded combine's merge takes their memory then.
+    kv_ring = (common.tiled_smem((stages, bk, d), k_pages.dtype) if fp8 else
+               plgpu.SMEM((stages, bk, d), dtype, transforms=tiles_transform))
+    deq_tile = plgpu.SMEM(((dstages,) if deq_wg else ()) + (bk, d), op_dtype,
+                          transforms=tiles_transform)  # a ring, or one tile the consumer fills
+    rings = (kv_ring, kv_ring, *((deq_tile, deq_tile) if fp8 else ()))
+    fold = _fold_mergers(config, rings, g, d, out_ref.dtype, out_scale)
+    merger, n_merge = fold or (None, 0)
 
     def decode_kernel(meta_ref, cta_ref, zero_ref, pt_ref, q_ref, k_ref, v_ref, *rest):
         # inputs (GMEM) [+ k/v scales]; out_ref: [T, Hkv, G, D] in q's dtype (or FP8), a Ref updated
@@ -319,14 +368,23 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         ks_ref, vs_ref, *rest = rest if fp8 else (None, None, *rest)
         # merge: the pools as [P * page_size, Hkv, D] rows, where a run of pages is one box.
         k_rows, v_rows, *rest = rest if merge else (None, None, *rest)
-        (out_ref, lse_ref, opart_ref, lpart_ref, (q_raw, *q_raw8), q_tile, k_smem, v_smem,
-         p_smem, (o_smem, o_out, o_t_smem, merge_acc), lse_smem, q_full, q_free, k_full,
-         v_full, consumed, pt_smem, eye, pair, *fp8_scratch) = rest
+        # fold: the parents' piece counts (cmeta) and tickets; the merged lse tiles out.
+        cmeta_ref, tickets_ref, *rest = rest if fold else (None, None, *rest)
+        out_ref, lse_ref, opart_ref, lpart_ref, *rest = rest
+        lse_merged_ref, *rest = rest if fold else (None, *rest)
+        ((q_raw, *q_raw8), q_tile, ring_union, p_smem, (o_smem, o_out, o_t_smem, merge_acc),
+         lse_smem, q_full, q_free, k_full, v_full, consumed, pt_smem, eye, pair, fold_scratch,
+         *fp8_scratch) = rest
+        ring_refs, fold_bufs = ring_union if fold else (ring_union, None)
+        if fold:  # each merging warpgroup's (rows, lse tiles, merged rows)
+            fold_bufs = [fold_bufs[3 * w:3 * w + 3] for w in range(n_merge)]
+        k_smem, v_smem, *deq_refs = ring_refs
         # Two consumers: consumer 0 tells consumer 1 that q is staged, and takes its partial
         # state (merge_acc, merge_ml; full/free) at each tile's end.
         q_ready, merge_full, merge_free, merge_ml = pair or (None,) * 4
         if fp8:
-            ks_smem, vs_smem, k_deq, v_deq, *deq_barriers = fp8_scratch
+            ks_smem, vs_smem, *deq_barriers = fp8_scratch
+            k_deq, v_deq = deq_refs
         if deq_wg:  # k_deq/v_deq: [dstages, bk, d] rings
             kdeq_full, vdeq_full, kdeq_free, vdeq_free = deq_barriers
         # wgmma_tile's FP8 arguments: (dequantised-ring barrier, dequantised tile(s), scales).
@@ -349,6 +407,55 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
         def tile_info(i):
             f = lambda col: meta_ref[first_tile + i, col]
             return f(KV_HEAD), f
+
+        def split_range(i, part, lo, hi):
+            """The fold's range [lo, hi) of local tiles holding split pieces, with tile i."""
+            split = part >= 0
+            return jnp.where(split, jnp.minimum(lo, i), lo), jnp.where(split, i + 1, hi)
+
+        @jax.named_scope("fold")
+        def fold_merge(lo, hi, w):
+            """The folded combine (after the CTA's last tile, its K/V ring free), on
+            warpgroup ``w`` of the ``n_merge`` that merge (0: the consumer, 1: the producer,
+            each a half of the columns): the consumer takes a ticket for each split piece
+            among local tiles [lo, hi) and hands it to the producer; where this piece was its
+            parent's last, each merges its columns of the parent here."""
+            bars, flag, job = fold_scratch
+            if w == 0:  # every piece's rows and lse are in global memory, not only read out
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.loop(lo, hi)
+            def _(i):
+                kvh, f = tile_info(i)
+                part, parent = f(PART), f(PARENT)
+
+                @pl.when(part >= 0)
+                def _():
+                    n = cmeta_ref[parent, 0]
+                    if w == 0:
+                        done = common.ticket(tickets_ref.at[pl.ds(parent, 1)], n, flag)
+                        if job:
+                            plgpu.barrier_arrive(job[0])
+                    else:
+                        plgpu.barrier_wait(job[0])
+                        done = flag[0]
+                        plgpu.barrier_arrive(job[1])
+
+                    @pl.when(done == n - 1)
+                    def _():
+                        if w:  # the ticket's acquire was the consumer's; TMA reads next
+                            common.fence_async_global()
+                        # The ring's last readers were the wgmma and the dequantising
+                        # warpgroup; TMA writes the pieces there now.
+                        plgpu.commit_smem()
+                        merger.merge(parent, (n, f(Q_START), f(Q_LEN), kvh), wg=0,
+                                     cols=pl.ds(w * merger.cw, merger.cw), opart_ref=opart_ref,
+                                     lpart_ref=lpart_ref, out_ref=out_ref,
+                                     lse_out_ref=lse_merged_ref, buffers=fold_bufs[w],
+                                     barriers=bars[w], write_lse=w == 0)
+
+                    if w == 0 and job:  # the producer has read the ticket: the next may go
+                        plgpu.barrier_wait(job[1])
 
         @jax.named_scope("zero")
         def zero_smem():
@@ -400,9 +507,12 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             zero_uncovered_rows()
 
             @jax.named_scope("tile")
-            def tile_body(i, step):
+            def tile_body(i, carry):
+                step, lo, hi = carry
                 kvh, f = tile_info(i)
                 seq, q_start, kv_start, kv_end = f(SEQ), f(Q_START), f(KV_START), f(KV_END)
+                if n_merge == 2:  # (else the consumer merges alone)
+                    lo, hi = split_range(i, f(PART), lo, hi)
 
                 @pl.when(i > 0)
                 def _():
@@ -501,9 +611,10 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                     return step + 1
 
                 n_blocks = jnp.maximum(0, common.cdiv(kv_end - kv_start, bk))
-                return lax.fori_loop(0, n_blocks, block_body, step)
+                return lax.fori_loop(0, n_blocks, block_body, step), lo, hi
 
-            steps = lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
+            steps, lo, hi = lax.fori_loop(0, n_local, tile_body, (jnp.int32(0), n_local,
+                                                                  jnp.int32(0)))
 
             # Observe every completion of the barriers this warpgroup waits on
             # (GPU interpret mode checks it; the hardware does not care).
@@ -514,6 +625,9 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             @pl.when(n_local > 0)
             def _():
                 plgpu.barrier_wait(q_free)
+
+            if n_merge == 2:
+                fold_merge(lo, hi, 1)
 
         # (full, free, done, fp8 ring, scale ring, dequantised ring) of K, then of V.
         def dequantizer():
@@ -653,10 +767,12 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 if consumers == 2:
                     plgpu.barrier_arrive(q_ready)
 
-            def tile_body(i, step):
+            def tile_body(i, carry):
+                step, lo, hi = carry  # lo..hi: the local tiles that were split pieces
                 kvh, f = tile_info(i)
                 q_start, q_len, q_pos = f(Q_START), f(Q_LEN), f(Q_POS)
                 kv_start, kv_end, part = f(KV_START), f(KV_END), f(PART)
+                lo, hi = split_range(i, part, lo, hi)
 
                 if consumers == 1:
                     stage_q()
@@ -688,7 +804,7 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                         write(wide_tile(*blocks), *out)
                 else:
                     write(wide_tile(*blocks), *out)
-                return step + n_blocks
+                return step + n_blocks, lo, hi
 
             @jax.named_scope("attend")
             def wide_tile(kv_start, kv_end, q_pos, n_clear, n_blocks, step0, i):
@@ -882,7 +998,10 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     plgpu.barrier_arrive(merge_free)
 
-            lax.fori_loop(0, n_local, tile_body, jnp.int32(0))
+            _, lo, hi = lax.fori_loop(0, n_local, tile_body,
+                                      (jnp.int32(0), n_local, jnp.int32(0)))
+            if c == 0 and fold:
+                fold_merge(lo, hi, 0)
             if c == 0:
                 # The stores' reads of SMEM, not their writes: the kernel's end orders
                 # those for whatever reads out next (as CUTLASS's TMA epilogues do).
@@ -914,15 +1033,13 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
 
     narrow_t = common.tiled_smem((d, NARROW_ROWS), dtype)  # O^T, a half
     narrow_eye = common.tiled_smem((ROWS, NARROW_ROWS), dtype)
-    kv_ring = (common.tiled_smem((stages, bk, d), k_pages.dtype) if fp8 else
-               plgpu.SMEM((stages, bk, d), dtype, transforms=tiles_transform))
     scratch = (
         # q_raw: TMA target, row = token * g + head (+ an 8-bit view: FP8 rows' zeros)
         plgpu.RefUnion(plgpu.SMEM((rows_pad, d), dtype),
                        *([plgpu.SMEM((rows_pad, d), out_dtype)] if out_dtype != dtype else [])),
         plgpu.SMEM((ROWS, d), op_dtype, transforms=tiles_transform),  # q_tile (wgmma A)
-        kv_ring,  # K ring
-        kv_ring,  # V ring
+        # K ring, V ring (+ FP8: dequantised K, V), or those and the fold's merge buffers
+        plgpu.RefUnion(rings, merger.buffers() * n_merge) if fold else rings,
         None if config.p_in_registers else  # P staging (interpret-safe path), per consumer
         tuple(plgpu.SMEM((ROWS, bk), op_dtype, transforms=tiles_transform)
               for _ in range(consumers)),
@@ -952,16 +1069,17 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             plgpu.Barrier(),  # merge_full
             plgpu.Barrier(),  # merge_free
             plgpu.SMEM((2, ROWS), jnp.float32)),  # consumer 1's m and l
+        # fold: each merging warpgroup's barriers; the word that carries a ticket (to the
+        # consumer's threads, and to the producer: job ready / read)
+        ((merger.barriers(),) * n_merge, plgpu.SMEM((1,), jnp.int32),
+         (plgpu.Barrier(), plgpu.Barrier()) if n_merge == 2 else None) if fold else None,
     )
     scales = ()
     if fp8:
         scales = (k_scale, v_scale)
-        deq = (dstages,) if deq_wg else ()  # a ring, or one tile the consumer fills
         scratch += (None if fixed_k else  # K scale ring (one per key row)
                     plgpu.SMEM((stages, bk), jnp.float32),
-                    None if fixed_v else plgpu.SMEM((stages, bk), jnp.float32),  # V scale ring
-                    plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform),  # K
-                    plgpu.SMEM((*deq, bk, d), op_dtype, transforms=tiles_transform))  # V
+                    None if fixed_v else plgpu.SMEM((stages, bk), jnp.float32))  # V scale ring
         if deq_wg:  # K/V dequantised (full), K/V read by the consumer (free)
             scratch += tuple(plgpu.Barrier(num_barriers=dstages) for _ in range(4))
     if interpret and config.p_in_registers:
@@ -969,14 +1087,16 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                          "operand of wgmma); use DecodeConfig(p_in_registers=False)")
     out_type = (jax.ShapeDtypeStruct((cap, hkv, ROWS), jnp.float32),
                 jax.ShapeDtypeStruct((n_part, ROWS, d), jnp.float32),
-                jax.ShapeDtypeStruct((n_part, ROWS), jnp.float32))
-    lse_tiles, piece_rows, piece_lse = plgpu.kernel(
+                jax.ShapeDtypeStruct((n_part, ROWS), jnp.float32),
+                *([jax.ShapeDtypeStruct((n_part, ROWS), jnp.float32)] if fold else []))
+    lse_tiles, piece_rows, piece_lse, *lse_merged = plgpu.kernel(
         decode_kernel, out_type=out_type, scratch_types=scratch, grid=(num_ctas,),
         grid_names=("cta",), num_threads=2 + int(deq_wg) + consumers - 1, thread_name="wg",
         compiler_params=params, interpret=interpret or None,
     )(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, *scales,
-      *((k_pages.reshape(-1, hkv, d), v_pages.reshape(-1, hkv, d)) if merge else ()), out_ref)
-    return lse_tiles, Pieces(piece_rows, piece_lse)
+      *((k_pages.reshape(-1, hkv, d), v_pages.reshape(-1, hkv, d)) if merge else ()),
+      *((cmeta, tickets) if fold else ()), out_ref)
+    return lse_tiles, Pieces(piece_rows, piece_lse), (lse_merged[0] if fold else None)
 
 
 def check_out_scale(out_scale, g: int, d: int) -> None:
@@ -1017,8 +1137,10 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
                 fixed_k_scale=None, fixed_v_scale=None, out_scale=None):
     """The split-KV kernel alone (the benchmark times it): returns a Ref to out
     [T, Hkv, G, D] in q's dtype (FP8 with ``out_scale``) holding the unsplit tiles' rows
-    (rows no tile covers 0, split parents' rows not yet written), their lse tiles
-    [cap, Hkv, 64] (a split item's are not written) and the split pieces' :class:`Pieces`."""
+    (rows no tile covers 0), their lse tiles [cap, Hkv, 64] (a split item's are not
+    written), the split pieces' :class:`Pieces`, and with ``DecodeConfig.fold_combine`` the
+    merged lse tiles [n_part, 64] (split parents' rows written too), else None (those rows
+    are the combine kernel's to write)."""
     config = config or fit_blocks(default_config(
         bool(interpret), fp8=k_scale is not None,
         fixed_scales=fixed_k_scale is not None and fixed_v_scale is not None), bounds)
@@ -1038,14 +1160,15 @@ def main_kernel(q, k_pages, v_pages, page_table, md: DecodeMeta, *, bounds: Boun
     out_dtype = q.dtype if out_scale is None else fp8_lib.DTYPE
     out_ref = jax.new_ref(jnp.full(shape, jnp.nan, out_dtype) if interpret
                           else lax.empty(shape, out_dtype))
-    lse_tiles, pieces = _kernel_call(
+    lse_tiles, pieces, lse_merged = _kernel_call(
         md.meta, md.cta_start, md.zero_rows, page_table.astype(jnp.int32),
-        q.reshape(shape), k_pages, v_pages, out_ref, cap=md.q_start.shape[0],
+        q.reshape(shape), k_pages, v_pages, out_ref, md.cmeta, md.tickets,
+        cap=md.q_start.shape[0],
         n_part=md.cmeta.shape[0],
         scale=float(scale), causal=causal, config=config, interpret=interpret,
         k_scale=k_scale, v_scale=v_scale, fixed_k_scale=fixed_k_scale,
         fixed_v_scale=fixed_v_scale, out_scale=out_scale)
-    return out_ref, lse_tiles, pieces
+    return out_ref, lse_tiles, pieces, lse_merged
 
 
 def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds: Bounds,
@@ -1073,16 +1196,15 @@ def decode_attention(q, k_pages, v_pages, page_table, items: WorkList, *, bounds
     # of a kind shares one copy (benchmarks/NOTES-decode.md, v3).
     md = metadata if metadata is not None else decode_metadata(
         items, bounds=bounds, num_tokens=t, num_ctas=config.num_ctas if config else None)
-    out_ref, lse_tiles, pieces = main_kernel(q, k_pages, v_pages, page_table, md,
-                                             bounds=bounds, scale=scale, causal=causal,
-                                             interpret=interpret, config=config,
-                                             k_scale=k_scale, v_scale=v_scale,
-                                             fixed_k_scale=fixed_k_scale,
-                                             fixed_v_scale=fixed_v_scale,
-                                             out_scale=out_scale)
-    lse_merged = combine_pieces(md.cmeta, md.parents, pieces, out_ref, g=bounds.group,
-                                workers=bounds.num_workers, out_dtype=out_ref.dtype,
-                                interpret=interpret, config=(config or DecodeConfig()).combine,
-                                out_scale=out_scale)
+    out_ref, lse_tiles, pieces, lse_merged = main_kernel(
+        q, k_pages, v_pages, page_table, md, bounds=bounds, scale=scale, causal=causal,
+        interpret=interpret, config=config, k_scale=k_scale, v_scale=v_scale,
+        fixed_k_scale=fixed_k_scale, fixed_v_scale=fixed_v_scale, out_scale=out_scale)
+    if lse_merged is None:  # no fold (DecodeConfig.fold_combine): the combine kernel
+        lse_merged = combine_pieces(md.cmeta, md.parents, pieces, out_ref, g=bounds.group,
+                                    workers=bounds.num_workers, out_dtype=out_ref.dtype,
+                                    interpret=interpret,
+                                    config=(config or DecodeConfig()).combine,
+                                    out_scale=out_scale)
     return (out_ref[...].reshape(t, hq, d),
             _gather_lse(lse_tiles, lse_merged, md, bounds.group))

@@ -22,7 +22,8 @@ from jaxattn.planner import Bounds, WorkList
 
 # Tile metadata columns (one int32 row per tile, read as scalars from GMEM). PART: the
 # partial slot of a split piece, or -1 - item for an unsplit tile (its lse tile's row).
-SEQ, Q_START, Q_LEN, Q_POS, KV_START, KV_END, PART, KV_HEAD = range(8)
+# PARENT: a split piece's parent's first slot (its row of cmeta holds the piece count), else -1.
+SEQ, Q_START, Q_LEN, Q_POS, KV_START, KV_END, PART, KV_HEAD, PARENT = range(9)
 
 
 def split_capacity(bounds: Bounds, cap_items: int) -> int:
@@ -41,7 +42,7 @@ class DecodeMeta(NamedTuple):
     """Kernel metadata derived from the decode work list (once per step, shared by all
     layers of a kind)."""
 
-    meta: jax.Array  # int32 [tiles, 8]: the tiles CTA by CTA (columns SEQ..KV_HEAD)
+    meta: jax.Array  # int32 [tiles, 9]: the tiles CTA by CTA (columns SEQ..PARENT)
     cta_start: jax.Array  # int32 [num_ctas + 1]: CTA c runs tiles [cta_start[c], cta_start[c+1])
     cmeta: jax.Array  # int32 [n_part, 4]: per partial slot (pieces if its parent's first
     #                   slot else 0, q_start, q_len, KV head)
@@ -50,6 +51,10 @@ class DecodeMeta(NamedTuple):
     #                     merged tile of its parent's first slot (-2 - slot), none (-1)
     q_start: jax.Array  # int32 [cap]
     zero_rows: jax.Array  # int32 [1 + T]: how many token rows no tile covers, then those rows
+    tickets: jax.Array  # int32 [n_part]: zeros. The main kernel's folded combine counts a
+    #                     parent's finished pieces at its first slot, and the piece that
+    #                     finishes last merges the parent and puts 0 back, so every layer
+    #                     sharing this metadata finds zeros (kernels.decode, fold_combine).
 
 
 def deal_tiles(blocks, num_ctas: int):
@@ -123,8 +128,9 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
     # plan from writing out of bounds.
     is_split &= slot < n_part
     part = jnp.where(is_split, slot, -1 - item)
+    parent = jnp.where(is_split, slot - items.split[item], -1)  # split k sits k slots in
     meta = jnp.stack([items.seq[item], q_start, items.q_len[item], items.q_pos[item], kv_start,
-                      kv_end, part, kvh], axis=1)
+                      kv_end, part, kvh, parent], axis=1)
     meta = jnp.where(valid[:, None], meta, 0).astype(jnp.int32)
     # The partial slots: a parent's first slot holds its piece count.
     o = jnp.zeros((n_part,), jnp.int32).at[jnp.where(is_split, slot, n_part)].set(
@@ -152,8 +158,11 @@ def decode_metadata(items: WorkList, *, bounds: Bounds, num_tokens: int,
     uncovered = tok_src[:, 0] == -1
     zero_rows = jnp.concatenate([uncovered.sum(dtype=jnp.int32).reshape(1),
                                  jnp.nonzero(uncovered, size=t, fill_value=0)[0]])
+    # Zeros computed from the step's values, not a constant: XLA gives them one buffer of
+    # their own, made once per step (a constant or broadcast could be rematerialised per use).
+    tickets = jnp.minimum(cmeta[:, 0], 0)
     return DecodeMeta(meta, cta_start, cmeta, _parents(cmeta), tok_src,
-                      items.q_start.astype(jnp.int32), zero_rows.astype(jnp.int32))
+                      items.q_start.astype(jnp.int32), zero_rows.astype(jnp.int32), tickets)
 
 
 def _parents(cmeta):

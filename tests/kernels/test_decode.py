@@ -246,6 +246,13 @@ def test_p_in_registers_refused_under_interpret():
         run_case(case)
 
 
+def test_fold_combine_refused_under_interpret():
+    """GPU interpret mode has no atomics for the folded combine's tickets."""
+    case = dataclasses.replace(SCOUT_LIKE, config=decode.DecodeConfig(fold_combine=True))
+    with pytest.raises(ValueError, match="fold_combine"):
+        run_case(case)
+
+
 @pytest.mark.parametrize("bad", [dict(head_dim=96), dict(dtype=jnp.float32),
                                  dict(page_size=24, block_kv=192)])
 def test_unsupported_configurations_fail_clearly(bad):

@@ -19,7 +19,7 @@ EDGES = (1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 127, 128, 129, 8191, 8192, 8193, 16
 
 
 def _case(q_lens, kv_lens, *, page_size=16, hq=40, hkv=8, d=128, dtype=jnp.bfloat16, seed=0,
-          pad=0, in_order=False):
+          pad=0, in_order=False, num_workers=None):
     """Device-side random pools; each sequence gets shuffled pages (``in_order``: the pool's
     pages in order, as a fresh engine hands them out, but for two swapped); ``pad`` rows of
     q past the batch's tokens."""
@@ -29,7 +29,8 @@ def _case(q_lens, kv_lens, *, page_size=16, hq=40, hkv=8, d=128, dtype=jnp.bfloa
     bounds = jaxattn.Bounds(max_num_seqs=s_max, max_num_batched_tokens=max(sum(q_lens) + pad, 1),
                             max_model_len=131072, page_size=page_size, num_q_heads=hq,
                             num_kv_heads=hkv, head_dim=d, chunk_size=8192,
-                            block_kv=max(128, page_size))
+                            block_kv=max(128, page_size),
+                            **({} if num_workers is None else {"num_workers": num_workers}))
     used = [-(-k // page_size) for k in kv_lens]
     num_pages = sum(used) + 1
     perm = rng.permutation(num_pages).astype(np.int32)
@@ -120,6 +121,52 @@ def test_combine_options(combine):
     _check([1, 2, 5, 12, 3, 12], [8193, 8196, 16384, 131072, 65536, 12], chunk=8192,
            config=config)
     _check([1], [131072], config=config)
+
+
+FOLD_CASES = {
+    # split one-token pieces at every context edge, and the padding rows
+    "edges": dict(q_lens=[1] * len(EDGES), kv_lens=list(EDGES), pad=5),
+    # multi-row pieces (multi-token items, chunked), and a 16-piece parent (1 x 128k)
+    "chunked": dict(q_lens=[1, 2, 5, 12, 3, 12, 1], kv_lens=[8193, 8196, 16384, 131072, 65536,
+                                                          12, 131072], chunk=8192),
+    # 24 CTAs, 3 tiles each: every CTA runs a tile after its piece (tickets are taken after
+    # it), 16 parents among them (a CTA may merge several: the barriers' phases carry over)
+    "few_ctas": dict(q_lens=[1, 1, 4, 1, 1], kv_lens=[70000, 9000, 30000, 513, 131072],
+                     num_workers=24),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOLD_CASES))
+def test_folded_combine_equals_the_combine_kernel(name):
+    """DecodeConfig.fold_combine (the CTA that finishes a parent's last piece merges it, no
+    combine kernel): within the reference's tolerance, and bit for bit what the combine
+    kernel gives with one warpgroup (the same adds in the same order); the FP8-row output
+    too. Run three times over one metadata: the tickets go back to zero after every call."""
+    case = dict(FOLD_CASES[name])
+    chunk = case.pop("chunk", None)
+    fold = decode.default_config()
+    assert fold.fold_combine
+    got = [_check(config=dataclasses.replace(fold, fold_combine=f, combine=decode_combine.
+                                             CombineConfig(warpgroups=1)), chunk=chunk,
+                  **case)[1:] for f in (True, False)]
+    np.testing.assert_array_equal(got[0][0], got[1][0])
+    np.testing.assert_array_equal(got[0][1], got[1][1])
+
+    bounds, q, k, v, table, cu, kv, n = _case(**case)
+    plan = planner.plan(bounds, cu, kv, n, chunk_size=chunk)
+    md = jax.jit(lambda items: decode.decode_metadata(items, bounds=bounds,
+                                                      num_tokens=q.shape[0]))(plan.decode)
+    assert int(md.parents[0]) > 0  # split parents to merge
+    for out_scale in (None, 2.0 ** -6):
+        fn = jax.jit(lambda q, k, v, table, items, md: decode.decode_attention(
+            q, k, v, table, items, bounds=bounds, scale=0.088, config=fold, metadata=md,
+            out_scale=out_scale))
+        runs = [[np.asarray(x, np.float32) for x in fn(q, k, v, table, plan.decode, md)]
+                for _ in range(3)]
+        assert (np.asarray(md.tickets) == 0).all()
+        for out, lse in runs[1:]:
+            np.testing.assert_array_equal(out, runs[0][0])
+            np.testing.assert_array_equal(lse, runs[0][1])
 
 
 @pytest.mark.parametrize("page_size", [16, 32])

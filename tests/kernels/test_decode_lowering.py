@@ -4,6 +4,8 @@
 inference, TMA shape rules and the shared-memory budget check without a GPU.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -96,6 +98,24 @@ def test_four_combine_warpgroups_with_fp8_rows_are_refused_clearly():
     with pytest.raises(ValueError, match="at most 2 warpgroups"):
         _export(bounds, jnp.bfloat16, config=config, out_scale=2.0 ** -3)
     _export(bounds, jnp.bfloat16, config=config)  # bf16 rows: 64 columns, it fits
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_default_folds_the_combine_into_the_main_kernel(head_dim):
+    """On the GPU the default config merges split parents in the main kernel (its ticket's
+    atomic is in the module, and no combine kernel is); with fold_combine off the combine
+    kernel runs, and no atomic. Also where the output is FP8 rows."""
+    bounds = jaxattn.Bounds(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=131072,
+                            page_size=16, num_q_heads=40, num_kv_heads=8, head_dim=head_dim,
+                            chunk_size=8192)
+    fold = decode.default_config()
+    assert fold.fold_combine and not decode.default_config(interpret=True).fold_combine
+    for out_scale in (None, 2.0 ** -3) if head_dim == 128 else (None,):  # (5 x 64 bytes)
+        mod = _export(bounds, jnp.bfloat16, out_scale=out_scale).mlir_module()
+        assert "atom.acq_rel.gpu" in mod and "decode_combine_kernel" not in mod
+        mod = _export(bounds, jnp.bfloat16, out_scale=out_scale,
+                      config=dataclasses.replace(fold, fold_combine=False)).mlir_module()
+        assert "atom.acq_rel.gpu" not in mod and "decode_combine_kernel" in mod
 
 
 @pytest.mark.parametrize("config", [None, decode.DecodeConfig(p_in_registers=True, consumers=2)])

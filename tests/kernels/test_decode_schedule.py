@@ -77,6 +77,7 @@ def test_metadata_slots_hold_every_split_piece(chunk, num_workers, min_split_kv,
         k = md.cmeta[s, 0]
         rows = tiles[np.isin(tiles[:, sched.PART], np.arange(s, s + k))]
         assert len(rows) == k >= 2
+        assert (rows[:, sched.PARENT] == s).all()  # each piece finds its parent's count
         assert {(r[sched.Q_START], r[sched.KV_HEAD]) for r in rows} == {
             (md.cmeta[s, 1], md.cmeta[s, 3])}
         ranges = sorted((r[sched.KV_START], r[sched.KV_END]) for r in rows)
@@ -93,6 +94,8 @@ def test_metadata_slots_hold_every_split_piece(chunk, num_workers, min_split_kv,
             s = -2 - src
             assert s in md.parents[1:1 + md.parents[0]] and md.cmeta[s, 3] == h
             assert md.cmeta[s, 1] <= t < md.cmeta[s, 1] + md.cmeta[s, 2]
+    assert (tiles[~split, sched.PARENT] == -1).all()
+    assert md.tickets.shape == (md.cmeta.shape[0],) and (md.tickets == 0).all()
     covered = (md.tok_src != -1).all(axis=1)
     assert (covered == (md.tok_src != -1).any(axis=1)).all()  # every head or none
     assert set(md.zero_rows[1:1 + md.zero_rows[0]]) == set(np.flatnonzero(~covered))
