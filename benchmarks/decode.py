@@ -136,13 +136,13 @@ def bounds_for(batch, page_size):
 
 
 # Other forms timed beside the default in the same run: (key, column title, config change).
-# The combine kernel (the default until session 57 folded it into the main kernel), and it
-# with one warpgroup: since session 56 that takes a 16-piece parent's pieces in one batch (32
-# one-token slots), where two warpgroups each take 8 and then hand one state over.
-OTHERS = [("jaxattn_combine_kernel", "combine kernel (fold_combine off)",
-           {"fold_combine": False}),
+# The combine folded into the main kernel (session 57; off by default, slower at batch 1), and
+# the combine kernel with one warpgroup: since session 56 that takes a 16-piece parent's pieces
+# in one batch (32 one-token slots), where two warpgroups each take 8 and then hand one state
+# over. (Session 57's runs had the fold as the default and the combine kernel as a column.)
+OTHERS = [("jaxattn_fold", "combine folded into the main kernel", {"fold_combine": True}),
           ("jaxattn_combine_wg1", "combine kernel, one warpgroup",
-           {"fold_combine": False, "combine": decode_combine.CombineConfig(warpgroups=1)})]
+           {"combine": decode_combine.CombineConfig(warpgroups=1)})]
 # ... and over pools whose blocks' pages are in order (--page-order blocks or in-order), where
 # it changes something: each page its own copy, as before DecodeConfig.merge_pages became the
 # default (session 55).
@@ -166,7 +166,8 @@ _OLD_COLUMNS = [("jaxattn_bk64", "64-key blocks (before)"),
                   for n in (1, 2)),
                 ("jaxattn_merged", "pages merged"),
                 ("jaxattn_combine_s18",
-                 "combine as in session 18 (one copy per piece since s21)")]
+                 "combine as in session 18 (one copy per piece since s21)"),
+                ("jaxattn_combine_kernel", "combine kernel (fold_combine off)")]
 
 
 def jaxattn_fns(batch, ctx, q, k_pages, v_pages, table, page_size, config):
@@ -287,7 +288,8 @@ def table_md(res):
     lines = [f"# Decode bandwidth, {res['device']}, {res['date']}", "",
              f"Same-run ceilings: copy {c['copy_tbps']:.2f} TB/s, read-only {c['read_tbps']:.2f} TB/s.",
              "Bandwidth = bytes of K+V read / time. jaxattn = one layer's attention as the model"
-             " calls it: main kernel + combine kernel (+ an XLA memset of the output before"
+             " calls it: the main kernel + the combine kernel (2026-12-07 session 57's runs: the"
+             " main kernel merging split parents itself; + an XLA memset of the output before"
              " 2026-12-02 session 18's kernel zeroed the rows it does not cover; + the cast"
              " to q's dtype before 2026-12-01 session 11's kernels wrote that dtype themselves; the"
              " lse, which the model drops, is not computed; runs before 2026-12-01 session 7"

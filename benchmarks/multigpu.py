@@ -96,7 +96,7 @@ SWITCHES = (
            "the decode kernels over a bf16 cache (or an FP8 one with one K and one V scale) "
            "copy a block whose pages lie in order in the pool in one TMA copy for K and one "
            "for V (DecodeConfig.merge_pages)"),
-    Switch("fold_combine", True, "jaxattn.kernels.decode", "FOLD_COMBINE",
+    Switch("fold_combine", False, "jaxattn.kernels.decode", "FOLD_COMBINE",
            "the decode kernel merges split parents itself (the CTA finishing a parent's last "
            "piece; DecodeConfig.fold_combine) instead of a combine kernel after it"),
     # Its default read without importing jax (--dry-run sets the simulated devices before

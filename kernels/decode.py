@@ -95,8 +95,9 @@ ZERO_LAYOUT = common.DEQUANT_LAYOUTS[8]
 # each have one scale); benchmarks.multigpu --no-merge-pages turns it off for the serving
 # step. Read when a config is made.
 MERGE_PAGES = True
-# DecodeConfig.fold_combine in default_config on the GPU; read when a config is made.
-FOLD_COMBINE = True
+# DecodeConfig.fold_combine in default_config on the GPU (off: at batch 1 the combine kernel
+# wins, session 57); benchmarks.multigpu --fold-combine turns it on. Read when a config is made.
+FOLD_COMBINE = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,10 +180,13 @@ class DecodeConfig:
       finds ``n - 1`` merges the n pieces from the partial buffer (L2-resident by then) as
       the combine kernel does (:class:`decode_combine.Merger`, one warpgroup, all columns) and
       puts the ticket back to 0 for the next layer. It saves the combine's launch and its
-      wait for the whole main kernel (GPU only: interpret mode has no atomics, so
-      :func:`default_config` turns it on for the GPU, and the combine kernel keeps its
-      tests). Where the merge's ring does not fit the K/V ring's memory the combine kernel
-      runs instead.
+      wait for the whole main kernel, but a parent's merge runs on one CTA's two warpgroups
+      where the combine kernel spreads it over two CTAs: on one H100 (two runs,
+      benchmarks/results/decode-2026-12-07-s57-fold*.md, GPU time) the layer took 1.5-2.7
+      µs less at 8 x 32k and 32 x 8k (2-piece parents) and 2.5-4.1 µs more at 1 x 8k and
+      1 x 128k (16 pieces a KV head), so :data:`FOLD_COMBINE` leaves it off. GPU only:
+      interpret mode has no atomics. Where the merge's ring does not fit the K/V ring's
+      memory the combine kernel runs instead.
     combine: the combine kernel's tuning (:class:`CombineConfig`).
     """
 

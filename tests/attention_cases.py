@@ -186,7 +186,8 @@ def prefill_dequantising_k():
 @contextlib.contextmanager
 def decode_tiles_as_fp8():
     """The decode kernel over a bf16 cache in the form it takes over an FP8 cache (tile form,
-    block size, consumers: what sets the order of the sums), and over an FP8 cache with bf16
+    block size, consumers: what sets the order of the sums; ring depth: the folded combine's
+    merge takes the ring's memory, and its shape follows that), and over an FP8 cache with bf16
     tiles (``f16_dequant=False``), so that the FP8 kernel's rows equal the bf16 kernel's over
     the dequantised pages bit for bit. (The default f16 tiles are tested against the
     reference: :func:`decode_dequantising_to`.)"""
@@ -199,7 +200,7 @@ def decode_tiles_as_fp8():
                                    f16_dequant=False)
         return form if fp8 else dataclasses.replace(
             default(interpret), narrow_tiles=form.narrow_tiles, block_kv=form.block_kv,
-            consumers=form.consumers)
+            num_stages=form.num_stages, consumers=form.consumers)
 
     with mock.patch.object(decode, "default_config", as_fp8):
         yield

@@ -144,8 +144,7 @@ def test_folded_combine_equals_the_combine_kernel(name):
     too. Run three times over one metadata: the tickets go back to zero after every call."""
     case = dict(FOLD_CASES[name])
     chunk = case.pop("chunk", None)
-    fold = decode.default_config()
-    assert fold.fold_combine
+    fold = dataclasses.replace(decode.default_config(), fold_combine=True)
     got = [_check(config=dataclasses.replace(fold, fold_combine=f, combine=decode_combine.
                                              CombineConfig(warpgroups=1)), chunk=chunk,
                   **case)[1:] for f in (True, False)]

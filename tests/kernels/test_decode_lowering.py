@@ -64,6 +64,10 @@ def test_cuda_lowering_every_planner_config(head_dim, heads):
     # a block's consecutive 16-row pages in one copy, under the bf16 default's blocks too
     decode.DecodeConfig(p_in_registers=True, merge_pages=True),
     decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True, merge_pages=True),
+    # the combine folded into the main kernel, with 128-key blocks, and with two consumers
+    # and narrow tiles (the producer still merges half the columns)
+    decode.DecodeConfig(block_kv=128, num_stages=2, p_in_registers=True, fold_combine=True),
+    decode.DecodeConfig(p_in_registers=True, consumers=2, narrow_tiles=True, fold_combine=True),
     # the combine kernel's tunings (benchmarks/decode_combine.py)
     *(decode.DecodeConfig(p_in_registers=True, combine=c) for c in [
         decode_combine.CombineConfig(cols=16), decode_combine.CombineConfig(cols=32, warpgroups=2),
@@ -101,20 +105,18 @@ def test_four_combine_warpgroups_with_fp8_rows_are_refused_clearly():
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_the_default_folds_the_combine_into_the_main_kernel(head_dim):
-    """On the GPU the default config merges split parents in the main kernel (its ticket's
-    atomic is in the module, and no combine kernel is); with fold_combine off the combine
-    kernel runs, and no atomic. Also where the output is FP8 rows."""
+def test_the_folded_combine_replaces_the_combine_kernel(head_dim):
+    """DecodeConfig.fold_combine merges split parents in the main kernel (its ticket's atomic
+    is in the module, and no combine kernel is); the default (fold off) launches the combine
+    kernel, and has no atomic. Also where the output is FP8 rows."""
     bounds = jaxattn.Bounds(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=131072,
                             page_size=16, num_q_heads=40, num_kv_heads=8, head_dim=head_dim,
                             chunk_size=8192)
-    fold = decode.default_config()
-    assert fold.fold_combine and not decode.default_config(interpret=True).fold_combine
+    fold = dataclasses.replace(decode.default_config(), fold_combine=True)
     for out_scale in (None, 2.0 ** -3) if head_dim == 128 else (None,):  # (5 x 64 bytes)
-        mod = _export(bounds, jnp.bfloat16, out_scale=out_scale).mlir_module()
+        mod = _export(bounds, jnp.bfloat16, out_scale=out_scale, config=fold).mlir_module()
         assert "atom.acq_rel.gpu" in mod and "decode_combine_kernel" not in mod
-        mod = _export(bounds, jnp.bfloat16, out_scale=out_scale,
-                      config=dataclasses.replace(fold, fold_combine=False)).mlir_module()
+        mod = _export(bounds, jnp.bfloat16, out_scale=out_scale).mlir_module()
         assert "atom.acq_rel.gpu" not in mod and "decode_combine_kernel" in mod
 
 

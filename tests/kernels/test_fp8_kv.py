@@ -645,6 +645,9 @@ def test_decode_fp8_lowers_for_every_planner_config(head_dim, heads):
     decode.DecodeConfig(p_in_registers=True, dequant_vector=8),
     # the default form with a block's consecutive pages in one copy (fixed scales below)
     dataclasses.replace(decode.default_config(fp8=True), merge_pages=True),
+    # ... and with the combine folded into the main kernel (its merge in the fp8 and
+    # dequantised rings' memory; FP8 rows out: on the consumer alone)
+    dataclasses.replace(decode.default_config(fp8=True), fold_combine=True),
 ])
 def test_decode_fp8_tuning_variants_lower(config):
     bounds = jaxattn.Bounds(max_num_seqs=256, max_num_batched_tokens=8192,
