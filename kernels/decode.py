@@ -182,9 +182,10 @@ class DecodeConfig:
       puts the ticket back to 0 for the next layer. It saves the combine's launch and its
       wait for the whole main kernel, but a parent's merge runs on one CTA's two warpgroups
       where the combine kernel spreads it over two CTAs: on one H100 (two runs,
-      benchmarks/results/decode-2026-12-07-s57-fold*.md, GPU time) the layer took 1.5-2.7
-      µs less at 8 x 32k and 32 x 8k (2-piece parents) and 2.5-4.1 µs more at 1 x 8k and
-      1 x 128k (16 pieces a KV head), so :data:`FOLD_COMBINE` leaves it off. GPU only:
+      benchmarks/results/decode-2026-12-07-s57-fold*.md, GPU time) the layer took 1.3-2.7
+      µs less at 8 x 32k (2-piece parents) and 32 x 8k (none split: no empty combine
+      launch) and 2.5-4.1 µs more at 1 x 8k and 1 x 128k (16 pieces a KV head), so
+      :data:`FOLD_COMBINE` leaves it off. GPU only:
       interpret mode has no atomics. Where the merge's ring does not fit the K/V ring's
       memory the combine kernel runs instead.
     combine: the combine kernel's tuning (:class:`CombineConfig`).
