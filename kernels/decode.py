@@ -35,9 +35,10 @@ tiles as one contiguous run of the metadata's rows. Per CTA:
 A second, small kernel merges the pieces of split parents by log-sum-exp and writes their
 rows into ``out`` (:mod:`jaxattn.kernels.decode_combine`; a *parent* is an item's key range
 on one KV head, split by the planner); unsplit tiles (short contexts, round robin) never
-touch it. Which CTA runs which tile, and the pieces' slots, come from the step's metadata
-(:mod:`jaxattn.kernels.decode_schedule`). Per-token lse values are gathered from the tiles
-by XLA (``T x Hq`` floats).
+touch it. (With ``DecodeConfig.fold_combine`` the main kernel's CTA that finishes a parent's
+last piece merges it instead.) Which CTA runs which tile, and the pieces' slots, come from the
+step's metadata (:mod:`jaxattn.kernels.decode_schedule`). Per-token lse values are gathered
+from the tiles by XLA (``T x Hq`` floats).
 
 FP8 cache (``k_pages``/``v_pages`` float8_e4m3fn with per-token, per-KV-head
 scales, :mod:`jaxattn.kv_quant`): the producer copies each page's scale row next
@@ -178,16 +179,16 @@ class DecodeConfig:
       consumer, once its stores have completed, adds 1 to its parent's ticket in
       ``DecodeMeta.tickets`` (an atomic at GPU scope, :func:`common.ticket`); the one that
       finds ``n - 1`` merges the n pieces from the partial buffer (L2-resident by then) as
-      the combine kernel does (:class:`decode_combine.Merger`, one warpgroup, all columns) and
-      puts the ticket back to 0 for the next layer. It saves the combine's launch and its
-      wait for the whole main kernel, but a parent's merge runs on one CTA's two warpgroups
-      where the combine kernel spreads it over two CTAs: on one H100 (two runs,
-      benchmarks/results/decode-2026-12-07-s57-fold*.md, GPU time) the layer took 1.3-2.7
-      µs less at 8 x 32k (2-piece parents) and 32 x 8k (none split: no empty combine
-      launch) and 2.5-4.1 µs more at 1 x 8k and 1 x 128k (16 pieces a KV head), so
-      :data:`FOLD_COMBINE` leaves it off. GPU only:
-      interpret mode has no atomics. Where the merge's ring does not fit the K/V ring's
-      memory the combine kernel runs instead.
+      the combine kernel does (:class:`decode_combine.Merger`: consumer 0 and the producer
+      half the columns each, or consumer 0 all of FP8 rows at G = 5) and puts the ticket back
+      to 0 for the next layer. It saves the combine's launch and its wait for the whole main
+      kernel, but a parent's merge runs on one CTA where the combine kernel spreads it over
+      two: on one H100 (two runs, benchmarks/results/decode-2026-12-07-s57-fold*.md, GPU
+      time) the layer took 1.3-2.7 µs less at 8 x 32k (2-piece parents) and 32 x 8k (none
+      split: no empty combine launch) and 2.5-4.1 µs more at 1 x 8k and 1 x 128k (16 pieces
+      a KV head), so :data:`FOLD_COMBINE` leaves it off. GPU only: interpret mode has no
+      atomics. Where the merge's ring does not fit the K/V ring's memory the combine kernel
+      runs instead.
     combine: the combine kernel's tuning (:class:`CombineConfig`).
     """
 

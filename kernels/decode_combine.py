@@ -8,7 +8,9 @@ block take the step's split parents in turn from a compact list and stream only 
 rows (a decode piece's first 8), so its cost follows the real number of parents, pieces and
 tokens, not the static capacity (an XLA merge over the padded partial buffer pays for the
 whole capacity on every call: benchmarks/NOTES-decode.md, v1; a CTA per partial slot paid ~8
-waves of empty CTAs: v6). Unsplit tiles (short contexts, round robin) never touch it.
+waves of empty CTAs: v6). Unsplit tiles (short contexts, round robin) never touch it. Its
+merge of one parent (:class:`Merger`) also runs inside the main kernel, on the CTA that
+finishes the parent's last piece, under ``DecodeConfig.fold_combine``.
 """
 
 from __future__ import annotations
