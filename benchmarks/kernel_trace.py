@@ -7,8 +7,9 @@ trace of the main kernel and the combine at a decode step's shapes, per region a
 
 The kernels mark their phases with ``jax.named_scope`` (decode: wait, zero, tile, kv_block,
 dequant, stage_q, attend, write, on warpgroup 0 the consumer's and on 1 the producer's with a
-bf16 cache; combine: wait, merge (inside it copies and add of a one-token batch, hand_over /
-take_over, write), on its two warpgroups; the grouped matmul: wait, tile, slot_wait and
+bf16 cache, and with ``--fold-combine`` fold, around the merge as the combine has it; combine:
+wait, merge (inside it copies and add of a one-token batch, hand_over / take_over, write), on
+its two warpgroups; the grouped matmul: wait, tile, slot_wait and
 product per K step of its ring, store, on its one warpgroup, where a CTA's first tile is
 entered twice, once to copy its first ring of weights before the wait).
 Inside ``common.kernel_trace`` each warpgroup records when it enters and leaves them (SM
@@ -201,6 +202,10 @@ def main(argv=None) -> int:
     ap.add_argument("--clock-ghz", type=float, help="SM clock (default: nvidia-smi's maximum)")
     ap.add_argument("--events", type=int, default=64,
                     help="regions recorded per warpgroup (--summarise: the trace's cap)")
+    ap.add_argument("--fold-combine", action="store_true",
+                    help="the decode cases with the combine folded into the main kernel "
+                         "(DecodeConfig.fold_combine: its merge is the fold region of "
+                         "warpgroups 0 and 1)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     if args.summarise:
@@ -218,14 +223,18 @@ def main(argv=None) -> int:
     import jax
 
     from benchmarks.common import write_json
-    from jaxattn.kernels import common
+    from jaxattn.kernels import common, decode
+
+    if args.fold_combine:
+        decode.FOLD_COMBINE = True  # read by default_config
 
     if not common.on_hopper():
         print("needs a Hopper GPU (the Mosaic kernels and their profiler)", file=sys.stderr)
         return 2
     clock = args.clock_ghz or sm_clock_ghz()
     res = {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
-           "jax": jax.__version__, "clock_ghz": clock, "cases": []}
+           "jax": jax.__version__, "clock_ghz": clock, "fold_combine": args.fold_combine,
+           "cases": []}
     jobs = ([(f"{b}x{c}", {"batch": b, "context": c}, functools.partial(trace_case, b, c))
              for b, c in args.cases]
             + [(f"down, {r} rows", {"down_rows": r}, functools.partial(trace_down, r))
