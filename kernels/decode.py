@@ -383,7 +383,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
          *fp8_scratch) = rest
         ring_refs, fold_bufs = ring_union if fold else (ring_union, None)
         if fold:  # each merging warpgroup's (rows, lse tiles, merged rows)
-            fold_bufs = [fold_bufs[3 * w:3 * w + 3] for w in range(n_merge)]
+            k = len(merger.buffers())
+            fold_bufs = [fold_bufs[k * w:k * (w + 1)] for w in range(n_merge)]
         k_smem, v_smem, *deq_refs = ring_refs
         # Two consumers: consumer 0 tells consumer 1 that q is staged, and takes its partial
         # state (merge_acc, merge_ml; full/free) at each tile's end.
@@ -778,7 +779,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
                 kvh, f = tile_info(i)
                 q_start, q_len, q_pos = f(Q_START), f(Q_LEN), f(Q_POS)
                 kv_start, kv_end, part = f(KV_START), f(KV_END), f(PART)
-                lo, hi = split_range(i, part, lo, hi)
+                if fold and c == 0:  # (only the fold's consumer 0 takes tickets)
+                    lo, hi = split_range(i, part, lo, hi)
 
                 if consumers == 1:
                     stage_q()

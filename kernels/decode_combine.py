@@ -101,6 +101,21 @@ def combine_columns(config: CombineConfig, d: int, g: int, out_dtype) -> int:
     return cw
 
 
+REDUCE_LAYOUT = plgpu.Layout.WGMMA.reduce(1)
+
+
+def combine(state, piece):
+    """A softmax state (weighted O, max, sum of weights) with a piece added: a
+    normalised piece (o, lse) has one weight, a state's share (o, m, s) weights s."""
+    (acc, m, s), (o, lse, *w_sum) = state, piece
+    m_new = jnp.maximum(m, lse)
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
+    acc = (acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+           + lax.broadcast_in_dim(w, acc.shape, [0]) * o)
+    return acc, m_new, s * alpha + (w * w_sum[0] if w_sum else w)
+
+
 @dataclasses.dataclass(frozen=True)
 class Merger:
     """The static shape of one CTA's merge of split parents: ``nwg`` warpgroups, each with a
@@ -297,21 +312,6 @@ class Merger:
         # The next parent's result and lse go to o_out and slot 0 only after these stores
         # have read them.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-
-REDUCE_LAYOUT = plgpu.Layout.WGMMA.reduce(1)
-
-
-def combine(state, piece):
-    """A softmax state (weighted O, max, sum of weights) with a piece added: a
-    normalised piece (o, lse) has one weight, a state's share (o, m, s) weights s."""
-    (acc, m, s), (o, lse, *w_sum) = state, piece
-    m_new = jnp.maximum(m, lse)
-    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
-    acc = (acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-           + lax.broadcast_in_dim(w, acc.shape, [0]) * o)
-    return acc, m_new, s * alpha + (w * w_sum[0] if w_sum else w)
 
 
 def combine_pieces(cmeta, parents, pieces: Pieces, out_ref, *, g: int, workers: int,
