@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
-from benchmarks.common import time_kernels_alone, trace_summary
+from benchmarks.common import gpu_ms, time_kernels_alone, trace_summary
 from benchmarks.roofline import read_bandwidth
 from jaxattn import planner
 from jaxattn.kernels import common, decode, decode_combine, decode_schedule
@@ -75,12 +75,27 @@ def interleaved(fns: dict, n=20, reps=7):
 
 
 def ceilings():
-    """Same-run HBM ceilings: copy (read + write of 2 GiB) and read-only (sum of 2 GiB)."""
+    """Same-run HBM ceilings: copy (read + write of 2 GiB) and read-only (sum of 2 GiB), by
+    wall time; and the decode kernel's read form alone (:func:`ring_tbps`), by GPU time."""
     x = jnp.ones((1 << 30,), jnp.bfloat16)
     nbytes = x.size * x.dtype.itemsize
     copy = timeit(jax.jit(lambda x: x + 1), x, n=10)
     del x
-    return {"copy_tbps": 2 * nbytes / copy / 1e12, "read_tbps": read_bandwidth(nbytes) / 1e12}
+    return {"copy_tbps": 2 * nbytes / copy / 1e12, "read_tbps": read_bandwidth(nbytes) / 1e12,
+            "ring_tbps": ring_tbps()}
+
+
+def ring_tbps(keys: int = 32 * 8192) -> float:
+    """TB/s of :mod:`benchmarks.read_ceiling`'s default form (the main kernel's TMA ring with
+    nothing but the reads: 128-key blocks of K and V, 2 deep, one CTA a tile) over ``keys``
+    keys' K and V, by GPU time: what the main kernel's reads allow. On one H100 it read
+    3.14-3.16 TB/s where the XLA sum of the read-only ceiling gave 2.97-3.04 (by wall time)
+    and cuDNN's decode kernel ~3.05 (benchmarks/NOTES-decode.md, session 59)."""
+    from benchmarks import read_ceiling
+
+    k, v = (jnp.zeros((keys, HKV, D), DTYPE) + i for i in range(2))  # two buffers: no L2 reuse
+    ring = jax.jit(lambda k, v: read_ceiling.stream(k, v, read_ceiling.StreamConfig()))
+    return 2 * k.nbytes / (gpu_ms(ring, k, v) * 1e-3) / 1e12
 
 
 def kv_bytes(batch, ctx):
@@ -286,7 +301,9 @@ def table_md(res):
     titles = [(key, title) for key, title, *_ in OTHERS + IN_ORDER_OTHERS] + _OLD_COLUMNS
     others = [(k, title) for k, title in titles if any(f"{k}_ms" in r for r in res["cases"])]
     lines = [f"# Decode bandwidth, {res['device']}, {res['date']}", "",
-             f"Same-run ceilings: copy {c['copy_tbps']:.2f} TB/s, read-only {c['read_tbps']:.2f} TB/s.",
+             f"Same-run ceilings: copy {c['copy_tbps']:.2f} TB/s, read-only {c['read_tbps']:.2f} TB/s"
+             + (f"; the main kernel's TMA ring alone (benchmarks.read_ceiling, GPU time)"
+                f" {c['ring_tbps']:.2f} TB/s." if "ring_tbps" in c else "."),
              "Bandwidth = bytes of K+V read / time. jaxattn = one layer's attention as the model"
              " calls it: the main kernel + the combine kernel (2026-12-07 session 57's runs: the"
              " main kernel merging split parents itself; + an XLA memset of the output before"
@@ -320,15 +337,19 @@ def table_md(res):
     if profiled:
         lines += ["", "GPU time alone (profiler; the wall times above also hold each call's"
                   " launches), µs per call:", "",
-                  "| batch x ctx | jaxattn | cuDNN | jaxattn / cuDNN |"
+                  "| batch x ctx | jaxattn | cuDNN | jaxattn / cuDNN | jaxattn, cuDNN: % of the"
+                  " TMA ring's TB/s |"
                   + "".join(f" {title} |" for _, title in others) + " jaxattn's kernels |",
-                  "|---|---|---|---|" + "---|" * len(others) + "---|"]
+                  "|---|---|---|---|---|" + "---|" * len(others) + "---|"]
+        ring = c.get("ring_tbps")  # runs before session 59 lack it
         for r in profiled:
             mine, theirs = (1e3 * r.get(k, float("nan")) for k in (
                 "jaxattn_device_ms", "cudnn_device_ms"))
+            of_ring = ("—" if not ring else ", ".join(
+                f"{100 * r['kv_bytes'] / (us * 1e-6) / 1e12 / ring:.1f}%" for us in (mine, theirs)))
             lines.append(
                 f"| {r['batch']}x{r['ctx']} | {mine:.1f} | {theirs:.1f} | "
-                f"{theirs / mine if mine else float('nan'):.3f} | "
+                f"{theirs / mine if mine else float('nan'):.3f} | {of_ring} | "
                 + "".join(f"{1e3 * r.get(k + '_device_ms', float('nan')):.1f} | "
                           for k, _ in others) + ", ".join(
                     f"{k['name'][:40]} {1e3 * k['ms']:.1f}" for k in r["jaxattn_kernels"]) + " |")

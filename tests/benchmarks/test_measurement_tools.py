@@ -136,6 +136,25 @@ def test_decode_cases_option_parses_and_refuses_clearly():
             decode_bench._cases(bad)
 
 
+def test_decode_table_puts_both_kernels_against_the_tma_ring():
+    """The GPU-time table gives jaxattn's and cuDNN's read rate as a share of the same run's
+    TMA-ring ceiling (benchmarks.read_ceiling), and a dash for runs made before it existed."""
+    from benchmarks import decode as decode_bench
+
+    row = dict(batch=32, ctx=8192, pieces=32, kv_bytes=1.0737e9, jaxattn_ms=0.36,
+               jaxattn_tbps=2.98, jaxattn_frac_of_copy=1.0, plan_ms=0.5,
+               jaxattn_device_ms=0.3600, cudnn_device_ms=0.3500, jaxattn_kernels=[])
+    res = dict(device="H100", date="d", cases=[row], variants=[],
+               ceilings=dict(copy_tbps=2.9, read_tbps=3.0, ring_tbps=3.1))
+    line = next(x for x in decode_bench.table_md(res).splitlines()
+                if x.startswith("| 32x8192 | 360.0"))
+    assert "| 96.2%, 99.0% |" in line  # 1.0737 GB in 360 / 350 µs against 3.1 TB/s
+    del res["ceilings"]["ring_tbps"]
+    line = next(x for x in decode_bench.table_md(res).splitlines()
+                if x.startswith("| 32x8192 | 360.0"))
+    assert "| 0.972 | — |" in line
+
+
 # An XLA dump's optimised module, cut to its shape: source tables, then the entry.
 _MODULE = """HloModule jit_jitted, is_scheduled=true
 
