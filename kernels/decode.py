@@ -469,7 +469,8 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             """q_raw's rows start at zero: a tile's q copies cover only its own tokens, so the
             rows past them hold zeros or an earlier tile's q (finite, which a narrow tile's
             transposing wgmma needs: 0 * NaN is NaN). Likewise the V ring where a block's
-            copies past kv_end are skipped: its masked keys' P is 0, times a finite V."""
+            copies past kv_end are skipped and the slot holds no earlier block's rows: its
+            masked keys' P is 0, times a finite V."""
             # In 16-byte vectors (the wgmma layout's are 4 bytes, each behind its swizzled
             # address arithmetic: ~1.1 us for a bf16 cache's 80 KiB, session 51's trace).
             def zeros(dt):  # [64, d]; 8-bit rows (the FP8 view) in the wgmma layout
@@ -480,9 +481,20 @@ def _kernel_call(meta, cta_start, zero_rows, page_table, q4, k_pages, v_pages, o
             for view in (q_raw, *q_raw8):  # (FP8 rows: the zero rows' 8-bit view too)
                 view[pl.ds(0, ROWS), :] = zeros(view.dtype)
             if skip_copies:
-                for s in range(stages):
-                    for r in range(0, bk, ROWS):
-                        v_smem[s, pl.ds(r, ROWS)] = zeros(dtype)
+                # Only a block cut short at kv_end leaves rows of its V slot unwritten. Where
+                # the CTA's first tile begins with `stages` whole blocks, each slot's first
+                # block writes all of it, and a later short block finds an earlier one's
+                # (finite) rows there: no zeroing, so the first copies go out sooner. (The
+                # plan was written launches ago: read before the wait, as the tile range.)
+                row = jnp.minimum(first_tile, meta_ref.shape[0] - 1)
+                whole = (meta_ref[row, KV_START] + (stages - 1) * bk + (cpb - 1) * rpc
+                         < meta_ref[row, KV_END])
+
+                @pl.when((n_local > 0) & ~whole)
+                def _():
+                    for s in range(stages):
+                        for r in range(0, bk, ROWS):
+                            v_smem[s, pl.ds(r, ROWS)] = zeros(dtype)
             plgpu.commit_smem()
 
         @jax.named_scope("zero")

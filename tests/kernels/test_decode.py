@@ -348,3 +348,24 @@ def test_out_scale_through_the_api(decode_only):
                                rtol=2.0 ** -3 + 2e-2, atol=0.1)
     with pytest.raises(ValueError, match="out_scale"):
         run("interpret", out_scale=0.01)
+
+
+# Session 59: the V ring is zeroed only where a CTA's first tile does not begin with `stages`
+# whole blocks. One CTA over every tile (unsplit), 16-token pages, 64-key blocks in 4 stages
+# or 128-key ones in 2: a first tile of 300 keys (its first 4 / 2 blocks whole: no zeroing;
+# its short fifth / third block and the 17-key tiles after it land in slots written whole
+# before); of 100 keys (its second block short in a slot not yet written: zeroed); and of 240 /
+# 241 keys, where the last page copy of the last of those blocks starts at 240 (skipped at
+# 240: zeroed; live at 241: not). Interpret mode starts shared memory as NaN, so a short
+# block over a slot that was neither zeroed nor written gives a NaN row.
+ZEROING = {f"{kv}_{bk}": Case(q_lens=(1, 1), kv_lens=(kv, 17), min_split_kv=1024,
+                              block_kv=bk,
+                              config=decode.DecodeConfig(num_ctas=1, block_kv=bk,
+                                                         num_stages=4 if bk == 64 else 2))
+           for kv in (300, 100, 240, 241) for bk in (64, 128)}
+
+
+@pytest.mark.parametrize("name", sorted(ZEROING))
+def test_v_ring_zeroed_only_where_a_short_block_meets_an_unwritten_slot(name):
+    plan = check_case(ZEROING[name])
+    assert int(plan.decode.count) == 2 and (np.asarray(plan.decode.num_splits)[:2] == 1).all()
