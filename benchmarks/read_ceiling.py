@@ -29,7 +29,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.common import gpu_ms, write_report
 from benchmarks.roofline import read_bandwidth
-from jaxattn.kernels import common
 
 HKV, D = 8, 128
 
@@ -131,7 +130,6 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tag", default="")
     args = p.parse_args()
-    common.DEPENDENT_LAUNCH = False  # each call timed alone
     keys = jax.random.split(jax.random.key(0), 2)
     k = jax.random.normal(keys[0], (args.keys, HKV, D), jnp.bfloat16)
     v = jax.random.normal(keys[1], (args.keys, HKV, D), jnp.bfloat16)
