@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -85,6 +87,26 @@ def gpu_ms(f, *args, reps: int = 20) -> float:
         out = f(*args)
     jax.block_until_ready(out)
     return (time.perf_counter() - t0) / reps * 1e3
+
+
+def gpu_rounds(calls: dict, rounds: int, measure=None, around=None) -> dict[str, list]:
+    """Each of ``calls`` (name -> (f, args)) measured once a round for ``rounds`` rounds:
+    name -> its ``rounds`` results. ``measure(f, *args)`` (default :func:`gpu_ms`) gives a
+    result; ``around(name)``, if given, is a context each measurement runs in. Each round
+    visits the calls in a seeded shuffled order, so a drift of the GPU's clocks or
+    temperature reaches all of them alike and none always follows the same neighbour (a
+    call's time can depend on what ran before it: benchmarks/NOTES-decode.md, session 41)."""
+    measure = measure or gpu_ms
+    out = {name: [] for name in calls}
+    order = random.Random(0)
+    for _ in range(rounds):
+        names = list(calls)
+        order.shuffle(names)
+        for name in names:
+            f, args = calls[name]
+            with around(name) if around else contextlib.nullcontext():
+                out[name].append(measure(f, *args))
+    return out
 
 
 def trace_summary(fn, reps: int = 3, top: int = 15) -> dict:

@@ -44,7 +44,6 @@ benchmarks/results/fp8-kv-<date>.json/.md (and $OUT).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import inspect
@@ -57,7 +56,7 @@ import jaxattn
 from jaxattn import kernels, kv_quant, planner
 from jaxattn.kernels import decode, prefill, qk_rows
 
-from benchmarks.common import gpu_ms, mode_lengths, time_kernels_alone, write_report
+from benchmarks.common import gpu_rounds, mode_lengths, time_kernels_alone, write_report
 
 HQ, HKV, D, PAGE, CHUNK = 40, 8, 128, 32, 8192  # PAGE: the FP8 cache's default (and bf16's here)
 DECODE_CASES = [(256, 2048), (32, 8192), (8, 32768), (1, 131072)]  # (batch, context)
@@ -65,15 +64,11 @@ PREFILL_CASES = [("causal", 8192), ("causal", 32768), ("chunked", 131072)]
 QUICK = dict(decode=[(32, 8192), (1, 131072)], prefill=[("causal", 32768), ("chunked", 131072)])
 
 
-def _interleaved(fns: dict, rounds=3, around=lambda name: contextlib.nullcontext()) -> dict:
-    """Best ms of each callable over ``rounds`` rounds that visit them in turn (drift and
-    clock changes hit all alike); ``around(name)``: a context each call runs in."""
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, (f, args) in fns.items():
-            with around(k):
-                best[k] = min(best[k], gpu_ms(f, *args))
-    return best
+def _interleaved(fns: dict, rounds=3, around=None) -> dict:
+    """Best ms of each callable (name -> (f, args)) over ``rounds`` rounds that visit them
+    in turn (drift and clock changes hit all alike); ``around(name)``: a context each call
+    runs in."""
+    return {k: min(t) for k, t in gpu_rounds(fns, rounds, around=around).items()}
 
 
 def _cache(batch, ctx, seed=0, in_order=False):

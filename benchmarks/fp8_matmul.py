@@ -64,17 +64,15 @@ def interleaved(fns: dict, args: dict, rounds: int, reps: int) -> dict[str, floa
     and projection weights of 21-42 MB at FP8 fit the H200's 50 MB)."""
     import jax
 
-    from benchmarks.common import gpu_ms
+    from benchmarks.common import gpu_ms, gpu_rounds
 
-    times = {k: [] for k in fns}
-    calls = {}
+    calls, n = {}, {}
     for k, f in fns.items():
         sets = args[k] if isinstance(args[k], list) else [args[k]]
-        calls[k] = (jax.jit(lambda sets, f=f: [f(*a) for a in sets]), (tuple(sets),), len(sets))
-    for _ in range(rounds):
-        for k, (f, a, n) in calls.items():
-            times[k].append(gpu_ms(f, *a, reps=reps) / 1e3 / n)
-    return {k: statistics.median(v) for k, v in times.items()}
+        calls[k] = (jax.jit(lambda sets, f=f: [f(*a) for a in sets]), (tuple(sets),))
+        n[k] = len(sets)
+    times = gpu_rounds(calls, rounds, measure=lambda f, *a: gpu_ms(f, *a, reps=reps))
+    return {k: statistics.median(t) / 1e3 / n[k] for k, t in times.items()}
 
 
 def _row_experts(real: int):

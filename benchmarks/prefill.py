@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
-from benchmarks.common import GpuClockLog, mode_lengths, time_kernels_alone
+from benchmarks.common import GpuClockLog, gpu_rounds, mode_lengths, time_kernels_alone
 from jaxattn import kernels
 from jaxattn.kernels import prefill
 
@@ -228,16 +228,12 @@ def _time_into(entry, name, flops, f, *args):
 
 
 def _rounds(fns: dict, args, rounds: int) -> dict[str, list[dict]]:
-    """Each of ``fns`` measured (:func:`_measure`: median GPU ms, clocks) ``rounds`` times in
-    turn, the order reversed every other round, so that a drift of the GPU's clocks or
-    temperature during the run reaches all of them alike. ``args``: every callable's
-    arguments, or a dict of each one's."""
-    times = {name: [] for name in fns}
-    for r in range(rounds):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            a = args[name] if isinstance(args, dict) else args
-            times[name].append(_measure(fns[name], *a, target_ms=300.0))
-    return times
+    """Each of ``fns`` measured (:func:`_measure`: median GPU ms, clocks) once a round for
+    ``rounds`` rounds in a shuffled order (:func:`benchmarks.common.gpu_rounds`). ``args``:
+    every callable's arguments, or a dict of each one's."""
+    calls = {name: (f, args[name] if isinstance(args, dict) else args) for name, f in fns.items()}
+    return gpu_rounds(calls, rounds,
+                      measure=lambda f, *a: _measure(f, *a, target_ms=300.0))
 
 
 def _summary(ratios):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import random
 import statistics
 
 import jax
@@ -27,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from benchmarks.common import gpu_ms, write_report
+from benchmarks.common import gpu_rounds, write_report
 from benchmarks.roofline import read_bandwidth
 
 HKV, D = 8, 128
@@ -138,13 +137,7 @@ def main():
            for c in forms() if (args.keys * HKV) % (c.tiles * c.rows) == 0}
     xla = jax.jit(lambda k, v: jnp.sum(k, dtype=jnp.float32) + jnp.sum(v, dtype=jnp.float32))
     fns["XLA sum of K and V"] = xla
-    times = {name: [] for name in fns}
-    order = random.Random(0)
-    for _ in range(args.rounds):
-        names = list(fns)
-        order.shuffle(names)
-        for name in names:
-            times[name].append(gpu_ms(fns[name], k, v))
+    times = gpu_rounds({name: (f, (k, v)) for name, f in fns.items()}, args.rounds)
     read = read_bandwidth(nbytes) / 1e12  # the decode benchmark's "read-only" ceiling
     rows = [{"form": n, "us": 1e3 * statistics.median(t), "rounds_us": [1e3 * x for x in t],
              "tb_s": nbytes / (statistics.median(t) * 1e-3) / 1e12} for n, t in times.items()]

@@ -192,18 +192,33 @@ def test_step_kernels_lists_the_entry_kernels_with_their_model_frames():
     assert found[1]["source"] == []  # the driver's own frame is left out
 
 
-def test_prefill_rounds_take_turns_in_alternating_order(monkeypatch):
-    """The off-grid sweep's rounds: every callable once per round, the order reversed
-    every other round (a clock drift then reaches each alike), one time per round."""
-    from benchmarks import prefill
+def test_gpu_rounds_measure_each_call_once_a_round_in_varying_order():
+    """The kernel benchmarks' shared rounds: each call measured once a round with its own
+    arguments, its results in round order under its name, inside ``around(name)``, and no
+    call always behind the same one (a fixed order biased a column by 2-4%)."""
+    import contextlib
 
-    calls = []
-    monkeypatch.setattr(prefill, "_measure",
-                        lambda f, *args, target_ms: calls.append(f) or {"ms": float(len(calls))})
-    times = prefill._rounds({"a": "fa", "b": "fb"}, (), rounds=3)
-    assert calls == ["fa", "fb", "fb", "fa", "fa", "fb"]
-    assert {name: [m["ms"] for m in ms] for name, ms in times.items()} == {
-        "a": [1.0, 4.0, 5.0], "b": [2.0, 3.0, 6.0]}
+    calls, inside = [], []
+
+    @contextlib.contextmanager
+    def around(name):
+        inside.append(name)
+        yield
+        inside.pop()
+
+    def measure(f, *args):
+        assert inside == [f]  # measured inside its own context
+        calls.append((f, args))
+        return float(len(calls))
+
+    fns = {name: (name, (i,)) for i, name in enumerate("abcdefg")}
+    times = common.gpu_rounds(fns, rounds=7, measure=measure, around=around)
+    assert sorted(calls) == sorted(fns[n] for n in fns for _ in range(7))
+    rounds = [[f for f, _ in calls[7 * r:7 * (r + 1)]] for r in range(7)]
+    assert all(sorted(r) == list("abcdefg") for r in rounds)
+    assert all(times[n] == [1.0 + 7 * r + rounds[r].index(n) for r in range(7)] for n in fns)
+    behind = {name: {r[r.index(name) - 1] for r in rounds if r.index(name)} for name in fns}
+    assert all(len(b) > 1 for b in behind.values()), behind
 
 
 def test_prefill_rounds_take_each_callables_own_arguments(monkeypatch):
@@ -212,8 +227,11 @@ def test_prefill_rounds_take_each_callables_own_arguments(monkeypatch):
     calls = []
     monkeypatch.setattr(prefill, "_measure",
                         lambda f, *args, target_ms: calls.append((f, args)) or {"ms": 1.0})
-    prefill._rounds({"a": "fa", "b": "fb"}, {"a": (1,), "b": (2, 3)}, rounds=2)
-    assert calls == [("fa", (1,)), ("fb", (2, 3)), ("fb", (2, 3)), ("fa", (1,))]
+    times = prefill._rounds({"a": "fa", "b": "fb"}, {"a": (1,), "b": (2, 3)}, rounds=2)
+    assert sorted(calls) == [("fa", (1,)), ("fa", (1,)), ("fb", (2, 3)), ("fb", (2, 3))]
+    assert times == {"a": [{"ms": 1.0}] * 2, "b": [{"ms": 1.0}] * 2}
+    prefill._rounds({"a": "fa", "b": "fb"}, (4,), rounds=1)
+    assert sorted(calls[4:]) == [("fa", (4,)), ("fb", (4,))]
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
