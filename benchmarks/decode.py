@@ -20,7 +20,6 @@ import datetime
 import functools
 import json
 import pathlib
-import random
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
-from benchmarks.common import gpu_ms, time_kernels_alone, trace_summary
+from benchmarks.common import gpu_ms, gpu_rounds, time_kernels_alone, trace_summary
 from benchmarks.roofline import read_bandwidth
 from jaxattn import planner
 from jaxattn.kernels import common, decode, decode_combine, decode_schedule
@@ -50,27 +49,21 @@ def timeit(fn, *args, n=20, reps=5):
 
 
 def interleaved(fns: dict, n=20, reps=7):
-    """Median seconds per call of each of ``fns`` (name -> no-argument callable), the
-    callables taking turns batch by batch (``n`` back-to-back calls each), so a drift in
-    the GPU's clocks or temperature during the run reaches all of them alike. Each round
-    takes them in a shuffled order (seeded): a batch's wall time depends on what ran before
-    it (two columns running the same kernels read 2-4% apart when one always followed XLA's
-    slow attention, benchmarks/NOTES-decode.md session 41), so no callable keeps one
-    neighbour."""
+    """Median seconds per call of each of ``fns`` (name -> no-argument callable), by wall
+    time, the callables taking turns batch by batch (``n`` back-to-back calls each) in
+    :func:`benchmarks.common.gpu_rounds`' shuffled rounds, so a drift in the GPU's clocks
+    or temperature reaches all of them alike and no callable keeps one neighbour."""
     for fn in fns.values():
         jax.block_until_ready(fn())
-    times = {name: [] for name in fns}
-    order = random.Random(0)
-    for _ in range(reps):
-        names = list(fns)
-        order.shuffle(names)
-        for name in names:
-            fn = fns[name]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                out = fn()
-            jax.block_until_ready(out)
-            times[name].append((time.perf_counter() - t0) / n)
+
+    def batch(fn):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = fn()
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / n
+
+    times = gpu_rounds({name: (fn, ()) for name, fn in fns.items()}, reps, measure=batch)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

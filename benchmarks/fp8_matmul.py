@@ -676,22 +676,14 @@ def main(argv=None) -> int:
         return 2
     res = {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
            "jax": jax.__version__, "rounds": args.rounds, "reps": args.reps}
-    if args.projections:
-        res["projections"] = projections(args)
-        print("wrote", write_json(f"fp8-projections-{res['date']}.json", res))
-        return 0
-    if args.by_row:
-        res["by_row"] = by_row_sweep(args)
-        print("wrote", write_json(f"gmm-by-row-sweep-{res['date']}.json", res))
-        return 0
-    if args.w8a16:
-        res["w8a16"] = w8a16(args)
-        print("wrote", write_json(f"gmm-w8a16-{res['date']}.json", res))
-        return 0
-    if args.decode_sweep:
-        res["decode_sweep"] = decode_sweep(args)
-        print("wrote", write_json(f"gmm-decode-sweep-{res['date']}.json", res))
-        return 0
+    for mode, run, stem in (("projections", projections, "fp8-projections"),
+                            ("by_row", by_row_sweep, "gmm-by-row-sweep"),
+                            ("w8a16", w8a16, "gmm-w8a16"),
+                            ("decode_sweep", decode_sweep, "gmm-decode-sweep")):
+        if getattr(args, mode):  # a mode of its own: its results alone
+            res[mode] = run(args)
+            print("wrote", write_json(f"{stem}-{res['date']}.json", res))
+            return 0
     res["grouped"] = grouped(args)
     if not args.no_dense:
         res["dense"] = dense(args)
