@@ -49,8 +49,8 @@ def _free_compiled_programs():
 # fixtures: servers, runners, models; "runs last in this module" tests; compilations the
 # tests share).
 SPREAD = {"tests/kernels/test_prefill.py", "tests/kernels/test_decode.py",
-          "tests/kernels/test_decode_lowering.py", "tests/test_reference.py",
-          "tests/sharded/test_sharded_model.py"}
+          "tests/kernels/test_decode_lowering.py", "tests/kernels/test_fp8_kv.py",
+          "tests/test_reference.py", "tests/sharded/test_sharded_model.py"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks

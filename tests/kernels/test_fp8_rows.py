@@ -346,15 +346,18 @@ def test_kernels_lower_for_cuda_at_scout_shapes(rows):
 
 
 def test_a_router_too_big_for_shared_memory_is_read_from_global_memory():
-    """RowsConfig.router_in_smem with Maverick's router (128 experts x 5120, 1.25 MiB): the
-    routing norm reads it from global memory and lowers, where a copy into shared memory
-    would not fit."""
+    """RowsConfig.router_in_smem with a router larger than an SM's 227 KiB of shared memory
+    (24 experts x 5120, 240 KiB; Maverick's 128 take 1.25 MiB, and 5x this test's lowering
+    time): the routing norm reads it from global memory and lowers, where a copy into
+    shared memory would not fit."""
+    experts = 24
+    assert experts * 5120 * 2 > 227 * 1024 > fr.ROUTER_SMEM_BYTES
     bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
     f = lambda x, w, r, v: fr.add_rms_norm_quantize(
         x, _update_terms(16, 5120), w, 1e-5, router=r, valid=v, impl="mosaic",
         config=fr.RowsConfig(router_in_smem=True))
     assert "mosaic_gpu" in jax.export.export(jax.jit(f), platforms=["cuda"])(
-        bf16(16, 5120), bf16(5120), bf16(128, 5120),
+        bf16(16, 5120), bf16(5120), bf16(experts, 5120),
         jax.ShapeDtypeStruct((16,), jnp.bool_)).mlir_module()
 
 
