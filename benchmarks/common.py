@@ -92,16 +92,20 @@ def gpu_ms(f, *args, reps: int = 20) -> float:
 def gpu_rounds(calls: dict, rounds: int, measure=None, around=None) -> dict[str, list]:
     """Each of ``calls`` (name -> (f, args)) measured once a round for ``rounds`` rounds:
     name -> its ``rounds`` results. ``measure(f, *args)`` (default :func:`gpu_ms`) gives a
-    result; ``around(name)``, if given, is a context each measurement runs in. Each round
-    visits the calls in a seeded shuffled order, so a drift of the GPU's clocks or
-    temperature reaches all of them alike and none always follows the same neighbour (a
+    result; ``around(name)``, if given, is a context each measurement runs in. The rounds
+    go in pairs: a seeded shuffled order, then the same reversed. So a drift of the GPU's
+    clocks or temperature reaches all of them alike (each pair gives every call the same
+    mean position: two calls alternate), and no call always follows the same neighbour (a
     call's time can depend on what ran before it: benchmarks/NOTES-decode.md, session 41)."""
     measure = measure or gpu_ms
     out = {name: [] for name in calls}
-    order = random.Random(0)
-    for _ in range(rounds):
-        names = list(calls)
-        order.shuffle(names)
+    order, names = random.Random(0), list(calls)
+    for r in range(rounds):
+        if r % 2:
+            names = names[::-1]
+        else:
+            names = list(calls)
+            order.shuffle(names)
         for name in names:
             f, args = calls[name]
             with around(name) if around else contextlib.nullcontext():

@@ -51,8 +51,8 @@ def timeit(fn, *args, n=20, reps=5):
 def interleaved(fns: dict, n=20, reps=7):
     """Median seconds per call of each of ``fns`` (name -> no-argument callable), by wall
     time, the callables taking turns batch by batch (``n`` back-to-back calls each) in
-    :func:`benchmarks.common.gpu_rounds`' shuffled rounds, so a drift in the GPU's clocks
-    or temperature reaches all of them alike and no callable keeps one neighbour."""
+    :func:`benchmarks.common.gpu_rounds`' rounds (a shuffled order, then it reversed), so a
+    drift in the GPU's clocks reaches all of them alike and no callable keeps one neighbour."""
     for fn in fns.values():
         jax.block_until_ready(fn())
 

@@ -229,8 +229,8 @@ def _time_into(entry, name, flops, f, *args):
 
 def _rounds(fns: dict, args, rounds: int) -> dict[str, list[dict]]:
     """Each of ``fns`` measured (:func:`_measure`: median GPU ms, clocks) once a round for
-    ``rounds`` rounds in a shuffled order (:func:`benchmarks.common.gpu_rounds`). ``args``:
-    every callable's arguments, or a dict of each one's."""
+    ``rounds`` rounds (:func:`benchmarks.common.gpu_rounds`: a shuffled order, then it
+    reversed). ``args``: every callable's arguments, or a dict of each one's."""
     calls = {name: (f, args[name] if isinstance(args, dict) else args) for name, f in fns.items()}
     return gpu_rounds(calls, rounds,
                       measure=lambda f, *a: _measure(f, *a, target_ms=300.0))

@@ -194,8 +194,9 @@ def test_step_kernels_lists_the_entry_kernels_with_their_model_frames():
 
 def test_gpu_rounds_measure_each_call_once_a_round_in_varying_order():
     """The kernel benchmarks' shared rounds: each call measured once a round with its own
-    arguments, its results in round order under its name, inside ``around(name)``, and no
-    call always behind the same one (a fixed order biased a column by 2-4%)."""
+    arguments, its results in round order under its name, inside ``around(name)``, a
+    shuffled round then its reverse, and no call always behind the same one (a fixed order
+    biased a column by 2-4%)."""
     import contextlib
 
     calls, inside = [], []
@@ -217,8 +218,16 @@ def test_gpu_rounds_measure_each_call_once_a_round_in_varying_order():
     rounds = [[f for f, _ in calls[7 * r:7 * (r + 1)]] for r in range(7)]
     assert all(sorted(r) == list("abcdefg") for r in rounds)
     assert all(times[n] == [1.0 + 7 * r + rounds[r].index(n) for r in range(7)] for n in fns)
+    assert all(rounds[r + 1] == rounds[r][::-1] for r in (0, 2, 4))  # pairs: same mean place
     behind = {name: {r[r.index(name) - 1] for r in rounds if r.index(name)} for name in fns}
     assert all(len(b) > 1 for b in behind.values()), behind
+
+
+def test_gpu_rounds_alternate_two_calls():
+    calls = []
+    common.gpu_rounds({"a": ("a", ()), "b": ("b", ())}, rounds=4,
+                      measure=lambda f: calls.append(f))
+    assert calls[0:2] == calls[2:4][::-1] and calls[4:6] == calls[6:8][::-1]
 
 
 def test_prefill_rounds_take_each_callables_own_arguments(monkeypatch):
