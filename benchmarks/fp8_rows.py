@@ -6,7 +6,8 @@ For each call a decode step of full-size Scout makes per layer (16 rows: the sma
 token bucket; hidden 5120, intermediate 8192, and TP=2's 4096 halves) the Mosaic kernel
 and the XLA composition (for the routing norm: the step's default, the norm's kernel then
 ``route_scales``) run alternately for ``--rounds`` rounds; each round's time is the
-call's GPU kernel time (CUPTI), and the XLA path's kernel count is reported beside it.
+call's GPU kernel time (CUPTI; the order of the two alternates), and the XLA path's kernel
+count is reported beside it.
 Kernel time leaves out what a launch costs between kernels inside a CUDA graph (~1 us
 each, the fused kernels' other saving), so a tie here is a win in the step.
 JSON to benchmarks/results/fp8-rows-DATE.json; a table on stdout.
@@ -59,8 +60,14 @@ def cases():
             lambda impl: lambda x, t, w, r: fr.add_rms_norm_quantize(x, t, w, 1e-5, router=r,
                                                                      impl=impl),
             (x, (shared,), w, router)),
-        # The decode step's routing as it runs by default (ROUTE_IN_NORM off): the norm's
-        # kernel, then the router's XLA reduction and the routing kernel. (Its "xla" column.)
+        # The same with RowsConfig.joint_router_sums (its "xla" column: as above).
+        "the same, the experts' sums in one crossing 5120": (
+            lambda impl: lambda x, t, w, r: fr.add_rms_norm_quantize(
+                x, t, w, 1e-5, router=r, impl=impl,
+                config=fr.RowsConfig(joint_router_sums=True)),
+            (x, (shared,), w, router)),
+        # The decode step's routing with ROUTE_IN_NORM off: the norm's kernel, then the
+        # router's XLA reduction and the routing kernel. (Its "xla" column.)
         "residual add + rms_norm + quantize, then route_scales, against all in the norm's "
         "kernel 5120": (
             lambda impl: (lambda x, t, w, r: fr.add_rms_norm_quantize(
@@ -98,17 +105,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import jax
 
-    from benchmarks.common import gpu_ms, time_kernels_alone, write_json
+    from benchmarks.common import gpu_ms, gpu_rounds, time_kernels_alone, write_json
 
     time_kernels_alone()
 
     rows = []
     for name, (make, fargs) in cases().items():
         fns = {impl: jax.jit(make(impl)) for impl in ("mosaic", "xla")}
-        times = {impl: [] for impl in fns}
-        for _ in range(args.rounds):
-            for impl, f in fns.items():
-                times[impl].append(gpu_ms(f, *fargs, reps=args.reps) * 1e3)
+        times = gpu_rounds({impl: (f, fargs) for impl, f in fns.items()}, args.rounds,
+                           measure=lambda f, *a: gpu_ms(f, *a, reps=args.reps) * 1e3)
         us = {impl: statistics.median(t) for impl, t in times.items()}
         kernels = {impl: kernel_count(f, fargs) for impl, f in fns.items()}
         rows.append({"call": name, "rows": ROWS, "us": us, "kernels": kernels})

@@ -92,6 +92,9 @@ SWITCHES = (
     Switch("router_in_smem", True, "jaxattn.kernels.fp8_rows", "ROUTER_IN_SMEM",
            "the routing norm copies the router into shared memory before it waits for the "
            "kernel before it"),
+    Switch("joint_router_sums", False, "jaxattn.kernels.fp8_rows", "JOINT_ROUTER_SUMS",
+           "the routing norm sums its experts' dot products across the warpgroup in one "
+           "crossing (one barrier, not two per expert)"),
     Switch("merge_pages", True, "jaxattn.kernels.decode", "MERGE_PAGES",
            "the decode kernels over a bf16 cache (or an FP8 one with one K and one V scale) "
            "copy a block whose pages lie in order in the pool in one TMA copy for K and one "

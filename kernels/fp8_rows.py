@@ -26,10 +26,11 @@ than ``RowsConfig.max_rows`` rows (prefill), where XLA's fusions stream large in
 at bandwidth and two launches are nothing against the rows' bytes.
 
 The kernels are Mosaic GPU (Pallas, lane semantics): one warpgroup per row, which loads
-its row's chunks from global memory straight into registers (the strided layout: 16-byte
-vector loads, coalesced), reduces them across the warpgroup and converts pairs of f32 to
-e4m3 with ``cvt.rn.satfinite``. No TMA, tensor cores or pipelining: a decode call moves
-tens of KiB, and what it saves is launches.
+its row's chunks from global memory straight into registers (the strided layout: 8-byte
+vector loads of bf16, coalesced; 16-byte under ``RowsConfig.joint_router_sums``), reduces
+them across the warpgroup and converts pairs of f32 to e4m3 with ``cvt.rn.satfinite``. No
+TMA, tensor cores or pipelining: a decode call moves tens of KiB, and what it saves is
+launches.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ class RowsConfig:
     # :data:`ROUTER_SMEM_BYTES` (Maverick's 128 experts: 1.25 MiB) is read from global
     # memory either way.
     router_in_smem: bool | None = None
+    # The routing norm's E dot products summed across the warpgroup in one crossing
+    # (:func:`_joint_sums`) instead of one `jnp.sum` each (each is shuffles, then a shared
+    # scratch between two barriers: 2 E barriers in turn). For E a power of two <= 32;
+    # GPU interpret mode (no inline Mosaic GPU) keeps the sums one by one. None:
+    # :data:`JOINT_ROUTER_SUMS`.
+    joint_router_sums: bool | None = None
 
     def chunk_for(self, k: int) -> int:
         """The largest power of two that divides ``k``, at most ``chunk``; ValueError if it
@@ -75,6 +82,9 @@ WARPGROUP = 128
 # dependent launch; the same tokens and logprobs bit for bit). benchmarks.multigpu
 # --no-router-in-smem turns it off; read when a kernel is traced.
 ROUTER_IN_SMEM = True
+# RowsConfig.joint_router_sums' default: off until timed (built in session 60 without a GPU;
+# benchmarks/NOTES-fp8.md). benchmarks.multigpu --joint-router-sums turns it on.
+JOINT_ROUTER_SUMS = False
 ROUTER_SMEM_BYTES = 192 * 1024  # of the SM's 227 KiB; the kernel keeps its rows in registers
 
 
@@ -183,6 +193,68 @@ def _quantize_chunks(chunks, q_row, s_row, chunk: int, scale_ub, keep=None):
     return scale
 
 
+def _joint_sums(parts, scratch):
+    """``[jnp.sum(p) for p in parts]`` for f32 arrays in the warpgroup's strided layout, as
+    f32 scalars, crossing the warpgroup once: each thread sums its own values, then each
+    warp halves its list of partial sums in a butterfly across its lanes (a lane keeps one
+    half and adds its partner's, 16 shuffles for 16 sums where one sum at a time takes 5
+    each), and the warps meet in ``scratch`` (SMEM f32 [4 * len(parts)]) behind one
+    barrier. ``len(parts)``: a power of two, at most 32. The order of the additions is not
+    `jnp.sum`'s, so the last bits may differ. GPU only (no inline Mosaic GPU in GPU
+    interpret mode)."""
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref, vector
+
+    n = len(parts)
+    if n & (n - 1) or not 1 <= n <= 32:
+        raise ValueError(f"joint sums take a power of two of at most 32 parts, got {n}")
+    (size,) = parts[0].shape  # 128 threads' vectors of up to 8 (16-byte loads of bf16)
+    layout = plgpu.Layout.WG_STRIDED(parts[0].shape, vec_size=min(8, size // 128))
+    splat = plgpu.ShapeDtypeStruct((), jnp.float32, layout=plgpu.Layout.WG_SPLAT)
+
+    @plgpu.inline_mgpu(arg_types=((layout,) * n, plgpu.RefType()), return_type=(splat,) * n)
+    def sums(_, arrays, scratch_ref):
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        const = lambda v: arith.constant(i32, v)
+        element = lambda vec, i: vector.extract(vec, dynamic_position=[],
+                                                static_position=ir.DenseI64ArrayAttr.get([i]))
+        vals = []
+        for a in arrays:  # this thread's values of each part, summed
+            acc = functools.reduce(arith.addf, a.registers.flat)
+            vals.append(functools.reduce(arith.addf, [
+                element(acc, i) for i in range(ir.VectorType(acc.type).shape[0])]))
+        thread = mgpu_utils.thread_idx()
+        lane = arith.remui(thread, const(32))
+        warp = arith.divui(arith.remui(thread, const(128)), const(32))
+        part = const(0)  # which part this lane's value sums, once one is left
+        for dist in (16, 8, 4, 2, 1):
+            if len(vals) > 1:  # halve: lanes with the `dist` bit set keep the upper half
+                half = len(vals) // 2
+                upper = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(lane, const(dist)),
+                                   const(0))
+                part = arith.addi(part, arith.select(upper, const(half), const(0)))
+                vals = [arith.addf(arith.select(upper, vals[e + half], vals[e]),
+                                   mgpu_utils.shfl_bfly(
+                                       arith.select(upper, vals[e], vals[e + half]), dist))
+                        for e in range(half)]
+            else:  # one part a lane: add the lanes that hold the same one
+                vals = [arith.addf(vals[0], mgpu_utils.shfl_bfly(vals[0], dist))]
+        slot = arith.addi(arith.muli(warp, const(n)), part)
+        memref.store(vals[0], scratch_ref, [arith.index_cast(index, slot)])
+        mgpu_utils.warpgroup_barrier()
+        out = []
+        for e in range(n):  # the 4 warps' sums of part e, as jnp.sum's tree adds them
+            w = [memref.load(scratch_ref, [arith.constant(index, k * n + e)]) for k in range(4)]
+            out.append(mgpu.FragmentedArray.splat(
+                arith.addf(arith.addf(w[0], w[1]), arith.addf(w[2], w[3])), ()))
+        return tuple(out)
+
+    return list(sums(tuple(parts), scratch))
+
+
 def _top1(logits):
     """(top logit, its index as int32) of a row's logits (f32 scalars, in order): the first
     of equal logits wins, as argmax."""
@@ -283,8 +355,14 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=
                    and router.size * router.dtype.itemsize <= ROUTER_SMEM_BYTES
                    and (ROUTER_IN_SMEM if config.router_in_smem is None
                         else config.router_in_smem))
+    experts = 0 if router is None else router.shape[0]
+    joint = ((JOINT_ROUTER_SUMS if config.joint_router_sums is None
+              else config.joint_router_sums)
+             and not experts & (experts - 1) and experts <= 32 and not common.interpreting())
 
     def body(row, x_ref, w_ref, *rest):
+        if joint:
+            *rest, sums_smem = rest
         # The weights (the router's copy, the norm's), then the wait for the kernel before:
         # their reads overlap its end under programmatic dependent launch.
         if smem_router:
@@ -355,7 +433,8 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=
                 for i, hc in enumerate(hs[1:], 1):
                     dot = dot + hc * load(e, i).astype(jnp.float32)
                 dots.append(dot)
-            top = _top1([jnp.sum(dot).astype(x.dtype).astype(jnp.float32) for dot in dots])
+            logits = _joint_sums(dots, sums_smem) if joint else [jnp.sum(d) for d in dots]
+            top = _top1([logit.astype(x.dtype).astype(jnp.float32) for logit in logits])
             keep = v_ref[row] != 0
         if sums is not None:
             for a, sc in zip(at, sums):
@@ -376,6 +455,7 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=
         operands = (*operands, router.reshape(-1) if smem_router else router, valid)
     name = "_".join(["add"] * bool(terms) + ["rms_norm_quantize"] + ["route"] * (router is not None))
     scratch = (plgpu.SMEM((router.size,), x.dtype), plgpu.Barrier()) if smem_router else ()
+    scratch += (plgpu.SMEM((4 * experts,), jnp.float32),) if joint else ()
     return _launch(body, r, outs, name, scratch, waits=False)(*operands)
 
 

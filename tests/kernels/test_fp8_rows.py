@@ -398,6 +398,20 @@ def test_router_loads_come_before_its_reductions(monkeypatch):
     assert sum(b < loads[-1] for b in barriers) == 2
 
 
+@pytest.mark.parametrize("joint", [False, True])
+def test_joint_router_sums_cross_the_warpgroup_once(monkeypatch, joint):
+    """RowsConfig.joint_router_sums: the routing norm's 16 expert sums meet in shared memory
+    behind one barrier, where one `jnp.sum` each takes two (the norm's and the
+    quantisation's reductions take two each either way). Its numbers: the GPU test."""
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    lines = _mosaic_module(monkeypatch, lambda x, d, w, r: fr.add_rms_norm_quantize(
+        x, d, w, 1e-5, router=r, impl="mosaic", config=fr.RowsConfig(joint_router_sums=joint)),
+        bf16(16, 5120), bf16(16, 5120), bf16(5120), bf16(16, 5120))
+    assert len(_barriers(lines)) == 2 + 2 + (1 if joint else 2 * 16)
+    # butterfly shuffles: 5 a sum one at a time, 16 for the 16 together
+    assert sum("shfl.sync bfly" in line for line in lines) == 5 * 2 + (16 if joint else 5 * 16)
+
+
 @pytest.mark.parametrize("kernel,reductions", [("quantize", 1), ("add_rms_norm_quantize", 2),
                                                ("swiglu_quantize", 1)])
 def test_row_kernels_sync_only_in_their_reductions(monkeypatch, kernel, reductions):
@@ -452,6 +466,14 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
                                        impl="mosaic", config=fr.RowsConfig(router_in_smem=True))
     for got, want in zip(jax.tree.leaves(in_smem), jax.tree.leaves((total, h3, q3, route))):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    # The expert sums in one crossing add in another order: the same rows and experts, the
+    # routed scales within a bf16 step of the logit they take the sigmoid of.
+    joint = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router, valid=valid,
+                                     impl="mosaic", config=fr.RowsConfig(joint_router_sums=True))
+    for got, want in zip(jax.tree.leaves(joint[:3]), jax.tree.leaves((total, h3, q3))):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(joint[3][0], route[0])
+    np.testing.assert_allclose(joint[3][1], route[1], rtol=2**-7, atol=0)
     np.testing.assert_array_equal(np.asarray(total, np.float32),
                                   np.asarray(x + fp8.sum_terms(terms), np.float32))
     _assert_quantises(q3, h3)
