@@ -193,6 +193,11 @@ def _quantize_chunks(chunks, q_row, s_row, chunk: int, scale_ub, keep=None):
     return scale
 
 
+def _joint_sums_fit(n: int) -> bool:
+    """Whether :func:`_joint_sums` takes ``n`` parts: a power of two, at most a warp's 32."""
+    return 1 <= n <= 32 and not n & (n - 1)
+
+
 def _joint_sums(parts, scratch):
     """``[jnp.sum(p) for p in parts]`` for f32 arrays in the warpgroup's strided layout, as
     f32 scalars, crossing the warpgroup once: each thread sums its own values, then each
@@ -209,7 +214,7 @@ def _joint_sums(parts, scratch):
     from jax._src.lib.mlir.dialects import arith, memref, vector
 
     n = len(parts)
-    if n & (n - 1) or not 1 <= n <= 32:
+    if not _joint_sums_fit(n):
         raise ValueError(f"joint sums take a power of two of at most 32 parts, got {n}")
     (size,) = parts[0].shape  # 128 threads' vectors of up to 8 (16-byte loads of bf16)
     layout = plgpu.Layout.WG_STRIDED(parts[0].shape, vec_size=min(8, size // 128))
@@ -358,7 +363,7 @@ def _rms_norm_quantize_kernel(x, weight, *terms, router=None, valid=None, kinds=
     experts = 0 if router is None else router.shape[0]
     joint = ((JOINT_ROUTER_SUMS if config.joint_router_sums is None
               else config.joint_router_sums)
-             and not experts & (experts - 1) and experts <= 32 and not common.interpreting())
+             and _joint_sums_fit(experts) and not common.interpreting())
 
     def body(row, x_ref, w_ref, *rest):
         if joint:
