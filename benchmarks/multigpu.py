@@ -92,7 +92,7 @@ SWITCHES = (
     Switch("router_in_smem", True, "jaxattn.kernels.fp8_rows", "ROUTER_IN_SMEM",
            "the routing norm copies the router into shared memory before it waits for the "
            "kernel before it"),
-    Switch("joint_router_sums", False, "jaxattn.kernels.fp8_rows", "JOINT_ROUTER_SUMS",
+    Switch("joint_router_sums", True, "jaxattn.kernels.fp8_rows", "JOINT_ROUTER_SUMS",
            "the routing norm sums its experts' dot products across the warpgroup in one "
            "crossing (one barrier, not two per expert)"),
     Switch("merge_pages", True, "jaxattn.kernels.decode", "MERGE_PAGES",

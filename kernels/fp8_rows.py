@@ -82,9 +82,11 @@ WARPGROUP = 128
 # dependent launch; the same tokens and logprobs bit for bit). benchmarks.multigpu
 # --no-router-in-smem turns it off; read when a kernel is traced.
 ROUTER_IN_SMEM = True
-# RowsConfig.joint_router_sums' default: off until timed (built in session 60 without a GPU;
-# benchmarks/NOTES-fp8.md). benchmarks.multigpu --joint-router-sums turns it on.
-JOINT_ROUTER_SUMS = False
+# RowsConfig.joint_router_sums' default: on since session 61, where the routing norm took
+# 6.94 / 6.98 us with it against 7.49 / 7.52 without (two runs, H100, CUPTI), and 12 of
+# Scout's layers decoded the same tokens and logprobs bit for bit with and without it
+# (benchmarks/NOTES-fp8.md). benchmarks.multigpu --no-joint-router-sums turns it off.
+JOINT_ROUTER_SUMS = True
 ROUTER_SMEM_BYTES = 192 * 1024  # of the SM's 227 KiB; the kernel keeps its rows in registers
 
 

@@ -352,11 +352,11 @@ def test_multigpu_switches_set_their_module_flags(monkeypatch):
         monkeypatch.setattr(module, switch.name, getattr(module, switch.name))
     args = multigpu.build_parser().parse_args(["--no-swiglu-in-gate-up", "--router-in-smem",
                                                   "--no-dependent-launch", "--no-merge-pages",
-                                                  "--fold-combine", "--joint-router-sums"])
+                                                  "--fold-combine", "--no-joint-router-sums"])
     multigpu.apply_switches(args)
     got = {s.flag: getattr(importlib.import_module(s.module), s.name) for s in multigpu.SWITCHES}
     assert got == {"route_in_norm": True, "static_o_scale": True, "swiglu_in_gate_up": False,
-                   "router_in_smem": True, "joint_router_sums": True, "merge_pages": False,
+                   "router_in_smem": True, "joint_router_sums": False, "merge_pages": False,
                    "fold_combine": True, "dependent_launch": False}
 
 

@@ -383,18 +383,21 @@ def _barriers(lines):
     return [i for i, line in enumerate(lines) if "bar.sync" in line]
 
 
-def test_router_loads_come_before_its_reductions(monkeypatch):
-    """The norm kernel's router issues every global load before the first barrier of its 16
-    reductions (a cross-warpgroup reduction syncs through shared memory, and no load moves
-    across a ``bar.sync``). The norm's own reduction (two barriers) comes before them;
-    session 13's form, a load burst between each expert's reductions, had 32. (The router
-    read from global memory: RowsConfig.router_in_smem off.)"""
+@pytest.mark.parametrize("joint", [False, True])
+def test_router_loads_come_before_its_reductions(monkeypatch, joint):
+    """The norm kernel's router issues every global load before the first barrier of its
+    expert sums (a cross-warpgroup reduction syncs through shared memory, and no load moves
+    across a ``bar.sync``), whether the 16 sums cross the warpgroup one by one or together.
+    The norm's own reduction (two barriers) comes before them; session 13's form, a load
+    burst between each expert's reductions, had 32. (The router read from global memory:
+    RowsConfig.router_in_smem off.)"""
     bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    config = fr.RowsConfig(router_in_smem=False, joint_router_sums=joint)
     lines = _mosaic_module(monkeypatch, lambda x, d, w, r: fr.add_rms_norm_quantize(
-        x, d, w, 1e-5, router=r, impl="mosaic", config=fr.RowsConfig(router_in_smem=False)),
+        x, d, w, 1e-5, router=r, impl="mosaic", config=config),
         bf16(16, 5120), bf16(16, 5120), bf16(5120), bf16(16, 5120))
     loads, barriers = _global_loads(lines), _barriers(lines)
-    assert len(loads) >= 16 * 5 and len(barriers) >= 2 * 16
+    assert len(loads) >= 16 * 5 and len(barriers) > (2 if joint else 2 * 16)
     assert sum(b < loads[-1] for b in barriers) == 2
 
 
@@ -461,9 +464,10 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
     valid = jnp.arange(rows) != 1  # row 1 (where there is one): bucket padding
     total, h3, q3, route = fr.add_rms_norm_quantize(
         x, terms, w, 1e-5, router=router, valid=valid, impl="mosaic",
-        config=fr.RowsConfig(router_in_smem=False))
-    in_smem = fr.add_rms_norm_quantize(x, terms, w, 1e-5, router=router, valid=valid,
-                                       impl="mosaic", config=fr.RowsConfig(router_in_smem=True))
+        config=fr.RowsConfig(router_in_smem=False, joint_router_sums=False))
+    in_smem = fr.add_rms_norm_quantize(
+        x, terms, w, 1e-5, router=router, valid=valid, impl="mosaic",
+        config=fr.RowsConfig(router_in_smem=True, joint_router_sums=False))
     for got, want in zip(jax.tree.leaves(in_smem), jax.tree.leaves((total, h3, q3, route))):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     # The expert sums in one crossing add in another order: the same rows and experts, the
@@ -478,6 +482,7 @@ def test_kernels_on_gpu_at_scout_shapes(rows):
                                   np.asarray(x + fp8.sum_terms(terms), np.float32))
     _assert_quantises(q3, h3)
     _assert_route_scales(route, h3, router, q3.scale, valid)
+    _assert_route_scales(joint[3], h3, router, q3.scale, valid)
     np.testing.assert_array_equal(route[0], fr.reference_route_scales(h3, router, q3.scale,
                                                                       valid)[0])  # all clear
     expert, scales = fr.route_scales(h3, router, q3.scale, valid, impl="mosaic")
