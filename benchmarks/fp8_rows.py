@@ -55,12 +55,14 @@ def cases():
         "the experts' epilogues and sum + residual add + rms_norm + quantize 5120": (
             lambda impl: lambda x, t, w: fr.add_rms_norm_quantize(x, t, w, 1e-5, impl=impl),
             (x, (shared, routed), w)),
+        # The expert sums one at a time (RowsConfig.joint_router_sums off; before session 61's
+        # default), then in one crossing (the default; its "xla" column: as above).
         "o_proj's epilogue + residual add + rms_norm + quantize + top-1 of 16 experts and "
         "the rows' scales 5120": (
-            lambda impl: lambda x, t, w, r: fr.add_rms_norm_quantize(x, t, w, 1e-5, router=r,
-                                                                     impl=impl),
+            lambda impl: lambda x, t, w, r: fr.add_rms_norm_quantize(
+                x, t, w, 1e-5, router=r, impl=impl,
+                config=fr.RowsConfig(joint_router_sums=False)),
             (x, (shared,), w, router)),
-        # The same with RowsConfig.joint_router_sums (its "xla" column: as above).
         "the same, the experts' sums in one crossing 5120": (
             lambda impl: lambda x, t, w, r: fr.add_rms_norm_quantize(
                 x, t, w, 1e-5, router=r, impl=impl,
