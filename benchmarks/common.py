@@ -99,13 +99,13 @@ def gpu_rounds(calls: dict, rounds: int, measure=None, around=None) -> dict[str,
     call's time can depend on what ran before it: benchmarks/NOTES-decode.md, session 41)."""
     measure = measure or gpu_ms
     out = {name: [] for name in calls}
-    order, names = random.Random(0), list(calls)
+    order = random.Random(0)
     for r in range(rounds):
-        if r % 2:
-            names = names[::-1]
-        else:
+        if r % 2 == 0:
             names = list(calls)
             order.shuffle(names)
+        else:
+            names.reverse()
         for name in names:
             f, args = calls[name]
             with around(name) if around else contextlib.nullcontext():

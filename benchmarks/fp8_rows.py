@@ -45,6 +45,12 @@ def cases():
                           jnp.exp(jax.random.normal(next(key), (5120,))) * 1e-2, jnp.bfloat16)
     routed = fp8.mask_rows(fp8.Unscaled(delta, rs, None, jnp.bfloat16), jnp.arange(ROWS) < 1)
     router = jax.random.normal(next(key), (16, 5120), jnp.bfloat16) * 0.02
+
+    def routing_norm(joint: bool):  # the routing norm's kernel, its expert sums either way
+        config = fr.RowsConfig(joint_router_sums=joint)
+        return lambda impl: lambda x, t, w, r: fr.add_rms_norm_quantize(
+            x, t, w, 1e-5, router=r, impl=impl, config=config)
+
     return {
         "quantize 5120 (o_proj input)": (lambda impl: lambda x: fr.quantize(x, impl=impl), (x,)),
         "rms_norm + quantize 5120": (
@@ -58,16 +64,9 @@ def cases():
         # The expert sums one at a time (RowsConfig.joint_router_sums off; before session 61's
         # default), then in one crossing (the default; its "xla" column: as above).
         "o_proj's epilogue + residual add + rms_norm + quantize + top-1 of 16 experts and "
-        "the rows' scales 5120": (
-            lambda impl: lambda x, t, w, r: fr.add_rms_norm_quantize(
-                x, t, w, 1e-5, router=r, impl=impl,
-                config=fr.RowsConfig(joint_router_sums=False)),
-            (x, (shared,), w, router)),
+        "the rows' scales 5120": (routing_norm(False), (x, (shared,), w, router)),
         "the same, the experts' sums in one crossing 5120": (
-            lambda impl: lambda x, t, w, r: fr.add_rms_norm_quantize(
-                x, t, w, 1e-5, router=r, impl=impl,
-                config=fr.RowsConfig(joint_router_sums=True)),
-            (x, (shared,), w, router)),
+            routing_norm(True), (x, (shared,), w, router)),
         # The decode step's routing with ROUTE_IN_NORM off: the norm's kernel, then the
         # router's XLA reduction and the routing kernel. (Its "xla" column.)
         "residual add + rms_norm + quantize, then route_scales, against all in the norm's "
